@@ -1,0 +1,37 @@
+# The two set-up commands (README): `make demo` runs the main job, `make test` runs every test.
+# Both install what is missing: Debian's FRR, nftables and iproute2 via apt, Python deps in .venv.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: deps system-deps venv test unit demo clean
+
+system-deps:
+	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null; then \
+	  echo ">> installing FRR, nftables, iproute2 from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr nftables iproute2 procps >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@echo ">> creating $(VENV) and installing Python dependencies"
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+deps: system-deps venv
+
+test: deps
+	$(PY) -m pytest -q -ra tests
+
+unit: venv
+	$(PY) -m pytest -q -ra tests/unit
+
+demo: deps
+	$(PY) -m lab.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info
