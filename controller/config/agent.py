@@ -1,0 +1,388 @@
+"""Load a POP agent's YAML config into an :class:`AgentConfig`, reporting every error by path.
+
+The same loader serves ``anycastctl validate``, agent start-up and SIGHUP reload, so
+what validates is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .errors import ConfigError
+from .model import (
+    ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
+    AgentConfig, Attributes, Backend, HealthCheck, IPNetwork, KernelSettings,
+    Neighbor, Origin, StateAttributes, Vip,
+)
+from .reader import Issues, Node, parse_yaml, read_text
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_COMMUNITY = re.compile(r"^(\d{1,5}):(\d{1,5})$")
+_LARGE_COMMUNITY = re.compile(r"^(\d{1,10}):(\d{1,10}):(\d{1,10})$")
+_WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "no-export-subconfed", "blackhole")
+
+DEFAULT_CHECK = {"interval": 1.0, "timeout": 0.5, "rise": 3, "fall": 2}
+DEFAULT_UP = Attributes(med=100)
+DEFAULT_DRAINING = Attributes(med=1000, as_path_prepend=3)
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Read and parse an agent config file. Raises ConfigError listing every problem."""
+    return parse_agent_config(read_text(path), source=path)
+
+
+def parse_agent_config(text: str, source: str = "<config>") -> AgentConfig:
+    issues = Issues()
+    root = Node(parse_yaml(text, source), "", issues)
+    config = _agent(root, source) if root.is_mapping() else None
+    if issues.items or config is None:
+        raise ConfigError(source, issues.items)
+    return config
+
+
+def _agent(root: Node, source: str) -> AgentConfig | None:
+    pop = root.req("pop", _name)
+    allowed = tuple(
+        p for n in _list(root, "allowed_prefixes", required=True) if (p := n.as_network()) is not None
+    )
+    bgp = root.get("bgp", required=True)
+    local_as, neighbors, attrs = _bgp(bgp) if bgp is not None and bgp.is_mapping() else (None, (), None)
+    kernel = _kernel(root.get("kernel"))
+    metrics_listen = _metrics(root.get("metrics"))
+    state_dir = root.opt("state_dir", Node.as_str, "/var/lib/anycast-agent")
+    shutdown = root.opt("shutdown", lambda n: n.as_choice(SHUTDOWN_MODES), "withdraw")
+    check_defaults = root.get("check_defaults")
+    defaults = _check_defaults(check_defaults)
+    vips = tuple(
+        v for n in _list(root, "vips")
+        if (v := _vip(n, allowed, defaults, attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))) is not None
+    )
+    root.reject_unknown()
+    _check_unique(root, "vips", [str(v.prefix) for v in vips], "VIP address")
+    _check_unique(root, "vips", [v.name for v in vips], "VIP name")
+    if pop is None or local_as is None or attrs is None:
+        return None
+    return AgentConfig(
+        source=source, pop=pop, local_as=local_as, allowed_prefixes=allowed,
+        neighbors=neighbors, kernel=kernel, metrics_listen=metrics_listen,
+        state_dir=state_dir, shutdown=shutdown, vips=vips,
+    )
+
+
+def _list(node: Node, key: str, required: bool = False) -> list[Node]:
+    child = node.get(key, required=required)
+    return [] if child is None else list(child.items())
+
+
+def _name(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and not _NAME.match(s):
+        node.error("must be 1-63 characters of letters, digits, '.', '_' or '-'")
+        return None
+    return s
+
+
+def _check_unique(root: Node, key: str, values: list[str], what: str) -> None:
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in seen:
+            root.issues.add(f"{key}[{i}]", f"duplicate {what} {value} (also vips[{seen[value]}])")
+        else:
+            seen[value] = i
+
+
+# --- bgp ---------------------------------------------------------------------------------
+def _bgp(node: Node) -> tuple[int | None, tuple[Neighbor, ...], StateAttributes | None]:
+    local_as = node.req("local_as", lambda n: n.as_int(1, 4294967295))
+    neighbors = tuple(nb for n in _list(node, "neighbors", required=True) if (nb := _neighbor(n)) is not None)
+    if node.has("neighbors") and not neighbors and not node.issues.items:
+        node.error("at least one neighbour is needed", "neighbors")
+    attrs = _state_attributes(node.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    node.reject_unknown()
+    return local_as, neighbors, attrs
+
+
+def _neighbor(node: Node) -> Neighbor | None:
+    if not node.is_mapping():
+        return None
+    address = node.req("address", Node.as_address)
+    local = node.req("local_address", Node.as_address)
+    router_id = node.opt("router_id", _ipv4, None)
+    peer_as = node.req("peer_as", lambda n: n.as_int(1, 4294967295))
+    hold = node.opt("hold_time", lambda n: _hold_time(n), 9)
+    md5 = node.opt("md5_password", _password, None)
+    passive = node.opt("passive", Node.as_bool, False)
+    node.reject_unknown()
+    if address is None or local is None or peer_as is None:
+        return None
+    if address.version != local.version:
+        node.error("address and local_address must be the same IP version")
+        return None
+    if router_id is None:
+        if local.version != 4:
+            node.error("required for an IPv6 session (a router id is an IPv4 address)", "router_id")
+            return None
+        router_id = local
+    return Neighbor(address, local, router_id, peer_as, hold, md5, passive)
+
+
+def _ipv4(node: Node) -> ipaddress.IPv4Address | None:
+    a = node.as_address()
+    if a is not None and a.version != 4:
+        node.error("a router id must be an IPv4 address")
+        return None
+    return a  # type: ignore[return-value]
+
+
+def _hold_time(node: Node) -> int | None:
+    v = node.as_int(0, 65535)
+    if v is not None and 0 < v < 3:
+        node.error("BGP hold time must be 0 or at least 3 seconds")
+        return None
+    return v
+
+
+def _password(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and (len(s) > 80 or any(c.isspace() or c in "\";'" for c in s)):
+        node.error("must be at most 80 characters without spaces, quotes or ';'")
+        return None
+    return s
+
+
+def _state_attributes(node: Node | None, base: StateAttributes) -> StateAttributes | None:
+    if node is None:
+        return base
+    if not node.is_mapping():
+        return None
+    up = _attributes(node.get("up"), base.up)
+    draining = _attributes(node.get("draining"), base.draining)
+    node.reject_unknown()
+    return StateAttributes(up, draining)
+
+
+def _attributes(node: Node | None, base: Attributes) -> Attributes:
+    if node is None or not node.is_mapping():
+        return base
+    med = node.opt("med", lambda n: n.as_int(0, 4294967295), base.med)
+    prepend = node.opt("as_path_prepend", lambda n: n.as_int(0, 10), base.as_path_prepend)
+    communities = node.opt("communities", _communities, base.communities)
+    large = node.opt("large_communities", _large_communities, base.large_communities)
+    node.reject_unknown()
+    return Attributes(med, prepend, communities, large)
+
+
+def _communities(node: Node) -> tuple[str, ...] | None:
+    out = []
+    for item in node.items():
+        s = str(item.value) if item.value is not None else ""
+        m = _COMMUNITY.match(s)
+        if s in _WELL_KNOWN_COMMUNITIES or (m and all(int(g) <= 65535 for g in m.groups())):
+            out.append(s)
+        else:
+            item.error(f"not a BGP community (ASN:VALUE, each 0-65535, or a well-known name): {item.value!r}")
+    return tuple(out)
+
+
+def _large_communities(node: Node) -> tuple[str, ...] | None:
+    out = []
+    for item in node.items():
+        m = _LARGE_COMMUNITY.match(str(item.value))
+        if m and all(int(g) <= 4294967295 for g in m.groups()):
+            out.append(str(item.value))
+        else:
+            item.error(f"not a large community (A:B:C, each 0-4294967295): {item.value!r}")
+    return tuple(out)
+
+
+# --- kernel and metrics --------------------------------------------------------------------
+def _kernel(node: Node | None) -> KernelSettings:
+    if node is None or not node.is_mapping():
+        return KernelSettings(enabled=True, protocol=99, table=254)
+    enabled = node.opt("enabled", Node.as_bool, True)
+    # 0-4 are the kernel's own protocol numbers (unspec, redirect, kernel, boot, static).
+    protocol = node.opt("route_protocol", lambda n: n.as_int(5, 255), 99)
+    table = node.opt("table", lambda n: n.as_int(1, 4294967295), 254)
+    node.reject_unknown()
+    return KernelSettings(enabled, protocol, table)
+
+
+def _metrics(node: Node | None) -> tuple[str, int] | None:
+    if node is None or not node.is_mapping():
+        return None
+    listen = node.opt("listen", _host_port, None)
+    node.reject_unknown()
+    return listen
+
+
+def _host_port(node: Node) -> tuple[str, int] | None:
+    s = node.as_str()
+    if s is None:
+        return None
+    host, sep, port = s.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+        port_n = int(port)
+        if not sep or not 0 < port_n < 65536:
+            raise ValueError
+    except ValueError:
+        node.error(f"expected ADDRESS:PORT such as 127.0.0.1:9701 or [::1]:9701, got {s!r}")
+        return None
+    return host, port_n
+
+
+# --- VIPs --------------------------------------------------------------------------------
+def _check_defaults(node: Node | None) -> dict[str, float | int]:
+    defaults: dict[str, float | int] = dict(DEFAULT_CHECK)
+    if node is None or not node.is_mapping():
+        return defaults
+    defaults["interval"] = node.opt("interval", lambda n: n.as_float(0.01, 3600), defaults["interval"])
+    defaults["timeout"] = node.opt("timeout", lambda n: n.as_float(0.01, 600), defaults["timeout"])
+    defaults["rise"] = node.opt("rise", lambda n: n.as_int(1, 100), defaults["rise"])
+    defaults["fall"] = node.opt("fall", lambda n: n.as_int(1, 100), defaults["fall"])
+    node.reject_unknown()
+    return defaults
+
+
+def _vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float | int],
+         attrs: StateAttributes) -> Vip | None:
+    if not node.is_mapping():
+        return None
+    prefix = node.req("address", _vip_prefix)
+    if prefix is not None and allowed and not any(prefix.subnet_of(a) for a in allowed  # type: ignore[arg-type]
+                                                  if a.version == prefix.version):
+        node.error(f"{prefix} is outside the allowed anycast prefixes "
+                   f"({', '.join(map(str, allowed))}); the agent refuses to announce it", "address")
+        prefix = None
+    name = node.opt("name", _name, str(prefix.network_address) if prefix else "")
+    admin = node.opt("admin", lambda n: n.as_choice(ADMIN_STATES), "up")
+    loopback = node.opt("loopback", Node.as_bool, False)
+    check_node = node.get("check", required=True)
+    check = _check(check_node, defaults) if check_node is not None else None
+    origins = tuple(o for n in _list(node, "origins", required=True) if (o := _origin(n)) is not None)
+    vip_attrs = _state_attributes(node.get("attributes"), attrs)
+    node.reject_unknown()
+    origin_list = node.get("origins")
+    if origin_list is not None and isinstance(origin_list.value, list):
+        if not origin_list.value:
+            origin_list.error("at least one origin region is needed")
+        elif len(origin_list.value) > MAX_ORIGINS:
+            origin_list.error(f"at most {MAX_ORIGINS} origin regions per VIP, got {len(origin_list.value)}")
+        regions = [o.region for o in origins]
+        for i, r in enumerate(regions):
+            if r in regions[:i]:
+                origin_list.error(f"duplicate origin region {r!r}", i)
+    if check is not None and check.port is None:
+        for i, o in enumerate(origins):
+            if any(b.port == 0 for b in o.backends):
+                node.error("a backend has no port and the check sets none", f"origins[{i}]")
+    if prefix is None or check is None or vip_attrs is None or not origins or name is None:
+        return None
+    for o in origins:
+        if o.next_hop.version != prefix.version:
+            # The kernel route for a v6 VIP needs a v6 next hop (and v4 for v4).
+            node.error(f"origin {o.region!r}: next_hop {o.next_hop} is not IPv{prefix.version} like the VIP")
+            return None
+    return Vip(name, prefix, admin, loopback, check, origins, vip_attrs)
+
+
+def _vip_prefix(node: Node) -> IPNetwork | None:
+    """A VIP is a host prefix: 198.51.100.10, 198.51.100.10/32 or 2001:db8::10/128."""
+    s = node.as_str()
+    if s is None:
+        return None
+    try:
+        net = ipaddress.ip_network(s, strict=True)
+    except ValueError as exc:
+        node.error(f"not an IP address or host prefix: {exc}")
+        return None
+    if net.prefixlen != net.max_prefixlen:
+        node.error(f"a VIP must be a single address (/{net.max_prefixlen}), got {net}")
+        return None
+    return net
+
+
+def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
+    if not node.is_mapping():
+        return None
+    kind = node.req("type", lambda n: n.as_choice(CHECK_KINDS))
+    port = node.opt("port", lambda n: n.as_int(1, 65535), None)
+    path = node.opt("path", _http_path, "/")
+    status = node.opt("expect_status", lambda n: n.as_int(100, 599), 200)
+    body = node.opt("expect_body", Node.as_str, None)
+    host_header = node.opt("host_header", Node.as_str, None)
+    tls_verify = node.opt("tls_verify", Node.as_bool, False)
+    interval = node.opt("interval", lambda n: n.as_float(0.01, 3600), float(defaults["interval"]))
+    timeout = node.opt("timeout", lambda n: n.as_float(0.01, 600), float(defaults["timeout"]))
+    rise = node.opt("rise", lambda n: n.as_int(1, 100), int(defaults["rise"]))
+    fall = node.opt("fall", lambda n: n.as_int(1, 100), int(defaults["fall"]))
+    node.reject_unknown()
+    if kind == "tcp":
+        for key in ("path", "expect_status", "expect_body", "host_header", "tls_verify"):
+            if node.has(key):
+                node.error("only for http/https checks", key)
+    if timeout > interval:
+        node.error(f"must not exceed interval ({interval}s), got {timeout}s", "timeout")
+    if kind is None:
+        return None
+    return HealthCheck(kind, port, path, status, body, host_header, tls_verify, interval, timeout, rise, fall)
+
+
+def _http_path(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and (not s.startswith("/") or any(c.isspace() for c in s)):
+        node.error(f"an HTTP path starts with '/' and has no spaces, got {s!r}")
+        return None
+    return s
+
+
+def _origin(node: Node) -> Origin | None:
+    if not node.is_mapping():
+        return None
+    region = node.req("region", _name)
+    next_hop = node.req("next_hop", Node.as_address)
+    backends = tuple(b for n in _list(node, "backends", required=True) if (b := _backend(n)) is not None)
+    min_healthy = node.opt("min_healthy", lambda n: n.as_int(1, 1000), 1)
+    node.reject_unknown()
+    bl = node.get("backends")
+    if bl is not None and isinstance(bl.value, list):
+        if not bl.value:
+            bl.error("at least one backend is needed")
+        elif min_healthy > len(bl.value):
+            node.error(f"min_healthy {min_healthy} exceeds the {len(bl.value)} backend(s)", "min_healthy")
+        seen = [str(b) for b in backends]
+        for i, b in enumerate(seen):
+            if b in seen[:i]:
+                bl.error(f"duplicate backend {b}", i)
+    if region is None or next_hop is None or not backends:
+        return None
+    return Origin(region, next_hop, backends, min_healthy)
+
+
+def _backend(node: Node) -> Backend | None:
+    """A backend is ``ADDRESS:PORT``, ``[V6]:PORT``, a bare address, or a mapping."""
+    if isinstance(node.value, dict):
+        address = node.req("address", Node.as_address)
+        port = node.opt("port", lambda n: n.as_int(1, 65535), 0)
+        node.reject_unknown()
+        return Backend(address, port) if address is not None else None
+    s = node.as_str()
+    if s is None:
+        return None
+    host, port = s, "0"
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("0" if not rest else "x")
+    elif s.count(":") == 1:
+        host, port = s.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+        port_n = int(port)
+        if not 0 <= port_n < 65536:
+            raise ValueError
+    except ValueError:
+        node.error(f"expected ADDRESS, ADDRESS:PORT or [V6]:PORT, got {s!r}")
+        return None
+    return Backend(address, port_n)

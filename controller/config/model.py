@@ -1,0 +1,118 @@
+"""Typed, frozen config values. Built once by a loader; never mutated afterwards."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAX_ORIGINS = 5
+ADMIN_STATES = ("up", "drain", "down")
+CHECK_KINDS = ("tcp", "http", "https")
+SHUTDOWN_MODES = ("withdraw", "keep")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One CLB backend of an origin region, checked over the backbone."""
+
+    address: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """An origin region: where the VIP's servers are, and how the POP reaches it."""
+
+    region: str
+    next_hop: IPAddress
+    backends: tuple[Backend, ...]
+    min_healthy: int = 1
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    kind: str  # tcp | http | https
+    port: int | None  # None: each backend's own port
+    path: str
+    expect_status: int
+    expect_body: str | None
+    host_header: str | None
+    tls_verify: bool
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """BGP attributes a VIP is announced with in one state."""
+
+    med: int | None = None
+    as_path_prepend: int = 0
+    communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StateAttributes:
+    up: Attributes
+    draining: Attributes
+
+
+@dataclass(frozen=True)
+class Vip:
+    name: str
+    prefix: IPNetwork
+    admin: str  # up | drain | down
+    loopback: bool
+    check: HealthCheck
+    origins: tuple[Origin, ...]
+    attributes: StateAttributes
+
+    def origin(self, region: str) -> Origin | None:
+        return next((o for o in self.origins if o.region == region), None)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """An ExaBGP neighbour: the POP router(s) the agent announces to."""
+
+    address: IPAddress
+    local_address: IPAddress
+    router_id: IPAddress
+    peer_as: int
+    hold_time: int
+    md5_password: str | None
+    passive: bool
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    enabled: bool
+    protocol: int
+    table: int
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    source: str
+    pop: str
+    local_as: int
+    allowed_prefixes: tuple[IPNetwork, ...]
+    neighbors: tuple[Neighbor, ...]
+    kernel: KernelSettings
+    metrics_listen: tuple[str, int] | None
+    state_dir: str
+    shutdown: str  # withdraw | keep
+    vips: tuple[Vip, ...]
+
+    def vip(self, name: str) -> Vip | None:
+        return next((v for v in self.vips if v.name == name), None)

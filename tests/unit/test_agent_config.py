@@ -1,0 +1,165 @@
+"""Agent config: the example loads; every class of bad input is reported with its path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.cli.anycastctl import main as anycastctl
+from controller.config.agent import load_agent_config, parse_agent_config
+from controller.config.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "configs" / "agent-sjc.yaml"
+
+
+def base() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def errors_of(data: dict | str) -> list[str]:
+    text = data if isinstance(data, str) else yaml.safe_dump(data)
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config(text, "test.yaml")
+    return [str(i) for i in info.value.issues]
+
+
+def test_example_config_loads_into_typed_values() -> None:
+    c = load_agent_config(str(EXAMPLE))
+    assert c.pop == "sjc"
+    assert c.local_as == 65101
+    vip = c.vips[0]
+    assert vip.prefix == ipaddress.ip_network("198.51.100.10/32")
+    assert [o.region for o in vip.origins] == ["us-west", "eu-central"]
+    assert str(vip.origins[0].backends[1]) == "100.64.10.1:8081"
+    assert (vip.check.kind, vip.check.rise, vip.check.fall) == ("http", 2, 2)
+    assert vip.attributes.draining.as_path_prepend == 3
+    assert c.neighbors[0].router_id == ipaddress.ip_address("100.64.1.2")  # defaults to local_address
+
+
+def test_all_examples_in_configs_validate() -> None:
+    agent_configs = sorted((ROOT / "configs").glob("agent-*.yaml"))
+    assert agent_configs
+    for path in agent_configs:
+        load_agent_config(str(path))
+
+
+def test_unknown_key_is_named_with_its_path() -> None:
+    d = base()
+    d["vips"][0]["check"]["intreval"] = 1
+    errs = errors_of(d)
+    assert any(e.startswith("vips[0].check.intreval: unknown key") for e in errs), errs
+
+
+def test_bad_prefix_and_bad_address() -> None:
+    d = base()
+    d["allowed_prefixes"].append("198.51.100.7/24")  # host bits set
+    d["vips"][0]["origins"][1]["next_hop"] = "100.64.20.300"
+    errs = errors_of(d)
+    assert any(e.startswith("allowed_prefixes[2]: not a valid prefix") for e in errs), errs
+    assert any(e.startswith("vips[0].origins[1].next_hop: not an IP address") for e in errs), errs
+
+
+def test_vip_outside_allowed_ranges_is_refused() -> None:
+    d = base()
+    d["vips"][0]["address"] = "203.0.113.10/32"
+    errs = errors_of(d)
+    assert any(e.startswith("vips[0].address: 203.0.113.10/32 is outside the allowed anycast prefixes")
+               for e in errs), errs
+
+
+def test_vip_must_be_a_host_prefix() -> None:
+    d = base()
+    d["vips"][0]["address"] = "198.51.100.0/24"
+    assert any("a VIP must be a single address (/32)" in e for e in errors_of(d))
+
+
+def test_rise_zero_is_rejected() -> None:
+    d = base()
+    d["vips"][0]["check"]["rise"] = 0
+    assert "vips[0].check.rise: must be >= 1, got 0" in errors_of(d)
+
+
+def test_duplicate_vip() -> None:
+    d = base()
+    second = dict(d["vips"][0], name="other")
+    d["vips"].append(second)
+    assert any(e.startswith("vips[1]: duplicate VIP address 198.51.100.10/32") for e in errors_of(d))
+
+
+def test_duplicate_yaml_key_is_an_error_not_a_silent_override() -> None:
+    text = EXAMPLE.read_text().replace("pop: sjc", "pop: sjc\npop: fra")
+    errs = errors_of(text)
+    assert len(errs) == 1 and "duplicate key 'pop'" in errs[0], errs
+
+
+def test_more_than_five_origins() -> None:
+    d = base()
+    o = d["vips"][0]["origins"][0]
+    d["vips"][0]["origins"] = [dict(o, region=f"r{i}") for i in range(6)]
+    assert "vips[0].origins: at most 5 origin regions per VIP, got 6" in errors_of(d)
+
+
+def test_timeout_longer_than_interval_and_bad_community() -> None:
+    d = base()
+    d["vips"][0]["check"]["timeout"] = 5
+    d["bgp"]["attributes"]["up"]["communities"] = ["65101:70000"]
+    errs = errors_of(d)
+    assert "vips[0].check.timeout: must not exceed interval (0.2s), got 5.0s" in errs
+    assert any(e.startswith("bgp.attributes.up.communities[0]: not a BGP community") for e in errs), errs
+
+
+def test_every_error_is_reported_in_one_pass() -> None:
+    d = base()
+    del d["pop"]
+    d["vips"][0]["check"]["fall"] = "two"
+    d["bgp"]["neighbors"][0]["peer_as"] = 0
+    errs = errors_of(d)
+    assert "pop: required" in errs
+    assert any(e.startswith("vips[0].check.fall: expected an integer") for e in errs)
+    assert any(e.startswith("bgp.neighbors[0].peer_as: must be >= 1") for e in errs)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(str(tmp_path / "missing.yaml"))
+    assert "cannot read file: No such file or directory" in str(info.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pop: sjc\nvips: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(str(bad))
+    assert "invalid YAML" in str(info.value) and "line" in str(info.value)
+
+
+def test_anycastctl_validate_lists_errors_and_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = base()
+    d["vips"][0]["check"]["rise"] = 0
+    d["vips"][0]["address"] = "203.0.113.10"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    assert anycastctl(["validate", str(EXAMPLE)]) == 0
+    assert anycastctl(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{EXAMPLE}: OK" in out
+    assert f"{bad}: INVALID, 2 error(s)" in out
+    assert "vips[0].check.rise: must be >= 1, got 0" in out
+    assert "vips[0].address: 203.0.113.10/32 is outside the allowed anycast prefixes" in out
+
+
+def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:
+    """Run as a user would: the installed console script, on a config whose state_dir
+    does not exist; validating must not create it."""
+    d = base()
+    d["state_dir"] = str(tmp_path / "state")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    exe = os.path.join(os.path.dirname(sys.executable), "anycastctl")
+    r = subprocess.run([exe, "validate", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "state").exists()
