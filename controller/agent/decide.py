@@ -1,0 +1,123 @@
+"""Decide, per VIP, whether this POP announces it: pure, and always with a reason.
+
+Theory of operation
+-------------------
+Inputs: the VIP's config, the plan's intent for it, and the health verdict of every
+backend (True healthy, False unhealthy, None no verdict yet). Output: a Decision with an
+action and a reason code. The rules, in order:
+
+1. The VIP must lie in the allowed anycast ranges, or it is never announced
+   (``not_allowed``), whatever the plan says.
+2. Not wanted by the plan -> withdraw with the plan's reason (``not_in_plan``,
+   ``admin_down``, ``drained``, ...).
+3. The active origin region is unhealthy (fewer than ``min_healthy`` healthy backends and
+   every backend has a verdict) -> withdraw (``backend_down``).
+4. No verdict yet for the active origin -> HOLD: do nothing, keep whatever ExaBGP holds.
+   This is what lets a restarted agent take over routes that ExaBGP kept without
+   flapping them, and what keeps a fresh agent from announcing before checks ran.
+5. Draining -> announce with the "draining" attributes (``draining``).
+6. Otherwise announce with the "up" attributes (``healthy``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..config.model import Attributes, Backend, IPAddress, IPNetwork, Origin, Vip
+from .intent import VipIntent
+
+
+class Action(enum.Enum):
+    ANNOUNCE = "announce"
+    WITHDRAW = "withdraw"
+    HOLD = "hold"
+
+
+class Reason(enum.StrEnum):
+    """Reason codes: in log lines, metric labels and the CLI's explanation."""
+
+    HEALTHY = "healthy"
+    DRAINING = "draining"
+    BACKEND_DOWN = "backend_down"
+    HEALTH_UNKNOWN = "health_unknown"
+    NOT_IN_PLAN = "not_in_plan"
+    NOT_ALLOWED = "not_allowed"
+    NOT_IN_CONFIG = "not_in_config"
+    UNKNOWN_ORIGIN = "unknown_origin"
+    ADMIN_DOWN = "admin_down"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class Decision:
+    vip: str
+    prefix: IPNetwork
+    action: Action
+    reason: str
+    detail: str = ""
+    attributes: Attributes | None = None  # set when announcing
+    origin: str | None = None  # the active origin region
+    next_hop: IPAddress | None = None  # where the kernel route points
+
+    @property
+    def status(self) -> str:
+        """One word for humans and the vip state metric."""
+        if self.action is Action.ANNOUNCE:
+            return "draining" if self.reason == Reason.DRAINING else "up"
+        if self.action is Action.HOLD:
+            return "pending"
+        return "withdrawn"
+
+
+BackendKey = tuple[str, str, Backend]  # (vip name, origin region, backend)
+
+
+def origin_health(origin: Origin, verdicts: Iterable[bool | None]) -> tuple[bool | None, str]:
+    """Is an origin region healthy enough to send traffic to? Returns (verdict, detail)."""
+    values = list(verdicts)
+    healthy = sum(1 for v in values if v is True)
+    unknown = sum(1 for v in values if v is None)
+    detail = f"{healthy}/{len(values)} backends healthy in {origin.region} (need {origin.min_healthy})"
+    if healthy >= origin.min_healthy:
+        return True, detail
+    if healthy + unknown >= origin.min_healthy and unknown:
+        return None, detail + f", {unknown} without a verdict yet"
+    return False, detail
+
+
+def decide(
+    vip: Vip,
+    intent: VipIntent | None,
+    health: Mapping[BackendKey, bool | None],
+    allowed: Iterable[IPNetwork],
+) -> Decision:
+    """The one function that decides whether this POP announces ``vip``."""
+
+    def withdraw(reason: str, detail: str = "", origin: Origin | None = None) -> Decision:
+        return Decision(vip.name, vip.prefix, Action.WITHDRAW, reason, detail,
+                        origin=origin.region if origin else None)
+
+    if not any(vip.prefix.version == a.version and vip.prefix.subnet_of(a)  # type: ignore[arg-type]
+               for a in allowed):
+        return withdraw(Reason.NOT_ALLOWED, f"{vip.prefix} is outside the allowed anycast prefixes")
+    if intent is None:
+        return withdraw(Reason.NOT_IN_PLAN, "the plan does not mention this VIP")
+    if not intent.wanted:
+        return withdraw(intent.reason or Reason.NOT_IN_PLAN, "the plan does not want it at this POP")
+    origin = vip.origin(intent.active_origin)
+    if origin is None:
+        return withdraw(Reason.UNKNOWN_ORIGIN, f"active origin {intent.active_origin!r} is not configured")
+    verdict, detail = origin_health(origin, (health.get((vip.name, origin.region, b)) for b in origin.backends))
+    if verdict is False:
+        return withdraw(Reason.BACKEND_DOWN, detail, origin)
+    if verdict is None:
+        return Decision(vip.name, vip.prefix, Action.HOLD, Reason.HEALTH_UNKNOWN, detail,
+                        origin=origin.region, next_hop=origin.next_hop)
+    if intent.drain:
+        return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.DRAINING,
+                        intent.reason or "drain requested", vip.attributes.draining,
+                        origin.region, origin.next_hop)
+    return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.HEALTHY, detail,
+                    vip.attributes.up, origin.region, origin.next_hop)

@@ -1,0 +1,47 @@
+"""What this POP is asked to do with each VIP: the agent's *plan*.
+
+Until a central controller serves plans, the plan comes from the agent's own config
+(``plan_from_config``). The controller's plan has exactly this shape, so the decision
+code does not care where it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..config.model import AgentConfig
+
+
+@dataclass(frozen=True)
+class VipIntent:
+    """The plan for one VIP at this POP."""
+
+    vip: str
+    wanted: bool  # publish it here at all
+    active_origin: str  # the origin region traffic is sent to
+    drain: bool = False  # announce with the "draining" attributes (less preferred)
+    reason: str = ""  # why not wanted / why draining (a reason code)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str  # "local-config" or "controller"
+    generation: int
+    revision: str
+    vips: Mapping[str, VipIntent] = field(default_factory=dict)
+
+
+def plan_from_config(config: AgentConfig, generation: int = 0) -> Plan:
+    """The local plan: every configured VIP wanted unless its admin state says otherwise,
+    with its first origin region active."""
+    intents: dict[str, VipIntent] = {}
+    for vip in config.vips:
+        intents[vip.name] = VipIntent(
+            vip=vip.name,
+            wanted=vip.admin != "down",
+            active_origin=vip.origins[0].region,
+            drain=vip.admin == "drain",
+            reason={"down": "admin_down", "drain": "admin_drain"}.get(vip.admin, ""),
+        )
+    return Plan(source="local-config", generation=generation, revision=config.source, vips=intents)
