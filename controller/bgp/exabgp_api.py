@@ -1,0 +1,248 @@
+"""ExaBGP 5 process API: the commands the agent writes and the messages it reads.
+
+Pure: no I/O. `controller.bgp.speaker` moves these lines over the pipes.
+
+Theory of operation
+-------------------
+ExaBGP runs the agent as its API process. The agent writes one command per line on
+stdout; with ``exabgp.api.ack=true`` ExaBGP answers every command with a plain-text
+``done`` or ``error`` line on the agent's stdin, in command order. Interleaved with the
+acks, ExaBGP writes one JSON object per line (``encoder json``): neighbour state changes,
+received UPDATEs, and a shutdown notification when it is stopping.
+
+What ExaBGP 5.0.15 really does (read in its source, confirmed against FRR 8.4):
+
+- ``announce route P next-hop self ...``: ``next-hop`` must come first and is mandatory
+  for IPv4 unicast (without it the command is answered ``error``).
+- ``next-hop self`` resolves to the session's local address, so it only works for a
+  prefix of the session's own family. An IPv6 route with ``next-hop self`` sent to a
+  neighbour whose IPv4 session carries ``ipv6 unicast`` makes ExaBGP answer ``error``
+  and announce the route to *no* neighbour. Give IPv6 VIPs an IPv6 session (see
+  `exabgp_config.NeighborSpec.families`).
+- An explicit ``as-path`` replaces ExaBGP's own AS instead of being prepended to it:
+  to prepend the local AS once, list it twice.
+- ``withdraw route P`` needs no next-hop (ExaBGP indexes routes by prefix alone), and a
+  withdraw of a prefix that was never announced is still answered ``done``.
+- ``done`` means "parsed and queued", not "on the wire": commands sent while the session
+  is down are queued and sent when it comes up.
+- Communities are sorted by ExaBGP on the wire, so `RouteAttributes` stores them sorted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_U16_MAX: Final = 0xFFFF
+_U32_MAX: Final = 0xFFFF_FFFF
+# One AS_SEQUENCE segment holds at most 255 ASNs; the local AS plus its copies must fit.
+_MAX_PREPEND: Final = 254
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class RouteAttributes:
+    """The BGP path attributes the agent puts on a VIP announcement.
+
+    `as_path_prepend` is how many *extra* copies of `local_as` to send (eBGP). Communities
+    are normalised (sorted numerically, duplicates dropped) so two attribute sets that
+    put the same route on the wire compare equal.
+    """
+
+    med: int | None = None
+    as_path_prepend: int = 0
+    local_as: int | None = None
+    communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
+    next_hop: str = "self"
+
+    def __post_init__(self) -> None:
+        if self.med is not None and not 0 <= self.med <= _U32_MAX:
+            raise ValueError(f"med: {self.med} is not a 32-bit unsigned number")
+        if not 0 <= self.as_path_prepend <= _MAX_PREPEND:
+            raise ValueError(f"as_path_prepend: {self.as_path_prepend} is not in 0..{_MAX_PREPEND}")
+        if self.local_as is not None and not 1 <= self.local_as <= _U32_MAX:
+            raise ValueError(f"local_as: {self.local_as} is not a valid AS number")
+        if self.as_path_prepend and self.local_as is None:
+            raise ValueError("local_as: needed to prepend the AS path")
+        if self.next_hop != "self":
+            try:
+                ipaddress.ip_address(self.next_hop)
+            except ValueError:
+                raise ValueError(f"next_hop: {self.next_hop!r} is neither 'self' nor an IP address") from None
+        # object.__setattr__ because the dataclass is frozen; normalising here keeps
+        # equality meaningful for the reconciler, which diffs attribute sets.
+        object.__setattr__(self, "communities", _normalise(self.communities, 2, _U16_MAX, "communities"))
+        object.__setattr__(
+            self, "large_communities", _normalise(self.large_communities, 3, _U32_MAX, "large_communities")
+        )
+
+
+def _normalise(values: tuple[str, ...], parts: int, maximum: int, name: str) -> tuple[str, ...]:
+    """Validate "a:b" (or "a:b:c") communities and return them sorted, without duplicates."""
+    if isinstance(values, str):
+        # A bare string is a tuple of characters to Python; catch it by name.
+        raise ValueError(f"{name}: expected a tuple of strings, got the string {values!r}")
+    keys: set[tuple[int, ...]] = set()
+    for value in values:
+        fields = value.split(":")
+        if len(fields) != parts or not all(f.isdigit() and f.isascii() for f in fields):
+            raise ValueError(f"{name}: {value!r} is not {':'.join(['N'] * parts)}")
+        key = tuple(int(f) for f in fields)
+        if any(n > maximum for n in key):
+            raise ValueError(f"{name}: {value!r} has a part larger than {maximum}")
+        keys.add(key)
+    return tuple(":".join(str(n) for n in key) for key in sorted(keys))
+
+
+def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
+    """The ExaBGP command that announces `prefix` with `attrs` to every neighbour."""
+    if attrs.next_hop != "self" and ipaddress.ip_address(attrs.next_hop).version != prefix.version:
+        # ExaBGP would turn an IPv4 next hop for an IPv6 prefix into ::ffff:a.b.c.d; FRR
+        # marks that path valid but never installs it in the kernel. Refuse instead.
+        raise ValueError(f"next_hop: {attrs.next_hop} is not of the same family as {prefix}")
+    parts = [f"announce route {prefix} next-hop {attrs.next_hop}"]
+    if attrs.med is not None:
+        parts.append(f"med {attrs.med}")
+    if attrs.as_path_prepend:
+        # The explicit as-path replaces ExaBGP's own AS: one copy for the AS itself,
+        # plus one per prepend.
+        path = " ".join([str(attrs.local_as)] * (attrs.as_path_prepend + 1))
+        parts.append(f"as-path [ {path} ]")
+    if attrs.communities:
+        parts.append(f"community [ {' '.join(attrs.communities)} ]")
+    if attrs.large_communities:
+        parts.append(f"large-community [ {' '.join(attrs.large_communities)} ]")
+    return " ".join(parts)
+
+
+def withdraw_line(prefix: Prefix) -> str:
+    """The ExaBGP command that withdraws `prefix` from every neighbour."""
+    return f"withdraw route {prefix}"
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Ack:
+    """ExaBGP's answer to the oldest unanswered command: ``done`` (ok) or ``error``."""
+
+    ok: bool
+
+
+@dataclass(frozen=True)
+class NeighborState:
+    """A BGP session changed state: "connected", "up" or "down" (with a reason)."""
+
+    peer: str
+    local: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """ExaBGP is stopping; it will close our stdin next."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """An UPDATE received from a neighbour; prefixes only, the full line is in `raw`."""
+
+    peer: str
+    announced: tuple[str, ...]
+    withdrawn: tuple[str, ...]
+    raw: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A well-formed JSON message we do not act on (negotiated, fsm, notification...)."""
+
+    type: str
+    raw: str
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """A line that is neither an ack nor a well-formed ExaBGP message."""
+
+    raw: str
+    error: str
+
+
+Event = Ack | NeighborState | Shutdown | Update | Unknown | Garbage
+
+_TEXT_ACKS: Final = {"done": True, "error": False}
+
+
+def parse_line(line: str) -> Event:
+    """Classify one line ExaBGP wrote to the API process. Never raises."""
+    text = line.strip()
+    if text in _TEXT_ACKS:
+        return Ack(_TEXT_ACKS[text])
+    if not text:
+        return Garbage(line, "empty line")
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        return Garbage(line, f"not JSON: {exc}")
+    if not isinstance(message, dict):
+        return Garbage(line, "JSON but not an object")
+    try:
+        return _classify(message, text)
+    except (KeyError, TypeError, AttributeError) as exc:
+        return Garbage(line, f"malformed {message.get('type', 'message')!r} message: {exc!r}")
+
+
+def _classify(message: dict[str, Any], text: str) -> Event:
+    # ExaBGP can also ack in JSON ({"answer": "done"}); 5.0.15 never enables it, but
+    # accepting it costs nothing and keeps the ack FIFO in step if a version does.
+    answer = message.get("answer")
+    if answer in _TEXT_ACKS:
+        return Ack(_TEXT_ACKS[answer])
+    kind = message.get("type")
+    if kind == "state":
+        neighbor = message["neighbor"]
+        return NeighborState(
+            peer=_str(neighbor["address"]["peer"]),
+            local=_str(neighbor["address"]["local"]),
+            state=_str(neighbor["state"]),
+            reason=_str(neighbor.get("reason", "")),
+        )
+    # "notification" is also the type of a BGP NOTIFICATION received from a peer; only
+    # the top-level string "shutdown" means ExaBGP itself is going away.
+    if kind == "notification" and message.get("notification") == "shutdown":
+        return Shutdown()
+    if kind == "update":
+        neighbor = message["neighbor"]
+        # An End-of-RIB marker is an "update" whose message holds "eor", not "update".
+        update = neighbor["message"].get("update", {})
+        announced = [
+            _str(nlri["nlri"])
+            for by_next_hop in update.get("announce", {}).values()
+            for nlris in by_next_hop.values()
+            for nlri in nlris
+        ]
+        withdrawn = [_str(nlri["nlri"]) for nlris in update.get("withdraw", {}).values() for nlri in nlris]
+        return Update(
+            peer=_str(neighbor["address"]["peer"]),
+            # ExaBGP lists a prefix once per next hop (global and link-local for IPv6).
+            announced=tuple(dict.fromkeys(announced)),
+            withdrawn=tuple(dict.fromkeys(withdrawn)),
+            raw=text,
+        )
+    return Unknown(type=kind if isinstance(kind, str) else "", raw=text)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value

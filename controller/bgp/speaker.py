@@ -1,0 +1,193 @@
+"""The I/O shell around ExaBGP's process API: write commands, match acks, dispatch events.
+
+ExaBGP answers commands in order and without identifiers, so the speaker keeps a FIFO of
+futures, one per command written and not yet answered. Appending the future and writing
+the line happen with no await in between, so concurrent `send` calls stay in step with
+the ack stream. Once an ack is lost (timeout) the FIFO can no longer be trusted, so the
+speaker closes: the agent should exit and let ExaBGP respawn it (ExaBGP keeps the routes
+it announced; the new agent reconciles them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from controller.bgp.exabgp_api import Ack, Event, Garbage, parse_line
+
+logger = logging.getLogger("controller.bgp")
+
+# asyncio's default 64 KiB line limit is too small for a JSON UPDATE carrying a large
+# (extended-length) BGP message.
+_LINE_LIMIT = 4 * 1024 * 1024
+
+
+class SpeakerClosed(Exception):
+    """ExaBGP went away (EOF on stdin) or the ack stream was lost; no more commands."""
+
+
+class CommandWriter(Protocol):
+    """What the speaker needs from its output stream (an `asyncio.StreamWriter` fits)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class ExaBGPSpeaker:
+    """Sends commands to ExaBGP and reads its answers and messages."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: CommandWriter,
+        *,
+        on_event: Callable[[Event], None],
+        ack: bool = True,
+        ack_timeout: float = 10.0,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        """`ack` must match ExaBGP's ``exabgp.api.ack``; `on_line` sees every raw line read."""
+        self._reader = reader
+        self._writer = writer
+        self._on_event = on_event
+        self._ack = ack
+        self._ack_timeout = ack_timeout
+        self._on_line = on_line
+        self._pending: deque[asyncio.Future[bool]] = deque()
+        self._closed_reason: str | None = None
+
+    @classmethod
+    async def connect_stdio(
+        cls,
+        *,
+        on_event: Callable[[Event], None],
+        ack: bool = True,
+        ack_timeout: float = 10.0,
+        on_line: Callable[[str], None] | None = None,
+    ) -> ExaBGPSpeaker:
+        """Take over stdin/stdout (the pipes from ExaBGP) for the protocol.
+
+        The pipes are moved to private descriptors and fds 0/1 are pointed at /dev/null
+        and stderr: a stray print() or a child process inheriting stdout would otherwise
+        inject a command, and its extra ack would shift every later ack onto the wrong
+        command.
+        """
+        loop = asyncio.get_running_loop()
+        sys.stdout.flush()
+        protocol_in = os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
+        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, sys.stdin.fileno())
+        os.close(devnull)
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), protocol_in)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, protocol_out)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        return cls(reader, writer, on_event=on_event, ack=ack, ack_timeout=ack_timeout, on_line=on_line)
+
+    @property
+    def closed(self) -> bool:
+        """True once no more commands can be sent."""
+        return self._closed_reason is not None
+
+    async def send(self, line: str) -> bool:
+        """Write one command; return True for ``done``, False for ``error``.
+
+        Without acks, return True once the line is written. Raises `SpeakerClosed` if
+        ExaBGP has gone away or the ack did not come within `ack_timeout`.
+        """
+        if "\n" in line or "\r" in line:
+            # Two commands in one send would get two acks for one future.
+            raise ValueError(f"one command per send, got {line!r}")
+        if self._closed_reason is not None:
+            raise SpeakerClosed(self._closed_reason)
+        future: asyncio.Future[bool] | None = None
+        if self._ack:
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_consume_exception)
+            self._pending.append(future)
+        try:
+            self._writer.write(line.encode() + b"\n")
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._close(f"writing to ExaBGP failed: {exc!r}")
+            raise SpeakerClosed(self._closed_reason) from exc
+        if future is None:
+            return True
+        try:
+            async with asyncio.timeout(self._ack_timeout):
+                # shield: a timeout must not cancel the future, _close fails it instead.
+                return await asyncio.shield(future)
+        except TimeoutError:
+            self._close(f"no ack from ExaBGP within {self._ack_timeout}s for {line!r}")
+            raise SpeakerClosed(self._closed_reason) from None
+
+    async def run_reader(self) -> None:
+        """Read ExaBGP's lines until EOF: resolve acks, dispatch events, skip garbage.
+
+        Exceptions raised by `on_event` propagate (after pending commands are failed),
+        so a bug in the handler stops the agent instead of being silently lost.
+        """
+        reason = "ExaBGP closed the API pipe (EOF)"
+        try:
+            while True:
+                try:
+                    raw = await self._reader.readline()
+                except ValueError as exc:
+                    # Line longer than the limit: asyncio has dropped it; keep reading.
+                    logger.warning("skipping an over-long line from ExaBGP: %s", exc)
+                    continue
+                if not raw:
+                    return
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if self._on_line is not None:
+                    self._on_line(line)
+                self._dispatch(parse_line(line))
+        except BaseException as exc:
+            reason = f"the ExaBGP reader stopped: {exc!r}"
+            raise
+        finally:
+            self._close(reason)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Ack):
+            self._resolve(event.ok)
+        elif isinstance(event, Garbage):
+            logger.warning("ignoring a line from ExaBGP: %s: %r", event.error, event.raw)
+        else:
+            self._on_event(event)
+
+    def _resolve(self, ok: bool) -> None:
+        if not self._pending:
+            # With ack off on our side but on in ExaBGP this is expected; otherwise it
+            # means something else wrote commands on our stdout.
+            log = logger.debug if not self._ack else logger.warning
+            log("ack %r from ExaBGP with no command waiting for it", "done" if ok else "error")
+            return
+        future = self._pending.popleft()
+        if not future.done():
+            future.set_result(ok)
+
+    def _close(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+            logger.info("ExaBGP speaker closed: %s", reason)
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(SpeakerClosed(reason))
+
+
+def _consume_exception(future: asyncio.Future[bool]) -> None:
+    # A future failed after its sender stopped waiting (timeout, cancellation) would make
+    # asyncio log "exception was never retrieved"; the sender already got its answer.
+    if not future.cancelled():
+        future.exception()
