@@ -160,9 +160,10 @@ class ExaBGPSpeaker:
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Ack):
             self._resolve(event.ok)
-        elif isinstance(event, Garbage):
-            logger.warning("ignoring a line from ExaBGP: %s: %r", event.error, event.raw)
         else:
+            if isinstance(event, Garbage):
+                logger.warning("ignoring a line from ExaBGP: %s: %r", event.error, event.raw)
+            # Garbage too, so the agent can count it (anycast_exabgp_unparsed_lines_total).
             self._on_event(event)
 
     def _resolve(self, ok: bool) -> None:
