@@ -42,7 +42,7 @@ def parse_agent_config(text: str, source: str = "<config>") -> AgentConfig:
 
 
 def _agent(root: Node, source: str) -> AgentConfig | None:
-    pop = root.req("pop", _name)
+    pop = root.req("pop", read_name)
     allowed = tuple(
         p for n in _list(root, "allowed_prefixes", required=True) if (p := n.as_network()) is not None
     )
@@ -53,10 +53,10 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     state_dir = root.opt("state_dir", Node.as_str, "/var/lib/anycast-agent")
     shutdown = root.opt("shutdown", lambda n: n.as_choice(SHUTDOWN_MODES), "withdraw")
     check_defaults = root.get("check_defaults")
-    defaults = _check_defaults(check_defaults)
+    defaults = read_check_defaults(check_defaults)
     vips = tuple(
         v for n in _list(root, "vips")
-        if (v := _vip(n, allowed, defaults, attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))) is not None
+        if (v := read_vip(n, allowed, defaults, attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))) is not None
     )
     root.reject_unknown()
     _check_unique(root, "vips", [str(v.prefix) for v in vips], "VIP address")
@@ -75,7 +75,7 @@ def _list(node: Node, key: str, required: bool = False) -> list[Node]:
     return [] if child is None else list(child.items())
 
 
-def _name(node: Node) -> str | None:
+def read_name(node: Node) -> str | None:
     s = node.as_str()
     if s is not None and not _NAME.match(s):
         node.error("must be 1-63 characters of letters, digits, '.', '_' or '-'")
@@ -98,7 +98,7 @@ def _bgp(node: Node) -> tuple[int | None, tuple[Neighbor, ...], StateAttributes 
     neighbors = tuple(nb for n in _list(node, "neighbors", required=True) if (nb := _neighbor(n)) is not None)
     if node.has("neighbors") and not neighbors and not node.issues.items:
         node.error("at least one neighbour is needed", "neighbors")
-    attrs = _state_attributes(node.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    attrs = read_state_attributes(node.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
     node.reject_unknown()
     return local_as, neighbors, attrs
 
@@ -151,7 +151,7 @@ def _password(node: Node) -> str | None:
     return s
 
 
-def _state_attributes(node: Node | None, base: StateAttributes) -> StateAttributes | None:
+def read_state_attributes(node: Node | None, base: StateAttributes) -> StateAttributes | None:
     if node is None:
         return base
     if not node.is_mapping():
@@ -211,12 +211,12 @@ def _kernel(node: Node | None) -> KernelSettings:
 def _metrics(node: Node | None) -> tuple[str, int] | None:
     if node is None or not node.is_mapping():
         return None
-    listen = node.opt("listen", _host_port, None)
+    listen = node.opt("listen", read_host_port, None)
     node.reject_unknown()
     return listen
 
 
-def _host_port(node: Node) -> tuple[str, int] | None:
+def read_host_port(node: Node) -> tuple[str, int] | None:
     s = node.as_str()
     if s is None:
         return None
@@ -234,7 +234,7 @@ def _host_port(node: Node) -> tuple[str, int] | None:
 
 
 # --- VIPs --------------------------------------------------------------------------------
-def _check_defaults(node: Node | None) -> dict[str, float | int]:
+def read_check_defaults(node: Node | None) -> dict[str, float | int]:
     defaults: dict[str, float | int] = dict(DEFAULT_CHECK)
     if node is None or not node.is_mapping():
         return defaults
@@ -246,7 +246,7 @@ def _check_defaults(node: Node | None) -> dict[str, float | int]:
     return defaults
 
 
-def _vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float | int],
+def read_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float | int],
          attrs: StateAttributes) -> Vip | None:
     if not node.is_mapping():
         return None
@@ -256,13 +256,13 @@ def _vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float |
         node.error(f"{prefix} is outside the allowed anycast prefixes "
                    f"({', '.join(map(str, allowed))}); the agent refuses to announce it", "address")
         prefix = None
-    name = node.opt("name", _name, str(prefix.network_address) if prefix else "")
+    name = node.opt("name", read_name, str(prefix.network_address) if prefix else "")
     admin = node.opt("admin", lambda n: n.as_choice(ADMIN_STATES), "up")
     loopback = node.opt("loopback", Node.as_bool, False)
     check_node = node.get("check", required=True)
     check = _check(check_node, defaults) if check_node is not None else None
     origins = tuple(o for n in _list(node, "origins", required=True) if (o := _origin(n)) is not None)
-    vip_attrs = _state_attributes(node.get("attributes"), attrs)
+    vip_attrs = read_state_attributes(node.get("attributes"), attrs)
     node.reject_unknown()
     origin_list = node.get("origins")
     if origin_list is not None and isinstance(origin_list.value, list):
@@ -341,7 +341,7 @@ def _http_path(node: Node) -> str | None:
 def _origin(node: Node) -> Origin | None:
     if not node.is_mapping():
         return None
-    region = node.req("region", _name)
+    region = node.req("region", read_name)
     next_hop = node.req("next_hop", Node.as_address)
     backends = tuple(b for n in _list(node, "backends", required=True) if (b := _backend(n)) is not None)
     min_healthy = node.opt("min_healthy", lambda n: n.as_int(1, 1000), 1)
