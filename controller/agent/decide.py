@@ -11,7 +11,9 @@ action and a reason code. The rules, in order:
 2. Not wanted by the plan -> withdraw with the plan's reason (``not_in_plan``,
    ``admin_down``, ``drained``, ...).
 3. The active origin region is unhealthy (fewer than ``min_healthy`` healthy backends and
-   every backend has a verdict) -> withdraw (``backend_down``).
+   every backend has a verdict) -> withdraw (``backend_down``), unless the controller's
+   plan sets ``safety_hold``: then keep announcing (``safety_hold``), because withdrawing
+   would break a global safety rule.
 4. No verdict yet for the active origin -> HOLD: do nothing, keep whatever ExaBGP holds.
    This is what lets a restarted agent take over routes that ExaBGP kept without
    flapping them, and what keeps a fresh agent from announcing before checks ran.
@@ -48,6 +50,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_ORIGIN = "unknown_origin"
     ADMIN_DOWN = "admin_down"
     SHUTDOWN = "shutdown"
+    SAFETY_HOLD = "safety_hold"
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,12 @@ def decide(
     if origin is None:
         return withdraw(Reason.UNKNOWN_ORIGIN, f"active origin {intent.active_origin!r} is not configured")
     verdict, detail = origin_health(origin, (health.get((vip.name, origin.region, b)) for b in origin.backends))
-    if verdict is False:
+    if verdict is False and not intent.safety_hold:
         return withdraw(Reason.BACKEND_DOWN, detail, origin)
+    if verdict is False:
+        return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.SAFETY_HOLD,
+                        f"{detail}; kept announced on the controller's safety hold",
+                        vip.attributes.up, origin.region, origin.next_hop)
     if verdict is None:
         return Decision(vip.name, vip.prefix, Action.HOLD, Reason.HEALTH_UNKNOWN, detail,
                         origin=origin.region, next_hop=origin.next_hop)

@@ -22,6 +22,10 @@ class VipIntent:
     active_origin: str  # the origin region traffic is sent to
     drain: bool = False  # announce with the "draining" attributes (less preferred)
     reason: str = ""  # why not wanted / why draining (a reason code)
+    # The controller asks this POP to keep announcing even though its own check says the
+    # active origin is down: withdrawing would break a global safety rule (e.g. the checks
+    # fail everywhere at once, which more likely means the checks are broken).
+    safety_hold: bool = False
 
 
 @dataclass(frozen=True)

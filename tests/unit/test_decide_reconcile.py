@@ -46,6 +46,10 @@ def intent(**kw: object) -> VipIntent:
         ((True, True), intent(wanted=False), Action.WITHDRAW, Reason.NOT_IN_PLAN),
         ((True, True), None, Action.WITHDRAW, Reason.NOT_IN_PLAN),
         ((True, True), intent(active_origin="mars"), Action.WITHDRAW, Reason.UNKNOWN_ORIGIN),
+        # The controller's safety hold keeps a locally-down VIP announced (checks broken everywhere).
+        ((False, False), intent(safety_hold=True), Action.ANNOUNCE, Reason.SAFETY_HOLD),
+        ((True, True), intent(safety_hold=True), Action.ANNOUNCE, Reason.HEALTHY),
+        ((True, True), intent(wanted=False, safety_hold=True), Action.WITHDRAW, Reason.NOT_IN_PLAN),
     ],
 )
 def test_decide_table(usw: tuple, the_intent: VipIntent | None, action: Action, reason: str) -> None:

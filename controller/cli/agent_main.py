@@ -1,0 +1,128 @@
+"""``anycast-agent``: the POP agent.
+
+    anycast-agent launch --config /etc/anycast/agent.yaml       # what systemd runs
+    anycast-agent exabgp-config --config /etc/anycast/agent.yaml  # print ExaBGP's config
+    anycast-agent run --config /etc/anycast/agent.yaml           # ExaBGP's API process
+
+``launch`` renders ExaBGP's config from the agent config and replaces itself with
+``exabgp server``, which runs ``anycast-agent run`` as its API process. So ExaBGP is the
+service's main process: if the agent dies, ExaBGP respawns it and keeps the routes; if
+ExaBGP dies, the session drops, the agent sees EOF and exits, and systemd restarts both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ..bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
+from ..config.agent import load_agent_config
+from ..config.errors import ConfigError
+from ..config.model import AgentConfig
+
+log = logging.getLogger("controller.agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anycast-agent", description="BGP anycast POP agent")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run as ExaBGP's API process (stdin/stdout)"),
+                        ("exabgp-config", "print the ExaBGP config for this agent"),
+                        ("launch", "render the ExaBGP config and exec ExaBGP (systemd's ExecStart)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", "-c", required=True, help="agent YAML config")
+        s.add_argument("--state-dir", help="override state_dir from the config")
+        s.add_argument("--metrics-listen", help="override metrics.listen (ADDRESS:PORT, or 'off')")
+        s.add_argument("--log-level", default="INFO")
+        if name == "run":
+            s.add_argument("--no-kernel", action="store_true", help="do not touch kernel routes/addresses")
+            s.add_argument("--netns", help="manage kernel state in this named network namespace")
+        if name in ("exabgp-config", "launch"):
+            s.add_argument("--out", help="write the ExaBGP config here (launch: default STATE_DIR/exabgp.conf)")
+        if name == "launch":
+            s.add_argument("--exabgp", default=os.path.join(os.path.dirname(sys.executable), "exabgp"),
+                           help="the exabgp executable")
+            s.add_argument("--exabgp-log", help="ExaBGP's log file (default: its stderr)")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The same overrides, passed on to the API process ExaBGP starts."""
+    out: list[str] = []
+    if args.state_dir:
+        out += ["--state-dir", args.state_dir]
+    if args.metrics_listen:
+        out += ["--metrics-listen", args.metrics_listen]
+    return out
+
+
+def load(args: argparse.Namespace) -> AgentConfig:
+    config = load_agent_config(args.config)
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=args.state_dir)
+    if args.metrics_listen:
+        listen = None
+        if args.metrics_listen != "off":
+            host, _, port = args.metrics_listen.rpartition(":")
+            listen = (host.strip("[]"), int(port))
+        config = dataclasses.replace(config, metrics_listen=listen)
+    return config
+
+
+def exabgp_config_text(config: AgentConfig, args: argparse.Namespace) -> str:
+    neighbors = [
+        NeighborSpec(address=str(n.address), local_address=str(n.local_address), router_id=str(n.router_id),
+                     local_as=config.local_as, peer_as=n.peer_as, hold_time=n.hold_time,
+                     md5_password=n.md5_password, passive=n.passive)
+        for n in config.neighbors
+    ]
+    argv = [sys.executable, "-m", "controller.cli.agent_main", "run", "--config", os.path.abspath(args.config),
+            *_overrides(args), "--log-level", args.log_level]
+    return render_exabgp_config(neighbors, "anycast-agent", argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level.upper(),
+        format="%(asctime)s anycast-agent[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load(args)
+    except ConfigError as exc:
+        print(exc.summary(), file=sys.stderr)
+        return 2
+    if args.command == "exabgp-config":
+        text = exabgp_config_text(config, args)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "launch":
+        return _launch(config, args)
+    from ..agent.runner import run_agent  # imported late: the other commands need no asyncio/pyroute2
+
+    return asyncio.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
+
+
+def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
+    os.makedirs(config.state_dir, exist_ok=True)
+    out = args.out or os.path.join(config.state_dir, "exabgp.conf")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(exabgp_config_text(config, args))
+    env = dict(os.environ)
+    env.update(exabgp_environment(args.exabgp_log))
+    log.info("starting ExaBGP with %s", out)
+    os.execve(args.exabgp, [args.exabgp, "server", out], env)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

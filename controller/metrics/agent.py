@@ -1,0 +1,156 @@
+"""Every metric the POP agent exports, in one place. Prefix ``anycast_``.
+
+State (what is announced, health, BGP sessions) is exported by a collector that reads a
+snapshot of the agent at scrape time, so there are no ``.set()`` calls scattered through
+the code and a scrape never sees half an update. Events (checks, transitions, reloads)
+are counters and histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from .. import __version__
+
+VIP_STATES = ("up", "draining", "withdrawn", "pending")
+HEALTH_PHASES = ("init", "rising", "up", "falling", "down")
+
+
+@dataclass(frozen=True)
+class VipSnapshot:
+    name: str
+    prefix: str
+    status: str  # one of VIP_STATES
+    reason: str
+    announced: bool
+    origin: str
+
+
+@dataclass(frozen=True)
+class BackendSnapshot:
+    vip: str
+    origin: str
+    backend: str
+    phase: str  # one of HEALTH_PHASES
+    last_ok: bool | None
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    pop: str
+    vips: tuple[VipSnapshot, ...] = ()
+    backends: tuple[BackendSnapshot, ...] = ()
+    neighbors: dict[str, bool] = field(default_factory=dict)
+    last_reconcile_success: float = 0.0
+    config_last_reload_ok: bool = True
+    config_last_reload_time: float = 0.0
+    plan_source: str = "local-config"
+    plan_generation: int = 0
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+        s = self._snapshot()
+        info = InfoMetricFamily("anycast_agent", "The POP agent's identity.")
+        info.add_metric([], {"pop": s.pop, "version": __version__, "plan_source": s.plan_source})
+        yield info
+
+        announced = GaugeMetricFamily("anycast_vip_announced",
+                                      "1 if this POP announces the VIP over BGP now.", labels=["vip", "prefix"])
+        state = GaugeMetricFamily("anycast_vip_state",
+                                  "1 for the VIP's current state at this POP (up, draining, withdrawn, pending).",
+                                  labels=["vip", "state"])
+        reason = GaugeMetricFamily("anycast_vip_reason",
+                                   "1 for the reason code behind the VIP's current decision.",
+                                   labels=["vip", "reason", "origin"])
+        for v in s.vips:
+            announced.add_metric([v.name, v.prefix], 1.0 if v.announced else 0.0)
+            for st in VIP_STATES:
+                state.add_metric([v.name, st], 1.0 if v.status == st else 0.0)
+            reason.add_metric([v.name, v.reason, v.origin], 1.0)
+        yield announced
+        yield state
+        yield reason
+
+        healthy = GaugeMetricFamily("anycast_backend_healthy",
+                                    "1 healthy, 0 unhealthy, -1 no verdict yet (after rise/fall).",
+                                    labels=["vip", "origin", "backend"])
+        phase = GaugeMetricFamily("anycast_backend_phase", "1 for the backend's health phase.",
+                                  labels=["vip", "origin", "backend", "phase"])
+        last = GaugeMetricFamily("anycast_backend_last_check_ok", "1 if the last check passed.",
+                                 labels=["vip", "origin", "backend"])
+        for b in s.backends:
+            labels = [b.vip, b.origin, b.backend]
+            verdict = {"up": 1.0, "falling": 1.0, "down": 0.0, "rising": 0.0}.get(b.phase, -1.0)
+            healthy.add_metric(labels, verdict)
+            for p in HEALTH_PHASES:
+                phase.add_metric(labels + [p], 1.0 if b.phase == p else 0.0)
+            if b.last_ok is not None:
+                last.add_metric(labels, 1.0 if b.last_ok else 0.0)
+        yield healthy
+        yield phase
+        yield last
+
+        nb = GaugeMetricFamily("anycast_bgp_neighbor_up", "1 if the BGP session to the neighbour is up.",
+                               labels=["neighbor"])
+        for addr, up in sorted(s.neighbors.items()):
+            nb.add_metric([addr], 1.0 if up else 0.0)
+        yield nb
+
+        yield GaugeMetricFamily("anycast_reconcile_last_success_timestamp_seconds",
+                                "Unix time of the last reconcile that completed without error.",
+                                value=s.last_reconcile_success)
+        yield GaugeMetricFamily("anycast_config_last_reload_successful",
+                                "1 if the last config load succeeded (a failed reload keeps the last good config).",
+                                value=1.0 if s.config_last_reload_ok else 0.0)
+        yield GaugeMetricFamily("anycast_config_last_reload_timestamp_seconds",
+                                "Unix time of the last config load attempt.", value=s.config_last_reload_time)
+        yield GaugeMetricFamily("anycast_plan_generation", "Generation of the plan the agent follows.",
+                                value=float(s.plan_generation))
+
+
+class AgentMetrics:
+    """The agent's instruments, registered in ``registry`` (tests pass a private one)."""
+
+    def __init__(self, registry: CollectorRegistry, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self.registry = registry
+        registry.register(_SnapshotCollector(snapshot))
+        self.checks = Counter("anycast_checks", "Health checks run, by result.",
+                              ["vip", "origin", "result"], registry=registry)
+        self.check_duration = Histogram(
+            "anycast_check_duration_seconds", "Health-check latency (connect or full HTTP answer).",
+            ["vip", "origin"], registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.health_transitions = Counter(
+            "anycast_health_transitions", "Backend health phase changes.",
+            ["vip", "origin", "to"], registry=registry)
+        self.announcement_changes = Counter(
+            "anycast_announcement_changes", "Announce and withdraw commands sent, by reason.",
+            ["vip", "action", "reason"], registry=registry)
+        self.exabgp_errors = Counter("anycast_exabgp_command_errors",
+                                     "Commands ExaBGP answered with 'error'.", registry=registry)
+        self.exabgp_garbage = Counter("anycast_exabgp_unparsed_lines",
+                                      "Lines from ExaBGP that could not be parsed (logged and ignored).",
+                                      registry=registry)
+        self.reconciles = Counter("anycast_reconcile", "Reconcile passes, by result.", ["result"],
+                                  registry=registry)
+        self.reconcile_duration = Histogram("anycast_reconcile_duration_seconds",
+                                            "Time for one reconcile pass.", registry=registry)
+        self.config_reloads = Counter("anycast_config_reloads", "Config (re)loads, by result.", ["result"],
+                                      registry=registry)
+        self.kernel_errors = Counter("anycast_kernel_sync_errors",
+                                     "Kernel routes or addresses that could not be applied.", registry=registry)
+        # Label sets that exist from the start, so dashboards and alerts see zeros, not gaps.
+        for result in ("success", "error"):
+            self.reconciles.labels(result)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)

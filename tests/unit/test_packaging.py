@@ -1,0 +1,58 @@
+"""What an operator installs: console scripts, the rendered ExaBGP config, the systemd unit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def test_agent_renders_an_exabgp_config_that_exabgp_accepts(tmp_path: Path) -> None:
+    out = tmp_path / "exabgp.conf"
+    r = subprocess.run([str(BIN / "anycast-agent"), "exabgp-config", "--config", str(ROOT / "configs/agent-sjc.yaml"),
+                        "--state-dir", "/var/lib/x", "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "neighbor 100.64.1.1" in text and "peer-as 65001;" in text and "local-as 65101;" in text
+    # ExaBGP runs the agent with the same config and overrides.
+    assert f"run {sys.executable} -m controller.cli.agent_main run --config {ROOT}/configs/agent-sjc.yaml" \
+           f" --state-dir /var/lib/x" in text
+    v = subprocess.run([str(BIN / "exabgp"), "validate", str(out)], capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_agent_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.yaml"
+    bad.write_text((ROOT / "configs/agent-sjc.yaml").read_text().replace("rise: 2", "rise: 0"))
+    r = subprocess.run([str(BIN / "anycast-agent"), "launch", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "vips[0].check.rise: must be >= 1, got 0" in r.stderr
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The units reference /opt/anycast/bin; point that at this venv and let systemd check them."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing (Debian: apt-get install systemd)"
+    units = sorted((ROOT / "systemd").glob("*.service"))
+    assert units
+    for unit in units:
+        text = unit.read_text().replace("/opt/anycast/bin/", f"{BIN}/")
+        copy = tmp_path / unit.name
+        copy.write_text(text)
+        r = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
+        assert r.returncode == 0 and not r.stderr.strip(), f"{unit.name}: {r.stderr}"
+
+
+def test_agent_unit_runs_launch_as_notify_service_with_few_capabilities() -> None:
+    unit = (ROOT / "systemd/anycast-agent.service").read_text()
+    assert "Type=notify" in unit and "NotifyAccess=all" in unit  # the agent is ExaBGP's child
+    assert "anycast-agent launch --config /etc/anycast/agent.yaml" in unit
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n" in unit
+    assert "ProtectSystem=strict" in unit and "Restart=on-failure" in unit and "WatchdogSec=" in unit
