@@ -1,0 +1,74 @@
+"""Wire the agent to the real world: ExaBGP on stdin/stdout, the kernel, the metrics port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..bgp.speaker import ExaBGPSpeaker
+from ..config.model import AgentConfig
+from ..metrics.agent import AgentMetrics
+from .daemon import Agent, install_signal_handlers
+from .sdnotify import Notifier
+
+log = logging.getLogger("controller.agent")
+
+
+async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig], *,
+                    no_kernel: bool = False, netns: str | None = None) -> int:
+    holder: dict[str, Agent] = {}
+
+    def on_event(event: object) -> None:
+        if "agent" in holder:
+            holder["agent"].on_event(event)
+
+    speaker = await ExaBGPSpeaker.connect_stdio(on_event=on_event)
+    kernel = None
+    if config.kernel.enabled and not no_kernel:
+        from ..kernel.routes import KernelAdapter
+
+        kernel = KernelAdapter(protocol=config.kernel.protocol, table=config.kernel.table, netns=netns)
+    registry = CollectorRegistry()
+    agent = Agent(config, load_config, speaker, kernel=kernel,
+                  metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier())
+    holder["agent"] = agent
+    if config.metrics_listen:
+        host, port = config.metrics_listen
+        try:
+            start_http_server(port, addr=host, registry=registry)
+            log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+        except OSError as exc:
+            # Metrics are for humans; announcing the VIPs right matters more.
+            log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
+    install_signal_handlers(agent, asyncio.get_running_loop())
+    _write_pid(config.state_dir)
+    log.info("agent for POP %s started: %d VIP(s), config %s", config.pop, len(config.vips), config.source)
+
+    async def read() -> None:
+        await speaker.run_reader()
+        log.warning("ExaBGP closed our stdin: it has gone away; exiting")
+        agent.stop("exabgp_gone")
+
+    reader = asyncio.create_task(read(), name="exabgp-reader")
+    try:
+        return await agent.run()
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        if kernel is not None:
+            kernel.close()
+
+
+def _write_pid(state_dir: str) -> None:
+    """For ``systemctl reload`` (SIGHUP goes to the agent, not to ExaBGP, the main PID)."""
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        with open(os.path.join(state_dir, "agent.pid"), "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.warning("cannot write %s/agent.pid (systemctl reload will not reach the agent): %s",
+                    state_dir, exc)

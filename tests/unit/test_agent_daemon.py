@@ -1,0 +1,265 @@
+"""The agent's loop with a recording announcer, a fake kernel and injected check results.
+
+No ExaBGP, no sleeping: results are fed to the agent as the scheduler would, and each
+reconcile pass is awaited directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controller.agent import state_file
+from controller.agent.daemon import Agent
+from controller.config.agent import load_agent_config
+from controller.config.errors import ConfigError, ConfigIssue
+from controller.config.model import AgentConfig
+from controller.health.probes import ProbeResult
+from controller.kernel.routes import KernelRoute
+from controller.metrics.agent import AgentMetrics
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "agent-sjc.yaml"
+P = ipaddress.ip_network("198.51.100.10/32")
+ANNOUNCE_UP = "announce route 198.51.100.10/32 next-hop self med 100 community [ 65101:100 ]"
+WITHDRAW = "withdraw route 198.51.100.10/32"
+
+
+class RecordingAnnouncer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.fail: set[str] = set()
+
+    async def send(self, line: str) -> bool:
+        self.lines.append(line)
+        return line not in self.fail
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.routes: set[KernelRoute] = set()
+        self.addresses: set = set()
+        self.broken = False
+
+    def read_routes(self) -> set[KernelRoute]:
+        return set(self.routes)
+
+    def sync_routes(self, desired: Iterable[KernelRoute]) -> None:
+        if self.broken:
+            raise OSError("netlink said no")
+        self.routes = set(desired)
+
+    def read_addresses(self) -> set:
+        return set(self.addresses)
+
+    def sync_addresses(self, desired: Iterable) -> None:
+        self.addresses = set(desired)
+
+    def close(self) -> None:
+        pass
+
+
+class NoScheduler:
+    def __init__(self, on_result: Callable) -> None:
+        self.targets: list = []
+
+    def set_targets(self, targets: Iterable) -> None:
+        self.targets = list(targets)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def stop(self) -> None:
+        pass
+
+
+def config(tmp_path: Path, **changes: object) -> AgentConfig:
+    c = load_agent_config(str(EXAMPLE))
+    return dataclasses.replace(c, state_dir=str(tmp_path / "state"), **changes)
+
+
+def make_agent(cfg: AgentConfig, loader: Callable[[], AgentConfig] | None = None) -> tuple[Agent, RecordingAnnouncer, FakeKernel, CollectorRegistry]:
+    registry = CollectorRegistry()
+    announcer, kernel = RecordingAnnouncer(), FakeKernel()
+    agent = Agent(cfg, loader or (lambda: cfg), announcer, kernel=kernel,
+                  metrics=lambda snap: AgentMetrics(registry, snap), clock=lambda: 1000.0,
+                  scheduler_factory=NoScheduler)
+    return agent, announcer, kernel, registry
+
+
+def feed(agent: Agent, region: str, ok: bool, times: int = 1) -> None:
+    """Every backend of ``region`` answers ``ok`` (``times`` rounds)."""
+    for _ in range(times):
+        for key in list(agent.health):
+            if key[1] == region:
+                agent._on_result(key, ProbeResult(ok, 0.001, "ok" if ok else "connect refused"), 0.0)
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_fresh_agent_announces_only_after_rise_successes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(config(tmp_path))
+        await agent.reconcile_once()
+        assert bgp.lines == []  # no verdict yet: hold, neither announce nor withdraw
+        feed(agent, "us-west", True)  # 1 of rise=2
+        await agent.reconcile_once()
+        assert bgp.lines == []
+        feed(agent, "us-west", True)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+        assert kernel.routes == {KernelRoute(P, ipaddress.ip_address("100.64.10.1"))}
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]  # level-based: nothing new to send
+        assert state_file.load(agent.config.state_dir) == {P: agent.config.vips[0].attributes.up}
+
+    run(scenario())
+
+
+def test_withdraw_after_fall_failures_with_reason(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel, registry = make_agent(config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        feed(agent, "us-west", False)  # fall=2: one failure keeps it (falling)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+        feed(agent, "us-west", False)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+        assert kernel.routes == set()
+        assert registry.get_sample_value("anycast_announcement_changes_total",
+                                         {"vip": "game-global", "action": "withdraw", "reason": "backend_down"}) == 1
+        assert registry.get_sample_value("anycast_vip_reason",
+                                         {"vip": "game-global", "reason": "backend_down", "origin": "us-west"}) == 1
+        assert registry.get_sample_value("anycast_vip_announced", {"vip": "game-global", "prefix": str(P)}) == 0
+
+    run(scenario())
+
+
+def test_restarted_agent_keeps_a_route_exabgp_kept_until_checks_decide(tmp_path: Path) -> None:
+    """ExaBGP respawned us and still announces P: no withdraw while the checks have no
+    verdict, no flap when they confirm it, a withdraw only after fall failures."""
+    cfg = config(tmp_path)
+    state_file.save(cfg.state_dir, {P: cfg.vips[0].attributes.up})
+
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(cfg)
+        kernel.routes = {KernelRoute(P, ipaddress.ip_address("100.64.10.1"))}
+        await agent.reconcile_once()
+        feed(agent, "us-west", False)  # one failure: still no verdict (fall=2)
+        await agent.reconcile_once()
+        assert bgp.lines == []
+        assert kernel.routes  # the kernel route stays while held
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        # Sent once, identical to what ExaBGP holds: BGP sees no change, no withdraw ever.
+        assert bgp.lines == [ANNOUNCE_UP]
+
+    run(scenario())
+
+
+def test_restarted_agent_withdraws_prefix_no_longer_configured(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    gone = ipaddress.ip_network("198.51.100.99/32")
+    state_file.save(cfg.state_dir, {P: cfg.vips[0].attributes.up, gone: cfg.vips[0].attributes.up})
+
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(cfg)
+        await agent.reconcile_once()
+        assert bgp.lines == ["withdraw route 198.51.100.99/32"]  # P is held, gone is withdrawn
+        assert registry.get_sample_value("anycast_announcement_changes_total",
+                                         {"vip": "198.51.100.99", "action": "withdraw",
+                                          "reason": "not_in_config"}) == 1
+
+    run(scenario())
+
+
+def test_bad_reload_keeps_config_and_announcements(tmp_path: Path) -> None:
+    good = config(tmp_path)
+    loads: list[AgentConfig | ConfigError] = []
+
+    def loader() -> AgentConfig:
+        item = loads.pop(0)
+        if isinstance(item, ConfigError):
+            raise item
+        return item
+
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(good, loader)
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        loads.append(ConfigError("agent.yaml", [ConfigIssue("vips[0].check.rise", "must be >= 1, got 0")]))
+        assert agent.reload() is False
+        await agent.reconcile_once()
+        assert agent.config is good
+        assert bgp.lines == [ANNOUNCE_UP]
+        assert registry.get_sample_value("anycast_config_last_reload_successful") == 0
+        assert registry.get_sample_value("anycast_config_reloads_total", {"result": "failure"}) == 1
+        # A good reload that takes the VIP down: withdrawn, with the admin reason.
+        loads.append(dataclasses.replace(good, vips=(dataclasses.replace(good.vips[0], admin="down"),)))
+        assert agent.reload() is True
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+        assert agent.decisions["game-global"].reason == "admin_down"
+        assert registry.get_sample_value("anycast_config_last_reload_successful") == 1
+
+    run(scenario())
+
+
+def test_exabgp_error_is_retried_on_the_next_pass(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(config(tmp_path))
+        bgp.fail.add(ANNOUNCE_UP)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is False
+        bgp.fail.clear()
+        assert await agent.reconcile_once() is True
+        assert bgp.lines == [ANNOUNCE_UP, ANNOUNCE_UP]
+        assert registry.get_sample_value("anycast_exabgp_command_errors_total") == 1
+
+    run(scenario())
+
+
+def test_kernel_failure_does_not_stop_bgp(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel, registry = make_agent(config(tmp_path))
+        kernel.broken = True
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is False
+        assert bgp.lines == [ANNOUNCE_UP]
+        assert registry.get_sample_value("anycast_kernel_sync_errors_total") >= 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("mode, expected", [("withdraw", [ANNOUNCE_UP, WITHDRAW]), ("keep", [ANNOUNCE_UP])])
+def test_shutdown_withdraws_or_keeps(tmp_path: Path, mode: str, expected: list[str]) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(config(tmp_path, shutdown=mode))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        agent.stop("SIGTERM")
+        await agent.shutdown()
+        assert bgp.lines == expected
+        assert bool(kernel.routes) is (mode == "keep")
+
+    run(scenario())
+
+
+def test_standby_origin_health_does_not_change_the_decision(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        feed(agent, "eu-central", False, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+
+    run(scenario())
