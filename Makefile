@@ -31,7 +31,7 @@ unit: venv
 	$(PY) -m pytest -q -ra tests/unit
 
 demo: deps
-	$(PY) -m lab.demo
+	$(PY) -m lab.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,8 +27,8 @@ class Watch:
         self.pop = pop
         self.t0 = time.monotonic()
         self.last: tuple[str, ...] | None = None
-        print(f"{'t (s)':>7}  {'FRR BGP table':<28} {'FRR FIB':<9} {'client -> VIP':<26} agent")
-        print(f"{'-' * 7}  {'-' * 28} {'-' * 9} {'-' * 26} {'-' * 30}")
+        print(f"{'t (s)':>7}  {'FRR BGP table':<30} {'FRR FIB':<9} {'client -> VIP':<26} agent")
+        print(f"{'-' * 7}  {'-' * 30} {'-' * 9} {'-' * 26} {'-' * 30}")
 
     def sample(self) -> tuple[str, ...]:
         route = self.pop.router.bgp_route(PREFIX)
@@ -51,7 +51,7 @@ class Watch:
     def tick(self) -> tuple[str, ...]:
         row = self.sample()
         if row != self.last:
-            print(f"{time.monotonic() - self.t0:7.2f}  {row[0]:<28} {row[1]:<9} {row[2]:<26} {row[3]}", flush=True)
+            print(f"{time.monotonic() - self.t0:7.2f}  {row[0]:<30} {row[1]:<9} {row[2]:<26} {row[3]}", flush=True)
             self.last = row
         return row
 
@@ -106,7 +106,7 @@ def story(pop: SinglePop, keep: bool) -> None:
     pop.signal_agent(signal.SIGKILL)
     w.hold(2.0)
 
-    say("Where to look")
+    say("Where to look" + ("" if keep else " (run `.venv/bin/python -m lab.demo --keep` to keep the lab up)"))
     ns = pop.nodes["pop"].name
     print(f"    metrics:   ip netns exec {ns} curl -s http://127.0.0.1:{METRICS_PORT}/metrics | grep ^anycast_")
     print(f"    router:    vtysh --vty_socket {pop.workdir('rtr') / 'run'} -c 'show bgp ipv4 unicast {PREFIX}'")

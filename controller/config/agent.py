@@ -61,6 +61,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     root.reject_unknown()
     _check_unique(root, "vips", [str(v.prefix) for v in vips], "VIP address")
     _check_unique(root, "vips", [v.name for v in vips], "VIP name")
+    _check_families(root, neighbors, vips)
     if pop is None or local_as is None or attrs is None:
         return None
     return AgentConfig(
@@ -90,6 +91,22 @@ def _check_unique(root: Node, key: str, values: list[str], what: str) -> None:
             root.issues.add(f"{key}[{i}]", f"duplicate {what} {value} (also vips[{seen[value]}])")
         else:
             seen[value] = i
+
+
+def _check_families(root: Node, neighbors: tuple[Neighbor, ...], vips: tuple[Vip, ...]) -> None:
+    """ExaBGP sends ``announce route`` to every neighbour, and answers ``error`` (announcing
+    to none) when a route's family differs from a session's: so all sessions of one agent
+    must carry the VIPs' family."""
+    families = {n.address.version for n in neighbors}
+    if len(families) > 1:
+        root.issues.add("bgp.neighbors", "mixing IPv4 and IPv6 sessions in one agent is not supported: "
+                        "ExaBGP would reject every route on the other family's sessions; "
+                        "run one agent per address family")
+        return
+    for i, vip in enumerate(vips):
+        if families and vip.prefix.version not in families:
+            root.issues.add(f"vips[{i}].address", f"an IPv{vip.prefix.version} VIP needs an "
+                            f"IPv{vip.prefix.version} BGP session; bgp.neighbors has none")
 
 
 # --- bgp ---------------------------------------------------------------------------------

@@ -163,3 +163,13 @@ def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:
     r = subprocess.run([exe, "validate", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_vip_family_must_match_the_bgp_sessions() -> None:
+    d = base()
+    d["vips"][0]["address"] = "2001:db8:51::10/128"
+    d["vips"][0]["origins"] = [{"region": "v6", "next_hop": "2001:db8:ffff::1", "backends": ["[2001:db8:ffff::1]:80"]}]
+    assert "vips[0].address: an IPv6 VIP needs an IPv6 BGP session; bgp.neighbors has none" in errors_of(d)
+    d["bgp"]["neighbors"].append({"address": "2001:db8:1::1", "local_address": "2001:db8:1::2",
+                                  "router_id": "100.64.1.2", "peer_as": 65001})
+    assert any(e.startswith("bgp.neighbors: mixing IPv4 and IPv6 sessions") for e in errors_of(d))
