@@ -329,7 +329,7 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     path = node.opt("path", _http_path, "/")
     status = node.opt("expect_status", lambda n: n.as_int(100, 599), 200)
     body = node.opt("expect_body", Node.as_str, None)
-    host_header = node.opt("host_header", Node.as_str, None)
+    host_header = node.opt("host_header", _host_header, None)
     tls_verify = node.opt("tls_verify", Node.as_bool, False)
     interval = node.opt("interval", lambda n: n.as_float(0.01, 3600), float(defaults["interval"]))
     timeout = node.opt("timeout", lambda n: n.as_float(0.01, 600), float(defaults["timeout"]))
@@ -345,6 +345,14 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     if kind is None:
         return None
     return HealthCheck(kind, port, path, status, body, host_header, tls_verify, interval, timeout, rise, fall)
+
+
+def _host_header(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and (any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in s) or not s.isascii()):
+        node.error(f"a Host header is ASCII without spaces or control characters, got {s!r}")
+        return None
+    return s
 
 
 def _http_path(node: Node) -> str | None:

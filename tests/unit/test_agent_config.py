@@ -173,3 +173,10 @@ def test_vip_family_must_match_the_bgp_sessions() -> None:
     d["bgp"]["neighbors"].append({"address": "2001:db8:1::1", "local_address": "2001:db8:1::2",
                                   "router_id": "100.64.1.2", "peer_as": 65001})
     assert any(e.startswith("bgp.neighbors: mixing IPv4 and IPv6 sessions") for e in errors_of(d))
+
+
+def test_host_header_that_would_break_the_request_is_rejected() -> None:
+    d = base()
+    d["vips"][0]["check"]["host_header"] = "evil\r\nX-Injected: 1"
+    assert any(e.startswith("vips[0].check.host_header: a Host header is ASCII without spaces")
+               for e in errors_of(d))

@@ -1,0 +1,309 @@
+"""Runs every target's probe on its own interval, many at once, and reports each result.
+
+Design: one loop and one heap of (due time, sequence, entry), not one sleeping task per
+target. The loop starts every probe that is due, then sleeps until the next due time or
+until ``set_targets`` or a finished probe wakes it. A probe runs as its own task; its done
+callback hands the result to ``on_result``. So 10,000 targets cost one heap entry each
+plus the probes actually running.
+
+Rules:
+- The set of targets is level-based: ``set_targets`` gets the whole set each time. A
+  target whose key and spec are unchanged keeps its schedule and its running probe (a
+  new interval only brings its next check forward if needed); a removed target, or one
+  whose spec changed, is cancelled and a result still in flight for it is dropped,
+  never reported.
+- A new target's first check comes soon, spread over ``min(interval, first_window)``, so
+  a freshly started agent reaches verdicts quickly without firing everything at once.
+  From its second check on it runs at a random phase of its interval, so targets with
+  long intervals spread out too.
+- Each next check is due one interval after the previous due time (so lateness does
+  not accumulate), plus or minus ``jitter`` times the interval.
+- A target never has two probes at once: when it is due while its probe still runs, that
+  check is skipped (counted) and the next one scheduled.
+- At most ``max_concurrency`` probes run; beyond that, due checks wait in the heap, and
+  the wait shows up as lateness.
+- Lateness (start time minus due time) is sampled into a bounded ring for metrics and
+  benchmarks. A check more than an interval late (after a suspended VM, or under
+  overload) is not run: its target is rescheduled like a new one, so a stall ends with
+  fresh checks spread over a second rather than a burst of stale ones.
+
+Time and sleep are injected (``clock``, ``sleep``): unit tests drive a virtual clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass
+
+from .probes import ProbeResult, ProbeSpec, probe
+
+log = logging.getLogger("controller.health")
+
+OnResult = Callable[[Hashable, ProbeResult, float], None]
+ProbeFn = Callable[[ProbeSpec], Awaitable[ProbeResult]]
+
+MIN_SLEEP = 0.001  # coalesce wake-ups: at most ~1000 loop passes a second, ~1 ms lateness
+LATENESS_SAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to check: `key` identifies it to the caller's callback."""
+
+    key: Hashable
+    spec: ProbeSpec
+    interval: float  # seconds between checks
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Counters since start, and the most recent lateness samples (oldest first)."""
+
+    targets: int
+    in_flight: int
+    checks: int  # results handed to on_result
+    skipped: int  # due checks not run: the previous probe still ran, or more than an interval late
+    dropped: int  # results discarded: their target was removed or changed meanwhile
+    probe_errors: int  # the probe function raised (reported as failed results)
+    lateness: tuple[float, ...]  # seconds between due time and actual start
+
+    def lateness_quantile(self, q: float) -> float:
+        """The q-quantile (0..1) of the lateness samples; 0.0 without samples."""
+        if not self.lateness:
+            return 0.0
+        ordered = sorted(self.lateness)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _Entry:
+    """The scheduler's mutable record of one live target."""
+
+    __slots__ = ("alive", "anchor", "due", "seq", "target", "task")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.due = 0.0
+        self.seq = -1  # the heap item carrying this seq is the live one; others are stale
+        self.task: asyncio.Task[ProbeResult] | None = None
+        self.alive = True
+        # Until the first check starts: the phase the steady schedule counts from.
+        self.anchor: float | None = None
+
+
+class CheckScheduler:
+    """Probes every target on its interval and calls ``on_result(key, result, finished_at)``.
+
+    ``finished_at`` is read from ``clock`` (monotonic by default). ``on_result`` runs on the
+    event loop and must not block; an exception from it is logged and the checks go on.
+    """
+
+    def __init__(
+        self,
+        on_result: OnResult,
+        *,
+        probe_fn: ProbeFn = probe,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        jitter: float = 0.1,
+        max_concurrency: int = 1000,
+        first_window: float = 1.0,
+    ) -> None:
+        if not 0.0 <= jitter <= 0.5:
+            raise ValueError(f"jitter must be within 0..0.5 of the interval, got {jitter}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if first_window < 0:
+            raise ValueError(f"first_window must not be negative, got {first_window}")
+        self._on_result = on_result
+        self._probe_fn = probe_fn
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._jitter = jitter
+        self._max_concurrency = max_concurrency
+        self._first_window = first_window
+        self._entries: dict[Hashable, _Entry] = {}
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._tasks: set[asyncio.Task[ProbeResult]] = set()
+        self._wake: asyncio.Future[None] | None = None
+        self._running = False
+        self._stopping = False
+        self._checks = 0
+        self._skipped = 0
+        self._dropped = 0
+        self._probe_errors = 0
+        self._lateness: deque[float] = deque(maxlen=LATENESS_SAMPLES)
+
+    # --- the set of targets ------------------------------------------------------------
+    def set_targets(self, targets: Iterable[Target]) -> None:
+        """Replace the whole set (see the module docstring for what is kept)."""
+        wanted: dict[Hashable, Target] = {}
+        for t in targets:
+            if t.key in wanted:
+                raise ValueError(f"duplicate target key {t.key!r}")
+            if not t.interval > 0:
+                raise ValueError(f"target {t.key!r}: interval must be positive, got {t.interval}")
+            wanted[t.key] = t
+        now = self._clock()
+        for key in [k for k, e in self._entries.items() if k not in wanted or e.target.spec != wanted[k].spec]:
+            self._retire(self._entries.pop(key))
+        for key, target in wanted.items():
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = self._new_entry(target, now)
+            elif entry.target.interval != target.interval:
+                # Same check, new pace: the next check comes no later than one new interval.
+                entry.target = target
+                if entry.anchor is not None:
+                    entry.anchor = min(entry.anchor, now + target.interval)
+                self._push(entry, min(entry.due, now + target.interval))
+            else:
+                entry.target = target
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            # Many removals or reschedules left stale heap items behind; drop them.
+            self._heap = [item for item in self._heap if item[2].alive and item[2].seq == item[1]]
+            heapq.heapify(self._heap)
+        self._wakeup()
+
+    def _new_entry(self, target: Target, now: float) -> _Entry:
+        entry = _Entry(target)
+        self._schedule_fresh(entry, now)
+        return entry
+
+    def _schedule_fresh(self, entry: _Entry, now: float) -> None:
+        """Schedule a target with no verdict to speak of: new, or stalled past an interval."""
+        interval = entry.target.interval
+        window = min(interval, self._first_window)
+        first = now + self._rng.uniform(0.0, window)
+        # Short intervals: the first check already sits at a random phase. Long ones: the
+        # first check comes early for a quick verdict, the steady schedule at a random
+        # phase of the whole interval, so that long-interval targets spread out too.
+        entry.anchor = first if interval <= window else now + self._rng.uniform(0.0, interval)
+        self._push(entry, first)
+
+    def _retire(self, entry: _Entry) -> None:
+        entry.alive = False
+        if entry.task is not None:
+            self._dropped += 1
+            entry.task.cancel()  # its done callback sees alive=False and reports nothing
+
+    def _push(self, entry: _Entry, due: float) -> None:
+        entry.due = due
+        entry.seq = next(self._seq)
+        heapq.heappush(self._heap, (due, entry.seq, entry))
+
+    # --- the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run checks until stop(); in-flight probes are cancelled on the way out."""
+        if self._running:
+            raise RuntimeError("CheckScheduler.run() is already running")
+        self._running = True
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                self._start_due()
+                self._wake = loop.create_future()
+                delay = self._next_delay()
+                if delay is None:
+                    await self._wake
+                else:
+                    sleeper = asyncio.ensure_future(self._sleep(max(delay, MIN_SLEEP)))
+                    try:
+                        await asyncio.wait((sleeper, self._wake), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        sleeper.cancel()
+                self._wake = None
+        finally:
+            self._wake = None
+            self._running = False
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            # Let cancelled probes close their sockets before we return.
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Make run() return. Final: a stopped scheduler stays stopped."""
+        self._stopping = True
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _next_delay(self) -> float | None:
+        """Seconds until the next due check; None: nothing to do until woken."""
+        if not self._heap or len(self._tasks) >= self._max_concurrency:
+            return None  # set_targets or a finished probe wakes us
+        return self._heap[0][0] - self._clock()
+
+    def _start_due(self) -> None:
+        now = self._clock()
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(self._tasks) < self._max_concurrency:
+            due, seq, entry = heapq.heappop(heap)
+            if not entry.alive or entry.seq != seq:
+                continue  # stale: the target was removed or rescheduled
+            interval = entry.target.interval
+            if due + interval < now:
+                # More than an interval late (a suspended VM, overload): the result would
+                # be stale and firing every such check at once is a burst. Start afresh.
+                self._skipped += 1
+                self._schedule_fresh(entry, now)
+                continue
+            base = due if entry.anchor is None else entry.anchor
+            entry.anchor = None
+            # From the previous due time, not from now: lateness does not accumulate.
+            self._push(entry, base + interval * (1.0 + self._rng.uniform(-self._jitter, self._jitter)))
+            if entry.task is not None:
+                self._skipped += 1  # never two probes of one target at once
+                continue
+            task = asyncio.ensure_future(self._check(entry.target, due))
+            entry.task = task
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._finished, entry))
+
+    async def _check(self, target: Target, due: float) -> ProbeResult:
+        started = self._clock()
+        # Measured here, when the probe really starts, not when the loop decided to start it.
+        self._lateness.append(started - due)
+        try:
+            return await self._probe_fn(target.spec)
+        except Exception as exc:  # noqa: BLE001 - see below
+            # A bug in the probe, not a network failure (probes turn those into results):
+            # report a failed check so the state still moves, and log it loudly.
+            self._probe_errors += 1
+            log.error("probe of %r raised", target.key, exc_info=exc)
+            return ProbeResult(False, self._clock() - started, f"probe error: {type(exc).__name__}: {exc}")
+
+    def _finished(self, entry: _Entry, task: asyncio.Task[ProbeResult]) -> None:
+        self._tasks.discard(task)
+        if entry.task is task:
+            entry.task = None
+        if len(self._tasks) == self._max_concurrency - 1:
+            self._wakeup()  # the loop may be waiting for a free slot
+        if task.cancelled() or not entry.alive or self._stopping:
+            return
+        self._checks += 1
+        try:
+            self._on_result(entry.target.key, task.result(), self._clock())
+        except Exception:  # noqa: BLE001 - one bad callback must not stop the checks
+            log.exception("on_result failed for %r", entry.target.key)
+
+    def stats(self) -> SchedulerStats:
+        """A snapshot for metrics and benchmarks."""
+        return SchedulerStats(
+            targets=len(self._entries), in_flight=len(self._tasks), checks=self._checks,
+            skipped=self._skipped, dropped=self._dropped, probe_errors=self._probe_errors,
+            lateness=tuple(self._lateness),
+        )

@@ -1,0 +1,456 @@
+"""Probes and the scheduler against real servers on 127.0.0.1 and ::1 (no mocks).
+
+Servers are asyncio servers started in each test on port 0. `http.server` is avoided on
+purpose: it does a reverse DNS lookup at bind, which stalls where no resolver answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import ssl
+import subprocess
+import time
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+
+from controller.health.probes import ProbeResult, ProbeSpec, probe
+from controller.health.scheduler import CheckScheduler, Target
+
+Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    requests: list[bytes] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def serve(
+    handler: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, read_request: bool = True
+) -> AsyncIterator[Server]:
+    """A server that reads one request head, records it, and lets `handler` answer."""
+    server_info = Server(host, 0)
+    handlers: set[asyncio.Task[object]] = set()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        server_info.peers.append(writer.get_extra_info("peername")[0])
+        try:
+            head = await reader.readuntil(b"\r\n\r\n") if read_request else b""
+            server_info.requests.append(head)
+            await handler(head, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass  # tcp probes connect and leave; that is their job
+        except asyncio.CancelledError:
+            pass  # the test is over (a cancelled handler task makes asyncio log noise)
+        finally:
+            writer.transport.abort()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(on_connect, host, 0, ssl=tls, backlog=1024)
+    server_info.port = server.sockets[0].getsockname()[1]
+    try:
+        yield server_info
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def answer(status: str = "200 OK", body: bytes = b"ok", headers: str = "") -> Handler:
+    async def handler(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body)
+        await writer.drain()
+
+    return handler
+
+
+def raw(data: bytes, then_wait: float = 0.0) -> Handler:
+    async def handler(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(then_wait)
+
+    return handler
+
+
+async def never_answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)
+
+
+R = TypeVar("R")
+
+
+def check(scenario: Callable[[], Coroutine[Any, Any, R]]) -> R:
+    return asyncio.run(scenario())
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- TCP ----------------------------------------------------------------------------------
+
+
+def test_tcp_connects() -> None:
+    async def scenario() -> ProbeResult:
+        async with serve(never_answer) as srv:
+            return await probe(ProbeSpec("tcp", "127.0.0.1", srv.port, 1.0))
+
+    result = check(scenario)
+    assert (result.ok, result.detail) == (True, "connected")
+    assert 0 < result.latency < 0.5
+
+
+def test_tcp_refused_is_a_quick_failure() -> None:
+    result = asyncio.run(probe(ProbeSpec("tcp", "127.0.0.1", free_port(), 1.0)))
+    assert (result.ok, result.detail) == (False, "connect refused")
+    assert result.latency < 0.5
+
+
+def test_tcp_timeout_when_the_listener_never_accepts() -> None:
+    async def scenario() -> ProbeResult:
+        # A listener that never accepts, its accept queue full: further SYNs are dropped.
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = []
+            for _ in range(3):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(("127.0.0.1", port))  # in progress or done: either fills the queue
+                fillers.append(f)
+            await asyncio.sleep(0.05)
+            try:
+                return await probe(ProbeSpec("tcp", "127.0.0.1", port, 0.3))
+            finally:
+                for f in fillers:
+                    f.close()
+
+    result = check(scenario)
+    assert (result.ok, result.detail) == (False, "timeout after 0.30s connecting")
+    assert 0.29 < result.latency < 0.5
+
+
+def test_tcp_over_ipv6() -> None:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        async with serve(answer()) as srv6_missing:  # an IPv4-only server: ::1 refuses
+            refused = await probe(ProbeSpec("tcp", "::1", srv6_missing.port, 1.0))
+        async with serve(never_answer, host="::1") as srv:
+            ok = await probe(ProbeSpec("tcp", "::1", srv.port, 1.0))
+        return ok, refused
+
+    ok, refused = check(scenario)
+    assert (ok.ok, ok.detail) == (True, "connected")
+    assert (refused.ok, refused.detail) == (False, "connect refused")
+
+
+def test_a_source_address_is_used_for_the_connection() -> None:
+    async def scenario() -> tuple[ProbeResult, list[str]]:
+        async with serve(answer()) as srv:
+            result = await probe(ProbeSpec("http", "127.0.0.1", srv.port, 1.0, source="127.0.0.2"))
+            return result, srv.peers
+
+    result, peers = check(scenario)
+    assert result.ok and peers == ["127.0.0.2"]
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+def http(srv: Server, **kw: object) -> Awaitable[ProbeResult]:
+    return probe(ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", 1.0), **kw))  # type: ignore[arg-type]
+
+
+def run_http(handler: Handler, host: str = "127.0.0.1", **kw: object) -> tuple[ProbeResult, Server]:
+    async def scenario() -> tuple[ProbeResult, Server]:
+        async with serve(handler, host) as srv:
+            return await http(srv, **kw), srv
+
+    return asyncio.run(scenario())
+
+
+def test_http_200_is_healthy_and_the_request_is_a_proper_get() -> None:
+    result, srv = run_http(answer(), path="/healthz?deep=1")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    head = srv.requests[0].decode()
+    assert head.startswith("GET /healthz?deep=1 HTTP/1.1\r\n")
+    assert f"\r\nHost: 127.0.0.1:{srv.port}\r\n" in head
+    assert "\r\nConnection: close\r\n" in head
+
+
+def test_http_503_fails_naming_the_status() -> None:
+    result, _ = run_http(answer("503 Service Unavailable", b"draining"))
+    assert (result.ok, result.detail) == (False, "HTTP 503 (expected 200)")
+
+
+def test_http_expected_status_other_than_200() -> None:
+    result, _ = run_http(answer("204 No Content", b""), expect_status=204)
+    assert (result.ok, result.detail) == (True, "HTTP 204")
+
+
+def test_http_body_must_contain_the_expected_text() -> None:
+    good, _ = run_http(answer(body=b'{"status": "ok"}'), expect_body='"ok"')
+    bad, _ = run_http(answer(body=b'{"status": "degraded"}'), expect_body='"ok"')
+    assert (good.ok, good.detail) == (True, "HTTP 200")
+    assert (bad.ok, bad.detail) == (False, "body lacks '\"ok\"'")
+
+
+def test_http_only_the_first_64_kib_of_the_body_count() -> None:
+    body = b"x" * (70 * 1024) + b"MARKER"
+    result, _ = run_http(answer(body=body), expect_body="MARKER")
+    assert (result.ok, result.detail) == (False, "body lacks 'MARKER'")
+
+
+def test_http_chunked_body_is_decoded() -> None:
+    # "MARK" / "ER" split across chunks: a raw substring search would miss it.
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nMARK\r\n2;ext=1\r\nER\r\n0\r\n\r\n"
+    result, _ = run_http(raw(chunked), expect_body="MARKER")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+def test_http_body_read_to_eof_without_content_length() -> None:
+    result, _ = run_http(raw(b"HTTP/1.0 200 OK\r\n\r\nall good"), expect_body="good")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+def test_http_content_length_ends_the_read_even_if_the_server_keeps_the_connection() -> None:
+    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", then_wait=10), expect_body="ok")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    assert result.latency < 0.5
+
+
+def test_http_interim_100_continue_is_skipped() -> None:
+    result, _ = run_http(raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+def test_http_timeout_when_the_server_never_answers() -> None:
+    result, _ = run_http(never_answer, timeout=0.2)
+    assert (result.ok, result.detail) == (False, "timeout after 0.20s waiting for the response")
+    assert 0.19 < result.latency < 0.4
+
+
+def test_http_timeout_covers_a_body_that_never_ends() -> None:
+    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", then_wait=10), timeout=0.2)
+    assert (result.ok, result.detail) == (False, "timeout after 0.20s reading the body")
+
+
+def test_http_truncated_body_fails() -> None:
+    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
+    assert (result.ok, result.detail) == (False, "body truncated (7 of 100 bytes)")
+
+
+def test_http_closed_without_an_answer() -> None:
+    result, _ = run_http(raw(b""))
+    assert (result.ok, result.detail) == (False, "connection closed waiting for the response")
+
+
+def test_http_garbage_instead_of_http() -> None:
+    result, _ = run_http(raw(b"SSH-2.0-OpenSSH_9.2\r\n"))
+    assert (result.ok, result.detail) == (False, "bad response: not an HTTP status line: 'SSH-2.0-OpenSSH_9.2'")
+
+
+def test_http_host_header_is_sent_as_given() -> None:
+    result, srv = run_http(answer(), host_header="game.example.com")
+    assert result.ok
+    assert b"\r\nHost: game.example.com\r\n" in srv.requests[0]
+
+
+def test_http_path_and_host_header_are_encoded_for_the_wire() -> None:
+    result, srv = run_http(answer(), path="/santé check", host_header="bücher.example")
+    assert result.ok
+    assert srv.requests[0].startswith(b"GET /sant%C3%A9%20check HTTP/1.1\r\n")
+    assert b"\r\nHost: xn--bcher-kva.example\r\n" in srv.requests[0]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"host": "backend.example.com"}, "host must be an IP address"),
+        ({"source": "lo"}, "source must be an IP address"),
+        ({"kind": "icmp"}, "kind must be one of tcp, http, https"),
+        ({"port": 0}, "port must be 1-65535"),
+        ({"timeout": 0.0}, "timeout must be positive"),
+        ({"path": "health"}, "path must start with '/'"),
+        ({"expect_status": 42}, "expect_status must be an HTTP status"),
+        ({"host_header": "a.example\r\nX-Evil: 1"}, "host_header must be a non-empty name without spaces"),
+    ],
+)
+def test_a_spec_that_cannot_work_is_refused_when_built(kw: dict[str, object], message: str) -> None:
+    fields: dict[str, object] = {"kind": "http", "host": "127.0.0.1", "port": 80, "timeout": 1.0} | kw
+    with pytest.raises(ValueError, match=message):
+        ProbeSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_http_over_ipv6_brackets_the_host() -> None:
+    result, srv = run_http(answer(), host="::1")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    assert f"\r\nHost: [::1]:{srv.port}\r\n".encode() in srv.requests[0]
+
+
+# --- HTTPS --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=backend.test",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:backend.test"],
+        check=True, capture_output=True,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    return ctx
+
+
+def run_https(tls: ssl.SSLContext, handler: Handler, **kw: object) -> tuple[ProbeResult, Server]:
+    async def scenario() -> tuple[ProbeResult, Server]:
+        async with serve(handler, tls=tls) as srv:
+            return await probe(ProbeSpec("https", srv.host, srv.port, 1.0, **kw)), srv  # type: ignore[arg-type]
+
+    return asyncio.run(scenario())
+
+
+def test_https_self_signed_is_fine_without_verification(self_signed: ssl.SSLContext) -> None:
+    result, srv = run_https(self_signed, answer(body=b"ok"), expect_body="ok")
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    assert f"\r\nHost: 127.0.0.1:{srv.port}\r\n".encode() in srv.requests[0]
+
+
+def test_https_status_is_checked_too(self_signed: ssl.SSLContext) -> None:
+    result, _ = run_https(self_signed, answer("500 Internal Server Error"))
+    assert (result.ok, result.detail) == (False, "HTTP 500 (expected 200)")
+
+
+def test_https_with_verification_rejects_a_self_signed_cert(self_signed: ssl.SSLContext) -> None:
+    result, _ = run_https(self_signed, answer(), tls_verify=True)
+    assert (result.ok, result.detail) == (False, "TLS: self-signed certificate")
+
+
+def test_https_against_a_plain_http_port_fails_naming_tls() -> None:
+    async def scenario() -> ProbeResult:
+        # Like a real HTTP server, it answers the TLS hello it cannot parse with a 400.
+        async with serve(raw(b"HTTP/1.1 400 Bad Request\r\n\r\n"), read_request=False) as srv:
+            return await probe(ProbeSpec("https", srv.host, srv.port, 1.0))
+
+    result = check(scenario)
+    assert (result.ok, result.detail) == (False, "TLS: wrong version number")
+
+
+# --- resources ----------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_ten_thousand_probes_leak_no_sockets_and_warn_nothing(self_signed: ssl.SSLContext) -> None:
+    """Every outcome, including timeouts mid-TLS and mid-body, closes its socket."""
+
+    async def scenario() -> Counter[str]:
+        async with (
+            serve(answer()) as ok_srv,
+            serve(answer("503 Service Unavailable")) as bad_srv,
+            serve(never_answer) as hung_srv,
+            serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar", then_wait=10)) as slow_body,
+            serve(answer(), tls=self_signed) as tls_srv,
+            serve(never_answer, read_request=False) as tls_hung,  # TCP up, TLS never answered
+        ):
+            refused = free_port()
+            specs = [
+                ProbeSpec("tcp", "127.0.0.1", ok_srv.port, 1.0),
+                ProbeSpec("http", "127.0.0.1", ok_srv.port, 1.0, expect_body="ok"),
+                ProbeSpec("http", "127.0.0.1", bad_srv.port, 1.0),
+                ProbeSpec("tcp", "127.0.0.1", refused, 1.0),
+                ProbeSpec("https", "127.0.0.1", tls_srv.port, 1.0),
+                ProbeSpec("http", "127.0.0.1", hung_srv.port, 0.05),
+                ProbeSpec("http", "127.0.0.1", slow_body.port, 0.05),
+                ProbeSpec("https", "127.0.0.1", tls_hung.port, 0.05),
+            ]
+            # Mostly cheap outcomes; enough slow ones that timeouts happen hundreds of times.
+            weights = [3, 3, 1, 1, 1, 1, 1, 1]
+            plan = [s for s, w in zip(specs, weights, strict=True) for _ in range(w)]
+            sem = asyncio.Semaphore(200)
+            outcomes: Counter[str] = Counter()
+
+            async def one(spec: ProbeSpec) -> None:
+                async with sem:
+                    r = await probe(spec)
+                    outcomes[r.detail.split(" (")[0] if r.ok else r.detail] += 1
+
+            await asyncio.gather(*(one(plan[i % len(plan)]) for i in range(10_000)))
+            return outcomes
+
+    gc.collect()
+    before = open_fds()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.perf_counter()
+        outcomes = check(scenario)
+        elapsed = time.perf_counter() - started
+        gc.collect()
+    assert sum(outcomes.values()) == 10_000
+    assert {"connected", "HTTP 200", "HTTP 503 (expected 200)", "connect refused",
+            "timeout after 0.05s waiting for the response", "timeout after 0.05s reading the body"} <= set(outcomes)
+    assert any(d.startswith("timeout after 0.05s") and "connecting" in d for d in outcomes)  # the TLS hang
+    assert open_fds() <= before
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    print(f"\n10,000 probes in {elapsed:.1f}s: {dict(outcomes)}")
+
+
+# --- the real scheduler -------------------------------------------------------------------
+
+
+def test_scheduler_checks_200_targets_at_200ms_against_a_real_server() -> None:
+    async def scenario() -> tuple[Counter[Hashable], int, float]:
+        results: Counter[Hashable] = Counter()
+        failures = 0
+
+        def on_result(key: Hashable, result: ProbeResult, finished_at: float) -> None:
+            nonlocal failures
+            results[key] += 1
+            failures += not result.ok
+
+        async with serve(answer()) as srv:
+            sched = CheckScheduler(on_result)
+            sched.set_targets(
+                Target(key=i, spec=ProbeSpec("http", "127.0.0.1", srv.port, 0.2, expect_body="ok"), interval=0.2)
+                for i in range(200)
+            )
+            task = asyncio.create_task(sched.run())
+            await asyncio.sleep(1.05)
+            sched.stop()
+            await task
+            p99 = sched.stats().lateness_quantile(0.99)
+        return results, failures, p99
+
+    results, failures, p99 = check(scenario)
+    assert len(results) == 200
+    assert min(results.values()) >= 3, sorted(results.values())[:5]
+    assert failures == 0
+    assert p99 < 0.1
+    counts = sorted(results.values())
+    print(f"\nchecks per target: min {counts[0]} max {counts[-1]}; p99 lateness {p99 * 1000:.1f} ms")
