@@ -101,7 +101,7 @@ class Agent:
         self.clock = clock
         self.plan: Plan = plan_from_config(config)
         self.health: dict[BackendKey, hs.HealthState] = {}
-        self.last_ok: dict[BackendKey, bool] = {}
+        self.last_result: dict[BackendKey, ProbeResult] = {}
         self.neighbors: dict[str, bool] = {}
         self.decisions: dict[str, Decision] = {}
         # What ExaBGP holds as far as this process knows, and what it may hold.
@@ -126,7 +126,7 @@ class Agent:
         targets = check_targets(self.config)
         now = self.clock()
         self.health = {k: self.health.get(k) or hs.initial(now) for k in targets}
-        self.last_ok = {k: v for k, v in self.last_ok.items() if k in targets}
+        self.last_result = {k: v for k, v in self.last_result.items() if k in targets}
         self.scheduler.set_targets(targets.values())
 
     def _on_result(self, key: object, result: ProbeResult, finished_at: float) -> None:
@@ -139,7 +139,7 @@ class Agent:
             return
         self.metrics.checks.labels(vip_name, region, "ok" if result.ok else "fail").inc()
         self.metrics.check_duration.labels(vip_name, region).observe(result.latency)
-        self.last_ok[key] = result.ok  # type: ignore[index]
+        self.last_result[key] = result  # type: ignore[index]
         new, transition = hs.step(state, result.ok, vip.check.rise, vip.check.fall, self.clock(), result.detail)
         self.health[key] = new  # type: ignore[index]
         if transition is not None:
@@ -307,7 +307,8 @@ class Agent:
                 announced=vip.prefix in self.announced, origin=(d.origin or "") if d else "",
             ))
         backends = tuple(
-            BackendSnapshot(k[0], k[1], str(k[2]), s.phase.value, self.last_ok.get(k))
+            BackendSnapshot(k[0], k[1], str(k[2]), s.phase.value,
+                            r.ok if (r := self.last_result.get(k)) else None, r.latency if r else None)
             for k, s in self.health.items()
         )
         return AgentSnapshot(

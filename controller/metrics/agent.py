@@ -38,6 +38,7 @@ class BackendSnapshot:
     backend: str
     phase: str  # one of HEALTH_PHASES
     last_ok: bool | None
+    last_latency: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class _SnapshotCollector(Collector):
                                   labels=["vip", "origin", "backend", "phase"])
         last = GaugeMetricFamily("anycast_backend_last_check_ok", "1 if the last check passed.",
                                  labels=["vip", "origin", "backend"])
+        latency = GaugeMetricFamily("anycast_backend_last_check_duration_seconds",
+                                    "Latency of the backend's last check (per-origin histogram: "
+                                    "anycast_check_duration_seconds).", labels=["vip", "origin", "backend"])
         for b in s.backends:
             labels = [b.vip, b.origin, b.backend]
             verdict = {"up": 1.0, "falling": 1.0, "down": 0.0, "rising": 0.0}.get(b.phase, -1.0)
@@ -95,9 +99,12 @@ class _SnapshotCollector(Collector):
                 phase.add_metric(labels + [p], 1.0 if b.phase == p else 0.0)
             if b.last_ok is not None:
                 last.add_metric(labels, 1.0 if b.last_ok else 0.0)
+            if b.last_latency is not None:
+                latency.add_metric(labels, b.last_latency)
         yield healthy
         yield phase
         yield last
+        yield latency
 
         nb = GaugeMetricFamily("anycast_bgp_neighbor_up", "1 if the BGP session to the neighbour is up.",
                                labels=["neighbor"])

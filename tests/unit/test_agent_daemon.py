@@ -140,6 +140,12 @@ def test_withdraw_after_fall_failures_with_reason(tmp_path: Path) -> None:
         assert registry.get_sample_value("anycast_vip_reason",
                                          {"vip": "game-global", "reason": "backend_down", "origin": "us-west"}) == 1
         assert registry.get_sample_value("anycast_vip_announced", {"vip": "game-global", "prefix": str(P)}) == 0
+        backend = {"vip": "game-global", "origin": "us-west", "backend": "100.64.10.1:8080"}
+        assert registry.get_sample_value("anycast_backend_healthy", backend) == 0
+        assert registry.get_sample_value("anycast_backend_last_check_ok", backend) == 0
+        assert registry.get_sample_value("anycast_backend_last_check_duration_seconds", backend) == 0.001
+        assert registry.get_sample_value("anycast_checks_total",
+                                         {"vip": "game-global", "origin": "us-west", "result": "fail"}) == 4
 
     run(scenario())
 
