@@ -269,3 +269,38 @@ def test_standby_origin_health_does_not_change_the_decision(tmp_path: Path) -> N
         assert bgp.lines == [ANNOUNCE_UP]
 
     run(scenario())
+
+
+def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READY=1 after the first reconcile, then WATCHDOG=1 at least every WatchdogSec/2."""
+    import socket
+
+    from controller.agent.sdnotify import Notifier
+
+    sock_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(5)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # WatchdogSec=0.1 s -> ping every 50 ms
+
+    async def scenario() -> list[str]:
+        registry = CollectorRegistry()
+        cfg = config(tmp_path)
+        agent = Agent(cfg, lambda: cfg, RecordingAnnouncer(), kernel=None,
+                      metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(sock_path),
+                      scheduler_factory=NoScheduler)
+        task = asyncio.create_task(agent.run())
+        messages: list[str] = []
+        loop = asyncio.get_running_loop()
+        while len(messages) < 3:
+            messages.append((await loop.run_in_executor(None, server.recv, 4096)).decode())
+        agent.stop("test")
+        assert await task == 0
+        return messages
+
+    try:
+        messages = run(scenario())
+    finally:
+        server.close()
+    assert messages[0].startswith("READY=1\nSTATUS=0/1 VIPs announced; config ok")
+    assert all(m.startswith("WATCHDOG=1") for m in messages[1:])
