@@ -20,8 +20,8 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Hashable, Iterable
+from typing import Protocol, cast
 
 from ..bgp.speaker import SpeakerClosed
 from ..bgp.exabgp_api import (
@@ -129,19 +129,20 @@ class Agent:
         self.last_result = {k: v for k, v in self.last_result.items() if k in targets}
         self.scheduler.set_targets(targets.values())
 
-    def _on_result(self, key: object, result: ProbeResult, finished_at: float) -> None:
-        state = self.health.get(key)  # type: ignore[arg-type]
+    def _on_result(self, target_key: Hashable, result: ProbeResult, finished_at: float) -> None:
+        key = cast(BackendKey, target_key)  # check_targets() builds every key as a BackendKey
+        state = self.health.get(key)
         if state is None:  # the target was removed by a reload while its probe ran
             return
-        vip_name, region, backend = key  # type: ignore[misc]
+        vip_name, region, backend = key
         vip = self.config.vip(vip_name)
         if vip is None:
             return
         self.metrics.checks.labels(vip_name, region, "ok" if result.ok else "fail").inc()
         self.metrics.check_duration.labels(vip_name, region).observe(result.latency)
-        self.last_result[key] = result  # type: ignore[index]
+        self.last_result[key] = result
         new, transition = hs.step(state, result.ok, vip.check.rise, vip.check.fall, self.clock(), result.detail)
-        self.health[key] = new  # type: ignore[index]
+        self.health[key] = new
         if transition is not None:
             self.metrics.health_transitions.labels(vip_name, region, new.phase.value).inc()
             log.info("backend %s of %s/%s: %s -> %s (%s; last check: %s)", backend, vip_name, region,

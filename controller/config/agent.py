@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
     AgentConfig, Attributes, Backend, HealthCheck, IPNetwork, KernelSettings,
-    Neighbor, Origin, StateAttributes, Vip,
+    IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
 from .reader import Issues, Node, parse_yaml, read_text
 
@@ -123,9 +123,9 @@ def _bgp(node: Node) -> tuple[int | None, tuple[Neighbor, ...], StateAttributes 
 def _neighbor(node: Node) -> Neighbor | None:
     if not node.is_mapping():
         return None
-    address = node.req("address", Node.as_address)
-    local = node.req("local_address", Node.as_address)
-    router_id = node.opt("router_id", _ipv4, None)
+    address: IPAddress | None = node.req("address", Node.as_address)
+    local: IPAddress | None = node.req("local_address", Node.as_address)
+    router_id: IPAddress | None = node.opt("router_id", _ipv4, None)
     peer_as = node.req("peer_as", lambda n: n.as_int(1, 4294967295))
     hold = node.opt("hold_time", lambda n: _hold_time(n), 9)
     md5 = node.opt("md5_password", _password, None)
@@ -144,12 +144,12 @@ def _neighbor(node: Node) -> Neighbor | None:
     return Neighbor(address, local, router_id, peer_as, hold, md5, passive)
 
 
-def _ipv4(node: Node) -> ipaddress.IPv4Address | None:
+def _ipv4(node: Node) -> IPAddress | None:
     a = node.as_address()
     if a is not None and a.version != 4:
         node.error("a router id must be an IPv4 address")
         return None
-    return a  # type: ignore[return-value]
+    return a
 
 
 def _hold_time(node: Node) -> int | None:
@@ -267,9 +267,8 @@ def read_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, flo
          attrs: StateAttributes) -> Vip | None:
     if not node.is_mapping():
         return None
-    prefix = node.req("address", _vip_prefix)
-    if prefix is not None and allowed and not any(prefix.subnet_of(a) for a in allowed  # type: ignore[arg-type]
-                                                  if a.version == prefix.version):
+    prefix: IPNetwork | None = node.req("address", _vip_prefix)
+    if prefix is not None and allowed and not any(_within(prefix, a) for a in allowed):
         node.error(f"{prefix} is outside the allowed anycast prefixes "
                    f"({', '.join(map(str, allowed))}); the agent refuses to announce it", "address")
         prefix = None
@@ -303,6 +302,14 @@ def read_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, flo
             node.error(f"origin {o.region!r}: next_hop {o.next_hop} is not IPv{prefix.version} like the VIP")
             return None
     return Vip(name, prefix, admin, loopback, check, origins, vip_attrs)
+
+
+def _within(prefix: IPNetwork, allowed: IPNetwork) -> bool:
+    if isinstance(prefix, ipaddress.IPv4Network) and isinstance(allowed, ipaddress.IPv4Network):
+        return prefix.subnet_of(allowed)
+    if isinstance(prefix, ipaddress.IPv6Network) and isinstance(allowed, ipaddress.IPv6Network):
+        return prefix.subnet_of(allowed)
+    return False
 
 
 def _vip_prefix(node: Node) -> IPNetwork | None:
@@ -367,7 +374,7 @@ def _origin(node: Node) -> Origin | None:
     if not node.is_mapping():
         return None
     region = node.req("region", read_name)
-    next_hop = node.req("next_hop", Node.as_address)
+    next_hop: IPAddress | None = node.req("next_hop", Node.as_address)
     backends = tuple(b for n in _list(node, "backends", required=True) if (b := _backend(n)) is not None)
     min_healthy = node.opt("min_healthy", lambda n: n.as_int(1, 1000), 1)
     node.reject_unknown()
@@ -378,9 +385,9 @@ def _origin(node: Node) -> Origin | None:
         elif min_healthy > len(bl.value):
             node.error(f"min_healthy {min_healthy} exceeds the {len(bl.value)} backend(s)", "min_healthy")
         seen = [str(b) for b in backends]
-        for i, b in enumerate(seen):
-            if b in seen[:i]:
-                bl.error(f"duplicate backend {b}", i)
+        for i, text in enumerate(seen):
+            if text in seen[:i]:
+                bl.error(f"duplicate backend {text}", i)
     if region is None or next_hop is None or not backends:
         return None
     return Origin(region, next_hop, backends, min_healthy)
@@ -389,25 +396,25 @@ def _origin(node: Node) -> Origin | None:
 def _backend(node: Node) -> Backend | None:
     """A backend is ``ADDRESS:PORT``, ``[V6]:PORT``, a bare address, or a mapping."""
     if isinstance(node.value, dict):
-        address = node.req("address", Node.as_address)
+        address: IPAddress | None = node.req("address", Node.as_address)
         port = node.opt("port", lambda n: n.as_int(1, 65535), 0)
         node.reject_unknown()
         return Backend(address, port) if address is not None else None
     s = node.as_str()
     if s is None:
         return None
-    host, port = s, "0"
+    host, port_text = s, "0"
     if s.startswith("["):
         host, _, rest = s[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ("0" if not rest else "x")
+        port_text = rest[1:] if rest.startswith(":") else ("0" if not rest else "x")
     elif s.count(":") == 1:
-        host, port = s.split(":")
+        host, port_text = s.split(":")
     try:
-        address = ipaddress.ip_address(host)
-        port_n = int(port)
+        parsed = ipaddress.ip_address(host)
+        port_n = int(port_text)
         if not 0 <= port_n < 65536:
             raise ValueError
     except ValueError:
         node.error(f"expected ADDRESS, ADDRESS:PORT or [V6]:PORT, got {s!r}")
         return None
-    return Backend(address, port_n)
+    return Backend(parsed, port_n)
