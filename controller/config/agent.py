@@ -12,7 +12,7 @@ import re
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
-    AgentConfig, Attributes, Backend, HealthCheck, IPNetwork, KernelSettings,
+    AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
 from .reader import Issues, Node, parse_yaml, read_text
@@ -52,6 +52,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     metrics_listen = _metrics(root.get("metrics"))
     state_dir = root.opt("state_dir", Node.as_str, "/var/lib/anycast-agent")
     shutdown = root.opt("shutdown", lambda n: n.as_choice(SHUTDOWN_MODES), "withdraw")
+    controller = _controller(root.get("controller"))
     check_defaults = root.get("check_defaults")
     defaults = read_check_defaults(check_defaults)
     vips = tuple(
@@ -67,7 +68,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     return AgentConfig(
         source=source, pop=pop, local_as=local_as, allowed_prefixes=allowed,
         neighbors=neighbors, kernel=kernel, metrics_listen=metrics_listen,
-        state_dir=state_dir, shutdown=shutdown, vips=vips,
+        state_dir=state_dir, shutdown=shutdown, vips=vips, controller=controller,
     )
 
 
@@ -211,6 +212,29 @@ def _large_communities(node: Node) -> tuple[str, ...] | None:
         else:
             item.error(f"not a large community (A:B:C, each 0-4294967295): {item.value!r}")
     return tuple(out)
+
+
+# --- the central controller -------------------------------------------------------------
+def _controller(node: Node | None) -> ControllerLink | None:
+    if node is None or not node.is_mapping():
+        return None
+    url = node.req("url", _http_url)
+    token_file = node.req("token_file", Node.as_str)
+    poll_wait = node.opt("poll_wait", lambda n: n.as_float(1, 300), 30.0)
+    report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
+    timeout = node.opt("timeout", lambda n: n.as_float(0.1, 60), 5.0)
+    node.reject_unknown()
+    if url is None or token_file is None:
+        return None
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout)
+
+
+def _http_url(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", s):
+        node.error(f"expected an http:// or https:// URL, got {s!r}")
+        return None
+    return s.rstrip("/") if s else None
 
 
 # --- kernel and metrics --------------------------------------------------------------------

@@ -102,6 +102,17 @@ class KernelSettings:
 
 
 @dataclass(frozen=True)
+class ControllerLink:
+    """Where the agent gets its plan. Without it the agent follows its own config."""
+
+    url: str
+    token_file: str
+    poll_wait: float = 30.0  # long-poll: the controller answers at once on a change
+    report_interval: float = 2.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: str
     pop: str
@@ -113,6 +124,7 @@ class AgentConfig:
     state_dir: str
     shutdown: str  # withdraw | keep
     vips: tuple[Vip, ...]
+    controller: ControllerLink | None = None
 
     def vip(self, name: str) -> Vip | None:
         return next((v for v in self.vips if v.name == name), None)
