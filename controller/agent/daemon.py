@@ -36,7 +36,8 @@ from ..kernel.routes import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
 from . import kernel_plan, state_file
 from .decide import Action, BackendKey, Decision, Reason, decide
-from .intent import Plan, plan_from_config
+from .controller_link import ControllerPort, follow_plans, report_health
+from .intent import NO_PLAN, Plan, plan_from_config
 from .reconcile import Announce, Command, Withdraw, apply, reconcile
 from .sdnotify import Notifier
 
@@ -61,11 +62,11 @@ def probe_spec(vip: Vip, key: BackendKey) -> ProbeSpec:
     )
 
 
-def check_targets(config: AgentConfig) -> dict[BackendKey, Target]:
+def check_targets(vips: Iterable[Vip]) -> dict[BackendKey, Target]:
     """Every backend of every origin of every VIP is checked: the controller needs to know
     the health of standby origins too, before it fails over to them."""
     targets: dict[BackendKey, Target] = {}
-    for vip in config.vips:
+    for vip in vips:
         for origin in vip.origins:
             for backend in origin.backends:
                 key: BackendKey = (vip.name, origin.region, backend)
@@ -92,6 +93,8 @@ class Agent:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
         scheduler_factory: Callable[..., CheckScheduler] = CheckScheduler,
+        initial_plan: Plan | None = None,
+        controller: ControllerPort | None = None,
     ) -> None:
         self.config = config
         self._load_config = load_config
@@ -99,14 +102,18 @@ class Agent:
         self.kernel = kernel
         self.notifier = notifier or Notifier("")
         self.clock = clock
-        self.plan: Plan = plan_from_config(config)
+        self.controller = controller
+        self.controller_ok: bool | None = None
+        # Standalone: the plan is the local config. With a controller: the cached plan until
+        # the controller answers (static stability), or no plan at all.
+        self.plan: Plan = plan_from_config(config) if config.controller is None else (initial_plan or NO_PLAN)
         self.health: dict[BackendKey, hs.HealthState] = {}
         self.last_result: dict[BackendKey, ProbeResult] = {}
         self.neighbors: dict[str, bool] = {}
         self.decisions: dict[str, Decision] = {}
         # What ExaBGP holds as far as this process knows, and what it may hold.
         self.announced: dict[IPNetwork, Attributes] = state_file.load(config.state_dir)
-        self.unsure: set[IPNetwork] = set(self.announced) | {v.prefix for v in config.vips}
+        self.unsure: set[IPNetwork] = set(self.announced) | {v.prefix for v in self.vips}
         self.last_reconcile_success = 0.0
         self.config_ok = True
         self.config_time = clock()
@@ -121,9 +128,28 @@ class Agent:
             log.info("state file lists %d prefix(es) a previous agent announced; they stay until "
                      "the checks have a verdict", len(self.announced))
 
+    @property
+    def vips(self) -> tuple[Vip, ...]:
+        """The VIPs this agent acts on: from the controller's plan, or its own config."""
+        return self.plan.specs if self.plan.specs is not None else self.config.vips
+
+    def vip(self, name: str) -> Vip | None:
+        return next((v for v in self.vips if v.name == name), None)
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Follow a new plan from the controller (already validated by the client)."""
+        if plan.generation == self.plan.generation and plan.source == self.plan.source:
+            return
+        log.info("following plan generation %d from %s (config revision %s): %d VIP(s)",
+                 plan.generation, plan.source, plan.revision or "?", len(plan.vips))
+        self.plan = plan
+        self.unsure |= {v.prefix for v in self.vips} - set(self.announced)
+        self._apply_targets()
+        self._dirty.set()
+
     # --- health ------------------------------------------------------------------------
     def _apply_targets(self) -> None:
-        targets = check_targets(self.config)
+        targets = check_targets(self.vips)
         now = self.clock()
         self.health = {k: self.health.get(k) or hs.initial(now) for k in targets}
         self.last_result = {k: v for k, v in self.last_result.items() if k in targets}
@@ -135,7 +161,7 @@ class Agent:
         if state is None:  # the target was removed by a reload while its probe ran
             return
         vip_name, region, backend = key
-        vip = self.config.vip(vip_name)
+        vip = self.vip(vip_name)
         if vip is None:
             return
         self.metrics.checks.labels(vip_name, region, "ok" if result.ok else "fail").inc()
@@ -190,8 +216,11 @@ class Agent:
             log.warning("BGP neighbours or the metrics address changed: they take effect at the next "
                         "restart of the service (ExaBGP's config is rendered at start)")
         self.config = new
-        self.plan = plan_from_config(new, generation=self.plan.generation + 1)
-        self.unsure |= {v.prefix for v in new.vips} - set(self.announced)
+        if new.controller is None:
+            self.plan = plan_from_config(new, generation=self.plan.generation + 1)
+        elif self.plan.source == "local-config":
+            self.plan = NO_PLAN  # switched to a controller: wait for its plan
+        self.unsure |= {v.prefix for v in self.vips} - set(self.announced)
         self._apply_targets()
         self.config_ok = True
         self.metrics.config_reloads.labels("success").inc()
@@ -203,7 +232,7 @@ class Agent:
     def decide_all(self) -> list[Decision]:
         verdicts = self.verdicts()
         return [decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes)
-                for v in self.config.vips]
+                for v in self.vips]
 
     async def reconcile_once(self) -> bool:
         """One level-based pass. Returns True if everything was applied."""
@@ -218,7 +247,8 @@ class Agent:
         # Kernel first for additions (the route exists before BGP attracts traffic), BGP,
         # then the kernel again for removals (a route goes only after its withdrawal).
         kernel_before = await self._kernel_step(decisions, before=True)
-        commands = reconcile(decisions, self.announced, self.unsure)
+        commands = reconcile(decisions, self.announced, self.unsure, withdraw_undecided=self.plan.ready,
+                             undecided_reason=Reason.NOT_IN_CONFIG if self.plan.specs is None else Reason.NOT_IN_PLAN)
         bgp_ok = await self._send(commands)
         kernel_after = await self._kernel_step(decisions, before=False)
         ok = kernel_before and bgp_ok and kernel_after
@@ -273,7 +303,7 @@ class Agent:
         actual_routes = self.kernel.read_routes()
         routes = kernel_plan.desired_routes(decisions, actual_routes)
         actual_addrs = self.kernel.read_addresses()
-        addrs = kernel_plan.desired_addresses(decisions, {v.name: v for v in self.config.vips}, actual_addrs)
+        addrs = kernel_plan.desired_addresses(decisions, {v.name: v for v in self.vips}, actual_addrs)
         if before:
             routes = kernel_plan.before_bgp(routes, actual_routes)
             addrs = addrs | actual_addrs
@@ -287,7 +317,7 @@ class Agent:
         if self.config.shutdown == "keep":
             log.info("stopping with shutdown=keep: ExaBGP keeps announcing %d prefix(es)", len(self.announced))
             return
-        names = {v.prefix: v.name for v in self.config.vips}
+        names = {v.prefix: v.name for v in self.vips}
         withdrawals = [Decision(names.get(p, str(p.network_address)), p, Action.WITHDRAW, Reason.SHUTDOWN,
                                 "agent stopping")
                        for p in unique(set(self.announced) | self.unsure)]
@@ -300,7 +330,7 @@ class Agent:
 
     def snapshot(self) -> AgentSnapshot:
         vips = []
-        for vip in self.config.vips:
+        for vip in self.vips:
             d = self.decisions.get(vip.name)
             vips.append(VipSnapshot(
                 name=vip.name, prefix=str(vip.prefix),
@@ -316,12 +346,18 @@ class Agent:
             pop=self.config.pop, vips=tuple(vips), backends=backends, neighbors=dict(self.neighbors),
             last_reconcile_success=self.last_reconcile_success, config_last_reload_ok=self.config_ok,
             config_last_reload_time=self.config_time, plan_source=self.plan.source,
-            plan_generation=self.plan.generation,
+            plan_generation=self.plan.generation, controller_ok=self.controller_ok,
         )
 
     # --- main loop -----------------------------------------------------------------------
     async def run(self) -> int:
-        scheduler_task = asyncio.create_task(self.scheduler.run(), name="health-checks")
+        tasks = [asyncio.create_task(self.scheduler.run(), name="health-checks")]
+        link = self.config.controller
+        if self.controller is not None and link is not None:
+            tasks.append(asyncio.create_task(
+                follow_plans(self, self.controller, link.poll_wait, self._controller_state), name="plans"))
+            tasks.append(asyncio.create_task(
+                report_health(self, self.controller, link.report_interval), name="reports"))
         watchdog = self.notifier.watchdog_interval()
         tick = min(RESYNC_INTERVAL, watchdog) if watchdog else RESYNC_INTERVAL
         try:
@@ -343,8 +379,12 @@ class Agent:
             return 0
         finally:
             self.scheduler.stop()
-            scheduler_task.cancel()
-            await asyncio.gather(scheduler_task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _controller_state(self, ok: bool) -> None:
+        self.controller_ok = ok
 
     def _notify(self) -> None:
         up = sum(1 for d in self.decisions.values() if d.action is Action.ANNOUNCE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..config.model import AgentConfig
+from ..config.model import AgentConfig, Vip
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,22 @@ class VipIntent:
 
 @dataclass(frozen=True)
 class Plan:
-    source: str  # "local-config" or "controller"
+    source: str  # "local-config", "controller", "cached-plan" or "none"
     generation: int
     revision: str
     vips: Mapping[str, VipIntent] = field(default_factory=dict)
+    # The VIP definitions to follow: None means the agent's own config (standalone mode);
+    # from a controller, the plan carries them (one source of truth, in the controller's git).
+    specs: tuple[Vip, ...] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """False until a controller-mode agent has any plan: then nothing is withdrawn for
+        being absent from the plan (a restart while the controller is down keeps routes)."""
+        return self.source != "none"
+
+
+NO_PLAN = Plan(source="none", generation=0, revision="", specs=())
 
 
 def plan_from_config(config: AgentConfig, generation: int = 0) -> Plan:

@@ -44,11 +44,14 @@ def reconcile(
     decisions: Iterable[Decision],
     announced: Mapping[IPNetwork, Attributes],
     unsure: Iterable[IPNetwork] = (),
+    withdraw_undecided: bool = True,
+    undecided_reason: str = Reason.NOT_IN_CONFIG,
 ) -> list[Command]:
     """Commands that take ExaBGP from ``announced`` to what ``decisions`` want.
 
     A prefix announced (or unsure) with no decision at all, e.g. a VIP removed from the
-    config, is withdrawn with reason ``not_in_config``.
+    config, is withdrawn with reason ``not_in_config`` -- unless ``withdraw_undecided`` is
+    False (no plan known yet: absence from it means nothing).
     """
     unsure_set = set(unsure)
     commands: list[Command] = []
@@ -63,9 +66,10 @@ def reconcile(
             if d.prefix in announced or d.prefix in unsure_set:
                 commands.append(Withdraw(d.prefix, d.vip, d.reason, d.detail))
     for prefix in sorted(set(announced) | unsure_set, key=_sort_key):
-        if prefix not in decided:
-            commands.append(Withdraw(prefix, str(prefix.network_address), Reason.NOT_IN_CONFIG,
-                                     "no longer in the config"))
+        if prefix not in decided and withdraw_undecided:
+            commands.append(Withdraw(prefix, str(prefix.network_address), undecided_reason,
+                                     "no longer in the config" if undecided_reason == Reason.NOT_IN_CONFIG
+                                     else "no longer in the controller's plan for this POP"))
     return commands
 
 

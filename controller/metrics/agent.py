@@ -52,6 +52,7 @@ class AgentSnapshot:
     config_last_reload_time: float = 0.0
     plan_source: str = "local-config"
     plan_generation: int = 0
+    controller_ok: bool | None = None  # None: no controller configured
 
 
 class _SnapshotCollector(Collector):
@@ -122,6 +123,10 @@ class _SnapshotCollector(Collector):
                                 "Unix time of the last config load attempt.", value=s.config_last_reload_time)
         yield GaugeMetricFamily("anycast_plan_generation", "Generation of the plan the agent follows.",
                                 value=float(s.plan_generation))
+        if s.controller_ok is not None:
+            yield GaugeMetricFamily("anycast_controller_reachable",
+                                    "1 if the last plan fetch from the controller worked (else the agent "
+                                    "follows its last plan).", value=1.0 if s.controller_ok else 0.0)
 
 
 class AgentMetrics:

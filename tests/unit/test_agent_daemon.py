@@ -304,3 +304,126 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         server.close()
     assert messages[0].startswith("READY=1\nSTATUS=0/1 VIPs announced; config ok")
     assert all(m.startswith("WATCHDOG=1") for m in messages[1:])
+
+
+# --- controller mode ---------------------------------------------------------------------------
+from controller.agent.controller_link import (  # noqa: E402
+    ControllerUnavailable, HealthReport, follow_plans, health_report, report_health,
+)
+from controller.agent.intent import Plan, VipIntent  # noqa: E402
+from controller.config.model import ControllerLink  # noqa: E402
+
+
+def controller_config(tmp_path: Path) -> AgentConfig:
+    c = config(tmp_path)
+    return dataclasses.replace(c, vips=(), controller=ControllerLink("http://127.0.0.1:1", str(tmp_path / "tok")))
+
+
+def controller_plan(gen: int, wanted: bool = True, drain: bool = False, safety_hold: bool = False) -> Plan:
+    vip = load_agent_config(str(EXAMPLE)).vips[0]
+    return Plan("controller", gen, "abc123",
+                {vip.name: VipIntent(vip.name, wanted, "us-west", drain, "" if wanted else "not_in_plan",
+                                     safety_hold)}, specs=(vip,))
+
+
+def test_controller_mode_without_a_plan_withdraws_nothing(tmp_path: Path) -> None:
+    """Restarted while the controller is down and with no cached plan: keep what ExaBGP has."""
+    cfg = controller_config(tmp_path)
+    state_file.save(cfg.state_dir, {P: load_agent_config(str(EXAMPLE)).vips[0].attributes.up})
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(cfg)
+        assert agent.plan.source == "none" and agent.vips == ()
+        await agent.reconcile_once()
+        assert bgp.lines == []
+
+    run(scenario())
+
+
+def test_controller_plan_brings_vip_specs_and_removal_withdraws_not_in_plan(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(1))
+        assert {k[1] for k in agent.health} == {"us-west", "eu-central"}  # checks come from the plan
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+        agent.apply_plan(Plan("controller", 2, "def456", {}, specs=()))  # publish domain changed
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+        assert registry.get_sample_value("anycast_announcement_changes_total",
+                                         {"vip": "198.51.100.10", "action": "withdraw", "reason": "not_in_plan"}) == 1
+        assert registry.get_sample_value("anycast_plan_generation") == 2
+
+    run(scenario())
+
+
+def test_safety_hold_from_the_controller_keeps_a_locally_down_vip(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(1, safety_hold=True))
+        feed(agent, "us-west", False, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+        assert agent.decisions["game-global"].reason == "safety_hold"
+
+    run(scenario())
+
+
+class FakePort:
+    def __init__(self, answers: list) -> None:
+        self.answers = answers
+        self.reports: list[HealthReport] = []
+        self.afters: list[int] = []
+
+    async def fetch_plan(self, after: int, wait: float) -> Plan | None:
+        self.afters.append(after)
+        if not self.answers:
+            await asyncio.Event().wait()
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def report(self, report: HealthReport) -> None:
+        self.reports.append(report)
+
+
+def test_plans_are_followed_through_controller_outages(tmp_path: Path) -> None:
+    from tenacity import wait_none
+
+    async def scenario() -> None:
+        agent, _, _, registry = make_agent(controller_config(tmp_path))
+        states: list[bool] = []
+        port = FakePort([controller_plan(1), ControllerUnavailable("connection refused"),
+                         ControllerUnavailable("connection refused"), controller_plan(2, drain=True)])
+        task = asyncio.create_task(follow_plans(agent, port, 30, states.append, backoff=wait_none()))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if agent.plan.generation == 2:
+                break
+        task.cancel()
+        assert agent.plan.generation == 2 and agent.plan.vips["game-global"].drain
+        assert states == [True, False, False, True]  # the agent kept plan 1 during the outage
+        assert port.afters == [-1, 1, 1, 1, 2]  # long-polls for anything newer than what it has
+
+    run(scenario())
+
+
+def test_health_report_gives_per_origin_verdicts_and_announcements(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, _, _, _ = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(3))
+        feed(agent, "us-west", True, 2)
+        feed(agent, "eu-central", False, 2)
+        await agent.reconcile_once()
+        report = health_report(agent)
+        assert report == HealthReport("sjc", 3, {"game-global": {"us-west": True, "eu-central": False}},
+                                      {"game-global": True})
+        port = FakePort([])
+        task = asyncio.create_task(report_health(agent, port, 0.01))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        assert port.reports and port.reports[0] == report
+
+    run(scenario())

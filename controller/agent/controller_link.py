@@ -1,0 +1,113 @@
+"""The agent's two loops toward the central controller: follow its plan, report health.
+
+Static stability: when the controller cannot be reached, the agent keeps its last plan
+(and keeps acting on its own health checks under that plan); nothing here withdraws
+anything. Errors are logged once per outage, not once per retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from .decide import origin_health
+from .intent import Plan
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger("controller.agent")
+
+
+class ControllerUnavailable(Exception):
+    """The controller could not be reached or gave an unusable answer (already explained)."""
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    pop: str
+    plan_generation: int
+    origins: Mapping[str, Mapping[str, bool | None]]  # vip -> region -> verdict
+    announced: Mapping[str, bool]  # vip -> announced by this POP now
+
+
+class ControllerPort(Protocol):
+    """The controller as the agent sees it (an HTTP client in production)."""
+
+    async def fetch_plan(self, after: int, wait: float) -> Plan | None:
+        """The POP's plan if its generation is newer than ``after`` (long-poll up to
+        ``wait`` s), else None. Raises ControllerUnavailable."""
+
+    async def report(self, report: HealthReport) -> None:
+        """Send the POP's health. Raises ControllerUnavailable."""
+
+
+def health_report(agent: Agent) -> HealthReport:
+    """Per VIP and origin region, this POP's verdict, plus what it announces."""
+    verdicts = agent.verdicts()
+    origins = {
+        vip.name: {o.region: origin_health(o, (verdicts.get((vip.name, o.region, b)) for b in o.backends))[0]
+                   for o in vip.origins}
+        for vip in agent.vips
+    }
+    announced = {vip.name: vip.prefix in agent.announced for vip in agent.vips}
+    return HealthReport(agent.config.pop, agent.plan.generation, origins, announced)
+
+
+class _OutageLog:
+    """Log the first failure and the recovery, not every retry in between."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.down:
+            log.warning("%s failed: %s; keeping the last plan and retrying", self.what, exc)
+        self.down = True
+
+    def ok(self) -> None:
+        if self.down:
+            log.info("%s works again", self.what)
+        self.down = False
+
+
+async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
+                       on_state: Callable[[bool], None] = lambda ok: None,
+                       backoff: Any = None) -> None:
+    """Long-poll the controller for newer plans and hand them to the agent, forever.
+    Failures back off exponentially (0.5 s doubling to 10 s, with jitter)."""
+    outage = _OutageLog("fetching the plan from the controller")
+    backoff = backoff if backoff is not None else wait_exponential_jitter(initial=0.5, max=10)
+    while True:
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(ControllerUnavailable),
+                                           wait=backoff):
+            with attempt:
+                try:
+                    plan = await port.fetch_plan(agent.plan.generation if agent.plan.source == "controller" else -1,
+                                                 wait)
+                except ControllerUnavailable as exc:
+                    outage.failed(exc)
+                    on_state(False)
+                    raise
+        outage.ok()
+        on_state(True)
+        if plan is not None:
+            agent.apply_plan(plan)
+
+
+async def report_health(agent: Agent, port: ControllerPort, interval: float) -> None:
+    """Report this POP's health every ``interval`` s."""
+    outage = _OutageLog("reporting health to the controller")
+    while True:
+        try:
+            await port.report(health_report(agent))
+            outage.ok()
+        except ControllerUnavailable as exc:
+            outage.failed(exc)
+        await asyncio.sleep(interval)
