@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps venv test unit demo clean
+.PHONY: deps system-deps venv test unit typecheck demo clean
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null; then \
@@ -24,8 +24,11 @@ venv: $(STAMP)
 
 deps: system-deps venv
 
-test: deps
+test: deps typecheck
 	$(PY) -m pytest -q -ra tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(PY) -m pytest -q -ra tests/unit

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..config.agent import load_agent_config
 from ..config.errors import ConfigError
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(paths: Sequence[str], as_json: bool) -> int:
-    results = []
+    results: list[dict[str, Any]] = []
     for path in paths:
         try:
             config = load_agent_config(path)
