@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ..config.agent import load_agent_config
+from ..config.desired import load_desired
 from ..config.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anycastctl", description="Operate the BGP anycast controller")
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check config files; lists every error with its path")
+    v = sub.add_parser("validate", help="check an agent config file or a controller config directory; "
+                                        "lists every error with its path")
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -28,10 +31,14 @@ def cmd_validate(paths: Sequence[str], as_json: bool) -> int:
     results: list[dict[str, Any]] = []
     for path in paths:
         try:
-            config = load_agent_config(path)
-            results.append({"path": path, "ok": True, "errors": [],
-                            "summary": f"POP {config.pop}: {len(config.vips)} VIP(s), "
-                                       f"{len(config.neighbors)} BGP neighbour(s)"})
+            if os.path.isdir(path):
+                desired = load_desired(path)
+                summary = (f"controller config: {len(desired.pops)} POP(s), {len(desired.vips)} VIP(s)")
+            else:
+                config = load_agent_config(path)
+                summary = (f"POP {config.pop}: {len(config.vips)} VIP(s), "
+                           f"{len(config.neighbors)} BGP neighbour(s)")
+            results.append({"path": path, "ok": True, "errors": [], "summary": summary})
         except ConfigError as exc:
             results.append({"path": path, "ok": False, "summary": f"{len(exc.issues)} error(s)",
                             "errors": [{"path": i.path, "message": i.message} for i in exc.issues]})

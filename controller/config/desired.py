@@ -1,0 +1,211 @@
+"""Load the central controller's desired state from a directory of YAML kept in git.
+
+Layout (``configs/controller/`` is a complete example)::
+
+    controller.yaml   listen addresses, state_dir, allowed_prefixes, operator token hash,
+                      global policy, check_defaults, default BGP attributes
+    pops.yaml         the POP inventory: name, sha256 of the agent's bearer token
+    vips.yaml         the VIPs: an agent VIP definition plus publish, enabled, policy
+    vips/*.yaml       more VIPs (optional; same format, one list per file)
+
+Every error names its file and path (``vips.yaml: vips[0].publish[1]: unknown POP 'lhr'``).
+The loader is the same for ``anycastctl validate``, start-up and every reload.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+from .agent import (
+    DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
+)
+from .desired_model import (
+    DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
+)
+from .errors import ConfigError, ConfigIssue
+from .model import IPNetwork, StateAttributes
+from .reader import Issues, Node, parse_yaml, read_text
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
+FILES = ("controller.yaml", "pops.yaml", "vips.yaml")
+
+
+def load_desired(directory: str, revision: str = "") -> DesiredState:
+    """Read every file, report every error (with file and path), or return the state."""
+    issues: list[ConfigIssue] = []
+    trees: dict[str, Node] = {}
+    names = list(FILES)
+    extra_dir = os.path.join(directory, "vips")
+    if os.path.isdir(extra_dir):
+        names += [f"vips/{n}" for n in sorted(os.listdir(extra_dir)) if n.endswith((".yaml", ".yml"))]
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            trees[name] = Node(parse_yaml(read_text(path), name), "", Issues())
+        except ConfigError as exc:
+            issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in exc.issues]
+    if issues:
+        raise ConfigError(directory, issues)
+    state = _build(trees, directory, revision)
+    for name, node in trees.items():
+        issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in node.issues.items]
+    if issues or state is None:
+        raise ConfigError(directory, issues)
+    return state
+
+
+def _build(trees: dict[str, Node], directory: str, revision: str) -> DesiredState | None:
+    top = trees["controller.yaml"]
+    if not top.is_mapping():
+        return None
+    listen = top.opt("listen", read_host_port, ("0.0.0.0", 9800))
+    metrics_listen = top.opt("metrics_listen", read_host_port, None)
+    state_dir = top.opt("state_dir", Node.as_str, "/var/lib/anycast-controller")
+    operator = top.opt("operator_token_sha256", _sha256, None)
+    allowed = tuple(p for n in _list(top, "allowed_prefixes", True) if (p := n.as_network()) is not None)
+    policy = read_policy(top.get("policy"), Policy())
+    defaults = read_check_defaults(top.get("check_defaults"))
+    attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    top.reject_unknown()
+
+    pops_root = trees["pops.yaml"]
+    pops: list[PopSpec] = []
+    if pops_root.is_mapping():
+        for n in _list(pops_root, "pops", True):
+            if (spec := _pop(n)) is not None:
+                pops.append(spec)
+        pops_root.reject_unknown()
+        _unique(pops_root, "pops", [spec.name for spec in pops], "POP")
+    pop_names = {p.name for p in pops}
+
+    vips: list[FleetVip] = []
+    for file, root in trees.items():
+        if file not in ("vips.yaml",) and not file.startswith("vips/"):
+            continue
+        if not root.is_mapping():
+            continue
+        for n in _list(root, "vips", file == "vips.yaml"):
+            if (v := _fleet_vip(n, allowed, defaults, attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING),
+                                policy, pop_names)) is not None:
+                vips.append(v)
+        root.reject_unknown()
+    seen_names: dict[str, int] = {}
+    seen_prefixes: dict[IPNetwork, str] = {}
+    for v in vips:
+        if v.name in seen_names or v.vip.prefix in seen_prefixes:
+            what = f"VIP name {v.name}" if v.name in seen_names else f"VIP address {v.vip.prefix}"
+            trees["vips.yaml"].issues.add("vips", f"duplicate {what}")
+        seen_names[v.name] = 1
+        seen_prefixes[v.vip.prefix] = v.name
+    if attrs is None:
+        return None
+    return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
+                        tuple(pops), tuple(vips), policy)
+
+
+def _list(node: Node, key: str, required: bool) -> list[Node]:
+    child = node.get(key, required=required)
+    return [] if child is None else list(child.items())
+
+
+def _unique(root: Node, key: str, values: list[str], what: str) -> None:
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            root.issues.add(f"{key}[{i}]", f"duplicate {what} {value!r}")
+
+
+def _sha256(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and not _SHA256.match(s):
+        node.error("expected 64 lowercase hex digits (sha256sum of the token), not the token itself")
+        return None
+    return s
+
+
+def _pop(node: Node) -> PopSpec | None:
+    if not node.is_mapping():
+        return None
+    name = node.req("name", read_name)
+    token = node.req("token_sha256", _sha256)
+    description = node.opt("description", Node.as_str, "")
+    node.reject_unknown()
+    if name is None or token is None:
+        return None
+    return PopSpec(name, token, description)
+
+
+def _fleet_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float | int],
+               attrs: StateAttributes, policy: Policy, pop_names: set[str]) -> FleetVip | None:
+    if not node.is_mapping():
+        return None
+    # Controller-only keys first: read_vip() rejects the keys nobody asked for.
+    publish: list[str] = []
+    publish_node = node.get("publish", required=True)
+    if publish_node is not None:
+        for item in publish_node.items():
+            name = item.as_str()
+            if name is not None and name not in pop_names:
+                item.error(f"unknown POP {name!r} (pops.yaml lists: {', '.join(sorted(pop_names))})")
+            elif name is not None and name in publish:
+                item.error(f"POP {name!r} listed twice")
+            elif name is not None:
+                publish.append(name)
+        if isinstance(publish_node.value, list) and not publish_node.value:
+            publish_node.error("at least one POP is needed (or set enabled: false)")
+    enabled = node.opt("enabled", Node.as_bool, True)
+    vip_policy = read_policy(node.get("policy"), policy)
+    vip = read_vip(node, allowed, defaults, attrs)
+    if vip is None or not publish:
+        return None
+    return FleetVip(vip, tuple(publish), enabled, vip_policy)
+
+
+def read_policy(node: Node | None, base: Policy) -> Policy:
+    """Policy knobs; a VIP's ``policy`` overrides the global one key by key."""
+    if node is None or not node.is_mapping():
+        return base
+    f, s, d, m = base.failover, base.safety, base.drain, base.dampening
+    failover = _section(node, "failover", lambda n: FailoverPolicy(
+        quorum=n.opt("quorum", lambda x: x.as_float(0.01, 1.0), f.quorum),
+        min_reporting_pops=n.opt("min_reporting_pops", lambda x: x.as_int(1, 1000), f.min_reporting_pops),
+        failback_hold_down=n.opt("failback_hold_down", lambda x: x.as_float(0, 86400), f.failback_hold_down),
+    ), f)
+    safety = _section(node, "safety", lambda n: _safety(n, s), s)
+    drain = _section(node, "drain", lambda n: DrainPolicy(
+        drain_time=n.opt("drain_time", lambda x: x.as_float(0, 86400), d.drain_time)), d)
+    dampening = _section(node, "dampening", lambda n: DampeningPolicy(
+        flaps=n.opt("flaps", lambda x: x.as_int(2, 1000), m.flaps),
+        window=n.opt("window", lambda x: x.as_float(1, 86400), m.window),
+        hold_down=n.opt("hold_down", lambda x: x.as_float(0, 86400), m.hold_down),
+        max_hold_down=n.opt("max_hold_down", lambda x: x.as_float(0, 86400 * 7), m.max_hold_down),
+    ), m)
+    node.reject_unknown()
+    return Policy(failover, safety, drain, dampening)
+
+
+def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
+    rate_max, rate_window = s.withdraw_rate_max, s.withdraw_rate_window
+    rate = n.get("withdraw_rate")
+    if rate is not None and rate.is_mapping():
+        rate_max = rate.opt("max", lambda x: x.as_int(1, 100000), rate_max)
+        rate_window = rate.opt("window", lambda x: x.as_float(1, 86400), rate_window)
+        rate.reject_unknown()
+    return SafetyPolicy(
+        max_withdraw_fraction=n.opt("max_withdraw_fraction", lambda x: x.as_float(0.0, 1.0), s.max_withdraw_fraction),
+        min_announcing_pops=n.opt("min_announcing_pops", lambda x: x.as_int(0, 1000), s.min_announcing_pops),
+        withdraw_rate_max=rate_max, withdraw_rate_window=rate_window,
+        report_stale_after=n.opt("report_stale_after", lambda x: x.as_float(1, 3600), s.report_stale_after),
+    )
+
+
+def _section(node: Node, key: str, read: Callable[[Node], T], default: T) -> T:
+    child = node.get(key)
+    if child is None or not child.is_mapping():
+        return default
+    value = read(child)
+    child.reject_unknown()
+    return value

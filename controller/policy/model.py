@@ -1,0 +1,80 @@
+"""Values the planner reads and returns. All frozen; the planner never mutates its input."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PopReport:
+    """An agent's latest report: its verdict per VIP and origin region, and what it announces."""
+
+    pop: str
+    received_at: float
+    plan_generation: int
+    origins: Mapping[str, Mapping[str, bool | None]]  # vip -> region -> True/False/None
+    announced: Mapping[str, bool] = field(default_factory=dict)  # vip -> announced now
+
+
+@dataclass(frozen=True)
+class VipMemory:
+    """What the planner remembers about a VIP between runs."""
+
+    active: str  # the active origin region
+    active_since: float
+    healthy_since: Mapping[str, float] = field(default_factory=dict)  # region -> quorum-healthy since
+    withdrawals: tuple[float, ...] = ()  # when health-induced withdrawals were allowed (rate limit)
+
+
+@dataclass(frozen=True)
+class PopVipMemory:
+    """What the planner remembers about one VIP at one POP."""
+
+    verdict: bool | None = None  # the POP's last verdict on the active origin
+    flaps: tuple[float, ...] = ()  # when that verdict changed
+    dampened_until: float = 0.0
+    penalty: int = 0  # hold-downs so far: the next lasts hold_down * 2**penalty
+    quiet_since: float = 0.0  # last flap or hold-down end, for forgetting the penalty
+    withdrawn: bool = False  # the last plan let this POP withdraw (for the rate limit)
+
+
+@dataclass(frozen=True)
+class PlannerState:
+    vips: Mapping[str, VipMemory] = field(default_factory=dict)
+    pop_vips: Mapping[tuple[str, str], PopVipMemory] = field(default_factory=dict)  # (pop, vip)
+
+    @staticmethod
+    def initial() -> PlannerState:
+        return PlannerState()
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """The plan for one VIP at one POP: what the agent gets, and why."""
+
+    vip: str
+    wanted: bool
+    active_origin: str
+    drain: bool = False
+    reason: str = "healthy"
+    safety_hold: bool = False
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class Alarm:
+    kind: str  # checks_down_everywhere, min_pops_hold, withdraw_rate_limited, all_origins_down, drain_blocked
+    vip: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    state: PlannerState
+    pops: Mapping[str, Mapping[str, PlanItem]]  # pop -> vip -> item (only VIPs the POP publishes)
+    notes: Mapping[str, str]  # vip -> where it goes and why (active origin)
+    alarms: tuple[Alarm, ...]
+
+    def item(self, pop: str, vip: str) -> PlanItem | None:
+        return self.pops.get(pop, {}).get(vip)

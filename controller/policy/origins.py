@@ -1,0 +1,75 @@
+"""Which origin region a VIP is sent to: quorum failover, hold-down failback. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..config.desired_model import FailoverPolicy
+from ..config.model import Vip
+from .model import PopReport, VipMemory
+
+UP, DOWN, UNKNOWN = "up", "down", "unknown"
+
+
+@dataclass(frozen=True)
+class OriginView:
+    status: str  # up | down | unknown
+    down: int  # POPs that see it down
+    verdicts: int  # POPs with a verdict
+
+    def describe(self, region: str) -> str:
+        if self.status == UNKNOWN:
+            return f"{region}: unknown ({self.verdicts} POP(s) with a verdict)"
+        return f"{region}: {self.status} ({self.down}/{self.verdicts} POPs see it down)"
+
+
+def origin_views(vip: Vip, fresh: Mapping[str, PopReport], policy: FailoverPolicy) -> dict[str, OriginView]:
+    """Each origin's status as the fresh reports of the VIP's publish domains see it."""
+    views = {}
+    for origin in vip.origins:
+        verdicts = [v for r in fresh.values()
+                    if (v := r.origins.get(vip.name, {}).get(origin.region)) is not None]
+        down = sum(1 for v in verdicts if v is False)
+        if len(verdicts) < policy.min_reporting_pops:
+            status = UNKNOWN
+        else:
+            status = DOWN if down / len(verdicts) >= policy.quorum else UP
+        views[origin.region] = OriginView(status, down, len(verdicts))
+    return views
+
+
+def select_origin(vip: Vip, views: Mapping[str, OriginView], memory: VipMemory | None,
+                  policy: FailoverPolicy, now: float) -> tuple[VipMemory, str, str]:
+    """The active origin after this run: (new memory, reason code, sentence).
+
+    The active origin changes only when a quorum sees it down (to the first healthy origin
+    in priority order) or when a higher-priority origin has been healthy for the whole
+    failback hold-down. Unknown never triggers a move.
+    """
+    regions = [o.region for o in vip.origins]
+    if memory is None or memory.active not in regions:
+        memory = VipMemory(active=regions[0], active_since=now)
+    healthy_since = {r: memory.healthy_since.get(r, now) for r in regions if views[r].status == UP}
+    memory = VipMemory(memory.active, memory.active_since, healthy_since, memory.withdrawals)
+    active = memory.active
+    if views[active].status == DOWN:
+        target = next((r for r in regions if views[r].status == UP), None)
+        if target is None:
+            return memory, "all_origins_down", (
+                f"stays on {active}: no origin is healthy ({'; '.join(views[r].describe(r) for r in regions)})")
+        return (VipMemory(target, now, healthy_since, memory.withdrawals), "origin_failover",
+                f"moved from {active} to {target}: {views[active].describe(active)}")
+    for r in regions[: regions.index(active)]:
+        since = healthy_since.get(r)
+        if since is not None and now - since >= policy.failback_hold_down:
+            return (VipMemory(r, now, healthy_since, memory.withdrawals), "origin_failback",
+                    f"moved back from {active} to {r}: healthy for {now - since:.0f}s "
+                    f"(hold-down {policy.failback_hold_down:.0f}s)")
+    better = [r for r in regions[: regions.index(active)] if r in healthy_since]
+    if better:
+        r = better[0]
+        return memory, "failback_pending", (
+            f"on {active}; {r} healthy for {now - healthy_since[r]:.0f}s of the "
+            f"{policy.failback_hold_down:.0f}s hold-down before moving back")
+    return memory, "active", f"on {active}: {views[active].describe(active)}"

@@ -1,0 +1,199 @@
+"""The central controller's planner: desired state + health reports -> a plan per POP. Pure.
+
+Theory of operation
+-------------------
+``plan(desired, reports, drains, now, previous)`` recomputes everything from its inputs
+(level-based); ``previous`` only carries what needs memory (the active origin and its
+failback timers, flap history, rate-limit timestamps). For each VIP:
+
+1. **Fresh reports.** Reports older than ``report_stale_after`` are ignored: a silent POP
+   is *unknown*, not down. It neither votes nor gets withdrawn by the controller.
+2. **Origin.** Each origin's status from the fresh verdicts (``origins.py``): down when at
+   least ``quorum`` of the POPs with a verdict see it down. The active origin moves to the
+   first healthy one when a quorum sees it down, and back to a better one only after that
+   one has been healthy for ``failback_hold_down``.
+3. **Per POP proposal.** disabled VIP: withdraw everywhere (deliberate, no safety valve).
+   Drained POP: ``draining`` (announced, less preferred) for ``drain_time``, then
+   ``drained`` (withdrawn). Flapping POP: ``dampened`` (withdrawn, exponential backoff).
+   POP sees the active origin down: ``backend_down``, which its agent withdraws on its own
+   (the plan keeps ``wanted`` so the agent re-announces as soon as its checks recover,
+   without waiting for the controller).
+4. **Global safety** over the proposed withdrawals: if every fresh POP sees every origin
+   down, the checks are more likely broken than the whole service: hold everything
+   (``safety_hold``) and raise ``checks_down_everywhere``. Otherwise at most
+   ``max_withdraw_fraction`` of the publish domains may be withdrawn, at least
+   ``min_announcing_pops`` must announce, and at most ``withdraw_rate`` new health
+   withdrawals happen per window; the rest are held (POPs already withdrawn are kept
+   withdrawn first, then by name, so the choice is deterministic and does not flap).
+
+Every PlanItem carries a reason code and a sentence; every alarm a detail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from ..config.desired_model import DesiredState, FleetVip
+from . import dampening
+from .model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from .origins import origin_views, select_origin
+
+# Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
+WITHDRAWING = ("backend_down", "dampened", "drained")
+HEALTH_KINDS = ("backend_down", "dampened")  # rate-limited; drains are deliberate
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    pop: str
+    kind: str  # healthy | health_unknown | report_stale | draining | backend_down | dampened | drained
+    sentence: str
+    previously_withdrawn: bool
+
+
+def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
+         now: float, previous: PlannerState) -> PlanResult:
+    vip_memory: dict[str, VipMemory] = {}
+    pop_memory: dict[tuple[str, str], PopVipMemory] = {}
+    pops: dict[str, dict[str, PlanItem]] = {p.name: {} for p in desired.pops}
+    notes: dict[str, str] = {}
+    alarms: list[Alarm] = []
+    for fv in desired.vips:
+        items, vmem, pmems, note, vip_alarms = _plan_vip(fv, reports, drains, now, previous)
+        vip_memory[fv.name] = vmem
+        pop_memory.update(pmems)
+        notes[fv.name] = note
+        alarms += vip_alarms
+        for pop, item in items.items():
+            pops.setdefault(pop, {})[fv.name] = item
+    return PlanResult(PlannerState(vip_memory, pop_memory), pops, notes, tuple(alarms))
+
+
+def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
+              previous: PlannerState) -> tuple[dict[str, PlanItem], VipMemory, dict[tuple[str, str], PopVipMemory],
+                                                 str, list[Alarm]]:
+    policy = fv.policy
+    name = fv.name
+    fresh = {p: r for p in fv.publish if (r := reports.get(p)) is not None
+             and now - r.received_at <= policy.safety.report_stale_after}
+    views = origin_views(fv.vip, fresh, policy.failover)
+    vmem, code, note = select_origin(fv.vip, views, previous.vips.get(name), policy.failover, now)
+    alarms: list[Alarm] = []
+    if code == "all_origins_down":
+        alarms.append(Alarm("all_origins_down", name, note))
+    active = vmem.active
+
+    # 3. what each POP would do on its own
+    memories: dict[tuple[str, str], PopVipMemory] = {}
+    proposals: list[_Proposal] = []
+    for pop in fv.publish:
+        key = (pop, name)
+        mem = previous.pop_vips.get(key, PopVipMemory())
+        report = fresh.get(pop)
+        verdict = report.origins.get(name, {}).get(active) if report else None
+        if report is not None:
+            mem = dampening.observe(mem, verdict, policy.dampening, now)
+        memories[key] = mem
+        proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now),
+                                   previously_withdrawn=mem.withdrawn))
+
+    if not fv.enabled:
+        items = {p.pop: PlanItem(name, False, active, reason="disabled",
+                                 explanation="the VIP is disabled in the config: withdrawn everywhere")
+                 for p in proposals}
+        memories = {k: replace(m, withdrawn=False) for k, m in memories.items()}
+        return items, vmem, memories, "disabled: " + note, alarms
+
+    # 4. global safety
+    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
+    alarms += safety_alarms
+    items = {}
+    for p in proposals:
+        items[p.pop] = _item(name, active, p, held.get(p.pop))
+        memories[(p.pop, name)] = replace(memories[(p.pop, name)], withdrawn=p.pop in allowed)
+    return items, vmem, memories, note, alarms
+
+
+def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
+             drain_start: float | None, active: str, fv: FleetVip, now: float) -> tuple[str, str]:
+    if drain_start is not None:
+        elapsed = now - drain_start
+        if elapsed < fv.policy.drain.drain_time:
+            return "draining", (f"{pop} is draining: announced less preferred for "
+                                f"{fv.policy.drain.drain_time - elapsed:.0f}s more, then withdrawn")
+        return "drained", f"{pop} is drained: withdrawn {elapsed - fv.policy.drain.drain_time:.0f}s ago"
+    if report is None:
+        return "report_stale", f"{pop} has not reported recently: unknown, left to its own checks"
+    if dampening.dampened(mem, now):
+        return "dampened", (f"{pop} flapped: held down until +{mem.dampened_until - now:.0f}s "
+                            f"(hold-down #{mem.penalty})")
+    if verdict is False:
+        return "backend_down", f"{pop} sees {active} down: its agent withdraws the VIP"
+    if verdict is None:
+        return "health_unknown", f"{pop} has no verdict on {active} yet"
+    return "healthy", f"{pop} sees {active} healthy: announced"
+
+
+def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport], active: str,
+            vmem: VipMemory, now: float) -> tuple[dict[str, str], set[str], VipMemory, list[Alarm]]:
+    """Which proposed withdrawals to hold back. Returns (pop -> why held, pops allowed to
+    withdraw, memory, alarms)."""
+    s = fv.policy.safety
+    name = fv.name
+    held: dict[str, str] = {}
+    alarms: list[Alarm] = []
+    withdrawing = [p for p in proposals if p.kind in WITHDRAWING]
+    health = [p for p in withdrawing if p.kind in HEALTH_KINDS]
+
+    everywhere = bool(fresh) and all(
+        all(v is not True for v in r.origins.get(name, {}).values())
+        and any(v is False for v in r.origins.get(name, {}).values())
+        for r in fresh.values())
+    if everywhere and health:
+        for p in health:
+            held[p.pop] = (f"every reporting POP ({len(fresh)}) sees every origin down: the checks are "
+                           f"more likely broken than the service, so {p.pop} keeps announcing")
+        alarms.append(Alarm("checks_down_everywhere", name,
+                            f"all {len(fresh)} reporting POP(s) see every origin of {name} down; "
+                            f"holding {len(health)} withdrawal(s)"))
+        withdrawing = [p for p in withdrawing if p.pop not in held]
+
+    n = len(fv.publish)
+    limit = max(0, min(math.floor(s.max_withdraw_fraction * n), n - s.min_announcing_pops))
+    # POPs already withdrawn stay withdrawn first (no flapping between POPs), then by name.
+    ordered = sorted(withdrawing, key=lambda p: (not p.previously_withdrawn, p.pop))
+    allowed = ordered[:limit]
+    for p in ordered[limit:]:
+        held[p.pop] = (f"withdrawing {p.pop} too would leave {n - len(allowed) - 1} "
+                       f"of {n} POPs announcing (limits: at most {s.max_withdraw_fraction:.0%} withdrawn, "
+                       f"at least {s.min_announcing_pops} announcing)")
+        alarms.append(Alarm("drain_blocked" if p.kind == "drained" else "min_pops_hold", name,
+                            f"{p.pop}: {p.kind} held back by the safety limits"))
+
+    recent = tuple(t for t in vmem.withdrawals if now - t < s.withdraw_rate_window)
+    budget = s.withdraw_rate_max - len(recent)
+    final: set[str] = set()
+    for p in allowed:
+        new = not p.previously_withdrawn and p.kind in HEALTH_KINDS
+        if new and budget <= 0:
+            held[p.pop] = (f"{p.pop} would be the withdrawal number {len(recent) + 1} of {name} within "
+                           f"{s.withdraw_rate_window:.0f}s (limit {s.withdraw_rate_max}): held")
+            alarms.append(Alarm("withdraw_rate_limited", name, f"{p.pop}: {p.kind} held by the rate limit"))
+            continue
+        if new:
+            budget -= 1
+            recent += (now,)
+        final.add(p.pop)
+    return held, final, VipMemory(vmem.active, vmem.active_since, vmem.healthy_since, recent), alarms
+
+
+def _item(vip: str, active: str, p: _Proposal, held: str | None) -> PlanItem:
+    if held is not None:
+        if p.kind == "drained":
+            return PlanItem(vip, True, active, drain=True, reason="drain_blocked", explanation=held)
+        return PlanItem(vip, True, active, reason="safety_hold", safety_hold=True, explanation=held)
+    if p.kind in ("drained", "dampened"):
+        return PlanItem(vip, False, active, reason=p.kind, explanation=p.sentence)
+    return PlanItem(vip, True, active, drain=p.kind == "draining", reason=p.kind, explanation=p.sentence)

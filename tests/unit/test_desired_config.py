@@ -1,0 +1,95 @@
+"""The controller's config directory: the example loads; errors name file and path."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.cli.anycastctl import main as anycastctl
+from controller.config.desired import load_desired
+from controller.config.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "controller"
+
+
+def copy(tmp_path: Path) -> Path:
+    d = tmp_path / "controller"
+    shutil.copytree(EXAMPLE, d)
+    return d
+
+
+def edit(d: Path, name: str, change: Callable[[dict], None]) -> None:
+    data = yaml.safe_load((d / name).read_text())
+    change(data)
+    (d / name).write_text(yaml.safe_dump(data))
+
+
+def errors(d: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_desired(str(d))
+    return [str(i) for i in info.value.issues]
+
+
+def test_example_directory_loads() -> None:
+    s = load_desired(str(EXAMPLE), "abc123")
+    assert [p.name for p in s.pops] == ["sjc", "fra", "sin"]
+    game = s.vip("game-global")
+    assert game is not None and game.publish == ("sjc", "fra", "sin") and game.enabled
+    api = s.vip("api-eu")
+    assert api is not None and api.policy.failover.failback_hold_down == 120
+    assert api.policy.safety == s.policy.safety  # overrides are per key; the rest is global
+    assert [v.name for v in s.published_at("sin")] == ["game-global"]
+    assert s.revision == "abc123"
+
+
+def test_unknown_pop_in_publish(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "vips.yaml", lambda v: v["vips"][0]["publish"].append("lhr"))
+    assert any(e.startswith("vips.yaml: vips[0].publish[3]: unknown POP 'lhr'") for e in errors(d))
+
+
+def test_plain_token_instead_of_its_hash(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "pops.yaml", lambda p: p["pops"][1].__setitem__("token_sha256", "hunter2"))
+    assert any(e.startswith("pops.yaml: pops[1].token_sha256: expected 64 lowercase hex digits")
+               for e in errors(d))
+
+
+def test_vip_outside_allowed_prefixes_and_bad_policy(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "vips.yaml", lambda v: v["vips"][1].__setitem__("address", "203.0.113.20"))
+    edit(d, "controller.yaml", lambda c: c["policy"]["failover"].__setitem__("quorum", 1.5))
+    errs = errors(d)
+    assert any(e.startswith("vips.yaml: vips[1].address: 203.0.113.20/32 is outside the allowed") for e in errs)
+    assert "controller.yaml: policy.failover.quorum: must be <= 1.0, got 1.5" in errs
+
+
+def test_duplicate_vip_and_unknown_key(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    (d / "vips").mkdir()
+    vip = yaml.safe_load((d / "vips.yaml").read_text())["vips"][0]
+    (d / "vips" / "more.yaml").write_text(yaml.safe_dump({"vips": [dict(vip, name="other")]}))
+    edit(d, "controller.yaml", lambda c: c["policy"]["safety"].__setitem__("max_withdraw_fractoin", 0.2))
+    errs = errors(d)
+    assert any("duplicate VIP address 198.51.100.10/32" in e for e in errs)
+    assert any(e.startswith("controller.yaml: policy.safety.max_withdraw_fractoin: unknown key") for e in errs)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    (d / "pops.yaml").unlink()
+    assert errors(d) == ["pops.yaml: cannot read file: No such file or directory"]
+
+
+def test_anycastctl_validate_accepts_a_controller_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert anycastctl(["validate", str(EXAMPLE)]) == 0
+    d = copy(tmp_path)
+    edit(d, "vips.yaml", lambda v: v["vips"][0]["publish"].append("lhr"))
+    assert anycastctl(["validate", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"{EXAMPLE}: OK" in out
+    assert "vips.yaml: vips[0].publish[3]: unknown POP 'lhr'" in out
