@@ -13,6 +13,7 @@ from ..bgp.speaker import ExaBGPSpeaker
 from ..config.model import AgentConfig
 from ..metrics.agent import AgentMetrics
 from .daemon import Agent, install_signal_handlers
+from .plan_client import PlanClient
 from .sdnotify import Notifier
 
 log = logging.getLogger("controller.agent")
@@ -33,8 +34,18 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
 
         kernel = KernelAdapter(protocol=config.kernel.protocol, table=config.kernel.table, netns=netns)
     registry = CollectorRegistry()
+    client: PlanClient | None = None
+    if config.controller is not None:
+        link = config.controller
+        client = PlanClient.from_token_file(link.url, config.pop, link.token_file, config.state_dir,
+                                            config.allowed_prefixes, link.timeout)
+    cached = client.load_cached() if client else None
+    if cached is not None:
+        log.info("starting from the cached plan generation %d (revision %s) until the controller answers",
+                 cached.generation, cached.revision)
     agent = Agent(config, load_config, speaker, kernel=kernel,
-                  metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier())
+                  metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(),
+                  initial_plan=cached, controller=client)
     holder["agent"] = agent
     if config.metrics_listen:
         host, port = config.metrics_listen
@@ -61,6 +72,8 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
         await asyncio.gather(reader, return_exceptions=True)
         if kernel is not None:
             kernel.close()
+        if client is not None:
+            await client.close()
 
 
 def _write_pid(state_dir: str) -> None:

@@ -109,7 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(config, args)
     from ..agent.runner import run_agent  # imported late: the other commands need no asyncio/pyroute2
 
-    return asyncio.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
+    from ..agent.controller_link import ControllerUnavailable
+
+    try:
+        return asyncio.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
+    except ControllerUnavailable as exc:  # only raised at start-up: the token cannot be read
+        print(f"{args.config}: controller: {exc}", file=sys.stderr)
+        return 2
 
 
 def _launch(config: AgentConfig, args: argparse.Namespace) -> int:

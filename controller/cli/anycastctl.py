@@ -1,6 +1,15 @@
 """``anycastctl``: the operator's CLI.
 
-    anycastctl validate PATH [PATH ...]   check configs without touching anything
+    anycastctl validate PATH [PATH ...]   check agent configs / a controller directory, offline
+    anycastctl status                     config revision and errors, POPs, alarms
+    anycastctl plan [--pop POP]           the plans being served
+    anycastctl diff [--config DIR]        what DIR's desired state would change, per POP
+    anycastctl explain VIP                per POP: the decision and why
+    anycastctl drain POP | undrain POP
+
+The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
+http://127.0.0.1:9800) and --token-file (default: $ANYCAST_OPERATOR_TOKEN). Every command
+takes --json.
 """
 
 from __future__ import annotations
@@ -9,12 +18,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config.agent import load_agent_config
 from ..config.desired import load_desired
 from ..config.errors import ConfigError
+from ..policy.diff import diff_plans
+from ..policy.planner import plan
+from ..server.snapshot import reports_from_snapshot
+from ..server.store import planner_from_json
+from .operator_api import ApiError, OperatorApi, operator_token
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +38,24 @@ def _parser() -> argparse.ArgumentParser:
                                         "lists every error with its path")
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, help_ in (("status", "the controller's config revision, POPs, report ages and alarms"),
+                        ("plan", "the plans the controller serves"),
+                        ("diff", "what a config directory would change at which POPs, against the live plans"),
+                        ("explain", "why a VIP is (not) announced at each POP"),
+                        ("drain", "drain a POP: less preferred first, then withdrawn"),
+                        ("undrain", "end a POP's drain")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--url", default=os.environ.get("ANYCAST_CONTROLLER_URL", "http://127.0.0.1:9800"))
+        c.add_argument("--token-file", help="file holding the operator token (else $ANYCAST_OPERATOR_TOKEN)")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "plan":
+            c.add_argument("--pop", help="only this POP")
+        if name == "diff":
+            c.add_argument("--config", help="the desired-state directory to compare (default: the controller's)")
+        if name == "explain":
+            c.add_argument("vip")
+        if name in ("drain", "undrain"):
+            c.add_argument("pop")
     return p
 
 
@@ -56,7 +88,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return cmd_validate(args.paths, args.json)
-    return 2
+    try:
+        api = OperatorApi(args.url, operator_token(args.token_file))
+        return int(COMMANDS[args.command](api, args))
+    except (ApiError, ConfigError) as exc:
+        print(f"anycastctl {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else human)
+    return 0
+
+
+def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
+    st = api.call("GET", "/v1/status")
+    c = st["config"]
+    out = [f"config: {c['directory']} revision {c['revision']}"]
+    if c["last_error"]:
+        out.append(f"CONFIG ERROR in revision {c['last_error_revision']} (still serving {c['revision']}):")
+        out += ["  " + line for line in c["last_error"].splitlines()]
+    rows = [[p["pop"], str(p["plan_generation"]),
+             "never" if p["report_age"] is None else f"{p['report_age']:.1f}s",
+             str(p["vips_wanted"]), str(p["safety_holds"]), "yes" if p["drained_since"] else "-"]
+            for p in st["pops"]]
+    out += ["", _table(rows, ["POP", "PLAN GEN", "REPORT AGE", "VIPS WANTED", "SAFETY HOLDS", "DRAINED"])]
+    out += ["", *[f"{v['vip']}: {v['note']}" for v in st["vips"]]]
+    out += ["", "alarms: none" if not st["alarms"] else "ALARMS:"]
+    out += [f"  {a['kind']} {a['vip']}: {a['detail']}" for a in st["alarms"]]
+    return _emit(args, st, "\n".join(out))
+
+
+def cmd_plan(api: OperatorApi, args: argparse.Namespace) -> int:
+    plans = api.call("GET", "/v1/snapshot")["plans"]
+    if args.pop:
+        if args.pop not in plans:
+            raise ApiError(f"unknown POP {args.pop!r}")
+        plans = {args.pop: plans[args.pop]}
+    rows = [[pop, vip, "announce" if i["wanted"] else "withdraw", i["active_origin"], i["reason"],
+             "yes" if i["drain"] else "-", "yes" if i["safety_hold"] else "-"]
+            for pop, items in sorted(plans.items()) for vip, i in sorted(items.items())]
+    return _emit(args, plans, _table(rows, ["POP", "VIP", "PLAN", "ORIGIN", "REASON", "DRAIN", "HOLD"]))
+
+
+def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
+    snap = api.call("GET", "/v1/snapshot")
+    directory = args.config or api.call("GET", "/v1/status")["config"]["directory"]
+    desired = load_desired(directory, "proposed")
+    proposed = plan(desired, reports_from_snapshot(snap), snap["drains"], snap["now"],
+                    planner_from_json(snap["planner"]))
+    changes = diff_plans(snap["plans"], proposed)
+    data = [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes]
+    human = (f"{directory} against the live plans (revision {snap['revision']}):\n"
+             + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
+                if changes else "no change at any POP"))
+    return _emit(args, data, human)
+
+
+def cmd_explain(api: OperatorApi, args: argparse.Namespace) -> int:
+    e = api.call("GET", f"/v1/explain/{args.vip}")
+    out = [f"{e['vip']} ({e['address']}){'' if e['enabled'] else ' DISABLED'}: {e['note']}"]
+    for p in e["pops"]:
+        plan_word = "announce" if p["wanted"] else "withdraw"
+        now = {True: "announced", False: "not announced", None: "unknown"}[p["announced"]]
+        flags = (" [drain]" if p["drain"] else "") + (" [SAFETY HOLD]" if p["safety_hold"] else "")
+        out.append(f"  {p['pop']}: plan {plan_word} via {p['active_origin']}, reason {p['reason']}{flags}; "
+                   f"agent reports {now}")
+        out.append(f"      {p['explanation']}")
+    out += [f"  ALARM {a['kind']}: {a['detail']}" for a in e["alarms"]]
+    return _emit(args, e, "\n".join(out))
+
+
+def cmd_drain(api: OperatorApi, args: argparse.Namespace) -> int:
+    r = api.call("POST" if args.command == "drain" else "DELETE", f"/v1/drains/{args.pop}")
+    if args.command == "drain":
+        human = (f"{r['pop']}: draining: less preferred now, withdrawn after {r['drain_time']:.0f}s"
+                 if r["changed"] else f"{r['pop']}: already drained")
+    else:
+        human = f"{r['pop']}: undrained" if r["changed"] else f"{r['pop']}: was not drained"
+    return _emit(args, r, human)
+
+
+COMMANDS: dict[str, Callable[[OperatorApi, argparse.Namespace], int]] = {
+    "status": cmd_status, "plan": cmd_plan, "diff": cmd_diff, "explain": cmd_explain,
+    "drain": cmd_drain, "undrain": cmd_drain,
+}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""``anycast-controller``: the central controller.
+
+    anycast-controller --config-dir /etc/anycast/controller [--state-dir DIR] [--listen ADDR:PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..config.errors import ConfigError
+from ..server.daemon import Watcher, serve
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anycast-controller", description="BGP anycast central controller")
+    p.add_argument("--config-dir", "-c", required=True, help="the desired-state directory (a git checkout)")
+    p.add_argument("--state-dir", help="override state_dir from controller.yaml")
+    p.add_argument("--listen", type=_host_port, help="override listen (ADDRESS:PORT)")
+    p.add_argument("--metrics-listen", type=_host_port, help="override metrics_listen (ADDRESS:PORT)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s anycast-controller[%(process)d] %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(Watcher(args.config_dir, args.state_dir), args.listen, args.metrics_listen))
+    except ConfigError as exc:
+        print(exc.summary(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

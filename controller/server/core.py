@@ -1,0 +1,166 @@
+"""The controller's state and its planning step, without HTTP.
+
+It keeps the last good desired state (a bad reload never replaces it), the freshest report
+per POP, the drains, the planner's memory, and the per-POP plans with their generation
+numbers (a POP's generation grows only when its plan's content changes). ``replan()`` runs
+the pure planner; waiters of a POP are woken when its plan changes (long-poll).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config.desired_model import DesiredState
+from ..config.errors import ConfigError
+from ..config.model import Vip
+from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
+from ..policy.planner import plan
+from ..wire import encode_plan
+from . import store
+
+log = logging.getLogger("controller.server")
+
+
+@dataclass
+class ServedPlan:
+    generation: int
+    revision: str
+    content: dict[str, Any]  # the JSON body minus generation
+
+
+@dataclass
+class ConfigStatus:
+    revision: str = ""
+    loaded_at: float = 0.0
+    last_error: str = ""  # empty: the last load worked
+    last_error_revision: str = ""
+    failures: int = 0
+
+
+@dataclass
+class Controller:
+    desired: DesiredState
+    clock: Callable[[], float] = time.time
+    reports: dict[str, PopReport] = field(default_factory=dict)
+    served: dict[str, ServedPlan] = field(default_factory=dict)
+    result: PlanResult | None = None
+    config: ConfigStatus = field(default_factory=ConfigStatus)
+    persisted: store.Persisted = field(default_factory=store.Persisted)
+    _changed: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.persisted = store.load(self.desired.state_dir)
+        self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
+        self.replan()
+
+    # --- inputs ------------------------------------------------------------------------
+    def apply_config(self, new: DesiredState) -> None:
+        removed = {p.name for p in self.desired.pops} - {p.name for p in new.pops}
+        self.desired = new
+        for pop in removed:
+            self.reports.pop(pop, None)
+        self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
+        log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
+        self.replan()
+
+    def reject_config(self, exc: ConfigError, revision: str) -> None:
+        self.config.last_error = exc.summary()
+        self.config.last_error_revision = revision
+        self.config.failures += 1
+        log.error("config revision %s rejected, still serving %s:\n%s", revision, self.desired.revision,
+                  exc.summary())
+
+    def add_report(self, report: PopReport) -> None:
+        self.reports[report.pop] = report
+        self.replan()
+
+    def drain(self, pop: str) -> bool:
+        if pop in self.persisted.drains:
+            return False
+        self.persisted.drains[pop] = self.clock()
+        log.info("drain of POP %s started", pop)
+        self.replan()
+        return True
+
+    def undrain(self, pop: str) -> bool:
+        if self.persisted.drains.pop(pop, None) is None:
+            return False
+        log.info("POP %s undrained", pop)
+        self.replan()
+        return True
+
+    # --- planning ----------------------------------------------------------------------
+    def replan(self) -> PlanResult:
+        now = self.clock()
+        result = plan(self.desired, self.reports, self.persisted.drains, now, self.persisted.planner)
+        previous_alarms = {(a.kind, a.vip) for a in self.result.alarms} if self.result else set()
+        for a in result.alarms:
+            if (a.kind, a.vip) not in previous_alarms:
+                log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
+        for vip, note in result.notes.items():
+            old = self.result.notes.get(vip) if self.result else None
+            if old is None or _origin_of(old) != _origin_of(note):
+                log.info("VIP %s: %s", vip, note)
+        self.result = result
+        self.persisted.planner = result.state
+        specs = {v.name: v.vip for v in self.desired.vips}
+        for pop in self.desired.pops:
+            items = result.pops.get(pop.name, {})
+            content = encode_plan(pop.name, 0, self.desired.revision,
+                                  [(specs[name], item) for name, item in sorted(items.items())])
+            del content["generation"]
+            served = self.served.get(pop.name)
+            # A new revision that changes nothing for this POP is not a new plan for it: the
+            # plan keeps the revision it last changed at, and agents are not woken for nothing.
+            if served is None or {**served.content, "revision": ""} != {**content, "revision": ""}:
+                generation = max(self.persisted.generations.get(pop.name, 0), served.generation if served else 0) + 1
+                self.persisted.generations[pop.name] = generation
+                self.served[pop.name] = ServedPlan(generation, self.desired.revision, content)
+                self._event(pop.name).set()
+                self._changed[pop.name] = asyncio.Event()
+        self._save()
+        return result
+
+    def _save(self) -> None:
+        try:
+            store.save(self.desired.state_dir, self.persisted)
+        except OSError as exc:
+            log.error("cannot save controller state in %s: %s", self.desired.state_dir, exc)
+
+    # --- outputs -----------------------------------------------------------------------
+    def plan_body(self, pop: str) -> dict[str, Any]:
+        served = self.served[pop]
+        return {**served.content, "generation": served.generation}
+
+    async def wait_for_change(self, pop: str, after: int, wait: float) -> None:
+        """Return when the POP's plan generation differs from ``after``, or after ``wait`` s."""
+        served = self.served.get(pop)
+        if served is None or served.generation != after or wait <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._event(pop).wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+
+    def _event(self, pop: str) -> asyncio.Event:
+        return self._changed.setdefault(pop, asyncio.Event())
+
+    def alarms(self) -> tuple[Alarm, ...]:
+        return self.result.alarms if self.result else ()
+
+    def item(self, pop: str, vip: str) -> PlanItem | None:
+        return self.result.item(pop, vip) if self.result else None
+
+    def spec(self, vip: str) -> Vip | None:
+        fv = self.desired.vip(vip)
+        return fv.vip if fv else None
+
+
+def _origin_of(note: str) -> str:
+    """The part of a note that names where the VIP goes (to log moves, not every timer tick)."""
+    return note.split(":")[0]

@@ -1,0 +1,116 @@
+"""The controller daemon: watch the config directory, plan every second and on every event,
+serve plans over HTTP, export metrics.
+
+A config that fails to load at start is fatal (there is nothing good to serve). Later, a
+bad revision is logged, counted and shown in ``anycastctl status``; the last good desired
+state keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..agent.sdnotify import Notifier
+from ..config.desired import load_desired
+from ..config.desired_model import DesiredState
+from ..config.errors import ConfigError
+from ..metrics.central import ControllerMetrics
+from .app import Handler, make_app
+from .core import Controller
+from .revision import fingerprint, revision
+
+log = logging.getLogger("controller.server")
+TICK = 1.0  # plan at least this often: drain and hold-down timers advance with the clock
+
+
+class Watcher:
+    """Reload the desired state when the directory's content or git commit changes."""
+
+    def __init__(self, directory: str, state_dir: str | None = None) -> None:
+        self.directory = directory
+        self.state_dir = state_dir
+        self.seen: tuple[str, str] | None = None
+
+    def load(self) -> DesiredState:
+        rev = revision(self.directory)
+        self.seen = (fingerprint(self.directory), rev)
+        desired = load_desired(self.directory, rev)
+        if self.state_dir:
+            desired = dataclasses.replace(desired, state_dir=self.state_dir)
+        return desired
+
+    def changed(self) -> bool:
+        return self.seen != (fingerprint(self.directory), revision(self.directory))
+
+
+async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
+                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None) -> int:
+    desired = watcher.load()
+    ctl = Controller(desired)
+    registry = CollectorRegistry()
+    metrics = ControllerMetrics(registry, lambda: ctl)
+    metrics.config_reloads.labels("success").inc()
+    app = make_app(ctl)
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        route = request.match_info.route.resource
+        metrics.requests.labels(route.canonical if route else "unknown", str(response.status)).inc()
+        return response
+
+    app.middlewares.append(count)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = listen or desired.listen
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("controller serving %s (%d POPs, %d VIPs) on http://%s:%d", desired.revision, len(desired.pops),
+             len(desired.vips), host, port)
+    mhost_port = metrics_listen or desired.metrics_listen
+    if mhost_port:
+        start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+        log.info("metrics on http://%s:%d/metrics", *mhost_port)
+
+    stop = stop or asyncio.Event()
+    reload_now = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    notifier = Notifier()
+    notifier.notify(ready="1", status=f"serving {desired.revision}")
+    try:
+        while not stop.is_set():
+            if reload_now.is_set() or watcher.changed():
+                reload_now.clear()
+                try:
+                    ctl.apply_config(watcher.load())
+                    metrics.config_reloads.labels("success").inc()
+                except ConfigError as exc:
+                    ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")
+                    metrics.config_reloads.labels("failure").inc()
+            started = time.monotonic()
+            try:
+                ctl.replan()
+                metrics.reconciles.labels("success").inc()
+            except Exception:  # noqa: BLE001 - a planner bug must not take the API down
+                metrics.reconciles.labels("error").inc()
+                log.exception("planning failed; agents keep the last plan")
+            metrics.reconcile_duration.observe(time.monotonic() - started)
+            notifier.notify(watchdog="1", status=f"serving {ctl.desired.revision}")
+            try:
+                await asyncio.wait_for(stop.wait(), TICK)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await runner.cleanup()
+    log.info("controller stopped")
+    return 0

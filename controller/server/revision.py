@@ -1,0 +1,46 @@
+"""Which revision of the config directory is on disk: the git commit, and whether the
+working tree differs from it. Polled every second, so a new commit or an edited file is
+noticed without any hook."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+
+def fingerprint(directory: str) -> str:
+    """sha256 over every YAML file's name and content (what the loader reads)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith((".yaml", ".yml")):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, directory).encode() + b"\0")
+                try:
+                    with open(path, "rb") as f:
+                        h.update(f.read())
+                except OSError:
+                    h.update(b"<unreadable>")
+                h.update(b"\0")
+    return h.hexdigest()
+
+
+def _git(directory: str, *args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def revision(directory: str) -> str:
+    """``3f2a9c1e0b7d`` for a clean checkout, ``3f2a9c1e0b7d+dirty.1a2b3c4d`` if files differ
+    from the commit, ``sha256:...`` outside git."""
+    fp = fingerprint(directory)
+    head = _git(directory, "rev-parse", "HEAD")
+    if not head:
+        return f"sha256:{fp[:12]}"
+    dirty = _git(directory, "status", "--porcelain", "--", ".")
+    return head[:12] if not dirty else f"{head[:12]}+dirty.{fp[:8]}"

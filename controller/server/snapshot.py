@@ -1,0 +1,29 @@
+"""Everything needed to re-run the planner elsewhere (``anycastctl diff``), as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..policy.model import PopReport
+from .core import Controller
+from .store import planner_to_json
+
+
+def snapshot(ctl: Controller) -> dict[str, Any]:
+    return {
+        "now": ctl.clock(),
+        "revision": ctl.desired.revision,
+        "reports": [{"pop": r.pop, "received_at": r.received_at, "plan_generation": r.plan_generation,
+                     "origins": {v: dict(o) for v, o in r.origins.items()}, "announced": dict(r.announced)}
+                    for r in ctl.reports.values()],
+        "drains": dict(ctl.persisted.drains),
+        "planner": planner_to_json(ctl.persisted.planner),
+        "plans": {pop: {v["name"]: {k: v[k] for k in ("wanted", "reason", "active_origin", "drain", "safety_hold")}
+                        for v in ctl.plan_body(pop)["vips"]}
+                  for pop in ctl.served},
+    }
+
+
+def reports_from_snapshot(data: dict[str, Any]) -> dict[str, PopReport]:
+    return {r["pop"]: PopReport(r["pop"], float(r["received_at"]), int(r["plan_generation"]),
+                                r["origins"], r["announced"]) for r in data["reports"]}

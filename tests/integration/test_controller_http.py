@@ -1,0 +1,267 @@
+"""The controller as a real process over real HTTP: agents' clients, anycastctl, bad requests.
+
+The config directory is a temporary git repository holding a copy of configs/controller,
+so config changes are real commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controller.agent.controller_link import ControllerUnavailable, HealthReport
+from controller.agent.plan_client import PlanClient
+from controller.config.desired import load_desired
+from lab.poll import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "configs" / "controller"
+TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin", "operator")}
+BIN = Path(sys.executable).parent
+ALLOWED = load_desired(str(EXAMPLE)).allowed_prefixes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def git(d: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"})
+
+
+class Running:
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "desired"
+        shutil.copytree(EXAMPLE, self.dir)
+        self.edit("controller.yaml", lambda c: c["policy"]["drain"].__setitem__("drain_time", 1.5))
+        git(self.dir, "init", "-q")
+        git(self.dir, "add", "-A")
+        git(self.dir, "commit", "-qm", "initial")
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "controller.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(tmp / "state"),
+             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self.up(), 15, desc="controller answering")
+
+    def up(self) -> bool:
+        try:
+            self.request("GET", "/v1/status", token=TOKENS["operator"])
+            return True
+        except OSError:
+            return False
+
+    def edit(self, name: str, change: Any) -> None:
+        data = yaml.safe_load((self.dir / name).read_text())
+        change(data)
+        (self.dir / name).write_text(yaml.safe_dump(data))
+
+    def commit(self, message: str) -> None:
+        git(self.dir, "commit", "-qam", message)
+
+    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "ANYCAST_CONTROLLER_URL": self.url, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}
+        return subprocess.run([str(BIN / "anycastctl"), *args], capture_output=True, text=True, timeout=30, env=env)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Running]:
+    c = Running(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def client(c: Running, pop: str, tmp: Path) -> PlanClient:
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED)
+
+
+def report_json(origins: dict[str, Any], announced: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"plan_generation": 1, "origins": origins, "announced": announced or {}}).encode()
+
+
+def test_agents_get_their_plans_and_a_committed_change_arrives_within_the_poll(controller: Running,
+                                                                              tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sjc, fra = client(controller, "sjc", tmp_path), client(controller, "fra", tmp_path)
+        try:
+            p_sjc = await sjc.fetch_plan(-1, 0)
+            p_fra = await fra.fetch_plan(-1, 0)
+            assert p_sjc is not None and p_fra is not None
+            assert set(p_sjc.vips) == {"game-global", "api-eu"} and set(p_fra.vips) == {"game-global", "api-eu"}
+            assert p_sjc.vips["game-global"].active_origin == "us-west"
+            assert p_sjc.specs is not None and p_sjc.specs[0].origins[0].backends  # full VIP specs ride along
+            # Both agents long-poll; an operator commits "api-eu is no longer published at sjc".
+            polls = [asyncio.create_task(c.fetch_plan(p.generation, 20)) for c, p in ((sjc, p_sjc), (fra, p_fra))]
+            await asyncio.sleep(0.3)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+            started = time.monotonic()
+            controller.commit("api-eu: fra only")
+            new_sjc = await asyncio.wait_for(polls[0], 10)
+            took = time.monotonic() - started
+            assert new_sjc is not None and set(new_sjc.vips) == {"game-global"}
+            assert new_sjc.generation == p_sjc.generation + 1
+            assert took < 3.0, f"plan change took {took:.2f}s to reach the agent"  # watcher polls every 1 s
+            assert not polls[1].done()  # fra's plan did not change: it is still waiting
+            polls[1].cancel()
+            cached = sjc.load_cached()
+            assert cached is not None and cached.source == "cached-plan" and set(cached.vips) == {"game-global"}
+        finally:
+            await sjc.close()
+            await fra.close()
+
+    asyncio.run(scenario())
+
+
+def test_bad_commit_keeps_the_last_good_plan_and_status_shows_the_error(controller: Running,
+                                                                       tmp_path: Path) -> None:
+    before = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    controller.edit("vips.yaml", lambda v: v["vips"][0]["publish"].append("lhr"))
+    controller.commit("typo: lhr is not a POP")
+    wait_for(lambda: controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]["config"]["last_error"],
+             10, desc="error visible in status")
+    after = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    assert after == before  # same generation, same content, same revision
+    r = controller.ctl("status")
+    assert r.returncode == 0, r.stderr
+    assert "CONFIG ERROR in revision" in r.stdout
+    assert "vips.yaml: vips[0].publish[3]: unknown POP 'lhr'" in r.stdout
+    assert f"still serving {before['revision']}" in r.stdout
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{controller.metrics_port}/metrics").read().decode()
+    assert "anycast_controller_config_last_reload_successful 0.0" in metrics
+    assert 'anycast_controller_config_reloads_total{result="failure"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("case", ["no token", "wrong token", "other pop's token", "malformed json",
+                                  "oversize", "unknown pop", "unpublished vip", "unknown region",
+                                  "operator endpoint with agent token"])
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, case: str) -> None:
+    good = report_json({"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True})
+    assert controller.request("POST", "/v1/reports/sin", good, TOKENS["sin"])[0] == 200
+    before_status = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    before_plan = controller.request("GET", "/v1/plans/sin", token=TOKENS["sin"])[1]
+    method, path, body, token = "POST", "/v1/reports/sin", good, TOKENS["sin"]
+    expect_status, expect_field = 0, ""
+    if case == "no token":
+        token, expect_status, expect_field = None, 401, "Authorization"
+    elif case == "wrong token":
+        token, expect_status = "not-a-token", 401
+    elif case == "other pop's token":
+        token, expect_status = TOKENS["sjc"], 403
+    elif case == "malformed json":
+        body, expect_status = b'{"plan_generation": 1, "origins": {', 400
+    elif case == "oversize":
+        body, expect_status = b"{" + b" " * (2 << 20) + b"}", 413
+    elif case == "unknown pop":
+        path, token, expect_status = "/v1/reports/lhr", TOKENS["sin"], 404
+    elif case == "unpublished vip":
+        body = report_json({"api-eu": {"eu-central": False}})  # sin does not publish api-eu
+        expect_status, expect_field = 422, "origins.api-eu"
+    elif case == "unknown region":
+        body = report_json({"game-global": {"mars": False}})
+        expect_status, expect_field = 400, "origins.game-global.mars"
+    elif case == "operator endpoint with agent token":
+        method, path, body, token, expect_status = "POST", "/v1/drains/sin", None, TOKENS["sin"], 403
+    status, answer = controller.request(method, path, body, token)
+    assert status == expect_status, answer
+    assert answer["error"]
+    if expect_field:
+        assert answer["field"] == expect_field
+    after_status = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    assert controller.request("GET", "/v1/plans/sin", token=TOKENS["sin"])[1] == before_plan
+    assert [p["drained_since"] for p in after_status["pops"]] == [p["drained_since"] for p in before_status["pops"]]
+    assert [p["reported_plan_generation"] for p in after_status["pops"]] == \
+        [p["reported_plan_generation"] for p in before_status["pops"]]
+
+
+def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, tmp_path: Path) -> None:
+    healthy = report_json({"game-global": {"us-west": True, "eu-central": True},
+                           "api-eu": {"eu-central": True, "us-west": True}}, {"game-global": True})
+    for pop in ("sjc", "fra"):
+        assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+    r = controller.ctl("drain", "fra")
+    assert r.returncode == 0 and "fra: draining" in r.stdout, r.stdout + r.stderr
+    plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
+    game = next(v for v in plan["vips"] if v["name"] == "game-global")
+    assert (game["wanted"], game["drain"], game["reason"]) == (True, True, "draining")
+    # drain_time is 1.5 s in this config: then the drained POP withdraws.
+    wait_for(lambda: not next(v for v in controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]["vips"]
+                              if v["name"] == "game-global")["wanted"], 10, desc="fra withdrawn after drain_time")
+    r = controller.ctl("explain", "game-global")
+    assert r.returncode == 0, r.stderr
+    assert "fra: plan withdraw via us-west, reason drained" in r.stdout
+    assert "sjc: plan announce via us-west, reason healthy" in r.stdout
+    r = controller.ctl("plan", "--json")
+    assert json.loads(r.stdout)["fra"]["game-global"]["reason"] == "drained"
+    # diff: a working-tree change that unpublishes game-global at sin, not committed yet.
+    proposed = tmp_path / "proposed"
+    shutil.copytree(controller.dir, proposed, ignore=shutil.ignore_patterns(".git"))
+    data = yaml.safe_load((proposed / "vips.yaml").read_text())
+    data["vips"][0]["publish"] = ["sjc", "fra"]
+    (proposed / "vips.yaml").write_text(yaml.safe_dump(data))
+    r = controller.ctl("diff", "--config", str(proposed), "--json")
+    assert r.returncode == 0, r.stderr
+    changes = json.loads(r.stdout)
+    assert {"pop": "sin", "vip": "game-global", "action": "withdraw",
+            "detail": "no longer published at this POP"} in changes
+    assert all(c["pop"] == "sin" for c in changes)  # nothing else moves
+    r = controller.ctl("undrain", "fra")
+    assert r.returncode == 0 and "fra: undrained" in r.stdout
+    plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
+    assert next(v for v in plan["vips"] if v["name"] == "game-global")["reason"] == "healthy"
+
+
+def test_unreachable_controller_is_reported_to_the_agent_not_raised(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        c = PlanClient(f"http://127.0.0.1:{free_port()}", "sjc", "x", str(tmp_path), ALLOWED, timeout=1)
+        try:
+            with pytest.raises(ControllerUnavailable, match="ClientConnectorError"):
+                await c.fetch_plan(-1, 0)
+            with pytest.raises(ControllerUnavailable):
+                await c.report(HealthReport("sjc", 1, {}, {}))
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
