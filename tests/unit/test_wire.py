@@ -1,0 +1,92 @@
+"""Plans and reports on the wire; VIP specs round-trip; the controller's memory persists."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from controller.config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
+from controller.config.desired import load_desired
+from controller.config.model import StateAttributes
+from controller.config.reader import Issues, Node
+from controller.config.serialize import vip_to_dict
+from controller.policy.model import PlanItem, PlannerState
+from controller.policy.planner import plan
+from controller.policy.model import PopReport
+from controller.server import store
+from controller.wire import WireError, decode_plan, decode_report, encode_plan
+
+DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
+GAME = DESIRED.vip("game-global").vip  # type: ignore[union-attr]
+API = DESIRED.vip("api-eu").vip  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("vip", [GAME, API], ids=["http", "tcp"])
+def test_vip_spec_round_trips_through_the_config_reader(vip: object) -> None:
+    issues = Issues()
+    back = read_vip(Node(vip_to_dict(vip), "", issues), DESIRED.allowed_prefixes, dict(DEFAULT_CHECK),  # type: ignore[arg-type]
+                    StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    assert issues.items == [] and back == vip
+
+
+def test_plan_round_trip() -> None:
+    item = PlanItem("game-global", True, "eu-central", drain=True, reason="draining", safety_hold=False)
+    data = encode_plan("sjc", 4, "abc", [(GAME, item)])
+    p = decode_plan(data, "sjc", DESIRED.allowed_prefixes)
+    assert (p.generation, p.revision, p.source) == (4, "abc", "controller")
+    i = p.vips["game-global"]
+    assert (i.wanted, i.active_origin, i.drain, i.reason) == (True, "eu-central", True, "draining")
+    assert p.specs == (GAME,)
+
+
+def test_plan_for_a_vip_outside_the_agents_allowed_ranges_is_refused() -> None:
+    data = encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", True, "us-west"))])
+    with pytest.raises(WireError) as info:
+        decode_plan(data, "sjc", [ipaddress.ip_network("203.0.113.0/24")])
+    assert info.value.field == "vips[0].spec.address"
+    assert "outside the allowed anycast prefixes" in info.value.message
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.__setitem__("pop", "fra"), "pop"),
+    (lambda d: d["vips"][0].__setitem__("active_origin", "mars"), "vips[0].active_origin"),
+    (lambda d: d["vips"][0]["spec"]["check"].__setitem__("rise", 0), "vips[0].spec.check.rise"),
+    (lambda d: d["vips"][0].__setitem__("wanted", "yes"), "vips[0].wanted"),
+    (lambda d: d.__setitem__("vips", {}), "vips"),
+])
+def test_invalid_plans_name_the_field(mutate: object, field: str) -> None:
+    data = encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", True, "us-west"))])
+    mutate(data)  # type: ignore[operator]
+    with pytest.raises(WireError) as info:
+        decode_plan(data, "sjc", DESIRED.allowed_prefixes)
+    assert info.value.field == field
+
+
+def test_report_validation() -> None:
+    published = {"game-global": GAME}
+    gen, origins, announced = decode_report(
+        {"plan_generation": 3, "origins": {"game-global": {"us-west": True, "eu-central": None}},
+         "announced": {"game-global": False}}, published)
+    assert (gen, origins, announced) == (3, {"game-global": {"us-west": True, "eu-central": None}},
+                                         {"game-global": False})
+    for body, field in [({"origins": {"api-eu": {}}}, "origins.api-eu"),
+                        ({"origins": {"game-global": {"us-west": "up"}}}, "origins.game-global.us-west"),
+                        ({"origins": []}, "origins"), ({"extra": 1}, "extra"),
+                        ({"plan_generation": "7"}, "plan_generation")]:
+        with pytest.raises(WireError) as info:
+            decode_report(body, published)
+        assert info.value.field == field
+
+
+def test_controller_memory_survives_a_restart(tmp_path: Path) -> None:
+    rs = {p: PopReport(p, 0, 1, {"game-global": {"us-west": False, "eu-central": True}}) for p in ("sjc", "fra")}
+    result = plan(DESIRED, rs, {"sin": 5.0}, 10.0, PlannerState.initial())
+    assert result.item("sjc", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
+    store.save(str(tmp_path), store.Persisted({"sin": 5.0}, {"sjc": 7}, result.state))
+    back = store.load(str(tmp_path))
+    assert back.drains == {"sin": 5.0} and back.generations == {"sjc": 7}
+    assert back.planner == result.state
+    (tmp_path / store.FILENAME).write_text("{not json")
+    assert store.load(str(tmp_path)).planner == PlannerState.initial()  # unreadable: start afresh, no crash
