@@ -13,7 +13,6 @@ kernel route (installed by the agent) to the active origin.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .netns import Lab, Netns, add_addr, add_route, children_of, veth
+from .netns import Lab, Netns, add_addr, add_route, veth
+from .nodes import AgentNode, scrape, start_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_CONFIG = ROOT / "configs" / "agent-sjc.yaml"
@@ -60,7 +60,7 @@ class SinglePop:
     agent_config: Path = AGENT_CONFIG
     nodes: dict[str, Netns] = field(default_factory=dict)
     router: Any = None
-    agent_proc: subprocess.Popen[Any] | None = None
+    agent: AgentNode | None = None
     backends: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
     # --- bring-up ----------------------------------------------------------------------
@@ -73,7 +73,7 @@ class SinglePop:
         veth(rtr, "eth-pop", pop, "eth-rtr")
         add_addr(rtr, "eth-pop", "100.64.1.1/30")
         add_addr(pop, "eth-rtr", "100.64.1.2/30")
-        for i, (node, (_, addr, _)) in enumerate(ORIGINS.items()):
+        for node, (_, addr, _) in ORIGINS.items():
             ns = self.nodes[node]
             veth(pop, f"eth-{node}", ns, "eth-pop")
             base = addr.rsplit(".", 1)[0]
@@ -92,12 +92,7 @@ class SinglePop:
     def start_backends(self, node: str) -> None:
         region, addr, ports = ORIGINS[node]
         listens = [f"{addr}:{p}" for p in ports] + ["0.0.0.0:80"]
-        argv = [sys.executable, "-m", "lab.backend", "--origin", region]
-        for listen in listens:
-            argv += ["--listen", listen]
-        log = open(self.workdir(node) / "backend.log", "ab")  # noqa: SIM115 - owned by the process
-        self.backends[node] = self.nodes[node].popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                     cwd=str(ROOT), env=_env())
+        self.backends[node] = start_backend(self.nodes[node], self.workdir(node), region, listens)
 
     def stop_backends(self, node: str) -> None:
         proc = self.backends.pop(node, None)
@@ -105,83 +100,50 @@ class SinglePop:
             self.nodes[node].terminate(proc.pid)
 
     # --- the agent -----------------------------------------------------------------------
-    def start_agent(self, config: Path | None = None) -> subprocess.Popen[Any]:
+    def start_agent(self) -> subprocess.Popen[Any]:
         """Start the agent the way systemd does: ``anycast-agent launch`` execs ExaBGP."""
-        cfg = config or self.agent_config
-        state = self.workdir("pop") / "state"
-        exe = os.path.join(os.path.dirname(sys.executable), "anycast-agent")
-        argv = [exe, "launch", "--config", str(cfg), "--state-dir", str(state),
-                "--metrics-listen", f"0.0.0.0:{METRICS_PORT}", "--log-level", "INFO",
-                "--exabgp-log", str(self.workdir("pop") / "exabgp.log")]
-        log = open(self.agent_log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.agent_proc = self.nodes["pop"].popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env())
-        return self.agent_proc
+        self.agent = AgentNode(self.nodes["pop"], self.workdir("pop"), self.agent_config, METRICS_PORT)
+        return self.agent.start()
+
+    @property
+    def agent_proc(self) -> subprocess.Popen[Any] | None:
+        return self.agent.proc if self.agent else None
 
     @property
     def agent_log_path(self) -> Path:
         return self.workdir("pop") / "agent.log"
 
     def agent_log(self) -> str:
-        return self.agent_log_path.read_text(errors="replace")
+        return self.agent.log() if self.agent else ""
 
     def agent_pid(self) -> int | None:
-        """The API process (anycast-agent run) under ExaBGP, if one is running."""
-        if self.agent_proc is None:
-            return None
-        for pid in children_of(self.agent_proc.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"controller.cli.agent_main" in cmd and b"run" in cmd:
-                return pid
-        return None
+        return self.agent.agent_pid() if self.agent else None
 
     def signal_agent(self, sig: int) -> int:
-        pid = self.agent_pid()
-        if pid is None:
-            raise RuntimeError("no agent process is running")
-        os.kill(pid, sig)
-        return pid
+        if self.agent is None:
+            raise RuntimeError("no agent was started")
+        return self.agent.signal_agent(sig)
 
     def stop_exabgp(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        """Signal ExaBGP (the service's main process) and wait for it to exit.
-
-        Through our own Popen, not Netns.terminate: ``launch`` exec'd into ExaBGP, so the
-        command line no longer matches the record, and the harness (rightly) refuses to
-        kill a PID whose command line changed. An unreaped Popen child cannot be reused.
-        """
-        if self.agent_proc is None or self.agent_proc.poll() is not None:
-            return
-        self.agent_proc.send_signal(sig)
-        try:
-            self.agent_proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.agent_proc.kill()
-            self.agent_proc.wait(5)
+        if self.agent is not None:
+            self.agent.stop_exabgp(sig, timeout)
 
     # --- observations ----------------------------------------------------------------------
     def metrics(self) -> str:
         """Scrape the agent's metrics from inside the POP namespace."""
-        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-        code = f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen({url!r},timeout=2).read().decode())"
-        r = self.nodes["pop"].run([sys.executable, "-c", code], check=False, timeout=5)
-        return r.stdout if r.returncode == 0 else ""
+        return scrape(self.nodes["pop"], METRICS_PORT)
 
     def request_vip(self, path: str = "/", timeout: float = 1.0) -> str | None:
         """One HTTP request from the router's side to the VIP: who served it, or None."""
-        url = f"http://{VIP}{urllib.parse.quote(path)}"
-        code = (f"import urllib.request,sys\ntry:\n sys.stdout.write(urllib.request.urlopen({url!r},"
-                f"timeout={timeout}).read().decode())\nexcept Exception as e:\n sys.stdout.write('')")
-        r = self.nodes["rtr"].run([sys.executable, "-c", code], check=False, timeout=timeout + 5)
-        return r.stdout.strip() or None
+        return http_get(self.nodes["rtr"], f"http://{VIP}{urllib.parse.quote(path)}", timeout)
 
     def pop_kernel_routes(self) -> str:
         return self.nodes["pop"].run(["ip", "route", "show", "proto", "99"]).stdout
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def http_get(ns: Netns, url: str, timeout: float = 1.0) -> str | None:
+    """One HTTP GET from inside ``ns``: the body, or None if it failed."""
+    code = (f"import urllib.request,sys\ntry:\n sys.stdout.write(urllib.request.urlopen({url!r},"
+            f"timeout={timeout}).read().decode())\nexcept Exception as e:\n sys.stdout.write('')")
+    r = ns.run([sys.executable, "-c", code], check=False, timeout=timeout + 5)
+    return r.stdout.strip() or None
