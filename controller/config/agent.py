@@ -63,6 +63,9 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     _check_unique(root, "vips", [str(v.prefix) for v in vips], "VIP address")
     _check_unique(root, "vips", [v.name for v in vips], "VIP name")
     _check_families(root, neighbors, vips)
+    if controller is not None and vips:
+        root.issues.add("vips", "must be empty when a controller is configured: "
+                        "the VIPs come from the controller's plan")
     if pop is None or local_as is None or attrs is None:
         return None
     return AgentConfig(

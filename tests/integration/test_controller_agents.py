@@ -1,0 +1,94 @@
+"""The controller with two real agents (ExaBGP + anycast-agent, each peering with its own
+FRR router), over real HTTP between namespaces: plans reach the agents and their routers,
+and the agents stay safe when the controller goes away."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from lab.multi_pop import MultiPop
+from lab.netns import Lab
+from lab.poll import wait_for
+
+pytestmark = pytest.mark.lab
+GAME, API = "198.51.100.10", "198.51.100.20"
+
+
+@pytest.fixture(scope="module")
+def fleet(lab_preflight: None) -> Iterator[MultiPop]:
+    lab = Lab("t-ctl-")
+    try:
+        f = MultiPop(lab).up()
+        f.prepare_config()
+        f.start_controller()
+        for node in ("usw", "euc"):
+            f.start_backends(node)
+        for pop in f.pops:
+            f.start_agent(pop)
+        yield f
+    finally:
+        lab.teardown()
+
+
+def metric_line(text: str, prefix: str) -> str:
+    return next((line for line in text.splitlines() if line.startswith(prefix)), "")
+
+
+def test_plans_reach_the_agents_and_their_routers(fleet: MultiPop) -> None:
+    for pop in fleet.pops:  # game-global at sjc and fra, api-eu at fra and sjc
+        wait_for(lambda: fleet.announced(pop, GAME) and fleet.announced(pop, API), 30,
+                 desc=f"both VIPs at {pop}'s router")
+    log = fleet.agents["sjc"].log()
+    assert "following plan generation" in log and "from controller" in log
+    assert 'anycast_agent_info{plan_source="controller",pop="sjc"' in fleet.agents["sjc"].metrics()
+
+
+def test_a_committed_publish_change_moves_only_what_it_names(fleet: MultiPop) -> None:
+    wait_for(lambda: fleet.announced("sjc", API) and fleet.announced("fra", API), 30, desc="api-eu at both")
+    data = yaml.safe_load((fleet.config_dir / "vips.yaml").read_text())
+    data["vips"][1]["publish"] = ["fra"]
+    (fleet.config_dir / "vips.yaml").write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    fleet.commit("api-eu: fra only")
+    fra_kept = True
+    while fleet.announced("sjc", API):
+        fra_kept = fra_kept and fleet.announced("fra", API) and fleet.announced("sjc", GAME)
+        assert time.monotonic() - started < 10, "sjc still announces api-eu 10 s after the commit"
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    assert fra_kept, "fra's api-eu or sjc's game-global flapped during the change"
+    assert fleet.announced("fra", API) and fleet.announced("sjc", GAME)
+    assert "withdraw 198.51.100.20/32 (VIP 198.51.100.20), reason not_in_plan" in fleet.agents["sjc"].log()
+    print(f"publish change: commit -> withdrawn at sjc's router in {took * 1000:.0f} ms")
+
+
+def test_controller_down_agents_keep_announcing_and_still_withdraw_locally(fleet: MultiPop) -> None:
+    wait_for(lambda: all(fleet.announced(p, GAME) for p in fleet.pops), 30, desc="game-global everywhere")
+    fleet.stop_controller()
+    try:
+        wait_for(lambda: "anycast_controller_reachable 0.0" in fleet.agents["sjc"].metrics(), 40,
+                 desc="sjc's agent noticed the controller is gone")
+        assert all(fleet.announced(p, GAME) for p in fleet.pops)  # static stability
+        fleet.stop_backends("usw")  # game-global's active origin fails, no controller to move it
+        for pop in fleet.pops:
+            wait_for(lambda: not fleet.announced(pop, GAME), 10, desc=f"{pop} withdraws game-global locally")
+        assert fleet.announced("fra", API)  # api-eu's origin (eu-central) is fine: untouched
+        fleet.start_backends("usw")
+        for pop in fleet.pops:
+            wait_for(lambda: fleet.announced(pop, GAME), 15, desc=f"{pop} re-announces after rise")
+        # An agent restarted while the controller is down starts from its cached plan.
+        fleet.agents["sjc"].stop_exabgp(signal.SIGTERM)
+        wait_for(lambda: not fleet.announced("sjc", GAME), 10, desc="sjc down with its service")
+        fleet.start_agent("sjc")
+        wait_for(lambda: fleet.announced("sjc", GAME), 20, desc="sjc back from its cached plan")
+        assert "starting from the cached plan generation" in fleet.agents["sjc"].log()
+    finally:
+        if fleet.controller is None:
+            fleet.start_controller()
+    wait_for(lambda: "anycast_controller_reachable 1.0" in fleet.agents["sjc"].metrics(), 30,
+             desc="sjc reconnected to the restarted controller")
