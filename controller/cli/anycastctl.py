@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from ..config.errors import ConfigError
 from ..policy.diff import diff_plans
 from ..policy.planner import plan
 from ..server.snapshot import reports_from_snapshot
+from ..policy.model import PlannerState
+from ..server.revision import checkout_at
 from ..server.store import planner_from_json
 from .operator_api import ApiError, OperatorApi, operator_token
 
@@ -51,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             c.add_argument("--pop", help="only this POP")
         if name == "diff":
-            c.add_argument("--config", help="the desired-state directory to compare (default: the controller's)")
+            c.add_argument("--config", help="the desired-state directory to compare (default: the controller's; "
+                                            "with --against: the current directory)")
+            c.add_argument("--against", metavar="REV",
+                           help="offline: compare with the same directory at git revision REV (e.g. main) "
+                                "instead of the live plans; no controller needed (a CI step)")
         if name == "explain":
             c.add_argument("vip")
         if name in ("drain", "undrain"):
@@ -88,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return cmd_validate(args.paths, args.json)
+    if args.command == "diff" and args.against:
+        try:
+            return cmd_diff_against(args)
+        except (ValueError, ConfigError) as exc:
+            print(f"anycastctl diff: {exc}", file=sys.stderr)
+            return 1
     try:
         api = OperatorApi(args.url, operator_token(args.token_file))
         return int(COMMANDS[args.command](api, args))
@@ -147,6 +160,25 @@ def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
     changes = diff_plans(snap["plans"], proposed)
     data = [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes]
     human = (f"{directory} against the live plans (revision {snap['revision']}):\n"
+             + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
+                if changes else "no change at any POP"))
+    return _emit(args, data, human)
+
+
+def cmd_diff_against(args: argparse.Namespace) -> int:
+    """Desired state in the working tree vs. at REV, planned with no health reports (every
+    POP unknown, so each announces by its own checks): what the change itself does."""
+    directory = args.config or "."
+    new = load_desired(directory, "working-tree")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = load_desired(checkout_at(directory, args.against, tmp), args.against)
+    before = plan(old, {}, {}, 0.0, PlannerState.initial())
+    after = plan(new, {}, {}, 0.0, PlannerState.initial())
+    current = {pop: {vip: {"wanted": i.wanted, "active_origin": i.active_origin, "drain": i.drain}
+                     for vip, i in items.items()} for pop, items in before.pops.items()}
+    changes = diff_plans(current, after)
+    data = [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes]
+    human = (f"{directory}: working tree against {args.against}:\n"
              + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
                 if changes else "no change at any POP"))
     return _emit(args, data, human)

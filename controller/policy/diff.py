@@ -32,9 +32,10 @@ def diff_plans(current: Mapping[str, Mapping[str, Mapping[str, Any]]], proposed:
                 continue
             if before is None or not before["wanted"]:
                 if after.wanted:
+                    why = "" if after.reason in ("report_stale", "healthy") else f" ({after.reason})"
                     changes.append(Change(pop, vip, "announce",
                                           f"{'newly published' if before is None else 'wanted again'}, "
-                                          f"toward {after.active_origin} ({after.reason})"))
+                                          f"toward {after.active_origin}{why}"))
                 continue
             if not after.wanted:
                 changes.append(Change(pop, vip, "withdraw", f"{after.reason}: {after.explanation}"))

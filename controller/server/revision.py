@@ -44,3 +44,20 @@ def revision(directory: str) -> str:
         return f"sha256:{fp[:12]}"
     dirty = _git(directory, "status", "--porcelain", "--", ".")
     return head[:12] if not dirty else f"{head[:12]}+dirty.{fp[:8]}"
+
+
+def checkout_at(directory: str, rev: str, into: str) -> str:
+    """Extract ``directory`` as it is at git revision ``rev`` under ``into``; returns the
+    extracted directory. Raises ValueError naming what git said."""
+    top = _git(directory, "rev-parse", "--show-toplevel")
+    if top is None:
+        raise ValueError(f"{directory} is not inside a git checkout")
+    rel = os.path.relpath(os.path.realpath(directory), os.path.realpath(top))
+    spec = rev if rel == "." else f"{rev}:{rel}"
+    r = subprocess.run(["git", "-C", top, "archive", "--format=tar", spec], capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise ValueError(f"git archive {spec}: {r.stderr.decode(errors='replace').strip()}")
+    out = os.path.join(into, "at-" + "".join(c if c.isalnum() else "_" for c in rev))
+    os.makedirs(out, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", out], input=r.stdout, check=True, capture_output=True, timeout=30)
+    return out
