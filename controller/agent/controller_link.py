@@ -101,13 +101,20 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
             agent.apply_plan(plan)
 
 
-async def report_health(agent: Agent, port: ControllerPort, interval: float) -> None:
-    """Report this POP's health every ``interval`` s."""
+async def report_health(agent: Agent, port: ControllerPort, interval: float,
+                        now: asyncio.Event | None = None) -> None:
+    """Report this POP's health every ``interval`` s, and at once when ``now`` is set
+    (a verdict changed: a withdrawal may be waiting for the controller's answer)."""
     outage = _OutageLog("reporting health to the controller")
+    now = now or asyncio.Event()
     while True:
+        now.clear()
         try:
             await port.report(health_report(agent))
             outage.ok()
         except ControllerUnavailable as exc:
             outage.failed(exc)
-        await asyncio.sleep(interval)
+        try:
+            await asyncio.wait_for(now.wait(), interval)
+        except asyncio.TimeoutError:
+            pass

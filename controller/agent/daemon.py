@@ -35,7 +35,7 @@ from ..health.scheduler import CheckScheduler, Target
 from ..kernel.routes import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
 from . import kernel_plan, state_file
-from .decide import Action, BackendKey, Decision, Reason, decide
+from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
 from .controller_link import ControllerPort, follow_plans, report_health
 from .intent import NO_PLAN, Plan, plan_from_config
 from .reconcile import Announce, Command, Withdraw, apply, reconcile
@@ -104,6 +104,8 @@ class Agent:
         self.clock = clock
         self.controller = controller
         self.controller_ok: bool | None = None
+        self.report_now = asyncio.Event()
+        self._down_since: dict[str, float] = {}
         # Standalone: the plan is the local config. With a controller: the cached plan until
         # the controller answers (static stability), or no plan at all.
         self.plan: Plan = plan_from_config(config) if config.controller is None else (initial_plan or NO_PLAN)
@@ -176,6 +178,7 @@ class Agent:
                      result.detail)
             if new.healthy != state.healthy:
                 self._dirty.set()
+                self.report_now.set()  # the controller should hear about it at once
 
     def verdicts(self) -> dict[BackendKey, bool | None]:
         return {k: s.healthy for k, s in self.health.items()}
@@ -231,8 +234,30 @@ class Agent:
     # --- reconcile -----------------------------------------------------------------------
     def decide_all(self) -> list[Decision]:
         verdicts = self.verdicts()
-        return [decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes)
+        return [decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
+                       confirm_pending=self._confirm_pending(v, verdicts))
                 for v in self.vips]
+
+    def _confirm_pending(self, vip: Vip, verdicts: dict[BackendKey, bool | None]) -> bool:
+        """Is a reachable controller still to answer this POP's report that the VIP's
+        active origin is down? Tracks since when it is down; wakes the loop at the deadline."""
+        link = self.config.controller
+        intent = self.plan.vips.get(vip.name)
+        origin = vip.origin(intent.active_origin) if intent else None
+        down = origin is not None and origin_health(
+            origin, (verdicts.get((vip.name, origin.region, b)) for b in origin.backends))[0] is False
+        if not down:
+            self._down_since.pop(vip.name, None)
+            return False
+        now = self.clock()
+        since = self._down_since.setdefault(vip.name, now)
+        if link is None or self.controller is None or not self.controller_ok or link.confirm_timeout <= 0:
+            return False
+        remaining = since + link.confirm_timeout - now
+        if remaining <= 0:
+            return False
+        asyncio.get_running_loop().call_later(remaining, self._dirty.set)
+        return True
 
     async def reconcile_once(self) -> bool:
         """One level-based pass. Returns True if everything was applied."""
@@ -357,7 +382,7 @@ class Agent:
             tasks.append(asyncio.create_task(
                 follow_plans(self, self.controller, link.poll_wait, self._controller_state), name="plans"))
             tasks.append(asyncio.create_task(
-                report_health(self, self.controller, link.report_interval), name="reports"))
+                report_health(self, self.controller, link.report_interval, self.report_now), name="reports"))
         watchdog = self.notifier.watchdog_interval()
         tick = min(RESYNC_INTERVAL, watchdog) if watchdog else RESYNC_INTERVAL
         try:

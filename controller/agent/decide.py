@@ -13,7 +13,11 @@ action and a reason code. The rules, in order:
 3. The active origin region is unhealthy (fewer than ``min_healthy`` healthy backends and
    every backend has a verdict) -> withdraw (``backend_down``), unless the controller's
    plan sets ``safety_hold``: then keep announcing (``safety_hold``), because withdrawing
-   would break a global safety rule.
+   would break a global safety rule. With a reachable controller that has not yet seen
+   this failure, hold for a moment (``awaiting_controller``): the agent reports at once,
+   and the controller either confirms (``backend_down``) or holds (``safety_hold``). This
+   is what keeps a check failure seen everywhere at once (a backbone cut) from
+   withdrawing the VIP everywhere before anyone can stop it.
 4. No verdict yet for the active origin -> HOLD: do nothing, keep whatever ExaBGP holds.
    This is what lets a restarted agent take over routes that ExaBGP kept without
    flapping them, and what keeps a fresh agent from announcing before checks ran.
@@ -51,6 +55,7 @@ class Reason(enum.StrEnum):
     ADMIN_DOWN = "admin_down"
     SHUTDOWN = "shutdown"
     SAFETY_HOLD = "safety_hold"
+    AWAITING_CONTROLLER = "awaiting_controller"
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,12 @@ def decide(
     intent: VipIntent | None,
     health: Mapping[BackendKey, bool | None],
     allowed: Iterable[IPNetwork],
+    confirm_pending: bool = False,
 ) -> Decision:
-    """The one function that decides whether this POP announces ``vip``."""
+    """The one function that decides whether this POP announces ``vip``.
+
+    ``confirm_pending``: a controller is reachable and has not yet answered this POP's
+    report of the failure (and the confirmation timeout has not passed)."""
 
     def withdraw(reason: str, detail: str = "", origin: Origin | None = None) -> Decision:
         return Decision(vip.name, vip.prefix, Action.WITHDRAW, reason, detail,
@@ -113,12 +122,16 @@ def decide(
     if origin is None:
         return withdraw(Reason.UNKNOWN_ORIGIN, f"active origin {intent.active_origin!r} is not configured")
     verdict, detail = origin_health(origin, (health.get((vip.name, origin.region, b)) for b in origin.backends))
-    if verdict is False and not intent.safety_hold:
-        return withdraw(Reason.BACKEND_DOWN, detail, origin)
-    if verdict is False:
+    if verdict is False and intent.safety_hold:
         return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.SAFETY_HOLD,
                         f"{detail}; kept announced on the controller's safety hold",
                         vip.attributes.up, origin.region, origin.next_hop)
+    if verdict is False and confirm_pending and intent.reason != Reason.BACKEND_DOWN:
+        return Decision(vip.name, vip.prefix, Action.HOLD, Reason.AWAITING_CONTROLLER,
+                        f"{detail}; reported, waiting for the controller to confirm the withdrawal",
+                        origin=origin.region, next_hop=origin.next_hop)
+    if verdict is False:
+        return withdraw(Reason.BACKEND_DOWN, detail, origin)
     if verdict is None:
         return Decision(vip.name, vip.prefix, Action.HOLD, Reason.HEALTH_UNKNOWN, detail,
                         origin=origin.region, next_hop=origin.next_hop)

@@ -226,10 +226,11 @@ def _controller(node: Node | None) -> ControllerLink | None:
     poll_wait = node.opt("poll_wait", lambda n: n.as_float(1, 300), 30.0)
     report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
     timeout = node.opt("timeout", lambda n: n.as_float(0.1, 60), 5.0)
+    confirm_timeout = node.opt("confirm_timeout", lambda n: n.as_float(0, 60), 2.0)
     node.reject_unknown()
     if url is None or token_file is None:
         return None
-    return ControllerLink(url, token_file, poll_wait, report_interval, timeout)
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout)
 
 
 def _http_url(node: Node) -> str | None:

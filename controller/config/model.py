@@ -110,6 +110,7 @@ class ControllerLink:
     poll_wait: float = 30.0  # long-poll: the controller answers at once on a change
     report_interval: float = 2.0
     timeout: float = 5.0
+    confirm_timeout: float = 2.0  # wait this long for the controller to confirm a withdrawal
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ and the agents stay safe when the controller goes away."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
@@ -92,3 +93,55 @@ def test_controller_down_agents_keep_announcing_and_still_withdraw_locally(fleet
             fleet.start_controller()
     wait_for(lambda: "anycast_controller_reachable 1.0" in fleet.agents["sjc"].metrics(), 30,
              desc="sjc reconnected to the restarted controller")
+
+
+def cut_checks(fleet: MultiPop, pop: str) -> None:
+    """Drop the agent host's health checks (ports 8080/8081) but nothing else: clients'
+    traffic to the VIPs (port 80) still flows, like a backbone cut on the checks' path."""
+    ns = fleet.nodes[f"pop-{pop}"]
+    ns.run(["nft", "add table inet cutchecks"])
+    ns.run(["nft", "add chain inet cutchecks out { type filter hook output priority 0 ; }"])
+    ns.run(["nft", "add rule inet cutchecks out tcp dport { 8080, 8081 } drop"])
+
+
+def restore_checks(fleet: MultiPop, pop: str) -> None:
+    fleet.nodes[f"pop-{pop}"].run(["nft", "delete table inet cutchecks"], check=False)
+
+
+def test_checks_failing_everywhere_do_not_withdraw_the_vip_anywhere(fleet: MultiPop) -> None:
+    """The Oct 2021 failure mode: every POP's checks fail at once. The agents ask the
+    controller before withdrawing, the controller sees it everywhere and holds."""
+    wait_for(lambda: all(fleet.announced(p, GAME) for p in fleet.pops), 30, desc="game-global everywhere")
+    for pop in fleet.pops:
+        cut_checks(fleet, pop)
+    try:
+        started = time.monotonic()
+        missing = []
+        while time.monotonic() - started < 5:  # fall is reached after ~0.4 s; watch well past it
+            missing += [p for p in fleet.pops if not fleet.announced(p, GAME)]
+            time.sleep(0.02)
+        assert missing == [], f"withdrawn at {sorted(set(missing))} although only the checks failed"
+        assert "reason safety_hold" in fleet.agents["sjc"].log()
+        alarms = fleet.nodes["mgmt"].run([sys.executable, "-c", (
+            "import urllib.request;print(urllib.request.urlopen('http://192.0.2.1:9801/metrics').read().decode())")]).stdout
+        assert 'anycast_controller_alarm{kind="checks_down_everywhere",vip="game-global"} 1.0' in alarms
+    finally:
+        for pop in fleet.pops:
+            restore_checks(fleet, pop)
+
+
+def test_checks_failing_at_one_pop_withdraw_there_only(fleet: MultiPop) -> None:
+    wait_for(lambda: all(fleet.announced(p, GAME) for p in fleet.pops), 30, desc="game-global everywhere")
+    cut_checks(fleet, "sjc")
+    try:
+        started = time.monotonic()
+        wait_for(lambda: not fleet.announced("sjc", GAME), 10, desc="sjc withdraws game-global")
+        took = time.monotonic() - started
+        assert fleet.announced("fra", GAME)
+        log = fleet.agents["sjc"].log()
+        assert "reason awaiting_controller" in log  # it asked first...
+        assert "withdraw 198.51.100.10/32 (VIP game-global), reason backend_down" in log  # ...and was allowed
+        print(f"one POP's checks cut -> withdrawn at its router in {took * 1000:.0f} ms (check 0.2 s x fall 2)")
+    finally:
+        restore_checks(fleet, "sjc")
+    wait_for(lambda: fleet.announced("sjc", GAME), 15, desc="sjc back")

@@ -427,3 +427,68 @@ def test_health_report_gives_per_origin_verdicts_and_announcements(tmp_path: Pat
         assert port.reports and port.reports[0] == report
 
     run(scenario())
+
+
+def test_withdrawal_waits_for_the_controller_which_confirms_or_holds(tmp_path: Path) -> None:
+    """With a reachable controller, a local failure is reported at once and the withdrawal
+    waits (a few seconds at most) for the controller's verdict."""
+    now = [1000.0]
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        bgp = RecordingAnnouncer()
+        cfg = controller_config(tmp_path)
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
+                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+        agent.controller_ok = True
+        agent.apply_plan(controller_plan(1))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]
+        agent.report_now.clear()
+        feed(agent, "us-west", False, 2)
+        assert agent.report_now.is_set()  # the report goes out now, not at the next interval
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP]  # held while the controller looks at it
+        assert agent.decisions["game-global"].reason == "awaiting_controller"
+        # The controller says: every POP sees this, hold it (safety valve).
+        agent.apply_plan(controller_plan(2, safety_hold=True))
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP] and agent.decisions["game-global"].reason == "safety_hold"
+        # Later it confirms the withdrawal for this POP.
+        plan3 = controller_plan(3)
+        plan3 = dataclasses.replace(plan3, vips={"game-global": dataclasses.replace(
+            plan3.vips["game-global"], reason="backend_down")})
+        agent.apply_plan(plan3)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("controller_ok, waited, withdrawn", [
+    (True, 0.5, False),   # within confirm_timeout (2 s): hold
+    (True, 2.5, True),    # the controller did not answer in time: withdraw on our own
+    (False, 0.0, True),   # controller unreachable: no waiting at all (static stability)
+])
+def test_withdrawal_does_not_wait_forever(tmp_path: Path, controller_ok: bool, waited: float,
+                                          withdrawn: bool) -> None:
+    now = [1000.0]
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        bgp = RecordingAnnouncer()
+        cfg = controller_config(tmp_path)
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
+                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+        agent.controller_ok = controller_ok
+        agent.apply_plan(controller_plan(1))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        feed(agent, "us-west", False, 2)
+        await agent.reconcile_once()
+        now[0] += waited
+        await agent.reconcile_once()
+        assert (WITHDRAW in bgp.lines) is withdrawn
+
+    run(scenario())

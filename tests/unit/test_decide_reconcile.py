@@ -142,3 +142,13 @@ def test_withdrawing_one_vip_keeps_the_others() -> None:
     decisions = [dec(Action.WITHDRAW, "backend_down"), dec(Action.ANNOUNCE, "healthy", prefix=other)]
     cmds = reconcile(decisions, {P: UP_ATTRS, other: UP_ATTRS})
     assert cmds == [Withdraw(P, VIP.name, "backend_down")]
+
+
+def test_a_reachable_controller_gets_to_confirm_a_withdrawal_first() -> None:
+    down = health((False, False))
+    d = decide(VIP, intent(), down, CONFIG.allowed_prefixes, confirm_pending=True)
+    assert (d.action, d.reason) == (Action.HOLD, Reason.AWAITING_CONTROLLER)
+    d = decide(VIP, intent(reason="backend_down"), down, CONFIG.allowed_prefixes, confirm_pending=True)
+    assert (d.action, d.reason) == (Action.WITHDRAW, Reason.BACKEND_DOWN)  # confirmed
+    d = decide(VIP, intent(safety_hold=True), down, CONFIG.allowed_prefixes, confirm_pending=True)
+    assert (d.action, d.reason) == (Action.ANNOUNCE, Reason.SAFETY_HOLD)
