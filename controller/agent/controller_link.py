@@ -79,14 +79,25 @@ class _OutageLog:
 
 async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
                        on_state: Callable[[bool], None] = lambda ok: None,
-                       backoff: Any = None) -> None:
+                       backoff: Any = None, retry_now: asyncio.Event | None = None) -> None:
     """Long-poll the controller for newer plans and hand them to the agent, forever.
-    Failures back off exponentially (0.5 s doubling to 10 s, with jitter)."""
+    Failures back off exponentially (0.5 s doubling to 10 s, with jitter); ``retry_now``
+    (set when a health report got through) cuts the wait short: the controller is back,
+    and a withdrawal may be waiting for its answer, which comes with the plan."""
     outage = _OutageLog("fetching the plan from the controller")
     backoff = backoff if backoff is not None else wait_exponential_jitter(initial=0.5, max=10)
+    retry_now = retry_now or asyncio.Event()
+
+    async def pause(delay: float) -> None:
+        retry_now.clear()
+        try:
+            await asyncio.wait_for(retry_now.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
     while True:
         async for attempt in AsyncRetrying(retry=retry_if_exception_type(ControllerUnavailable),
-                                           wait=backoff):
+                                           wait=backoff, sleep=pause):
             with attempt:
                 try:
                     plan = await port.fetch_plan(agent.plan.generation if agent.plan.source == "controller" else -1,
@@ -102,9 +113,10 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
 
 
 async def report_health(agent: Agent, port: ControllerPort, interval: float,
-                        now: asyncio.Event | None = None) -> None:
+                        now: asyncio.Event | None = None, reached: asyncio.Event | None = None) -> None:
     """Report this POP's health every ``interval`` s, and at once when ``now`` is set
-    (a verdict changed: a withdrawal may be waiting for the controller's answer)."""
+    (a verdict changed: a withdrawal may be waiting for the controller's answer). Sets
+    ``reached`` after every report that got through."""
     outage = _OutageLog("reporting health to the controller")
     now = now or asyncio.Event()
     while True:
@@ -112,6 +124,8 @@ async def report_health(agent: Agent, port: ControllerPort, interval: float,
         try:
             await port.report(health_report(agent))
             outage.ok()
+            if reached is not None:
+                reached.set()
         except ControllerUnavailable as exc:
             outage.failed(exc)
         try:

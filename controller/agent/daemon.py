@@ -105,6 +105,7 @@ class Agent:
         self.controller = controller
         self.controller_ok: bool | None = None
         self.report_now = asyncio.Event()
+        self.controller_reached = asyncio.Event()  # a report got through: retry the plan now
         self._down_since: dict[str, float] = {}
         # Standalone: the plan is the local config. With a controller: the cached plan until
         # the controller answers (static stability), or no plan at all.
@@ -116,6 +117,7 @@ class Agent:
         # What ExaBGP holds as far as this process knows, and what it may hold.
         self.announced: dict[IPNetwork, Attributes] = state_file.load(config.state_dir)
         self.unsure: set[IPNetwork] = set(self.announced) | {v.prefix for v in self.vips}
+        self.withdrawn: set[IPNetwork] = set()  # withdrawn by this process: known not in ExaBGP
         self.last_reconcile_success = 0.0
         self.config_ok = True
         self.config_time = clock()
@@ -144,8 +146,14 @@ class Agent:
             return
         log.info("following plan generation %d from %s (config revision %s): %d VIP(s)",
                  plan.generation, plan.source, plan.revision or "?", len(plan.vips))
+        now = self.clock()
+        for name, old in self.plan.vips.items():
+            if old.safety_hold and name in self._down_since:
+                # The controller had answered "keep it". If it now lifts the hold without
+                # confirming the withdrawal, a new wait of up to confirm_timeout starts now.
+                self._down_since[name] = now
         self.plan = plan
-        self.unsure |= {v.prefix for v in self.vips} - set(self.announced)
+        self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
         self._dirty.set()
 
@@ -223,7 +231,7 @@ class Agent:
             self.plan = plan_from_config(new, generation=self.plan.generation + 1)
         elif self.plan.source == "local-config":
             self.plan = NO_PLAN  # switched to a controller: wait for its plan
-        self.unsure |= {v.prefix for v in self.vips} - set(self.announced)
+        self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
         self.config_ok = True
         self.metrics.config_reloads.labels("success").inc()
@@ -250,6 +258,8 @@ class Agent:
             self._down_since.pop(vip.name, None)
             return False
         now = self.clock()
+        if intent is not None and intent.safety_hold:
+            return False  # the controller answered: keep it
         since = self._down_since.setdefault(vip.name, now)
         if link is None or self.controller is None or not self.controller_ok or link.confirm_timeout <= 0:
             return False
@@ -298,6 +308,10 @@ class Agent:
                 self.metrics.announcement_changes.labels(cmd.vip, action, cmd.reason).inc()
                 self.announced = apply(self.announced, cmd)
                 self.unsure.discard(cmd.prefix)
+                if isinstance(cmd, Withdraw):
+                    self.withdrawn.add(cmd.prefix)
+                else:
+                    self.withdrawn.discard(cmd.prefix)
                 changed = True
             else:
                 ok = False
@@ -380,9 +394,11 @@ class Agent:
         link = self.config.controller
         if self.controller is not None and link is not None:
             tasks.append(asyncio.create_task(
-                follow_plans(self, self.controller, link.poll_wait, self._controller_state), name="plans"))
+                follow_plans(self, self.controller, link.poll_wait, self._controller_state,
+                             retry_now=self.controller_reached), name="plans"))
             tasks.append(asyncio.create_task(
-                report_health(self, self.controller, link.report_interval, self.report_now), name="reports"))
+                report_health(self, self.controller, link.report_interval, self.report_now,
+                              self.controller_reached), name="reports"))
         watchdog = self.notifier.watchdog_interval()
         tick = min(RESYNC_INTERVAL, watchdog) if watchdog else RESYNC_INTERVAL
         try:

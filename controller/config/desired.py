@@ -199,6 +199,7 @@ def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
         min_announcing_pops=n.opt("min_announcing_pops", lambda x: x.as_int(0, 1000), s.min_announcing_pops),
         withdraw_rate_max=rate_max, withdraw_rate_window=rate_window,
         report_stale_after=n.opt("report_stale_after", lambda x: x.as_float(1, 3600), s.report_stale_after),
+        settle=n.opt("settle", lambda x: x.as_float(0, 60), s.settle),
     )
 
 

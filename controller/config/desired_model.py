@@ -21,6 +21,7 @@ class SafetyPolicy:
     withdraw_rate_max: int = 2  # new health-induced withdrawals per VIP...
     withdraw_rate_window: float = 60.0  # ...per this many seconds
     report_stale_after: float = 15.0
+    settle: float = 1.0  # a new health withdrawal waits this long for the other POPs' reports
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def observe(memory: PopVipMemory, verdict: bool | None, policy: DampeningPolicy,
     return PopVipMemory(
         verdict=verdict if verdict is not None else memory.verdict, flaps=flaps,
         dampened_until=dampened_until, penalty=penalty, quiet_since=quiet_since, withdrawn=memory.withdrawn,
+        down_since=memory.down_since,
     )
 
 

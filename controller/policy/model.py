@@ -37,6 +37,7 @@ class PopVipMemory:
     penalty: int = 0  # hold-downs so far: the next lasts hold_down * 2**penalty
     quiet_since: float = 0.0  # last flap or hold-down end, for forgetting the penalty
     withdrawn: bool = False  # the last plan let this POP withdraw (for the rate limit)
+    down_since: float | None = None  # the POP has seen the active origin down since (settle)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class PlanResult:
     pops: Mapping[str, Mapping[str, PlanItem]]  # pop -> vip -> item (only VIPs the POP publishes)
     notes: Mapping[str, str]  # vip -> where it goes and why (active origin)
     alarms: tuple[Alarm, ...]
+    wake_at: float | None = None  # plan again at this time: a settle window ends
+
 
     def item(self, pop: str, vip: str) -> PlanItem | None:
         return self.pops.get(pop, {}).get(vip)

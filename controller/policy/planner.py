@@ -15,9 +15,13 @@ failback timers, flap history, rate-limit timestamps). For each VIP:
 3. **Per POP proposal.** disabled VIP: withdraw everywhere (deliberate, no safety valve).
    Drained POP: ``draining`` (announced, less preferred) for ``drain_time``, then
    ``drained`` (withdrawn). Flapping POP: ``dampened`` (withdrawn, exponential backoff).
-   POP sees the active origin down: ``backend_down``, which its agent withdraws on its own
-   (the plan keeps ``wanted`` so the agent re-announces as soon as its checks recover,
-   without waiting for the controller).
+   POP sees the active origin down: first ``confirming`` for ``settle`` seconds (the agent
+   keeps announcing while it waits for the controller's answer), then ``backend_down``,
+   which its agent withdraws on its own (the plan keeps ``wanted`` so the agent
+   re-announces as soon as its checks recover, without waiting for the controller). The
+   settle window exists because broken checks fail at every POP within a few check
+   intervals, not at the same instant: without it the first POP to notice would be let go
+   before the others' reports show that the failure is everywhere.
 4. **Global safety** over the proposed withdrawals: if every fresh POP sees every origin
    down, the checks are more likely broken than the whole service: hold everything
    (``safety_hold``) and raise ``checks_down_everywhere``. Otherwise at most
@@ -48,7 +52,7 @@ HEALTH_KINDS = ("backend_down", "dampened")  # rate-limited; drains are delibera
 @dataclass(frozen=True)
 class _Proposal:
     pop: str
-    kind: str  # healthy | health_unknown | report_stale | draining | backend_down | dampened | drained
+    kind: str  # healthy | health_unknown | report_stale | draining | confirming | backend_down | dampened | drained
     sentence: str
     previously_withdrawn: bool
 
@@ -56,19 +60,23 @@ class _Proposal:
 def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
          now: float, previous: PlannerState) -> PlanResult:
     vip_memory: dict[str, VipMemory] = {}
+    wakes: list[float] = []
     pop_memory: dict[tuple[str, str], PopVipMemory] = {}
     pops: dict[str, dict[str, PlanItem]] = {p.name: {} for p in desired.pops}
     notes: dict[str, str] = {}
     alarms: list[Alarm] = []
     for fv in desired.vips:
         items, vmem, pmems, note, vip_alarms = _plan_vip(fv, reports, drains, now, previous)
+        wakes += [m.down_since + fv.policy.safety.settle for (pop, _), m in pmems.items()
+                  if m.down_since is not None and items.get(pop) is not None and items[pop].reason == "confirming"]
         vip_memory[fv.name] = vmem
         pop_memory.update(pmems)
         notes[fv.name] = note
         alarms += vip_alarms
         for pop, item in items.items():
             pops.setdefault(pop, {})[fv.name] = item
-    return PlanResult(PlannerState(vip_memory, pop_memory), pops, notes, tuple(alarms))
+    return PlanResult(PlannerState(vip_memory, pop_memory), pops, notes, tuple(alarms),
+                      wake_at=min(wakes, default=None))
 
 
 def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
@@ -95,6 +103,8 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
         verdict = report.origins.get(name, {}).get(active) if report else None
         if report is not None:
             mem = dampening.observe(mem, verdict, policy.dampening, now)
+        down = verdict is False and report is not None
+        mem = replace(mem, down_since=(mem.down_since if mem.down_since is not None else now) if down else None)
         memories[key] = mem
         proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now),
                                    previously_withdrawn=mem.withdrawn))
@@ -109,6 +119,11 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     # 4. global safety
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
     alarms += safety_alarms
+    if any(a.kind == "checks_down_everywhere" for a in safety_alarms):
+        # While everything is held, nothing settles: when the checks start to recover (at
+        # each POP at its own moment) a POP still seeing the origin down waits a full settle
+        # window again instead of being let go the instant the hold lifts.
+        memories = {k: replace(m, down_since=None) for k, m in memories.items()}
     items = {}
     for p in proposals:
         items[p.pop] = _item(name, active, p, held.get(p.pop))
@@ -130,6 +145,10 @@ def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopV
         return "dampened", (f"{pop} flapped: held down until +{mem.dampened_until - now:.0f}s "
                             f"(hold-down #{mem.penalty})")
     if verdict is False:
+        settle_left = (mem.down_since if mem.down_since is not None else now) + fv.policy.safety.settle - now
+        if not mem.withdrawn and settle_left > 0:
+            return "confirming", (f"{pop} sees {active} down: confirming for {settle_left:.1f}s more whether "
+                                  f"the other POPs see it too (its agent keeps announcing meanwhile)")
         return "backend_down", f"{pop} sees {active} down: its agent withdraws the VIP"
     if verdict is None:
         return "health_unknown", f"{pop} has no verdict on {active} yet"
@@ -145,7 +164,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
     held: dict[str, str] = {}
     alarms: list[Alarm] = []
     withdrawing = [p for p in proposals if p.kind in WITHDRAWING]
-    health = [p for p in withdrawing if p.kind in HEALTH_KINDS]
+    health = [p for p in proposals if p.kind in HEALTH_KINDS or p.kind == "confirming"]
 
     everywhere = bool(fresh) and all(
         all(v is not True for v in r.origins.get(name, {}).values())

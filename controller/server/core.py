@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Controller:
     config: ConfigStatus = field(default_factory=ConfigStatus)
     persisted: store.Persisted = field(default_factory=store.Persisted)
     _changed: dict[str, asyncio.Event] = field(default_factory=dict)
+    _wake: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.persisted = store.load(self.desired.state_dir)
@@ -107,6 +109,7 @@ class Controller:
             if old is None or _origin_of(old) != _origin_of(note):
                 log.info("VIP %s: %s", vip, note)
         self.result = result
+        self._schedule(result.wake_at, now)
         self.persisted.planner = result.state
         specs = {v.name: v.vip for v in self.desired.vips}
         for pop in self.desired.pops:
@@ -115,9 +118,10 @@ class Controller:
                                   [(specs[name], item) for name, item in sorted(items.items())])
             del content["generation"]
             served = self.served.get(pop.name)
-            # A new revision that changes nothing for this POP is not a new plan for it: the
-            # plan keeps the revision it last changed at, and agents are not woken for nothing.
-            if served is None or {**served.content, "revision": ""} != {**content, "revision": ""}:
+            # A new revision, or a new explanation (timers count down in them), that changes
+            # nothing an agent acts on is not a new plan for this POP: the plan keeps the
+            # revision it last changed at, and agents are not woken for nothing.
+            if served is None or _material(served.content) != _material(content):
                 generation = max(self.persisted.generations.get(pop.name, 0), served.generation if served else 0) + 1
                 self.persisted.generations[pop.name] = generation
                 self.served[pop.name] = ServedPlan(generation, self.desired.revision, content)
@@ -125,6 +129,20 @@ class Controller:
                 self._changed[pop.name] = asyncio.Event()
         self._save()
         return result
+
+    def _schedule(self, wake_at: float | None, now: float) -> None:
+        """Plan again when a settle window ends, not at the next tick: that is when a
+        POP's withdrawal gets confirmed (or held), while its agent is waiting."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if wake_at is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # planning outside the server (tests, CLI): nothing to wake
+            return
+        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
 
     def _save(self) -> None:
         try:
@@ -163,4 +181,10 @@ class Controller:
 
 def _origin_of(note: str) -> str:
     """The part of a note that names where the VIP goes (to log moves, not every timer tick)."""
-    return note.split(":")[0]
+    return re.split("[:;]", note, maxsplit=1)[0]
+
+
+def _material(content: dict[str, Any]) -> dict[str, Any]:
+    """What an agent acts on in a plan body: not the revision, not the explanations."""
+    return {**content, "revision": "",
+            "vips": [{k: v for k, v in vip.items() if k != "explanation"} for vip in content["vips"]]}

@@ -56,7 +56,7 @@ def planner_to_json(state: PlannerState) -> dict[str, Any]:
                  for name, m in state.vips.items()},
         "pop_vips": [{"pop": pop, "vip": vip, "verdict": m.verdict, "flaps": list(m.flaps),
                       "dampened_until": m.dampened_until, "penalty": m.penalty, "quiet_since": m.quiet_since,
-                      "withdrawn": m.withdrawn}
+                      "withdrawn": m.withdrawn, "down_since": m.down_since}
                      for (pop, vip), m in state.pop_vips.items()],
     }
 
@@ -69,6 +69,11 @@ def planner_from_json(data: dict[str, Any]) -> PlannerState:
             for name, m in data["vips"].items()}
     pop_vips = {(m["pop"], m["vip"]): PopVipMemory(m["verdict"], tuple(float(t) for t in m["flaps"]),
                                                    float(m["dampened_until"]), int(m["penalty"]),
-                                                   float(m["quiet_since"]), bool(m["withdrawn"]))
+                                                   float(m["quiet_since"]), bool(m["withdrawn"]),
+                                                   _optional_float(m.get("down_since")))
                 for m in data["pop_vips"]}
     return PlannerState(vips, pop_vips)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

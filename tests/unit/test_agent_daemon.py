@@ -358,6 +358,25 @@ def test_controller_plan_brings_vip_specs_and_removal_withdraws_not_in_plan(tmp_
     run(scenario())
 
 
+def test_new_plan_generations_do_not_repeat_a_withdrawal_already_made(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(1))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        agent.apply_plan(controller_plan(2, wanted=False))
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+        agent.apply_plan(controller_plan(3, wanted=False))  # e.g. a dampening hold-down goes on
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
+        agent.apply_plan(controller_plan(4))
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW, ANNOUNCE_UP]
+
+    run(scenario())
+
+
 def test_safety_hold_from_the_controller_keeps_a_locally_down_vip(tmp_path: Path) -> None:
     async def scenario() -> None:
         agent, bgp, _, _ = make_agent(controller_config(tmp_path))
@@ -410,6 +429,34 @@ def test_plans_are_followed_through_controller_outages(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_report_that_gets_through_ends_the_plan_fetch_backoff(tmp_path: Path) -> None:
+    """The controller is back (a health report got through): fetch the plan now, not after
+    the backoff, because a withdrawal may be waiting for the answer that comes with it."""
+    from tenacity import wait_fixed
+
+    async def scenario() -> None:
+        agent, _, _, _ = make_agent(controller_config(tmp_path))
+        port = FakePort([ControllerUnavailable("connection refused"), controller_plan(1)])
+        reached = asyncio.Event()
+        task = asyncio.create_task(follow_plans(agent, port, 30, backoff=wait_fixed(60), retry_now=reached))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert port.afters == [-1] and agent.plan.generation == 0  # backing off for 60 s
+        reports = FakePort([])
+        reporter = asyncio.create_task(report_health(agent, reports, 30, reached=reached))
+        await asyncio.wait_for(_until(lambda: agent.plan.generation == 1), 2)
+        task.cancel()
+        reporter.cancel()
+        assert port.afters[:2] == [-1, -1] and len(reports.reports) == 1
+
+    run(scenario())
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.001)
+
+
 def test_health_report_gives_per_origin_verdicts_and_announcements(tmp_path: Path) -> None:
     async def scenario() -> None:
         agent, _, _, _ = make_agent(controller_config(tmp_path))
@@ -455,11 +502,18 @@ def test_withdrawal_waits_for_the_controller_which_confirms_or_holds(tmp_path: P
         agent.apply_plan(controller_plan(2, safety_hold=True))
         await agent.reconcile_once()
         assert bgp.lines == [ANNOUNCE_UP] and agent.decisions["game-global"].reason == "safety_hold"
+        # Long after: the hold lifts but the controller is still settling (not yet "go").
+        # The hold was an answer: the agent waits again instead of going on its own at once.
+        now[0] += 30
+        await agent.reconcile_once()
+        agent.apply_plan(controller_plan(3))
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP] and agent.decisions["game-global"].reason == "awaiting_controller"
         # Later it confirms the withdrawal for this POP.
-        plan3 = controller_plan(3)
-        plan3 = dataclasses.replace(plan3, vips={"game-global": dataclasses.replace(
-            plan3.vips["game-global"], reason="backend_down")})
-        agent.apply_plan(plan3)
+        plan4 = controller_plan(4)
+        plan4 = dataclasses.replace(plan4, vips={"game-global": dataclasses.replace(
+            plan4.vips["game-global"], reason="backend_down")})
+        agent.apply_plan(plan4)
         await agent.reconcile_once()
         assert bgp.lines == [ANNOUNCE_UP, WITHDRAW]
 

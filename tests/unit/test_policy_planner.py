@@ -54,6 +54,11 @@ class Run:
         self.state = result.state
         return result
 
+    def settled(self, now: float, **verdicts: tuple[bool | None, bool | None] | bool | None) -> PlanResult:
+        """The same reports at ``now`` and again once the settle window has passed."""
+        self.at(now, **verdicts)
+        return self.at(now + GAME.policy.safety.settle, **verdicts)
+
 
 def summary(result: PlanResult, vip: str = "game-global") -> dict[str, tuple[bool, str]]:
     return {pop: (item.wanted, item.reason) for pop, items in result.pops.items()
@@ -95,10 +100,56 @@ def test_failback_only_after_the_hold_down_and_a_blip_restarts_it() -> None:
 
 
 def test_a_pop_that_cannot_reach_the_active_origin_withdraws_while_others_announce() -> None:
-    r = Run(fleet()).at(0, sjc=DOWN, fra=UP, sin=UP)
+    r = Run(fleet()).settled(0, sjc=DOWN, fra=UP, sin=UP)
     assert summary(r) == {"sjc": (True, "backend_down"), "fra": (True, "healthy"), "sin": (True, "healthy")}
     # wanted stays True: the agent withdraws on its own checks and comes back without waiting for us
     assert not r.item("sjc", "game-global").safety_hold
+
+
+def test_a_new_withdrawal_is_confirmed_only_after_the_settle_window() -> None:
+    run = Run(fleet())
+    r = run.at(10, sjc=DOWN, fra=UP, sin=UP)
+    assert summary(r)["sjc"] == (True, "confirming")  # its agent keeps announcing while it waits
+    assert not r.item("sjc", "game-global").safety_hold
+    assert r.wake_at == 10 + GAME.policy.safety.settle  # the daemon plans again right then
+    assert summary(run.at(10.5, sjc=DOWN, fra=UP, sin=UP))["sjc"] == (True, "confirming")
+    r = run.at(11, sjc=DOWN, fra=UP, sin=UP)
+    assert summary(r)["sjc"] == (True, "backend_down") and r.wake_at is None
+    assert summary(run.at(12, sjc=DOWN, fra=UP, sin=UP))["sjc"] == (True, "backend_down")  # no new wait
+
+
+def test_checks_failing_everywhere_a_few_intervals_apart_never_let_a_pop_withdraw() -> None:
+    """Broken checks fail at each POP at its own moment: the first POP to notice must not be
+    let go before the others' reports show the failure is everywhere."""
+    run = Run(fleet())
+    seen = [run.at(0.0, sjc=(DOWN, DOWN), fra=UP, sin=UP),
+            run.at(0.4, sjc=(DOWN, DOWN), fra=(DOWN, DOWN), sin=UP),
+            run.at(0.8, sjc=(DOWN, DOWN), fra=(DOWN, DOWN), sin=(DOWN, DOWN)),
+            run.at(5.0, sjc=(DOWN, DOWN), fra=(DOWN, DOWN), sin=(DOWN, DOWN))]
+    assert all(wanted and reason != "backend_down" for r in seen for wanted, reason in summary(r).values())
+    assert summary(seen[-1]) == {p: (True, "safety_hold") for p in ("sjc", "fra", "sin")}
+    assert any(a.kind == "checks_down_everywhere" for a in seen[2].alarms)
+
+
+def test_checks_recovering_one_pop_at_a_time_after_a_hold_do_not_let_the_others_go() -> None:
+    run = Run(fleet())
+    everywhere = {p: (DOWN, DOWN) for p in ("sjc", "fra", "sin")}
+    run.at(0, **everywhere)
+    assert summary(run.at(10, **everywhere)) == {p: (True, "safety_hold") for p in ("sjc", "fra", "sin")}
+    # sin's checks recover first: the hold lifts, but sjc and fra must settle again first
+    r = run.at(10.3, sjc=(DOWN, DOWN), fra=(DOWN, DOWN), sin=UP)
+    assert all(wanted and reason != "backend_down" for wanted, reason in summary(r).values())
+    r = run.at(10.6, sjc=UP, fra=UP, sin=UP)
+    assert summary(r) == {p: (True, "healthy") for p in ("sjc", "fra", "sin")}
+
+
+def test_a_failure_that_heals_within_the_settle_window_costs_no_withdrawal() -> None:
+    run = Run(fleet(safety={"withdraw_rate_max": 1}))
+    run.at(0, sjc=DOWN, fra=UP, sin=UP)
+    assert summary(run.at(0.5, sjc=UP, fra=UP, sin=UP))["sjc"] == (True, "healthy")
+    # the rate-limit budget (1) is intact: fra's real failure later is let through
+    r = run.settled(10, sjc=UP, fra=DOWN, sin=UP)
+    assert summary(r)["fra"] == (True, "backend_down")
 
 
 def test_checks_down_everywhere_holds_every_announcement_and_raises_the_alarm() -> None:
@@ -112,7 +163,7 @@ def test_checks_down_everywhere_holds_every_announcement_and_raises_the_alarm() 
 def test_max_withdraw_fraction_holds_the_rest() -> None:
     # 4 POPs, at most 50% withdrawn: 3 see both origins down, 1 sees us-west up (no failover).
     pops = ("sjc", "fra", "sin", "lhr")
-    r = Run(fleet(pops, safety={"max_withdraw_fraction": 0.5})).at(
+    r = Run(fleet(pops, safety={"max_withdraw_fraction": 0.5})).settled(
         0, sjc=(DOWN, DOWN), fra=(DOWN, DOWN), sin=(DOWN, DOWN), lhr=(UP, DOWN))
     s = summary(r)
     assert s["lhr"] == (True, "healthy")
@@ -123,7 +174,7 @@ def test_max_withdraw_fraction_holds_the_rest() -> None:
 
 def test_min_announcing_pops() -> None:
     r = Run(fleet(("sjc", "fra"), safety={"max_withdraw_fraction": 1.0, "min_announcing_pops": 2},
-                  failover={"quorum": 0.9})).at(
+                  failover={"quorum": 0.9})).settled(
         0, sjc=(DOWN, UP), fra=(UP, UP))
     assert summary(r) == {"sjc": (True, "safety_hold"), "fra": (True, "healthy")}
 
@@ -133,7 +184,7 @@ def test_withdrawal_rate_limit_holds_the_third_and_releases_it_after_the_window(
     run = Run(fleet(pops, safety={"max_withdraw_fraction": 1.0, "min_announcing_pops": 1,
                                   "withdraw_rate_max": 2, "withdraw_rate_window": 60},
                     failover={"quorum": 0.9}))
-    r = run.at(0, a1=DOWN, a2=DOWN, a3=DOWN, a4=UP, a5=UP)
+    r = run.settled(0, a1=DOWN, a2=DOWN, a3=DOWN, a4=UP, a5=UP)
     s = summary(r)
     assert (s["a1"], s["a2"], s["a3"]) == ((True, "backend_down"), (True, "backend_down"), (True, "safety_hold"))
     assert any(a.kind == "withdraw_rate_limited" for a in r.alarms)

@@ -84,6 +84,9 @@ def test_controller_memory_survives_a_restart(tmp_path: Path) -> None:
     rs = {p: PopReport(p, 0, 1, {"game-global": {"us-west": False, "eu-central": True}}) for p in ("sjc", "fra")}
     result = plan(DESIRED, rs, {"sin": 5.0}, 10.0, PlannerState.initial())
     assert result.item("sjc", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
+    rs["sin"] = PopReport("sin", 10, 1, {"game-global": {"us-west": False, "eu-central": False}})
+    result = plan(DESIRED, rs, {}, 10.5, result.state)  # sin's withdrawal waits for the settle window
+    assert result.state.pop_vips[("sin", "game-global")].down_since == 10.5
     store.save(str(tmp_path), store.Persisted({"sin": 5.0}, {"sjc": 7}, result.state))
     back = store.load(str(tmp_path))
     assert back.drains == {"sin": 5.0} and back.generations == {"sjc": 7}
