@@ -1,5 +1,6 @@
 # The two set-up commands (README): `make demo` runs the main job, `make test` runs every test.
-# Both install what is missing: Debian's FRR, nftables and iproute2 via apt, Python deps in .venv.
+# Both install what is missing: Debian's FRR, nftables, iproute2 and prometheus (promtool, the lab's
+# Prometheus) via apt, Python deps in .venv.
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -8,9 +9,11 @@ STAMP := $(VENV)/.installed
 .PHONY: deps system-deps venv test unit typecheck demo clean
 
 system-deps:
-	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null; then \
-	  echo ">> installing FRR, nftables, iproute2 from Debian"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr nftables iproute2 procps >/dev/null; \
+	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
+	    || ! command -v promtool >/dev/null; then \
+	  echo ">> installing FRR, nftables, iproute2, prometheus (promtool) from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr nftables iproute2 procps \
+	    prometheus >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml
