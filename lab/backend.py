@@ -21,7 +21,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, or
             line = request.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split()
             path = parts[1] if len(parts) >= 2 else "/"
-            body = b"ok\n" if path == "/healthz" else f"served-by origin={origin} backend={me}\n".encode()
+            peer = writer.get_extra_info("peername")
+            peer_ip = peer[0] if peer else "?"
+            # peer: who connected. In the lab the POP's agent host NATs client traffic to its
+            # backbone address, so this names the POP the request entered.
+            body = b"ok\n" if path == "/healthz" else f"served-by origin={origin} backend={me} peer={peer_ip}\n".encode()
             keep = b"connection: close" not in request.lower()
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "

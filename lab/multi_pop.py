@@ -32,13 +32,13 @@ ORIGINS = {"usw": ("us-west", "100.64.10.1", (8080, 8081)), "euc": ("eu-central"
 VIPS = ("198.51.100.10", "198.51.100.20")
 
 
-def _bridge(ns: Netns, cidr: str) -> None:
+def bridge(ns: Netns, cidr: str) -> None:
     ns.run(["ip", "link", "add", "br0", "type", "bridge"])
     ns.run(["ip", "link", "set", "br0", "up"])
     add_addr(ns, "br0", cidr)
 
 
-def _bridge_port(a: Netns, if_a: str, bridge_ns: Netns, port: str, cidr: str) -> None:
+def bridge_port(a: Netns, if_a: str, bridge_ns: Netns, port: str, cidr: str) -> None:
     veth(a, if_a, bridge_ns, port)
     bridge_ns.run(["ip", "link", "set", port, "master", "br0"])
     add_addr(a, if_a, cidr)
@@ -63,10 +63,10 @@ class MultiPop:
 
     def up(self) -> MultiPop:
         mgmt = self.nodes["mgmt"] = self.lab.netns("mgmt")
-        _bridge(mgmt, f"{CONTROLLER_IP}/24")
+        bridge(mgmt, f"{CONTROLLER_IP}/24")
         for node, (_, addr, _) in ORIGINS.items():
             ns = self.nodes[node] = self.lab.netns(node)
-            _bridge(ns, f"{addr}/24")
+            bridge(ns, f"{addr}/24")
             for vip in VIPS:
                 add_addr(ns, "lo", f"{vip}/32")
         for i, pop in enumerate(self.pops):
@@ -75,10 +75,10 @@ class MultiPop:
             veth(rtr, "eth-pop", agent, "eth-rtr")
             add_addr(rtr, "eth-pop", "100.64.1.1/30")
             add_addr(agent, "eth-rtr", "100.64.1.2/30")
-            _bridge_port(agent, "eth-mgmt", mgmt, f"p-{pop}", f"192.0.2.{11 + i}/24")
+            bridge_port(agent, "eth-mgmt", mgmt, f"p-{pop}", f"192.0.2.{11 + i}/24")
             for node, (_, addr, _) in ORIGINS.items():
                 base = addr.rsplit(".", 1)[0]
-                _bridge_port(agent, f"eth-{node}", self.nodes[node], f"p-{pop}", f"{base}.{11 + i}/24")
+                bridge_port(agent, f"eth-{node}", self.nodes[node], f"p-{pop}", f"{base}.{11 + i}/24")
             workdir = self.lab.workdir(f"rtr-{pop}")
             self.routers[pop] = FrrRouter(rtr, workdir, {"bgpd": FRR_BGPD.format(log=workdir / "log")}).start()
         return self

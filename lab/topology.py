@@ -1,0 +1,123 @@
+"""A lab topology declared in YAML (lab/topologies/*.yaml), as typed values with the
+addresses derived from it. Errors name the file and the path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .netns import LabError
+
+DEFAULT = Path(__file__).resolve().parent / "topologies" / "three-pops.yaml"
+
+
+@dataclass(frozen=True)
+class Origin:
+    node: str
+    region: str
+    address: str
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Transit:
+    node: str
+    asn: int
+
+
+@dataclass(frozen=True)
+class Pop:
+    name: str
+    asn: int
+    transit: str
+    index: int
+
+    @property
+    def router(self) -> str:
+        return f"rtr-{self.name}"
+
+    @property
+    def agent(self) -> str:
+        return f"pop-{self.name}"
+
+    @property
+    def uplink(self) -> tuple[str, str]:
+        """(transit side, POP router side) addresses of the POP's link to its transit."""
+        return f"100.100.{self.index}.1", f"100.100.{self.index}.2"
+
+    def backbone_address(self, origin: Origin) -> str:
+        """The agent host's address on an origin's backbone segment: what the origin sees as
+        the source of client traffic (the agent host NATs), so it tells the ingress POP."""
+        return f"{origin.address.rsplit('.', 1)[0]}.{11 + self.index}"
+
+    @property
+    def mgmt_address(self) -> str:
+        return f"192.0.2.{11 + self.index}"
+
+
+@dataclass(frozen=True)
+class Client:
+    node: str
+    region: str
+    transit: str
+    index: int
+
+    @property
+    def link(self) -> tuple[str, str]:
+        """(transit side, client side)."""
+        base = 128 + 4 * self.index
+        return f"203.0.113.{base + 1}", f"203.0.113.{base + 2}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    agent_asn: int
+    controller_node: str
+    controller_address: str
+    vips: tuple[str, ...]
+    origins: tuple[Origin, ...]
+    transits: tuple[Transit, ...]
+    transit_links: tuple[tuple[str, str], ...]
+    pops: tuple[Pop, ...]
+    clients: tuple[Client, ...]
+
+    def transit(self, node: str) -> Transit:
+        return next(t for t in self.transits if t.node == node)
+
+    def pop(self, name: str) -> Pop:
+        return next(p for p in self.pops if p.name == name)
+
+    def pop_of_backbone_address(self, address: str) -> str | None:
+        for p in self.pops:
+            if any(p.backbone_address(o) == address for o in self.origins):
+                return p.name
+        return None
+
+    def transit_link(self, k: int) -> tuple[str, str]:
+        return f"203.0.113.{4 * k + 1}", f"203.0.113.{4 * k + 2}"
+
+
+def load_topology(path: Path = DEFAULT) -> Topology:
+    try:
+        data = yaml.safe_load(path.read_text())
+        transits = tuple(Transit(t["node"], int(t["asn"])) for t in data["transits"])
+        names = {t.node for t in transits}
+        links = tuple((a, b) for a, b in data["transit_links"])
+        pops = tuple(Pop(p["name"], int(p["asn"]), p["transit"], i) for i, p in enumerate(data["pops"]))
+        clients = tuple(Client(c["node"], c["region"], c["transit"], i) for i, c in enumerate(data["clients"]))
+        for where, ref in [*(("transit_links", n) for link in links for n in link),
+                           *((f"pops.{p.name}.transit", p.transit) for p in pops),
+                           *((f"clients.{c.node}.transit", c.transit) for c in clients)]:
+            if ref not in names:
+                raise LabError(f"{path}: {where}: unknown transit {ref!r}")
+        return Topology(
+            name=data["name"], agent_asn=int(data["agent_asn"]), controller_node=data["controller"]["node"],
+            controller_address=data["controller"]["address"], vips=tuple(data["vips"]),
+            origins=tuple(Origin(o["node"], o["region"], o["address"], tuple(o["ports"])) for o in data["origins"]),
+            transits=transits, transit_links=links, pops=pops, clients=clients,
+        )
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise LabError(f"{path}: cannot read the topology: {exc!r}") from None
