@@ -1,142 +1,157 @@
-"""``make demo``: one POP, a real FRR router, ExaBGP + the agent, two origins, and a failover
-story you can watch. Everything runs in network namespaces and is torn down at the end.
+"""``make demo``: the three-POP lab with the configs/ examples, a failover story told with a
+live table, then everything torn down.
 
     python -m lab.demo [--keep]     (--keep: leave the lab up until Enter is pressed)
+
+The story is made of the lab's own scenarios (lab/scenarios.py), so what the demo shows
+is what ``make test`` asserts. The controller runs configs/controller/ with the lab's
+timers (lab.scenarios.lab_controller_config: 3 s drain, 5 s failback hold-down).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
-import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from .netns import Lab
-from .single_pop import AGENT_CONFIG, METRICS_PORT, VIP, SinglePop
-
-PREFIX = f"{VIP}/32"
-
-
-class Watch:
-    """Samples the router, a client request and the agent; prints a row when anything changes."""
-
-    def __init__(self, pop: SinglePop) -> None:
-        self.pop = pop
-        self.t0 = time.monotonic()
-        self.last: tuple[str, ...] | None = None
-        print(f"{'t (s)':>7}  {'FRR BGP table':<30} {'FRR FIB':<9} {'client -> VIP':<26} agent")
-        print(f"{'-' * 7}  {'-' * 30} {'-' * 9} {'-' * 26} {'-' * 30}")
-
-    def sample(self) -> tuple[str, ...]:
-        route = self.pop.router.bgp_route(PREFIX)
-        if route:
-            path = route["paths"][0]
-            bgp = f"via {path['peer']['peerId']} med {path.get('metric', '-')}"
-            hops = len(path["aspath"]["string"].split())
-            bgp += f" aspath x{hops}" if hops > 1 else ""
-        else:
-            bgp = "(no route)"
-        fib = "installed" if self.pop.router.fib_has(PREFIX) else "-"
-        served = self.pop.request_vip(timeout=0.3)
-        m = re.search(r"origin=(\S+)", served or "")
-        client = f"served by {m.group(1)}" if m else "FAILED"
-        metrics = self.pop.metrics()
-        m = re.search(r'anycast_vip_reason\{[^}]*reason="([^"]+)"', metrics)
-        agent = m.group(1) if m else "(agent starting)"
-        return bgp, fib, client, agent
-
-    def tick(self) -> tuple[str, ...]:
-        row = self.sample()
-        if row != self.last:
-            print(f"{time.monotonic() - self.t0:7.2f}  {row[0]:<30} {row[1]:<9} {row[2]:<26} {row[3]}", flush=True)
-            self.last = row
-        return row
-
-    def until(self, done: Callable[[tuple[str, ...]], bool], timeout: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if done(self.tick()):
-                return time.monotonic() - start
-            time.sleep(0.05)
-        raise TimeoutError("the demo's expected change did not happen; see the agent log")
-
-    def hold(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.tick()
-            time.sleep(0.05)
+from . import scenarios
+from .fleet import AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet
+from .netns import Lab, LabError
+from .topology import load_topology
 
 
-def say(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
+class LiveTable:
+    """A row whenever what a client sees or who announces changes (sampled every 0.1 s)."""
+
+    def __init__(self, f: Fleet) -> None:
+        self.f = f
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.lock = threading.Lock()
+        clients = "".join(f"{c.node + ' (' + c.region + ')':<30}" for c in f.topo.clients)
+        print(f"\n{'t (s)':>7}  {clients}announced at")
+        print(f"{'-' * 7}  {'-' * 30 * len(f.topo.clients)}{'-' * 20}")
+
+    def sample(self) -> str:
+        now = time.time()
+        cells = []
+        for c in self.f.topo.clients:
+            recent = self.f.requests(c.node, now - 0.3)
+            last = recent[-1] if recent else None
+            lost = sum(1 for r in recent if not r["ok"])
+            cell = "(no answer yet)" if last is None else (f"via {last['pop']} -> {last['origin']}" if last["ok"] else "FAILING")
+            cells.append(f"{cell + (' (' + str(lost) + ' lost)' if lost and last and last['ok'] else ''):<30}")
+        pops = " ".join(p.name for p in self.f.topo.pops if self._announced(p.name))
+        return "".join(cells) + (pops or "(none)")
+
+    def _announced(self, pop: str) -> bool:
+        try:
+            return self.f.announced(pop, scenarios.VIP)
+        except (LabError, OSError):
+            return False
+
+    def _run(self) -> None:
+        last = ""
+        while not self._stop.is_set():
+            row = self.sample()
+            if row != last:
+                with self.lock:
+                    print(f"{time.time() - self.t0:7.2f}  {row}", flush=True)
+                last = row
+            self._stop.wait(0.1)
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(f"\n==> {text}", flush=True)
+
+    def __enter__(self) -> LiveTable:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
-def story(pop: SinglePop, keep: bool) -> None:
-    w = Watch(pop)
-    say("The agent checks us-west's backends (HTTP /healthz every 0.2 s, rise 2, fall 2) and announces the VIP")
-    took = w.until(lambda r: r[1] == "installed" and "us-west" in r[2], 30)
-    print(f"    announced and serving {took:.1f} s after start (includes the BGP session coming up)")
-
-    say("us-west's backends stop (connection refused): the agent withdraws the VIP from this POP")
-    pop.stop_backends("usw")
-    took = w.until(lambda r: r[1] == "-", 10)
-    print(f"    gone from the router's FIB {took * 1000:.0f} ms after the backends stopped "
-          f"(bound: interval x fall + timeout = 0.55 s, plus one FRR hop)")
-    w.hold(0.5)
-
-    say("us-west comes back: after rise=2 good checks the VIP is announced again")
-    pop.start_backends("usw")
-    took = w.until(lambda r: r[1] == "installed" and "us-west" in r[2], 10)
-    print(f"    back in the FIB and serving {took * 1000:.0f} ms after the backends started")
-
-    say("Drain this POP (admin: drain, then SIGHUP): still announced, but MED 1000 and AS path prepended x3")
-    config = pop.agent_config
-    config.write_text(config.read_text().replace("    address: 198.51.100.10/32", "    address: 198.51.100.10/32\n    admin: drain"))
-    pop.signal_agent(signal.SIGHUP)
-    w.until(lambda r: "med 1000" in r[0], 10)
-    w.hold(0.3)
-    config.write_text(AGENT_CONFIG.read_text())
-    pop.signal_agent(signal.SIGHUP)
-    w.until(lambda r: "med 100 " in r[0] + " ", 10)
-
-    say("Kill the agent (SIGKILL): ExaBGP respawns it and keeps the route; the new agent takes it over without a flap")
-    pop.signal_agent(signal.SIGKILL)
-    w.hold(2.0)
-
-    say("Where to look" + ("" if keep else " (run `.venv/bin/python -m lab.demo --keep` to keep the lab up)"))
-    ns = pop.nodes["pop"].name
-    print(f"    metrics:   ip netns exec {ns} curl -s http://127.0.0.1:{METRICS_PORT}/metrics | grep ^anycast_")
-    print(f"    router:    vtysh --vty_socket {pop.workdir('rtr') / 'run'} -c 'show bgp ipv4 unicast {PREFIX}'")
-    print(f"    agent log: {pop.agent_log_path}")
-    if keep:
-        input("\nThe lab stays up. Press Enter to tear it down... ")
+ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
+    ("Steady state: every client enters at its nearest POP, us-west serves",
+     scenarios.s1_steady_state, lambda r: "no request lost"),
+    ("sjc's health checks to its backends fail (its path to them is cut, clients' traffic is not): "
+     "sjc reports, the controller confirms after its 1 s settle window, sjc withdraws",
+     scenarios.s2_backend_failure_seen_by_one_pop,
+     lambda r: f"c-na's transit moved to {r['new_pop']} {r['fib_change_ms']} ms after the cut; "
+               f"c-na lost {r['clients']['c-na']['failed']} request(s)"),
+    ("fra crashes (ExaBGP and the agent killed): the BGP session drops with them",
+     scenarios.s3_pop_crash,
+     lambda r: f"c-eu's transit moved to {r['new_pop']} after {r['fib_change_ms']} ms; "
+               f"outage {r['c-eu']['outage_s']} s, {r['c-eu']['failed']} lost"),
+    ("fra's router goes silent (every packet dropped, no reset): BFD 100 ms x 3 notices",
+     scenarios.s3b_silent_pop_failure,
+     lambda r: f"c-eu's transit moved after {r['fib_change_ms']} ms; outage {r['c-eu']['outage_s']} s"),
+    ("us-west's backends stop for everyone: the controller moves the VIP to eu-central, then back",
+     scenarios.s4_origin_failover,
+     lambda r: "clients served by eu-central after " + ", ".join(
+         f"{c} {v} ms" for c, v in r["first_success_on_eu_central_ms"].items())
+               + f"; back on us-west {r['failback_after_restart_s']} s after it recovered"),
+    ("Every health check fails at once, client traffic still flows: the safety valve holds",
+     scenarios.s6_safety_checks_down_everywhere,
+     lambda r: f"nothing withdrawn, alarm after {r['alarm_after_ms']} ms, Prometheus alert {r['prometheus_alert']}, "
+               "no request lost"),
+    ("anycastctl drain fra: less preferred first (MED, AS-path prepend), withdrawn 3 s later",
+     scenarios.s8_drain,
+     lambda r: f"c-eu left fra after {r['fib_change_ms']} ms, fra withdrew after {r['withdrawn_ms']} ms, "
+               f"{sum(c['failed'] for c in r['clients'].values())} request(s) lost"),
+]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="leave the lab up until Enter is pressed")
     args = p.parse_args()
+    topo = load_topology()
     lab = Lab("acl-demo-")
+    results: list[str] = []
     try:
-        say("Starting: FRR router 'rtr' (AS 65001), POP 'sjc' (ExaBGP + anycast-agent, AS 65101), "
-            "origins us-west and eu-central, each in its own network namespace")
-        pop = SinglePop(lab).up()
-        config = pop.workdir("pop") / "agent.yaml"
-        shutil.copy(AGENT_CONFIG, config)
-        pop.agent_config = config
-        for node in ("usw", "euc"):
-            pop.start_backends(node)
-        pop.start_agent()
-        story(pop, args.keep)
-        say("Tearing down")
+        print(f"==> Starting the {topo.name} lab: {len(topo.transits)} transit routers, {len(topo.pops)} POPs "
+              "(FRR router + ExaBGP + anycast-agent each), the controller, Prometheus, 2 origins, "
+              f"{len(topo.clients)} clients; one network namespace per node")
+        t0 = time.monotonic()
+        f = Fleet(lab, topo, controller_edit=scenarios.lab_controller_config, prometheus=True).up()
+        f.start_clients(scenarios.VIP)
+        f.wait_converged(scenarios.VIP, 90)
+        print(f"    up and converged in {time.monotonic() - t0:.1f} s; clients send HTTP to {scenarios.VIP} "
+              "every 20 ms")
+        with LiveTable(f) as table:
+            for title, act, summary in ACTS:
+                table.say(title)
+                result = act(f)
+                line = summary(result)
+                table.say("measured: " + line)
+                results.append(f"{act.__name__:<36} {line}")
+                time.sleep(1)
+        print("\n==> What was measured")
+        for line in results:
+            print("    " + line)
+        print("\n==> Where to look")
+        ctl = f.nodes[topo.controller_node].name
+        print(f"    Prometheus: ip netns exec {ctl} curl -s 'http://{topo.controller_address}:{PROMETHEUS_PORT}"
+              "/api/v1/query?query=anycast_vip_announced'")
+        print(f"    controller: ip netns exec {ctl} curl -s http://{topo.controller_address}:{CONTROLLER_METRICS_PORT}/metrics")
+        for pop in topo.pops:
+            print(f"    agent {pop.name}:  ip netns exec {ctl} curl -s http://{pop.mgmt_address}:{AGENT_METRICS_PORT}/metrics")
+        print(f"    logs:       {lab.root}")
+        if args.keep:
+            input("\nThe lab stays up. Press Enter to tear it down... ")
         return 0
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"\ndemo failed: {exc}", file=sys.stderr)
+    except (AssertionError, TimeoutError, LabError) as exc:
+        print(f"\ndemo failed: {exc}\n(logs are in {lab.root} until teardown)", file=sys.stderr)
         return 1
     finally:
+        print("\n==> Tearing down")
         lab.teardown()
         print("    all namespaces and processes removed")
 
