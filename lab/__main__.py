@@ -6,7 +6,7 @@
     python -m lab down                     remove everything (also after a crash)
 
 The lab's namespaces are named ``lab-<node>`` (e.g. ``lab-rtr-sjc``), its files are under
-/tmp/anycast-lab. ``down`` sweeps by that prefix: recorded PIDs, processes inside the
+/tmp/anycast-lab ($ANYCAST_LAB_PREFIX changes the prefix). ``down`` sweeps by that prefix: recorded PIDs, processes inside the
 namespaces, the namespaces; never anything by process name.
 """
 
@@ -24,8 +24,8 @@ from .frr import FrrRouter
 from .netns import Lab, LabError, Netns, list_netns
 from .topology import DEFAULT, Topology, load_topology
 
-PREFIX = "lab-"
-ROOT = Path("/tmp/anycast-lab")
+PREFIX = os.environ.get("ANYCAST_LAB_PREFIX", "lab-")  # the tests use their own
+ROOT = Path("/tmp") / f"anycast-{PREFIX.rstrip('-')}"
 TOPOLOGY_NOTE = ROOT / "topology.path"
 
 
