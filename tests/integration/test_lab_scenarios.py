@@ -40,7 +40,30 @@ def fleet(lab_preflight: None) -> Iterator[Fleet]:
 
 @pytest.mark.parametrize("scenario", scenarios.SCENARIOS, ids=[s.__name__ for s in scenarios.SCENARIOS])
 def test_scenario(fleet: Fleet, scenario: Callable[[Fleet], dict[str, Any]]) -> None:
-    scenarios.run_all(fleet, REPORT, only=[scenario.__name__])
+    try:
+        scenarios.run_all(fleet, REPORT, only=[scenario.__name__])
+    except Exception:
+        print("=== controller log (tail) ===\n" + "\n".join(fleet.controller_log().splitlines()[-40:]))
+        for pop, agent in fleet.agents.items():
+            print(f"=== agent {pop} log (tail) ===\n" + "\n".join(agent.log().splitlines()[-25:]))
+        raise
     result = REPORT[scenario.__name__]
     assert result["ok"], result
     print(f"{scenario.__name__}: {json.dumps({k: v for k, v in result.items() if k != 'clients'})}")
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_scraped_from_the_running_daemons(fleet: Fleet) -> None:
+    """After the scenarios: scrape the real agents and controller, and ask the lab's real
+    Prometheus, for every metric name ops/ uses."""
+    from tests.unit.test_ops_rules import names_in_exposition, used_names
+
+    scraped = names_in_exposition(fleet.controller_metrics())
+    for pop in fleet.topo.pops:
+        scraped |= names_in_exposition(fleet.agent_metrics(pop.name))
+    used = used_names()
+    missing = {n: sorted(w) for n, w in used.items() if n not in scraped}
+    assert not missing, f"ops/ uses metrics the running daemons do not export: {json.dumps(missing, indent=1)}"
+    in_prometheus = {r["metric"]["__name__"] for r in fleet.prometheus_query('{__name__=~"anycast_.+"}')}
+    assert {"anycast_vip_announced", "anycast_controller_plan_generation", "anycast_bgp_neighbor_up"} <= in_prometheus
+    assert fleet.prometheus_query('anycast_vip_announced{pop="sjc",vip="game-global"} == 1'), \
+        "Prometheus does not see sjc announcing game-global (scrape labels as ops/README.md says)"

@@ -198,8 +198,13 @@ def test_metric_name_extraction() -> None:
 def exported_names(registry: CollectorRegistry) -> set[str]:
     """Every series name a scrape of ``registry`` can return (histogram and counter
     suffixes included, for families that have no samples yet too)."""
+    return names_in_exposition(generate_latest(registry).decode())
+
+
+def names_in_exposition(text: str) -> set[str]:
+    """The same, from a scrape's text (the lab's test scrapes the running daemons)."""
     names: set[str] = set()
-    for line in generate_latest(registry).decode().splitlines():
+    for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ", 3)
             if kind == "histogram":
