@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def up(topology: Path) -> int:
         print("the lab is already up (python -m lab down first)", file=sys.stderr)
         return 1
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: daemons outlive this shell
+    shutil.rmtree(ROOT, ignore_errors=True)  # logs of an earlier run (kept by `down` for a post-mortem)
     topo = load_topology(topology)
     lab = Lab(PREFIX, root=ROOT, unique=False)
     try:

@@ -99,7 +99,8 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
                + f"; back on us-west {r['failback_after_restart_s']} s after it recovered"),
     ("Every health check fails at once, client traffic still flows: the safety valve holds",
      scenarios.s6_safety_checks_down_everywhere,
-     lambda r: f"nothing withdrawn, alarm after {r['alarm_after_ms']} ms, Prometheus alert {r['prometheus_alert']}, "
+     lambda r: f"nothing withdrawn, alarm after {r['alarm_after_ms']} ms, Prometheus alert firing after "
+               f"{r['alert_firing_after_ms']} ms, "
                "no request lost"),
     ("anycastctl drain fra: less preferred first (MED, AS-path prepend), withdrawn 3 s later",
      scenarios.s8_drain,
