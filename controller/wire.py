@@ -18,7 +18,7 @@ Report::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .agent.intent import Plan, VipIntent
@@ -41,10 +41,12 @@ class WireError(ValueError):
 
 
 # --- plans -------------------------------------------------------------------------------------
-def encode_plan(pop: str, generation: int, revision: str, items: Iterable[tuple[Vip, PlanItem]]) -> dict[str, Any]:
+def encode_plan(pop: str, generation: int, revision: str, items: Iterable[tuple[Vip, PlanItem]],
+                spec: Callable[[Vip], dict[str, Any]] = vip_to_dict) -> dict[str, Any]:
+    """``spec`` turns a VIP into its definition (the controller passes a cached one)."""
     return {
         "pop": pop, "generation": generation, "revision": revision,
-        "vips": [{"name": vip.name, "spec": vip_to_dict(vip), "wanted": i.wanted, "active_origin": i.active_origin,
+        "vips": [{"name": vip.name, "spec": spec(vip), "wanted": i.wanted, "active_origin": i.active_origin,
                   "drain": i.drain, "reason": i.reason, "safety_hold": i.safety_hold,
                   "explanation": i.explanation} for vip, i in items],
     }

@@ -39,11 +39,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+        # Named, not super(): _FastUniqueKeyLoader borrows this method.
+        return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep=deep)
+
+
+if yaml.__with_libyaml__:
+    class _FastUniqueKeyLoader(yaml.CSafeLoader):
+        """The same with libyaml's parser: a 10,000-VIP desired state loads several times faster."""
+
+        construct_mapping = _UniqueKeyLoader.construct_mapping
 
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; syntax errors become a ConfigError naming line and column."""
+    if yaml.__with_libyaml__:
+        try:
+            return yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        except yaml.YAMLError:
+            pass  # parsed again below: the pure-Python parser's messages say more
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -104,7 +104,9 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
         if report is not None:
             mem = dampening.observe(mem, verdict, policy.dampening, now)
         down = verdict is False and report is not None
-        mem = replace(mem, down_since=(mem.down_since if mem.down_since is not None else now) if down else None)
+        down_since = (mem.down_since if mem.down_since is not None else now) if down else None
+        if down_since != mem.down_since:  # replace() is slow: only when something changes
+            mem = replace(mem, down_since=down_since)
         memories[key] = mem
         proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now),
                                    previously_withdrawn=mem.withdrawn))
@@ -127,7 +129,8 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     items = {}
     for p in proposals:
         items[p.pop] = _item(name, active, p, held.get(p.pop))
-        memories[(p.pop, name)] = replace(memories[(p.pop, name)], withdrawn=p.pop in allowed)
+        if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
+            memories[(p.pop, name)] = replace(memories[(p.pop, name)], withdrawn=p.pop in allowed)
     return items, vmem, memories, note, alarms
 
 

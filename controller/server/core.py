@@ -19,6 +19,7 @@ from typing import Any
 from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError
 from ..config.model import Vip
+from ..config.serialize import vip_to_dict
 from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
 from ..policy.planner import plan
 from ..wire import encode_plan
@@ -54,6 +55,7 @@ class Controller:
     persisted: store.Persisted = field(default_factory=store.Persisted)
     _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
+    _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
 
     def __post_init__(self) -> None:
         self.persisted = store.load(self.desired.state_dir)
@@ -112,10 +114,15 @@ class Controller:
         self._schedule(result.wake_at, now)
         self.persisted.planner = result.state
         specs = {v.name: v.vip for v in self.desired.vips}
+        if self._spec_dicts[0] is not self.desired:
+            # Each VIP's definition as JSON, once per desired state, not once per POP and pass.
+            self._spec_dicts = (self.desired, {v.name: vip_to_dict(v.vip) for v in self.desired.vips})
+        spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
             items = result.pops.get(pop.name, {})
             content = encode_plan(pop.name, 0, self.desired.revision,
-                                  [(specs[name], item) for name, item in sorted(items.items())])
+                                  [(specs[name], item) for name, item in sorted(items.items())],
+                                  lambda vip: spec_dicts[vip.name])
             del content["generation"]
             served = self.served.get(pop.name)
             # A new revision, or a new explanation (timers count down in them), that changes

@@ -89,22 +89,25 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     notifier.notify(ready="1", status=f"serving {desired.revision}")
     try:
         while not stop.is_set():
+            planned = False
             if reload_now.is_set() or watcher.changed():
                 reload_now.clear()
                 try:
                     ctl.apply_config(watcher.load())
                     metrics.config_reloads.labels("success").inc()
+                    planned = True  # apply_config planned: a second pass now only delays the new plans
                 except ConfigError as exc:
                     ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")
                     metrics.config_reloads.labels("failure").inc()
-            started = time.monotonic()
-            try:
-                ctl.replan()
-                metrics.reconciles.labels("success").inc()
-            except Exception:  # noqa: BLE001 - a planner bug must not take the API down
-                metrics.reconciles.labels("error").inc()
-                log.exception("planning failed; agents keep the last plan")
-            metrics.reconcile_duration.observe(time.monotonic() - started)
+            if not planned:
+                started = time.monotonic()
+                try:
+                    ctl.replan()
+                    metrics.reconciles.labels("success").inc()
+                except Exception:  # noqa: BLE001 - a planner bug must not take the API down
+                    metrics.reconciles.labels("error").inc()
+                    log.exception("planning failed; agents keep the last plan")
+                metrics.reconcile_duration.observe(time.monotonic() - started)
             notifier.notify(watchdog="1", status=f"serving {ctl.desired.revision}")
             try:
                 await asyncio.wait_for(stop.wait(), TICK)

@@ -29,7 +29,7 @@ def save(state_dir: str, p: Persisted) -> None:
     data = {"version": 1, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner)}
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
+        f.write(json.dumps(data, sort_keys=True))  # dumps: C encoder; dump() to a file is pure Python
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
