@@ -6,7 +6,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps venv test unit typecheck demo clean
+.PHONY: deps system-deps venv test unit typecheck demo bench clean
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
@@ -38,6 +38,10 @@ unit: venv
 
 demo: deps
 	$(PY) -m lab.demo $(ARGS)
+
+# Benchmarks (bench/README.md), not part of `make test`: ~10 min, root. make bench ARGS='--quick --json /tmp/b.json'
+bench: deps
+	$(PY) -m bench all $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

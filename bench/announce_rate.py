@@ -1,0 +1,227 @@
+"""Announcement rate: 10,000 /32s through the agent's speaker, ExaBGP and FRR, and back.
+
+    python -m bench.announce_rate api --count N --result FILE --ready FILE   # ExaBGP's API process
+
+The API process is the agent's real BGP side: `ExaBGPSpeaker.connect_stdio` and the
+`announce_line` / `withdraw_line` commands with the agent's default attributes (MED 100,
+one community), ExaBGP 5 with per-command acks (the agent's settings). On each SIGUSR1
+it runs the next phase and appends its timestamps (CLOCK_MONOTONIC, shared by every
+process on the machine) to the result file:
+
+1. announce, sequential: one command, wait for its ack, the next (what the agent's
+   reconcile pass does);
+2. withdraw, sequential;
+3. announce, pipelined: up to WINDOW commands in flight (the speaker's FIFO of acks
+   allows it; the agent does not do it today);
+4. withdraw, pipelined.
+
+The harness (same lab as bench.failover, without the origin) times each phase from the
+signal to: the last ack (API side), FRR bgpd holding all of them (``pfxRcd`` of the
+session, polled over bgpd's vty socket every 10 ms), and the kernel FIB of the router
+holding all of them (the N-th ``proto bgp`` route event from `ip monitor route`; zebra's
+own count as a fallback), or none of them for withdrawals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lab.exabgp import ExaBGPProcess
+from lab.netns import Lab
+from lab.nodes import ROOT
+from lab.poll import wait_for
+
+from .labtopo import POP_ADDR, PREFIX, BgpLab, neighbor_block, proc_cpu_seconds, proc_rss_mb
+from .report import fmt, table
+
+BASE = int(ipaddress.IPv4Address("198.18.0.0"))  # RFC 2544's benchmarking range
+WINDOW = 1000
+PHASES = (("announce", "sequential"), ("withdraw", "sequential"), ("announce", "pipelined"),
+          ("withdraw", "pipelined"))
+
+Log = Callable[[str], None]
+
+
+def prefixes(count: int) -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network((BASE + i, 32)) for i in range(count)]
+
+
+# --- the API process ---------------------------------------------------------------------------
+async def api_main(count: int, result: Path, ready: Path) -> int:
+    from controller.bgp.exabgp_api import RouteAttributes, announce_line, withdraw_line
+    from controller.bgp.speaker import ExaBGPSpeaker
+
+    speaker = await ExaBGPSpeaker.connect_stdio(on_event=lambda _event: None, ack_timeout=60.0)
+    reader = asyncio.create_task(speaker.run_reader())
+    loop = asyncio.get_running_loop()
+    go: asyncio.Queue[int] = asyncio.Queue()
+    loop.add_signal_handler(signal.SIGUSR1, go.put_nowait, 1)
+    attrs = RouteAttributes(med=100, communities=("65101:100",))
+    nets = prefixes(count)
+    ready.write_text(str(os.getpid()))
+    for action, style in PHASES:
+        waiter = asyncio.ensure_future(go.get())
+        await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
+        if reader.done():
+            waiter.cancel()
+            return 1  # ExaBGP went away
+        lines = [announce_line(p, attrs) if action == "announce" else withdraw_line(p) for p in nets]
+        started = time.monotonic()
+        if style == "sequential":
+            oks = [await speaker.send(line) for line in lines]
+        else:
+            window = asyncio.Semaphore(WINDOW)
+
+            async def one(line: str) -> bool:
+                async with window:
+                    return await speaker.send(line)
+
+            oks = list(await asyncio.gather(*(one(line) for line in lines)))
+        acked = time.monotonic()
+        with open(result, "a") as f:
+            f.write(json.dumps({"action": action, "style": style, "started": started, "acked": acked,
+                                "errors": oks.count(False)}) + "\n")
+    await reader  # until ExaBGP stops
+    return 0
+
+
+# --- the harness ---------------------------------------------------------------------------------
+def _pfx_rcd(topo: BgpLab) -> int | None:
+    try:
+        summary = topo.rtr.vtysh_json("show bgp ipv4 unicast summary json")
+        return int(summary["peers"][POP_ADDR]["pfxRcd"])
+    except Exception:  # noqa: BLE001 - session not there yet: unknown
+        return None
+
+
+def _zebra_fib(topo: BgpLab) -> int:
+    summary = topo.rtr.vtysh_json("show ip route summary json")
+    return sum(int(r.get("fib", 0)) for r in summary.get("routes", []) if r.get("type") == "bgp")
+
+
+def _kernel_count(topo: BgpLab) -> int:
+    out = topo["rtr"].run(["ip", "-4", "route", "show", "proto", "bgp"]).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
+    count = routes or (1000 if quick else 10000)
+    lab = Lab(PREFIX)
+    phases = []
+    footprint: dict[str, Any] = {}
+    try:
+        topo = BgpLab(lab, with_origin=False).up()
+        workdir = topo.workdir("pop", "announce")
+        result, ready = workdir / "phases.jsonl", workdir / "api.ready"
+        run_line = f"{sys.executable} -m bench.announce_rate api --count {count} --result {result} --ready {ready}"
+        config = (f"process bench {{\n    run {run_line};\n    encoder json;\n}}\n\n"
+                  + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
+        exa = ExaBGPProcess(topo["pop"], workdir, config,
+                            env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}).start()
+        wait_for(ready.exists, 20, 0.05, "the announce API process")
+        api_pid = int(ready.read_text())
+        wait_for(topo.neighbor_established, 30, 0.05, "the BGP session rtr <-> ExaBGP")
+        time.sleep(1.0)  # let the session settle (a collision can flap it once at start-up)
+        assert topo.watcher is not None
+        for i, (action, style) in enumerate(PHASES):
+            target = count if action == "announce" else 0
+            log(f"announce: {action} {count} /32s, {style}")
+            mark = topo.watcher.mark()
+            cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            t0 = time.monotonic()
+            os.kill(api_pid, signal.SIGUSR1)
+            limit = t0 + max(120.0, count / 50)
+            t_rib = None
+            while time.monotonic() < limit:
+                if _pfx_rcd(topo) == target:
+                    t_rib = time.monotonic()
+                    break
+                time.sleep(0.01)
+            # The kernel: the count-th route event (exact), else zebra's count (polled).
+            t_fib = topo.watcher.wait_count(action == "announce", "bgp", count, mark, max(0.0, limit - time.monotonic()))
+            fib_source = "ip monitor"
+            if t_fib is None:
+                fib_source = "zebra"
+                t_fib = wait_for(lambda: _zebra_fib(topo) == target and time.monotonic(), 60, 0.01,
+                                 f"zebra fib count {target}")
+            kernel = _kernel_count(topo)
+            api = wait_for(lambda: _api_phase(result, i), 60, 0.05, "the API process's timestamps")
+            cpu = {n: _delta(proc_cpu_seconds(p), cpu0[n]) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            row = {
+                "action": action, "style": style, "routes": count,
+                "acked_s": round(api["acked"] - t0, 3),
+                "rib_s": None if t_rib is None else round(t_rib - t0, 3),
+                "fib_s": round(t_fib - t0, 3),
+                "fib_source": fib_source,
+                "errors": api["errors"],
+                "kernel_routes_after": kernel,
+                "cpu_s": cpu,
+            }
+            for key in ("acked", "rib", "fib"):
+                secs = row[f"{key}_s"]
+                row[f"{key}_per_s"] = round(count / secs) if secs else None
+            phases.append(row)
+            log(f"  acked {row['acked_s']}s, FRR RIB {row['rib_s']}s, FIB {row['fib_s']}s "
+                f"({row['fib_per_s']}/s), {row['errors']} errors, kernel holds {kernel}")
+            if action == "announce":
+                footprint[style] = {"exabgp_rss_mb": _r(proc_rss_mb(exa.pid)), "api_rss_mb": _r(proc_rss_mb(api_pid)),
+                                    **{f"{d}_rss_mb": _r(proc_rss_mb(pid)) for d, pid in topo.rtr.pids.items()}}
+            time.sleep(1.0)
+        exa.stop(signal.SIGTERM)
+    finally:
+        lab.teardown()
+    return {"routes": count, "window": WINDOW, "phases": phases, "rss_with_all_routes": footprint,
+            "reference": "LAB-NOTES: about 2,000 routes/s with the per-command ack, about 2,800/s "
+                         "when one command carries 100 prefixes"}
+
+
+def _api_phase(result: Path, i: int) -> dict[str, Any] | None:
+    lines = result.read_text().splitlines() if result.exists() else []
+    return json.loads(lines[i]) if len(lines) > i else None
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else round(after - before, 2)
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = [[p["action"], p["style"], p["routes"], p["acked_s"], p["rib_s"], p["fib_s"], p["acked_per_s"],
+             p["fib_per_s"], p["errors"], p["kernel_routes_after"], (p["cpu_s"] or {}).get("exabgp"),
+             (p["cpu_s"] or {}).get("api")] for p in result["phases"]]
+    fp = result.get("rss_with_all_routes", {}).get("sequential", {})
+    return table(f"Announcement rate: {result['routes']:,} /32s, agent speaker -> ExaBGP -> FRR (seconds from the start)",
+                 ["action", "style", "routes", "all acked", "all in FRR RIB", "all in FIB", "acks/s", "FIB/s",
+                  "errors", "kernel after", "ExaBGP CPU s", "API CPU s"], rows,
+                 [f"sequential = wait for each ack (the agent's reconcile); pipelined = up to {result['window']} "
+                  "commands in flight",
+                  "RSS with all routes (MB): " + ", ".join(f"{k.removesuffix('_rss_mb')} {fmt(v)}" for k, v in fp.items()),
+                  result["reference"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.announce_rate")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("api", help="run as ExaBGP's API process")
+    a.add_argument("--count", type=int, required=True)
+    a.add_argument("--result", type=Path, required=True)
+    a.add_argument("--ready", type=Path, required=True)
+    args = p.parse_args(argv)
+    return asyncio.run(api_main(args.count, args.result, args.ready))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Controller scale: 10,000 VIPs x 50 POPs, planned, served and changed.
+
+    python -m bench.controller_scale inproc --dir DIR --out FILE [--runs N]   # the in-process part
+
+A synthetic desired state (``generate``) goes into a temporary git checkout: every VIP
+published at every POP (the worst case: VIPs x POPs (POP, VIP) pairs, each planned and
+served), two origin regions of a few backends each, half HTTP and half TCP checks. The
+synthetic health reports say every origin is healthy, except that for one VIP in a
+hundred one POP sees the primary down (the ``confirming`` path of the planner).
+
+1. **In process** (a child process of its own, so that its RSS is the planner's alone):
+   ``load_desired`` (the real YAML loader), ``plan`` (the pure planner) from an empty
+   memory and then repeatedly with the previous run's memory, as the daemon calls it;
+   a whole ``Controller.replan`` (plan + the per-POP plan bodies + the persisted state),
+   what the daemon does every second and on every report; the agent's ``decode_plan`` of
+   one POP's plan; tracemalloc's peak over one plan; RSS. Also the plan time with each
+   VIP published at fewer POPs, to show how it scales with (POP, VIP) pairs.
+2. **End to end**: the real daemon (``anycast-controller``) on 127.0.0.1 serving the
+   checkout, health reports from every POP through the agent's ``PlanClient.report``,
+   then, repeatedly, the agent's ``PlanClient.fetch_plan`` long-polling POP p00's plan
+   while one VIP's publish list gains or loses p00 in a commit. Timed from just before
+   the file is written to the client holding the decoded plan of the new generation; the
+   controller's log line ``desired state ... loaded`` splits it into *detect + load* and
+   *plan + serve + decode*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .report import ROOT, summary, table
+
+Log = Callable[[str], None]
+REGIONS = ("us-west", "us-east", "eu-central", "eu-west", "ap-south")
+OPERATOR_TOKEN = "bench-operator-token"
+CHANGED_VIP = "vip-00000"
+WATCHED_POP = "p00"
+TARGET_PLAN_S = 1.0
+# End to end, only this many POPs report (all of them up to 10 POPs): at 10,000 x 50 each
+# report costs the daemon a full pass of several seconds, and one from each of 50 POPs, one
+# after the other, takes over 15 minutes (the report path is measured, not the plan's size:
+# a POP that never reported is planned as ``report_stale``: a little less work per pair).
+REPORTING_POPS = 3
+TARGET_CHANGE_S = 1.0
+
+
+def pop_name(i: int) -> str:
+    return f"p{i:02d}"
+
+
+def token(pop: str) -> str:
+    return f"bench-token-{pop}"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- the synthetic desired state ---------------------------------------------------------------
+def generate(directory: Path, vips: int, pops: int) -> None:
+    """controller.yaml, pops.yaml and vips.yaml for ``vips`` VIPs, each published at all
+    ``pops`` POPs. Written as an operator would (block style, one VIP after the other)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "controller.yaml").write_text(
+        "# Synthetic desired state for python -m bench controller\n"
+        "listen: 127.0.0.1:9800\n"
+        "state_dir: /nonexistent  # the benchmark passes --state-dir\n"
+        f"operator_token_sha256: {_sha(OPERATOR_TOKEN)}\n"
+        "allowed_prefixes: [10.0.0.0/8]\n"
+        "policy:\n"
+        "  safety:\n"
+        "    report_stale_after: 3600  # reports are sent once: keep them fresh for the whole run\n"
+        "check_defaults: {interval: 1.0, timeout: 0.5, rise: 3, fall: 2}\n")
+    with open(directory / "pops.yaml", "w") as f:
+        f.write("pops:\n")
+        for p in range(pops):
+            f.write(f"  - name: {pop_name(p)}\n    description: POP {p}\n"
+                    f"    token_sha256: {_sha(token(pop_name(p)))}\n")
+    publish = "[" + ", ".join(pop_name(p) for p in range(pops)) + "]"
+    with open(directory / "vips.yaml", "w") as f:
+        f.write("vips:\n")
+        for i in range(vips):
+            a, b = i % len(REGIONS), (i + 1) % len(REGIONS)
+            host = 10 + i % 200
+            check = "{type: http, path: /healthz, expect_body: ok}" if i % 2 else "{type: tcp}"
+            f.write(f"  - name: vip-{i:05d}\n"
+                    f"    address: 10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}/32\n"
+                    f"    publish: {publish}\n"
+                    f"    check: {check}\n"
+                    f"    origins:\n"
+                    f"      - region: {REGIONS[a]}\n"
+                    f"        next_hop: 100.64.{a + 1}.1\n"
+                    f"        backends: [\"100.64.{a + 1}.{host}:8080\", \"100.64.{a + 1}.{host + 1}:8080\"]\n"
+                    f"      - region: {REGIONS[b]}\n"
+                    f"        next_hop: 100.64.{b + 1}.1\n"
+                    f"        backends: [\"100.64.{b + 1}.{host}:8080\"]\n")
+
+
+def verdicts(vip_names: list[str], regions: Mapping[str, tuple[str, ...]], pop_index: int,
+             pops: int) -> dict[str, dict[str, bool | None]]:
+    """POP ``pop_index``'s report: everything healthy, except that for every 100th VIP one
+    POP (a different one each time) sees the primary origin down."""
+    out: dict[str, dict[str, bool | None]] = {}
+    for i, name in enumerate(vip_names):
+        rs = regions[name]
+        down = i % 100 == 0 and (i // 100) % pops == pop_index
+        out[name] = {r: not (down and j == 0) for j, r in enumerate(rs)}
+    return out
+
+
+def _git(directory: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(directory), *args], check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
+                        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org"})
+
+
+def _status_mb(pid: int | str, field: str) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+# --- 1. in process (run in a child) ------------------------------------------------------------
+def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> dict[str, Any]:
+    from controller.cli.controller_main import GC_THRESHOLD
+    from controller.config.desired import load_desired
+    from controller.policy.model import PlannerState, PopReport
+    from controller.policy.planner import plan
+    from controller.server.core import Controller
+    from controller.wire import decode_plan
+
+    default_gc = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)  # as the daemon runs
+    out: dict[str, Any] = {"rss_mb_start": _status_mb("self", "VmRSS"), "gc_threshold": list(GC_THRESHOLD)}
+    load_times = []
+    desired = None
+    for _ in range(load_runs):
+        desired = None  # free the previous one first
+        t = time.perf_counter()
+        desired = load_desired(str(directory), "bench")
+        load_times.append(time.perf_counter() - t)
+    assert desired is not None
+    out["load_s"] = summary(load_times, 3)
+    out["rss_mb_after_load"] = _status_mb("self", "VmRSS")
+    npops, nvips = len(desired.pops), len(desired.vips)
+    out["pairs"] = sum(len(v.publish) for v in desired.vips)
+
+    names = [v.name for v in desired.vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    now = time.time()
+    reports = {p.name: PopReport(p.name, now, 1, verdicts(names, regions, i, npops), {n: True for n in names})
+               for i, p in enumerate(desired.pops)}
+    out["rss_mb_after_reports"] = _status_mb("self", "VmRSS")
+
+    times = []
+    state = PlannerState.initial()
+    result = None
+    for i in range(runs + 1):
+        result = None
+        t = time.perf_counter()
+        result = plan(desired, reports, {}, now + 0.1 * i, state)
+        times.append(time.perf_counter() - t)
+        state = result.state
+    assert result is not None
+    out["plan_first_s"] = round(times[0], 3)
+    out["plan_s"] = summary(times[1:], 3)
+    out["reasons"] = _reasons(result.pops)
+    gc.set_threshold(*default_gc)  # the same with Python's default collector settings
+    gtimes = []
+    for i in range(3):
+        result = None
+        t = time.perf_counter()
+        result = plan(desired, reports, {}, now + 0.1 * (runs + 1 + i), state)
+        gtimes.append(time.perf_counter() - t)
+        state = result.state
+    gc.set_threshold(*GC_THRESHOLD)
+    out["default_gc_threshold"] = list(default_gc)
+    out["plan_default_gc_s"] = summary(gtimes, 3)
+    out["rss_mb_after_plan"] = _status_mb("self", "VmRSS")
+
+    # tracemalloc over one more steady plan: its peak, and what its result keeps
+    result = None
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    result = plan(desired, reports, {}, now + 0.1 * (runs + 5), state)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out["tracemalloc_plan_peak_mb"] = round((peak - base) / 2**20, 1)
+    out["tracemalloc_plan_result_mb"] = round((current - base) / 2**20, 1)
+
+    # the daemon's whole pass: plan, per-POP bodies, persisted memory
+    with tempfile.TemporaryDirectory(prefix="bench-ctl-") as state_dir:
+        d = dataclasses.replace(desired, state_dir=state_dir)
+        t = time.perf_counter()
+        ctl = Controller(d)  # plans once, with no reports
+        out["controller_init_s"] = round(time.perf_counter() - t, 3)
+        ctl.reports.update(reports)
+        rtimes = []
+        for _ in range(max(2, runs // 2)):
+            t = time.perf_counter()
+            ctl.replan()
+            rtimes.append(time.perf_counter() - t)
+        out["controller_replan_s"] = summary(rtimes, 3)
+        out["state_file_mb"] = round(os.path.getsize(os.path.join(state_dir, "controller-state.json")) / 2**20, 1)
+        body = ctl.plan_body(WATCHED_POP)
+        raw = json.dumps(body)
+        out["plan_body_mb"] = round(len(raw) / 2**20, 2)
+        dtimes = []
+        for _ in range(3):
+            t = time.perf_counter()
+            decode_plan(json.loads(raw), WATCHED_POP, desired.allowed_prefixes)
+            dtimes.append(time.perf_counter() - t)
+        out["agent_decode_s"] = summary(dtimes, 3)
+        # ...and the agent's cache of it (PlanClient.save_cached: json.dump + fsync), before
+        # fetch_plan hands the plan over
+        from controller.agent.plan_client import PlanClient
+        cache_client = PlanClient("http://127.0.0.1:1", WATCHED_POP, "x", os.path.join(state_dir, "agent"),
+                                  desired.allowed_prefixes)
+        data = json.loads(raw)
+        ctimes = []
+        for _ in range(3):
+            t = time.perf_counter()
+            cache_client.save_cached(data)
+            ctimes.append(time.perf_counter() - t)
+        out["agent_cache_write_s"] = summary(ctimes, 3)
+        del data
+        out["rss_mb_after_controller"] = _status_mb("self", "VmRSS")
+        del ctl, body, raw
+
+    # the same plan with each VIP published at fewer POPs
+    scale = []
+    for k in scaling:
+        if k >= npops:
+            continue
+        pops_k = tuple(p.name for p in desired.pops[:k])
+        dk = dataclasses.replace(desired, pops=desired.pops[:k],
+                                 vips=tuple(dataclasses.replace(v, publish=pops_k) for v in desired.vips))
+        st = PlannerState.initial()
+        ks = []
+        for i in range(3):
+            t = time.perf_counter()
+            st = plan(dk, reports, {}, now + 0.1 * i, st).state
+            ks.append(time.perf_counter() - t)
+        scale.append({"pops": k, "pairs": k * nvips, "plan_s": round(sorted(ks[1:])[0], 3)})
+    scale.append({"pops": npops, "pairs": out["pairs"], "plan_s": out["plan_s"]["p50"]})
+    out["scaling"] = scale
+    out["us_per_pair"] = round(1e6 * out["plan_s"]["p50"] / out["pairs"], 2) if out["pairs"] else None
+    out["rss_mb_end"] = _status_mb("self", "VmRSS")
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _reasons(pops: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for items in pops.values():
+        for item in items.values():
+            counts[item.reason] = counts.get(item.reason, 0) + 1
+    return counts
+
+
+# --- 2. end to end -----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _log_times(path: Path, pattern: str) -> list[float]:
+    """Epoch times of the controller's log lines matching ``pattern`` (asctime, ms)."""
+    out = []
+    rx = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + pattern)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        m = rx.match(line)
+        if m:
+            out.append(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return out
+
+
+class Daemon:
+    """``anycast-controller`` as systemd would run it, on 127.0.0.1; stopped by PID."""
+
+    def __init__(self, config_dir: Path, work: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = work / "controller.log"
+        argv = [sys.executable, "-m", "controller.cli.controller_main", "--config-dir", str(config_dir),
+                "--state-dir", str(work / "state"), "--listen", f"127.0.0.1:{self.port}"]
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+
+    def answering(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, log: Log) -> dict[str, Any]:
+    from controller.agent.controller_link import HealthReport
+    from controller.agent.plan_client import PlanClient
+    from controller.config.desired import load_desired
+
+    desired = load_desired(str(config_dir))
+    names = [v.name for v in desired.vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    out: dict[str, Any] = {}
+    daemon = Daemon(config_dir, work)
+    started = time.monotonic()
+    clients: dict[str, PlanClient] = {}
+    try:
+        while not daemon.answering():
+            if not daemon.alive():
+                raise RuntimeError(f"the controller exited: {daemon.log.read_text()[-2000:]}")
+            if time.monotonic() - started > 1200:
+                raise RuntimeError("the controller did not answer within 20 minutes")
+            await asyncio.sleep(0.05)
+        out["start_to_listening_s"] = round(time.monotonic() - started, 2)
+        # The event loop is blocked while a plan is computed: generous client timeouts.
+        clients = {p.name: PlanClient(daemon.url, p.name, token(p.name), str(work / f"agent-{p.name}"),
+                                      desired.allowed_prefixes, timeout=600.0) for p in desired.pops}
+        watcher = clients[WATCHED_POP]
+        plan = await watcher.fetch_plan(-1, 0)
+        assert plan is not None
+        out["start_to_first_plan_s"] = round(time.monotonic() - started, 2)
+        reporting = min(reporting, len(clients))
+        log(f"controller: daemon up after {out['start_to_first_plan_s']}s (pid {daemon.proc.pid}, "
+            f"RSS {_status_mb(daemon.proc.pid, 'VmRSS')} MB); reports from {reporting} POPs")
+
+        post_times = []
+        for i, (pop, c) in enumerate(list(clients.items())[:reporting]):
+            report = HealthReport(pop, plan.generation if pop == WATCHED_POP else 0,
+                                  verdicts(names, regions, i, len(clients)), {n: True for n in names})
+            t = time.monotonic()
+            await c.report(report)
+            post_times.append(time.monotonic() - t)
+            log(f"controller: report {i + 1}/{reporting} ({pop}) answered after {post_times[-1]:.2f}s")
+        out["reporting_pops"] = reporting
+        out["report_post_s"] = summary(post_times, 3)
+        await asyncio.sleep(3)  # settle windows end (reports that see an origin down): passes of their own
+        out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
+        log(f"controller: {len(post_times)} reports, each answered after p50 {out['report_post_s']['p50']}s "
+            f"(max {out['report_post_s']['max']}s); RSS {out['rss_mb_after_reports']} MB")
+        plan = await watcher.fetch_plan(-1, 0)
+        assert plan is not None
+        cache = Path(watcher.cache_path)
+        out["plan_body_mb"] = round(cache.stat().st_size / 2**20, 2) if cache.exists() else None
+
+        vips_file = config_dir / "vips.yaml"
+        samples: list[dict[str, Any]] = []
+        for rep in range(reps):
+            await asyncio.sleep(random.uniform(0.5, 1.5))  # a random phase of the daemon's 1 s loop
+            present = CHANGED_VIP in plan.vips
+            waiting = asyncio.ensure_future(watcher.fetch_plan(plan.generation, 60))
+            await asyncio.sleep(0.3)  # the long-poll is parked at the controller
+            text = vips_file.read_text()
+            # the generated layout: "- name:", then "address:", then "publish: [...]"
+            head, sep, tail = text.partition(f"  - name: {CHANGED_VIP}\n")
+            address_line, _, rest = tail.partition("\n")
+            publish_line, _, rest = rest.partition("\n")
+            pops_now = publish_line.split("[", 1)[1].rstrip("]").split(", ")
+            pops_new = [p for p in pops_now if p != WATCHED_POP] if present else [WATCHED_POP, *pops_now]
+            new_text = f"{head}{sep}{address_line}\n    publish: [{', '.join(pops_new)}]\n{rest}"
+            tmp = vips_file.with_suffix(".tmp")  # not *.yaml: the controller never reads half a file
+            tmp.write_text(new_text)
+            t0 = time.time()
+            m0 = time.monotonic()
+            tmp.replace(vips_file)
+            _git(config_dir, "commit", "-qam", f"{'remove' if present else 'add'} {WATCHED_POP} for {CHANGED_VIP}")
+            commit_s = time.monotonic() - m0
+            new_plan = await waiting
+            spurious = 0
+            while new_plan is None or (CHANGED_VIP in new_plan.vips) == present:
+                spurious += new_plan is not None
+                base = new_plan.generation if new_plan is not None else plan.generation
+                new_plan = await watcher.fetch_plan(base, 60)
+            total = time.monotonic() - m0
+            loaded = [t for t in _log_times(daemon.log, r"desired state \S+ loaded") if t >= t0 - 0.002]
+            detect_load = loaded[0] - t0 if loaded else None
+            sample = {"total_s": round(total, 3), "commit_s": round(commit_s, 3),
+                      "detect_and_load_s": round(detect_load, 3) if detect_load is not None else None,
+                      "after_load_s": round(total - detect_load, 3) if detect_load is not None else None,
+                      "action": "remove" if present else "add", "generation": new_plan.generation,
+                      "spurious_generations": spurious}
+            samples.append(sample)
+            log(f"controller: change {rep + 1}/{reps} ({sample['action']} {WATCHED_POP} in {CHANGED_VIP}'s "
+                f"publish list) reached the agent after {total:.3f}s (detect + load {sample['detect_and_load_s']}s)")
+            plan = new_plan
+        out["change_samples"] = samples
+        out["change_s"] = summary([s["total_s"] for s in samples], 3)
+        out["change_detect_and_load_s"] = summary([s["detect_and_load_s"] for s in samples
+                                                   if s["detect_and_load_s"] is not None], 3)
+        out["change_after_load_s"] = summary([s["after_load_s"] for s in samples if s["after_load_s"] is not None], 3)
+        out["rss_mb_end"] = _status_mb(daemon.proc.pid, "VmRSS")
+        out["peak_rss_mb"] = _status_mb(daemon.proc.pid, "VmHWM")
+        out["reloads_logged"] = len(_log_times(daemon.log, r"desired state \S+ loaded"))
+    finally:
+        for c in clients.values():
+            await c.close()
+        daemon.stop()
+    return out
+
+
+# --- the harness -------------------------------------------------------------------------------
+def run(*, quick: bool, log: Log, vips: int | None = None, pops: int | None = None,
+        reps: int | None = None) -> dict[str, Any]:
+    nvips = vips or (1000 if quick else 10000)
+    npops = pops or (10 if quick else 50)
+    nreps = reps or (2 if quick else 5)
+    runs = 3 if quick else 7
+    scaling = [5, 10, 25]
+    with tempfile.TemporaryDirectory(prefix="bench-ctl-") as tmp:
+        work = Path(tmp)
+        config_dir = work / "desired"
+        t = time.monotonic()
+        generate(config_dir, nvips, npops)
+        _git(config_dir, "init", "-q")
+        _git(config_dir, "add", "-A")
+        _git(config_dir, "commit", "-qm", "synthetic desired state")
+        size_mb = sum(f.stat().st_size for f in config_dir.glob("*.yaml")) / 2**20
+        log(f"controller: {nvips} VIPs x {npops} POPs generated in {time.monotonic() - t:.1f}s "
+            f"({size_mb:.1f} MB of YAML); in-process measurements")
+        out_file = work / "inproc.json"
+        argv = [sys.executable, "-m", "bench.controller_scale", "inproc", "--dir", str(config_dir),
+                "--out", str(out_file), "--runs", str(runs), "--load-runs", "1" if quick else "2",
+                "--scaling", *map(str, scaling)]
+        r = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0 or not out_file.exists():
+            raise RuntimeError(f"controller in-process benchmark failed: {r.stderr[-3000:]}")
+        inp: dict[str, Any] = json.loads(out_file.read_text())
+        log(f"controller: load {inp['load_s']['p50']}s, plan p50 {inp['plan_s']['p50']}s "
+            f"(max {inp['plan_s']['max']}s, first {inp['plan_first_s']}s), "
+            f"daemon pass (Controller.replan) p50 {inp['controller_replan_s']['p50']}s, "
+            f"agent decode {inp['agent_decode_s']['p50']}s, peak RSS {inp['peak_rss_mb']} MB; end to end")
+        e2e = asyncio.run(end_to_end(config_dir, work, nreps, npops if npops <= 10 else REPORTING_POPS, log))
+    return {"vips": nvips, "pops": npops, "pairs": inp["pairs"], "yaml_mb": round(size_mb, 1),
+            "inproc": inp, "end_to_end": e2e,
+            "targets": {"full_plan_s": TARGET_PLAN_S, "change_end_to_end_s": TARGET_CHANGE_S}}
+
+
+def render(result: dict[str, Any]) -> str:
+    i, e = result["inproc"], result["end_to_end"]
+    plan_ok = (i["plan_s"]["max"] or 0) < TARGET_PLAN_S
+    change_ok = (e["change_s"]["max"] or 0) < TARGET_CHANGE_S
+    rows: list[list[Any]] = [
+        ["load_desired (YAML -> typed state)", i["load_s"]["p50"], i["load_s"]["max"], i["load_s"]["n"], "-"],
+        ["plan(), first (empty memory)", i["plan_first_s"], i["plan_first_s"], 1, "-"],
+        ["plan(), steady (previous memory)", i["plan_s"]["p50"], i["plan_s"]["max"], i["plan_s"]["n"],
+         plan_ok],
+        [f"plan(), GC thresholds {tuple(i['default_gc_threshold'])} (Python's default)",
+         i["plan_default_gc_s"]["p50"], i["plan_default_gc_s"]["max"], i["plan_default_gc_s"]["n"], "-"],
+        ["Controller.replan (plan + bodies + state file)", i["controller_replan_s"]["p50"],
+         i["controller_replan_s"]["max"], i["controller_replan_s"]["n"], "-"],
+        ["agent decode_plan (one POP)", i["agent_decode_s"]["p50"], i["agent_decode_s"]["max"],
+         i["agent_decode_s"]["n"], "-"],
+        ["agent PlanClient.save_cached (one POP)", i["agent_cache_write_s"]["p50"], i["agent_cache_write_s"]["max"],
+         i["agent_cache_write_s"]["n"], "-"],
+        [f"daemon: POST /v1/reports, {e['reporting_pops']} POPs (a pass each)", e["report_post_s"]["p50"], e["report_post_s"]["max"],
+         e["report_post_s"]["n"], "-"],
+        ["one VIP's change -> agent holds the plan", e["change_s"]["p50"], e["change_s"]["max"], e["change_s"]["n"],
+         change_ok],
+        ["  of which: write -> reload logged", e["change_detect_and_load_s"]["p50"],
+         e["change_detect_and_load_s"]["max"], e["change_detect_and_load_s"]["n"], "-"],
+        ["  of which: reload -> agent holds it", e["change_after_load_s"]["p50"], e["change_after_load_s"]["max"],
+         e["change_after_load_s"]["n"], "-"],
+    ]
+    scale = ", ".join(f"{s['pops']} POPs ({s['pairs']:,} pairs) {s['plan_s']}s" for s in i["scaling"])
+    return table(f"Controller scale: {result['vips']:,} VIPs x {result['pops']} POPs "
+                 f"({result['pairs']:,} (POP, VIP) pairs, {result['yaml_mb']} MB of YAML)",
+                 ["step", "p50 s", "max s", "n", "target met"], rows,
+                 [f"memory: planner process peak RSS {i['peak_rss_mb']} MB (after load {i['rss_mb_after_load']}, "
+                  f"after reports {i['rss_mb_after_reports']}); tracemalloc peak of one plan "
+                  f"{i['tracemalloc_plan_peak_mb']} MB, its result {i['tracemalloc_plan_result_mb']} MB",
+                  f"daemon RSS {e['rss_mb_after_reports']} MB after the reports, peak {e['peak_rss_mb']} MB; "
+                  f"one POP's plan {e['plan_body_mb']} MB of JSON; state file {i['state_file_mb']} MB",
+                  f"plan() by publish-domain size: {scale} ({i['us_per_pair']} us per pair)",
+                  f"GC thresholds {tuple(i['gc_threshold'])} as the daemon sets them, except where said; the "
+                  "daemon looks for a new revision once per pass (every 1 s plus the pass itself)",
+                  f"targets: full plan < {TARGET_PLAN_S:g} s; one change end to end < {TARGET_CHANGE_S:g} s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.controller_scale")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inproc", help="the in-process measurements on a generated config directory")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--runs", type=int, default=7)
+    s.add_argument("--load-runs", type=int, default=2)
+    s.add_argument("--scaling", type=int, nargs="*", default=[5, 10, 25])
+    g = sub.add_parser("generate", help="write a synthetic config directory")
+    g.add_argument("--dir", type=Path, required=True)
+    g.add_argument("--vips", type=int, default=10000)
+    g.add_argument("--pops", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.cmd == "generate":
+        generate(args.dir, args.vips, args.pops)
+        return 0
+    result = inproc(args.dir, args.runs, args.load_runs, args.scaling)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
