@@ -115,8 +115,12 @@ class Controller:
         self.persisted.planner = result.state
         specs = {v.name: v.vip for v in self.desired.vips}
         if self._spec_dicts[0] is not self.desired:
-            # Each VIP's definition as JSON, once per desired state, not once per POP and pass.
-            self._spec_dicts = (self.desired, {v.name: vip_to_dict(v.vip) for v in self.desired.vips})
+            # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
+            # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
+            old_state, old_specs = self._spec_dicts
+            old_vips = {v.name: v.vip for v in old_state.vips} if old_state else {}
+            self._spec_dicts = (self.desired, {v.name: old_specs[v.name] if old_vips.get(v.name) == v.vip
+                                               else vip_to_dict(v.vip) for v in self.desired.vips})
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
             items = result.pops.get(pop.name, {})
