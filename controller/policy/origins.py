@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config.desired_model import FailoverPolicy
 from ..config.model import Vip
-from .model import PopReport, VipMemory
+from .model import VipMemory
 
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
 
@@ -24,18 +24,20 @@ class OriginView:
         return f"{region}: {self.status} ({self.down}/{self.verdicts} POPs see it down)"
 
 
-def origin_views(vip: Vip, fresh: Mapping[str, PopReport], policy: FailoverPolicy) -> dict[str, OriginView]:
-    """Each origin's status as the fresh reports of the VIP's publish domains see it."""
+def origin_views(vip: Vip, verdicts_by_pop: Mapping[str, Mapping[str, bool | None]],
+                 policy: FailoverPolicy) -> dict[str, OriginView]:
+    """Each origin's status as the fresh reports of the VIP's publish domains see it
+    (``verdicts_by_pop``: POP -> that POP's verdict per origin region of this VIP)."""
     views = {}
     for origin in vip.origins:
-        verdicts = [v for r in fresh.values()
-                    if (v := r.origins.get(vip.name, {}).get(origin.region)) is not None]
-        down = sum(1 for v in verdicts if v is False)
+        region = origin.region
+        verdicts = [v for o in verdicts_by_pop.values() if (v := o.get(region)) is not None]
+        down = verdicts.count(False)
         if len(verdicts) < policy.min_reporting_pops:
             status = UNKNOWN
         else:
             status = DOWN if down / len(verdicts) >= policy.quorum else UP
-        views[origin.region] = OriginView(status, down, len(verdicts))
+        views[region] = OriginView(status, down, len(verdicts))
     return views
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from controller.config.desired import load_desired
 from controller.config.desired_model import DesiredState, FleetVip, PopSpec
-from controller.policy.model import PlannerState, PlanResult, PopReport
+from controller.policy.model import STEADY, PlannerState, PlanResult, PopReport
 from controller.policy.planner import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,3 +268,64 @@ def test_same_inputs_same_plan() -> None:
     a = plan(desired, rs, {"sin": 1.0}, 5, PlannerState.initial())
     b = plan(desired, rs, {"sin": 1.0}, 5, PlannerState.initial())
     assert a == b
+
+
+def _without_shared_objects(state: PlannerState) -> PlannerState:
+    """The same memory with every entry a fresh copy: the planner's fast path (which tests
+    identity with the shared steady memory) never applies, so every pair takes the full path."""
+    return PlannerState(dict(state.vips), {k: dataclasses.replace(m) for k, m in state.pop_vips.items()})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_fast_path_for_steady_pops_plans_exactly_what_the_full_path_plans(seed: int) -> None:
+    """Random verdicts (mostly healthy, sometimes down or unknown, sometimes silent), drains
+    and undrains over 80 moments: planning with the steady-POP shortcut and without it gives
+    the same items (reason, explanation, holds), the same memory, alarms and wake-up time.
+    A POP that stops being healthy after a long healthy stretch is the case that matters."""
+    import random
+
+    rng = random.Random(seed)
+    pops = ("sjc", "fra", "sin", "iad", "nrt")
+    desired = fleet(pops, dampening={"flaps": 3, "window": 20.0})
+    fast, slow = PlannerState.initial(), PlannerState.initial()
+    drains: dict[str, float] = {}
+    now = 0.0
+    reasons: set[str] = set()
+    primary = {pop: True for pop in pops}
+    left_steady = 0  # pairs that were on the fast path and then were not
+    for _ in range(80):
+        now += rng.choice((0.2, 0.5, 1.0, 3.0))
+        if rng.random() < 0.05:
+            pop = rng.choice(pops)
+            drains.pop(pop, None) if pop in drains else drains.__setitem__(pop, now)
+        verdicts: dict[str, tuple[bool | None, bool | None]] = {}
+        for pop in pops:
+            if rng.random() < 0.15:
+                primary[pop] = not primary[pop]  # failures and recoveries that last a while
+            if rng.random() < 0.05:
+                continue  # silent this time
+            usw = UNK if rng.random() < 0.03 else primary[pop]
+            verdicts[pop] = (usw, rng.choices((UP, DOWN), weights=(95, 5))[0])
+        rep = reports(now, **verdicts)
+        a = plan(desired, rep, drains, now, fast)
+        b = plan(desired, rep, drains, now, _without_shared_objects(slow))
+        assert a.pops == b.pops and a.notes == b.notes and a.alarms == b.alarms and a.wake_at == b.wake_at
+        assert a.state == b.state
+        left_steady += sum(1 for k, m in a.state.pop_vips.items()
+                           if fast.pop_vips.get(k) is STEADY and m is not STEADY)
+        reasons |= {i.reason for items in a.pops.values() for i in items.values()}
+        fast, slow = a.state, b.state
+    assert left_steady > 0 and {"healthy", "confirming"} <= reasons
+    assert reasons & {"backend_down", "dampened", "min_pops_hold", "safety_hold"}
+
+
+def test_a_pop_that_was_steady_for_long_counts_its_first_failure_as_a_flap() -> None:
+    """The steady shortcut skips the flap bookkeeping while nothing changes; the first
+    change after it must still count (dampening would otherwise never trigger)."""
+    r = Run(fleet(dampening={"flaps": 2, "window": 60.0}))
+    for t in range(10):
+        r.at(t, sjc=UP, fra=UP, sin=UP)
+    r.at(10, sjc=DOWN, fra=UP, sin=UP)
+    result = r.at(11, sjc=UP, fra=UP, sin=UP)  # two changes within the window: dampened
+    assert summary(result)["sjc"] == (False, "dampened")
+    assert summary(result)["fra"] == (True, "healthy")
