@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,12 @@ class ServedPlan:
     generation: int
     revision: str
     content: dict[str, Any]  # the JSON body minus generation
+    material: list[tuple[Any, ...]] = field(default_factory=list)  # what the agent acts on, per VIP
+    # What the last pass planned for this POP (content may be older: a pass that changed only
+    # explanations or the revision is not a new plan). Equal next time: nothing to look at.
+    seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
+    seen_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen_desired: object = None  # the DesiredState seen_specs were taken from
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Controller:
     _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
+    _saved: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         self.persisted = store.load(self.desired.state_dir)
@@ -108,7 +115,7 @@ class Controller:
                 log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
         for vip, note in result.notes.items():
             old = self.result.notes.get(vip) if self.result else None
-            if old is None or _origin_of(old) != _origin_of(note):
+            if old != note and (old is None or _origin_of(old) != _origin_of(note)):
                 log.info("VIP %s: %s", vip, note)
         self.result = result
         self._schedule(result.wake_at, now)
@@ -123,23 +130,42 @@ class Controller:
                                                else vip_to_dict(v.vip) for v in self.desired.vips})
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
-            items = result.pops.get(pop.name, {})
-            content = encode_plan(pop.name, 0, self.desired.revision,
-                                  [(specs[name], item) for name, item in sorted(items.items())],
-                                  lambda vip: spec_dicts[vip.name])
-            del content["generation"]
-            served = self.served.get(pop.name)
-            # A new revision, or a new explanation (timers count down in them), that changes
-            # nothing an agent acts on is not a new plan for this POP: the plan keeps the
-            # revision it last changed at, and agents are not woken for nothing.
-            if served is None or _material(served.content) != _material(content):
-                generation = max(self.persisted.generations.get(pop.name, 0), served.generation if served else 0) + 1
-                self.persisted.generations[pop.name] = generation
-                self.served[pop.name] = ServedPlan(generation, self.desired.revision, content)
-                self._event(pop.name).set()
-                self._changed[pop.name] = asyncio.Event()
+            self._serve(pop.name, result.pops.get(pop.name, {}), specs, spec_dicts)
         self._save()
         return result
+
+    def _serve(self, pop: str, items: Mapping[str, PlanItem], specs: Mapping[str, Vip],
+               spec_dicts: Mapping[str, dict[str, Any]]) -> None:
+        """Make ``items`` the POP's plan if an agent would act differently on it.
+
+        A new revision, or a new explanation (timers count down in them), that changes
+        nothing an agent acts on is not a new plan for this POP: the plan keeps the revision
+        it last changed at, and agents are not woken for nothing. Comparisons go from cheap
+        to dear: most passes at a large fleet change nothing at most POPs (the planner hands
+        back the very same item objects, so the first test is a walk over pointers).
+        """
+        served = self.served.get(pop)
+        if served is not None and served.seen_items == items and (
+                served.seen_desired is self.desired
+                or all(spec_dicts.get(name) is d for name, d in served.seen_specs.items())):
+            served.seen_desired = self.desired
+            return
+        names = sorted(items)
+        material = [(name, spec_dicts[name], i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
+                    for name in names for i in (items[name],)]
+        seen_specs = {name: spec_dicts[name] for name in names}
+        if served is not None and served.material == material:
+            served.seen_items, served.seen_specs, served.seen_desired = items, seen_specs, self.desired
+            return
+        content = encode_plan(pop, 0, self.desired.revision, [(specs[name], items[name]) for name in names],
+                              lambda vip: spec_dicts[vip.name])
+        del content["generation"]
+        generation = max(self.persisted.generations.get(pop, 0), served.generation if served else 0) + 1
+        self.persisted.generations[pop] = generation
+        self.served[pop] = ServedPlan(generation, self.desired.revision, content, material, items, seen_specs,
+                                      self.desired)
+        self._event(pop).set()
+        self._changed[pop] = asyncio.Event()
 
     def _schedule(self, wake_at: float | None, now: float) -> None:
         """Plan again when a settle window ends, not at the next tick: that is when a
@@ -156,8 +182,14 @@ class Controller:
         self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
 
     def _save(self) -> None:
+        """Write the state file when something in it changed (most passes change nothing)."""
+        p = self.persisted
+        now = (self.desired.state_dir, dict(p.drains), dict(p.generations), p.planner.vips, p.planner.pop_vips)
+        if self._saved == now:
+            return
         try:
-            store.save(self.desired.state_dir, self.persisted)
+            store.save(self.desired.state_dir, p)
+            self._saved = now
         except OSError as exc:
             log.error("cannot save controller state in %s: %s", self.desired.state_dir, exc)
 
@@ -194,8 +226,3 @@ def _origin_of(note: str) -> str:
     """The part of a note that names where the VIP goes (to log moves, not every timer tick)."""
     return re.split("[:;]", note, maxsplit=1)[0]
 
-
-def _material(content: dict[str, Any]) -> dict[str, Any]:
-    """What an agent acts on in a plan body: not the revision, not the explanations."""
-    return {**content, "revision": "",
-            "vips": [{k: v for k, v in vip.items() if k != "explanation"} for vip in content["vips"]]}

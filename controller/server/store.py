@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..policy.model import PlannerState, PopVipMemory, VipMemory
+from ..policy.model import STEADY, PlannerState, PopVipMemory, VipMemory
 
 log = logging.getLogger("controller.server")
 FILENAME = "controller-state.json"
@@ -50,14 +50,23 @@ def load(state_dir: str) -> Persisted:
 
 
 def planner_to_json(state: PlannerState) -> dict[str, Any]:
+    """Pairs in the steady state (healthy, no history: most of a large fleet) are listed by
+    name under ``steady`` (POP -> VIPs), the others in full under ``pop_vips``."""
+    steady: dict[str, list[str]] = {}
+    others = []
+    for (pop, vip), m in state.pop_vips.items():
+        if m is STEADY:
+            steady.setdefault(pop, []).append(vip)
+        else:
+            others.append({"pop": pop, "vip": vip, "verdict": m.verdict, "flaps": list(m.flaps),
+                           "dampened_until": m.dampened_until, "penalty": m.penalty,
+                           "quiet_since": m.quiet_since, "withdrawn": m.withdrawn, "down_since": m.down_since})
     return {
         "vips": {name: {"active": m.active, "active_since": m.active_since,
                         "healthy_since": dict(m.healthy_since), "withdrawals": list(m.withdrawals)}
                  for name, m in state.vips.items()},
-        "pop_vips": [{"pop": pop, "vip": vip, "verdict": m.verdict, "flaps": list(m.flaps),
-                      "dampened_until": m.dampened_until, "penalty": m.penalty, "quiet_since": m.quiet_since,
-                      "withdrawn": m.withdrawn, "down_since": m.down_since}
-                     for (pop, vip), m in state.pop_vips.items()],
+        "steady": steady,
+        "pop_vips": others,
     }
 
 
@@ -72,6 +81,9 @@ def planner_from_json(data: dict[str, Any]) -> PlannerState:
                                                    float(m["quiet_since"]), bool(m["withdrawn"]),
                                                    _optional_float(m.get("down_since")))
                 for m in data["pop_vips"]}
+    for pop, names in data.get("steady", {}).items():  # absent in files written before it existed
+        for vip in names:
+            pop_vips[(str(pop), str(vip))] = STEADY
     return PlannerState(vips, pop_vips)
 
 

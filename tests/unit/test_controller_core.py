@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from controller.config.desired import load_desired
-from controller.policy.model import PopReport
+from controller.policy.model import STEADY, PopReport
+from controller.server import store
 from controller.server.core import Controller
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,3 +48,53 @@ def test_the_plan_asks_to_be_recomputed_when_the_settle_window_ends(tmp_path: Pa
         ctl.add_report(report(pop, True, now[0]))
     ctl.add_report(report("sjc", False, now[0]))
     assert ctl.result is not None and ctl.result.wake_at == 50.0 + ctl.desired.policy.safety.settle
+
+
+def _healthy_everywhere(ctl: Controller, at: float) -> None:
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(PopReport(pop, at, 1, {"game-global": {"us-west": True, "eu-central": True},
+                                              "api-eu": {"eu-central": True}},
+                                 {"game-global": True, "api-eu": True}))
+
+
+def test_a_reload_reaches_exactly_the_pops_whose_vips_changed(tmp_path: Path) -> None:
+    """api-eu is published at fra and sjc only: changing its definition is a new plan there
+    (with the new definition in it) and not at sin; a new revision that changes no VIP is
+    no new plan anywhere."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    _healthy_everywhere(ctl, now[0])
+    before = {pop: s.generation for pop, s in ctl.served.items()}
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2"))
+    assert {pop: s.generation for pop, s in ctl.served.items()} == before
+    fv = ctl.desired.vip("api-eu")
+    assert fv is not None and fv.vip.admin == "up"
+    changed = dataclasses.replace(fv, vip=dataclasses.replace(fv.vip, admin="drain"))
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev3",
+                                         vips=tuple(changed if v.name == "api-eu" else v for v in ctl.desired.vips)))
+    after = {pop: s.generation for pop, s in ctl.served.items()}
+    assert after == {"sjc": before["sjc"] + 1, "fra": before["fra"] + 1, "sin": before["sin"]}
+    body = ctl.plan_body("fra")
+    assert body["revision"] == "rev3"
+    assert [v["spec"]["admin"] for v in body["vips"] if v["name"] == "api-eu"] == ["drain"]
+    assert ctl.plan_body("sin")["revision"] == "rev1"  # its plan last changed at rev1
+
+
+def test_the_state_file_is_written_when_the_state_changes_and_read_back_whole(tmp_path: Path) -> None:
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    _healthy_everywhere(ctl, now[0])
+    ctl.replan()
+    path = tmp_path / "controller-state.json"
+    written = path.stat().st_mtime_ns, path.stat().st_ino
+    now[0] = 11.0
+    ctl.replan()  # nothing changed: not rewritten (at 500,000 pairs this was 80 MB a second)
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == written
+    ctl.drain("sin")
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) != written
+    back = store.load(str(tmp_path))
+    assert back.drains == {"sin": 11.0} and back.generations == ctl.persisted.generations
+    assert back.planner == ctl.persisted.planner
+    assert all(m is STEADY for (pop, _), m in back.planner.pop_vips.items() if pop != "sin")
+    restarted = controller(tmp_path, now)  # plans without reports: new plans, newer generations
+    assert all(restarted.served[pop].generation > s.generation for pop, s in ctl.served.items())
