@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from ..config.model import IPNetwork
-from ..wire import WireError, decode_plan, encode_report
+from ..wire import SpecCache, WireError, decode_plan, encode_report
 from .controller_link import ControllerUnavailable, HealthReport
 from .intent import Plan
 
@@ -28,6 +28,7 @@ class PlanClient:
         self.url = url.rstrip("/")
         self.pop = pop
         self.allowed = tuple(allowed)
+        self._specs: SpecCache = {}  # VIP specs of the last good plan, already validated
         self.cache_path = os.path.join(state_dir, CACHE_FILE)
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout
@@ -72,7 +73,7 @@ class PlanClient:
     async def fetch_plan(self, after: int, wait: float) -> Plan | None:
         data = await self._request("GET", f"/v1/plans/{self.pop}?after={after}&wait={wait}", wait + self._timeout)
         try:
-            plan = decode_plan(data, self.pop, self.allowed)
+            plan = decode_plan(data, self.pop, self.allowed, self._specs)
         except WireError as exc:
             # An invalid plan never replaces the last good one.
             raise ControllerUnavailable(f"rejected the controller's plan: {exc}") from None
@@ -90,7 +91,7 @@ class PlanClient:
             os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
             tmp = f"{self.cache_path}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
+                f.write(json.dumps(data))  # dumps: the C encoder; dump() to a file is pure Python
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.cache_path)
@@ -102,7 +103,7 @@ class PlanClient:
         try:
             with open(self.cache_path, encoding="utf-8") as f:
                 data = json.load(f)
-            plan = decode_plan(data, self.pop, self.allowed)
+            plan = decode_plan(data, self.pop, self.allowed, self._specs)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

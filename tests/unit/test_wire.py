@@ -93,3 +93,36 @@ def test_controller_memory_survives_a_restart(tmp_path: Path) -> None:
     assert back.planner == result.state
     (tmp_path / store.FILENAME).write_text("{not json")
     assert store.load(str(tmp_path)).planner == PlannerState.initial()  # unreadable: start afresh, no crash
+
+
+def test_the_agents_spec_cache_never_lets_a_changed_or_refused_spec_through() -> None:
+    """The agent skips re-reading a VIP spec equal to one of the last good plan; a spec that
+    changed, a narrower allowed range, or a bad plan are read in full as without the cache."""
+    import copy
+    cache: dict = {}
+    items = [(GAME, PlanItem("game-global", True, "us-west")), (API, PlanItem("api-eu", True, "eu-central"))]
+    data = encode_plan("sjc", 1, "abc", items)
+    first = decode_plan(copy.deepcopy(data), "sjc", DESIRED.allowed_prefixes, cache)
+    assert set(cache) == {"game-global", "api-eu"}
+    again = decode_plan(copy.deepcopy(data), "sjc", DESIRED.allowed_prefixes, cache)
+    assert again.specs == first.specs == (GAME, API)
+
+    changed = copy.deepcopy(data)
+    changed["vips"][0]["spec"]["check"]["rise"] = 0  # invalid now: must not come from the cache
+    with pytest.raises(WireError) as info:
+        decode_plan(changed, "sjc", DESIRED.allowed_prefixes, cache)
+    assert info.value.field == "vips[0].spec.check.rise"
+    assert set(cache) == {"game-global", "api-eu"}  # a refused plan leaves the cache as it was
+
+    moved = copy.deepcopy(data)
+    moved["vips"][1]["spec"]["address"] = "203.0.113.9/32"
+    with pytest.raises(WireError) as info:
+        decode_plan(moved, "sjc", DESIRED.allowed_prefixes, cache)
+    assert info.value.field == "vips[1].spec.address"
+
+    with pytest.raises(WireError) as info:  # same specs, narrower allowed ranges
+        decode_plan(copy.deepcopy(data), "sjc", [ipaddress.ip_network("203.0.113.0/24")], cache)
+    assert info.value.field == "vips[0].spec.address"
+
+    fewer = decode_plan(encode_plan("sjc", 2, "abd", items[:1]), "sjc", DESIRED.allowed_prefixes, cache)
+    assert fewer.specs == (GAME,) and set(cache) == {"game-global"}
