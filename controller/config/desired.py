@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from .agent import (
     DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
@@ -34,10 +35,23 @@ T = TypeVar("T")
 FILES = ("controller.yaml", "pops.yaml", "vips.yaml")
 
 
-def load_desired(directory: str, revision: str = "") -> DesiredState:
+@dataclass
+class LoadCache:
+    """What the last successful load read, for the next one (the daemon keeps one): a file
+    whose text is unchanged is not parsed again, and a VIP whose definition and context are
+    unchanged is not read again. At 10,000 VIPs a reload after a one-line commit goes from
+    ~3 s to what parsing the changed file costs. Only a load without errors updates it."""
+
+    files: dict[str, tuple[str, Any]] = field(default_factory=dict)  # file -> (text, parsed)
+    vips: dict[str, tuple[Any, tuple[Any, ...], FleetVip]] = field(default_factory=dict)  # name -> (raw, context, VIP)
+
+
+def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
     """Read every file, report every error (with file and path), or return the state."""
     issues: list[ConfigIssue] = []
     trees: dict[str, Node] = {}
+    texts: dict[str, tuple[str, Any]] = {}
+    vip_cache: dict[str, tuple[Any, tuple[Any, ...], FleetVip]] = {}
     names = list(FILES)
     extra_dir = os.path.join(directory, "vips")
     if os.path.isdir(extra_dir):
@@ -45,20 +59,28 @@ def load_desired(directory: str, revision: str = "") -> DesiredState:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            trees[name] = Node(parse_yaml(read_text(path), name), "", Issues())
+            text = read_text(path)
+            seen = cache.files.get(name) if cache is not None else None
+            data = seen[1] if seen is not None and seen[0] == text else parse_yaml(text, name)
+            texts[name] = (text, data)
+            trees[name] = Node(data, "", Issues())
         except ConfigError as exc:
             issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in exc.issues]
     if issues:
         raise ConfigError(directory, issues)
-    state = _build(trees, directory, revision)
+    state = _build(trees, directory, revision, cache.vips if cache is not None else {}, vip_cache)
     for name, node in trees.items():
         issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in node.issues.items]
     if issues or state is None:
         raise ConfigError(directory, issues)
+    if cache is not None:
+        cache.files, cache.vips = texts, vip_cache
     return state
 
 
-def _build(trees: dict[str, Node], directory: str, revision: str) -> DesiredState | None:
+def _build(trees: dict[str, Node], directory: str, revision: str,
+           cached: dict[str, tuple[Any, tuple[Any, ...], FleetVip]],
+           to_cache: dict[str, tuple[Any, tuple[Any, ...], FleetVip]]) -> DesiredState | None:
     top = trees["controller.yaml"]
     if not top.is_mapping():
         return None
@@ -83,15 +105,25 @@ def _build(trees: dict[str, Node], directory: str, revision: str) -> DesiredStat
     pop_names = {p.name for p in pops}
 
     vips: list[FleetVip] = []
+    vip_attrs = attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING)
+    # Everything a VIP's reading depends on besides its own definition.
+    context = (allowed, tuple(sorted(defaults.items())), vip_attrs, policy, frozenset(pop_names))
     for file, root in trees.items():
         if file not in ("vips.yaml",) and not file.startswith("vips/"):
             continue
         if not root.is_mapping():
             continue
         for n in _list(root, "vips", file == "vips.yaml"):
-            if (v := _fleet_vip(n, allowed, defaults, attrs or StateAttributes(DEFAULT_UP, DEFAULT_DRAINING),
-                                policy, pop_names)) is not None:
+            raw = n.value
+            name = raw.get("name") if isinstance(raw, dict) else None
+            hit = cached.get(name) if isinstance(name, str) else None
+            if hit is not None and hit[1] == context and hit[0] == raw:
+                v: FleetVip | None = hit[2]  # read without error last time, same input
+            else:
+                v = _fleet_vip(n, allowed, defaults, vip_attrs, policy, pop_names)
+            if v is not None:
                 vips.append(v)
+                to_cache[v.name] = (raw, context, v)
         root.reject_unknown()
     seen_names: dict[str, int] = {}
     seen_prefixes: dict[IPNetwork, str] = {}

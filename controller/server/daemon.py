@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..agent.sdnotify import Notifier
-from ..config.desired import load_desired
+from ..config.desired import LoadCache, load_desired
 from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError
 from ..metrics.central import ControllerMetrics
@@ -37,11 +37,12 @@ class Watcher:
         self.directory = directory
         self.state_dir = state_dir
         self.seen: tuple[str, str] | None = None
+        self.cache = LoadCache()  # unchanged files and VIPs are not read again on a reload
 
     def load(self) -> DesiredState:
         rev = revision(self.directory)
         self.seen = (fingerprint(self.directory), rev)
-        desired = load_desired(self.directory, rev)
+        desired = load_desired(self.directory, rev, self.cache)
         if self.state_dir:
             desired = dataclasses.replace(desired, state_dir=self.state_dir)
         return desired

@@ -93,3 +93,31 @@ def test_anycastctl_validate_accepts_a_controller_directory(tmp_path: Path, caps
     out = capsys.readouterr().out
     assert f"{EXAMPLE}: OK" in out
     assert "vips.yaml: vips[0].publish[3]: unknown POP 'lhr'" in out
+
+
+def test_a_reload_with_the_cache_reads_what_changed_and_refuses_what_is_wrong(tmp_path: Path) -> None:
+    """The daemon's load cache: an unchanged VIP comes back as the same object, a changed one
+    is read again; an edit that is wrong, or a context change (allowed prefixes) that makes an
+    unchanged VIP wrong, is refused with its path exactly as without the cache."""
+    from controller.config.desired import LoadCache
+
+    d = copy(tmp_path)
+    cache = LoadCache()
+    first = load_desired(str(d), "r1", cache)
+    edit(d, "vips.yaml", lambda data: data["vips"][1].__setitem__("publish", ["fra"]))
+    second = load_desired(str(d), "r2", cache)
+    assert second.vip("game-global") is first.vip("game-global")
+    assert second.vip("api-eu").publish == ("fra",)  # type: ignore[union-attr]
+
+    edit(d, "vips.yaml", lambda data: data["vips"][0].__setitem__("address", "10.9.9.9/32"))
+    with pytest.raises(ConfigError) as info:
+        load_desired(str(d), "r3", cache)
+    assert any("vips.yaml: vips[0].address" in str(i) for i in info.value.issues)
+    edit(d, "vips.yaml", lambda data: data["vips"][0].__setitem__("address", "198.51.100.10/32"))
+    assert load_desired(str(d), "r4", cache).vip("game-global") is first.vip("game-global")
+
+    edit(d, "controller.yaml", lambda data: data.__setitem__("allowed_prefixes", ["198.51.100.16/28"]))
+    with pytest.raises(ConfigError) as info:
+        load_desired(str(d), "r5", cache)
+    assert [str(i) for i in info.value.issues] == errors(d)  # the same errors as an uncached load
+    assert any("vips.yaml: vips[0].address" in str(i) for i in info.value.issues)
