@@ -49,9 +49,10 @@ STEADY = PopVipMemory(verdict=True)
 class PlannerState:
     vips: Mapping[str, VipMemory] = field(default_factory=dict)
     pop_vips: Mapping[tuple[str, str], PopVipMemory] = field(default_factory=dict)  # (pop, vip)
-    # Not persisted, only reused: each VIP's "healthy" PlanItem from the last run, so that an
-    # unchanged plan is made of the same objects and comparing two plans is cheap.
-    healthy_items: Mapping[str, PlanItem] = field(default_factory=dict, compare=False, repr=False)
+    # Not persisted, only reused: each VIP's shared PlanItems ("healthy", "report_stale": the
+    # same for every POP in that case) from the last run, so that an unchanged plan is made of
+    # the same objects and comparing two plans is cheap.
+    shared_items: Mapping[str, Mapping[str, PlanItem]] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def initial() -> PlannerState:

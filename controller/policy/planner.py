@@ -44,6 +44,10 @@ from . import dampening
 from .model import STEADY, Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from .origins import origin_views, select_origin
 
+# The two shortcuts in _plan_vip (steady and silent POPs). They give exactly the plan of the
+# full path (a test plans with both and compares); off only in that test.
+SHORTCUTS = True
+
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
 WITHDRAWING = ("backend_down", "dampened", "drained")
 HEALTH_KINDS = ("backend_down", "dampened")  # rate-limited; drains are deliberate
@@ -65,12 +69,12 @@ def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mappin
     pops: dict[str, dict[str, PlanItem]] = {p.name: {} for p in desired.pops}
     notes: dict[str, str] = {}
     alarms: list[Alarm] = []
-    healthy_items: dict[str, PlanItem] = {}
+    shared_items: dict[str, dict[str, PlanItem]] = {}
     for fv in desired.vips:
         name = fv.name
-        items, vmem, pmems, note, vip_alarms, healthy = _plan_vip(fv, reports, drains, now, previous)
-        if healthy is not None:
-            healthy_items[name] = healthy
+        items, vmem, pmems, note, vip_alarms, shared = _plan_vip(fv, reports, drains, now, previous)
+        if shared:
+            shared_items[name] = shared
         wakes += [m.down_since + fv.policy.safety.settle for (pop, _), m in pmems.items()
                   if m.down_since is not None and items.get(pop) is not None and items[pop].reason == "confirming"]
         vip_memory[name] = vmem
@@ -79,14 +83,14 @@ def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mappin
         alarms += vip_alarms
         for pop, item in items.items():
             pops.setdefault(pop, {})[name] = item
-    return PlanResult(PlannerState(vip_memory, pop_memory, healthy_items), pops, notes, tuple(alarms),
+    return PlanResult(PlannerState(vip_memory, pop_memory, shared_items), pops, notes, tuple(alarms),
                       wake_at=min(wakes, default=None))
 
 
 def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
               previous: PlannerState) -> tuple[dict[str, PlanItem], VipMemory, dict[tuple[str, str], PopVipMemory],
-                                                 str, list[Alarm], PlanItem | None]:
-    """The VIP's items per POP, its memories, note and alarms, and its shared healthy item."""
+                                                 str, list[Alarm], dict[str, PlanItem]]:
+    """The VIP's items per POP, its memories, note and alarms, and its shared items."""
     policy = fv.policy
     name = fv.name
     fresh = {p: r for p in fv.publish if (r := reports.get(p)) is not None
@@ -103,21 +107,30 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     memories: dict[tuple[str, str], PopVipMemory] = {}
     proposals: list[_Proposal] = []
     items: dict[str, PlanItem] = {}
-    healthy: PlanItem | None = previous.healthy_items.get(name)
-    if healthy is not None and healthy.active_origin != active:
-        healthy = None
+    shared = {kind: i for kind, i in previous.shared_items.get(name, {}).items() if i.active_origin == active}
+    healthy = shared.get("healthy")
     pop_vips = previous.pop_vips
+    shortcuts = SHORTCUTS and fv.enabled
     for pop in fv.publish:
         key = (pop, name)
         mem = pop_vips.get(key, _NEW)
         verdict = v.get(active) if (v := verdicts.get(pop)) is not None else None
-        if mem is STEADY and verdict is True and fv.enabled and pop not in drains:
+        if shortcuts and mem is STEADY and verdict is True and pop not in drains:
             # The common case, at most POPs for most VIPs most of the time: healthy before,
             # healthy now, no flap history, not drained. Steps 3-4 below would keep the memory
             # as it is and announce; the same PlanItem object serves every such POP (and the
             # next run), so comparing plans stays cheap at 10,000 VIPs x 50 POPs.
             memories[key] = STEADY
-            items[pop] = healthy = healthy or _healthy(name, active)
+            if healthy is None:
+                healthy = shared["healthy"] = _shared(name, active, "healthy")
+            items[pop] = healthy
+            continue
+        if shortcuts and pop not in fresh and pop not in drains and mem.down_since is None and not mem.withdrawn:
+            # A silent POP (the second common case: a POP that cannot reach the controller, or
+            # before the first reports): steps 3-4 keep its memory and leave it to its checks.
+            memories[key] = mem
+            items[pop] = shared.get("report_stale") or shared.setdefault(
+                "report_stale", _shared(name, active, "report_stale"))
             continue
         report = fresh.get(pop)
         if report is not None:
@@ -135,7 +148,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
                                  explanation="the VIP is disabled in the config: withdrawn everywhere")
                  for p in proposals}
         memories = {k: replace(m, withdrawn=False) for k, m in memories.items()}
-        return items, vmem, memories, "disabled: " + note, alarms, None
+        return items, vmem, memories, "disabled: " + note, alarms, {}
 
     # 4. global safety
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
@@ -148,20 +161,25 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
                     for k, m in memories.items()}
     for p in proposals:
         why_held = held.get(p.pop)
-        if p.kind == "healthy" and why_held is None:
-            items[p.pop] = healthy = healthy or _healthy(name, active)
+        if p.kind in _SHARED and why_held is None:
+            items[p.pop] = shared.get(p.kind) or shared.setdefault(p.kind, _shared(name, active, p.kind))
         else:
             items[p.pop] = _item(name, active, p, why_held)
         if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
             memories[(p.pop, name)] = _canonical(replace(memories[(p.pop, name)], withdrawn=p.pop in allowed))
-    return items, vmem, memories, note, alarms, healthy
+    return items, vmem, memories, note, alarms, shared
 
 
 _NEW = PopVipMemory()
 
 
-def _healthy(vip: str, active: str) -> PlanItem:
-    return PlanItem(vip, True, active, reason="healthy", explanation=f"sees {active} healthy: announced")
+# Proposals whose item is the same at every POP (no POP name, no timer in the sentence).
+_SHARED = {"healthy": "sees {active} healthy: announced",
+           "report_stale": "has not reported recently: unknown, left to its own checks"}
+
+
+def _shared(vip: str, active: str, kind: str) -> PlanItem:
+    return PlanItem(vip, True, active, reason=kind, explanation=_SHARED[kind].format(active=active))
 
 
 def _canonical(mem: PopVipMemory) -> PopVipMemory:
@@ -181,7 +199,7 @@ def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopV
                                 f"{fv.policy.drain.drain_time - elapsed:.0f}s more, then withdrawn")
         return "drained", f"{pop} is drained: withdrawn {elapsed - fv.policy.drain.drain_time:.0f}s ago"
     if report is None:
-        return "report_stale", f"{pop} has not reported recently: unknown, left to its own checks"
+        return "report_stale", _SHARED["report_stale"]
     if dampening.dampened(mem, now):
         return "dampened", (f"{pop} flapped: held down until +{mem.dampened_until - now:.0f}s "
                             f"(hold-down #{mem.penalty})")
@@ -193,7 +211,7 @@ def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopV
         return "backend_down", f"{pop} sees {active} down: its agent withdraws the VIP"
     if verdict is None:
         return "health_unknown", f"{pop} has no verdict on {active} yet"
-    return "healthy", f"sees {active} healthy: announced"
+    return "healthy", _SHARED["healthy"].format(active=active)
 
 
 def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport], active: str,

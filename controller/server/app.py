@@ -128,7 +128,7 @@ async def post_report(request: web.Request) -> web.StreamResponse:
     except WireError as exc:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field)
-    ctl.add_report(PopReport(pop, ctl.clock(), generation, origins, announced))
+    await ctl.take_report(PopReport(pop, ctl.clock(), generation, origins, announced))
     return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation})
 
 

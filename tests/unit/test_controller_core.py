@@ -98,3 +98,28 @@ def test_the_state_file_is_written_when_the_state_changes_and_read_back_whole(tm
     assert all(m is STEADY for (pop, _), m in back.planner.pop_vips.items() if pop != "sin")
     restarted = controller(tmp_path, now)  # plans without reports: new plans, newer generations
     assert all(restarted.served[pop].generation > s.generation for pop, s in ctl.served.items())
+
+
+def test_reports_arriving_together_share_one_pass_and_each_is_answered_after_it(tmp_path: Path) -> None:
+    import asyncio
+
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    passes = []
+    original = ctl.replan
+
+    def counting() -> object:
+        passes.append(dict(ctl.reports))
+        return original()
+
+    ctl.replan = counting  # type: ignore[method-assign]
+
+    async def three_pops() -> list[str | None]:
+        async def one(pop: str) -> str | None:
+            await ctl.take_report(report(pop, pop != "sjc", now[0]))
+            item = ctl.item(pop, "game-global")  # the plan already includes this report
+            return item.reason if item else None
+        return list(await asyncio.gather(*(one(p) for p in ("sjc", "fra", "sin"))))
+
+    assert asyncio.run(three_pops()) == ["confirming", "healthy", "healthy"]
+    assert len(passes) == 1 and set(passes[0]) == {"sjc", "fra", "sin"}

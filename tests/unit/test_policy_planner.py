@@ -10,6 +10,7 @@ import pytest
 from controller.config.desired import load_desired
 from controller.config.desired_model import DesiredState, FleetVip, PopSpec
 from controller.policy.model import STEADY, PlannerState, PlanResult, PopReport
+from controller.policy import planner
 from controller.policy.planner import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,14 +271,9 @@ def test_same_inputs_same_plan() -> None:
     assert a == b
 
 
-def _without_shared_objects(state: PlannerState) -> PlannerState:
-    """The same memory with every entry a fresh copy: the planner's fast path (which tests
-    identity with the shared steady memory) never applies, so every pair takes the full path."""
-    return PlannerState(dict(state.vips), {k: dataclasses.replace(m) for k, m in state.pop_vips.items()})
-
-
 @pytest.mark.parametrize("seed", range(12))
-def test_the_fast_path_for_steady_pops_plans_exactly_what_the_full_path_plans(seed: int) -> None:
+def test_the_shortcuts_for_steady_and_silent_pops_plan_exactly_what_the_full_path_plans(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Random verdicts (mostly healthy, sometimes down or unknown, sometimes silent), drains
     and undrains over 80 moments: planning with the steady-POP shortcut and without it gives
     the same items (reason, explanation, holds), the same memory, alarms and wake-up time.
@@ -308,14 +304,16 @@ def test_the_fast_path_for_steady_pops_plans_exactly_what_the_full_path_plans(se
             verdicts[pop] = (usw, rng.choices((UP, DOWN), weights=(95, 5))[0])
         rep = reports(now, **verdicts)
         a = plan(desired, rep, drains, now, fast)
-        b = plan(desired, rep, drains, now, _without_shared_objects(slow))
+        monkeypatch.setattr(planner, "SHORTCUTS", False)
+        b = plan(desired, rep, drains, now, slow)
+        monkeypatch.setattr(planner, "SHORTCUTS", True)
         assert a.pops == b.pops and a.notes == b.notes and a.alarms == b.alarms and a.wake_at == b.wake_at
         assert a.state == b.state
         left_steady += sum(1 for k, m in a.state.pop_vips.items()
                            if fast.pop_vips.get(k) is STEADY and m is not STEADY)
         reasons |= {i.reason for items in a.pops.values() for i in items.values()}
         fast, slow = a.state, b.state
-    assert left_steady > 0 and {"healthy", "confirming"} <= reasons
+    assert left_steady > 0 and {"healthy", "confirming", "report_stale"} <= reasons
     assert reasons & {"backend_down", "dampened", "min_pops_hold", "safety_hold"}
 
 
