@@ -24,10 +24,11 @@ from ..config.errors import ConfigError
 from ..metrics.central import ControllerMetrics
 from .app import Handler, make_app
 from .core import Controller
-from .revision import fingerprint, revision
+from .revision import fingerprint, git_dir, revision, stat_signature
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # plan at least this often: drain and hold-down timers advance with the clock
+WATCH = 0.1  # look at the config files' stat data this often (a commit is noticed within it)
 
 
 class Watcher:
@@ -49,6 +50,26 @@ class Watcher:
 
     def changed(self) -> bool:
         return self.seen != (fingerprint(self.directory), revision(self.directory))
+
+    async def poke_on_change(self, poke: asyncio.Event) -> None:
+        """Set ``poke`` when a config file or the git checkout's state looks different and
+        has stayed so for WATCH seconds (a checkout writing several files is not caught
+        half-way); stat data only, the daemon then checks content and commit with changed()."""
+        gd = git_dir(self.directory)
+        last = stat_signature(self.directory, gd)
+        while True:
+            await asyncio.sleep(WATCH)
+            now = stat_signature(self.directory, gd)
+            if now == last:
+                continue
+            while True:
+                await asyncio.sleep(WATCH)
+                settled = stat_signature(self.directory, gd)
+                if settled == now:
+                    break
+                now = settled
+            last = now
+            poke.set()
 
 
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
@@ -82,6 +103,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
 
     stop = stop or asyncio.Event()
     reload_now = asyncio.Event()
+    poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
+    watching = asyncio.ensure_future(watcher.poke_on_change(poke))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -110,11 +133,13 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     log.exception("planning failed; agents keep the last plan")
                 metrics.reconcile_duration.observe(time.monotonic() - started)
             notifier.notify(watchdog="1", status=f"serving {ctl.desired.revision}")
-            try:
-                await asyncio.wait_for(stop.wait(), TICK)
-            except asyncio.TimeoutError:
-                pass
+            poke.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, reload_now, poke)]
+            await asyncio.wait(waits, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
     finally:
+        watching.cancel()
         await runner.cleanup()
     log.info("controller stopped")
     return 0

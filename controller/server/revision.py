@@ -27,6 +27,39 @@ def fingerprint(directory: str) -> str:
     return h.hexdigest()
 
 
+def stat_signature(directory: str, git_dir: str | None) -> tuple[tuple[str, int, int, int], ...]:
+    """Names, sizes, inodes and mtimes of the YAML files and of the git files a commit,
+    checkout or reset touches: cheap enough to poll ten times a second. When it changes,
+    fingerprint() and revision() say whether the content or the commit really did."""
+    out = []
+    paths = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [os.path.join(root, n) for n in sorted(files) if n.endswith((".yaml", ".yml"))]
+    if git_dir:
+        paths += [os.path.join(git_dir, n) for n in ("HEAD", "index", "packed-refs")]
+        try:
+            with open(os.path.join(git_dir, "HEAD"), encoding="utf-8") as f:
+                head = f.read().strip()
+            if head.startswith("ref: "):
+                paths.append(os.path.join(git_dir, head[5:]))
+        except OSError:
+            pass
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_size, st.st_ino, st.st_mtime_ns))
+        except OSError:
+            out.append((path, -1, -1, -1))
+    return tuple(out)
+
+
+def git_dir(directory: str) -> str | None:
+    """The checkout's git directory (absolute), None outside git."""
+    d = _git(directory, "rev-parse", "--absolute-git-dir")
+    return d or None
+
+
 def _git(directory: str, *args: str) -> str | None:
     try:
         r = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=5)

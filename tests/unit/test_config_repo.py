@@ -66,3 +66,28 @@ def test_ci_step_shows_what_the_change_does_at_which_pop(tmp_path: Path) -> None
     for pop in ("fra", "sin", "sjc"):
         assert f"{pop} game-global move from us-west to eu-central" in lines
     assert not any(line.startswith("fra api-eu") for line in lines)  # untouched where unchanged
+
+
+def test_the_daemons_cheap_watch_sees_edits_new_files_and_commits(tmp_path: Path) -> None:
+    """The controller polls stat data ten times a second and reloads when it changes: an
+    edited file, a new vips/*.yaml, and a commit that changes no file (it changes the
+    revision the plans carry) must each change the signature; nothing happening must not."""
+    from controller.server.revision import git_dir, stat_signature
+
+    repo = make_repo(tmp_path)
+    os.remove(repo / ".git" / "hooks" / "pre-commit")  # the hook is tested above; here only git
+    gd = git_dir(str(repo))
+    assert gd == str(repo / ".git")
+    first = stat_signature(str(repo), gd)
+    assert stat_signature(str(repo), gd) == first
+    edit_vips(repo, lambda d: d["vips"][0].__setitem__("enabled", False))
+    edited = stat_signature(str(repo), gd)
+    assert edited != first
+    assert sh(repo, "git", "commit", "-qam", "disable").returncode == 0
+    committed = stat_signature(str(repo), gd)
+    assert committed != edited
+    assert sh(repo, "git", "commit", "-q", "--allow-empty", "-m", "no file changed").returncode == 0
+    assert stat_signature(str(repo), gd) != committed
+    (repo / "vips").mkdir()
+    (repo / "vips" / "more.yaml").write_text("vips: []\n")
+    assert len(stat_signature(str(repo), gd)) == len(committed) + 1
