@@ -18,7 +18,7 @@ Report::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from .agent.intent import Plan, VipIntent
@@ -119,9 +119,10 @@ def encode_report(plan_generation: int, origins: Mapping[str, Mapping[str, bool 
             "origins": {v: dict(r) for v, r in origins.items()}, "announced": dict(announced)}
 
 
-def decode_report(data: Any, published: Mapping[str, Vip]) -> tuple[int, dict[str, dict[str, bool | None]],
-                                                                     dict[str, bool]]:
-    """Validate a POP's report against the VIPs it publishes: (generation, origins, announced)."""
+def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> tuple[
+        int, dict[str, dict[str, bool | None]], dict[str, bool]]:
+    """Validate a POP's report against the VIPs it publishes (name -> origin regions):
+    (generation, origins, announced)."""
     obj = _mapping(data, "")
     unknown = set(obj) - {"plan_generation", "origins", "announced"}
     if unknown:
@@ -129,12 +130,12 @@ def decode_report(data: Any, published: Mapping[str, Vip]) -> tuple[int, dict[st
     generation = _int(obj.get("plan_generation", 0), "plan_generation")
     origins: dict[str, dict[str, bool | None]] = {}
     for vip_name, regions in _mapping(obj.get("origins", {}), "origins").items():
-        vip = published.get(vip_name)
-        if vip is None:
+        known = published.get(vip_name)
+        if known is None:
             raise WireError(f"origins.{vip_name}", "this POP does not publish that VIP")
         verdicts: dict[str, bool | None] = {}
         for region, verdict in _mapping(regions, f"origins.{vip_name}").items():
-            if vip.origin(region) is None:
+            if region not in known:
                 raise WireError(f"origins.{vip_name}.{region}", "not an origin region of this VIP")
             if verdict is not None and not isinstance(verdict, bool):
                 raise WireError(f"origins.{vip_name}.{region}", "expected true, false or null")

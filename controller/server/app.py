@@ -122,7 +122,7 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error(400, f"malformed JSON: {exc}", "")
-    published = {v.name: v.vip for v in ctl.desired.published_at(pop)}
+    published = ctl.published_regions(pop)
     try:
         generation, origins, announced = decode_report(body, published)
     except WireError as exc:

@@ -65,6 +65,8 @@ class Controller:
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
+    _published: tuple[DesiredState | None, dict[str, dict[str, frozenset[str]]]] = (None, {})
+    _stale_after: float = 0.0
 
     def __post_init__(self) -> None:
         self.persisted = store.load(self.desired.state_dir)
@@ -95,12 +97,39 @@ class Controller:
     async def take_report(self, report: PopReport) -> None:
         """Store the report and return once a pass has planned with it. Reports that arrive
         together share one pass (at 50 POPs x 10,000 VIPs a pass takes about a second: one
-        per report would queue 50 of them when every POP reports at once)."""
+        per report would queue 50 of them when every POP reports at once). A report that
+        says what the POP's previous, still fresh, report said changes no plan: it is
+        stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
+        previous = self.reports.get(report.pop)
         self.reports[report.pop] = report
+        if (previous is not None and previous.origins == report.origins
+                and report.received_at - previous.received_at < self._min_stale_after()):
+            return
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_later(REPORT_BATCH, self._planned_reports)
         await asyncio.shield(self._pending)
+
+    def _min_stale_after(self) -> float:
+        if self._published[0] is not self.desired:
+            self._index_desired()
+        return self._stale_after
+
+    def published_regions(self, pop: str) -> dict[str, frozenset[str]]:
+        """The VIPs ``pop`` publishes and their origin regions (to validate its reports)."""
+        if self._published[0] is not self.desired:
+            self._index_desired()
+        return self._published[1].get(pop, {})
+
+    def _index_desired(self) -> None:
+        by_pop: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self.desired.pops}
+        for fv in self.desired.vips:
+            regions = frozenset(o.region for o in fv.vip.origins)
+            for pop in fv.publish:
+                by_pop.setdefault(pop, {})[fv.name] = regions
+        self._published = (self.desired, by_pop)
+        self._stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
+                                default=self.desired.policy.safety.report_stale_after)
 
     def _planned_reports(self) -> None:
         done, self._pending = self._pending, None

@@ -123,3 +123,37 @@ def test_reports_arriving_together_share_one_pass_and_each_is_answered_after_it(
 
     assert asyncio.run(three_pops()) == ["confirming", "healthy", "healthy"]
     assert len(passes) == 1 and set(passes[0]) == {"sjc", "fra", "sin"}
+
+
+def test_a_report_that_repeats_a_fresh_one_is_stored_without_a_pass(tmp_path: Path) -> None:
+    """At 50 POPs reporting every 2 s a pass per report would keep the controller busy; a
+    repeat changes no plan. A changed verdict, or a POP coming back after its last report
+    went stale, must still be planned before the answer."""
+    import asyncio
+
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    passes: list[float] = []
+    original = ctl.replan
+
+    def counting() -> object:
+        passes.append(now[0])
+        return original()
+
+    ctl.replan = counting  # type: ignore[method-assign]
+    stale_after = ctl.desired.policy.safety.report_stale_after
+
+    async def send(pop: str, usw: bool) -> None:
+        await ctl.take_report(report(pop, usw, now[0]))
+
+    asyncio.run(send("fra", True))
+    assert len(passes) == 1
+    now[0] += 1
+    asyncio.run(send("fra", True))  # the same verdicts: stored, no pass
+    assert len(passes) == 1 and ctl.reports["fra"].received_at == now[0]
+    now[0] += 1
+    asyncio.run(send("fra", False))  # changed: planned before the answer
+    assert len(passes) == 2 and ctl.item("fra", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
+    now[0] += stale_after + 1
+    asyncio.run(send("fra", False))  # the same, but the last one went stale meanwhile
+    assert len(passes) == 3

@@ -65,7 +65,7 @@ def test_invalid_plans_name_the_field(mutate: object, field: str) -> None:
 
 
 def test_report_validation() -> None:
-    published = {"game-global": GAME}
+    published = {"game-global": {o.region for o in GAME.origins}}
     gen, origins, announced = decode_report(
         {"plan_generation": 3, "origins": {"game-global": {"us-west": True, "eu-central": None}},
          "announced": {"game-global": False}}, published)
