@@ -11,6 +11,7 @@ Namespaces are named ``t-bench-XXXX-<node>``; Lab.teardown() stops every process
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 import os
 import subprocess
 import threading
@@ -91,15 +92,24 @@ class RouteWatcher:
     def wait_count(self, present: bool, proto: str, count: int, since: int, timeout: float) -> float | None:
         """Monotonic time of the `count`-th add (present) or delete of a `proto` route after
         `since`; None if fewer came within `timeout`."""
+        return self._wait(lambda is_present, _, p: is_present == present and p == proto, count, since, timeout)
+
+    def wait(self, prefix: str, present: bool, since: int, timeout: float) -> float | None:
+        """Monotonic time of the first event after `since` that adds (present) or deletes
+        `prefix`; None if none came within `timeout`."""
+        want = str(ipaddress.ip_network(prefix, strict=False))
+        return self._wait(lambda is_present, pfx, _: pfx == want and is_present == present, 1, since, timeout)
+
+    def _wait(self, match: Callable[[bool, str, str], bool], count: int, since: int, timeout: float) -> float | None:
         deadline = time.monotonic() + timeout
         seen = 0
         with self._cond:
             i = since
             while True:
                 while i < len(self._events):
-                    stamp, is_present, _, p = self._events[i]
+                    stamp, is_present, pfx, proto = self._events[i]
                     i += 1
-                    if is_present == present and p == proto:
+                    if match(is_present, pfx, proto):
                         seen += 1
                         if seen >= count:
                             return stamp
@@ -107,25 +117,6 @@ class RouteWatcher:
                 if left <= 0:
                     return None
                 self._cond.wait(left)
-
-    def wait(self, prefix: str, present: bool, since: int, timeout: float) -> float | None:
-        """Monotonic time of the first event after `since` that adds (present) or deletes
-        `prefix`; None if none came within `timeout`."""
-        want = str(ipaddress.ip_network(prefix, strict=False))
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            i = since
-            while True:
-                while i < len(self._events):
-                    stamp, is_present, pfx, _ = self._events[i]
-                    i += 1
-                    if pfx == want and is_present == present:
-                        return stamp
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-
 
 @dataclass
 class BgpLab:
