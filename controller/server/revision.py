@@ -1,6 +1,7 @@
 """Which revision of the config directory is on disk: the git commit, and whether the
-working tree differs from it. Polled every second, so a new commit or an edited file is
-noticed without any hook."""
+working tree differs from it. The daemon polls stat_signature() ten times a second and
+changed content or commit once per pass, so a new commit or an edited file is noticed
+without any hook."""
 
 from __future__ import annotations
 
