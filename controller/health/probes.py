@@ -9,7 +9,9 @@ the very thing that is broken.
 
 The HTTP client is deliberately minimal (one HTTP/1.1 GET with ``Connection: close``,
 status line, headers, at most 64 KiB of body, plain or chunked): it is all a health check
-needs, and it keeps the agent free of an HTTP library dependency.
+needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP, the bulk of
+the checks, runs as event-loop callbacks on a bare socket (``_PlainHttpCheck``), HTTPS on
+asyncio streams; both give the same verdicts and details.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import errno
 import functools
 import ipaddress
+import os
 import socket
 import ssl
 import string
@@ -84,6 +87,15 @@ class ProbeSpec:
         if self.host_header:  # "" means none, as in _request
             _wire_host(self.host_header)  # raises ValueError if it cannot go on the wire
 
+    @functools.cached_property
+    def _plain_http(self) -> _PlainHttpPlan | None:
+        """What a plain HTTP check needs, worked out once per spec (not per check); None
+        where the stream path runs: tcp, https, and scoped IPv6 addresses ('fe80::1%eth0'),
+        which asyncio resolves through getaddrinfo."""
+        if self.kind != "http" or "%" in self.host:
+            return None
+        return _PlainHttpPlan(self)
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -99,6 +111,21 @@ class _BadResponse(Exception):
 async def probe(spec: ProbeSpec) -> ProbeResult:
     """Run one check. Returns a failed result, never raises, for network and backend trouble."""
     started = time.perf_counter()
+    plan = spec._plain_http
+    if plan is not None:
+        # Plain HTTP: callbacks on a bare socket (see _PlainHttpCheck), same verdicts and
+        # details as the stream path below for about 40 % less CPU per check.
+        check = _PlainHttpCheck(plan)
+        try:
+            ok, detail = await check.verdict
+        finally:
+            check.close()  # cancelled (target removed): the socket still closes now
+        return ProbeResult(ok, time.perf_counter() - started, detail)
+    return await _probe_streams(spec, started)
+
+
+async def _probe_streams(spec: ProbeSpec, started: float) -> ProbeResult:
+    """TCP, HTTPS, and HTTP to scoped IPv6 addresses: asyncio streams."""
     stage = "connecting"  # where a timeout or an error struck, for the detail
     writer: asyncio.StreamWriter | None = None
     try:
@@ -186,6 +213,371 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
     return ctx
 
 
+# --- plain HTTP without streams -------------------------------------------------------------
+# The stream path (open_connection with its transport and protocol, StreamReader.readuntil
+# per line, a task wake-up per await, asyncio.timeout) spends more CPU in Python than the
+# kernel spends on the connection; at thousands of checks a second that is the agent's
+# budget. Plain HTTP therefore runs as callbacks on a bare non-blocking socket: connect,
+# send the request prepared once per spec, parse each segment as it arrives, with one
+# future for the verdict and one timer for the deadline. The verdicts and details are the
+# stream path's: the same parsing helpers, StreamReader's line limit, the same stages and
+# error texts (tests run both paths against the same odd servers). Known differences, all
+# in corner cases: a send that fails right after the connect reads "connection reset
+# sending the request" where the stream path may say "ConnectionResetError sending the
+# request"; and for a line over 64 KiB, which of StreamReader's two limit messages comes
+# depends on how the data was split into reads (64 KiB here, 256 KiB there).
+
+_LINE_LIMIT: Final = 2**16  # asyncio's StreamReader limit: the longest line readuntil() returns
+_RECV_SIZE: Final = 2**16  # per recv(); asyncio's 256 KiB costs more (a fresh large buffer each time)
+_HIGH_WATER: Final = 2**16  # asyncio's write buffer high-water mark: drain() waits above it
+
+# Parser states.
+_STATUS, _HEADER, _LENGTH, _TO_EOF, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF = range(7)
+
+_CONNECTING: Final = "connecting"
+_SENDING: Final = "sending the request"
+_WAITING: Final = "waiting for the response"
+_BODY: Final = "reading the body"
+
+
+class _PlainHttpPlan:
+    """Everything about a plain HTTP check that does not change from one check to the next."""
+
+    __slots__ = ("address", "body_lacks", "expect_body", "expect_status", "family", "nodelay", "request",
+                 "source", "timeout", "timeout_prefix")
+
+    def __init__(self, spec: ProbeSpec) -> None:
+        v6 = ":" in spec.host
+        self.family = socket.AF_INET6 if v6 else socket.AF_INET
+        # As asyncio's _ensure_resolved() spells an IP literal (it shows in connect errors).
+        self.address: tuple[str, int] | tuple[str, int, int, int] = (
+            (spec.host, spec.port, 0, 0) if v6 else (spec.host, spec.port))
+        self.source: tuple[str, int] | tuple[str, int, int, int] | None = None
+        if spec.source:
+            self.source = (spec.source, 0, 0, 0) if ":" in spec.source else (spec.source, 0)
+        self.request = _request(spec)
+        # asyncio's transport sets TCP_NODELAY; it only matters for a request that goes out
+        # in more than one segment (a very long path), where Nagle could hold back its tail.
+        self.nodelay = len(self.request) > 512
+        self.timeout = spec.timeout
+        self.timeout_prefix = f"timeout after {spec.timeout:.2f}s "
+        self.expect_status = spec.expect_status
+        self.expect_body = None if spec.expect_body is None else spec.expect_body.encode()
+        self.body_lacks = "" if spec.expect_body is None else f"body lacks {_shorten(spec.expect_body)!r}"
+
+
+class _Closed(Exception):
+    """EOF where a line was due (the stream path's IncompleteReadError from readuntil)."""
+
+
+class _Truncated(Exception):
+    """EOF within a counted read (the stream path's IncompleteReadError from readexactly)."""
+
+    def __init__(self, got: int, expected: int) -> None:
+        super().__init__(got, expected)
+        self.got, self.expected = got, expected
+
+
+class _PlainHttpCheck:
+    """One plain HTTP check, driven by event-loop callbacks; ``verdict`` gets (ok, detail).
+
+    Nothing here raises into the loop: network trouble and bad answers become a verdict;
+    a bug becomes the verdict future's exception, which the scheduler reports as a probe
+    error. ``close()`` (idempotent) releases the socket, the callbacks and the timer.
+    """
+
+    __slots__ = ("_body", "_buf", "_chunk", "_fd", "_length", "_loop", "_need", "_plan", "_pos", "_reading",
+                 "_scan", "_size", "_sock", "_stage", "_state", "_status", "_te", "_timer", "_unsent",
+                 "_writing", "verdict")
+
+    def __init__(self, plan: _PlainHttpPlan) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._plan = plan
+        self.verdict: asyncio.Future[tuple[bool, str]] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = loop.call_at(loop.time() + plan.timeout, self._on_timeout)
+        self._stage = _CONNECTING
+        self._sock: socket.socket | None = None
+        self._fd = -1
+        self._reading = self._writing = False  # registered with the loop
+        self._unsent = b""  # request bytes the socket did not take yet
+        self._buf = bytearray()
+        self._pos = 0  # start of the unparsed data in _buf
+        self._scan = 0  # where the search for the next newline resumes
+        self._state = _STATUS
+        self._size = 0  # bytes of status lines and headers so far
+        self._status = 0
+        self._te = ""  # Transfer-Encoding and Content-Length of the response being read
+        self._length: str | None = None
+        self._need = 0  # bytes a counted read waits for
+        self._chunk = 0  # size of the chunk being read
+        self._body = bytearray()  # chunked bodies only; the others are sliced from _buf
+        try:
+            sock = self._sock = socket.socket(plan.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self._fd = sock.fileno()
+            if plan.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if plan.source is not None:
+                self._bind(sock, plan.source)
+            err = sock.connect_ex(plan.address)
+            if err == 0:
+                self._connected()
+            elif err in (errno.EINPROGRESS, errno.EINTR):
+                self._writing = True
+                loop.add_writer(self._fd, self._on_connect)
+            else:
+                raise OSError(err, os.strerror(err))
+        except OSError as exc:
+            self._error(exc)
+        except Exception as exc:  # a bug: make it the probe's exception, as on the stream path
+            self._bug(exc)
+
+    def _bind(self, sock: socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
+        """Bind to the source address; failures read as asyncio's create_connection words them."""
+        if (len(source) == 4) != (self._plan.family == socket.AF_INET6):
+            raise OSError(f"no matching local address with family={self._plan.family!r} found")
+        try:
+            sock.bind(source)
+        except OSError as exc:
+            raise OSError(exc.errno, f"error while attempting to bind on address {source!r}: "
+                                     f"{(exc.strerror or '').lower()}") from None
+
+    # --- loop callbacks -------------------------------------------------------------------
+    def _on_connect(self) -> None:
+        try:
+            assert self._sock is not None
+            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"Connect call failed {self._plan.address}")
+            self._connected()
+        except OSError as exc:
+            self._error(exc)
+        except Exception as exc:
+            self._bug(exc)
+
+    def _connected(self) -> None:
+        """Send the request, then wait for the answer (and for room to send the rest, if any)."""
+        self._stage = _SENDING
+        self._unsent = self._plan.request
+        if not self._send():
+            return
+        # The reader before the writer goes: one epoll modification each, no re-registration.
+        self._reading = True
+        self._loop.add_reader(self._fd, self._on_readable)
+        if self._unsent:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+        elif self._writing:  # still registered for the connect
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _send(self) -> bool:
+        """Send what the socket takes; False when that failed (the check is over)."""
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._error(exc)
+            return False
+        self._unsent = self._unsent[sent:]
+        if self._stage == _SENDING and len(self._unsent) <= _HIGH_WATER:
+            # The stream path's drain() returns once the rest fits its write buffer.
+            self._stage = _WAITING
+        return True
+
+    def _on_writable(self) -> None:
+        try:
+            if self._send() and not self._unsent:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+        except Exception as exc:
+            self._bug(exc)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._error(exc)
+            return
+        try:
+            if data:
+                self._buf += data
+                self._parse(False)
+            else:
+                self._loop.remove_reader(self._fd)
+                self._reading = False
+                self._parse(True)
+                if self._sock is not None:
+                    raise AssertionError("the response parser neither finished nor failed at EOF")
+        except _BadResponse as exc:
+            self._finish(False, f"bad response: {exc}")
+        except _Closed:
+            self._finish(False, f"connection closed {self._stage}")
+        except _Truncated as exc:
+            self._finish(False, f"body truncated ({exc.got} of {exc.expected} bytes)")
+        except Exception as exc:
+            self._bug(exc)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._finish(False, self._plan.timeout_prefix + self._stage)
+
+    # --- the response ---------------------------------------------------------------------
+    def _line(self, eof: bool) -> bytearray | None:
+        """The next line, newline included; None until it is complete. StreamReader.readuntil's
+        rules: a line longer than its limit, or that much data without a newline, is an error."""
+        buf = self._buf
+        pos = self._pos
+        end = buf.find(b"\n", self._scan)
+        if end < 0:
+            if len(buf) - pos > _LINE_LIMIT:
+                raise _BadResponse("Separator is not found, and chunk exceed the limit")
+            if eof:
+                raise _Closed
+            self._scan = len(buf)
+            return None
+        if end - pos > _LINE_LIMIT:
+            raise _BadResponse("Separator is found, but chunk is longer than limit")
+        self._pos = self._scan = end + 1
+        return buf[pos:end + 1]
+
+    def _parse(self, eof: bool) -> None:
+        """Consume what arrived; finish the check once the response is judged. At EOF every
+        state either finishes or raises."""
+        while self._sock is not None:
+            state = self._state
+            if state == _STATUS or state == _HEADER or state == _CHUNK_SIZE:
+                line = self._line(eof)
+                if line is None:
+                    return
+                if state == _STATUS:
+                    self._size += len(line)
+                    self._status = _status_of(line)
+                    self._te, self._length = "", None
+                    self._state = _HEADER
+                elif state == _HEADER:
+                    self._size += len(line)
+                    if self._size > MAX_HEAD:
+                        raise _BadResponse(f"headers longer than {MAX_HEAD} bytes")
+                    if line == b"\r\n" or line == b"\n":
+                        self._end_of_head()
+                    else:
+                        name, value = _header_of(line)
+                        if name == "transfer-encoding":
+                            self._te = value
+                        elif name == "content-length":
+                            self._length = value
+                else:
+                    self._chunk = _chunk_size_of(line)
+                    if self._chunk == 0:
+                        self._judge(self._body, 0, len(self._body))  # trailers, if any, are left unread
+                        return
+                    self._need = min(self._chunk, MAX_BODY - len(self._body))
+                    self._state = _CHUNK_DATA
+                continue
+            available = len(self._buf) - self._pos
+            if state == _TO_EOF:
+                if available >= MAX_BODY or eof:
+                    self._judge(self._buf, self._pos, self._pos + min(available, MAX_BODY))
+                return
+            need = self._need
+            if available < need:
+                if eof:
+                    raise _Truncated(available, need)
+                self._compact()
+                return
+            start = self._pos
+            self._pos = self._scan = start + need
+            if state == _LENGTH:
+                self._judge(self._buf, start, start + need)
+                return
+            if state == _CHUNK_DATA:
+                self._body += self._buf[start:start + need]
+                if need < self._chunk:
+                    self._judge(self._body, 0, len(self._body))  # MAX_BODY reached within the chunk
+                    return
+                self._need = 2  # the CRLF after the chunk data (not looked at)
+                self._state = _CHUNK_CRLF
+            else:  # _CHUNK_CRLF
+                if len(self._body) >= MAX_BODY:
+                    self._judge(self._body, 0, len(self._body))
+                    return
+                self._state = _CHUNK_SIZE
+                self._compact()
+
+    def _end_of_head(self) -> None:
+        status = self._status
+        if not _is_final(status):
+            self._state = _STATUS
+            return
+        expected = self._plan.expect_status
+        if status != expected:
+            # No need to read a body we will not judge.
+            self._finish(False, f"HTTP {status} (expected {expected})")
+            return
+        self._stage = _BODY
+        if status in (204, 304):
+            self._judge(b"", 0, 0)
+        elif "chunked" in self._te.lower():
+            self._state = _CHUNK_SIZE
+        elif self._length is not None:
+            self._need = _body_length_of(self._length)
+            self._state = _LENGTH
+        else:
+            self._state = _TO_EOF
+
+    def _compact(self) -> None:
+        """Drop parsed data once it is large, so a long exchange does not keep it all."""
+        if self._pos > MAX_BODY:
+            del self._buf[:self._pos]
+            self._scan -= self._pos
+            self._pos = 0
+
+    def _judge(self, data: bytes | bytearray, start: int, end: int) -> None:
+        """Judge the body, data[start:end]."""
+        plan = self._plan
+        if plan.expect_body is not None and data.find(plan.expect_body, start, end) < 0:
+            self._finish(False, plan.body_lacks)
+        else:
+            self._finish(True, f"HTTP {self._status}")
+
+    # --- the end --------------------------------------------------------------------------
+    def _error(self, exc: OSError) -> None:
+        text = _ERRNO_TEXT.get(exc.errno or 0) or exc.strerror or type(exc).__name__
+        self._finish(False, text if self._stage == _CONNECTING else f"{text} {self._stage}")
+
+    def _finish(self, ok: bool, detail: str) -> None:
+        if not self.verdict.done():
+            self.verdict.set_result((ok, detail))
+        self.close()
+
+    def _bug(self, exc: Exception) -> None:
+        if not self.verdict.done():
+            self.verdict.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        sock.close()
+
+
 def _request(spec: ProbeSpec) -> bytes:
     host = _wire_host(spec.host_header) if spec.host_header else _authority(spec)
     return (
@@ -218,10 +610,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
     while True:
         line = await reader.readuntil(b"\n")
         size += len(line)
-        version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/") or not _is_number(code, 10) or rest[3:4] not in ("", " "):
-            raise _BadResponse(f"not an HTTP status line: {_shorten(line.decode('latin-1').strip())!r}")
+        status = _status_of(line)
         headers: dict[str, str] = {}
         while True:
             line = await reader.readuntil(b"\n")
@@ -230,14 +619,32 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
                 raise _BadResponse(f"headers longer than {MAX_HEAD} bytes")
             if line in (b"\r\n", b"\n"):
                 break
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon:
-                raise _BadResponse(f"malformed header line: {_shorten(line.decode('latin-1').strip())!r}")
-            headers[name.strip().lower()] = value.strip()
-        status = int(code)
-        # 100 Continue, 103 Early Hints: an interim answer, the real one follows.
-        if not (100 <= status < 200) or status == 101:
+            name, value = _header_of(line)
+            headers[name] = value
+        if _is_final(status):
             return status, headers
+
+
+def _status_of(line: bytes | bytearray) -> int:
+    """The status code of a status line ('HTTP/1.1 200 OK\\r\\n')."""
+    version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/") or not _is_number(code, 10) or rest[3:4] not in ("", " "):
+        raise _BadResponse(f"not an HTTP status line: {_shorten(line.decode('latin-1').strip())!r}")
+    return int(code)
+
+
+def _is_final(status: int) -> bool:
+    """100 Continue, 103 Early Hints: an interim answer, the real one follows."""
+    return not (100 <= status < 200) or status == 101
+
+
+def _header_of(line: bytes | bytearray) -> tuple[str, str]:
+    """(name lowercased, value) of a header line."""
+    name, colon, value = line.decode("latin-1").partition(":")
+    if not colon:
+        raise _BadResponse(f"malformed header line: {_shorten(line.decode('latin-1').strip())!r}")
+    return name.strip().lower(), value.strip()
 
 
 async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[str, str]) -> bytes:
@@ -248,11 +655,9 @@ async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[st
         return await _read_chunked(reader)
     length = headers.get("content-length")
     if length is not None:
-        if not _is_number(length, 10):
-            raise _BadResponse(f"bad Content-Length {_shorten(length)!r}")
         # Stop at Content-Length: a server that ignores "Connection: close" must not
         # turn a good answer into a timeout.
-        return await reader.readexactly(min(int(length), MAX_BODY))
+        return await reader.readexactly(_body_length_of(length))
     body = bytearray()
     while len(body) < MAX_BODY:
         chunk = await reader.read(MAX_BODY - len(body))
@@ -265,11 +670,7 @@ async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[st
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     while len(body) < MAX_BODY:
-        size_line = await reader.readuntil(b"\n")
-        size_text = size_line.split(b";", 1)[0].strip().decode("latin-1")
-        if not _is_number(size_text, 16):
-            raise _BadResponse(f"bad chunk size {_shorten(size_text)!r}")
-        size = int(size_text, 16)
+        size = _chunk_size_of(await reader.readuntil(b"\n"))
         if size == 0:
             break  # trailers, if any, are left unread: the connection closes anyway
         take = min(size, MAX_BODY - len(body))
@@ -278,6 +679,20 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             break
         await reader.readexactly(2)  # CRLF after the chunk data
     return bytes(body)
+
+
+def _chunk_size_of(size_line: bytes | bytearray) -> int:
+    size_text = size_line.split(b";", 1)[0].strip().decode("latin-1")
+    if not _is_number(size_text, 16):
+        raise _BadResponse(f"bad chunk size {_shorten(size_text)!r}")
+    return int(size_text, 16)
+
+
+def _body_length_of(content_length: str) -> int:
+    """How much of a Content-Length body to read."""
+    if not _is_number(content_length, 10):
+        raise _BadResponse(f"bad Content-Length {_shorten(content_length)!r}")
+    return min(int(content_length), MAX_BODY)
 
 
 def _is_number(text: str, base: int) -> bool:

@@ -11,6 +11,7 @@ import gc
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from controller.health import probes
 from controller.health.probes import ProbeResult, ProbeSpec, probe
 from controller.health.scheduler import CheckScheduler, Target
 
@@ -358,6 +360,289 @@ def test_https_against_a_plain_http_port_fails_naming_tls() -> None:
 
     result = check(scenario)
     assert (result.ok, result.detail) == (False, "TLS: wrong version number")
+
+
+# --- plain HTTP: the callback path against the stream path ---------------------------------
+# Plain HTTP checks run on a bare socket with callbacks (probes._PlainHttpCheck); HTTPS and
+# TCP keep asyncio streams. Each scenario below runs both on the same server and requires
+# the same verdict and detail, and the detail the scenario expects.
+
+
+def segments(parts: list[bytes], gap: float = 0.002, then: str = "close") -> Handler:
+    """Write `parts` as separate TCP segments (`gap` apart), then `close` (FIN, after every
+    byte is out), `reset` (RST) or `wait` (keep the connection open)."""
+
+    async def handler(head: bytes, writer: asyncio.StreamWriter) -> None:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(gap)
+        if then == "reset":
+            await asyncio.sleep(0.02)  # let the data arrive first
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif then == "close":
+            writer.close()
+            await writer.wait_closed()
+        else:
+            await asyncio.sleep(30)
+
+    return handler
+
+
+def bytewise(data: bytes, then: str = "close") -> Handler:
+    return segments([data[i:i + 1] for i in range(len(data))], gap=0.0005, then=then)
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\n"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+BIG = b"x" * (70 * 1024)
+
+PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
+    ("one segment", raw(OK_HEAD + b"MARKER"), {"expect_body": "MARKER"}, (True, "HTTP 200")),
+    ("one byte per segment", bytewise(OK_HEAD + b"MARKER"), {"expect_body": "MARKER"}, (True, "HTTP 200")),
+    ("split inside the blank line", segments([OK_HEAD[:-3], OK_HEAD[-3:-1], OK_HEAD[-1:] + b"MAR", b"KER"]),
+     {"expect_body": "MARKER"}, (True, "HTTP 200")),
+    ("bare LF line ends", raw(b"HTTP/1.0 200 OK\nContent-Length: 2\n\nok"), {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("no Content-Length, closed by the server", segments([b"HTTP/1.0 200 OK\r\n\r\nall go", b"od"]),
+     {"expect_body": "good"}, (True, "HTTP 200")),
+    ("no Content-Length, byte by byte", bytewise(b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nall good"),
+     {"expect_body": "good"}, (True, "HTTP 200")),
+    ("no Content-Length, empty body", segments([b"HTTP/1.0 200 OK\r\n\r\n"]), {"expect_body": ""}, (True, "HTTP 200")),
+    ("no Content-Length, past 64 KiB", segments([b"HTTP/1.1 200 OK\r\n\r\n", BIG[:40000], BIG[40000:] + b"MARKER"]),
+     {"expect_body": "MARKER"}, (False, "body lacks 'MARKER'")),
+    ("no Content-Length, 64 KiB and the server keeps the connection",
+     segments([b"HTTP/1.1 200 OK\r\n\r\n" + BIG[:30000], BIG[:40000]], then="wait"),
+     {"expect_body": "xx"}, (True, "HTTP 200")),
+    ("Content-Length, body past 64 KiB",
+     segments([b"HTTP/1.1 200 OK\r\nContent-Length: 71686\r\n\r\n" + BIG + b"MARKER"], then="wait"),
+     {"expect_body": "MARKER"}, (False, "body lacks 'MARKER'")),
+    ("Content-Length twice: the last counts", raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\ncontent-length: 2\r\n\r\nok",
+                                                  then_wait=10), {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("Content-Length body truncated", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npar", b"tial"]),
+     {}, (False, "body truncated (7 of 100 bytes)")),
+    ("Content-Length body truncated past 64 KiB", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 10]),
+     {}, (False, "body truncated (10 of 65536 bytes)")),
+    ("bad Content-Length", raw(b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\nok"), {},
+     (False, "bad response: bad Content-Length '12abc'")),
+    ("chunked, byte by byte", bytewise(CHUNKED + b"4;ext=1\r\nMARK\r\n2\r\nER\r\n0\r\nTrailer: x\r\n\r\n"),
+     {"expect_body": "MARKER"}, (True, "HTTP 200")),
+    ("chunked, upper-case hex sizes", raw(CHUNKED + b"A\r\n0123456789\r\n0\r\n\r\n"), {"expect_body": "56789"},
+     (True, "HTTP 200")),
+    ("chunked, one chunk past 64 KiB", segments([CHUNKED + b"11806\r\n", BIG + b"MARKER\r\n0\r\n\r\n"], then="wait"),
+     {"expect_body": "MARKER"}, (False, "body lacks 'MARKER'")),
+    ("chunked, chunks reach exactly 64 KiB", segments([CHUNKED, b"8000\r\n" + BIG[:32768] + b"\r\n",
+                                                       b"8000\r\n" + BIG[:32760] + b"MARKER!!\r\n"], then="wait"),
+     {"expect_body": "MARKER"}, (True, "HTTP 200")),
+    ("chunked, data truncated", segments([CHUNKED + b"a\r\nabc"]), {}, (False, "body truncated (3 of 10 bytes)")),
+    ("chunked, no CRLF after the data", segments([CHUNKED + b"4\r\nMARK"]), {}, (False, "body truncated (0 of 2 bytes)")),
+    ("chunked, closed before a size line", segments([CHUNKED + b"4\r\nMARK\r\n"]), {},
+     (False, "connection closed reading the body")),
+    ("chunked, bad size", raw(CHUNKED + b"zz\r\n"), {}, (False, "bad response: bad chunk size 'zz'")),
+    ("interim answers, split", segments([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early", b" Hints\r\nLink: x\r\n\r\n",
+                                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]), {}, (True, "HTTP 200")),
+    ("101 is final", raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), {}, (False, "HTTP 101 (expected 200)")),
+    ("204 has no body", raw(b"HTTP/1.1 204 No Content\r\n\r\n", then_wait=10), {"expect_status": 204, "expect_body": "x"},
+     (False, "body lacks 'x'")),
+    ("status other than expected, body not read", raw(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n", then_wait=10),
+     {}, (False, "HTTP 503 (expected 200)")),
+    ("headers longer than 64 KiB", segments([b"HTTP/1.1 200 OK\r\n"] + [b"X-Filler: " + b"y" * 1000 + b"\r\n"] * 70,
+                                            then="wait"), {}, (False, "bad response: headers longer than 65536 bytes")),
+    ("status line longer than the line limit", segments([b"HTTP/1.1 200 " + b"x" * 100_000], then="wait"), {},
+     (False, "bad response: Separator is not found, and chunk exceed the limit")),
+    ("malformed header line", raw(b"HTTP/1.1 200 OK\r\ngarbage\r\n\r\n"), {}, (False, "bad response: malformed header line: 'garbage'")),
+    ("garbage status line, then nothing", raw(b"SSH-2.0-OpenSSH_9.2\r\n", then_wait=10), {},
+     (False, "bad response: not an HTTP status line: 'SSH-2.0-OpenSSH_9.2'")),
+    ("status line without a reason", raw(b"HTTP/1.1 200\r\n\r\n"), {}, (True, "HTTP 200")),
+    ("closed mid-head", segments([b"HTTP/1.1 200 OK\r\nContent-Le"]), {}, (False, "connection closed waiting for the response")),
+    ("reset before answering", segments([], then="reset"), {}, (False, "connection reset waiting for the response")),
+    ("reset mid-head", segments([b"HTTP/1.1 200 OK\r\n", b"Content-Le"], then="reset"), {},
+     (False, "connection reset waiting for the response")),
+    ("reset mid-body", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"partial"], then="reset"), {},
+     (False, "connection reset reading the body")),
+    ("reset mid-chunk", segments([CHUNKED + b"a\r\nabc"], then="reset"), {}, (False, "connection reset reading the body")),
+    ("reset during a body read to EOF", segments([b"HTTP/1.1 200 OK\r\n\r\n", b"partial"], then="reset"), {},
+     (False, "connection reset reading the body")),
+    ("no answer: timeout", never_answer, {"timeout": 0.1}, (False, "timeout after 0.10s waiting for the response")),
+    ("endless body: timeout", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait"),
+     {"timeout": 0.1}, (False, "timeout after 0.10s reading the body")),
+    ("head trickling past the timeout", segments([b"HTTP/1.1 200 OK\r\n"] + [b"X: y\r\n"] * 20, gap=0.01, then="wait"),
+     {"timeout": 0.1}, (False, "timeout after 0.10s waiting for the response")),
+    ("Host header, path encoding", answer(), {"path": "/santé check?x=1", "host_header": "bücher.example:8080"},
+     (True, "HTTP 200")),
+    ("source address", answer(), {"source": "127.0.0.2"}, (True, "HTTP 200")),
+    ("source address not on this host", answer(), {"source": "192.0.2.1"}, (False, "source address not available")),
+    ("source address of the other family", answer(), {"source": "::1"}, (False, "OSError")),
+]
+
+
+def both_paths(handler: Handler, host: str = "127.0.0.1", **kw: Any) -> tuple[ProbeResult, ProbeResult, Server]:
+    """The agent's probe (the callback path for plain HTTP) and the stream path, one after
+    the other against one server."""
+
+    async def scenario() -> tuple[ProbeResult, ProbeResult, Server]:
+        async with serve(handler, host) as srv:
+            spec = ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", 1.0), **kw)
+            assert spec._plain_http is not None
+            fast = await probe(spec)
+            slow = await probes._probe_streams(spec, time.perf_counter())
+            return fast, slow, srv
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("handler, kw, expected", [s[1:] for s in PLAIN_SCENARIOS], ids=[s[0] for s in PLAIN_SCENARIOS])
+def test_plain_http_gives_the_stream_paths_verdicts(handler: Handler, kw: dict[str, Any],
+                                                    expected: tuple[bool, str]) -> None:
+    fast, slow, srv = both_paths(handler, **kw)
+    assert (fast.ok, fast.detail) == expected
+    assert (slow.ok, slow.detail) == expected
+    assert len(set(srv.requests)) <= 1  # the same request bytes, when the server got that far
+
+
+def test_plain_http_parses_a_response_as_its_segments_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The byte-by-byte scenarios above really arrive in many reads, not in one."""
+    reads = 0
+    on_readable = probes._PlainHttpCheck._on_readable
+
+    def counting(self: probes._PlainHttpCheck) -> None:
+        nonlocal reads
+        reads += 1
+        on_readable(self)
+
+    monkeypatch.setattr(probes._PlainHttpCheck, "_on_readable", counting)
+    chunked = CHUNKED + b"4\r\nMARK\r\n2\r\nER\r\n0\r\n\r\n"
+    fast, slow, _ = both_paths(bytewise(chunked), expect_body="MARKER")
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
+    assert reads > len(chunked) // 2
+
+
+def test_plain_http_over_ipv6_and_refused() -> None:
+    fast, slow, srv = both_paths(answer(), host="::1")
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
+    assert f"\r\nHost: [::1]:{srv.port}\r\n".encode() in srv.requests[0]
+
+    async def refused() -> tuple[ProbeResult, ProbeResult]:
+        spec = ProbeSpec("http", "127.0.0.1", free_port(), 1.0)
+        return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
+
+    fast, slow = asyncio.run(refused())
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "connect refused")
+
+
+def test_plain_http_timeout_while_connecting() -> None:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        with socket.socket() as listener:  # never accepts, its queue full: SYNs are dropped
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = []
+            for _ in range(3):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(("127.0.0.1", port))
+                fillers.append(f)
+            await asyncio.sleep(0.05)
+            try:
+                spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
+                return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
+            finally:
+                for f in fillers:
+                    f.close()
+
+    fast, slow = check(scenario)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
+    assert 0.19 < fast.latency < 0.4
+
+
+def test_plain_http_request_larger_than_the_socket_takes_at_once() -> None:
+    """A 16 MiB path: the request goes out over many writable events, then the answer counts."""
+    path = "/" + "p" * (16 * 1024 * 1024)
+    received: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            received.append(len(await reader.readuntil(b"\r\n\r\n")))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        finally:
+            writer.transport.abort()
+
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0, limit=2**25)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            spec = ProbeSpec("http", "127.0.0.1", port, 5.0, path=path, expect_body="ok")
+            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    fast, slow = check(scenario)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
+    assert received[0] == received[1] > len(path)
+
+
+def test_plain_http_timeout_while_the_request_cannot_go_out() -> None:
+    """A listener that never accepts nor reads: more than 64 KiB of the request stays unsent."""
+
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            spec = ProbeSpec("http", "127.0.0.1", listener.getsockname()[1], 0.2, path="/" + "p" * (16 * 1024 * 1024))
+            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
+
+    fast, slow = check(scenario)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s sending the request")
+
+
+def test_plain_http_plan_is_made_once_and_leaves_the_spec_alone() -> None:
+    spec = ProbeSpec("http", "127.0.0.1", 8080, 1.0, host_header="a.example")
+    twin = ProbeSpec("http", "127.0.0.1", 8080, 1.0, host_header="a.example")
+    plan = spec._plain_http
+    assert plan is not None and spec._plain_http is plan
+    assert plan.request.startswith(b"GET / HTTP/1.1\r\nHost: a.example\r\n")
+    assert spec == twin and hash(spec) == hash(twin) and repr(spec) == repr(twin)
+    assert ProbeSpec("https", "127.0.0.1", 443, 1.0)._plain_http is None
+    assert ProbeSpec("tcp", "127.0.0.1", 80, 1.0)._plain_http is None
+    assert ProbeSpec("http", "fe80::1%lo", 80, 1.0)._plain_http is None  # scoped: the stream path resolves it
+
+
+def test_a_cancelled_plain_http_check_closes_its_socket_at_once() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        async with serve(segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait")) as srv:
+            gc.collect()
+            before = open_fds()
+            tasks = [asyncio.create_task(probe(ProbeSpec("http", srv.host, srv.port, 5.0))) for _ in range(20)]
+            await asyncio.sleep(0.2)  # connected, mid-body
+            during = open_fds()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(t.cancelled() for t in tasks)
+            return before, during, open_fds()
+
+    before, during, after = check(scenario)
+    assert during >= before + 20  # our 20 sockets (and the server's ends)
+    assert after <= during - 20
+
+
+def test_a_bug_in_the_plain_http_parser_is_the_probes_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a hang until the timeout: the scheduler reports it as a probe error."""
+
+    def broken(line: bytes) -> int:
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(probes, "_status_of", broken)
+
+    async def scenario() -> None:
+        async with serve(answer()) as srv:
+            await probe(ProbeSpec("http", srv.host, srv.port, 5.0))
+
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="parser bug"):
+        check(scenario)
+    assert time.perf_counter() - started < 1.0
 
 
 # --- resources ----------------------------------------------------------------------------
