@@ -82,7 +82,8 @@ def decode_plan(data: Any, pop: str, allowed: Iterable[IPNetwork], cache: SpecCa
         where = f"vips[{i}]"
         e = _mapping(entry, where)
         raw = e.get("spec")
-        hit = previous.get(raw.get("name")) if isinstance(raw, dict) else None  # type: ignore[arg-type]
+        name = raw.get("name") if isinstance(raw, dict) else None
+        hit = previous.get(name) if isinstance(name, str) else None
         if hit is not None and hit[1] == allowed and hit[0] == raw:
             vip = hit[2]
         else:

@@ -124,5 +124,11 @@ def test_the_agents_spec_cache_never_lets_a_changed_or_refused_spec_through() ->
         decode_plan(copy.deepcopy(data), "sjc", [ipaddress.ip_network("203.0.113.0/24")], cache)
     assert info.value.field == "vips[0].spec.address"
 
+    garbage = copy.deepcopy(data)
+    garbage["vips"][0]["spec"]["name"] = ["not", "a", "name"]  # unhashable: still a named error
+    with pytest.raises(WireError) as info:
+        decode_plan(garbage, "sjc", DESIRED.allowed_prefixes, cache)
+    assert info.value.field == "vips[0].spec.name"
+
     fewer = decode_plan(encode_plan("sjc", 2, "abd", items[:1]), "sjc", DESIRED.allowed_prefixes, cache)
     assert fewer.specs == (GAME,) and set(cache) == {"game-global"}
