@@ -72,11 +72,11 @@ def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mappin
     shared_items: dict[str, dict[str, PlanItem]] = {}
     for fv in desired.vips:
         name = fv.name
-        items, vmem, pmems, note, vip_alarms, shared = _plan_vip(fv, reports, drains, now, previous)
+        items, vmem, pmems, note, vip_alarms, shared, wake = _plan_vip(fv, reports, drains, now, previous)
         if shared:
             shared_items[name] = shared
-        wakes += [m.down_since + fv.policy.safety.settle for (pop, _), m in pmems.items()
-                  if m.down_since is not None and items.get(pop) is not None and items[pop].reason == "confirming"]
+        if wake is not None:
+            wakes.append(wake)
         vip_memory[name] = vmem
         pop_memory.update(pmems)
         notes[name] = note
@@ -89,8 +89,9 @@ def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mappin
 
 def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
               previous: PlannerState) -> tuple[dict[str, PlanItem], VipMemory, dict[tuple[str, str], PopVipMemory],
-                                                 str, list[Alarm], dict[str, PlanItem]]:
-    """The VIP's items per POP, its memories, note and alarms, and its shared items."""
+                                                 str, list[Alarm], dict[str, PlanItem], float | None]:
+    """The VIP's items per POP, its memories, note and alarms, its shared items, and when
+    the first of its settle windows ends (None: none running)."""
     policy = fv.policy
     name = fv.name
     fresh = {p: r for p in fv.publish if (r := reports.get(p)) is not None
@@ -148,7 +149,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
                                  explanation="the VIP is disabled in the config: withdrawn everywhere")
                  for p in proposals}
         memories = {k: replace(m, withdrawn=False) for k, m in memories.items()}
-        return items, vmem, memories, "disabled: " + note, alarms, {}
+        return items, vmem, memories, "disabled: " + note, alarms, {}, None
 
     # 4. global safety
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
@@ -167,7 +168,11 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
             items[p.pop] = _item(name, active, p, why_held)
         if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
             memories[(p.pop, name)] = _canonical(replace(memories[(p.pop, name)], withdrawn=p.pop in allowed))
-    return items, vmem, memories, note, alarms, shared
+    # Only the full path proposes "confirming" (the shortcuts give healthy or report_stale).
+    settling = [m.down_since for p in proposals if items[p.pop].reason == "confirming"
+                and (m := memories[(p.pop, name)]).down_since is not None]
+    wake = min(settling) + policy.safety.settle if settling else None
+    return items, vmem, memories, note, alarms, shared, wake
 
 
 _NEW = PopVipMemory()
