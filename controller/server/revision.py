@@ -10,21 +10,26 @@ import os
 import subprocess
 
 
+def _yaml_files(directory: str) -> list[str]:
+    """Every YAML file under ``directory`` (hidden directories such as .git skipped), in order."""
+    paths = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [os.path.join(root, n) for n in sorted(files) if n.endswith((".yaml", ".yml"))]
+    return paths
+
+
 def fingerprint(directory: str) -> str:
     """sha256 over every YAML file's name and content (what the loader reads)."""
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith((".yaml", ".yml")):
-                path = os.path.join(root, name)
-                h.update(os.path.relpath(path, directory).encode() + b"\0")
-                try:
-                    with open(path, "rb") as f:
-                        h.update(f.read())
-                except OSError:
-                    h.update(b"<unreadable>")
-                h.update(b"\0")
+    for path in _yaml_files(directory):
+        h.update(os.path.relpath(path, directory).encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(b"<unreadable>")
+        h.update(b"\0")
     return h.hexdigest()
 
 
@@ -33,10 +38,7 @@ def stat_signature(directory: str, git_dir: str | None) -> tuple[tuple[str, int,
     checkout or reset touches: cheap enough to poll ten times a second. When it changes,
     fingerprint() and revision() say whether the content or the commit really did."""
     out = []
-    paths = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(root, n) for n in sorted(files) if n.endswith((".yaml", ".yml"))]
+    paths = _yaml_files(directory)
     if git_dir:
         paths += [os.path.join(git_dir, n) for n in ("HEAD", "index", "packed-refs")]
         try:

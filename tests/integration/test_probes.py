@@ -16,8 +16,8 @@ import subprocess
 import time
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -103,6 +103,27 @@ def check(scenario: Callable[[], Coroutine[Any, Any, R]]) -> R:
     return asyncio.run(scenario())
 
 
+@contextmanager
+def unaccepting_listener() -> Iterator[int]:
+    """A port whose listener never accepts and whose accept queue is full: further SYNs are
+    dropped, so a connect hangs until the probe's timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(3):
+                f = socket.socket()
+                fillers.append(f)
+                f.setblocking(False)
+                f.connect_ex(("127.0.0.1", port))  # in progress or done: either fills the queue
+            yield port
+        finally:
+            for f in fillers:
+                f.close()
+
+
 def free_port() -> int:
     """A port nothing listens on (bound and released at once)."""
     with socket.socket() as s:
@@ -131,23 +152,9 @@ def test_tcp_refused_is_a_quick_failure() -> None:
 
 def test_tcp_timeout_when_the_listener_never_accepts() -> None:
     async def scenario() -> ProbeResult:
-        # A listener that never accepts, its accept queue full: further SYNs are dropped.
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(0)
-            port = listener.getsockname()[1]
-            fillers = []
-            for _ in range(3):
-                f = socket.socket()
-                f.setblocking(False)
-                f.connect_ex(("127.0.0.1", port))  # in progress or done: either fills the queue
-                fillers.append(f)
+        with unaccepting_listener() as port:
             await asyncio.sleep(0.05)
-            try:
-                return await probe(ProbeSpec("tcp", "127.0.0.1", port, 0.3))
-            finally:
-                for f in fillers:
-                    f.close()
+            return await probe(ProbeSpec("tcp", "127.0.0.1", port, 0.3))
 
     result = check(scenario)
     assert (result.ok, result.detail) == (False, "timeout after 0.30s connecting")
@@ -531,23 +538,10 @@ def test_plain_http_over_ipv6_and_refused() -> None:
 
 def test_plain_http_timeout_while_connecting() -> None:
     async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        with socket.socket() as listener:  # never accepts, its queue full: SYNs are dropped
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(0)
-            port = listener.getsockname()[1]
-            fillers = []
-            for _ in range(3):
-                f = socket.socket()
-                f.setblocking(False)
-                f.connect_ex(("127.0.0.1", port))
-                fillers.append(f)
+        with unaccepting_listener() as port:
             await asyncio.sleep(0.05)
-            try:
-                spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
-                return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
-            finally:
-                for f in fillers:
-                    f.close()
+            spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
+            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
 
     fast, slow = check(scenario)
     assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
