@@ -122,16 +122,13 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
             # as it is and announce; the same PlanItem object serves every such POP (and the
             # next run), so comparing plans stays cheap at 10,000 VIPs x 50 POPs.
             memories[key] = STEADY
-            if healthy is None:
-                healthy = shared["healthy"] = _shared(name, active, "healthy")
-            items[pop] = healthy
+            items[pop] = healthy = healthy or _shared(shared, name, active, "healthy")
             continue
         if shortcuts and pop not in fresh and pop not in drains and mem.down_since is None and not mem.withdrawn:
             # A silent POP (the second common case: a POP that cannot reach the controller, or
             # before the first reports): steps 3-4 keep its memory and leave it to its checks.
             memories[key] = mem
-            items[pop] = shared.get("report_stale") or shared.setdefault(
-                "report_stale", _shared(name, active, "report_stale"))
+            items[pop] = _shared(shared, name, active, "report_stale")
             continue
         report = fresh.get(pop)
         if report is not None:
@@ -163,7 +160,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     for p in proposals:
         why_held = held.get(p.pop)
         if p.kind in _SHARED and why_held is None:
-            items[p.pop] = shared.get(p.kind) or shared.setdefault(p.kind, _shared(name, active, p.kind))
+            items[p.pop] = _shared(shared, name, active, p.kind)
         else:
             items[p.pop] = _item(name, active, p, why_held)
         if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
@@ -183,8 +180,12 @@ _SHARED = {"healthy": "sees {active} healthy: announced",
            "report_stale": "has not reported recently: unknown, left to its own checks"}
 
 
-def _shared(vip: str, active: str, kind: str) -> PlanItem:
-    return PlanItem(vip, True, active, reason=kind, explanation=_SHARED[kind].format(active=active))
+def _shared(shared: dict[str, PlanItem], vip: str, active: str, kind: str) -> PlanItem:
+    """The VIP's item for ``kind`` from ``shared`` (made and kept there the first time)."""
+    item = shared.get(kind)
+    if item is None:
+        item = shared[kind] = PlanItem(vip, True, active, reason=kind, explanation=_SHARED[kind].format(active=active))
+    return item
 
 
 def _canonical(mem: PopVipMemory) -> PopVipMemory:

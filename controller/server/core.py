@@ -42,6 +42,13 @@ class ServedPlan:
     seen_desired: object = None  # the DesiredState seen_specs were taken from
 
 
+@dataclass(frozen=True)
+class _DesiredIndex:
+    desired: DesiredState
+    by_pop: dict[str, dict[str, frozenset[str]]]  # pop -> published VIP -> its origin regions
+    stale_after: float  # the shortest report_stale_after of any VIP
+
+
 @dataclass
 class ConfigStatus:
     revision: str = ""
@@ -65,8 +72,7 @@ class Controller:
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
-    _published: tuple[DesiredState | None, dict[str, dict[str, frozenset[str]]]] = (None, {})
-    _stale_after: float = 0.0
+    _indexed: _DesiredIndex | None = None
 
     def __post_init__(self) -> None:
         self.persisted = store.load(self.desired.state_dir)
@@ -111,25 +117,24 @@ class Controller:
         await asyncio.shield(self._pending)
 
     def _min_stale_after(self) -> float:
-        if self._published[0] is not self.desired:
-            self._index_desired()
-        return self._stale_after
+        return self._index().stale_after
 
     def published_regions(self, pop: str) -> dict[str, frozenset[str]]:
         """The VIPs ``pop`` publishes and their origin regions (to validate its reports)."""
-        if self._published[0] is not self.desired:
-            self._index_desired()
-        return self._published[1].get(pop, {})
+        return self._index().by_pop.get(pop, {})
 
-    def _index_desired(self) -> None:
-        by_pop: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self.desired.pops}
-        for fv in self.desired.vips:
-            regions = frozenset(o.region for o in fv.vip.origins)
-            for pop in fv.publish:
-                by_pop.setdefault(pop, {})[fv.name] = regions
-        self._published = (self.desired, by_pop)
-        self._stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
-                                default=self.desired.policy.safety.report_stale_after)
+    def _index(self) -> _DesiredIndex:
+        """Lookups derived from the desired state, built once per desired state."""
+        if self._indexed is None or self._indexed.desired is not self.desired:
+            by_pop: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self.desired.pops}
+            for fv in self.desired.vips:
+                regions = frozenset(o.region for o in fv.vip.origins)
+                for pop in fv.publish:
+                    by_pop.setdefault(pop, {})[fv.name] = regions
+            stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
+                              default=self.desired.policy.safety.report_stale_after)
+            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after)
+        return self._indexed
 
     def _planned_reports(self) -> None:
         done, self._pending = self._pending, None
