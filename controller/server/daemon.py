@@ -41,15 +41,17 @@ class Watcher:
         self.cache = LoadCache()  # unchanged files and VIPs are not read again on a reload
 
     def load(self) -> DesiredState:
-        rev = revision(self.directory)
-        self.seen = (fingerprint(self.directory), rev)
+        fp = fingerprint(self.directory)
+        rev = revision(self.directory, fp)
+        self.seen = (fp, rev)
         desired = load_desired(self.directory, rev, self.cache)
         if self.state_dir:
             desired = dataclasses.replace(desired, state_dir=self.state_dir)
         return desired
 
     def changed(self) -> bool:
-        return self.seen != (fingerprint(self.directory), revision(self.directory))
+        fp = fingerprint(self.directory)
+        return self.seen != (fp, revision(self.directory, fp))
 
     async def poke_on_change(self, poke: asyncio.Event) -> None:
         """Set ``poke`` when a config file or the git checkout's state looks different and

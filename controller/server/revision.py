@@ -71,10 +71,11 @@ def _git(directory: str, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def revision(directory: str) -> str:
+def revision(directory: str, fp: str | None = None) -> str:
     """``3f2a9c1e0b7d`` for a clean checkout, ``3f2a9c1e0b7d+dirty.1a2b3c4d`` if files differ
-    from the commit, ``sha256:...`` outside git."""
-    fp = fingerprint(directory)
+    from the commit, ``sha256:...`` outside git. ``fp``: fingerprint(directory), if the
+    caller has it already."""
+    fp = fp or fingerprint(directory)
     head = _git(directory, "rev-parse", "HEAD")
     if not head:
         return f"sha256:{fp[:12]}"
