@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -151,18 +148,6 @@ def test_anycastctl_validate_lists_errors_and_exits_nonzero(tmp_path: Path, caps
     assert "vips[0].check.rise: must be >= 1, got 0" in out
     assert "vips[0].address: 203.0.113.10/32 is outside the allowed anycast prefixes" in out
 
-
-def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:
-    """Run as a user would: the installed console script, on a config whose state_dir
-    does not exist; validating must not create it."""
-    d = base()
-    d["state_dir"] = str(tmp_path / "state")
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(yaml.safe_dump(d))
-    exe = os.path.join(os.path.dirname(sys.executable), "anycastctl")
-    r = subprocess.run([exe, "validate", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert not (tmp_path / "state").exists()
 
 
 def test_vip_family_must_match_the_bgp_sessions() -> None:

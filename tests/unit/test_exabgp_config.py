@@ -1,69 +1,21 @@
-"""The ExaBGP config and environment rendered for an agent, checked by real ExaBGP 5."""
+"""The ExaBGP config and environment rendered for an agent (pure; real ExaBGP checks them in
+tests/integration/test_exabgp_validate.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from controller.bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
+from tests.helpers.exabgp_neighbors import NEIGHBORS
 
 GOLDEN = Path(__file__).parent / "golden" / "exabgp_config_dual_stack.conf"
-EXABGP = Path(sys.executable).with_name("exabgp")
-
-# A dual-stack POP: one session per family (see NeighborSpec on why), one with a password.
-NEIGHBORS = [
-    NeighborSpec(
-        address="100.64.1.1",
-        local_address="100.64.1.2",
-        router_id="100.64.1.2",
-        local_as=65101,
-        peer_as=65000,
-        md5_password="s3cret pass!",
-    ),
-    NeighborSpec(
-        address="fd00:64:1::1",
-        local_address="fd00:64:1::2",
-        router_id="100.64.1.2",
-        local_as=65101,
-        peer_as=65000,
-        hold_time=3,
-        passive=True,
-    ),
-]
 ARGV = ["/opt/anycast/venv/bin/python", "-m", "controller.cli.agent_main", "run", "--config", "/etc/anycast/agent.yaml"]
-
-
-def _validate(config: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "exabgp.conf"
-    path.write_text(config)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **exabgp_environment()}
-    return subprocess.run([str(EXABGP), "validate", "--neighbor", str(path)], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_rendered_config_matches_golden() -> None:
     assert render_exabgp_config(NEIGHBORS, "anycast-agent", ARGV) == GOLDEN.read_text()
-
-
-def test_real_exabgp_validate_accepts_the_rendered_config(tmp_path: Path) -> None:
-    # ExaBGP checks that the run program exists and is executable, so use a real one.
-    config = render_exabgp_config(NEIGHBORS, "anycast-agent", [sys.executable, "-m", "controller.cli.agent_main"])
-    result = _validate(config, tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    # Both neighbours were parsed, not just the file opened.
-    out = result.stdout + result.stderr
-    assert "neighbor  100.64.1.1" in out and "neighbor  fd00:64:1::1" in out
-
-
-def test_exabgp_validate_does_reject_a_broken_config(tmp_path: Path) -> None:
-    # Proves the test above can fail: ExaBGP refuses a hold time of 1 s.
-    config = render_exabgp_config(NEIGHBORS, "anycast-agent", [sys.executable]).replace("hold-time 9;", "hold-time 1;")
-    result = _validate(config, tmp_path)
-    assert result.returncode != 0
-    assert "holdtime" in result.stderr
 
 
 def test_families_default_to_the_sessions_own() -> None:
@@ -149,23 +101,6 @@ def test_invalid_neighbor_specs_are_refused_naming_the_field(changes: dict[str, 
 
 def test_hold_time_zero_is_allowed() -> None:
     assert NeighborSpec("100.64.1.1", "100.64.1.2", "100.64.1.2", 65101, 65000, hold_time=0).hold_time == 0
-
-
-def test_real_exabgp_reads_the_environment() -> None:
-    # `exabgp env` prints the settings ExaBGP resolved; each of ours must show up.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **exabgp_environment("/var/log/anycast/exabgp.log")}
-    out = subprocess.run([str(EXABGP), "env"], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
-    sections: dict[str, dict[str, str]] = {}
-    section = ""
-    for line in out.splitlines():
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif " = " in line:
-            key, value = line.split(" = ", 1)
-            sections.setdefault(section, {})[key] = value.strip("'")
-    for name, value in exabgp_environment("/var/log/anycast/exabgp.log").items():
-        _, group, key = name.split("_", 2)
-        assert sections[f"exabgp.{group}"][key].lower() == value.lower(), name
 
 
 def test_environment_logs_to_stdout_unless_given_a_file() -> None:

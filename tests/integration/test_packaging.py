@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -56,3 +58,15 @@ def test_agent_unit_runs_launch_as_notify_service_with_few_capabilities() -> Non
     assert "anycast-agent launch --config /etc/anycast/agent.yaml" in unit
     assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n" in unit
     assert "ProtectSystem=strict" in unit and "Restart=on-failure" in unit and "WatchdogSec=" in unit
+
+
+def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:
+    """Run as a user would: the installed console script, on a config whose state_dir
+    does not exist; validating must not create it."""
+    d = yaml.safe_load((ROOT / "configs/agent-sjc.yaml").read_text())
+    d["state_dir"] = str(tmp_path / "state")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    r = subprocess.run([str(BIN / "anycastctl"), "validate", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "state").exists()

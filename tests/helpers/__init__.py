@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (no test imports another test module)."""
