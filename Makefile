@@ -6,7 +6,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps venv test unit typecheck demo bench clean
+.PHONY: deps system-deps venv test test-loaded unit typecheck demo bench clean
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
@@ -32,6 +32,11 @@ test: deps typecheck
 
 typecheck: venv
 	$(VENV)/bin/mypy
+
+# The unit and integration tests again, as CI's second run does beside CPU burners
+# (.ci/under-load -n 4 make test-loaded): slower under load, never red.
+test-loaded: deps
+	$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/integration
 
 unit: venv
 	$(PY) -m pytest -q -ra tests/unit
