@@ -24,12 +24,13 @@ from ..bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_
 from ..config.agent import load_agent_config
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig
+from .conventions import add_log_level, new_parser
 
 log = logging.getLogger("controller.agent")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anycast-agent", description="BGP anycast POP agent")
+    p = new_parser("anycast-agent", "BGP anycast POP agent")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run as ExaBGP's API process (stdin/stdout)"),
                         ("exabgp-config", "print the ExaBGP config for this agent"),
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", "-c", required=True, help="agent YAML config")
         s.add_argument("--state-dir", help="override state_dir from the config")
         s.add_argument("--metrics-listen", help="override metrics.listen (ADDRESS:PORT, or 'off')")
-        s.add_argument("--log-level", default="INFO")
+        add_log_level(s)
         if name == "run":
             s.add_argument("--no-kernel", action="store_true", help="do not touch kernel routes/addresses")
             s.add_argument("--netns", help="manage kernel state in this named network namespace")
@@ -89,7 +90,7 @@ def exabgp_config_text(config: AgentConfig, args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        stream=sys.stderr, level=args.log_level.upper(),
+        stream=sys.stderr, level=args.log_level,
         format="%(asctime)s anycast-agent[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: `eval "$(register-python-argcomplete anycastctl)"`)
 """``anycastctl``: the operator's CLI.
 
     anycastctl validate PATH [PATH ...]   check agent configs / a controller directory, offline
@@ -9,7 +10,9 @@
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
 http://127.0.0.1:9800) and --token-file (default: $ANYCAST_OPERATOR_TOKEN). Every command
-takes --json.
+takes --json. Exit codes: ``conventions.Exit`` (0 ok, 1 error, 2 changes with
+``diff --detailed-exitcode``, 3 not found, 4 unreachable, 5 not the controller's answer,
+6 token refused, 64 usage); no input ends in a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import argcomplete
+
 from ..config.agent import load_agent_config
 from ..config.desired import load_desired
 from ..config.errors import ConfigError
@@ -31,12 +36,23 @@ from ..server.snapshot import reports_from_snapshot
 from ..policy.model import PlannerState
 from ..server.revision import checkout_at
 from ..server.store import planner_from_json
-from .operator_api import ApiError, OperatorApi, operator_token
+from .conventions import Exit, new_parser
+from .operator_api import ApiError, OperatorApi, check_url, operator_token
+
+DEFAULT_URL = "http://127.0.0.1:9800"
+
+
+def _url(text: str) -> str:
+    try:
+        return check_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anycastctl", description="Operate the BGP anycast controller")
+    p = new_parser("anycastctl", "Operate the BGP anycast controller")
     sub = p.add_subparsers(dest="command", required=True)
+    default_url = os.environ.get("ANYCAST_CONTROLLER_URL", DEFAULT_URL)
     v = sub.add_parser("validate", help="check an agent config file or a controller config directory; "
                                         "lists every error with its path")
     v.add_argument("paths", nargs="+", metavar="PATH")
@@ -48,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                         ("drain", "drain a POP: less preferred first, then withdrawn"),
                         ("undrain", "end a POP's drain")):
         c = sub.add_parser(name, help=help_)
-        c.add_argument("--url", default=os.environ.get("ANYCAST_CONTROLLER_URL", "http://127.0.0.1:9800"))
+        c.add_argument("--url", type=_url, default=default_url,
+                       help=f"the controller's API, http(s)://HOST:PORT (default: $ANYCAST_CONTROLLER_URL, "
+                            f"else {DEFAULT_URL}; now {default_url})")
         c.add_argument("--token-file", help="file holding the operator token (else $ANYCAST_OPERATOR_TOKEN)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "plan":
@@ -59,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--against", metavar="REV",
                            help="offline: compare with the same directory at git revision REV (e.g. main) "
                                 "instead of the live plans; no controller needed (a CI step)")
+            c.add_argument("--detailed-exitcode", action="store_true",
+                           help="exit 2 when the change does something at some POP, 0 when nothing")
         if name == "explain":
             c.add_argument("vip")
         if name in ("drain", "undrain"):
@@ -88,25 +108,36 @@ def cmd_validate(paths: Sequence[str], as_json: bool) -> int:
             print(f"{r['path']}: {'OK' if r['ok'] else 'INVALID'}, {r['summary']}")
             for e in r["errors"]:
                 print(f"  {e['path'] + ': ' if e['path'] else ''}{e['message']}")
-    return 0 if all(r["ok"] for r in results) else 1
+    return Exit.OK if all(r["ok"] for r in results) else Exit.ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(_run(args))
+    except (ApiError, ConfigError, ValueError) as exc:
+        print(f"anycastctl {args.command}: {exc}", file=sys.stderr)
+        return int(exc.code if isinstance(exc, ApiError) else Exit.ERROR)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line for the report, never a traceback
+        print(f"anycastctl {args.command}: internal error {type(exc).__name__}: {exc} "
+              "(please report it with the command line)", file=sys.stderr)
+        return int(Exit.INTERNAL)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return cmd_validate(args.paths, args.json)
     if args.command == "diff" and args.against:
-        try:
-            return cmd_diff_against(args)
-        except (ValueError, ConfigError) as exc:
-            print(f"anycastctl diff: {exc}", file=sys.stderr)
-            return 1
+        return cmd_diff_against(args)
+    api = OperatorApi(args.url, operator_token(args.token_file))
     try:
-        api = OperatorApi(args.url, operator_token(args.token_file))
         return int(COMMANDS[args.command](api, args))
-    except (ApiError, ConfigError) as exc:
-        print(f"anycastctl {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except (KeyError, TypeError, AttributeError) as exc:
+        # JSON of another shape: another program at --url, or a controller of another version.
+        raise ApiError(f"the answer from {args.url} is not what this anycastctl expects ({type(exc).__name__}: "
+                       f"{exc}): is --url the controller, of the same version?", Exit.BAD_ANSWER) from None
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -143,7 +174,7 @@ def cmd_plan(api: OperatorApi, args: argparse.Namespace) -> int:
     plans = api.call("GET", "/v1/snapshot")["plans"]
     if args.pop:
         if args.pop not in plans:
-            raise ApiError(f"unknown POP {args.pop!r}")
+            raise ApiError(f"unknown POP {args.pop!r}", Exit.NOT_FOUND)
         plans = {args.pop: plans[args.pop]}
     rows = [[pop, vip, "announce" if i["wanted"] else "withdraw", i["active_origin"], i["reason"],
              "yes" if i["drain"] else "-", "yes" if i["safety_hold"] else "-"]
@@ -162,7 +193,8 @@ def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
     human = (f"{directory} against the live plans (revision {snap['revision']}):\n"
              + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
                 if changes else "no change at any POP"))
-    return _emit(args, data, human)
+    _emit(args, data, human)
+    return Exit.CHANGES if changes and args.detailed_exitcode else Exit.OK
 
 
 def cmd_diff_against(args: argparse.Namespace) -> int:
@@ -181,7 +213,8 @@ def cmd_diff_against(args: argparse.Namespace) -> int:
     human = (f"{directory}: working tree against {args.against}:\n"
              + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
                 if changes else "no change at any POP"))
-    return _emit(args, data, human)
+    _emit(args, data, human)
+    return Exit.CHANGES if changes and args.detailed_exitcode else Exit.OK
 
 
 def cmd_explain(api: OperatorApi, args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..config.errors import ConfigError
 from ..server.daemon import Watcher, serve
+from .conventions import add_log_level, new_parser
 
 
 # The cyclic GC's young generations collected less often: with 10,000 VIPs x 50 POPs the
@@ -24,19 +25,21 @@ GC_THRESHOLD = (100_000, 50, 100)
 
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDRESS:PORT (e.g. 127.0.0.1:9800, [::1]:9800)")
     return host.strip("[]"), int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="anycast-controller", description="BGP anycast central controller")
+    p = new_parser("anycast-controller", "BGP anycast central controller")
     p.add_argument("--config-dir", "-c", required=True, help="the desired-state directory (a git checkout)")
     p.add_argument("--state-dir", help="override state_dir from controller.yaml")
     p.add_argument("--listen", type=_host_port, help="override listen (ADDRESS:PORT)")
     p.add_argument("--metrics-listen", type=_host_port, help="override metrics_listen (ADDRESS:PORT)")
-    p.add_argument("--log-level", default="INFO")
+    add_log_level(p)
     args = p.parse_args(argv)
     gc.set_threshold(*GC_THRESHOLD)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+    logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="%(asctime)s anycast-controller[%(process)d] %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(serve(Watcher(args.config_dir, args.state_dir), args.listen, args.metrics_listen))

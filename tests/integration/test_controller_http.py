@@ -265,3 +265,111 @@ def test_unreachable_controller_is_reported_to_the_agent_not_raised(tmp_path: Pa
             await c.close()
 
     asyncio.run(scenario())
+
+
+# --- anycastctl as scripts use it: exit codes, and no traceback for any input --------------
+
+API_COMMANDS = [["status"], ["plan"], ["plan", "--pop", "sjc"], ["diff"], ["explain", "game-global"],
+                ["drain", "fra"], ["undrain", "fra"]]
+
+
+def ctl_at(url: str, *args: str, token: str = TOKENS["operator"]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ANYCAST_OPERATOR_TOKEN": token}
+    env.pop("ANYCAST_CONTROLLER_URL", None)
+    return subprocess.run([str(BIN / "anycastctl"), *args, "--url", url], capture_output=True, text=True,
+                          timeout=30, env=env)
+
+
+def assert_clean_failure(r: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert words in r.stderr, r.stderr
+    assert r.stdout == ""  # a script reading stdout gets nothing half-made
+
+
+@pytest.fixture
+def json_elsewhere() -> Iterator[str]:
+    """Another HTTP service answering JSON of another shape (`{"ok": true}`) on every path."""
+    import http.server
+    import socketserver
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_any(self) -> None:
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = do_any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    # socketserver, not http.server.HTTPServer: the latter does a reverse DNS lookup at bind.
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+@pytest.mark.parametrize("command", API_COMMANDS, ids=lambda c: " ".join(c))
+def test_anycastctl_names_each_kind_of_failure_with_its_exit_code(controller: Running, json_elsewhere: str,
+                                                                  command: list[str]) -> None:
+    # Nothing listens: unreachable (4).
+    assert_clean_failure(ctl_at(f"http://127.0.0.1:{free_port()}", *command), 4, "cannot reach the controller")
+    # The controller's metrics port instead of its API: something answers, not the API (5).
+    assert_clean_failure(ctl_at(f"http://127.0.0.1:{controller.metrics_port}", *command), 5,
+                         "is --url the controller")
+    # Another JSON service: the answer has another shape (5).
+    assert_clean_failure(ctl_at(json_elsewhere, *command), 5, "is --url the controller")
+    # The right controller, a wrong token: refused (6).
+    assert_clean_failure(ctl_at(controller.url, *command, token="not-the-token"), 6, "HTTP 401")
+    # The right controller and token: works (0).
+    r = ctl_at(controller.url, *command)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command, words", [
+    (["explain", "no-such-vip"], "no-such-vip"),
+    (["drain", "lhr"], "lhr"),
+    (["undrain", "lhr"], "lhr"),
+    (["plan", "--pop", "lhr"], "unknown POP 'lhr'"),
+])
+def test_anycastctl_unknown_names_exit_3_and_change_nothing(controller: Running, command: list[str],
+                                                            words: str) -> None:
+    before = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    assert_clean_failure(ctl_at(controller.url, *command), 3, words)
+    after = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    assert [p["drained_since"] for p in after["pops"]] == [p["drained_since"] for p in before["pops"]]
+
+
+@pytest.mark.parametrize("args", [
+    ["status", "--bogus"], ["explain"], ["drain"], ["nosuchcommand"], ["status", "--url", "nonsense"],
+    ["status", "--url", "ftp://controller:9800"], ["status", "--url", "http://controller:99999"], [],
+])
+def test_anycastctl_bad_flags_are_usage_errors_not_tracebacks(args: list[str]) -> None:
+    r = subprocess.run([str(BIN / "anycastctl"), *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 64, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "usage: anycastctl" in r.stderr
+
+
+def test_anycastctl_diff_detailed_exitcode_tells_a_change_from_none(controller: Running) -> None:
+    def diff(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "anycastctl"), "diff", "--config", str(controller.dir), "--against", "HEAD",
+                               *extra], capture_output=True, text=True, timeout=60)
+
+    assert diff("--detailed-exitcode").returncode == 0  # the working tree is HEAD
+    controller.edit("vips.yaml", lambda d: d["vips"][0].__setitem__("publish", ["sjc", "fra"]))
+    changed = diff("--detailed-exitcode")
+    assert changed.returncode == 2, changed.stderr
+    assert "sin" in changed.stdout and "game-global" in changed.stdout
+    assert diff().returncode == 0  # without the flag a change is still a success
+    r = diff("--against", "no-such-rev")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no-such-rev" in r.stderr

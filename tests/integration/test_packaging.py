@@ -70,3 +70,36 @@ def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:
     r = subprocess.run([str(BIN / "anycastctl"), "validate", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_every_binary_tells_its_version() -> None:
+    from controller import __version__
+
+    for name in ("anycastctl", "anycast-agent", "anycast-controller"):
+        r = subprocess.run([str(BIN / name), "--version"], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout.strip()) == (0, f"{name} {__version__}"), r.stderr
+
+
+def test_daemons_refuse_a_bad_log_level_as_a_usage_error() -> None:
+    for argv in (["anycast-agent", "run", "--config", "x.yaml", "--log-level", "loud"],
+                 ["anycast-controller", "--config-dir", ".", "--log-level", "loud"],
+                 ["anycast-controller", "--config-dir", ".", "--listen", "9800"]):
+        r = subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 64 and "Traceback" not in r.stderr and "error: argument" in r.stderr, r.stderr
+
+
+def test_anycastctl_completes_in_the_shell(tmp_path: Path) -> None:
+    """What bash asks through `eval "$(register-python-argcomplete anycastctl)"`."""
+    out = tmp_path / "completions"
+
+    def complete(line: str) -> list[str]:
+        env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": line,
+               "COMP_POINT": str(len(line)), "COMP_TYPE": "9", "_ARGCOMPLETE_STDOUT_FILENAME": str(out)}
+        subprocess.run([str(BIN / "anycastctl")], env=env, capture_output=True, timeout=60, check=True)
+        return [c.strip() for c in out.read_text().split("\n")]
+
+    assert set(complete("anycastctl dr")) == {"drain"}
+    assert "--detailed-exitcode" in complete("anycastctl diff --de")
+    r = subprocess.run([str(BIN / "register-python-argcomplete"), "anycastctl"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "complete " in r.stdout and "anycastctl" in r.stdout
