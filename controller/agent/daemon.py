@@ -114,6 +114,7 @@ class Agent:
         # Standalone: the plan is the local config. With a controller: the cached plan until
         # the controller answers (static stability), or no plan at all.
         self.plan: Plan = plan_from_config(config) if config.controller is None else (initial_plan or NO_PLAN)
+        self._vip_index: tuple[tuple[Vip, ...], dict[str, Vip]] = ((), {})
         self.health: dict[BackendKey, hs.HealthState] = {}
         self.last_result: dict[BackendKey, ProbeResult] = {}
         self.neighbors: dict[str, bool] = {}
@@ -142,7 +143,18 @@ class Agent:
         return self.plan.specs if self.plan.specs is not None else self.config.vips
 
     def vip(self, name: str) -> Vip | None:
-        return next((v for v in self.vips if v.name == name), None)
+        return self._vips_by_name().get(name)
+
+    def _vips_by_name(self) -> dict[str, Vip]:
+        """The VIPs by name, for the lookup on every probe result: indexed once per plan or
+        config (a new ``vips`` tuple), not scanned per call (10,000 VIPs)."""
+        vips = self.vips
+        if self._vip_index[0] is not vips:
+            index: dict[str, Vip] = {}
+            for v in vips:
+                index.setdefault(v.name, v)  # names are unique (the config and plan readers check)
+            self._vip_index = (vips, index)
+        return self._vip_index[1]
 
     def apply_plan(self, plan: Plan) -> None:
         """Follow a new plan from the controller (already validated by the client)."""
@@ -363,7 +375,7 @@ class Agent:
         actual_routes = self.kernel.read_routes()
         routes = kernel_plan.desired_routes(decisions, actual_routes)
         actual_addrs = self.kernel.read_addresses()
-        addrs = kernel_plan.desired_addresses(decisions, {v.name: v for v in self.vips}, actual_addrs)
+        addrs = kernel_plan.desired_addresses(decisions, self._vips_by_name(), actual_addrs)
         if before:
             routes = kernel_plan.before_bgp(routes, actual_routes)
             addrs = addrs | actual_addrs

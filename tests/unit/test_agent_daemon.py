@@ -640,3 +640,44 @@ def test_many_passes_while_awaiting_the_controller_arm_one_timer_at_the_earliest
         assert spy.live() == []
 
     run(scenario())
+
+
+class CountingVips(tuple):  # type: ignore[type-arg]
+    """A plan's VIP specs that count how often someone walks through them."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountingVips.walks += 1
+        return super().__iter__()
+
+
+def test_a_probe_result_finds_its_vip_by_name_without_scanning_the_vips(tmp_path: Path) -> None:
+    """On every probe result the agent looks its VIP up by name: indexed once per plan, not a
+    walk through every VIP per result; a new plan's VIP definitions are the ones found."""
+    base = load_agent_config(str(EXAMPLE)).vips[0]
+    many = [dataclasses.replace(base, name=f"vip-{i}", prefix=ipaddress.ip_network(f"198.51.100.{i}/32"))
+            for i in range(100, 200)]
+
+    def plan(gen: int, fall: int) -> Plan:
+        vips = [dataclasses.replace(v, check=dataclasses.replace(v.check, rise=1, fall=fall)) for v in many]
+        return Plan("controller", gen, "abc", {v.name: VipIntent(v.name, True, "us-west") for v in vips},
+                    specs=CountingVips(vips))
+
+    agent, _, _, _ = make_agent(controller_config(tmp_path))
+    agent.apply_plan(plan(1, fall=3))
+    CountingVips.walks = 0
+    keys = list(agent.health)
+    for _ in range(3):
+        for key in keys:
+            agent._on_result(key, ProbeResult(True, 0.001, "ok"), 0.0)
+    assert len(keys) >= 100 and CountingVips.walks <= 1  # 3 results per backend, one index build
+    assert all(s.healthy for s in agent.health.values())  # rise=1, from the plan's definitions
+    key = next(k for k in keys if k[0] == "vip-150")
+    agent._on_result(key, ProbeResult(False, 0.001, "refused"), 0.0)
+    assert agent.health[key].phase.value == "falling"  # fall=3
+    agent.apply_plan(plan(2, fall=1))
+    agent._on_result(key, ProbeResult(False, 0.001, "refused"), 0.0)
+    assert agent.health[key].phase.value == "down"  # fall=1: the new plan's definition was found
+    assert agent.vip("vip-150") is agent.plan.specs[50]  # type: ignore[index]
+    assert agent.vip("nope") is None
