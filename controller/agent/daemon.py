@@ -32,7 +32,7 @@ from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
 from ..health import state as hs
 from ..health.probes import ProbeResult, ProbeSpec
 from ..health.scheduler import CheckScheduler, Target
-from ..kernel.routes import Kernel
+from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
 from . import confirm, kernel_plan, state_file
 from .decide import Action, BackendKey, Decision, Reason, decide, origin_health

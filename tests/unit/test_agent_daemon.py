@@ -21,7 +21,7 @@ from controller.config.agent import load_agent_config
 from controller.config.errors import ConfigError, ConfigIssue
 from controller.config.model import AgentConfig
 from controller.health.probes import ProbeResult
-from controller.kernel.routes import KernelRoute
+from controller.kernel.diff import KernelRoute
 from controller.metrics.agent import AgentMetrics
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "agent-sjc.yaml"
