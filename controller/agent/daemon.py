@@ -32,9 +32,9 @@ from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
 from ..health import state as hs
 from ..health.probes import ProbeResult, ProbeSpec
 from ..health.scheduler import CheckScheduler, Target
-from ..kernel.routes import Kernel
+from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
-from . import kernel_plan, state_file
+from . import confirm, kernel_plan, state_file
 from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
 from .controller_link import ControllerPort, follow_plans, report_health
 from .intent import NO_PLAN, Plan, plan_from_config
@@ -106,10 +106,15 @@ class Agent:
         self.controller_ok: bool | None = None
         self.report_now = asyncio.Event()
         self.controller_reached = asyncio.Event()  # a report got through: retry the plan now
-        self._down_since: dict[str, float] = {}
+        # Per VIP: is its withdrawal waiting for the controller (``agent.confirm``)? One
+        # timer wakes the loop at the earliest deadline of all those waits.
+        self._confirm: dict[str, confirm.ConfirmState] = {}
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at: float | None = None
         # Standalone: the plan is the local config. With a controller: the cached plan until
         # the controller answers (static stability), or no plan at all.
         self.plan: Plan = plan_from_config(config) if config.controller is None else (initial_plan or NO_PLAN)
+        self._vip_index: tuple[tuple[Vip, ...], dict[str, Vip]] = ((), {})
         self.health: dict[BackendKey, hs.HealthState] = {}
         self.last_result: dict[BackendKey, ProbeResult] = {}
         self.neighbors: dict[str, bool] = {}
@@ -138,7 +143,18 @@ class Agent:
         return self.plan.specs if self.plan.specs is not None else self.config.vips
 
     def vip(self, name: str) -> Vip | None:
-        return next((v for v in self.vips if v.name == name), None)
+        return self._vips_by_name().get(name)
+
+    def _vips_by_name(self) -> dict[str, Vip]:
+        """The VIPs by name, for the lookup on every probe result: indexed once per plan or
+        config (a new ``vips`` tuple), not scanned per call (10,000 VIPs)."""
+        vips = self.vips
+        if self._vip_index[0] is not vips:
+            index: dict[str, Vip] = {}
+            for v in vips:
+                index.setdefault(v.name, v)  # names are unique (the config and plan readers check)
+            self._vip_index = (vips, index)
+        return self._vip_index[1]
 
     def apply_plan(self, plan: Plan) -> None:
         """Follow a new plan from the controller (already validated by the client)."""
@@ -148,10 +164,10 @@ class Agent:
                  plan.generation, plan.source, plan.revision or "?", len(plan.vips))
         now = self.clock()
         for name, old in self.plan.vips.items():
-            if old.safety_hold and name in self._down_since:
+            if old.safety_hold and name in self._confirm:
                 # The controller had answered "keep it". If it now lifts the hold without
-                # confirming the withdrawal, a new wait of up to confirm_timeout starts now.
-                self._down_since[name] = now
+                # confirming the withdrawal, a new wait of up to confirm_timeout starts.
+                self._confirm[name], _, _ = confirm.step(self._confirm[name], confirm.HoldReplaced(), now)
         self.plan = plan
         self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
@@ -242,32 +258,49 @@ class Agent:
     # --- reconcile -----------------------------------------------------------------------
     def decide_all(self) -> list[Decision]:
         verdicts = self.verdicts()
-        return [decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
-                       confirm_pending=self._confirm_pending(v, verdicts))
-                for v in self.vips]
+        now = self.clock()
+        waits: dict[str, confirm.ConfirmState] = {}
+        wake_ats: list[float] = []
+        decisions = []
+        for v in self.vips:
+            state = self._confirm.get(v.name) or confirm.initial(now)
+            waits[v.name], pending, wake_at = confirm.step(state, self._checked(v, verdicts), now)
+            if wake_at is not None:
+                wake_ats.append(wake_at)
+            decisions.append(decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
+                                    confirm_pending=pending))
+        self._confirm = waits  # a VIP the agent no longer acts on forgets its wait
+        self._arm_wake(min(wake_ats, default=None))
+        return decisions
 
-    def _confirm_pending(self, vip: Vip, verdicts: dict[BackendKey, bool | None]) -> bool:
-        """Is a reachable controller still to answer this POP's report that the VIP's
-        active origin is down? Tracks since when it is down; wakes the loop at the deadline."""
+    def _checked(self, vip: Vip, verdicts: dict[BackendKey, bool | None]) -> confirm.Checked:
+        """What this pass sees of the VIP, for its confirm-pending state machine."""
         link = self.config.controller
         intent = self.plan.vips.get(vip.name)
         origin = vip.origin(intent.active_origin) if intent else None
         down = origin is not None and origin_health(
             origin, (verdicts.get((vip.name, origin.region, b)) for b in origin.backends))[0] is False
-        if not down:
-            self._down_since.pop(vip.name, None)
-            return False
-        now = self.clock()
-        if intent is not None and intent.safety_hold:
-            return False  # the controller answered: keep it
-        since = self._down_since.setdefault(vip.name, now)
-        if link is None or self.controller is None or not self.controller_ok or link.confirm_timeout <= 0:
-            return False
-        remaining = since + link.confirm_timeout - now
-        if remaining <= 0:
-            return False
-        asyncio.get_running_loop().call_later(remaining, self._dirty.set)
-        return True
+        return confirm.Checked(
+            down=down,
+            safety_hold=intent is not None and intent.safety_hold,
+            confirmed=intent is not None and intent.reason == Reason.BACKEND_DOWN,
+            reachable=link is not None and self.controller is not None and bool(self.controller_ok),
+            timeout=link.confirm_timeout if link is not None else 0.0,
+        )
+
+    def _arm_wake(self, at: float | None) -> None:
+        """Keep one timer, for the earliest deadline: re-armed when it moves, never piled up."""
+        if at == self._wake_at:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake, self._wake_at = None, at
+        if at is not None:
+            self._wake = asyncio.get_running_loop().call_later(max(0.0, at - self.clock()), self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake = self._wake_at = None
+        self._dirty.set()
 
     async def reconcile_once(self) -> bool:
         """One level-based pass. Returns True if everything was applied."""
@@ -342,7 +375,7 @@ class Agent:
         actual_routes = self.kernel.read_routes()
         routes = kernel_plan.desired_routes(decisions, actual_routes)
         actual_addrs = self.kernel.read_addresses()
-        addrs = kernel_plan.desired_addresses(decisions, {v.name: v for v in self.vips}, actual_addrs)
+        addrs = kernel_plan.desired_addresses(decisions, self._vips_by_name(), actual_addrs)
         if before:
             routes = kernel_plan.before_bgp(routes, actual_routes)
             addrs = addrs | actual_addrs
@@ -419,6 +452,7 @@ class Agent:
             await self.shutdown()
             return 0
         finally:
+            self._arm_wake(None)
             self.scheduler.stop()
             for task in tasks:
                 task.cancel()

@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from ..config.model import IPNetwork, Vip
-from ..kernel.routes import KernelRoute
+from ..kernel.diff import KernelRoute
 from .decide import Action, Decision
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface

@@ -30,7 +30,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
     speaker = await ExaBGPSpeaker.connect_stdio(on_event=on_event)
     kernel = None
     if config.kernel.enabled and not no_kernel:
-        from ..kernel.routes import KernelAdapter
+        from ..kernel.netlink import KernelAdapter
 
         kernel = KernelAdapter(protocol=config.kernel.protocol, table=config.kernel.table, netns=netns)
     registry = CollectorRegistry()

@@ -26,15 +26,15 @@ from ipaddress import ip_address, ip_interface, ip_network
 
 import pytest
 
-from controller.kernel.routes import (
+from controller.kernel.diff import (
     AddressDiff,
-    KernelAdapter,
     KernelError,
     KernelRoute,
     KernelSyncError,
     RouteDiff,
     RouteReplace,
 )
+from controller.kernel.netlink import KernelAdapter
 
 pytestmark = pytest.mark.lab
 

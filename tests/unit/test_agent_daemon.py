@@ -21,7 +21,7 @@ from controller.config.agent import load_agent_config
 from controller.config.errors import ConfigError, ConfigIssue
 from controller.config.model import AgentConfig
 from controller.health.probes import ProbeResult
-from controller.kernel.routes import KernelRoute
+from controller.kernel.diff import KernelRoute
 from controller.metrics.agent import AgentMetrics
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "agent-sjc.yaml"
@@ -546,3 +546,138 @@ def test_withdrawal_does_not_wait_forever(tmp_path: Path, controller_ok: bool, w
         assert (WITHDRAW in bgp.lines) is withdrawn
 
     run(scenario())
+
+
+class FakeTimer:
+    def __init__(self, delay: float, callback: Callable[[], object]) -> None:
+        self.delay, self.callback = delay, callback
+        self.done = False  # cancelled, or fired
+
+    def cancel(self) -> None:
+        self.done = True
+
+    def fire(self) -> None:
+        self.done = True
+        self.callback()
+
+
+class TimerSpy:
+    """Stands in for the loop's call_later: records the agent's timers and never runs them
+    on its own (a test fires one when it wants), so a slow machine changes nothing."""
+
+    def __init__(self) -> None:
+        self.timers: list[FakeTimer] = []
+
+    def __call__(self, delay: float, callback: Callable[[], object]) -> FakeTimer:
+        self.timers.append(FakeTimer(delay, callback))
+        return self.timers[-1]
+
+    def live(self) -> list[FakeTimer]:
+        return [t for t in self.timers if not t.done]
+
+
+def two_vip_plan(gen: int) -> Plan:
+    a = load_agent_config(str(EXAMPLE)).vips[0]
+    b = dataclasses.replace(a, name="game-b", prefix=ipaddress.ip_network("198.51.100.11/32"))
+    return Plan("controller", gen, "abc123", {v.name: VipIntent(v.name, True, "us-west") for v in (a, b)},
+                specs=(a, b))
+
+
+def feed_vip(agent: Agent, vip: str, ok: bool, times: int) -> None:
+    for _ in range(times):
+        for key in [k for k in agent.health if k[0] == vip]:
+            agent._on_result(key, ProbeResult(ok, 0.001, "ok" if ok else "connect refused"), 0.0)
+
+
+def test_many_passes_while_awaiting_the_controller_arm_one_timer_at_the_earliest_deadline(tmp_path: Path) -> None:
+    """The loop is woken once, at the first deadline of all waiting VIPs; passes in between
+    neither pile up timers nor move it; when nothing waits any more no timer is left."""
+    now = [1000.0]
+
+    async def scenario() -> None:
+        spy = TimerSpy()
+        asyncio.get_running_loop().call_later = spy  # type: ignore[method-assign, assignment]
+        registry = CollectorRegistry()
+        bgp = RecordingAnnouncer()
+        cfg = controller_config(tmp_path)
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
+                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+        agent.controller_ok = True
+        agent.apply_plan(two_vip_plan(1))
+        feed_vip(agent, "game-global", True, 2)
+        feed_vip(agent, "game-b", True, 2)
+        await agent.reconcile_once()
+        assert spy.live() == []  # nothing waits: no timer
+        feed_vip(agent, "game-global", False, 2)  # down at 1000: deadline 1002
+        for _ in range(50):
+            await agent.reconcile_once()
+        assert [t.delay for t in spy.live()] == [2.0]
+        now[0] += 0.5
+        feed_vip(agent, "game-b", False, 2)  # down at 1000.5: deadline 1002.5, later than game-global's
+        for _ in range(50):
+            await agent.reconcile_once()
+            now[0] += 0.01
+        assert len(spy.timers) == 1 and [t.delay for t in spy.live()] == [2.0]  # the same timer throughout
+        assert {d.vip: d.reason for d in agent.decisions.values()} == {
+            "game-global": "awaiting_controller", "game-b": "awaiting_controller"}
+        # game-global's deadline passes: it goes, and the one timer moves to game-b's deadline.
+        now[0] = 1002.0
+        await agent.reconcile_once()
+        assert agent.decisions["game-global"].reason == "backend_down"
+        assert [t.delay for t in spy.live()] == [pytest.approx(0.5)]
+        # The timer's only job is to wake the loop for the pass that lets the withdrawal go.
+        agent._dirty.clear()
+        spy.live()[0].fire()
+        assert agent._dirty.is_set()
+        await agent.reconcile_once()  # game-b still waits: a timer again, for what is left
+        assert [t.delay for t in spy.live()] == [pytest.approx(0.5)] and len(spy.timers) == 3
+        # The controller confirms game-b: nothing waits any more, and no timer is left.
+        plan = two_vip_plan(2)
+        agent.apply_plan(dataclasses.replace(plan, vips={**plan.vips, "game-b": dataclasses.replace(
+            plan.vips["game-b"], reason="backend_down")}))
+        await agent.reconcile_once()
+        assert agent.decisions["game-b"].reason == "backend_down"
+        assert spy.live() == []
+
+    run(scenario())
+
+
+class CountingVips(tuple):  # type: ignore[type-arg]
+    """A plan's VIP specs that count how often someone walks through them."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountingVips.walks += 1
+        return super().__iter__()
+
+
+def test_a_probe_result_finds_its_vip_by_name_without_scanning_the_vips(tmp_path: Path) -> None:
+    """On every probe result the agent looks its VIP up by name: indexed once per plan, not a
+    walk through every VIP per result; a new plan's VIP definitions are the ones found."""
+    base = load_agent_config(str(EXAMPLE)).vips[0]
+    many = [dataclasses.replace(base, name=f"vip-{i}", prefix=ipaddress.ip_network(f"198.51.100.{i}/32"))
+            for i in range(100, 200)]
+
+    def plan(gen: int, fall: int) -> Plan:
+        vips = [dataclasses.replace(v, check=dataclasses.replace(v.check, rise=1, fall=fall)) for v in many]
+        return Plan("controller", gen, "abc", {v.name: VipIntent(v.name, True, "us-west") for v in vips},
+                    specs=CountingVips(vips))
+
+    agent, _, _, _ = make_agent(controller_config(tmp_path))
+    agent.apply_plan(plan(1, fall=3))
+    CountingVips.walks = 0
+    keys = list(agent.health)
+    for _ in range(3):
+        for key in keys:
+            agent._on_result(key, ProbeResult(True, 0.001, "ok"), 0.0)
+    assert len(keys) >= 100 and CountingVips.walks <= 1  # 3 results per backend, one index build
+    assert all(s.healthy for s in agent.health.values())  # rise=1, from the plan's definitions
+    key = next(k for k in keys if k[0] == "vip-150")
+    agent._on_result(key, ProbeResult(False, 0.001, "refused"), 0.0)
+    assert agent.health[key].phase.value == "falling"  # fall=3
+    agent.apply_plan(plan(2, fall=1))
+    agent._on_result(key, ProbeResult(False, 0.001, "refused"), 0.0)
+    assert agent.health[key].phase.value == "down"  # fall=1: the new plan's definition was found
+    assert agent.vip("vip-150") is agent.plan.specs[50]  # type: ignore[index]
+    assert agent.vip("nope") is None

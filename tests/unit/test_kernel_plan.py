@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from ipaddress import ip_address, ip_interface, ip_network
 
 import pytest
 
-from controller.kernel.routes import (
+from controller.kernel.diff import (
     AddressDiff,
-    KernelAdapter,
+    InstalledRoute,
+    KernelMarks,
+    KernelOpError,
     KernelRoute,
     RouteDiff,
     RouteReplace,
+    op_failure,
     plan_addresses,
+    plan_route_sync,
     plan_routes,
 )
 
@@ -141,7 +147,56 @@ def test_our_address_at_a_new_prefix_length_is_swapped() -> None:
     assert plan_addresses({A}, {old}) == AddressDiff(add=(A,), remove=(old,))
 
 
-# --- settings the adapter refuses before touching anything -----------------------------------
+# --- a changed metric setting ----------------------------------------------------------------
+def test_routes_of_ours_at_another_metric_are_stale_and_go_after_the_diff() -> None:
+    # The metric setting moved from 30 to 10: the new routes are added (no gap), and the
+    # old ones are handed back as stale, in the kernel's order, to remove afterwards.
+    installed = [InstalledRoute(route(VIP_B, "10.0.0.2"), 30), InstalledRoute(route(VIP_A, "10.0.0.2"), 30),
+                 InstalledRoute(route(VIP6, "2001:db8:1::2"), 10)]
+    diff, stale = plan_route_sync([route(VIP_A, "10.0.0.2"), route(VIP6, "2001:db8:1::2")], installed, 10)
+    assert diff == RouteDiff(add=(route(VIP_A, "10.0.0.2"),))
+    assert stale == (installed[0], installed[1])
+
+
+def test_at_one_metric_the_sync_plan_is_the_plain_diff() -> None:
+    installed = [InstalledRoute(route(VIP_A, "10.0.0.2"), 10), InstalledRoute(route(VIP_B, "10.0.0.2"), 10)]
+    desired = [route(VIP_A, "10.0.1.2")]
+    assert plan_route_sync(desired, installed, 10) == (
+        plan_routes(desired, [r.route for r in installed]), ())
+
+
+# --- what a netlink error on one change means -----------------------------------------------
+ROUTE_ITEM = "route 198.51.100.10/32 via 10.0.0.2 (table 254, metric 10)"
+
+
+@pytest.mark.parametrize("code", [errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL])
+def test_a_remove_that_finds_nothing_is_done(code: int) -> None:
+    assert op_failure("remove", ROUTE_ITEM, code) is None
+    assert op_failure("remove", "address 198.51.100.10/32 on lo", code) is None
+
+
+def test_an_add_that_finds_nothing_is_a_failure() -> None:
+    assert op_failure("add", ROUTE_ITEM, errno.ENOENT) == KernelOpError(
+        "add", ROUTE_ITEM, errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+@pytest.mark.parametrize("code, hint", [
+    (errno.ENETUNREACH, "no connected route to the next hop"),
+    (errno.EHOSTUNREACH, "no connected route to the next hop"),
+    (errno.EEXIST, "another route already holds this prefix at our metric; not ours, left alone"),
+])
+def test_a_route_failure_says_why_in_the_operators_terms(code: int, hint: str) -> None:
+    failure = op_failure("add", ROUTE_ITEM, code)
+    assert failure == KernelOpError("add", ROUTE_ITEM, code, f"{os.strerror(code)}: {hint}")
+    assert str(failure).endswith(f"({errno.errorcode[code]})")
+
+
+def test_an_address_failure_has_the_kernels_text_only() -> None:
+    item = "address 198.51.100.10/32 on lo"
+    assert op_failure("add", item, errno.EEXIST) == KernelOpError("add", item, errno.EEXIST, os.strerror(errno.EEXIST))
+
+
+# --- marks the adapter refuses before touching anything --------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -152,8 +207,19 @@ def test_our_address_at_a_new_prefix_length_is_swapped() -> None:
         ({"metric": 0}, "metric 0"),
     ],
 )
-def test_adapter_refuses_settings_that_would_claim_others_state(
+def test_marks_that_would_claim_others_state_are_refused(
     kwargs: dict[str, int], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        KernelAdapter(**kwargs)  # type: ignore[arg-type]
+        KernelMarks(**kwargs)
+
+
+def test_the_default_marks() -> None:
+    assert KernelMarks() == KernelMarks(protocol=99, table=254, metric=10)
+
+
+def test_the_adapter_checks_its_marks_before_opening_anything() -> None:
+    from controller.kernel.netlink import KernelAdapter
+
+    with pytest.raises(ValueError, match="protocol 4: must be 5-255"):
+        KernelAdapter(protocol=4)  # raises before any thread, loop or netlink socket exists

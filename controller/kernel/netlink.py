@@ -1,14 +1,12 @@
-"""The kernel side of a POP agent: VIP host routes and loopback addresses, over netlink.
+"""The netlink adapter of the kernel side: VIP host routes and loopback addresses, via pyroute2.
 
 Theory of operation
 -------------------
-Reconcile by level, like the BGP side: every pass hands the *whole* desired set to
-`KernelAdapter.sync_routes` / `sync_addresses`, which read what the kernel holds, diff it
-with a pure function (`plan_routes`, `plan_addresses`) and apply only the difference. A
-second pass with the same set changes nothing.
+``KernelAdapter`` is the real ``diff.Kernel``: each sync reads what the kernel holds of
+ours, diffs it with the pure functions of ``diff`` and applies only the difference, one
+netlink change at a time. This module holds only the I/O and what the kernel really does.
 
-Ownership is decided by marks the kernel stores for us, never by memory of past events
-(the agent may have restarted):
+Ownership is decided by marks the kernel stores for us (``diff.KernelMarks``):
   * a route is ours when its protocol is our number (default 99) and it is in our table;
   * a loopback address is ours when its IFA_PROTO is that same number (Linux >= 6.3; the
     kernel keeps it for IPv4 and IPv6 alike, which an IPv4 label like `lo:anycast` could
@@ -37,257 +35,35 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from ipaddress import (
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    IPv6Address,
-    IPv6Interface,
-    IPv6Network,
-    ip_address,
-    ip_interface,
-    ip_network,
+from ipaddress import ip_address, ip_interface, ip_network
+from typing import Any, TypeVar
+
+from .diff import (
+    DEFAULT_METRIC,
+    DEFAULT_PROTOCOL,
+    RT_TABLE_MAIN,
+    AddressDiff,
+    InstalledRoute,
+    KernelError,
+    KernelMarks,
+    KernelOpError,
+    KernelRoute,
+    KernelSyncError,
+    LoopbackAddress,
+    RouteDiff,
+    op_failure,
+    plan_addresses,
+    plan_route_sync,
 )
-from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
-Prefix = IPv4Network | IPv6Network
-NextHop = IPv4Address | IPv6Address
-LoopbackAddress = IPv4Interface | IPv6Interface
-
-RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
-DEFAULT_PROTOCOL = 99
-# Below zebra's BGP routes (metric 20), so ours win on a box that also runs FRR, and
-# away from the defaults (0 for IPv4, 1024 for IPv6) so a hand-made static route for the
-# same VIP lives beside ours instead of colliding with it. Never 0: IPv6 turns 0 into
-# 1024, and we would then never find our routes at the metric we asked for.
-DEFAULT_METRIC = 10
-
-
-# --- values -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KernelRoute:
-    """A route the agent wants (or has): `prefix` via `next_hop`, nothing more."""
-
-    prefix: Prefix
-    next_hop: NextHop
-
-    def __post_init__(self) -> None:
-        if self.prefix.version != self.next_hop.version:
-            raise ValueError(f"{self}: next hop is not IPv{self.prefix.version}")
-        # A link-local next hop needs an outgoing interface, which we do not model.
-        if self.next_hop.is_link_local:
-            raise ValueError(f"{self}: link-local next hops are not supported")
-
-    def __str__(self) -> str:
-        return f"{self.prefix} via {self.next_hop}"
-
-
-@dataclass(frozen=True)
-class RouteReplace:
-    """The route for `old.prefix` moves from `old.next_hop` to `new.next_hop`."""
-
-    old: KernelRoute
-    new: KernelRoute
-
-    def __str__(self) -> str:
-        return f"{self.new.prefix} via {self.old.next_hop} -> {self.new.next_hop}"
-
-
-@dataclass(frozen=True)
-class RouteDiff:
-    """What a sync must do (from `plan_routes`) or did (from `sync_routes`)."""
-
-    add: tuple[KernelRoute, ...] = ()
-    replace: tuple[RouteReplace, ...] = ()
-    remove: tuple[KernelRoute, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.replace or self.remove)
-
-    def __str__(self) -> str:
-        parts = [f"add {r}" for r in self.add]
-        parts += [f"replace {r}" for r in self.replace]
-        parts += [f"remove {r}" for r in self.remove]
-        return "; ".join(parts) or "no change"
-
-    def brief(self, limit: int = 5) -> str:
-        """Counts and the first few changes: one bounded log line even for 2,000 VIPs."""
-        return _brief(str(self).split("; "), f"+{len(self.add)} ~{len(self.replace)} "
-                      f"-{len(self.remove)}", limit)
-
-
-@dataclass(frozen=True)
-class AddressDiff:
-    """Loopback addresses to add and remove; `not_ours` are wanted but held by others."""
-
-    add: tuple[LoopbackAddress, ...] = ()
-    remove: tuple[LoopbackAddress, ...] = ()
-    # Wanted addresses already on the interface without our mark: the kernel already
-    # answers for them, and since we did not add them we must not claim or remove them.
-    not_ours: tuple[LoopbackAddress, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.remove)
-
-    def __str__(self) -> str:
-        parts = [f"add {a}" for a in self.add] + [f"remove {a}" for a in self.remove]
-        return "; ".join(parts) or "no change"
-
-    def brief(self, limit: int = 5) -> str:
-        """Counts and the first few changes: one bounded log line."""
-        return _brief(str(self).split("; "), f"+{len(self.add)} -{len(self.remove)}", limit)
-
-
-def _brief(parts: list[str], counts: str, limit: int) -> str:
-    more = f"; ... {len(parts) - limit} more" if len(parts) > limit else ""
-    return f"{counts}: {'; '.join(parts[:limit])}{more}"
-
-
-@dataclass(frozen=True)
-class KernelOpError:
-    """One netlink operation that failed: what, on which item, and the errno."""
-
-    operation: str  # add | replace | remove
-    item: str  # "198.51.100.10/32 via 10.0.0.2 (table 254)" or "198.51.100.10/32 on lo"
-    errno: int
-    message: str
-
-    def __str__(self) -> str:
-        name = errno_mod.errorcode.get(self.errno, f"errno {self.errno}")
-        return f"{self.operation} {self.item}: {self.message} ({name})"
-
-
-class KernelError(Exception):
-    """The kernel side failed as a whole (no such interface, namespace, ...)."""
-
-
-class KernelSyncError(KernelError):
-    """Some changes failed; every other change in the same sync was applied."""
-
-    def __init__(
-        self, failures: tuple[KernelOpError, ...], applied: RouteDiff | AddressDiff
-    ) -> None:
-        self.failures = failures
-        self.applied = applied
-        listed = "; ".join(str(f) for f in failures)
-        super().__init__(f"{len(failures)} kernel change(s) failed: {listed}")
-
-
-# --- pure planning ----------------------------------------------------------------------
-def _net_key(net: Prefix) -> tuple[int, int, int]:
-    return (net.version, int(net.network_address), net.prefixlen)
-
-
-def _route_key(route: KernelRoute) -> tuple[int, int, int, int]:
-    return (*_net_key(route.prefix), int(route.next_hop))
-
-
-def _addr_key(addr: LoopbackAddress) -> tuple[int, int, int]:
-    return (addr.version, int(addr.ip), addr.network.prefixlen)
-
-
-def plan_routes(desired: Iterable[KernelRoute], actual: Iterable[KernelRoute]) -> RouteDiff:
-    """Diff the routes we want with the routes of ours the kernel holds.
-
-    A prefix whose next hop changed is a `replace` (one atomic kernel change, no gap in
-    forwarding), not a remove plus an add. Raises ValueError if `desired` has two next
-    hops for one prefix: we install single-path routes only.
-    """
-    want: dict[Prefix, KernelRoute] = {}
-    for route in desired:
-        seen = want.setdefault(route.prefix, route)
-        if seen != route:
-            raise ValueError(
-                f"{route.prefix}: two next hops wanted ({seen.next_hop}, {route.next_hop})"
-            )
-    have: dict[Prefix, list[KernelRoute]] = {}
-    for route in sorted(set(actual), key=_route_key):
-        have.setdefault(route.prefix, []).append(route)
-
-    add: list[KernelRoute] = []
-    replace: list[RouteReplace] = []
-    remove: list[KernelRoute] = []
-    for prefix, route in want.items():
-        current = have.pop(prefix, [])
-        if route in current:
-            # Extra routes of ours for the prefix (e.g. left by an `append`) go away.
-            remove += [r for r in current if r != route]
-        elif current:
-            replace.append(RouteReplace(old=current[0], new=route))
-            remove += current[1:]
-        else:
-            add.append(route)
-    for leftovers in have.values():
-        remove += leftovers
-    return RouteDiff(
-        add=tuple(sorted(add, key=_route_key)),
-        replace=tuple(sorted(replace, key=lambda r: _route_key(r.new))),
-        remove=tuple(sorted(remove, key=_route_key)),
-    )
-
-
-def plan_addresses(
-    desired: Iterable[LoopbackAddress],
-    actual: Iterable[LoopbackAddress],
-    *,
-    foreign: Iterable[LoopbackAddress] = (),
-) -> AddressDiff:
-    """Diff the loopback addresses we want with ours (`actual`) on the interface.
-
-    `foreign` are the interface's other addresses. One of them with a wanted IP (at any
-    prefix length: the kernel would refuse a second copy anyway) is left alone and
-    reported in `not_ours`, never added, claimed or removed.
-    """
-    want, have = set(desired), set(actual)
-    foreign_ips = {a.ip for a in foreign}
-    not_ours = {a for a in want - have if a.ip in foreign_ips}
-    return AddressDiff(
-        add=tuple(sorted(want - have - not_ours, key=_addr_key)),
-        remove=tuple(sorted(have - want, key=_addr_key)),
-        not_ours=tuple(sorted(not_ours, key=_addr_key)),
-    )
-
-
-# --- the boundary the agent depends on ---------------------------------------------------
-class Kernel(Protocol):
-    """What the agent needs from the kernel; `KernelAdapter` is the real one."""
-
-    def read_routes(self) -> set[KernelRoute]: ...
-
-    def sync_routes(self, desired: Iterable[KernelRoute]) -> RouteDiff: ...
-
-    def read_addresses(self) -> set[LoopbackAddress]: ...
-
-    def sync_addresses(self, desired: Iterable[LoopbackAddress]) -> AddressDiff: ...
-
-    def close(self) -> None: ...
-
-
-# --- the netlink adapter ----------------------------------------------------------------
-# Why an errno happened, in the operator's terms; the kernel's text alone is too terse.
-_ROUTE_HINTS = {
-    errno_mod.ENETUNREACH: "no connected route to the next hop",
-    errno_mod.EHOSTUNREACH: "no connected route to the next hop",
-    errno_mod.EEXIST: "another route already holds this prefix at our metric; not ours, left alone",
-}
-# A delete that finds nothing leaves the kernel as we want it (someone removed it first).
-_GONE = frozenset({errno_mod.ESRCH, errno_mod.ENOENT, errno_mod.EADDRNOTAVAIL})
-
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class _OurRoute:
-    route: KernelRoute
-    metric: int
 
 
 @dataclass
@@ -299,7 +75,7 @@ class _Applied:
 
 
 class KernelAdapter:
-    """Keeps our VIP routes and loopback addresses right, through pyroute2.
+    """Keeps our VIP routes and loopback addresses right, through pyroute2 (a ``diff.Kernel``).
 
     `netns` names a network namespace (lab and tests); None is the agent's own.
     Every method blocks its caller for the netlink round trips (about a millisecond).
@@ -314,14 +90,7 @@ class KernelAdapter:
         netns: str | None = None,
         metric: int = DEFAULT_METRIC,
     ) -> None:
-        # 0-4 are the kernel's own (unspec, redirect, kernel, boot, static) and 0 would
-        # match every unmarked address: owning them would mean touching others' state.
-        if not 5 <= protocol <= 255:
-            raise ValueError(f"protocol {protocol}: must be 5-255")
-        if not 1 <= table <= 0xFFFFFFFF:
-            raise ValueError(f"table {table}: must be 1-4294967295")
-        if not 1 <= metric <= 0xFFFFFFFF:
-            raise ValueError(f"metric {metric}: must be 1-4294967295")
+        KernelMarks(protocol, table, metric)  # raises ValueError for marks not ours to use
         self.protocol, self.table, self.metric = protocol, table, metric
         self.loopback, self.netns = loopback, netns
         # One thread with its own event loop does all netlink work (see the module doc).
@@ -390,12 +159,9 @@ class KernelAdapter:
         return self._call(lambda: self._sync_routes(wanted))
 
     async def _sync_routes(self, desired: tuple[KernelRoute, ...]) -> RouteDiff:
-        ours = await self._read_ours()
         # Routes of ours at another metric (the metric setting changed) are stale: they
         # are removed after the new ones are in, so forwarding never has a gap.
-        current = {r.route for r in ours if r.metric == self.metric}
-        stale = [r for r in ours if r.metric != self.metric]
-        plan = plan_routes(desired, current)
+        plan, stale = plan_route_sync(desired, await self._read_ours(), self.metric)
 
         added, replaced, removed = _Applied(), _Applied(), _Applied()
         for route in plan.add:
@@ -427,13 +193,13 @@ class KernelAdapter:
         shown = self.metric if metric is None else metric
         return f"route {route} (table {self.table}, metric {shown})"
 
-    async def _read_ours(self) -> list[_OurRoute]:
+    async def _read_ours(self) -> list[InstalledRoute]:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # type: ignore[import-untyped]
         from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
         from pyroute2.netlink.rtnl import RTM_GETROUTE  # type: ignore[import-untyped]
         from pyroute2.netlink.rtnl.rtmsg import rtmsg  # type: ignore[import-untyped]
 
-        out: list[_OurRoute] = []
+        out: list[InstalledRoute] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             # pyroute2's route("dump", ...) filters in Python only; this request has the
             # kernel skip every route not in our table with our protocol.
@@ -469,7 +235,7 @@ class KernelAdapter:
                 except ValueError as exc:  # e.g. a link-local gateway: someone else's work
                     log.warning("ignoring route with protocol %d: %s", self.protocol, exc)
                     continue
-                out.append(_OurRoute(route, msg.get_attr("RTA_PRIORITY") or 0))
+                out.append(InstalledRoute(route, msg.get_attr("RTA_PRIORITY") or 0))
         return out
 
     def _route_op(
@@ -577,13 +343,8 @@ class KernelAdapter:
         try:
             await op()
         except NetlinkError as exc:
-            if operation == "remove" and exc.code in _GONE:
-                into.done.append(value)
+            failure = op_failure(operation, item, exc.code)
+            if failure is not None:
+                into.failures.append(failure)
                 return
-            text = os.strerror(exc.code)
-            hint = _ROUTE_HINTS.get(exc.code) if item.startswith("route") else None
-            into.failures.append(
-                KernelOpError(operation, item, exc.code, f"{text}: {hint}" if hint else text)
-            )
-        else:
-            into.done.append(value)
+        into.done.append(value)
