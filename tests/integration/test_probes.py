@@ -256,7 +256,7 @@ def test_a_source_address_is_used_for_the_connection() -> None:
 # --- HTTP ---------------------------------------------------------------------------------
 
 
-def http(srv: Server, **kw: Any) -> Awaitable[ProbeResult]:
+def http(srv: Server, **kw: Any) -> Coroutine[Any, Any, ProbeResult]:
     return probe(ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", GENEROUS), **kw))
 
 
@@ -436,7 +436,8 @@ def segments(parts: list[bytes], gap: float = 0.002, then: str = "close") -> Han
             await writer.drain()
             await asyncio.sleep(gap)
         if then == "reset":
-            # Data the peer has not read yet is still read before the reset is reported.
+            # Let the data go out first (a reset drops unsent data). The peer's kernel still
+            # hands it over before reporting the reset, however late the probe reads.
             await asyncio.sleep(0.02)
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif then == "close":
