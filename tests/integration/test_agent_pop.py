@@ -60,11 +60,11 @@ def metric(pop: SinglePop, name: str, **labels: str) -> float | None:
     return None
 
 
-def wait_announced(pop: SinglePop, timeout: float = 20.0) -> None:
+def wait_announced(pop: SinglePop, timeout: float = 60.0) -> None:
     wait_for(lambda: in_bgp(pop) and in_fib(pop), timeout, desc=f"{PREFIX} in FRR's BGP table and FIB")
 
 
-def wait_withdrawn(pop: SinglePop, timeout: float = 10.0) -> None:
+def wait_withdrawn(pop: SinglePop, timeout: float = 60.0) -> None:
     wait_for(lambda: not in_bgp(pop) and not in_fib(pop), timeout,
              desc=f"{PREFIX} gone from FRR's BGP table and FIB")
 
@@ -84,9 +84,9 @@ def restart_service(pop: SinglePop) -> None:
     """Like `systemctl restart`: stop ExaBGP (and with it the agent), start both again.
     Also resets ExaBGP's respawn budget (about 6 helper deaths per minute)."""
     pop.stop_exabgp(signal.SIGTERM)
-    wait_for(lambda: pop.agent_pid() is None, 10, desc="agent gone")
+    wait_for(lambda: pop.agent_pid() is None, 60, desc="agent gone")
     pop.start_agent()
-    wait_for(pop.agent_pid, 10, desc="agent started by ExaBGP")
+    wait_for(pop.agent_pid, 60, desc="agent started by ExaBGP")
 
 
 def ensure_healthy_and_announced(pop: SinglePop) -> None:
@@ -109,12 +109,12 @@ def test_vip_announced_with_attributes_routed_to_active_origin(pop: SinglePop) -
     # The POP's kernel sends the VIP to the active origin's backbone next hop, marked as ours.
     assert "198.51.100.10 via 100.64.10.1" in pop.pop_kernel_routes()
     # A client request from the router's side reaches the VIP and is served by us-west.
-    served = wait_for(pop.request_vip, 5, desc="HTTP through the VIP")
+    served = wait_for(pop.request_vip, 60, desc="HTTP through the VIP")
     assert "origin=us-west" in served
     assert metric(pop, "anycast_vip_announced", vip="game-global") == 1
     assert metric(pop, "anycast_vip_state", vip="game-global", state="up") == 1
     # (A session can flap once at start-up when both sides connect at the same moment.)
-    wait_for(lambda: metric(pop, "anycast_bgp_neighbor_up", neighbor="100.64.1.1") == 1, 10,
+    wait_for(lambda: metric(pop, "anycast_bgp_neighbor_up", neighbor="100.64.1.1") == 1, 60,
              desc="anycast_bgp_neighbor_up is 1")
     assert metric(pop, "anycast_backend_healthy", vip="game-global", origin="eu-central",
                   backend="100.64.20.1:8080") == 1  # standby origins are checked too
@@ -125,7 +125,7 @@ def test_backend_down_withdraws_then_returns_after_rise(pop: SinglePop) -> None:
     mark = len(pop.agent_log())
     pop.stop_backends("usw")
     wait_withdrawn(pop)
-    wait_for(lambda: "198.51.100.10" not in pop.pop_kernel_routes(), 5, desc="kernel route removed")
+    wait_for(lambda: "198.51.100.10" not in pop.pop_kernel_routes(), 60, desc="kernel route removed")
     assert pop.request_vip(timeout=0.5) is None  # FRR no longer routes the VIP anywhere
     log = log_since(pop, mark)
     assert "withdraw 198.51.100.10/32 (VIP game-global), reason backend_down" in log
@@ -149,7 +149,7 @@ def test_killed_agent_is_respawned_and_keeps_the_route_without_a_flap(pop: Singl
     ensure_healthy_and_announced(pop)
     old = pop.signal_agent(signal.SIGKILL)
     absent = 0
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # a hang guard: under load a respawn is slower, not wrong
     new = None
     while time.monotonic() < deadline:
         absent += 0 if in_bgp(pop) else 1
@@ -199,7 +199,7 @@ def test_bad_config_on_reload_keeps_last_good_config_and_announcements(pop: Sing
     write_config(pop, lambda d: d["vips"][0]["check"].__setitem__("rise", 0))
     try:
         pop.signal_agent(signal.SIGHUP)
-        wait_for(lambda: "config reload rejected" in log_since(pop, mark), 5, desc="rejection logged")
+        wait_for(lambda: "config reload rejected" in log_since(pop, mark), 60, desc="rejection logged")
         log = log_since(pop, mark)
         assert "vips[0].check.rise: must be >= 1, got 0" in log
         assert metric(pop, "anycast_config_last_reload_successful") == 0
@@ -224,7 +224,7 @@ def test_drain_announces_less_preferred(pop: SinglePop) -> None:
     try:
         write_config(pop, lambda d: d["vips"][0].__setitem__("admin", "drain"))
         pop.signal_agent(signal.SIGHUP)
-        wait_for(lambda: (pop.router.bgp_route(PREFIX) or {}).get("paths", [{}])[0].get("metric") == 1000, 10,
+        wait_for(lambda: (pop.router.bgp_route(PREFIX) or {}).get("paths", [{}])[0].get("metric") == 1000, 60,
                  desc="draining MED 1000")
         path = pop.router.bgp_route(PREFIX)["paths"][0]
         assert path["aspath"]["string"] == "65101 65101 65101 65101"  # prepended 3 times
@@ -233,7 +233,7 @@ def test_drain_announces_less_preferred(pop: SinglePop) -> None:
     finally:
         write_config(pop)
         pop.signal_agent(signal.SIGHUP)
-    wait_for(lambda: (pop.router.bgp_route(PREFIX) or {}).get("paths", [{}])[0].get("metric") == 100, 10,
+    wait_for(lambda: (pop.router.bgp_route(PREFIX) or {}).get("paths", [{}])[0].get("metric") == 100, 60,
              desc="back to MED 100")
 
 
@@ -256,8 +256,8 @@ def test_agent_exits_when_exabgp_dies(pop: SinglePop) -> None:
     agent = pop.agent_pid()
     assert pop.agent_proc is not None
     pop.stop_exabgp(signal.SIGKILL)
-    wait_withdrawn(pop, timeout=5)  # the session dropped with ExaBGP
-    wait_for(lambda: not Path(f"/proc/{agent}").exists() or "zombie" in _state(agent), 10,
+    wait_withdrawn(pop)  # the session dropped with ExaBGP
+    wait_for(lambda: not Path(f"/proc/{agent}").exists() or "zombie" in _state(agent), 60,
              desc="agent exited after ExaBGP went away")
     pop.start_agent()
     wait_announced(pop)

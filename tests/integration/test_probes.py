@@ -1,7 +1,20 @@
 """Probes and the scheduler against real servers on 127.0.0.1 and ::1 (no mocks).
 
-Servers are asyncio servers started in each test on port 0. `http.server` is avoided on
-purpose: it does a reverse DNS lookup at bind, which stalls where no resolver answers.
+Each test server runs on its own thread with its own event loop (`serve`), so how fast it
+answers does not depend on how busy the probes' loop is: on a loaded machine a probe may
+be slower, but it meets the server in the stage the test means.
+
+Timing rules, so that the tests hold on a busy 2-core machine:
+- A probe whose test is not about timing gets GENEROUS seconds: only a hung test meets it.
+- A test about a timeout stage uses STAGE_TIMEOUT (or a short one where nothing but the
+  kernel is involved: a connect to a listener that never accepts) and asserts the exact
+  detail. A timeout result may be checked not to come before its timeout (a lower bound);
+  no test bounds a duration from above: what such a bound measures belongs to `bench/`.
+- Waiting for something to happen polls a condition (`until`); its bound only fails a
+  hung test.
+
+Servers are asyncio servers started on port 0. `http.server` is avoided on purpose: it
+does a reverse DNS lookup at bind, which stalls where no resolver answers.
 """
 
 from __future__ import annotations
@@ -13,11 +26,12 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 import warnings
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,31 +43,45 @@ from controller.health.scheduler import CheckScheduler, Target
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
+GENEROUS = 30.0  # probe timeout where the test is not about timing
+STAGE_TIMEOUT = 1.0  # where the server must have written its part before the deadline strikes
+HOLD = 3600.0  # a server "never" finishes: it holds the connection until the test tears it down
+HANG_GUARD = 120.0  # bound of `until`: fails a hung test, never a slow one
+
 
 @dataclass
 class Server:
     host: str
     port: int
-    requests: list[bytes] = field(default_factory=list)
+    requests: list[bytes] = field(default_factory=list)  # appended by the server's thread
     peers: list[str] = field(default_factory=list)
 
 
-@asynccontextmanager
-async def serve(
-    handler: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, read_request: bool = True
-) -> AsyncIterator[Server]:
-    """A server that reads one request head, records it, and lets `handler` answer."""
-    server_info = Server(host, 0)
-    handlers: set[asyncio.Task[object]] = set()
+@contextmanager
+def serve(
+    handler: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, read_request: bool = True,
+    limit: int = 2**16,
+) -> Iterator[Server]:
+    """A server that reads one request head, records it, and lets `handler` answer.
+
+    It runs on its own thread and event loop: its answers are written while the probes'
+    loop is busy, and a test may block its own loop without stalling the server. Usable
+    from a test's event loop (start and stop take milliseconds) or from plain code.
+    """
+    info = Server(host, 0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"test-server-{host}", daemon=True)
+    thread.start()
+    handlers: set[asyncio.Task[Any]] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         handlers.add(task)
-        server_info.peers.append(writer.get_extra_info("peername")[0])
+        info.peers.append(writer.get_extra_info("peername")[0])
         try:
             head = await reader.readuntil(b"\r\n\r\n") if read_request else b""
-            server_info.requests.append(head)
+            info.requests.append(head)
             await handler(head, writer)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass  # tcp probes connect and leave; that is their job
@@ -63,16 +91,31 @@ async def serve(
             writer.transport.abort()
             handlers.discard(task)
 
-    server = await asyncio.start_server(on_connect, host, 0, ssl=tls, backlog=1024)
-    server_info.port = server.sockets[0].getsockname()[1]
-    try:
-        yield server_info
-    finally:
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(on_connect, host, 0, ssl=tls, backlog=1024, limit=limit)
+
+    async def stop(server: asyncio.Server) -> None:
         server.close()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        # A connection accepted just now may not have started its handler yet: repeat until
+        # every task on this loop (handshakes, handlers) has ended, so every socket is closed.
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me]:
+            for task in list(handlers):
+                task.cancel()
+            await asyncio.wait(others, timeout=0.05)
         await server.wait_closed()
+
+    try:
+        server = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        info.port = server.sockets[0].getsockname()[1]
+        try:
+            yield info
+        finally:
+            asyncio.run_coroutine_threadsafe(stop(server), loop).result()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 def answer(status: str = "200 OK", body: bytes = b"ok", headers: str = "") -> Handler:
@@ -93,7 +136,7 @@ def raw(data: bytes, then_wait: float = 0.0) -> Handler:
 
 
 async def never_answer(head: bytes, writer: asyncio.StreamWriter) -> None:
-    await asyncio.sleep(30)
+    await asyncio.sleep(HOLD)
 
 
 R = TypeVar("R")
@@ -101,6 +144,39 @@ R = TypeVar("R")
 
 def check(scenario: Callable[[], Coroutine[Any, Any, R]]) -> R:
     return asyncio.run(scenario())
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` on the running loop until it holds; HANG_GUARD fails a hung test."""
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"still not true after {HANG_GUARD:.0f} s: {what}") from None
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextmanager
+def no_leaks() -> Iterator[None]:
+    """Fail if the block leaves a file descriptor open or warns about an unclosed resource
+    (the servers' threads included: start and stop them inside the block)."""
+    gc.collect()
+    before = open_fds()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert open_fds() <= before
+
+
+def timed_out_no_sooner(result: ProbeResult, timeout: float) -> bool:
+    """A timeout result does not come before its timeout (10 ms of slack for clock rounding)."""
+    return result.latency > timeout - 0.01
 
 
 @contextmanager
@@ -135,19 +211,15 @@ def free_port() -> int:
 
 
 def test_tcp_connects() -> None:
-    async def scenario() -> ProbeResult:
-        async with serve(never_answer) as srv:
-            return await probe(ProbeSpec("tcp", "127.0.0.1", srv.port, 1.0))
-
-    result = check(scenario)
+    with serve(never_answer) as srv:
+        result = asyncio.run(probe(ProbeSpec("tcp", "127.0.0.1", srv.port, GENEROUS)))
     assert (result.ok, result.detail) == (True, "connected")
-    assert 0 < result.latency < 0.5
+    assert result.latency > 0
 
 
-def test_tcp_refused_is_a_quick_failure() -> None:
-    result = asyncio.run(probe(ProbeSpec("tcp", "127.0.0.1", free_port(), 1.0)))
-    assert (result.ok, result.detail) == (False, "connect refused")
-    assert result.latency < 0.5
+def test_tcp_refused_fails_naming_the_refusal() -> None:
+    result = asyncio.run(probe(ProbeSpec("tcp", "127.0.0.1", free_port(), GENEROUS)))
+    assert (result.ok, result.detail) == (False, "connect refused")  # not a timeout
 
 
 def test_tcp_timeout_when_the_listener_never_accepts() -> None:
@@ -156,17 +228,18 @@ def test_tcp_timeout_when_the_listener_never_accepts() -> None:
             await asyncio.sleep(0.05)
             return await probe(ProbeSpec("tcp", "127.0.0.1", port, 0.3))
 
-    result = check(scenario)
+    with no_leaks():
+        result = check(scenario)
     assert (result.ok, result.detail) == (False, "timeout after 0.30s connecting")
-    assert 0.29 < result.latency < 0.5
+    assert timed_out_no_sooner(result, 0.3)
 
 
 def test_tcp_over_ipv6() -> None:
     async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        async with serve(answer()) as srv6_missing:  # an IPv4-only server: ::1 refuses
-            refused = await probe(ProbeSpec("tcp", "::1", srv6_missing.port, 1.0))
-        async with serve(never_answer, host="::1") as srv:
-            ok = await probe(ProbeSpec("tcp", "::1", srv.port, 1.0))
+        with serve(answer()) as srv6_missing:  # an IPv4-only server: ::1 refuses
+            refused = await probe(ProbeSpec("tcp", "::1", srv6_missing.port, GENEROUS))
+        with serve(never_answer, host="::1") as srv:
+            ok = await probe(ProbeSpec("tcp", "::1", srv.port, GENEROUS))
         return ok, refused
 
     ok, refused = check(scenario)
@@ -175,28 +248,21 @@ def test_tcp_over_ipv6() -> None:
 
 
 def test_a_source_address_is_used_for_the_connection() -> None:
-    async def scenario() -> tuple[ProbeResult, list[str]]:
-        async with serve(answer()) as srv:
-            result = await probe(ProbeSpec("http", "127.0.0.1", srv.port, 1.0, source="127.0.0.2"))
-            return result, srv.peers
-
-    result, peers = check(scenario)
-    assert result.ok and peers == ["127.0.0.2"]
+    with serve(answer()) as srv:
+        result = asyncio.run(probe(ProbeSpec("http", "127.0.0.1", srv.port, GENEROUS, source="127.0.0.2")))
+    assert result.ok and srv.peers == ["127.0.0.2"]
 
 
 # --- HTTP ---------------------------------------------------------------------------------
 
 
-def http(srv: Server, **kw: object) -> Awaitable[ProbeResult]:
-    return probe(ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", 1.0), **kw))  # type: ignore[arg-type]
+def http(srv: Server, **kw: Any) -> Coroutine[Any, Any, ProbeResult]:
+    return probe(ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", GENEROUS), **kw))
 
 
-def run_http(handler: Handler, host: str = "127.0.0.1", **kw: object) -> tuple[ProbeResult, Server]:
-    async def scenario() -> tuple[ProbeResult, Server]:
-        async with serve(handler, host) as srv:
-            return await http(srv, **kw), srv
-
-    return asyncio.run(scenario())
+def run_http(handler: Handler, host: str = "127.0.0.1", **kw: Any) -> tuple[ProbeResult, Server]:
+    with serve(handler, host) as srv:
+        return asyncio.run(http(srv, **kw)), srv
 
 
 def test_http_200_is_healthy_and_the_request_is_a_proper_get() -> None:
@@ -244,25 +310,15 @@ def test_http_body_read_to_eof_without_content_length() -> None:
 
 
 def test_http_content_length_ends_the_read_even_if_the_server_keeps_the_connection() -> None:
-    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", then_wait=10), expect_body="ok")
+    # The server holds the connection past the probe's timeout: a probe that read on to
+    # EOF would report "timeout ... reading the body", not a verdict.
+    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", then_wait=HOLD), expect_body="ok")
     assert (result.ok, result.detail) == (True, "HTTP 200")
-    assert result.latency < 0.5
 
 
 def test_http_interim_100_continue_is_skipped() -> None:
     result, _ = run_http(raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     assert (result.ok, result.detail) == (True, "HTTP 200")
-
-
-def test_http_timeout_when_the_server_never_answers() -> None:
-    result, _ = run_http(never_answer, timeout=0.2)
-    assert (result.ok, result.detail) == (False, "timeout after 0.20s waiting for the response")
-    assert 0.19 < result.latency < 0.4
-
-
-def test_http_timeout_covers_a_body_that_never_ends() -> None:
-    result, _ = run_http(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", then_wait=10), timeout=0.2)
-    assert (result.ok, result.detail) == (False, "timeout after 0.20s reading the body")
 
 
 def test_http_truncated_body_fails() -> None:
@@ -335,12 +391,11 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     return ctx
 
 
-def run_https(tls: ssl.SSLContext, handler: Handler, **kw: object) -> tuple[ProbeResult, Server]:
-    async def scenario() -> tuple[ProbeResult, Server]:
-        async with serve(handler, tls=tls) as srv:
-            return await probe(ProbeSpec("https", srv.host, srv.port, 1.0, **kw)), srv  # type: ignore[arg-type]
-
-    return asyncio.run(scenario())
+def run_https(tls: ssl.SSLContext | None, handler: Handler, read_request: bool = True,
+              **kw: Any) -> tuple[ProbeResult, Server]:
+    with serve(handler, tls=tls, read_request=read_request) as srv:
+        spec = ProbeSpec("https", srv.host, srv.port, kw.pop("timeout", GENEROUS), **kw)
+        return asyncio.run(probe(spec)), srv
 
 
 def test_https_self_signed_is_fine_without_verification(self_signed: ssl.SSLContext) -> None:
@@ -360,12 +415,8 @@ def test_https_with_verification_rejects_a_self_signed_cert(self_signed: ssl.SSL
 
 
 def test_https_against_a_plain_http_port_fails_naming_tls() -> None:
-    async def scenario() -> ProbeResult:
-        # Like a real HTTP server, it answers the TLS hello it cannot parse with a 400.
-        async with serve(raw(b"HTTP/1.1 400 Bad Request\r\n\r\n"), read_request=False) as srv:
-            return await probe(ProbeSpec("https", srv.host, srv.port, 1.0))
-
-    result = check(scenario)
+    # Like a real HTTP server, it answers the TLS hello it cannot parse with a 400.
+    result, _ = run_https(None, raw(b"HTTP/1.1 400 Bad Request\r\n\r\n"), read_request=False)
     assert (result.ok, result.detail) == (False, "TLS: wrong version number")
 
 
@@ -385,13 +436,15 @@ def segments(parts: list[bytes], gap: float = 0.002, then: str = "close") -> Han
             await writer.drain()
             await asyncio.sleep(gap)
         if then == "reset":
-            await asyncio.sleep(0.02)  # let the data arrive first
+            # Let the data go out first (a reset drops unsent data). The peer's kernel still
+            # hands it over before reporting the reset, however late the probe reads.
+            await asyncio.sleep(0.02)
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif then == "close":
             writer.close()
             await writer.wait_closed()
         else:
-            await asyncio.sleep(30)
+            await asyncio.sleep(HOLD)
 
     return handler
 
@@ -424,7 +477,7 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
      segments([b"HTTP/1.1 200 OK\r\nContent-Length: 71686\r\n\r\n" + BIG + b"MARKER"], then="wait"),
      {"expect_body": "MARKER"}, (False, "body lacks 'MARKER'")),
     ("Content-Length twice: the last counts", raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\ncontent-length: 2\r\n\r\nok",
-                                                  then_wait=10), {"expect_body": "ok"}, (True, "HTTP 200")),
+                                                  then_wait=HOLD), {"expect_body": "ok"}, (True, "HTTP 200")),
     ("Content-Length body truncated", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npar", b"tial"]),
      {}, (False, "body truncated (7 of 100 bytes)")),
     ("Content-Length body truncated past 64 KiB", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 10]),
@@ -448,16 +501,16 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
     ("interim answers, split", segments([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early", b" Hints\r\nLink: x\r\n\r\n",
                                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]), {}, (True, "HTTP 200")),
     ("101 is final", raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), {}, (False, "HTTP 101 (expected 200)")),
-    ("204 has no body", raw(b"HTTP/1.1 204 No Content\r\n\r\n", then_wait=10), {"expect_status": 204, "expect_body": "x"},
+    ("204 has no body", raw(b"HTTP/1.1 204 No Content\r\n\r\n", then_wait=HOLD), {"expect_status": 204, "expect_body": "x"},
      (False, "body lacks 'x'")),
-    ("status other than expected, body not read", raw(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n", then_wait=10),
+    ("status other than expected, body not read", raw(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n", then_wait=HOLD),
      {}, (False, "HTTP 503 (expected 200)")),
     ("headers longer than 64 KiB", segments([b"HTTP/1.1 200 OK\r\n"] + [b"X-Filler: " + b"y" * 1000 + b"\r\n"] * 70,
                                             then="wait"), {}, (False, "bad response: headers longer than 65536 bytes")),
     ("status line longer than the line limit", segments([b"HTTP/1.1 200 " + b"x" * 100_000], then="wait"), {},
      (False, "bad response: Separator is not found, and chunk exceed the limit")),
     ("malformed header line", raw(b"HTTP/1.1 200 OK\r\ngarbage\r\n\r\n"), {}, (False, "bad response: malformed header line: 'garbage'")),
-    ("garbage status line, then nothing", raw(b"SSH-2.0-OpenSSH_9.2\r\n", then_wait=10), {},
+    ("garbage status line, then nothing", raw(b"SSH-2.0-OpenSSH_9.2\r\n", then_wait=HOLD), {},
      (False, "bad response: not an HTTP status line: 'SSH-2.0-OpenSSH_9.2'")),
     ("status line without a reason", raw(b"HTTP/1.1 200\r\n\r\n"), {}, (True, "HTTP 200")),
     ("closed mid-head", segments([b"HTTP/1.1 200 OK\r\nContent-Le"]), {}, (False, "connection closed waiting for the response")),
@@ -469,11 +522,9 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
     ("reset mid-chunk", segments([CHUNKED + b"a\r\nabc"], then="reset"), {}, (False, "connection reset reading the body")),
     ("reset during a body read to EOF", segments([b"HTTP/1.1 200 OK\r\n\r\n", b"partial"], then="reset"), {},
      (False, "connection reset reading the body")),
-    ("no answer: timeout", never_answer, {"timeout": 0.1}, (False, "timeout after 0.10s waiting for the response")),
-    ("endless body: timeout", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait"),
-     {"timeout": 0.1}, (False, "timeout after 0.10s reading the body")),
-    ("head trickling past the timeout", segments([b"HTTP/1.1 200 OK\r\n"] + [b"X: y\r\n"] * 20, gap=0.01, then="wait"),
-     {"timeout": 0.1}, (False, "timeout after 0.10s waiting for the response")),
+    # 20 header lines 0.1 s apart: still arriving when the deadline strikes, and no end of head.
+    ("head trickling past the timeout", segments([b"HTTP/1.1 200 OK\r\n"] + [b"X: y\r\n"] * 20, gap=0.1, then="wait"),
+     {"timeout": STAGE_TIMEOUT}, (False, "timeout after 1.00s waiting for the response")),
     ("Host header, path encoding", answer(), {"path": "/santé check?x=1", "host_header": "bücher.example:8080"},
      (True, "HTTP 200")),
     ("source address", answer(), {"source": "127.0.0.2"}, (True, "HTTP 200")),
@@ -483,16 +534,19 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
 
 
 def both_paths(handler: Handler, host: str = "127.0.0.1", **kw: Any) -> tuple[ProbeResult, ProbeResult, Server]:
-    """The agent's probe (the callback path for plain HTTP) and the stream path, one after
-    the other against one server."""
+    """The agent's probe (the callback path for plain HTTP) and the stream path, at once
+    against one server."""
+    with serve(handler, host) as srv:
+        spec = ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", GENEROUS), **kw)
+        assert spec._plain_http is not None
+        fast, slow = run_both(spec)
+    return fast, slow, srv
 
-    async def scenario() -> tuple[ProbeResult, ProbeResult, Server]:
-        async with serve(handler, host) as srv:
-            spec = ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", 1.0), **kw)
-            assert spec._plain_http is not None
-            fast = await probe(spec)
-            slow = await probes._probe_streams(spec, time.perf_counter())
-            return fast, slow, srv
+
+def run_both(spec: ProbeSpec) -> tuple[ProbeResult, ProbeResult]:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
+        return fast, slow
 
     return asyncio.run(scenario())
 
@@ -507,20 +561,32 @@ def test_plain_http_gives_the_stream_paths_verdicts(handler: Handler, kw: dict[s
 
 
 def test_plain_http_parses_a_response_as_its_segments_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The byte-by-byte scenarios above really arrive in many reads, not in one."""
-    reads = 0
+    """One byte per segment, each sent only once the probe has read the one before: the
+    parser really meets the response in as many reads as it has bytes, on any machine."""
+    reads = 0  # counted on the probe's loop, watched from the server's thread
     on_readable = probes._PlainHttpCheck._on_readable
 
     def counting(self: probes._PlainHttpCheck) -> None:
         nonlocal reads
-        reads += 1
         on_readable(self)
+        reads += 1
+
+    async def lockstep(head: bytes, writer: asyncio.StreamWriter) -> None:
+        for i in range(len(chunked)):
+            seen = reads
+            writer.write(chunked[i:i + 1])
+            await writer.drain()
+            while reads == seen:  # a probe that never reads times out (GENEROUS) and fails
+                await asyncio.sleep(0.0005)
+        writer.close()
 
     monkeypatch.setattr(probes._PlainHttpCheck, "_on_readable", counting)
     chunked = CHUNKED + b"4\r\nMARK\r\n2\r\nER\r\n0\r\n\r\n"
-    fast, slow, _ = both_paths(bytewise(chunked), expect_body="MARKER")
-    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
-    assert reads > len(chunked) // 2
+    with serve(lockstep) as srv:
+        result = asyncio.run(probe(ProbeSpec("http", srv.host, srv.port, GENEROUS, expect_body="MARKER")))
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    # One read per byte, up to the last chunk's size line ("0\r\n"): the verdict comes there.
+    assert reads >= len(chunked) - len(b"\r\n")
 
 
 def test_plain_http_over_ipv6_and_refused() -> None:
@@ -528,66 +594,17 @@ def test_plain_http_over_ipv6_and_refused() -> None:
     assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
     assert f"\r\nHost: [::1]:{srv.port}\r\n".encode() in srv.requests[0]
 
-    async def refused() -> tuple[ProbeResult, ProbeResult]:
-        spec = ProbeSpec("http", "127.0.0.1", free_port(), 1.0)
-        return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
-
-    fast, slow = asyncio.run(refused())
+    fast, slow = run_both(ProbeSpec("http", "127.0.0.1", free_port(), GENEROUS))
     assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "connect refused")
-
-
-def test_plain_http_timeout_while_connecting() -> None:
-    async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        with unaccepting_listener() as port:
-            await asyncio.sleep(0.05)
-            spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
-            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
-
-    fast, slow = check(scenario)
-    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
-    assert 0.19 < fast.latency < 0.4
 
 
 def test_plain_http_request_larger_than_the_socket_takes_at_once() -> None:
     """A 16 MiB path: the request goes out over many writable events, then the answer counts."""
     path = "/" + "p" * (16 * 1024 * 1024)
-    received: list[int] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            received.append(len(await reader.readuntil(b"\r\n\r\n")))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-        finally:
-            writer.transport.abort()
-
-    async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        server = await asyncio.start_server(on_connect, "127.0.0.1", 0, limit=2**25)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            spec = ProbeSpec("http", "127.0.0.1", port, 5.0, path=path, expect_body="ok")
-            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    fast, slow = check(scenario)
+    with serve(answer(), limit=2**25) as srv:
+        fast, slow = run_both(ProbeSpec("http", "127.0.0.1", srv.port, GENEROUS, path=path, expect_body="ok"))
     assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (True, "HTTP 200")
-    assert received[0] == received[1] > len(path)
-
-
-def test_plain_http_timeout_while_the_request_cannot_go_out() -> None:
-    """A listener that never accepts nor reads: more than 64 KiB of the request stays unsent."""
-
-    async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(8)
-            spec = ProbeSpec("http", "127.0.0.1", listener.getsockname()[1], 0.2, path="/" + "p" * (16 * 1024 * 1024))
-            return await probe(spec), await probes._probe_streams(spec, time.perf_counter())
-
-    fast, slow = check(scenario)
-    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s sending the request")
+    assert [len(r) for r in srv.requests] == [len(srv.requests[0])] * 2 and len(srv.requests[0]) > len(path)
 
 
 def test_plain_http_plan_is_made_once_and_leaves_the_spec_alone() -> None:
@@ -604,11 +621,12 @@ def test_plain_http_plan_is_made_once_and_leaves_the_spec_alone() -> None:
 
 def test_a_cancelled_plain_http_check_closes_its_socket_at_once() -> None:
     async def scenario() -> tuple[int, int, int]:
-        async with serve(segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait")) as srv:
+        with serve(segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait")) as srv:
             gc.collect()
             before = open_fds()
-            tasks = [asyncio.create_task(probe(ProbeSpec("http", srv.host, srv.port, 5.0))) for _ in range(20)]
-            await asyncio.sleep(0.2)  # connected, mid-body
+            tasks = [asyncio.create_task(probe(ProbeSpec("http", srv.host, srv.port, GENEROUS))) for _ in range(20)]
+            # Every connection accepted (so no server socket opens later), each probe connected.
+            await until(lambda: len(srv.requests) == 20, "the server has all 20 requests")
             during = open_fds()
             for t in tasks:
                 t.cancel()
@@ -622,114 +640,172 @@ def test_a_cancelled_plain_http_check_closes_its_socket_at_once() -> None:
 
 
 def test_a_bug_in_the_plain_http_parser_is_the_probes_exception(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not a hang until the timeout: the scheduler reports it as a probe error."""
+    """Not a hang until the timeout (that would be a timeout result): the scheduler
+    reports it as a probe error."""
 
     def broken(line: bytes) -> int:
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr(probes, "_status_of", broken)
+    with serve(answer()) as srv, pytest.raises(RuntimeError, match="parser bug"):
+        asyncio.run(probe(ProbeSpec("http", srv.host, srv.port, GENEROUS)))
 
-    async def scenario() -> None:
-        async with serve(answer()) as srv:
-            await probe(ProbeSpec("http", srv.host, srv.port, 5.0))
 
-    started = time.perf_counter()
-    with pytest.raises(RuntimeError, match="parser bug"):
-        check(scenario)
-    assert time.perf_counter() - started < 1.0
+# --- timeouts: each stage names itself ------------------------------------------------------
+# Against a server that puts the probe in the stage named: connecting and sending, in the
+# kernel (a listener that never accepts or never reads); the others, the server writes its
+# part at once, on its own thread, well before the deadline. Plain HTTP runs both paths at
+# once. Each test also checks that the timed-out probes left no socket behind.
+
+
+def test_http_timeout_while_connecting() -> None:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        with unaccepting_listener() as port:
+            await asyncio.sleep(0.05)
+            spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
+            fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
+            return fast, slow
+
+    with no_leaks():
+        fast, slow = check(scenario)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
+    assert timed_out_no_sooner(fast, 0.2) and timed_out_no_sooner(slow, 0.2)
+
+
+def test_http_timeout_when_the_server_never_answers() -> None:
+    with no_leaks():
+        fast, slow, _ = both_paths(never_answer, timeout=STAGE_TIMEOUT)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 1.00s waiting for the response")
+    assert timed_out_no_sooner(fast, STAGE_TIMEOUT) and timed_out_no_sooner(slow, STAGE_TIMEOUT)
+
+
+def test_http_timeout_covers_a_body_that_never_ends() -> None:
+    with no_leaks():
+        fast, slow, _ = both_paths(segments([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"], then="wait"),
+                                   timeout=STAGE_TIMEOUT)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 1.00s reading the body")
+    assert timed_out_no_sooner(fast, STAGE_TIMEOUT) and timed_out_no_sooner(slow, STAGE_TIMEOUT)
+
+
+def test_http_timeout_while_the_request_cannot_go_out() -> None:
+    """A listener that never accepts nor reads: more than 64 KiB of the request stays unsent."""
+    with no_leaks(), socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        spec = ProbeSpec("http", "127.0.0.1", listener.getsockname()[1], STAGE_TIMEOUT,
+                         path="/" + "p" * (16 * 1024 * 1024))
+        fast, slow = run_both(spec)
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 1.00s sending the request")
+
+
+def test_https_timeout_in_the_tls_handshake_counts_as_connecting() -> None:
+    """TCP is up (the server accepted), the server never answers the TLS hello."""
+    with no_leaks():
+        result, srv = run_https(None, never_answer, read_request=False, timeout=STAGE_TIMEOUT)
+    assert (result.ok, result.detail) == (False, "timeout after 1.00s connecting")
+    assert timed_out_no_sooner(result, STAGE_TIMEOUT)
+    assert srv.peers == ["127.0.0.1"]
+
+
+def test_https_timeout_waiting_for_the_response(self_signed: ssl.SSLContext) -> None:
+    with no_leaks():
+        result, srv = run_https(self_signed, never_answer, timeout=STAGE_TIMEOUT)
+    assert (result.ok, result.detail) == (False, "timeout after 1.00s waiting for the response")
+    assert srv.requests[0].startswith(b"GET / HTTP/1.1\r\n")  # TLS was up, the request went out
+
+
+def test_https_timeout_reading_the_body(self_signed: ssl.SSLContext) -> None:
+    with no_leaks():
+        result, _ = run_https(self_signed, raw(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar", then_wait=HOLD),
+                              timeout=STAGE_TIMEOUT)
+    assert (result.ok, result.detail) == (False, "timeout after 1.00s reading the body")
 
 
 # --- resources ----------------------------------------------------------------------------
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def test_ten_thousand_probes_of_every_outcome_leak_no_sockets_and_warn_nothing(self_signed: ssl.SSLContext) -> None:
+    """Successes, failures, refusals, and timeouts while waiting, mid-body and mid-TLS: after
+    10,000 probes no file descriptor is left open and nothing warned about an unclosed
+    resource. Only that is asserted. Which outcome each spec met is counted per spec and
+    printed: on a busy machine a short timeout may strike a stage earlier, and the stage
+    tests above pin each detail."""
+    outcomes: Counter[tuple[str, str]] = Counter()
 
+    async def scenario(specs: dict[str, tuple[ProbeSpec, int]]) -> None:
+        # Mostly cheap outcomes; enough slow ones that timeouts happen hundreds of times.
+        plan = [(label, spec) for label, (spec, weight) in specs.items() for _ in range(weight)]
+        sem = asyncio.Semaphore(200)
 
-def test_ten_thousand_probes_leak_no_sockets_and_warn_nothing(self_signed: ssl.SSLContext) -> None:
-    """Every outcome, including timeouts mid-TLS and mid-body, closes its socket."""
+        async def one(label: str, spec: ProbeSpec) -> None:
+            async with sem:
+                outcomes[label, (await probe(spec)).detail] += 1
 
-    async def scenario() -> Counter[str]:
-        async with (
+        await asyncio.gather(*(one(*plan[i % len(plan)]) for i in range(10_000)))
+
+    quick = 0.1  # the timeouts the test provokes: short, so that 10,000 probes stay quick
+    with no_leaks():
+        with (
             serve(answer()) as ok_srv,
             serve(answer("503 Service Unavailable")) as bad_srv,
             serve(never_answer) as hung_srv,
-            serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar", then_wait=10)) as slow_body,
+            serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar", then_wait=HOLD)) as slow_body,
             serve(answer(), tls=self_signed) as tls_srv,
             serve(never_answer, read_request=False) as tls_hung,  # TCP up, TLS never answered
         ):
-            refused = free_port()
-            specs = [
-                ProbeSpec("tcp", "127.0.0.1", ok_srv.port, 1.0),
-                ProbeSpec("http", "127.0.0.1", ok_srv.port, 1.0, expect_body="ok"),
-                ProbeSpec("http", "127.0.0.1", bad_srv.port, 1.0),
-                ProbeSpec("tcp", "127.0.0.1", refused, 1.0),
-                ProbeSpec("https", "127.0.0.1", tls_srv.port, 1.0),
-                ProbeSpec("http", "127.0.0.1", hung_srv.port, 0.05),
-                ProbeSpec("http", "127.0.0.1", slow_body.port, 0.05),
-                ProbeSpec("https", "127.0.0.1", tls_hung.port, 0.05),
-            ]
-            # Mostly cheap outcomes; enough slow ones that timeouts happen hundreds of times.
-            weights = [3, 3, 1, 1, 1, 1, 1, 1]
-            plan = [s for s, w in zip(specs, weights, strict=True) for _ in range(w)]
-            sem = asyncio.Semaphore(200)
-            outcomes: Counter[str] = Counter()
-
-            async def one(spec: ProbeSpec) -> None:
-                async with sem:
-                    r = await probe(spec)
-                    outcomes[r.detail.split(" (")[0] if r.ok else r.detail] += 1
-
-            await asyncio.gather(*(one(plan[i % len(plan)]) for i in range(10_000)))
-            return outcomes
-
-    gc.collect()
-    before = open_fds()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        started = time.perf_counter()
-        outcomes = check(scenario)
-        elapsed = time.perf_counter() - started
-        gc.collect()
+            specs = {
+                "tcp": (ProbeSpec("tcp", "127.0.0.1", ok_srv.port, GENEROUS), 3),
+                "http": (ProbeSpec("http", "127.0.0.1", ok_srv.port, GENEROUS, expect_body="ok"), 3),
+                "http 503": (ProbeSpec("http", "127.0.0.1", bad_srv.port, GENEROUS), 1),
+                "tcp refused": (ProbeSpec("tcp", "127.0.0.1", free_port(), GENEROUS), 1),
+                "https": (ProbeSpec("https", "127.0.0.1", tls_srv.port, GENEROUS), 1),
+                "http, no answer": (ProbeSpec("http", "127.0.0.1", hung_srv.port, quick), 1),
+                "http, endless body": (ProbeSpec("http", "127.0.0.1", slow_body.port, quick), 1),
+                "https, no TLS answer": (ProbeSpec("https", "127.0.0.1", tls_hung.port, quick), 1),
+            }
+            started = time.perf_counter()
+            asyncio.run(scenario(specs))
+            elapsed = time.perf_counter() - started
     assert sum(outcomes.values()) == 10_000
-    assert {"connected", "HTTP 200", "HTTP 503 (expected 200)", "connect refused",
-            "timeout after 0.05s waiting for the response", "timeout after 0.05s reading the body"} <= set(outcomes)
-    assert any(d.startswith("timeout after 0.05s") and "connecting" in d for d in outcomes)  # the TLS hang
-    assert open_fds() <= before
-    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
-    print(f"\n10,000 probes in {elapsed:.1f}s: {dict(outcomes)}")
+    by_spec: defaultdict[str, dict[str, int]] = defaultdict(dict)
+    for (label, detail), n in sorted(outcomes.items()):
+        by_spec[label][detail] = n
+    print(f"\n10,000 probes in {elapsed:.1f}s:" + "".join(f"\n  {label}: {d}" for label, d in by_spec.items()))
 
 
 # --- the real scheduler -------------------------------------------------------------------
 
 
-def test_scheduler_checks_200_targets_at_200ms_against_a_real_server() -> None:
-    async def scenario() -> tuple[Counter[Hashable], int, float]:
-        results: Counter[Hashable] = Counter()
-        failures = 0
+def test_scheduler_checks_each_of_200_targets_again_and_again_against_a_real_server() -> None:
+    """200 targets every 0.2 s against one real server: each target is checked three times
+    at least, and every verdict is right. How late checks start is the benchmark's to measure."""
+    verdicts: defaultdict[Hashable, list[tuple[bool, str]]] = defaultdict(list)
 
-        def on_result(key: Hashable, result: ProbeResult, finished_at: float) -> None:
-            nonlocal failures
-            results[key] += 1
-            failures += not result.ok
+    def on_result(key: Hashable, result: ProbeResult, finished_at: float) -> None:
+        verdicts[key].append((result.ok, result.detail))
 
-        async with serve(answer()) as srv:
-            sched = CheckScheduler(on_result)
-            sched.set_targets(
-                Target(key=i, spec=ProbeSpec("http", "127.0.0.1", srv.port, 0.2, expect_body="ok"), interval=0.2)
-                for i in range(200)
-            )
-            task = asyncio.create_task(sched.run())
-            await asyncio.sleep(1.05)
+    async def scenario(srv: Server) -> tuple[int, int, int, int]:
+        sched = CheckScheduler(on_result)
+        sched.set_targets(
+            Target(key=i, spec=ProbeSpec("http", "127.0.0.1", srv.port, GENEROUS, expect_body="ok"), interval=0.2)
+            for i in range(200)
+        )
+        task = asyncio.create_task(sched.run())
+        try:
+            await until(lambda: len(verdicts) == 200 and min(map(len, verdicts.values())) >= 3,
+                        "each of the 200 targets has 3 results")
+        finally:
             sched.stop()
             await task
-            p99 = sched.stats().lateness_quantile(0.99)
-        return results, failures, p99
+        stats = sched.stats()
+        return stats.checks, stats.probe_errors, stats.dropped, stats.skipped
 
-    results, failures, p99 = check(scenario)
-    assert len(results) == 200
-    assert min(results.values()) >= 3, sorted(results.values())[:5]
-    assert failures == 0
-    assert p99 < 0.1
-    counts = sorted(results.values())
-    print(f"\nchecks per target: min {counts[0]} max {counts[-1]}; p99 lateness {p99 * 1000:.1f} ms")
+    with serve(answer()) as srv:
+        checks, probe_errors, dropped, skipped = asyncio.run(scenario(srv))
+    assert set(verdicts) == set(range(200))
+    assert {v for vs in verdicts.values() for v in vs} == {(True, "HTTP 200")}
+    assert checks == sum(map(len, verdicts.values()))
+    assert (probe_errors, dropped) == (0, 0)
+    assert len(srv.requests) >= checks  # each verdict answers a request the server read
+    counts = sorted(map(len, verdicts.values()))
+    print(f"\nchecks per target: min {counts[0]} max {counts[-1]}; skipped {skipped}")
