@@ -450,7 +450,14 @@ def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
             nft_drop(f, f.topo.pop("sin").agent, CUT_CHECKS):
         missing: list[str] = []
         alarm_at = status_alarm_at = firing_at = None
-        while time.time() - t0 < 8:
+
+        def watching() -> bool:
+            """8 s of nothing withdrawn, and on (bounded: a hung alarm fails, it is not
+            timed) until the alarm and the alert have been seen."""
+            seen = alarm_at and status_alarm_at and (firing_at or not f.prometheus)
+            return time.time() - t0 < 8 or (not seen and time.time() - t0 < 60)
+
+        while watching():
             missing += [p.name for p in f.topo.pops if not f.announced(p.name, VIP)]
             if alarm_at is None and parse(f.controller_metrics()).value("anycast_controller_alarm", **alarm) == 1.0:
                 alarm_at = time.time()
