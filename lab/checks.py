@@ -153,3 +153,18 @@ def client_problems(client: str, last: Sequence[Mapping[str, Any]], pop: str, or
     r = bad[-1]
     return [f"{client}: {len(bad)}/{len(last)} recent requests not served via {pop} by {origin} "
             f"(last: ok={r['ok']} pop={r['pop']} origin={r.get('origin')})"]
+
+
+def move_failures(client: str, requests: Sequence[Mapping[str, Any]], moves: int, moved_at: float) -> list[str]:
+    """The failed requests of a client whose ingress moved ``moves`` times (its transit
+    switched POPs) that the moves do not explain, given it was first served via its new
+    POP at ``moved_at``. A request in flight when the path switches can be reset: its
+    TCP connection arrives at another POP, whose NAT the origin does not know. The client
+    sends one request at a time, so that is at most one per move, and none once the new
+    POP serves; anything more is traffic lost to a blackhole."""
+    failed = [r for r in requests if not r["ok"]]
+    late = [r for r in failed if r["t"] > moved_at]
+    if len(failed) <= moves and not late:
+        return []
+    return [f"{client}: {len(failed)} failed request(s) for {moves} ingress move(s), {len(late)} after it was "
+            f"served via the new POP: {[(r['t'], r.get('error')) for r in failed]}"]

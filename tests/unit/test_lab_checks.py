@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab.checks import (agent_problems, client_problems, drop_rules, explain_problems, json_cmp, path_subset,
-                        prepended, status_problems)
+from lab.checks import (agent_problems, client_problems, drop_rules, explain_problems, json_cmp, move_failures,
+                        path_subset, prepended, status_problems)
 from lab.metrics import parse
 
 # A trimmed `show bgp ipv4 unicast 198.51.100.10/32 json` at t-na (FRR 8.4).
@@ -109,3 +109,15 @@ def test_client_requests() -> None:
     assert client_problems("c-na", [], "sjc", "us-west") == ["c-na: no requests lately"]
     assert client_problems("c-na", [ok, {"ok": False, "pop": None}], "sjc", "us-west") == [
         "c-na: 1/2 recent requests not served via sjc by us-west (last: ok=False pop=None origin=None)"]
+
+
+def test_a_move_explains_at_most_one_reset_request_each_and_none_after_it() -> None:
+    ok = {"ok": True}
+    reset = {"t": 10.0, "ok": False, "error": "ConnectionResetError"}
+    assert move_failures("c-eu", [ok, reset, ok], moves=1, moved_at=10.02) == []
+    assert move_failures("c-eu", [ok, ok], moves=0, moved_at=10.02) == []
+    assert move_failures("c-eu", [reset], moves=0, moved_at=10.02) != []  # no move: nothing explains it
+    blackhole = [{"t": 10.0 + i / 10, "ok": False, "error": "TimeoutError"} for i in range(5)]
+    assert move_failures("c-eu", blackhole, moves=1, moved_at=10.5) != []
+    late = {"t": 11.0, "ok": False, "error": "TimeoutError"}
+    assert move_failures("c-eu", [late], moves=1, moved_at=10.02) != []
