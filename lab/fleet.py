@@ -29,6 +29,7 @@ from .netns import Lab, LabError, Netns, add_addr, veth
 from .nodes import ROOT, AgentNode, lab_env, scrape, start_backend
 from .topology import Client, Pop, Topology
 
+LAB_TOKENS = ROOT / "configs" / "controller" / "lab-tokens"  # operator.token, <pop>.token
 AGENT_LINK = ("100.64.1.1", "100.64.1.2")  # POP router, agent host: the same /30 in every POP
 CONTROLLER_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, AGENT_METRICS_PORT = 9800, 9801, 9090, 9701
 
@@ -240,11 +241,42 @@ class Fleet:
         r = ctl.run([sys.executable, "-c", code], check=False, timeout=5)
         return r.stdout if r.returncode == 0 else ""
 
+    def controller_api(self, path: str, token_file: Path) -> Any:
+        """GET ``path`` of the controller's API from inside ``ctl``: the parsed JSON, None
+        if the controller does not answer (stopped, starting). An HTTP error raises
+        LabError: a wrong token or path is the test's bug, not "not yet"."""
+        url = f"http://{self.topo.controller_address}:{CONTROLLER_PORT}{path}"
+        code = ("import sys,urllib.request,urllib.error\n"
+                "req=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()})\n"
+                "try: sys.stdout.write(urllib.request.urlopen(req,timeout=3).read().decode())\n"
+                "except urllib.error.HTTPError as e: sys.stdout.write(f'{e.code} {e.read().decode()}'); sys.exit(4)\n"
+                "except OSError: sys.exit(3)\n")
+        r = self.nodes[self.topo.controller_node].run([sys.executable, "-c", code, url, str(token_file)],
+                                                      check=False, timeout=10)
+        if r.returncode == 4:
+            raise LabError(f"controller GET {path}: HTTP {r.stdout}")
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def status(self) -> dict[str, Any] | None:
+        """The controller's ``/v1/status`` (None while it does not answer)."""
+        body: dict[str, Any] | None = self.controller_api("/v1/status", LAB_TOKENS / "operator.token")
+        return body
+
+    def explain(self, vip: str) -> dict[str, Any] | None:
+        """The controller's ``/v1/explain/{vip}``: per POP wanted, drain, reason, origin."""
+        body: dict[str, Any] | None = self.controller_api(f"/v1/explain/{vip}", LAB_TOKENS / "operator.token")
+        return body
+
+    def plan(self, pop: str) -> dict[str, Any] | None:
+        """The plan the controller serves ``pop`` (``/v1/plans/{pop}`` with the POP's token)."""
+        body: dict[str, Any] | None = self.controller_api(f"/v1/plans/{pop}", LAB_TOKENS / f"{pop}.token")
+        return body
+
     def agent_config(self, pop: Pop) -> Path:
         data = yaml.safe_load((ROOT / "configs" / "agent-sjc-controlled.yaml").read_text())
         data["pop"] = pop.name
         data["bgp"]["neighbors"][0]["peer_as"] = pop.asn
-        data["controller"]["token_file"] = str(ROOT / "configs" / "controller" / "lab-tokens" / f"{pop.name}.token")
+        data["controller"]["token_file"] = str(LAB_TOKENS / f"{pop.name}.token")
         data["controller"]["url"] = f"http://{self.topo.controller_address}:{CONTROLLER_PORT}"
         path = self.lab.workdir(pop.agent) / "agent.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))

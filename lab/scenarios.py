@@ -1,19 +1,31 @@
 """The lab's scenarios: each breaks something while clients send requests, asserts what a
 user would notice, and returns its timings for the JSON report.
 
-Every scenario starts from, and leaves, the steady state: every POP announces the VIP,
-every client enters at its nearest POP, traffic reaches the primary origin. Times are
-wall-clock (unix) seconds; "FIB change" is when the client's transit router starts
-sending the VIP elsewhere (its BGP best path, polled every 20 ms through bgpd's vty).
+Every scenario starts by checking, with a bounded poll, that the lab is clean
+(``assert_clean``): every POP announces the VIP with its up attributes as the transit
+routers see them, no drain, no alarm, every report fresh, the base config revision
+served, no nftables drop rule anywhere, every client served via its nearest POP by the
+primary origin. Its breakage is undone in a ``finally`` (or a ``with``), so a scenario that
+fails leaves no cut, dead daemon or config commit behind for the next one. Assertions read
+structured data only: the controller's JSON (/v1/status, /v1/explain, /v1/plans),
+``vtysh ... json`` subsets (lab.checks) and scrapes parsed by prometheus_client's parser
+(lab.metrics), never log lines.
 
-Add one: write ``def my_case(f: Fleet) -> dict`` below (break, ``measure``, assert,
-restore, ``steady``), append it to SCENARIOS, and it runs in ``make test`` and the report.
+Times are wall-clock (unix) seconds; "FIB change" is when the client's transit router
+starts sending the VIP elsewhere (its BGP best path, polled every 20 ms through bgpd's
+vty). Timings are reported, never asserted against a bound.
+
+Add one: write ``def my_case(f: Fleet) -> dict`` below (``assert_clean``, break inside a
+``try/finally`` or ``with``, ``measure``, assert, ``assert_clean``), append it to
+SCENARIOS, and it runs in ``make test`` and the report.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,14 +34,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .fleet import CONTROLLER_PORT, Fleet
+import yaml
+
+from .checks import (agent_problems, client_problems, drop_rules, explain_problems, has_path_from, json_cmp,
+                     move_failures, path_subset, prepended, status_problems)
+from .fleet import AGENT_LINK, CONTROLLER_PORT, LAB_TOKENS, Fleet
+from .metrics import parse
+from .multi_pop import git
 from .netns import LabError
-from .nodes import ROOT
-from .poll import wait_for
+from .poll import wait_for, wait_for_equal
+from .topology import Pop
 
 VIP = "198.51.100.10"  # game-global: published at every POP, origins us-west then eu-central
 NAME = "game-global"
-OPERATOR_TOKEN = ROOT / "configs" / "controller" / "lab-tokens" / "operator.token"
+PRIMARY, SECONDARY = "us-west", "eu-central"
+OPERATOR_TOKEN = LAB_TOKENS / "operator.token"
 
 
 def lab_controller_config(config_dir: Path) -> None:
@@ -37,8 +56,6 @@ def lab_controller_config(config_dir: Path) -> None:
     same POPs every few seconds, which the example's dampening (3 changes a minute) and
     withdrawal rate limit (2 a minute) would rightly hold down; both have unit tests. A
     3 s drain and a 5 s failback hold-down keep the run short."""
-    import yaml
-
     path = config_dir / "controller.yaml"
     data = yaml.safe_load(path.read_text())
     pol = data["policy"]
@@ -49,18 +66,106 @@ def lab_controller_config(config_dir: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+# --- the clean state ----------------------------------------------------------------------------
+def base_commit(f: Fleet) -> str:
+    """The desired-state repository's first commit (Fleet.prepare_controller_config's)."""
+    r = subprocess.run(["git", "-C", str(f.config_dir), "rev-list", "--max-parents=0", "HEAD"],
+                       capture_output=True, text=True, check=True, timeout=10)
+    return r.stdout.split()[0]
+
+
+def head_commit(f: Fleet) -> str:
+    r = subprocess.run(["git", "-C", str(f.config_dir), "rev-parse", "HEAD"],
+                       capture_output=True, text=True, check=True, timeout=10)
+    return r.stdout.strip()
+
+
+def report_stale_after(f: Fleet) -> float:
+    data = yaml.safe_load((f.config_dir / "controller.yaml").read_text())
+    return float(data["policy"]["safety"]["report_stale_after"])
+
+
+def up_paths(f: Fleet, pop: Pop, attributes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON subsets of the VIP's BGP entry at ``pop``'s transit and at its router when
+    the POP's agent announces it with ``attributes`` (the spec's ``up`` or ``draining``)."""
+    asns = prepended(f.topo.agent_asn, attributes)
+    comms = attributes.get("communities", [])
+    return (path_subset(pop.uplink[1], [pop.asn, *asns], comms),
+            path_subset(AGENT_LINK[1], asns, comms, attributes.get("med")))
+
+
+def clean_problems(f: Fleet) -> list[str]:
+    """What keeps the lab from the state every scenario starts from (empty: clean)."""
+    pops = f.topo.pops
+    out = [f"{p.name}: the agent is not running" for p in pops if p.name not in f.agents or not f.agents[p.name].running()]
+    if f.controller is None or f.controller.poll() is not None:
+        out.append("the controller is not running")
+    out += [f"{o.node}: backends stopped" for o in f.topo.origins if o.node not in f.backends]
+    out += status_problems(f.status(), base_commit(f)[:12], report_stale_after(f))
+    explain = f.explain(NAME)
+    out += explain_problems(explain, [p.name for p in pops], PRIMARY)
+    up = explain["spec"]["attributes"]["up"] if explain else None
+    for p in pops:
+        if up is not None:
+            at_transit, at_router = up_paths(f, p, up)
+            out += [f"{p.transit}, path from {p.name}: {m}"
+                    for m in json_cmp(f.routers[p.transit].bgp_route(f"{VIP}/32") or {}, at_transit)]
+            out += [f"{p.router}, path from its agent: {m}"
+                    for m in json_cmp(f.routers[p.router].bgp_route(f"{VIP}/32") or {}, at_router)]
+        out += agent_problems(p.name, parse(f.agent_metrics(p.name)), NAME, AGENT_LINK[0])
+    now = time.time()
+    for c in f.topo.clients:
+        if (pop := f.ingress(c, VIP)) != f.nearest(c):
+            out.append(f"{c.transit} sends {c.node} to {pop}, not {f.nearest(c)}")
+        out += client_problems(c.node, f.requests(c.node, now - 0.5), f.nearest(c), PRIMARY)
+    for name, ns in f.nodes.items():
+        r = ns.run(["nft", "-j", "list", "ruleset"], check=False)
+        if r.returncode != 0:
+            out.append(f"{name}: nft list ruleset failed: {r.stderr.strip()}")
+        else:
+            out += [f"{name}: {d}" for d in drop_rules(json.loads(r.stdout))]
+    return out
+
+
+def assert_clean(f: Fleet, timeout: float = 60.0) -> None:
+    """Wait (bounded) until the lab is clean; a timeout lists what was still wrong."""
+    none: list[str] = []
+    wait_for_equal(lambda: clean_problems(f), none, timeout, interval=0.25, desc="a clean lab")
+
+
+def steady(f: Fleet, timeout: float = 60.0) -> None:
+    """The steady state every scenario starts from and leaves (kept for the demo's name)."""
+    assert_clean(f, timeout)
+
+
+def pop_item(explain: dict[str, Any] | None, pop: str) -> dict[str, Any] | None:
+    """The POP's entry in /v1/explain/{vip} (None if it is not planned there)."""
+    return next((p for p in (explain or {}).get("pops", []) if p["pop"] == pop), None)
+
+
 # --- observing ------------------------------------------------------------------------------
+def _slim(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """What IngressWatch keeps of a BGP entry: each path's peer, AS path and communities."""
+    return {"paths": [{"peer": {"peerId": p.get("peer", {}).get("peerId")},
+                       "aspath": {"string": p.get("aspath", {}).get("string", "")},
+                       "community": {"string": p.get("community", {}).get("string", "")}}
+                      for p in (entry or {}).get("paths", [])]}
+
+
 class IngressWatch:
-    """Polls each client's transit for the POP it sends the VIP to; records every change."""
+    """Polls each client's transit for the POP it sends the VIP to, and each transit's
+    paths for the VIP; records every change."""
 
     def __init__(self, f: Fleet, vip: str = VIP) -> None:
         self.f, self.vip = f, vip
         self.changes: list[tuple[float, str, str | None]] = []  # (t, client, pop)
+        self.paths: list[tuple[float, str, dict[str, Any]]] = []  # (t, transit, slim entry)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         last: dict[str, str | None] = {}
+        last_paths: dict[str, dict[str, Any]] = {}
         while not self._stop.is_set():
             for c in self.f.topo.clients:
                 try:
@@ -70,6 +175,14 @@ class IngressWatch:
                 if c.node not in last or last[c.node] != pop:
                     last[c.node] = pop
                     self.changes.append((time.time(), c.node, pop))
+            for t in self.f.topo.transits:
+                try:
+                    slim = _slim(self.f.routers[t.node].bgp_route(f"{self.vip}/32"))
+                except (LabError, OSError):
+                    continue
+                if last_paths.get(t.node) != slim:
+                    last_paths[t.node] = slim
+                    self.paths.append((time.time(), t.node, slim))
             self._stop.wait(0.02)
 
     def first_change(self, client: str, since: float) -> tuple[float, str | None] | None:
@@ -77,6 +190,15 @@ class IngressWatch:
         before = [p for t, c, p in self.changes if c == client and t < since]
         return next(((t, p) for t, c, p in self.changes
                      if c == client and t >= since and (not before or p != before[-1])), None)
+
+    def first_seen(self, transit: str, subset: dict[str, Any], since: float) -> float | None:
+        """When ``transit``'s entry for the VIP first contained ``subset`` after ``since``
+        (a change recorded before ``since`` counts from ``since`` if it still held then)."""
+        held = [t for t, n, e in self.paths if n == transit and t < since]
+        current = next((e for t, n, e in reversed(self.paths) if n == transit and t < since), None)
+        if held and current is not None and not json_cmp(current, subset):
+            return since
+        return next((t for t, n, e in self.paths if n == transit and t >= since and not json_cmp(e, subset)), None)
 
     def __enter__(self) -> IngressWatch:
         self._thread.start()
@@ -107,22 +229,6 @@ def first_success_via(f: Fleet, client: str, since: float, pops: set[str]) -> fl
     return next((r["t"] for r in f.requests(client, since) if r["ok"] and r["pop"] in pops), None)
 
 
-def steady(f: Fleet, timeout: float = 60.0, origin: str = "us-west") -> None:
-    """Every POP announces, every client's last requests succeed via its nearest POP and
-    reach ``origin``."""
-    f.wait_converged(VIP, timeout)
-
-    def ok() -> bool:
-        now = time.time()
-        for c in f.topo.clients:
-            last = f.requests(c.node, now - 0.5)
-            if not last or not all(r["ok"] and r["pop"] == f.nearest(c) and r["origin"] == origin for r in last):
-                return False
-        return True
-
-    wait_for(ok, timeout, interval=0.25, desc=f"every client served via its nearest POP by {origin}")
-
-
 def ms(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round((b - a) * 1000, 1)
 
@@ -144,16 +250,25 @@ SILENT = "\n".join(f" chain {h} {{ type filter hook {h} priority 0; iifname != \
                    for h in ("input", "forward", "output"))
 
 
+def agent_value(f: Fleet, pop: str, name: str, **labels: str) -> float | None:
+    """One sample of the POP agent's scrape, parsed (None if absent or not answering)."""
+    return parse(f.agent_metrics(pop)).value(name, **labels)
+
+
+ONE: float | None = 1.0  # expected sample values, typed as what agent_value returns
+ZERO: float | None = 0.0
+
+
 # --- the scenarios -----------------------------------------------------------------------------
 def s1_steady_state(f: Fleet) -> dict[str, Any]:
     """Each client goes through its nearest POP; every POP announces; the active origin serves."""
-    steady(f)
+    assert_clean(f)
     t0 = time.time()
     time.sleep(2)
     stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
     for c in f.topo.clients:
         s = stats[c.node]
-        assert s["failed"] == 0 and s["served_by"] == [f"{f.nearest(c)}/us-west"], f"{c.node}: {s}"
+        assert s["failed"] == 0 and s["served_by"] == [f"{f.nearest(c)}/{PRIMARY}"], f"{c.node}: {s}"
     assert all(f.announced(p.name, VIP) for p in f.topo.pops)
     return {"clients": stats}
 
@@ -172,58 +287,93 @@ def _pop_leaves(f: Fleet, pop: str, client: str, t_break: float, watch: IngressW
 
 def s2_backend_failure_seen_by_one_pop(f: Fleet) -> dict[str, Any]:
     """sjc's checks fail (its backbone path to the backends' check ports is cut): sjc
-    withdraws after the controller confirms; c-na moves to the next POP; nobody else moves."""
-    steady(f)
+    withdraws after the controller confirms (reason ``backend_down`` in the plan and the
+    agent's metrics); c-na moves to the next POP; nobody else moves."""
+    assert_clean(f)
+    withdrawals = {"vip": NAME, "action": "withdraw", "reason": "backend_down"}
+    before = parse(f.agent_metrics("sjc")).total("anycast_announcement_changes_total", **withdrawals)
     with IngressWatch(f) as watch:
         t0 = time.time()
         with nft_drop(f, f.topo.pop("sjc").agent, CUT_CHECKS):
             moved = _pop_leaves(f, "sjc", "c-na", t0, watch)
             wait_for(lambda: not f.announced("sjc", VIP), 10, desc="sjc withdrew")
             t1 = time.time()
+            # The plan keeps wanting it (sjc's agent withdraws on its own verdict, now confirmed).
+            planned = wait_for(lambda: pop_item(f.explain(NAME), "sjc"), 10, desc="sjc in /v1/explain")
+            assert not json_cmp(planned, {"reason": "backend_down", "active_origin": PRIMARY}), \
+                f"/v1/explain for sjc while its checks fail: {planned}"
+            wait_for_equal(lambda: agent_value(f, "sjc", "anycast_vip_reason", vip=NAME, reason="backend_down"),
+                           ONE, 10, desc="sjc's agent exports reason backend_down")
+            assert agent_value(f, "sjc", "anycast_vip_state", vip=NAME, state="withdrawn") == 1.0
             time.sleep(0.5)
         stats = {c.node: client_stats(f, c.node, t0, t1) for c in f.topo.clients}
-        steady(f)
+    assert_clean(f)
+    after = parse(f.agent_metrics("sjc")).total("anycast_announcement_changes_total", **withdrawals)
+    assert after > before, f"anycast_announcement_changes_total{withdrawals} went from {before} to {after}"
     assert all(stats[c]["failed"] == 0 for c in ("c-eu", "c-ap")), f"clients of other POPs failed: {stats}"
-    assert "reason backend_down" in f.agents["sjc"].log()
     return {**moved, "clients": stats}
 
 
 def s3_pop_crash(f: Fleet) -> dict[str, Any]:
     """fra's ExaBGP and agent are killed: the BGP session drops, fra's router withdraws."""
-    steady(f)
+    assert_clean(f)
     agent = f.agents["fra"]
-    with IngressWatch(f) as watch:
-        t0 = time.time()
-        agent_pid = agent.agent_pid()
-        if agent.proc is not None:
-            agent.proc.send_signal(signal.SIGKILL)  # ExaBGP (launch exec'd into it)
-            agent.proc.wait(5)
-        if agent_pid is not None:
-            try:
-                os.kill(agent_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        moved = _pop_leaves(f, "fra", "c-eu", t0, watch)
-        time.sleep(0.5)
-        stats = client_stats(f, "c-eu", t0, time.time())
-        f.start_agent("fra")
-        steady(f)
-    return {**moved, "c-eu": stats}
+    rtr = f.routers[f.topo.pop("fra").router]
+    try:
+        with IngressWatch(f) as watch:
+            t0 = time.time()
+            agent_pid = agent.agent_pid()
+            if agent.proc is not None:
+                agent.proc.send_signal(signal.SIGKILL)  # ExaBGP (launch exec'd into it)
+            if agent_pid is not None:
+                try:
+                    os.kill(agent_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if agent.proc is not None:
+                agent.proc.wait(5)
+            moved = _pop_leaves(f, "fra", "c-eu", t0, watch)
+            state = wait_for(lambda: (s := rtr.neighbor_state(AGENT_LINK[1])) != "Established" and s, 10,
+                             desc="rtr-fra's session to its agent down")
+            assert not has_path_from(rtr.bgp_route(f"{VIP}/32"), AGENT_LINK[1]), "rtr-fra still has the agent's path"
+            time.sleep(0.5)
+            stats = client_stats(f, "c-eu", t0, time.time())
+    finally:
+        if not agent.running():
+            f.start_agent("fra")
+    assert_clean(f)
+    return {**moved, "session_state": state, "c-eu": stats}
 
 
 def s3b_silent_pop_failure(f: Fleet) -> dict[str, Any]:
     """fra's router goes silent (nftables drops everything, no reset): its transit's BFD
-    (100 ms x 3) takes the session down and the routes with it."""
-    steady(f)
+    (100 ms x 3) takes the session down and the routes with it; the transit's BGP says so
+    (NOTIFICATION Cease/BFD Down, RFC 9384: 06/0A), not a hold-timer expiry."""
+    assert_clean(f)
+    pop = f.topo.pop("fra")
+    transit = f.routers[pop.transit]
+    peer = pop.uplink[1]
+
+    def neighbor() -> dict[str, Any]:
+        info: dict[str, Any] = transit.vtysh_json(f"show bgp neighbors {peer} json")[peer]
+        return info
+
+    dropped_before = neighbor()["connectionsDropped"]
     with IngressWatch(f) as watch:
         t0 = time.time()
-        with nft_drop(f, f.topo.pop("fra").router, SILENT):
+        with nft_drop(f, pop.router, SILENT):
             moved = _pop_leaves(f, "fra", "c-eu", t0, watch)
+            nb = wait_for(lambda: (n := neighbor())["connectionsDropped"] > dropped_before and n, 10,
+                          desc=f"{pop.transit}'s session to fra dropped")
+            bfd = [p for p in json.loads(transit.vtysh("show bfd peers json")) if p["peer"] == peer]
             time.sleep(0.5)
             stats = client_stats(f, "c-eu", t0, time.time())
-        steady(f)
-    assert moved["fib_change_ms"] is not None and moved["fib_change_ms"] < 2000, \
-        f"the transit took {moved['fib_change_ms']} ms: BFD should have caught it"
+    assert_clean(f)
+    assert not json_cmp(nb, {"lastErrorCodeSubcode": "060A", "peerBfdInfo": {"status": "Down"}}), \
+        f"{pop.transit}'s session to fra went down, but not by BFD: " + json.dumps(
+            {k: nb.get(k) for k in ("bgpState", "lastErrorCodeSubcode", "lastNotificationReason", "peerBfdInfo")})
+    assert not json_cmp(bfd, [{"status": "down", "diagnostic": "control detection time expired"}]), \
+        f"{pop.transit}'s BFD peer {peer} while fra was silent: {bfd}"
     return {**moved, "c-eu": stats}
 
 
@@ -231,25 +381,32 @@ def s4_origin_failover(f: Fleet) -> dict[str, Any]:
     """us-west's backends stop for every POP: the controller moves the VIP to eu-central;
     clients keep being served (by eu-central) after a short outage. Failback after the
     primary stays healthy for the hold-down."""
-    steady(f)
+    assert_clean(f)
     t0 = time.time()
-    f.stop_backends("usw")
-    served = {c.node: None for c in f.topo.clients}
+    served: dict[str, float | None] = {c.node: None for c in f.topo.clients}
+    try:
+        f.stop_backends("usw")
 
-    def all_on_euc() -> bool:
-        for c in f.topo.clients:
-            served[c.node] = served[c.node] or next(
-                (r["t"] for r in f.requests(c.node, t0) if r["ok"] and r["origin"] == "eu-central"), None)
-        return all(served.values())
+        def all_on_secondary() -> bool:
+            for c in f.topo.clients:
+                served[c.node] = served[c.node] or next(
+                    (r["t"] for r in f.requests(c.node, t0) if r["ok"] and r["origin"] == SECONDARY), None)
+            return all(served.values())
 
-    wait_for(all_on_euc, 20, desc="every client served by eu-central")
-    time.sleep(0.5)
-    stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
-    assert all(f.announced(p.name, VIP) for p in f.topo.pops), "a POP withdrew instead of moving the VIP"
-    assert "moved from us-west to eu-central" in f.controller_log()
-    t_back = time.time()
-    f.start_backends("usw")
-    steady(f, timeout=60)  # failback after the hold-down (5 s in the lab)
+        wait_for(all_on_secondary, 20, desc=f"every client served by {SECONDARY}")
+        time.sleep(0.5)
+        stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
+        assert all(f.announced(p.name, VIP) for p in f.topo.pops), "a POP withdrew instead of moving the VIP"
+        planned = wait_for(lambda: (e := f.explain(NAME)) and not json_cmp(
+            e["pops"], [{"pop": p.name, "wanted": True, "active_origin": SECONDARY} for p in f.topo.pops]) and e,
+            10, desc=f"/v1/explain: every POP announces from {SECONDARY}")
+        assert parse(f.controller_metrics()).value(
+            "anycast_controller_active_origin", vip=NAME, origin=SECONDARY) == 1.0, planned
+    finally:
+        t_back = time.time()
+        if "usw" not in f.backends:
+            f.start_backends("usw")
+    assert_clean(f)  # failback after the hold-down (5 s in the lab)
     return {"first_success_on_eu_central_ms": {c: ms(t0, t) for c, t in served.items()}, "clients": stats,
             "failback_after_restart_s": round(time.time() - t_back, 2)}
 
@@ -257,42 +414,55 @@ def s4_origin_failover(f: Fleet) -> dict[str, Any]:
 def s5_controller_down(f: Fleet) -> dict[str, Any]:
     """The controller stops: agents keep their plans (nothing moves); a backend failure at
     sjc is still withdrawn locally, without waiting for a controller that is not there."""
-    steady(f)
+    assert_clean(f)
     f.stop_controller()
     try:
-        wait_for(lambda: "anycast_controller_reachable 0.0" in f.agent_metrics("sjc"), 40,
-                 desc="sjc's agent noticed the controller is gone")
+        wait_for_equal(lambda: agent_value(f, "sjc", "anycast_controller_reachable"), ZERO, 40,
+                       desc="sjc's agent noticed the controller is gone")
         assert all(f.announced(p.name, VIP) for p in f.topo.pops), "an agent withdrew when the controller stopped"
         with IngressWatch(f) as watch:
             t0 = time.time()
             with nft_drop(f, f.topo.pop("sjc").agent, CUT_CHECKS):
                 moved = _pop_leaves(f, "sjc", "c-na", t0, watch)
+                wait_for_equal(lambda: agent_value(f, "sjc", "anycast_vip_announced", vip=NAME), ZERO, 10,
+                               desc="sjc's agent exports game-global withdrawn")
+                reason = [s.labels["reason"] for s in parse(f.agent_metrics("sjc")).find(
+                    "anycast_vip_reason", vip=NAME) if s.value == 1.0]
                 time.sleep(0.5)
                 stats = client_stats(f, "c-na", t0, time.time())
     finally:
-        f.start_controller()
-    for p in f.topo.pops:
-        wait_for(lambda: "anycast_controller_reachable 1.0" in f.agent_metrics(p.name), 40,
-                 desc=f"{p.name} reconnected to the controller")
-    steady(f)
-    return {**moved, "c-na": stats}
+        if f.controller is None:
+            f.start_controller()
+    assert_clean(f)  # includes every agent reaching the controller again
+    assert reason == ["backend_down"], f"sjc's agent withdrew alone with reason {reason}"
+    return {**moved, "local_reason": reason, "c-na": stats}
 
 
 def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
     """Every health check fails at once (their port is cut at every agent host) while client
-    traffic still flows: the VIP stays announced everywhere, the controller's alarm and the
-    Prometheus alert (ops/prometheus/alerts.yml) fire, no client fails."""
-    steady(f)
+    traffic still flows: the VIP stays announced everywhere, the controller's alarm (in
+    /v1/status and its metrics) and the Prometheus alert (ops/prometheus/alerts.yml) fire,
+    no client fails."""
+    assert_clean(f)
     t0 = time.time()
+    alarm = {"kind": "checks_down_everywhere", "vip": NAME}
     with nft_drop(f, f.topo.pop("sjc").agent, CUT_CHECKS), nft_drop(f, f.topo.pop("fra").agent, CUT_CHECKS), \
             nft_drop(f, f.topo.pop("sin").agent, CUT_CHECKS):
         missing: list[str] = []
-        alarm_at = firing_at = None
-        while time.time() - t0 < 8:
+        alarm_at = status_alarm_at = firing_at = None
+
+        def watching() -> bool:
+            """8 s of nothing withdrawn, and on (bounded: a hung alarm fails, it is not
+            timed) until the alarm and the alert have been seen."""
+            seen = alarm_at and status_alarm_at and (firing_at or not f.prometheus)
+            return time.time() - t0 < 8 or (not seen and time.time() - t0 < 60)
+
+        while watching():
             missing += [p.name for p in f.topo.pops if not f.announced(p.name, VIP)]
-            if alarm_at is None and f'anycast_controller_alarm{{kind="checks_down_everywhere",vip="{NAME}"}} 1.0' \
-                    in f.controller_metrics():
+            if alarm_at is None and parse(f.controller_metrics()).value("anycast_controller_alarm", **alarm) == 1.0:
                 alarm_at = time.time()
+            if status_alarm_at is None and not json_cmp((f.status() or {}).get("alarms", []), [alarm]):
+                status_alarm_at = time.time()
             if f.prometheus and firing_at is None and f.prometheus_query(
                     'ALERTS{alertname="AnycastChecksDownEverywhere",alertstate="firing"}'):
                 firing_at = time.time()
@@ -300,43 +470,58 @@ def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
         t1 = time.time()
     stats = {c.node: client_stats(f, c.node, t0, t1) for c in f.topo.clients}
     assert not missing, f"withdrawn at {sorted(set(missing))} although only the checks failed"
-    assert alarm_at is not None, "the checks_down_everywhere alarm did not fire"
+    assert alarm_at is not None, "anycast_controller_alarm{kind=checks_down_everywhere} never went to 1"
+    assert status_alarm_at is not None, "/v1/status never listed the checks_down_everywhere alarm"
     assert all(s["failed"] == 0 for s in stats.values()), f"clients failed: {stats}"
     if f.prometheus:
         assert firing_at is not None, "the lab's Prometheus did not fire AnycastChecksDownEverywhere"
-    steady(f)
-    return {"alarm_after_ms": ms(t0, alarm_at), "alert_firing_after_ms": ms(t0, firing_at), "clients": stats}
+    assert_clean(f)
+    return {"alarm_after_ms": ms(t0, alarm_at), "status_alarm_after_ms": ms(t0, status_alarm_at),
+            "alert_firing_after_ms": ms(t0, firing_at), "clients": stats}
 
 
 def s7_publish_domain_change(f: Fleet) -> dict[str, Any]:
-    """A commit removes sin from the VIP's publish domains: sin withdraws, c-ap moves, and
-    sjc and fra never stop announcing. The revert brings sin back."""
-    steady(f)
+    """A commit removes sin from the VIP's publish domains: sin withdraws (its plan no
+    longer has the VIP), c-ap moves, and sjc and fra never stop announcing. ``git revert``
+    brings sin back."""
+    assert_clean(f)
+    base = base_commit(f)
 
     def publish(pops: list[str]) -> Callable[[Any], None]:
         def edit(data: Any) -> None:
             next(v for v in data["vips"] if v["name"] == NAME)["publish"] = pops
         return edit
 
-    with IngressWatch(f) as watch:
-        f.edit_controller_yaml("vips.yaml", publish(["sjc", "fra"]))
-        t0 = time.time()
-        f.commit(f"{NAME}: not at sin")
-        kept = True
-        deadline = time.monotonic() + 15
-        while f.announced("sin", VIP):
-            kept = kept and f.announced("sjc", VIP) and f.announced("fra", VIP)
-            assert time.monotonic() < deadline, "sin still announces 15 s after the commit"
-            time.sleep(0.05)
-        withdrawn = time.time()
-        moved = _pop_leaves(f, "sin", "c-ap", t0, watch)
-        time.sleep(0.5)
-        stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
-        assert kept and f.announced("sjc", VIP) and f.announced("fra", VIP), "sjc or fra flapped during the change"
-        assert stats["c-na"]["failed"] == 0 and stats["c-eu"]["failed"] == 0, stats
-        f.edit_controller_yaml("vips.yaml", publish(["sjc", "fra", "sin"]))
-        f.commit(f"{NAME}: back at sin")
-        steady(f)
+    try:
+        with IngressWatch(f) as watch:
+            f.edit_controller_yaml("vips.yaml", publish(["sjc", "fra"]))
+            t0 = time.time()
+            f.commit(f"{NAME}: not at sin")
+            kept = True
+            deadline = time.monotonic() + 15
+            while f.announced("sin", VIP):
+                kept = kept and f.announced("sjc", VIP) and f.announced("fra", VIP)
+                assert time.monotonic() < deadline, "sin still announces 15 s after the commit"
+                time.sleep(0.05)
+            withdrawn = time.time()
+            moved = _pop_leaves(f, "sin", "c-ap", t0, watch)
+            time.sleep(0.5)
+            stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
+            assert kept and f.announced("sjc", VIP) and f.announced("fra", VIP), "sjc or fra flapped during the change"
+            assert stats["c-na"]["failed"] == 0 and stats["c-eu"]["failed"] == 0, stats
+            revision = head_commit(f)[:12]
+            plan = wait_for(lambda: (p := f.plan("sin")) and p["revision"] == revision and p, 10,
+                            desc=f"sin's plan at revision {revision}")
+            assert NAME not in {v["name"] for v in plan["vips"]}, f"sin's plan still has {NAME}: {plan['vips']}"
+            assert pop_item(f.explain(NAME), "sin") is None, "/v1/explain still plans the VIP at sin"
+            git(f.config_dir, "revert", "--no-edit", "HEAD")
+            wait_for(lambda: f.announced("sin", VIP), 15, desc="sin announces again after the revert")
+    finally:
+        # Back to the base commit itself (the revert's content, the base's revision), also
+        # when the scenario failed between its two commits.
+        if head_commit(f) != base:
+            git(f.config_dir, "reset", "-q", "--hard", base)
+    assert_clean(f)
     return {"commit_to_withdrawn_ms": ms(t0, withdrawn), **moved, "clients": stats}
 
 
@@ -351,25 +536,44 @@ def _anycastctl(f: Fleet, *args: str) -> str:
 
 
 def s8_drain(f: Fleet) -> dict[str, Any]:
-    """``anycastctl drain fra``: fra announces less preferred (MED, AS-path prepend), its
-    clients leave, then (3 s later in the lab) it withdraws. No request fails."""
-    steady(f)
+    """``anycastctl drain fra``: fra announces less preferred (MED, AS-path prepend and the
+    draining communities, as its transit sees them), its clients leave, then (3 s later in
+    the lab) it withdraws. Nothing is blackholed: other clients lose nothing, and c-eu at
+    most the one request in flight when its transit switched POPs (lab.checks.move_failures)."""
+    assert_clean(f)
+    pop = f.topo.pop("fra")
+    explain = f.explain(NAME)
+    assert explain is not None
+    draining_at_transit, _ = up_paths(f, pop, explain["spec"]["attributes"]["draining"])
     with IngressWatch(f) as watch:
         t0 = time.time()
         _anycastctl(f, "drain", "fra")
         try:
+            status = f.status() or {}
+            drained = [p for p in status.get("pops", []) if p["pop"] == "fra"]
+            assert drained and drained[0]["drained_since"] is not None, f"/v1/status after the drain: {drained}"
             moved = _pop_leaves(f, "fra", "c-eu", t0, watch)
             wait_for(lambda: not f.announced("fra", VIP), 15, desc="fra withdrawn after the drain time")
             withdrawn = time.time()
             time.sleep(0.5)
-            stats = {c.node: client_stats(f, c.node, t0, time.time()) for c in f.topo.clients}
+            until = time.time()
+            stats = {c.node: client_stats(f, c.node, t0, until) for c in f.topo.clients}
         finally:
             _anycastctl(f, "undrain", "fra")
-        steady(f)
+    assert_clean(f)
     fib = watch.first_change("c-eu", t0)
     assert fib is not None and fib[0] < withdrawn, "traffic left fra only when the route was withdrawn"
-    assert all(s["failed"] == 0 for s in stats.values()), f"requests failed during the drain: {stats}"
-    return {**moved, "withdrawn_ms": ms(t0, withdrawn), "clients": stats}
+    seen = watch.first_seen(pop.transit, draining_at_transit, t0)
+    assert seen is not None and seen < withdrawn, \
+        f"{pop.transit} never saw fra's path with the draining attributes before the withdrawal: {draining_at_transit}"
+    others = {c: s for c, s in stats.items() if c != "c-eu"}
+    assert all(s["failed"] == 0 for s in others.values()), f"requests failed during the drain: {others}"
+    moves = sum(1 for t, c, _ in watch.changes if c == "c-eu" and t0 <= t <= until)
+    moved_at = first_success_via(f, "c-eu", t0, {p.name for p in f.topo.pops} - {"fra"})
+    assert moved_at is not None
+    lost = move_failures("c-eu", [r for r in f.requests("c-eu", t0) if r["t"] <= until], moves, moved_at)
+    assert not lost, f"requests lost during the drain: {lost}"
+    return {**moved, "draining_attributes_seen_ms": ms(t0, seen), "withdrawn_ms": ms(t0, withdrawn), "clients": stats}
 
 
 SCENARIOS: list[Callable[[Fleet], dict[str, Any]]] = [

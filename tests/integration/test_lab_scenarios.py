@@ -17,7 +17,9 @@ import pytest
 
 from lab import scenarios
 from lab.fleet import Fleet
+from lab.metrics import parse
 from lab.netns import Lab
+from lab.ops import used_names
 from lab.topology import load_topology
 
 pytestmark = pytest.mark.lab
@@ -55,11 +57,9 @@ def test_scenario(fleet: Fleet, scenario: Callable[[Fleet], dict[str, Any]]) -> 
 def test_every_metric_the_dashboard_and_alerts_use_is_scraped_from_the_running_daemons(fleet: Fleet) -> None:
     """After the scenarios: scrape the real agents and controller, and ask the lab's real
     Prometheus, for every metric name ops/ uses."""
-    from tests.unit.test_ops_rules import names_in_exposition, used_names
-
-    scraped = names_in_exposition(fleet.controller_metrics())
+    scraped = set(parse(fleet.controller_metrics()).names())
     for pop in fleet.topo.pops:
-        scraped |= names_in_exposition(fleet.agent_metrics(pop.name))
+        scraped |= parse(fleet.agent_metrics(pop.name)).names()
     used = used_names()
     missing = {n: sorted(w) for n, w in used.items() if n not in scraped}
     assert not missing, f"ops/ uses metrics the running daemons do not export: {json.dumps(missing, indent=1)}"

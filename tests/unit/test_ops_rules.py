@@ -1,15 +1,14 @@
-"""ops/: the Prometheus alerting rules and the Grafana dashboard stay valid and in step with the code.
+"""ops/: the Prometheus alerting rules and the Grafana dashboard stay in step with the code
+(pure checks; the promtool ones are tests/integration/test_ops_promtool.py).
 
-- ``promtool check rules`` and ``promtool test rules`` pass (promtool missing is a failure,
-  never a skip: ``apt-get install prometheus``);
 - every alert has ``for:``, a severity, a summary and a description, and unit tests that
   see it fire and not fire;
-- every dashboard panel has the ``${DS_PROMETHEUS}`` datasource and at least one query,
-  and every query parses as PromQL;
+- every dashboard panel has the ``${DS_PROMETHEUS}`` datasource and at least one query;
 - every metric name used anywhere (dashboard queries and variables, alert expressions,
-  the alert tests' input series) is one the code exports: the names are scraped from a
-  real ``AgentMetrics`` and ``ControllerMetrics`` registry built in-process, so renaming
-  or removing a metric fails here until ops/ follows.
+  the alert tests' input series; lab.ops reads them) is one the code exports: the names
+  are scraped from a real ``AgentMetrics`` and ``ControllerMetrics`` registry built
+  in-process and parsed by lab.metrics, so renaming or removing a metric fails here
+  until ops/ follows.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import asyncio
 import dataclasses
 import json
 import re
-import shutil
-import subprocess
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,66 +33,16 @@ from controller.health.probes import ProbeResult
 from controller.metrics.agent import AgentMetrics
 from controller.metrics.central import ControllerMetrics
 from controller.server.core import Controller
+from lab.metrics import parse
+from lab.ops import ALERTS_TEST, ROOT, all_panels, load_dashboard, load_rules, metric_names, used_names
 
-ROOT = Path(__file__).resolve().parents[2]
-OPS = ROOT / "ops"
-ALERTS = OPS / "prometheus" / "alerts.yml"
-ALERTS_TEST = OPS / "prometheus" / "alerts_test.yml"
-DASHBOARD = OPS / "grafana" / "anycast-fleet.json"
 AGENT_CONFIG = ROOT / "configs" / "agent-sjc.yaml"
 CONTROLLER_CONFIG = ROOT / "configs" / "controller"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 SEVERITIES = ("critical", "warning", "info")
 
 
-# --- promtool -----------------------------------------------------------------------------
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not installed, so the alerting rules cannot be checked: "
-                    "apt-get install prometheus (Debian's package provides /usr/bin/promtool)")
-    return path
-
-
-def run_promtool(*args: str) -> str:
-    proc = subprocess.run([promtool(), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"promtool {' '.join(args)} failed (exit {proc.returncode}):\n{out}"
-    return out
-
-
-def test_alert_rules_pass_promtool_check() -> None:
-    out = run_promtool("check", "rules", str(ALERTS.relative_to(ROOT)))
-    assert "SUCCESS" in out, out
-
-
-def test_alert_rules_unit_tests_pass() -> None:
-    out = run_promtool("test", "rules", str(ALERTS_TEST.relative_to(ROOT)))
-    assert "SUCCESS" in out, out
-
-
-def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
-    """Each dashboard query, its Grafana variables replaced, is a valid PromQL expression
-    (checked by promtool as a recording rule)."""
-    rules = [{"record": f"dashboard_panel_{pid}_{ref}", "expr": _ungrafana(expr)}
-             for pid, ref, expr in dashboard_queries(load_dashboard())]
-    path = tmp_path / "dashboard_rules.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
-    out = run_promtool("check", "rules", str(path))
-    assert f"SUCCESS: {len(rules)} rules found" in out, out
-
-
-def _ungrafana(expr: str) -> str:
-    expr = re.sub(r"\$__\w+|\$\{__\w+\}", "5m", expr)  # $__rate_interval, $__interval, ...
-    return re.sub(r"\$\{?\w+\}?", ".*", expr)  # $pop, ${vip}: always inside a regex matcher
-
-
 # --- the alerting rules' shape ----------------------------------------------------------------
-def load_rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(ALERTS.read_text())
-    return [rule for group in doc["groups"] for rule in group["rules"]]
-
-
 def test_every_alert_has_for_severity_and_annotations() -> None:
     alerts = [r for r in load_rules() if "alert" in r]
     assert len(alerts) >= 8
@@ -123,21 +70,6 @@ def test_every_alert_has_a_firing_and_a_non_firing_test() -> None:
 
 
 # --- the dashboard's shape ----------------------------------------------------------------------
-def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
-
-
-def all_panels(panels: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for p in panels:
-        yield p
-        yield from all_panels(p.get("panels", []))  # panels inside a (collapsed) row
-
-
-def dashboard_queries(dash: dict[str, Any]) -> list[tuple[int, str, str]]:
-    return [(p["id"], t["refId"], t["expr"]) for p in all_panels(dash["panels"]) if p["type"] != "row"
-            for t in p.get("targets", [])]
-
-
 def test_dashboard_is_importable_with_a_prometheus_input() -> None:
     dash = load_dashboard()
     assert dash["schemaVersion"] >= 36
@@ -166,26 +98,6 @@ def test_every_panel_has_a_datasource_and_a_query() -> None:
 
 
 # --- metric names -----------------------------------------------------------------------------------
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_MATCHERS = re.compile(r"\{[^}]*\}")
-_RANGES = re.compile(r"\[[^\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-# An identifier that is not part of a number, a $variable or a longer name, and not a call.
-_IDENT = re.compile(r"(?<![\w$.:])([A-Za-z_:][\w:]*)(?![\w:])(?!\s*\()")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-             "and", "or", "unless", "atan2", "inf", "nan"}
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (functions, aggregations, keywords,
-    label names and values, durations and Grafana variables left out)."""
-    s = _STRINGS.sub(" ", expr)
-    s = _MATCHERS.sub(" ", s)
-    s = _RANGES.sub(" ", s)
-    s = _GROUPING.sub(" ", s)
-    return {m for m in _IDENT.findall(s) if m.lower() not in _KEYWORDS}
-
-
 def test_metric_name_extraction() -> None:
     assert metric_names('histogram_quantile(0.99, sum by (le, pop) (rate(anycast_check_duration_seconds_bucket'
                         '{pop=~"$pop", vip=~"$vip"}[$__rate_interval])))') == {"anycast_check_duration_seconds_bucket"}
@@ -198,28 +110,7 @@ def test_metric_name_extraction() -> None:
 def exported_names(registry: CollectorRegistry) -> set[str]:
     """Every series name a scrape of ``registry`` can return (histogram and counter
     suffixes included, for families that have no samples yet too)."""
-    return names_in_exposition(generate_latest(registry).decode())
-
-
-def names_in_exposition(text: str) -> set[str]:
-    """The same, from a scrape's text (the lab's test scrapes the running daemons)."""
-    names: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            if kind == "histogram":
-                names |= {name + "_bucket", name + "_sum", name + "_count"}
-            elif kind == "summary":
-                names |= {name, name + "_sum", name + "_count"}
-            elif kind == "counter" and not name.endswith("_total"):
-                names.add(name + "_total")
-            else:
-                names.add(name)
-        elif line and not line.startswith("#"):
-            m = re.match(r"[A-Za-z_:][\w:]*", line)
-            assert m, line
-            names.add(m.group())
-    return names
+    return set(parse(generate_latest(registry).decode()).names())
 
 
 class _Announcer:
@@ -300,35 +191,6 @@ def known_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
                      "anycast_controller_report_age_seconds", "anycast_controller_reconcile_total"):
         assert expected in names, f"{expected} missing from the in-process scrape: {sorted(names)}"
     return names
-
-
-def used_names() -> dict[str, set[str]]:
-    """Metric name -> where ops/ uses it."""
-    used: dict[str, set[str]] = {}
-
-    def add(names: Iterable[str], where: str) -> None:
-        for n in names:
-            used.setdefault(n, set()).add(where)
-
-    dash = load_dashboard()
-    for pid, ref, expr in dashboard_queries(dash):
-        names = metric_names(expr)
-        assert names, f"dashboard panel {pid} query {ref} selects no metric: {expr}"
-        add(names, f"{DASHBOARD.name} panel {pid}/{ref}")
-    for var in dash["templating"]["list"]:
-        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-        m = re.fullmatch(r"\s*label_values\(\s*(.+?)\s*,\s*\w+\s*\)\s*", query)
-        assert m, f"variable {var['name']}: expected label_values(METRIC, LABEL), got {query!r}"
-        add(metric_names(m.group(1)), f"{DASHBOARD.name} variable {var['name']}")
-    for rule in load_rules():
-        name = rule.get("alert") or rule.get("record")
-        names = metric_names(rule["expr"])
-        assert names, f"rule {name} selects no metric"
-        add(names, f"{ALERTS.name} {name}")
-    for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"]:
-        for series in case.get("input_series", []):
-            add(metric_names(series["series"]), f"{ALERTS_TEST.name} {case.get('name', '?')!r}")
-    return used
 
 
 def test_ops_use_only_metrics_the_code_exports(known_names: set[str]) -> None:
