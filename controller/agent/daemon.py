@@ -39,7 +39,7 @@ from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
 from .controller_link import ControllerPort, follow_plans, report_health
 from .intent import NO_PLAN, Plan, plan_from_config
 from .reconcile import Announce, Command, Withdraw, apply, reconcile
-from .sdnotify import Notifier
+from ..sdnotify import Notifier
 
 log = logging.getLogger("controller.agent")
 
