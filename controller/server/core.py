@@ -20,6 +20,7 @@ from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
+from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
 from ..policy.planner import plan
 from ..wire import encode_plan
@@ -275,6 +276,28 @@ class Controller:
     def spec(self, vip: str) -> Vip | None:
         fv = self.desired.vip(vip)
         return fv.vip if fv else None
+
+    def metrics_snapshot(self) -> ControllerSnapshot:
+        """What the metrics collector exports, read at scrape time."""
+        now = self.clock()
+        pops = []
+        for pop in self.desired.pops:
+            served = self.served[pop.name]
+            vips = served.content["vips"]
+            report = self.reports.get(pop.name)
+            pops.append(PopSnapshot(pop.name, served.generation,
+                                    sum(1 for v in vips if v["wanted"]), sum(1 for v in vips if v["safety_hold"]),
+                                    now - report.received_at if report else float("inf"),
+                                    pop.name in self.persisted.drains))
+        origins = []
+        for fv in self.desired.vips:
+            item = next((i for p in fv.publish if (i := self.item(p, fv.name)) is not None), None)
+            if item is not None:
+                origins.append(ActiveOrigin(fv.name, item.active_origin,
+                                            item.active_origin == fv.vip.origins[0].region))
+        return ControllerSnapshot(tuple(pops), tuple(fv.name for fv in self.desired.vips),
+                                  frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
+                                  not self.config.last_error, self.config.loaded_at)
 
 
 def _origin_of(note: str) -> str:
