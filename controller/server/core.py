@@ -176,7 +176,6 @@ class Controller:
         self.result = result
         self._schedule(result.wake_at, now)
         self.persisted.planner = result.state
-        specs = {v.name: v.vip for v in self.desired.vips}
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
@@ -186,12 +185,11 @@ class Controller:
                                                else vip_to_dict(v.vip) for v in self.desired.vips})
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
-            self._serve(pop.name, result.pops.get(pop.name, {}), specs, spec_dicts)
+            self._serve(pop.name, result.pops.get(pop.name, {}), spec_dicts)
         self._save()
         return result
 
-    def _serve(self, pop: str, items: Mapping[str, PlanItem], specs: Mapping[str, Vip],
-               spec_dicts: Mapping[str, dict[str, Any]]) -> None:
+    def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
         """Make ``items`` the POP's plan if an agent would act differently on it.
 
         A new revision, or a new explanation (timers count down in them), that changes
@@ -213,8 +211,7 @@ class Controller:
         if served is not None and served.material == material:
             served.seen_items, served.seen_specs, served.seen_desired = items, seen_specs, self.desired
             return
-        content = encode_plan(pop, 0, self.desired.revision, [(specs[name], items[name]) for name in names],
-                              lambda vip: spec_dicts[vip.name])
+        content = encode_plan(pop, 0, self.desired.revision, [(items[name], spec_dicts[name]) for name in names])
         del content["generation"]
         generation = max(self.persisted.generations.get(pop, 0), served.generation if served else 0) + 1
         self.persisted.generations[pop] = generation

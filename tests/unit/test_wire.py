@@ -16,11 +16,19 @@ from controller.policy.model import PlanItem, PlannerState
 from controller.policy.planner import plan
 from controller.policy.model import PopReport
 from controller.server import store
-from controller.wire import WireError, decode_plan, decode_report, encode_plan
+from controller.agent.plan_wire import decode_plan
+from controller.config.model import Vip
+from controller.wire import WireError, WireReport, decode_report
+from controller.wire import encode_plan as encode_wire_plan
 
 DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
 GAME = DESIRED.vip("game-global").vip  # type: ignore[union-attr]
 API = DESIRED.vip("api-eu").vip  # type: ignore[union-attr]
+
+
+def encode_plan(pop: str, generation: int, revision: str, items: list[tuple[Vip, PlanItem]]) -> dict:
+    """A plan's JSON as the controller sends it: each item with its VIP's spec."""
+    return encode_wire_plan(pop, generation, revision, [(i, vip_to_dict(vip)) for vip, i in items])
 
 
 @pytest.mark.parametrize("vip", [GAME, API], ids=["http", "tcp"])
@@ -66,11 +74,10 @@ def test_invalid_plans_name_the_field(mutate: object, field: str) -> None:
 
 def test_report_validation() -> None:
     published = {"game-global": {o.region for o in GAME.origins}}
-    gen, origins, announced = decode_report(
+    report = decode_report(
         {"plan_generation": 3, "origins": {"game-global": {"us-west": True, "eu-central": None}},
          "announced": {"game-global": False}}, published)
-    assert (gen, origins, announced) == (3, {"game-global": {"us-west": True, "eu-central": None}},
-                                         {"game-global": False})
+    assert report == WireReport(3, {"game-global": {"us-west": True, "eu-central": None}}, {"game-global": False})
     for body, field in [({"origins": {"api-eu": {}}}, "origins.api-eu"),
                         ({"origins": {"game-global": {"us-west": "up"}}}, "origins.game-global.us-west"),
                         ({"origins": []}, "origins"), ({"extra": 1}, "extra"),
@@ -132,3 +139,26 @@ def test_the_agents_spec_cache_never_lets_a_changed_or_refused_spec_through() ->
 
     fewer = decode_plan(encode_plan("sjc", 2, "abd", items[:1]), "sjc", DESIRED.allowed_prefixes, cache)
     assert fewer.specs == (GAME,) and set(cache) == {"game-global"}
+
+
+def test_the_wire_plan_round_trips_without_any_type_of_the_agent_or_the_controller() -> None:
+    from controller.wire import PlanVip, WirePlan, decode_plan as decode_wire_plan
+    plan = WirePlan("sjc", 3, "abc", (PlanVip("game-global", {"name": "game-global"}, True, "us-west", False,
+                                              "healthy", False, "sees us-west healthy"),))
+    data = encode_wire_plan(plan.pop, plan.generation, plan.revision, [(v, v.spec) for v in plan.vips])
+    assert decode_wire_plan(data, "sjc") == plan
+
+
+def test_a_plan_entry_whose_name_is_not_its_specs_is_refused() -> None:
+    data = encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", True, "us-west"))])
+    data["vips"][0]["name"] = "api-eu"
+    with pytest.raises(WireError) as info:
+        decode_plan(data, "sjc", DESIRED.allowed_prefixes)
+    assert info.value.field == "vips[0].name"
+
+
+def test_report_round_trip() -> None:
+    from controller.wire import encode_report
+    published = {"game-global": {o.region for o in GAME.origins}}
+    report = WireReport(5, {"game-global": {"us-west": False, "eu-central": None}}, {"game-global": True})
+    assert decode_report(encode_report(report), published) == report
