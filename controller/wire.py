@@ -23,6 +23,7 @@ Report::
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +41,25 @@ class WireError(ValueError):
 
 
 # --- plans -------------------------------------------------------------------------------------
+class PlanReason(enum.StrEnum):
+    """Why the controller plans a VIP as it does at a POP (controller/policy/planner.py).
+
+    A closed vocabulary: a plan with any other word is refused, so a peer cannot choose the
+    agent's metric label values (the agent withdraws an unwanted VIP with the plan's reason)."""
+
+    HEALTHY = "healthy"
+    HEALTH_UNKNOWN = "health_unknown"  # the POP has no verdict on the active origin yet
+    REPORT_STALE = "report_stale"  # no recent report: left to the agent's own checks
+    DRAINING = "draining"  # the POP is draining: announced less preferred
+    DRAINED = "drained"  # the drain time has passed: withdrawn
+    DRAIN_BLOCKED = "drain_blocked"  # drained, but kept announced (less preferred) by the safety limits
+    CONFIRMING = "confirming"  # the POP sees the origin down; the settle window runs
+    BACKEND_DOWN = "backend_down"  # the POP sees the origin down: its agent withdraws
+    DAMPENED = "dampened"  # the POP flapped: held down
+    SAFETY_HOLD = "safety_hold"  # a withdrawal held back by a global safety rule
+    DISABLED = "disabled"  # the VIP is disabled in the config: withdrawn everywhere
+
+
 class PlanEntry(Protocol):
     """What a plan says about one VIP at one POP (the planner's PlanItem is one, PlanVip another)."""
 
@@ -52,7 +72,7 @@ class PlanEntry(Protocol):
     @property
     def drain(self) -> bool: ...
     @property
-    def reason(self) -> str: ...
+    def reason(self) -> PlanReason: ...
     @property
     def safety_hold(self) -> bool: ...
     @property
@@ -69,7 +89,7 @@ class PlanVip:
     wanted: bool
     active_origin: str
     drain: bool
-    reason: str
+    reason: PlanReason
     safety_hold: bool
     explanation: str = ""
 
@@ -116,14 +136,20 @@ def decode_plan(data: Any, pop: str) -> WirePlan:
         active = e.get("active_origin")
         if not isinstance(active, str):
             raise WireError(f"{where}.active_origin", f"{active!r} is not one of the VIP's origin regions")
+        reason = e.get("reason")
+        if not isinstance(reason, str) or reason not in _PLAN_REASONS:
+            raise WireError(f"{where}.reason", f"{reason!r} is not a plan reason ({', '.join(_PLAN_REASONS)})")
         explanation = e.get("explanation", "")
         if not isinstance(explanation, str):
             raise WireError(f"{where}.explanation", "expected a string")
         entries.append(PlanVip(
             vip=name, spec=e.get("spec"), wanted=_bool(e.get("wanted"), f"{where}.wanted"), active_origin=active,
-            drain=_bool(e.get("drain"), f"{where}.drain"), reason=str(e.get("reason", "")),
+            drain=_bool(e.get("drain"), f"{where}.drain"), reason=_PLAN_REASONS[reason],
             safety_hold=_bool(e.get("safety_hold"), f"{where}.safety_hold"), explanation=explanation))
     return WirePlan(pop, generation, revision, tuple(entries))
+
+
+_PLAN_REASONS = {r.value: r for r in PlanReason}
 
 
 # --- reports -----------------------------------------------------------------------------------

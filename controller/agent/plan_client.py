@@ -16,7 +16,7 @@ import aiohttp
 from ..config.model import IPNetwork
 from ..wire import WireError, WireReport, encode_report
 from .controller_link import ControllerUnavailable, HealthReport
-from .intent import Plan
+from .intent import Plan, PlanSource
 from .plan_wire import SpecCache, decode_plan
 
 log = logging.getLogger("controller.agent")
@@ -110,4 +110,4 @@ class PlanClient:
         except (OSError, ValueError) as exc:
             log.warning("ignoring the cached plan %s: %s", self.cache_path, exc)
             return None
-        return dataclasses.replace(plan, source="cached-plan")
+        return dataclasses.replace(plan, source=PlanSource.CACHED_PLAN)

@@ -15,7 +15,7 @@ from ..config.model import IPNetwork, StateAttributes, Vip
 from ..config.reader import Issues, Node
 from ..wire import WireError, WirePlan
 from ..wire import decode_plan as decode_wire_plan
-from .intent import Plan, VipIntent
+from .intent import Plan, PlanSource, VipIntent
 
 # VIP name -> (its spec as received, the allowed prefixes it was checked against, the result)
 SpecCache = dict[str, tuple[Any, tuple[IPNetwork, ...], Vip]]
@@ -65,4 +65,4 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
     if cache is not None:
         cache.clear()
         cache.update(checked)
-    return Plan("controller", wire.generation, wire.revision, intents, specs=tuple(specs))
+    return Plan(PlanSource.CONTROLLER, wire.generation, wire.revision, intents, specs=tuple(specs))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..wire import PlanReason
+
 
 @dataclass(frozen=True)
 class PopReport:
@@ -67,7 +69,7 @@ class PlanItem:
     wanted: bool
     active_origin: str
     drain: bool = False
-    reason: str = "healthy"
+    reason: PlanReason = PlanReason.HEALTHY
     safety_hold: bool = False
     explanation: str = ""
 

@@ -17,8 +17,8 @@ from controller.policy.planner import plan
 from controller.policy.model import PopReport
 from controller.server import store
 from controller.agent.plan_wire import decode_plan
-from controller.config.model import Vip
-from controller.wire import WireError, WireReport, decode_report
+from controller.config.model import AdminState, Vip
+from controller.wire import PlanReason, WireError, WireReport, decode_report
 from controller.wire import encode_plan as encode_wire_plan
 
 DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
@@ -162,3 +162,54 @@ def test_report_round_trip() -> None:
     published = {"game-global": {o.region for o in GAME.origins}}
     report = WireReport(5, {"game-global": {"us-west": False, "eu-central": None}}, {"game-global": True})
     assert decode_report(encode_report(report), published) == report
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["vips"][0].__setitem__("reason", "pwned{label=\"x\"}"), "vips[0].reason"),
+    (lambda d: d["vips"][0].__setitem__("reason", 7), "vips[0].reason"),
+    (lambda d: d["vips"][0].pop("reason"), "vips[0].reason"),
+    (lambda d: d["vips"][0]["spec"].__setitem__("admin", "sideways"), "vips[0].spec.admin"),
+], ids=["unknown-reason", "not-a-word", "no-reason", "unknown-admin-state"])
+def test_a_word_outside_the_vocabulary_is_refused_by_field_and_changes_nothing(mutate: object, field: str) -> None:
+    """A peer cannot choose the agent's metric label values: the plan's reason and the VIP's
+    admin state are closed vocabularies, checked where the plan enters."""
+    import copy
+    cache: dict = {}
+    good = encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", False, "us-west", reason=PlanReason.DAMPENED))])
+    decode_plan(copy.deepcopy(good), "sjc", DESIRED.allowed_prefixes, cache)
+    before = dict(cache)
+    bad = copy.deepcopy(good)
+    bad["generation"] = 2
+    mutate(bad)  # type: ignore[operator]
+    with pytest.raises(WireError) as info:
+        decode_plan(bad, "sjc", DESIRED.allowed_prefixes, cache)
+    assert info.value.field == field
+    assert cache == before  # the refused plan left the last good one's specs as they were
+
+
+def test_every_plan_reason_and_admin_state_round_trips_as_the_same_word() -> None:
+    """StrEnums: the JSON, the logs and the metric labels keep the exact strings."""
+    import dataclasses
+    import json
+    for reason in PlanReason:
+        data = json.loads(json.dumps(encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", True, "us-west",
+                                                                                  reason=reason))])))
+        assert data["vips"][0]["reason"] == reason.value
+        got = decode_plan(data, "sjc", DESIRED.allowed_prefixes).vips["game-global"].reason
+        assert got is reason and f"{got}" == reason.value
+    for admin in AdminState:
+        vip = dataclasses.replace(GAME, admin=admin)
+        spec = json.loads(json.dumps(vip_to_dict(vip)))
+        assert spec["admin"] == admin.value
+        back = decode_plan(encode_plan("sjc", 1, "abc", [(vip, PlanItem("game-global", True, "us-west"))]), "sjc",
+                           DESIRED.allowed_prefixes).specs
+        assert back is not None and back[0].admin is admin
+
+
+def test_a_plan_reason_becomes_the_agents_withdrawal_reason() -> None:
+    from controller.agent.decide import Action, decide
+    p = decode_plan(encode_plan("sjc", 1, "abc", [(GAME, PlanItem("game-global", False, "us-west",
+                                                                  reason=PlanReason.DRAINED))]),
+                    "sjc", DESIRED.allowed_prefixes)
+    d = decide(GAME, p.vips["game-global"], {}, DESIRED.allowed_prefixes)
+    assert (d.action, d.reason) == (Action.WITHDRAW, PlanReason.DRAINED) and d.reason == "drained"
