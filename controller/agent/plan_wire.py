@@ -36,7 +36,6 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
     specs: list[Vip] = []
     intents: dict[str, VipIntent] = {}
     for i, entry in enumerate(wire.vips):
-        where = f"vips[{i}]"
         raw = entry.spec
         name = raw.get("name") if isinstance(raw, dict) else None
         hit = previous.get(name) if isinstance(name, str) else None
@@ -44,24 +43,24 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
             vip = hit[2]
         else:
             issues = Issues()
-            read = read_vip(Node(raw, f"{where}.spec", issues), allowed, dict(DEFAULT_CHECK),
+            read = read_vip(Node(raw, f"vips[{i}].spec", issues), allowed, dict(DEFAULT_CHECK),
                             StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
             if issues.items or read is None:
                 first = issues.items[0] if issues.items else None
-                raise WireError(first.path if first else f"{where}.spec",
+                raise WireError(first.path if first else f"vips[{i}].spec",
                                 first.message if first else "invalid VIP")
             vip = read
         checked[vip.name] = (raw, allowed, vip)
         if vip.name in intents:
-            raise WireError(f"{where}.spec.name", f"VIP {vip.name!r} listed twice")
+            raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
         if entry.vip != vip.name:
-            raise WireError(f"{where}.name", f"{entry.vip!r} is not the name in its spec ({vip.name!r})")
+            raise WireError(f"vips[{i}].name", f"{entry.vip!r} is not the name in its spec ({vip.name!r})")
         if vip.origin(entry.active_origin) is None:
-            raise WireError(f"{where}.active_origin",
+            raise WireError(f"vips[{i}].active_origin",
                             f"{entry.active_origin!r} is not one of the VIP's origin regions")
         specs.append(vip)
-        intents[vip.name] = VipIntent(vip=vip.name, wanted=entry.wanted, active_origin=entry.active_origin,
-                                      drain=entry.drain, reason=entry.reason, safety_hold=entry.safety_hold)
+        intents[vip.name] = VipIntent(vip.name, entry.wanted, entry.active_origin, entry.drain, entry.reason,
+                                      entry.safety_hold)
     if cache is not None:
         cache.clear()
         cache.update(checked)

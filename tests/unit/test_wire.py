@@ -213,3 +213,14 @@ def test_a_plan_reason_becomes_the_agents_withdrawal_reason() -> None:
                     "sjc", DESIRED.allowed_prefixes)
     d = decide(GAME, p.vips["game-global"], {}, DESIRED.allowed_prefixes)
     assert (d.action, d.reason) == (Action.WITHDRAW, PlanReason.DRAINED) and d.reason == "drained"
+
+
+@pytest.mark.parametrize("key, value", [("name", None), ("active_origin", 3), ("wanted", 1), ("drain", "no"),
+                                        ("safety_hold", None), ("reason", "Healthy"), ("explanation", ["x"])])
+def test_each_field_of_a_plan_entry_is_checked_by_name(key: str, value: object) -> None:
+    data = encode_plan("sjc", 1, "abc", [(API, PlanItem("api-eu", True, "eu-central")),
+                                         (GAME, PlanItem("game-global", True, "us-west"))])
+    data["vips"][1][key] = value
+    with pytest.raises(WireError) as info:
+        decode_plan(data, "sjc", DESIRED.allowed_prefixes)
+    assert info.value.field == f"vips[1].{key}"
