@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from ..config.desired_model import DesiredState, FleetVip
 from ..wire import PlanReason as R
 from . import dampening
-from .model import STEADY, Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from .model import STEADY, Alarm, AlarmKind, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from .origins import origin_views, select_origin
 
 # The two shortcuts in _plan_vip (steady and silent POPs). They give exactly the plan of the
@@ -102,7 +102,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     vmem, code, note = select_origin(fv.vip, views, previous.vips.get(name), policy.failover, now)
     alarms: list[Alarm] = []
     if code == "all_origins_down":
-        alarms.append(Alarm("all_origins_down", name, note))
+        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, name, note))
     active = vmem.active
 
     # 3. what each POP would do on its own
@@ -152,7 +152,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     # 4. global safety
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
     alarms += safety_alarms
-    if any(a.kind == "checks_down_everywhere" for a in safety_alarms):
+    if any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms):
         # While everything is held, nothing settles: when the checks start to recover (at
         # each POP at its own moment) a POP still seeing the origin down waits a full settle
         # window again instead of being let go the instant the hold lifts.
@@ -240,7 +240,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         for p in health:
             held[p.pop] = (f"every reporting POP ({len(fresh)}) sees every origin down: the checks are "
                            f"more likely broken than the service, so {p.pop} keeps announcing")
-        alarms.append(Alarm("checks_down_everywhere", name,
+        alarms.append(Alarm(AlarmKind.CHECKS_DOWN_EVERYWHERE, name,
                             f"all {len(fresh)} reporting POP(s) see every origin of {name} down; "
                             f"holding {len(health)} withdrawal(s)"))
         withdrawing = [p for p in withdrawing if p.pop not in held]
@@ -254,7 +254,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         held[p.pop] = (f"withdrawing {p.pop} too would leave {n - len(allowed) - 1} "
                        f"of {n} POPs announcing (limits: at most {s.max_withdraw_fraction:.0%} withdrawn, "
                        f"at least {s.min_announcing_pops} announcing)")
-        alarms.append(Alarm("drain_blocked" if p.kind == R.DRAINED else "min_pops_hold", name,
+        alarms.append(Alarm(AlarmKind.DRAIN_BLOCKED if p.kind == R.DRAINED else AlarmKind.MIN_POPS_HOLD, name,
                             f"{p.pop}: {p.kind} held back by the safety limits"))
 
     recent = tuple(t for t in vmem.withdrawals if now - t < s.withdraw_rate_window)
@@ -265,7 +265,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         if new and budget <= 0:
             held[p.pop] = (f"{p.pop} would be the withdrawal number {len(recent) + 1} of {name} within "
                            f"{s.withdraw_rate_window:.0f}s (limit {s.withdraw_rate_max}): held")
-            alarms.append(Alarm("withdraw_rate_limited", name, f"{p.pop}: {p.kind} held by the rate limit"))
+            alarms.append(Alarm(AlarmKind.WITHDRAW_RATE_LIMITED, name, f"{p.pop}: {p.kind} held by the rate limit"))
             continue
         if new:
             budget -= 1

@@ -39,3 +39,10 @@ def test_the_collector_exports_the_snapshot_with_every_alarm_label_set() -> None
                {"vip": "game-global", "origin": "eu-central", "primary": "false"}) == 1.0
     assert get("anycast_controller_config_last_reload_successful") == 0.0
     assert get("anycast_controller_config_loaded_timestamp_seconds") == 1000.0
+
+
+def test_the_alarm_label_sets_are_the_planners_alarm_kinds() -> None:
+    """Metrics import nothing of the planner (the layering contract), so the zeroed label
+    sets are listed there: this keeps the two lists one."""
+    from controller.policy.model import AlarmKind
+    assert ALARM_KINDS == tuple(AlarmKind)
