@@ -6,7 +6,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps venv test test-loaded unit typecheck demo bench clean
+.PHONY: deps system-deps venv test test-loaded unit typecheck layering demo bench clean
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
@@ -27,11 +27,15 @@ venv: $(STAMP)
 
 deps: system-deps venv
 
-test: deps typecheck
+test: deps typecheck layering
 	$(PY) -m pytest -q -ra tests
 
 typecheck: venv
 	$(VENV)/bin/mypy
+
+# The import-layering contract in pyproject.toml [tool.importlinter] (which package may import which).
+layering: venv
+	$(VENV)/bin/lint-imports --no-cache
 
 # The unit and integration tests again, as CI's second run does beside CPU burners
 # (.ci/under-load -n 4 make test-loaded): slower under load, never red.

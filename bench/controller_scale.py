@@ -156,7 +156,7 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
     from controller.policy.model import PlannerState, PopReport
     from controller.policy.planner import plan
     from controller.server.core import Controller
-    from controller.wire import decode_plan
+    from controller.agent.plan_wire import decode_plan
 
     default_gc = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLD)  # as the daemon runs

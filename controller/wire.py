@@ -1,6 +1,11 @@
 """The JSON the controller and the agents exchange: plans (controller -> agent) and health
-reports (agent -> controller). Both directions validate what they receive and name the
-field that is wrong; nothing invalid is ever half-applied.
+reports (agent -> controller), as typed values with their codecs. Both directions validate
+what they receive and name the field that is wrong; nothing invalid is ever half-applied.
+
+This module depends on nothing else of ours: the agent and the controller depend on it, and
+each converts between these wire values and its own types in its own package
+(``agent/plan_wire.py``; ``server/``). A VIP's ``spec`` is its definition in the config
+format: here it is only carried; the agent reads it with its config reader.
 
 Plan::
 
@@ -18,15 +23,10 @@ Report::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any
-
-from .agent.intent import Plan, VipIntent
-from .config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
-from .config.model import IPNetwork, StateAttributes, Vip
-from .config.reader import Issues, Node
-from .config.serialize import vip_to_dict
-from .policy.model import PlanItem
+import enum
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
 
 MAX_REPORT_BYTES = 1 << 20
 
@@ -41,31 +41,81 @@ class WireError(ValueError):
 
 
 # --- plans -------------------------------------------------------------------------------------
-def encode_plan(pop: str, generation: int, revision: str, items: Iterable[tuple[Vip, PlanItem]],
-                spec: Callable[[Vip], dict[str, Any]] = vip_to_dict) -> dict[str, Any]:
-    """``spec`` turns a VIP into its definition (the controller passes a cached one)."""
+class PlanReason(enum.StrEnum):
+    """Why the controller plans a VIP as it does at a POP (controller/policy/planner.py).
+
+    A closed vocabulary: a plan with any other word is refused, so a peer cannot choose the
+    agent's metric label values (the agent withdraws an unwanted VIP with the plan's reason)."""
+
+    HEALTHY = "healthy"
+    HEALTH_UNKNOWN = "health_unknown"  # the POP has no verdict on the active origin yet
+    REPORT_STALE = "report_stale"  # no recent report: left to the agent's own checks
+    DRAINING = "draining"  # the POP is draining: announced less preferred
+    DRAINED = "drained"  # the drain time has passed: withdrawn
+    DRAIN_BLOCKED = "drain_blocked"  # drained, but kept announced (less preferred) by the safety limits
+    CONFIRMING = "confirming"  # the POP sees the origin down; the settle window runs
+    BACKEND_DOWN = "backend_down"  # the POP sees the origin down: its agent withdraws
+    DAMPENED = "dampened"  # the POP flapped: held down
+    SAFETY_HOLD = "safety_hold"  # a withdrawal held back by a global safety rule
+    DISABLED = "disabled"  # the VIP is disabled in the config: withdrawn everywhere
+
+
+class PlanEntry(Protocol):
+    """What a plan says about one VIP at one POP (the planner's PlanItem is one, PlanVip another)."""
+
+    @property
+    def vip(self) -> str: ...  # the VIP's name
+    @property
+    def wanted(self) -> bool: ...
+    @property
+    def active_origin(self) -> str: ...
+    @property
+    def drain(self) -> bool: ...
+    @property
+    def reason(self) -> PlanReason: ...
+    @property
+    def safety_hold(self) -> bool: ...
+    @property
+    def explanation(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class PlanVip:
+    """One VIP of a received plan. ``spec`` is the JSON value received (the agent's config
+    reader validates it, against the agent's allowed prefixes)."""
+
+    vip: str  # "name" on the wire
+    spec: Any
+    wanted: bool
+    active_origin: str
+    drain: bool
+    reason: PlanReason
+    safety_hold: bool
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class WirePlan:
+    pop: str
+    generation: int
+    revision: str
+    vips: tuple[PlanVip, ...]
+
+
+def encode_plan(pop: str, generation: int, revision: str,
+                vips: Iterable[tuple[PlanEntry, Any]]) -> dict[str, Any]:
+    """``vips``: (entry, the VIP's spec) pairs; the controller passes cached spec dicts and
+    its PlanItems as they are (no copy per VIP: a fleet's plans have 500,000 of them)."""
     return {
         "pop": pop, "generation": generation, "revision": revision,
-        "vips": [{"name": vip.name, "spec": spec(vip), "wanted": i.wanted, "active_origin": i.active_origin,
+        "vips": [{"name": i.vip, "spec": spec, "wanted": i.wanted, "active_origin": i.active_origin,
                   "drain": i.drain, "reason": i.reason, "safety_hold": i.safety_hold,
-                  "explanation": i.explanation} for vip, i in items],
+                  "explanation": i.explanation} for i, spec in vips],
     }
 
 
-# VIP name -> (its spec as received, the allowed prefixes it was checked against, the result)
-SpecCache = dict[str, tuple[Any, tuple[IPNetwork, ...], Vip]]
-
-
-def decode_plan(data: Any, pop: str, allowed: Iterable[IPNetwork], cache: SpecCache | None = None) -> Plan:
-    """Validate a plan for ``pop``; every VIP spec goes through the config's own reader,
-    with the agent's allowed prefixes: a VIP outside them is refused, by name.
-
-    ``cache`` (kept by the caller between plans) skips the reader for a spec equal to one
-    that already passed it: most of a new plan is the previous one (10,000 VIPs: 0.8 s ->
-    0.1 s). It is replaced only when the whole plan is valid."""
-    allowed = tuple(allowed)
-    previous: SpecCache = cache if cache is not None else {}
-    checked: SpecCache = {}
+def decode_plan(data: Any, pop: str) -> WirePlan:
+    """Validate the shape of a plan for ``pop`` (each VIP's spec is left to the agent)."""
     obj = _mapping(data, "")
     if obj.get("pop") != pop:
         raise WireError("pop", f"plan is for {obj.get('pop')!r}, this agent is {pop!r}")
@@ -76,54 +126,57 @@ def decode_plan(data: Any, pop: str, allowed: Iterable[IPNetwork], cache: SpecCa
     vips = obj.get("vips")
     if not isinstance(vips, list):
         raise WireError("vips", "expected a list")
-    specs: list[Vip] = []
-    intents: dict[str, VipIntent] = {}
-    for i, entry in enumerate(vips):
-        where = f"vips[{i}]"
-        e = _mapping(entry, where)
-        raw = e.get("spec")
-        name = raw.get("name") if isinstance(raw, dict) else None
-        hit = previous.get(name) if isinstance(name, str) else None
-        if hit is not None and hit[1] == allowed and hit[0] == raw:
-            vip = hit[2]
-        else:
-            issues = Issues()
-            read = read_vip(Node(raw, f"{where}.spec", issues), allowed, dict(DEFAULT_CHECK),
-                            StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
-            if issues.items or read is None:
-                first = issues.items[0] if issues.items else None
-                raise WireError(first.path if first else f"{where}.spec",
-                                first.message if first else "invalid VIP")
-            vip = read
-        checked[vip.name] = (raw, allowed, vip)
-        if vip.name in intents:
-            raise WireError(f"{where}.spec.name", f"VIP {vip.name!r} listed twice")
-        active = e.get("active_origin")
-        if not isinstance(active, str) or vip.origin(active) is None:
-            raise WireError(f"{where}.active_origin", f"{active!r} is not one of the VIP's origin regions")
-        specs.append(vip)
-        intents[vip.name] = VipIntent(
-            vip=vip.name, wanted=_bool(e.get("wanted"), f"{where}.wanted"), active_origin=active,
-            drain=_bool(e.get("drain"), f"{where}.drain"), reason=str(e.get("reason", "")),
-            safety_hold=_bool(e.get("safety_hold"), f"{where}.safety_hold"),
-        )
-    if cache is not None:
-        cache.clear()
-        cache.update(checked)
-    return Plan("controller", generation, revision, intents, specs=tuple(specs))
+    entries = []
+    for i, e in enumerate(vips):
+        # One test for the whole entry, the field's name only when it fails: a plan has
+        # 10,000 entries and almost always every one is right.
+        if not isinstance(e, dict):
+            raise WireError(f"vips[{i}]", "expected a JSON object")
+        name, active, reason = e.get("name"), e.get("active_origin"), e.get("reason")
+        wanted, drain, hold = e.get("wanted"), e.get("drain"), e.get("safety_hold")
+        explanation = e.get("explanation", "")
+        known = _PLAN_REASONS.get(reason) if isinstance(reason, str) else None
+        if not (isinstance(name, str) and isinstance(active, str) and known is not None
+                and isinstance(wanted, bool) and isinstance(drain, bool) and isinstance(hold, bool)
+                and isinstance(explanation, str)):
+            _refuse(e, f"vips[{i}]")
+        entries.append(PlanVip(name, e.get("spec"), wanted, active, drain, known, hold, explanation))
+    return WirePlan(pop, generation, revision, tuple(entries))
+
+
+def _refuse(e: dict[str, Any], where: str) -> NoReturn:
+    """Raise the WireError for the first bad field of a plan entry."""
+    if not isinstance(e.get("name"), str):
+        raise WireError(f"{where}.name", "expected a string")
+    active = e.get("active_origin")
+    if not isinstance(active, str):
+        raise WireError(f"{where}.active_origin", f"{active!r} is not one of the VIP's origin regions")
+    for flag in ("wanted", "drain", "safety_hold"):
+        _bool(e.get(flag), f"{where}.{flag}")
+    reason = e.get("reason")
+    if not isinstance(reason, str) or reason not in _PLAN_REASONS:
+        raise WireError(f"{where}.reason", f"{reason!r} is not a plan reason ({', '.join(_PLAN_REASONS)})")
+    raise WireError(f"{where}.explanation", "expected a string")
+
+
+_PLAN_REASONS = {r.value: r for r in PlanReason}
 
 
 # --- reports -----------------------------------------------------------------------------------
-def encode_report(plan_generation: int, origins: Mapping[str, Mapping[str, bool | None]],
-                  announced: Mapping[str, bool]) -> dict[str, Any]:
-    return {"plan_generation": plan_generation,
-            "origins": {v: dict(r) for v, r in origins.items()}, "announced": dict(announced)}
+@dataclass(frozen=True)
+class WireReport:
+    plan_generation: int
+    origins: Mapping[str, Mapping[str, bool | None]]  # vip -> origin region -> verdict (None: none yet)
+    announced: Mapping[str, bool]  # vip -> announced by the POP now
 
 
-def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> tuple[
-        int, dict[str, dict[str, bool | None]], dict[str, bool]]:
-    """Validate a POP's report against the VIPs it publishes (name -> origin regions):
-    (generation, origins, announced)."""
+def encode_report(report: WireReport) -> dict[str, Any]:
+    return {"plan_generation": report.plan_generation,
+            "origins": {v: dict(r) for v, r in report.origins.items()}, "announced": dict(report.announced)}
+
+
+def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireReport:
+    """Validate a POP's report against the VIPs it publishes (name -> origin regions)."""
     obj = _mapping(data, "")
     unknown = set(obj) - {"plan_generation", "origins", "announced"}
     if unknown:
@@ -147,7 +200,7 @@ def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> tuple[
         if vip_name not in published:
             raise WireError(f"announced.{vip_name}", "this POP does not publish that VIP")
         announced[vip_name] = _bool(flag, f"announced.{vip_name}")
-    return generation, origins, announced
+    return WireReport(generation, origins, announced)
 
 
 # --- helpers -----------------------------------------------------------------------------------

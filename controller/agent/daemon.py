@@ -39,7 +39,8 @@ from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
 from .controller_link import ControllerPort, follow_plans, report_health
 from .intent import NO_PLAN, Plan, plan_from_config
 from .reconcile import Announce, Command, Withdraw, apply, reconcile
-from .sdnotify import Notifier
+from ..sdnotify import Notifier
+from ..wire import PlanReason
 
 log = logging.getLogger("controller.agent")
 
@@ -283,7 +284,7 @@ class Agent:
         return confirm.Checked(
             down=down,
             safety_hold=intent is not None and intent.safety_hold,
-            confirmed=intent is not None and intent.reason == Reason.BACKEND_DOWN,
+            confirmed=intent is not None and intent.reason == PlanReason.BACKEND_DOWN,
             reachable=link is not None and self.controller is not None and bool(self.controller_ok),
             timeout=link.confirm_timeout if link is not None else 0.0,
         )
@@ -410,7 +411,7 @@ class Agent:
                 announced=vip.prefix in self.announced, origin=(d.origin or "") if d else "",
             ))
         backends = tuple(
-            BackendSnapshot(k[0], k[1], str(k[2]), s.phase.value,
+            BackendSnapshot(k[0], k[1], str(k[2]), s.phase,
                             r.ok if (r := self.last_result.get(k)) else None, r.latency if r else None)
             for k, s in self.health.items()
         )

@@ -32,7 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config.model import Attributes, Backend, IPAddress, IPNetwork, Origin, Vip
-from .intent import VipIntent
+from ..wire import PlanReason
+from .intent import IntentReason, VipIntent
 
 
 class Action(enum.Enum):
@@ -42,7 +43,9 @@ class Action(enum.Enum):
 
 
 class Reason(enum.StrEnum):
-    """Reason codes: in log lines, metric labels and the CLI's explanation."""
+    """The agent's own reason codes: in log lines, metric labels and the CLI's explanation.
+    A VIP the plan does not want is withdrawn with the plan's reason instead (a PlanReason
+    from the controller, a LocalReason from the agent's config): see DecisionReason."""
 
     HEALTHY = "healthy"
     DRAINING = "draining"
@@ -52,10 +55,13 @@ class Reason(enum.StrEnum):
     NOT_ALLOWED = "not_allowed"
     NOT_IN_CONFIG = "not_in_config"
     UNKNOWN_ORIGIN = "unknown_origin"
-    ADMIN_DOWN = "admin_down"
     SHUTDOWN = "shutdown"
     SAFETY_HOLD = "safety_hold"
     AWAITING_CONTROLLER = "awaiting_controller"
+
+
+# Every word a decision's reason can be: all closed vocabularies, so metric labels are too.
+DecisionReason = Reason | IntentReason
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Decision:
     vip: str
     prefix: IPNetwork
     action: Action
-    reason: str
+    reason: DecisionReason
     detail: str = ""
     attributes: Attributes | None = None  # set when announcing
     origin: str | None = None  # the active origin region
@@ -107,7 +113,7 @@ def decide(
     ``confirm_pending``: a controller is reachable and has not yet answered this POP's
     report of the failure (and the confirmation timeout has not passed)."""
 
-    def withdraw(reason: str, detail: str = "", origin: Origin | None = None) -> Decision:
+    def withdraw(reason: DecisionReason, detail: str = "", origin: Origin | None = None) -> Decision:
         return Decision(vip.name, vip.prefix, Action.WITHDRAW, reason, detail,
                         origin=origin.region if origin else None)
 
@@ -126,7 +132,7 @@ def decide(
         return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.SAFETY_HOLD,
                         f"{detail}; kept announced on the controller's safety hold",
                         vip.attributes.up, origin.region, origin.next_hop)
-    if verdict is False and confirm_pending and intent.reason != Reason.BACKEND_DOWN:
+    if verdict is False and confirm_pending and intent.reason != PlanReason.BACKEND_DOWN:
         return Decision(vip.name, vip.prefix, Action.HOLD, Reason.AWAITING_CONTROLLER,
                         f"{detail}; reported, waiting for the controller to confirm the withdrawal",
                         origin=origin.region, next_hop=origin.next_hop)

@@ -7,10 +7,31 @@ code does not care where it came from.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..config.model import AgentConfig, Vip
+from ..config.model import AdminState, AgentConfig, Vip
+from ..wire import PlanReason
+
+
+class PlanSource(enum.StrEnum):
+    """Where the plan the agent follows came from (the ``plan_source`` of anycast_agent_info)."""
+
+    LOCAL_CONFIG = "local-config"  # standalone: the agent's own config
+    CONTROLLER = "controller"
+    CACHED_PLAN = "cached-plan"  # the controller's last plan, from disk (the controller is unreachable)
+    NONE = "none"  # controller mode, no plan yet
+
+
+class LocalReason(enum.StrEnum):
+    """The reasons a local plan gives (from the VIP's admin state)."""
+
+    ADMIN_DOWN = "admin_down"
+    ADMIN_DRAIN = "admin_drain"
+
+
+IntentReason = PlanReason | LocalReason
 
 
 @dataclass(frozen=True)
@@ -21,7 +42,7 @@ class VipIntent:
     wanted: bool  # publish it here at all
     active_origin: str  # the origin region traffic is sent to
     drain: bool = False  # announce with the "draining" attributes (less preferred)
-    reason: str = ""  # why not wanted / why draining (a reason code)
+    reason: IntentReason | None = None  # why not wanted / why draining
     # The controller asks this POP to keep announcing even though its own check says the
     # active origin is down: withdrawing would break a global safety rule (e.g. the checks
     # fail everywhere at once, which more likely means the checks are broken).
@@ -30,7 +51,7 @@ class VipIntent:
 
 @dataclass(frozen=True)
 class Plan:
-    source: str  # "local-config", "controller", "cached-plan" or "none"
+    source: PlanSource
     generation: int
     revision: str
     vips: Mapping[str, VipIntent] = field(default_factory=dict)
@@ -42,10 +63,10 @@ class Plan:
     def ready(self) -> bool:
         """False until a controller-mode agent has any plan: then nothing is withdrawn for
         being absent from the plan (a restart while the controller is down keeps routes)."""
-        return self.source != "none"
+        return self.source != PlanSource.NONE
 
 
-NO_PLAN = Plan(source="none", generation=0, revision="", specs=())
+NO_PLAN = Plan(source=PlanSource.NONE, generation=0, revision="", specs=())
 
 
 def plan_from_config(config: AgentConfig, generation: int = 0) -> Plan:
@@ -55,9 +76,12 @@ def plan_from_config(config: AgentConfig, generation: int = 0) -> Plan:
     for vip in config.vips:
         intents[vip.name] = VipIntent(
             vip=vip.name,
-            wanted=vip.admin != "down",
+            wanted=vip.admin != AdminState.DOWN,
             active_origin=vip.origins[0].region,
-            drain=vip.admin == "drain",
-            reason={"down": "admin_down", "drain": "admin_drain"}.get(vip.admin, ""),
+            drain=vip.admin == AdminState.DRAIN,
+            reason=_LOCAL_REASONS.get(vip.admin),
         )
-    return Plan(source="local-config", generation=generation, revision=config.source, vips=intents)
+    return Plan(source=PlanSource.LOCAL_CONFIG, generation=generation, revision=config.source, vips=intents)
+
+
+_LOCAL_REASONS = {AdminState.DOWN: LocalReason.ADMIN_DOWN, AdminState.DRAIN: LocalReason.ADMIN_DRAIN}

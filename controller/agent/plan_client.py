@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 
 from ..config.model import IPNetwork
-from ..wire import SpecCache, WireError, decode_plan, encode_report
+from ..wire import WireError, WireReport, encode_report
 from .controller_link import ControllerUnavailable, HealthReport
-from .intent import Plan
+from .intent import Plan, PlanSource
+from .plan_wire import SpecCache, decode_plan
 
 log = logging.getLogger("controller.agent")
 CACHE_FILE = "plan.json"
@@ -84,7 +85,7 @@ class PlanClient:
 
     async def report(self, report: HealthReport) -> None:
         await self._request("POST", f"/v1/reports/{self.pop}", self._timeout,
-                            encode_report(report.plan_generation, report.origins, report.announced))
+                            encode_report(WireReport(report.plan_generation, report.origins, report.announced)))
 
     def save_cached(self, data: Any) -> None:
         try:
@@ -109,4 +110,4 @@ class PlanClient:
         except (OSError, ValueError) as exc:
             log.warning("ignoring the cached plan %s: %s", self.cache_path, exc)
             return None
-        return dataclasses.replace(plan, source="cached-plan")
+        return dataclasses.replace(plan, source=PlanSource.CACHED_PLAN)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config.model import Attributes, IPNetwork
-from .decide import Action, Decision, Reason
+from .decide import Action, Decision, DecisionReason, Reason
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,14 @@ class Announce:
     prefix: IPNetwork
     attributes: Attributes
     vip: str
-    reason: str
+    reason: DecisionReason
 
 
 @dataclass(frozen=True)
 class Withdraw:
     prefix: IPNetwork
     vip: str
-    reason: str
+    reason: DecisionReason
     detail: str = ""
 
 
@@ -45,7 +45,7 @@ def reconcile(
     announced: Mapping[IPNetwork, Attributes],
     unsure: Iterable[IPNetwork] = (),
     withdraw_undecided: bool = True,
-    undecided_reason: str = Reason.NOT_IN_CONFIG,
+    undecided_reason: Reason = Reason.NOT_IN_CONFIG,
 ) -> list[Command]:
     """Commands that take ExaBGP from ``announced`` to what ``decisions`` want.
 

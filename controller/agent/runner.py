@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..bgp.speaker import ExaBGPSpeaker
 from ..config.model import AgentConfig
 from ..metrics.agent import AgentMetrics
+from ..sdnotify import Notifier
 from .daemon import Agent, install_signal_handlers
 from .plan_client import PlanClient
-from .sdnotify import Notifier
 
 log = logging.getLogger("controller.agent")
 

@@ -12,7 +12,7 @@ import re
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
-    AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
+    AdminState, AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
 from .reader import Issues, Node, parse_yaml, read_text
@@ -301,7 +301,7 @@ def read_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, flo
                    f"({', '.join(map(str, allowed))}); the agent refuses to announce it", "address")
         prefix = None
     name = node.opt("name", read_name, str(prefix.network_address) if prefix else "")
-    admin = node.opt("admin", lambda n: n.as_choice(ADMIN_STATES), "up")
+    admin = AdminState(node.opt("admin", lambda n: n.as_choice(ADMIN_STATES), "up"))
     loopback = node.opt("loopback", Node.as_bool, False)
     check_node = node.get("check", required=True)
     check = _check(check_node, defaults) if check_node is not None else None

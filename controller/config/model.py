@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from dataclasses import dataclass
 
@@ -9,7 +10,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_ORIGINS = 5
-ADMIN_STATES = ("up", "drain", "down")
+
+
+class AdminState(enum.StrEnum):
+    """A VIP's admin state in the config: announce it, drain it (less preferred), or not."""
+
+    UP = "up"
+    DRAIN = "drain"
+    DOWN = "down"
+
+
+ADMIN_STATES = tuple(a.value for a in AdminState)
 CHECK_KINDS = ("tcp", "http", "https")
 SHUTDOWN_MODES = ("withdraw", "keep")
 
@@ -71,7 +82,7 @@ class StateAttributes:
 class Vip:
     name: str
     prefix: IPNetwork
-    admin: str  # up | drain | down
+    admin: AdminState
     loopback: bool
     check: HealthCheck
     origins: tuple[Origin, ...]

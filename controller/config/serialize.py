@@ -16,7 +16,7 @@ def vip_to_dict(vip: Vip) -> dict[str, Any]:
     return {
         "name": vip.name,
         "address": str(vip.prefix),
-        "admin": vip.admin,
+        "admin": str(vip.admin),
         "loopback": vip.loopback,
         "check": _check(vip.check),
         "origins": [_origin(o) for o in vip.origins],

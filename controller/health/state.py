@@ -42,7 +42,9 @@ from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 
-class Phase(enum.Enum):
+class Phase(enum.StrEnum):
+    """A StrEnum: the metric label and the log word are its value."""
+
     INIT = "init"
     RISING = "rising"
     UP = "up"

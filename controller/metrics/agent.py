@@ -16,9 +16,12 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from ..health.state import Phase
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
-HEALTH_PHASES = ("init", "rising", "up", "falling", "down")
+HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
+# anycast_backend_healthy per phase (the state machine's verdict; -1: none yet)
+_HEALTHY = {Phase.UP: 1.0, Phase.FALLING: 1.0, Phase.DOWN: 0.0, Phase.RISING: 0.0, Phase.INIT: -1.0}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class BackendSnapshot:
     vip: str
     origin: str
     backend: str
-    phase: str  # one of HEALTH_PHASES
+    phase: Phase
     last_ok: bool | None
     last_latency: float | None = None
 
@@ -94,8 +97,7 @@ class _SnapshotCollector(Collector):
                                     "anycast_check_duration_seconds).", labels=["vip", "origin", "backend"])
         for b in s.backends:
             labels = [b.vip, b.origin, b.backend]
-            verdict = {"up": 1.0, "falling": 1.0, "down": 0.0, "rising": 0.0}.get(b.phase, -1.0)
-            healthy.add_metric(labels, verdict)
+            healthy.add_metric(labels, _HEALTHY[b.phase])
             for p in HEALTH_PHASES:
                 phase.add_metric(labels + [p], 1.0 if b.phase == p else 0.0)
             if b.last_ok is not None:

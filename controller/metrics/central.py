@@ -1,29 +1,63 @@
 """Every metric the central controller exports. Prefix ``anycast_controller_``.
 
-Plans, alarms and report ages are read from the controller at scrape time.
+Plans, alarms and report ages are read at scrape time, as one ``ControllerSnapshot``: this
+module owns that type and the ``ControllerView`` it comes from, and the server implements
+the view (``Controller.metrics_snapshot``), so metrics import nothing of the server.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..server.core import Controller
-
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
                "drain_blocked")
 
 
+@dataclass(frozen=True)
+class PopSnapshot:
+    pop: str
+    plan_generation: int
+    vips_planned: int  # VIPs the plan wants announced there
+    safety_holds: int  # VIPs kept announced there by a safety hold
+    report_age: float  # seconds since its last report; +Inf: never
+    drained: bool
+
+
+@dataclass(frozen=True)
+class ActiveOrigin:
+    vip: str
+    origin: str
+    primary: bool  # the VIP's first origin region
+
+
+@dataclass(frozen=True)
+class ControllerSnapshot:
+    pops: tuple[PopSnapshot, ...]
+    vips: tuple[str, ...]  # every VIP of the desired state (alarm label sets exist for each)
+    alarms: frozenset[tuple[str, str]]  # (kind, vip) raised now
+    active_origins: tuple[ActiveOrigin, ...]  # VIPs planned at some POP
+    config_ok: bool  # False while the newest config revision is rejected
+    config_loaded_at: float
+
+
+class ControllerView(Protocol):
+    """What the collector reads at scrape time (the server's Controller is one)."""
+
+    def metrics_snapshot(self) -> ControllerSnapshot: ...
+
+
 class _ControllerCollector(Collector):
-    def __init__(self, controller: Callable[[], Controller]) -> None:
+    def __init__(self, controller: Callable[[], ControllerView]) -> None:
         self._controller = controller
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        ctl = self._controller()
-        now = ctl.clock()
+        s = self._controller().metrics_snapshot()
         generation = GaugeMetricFamily("anycast_controller_plan_generation", "Plan generation served to each POP.",
                                        labels=["pop"])
         wanted = GaugeMetricFamily("anycast_controller_vips_planned",
@@ -33,42 +67,36 @@ class _ControllerCollector(Collector):
         age = GaugeMetricFamily("anycast_controller_report_age_seconds",
                                 "Seconds since each POP's last health report (+Inf: never).", labels=["pop"])
         drained = GaugeMetricFamily("anycast_controller_pop_drained", "1 while a POP is drained.", labels=["pop"])
-        for pop in ctl.desired.pops:
-            body = ctl.plan_body(pop.name)
-            generation.add_metric([pop.name], float(body["generation"]))
-            wanted.add_metric([pop.name], float(sum(1 for v in body["vips"] if v["wanted"])))
-            holds.add_metric([pop.name], float(sum(1 for v in body["vips"] if v["safety_hold"])))
-            report = ctl.reports.get(pop.name)
-            age.add_metric([pop.name], now - report.received_at if report else float("inf"))
-            drained.add_metric([pop.name], 1.0 if pop.name in ctl.persisted.drains else 0.0)
+        for pop in s.pops:
+            generation.add_metric([pop.pop], float(pop.plan_generation))
+            wanted.add_metric([pop.pop], float(pop.vips_planned))
+            holds.add_metric([pop.pop], float(pop.safety_holds))
+            age.add_metric([pop.pop], pop.report_age)
+            drained.add_metric([pop.pop], 1.0 if pop.drained else 0.0)
         yield from (generation, wanted, holds, age, drained)
 
         alarms = GaugeMetricFamily("anycast_controller_alarm", "1 while an alarm is raised for a VIP.",
                                    labels=["kind", "vip"])
-        active = {(a.kind, a.vip) for a in ctl.alarms()}
-        for fv in ctl.desired.vips:
+        for vip in s.vips:
             for kind in ALARM_KINDS:
-                alarms.add_metric([kind, fv.name], 1.0 if (kind, fv.name) in active else 0.0)
+                alarms.add_metric([kind, vip], 1.0 if (kind, vip) in s.alarms else 0.0)
         yield alarms
 
         origin = GaugeMetricFamily("anycast_controller_active_origin", "1 for each VIP's active origin region.",
                                    labels=["vip", "origin", "primary"])
-        for fv in ctl.desired.vips:
-            item = next((ctl.item(p, fv.name) for p in fv.publish if ctl.item(p, fv.name)), None)
-            if item is not None:
-                origin.add_metric([fv.name, item.active_origin,
-                                   "true" if item.active_origin == fv.vip.origins[0].region else "false"], 1.0)
+        for a in s.active_origins:
+            origin.add_metric([a.vip, a.origin, "true" if a.primary else "false"], 1.0)
         yield origin
 
         yield GaugeMetricFamily("anycast_controller_config_last_reload_successful",
                                 "0 while the newest config revision is rejected (the last good one is served).",
-                                value=0.0 if ctl.config.last_error else 1.0)
+                                value=1.0 if s.config_ok else 0.0)
         yield GaugeMetricFamily("anycast_controller_config_loaded_timestamp_seconds",
-                                "When the config being served was loaded.", value=ctl.config.loaded_at)
+                                "When the config being served was loaded.", value=s.config_loaded_at)
 
 
 class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry, controller: Callable[[], Controller]) -> None:
+    def __init__(self, registry: CollectorRegistry, controller: Callable[[], ControllerView]) -> None:
         registry.register(_ControllerCollector(controller))
         self.reconciles = Counter("anycast_controller_reconcile", "Planning passes, by result.", ["result"],
                                   registry=registry)

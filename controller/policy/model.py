@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from ..wire import PlanReason
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,24 @@ class PlanItem:
     wanted: bool
     active_origin: str
     drain: bool = False
-    reason: str = "healthy"
+    reason: PlanReason = PlanReason.HEALTHY
     safety_hold: bool = False
     explanation: str = ""
 
 
+class AlarmKind(enum.StrEnum):
+    """What an alarm is about (the ``kind`` label of anycast_controller_alarm)."""
+
+    CHECKS_DOWN_EVERYWHERE = "checks_down_everywhere"  # every fresh POP sees every origin down: all held
+    MIN_POPS_HOLD = "min_pops_hold"  # a withdrawal held back by the safety limits
+    WITHDRAW_RATE_LIMITED = "withdraw_rate_limited"  # a withdrawal held back by the rate limit
+    ALL_ORIGINS_DOWN = "all_origins_down"  # no origin region is healthy
+    DRAIN_BLOCKED = "drain_blocked"  # a drained POP kept announcing by the safety limits
+
+
 @dataclass(frozen=True)
 class Alarm:
-    kind: str  # checks_down_everywhere, min_pops_hold, withdraw_rate_limited, all_origins_down, drain_blocked
+    kind: AlarmKind
     vip: str
     detail: str
 

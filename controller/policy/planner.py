@@ -40,8 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..config.desired_model import DesiredState, FleetVip
+from ..wire import PlanReason as R
 from . import dampening
-from .model import STEADY, Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from .model import STEADY, Alarm, AlarmKind, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from .origins import origin_views, select_origin
 
 # The two shortcuts in _plan_vip (steady and silent POPs). They give exactly the plan of the
@@ -49,14 +50,14 @@ from .origins import origin_views, select_origin
 SHORTCUTS = True
 
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
-WITHDRAWING = ("backend_down", "dampened", "drained")
-HEALTH_KINDS = ("backend_down", "dampened")  # rate-limited; drains are deliberate
+WITHDRAWING = (R.BACKEND_DOWN, R.DAMPENED, R.DRAINED)
+HEALTH_KINDS = (R.BACKEND_DOWN, R.DAMPENED)  # rate-limited; drains are deliberate
 
 
 @dataclass(frozen=True)
 class _Proposal:
     pop: str
-    kind: str  # healthy | health_unknown | report_stale | draining | confirming | backend_down | dampened | drained
+    kind: R  # healthy | health_unknown | report_stale | draining | confirming | backend_down | dampened | drained
     sentence: str
     previously_withdrawn: bool
 
@@ -101,7 +102,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     vmem, code, note = select_origin(fv.vip, views, previous.vips.get(name), policy.failover, now)
     alarms: list[Alarm] = []
     if code == "all_origins_down":
-        alarms.append(Alarm("all_origins_down", name, note))
+        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, name, note))
     active = vmem.active
 
     # 3. what each POP would do on its own
@@ -109,7 +110,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     proposals: list[_Proposal] = []
     items: dict[str, PlanItem] = {}
     shared = {kind: i for kind, i in previous.shared_items.get(name, {}).items() if i.active_origin == active}
-    healthy = shared.get("healthy")
+    healthy = shared.get(R.HEALTHY)
     pop_vips = previous.pop_vips
     shortcuts = SHORTCUTS and fv.enabled
     for pop in fv.publish:
@@ -122,13 +123,13 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
             # as it is and announce; the same PlanItem object serves every such POP (and the
             # next run), so comparing plans stays cheap at 10,000 VIPs x 50 POPs.
             memories[key] = STEADY
-            items[pop] = healthy = healthy or _shared(shared, name, active, "healthy")
+            items[pop] = healthy = healthy or _shared(shared, name, active, R.HEALTHY)
             continue
         if shortcuts and pop not in fresh and pop not in drains and mem.down_since is None and not mem.withdrawn:
             # A silent POP (the second common case: a POP that cannot reach the controller, or
             # before the first reports): steps 3-4 keep its memory and leave it to its checks.
             memories[key] = mem
-            items[pop] = _shared(shared, name, active, "report_stale")
+            items[pop] = _shared(shared, name, active, R.REPORT_STALE)
             continue
         report = fresh.get(pop)
         if report is not None:
@@ -142,7 +143,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
                                    previously_withdrawn=mem.withdrawn))
 
     if not fv.enabled:  # (no POP took the fast path)
-        items = {p.pop: PlanItem(name, False, active, reason="disabled",
+        items = {p.pop: PlanItem(name, False, active, reason=R.DISABLED,
                                  explanation="the VIP is disabled in the config: withdrawn everywhere")
                  for p in proposals}
         memories = {k: replace(m, withdrawn=False) for k, m in memories.items()}
@@ -151,7 +152,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
     # 4. global safety
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
     alarms += safety_alarms
-    if any(a.kind == "checks_down_everywhere" for a in safety_alarms):
+    if any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms):
         # While everything is held, nothing settles: when the checks start to recover (at
         # each POP at its own moment) a POP still seeing the origin down waits a full settle
         # window again instead of being let go the instant the hold lifts.
@@ -166,7 +167,7 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
         if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
             memories[(p.pop, name)] = _canonical(replace(memories[(p.pop, name)], withdrawn=p.pop in allowed))
     # Only the full path proposes "confirming" (the shortcuts give healthy or report_stale).
-    settling = [m.down_since for p in proposals if items[p.pop].reason == "confirming"
+    settling = [m.down_since for p in proposals if items[p.pop].reason == R.CONFIRMING
                 and (m := memories[(p.pop, name)]).down_since is not None]
     wake = min(settling) + policy.safety.settle if settling else None
     return items, vmem, memories, note, alarms, shared, wake
@@ -176,11 +177,11 @@ _NEW = PopVipMemory()
 
 
 # Proposals whose item is the same at every POP (no POP name, no timer in the sentence).
-_SHARED = {"healthy": "sees {active} healthy: announced",
-           "report_stale": "has not reported recently: unknown, left to its own checks"}
+_SHARED = {R.HEALTHY: "sees {active} healthy: announced",
+           R.REPORT_STALE: "has not reported recently: unknown, left to its own checks"}
 
 
-def _shared(shared: dict[str, PlanItem], vip: str, active: str, kind: str) -> PlanItem:
+def _shared(shared: dict[str, PlanItem], vip: str, active: str, kind: R) -> PlanItem:
     """The VIP's item for ``kind`` from ``shared`` (made and kept there the first time)."""
     item = shared.get(kind)
     if item is None:
@@ -197,27 +198,27 @@ def _canonical(mem: PopVipMemory) -> PopVipMemory:
 
 
 def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
-             drain_start: float | None, active: str, fv: FleetVip, now: float) -> tuple[str, str]:
+             drain_start: float | None, active: str, fv: FleetVip, now: float) -> tuple[R, str]:
     if drain_start is not None:
         elapsed = now - drain_start
         if elapsed < fv.policy.drain.drain_time:
-            return "draining", (f"{pop} is draining: announced less preferred for "
+            return R.DRAINING, (f"{pop} is draining: announced less preferred for "
                                 f"{fv.policy.drain.drain_time - elapsed:.0f}s more, then withdrawn")
-        return "drained", f"{pop} is drained: withdrawn {elapsed - fv.policy.drain.drain_time:.0f}s ago"
+        return R.DRAINED, f"{pop} is drained: withdrawn {elapsed - fv.policy.drain.drain_time:.0f}s ago"
     if report is None:
-        return "report_stale", _SHARED["report_stale"]
+        return R.REPORT_STALE, _SHARED[R.REPORT_STALE]
     if dampening.dampened(mem, now):
-        return "dampened", (f"{pop} flapped: held down until +{mem.dampened_until - now:.0f}s "
+        return R.DAMPENED, (f"{pop} flapped: held down until +{mem.dampened_until - now:.0f}s "
                             f"(hold-down #{mem.penalty})")
     if verdict is False:
         settle_left = (mem.down_since if mem.down_since is not None else now) + fv.policy.safety.settle - now
         if not mem.withdrawn and settle_left > 0:
-            return "confirming", (f"{pop} sees {active} down: confirming for {settle_left:.1f}s more whether "
+            return R.CONFIRMING, (f"{pop} sees {active} down: confirming for {settle_left:.1f}s more whether "
                                   f"the other POPs see it too (its agent keeps announcing meanwhile)")
-        return "backend_down", f"{pop} sees {active} down: its agent withdraws the VIP"
+        return R.BACKEND_DOWN, f"{pop} sees {active} down: its agent withdraws the VIP"
     if verdict is None:
-        return "health_unknown", f"{pop} has no verdict on {active} yet"
-    return "healthy", _SHARED["healthy"].format(active=active)
+        return R.HEALTH_UNKNOWN, f"{pop} has no verdict on {active} yet"
+    return R.HEALTHY, _SHARED[R.HEALTHY].format(active=active)
 
 
 def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport], active: str,
@@ -229,7 +230,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
     held: dict[str, str] = {}
     alarms: list[Alarm] = []
     withdrawing = [p for p in proposals if p.kind in WITHDRAWING]
-    health = [p for p in proposals if p.kind in HEALTH_KINDS or p.kind == "confirming"]
+    health = [p for p in proposals if p.kind in HEALTH_KINDS or p.kind == R.CONFIRMING]
 
     everywhere = bool(fresh) and all(
         all(v is not True for v in r.origins.get(name, {}).values())
@@ -239,7 +240,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         for p in health:
             held[p.pop] = (f"every reporting POP ({len(fresh)}) sees every origin down: the checks are "
                            f"more likely broken than the service, so {p.pop} keeps announcing")
-        alarms.append(Alarm("checks_down_everywhere", name,
+        alarms.append(Alarm(AlarmKind.CHECKS_DOWN_EVERYWHERE, name,
                             f"all {len(fresh)} reporting POP(s) see every origin of {name} down; "
                             f"holding {len(health)} withdrawal(s)"))
         withdrawing = [p for p in withdrawing if p.pop not in held]
@@ -253,7 +254,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         held[p.pop] = (f"withdrawing {p.pop} too would leave {n - len(allowed) - 1} "
                        f"of {n} POPs announcing (limits: at most {s.max_withdraw_fraction:.0%} withdrawn, "
                        f"at least {s.min_announcing_pops} announcing)")
-        alarms.append(Alarm("drain_blocked" if p.kind == "drained" else "min_pops_hold", name,
+        alarms.append(Alarm(AlarmKind.DRAIN_BLOCKED if p.kind == R.DRAINED else AlarmKind.MIN_POPS_HOLD, name,
                             f"{p.pop}: {p.kind} held back by the safety limits"))
 
     recent = tuple(t for t in vmem.withdrawals if now - t < s.withdraw_rate_window)
@@ -264,7 +265,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
         if new and budget <= 0:
             held[p.pop] = (f"{p.pop} would be the withdrawal number {len(recent) + 1} of {name} within "
                            f"{s.withdraw_rate_window:.0f}s (limit {s.withdraw_rate_max}): held")
-            alarms.append(Alarm("withdraw_rate_limited", name, f"{p.pop}: {p.kind} held by the rate limit"))
+            alarms.append(Alarm(AlarmKind.WITHDRAW_RATE_LIMITED, name, f"{p.pop}: {p.kind} held by the rate limit"))
             continue
         if new:
             budget -= 1
@@ -275,9 +276,9 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
 
 def _item(vip: str, active: str, p: _Proposal, held: str | None) -> PlanItem:
     if held is not None:
-        if p.kind == "drained":
-            return PlanItem(vip, True, active, drain=True, reason="drain_blocked", explanation=held)
-        return PlanItem(vip, True, active, reason="safety_hold", safety_hold=True, explanation=held)
-    if p.kind in ("drained", "dampened"):
+        if p.kind == R.DRAINED:
+            return PlanItem(vip, True, active, drain=True, reason=R.DRAIN_BLOCKED, explanation=held)
+        return PlanItem(vip, True, active, reason=R.SAFETY_HOLD, safety_hold=True, explanation=held)
+    if p.kind in (R.DRAINED, R.DAMPENED):
         return PlanItem(vip, False, active, reason=p.kind, explanation=p.sentence)
-    return PlanItem(vip, True, active, drain=p.kind == "draining", reason=p.kind, explanation=p.sentence)
+    return PlanItem(vip, True, active, drain=p.kind == R.DRAINING, reason=p.kind, explanation=p.sentence)

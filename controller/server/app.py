@@ -124,11 +124,11 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         return error(400, f"malformed JSON: {exc}", "")
     published = ctl.published_regions(pop)
     try:
-        generation, origins, announced = decode_report(body, published)
+        report = decode_report(body, published)
     except WireError as exc:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field)
-    await ctl.take_report(PopReport(pop, ctl.clock(), generation, origins, announced))
+    await ctl.take_report(PopReport(pop, ctl.clock(), report.plan_generation, report.origins, report.announced))
     return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation})
 
 

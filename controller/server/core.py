@@ -20,6 +20,7 @@ from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
+from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
 from ..policy.planner import plan
 from ..wire import encode_plan
@@ -175,7 +176,6 @@ class Controller:
         self.result = result
         self._schedule(result.wake_at, now)
         self.persisted.planner = result.state
-        specs = {v.name: v.vip for v in self.desired.vips}
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
@@ -185,12 +185,11 @@ class Controller:
                                                else vip_to_dict(v.vip) for v in self.desired.vips})
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
-            self._serve(pop.name, result.pops.get(pop.name, {}), specs, spec_dicts)
+            self._serve(pop.name, result.pops.get(pop.name, {}), spec_dicts)
         self._save()
         return result
 
-    def _serve(self, pop: str, items: Mapping[str, PlanItem], specs: Mapping[str, Vip],
-               spec_dicts: Mapping[str, dict[str, Any]]) -> None:
+    def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
         """Make ``items`` the POP's plan if an agent would act differently on it.
 
         A new revision, or a new explanation (timers count down in them), that changes
@@ -212,8 +211,7 @@ class Controller:
         if served is not None and served.material == material:
             served.seen_items, served.seen_specs, served.seen_desired = items, seen_specs, self.desired
             return
-        content = encode_plan(pop, 0, self.desired.revision, [(specs[name], items[name]) for name in names],
-                              lambda vip: spec_dicts[vip.name])
+        content = encode_plan(pop, 0, self.desired.revision, [(items[name], spec_dicts[name]) for name in names])
         del content["generation"]
         generation = max(self.persisted.generations.get(pop, 0), served.generation if served else 0) + 1
         self.persisted.generations[pop] = generation
@@ -275,6 +273,28 @@ class Controller:
     def spec(self, vip: str) -> Vip | None:
         fv = self.desired.vip(vip)
         return fv.vip if fv else None
+
+    def metrics_snapshot(self) -> ControllerSnapshot:
+        """What the metrics collector exports, read at scrape time."""
+        now = self.clock()
+        pops = []
+        for pop in self.desired.pops:
+            served = self.served[pop.name]
+            vips = served.content["vips"]
+            report = self.reports.get(pop.name)
+            pops.append(PopSnapshot(pop.name, served.generation,
+                                    sum(1 for v in vips if v["wanted"]), sum(1 for v in vips if v["safety_hold"]),
+                                    now - report.received_at if report else float("inf"),
+                                    pop.name in self.persisted.drains))
+        origins = []
+        for fv in self.desired.vips:
+            item = next((i for p in fv.publish if (i := self.item(p, fv.name)) is not None), None)
+            if item is not None:
+                origins.append(ActiveOrigin(fv.name, item.active_origin,
+                                            item.active_origin == fv.vip.origins[0].region))
+        return ControllerSnapshot(tuple(pops), tuple(fv.name for fv in self.desired.vips),
+                                  frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
+                                  not self.config.last_error, self.config.loaded_at)
 
 
 def _origin_of(note: str) -> str:

@@ -17,11 +17,11 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..agent.sdnotify import Notifier
 from ..config.desired import LoadCache, load_desired
 from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError
 from ..metrics.central import ControllerMetrics
+from ..sdnotify import Notifier
 from .app import Handler, make_app
 from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature

@@ -275,7 +275,7 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
     """READY=1 after the first reconcile, then WATCHDOG=1 at least every WatchdogSec/2."""
     import socket
 
-    from controller.agent.sdnotify import Notifier
+    from controller.sdnotify import Notifier
 
     sock_path = str(tmp_path / "notify.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

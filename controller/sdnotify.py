@@ -1,7 +1,8 @@
 """systemd's notify protocol (READY=1, WATCHDOG=1, STATUS=...), without a dependency.
 
-The agent runs as ExaBGP's child, so the unit sets ``NotifyAccess=all``. Outside systemd
-(no NOTIFY_SOCKET) every call is a no-op.
+Both daemons use it, so it lives beside them rather than in either (the controller must not
+import the agent). The agent runs as ExaBGP's child, so its unit sets ``NotifyAccess=all``.
+Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, **fields: str) -> bool:
-        """Send ``KEY=value`` lines; True if sent. Errors never break the agent."""
+        """Send ``KEY=value`` lines; True if sent. Errors never break the daemon."""
         if not self._address:
             return False
         message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
