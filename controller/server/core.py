@@ -60,6 +60,22 @@ class ConfigStatus:
 
 
 @dataclass
+class PersistenceStatus:
+    """Whether what the controller must remember is being written (``/v1/status``, metrics)."""
+
+    state_dir: str = ""
+    ok: bool = True  # False from a failed write until the next one succeeds
+    errors: dict[store.StoreOp, int] = field(default_factory=lambda: {op: 0 for op in store.StoreOp})
+    last_error: str = ""
+    last_error_at: float = 0.0
+    recovered: tuple[str, ...] = ()  # what the state at start could not be read from (an alarm until restart)
+
+
+class ActionNotPersisted(Exception):
+    """An operator action was refused because it could not be made durable (HTTP 503)."""
+
+
+@dataclass
 class Controller:
     desired: DesiredState
     clock: Callable[[], float] = time.time
@@ -68,17 +84,73 @@ class Controller:
     result: PlanResult | None = None
     config: ConfigStatus = field(default_factory=ConfigStatus)
     persisted: store.Persisted = field(default_factory=store.Persisted)
+    state_store: store.Store | None = None  # None: the file journal in desired.state_dir (locked while we run)
+    persistence: PersistenceStatus = field(default_factory=PersistenceStatus)
     _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _indexed: _DesiredIndex | None = None
+    _durable: store.Persisted = field(default_factory=store.Persisted)  # what the store holds
+    _seq: int = 0  # the store's sequence number after the last durable write
+    _started: bool = False  # the store accepts appends (False after a failed start: retried)
+    _failed_start: bool = False
 
     def __post_init__(self) -> None:
-        self.persisted = store.load(self.desired.state_dir)
+        """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
+        if self.state_store is None:
+            self.state_store = store.FileJournal(self.desired.state_dir)
+        self.persistence = PersistenceStatus(self.desired.state_dir)
+        try:
+            loaded = self.state_store.load()
+        except BaseException:
+            self.state_store.close()
+            raise
+        self.persisted, self._durable, self._seq = loaded.state.copy(), loaded.state.copy(), loaded.seq
+        if loaded.problems:
+            # Recovered from the previous good state without what could not be read: loud,
+            # and kept in status until a restart (the operator should check the drains).
+            self.persistence.recovered = loaded.problems
+            self.persistence.errors[store.StoreOp.LOAD] += len(loaded.problems)
+            for problem in loaded.problems:
+                log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
+        self._start_store()
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
+
+    def close(self) -> None:
+        """Release the state directory (its lock): another controller may start on it."""
+        if self.state_store is not None:
+            self.state_store.close()
+
+    def _start_store(self) -> bool:
+        assert self.state_store is not None
+        # After a failed start, what was loaded is no longer the whole truth (memory moved
+        # on): the retry writes the current state as a snapshot one step further.
+        seq = self._seq if not self._failed_start else self._seq + 1
+        try:
+            self.state_store.start(self.persisted, seq)
+        except store.PersistenceError as exc:
+            self._failed_start = True
+            self._persistence_failed(exc)
+            return False
+        self._seq, self._started, self._durable = seq, True, self.persisted.copy()
+        if self._failed_start:
+            self._persistence_recovered()
+        return True
+
+    def _persistence_failed(self, exc: store.PersistenceError) -> None:
+        p = self.persistence
+        p.errors[exc.op] += 1
+        if p.ok or p.last_error != str(exc):
+            log.error("ALARM persistence: %s (operator actions are refused until a write succeeds)", exc)
+        p.ok, p.last_error, p.last_error_at = False, str(exc), self.clock()
+
+    def _persistence_recovered(self) -> None:
+        if not self.persistence.ok:
+            log.warning("persistence works again in %s", self.persistence.state_dir)
+        self.persistence.ok = True
 
     # --- inputs ------------------------------------------------------------------------
     def apply_config(self, new: DesiredState) -> None:
@@ -147,19 +219,39 @@ class Controller:
             done.set_exception(exc)
 
     def drain(self, pop: str) -> bool:
+        """Start draining ``pop``; False if it is drained already. Durable before it counts:
+        ActionNotPersisted (and nothing changed) if the state cannot be written."""
         if pop in self.persisted.drains:
             return False
-        self.persisted.drains[pop] = self.clock()
+        now = self.clock()
+        self._persist_action(store.Changes(drains={pop: now}), f"drain of POP {pop}")
+        self.persisted.drains[pop] = now
         log.info("drain of POP %s started", pop)
         self.replan()
         return True
 
     def undrain(self, pop: str) -> bool:
-        if self.persisted.drains.pop(pop, None) is None:
+        if pop not in self.persisted.drains:
             return False
+        self._persist_action(store.Changes(drains={pop: None}), f"undrain of POP {pop}")
+        del self.persisted.drains[pop]
         log.info("POP %s undrained", pop)
         self.replan()
         return True
+
+    def _persist_action(self, changes: store.Changes, what: str) -> None:
+        """Journal an operator action on its own, now, or raise ActionNotPersisted."""
+        assert self.state_store is not None
+        if not self._started and not self._start_store():
+            raise ActionNotPersisted(f"{what} refused: the controller cannot save its state "
+                                     f"({self.persistence.last_error})")
+        try:
+            self._seq = self.state_store.append(changes, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)
+            raise ActionNotPersisted(f"{what} refused: the controller cannot save its state ({exc})") from None
+        self._durable = store.apply(self._durable, changes)
+        self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
     def replan(self) -> PlanResult:
@@ -235,16 +327,27 @@ class Controller:
         self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
 
     def _save(self) -> None:
-        """Write the state file when something in it changed (most passes change nothing)."""
-        p = self.persisted
-        now = (self.desired.state_dir, dict(p.drains), dict(p.generations), p.planner.vips, p.planner.pop_vips)
-        if self._saved == now:
+        """Journal what changed since the last durable write (most passes change nothing: one
+        comparison of equal maps). A failure raises the persistence alarm and is retried at
+        the next pass: the journal gets the difference from what it holds, so nothing is
+        skipped."""
+        assert self.state_store is not None
+        if not self._started and not self._start_store():
+            return
+        changes = store.diff(self._durable, self.persisted)
+        if not changes:
             return
         try:
-            store.save(self.desired.state_dir, p)
-            self._saved = now
-        except OSError as exc:
-            log.error("cannot save controller state in %s: %s", self.desired.state_dir, exc)
+            self._seq = self.state_store.append(changes, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)
+            return
+        self._durable = self.persisted.copy()
+        self._persistence_recovered()
+        try:
+            self.state_store.compact(self._durable, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)  # the journal still holds everything: only longer
 
     # --- outputs -----------------------------------------------------------------------
     def plan_body(self, pop: str) -> dict[str, Any]:
@@ -294,7 +397,8 @@ class Controller:
                                             item.active_origin == fv.vip.origins[0].region))
         return ControllerSnapshot(tuple(pops), tuple(fv.name for fv in self.desired.vips),
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
-                                  not self.config.last_error, self.config.loaded_at)
+                                  not self.config.last_error, self.config.loaded_at,
+                                  self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()})
 
 
 def _origin_of(note: str) -> str:
