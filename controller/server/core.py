@@ -140,6 +140,10 @@ class Controller:
             self._persistence_recovered()
         return True
 
+    def persistence_failed(self, exc: store.PersistenceError) -> None:
+        """A write of the state directory outside the journal failed (the kept desired state)."""
+        self._persistence_failed(exc)
+
     def _persistence_failed(self, exc: store.PersistenceError) -> None:
         p = self.persistence
         p.errors[exc.op] += 1

@@ -301,9 +301,17 @@ class FileJournal:
             self._take_lock()
 
     def _take_lock(self) -> None:
+        path = os.path.join(self.state_dir, LOCK_FILENAME)
         try:
             os.makedirs(self.state_dir, exist_ok=True)
-            fd = os.open(os.path.join(self.state_dir, LOCK_FILENAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                # A read-only state directory still locks (flock needs no write access): the
+                # controller starts on what is there, with the alarm raised and actions refused.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise PersistenceError(StoreOp.LOAD, self.state_dir, exc.strerror or str(exc)) from None
         try:
@@ -427,7 +435,12 @@ class FileJournal:
         try:
             if os.fstat(self._journal).st_size != self._journal_size:
                 os.ftruncate(self._journal, self._journal_size)  # what a failed append left
-            os.pwrite(self._journal, line, self._journal_size)
+            done = 0
+            while done < len(line):  # a nearly full disk writes part of it, then fails
+                n = os.pwrite(self._journal, line[done:], self._journal_size + done)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
             self._fsync(self._journal)
         except OSError as exc:
             raise PersistenceError(StoreOp.APPEND, self._journal_path, exc.strerror or str(exc)) from None
