@@ -96,6 +96,9 @@ class Controller:
     _seq: int = 0  # the store's sequence number after the last durable write
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
+    _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
+    _alive_marked: float = 0.0
+    _alive_fresh: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -116,8 +119,37 @@ class Controller:
             for problem in loaded.problems:
                 log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
         self._start_store()
+        self._presume_reports(loaded.previous_alive)
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
+
+    def _presume_reports(self, alive: store.Alive | None) -> None:
+        """After a quick restart, presume each POP still says what it said last.
+
+        The first passes after a start have no reports: every POP would be "not reporting,
+        left to its own checks", which resets what only a fresh report keeps (a settle
+        window, the withdrawal a dampening hold-down ordered; a dampened POP would announce
+        again until its next report). A POP whose report was fresh when the previous
+        controller was last alive gets a report made of the verdicts kept in memory (its
+        verdict on each VIP's active origin), dated when the real one was received: it goes
+        stale exactly when the real one would have, and the POP's next report replaces it.
+        """
+        if alive is None:
+            return
+        now = self.clock()
+        stale_after = self._index().stale_after
+        verdicts: dict[str, dict[str, Mapping[str, bool | None]]] = {}
+        planner = self.persisted.planner
+        for (pop, vip), memory in planner.pop_vips.items():
+            if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
+                verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+        for pop, received_at in alive.fresh.items():
+            if self.desired.pop(pop) is not None and now - received_at <= stale_after and pop not in self.reports:
+                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}))
+                self._presumed.add(pop)
+        if self._presumed:
+            log.info("presuming the last verdicts of %s until they report (the previous controller was alive "
+                     "%.1fs ago)", ", ".join(sorted(self._presumed)), now - alive.at)
 
     def close(self) -> None:
         """Release the state directory (its lock): another controller may start on it."""
@@ -336,6 +368,12 @@ class Controller:
         the next pass: the journal gets the difference from what it holds, so nothing is
         skipped."""
         assert self.state_store is not None
+        now = self.clock()
+        stale_after = self._index().stale_after
+        fresh = {pop: r.received_at for pop, r in self.reports.items() if now - r.received_at <= stale_after}
+        if abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
+            self.state_store.mark_alive(now, fresh)
+            self._alive_marked, self._alive_fresh = now, set(fresh)
         if not self._started and not self._start_store():
             return
         changes = store.diff(self._durable, self.persisted)

@@ -6,7 +6,8 @@ Theory of operation (``FileJournal``, the default: one process, local disk)::
 
     state_dir/
       lock                    flock(LOCK_EX) while a controller runs, with its PID: a second
-                              controller on the same directory refuses to start (StateDirLocked)
+                              controller on the same directory refuses to start (StateDirLocked);
+                              and, about once a second, when it was alive with which POPs fresh
       snapshot-<seq>.json     the whole state as of journal sequence <seq>
       journal-<seq>.jsonl     the changes after that snapshot, one line each,
                               ``<crc32 hex> <json>\\n``, each line fsynced before the change counts
@@ -118,10 +119,20 @@ class Changes:
 
 
 @dataclass(frozen=True)
+class Alive:
+    """When the previous controller on this state was last alive, and which POPs' reports
+    it held fresh then, received when (so a quick restart can presume them: see Controller)."""
+
+    at: float
+    fresh: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class Loaded:
     state: Persisted
     seq: int  # the store's sequence number: the next append passes it as ``expect``
     problems: tuple[str, ...] = ()  # what could not be read (the state was recovered without it)
+    previous_alive: Alive | None = None  # None: unknown (first start, or the hint was unreadable)
 
 
 class Store(Protocol):
@@ -142,7 +153,21 @@ class Store(Protocol):
         """Fold the changes so far into one snapshot, if due. Raises PersistenceError."""
         ...
 
+    def mark_alive(self, at: float, fresh: Mapping[str, float]) -> None:
+        """A hint for the next start (see Alive); may be lost."""
+        ...
+
     def close(self) -> None: ...
+
+
+def _read_alive(fd: int) -> Alive | None:
+    try:
+        lines = os.pread(fd, 1 << 20, 0).decode().split("\n")
+        doc = json.loads(lines[1])
+        at = float(doc["alive_at"])
+        return Alive(at, {str(p): float(t) for p, t in doc["fresh"].items()}) if at > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        return None
 
 
 # --- the pure part: differences and their application ---------------------------------------
@@ -297,6 +322,7 @@ class FileJournal:
         self._previous_base: int | None = None  # the generation kept as the previous good state
         self._snapshot_size = 0
         self._seq = 0
+        self._previous_alive: Alive | None = None
         if lock:
             self._take_lock()
 
@@ -317,19 +343,30 @@ class FileJournal:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").partition("\n")[0].strip() or "?"
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise StateDirLocked(f"state directory {self.state_dir} is in use by another controller "
                                      f"(pid {holder}); two controllers on one state directory would overwrite "
                                      "each other's drains and generations") from None
             raise PersistenceError(StoreOp.LOAD, self.state_dir, exc.strerror or str(exc)) from None
-        try:  # who holds it, for the next one's error message (best effort: a read-only disk still locks)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._previous_alive = _read_alive(fd)
+        self._lock_fd = fd
+        self.mark_alive(0.0, {})  # who holds it now, for the next one's error message
+
+    def mark_alive(self, at: float, fresh: Mapping[str, float]) -> None:
+        """Note in the lock file that this controller was alive at ``at`` holding fresh reports
+        from ``fresh`` (POP -> when received; no fsync: a hint for the next start, written
+        about once a second)."""
+        if self._lock_fd is None:
+            return
+        doc = json.dumps({"alive_at": at, "fresh": dict(fresh)}, sort_keys=True, separators=(",", ":"))
+        body = f"{os.getpid()}\n{doc}\n".encode()
+        try:  # best effort: a read-only state directory still locks
+            os.pwrite(self._lock_fd, body, 0)
+            os.ftruncate(self._lock_fd, len(body))
         except OSError:
             pass
-        self._lock_fd = fd
 
     def close(self) -> None:
         for fd in (self._journal, self._lock_fd):
@@ -389,7 +426,7 @@ class FileJournal:
             state, seq = self._replay(j, state, seq, j == journals[-1], problems)
         self._base = base
         self._previous_base = base if snapshots else None
-        return Loaded(state, seq, tuple(problems))
+        return Loaded(state, seq, tuple(problems), self._previous_alive)
 
     def _replay(self, j: int, state: Persisted, seq: int, newest: bool,
                 problems: list[str]) -> tuple[Persisted, int]:

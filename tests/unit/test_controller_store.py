@@ -232,10 +232,12 @@ def test_a_second_controller_on_the_same_state_dir_refuses_to_start_and_writes_n
 
 
 # --- timers across a restart ---------------------------------------------------------------------
-def test_a_restart_in_the_middle_of_a_failback_hold_down_resumes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restart_at", [131.0, 150.0])
+def test_a_restart_in_the_middle_of_a_failback_hold_down_resumes_it(tmp_path: Path, restart_at: float) -> None:
     """game-global fails over to eu-central; us-west comes back at t=100 and must stay healthy
-    60 s. A controller restart at t=130 (first pass: no reports at all) must not restart the
-    hold-down: it fails back at t=160, not at t=190."""
+    60 s. A controller restart must not restart the hold-down: it fails back at t=160, not
+    60 s after the restart. At 131 the last reports are presumed; at 150 they are stale (the
+    first pass sees every origin unknown, which keeps the hold-down running)."""
     now = [0.0]
     ctl = controller(tmp_path, now)
     reports(ctl, False, now[0])
@@ -247,11 +249,12 @@ def test_a_restart_in_the_middle_of_a_failback_hold_down_resumes_it(tmp_path: Pa
         reports(ctl, True, t)
     assert ctl.persisted.planner.vips["game-global"].healthy_since["us-west"] == 100.0
     ctl.close()
-    now[0] = 131.0
-    ctl = controller(tmp_path, now)  # no reports yet: every origin is unknown
+    now[0] = restart_at
+    ctl = controller(tmp_path, now)
+    assert set(ctl.reports) == ({"sjc", "fra", "sin"} if restart_at == 131.0 else set())
     assert ctl.persisted.planner.vips["game-global"].healthy_since["us-west"] == 100.0
     assert ctl.item("sjc", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
-    for t in (140.0, 150.0, 159.0):
+    for t in (restart_at + 1, 159.0):
         now[0] = t
         reports(ctl, True, t)
     assert ctl.item("sjc", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
@@ -274,20 +277,65 @@ def test_unknown_keeps_the_hold_down_running_but_down_restarts_it(tmp_path: Path
     assert "us-west" not in ctl.persisted.planner.vips["game-global"].healthy_since
 
 
-def test_dampening_and_settle_memory_come_back_whole_after_a_restart(tmp_path: Path) -> None:
+def test_a_restart_in_the_middle_of_a_dampening_hold_down_keeps_the_pop_withdrawn(tmp_path: Path) -> None:
+    """sin flaps and is held down (withdrawn) for 30 s. After a restart 5 s later the first
+    plan, before any report, still withdraws it (its last report is presumed), and its next
+    real report does not count as a new withdrawal against the rate limit."""
     now = [0.0]
     ctl = controller(tmp_path, now)
-    for i, up in enumerate([True, False, True, False, True, False]):  # sin flaps: dampened
+    for i, up in enumerate([True, False, True, False, True, False, True]):  # sin flaps: dampened
         now[0] = float(i)
         ctl.add_report(report("sjc", True, now[0]))
         ctl.add_report(report("fra", True, now[0]))
         ctl.add_report(report("sin", up, now[0]))
     memory = ctl.persisted.planner.pop_vips[("sin", "game-global")]
-    assert memory.dampened_until > now[0] and memory is not STEADY
+    assert memory.dampened_until > now[0] + 10
+    before = ctl.item("sin", "game-global")
+    assert before is not None and before.reason == "dampened" and not before.wanted
     ctl.close()
     back = store.load(str(tmp_path))
-    assert back.planner.pop_vips[("sin", "game-global")] == memory
+    assert back.planner.pop_vips[("sin", "game-global")] == ctl.persisted.planner.pop_vips[("sin", "game-global")]
     assert back.planner.vips == ctl.persisted.planner.vips
+    now[0] += 5
+    ctl = controller(tmp_path, now)
+    first = ctl.item("sin", "game-global")
+    assert first is not None and first.reason == "dampened" and not first.wanted  # no re-announce at start
+    assert ctl.item("fra", "game-global").reason == "healthy"  # type: ignore[union-attr]
+    now[0] += 1
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(report(pop, True, now[0]))
+    after = ctl.item("sin", "game-global")
+    assert after is not None and after.reason == "dampened" and not after.wanted
+    assert ctl.persisted.planner.pop_vips[("sin", "game-global")].dampened_until == memory.dampened_until
+
+
+def test_a_restart_in_the_middle_of_a_settle_window_resumes_it(tmp_path: Path) -> None:
+    now = [50.0]
+    ctl = controller(tmp_path, now)
+    for pop in ("fra", "sin"):
+        ctl.add_report(report(pop, True, now[0]))
+    ctl.add_report(report("sjc", False, now[0]))
+    assert ctl.item("sjc", "game-global").reason == "confirming"  # type: ignore[union-attr]
+    now[0] = 50.4
+    ctl.replan()
+    ctl.close()
+    now[0] = 50.6
+    ctl = controller(tmp_path, now)
+    assert ctl.item("sjc", "game-global").reason == "confirming"  # type: ignore[union-attr]
+    assert ctl.result is not None and ctl.result.wake_at == 51.0  # the window that started at 50
+    now[0] = 51.1
+    ctl.replan()
+    assert ctl.item("sjc", "game-global").reason == "backend_down"  # type: ignore[union-attr]
+
+
+def test_after_a_long_downtime_nothing_is_presumed(tmp_path: Path) -> None:
+    now = [0.0]
+    ctl = controller(tmp_path, now)
+    reports(ctl, True, now[0])
+    ctl.close()
+    now[0] = 100.0  # longer than report_stale_after (15 s): the reports would be stale anyway
+    ctl = controller(tmp_path, now)
+    assert ctl.reports == {} and ctl.item("sjc", "game-global").reason == "report_stale"  # type: ignore[union-attr]
 
 
 def test_the_diff_names_only_what_changed() -> None:
