@@ -28,6 +28,7 @@ from . import store
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
+RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 
 
 @dataclass
@@ -275,6 +276,16 @@ class Controller:
         self.replan()
         return True
 
+    def _mark_alive(self, now: float) -> None:
+        """Tell the store which POPs' reports are fresh (for _presume_reports after a restart):
+        about once a second, and at once when that set changes."""
+        assert self.state_store is not None
+        stale_after = self._index().stale_after
+        fresh = {pop: r.received_at for pop, r in self.reports.items() if now - r.received_at <= stale_after}
+        if abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
+            self.state_store.mark_alive(now, fresh)
+            self._alive_marked, self._alive_fresh = now, set(fresh)
+
     def _persist_action(self, changes: store.Changes, what: str) -> None:
         """Journal an operator action on its own, now, or raise ActionNotPersisted."""
         assert self.state_store is not None
@@ -286,7 +297,11 @@ class Controller:
         except store.PersistenceError as exc:
             self._persistence_failed(exc)
             raise ActionNotPersisted(f"{what} refused: the controller cannot save its state ({exc})") from None
-        self._durable = store.apply(self._durable, changes)
+        for pop, at in changes.drains.items():  # (an action changes drains only: no copy of the planner's maps)
+            if at is None:
+                self._durable.drains.pop(pop, None)
+            else:
+                self._durable.drains[pop] = at
         self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
@@ -364,16 +379,14 @@ class Controller:
 
     def _save(self) -> None:
         """Journal what changed since the last durable write (most passes change nothing: one
-        comparison of equal maps). A failure raises the persistence alarm and is retried at
-        the next pass: the journal gets the difference from what it holds, so nothing is
-        skipped."""
+        comparison of equal maps). A failure raises the persistence alarm and is retried
+        every RETRY seconds: the journal gets the difference from what it holds, so nothing
+        is skipped."""
         assert self.state_store is not None
         now = self.clock()
-        stale_after = self._index().stale_after
-        fresh = {pop: r.received_at for pop, r in self.reports.items() if now - r.received_at <= stale_after}
-        if abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
-            self.state_store.mark_alive(now, fresh)
-            self._alive_marked, self._alive_fresh = now, set(fresh)
+        self._mark_alive(now)
+        if not self.persistence.ok and abs(now - self.persistence.last_error_at) < RETRY:
+            return  # failing: retried every RETRY s (a retry may serialize the whole state), actions at once
         if not self._started and not self._start_store():
             return
         changes = store.diff(self._durable, self.persisted)

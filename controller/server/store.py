@@ -402,6 +402,10 @@ class FileJournal:
                 os.close(fd)
         self._journal = self._lock_fd = None
 
+    def __del__(self) -> None:  # a dropped store frees its directory and descriptors (tests make many)
+        if getattr(self, "_lock_fd", None) is not None or getattr(self, "_journal", None) is not None:
+            self.close()
+
     def _path(self, kind: str, seq: int) -> str:
         return os.path.join(self.state_dir, f"{kind}-{seq:020d}.{'json' if kind == 'snapshot' else 'jsonl'}")
 

@@ -185,16 +185,20 @@ def test_a_drain_that_cannot_be_saved_is_refused_and_the_alarm_stays_until_a_wri
     assert not ctl.persistence.ok and ctl.persistence.errors[store.StoreOp.APPEND] == 1
     snap = ctl.metrics_snapshot()
     assert not snap.persistence_ok and snap.persistence_errors["append"] == 1
-    reports(ctl, False, 11.0)  # memory changes: the pass cannot save them either, and says so
-    assert ctl.persistence.errors[store.StoreOp.APPEND] > 1 and not ctl.persistence.ok
+    now[0] = 11.0
+    reports(ctl, False, now[0])  # memory changes: not even tried again yet (every RETRY s)
+    assert ctl.persistence.errors[store.StoreOp.APPEND] == 1
+    now[0] = 16.0
+    reports(ctl, False, now[0])  # tried, and failed again
+    assert ctl.persistence.errors[store.StoreOp.APPEND] == 2 and not ctl.persistence.ok
     disk.broken = None
-    now[0] = 12.0
-    assert ctl.drain("sin")
+    now[0] = 17.0
+    assert ctl.drain("sin")  # an action tries at once
     assert ctl.persistence.ok
     ctl.replan()
     ctl.close()
     back = store.load(str(tmp_path))  # the journal holds everything: the failed passes were retried
-    assert back.drains == {"sin": 12.0} and back.planner == ctl.persisted.planner
+    assert back.drains == {"sin": 17.0} and back.planner == ctl.persisted.planner
     assert back.generations == ctl.persisted.generations
 
 
