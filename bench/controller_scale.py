@@ -233,7 +233,10 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
         # pairs that see their origin down from confirming to backend_down; then steady
         out["controller_replan_first_s"] = round(rtimes[0], 3)
         out["controller_replan_s"] = summary(rtimes[3:], 3)
-        out["state_file_mb"] = round(os.path.getsize(os.path.join(state_dir, "controller-state.json")) / 2**20, 1)
+        # the journal's snapshot and lines (it was one rewritten controller-state.json)
+        out["state_file_mb"] = round(sum(os.path.getsize(os.path.join(state_dir, n)) for n in os.listdir(state_dir)
+                                         if n.startswith(("snapshot-", "journal-"))) / 2**20, 1)
+        ctl.close()
         body = ctl.plan_body(WATCHED_POP)
         raw = json.dumps(body)
         out["plan_body_mb"] = round(len(raw) / 2**20, 2)

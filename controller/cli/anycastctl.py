@@ -159,6 +159,13 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     if c["last_error"]:
         out.append(f"CONFIG ERROR in revision {c['last_error_revision']} (still serving {c['revision']}):")
         out += ["  " + line for line in c["last_error"].splitlines()]
+    persistence = st.get("persistence")  # absent from controllers older than the journal
+    if persistence and not persistence["ok"]:
+        out.append(f"PERSISTENCE FAILING in {persistence['state_dir']}: {persistence['last_error']}")
+        out.append("  drains and undrains are refused until the state can be saved again")
+    if persistence and persistence["recovered_without"]:
+        out.append("STATE RECOVERED at start without (check the drains below):")
+        out += ["  " + problem for problem in persistence["recovered_without"]]
     rows = [[p["pop"], str(p["plan_generation"]),
              "never" if p["report_age"] is None else f"{p['report_age']:.1f}s",
              str(p["vips_wanted"]), str(p["safety_holds"]), "yes" if p["drained_since"] else "-"]

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from ..config.errors import ConfigError
 from ..server.daemon import Watcher, serve
-from .conventions import add_log_level, new_parser
+from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
+from .conventions import Exit, add_log_level, new_parser
 
 
 # The cyclic GC's young generations collected less often: with 10,000 VIPs x 50 POPs the
@@ -43,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s anycast-controller[%(process)d] %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(serve(Watcher(args.config_dir, args.state_dir), args.listen, args.metrics_listen))
-    except ConfigError as exc:
+    except ConfigError as exc:  # the checkout does not load and no last good state was ever kept
         print(exc.summary(), file=sys.stderr)
         return 2
+    except (StateDirLocked, StateUnreadable, PersistenceError) as exc:
+        print(f"anycast-controller: {exc}", file=sys.stderr)
+        return Exit.ERROR
 
 
 if __name__ == "__main__":

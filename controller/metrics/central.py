@@ -7,14 +7,15 @@ the view (``Controller.metrics_snapshot``), so metrics import nothing of the ser
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
                "drain_blocked")
 
@@ -44,6 +45,8 @@ class ControllerSnapshot:
     active_origins: tuple[ActiveOrigin, ...]  # VIPs planned at some POP
     config_ok: bool  # False while the newest config revision is rejected
     config_loaded_at: float
+    persistence_ok: bool = True  # False from a failed state write until the next one works
+    persistence_errors: Mapping[str, int] = field(default_factory=dict)  # operation -> failures so far
 
 
 class ControllerView(Protocol):
@@ -56,7 +59,7 @@ class _ControllerCollector(Collector):
     def __init__(self, controller: Callable[[], ControllerView]) -> None:
         self._controller = controller
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._controller().metrics_snapshot()
         generation = GaugeMetricFamily("anycast_controller_plan_generation", "Plan generation served to each POP.",
                                        labels=["pop"])
@@ -93,6 +96,14 @@ class _ControllerCollector(Collector):
                                 value=1.0 if s.config_ok else 0.0)
         yield GaugeMetricFamily("anycast_controller_config_loaded_timestamp_seconds",
                                 "When the config being served was loaded.", value=s.config_loaded_at)
+        yield GaugeMetricFamily("anycast_controller_persistence_ok",
+                                "0 while the controller cannot save its state (operator actions are refused).",
+                                value=1.0 if s.persistence_ok else 0.0)
+        errors = CounterMetricFamily("anycast_controller_persistence_errors",
+                                     "State reads and writes that failed, by operation.", labels=["operation"])
+        for op in PERSISTENCE_OPERATIONS:
+            errors.add_metric([op], float(s.persistence_errors.get(op, 0)))
+        yield errors
 
 
 class ControllerMetrics:

@@ -52,7 +52,12 @@ def select_origin(vip: Vip, views: Mapping[str, OriginView], memory: VipMemory |
     regions = [o.region for o in vip.origins]
     if memory is None or memory.active not in regions:
         memory = VipMemory(active=regions[0], active_since=now)
-    healthy_since = {r: memory.healthy_since.get(r, now) for r in regions if views[r].status == UP}
+    # A region stays healthy-since while a quorum sees it up *or nobody can tell* (unknown: too
+    # few fresh reports, as in the first passes after a controller restart): only a quorum
+    # seeing it down restarts its failback hold-down. Failing back still needs it up now.
+    healthy_since = {r: since for r in regions
+                     if (since := memory.healthy_since.get(r, now) if views[r].status == UP
+                         else memory.healthy_since.get(r) if views[r].status == UNKNOWN else None) is not None}
     memory = VipMemory(memory.active, memory.active_since, healthy_since, memory.withdrawals)
     active = memory.active
     if views[active].status == DOWN:
@@ -64,11 +69,11 @@ def select_origin(vip: Vip, views: Mapping[str, OriginView], memory: VipMemory |
                 f"moved from {active} to {target}: {views[active].describe(active)}")
     for r in regions[: regions.index(active)]:
         since = healthy_since.get(r)
-        if since is not None and now - since >= policy.failback_hold_down:
+        if since is not None and views[r].status == UP and now - since >= policy.failback_hold_down:
             return (VipMemory(r, now, healthy_since, memory.withdrawals), "origin_failback",
                     f"moved back from {active} to {r}: healthy for {now - since:.0f}s "
                     f"(hold-down {policy.failback_hold_down:.0f}s)")
-    better = [r for r in regions[: regions.index(active)] if r in healthy_since]
+    better = [r for r in regions[: regions.index(active)] if r in healthy_since and views[r].status == UP]
     if better:
         r = better[0]
         return memory, "failback_pending", (

@@ -17,7 +17,8 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
 endpoint), 404 unknown POP or VIP, 413 body over 1 MiB, 422 a report about a VIP the POP
-does not publish. A rejected request changes nothing.
+does not publish, 503 a drain or undrain that cannot be saved (the state directory is
+full, failing or read-only). A rejected request changes nothing.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from aiohttp import web
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, decode_report
-from .core import Controller
-from .snapshot import snapshot
+from .core import ActionNotPersisted, Controller
+from .snapshot import persistence_status, snapshot
 
 log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)
@@ -152,6 +153,7 @@ async def get_status(request: web.Request) -> web.StreamResponse:
         "vips": [{"vip": v.name, "note": ctl.result.notes.get(v.name, "") if ctl.result else ""}
                  for v in ctl.desired.vips],
         "alarms": [{"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms()],
+        "persistence": persistence_status(ctl),
     })
 
 
@@ -194,7 +196,10 @@ async def drain(request: web.Request) -> web.StreamResponse:
     pop = request.match_info["pop"]
     if ctl.desired.pop(pop) is None:
         return error(404, f"unknown POP {pop!r}", "pop")
-    changed = ctl.drain(pop) if request.method == "POST" else ctl.undrain(pop)
+    try:
+        changed = ctl.drain(pop) if request.method == "POST" else ctl.undrain(pop)
+    except ActionNotPersisted as exc:  # never acknowledged, nothing changed
+        return error(503, str(exc), "state_dir")
     return web.json_response({"pop": pop, "drained": pop in ctl.persisted.drains, "changed": changed,
                               "drain_time": ctl.desired.policy.drain.drain_time})
 

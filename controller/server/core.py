@@ -28,6 +28,7 @@ from . import store
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
+RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 
 
 @dataclass
@@ -60,6 +61,22 @@ class ConfigStatus:
 
 
 @dataclass
+class PersistenceStatus:
+    """Whether what the controller must remember is being written (``/v1/status``, metrics)."""
+
+    state_dir: str = ""
+    ok: bool = True  # False from a failed write until the next one succeeds
+    errors: dict[store.StoreOp, int] = field(default_factory=lambda: {op: 0 for op in store.StoreOp})
+    last_error: str = ""
+    last_error_at: float = 0.0
+    recovered: tuple[str, ...] = ()  # what the state at start could not be read from (an alarm until restart)
+
+
+class ActionNotPersisted(Exception):
+    """An operator action was refused because it could not be made durable (HTTP 503)."""
+
+
+@dataclass
 class Controller:
     desired: DesiredState
     clock: Callable[[], float] = time.time
@@ -68,17 +85,109 @@ class Controller:
     result: PlanResult | None = None
     config: ConfigStatus = field(default_factory=ConfigStatus)
     persisted: store.Persisted = field(default_factory=store.Persisted)
+    state_store: store.Store | None = None  # None: the file journal in desired.state_dir (locked while we run)
+    persistence: PersistenceStatus = field(default_factory=PersistenceStatus)
     _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _indexed: _DesiredIndex | None = None
+    _durable: store.Persisted = field(default_factory=store.Persisted)  # what the store holds
+    _seq: int = 0  # the store's sequence number after the last durable write
+    _started: bool = False  # the store accepts appends (False after a failed start: retried)
+    _failed_start: bool = False
+    _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
+    _alive_marked: float = 0.0
+    _alive_fresh: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.persisted = store.load(self.desired.state_dir)
+        """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
+        if self.state_store is None:
+            self.state_store = store.FileJournal(self.desired.state_dir)
+        self.persistence = PersistenceStatus(self.desired.state_dir)
+        try:
+            loaded = self.state_store.load()
+        except BaseException:
+            self.state_store.close()
+            raise
+        self.persisted, self._durable, self._seq = loaded.state.copy(), loaded.state.copy(), loaded.seq
+        if loaded.problems:
+            # Recovered from the previous good state without what could not be read: loud,
+            # and kept in status until a restart (the operator should check the drains).
+            self.persistence.recovered = loaded.problems
+            self.persistence.errors[store.StoreOp.LOAD] += len(loaded.problems)
+            for problem in loaded.problems:
+                log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
+        self._start_store()
+        self._presume_reports(loaded.previous_alive)
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
+
+    def _presume_reports(self, alive: store.Alive | None) -> None:
+        """After a quick restart, presume each POP still says what it said last.
+
+        The first passes after a start have no reports: every POP would be "not reporting,
+        left to its own checks", which resets what only a fresh report keeps (a settle
+        window, the withdrawal a dampening hold-down ordered; a dampened POP would announce
+        again until its next report). A POP whose report was fresh when the previous
+        controller was last alive gets a report made of the verdicts kept in memory (its
+        verdict on each VIP's active origin), dated when the real one was received: it goes
+        stale exactly when the real one would have, and the POP's next report replaces it.
+        """
+        if alive is None:
+            return
+        now = self.clock()
+        stale_after = self._index().stale_after
+        verdicts: dict[str, dict[str, Mapping[str, bool | None]]] = {}
+        planner = self.persisted.planner
+        for (pop, vip), memory in planner.pop_vips.items():
+            if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
+                verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+        for pop, received_at in alive.fresh.items():
+            if self.desired.pop(pop) is not None and now - received_at <= stale_after and pop not in self.reports:
+                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}))
+                self._presumed.add(pop)
+        if self._presumed:
+            log.info("presuming the last verdicts of %s until they report (the previous controller was alive "
+                     "%.1fs ago)", ", ".join(sorted(self._presumed)), now - alive.at)
+
+    def close(self) -> None:
+        """Release the state directory (its lock): another controller may start on it."""
+        if self.state_store is not None:
+            self.state_store.close()
+
+    def _start_store(self) -> bool:
+        assert self.state_store is not None
+        # After a failed start, what was loaded is no longer the whole truth (memory moved
+        # on): the retry writes the current state as a snapshot one step further.
+        seq = self._seq if not self._failed_start else self._seq + 1
+        try:
+            self.state_store.start(self.persisted, seq)
+        except store.PersistenceError as exc:
+            self._failed_start = True
+            self._persistence_failed(exc)
+            return False
+        self._seq, self._started, self._durable = seq, True, self.persisted.copy()
+        if self._failed_start:
+            self._persistence_recovered()
+        return True
+
+    def persistence_failed(self, exc: store.PersistenceError) -> None:
+        """A write of the state directory outside the journal failed (the kept desired state)."""
+        self._persistence_failed(exc)
+
+    def _persistence_failed(self, exc: store.PersistenceError) -> None:
+        p = self.persistence
+        p.errors[exc.op] += 1
+        if p.ok or p.last_error != str(exc):
+            log.error("ALARM persistence: %s (operator actions are refused until a write succeeds)", exc)
+        p.ok, p.last_error, p.last_error_at = False, str(exc), self.clock()
+
+    def _persistence_recovered(self) -> None:
+        if not self.persistence.ok:
+            log.warning("persistence works again in %s", self.persistence.state_dir)
+        self.persistence.ok = True
 
     # --- inputs ------------------------------------------------------------------------
     def apply_config(self, new: DesiredState) -> None:
@@ -147,19 +256,53 @@ class Controller:
             done.set_exception(exc)
 
     def drain(self, pop: str) -> bool:
+        """Start draining ``pop``; False if it is drained already. Durable before it counts:
+        ActionNotPersisted (and nothing changed) if the state cannot be written."""
         if pop in self.persisted.drains:
             return False
-        self.persisted.drains[pop] = self.clock()
+        now = self.clock()
+        self._persist_action(store.Changes(drains={pop: now}), f"drain of POP {pop}")
+        self.persisted.drains[pop] = now
         log.info("drain of POP %s started", pop)
         self.replan()
         return True
 
     def undrain(self, pop: str) -> bool:
-        if self.persisted.drains.pop(pop, None) is None:
+        if pop not in self.persisted.drains:
             return False
+        self._persist_action(store.Changes(drains={pop: None}), f"undrain of POP {pop}")
+        del self.persisted.drains[pop]
         log.info("POP %s undrained", pop)
         self.replan()
         return True
+
+    def _mark_alive(self, now: float) -> None:
+        """Tell the store which POPs' reports are fresh (for _presume_reports after a restart):
+        about once a second, and at once when that set changes."""
+        assert self.state_store is not None
+        stale_after = self._index().stale_after
+        fresh = {pop: r.received_at for pop, r in self.reports.items() if now - r.received_at <= stale_after}
+        if abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
+            self.state_store.mark_alive(now, fresh)
+            self._alive_marked, self._alive_fresh = now, set(fresh)
+
+    def _persist_action(self, changes: store.Changes, what: str) -> None:
+        """Journal an operator action on its own, now, or raise ActionNotPersisted."""
+        assert self.state_store is not None
+        if not self._started and not self._start_store():
+            raise ActionNotPersisted(f"{what} refused: the controller cannot save its state "
+                                     f"({self.persistence.last_error})")
+        try:
+            self._seq = self.state_store.append(changes, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)
+            raise ActionNotPersisted(f"{what} refused: the controller cannot save its state ({exc})") from None
+        for pop, at in changes.drains.items():  # (an action changes drains only: no copy of the planner's maps)
+            if at is None:
+                self._durable.drains.pop(pop, None)
+            else:
+                self._durable.drains[pop] = at
+        self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
     def replan(self) -> PlanResult:
@@ -235,16 +378,31 @@ class Controller:
         self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
 
     def _save(self) -> None:
-        """Write the state file when something in it changed (most passes change nothing)."""
-        p = self.persisted
-        now = (self.desired.state_dir, dict(p.drains), dict(p.generations), p.planner.vips, p.planner.pop_vips)
-        if self._saved == now:
+        """Journal what changed since the last durable write (most passes change nothing: one
+        comparison of equal maps). A failure raises the persistence alarm and is retried
+        every RETRY seconds: the journal gets the difference from what it holds, so nothing
+        is skipped."""
+        assert self.state_store is not None
+        now = self.clock()
+        self._mark_alive(now)
+        if not self.persistence.ok and abs(now - self.persistence.last_error_at) < RETRY:
+            return  # failing: retried every RETRY s (a retry may serialize the whole state), actions at once
+        if not self._started and not self._start_store():
+            return
+        changes = store.diff(self._durable, self.persisted)
+        if not changes:
             return
         try:
-            store.save(self.desired.state_dir, p)
-            self._saved = now
-        except OSError as exc:
-            log.error("cannot save controller state in %s: %s", self.desired.state_dir, exc)
+            self._seq = self.state_store.append(changes, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)
+            return
+        self._durable = self.persisted.copy()
+        self._persistence_recovered()
+        try:
+            self.state_store.compact(self._durable, self._seq)
+        except store.PersistenceError as exc:
+            self._persistence_failed(exc)  # the journal still holds everything: only longer
 
     # --- outputs -----------------------------------------------------------------------
     def plan_body(self, pop: str) -> dict[str, Any]:
@@ -294,7 +452,8 @@ class Controller:
                                             item.active_origin == fv.vip.origins[0].region))
         return ControllerSnapshot(tuple(pops), tuple(fv.name for fv in self.desired.vips),
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
-                                  not self.config.last_error, self.config.loaded_at)
+                                  not self.config.last_error, self.config.loaded_at,
+                                  self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()})
 
 
 def _origin_of(note: str) -> str:

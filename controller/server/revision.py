@@ -1,7 +1,7 @@
 """Which revision of the config directory is on disk: the git commit, and whether the
-working tree differs from it. The daemon polls stat_signature() ten times a second and
-changed content or commit once per pass, so a new commit or an edited file is noticed
-without any hook."""
+working tree differs from it. The daemon's Watcher is told of changes by inotify (or, where
+inotify is unavailable, polls stat_signature() ten times a second), then compares content
+and commit, so a new commit or an edited file is noticed without any hook."""
 
 from __future__ import annotations
 

@@ -27,3 +27,10 @@ def snapshot(ctl: Controller) -> dict[str, Any]:
 def reports_from_snapshot(data: dict[str, Any]) -> dict[str, PopReport]:
     return {r["pop"]: PopReport(r["pop"], float(r["received_at"]), int(r["plan_generation"]),
                                 r["origins"], r["announced"]) for r in data["reports"]}
+
+
+def persistence_status(ctl: Controller) -> dict[str, Any]:
+    """``/v1/status``'s persistence section: is the state being saved, what failed."""
+    p = ctl.persistence
+    return {"ok": p.ok, "state_dir": p.state_dir, "last_error": p.last_error, "last_error_at": p.last_error_at or None,
+            "errors": {str(op): n for op, n in p.errors.items()}, "recovered_without": list(p.recovered)}

@@ -121,3 +121,78 @@ def test_a_reload_with_the_cache_reads_what_changed_and_refuses_what_is_wrong(tm
         load_desired(str(d), "r5", cache)
     assert [str(i) for i in info.value.issues] == errors(d)  # the same errors as an uncached load
     assert any("vips.yaml: vips[0].address" in str(i) for i in info.value.issues)
+
+
+THREE_VIPS = """# three VIPs
+vips:
+  - name: a
+    address: 198.51.100.1/32
+    publish: [sjc]
+    check: {type: tcp}
+    origins: [{region: us-west, next_hop: 100.64.10.1, backends: ["100.64.10.1:8080"]}]
+
+  # a comment between entries
+  - name: b
+    address: 198.51.100.2/32
+    publish: [fra]
+    check: {type: tcp}
+    origins:
+      - region: us-west
+        next_hop: 100.64.10.1
+        backends: ["100.64.10.1:8080"]
+  - name: c
+    address: 198.51.100.3/32
+    publish: [sin]
+    check: {type: tcp}
+    origins: [{region: us-west, next_hop: 100.64.10.1, backends: ["100.64.10.1:8080"]}]
+"""
+
+
+def test_a_changed_vip_file_is_parsed_entry_by_entry_and_only_the_changed_entry_is_parsed(tmp_path: Path) -> None:
+    from controller.config.desired import LoadCache
+
+    d = copy(tmp_path)
+    (d / "vips").mkdir(exist_ok=True)
+    (d / "vips" / "more.yaml").write_text(THREE_VIPS)
+    cache = LoadCache()
+    first = load_desired(str(d), "r1", cache)
+    raw = {name: cache.vips[name][0] for name in ("a", "b", "c")}
+    (d / "vips" / "more.yaml").write_text(THREE_VIPS.replace("publish: [fra]", "publish: [fra, sjc]"))
+    second = load_desired(str(d), "r2", cache)
+    assert cache.vips["a"][0] is raw["a"] and cache.vips["c"][0] is raw["c"]  # not parsed again
+    assert cache.vips["b"][0] is not raw["b"]
+    assert second.vip("a") is first.vip("a") and second.vip("b").publish == ("fra", "sjc")  # type: ignore[union-attr]
+    assert second == load_desired(str(d), "r2")  # the same as reading everything afresh
+
+
+@pytest.mark.parametrize("broken", [
+    THREE_VIPS.replace("publish: [fra]", "publish: [fra"),  # YAML syntax in one entry
+    THREE_VIPS.replace("  - name: c\n", "  - name: c\n    name: d\n"),  # duplicate key in one entry
+    THREE_VIPS + "other: 1\n",  # another top-level key: not splittable, parsed whole
+    THREE_VIPS.replace("  - name: b", "  - &b\n    name: b").replace("  - name: c\n", "  - <<: *b\n    name: c\n"),
+])
+def test_an_entry_by_entry_reload_reports_exactly_what_a_whole_load_reports(tmp_path: Path, broken: str) -> None:
+    from controller.config.desired import LoadCache
+
+    d = copy(tmp_path)
+    (d / "vips").mkdir(exist_ok=True)
+    (d / "vips" / "more.yaml").write_text(THREE_VIPS)
+    cache = LoadCache()
+    load_desired(str(d), "r1", cache)
+    (d / "vips" / "more.yaml").write_text(broken)
+    try:
+        cached = load_desired(str(d), "r2", cache)
+    except ConfigError as exc:
+        assert [str(i) for i in exc.issues] == errors(d)
+    else:
+        assert cached == load_desired(str(d), "r2")  # the anchors case is valid: parsed whole
+
+
+def test_only_the_plain_shape_is_split() -> None:
+    from controller.config.desired import _split_vips
+
+    assert _split_vips(THREE_VIPS) is not None and len(_split_vips(THREE_VIPS) or []) == 3
+    assert _split_vips("vips:\n- name: a\n  address: x\n- name: b\n") == ["- name: a\n  address: x\n", "- name: b\n"]
+    for text in ("vips: []\n", "vips:\n  - name: a\n  x: 1\n", "vips:\n\t- name: a\n", "---\nvips:\n  - a\n",
+                 "vips:\n  - name: a\n    d: \"two\n  lines\"\n", "other: 1\nvips:\n  - a\n"):
+        assert _split_vips(text) is None, text

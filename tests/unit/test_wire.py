@@ -15,7 +15,6 @@ from controller.config.serialize import vip_to_dict
 from controller.policy.model import PlanItem, PlannerState
 from controller.policy.planner import plan
 from controller.policy.model import PopReport
-from controller.server import store
 from controller.agent.plan_wire import decode_plan
 from controller.config.model import AdminState, Vip
 from controller.wire import PlanReason, WireError, WireReport, decode_report
@@ -85,21 +84,6 @@ def test_report_validation() -> None:
         with pytest.raises(WireError) as info:
             decode_report(body, published)
         assert info.value.field == field
-
-
-def test_controller_memory_survives_a_restart(tmp_path: Path) -> None:
-    rs = {p: PopReport(p, 0, 1, {"game-global": {"us-west": False, "eu-central": True}}) for p in ("sjc", "fra")}
-    result = plan(DESIRED, rs, {"sin": 5.0}, 10.0, PlannerState.initial())
-    assert result.item("sjc", "game-global").active_origin == "eu-central"  # type: ignore[union-attr]
-    rs["sin"] = PopReport("sin", 10, 1, {"game-global": {"us-west": False, "eu-central": False}})
-    result = plan(DESIRED, rs, {}, 10.5, result.state)  # sin's withdrawal waits for the settle window
-    assert result.state.pop_vips[("sin", "game-global")].down_since == 10.5
-    store.save(str(tmp_path), store.Persisted({"sin": 5.0}, {"sjc": 7}, result.state))
-    back = store.load(str(tmp_path))
-    assert back.drains == {"sin": 5.0} and back.generations == {"sjc": 7}
-    assert back.planner == result.state
-    (tmp_path / store.FILENAME).write_text("{not json")
-    assert store.load(str(tmp_path)).planner == PlannerState.initial()  # unreadable: start afresh, no crash
 
 
 def test_the_agents_spec_cache_never_lets_a_changed_or_refused_spec_through() -> None:
