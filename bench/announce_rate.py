@@ -129,7 +129,8 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
         exa = ExaBGPProcess(topo["pop"], workdir, config,
                             env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}).start()
         wait_for(ready.exists, 20, 0.05, "the announce API process")
-        api_pid = int(ready.read_text())
+        # The ready file holds the PID as the node sees it; signals from here need the host's.
+        [api_pid] = exa.wait_api_started()
         wait_for(topo.neighbor_established, 30, 0.05, "the BGP session rtr <-> ExaBGP")
         time.sleep(1.0)  # let the session settle (a collision can flap it once at start-up)
         assert topo.watcher is not None

@@ -2,12 +2,16 @@
 
     python -m lab up [--topology FILE]     build the topology, start everything, return
     python -m lab status                   routers, BGP sessions, who announces what
-    python -m lab exec NODE CMD...         run a command in a node's namespace
+    python -m lab exec NODE [CMD...]       run a command (default: a shell) inside a node
     python -m lab down                     remove everything (also after a crash)
 
-The lab's namespaces are named ``lab-<node>`` (e.g. ``lab-rtr-sjc``), its files are under
-/tmp/anycast-lab ($ANYCAST_LAB_PREFIX changes the prefix). ``down`` sweeps by that prefix: recorded PIDs, processes inside the
-namespaces, the namespaces; never anything by process name.
+Each node is a container without an image: its own network, mount, UTS, IPC and PID
+namespaces (hostname = node name; private /run, /tmp, /etc/frr), so ``exec`` gives the
+node's view: ``hostname``, ``ps`` and plain ``vtysh`` see only that node. The network
+namespaces are named ``lab-<node>`` (e.g. ``lab-rtr-sjc``), the files are under
+/var/tmp/anycast-lab/lab ($ANYCAST_LAB_PREFIX changes the prefix). ``down`` sweeps by that
+prefix: recorded PIDs, each node's init (which ends everything inside it), processes in
+the namespaces, the namespaces; never anything by process name.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from pathlib import Path
 from .cleanup import sweep
 from .fleet import AGENT_LINK, AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet
 from .frr import FrrRouter
-from .netns import Lab, LabError, Netns, list_netns
+from .netns import LAB_ROOT, Lab, LabError, Netns, list_netns
 from .topology import DEFAULT, Topology, load_topology
 
 PREFIX = os.environ.get("ANYCAST_LAB_PREFIX", "lab-")  # the tests use their own
-ROOT = Path("/tmp") / f"anycast-{PREFIX.rstrip('-')}"
+ROOT = LAB_ROOT / PREFIX.rstrip("-")
 TOPOLOGY_NOTE = ROOT / "topology.path"
 
 
@@ -72,7 +76,7 @@ def down() -> int:
 
 def _router(topo_node: str) -> FrrRouter:
     wd = ROOT / topo_node
-    return FrrRouter(Netns(PREFIX + topo_node), wd, {"bgpd": "", "bfdd": ""})
+    return FrrRouter(Netns.attach(PREFIX + topo_node), wd, {"bgpd": "", "bfdd": ""})
 
 
 def status() -> int:
@@ -125,7 +129,12 @@ def exec_in(node: str, argv: list[str]) -> int:
         print(f"no node {node!r} (namespaces: {', '.join(n[len(PREFIX):] for n in list_netns() if n.startswith(PREFIX))})",
               file=sys.stderr)
         return 2
-    os.execvp("ip", ["ip", "netns", "exec", name, *argv])
+    try:
+        target = Netns.attach(name)
+    except LabError:
+        target = Netns(name)  # a namespace without a state file: plain `ip netns exec`
+    full = target.exec_argv(argv or [shutil.which("bash") or "/bin/sh"])
+    os.execvp(full[0], full)
     return 0  # not reached
 
 
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--topology", type=Path, default=DEFAULT)
     sub.add_parser("down", help="remove everything the lab started")
     sub.add_parser("status", help="routers, sessions, who announces what")
-    p_exec = sub.add_parser("exec", help="run a command in a node's namespace")
+    p_exec = sub.add_parser("exec", help="run a command (default: a shell) inside a node")
     p_exec.add_argument("node")
     p_exec.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -1,11 +1,12 @@
-"""An FRR router as a lab node: zebra + bgpd (+ bfdd, staticd) inside one namespace.
+"""An FRR router as a lab node: zebra + bgpd (+ bfdd, staticd) inside one node.
 
-Each router keeps all its files under its own work dir, so several routers on one
-machine never see each other's config or sockets (LAB-NOTES, "per-node directory"):
+A node has its own /etc/frr, /run/frr and /var/tmp/frr (lab.netns), so the daemons run
+with FRR's stock paths and `python -m lab exec NODE vtysh` works without socket flags;
+the host reaches the same files through the node's private dirs:
 
-    WORKDIR/etc/<daemon>.conf   config, written from text by start()
-    WORKDIR/run/                pid files, zserv.api, <daemon>.vty   (owned by frr)
-    WORKDIR/log/<daemon>.log    FRR's log; <daemon>.out is stdout/stderr (crashes)
+    /etc/frr/<daemon>.conf   config, written from text by start()   (host: etc_dir)
+    /run/frr/                pid files (node-local PIDs), zserv.api, <daemon>.vty (host: run_dir)
+    WORKDIR/log/<daemon>.log FRR's log; <daemon>.out is stdout/stderr (crashes)
 
 The daemons run in the foreground (no -d), started through `Netns.popen`, so the PID
 we hold is the daemon's and the lab's teardown and crash sweep know it.
@@ -22,7 +23,6 @@ import ipaddress
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,11 +31,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lab.netns import DEFAULT_GRACE, FRR_TMP_DIR, LabError, Netns
+from lab.netns import DEFAULT_GRACE, LabError, Netns
 
 FRR_DAEMON_DIR = Path("/usr/lib/frr")
 VTYSH = "/usr/bin/vtysh"
 FRR_USER = "frr"
+NODE_ETC, NODE_RUN = "/etc/frr", "/run/frr"  # inside the node: FRR's defaults
 
 # zebra first (the others connect to zserv.api), bgpd last (it uses bfdd's sessions).
 _START_ORDER = ("zebra", "bfdd", "staticd", "bgpd")
@@ -118,11 +119,14 @@ class FrrRouter:
         unknown = set(configs) - set(_START_ORDER)
         if unknown:
             raise FrrError(f"unsupported FRR daemons {sorted(unknown)}; known: {_START_ORDER}")
+        if netns.fs is None:
+            raise FrrError(f"[{netns.name}] FRR needs a lab node (with private /etc/frr, /run/frr), "
+                           "not a bare network namespace")
         self.netns = netns
         self.workdir = Path(workdir)
         self.configs = {"zebra": "", **configs}
-        self.etc_dir = self.workdir / "etc"
-        self.run_dir = self.workdir / "run"
+        self.etc_dir = netns.host_path(NODE_ETC)
+        self.run_dir = netns.host_path(NODE_RUN)
         self.log_dir = self.workdir / "log"
         self._procs: dict[str, subprocess.Popen[Any]] = {}
 
@@ -136,7 +140,7 @@ class FrrRouter:
         """PID per running daemon."""
         return {d: p.pid for d, p in self._procs.items() if p.poll() is None}
 
-    def start(self, timeout: float = 10.0, check_config: bool = True) -> FrrRouter:
+    def start(self, timeout: float = 30.0, check_config: bool = True) -> FrrRouter:
         """Write configs, start the daemons, return once each one's vty answers.
 
         With check_config, a config line FRR rejects raises FrrError first: a running
@@ -172,32 +176,29 @@ class FrrRouter:
         runs = []
         for daemon in self.daemons:
             argv = [*self._argv(daemon), "-C", "--log", "stdout"]
-            proc = subprocess.Popen(
-                self.netns.exec_argv(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
+            proc = self.netns.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             runs.append((daemon, proc))
         errors = []
         for daemon, proc in runs:
+            # A dry run leaves a crash-log dir in the node's /var/tmp/frr: node-local, gone with the lab.
             out, _ = proc.communicate(timeout=30)
-            # A dry run still makes its crash-log dir and never removes it.
-            shutil.rmtree(FRR_TMP_DIR / f"{daemon}.{proc.pid}", ignore_errors=True)
             # FRR's dry run exits 0 even on errors; they read "<why> on config line N: ...".
             errors += [f"{daemon}: {line.strip()}" for line in out.splitlines() if " on config line " in line]
         if errors:
             raise FrrError(f"[{self.netns.name}] FRR rejected config lines:\n  " + "\n  ".join(errors))
 
     def _argv(self, daemon: str) -> list[str]:
-        run = self.run_dir
+        # Paths as the node sees them (FRR's defaults, spelled out).
         argv = [
             str(FRR_DAEMON_DIR / daemon),
-            "-f", str(self.etc_dir / f"{daemon}.conf"),
-            "-i", str(run / f"{daemon}.pid"),
-            "-z", str(run / "zserv.api"),
-            "--vty_socket", str(run),
+            "-f", f"{NODE_ETC}/{daemon}.conf",
+            "-i", f"{NODE_RUN}/{daemon}.pid",
+            "-z", f"{NODE_RUN}/zserv.api",
+            "--vty_socket", NODE_RUN,
             "-P", "0",
         ]  # fmt: skip
         if daemon == "bfdd":
-            argv += ["--bfdctl", str(run / "bfdd.sock")]
+            argv += ["--bfdctl", f"{NODE_RUN}/bfdd.sock"]
         return argv
 
     def _spawn(self, daemon: str) -> None:

@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .frr import FrrRouter
 from .netns import Lab, Netns, add_addr, add_route, veth
 from .nodes import AgentNode, scrape, start_backend
 
@@ -54,35 +56,44 @@ ORIGINS = {
 }
 
 
+def build(lab: Lab, origins: Mapping[str, str], *, vip: str | None = VIP) -> tuple[dict[str, Netns], FrrRouter]:
+    """The nodes of the picture above: rtr (FRR started) -- pop, and one node per origin.
+
+    `origins` maps an origin node's name to its address on its /30 toward pop (pop takes
+    .2, the origin routes via it); with `vip`, each origin holds it on loopback.
+    """
+    nodes = {node: lab.netns(node) for node in ("rtr", "pop", *origins)}
+    rtr, pop = nodes["rtr"], nodes["pop"]
+    veth(rtr, "eth-pop", pop, "eth-rtr")
+    add_addr(rtr, "eth-pop", "100.64.1.1/30")
+    add_addr(pop, "eth-rtr", "100.64.1.2/30")
+    for node, addr in origins.items():
+        ns = nodes[node]
+        veth(pop, f"eth-{node}", ns, "eth-pop")
+        base = addr.rsplit(".", 1)[0]
+        add_addr(ns, "eth-pop", f"{addr}/30")
+        add_addr(pop, f"eth-{node}", f"{base}.2/30")
+        if vip is not None:
+            add_addr(ns, "lo", f"{vip}/32")  # the origin's CLB holds the VIP
+        add_route(ns, "default", f"{base}.2")
+    workdir = lab.workdir("rtr")
+    router = FrrRouter(rtr, workdir, {"bgpd": FRR_BGPD.format(log=workdir / "log")}).start()
+    return nodes, router
+
+
 @dataclass
 class SinglePop:
     lab: Lab
     agent_config: Path = AGENT_CONFIG
     nodes: dict[str, Netns] = field(default_factory=dict)
-    router: Any = None
+    router: Any = None  # the FrrRouter on rtr, once up
     agent: AgentNode | None = None
     backends: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
     # --- bring-up ----------------------------------------------------------------------
     def up(self) -> SinglePop:
-        from .frr import FrrRouter
-
-        for node in ("rtr", "pop", *ORIGINS):
-            self.nodes[node] = self.lab.netns(node)
-        rtr, pop = self.nodes["rtr"], self.nodes["pop"]
-        veth(rtr, "eth-pop", pop, "eth-rtr")
-        add_addr(rtr, "eth-pop", "100.64.1.1/30")
-        add_addr(pop, "eth-rtr", "100.64.1.2/30")
-        for node, (_, addr, _) in ORIGINS.items():
-            ns = self.nodes[node]
-            veth(pop, f"eth-{node}", ns, "eth-pop")
-            base = addr.rsplit(".", 1)[0]
-            add_addr(ns, "eth-pop", f"{addr}/30")
-            add_addr(pop, f"eth-{node}", f"{base}.2/30")
-            add_addr(ns, "lo", f"{VIP}/32")  # the origin's CLB holds the VIP
-            add_route(ns, "default", f"{base}.2")
-        workdir = self.lab.workdir("rtr")
-        self.router = FrrRouter(rtr, workdir, {"bgpd": FRR_BGPD.format(log=workdir / "log")}).start()
+        origins = {node: addr for node, (_, addr, _) in ORIGINS.items()}
+        self.nodes, self.router = build(self.lab, origins, vip=VIP)
         return self
 
     def workdir(self, node: str) -> Path:

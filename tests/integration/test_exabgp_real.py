@@ -1,6 +1,7 @@
 """The ExaBGP boundary against REAL ExaBGP 5 and REAL FRR bgpd, in network namespaces.
 
-Topology (two namespaces, one veth pair, dual stack, one BGP session per family):
+Topology (two lab nodes, one veth pair, dual stack, one BGP session per family), built
+with the lab's parts only (lab.netns, lab.frr, lab.exabgp, lab.poll):
 
     t-bgp-XXXX-r  FRR zebra+bgpd  AS 65000   100.64.1.1  fd00:64:1::1
          | veth
@@ -19,16 +20,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -41,21 +38,21 @@ from controller.bgp.exabgp_api import (
     withdraw_line,
 )
 from controller.bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
+from lab.exabgp import ExaBGPProcess
+from lab.frr import FrrRouter
+from lab.netns import Lab, add_addr, veth
+from lab.poll import wait_for, wait_for_equal
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "unit" / "golden"
-FRR_BIN = Path("/usr/lib/frr")
-EXABGP = Path(sys.executable).with_name("exabgp")
 
 LOCAL_AS, PEER_AS = 65101, 65000
 FRR_V4, EXA_V4 = "100.64.1.1", "100.64.1.2"
 FRR_V6, EXA_V6 = "fd00:64:1::1", "fd00:64:1::2"
 # '#' starts a comment in ExaBGP's config unless quoted; FRR 8.4 takes no spaces here.
 MD5_PASSWORD = "s3cret!p#ss"
-
-T = TypeVar("T")
 
 HELPER = '''\
 """API process for the ExaBGP integration test: FIFO -> ExaBGPSpeaker -> ExaBGP."""
@@ -101,74 +98,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
-def poll(fn: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Call `fn` until it returns something other than None; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {fn.__doc__ or fn}")
-        time.sleep(interval)
-
-
-def run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-class Lab:
-    """FRR in one namespace, ExaBGP in another; everything started is torn down by PID."""
-
-    def __init__(self) -> None:
-        tag = secrets.token_hex(3)
-        self.ns_router = f"t-bgp-{tag}-r"
-        self.ns_agent = f"t-bgp-{tag}-a"
-        # Not pytest's tmp_path: FRR drops to user frr, which cannot enter /tmp/pytest-of-root.
-        self.dir = Path(tempfile.mkdtemp(prefix="t-bgp-"))
-        self.dir.chmod(0o755)
-        self.frr_dir = self.dir / "frr"
-        self.out = self.dir / "out"
-        self.fifo = self.dir / "commands.fifo"
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.exabgp: subprocess.Popen[bytes] | None = None
-        self.logs: list[IO[bytes]] = []
-
-    # ---- set-up
-
-    def start(self) -> None:
-        for ns in (self.ns_router, self.ns_agent):
-            run("ip", "netns", "add", ns)
-            self.namespaces.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        # Created inside the namespaces, so no interface ever appears in the host's.
-        run("ip", "-n", self.ns_router, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.ns_agent)
-        for ns, v4, v6 in ((self.ns_router, FRR_V4, FRR_V6), (self.ns_agent, EXA_V4, EXA_V6)):
-            run("ip", "-n", ns, "addr", "add", f"{v4}/30", "dev", "eth0")
-            run("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
-            run("ip", "-n", ns, "link", "set", "eth0", "up")
-        self._start_frr()
-        self.out.mkdir()
-        os.mkfifo(self.fifo)
-        (self.dir / "helper.py").write_text(HELPER)
-        neighbors = [
-            # With a TCP MD5 password: the session only comes up if the quoted
-            # md5-password reached the kernel intact.
-            NeighborSpec(FRR_V4, EXA_V4, EXA_V4, LOCAL_AS, PEER_AS, hold_time=3, md5_password=MD5_PASSWORD),
-            NeighborSpec(FRR_V6, EXA_V6, EXA_V4, LOCAL_AS, PEER_AS, hold_time=3),
-        ]
-        argv = [sys.executable, str(self.dir / "helper.py"), str(self.fifo), str(self.out)]
-        (self.dir / "exabgp.conf").write_text(render_exabgp_config(neighbors, "agent", argv))
-        self.start_exabgp()
-
-    def _start_frr(self) -> None:
-        d = self.frr_dir
-        for sub in ("etc", "run", "log"):
-            (d / sub).mkdir(parents=True)
-        (d / "etc" / "zebra.conf").write_text("hostname r1\n")
-        (d / "etc" / "bgpd.conf").write_text(
-            f"""hostname r1
+BGPD = f"""hostname r1
 router bgp {PEER_AS}
  bgp router-id {FRR_V4}
  no bgp ebgp-requires-policy
@@ -187,62 +117,55 @@ router bgp {PEER_AS}
   neighbor {EXA_V6} activate
  exit-address-family
 """
-        )
-        shutil.chown(d, "frr", "frr")
-        for path in d.rglob("*"):
-            shutil.chown(path, "frr", "frr")
-        for daemon in ("zebra", "bgpd"):
-            conf = d / "etc" / f"{daemon}.conf"
-            log = open(d / "log" / f"{daemon}.out", "wb")
-            self.logs.append(log)
-            # Foreground (no -d) so the PID we hold is the daemon's: `ip netns exec` execs.
-            self.procs.append(
-                subprocess.Popen(
-                    ["ip", "netns", "exec", self.ns_router, str(FRR_BIN / daemon),
-                     "-f", str(conf), "-i", str(d / "run" / f"{daemon}.pid"),
-                     "-z", str(d / "run" / "zserv.api"), "--vty_socket", str(d / "run"), "-P", "0"],
-                    stdout=log, stderr=subprocess.STDOUT,
-                )
-            )
-            # bgpd needs zebra's socket; zebra needs a moment to create it.
-            if daemon == "zebra":
-                poll(lambda: True if (d / "run" / "zserv.api").exists() else None, timeout=5)
-        poll(lambda: True if (d / "run" / "bgpd.vty").exists() else None, timeout=5)
+# A bound on waiting, never on speed: a loaded machine is slower, not wrong.
+TIMEOUT = 30.0
+
+
+class BgpLab:
+    """FRR in node `r`, ExaBGP in node `a`, built from the lab's parts (lab.netns, lab.frr,
+    lab.exabgp); the Lab's teardown stops everything by PID and removes the nodes."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.router_ns = lab.netns("r")
+        self.agent_ns = lab.netns("a")
+        self.dir = lab.workdir("a")  # reachable by user frr, visible at the same path in the nodes
+        self.out = self.dir / "out"
+        self.fifo = self.dir / "commands.fifo"
+        self.frr: FrrRouter | None = None
+        self.exa: ExaBGPProcess | None = None
+
+    # ---- set-up
+
+    def start(self) -> None:
+        veth(self.router_ns, "eth0", self.agent_ns, "eth0")
+        for ns, v4, v6 in ((self.router_ns, FRR_V4, FRR_V6), (self.agent_ns, EXA_V4, EXA_V6)):
+            add_addr(ns, "eth0", f"{v4}/30")
+            add_addr(ns, "eth0", f"{v6}/64")
+        self.frr = FrrRouter(self.router_ns, self.lab.workdir("r"), {"zebra": "hostname r1\n", "bgpd": BGPD}).start()
+        self.out.mkdir()
+        os.mkfifo(self.fifo)
+        (self.dir / "helper.py").write_text(HELPER)
+        neighbors = [
+            # With a TCP MD5 password: the session only comes up if the quoted
+            # md5-password reached the kernel intact.
+            NeighborSpec(FRR_V4, EXA_V4, EXA_V4, LOCAL_AS, PEER_AS, hold_time=3, md5_password=MD5_PASSWORD),
+            NeighborSpec(FRR_V6, EXA_V6, EXA_V4, LOCAL_AS, PEER_AS, hold_time=3),
+        ]
+        argv = [sys.executable, str(self.dir / "helper.py"), str(self.fifo), str(self.out)]
+        # Unbuffered, so the helper's stray print() reaches exabgp.out while it runs.
+        env = {**exabgp_environment(str(self.dir / "exabgp.log")), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        self.exa = ExaBGPProcess(self.agent_ns, self.dir, render_exabgp_config(neighbors, "agent", argv), env=env)
+        self.start_exabgp()
 
     def start_exabgp(self) -> None:
-        env = {
-            **os.environ,
-            **exabgp_environment(str(self.dir / "exabgp.log")),
-            "PYTHONPATH": str(REPO),
-        }
-        log = open(self.dir / "exabgp.out", "ab")
-        self.logs.append(log)
-        self.exabgp = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns_agent, str(EXABGP), "server", str(self.dir / "exabgp.conf")],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.procs.append(self.exabgp)
+        assert self.exa is not None
+        self.exa.start()
 
-    # ---- tear-down
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            _stop(proc)
-        # Anything still inside our namespaces (the helper, if ExaBGP died hard) is ours.
-        for ns in self.namespaces:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-        for log in self.logs:
-            log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def stop_exabgp(self) -> int | None:
+        """SIGTERM ExaBGP and wait for its clean exit (it gives its helper 2 s)."""
+        assert self.exa is not None
+        return self.exa.stop(signal.SIGTERM, grace=30)
 
     # ---- driving and observing
 
@@ -265,50 +188,41 @@ router bgp {PEER_AS}
         """The helper's result for `line`, the first after the `seen` earlier results."""
 
         def find() -> dict[str, Any] | None:
-            """the helper reports a result for the command"""
             for result in self.results()[seen:]:
                 if result["line"] == line:
                     return result
             return None
 
-        return poll(find)
-
-    def vtysh(self, command: str) -> Any:
-        out = run("vtysh", "--vty_socket", str(self.frr_dir / "run"), "-c", command)
-        return json.loads(out)
+        return wait_for(find, TIMEOUT, desc=f"the helper's result for {line!r}")
 
     def route(self, prefix: str) -> dict[str, Any] | None:
         """FRR's best path for `prefix`, or None."""
+        assert self.frr is not None
         afi = "ipv4" if ipaddress.ip_network(prefix).version == 4 else "ipv6"
-        shown = self.vtysh(f"show bgp {afi} unicast {prefix} json")
+        shown = self.frr.vtysh_json(f"show bgp {afi} unicast {prefix} json")
         for path in shown.get("paths", []):
             if path.get("bestpath", {}).get("overall"):
                 return dict(path)
         return None
 
+    def wait_route(self, prefix: str) -> dict[str, Any]:
+        return wait_for(lambda: self.route(prefix), TIMEOUT, desc=f"{prefix} in FRR's BGP table")
+
+    def wait_no_route(self, prefix: str) -> None:
+        wait_for_equal(lambda: self.route(prefix), None, TIMEOUT, desc=f"{prefix} gone from FRR's BGP table")
+
     def wait_sessions_up(self, since: int = 0) -> None:
         """Wait until both sessions are reported up after the first `since` stdin lines."""
 
-        def both_up() -> bool | None:
-            """ExaBGP reports both sessions up to the helper"""
+        def both_up() -> bool:
             up = {
                 e.peer
                 for e in map(parse_line, self.stdin_lines()[since:])
                 if isinstance(e, NeighborState) and e.state == "up"
             }
-            return True if {FRR_V4, FRR_V6} <= up else None
+            return {FRR_V4, FRR_V6} <= up
 
-        poll(both_up, timeout=20)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        wait_for(both_up, 2 * TIMEOUT, desc="ExaBGP to report both sessions up to the helper")
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -325,27 +239,22 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+def lab(lab_preflight: None) -> Iterator[BgpLab]:
     """One lab for the module (about 2 s to bring up); torn down even if a test fails.
 
-    Shadows the harness's `lab` fixture from conftest.py on purpose: this module is
-    self-contained. Missing prerequisites fail the tests, like the harness does: CI
-    must run them, not skip them.
+    Shadows the harness's per-test `lab` fixture from conftest.py: the module shares one.
     """
-    problems = [] if os.geteuid() == 0 else ["must run as root (network namespaces, FRR)"]
-    problems += [f"{p} is missing" for p in (FRR_BIN / "bgpd", FRR_BIN / "zebra", EXABGP) if not p.exists()]
-    if problems:
-        pytest.fail("ExaBGP integration tests cannot run here: " + "; ".join(problems), pytrace=False)
-    lab = Lab()
+    the_lab = Lab("t-bgp-")
     try:
-        lab.start()
-        lab.wait_sessions_up()
-        yield lab
+        bgp = BgpLab(the_lab)
+        bgp.start()
+        bgp.wait_sessions_up()
+        yield bgp
     finally:
-        lab.stop()
+        the_lab.teardown()
 
 
-def test_sessions_come_up_and_the_up_message_parses(lab: Lab) -> None:
+def test_sessions_come_up_and_the_up_message_parses(lab: BgpLab) -> None:
     states = [e for e in map(parse_line, lab.stdin_lines()) if isinstance(e, NeighborState)]
     assert NeighborState(peer=FRR_V4, local=EXA_V4, state="up") in states
     assert NeighborState(peer=FRR_V6, local=EXA_V6, state="up") in states
@@ -357,7 +266,7 @@ def test_sessions_come_up_and_the_up_message_parses(lab: Lab) -> None:
     assert "stdout now goes to stderr" not in (lab.dir / "exabgp.log").read_text()
 
 
-def test_ipv4_vip_with_med_prepend_and_communities_reaches_frr_then_withdraws(lab: Lab) -> None:
+def test_ipv4_vip_with_med_prepend_and_communities_reaches_frr_then_withdraws(lab: BgpLab) -> None:
     prefix = ipaddress.ip_network("198.51.100.10/32")
     attrs = RouteAttributes(
         med=100,
@@ -371,7 +280,7 @@ def test_ipv4_vip_with_med_prepend_and_communities_reaches_frr_then_withdraws(la
     lab.command(announce_line(prefix, attrs))
     assert lab.result_for(announce_line(prefix, attrs), seen)["ok"] is True
 
-    path = poll(lambda: lab.route(str(prefix)))
+    path = lab.wait_route(str(prefix))
     announce_ms = (time.monotonic() - started) * 1000
     assert path["aspath"]["string"] == f"{LOCAL_AS} {LOCAL_AS}"
     assert path["metric"] == 100
@@ -383,26 +292,26 @@ def test_ipv4_vip_with_med_prepend_and_communities_reaches_frr_then_withdraws(la
     started = time.monotonic()
     lab.command(withdraw_line(prefix))
     assert lab.result_for(withdraw_line(prefix), seen)["ok"] is True
-    poll(lambda: True if lab.route(str(prefix)) is None else None)
+    lab.wait_no_route(str(prefix))
     withdraw_ms = (time.monotonic() - started) * 1000
     print(f"\nFIFO->speaker->ExaBGP->FRR RIB: announce {announce_ms:.0f} ms, withdraw {withdraw_ms:.0f} ms")
 
 
-def test_ipv6_vip_over_the_ipv6_session(lab: Lab) -> None:
+def test_ipv6_vip_over_the_ipv6_session(lab: BgpLab) -> None:
     prefix = ipaddress.ip_network("2001:db8::10/128")
     attrs = RouteAttributes(med=50, as_path_prepend=3, local_as=LOCAL_AS, communities=("65000:300",))
     seen = len(lab.results())
     lab.command(announce_line(prefix, attrs))
     assert lab.result_for(announce_line(prefix, attrs), seen)["ok"] is True
 
-    path = poll(lambda: lab.route(str(prefix)))
+    path = lab.wait_route(str(prefix))
     assert path["aspath"]["string"] == " ".join([str(LOCAL_AS)] * 4)
     assert path["metric"] == 50
     assert path["community"]["list"] == ["65000:300"]
     assert EXA_V6 in [nh["ip"] for nh in path["nexthops"]]
 
     def reflected() -> dict[str, Any] | None:
-        """FRR's re-advertisement of the IPv6 VIP reaches the helper as an Update"""
+        """FRR's re-advertisement of the IPv6 VIP, as the helper's parsed Update."""
         for event in lab.events():
             if event["event"] == "Update" and event["peer"] == FRR_V6 and str(prefix) in event["announced"]:
                 return event
@@ -410,15 +319,15 @@ def test_ipv6_vip_over_the_ipv6_session(lab: Lab) -> None:
 
     # ExaBGP lists the prefix under both of FRR's next hops (global and link-local);
     # the parsed Update names it once.
-    assert poll(reflected)["announced"] == [str(prefix)]
+    assert wait_for(reflected, TIMEOUT, desc="the reflected Update")["announced"] == [str(prefix)]
 
     seen = len(lab.results())
     lab.command(withdraw_line(prefix))
     assert lab.result_for(withdraw_line(prefix), seen)["ok"] is True
-    poll(lambda: True if lab.route(str(prefix)) is None else None)
+    lab.wait_no_route(str(prefix))
 
 
-def test_rejected_command_acks_false_and_later_acks_stay_matched(lab: Lab) -> None:
+def test_rejected_command_acks_false_and_later_acks_stay_matched(lab: BgpLab) -> None:
     # MED beyond 32 bits passes ExaBGP's parser but fails encoding: it answers "error".
     bad = "announce route 203.0.113.52/32 next-hop self med 4294967296"
     good = announce_line(ipaddress.ip_network("203.0.113.53/32"), RouteAttributes(med=7))
@@ -427,46 +336,43 @@ def test_rejected_command_acks_false_and_later_acks_stay_matched(lab: Lab) -> No
     lab.command(good)
     assert lab.result_for(bad, seen)["ok"] is False
     assert lab.result_for(good, seen)["ok"] is True
-    assert poll(lambda: lab.route("203.0.113.53/32"))["metric"] == 7
+    assert lab.wait_route("203.0.113.53/32")["metric"] == 7
     assert lab.route("203.0.113.52/32") is None
 
 
-def test_routes_reflected_by_frr_arrive_as_parsed_updates(lab: Lab) -> None:
+def test_routes_reflected_by_frr_arrive_as_parsed_updates(lab: BgpLab) -> None:
     prefix = ipaddress.ip_network("198.51.100.20/32")
     lab.command(announce_line(prefix, RouteAttributes()))
 
     def reflected() -> dict[str, Any] | None:
-        """FRR's re-advertisement of our route reaches the helper as an Update"""
+        """FRR's re-advertisement of our route, as the helper's parsed Update."""
         for event in lab.events():
             if event["event"] == "Update" and str(prefix) in event["announced"]:
                 return event
         return None
 
     # eBGP: FRR advertises the route back to us with its AS prepended.
-    update = poll(reflected)
+    update = wait_for(reflected, TIMEOUT, desc="the reflected Update")
     assert update["peer"] == FRR_V4
     assert f'"value": [{PEER_AS}, {LOCAL_AS}]' in update["raw"]
 
 
-def test_exabgp_shutdown_notifies_the_helper_and_frr_drops_the_routes(lab: Lab) -> None:
+def test_exabgp_shutdown_notifies_the_helper_and_frr_drops_the_routes(lab: BgpLab) -> None:
     prefix = ipaddress.ip_network("198.51.100.30/32")
     seen = len(lab.results())
     lab.command(announce_line(prefix, RouteAttributes()))
     assert lab.result_for(announce_line(prefix, RouteAttributes()), seen)["ok"] is True
-    poll(lambda: lab.route(str(prefix)))
-    assert lab.exabgp is not None
+    lab.wait_route(str(prefix))
     try:
-        lab.exabgp.send_signal(signal.SIGTERM)
-        lab.exabgp.wait(timeout=10)
+        assert lab.stop_exabgp() not in (None, -signal.SIGKILL), "ExaBGP did not exit on SIGTERM by itself"
 
-        def notified() -> bool | None:
-            """the helper saw ExaBGP's shutdown notification"""
-            return True if any(e["event"] == "Shutdown" for e in lab.events()) else None
+        def notified() -> bool:
+            return any(e["event"] == "Shutdown" for e in lab.events())
 
-        poll(notified, timeout=2)
+        wait_for(notified, TIMEOUT, desc="the helper to see ExaBGP's shutdown notification")
         shutdown_lines = [line for line in lab.stdin_lines() if isinstance(parse_line(line), Shutdown)]
         assert len(shutdown_lines) == 1
-        poll(lambda: True if lab.route(str(prefix)) is None else None)
+        lab.wait_no_route(str(prefix))
         _maybe_update_golden(lab)
     finally:
         # Leave the module's lab as we found it for any test that runs after this one.
@@ -475,7 +381,7 @@ def test_exabgp_shutdown_notifies_the_helper_and_frr_drops_the_routes(lab: Lab) 
         lab.wait_sessions_up(since)
 
 
-def _maybe_update_golden(lab: Lab) -> None:
+def _maybe_update_golden(lab: BgpLab) -> None:
     if os.environ.get("ANYCAST_UPDATE_GOLDEN") != "1":
         return
     GOLDEN.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,18 @@ def test_up_status_exec_down_leave_nothing_behind(lab_preflight: None) -> None:
         assert answers and all(a["ok"] and a["origin"] == "us-west" for a in answers), request.stdout
         assert answers[0]["peer"] == "100.64.10.12"  # the request entered at fra's agent host
         assert lab("exec", "no-such-node", "true").returncode == 2
+        # exec enters all of the node's namespaces: its hostname, its processes, its FRR.
+        assert lab("exec", "rtr-sjc", "hostname").stdout.strip() == "rtr-sjc"
+        summary = json.loads(lab("exec", "rtr-sjc", "vtysh", "-c", "show bgp ipv4 unicast summary json").stdout)
+        assert summary["as"] == 65001 and len(summary["peers"]) == 2, summary  # its transit and its agent
+        assert all(p["state"] == "Established" for p in summary["peers"].values()), summary
+        rtr_ps = lab("exec", "rtr-sjc", "ps", "-e", "-o", "args=").stdout
+        assert "/usr/lib/frr/bgpd" in rtr_ps and "anycast-agent" not in rtr_ps and "lab.client" not in rtr_ps
+        assert "/usr/lib/frr/bgpd" not in lab("exec", "c-eu", "ps", "-e", "-o", "args=").stdout
     finally:
         down = lab("down")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not [n for n in list_netns() if n.startswith(PREFIX)]
     assert lab("status").returncode == 1
-    leftovers = subprocess.run(["pgrep", "-f", f"anycast-{PREFIX.rstrip('-')}"], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", f"anycast-lab/{PREFIX.rstrip('-')}"], capture_output=True, text=True)
     assert leftovers.stdout == "", f"processes left running: {leftovers.stdout}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,19 @@ import pytest
 
 from lab.exabgp import ExaBGPProcess
 from lab.frr import FrrError, FrrRouter
-from lab.netns import STATE_DIR, Lab, Netns, ProcRecord, add_addr, list_netns, proc_cmdline, proc_starttime, veth
+from lab.netns import (
+    LAB_ROOT,
+    STATE_DIR,
+    Lab,
+    Netns,
+    ProcRecord,
+    add_addr,
+    list_netns,
+    node_local_pid,
+    proc_cmdline,
+    proc_starttime,
+    veth,
+)
 from lab.poll import wait_for, wait_for_equal
 
 VIP = "198.51.100.10/32"
@@ -157,7 +170,13 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
         slow = timed("vtysh", lambda: json.loads(frr.vtysh(cmd)))
         return fast if fast == slow else None
 
-    fast = wait_for(agreed, 3, desc="fast path and vtysh to agree")
+    fast = wait_for(agreed, 10, desc="fast path and vtysh to agree")
+    # Inside the node, stock vtysh finds the node's own bgpd (private /run/frr), and the
+    # daemons' pid files there hold node-local PIDs.
+    inside = json.loads(r1.run(["vtysh", "-c", cmd]).stdout)
+    assert without_last_update(inside)["paths"][0]["nexthops"] == fast["paths"][0]["nexthops"]
+    bgpd_pid = frr.pids["bgpd"]
+    assert int(r1.run(["cat", "/run/frr/bgpd.pid"]).stdout) == node_local_pid(bgpd_pid) != bgpd_pid
     assert fast["paths"][0]["bestpath"]["overall"] is True
     fast_ms, slow_ms = min(timings["fast"]), min(timings["vtysh"])
 
@@ -166,10 +185,14 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
     records_before = [r for ns in lab.namespaces for r in ns.records]
     versions_before = (frr.bgp_route(VIP) or {}).get("version"), (frr.bgp_route(VIP6) or {}).get("version")
     first_rec = ProcRecord(first_helper, proc_starttime(first_helper) or -1, ("python",))
+    # The helpers log their PIDs as the node sees them (as a pid file would hold them).
+    first_local = node_local_pid(first_helper)
+    assert first_local is not None and first_local != first_helper
     os.kill(first_helper, signal.SIGKILL)
     second_helper = exa.wait_respawn(first_helper)
     assert second_helper != first_helper
-    wait_for_equal(lambda: [pid for pid, _ in helper_starts(starts)], [first_helper, second_helper], 5)
+    second_local = node_local_pid(second_helper)
+    wait_for_equal(lambda: [pid for pid, _ in helper_starts(starts)], [first_local, second_local], 5)
     wait_for(lambda: exa.log_text().count("route added to neighbor") >= 4, 5, desc="the new helper's announces")
     assert exa.running()
     after = frr.bgp_route(VIP), frr.bgp_route(VIP6)
@@ -199,13 +222,93 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
     )
 
 
+def ps_args(ns: Netns) -> list[str]:
+    """The command lines `ps` shows inside a node."""
+    return ns.run(["ps", "-e", "-o", "args="]).stdout.splitlines()
+
+
+def namespace_ids(pid: int) -> dict[str, str]:
+    """The namespaces of a live process, e.g. {"pid": "pid:[4026532481]", ...}."""
+    return {kind: os.readlink(f"/proc/{pid}/ns/{kind}") for kind in ("net", "mnt", "pid", "uts")}
+
+
+def procs_in_namespaces(ids: set[str]) -> list[int]:
+    """Live PIDs on the host that are in any of the given namespaces."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            for kind in ("net", "mnt", "pid", "uts"):
+                try:
+                    if os.readlink(f"/proc/{entry.name}/ns/{kind}") in ids:
+                        found.append(int(entry.name))
+                        break
+                except OSError:
+                    continue
+    return found
+
+
+def mounts_mentioning(*texts: str) -> list[str]:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if any(t in line for t in texts)]
+
+
+@pytest.mark.lab
+def test_a_node_is_a_container_and_teardown_leaves_no_namespace_process_or_mount(lab: Lab) -> None:
+    a, b = lab.netns("a"), lab.netns("b")
+    # Hostname = node name, in the node's own UTS namespace.
+    assert a.run(["hostname"]).stdout.strip() == "a"
+    assert b.run(["hostname"]).stdout.strip() == "b"
+    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() not in ("a", "b")
+
+    # A process in a is visible in a's /proc (under its node-local PID) and not in b's.
+    sleeper = a.popen(["sleep", "1000"])
+    local = node_local_pid(sleeper.pid)
+    assert local is not None and local != sleeper.pid
+    # popen's PID is the process itself (once nsenter, in the same PID, has exec'd it).
+    wait_for_equal(lambda: proc_cmdline(sleeper.pid), ("sleep", "1000"), 10)
+    assert a.run(["cat", f"/proc/{local}/cmdline"]).stdout.split("\0")[:2] == ["sleep", "1000"]
+    assert "sleep 1000" in ps_args(a)
+    assert "sleep 1000" not in ps_args(b)
+    assert a.node_pids() == [sleeper.pid] and b.node_pids() == []
+    assert namespace_ids(sleeper.pid) == namespace_ids(a.init_pid or -1)
+
+    # /tmp (and /run) written in one node are not seen in another node or on the host.
+    token = secrets.token_hex(4)
+    a.run(["sh", "-c", f"echo {token} > /tmp/only-a-{token}; echo {token} > /run/only-a-{token}"])
+    assert a.run(["cat", f"/tmp/only-a-{token}"]).stdout.strip() == token
+    assert b.run(["test", "-e", f"/tmp/only-a-{token}"], check=False).returncode == 1
+    assert b.run(["test", "-e", f"/run/only-a-{token}"], check=False).returncode == 1
+    assert not Path(f"/tmp/only-a-{token}").exists() and not Path(f"/run/only-a-{token}").exists()
+    assert a.host_path(f"/tmp/only-a-{token}").read_text().strip() == token  # the host's view of it
+    # The node's name resolves without DNS (nothing in a lab can reach a resolver).
+    assert a.run(["getent", "hosts", "a"]).stdout.split()[0] == "127.0.1.1"
+
+    # An orphan (its parent killed) is reaped inside the node, not left as a zombie.
+    parent = a.popen(["sh", "-c", "sleep 1000 & echo $! > /tmp/orphan; wait"])
+    orphan = wait_for(lambda: a.run(["cat", "/tmp/orphan"], check=False).stdout.strip(), 10, desc="orphan PID")
+    a.terminate(parent.pid, sig=signal.SIGKILL)
+    a.run(["kill", orphan])
+    wait_for(lambda: a.run(["test", "-e", f"/proc/{orphan}"], check=False).returncode != 0, 10,
+             desc="the orphan reaped by the node's init")
+
+    ids = {i for pid in (a.init_pid or -1, b.init_pid or -1) for i in namespace_ids(pid).values()}
+    started = [*(r for ns in lab.namespaces for r in ns.node_records), *a.records]
+    assert [r.pid for r in started if alive(r)] == [r.pid for r in started]
+    names = [ns.name for ns in lab.namespaces]
+    lab.teardown()
+    assert not [n for n in list_netns() if n in names]
+    assert not [r.pid for r in started if alive(r)]
+    assert procs_in_namespaces(ids) == []
+    assert mounts_mentioning(str(lab.root), *(f"/run/netns/{n}" for n in names)) == []
+    assert not lab.root.exists()
+
+
 @pytest.mark.lab
 def test_frr_refuses_to_start_on_a_config_typo(lab: Lab) -> None:
     r1 = lab.netns("r1")
     typo = BGPD_CONF + " neighbr 100.64.1.6 remote-as 65102\n"
     with pytest.raises(FrrError, match=r"bgpd: .*No such command on config line 11"):
         FrrRouter(r1, lab.workdir("r1"), {"bgpd": typo}).start()
-    assert r1.records == () and r1.pids() == [], "a daemon was started on a broken config"
+    assert r1.records == () and r1.node_pids() == [], "a daemon was started on a broken config"
 
 
 ABANDON = """\
@@ -283,6 +386,53 @@ def test_cleanup_sweeps_a_crashed_run_and_spares_live_labs_and_reused_pids(lab_p
                        capture_output=True, cwd=Path(__file__).resolve().parents[2], timeout=60)  # fmt: skip
         for leftover in state_dir.glob(f"{prefix}*.json"):
             leftover.unlink()
+
+
+KILLED_OWNER = """\
+import json, subprocess, sys, time
+from lab.netns import Lab
+lab = Lab(sys.argv[1], unique=False, state_dir=__import__("pathlib").Path(sys.argv[2]))
+nodes = [lab.netns("n1"), lab.netns("n2")]
+pids = [nodes[0].popen(["sleep", "1000"]).pid, nodes[1].popen(["sh", "-c", "sleep 1001 & wait"]).pid]
+print(json.dumps({"root": str(lab.root), "netns": [n.name for n in nodes], "inits": [n.init_pid for n in nodes],
+                  "pids": pids}), flush=True)
+time.sleep(1000)  # until the test kills us: a crash, no teardown
+"""
+
+
+@pytest.mark.lab
+def test_cleanup_without_a_prefix_removes_every_node_of_a_run_whose_owner_was_killed(lab_preflight: None) -> None:
+    prefix = f"t-lab-kill{secrets.token_hex(2)}-"
+    state_dir = Path(f"/run/anycast-lab-test-{secrets.token_hex(3)}")  # only this run's records
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, prefix, str(state_dir)], stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert owner.stdout is not None
+        made = json.loads(owner.stdout.readline())
+        ids = {i for pid in made["inits"] for i in namespace_ids(pid).values()}
+        procs = [ProcRecord(p, proc_starttime(p) or -1, ()) for p in made["pids"] + made["inits"]]
+        assert sorted(p.name for p in (state_dir / "labs").iterdir()) == [f"{prefix}.json"]
+        owner.kill()
+        owner.wait()
+
+        swept = subprocess.run([sys.executable, "-m", "lab.cleanup", "--state-dir", str(state_dir)],
+                               capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert swept.returncode == 0, swept.stdout + swept.stderr
+        for name in made["netns"]:
+            assert f"deleted namespace {name}" in swept.stdout
+        assert not [n for n in list_netns() if n.startswith(prefix)]
+        assert not [r.pid for r in procs if alive(r)]
+        assert procs_in_namespaces(ids) == []
+        assert mounts_mentioning(made["root"], f"/run/netns/{prefix}") == []
+        assert list(state_dir.glob("*.json")) == [] and list((state_dir / "labs").iterdir()) == []
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        subprocess.run([sys.executable, "-m", "lab.cleanup", "--prefix", prefix, "--state-dir", str(state_dir),
+                        "--force"], capture_output=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(LAB_ROOT / prefix.rstrip("-"), ignore_errors=True)  # its logs
 
 
 class FakeClock:
