@@ -48,6 +48,7 @@ class WatchStats:
     endpoints: int
     connected: int
     losses: int  # established connections lost (each asked for confirmation probes)
+    connects: int  # connection attempts
     connect_failures: int
 
 
@@ -77,6 +78,7 @@ class WatchPool:
         self._wanted: set[Endpoint] = set()
         self._conns: dict[Endpoint, _Conn] = {}
         self._losses = 0
+        self._connects = 0
         self._connect_failures = 0
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
@@ -99,7 +101,7 @@ class WatchPool:
     def stats(self) -> WatchStats:
         return WatchStats(len(self._conns), sum(1 for c in self._conns.values()
                                                 if c.state.phase is w.WatchPhase.CONNECTED),
-                          self._losses, self._connect_failures)
+                          self._losses, self._connects, self._connect_failures)
 
     def _sync(self) -> None:
         assert self._loop is not None
@@ -149,6 +151,7 @@ class WatchPool:
         assert self._loop is not None
         host, port, source = conn.endpoint
         v6 = ":" in host
+        self._connects += 1
         try:
             sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
         except OSError as exc:  # out of file descriptors: try again later
