@@ -387,8 +387,10 @@ class CheckScheduler:
         """The watch connection to ``endpoint`` was lost: confirm every probe that watches it."""
         entries = self._by_endpoint.get(endpoint, ())
         if entries:
-            log.info("%s of %s:%d: confirming with %d probe(s) now", detail, endpoint[0], endpoint[1],
-                     len(entries))
+            # Debug: servers that close idle connections make this routine; a confirmed
+            # failure shows as the backend's transition, with the probe's detail.
+            log.debug("%s of %s:%d: confirming with %d probe(s) now", detail, endpoint[0], endpoint[1],
+                      len(entries))
         for entry in entries:
             if not entry.alive:
                 continue
