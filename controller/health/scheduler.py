@@ -70,6 +70,7 @@ class Watcher(Protocol):
     """What the scheduler needs of a watch pool (``WatchPool``; a fake in unit tests)."""
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None: ...
+    def probe_succeeded(self, endpoint: Endpoint) -> None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...
 
@@ -131,7 +132,7 @@ class _Entry:
     """The scheduler's mutable record of one live probe, shared by the targets in ``keys``."""
 
     __slots__ = ("alive", "anchor", "confirm_left", "confirming", "due", "keys", "queued", "seq", "target",
-                 "task")
+                 "task", "watched")
 
     def __init__(self, target: Target, keys: tuple[Hashable, ...]) -> None:
         self.target = target  # the first of the group: its spec, interval, watch and fall are all's
@@ -139,6 +140,7 @@ class _Entry:
         self.confirm_left = 0  # confirmation probes still to run (0: none wanted)
         self.confirming = False  # the running task is a confirmation probe
         self.queued = False  # waiting in the urgent queue for a free slot
+        self.watched: Endpoint | None = None  # the watch connection this probe listens to
         self.due = 0.0
         self.seq = -1  # the heap item carrying this seq is the live one; others are stale
         self.task: asyncio.Task[ProbeResult] | None = None
@@ -250,10 +252,9 @@ class CheckScheduler:
         self._keys = len(seen)
         self._by_endpoint = {}
         for gk, entry in self._entries.items():
-            if gk[2]:
-                endpoint = endpoint_of(entry.target.spec)
-                assert endpoint is not None  # Target.group is watched only with an endpoint
-                self._by_endpoint.setdefault(endpoint, []).append(entry)
+            entry.watched = endpoint_of(entry.target.spec) if gk[2] else None
+            if entry.watched is not None:
+                self._by_endpoint.setdefault(entry.watched, []).append(entry)
         self._watcher.set_endpoints(self._by_endpoint)
         if len(self._heap) > 2 * len(self._entries) + 64:
             # Many removals or reschedules left stale heap items behind; drop them.
@@ -443,6 +444,9 @@ class CheckScheduler:
                 self._on_result(key, result, now)
             except Exception:  # noqa: BLE001 - one bad callback must not stop the checks
                 log.exception("on_result failed for %r", key)
+        if result.ok and entry.watched is not None:
+            # A backend back from a crash is watched again now, not after its backoff.
+            self._watcher.probe_succeeded(entry.watched)
         if entry.confirm_left > 0:
             if confirming:
                 # One success ends it (the backend answers); a failure counts toward fall.

@@ -23,7 +23,8 @@ idle connection: the periodic probes, which keep running, find it as before::
       |   |  +---------------------------------------------------------+
       |   | Timer (Connect)    +---------+
       |   +------------------- | BACKOFF | <-- Lost of a short-lived connection (-> Confirm),
-      +----------------------> +---------+     or ConnectFailed
+      |     or ProbeSucceeded  +---------+     or ConnectFailed
+      +---------------------->  after ConnectFailed
            ConnectFailed
 
 ``attempts`` counts connections in a row that failed or did not last ``STABLE_AFTER``;
@@ -31,6 +32,12 @@ the wait in BACKOFF doubles with it from ``BACKOFF_BASE`` up to ``BACKOFF_MAX``.
 backend that is down, or a server that closes every idle connection at once, costs one
 connect (and for the latter one round of confirmations) every ``BACKOFF_MAX`` seconds,
 and a healthy backend whose connection was reset is watched again within milliseconds.
+
+A backend that comes back after a crash must not stay unwatched for a whole backoff: a
+successful probe (``ProbeSucceeded``) ends a BACKOFF that connect failures caused, and the
+watch connects again at once. It does not end one caused by a connection that closed
+early: a server that closes idle connections at once would otherwise turn each
+confirmation's success into a new connection, a new loss and a new confirmation, in a loop.
 
 ``step(state, event, now)`` returns the new state, the effects for the I/O shell
 (``health.watcher``) and when to deliver the next ``Timer`` (None: no timer). An event
@@ -68,6 +75,7 @@ class WatchState:
     phase: WatchPhase
     since: float  # when the phase was entered
     attempts: int = 0  # connections in a row that failed or did not last STABLE_AFTER
+    refused: bool = False  # in BACKOFF: the last attempt failed to connect (not a short-lived connection)
 
 
 # --- events, from the I/O shell ---------------------------------------------------------------
@@ -92,7 +100,12 @@ class Timer:
     """The wait of BACKOFF is over."""
 
 
-WatchEvent = Connected | ConnectFailed | Lost | Timer
+@dataclass(frozen=True)
+class ProbeSucceeded:
+    """A probe of this endpoint succeeded: it accepts connections again. Valid in any phase."""
+
+
+WatchEvent = Connected | ConnectFailed | Lost | Timer | ProbeSucceeded
 
 
 # --- effects, for the I/O shell ---------------------------------------------------------------
@@ -130,7 +143,7 @@ def step(state: WatchState, event: WatchEvent, now: float
     if phase is WatchPhase.CONNECTING and isinstance(event, Connected):
         return WatchState(WatchPhase.CONNECTED, now, state.attempts), (), None
     if phase is WatchPhase.CONNECTING and isinstance(event, ConnectFailed):
-        return _back_off(state.attempts + 1, now, ())
+        return _back_off(state.attempts + 1, now, (), refused=True)
     if phase is WatchPhase.CONNECTED and isinstance(event, Lost):
         lived = now - state.since
         confirm = (Confirm(event.kind, event.detail, lived),)
@@ -138,12 +151,15 @@ def step(state: WatchState, event: WatchEvent, now: float
             # A real connection went away: the backend may have restarted at once, so watch
             # it again now (the confirmation probes decide whether it is down).
             return WatchState(WatchPhase.CONNECTING, now, 0), (*confirm, Connect()), None
-        return _back_off(state.attempts + 1, now, confirm)
-    if phase is WatchPhase.BACKOFF and isinstance(event, Timer):
-        return replace(state, phase=WatchPhase.CONNECTING, since=now), (Connect(),), None
+        return _back_off(state.attempts + 1, now, confirm, refused=False)
+    if phase is WatchPhase.BACKOFF and (isinstance(event, Timer) or (isinstance(event, ProbeSucceeded)
+                                                                     and state.refused)):
+        return replace(state, phase=WatchPhase.CONNECTING, since=now, refused=False), (Connect(),), None
+    if isinstance(event, ProbeSucceeded):
+        return state, (), None  # connected, connecting, or backing off after an early close
     raise ValueError(f"watch: {type(event).__name__} cannot happen while {phase.value}")
 
 
-def _back_off(attempts: int, now: float, effects: tuple[WatchEffect, ...]
+def _back_off(attempts: int, now: float, effects: tuple[WatchEffect, ...], refused: bool
               ) -> tuple[WatchState, tuple[WatchEffect, ...], float]:
-    return WatchState(WatchPhase.BACKOFF, now, attempts), effects, now + backoff(attempts)
+    return WatchState(WatchPhase.BACKOFF, now, attempts, refused), effects, now + backoff(attempts)

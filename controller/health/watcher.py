@@ -91,6 +91,15 @@ class WatchPool:
         self._loop = asyncio.get_running_loop()
         self._sync()
 
+    def probe_succeeded(self, endpoint: Endpoint) -> None:
+        """A probe of ``endpoint`` succeeded: a watch waiting out failed connects tries now."""
+        conn = self._conns.get(endpoint)
+        if conn is not None and conn.state.phase is w.WatchPhase.BACKOFF and conn.state.refused:
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+            self._feed(conn, w.ProbeSucceeded())
+
     def close(self) -> None:
         """Close every connection; a closed pool may be started again."""
         for conn in self._conns.values():

@@ -498,6 +498,7 @@ class FakeWatcher:
         self.on_loss = on_loss
         self.endpoints: set[tuple[str, int, str | None]] = set()
         self.started = self.closed = False
+        self.succeeded: list[tuple[str, int, str | None]] = []
         FakeWatcher.last = self
 
     def set_endpoints(self, endpoints: Iterable[tuple[str, int, str | None]]) -> None:
@@ -505,6 +506,9 @@ class FakeWatcher:
 
     def start(self) -> None:
         self.started = True
+
+    def probe_succeeded(self, endpoint: tuple[str, int, str | None]) -> None:
+        self.succeeded.append(endpoint)
 
     def close(self) -> None:
         self.closed = True
@@ -636,5 +640,19 @@ def test_confirmations_wait_for_a_free_slot_but_come_before_due_checks() -> None
             assert sim.probe.max_running == 3
             assert len(sim.starts(1, after=lost_at)) == 2
             assert [r.ok for r in sim.results_for("a")][-2:] == [False, False]
+
+    run(scenario)
+
+
+def test_a_successful_probe_of_a_watched_endpoint_tells_the_watcher() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, interval=1.0), shared("b", port=2, interval=1.0)],
+                              watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(3.5)
+            ok = len([r for r in sim.results_for("a") if r.ok])
+            assert ok >= 3 and watcher().succeeded == [("192.0.2.1", 1, None)] * ok
+            sim.probe.failing = {1}
+            await sim.vt.advance(3.0)
+            assert len(watcher().succeeded) == ok  # failures say nothing; port 2 is not watched
 
     run(scenario)

@@ -11,8 +11,8 @@ import pytest
 
 from controller.health import watch as w
 from controller.health.watch import (
-    BACKOFF_BASE, BACKOFF_MAX, STABLE_AFTER, Confirm, Connect, ConnectFailed, Connected, LossKind, Lost, Timer,
-    WatchPhase, WatchState,
+    BACKOFF_BASE, BACKOFF_MAX, STABLE_AFTER, Confirm, Connect, ConnectFailed, Connected, LossKind, Lost,
+    ProbeSucceeded, Timer, WatchPhase, WatchState,
 )
 
 T0 = 100.0
@@ -21,6 +21,7 @@ FAIL = ConnectFailed("connect refused")
 RST = Lost(LossKind.RESET, "connection reset")
 FIN = Lost(LossKind.EOF, "closed by the backend (FIN)")
 TICK = Timer()
+UP = ProbeSucceeded()
 P = {"c": WatchPhase.CONNECTING, "u": WatchPhase.CONNECTED, "b": WatchPhase.BACKOFF}
 
 
@@ -54,6 +55,17 @@ def replay(history: list[tuple[float, w.WatchEvent]]) -> list[tuple[str, int, st
     ([(0.0, FAIL), (0.1, TICK), (0.1, FAIL), (0.3, TICK), (0.3, FAIL)],
      [("b", 1, "", BACKOFF_BASE), ("c", 1, "C", None), ("b", 2, "", 2 * BACKOFF_BASE), ("c", 2, "C", None),
       ("b", 3, "", 4 * BACKOFF_BASE)]),
+    # A backend back from a crash: the first successful probe ends a backoff of refused
+    # connects at once (the count stays until a connection lasts).
+    ([(0.0, OK), (60.0, RST), (60.0, FAIL), (60.1, TICK), (60.1, FAIL), (60.2, UP), (60.2, OK)],
+     [("u", 0, "", None), ("c", 0, "!C", None), ("b", 1, "", BACKOFF_BASE), ("c", 1, "C", None),
+      ("b", 2, "", 2 * BACKOFF_BASE), ("c", 2, "C", None), ("u", 2, "", None)]),
+    # ... but not a backoff after an early close (the server closes idle connections): no
+    # loop of connect, close, confirm, success, connect.
+    ([(0.0, OK), (0.01, FIN), (0.02, UP)], [("u", 0, "", None), ("b", 1, "!", BACKOFF_BASE),
+                                            ("b", 1, "", None)]),
+    # Connected or connecting, a success changes nothing.
+    ([(0.0, UP), (0.0, OK), (1.0, UP)], [("c", 0, "", None), ("u", 0, "", None), ("u", 0, "", None)]),
     # A connection that lasts STABLE_AFTER resets the count at its loss.
     ([(0.0, FAIL), (0.1, TICK), (0.1, OK), (0.1 + STABLE_AFTER, RST)],
      [("b", 1, "", BACKOFF_BASE), ("c", 1, "C", None), ("u", 1, "", None), ("c", 0, "!C", None)]),
