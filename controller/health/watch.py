@@ -53,7 +53,10 @@ from typing import Final
 
 BACKOFF_BASE: Final = 0.1  # seconds: the first wait after a failed or short-lived connection
 BACKOFF_MAX: Final = 10.0  # the longest wait between two connects
-STABLE_AFTER: Final = 2.0  # a connection that lived this long was a real one: its loss resets the backoff
+# A connection that lived this long was a real one: its loss resets the backoff. Short, so
+# that a backend crashing soon after a restart still gets its watch back at once; a server
+# that closes idle connections takes seconds (nginx, Apache, cloud load balancers: 20-60 s).
+STABLE_AFTER: Final = 0.5
 
 
 class WatchPhase(enum.StrEnum):
