@@ -34,11 +34,14 @@ Rules:
   ends the confirmation. A confirmation never runs beside another probe of the target: if
   one is in flight, the confirmation starts when it ends (its result is not counted as
   one, it may predate the loss). Confirmations come before due checks for the
-  ``max_concurrency`` slots and do not move the periodic schedule.
+  ``max_concurrency`` slots and do not move the periodic schedule. A successful probe of a
+  watched endpoint tells the watcher, so a backend back from a crash is watched again at
+  once (``health.watch``).
 - Lateness (start time minus due time) is sampled into a bounded ring for metrics and
-  benchmarks (periodic checks only: a confirmation has no due time). A check more than an interval late (after a suspended VM, or under
-  overload) is not run: its target is rescheduled like a new one, so a stall ends with
-  fresh checks spread over a second rather than a burst of stale ones.
+  benchmarks (periodic checks only: a confirmation has no due time). A check more than an
+  interval late (after a suspended VM, or under overload) is not run: its target is
+  rescheduled like a new one, so a stall ends with fresh checks spread over a second
+  rather than a burst of stale ones.
 
 Time and sleep are injected (``clock``, ``sleep``): unit tests drive a virtual clock.
 """
