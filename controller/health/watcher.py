@@ -20,6 +20,7 @@ import asyncio
 import errno
 import logging
 import random
+import resource
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ OnLoss = Callable[[Endpoint, str], None]
 CONNECT_TIMEOUT: Final = 5.0  # a blackholed backend's SYN would otherwise retry for two minutes
 KEEPALIVE: Final = (20, 5, 3)  # idle seconds, seconds between probes, probes: ~35 s to notice
 RECONNECT_JITTER: Final = 0.2  # a backoff wait is stretched by up to this fraction: no lockstep storms
+FD_WANTED: Final = 65536  # the soft descriptor limit start() asks for (systemd's default soft limit is 1024)
 _LOSS_TEXT: Final = {
     errno.ECONNRESET: (w.LossKind.RESET, "connection reset"),
     errno.ETIMEDOUT: (w.LossKind.ERROR, "keepalive timed out"),
@@ -47,6 +49,7 @@ _LOSS_TEXT: Final = {
 class WatchStats:
     endpoints: int
     connected: int
+    unwatched: int  # endpoints left to polling alone: the descriptor budget was spent
     losses: int  # established connections lost (each asked for confirmation probes)
     connects: int  # connection attempts
     connect_failures: int
@@ -70,8 +73,9 @@ class WatchPool:
     """Watch connections for a set of endpoints; ``start()`` on the running loop first."""
 
     def __init__(self, on_loss: OnLoss, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_sockets: int | None = None) -> None:
         self._on_loss = on_loss
+        self._max_sockets = max_sockets  # None: half the descriptor limit, worked out at start()
         self._connect_timeout = connect_timeout
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,6 +93,8 @@ class WatchPool:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._max_sockets is None:
+            self._max_sockets = _socket_budget()
         self._sync()
 
     def probe_succeeded(self, endpoint: Endpoint) -> None:
@@ -110,14 +116,24 @@ class WatchPool:
     def stats(self) -> WatchStats:
         return WatchStats(len(self._conns), sum(1 for c in self._conns.values()
                                                 if c.state.phase is w.WatchPhase.CONNECTED),
-                          self._losses, self._connects, self._connect_failures)
+                          len(self._wanted) - len(self._conns), self._losses, self._connects,
+                          self._connect_failures)
 
     def _sync(self) -> None:
         assert self._loop is not None
         for endpoint in [e for e in self._conns if e not in self._wanted]:
             self._drop(self._conns.pop(endpoint))
         now = self._loop.time()
-        for endpoint in self._wanted - self._conns.keys():
+        new = self._wanted - self._conns.keys()
+        room = max(0, (self._max_sockets or 0) - len(self._conns))
+        if len(new) > room:
+            # A watch is a hint; a probe that cannot get a descriptor is a false "down".
+            # So watches never take more than their budget: the rest are polled only.
+            log.warning("watching %d of %d backend endpoint(s): the rest exceed the watch budget of %d "
+                        "sockets (half the open-file limit); they are checked by polling only",
+                        len(self._conns) + room, len(self._wanted), self._max_sockets)
+            new = set(sorted(new)[:room])
+        for endpoint in new:
             state, effects = w.initial(now)
             conn = self._conns[endpoint] = _Conn(endpoint, state)
             self._do(conn, effects, None)
@@ -247,6 +263,20 @@ class WatchPool:
         elif conn.sock is not None:
             conn.sock.close()
             conn.sock = None
+
+
+def _socket_budget() -> int:
+    """Half the open-file limit, after raising the soft limit toward FD_WANTED (within the
+    hard limit): the other half stays for probes, ExaBGP's pipes and the metrics server."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_WANTED if hard == resource.RLIM_INFINITY else min(FD_WANTED, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return FD_WANTED // 2 if soft == resource.RLIM_INFINITY else soft // 2
 
 
 def _connect_text(err: int) -> str:

@@ -159,8 +159,10 @@ class Checked:
     """A scheduler with the real probes and watch pool, feeding one state machine per key."""
 
     def __init__(self, targets: list[Target], rise: int = 1, fall: int = 2,
-                 probe_fn: Callable[[ProbeSpec], Coroutine[Any, Any, ProbeResult]] | None = None) -> None:
+                 probe_fn: Callable[[ProbeSpec], Coroutine[Any, Any, ProbeResult]] | None = None,
+                 max_sockets: int | None = None) -> None:
         self.rise, self.fall = rise, fall
+        self.max_sockets = max_sockets
         self.health: dict[Hashable, hs.HealthState] = {t.key: hs.initial(0.0) for t in targets}
         self.results: dict[Hashable, list[ProbeResult]] = {t.key: [] for t in targets}
         self.pool: WatchPool | None = None
@@ -171,7 +173,7 @@ class Checked:
         self.task: asyncio.Task[None] | None = None
 
     def _pool(self, on_loss: Callable[[tuple[str, int, str | None], str], None]) -> WatchPool:
-        self.pool = WatchPool(on_loss)
+        self.pool = WatchPool(on_loss, max_sockets=self.max_sockets)
         return self.pool
 
     def _on_result(self, key: Hashable, result: ProbeResult, finished_at: float) -> None:
@@ -345,5 +347,20 @@ def test_vips_on_one_backend_share_one_probe_and_one_watch_and_all_are_fed() -> 
             assert len(first) == probes
             assert all([(r.ok, r.detail) for r in c.results[f"vip{i}"]] == first for i in range(n))
             assert c.sched.stats().checks == n * probes
+
+    check(scenario)
+
+
+def test_watches_beyond_their_socket_budget_are_left_to_polling() -> None:
+    async def scenario() -> None:
+        with backend() as b1, backend() as b2:
+            targets = [http_target("one", b1.port), http_target("two", b2.port)]
+            async with Checked(targets, max_sockets=1) as c:
+                await until(lambda: all(c.phase(k) is hs.Phase.UP for k in ("one", "two")) and watching(c),
+                            "both UP, one watched")
+                assert c.pool is not None
+                st = c.pool.stats()
+                assert (st.endpoints, st.unwatched) == (1, 1)
+                assert len(b1.idle) + len(b2.idle) == 1
 
     check(scenario)
