@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="failover: check interval for the ours-vs-ExaBGP comparison (default 0.5)")
     p.add_argument("--compare-timeout", type=float, default=0.25,
                    help="failover: check timeout for the comparison (default 0.25)")
+    p.add_argument("--arms", nargs="+", default=(), metavar="LABEL",
+                   help="failover: only the arms with these labels (compare, fastest, 'fastest, t<0.9i', "
+                        "event-driven; default all)")
     p.add_argument("--endpoints", type=int, nargs="+", help="throughput: endpoint counts (default 100 1000 10000)")
+    p.add_argument("--rows", nargs="+", default=(), metavar="KIND",
+                   help="throughput: only these rows (http, tcp, tcp-minimal, http+watch, http-idle+watch ...)")
     p.add_argument("--routes", type=int, help="announce: number of /32s (default 10000, quick 1000)")
     p.add_argument("--vips", type=int, help="controller: number of VIPs (default 10000, quick 1000)")
     p.add_argument("--pops", type=int, help="controller: number of POPs, each VIP published at all (default 50, "
@@ -94,14 +99,14 @@ def _failover(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from . import failover
 
     r = failover.run(quick=args.quick, log=_log, compare_interval=args.compare_interval,
-                     compare_timeout=args.compare_timeout, reps=args.reps)
+                     compare_timeout=args.compare_timeout, reps=args.reps, labels=tuple(args.arms))
     return r, failover.render(r)
 
 
 def _throughput(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from . import throughput
 
-    r = throughput.run(quick=args.quick, log=_log, endpoints=args.endpoints)
+    r = throughput.run(quick=args.quick, log=_log, endpoints=args.endpoints, only=tuple(args.rows))
     return r, throughput.render(r)
 
 

@@ -21,6 +21,12 @@ rise and fall:
 
 ``rise`` does not enter the measurement (it only paces the recovery between
 repetitions), so both run with rise 1 to keep the benchmark short.
+
+Ours runs with ``watch: false`` (polling only) in the comparison and fastest arms, so they
+stay comparable with earlier runs; the ``event-driven`` arms run ours with the default
+``watch: true`` at a 1 s interval, side by side with exabgp-healthcheck at 1 s, on the
+failure watch is for (the killed process); a blackhole gives a watch no event and is
+measured by the polling arms.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class Arm:
     timeout: float
     rise: int
     fall: int
+    watch: bool = False  # ours only: event-driven detection (check.watch)
+    modes: tuple[str, ...] = MODES
 
     @property
     def bound(self) -> float:
@@ -77,7 +85,8 @@ class Arm:
 
     @property
     def settings(self) -> str:
-        return f"i={self.interval:g} t={self.timeout:g} r={self.rise} f={self.fall}"
+        watch = " watch" if self.watch else ""
+        return f"i={self.interval:g} t={self.timeout:g} r={self.rise} f={self.fall}{watch}"
 
 
 def arms(compare_interval: float, compare_timeout: float) -> list[Arm]:
@@ -90,6 +99,9 @@ def arms(compare_interval: float, compare_timeout: float) -> list[Arm]:
         for impl in IMPLS:
             out.append(Arm(impl, label, interval, timeout, rise=1, fall=2))
     out.append(Arm("agent", "fastest, t<0.9i", 0.1, 0.08, rise=1, fall=2))
+    # Event-driven: a killed backend at a 1 s interval, ours watching, theirs polling.
+    for impl in IMPLS:
+        out.append(Arm(impl, "event-driven", 1.0, 0.5, rise=1, fall=2, watch=impl == "agent", modes=("refused",)))
     return out
 
 
@@ -103,7 +115,7 @@ def agent_config(arm: Arm) -> dict[str, Any]:
         "vips": [{
             "name": "bench", "address": VIP_PREFIX,
             "check": {"type": "http", "path": "/healthz", "expect_status": 200, "interval": arm.interval,
-                      "timeout": arm.timeout, "rise": arm.rise, "fall": arm.fall},
+                      "timeout": arm.timeout, "rise": arm.rise, "fall": arm.fall, "watch": arm.watch},
             "origins": [{"region": "origin", "next_hop": ORIGIN_ADDR, "backends": [f"{ORIGIN_ADDR}:{PORT}"]}],
         }],
     }
@@ -198,18 +210,19 @@ class Failover:
         return stop
 
     def run_arm(self, arm: Arm) -> dict[str, Any]:
-        self.log(f"failover: {IMPLS[arm.impl]} at {arm.settings}: {self.reps} x {', '.join(MODES)}")
+        self.log(f"failover: {IMPLS[arm.impl]} at {arm.settings}: {self.reps} x {', '.join(arm.modes)}")
         self.heal()
         stop = self.start(arm)
         try:
             self.wait_announced(60)
-            modes = {mode: self.run_mode(arm, mode) for mode in MODES}
+            modes = {mode: self.run_mode(arm, mode) for mode in arm.modes}
         finally:
             stop()
         # The session closed with ExaBGP: FRR drops the route; start the next arm clean.
         wait_for(lambda: not self.in_fib(), 15, 0.02, f"{VIP_PREFIX} gone after stopping {arm.impl}")
         return {"impl": arm.impl, "label": arm.label, "interval": arm.interval, "timeout": arm.timeout,
-                "rise": arm.rise, "fall": arm.fall, "bound_s": round(arm.bound, 3), "modes": modes}
+                "rise": arm.rise, "fall": arm.fall, "watch": arm.watch, "bound_s": round(arm.bound, 3),
+                "modes": modes}
 
     def run_mode(self, arm: Arm, mode: str) -> dict[str, Any]:
         samples: list[float] = []
@@ -276,13 +289,17 @@ def withdraw_time(log_path: Path, offset: int) -> float | None:
 
 # --- entry points -----------------------------------------------------------------------------
 def run(*, quick: bool, log: Log, compare_interval: float = 0.5, compare_timeout: float = 0.25,
-        reps: int | None = None) -> dict[str, Any]:
+        reps: int | None = None, labels: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``labels``: run only the arms with these labels (all by default)."""
     reps = reps or (3 if quick else 20)
+    selected = [a for a in arms(compare_interval, compare_timeout) if not labels or a.label in labels]
+    if not selected:
+        raise ValueError(f"no failover arm is labelled {', '.join(labels)}")
     lab = Lab(PREFIX)
     try:
         topo = BgpLab(lab).up()
         bench = Failover(topo, reps, log, random.Random())
-        results = [bench.run_arm(arm) for arm in arms(compare_interval, compare_timeout)]
+        results = [bench.run_arm(arm) for arm in selected]
     finally:
         lab.teardown()
     return {"reps": reps, "arms": results, "ratios": ratios(results),
@@ -298,6 +315,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if set(by_impl) != set(IMPLS):
             continue
         for mode in MODES:
+            if mode not in by_impl["agent"]["modes"] or mode not in by_impl["exabgp-healthcheck"]["modes"]:
+                continue
             ours, theirs = by_impl["agent"]["modes"][mode], by_impl["exabgp-healthcheck"]["modes"][mode]
             row: dict[str, Any] = {"label": label, "mode": mode}
             for q in ("p50", "p99"):
@@ -310,7 +329,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     rows = []
     for r in result["arms"]:
-        arm = Arm(r["impl"], r["label"], r["interval"], r["timeout"], r["rise"], r["fall"])
+        arm = Arm(r["impl"], r["label"], r["interval"], r["timeout"], r["rise"], r["fall"], r.get("watch", False))
         for mode, m in r["modes"].items():
             ack = m.get("agent_ack", {}).get("p50")
             fib = m.get("ack_to_fib", {}).get("p50")

@@ -16,6 +16,16 @@ checks/s against the configured N/interval, its CPU seconds (user+sys) per 1,000
 and as a fraction of one core, RSS (current and peak), scheduling lateness (start minus
 due time, every check of the window) and the failure count (a check that fails here means
 the checker, or the server, could not keep up).
+
+Rows beyond the agent's own checks:
+- ``minimal`` (a what-if, not the agent's code): the floor, one asyncio task per endpoint
+  that connects (HTTP: sends the request, reads to EOF) and closes on its interval, no
+  scheduler, no state machine, no metrics. The agent's CPU per 1,000 checks is compared
+  with it in the same run.
+- ``+watch``: the same checks with ``watch`` on, one idle watch connection per endpoint
+  held open by the server; and at an interval of an hour (``idle``), 10,000 watch sockets
+  with (nearly) no checks: what the watches alone cost in CPU and memory, against the
+  same run without them.
 """
 
 from __future__ import annotations
@@ -204,8 +214,68 @@ async def _null_probe(spec: Any) -> Any:
     return ProbeResult(True, 0.0, "null")
 
 
+async def minimal_loop(kind: str, n: int, interval: float, timeout: float, warmup: float, duration: float,
+                       server_pid: int | None) -> dict[str, Any]:
+    """WHAT-IF: the floor of a check in asyncio: per endpoint one task that connects (and for
+    HTTP sends the request and reads to EOF), closes, and sleeps to its next due time."""
+    import random
+
+    _raise_nofile()
+    loop = asyncio.get_running_loop()
+    counts = {"ok": 0, "fail": 0}
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    async def one(i: int) -> None:
+        address = (endpoint(i), PORTS[kind])
+        due = loop.time() + random.uniform(0.0, interval)
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due += interval
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(sock, address)
+                    if kind == "http":
+                        await loop.sock_sendall(sock, request)
+                        while await loop.sock_recv(sock, 65536):
+                            pass
+                counts["ok"] += 1
+            except (OSError, TimeoutError):
+                counts["fail"] += 1
+            finally:
+                sock.close()
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    await asyncio.sleep(warmup)
+    (u0, s0), t0, ok0, fail0 = _cpu(), time.monotonic(), counts["ok"], counts["fail"]
+    srv0 = proc_cpu_seconds(server_pid) if server_pid else None
+    await asyncio.sleep(duration)
+    (u1, s1), t1 = _cpu(), time.monotonic()
+    srv1 = proc_cpu_seconds(server_pid) if server_pid else None
+    done, failed = counts["ok"] - ok0, counts["fail"] - fail0
+    rss, hwm = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    wall, cpu = t1 - t0, (u1 - u0) + (s1 - s0)
+    checks = done + failed
+    return {
+        "kind": f"{kind}-minimal", "endpoints": n, "probe": "minimal", "watch": False, "interval_s": interval,
+        "timeout_s": timeout, "window_s": round(wall, 2), "configured_per_s": round(n / interval, 1),
+        "achieved_per_s": round(checks / wall, 1), "checks": checks, "ok": done, "failed": failed,
+        "failure_details": {}, "skipped": 0,
+        "cpu_s": round(cpu, 3), "cpu_user_s": round(u1 - u0, 3), "cpu_system_s": round(s1 - s0, 3),
+        "cpu_core_fraction": round(cpu / wall, 3),
+        "cpu_s_per_1000_checks": round(1000 * cpu / checks, 4) if checks else None,
+        "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1), "lateness_s": summary([], 5), "in_flight_max": 0,
+        "server_cpu_core_fraction": round((srv1 - srv0) / wall, 3) if srv0 is not None and srv1 is not None else None,
+    }
+
+
 async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: float, duration: float,
-                    server_pid: int | None, profile: Path | None, probe: str = "agent") -> dict[str, Any]:
+                    server_pid: int | None, profile: Path | None, probe: str = "agent",
+                    watch: bool = False) -> dict[str, Any]:
     # Imported here: the server and the harness do not need the agent's code.
     from prometheus_client import CollectorRegistry
 
@@ -231,19 +301,29 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
             details[result.detail] += 1
 
     _raise_nofile()
+    pools: list[Any] = []
+
+    def watch_pool(on_loss: Any) -> Any:
+        from controller.health.watcher import WatchPool
+
+        pools.append(WatchPool(on_loss))
+        return pools[-1]
+
+    if probe == "minimal":
+        return await minimal_loop(kind, n, interval, timeout, warmup, duration, server_pid)
     if probe == "keepalive":
-        scheduler = CheckScheduler(on_result, probe_fn=KeepAliveProbe())
+        scheduler = CheckScheduler(on_result, probe_fn=KeepAliveProbe(), watcher_factory=watch_pool)
     elif probe == "null":
-        scheduler = CheckScheduler(on_result, probe_fn=_null_probe)
+        scheduler = CheckScheduler(on_result, probe_fn=_null_probe, watcher_factory=watch_pool)
     else:
-        scheduler = CheckScheduler(on_result)
+        scheduler = CheckScheduler(on_result, watcher_factory=watch_pool)
     targets = []
     now = time.monotonic()
     for i in range(n):
         key = (f"vip{i // 10}", "origin", i)
         health[key] = hs.initial(now)
         spec = ProbeSpec(kind=kind, host=endpoint(i), port=PORTS[kind], timeout=timeout, path="/healthz")
-        targets.append(Target(key=key, spec=spec, interval=interval))
+        targets.append(Target(key=key, spec=spec, interval=interval, watch=watch, fall=2))
     scheduler.set_targets(targets)
     runner = asyncio.create_task(scheduler.run())
     await asyncio.sleep(warmup)
@@ -276,6 +356,7 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
     (u1, s1), t1 = _cpu(), time.monotonic()
     srv1 = proc_cpu_seconds(server_pid) if server_pid else None
     rss, hwm = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
+    watch_stats = pools[0].stats() if watch and pools else None
     scheduler.stop()
     await runner
     if prof and profile:
@@ -285,7 +366,10 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
     checks = st1.checks - st0.checks
     cpu = (u1 - u0) + (s1 - s0)
     return {
-        "kind": kind if probe == "agent" else f"{kind}-{probe}", "endpoints": n, "probe": probe, "interval_s": interval, "timeout_s": timeout,
+        "kind": (kind if probe == "agent" else f"{kind}-{probe}") + ("+watch" if watch else ""), "endpoints": n,
+        "probe": probe, "watch": watch, "interval_s": interval, "timeout_s": timeout,
+        "watch_connected": watch_stats.connected if watch_stats else None,
+        "watch_losses": watch_stats.losses if watch_stats else None,
         "window_s": round(wall, 2),
         "configured_per_s": round(n / interval, 1),
         "achieved_per_s": round(checks / wall, 1),
@@ -305,33 +389,62 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
 
 # --- the harness -------------------------------------------------------------------------------
 def run(*, quick: bool, log: Log, endpoints: list[int] | None = None, interval: float = 1.0,
-        timeout: float = 0.5) -> dict[str, Any]:
+        timeout: float = 0.5, only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``only``: run only the rows whose kind is listed (``http``, ``tcp-minimal``,
+    ``http+watch``, ``http-idle+watch`` ...); all by default."""
     counts = endpoints or [100, 1000, 10000]
     warmup, duration = (2.0, 3.0) if quick else (3.0, 10.0)
     largest = max(counts)
     repeats = 1 if quick else 3  # the largest count sits at the edge of one core: show the spread
-    plan = [(kind, n, "agent", warmup) for kind in KINDS for n in counts
+    # (kind, endpoints, probe, warm-up, watch, interval)
+    plan = [(kind, n, "agent", warmup, False, interval) for kind in KINDS for n in counts
             for _ in range(repeats if n == largest else 1)]
     # What-ifs at the largest count. Keep-alive opens every connection in its first round,
     # a CPU storm the scheduler needs several seconds to absorb: a longer warm-up.
-    plan += [("http", largest, "keepalive", 6.0 if quick else 15.0), ("tcp", largest, "null", warmup)]
+    plan += [("http", largest, "keepalive", 6.0 if quick else 15.0, False, interval),
+             ("tcp", largest, "null", warmup, False, interval)]
+    # The floor in the same run, and the watches: with the checks, and alone (an hour's
+    # interval: the first round of checks falls in the warm-up, the window sees the sockets).
+    plan += [(kind, largest, "minimal", warmup, False, interval) for kind in KINDS]
+    plan += [("http", largest, "agent", 6.0 if quick else 10.0, True, interval)]
+    plan += [("http", largest, "idle", 6.0 if quick else 10.0, w, 3600.0) for w in (False, True)]
+    if only:
+        plan = [row for row in plan if _kind_of(row[0], row[2], row[4]) in only]
     runs = []
-    for kind, n, probe, warm in plan:
+    for kind, n, probe, warm, watch, every in plan:
         what_if = "" if probe == "agent" else f" (what-if: {probe} probe)"
-        log(f"throughput: {kind}{what_if} x {n} endpoints at {interval:g}s")
-        r = _one_run(kind, n, probe, interval, timeout, warm, duration)
+        log(f"throughput: {_kind_of(kind, probe, watch)}{what_if} x {n} endpoints at {every:g}s")
+        r = _one_run(kind, n, probe, every, timeout, warm, duration, watch)
         runs.append(r)
         log(f"  {r['achieved_per_s']:.0f}/s of {r['configured_per_s']:.0f}/s, "
             f"{r['cpu_core_fraction']:.2f} core (user {r['cpu_user_s']}s, sys {r['cpu_system_s']}s), "
             f"{r['cpu_s_per_1000_checks']} CPU s/1000, RSS {r['rss_mb']} MB, "
             f"lateness p99 {r['lateness_s']['p99']}s, {r['failed']} failed, {r['skipped']} skipped")
     return {"interval_s": interval, "timeout_s": timeout, "warmup_s": warmup, "window_s": duration, "runs": runs,
+            "vs_minimal": vs_minimal(runs),
             "targets": {"endpoints": 10000, "interval_s": 1.0, "max_core_fraction": 1.0,
-                        "lateness_p99_s": 0.1, "rss_mb": 150}}
+                        "lateness_p99_s": 0.1, "rss_mb": 150, "vs_minimal": 1.3}}
+
+
+def _kind_of(kind: str, probe: str, watch: bool) -> str:
+    return (kind if probe == "agent" else f"{kind}-{probe}") + ("+watch" if watch else "")
+
+
+def vs_minimal(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CPU per 1,000 checks of the agent's rows over the minimal loop's, per kind and count."""
+    floor = {(r["kind"].split("-")[0], r["endpoints"]): r["cpu_s_per_1000_checks"]
+             for r in runs if r["probe"] == "minimal" and r["cpu_s_per_1000_checks"]}
+    out = []
+    for r in runs:
+        base = floor.get((r["kind"].split("+")[0], r["endpoints"]))
+        if r["probe"] == "agent" and base and r["cpu_s_per_1000_checks"]:
+            out.append({"kind": r["kind"], "endpoints": r["endpoints"], "cpu_s_per_1000": r["cpu_s_per_1000_checks"],
+                        "minimal_cpu_s_per_1000": base, "ratio": round(r["cpu_s_per_1000_checks"] / base, 2)})
+    return out
 
 
 def _one_run(kind: str, n: int, probe: str, interval: float, timeout: float, warmup: float,
-             duration: float) -> dict[str, Any]:
+             duration: float, watch: bool = False) -> dict[str, Any]:
     """Server and checker in a fresh namespace: no TIME_WAIT left over from an earlier run."""
     lab = Lab(PREFIX)
     try:
@@ -346,7 +459,7 @@ def _one_run(kind: str, n: int, probe: str, interval: float, timeout: float, war
         argv = [sys.executable, "-m", "bench.throughput", "worker", "--kind", kind, "--endpoints", str(n),
                 "--interval", str(interval), "--timeout", str(timeout), "--warmup", str(warmup),
                 "--duration", str(duration), "--server-pid", str(server.pid), "--result", str(result_path),
-                "--probe", probe]
+                "--probe", "agent" if probe == "idle" else probe] + (["--watch"] if watch else [])
         with open(workdir / "worker.log", "ab") as err:
             worker = ns.popen(argv, cwd=str(ROOT), env=lab_env(), stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -358,6 +471,8 @@ def _one_run(kind: str, n: int, probe: str, interval: float, timeout: float, war
             raise RuntimeError(f"throughput worker failed: {(workdir / 'worker.log').read_text()[-2000:]}")
         result: dict[str, Any] = json.loads(result_path.read_text())
         result["warmup_s"] = warmup
+        if probe == "idle":
+            result["probe"], result["kind"] = "idle", _kind_of(kind, "idle", watch)
         return result
     finally:
         lab.teardown()
@@ -376,9 +491,9 @@ def render(result: dict[str, Any]) -> str:
         wall = r["window_s"]
         verdict: bool | str
         if r["probe"] != "agent":
-            verdict = "what-if"
+            verdict = "what-if" if r["probe"] != "idle" else "-"
         else:
-            verdict = meets_target(r) if r["endpoints"] >= 10000 else "-"
+            verdict = meets_target(r) if r["endpoints"] >= 10000 and r["interval_s"] == result["interval_s"] else "-"
         rows.append([r["kind"], r["endpoints"], r["configured_per_s"], r["achieved_per_s"], r["cpu_core_fraction"],
                      round(r["cpu_user_s"] / wall, 3), round(r["cpu_system_s"] / wall, 3),
                      r["cpu_s_per_1000_checks"], r["peak_rss_mb"], r["lateness_s"]["p50"], r["lateness_s"]["p99"],
@@ -393,7 +508,20 @@ def render(result: dict[str, Any]) -> str:
                   "target (10,000 endpoints): got/s >= 97% of want/s on < 1 core, lateness p99 < 0.1 s, "
                   "RSS < 150 MB, no failed checks",
                   "what-ifs (not the agent's code): http-keepalive = one persistent connection per backend; "
-                  "tcp-null = no I/O, the fixed cost of scheduling and handling a check"])
+                  "tcp-null = no I/O, the fixed cost of scheduling and handling a check; "
+                  "*-minimal = a bare asyncio connect(+request)+close loop, the floor",
+                  "+watch = check.watch on: one idle watch connection per endpoint; http-idle = interval 1 h, "
+                  "what the sockets alone cost"]) + _render_ratios(result)
+
+
+def _render_ratios(result: dict[str, Any]) -> str:
+    rows = [[x["kind"], x["endpoints"], x["cpu_s_per_1000"], x["minimal_cpu_s_per_1000"], x["ratio"]]
+            for x in result.get("vs_minimal", [])]
+    if not rows:
+        return ""
+    return "\n" + table("Checks: CPU per 1,000 checks, the agent over the minimal loop (same run)",
+                        ["kind", "endpoints", "agent CPU s/1k", "minimal CPU s/1k", "ratio"], rows,
+                        ["target: ratio <= 1.3"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--server-pid", type=int)
     w.add_argument("--result", type=Path)
     w.add_argument("--profile", type=Path, help="cProfile the measured window; top functions to this file")
-    w.add_argument("--probe", choices=("agent", "keepalive", "null"), default="agent",
+    w.add_argument("--watch", action="store_true", help="check.watch on: one watch connection per endpoint")
+    w.add_argument("--probe", choices=("agent", "keepalive", "null", "minimal"), default="agent",
                    help="agent: the agent's probes; what-ifs: keepalive (HTTP over persistent connections), "
                         "null (no I/O: the fixed cost per check)")
     args = p.parse_args(argv)
@@ -419,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.ready)
         return 0
     result = asyncio.run(check_all(args.kind, args.endpoints, args.interval, args.timeout, args.warmup,
-                                   args.duration, args.server_pid, args.profile, args.probe))
+                                   args.duration, args.server_pid, args.profile, args.probe, args.watch))
     text = json.dumps(result, indent=1)
     if args.result:
         args.result.write_text(text)

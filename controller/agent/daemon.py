@@ -65,13 +65,16 @@ def probe_spec(vip: Vip, key: BackendKey) -> ProbeSpec:
 
 def check_targets(vips: Iterable[Vip]) -> dict[BackendKey, Target]:
     """Every backend of every origin of every VIP is checked: the controller needs to know
-    the health of standby origins too, before it fails over to them."""
+    the health of standby origins too, before it fails over to them. (VIPs with the same
+    check of the same backend share one probe and one watch connection: the scheduler's
+    doing; each key still gets every result.)"""
     targets: dict[BackendKey, Target] = {}
     for vip in vips:
         for origin in vip.origins:
             for backend in origin.backends:
                 key: BackendKey = (vip.name, origin.region, backend)
-                targets[key] = Target(key=key, spec=probe_spec(vip, key), interval=vip.check.interval)
+                targets[key] = Target(key=key, spec=probe_spec(vip, key), interval=vip.check.interval,
+                                      watch=vip.check.watch, fall=vip.check.fall)
     return targets
 
 

@@ -11,7 +11,7 @@ import re
 
 from .errors import ConfigError
 from .model import (
-    ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
+    ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
     AdminState, AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
@@ -370,6 +370,7 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     timeout = node.opt("timeout", lambda n: n.as_float(0.01, 600), float(defaults["timeout"]))
     rise = node.opt("rise", lambda n: n.as_int(1, 100), int(defaults["rise"]))
     fall = node.opt("fall", lambda n: n.as_int(1, 100), int(defaults["fall"]))
+    watch = node.opt("watch", Node.as_bool, WATCH_DEFAULT.get(kind or "", False))
     node.reject_unknown()
     if kind == "tcp":
         for key in ("path", "expect_status", "expect_body", "host_header", "tls_verify"):
@@ -379,7 +380,8 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
         node.error(f"must not exceed interval ({interval}s), got {timeout}s", "timeout")
     if kind is None:
         return None
-    return HealthCheck(kind, port, path, status, body, host_header, tls_verify, interval, timeout, rise, fall)
+    return HealthCheck(kind, port, path, status, body, host_header, tls_verify, interval, timeout, rise, fall,
+                       watch)
 
 
 def _host_header(node: Node) -> str | None:

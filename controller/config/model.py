@@ -60,6 +60,15 @@ class HealthCheck:
     timeout: float
     rise: int
     fall: int
+    # A watch connection per backend; its loss triggers `fall` confirmation probes at once
+    # (health.watch). The reader defaults it to WATCH_DEFAULT[kind].
+    watch: bool = False
+
+
+# Where a watch is on by default: an idle TCP connection is harmless to a TCP or plain
+# HTTP server; to a TLS server it is a handshake that never starts (a logged error each
+# time its handshake timeout closes it), so HTTPS checks opt in.
+WATCH_DEFAULT = {"tcp": True, "http": True, "https": False}
 
 
 @dataclass(frozen=True)

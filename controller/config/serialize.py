@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import Attributes, Backend, HealthCheck, Origin, Vip
+from .model import WATCH_DEFAULT, Attributes, Backend, HealthCheck, Origin, Vip
 
 
 def vip_to_dict(vip: Vip) -> dict[str, Any]:
@@ -28,6 +28,8 @@ def _check(c: HealthCheck) -> dict[str, Any]:
     d: dict[str, Any] = {"type": c.kind, "interval": c.interval, "timeout": c.timeout, "rise": c.rise, "fall": c.fall}
     if c.port is not None:
         d["port"] = c.port
+    if c.watch != WATCH_DEFAULT[c.kind]:
+        d["watch"] = c.watch  # only when set: plans of configs without it stay as they were
     if c.kind != "tcp":
         d.update(path=c.path, expect_status=c.expect_status, tls_verify=c.tls_verify)
         if c.expect_body is not None:

@@ -22,10 +22,26 @@ Rules:
   check is skipped (counted) and the next one scheduled.
 - At most ``max_concurrency`` probes run; beyond that, due checks wait in the heap, and
   the wait shows up as lateness.
+- Targets with the same probe (spec, interval, and watch settings) share it: one probe
+  per interval however many targets (VIPs) check that backend that way, and every one of
+  their keys gets every result, in the order ``set_targets`` listed them. (200 VIPs on one
+  backend were 200 connections a second.) Counters count results per key (``checks``)
+  and probes run (``probes``).
+- Watch (``Target.watch``): one idle connection per backend endpoint (``health.watcher``,
+  shared by every check of that host, port and source). When it is lost, the probe runs at
+  once and, while it fails, again right after, up to ``Target.fall`` confirmation probes
+  in a row, so the state machine can reach ``fall`` failures in milliseconds. One success
+  ends the confirmation. A confirmation never runs beside another probe of the target: if
+  one is in flight, the confirmation starts when it ends (its result is not counted as
+  one, it may predate the loss). Confirmations come before due checks for the
+  ``max_concurrency`` slots and do not move the periodic schedule. A successful probe of a
+  watched endpoint tells the watcher, so a backend back from a crash is watched again at
+  once (``health.watch``).
 - Lateness (start time minus due time) is sampled into a bounded ring for metrics and
-  benchmarks. A check more than an interval late (after a suspended VM, or under
-  overload) is not run: its target is rescheduled like a new one, so a stall ends with
-  fresh checks spread over a second rather than a burst of stale ones.
+  benchmarks (periodic checks only: a confirmation has no due time). A check more than an
+  interval late (after a suspended VM, or under overload) is not run: its target is
+  rescheduled like a new one, so a stall ends with fresh checks spread over a second
+  rather than a burst of stale ones.
 
 Time and sleep are injected (``clock``, ``sleep``): unit tests drive a virtual clock.
 """
@@ -42,13 +58,27 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .probes import ProbeResult, ProbeSpec, probe
+from .watcher import Endpoint, WatchPool
 
 log = logging.getLogger("controller.health")
 
 OnResult = Callable[[Hashable, ProbeResult, float], None]
 ProbeFn = Callable[[ProbeSpec], Awaitable[ProbeResult]]
+
+
+class Watcher(Protocol):
+    """What the scheduler needs of a watch pool (``WatchPool``; a fake in unit tests)."""
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None: ...
+    def probe_succeeded(self, endpoint: Endpoint) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+
+WatcherFactory = Callable[[Callable[[Endpoint, str], None]], Watcher]
 
 MIN_SLEEP = 0.001  # coalesce wake-ups: at most ~1000 loop passes a second, ~1 ms lateness
 LATENESS_SAMPLES = 10_000
@@ -61,6 +91,20 @@ class Target:
     key: Hashable
     spec: ProbeSpec
     interval: float  # seconds between checks
+    watch: bool = False  # keep a watch connection; its loss triggers confirmation probes
+    fall: int = 1  # confirmation probes in a row at most (the state machine's `fall`)
+
+    @property
+    def group(self) -> tuple[ProbeSpec, float, bool, int]:
+        """Targets with the same group share one probe."""
+        watched = self.watch and endpoint_of(self.spec) is not None
+        return (self.spec, self.interval, watched, self.fall if watched else 0)
+
+
+def endpoint_of(spec: ProbeSpec) -> Endpoint | None:
+    """Where a watch connection for this spec goes; None for a scoped IPv6 address
+    ('fe80::1%eth0'), which a bare socket cannot take without a lookup."""
+    return None if "%" in spec.host else (spec.host, spec.port, spec.source)
 
 
 @dataclass(frozen=True)
@@ -69,11 +113,15 @@ class SchedulerStats:
 
     targets: int
     in_flight: int
-    checks: int  # results handed to on_result
+    checks: int  # results handed to on_result (one per key of a shared probe)
     skipped: int  # due checks not run: the previous probe still ran, or more than an interval late
     dropped: int  # results discarded: their target was removed or changed meanwhile
     probe_errors: int  # the probe function raised (reported as failed results)
     lateness: tuple[float, ...]  # seconds between due time and actual start
+    probes: int = 0  # probes finished (shared: one for all the keys it answers)
+    groups: int = 0  # distinct probes (targets that share one count once)
+    watch_losses: int = 0  # watch connections lost: each started a confirmation
+    confirmations: int = 0  # confirmation probes run
 
     def lateness_quantile(self, q: float) -> float:
         """The q-quantile (0..1) of the lateness samples; 0.0 without samples."""
@@ -84,12 +132,18 @@ class SchedulerStats:
 
 
 class _Entry:
-    """The scheduler's mutable record of one live target."""
+    """The scheduler's mutable record of one live probe, shared by the targets in ``keys``."""
 
-    __slots__ = ("alive", "anchor", "due", "seq", "target", "task")
+    __slots__ = ("alive", "anchor", "confirm_left", "confirming", "due", "keys", "queued", "seq", "target",
+                 "task", "watched")
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    def __init__(self, target: Target, keys: tuple[Hashable, ...]) -> None:
+        self.target = target  # the first of the group: its spec, interval, watch and fall are all's
+        self.keys = keys
+        self.confirm_left = 0  # confirmation probes still to run (0: none wanted)
+        self.confirming = False  # the running task is a confirmation probe
+        self.queued = False  # waiting in the urgent queue for a free slot
+        self.watched: Endpoint | None = None  # the watch connection this probe listens to
         self.due = 0.0
         self.seq = -1  # the heap item carrying this seq is the live one; others are stale
         self.task: asyncio.Task[ProbeResult] | None = None
@@ -116,6 +170,7 @@ class CheckScheduler:
         jitter: float = 0.1,
         max_concurrency: int = 1000,
         first_window: float = 1.0,
+        watcher_factory: WatcherFactory = WatchPool,
     ) -> None:
         if not 0.0 <= jitter <= 0.5:
             raise ValueError(f"jitter must be within 0..0.5 of the interval, got {jitter}")
@@ -131,7 +186,11 @@ class CheckScheduler:
         self._jitter = jitter
         self._max_concurrency = max_concurrency
         self._first_window = first_window
-        self._entries: dict[Hashable, _Entry] = {}
+        self._entries: dict[tuple[ProbeSpec, float, bool, int], _Entry] = {}  # by Target.group
+        self._keys = 0
+        self._by_endpoint: dict[Endpoint, list[_Entry]] = {}  # the watched entries
+        self._urgent: deque[_Entry] = deque()  # confirmations waiting for a free slot
+        self._watcher = watcher_factory(self._on_watch_loss)
         self._heap: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[ProbeResult]] = set()
@@ -142,41 +201,72 @@ class CheckScheduler:
         self._skipped = 0
         self._dropped = 0
         self._probe_errors = 0
+        self._probes = 0
+        self._watch_losses = 0
+        self._confirmations = 0
         self._lateness: deque[float] = deque(maxlen=LATENESS_SAMPLES)
 
     # --- the set of targets ------------------------------------------------------------
     def set_targets(self, targets: Iterable[Target]) -> None:
         """Replace the whole set (see the module docstring for what is kept)."""
-        wanted: dict[Hashable, Target] = {}
+        seen: set[Hashable] = set()
+        groups: dict[tuple[ProbeSpec, float, bool, int], list[Target]] = {}
         for t in targets:
-            if t.key in wanted:
+            if t.key in seen:
                 raise ValueError(f"duplicate target key {t.key!r}")
             if not t.interval > 0:
                 raise ValueError(f"target {t.key!r}: interval must be positive, got {t.interval}")
-            wanted[t.key] = t
+            if t.fall < 1:
+                raise ValueError(f"target {t.key!r}: fall must be at least 1, got {t.fall}")
+            seen.add(t.key)
+            groups.setdefault(t.group, []).append(t)
         now = self._clock()
-        for key in [k for k, e in self._entries.items() if k not in wanted or e.target.spec != wanted[k].spec]:
-            self._retire(self._entries.pop(key))
-        for key, target in wanted.items():
-            entry = self._entries.get(key)
-            if entry is None:
-                self._entries[key] = self._new_entry(target, now)
-            elif entry.target.interval != target.interval:
+        # A probe whose group is gone but whose spec lives on in a new group (a new interval,
+        # watch switched) keeps its schedule and its running probe.
+        leaving: dict[ProbeSpec, _Entry] = {}
+        for gk in [g for g in self._entries if g not in groups]:
+            entry = self._entries.pop(gk)
+            if entry.target.spec in leaving:
+                self._retire(leaving[entry.target.spec])
+            leaving[entry.target.spec] = entry
+        for gk, members in groups.items():
+            first, keys = members[0], tuple(t.key for t in members)
+            kept = self._entries.get(gk)
+            if kept is not None:
+                kept.target, kept.keys = first, keys
+                continue
+            reused = leaving.pop(first.spec, None)
+            if reused is None:
+                self._entries[gk] = self._new_entry(first, keys, now)
+                continue
+            entry = reused
+            old = entry.target
+            entry.target, entry.keys = first, keys
+            if not first.watch or first.fall < entry.confirm_left:
+                entry.confirm_left = min(entry.confirm_left, first.fall) if first.watch else 0
+            if old.interval != first.interval:
                 # Same check, new pace: the next check comes no later than one new interval.
-                entry.target = target
                 if entry.anchor is not None:
-                    entry.anchor = min(entry.anchor, now + target.interval)
-                self._push(entry, min(entry.due, now + target.interval))
-            else:
-                entry.target = target
+                    entry.anchor = min(entry.anchor, now + first.interval)
+                self._push(entry, min(entry.due, now + first.interval))
+            self._entries[gk] = entry
+        for entry in leaving.values():
+            self._retire(entry)
+        self._keys = len(seen)
+        self._by_endpoint = {}
+        for gk, entry in self._entries.items():
+            entry.watched = endpoint_of(entry.target.spec) if gk[2] else None
+            if entry.watched is not None:
+                self._by_endpoint.setdefault(entry.watched, []).append(entry)
+        self._watcher.set_endpoints(self._by_endpoint)
         if len(self._heap) > 2 * len(self._entries) + 64:
             # Many removals or reschedules left stale heap items behind; drop them.
             self._heap = [item for item in self._heap if item[2].alive and item[2].seq == item[1]]
             heapq.heapify(self._heap)
         self._wakeup()
 
-    def _new_entry(self, target: Target, now: float) -> _Entry:
-        entry = _Entry(target)
+    def _new_entry(self, target: Target, keys: tuple[Hashable, ...], now: float) -> _Entry:
+        entry = _Entry(target, keys)
         self._schedule_fresh(entry, now)
         return entry
 
@@ -193,6 +283,7 @@ class CheckScheduler:
 
     def _retire(self, entry: _Entry) -> None:
         entry.alive = False
+        entry.confirm_left = 0
         if entry.task is not None:
             self._dropped += 1
             entry.task.cancel()  # its done callback sees alive=False and reports nothing
@@ -210,6 +301,8 @@ class CheckScheduler:
         self._running = True
         loop = asyncio.get_running_loop()
         try:
+            if not self._stopping:
+                self._watcher.start()
             while not self._stopping:
                 self._start_due()
                 self._wake = loop.create_future()
@@ -224,6 +317,7 @@ class CheckScheduler:
                         sleeper.cancel()
                 self._wake = None
         finally:
+            self._watcher.close()
             self._wake = None
             self._running = False
             tasks = list(self._tasks)
@@ -248,6 +342,11 @@ class CheckScheduler:
         return self._heap[0][0] - self._clock()
 
     def _start_due(self) -> None:
+        while self._urgent and len(self._tasks) < self._max_concurrency:
+            entry = self._urgent.popleft()
+            entry.queued = False
+            if entry.alive and entry.task is None and entry.confirm_left > 0:
+                self._launch(entry, None)
         now = self._clock()
         heap = self._heap
         while heap and heap[0][0] <= now and len(self._tasks) < self._max_concurrency:
@@ -268,15 +367,58 @@ class CheckScheduler:
             if entry.task is not None:
                 self._skipped += 1  # never two probes of one target at once
                 continue
-            task = asyncio.ensure_future(self._check(entry.target, due))
-            entry.task = task
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, entry))
+            if entry.confirm_left > 0:
+                # A loss was seen while no slot was free: confirm now, this check is one.
+                if entry.queued:
+                    self._urgent.remove(entry)
+                    entry.queued = False
+                self._launch(entry, None)
+                continue
+            self._launch(entry, due)
 
-    async def _check(self, target: Target, due: float) -> ProbeResult:
+    def _launch(self, entry: _Entry, due: float | None) -> None:
+        """Start a probe: a periodic check (``due``) or a confirmation (None)."""
+        entry.confirming = due is None
+        if due is None:
+            self._confirmations += 1
+        task = asyncio.ensure_future(self._check(entry.target, due))
+        entry.task = task
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._finished, entry))
+
+    # --- watch -------------------------------------------------------------------------
+    def _on_watch_loss(self, endpoint: Endpoint, detail: str) -> None:
+        """The watch connection to ``endpoint`` was lost: confirm every probe that watches it."""
+        entries = self._by_endpoint.get(endpoint, ())
+        if entries:
+            # Debug: servers that close idle connections make this routine; a confirmed
+            # failure shows as the backend's transition, with the probe's detail.
+            log.debug("%s of %s:%d: confirming with %d probe(s) now", detail, endpoint[0], endpoint[1],
+                      len(entries))
+        for entry in entries:
+            if not entry.alive:
+                continue
+            self._watch_losses += 1
+            entry.confirm_left = entry.target.fall
+            if entry.task is None:
+                self._confirm_next(entry)
+            # else: the probe in flight may predate the loss; the confirmation follows it.
+
+    def _confirm_next(self, entry: _Entry) -> None:
+        if self._stopping:
+            return
+        if len(self._tasks) < self._max_concurrency:
+            self._launch(entry, None)
+        elif not entry.queued:
+            entry.queued = True
+            self._urgent.append(entry)
+            # _finished wakes the loop when a slot frees up.
+
+    async def _check(self, target: Target, due: float | None) -> ProbeResult:
         started = self._clock()
-        # Measured here, when the probe really starts, not when the loop decided to start it.
-        self._lateness.append(started - due)
+        if due is not None:
+            # Measured here, when the probe really starts, not when the loop decided to start it.
+            self._lateness.append(started - due)
         try:
             return await self._probe_fn(target.spec)
         except Exception as exc:  # noqa: BLE001 - see below
@@ -288,22 +430,38 @@ class CheckScheduler:
 
     def _finished(self, entry: _Entry, task: asyncio.Task[ProbeResult]) -> None:
         self._tasks.discard(task)
+        confirming = entry.confirming
         if entry.task is task:
             entry.task = None
-        if len(self._tasks) == self._max_concurrency - 1:
+            entry.confirming = False
+        if len(self._tasks) == self._max_concurrency - 1 or self._urgent:
             self._wakeup()  # the loop may be waiting for a free slot
         if task.cancelled() or not entry.alive or self._stopping:
             return
-        self._checks += 1
-        try:
-            self._on_result(entry.target.key, task.result(), self._clock())
-        except Exception:  # noqa: BLE001 - one bad callback must not stop the checks
-            log.exception("on_result failed for %r", entry.target.key)
+        result = task.result()
+        self._probes += 1
+        now = self._clock()
+        for key in entry.keys:
+            self._checks += 1
+            try:
+                self._on_result(key, result, now)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the checks
+                log.exception("on_result failed for %r", key)
+        if result.ok and entry.watched is not None:
+            # A backend back from a crash is watched again now, not after its backoff.
+            self._watcher.probe_succeeded(entry.watched)
+        if entry.confirm_left > 0:
+            if confirming:
+                # One success ends it (the backend answers); a failure counts toward fall.
+                entry.confirm_left = 0 if result.ok else entry.confirm_left - 1
+            if entry.confirm_left > 0 and entry.task is None:
+                self._confirm_next(entry)
 
     def stats(self) -> SchedulerStats:
         """A snapshot for metrics and benchmarks."""
         return SchedulerStats(
-            targets=len(self._entries), in_flight=len(self._tasks), checks=self._checks,
+            targets=self._keys, in_flight=len(self._tasks), checks=self._checks,
             skipped=self._skipped, dropped=self._dropped, probe_errors=self._probe_errors,
-            lateness=tuple(self._lateness),
+            lateness=tuple(self._lateness), probes=self._probes, groups=len(self._entries),
+            watch_losses=self._watch_losses, confirmations=self._confirmations,
         )

@@ -787,7 +787,9 @@ def test_scheduler_checks_each_of_200_targets_again_and_again_against_a_real_ser
     async def scenario(srv: Server) -> tuple[int, int, int, int]:
         sched = CheckScheduler(on_result)
         sched.set_targets(
-            Target(key=i, spec=ProbeSpec("http", "127.0.0.1", srv.port, GENEROUS, expect_body="ok"), interval=0.2)
+            # A path each: identical checks would share one probe (the scheduler's rule).
+            Target(key=i, spec=ProbeSpec("http", "127.0.0.1", srv.port, GENEROUS, path=f"/{i}", expect_body="ok"),
+                   interval=0.2)
             for i in range(200)
         )
         task = asyncio.create_task(sched.run())

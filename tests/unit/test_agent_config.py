@@ -165,3 +165,37 @@ def test_host_header_that_would_break_the_request_is_rejected() -> None:
     d["vips"][0]["check"]["host_header"] = "evil\r\nX-Injected: 1"
     assert any(e.startswith("vips[0].check.host_header: a Host header is ASCII without spaces")
                for e in errors_of(d))
+
+
+@pytest.mark.parametrize("kind, set_to, expected", [
+    ("http", None, True), ("tcp", None, True), ("https", None, False),  # the defaults
+    ("http", False, False), ("https", True, True),
+])
+def test_check_watch_defaults_by_kind_and_survives_a_plan_round_trip(kind: str, set_to: bool | None,
+                                                                      expected: bool) -> None:
+    from controller.config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
+    from controller.config.model import StateAttributes
+    from controller.config.reader import Issues, Node
+    from controller.config.serialize import vip_to_dict
+
+    d = base()
+    check = {"type": kind}
+    if set_to is not None:
+        check["watch"] = set_to
+    d["vips"][0]["check"] = check
+    config = parse_agent_config(yaml.safe_dump(d))
+    vip = config.vips[0]
+    assert vip.check.watch is expected
+    # A plan carries it only when it differs from its kind's default, and reads back the same.
+    raw = vip_to_dict(vip)
+    assert ("watch" in raw["check"]) is (set_to is not None and set_to != (kind != "https"))
+    issues = Issues()
+    back = read_vip(Node(raw, "", issues), config.allowed_prefixes, dict(DEFAULT_CHECK),
+                    StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    assert not issues.items and back == vip
+
+
+def test_check_watch_must_be_a_boolean() -> None:
+    d = base()
+    d["vips"][0]["check"]["watch"] = "sometimes"
+    assert any("vips[0].check.watch" in e for e in errors_of(d))

@@ -681,3 +681,20 @@ def test_a_probe_result_finds_its_vip_by_name_without_scanning_the_vips(tmp_path
     assert agent.health[key].phase.value == "down"  # fall=1: the new plan's definition was found
     assert agent.vip("vip-150") is agent.plan.specs[50]  # type: ignore[index]
     assert agent.vip("nope") is None
+
+
+def test_check_targets_carry_the_watch_and_fall_and_vips_on_one_backend_share_a_probe(tmp_path: Path) -> None:
+    from controller.agent.daemon import check_targets
+
+    cfg = config(tmp_path)
+    vip = cfg.vips[0]
+    twin = dataclasses.replace(vip, name="twin", prefix=ipaddress.ip_network("198.51.100.99/32"))
+    quiet = dataclasses.replace(vip, name="quiet", prefix=ipaddress.ip_network("198.51.100.98/32"),
+                                check=dataclasses.replace(vip.check, watch=False))
+    targets = check_targets([vip, twin, quiet])
+    assert all(t.watch == (t.key[0] != "quiet") and t.fall == vip.check.fall for t in targets.values())
+    # vip and twin check each backend the same way: one probe per backend for both (the
+    # scheduler groups by Target.group); quiet does not watch, so it has its own.
+    backends = {b for o in vip.origins for b in o.backends}
+    assert len({t.group for t in targets.values()}) == 2 * len(backends)
+    assert len(targets) == 3 * len(backends)

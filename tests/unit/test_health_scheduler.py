@@ -429,3 +429,230 @@ def test_stop_before_run_makes_run_return_at_once() -> None:
         await asyncio.wait_for(sched.run(), 60)  # a hang guard: it returns at once
 
     run(scenario)
+
+
+# --- shared probes --------------------------------------------------------------------------
+
+
+def shared(key: str, port: int = 1, interval: float = 1.0, watch: bool = False, fall: int = 2) -> Target:
+    """Many VIPs' targets on one backend: same spec, their own keys."""
+    return Target(key=key, spec=ProbeSpec("tcp", "192.0.2.1", port, 0.5), interval=interval, watch=watch,
+                  fall=fall)
+
+
+def test_vips_sharing_a_backend_and_a_check_share_one_probe_and_all_get_every_result() -> None:
+    async def scenario() -> None:
+        keys = [f"vip{i}" for i in range(200)]
+        async with simulation([shared(k) for k in keys], jitter=0.0) as sim:
+            sim.probe.failing = {1}
+            await sim.vt.advance(10.0)
+            starts = sim.starts(1)
+            assert 9 <= len(starts) <= 11  # one probe per interval, not 200
+            gaps = [b - a for a, b in itertools.pairwise(starts[1:])]
+            assert all(1.0 - EPS <= g <= 1.0 + EPS for g in gaps)
+            per_key = {k: [r.detail for r in sim.results_for(k)] for k in keys}
+            assert all(v == per_key["vip0"] and len(v) == len(starts) for v in per_key.values())
+            st = sim.sched.stats()
+            assert (st.targets, st.groups, st.probes, st.checks) == (200, 1, len(starts), 200 * len(starts))
+
+    run(scenario)
+
+
+def test_only_an_identical_check_is_shared() -> None:
+    async def scenario() -> None:
+        targets = [shared("a"), shared("b"), shared("c", interval=2.0), shared("d", watch=True),
+                   shared("e", watch=True, fall=3), shared("f", watch=True), shared("g", port=2)]
+        async with simulation(targets, watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(0.0)
+            # a+b share; c (interval), d+f (watch, fall 2), e (fall 3) and g (port) do not.
+            assert sim.sched.stats().groups == 5
+
+    run(scenario)
+
+
+def test_a_vip_leaving_a_shared_probe_gets_no_more_results_and_the_others_keep_their_schedule() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a"), shared("b")], jitter=0.0) as sim:
+            await sim.vt.advance(5.0)
+            phase = sim.starts(1)[-1] % 1.0
+            sim.sched.set_targets([shared("a")])
+            change = sim.vt.now - T0
+            n_b = len(sim.results_for("b"))
+            await sim.vt.advance(5.0)
+            assert len(sim.results_for("b")) == n_b
+            assert all(abs(t % 1.0 - phase) < EPS for t in sim.starts(1))
+            assert len(sim.starts(1, after=change)) == 5
+
+    run(scenario)
+
+
+# --- watch: confirmation probes -----------------------------------------------------------
+
+
+class FakeWatcher:
+    """Records the endpoints it is asked to watch; `lose(endpoint)` plays a lost connection."""
+
+    last: FakeWatcher | None = None
+
+    def __init__(self, on_loss: Callable[[tuple[str, int, str | None], str], None]) -> None:
+        self.on_loss = on_loss
+        self.endpoints: set[tuple[str, int, str | None]] = set()
+        self.started = self.closed = False
+        self.succeeded: list[tuple[str, int, str | None]] = []
+        FakeWatcher.last = self
+
+    def set_endpoints(self, endpoints: Iterable[tuple[str, int, str | None]]) -> None:
+        self.endpoints = set(endpoints)
+
+    def start(self) -> None:
+        self.started = True
+
+    def probe_succeeded(self, endpoint: tuple[str, int, str | None]) -> None:
+        self.succeeded.append(endpoint)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def lose(self, port: int = 1) -> None:
+        self.on_loss(("192.0.2.1", port, None), "watch connection reset: connection reset")
+
+
+def watcher() -> FakeWatcher:
+    assert FakeWatcher.last is not None
+    return FakeWatcher.last
+
+
+def test_one_watch_per_backend_endpoint_only_for_watched_checks() -> None:
+    async def scenario() -> None:
+        targets = [shared("a", watch=True), shared("b", watch=True, interval=5.0), shared("c", port=2),
+                   shared("d", port=3, watch=True)]
+        async with simulation(targets, watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(0.0)
+            assert watcher().started
+            assert watcher().endpoints == {("192.0.2.1", 1, None), ("192.0.2.1", 3, None)}
+            sim.sched.set_targets([shared("c", port=2)])
+            assert watcher().endpoints == set()
+        assert watcher().closed
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("fall", [1, 2, 3, 5])
+def test_a_lost_watch_runs_fall_confirmation_probes_back_to_back(fall: int) -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, fall=fall, interval=3600.0)],
+                              watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(1.5)  # the first check (within a second), then an hour to the next
+            assert len(sim.starts(1)) == 1
+            sim.probe.failing = {1}
+            sim.probe.duration[1] = 0.002
+            lost_at = sim.vt.now - T0
+            watcher().lose()
+            await sim.vt.advance(1.0)
+            after = sim.starts(1, after=lost_at)
+            assert len(after) == fall  # exactly fall, then the schedule goes back to its hour
+            assert after[0] == lost_at  # at once
+            assert all(b - a == pytest.approx(0.002) for a, b in itertools.pairwise(after))  # back to back
+            assert [r.ok for r in sim.results_for("a")] == [True] + [False] * fall
+            assert (sim.sched.stats().watch_losses, sim.sched.stats().confirmations) == (1, fall)
+
+    run(scenario)
+
+
+def test_one_successful_confirmation_ends_it() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, fall=3, interval=3600.0)],
+                              watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(1.5)
+            lost_at = sim.vt.now - T0
+            watcher().lose()  # a reset of a healthy backend: the probe succeeds
+            await sim.vt.advance(10.0)
+            assert len(sim.starts(1, after=lost_at)) == 1
+            assert all(r.ok for r in sim.results_for("a"))
+
+    run(scenario)
+
+
+def test_a_loss_during_a_probe_confirms_after_it_without_counting_it() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, fall=2, interval=1.0)], jitter=0.0,
+                              watcher_factory=FakeWatcher) as sim:
+            sim.probe.duration[1] = 0.3
+            await sim.vt.advance(3.0)
+            while sim.probe.running[1] == 0:
+                await sim.vt.advance(0.01)
+            started = sim.starts(1)[-1]
+            watcher().lose()  # the probe in flight succeeds: it began before the loss
+            await sim.vt.advance(0.5)
+            # The in-flight probe's success did not end the confirmation: one started as it
+            # ended, long before the next check was due (started + 1).
+            assert sim.starts(1, after=started + 0.1)[0] == pytest.approx(started + 0.3, abs=EPS)
+            assert sim.sched.stats().confirmations == 1
+            assert not sim.probe.max_running_per_port[1] > 1  # never two at once
+
+    run(scenario)
+
+
+def test_a_loss_confirms_every_probe_on_that_endpoint_and_feeds_every_vip() -> None:
+    async def scenario() -> None:
+        targets = [shared(f"v{i}", watch=True, fall=2, interval=3600.0) for i in range(50)]
+        other = Target(key="path2", spec=ProbeSpec("http", "192.0.2.1", 1, 0.5, path="/x"), interval=3600.0,
+                       watch=True, fall=2)
+        async with simulation([*targets, other], watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(1.5)
+            sim.probe.failing = {1}
+            watcher().lose()
+            await sim.vt.advance(1.0)
+            assert sim.sched.stats().confirmations == 4  # two probes (a tcp and an http), fall 2 each
+            assert all([r.ok for r in sim.results_for(f"v{i}")] == [True, False, False] for i in range(50))
+            assert [r.ok for r in sim.results_for("path2")] == [True, False, False]
+
+    run(scenario)
+
+
+def test_a_loss_of_an_unwatched_endpoint_changes_nothing() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, interval=3600.0), shared("b", port=2, interval=3600.0)],
+                              watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(1.5)
+            watcher().lose(port=2)
+            watcher().lose(port=9)
+            await sim.vt.advance(1.0)
+            assert sim.sched.stats().confirmations == 0
+
+    run(scenario)
+
+
+def test_confirmations_wait_for_a_free_slot_but_come_before_due_checks() -> None:
+    async def scenario() -> None:
+        busy = [shared(f"busy{p}", port=p, interval=0.5) for p in range(10, 13)]
+        async with simulation([shared("a", watch=True, fall=2, interval=3600.0), *busy],
+                              watcher_factory=FakeWatcher, max_concurrency=3) as sim:
+            await sim.vt.advance(1.5)
+            for p in range(10, 13):
+                sim.probe.duration[p] = 0.2
+            while sum(sim.probe.running.values()) < 3:
+                await sim.vt.advance(0.01)
+            sim.probe.failing = {1}
+            lost_at = sim.vt.now - T0
+            watcher().lose()
+            await sim.vt.advance(2.0)
+            assert sim.probe.max_running == 3
+            assert len(sim.starts(1, after=lost_at)) == 2
+            assert [r.ok for r in sim.results_for("a")][-2:] == [False, False]
+
+    run(scenario)
+
+
+def test_a_successful_probe_of_a_watched_endpoint_tells_the_watcher() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", watch=True, interval=1.0), shared("b", port=2, interval=1.0)],
+                              watcher_factory=FakeWatcher) as sim:
+            await sim.vt.advance(3.5)
+            ok = len([r for r in sim.results_for("a") if r.ok])
+            assert ok >= 3 and watcher().succeeded == [("192.0.2.1", 1, None)] * ok
+            sim.probe.failing = {1}
+            await sim.vt.advance(3.0)
+            assert len(watcher().succeeded) == ok  # failures say nothing; port 2 is not watched
+
+    run(scenario)
