@@ -127,6 +127,7 @@ class Agent:
         self.last_reconcile_success = 0.0
         self.config_ok = True
         self.config_time = clock()
+        self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
         self._dirty = asyncio.Event()
         self._stopping: str | None = None
         self._ready = False
@@ -264,15 +265,53 @@ class Agent:
         wake_ats: list[float] = []
         decisions = []
         for v in self.vips:
-            state = self._confirm.get(v.name) or confirm.initial(now)
-            waits[v.name], pending, wake_at = confirm.step(state, self._checked(v, verdicts), now)
-            if wake_at is not None:
-                wake_ats.append(wake_at)
-            decisions.append(decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
-                                    confirm_pending=pending))
+            try:
+                state = self._confirm.get(v.name) or confirm.initial(now)
+                waits[v.name], pending, wake_at = confirm.step(state, self._checked(v, verdicts), now)
+                if wake_at is not None:
+                    wake_ats.append(wake_at)
+                decision = decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
+                                  confirm_pending=pending)
+            except Exception as exc:  # noqa: BLE001 - one VIP's failure must not take the others down
+                decision = self._refuse(v.name, v.prefix, "decide", exc)
+            decisions.append(self._vet(decision))
         self._confirm = waits  # a VIP the agent no longer acts on forgets its wait
         self._arm_wake(min(wake_ats, default=None))
         return decisions
+
+    def _vet(self, d: Decision) -> Decision:
+        """An announcement whose ExaBGP command cannot be built is refused (withdrawn, reason
+        ``refused``) here, before the kernel or BGP act on it: the other VIPs carry on. A crash
+        instead would make ExaBGP respawn the agent into the same crash, give up after five,
+        and withdraw every VIP at the POP."""
+        if d.action is not Action.ANNOUNCE or d.attributes is None:
+            return d
+        try:
+            self._announce_line(d.prefix, d.attributes)
+        except Exception as exc:  # noqa: BLE001 - see above
+            return self._refuse(d.vip, d.prefix, "encode", exc)
+        return d
+
+    def _refuse(self, name: str, prefix: IPNetwork, stage: str, exc: Exception) -> Decision:
+        previous = self.decisions.get(name)
+        if previous is None or previous.reason != Reason.REFUSED:
+            # Once per refusal, with the traceback: it is a bug or a config the reader let through.
+            log.error("VIP %s (%s) refused: %s failed (%s); withdrawing it, the other VIPs carry on",
+                      name, prefix, stage, exc, exc_info=exc)
+            self.metrics.vip_refused.labels(name, stage).inc()
+        return Decision(name, prefix, Action.WITHDRAW, Reason.REFUSED, f"{stage} failed: {exc}")
+
+    def _announce_line(self, prefix: IPNetwork, attrs: Attributes) -> str:
+        """The ExaBGP command for an announcement, memoised: with 10,000 VIPs every pass would
+        otherwise rebuild (and re-validate) every line."""
+        key = (prefix, attrs, self.config.local_as)
+        line = self._lines.get(key)
+        if line is None:
+            line = announce_line(prefix, exabgp_attributes(attrs, self.config.local_as))
+            if len(self._lines) > 2 * len(self.vips) + 64:
+                self._lines.clear()  # stale entries from old configs; rebuilt on demand
+            self._lines[key] = line
+        return line
 
     def _checked(self, vip: Vip, verdicts: dict[BackendKey, bool | None]) -> confirm.Checked:
         """What this pass sees of the VIP, for its confirm-pending state machine."""
@@ -332,7 +371,7 @@ class Agent:
         changed = False
         for cmd in commands:
             if isinstance(cmd, Announce):
-                line = announce_line(cmd.prefix, exabgp_attributes(cmd.attributes, self.config.local_as))
+                line = self._announce_line(cmd.prefix, cmd.attributes)  # vetted: does not raise
             else:
                 line = withdraw_line(cmd.prefix)
             if await self.announcer.send(line):
@@ -444,6 +483,13 @@ class Agent:
                     log.warning("ExaBGP is gone (%s); exiting", exc)
                     self.stop("exabgp_gone")
                     break
+                except Exception:  # noqa: BLE001 - a bug in one pass must not crash-loop the agent
+                    # Exiting would make ExaBGP respawn us into the same bug and, after five
+                    # deaths, give up and withdraw every VIP. ExaBGP keeps what it announces.
+                    self.metrics.reconcile_crashes.inc()
+                    self.metrics.reconciles.labels("error").inc()
+                    log.exception("reconcile pass failed; announcements stay as they are, retrying "
+                                  "at the next pass")
                 self._notify()
                 try:
                     await asyncio.wait_for(self._dirty.wait(), timeout=tick)

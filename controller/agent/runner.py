@@ -25,7 +25,10 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
 
     def on_event(event: object) -> None:
         if "agent" in holder:
-            holder["agent"].on_event(event)
+            try:
+                holder["agent"].on_event(event)
+            except Exception:  # noqa: BLE001 - a bad message must not stop the reader (and the agent)
+                log.exception("handling a message from ExaBGP failed; ignoring it: %r", event)
 
     speaker = await ExaBGPSpeaker.connect_stdio(on_event=on_event)
     kernel = None

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .. import bgp_values
+
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_U16_MAX: Final = 0xFFFF
 _U32_MAX: Final = 0xFFFF_FFFF
 # One AS_SEQUENCE segment holds at most 255 ASNs; the local AS plus its copies must fit.
 _MAX_PREPEND: Final = 254
@@ -78,27 +80,19 @@ class RouteAttributes:
                 raise ValueError(f"next_hop: {self.next_hop!r} is neither 'self' nor an IP address") from None
         # object.__setattr__ because the dataclass is frozen; normalising here keeps
         # equality meaningful for the reconciler, which diffs attribute sets.
-        object.__setattr__(self, "communities", _normalise(self.communities, 2, _U16_MAX, "communities"))
-        object.__setattr__(
-            self, "large_communities", _normalise(self.large_communities, 3, _U32_MAX, "large_communities")
-        )
+        # The config validator parses with the same functions (bgp_values), so every
+        # community a config accepts (well-known names included) is accepted here.
+        object.__setattr__(self, "communities", _canonical("communities", bgp_values.canonical_communities,
+                                                           self.communities))
+        object.__setattr__(self, "large_communities", _canonical(
+            "large_communities", bgp_values.canonical_large_communities, self.large_communities))
 
 
-def _normalise(values: tuple[str, ...], parts: int, maximum: int, name: str) -> tuple[str, ...]:
-    """Validate "a:b" (or "a:b:c") communities and return them sorted, without duplicates."""
-    if isinstance(values, str):
-        # A bare string is a tuple of characters to Python; catch it by name.
-        raise ValueError(f"{name}: expected a tuple of strings, got the string {values!r}")
-    keys: set[tuple[int, ...]] = set()
-    for value in values:
-        fields = value.split(":")
-        if len(fields) != parts or not all(f.isdigit() and f.isascii() for f in fields):
-            raise ValueError(f"{name}: {value!r} is not {':'.join(['N'] * parts)}")
-        key = tuple(int(f) for f in fields)
-        if any(n > maximum for n in key):
-            raise ValueError(f"{name}: {value!r} has a part larger than {maximum}")
-        keys.add(key)
-    return tuple(":".join(str(n) for n in key) for key in sorted(keys))
+def _canonical(name: str, parse: Callable[[object], tuple[str, ...]], values: object) -> tuple[str, ...]:
+    try:
+        return parse(values)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .. import bgp_values
+
 _SUPPORTED_FAMILIES: Final = ("ipv4 unicast", "ipv6 unicast")
 _U32_MAX: Final = 0xFFFF_FFFF
 _HOLD_TIME_MAX: Final = 0xFFFF
-_MD5_KEY_MAX: Final = 80  # TCP_MD5SIG_MAXKEYLEN in Linux
 # Characters ExaBGP's tokeniser treats as syntax, plus whitespace and quotes.
 _UNSAFE_ARG: Final = re.compile(r"""[\s"';{}\[\],#\\]""")
 _PROCESS_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -81,13 +82,12 @@ def _ip(name: str, value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _check_md5(password: str) -> None:
-    # Rendered inside double quotes: a quote or backslash would end or escape it.
-    if not password:
-        raise ValueError("md5_password: empty (use None for no password)")
-    if len(password.encode()) > _MD5_KEY_MAX:
-        raise ValueError(f"md5_password: longer than {_MD5_KEY_MAX} bytes, the kernel's TCP MD5 key limit")
-    if any(c in "\"\\" or not c.isprintable() for c in password):
-        raise ValueError("md5_password: must not contain quotes, backslashes or control characters")
+    # The config validator runs the same check (bgp_values): rendered inside double quotes,
+    # measured in bytes, ASCII because ExaBGP encodes it so.
+    try:
+        bgp_values.check_md5_password(password)
+    except ValueError as exc:
+        raise ValueError(f"md5_password: {exc}") from None
 
 
 def render_exabgp_config(neighbors: Sequence[NeighborSpec], process_name: str, run_argv: Sequence[str]) -> str:

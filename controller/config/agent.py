@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from .. import bgp_values
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES,
@@ -18,9 +19,6 @@ from .model import (
 from .reader import Issues, Node, parse_yaml, read_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_COMMUNITY = re.compile(r"^(\d{1,5}):(\d{1,5})$")
-_LARGE_COMMUNITY = re.compile(r"^(\d{1,10}):(\d{1,10}):(\d{1,10})$")
-_WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "no-export-subconfed", "blackhole")
 
 DEFAULT_CHECK = {"interval": 1.0, "timeout": 0.5, "rise": 3, "fall": 2}
 DEFAULT_UP = Attributes(med=100)
@@ -165,11 +163,12 @@ def _hold_time(node: Node) -> int | None:
 
 
 def _password(node: Node) -> str | None:
-    s = node.as_str()
-    if s is not None and (len(s) > 80 or any(c.isspace() or c in "\";'" for c in s)):
-        node.error("must be at most 80 characters without spaces, quotes or ';'")
+    # The same check as the ExaBGP config renderer's (bgp_values): what validates, launches.
+    try:
+        return bgp_values.check_md5_password(node.value)
+    except ValueError as exc:
+        node.error(str(exc))
         return None
-    return s
 
 
 def read_state_attributes(node: Node | None, base: StateAttributes) -> StateAttributes | None:
@@ -195,26 +194,25 @@ def _attributes(node: Node | None, base: Attributes) -> Attributes:
 
 
 def _communities(node: Node) -> tuple[str, ...] | None:
-    out = []
+    """Well-known names (``no-export``, ``graceful-shutdown``...) or ASN:VALUE, stored in the
+    canonical numeric form the announce path sends (bgp_values: one parser for both)."""
+    out: set[tuple[int, int]] = set()
     for item in node.items():
-        s = str(item.value) if item.value is not None else ""
-        m = _COMMUNITY.match(s)
-        if s in _WELL_KNOWN_COMMUNITIES or (m and all(int(g) <= 65535 for g in m.groups())):
-            out.append(s)
-        else:
-            item.error(f"not a BGP community (ASN:VALUE, each 0-65535, or a well-known name): {item.value!r}")
-    return tuple(out)
+        try:
+            out.add(bgp_values.parse_community(item.value))
+        except ValueError as exc:
+            item.error(str(exc))
+    return tuple(f"{a}:{b}" for a, b in sorted(out))
 
 
 def _large_communities(node: Node) -> tuple[str, ...] | None:
-    out = []
+    out: set[tuple[int, int, int]] = set()
     for item in node.items():
-        m = _LARGE_COMMUNITY.match(str(item.value))
-        if m and all(int(g) <= 4294967295 for g in m.groups()):
-            out.append(str(item.value))
-        else:
-            item.error(f"not a large community (A:B:C, each 0-4294967295): {item.value!r}")
-    return tuple(out)
+        try:
+            out.add(bgp_values.parse_large_community(item.value))
+        except ValueError as exc:
+            item.error(str(exc))
+    return tuple(f"{a}:{b}:{c}" for a, b, c in sorted(out))
 
 
 # --- the central controller -------------------------------------------------------------

@@ -681,3 +681,89 @@ def test_a_probe_result_finds_its_vip_by_name_without_scanning_the_vips(tmp_path
     assert agent.health[key].phase.value == "down"  # fall=1: the new plan's definition was found
     assert agent.vip("vip-150") is agent.plan.specs[50]  # type: ignore[index]
     assert agent.vip("nope") is None
+
+
+# --- one VIP's failure is contained (issue 14: a crash loop would withdraw every VIP) -------
+def poisoned_config(tmp_path: Path) -> AgentConfig:
+    """game-global plus a VIP whose attributes ExaBGP's encoder refuses (as a reader bug would let through)."""
+    from controller.config.model import Attributes, StateAttributes
+
+    c = config(tmp_path)
+    good = c.vips[0]
+    bad = dataclasses.replace(good, name="poisoned", prefix=ipaddress.ip_network("198.51.100.11/32"),
+                              attributes=StateAttributes(Attributes(med=1, communities=("bogus",)),
+                                                         good.attributes.draining))
+    return dataclasses.replace(c, vips=(good, bad))
+
+
+def test_a_vip_whose_command_cannot_be_built_is_refused_and_the_others_announce(tmp_path: Path) -> None:
+    cfg = poisoned_config(tmp_path)
+    bad_prefix = ipaddress.ip_network("198.51.100.11/32")
+    # A previous agent announced it: it must now be withdrawn, not left with stale attributes.
+    state_file.save(cfg.state_dir, {bad_prefix: cfg.vips[0].attributes.up})
+
+    async def scenario() -> None:
+        agent, bgp, kernel, registry = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is True
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]
+        assert kernel.routes == {KernelRoute(P, ipaddress.ip_address("100.64.10.1"))}  # none for the refused one
+        assert registry.get_sample_value("anycast_vip_refused_total", {"vip": "poisoned", "stage": "encode"}) == 1
+        assert registry.get_sample_value("anycast_vip_reason",
+                                         {"vip": "poisoned", "reason": "refused", "origin": ""}) == 1
+        assert agent.decisions["poisoned"].detail.startswith("encode failed: communities:")
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]  # level-based: nothing new
+        assert registry.get_sample_value("anycast_vip_refused_total",
+                                         {"vip": "poisoned", "stage": "encode"}) == 1  # counted once
+
+    run(scenario())
+
+
+def test_a_vip_whose_decision_raises_is_refused_and_the_others_announce(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.agent import daemon
+
+    cfg = poisoned_config(tmp_path)
+    cfg = dataclasses.replace(cfg, vips=(cfg.vips[0], dataclasses.replace(cfg.vips[1], attributes=cfg.vips[0].attributes)))
+    real = daemon.decide
+
+    def decide(vip, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if vip.name == "poisoned":
+            raise KeyError("a bug")
+        return real(vip, *args, **kwargs)
+
+    monkeypatch.setattr(daemon, "decide", decide)
+
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is True
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]  # unsure at start: withdrawn
+        assert registry.get_sample_value("anycast_vip_refused_total", {"vip": "poisoned", "stage": "decide"}) == 1
+
+    run(scenario())
+
+
+def test_a_reconcile_pass_that_raises_does_not_end_the_agent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(config(tmp_path))
+        passes = 0
+        real = agent.reconcile_once
+
+        async def flaky() -> bool:
+            nonlocal passes
+            passes += 1
+            if passes == 1:
+                agent._dirty.set()  # the next pass at once, not after the 5 s resync
+                raise RuntimeError("a bug in one pass")
+            agent.stop("test")
+            return await real()
+
+        agent.reconcile_once = flaky  # type: ignore[method-assign]
+        agent._dirty.set()
+        assert await agent.run() == 0
+        assert passes == 2
+        assert registry.get_sample_value("anycast_reconcile_crashes_total") == 1
+
+    run(scenario())
