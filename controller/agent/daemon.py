@@ -10,8 +10,9 @@ Lifecycle:
   process announced, treat every known prefix as "unsure" (ExaBGP may or may not hold it);
 - SIGHUP: reload config; a bad config is logged and counted, the last good one stays;
 - SIGTERM/SIGINT: withdraw everything and remove our kernel state (``shutdown: withdraw``)
-  or leave it all to ExaBGP (``shutdown: keep``), then exit 0;
-- ExaBGP gone (stdin EOF) or ExaBGP's shutdown notification: exit.
+  or leave it all as it is (``shutdown: keep``), then exit 0; a pass in flight is cut short;
+- ExaBGP gone (stdin EOF) or ExaBGP's shutdown notification: no more commands (ExaBGP takes
+  none and its sessions close), but the kernel state is removed all the same, then exit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
@@ -45,6 +47,11 @@ from ..wire import PlanReason
 log = logging.getLogger("controller.agent")
 
 RESYNC_INTERVAL = 5.0  # a full pass even without events: retries failed commands
+# How long a stop waits for ExaBGP to acknowledge the withdrawals. A stop of the whole unit
+# never waits that long: ExaBGP's shutdown notification (or EOF) ends the wait at once,
+# because ExaBGP stops reading our commands then and kills us 2.1 s later.
+SHUTDOWN_WITHDRAW_LIMIT = 10.0
+_EXABGP_GONE = ("exabgp_gone", "exabgp_shutdown")
 
 
 class Announcer(Protocol):
@@ -130,6 +137,11 @@ class Agent:
         self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
         self._dirty = asyncio.Event()
         self._stopping: str | None = None
+        self._stop_requested = asyncio.Event()  # wakes the loop out of a pass in flight
+        self._bgp_gone = asyncio.Event()  # ExaBGP is stopping or gone: it takes no more commands
+        # pyroute2 calls run in a worker thread; a stop may start its kernel cleanup while a
+        # cancelled pass's thread still runs: one at a time.
+        self._kernel_lock = threading.Lock()
         self._ready = False
         self.metrics = metrics(self.snapshot)
         self.scheduler = scheduler_factory(self._on_result)
@@ -228,6 +240,9 @@ class Agent:
     def stop(self, why: str) -> None:
         if self._stopping is None:
             self._stopping = why
+        if why in _EXABGP_GONE:
+            self._bgp_gone.set()  # even if already stopping: a withdrawal in flight is moot now
+        self._stop_requested.set()
         self._dirty.set()
 
     def reload(self) -> bool:
@@ -411,6 +426,10 @@ class Agent:
             return False
 
     def _kernel_sync(self, decisions: list[Decision], before: bool) -> None:
+        with self._kernel_lock:
+            self._kernel_sync_locked(decisions, before)
+
+    def _kernel_sync_locked(self, decisions: list[Decision], before: bool) -> None:
         assert self.kernel is not None
         actual_routes = self.kernel.read_routes()
         routes = kernel_plan.desired_routes(decisions, actual_routes)
@@ -423,22 +442,46 @@ class Agent:
         self.kernel.sync_addresses(addrs)
 
     async def shutdown(self) -> None:
-        """On SIGTERM: withdraw everything (or keep it all, if so configured)."""
-        if self._stopping in ("exabgp_gone", "exabgp_shutdown"):
-            return
+        """Stop: withdraw everything and remove our kernel routes and loopback addresses
+        (``shutdown: withdraw``), or leave it all as it is (``shutdown: keep``).
+
+        The kernel cleanup happens whatever BGP does: after the withdrawals are acknowledged,
+        or at once when ExaBGP is stopping too (a systemd stop signals both processes; its
+        shutdown notification or EOF ends the wait, since it reads no more commands and
+        kills us 2.1 s later) or gone (SIGKILL: EOF).
+        """
         if self.config.shutdown == "keep":
-            log.info("stopping with shutdown=keep: ExaBGP keeps announcing %d prefix(es)", len(self.announced))
+            log.info("stopping (%s) with shutdown=keep: ExaBGP keeps announcing %d prefix(es) and the kernel "
+                     "keeps the agent's routes", self._stopping, len(self.announced))
             return
         names = {v.prefix: v.name for v in self.vips}
         withdrawals = [Decision(names.get(p, str(p.network_address)), p, Action.WITHDRAW, Reason.SHUTDOWN,
                                 "agent stopping")
                        for p in unique(set(self.announced) | self.unsure)]
-        log.info("stopping: withdrawing %d prefix(es)", len(withdrawals))
+        if self._bgp_gone.is_set():
+            log.info("stopping (%s): ExaBGP's sessions close with it; removing the kernel state", self._stopping)
+        else:
+            log.info("stopping: withdrawing %d prefix(es)", len(withdrawals))
+            await self._withdraw_before_exit(withdrawals)
+        ok = await self._kernel_step(withdrawals, before=False)
+        log.info("stopped: kernel routes and loopback addresses %s", "removed" if ok else "NOT all removed")
+
+    async def _withdraw_before_exit(self, withdrawals: list[Decision]) -> None:
+        send = asyncio.ensure_future(self._send(reconcile(withdrawals, self.announced, self.unsure)))
+        gone = asyncio.ensure_future(self._bgp_gone.wait())
         try:
-            await self._send(reconcile(withdrawals, self.announced, self.unsure))
-        except SpeakerClosed as exc:
-            log.warning("could not withdraw, ExaBGP is gone (%s): its sessions are closed anyway", exc)
-        await self._kernel_step(withdrawals, before=False)
+            done, _ = await asyncio.wait({send, gone}, timeout=SHUTDOWN_WITHDRAW_LIMIT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if send not in done:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+            log.warning("stopped withdrawing: ExaBGP %s; its sessions close with it",
+                        "is stopping too" if self._bgp_gone.is_set() else "did not answer in time")
+        elif isinstance(send.exception(), SpeakerClosed):
+            log.warning("could not withdraw, ExaBGP is gone (%s): its sessions are closed anyway",
+                        send.exception())
 
     def snapshot(self) -> AgentSnapshot:
         vips = []
@@ -478,7 +521,8 @@ class Agent:
             while self._stopping is None:
                 self._dirty.clear()
                 try:
-                    await self.reconcile_once()
+                    if not await self._pass_unless_stopped():
+                        break  # a stop cut the pass short: shut down now, not after its acks
                 except SpeakerClosed as exc:
                     log.warning("ExaBGP is gone (%s); exiting", exc)
                     self.stop("exabgp_gone")
@@ -504,6 +548,24 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pass_unless_stopped(self) -> bool:
+        """One reconcile pass, cancelled if a stop comes first (False then). A pass can wait
+        for ExaBGP's acks for seconds; ExaBGP stopping stops answering, and kills us soon."""
+        if self._stop_requested.is_set():
+            return False
+        pass_ = asyncio.ensure_future(self.reconcile_once())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({pass_, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not pass_.done():
+            pass_.cancel()
+            await asyncio.gather(pass_, return_exceptions=True)
+            return False
+        pass_.result()  # re-raises what the pass raised
+        return True
 
     def _controller_state(self, ok: bool) -> None:
         self.controller_ok = ok

@@ -767,3 +767,91 @@ def test_a_reconcile_pass_that_raises_does_not_end_the_agent(tmp_path: Path) -> 
         assert registry.get_sample_value("anycast_reconcile_crashes_total") == 1
 
     run(scenario())
+
+
+# --- clean stops: the kernel state goes whatever ExaBGP does (issue 14) -----------------------
+class HangingAnnouncer(RecordingAnnouncer):
+    """ExaBGP that stopped answering (it does once it is shutting down): sends never return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+
+    async def send(self, line: str) -> bool:
+        self.lines.append(line)
+        if self.hang:
+            await asyncio.Event().wait()
+        return True
+
+
+def loopback_config(tmp_path: Path) -> AgentConfig:
+    c = config(tmp_path)
+    return dataclasses.replace(c, vips=(dataclasses.replace(c.vips[0], loopback=True),))
+
+
+def announced_agent(cfg: AgentConfig) -> tuple[Agent, HangingAnnouncer, FakeKernel]:
+    announcer, kernel = HangingAnnouncer(), FakeKernel()
+    agent = Agent(cfg, lambda: cfg, announcer, kernel=kernel,
+                  metrics=lambda snap: AgentMetrics(CollectorRegistry(), snap), clock=lambda: 1000.0,
+                  scheduler_factory=NoScheduler)
+    return agent, announcer, kernel
+
+
+@pytest.mark.parametrize("why", ["exabgp_shutdown", "exabgp_gone"])
+def test_a_stop_because_exabgp_stops_or_died_still_removes_routes_and_addresses(tmp_path: Path, why: str) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert kernel.routes and {str(a) for a in kernel.addresses} == {"198.51.100.10/32"}
+        agent.stop(why)
+        await agent.shutdown()
+        assert bgp.lines == [ANNOUNCE_UP]  # no commands to an ExaBGP that takes none
+        assert kernel.routes == set() and kernel.addresses == set()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("order", ["agent_first", "exabgp_first"])
+def test_sigterm_to_both_in_either_order_removes_the_kernel_state(tmp_path: Path, order: str) -> None:
+    """systemd's stop: SIGTERM to the agent, and ExaBGP's shutdown notification, in either
+    order, while ExaBGP no longer acknowledges anything."""
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        bgp.hang = True
+        from controller.bgp.exabgp_api import Shutdown
+
+        if order == "exabgp_first":
+            agent.on_event(Shutdown())
+            agent.stop("SIGTERM")
+        else:
+            agent.stop("SIGTERM")
+        stopping = asyncio.ensure_future(agent.shutdown())
+        await asyncio.sleep(0)
+        if order == "agent_first":
+            assert not stopping.done()  # withdrawing, waiting for an ack that never comes
+            agent.on_event(Shutdown())
+        await stopping  # no 10 s wait: the notification ends it
+        assert kernel.routes == set() and kernel.addresses == set()
+        assert bgp.lines[-1:] == ([WITHDRAW] if order == "agent_first" else [ANNOUNCE_UP])
+
+    run(scenario())
+
+
+def test_a_stop_during_a_pass_blocked_on_acks_cuts_it_short_and_cleans_up(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        bgp.hang = True  # the pass's announce is never acknowledged
+        running = asyncio.ensure_future(agent.run())
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert bgp.lines == [ANNOUNCE_UP] and kernel.routes  # kernel first, then BGP (hung)
+        agent.stop("SIGTERM")
+        agent.stop("exabgp_shutdown")
+        assert await running == 0
+        assert kernel.routes == set() and kernel.addresses == set()
+
+    run(scenario())
