@@ -19,6 +19,7 @@ from .. import bgp_values
 _SUPPORTED_FAMILIES: Final = ("ipv4 unicast", "ipv6 unicast")
 _U32_MAX: Final = 0xFFFF_FFFF
 _HOLD_TIME_MAX: Final = 0xFFFF
+BGP_PORT: Final = 179
 # Characters ExaBGP's tokeniser treats as syntax, plus whitespace and quotes.
 _UNSAFE_ARG: Final = re.compile(r"""[\s"';{}\[\],#\\]""")
 _PROCESS_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -142,7 +143,10 @@ def _neighbor_block(neighbor: NeighborSpec, process_name: str) -> list[str]:
     if neighbor.md5_password is not None:
         lines.append(f'    md5-password "{neighbor.md5_password}";')
     if neighbor.passive:
+        # ExaBGP 5 opens no listening socket for `passive true` alone (it would wait for a
+        # connection nobody can make): `listen 179` binds local-address:179 for this peer.
         lines.append("    passive true;")
+        lines.append(f"    listen {BGP_PORT};")
     lines.append("    family {")
     lines += [f"        {family};" for family in neighbor.effective_families()]
     lines += [
