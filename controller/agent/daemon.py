@@ -18,6 +18,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import threading
@@ -25,9 +26,10 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
 
+from .. import bgp_values
 from ..bgp.speaker import SpeakerClosed
 from ..bgp.exabgp_api import (
-    Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, withdraw_line,
+    Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, eor_line, withdraw_line,
 )
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
@@ -137,6 +139,10 @@ class Agent:
         self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
         self._dirty = asyncio.Event()
         self._stopping: str | None = None
+        # Graceful restart: End-of-RIB is ours to send (manual-eor), once the first verdicts
+        # are in, after the start and after every session (re-)establishment.
+        self._eor_due = config.graceful_restart > 0
+        self._started = clock()
         self._stop_requested = asyncio.Event()  # wakes the loop out of a pass in flight
         self._bgp_gone = asyncio.Event()  # ExaBGP is stopping or gone: it takes no more commands
         # pyroute2 calls run in a worker thread; a stop may start its kernel cleanup while a
@@ -230,6 +236,9 @@ class Agent:
             # not a session state: only "up" and "down" change what we report.
             if event.state in ("up", "down"):
                 self.neighbors[event.peer] = event.state == "up"
+            if event.state == "up" and self.config.graceful_restart > 0:
+                self._eor_due = True
+                self._dirty.set()
         elif isinstance(event, Shutdown):
             log.info("ExaBGP is shutting down; exiting without further commands")
             self.stop("exabgp_shutdown")
@@ -466,11 +475,34 @@ class Agent:
         ok = await self._kernel_step(withdrawals, before=False)
         log.info("stopped: kernel routes and loopback addresses %s", "removed" if ok else "NOT all removed")
 
+    async def _planned_withdrawal(self, withdrawals: list[Decision]) -> bool:
+        """RFC 8326 graceful shutdown first (if configured), then the withdrawals."""
+        if self.config.graceful_shutdown > 0 and self.announced:
+            vips = {v.prefix: v for v in self.vips}
+            gshut: list[Command] = []
+            for prefix, attrs in sorted(self.announced.items(), key=lambda kv: (kv[0].version, int(kv[0].network_address))):
+                vip = vips.get(prefix)
+                base = vip.attributes.draining if vip is not None else attrs
+                marked = dataclasses.replace(base, communities=bgp_values.canonical_communities(
+                    (*base.communities, bgp_values.GRACEFUL_SHUTDOWN)))
+                try:
+                    self._announce_line(prefix, marked)
+                except Exception as exc:  # noqa: BLE001 - withdrawn below all the same
+                    log.error("no graceful shutdown for %s: %s", prefix, exc)
+                    continue
+                gshut.append(Announce(prefix, marked, vip.name if vip else str(prefix.network_address),
+                                      Reason.SHUTDOWN))
+            log.info("graceful shutdown (RFC 8326): %d prefix(es) re-announced with 65535:0 and the draining "
+                     "attributes; withdrawing in %.1f s", len(gshut), self.config.graceful_shutdown)
+            await self._send(gshut)
+            await asyncio.sleep(self.config.graceful_shutdown)
+        return await self._send(reconcile(withdrawals, self.announced, self.unsure))
+
     async def _withdraw_before_exit(self, withdrawals: list[Decision]) -> None:
-        send = asyncio.ensure_future(self._send(reconcile(withdrawals, self.announced, self.unsure)))
+        send = asyncio.ensure_future(self._planned_withdrawal(withdrawals))
         gone = asyncio.ensure_future(self._bgp_gone.wait())
         try:
-            done, _ = await asyncio.wait({send, gone}, timeout=SHUTDOWN_WITHDRAW_LIMIT,
+            done, _ = await asyncio.wait({send, gone}, timeout=SHUTDOWN_WITHDRAW_LIMIT + self.config.graceful_shutdown,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
@@ -534,6 +566,7 @@ class Agent:
                     self.metrics.reconciles.labels("error").inc()
                     log.exception("reconcile pass failed; announcements stay as they are, retrying "
                                   "at the next pass")
+                await self._maybe_send_eor()
                 self._notify()
                 try:
                     await asyncio.wait_for(self._dirty.wait(), timeout=tick)
@@ -548,6 +581,27 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _maybe_send_eor(self) -> None:
+        """Send End-of-RIB once every VIP has a verdict (so a restart's re-announcements are
+        all in before the router drops the stale paths), or at half the restart time."""
+        if not self._eor_due or self._stopping is not None:
+            return
+        waiting = any(d.action is Action.HOLD and d.reason == Reason.HEALTH_UNKNOWN for d in self.decisions.values())
+        if waiting and self.clock() - self._started < self.config.graceful_restart / 2:
+            self._arm_eor_retry()
+            return
+        self._eor_due = False
+        for version in sorted({n.address.version for n in self.config.neighbors}):
+            line = eor_line(version)
+            if await self.announcer.send(line):
+                log.info("sent End-of-RIB (IPv%d unicast) after %d VIP decision(s)", version, len(self.decisions))
+            else:
+                self._eor_due = True
+                log.error("ExaBGP answered 'error' to: %s (will retry)", line)
+
+    def _arm_eor_retry(self) -> None:
+        asyncio.get_running_loop().call_later(0.5, self._dirty.set)
 
     async def _pass_unless_stopped(self) -> bool:
         """One reconcile pass, cancelled if a stop comes first (False then). A pass can wait

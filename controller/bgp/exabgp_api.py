@@ -116,6 +116,13 @@ def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
     return " ".join(parts)
 
 
+def eor_line(version: int) -> str:
+    """End-of-RIB for IPv4 or IPv6 unicast (RFC 4724): needed with ``manual-eor true``."""
+    if version not in (4, 6):
+        raise ValueError(f"version: {version} is neither 4 nor 6")
+    return f"announce eor ipv{version} unicast"
+
+
 def withdraw_line(prefix: Prefix) -> str:
     """The ExaBGP command that withdraws `prefix` from every neighbour."""
     return f"withdraw route {prefix}"

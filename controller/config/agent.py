@@ -46,6 +46,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     )
     bgp = root.get("bgp", required=True)
     local_as, neighbors, attrs = _bgp(bgp) if bgp is not None and bgp.is_mapping() else (None, (), None)
+    graceful_restart, graceful_shutdown = _graceful(bgp)
     kernel = _kernel(root.get("kernel"))
     metrics_listen = _metrics(root.get("metrics"))
     state_dir = root.opt("state_dir", Node.as_str, "/var/lib/anycast-agent")
@@ -70,6 +71,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
         source=source, pop=pop, local_as=local_as, allowed_prefixes=allowed,
         neighbors=neighbors, kernel=kernel, metrics_listen=metrics_listen,
         state_dir=state_dir, shutdown=shutdown, vips=vips, controller=controller,
+        graceful_restart=graceful_restart, graceful_shutdown=graceful_shutdown,
     )
 
 
@@ -118,8 +120,19 @@ def _bgp(node: Node) -> tuple[int | None, tuple[Neighbor, ...], StateAttributes 
     if node.has("neighbors") and not neighbors and not node.issues.items:
         node.error("at least one neighbour is needed", "neighbors")
     attrs = read_state_attributes(node.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    node.get("graceful_restart")  # read by _graceful; marked as known here
+    node.get("graceful_shutdown")
     node.reject_unknown()
     return local_as, neighbors, attrs
+
+
+def _graceful(bgp: Node | None) -> tuple[int, float]:
+    if bgp is None or not isinstance(bgp.value, dict):
+        return 0, 0.0
+    # 4095: the restart time field of the GR capability is 12 bits.
+    restart = bgp.opt("graceful_restart", lambda n: n.as_int(0, 4095), 0)
+    shutdown = bgp.opt("graceful_shutdown", lambda n: n.as_float(0, 600), 0.0)
+    return restart, shutdown
 
 
 def _neighbor(node: Node) -> Neighbor | None:

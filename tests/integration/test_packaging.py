@@ -61,6 +61,8 @@ def test_agent_unit_runs_launch_as_notify_service_with_few_capabilities() -> Non
     # ExaBGP exits 0 when it gives up respawning a crashing agent: that must restart too.
     assert "\nRestart=always\n" in unit and "Restart=on-failure" not in unit
     assert "\nStartLimitBurst=" in unit.split("[Service]")[0]  # a start limit belongs in [Unit]
+    # The agent stops first, while ExaBGP still takes its withdrawals (graceful shutdown).
+    assert "\nExecStop=/opt/anycast/bin/anycast-agent stop --config /etc/anycast/agent.yaml " in unit
 
 
 def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:

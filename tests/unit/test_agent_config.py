@@ -165,3 +165,17 @@ def test_host_header_that_would_break_the_request_is_rejected() -> None:
     d["vips"][0]["check"]["host_header"] = "evil\r\nX-Injected: 1"
     assert any(e.startswith("vips[0].check.host_header: a Host header is ASCII without spaces")
                for e in errors_of(d))
+
+
+def test_graceful_restart_and_shutdown_are_read_and_bounded() -> None:
+    d = base()
+    d["bgp"]["graceful_restart"] = 120
+    d["bgp"]["graceful_shutdown"] = 2.5
+    c = parse_agent_config(yaml.safe_dump(d), "test.yaml")
+    assert (c.graceful_restart, c.graceful_shutdown) == (120, 2.5)
+    assert (load_agent_config(str(EXAMPLE)).graceful_restart, load_agent_config(str(EXAMPLE)).graceful_shutdown) == (0, 0.0)
+    d["bgp"]["graceful_restart"] = 4096
+    d["bgp"]["graceful_shutdown"] = -1
+    errs = errors_of(d)
+    assert any(e.startswith("bgp.graceful_restart: must be <= 4095") for e in errs), errs
+    assert any(e.startswith("bgp.graceful_shutdown: must be >= 0") for e in errs), errs

@@ -855,3 +855,63 @@ def test_a_stop_during_a_pass_blocked_on_acks_cuts_it_short_and_cleans_up(tmp_pa
         assert kernel.routes == set() and kernel.addresses == set()
 
     run(scenario())
+
+
+# --- graceful restart and graceful shutdown ----------------------------------------------------
+def test_with_graceful_restart_end_of_rib_follows_the_first_verdicts_and_each_session_up(tmp_path: Path) -> None:
+    from controller.bgp.exabgp_api import NeighborState
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(config(tmp_path, graceful_restart=120))
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == []  # no verdict yet: an End-of-RIB now would drop the router's stale path
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == [ANNOUNCE_UP, "announce eor ipv4 unicast"]
+        await agent._maybe_send_eor()
+        assert bgp.lines[-1] == "announce eor ipv4 unicast" and len(bgp.lines) == 2  # once
+        agent.on_event(NeighborState("100.64.1.1", "100.64.1.2", "up"))
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines[2:] == ["announce eor ipv4 unicast"]  # again after the session came back
+
+    run(scenario())
+
+
+def test_without_graceful_restart_no_end_of_rib_is_sent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == [ANNOUNCE_UP]  # ExaBGP sends End-of-RIB itself
+
+    run(scenario())
+
+
+def test_graceful_shutdown_reannounces_with_65535_0_and_draining_attributes_then_withdraws(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(config(tmp_path, graceful_shutdown=5.0))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        monkeypatch.setattr(asyncio, "sleep", no_sleep)
+        agent.stop("SIGTERM")
+        await agent.shutdown()
+        assert bgp.lines == [
+            ANNOUNCE_UP,
+            "announce route 198.51.100.10/32 next-hop self med 1000 as-path [ 65101 65101 65101 65101 ]"
+            " community [ 65101:666 65535:0 ]",
+            WITHDRAW,
+        ]
+        assert slept == [5.0]
+        assert kernel.routes == set()
+
+    run(scenario())
