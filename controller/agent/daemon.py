@@ -137,6 +137,15 @@ class Agent:
         self.config_ok = True
         self.config_time = clock()
         self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
+        # The sessions ExaBGP was started with (a reload does not change them). With both
+        # families, each command names its family's sessions: ExaBGP answers ``error`` to a
+        # route it cannot send to one of the sessions it would otherwise go to.
+        families = {n.address.version for n in config.neighbors}
+        self._targets: dict[int, tuple[str, ...]] = {
+            version: tuple(str(n.address) for n in config.neighbors if n.address.version == version)
+            if len(families) > 1 else ()
+            for version in (4, 6)
+        }
         self._dirty = asyncio.Event()
         self._stopping: str | None = None
         # Graceful restart: End-of-RIB is ours to send (manual-eor), once the first verdicts
@@ -331,7 +340,7 @@ class Agent:
         key = (prefix, attrs, self.config.local_as)
         line = self._lines.get(key)
         if line is None:
-            line = announce_line(prefix, exabgp_attributes(attrs, self.config.local_as))
+            line = announce_line(prefix, exabgp_attributes(attrs, self.config.local_as), self._targets[prefix.version])
             if len(self._lines) > 2 * len(self.vips) + 64:
                 self._lines.clear()  # stale entries from old configs; rebuilt on demand
             self._lines[key] = line
@@ -397,7 +406,7 @@ class Agent:
             if isinstance(cmd, Announce):
                 line = self._announce_line(cmd.prefix, cmd.attributes)  # vetted: does not raise
             else:
-                line = withdraw_line(cmd.prefix)
+                line = withdraw_line(cmd.prefix, self._targets[cmd.prefix.version])
             if await self.announcer.send(line):
                 action = "announce" if isinstance(cmd, Announce) else "withdraw"
                 detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
@@ -593,7 +602,7 @@ class Agent:
             return
         self._eor_due = False
         for version in sorted({n.address.version for n in self.config.neighbors}):
-            line = eor_line(version)
+            line = eor_line(version, self._targets[version])
             if await self.announcer.send(line):
                 log.info("sent End-of-RIB (IPv%d unicast) after %d VIP decision(s)", version, len(self.decisions))
             else:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -95,13 +95,21 @@ def _canonical(name: str, parse: Callable[[object], tuple[str, ...]], values: ob
         raise ValueError(f"{name}: {exc}") from None
 
 
-def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
-    """The ExaBGP command that announces `prefix` with `attrs` to every neighbour."""
+def _selector(neighbors: Sequence[str]) -> str:
+    """ExaBGP's neighbour selector (``neighbor A , neighbor B ``): the command goes to those
+    sessions only. Empty: to every neighbour."""
+    if isinstance(neighbors, str):
+        raise ValueError(f"neighbors: expected a sequence of addresses, got the string {neighbors!r}")
+    return "".join(f"neighbor {ipaddress.ip_address(n)} , " for n in neighbors)[:-2] if neighbors else ""
+
+
+def announce_line(prefix: Prefix, attrs: RouteAttributes, neighbors: Sequence[str] = ()) -> str:
+    """The ExaBGP command that announces `prefix` with `attrs` to `neighbors` (default: all)."""
     if attrs.next_hop != "self" and ipaddress.ip_address(attrs.next_hop).version != prefix.version:
         # ExaBGP would turn an IPv4 next hop for an IPv6 prefix into ::ffff:a.b.c.d; FRR
         # marks that path valid but never installs it in the kernel. Refuse instead.
         raise ValueError(f"next_hop: {attrs.next_hop} is not of the same family as {prefix}")
-    parts = [f"announce route {prefix} next-hop {attrs.next_hop}"]
+    parts = [f"{_selector(neighbors)}announce route {prefix} next-hop {attrs.next_hop}"]
     if attrs.med is not None:
         parts.append(f"med {attrs.med}")
     if attrs.as_path_prepend:
@@ -116,16 +124,16 @@ def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
     return " ".join(parts)
 
 
-def eor_line(version: int) -> str:
+def eor_line(version: int, neighbors: Sequence[str] = ()) -> str:
     """End-of-RIB for IPv4 or IPv6 unicast (RFC 4724): needed with ``manual-eor true``."""
     if version not in (4, 6):
         raise ValueError(f"version: {version} is neither 4 nor 6")
-    return f"announce eor ipv{version} unicast"
+    return f"{_selector(neighbors)}announce eor ipv{version} unicast"
 
 
-def withdraw_line(prefix: Prefix) -> str:
-    """The ExaBGP command that withdraws `prefix` from every neighbour."""
-    return f"withdraw route {prefix}"
+def withdraw_line(prefix: Prefix, neighbors: Sequence[str] = ()) -> str:
+    """The ExaBGP command that withdraws `prefix` from `neighbors` (default: every neighbour)."""
+    return f"{_selector(neighbors)}withdraw route {prefix}"
 
 
 # --------------------------------------------------------------------------- messages

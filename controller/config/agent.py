@@ -98,15 +98,10 @@ def _check_unique(root: Node, key: str, values: list[str], what: str) -> None:
 
 
 def _check_families(root: Node, neighbors: tuple[Neighbor, ...], vips: tuple[Vip, ...]) -> None:
-    """ExaBGP sends ``announce route`` to every neighbour, and answers ``error`` (announcing
-    to none) when a route's family differs from a session's: so all sessions of one agent
-    must carry the VIPs' family."""
+    """Each session carries its own family (``next-hop self`` is the session's local address),
+    so a VIP needs a session of its family. Both families in one agent are fine: the agent
+    sends each command to its family's sessions only."""
     families = {n.address.version for n in neighbors}
-    if len(families) > 1:
-        root.issues.add("bgp.neighbors", "mixing IPv4 and IPv6 sessions in one agent is not supported: "
-                        "ExaBGP would reject every route on the other family's sessions; "
-                        "run one agent per address family")
-        return
     for i, vip in enumerate(vips):
         if families and vip.prefix.version not in families:
             root.issues.add(f"vips[{i}].address", f"an IPv{vip.prefix.version} VIP needs an "

@@ -511,3 +511,23 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
     lab.command(withdraw_line(vip.prefix))
     assert lab.result_for(withdraw_line(vip.prefix), seen)["ok"] is True
     poll(lambda: True if lab.route(str(vip.prefix)) is None else None)
+
+
+def test_dual_stack_commands_with_a_neighbour_selector_reach_only_their_session(lab: Lab) -> None:
+    """What a dual-stack agent sends: each command names its family's session."""
+    v4 = ipaddress.ip_network("198.51.100.20/32")
+    v6 = ipaddress.ip_network("2001:db8::20/128")
+    attrs = RouteAttributes(med=7)
+    lines = [announce_line(v4, attrs, [FRR_V4]), announce_line(v6, attrs, [FRR_V6])]
+    for line in lines:
+        seen = len(lab.results())
+        lab.command(line)
+        assert lab.result_for(line, seen)["ok"] is True, line
+    assert poll(lambda: lab.route(str(v4)))["metric"] == 7
+    assert poll(lambda: lab.route(str(v6)))["metric"] == 7
+    for prefix, peer in ((v4, FRR_V4), (v6, FRR_V6)):
+        line = withdraw_line(prefix, [peer])
+        seen = len(lab.results())
+        lab.command(line)
+        assert lab.result_for(line, seen)["ok"] is True, line
+        poll(lambda: True if lab.route(str(prefix)) is None else None)  # noqa: B023 - polled at once

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from controller.agent import state_file
@@ -913,5 +914,34 @@ def test_graceful_shutdown_reannounces_with_65535_0_and_draining_attributes_then
         ]
         assert slept == [5.0]
         assert kernel.routes == set()
+
+    run(scenario())
+
+
+def test_dual_stack_agent_sends_each_command_to_its_familys_sessions(tmp_path: Path) -> None:
+    from controller.config.agent import parse_agent_config
+
+    d = yaml.safe_load(EXAMPLE.read_text())
+    d["state_dir"] = str(tmp_path / "state")
+    d["bgp"]["neighbors"].append({"address": "fd00:64:1::1", "local_address": "fd00:64:1::2",
+                                  "router_id": "100.64.1.2", "peer_as": 65001})
+    v6 = dict(d["vips"][0], name="game-v6", address="2001:db8:51::10/128")
+    v6["origins"] = [{"region": "us-west", "next_hop": "fd00:64:10::1", "backends": ["[fd00:64:10::1]:8080"]}]
+    d["vips"].append(v6)
+    cfg = parse_agent_config(yaml.safe_dump(d), "dual.yaml")
+
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [
+            f"neighbor 100.64.1.1 {ANNOUNCE_UP}",
+            "neighbor fd00:64:1::1 announce route 2001:db8:51::10/128 next-hop self med 100 community [ 65101:100 ]",
+        ]
+        assert len(kernel.routes) == 2
+        agent.stop("SIGTERM")
+        await agent.shutdown()
+        assert bgp.lines[2:] == ["neighbor 100.64.1.1 withdraw route 198.51.100.10/32",
+                                 "neighbor fd00:64:1::1 withdraw route 2001:db8:51::10/128"]
 
     run(scenario())
