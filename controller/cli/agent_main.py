@@ -175,6 +175,17 @@ def _stop(config: AgentConfig, timeout: float) -> int:
 
 
 def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
+    if config.kernel.enabled:
+        from ..kernel.claim import RouteProtocolInUse, claim_route_protocol
+
+        try:
+            claim = claim_route_protocol(config.kernel.protocol)
+        except RouteProtocolInUse as exc:
+            print(f"{args.config}: {exc}", file=sys.stderr)
+            return 2
+        # Kept open across the exec: ExaBGP, the service's main process, holds the claim for
+        # the life of the service (and the kernel drops it when ExaBGP dies).
+        os.set_inheritable(claim.fileno(), True)
     os.makedirs(config.state_dir, exist_ok=True)
     try:
         os.unlink(stopping_marker(config.state_dir))
