@@ -489,7 +489,8 @@ class Agent:
         if self.config.graceful_shutdown > 0 and self.announced:
             vips = {v.prefix: v for v in self.vips}
             gshut: list[Command] = []
-            for prefix, attrs in sorted(self.announced.items(), key=lambda kv: (kv[0].version, int(kv[0].network_address))):
+            for prefix in unique(self.announced):
+                attrs = self.announced[prefix]
                 vip = vips.get(prefix)
                 base = vip.attributes.draining if vip is not None else attrs
                 marked = dataclasses.replace(base, communities=bgp_values.canonical_communities(
