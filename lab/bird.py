@@ -130,7 +130,12 @@ class BirdRouter:
 
     def route(self, prefix: str) -> BirdRoute | None:
         """BIRD's best path for exactly `prefix`, or None."""
-        return parse_route(prefix, self.birdc(f"show route for {prefix} all").stdout)
+        r = self.birdc(f"show route for {prefix} all", check=False)
+        if "Network not found" in r.stdout:  # birdc exits non-zero for it
+            return None
+        if r.returncode != 0:
+            raise BirdError(f"[{self.netns.name}] birdc show route for {prefix}: {r.stderr.strip() or r.stdout.strip()}")
+        return parse_route(prefix, r.stdout)
 
     def protocol_state(self, name: str) -> str:
         """The BGP state of protocol `name` ("Established", "Active", ...)."""
