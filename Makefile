@@ -1,5 +1,5 @@
 # The two set-up commands (README): `make demo` runs the main job, `make test` runs every test.
-# Both install what is missing: Debian's FRR, nftables, iproute2 and prometheus (promtool, the lab's
+# Both install what is missing: Debian's FRR, BIRD 2, nftables, iproute2 and prometheus (promtool, the lab's
 # Prometheus) via apt, Python deps in .venv.
 SHELL := /bin/bash
 VENV  ?= .venv
@@ -10,9 +10,9 @@ STAMP := $(VENV)/.installed
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
-	    || ! command -v promtool >/dev/null; then \
-	  echo ">> installing FRR, nftables, iproute2, prometheus (promtool) from Debian"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr nftables iproute2 procps \
+	    || ! command -v promtool >/dev/null || ! [ -x /usr/sbin/bird ]; then \
+	  echo ">> installing FRR, BIRD 2, nftables, iproute2, prometheus (promtool) from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr bird2 nftables iproute2 procps \
 	    prometheus >/dev/null; \
 	fi
 

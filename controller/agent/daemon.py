@@ -10,22 +10,26 @@ Lifecycle:
   process announced, treat every known prefix as "unsure" (ExaBGP may or may not hold it);
 - SIGHUP: reload config; a bad config is logged and counted, the last good one stays;
 - SIGTERM/SIGINT: withdraw everything and remove our kernel state (``shutdown: withdraw``)
-  or leave it all to ExaBGP (``shutdown: keep``), then exit 0;
-- ExaBGP gone (stdin EOF) or ExaBGP's shutdown notification: exit.
+  or leave it all as it is (``shutdown: keep``), then exit 0; a pass in flight is cut short;
+- ExaBGP gone (stdin EOF) or ExaBGP's shutdown notification: no more commands (ExaBGP takes
+  none and its sessions close), but the kernel state is removed all the same, then exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
 
+from .. import bgp_values
 from ..bgp.speaker import SpeakerClosed
 from ..bgp.exabgp_api import (
-    Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, withdraw_line,
+    Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, eor_line, withdraw_line,
 )
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
@@ -45,6 +49,11 @@ from ..wire import PlanReason
 log = logging.getLogger("controller.agent")
 
 RESYNC_INTERVAL = 5.0  # a full pass even without events: retries failed commands
+# How long a stop waits for ExaBGP to acknowledge the withdrawals. A stop of the whole unit
+# never waits that long: ExaBGP's shutdown notification (or EOF) ends the wait at once,
+# because ExaBGP stops reading our commands then and kills us 2.1 s later.
+SHUTDOWN_WITHDRAW_LIMIT = 10.0
+_EXABGP_GONE = ("exabgp_gone", "exabgp_shutdown")
 
 
 class Announcer(Protocol):
@@ -130,8 +139,27 @@ class Agent:
         self.last_reconcile_success = 0.0
         self.config_ok = True
         self.config_time = clock()
+        self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
+        # The sessions ExaBGP was started with (a reload does not change them). With both
+        # families, each command names its family's sessions: ExaBGP answers ``error`` to a
+        # route it cannot send to one of the sessions it would otherwise go to.
+        families = {n.address.version for n in config.neighbors}
+        self._targets: dict[int, tuple[str, ...]] = {
+            version: tuple(str(n.address) for n in config.neighbors if n.address.version == version)
+            if len(families) > 1 else ()
+            for version in (4, 6)
+        }
         self._dirty = asyncio.Event()
         self._stopping: str | None = None
+        # Graceful restart: End-of-RIB is ours to send (manual-eor), once the first verdicts
+        # are in, after the start and after every session (re-)establishment.
+        self._eor_due = config.graceful_restart > 0
+        self._started = clock()
+        self._stop_requested = asyncio.Event()  # wakes the loop out of a pass in flight
+        self._bgp_gone = asyncio.Event()  # ExaBGP is stopping or gone: it takes no more commands
+        # pyroute2 calls run in a worker thread; a stop may start its kernel cleanup while a
+        # cancelled pass's thread still runs: one at a time.
+        self._kernel_lock = threading.Lock()
         self._ready = False
         self.metrics = metrics(self.snapshot)
         self.scheduler = scheduler_factory(self._on_result)
@@ -220,6 +248,9 @@ class Agent:
             # not a session state: only "up" and "down" change what we report.
             if event.state in ("up", "down"):
                 self.neighbors[event.peer] = event.state == "up"
+            if event.state == "up" and self.config.graceful_restart > 0:
+                self._eor_due = True
+                self._dirty.set()
         elif isinstance(event, Shutdown):
             log.info("ExaBGP is shutting down; exiting without further commands")
             self.stop("exabgp_shutdown")
@@ -230,6 +261,9 @@ class Agent:
     def stop(self, why: str) -> None:
         if self._stopping is None:
             self._stopping = why
+        if why in _EXABGP_GONE:
+            self._bgp_gone.set()  # even if already stopping: a withdrawal in flight is moot now
+        self._stop_requested.set()
         self._dirty.set()
 
     def reload(self) -> bool:
@@ -267,15 +301,53 @@ class Agent:
         wake_ats: list[float] = []
         decisions = []
         for v in self.vips:
-            state = self._confirm.get(v.name) or confirm.initial(now)
-            waits[v.name], pending, wake_at = confirm.step(state, self._checked(v, verdicts), now)
-            if wake_at is not None:
-                wake_ats.append(wake_at)
-            decisions.append(decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
-                                    confirm_pending=pending))
+            try:
+                state = self._confirm.get(v.name) or confirm.initial(now)
+                waits[v.name], pending, wake_at = confirm.step(state, self._checked(v, verdicts), now)
+                if wake_at is not None:
+                    wake_ats.append(wake_at)
+                decision = decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
+                                  confirm_pending=pending)
+            except Exception as exc:  # noqa: BLE001 - one VIP's failure must not take the others down
+                decision = self._refuse(v.name, v.prefix, "decide", exc)
+            decisions.append(self._vet(decision))
         self._confirm = waits  # a VIP the agent no longer acts on forgets its wait
         self._arm_wake(min(wake_ats, default=None))
         return decisions
+
+    def _vet(self, d: Decision) -> Decision:
+        """An announcement whose ExaBGP command cannot be built is refused (withdrawn, reason
+        ``refused``) here, before the kernel or BGP act on it: the other VIPs carry on. A crash
+        instead would make ExaBGP respawn the agent into the same crash, give up after five,
+        and withdraw every VIP at the POP."""
+        if d.action is not Action.ANNOUNCE or d.attributes is None:
+            return d
+        try:
+            self._announce_line(d.prefix, d.attributes)
+        except Exception as exc:  # noqa: BLE001 - see above
+            return self._refuse(d.vip, d.prefix, "encode", exc)
+        return d
+
+    def _refuse(self, name: str, prefix: IPNetwork, stage: str, exc: Exception) -> Decision:
+        previous = self.decisions.get(name)
+        if previous is None or previous.reason != Reason.REFUSED:
+            # Once per refusal, with the traceback: it is a bug or a config the reader let through.
+            log.error("VIP %s (%s) refused: %s failed (%s); withdrawing it, the other VIPs carry on",
+                      name, prefix, stage, exc, exc_info=exc)
+            self.metrics.vip_refused.labels(name, stage).inc()
+        return Decision(name, prefix, Action.WITHDRAW, Reason.REFUSED, f"{stage} failed: {exc}")
+
+    def _announce_line(self, prefix: IPNetwork, attrs: Attributes) -> str:
+        """The ExaBGP command for an announcement, memoised: with 10,000 VIPs every pass would
+        otherwise rebuild (and re-validate) every line."""
+        key = (prefix, attrs, self.config.local_as)
+        line = self._lines.get(key)
+        if line is None:
+            line = announce_line(prefix, exabgp_attributes(attrs, self.config.local_as), self._targets[prefix.version])
+            if len(self._lines) > 2 * len(self.vips) + 64:
+                self._lines.clear()  # stale entries from old configs; rebuilt on demand
+            self._lines[key] = line
+        return line
 
     def _checked(self, vip: Vip, verdicts: dict[BackendKey, bool | None]) -> confirm.Checked:
         """What this pass sees of the VIP, for its confirm-pending state machine."""
@@ -335,9 +407,9 @@ class Agent:
         changed = False
         for cmd in commands:
             if isinstance(cmd, Announce):
-                line = announce_line(cmd.prefix, exabgp_attributes(cmd.attributes, self.config.local_as))
+                line = self._announce_line(cmd.prefix, cmd.attributes)  # vetted: does not raise
             else:
-                line = withdraw_line(cmd.prefix)
+                line = withdraw_line(cmd.prefix, self._targets[cmd.prefix.version])
             if await self.announcer.send(line):
                 action = "announce" if isinstance(cmd, Announce) else "withdraw"
                 detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
@@ -375,6 +447,10 @@ class Agent:
             return False
 
     def _kernel_sync(self, decisions: list[Decision], before: bool) -> None:
+        with self._kernel_lock:
+            self._kernel_sync_locked(decisions, before)
+
+    def _kernel_sync_locked(self, decisions: list[Decision], before: bool) -> None:
         assert self.kernel is not None
         actual_routes = self.kernel.read_routes()
         routes = kernel_plan.desired_routes(decisions, actual_routes)
@@ -387,22 +463,70 @@ class Agent:
         self.kernel.sync_addresses(addrs)
 
     async def shutdown(self) -> None:
-        """On SIGTERM: withdraw everything (or keep it all, if so configured)."""
-        if self._stopping in ("exabgp_gone", "exabgp_shutdown"):
-            return
+        """Stop: withdraw everything and remove our kernel routes and loopback addresses
+        (``shutdown: withdraw``), or leave it all as it is (``shutdown: keep``).
+
+        The kernel cleanup happens whatever BGP does: after the withdrawals are acknowledged,
+        or at once when ExaBGP is stopping too (a systemd stop signals both processes; its
+        shutdown notification or EOF ends the wait, since it reads no more commands and
+        kills us 2.1 s later) or gone (SIGKILL: EOF).
+        """
         if self.config.shutdown == "keep":
-            log.info("stopping with shutdown=keep: ExaBGP keeps announcing %d prefix(es)", len(self.announced))
+            log.info("stopping (%s) with shutdown=keep: ExaBGP keeps announcing %d prefix(es) and the kernel "
+                     "keeps the agent's routes", self._stopping, len(self.announced))
             return
         names = {v.prefix: v.name for v in self.vips}
         withdrawals = [Decision(names.get(p, str(p.network_address)), p, Action.WITHDRAW, Reason.SHUTDOWN,
                                 "agent stopping")
                        for p in unique(set(self.announced) | self.unsure)]
-        log.info("stopping: withdrawing %d prefix(es)", len(withdrawals))
+        if self._bgp_gone.is_set():
+            log.info("stopping (%s): ExaBGP's sessions close with it; removing the kernel state", self._stopping)
+        else:
+            log.info("stopping: withdrawing %d prefix(es)", len(withdrawals))
+            await self._withdraw_before_exit(withdrawals)
+        ok = await self._kernel_step(withdrawals, before=False)
+        log.info("stopped: kernel routes and loopback addresses %s", "removed" if ok else "NOT all removed")
+
+    async def _planned_withdrawal(self, withdrawals: list[Decision]) -> bool:
+        """RFC 8326 graceful shutdown first (if configured), then the withdrawals."""
+        if self.config.graceful_shutdown > 0 and self.announced:
+            vips = {v.prefix: v for v in self.vips}
+            gshut: list[Command] = []
+            for prefix in unique(self.announced):
+                attrs = self.announced[prefix]
+                vip = vips.get(prefix)
+                base = vip.attributes.draining if vip is not None else attrs
+                marked = dataclasses.replace(base, communities=bgp_values.canonical_communities(
+                    (*base.communities, bgp_values.GRACEFUL_SHUTDOWN)))
+                try:
+                    self._announce_line(prefix, marked)
+                except Exception as exc:  # noqa: BLE001 - withdrawn below all the same
+                    log.error("no graceful shutdown for %s: %s", prefix, exc)
+                    continue
+                gshut.append(Announce(prefix, marked, vip.name if vip else str(prefix.network_address),
+                                      Reason.SHUTDOWN))
+            log.info("graceful shutdown (RFC 8326): %d prefix(es) re-announced with 65535:0 and the draining "
+                     "attributes; withdrawing in %.1f s", len(gshut), self.config.graceful_shutdown)
+            await self._send(gshut)
+            await asyncio.sleep(self.config.graceful_shutdown)
+        return await self._send(reconcile(withdrawals, self.announced, self.unsure))
+
+    async def _withdraw_before_exit(self, withdrawals: list[Decision]) -> None:
+        send = asyncio.ensure_future(self._planned_withdrawal(withdrawals))
+        gone = asyncio.ensure_future(self._bgp_gone.wait())
         try:
-            await self._send(reconcile(withdrawals, self.announced, self.unsure))
-        except SpeakerClosed as exc:
-            log.warning("could not withdraw, ExaBGP is gone (%s): its sessions are closed anyway", exc)
-        await self._kernel_step(withdrawals, before=False)
+            done, _ = await asyncio.wait({send, gone}, timeout=SHUTDOWN_WITHDRAW_LIMIT + self.config.graceful_shutdown,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if send not in done:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+            log.warning("stopped withdrawing: ExaBGP %s; its sessions close with it",
+                        "is stopping too" if self._bgp_gone.is_set() else "did not answer in time")
+        elif isinstance(send.exception(), SpeakerClosed):
+            log.warning("could not withdraw, ExaBGP is gone (%s): its sessions are closed anyway",
+                        send.exception())
 
     def snapshot(self) -> AgentSnapshot:
         vips = []
@@ -442,11 +566,20 @@ class Agent:
             while self._stopping is None:
                 self._dirty.clear()
                 try:
-                    await self.reconcile_once()
+                    if not await self._pass_unless_stopped():
+                        break  # a stop cut the pass short: shut down now, not after its acks
                 except SpeakerClosed as exc:
                     log.warning("ExaBGP is gone (%s); exiting", exc)
                     self.stop("exabgp_gone")
                     break
+                except Exception:  # noqa: BLE001 - a bug in one pass must not crash-loop the agent
+                    # Exiting would make ExaBGP respawn us into the same bug and, after five
+                    # deaths, give up and withdraw every VIP. ExaBGP keeps what it announces.
+                    self.metrics.reconcile_crashes.inc()
+                    self.metrics.reconciles.labels("error").inc()
+                    log.exception("reconcile pass failed; announcements stay as they are, retrying "
+                                  "at the next pass")
+                await self._maybe_send_eor()
                 self._notify()
                 try:
                     await asyncio.wait_for(self._dirty.wait(), timeout=tick)
@@ -461,6 +594,45 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _maybe_send_eor(self) -> None:
+        """Send End-of-RIB once every VIP has a verdict (so a restart's re-announcements are
+        all in before the router drops the stale paths), or at half the restart time."""
+        if not self._eor_due or self._stopping is not None:
+            return
+        waiting = any(d.action is Action.HOLD and d.reason == Reason.HEALTH_UNKNOWN for d in self.decisions.values())
+        if waiting and self.clock() - self._started < self.config.graceful_restart / 2:
+            self._arm_eor_retry()
+            return
+        self._eor_due = False
+        for version in sorted({n.address.version for n in self.config.neighbors}):
+            line = eor_line(version, self._targets[version])
+            if await self.announcer.send(line):
+                log.info("sent End-of-RIB (IPv%d unicast) after %d VIP decision(s)", version, len(self.decisions))
+            else:
+                self._eor_due = True
+                log.error("ExaBGP answered 'error' to: %s (will retry)", line)
+
+    def _arm_eor_retry(self) -> None:
+        asyncio.get_running_loop().call_later(0.5, self._dirty.set)
+
+    async def _pass_unless_stopped(self) -> bool:
+        """One reconcile pass, cancelled if a stop comes first (False then). A pass can wait
+        for ExaBGP's acks for seconds; ExaBGP stopping stops answering, and kills us soon."""
+        if self._stop_requested.is_set():
+            return False
+        pass_ = asyncio.ensure_future(self.reconcile_once())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({pass_, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not pass_.done():
+            pass_.cancel()
+            await asyncio.gather(pass_, return_exceptions=True)
+            return False
+        pass_.result()  # re-raises what the pass raised
+        return True
 
     def _controller_state(self, ok: bool) -> None:
         self.controller_ok = ok

@@ -58,6 +58,9 @@ class Reason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     SAFETY_HOLD = "safety_hold"
     AWAITING_CONTROLLER = "awaiting_controller"
+    # The agent failed handling this one VIP (deciding, or building its ExaBGP command):
+    # it is withdrawn, the others carry on (a crash would withdraw every VIP at the POP).
+    REFUSED = "refused"
 
 
 # Every word a decision's reason can be: all closed vocabularies, so metric labels are too.

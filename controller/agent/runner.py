@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -25,9 +26,14 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
 
     def on_event(event: object) -> None:
         if "agent" in holder:
-            holder["agent"].on_event(event)
+            try:
+                holder["agent"].on_event(event)
+            except Exception:  # noqa: BLE001 - a bad message must not stop the reader (and the agent)
+                log.exception("handling a message from ExaBGP failed; ignoring it: %r", event)
 
     speaker = await ExaBGPSpeaker.connect_stdio(on_event=on_event)
+    if os.path.exists(os.path.join(config.state_dir, "stopping")):
+        return await _idle_until_stopped(speaker)
     kernel = None
     if config.kernel.enabled and not no_kernel:
         from ..kernel.netlink import KernelAdapter
@@ -74,6 +80,24 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
             kernel.close()
         if client is not None:
             await client.close()
+
+
+async def _idle_until_stopped(speaker: ExaBGPSpeaker) -> int:
+    """``anycast-agent stop`` ran (STATE_DIR/stopping) and ExaBGP respawned us: the service is
+    stopping, so announce nothing and touch nothing until ExaBGP goes or we are told to stop.
+    Exiting at once instead would only make ExaBGP respawn us again."""
+    log.info("the service is stopping (STATE_DIR/stopping): announcing nothing until ExaBGP stops")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.ensure_future(speaker.run_reader())
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (reader, waiter):
+        task.cancel()
+    await asyncio.gather(reader, waiter, return_exceptions=True)
+    return 0
 
 
 def _write_pid(state_dir: str) -> None:

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .. import bgp_values
+
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_U16_MAX: Final = 0xFFFF
 _U32_MAX: Final = 0xFFFF_FFFF
 # One AS_SEQUENCE segment holds at most 255 ASNs; the local AS plus its copies must fit.
 _MAX_PREPEND: Final = 254
@@ -78,36 +80,36 @@ class RouteAttributes:
                 raise ValueError(f"next_hop: {self.next_hop!r} is neither 'self' nor an IP address") from None
         # object.__setattr__ because the dataclass is frozen; normalising here keeps
         # equality meaningful for the reconciler, which diffs attribute sets.
-        object.__setattr__(self, "communities", _normalise(self.communities, 2, _U16_MAX, "communities"))
-        object.__setattr__(
-            self, "large_communities", _normalise(self.large_communities, 3, _U32_MAX, "large_communities")
-        )
+        # The config validator parses with the same functions (bgp_values), so every
+        # community a config accepts (well-known names included) is accepted here.
+        object.__setattr__(self, "communities", _canonical("communities", bgp_values.canonical_communities,
+                                                           self.communities))
+        object.__setattr__(self, "large_communities", _canonical(
+            "large_communities", bgp_values.canonical_large_communities, self.large_communities))
 
 
-def _normalise(values: tuple[str, ...], parts: int, maximum: int, name: str) -> tuple[str, ...]:
-    """Validate "a:b" (or "a:b:c") communities and return them sorted, without duplicates."""
-    if isinstance(values, str):
-        # A bare string is a tuple of characters to Python; catch it by name.
-        raise ValueError(f"{name}: expected a tuple of strings, got the string {values!r}")
-    keys: set[tuple[int, ...]] = set()
-    for value in values:
-        fields = value.split(":")
-        if len(fields) != parts or not all(f.isdigit() and f.isascii() for f in fields):
-            raise ValueError(f"{name}: {value!r} is not {':'.join(['N'] * parts)}")
-        key = tuple(int(f) for f in fields)
-        if any(n > maximum for n in key):
-            raise ValueError(f"{name}: {value!r} has a part larger than {maximum}")
-        keys.add(key)
-    return tuple(":".join(str(n) for n in key) for key in sorted(keys))
+def _canonical(name: str, parse: Callable[[object], tuple[str, ...]], values: object) -> tuple[str, ...]:
+    try:
+        return parse(values)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
-def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
-    """The ExaBGP command that announces `prefix` with `attrs` to every neighbour."""
+def _selector(neighbors: Sequence[str]) -> str:
+    """ExaBGP's neighbour selector (``neighbor A , neighbor B ``): the command goes to those
+    sessions only. Empty: to every neighbour."""
+    if isinstance(neighbors, str):
+        raise ValueError(f"neighbors: expected a sequence of addresses, got the string {neighbors!r}")
+    return "".join(f"neighbor {ipaddress.ip_address(n)} , " for n in neighbors)[:-2] if neighbors else ""
+
+
+def announce_line(prefix: Prefix, attrs: RouteAttributes, neighbors: Sequence[str] = ()) -> str:
+    """The ExaBGP command that announces `prefix` with `attrs` to `neighbors` (default: all)."""
     if attrs.next_hop != "self" and ipaddress.ip_address(attrs.next_hop).version != prefix.version:
         # ExaBGP would turn an IPv4 next hop for an IPv6 prefix into ::ffff:a.b.c.d; FRR
         # marks that path valid but never installs it in the kernel. Refuse instead.
         raise ValueError(f"next_hop: {attrs.next_hop} is not of the same family as {prefix}")
-    parts = [f"announce route {prefix} next-hop {attrs.next_hop}"]
+    parts = [f"{_selector(neighbors)}announce route {prefix} next-hop {attrs.next_hop}"]
     if attrs.med is not None:
         parts.append(f"med {attrs.med}")
     if attrs.as_path_prepend:
@@ -122,9 +124,16 @@ def announce_line(prefix: Prefix, attrs: RouteAttributes) -> str:
     return " ".join(parts)
 
 
-def withdraw_line(prefix: Prefix) -> str:
-    """The ExaBGP command that withdraws `prefix` from every neighbour."""
-    return f"withdraw route {prefix}"
+def eor_line(version: int, neighbors: Sequence[str] = ()) -> str:
+    """End-of-RIB for IPv4 or IPv6 unicast (RFC 4724): needed with ``manual-eor true``."""
+    if version not in (4, 6):
+        raise ValueError(f"version: {version} is neither 4 nor 6")
+    return f"{_selector(neighbors)}announce eor ipv{version} unicast"
+
+
+def withdraw_line(prefix: Prefix, neighbors: Sequence[str] = ()) -> str:
+    """The ExaBGP command that withdraws `prefix` from `neighbors` (default: every neighbour)."""
+    return f"{_selector(neighbors)}withdraw route {prefix}"
 
 
 # --------------------------------------------------------------------------- messages

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .. import bgp_values
+
 _SUPPORTED_FAMILIES: Final = ("ipv4 unicast", "ipv6 unicast")
 _U32_MAX: Final = 0xFFFF_FFFF
 _HOLD_TIME_MAX: Final = 0xFFFF
-_MD5_KEY_MAX: Final = 80  # TCP_MD5SIG_MAXKEYLEN in Linux
+BGP_PORT: Final = 179
+_GR_TIME_MAX: Final = 4095  # the GR capability's restart time is 12 bits
 # Characters ExaBGP's tokeniser treats as syntax, plus whitespace and quotes.
 _UNSAFE_ARG: Final = re.compile(r"""[\s"';{}\[\],#\\]""")
 _PROCESS_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -43,6 +46,7 @@ class NeighborSpec:
     md5_password: str | None = None
     passive: bool = False
     families: tuple[str, ...] | None = None
+    graceful_restart: int = 0  # RFC 4724 restart time offered, seconds; 0: not offered
 
     def __post_init__(self) -> None:
         peer = _ip("address", self.address)
@@ -59,6 +63,8 @@ class NeighborSpec:
             raise ValueError(f"hold_time: {self.hold_time} is neither 0 nor in 3..{_HOLD_TIME_MAX}")
         if self.md5_password is not None:
             _check_md5(self.md5_password)
+        if not 0 <= self.graceful_restart <= _GR_TIME_MAX:
+            raise ValueError(f"graceful_restart: {self.graceful_restart} is not in 0..{_GR_TIME_MAX}")
         if self.families is not None:
             if isinstance(self.families, str) or not self.families:
                 raise ValueError(f"families: expected a non-empty tuple, got {self.families!r}")
@@ -81,13 +87,12 @@ def _ip(name: str, value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _check_md5(password: str) -> None:
-    # Rendered inside double quotes: a quote or backslash would end or escape it.
-    if not password:
-        raise ValueError("md5_password: empty (use None for no password)")
-    if len(password.encode()) > _MD5_KEY_MAX:
-        raise ValueError(f"md5_password: longer than {_MD5_KEY_MAX} bytes, the kernel's TCP MD5 key limit")
-    if any(c in "\"\\" or not c.isprintable() for c in password):
-        raise ValueError("md5_password: must not contain quotes, backslashes or control characters")
+    # The config validator runs the same check (bgp_values): rendered inside double quotes,
+    # measured in bytes, ASCII because ExaBGP encodes it so.
+    try:
+        bgp_values.check_md5_password(password)
+    except ValueError as exc:
+        raise ValueError(f"md5_password: {exc}") from None
 
 
 def render_exabgp_config(neighbors: Sequence[NeighborSpec], process_name: str, run_argv: Sequence[str]) -> str:
@@ -142,7 +147,19 @@ def _neighbor_block(neighbor: NeighborSpec, process_name: str) -> list[str]:
     if neighbor.md5_password is not None:
         lines.append(f'    md5-password "{neighbor.md5_password}";')
     if neighbor.passive:
+        # ExaBGP 5 opens no listening socket for `passive true` alone (it would wait for a
+        # connection nobody can make): `listen 179` binds local-address:179 for this peer.
         lines.append("    passive true;")
+        lines.append(f"    listen {BGP_PORT};")
+    if neighbor.graceful_restart:
+        # With GR negotiated ExaBGP closes the session without a NOTIFICATION when it stops,
+        # so the router keeps our routes (stale) for this long: a restart re-announces them
+        # without a withdrawal. A planned stop withdraws first (the agent), so nothing is left stale.
+        lines += ["    capability {", f"        graceful-restart {neighbor.graceful_restart};", "    }"]
+        # ExaBGP would send End-of-RIB as soon as the session is up, before the restarted
+        # agent has re-announced anything, and the router would drop the stale routes at
+        # once: the agent sends End-of-RIB itself, after its first verdicts.
+        lines.append("    manual-eor true;")
     lines.append("    family {")
     lines += [f"        {family};" for family in neighbor.effective_families()]
     lines += [

@@ -17,7 +17,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from ..bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
@@ -34,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run as ExaBGP's API process (stdin/stdout)"),
                         ("exabgp-config", "print the ExaBGP config for this agent"),
-                        ("launch", "render the ExaBGP config and exec ExaBGP (systemd's ExecStart)")):
+                        ("launch", "render the ExaBGP config and exec ExaBGP (systemd's ExecStart)"),
+                        ("stop", "stop the agent before ExaBGP, so its planned withdrawal completes "
+                                 "(systemd's ExecStop)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", "-c", required=True, help="agent YAML config")
         s.add_argument("--state-dir", help="override state_dir from the config")
@@ -45,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--netns", help="manage kernel state in this named network namespace")
         if name in ("exabgp-config", "launch"):
             s.add_argument("--out", help="write the ExaBGP config here (launch: default STATE_DIR/exabgp.conf)")
+        if name == "stop":
+            s.add_argument("--timeout", type=float, default=15.0,
+                           help="seconds to wait for the agent to finish (default 15)")
         if name == "launch":
             s.add_argument("--exabgp", default=os.path.join(os.path.dirname(sys.executable), "exabgp"),
                            help="the exabgp executable")
@@ -79,7 +86,8 @@ def exabgp_config_text(config: AgentConfig, args: argparse.Namespace) -> str:
     neighbors = [
         NeighborSpec(address=str(n.address), local_address=str(n.local_address), router_id=str(n.router_id),
                      local_as=config.local_as, peer_as=n.peer_as, hold_time=n.hold_time,
-                     md5_password=n.md5_password, passive=n.passive)
+                     md5_password=n.md5_password, passive=n.passive,
+                     graceful_restart=config.graceful_restart)
         for n in config.neighbors
     ]
     argv = [sys.executable, "-m", "controller.cli.agent_main", "run", "--config", os.path.abspath(args.config),
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "launch":
         return _launch(config, args)
+    if args.command == "stop":
+        return _stop(config, args.timeout)
     from ..agent.runner import run_agent  # imported late: the other commands need no asyncio/pyroute2
 
     from ..agent.controller_link import ControllerUnavailable
@@ -119,8 +129,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
+def stopping_marker(state_dir: str) -> str:
+    """Present from ``anycast-agent stop`` until the next ``launch``: an agent ExaBGP respawns
+    meanwhile announces nothing (else it could announce again what the stop withdrew)."""
+    return os.path.join(state_dir, "stopping")
+
+
+def _agent_pid(state_dir: str) -> int | None:
+    try:
+        with open(os.path.join(state_dir, "agent.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    # The PID file may be stale and its number reused: only signal an agent.
+    return pid if b"controller.cli.agent_main" in argv and b"run" in argv else None
+
+
+def _stop(config: AgentConfig, timeout: float) -> int:
+    """SIGTERM the agent and wait for it: it withdraws (graceful shutdown first, if set) and
+    removes its kernel state while ExaBGP still runs; systemd then stops ExaBGP."""
     os.makedirs(config.state_dir, exist_ok=True)
+    with open(stopping_marker(config.state_dir), "w", encoding="ascii") as f:
+        f.write(f"{time.time():.0f}\n")
+    pid = _agent_pid(config.state_dir)
+    if pid is None:
+        log.info("no agent is running")
+        return 0
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return 0  # exited; ExaBGP reaps it
+        except OSError:
+            return 0
+        time.sleep(0.05)
+    log.warning("the agent (PID %d) did not finish within %.0f s; ExaBGP is stopped anyway", pid, timeout)
+    return 0
+
+
+def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
+    if config.kernel.enabled:
+        from ..kernel.claim import RouteProtocolInUse, claim_route_protocol
+
+        try:
+            claim = claim_route_protocol(config.kernel.protocol)
+        except RouteProtocolInUse as exc:
+            print(f"{args.config}: {exc}", file=sys.stderr)
+            return 2
+        # Kept open across the exec: ExaBGP, the service's main process, holds the claim for
+        # the life of the service (and the kernel drops it when ExaBGP dies).
+        os.set_inheritable(claim.fileno(), True)
+    os.makedirs(config.state_dir, exist_ok=True)
+    try:
+        os.unlink(stopping_marker(config.state_dir))
+    except FileNotFoundError:
+        pass
     out = args.out or os.path.join(config.state_dir, "exabgp.conf")
     with open(out, "w", encoding="utf-8") as f:
         f.write(exabgp_config_text(config, args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from .. import bgp_values
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
@@ -18,9 +19,6 @@ from .model import (
 from .reader import Issues, Node, parse_yaml, read_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_COMMUNITY = re.compile(r"^(\d{1,5}):(\d{1,5})$")
-_LARGE_COMMUNITY = re.compile(r"^(\d{1,10}):(\d{1,10}):(\d{1,10})$")
-_WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "no-export-subconfed", "blackhole")
 
 DEFAULT_CHECK = {"interval": 1.0, "timeout": 0.5, "rise": 3, "fall": 2}
 DEFAULT_UP = Attributes(med=100)
@@ -48,6 +46,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     )
     bgp = root.get("bgp", required=True)
     local_as, neighbors, attrs = _bgp(bgp) if bgp is not None and bgp.is_mapping() else (None, (), None)
+    graceful_restart, graceful_shutdown = _graceful(bgp)
     kernel = _kernel(root.get("kernel"))
     metrics_listen = _metrics(root.get("metrics"))
     state_dir = root.opt("state_dir", Node.as_str, "/var/lib/anycast-agent")
@@ -72,6 +71,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
         source=source, pop=pop, local_as=local_as, allowed_prefixes=allowed,
         neighbors=neighbors, kernel=kernel, metrics_listen=metrics_listen,
         state_dir=state_dir, shutdown=shutdown, vips=vips, controller=controller,
+        graceful_restart=graceful_restart, graceful_shutdown=graceful_shutdown,
     )
 
 
@@ -98,15 +98,10 @@ def _check_unique(root: Node, key: str, values: list[str], what: str) -> None:
 
 
 def _check_families(root: Node, neighbors: tuple[Neighbor, ...], vips: tuple[Vip, ...]) -> None:
-    """ExaBGP sends ``announce route`` to every neighbour, and answers ``error`` (announcing
-    to none) when a route's family differs from a session's: so all sessions of one agent
-    must carry the VIPs' family."""
+    """Each session carries its own family (``next-hop self`` is the session's local address),
+    so a VIP needs a session of its family. Both families in one agent are fine: the agent
+    sends each command to its family's sessions only."""
     families = {n.address.version for n in neighbors}
-    if len(families) > 1:
-        root.issues.add("bgp.neighbors", "mixing IPv4 and IPv6 sessions in one agent is not supported: "
-                        "ExaBGP would reject every route on the other family's sessions; "
-                        "run one agent per address family")
-        return
     for i, vip in enumerate(vips):
         if families and vip.prefix.version not in families:
             root.issues.add(f"vips[{i}].address", f"an IPv{vip.prefix.version} VIP needs an "
@@ -120,8 +115,19 @@ def _bgp(node: Node) -> tuple[int | None, tuple[Neighbor, ...], StateAttributes 
     if node.has("neighbors") and not neighbors and not node.issues.items:
         node.error("at least one neighbour is needed", "neighbors")
     attrs = read_state_attributes(node.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    node.get("graceful_restart")  # read by _graceful; marked as known here
+    node.get("graceful_shutdown")
     node.reject_unknown()
     return local_as, neighbors, attrs
+
+
+def _graceful(bgp: Node | None) -> tuple[int, float]:
+    if bgp is None or not isinstance(bgp.value, dict):
+        return 0, 0.0
+    # 4095: the restart time field of the GR capability is 12 bits.
+    restart = bgp.opt("graceful_restart", lambda n: n.as_int(0, 4095), 0)
+    shutdown = bgp.opt("graceful_shutdown", lambda n: n.as_float(0, 600), 0.0)
+    return restart, shutdown
 
 
 def _neighbor(node: Node) -> Neighbor | None:
@@ -165,11 +171,12 @@ def _hold_time(node: Node) -> int | None:
 
 
 def _password(node: Node) -> str | None:
-    s = node.as_str()
-    if s is not None and (len(s) > 80 or any(c.isspace() or c in "\";'" for c in s)):
-        node.error("must be at most 80 characters without spaces, quotes or ';'")
+    # The same check as the ExaBGP config renderer's (bgp_values): what validates, launches.
+    try:
+        return bgp_values.check_md5_password(node.value)
+    except ValueError as exc:
+        node.error(str(exc))
         return None
-    return s
 
 
 def read_state_attributes(node: Node | None, base: StateAttributes) -> StateAttributes | None:
@@ -195,26 +202,25 @@ def _attributes(node: Node | None, base: Attributes) -> Attributes:
 
 
 def _communities(node: Node) -> tuple[str, ...] | None:
-    out = []
+    """Well-known names (``no-export``, ``graceful-shutdown``...) or ASN:VALUE, stored in the
+    canonical numeric form the announce path sends (bgp_values: one parser for both)."""
+    out: set[tuple[int, int]] = set()
     for item in node.items():
-        s = str(item.value) if item.value is not None else ""
-        m = _COMMUNITY.match(s)
-        if s in _WELL_KNOWN_COMMUNITIES or (m and all(int(g) <= 65535 for g in m.groups())):
-            out.append(s)
-        else:
-            item.error(f"not a BGP community (ASN:VALUE, each 0-65535, or a well-known name): {item.value!r}")
-    return tuple(out)
+        try:
+            out.add(bgp_values.parse_community(item.value))
+        except ValueError as exc:
+            item.error(str(exc))
+    return tuple(f"{a}:{b}" for a, b in sorted(out))
 
 
 def _large_communities(node: Node) -> tuple[str, ...] | None:
-    out = []
+    out: set[tuple[int, int, int]] = set()
     for item in node.items():
-        m = _LARGE_COMMUNITY.match(str(item.value))
-        if m and all(int(g) <= 4294967295 for g in m.groups()):
-            out.append(str(item.value))
-        else:
-            item.error(f"not a large community (A:B:C, each 0-4294967295): {item.value!r}")
-    return tuple(out)
+        try:
+            out.add(bgp_values.parse_large_community(item.value))
+        except ValueError as exc:
+            item.error(str(exc))
+    return tuple(f"{a}:{b}:{c}" for a, b, c in sorted(out))
 
 
 # --- the central controller -------------------------------------------------------------

@@ -146,6 +146,12 @@ class AgentConfig:
     shutdown: str  # withdraw | keep
     vips: tuple[Vip, ...]
     controller: ControllerLink | None = None
+    # RFC 4724: seconds the routers keep our routes (stale) after the session drops without
+    # a NOTIFICATION, as when ExaBGP stops with it negotiated; 0: not offered.
+    graceful_restart: int = 0
+    # RFC 8326: before a planned withdrawal, re-announce with GRACEFUL_SHUTDOWN (65535:0) and
+    # the draining attributes, and wait this long for traffic to move; 0: withdraw at once.
+    graceful_shutdown: float = 0.0
 
     def vip(self, name: str) -> Vip | None:
         return next((v for v in self.vips if v.name == name), None)

@@ -161,6 +161,12 @@ class AgentMetrics:
                                             "Time for one reconcile pass.", registry=registry)
         self.config_reloads = Counter("anycast_config_reloads", "Config (re)loads, by result.", ["result"],
                                       registry=registry)
+        self.vip_refused = Counter(
+            "anycast_vip_refused", "VIPs withdrawn because the agent failed handling them (reason refused), "
+            "by where it failed.", ["vip", "stage"], registry=registry)
+        self.reconcile_crashes = Counter(
+            "anycast_reconcile_crashes", "Reconcile passes that raised (logged; the agent carries on).",
+            registry=registry)
         self.kernel_errors = Counter("anycast_kernel_sync_errors",
                                      "Kernel routes or addresses that could not be applied.", registry=registry)
         # Label sets that exist from the start, so dashboards and alerts see zeros, not gaps.

@@ -386,3 +386,54 @@ def _maybe_update_golden(lab: BgpLab) -> None:
         return
     GOLDEN.mkdir(parents=True, exist_ok=True)
     (GOLDEN / "exabgp_stdin_capture.txt").write_text("\n".join(lab.stdin_lines()) + "\n")
+
+
+def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> None:
+    """Through the agent's own path: the config reader, daemon.exabgp_attributes, announce_line."""
+    import yaml
+
+    from controller.agent.daemon import exabgp_attributes
+    from controller.bgp_values import WELL_KNOWN_COMMUNITIES
+    from controller.config.agent import parse_agent_config
+
+    d = yaml.safe_load((REPO / "configs" / "agent-sjc.yaml").read_text())
+    d["bgp"]["attributes"]["up"]["communities"] = [*WELL_KNOWN_COMMUNITIES, "65101:100"]
+    d["bgp"]["attributes"]["up"]["large_communities"] = ["65101:4294967295:0"]
+    config = parse_agent_config(yaml.safe_dump(d), "well-known.yaml")
+    vip = config.vips[0]
+    line = announce_line(vip.prefix, exabgp_attributes(vip.attributes.up, LOCAL_AS))
+    seen = len(lab.results())
+    lab.command(line)
+    assert lab.result_for(line, seen)["ok"] is True
+    path = poll(lambda: lab.route(str(vip.prefix)))
+    # FRR names the well-known ones; compare as numbers.
+    frr_names = {"gracefulShutdown": 0, "acceptown": 1, "llgrStale": 6, "noLlgr": 7, "blackhole": 666,
+                 "noExport": 0xFF01, "noAdvertise": 0xFF02, "localAs": 0xFF03, "noPeer": 0xFF04}
+    got = {(65535, frr_names[c]) if c in frr_names else tuple(int(x) for x in c.split(":"))
+           for c in path["community"]["list"]}
+    assert got == {*WELL_KNOWN_COMMUNITIES.values(), (65101, 100)}
+    assert path["largeCommunity"]["list"] == ["65101:4294967295:0"]
+    seen = len(lab.results())
+    lab.command(withdraw_line(vip.prefix))
+    assert lab.result_for(withdraw_line(vip.prefix), seen)["ok"] is True
+    poll(lambda: True if lab.route(str(vip.prefix)) is None else None)
+
+
+def test_dual_stack_commands_with_a_neighbour_selector_reach_only_their_session(lab: Lab) -> None:
+    """What a dual-stack agent sends: each command names its family's session."""
+    v4 = ipaddress.ip_network("198.51.100.20/32")
+    v6 = ipaddress.ip_network("2001:db8::20/128")
+    attrs = RouteAttributes(med=7)
+    lines = [announce_line(v4, attrs, [FRR_V4]), announce_line(v6, attrs, [FRR_V6])]
+    for line in lines:
+        seen = len(lab.results())
+        lab.command(line)
+        assert lab.result_for(line, seen)["ok"] is True, line
+    assert poll(lambda: lab.route(str(v4)))["metric"] == 7
+    assert poll(lambda: lab.route(str(v6)))["metric"] == 7
+    for prefix, peer in ((v4, FRR_V4), (v6, FRR_V6)):
+        line = withdraw_line(prefix, [peer])
+        seen = len(lab.results())
+        lab.command(line)
+        assert lab.result_for(line, seen)["ok"] is True, line
+        poll(lambda: True if lab.route(str(prefix)) is None else None)  # noqa: B023 - polled at once

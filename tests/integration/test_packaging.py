@@ -57,7 +57,12 @@ def test_agent_unit_runs_launch_as_notify_service_with_few_capabilities() -> Non
     assert "Type=notify" in unit and "NotifyAccess=all" in unit  # the agent is ExaBGP's child
     assert "anycast-agent launch --config /etc/anycast/agent.yaml" in unit
     assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n" in unit
-    assert "ProtectSystem=strict" in unit and "Restart=on-failure" in unit and "WatchdogSec=" in unit
+    assert "ProtectSystem=strict" in unit and "WatchdogSec=" in unit
+    # ExaBGP exits 0 when it gives up respawning a crashing agent: that must restart too.
+    assert "\nRestart=always\n" in unit and "Restart=on-failure" not in unit
+    assert "\nStartLimitBurst=" in unit.split("[Service]")[0]  # a start limit belongs in [Unit]
+    # The agent stops first, while ExaBGP still takes its withdrawals (graceful shutdown).
+    assert "\nExecStop=/opt/anycast/bin/anycast-agent stop --config /etc/anycast/agent.yaml " in unit
 
 
 def test_validate_console_script_touches_nothing(tmp_path: Path) -> None:

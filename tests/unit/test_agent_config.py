@@ -157,7 +157,9 @@ def test_vip_family_must_match_the_bgp_sessions() -> None:
     assert "vips[0].address: an IPv6 VIP needs an IPv6 BGP session; bgp.neighbors has none" in errors_of(d)
     d["bgp"]["neighbors"].append({"address": "2001:db8:1::1", "local_address": "2001:db8:1::2",
                                   "router_id": "100.64.1.2", "peer_as": 65001})
-    assert any(e.startswith("bgp.neighbors: mixing IPv4 and IPv6 sessions") for e in errors_of(d))
+    # Both families in one agent: each command goes to its family's sessions (daemon).
+    c = parse_agent_config(yaml.safe_dump(d), "test.yaml")
+    assert [n.address.version for n in c.neighbors] == [4, 6]
 
 
 def test_host_header_that_would_break_the_request_is_rejected() -> None:
@@ -199,3 +201,17 @@ def test_check_watch_must_be_a_boolean() -> None:
     d = base()
     d["vips"][0]["check"]["watch"] = "sometimes"
     assert any("vips[0].check.watch" in e for e in errors_of(d))
+
+
+def test_graceful_restart_and_shutdown_are_read_and_bounded() -> None:
+    d = base()
+    d["bgp"]["graceful_restart"] = 120
+    d["bgp"]["graceful_shutdown"] = 2.5
+    c = parse_agent_config(yaml.safe_dump(d), "test.yaml")
+    assert (c.graceful_restart, c.graceful_shutdown) == (120, 2.5)
+    assert (load_agent_config(str(EXAMPLE)).graceful_restart, load_agent_config(str(EXAMPLE)).graceful_shutdown) == (0, 0.0)
+    d["bgp"]["graceful_restart"] = 4096
+    d["bgp"]["graceful_shutdown"] = -1
+    errs = errors_of(d)
+    assert any(e.startswith("bgp.graceful_restart: must be <= 4095") for e in errs), errs
+    assert any(e.startswith("bgp.graceful_shutdown: must be >= 0") for e in errs), errs

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from controller.agent import state_file
@@ -698,3 +699,266 @@ def test_check_targets_carry_the_watch_and_fall_and_vips_on_one_backend_share_a_
     backends = {b for o in vip.origins for b in o.backends}
     assert len({t.group for t in targets.values()}) == 2 * len(backends)
     assert len(targets) == 3 * len(backends)
+
+
+# --- one VIP's failure is contained (issue 14: a crash loop would withdraw every VIP) -------
+def poisoned_config(tmp_path: Path) -> AgentConfig:
+    """game-global plus a VIP whose attributes ExaBGP's encoder refuses (as a reader bug would let through)."""
+    from controller.config.model import Attributes, StateAttributes
+
+    c = config(tmp_path)
+    good = c.vips[0]
+    bad = dataclasses.replace(good, name="poisoned", prefix=ipaddress.ip_network("198.51.100.11/32"),
+                              attributes=StateAttributes(Attributes(med=1, communities=("bogus",)),
+                                                         good.attributes.draining))
+    return dataclasses.replace(c, vips=(good, bad))
+
+
+def test_a_vip_whose_command_cannot_be_built_is_refused_and_the_others_announce(tmp_path: Path) -> None:
+    cfg = poisoned_config(tmp_path)
+    bad_prefix = ipaddress.ip_network("198.51.100.11/32")
+    # A previous agent announced it: it must now be withdrawn, not left with stale attributes.
+    state_file.save(cfg.state_dir, {bad_prefix: cfg.vips[0].attributes.up})
+
+    async def scenario() -> None:
+        agent, bgp, kernel, registry = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is True
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]
+        assert kernel.routes == {KernelRoute(P, ipaddress.ip_address("100.64.10.1"))}  # none for the refused one
+        assert registry.get_sample_value("anycast_vip_refused_total", {"vip": "poisoned", "stage": "encode"}) == 1
+        assert registry.get_sample_value("anycast_vip_reason",
+                                         {"vip": "poisoned", "reason": "refused", "origin": ""}) == 1
+        assert agent.decisions["poisoned"].detail.startswith("encode failed: communities:")
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]  # level-based: nothing new
+        assert registry.get_sample_value("anycast_vip_refused_total",
+                                         {"vip": "poisoned", "stage": "encode"}) == 1  # counted once
+
+    run(scenario())
+
+
+def test_a_vip_whose_decision_raises_is_refused_and_the_others_announce(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.agent import daemon
+
+    cfg = poisoned_config(tmp_path)
+    cfg = dataclasses.replace(cfg, vips=(cfg.vips[0], dataclasses.replace(cfg.vips[1], attributes=cfg.vips[0].attributes)))
+    real = daemon.decide
+
+    def decide(vip, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if vip.name == "poisoned":
+            raise KeyError("a bug")
+        return real(vip, *args, **kwargs)
+
+    monkeypatch.setattr(daemon, "decide", decide)
+
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is True
+        assert bgp.lines == [ANNOUNCE_UP, "withdraw route 198.51.100.11/32"]  # unsure at start: withdrawn
+        assert registry.get_sample_value("anycast_vip_refused_total", {"vip": "poisoned", "stage": "decide"}) == 1
+
+    run(scenario())
+
+
+def test_a_reconcile_pass_that_raises_does_not_end_the_agent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, registry = make_agent(config(tmp_path))
+        passes = 0
+        real = agent.reconcile_once
+
+        async def flaky() -> bool:
+            nonlocal passes
+            passes += 1
+            if passes == 1:
+                agent._dirty.set()  # the next pass at once, not after the 5 s resync
+                raise RuntimeError("a bug in one pass")
+            agent.stop("test")
+            return await real()
+
+        agent.reconcile_once = flaky  # type: ignore[method-assign]
+        agent._dirty.set()
+        assert await agent.run() == 0
+        assert passes == 2
+        assert registry.get_sample_value("anycast_reconcile_crashes_total") == 1
+
+    run(scenario())
+
+
+# --- clean stops: the kernel state goes whatever ExaBGP does (issue 14) -----------------------
+class HangingAnnouncer(RecordingAnnouncer):
+    """ExaBGP that stopped answering (it does once it is shutting down): sends never return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+
+    async def send(self, line: str) -> bool:
+        self.lines.append(line)
+        if self.hang:
+            await asyncio.Event().wait()
+        return True
+
+
+def loopback_config(tmp_path: Path) -> AgentConfig:
+    c = config(tmp_path)
+    return dataclasses.replace(c, vips=(dataclasses.replace(c.vips[0], loopback=True),))
+
+
+def announced_agent(cfg: AgentConfig) -> tuple[Agent, HangingAnnouncer, FakeKernel]:
+    announcer, kernel = HangingAnnouncer(), FakeKernel()
+    agent = Agent(cfg, lambda: cfg, announcer, kernel=kernel,
+                  metrics=lambda snap: AgentMetrics(CollectorRegistry(), snap), clock=lambda: 1000.0,
+                  scheduler_factory=NoScheduler)
+    return agent, announcer, kernel
+
+
+@pytest.mark.parametrize("why", ["exabgp_shutdown", "exabgp_gone"])
+def test_a_stop_because_exabgp_stops_or_died_still_removes_routes_and_addresses(tmp_path: Path, why: str) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert kernel.routes and {str(a) for a in kernel.addresses} == {"198.51.100.10/32"}
+        agent.stop(why)
+        await agent.shutdown()
+        assert bgp.lines == [ANNOUNCE_UP]  # no commands to an ExaBGP that takes none
+        assert kernel.routes == set() and kernel.addresses == set()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("order", ["agent_first", "exabgp_first"])
+def test_sigterm_to_both_in_either_order_removes_the_kernel_state(tmp_path: Path, order: str) -> None:
+    """systemd's stop: SIGTERM to the agent, and ExaBGP's shutdown notification, in either
+    order, while ExaBGP no longer acknowledges anything."""
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        bgp.hang = True
+        from controller.bgp.exabgp_api import Shutdown
+
+        if order == "exabgp_first":
+            agent.on_event(Shutdown())
+            agent.stop("SIGTERM")
+        else:
+            agent.stop("SIGTERM")
+        stopping = asyncio.ensure_future(agent.shutdown())
+        await asyncio.sleep(0)
+        if order == "agent_first":
+            assert not stopping.done()  # withdrawing, waiting for an ack that never comes
+            agent.on_event(Shutdown())
+        await stopping  # no 10 s wait: the notification ends it
+        assert kernel.routes == set() and kernel.addresses == set()
+        assert bgp.lines[-1:] == ([WITHDRAW] if order == "agent_first" else [ANNOUNCE_UP])
+
+    run(scenario())
+
+
+def test_a_stop_during_a_pass_blocked_on_acks_cuts_it_short_and_cleans_up(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, kernel = announced_agent(loopback_config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        bgp.hang = True  # the pass's announce is never acknowledged
+        running = asyncio.ensure_future(agent.run())
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert bgp.lines == [ANNOUNCE_UP] and kernel.routes  # kernel first, then BGP (hung)
+        agent.stop("SIGTERM")
+        agent.stop("exabgp_shutdown")
+        assert await running == 0
+        assert kernel.routes == set() and kernel.addresses == set()
+
+    run(scenario())
+
+
+# --- graceful restart and graceful shutdown ----------------------------------------------------
+def test_with_graceful_restart_end_of_rib_follows_the_first_verdicts_and_each_session_up(tmp_path: Path) -> None:
+    from controller.bgp.exabgp_api import NeighborState
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(config(tmp_path, graceful_restart=120))
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == []  # no verdict yet: an End-of-RIB now would drop the router's stale path
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == [ANNOUNCE_UP, "announce eor ipv4 unicast"]
+        await agent._maybe_send_eor()
+        assert bgp.lines[-1] == "announce eor ipv4 unicast" and len(bgp.lines) == 2  # once
+        agent.on_event(NeighborState("100.64.1.1", "100.64.1.2", "up"))
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines[2:] == ["announce eor ipv4 unicast"]  # again after the session came back
+
+    run(scenario())
+
+
+def test_without_graceful_restart_no_end_of_rib_is_sent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(config(tmp_path))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        await agent._maybe_send_eor()
+        assert bgp.lines == [ANNOUNCE_UP]  # ExaBGP sends End-of-RIB itself
+
+    run(scenario())
+
+
+def test_graceful_shutdown_reannounces_with_65535_0_and_draining_attributes_then_withdraws(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(config(tmp_path, graceful_shutdown=5.0))
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        monkeypatch.setattr(asyncio, "sleep", no_sleep)
+        agent.stop("SIGTERM")
+        await agent.shutdown()
+        assert bgp.lines == [
+            ANNOUNCE_UP,
+            "announce route 198.51.100.10/32 next-hop self med 1000 as-path [ 65101 65101 65101 65101 ]"
+            " community [ 65101:666 65535:0 ]",
+            WITHDRAW,
+        ]
+        assert slept == [5.0]
+        assert kernel.routes == set()
+
+    run(scenario())
+
+
+def test_dual_stack_agent_sends_each_command_to_its_familys_sessions(tmp_path: Path) -> None:
+    from controller.config.agent import parse_agent_config
+
+    d = yaml.safe_load(EXAMPLE.read_text())
+    d["state_dir"] = str(tmp_path / "state")
+    d["bgp"]["neighbors"].append({"address": "fd00:64:1::1", "local_address": "fd00:64:1::2",
+                                  "router_id": "100.64.1.2", "peer_as": 65001})
+    v6 = dict(d["vips"][0], name="game-v6", address="2001:db8:51::10/128")
+    v6["origins"] = [{"region": "us-west", "next_hop": "fd00:64:10::1", "backends": ["[fd00:64:10::1]:8080"]}]
+    d["vips"].append(v6)
+    cfg = parse_agent_config(yaml.safe_dump(d), "dual.yaml")
+
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [
+            f"neighbor 100.64.1.1 {ANNOUNCE_UP}",
+            "neighbor fd00:64:1::1 announce route 2001:db8:51::10/128 next-hop self med 100 community [ 65101:100 ]",
+        ]
+        assert len(kernel.routes) == 2
+        agent.stop("SIGTERM")
+        await agent.shutdown()
+        assert bgp.lines[2:] == ["neighbor 100.64.1.1 withdraw route 198.51.100.10/32",
+                                 "neighbor fd00:64:1::1 withdraw route 2001:db8:51::10/128"]
+
+    run(scenario())

@@ -106,3 +106,13 @@ def test_hold_time_zero_is_allowed() -> None:
 def test_environment_logs_to_stdout_unless_given_a_file() -> None:
     assert exabgp_environment()["exabgp_log_destination"] == "stdout"
     assert exabgp_environment("/var/log/exabgp.log")["exabgp_log_destination"] == "/var/log/exabgp.log"
+
+
+def test_graceful_restart_renders_the_capability_and_manual_eor() -> None:
+    import dataclasses
+
+    text = render_exabgp_config([dataclasses.replace(NEIGHBORS[0], graceful_restart=120)], "agent", ["/bin/true"])
+    assert "    capability {\n        graceful-restart 120;\n    }\n    manual-eor true;\n" in text
+    assert "graceful-restart" not in render_exabgp_config([NEIGHBORS[0]], "agent", ["/bin/true"])
+    with pytest.raises(ValueError, match="graceful_restart"):
+        dataclasses.replace(NEIGHBORS[0], graceful_restart=4096)
