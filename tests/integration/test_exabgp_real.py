@@ -405,7 +405,7 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
     seen = len(lab.results())
     lab.command(line)
     assert lab.result_for(line, seen)["ok"] is True
-    path = poll(lambda: lab.route(str(vip.prefix)))
+    path = lab.wait_route(str(vip.prefix))
     # FRR names the well-known ones; compare as numbers.
     frr_names = {"gracefulShutdown": 0, "acceptown": 1, "llgrStale": 6, "noLlgr": 7, "blackhole": 666,
                  "noExport": 0xFF01, "noAdvertise": 0xFF02, "localAs": 0xFF03, "noPeer": 0xFF04}
@@ -416,7 +416,7 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
     seen = len(lab.results())
     lab.command(withdraw_line(vip.prefix))
     assert lab.result_for(withdraw_line(vip.prefix), seen)["ok"] is True
-    poll(lambda: True if lab.route(str(vip.prefix)) is None else None)
+    lab.wait_no_route(str(vip.prefix))
 
 
 def test_dual_stack_commands_with_a_neighbour_selector_reach_only_their_session(lab: Lab) -> None:
@@ -429,11 +429,11 @@ def test_dual_stack_commands_with_a_neighbour_selector_reach_only_their_session(
         seen = len(lab.results())
         lab.command(line)
         assert lab.result_for(line, seen)["ok"] is True, line
-    assert poll(lambda: lab.route(str(v4)))["metric"] == 7
-    assert poll(lambda: lab.route(str(v6)))["metric"] == 7
+    assert lab.wait_route(str(v4))["metric"] == 7
+    assert lab.wait_route(str(v6))["metric"] == 7
     for prefix, peer in ((v4, FRR_V4), (v6, FRR_V6)):
         line = withdraw_line(prefix, [peer])
         seen = len(lab.results())
         lab.command(line)
         assert lab.result_for(line, seen)["ok"] is True, line
-        poll(lambda: True if lab.route(str(prefix)) is None else None)  # noqa: B023 - polled at once
+        lab.wait_no_route(str(prefix))
