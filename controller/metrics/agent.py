@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..health.state import Phase
+from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
 HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
@@ -137,6 +138,7 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry, snapshot: Callable[[], AgentSnapshot]) -> None:
         self.registry = registry
         registry.register(_SnapshotCollector(snapshot))
+        register_process_metrics(registry)
         self.checks = Counter("anycast_checks", "Health checks run, by result.",
                               ["vip", "origin", "result"], registry=registry)
         self.check_duration = Histogram(
@@ -168,3 +170,4 @@ class AgentMetrics:
             self.reconciles.labels(result)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+
