@@ -1,5 +1,6 @@
 """The Debian package, as an operator gets it: ``make deb`` builds it (dh-virtualenv, about
-1.5 min on the 2-core CI machine: the Python dependencies come from the package index),
+1 min on an idle 2-core machine, 6-8 min beside CPU burners: the Python dependencies come
+from the package index and are byte-compiled),
 apt installs it on this machine, its installed binaries run, validate the example configs,
 its units pass ``systemd-analyze verify``, everything the units and the alerts point to is
 there, and a purge removes it all. Slow for a test, and it installs into /opt/anycast: it
