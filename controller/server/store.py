@@ -27,7 +27,7 @@ the problems are kept in ``Loaded.problems``, which the controller shows as an a
 state files exist and no snapshot at all can be read, ``load`` raises ``StateUnreadable``
 and the controller refuses to start: it cannot know which POPs were drained, and starting
 empty would silently undo those drains. Agents keep their last plans meanwhile (static
-stability) until an operator moves the files aside (see ops/runbooks/persistence.md).
+stability) until an operator moves the files aside (see ops/runbooks/AnycastControllerPersistenceFailing.md).
 
 Every write failure raises ``PersistenceError`` naming the operation, the file and the
 OS error; nothing is half-applied (a failed append is truncated away on the next append).
@@ -86,7 +86,7 @@ class StateUnreadable(Exception):
     def __init__(self, state_dir: str, problems: tuple[str, ...]) -> None:
         super().__init__(f"no readable controller state in {state_dir}: " + "; ".join(problems)
                          + " (refusing to start with empty state: drains would be forgotten; "
-                         "see ops/runbooks/persistence.md)")
+                         "see ops/runbooks/AnycastControllerPersistenceFailing.md)")
         self.problems = problems
 
 
