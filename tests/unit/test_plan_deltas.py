@@ -308,3 +308,43 @@ def test_sizes_at_10000_vips_and_a_100000_vip_report(capsys: pytest.CaptureFixtu
               f"one-verdict delta {delta_bytes} B")
     assert one_vip <= 2048 and one_spec <= 2048
     assert report_bytes < limit and delta_bytes < 512
+
+
+def test_an_agent_on_its_cached_plan_asks_for_the_changes_since_it() -> None:
+    """follow_plans passes the cached plan's generation as the base (not -1: a full plan)."""
+    import asyncio
+
+    from tenacity import wait_none
+
+    from controller.agent.controller_link import follow_plans
+    from controller.agent.intent import Plan, PlanSource
+
+    class Stub:
+        def __init__(self) -> None:
+            self.plan = Plan(PlanSource.CACHED_PLAN, 7, "r")
+
+        def apply_plan(self, plan: Plan) -> None:
+            self.plan = plan
+
+    class Port:
+        def __init__(self) -> None:
+            self.afters: list[int] = []
+
+        async def fetch_plan(self, after: int, wait: float) -> Plan | None:
+            self.afters.append(after)
+            if len(self.afters) > 2:
+                await asyncio.Event().wait()
+            return Plan(PlanSource.CONTROLLER, 7 + len(self.afters) - 1, "r")
+
+        async def report(self, report: object) -> None:
+            pass
+
+    async def scenario() -> list[int]:
+        agent, port = Stub(), Port()
+        task = asyncio.create_task(follow_plans(agent, port, 30, backoff=wait_none()))  # type: ignore[arg-type]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        task.cancel()
+        return port.afters
+
+    assert asyncio.run(scenario()) == [7, 7, 8]  # confirmed at 7 (now from the controller), then 8
