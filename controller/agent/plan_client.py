@@ -140,7 +140,7 @@ class PlanClient:
             with open(self.cache_path, encoding="utf-8") as f:
                 data = json.load(f)
             book = PlanBook(self.pop, self.allowed)
-            plan = book.apply(decode_plan(data, self.pop))
+            plan = book.apply(decode_plan(data, self.pop), verify=True)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

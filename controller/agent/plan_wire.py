@@ -8,7 +8,6 @@ wire terms and applies deltas onto it, whole or not at all.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -104,26 +103,34 @@ class PlanBook:
         self.digest = 0
         self._intents: dict[str, VipIntent] = {}
 
-    def apply(self, answer: WirePlan | WireDelta) -> Plan:
+    def apply(self, answer: WirePlan | WireDelta, verify: bool = False) -> Plan:
+        """``verify``: check every spec's hash, even of specs held (a plan read from disk);
+        from the controller, a hash already held is taken for the spec it names."""
         if isinstance(answer, WireDelta):
             return self._apply_delta(answer)
-        return self._apply_full(answer)
+        return self._apply_full(answer, verify)
 
-    def _apply_full(self, plan: WirePlan) -> Plan:
+    def _apply_full(self, plan: WirePlan, verify: bool) -> Plan:
         specs: dict[str, tuple[str, Vip]] = {}
         entries: dict[str, PlanVip] = {}
         for i, e in enumerate(plan.vips):
-            text = canonical_json(e.spec)
-            h = spec_hash(text)
-            if e.spec_hash and e.spec_hash != h:
-                raise WireError(f"vips[{i}].spec_hash", "does not match the spec's content")
-            held = self.specs.get(h) or specs.get(h)
-            vip = held[1] if held is not None else _read_spec(e.spec, f"vips[{i}].spec", self.allowed)
+            held = None if verify or not e.spec_hash else self.specs.get(e.spec_hash)
+            if held is None:  # a spec not held yet (or from the cache file): its hash is checked
+                text = canonical_json(e.spec)
+                h = spec_hash(text)
+                if e.spec_hash and e.spec_hash != h:
+                    raise WireError(f"vips[{i}].spec_hash", "does not match the spec's content")
+                known = self.specs.get(h)
+                held = known if known is not None else (text, _read_spec(e.spec, f"vips[{i}].spec", self.allowed))
+            else:
+                h = e.spec_hash
+            vip = held[1]
             _check_entry(e, vip, f"vips[{i}]")
             if vip.name in entries:
                 raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
-            specs[h] = (text, vip)
-            entries[e.vip] = dataclasses.replace(e, spec=None, spec_hash=h)
+            specs[h] = held
+            entries[e.vip] = PlanVip(e.vip, None, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold,
+                                     e.explanation, h)
         ehash = {n: vip_entry_hash(e) for n, e in entries.items()}
         digest = sum(ehash.values()) % DIGEST_MOD
         if plan.digest and plan.digest != format_digest(digest):

@@ -348,3 +348,20 @@ def test_an_agent_on_its_cached_plan_asks_for_the_changes_since_it() -> None:
         return port.afters
 
     assert asyncio.run(scenario()) == [7, 7, 8]  # confirmed at 7 (now from the controller), then 8
+
+
+def test_a_vip_swapped_for_another_in_the_same_pass_is_removed_and_added() -> None:
+    """Same count of items, same desired state: the shortcuts must still see the removal."""
+    fleet, book = synced()
+    token = object()
+    assert fleet.serve(token) is None  # nothing changed
+    base = fleet.generation
+    assert book.generation == base
+    fleet.specs["vip-x"] = spec_like(GAME, "vip-x", "198.51.100.50/32")
+    del fleet.items["vip-0"]
+    fleet.items["vip-x"] = PlanItem("vip-x", True, "us-west")
+    assert fleet.serve(token) == base + 1
+    delta = fleet.body(base)
+    assert delta["removed"] == ["vip-0"] and [v["name"] for v in delta["vips"]] == ["vip-x"]
+    book.apply(decode_plan_answer(delta, "sjc"))
+    assert set(book.entries) == set(fleet.items)
