@@ -302,6 +302,12 @@ def test_sizes_at_10000_vips_and_a_100000_vip_report(capsys: pytest.CaptureFixtu
     delta_bytes = len(json.dumps(encode_report(report_delta(
         full_report, dataclasses.replace(full_report, origins=changed, seq=2)))))
     limit = report_limit(sum(len(r) for r in vips.values()))
+    # The controller reads both, and the delta applied onto the full one is the changed full set.
+    published = {v: set(rs) for v, rs in vips.items()}
+    got = decode_report(json.loads(json.dumps(encode_report(full_report))), published)
+    one = decode_report(json.loads(json.dumps(encode_report(report_delta(
+        full_report, dataclasses.replace(full_report, origins=changed, seq=2))))), published)
+    assert apply_report_delta(got.origins, got.announced, one, published) == (changed, full_report.announced)
     with capsys.disabled():
         print(f"\n10,000 VIPs: full plan {full} B (before deltas: {old_full} B); one-VIP delta {one_vip} B; "
               f"one-spec delta {one_spec} B\n100,000-VIP report: full {report_bytes} B (limit {limit} B); "
