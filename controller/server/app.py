@@ -27,6 +27,7 @@ A rejected request changes nothing.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
@@ -117,7 +118,11 @@ async def get_plan(request: web.Request) -> web.StreamResponse:
     except WireError as exc:
         return error(400, exc.message, exc.field)
     await ctl.wait_for_change(pop, after, min(wait, MAX_WAIT))
-    return web.Response(body=ctl.plans.body(pop, after), content_type="application/json")
+    body, gzipped = ctl.plans.answer(pop, after)
+    if gzipped and "gzip" not in request.headers.get("Accept-Encoding", ""):
+        body, gzipped = gzip.decompress(body), False  # a client without gzip (aiohttp's has it)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"Content-Encoding": "gzip"} if gzipped else None)
 
 
 def _seconds(text: str, field: str) -> float:

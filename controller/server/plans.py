@@ -14,14 +14,16 @@ or unknown (a controller restart starts an empty log, at a new generation): a fu
 A delta that would touch more than half the plan is sent as the full plan instead.
 
 Bodies are serialized once per generation and base (kept until the next generation), never
-per request; spec JSON is serialized once per spec (shared by every POP), and entries are
+per request; full plans are kept and sent gzipped; spec JSON is serialized once per spec (shared by every POP), and entries are
 small tuples, not dicts. The digest is kept up to date per changed entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -178,15 +180,27 @@ class PlanStore:
         self.pops.pop(pop, None)
 
     # --- serving side ------------------------------------------------------------------
-    def body(self, pop: str, after: int | None) -> bytes:
+    def answer(self, pop: str, after: int | None) -> tuple[bytes, bool]:
         """The POP's plan as agents fetch it: the changes since ``after``, or the full plan
-        (``after`` None, unknown or too old). Serialized once per generation and base."""
+        (``after`` None, unknown or too old), and whether it is gzipped (a full plan is:
+        9 MB of JSON at 10,000 VIPs is 0.4 MB gzipped, to keep and to send). Serialized
+        once per generation and base."""
         pp = self.pops[pop]
         key = self._base(pp, after)
         body = pp.bodies.get(key)
         if body is None:
-            body = pp.bodies[key] = self._full(pop, pp) if key is None else self._delta(pop, pp, key)
-        return body
+            if key is None:
+                packer = zlib.compressobj(1, wbits=31)  # gzip; level 1: 4x faster than 6, 15 % larger
+                body = packer.compress(self._full(pop, pp)) + packer.flush()
+            else:
+                body = self._delta(pop, pp, key)
+            pp.bodies[key] = body
+        return body, key is None
+
+    def body(self, pop: str, after: int | None) -> bytes:
+        """``answer``'s JSON, uncompressed."""
+        body, gzipped = self.answer(pop, after)
+        return gzip.decompress(body) if gzipped else body
 
     def _base(self, pp: PopPlan, after: int | None) -> int | None:
         """``after`` if a delta from it can be served (and is smaller than the plan), else None."""

@@ -494,3 +494,18 @@ def test_anycastctl_diff_detailed_exitcode_tells_a_change_from_none(controller: 
     assert diff().returncode == 0  # without the flag a change is still a success
     r = diff("--against", "no-such-rev")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no-such-rev" in r.stderr
+
+
+def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Running) -> None:
+    import gzip
+
+    def get(headers: dict[str, str]) -> tuple[str | None, bytes]:
+        req = urllib.request.Request(controller.url + "/v1/plans/sjc",
+                                     headers={"Authorization": f"Bearer {TOKENS['sjc']}", **headers})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.headers.get("Content-Encoding"), r.read()
+
+    encoding, packed = get({"Accept-Encoding": "gzip, deflate"})
+    plain_encoding, plain = get({})
+    assert (encoding, plain_encoding) == ("gzip", None)
+    assert gzip.decompress(packed) == plain and json.loads(plain)["pop"] == "sjc"

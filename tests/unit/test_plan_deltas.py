@@ -111,8 +111,8 @@ def test_a_body_is_built_once_per_generation_and_base_not_per_request() -> None:
     fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], drain=True, reason=PlanReason.DRAINING)
     fleet.serve()
     g = fleet.generation
-    assert fleet.store.body("sjc", None) is fleet.store.body("sjc", None)
-    assert fleet.store.body("sjc", g - 1) is fleet.store.body("sjc", g - 1)
+    assert fleet.store.answer("sjc", None)[0] is fleet.store.answer("sjc", None)[0]
+    assert fleet.store.answer("sjc", g - 1)[0] is fleet.store.answer("sjc", g - 1)[0]
     fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], drain=False, reason=PlanReason.HEALTHY)
     fleet.serve()
     assert json.loads(fleet.store.body("sjc", g))["generation"] == g + 1  # a new generation: a new body
@@ -281,6 +281,7 @@ def test_sizes_at_10000_vips_and_a_100000_vip_report(capsys: pytest.CaptureFixtu
         fleet.items[name] = PlanItem(name, True, "us-west", explanation="sees us-west healthy")
     fleet.serve()
     full = len(fleet.store.body("sjc", None))
+    full_gzipped = len(fleet.store.answer("sjc", None)[0])
     base = fleet.generation
     fleet.items["vip-04242"] = PlanItem("vip-04242", True, "eu-central", reason=PlanReason.BACKEND_DOWN,
                                         explanation="sjc sees us-west down: eu-central")
@@ -309,7 +310,7 @@ def test_sizes_at_10000_vips_and_a_100000_vip_report(capsys: pytest.CaptureFixtu
         full_report, dataclasses.replace(full_report, origins=changed, seq=2))))), published)
     assert apply_report_delta(got.origins, got.announced, one, published) == (changed, full_report.announced)
     with capsys.disabled():
-        print(f"\n10,000 VIPs: full plan {full} B (before deltas: {old_full} B); one-VIP delta {one_vip} B; "
+        print(f"\n10,000 VIPs: full plan {full} B, gzipped {full_gzipped} B (before: {old_full} B); one-VIP delta {one_vip} B; "
               f"one-spec delta {one_spec} B\n100,000-VIP report: full {report_bytes} B (limit {limit} B); "
               f"one-verdict delta {delta_bytes} B")
     assert one_vip <= 2048 and one_spec <= 2048
