@@ -32,7 +32,8 @@ plan GEN only if ``after`` is its generation, every named hash is known or carri
 carried spec hashes to its name), and the result's digest is ``digest``; otherwise it asks
 for a full plan. A delta with a spec outside the agent's allowed prefixes is refused whole.
 With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
-an unchanged plan answers an empty delta (``"generation" == "after"``).
+an unchanged plan answers an empty delta (``"generation" == "after"``). A full plan is sent
+with ``Content-Encoding: gzip`` to clients that accept it.
 
 Reports: ``POST /v1/reports/{pop}``; a full report (``seq`` is the agent's counter, absent
 from agents that predate it)::
