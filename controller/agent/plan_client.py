@@ -9,6 +9,7 @@ accepted; a 409 (it restarted, or lost one) is followed at once by a full report
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from ..config.model import IPNetwork
-from ..wire import WireError, WireReport, decode_plan, decode_plan_answer, encode_report, report_delta
+from ..wire import WireDelta, WireError, WireReport, decode_plan, decode_plan_answer, encode_report, report_delta
 from .controller_link import ControllerUnavailable, HealthReport
 from .intent import Plan, PlanSource
 from .plan_wire import NeedFullPlan, PlanBook
@@ -38,6 +39,8 @@ class PlanClient:
         self._confirmed = False  # the controller said the book's plan is current (this process)
         self._cached_generation: int | None = None  # the plan in the cache file
         self._seq = 0  # numbers the reports
+        # Answers applied, by kind: "full", "delta", and "refetch" (a delta that did not fit).
+        self.answers: collections.Counter[str] = collections.Counter()
         self._accepted: WireReport | None = None  # the last report the controller accepted
         self.cache_path = os.path.join(state_dir, CACHE_FILE)
         self._headers = {"Authorization": f"Bearer {token}"}
@@ -91,11 +94,15 @@ class PlanClient:
         _, data = await self._request("GET", path, wait + self._timeout)
         try:
             try:
-                plan = self.book.apply(decode_plan_answer(data, self.pop))
+                answer = decode_plan_answer(data, self.pop)
+                plan = self.book.apply(answer)
+                self.answers["delta" if isinstance(answer, WireDelta) else "full"] += 1
             except NeedFullPlan as exc:
                 log.info("fetching the full plan: %s", exc)
+                self.answers["refetch"] += 1
                 _, data = await self._request("GET", f"/v1/plans/{self.pop}", self._timeout)
                 plan = self.book.apply(decode_plan(data, self.pop))
+                self.answers["full"] += 1
         except WireError as exc:
             # An invalid plan never replaces the last good one.
             raise ControllerUnavailable(f"rejected the controller's plan: {exc}") from None

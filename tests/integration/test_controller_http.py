@@ -273,6 +273,19 @@ def test_plans_travel_as_deltas_through_agent_and_controller_restarts(controller
             assert plan is not None and set(plan.vips) == {"game-global"} and plan.generation == g + 1
             delta = controller.request("GET", f"/v1/plans/sjc?after={g}", token=TOKENS["sjc"])[1]
             assert (delta["after"], delta["removed"], delta["vips"], delta["specs"]) == (g, ["api-eu"], [], {})
+            assert sjc.answers == {"full": 1, "delta": 1}  # the change came as a delta, and it fit
+
+            # The agent's copy drifted (a bug, a bit flip): the next delta does not sum to the
+            # controller's digest, so the agent fetches the full plan instead of a wrong one.
+            sjc.book.digest ^= 1
+            poll = asyncio.create_task(sjc.fetch_plan(g + 1, 60))
+            await asyncio.sleep(0.3)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra", "sjc"]))
+            controller.commit("api-eu: back at sjc")
+            plan = await poll
+            assert plan is not None and set(plan.vips) == {"game-global", "api-eu"} and plan.generation == g + 2
+            assert sjc.answers == {"full": 2, "delta": 1, "refetch": 1}
+            g += 1  # the plan below is now g + 1 (api-eu back, as at first)
         finally:
             await sjc.close()
 
@@ -291,6 +304,7 @@ def test_plans_travel_as_deltas_through_agent_and_controller_restarts(controller
             assert "after" not in raw and raw["generation"] > g + 1
             new = await after_restart(lambda: restarted.fetch_plan(g + 1, 60))
             assert new is not None and new.generation == raw["generation"] and new.vips == cached.vips
+            assert restarted.answers == {"delta": 1, "full": 1}  # confirmed by a delta; then the full plan
         finally:
             await restarted.close()
 
