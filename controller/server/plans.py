@@ -175,10 +175,6 @@ class PlanStore:
         named = {e.spec_hash for pp in self.pops.values() for e in pp.entries.values()}
         self._texts = {h: t for h, t in self._texts.items() if h in named}
 
-    def forget(self, pop: str) -> None:
-        """A POP removed from the inventory."""
-        self.pops.pop(pop, None)
-
     # --- serving side ------------------------------------------------------------------
     def answer(self, pop: str, after: int | None) -> tuple[bytes, bool]:
         """The POP's plan as agents fetch it: the changes since ``after``, or the full plan
