@@ -33,7 +33,10 @@ carried spec hashes to its name), and the result's digest is ``digest``; otherwi
 for a full plan. A delta with a spec outside the agent's allowed prefixes is refused whole.
 With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
 an unchanged plan answers an empty delta (``"generation" == "after"``). A full plan is sent
-with ``Content-Encoding: gzip`` to clients that accept it.
+with ``Content-Encoding: gzip`` to clients that accept it. ``after`` is an integer from 0 to
+2**63-1 and ``wait`` a finite number >= 0 (``after=-1``, ``after=abc``, ``wait=nan``: 400
+naming the field). Agents from before deltas cannot read one (and asked ``after=-1`` for a
+first plan): upgrade the agents first, they read both kinds of full plan.
 
 Reports: ``POST /v1/reports/{pop}``; a full report (``seq`` is the agent's counter, absent
 from agents that predate it)::
