@@ -172,10 +172,12 @@ def spec_hash(canonical: str) -> str:
 
 def entry_hash(name: str, spec_hash_: str, wanted: bool, active_origin: str, drain: bool, reason: str,
                safety_hold: bool, explanation: str) -> int:
-    """One entry's share of the plan's digest (everything the entry says)."""
-    line = json.dumps([name, spec_hash_, wanted, active_origin, drain, str(reason), safety_hold, explanation],
-                      separators=(",", ":"))
-    return int.from_bytes(hashlib.sha256(line.encode()).digest()[:8], "big")
+    """One entry's share of the plan's digest: the first 8 bytes of the BLAKE2b of
+    ``name US spec_hash US <wanted><drain><safety_hold as 0/1> US active_origin US reason US
+    explanation`` (US: the byte 0x1f; the explanation, last, may hold anything)."""
+    line = (f"{name}\x1f{spec_hash_}\x1f{wanted:d}{drain:d}{safety_hold:d}\x1f{active_origin}\x1f{reason}"
+            f"\x1f{explanation}")
+    return int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
 
 
 def vip_entry_hash(v: PlanVip) -> int:

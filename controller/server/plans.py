@@ -15,7 +15,8 @@ A delta that would touch more than half the plan is sent as the full plan instea
 
 Bodies are serialized once per generation and base (kept until the next generation), never
 per request; full plans are kept and sent gzipped; spec JSON is serialized once per spec (shared by every POP), and entries are
-small tuples, not dicts. The digest is kept up to date per changed entry.
+small tuples, not dicts. The digest is computed when first needed, then kept up to date
+per changed entry.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ class Entry(NamedTuple):
 
     item: PlanItem  # as planned when the entry last changed (its explanation included)
     spec_hash: str
-    ehash: int
+    ehash: int = 0  # its share of the digest; 0 until the POP's digest is first needed
 
     def material(self) -> tuple[Any, ...]:
         i = self.item
         return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
+
+
+def _hashed(name: str, e: Entry) -> Entry:
+    i = e.item
+    return e._replace(ehash=entry_hash(name, e.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold,
+                                       i.explanation))
 
 
 class _Spec(NamedTuple):
@@ -69,6 +76,10 @@ class PopPlan:
     revision: str
     entries: dict[str, Entry] = field(default_factory=dict)
     digest: int = 0
+    # The digest (and each entry's share) is computed when a body is first built, then kept
+    # up to date per changed entry: the first planning pass of a large fleet does not pay
+    # for it, nor a POP nobody fetches from.
+    hashed: bool = False
     wanted: int = 0
     safety_holds: int = 0
     log: deque[_Change] = field(default_factory=lambda: deque(maxlen=LOG_DEPTH))
@@ -117,11 +128,10 @@ class PlanStore:
             item = items[name]
             h = self._spec(name, spec_dicts[name]).hash
             e = old.get(name)
-            new = Entry(item, h, 0)
+            new = Entry(item, h)
             if e is not None and e.material() == new.material():
                 continue
-            updates[name] = new._replace(ehash=entry_hash(name, h, item.wanted, item.active_origin, item.drain,
-                                                          item.reason, item.safety_hold, item.explanation))
+            updates[name] = new
         # Same count and nothing added: nothing removed either (no walk over the plan).
         grown = len(old) != len(items) or any(name not in old for name in candidates)
         removed = [name for name in old if name not in items] if grown else []
@@ -143,6 +153,8 @@ class PlanStore:
             previous = pp.entries.get(name)
             if previous is not None:
                 self._account(pp, previous, -1)
+            if pp.hashed:
+                e = _hashed(name, e)
             pp.entries[name] = e
             self._account(pp, e, 1)
             self._texts[e.spec_hash] = self._specs[name].text
@@ -156,7 +168,7 @@ class PlanStore:
 
     @staticmethod
     def _account(pp: PopPlan, e: Entry, sign: int) -> None:
-        pp.digest = (pp.digest + sign * e.ehash) % DIGEST_MOD
+        pp.digest = (pp.digest + sign * e.ehash) % DIGEST_MOD  # 0 while not hashed
         pp.wanted += sign * e.item.wanted
         pp.safety_holds += sign * e.item.safety_hold
 
@@ -213,9 +225,18 @@ class PlanStore:
                 return after
         return None
 
+    @staticmethod
+    def _digest(pp: PopPlan) -> str:
+        if not pp.hashed:
+            pp.entries = {name: _hashed(name, e) for name, e in pp.entries.items()}
+            pp.digest = sum(e.ehash for e in pp.entries.values()) % DIGEST_MOD
+            pp.hashed = True
+        return format_digest(pp.digest)
+
     def _full(self, pop: str, pp: PopPlan) -> bytes:
         texts = self._texts
-        return full_body(pop, pp.generation, pp.revision, format_digest(pp.digest),
+        digest = self._digest(pp)
+        return full_body(pop, pp.generation, pp.revision, digest,
                          (entry_json(e.item, e.spec_hash, texts[e.spec_hash])
                           for _, e in sorted(pp.entries.items())))
 
@@ -229,7 +250,7 @@ class PlanStore:
             hashes |= change.hashes
         current = [(n, pp.entries[n]) for n in sorted(names) if n in pp.entries]
         carried = sorted({e.spec_hash for _, e in current if e.spec_hash in hashes})
-        return delta_body(pop, pp.generation, after, pp.revision, format_digest(pp.digest),
+        return delta_body(pop, pp.generation, after, pp.revision, self._digest(pp),
                           ((h, self._texts[h]) for h in carried),
                           (entry_json(e.item, e.spec_hash, None) for _, e in current),
                           (n for n in names if n not in pp.entries))

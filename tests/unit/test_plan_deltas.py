@@ -372,3 +372,46 @@ def test_a_vip_swapped_for_another_in_the_same_pass_is_removed_and_added() -> No
     assert delta["removed"] == ["vip-0"] and [v["name"] for v in delta["vips"]] == ["vip-x"]
     book.apply(decode_plan_answer(delta, "sjc"))
     assert set(book.entries) == set(fleet.items)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_agent_following_random_changes_through_deltas_holds_the_controllers_plan(seed: int) -> None:
+    """Random changes (flags, origins, specs, VIPs added and removed), some generations
+    skipped by the agent: after every step its plan is the controller's full plan, byte
+    for byte, reached by a delta when one fits and by a full plan otherwise."""
+    import random
+    rng = random.Random(seed)
+    fleet = Fleet(12)
+    fleet.serve()
+    book = PlanBook("sjc", ALLOWED)
+    book.apply(decode_plan_answer(fleet.body(None), "sjc"))
+    kinds = {"delta": 0, "full": 0}
+    for step in range(300):
+        name = rng.choice(sorted(fleet.items))
+        roll = rng.random()
+        if roll < 0.4:
+            fleet.items[name] = dataclasses.replace(fleet.items[name], wanted=not fleet.items[name].wanted,
+                                                    explanation=f"step {step}")
+        elif roll < 0.6 and name != "api-eu":
+            fleet.items[name] = dataclasses.replace(
+                fleet.items[name], active_origin=rng.choice(["us-west", "eu-central"]))
+        elif roll < 0.75:
+            fleet.specs[name] = dict(fleet.specs[name], admin=rng.choice(["up", "drain"]))
+        elif roll < 0.85 and len(fleet.items) > 3:
+            del fleet.items[name], fleet.specs[name]
+        else:
+            new = f"vip-n{step}"
+            fleet.specs[new] = spec_like(GAME, new, f"198.51.100.{100 + step % 150}/32")
+            fleet.items[new] = PlanItem(new, True, "us-west")
+        fleet.serve(object() if rng.random() < 0.5 else None)
+        if rng.random() < 0.2:
+            continue  # the agent misses this generation
+        assert book.generation is not None
+        answer = decode_plan_answer(fleet.body(book.generation), "sjc")
+        try:
+            book.apply(answer)
+        except NeedFullPlan:
+            pytest.fail(f"seed {seed} step {step}: a delta from the controller did not fit")
+        kinds["delta" if hasattr(answer, "after") else "full"] += 1
+        assert book.full_json() == fleet.store.body("sjc", None), f"seed {seed} step {step}"
+    assert kinds["delta"] > 100
