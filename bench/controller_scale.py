@@ -260,14 +260,14 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
         from controller.agent.plan_client import PlanClient
         cache_client = PlanClient("http://127.0.0.1:1", WATCHED_POP, "x", os.path.join(state_dir, "agent"),
                                   desired.allowed_prefixes)
-        data = json.loads(raw)
+        from controller.wire import decode_plan as decode_wire_plan
+        cache_client.book.apply(decode_wire_plan(json.loads(raw), WATCHED_POP))
         ctimes = []
         for _ in range(3):
             t = time.perf_counter()
-            cache_client.save_cached(data)
+            cache_client.save_cached()
             ctimes.append(time.perf_counter() - t)
         out["agent_cache_write_s"] = summary(ctimes, 3)
-        del data
         out["rss_mb_after_controller"] = _status_mb("self", "VmRSS")
         del ctl, body, raw
 

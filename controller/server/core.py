@@ -23,25 +23,12 @@ from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
 from ..policy.planner import plan
-from ..wire import encode_plan
 from . import store
+from .plans import PlanStore, PopPlan
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
-
-
-@dataclass
-class ServedPlan:
-    generation: int
-    revision: str
-    content: dict[str, Any]  # the JSON body minus generation
-    material: list[tuple[Any, ...]] = field(default_factory=list)  # what the agent acts on, per VIP
-    # What the last pass planned for this POP (content may be older: a pass that changed only
-    # explanations or the revision is not a new plan). Equal next time: nothing to look at.
-    seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
-    seen_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seen_desired: object = None  # the DesiredState seen_specs were taken from
 
 
 @dataclass(frozen=True)
@@ -81,13 +68,12 @@ class Controller:
     desired: DesiredState
     clock: Callable[[], float] = time.time
     reports: dict[str, PopReport] = field(default_factory=dict)
-    served: dict[str, ServedPlan] = field(default_factory=dict)
+    plans: PlanStore = field(default_factory=PlanStore)  # what agents fetch (server/plans.py)
     result: PlanResult | None = None
     config: ConfigStatus = field(default_factory=ConfigStatus)
     persisted: store.Persisted = field(default_factory=store.Persisted)
     state_store: store.Store | None = None  # None: the file journal in desired.state_dir (locked while we run)
     persistence: PersistenceStatus = field(default_factory=PersistenceStatus)
-    _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
@@ -333,35 +319,12 @@ class Controller:
         return result
 
     def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
-        """Make ``items`` the POP's plan if an agent would act differently on it.
-
-        A new revision, or a new explanation (timers count down in them), that changes
-        nothing an agent acts on is not a new plan for this POP: the plan keeps the revision
-        it last changed at, and agents are not woken for nothing. Comparisons go from cheap
-        to dear: most passes at a large fleet change nothing at most POPs (the planner hands
-        back the very same item objects, so the first test is a walk over pointers).
-        """
-        served = self.served.get(pop)
-        if served is not None and served.seen_items == items and (
-                served.seen_desired is self.desired
-                or all(spec_dicts.get(name) is d for name, d in served.seen_specs.items())):
-            served.seen_desired = self.desired
-            return
-        names = sorted(items)
-        material = [(name, spec_dicts[name], i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
-                    for name in names for i in (items[name],)]
-        seen_specs = {name: spec_dicts[name] for name in names}
-        if served is not None and served.material == material:
-            served.seen_items, served.seen_specs, served.seen_desired = items, seen_specs, self.desired
-            return
-        content = encode_plan(pop, 0, self.desired.revision, [(items[name], spec_dicts[name]) for name in names])
-        del content["generation"]
-        generation = max(self.persisted.generations.get(pop, 0), served.generation if served else 0) + 1
-        self.persisted.generations[pop] = generation
-        self.served[pop] = ServedPlan(generation, self.desired.revision, content, material, items, seen_specs,
-                                      self.desired)
-        self._event(pop).set()
-        self._changed[pop] = asyncio.Event()
+        """Make ``items`` the POP's plan if an agent would act differently on it (a new
+        explanation or revision alone is no new plan: agents are not woken for nothing)."""
+        generation = self.plans.serve(pop, items, spec_dicts, self.desired.revision,
+                                      self.persisted.generations.get(pop, 0), self.desired)
+        if generation is not None:
+            self.persisted.generations[pop] = generation
 
     def _schedule(self, wake_at: float | None, now: float) -> None:
         """Plan again when a settle window ends, not at the next tick: that is when a
@@ -405,22 +368,16 @@ class Controller:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
 
     # --- outputs -----------------------------------------------------------------------
+    @property
+    def served(self) -> Mapping[str, PopPlan]:
+        """Per POP, the plan being served (its ``generation``, ``entries``, counts)."""
+        return self.plans.pops
+
     def plan_body(self, pop: str) -> dict[str, Any]:
-        served = self.served[pop]
-        return {**served.content, "generation": served.generation}
+        return self.plans.plan_body(pop)
 
-    async def wait_for_change(self, pop: str, after: int, wait: float) -> None:
-        """Return when the POP's plan generation differs from ``after``, or after ``wait`` s."""
-        served = self.served.get(pop)
-        if served is None or served.generation != after or wait <= 0:
-            return
-        try:
-            await asyncio.wait_for(self._event(pop).wait(), wait)
-        except asyncio.TimeoutError:
-            pass
-
-    def _event(self, pop: str) -> asyncio.Event:
-        return self._changed.setdefault(pop, asyncio.Event())
+    async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
+        await self.plans.wait_for_change(pop, after, wait)
 
     def alarms(self) -> tuple[Alarm, ...]:
         return self.result.alarms if self.result else ()
@@ -438,10 +395,8 @@ class Controller:
         pops = []
         for pop in self.desired.pops:
             served = self.served[pop.name]
-            vips = served.content["vips"]
             report = self.reports.get(pop.name)
-            pops.append(PopSnapshot(pop.name, served.generation,
-                                    sum(1 for v in vips if v["wanted"]), sum(1 for v in vips if v["safety_hold"]),
+            pops.append(PopSnapshot(pop.name, served.generation, served.wanted, served.safety_holds,
                                     now - report.received_at if report else float("inf"),
                                     pop.name in self.persisted.drains))
         origins = []
