@@ -4,7 +4,7 @@ live table, then everything torn down.
     python -m lab.demo [--keep]     (--keep: leave the lab up; ``python -m lab down`` ends it)
 
 The lab is the one ``python -m lab up`` builds (namespaces ``lab-<node>``, files in
-/tmp/anycast-lab), so while the demo runs, and after it with --keep, ``python -m lab
+/var/tmp/anycast-lab), so while the demo runs, and after it with --keep, ``python -m lab
 status`` and ``python -m lab exec NODE CMD`` reach it from another terminal; the places to
 look are printed as soon as it is up.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lab.__main__ import ROOT
 from lab.demo import Columns, client_cell, fit, where_to_look
 from lab.topology import load_topology
 
@@ -44,6 +45,6 @@ def test_where_to_look_names_commands_that_reach_the_live_lab() -> None:
     assert "-m lab status" in lines
     assert f"anycastctl status --url http://{TOPO.controller_address}:9800" in lines
     for pop in TOPO.pops:
-        assert f"agent status --socket /tmp/anycast-lab/{pop.agent}/state/agent.sock" in lines
+        assert f"agent status --socket {ROOT / pop.agent / 'state' / 'agent.sock'}" in lines
         assert f"http://{pop.mgmt_address}:9701/metrics" in lines
     assert "query=ALERTS" in lines

@@ -62,11 +62,6 @@ def test_every_alert_has_for_severity_and_annotations() -> None:
         assert re.search(r"\$labels\.(vip|pop|neighbor|instance)", text), f"{name}: annotations name no VIP/POP"
 
 
-def test_every_runbook_url_names_a_runbook_in_the_repository() -> None:
-    """runbook_url is a path from the repository's top (prefix it with where you host it)."""
-    urls = [u for r in load_rules() if (u := r.get("annotations", {}).get("runbook_url"))]
-    assert urls and all((ROOT / u).is_file() for u in urls), urls
-
 
 def test_every_alert_has_a_firing_and_a_non_firing_test() -> None:
     doc = yaml.safe_load(ALERTS_TEST.read_text())
