@@ -127,7 +127,7 @@ class Engine:
         self._drains: dict[str, float] = {}
         self._fleet: dict[str, FleetVip] = {}
         self._order: dict[str, int] = {}
-        self._at_pop: dict[str, dict[float, list[str]]] = {}  # pop -> report_stale_after -> VIPs
+        self._at_pop: dict[str, dict[float, set[str]]] = {}  # pop -> report_stale_after -> VIPs
         self._removed: frozenset[str] = frozenset()  # VIPs dropped since the last commit
         self._desired_changed = False
         self.version = 0  # grows when any memory changes
@@ -159,22 +159,34 @@ class Engine:
 
     def _set_desired(self, desired: DesiredState, now: float) -> None:
         old = self._fleet
-        fleet = {fv.name: fv for fv in desired.vips}
-        for name, fv in fleet.items():
-            before = old.get(name)
-            if before is not fv and before != fv:
-                self._dirty.add(name)
+        fleet = {fv.vip.name: fv for fv in desired.vips}
+        new = [fv for name, fv in fleet.items() if old.get(name) is not fv]  # (identity: cheap)
+        self._dirty.update(fv.vip.name for fv in new if fv != old.get(fv.vip.name))
         self._removed |= frozenset(name for name in old if name not in fleet)
         self._removed -= fleet.keys()
         self._dirty -= self._removed
         self._fleet = fleet
-        self._order = {fv.name: i for i, fv in enumerate(desired.vips)}
-        at_pop: dict[str, dict[float, list[str]]] = {p.name: {} for p in desired.pops}
-        for fv in desired.vips:
+        self._order = dict(zip(fleet, range(len(fleet))))
+        # The index POP -> report_stale_after -> VIPs, updated for the VIPs that changed only
+        # (a commit of one VIP at 100,000 x 300 must not walk 30 million pairs).
+        at_pop = self._at_pop
+        for gone in [g for name, g in old.items() if fleet.get(name) is not g]:
+            s = gone.policy.safety.report_stale_after
+            for pop in gone.publish:
+                at_pop[pop][s].discard(gone.vip.name)
+        for fv in new:
             s = fv.policy.safety.report_stale_after
+            name = fv.vip.name
             for pop in fv.publish:
-                at_pop.setdefault(pop, {}).setdefault(s, []).append(fv.name)
-        self._at_pop = at_pop
+                at_pop.setdefault(pop, {}).setdefault(s, set()).add(name)
+        known = {p.name for p in desired.pops}
+        for pop in [p for p in at_pop if p not in known and not any(at_pop[p].values())]:
+            del at_pop[pop]
+        for pop in known:
+            at_pop.setdefault(pop, {})
+        for groups in at_pop.values():
+            for s in [s for s, names in groups.items() if not names]:
+                del groups[s]
         for pop, groups in at_pop.items():  # a new report_stale_after value: fresh as its report says
             report = self._reports.get(pop)
             fresh = self._fresh.setdefault(pop, {})

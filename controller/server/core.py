@@ -255,17 +255,27 @@ class Controller:
         self.result = result
         self._schedule(engine.next_wake(), now)
         self.persisted.planner = result.state
+        pops = set(changes.pops)
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
+            # The POPs of a VIP whose definition changed are served again (its spec is in
+            # their plans); a publish list's change or a removed VIP changes items, which
+            # the engine reports in changes.pops; the other POPs' plans cannot have changed.
             old_state, old_specs = self._spec_dicts
             old_vips = {v.name: v.vip for v in old_state.vips} if old_state else {}
-            self._spec_dicts = (self.desired, {v.name: old_specs[v.name] if old_vips.get(v.name) == v.vip
-                                               else vip_to_dict(v.vip) for v in self.desired.vips})
+            specs: dict[str, dict[str, Any]] = {}
+            for fv in self.desired.vips:
+                was = old_vips.get(fv.name)
+                if was is not None and (was is fv.vip or was == fv.vip):
+                    specs[fv.name] = old_specs[fv.name]
+                else:
+                    specs[fv.name] = vip_to_dict(fv.vip)
+                    pops.update(fv.publish)
+            self._spec_dicts = (self.desired, specs)
         spec_dicts = self._spec_dicts[1]
-        everything = changes.desired_changed
         for pop in self.desired.pops:
-            if everything or pop.name in changes.pops or pop.name not in self.served:
+            if pop.name in pops or pop.name not in self.served:
                 self._serve(pop.name, engine.items.get(pop.name, {}), spec_dicts)
         self._save()
         return result
