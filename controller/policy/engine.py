@@ -100,7 +100,7 @@ class Changes:
     pops: frozenset[str]  # POPs whose VIP -> item mapping is a new object (some item changed)
     memory: frozenset[str]  # VIPs whose memory changed (what a journal appends)
     notes: Mapping[str, tuple[str | None, str]]  # vip -> (old note, new note), changed notes only
-    new_alarms: tuple[Alarm, ...]  # alarms that were not raised before
+    new_alarms: tuple[Alarm, ...]  # alarms whose (kind, VIP) was not raised before
     removed: frozenset[str]  # VIPs no longer in the desired state
     desired_changed: bool
 
@@ -301,7 +301,7 @@ class Engine:
         gone: dict[str, list[str]] = {}
         memory: set[str] = set()
         notes: dict[str, tuple[str | None, str]] = {}
-        alarms_before = set(self._alarm_tuple)
+        alarms_before = {(a.kind, a.vip) for a in self._alarm_tuple}
         alarms_changed = False
         for name in removed:
             old = self.plans.pop(name, None)
@@ -377,7 +377,8 @@ class Engine:
             self._boot = None  # every VIP has planned once: the persisted memory is in the plans now
         self.passes += 1
         return Changes(p.names, frozenset(pops), frozenset(memory), notes,
-                       tuple(a for a in self._alarm_tuple if a not in alarms_before), removed, desired_changed)
+                       tuple(a for a in self._alarm_tuple if (a.kind, a.vip) not in alarms_before), removed,
+                       desired_changed)
 
     def run(self, desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
             now: float, *, refresh: bool = False) -> Changes:
