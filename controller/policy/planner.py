@@ -202,11 +202,11 @@ def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping
     for pop in fv.publish:
         mem = pop_memory(pop)
         verdict = v.get(active) if (v := verdicts.get(pop)) is not None else None
-        if shortcuts and mem is STEADY and verdict is True and pop not in drains:
-            # The common case, at most POPs for most VIPs most of the time: healthy before,
-            # healthy now, no flap history, not drained. The long path would keep the memory
-            # as it is and announce; the same PlanItem object serves every such POP (and the
-            # next run), so comparing plans stays cheap.
+        if shortcuts and (mem is STEADY or mem is NEW) and verdict is True and pop not in drains:
+            # The common case, at most POPs for most VIPs most of the time: healthy before
+            # (or never heard of: a cold start), healthy now, no flap history, not drained.
+            # The long path would make the memory STEADY and announce; the same PlanItem
+            # object serves every such POP (and the next run), so comparing plans stays cheap.
             memories[pop] = STEADY
             items[pop] = healthy = healthy or _shared(shared, name, active, R.HEALTHY)
             continue
