@@ -203,6 +203,7 @@ class Controller:
                     self.replan()
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
+                self._staged = None  # a broken pass is never published
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)
