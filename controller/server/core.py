@@ -2,8 +2,15 @@
 
 It keeps the last good desired state (a bad reload never replaces it), the freshest report
 per POP, the drains, the planner's memory, and the per-POP plans with their generation
-numbers (a POP's generation grows only when its plan's content changes). ``replan()`` runs
-the pure planner; waiters of a POP are woken when its plan changes (long-poll).
+numbers (a POP's generation grows only when its plan's content changes). Planning is the
+incremental engine's (``policy/engine.py``): a pass plans only the VIPs whose inputs
+changed or whose time came; waiters of a POP are woken when its plan changes (long-poll).
+
+Planning never blocks serving: inside the event loop a pass of more than SMALL_PASS VIPs
+(a cold start, a commit or drain that touches many VIPs) runs in slices of about SLICE_S
+seconds, yielding to the loop between them; the slices plan into a staging area and the
+new plans become visible all at once, so requests answered meanwhile see the previous,
+complete plan. ``replan()`` plans at once (tests, the CLI, operator actions).
 """
 
 from __future__ import annotations
@@ -21,14 +28,16 @@ from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
+from ..policy.engine import Changes, Engine, Pass, compact_report
 from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
-from ..policy.planner import plan
 from . import store
 from .plans import PlanStore, PopPlan
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
+SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
+SLICE_S = 0.004  # s of planning between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,11 @@ class Controller:
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
     _alive_marked: float = 0.0
     _alive_fresh: set[str] = field(default_factory=set)
+    _engine: Engine | None = None
+    _waiting: list[asyncio.Future[None]] = field(default_factory=list)  # reports for the next pass
+    _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
+    _again: bool = False  # a pass was asked for while one ran
+    _staged: Pass | None = None  # the sliced pass in progress
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -183,7 +197,7 @@ class Controller:
             self.reports.pop(pop, None)
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
         log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
-        self.replan()
+        self.plan_soon()
 
     def reject_config(self, exc: ConfigError, revision: str) -> None:
         self.config.last_error = exc.summary()
@@ -193,7 +207,7 @@ class Controller:
                   exc.summary())
 
     def add_report(self, report: PopReport) -> None:
-        self.reports[report.pop] = report
+        self.reports[report.pop] = compact_report(report, self.reports.get(report.pop))
         self.replan()
 
     async def take_report(self, report: PopReport) -> None:
@@ -203,8 +217,8 @@ class Controller:
         says what the POP's previous, still fresh, report said changes no plan: it is
         stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
         previous = self.reports.get(report.pop)
-        self.reports[report.pop] = report
-        if (previous is not None and previous.origins == report.origins
+        report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
+        if (previous is not None and previous.origins is report.origins
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return
         if self._pending is None:
@@ -235,11 +249,8 @@ class Controller:
     def _planned_reports(self) -> None:
         done, self._pending = self._pending, None
         assert done is not None
-        try:
-            self.replan()
-            done.set_result(None)
-        except Exception as exc:  # noqa: BLE001 - every waiting request answers 500
-            done.set_exception(exc)
+        self._waiting.append(done)
+        self.plan_soon()
 
     def drain(self, pop: str) -> bool:
         """Start draining ``pop``; False if it is drained already. Durable before it counts:
@@ -291,30 +302,111 @@ class Controller:
         self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
+    def plan_soon(self) -> None:
+        """Plan what changed or came due, in the background of the running event loop (at
+        once when there is none: tests, the CLI). The serve loop's tick calls it too, as a
+        safety net: timers are scheduled on their own (``_schedule``)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.replan()
+            return
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
+        else:
+            self._again = True
+
+    async def _drive(self) -> None:
+        """Passes until nothing is dirty or waiting. Reports waiting for a pass are answered
+        after the first pass that began after they were stored."""
+        engine = self._get_engine()
+        while True:
+            self._again = False
+            waiters, self._waiting = self._waiting, []
+            try:
+                now = self.clock()
+                engine.mark(self.desired, self.reports, self.persisted.drains, now)
+                if engine.dirty(refresh=True) > SMALL_PASS:
+                    await self._sliced(engine, now)
+                elif waiters or engine.dirty():
+                    self.replan()
+            except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
+                log.exception("planning failed; agents keep the last plan")
+                self._staged = None  # a broken pass is never published
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                if not self._waiting:
+                    return
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            if not self._waiting and not self._again:
+                return
+
+    async def _sliced(self, engine: Engine, now: float) -> None:
+        """One large pass, SLICE_S of planning at a time; visible when whole."""
+        p = self._staged = engine.begin(now)
+        while not engine.compute(p, SLICE_S):
+            await asyncio.sleep(0)  # answer requests (from the previous plan) meanwhile
+            if self._staged is not p:
+                return  # replan() finished and published it meanwhile
+        self._staged = None
+        self._publish(engine.commit(p), now)
+
+    def _get_engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.persisted.planner)  # the persisted memory, for the first plans
+        return self._engine
+
     def replan(self) -> PlanResult:
+        """Plan now whatever changed or came due, and the countdowns in explanations."""
+        engine = self._get_engine()
+        if self._staged is not None:  # a sliced pass in progress: finish it first
+            p, self._staged = self._staged, None
+            engine.compute(p)
+            self._publish(engine.commit(p), p.now)
         now = self.clock()
-        result = plan(self.desired, self.reports, self.persisted.drains, now, self.persisted.planner)
-        previous_alarms = {(a.kind, a.vip) for a in self.result.alarms} if self.result else set()
-        for a in result.alarms:
-            if (a.kind, a.vip) not in previous_alarms:
-                log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
-        for vip, note in result.notes.items():
-            old = self.result.notes.get(vip) if self.result else None
-            if old != note and (old is None or _origin_of(old) != _origin_of(note)):
+        engine.mark(self.desired, self.reports, self.persisted.drains, now)
+        p = engine.begin(now, refresh=True)
+        engine.compute(p)
+        return self._publish(engine.commit(p), now)
+
+    def _publish(self, changes: Changes, now: float) -> PlanResult:
+        """Log, persist and serve what a committed pass changed."""
+        engine = self._get_engine()
+        for a in changes.new_alarms:
+            log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
+        for vip, (old, note) in changes.notes.items():
+            if old is None or _origin_of(old) != _origin_of(note):
                 log.info("VIP %s: %s", vip, note)
+        result = PlanResult(engine.state(), engine.items, engine.notes, engine.alarms(), engine.settle_at())
         self.result = result
-        self._schedule(result.wake_at, now)
+        self._schedule(engine.next_wake(), now)
         self.persisted.planner = result.state
+        pops = set(changes.pops)
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
+            # The POPs of a VIP whose definition changed are served again (its spec is in
+            # their plans); a publish list's change or a removed VIP changes items, which
+            # the engine reports in changes.pops; the other POPs' plans cannot have changed.
             old_state, old_specs = self._spec_dicts
             old_vips = {v.name: v.vip for v in old_state.vips} if old_state else {}
-            self._spec_dicts = (self.desired, {v.name: old_specs[v.name] if old_vips.get(v.name) == v.vip
-                                               else vip_to_dict(v.vip) for v in self.desired.vips})
+            specs: dict[str, dict[str, Any]] = {}
+            for fv in self.desired.vips:
+                was = old_vips.get(fv.name)
+                if was is not None and (was is fv.vip or was == fv.vip):
+                    specs[fv.name] = old_specs[fv.name]
+                else:
+                    specs[fv.name] = vip_to_dict(fv.vip)
+                    pops.update(fv.publish)
+            self._spec_dicts = (self.desired, specs)
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
-            self._serve(pop.name, result.pops.get(pop.name, {}), spec_dicts)
+            if pop.name in pops or pop.name not in self.served:
+                self._serve(pop.name, engine.items.get(pop.name, {}), spec_dicts)
         self._save()
         return result
 
@@ -327,8 +419,9 @@ class Controller:
             self.persisted.generations[pop] = generation
 
     def _schedule(self, wake_at: float | None, now: float) -> None:
-        """Plan again when a settle window ends, not at the next tick: that is when a
-        POP's withdrawal gets confirmed (or held), while its agent is waiting."""
+        """Plan again when the engine's next timer comes due (a settle window ends, a drain
+        time passes, a report goes stale...), not at the next tick: that is when a POP's
+        withdrawal gets confirmed (or held), while its agent is waiting."""
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
@@ -338,7 +431,7 @@ class Controller:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # planning outside the server (tests, CLI): nothing to wake
             return
-        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
+        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.plan_soon)
 
     def _save(self) -> None:
         """Journal what changed since the last durable write (most passes change nothing: one
