@@ -326,8 +326,8 @@ class Engine:
                     if pop not in vp.items:
                         gone.setdefault(pop, []).append(name)
                 if (old.memory != vp.memory or old.default is not vp.default
-                        or old.pop_memory != vp.pop_memory):
-                    memory.add(name)
+                        or old.pop_memory != vp.pop_memory or old.items.keys() != vp.items.keys()):
+                    memory.add(name)  # (a POP added to or removed from its publish list adds or drops a pair)
             else:
                 memory.add(name)
             if old is None or old.note != vp.note:

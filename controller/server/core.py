@@ -29,7 +29,8 @@ from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.engine import Changes, Engine, Pass, compact_report
-from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
+from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from ..policy.planner import VipPlan
 from . import store
 from .plans import PlanStore, PopPlan
 
@@ -45,6 +46,7 @@ class _DesiredIndex:
     desired: DesiredState
     by_pop: dict[str, dict[str, frozenset[str]]]  # pop -> published VIP -> its origin regions
     stale_after: float  # the shortest report_stale_after of any VIP
+    names: frozenset[str]  # the VIPs
 
 
 @dataclass
@@ -88,7 +90,8 @@ class Controller:
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _indexed: _DesiredIndex | None = None
-    _durable: store.Persisted = field(default_factory=store.Persisted)  # what the store holds
+    _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
+    _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
     _seq: int = 0  # the store's sequence number after the last durable write
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
@@ -112,6 +115,7 @@ class Controller:
             self.state_store.close()
             raise
         self.persisted, self._durable, self._seq = loaded.state.copy(), loaded.state.copy(), loaded.seq
+        self._held = _DurableMemory(loaded.state.planner)
         if loaded.problems:
             # Recovered from the previous good state without what could not be read: loud,
             # and kept in status until a restart (the operator should check the drains).
@@ -121,6 +125,9 @@ class Controller:
                 log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
         self._start_store()
         self._presume_reports(loaded.previous_alive)
+        # The engine starts from the loaded memory; its first pass plans every VIP (all are
+        # new to it) with the presumed reports, so a restart resumes the timers where they were.
+        self._engine = Engine(loaded.state.planner)
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
 
@@ -169,6 +176,8 @@ class Controller:
             self._persistence_failed(exc)
             return False
         self._seq, self._started, self._durable = seq, True, self.persisted.copy()
+        if self._engine is not None:  # the snapshot holds the engine's current memory
+            self._held.snapshot(self._engine.plans)
         if self._failed_start:
             self._persistence_recovered()
         return True
@@ -243,7 +252,8 @@ class Controller:
                     by_pop.setdefault(pop, {})[fv.name] = regions
             stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
                               default=self.desired.policy.safety.report_stale_after)
-            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after)
+            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after,
+                                          frozenset(fv.name for fv in self.desired.vips))
         return self._indexed
 
     def _planned_reports(self) -> None:
@@ -356,8 +366,7 @@ class Controller:
         self._publish(engine.commit(p), now)
 
     def _get_engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(self.persisted.planner)  # the persisted memory, for the first plans
+        assert self._engine is not None, "made in __post_init__ from the loaded memory"
         return self._engine
 
     def replan(self) -> PlanResult:
@@ -385,6 +394,7 @@ class Controller:
         self.result = result
         self._schedule(engine.next_wake(), now)
         self.persisted.planner = result.state
+        self._held.unsaved |= changes.memory
         pops = set(changes.pops)
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
@@ -434,10 +444,11 @@ class Controller:
         self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.plan_soon)
 
     def _save(self) -> None:
-        """Journal what changed since the last durable write (most passes change nothing: one
-        comparison of equal maps). A failure raises the persistence alarm and is retried
-        every RETRY seconds: the journal gets the difference from what it holds, so nothing
-        is skipped."""
+        """Journal what changed since the last durable write: drains and generations by
+        comparison (per POP: small), the memory of the VIPs the engine said changed (never
+        all pairs; most passes change nothing). A failure raises the persistence alarm and is
+        retried every RETRY seconds: the journal gets the difference from what it holds, so
+        nothing is skipped."""
         assert self.state_store is not None
         now = self.clock()
         self._mark_alive(now)
@@ -445,8 +456,13 @@ class Controller:
             return  # failing: retried every RETRY s (a retry may serialize the whole state), actions at once
         if not self._started and not self._start_store():
             return
-        changes = store.diff(self._durable, self.persisted)
+        engine = self._get_engine()
+        vips, pop_vips, written = self._held.changes(engine.plans, self._index().names)
+        changes = store.Changes(store.diff_map(self._durable.drains, self.persisted.drains),
+                                store.diff_map(self._durable.generations, self.persisted.generations),
+                                vips, pop_vips)
         if not changes:
+            self._held.saved(written, engine.plans)
             return
         try:
             self._seq = self.state_store.append(changes, self._seq)
@@ -454,9 +470,11 @@ class Controller:
             self._persistence_failed(exc)
             return
         self._durable = self.persisted.copy()
+        self._held.saved(written, engine.plans)
         self._persistence_recovered()
         try:
-            self.state_store.compact(self._durable, self._seq)
+            # Everything is durable now: the snapshot is the current state (the engine's memory).
+            self.state_store.compact(self.persisted, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
 
@@ -502,6 +520,75 @@ class Controller:
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
                                   not self.config.last_error, self.config.loaded_at,
                                   self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()})
+
+
+class _DurableMemory:
+    """The planner memory the store holds, per VIP, and the VIPs whose memory changed since
+    (``unsaved``, from each committed pass's ``Changes.memory``). A pass's memory is then
+    journaled by comparing those VIPs only, pair by pair, with what was last written: at
+    500,000 pairs nothing walks them all. What was last written is each VIP's VipPlan as of
+    its last durable write, or for a VIP not written since the start, the loaded memory."""
+
+    def __init__(self, loaded: PlannerState) -> None:
+        self._written: dict[str, VipPlan] = {}
+        self._boot_vips: dict[str, VipMemory] = dict(loaded.vips)
+        self._boot_pops: dict[str, dict[str, PopVipMemory]] = {}
+        for (pop, vip), m in loaded.pop_vips.items():
+            self._boot_pops.setdefault(vip, {})[pop] = m
+        # A loaded VIP the desired state no longer has is planned never again: its removal
+        # is journaled with the first write.
+        self.unsaved: set[str] = set(self._boot_vips) | set(self._boot_pops)
+
+    def _held(self, name: str) -> tuple[VipMemory | None, Mapping[str, PopVipMemory]]:
+        vp = self._written.get(name)
+        if vp is not None:
+            return vp.memory, {pop: vp.memory_at(pop) for pop in vp.items}
+        return self._boot_vips.get(name), self._boot_pops.get(name, {})
+
+    def changes(self, plans: Mapping[str, VipPlan], desired: frozenset[str]) -> tuple[
+            dict[str, VipMemory | None], dict[tuple[str, str], PopVipMemory | None], list[str]]:
+        """What turns the held memory of the unsaved VIPs into ``plans``' (vips, pop_vips),
+        and the VIPs it covers (a VIP of the desired state not planned yet waits)."""
+        vips: dict[str, VipMemory | None] = {}
+        pairs: dict[tuple[str, str], PopVipMemory | None] = {}
+        covered = []
+        for name in self.unsaved:
+            vp = plans.get(name)
+            if vp is None and name in desired:
+                continue
+            covered.append(name)
+            memory, pops = self._held(name)
+            new = vp.memory if vp is not None else None
+            if new != memory:
+                vips[name] = new
+            if vp is not None:
+                memory_at = vp.memory_at
+                for pop in vp.items:
+                    m = memory_at(pop)
+                    old = pops.get(pop)
+                    if old is not m and old != m:
+                        pairs[(pop, name)] = m
+            for pop in pops:
+                if vp is None or pop not in vp.items:
+                    pairs[(pop, name)] = None
+        return vips, pairs, covered
+
+    def saved(self, names: list[str], plans: Mapping[str, VipPlan]) -> None:
+        """``changes()``' VIPs are durable as they are in ``plans``."""
+        for name in names:
+            self.unsaved.discard(name)
+            self._boot_vips.pop(name, None)
+            self._boot_pops.pop(name, None)
+            vp = plans.get(name)
+            if vp is None:
+                self._written.pop(name, None)
+            else:
+                self._written[name] = vp
+
+    def snapshot(self, plans: Mapping[str, VipPlan]) -> None:
+        """A snapshot of ``plans``' memory (and nothing else) is durable."""
+        self._written = dict(plans)
+        self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
 
 
 def _origin_of(note: str) -> str:
