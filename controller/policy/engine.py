@@ -398,7 +398,9 @@ class Engine:
 
     def state(self) -> PlannerState:
         """The memory, as the PlannerState the store persists: read-only views over the
-        plans (no copy), equal to another view of the same engine at the same version."""
+        plans (no copy). Live, not a snapshot: an older view reads today's memory too, so
+        two views of one engine always compare equal; what a pass changed is in its
+        ``Changes.memory`` (the controller journals from it)."""
         return PlannerState(_VipMemoryView(self, self.version), _PairMemoryView(self, self.version))
 
 
