@@ -236,6 +236,7 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
         # the journal's snapshot and lines (it was one rewritten controller-state.json)
         out["state_file_mb"] = round(sum(os.path.getsize(os.path.join(state_dir, n)) for n in os.listdir(state_dir)
                                          if n.startswith(("snapshot-", "journal-"))) / 2**20, 1)
+        out["controller_one_change_s"] = _one_change_passes(ctl, 5)
         ctl.close()
         body = ctl.plan_body(WATCHED_POP)
         raw = json.dumps(body)
@@ -260,14 +261,14 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
         from controller.agent.plan_client import PlanClient
         cache_client = PlanClient("http://127.0.0.1:1", WATCHED_POP, "x", os.path.join(state_dir, "agent"),
                                   desired.allowed_prefixes)
-        data = json.loads(raw)
+        from controller.wire import decode_plan as decode_wire_plan
+        cache_client.book.apply(decode_wire_plan(json.loads(raw), WATCHED_POP))
         ctimes = []
         for _ in range(3):
             t = time.perf_counter()
-            cache_client.save_cached(data)
+            cache_client.save_cached()
             ctimes.append(time.perf_counter() - t)
         out["agent_cache_write_s"] = summary(ctimes, 3)
-        del data
         out["rss_mb_after_controller"] = _status_mb("self", "VmRSS")
         del ctl, body, raw
 
@@ -289,6 +290,96 @@ def inproc(directory: Path, runs: int, load_runs: int, scaling: list[int]) -> di
     scale.append({"pops": npops, "pairs": out["pairs"], "plan_s": out["plan_s"]["p50"]})
     out["scaling"] = scale
     out["us_per_pair"] = round(1e6 * out["plan_s"]["p50"] / out["pairs"], 2) if out["pairs"] else None
+    out["rss_mb_end"] = _status_mb("self", "VmRSS")
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _one_change_passes(ctl: Any, n: int) -> dict[str, Any]:
+    """``Controller.apply_config`` of a desired state in which one VIP's publish list lost
+    or regained its first POP (what a one-line commit does once the files are parsed)."""
+    times = []
+    for k in range(n):
+        d = ctl.desired
+        fv = d.vips[0]
+        first = d.pops[0].name
+        publish = tuple(p for p in fv.publish if p != first) if first in fv.publish else (first, *fv.publish)
+        changed = dataclasses.replace(fv, publish=publish)
+        new = dataclasses.replace(d, revision=f"change-{k}", vips=(changed, *d.vips[1:]))
+        t = time.perf_counter()
+        ctl.apply_config(new)
+        times.append(time.perf_counter() - t)
+    return summary(times, 4)
+
+
+def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
+    """The incremental engine alone (no YAML, no HTTP, no plan bodies: what the planning
+    side costs at a size the daemon's other parts cannot hold yet): a desired state built
+    in memory from the example config's VIP, reports from every POP (all healthy, except
+    that for one VIP in a hundred one POP sees the primary down), the first plan from an
+    empty memory, then one commit that changes one VIP, one report that changes one
+    verdict, and a pass with nothing to do; RSS after each."""
+    from controller.config.desired import load_desired
+    from controller.config.desired_model import FleetVip, PopSpec
+    from controller.policy.engine import Engine, compact_report
+    from controller.policy.model import PopReport
+
+    gc.set_threshold(100_000, 50, 100)  # as the daemon runs
+    out: dict[str, Any] = {"vips": nvips, "pops": npops, "pairs": nvips * npops,
+                           "rss_mb_start": _status_mb("self", "VmRSS")}
+    base = load_desired(str(ROOT / "configs" / "controller"), "bench")
+    template = base.vip("game-global")
+    assert template is not None
+    pops = tuple(PopSpec(pop_name(i) if npops <= 100 else f"p{i:03d}", "0" * 64) for i in range(npops))
+    publish = tuple(p.name for p in pops)
+    t = time.perf_counter()
+    vips = tuple(FleetVip(dataclasses.replace(template.vip, name=f"vip-{i:06d}"), publish, True, template.policy)
+                 for i in range(nvips))
+    desired = dataclasses.replace(base, pops=pops, vips=vips)
+    out["build_desired_s"] = round(time.perf_counter() - t, 2)
+    names = [v.name for v in vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in vips}
+    now = time.time()
+    t = time.perf_counter()
+    reports: dict[str, PopReport] = {}
+    for i, p in enumerate(pops):
+        reports[p.name] = compact_report(PopReport(p.name, now, 1, verdicts(names, regions, i, npops)), None)
+    out["reports_s"] = round(time.perf_counter() - t, 2)
+    out["rss_mb_after_reports"] = _status_mb("self", "VmRSS")
+    engine = Engine()
+    t = time.perf_counter()
+    changes = engine.run(desired, reports, {}, now)
+    out["first_plan_s"] = round(time.perf_counter() - t, 2)
+    out["first_plan_vips"] = len(changes.planned)
+    out["rss_mb_after_first_plan"] = _status_mb("self", "VmRSS")
+
+    t = time.perf_counter()
+    changes = engine.run(desired, reports, {}, now + 2)  # the settle windows end: confirmed
+    out["settled_s"] = round(time.perf_counter() - t, 3)
+    out["settled_vips"] = len(changes.planned)
+
+    fv = vips[0]
+    changed = dataclasses.replace(fv, publish=publish[1:])
+    new = dataclasses.replace(desired, revision="bench-2", vips=(changed, *vips[1:]))
+    t = time.perf_counter()
+    changes = engine.run(new, reports, {}, now + 3)
+    out["one_commit_s"] = round(time.perf_counter() - t, 4)
+    out["one_commit_vips"] = len(changes.planned)
+    out["one_commit_pops"] = len(changes.pops)
+
+    pop = pops[1].name
+    flipped = dict(reports[pop].origins)
+    flipped[names[1]] = {r: j != 0 for j, r in enumerate(regions[names[1]])}
+    reports[pop] = compact_report(PopReport(pop, now + 4, 1, flipped), reports[pop])
+    t = time.perf_counter()
+    changes = engine.run(new, reports, {}, now + 4)
+    out["one_report_s"] = round(time.perf_counter() - t, 4)
+    out["one_report_vips"] = len(changes.planned)
+    repeated = {p: compact_report(PopReport(p, now + 4.5, 1, dict(r.origins)), r) for p, r in reports.items()}
+    t = time.perf_counter()
+    changes = engine.run(new, repeated, {}, now + 4.5)
+    out["repeated_reports_s"] = round(time.perf_counter() - t, 4)
+    out["repeated_reports_vips"] = len(changes.planned)
     out["rss_mb_end"] = _status_mb("self", "VmRSS")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
@@ -415,8 +506,11 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         cache = Path(watcher.cache_path)
         out["plan_body_mb"] = round(cache.stat().st_size / 2**20, 2) if cache.exists() else None
 
+        out.update(await _steady_state(daemon, clients, names, regions, reporting, log))
+
         vips_file = config_dir / "vips.yaml"
         samples: list[dict[str, Any]] = []
+        probe = _Probe(daemon.port, work / "probe-changes.json")
         for rep in range(reps):
             await asyncio.sleep(random.uniform(0.5, 1.5))  # a random phase of the daemon's 1 s loop
             present = CHANGED_VIP in plan.vips
@@ -455,6 +549,7 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
             log(f"controller: change {rep + 1}/{reps} ({sample['action']} {WATCHED_POP} in {CHANGED_VIP}'s "
                 f"publish list) reached the agent after {total:.3f}s (detect + load {sample['detect_and_load_s']}s)")
             plan = new_plan
+        out["change_stall_ms"] = probe.stop()
         out["change_samples"] = samples
         out["change_s"] = summary([s["total_s"] for s in samples], 3)
         out["change_detect_and_load_s"] = summary([s["detect_and_load_s"] for s in samples
@@ -467,6 +562,107 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         for c in clients.values():
             await c.close()
         daemon.stop()
+    return out
+
+
+STEADY_S = 12.0  # the steady-state window: every POP reports every REPORT_EVERY s, nothing changes
+REPORT_EVERY = 2.0
+PROBE_EVERY = 0.01
+
+
+def _cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Probe:
+    """A child process that asks the daemon for a trivial answer (an unknown path: 404)
+    every PROBE_EVERY s on a kept-alive connection and records each answer's latency:
+    how long the daemon's event loop kept a request waiting. A process of its own, so the
+    benchmark's own work (encoding reports) does not show up as the daemon's stall."""
+
+    def __init__(self, port: int, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.controller_scale", "probe", "--port", str(port),
+                                      "--out", str(out)], cwd=str(ROOT), stdin=subprocess.PIPE)
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # the probe stops at EOF on stdin
+        self.proc.wait(60)
+        lat: list[float] = json.loads(self.out.read_text())
+        return summary(lat, 1)
+
+
+def probe_main(port: int, out: Path) -> None:
+    import http.client
+    import threading
+
+    done = threading.Event()
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    lat: list[float] = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    while not done.is_set():
+        t = time.perf_counter()
+        try:
+            conn.request("GET", "/v1/probe")
+            conn.getresponse().read()
+            lat.append(round((time.perf_counter() - t) * 1000, 2))
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        time.sleep(PROBE_EVERY)
+    out.write_text(json.dumps(lat))
+
+
+async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[str],
+                        regions: Mapping[str, tuple[str, ...]], reporting: int, log: Log) -> dict[str, Any]:
+    """Every reporting POP sends its (unchanged, all-healthy) report every REPORT_EVERY s,
+    spread over the interval, for STEADY_S s: the daemon's CPU share and its event loop's
+    stalls meanwhile. Bodies are encoded once (the benchmark's CPU is not the daemon's)."""
+    import aiohttp
+
+    from controller.wire import WireReport, encode_report
+
+    pops = list(clients)[:reporting]
+    bodies = {pop: json.dumps(encode_report(WireReport(0, verdicts(names, regions, i, len(clients), down_every=0),
+                                                       {n: True for n in names}))).encode()
+              for i, pop in enumerate(pops)}
+    posts: list[float] = []
+    failures = 0
+    stop_at = time.monotonic() + STEADY_S
+
+    async def reporter(i: int, pop: str, session: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        await asyncio.sleep(REPORT_EVERY * i / len(pops))
+        while time.monotonic() < stop_at:
+            t = time.monotonic()
+            async with session.post(f"{daemon.url}/v1/reports/{pop}", data=bodies[pop],
+                                    headers={"Authorization": f"Bearer {token(pop)}",
+                                             "Content-Type": "application/json"},
+                                    timeout=aiohttp.ClientTimeout(total=600)) as r:
+                await r.read()
+                failures += r.status != 200
+            posts.append(time.monotonic() - t)
+            await asyncio.sleep(max(0.0, REPORT_EVERY - (time.monotonic() - t)))
+
+    probe = _Probe(daemon.port, Path(str(daemon.log) + ".probe-steady.json"))
+    cpu0, t0 = _cpu_s(daemon.proc.pid), time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(reporter(i, pop, session) for i, pop in enumerate(pops)))
+    cpu = (_cpu_s(daemon.proc.pid) - cpu0) / (time.monotonic() - t0)
+    stall = probe.stop()
+    out = {"steady_cpu_fraction": round(cpu, 4), "steady_report_post_s": summary(posts, 3),
+           "steady_report_failures": failures, "steady_stall_ms": stall,
+           "steady_rss_mb": _status_mb(daemon.proc.pid, "VmRSS")}
+    log(f"controller: steady state ({reporting} POPs reporting every {REPORT_EVERY:g}s for {STEADY_S:g}s): "
+        f"daemon CPU {cpu:.1%} of a core, event-loop stall p99 {stall.get('p99')} ms max {stall.get('max')} ms, "
+        f"RSS {out['steady_rss_mb']} MB")
     return out
 
 
@@ -525,6 +721,8 @@ def render(result: dict[str, Any]) -> str:
          i["controller_replan_first_s"], 1, "-"],
         ["Controller.replan, steady (plan + changed bodies + state file)", i["controller_replan_s"]["p50"],
          i["controller_replan_s"]["max"], i["controller_replan_s"]["n"], "-"],
+        ["Controller.apply_config, one VIP's publish list changed", i["controller_one_change_s"]["p50"],
+         i["controller_one_change_s"]["max"], i["controller_one_change_s"]["n"], "-"],
         ["agent decode_plan (one POP), first plan", i["agent_decode_s"]["p50"], i["agent_decode_s"]["max"],
          i["agent_decode_s"]["n"], "-"],
         ["agent decode_plan (one POP), specs cached", i["agent_decode_cached_s"]["p50"],
@@ -537,6 +735,12 @@ def render(result: dict[str, Any]) -> str:
         rows += [
             [f"[{label}] POST /v1/reports, {x['reporting_pops']} POPs at once", x["report_post_s"]["p50"],
              x["report_post_s"]["max"], x["report_post_s"]["n"], "-"],
+            [f"[{label}] steady: POST /v1/reports (each POP every {REPORT_EVERY:g} s)",
+             x["steady_report_post_s"]["p50"], x["steady_report_post_s"]["max"], x["steady_report_post_s"]["n"], "-"],
+            [f"[{label}] steady: event-loop stall (ms, trivial request)", x["steady_stall_ms"]["p99"],
+             x["steady_stall_ms"]["max"], x["steady_stall_ms"]["n"], "p99 in the p50 column"],
+            [f"[{label}] during changes: event-loop stall (ms)", x["change_stall_ms"]["p99"],
+             x["change_stall_ms"]["max"], x["change_stall_ms"]["n"], "p99 in the p50 column"],
             [f"[{label}] one VIP's change -> agent holds the plan", x["change_s"]["p50"], x["change_s"]["max"],
              x["change_s"]["n"], (x["change_s"]["max"] or 0) < TARGET_CHANGE_S],
             ["  of which: write -> reload logged", x["change_detect_and_load_s"]["p50"],
@@ -551,6 +755,8 @@ def render(result: dict[str, Any]) -> str:
                  [f"memory: planner process peak RSS {i['peak_rss_mb']} MB (after load {i['rss_mb_after_load']}, "
                   f"after reports {i['rss_mb_after_reports']}); tracemalloc peak of one plan "
                   f"{i['tracemalloc_plan_peak_mb']} MB, its result {i['tracemalloc_plan_result_mb']} MB",
+                  f"steady state: daemon CPU {e['steady_cpu_fraction']:.1%} of a core (one file), "
+                  f"{result['end_to_end_split']['steady_cpu_fraction']:.1%} (split); RSS {e['steady_rss_mb']} MB",
                   f"daemon RSS {e['rss_mb_after_reports']} MB after the reports, peak {e['peak_rss_mb']} MB; "
                   f"one POP's plan {e['plan_body_mb']} MB of JSON; state file {i['state_file_mb']} MB",
                   f"plan() by publish-domain size: {scale} ({i['us_per_pair']} us per pair)",
@@ -568,11 +774,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--runs", type=int, default=7)
     s.add_argument("--load-runs", type=int, default=2)
     s.add_argument("--scaling", type=int, nargs="*", default=[5, 10, 25])
+    e = sub.add_parser("engine", help="the incremental engine alone, in process, at a given size")
+    e.add_argument("--vips", type=int, default=100_000)
+    e.add_argument("--pops", type=int, default=300)
+    e.add_argument("--out", type=Path)
+    pr = sub.add_parser("probe", help="time trivial requests to a daemon until stdin closes")
+    pr.add_argument("--port", type=int, required=True)
+    pr.add_argument("--out", type=Path, required=True)
     g = sub.add_parser("generate", help="write a synthetic config directory")
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--vips", type=int, default=10000)
     g.add_argument("--pops", type=int, default=50)
     args = p.parse_args(argv)
+    if args.cmd == "engine":
+        r = engine_scale(args.vips, args.pops)
+        text = json.dumps(r, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
+    if args.cmd == "probe":
+        probe_main(args.port, args.out)
+        return 0
     if args.cmd == "generate":
         generate(args.dir, args.vips, args.pops)
         return 0

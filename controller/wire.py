@@ -7,28 +7,69 @@ each converts between these wire values and its own types in its own package
 (``agent/plan_wire.py``; ``server/``). A VIP's ``spec`` is its definition in the config
 format: here it is only carried; the agent reads it with its config reader.
 
-Plan::
+Plans: ``GET /v1/plans/{pop}`` (no ``after``) answers a full plan::
 
-    {"pop": "sjc", "generation": 7, "revision": "3f2a9c1e0b7d",
+    {"pop": "sjc", "generation": 7, "revision": "3f2a9c1e0b7d", "digest": "9c0e...16 hex",
      "vips": [{"name": "game-global", "spec": {...a VIP in the config format...},
-               "wanted": true, "active_origin": "us-west", "drain": false,
+               "spec_hash": "32 hex", "wanted": true, "active_origin": "us-west", "drain": false,
                "reason": "healthy", "safety_hold": false, "explanation": "..."}]}
 
-Report::
+``GET /v1/plans/{pop}?after=GEN`` answers the changes since generation GEN (a delta: it has
+``after``), or a full plan when the controller no longer knows GEN (a restart, or more
+changes since than its per-POP log keeps)::
 
-    {"plan_generation": 7,
+    {"pop": "sjc", "generation": 9, "after": 7, "revision": "...", "digest": "...",
+     "specs": {"<spec_hash>": {...}},          # only specs the agent cannot have at GEN
+     "vips": [{"name": ..., "spec_hash": ..., "wanted": ..., ...}],   # added or changed
+     "removed": ["old-vip"]}
+
+A spec travels once per content hash: ``spec_hash`` is the first 32 hex digits of the
+sha256 of the spec's canonical JSON (``canonical_json``); the agent keeps specs by hash and
+a delta names the hash of each changed entry's spec. ``digest`` is the whole plan's
+checksum: the sum, modulo 2**64, of each entry's ``entry_hash``, so both sides update it
+per changed entry instead of re-hashing the plan. The agent applies a delta to its copy of
+plan GEN only if ``after`` is its generation, every named hash is known or carried (and a
+carried spec hashes to its name), and the result's digest is ``digest``; otherwise it asks
+for a full plan. A delta with a spec outside the agent's allowed prefixes is refused whole.
+With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
+an unchanged plan answers an empty delta (``"generation" == "after"``). A full plan is sent
+with ``Content-Encoding: gzip`` to clients that accept it. ``after`` is an integer from 0 to
+2**63-1 and ``wait`` a finite number >= 0 (``after=-1``, ``after=abc``, ``wait=nan``: 400
+naming the field). Agents from before deltas cannot read one (and asked ``after=-1`` for a
+first plan): upgrade the agents first, they read both kinds of full plan.
+
+Reports: ``POST /v1/reports/{pop}``; a full report (``seq`` is the agent's counter, absent
+from agents that predate it)::
+
+    {"plan_generation": 7, "seq": 41,
      "origins": {"game-global": {"us-west": true, "eu-central": null}},
      "announced": {"game-global": true}}
+
+or a delta report onto the one numbered ``base`` (each VIP listed replaces that VIP's
+verdicts; ``removed`` VIPs are gone from both maps)::
+
+    {"plan_generation": 7, "seq": 42, "base": 41, "origins": {...changed VIPs...},
+     "announced": {...changed VIPs...}, "removed": ["old-vip"]}
+
+When ``base`` is not the last report the controller holds for the POP (it restarted, or a
+report was lost), it answers 409 with ``"field": "base"``: the agent sends a full report.
+A report may be ``report_limit(pairs)`` bytes long (``pairs``: the POP's published VIP x
+origin-region pairs); a longer body is refused with 413.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
-MAX_REPORT_BYTES = 1 << 20
+MAX_REPORT_BYTES = 1 << 20  # a report's allowance beside its per-pair share (report_limit)
+REPORT_BYTES_PER_PAIR = 160  # a full report spends ~35 B per VIP x region pair: room for long names
+MAX_COUNTER = (1 << 63) - 1  # generations and report numbers: beyond this, a request is garbage
+DIGEST_MOD = 1 << 64
 
 
 class WireError(ValueError):
@@ -92,14 +133,84 @@ class PlanVip:
     reason: PlanReason
     safety_hold: bool
     explanation: str = ""
+    spec_hash: str = ""  # empty from controllers that predate deltas
 
 
 @dataclass(frozen=True)
 class WirePlan:
+    """A full plan."""
+
     pop: str
     generation: int
     revision: str
     vips: tuple[PlanVip, ...]
+    digest: str = ""  # empty from controllers that predate deltas
+
+
+@dataclass(frozen=True)
+class WireDelta:
+    """The changes from plan ``after`` to plan ``generation``; its entries' ``spec`` is None."""
+
+    pop: str
+    generation: int
+    after: int
+    revision: str
+    digest: str
+    specs: Mapping[str, Any]  # spec_hash -> spec, for the hashes the agent cannot have yet
+    vips: tuple[PlanVip, ...]  # added or changed
+    removed: tuple[str, ...]
+
+
+def canonical_json(spec: Any) -> str:
+    """The one serialization of a spec that its hash is taken of (and that is sent)."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def spec_hash(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def entry_hash(name: str, spec_hash_: str, wanted: bool, active_origin: str, drain: bool, reason: str,
+               safety_hold: bool, explanation: str) -> int:
+    """One entry's share of the plan's digest: the first 8 bytes of the BLAKE2b of
+    ``name US spec_hash US <wanted><drain><safety_hold as 0/1> US active_origin US reason US
+    explanation`` (US: the byte 0x1f; the explanation, last, may hold anything)."""
+    line = (f"{name}\x1f{spec_hash_}\x1f{wanted:d}{drain:d}{safety_hold:d}\x1f{active_origin}\x1f{reason}"
+            f"\x1f{explanation}")
+    return int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
+
+
+def vip_entry_hash(v: PlanVip) -> int:
+    return entry_hash(v.vip, v.spec_hash, v.wanted, v.active_origin, v.drain, v.reason, v.safety_hold,
+                      v.explanation)
+
+
+def format_digest(total: int) -> str:
+    return f"{total % DIGEST_MOD:016x}"
+
+
+def entry_json(i: PlanEntry, spec_hash_: str, spec_json: str | None) -> str:
+    """One plan entry as JSON text; with ``spec_json`` (canonical) in a full plan."""
+    text = json.dumps({"name": i.vip, "spec_hash": spec_hash_, "wanted": i.wanted, "active_origin": i.active_origin,
+                       "drain": i.drain, "reason": str(i.reason), "safety_hold": i.safety_hold,
+                       "explanation": i.explanation}, separators=(",", ":"))
+    return text if spec_json is None else f'{text[:-1]},"spec":{spec_json}}}'
+
+
+def full_body(pop: str, generation: int, revision: str, digest: str, entries: Iterable[str]) -> bytes:
+    """A full plan from its entries' JSON (``entry_json`` with specs): no per-VIP dicts."""
+    head = json.dumps({"pop": pop, "generation": generation, "revision": revision, "digest": digest},
+                      separators=(",", ":"))
+    return f'{head[:-1]},"vips":[{",".join(entries)}]}}'.encode()
+
+
+def delta_body(pop: str, generation: int, after: int, revision: str, digest: str,
+               specs: Iterable[tuple[str, str]], entries: Iterable[str], removed: Iterable[str]) -> bytes:
+    """``specs``: (spec_hash, canonical spec JSON); ``entries``: ``entry_json`` without specs."""
+    head = json.dumps({"pop": pop, "generation": generation, "after": after, "revision": revision,
+                       "digest": digest, "removed": sorted(removed)}, separators=(",", ":"))
+    carried = ",".join(f'"{h}":{text}' for h, text in specs)
+    return f'{head[:-1]},"specs":{{{carried}}},"vips":[{",".join(entries)}]}}'.encode()
 
 
 def encode_plan(pop: str, generation: int, revision: str,
@@ -115,7 +226,15 @@ def encode_plan(pop: str, generation: int, revision: str,
 
 
 def decode_plan(data: Any, pop: str) -> WirePlan:
-    """Validate the shape of a plan for ``pop`` (each VIP's spec is left to the agent)."""
+    """Validate the shape of a full plan for ``pop`` (each VIP's spec is left to the agent)."""
+    answer = decode_plan_answer(data, pop)
+    if isinstance(answer, WireDelta):
+        raise WireError("after", "expected a full plan, got a delta")
+    return answer
+
+
+def decode_plan_answer(data: Any, pop: str) -> WirePlan | WireDelta:
+    """Validate the shape of a plan answer for ``pop``: a full plan, or a delta (``after``)."""
     obj = _mapping(data, "")
     if obj.get("pop") != pop:
         raise WireError("pop", f"plan is for {obj.get('pop')!r}, this agent is {pop!r}")
@@ -123,7 +242,22 @@ def decode_plan(data: Any, pop: str) -> WirePlan:
     revision = obj.get("revision")
     if not isinstance(revision, str):
         raise WireError("revision", "expected a string")
-    vips = obj.get("vips")
+    digest = obj.get("digest", "")
+    if not isinstance(digest, str):
+        raise WireError("digest", "expected a string")
+    delta = "after" in obj
+    entries = _plan_entries(obj.get("vips"), delta)
+    if not delta:
+        return WirePlan(pop, generation, revision, entries, digest)
+    after = _int(obj.get("after"), "after")
+    specs = _mapping(obj.get("specs", {}), "specs")
+    removed = obj.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        raise WireError("removed", "expected a list of VIP names")
+    return WireDelta(pop, generation, after, revision, digest, specs, entries, tuple(removed))
+
+
+def _plan_entries(vips: Any, delta: bool) -> tuple[PlanVip, ...]:
     if not isinstance(vips, list):
         raise WireError("vips", "expected a list")
     entries = []
@@ -134,14 +268,15 @@ def decode_plan(data: Any, pop: str) -> WirePlan:
             raise WireError(f"vips[{i}]", "expected a JSON object")
         name, active, reason = e.get("name"), e.get("active_origin"), e.get("reason")
         wanted, drain, hold = e.get("wanted"), e.get("drain"), e.get("safety_hold")
-        explanation = e.get("explanation", "")
+        explanation, hash_ = e.get("explanation", ""), e.get("spec_hash", "")
         known = _PLAN_REASONS.get(reason) if isinstance(reason, str) else None
         if not (isinstance(name, str) and isinstance(active, str) and known is not None
                 and isinstance(wanted, bool) and isinstance(drain, bool) and isinstance(hold, bool)
-                and isinstance(explanation, str)):
+                and isinstance(explanation, str) and isinstance(hash_, str) and (hash_ or not delta)):
             _refuse(e, f"vips[{i}]")
-        entries.append(PlanVip(name, e.get("spec"), wanted, active, drain, known, hold, explanation))
-    return WirePlan(pop, generation, revision, tuple(entries))
+        entries.append(PlanVip(name, None if delta else e.get("spec"), wanted, active, drain, known, hold,
+                               explanation, hash_))
+    return tuple(entries)
 
 
 def _refuse(e: dict[str, Any], where: str) -> NoReturn:
@@ -156,7 +291,9 @@ def _refuse(e: dict[str, Any], where: str) -> NoReturn:
     reason = e.get("reason")
     if not isinstance(reason, str) or reason not in _PLAN_REASONS:
         raise WireError(f"{where}.reason", f"{reason!r} is not a plan reason ({', '.join(_PLAN_REASONS)})")
-    raise WireError(f"{where}.explanation", "expected a string")
+    if not isinstance(e.get("explanation", ""), str):
+        raise WireError(f"{where}.explanation", "expected a string")
+    raise WireError(f"{where}.spec_hash", "expected the spec's hash (a string)")
 
 
 _PLAN_REASONS = {r.value: r for r in PlanReason}
@@ -165,23 +302,72 @@ _PLAN_REASONS = {r.value: r for r in PlanReason}
 # --- reports -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WireReport:
+    """A full report (``base`` None) or a delta report onto report ``base``."""
+
     plan_generation: int
     origins: Mapping[str, Mapping[str, bool | None]]  # vip -> origin region -> verdict (None: none yet)
     announced: Mapping[str, bool]  # vip -> announced by the POP now
+    seq: int | None = None  # the agent's number for this report (None: an agent before delta reports)
+    base: int | None = None
+    removed: tuple[str, ...] = ()  # delta only: VIPs gone from the report
+
+
+def report_limit(pairs: int) -> int:
+    """The largest report body a POP publishing ``pairs`` VIP x origin-region pairs may send."""
+    return MAX_REPORT_BYTES + REPORT_BYTES_PER_PAIR * pairs
 
 
 def encode_report(report: WireReport) -> dict[str, Any]:
-    return {"plan_generation": report.plan_generation,
-            "origins": {v: dict(r) for v, r in report.origins.items()}, "announced": dict(report.announced)}
+    data: dict[str, Any] = {"plan_generation": report.plan_generation,
+                            "origins": {v: dict(r) for v, r in report.origins.items()},
+                            "announced": dict(report.announced)}
+    if report.seq is not None:
+        data["seq"] = report.seq
+    if report.base is not None:
+        data["base"] = report.base
+        data["removed"] = list(report.removed)
+    return data
+
+
+def report_delta(previous: WireReport, new: WireReport) -> WireReport:
+    """``new`` (a full report) as a delta onto ``previous`` (both numbered): only the VIPs
+    whose verdicts or announcement changed, and the VIPs gone."""
+    assert previous.seq is not None and new.seq is not None
+    po, pa = previous.origins, previous.announced
+    origins = {v: r for v, r in new.origins.items() if po.get(v) != r}
+    announced = {v: f for v, f in new.announced.items() if pa.get(v) != f}
+    removed = tuple(sorted((set(po) - set(new.origins)) | (set(pa) - set(new.announced))))
+    return WireReport(new.plan_generation, origins, announced, new.seq, previous.seq, removed)
+
+
+def apply_report_delta(origins: Mapping[str, Mapping[str, bool | None]], announced: Mapping[str, bool],
+                       delta: WireReport, published: Collection[str]
+                       ) -> tuple[dict[str, Mapping[str, bool | None]], dict[str, bool]]:
+    """The full verdict set after ``delta``, onto the last one; VIPs no longer published drop out."""
+    gone = set(delta.removed)
+    new_origins = {v: r for v, r in origins.items() if v not in gone and v in published}
+    new_origins.update(delta.origins)
+    new_announced = {v: f for v, f in announced.items() if v not in gone and v in published}
+    new_announced.update(delta.announced)
+    return new_origins, new_announced
 
 
 def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireReport:
-    """Validate a POP's report against the VIPs it publishes (name -> origin regions)."""
+    """Validate a POP's report (full or delta) against the VIPs it publishes (name -> regions)."""
     obj = _mapping(data, "")
-    unknown = set(obj) - {"plan_generation", "origins", "announced"}
+    unknown = set(obj) - {"plan_generation", "origins", "announced", "seq", "base", "removed"}
     if unknown:
         raise WireError(sorted(unknown)[0], "unknown field")
     generation = _int(obj.get("plan_generation", 0), "plan_generation")
+    seq = _counter(obj["seq"], "seq") if "seq" in obj else None
+    base = _counter(obj["base"], "base") if "base" in obj else None
+    if base is not None and seq is None:
+        raise WireError("seq", "a delta report (with base) needs its own seq")
+    removed = obj.get("removed", [])
+    if base is None and "removed" in obj:
+        raise WireError("removed", "only a delta report (with base) removes VIPs")
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        raise WireError("removed", "expected a list of VIP names")
     origins: dict[str, dict[str, bool | None]] = {}
     for vip_name, regions in _mapping(obj.get("origins", {}), "origins").items():
         known = published.get(vip_name)
@@ -200,7 +386,7 @@ def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireRe
         if vip_name not in published:
             raise WireError(f"announced.{vip_name}", "this POP does not publish that VIP")
         announced[vip_name] = _bool(flag, f"announced.{vip_name}")
-    return WireReport(generation, origins, announced)
+    return WireReport(generation, origins, announced, seq, base, tuple(removed))
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -214,6 +400,19 @@ def _int(v: Any, field: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < -1:
         raise WireError(field, "expected a non-negative integer")
     return v
+
+
+def _counter(v: Any, field: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNTER:
+        raise WireError(field, f"expected an integer from 0 to {MAX_COUNTER}")
+    return v
+
+
+def parse_counter(text: str, field: str) -> int:
+    """A query parameter's non-negative integer (``after=GEN``), refused by name otherwise."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_COUNTER:
+        raise WireError(field, f"expected an integer from 0 to {MAX_COUNTER}, got {text[:40]!r}")
+    return int(text)
 
 
 def _bool(v: Any, field: str) -> bool:

@@ -1,7 +1,12 @@
 """``make demo``: the three-POP lab with the configs/ examples, a failover story told with a
 live table, then everything torn down.
 
-    python -m lab.demo [--keep]     (--keep: leave the lab up until Enter is pressed)
+    python -m lab.demo [--keep]     (--keep: leave the lab up; ``python -m lab down`` ends it)
+
+The lab is the one ``python -m lab up`` builds (namespaces ``lab-<node>``, files in
+/var/tmp/anycast-lab), so while the demo runs, and after it with --keep, ``python -m lab
+status`` and ``python -m lab exec NODE CMD`` reach it from another terminal; the places to
+look are printed as soon as it is up.
 
 The story is made of the lab's own scenarios (lab/scenarios.py), so what the demo shows
 is what ``make test`` asserts. The controller runs configs/controller/ with the lab's
@@ -11,16 +16,64 @@ timers (lab.scenarios.lab_controller_config: 3 s drain, 5 s failback hold-down).
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import scenarios
+from .__main__ import PREFIX, ROOT, TOPOLOGY_NOTE
 from .fleet import AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet
-from .netns import Lab, LabError
-from .topology import load_topology
+from .netns import Lab, LabError, list_netns
+from .topology import DEFAULT, Topology, load_topology
+
+GAP = "  "  # between columns
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The live table's layout: one column per client, wide enough for any cell it can
+    show (every POP and origin name, a loss count up to 99: a cell counts the last 0.3 s of
+    requests, sent every 20 ms), then the announcing POPs."""
+
+    clients: tuple[str, ...]  # header of each client column
+    width: int  # of every client column
+    t_width: int = 7
+
+    @classmethod
+    def for_topology(cls, topo: Topology) -> Columns:
+        pop = max((len(p.name) for p in topo.pops), default=4)
+        origin = max((len(o.region) for o in topo.origins), default=4)
+        headers = tuple(f"{c.node} ({c.region})" for c in topo.clients)
+        widest = max([len("(no answer yet)"), len(" -> ") + pop + origin + len(" (99 lost)"),
+                      *(len(h) for h in headers)])
+        return cls(headers, widest)
+
+    def header(self) -> list[str]:
+        top = GAP.join([f"{'t (s)':>{self.t_width}}", *(h.ljust(self.width) for h in self.clients), "announced at"])
+        rule = GAP.join(["-" * self.t_width, *("-" * self.width for _ in self.clients), "-" * len("announced at")])
+        return [top, rule]
+
+    def row(self, t: float, cells: Sequence[str], announced: str) -> str:
+        return GAP.join([f"{t:{self.t_width}.2f}", *(fit(c, self.width) for c in cells), announced])
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` padded to ``width``, or cut with an ellipsis: a cell never pushes the next one."""
+    return text.ljust(width) if len(text) <= width else text[:width - 1] + "~"
+
+
+def client_cell(last: dict[str, Any] | None, lost: int) -> str:
+    if last is None:
+        return "(no answer yet)"
+    if not last["ok"]:
+        return "FAILING"
+    return f"{last['pop']} -> {last['origin']}" + (f" ({lost} lost)" if lost else "")
 
 
 class LiveTable:
@@ -32,21 +85,19 @@ class LiveTable:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.lock = threading.Lock()
-        clients = "".join(f"{c.node + ' (' + c.region + ')':<30}" for c in f.topo.clients)
-        print(f"\n{'t (s)':>7}  {clients}announced at")
-        print(f"{'-' * 7}  {'-' * 30 * len(f.topo.clients)}{'-' * 20}")
+        self.columns = Columns.for_topology(f.topo)
+        print()
+        for line in self.columns.header():
+            print(line)
 
-    def sample(self) -> str:
+    def sample(self) -> tuple[list[str], str]:
         now = time.time()
         cells = []
         for c in self.f.topo.clients:
             recent = self.f.requests(c.node, now - 0.3)
-            last = recent[-1] if recent else None
-            lost = sum(1 for r in recent if not r["ok"])
-            cell = "(no answer yet)" if last is None else (f"via {last['pop']} -> {last['origin']}" if last["ok"] else "FAILING")
-            cells.append(f"{cell + (' (' + str(lost) + ' lost)' if lost and last and last['ok'] else ''):<30}")
+            cells.append(client_cell(recent[-1] if recent else None, sum(1 for r in recent if not r["ok"])))
         pops = " ".join(p.name for p in self.f.topo.pops if self._announced(p.name))
-        return "".join(cells) + (pops or "(none)")
+        return cells, pops or "(none)"
 
     def _announced(self, pop: str) -> bool:
         try:
@@ -55,13 +106,13 @@ class LiveTable:
             return False
 
     def _run(self) -> None:
-        last = ""
+        last: tuple[list[str], str] | None = None
         while not self._stop.is_set():
-            row = self.sample()
-            if row != last:
+            sample = self.sample()
+            if sample != last:
                 with self.lock:
-                    print(f"{time.time() - self.t0:7.2f}  {row}", flush=True)
-                last = row
+                    print(self.columns.row(time.time() - self.t0, *sample), flush=True)
+                last = sample
             self._stop.wait(0.1)
 
     def say(self, text: str) -> None:
@@ -75,6 +126,28 @@ class LiveTable:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def where_to_look(topo: Topology) -> list[str]:
+    """Commands that reach the running lab from another terminal (as root, in the checkout)."""
+    ctl = topo.controller_address
+    run = f"{sys.executable} -m lab"
+    anycastctl = Path(sys.executable).parent / "anycastctl"
+    token = Path("configs/controller/lab-tokens/operator.token")
+    lines = [f"    the lab:           {run} status",
+             f"    the controller:    {run} exec {topo.controller_node} {anycastctl} status "
+             f"--url http://{ctl}:9800 --token-file {token}",
+             f"    its metrics:       {run} exec {topo.controller_node} curl -s "
+             f"http://{ctl}:{CONTROLLER_METRICS_PORT}/metrics",
+             f"    Prometheus:        {run} exec {topo.controller_node} curl -s "
+             f"'http://{ctl}:{PROMETHEUS_PORT}/api/v1/query?query=ALERTS'"]
+    for pop in topo.pops:
+        lines.append(f"    agent {pop.name + ':':<12} {anycastctl} agent status --socket "
+                     f"{ROOT / pop.agent / 'state' / 'agent.sock'}")
+        lines.append(f"    {'':<18} {run} exec {topo.controller_node} curl -s "
+                     f"http://{pop.mgmt_address}:{AGENT_METRICS_PORT}/metrics")
+    lines.append(f"    logs:              {ROOT}/<node>/")
+    return lines
 
 
 ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
@@ -111,21 +184,33 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--keep", action="store_true", help="leave the lab up until Enter is pressed")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the lab up at the end (python -m lab down removes it)")
     args = p.parse_args()
+    if any(n.startswith(PREFIX) for n in list_netns()):
+        print(f"a lab is already up ({PREFIX}* namespaces): python -m lab down first", file=sys.stderr)
+        return 1
+    if args.keep:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the daemons outlive this shell
     topo = load_topology()
-    lab = Lab("acl-demo-")
+    shutil.rmtree(ROOT, ignore_errors=True)  # logs of an earlier run
+    lab = Lab(PREFIX, root=ROOT, unique=False)
     results: list[str] = []
+    keep = False
     try:
         print(f"==> Starting the {topo.name} lab: {len(topo.transits)} transit routers, {len(topo.pops)} POPs "
               "(FRR router + ExaBGP + anycast-agent each), the controller, Prometheus, 2 origins, "
               f"{len(topo.clients)} clients; one network namespace per node")
         t0 = time.monotonic()
         f = Fleet(lab, topo, controller_edit=scenarios.lab_controller_config, prometheus=True).up()
+        TOPOLOGY_NOTE.write_text(str(DEFAULT))  # for `python -m lab status`
         f.start_clients(scenarios.VIP)
         f.wait_converged(scenarios.VIP, 90)
         print(f"    up and converged in {time.monotonic() - t0:.1f} s; clients send HTTP to {scenarios.VIP} "
               "every 20 ms")
+        print("\n==> Where to look, from another terminal, while it runs")
+        for line in where_to_look(topo):
+            print(line)
         with LiveTable(f) as table:
             for title, act, summary in ACTS:
                 table.say(title)
@@ -137,24 +222,21 @@ def main() -> int:
         print("\n==> What was measured")
         for line in results:
             print("    " + line)
-        print("\n==> Where to look")
-        ctl = f.nodes[topo.controller_node].name
-        print(f"    Prometheus: ip netns exec {ctl} curl -s 'http://{topo.controller_address}:{PROMETHEUS_PORT}"
-              "/api/v1/query?query=anycast_vip_announced'")
-        print(f"    controller: ip netns exec {ctl} curl -s http://{topo.controller_address}:{CONTROLLER_METRICS_PORT}/metrics")
-        for pop in topo.pops:
-            print(f"    agent {pop.name}:  ip netns exec {ctl} curl -s http://{pop.mgmt_address}:{AGENT_METRICS_PORT}/metrics")
-        print(f"    logs:       {lab.root}")
-        if args.keep:
-            input("\nThe lab stays up. Press Enter to tear it down... ")
+        keep = args.keep
+        if keep:
+            print("\n==> The lab stays up (clients keep sending). Look around:")
+            for line in where_to_look(topo):
+                print(line)
+            print(f"    end it with:       {sys.executable} -m lab down")
         return 0
     except (AssertionError, TimeoutError, LabError) as exc:
-        print(f"\ndemo failed: {exc}\n(logs are in {lab.root} until teardown)", file=sys.stderr)
+        print(f"\ndemo failed: {exc}\n(logs are in {lab.root})", file=sys.stderr)
         return 1
     finally:
-        print("\n==> Tearing down")
-        lab.teardown()
-        print("    all namespaces and processes removed")
+        if not keep:
+            print("\n==> Tearing down")
+            lab.teardown()
+            print(f"    all namespaces and processes removed (logs kept in {lab.root})")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ OPS = ROOT / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"
 ALERTS_TEST = OPS / "prometheus" / "alerts_test.yml"
 DASHBOARD = OPS / "grafana" / "anycast-fleet.json"
+RUNBOOKS = OPS / "runbooks"
+# Where every alert's runbook_url points: the Debian package installs ops/runbooks/ there.
+RUNBOOK_URL = "file:///opt/anycast/doc/ops/runbooks/{alert}.md"
+# Series Prometheus makes itself, per scrape target: no daemon exports them, so the checks
+# that every used name is exported leave these out.
+PROMETHEUS_BUILTINS = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -66,12 +72,13 @@ def metric_names(expr: str) -> set[str]:
 
 def used_names() -> dict[str, set[str]]:
     """Metric name -> where ops/ uses it (dashboard queries and variables, alert and
-    recording rules, the alert tests' input series). Raises ValueError naming a query that
+    recording rules, the alert tests' input series), Prometheus' own per-target series
+    (``PROMETHEUS_BUILTINS``, e.g. ``up``) left out. Raises ValueError naming a query that
     selects no metric (a parse slip here must not make the check vacuous)."""
     used: dict[str, set[str]] = {}
 
     def add(names: Iterable[str], where: str) -> None:
-        for n in names:
+        for n in set(names) - PROMETHEUS_BUILTINS:
             used.setdefault(n, set()).add(where)
 
     dash = load_dashboard()

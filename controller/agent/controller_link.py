@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from .decide import origin_health
-from .intent import Plan
+from .intent import Plan, PlanSource
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -40,8 +40,9 @@ class ControllerPort(Protocol):
     """The controller as the agent sees it (an HTTP client in production)."""
 
     async def fetch_plan(self, after: int, wait: float) -> Plan | None:
-        """The POP's plan if its generation is newer than ``after`` (long-poll up to
-        ``wait`` s), else None. Raises ControllerUnavailable."""
+        """The POP's plan if it differs from generation ``after`` (-1: no plan held), long-
+        polling up to ``wait`` s; None if the plan is still ``after``. Raises
+        ControllerUnavailable."""
 
     async def report(self, report: HealthReport) -> None:
         """Send the POP's health. Raises ControllerUnavailable."""
@@ -100,8 +101,9 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
                                            wait=backoff, sleep=pause):
             with attempt:
                 try:
-                    plan = await port.fetch_plan(agent.plan.generation if agent.plan.source == "controller" else -1,
-                                                 wait)
+                    # A cached plan is a base too: the controller answers what changed since.
+                    held = agent.plan.source in (PlanSource.CONTROLLER, PlanSource.CACHED_PLAN)
+                    plan = await port.fetch_plan(agent.plan.generation if held else -1, wait)
                 except ControllerUnavailable as exc:
                     outage.failed(exc)
                     on_state(False)

@@ -37,7 +37,7 @@ from ..health import state as hs
 from ..health.probes import ProbeResult, ProbeSpec
 from ..health.scheduler import CheckScheduler, Target
 from ..kernel.diff import Kernel
-from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
+from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, PeerSnapshot, VipSnapshot
 from . import confirm, kernel_plan, state_file
 from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
 from .controller_link import ControllerPort, follow_plans, report_health
@@ -529,6 +529,7 @@ class Agent:
                         send.exception())
 
     def snapshot(self) -> AgentSnapshot:
+        """One consistent view for the metrics and `anycastctl agent status` (agent.local_status)."""
         vips = []
         for vip in self.vips:
             d = self.decisions.get(vip.name)
@@ -536,7 +537,11 @@ class Agent:
                 name=vip.name, prefix=str(vip.prefix),
                 status=d.status if d else "pending", reason=d.reason if d else Reason.HEALTH_UNKNOWN,
                 announced=vip.prefix in self.announced, origin=(d.origin or "") if d else "",
+                action=d.action.value if d else Action.HOLD.value, detail=d.detail if d else "",
+                next_hop=str(d.next_hop) if d and d.next_hop else "", intended=d.attributes if d else None,
+                held=self.announced.get(vip.prefix), held_unsure=vip.prefix in self.unsure,
             ))
+        own = {v.prefix for v in self.vips}
         backends = tuple(
             BackendSnapshot(k[0], k[1], str(k[2]), s.phase,
                             r.ok if (r := self.last_result.get(k)) else None, r.latency if r else None)
@@ -547,6 +552,11 @@ class Agent:
             last_reconcile_success=self.last_reconcile_success, config_last_reload_ok=self.config_ok,
             config_last_reload_time=self.config_time, plan_source=self.plan.source,
             plan_generation=self.plan.generation, controller_ok=self.controller_ok,
+            plan_revision=self.plan.revision,
+            controller_url=self.config.controller.url if self.config.controller else "",
+            local_as=self.config.local_as,
+            peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),
+            held_elsewhere=tuple(str(p) for p in unique((set(self.announced) | self.unsure) - own)),
         )
 
     # --- main loop -----------------------------------------------------------------------

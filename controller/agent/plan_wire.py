@@ -2,7 +2,8 @@
 
 ``controller.wire`` checks the plan's shape; here every VIP spec goes through the config's
 own reader, with the agent's allowed prefixes (a VIP outside them is refused, by name), and
-the active origin must be one of the VIP's origin regions.
+the active origin must be one of the VIP's origin regions. ``PlanBook`` holds the plan in
+wire terms and applies deltas onto it, whole or not at all.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from ..config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
 from ..config.model import IPNetwork, StateAttributes, Vip
 from ..config.reader import Issues, Node
-from ..wire import WireError, WirePlan
+from ..wire import (DIGEST_MOD, PlanVip, WireDelta, WireError, WirePlan, canonical_json, entry_json, format_digest,
+                    full_body, spec_hash, vip_entry_hash)
 from ..wire import decode_plan as decode_wire_plan
 from .intent import Plan, PlanSource, VipIntent
 
@@ -65,3 +67,137 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
         cache.clear()
         cache.update(checked)
     return Plan(PlanSource.CONTROLLER, wire.generation, wire.revision, intents, specs=tuple(specs))
+
+
+class NeedFullPlan(Exception):
+    """A delta that cannot be applied to the plan held (a gap, an unknown or mismatched spec
+    hash, a digest that differs): nothing of it was applied; fetch the full plan."""
+
+
+def _read_spec(raw: Any, where: str, allowed: tuple[IPNetwork, ...]) -> Vip:
+    issues = Issues()
+    read = read_vip(Node(raw, where, issues), allowed, dict(DEFAULT_CHECK), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    if issues.items or read is None:
+        first = issues.items[0] if issues.items else None
+        raise WireError(first.path if first else where, first.message if first else "invalid VIP")
+    return read
+
+
+class PlanBook:
+    """The agent's copy of the controller's plan in wire terms, to apply deltas onto.
+
+    ``apply`` takes a full plan or a delta and returns the agent's Plan, or raises and
+    changes nothing: WireError for a plan to refuse (a spec outside the allowed prefixes, a
+    bad field: the last good plan stays), NeedFullPlan for a delta that does not fit what is
+    held. Specs are kept by hash, validated once; a hash is checked against its spec's
+    canonical JSON wherever a spec arrives (the network or the cache file)."""
+
+    def __init__(self, pop: str, allowed: Iterable[IPNetwork]) -> None:
+        self.pop = pop
+        self.allowed = tuple(allowed)
+        self.generation: int | None = None  # None: no plan held
+        self.revision = ""
+        self.entries: dict[str, PlanVip] = {}  # spec None; spec_hash set
+        self.specs: dict[str, tuple[str, Vip]] = {}  # spec hash -> (canonical JSON, validated VIP)
+        self._ehash: dict[str, int] = {}
+        self.digest = 0
+        self._intents: dict[str, VipIntent] = {}
+
+    def apply(self, answer: WirePlan | WireDelta, verify: bool = False) -> Plan:
+        """``verify``: check every spec's hash, even of specs held (a plan read from disk);
+        from the controller, a hash already held is taken for the spec it names."""
+        if isinstance(answer, WireDelta):
+            return self._apply_delta(answer)
+        return self._apply_full(answer, verify)
+
+    def _apply_full(self, plan: WirePlan, verify: bool) -> Plan:
+        specs: dict[str, tuple[str, Vip]] = {}
+        entries: dict[str, PlanVip] = {}
+        for i, e in enumerate(plan.vips):
+            held = None if verify or not e.spec_hash else self.specs.get(e.spec_hash)
+            if held is None:  # a spec not held yet (or from the cache file): its hash is checked
+                text = canonical_json(e.spec)
+                h = spec_hash(text)
+                if e.spec_hash and e.spec_hash != h:
+                    raise WireError(f"vips[{i}].spec_hash", "does not match the spec's content")
+                known = self.specs.get(h)
+                held = known if known is not None else (text, _read_spec(e.spec, f"vips[{i}].spec", self.allowed))
+            else:
+                h = e.spec_hash
+            vip = held[1]
+            _check_entry(e, vip, f"vips[{i}]")
+            if vip.name in entries:
+                raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
+            specs[h] = held
+            entries[e.vip] = PlanVip(e.vip, None, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold,
+                                     e.explanation, h)
+        ehash = {n: vip_entry_hash(e) for n, e in entries.items()}
+        digest = sum(ehash.values()) % DIGEST_MOD
+        if plan.digest and plan.digest != format_digest(digest):
+            raise WireError("digest", f"the plan's entries sum to {format_digest(digest)}, not {plan.digest}")
+        self.generation, self.revision, self.entries, self.specs = plan.generation, plan.revision, entries, specs
+        self._ehash, self.digest = ehash, digest
+        self._intents = {n: _intent(e) for n, e in entries.items()}
+        return self._plan()
+
+    def _apply_delta(self, delta: WireDelta) -> Plan:
+        if self.generation is None or delta.after != self.generation:
+            raise NeedFullPlan(f"a delta from plan {delta.after}, this agent holds plan {self.generation}")
+        carried: dict[str, tuple[str, Vip]] = {}
+        for h, raw in delta.specs.items():
+            text = canonical_json(raw)
+            if spec_hash(text) != h:
+                raise NeedFullPlan(f"the spec sent as {h} has another hash")
+            held = self.specs.get(h)
+            carried[h] = held if held is not None else (text, _read_spec(raw, f"specs.{h}", self.allowed))
+        entries = dict(self.entries)
+        ehash = dict(self._ehash)
+        digest = self.digest
+        intents = dict(self._intents)
+        for name in delta.removed:
+            if name in entries:
+                del entries[name], intents[name]
+                digest -= ehash.pop(name)
+        for i, e in enumerate(delta.vips):
+            held = carried.get(e.spec_hash) or self.specs.get(e.spec_hash)
+            if held is None:
+                raise NeedFullPlan(f"vips[{i}] names spec {e.spec_hash}, which this agent does not hold")
+            _check_entry(e, held[1], f"vips[{i}]")
+            if e.vip in ehash:
+                digest -= ehash[e.vip]
+            entries[e.vip], ehash[e.vip], intents[e.vip] = e, vip_entry_hash(e), _intent(e)
+            digest += ehash[e.vip]
+        digest %= DIGEST_MOD
+        if format_digest(digest) != delta.digest:
+            raise NeedFullPlan(f"plan {delta.generation} would sum to {format_digest(digest)}, "
+                               f"the controller's to {delta.digest}")
+        specs = {**self.specs, **carried}
+        if len(specs) > 2 * len(entries) + 16:  # forget the specs no entry names any more
+            specs = {e.spec_hash: specs[e.spec_hash] for e in entries.values()}
+        self.generation, self.revision, self.entries, self.specs = delta.generation, delta.revision, entries, specs
+        self._ehash, self.digest, self._intents = ehash, digest, intents
+        return self._plan()
+
+    def _plan(self) -> Plan:
+        assert self.generation is not None
+        names = sorted(self.entries)
+        return Plan(PlanSource.CONTROLLER, self.generation, self.revision, {n: self._intents[n] for n in names},
+                    specs=tuple(self.specs[self.entries[n].spec_hash][1] for n in names))
+
+    def full_json(self) -> bytes:
+        """The plan held, as a full plan's JSON (the agent's cache file)."""
+        assert self.generation is not None
+        return full_body(self.pop, self.generation, self.revision, format_digest(self.digest),
+                         (entry_json(e, e.spec_hash, self.specs[e.spec_hash][0])
+                          for _, e in sorted(self.entries.items())))
+
+
+def _check_entry(e: PlanVip, vip: Vip, where: str) -> None:
+    if e.vip != vip.name:
+        raise WireError(f"{where}.name", f"{e.vip!r} is not the name in its spec ({vip.name!r})")
+    if vip.origin(e.active_origin) is None:
+        raise WireError(f"{where}.active_origin", f"{e.active_origin!r} is not one of the VIP's origin regions")
+
+
+def _intent(e: PlanVip) -> VipIntent:
+    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold)

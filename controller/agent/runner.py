@@ -15,6 +15,7 @@ from ..config.model import AgentConfig
 from ..metrics.agent import AgentMetrics
 from ..sdnotify import Notifier
 from .daemon import Agent, install_signal_handlers
+from .local_status import StatusServer, socket_path
 from .plan_client import PlanClient
 
 log = logging.getLogger("controller.agent")
@@ -63,6 +64,11 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
             log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
     install_signal_handlers(agent, asyncio.get_running_loop())
     _write_pid(config.state_dir)
+    status = StatusServer(socket_path(config.state_dir), agent.snapshot)
+    try:
+        await status.start()
+    except OSError as exc:  # like metrics: the local view matters less than the routes
+        log.error("cannot serve the local status on %s (anycastctl agent status): %s", status.path, exc)
     log.info("agent for POP %s started: %d VIP(s), config %s", config.pop, len(config.vips), config.source)
 
     async def read() -> None:
@@ -76,6 +82,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+        await status.close()
         if kernel is not None:
             kernel.close()
         if client is not None:

@@ -7,6 +7,7 @@
     anycastctl diff [--config DIR]        what DIR's desired state would change, per POP
     anycastctl explain VIP                per POP: the decision and why
     anycastctl drain POP | undrain POP
+    anycastctl agent status               on a POP: the local agent's sessions, VIPs, plan, controller link
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
 http://127.0.0.1:9800) and --token-file (default: $ANYCAST_OPERATOR_TOKEN). Every command
@@ -36,6 +37,7 @@ from ..server.snapshot import reports_from_snapshot
 from ..policy.model import PlannerState
 from ..server.revision import checkout_at
 from ..server.store import planner_from_json
+from .agent_status import DEFAULT_SOCKET, cmd_agent_status
 from .conventions import Exit, new_parser
 from .operator_api import ApiError, OperatorApi, check_url, operator_token
 
@@ -57,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
                                         "lists every error with its path")
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.add_argument("--json", action="store_true", help="machine-readable output")
+    a = sub.add_parser("agent", help="the POP agent running on this host (its local socket, no controller)")
+    asub = a.add_subparsers(dest="agent_command", required=True)
+    ast = asub.add_parser("status", help="BGP sessions, every VIP's decision, reason and attributes, what ExaBGP "
+                                         "holds, the plan and the controller link")
+    ast.add_argument("--socket", default=DEFAULT_SOCKET,
+                     help=f"the agent's status socket, STATE_DIR/agent.sock (default {DEFAULT_SOCKET})")
+    ast.add_argument("--json", action="store_true", help="machine-readable output")
     for name, help_ in (("status", "the controller's config revision, POPs, report ages and alarms"),
                         ("plan", "the plans the controller serves"),
                         ("diff", "what a config directory would change at which POPs, against the live plans"),
@@ -129,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return cmd_validate(args.paths, args.json)
+    if args.command == "agent":
+        return cmd_agent_status(args.socket, args.json)
     if args.command == "diff" and args.against:
         return cmd_diff_against(args)
     api = OperatorApi(args.url, operator_token(args.token_file))

@@ -16,7 +16,9 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from ..config.model import Attributes
 from ..health.state import Phase
+from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
 HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
@@ -32,6 +34,25 @@ class VipSnapshot:
     reason: str
     announced: bool
     origin: str
+    # What the metrics leave out and `anycastctl agent status` shows: the decision's action
+    # and detail, the attributes it wants, and what ExaBGP holds as far as the agent knows
+    # (``held``: the attributes last acknowledged; ``held_unsure``: ExaBGP may still hold a
+    # route from before this process started, which the agent will correct).
+    action: str = "hold"
+    detail: str = ""
+    next_hop: str = ""
+    intended: Attributes | None = None
+    held: Attributes | None = None
+    held_unsure: bool = False
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """A configured BGP neighbour; its state is in ``AgentSnapshot.neighbors``."""
+
+    address: str
+    peer_as: int
+    local_address: str
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,11 @@ class AgentSnapshot:
     plan_source: str = "local-config"
     plan_generation: int = 0
     controller_ok: bool | None = None  # None: no controller configured
+    plan_revision: str = ""
+    controller_url: str = ""
+    local_as: int = 0
+    peers: tuple[PeerSnapshot, ...] = ()
+    held_elsewhere: tuple[str, ...] = ()  # prefixes ExaBGP holds (or may) that are no VIP's
 
 
 class _SnapshotCollector(Collector):
@@ -137,6 +163,7 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry, snapshot: Callable[[], AgentSnapshot]) -> None:
         self.registry = registry
         registry.register(_SnapshotCollector(snapshot))
+        register_process_metrics(registry)
         self.checks = Counter("anycast_checks", "Health checks run, by result.",
                               ["vip", "origin", "result"], registry=registry)
         self.check_duration = Histogram(
@@ -174,3 +201,4 @@ class AgentMetrics:
             self.reconciles.labels(result)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .process import register_process_metrics
+
 PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
                "drain_blocked")
@@ -109,6 +111,7 @@ class _ControllerCollector(Collector):
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry, controller: Callable[[], ControllerView]) -> None:
         registry.register(_ControllerCollector(controller))
+        register_process_metrics(registry)
         self.reconciles = Counter("anycast_controller_reconcile", "Planning passes, by result.", ["result"],
                                   registry=registry)
         self.reconcile_duration = Histogram("anycast_controller_reconcile_duration_seconds",

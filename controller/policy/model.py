@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..wire import PlanReason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PopReport:
     """An agent's latest report: its verdict per VIP and origin region, and what it announces."""
 
@@ -20,7 +20,7 @@ class PopReport:
     announced: Mapping[str, bool] = field(default_factory=dict)  # vip -> announced now
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VipMemory:
     """What the planner remembers about a VIP between runs."""
 
@@ -30,7 +30,7 @@ class VipMemory:
     withdrawals: tuple[float, ...] = ()  # when health-induced withdrawals were allowed (rate limit)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PopVipMemory:
     """What the planner remembers about one VIP at one POP."""
 
@@ -46,6 +46,8 @@ class PopVipMemory:
 # The memory of a POP that has seen the active origin healthy and never flapped: the planner
 # uses this one object for all of them (most of the 500,000 pairs of a large fleet).
 STEADY = PopVipMemory(verdict=True)
+# The memory of a POP never heard about this VIP (before its first report, or silent since).
+NEW = PopVipMemory()
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,14 @@ class PlannerState:
     # Not persisted, only reused: each VIP's shared PlanItems ("healthy", "report_stale": the
     # same for every POP in that case) from the last run, so that an unchanged plan is made of
     # the same objects and comparing two plans is cheap.
-    shared_items: Mapping[str, Mapping[str, PlanItem]] = field(default_factory=dict, compare=False, repr=False)
+    shared_items: Mapping[str, Mapping[PlanReason, PlanItem]] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def initial() -> PlannerState:
         return PlannerState()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlanItem:
     """The plan for one VIP at one POP: what the agent gets, and why."""
 
@@ -85,7 +87,7 @@ class AlarmKind(enum.StrEnum):
     DRAIN_BLOCKED = "drain_blocked"  # a drained POP kept announcing by the safety limits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Alarm:
     kind: AlarmKind
     vip: str
@@ -99,7 +101,6 @@ class PlanResult:
     notes: Mapping[str, str]  # vip -> where it goes and why (active origin)
     alarms: tuple[Alarm, ...]
     wake_at: float | None = None  # plan again at this time: a settle window ends
-
 
     def item(self, pop: str, vip: str) -> PlanItem | None:
         return self.pops.get(pop, {}).get(vip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -9,12 +10,32 @@ from ..config.desired_model import FailoverPolicy
 from ..config.model import Vip
 from .model import VipMemory
 
-UP, DOWN, UNKNOWN = "up", "down", "unknown"
 
 
-@dataclass(frozen=True)
+class Status(enum.StrEnum):
+    """An origin region's status as the fresh verdicts see it."""
+
+    UP = "up"
+    DOWN = "down"
+    UNKNOWN = "unknown"
+
+
+UP, DOWN, UNKNOWN = Status.UP, Status.DOWN, Status.UNKNOWN
+
+
+class Outcome(enum.StrEnum):
+    """What ``select_origin`` did with the active origin this run."""
+
+    ACTIVE = "active"  # stays, nothing better to move back to
+    FAILOVER = "origin_failover"  # a quorum saw it down: moved to the first healthy one
+    FAILBACK = "origin_failback"  # a better one was healthy for the hold-down: moved back
+    FAILBACK_PENDING = "failback_pending"  # a better one is healthy, its hold-down runs (a countdown in the note)
+    ALL_ORIGINS_DOWN = "all_origins_down"  # no origin is healthy: stays
+
+
+@dataclass(frozen=True, slots=True)
 class OriginView:
-    status: str  # up | down | unknown
+    status: Status
     down: int  # POPs that see it down
     verdicts: int  # POPs with a verdict
 
@@ -42,7 +63,7 @@ def origin_views(vip: Vip, verdicts_by_pop: Mapping[str, Mapping[str, bool | Non
 
 
 def select_origin(vip: Vip, views: Mapping[str, OriginView], memory: VipMemory | None,
-                  policy: FailoverPolicy, now: float) -> tuple[VipMemory, str, str]:
+                  policy: FailoverPolicy, now: float) -> tuple[VipMemory, Outcome, str]:
     """The active origin after this run: (new memory, reason code, sentence).
 
     The active origin changes only when a quorum sees it down (to the first healthy origin
@@ -63,20 +84,20 @@ def select_origin(vip: Vip, views: Mapping[str, OriginView], memory: VipMemory |
     if views[active].status == DOWN:
         target = next((r for r in regions if views[r].status == UP), None)
         if target is None:
-            return memory, "all_origins_down", (
+            return memory, Outcome.ALL_ORIGINS_DOWN, (
                 f"stays on {active}: no origin is healthy ({'; '.join(views[r].describe(r) for r in regions)})")
-        return (VipMemory(target, now, healthy_since, memory.withdrawals), "origin_failover",
+        return (VipMemory(target, now, healthy_since, memory.withdrawals), Outcome.FAILOVER,
                 f"moved from {active} to {target}: {views[active].describe(active)}")
     for r in regions[: regions.index(active)]:
         since = healthy_since.get(r)
         if since is not None and views[r].status == UP and now - since >= policy.failback_hold_down:
-            return (VipMemory(r, now, healthy_since, memory.withdrawals), "origin_failback",
+            return (VipMemory(r, now, healthy_since, memory.withdrawals), Outcome.FAILBACK,
                     f"moved back from {active} to {r}: healthy for {now - since:.0f}s "
                     f"(hold-down {policy.failback_hold_down:.0f}s)")
     better = [r for r in regions[: regions.index(active)] if r in healthy_since and views[r].status == UP]
     if better:
         r = better[0]
-        return memory, "failback_pending", (
+        return memory, Outcome.FAILBACK_PENDING, (
             f"on {active}; {r} healthy for {now - healthy_since[r]:.0f}s of the "
             f"{policy.failback_hold_down:.0f}s hold-down before moving back")
-    return memory, "active", f"on {active}: {views[active].describe(active)}"
+    return memory, Outcome.ACTIVE, f"on {active}: {views[active].describe(active)}"

@@ -31,30 +31,69 @@ failback timers, flap history, rate-limit timestamps). For each VIP:
    withdrawn first, then by name, so the choice is deterministic and does not flap).
 
 Every PlanItem carries a reason code and a sentence; every alarm a detail.
+
+One VIP at a time
+-----------------
+A VIP's plan depends on nothing but its own inputs (its definition and policy, the fresh
+verdicts about it, the drains of its POPs, its memory and the clock): ``plan_vip`` is that
+function, in named steps (fresh verdicts, origin, proposals, safety, finish) with a typed
+result (``VipPlan``). Besides the plan it says when, at the latest, the same inputs would
+plan differently (``wake_at``: a settle window, a drain, a hold-down, a rate-limit window
+or a failback hold-down ends, or a flap is forgotten), which is what lets ``engine.py``
+re-plan only the VIPs whose inputs changed or whose time came. ``plan()`` plans every VIP;
+``full_plan()`` does too without the two shortcuts below, as the oracle that the engine's
+differential test compares with.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..config.desired_model import DesiredState, FleetVip
 from ..wire import PlanReason as R
 from . import dampening
-from .model import STEADY, Alarm, AlarmKind, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
-from .origins import origin_views, select_origin
-
-# The two shortcuts in _plan_vip (steady and silent POPs). They give exactly the plan of the
-# full path (a test plans with both and compares); off only in that test.
-SHORTCUTS = True
+from .model import NEW, STEADY, Alarm, AlarmKind, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from .origins import Outcome, origin_views, select_origin
 
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
 WITHDRAWING = (R.BACKEND_DOWN, R.DAMPENED, R.DRAINED)
 HEALTH_KINDS = (R.BACKEND_DOWN, R.DAMPENED)  # rate-limited; drains are deliberate
+# Kinds whose sentence counts down with the clock (the plan itself changes only at wake_at).
+COUNTDOWN = frozenset({R.CONFIRMING, R.DRAINING, R.DRAINED, R.DAMPENED})
+
+PopMemory = Callable[[str], PopVipMemory]  # pop -> the VIP's memory there (NEW if none)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class VipPlan:
+    """One VIP's plan and memory after a run of ``plan_vip``."""
+
+    name: str
+    items: Mapping[str, PlanItem]  # pop -> item, for every POP the VIP is published at
+    memory: VipMemory
+    # The per-POP memory, compact: ``default`` for every POP not in ``pop_memory`` (the
+    # steady state of a large fleet keeps no per-pair entry at all).
+    default: PopVipMemory
+    pop_memory: Mapping[str, PopVipMemory]
+    note: str
+    outcome: Outcome
+    alarms: tuple[Alarm, ...]
+    shared: Mapping[R, PlanItem]  # the items that are the same at every POP (reused next run)
+    settle_at: float | None  # the first of its settle windows ends (None: none running)
+    wake_at: float | None  # the same inputs plan differently from then on (None: never)
+    countdown: bool  # a sentence (explanation or note) counts down with the clock
+
+    def memory_at(self, pop: str) -> PopVipMemory:
+        """The memory at ``pop`` (NEW at a POP the VIP was not published at)."""
+        m = self.pop_memory.get(pop)
+        if m is not None:
+            return m
+        return self.default if pop in self.items else NEW
+
+
+@dataclass(frozen=True, slots=True)
 class _Proposal:
     pop: str
     kind: R  # healthy | health_unknown | report_stale | draining | confirming | backend_down | dampened | drained
@@ -63,72 +102,118 @@ class _Proposal:
 
 
 def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
-         now: float, previous: PlannerState) -> PlanResult:
-    vip_memory: dict[str, VipMemory] = {}
-    wakes: list[float] = []
-    pop_memory: dict[tuple[str, str], PopVipMemory] = {}
+         now: float, previous: PlannerState, *, shortcuts: bool = True) -> PlanResult:
+    """Every VIP planned from its inputs (the whole fleet: a cold start, the CLI, tests)."""
+    return result_of(desired, plan_all(desired, reports, drains, now, previous, shortcuts=shortcuts))
+
+
+def plan_all(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
+             now: float, previous: PlannerState, *, shortcuts: bool = True) -> list[VipPlan]:
+    """Each VIP's plan, in the desired state's order."""
+    return [plan_vip(fv, reports, drains, now, previous.vips.get(fv.name), _flat_memory(previous, fv.name),
+                     previous.shared_items.get(fv.name, {}), shortcuts=shortcuts) for fv in desired.vips]
+
+
+def full_plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
+              now: float, previous: PlannerState) -> PlanResult:
+    """The oracle: every VIP, every POP on the long path (no shortcut for steady or silent
+    POPs). What the incremental engine must equal."""
+    return plan(desired, reports, drains, now, previous, shortcuts=False)
+
+
+def result_of(desired: DesiredState, plans: list[VipPlan]) -> PlanResult:
+    """The fleet's PlanResult from each VIP's plan (in the desired state's VIP order)."""
     pops: dict[str, dict[str, PlanItem]] = {p.name: {} for p in desired.pops}
-    notes: dict[str, str] = {}
+    pop_memory: dict[tuple[str, str], PopVipMemory] = {}
     alarms: list[Alarm] = []
-    shared_items: dict[str, dict[str, PlanItem]] = {}
-    for fv in desired.vips:
-        name = fv.name
-        items, vmem, pmems, note, vip_alarms, shared, wake = _plan_vip(fv, reports, drains, now, previous)
-        if shared:
-            shared_items[name] = shared
-        if wake is not None:
-            wakes.append(wake)
-        vip_memory[name] = vmem
-        pop_memory.update(pmems)
-        notes[name] = note
-        alarms += vip_alarms
-        for pop, item in items.items():
+    settles = [vp.settle_at for vp in plans if vp.settle_at is not None]
+    for vp in plans:
+        name = vp.name
+        for pop, item in vp.items.items():
             pops.setdefault(pop, {})[name] = item
-    return PlanResult(PlannerState(vip_memory, pop_memory, shared_items), pops, notes, tuple(alarms),
-                      wake_at=min(wakes, default=None))
+            pop_memory[(pop, name)] = vp.memory_at(pop)
+        alarms += vp.alarms
+    state = PlannerState({vp.name: vp.memory for vp in plans}, pop_memory,
+                         {vp.name: vp.shared for vp in plans if vp.shared})
+    return PlanResult(state, pops, {vp.name: vp.note for vp in plans}, tuple(alarms), wake_at=min(settles, default=None))
 
 
-def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
-              previous: PlannerState) -> tuple[dict[str, PlanItem], VipMemory, dict[tuple[str, str], PopVipMemory],
-                                                 str, list[Alarm], dict[str, PlanItem], float | None]:
-    """The VIP's items per POP, its memories, note and alarms, its shared items, and when
-    the first of its settle windows ends (None: none running)."""
-    policy = fv.policy
-    name = fv.name
-    fresh = {p: r for p in fv.publish if (r := reports.get(p)) is not None
-             and now - r.received_at <= policy.safety.report_stale_after}
-    verdicts = {p: o for p, r in fresh.items() if (o := r.origins.get(name)) is not None}
-    views = origin_views(fv.vip, verdicts, policy.failover)
-    vmem, code, note = select_origin(fv.vip, views, previous.vips.get(name), policy.failover, now)
+def _flat_memory(previous: PlannerState, name: str) -> PopMemory:
+    pop_vips = previous.pop_vips
+    return lambda pop: pop_vips.get((pop, name), NEW)
+
+
+def plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
+             memory: VipMemory | None, pop_memory: PopMemory, shared_before: Mapping[R, PlanItem], *,
+             shortcuts: bool = True) -> VipPlan:
+    """One VIP's plan: a pure function of its definition, the reports and drains of its
+    POPs, its memory (``memory``, ``pop_memory``) and ``now``. ``shared_before``: last run's
+    shared items (reused when equal, so that an unchanged plan is made of the same objects)."""
+    fresh, verdicts = _fresh_verdicts(fv, reports, now)
+    vmem, outcome, note = _choose_origin(fv, verdicts, memory, now)
     alarms: list[Alarm] = []
-    if code == "all_origins_down":
-        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, name, note))
+    if outcome == Outcome.ALL_ORIGINS_DOWN:
+        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, fv.name, note))
     active = vmem.active
+    shared = {kind: i for kind, i in shared_before.items() if i.active_origin == active}
+    items, memories, proposals = _propose_all(fv, fresh, verdicts, drains, now, active, pop_memory, shared,
+                                              shortcuts and fv.enabled)
+    if not fv.enabled:  # (no POP took a shortcut)
+        items = {p.pop: PlanItem(fv.name, False, active, reason=R.DISABLED,
+                                 explanation="the VIP is disabled in the config: withdrawn everywhere")
+                 for p in proposals}
+        memories = {pop: m if not m.withdrawn else replace(m, withdrawn=False) for pop, m in memories.items()}
+        return _finish(fv, items, vmem, memories, "disabled: " + note, outcome, alarms, {}, None, fresh, drains, now)
+    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
+    alarms += safety_alarms
+    settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, shared, active,
+                              any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
+    return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now)
 
-    # 3. what each POP would do on its own
-    memories: dict[tuple[str, str], PopVipMemory] = {}
+
+def _fresh_verdicts(fv: FleetVip, reports: Mapping[str, PopReport],
+                    now: float) -> tuple[dict[str, PopReport], dict[str, Mapping[str, bool | None]]]:
+    """Step 1: the reports of its POPs that are fresh, and their verdicts about this VIP."""
+    stale_after = fv.policy.safety.report_stale_after
+    fresh = {p: r for p in fv.publish if (r := reports.get(p)) is not None and now - r.received_at <= stale_after}
+    name = fv.name
+    return fresh, {p: o for p, r in fresh.items() if (o := r.origins.get(name)) is not None}
+
+
+def _choose_origin(fv: FleetVip, verdicts: Mapping[str, Mapping[str, bool | None]], memory: VipMemory | None,
+                   now: float) -> tuple[VipMemory, Outcome, str]:
+    """Step 2: each origin's status from the verdicts, and the active origin."""
+    views = origin_views(fv.vip, verdicts, fv.policy.failover)
+    return select_origin(fv.vip, views, memory, fv.policy.failover, now)
+
+
+def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[str, Mapping[str, bool | None]],
+                 drains: Mapping[str, float], now: float, active: str, pop_memory: PopMemory,
+                 shared: dict[R, PlanItem], shortcuts: bool,
+                 ) -> tuple[dict[str, PlanItem], dict[str, PopVipMemory], list[_Proposal]]:
+    """Step 3: what each POP would do on its own. Steady and silent POPs get their item at
+    once (shortcuts); the others a proposal for the safety step."""
+    name = fv.name
+    policy = fv.policy
+    memories: dict[str, PopVipMemory] = {}
     proposals: list[_Proposal] = []
     items: dict[str, PlanItem] = {}
-    shared = {kind: i for kind, i in previous.shared_items.get(name, {}).items() if i.active_origin == active}
     healthy = shared.get(R.HEALTHY)
-    pop_vips = previous.pop_vips
-    shortcuts = SHORTCUTS and fv.enabled
     for pop in fv.publish:
-        key = (pop, name)
-        mem = pop_vips.get(key, _NEW)
+        mem = pop_memory(pop)
         verdict = v.get(active) if (v := verdicts.get(pop)) is not None else None
-        if shortcuts and mem is STEADY and verdict is True and pop not in drains:
-            # The common case, at most POPs for most VIPs most of the time: healthy before,
-            # healthy now, no flap history, not drained. Steps 3-4 below would keep the memory
-            # as it is and announce; the same PlanItem object serves every such POP (and the
-            # next run), so comparing plans stays cheap at 10,000 VIPs x 50 POPs.
-            memories[key] = STEADY
+        if shortcuts and (mem is STEADY or mem is NEW) and verdict is True and pop not in drains:
+            # The common case, at most POPs for most VIPs most of the time: healthy before
+            # (or never heard of: a cold start), healthy now, no flap history, not drained.
+            # The long path would make the memory STEADY and announce; the same PlanItem
+            # object serves every such POP (and the next run), so comparing plans stays cheap.
+            memories[pop] = STEADY
             items[pop] = healthy = healthy or _shared(shared, name, active, R.HEALTHY)
             continue
         if shortcuts and pop not in fresh and pop not in drains and mem.down_since is None and not mem.withdrawn:
             # A silent POP (the second common case: a POP that cannot reach the controller, or
-            # before the first reports): steps 3-4 keep its memory and leave it to its checks.
-            memories[key] = mem
+            # before the first reports): the long path keeps its memory and leaves it to its checks.
+            memories[pop] = mem
             items[pop] = _shared(shared, name, active, R.REPORT_STALE)
             continue
         report = fresh.get(pop)
@@ -138,42 +223,102 @@ def _plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[st
         down_since = (mem.down_since if mem.down_since is not None else now) if down else None
         if down_since != mem.down_since:  # replace() is slow: only when something changes
             mem = replace(mem, down_since=down_since)
-        memories[key] = _canonical(mem)
+        memories[pop] = _canonical(mem)
         proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now),
                                    previously_withdrawn=mem.withdrawn))
+    return items, memories, proposals
 
-    if not fv.enabled:  # (no POP took the fast path)
-        items = {p.pop: PlanItem(name, False, active, reason=R.DISABLED,
-                                 explanation="the VIP is disabled in the config: withdrawn everywhere")
-                 for p in proposals}
-        memories = {k: replace(m, withdrawn=False) for k, m in memories.items()}
-        return items, vmem, memories, "disabled: " + note, alarms, {}, None
 
-    # 4. global safety
-    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
-    alarms += safety_alarms
-    if any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms):
+def _apply_safety(fv: FleetVip, proposals: list[_Proposal], held: Mapping[str, str], allowed: set[str],
+                  memories: dict[str, PopVipMemory], items: dict[str, PlanItem], shared: dict[R, PlanItem],
+                  active: str, everywhere: bool) -> float | None:
+    """Step 4: the proposals' items after the safety limits; the withdrawn flags. Returns
+    when the first settle window ends."""
+    name = fv.name
+    if everywhere:
         # While everything is held, nothing settles: when the checks start to recover (at
         # each POP at its own moment) a POP still seeing the origin down waits a full settle
         # window again instead of being let go the instant the hold lifts.
-        memories = {k: m if m.down_since is None else _canonical(replace(m, down_since=None))
-                    for k, m in memories.items()}
+        for pop, m in memories.items():
+            if m.down_since is not None:
+                memories[pop] = _canonical(replace(m, down_since=None))
+    settling: list[float] = []
     for p in proposals:
         why_held = held.get(p.pop)
         if p.kind in _SHARED and why_held is None:
-            items[p.pop] = _shared(shared, name, active, p.kind)
+            item = items[p.pop] = _shared(shared, name, active, p.kind)
         else:
-            items[p.pop] = _item(name, active, p, why_held)
-        if memories[(p.pop, name)].withdrawn != (p.pop in allowed):
-            memories[(p.pop, name)] = _canonical(replace(memories[(p.pop, name)], withdrawn=p.pop in allowed))
-    # Only the full path proposes "confirming" (the shortcuts give healthy or report_stale).
-    settling = [m.down_since for p in proposals if items[p.pop].reason == R.CONFIRMING
-                and (m := memories[(p.pop, name)]).down_since is not None]
-    wake = min(settling) + policy.safety.settle if settling else None
-    return items, vmem, memories, note, alarms, shared, wake
+            item = items[p.pop] = _item(name, active, p, why_held)
+        mem = memories[p.pop]
+        if mem.withdrawn != (p.pop in allowed):
+            mem = memories[p.pop] = _canonical(replace(mem, withdrawn=p.pop in allowed))
+        # Only the long path proposes "confirming" (the shortcuts give healthy or report_stale).
+        if item.reason == R.CONFIRMING and mem.down_since is not None:
+            settling.append(mem.down_since)
+    return min(settling) + fv.policy.safety.settle if settling else None
 
 
-_NEW = PopVipMemory()
+def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories: dict[str, PopVipMemory],
+            note: str, outcome: Outcome, alarms: list[Alarm], shared: Mapping[R, PlanItem], settle_at: float | None,
+            fresh: Mapping[str, PopReport], drains: Mapping[str, float], now: float) -> VipPlan:
+    """Step 5: the typed result, its compact memory and its next wake-up."""
+    steady = sum(1 for m in memories.values() if m is STEADY)
+    default = STEADY if 2 * steady >= len(memories) else NEW
+    sparse = {pop: m for pop, m in memories.items() if m is not default}
+    countdown = outcome == Outcome.FAILBACK_PENDING or any(i.reason in COUNTDOWN for i in items.values())
+    wake = _wake_at(fv, vmem, memories, fresh, drains, settle_at, now)
+    if outcome in (Outcome.FAILOVER, Outcome.FAILBACK):
+        # The move is this run's news: the next run, from the new active origin, says "on ..."
+        wake = math.nextafter(now, math.inf)
+    return VipPlan(fv.name, items, vmem, default, sparse, note, outcome, tuple(alarms), shared, settle_at, wake,
+                   countdown)
+
+
+def _wake_at(fv: FleetVip, vmem: VipMemory, memories: Mapping[str, PopVipMemory], fresh: Mapping[str, PopReport],
+             drains: Mapping[str, float], settle_at: float | None, now: float) -> float | None:
+    """The earliest time from which the same inputs would plan this VIP differently: every
+    comparison with the clock in the steps above, as a deadline. (Reports going stale are
+    the engine's business: they are per POP, and move with every report.) A deadline the
+    arithmetic above has not yet seen pass, although it is not later than ``now`` (float
+    rounding), counts as "at the next instant"."""
+    policy = fv.policy
+    wakes: list[float] = [] if settle_at is None else [settle_at]
+
+    def pending(deadline: float) -> None:
+        wakes.append(deadline if deadline > now else math.nextafter(now, math.inf))
+
+    if fv.enabled:
+        s = policy.safety
+        for t in vmem.withdrawals:  # `now - t < window` keeps them
+            pending(t + s.withdraw_rate_window)
+            break  # the first is the oldest
+    regions = [o.region for o in fv.vip.origins]
+    if vmem.active in regions:
+        hold = policy.failover.failback_hold_down
+        for r in regions[: regions.index(vmem.active)]:
+            since = vmem.healthy_since.get(r)
+            if since is not None:
+                pending(since + hold)  # `now - since >= hold` moves back
+    drain_time = policy.drain.drain_time
+    for pop in fv.publish:
+        start = drains.get(pop)
+        if start is not None and now - start < drain_time:
+            pending(start + drain_time)
+    d = policy.dampening
+    for pop in fresh:  # dampening.observe runs only with a fresh report
+        m = memories.get(pop)
+        if m is None or m is STEADY or m is NEW:
+            continue
+        if m.flaps:
+            pending(m.flaps[0] + d.window)  # `now - t <= window` keeps a flap
+        if now < m.dampened_until:
+            pending(m.dampened_until)
+        if m.penalty:
+            pending(max(m.quiet_since, m.dampened_until) + d.max_hold_down)
+    return min(wakes, default=None)
+
+
+_NEW = NEW
 
 
 # Proposals whose item is the same at every POP (no POP name, no timer in the sentence).
@@ -181,7 +326,7 @@ _SHARED = {R.HEALTHY: "sees {active} healthy: announced",
            R.REPORT_STALE: "has not reported recently: unknown, left to its own checks"}
 
 
-def _shared(shared: dict[str, PlanItem], vip: str, active: str, kind: R) -> PlanItem:
+def _shared(shared: dict[R, PlanItem], vip: str, active: str, kind: R) -> PlanItem:
     """The VIP's item for ``kind`` from ``shared`` (made and kept there the first time)."""
     item = shared.get(kind)
     if item is None:

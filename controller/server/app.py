@@ -2,9 +2,12 @@
 
 Agents (bearer token of their POP; the controller stores only its sha256 in pops.yaml):
 
-    GET  /v1/plans/{pop}?after=GEN&wait=SECONDS   the POP's plan; long-polls while the plan's
-                                                  generation equals GEN (at most SECONDS, <= 60)
-    POST /v1/reports/{pop}                        the POP's health (see controller.wire)
+    GET  /v1/plans/{pop}                          the POP's full plan
+    GET  /v1/plans/{pop}?after=GEN&wait=SECONDS   the changes since plan GEN (a full plan if GEN
+                                                  is unknown or too old); long-polls while the
+                                                  plan's generation equals GEN (<= SECONDS, <= 60)
+    POST /v1/reports/{pop}                        the POP's health, full or as a delta onto its
+                                                  last report (see controller.wire)
 
 Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha256``):
 
@@ -16,29 +19,33 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
 
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
-endpoint), 404 unknown POP or VIP, 413 body over 1 MiB, 422 a report about a VIP the POP
-does not publish, 503 a drain or undrain that cannot be saved (the state directory is
-full, failing or read-only). A rejected request changes nothing.
+endpoint), 404 unknown POP or VIP, 409 a delta report whose ``base`` is not the last report
+held (send a full one), 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
+origin-region pair the POP publishes), 422 a report about a VIP the POP does not publish, 503 a drain or undrain that cannot be saved
+(the state directory is full, failing or read-only). A rejected request changes nothing.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from aiohttp import web
 
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
-from ..wire import MAX_REPORT_BYTES, WireError, decode_report
+from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
 from .core import ActionNotPersisted, Controller
 from .snapshot import persistence_status, snapshot
 
 log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)
+REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
 MAX_WAIT = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,12 +113,53 @@ async def get_plan(request: web.Request) -> web.StreamResponse:
         return auth
     ctl, pop = auth
     try:
-        after = int(request.query.get("after", "-1"))
-        wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
+        after = parse_counter(request.query["after"], "after") if "after" in request.query else None
+        wait = _seconds(request.query.get("wait", "0"), "wait")
+    except WireError as exc:
+        return error(400, exc.message, exc.field)
+    await ctl.wait_for_change(pop, after, min(wait, MAX_WAIT))
+    body, gzipped = ctl.plans.answer(pop, after)
+    if gzipped and "gzip" not in request.headers.get("Accept-Encoding", ""):
+        body, gzipped = gzip.decompress(body), False  # a client without gzip (aiohttp's has it)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"Content-Encoding": "gzip"} if gzipped else None)
+
+
+def _seconds(text: str, field: str) -> float:
+    try:
+        value = float(text)
     except ValueError:
-        return error(400, "after must be an integer and wait a number of seconds", "after")
-    await ctl.wait_for_change(pop, after, wait)
-    return web.json_response(ctl.plan_body(pop))
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise WireError(field, f"expected a number of seconds >= 0, got {text[:40]!r}")
+    return value
+
+
+class _ReportBook:
+    """Per POP: the number of the last report applied (delta reports go onto it), and the
+    body limit for the set of VIPs it publishes (computed once per desired state)."""
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self._limit: tuple[object, int] = (None, 0)
+
+    def limit(self, published: Mapping[str, Collection[str]]) -> int:
+        if self._limit[0] is not published:
+            self._limit = (published, report_limit(sum(len(r) for r in published.values())))
+        return self._limit[1]
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (the rest is never read)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def post_report(request: web.Request) -> web.StreamResponse:
@@ -119,18 +167,34 @@ async def post_report(request: web.Request) -> web.StreamResponse:
     if isinstance(auth, web.Response):
         return auth
     ctl, pop = auth
-    try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"malformed JSON: {exc}", "")
     published = ctl.published_regions(pop)
+    book = request.app[REPORTS].setdefault(pop, _ReportBook())
+    limit = book.limit(published)
+    raw = await _read_at_most(request, limit)
+    if raw is None:
+        return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"malformed JSON: {exc}", "body")
     try:
         report = decode_report(body, published)
     except WireError as exc:
         status = 422 if "does not publish" in exc.message else 400
-        return error(status, exc.message, exc.field)
-    await ctl.take_report(PopReport(pop, ctl.clock(), report.plan_generation, report.origins, report.announced))
-    return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation})
+        return error(status, exc.message, exc.field or "body")
+    origins, announced = report.origins, report.announced
+    if report.base is not None:
+        previous = ctl.reports.get(pop)
+        if previous is None or book.seq != report.base:
+            held = "none" if previous is None or book.seq is None else f"report {book.seq}"
+            return web.json_response({"error": f"a delta onto report {report.base}, but the last report held "
+                                               f"for {pop} is {held}: send a full report",
+                                      "field": "base", "full_report": True}, status=409)
+        origins, announced = apply_report_delta(previous.origins, previous.announced, report, published)
+    book.seq = report.seq
+    await ctl.take_report(PopReport(pop, ctl.clock(), report.plan_generation, origins, announced))
+    return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation,
+                              "seq": report.seq})
 
 
 async def get_status(request: web.Request) -> web.StreamResponse:
@@ -147,8 +211,8 @@ async def get_status(request: web.Request) -> web.StreamResponse:
                   "report_age": (now - r.received_at) if (r := ctl.reports.get(p.name)) else None,
                   "reported_plan_generation": r.plan_generation if r else None,
                   "drained_since": ctl.persisted.drains.get(p.name),
-                  "vips_wanted": sum(1 for v in ctl.plan_body(p.name)["vips"] if v["wanted"]),
-                  "safety_holds": sum(1 for v in ctl.plan_body(p.name)["vips"] if v["safety_hold"])}
+                  "vips_wanted": ctl.served[p.name].wanted,
+                  "safety_holds": ctl.served[p.name].safety_holds}
                  for p in ctl.desired.pops],
         "vips": [{"vip": v.name, "note": ctl.result.notes.get(v.name, "") if ctl.result else ""}
                  for v in ctl.desired.vips],
@@ -207,6 +271,7 @@ async def drain(request: web.Request) -> web.StreamResponse:
 def make_app(ctl: Controller) -> web.Application:
     app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[json_errors])
     app[CONTROLLER] = ctl
+    app[REPORTS] = {}
     app.add_routes([
         web.get("/v1/plans/{pop}", get_plan),
         web.post("/v1/reports/{pop}", post_report),

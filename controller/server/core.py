@@ -2,8 +2,15 @@
 
 It keeps the last good desired state (a bad reload never replaces it), the freshest report
 per POP, the drains, the planner's memory, and the per-POP plans with their generation
-numbers (a POP's generation grows only when its plan's content changes). ``replan()`` runs
-the pure planner; waiters of a POP are woken when its plan changes (long-poll).
+numbers (a POP's generation grows only when its plan's content changes). Planning is the
+incremental engine's (``policy/engine.py``): a pass plans only the VIPs whose inputs
+changed or whose time came; waiters of a POP are woken when its plan changes (long-poll).
+
+Planning never blocks serving: inside the event loop a pass of more than SMALL_PASS VIPs
+(a cold start, a commit or drain that touches many VIPs) runs in slices of about SLICE_S
+seconds, yielding to the loop between them; the slices plan into a staging area and the
+new plans become visible all at once, so requests answered meanwhile see the previous,
+complete plan. ``replan()`` plans at once (tests, the CLI, operator actions).
 """
 
 from __future__ import annotations
@@ -21,27 +28,17 @@ from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
-from ..policy.model import Alarm, PlanItem, PlanResult, PopReport
-from ..policy.planner import plan
-from ..wire import encode_plan
+from ..policy.engine import Changes, Engine, Pass, compact_report
+from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from ..policy.planner import VipPlan
 from . import store
+from .plans import PlanStore, PopPlan
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
-
-
-@dataclass
-class ServedPlan:
-    generation: int
-    revision: str
-    content: dict[str, Any]  # the JSON body minus generation
-    material: list[tuple[Any, ...]] = field(default_factory=list)  # what the agent acts on, per VIP
-    # What the last pass planned for this POP (content may be older: a pass that changed only
-    # explanations or the revision is not a new plan). Equal next time: nothing to look at.
-    seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
-    seen_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seen_desired: object = None  # the DesiredState seen_specs were taken from
+SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
+SLICE_S = 0.004  # s of planning between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,7 @@ class _DesiredIndex:
     desired: DesiredState
     by_pop: dict[str, dict[str, frozenset[str]]]  # pop -> published VIP -> its origin regions
     stale_after: float  # the shortest report_stale_after of any VIP
+    names: frozenset[str]  # the VIPs
 
 
 @dataclass
@@ -81,25 +79,30 @@ class Controller:
     desired: DesiredState
     clock: Callable[[], float] = time.time
     reports: dict[str, PopReport] = field(default_factory=dict)
-    served: dict[str, ServedPlan] = field(default_factory=dict)
+    plans: PlanStore = field(default_factory=PlanStore)  # what agents fetch (server/plans.py)
     result: PlanResult | None = None
     config: ConfigStatus = field(default_factory=ConfigStatus)
     persisted: store.Persisted = field(default_factory=store.Persisted)
     state_store: store.Store | None = None  # None: the file journal in desired.state_dir (locked while we run)
     persistence: PersistenceStatus = field(default_factory=PersistenceStatus)
-    _changed: dict[str, asyncio.Event] = field(default_factory=dict)
     _wake: asyncio.TimerHandle | None = None
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _indexed: _DesiredIndex | None = None
-    _durable: store.Persisted = field(default_factory=store.Persisted)  # what the store holds
+    _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
+    _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
     _seq: int = 0  # the store's sequence number after the last durable write
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
     _alive_marked: float = 0.0
     _alive_fresh: set[str] = field(default_factory=set)
+    _engine: Engine | None = None
+    _waiting: list[asyncio.Future[None]] = field(default_factory=list)  # reports for the next pass
+    _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
+    _again: bool = False  # a pass was asked for while one ran
+    _staged: Pass | None = None  # the sliced pass in progress
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -112,6 +115,7 @@ class Controller:
             self.state_store.close()
             raise
         self.persisted, self._durable, self._seq = loaded.state.copy(), loaded.state.copy(), loaded.seq
+        self._held = _DurableMemory(loaded.state.planner)
         if loaded.problems:
             # Recovered from the previous good state without what could not be read: loud,
             # and kept in status until a restart (the operator should check the drains).
@@ -121,6 +125,9 @@ class Controller:
                 log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
         self._start_store()
         self._presume_reports(loaded.previous_alive)
+        # The engine starts from the loaded memory; its first pass plans every VIP (all are
+        # new to it) with the presumed reports, so a restart resumes the timers where they were.
+        self._engine = Engine(loaded.state.planner)
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
 
@@ -169,6 +176,8 @@ class Controller:
             self._persistence_failed(exc)
             return False
         self._seq, self._started, self._durable = seq, True, self.persisted.copy()
+        if self._engine is not None:  # the snapshot holds the engine's current memory
+            self._held.snapshot(self._engine.plans)
         if self._failed_start:
             self._persistence_recovered()
         return True
@@ -197,7 +206,7 @@ class Controller:
             self.reports.pop(pop, None)
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
         log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
-        self.replan()
+        self.plan_soon()
 
     def reject_config(self, exc: ConfigError, revision: str) -> None:
         self.config.last_error = exc.summary()
@@ -207,7 +216,7 @@ class Controller:
                   exc.summary())
 
     def add_report(self, report: PopReport) -> None:
-        self.reports[report.pop] = report
+        self.reports[report.pop] = compact_report(report, self.reports.get(report.pop))
         self.replan()
 
     async def take_report(self, report: PopReport) -> None:
@@ -217,8 +226,8 @@ class Controller:
         says what the POP's previous, still fresh, report said changes no plan: it is
         stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
         previous = self.reports.get(report.pop)
-        self.reports[report.pop] = report
-        if (previous is not None and previous.origins == report.origins
+        report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
+        if (previous is not None and previous.origins is report.origins
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return
         if self._pending is None:
@@ -243,17 +252,15 @@ class Controller:
                     by_pop.setdefault(pop, {})[fv.name] = regions
             stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
                               default=self.desired.policy.safety.report_stale_after)
-            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after)
+            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after,
+                                          frozenset(fv.name for fv in self.desired.vips))
         return self._indexed
 
     def _planned_reports(self) -> None:
         done, self._pending = self._pending, None
         assert done is not None
-        try:
-            self.replan()
-            done.set_result(None)
-        except Exception as exc:  # noqa: BLE001 - every waiting request answers 500
-            done.set_exception(exc)
+        self._waiting.append(done)
+        self.plan_soon()
 
     def drain(self, pop: str) -> bool:
         """Start draining ``pop``; False if it is drained already. Durable before it counts:
@@ -305,67 +312,126 @@ class Controller:
         self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
+    def plan_soon(self) -> None:
+        """Plan what changed or came due, in the background of the running event loop (at
+        once when there is none: tests, the CLI). The serve loop's tick calls it too, as a
+        safety net: timers are scheduled on their own (``_schedule``)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.replan()
+            return
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
+        else:
+            self._again = True
+
+    async def _drive(self) -> None:
+        """Passes until nothing is dirty or waiting. Reports waiting for a pass are answered
+        after the first pass that began after they were stored."""
+        engine = self._get_engine()
+        while True:
+            self._again = False
+            waiters, self._waiting = self._waiting, []
+            try:
+                now = self.clock()
+                engine.mark(self.desired, self.reports, self.persisted.drains, now)
+                if engine.dirty(refresh=True) > SMALL_PASS:
+                    await self._sliced(engine, now)
+                elif waiters or engine.dirty():
+                    self.replan()
+            except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
+                log.exception("planning failed; agents keep the last plan")
+                self._staged = None  # a broken pass is never published
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                if not self._waiting:
+                    return
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            if not self._waiting and not self._again:
+                return
+
+    async def _sliced(self, engine: Engine, now: float) -> None:
+        """One large pass, SLICE_S of planning at a time; visible when whole."""
+        p = self._staged = engine.begin(now)
+        while not engine.compute(p, SLICE_S):
+            await asyncio.sleep(0)  # answer requests (from the previous plan) meanwhile
+            if self._staged is not p:
+                return  # replan() finished and published it meanwhile
+        self._staged = None
+        self._publish(engine.commit(p), now)
+
+    def _get_engine(self) -> Engine:
+        assert self._engine is not None, "made in __post_init__ from the loaded memory"
+        return self._engine
+
     def replan(self) -> PlanResult:
+        """Plan now whatever changed or came due, and the countdowns in explanations."""
+        engine = self._get_engine()
+        if self._staged is not None:  # a sliced pass in progress: finish it first
+            p, self._staged = self._staged, None
+            engine.compute(p)
+            self._publish(engine.commit(p), p.now)
         now = self.clock()
-        result = plan(self.desired, self.reports, self.persisted.drains, now, self.persisted.planner)
-        previous_alarms = {(a.kind, a.vip) for a in self.result.alarms} if self.result else set()
-        for a in result.alarms:
-            if (a.kind, a.vip) not in previous_alarms:
-                log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
-        for vip, note in result.notes.items():
-            old = self.result.notes.get(vip) if self.result else None
-            if old != note and (old is None or _origin_of(old) != _origin_of(note)):
+        engine.mark(self.desired, self.reports, self.persisted.drains, now)
+        p = engine.begin(now, refresh=True)
+        engine.compute(p)
+        return self._publish(engine.commit(p), now)
+
+    def _publish(self, changes: Changes, now: float) -> PlanResult:
+        """Log, persist and serve what a committed pass changed."""
+        engine = self._get_engine()
+        for a in changes.new_alarms:
+            log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
+        for vip, (old, note) in changes.notes.items():
+            if old is None or _origin_of(old) != _origin_of(note):
                 log.info("VIP %s: %s", vip, note)
+        result = PlanResult(engine.state(), engine.items, engine.notes, engine.alarms(), engine.settle_at())
         self.result = result
-        self._schedule(result.wake_at, now)
+        self._schedule(engine.next_wake(), now)
         self.persisted.planner = result.state
+        self._held.unsaved |= changes.memory
+        pops = set(changes.pops)
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
+            # The POPs of a VIP whose definition changed are served again (its spec is in
+            # their plans); a publish list's change or a removed VIP changes items, which
+            # the engine reports in changes.pops; the other POPs' plans cannot have changed.
             old_state, old_specs = self._spec_dicts
             old_vips = {v.name: v.vip for v in old_state.vips} if old_state else {}
-            self._spec_dicts = (self.desired, {v.name: old_specs[v.name] if old_vips.get(v.name) == v.vip
-                                               else vip_to_dict(v.vip) for v in self.desired.vips})
+            specs: dict[str, dict[str, Any]] = {}
+            for fv in self.desired.vips:
+                was = old_vips.get(fv.name)
+                if was is not None and (was is fv.vip or was == fv.vip):
+                    specs[fv.name] = old_specs[fv.name]
+                else:
+                    specs[fv.name] = vip_to_dict(fv.vip)
+                    pops.update(fv.publish)
+            self._spec_dicts = (self.desired, specs)
         spec_dicts = self._spec_dicts[1]
         for pop in self.desired.pops:
-            self._serve(pop.name, result.pops.get(pop.name, {}), spec_dicts)
+            if pop.name in pops or pop.name not in self.served:
+                self._serve(pop.name, engine.items.get(pop.name, {}), spec_dicts)
         self._save()
         return result
 
     def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
-        """Make ``items`` the POP's plan if an agent would act differently on it.
-
-        A new revision, or a new explanation (timers count down in them), that changes
-        nothing an agent acts on is not a new plan for this POP: the plan keeps the revision
-        it last changed at, and agents are not woken for nothing. Comparisons go from cheap
-        to dear: most passes at a large fleet change nothing at most POPs (the planner hands
-        back the very same item objects, so the first test is a walk over pointers).
-        """
-        served = self.served.get(pop)
-        if served is not None and served.seen_items == items and (
-                served.seen_desired is self.desired
-                or all(spec_dicts.get(name) is d for name, d in served.seen_specs.items())):
-            served.seen_desired = self.desired
-            return
-        names = sorted(items)
-        material = [(name, spec_dicts[name], i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
-                    for name in names for i in (items[name],)]
-        seen_specs = {name: spec_dicts[name] for name in names}
-        if served is not None and served.material == material:
-            served.seen_items, served.seen_specs, served.seen_desired = items, seen_specs, self.desired
-            return
-        content = encode_plan(pop, 0, self.desired.revision, [(items[name], spec_dicts[name]) for name in names])
-        del content["generation"]
-        generation = max(self.persisted.generations.get(pop, 0), served.generation if served else 0) + 1
-        self.persisted.generations[pop] = generation
-        self.served[pop] = ServedPlan(generation, self.desired.revision, content, material, items, seen_specs,
-                                      self.desired)
-        self._event(pop).set()
-        self._changed[pop] = asyncio.Event()
+        """Make ``items`` the POP's plan if an agent would act differently on it (a new
+        explanation or revision alone is no new plan: agents are not woken for nothing)."""
+        generation = self.plans.serve(pop, items, spec_dicts, self.desired.revision,
+                                      self.persisted.generations.get(pop, 0), self.desired)
+        if generation is not None:
+            self.persisted.generations[pop] = generation
 
     def _schedule(self, wake_at: float | None, now: float) -> None:
-        """Plan again when a settle window ends, not at the next tick: that is when a
-        POP's withdrawal gets confirmed (or held), while its agent is waiting."""
+        """Plan again when the engine's next timer comes due (a settle window ends, a drain
+        time passes, a report goes stale...), not at the next tick: that is when a POP's
+        withdrawal gets confirmed (or held), while its agent is waiting."""
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
@@ -375,13 +441,14 @@ class Controller:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # planning outside the server (tests, CLI): nothing to wake
             return
-        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.replan)
+        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.plan_soon)
 
     def _save(self) -> None:
-        """Journal what changed since the last durable write (most passes change nothing: one
-        comparison of equal maps). A failure raises the persistence alarm and is retried
-        every RETRY seconds: the journal gets the difference from what it holds, so nothing
-        is skipped."""
+        """Journal what changed since the last durable write: drains and generations by
+        comparison (per POP: small), the memory of the VIPs the engine said changed (never
+        all pairs; most passes change nothing). A failure raises the persistence alarm and is
+        retried every RETRY seconds: the journal gets the difference from what it holds, so
+        nothing is skipped."""
         assert self.state_store is not None
         now = self.clock()
         self._mark_alive(now)
@@ -389,8 +456,13 @@ class Controller:
             return  # failing: retried every RETRY s (a retry may serialize the whole state), actions at once
         if not self._started and not self._start_store():
             return
-        changes = store.diff(self._durable, self.persisted)
+        engine = self._get_engine()
+        vips, pop_vips, written = self._held.changes(engine.plans, self._index().names)
+        changes = store.Changes(store.diff_map(self._durable.drains, self.persisted.drains),
+                                store.diff_map(self._durable.generations, self.persisted.generations),
+                                vips, pop_vips)
         if not changes:
+            self._held.saved(written, engine.plans)
             return
         try:
             self._seq = self.state_store.append(changes, self._seq)
@@ -398,29 +470,25 @@ class Controller:
             self._persistence_failed(exc)
             return
         self._durable = self.persisted.copy()
+        self._held.saved(written, engine.plans)
         self._persistence_recovered()
         try:
-            self.state_store.compact(self._durable, self._seq)
+            # Everything is durable now: the snapshot is the current state (the engine's memory).
+            self.state_store.compact(self.persisted, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
 
     # --- outputs -----------------------------------------------------------------------
+    @property
+    def served(self) -> Mapping[str, PopPlan]:
+        """Per POP, the plan being served (its ``generation``, ``entries``, counts)."""
+        return self.plans.pops
+
     def plan_body(self, pop: str) -> dict[str, Any]:
-        served = self.served[pop]
-        return {**served.content, "generation": served.generation}
+        return self.plans.plan_body(pop)
 
-    async def wait_for_change(self, pop: str, after: int, wait: float) -> None:
-        """Return when the POP's plan generation differs from ``after``, or after ``wait`` s."""
-        served = self.served.get(pop)
-        if served is None or served.generation != after or wait <= 0:
-            return
-        try:
-            await asyncio.wait_for(self._event(pop).wait(), wait)
-        except asyncio.TimeoutError:
-            pass
-
-    def _event(self, pop: str) -> asyncio.Event:
-        return self._changed.setdefault(pop, asyncio.Event())
+    async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
+        await self.plans.wait_for_change(pop, after, wait)
 
     def alarms(self) -> tuple[Alarm, ...]:
         return self.result.alarms if self.result else ()
@@ -438,10 +506,8 @@ class Controller:
         pops = []
         for pop in self.desired.pops:
             served = self.served[pop.name]
-            vips = served.content["vips"]
             report = self.reports.get(pop.name)
-            pops.append(PopSnapshot(pop.name, served.generation,
-                                    sum(1 for v in vips if v["wanted"]), sum(1 for v in vips if v["safety_hold"]),
+            pops.append(PopSnapshot(pop.name, served.generation, served.wanted, served.safety_holds,
                                     now - report.received_at if report else float("inf"),
                                     pop.name in self.persisted.drains))
         origins = []
@@ -454,6 +520,75 @@ class Controller:
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
                                   not self.config.last_error, self.config.loaded_at,
                                   self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()})
+
+
+class _DurableMemory:
+    """The planner memory the store holds, per VIP, and the VIPs whose memory changed since
+    (``unsaved``, from each committed pass's ``Changes.memory``). A pass's memory is then
+    journaled by comparing those VIPs only, pair by pair, with what was last written: at
+    500,000 pairs nothing walks them all. What was last written is each VIP's VipPlan as of
+    its last durable write, or for a VIP not written since the start, the loaded memory."""
+
+    def __init__(self, loaded: PlannerState) -> None:
+        self._written: dict[str, VipPlan] = {}
+        self._boot_vips: dict[str, VipMemory] = dict(loaded.vips)
+        self._boot_pops: dict[str, dict[str, PopVipMemory]] = {}
+        for (pop, vip), m in loaded.pop_vips.items():
+            self._boot_pops.setdefault(vip, {})[pop] = m
+        # A loaded VIP the desired state no longer has is planned never again: its removal
+        # is journaled with the first write.
+        self.unsaved: set[str] = set(self._boot_vips) | set(self._boot_pops)
+
+    def _held(self, name: str) -> tuple[VipMemory | None, Mapping[str, PopVipMemory]]:
+        vp = self._written.get(name)
+        if vp is not None:
+            return vp.memory, {pop: vp.memory_at(pop) for pop in vp.items}
+        return self._boot_vips.get(name), self._boot_pops.get(name, {})
+
+    def changes(self, plans: Mapping[str, VipPlan], desired: frozenset[str]) -> tuple[
+            dict[str, VipMemory | None], dict[tuple[str, str], PopVipMemory | None], list[str]]:
+        """What turns the held memory of the unsaved VIPs into ``plans``' (vips, pop_vips),
+        and the VIPs it covers (a VIP of the desired state not planned yet waits)."""
+        vips: dict[str, VipMemory | None] = {}
+        pairs: dict[tuple[str, str], PopVipMemory | None] = {}
+        covered = []
+        for name in self.unsaved:
+            vp = plans.get(name)
+            if vp is None and name in desired:
+                continue
+            covered.append(name)
+            memory, pops = self._held(name)
+            new = vp.memory if vp is not None else None
+            if new != memory:
+                vips[name] = new
+            if vp is not None:
+                memory_at = vp.memory_at
+                for pop in vp.items:
+                    m = memory_at(pop)
+                    old = pops.get(pop)
+                    if old is not m and old != m:
+                        pairs[(pop, name)] = m
+            for pop in pops:
+                if vp is None or pop not in vp.items:
+                    pairs[(pop, name)] = None
+        return vips, pairs, covered
+
+    def saved(self, names: list[str], plans: Mapping[str, VipPlan]) -> None:
+        """``changes()``' VIPs are durable as they are in ``plans``."""
+        for name in names:
+            self.unsaved.discard(name)
+            self._boot_vips.pop(name, None)
+            self._boot_pops.pop(name, None)
+            vp = plans.get(name)
+            if vp is None:
+                self._written.pop(name, None)
+            else:
+                self._written[name] = vp
+
+    def snapshot(self, plans: Mapping[str, VipPlan]) -> None:
+        """A snapshot of ``plans``' memory (and nothing else) is durable."""
+        self._written = dict(plans)
+        self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
 
 
 def _origin_of(note: str) -> str:

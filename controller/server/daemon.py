@@ -1,5 +1,5 @@
-"""The controller daemon: watch the config directory, plan every second and on every event,
-serve plans over HTTP, export metrics.
+"""The controller daemon: watch the config directory, plan on every event and timer (only
+what changed), serve plans over HTTP, export metrics.
 
 A config that fails to load at start is served from the last good desired state kept in
 the state directory (the error shown in ``anycastctl status``); fatal only if none was
@@ -34,7 +34,7 @@ from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature
 
 log = logging.getLogger("controller.server")
-TICK = 1.0  # plan at least this often: drain and hold-down timers advance with the clock
+TICK = 1.0  # look at the config and the engine's timers at least this often
 WATCH = 0.1  # a change must have settled this long (and stat polling looks this often)
 RECHECK = 30.0  # look at content and commit this often even without a notification
 
@@ -260,9 +260,11 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")
                     metrics.config_reloads.labels("failure").inc()
             if not planned:
+                # No full pass: the tick only asks the engine to plan what is dirty or due (its
+                # timers are scheduled on their own; this is the safety net), in the background.
                 started = time.monotonic()
                 try:
-                    ctl.replan()
+                    ctl.plan_soon()
                     metrics.reconciles.labels("success").inc()
                 except Exception:  # noqa: BLE001 - a planner bug must not take the API down
                     metrics.reconciles.labels("error").inc()

@@ -18,9 +18,10 @@ def snapshot(ctl: Controller) -> dict[str, Any]:
                     for r in ctl.reports.values()],
         "drains": dict(ctl.persisted.drains),
         "planner": planner_to_json(ctl.persisted.planner),
-        "plans": {pop: {v["name"]: {k: v[k] for k in ("wanted", "reason", "active_origin", "drain", "safety_hold")}
-                        for v in ctl.plan_body(pop)["vips"]}
-                  for pop in ctl.served},
+        "plans": {pop: {name: {"wanted": e.item.wanted, "reason": e.item.reason, "active_origin": e.item.active_origin,
+                               "drain": e.item.drain, "safety_hold": e.item.safety_hold}
+                        for name, e in sorted(served.entries.items())}
+                  for pop, served in ctl.served.items()},
     }
 
 

@@ -27,7 +27,7 @@ the problems are kept in ``Loaded.problems``, which the controller shows as an a
 state files exist and no snapshot at all can be read, ``load`` raises ``StateUnreadable``
 and the controller refuses to start: it cannot know which POPs were drained, and starting
 empty would silently undo those drains. Agents keep their last plans meanwhile (static
-stability) until an operator moves the files aside (see ops/runbooks/persistence.md).
+stability) until an operator moves the files aside (see ops/runbooks/AnycastControllerPersistenceFailing.md).
 
 Every write failure raises ``PersistenceError`` naming the operation, the file and the
 OS error; nothing is half-applied (a failed append is truncated away on the next append).
@@ -86,7 +86,7 @@ class StateUnreadable(Exception):
     def __init__(self, state_dir: str, problems: tuple[str, ...]) -> None:
         super().__init__(f"no readable controller state in {state_dir}: " + "; ".join(problems)
                          + " (refusing to start with empty state: drains would be forgotten; "
-                         "see ops/runbooks/persistence.md)")
+                         "see ops/runbooks/AnycastControllerPersistenceFailing.md)")
         self.problems = problems
 
 
@@ -101,7 +101,8 @@ class Persisted:
     planner: PlannerState = field(default_factory=PlannerState.initial)
 
     def copy(self) -> Persisted:
-        """A copy whose dicts the caller may change (the planner's maps are never mutated)."""
+        """A copy whose dicts the caller may change. The planner's maps are shared, not copied:
+        the controller's are read-only views over the engine's current memory (no snapshot)."""
         return Persisted(dict(self.drains), dict(self.generations), self.planner)
 
 
@@ -174,11 +175,12 @@ def _read_alive(fd: int) -> Alive | None:
 def diff(old: Persisted, new: Persisted) -> Changes:
     """The changes that turn ``old`` into ``new``. Cheap when little changed: the planner hands
     back the very same memory objects for unchanged pairs, and equal maps compare in C."""
-    return Changes(_diff_map(old.drains, new.drains), _diff_map(old.generations, new.generations),
-                   _diff_map(old.planner.vips, new.planner.vips), _diff_map(old.planner.pop_vips, new.planner.pop_vips))
+    return Changes(diff_map(old.drains, new.drains), diff_map(old.generations, new.generations),
+                   diff_map(old.planner.vips, new.planner.vips), diff_map(old.planner.pop_vips, new.planner.pop_vips))
 
 
-def _diff_map(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> dict[Any, Any]:
+def diff_map(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The entries that turn ``old`` into ``new`` (None: the key is gone)."""
     if old is new or old == new:
         return {}
     out = {k: v for k, v in new.items() if (o := old.get(k, _ABSENT)) is not v and o != v}

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -32,6 +32,7 @@ EXAMPLE = ROOT / "configs" / "controller"
 TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin", "operator")}
 BIN = Path(sys.executable).parent
 ALLOWED = load_desired(str(EXAMPLE)).allowed_prefixes
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -58,11 +59,19 @@ class Running:
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "controller.log"
+        self.state = tmp / "state"
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(tmp / "state"),
+            [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(self.state),
              "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         wait_for(lambda: self.up(), 60, desc="controller answering")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def up(self) -> bool:
         try:
@@ -174,6 +183,7 @@ def test_bad_commit_keeps_the_last_good_plan_and_status_shows_the_error(controll
 
 @pytest.mark.parametrize("case", ["no token", "wrong token", "other pop's token", "malformed json",
                                   "oversize", "unknown pop", "unpublished vip", "unknown region",
+                                  "garbage body", "not an object", "bad seq", "delta onto an unknown base",
                                   "operator endpoint with agent token"])
 def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, case: str) -> None:
     good = report_json({"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True})
@@ -191,7 +201,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, ca
     elif case == "malformed json":
         body, expect_status = b'{"plan_generation": 1, "origins": {', 400
     elif case == "oversize":
-        body, expect_status = b"{" + b" " * (2 << 20) + b"}", 413
+        body, expect_status, expect_field = b"{" + b" " * (2 << 20) + b"}", 413, "body"
     elif case == "unknown pop":
         path, token, expect_status = "/v1/reports/lhr", TOKENS["sin"], 404
     elif case == "unpublished vip":
@@ -200,6 +210,15 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, ca
     elif case == "unknown region":
         body = report_json({"game-global": {"mars": False}})
         expect_status, expect_field = 400, "origins.game-global.mars"
+    elif case == "garbage body":
+        body, expect_status, expect_field = b"\xff\x00\x17 not json", 400, "body"
+    elif case == "not an object":
+        body, expect_status, expect_field = b"[1, 2]", 400, "body"
+    elif case == "bad seq":
+        body, expect_status, expect_field = json.dumps({"seq": "7", "origins": {}}).encode(), 400, "seq"
+    elif case == "delta onto an unknown base":
+        body = json.dumps({"plan_generation": 1, "seq": 9, "base": 8, "origins": {}}).encode()
+        expect_status, expect_field = 409, "base"
     elif case == "operator endpoint with agent token":
         method, path, body, token, expect_status = "POST", "/v1/drains/sin", None, TOKENS["sin"], 403
     status, answer = controller.request(method, path, body, token)
@@ -212,6 +231,124 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, ca
     assert [p["drained_since"] for p in after_status["pops"]] == [p["drained_since"] for p in before_status["pops"]]
     assert [p["reported_plan_generation"] for p in after_status["pops"]] == \
         [p["reported_plan_generation"] for p in before_status["pops"]]
+
+
+@pytest.mark.parametrize("query, field", [("after=-1", "after"), ("after=abc", "after"), ("after=", "after"),
+                                          ("after=99999999999999999999", "after"), ("after=1e3", "after"),
+                                          ("after=1&wait=-1", "wait"), ("after=1&wait=nan", "wait"),
+                                          ("after=1&wait=inf", "wait"), ("wait=abc", "wait")])
+def test_bad_plan_requests_get_a_400_naming_the_field_and_change_nothing(controller: Running, query: str,
+                                                                         field: str) -> None:
+    before = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    status, answer = controller.request("GET", f"/v1/plans/sjc?{query}", token=TOKENS["sjc"])
+    assert (status, answer["field"]) == (400, field), answer
+    assert controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1] == before
+
+
+async def after_restart(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, once more if the client's pooled connection was the old process's (as the
+    agent's loops do: they retry)."""
+    try:
+        return await call()
+    except ControllerUnavailable as exc:
+        assert "Disconnected" in str(exc) or "Connection" in str(exc), exc
+        return await call()
+
+
+def test_plans_travel_as_deltas_through_agent_and_controller_restarts(controller: Running, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sjc = client(controller, "sjc", tmp_path)
+        try:
+            plan = await sjc.fetch_plan(-1, 0)
+            assert plan is not None and set(plan.vips) == {"game-global", "api-eu"}
+            g = plan.generation
+            status, empty = controller.request("GET", f"/v1/plans/sjc?after={g}", token=TOKENS["sjc"])
+            assert (status, empty["after"], empty["generation"], empty["vips"], empty["removed"]) == (200, g, g, [], [])
+
+            poll = asyncio.create_task(sjc.fetch_plan(g, 60))
+            await asyncio.sleep(0.3)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+            controller.commit("api-eu: fra only")
+            plan = await poll
+            assert plan is not None and set(plan.vips) == {"game-global"} and plan.generation == g + 1
+            delta = controller.request("GET", f"/v1/plans/sjc?after={g}", token=TOKENS["sjc"])[1]
+            assert (delta["after"], delta["removed"], delta["vips"], delta["specs"]) == (g, ["api-eu"], [], {})
+            assert sjc.answers == {"full": 1, "delta": 1}  # the change came as a delta, and it fit
+
+            # The agent's copy drifted (a bug, a bit flip): the next delta does not sum to the
+            # controller's digest, so the agent fetches the full plan instead of a wrong one.
+            sjc.book.digest ^= 1
+            poll = asyncio.create_task(sjc.fetch_plan(g + 1, 60))
+            await asyncio.sleep(0.3)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra", "sjc"]))
+            controller.commit("api-eu: back at sjc")
+            plan = await poll
+            assert plan is not None and set(plan.vips) == {"game-global", "api-eu"} and plan.generation == g + 2
+            assert sjc.answers == {"full": 2, "delta": 1, "refetch": 1}
+            g += 1  # the plan below is now g + 1 (api-eu back, as at first)
+        finally:
+            await sjc.close()
+
+        # The agent restarts: it starts from its cache and asks what changed since.
+        restarted = client(controller, "sjc", tmp_path)
+        try:
+            cached = restarted.load_cached()
+            assert cached is not None and cached.source == "cached-plan" and cached.generation == g + 1
+            confirmed = await restarted.fetch_plan(g + 1, 60)
+            assert confirmed is not None and confirmed.source == "controller" and confirmed.generation == g + 1
+            assert confirmed.vips == cached.vips
+
+            # The controller restarts: a higher generation, and a full plan for the old base.
+            controller.restart()
+            raw = controller.request("GET", f"/v1/plans/sjc?after={g + 1}", token=TOKENS["sjc"])[1]
+            assert "after" not in raw and raw["generation"] > g + 1
+            new = await after_restart(lambda: restarted.fetch_plan(g + 1, 60))
+            assert new is not None and new.generation == raw["generation"] and new.vips == cached.vips
+            assert restarted.answers == {"delta": 1, "full": 1}  # confirmed by a delta; then the full plan
+        finally:
+            await restarted.close()
+
+        # A corrupted cache is ignored: the agent fetches the full plan.
+        cache = tmp_path / "agent-sjc" / "plan.json"
+        cache.write_bytes(cache.read_bytes().replace(b'"us-west"', b'"us-east"', 1))
+        fresh = client(controller, "sjc", tmp_path)
+        try:
+            assert fresh.load_cached() is None
+            plan = await fresh.fetch_plan(-1, 0)
+            assert plan is not None and plan.generation == raw["generation"] and plan.vips == cached.vips
+        finally:
+            await fresh.close()
+
+    asyncio.run(scenario())
+
+
+def test_reports_travel_as_deltas_and_a_restarted_controller_gets_a_full_one(controller: Running,
+                                                                            tmp_path: Path) -> None:
+    def held() -> dict[str, Any]:
+        snap = controller.request("GET", "/v1/snapshot", token=TOKENS["operator"])[1]
+        return next({"origins": r["origins"], "announced": r["announced"]} for r in snap["reports"]
+                    if r["pop"] == "sjc")
+
+    both = {"game-global": {"us-west": True, "eu-central": True}, "api-eu": {"eu-central": True}}
+    announced = {"game-global": True, "api-eu": True}
+
+    async def scenario() -> None:
+        sjc = client(controller, "sjc", tmp_path)
+        try:
+            await sjc.report(HealthReport("sjc", 1, both, announced))
+            assert held() == {"origins": both, "announced": announced}
+            one_down = {**both, "game-global": {"us-west": False, "eu-central": True}}
+            await sjc.report(HealthReport("sjc", 1, one_down, announced))  # a delta: game-global only
+            assert held() == {"origins": one_down, "announced": announced}  # merged onto the full set
+
+            controller.restart()  # it holds no report now: the delta is answered 409, then a full one goes
+            back_up = {**one_down, "api-eu": {"eu-central": False}}
+            await after_restart(lambda: sjc.report(HealthReport("sjc", 1, back_up, announced)))
+            assert held() == {"origins": back_up, "announced": announced}
+        finally:
+            await sjc.close()
+
+    asyncio.run(scenario())
 
 
 def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, tmp_path: Path) -> None:
@@ -371,3 +508,18 @@ def test_anycastctl_diff_detailed_exitcode_tells_a_change_from_none(controller: 
     assert diff().returncode == 0  # without the flag a change is still a success
     r = diff("--against", "no-such-rev")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no-such-rev" in r.stderr
+
+
+def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Running) -> None:
+    import gzip
+
+    def get(headers: dict[str, str]) -> tuple[str | None, bytes]:
+        req = urllib.request.Request(controller.url + "/v1/plans/sjc",
+                                     headers={"Authorization": f"Bearer {TOKENS['sjc']}", **headers})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.headers.get("Content-Encoding"), r.read()
+
+    encoding, packed = get({"Accept-Encoding": "gzip, deflate"})
+    plain_encoding, plain = get({})
+    assert (encoding, plain_encoding) == ("gzip", None)
+    assert gzip.decompress(packed) == plain and json.loads(plain)["pop"] == "sjc"

@@ -354,3 +354,22 @@ def test_the_diff_names_only_what_changed() -> None:
     assert c == store.Changes({"sin": None}, {"sjc": 8}, {"game-global": VipMemory("us-west", 1.0)},
                               {("fra", "api-eu"): PopVipMemory(verdict=False), ("sjc", "game-global"): None})
     assert store.apply(s1, c) == s2 and not store.diff(s2, store.apply(s1, c))
+
+
+def test_a_removed_vip_and_a_pop_dropped_from_a_publish_list_leave_the_journal_too(tmp_path: Path) -> None:
+    """The journal follows the engine's memory changes: a VIP gone from the desired state and
+    a pair gone with a publish list's POP are removed from what a restart reads back."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    reports(ctl, True, now[0])
+    game = ctl.desired.vip("game-global")
+    assert game is not None and "sin" in game.publish
+    fewer = dataclasses.replace(game, publish=tuple(p for p in game.publish if p != "sin"))
+    now[0] = 11.0
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2", vips=(fewer,)))
+    assert ("sin", "game-global") not in ctl.persisted.planner.pop_vips
+    assert set(ctl.persisted.planner.vips) == {"game-global"}
+    ctl.close()
+    back = store.load(str(tmp_path))
+    assert back.planner == ctl.persisted.planner
+    assert set(back.planner.vips) == {"game-global"} and ("sin", "game-global") not in back.planner.pop_vips

@@ -272,8 +272,7 @@ def test_same_inputs_same_plan() -> None:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_the_shortcuts_for_steady_and_silent_pops_plan_exactly_what_the_full_path_plans(
-        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_shortcuts_for_steady_and_silent_pops_plan_exactly_what_the_full_path_plans(seed: int) -> None:
     """Random verdicts (mostly healthy, sometimes down or unknown, sometimes silent), drains
     and undrains over 80 moments: planning with the steady-POP shortcut and without it gives
     the same items (reason, explanation, holds), the same memory, alarms and wake-up time.
@@ -304,9 +303,7 @@ def test_the_shortcuts_for_steady_and_silent_pops_plan_exactly_what_the_full_pat
             verdicts[pop] = (usw, rng.choices((UP, DOWN), weights=(95, 5))[0])
         rep = reports(now, **verdicts)
         a = plan(desired, rep, drains, now, fast)
-        monkeypatch.setattr(planner, "SHORTCUTS", False)
-        b = plan(desired, rep, drains, now, slow)
-        monkeypatch.setattr(planner, "SHORTCUTS", True)
+        b = planner.full_plan(desired, rep, drains, now, slow)  # no shortcuts
         assert a.pops == b.pops and a.notes == b.notes and a.alarms == b.alarms and a.wake_at == b.wake_at
         assert a.state == b.state
         left_steady += sum(1 for k, m in a.state.pop_vips.items()

@@ -1,0 +1,470 @@
+"""The incremental planning engine: re-plan only the VIPs whose inputs changed. Pure (no
+asyncio, no I/O, no clock of its own).
+
+Theory of operation
+-------------------
+A VIP's plan is a pure function of its inputs (``planner.plan_vip``): its definition and
+policy, the fresh verdicts of its POPs about it, the drains of its POPs, its memory and the
+clock. So the engine keeps every VIP's last ``VipPlan`` and re-plans a VIP only when one of
+those inputs changed, which it learns by comparing what it is given with what it saw:
+
+- **config**: a VIP whose ``FleetVip`` (definition, publish list, policy) differs, or that
+  is new, is dirty; a removed one is dropped. A POP added or removed shows up as the
+  publish lists that name it.
+- **drains**: a POP whose drain started or ended makes the VIPs published there dirty.
+- **reports**: a POP's new report makes dirty the VIPs whose verdicts in it differ from
+  its previous report (all of them when the POP was stale and is fresh again). Freshness
+  is tracked per POP and per ``report_stale_after`` value (a handful of policies, not one
+  per VIP): a per-POP timer marks the VIPs of a POP whose report went stale.
+- **time**: each VIP's plan says when the same inputs would plan it differently
+  (``VipPlan.wake_at``: settle, drain, hold-down, rate-limit window, failback, flap
+  expiry). A heap holds the earliest wake-up per VIP; a VIP whose time came is dirty.
+
+There is no periodic full pass. ``planner.full_plan`` (every VIP, no shortcut) is the
+oracle: tests/unit/test_policy_engine.py drives long random event sequences through both
+and requires the same plans, memory, alarms and wake-ups.
+
+A pass is split in three so that a large one (a cold start, a policy change that touches
+every VIP) never holds the caller's event loop: ``begin`` takes the inputs and the dirty
+set (an immutable snapshot of the pass's inputs), ``compute`` plans up to a budget of VIPs
+at a time into a staging area that nothing reads, and ``commit`` publishes all of them at
+once. Between two ``compute`` calls the caller answers requests from the previous, still
+complete, plan; inputs that arrive meanwhile are marked for the next pass.
+
+Compact by construction: a POP's plan is one dict of VIP -> item whose values are mostly
+the VIP's shared items (the same object at every POP); per-pair memory is kept only where
+it differs from the VIP's default (STEADY in the steady state: nothing per pair).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from ..config.desired_model import DesiredState, FleetVip
+from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, VipMemory
+from .planner import VipPlan, plan_vip
+
+Verdicts = Mapping[str, bool | None]
+
+
+def compact_report(report: PopReport, previous: PopReport | None) -> PopReport:
+    """``report`` with its per-VIP verdict mappings shared: the previous report's object
+    where equal, else one interned object per distinct verdict set (a fleet has a handful:
+    every origin up, the primary down, ...). 50 POPs x 10,000 VIPs of verdicts then cost
+    50 dicts of pointers instead of 500,000 small dicts."""
+    if previous is not None and previous.origins == report.origins:
+        return replace(report, origins=previous.origins)
+    before = previous.origins if previous is not None else {}
+    origins: dict[str, Verdicts] = {}
+    for vip, verdicts in report.origins.items():
+        old = before.get(vip)
+        origins[vip] = old if old == verdicts and old is not None else _intern(verdicts)
+    return replace(report, origins=origins)
+
+
+_INTERNED: dict[tuple[tuple[str, bool | None], ...], Verdicts] = {}
+
+
+def _intern(verdicts: Verdicts) -> Verdicts:
+    key = tuple(verdicts.items())
+    shared = _INTERNED.get(key)
+    if shared is None:
+        if len(_INTERNED) > 100_000:  # a bound, not a cache policy: distinct sets are few
+            _INTERNED.clear()
+        shared = _INTERNED[key] = dict(verdicts)
+    return shared
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """The inputs of one planning pass, fixed when it begins."""
+
+    now: float
+    desired: DesiredState
+    reports: Mapping[str, PopReport]
+    drains: Mapping[str, float]
+    fleet: Mapping[str, FleetVip]  # name -> definition (the engine replaces it, never changes it)
+    names: tuple[str, ...]  # the VIPs to plan, in the desired state's order
+    staged: dict[str, VipPlan] = field(default_factory=dict)  # planned so far, not yet visible
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a committed pass changed."""
+
+    planned: tuple[str, ...]  # the VIPs planned
+    pops: frozenset[str]  # POPs whose VIP -> item mapping is a new object (some item changed)
+    memory: frozenset[str]  # VIPs whose memory changed (what a journal appends)
+    notes: Mapping[str, tuple[str | None, str]]  # vip -> (old note, new note), changed notes only
+    new_alarms: tuple[Alarm, ...]  # alarms whose (kind, VIP) was not raised before
+    removed: frozenset[str]  # VIPs no longer in the desired state
+    desired_changed: bool
+
+
+class Engine:
+    """Every VIP's last plan, and what makes one dirty. See the module docstring."""
+
+    def __init__(self, memory: PlannerState | None = None) -> None:
+        self._boot = memory  # the persisted memory, for VIPs not planned yet
+        self.desired: DesiredState | None = None
+        self.plans: dict[str, VipPlan] = {}
+        self.items: dict[str, dict[str, PlanItem]] = {}  # pop -> vip -> item (replaced, never mutated, on change)
+        self.notes: dict[str, str] = {}
+        self._alarms: dict[str, tuple[Alarm, ...]] = {}
+        self._alarm_tuple: tuple[Alarm, ...] = ()
+        self._settling: dict[str, float] = {}  # vip -> settle_at
+        self._countdown: set[str] = set()
+        self._dirty: set[str] = set()
+        self._wake: dict[str, float] = {}  # vip -> its current wake-up (heap entries that differ are stale)
+        self._heap: list[tuple[float, str]] = []
+        self._reports: dict[str, PopReport] = {}
+        self._fresh: dict[str, dict[float, bool]] = {}  # pop -> report_stale_after -> fresh as planned
+        self._stale_heap: list[tuple[float, str]] = []
+        self._drains: dict[str, float] = {}
+        self._fleet: dict[str, FleetVip] = {}
+        self._order: dict[str, int] = {}
+        self._at_pop: dict[str, dict[float, set[str]]] = {}  # pop -> report_stale_after -> VIPs
+        self._removed: frozenset[str] = frozenset()  # VIPs dropped since the last commit
+        self._desired_changed = False
+        self.version = 0  # grows when any memory changes
+        self.passes = 0
+
+    # --- inputs ------------------------------------------------------------------------
+    def mark(self, desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
+             now: float) -> None:
+        """Take the current inputs; mark the VIPs they change (and those whose time came)."""
+        if desired is not self.desired:
+            self._set_desired(desired, now)
+        if drains != self._drains:
+            for pop in set(drains) | set(self._drains):
+                if drains.get(pop) != self._drains.get(pop):
+                    self._mark_pop(pop)
+            self._drains = dict(drains)
+        for pop, report in reports.items():
+            if self._reports.get(pop) is not report:
+                self._set_report(pop, report, now)
+        for pop in [p for p in self._reports if p not in reports]:
+            del self._reports[pop]
+            if any(self._fresh.pop(pop, {}).values()):
+                self._mark_pop(pop)
+        self._due(now)
+
+    def _mark_pop(self, pop: str) -> None:
+        for names in self._at_pop.get(pop, {}).values():
+            self._dirty.update(names)
+
+    def _set_desired(self, desired: DesiredState, now: float) -> None:
+        old = self._fleet
+        fleet = {fv.vip.name: fv for fv in desired.vips}
+        new = [fv for name, fv in fleet.items() if old.get(name) is not fv]  # (identity: cheap)
+        self._dirty.update(fv.vip.name for fv in new if fv != old.get(fv.vip.name))
+        self._removed |= frozenset(name for name in old if name not in fleet)
+        self._removed -= fleet.keys()
+        self._dirty -= self._removed
+        self._fleet = fleet
+        self._order = dict(zip(fleet, range(len(fleet))))
+        # The index POP -> report_stale_after -> VIPs, updated for the VIPs that changed only
+        # (a commit of one VIP at 100,000 x 300 must not walk 30 million pairs).
+        at_pop = self._at_pop
+        for gone in [g for name, g in old.items() if fleet.get(name) is not g]:
+            s = gone.policy.safety.report_stale_after
+            for pop in gone.publish:
+                at_pop[pop][s].discard(gone.vip.name)
+        for fv in new:
+            s = fv.policy.safety.report_stale_after
+            name = fv.vip.name
+            for pop in fv.publish:
+                at_pop.setdefault(pop, {}).setdefault(s, set()).add(name)
+        known = {p.name for p in desired.pops}
+        for pop in [p for p in at_pop if p not in known and not any(at_pop[p].values())]:
+            del at_pop[pop]
+        for pop in known:
+            at_pop.setdefault(pop, {})
+        for groups in at_pop.values():
+            for s in [s for s, names in groups.items() if not names]:
+                del groups[s]
+        for pop, groups in at_pop.items():  # a new report_stale_after value: fresh as its report says
+            report = self._reports.get(pop)
+            fresh = self._fresh.setdefault(pop, {})
+            for s in groups:
+                if s not in fresh:
+                    fresh[s] = report is not None and now - report.received_at <= s
+            self._push_stale(pop, now)
+        self.desired = desired
+        self._desired_changed = True
+
+    def _set_report(self, pop: str, report: PopReport, now: float) -> None:
+        old = self._reports.get(pop)
+        self._reports[pop] = report
+        fresh = self._fresh.setdefault(pop, {})
+        same = old is not None and old.origins is report.origins
+        for s, names in self._at_pop.get(pop, {}).items():
+            was = fresh.get(s, False) and old is not None
+            now_fresh = now - report.received_at <= s
+            fresh[s] = now_fresh
+            if was != now_fresh:
+                self._dirty.update(names)
+            elif now_fresh and not same:
+                assert old is not None
+                before, after = old.origins, report.origins
+                self._dirty.update(n for n in names if before.get(n) != after.get(n))
+        self._push_stale(pop, now)
+
+    def _push_stale(self, pop: str, now: float) -> None:
+        """The time the POP's report goes stale for the next of its fresh groups (a
+        deadline that rounding keeps fresh at ``now``: the next instant)."""
+        report = self._reports.get(pop)
+        if report is None:
+            return
+        deadlines = [report.received_at + s for s, fresh in self._fresh.get(pop, {}).items() if fresh]
+        if deadlines:
+            heapq.heappush(self._stale_heap, (max(min(deadlines), math.nextafter(now, math.inf)), pop))
+
+    def _due(self, now: float) -> None:
+        """Mark the VIPs whose wake-up came, and those of POPs whose report went stale."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            t, name = heapq.heappop(heap)
+            if self._wake.get(name) == t:
+                del self._wake[name]
+                self._dirty.add(name)
+        stale = self._stale_heap
+        while stale and stale[0][0] <= now:
+            _, pop = heapq.heappop(stale)
+            report = self._reports.get(pop)
+            if report is None:
+                continue
+            fresh = self._fresh.get(pop, {})
+            for s, names in self._at_pop.get(pop, {}).items():
+                if fresh.get(s) and not now - report.received_at <= s:
+                    fresh[s] = False
+                    self._dirty.update(names)
+            self._push_stale(pop, now)
+
+    def dirty(self, *, refresh: bool = False) -> int:
+        """How many VIPs the next pass plans (after ``mark``)."""
+        return len(self._dirty | self._countdown) if refresh and self._countdown else len(self._dirty)
+
+    def next_wake(self) -> float | None:
+        """When the next VIP's time comes or a report goes stale (None: nothing waits)."""
+        while self._heap and self._wake.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        times = [t for h in (self._heap, self._stale_heap) if h for t in (h[0][0],)]
+        return min(times, default=None)
+
+    # --- a pass ------------------------------------------------------------------------
+    def begin(self, now: float, *, refresh: bool = False) -> Pass:
+        """The next pass: the dirty VIPs (and, with ``refresh``, those whose sentences
+        count down, so that their explanations are re-rendered). Call ``mark`` first."""
+        assert self.desired is not None, "mark() gives the engine its first desired state"
+        names = self._dirty | self._countdown if refresh else self._dirty
+        self._dirty = set()
+        order = self._order
+        ordered = tuple(sorted((n for n in names if n in order), key=order.__getitem__))
+        return Pass(now, self.desired, dict(self._reports), dict(self._drains), self._fleet, ordered)
+
+    def compute(self, p: Pass, budget_s: float | None = None) -> bool:
+        """Plan the pass's VIPs not planned yet, for about ``budget_s`` seconds (None: all).
+        True when every VIP of the pass is planned."""
+        staged = p.staged
+        start = time.perf_counter() if budget_s is not None else 0.0
+        fleet = p.fleet
+        for i in range(len(staged), len(p.names)):
+            name = p.names[i]
+            staged[name] = self._plan(fleet[name], p)
+            if budget_s is not None and i % 16 == 15 and time.perf_counter() - start >= budget_s:
+                return len(staged) == len(p.names)
+        return True
+
+    def _plan(self, fv: FleetVip, p: Pass) -> VipPlan:
+        name = fv.name
+        prev = self.plans.get(name)
+        if prev is not None:
+            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared)
+        boot = self._boot
+        if boot is None:
+            return plan_vip(fv, p.reports, p.drains, p.now, None, _new, {})
+        pop_vips = boot.pop_vips
+        return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
+                        lambda pop: pop_vips.get((pop, name), NEW), {})
+
+    def commit(self, p: Pass) -> Changes:
+        """Make the pass's plans the current ones, all at once."""
+        assert len(p.staged) == len(p.names), "commit() after compute() returned True"
+        removed, self._removed = self._removed, frozenset()
+        desired_changed, self._desired_changed = self._desired_changed, False
+        changed: dict[str, dict[str, PlanItem]] = {}  # pop -> the new items (vip -> item; None: gone)
+        gone: dict[str, list[str]] = {}
+        memory: set[str] = set()
+        notes: dict[str, tuple[str | None, str]] = {}
+        alarms_before = {(a.kind, a.vip) for a in self._alarm_tuple}
+        alarms_changed = False
+        for name in removed:
+            old = self.plans.pop(name, None)
+            if old is None:
+                continue
+            for pop in old.items:
+                gone.setdefault(pop, []).append(name)
+            self.notes.pop(name, None)
+            alarms_changed |= self._alarms.pop(name, None) is not None
+            self._settling.pop(name, None)
+            self._countdown.discard(name)
+            self._wake.pop(name, None)
+            memory.add(name)
+        for name, vp in p.staged.items():
+            old = self.plans.get(name)
+            self.plans[name] = vp
+            for pop, item in vp.items.items():
+                if old is None or old.items.get(pop) is not item:
+                    changed.setdefault(pop, {})[name] = item
+            if old is not None:
+                for pop in old.items:
+                    if pop not in vp.items:
+                        gone.setdefault(pop, []).append(name)
+                if (old.memory != vp.memory or old.default is not vp.default
+                        or old.pop_memory != vp.pop_memory or old.items.keys() != vp.items.keys()):
+                    memory.add(name)  # (a POP added to or removed from its publish list adds or drops a pair)
+            else:
+                memory.add(name)
+            if old is None or old.note != vp.note:
+                notes[name] = (old.note if old is not None else None, vp.note)
+                self.notes[name] = vp.note
+            if vp.alarms or (old is not None and old.alarms):
+                if vp.alarms:
+                    self._alarms[name] = vp.alarms
+                else:
+                    del self._alarms[name]
+                alarms_changed |= old is None or old.alarms != vp.alarms
+            if vp.settle_at is None:
+                self._settling.pop(name, None)
+            else:
+                self._settling[name] = vp.settle_at
+            if vp.countdown:
+                self._countdown.add(name)
+            else:
+                self._countdown.discard(name)
+            if vp.wake_at is None:
+                self._wake.pop(name, None)
+            elif self._wake.get(name) != vp.wake_at:
+                self._wake[name] = vp.wake_at
+                heapq.heappush(self._heap, (vp.wake_at, name))
+        pops = set(changed) | set(gone)
+        if desired_changed and self.desired is not None:
+            known = {pop.name for pop in self.desired.pops}
+            for pop in known - set(self.items):
+                self.items[pop] = {}
+                pops.add(pop)
+            for pop in set(self.items) - known:
+                del self.items[pop]
+                pops.discard(pop)
+        for pop in pops:
+            items = dict(self.items.get(pop, {}))
+            items.update(changed.get(pop, {}))
+            for name in gone.get(pop, ()):
+                items.pop(name, None)
+            self.items[pop] = items
+        if alarms_changed:
+            order = self._order
+            self._alarm_tuple = tuple(a for name in sorted(self._alarms, key=lambda n: order.get(n, math.inf))
+                                      for a in self._alarms[name])
+        if memory:
+            self.version += 1
+        if self.desired is not None and len(self.plans) >= len(self.desired.vips):
+            self._boot = None  # every VIP has planned once: the persisted memory is in the plans now
+        self.passes += 1
+        return Changes(p.names, frozenset(pops), frozenset(memory), notes,
+                       tuple(a for a in self._alarm_tuple if (a.kind, a.vip) not in alarms_before), removed,
+                       desired_changed)
+
+    def run(self, desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
+            now: float, *, refresh: bool = False) -> Changes:
+        """mark + begin + compute + commit: one whole pass at once."""
+        self.mark(desired, reports, drains, now)
+        p = self.begin(now, refresh=refresh)
+        self.compute(p)
+        return self.commit(p)
+
+    # --- outputs -----------------------------------------------------------------------
+    def alarms(self) -> tuple[Alarm, ...]:
+        return self._alarm_tuple
+
+    def settle_at(self) -> float | None:
+        """When the first settle window ends (PlanResult.wake_at)."""
+        return min(self._settling.values(), default=None)
+
+    def state(self) -> PlannerState:
+        """The memory, as the PlannerState the store persists: read-only views over the
+        plans (no copy). Live, not a snapshot: an older view reads today's memory too, so
+        two views of one engine always compare equal; what a pass changed is in its
+        ``Changes.memory`` (the controller journals from it)."""
+        return PlannerState(_VipMemoryView(self, self.version), _PairMemoryView(self, self.version))
+
+
+def _new(pop: str) -> PopVipMemory:
+    return NEW
+
+
+class _VipMemoryView(Mapping[str, VipMemory]):
+    __slots__ = ("_engine", "_version")
+
+    def __init__(self, engine: Engine, version: int) -> None:
+        self._engine, self._version = engine, version
+
+    def __getitem__(self, name: str) -> VipMemory:
+        return self._engine.plans[name].memory
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._engine.plans)
+
+    def __len__(self) -> int:
+        return len(self._engine.plans)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _VipMemoryView) and other._engine is self._engine:
+            return other._version == self._version
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
+    """(pop, vip) -> memory, for every POP each planned VIP is published at."""
+
+    __slots__ = ("_engine", "_version")
+
+    def __init__(self, engine: Engine, version: int) -> None:
+        self._engine, self._version = engine, version
+
+    def __getitem__(self, key: tuple[str, str]) -> PopVipMemory:
+        pop, name = key
+        vp = self._engine.plans[name]
+        if pop not in vp.items:
+            raise KeyError(key)
+        return vp.memory_at(pop)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for name, vp in self._engine.plans.items():
+            for pop in vp.items:
+                yield pop, name
+
+    def __len__(self) -> int:
+        return sum(len(vp.items) for vp in self._engine.plans.values())
+
+    def items(self) -> Iterator[tuple[tuple[str, str], PopVipMemory]]:  # type: ignore[override]
+        for name, vp in self._engine.plans.items():
+            memory_at = vp.memory_at
+            for pop in vp.items:
+                yield (pop, name), memory_at(pop)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _PairMemoryView) and other._engine is self._engine:
+            return other._version == self._version
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
