@@ -51,6 +51,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,16 +72,23 @@ INIT_EXIT_WAIT = 30.0
 PRIVATE_DIRS = ("run", "tmp", "etc/frr", "var/tmp/frr")
 FRR_USER = "frr"
 
-# PID 1 of a node (written to <fs>/init.sh). $1 = hostname, $2 = the node's fs dir. The /run/netns mounts the node
+# PID 1 of a node (written to <fs>/init.sh). $1 = hostname, $2 = the node's fs dir, then the host
+# paths the node must still see although they lie under its private /tmp or /run
+# (`shared_host_paths`): each is held at <fs>/keep/N before the private dirs go over it, and
+# put back at its own path after. The /run/netns mounts the node
 # inherited are dropped first: a private copy of them would keep other labs' namespaces
 # alive after `ip netns del`. `wait` reaps any child, so orphans never pile up as zombies;
 # SIGTERM (which PID 1 only gets with a handler) stops the node.
 NODE_INIT = """\
 set -e
 hostname "$1"
+fs="$2"
+shift 2
 umount -R -l /run/netns 2>/dev/null || true
-for d in run tmp etc/frr var/tmp/frr; do mkdir -p "/$d"; mount --bind "$2/$d" "/$d"; done
-mount --bind "$2/etc/hosts" /etc/hosts
+i=0; for p in "$@"; do mkdir -p "$fs/keep/$i"; mount --bind "$p" "$fs/keep/$i"; i=$((i+1)); done
+for d in run tmp etc/frr var/tmp/frr; do mkdir -p "/$d"; mount --bind "$fs/$d" "/$d"; done
+mount --bind "$fs/etc/hosts" /etc/hosts
+i=0; for p in "$@"; do mkdir -p "$p"; mount --bind "$fs/keep/$i" "$p"; i=$((i+1)); done
 echo ready
 exec </dev/null >/dev/null 2>&1
 trap 'exit 0' TERM
@@ -90,6 +98,18 @@ _KEEPER = ("sleep", "2147483647")  # the init's own child, not one of the node's
 
 CLONE_NEWPID = 0x20000000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def shared_host_paths() -> list[Path]:
+    """Host paths every node must see as they are, although they lie under a directory the
+    node replaces (/tmp, /run): this checkout and the Python running it. A CI job that
+    clones the repository under /tmp would otherwise start daemons whose executable does not
+    exist inside the node. Nested paths are covered by their outermost one."""
+    replaced = [Path("/") / d for d in PRIVATE_DIRS]
+    candidates = {Path(__file__).resolve().parents[1], Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                  Path(sys.executable).resolve().parent}
+    hidden = sorted(p for p in candidates if any(p == r or r in p.parents for r in replaced))
+    return [p for p in hidden if not any(q in p.parents for q in hidden)]
 
 
 class LabError(RuntimeError):
@@ -430,7 +450,8 @@ class Netns:
     def _start_init(self, timeout: float = 60.0) -> None:
         fs = self._make_fs()
         argv = ["ip", "netns", "exec", self.name, "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork",
-                "--mount-proc", "--propagation", "slave", "--", "sh", str(fs / "init.sh"), self.hostname, str(fs)]
+                "--mount-proc", "--propagation", "slave", "--", "sh", str(fs / "init.sh"), self.hostname, str(fs),
+                *map(str, shared_host_paths())]
         launcher = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         self._children[launcher.pid] = launcher
