@@ -303,6 +303,21 @@ def test_a_node_is_a_container_and_teardown_leaves_no_namespace_process_or_mount
 
 
 @pytest.mark.lab
+def test_a_node_sees_this_checkout_and_its_python_wherever_they_live(lab: Lab) -> None:
+    """A checkout (or venv) under /tmp or /run, as a CI job's clone may be, stays visible in
+    every node although the node's /tmp and /run are its own: the daemons the lab starts run
+    from it. Its own /tmp stays private all the same."""
+    a = lab.netns("a")
+    checkout = Path(__file__).resolve().parents[2]
+    for path in (sys.executable, str(checkout / "lab" / "netns.py"), str(checkout / "controller" / "__init__.py")):
+        assert a.run(["test", "-e", path], check=False).returncode == 0, f"{path} is not visible in node a"
+    assert a.run([sys.executable, "-c", "import lab.netns, controller"], check=False, timeout=60,
+                 env={"PYTHONPATH": str(checkout)}).returncode == 0
+    token = secrets.token_hex(4)
+    a.run(["sh", "-c", f"echo {token} > /tmp/mine-{token}"])
+    assert not Path(f"/tmp/mine-{token}").exists()
+
+
 def test_frr_refuses_to_start_on_a_config_typo(lab: Lab) -> None:
     r1 = lab.netns("r1")
     typo = BGPD_CONF + " neighbr 100.64.1.6 remote-as 65102\n"
