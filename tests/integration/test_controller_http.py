@@ -7,6 +7,7 @@ so config changes are real commits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (held open together, so never the same one twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def git(d: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True,
                    env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
@@ -55,19 +65,31 @@ class Running:
         git(self.dir, "init", "-q")
         git(self.dir, "add", "-A")
         git(self.dir, "commit", "-qm", "initial")
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "controller.log"
         self.state = tmp / "state"
-        self.start()
+        # A port found free may be taken by someone else before the controller binds it (two
+        # sockets bound at the same moment, on a busy machine): then start again on new ports.
+        for attempt in range(3):
+            self.port, self.metrics_port = free_ports(2)
+            self.url = f"http://127.0.0.1:{self.port}"
+            if self.start(may_fail=attempt < 2):
+                break
 
-    def start(self) -> None:
+    def start(self, may_fail: bool = False) -> bool:
+        """Start on self.port; False if it exited at once and ``may_fail`` (the caller picks
+        new ports), else wait until it answers (an exit fails the test with its log)."""
+        logged = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(self.state),
              "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self.up(), 60, desc="controller answering")
+        wait_for(lambda: self.proc.poll() is not None or self.up(), 60, desc="controller answering (or exiting)")
+        if self.proc.poll() is None:
+            return True
+        if may_fail:
+            return False
+        raise AssertionError(f"the controller exited with {self.proc.returncode} at start:\n"
+                             + self.log.read_bytes()[logged:].decode(errors="replace")[-3000:])
 
     def restart(self) -> None:
         self.stop()
