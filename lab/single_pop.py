@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,25 @@ class SinglePop:
 
     def pop_kernel_routes(self) -> str:
         return self.nodes["pop"].run(["ip", "route", "show", "proto", "99"]).stdout
+
+
+@contextmanager
+def serving(prefix: str, config: str | None = None, *, agent: bool = True) -> Iterator[SinglePop]:
+    """The single-POP lab as most agent tests want it: up, both origins' backends serving,
+    the agent config (``config`` YAML text, else configs/agent-sjc.yaml) in the POP's work dir,
+    the agent started unless ``agent=False``. Everything is torn down on exit, pass or fail."""
+    lab = Lab(prefix)
+    try:
+        topo = SinglePop(lab).up()
+        topo.agent_config = topo.workdir("pop") / "agent.yaml"
+        topo.agent_config.write_text(AGENT_CONFIG.read_text() if config is None else config)
+        for node in ("usw", "euc"):
+            topo.start_backends(node)
+        if agent:
+            topo.start_agent()
+        yield topo
+    finally:
+        lab.teardown()
 
 
 def http_get(ns: Netns, url: str, timeout: float = 1.0) -> str | None:

@@ -13,7 +13,6 @@ Assertions read FRR's JSON and ``ip -j``. lab/single_pop.py builds the POP.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -24,9 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lab.netns import Lab
 from lab.poll import wait_for
-from lab.single_pop import AGENT_CONFIG, VIP, SinglePop
+from lab.single_pop import AGENT_CONFIG, VIP, SinglePop, serving
 
 PREFIX = f"{VIP}/32"
 pytestmark = pytest.mark.lab
@@ -35,17 +33,8 @@ AGENT = os.path.join(os.path.dirname(sys.executable), "anycast-agent")
 
 @pytest.fixture(scope="module")
 def pop(lab_preflight: None) -> Iterator[SinglePop]:
-    lab = Lab("t-grace-")
-    try:
-        topo = SinglePop(lab)
-        topo.up()
-        topo.agent_config = topo.workdir("pop") / "agent.yaml"
-        shutil.copy(AGENT_CONFIG, topo.agent_config)
-        for node in ("usw", "euc"):
-            topo.start_backends(node)
+    with serving("t-grace-", agent=False) as topo:
         yield topo
-    finally:
-        lab.teardown()
 
 
 def configure(pop: SinglePop, **bgp: Any) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -18,9 +17,8 @@ from typing import Any
 import pytest
 
 from lab.metrics import parse
-from lab.netns import Lab
 from lab.poll import wait_for
-from lab.single_pop import AGENT_CONFIG, VIP, SinglePop
+from lab.single_pop import VIP, SinglePop, serving
 
 PREFIX = f"{VIP}/32"
 ANYCASTCTL = Path(sys.executable).parent / "anycastctl"
@@ -29,19 +27,8 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def pop(lab_preflight: None) -> Iterator[SinglePop]:
-    lab = Lab("t-ast-")
-    try:
-        topo = SinglePop(lab)
-        topo.up()
-        config = topo.workdir("pop") / "agent.yaml"
-        shutil.copy(AGENT_CONFIG, config)
-        topo.agent_config = config
-        for node in ("usw", "euc"):
-            topo.start_backends(node)
-        topo.start_agent()
+    with serving("t-ast-") as topo:
         yield topo
-    finally:
-        lab.teardown()
 
 
 def sock(pop: SinglePop) -> str:

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from lab.netns import Lab
 from lab.poll import wait_for
-from lab.single_pop import AGENT_CONFIG, VIP, SinglePop
+from lab.single_pop import AGENT_CONFIG, VIP, SinglePop, serving
 
 pytestmark = pytest.mark.lab
 AGENT_ADDR = "100.64.1.2"
@@ -23,21 +22,10 @@ AGENT_ADDR = "100.64.1.2"
 
 @pytest.fixture(scope="module")
 def pop(lab_preflight: None) -> Iterator[SinglePop]:
-    lab = Lab("t-passive-")
-    try:
-        topo = SinglePop(lab)
-        topo.up()
-        data = yaml.safe_load(AGENT_CONFIG.read_text())
-        data["bgp"]["neighbors"][0]["passive"] = True
-        config = topo.workdir("pop") / "agent.yaml"
-        config.write_text(yaml.safe_dump(data))
-        topo.agent_config = config
-        for node in ("usw", "euc"):
-            topo.start_backends(node)
-        topo.start_agent()
+    data = yaml.safe_load(AGENT_CONFIG.read_text())
+    data["bgp"]["neighbors"][0]["passive"] = True
+    with serving("t-passive-", yaml.safe_dump(data)) as topo:
         yield topo
-    finally:
-        lab.teardown()
 
 
 def listening_on_179(pop: SinglePop) -> set[str]:

@@ -9,7 +9,6 @@ state it needs. The agent runs configs/agent-sjc.yaml (copied, so tests can edit
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -21,9 +20,8 @@ import yaml
 
 from lab.checks import json_cmp
 from lab.metrics import Scrape, parse
-from lab.netns import Lab
 from lab.poll import wait_for
-from lab.single_pop import AGENT_CONFIG, VIP, SinglePop
+from lab.single_pop import AGENT_CONFIG, VIP, SinglePop, serving
 
 PREFIX = f"{VIP}/32"
 GAME = "game-global"
@@ -34,19 +32,8 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def pop(lab_preflight: None) -> Iterator[SinglePop]:
-    lab = Lab("t-agent-")
-    try:
-        topo = SinglePop(lab)
-        topo.up()
-        config = topo.workdir("pop") / "agent.yaml"
-        shutil.copy(AGENT_CONFIG, config)
-        topo.agent_config = config
-        for node in ("usw", "euc"):
-            topo.start_backends(node)
-        topo.start_agent()
+    with serving("t-agent-") as topo:
         yield topo
-    finally:
-        lab.teardown()
 
 
 # --- observations ----------------------------------------------------------------------------

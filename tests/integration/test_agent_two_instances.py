@@ -5,34 +5,22 @@ while the first keeps running and announcing. Real ExaBGP + FRR (lab/single_pop.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from lab.netns import Lab
 from lab.nodes import lab_env
 from lab.poll import wait_for
-from lab.single_pop import AGENT_CONFIG, VIP, SinglePop
+from lab.single_pop import VIP, SinglePop, serving
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
 def pop(lab_preflight: None) -> Iterator[SinglePop]:
-    lab = Lab("t-two-")
-    try:
-        topo = SinglePop(lab)
-        topo.up()
-        topo.agent_config = topo.workdir("pop") / "agent.yaml"
-        shutil.copy(AGENT_CONFIG, topo.agent_config)
-        for node in ("usw", "euc"):
-            topo.start_backends(node)
-        topo.start_agent()
+    with serving("t-two-") as topo:
         yield topo
-    finally:
-        lab.teardown()
 
 
 def test_a_second_agent_with_the_same_route_protocol_is_refused(pop: SinglePop) -> None:
