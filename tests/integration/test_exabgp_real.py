@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from controller.agent.liveness import PROBE
 from controller.bgp.exabgp_api import (
     NeighborState,
     RouteAttributes,
@@ -338,6 +339,22 @@ def test_rejected_command_acks_false_and_later_acks_stay_matched(lab: BgpLab) ->
     assert lab.result_for(good, seen)["ok"] is True
     assert lab.wait_route("203.0.113.53/32")["metric"] == 7
     assert lab.route("203.0.113.52/32") is None
+
+
+def test_the_watchdog_probe_is_answered_done_and_acks_stay_matched(lab: BgpLab) -> None:
+    """The agent's liveness probe (agent.liveness.PROBE) is a real round trip: ExaBGP answers
+    ``done``, with exactly one ack, so the route sent after it still gets its own."""
+    after = announce_line(ipaddress.ip_network("203.0.113.54/32"), RouteAttributes(med=9))
+    seen = len(lab.results())
+    for _ in range(3):
+        lab.command(PROBE)
+    lab.command(after)
+    assert lab.result_for(after, seen)["ok"] is True
+    probes = [r for r in lab.results()[seen:] if r["line"] == PROBE]
+    assert probes == [{"line": PROBE, "ok": True}] * 3
+    assert lab.wait_route("203.0.113.54/32")["metric"] == 9
+    lab.command(withdraw_line(ipaddress.ip_network("203.0.113.54/32")))
+    lab.wait_no_route("203.0.113.54/32")
 
 
 def test_routes_reflected_by_frr_arrive_as_parsed_updates(lab: BgpLab) -> None:

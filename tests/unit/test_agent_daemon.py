@@ -293,7 +293,9 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         task = asyncio.create_task(agent.run())
         messages: list[str] = []
         loop = asyncio.get_running_loop()
-        while len(messages) < 3:
+        # Until two pings: under load a ping can be skipped (the probe's answer older than the
+        # 50 ms interval), never withheld for good.
+        while sum(m.startswith("WATCHDOG=1") for m in messages) < 2:
             messages.append((await loop.run_in_executor(None, server.recv, 4096)).decode())
         agent.stop("test")
         assert await task == 0
@@ -305,6 +307,59 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         server.close()
     assert messages[0].startswith("READY=1\nSTATUS=0/1 VIPs announced; config ok")
     assert all(m.startswith("WATCHDOG=1") for m in messages[1:])
+
+
+class SilentExaBGP(RecordingAnnouncer):
+    """Acks routes but never answers the liveness probe: a wedged ExaBGP reactor."""
+
+    async def send(self, line: str) -> bool:
+        if line == "enable-ack":
+            await asyncio.Event().wait()
+        return await super().send(line)
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_watchdog_pings_only_while_exabgp_answers_the_probe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: bool) -> None:
+    """WATCHDOG=1 needs a ``done`` to the probe within the interval; a silent ExaBGP gets none."""
+    import socket
+
+    from controller.sdnotify import Notifier
+
+    sock_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(60)  # a hang guard: messages are due every 50 ms
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        registry = CollectorRegistry()
+        cfg = config(tmp_path)
+        bgp = RecordingAnnouncer() if answers else SilentExaBGP()
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=None,
+                      metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(sock_path),
+                      scheduler_factory=NoScheduler)
+        task = asyncio.create_task(agent.run())
+        messages: list[str] = []
+        loop = asyncio.get_running_loop()
+        # Answering: until a ping (under load one can be skipped). Silent: four messages.
+        while (not any(m.startswith("WATCHDOG=1") for m in messages)) if answers else len(messages) < 4:
+            messages.append((await loop.run_in_executor(None, server.recv, 4096)).decode())
+        agent.stop("test")
+        assert await task == 0
+        return messages, bgp.lines
+
+    try:
+        messages, lines = run(scenario())
+    finally:
+        server.close()
+    assert messages[0].startswith("READY=1")
+    if answers:
+        assert "enable-ack" in lines
+    else:
+        assert "enable-ack" not in lines
+        assert not any("WATCHDOG=1" in m for m in messages)
+        assert all(m.endswith("; ExaBGP not answering") for m in messages[1:])
 
 
 # --- controller mode ---------------------------------------------------------------------------
