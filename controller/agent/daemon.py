@@ -18,7 +18,6 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import threading
@@ -26,7 +25,6 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
 
-from .. import bgp_values
 from ..bgp.speaker import SpeakerClosed
 from ..bgp.exabgp_api import (
     Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, eor_line, withdraw_line,
@@ -39,7 +37,9 @@ from ..health.scheduler import CheckScheduler, Target
 from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, VipSnapshot
 from . import confirm, kernel_plan, state_file
-from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
+from .decide import (
+    Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, origin_health,
+)
 from .controller_link import ControllerPort, follow_plans, report_health
 from .liveness import PROBE, ExaBGPLiveness
 from .intent import NO_PLAN, Plan, plan_from_config
@@ -309,7 +309,8 @@ class Agent:
                 if wake_at is not None:
                     wake_ats.append(wake_at)
                 decision = decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
-                                  confirm_pending=pending)
+                                  confirm_pending=pending,
+                                  graceful_shutdown=self.config.graceful_shutdown > 0)
             except Exception as exc:  # noqa: BLE001 - one VIP's failure must not take the others down
                 decision = self._refuse(v.name, v.prefix, "decide", exc)
             decisions.append(self._vet(decision))
@@ -503,8 +504,7 @@ class Agent:
                 attrs = self.announced[prefix]
                 vip = vips.get(prefix)
                 base = vip.attributes.draining if vip is not None else attrs
-                marked = dataclasses.replace(base, communities=bgp_values.canonical_communities(
-                    (*base.communities, bgp_values.GRACEFUL_SHUTDOWN)))
+                marked = graceful_shutdown_attributes(base)
                 try:
                     self._announce_line(prefix, marked)
                 except Exception as exc:  # noqa: BLE001 - withdrawn below all the same

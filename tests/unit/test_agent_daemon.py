@@ -1017,3 +1017,27 @@ def test_dual_stack_agent_sends_each_command_to_its_familys_sessions(tmp_path: P
                                  "neighbor fd00:64:1::1 withdraw route 2001:db8:51::10/128"]
 
     run(scenario())
+
+
+@pytest.mark.parametrize("graceful_shutdown", [5.0, 0.0])
+def test_a_drain_carries_65535_0_when_graceful_shutdown_is_set(tmp_path: Path, graceful_shutdown: float) -> None:
+    """bgp.graceful_shutdown on: a drained VIP's announcement adds GRACEFUL_SHUTDOWN to its
+    draining attributes (RFC 8326 routers then prefer other POPs even across AS borders)."""
+    from controller.config.model import AdminState
+
+    c = config(tmp_path, graceful_shutdown=graceful_shutdown)
+    cfg = dataclasses.replace(c, vips=(dataclasses.replace(c.vips[0], admin=AdminState.DRAIN),))
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        community = "[ 65101:666 65535:0 ]" if graceful_shutdown else "[ 65101:666 ]"
+        assert bgp.lines == [
+            "announce route 198.51.100.10/32 next-hop self med 1000 as-path [ 65101 65101 65101 65101 ]"
+            f" community {community}",
+        ]
+        await agent.reconcile_once()  # the marked attributes are what ExaBGP holds: nothing new
+        assert len(bgp.lines) == 1
+
+    run(scenario())

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from controller.agent.daemon import exabgp_attributes
+from controller.agent.decide import graceful_shutdown_attributes
 from controller.bgp.exabgp_api import announce_line
 from controller.bgp.exabgp_config import NeighborSpec, render_exabgp_config
 from controller.bgp_values import WELL_KNOWN_COMMUNITIES
@@ -112,6 +113,11 @@ def test_every_accepted_attribute_set_is_announced_by_exabgp(exabgp_api: Any, ca
         change = exabgp_parse(exabgp_api, line)
         assert str(change.nlri.cidr.prefix()) == str(vip.prefix)
         assert wire_communities(change) == expected(raw), line
+    # A drain with bgp.graceful_shutdown set: the draining attributes plus 65535:0.
+    line = announce_line(vip.prefix, exabgp_attributes(graceful_shutdown_attributes(vip.attributes.draining),
+                                                       config.local_as))
+    communities, large = expected(draining)
+    assert wire_communities(exabgp_parse(exabgp_api, line)) == (communities | {0xFFFF0000}, large), line
 
 
 @pytest.mark.parametrize("name", sorted(WELL_KNOWN_COMMUNITIES))
