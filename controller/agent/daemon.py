@@ -92,6 +92,7 @@ def exabgp_attributes(attrs: Attributes, local_as: int) -> RouteAttributes:
     return RouteAttributes(
         med=attrs.med, as_path_prepend=attrs.as_path_prepend, local_as=local_as,
         communities=attrs.communities, large_communities=attrs.large_communities,
+        extended_communities=attrs.extended_communities,
     )
 
 
