@@ -405,7 +405,7 @@ def _maybe_update_golden(lab: BgpLab) -> None:
     (GOLDEN / "exabgp_stdin_capture.txt").write_text("\n".join(lab.stdin_lines()) + "\n")
 
 
-def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> None:
+def test_every_well_known_community_and_extended_ones_a_config_accepts_reach_frr(lab: Lab) -> None:
     """Through the agent's own path: the config reader, daemon.exabgp_attributes, announce_line."""
     import yaml
 
@@ -416,6 +416,7 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
     d = yaml.safe_load((REPO / "configs" / "agent-sjc.yaml").read_text())
     d["bgp"]["attributes"]["up"]["communities"] = [*WELL_KNOWN_COMMUNITIES, "65101:100"]
     d["bgp"]["attributes"]["up"]["large_communities"] = ["65101:4294967295:0"]
+    d["bgp"]["attributes"]["up"]["extended_communities"] = ["target:65101:4294967295", "origin:192.0.2.1:7"]
     config = parse_agent_config(yaml.safe_dump(d), "well-known.yaml")
     vip = config.vips[0]
     line = announce_line(vip.prefix, exabgp_attributes(vip.attributes.up, LOCAL_AS))
@@ -430,6 +431,8 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
            for c in path["community"]["list"]}
     assert got == {*WELL_KNOWN_COMMUNITIES.values(), (65101, 100)}
     assert path["largeCommunity"]["list"] == ["65101:4294967295:0"]
+    # FRR's names: RT (route target), SoO (site of origin, the route origin community).
+    assert sorted(path["extendedCommunity"]["string"].split()) == ["RT:65101:4294967295", "SoO:192.0.2.1:7"]
     seen = len(lab.results())
     lab.command(withdraw_line(vip.prefix))
     assert lab.result_for(withdraw_line(vip.prefix), seen)["ok"] is True
