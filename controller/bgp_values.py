@@ -17,6 +17,7 @@ with the very same bytes.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Final
 
 U16_MAX: Final = 0xFFFF
@@ -76,6 +77,51 @@ def parse_large_community(value: object) -> tuple[int, int, int]:
             if max(a, b, c) <= U32_MAX:
                 return a, b, c
     raise ValueError(f"not a large community (A:B:C, each 0-4294967295): {value!r}")
+
+
+# Extended communities (RFC 4360) the agent can put on a route: route target and route
+# origin, written like ExaBGP writes them (``target:65000:1``, ``origin:192.0.2.1:7``).
+EXTENDED_COMMUNITY_TYPES: Final = ("target", "origin")
+
+
+def parse_extended_community(value: object) -> tuple[str, int | str, int]:
+    """``target:ADMIN:VALUE`` or ``origin:ADMIN:VALUE`` -> (type, admin, value). Raises ValueError.
+
+    ADMIN is a 2-byte AS (VALUE then 0-4294967295) or an IPv4 address (VALUE 0-65535). A
+    4-byte AS is refused: ExaBGP 5.0 sends it with the IPv4-address type (0x01), so the
+    router would read ``target:4200000000:5`` as ``250.86.234.0:5``.
+    """
+    problem = ValueError(f"not an extended community (target:ASN:VALUE or origin:ASN:VALUE, ASN a 2-byte AS "
+                         f"or an IPv4 address): {value!r}")
+    if not isinstance(value, str):
+        raise problem
+    fields = value.split(":")
+    if len(fields) != 3 or fields[0].lower() not in EXTENDED_COMMUNITY_TYPES or not _digits(fields[2]):
+        raise problem
+    kind, admin_text, number = fields[0].lower(), fields[1], int(fields[2])
+    if _digits(admin_text):
+        admin = int(admin_text)
+        if admin > U16_MAX:
+            raise ValueError(f"not an extended community: {value!r} has a 4-byte AS, which ExaBGP 5 "
+                             "would send as an IPv4 address; use a 2-byte AS or an IPv4 address")
+        if number > U32_MAX:
+            raise problem
+        return kind, admin, number
+    try:
+        address = ipaddress.IPv4Address(admin_text)
+    except ValueError:
+        raise problem from None
+    if number > U16_MAX:
+        raise problem
+    return kind, str(address), number
+
+
+def canonical_extended_communities(values: object) -> tuple[str, ...]:
+    """Extended communities as sorted, de-duplicated ``type:admin:value`` strings. Raises."""
+    if isinstance(values, str) or not isinstance(values, (tuple, list)):
+        raise ValueError(f"expected a list of extended communities, got {values!r}")
+    parsed = {parse_extended_community(v) for v in values}
+    return tuple(f"{k}:{a}:{n}" for k, a, n in sorted(parsed, key=lambda e: (e[0], str(e[1]), e[2])))
 
 
 def canonical_communities(values: object) -> tuple[str, ...]:

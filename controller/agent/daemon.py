@@ -18,7 +18,6 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import threading
@@ -26,7 +25,6 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
 
-from .. import bgp_values
 from ..bgp.speaker import SpeakerClosed
 from ..bgp.exabgp_api import (
     Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, eor_line, withdraw_line,
@@ -39,8 +37,11 @@ from ..health.scheduler import CheckScheduler, Target
 from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, PeerSnapshot, VipSnapshot
 from . import confirm, kernel_plan, state_file
-from .decide import Action, BackendKey, Decision, Reason, decide, origin_health
+from .decide import (
+    Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, origin_health,
+)
 from .controller_link import ControllerPort, follow_plans, report_health
+from .liveness import PROBE, ExaBGPLiveness
 from .intent import NO_PLAN, Plan, plan_from_config
 from .reconcile import Announce, Command, Withdraw, apply, reconcile
 from ..sdnotify import Notifier
@@ -91,6 +92,7 @@ def exabgp_attributes(attrs: Attributes, local_as: int) -> RouteAttributes:
     return RouteAttributes(
         med=attrs.med, as_path_prepend=attrs.as_path_prepend, local_as=local_as,
         communities=attrs.communities, large_communities=attrs.large_communities,
+        extended_communities=attrs.extended_communities,
     )
 
 
@@ -161,6 +163,7 @@ class Agent:
         # cancelled pass's thread still runs: one at a time.
         self._kernel_lock = threading.Lock()
         self._ready = False
+        self._liveness: ExaBGPLiveness | None = None  # with systemd's watchdog only
         self.metrics = metrics(self.snapshot)
         self.scheduler = scheduler_factory(self._on_result)
         self._apply_targets()
@@ -231,7 +234,7 @@ class Agent:
             self.metrics.health_transitions.labels(vip_name, region, new.phase.value).inc()
             log.info("backend %s of %s/%s: %s -> %s (%s; last check: %s)", backend, vip_name, region,
                      transition.from_phase.value, transition.to_phase.value, transition.reason,
-                     result.detail)
+                     result.detail, extra=self._fields(vip_name, transition.reason))
             if new.healthy != state.healthy:
                 self._dirty.set()
                 self.report_now.set()  # the controller should hear about it at once
@@ -307,7 +310,8 @@ class Agent:
                 if wake_at is not None:
                     wake_ats.append(wake_at)
                 decision = decide(v, self.plan.vips.get(v.name), verdicts, self.config.allowed_prefixes,
-                                  confirm_pending=pending)
+                                  confirm_pending=pending,
+                                  graceful_shutdown=self.config.graceful_shutdown > 0)
             except Exception as exc:  # noqa: BLE001 - one VIP's failure must not take the others down
                 decision = self._refuse(v.name, v.prefix, "decide", exc)
             decisions.append(self._vet(decision))
@@ -328,12 +332,16 @@ class Agent:
             return self._refuse(d.vip, d.prefix, "encode", exc)
         return d
 
+    def _fields(self, vip: str, reason: object) -> dict[str, object]:
+        """The journal fields of a log line about `vip` (``controller.logs``)."""
+        return {"vip": vip, "pop": self.config.pop, "reason": reason}
+
     def _refuse(self, name: str, prefix: IPNetwork, stage: str, exc: Exception) -> Decision:
         previous = self.decisions.get(name)
         if previous is None or previous.reason != Reason.REFUSED:
             # Once per refusal, with the traceback: it is a bug or a config the reader let through.
             log.error("VIP %s (%s) refused: %s failed (%s); withdrawing it, the other VIPs carry on",
-                      name, prefix, stage, exc, exc_info=exc)
+                      name, prefix, stage, exc, exc_info=exc, extra=self._fields(name, Reason.REFUSED))
             self.metrics.vip_refused.labels(name, stage).inc()
         return Decision(name, prefix, Action.WITHDRAW, Reason.REFUSED, f"{stage} failed: {exc}")
 
@@ -386,7 +394,7 @@ class Agent:
             previous = self.decisions.get(d.vip)
             if previous is None or (previous.action, previous.reason) != (d.action, d.reason):
                 log.info("VIP %s (%s): %s, reason %s%s", d.vip, d.prefix, d.action.value, d.reason,
-                         f" ({d.detail})" if d.detail else "")
+                         f" ({d.detail})" if d.detail else "", extra=self._fields(d.vip, d.reason))
         self.decisions = {d.vip: d for d in decisions}
         # Kernel first for additions (the route exists before BGP attracts traffic), BGP,
         # then the kernel again for removals (a route goes only after its withdrawal).
@@ -413,7 +421,8 @@ class Agent:
             if await self.announcer.send(line):
                 action = "announce" if isinstance(cmd, Announce) else "withdraw"
                 detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
-                log.info("%s %s (VIP %s), reason %s%s", action, cmd.prefix, cmd.vip, cmd.reason, detail)
+                log.info("%s %s (VIP %s), reason %s%s", action, cmd.prefix, cmd.vip, cmd.reason, detail,
+                         extra=self._fields(cmd.vip, cmd.reason))
                 self.metrics.announcement_changes.labels(cmd.vip, action, cmd.reason).inc()
                 self.announced = apply(self.announced, cmd)
                 self.unsure.discard(cmd.prefix)
@@ -496,8 +505,7 @@ class Agent:
                 attrs = self.announced[prefix]
                 vip = vips.get(prefix)
                 base = vip.attributes.draining if vip is not None else attrs
-                marked = dataclasses.replace(base, communities=bgp_values.canonical_communities(
-                    (*base.communities, bgp_values.GRACEFUL_SHUTDOWN)))
+                marked = graceful_shutdown_attributes(base)
                 try:
                     self._announce_line(prefix, marked)
                 except Exception as exc:  # noqa: BLE001 - withdrawn below all the same
@@ -572,6 +580,9 @@ class Agent:
                               self.controller_reached), name="reports"))
         watchdog = self.notifier.watchdog_interval()
         tick = min(RESYNC_INTERVAL, watchdog) if watchdog else RESYNC_INTERVAL
+        if watchdog:
+            self._liveness = ExaBGPLiveness(watchdog)
+            tasks.append(asyncio.create_task(self._probe_exabgp(self._liveness), name="exabgp-probe"))
         try:
             while self._stopping is None:
                 self._dirty.clear()
@@ -644,6 +655,17 @@ class Agent:
         pass_.result()  # re-raises what the pass raised
         return True
 
+    async def _probe_exabgp(self, liveness: ExaBGPLiveness) -> None:
+        """Round trips through ExaBGP's API for the watchdog (``agent.liveness``)."""
+        loop = asyncio.get_running_loop()
+        while not self._bgp_gone.is_set():
+            try:
+                if await self.announcer.send(PROBE):
+                    liveness.acked(loop.time())
+            except SpeakerClosed:
+                return  # the main loop exits on it too
+            await asyncio.sleep(liveness.probe_every())
+
     def _controller_state(self, ok: bool) -> None:
         self.controller_ok = ok
 
@@ -653,8 +675,11 @@ class Agent:
         if not self._ready:
             self._ready = True
             self.notifier.notify(ready="1", status=status)
-        else:
+        elif self._liveness is None or self._liveness.alive(asyncio.get_running_loop().time()):
             self.notifier.notify(watchdog="1", status=status)
+        else:
+            # No ping: if ExaBGP stays silent, systemd's watchdog restarts the service.
+            self.notifier.notify(status=status + "; ExaBGP not answering")
 
 
 def install_signal_handlers(agent: Agent, loop: asyncio.AbstractEventLoop) -> None:

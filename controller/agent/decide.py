@@ -21,15 +21,19 @@ action and a reason code. The rules, in order:
 4. No verdict yet for the active origin -> HOLD: do nothing, keep whatever ExaBGP holds.
    This is what lets a restarted agent take over routes that ExaBGP kept without
    flapping them, and what keeps a fresh agent from announcing before checks ran.
-5. Draining -> announce with the "draining" attributes (``draining``).
+5. Draining -> announce with the "draining" attributes (``draining``), plus 65535:0 with
+   ``bgp.graceful_shutdown`` set.
 6. Otherwise announce with the "up" attributes (``healthy``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from .. import bgp_values
 
 from ..config.model import Attributes, Backend, IPAddress, IPNetwork, Origin, Vip
 from ..wire import PlanReason
@@ -104,17 +108,26 @@ def origin_health(origin: Origin, verdicts: Iterable[bool | None]) -> tuple[bool
     return False, detail
 
 
+def graceful_shutdown_attributes(attrs: Attributes) -> Attributes:
+    """`attrs` with RFC 8326's GRACEFUL_SHUTDOWN community added (once, in canonical order)."""
+    return dataclasses.replace(attrs, communities=bgp_values.canonical_communities(
+        (*attrs.communities, bgp_values.GRACEFUL_SHUTDOWN)))
+
+
 def decide(
     vip: Vip,
     intent: VipIntent | None,
     health: Mapping[BackendKey, bool | None],
     allowed: Iterable[IPNetwork],
     confirm_pending: bool = False,
+    graceful_shutdown: bool = False,
 ) -> Decision:
     """The one function that decides whether this POP announces ``vip``.
 
     ``confirm_pending``: a controller is reachable and has not yet answered this POP's
-    report of the failure (and the confirmation timeout has not passed)."""
+    report of the failure (and the confirmation timeout has not passed).
+    ``graceful_shutdown``: ``bgp.graceful_shutdown`` is set, so a drain also carries
+    GRACEFUL_SHUTDOWN (65535:0): routers that honour it lower the path's preference."""
 
     def withdraw(reason: DecisionReason, detail: str = "", origin: Origin | None = None) -> Decision:
         return Decision(vip.name, vip.prefix, Action.WITHDRAW, reason, detail,
@@ -146,7 +159,9 @@ def decide(
                         origin=origin.region, next_hop=origin.next_hop)
     if intent.drain:
         return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.DRAINING,
-                        intent.reason or "drain requested", vip.attributes.draining,
+                        intent.reason or "drain requested",
+                        graceful_shutdown_attributes(vip.attributes.draining) if graceful_shutdown
+                        else vip.attributes.draining,
                         origin.region, origin.next_hop)
     return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.HEALTHY, detail,
                     vip.attributes.up, origin.region, origin.next_hop)

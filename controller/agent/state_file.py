@@ -41,6 +41,7 @@ def load(state_dir: str) -> dict[IPNetwork, Attributes]:
                 med=a.get("med"), as_path_prepend=int(a.get("as_path_prepend", 0)),
                 communities=tuple(a.get("communities", ())),
                 large_communities=tuple(a.get("large_communities", ())),
+                extended_communities=tuple(a.get("extended_communities", ())),
             )
             for p, a in data["announced"].items()
         }
@@ -55,4 +56,5 @@ def _attrs_to_json(a: Attributes) -> dict[str, object]:
     d = asdict(a)
     d["communities"] = list(a.communities)
     d["large_communities"] = list(a.large_communities)
+    d["extended_communities"] = list(a.extended_communities)
     return d

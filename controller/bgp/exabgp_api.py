@@ -63,6 +63,7 @@ class RouteAttributes:
     communities: tuple[str, ...] = ()
     large_communities: tuple[str, ...] = ()
     next_hop: str = "self"
+    extended_communities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.med is not None and not 0 <= self.med <= _U32_MAX:
@@ -86,6 +87,8 @@ class RouteAttributes:
                                                            self.communities))
         object.__setattr__(self, "large_communities", _canonical(
             "large_communities", bgp_values.canonical_large_communities, self.large_communities))
+        object.__setattr__(self, "extended_communities", _canonical(
+            "extended_communities", bgp_values.canonical_extended_communities, self.extended_communities))
 
 
 def _canonical(name: str, parse: Callable[[object], tuple[str, ...]], values: object) -> tuple[str, ...]:
@@ -121,6 +124,8 @@ def announce_line(prefix: Prefix, attrs: RouteAttributes, neighbors: Sequence[st
         parts.append(f"community [ {' '.join(attrs.communities)} ]")
     if attrs.large_communities:
         parts.append(f"large-community [ {' '.join(attrs.large_communities)} ]")
+    if attrs.extended_communities:
+        parts.append(f"extended-community [ {' '.join(attrs.extended_communities)} ]")
     return " ".join(parts)
 
 

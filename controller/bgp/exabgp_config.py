@@ -201,6 +201,9 @@ def exabgp_environment(log_file: str | None = None) -> dict[str, str]:
         "exabgp_api_terminate": "false",
         "exabgp_log_destination": log_file if log_file is not None else "stdout",
         "exabgp_log_level": "INFO",
+        # ExaBGP logs per-peer packet counters every second by default: noise in the journal
+        # that buries the session changes.
+        "exabgp_log_statistics": "false",
         # Timestamps in a file; journald adds its own to stdout.
         "exabgp_log_short": "true" if log_file is None else "false",
     }

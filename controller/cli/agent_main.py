@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .. import logs
 from ..bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
 from ..config.agent import load_agent_config
 from ..config.errors import ConfigError
@@ -97,10 +98,7 @@ def exabgp_config_text(config: AgentConfig, args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=args.log_level,
-        format="%(asctime)s anycast-agent[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup("anycast-agent", args.log_level)
     try:
         config = load(args)
     except ConfigError as exc:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import sys
 from collections.abc import Sequence
 
+from .. import logs
 from ..config.errors import ConfigError
 from ..server.daemon import Watcher, serve
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
@@ -40,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_log_level(p)
     args = p.parse_args(argv)
     gc.set_threshold(*GC_THRESHOLD)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level,
-                        format="%(asctime)s anycast-controller[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logs.setup("anycast-controller", args.log_level)
     try:
         return asyncio.run(serve(Watcher(args.config_dir, args.state_dir), args.listen, args.metrics_listen))
     except ConfigError as exc:  # the checkout does not load and no last good state was ever kept

@@ -197,8 +197,9 @@ def _attributes(node: Node | None, base: Attributes) -> Attributes:
     prepend = node.opt("as_path_prepend", lambda n: n.as_int(0, 10), base.as_path_prepend)
     communities = node.opt("communities", _communities, base.communities)
     large = node.opt("large_communities", _large_communities, base.large_communities)
+    extended = node.opt("extended_communities", _extended_communities, base.extended_communities)
     node.reject_unknown()
-    return Attributes(med, prepend, communities, large)
+    return Attributes(med, prepend, communities, large, extended)
 
 
 def _communities(node: Node) -> tuple[str, ...] | None:
@@ -221,6 +222,17 @@ def _large_communities(node: Node) -> tuple[str, ...] | None:
         except ValueError as exc:
             item.error(str(exc))
     return tuple(f"{a}:{b}:{c}" for a, b, c in sorted(out))
+
+
+def _extended_communities(node: Node) -> tuple[str, ...] | None:
+    values = []
+    for item in node.items():
+        try:
+            bgp_values.parse_extended_community(item.value)
+            values.append(item.value)
+        except ValueError as exc:
+            item.error(str(exc))
+    return bgp_values.canonical_extended_communities(values)
 
 
 # --- the central controller -------------------------------------------------------------

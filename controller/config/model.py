@@ -79,6 +79,7 @@ class Attributes:
     as_path_prepend: int = 0
     communities: tuple[str, ...] = ()
     large_communities: tuple[str, ...] = ()
+    extended_communities: tuple[str, ...] = ()  # target:/origin: (RFC 4360), canonical
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def _backend(b: Backend) -> dict[str, Any]:
 def _attrs(a: Attributes) -> dict[str, Any]:
     d: dict[str, Any] = {"as_path_prepend": a.as_path_prepend, "communities": list(a.communities),
                          "large_communities": list(a.large_communities)}
+    if a.extended_communities:  # only when set: plans and hashes without them stay as they were
+        d["extended_communities"] = list(a.extended_communities)
     if a.med is not None:
         d["med"] = a.med
     return d

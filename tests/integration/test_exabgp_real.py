@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from controller.agent.liveness import PROBE
 from controller.bgp.exabgp_api import (
     NeighborState,
     RouteAttributes,
@@ -340,6 +341,22 @@ def test_rejected_command_acks_false_and_later_acks_stay_matched(lab: BgpLab) ->
     assert lab.route("203.0.113.52/32") is None
 
 
+def test_the_watchdog_probe_is_answered_done_and_acks_stay_matched(lab: BgpLab) -> None:
+    """The agent's liveness probe (agent.liveness.PROBE) is a real round trip: ExaBGP answers
+    ``done``, with exactly one ack, so the route sent after it still gets its own."""
+    after = announce_line(ipaddress.ip_network("203.0.113.54/32"), RouteAttributes(med=9))
+    seen = len(lab.results())
+    for _ in range(3):
+        lab.command(PROBE)
+    lab.command(after)
+    assert lab.result_for(after, seen)["ok"] is True
+    probes = [r for r in lab.results()[seen:] if r["line"] == PROBE]
+    assert probes == [{"line": PROBE, "ok": True}] * 3
+    assert lab.wait_route("203.0.113.54/32")["metric"] == 9
+    lab.command(withdraw_line(ipaddress.ip_network("203.0.113.54/32")))
+    lab.wait_no_route("203.0.113.54/32")
+
+
 def test_routes_reflected_by_frr_arrive_as_parsed_updates(lab: BgpLab) -> None:
     prefix = ipaddress.ip_network("198.51.100.20/32")
     lab.command(announce_line(prefix, RouteAttributes()))
@@ -388,7 +405,7 @@ def _maybe_update_golden(lab: BgpLab) -> None:
     (GOLDEN / "exabgp_stdin_capture.txt").write_text("\n".join(lab.stdin_lines()) + "\n")
 
 
-def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> None:
+def test_every_well_known_community_and_extended_ones_a_config_accepts_reach_frr(lab: Lab) -> None:
     """Through the agent's own path: the config reader, daemon.exabgp_attributes, announce_line."""
     import yaml
 
@@ -399,6 +416,7 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
     d = yaml.safe_load((REPO / "configs" / "agent-sjc.yaml").read_text())
     d["bgp"]["attributes"]["up"]["communities"] = [*WELL_KNOWN_COMMUNITIES, "65101:100"]
     d["bgp"]["attributes"]["up"]["large_communities"] = ["65101:4294967295:0"]
+    d["bgp"]["attributes"]["up"]["extended_communities"] = ["target:65101:4294967295", "origin:192.0.2.1:7"]
     config = parse_agent_config(yaml.safe_dump(d), "well-known.yaml")
     vip = config.vips[0]
     line = announce_line(vip.prefix, exabgp_attributes(vip.attributes.up, LOCAL_AS))
@@ -413,6 +431,8 @@ def test_every_well_known_community_a_config_accepts_reaches_frr(lab: Lab) -> No
            for c in path["community"]["list"]}
     assert got == {*WELL_KNOWN_COMMUNITIES.values(), (65101, 100)}
     assert path["largeCommunity"]["list"] == ["65101:4294967295:0"]
+    # FRR's names: RT (route target), SoO (site of origin, the route origin community).
+    assert sorted(path["extendedCommunity"]["string"].split()) == ["RT:65101:4294967295", "SoO:192.0.2.1:7"]
     seen = len(lab.results())
     lab.command(withdraw_line(vip.prefix))
     assert lab.result_for(withdraw_line(vip.prefix), seen)["ok"] is True

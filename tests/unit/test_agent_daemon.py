@@ -293,7 +293,9 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         task = asyncio.create_task(agent.run())
         messages: list[str] = []
         loop = asyncio.get_running_loop()
-        while len(messages) < 3:
+        # Until two pings: under load a ping can be skipped (the probe's answer older than the
+        # 50 ms interval), never withheld for good.
+        while sum(m.startswith("WATCHDOG=1") for m in messages) < 2:
             messages.append((await loop.run_in_executor(None, server.recv, 4096)).decode())
         agent.stop("test")
         assert await task == 0
@@ -305,6 +307,59 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         server.close()
     assert messages[0].startswith("READY=1\nSTATUS=0/1 VIPs announced; config ok")
     assert all(m.startswith("WATCHDOG=1") for m in messages[1:])
+
+
+class SilentExaBGP(RecordingAnnouncer):
+    """Acks routes but never answers the liveness probe: a wedged ExaBGP reactor."""
+
+    async def send(self, line: str) -> bool:
+        if line == "enable-ack":
+            await asyncio.Event().wait()
+        return await super().send(line)
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_watchdog_pings_only_while_exabgp_answers_the_probe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: bool) -> None:
+    """WATCHDOG=1 needs a ``done`` to the probe within the interval; a silent ExaBGP gets none."""
+    import socket
+
+    from controller.sdnotify import Notifier
+
+    sock_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(60)  # a hang guard: messages are due every 50 ms
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        registry = CollectorRegistry()
+        cfg = config(tmp_path)
+        bgp = RecordingAnnouncer() if answers else SilentExaBGP()
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=None,
+                      metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(sock_path),
+                      scheduler_factory=NoScheduler)
+        task = asyncio.create_task(agent.run())
+        messages: list[str] = []
+        loop = asyncio.get_running_loop()
+        # Answering: until a ping (under load one can be skipped). Silent: four messages.
+        while (not any(m.startswith("WATCHDOG=1") for m in messages)) if answers else len(messages) < 4:
+            messages.append((await loop.run_in_executor(None, server.recv, 4096)).decode())
+        agent.stop("test")
+        assert await task == 0
+        return messages, bgp.lines
+
+    try:
+        messages, lines = run(scenario())
+    finally:
+        server.close()
+    assert messages[0].startswith("READY=1")
+    if answers:
+        assert "enable-ack" in lines
+    else:
+        assert "enable-ack" not in lines
+        assert not any("WATCHDOG=1" in m for m in messages)
+        assert all(m.endswith("; ExaBGP not answering") for m in messages[1:])
 
 
 # --- controller mode ---------------------------------------------------------------------------
@@ -960,5 +1015,29 @@ def test_dual_stack_agent_sends_each_command_to_its_familys_sessions(tmp_path: P
         await agent.shutdown()
         assert bgp.lines[2:] == ["neighbor 100.64.1.1 withdraw route 198.51.100.10/32",
                                  "neighbor fd00:64:1::1 withdraw route 2001:db8:51::10/128"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("graceful_shutdown", [5.0, 0.0])
+def test_a_drain_carries_65535_0_when_graceful_shutdown_is_set(tmp_path: Path, graceful_shutdown: float) -> None:
+    """bgp.graceful_shutdown on: a drained VIP's announcement adds GRACEFUL_SHUTDOWN to its
+    draining attributes (RFC 8326 routers then prefer other POPs even across AS borders)."""
+    from controller.config.model import AdminState
+
+    c = config(tmp_path, graceful_shutdown=graceful_shutdown)
+    cfg = dataclasses.replace(c, vips=(dataclasses.replace(c.vips[0], admin=AdminState.DRAIN),))
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(cfg)
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        community = "[ 65101:666 65535:0 ]" if graceful_shutdown else "[ 65101:666 ]"
+        assert bgp.lines == [
+            "announce route 198.51.100.10/32 next-hop self med 1000 as-path [ 65101 65101 65101 65101 ]"
+            f" community {community}",
+        ]
+        await agent.reconcile_once()  # the marked attributes are what ExaBGP holds: nothing new
+        assert len(bgp.lines) == 1
 
     run(scenario())

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from controller.agent.daemon import exabgp_attributes
+from controller.agent.decide import graceful_shutdown_attributes
 from controller.bgp.exabgp_api import announce_line
 from controller.bgp.exabgp_config import NeighborSpec, render_exabgp_config
 from controller.bgp_values import WELL_KNOWN_COMMUNITIES
@@ -82,11 +83,39 @@ def random_attributes(rng: random.Random) -> dict[str, Any]:
                                f"{rng.choice([0, 65535, rng.randint(0, 65535)])}")
     large = [":".join(str(rng.choice([0, 4294967295, rng.randint(0, 4294967295)])) for _ in range(3))
              for _ in range(rng.randint(0, 3))]
+    extended = []
+    for _ in range(rng.randint(0, 3)):
+        kind = rng.choice(["target", "origin", "Target"])
+        if rng.random() < 0.5:
+            extended.append(f"{kind}:{rng.choice([0, 65535, rng.randint(0, 65535)])}:"
+                            f"{rng.choice([0, 4294967295, rng.randint(0, 4294967295)])}")
+        else:
+            address = ipaddress.IPv4Address(rng.randint(0, 2**32 - 1))
+            extended.append(f"{kind}:{address}:{rng.choice([0, 65535, rng.randint(0, 65535)])}")
     attrs: dict[str, Any] = {"communities": communities, "large_communities": large,
-                             "as_path_prepend": rng.randint(0, 10)}
+                             "extended_communities": extended, "as_path_prepend": rng.randint(0, 10)}
     if rng.random() < 0.8:
         attrs["med"] = rng.choice([0, 4294967295, rng.randint(0, 4294967295)])
     return attrs
+
+
+def wire_extended(change: Any) -> set[bytes]:
+    return {c.community for attr in change.attributes.values() if type(attr).__name__ == "ExtendedCommunities"
+            for c in attr.communities}
+
+
+def expected_extended(attrs: dict[str, Any]) -> set[bytes]:
+    """RFC 4360's eight octets, computed here, not by ExaBGP: type (0x00 2-byte AS, 0x01 IPv4),
+    sub-type (0x02 route target, 0x03 route origin), then the two fields."""
+    out = set()
+    for e in attrs["extended_communities"]:
+        kind, admin, value = e.split(":")
+        sub = {"target": 2, "origin": 3}[kind.lower()]
+        if admin.isdigit():
+            out.add(bytes([0, sub]) + int(admin).to_bytes(2, "big") + int(value).to_bytes(4, "big"))
+        else:
+            out.add(bytes([1, sub]) + ipaddress.IPv4Address(admin).packed + int(value).to_bytes(2, "big"))
+    return out
 
 
 def expected(attrs: dict[str, Any]) -> tuple[set[int], set[tuple[int, int, int]]]:
@@ -112,6 +141,12 @@ def test_every_accepted_attribute_set_is_announced_by_exabgp(exabgp_api: Any, ca
         change = exabgp_parse(exabgp_api, line)
         assert str(change.nlri.cidr.prefix()) == str(vip.prefix)
         assert wire_communities(change) == expected(raw), line
+        assert wire_extended(change) == expected_extended(raw), line
+    # A drain with bgp.graceful_shutdown set: the draining attributes plus 65535:0.
+    line = announce_line(vip.prefix, exabgp_attributes(graceful_shutdown_attributes(vip.attributes.draining),
+                                                       config.local_as))
+    communities, large = expected(draining)
+    assert wire_communities(exabgp_parse(exabgp_api, line)) == (communities | {0xFFFF0000}, large), line
 
 
 @pytest.mark.parametrize("name", sorted(WELL_KNOWN_COMMUNITIES))
@@ -184,3 +219,29 @@ def test_an_md5_key_that_validates_renders_and_exabgp_parses_it(tmp_path: Any, e
     (neighbor,) = parsed.neighbors.values()
     assert neighbor["md5-password"] == password
     assert len(password.encode("ascii")) <= 80
+
+
+@pytest.mark.parametrize("value", [
+    "target:4200000000:5",  # a 4-byte AS: ExaBGP 5 would send it as an IPv4 address
+    "target:65000:4294967296", "origin:192.0.2.1:65536", "target:65000", "rt:65000:1", "target:1.2.3:4",
+    "target:65000:-1", "", 7, "target:６５０００:1",
+])
+def test_a_refused_extended_community_is_refused_by_the_validator(value: object) -> None:
+    d = base()
+    d["bgp"]["attributes"]["up"]["extended_communities"] = [value]
+    with pytest.raises(ConfigError) as err:
+        parse_agent_config(yaml.safe_dump(d), "case.yaml")
+    assert "extended_communities" in str(err.value.summary())
+
+
+def test_extended_communities_are_canonical_and_reach_exabgp_in_order(exabgp_api: Any) -> None:
+    d = base()
+    d["bgp"]["attributes"]["up"]["extended_communities"] = ["Origin:192.0.2.1:7", "target:65000:1",
+                                                            "target:65000:1"]
+    config = parse_agent_config(yaml.safe_dump(d), "case.yaml")
+    attrs = config.vips[0].attributes.up
+    assert attrs.extended_communities == ("origin:192.0.2.1:7", "target:65000:1")
+    line = announce_line(config.vips[0].prefix, exabgp_attributes(attrs, config.local_as))
+    assert line.endswith("extended-community [ origin:192.0.2.1:7 target:65000:1 ]")
+    assert wire_extended(exabgp_parse(exabgp_api, line)) == {bytes.fromhex("0002fde800000001"),
+                                                             bytes.fromhex("0103c00002010007")}

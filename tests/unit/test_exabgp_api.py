@@ -138,6 +138,8 @@ def test_communities_are_sorted_and_deduplicated_like_exabgp_sends_them() -> Non
         ({"communities": "65000:1"}, "communities"),
         ({"large_communities": ("1:2",)}, "large_communities"),
         ({"large_communities": ("4294967296:1:1",)}, "large_communities"),
+        ({"extended_communities": ("target:4200000000:1",)}, "extended_communities"),
+        ({"extended_communities": "target:65000:1"}, "extended_communities"),
         ({"next_hop": "router1"}, "next_hop"),
     ],
 )

@@ -30,7 +30,14 @@ def encode_plan(pop: str, generation: int, revision: str, items: list[tuple[Vip,
     return encode_wire_plan(pop, generation, revision, [(i, vip_to_dict(vip)) for vip, i in items])
 
 
-@pytest.mark.parametrize("vip", [GAME, API], ids=["http", "tcp"])
+def _with_extended(vip: Vip) -> Vip:
+    import dataclasses
+
+    up = dataclasses.replace(vip.attributes.up, extended_communities=("origin:192.0.2.1:7", "target:65000:1"))
+    return dataclasses.replace(vip, attributes=dataclasses.replace(vip.attributes, up=up))
+
+
+@pytest.mark.parametrize("vip", [GAME, API, _with_extended(GAME)], ids=["http", "tcp", "extended-communities"])
 def test_vip_spec_round_trips_through_the_config_reader(vip: object) -> None:
     issues = Issues()
     back = read_vip(Node(vip_to_dict(vip), "", issues), DESIRED.allowed_prefixes, dict(DEFAULT_CHECK),  # type: ignore[arg-type]
