@@ -33,10 +33,11 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from tests.helpers.waiting import check, until
 from controller.health import probes
 from controller.health.probes import ProbeResult, ProbeSpec, probe
 from controller.health.scheduler import CheckScheduler, Target
@@ -46,7 +47,6 @@ Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 GENEROUS = 30.0  # probe timeout where the test is not about timing
 STAGE_TIMEOUT = 1.0  # where the server must have written its part before the deadline strikes
 HOLD = 3600.0  # a server "never" finishes: it holds the connection until the test tears it down
-HANG_GUARD = 120.0  # bound of `until`: fails a hung test, never a slow one
 
 
 @dataclass
@@ -139,21 +139,8 @@ async def never_answer(head: bytes, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(HOLD)
 
 
-R = TypeVar("R")
 
 
-def check(scenario: Callable[[], Coroutine[Any, Any, R]]) -> R:
-    return asyncio.run(scenario())
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll `condition` on the running loop until it holds; HANG_GUARD fails a hung test."""
-    try:
-        async with asyncio.timeout(HANG_GUARD):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"still not true after {HANG_GUARD:.0f} s: {what}") from None
 
 
 def open_fds() -> int:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from tests.helpers.waiting import HANG_GUARD, check, until
 from controller.health import state as hs
 from controller.health.probes import ProbeResult, ProbeSpec
 from controller.health.scheduler import CheckScheduler, Target
@@ -30,10 +31,9 @@ from controller.health.watcher import WatchPool
 
 HOUR = 3600.0
 GENEROUS = 30.0  # a probe timeout where the test is not about timing
-HANG_GUARD = 120.0
+R = TypeVar("R")
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
-R = TypeVar("R")
 
 
 class Backend:
@@ -199,17 +199,6 @@ def http_target(key: str, port: int, interval: float = HOUR, timeout: float = GE
                   interval=interval, watch=watch, fall=fall)
 
 
-def check(scenario: Callable[[], Coroutine[Any, Any, R]]) -> R:
-    return asyncio.run(scenario())
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(HANG_GUARD):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"still not true after {HANG_GUARD:.0f} s: {what}") from None
 
 
 def watching(c: Checked) -> bool:
