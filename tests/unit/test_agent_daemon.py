@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from tests.helpers.agent_fakes import IdleScheduler
 from controller.agent import state_file
 from controller.agent.daemon import Agent
 from controller.config.agent import load_agent_config
@@ -65,20 +66,6 @@ class FakeKernel:
         pass
 
 
-class NoScheduler:
-    def __init__(self, on_result: Callable) -> None:
-        self.targets: list = []
-
-    def set_targets(self, targets: Iterable) -> None:
-        self.targets = list(targets)
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    def stop(self) -> None:
-        pass
-
-
 def config(tmp_path: Path, **changes: object) -> AgentConfig:
     c = load_agent_config(str(EXAMPLE))
     return dataclasses.replace(c, state_dir=str(tmp_path / "state"), **changes)
@@ -89,7 +76,7 @@ def make_agent(cfg: AgentConfig, loader: Callable[[], AgentConfig] | None = None
     announcer, kernel = RecordingAnnouncer(), FakeKernel()
     agent = Agent(cfg, loader or (lambda: cfg), announcer, kernel=kernel,
                   metrics=lambda snap: AgentMetrics(registry, snap), clock=lambda: 1000.0,
-                  scheduler_factory=NoScheduler)
+                  scheduler_factory=IdleScheduler)
     return agent, announcer, kernel, registry
 
 
@@ -289,7 +276,7 @@ def test_systemd_readiness_and_watchdog_pings(tmp_path: Path, monkeypatch: pytes
         cfg = config(tmp_path)
         agent = Agent(cfg, lambda: cfg, RecordingAnnouncer(), kernel=None,
                       metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(sock_path),
-                      scheduler_factory=NoScheduler)
+                      scheduler_factory=IdleScheduler)
         task = asyncio.create_task(agent.run())
         messages: list[str] = []
         loop = asyncio.get_running_loop()
@@ -338,7 +325,7 @@ def test_watchdog_pings_only_while_exabgp_answers_the_probe(
         bgp = RecordingAnnouncer() if answers else SilentExaBGP()
         agent = Agent(cfg, lambda: cfg, bgp, kernel=None,
                       metrics=lambda snap: AgentMetrics(registry, snap), notifier=Notifier(sock_path),
-                      scheduler_factory=NoScheduler)
+                      scheduler_factory=IdleScheduler)
         task = asyncio.create_task(agent.run())
         messages: list[str] = []
         loop = asyncio.get_running_loop()
@@ -542,7 +529,7 @@ def test_withdrawal_waits_for_the_controller_which_confirms_or_holds(tmp_path: P
         bgp = RecordingAnnouncer()
         cfg = controller_config(tmp_path)
         agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
-                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+                      clock=lambda: now[0], scheduler_factory=IdleScheduler, controller=FakePort([]))
         agent.controller_ok = True
         agent.apply_plan(controller_plan(1))
         feed(agent, "us-west", True, 2)
@@ -590,7 +577,7 @@ def test_withdrawal_does_not_wait_forever(tmp_path: Path, controller_ok: bool, w
         bgp = RecordingAnnouncer()
         cfg = controller_config(tmp_path)
         agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
-                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+                      clock=lambda: now[0], scheduler_factory=IdleScheduler, controller=FakePort([]))
         agent.controller_ok = controller_ok
         agent.apply_plan(controller_plan(1))
         feed(agent, "us-west", True, 2)
@@ -657,7 +644,7 @@ def test_many_passes_while_awaiting_the_controller_arm_one_timer_at_the_earliest
         bgp = RecordingAnnouncer()
         cfg = controller_config(tmp_path)
         agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
-                      clock=lambda: now[0], scheduler_factory=NoScheduler, controller=FakePort([]))
+                      clock=lambda: now[0], scheduler_factory=IdleScheduler, controller=FakePort([]))
         agent.controller_ok = True
         agent.apply_plan(two_vip_plan(1))
         feed_vip(agent, "game-global", True, 2)
@@ -866,7 +853,7 @@ def announced_agent(cfg: AgentConfig) -> tuple[Agent, HangingAnnouncer, FakeKern
     announcer, kernel = HangingAnnouncer(), FakeKernel()
     agent = Agent(cfg, lambda: cfg, announcer, kernel=kernel,
                   metrics=lambda snap: AgentMetrics(CollectorRegistry(), snap), clock=lambda: 1000.0,
-                  scheduler_factory=NoScheduler)
+                  scheduler_factory=IdleScheduler)
     return agent, announcer, kernel
 
 

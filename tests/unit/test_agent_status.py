@@ -11,13 +11,14 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tests.helpers.agent_fakes import AckingAnnouncer, IdleScheduler
 from controller.agent.daemon import Agent
 from controller.agent.local_status import FORMAT, StatusServer, status_document
 from controller.bgp.exabgp_api import NeighborState
@@ -119,33 +120,14 @@ def test_render_names_sessions_decisions_reasons_attributes_and_the_link() -> No
 
 
 # --- status and metrics agree: one snapshot ----------------------------------------------------------
-class _Announcer:
-    async def send(self, line: str) -> bool:
-        return True
-
-
-class _Scheduler:
-    def __init__(self, on_result: Callable[[Hashable, ProbeResult, float], None]) -> None:
-        self.on_result = on_result
-
-    def set_targets(self, targets: Iterable[Any]) -> None:
-        pass
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    def stop(self) -> None:
-        pass
-
-
 def test_status_and_metrics_come_from_the_same_snapshot(tmp_path: Path) -> None:
     config = dataclasses.replace(load_agent_config(str(ROOT / "configs" / "agent-sjc.yaml")),
                                  state_dir=str(tmp_path / "agent"))
     registry = CollectorRegistry()
-    agent = Agent(config, lambda: config, _Announcer(), kernel=None,
+    agent = Agent(config, lambda: config, AckingAnnouncer(), kernel=None,
                   metrics=lambda snap: AgentMetrics(registry, snap), clock=lambda: 1000.0,
-                  scheduler_factory=_Scheduler)
-    assert isinstance(agent.scheduler, _Scheduler)
+                  scheduler_factory=IdleScheduler)
+    assert isinstance(agent.scheduler, IdleScheduler)
     for _ in range(3):
         for key in list(agent.health):
             agent.scheduler.on_result(key, ProbeResult(True, 0.002, "HTTP 200"), 1000.0)

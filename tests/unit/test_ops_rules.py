@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tests.helpers.agent_fakes import AckingAnnouncer, IdleScheduler
 from controller.agent.daemon import Agent
 from controller.bgp.exabgp_api import NeighborState
 from controller.config.agent import load_agent_config
@@ -147,11 +148,6 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
     return set(parse(generate_latest(registry).decode()).names())
 
 
-class _Announcer:
-    async def send(self, line: str) -> bool:
-        return True
-
-
 class _Kernel:
     def read_routes(self) -> set[Any]:
         return set()
@@ -169,30 +165,14 @@ class _Kernel:
         pass
 
 
-class _Scheduler:
-    """Runs no checks: the test hands results to the agent as the real scheduler would."""
-
-    def __init__(self, on_result: Callable[[Hashable, ProbeResult, float], None]) -> None:
-        self.on_result = on_result
-
-    def set_targets(self, targets: Iterable[Any]) -> None:
-        pass
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    def stop(self) -> None:
-        pass
-
-
 def agent_metric_names(tmp_path: Path) -> set[str]:
     config = dataclasses.replace(load_agent_config(str(AGENT_CONFIG)), state_dir=str(tmp_path / "agent"))
     registry = CollectorRegistry()
-    agent = Agent(config, lambda: config, _Announcer(), kernel=_Kernel(),
+    agent = Agent(config, lambda: config, AckingAnnouncer(), kernel=_Kernel(),
                   metrics=lambda snapshot: AgentMetrics(registry, snapshot), clock=lambda: 1000.0,
-                  scheduler_factory=_Scheduler)
+                  scheduler_factory=IdleScheduler)
     scheduler = agent.scheduler
-    assert isinstance(scheduler, _Scheduler)
+    assert isinstance(scheduler, IdleScheduler)
     # Enough to populate every family: checks (counter, histogram, transitions), a decision
     # and its announcement, a BGP session, the controller link's state.
     for _ in range(3):

@@ -1,0 +1,34 @@
+"""Fakes for driving the agent (controller.agent.daemon.Agent) in unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from controller.health.probes import ProbeResult
+
+
+class IdleScheduler:
+    """Runs no checks: a test hands results to the agent through ``on_result``, as the real
+    scheduler would; ``targets`` is what the agent asked it to check."""
+
+    def __init__(self, on_result: Callable[[Hashable, ProbeResult, float], None]) -> None:
+        self.on_result = on_result
+        self.targets: list[Any] = []
+
+    def set_targets(self, targets: Iterable[Any]) -> None:
+        self.targets = list(targets)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def stop(self) -> None:
+        pass
+
+
+class AckingAnnouncer:
+    """ExaBGP acknowledging every command."""
+
+    async def send(self, line: str) -> bool:
+        return True
