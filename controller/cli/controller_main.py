@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import logs
 from ..config.errors import ConfigError
-from ..server.daemon import Watcher, serve
+from ..server.daemon import ListenFailed, Watcher, serve
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
 from .conventions import Exit, add_log_level, new_parser
 
@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StateDirLocked, StateUnreadable, PersistenceError) as exc:
         print(f"anycast-controller: {exc}", file=sys.stderr)
         return Exit.ERROR
+    except ListenFailed as exc:  # another process has the port: nothing was served, the state is untouched
+        print(f"anycast-controller: {exc}", file=sys.stderr)
+        return Exit.UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Exit(enum.IntEnum):
     BAD_ANSWER = 5
     DENIED = 6
     USAGE = 64
+    UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: a daemon cannot bind its listen address
     INTERNAL = 70
 
 

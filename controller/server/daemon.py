@@ -39,6 +39,13 @@ WATCH = 0.1  # a change must have settled this long (and stat polling looks this
 RECHECK = 30.0  # look at content and commit this often even without a notification
 
 
+class ListenFailed(Exception):
+    """An address the controller must listen on cannot be bound (in use, not local, no permission)."""
+
+    def __init__(self, what: str, host: str, port: int, exc: OSError) -> None:
+        super().__init__(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}")
+
+
 class Watcher:
     """Reload the desired state when the directory's content or git commit changes.
 
@@ -228,12 +235,25 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     await runner.setup()
     host, port = listen or desired.listen
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    mhost_port = metrics_listen or desired.metrics_listen
+    try:
+        # The API first: a controller that cannot serve plans must not look alive on its metrics port.
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenFailed("listen", host, port, exc) from exc
+        if mhost_port:
+            try:
+                start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+            except OSError as exc:
+                raise ListenFailed("metrics_listen", *mhost_port, exc) from exc
+    except ListenFailed:
+        await runner.cleanup()
+        ctl.close()  # frees the state directory: nothing was served, nothing changed
+        raise
     log.info("controller serving %s (%d POPs, %d VIPs) on http://%s:%d", desired.revision, len(desired.pops),
              len(desired.vips), host, port)
-    mhost_port = metrics_listen or desired.metrics_listen
     if mhost_port:
-        start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
     stop = stop or asyncio.Event()

@@ -7,13 +7,10 @@ so config changes are real commits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,37 +24,22 @@ from controller.agent.controller_link import ControllerUnavailable, HealthReport
 from controller.agent.plan_client import PlanClient
 from controller.config.desired import load_desired
 from lab.poll import wait_for
+from tests.helpers.controller_process import BIN, ControllerProcess, free_ports, git
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
 TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin", "operator")}
-BIN = Path(sys.executable).parent
 ALLOWED = load_desired(str(EXAMPLE)).allowed_prefixes
 T = TypeVar("T")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (held open together, so never the same one twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+class Running(ControllerProcess):
+    """The example config in a git checkout under ``tmp``, and a controller on it."""
 
-
-def git(d: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"})
-
-
-class Running:
     def __init__(self, tmp: Path) -> None:
         self.dir = tmp / "desired"
         shutil.copytree(EXAMPLE, self.dir)
@@ -65,42 +47,13 @@ class Running:
         git(self.dir, "init", "-q")
         git(self.dir, "add", "-A")
         git(self.dir, "commit", "-qm", "initial")
-        self.log = tmp / "controller.log"
-        self.state = tmp / "state"
-        # A port found free may be taken by someone else before the controller binds it (two
-        # sockets bound at the same moment, on a busy machine): then start again on new ports.
-        for attempt in range(3):
-            self.port, self.metrics_port = free_ports(2)
-            self.url = f"http://127.0.0.1:{self.port}"
-            if self.start(may_fail=attempt < 2):
-                break
-
-    def start(self, may_fail: bool = False) -> bool:
-        """Start on self.port; False if it exited at once and ``may_fail`` (the caller picks
-        new ports), else wait until it answers (an exit fails the test with its log)."""
-        logged = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = subprocess.Popen(
-            [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(self.state),
-             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or self.up(), 60, desc="controller answering (or exiting)")
-        if self.proc.poll() is None:
-            return True
-        if may_fail:
-            return False
-        raise AssertionError(f"the controller exited with {self.proc.returncode} at start:\n"
-                             + self.log.read_bytes()[logged:].decode(errors="replace")[-3000:])
+        super().__init__(self.dir, tmp / "state", tmp / "controller.log", TOKENS["operator"])
+        self.must_be_up()
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def up(self) -> bool:
-        try:
-            self.request("GET", "/v1/status", token=TOKENS["operator"])
-            return True
-        except OSError:
-            return False
+        self.must_be_up()
 
     def edit(self, name: str, change: Any) -> None:
         data = yaml.safe_load((self.dir / name).read_text())
@@ -110,29 +63,9 @@ class Running:
     def commit(self, message: str) -> None:
         git(self.dir, "commit", "-qam", message)
 
-    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-        h = dict(headers or {})
-        if token is not None:
-            h["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=h)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "ANYCAST_CONTROLLER_URL": self.url, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}
         return subprocess.run([str(BIN / "anycastctl"), *args], capture_output=True, text=True, timeout=30, env=env)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
