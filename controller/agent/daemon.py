@@ -593,6 +593,7 @@ class Agent:
             local_as=self.config.local_as,
             peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),
             held_elsewhere=tuple(str(p) for p in unique((set(self.announced) | self.unsure) - own)),
+            checks=self.scheduler.stats(lateness=False),
         )
 
     # --- main loop -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from lab.checks import json_cmp
+from lab.metrics import parse
 from lab.poll import wait_for
 from lab.single_pop import AGENT_CONFIG, ORIGIN6, POP6, RTR6, VIP, VIP6, SinglePop, serving
 
@@ -97,6 +98,11 @@ def test_a_128_vip_over_an_ipv6_session_serves_ipv6_clients_and_is_withdrawn_on_
     served = wait_for(lambda: pop.request_vip(vip=VIP6), 60, desc="HTTP over IPv6 through the VIP")
     assert served.startswith("served-by origin=us-west") and f"peer={RTR6}" in served, served
 
+    # One watch connection per backend endpoint, both families (3 IPv4, 3 IPv6).
+    wait_for(lambda: parse(pop.metrics()).value("anycast_watch_connected") == 6, 30, desc="six watches connected")
+    before = parse(pop.metrics())
+    assert before.value("anycast_watch_endpoints") == 6
+
     # The origin fails: the /128 is withdrawn with its reason, from BGP, the FIB and the POP's kernel.
     pop.stop_backends("usw")
     try:
@@ -107,6 +113,10 @@ def test_a_128_vip_over_an_ipv6_session_serves_ipv6_clients_and_is_withdrawn_on_
         wait_for(lambda: not pop.router.fib_has(PREFIX6), 30, desc=f"{PREFIX6} gone from rtr's FIB")
         wait_for(lambda: pop_kernel_routes6(pop) == [], 30, desc="the POP's kernel route to VIP6 removed")
         assert pop.request_vip(vip=VIP6, timeout=0.5) is None
+        # The watches saw us-west's four endpoints go and ran confirmation probes.
+        after = parse(pop.metrics())
+        assert after.total("anycast_watch_losses_total") - before.total("anycast_watch_losses_total") >= 4
+        assert after.value("anycast_check_confirmations_total") > before.value("anycast_check_confirmations_total")
     finally:
         pop.start_backends("usw")
     # Back: announced again over IPv6.
