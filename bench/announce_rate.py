@@ -154,6 +154,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             log(f"announce: {action} {count} /32s, {style}")
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            sleeps0 = _voluntary_switches(exa.pid)
             t0 = time.monotonic()
             os.kill(api_pid, signal.SIGUSR1)
             limit = t0 + max(120.0, count / 50)
@@ -173,6 +174,9 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             kernel = _kernel_count(topo)
             api = wait_for(lambda: _api_phase(result, i), 60, 0.05, "the API process's timestamps")
             cpu = {n: _delta(proc_cpu_seconds(p), cpu0[n]) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            # How often ExaBGP's reactor went to sleep in this phase: with work queued and no
+            # command arriving it polls for 10 ms (reactor.speed / 100) per 50 routes.
+            sleeps = _delta(_voluntary_switches(exa.pid), sleeps0)
             row = {
                 "action": action, "style": style, "routes": count,
                 "acked_s": round(api["acked"] - t0, 3),
@@ -182,6 +186,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                 "errors": api["errors"],
                 "kernel_routes_after": kernel,
                 "cpu_s": cpu,
+                "exabgp_sleeps": None if sleeps is None else int(sleeps),
             }
             for key in ("acked", "rib", "fib"):
                 secs = row[f"{key}_s"]
@@ -206,6 +211,16 @@ def _api_phase(result: Path, i: int) -> dict[str, Any] | None:
     return json.loads(lines[i]) if len(lines) > i else None
 
 
+def _voluntary_switches(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _delta(after: float | None, before: float | None) -> float | None:
     return None if after is None or before is None else round(after - before, 2)
 
@@ -217,11 +232,11 @@ def _r(x: float | None) -> float | None:
 def render(result: dict[str, Any]) -> str:
     rows = [[p["action"], p["style"], p["routes"], p["acked_s"], p["rib_s"], p["fib_s"], p["acked_per_s"],
              p["fib_per_s"], p["errors"], p["kernel_routes_after"], (p["cpu_s"] or {}).get("exabgp"),
-             (p["cpu_s"] or {}).get("api")] for p in result["phases"]]
+             (p["cpu_s"] or {}).get("api"), p.get("exabgp_sleeps")] for p in result["phases"]]
     fp = result.get("rss_with_all_routes", {}).get("sequential", {})
     return table(f"Announcement rate: {result['routes']:,} /32s, agent speaker -> ExaBGP -> FRR (seconds from the start)",
                  ["action", "style", "routes", "all acked", "all in FRR RIB", "all in FIB", "acks/s", "FIB/s",
-                  "errors", "kernel after", "ExaBGP CPU s", "API CPU s"], rows,
+                  "errors", "kernel after", "ExaBGP CPU s", "API CPU s", "ExaBGP sleeps"], rows,
                  [f"sequential = wait for each ack (the agent until now); pipelined = up to {result['window']} "
                   f"one-route commands in flight; batched = the agent's send_changes: up to {result.get('batch')} "
                   f"routes per command, {result.get('batch_window')} commands in flight",

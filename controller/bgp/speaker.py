@@ -30,9 +30,9 @@ logger = logging.getLogger("controller.bgp")
 # asyncio's default 64 KiB line limit is too small for a JSON UPDATE carrying a large
 # (extended-length) BGP message.
 _LINE_LIMIT = 4 * 1024 * 1024
-# Commands written ahead of their acks. ExaBGP's CPU is the bound on a cold start; a few
-# commands queued keep it busy while we read its acks (bench/announce_rate.py).
-PIPELINE_WINDOW: Final = 8
+# Commands written ahead of their acks (16 x 50 routes): enough queued that ExaBGP never waits
+# for us, few enough that a stop cuts little short (bench/announce_rate.py).
+PIPELINE_WINDOW: Final = 16
 
 
 class SpeakerClosed(Exception):
