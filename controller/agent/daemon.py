@@ -2,8 +2,9 @@
 
 It runs as ExaBGP's API process. Health-check results feed the state machine
 (``health.state``); each reconcile pass decides every VIP (``agent.decide``), diffs the
-decisions against what ExaBGP holds (``agent.reconcile``), sends the commands and waits for
-ExaBGP's acknowledgements, then puts the kernel in line (``agent.kernel_plan``).
+decisions against what ExaBGP holds (``agent.reconcile``), sends the commands batched and
+pipelined (``speaker.send_changes``) and records each route's own acknowledgement, then puts
+the kernel in line (``agent.kernel_plan``).
 
 Lifecycle:
 - start: load config (a bad one is fatal), read the state file of what a previous agent
@@ -58,7 +59,8 @@ _EXABGP_GONE = ("exabgp_gone", "exabgp_shutdown")
 
 
 class Announcer(Protocol):
-    """The BGP side: ExaBGPSpeaker in production, a recorder in tests."""
+    """The BGP side: ExaBGPSpeaker in production, a recorder in tests. Sends overlap (up to
+    ``speaker.PIPELINE_WINDOW`` at once): answers must come back in the order of the calls."""
 
     async def send(self, line: str) -> bool: ...
 
