@@ -60,7 +60,7 @@ _EXABGP_GONE = ("exabgp_gone", "exabgp_shutdown")
 
 class Announcer(Protocol):
     """The BGP side: ExaBGPSpeaker in production, a recorder in tests. Sends overlap (up to
-    ``speaker.PIPELINE_WINDOW`` at once): answers must come back in the order of the calls."""
+    ``speaker.PIPELINE_WINDOW`` at once, written in call order): each call gets its own command's answer."""
 
     async def send(self, line: str) -> bool: ...
 
