@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
-	    || ! command -v promtool >/dev/null || ! [ -x /usr/sbin/bird ]; then \
-	  echo ">> installing FRR, BIRD 2, nftables, iproute2, prometheus (promtool) from Debian"; \
+	    || ! command -v promtool >/dev/null || ! [ -x /usr/sbin/bird ] \
+	    || ! [ -d /usr/lib/python3/dist-packages/systemd ]; then \
+	  echo ">> installing FRR, BIRD 2, nftables, iproute2, prometheus (promtool), python3-systemd from Debian"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr bird2 nftables iproute2 procps \
-	    prometheus >/dev/null; \
+	    prometheus python3-systemd >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml

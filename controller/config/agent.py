@@ -305,6 +305,9 @@ def read_check_defaults(node: Node | None) -> dict[str, float | int]:
     defaults["timeout"] = node.opt("timeout", lambda n: n.as_float(0.01, 600), defaults["timeout"])
     defaults["rise"] = node.opt("rise", lambda n: n.as_int(1, 100), defaults["rise"])
     defaults["fall"] = node.opt("fall", lambda n: n.as_int(1, 100), defaults["fall"])
+    if node.has("watch"):
+        # Only when set: unset, each check type keeps its own default (WATCH_DEFAULT).
+        defaults["watch"] = node.opt("watch", Node.as_bool, False)
     node.reject_unknown()
     return defaults
 
@@ -388,7 +391,8 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     timeout = node.opt("timeout", lambda n: n.as_float(0.01, 600), float(defaults["timeout"]))
     rise = node.opt("rise", lambda n: n.as_int(1, 100), int(defaults["rise"]))
     fall = node.opt("fall", lambda n: n.as_int(1, 100), int(defaults["fall"]))
-    watch = node.opt("watch", Node.as_bool, WATCH_DEFAULT.get(kind or "", False))
+    watch = node.opt("watch", Node.as_bool,
+                     bool(defaults["watch"]) if "watch" in defaults else WATCH_DEFAULT.get(kind or "", False))
     node.reject_unknown()
     if kind == "tcp":
         for key in ("path", "expect_status", "expect_body", "host_header", "tls_verify"):

@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..config.model import Attributes
+from ..health.scheduler import SchedulerStats
 from ..health.state import Phase
+from ..health.watch import LossKind
 from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
@@ -82,13 +84,14 @@ class AgentSnapshot:
     local_as: int = 0
     peers: tuple[PeerSnapshot, ...] = ()
     held_elsewhere: tuple[str, ...] = ()  # prefixes ExaBGP holds (or may) that are no VIP's
+    checks: SchedulerStats | None = None  # the check scheduler's counts (watches, confirmations)
 
 
 class _SnapshotCollector(Collector):
     def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
         self._snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily | CounterMetricFamily]:
         s = self._snapshot()
         info = InfoMetricFamily("anycast_agent", "The POP agent's identity.")
         info.add_metric([], {"pop": s.pop, "version": __version__, "plan_source": s.plan_source})
@@ -151,10 +154,35 @@ class _SnapshotCollector(Collector):
                                 "Unix time of the last config load attempt.", value=s.config_last_reload_time)
         yield GaugeMetricFamily("anycast_plan_generation", "Generation of the plan the agent follows.",
                                 value=float(s.plan_generation))
+        yield from _check_families(s.checks)
         if s.controller_ok is not None:
             yield GaugeMetricFamily("anycast_controller_reachable",
                                     "1 if the last plan fetch from the controller worked (else the agent "
                                     "follows its last plan).", value=1.0 if s.controller_ok else 0.0)
+
+
+def _check_families(checks: SchedulerStats | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The watch connections (``check.watch``) and the confirmation probes their losses ran;
+    zeros when nothing is watched, so alerts and dashboards see no gaps."""
+    watch = checks.watch if checks is not None else None
+    yield GaugeMetricFamily("anycast_watch_endpoints", "Backend endpoints with a watch connection (any state).",
+                            value=watch.endpoints if watch else 0)
+    yield GaugeMetricFamily("anycast_watch_connected", "Watch connections established now.",
+                            value=watch.connected if watch else 0)
+    yield GaugeMetricFamily("anycast_watch_unwatched",
+                            "Endpoints whose check wants a watch but exceeds the watch budget (half the open-file "
+                            "limit): polled only.", value=watch.unwatched if watch else 0)
+    losses = CounterMetricFamily("anycast_watch_losses", "Established watch connections lost, by how they ended "
+                                 "(reset, eof, error): each ran confirmation probes.", labels=["kind"])
+    for kind in LossKind:
+        losses.add_metric([kind.value], watch.losses_by_kind.get(kind, 0) if watch else 0)
+    yield losses
+    yield CounterMetricFamily("anycast_watch_connects", "Watch connection attempts.",
+                              value=watch.connects if watch else 0)
+    yield CounterMetricFamily("anycast_watch_connect_failures", "Watch connection attempts that failed.",
+                              value=watch.connect_failures if watch else 0)
+    yield CounterMetricFamily("anycast_check_confirmations", "Confirmation probes run after a watch loss "
+                              "(up to fall each, back to back).", value=checks.confirmations if checks else 0)
 
 
 class AgentMetrics:

@@ -215,3 +215,29 @@ def test_graceful_restart_and_shutdown_are_read_and_bounded() -> None:
     errs = errors_of(d)
     assert any(e.startswith("bgp.graceful_restart: must be <= 4095") for e in errs), errs
     assert any(e.startswith("bgp.graceful_shutdown: must be >= 0") for e in errs), errs
+
+
+@pytest.mark.parametrize("default, kind, own, expected", [
+    (False, "http", None, False), (False, "tcp", None, False),  # check_defaults turns the watch off...
+    (False, "http", True, True),  # ...a check's own setting wins
+    (True, "https", None, True),  # and on, for every kind
+    (None, "https", None, False), (None, "tcp", None, True),  # unset: each kind's own default
+])
+def test_check_defaults_watch_is_every_checks_default(default: bool | None, kind: str, own: bool | None,
+                                                     expected: bool) -> None:
+    from controller.config.serialize import vip_to_dict
+
+    d = base()
+    if default is not None:
+        d["check_defaults"]["watch"] = default
+    d["vips"][0]["check"] = {"type": kind} | ({} if own is None else {"watch": own})
+    vip = parse_agent_config(yaml.safe_dump(d)).vips[0]
+    assert vip.check.watch is expected
+    # What a plan carries for it says the same to an agent reading it without the defaults.
+    assert vip_to_dict(vip)["check"].get("watch", kind != "https") is expected
+
+
+def test_check_defaults_watch_must_be_a_boolean() -> None:
+    d = base()
+    d["check_defaults"]["watch"] = "sometimes"
+    assert any(e.startswith("check_defaults.watch") for e in errors_of(d)), errors_of(d)
