@@ -333,7 +333,12 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
     if state.phase is not Phase.ROLLING:
         return GateResult(Verdict.WAIT)
     wave = state.waves[state.wave]
-    published = {pop: [fv.name for fv in desired.published_at(pop) if fv.enabled] for pop in wave}
+    published: dict[str, list[str]] = {pop: [] for pop in wave}
+    for spec in desired.vips:  # one walk over the VIPs, not one per POP of the wave
+        if spec.enabled:
+            for pop in spec.publish:
+                if pop in published:
+                    published[pop].append(spec.name)
     for pop in wave:
         r = reports.get(pop)
         if r is None or r.received_at < state.wave_started:
@@ -357,8 +362,9 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
     for vip, pop in state.withdraw:
         if pop not in rolled:
             keeping.setdefault(vip, []).append(pop)
+    by_name = {fv.name: fv for fv in desired.vips} if keeping else {}
     for vip, pops in sorted(keeping.items()):
-        fv = desired.vip(vip)
+        fv = by_name.get(vip)
         need = min(fv.policy.safety.min_announcing_pops if fv else 1, len(pops))
         fresh = [p for p in pops if (r := reports.get(p)) is not None and now - r.received_at <= stale_after
                  and r.announced.get(vip)]

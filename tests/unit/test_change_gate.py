@@ -18,6 +18,7 @@ from controller.policy.change import (
     BlastRadius, Confirm, GateResult, NewRevision, Phase, Rollout, Verdict, effective, step, waves,
 )
 from controller.server import store
+from controller.policy.model import PopReport
 from controller.server.core import ChangeRefused, Controller
 from tests.helpers.change_gate import controller, healthy
 
@@ -243,3 +244,60 @@ def test_a_pop_that_never_applies_its_wave_fails_the_gate_after_bake_and_grace(t
     ctl.replan()
     assert ctl.rollout.phase is Phase.ROLLED_BACK and "fra" in ctl.rollout.detail
     assert ("api-eu", "fra") in wanted(ctl)
+
+
+def test_a_restart_mid_rollout_resumes_the_wave_where_it_was(tmp_path: Path) -> None:
+    """The wave and when its bake began are journaled: a controller restarted 4 s into the
+    first wave's 10 s bake serves the same plans (sin withdrawn, fra and sjc keeping all) and
+    moves on when the original bake ends, not 10 s after the restart."""
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    healthy(ctl, now[0])
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2", vips=()))
+    ctl.confirm_change("rev2", "op", "retire")
+    target, base = ctl.target, ctl.base
+    ctl.close()
+    now[0] = 104.0
+    again = Controller(target, clock=lambda: now[0], applied=base)
+    assert again.rollout.phase is Phase.ROLLING and again.rollout.wave_started == 100.0
+    assert wanted(again) == EVERY - {("game-global", "sin")}
+    now[0] = 110.5
+    healthy(again, now[0])
+    assert again.rollout.wave == 1 and again.rollout.rolled() == {"sin", "fra"}
+
+
+def test_the_gate_fails_when_the_pops_still_keeping_a_vip_stop_announcing_it(tmp_path: Path) -> None:
+    """The POPs whose wave has not come must keep the VIPs being withdrawn announced at their
+    minimum: sjc and fra keep game-global while sin's wave bakes; if neither reports it
+    announced once the bake and the grace (report_stale_after) are over, the gate fails."""
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    healthy(ctl, now[0])
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2", vips=()))
+    ctl.confirm_change("rev2", "op", "retire")
+    stale = ctl.base.policy.safety.report_stale_after
+    for t in (111.0, 110.0 + stale + 1):
+        now[0] = t
+        for pop in ("sjc", "fra"):  # fresh and about their plans, but game-global not announced
+            ctl.add_report(PopReport(pop, t, ctl.served[pop].generation,
+                                     {"game-global": {"us-west": True, "eu-central": True}},
+                                     {"game-global": False, "api-eu": True}))
+        healthy(ctl, t, pops=("sin",))
+        assert ctl.rollout.wave == 0  # never the next wave
+    assert ctl.rollout.phase is Phase.ROLLED_BACK
+    assert "game-global is announced at 0 of the POPs still keeping it" in ctl.rollout.detail
+
+
+def test_a_revert_during_the_rollout_announces_again_at_once(tmp_path: Path) -> None:
+    """A newer revision replaces one rolling out; the revert withdraws nothing announced now
+    (it announces sin's pair again): applied at once, the rollout over."""
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    healthy(ctl, now[0])
+    ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2", vips=()))
+    ctl.confirm_change("rev2", "op", "retire")
+    assert ("game-global", "sin") not in wanted(ctl)
+    now[0] = 103.0
+    ctl.apply_config(dataclasses.replace(BASE, revision="rev3", state_dir=str(tmp_path)))
+    assert (ctl.rollout.phase, ctl.base.revision) == (Phase.STEADY, "rev3")
+    assert wanted(ctl) == EVERY and ctl.change_alarm() is None
