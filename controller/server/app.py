@@ -24,7 +24,7 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
 endpoint), 404 unknown POP or VIP, 409 a delta report whose ``base`` is not the last report
-held (send a full one), 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
+held (send a full one) or a confirm of a revision that is not the one waiting, 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
 origin-region pair the POP publishes), 422 a report about a VIP the POP does not publish, 503 a drain or undrain that cannot be saved
 (the state directory is full, failing or read-only). A rejected request changes nothing.
 """

@@ -301,3 +301,26 @@ def test_a_revert_during_the_rollout_announces_again_at_once(tmp_path: Path) -> 
     ctl.apply_config(dataclasses.replace(BASE, revision="rev3", state_dir=str(tmp_path)))
     assert (ctl.rollout.phase, ctl.base.revision) == (Phase.STEADY, "rev3")
     assert wanted(ctl) == EVERY and ctl.change_alarm() is None
+
+
+def test_the_change_section_is_read_with_every_error_named(tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from controller.config.errors import ConfigError
+
+    shutil.copytree(ROOT / "configs" / "controller", tmp_path / "c")
+    path = tmp_path / "c" / "controller.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["change"] = {"max_withdraw_fraction": 0.1, "max_removed_vips": 0,
+                      "rollout": {"bake": 60, "first_wave": 2, "wave_fraction": 0.25, "order": ["sin", "fra"]}}
+    path.write_text(yaml.safe_dump(data))
+    assert load_desired(str(tmp_path / "c")).change == ChangePolicy(0.1, 0, 60.0, 2, 0.25, ("sin", "fra"))
+    data["change"] = {"max_withdraw_fraction": 2, "rollout": {"order": ["lhr"], "bake": -1, "typo": 1}}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_desired(str(tmp_path / "c"))
+    paths = {i.path for i in exc.value.issues}
+    assert {"controller.yaml: change.max_withdraw_fraction", "controller.yaml: change.rollout.bake",
+            "controller.yaml: change.rollout.typo", "controller.yaml: change.rollout.order[0]"} <= paths, paths
