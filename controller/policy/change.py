@@ -265,7 +265,13 @@ def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tupl
 
 
 def _same_revision(given: str, held: str) -> bool:
-    return given == held or (len(given) >= 7 and (held.startswith(given) or given.startswith(held)))
+    """The held revision exactly, or (a clean commit) a prefix of at least 7 hex digits or the
+    full commit id; never a dirty working tree's revision by its commit alone."""
+    if given == held:
+        return True
+    if "+" in held or len(given) < 7:
+        return False
+    return held.startswith(given) or given.startswith(held)
 
 
 def _applied(state: Rollout, revision: str, now: float) -> tuple[Rollout, tuple[Effect, ...]]:

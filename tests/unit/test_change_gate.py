@@ -65,6 +65,10 @@ def test_a_confirm_must_name_the_held_revision_and_give_a_reason() -> None:
             step(held, Confirm(wrong, "op", "why", radius(EVERY), (("sin",),)), 6.0, POLICY)
     with pytest.raises(change.ChangeRefused, match="reason"):
         step(held, Confirm("abcdef123456", "op", " ", radius(EVERY), (("sin",),)), 6.0, POLICY)
+    dirty, _ = step(Rollout(base="r1", target="r1"),
+                    NewRevision("abcdef123456+dirty.0f0f0f0f", radius(EVERY), (("sin",),)), 5.0, POLICY)
+    with pytest.raises(change.ChangeRefused):  # the commit is not the edited files held
+        step(dirty, Confirm("abcdef123456", "op", "why", radius(EVERY), (("sin",),)), 6.0, POLICY)
     rolling, _ = step(held, Confirm("abcdef1", "op", "decommission", radius(EVERY), (("sin",), ("fra",))), 6.0, POLICY)
     assert rolling.phase is Phase.ROLLING and rolling.confirmed == change.Confirmation("abcdef123456", "op",
                                                                                       "decommission", 6.0)
