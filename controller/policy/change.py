@@ -117,24 +117,25 @@ def pairs(desired: DesiredState) -> frozenset[Pair]:
     return frozenset((fv.name, pop) for fv in desired.vips if fv.enabled for pop in fv.publish)
 
 
-def blast_radius(announced: Iterable[Pair], published: Iterable[Pair], new: DesiredState) -> BlastRadius:
+def blast_radius(announced: Iterable[Pair], published: Iterable[Pair], new: DesiredState,
+                 announced_total: int | None = None) -> BlastRadius:
     """``announced``: the pairs announced now (the controller: planned wanted, of the desired
-    state being served); ``published``: the pairs published now (announced or not)."""
+    state being served); ``published``: the pairs published now (announced or not). Both and
+    ``new`` may be cut to the VIPs a change touches (unchanged VIPs withdraw nothing), with
+    ``announced_total`` then the count of every pair announced now."""
     now = frozenset(announced)
     after = pairs(new)
     withdrawn = tuple(sorted(now - after))
     gone = {vip for vip, _ in now} - {fv.name for fv in new.vips if fv.enabled}
-    return BlastRadius(len(now), withdrawn, tuple(sorted(after - frozenset(published))), tuple(sorted(gone)))
+    return BlastRadius(len(now) if announced_total is None else announced_total, withdrawn,
+                       tuple(sorted(after - frozenset(published))), tuple(sorted(gone)))
 
 
-def waves(withdrawn: Iterable[Pair], announced: Iterable[Pair], policy: ChangePolicy) -> tuple[tuple[str, ...], ...]:
+def waves(withdrawn: Iterable[Pair], load: Mapping[str, int], policy: ChangePolicy) -> tuple[tuple[str, ...], ...]:
     """The POPs of ``withdrawn`` in waves: ``policy.order`` first, then the POPs announcing
-    the fewest pairs (the least traffic we know of) first; ``first_wave`` POPs, then
-    ``wave_fraction`` of those left (at least one) per wave."""
+    the fewest pairs (``load``: POP -> pairs announced; the least traffic we know of) first;
+    ``first_wave`` POPs, then ``wave_fraction`` of those left (at least one) per wave."""
     pops = {pop for _, pop in withdrawn}
-    load: dict[str, int] = {}
-    for _, pop in announced:
-        load[pop] = load.get(pop, 0) + 1
     rank = {pop: i for i, pop in enumerate(policy.order)}
     ordered = sorted(pops, key=lambda p: (rank.get(p, len(rank)), load.get(p, 0), p))
     out: list[tuple[str, ...]] = []

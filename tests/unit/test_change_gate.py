@@ -96,7 +96,7 @@ def test_waves_pass_one_by_one_and_a_failed_gate_rolls_back() -> None:
 
 def test_waves_go_smallest_first_unless_an_order_is_configured() -> None:
     withdrawn = [("v", p) for p in ("a", "b", "c", "d", "e")]
-    announced = withdrawn + [("w", "a"), ("w", "b"), ("x", "a"), ("w", "c")]
+    announced = {"a": 3, "b": 2, "c": 2, "d": 1, "e": 1}  # pairs announced per POP
     assert waves(withdrawn, announced, ChangePolicy()) == (("d",), ("e", "b"), ("c",), ("a",))
     assert waves(withdrawn, announced, ChangePolicy(order=("a",), first_wave=2, wave_fraction=1.0)) == (
         ("a", "d"), ("e", "b", "c"))
