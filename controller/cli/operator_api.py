@@ -52,9 +52,14 @@ class OperatorApi:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(self.url + path, method=method,
-                                         headers={"Authorization": f"Bearer {self.token}"})
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """``body``: sent as JSON if not None."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:  # noqa: S310 - operator-given URL
                 body = r.read()

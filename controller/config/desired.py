@@ -24,7 +24,7 @@ from .agent import (
     DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
 )
 from .desired_model import (
-    DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
+    ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -187,6 +187,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     operator = top.opt("operator_token_sha256", _sha256, None)
     allowed = tuple(p for n in _list(top, "allowed_prefixes", True) if (p := n.as_network()) is not None)
     policy = read_policy(top.get("policy"), Policy())
+    change = _section(top, "change", _change, ChangePolicy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
     top.reject_unknown()
@@ -235,8 +236,11 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
         seen_prefixes[v.vip.prefix] = v.name
     if attrs is None:
         return None
+    for i, name in enumerate(change.order):
+        if name not in pop_names:
+            top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
     return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                        tuple(pops), tuple(vips), policy)
+                        tuple(pops), tuple(vips), policy, change)
 
 
 def _list(node: Node, key: str, required: bool) -> list[Node]:
@@ -333,6 +337,24 @@ def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
         report_stale_after=n.opt("report_stale_after", lambda x: x.as_float(1, 3600), s.report_stale_after),
         settle=n.opt("settle", lambda x: x.as_float(0, 60), s.settle),
     )
+
+
+def _change(n: Node) -> ChangePolicy:
+    d = ChangePolicy()
+    bake, first, fraction, order = d.bake, d.first_wave, d.wave_fraction, d.order
+    rollout = n.get("rollout")
+    if rollout is not None and rollout.is_mapping():
+        bake = rollout.opt("bake", lambda x: x.as_float(0, 86400), bake)
+        first = rollout.opt("first_wave", lambda x: x.as_int(1, 1000), first)
+        fraction = rollout.opt("wave_fraction", lambda x: x.as_float(0.01, 1.0), fraction)
+        order_node = rollout.get("order")
+        if order_node is not None:
+            order = tuple(s for item in order_node.items() if (s := item.as_str()) is not None)
+        rollout.reject_unknown()
+    return ChangePolicy(
+        max_withdraw_fraction=n.opt("max_withdraw_fraction", lambda x: x.as_float(0.0, 1.0), d.max_withdraw_fraction),
+        max_removed_vips=n.opt("max_removed_vips", lambda x: x.as_int(0, 1000000), d.max_removed_vips),
+        bake=bake, first_wave=first, wave_fraction=fraction, order=order)
 
 
 def _section(node: Node, key: str, read: Callable[[Node], T], default: T) -> T:

@@ -46,6 +46,19 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class ChangePolicy:
+    """The blast-radius budget and staged rollout of config changes (``change:`` in
+    controller.yaml; see controller/policy/change.py)."""
+
+    max_withdraw_fraction: float = 0.25  # of the announced (VIP, POP) pairs: more is held for a confirm
+    max_removed_vips: int = 1  # VIPs removed or disabled by one revision: more is held
+    bake: float = 30.0  # s each wave is watched before the next; 0: no waves (everything at once)
+    first_wave: int = 1  # POPs in the first wave
+    wave_fraction: float = 0.5  # of the POPs left, in each later wave (the last takes the rest)
+    order: tuple[str, ...] = ()  # POPs first in this order; the others by fewest announced pairs
+
+
+@dataclass(frozen=True)
 class PopSpec:
     name: str
     token_sha256: str  # the agent's bearer token, hashed: the token itself never goes in git
@@ -76,6 +89,7 @@ class DesiredState:
     pops: tuple[PopSpec, ...]
     vips: tuple[FleetVip, ...]
     policy: Policy
+    change: ChangePolicy = ChangePolicy()
 
     def pop(self, name: str) -> PopSpec | None:
         return next((p for p in self.pops if p.name == name), None)

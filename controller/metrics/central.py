@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from .process import register_process_metrics
 
 PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
+CHANGE_PHASES = ("steady", "held", "rolling", "rolled_back")  # controller.policy.change.Phase
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
                "drain_blocked")
 
@@ -49,6 +50,8 @@ class ControllerSnapshot:
     config_loaded_at: float
     persistence_ok: bool = True  # False from a failed state write until the next one works
     persistence_errors: Mapping[str, int] = field(default_factory=dict)  # operation -> failures so far
+    change_phase: str = "steady"  # the config change's phase (CHANGE_PHASES)
+    change_withdraw_pairs: int = 0  # (VIP, POP) pairs the held or rolling change withdraws
 
 
 class ControllerView(Protocol):
@@ -106,6 +109,16 @@ class _ControllerCollector(Collector):
         for op in PERSISTENCE_OPERATIONS:
             errors.add_metric([op], float(s.persistence_errors.get(op, 0)))
         yield errors
+        phase = GaugeMetricFamily("anycast_controller_change_phase",
+                                  "1 for the phase the newest config revision is in: steady (applied), held (over "
+                                  "the blast-radius budget, waiting for a confirm), rolling, rolled_back.",
+                                  labels=["phase"])
+        for p in CHANGE_PHASES:
+            phase.add_metric([p], 1.0 if s.change_phase == p else 0.0)
+        yield phase
+        yield GaugeMetricFamily("anycast_controller_change_withdraw_pairs",
+                                "(VIP, POP) pairs the held, rolling or rolled-back config change withdraws.",
+                                value=float(s.change_withdraw_pairs))
 
 
 class ControllerMetrics:

@@ -16,11 +16,15 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
     GET    /v1/snapshot          what ``anycastctl diff`` needs to re-plan locally
     POST   /v1/drains/{pop}      start draining a POP
     DELETE /v1/drains/{pop}      undrain it
+    POST   /v1/change/confirm    confirm the held (or rolled-back) config revision:
+                                 ``{"revision": REV, "by": WHO, "reason": WHY}``; 409 if REV is
+                                 not the revision waiting (a newer commit replaced it, or
+                                 nothing waits)
 
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
 endpoint), 404 unknown POP or VIP, 409 a delta report whose ``base`` is not the last report
-held (send a full one), 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
+held (send a full one) or a confirm of a revision that is not the one waiting, 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
 origin-region pair the POP publishes), 422 a report about a VIP the POP does not publish, 503 a drain or undrain that cannot be saved
 (the state directory is full, failing or read-only). A rejected request changes nothing.
 """
@@ -40,7 +44,8 @@ from aiohttp import web
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
-from .core import ActionNotPersisted, Controller
+from ..policy import change
+from .core import ActionNotPersisted, ChangeRefused, Controller
 from .snapshot import persistence_status, snapshot
 
 log = logging.getLogger("controller.server")
@@ -216,9 +221,43 @@ async def get_status(request: web.Request) -> web.StreamResponse:
                  for p in ctl.desired.pops],
         "vips": [{"vip": v.name, "note": ctl.result.notes.get(v.name, "") if ctl.result else ""}
                  for v in ctl.desired.vips],
-        "alarms": [{"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms()],
+        "alarms": [*([own] if (own := ctl.change_alarm()) else []),
+                   *({"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms())],
         "persistence": persistence_status(ctl),
+        "change": change_status(ctl),
     })
+
+
+def change_status(ctl: Controller) -> dict[str, object]:
+    """``/v1/status``'s change section: the config change's state (policy/change.py)."""
+    r = ctl.rollout
+    return {**change.to_json(r), "applied_revision": ctl.base.revision, "alarm": r.alarm(),
+            "rolled": sorted(r.rolled()), "bake": ctl.base.change.bake, "wave_ends_at": r.wake_at(ctl.base.change),
+            "budget": {"max_withdraw_fraction": ctl.base.change.max_withdraw_fraction,
+                       "max_removed_vips": ctl.base.change.max_removed_vips}}
+
+
+async def confirm_change(request: web.Request) -> web.StreamResponse:
+    auth = _operator_auth(request)
+    if isinstance(auth, web.Response):
+        return auth
+    ctl = auth
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"malformed JSON: {exc}", "body")
+    if not isinstance(body, dict):
+        return error(400, "expected a JSON object", "body")
+    for key in ("revision", "by", "reason"):
+        if not isinstance(body.get(key), str) or not body[key].strip():
+            return error(400, f"{key}: a non-empty string is needed", key)
+    try:
+        ctl.confirm_change(body["revision"].strip(), body["by"].strip()[:200], body["reason"].strip()[:2000])
+    except ChangeRefused as exc:
+        return error(409, str(exc), "revision")
+    except ActionNotPersisted as exc:
+        return error(503, str(exc), "state_dir")
+    return web.json_response(change_status(ctl))
 
 
 async def get_explain(request: web.Request) -> web.StreamResponse:
@@ -280,5 +319,6 @@ def make_app(ctl: Controller) -> web.Application:
         web.get("/v1/snapshot", get_snapshot),
         web.post("/v1/drains/{pop}", drain),
         web.delete("/v1/drains/{pop}", drain),
+        web.post("/v1/change/confirm", confirm_change),
     ])
     return app

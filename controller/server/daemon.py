@@ -107,6 +107,23 @@ class Watcher:
             self._kept = ""
             return dataclasses.replace(desired, directory=self.directory, state_dir=state_dir)
 
+    def kept_base(self, desired: DesiredState) -> DesiredState | None:
+        """The last revision applied everywhere, kept in the state directory, if it is not
+        ``desired`` (a change committed while no controller ran, or one held or rolling out
+        when it stopped: judged against it, see policy/change.py); None if none loads."""
+        state_dir = desired.state_dir
+        kept = store.saved_desired(state_dir)
+        if kept is None or kept[1] == desired.revision:
+            return None
+        kept_dir, kept_rev = kept
+        try:
+            base = load_desired(kept_dir, kept_rev)
+        except ConfigError as exc:
+            log.error("the applied desired state kept in %s does not load (%s): revision %s is applied as it is",
+                      kept_dir, exc.summary(), desired.revision)
+            return None
+        return dataclasses.replace(base, directory=self.directory, state_dir=state_dir)
+
     def keep_last_good(self, state_dir: str, on_error: Callable[[store.PersistenceError], None]) -> None:
         """Keep what load() read last in ``state_dir`` (in a thread: a reload's plans are not
         held up by it), unless it is kept already. Call it only while holding the state
@@ -211,7 +228,8 @@ class _Relevant:
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None) -> int:
     desired = watcher.load_at_start()
-    ctl = Controller(desired)  # takes the state directory (StateDirLocked: another controller has it)
+    # Takes the state directory (StateDirLocked: another controller has it).
+    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None)
     registry = CollectorRegistry()
     metrics = ControllerMetrics(registry, lambda: ctl)
     if watcher.start_error is not None:  # serving the kept last good state: say why, as a rejected reload
@@ -220,7 +238,11 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     else:
         metrics.config_reloads.labels("success").inc()
     state_dir = ctl.persistence.state_dir
-    watcher.keep_last_good(state_dir, ctl.persistence_failed)
+    # Only a revision applied everywhere is kept as the last good one (a held revision is not
+    # good yet: a restart must judge it against the one before).
+    ctl.on_applied = lambda _: watcher.keep_last_good(state_dir, ctl.persistence_failed)
+    if ctl.base.revision == desired.revision:
+        watcher.keep_last_good(state_dir, ctl.persistence_failed)
     app = make_app(ctl)
 
     @web.middleware
@@ -272,9 +294,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             if reload_now.is_set() or watcher.changed():
                 reload_now.clear()
                 try:
-                    ctl.apply_config(watcher.load())
+                    ctl.apply_config(watcher.load())  # kept as the last good one once applied (on_applied)
                     metrics.config_reloads.labels("success").inc()
-                    watcher.keep_last_good(state_dir, ctl.persistence_failed)
                     planned = True  # apply_config planned: a second pass now only delays the new plans
                 except ConfigError as exc:
                     ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")

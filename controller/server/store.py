@@ -99,11 +99,12 @@ class Persisted:
     drains: dict[str, float] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     planner: PlannerState = field(default_factory=PlannerState.initial)
+    rollout: Mapping[str, Any] | None = None  # the config change's state (policy/change.py to_json); None: none yet
 
     def copy(self) -> Persisted:
         """A copy whose dicts the caller may change. The planner's maps are shared, not copied:
         the controller's are read-only views over the engine's current memory (no snapshot)."""
-        return Persisted(dict(self.drains), dict(self.generations), self.planner)
+        return Persisted(dict(self.drains), dict(self.generations), self.planner, self.rollout)
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,10 @@ class Changes:
     generations: Mapping[str, int] = field(default_factory=dict)
     vips: Mapping[str, VipMemory | None] = field(default_factory=dict)
     pop_vips: Mapping[tuple[str, str], PopVipMemory | None] = field(default_factory=dict)
+    rollout: Mapping[str, Any] | None = None  # the config change's new state (None: unchanged)
 
     def __bool__(self) -> bool:
-        return bool(self.drains or self.generations or self.vips or self.pop_vips)
+        return bool(self.drains or self.generations or self.vips or self.pop_vips or self.rollout is not None)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ def diff(old: Persisted, new: Persisted) -> Changes:
     """The changes that turn ``old`` into ``new``. Cheap when little changed: the planner hands
     back the very same memory objects for unchanged pairs, and equal maps compare in C."""
     return Changes(diff_map(old.drains, new.drains), diff_map(old.generations, new.generations),
-                   diff_map(old.planner.vips, new.planner.vips), diff_map(old.planner.pop_vips, new.planner.pop_vips))
+                   diff_map(old.planner.vips, new.planner.vips), diff_map(old.planner.pop_vips, new.planner.pop_vips),
+                   new.rollout if new.rollout != old.rollout else None)
 
 
 def diff_map(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> dict[Any, Any]:
@@ -199,7 +202,8 @@ def apply(state: Persisted, c: Changes) -> Persisted:
     vips, pop_vips = dict(state.planner.vips), dict(state.planner.pop_vips)
     _apply_map(vips, c.vips)
     _apply_map(pop_vips, c.pop_vips)
-    return Persisted(drains, generations, PlannerState(vips, pop_vips))
+    return Persisted(drains, generations, PlannerState(vips, pop_vips),
+                     c.rollout if c.rollout is not None else state.rollout)
 
 
 def _apply_map(target: dict[Any, Any], changes: Mapping[Any, Any]) -> None:
@@ -276,12 +280,15 @@ def _pop_vip_from_json(m: dict[str, Any]) -> PopVipMemory:
 
 
 def state_to_json(p: Persisted, seq: int) -> dict[str, Any]:
-    return {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner)}
+    return {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner),
+            **({"rollout": dict(p.rollout)} if p.rollout is not None else {})}
 
 
 def state_from_json(data: dict[str, Any]) -> Persisted:
+    rollout = data.get("rollout")  # absent in files written before staged rollouts
     return Persisted({str(k): float(v) for k, v in data["drains"].items()},
-                     {str(k): int(v) for k, v in data["generations"].items()}, planner_from_json(data))
+                     {str(k): int(v) for k, v in data["generations"].items()}, planner_from_json(data),
+                     dict(rollout) if isinstance(rollout, dict) else None)
 
 
 def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
@@ -297,7 +304,7 @@ def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
             others.append([pop, vip, _pop_vip_to_json(v)])  # type: ignore[arg-type]
     return {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
             "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
-            "pop_vips": others, **grouped}
+            "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
 
 
 def changes_from_json(data: dict[str, Any]) -> Changes:
@@ -309,7 +316,8 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
                 pop_vips[(str(pop), str(vip))] = memory
     return Changes({str(k): None if v is None else float(v) for k, v in data["drains"].items()},
                    {str(k): int(v) for k, v in data["generations"].items()},
-                   {str(k): None if v is None else _vip_from_json(v) for k, v in data["vips"].items()}, pop_vips)
+                   {str(k): None if v is None else _vip_from_json(v) for k, v in data["vips"].items()}, pop_vips,
+                   dict(data["rollout"]) if isinstance(data.get("rollout"), dict) else None)
 
 
 def _line(doc: dict[str, Any]) -> bytes:

@@ -332,11 +332,20 @@ def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, 
     data["vips"][0]["publish"] = ["sjc", "fra"]
     (proposed / "vips.yaml").write_text(yaml.safe_dump(data))
     r = controller.ctl("diff", "--config", str(proposed), "--json")
-    assert r.returncode == 0, r.stderr
-    changes = json.loads(r.stdout)
+    assert r.returncode == 2, r.stderr  # changes (as terraform plan -detailed-exitcode)
+    out = json.loads(r.stdout)
+    changes = out["changes"]
     assert {"pop": "sin", "vip": "game-global", "action": "withdraw",
             "detail": "no longer published at this POP"} in changes
     assert all(c["pop"] == "sin" for c in changes)  # nothing else moves
+    blast = out["blast_radius"]
+    # fra is drained (withdrawn): 3 pairs announced now (sjc's two, sin's one); sin's withdrawn
+    # is a third of them, over the 25% budget: the controller would hold this commit.
+    assert (blast["announced_now"], blast["withdrawn"]) == (3, 1)
+    assert "withdraws 1 of 3 announced (VIP, POP) pairs (33% > change.max_withdraw_fraction 25%)" \
+        in blast["over_budget"]
+    assert blast["per_pop"] == {"sin": {"withdrawn": 1, "announced": 0, "moved": 0, "announced_now": 1,
+                                        "share_withdrawn": 1.0}}
     r = controller.ctl("undrain", "fra")
     assert r.returncode == 0 and "fra: undrained" in r.stdout
     plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
@@ -450,17 +459,26 @@ def test_anycastctl_bad_flags_are_usage_errors_not_tracebacks(args: list[str]) -
     assert "Traceback" not in r.stderr and "usage: anycastctl" in r.stderr
 
 
-def test_anycastctl_diff_detailed_exitcode_tells_a_change_from_none(controller: Running) -> None:
+def test_anycastctl_diff_exits_2_on_changes_0_on_none_1_on_error(controller: Running) -> None:
+    """By default, as ``terraform plan -detailed-exitcode``; the old flag is accepted and
+    changes nothing; ``--budget`` makes a change over the blast-radius budget an error."""
     def diff(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "anycastctl"), "diff", "--config", str(controller.dir), "--against", "HEAD",
                                *extra], capture_output=True, text=True, timeout=60)
 
-    assert diff("--detailed-exitcode").returncode == 0  # the working tree is HEAD
+    assert diff().returncode == 0  # the working tree is HEAD
+    assert diff("--detailed-exitcode").returncode == 0
     controller.edit("vips.yaml", lambda d: d["vips"][0].__setitem__("publish", ["sjc", "fra"]))
-    changed = diff("--detailed-exitcode")
+    changed = diff()
     assert changed.returncode == 2, changed.stderr
     assert "sin" in changed.stdout and "game-global" in changed.stdout
-    assert diff().returncode == 0  # without the flag a change is still a success
+    assert "withdraws 1 of 5 announced (VIP, POP) pairs (20%)" in changed.stdout
+    assert diff("--detailed-exitcode").returncode == 2
+    assert diff("--budget").returncode == 2  # 20%: within the budget
+    controller.edit("vips.yaml", lambda d: d.__setitem__("vips", []))
+    over = diff("--budget")
+    assert over.returncode == 1 and "over the blast-radius budget" in over.stderr, over.stdout + over.stderr
+    assert diff().returncode == 2
     r = diff("--against", "no-such-rev")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no-such-rev" in r.stderr
 
@@ -478,3 +496,56 @@ def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Runni
     plain_encoding, plain = get({})
     assert (encoding, plain_encoding) == ("gzip", None)
     assert gzip.decompress(packed) == plain and json.loads(plain)["pop"] == "sjc"
+
+
+# --- config changes: the blast-radius budget (policy/change.py) ------------------------------------
+def _announcing(c: Running, pop: str) -> set[str]:
+    return {v["name"] for v in c.request("GET", f"/v1/plans/{pop}", token=TOKENS[pop])[1]["vips"] if v["wanted"]}
+
+
+def test_a_commit_withdrawing_everything_is_held_until_confirmed_through_anycastctl(controller: Running) -> None:
+    """``vips: []`` committed: every POP's plan still announces what it did, status and the
+    metric say HELD naming the revision, also after a restart; a confirm naming another
+    revision, or with a bad token, is refused; the right one starts the waves, sin first (it
+    announces the least), fra and sjc keeping everything meanwhile."""
+    healthy = report_json({"game-global": {"us-west": True, "eu-central": True},
+                           "api-eu": {"eu-central": True, "us-west": True}}, {"game-global": True, "api-eu": True})
+    for pop in ("sjc", "fra"):
+        assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+    assert controller.request("POST", "/v1/reports/sin", report_json(
+        {"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True}), TOKENS["sin"])[0] == 200
+    before = {pop: _announcing(controller, pop) for pop in ("sjc", "fra", "sin")}
+    assert before == {"sjc": {"game-global", "api-eu"}, "fra": {"game-global", "api-eu"}, "sin": {"game-global"}}
+    controller.edit("vips.yaml", lambda v: v.__setitem__("vips", []))
+    controller.commit("remove every VIP")
+    rev = subprocess.run(["git", "-C", str(controller.dir), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()[:12]
+
+    def change() -> dict[str, Any]:
+        return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]["change"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: change()["phase"] == "held", 60, desc="the commit held")
+    st = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    assert st["change"]["target"] == rev and st["alarms"][0]["kind"] == "change_held"
+    assert "withdraws 5 of 5" in st["change"]["detail"]
+    assert {pop: _announcing(controller, pop) for pop in before} == before  # nothing withdrawn
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{controller.metrics_port}/metrics").read().decode()
+    assert 'anycast_controller_change_phase{phase="held"} 1.0' in metrics
+    assert "anycast_controller_change_withdraw_pairs 5.0" in metrics
+    r = controller.ctl("status")
+    assert r.returncode == 0 and f"CONFIG CHANGE HELD: revision {rev}" in r.stdout, r.stdout + r.stderr
+    controller.restart()
+    assert change()["phase"] == "held" and change()["target"] == rev
+    assert {pop: _announcing(controller, pop) for pop in before} == before
+    r = controller.ctl("apply", "--confirm", "0123456789ab", "--reason", "wrong one")
+    assert r.returncode == 1 and "not the one waiting" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = ctl_at(controller.url, "apply", "--confirm", rev, "--reason", "x", token="not-the-token")
+    assert r.returncode == 6, r.stderr
+    assert change()["phase"] == "held"
+    r = controller.ctl("apply", "--confirm", rev, "--reason", "retiring the lab VIPs", "--by", "tester")
+    assert r.returncode == 0 and "3 wave(s), first at sin" in r.stdout, r.stdout + r.stderr
+    assert _announcing(controller, "sin") == set()
+    assert _announcing(controller, "sjc") == before["sjc"] and _announcing(controller, "fra") == before["fra"]
+    assert change()["confirmed"]["by"] == "tester"
+    r = controller.ctl("status")
+    assert f"revision {rev} confirmed by tester: retiring the lab VIPs" in r.stdout
