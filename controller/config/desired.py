@@ -127,7 +127,7 @@ def read_state_dir(directory: str) -> str:
     """``state_dir`` from controller.yaml, read on its own (best effort, for starting on the
     last good desired state when the checkout does not load): the default if unreadable."""
     try:
-        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml"), inside=directory), "controller.yaml")
     except ConfigError:
         return DEFAULT_STATE_DIR
     value = data.get("state_dir") if isinstance(data, dict) else None
@@ -135,7 +135,17 @@ def read_state_dir(directory: str) -> str:
 
 
 def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
-    """Read every file, report every error (with file and path), or return the state."""
+    """Read every file, report every error (with file and path), or return the state.
+
+    Input that exhausts the interpreter (recursion, memory) despite the bounds in the reader
+    is a rejected config too, never a dead daemon or validator."""
+    try:
+        return _load(directory, revision, cache)
+    except (RecursionError, MemoryError) as exc:
+        raise ConfigError(directory, [ConfigIssue("", f"cannot be loaded ({type(exc).__name__}): refused")]) from None
+
+
+def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredState:
     issues: list[ConfigIssue] = []
     trees: dict[str, Node] = {}
     texts: dict[str, tuple[str, Any]] = {}
@@ -148,7 +158,7 @@ def load_desired(directory: str, revision: str = "", cache: LoadCache | None = N
     for name in names:
         path = os.path.join(directory, name)
         try:
-            text = read_text(path)
+            text = read_text(path, inside=directory)
             seen = cache.files.get(name) if cache is not None else None
             if seen is not None and seen[0] == text:
                 data = seen[1]
@@ -199,6 +209,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
                 pops.append(spec)
         pops_root.reject_unknown()
         _unique(pops_root, "pops", [spec.name for spec in pops], "POP")
+        _separate_tokens(top, pops_root, operator)
     pop_names = {p.name for p in pops}
 
     vips: list[FleetVip] = []
@@ -248,6 +259,25 @@ def _unique(root: Node, key: str, values: list[str], what: str) -> None:
     for i, value in enumerate(values):
         if value in values[:i]:
             root.issues.add(f"{key}[{i}]", f"duplicate {what} {value!r}")
+
+
+def _separate_tokens(top: Node, pops_root: Node, operator: str | None) -> None:
+    """Each POP's token and the operator's must differ: a shared hash would let one POP's
+    agent read another's plans, or (shared with the operator) drain every POP."""
+    owner: dict[str, str] = {}
+    for i, n in enumerate(_list(pops_root, "pops", False)):
+        raw = n.value if isinstance(n.value, dict) else {}
+        token, name = raw.get("token_sha256"), raw.get("name")
+        if not isinstance(token, str):
+            continue
+        if token in owner:
+            pops_root.issues.add(f"pops[{i}].token_sha256", f"the same token hash as POP {owner[token]!r}: "
+                                                             "every POP needs a token of its own")
+        else:
+            owner[token] = str(name)
+    if operator is not None and operator in owner:
+        top.error(f"the same hash as POP {owner[operator]!r}'s token_sha256 in pops.yaml: the operator "
+                  "token must differ from every agent token", "operator_token_sha256")
 
 
 def _sha256(node: Node) -> str | None:

@@ -545,3 +545,33 @@ def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Runni
     plain_encoding, plain = get({})
     assert (encoding, plain_encoding) == ("gzip", None)
     assert gzip.decompress(packed) == plain and json.loads(plain)["pop"] == "sjc"
+
+
+@pytest.mark.parametrize("hostile", ["symlink to /dev/zero", "symlink out of the checkout", "fifo", "deep yaml"])
+def test_a_hostile_file_in_the_checkout_is_refused_and_the_controller_keeps_serving(controller: Running,
+                                                                                    hostile: str) -> None:
+    before = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    bad = controller.dir / "vips" / "bad.yaml"
+    bad.parent.mkdir(exist_ok=True)
+    if hostile == "symlink to /dev/zero":
+        os.symlink("/dev/zero", bad)
+    elif hostile == "symlink out of the checkout":
+        (controller.dir.parent / "secret.yaml").write_text("vips: []  # hunter2\n")
+        os.symlink(controller.dir.parent / "secret.yaml", bad)
+    elif hostile == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.write_text("vips: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    if hostile != "fifo":  # git does not store a FIFO: it is only in the working tree
+        git(controller.dir, "add", "-A")
+        controller.commit(f"hostile: {hostile}")
+
+    def status() -> dict[str, Any]:
+        return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    wait_for(lambda: "vips/bad.yaml" in (status()["config"]["last_error"] or ""), 60, desc="the refusal in status")
+    assert "hunter2" not in json.dumps(status())  # a file outside the checkout is never read nor shown
+    assert controller.proc.poll() is None
+    assert controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1] == before  # still serving, unchanged
+    r = subprocess.run([str(BIN / "anycastctl"), "validate", str(controller.dir)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "vips/bad.yaml: " in r.stdout, r.stdout + r.stderr

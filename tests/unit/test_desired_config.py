@@ -196,3 +196,18 @@ def test_only_the_plain_shape_is_split() -> None:
     for text in ("vips: []\n", "vips:\n  - name: a\n  x: 1\n", "vips:\n\t- name: a\n", "---\nvips:\n  - a\n",
                  "vips:\n  - name: a\n    d: \"two\n  lines\"\n", "other: 1\nvips:\n  - a\n"):
         assert _split_vips(text) is None, text
+
+
+def test_two_pops_sharing_a_token_hash_are_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "pops.yaml", lambda p: p["pops"][2].__setitem__("token_sha256", p["pops"][0]["token_sha256"]))
+    assert errors(d) == ["pops.yaml: pops[2].token_sha256: the same token hash as POP 'sjc': "
+                         "every POP needs a token of its own"]
+
+
+def test_an_operator_token_equal_to_a_pops_is_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    fra = yaml.safe_load((d / "pops.yaml").read_text())["pops"][1]["token_sha256"]
+    edit(d, "controller.yaml", lambda c: c.__setitem__("operator_token_sha256", fra))
+    assert errors(d) == ["controller.yaml: operator_token_sha256: the same hash as POP 'fra''s token_sha256 in "
+                         "pops.yaml: the operator token must differ from every agent token"]
