@@ -14,16 +14,18 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
 
-from ..config.model import IPNetwork
+from ..config.model import ClientTls, IPNetwork
 from ..wire import WireDelta, WireError, WireReport, decode_plan, decode_plan_answer, encode_report, report_delta
 from .controller_link import ControllerUnavailable, HealthReport
 from .intent import Plan, PlanSource
 from .plan_wire import NeedFullPlan, PlanBook
+from .tls import client_context
 
 log = logging.getLogger("controller.agent")
 CACHE_FILE = "plan.json"
@@ -31,7 +33,7 @@ CACHE_FILE = "plan.json"
 
 class PlanClient:
     def __init__(self, url: str, pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.pop = pop
         self.allowed = tuple(allowed)
@@ -45,11 +47,12 @@ class PlanClient:
         self.cache_path = os.path.join(state_dir, CACHE_FILE)
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout
+        self._tls = tls  # None: aiohttp's defaults (the system trust store for https://)
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_token_file(cls, url: str, pop: str, token_file: str, state_dir: str, allowed: Iterable[IPNetwork],
-                        timeout: float = 5.0) -> PlanClient:
+                        timeout: float = 5.0, tls: ClientTls = ClientTls()) -> PlanClient:
         try:
             with open(token_file, encoding="utf-8") as f:
                 token = f.read().strip()
@@ -57,11 +60,12 @@ class PlanClient:
             raise ControllerUnavailable(f"cannot read the token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ControllerUnavailable(f"the token file {token_file} is empty")
-        return cls(url, pop, token, state_dir, allowed, timeout=timeout)
+        return cls(url, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(url, tls))
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers)
+            connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+            self._session = aiohttp.ClientSession(headers=self._headers, connector=connector)
         return self._session
 
     async def close(self) -> None:

@@ -7,13 +7,14 @@ what validates is exactly what runs.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 
 from .. import bgp_values
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
-    AdminState, AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
+    AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
 from .reader import Issues, Node, parse_yaml, read_text
@@ -245,10 +246,26 @@ def _controller(node: Node | None) -> ControllerLink | None:
     report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
     timeout = node.opt("timeout", lambda n: n.as_float(0.1, 60), 5.0)
     confirm_timeout = node.opt("confirm_timeout", lambda n: n.as_float(0, 60), 2.0)
+    tls = ClientTls(node.opt("ca_file", read_absolute_path, None), node.opt("client_cert", read_absolute_path, None),
+                    node.opt("client_key", read_absolute_path, None))
+    if (tls.cert is None) != (tls.key is None):
+        node.error("client_cert and client_key go together", "client_cert" if tls.cert is None else "client_key")
+    if url is not None and url.startswith("http://") and (tls.ca_file or tls.cert):
+        node.error("ca_file and client_cert need an https:// URL", "url")
     node.reject_unknown()
     if url is None or token_file is None:
         return None
-    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout)
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls)
+
+
+def read_absolute_path(node: Node) -> str | None:
+    """A file on this host, given absolutely (keys and certificates: never relative to a
+    checkout, where they might be committed)."""
+    s = node.as_str()
+    if s is not None and not os.path.isabs(s):
+        node.error(f"expected an absolute path, got {s!r}")
+        return None
+    return s
 
 
 def _http_url(node: Node) -> str | None:

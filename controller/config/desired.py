@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .agent import (
-    DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
+    DEFAULT_DRAINING, DEFAULT_UP, read_absolute_path, read_check_defaults, read_host_port, read_name,
+    read_state_attributes, read_vip,
 )
 from .desired_model import (
-    DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
+    ApiSettings, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
+    TlsSettings,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -199,6 +201,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     policy = read_policy(top.get("policy"), Policy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    api = top.opt("api", _api, ApiSettings())
     top.reject_unknown()
 
     pops_root = trees["pops.yaml"]
@@ -247,7 +250,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     if attrs is None:
         return None
     return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                        tuple(pops), tuple(vips), policy)
+                        tuple(pops), tuple(vips), policy, api)
 
 
 def _list(node: Node, key: str, required: bool) -> list[Node]:
@@ -259,6 +262,30 @@ def _unique(root: Node, key: str, values: list[str], what: str) -> None:
     for i, value in enumerate(values):
         if value in values[:i]:
             root.issues.add(f"{key}[{i}]", f"duplicate {what} {value!r}")
+
+
+def _api(node: Node) -> ApiSettings | None:
+    if not node.is_mapping():
+        return None
+    d = ApiSettings()
+    settings = ApiSettings(
+        header_timeout=node.opt("header_timeout", lambda n: n.as_float(0.5, 300), d.header_timeout),
+        body_timeout=node.opt("body_timeout", lambda n: n.as_float(0.5, 600), d.body_timeout),
+        max_unauthenticated_connections=node.opt("max_unauthenticated_connections",
+                                                 lambda n: n.as_int(4, 100_000), d.max_unauthenticated_connections),
+        tls=node.opt("tls", _tls, None),
+    )
+    node.reject_unknown()
+    return settings
+
+
+def _tls(node: Node) -> TlsSettings | None:
+    if not node.is_mapping():
+        return None
+    cert, key = node.req("cert", read_absolute_path), node.req("key", read_absolute_path)
+    client_ca = node.opt("client_ca", read_absolute_path, None)
+    node.reject_unknown()
+    return TlsSettings(cert, key, client_ca) if cert and key else None
 
 
 def _separate_tokens(top: Node, pops_root: Node, operator: str | None) -> None:

@@ -10,10 +10,15 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,10 +27,15 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from cryptography import x509
 
 from controller.agent.controller_link import ControllerUnavailable, HealthReport
 from controller.agent.plan_client import PlanClient
+from controller.agent.tls import client_context
+from controller.config.model import ClientTls
 from controller.config.desired import load_desired
+from lab.metrics import parse as parse_metrics
+from lab.tls import LabCa, Pair
 from lab.poll import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +67,11 @@ def git(d: Path, *args: str) -> None:
                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"})
 
 
+def _systemd_default_fd_limit() -> None:
+    """The controller gets the 1,024 descriptors a unit without LimitNOFILE has."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 class Running:
     def __init__(self, tmp: Path) -> None:
         self.dir = tmp / "desired"
@@ -67,6 +82,7 @@ class Running:
         git(self.dir, "commit", "-qm", "initial")
         self.log = tmp / "controller.log"
         self.state = tmp / "state"
+        self.ssl: ssl.SSLContext | None = None  # trusts the controller's CA once it serves HTTPS
         # A port found free may be taken by someone else before the controller binds it (two
         # sockets bound at the same moment, on a busy machine): then start again on new ports.
         for attempt in range(3):
@@ -82,7 +98,7 @@ class Running:
         self.proc = subprocess.Popen(
             [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(self.state),
              "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, preexec_fn=_systemd_default_fd_limit)
         wait_for(lambda: self.proc.poll() is not None or self.up(), 60, desc="controller answering (or exiting)")
         if self.proc.poll() is None:
             return True
@@ -117,7 +133,7 @@ class Running:
             h["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=h)
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
@@ -575,3 +591,209 @@ def test_a_hostile_file_in_the_checkout_is_refused_and_the_controller_keeps_serv
     r = subprocess.run([str(BIN / "anycastctl"), "validate", str(controller.dir)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "vips/bad.yaml: " in r.stdout, r.stdout + r.stderr
+
+
+class SlowFlood:
+    """``n`` connections from one thread, each holding half a request line and trickling one
+    more header byte every 0.3 s; one the controller closes is opened again (until
+    ``reconnect`` is cleared). ``alive`` counts those open now, ``opened`` all ever opened."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.n = port, n
+        self.socks: list[socket.socket] = []
+        self.opened = self.closed_by_server = 0
+        self.reconnect = threading.Event()
+        self.reconnect.set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def alive(self) -> int:
+        return len(self.socks)
+
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        except OSError:
+            return  # refused or reset at once: counted as nothing, tried again next sweep
+        s.setblocking(False)
+        try:
+            s.send(b"GET /v1/plans/sjc HT")
+        except OSError:
+            s.close()
+            return
+        self.socks.append(s)
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            keep = []
+            for s in self.socks:
+                try:
+                    gone = s.recv(1 << 12) == b""  # closed by the controller
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if not gone:
+                    try:
+                        s.send(b"x")  # another byte of a header that never ends
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        gone = True
+                if gone:
+                    s.close()
+                    self.closed_by_server += 1
+                else:
+                    keep.append(s)
+            self.socks = keep
+            while self.reconnect.is_set() and len(self.socks) < self.n and not self.stop.is_set():
+                self._open()
+            self.stop.wait(0.3)
+        for s in self.socks:
+            s.close()
+
+
+def metric(c: Running, name: str, **labels: str) -> float | None:
+    return parse_metrics(urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics").read().decode()).value(
+        name, **labels)
+
+
+def test_slow_connections_cannot_lock_agents_out(controller: Running, tmp_path: Path) -> None:
+    """1,100 connections trickling half a request (more than the 1,024 descriptors the
+    controller has): agents still fetch plans and report, each slow connection is closed at
+    the header deadline although it keeps sending, and accept() never runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test process holds the 1,100
+    controller.edit("controller.yaml", lambda c: c.__setitem__("api", {"header_timeout": 2}))
+    controller.commit("api: a 2 s header deadline")
+    controller.restart()  # the header deadline is set at start
+    flood = SlowFlood(controller.port, 1100)
+    connected = client(controller, "fra", tmp_path)  # an agent connected before the flood
+
+    async def scenario() -> None:
+        try:
+            assert await connected.fetch_plan(-1, 0) is not None
+            flood.thread.start()
+            await asyncio.to_thread(wait_for, lambda: flood.opened >= 1100, 120, desc="1,100 slow connections opened")
+            for i in range(5):  # new agents (new connections) and the connected one, during the flood
+                for c in (client(controller, "sjc", tmp_path / f"new-{i}"), connected):
+                    for attempt in range(3):  # as an agent does: a connection closed under it is tried again
+                        try:
+                            plan = await c.fetch_plan(-1, 0)
+                            await c.report(HealthReport("sjc" if c is not connected else "fra", plan.generation
+                                                        if plan else 0, {}, {}))
+                            break
+                        except ControllerUnavailable:
+                            if attempt == 2:
+                                raise
+                    if c is not connected:
+                        await c.close()
+        finally:
+            await connected.close()
+
+    try:
+        asyncio.run(scenario())
+        assert flood.opened >= 1100
+        flood.reconnect.clear()  # the rest keep trickling: each is closed at its header deadline all the same
+        wait_for(lambda: flood.alive == 0, 120, desc="every slow connection closed by the controller")
+    finally:
+        flood.stop.set()
+        flood.thread.join(30)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert controller.proc.poll() is None
+    assert metric(controller, "anycast_controller_accept_errors_total") == 0  # descriptors never ran out
+    assert (metric(controller, "anycast_controller_connections_shed_total", reason="evicted") or 0) > 0
+    status, body = controller.request("GET", "/v1/status", token=TOKENS["operator"])
+    assert status == 200 and not body["config"]["last_error"]
+
+
+def serve_tls(c: Running, ca: LabCa, mutual: bool = True) -> Pair:
+    """Commit api.tls (with the lab CA as client CA if ``mutual``) and restart on HTTPS."""
+    pair = ca.server()
+    tls = {"cert": str(pair.cert), "key": str(pair.key), **({"client_ca": str(ca.ca)} if mutual else {})}
+    c.edit("controller.yaml", lambda d: d.__setitem__("api", {"tls": tls}))
+    c.commit("api: TLS")
+    c.url = c.url.replace("http://", "https://")
+    c.ssl = ssl.create_default_context(cafile=str(ca.ca))
+    c.restart()  # switching TLS on takes a restart (a reload refuses it)
+    return pair
+
+
+def tls_client(c: Running, pop: str, tmp: Path, ca: LabCa | None, cert: Pair | None) -> PlanClient:
+    tls = ClientTls(str(ca.ca) if ca else None, str(cert.cert) if cert else None, str(cert.key) if cert else None)
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED, tls=client_context(c.url, tls))
+
+
+async def fetch_and_report(c: PlanClient) -> None:
+    try:
+        plan = await c.fetch_plan(-1, 0)
+        assert plan is not None and plan.vips
+        await c.report(HealthReport(c.pop, plan.generation, {}, {}))
+    finally:
+        await c.close()
+
+
+def served_serial(c: Running) -> int:
+    """The serial number of the certificate a new connection to the controller is shown."""
+    assert c.ssl is not None
+    with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
+        with c.ssl.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_with_mtls_agents_fetch_and_report_and_every_stranger_is_refused(controller: Running,
+                                                                        tmp_path: Path) -> None:
+    ca = LabCa(tmp_path / "tls")
+    serve_tls(controller, ca)
+    sjc_cert, fra_cert = ca.client("sjc"), ca.client("fra")
+    stranger_ca = LabCa(tmp_path / "other", "someone else's CA")
+
+    async def scenario() -> list[str]:
+        await fetch_and_report(tls_client(controller, "sjc", tmp_path, ca, sjc_cert))
+        await fetch_and_report(tls_client(controller, "fra", tmp_path, ca, fra_cert))
+        refusals = []
+        for pop, trust, cert in (("sjc", ca, None),  # no client certificate
+                                 ("fra", ca, sjc_cert),  # sjc's certificate with fra's token
+                                 ("sjc", None, sjc_cert),  # trusts only the system CAs
+                                 ("sjc", stranger_ca, sjc_cert),  # trusts another CA
+                                 ("sjc", ca, stranger_ca.client("sjc"))):  # a certificate from another CA
+            with pytest.raises(ControllerUnavailable) as info:
+                await fetch_and_report(tls_client(controller, pop, tmp_path, trust, cert))
+            refusals.append(str(info.value))
+        return refusals
+
+    refusals = asyncio.run(scenario())
+    assert "HTTP 403: POP 'sjc' must present a client certificate naming it (got no client certificate)" in refusals[0]
+    assert "HTTP 403: POP 'fra' must present a client certificate naming it (got sjc)" in refusals[1]
+    assert all("certificate verify failed" in r for r in refusals[2:4]), refusals
+    assert "HTTP" not in refusals[4]  # refused in the handshake, before any request
+    with pytest.raises(OSError):  # plain HTTP to the HTTPS port gets nothing
+        urllib.request.urlopen(controller.url.replace("https://", "http://") + "/v1/status", timeout=10)
+    # Operators keep using their token alone; a private CA through SSL_CERT_FILE.
+    r = subprocess.run([str(BIN / "anycastctl"), "status"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "ANYCAST_CONTROLLER_URL": controller.url, "SSL_CERT_FILE": str(ca.ca),
+                            "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert metric(controller, "anycast_controller_api_tls") == 1
+
+
+def test_a_renewed_certificate_is_served_after_a_reload_and_a_bad_one_changes_nothing(controller: Running,
+                                                                                     tmp_path: Path) -> None:
+    ca = LabCa(tmp_path / "tls")
+    first = serve_tls(controller, ca, mutual=False)
+    assert served_serial(controller) == ca.serial(first)
+    renewed = ca.server("renewed")
+    shutil.copy(renewed.cert, first.cert)  # renewed in place, as certbot or an operator would
+    shutil.copy(renewed.key, first.key)
+    controller.proc.send_signal(signal.SIGHUP)  # systemctl reload
+    wait_for(lambda: served_serial(controller) == ca.serial(renewed), 60, desc="the renewed certificate served")
+    first.key.write_text("not a key\n")
+    controller.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "api.tls.cert" in (controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+                                        ["config"]["last_error"] or ""), 60, desc="the bad key refused in status")
+    assert served_serial(controller) == ca.serial(renewed)  # still the last good pair
+    asyncio.run(fetch_and_report(tls_client(controller, "sjc", tmp_path, ca, None)))
