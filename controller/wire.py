@@ -53,6 +53,9 @@ verdicts; ``removed`` VIPs are gone from both maps)::
 
 When ``base`` is not the last report the controller holds for the POP (it restarted, or a
 report was lost), it answers 409 with ``"field": "base"``: the agent sends a full report.
+``seq`` only grows (agents start it from the clock in microseconds, so a restarted agent goes
+on above its last): a report numbered at or below the last one applied for the POP is a
+replay or a straggler, refused with 409, ``"field": "seq"`` and ``"last_seq"``.
 A report may be ``report_limit(pairs)`` bytes long (``pairs``: the POP's published VIP x
 origin-region pairs); a longer body is refused with 413.
 """

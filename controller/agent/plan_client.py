@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,7 +41,9 @@ class PlanClient:
         self.book = PlanBook(pop, self.allowed)  # the last good plan, to apply deltas onto
         self._confirmed = False  # the controller said the book's plan is current (this process)
         self._cached_generation: int | None = None  # the plan in the cache file
-        self._seq = 0  # numbers the reports
+        # Numbers the reports, from the clock in microseconds so that a restarted agent goes on
+        # above its last number and the controller can refuse a replayed (older) report.
+        self._seq = time.time_ns() // 1000
         # Answers applied, by kind: "full", "delta", and "refetch" (a delta that did not fit).
         self.answers: collections.Counter[str] = collections.Counter()
         self._accepted: WireReport | None = None  # the last report the controller accepted
@@ -123,9 +126,13 @@ class PlanClient:
         full = WireReport(report.plan_generation, report.origins, report.announced, self._seq)
         body = full if self._accepted is None else report_delta(self._accepted, full)
         path = f"/v1/reports/{self.pop}"
-        status, _ = await self._request("POST", path, self._timeout, encode_report(body), accept=(200, 409))
+        status, answer = await self._request("POST", path, self._timeout, encode_report(body), accept=(200, 409))
         if status == 409:  # the controller does not hold the report the delta was onto
-            log.info("the controller asked for a full report")
+            log.info("the controller asked for a full report: %s", answer.get("error", ""))
+            last = answer.get("last_seq") if answer.get("field") == "seq" else None
+            if isinstance(last, int) and not isinstance(last, bool) and last >= self._seq:
+                self._seq = last + 1  # our clock went back: continue above what it applied
+                full = dataclasses.replace(full, seq=self._seq)
             self._accepted = None
             await self._request("POST", path, self._timeout, encode_report(full))
         self._accepted = full

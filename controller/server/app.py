@@ -21,7 +21,8 @@ Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a ba
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
 endpoint, or with mTLS a POP request without a client certificate naming the POP), 404
 unknown POP or VIP, 408 a report body slower than ``api.body_timeout``, 409 a delta report
-whose ``base`` is not the last report held (send a full one), 413 a report over
+whose ``base`` is not the last report held (send a full one) or whose ``seq`` is not above the
+last one applied (a replay; ``last_seq`` says where to continue), 413 a report over
 ``wire.report_limit`` (1 MiB plus 160 B per VIP x origin-region pair the POP publishes),
 422 a report about a VIP the POP does not publish, 503 a drain or undrain that cannot be
 saved (the state directory is full, failing or read-only). A rejected request changes nothing.
@@ -208,6 +209,12 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field or "body")
     origins, announced = report.origins, report.announced
+    if report.seq is not None and book.seq is not None and report.seq <= book.seq:
+        # Each report is numbered above the last (agents start from the clock): an older or
+        # equal number is a replay or a straggler, and would roll the POP's health back.
+        return web.json_response({"error": f"report {report.seq} is not newer than report {book.seq}, already "
+                                           f"applied for {pop}: replayed or out of order", "field": "seq",
+                                  "last_seq": book.seq}, status=409)
     if report.base is not None:
         previous = ctl.reports.get(pop)
         if previous is None or book.seq != report.base:

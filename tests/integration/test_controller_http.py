@@ -797,3 +797,28 @@ def test_a_renewed_certificate_is_served_after_a_reload_and_a_bad_one_changes_no
                                         ["config"]["last_error"] or ""), 60, desc="the bad key refused in status")
     assert served_serial(controller) == ca.serial(renewed)  # still the last good pair
     asyncio.run(fetch_and_report(tls_client(controller, "sjc", tmp_path, ca, None)))
+
+
+def test_a_replayed_report_is_refused_and_changes_nothing(controller: Running, tmp_path: Path) -> None:
+    def post(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return controller.request("POST", "/v1/reports/sjc", json.dumps(report).encode(), token=TOKENS["sjc"],
+                                  headers={"Content-Type": "application/json"})
+
+    down = {"plan_generation": 1, "seq": 1000, "origins": {"game-global": {"us-west": False}}, "announced": {}}
+    up = {"plan_generation": 1, "seq": 1001, "origins": {"game-global": {"us-west": True}}, "announced": {}}
+    assert post(down)[0] == 200 and post(up)[0] == 200
+    explain = controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1]
+    for _ in range(3):  # a captured report sent again, and again
+        status, body = post(down)
+        assert (status, body["field"], body["last_seq"]) == (409, "seq", 1001), body
+    assert controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1] == explain
+
+    async def agent() -> None:  # a real agent (its numbers come from the clock) goes on as before
+        c = client(controller, "sjc", tmp_path)
+        try:
+            await c.report(HealthReport("sjc", 1, {"game-global": {"us-west": True}}, {}))
+            c._seq = 5  # its clock stepped back: the controller says where to continue
+            await c.report(HealthReport("sjc", 1, {"game-global": {"us-west": True}}, {}))
+        finally:
+            await c.close()
+    asyncio.run(agent())
