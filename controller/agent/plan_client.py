@@ -10,11 +10,15 @@ accepted; a 409 (it restarted, or lost one) is followed at once by a full report
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +34,7 @@ from .tls import client_context
 
 log = logging.getLogger("controller.agent")
 CACHE_FILE = "plan.json"
+MAX_CACHE_BYTES = 256 << 20  # a plan of 100,000 VIPs is ~90 MB of JSON
 
 
 class PlanClient:
@@ -48,6 +53,11 @@ class PlanClient:
         self.answers: collections.Counter[str] = collections.Counter()
         self._accepted: WireReport | None = None  # the last report the controller accepted
         self.cache_path = os.path.join(state_dir, CACHE_FILE)
+        # The cache is sealed with a key only the token's holder knows: a plan written into
+        # STATE_DIR by anyone else (a hand-edited address) is refused, not announced.
+        self._cache_key = hashlib.sha256(b"anycast plan cache\0" + token.encode()).digest()
+        self.refusals: collections.Counter[str] = collections.Counter()  # reason -> plans refused
+        self.confirmed_at: float | None = None  # wall-clock time the controller last confirmed the plan held
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout
         self._tls = tls  # None: aiohttp's defaults (the system trust store for https://)
@@ -113,12 +123,22 @@ class PlanClient:
         except WireError as exc:
             # An invalid plan never replaces the last good one.
             raise ControllerUnavailable(f"rejected the controller's plan: {exc}") from None
+        self._confirm()
         if plan.generation == after and self._confirmed:
             return None
         self._confirmed = True
         if plan.generation != self._cached_generation:
             self.save_cached()
         return plan
+
+    def _confirm(self) -> None:
+        """The controller just vouched for the plan held: note when (the cache file's mtime,
+        at most once a minute, says so across restarts; it only feeds the age alarm)."""
+        now = time.time()
+        if self.confirmed_at is None or now - self.confirmed_at >= 60:
+            with contextlib.suppress(OSError):
+                os.utime(self.cache_path, (now, now))
+        self.confirmed_at = now
 
     async def report(self, report: HealthReport) -> None:
         """Send the POP's health: what changed since the last report accepted, or in full."""
@@ -143,7 +163,7 @@ class PlanClient:
             os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
             tmp = f"{self.cache_path}.tmp"
             with open(tmp, "wb") as f:
-                f.write(self.book.full_json())
+                f.write(self._sealed(self.book.full_json()))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.cache_path)
@@ -151,18 +171,54 @@ class PlanClient:
         except OSError as exc:
             log.warning("cannot cache the plan in %s: %s", self.cache_path, exc)
 
-    def load_cached(self) -> Plan | None:
-        """The last plan received, re-validated (hashes and digest too); None (with a
-        warning) if absent or bad. It becomes the plan deltas are applied onto."""
+    def _mac(self, body: bytes) -> str:
+        return hmac.new(self._cache_key, body, hashlib.sha256).hexdigest()
+
+    def _sealed(self, body: bytes) -> bytes:
+        """A full plan's JSON with its MAC as one more key (still a plan any reader can parse)."""
+        assert body.endswith(b"}")
+        return body[:-1] + b',"cache_mac":"' + self._mac(body).encode() + b'"}'
+
+    def load_cached(self, max_age: float | None = None) -> Plan | None:
+        """The last plan received, re-validated (hashes, digest and MAC); None if absent or
+        bad (with an ERROR log and a refusal counted: a cache the agent did not write is not
+        followed). It becomes the plan deltas are applied onto. Older than ``max_age``
+        (since the controller last confirmed it) it is followed all the same, with a warning:
+        static stability never ends by itself."""
         try:
-            with open(self.cache_path, encoding="utf-8") as f:
-                data = json.load(f)
+            # O_NONBLOCK: a FIFO in its place must not hang the agent's start; O_NOFOLLOW: nor
+            # a symlink to /dev/zero.
+            fd = os.open(self.cache_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ValueError("not a regular file")
+                raw = f.read(MAX_CACHE_BYTES + 1)
+                confirmed = st.st_mtime
+            if len(raw) > MAX_CACHE_BYTES:
+                raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
+            data = json.loads(raw)
+            mac = data.pop("cache_mac", None) if isinstance(data, dict) else None
             book = PlanBook(self.pop, self.allowed)
             plan = book.apply(decode_plan(data, self.pop), verify=True)
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(book.full_json())):
+                raise CacheRefused("its MAC does not match: written or edited by someone without this POP's token")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the cached plan %s: %s", self.cache_path, exc)
+        except (OSError, ValueError, RecursionError) as exc:
+            reason = "cache_mac" if isinstance(exc, CacheRefused) else "cache_invalid"
+            self.refusals[reason] += 1
+            log.error("refusing the cached plan %s: %s", self.cache_path, exc, extra={"reason": reason})
             return None
+        age = time.time() - confirmed
+        if max_age is not None and age > max_age:
+            log.warning("the cached plan %s was last confirmed by the controller %.0f s ago (more than %.0f s): "
+                        "following it until the controller answers", self.cache_path, age, max_age,
+                        extra={"reason": "plan_old"})
         self.book, self._confirmed, self._cached_generation = book, False, plan.generation
+        self.confirmed_at = confirmed
         return dataclasses.replace(plan, source=PlanSource.CACHED_PLAN)
+
+
+class CacheRefused(ValueError):
+    """The cache file parsed, but this agent did not write it."""

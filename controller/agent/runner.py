@@ -49,7 +49,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
                                             config.allowed_prefixes, link.timeout, link.tls)
         if (warning := plaintext_warning(link.url)) is not None:
             log.warning("%s", warning)
-    cached = client.load_cached() if client else None
+    cached = client.load_cached(config.controller.max_plan_age) if client and config.controller else None
     if cached is not None:
         log.info("starting from the cached plan generation %d (revision %s) until the controller answers",
                  cached.generation, cached.revision)
