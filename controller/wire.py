@@ -69,6 +69,11 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
+# Signed plans: with ``api.signing_key`` every plan answer carries this header,
+# ``<key id>:<base64 Ed25519 signature over the exact JSON body, uncompressed>``; the key id
+# is plan_key_id() of the public key. Agents with ``controller.plan_keys`` refuse an answer
+# without a valid one from a key they hold.
+SIGNATURE_HEADER = "X-Anycast-Plan-Signature"
 MAX_REPORT_BYTES = 1 << 20  # a report's allowance beside its per-pair share (report_limit)
 REPORT_BYTES_PER_PAIR = 160  # a full report spends ~35 B per VIP x region pair: room for long names
 MAX_COUNTER = (1 << 63) - 1  # generations and report numbers: beyond this, a request is garbage
@@ -162,6 +167,11 @@ class WireDelta:
     specs: Mapping[str, Any]  # spec_hash -> spec, for the hashes the agent cannot have yet
     vips: tuple[PlanVip, ...]  # added or changed
     removed: tuple[str, ...]
+
+
+def plan_key_id(public_raw: bytes) -> str:
+    """The name of a plan-signing key: 16 hex digits of the sha256 of its raw 32 bytes."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
 def canonical_json(spec: Any) -> str:

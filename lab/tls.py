@@ -72,3 +72,19 @@ class LabCa:
 
     def serial(self, pair: Pair) -> int:
         return x509.load_pem_x509_certificate(pair.cert.read_bytes()).serial_number
+
+
+def plan_signing_key(directory: Path, stem: str = "plan-signing") -> Pair:
+    """An Ed25519 plan-signing key: ``key`` (private, for api.signing_key) and ``cert`` (here:
+    the public key in PEM, for the agents' controller.plan_keys)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pair = Pair(directory / f"{stem}.pub", directory / f"{stem}.key")
+    pair.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    pair.key.chmod(0o600)
+    pair.cert.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    return pair

@@ -20,16 +20,21 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..config.model import ClientTls, IPNetwork
-from ..wire import WireDelta, WireError, WireReport, decode_plan, decode_plan_answer, encode_report, report_delta
+from ..wire import (
+    SIGNATURE_HEADER, WireDelta, WireError, WirePlan, WireReport, decode_plan, decode_plan_answer, encode_report,
+    report_delta,
+)
 from .controller_link import ControllerUnavailable, HealthReport
 from .intent import Plan, PlanSource
 from .plan_wire import NeedFullPlan, PlanBook
+from .signing import PlanRefused, check_signature, load_plan_keys
 from .tls import client_context
 
 log = logging.getLogger("controller.agent")
@@ -39,7 +44,8 @@ MAX_CACHE_BYTES = 256 << 20  # a plan of 100,000 VIPs is ~90 MB of JSON
 
 class PlanClient:
     def __init__(self, url: str, pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
-                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                 plan_keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
         self.url = url.rstrip("/")
         self.pop = pop
         self.allowed = tuple(allowed)
@@ -61,11 +67,13 @@ class PlanClient:
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout
         self._tls = tls  # None: aiohttp's defaults (the system trust store for https://)
+        self._plan_keys = plan_keys  # None: plans are not signed; else each answer must be, by one of them
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_token_file(cls, url: str, pop: str, token_file: str, state_dir: str, allowed: Iterable[IPNetwork],
-                        timeout: float = 5.0, tls: ClientTls = ClientTls()) -> PlanClient:
+                        timeout: float = 5.0, tls: ClientTls = ClientTls(),
+                        plan_keys: tuple[str, ...] = ()) -> PlanClient:
         try:
             with open(token_file, encoding="utf-8") as f:
                 token = f.read().strip()
@@ -73,7 +81,8 @@ class PlanClient:
             raise ControllerUnavailable(f"cannot read the token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ControllerUnavailable(f"the token file {token_file} is empty")
-        return cls(url, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(url, tls))
+        return cls(url, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(url, tls),
+                   plan_keys=load_plan_keys(plan_keys) if plan_keys else None)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -86,11 +95,15 @@ class PlanClient:
             await self._session.close()
 
     async def _request(self, method: str, path: str, timeout: float, body: Any = None,
-                       accept: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+                       accept: tuple[int, ...] = (200,), signed: bool = False) -> tuple[int, Any]:
+        """``signed``: a plan answer, checked against the plan keys (if any) before it is parsed."""
         try:
             async with self._client().request(method, self.url + path, json=body,
                                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                text = await r.text()
+                raw = await r.read()
+                if signed and r.status == 200 and self._plan_keys is not None:
+                    self._check(lambda: check_signature(self._plan_keys or {}, r.headers.get(SIGNATURE_HEADER), raw))
+                text = raw.decode("utf-8", errors="replace")
                 if r.status not in accept:
                     try:
                         detail = json.loads(text).get("error", text)
@@ -108,17 +121,20 @@ class PlanClient:
         path = f"/v1/plans/{self.pop}"
         if after >= 0 and after == self.book.generation:
             path += f"?after={after}&wait={wait if self._confirmed else 0}"
-        _, data = await self._request("GET", path, wait + self._timeout)
+        _, data = await self._request("GET", path, wait + self._timeout, signed=True)
         try:
             try:
                 answer = decode_plan_answer(data, self.pop)
+                self._check(lambda: self._not_older(answer))
                 plan = self.book.apply(answer)
                 self.answers["delta" if isinstance(answer, WireDelta) else "full"] += 1
             except NeedFullPlan as exc:
                 log.info("fetching the full plan: %s", exc)
                 self.answers["refetch"] += 1
-                _, data = await self._request("GET", f"/v1/plans/{self.pop}", self._timeout)
-                plan = self.book.apply(decode_plan(data, self.pop))
+                _, data = await self._request("GET", f"/v1/plans/{self.pop}", self._timeout, signed=True)
+                full = decode_plan(data, self.pop)
+                self._check(lambda: self._not_older(full))
+                plan = self.book.apply(full)
                 self.answers["full"] += 1
         except WireError as exc:
             # An invalid plan never replaces the last good one.
@@ -130,6 +146,23 @@ class PlanClient:
         if plan.generation != self._cached_generation:
             self.save_cached()
         return plan
+
+    def _check(self, check: Callable[[], None]) -> None:
+        """Run a check that raises PlanRefused; count and log a refusal (the last good plan stays)."""
+        try:
+            check()
+        except PlanRefused as exc:
+            self.refusals[exc.reason] += 1
+            log.error("refusing a plan from %s: %s", self.url, exc, extra={"reason": exc.reason, "pop": self.pop})
+            raise
+
+    def _not_older(self, answer: WirePlan | WireDelta) -> None:
+        """With signed plans, a full plan older than the one held is a replay (a signed plan
+        captured earlier); refused, whatever controller or leader sends it."""
+        held = self.book.generation
+        if self._plan_keys is not None and held is not None and answer.generation < held:
+            raise PlanRefused("replay", f"plan generation {answer.generation} is older than generation {held} "
+                                        "held: a replayed plan")
 
     def _confirm(self) -> None:
         """The controller just vouched for the plan held: note when (the cache file's mtime,

@@ -249,6 +249,8 @@ def _controller(node: Node | None) -> ControllerLink | None:
     tls = ClientTls(node.opt("ca_file", read_absolute_path, None), node.opt("client_cert", read_absolute_path, None),
                     node.opt("client_key", read_absolute_path, None))
     max_plan_age = node.opt("max_plan_age", lambda n: n.as_float(60, 86400 * 365), 86400.0)
+    keys_node = node.get("plan_keys")
+    plan_keys = tuple(k for n in (keys_node.items() if keys_node else ()) if (k := read_absolute_path(n)) is not None)
     if (tls.cert is None) != (tls.key is None):
         node.error("client_cert and client_key go together", "client_cert" if tls.cert is None else "client_key")
     if url is not None and url.startswith("http://") and (tls.ca_file or tls.cert):
@@ -256,7 +258,8 @@ def _controller(node: Node | None) -> ControllerLink | None:
     node.reject_unknown()
     if url is None or token_file is None:
         return None
-    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls, max_plan_age)
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls, plan_keys,
+                          max_plan_age)
 
 
 def read_absolute_path(node: Node) -> str | None:

@@ -274,6 +274,7 @@ def _api(node: Node) -> ApiSettings | None:
         max_unauthenticated_connections=node.opt("max_unauthenticated_connections",
                                                  lambda n: n.as_int(4, 100_000), d.max_unauthenticated_connections),
         tls=node.opt("tls", _tls, None),
+        signing_key=node.opt("signing_key", read_absolute_path, None),
     )
     node.reject_unknown()
     return settings

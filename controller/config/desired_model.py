@@ -82,6 +82,7 @@ class ApiSettings:
     body_timeout: float = 30.0  # a report's body must arrive within this
     max_unauthenticated_connections: int = 1024  # at most half the process's file descriptor limit
     tls: TlsSettings | None = None  # None: plain HTTP (logged as a warning unless listening on loopback)
+    signing_key: str | None = None  # Ed25519 private key (PEM) that signs every plan served
 
 
 @dataclass(frozen=True)

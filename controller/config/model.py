@@ -142,6 +142,7 @@ class ControllerLink:
     timeout: float = 5.0
     confirm_timeout: float = 2.0  # wait this long for the controller to confirm a withdrawal
     tls: ClientTls = ClientTls()
+    plan_keys: tuple[str, ...] = ()  # the controller's Ed25519 public keys: plans must be signed by one
     max_plan_age: float = 86400.0  # a plan not confirmed by the controller for longer raises an alarm (never a withdrawal)
 
 

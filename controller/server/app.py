@@ -43,9 +43,10 @@ from aiohttp import web
 
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
-from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
+from ..wire import MAX_REPORT_BYTES, SIGNATURE_HEADER, WireError, apply_report_delta, decode_report, parse_counter, report_limit
 from .core import ActionNotPersisted, Controller
 from .guard import ConnectionGuard
+from .signing import PlanSigner
 from .snapshot import persistence_status, snapshot
 from .tls import peer_names
 
@@ -53,6 +54,7 @@ log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)
 REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
 GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
+SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
 MAX_WAIT = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -141,10 +143,15 @@ async def get_plan(request: web.Request) -> web.StreamResponse:
         return error(400, exc.message, exc.field)
     await ctl.wait_for_change(pop, after, min(wait, MAX_WAIT))
     body, gzipped = ctl.plans.answer(pop, after)
+    headers = {}
+    signer = request.app.get(SIGNER)
+    if signer is not None:
+        headers[SIGNATURE_HEADER] = signer.header(pop, ctl.plans.pops[pop].generation, body, gzipped)
     if gzipped and "gzip" not in request.headers.get("Accept-Encoding", ""):
         body, gzipped = gzip.decompress(body), False  # a client without gzip (aiohttp's has it)
-    return web.Response(body=body, content_type="application/json",
-                        headers={"Content-Encoding": "gzip"} if gzipped else None)
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def _seconds(text: str, field: str) -> float:

@@ -29,11 +29,12 @@ from ..config.desired_model import DesiredState
 from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
-from .app import GUARD, Handler, make_app
+from .app import GUARD, SIGNER, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature
+from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls, plaintext_warning
 
 log = logging.getLogger("controller.server")
@@ -232,6 +233,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     guard = ConnectionGuard(_guard_bound(desired.api.max_unauthenticated_connections),
                             on_shed=lambda reason: metrics.connections_shed.labels(reason.value).inc())
     app[GUARD] = guard
+    if desired.api.signing_key is not None:  # ConfigError: exit at start
+        app[SIGNER] = PlanSigner(load_signing_key(desired.api.signing_key))
     metrics.api_tls.set(1 if tls else 0)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(RateLimitedLoopErrors(
@@ -270,6 +273,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     new = watcher.load()
                     if tls is not None or new.api.tls is not None:
                         _reload_tls(tls, new)
+                    _reload_signing_key(app, new)
                     guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
                     ctl.apply_config(new)
                     metrics.config_reloads.labels("success").inc()
@@ -321,3 +325,15 @@ def _guard_bound(configured: int, warn: bool = True) -> int:
         log.warning("api.max_unauthenticated_connections %d lowered to %d: the process may open only %d files "
                     "(raise LimitNOFILE)", configured, bound, fd_limit)
     return bound
+
+
+def _reload_signing_key(app: web.Application, new: DesiredState) -> None:
+    """The signing key again (a rotation: README, Security); ConfigError, nothing changed, if it
+    does not load or would be switched on or off (agents holding plan_keys would refuse
+    every plan, or accept unsigned ones: that takes a restart)."""
+    signer = app.get(SIGNER)
+    if (signer is None) != (new.api.signing_key is None):
+        raise ConfigError("controller.yaml", [ConfigIssue("api.signing_key", "switching plan signing on or off "
+                                                                             "takes a restart")])
+    if signer is not None and new.api.signing_key is not None:
+        signer.use(load_signing_key(new.api.signing_key))

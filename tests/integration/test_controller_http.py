@@ -27,15 +27,18 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from aiohttp import web
 from cryptography import x509
 
 from controller.agent.controller_link import ControllerUnavailable, HealthReport
 from controller.agent.plan_client import PlanClient
+from controller.agent.signing import load_plan_keys
 from controller.agent.tls import client_context
 from controller.config.model import ClientTls
+from controller.wire import SIGNATURE_HEADER
 from controller.config.desired import load_desired
 from lab.metrics import parse as parse_metrics
-from lab.tls import LabCa, Pair
+from lab.tls import LabCa, Pair, plan_signing_key
 from lab.poll import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -822,3 +825,93 @@ def test_a_replayed_report_is_refused_and_changes_nothing(controller: Running, t
         finally:
             await c.close()
     asyncio.run(agent())
+
+
+def signing_client(c: Running, pop: str, tmp: Path, *keys: Pair) -> PlanClient:
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED,
+                      plan_keys=load_plan_keys([str(k.cert) for k in keys]))
+
+
+def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_keys_rotate(
+        controller: Running, tmp_path: Path) -> None:
+    old, new = plan_signing_key(tmp_path / "keys", "old"), plan_signing_key(tmp_path / "keys", "new")
+
+    async def refused(c: PlanClient, reason: str) -> None:
+        before = c.book.generation
+        with pytest.raises(ControllerUnavailable):
+            await c.fetch_plan(-1 if before is None else before, 0)
+        assert c.book.generation == before and c.refusals[reason] >= 1  # the last good plan stays
+
+    async def unsigned() -> None:  # the controller as it runs now: no signing key, as a fake one would
+        agent = signing_client(controller, "sjc", tmp_path, old)
+        try:
+            await refused(agent, "signature")
+            assert agent.book.generation is None
+        finally:
+            await agent.close()
+    asyncio.run(unsigned())
+
+    controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(old.key)}))
+    controller.commit("api: sign plans")
+    controller.restart()  # switching signing on takes a restart
+
+    async def signed() -> None:
+        agent = signing_client(controller, "sjc", tmp_path / "a", old, new)  # holds both during the rotation
+        stale = signing_client(controller, "sjc", tmp_path / "b", old)  # was never given the new key
+        stranger = signing_client(controller, "sjc", tmp_path / "c", new)
+        try:
+            first = await agent.fetch_plan(-1, 0)
+            assert first is not None and await stale.fetch_plan(-1, 0) is not None
+            await refused(stranger, "signature")
+            captured = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]  # generation G, signed
+            raw_headers = _raw_plan(controller)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+            controller.commit("api-eu: fra only")
+            changed = await agent.fetch_plan(first.generation, 60)  # a signed delta
+            assert changed is not None and set(changed.vips) == {"game-global"} and agent.answers["delta"] == 1
+            # A replay of the older signed plan, from anywhere, is refused: the plan held stays.
+            async with _serving(*raw_headers) as url:
+                agent.url = url
+                await refused(agent, "replay")
+                assert set(agent.book.entries) == {"game-global"}
+            agent.url = controller.url
+            assert captured["generation"] < agent.book.generation
+            # Rotation: the controller switches to the new key at a reload.
+            controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(new.key)}))
+            controller.commit("api: the new plan key")
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["sjc", "fra"]))
+            controller.commit("api-eu: back at sjc")
+            wait_for(lambda: controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]["generation"]
+                     > changed.generation, 60, desc="the new key and plan served")
+            again = await agent.fetch_plan(changed.generation, 0)
+            assert again is not None and set(again.vips) == {"game-global", "api-eu"}
+            await refused(stale, "signature")  # an agent without the new key keeps its last plan
+        finally:
+            for c in (agent, stale, stranger):
+                await c.close()
+    asyncio.run(signed())
+
+
+def _raw_plan(c: Running) -> tuple[bytes, str]:
+    req = urllib.request.Request(c.url + "/v1/plans/sjc", headers={"Authorization": f"Bearer {TOKENS['sjc']}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read(), r.headers[SIGNATURE_HEADER]
+
+
+@contextlib.asynccontextmanager
+async def _serving(body: bytes, signature: str) -> Any:
+    """A fake controller on loopback that answers every plan request with ``body`` and its
+    (genuine, captured) signature."""
+    async def plan(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
+    app = web.Application()
+    app.router.add_get("/v1/plans/{pop}", plan)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
