@@ -111,8 +111,9 @@ class PlanClient:
                         detail = text[:200]
                     raise ControllerUnavailable(f"{method} {path}: HTTP {r.status}: {detail}")
                 return r.status, json.loads(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ControllerUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            # RecursionError: a deeply nested body must not kill the plan-following task.
+            raise ControllerUnavailable(f"{method} {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     async def fetch_plan(self, after: int, wait: float) -> Plan | None:
         """A delta onto the plan held when ``after`` is its generation, else the full plan.

@@ -208,8 +208,8 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"malformed JSON: {exc}", "body")
+    except (ValueError, RecursionError) as exc:  # also a 5,000-digit number or 100,000-level nesting
+        return error(400, f"malformed JSON: {str(exc)[:200]}", "body")
     try:
         report = decode_report(body, published)
     except WireError as exc:

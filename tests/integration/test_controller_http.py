@@ -225,7 +225,7 @@ def test_bad_commit_keeps_the_last_good_plan_and_status_shows_the_error(controll
 @pytest.mark.parametrize("case", ["no token", "wrong token", "other pop's token", "malformed json",
                                   "oversize", "unknown pop", "unpublished vip", "unknown region",
                                   "garbage body", "not an object", "bad seq", "delta onto an unknown base",
-                                  "operator endpoint with agent token"])
+                                  "operator endpoint with agent token", "deeply nested", "a 5,000-digit number"])
 def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, case: str) -> None:
     good = report_json({"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True})
     assert controller.request("POST", "/v1/reports/sin", good, TOKENS["sin"])[0] == 200
@@ -255,6 +255,10 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, ca
         body, expect_status, expect_field = b"\xff\x00\x17 not json", 400, "body"
     elif case == "not an object":
         body, expect_status, expect_field = b"[1, 2]", 400, "body"
+    elif case == "deeply nested":
+        body, expect_status, expect_field = b"[" * 100_000 + b"]" * 100_000, 400, "body"
+    elif case == "a 5,000-digit number":
+        body, expect_status, expect_field = b'{"plan_generation": ' + b"9" * 5000 + b"}", 400, "body"
     elif case == "bad seq":
         body, expect_status, expect_field = json.dumps({"seq": "7", "origins": {}}).encode(), 400, "seq"
     elif case == "delta onto an unknown base":
@@ -915,3 +919,20 @@ async def _serving(body: bytes, signature: str) -> Any:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def test_a_deeply_nested_plan_is_refused_not_fatal_to_the_agent(controller: Running, tmp_path: Path) -> None:
+    """100,000-level JSON from a fake controller used to kill the plan-following task silently."""
+    async def scenario() -> None:
+        c = client(controller, "sjc", tmp_path)
+        try:
+            held = await c.fetch_plan(-1, 0)
+            assert held is not None
+            async with _serving(b"[" * 100_000 + b"]" * 100_000, "") as url:
+                c.url = url
+                with pytest.raises(ControllerUnavailable, match="RecursionError"):
+                    await c.fetch_plan(-1, 0)
+            assert c.book.generation == held.generation
+        finally:
+            await c.close()
+    asyncio.run(scenario())

@@ -215,3 +215,30 @@ def test_graceful_restart_and_shutdown_are_read_and_bounded() -> None:
     errs = errors_of(d)
     assert any(e.startswith("bgp.graceful_restart: must be <= 4095") for e in errs), errs
     assert any(e.startswith("bgp.graceful_shutdown: must be >= 0") for e in errs), errs
+
+
+def _with_controller(**link: object) -> dict:
+    data = base()
+    data["vips"] = []
+    data["controller"] = {"url": "https://192.0.2.9:9800", "token_file": "/etc/anycast/agent.token", **link}
+    return data
+
+
+def test_the_controller_link_reads_its_tls_and_plan_keys() -> None:
+    config = parse_agent_config(yaml.safe_dump(_with_controller(
+        ca_file="/etc/anycast/ca.pem", client_cert="/etc/anycast/sjc.pem", client_key="/etc/anycast/sjc.key",
+        plan_keys=["/etc/anycast/plan.pub"], max_plan_age=3600)))
+    link = config.controller
+    assert link is not None and link.tls.ca_file == "/etc/anycast/ca.pem" and link.tls.key == "/etc/anycast/sjc.key"
+    assert link.plan_keys == ("/etc/anycast/plan.pub",) and link.max_plan_age == 3600
+
+
+@pytest.mark.parametrize("link, expected", [
+    ({"client_cert": "/etc/anycast/sjc.pem"}, "controller.client_key: client_cert and client_key go together"),
+    ({"ca_file": "ca.pem"}, "controller.ca_file: expected an absolute path, got 'ca.pem'"),
+    ({"plan_keys": ["plan.pub"]}, "controller.plan_keys[0]: expected an absolute path, got 'plan.pub'"),
+    ({"url": "http://192.0.2.9:9800", "ca_file": "/etc/anycast/ca.pem"},
+     "controller.url: ca_file and client_cert need an https:// URL"),
+])
+def test_controller_tls_mistakes_name_the_key(link: dict, expected: str) -> None:
+    assert expected in errors_of(_with_controller(**link))
