@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 
 from .. import bgp_values
 from .errors import ConfigError
@@ -45,6 +46,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     allowed = tuple(
         p for n in _list(root, "allowed_prefixes", required=True) if (p := n.as_network()) is not None
     )
+    refuse_empty(root, "allowed_prefixes")
     bgp = root.get("bgp", required=True)
     local_as, neighbors, attrs = _bgp(bgp) if bgp is not None and bgp.is_mapping() else (None, (), None)
     graceful_restart, graceful_shutdown = _graceful(bgp)
@@ -146,6 +148,9 @@ def _neighbor(node: Node) -> Neighbor | None:
         return None
     if address.version != local.version:
         node.error("address and local_address must be the same IP version")
+        return None
+    if address == local:
+        node.error(f"the neighbour's address is local_address ({local}): a session with itself", "address")
         return None
     if router_id is None:
         if local.version != 4:
@@ -443,7 +448,7 @@ def _origin(node: Node) -> Origin | None:
     if not node.is_mapping():
         return None
     region = node.req("region", read_name)
-    next_hop: IPAddress | None = node.req("next_hop", Node.as_address)
+    next_hop: IPAddress | None = node.req("next_hop", _routable("next hop"))
     backends = tuple(b for n in _list(node, "backends", required=True) if (b := _backend(n)) is not None)
     min_healthy = node.opt("min_healthy", lambda n: n.as_int(1, 1000), 1)
     node.reject_unknown()
@@ -462,10 +467,30 @@ def _origin(node: Node) -> Origin | None:
     return Origin(region, next_hop, backends, min_healthy)
 
 
+def _routable(what: str, loopback_ok: bool = False) -> Callable[[Node], IPAddress | None]:
+    """An address traffic can be sent to: not unspecified (0.0.0.0, ::) or multicast, and for
+    a next hop not loopback (the kernel would route the VIP into this host)."""
+    def read(node: Node) -> IPAddress | None:
+        a = node.as_address()
+        if a is not None and (a.is_unspecified or a.is_multicast or (a.is_loopback and not loopback_ok)):
+            kind = "an unspecified" if a.is_unspecified else "a multicast" if a.is_multicast else "a loopback"
+            node.error(f"{a} is {kind} address, not a {what}")
+            return None
+        return a
+    return read
+
+
+def refuse_empty(root: Node, key: str) -> None:
+    """An empty ``allowed_prefixes`` is an error, not "no restriction"."""
+    child = root.get(key)
+    if child is not None and isinstance(child.value, list) and not child.value:
+        child.error("at least one prefix is needed")
+
+
 def _backend(node: Node) -> Backend | None:
     """A backend is ``ADDRESS:PORT``, ``[V6]:PORT``, a bare address, or a mapping."""
     if isinstance(node.value, dict):
-        address: IPAddress | None = node.req("address", Node.as_address)
+        address: IPAddress | None = node.req("address", _routable("backend", loopback_ok=True))
         port = node.opt("port", lambda n: n.as_int(1, 65535), 0)
         node.reject_unknown()
         return Backend(address, port) if address is not None else None
@@ -485,5 +510,9 @@ def _backend(node: Node) -> Backend | None:
             raise ValueError
     except ValueError:
         node.error(f"expected ADDRESS, ADDRESS:PORT or [V6]:PORT, got {s!r}")
+        return None
+    if parsed.is_unspecified or parsed.is_multicast:
+        node.error(f"{parsed} is {'an unspecified' if parsed.is_unspecified else 'a multicast'} address, "
+                   "not a backend")
         return None
     return Backend(parsed, port_n)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from .agent import (
     DEFAULT_DRAINING, DEFAULT_UP, read_absolute_path, read_check_defaults, read_host_port, read_name,
-    read_state_attributes, read_vip,
+    read_state_attributes, read_vip, refuse_empty,
 )
 from .desired_model import (
     ApiSettings, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
@@ -198,6 +198,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     state_dir = top.opt("state_dir", Node.as_str, DEFAULT_STATE_DIR)
     operator = top.opt("operator_token_sha256", _sha256, None)
     allowed = tuple(p for n in _list(top, "allowed_prefixes", True) if (p := n.as_network()) is not None)
+    refuse_empty(top, "allowed_prefixes")
     policy = read_policy(top.get("policy"), Policy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
@@ -367,14 +368,22 @@ def read_policy(node: Node | None, base: Policy) -> Policy:
     safety = _section(node, "safety", lambda n: _safety(n, s), s)
     drain = _section(node, "drain", lambda n: DrainPolicy(
         drain_time=n.opt("drain_time", lambda x: x.as_float(0, 86400), d.drain_time)), d)
-    dampening = _section(node, "dampening", lambda n: DampeningPolicy(
+    dampening = _section(node, "dampening", lambda n: _dampening(n, m), m)
+    node.reject_unknown()
+    return Policy(failover, safety, drain, dampening)
+
+
+def _dampening(n: Node, m: DampeningPolicy) -> DampeningPolicy:
+    d = DampeningPolicy(
         flaps=n.opt("flaps", lambda x: x.as_int(2, 1000), m.flaps),
         window=n.opt("window", lambda x: x.as_float(1, 86400), m.window),
         hold_down=n.opt("hold_down", lambda x: x.as_float(0, 86400), m.hold_down),
         max_hold_down=n.opt("max_hold_down", lambda x: x.as_float(0, 86400 * 7), m.max_hold_down),
-    ), m)
-    node.reject_unknown()
-    return Policy(failover, safety, drain, dampening)
+    )
+    if d.hold_down > d.max_hold_down:
+        n.error(f"{d.hold_down:g} is above max_hold_down {d.max_hold_down:g}", "hold_down")
+        return m
+    return d
 
 
 def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:

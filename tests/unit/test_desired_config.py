@@ -237,3 +237,12 @@ def test_api_mistakes_name_the_key(tmp_path: Path) -> None:
     assert "controller.yaml: api.tls.key: required" in errs
     assert "controller.yaml: api.signing_key: expected an absolute path, got 'plan.key'" in errs
     assert any(e.startswith("controller.yaml: api.tsl: unknown key") for e in errs)
+
+
+def test_an_empty_allowed_list_and_a_hold_down_above_its_maximum_are_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "controller.yaml", lambda c: c.__setitem__("allowed_prefixes", []))
+    edit(d, "controller.yaml", lambda c: c["policy"]["dampening"].__setitem__("hold_down", 900))
+    errs = errors(d)
+    assert "controller.yaml: allowed_prefixes: at least one prefix is needed" in errs
+    assert "controller.yaml: policy.dampening.hold_down: 900 is above max_hold_down 600" in errs
