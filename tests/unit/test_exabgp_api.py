@@ -265,3 +265,10 @@ def test_garbage_never_raises(line: str, error: str) -> None:
     assert isinstance(event, Garbage)
     assert event.raw == line
     assert error in event.error
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000 + "]" * 100_000, '{"type": "update", "x": ' + "9" * 5000 + "}"])
+def test_a_hostile_line_is_garbage_not_an_exception(line: str) -> None:
+    """parse_line never raises: a 100,000-level line used to end the agent without its withdrawal."""
+    event = parse_line(line)
+    assert isinstance(event, Garbage) and event.error.startswith("not JSON")
