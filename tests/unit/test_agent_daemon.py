@@ -472,6 +472,29 @@ def test_plans_are_followed_through_controller_outages(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_an_unforeseen_error_never_ends_the_task_that_follows_plans(tmp_path: Path) -> None:
+    """A RecursionError from a hostile plan used to end the task silently (reports kept
+    flowing: the controller saw a healthy POP that no longer obeyed it)."""
+    from tenacity import wait_none
+
+    async def scenario() -> None:
+        agent, _, _, _ = make_agent(controller_config(tmp_path))
+        states: list[bool] = []
+        port = FakePort([controller_plan(1), RecursionError("maximum recursion depth exceeded"),
+                         KeyError("vips"), controller_plan(2, drain=True)])
+        task = asyncio.create_task(follow_plans(agent, port, 30, states.append, backoff=wait_none()))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if agent.plan.generation == 2:
+                break
+        assert not task.done()
+        task.cancel()
+        assert agent.plan.generation == 2 and agent.plan.vips["game-global"].drain
+        assert states == [True, False, False, True]
+
+    run(scenario())
+
+
 def test_a_report_that_gets_through_ends_the_plan_fetch_backoff(tmp_path: Path) -> None:
     """The controller is back (a health report got through): fetch the plan now, not after
     the backoff, because a withdrawal may be waiting for the answer that comes with it."""
