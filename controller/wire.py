@@ -30,8 +30,8 @@ checksum: the sum, modulo 2**64, of each entry's ``entry_hash``, so both sides u
 per changed entry instead of re-hashing the plan. The agent applies a delta to its copy of
 plan GEN only if ``after`` is its generation, every named hash is known or carried (and a
 carried spec hashes to its name), and the result's digest is ``digest``; otherwise it asks
-for a full plan. A delta with a spec outside the agent's allowed prefixes is refused whole.
-With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
+for a full plan. A spec outside the agent's allowed prefixes is refused alone (that VIP
+keeps what the agent had for it; the rest of the plan applies). With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
 an unchanged plan answers an empty delta (``"generation" == "after"``). A full plan is sent
 with ``Content-Encoding: gzip`` to clients that accept it. ``after`` is an integer from 0 to
 2**63-1 and ``wait`` a finite number >= 0 (``after=-1``, ``after=abc``, ``wait=nan``: 400

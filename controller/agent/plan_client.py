@@ -63,6 +63,7 @@ class PlanClient:
         # STATE_DIR by anyone else (a hand-edited address) is refused, not announced.
         self._cache_key = hashlib.sha256(b"anycast plan cache\0" + token.encode()).digest()
         self.refusals: collections.Counter[str] = collections.Counter()  # reason -> plans refused
+        self._refused_vips: set[str] = set()  # VIPs of the plan held refused alone, already logged
         self.confirmed_at: float | None = None  # wall-clock time the controller last confirmed the plan held
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout
@@ -141,6 +142,7 @@ class PlanClient:
             # An invalid plan never replaces the last good one.
             raise ControllerUnavailable(f"rejected the controller's plan: {exc}") from None
         self._confirm()
+        self._note_refused_vips()
         if plan.generation == after and self._confirmed:
             return None
         self._confirmed = True
@@ -156,6 +158,16 @@ class PlanClient:
             self.refusals[exc.reason] += 1
             log.error("refusing a plan from %s: %s", self.url, exc, extra={"reason": exc.reason, "pop": self.pop})
             raise
+
+    def _note_refused_vips(self) -> None:
+        """Log and count each VIP of the plan refused alone (outside the allowed prefixes), once."""
+        refused = self.book.refused
+        for name, why in sorted(refused.items()):
+            if name not in self._refused_vips:
+                self.refusals["outside_allowed"] += 1
+                log.error("refusing VIP %s of plan generation %s (the rest applies): %s", name,
+                          self.book.generation, why, extra={"vip": name, "reason": "outside_allowed"})
+        self._refused_vips = set(refused)
 
     def _not_older(self, answer: WirePlan | WireDelta) -> None:
         """With signed plans, a full plan older than the one held is a replay (a signed plan

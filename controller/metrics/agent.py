@@ -21,7 +21,7 @@ from ..health.state import Phase
 from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
-PLAN_REFUSALS = ("cache_mac", "cache_invalid", "signature", "replay")  # controller.agent.plan_client.PlanClient.refusals
+PLAN_REFUSALS = ("cache_mac", "cache_invalid", "signature", "replay", "outside_allowed")  # controller.agent.plan_client.PlanClient.refusals
 HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
 # anycast_backend_healthy per phase (the state machine's verdict; -1: none yet)
 _HEALTHY = {Phase.UP: 1.0, Phase.FALLING: 1.0, Phase.DOWN: 0.0, Phase.RISING: 0.0, Phase.INIT: -1.0}
@@ -161,7 +161,8 @@ class _SnapshotCollector(Collector):
             refused = CounterMetricFamily("anycast_plan_refusals",
                                           "Plans refused, by reason (cache_mac: a cache file this agent did not "
                                           "write; cache_invalid: unreadable or not a plan; signature: not signed "
-                                          "by a plan key; replay: older than the plan held).", labels=["reason"])
+                                          "by a plan key; replay: older than the plan held; outside_allowed: one VIP "
+                                          "outside the allowed prefixes, refused alone).", labels=["reason"])
             for why in PLAN_REFUSALS:
                 refused.add_metric([why], float(s.plan_refusals.get(why, 0)))
             yield refused

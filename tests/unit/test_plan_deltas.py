@@ -173,20 +173,44 @@ def test_a_delta_that_does_not_fit_is_not_applied_at_all(tamper: Any, words: str
     assert book.apply(decode_plan_answer(fleet.body(None), "sjc")).generation == fleet.generation
 
 
-def test_a_delta_with_a_vip_outside_the_allowed_prefixes_is_refused_whole() -> None:
+def test_a_vip_outside_the_allowed_prefixes_is_refused_alone_and_keeps_its_last_good_spec() -> None:
+    """The rest of the plan applies (api-eu's change, in the same delta); vip-0 keeps what the
+    agent had for it (its old address, still announced: never withdrawn for the controller's
+    mistake), and an agent that never had it good leaves it out."""
     fleet, book = synced()
     base = fleet.generation
+    old = book.apply(decode_plan_answer(fleet.body(None), "sjc"))
     fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], wanted=False, reason=PlanReason.DISABLED)
     fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="203.0.113.5/32")  # outside 198.51.100.0/24
     fleet.serve()
+    plan = book.apply(decode_plan_answer(fleet.body(base), "sjc"))
+    assert not plan.vips["api-eu"].wanted  # the legitimate change beside it applied
+    assert plan.vips["vip-0"] == old.vips["vip-0"]  # kept as it was
+    kept = next(v for v in plan.specs if v.name == "vip-0")
+    assert kept == next(v for v in old.specs if v.name == "vip-0")
+    assert list(book.refused) == ["vip-0"] and "outside the allowed anycast prefixes" in book.refused["vip-0"]
+    assert book.generation == fleet.generation  # the book follows the controller: later deltas apply
+    again = book.apply(decode_plan_answer(fleet.body(None), "sjc"))  # the full plan: the same
+    assert again.vips == plan.vips and list(book.refused) == ["vip-0"]
+    fresh = PlanBook("sjc", ALLOWED).apply(decode_plan_answer(fleet.body(None), "sjc"))
+    assert "vip-0" not in fresh.vips and "vip-0" not in {v.name for v in fresh.specs}
+    assert set(fresh.vips) == set(plan.vips) - {"vip-0"}
+    fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="198.51.100.77/32")  # fixed by the operator
+    fleet.serve()
+    fixed = book.apply(decode_plan_answer(fleet.body(fleet.generation - 1), "sjc"))
+    assert str(next(v for v in fixed.specs if v.name == "vip-0").prefix) == "198.51.100.77/32" and not book.refused
+
+
+def test_a_spec_with_any_other_fault_refuses_the_plan_whole() -> None:
+    fleet, book = synced()
+    base = fleet.generation
+    fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], wanted=False, reason=PlanReason.DISABLED)
+    fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="203.0.113.5/32", admin="sideways")
+    fleet.serve()
     before = held(book)
-    with pytest.raises(WireError) as info:
+    with pytest.raises(WireError):
         book.apply(decode_plan_answer(fleet.body(base), "sjc"))
-    assert info.value.field.endswith(".address") and "outside the allowed anycast prefixes" in info.value.message
     assert held(book) == before  # api-eu's change, in the same delta, was not applied either
-    with pytest.raises(WireError):  # and the full plan is refused the same way
-        book.apply(decode_plan_answer(fleet.body(None), "sjc"))
-    assert held(book) == before
 
 
 def test_a_full_plan_whose_hash_or_digest_is_wrong_is_refused() -> None:
