@@ -410,8 +410,8 @@ def _mapping(v: Any, field: str) -> dict[str, Any]:
 
 
 def _int(v: Any, field: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < -1:
-        raise WireError(field, "expected a non-negative integer")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNTER:
+        raise WireError(field, f"expected an integer from 0 to {MAX_COUNTER}")
     return v
 
 
