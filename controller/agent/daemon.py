@@ -591,6 +591,8 @@ class Agent:
             config_last_reload_time=self.config_time, plan_source=self.plan.source,
             plan_generation=self.plan.generation, controller_ok=self.controller_ok,
             plan_revision=self.plan.revision,
+            plan_refusals=dict(getattr(self.controller, "refusals", {})),
+            plan_confirmed_at=getattr(self.controller, "confirmed_at", None),
             controller_url=self.config.controller.url if self.config.controller else "",
             local_as=self.config.local_as,
             peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),

@@ -307,8 +307,8 @@ def parse_line(line: str) -> Event:
         return Garbage(line, "empty line")
     try:
         message = json.loads(text)
-    except ValueError as exc:
-        return Garbage(line, f"not JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # RecursionError: 100,000 levels of nesting
+        return Garbage(line, f"not JSON: {str(exc)[:200]}")
     if not isinstance(message, dict):
         return Garbage(line, "JSON but not an object")
     try:

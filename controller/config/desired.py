@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .agent import (
-    DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
+    DEFAULT_DRAINING, DEFAULT_UP, read_absolute_path, read_check_defaults, read_host_port, read_name,
+    read_state_attributes, read_vip, refuse_empty,
 )
 from .desired_model import (
-    ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec, SafetyPolicy,
+    ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec,
+    SafetyPolicy, TlsSettings,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -127,7 +129,7 @@ def read_state_dir(directory: str) -> str:
     """``state_dir`` from controller.yaml, read on its own (best effort, for starting on the
     last good desired state when the checkout does not load): the default if unreadable."""
     try:
-        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml"), inside=directory), "controller.yaml")
     except ConfigError:
         return DEFAULT_STATE_DIR
     value = data.get("state_dir") if isinstance(data, dict) else None
@@ -135,7 +137,17 @@ def read_state_dir(directory: str) -> str:
 
 
 def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
-    """Read every file, report every error (with file and path), or return the state."""
+    """Read every file, report every error (with file and path), or return the state.
+
+    Input that exhausts the interpreter (recursion, memory) despite the bounds in the reader
+    is a rejected config too, never a dead daemon or validator."""
+    try:
+        return _load(directory, revision, cache)
+    except (RecursionError, MemoryError) as exc:
+        raise ConfigError(directory, [ConfigIssue("", f"cannot be loaded ({type(exc).__name__}): refused")]) from None
+
+
+def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredState:
     issues: list[ConfigIssue] = []
     trees: dict[str, Node] = {}
     texts: dict[str, tuple[str, Any]] = {}
@@ -148,7 +160,7 @@ def load_desired(directory: str, revision: str = "", cache: LoadCache | None = N
     for name in names:
         path = os.path.join(directory, name)
         try:
-            text = read_text(path)
+            text = read_text(path, inside=directory)
             seen = cache.files.get(name) if cache is not None else None
             if seen is not None and seen[0] == text:
                 data = seen[1]
@@ -186,10 +198,12 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     state_dir = top.opt("state_dir", Node.as_str, DEFAULT_STATE_DIR)
     operator = top.opt("operator_token_sha256", _sha256, None)
     allowed = tuple(p for n in _list(top, "allowed_prefixes", True) if (p := n.as_network()) is not None)
+    refuse_empty(top, "allowed_prefixes")
     policy = read_policy(top.get("policy"), Policy())
     change = _section(top, "change", _change, ChangePolicy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    api = top.opt("api", _api, ApiSettings())
     top.reject_unknown()
 
     pops_root = trees["pops.yaml"]
@@ -200,6 +214,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
                 pops.append(spec)
         pops_root.reject_unknown()
         _unique(pops_root, "pops", [spec.name for spec in pops], "POP")
+        _separate_tokens(top, pops_root, operator)
     pop_names = {p.name for p in pops}
 
     vips: list[FleetVip] = []
@@ -240,7 +255,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
         if name not in pop_names:
             top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
     return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                        tuple(pops), tuple(vips), policy, change)
+                        tuple(pops), tuple(vips), policy, change, api)
 
 
 def _list(node: Node, key: str, required: bool) -> list[Node]:
@@ -252,6 +267,50 @@ def _unique(root: Node, key: str, values: list[str], what: str) -> None:
     for i, value in enumerate(values):
         if value in values[:i]:
             root.issues.add(f"{key}[{i}]", f"duplicate {what} {value!r}")
+
+
+def _api(node: Node) -> ApiSettings | None:
+    if not node.is_mapping():
+        return None
+    d = ApiSettings()
+    settings = ApiSettings(
+        header_timeout=node.opt("header_timeout", lambda n: n.as_float(0.5, 300), d.header_timeout),
+        body_timeout=node.opt("body_timeout", lambda n: n.as_float(0.5, 600), d.body_timeout),
+        max_unauthenticated_connections=node.opt("max_unauthenticated_connections",
+                                                 lambda n: n.as_int(4, 100_000), d.max_unauthenticated_connections),
+        tls=node.opt("tls", _tls, None),
+        signing_key=node.opt("signing_key", read_absolute_path, None),
+    )
+    node.reject_unknown()
+    return settings
+
+
+def _tls(node: Node) -> TlsSettings | None:
+    if not node.is_mapping():
+        return None
+    cert, key = node.req("cert", read_absolute_path), node.req("key", read_absolute_path)
+    client_ca = node.opt("client_ca", read_absolute_path, None)
+    node.reject_unknown()
+    return TlsSettings(cert, key, client_ca) if cert and key else None
+
+
+def _separate_tokens(top: Node, pops_root: Node, operator: str | None) -> None:
+    """Each POP's token and the operator's must differ: a shared hash would let one POP's
+    agent read another's plans, or (shared with the operator) drain every POP."""
+    owner: dict[str, str] = {}
+    for i, n in enumerate(_list(pops_root, "pops", False)):
+        raw = n.value if isinstance(n.value, dict) else {}
+        token, name = raw.get("token_sha256"), raw.get("name")
+        if not isinstance(token, str):
+            continue
+        if token in owner:
+            pops_root.issues.add(f"pops[{i}].token_sha256", f"the same token hash as POP {owner[token]!r}: "
+                                                             "every POP needs a token of its own")
+        else:
+            owner[token] = str(name)
+    if operator is not None and operator in owner:
+        top.error(f"the same hash as POP {owner[operator]!r}'s token_sha256 in pops.yaml: the operator "
+                  "token must differ from every agent token", "operator_token_sha256")
 
 
 def _sha256(node: Node) -> str | None:
@@ -313,14 +372,22 @@ def read_policy(node: Node | None, base: Policy) -> Policy:
     safety = _section(node, "safety", lambda n: _safety(n, s), s)
     drain = _section(node, "drain", lambda n: DrainPolicy(
         drain_time=n.opt("drain_time", lambda x: x.as_float(0, 86400), d.drain_time)), d)
-    dampening = _section(node, "dampening", lambda n: DampeningPolicy(
+    dampening = _section(node, "dampening", lambda n: _dampening(n, m), m)
+    node.reject_unknown()
+    return Policy(failover, safety, drain, dampening)
+
+
+def _dampening(n: Node, m: DampeningPolicy) -> DampeningPolicy:
+    d = DampeningPolicy(
         flaps=n.opt("flaps", lambda x: x.as_int(2, 1000), m.flaps),
         window=n.opt("window", lambda x: x.as_float(1, 86400), m.window),
         hold_down=n.opt("hold_down", lambda x: x.as_float(0, 86400), m.hold_down),
         max_hold_down=n.opt("max_hold_down", lambda x: x.as_float(0, 86400 * 7), m.max_hold_down),
-    ), m)
-    node.reject_unknown()
-    return Policy(failover, safety, drain, dampening)
+    )
+    if d.hold_down > d.max_hold_down:
+        n.error(f"{d.hold_down:g} is above max_hold_down {d.max_hold_down:g}", "hold_down")
+        return m
+    return d
 
 
 def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:

@@ -78,6 +78,27 @@ class FleetVip:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """HTTPS for the API: files on the controller host (never in git), read at start and
+    again at every reload (a renewed certificate is picked up by ``systemctl reload``)."""
+
+    cert: str  # PEM certificate chain
+    key: str  # PEM private key
+    client_ca: str | None = None  # mTLS: agents must present a certificate from this CA naming their POP
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Bounds that keep an unauthenticated peer from exhausting the API (controller.server.guard)."""
+
+    header_timeout: float = 10.0  # request line and headers must arrive within this (also the keep-alive idle time)
+    body_timeout: float = 30.0  # a report's body must arrive within this
+    max_unauthenticated_connections: int = 1024  # at most half the process's file descriptor limit
+    tls: TlsSettings | None = None  # None: plain HTTP (logged as a warning unless listening on loopback)
+    signing_key: str | None = None  # Ed25519 private key (PEM) that signs every plan served
+
+
+@dataclass(frozen=True)
 class DesiredState:
     revision: str
     directory: str
@@ -90,6 +111,7 @@ class DesiredState:
     vips: tuple[FleetVip, ...]
     policy: Policy
     change: ChangePolicy = ChangePolicy()
+    api: ApiSettings = ApiSettings()
 
     def pop(self, name: str) -> PopSpec | None:
         return next((p for p in self.pops if p.name == name), None)

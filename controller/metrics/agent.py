@@ -8,7 +8,7 @@ are counters and histograms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -23,6 +23,7 @@ from ..health.watch import LossKind
 from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
+PLAN_REFUSALS = ("cache_mac", "cache_invalid", "signature", "replay", "outside_allowed")  # controller.agent.plan_client.PlanClient.refusals
 HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
 # anycast_backend_healthy per phase (the state machine's verdict; -1: none yet)
 _HEALTHY = {Phase.UP: 1.0, Phase.FALLING: 1.0, Phase.DOWN: 0.0, Phase.RISING: 0.0, Phase.INIT: -1.0}
@@ -80,6 +81,8 @@ class AgentSnapshot:
     plan_generation: int = 0
     controller_ok: bool | None = None  # None: no controller configured
     plan_revision: str = ""
+    plan_refusals: Mapping[str, int] = field(default_factory=dict)  # reason -> plans refused (PLAN_REFUSALS)
+    plan_confirmed_at: float | None = None  # wall time the controller last confirmed the plan followed
     controller_url: str = ""
     local_as: int = 0
     peers: tuple[PeerSnapshot, ...] = ()
@@ -159,6 +162,19 @@ class _SnapshotCollector(Collector):
             yield GaugeMetricFamily("anycast_controller_reachable",
                                     "1 if the last plan fetch from the controller worked (else the agent "
                                     "follows its last plan).", value=1.0 if s.controller_ok else 0.0)
+            refused = CounterMetricFamily("anycast_plan_refusals",
+                                          "Plans refused, by reason (cache_mac: a cache file this agent did not "
+                                          "write; cache_invalid: unreadable or not a plan; signature: not signed "
+                                          "by a plan key; replay: older than the plan held; outside_allowed: one VIP "
+                                          "outside the allowed prefixes, refused alone).", labels=["reason"])
+            for why in PLAN_REFUSALS:
+                refused.add_metric([why], float(s.plan_refusals.get(why, 0)))
+            yield refused
+            if s.plan_confirmed_at is not None:
+                yield GaugeMetricFamily("anycast_plan_confirmed_timestamp_seconds",
+                                        "Unix time the controller last confirmed the plan the agent follows "
+                                        "(alert when old: the agent never withdraws because of it).",
+                                        value=s.plan_confirmed_at)
 
 
 def _check_families(checks: SchedulerStats | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

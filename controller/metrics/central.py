@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .process import register_process_metrics
 
+SHED_REASONS = ("evicted",)  # controller.server.guard.Shed
 PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
 CHANGE_PHASES = ("steady", "held", "rolling", "rolled_back")  # controller.policy.change.Phase
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
@@ -133,6 +134,18 @@ class ControllerMetrics:
                                       registry=registry)
         self.requests = Counter("anycast_controller_requests", "API requests, by endpoint and status.",
                                 ["endpoint", "status"], registry=registry)
+        # The API's defences (controller.server.guard, controller.server.tls).
+        self.connections_shed = Counter(
+            "anycast_controller_connections_shed",
+            "Unauthenticated API connections closed to keep room for agents (evicted: the oldest, for a "
+            "newcomer past api.max_unauthenticated_connections).", ["reason"], registry=registry)
+        self.accept_errors = Counter("anycast_controller_accept_errors",
+                                     "API connections that could not be accepted (no file descriptors or memory "
+                                     "left); logged at most once per 10 s.", registry=registry)
+        self.api_tls = Gauge("anycast_controller_api_tls", "1 when the API serves HTTPS, 0 for plain HTTP.",
+                             registry=registry)
+        for reason in SHED_REASONS:
+            self.connections_shed.labels(reason)
         for result in ("success", "error"):
             self.reconciles.labels(result)
         for result in ("success", "failure"):

@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -25,13 +26,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from ..config.desired import LoadCache, load_desired, read_state_dir
 from ..config.desired_model import DesiredState
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
-from .app import Handler, make_app
+from .app import GUARD, SIGNER, Handler, make_app
+from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature
+from .signing import PlanSigner, load_signing_key
+from .tls import ServerTls, plaintext_warning
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # look at the config and the engine's timers at least this often
@@ -253,28 +257,44 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         return response
 
     app.middlewares.append(count)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     host, port = listen or desired.listen
-    site = web.TCPSite(runner, host, port)
+    tls = ServerTls(desired.api.tls) if desired.api.tls is not None else None  # ConfigError: exit at start
+    guard = ConnectionGuard(_guard_bound(desired.api.max_unauthenticated_connections),
+                            on_shed=lambda reason: metrics.connections_shed.labels(reason.value).inc())
+    app[GUARD] = guard
+    if desired.api.signing_key is not None:  # ConfigError: exit at start
+        app[SIGNER] = PlanSigner(load_signing_key(desired.api.signing_key))
+    metrics.api_tls.set(1 if tls else 0)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(RateLimitedLoopErrors(
+        on_error=lambda message: metrics.accept_errors.inc() if is_accept_error(message) else None))
+    # keepalive_timeout is also the header deadline (controller.server.guard, point 1).
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=desired.api.header_timeout)
+    await runner.setup()
+    assert runner.server is not None  # set up just now
     mhost_port = metrics_listen or desired.metrics_listen
     try:
         # The API first: a controller that cannot serve plans must not look alive on its metrics port.
         try:
-            await site.start()
+            server = await loop.create_server(guard.protocol_factory(runner.server), host, port,
+                                              ssl=tls.context if tls else None,
+                                              ssl_handshake_timeout=desired.api.header_timeout if tls else None)
         except OSError as exc:
             raise ListenFailed("listen", host, port, exc) from exc
         if mhost_port:
             try:
                 start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
             except OSError as exc:
+                server.close()
                 raise ListenFailed("metrics_listen", *mhost_port, exc) from exc
     except ListenFailed:
         await runner.cleanup()
         ctl.close()  # frees the state directory: nothing was served, nothing changed
         raise
-    log.info("controller serving %s (%d POPs, %d VIPs) on http://%s:%d", desired.revision, len(desired.pops),
-             len(desired.vips), host, port)
+    if (warning := plaintext_warning(desired.api.tls, host)) is not None:
+        log.warning("%s", warning)
+    log.info("controller serving %s (%d POPs, %d VIPs) on %s://%s:%d", desired.revision, len(desired.pops),
+             len(desired.vips), "https" if tls else "http", host, port)
     if mhost_port:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
@@ -282,7 +302,6 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     reload_now = asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
     watching = asyncio.ensure_future(watcher.poke_on_change(poke))
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
@@ -294,7 +313,12 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             if reload_now.is_set() or watcher.changed():
                 reload_now.clear()
                 try:
-                    ctl.apply_config(watcher.load())  # kept as the last good one once applied (on_applied)
+                    new = watcher.load()
+                    if tls is not None or new.api.tls is not None:
+                        _reload_tls(tls, new)
+                    _reload_signing_key(app, new)
+                    guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
+                    ctl.apply_config(new)  # kept as the last good one once applied (on_applied)
                     metrics.config_reloads.labels("success").inc()
                     planned = True  # apply_config planned: a second pass now only delays the new plans
                 except ConfigError as exc:
@@ -319,8 +343,39 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 w.cancel()
     finally:
         watching.cancel()
+        server.close()
         await runner.cleanup()
         watcher.close()
         ctl.close()
     log.info("controller stopped")
     return 0
+
+
+def _reload_tls(tls: ServerTls | None, new: DesiredState) -> None:
+    """The certificate and key again (renewed files take effect for new connections), or a
+    ConfigError that rejects the reload: TLS cannot be switched on or off without a restart."""
+    if tls is None:
+        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", "TLS was off at start: switching it on "
+                                                                     "takes a restart")])
+    tls.reload(new.api.tls)
+
+
+def _guard_bound(configured: int, warn: bool = True) -> int:
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    bound = bounded_by_descriptors(configured, fd_limit if fd_limit != resource.RLIM_INFINITY else 1 << 20)
+    if bound < configured and warn:
+        log.warning("api.max_unauthenticated_connections %d lowered to %d: the process may open only %d files "
+                    "(raise LimitNOFILE)", configured, bound, fd_limit)
+    return bound
+
+
+def _reload_signing_key(app: web.Application, new: DesiredState) -> None:
+    """The signing key again (a rotation: README, Security); ConfigError, nothing changed, if it
+    does not load or would be switched on or off (agents holding plan_keys would refuse
+    every plan, or accept unsigned ones: that takes a restart)."""
+    signer = app.get(SIGNER)
+    if (signer is None) != (new.api.signing_key is None):
+        raise ConfigError("controller.yaml", [ConfigIssue("api.signing_key", "switching plan signing on or off "
+                                                                             "takes a restart")])
+    if signer is not None and new.api.signing_key is not None:
+        signer.use(load_signing_key(new.api.signing_key))

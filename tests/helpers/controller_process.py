@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +49,13 @@ class ControllerProcess:
     """anycast-controller on ``config`` and ``state``, logging to ``log``, asked with ``token``.
 
     Started by the constructor: it returns once the controller answers or has exited (for a reason
-    other than a taken port)."""
+    other than a taken port). ``preexec`` runs in the child before it starts (e.g. resource limits);
+    once ``ssl`` is set (trusting the controller's CA), the URL is https:// and requests verify it."""
 
-    def __init__(self, config: Path, state: Path, log: Path, token: str) -> None:
-        self.config, self.state, self.log, self.token = config, state, log, token
+    def __init__(self, config: Path, state: Path, log: Path, token: str,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.config, self.state, self.log, self.token, self.preexec = config, state, log, token, preexec
+        self.ssl: ssl.SSLContext | None = None
         self.port, self.metrics_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         for attempt in range(ATTEMPTS):
@@ -62,7 +67,7 @@ class ControllerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Start on the current ports; wait until it answers or exits."""
@@ -70,7 +75,7 @@ class ControllerProcess:
             self.proc = subprocess.Popen(
                 [str(BIN / "anycast-controller"), "--config-dir", str(self.config), "--state-dir", str(self.state),
                  "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-                stdout=out, stderr=subprocess.STDOUT)
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         proc = self.proc
         wait_for(lambda: proc.poll() is not None or self.up(), STARTUP, 0.1, desc="controller answering (or exiting)")
 
@@ -98,7 +103,7 @@ class ControllerProcess:
             h["Authorization"] = f"Bearer {self.token if token == OWN_TOKEN else token}"
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=h)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=self.ssl) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())

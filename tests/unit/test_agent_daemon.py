@@ -451,19 +451,26 @@ class FakePort:
         self.reports.append(report)
 
 
-def test_plans_are_followed_through_controller_outages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failures", [
+    (ControllerUnavailable("connection refused"), ControllerUnavailable("connection refused")),
+    # Errors nobody foresaw (a RecursionError from a hostile plan) used to end the task
+    # silently while reports kept flowing: the controller saw a healthy POP that no longer
+    # obeyed it.
+    (RecursionError("maximum recursion depth exceeded"), KeyError("vips")),
+], ids=["outage", "unforeseen errors"])
+def test_plans_are_followed_through_controller_outages(tmp_path: Path, failures: tuple[Exception, ...]) -> None:
     from tenacity import wait_none
 
     async def scenario() -> None:
         agent, _, _, registry = make_agent(controller_config(tmp_path))
         states: list[bool] = []
-        port = FakePort([controller_plan(1), ControllerUnavailable("connection refused"),
-                         ControllerUnavailable("connection refused"), controller_plan(2, drain=True)])
+        port = FakePort([controller_plan(1), *failures, controller_plan(2, drain=True)])
         task = asyncio.create_task(follow_plans(agent, port, 30, states.append, backoff=wait_none()))
         for _ in range(100):
             await asyncio.sleep(0)
             if agent.plan.generation == 2:
                 break
+        assert not task.done()
         task.cancel()
         assert agent.plan.generation == 2 and agent.plan.vips["game-global"].drain
         assert states == [True, False, False, True]  # the agent kept plan 1 during the outage

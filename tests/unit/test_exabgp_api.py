@@ -308,3 +308,10 @@ def test_a_batch_line_refuses_mixed_families_and_a_foreign_next_hop() -> None:
         announce_batch_line([V6, V6], RouteAttributes(next_hop="192.0.2.1"))
     with pytest.raises(ValueError, match="at least 1"):
         batches([RouteChange(V4, None)], max_routes=0)
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000 + "]" * 100_000, '{"type": "update", "x": ' + "9" * 5000 + "}"])
+def test_a_hostile_line_is_garbage_not_an_exception(line: str) -> None:
+    """parse_line never raises: a 100,000-level line used to end the agent without its withdrawal."""
+    event = parse_line(line)
+    assert isinstance(event, Garbage) and event.error.startswith("not JSON")
