@@ -5,7 +5,13 @@ it (static stability).
 Plans are fetched as deltas onto the plan held (``?after=GEN``); a delta that does not fit
 (a gap, a hash or digest mismatch) is followed at once by a full fetch, so the agent only
 ever holds whole plans. Reports are sent as deltas onto the last one the controller
-accepted; a 409 (it restarted, or lost one) is followed at once by a full report."""
+accepted; a 409 (it restarted, or lost one) is followed at once by a full report.
+
+HA: with several controller URLs (``controller.urls``) a request that finds no answer at
+one (connection refused, a timeout, a 5xx such as a follower's 503 "not the leader") goes
+to the next, the leader's first if the follower named it; the URL that answered is kept
+for the next requests. Only when none answers is the controller unavailable (and the
+agent keeps its plan)."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aiohttp
@@ -30,9 +36,10 @@ CACHE_FILE = "plan.json"
 
 
 class PlanClient:
-    def __init__(self, url: str, pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
+    def __init__(self, url: str | Sequence[str], pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
                  timeout: float = 5.0) -> None:
-        self.url = url.rstrip("/")
+        self.urls = tuple(u.rstrip("/") for u in ((url,) if isinstance(url, str) else url))
+        self._at = 0  # the URL that answered last
         self.pop = pop
         self.allowed = tuple(allowed)
         self.book = PlanBook(pop, self.allowed)  # the last good plan, to apply deltas onto
@@ -47,8 +54,13 @@ class PlanClient:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def url(self) -> str:
+        """The controller followed now (the one that answered last)."""
+        return self.urls[self._at]
+
     @classmethod
-    def from_token_file(cls, url: str, pop: str, token_file: str, state_dir: str, allowed: Iterable[IPNetwork],
+    def from_token_file(cls, url: str | Sequence[str], pop: str, token_file: str, state_dir: str, allowed: Iterable[IPNetwork],
                         timeout: float = 5.0) -> PlanClient:
         try:
             with open(token_file, encoding="utf-8") as f:
@@ -70,19 +82,46 @@ class PlanClient:
 
     async def _request(self, method: str, path: str, timeout: float, body: Any = None,
                        accept: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+        order = [(self._at + i) % len(self.urls) for i in range(len(self.urls))]
+        failures = []
+        while order:
+            n = order.pop(0)
+            try:
+                answer = await self._request_one(self.urls[n], method, path, timeout, body, accept)
+            except _TryAnother as exc:
+                failures.append(str(exc))
+                if exc.leader in self.urls and self.urls.index(exc.leader) in order:
+                    order.remove(self.urls.index(exc.leader))
+                    order.insert(0, self.urls.index(exc.leader))
+                continue
+            if n != self._at:
+                log.info("following the controller at %s now", self.urls[n])
+                self._at = n
+            return answer
+        raise ControllerUnavailable("; ".join(failures))
+
+    async def _request_one(self, url: str, method: str, path: str, timeout: float, body: Any,
+                           accept: tuple[int, ...]) -> tuple[int, Any]:
+        where = f"{method} {url}{path}" if len(self.urls) > 1 else f"{method} {path}"
         try:
-            async with self._client().request(method, self.url + path, json=body,
+            async with self._client().request(method, url + path, json=body,
                                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 text = await r.text()
                 if r.status not in accept:
+                    leader = None
                     try:
-                        detail = json.loads(text).get("error", text)
+                        doc = json.loads(text)
+                        detail, leader = doc.get("error", text), doc.get("leader")
                     except (ValueError, AttributeError):
                         detail = text[:200]
-                    raise ControllerUnavailable(f"{method} {path}: HTTP {r.status}: {detail}")
+                    if r.status >= 500:
+                        raise _TryAnother(f"{where}: HTTP {r.status}: {detail}", leader)
+                    raise ControllerUnavailable(f"{where}: HTTP {r.status}: {detail}")
                 return r.status, json.loads(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ControllerUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _TryAnother(f"{where}: {type(exc).__name__}: {exc}", None) from None
+        except ValueError as exc:
+            raise ControllerUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
 
     async def fetch_plan(self, after: int, wait: float) -> Plan | None:
         """A delta onto the plan held when ``after`` is its generation, else the full plan.
@@ -155,3 +194,11 @@ class PlanClient:
             return None
         self.book, self._confirmed, self._cached_generation = book, False, plan.generation
         return dataclasses.replace(plan, source=PlanSource.CACHED_PLAN)
+
+
+class _TryAnother(Exception):
+    """No answer from this controller (down, a timeout, a 5xx): the next URL may answer."""
+
+    def __init__(self, message: str, leader: str | None) -> None:
+        super().__init__(message)
+        self.leader = leader.rstrip("/") if isinstance(leader, str) else None

@@ -44,7 +44,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
     client: PlanClient | None = None
     if config.controller is not None:
         link = config.controller
-        client = PlanClient.from_token_file(link.url, config.pop, link.token_file, config.state_dir,
+        client = PlanClient.from_token_file(link.urls or (link.url,), config.pop, link.token_file, config.state_dir,
                                             config.allowed_prefixes, link.timeout)
     cached = client.load_cached() if client else None
     if cached is not None:

@@ -239,7 +239,14 @@ def _extended_communities(node: Node) -> tuple[str, ...] | None:
 def _controller(node: Node | None) -> ControllerLink | None:
     if node is None or not node.is_mapping():
         return None
-    url = node.req("url", _http_url)
+    # ``url`` (one controller) or ``urls`` (HA: each controller, tried in turn), not both.
+    listed = node.get("urls")
+    urls = tuple(u for n in (listed.items() if listed is not None else ()) if (u := _http_url(n)))
+    if node.has("urls") and node.has("url"):
+        node.error("give url or urls, not both", "urls")
+    url = urls[0] if urls else node.req("url", _http_url)
+    if node.has("urls") and not urls:
+        node.error("must list at least one controller URL", "urls")
     token_file = node.req("token_file", Node.as_str)
     poll_wait = node.opt("poll_wait", lambda n: n.as_float(1, 300), 30.0)
     report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
@@ -248,7 +255,7 @@ def _controller(node: Node | None) -> ControllerLink | None:
     node.reject_unknown()
     if url is None or token_file is None:
         return None
-    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout)
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, urls or (url,))
 
 
 def _http_url(node: Node) -> str | None:

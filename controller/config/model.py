@@ -132,6 +132,7 @@ class ControllerLink:
     report_interval: float = 2.0
     timeout: float = 5.0
     confirm_timeout: float = 2.0  # wait this long for the controller to confirm a withdrawal
+    urls: tuple[str, ...] = ()  # every controller (HA), tried in turn; ``url`` is the first
 
 
 @dataclass(frozen=True)

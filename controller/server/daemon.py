@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import watchfiles
 
@@ -225,25 +226,55 @@ class _Relevant:
                                                              or change == watchfiles.Change.deleted)
 
 
+class Gate(Protocol):
+    """HA (server/ha.py): whether this controller may act as the leader right now."""
+
+    def acting(self) -> bool: ...
+
+    def not_leader(self) -> web.Response: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
-                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None) -> int:
+                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None,
+                state_store: store.Store | None = None, gate: Gate | None = None,
+                registry: CollectorRegistry | None = None) -> int:
+    """Serve until ``stop``. HA (server/ha.py) passes the etcd store, the leadership gate
+    (every request is refused once it stops acting) and a registry of this term's own, which
+    the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
-    # Takes the state directory (StateDirLocked: another controller has it).
-    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None)
-    registry = CollectorRegistry()
+    # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
+    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None,
+                     state_store=state_store)
+    if state_store is not None:
+        ctl.persistence.state_dir = getattr(state_store, "where", ctl.persistence.state_dir)
+    own_registry = registry is None
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = ControllerMetrics(registry, lambda: ctl)
     if watcher.start_error is not None:  # serving the kept last good state: say why, as a rejected reload
         ctl.reject_config(*watcher.start_error)
         metrics.config_reloads.labels("failure").inc()
     else:
         metrics.config_reloads.labels("success").inc()
-    state_dir = ctl.persistence.state_dir
+    state_dir = ctl.desired.state_dir
     # Only a revision applied everywhere is kept as the last good one (a held revision is not
     # good yet: a restart must judge it against the one before).
     ctl.on_applied = lambda _: watcher.keep_last_good(state_dir, ctl.persistence_failed)
     if ctl.base.revision == desired.revision:
         watcher.keep_last_good(state_dir, ctl.persistence_failed)
-    app = make_app(ctl)
+    app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    if gate is not None:
+        @web.middleware
+        async def leader_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # Checked again after the handler: a long-poll woken after leadership was lost
+            # must not hand out a plan.
+            if not gate.acting():
+                return gate.not_leader()
+            response = await handler(request)
+            return response if gate.acting() else gate.not_leader()
+
+        app.middlewares.append(leader_only)
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -264,7 +295,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             await site.start()
         except OSError as exc:
             raise ListenFailed("listen", host, port, exc) from exc
-        if mhost_port:
+        if mhost_port and own_registry:  # HA: the shell serves its own registry (server/ha.py)
             try:
                 start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
             except OSError as exc:
@@ -275,7 +306,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         raise
     log.info("controller serving %s (%d POPs, %d VIPs) on http://%s:%d", desired.revision, len(desired.pops),
              len(desired.vips), host, port)
-    if mhost_port:
+    if mhost_port and own_registry:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
     stop = stop or asyncio.Event()
@@ -283,9 +314,10 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
     watching = asyncio.ensure_future(watcher.poke_on_change(poke))
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    if gate is None:  # HA's shell has the signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
     try:

@@ -1,0 +1,135 @@
+"""Real etcd members for tests and the lab: Debian's etcd-server, each in its own data
+directory, on loopback (or inside a lab node, through ``prefix``), stopped by PID.
+
+    with etcd_cluster(tmp_path, 3) as members:      # three members, each healthy
+        members[0].kill()                           # SIGKILL, by PID
+        members[0].start()                          # back, same data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+ETCD = "/usr/bin/etcd"
+START_GUARD = 120.0  # s: a member that is not healthy by then failed to start (never a slow one)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free a moment ago (a member that loses the race is started again)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    data_dir: str
+    client_url: str
+    peer_url: str
+    initial_cluster: str
+    prefix: Sequence[str] = ()  # e.g. nsenter into a lab node
+    extra: Sequence[str] = ()  # more etcd flags (TLS)
+    log_path: str = ""
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def command(self) -> list[str]:
+        return [*self.prefix, ETCD, "--name", self.name, "--data-dir", self.data_dir,
+                "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+                "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", "anycast-test", "--heartbeat-interval", "100",
+                "--election-timeout", "1000", "--logger", "zap", "--log-outputs", "stderr", *self.extra]
+
+    def start(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.log_path = self.log_path or os.path.join(os.path.dirname(self.data_dir), f"{self.name}.log")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, **tls: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL by PID, and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+
+def members(base: str, n: int, host: str = "127.0.0.1") -> list[EtcdMember]:
+    ports = free_ports(2 * n, host)
+    names = [f"etcd{i}" for i in range(n)]
+    peers = [f"http://{host}:{ports[2 * i + 1]}" for i in range(n)]
+    cluster = ",".join(f"{name}={peer}" for name, peer in zip(names, peers))
+    return [EtcdMember(name, os.path.join(base, name, "data"), f"http://{host}:{ports[2 * i]}", peers[i], cluster)
+            for i, name in enumerate(names)]
+
+
+def wait_healthy(ms: Sequence[EtcdMember], guard: float = START_GUARD) -> bool:
+    """Until every member is healthy (True), one exited (False) or ``guard`` passed (False)."""
+    deadline = time.monotonic() + guard
+    while time.monotonic() < deadline:
+        if any(not m.alive() for m in ms):
+            return False
+        if all(m.healthy() for m in ms):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def etcd_cluster(base: str, n: int = 1, attempts: int = 3) -> Iterator[list[EtcdMember]]:
+    """``n`` healthy members on loopback, killed by PID at the end, pass or fail. A member
+    that exits at start (a port taken between choosing and binding it) is tried again on
+    new ports."""
+    ms: list[EtcdMember] = []
+    try:
+        for attempt in range(attempts):
+            ms = members(os.path.join(base, f"try{attempt}"), n)
+            for m in ms:
+                os.makedirs(os.path.dirname(m.data_dir), exist_ok=True)
+                m.start()
+            if wait_healthy(ms):
+                break
+            tails = "\n".join(f"--- {m.name}\n{m.log_tail()}" for m in ms)
+            for m in ms:
+                m.kill()
+            if attempt == attempts - 1:
+                raise RuntimeError(f"etcd did not start:\n{tails}")
+        yield ms
+    finally:
+        for m in ms:
+            m.kill()
