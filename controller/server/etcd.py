@@ -323,6 +323,8 @@ class Leadership:
                 if exc.args[0] != self.last_error:
                     log.error("ALARM etcd: %s", exc)
                 self.last_error = str(exc)
+                if not self.leader_revision:
+                    self.leader = None  # unknown now: not known to lead (status, the no-leader alert)
             except Exception:  # noqa: BLE001 - the thread must keep the lease or step down
                 log.exception("leadership step failed")
             if self.leader_revision and self.clock() >= self.valid_until:

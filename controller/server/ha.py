@@ -58,14 +58,16 @@ class Shell:
                           {e: h.ok for e, h in lead.etcd.health.items()}, dict(lead.etcd.errors))
 
 
-def _follower_app(shell: Shell, operator_sha256: str | None, revision: str) -> web.Application:
+def _follower_app(shell: Shell, operator_sha256: str | None, revision: str, directory: str) -> web.Application:
     async def status(request: web.Request) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not operator_sha256 or not hmac.compare_digest(
                 hashlib.sha256(token.strip().encode()).hexdigest(), operator_sha256):
             return web.json_response({"error": "invalid token", "field": "Authorization"}, status=401)
-        return web.json_response({"config": {"revision": revision}, "ha": shell.status(), "pops": [], "vips": [],
-                                  "alarms": [], "persistence": None})
+        # The shape of the leader's status, without what only the leader knows (plans, reports).
+        return web.json_response({"config": {"revision": revision, "directory": directory, "last_error": "",
+                                             "last_error_revision": "", "reload_failures": 0, "loaded_at": None},
+                                  "ha": shell.status(), "pops": [], "vips": [], "alarms": [], "persistence": None})
 
     async def elsewhere(request: web.Request) -> web.StreamResponse:
         return shell.not_leader()
@@ -107,7 +109,7 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
              settings.prefix, settings.lease_ttl)
     try:
         while not stop.is_set():
-            runner = web.AppRunner(_follower_app(shell, desired.operator_token_sha256, desired.revision),
+            runner = web.AppRunner(_follower_app(shell, desired.operator_token_sha256, desired.revision, desired.directory),
                                    access_log=None)
             await runner.setup()
             await web.TCPSite(runner, host, port).start()

@@ -213,6 +213,18 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
     assert leader.metric("anycast_controller_leader") == 1.0
     assert followers[0].metric("anycast_controller_leader") == 0.0
 
+    # anycastctl status on a follower: who leads, the members, etcd's health.
+    run = subprocess.run([str(BIN / "anycastctl"), "status", "--json", "--url", followers[0].url],
+                         capture_output=True, text=True, timeout=HANG_GUARD,
+                         env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+    assert run.returncode == 0, run.stderr
+    ha = json.loads(run.stdout)["ha"]
+    assert ha["role"] == "follower" and ha["leader"]["url"] == leader.url
+    assert ha["endpoints"][etcd.client_url]["ok"] is True
+    human = subprocess.run([str(BIN / "anycastctl"), "status", "--url", followers[0].url], capture_output=True,
+                           text=True, timeout=HANG_GUARD, env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+    assert human.returncode == 0, human.stderr
+
     code, body = leader.request("POST", "/v1/drains/fra")
     assert code == 200 and body["drained"] is True
 
