@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 ETCD = "/usr/bin/etcd"
 START_GUARD = 120.0  # s: a member that is not healthy by then failed to start (never a slow one)
@@ -38,6 +39,14 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+class Node(Protocol):
+    """A lab node (lab.netns.Netns): processes started and killed inside it."""
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]: ...
+
+    def terminate(self, pid: int, grace: float = ..., sig: int = ...) -> bool: ...
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -48,7 +57,9 @@ class EtcdMember:
     prefix: Sequence[str] = ()  # e.g. nsenter into a lab node
     extra: Sequence[str] = ()  # more etcd flags (TLS)
     log_path: str = ""
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    node: Node | None = None  # None: on this host
+    election_ms: int = 1000  # etcd's --election-timeout (its heartbeat is 100 ms)
+    proc: subprocess.Popen[Any] | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
         return [*self.prefix, ETCD, "--name", self.name, "--data-dir", self.data_dir,
@@ -56,19 +67,22 @@ class EtcdMember:
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", "anycast-test", "--heartbeat-interval", "100",
-                "--election-timeout", "1000", "--logger", "zap", "--log-outputs", "stderr", *self.extra]
+                "--election-timeout", str(self.election_ms), "--logger", "zap", "--log-outputs", "stderr", *self.extra]
 
     def start(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
         self.log_path = self.log_path or os.path.join(os.path.dirname(self.data_dir), f"{self.name}.log")
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        if self.node is not None:
+            self.proc = self.node.popen(self.command(), stdout=log, stderr=log)
+        else:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def healthy(self, **tls: str) -> bool:
+    def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(self.client_url + "/health", timeout=1) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
@@ -78,7 +92,10 @@ class EtcdMember:
     def kill(self) -> None:
         """SIGKILL by PID, and reap it."""
         if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            if self.node is not None:
+                self.node.terminate(self.proc.pid, 0.0, signal.SIGKILL)
+            else:
+                os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def log_tail(self) -> str:

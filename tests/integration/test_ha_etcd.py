@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from controller.server import store
 from controller.server.etcd import Etcd, EtcdStore, Fenced, Leadership, margin
 from lab.etcd import EtcdMember, etcd_cluster, free_ports
 from lab.poll import wait_for
+from tests.helpers.http import request
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -92,12 +92,7 @@ class Ctl:
         return self
 
     def request(self, method: str, path: str, token: str = TOKENS["operator"]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"Bearer {token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return request(self.url + path, method, token, timeout=10)
 
     def status(self) -> dict[str, Any] | None:
         try:

@@ -18,9 +18,9 @@ import pytest
 from lab import scenarios
 from lab.fleet import Fleet
 from lab.metrics import parse
-from lab.netns import Lab
 from lab.ops import used_names
 from lab.topology import load_topology
+from tests.helpers.lab_fleet import lab_fleet
 
 pytestmark = pytest.mark.lab
 REPORT: dict[str, Any] = {}
@@ -28,16 +28,10 @@ REPORT: dict[str, Any] = {}
 
 @pytest.fixture(scope="module")
 def fleet(lab_preflight: None) -> Iterator[Fleet]:
-    lab = Lab("t-scn-")
-    try:
-        f = Fleet(lab, load_topology(), controller_edit=scenarios.lab_controller_config, prometheus=True).up()
-        f.start_clients(scenarios.VIP)
+    with lab_fleet("t-scn-", lambda lab: Fleet(lab, load_topology(), controller_edit=scenarios.lab_controller_config,
+                                               prometheus=True), scenarios.VIP, REPORT,
+                   Path(os.environ.get("LAB_REPORT", "/tmp/anycast-lab-report.json"))) as f:
         yield f
-    finally:
-        path = Path(os.environ.get("LAB_REPORT", "/tmp/anycast-lab-report.json"))
-        path.write_text(json.dumps(REPORT, indent=1))
-        print(f"\nlab scenario report: {path}")
-        lab.teardown()
 
 
 @pytest.mark.parametrize("scenario", scenarios.SCENARIOS, ids=[s.__name__ for s in scenarios.SCENARIOS])
