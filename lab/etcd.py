@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -47,6 +48,33 @@ class Node(Protocol):
     def terminate(self, pid: int, grace: float = ..., sig: int = ...) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Tls:
+    """PEM files: the CA, and a certificate + key it signed for 127.0.0.1 (server and client)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def make_tls(directory: str) -> Tls:
+    """A throw-away CA and one certificate for 127.0.0.1 usable by etcd and its clients."""
+    d = directory
+    os.makedirs(d, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem",
+            "-days", "2", "-subj", "/CN=anycast-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/etcd.key", "-out", f"{d}/etcd.csr",
+            "-subj", "/CN=127.0.0.1")
+    with open(f"{d}/ext.cnf", "w", encoding="utf-8") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", f"{d}/etcd.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+            "-CAcreateserial", "-out", f"{d}/etcd.pem", "-days", "2", "-extfile", f"{d}/ext.cnf")
+    return Tls(f"{d}/ca.pem", f"{d}/etcd.pem", f"{d}/etcd.key")
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -59,6 +87,7 @@ class EtcdMember:
     log_path: str = ""
     node: Node | None = None  # None: on this host
     election_ms: int = 1000  # etcd's --election-timeout (its heartbeat is 100 ms)
+    tls: Tls | None = None  # client TLS with client certificates required (client_url is https)
     proc: subprocess.Popen[Any] | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
@@ -67,7 +96,9 @@ class EtcdMember:
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", "anycast-test", "--heartbeat-interval", "100",
-                "--election-timeout", str(self.election_ms), "--logger", "zap", "--log-outputs", "stderr", *self.extra]
+                "--election-timeout", str(self.election_ms), "--logger", "zap", "--log-outputs", "stderr",
+                *(() if self.tls is None else ("--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                                               "--trusted-ca-file", self.tls.ca, "--client-cert-auth")), *self.extra]
 
     def start(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -83,8 +114,12 @@ class EtcdMember:
         return self.proc is not None and self.proc.poll() is None
 
     def healthy(self) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
         try:
-            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(self.client_url + "/health", timeout=1, context=context) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -106,13 +141,14 @@ class EtcdMember:
             return ""
 
 
-def members(base: str, n: int, host: str = "127.0.0.1") -> list[EtcdMember]:
+def members(base: str, n: int, host: str = "127.0.0.1", tls: Tls | None = None) -> list[EtcdMember]:
     ports = free_ports(2 * n, host)
     names = [f"etcd{i}" for i in range(n)]
     peers = [f"http://{host}:{ports[2 * i + 1]}" for i in range(n)]
     cluster = ",".join(f"{name}={peer}" for name, peer in zip(names, peers))
-    return [EtcdMember(name, os.path.join(base, name, "data"), f"http://{host}:{ports[2 * i]}", peers[i], cluster)
-            for i, name in enumerate(names)]
+    scheme = "http" if tls is None else "https"
+    return [EtcdMember(name, os.path.join(base, name, "data"), f"{scheme}://{host}:{ports[2 * i]}", peers[i],
+                       cluster, tls=tls) for i, name in enumerate(names)]
 
 
 def wait_healthy(ms: Sequence[EtcdMember], guard: float = START_GUARD) -> bool:
@@ -128,14 +164,14 @@ def wait_healthy(ms: Sequence[EtcdMember], guard: float = START_GUARD) -> bool:
 
 
 @contextlib.contextmanager
-def etcd_cluster(base: str, n: int = 1, attempts: int = 3) -> Iterator[list[EtcdMember]]:
+def etcd_cluster(base: str, n: int = 1, attempts: int = 3, tls: Tls | None = None) -> Iterator[list[EtcdMember]]:
     """``n`` healthy members on loopback, killed by PID at the end, pass or fail. A member
     that exits at start (a port taken between choosing and binding it) is tried again on
     new ports."""
     ms: list[EtcdMember] = []
     try:
         for attempt in range(attempts):
-            ms = members(os.path.join(base, f"try{attempt}"), n)
+            ms = members(os.path.join(base, f"try{attempt}"), n, tls=tls)
             for m in ms:
                 os.makedirs(os.path.dirname(m.data_dir), exist_ok=True)
                 m.start()

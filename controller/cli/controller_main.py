@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from .. import logs
+from ..config.desired import read_ha
 from ..config.errors import ConfigError
 from ..config.desired_model import StoreKind
 from ..server.daemon import ListenFailed, Watcher, serve
-from ..server.etcd import IncompatibleLayout
+from ..server.etcd import IncompatibleLayout, fetch_desired
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
 from .conventions import Exit, add_log_level, new_parser
 
@@ -48,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("anycast-controller", args.log_level)
     try:
         watcher = Watcher(args.config_dir, args.state_dir)
+        # HA: a checkout that does not load, on a host without a kept copy, starts on etcd's.
+        early = read_ha(args.config_dir)
+        if early is not None and early.store == StoreKind.ETCD:
+            watcher.fetch_kept = lambda: fetch_desired(early)
         ha = watcher.load_at_start().ha
         if ha is not None and ha.store == StoreKind.ETCD:
             from ..server.ha import serve_ha

@@ -135,6 +135,20 @@ def read_state_dir(directory: str) -> str:
     return value if isinstance(value, str) and value else DEFAULT_STATE_DIR
 
 
+def read_ha(directory: str) -> HaSettings | None:
+    """``ha`` from controller.yaml, read on its own (best effort, like read_state_dir: to
+    fetch the last good desired state from etcd when the checkout does not load)."""
+    try:
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+    except ConfigError:
+        return None
+    if not isinstance(data, dict) or data.get("ha") is None:
+        return None
+    issues = Issues()
+    ha = _ha(Node(data["ha"], "ha", issues))
+    return None if issues.items else ha
+
+
 def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
     """Read every file, report every error (with file and path), or return the state."""
     issues: list[ConfigIssue] = []

@@ -140,6 +140,11 @@ class ControllerMetrics:
 
 
 # --- HA (controller.server.ha): leadership and etcd ---------------------------------------------
+# Exported by HA controllers only (a single controller has no leadership): the lab checks
+# them on lab.ha's fleet (tests/integration/test_lab_ha.py), the others on the plain one.
+HA_METRICS = ("anycast_controller_leader", "anycast_controller_leader_known",
+              "anycast_controller_leadership_acquired_total", "anycast_controller_ha_members",
+              "anycast_controller_etcd_up", "anycast_controller_etcd_errors_total")
 ETCD_OPERATIONS = ("load", "append", "compact", "keepalive", "campaign", "members", "alive", "resign", "read")
 
 

@@ -73,6 +73,10 @@ class Watcher:
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
+        # HA (server/ha.py): keep the last good desired state in etcd too, and fetch it from
+        # there at start when neither the checkout nor state_dir has a good one.
+        self.also_keep: Callable[[str, dict[str, str]], None] | None = None
+        self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
 
     def load(self) -> DesiredState:
         fp = fingerprint(self.directory)
@@ -94,6 +98,12 @@ class Watcher:
         except ConfigError as exc:
             state_dir = self.state_dir or read_state_dir(self.directory)
             kept = store.saved_desired(state_dir)
+            if kept is None and self.fetch_kept is not None and (fetched := self.fetch_kept()) is not None:
+                try:
+                    store.save_desired(state_dir, *fetched)
+                    kept = store.saved_desired(state_dir)
+                except store.PersistenceError as keep_error:
+                    log.error("cannot keep the desired state fetched from etcd: %s", keep_error)
             if kept is None:
                 raise
             kept_dir, kept_rev = kept
@@ -134,9 +144,13 @@ class Watcher:
         fp, rev, files = self._to_keep
         self._kept = fp
 
+        also = self.also_keep
+
         def keep() -> None:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 loop.call_soon_threadsafe(on_error, exc)
         try:
@@ -144,6 +158,8 @@ class Watcher:
         except RuntimeError:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 on_error(exc)
             return

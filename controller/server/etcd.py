@@ -25,6 +25,7 @@ Key layout (``prefix`` from ``ha.prefix``, version LAYOUT_VERSION)::
     <prefix>state/snapshot       the whole state as of its "seq" (store.state_to_json)
     <prefix>state/journal/<seq>  the changes after the snapshot, one key each (20 digits)
     <prefix>state/alive          the leader's liveness hint (store.Alive) for the next one
+    <prefix>desired              the last good desired state: {"revision", "files"}
 
 etcd3gw (OpenStack's client for etcd's JSON gateway) does the HTTP: a synchronous client
 fits the synchronous Store protocol, and it needs no gRPC stack. Requests go to one
@@ -46,6 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_exceptions
 
 from ..config.desired_model import HaSettings
@@ -121,10 +123,18 @@ class Etcd:
         self._clients = []
         for url in settings.endpoints:
             u = urlsplit(url)
+            # Our own session: with the environment trusted (requests' default), a
+            # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE overrides the session's CA (ha.tls.ca_file
+            # would be ignored) and an http(s)_proxy would carry etcd's traffic.
+            session = requests.Session()
+            session.trust_env = False
+            if settings.ca_file is not None:
+                session.verify = settings.ca_file
+            if settings.cert_file is not None and settings.key_file is not None:
+                session.cert = (settings.cert_file, settings.key_file)
             self._clients.append(etcd3gw.client(
-                host=u.hostname or "", port=u.port or 2379, protocol=u.scheme, ca_cert=settings.ca_file,
-                cert_key=settings.key_file, cert_cert=settings.cert_file, timeout=settings.request_timeout,
-                api_path="/v3/"))
+                host=u.hostname or "", port=u.port or 2379, protocol=u.scheme, timeout=settings.request_timeout,
+                api_path="/v3/", session=session))
         self._current = 0
         self.health: dict[str, EndpointHealth] = {e: EndpointHealth() for e in settings.endpoints}
         self.errors: Counter[str] = Counter()  # failed calls (every endpoint failed), by operation
@@ -539,5 +549,34 @@ class EtcdStore:
                 self._alive_busy.release()
         threading.Thread(target=write, name="etcd-alive", daemon=True).start()
 
+    def keep_desired(self, revision: str, files: Mapping[str, str]) -> None:
+        """Keep the last good desired state in etcd too (fenced; called from the watcher's
+        keeper thread, hence an Etcd of its own): a controller started on a bad checkout on
+        a host that never kept one locally starts on it (see fetch_desired)."""
+        etcd = Etcd(self.leadership.settings)
+        rev = self.leadership.leader_revision
+        if not rev or not self.leadership.acting():
+            raise Fenced(store.StoreOp.DESIRED, self.where, "not the leader (fenced)")
+        doc = json.dumps({"revision": revision, "files": dict(files)}, sort_keys=True)
+        try:
+            ok, _ = etcd.txn([etcd.created_at("leader", rev)], [etcd.put("desired", doc)], "desired")
+        except EtcdUnavailable as exc:
+            raise store.PersistenceError(store.StoreOp.DESIRED, self.where, str(exc)) from None
+        if not ok:
+            raise Fenced(store.StoreOp.DESIRED, self.where, "fenced: no longer the leader; nothing written")
+
     def close(self) -> None:
         pass
+
+
+def fetch_desired(settings: HaSettings) -> tuple[str, dict[str, str]] | None:
+    """(revision, files) of the last good desired state kept in etcd, if any and readable."""
+    try:
+        kv = Etcd(settings).get("desired", "load")
+        if kv is None:
+            return None
+        doc = json.loads(kv.value)
+        return str(doc["revision"]), {str(k): str(v) for k, v in doc["files"].items()}
+    except (EtcdUnavailable, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.error("cannot read the last good desired state from etcd: %s", exc)
+        return None

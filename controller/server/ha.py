@@ -28,7 +28,7 @@ from ..config.desired_model import HaSettings
 from ..metrics.central import HaSnapshot, register_ha_metrics
 from . import store
 from .daemon import Watcher, serve
-from .etcd import EtcdStore, EtcdUnavailable, Leadership, check_layout, Etcd
+from .etcd import Etcd, EtcdStore, EtcdUnavailable, Leadership, check_layout, fetch_desired
 
 log = logging.getLogger("controller.server")
 
@@ -80,6 +80,7 @@ def _follower_app(shell: Shell, operator_sha256: str | None, revision: str, dire
 async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = None, advertise: str | None = None,
                    listen: tuple[str, int] | None = None, metrics_listen: tuple[str, int] | None = None, *,
                    stop: asyncio.Event | None = None) -> int:
+    watcher.fetch_kept = lambda: fetch_desired(settings)
     desired = watcher.load_at_start()  # the listen addresses and the operator token (ConfigError: exit)
     host, port = listen or desired.listen
     name = name or socket.gethostname()
@@ -127,9 +128,11 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
 
             watching = asyncio.ensure_future(watch_term())
             shell.term_registry = CollectorRegistry()
+            term_watcher, term_store = Watcher(watcher.directory, watcher.state_dir), EtcdStore(leadership)
+            term_watcher.fetch_kept, term_watcher.also_keep = watcher.fetch_kept, term_store.keep_desired
             try:
-                await serve(Watcher(watcher.directory, watcher.state_dir), (host, port), None, stop=term_stop,
-                            state_store=EtcdStore(leadership), gate=shell, registry=shell.term_registry)
+                await serve(term_watcher, (host, port), None, stop=term_stop, state_store=term_store, gate=shell,
+                            registry=shell.term_registry)
             except store.PersistenceError as exc:  # etcd failed between winning and loading
                 log.error("ALARM persistence: cannot load the state from etcd as the new leader: %s", exc)
                 leadership.depose("the state could not be loaded")

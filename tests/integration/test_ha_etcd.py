@@ -31,8 +31,8 @@ from controller.agent.plan_client import PlanClient
 from controller.config.desired import load_desired
 from controller.config.desired_model import HaSettings, StoreKind
 from controller.server import store
-from controller.server.etcd import Etcd, EtcdStore, Fenced, Leadership, margin
-from lab.etcd import EtcdMember, etcd_cluster, free_ports
+from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, margin
+from lab.etcd import EtcdMember, etcd_cluster, free_ports, make_tls
 from lab.poll import wait_for
 from tests.helpers.http import request
 
@@ -322,3 +322,50 @@ def test_an_incompatible_layout_is_refused_and_left_alone(tmp_path: Path, etcd: 
     assert run.returncode == 1
     assert "/anycast/layout says layout 99" in run.stderr and etcd.client_url in run.stderr
     assert e.get_prefix("") == before
+
+
+def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:
+    """etcd with client TLS and --client-cert-auth: the controller's CA and client certificate
+    work; without the client certificate, or trusting another CA, the error says TLS."""
+    tls = make_tls(str(tmp_path / "pki"))
+    with etcd_cluster(str(tmp_path / "etcd"), 1, tls=tls) as (member,):
+        good = settings(member.client_url, ca_file=tls.ca, cert_file=tls.cert, key_file=tls.key)
+        a = Leadership(good, "a", "http://a")
+        a.start()
+        leading(a)
+        st = EtcdStore(a)
+        loaded = st.load()
+        st.start(loaded.state, loaded.seq)
+        st.append(store.Changes(drains={"sin": 5.0}), loaded.seq)
+        assert EtcdStore(a).load().state.drains == {"sin": 5.0}
+        a.stop()
+
+        other = make_tls(str(tmp_path / "other-pki"))
+        for bad in (settings(member.client_url, ca_file=tls.ca),  # no client certificate
+                    settings(member.client_url, ca_file=other.ca, cert_file=tls.cert, key_file=tls.key)):
+            with pytest.raises(EtcdUnavailable) as exc:
+                Etcd(bad).get("layout")
+            assert member.client_url in str(exc.value) and "TLS" in str(exc.value), str(exc.value)
+
+
+def test_a_bad_checkout_on_a_fresh_host_starts_on_the_desired_state_kept_in_etcd(tmp_path: Path, etcd: EtcdMember,
+                                                                                  ctls: list[Ctl]) -> None:
+    config = desired_dir(tmp_path, [etcd.client_url])
+    c1 = Ctl(tmp_path, "c1", config).start()
+    ctls.append(c1)
+    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
+    good = c1.status()["config"]["revision"]  # type: ignore[index]
+    e = Etcd(settings(etcd.client_url))
+    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == good, HANG_GUARD,
+             desc="the desired state kept in etcd")
+    c1.stop()
+    # Another host: its checkout has a broken VIP file, its state_dir never kept anything.
+    bad = tmp_path / "other-host"
+    shutil.copytree(config, bad)
+    (bad / "vips.yaml").write_text("vips: [{name: broken}]\n")
+    c2 = Ctl(tmp_path, "c2", bad).start()
+    ctls.append(c2)
+    wait_for(lambda: c2.role() == "leader", HANG_GUARD, desc="c2 leads")
+    s = c2.status()
+    assert s is not None and s["config"]["revision"] == good and s["config"]["last_error"]
+    assert [p["pop"] for p in s["pops"]] == ["sjc", "fra", "sin"]

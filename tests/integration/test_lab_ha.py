@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 
+from controller.metrics.central import HA_METRICS
 from lab import ha_scenarios
 from lab.fleet import Fleet
-from lab.ha import HaFleet
+from lab.ha import CONTROLLERS, HaFleet
+from lab.metrics import parse
+from lab.ops import used_names
 from lab.topology import load_topology
 from tests.helpers.lab_fleet import lab_fleet
 
@@ -43,3 +46,20 @@ def test_ha_scenario(fleet: Fleet, scenario: Callable[[Fleet], dict[str, Any]]) 
             print(f"=== agent {pop} log (tail) ===\n" + "\n".join(agent.log().splitlines()[-15:]))
         raise
     print(f"{name}: {json.dumps({k: v for k, v in REPORT[name].items() if k != 'clients'})}")
+
+
+def test_the_ha_metrics_ops_uses_are_scraped_from_the_running_controllers(fleet: Fleet) -> None:
+    """After the scenarios: the leader and a follower export every HA metric that the alerts
+    and the dashboard use (the plain lab checks the others)."""
+    assert isinstance(fleet, HaFleet)
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(n for n in CONTROLLERS if n != leader)
+    used = {n for n in used_names() if n in HA_METRICS}
+    assert used, "ops/ uses no HA metric"
+    for name in (leader, follower):
+        scrape = parse(fleet.controller_metrics(name))
+        missing = used - set(scrape.names())
+        assert not missing, f"{name} does not export {sorted(missing)}"
+        assert scrape.value("anycast_controller_leader") == (1.0 if name == leader else 0.0)
+        assert scrape.value("anycast_controller_leader_known") == 1.0
