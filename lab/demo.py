@@ -201,7 +201,7 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
 HA_ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
     ("Steady state: three controllers (one leads), three etcd members; us-west serves",
      scenarios.s1_steady_state, lambda r: "no request lost"),
-    ("Drain fra, then SIGKILL the leading controller half-way through the drain",
+    ("Drain fra (12 s), then SIGKILL the leading controller a quarter of the way through",
      ha_scenarios.ha1_kill_leader_mid_drain,
      lambda r: f"{r['killed']} killed, {r['new_leader']} led {r['new_leader_after_kill_s']} s later (lease "
                f"{r['lease_ttl_s']} s); fra withdrawn {r['withdrawn_after_drain_start_s']} s after the drain began "
@@ -232,8 +232,10 @@ def main() -> int:
     results: list[str] = []
     keep = False
     try:
+        control = ("three controllers on a three-member etcd cluster (HA)" if args.ha
+                   else "the controller, Prometheus")
         print(f"==> Starting the {topo.name} lab: {len(topo.transits)} transit routers, {len(topo.pops)} POPs "
-              "(FRR router + ExaBGP + anycast-agent each), the controller, Prometheus, 2 origins, "
+              f"(FRR router + ExaBGP + anycast-agent each), {control}, 2 origins, "
               f"{len(topo.clients)} clients; one network namespace per node")
         t0 = time.monotonic()
         if args.ha:
