@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..config.desired_model import HaSettings
 from ..metrics.central import HaSnapshot, register_ha_metrics
 from . import store
-from .daemon import Watcher, serve
+from .daemon import ListenFailed, Watcher, serve
 from .etcd import Etcd, EtcdStore, EtcdUnavailable, Leadership, check_layout, fetch_desired
 
 log = logging.getLogger("controller.server")
@@ -101,7 +101,10 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
     register_ha_metrics(registry, shell, lambda: shell.term_registry)
     mhost_port = metrics_listen or desired.metrics_listen
     if mhost_port:
-        start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+        try:
+            start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+        except OSError as exc:
+            raise ListenFailed("metrics_listen", *mhost_port, exc) from exc
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -113,7 +116,11 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
             runner = web.AppRunner(_follower_app(shell, desired.operator_token_sha256, desired.revision, desired.directory),
                                    access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, host, port).start()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise ListenFailed("listen", host, port, exc) from exc
             while not stop.is_set() and not leadership.acting():
                 await _either(stop, changed, 1.0)
             await runner.cleanup()
