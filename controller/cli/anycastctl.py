@@ -229,6 +229,8 @@ def _ha_lines(ha: dict[str, Any] | None) -> list[str]:
     leader = ha["leader"]
     if ha["role"] == "leader":
         out = [f"ha: {ha['name']} is the LEADER (lease {ha['lease_ttl']}s)"]
+    elif ha["role"] == "starting":
+        out = [f"ha: {ha['name']} has just become the leader and is loading the state from etcd"]
     elif leader is None:
         out = [f"ha: NO LEADER: {ha['name']} is a follower and no controller leads (nothing is planned or "
                "changed; agents keep their plans)"]

@@ -65,9 +65,11 @@ def _follower_app(shell: Shell, operator_sha256: str | None, revision: str, dire
                 hashlib.sha256(token.strip().encode()).hexdigest(), operator_sha256):
             return web.json_response({"error": "invalid token", "field": "Authorization"}, status=401)
         # The shape of the leader's status, without what only the leader knows (plans, reports).
+        # Won but not serving yet (this API is about to make way for the leader's): "starting".
+        ha = {**shell.status(), "role": "starting" if shell.acting() else "follower"}
         return web.json_response({"config": {"revision": revision, "directory": directory, "last_error": "",
                                              "last_error_revision": "", "reload_failures": 0, "loaded_at": None},
-                                  "ha": shell.status(), "pops": [], "vips": [], "alarms": [], "persistence": None})
+                                  "ha": ha, "pops": [], "vips": [], "alarms": [], "persistence": None})
 
     async def elsewhere(request: web.Request) -> web.StreamResponse:
         return shell.not_leader()
