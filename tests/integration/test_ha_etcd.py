@@ -59,6 +59,17 @@ def leading(*ls: Leadership) -> Leadership:
     return wait_for(lambda: next((x for x in ls if x.acting()), None), HANG_GUARD, desc="a leader")
 
 
+def started(s: HaSettings, name: str) -> tuple[Leadership, EtcdStore, int]:
+    """A controller ``name`` that leads, its store started: (leadership, store, sequence)."""
+    lead = Leadership(s, name, f"http://{name}")
+    lead.start()
+    leading(lead)
+    st = EtcdStore(lead)
+    loaded = st.load()
+    st.start(loaded.state, loaded.seq)
+    return lead, st, loaded.seq
+
+
 def desired_dir(tmp: Path, endpoints: list[str], **ha: Any) -> Path:
     d = tmp / "desired"
     if not d.exists():
@@ -137,14 +148,10 @@ def ctls() -> Iterator[list[Ctl]]:
 # --- the store and leadership, in process ---------------------------------------------------
 def test_a_deposed_leader_cannot_write_and_stops_acting_before_its_lease_ends(etcd: EtcdMember) -> None:
     s = settings(etcd.client_url)
-    a, b = Leadership(s, "a", "http://a"), Leadership(s, "b", "http://b")
-    a.start()
-    leading(a)
+    a, st, seq0 = started(s, "a")
+    b = Leadership(s, "b", "http://b")
     b.start()
-    st = EtcdStore(a)
-    loaded = st.load()
-    st.start(loaded.state, loaded.seq)
-    seq = st.append(store.Changes(drains={"sjc": 100.0}), loaded.seq)
+    seq = st.append(store.Changes(drains={"sjc": 100.0}), seq0)
 
     # Partition a from etcd: its thread stops (no keep-alives), and it still believes it
     # leads until its own deadline, which comes before its lease can end at etcd.
@@ -176,13 +183,8 @@ def test_a_deposed_leader_cannot_write_and_stops_acting_before_its_lease_ends(et
 
 def test_generations_never_go_back_across_leaders(etcd: EtcdMember) -> None:
     s = settings(etcd.client_url)
-    a = Leadership(s, "a", "http://a")
-    a.start()
-    leading(a)
-    st = EtcdStore(a)
-    loaded = st.load()
-    st.start(loaded.state, loaded.seq)
-    st.append(store.Changes(generations={"sjc": 7}), loaded.seq)
+    a, st, seq = started(s, "a")
+    st.append(store.Changes(generations={"sjc": 7}), seq)
     a.stop()  # resigns: the next leads at once
     b = Leadership(s, "b", "http://b")
     b.start()
@@ -330,13 +332,8 @@ def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:
     tls = make_tls(str(tmp_path / "pki"))
     with etcd_cluster(str(tmp_path / "etcd"), 1, tls=tls) as (member,):
         good = settings(member.client_url, ca_file=tls.ca, cert_file=tls.cert, key_file=tls.key)
-        a = Leadership(good, "a", "http://a")
-        a.start()
-        leading(a)
-        st = EtcdStore(a)
-        loaded = st.load()
-        st.start(loaded.state, loaded.seq)
-        st.append(store.Changes(drains={"sin": 5.0}), loaded.seq)
+        a, st, seq = started(good, "a")
+        st.append(store.Changes(drains={"sin": 5.0}), seq)
         assert EtcdStore(a).load().state.drains == {"sin": 5.0}
         a.stop()
 
