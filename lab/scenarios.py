@@ -568,12 +568,7 @@ def s8_drain(f: Fleet) -> dict[str, Any]:
     seen = watch.first_seen(pop.transit, draining_at_transit, t0)
     assert seen is not None and seen < withdrawn, \
         f"{pop.transit} never saw fra's path with the draining attributes before the withdrawal: {draining_at_transit}"
-    others = {c: s for c, s in stats.items() if c != "c-eu"}
-    assert all(s["failed"] == 0 for s in others.values()), f"requests failed during the drain: {others}"
-    moves = sum(1 for t, c, _ in watch.changes if c == "c-eu" and t0 <= t <= until)
-    moved_at = first_success_via(f, "c-eu", t0, {p.name for p in f.topo.pops} - {"fra"})
-    assert moved_at is not None
-    lost = move_failures("c-eu", [r for r in f.requests("c-eu", t0) if r["t"] <= until], moves, moved_at)
+    lost = drain_losses(f, watch, "fra", "c-eu", stats, t0, until)
     assert not lost, f"requests lost during the drain: {lost}"
     return {**moved, "draining_attributes_seen_ms": ms(t0, seen), "withdrawn_ms": ms(t0, withdrawn), "clients": stats}
 
@@ -720,6 +715,18 @@ def s10_failed_wave_gate_rolls_back(f: Fleet) -> dict[str, Any]:
     assert_clean(f)
     return {"cut_to_rolled_back_ms": ms(t_cut, t_back), "rolled_back_to_fra_announcing_ms": ms(t_back, t_recovered),
             "clients": stats}
+
+
+def drain_losses(f: Fleet, watch: IngressWatch, pop: str, client: str, stats: dict[str, dict[str, Any]], t0: float,
+                 until: float) -> list[str]:
+    """Requests lost while ``pop`` drained: any at all for the clients not entering there,
+    and for ``client`` (which did) more than its ingress moves explain (checks.move_failures)."""
+    lost = [f"{c}: {s['failed']} failed" for c, s in stats.items() if c != client and s["failed"]]
+    moves = sum(1 for t, c, _ in watch.changes if c == client and t0 <= t <= until)
+    moved_at = first_success_via(f, client, t0, {p.name for p in f.topo.pops} - {pop})
+    if moved_at is None:
+        return lost + [f"{client} was never served via another POP than {pop}"]
+    return lost + move_failures(client, [r for r in f.requests(client, t0) if r["t"] <= until], moves, moved_at)
 
 
 SCENARIOS: list[Callable[[Fleet], dict[str, Any]]] = [

@@ -5,7 +5,13 @@ it (static stability).
 Plans are fetched as deltas onto the plan held (``?after=GEN``); a delta that does not fit
 (a gap, a hash or digest mismatch) is followed at once by a full fetch, so the agent only
 ever holds whole plans. Reports are sent as deltas onto the last one the controller
-accepted; a 409 (it restarted, or lost one) is followed at once by a full report."""
+accepted; a 409 (it restarted, or lost one) is followed at once by a full report.
+
+HA: with several controller URLs (``controller.urls``) a request that finds no answer at
+one (connection refused, a timeout, a 5xx such as a follower's 503 "not the leader") goes
+to the next, the leader's first if the follower named it; the URL that answered is kept
+for the next requests. Only when none answers is the controller unavailable (and the
+agent keeps its plan)."""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -43,10 +49,11 @@ MAX_CACHE_BYTES = 256 << 20  # a plan of 100,000 VIPs is ~90 MB of JSON
 
 
 class PlanClient:
-    def __init__(self, url: str, pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
+    def __init__(self, url: str | Sequence[str], pop: str, token: str, state_dir: str, allowed: Iterable[IPNetwork], *,
                  timeout: float = 5.0, tls: ssl.SSLContext | None = None,
                  plan_keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.urls = tuple(u.rstrip("/") for u in ((url,) if isinstance(url, str) else url))
+        self._at = 0  # the URL that answered last
         self.pop = pop
         self.allowed = tuple(allowed)
         self.book = PlanBook(pop, self.allowed)  # the last good plan, to apply deltas onto
@@ -71,9 +78,14 @@ class PlanClient:
         self._plan_keys = plan_keys  # None: plans are not signed; else each answer must be, by one of them
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def url(self) -> str:
+        """The controller followed now (the one that answered last)."""
+        return self.urls[self._at]
+
     @classmethod
-    def from_token_file(cls, url: str, pop: str, token_file: str, state_dir: str, allowed: Iterable[IPNetwork],
-                        timeout: float = 5.0, tls: ClientTls = ClientTls(),
+    def from_token_file(cls, url: str | Sequence[str], pop: str, token_file: str, state_dir: str,
+                        allowed: Iterable[IPNetwork], timeout: float = 5.0, tls: ClientTls = ClientTls(),
                         plan_keys: tuple[str, ...] = ()) -> PlanClient:
         try:
             with open(token_file, encoding="utf-8") as f:
@@ -82,7 +94,10 @@ class PlanClient:
             raise ControllerUnavailable(f"cannot read the token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ControllerUnavailable(f"the token file {token_file} is empty")
-        return cls(url, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(url, tls),
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        # One context serves every https:// controller (aiohttp uses it for https only).
+        https = next((u for u in urls if u.startswith("https://")), urls[0])
+        return cls(urls, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(https, tls),
                    plan_keys=load_plan_keys(plan_keys) if plan_keys else None)
 
     def _client(self) -> aiohttp.ClientSession:
@@ -97,24 +112,53 @@ class PlanClient:
 
     async def _request(self, method: str, path: str, timeout: float, body: Any = None,
                        accept: tuple[int, ...] = (200,), signed: bool = False) -> tuple[int, Any]:
-        """``signed``: a plan answer, checked against the plan keys (if any) before it is parsed."""
+        """Ask the controller followed now, then the others in turn (the leader first when one
+        names it) while they do not answer; ``signed``: a plan answer, checked against the plan
+        keys (if any) before it is parsed (a refused plan is not tried elsewhere)."""
+        order = [(self._at + i) % len(self.urls) for i in range(len(self.urls))]
+        failures = []
+        while order:
+            n = order.pop(0)
+            try:
+                answer = await self._request_one(self.urls[n], method, path, timeout, body, accept, signed)
+            except _TryAnother as exc:
+                failures.append(str(exc))
+                if exc.leader in self.urls and self.urls.index(exc.leader) in order:
+                    order.remove(self.urls.index(exc.leader))
+                    order.insert(0, self.urls.index(exc.leader))
+                continue
+            if n != self._at:
+                log.info("following the controller at %s now", self.urls[n])
+                self._at = n
+            return answer
+        raise ControllerUnavailable("; ".join(failures))
+
+    async def _request_one(self, url: str, method: str, path: str, timeout: float, body: Any,
+                           accept: tuple[int, ...], signed: bool) -> tuple[int, Any]:
+        where = f"{method} {url}{path}" if len(self.urls) > 1 else f"{method} {path}"
         try:
-            async with self._client().request(method, self.url + path, json=body,
+            async with self._client().request(method, url + path, json=body,
                                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 raw = await r.read()
                 if signed and r.status == 200 and self._plan_keys is not None:
                     self._check(lambda: check_signature(self._plan_keys or {}, r.headers.get(SIGNATURE_HEADER), raw))
                 text = raw.decode("utf-8", errors="replace")
                 if r.status not in accept:
+                    leader = None
                     try:
-                        detail = json.loads(text).get("error", text)
+                        doc = json.loads(text)
+                        detail, leader = doc.get("error", text), doc.get("leader")
                     except (ValueError, AttributeError):
                         detail = text[:200]
-                    raise ControllerUnavailable(f"{method} {path}: HTTP {r.status}: {detail}")
+                    if r.status >= 500:
+                        raise _TryAnother(f"{where}: HTTP {r.status}: {detail}", leader)
+                    raise ControllerUnavailable(f"{where}: HTTP {r.status}: {detail}")
                 return r.status, json.loads(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _TryAnother(f"{where}: {type(exc).__name__}: {str(exc)[:200]}", None) from None
+        except (ValueError, RecursionError) as exc:
             # RecursionError: a deeply nested body must not kill the plan-following task.
-            raise ControllerUnavailable(f"{method} {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+            raise ControllerUnavailable(f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     async def fetch_plan(self, after: int, wait: float) -> Plan | None:
         """A delta onto the plan held when ``after`` is its generation, else the full plan.
@@ -268,3 +312,11 @@ class PlanClient:
 
 class CacheRefused(ValueError):
     """The cache file parsed, but this agent did not write it."""
+
+
+class _TryAnother(Exception):
+    """No answer from this controller (down, a timeout, a 5xx): the next URL may answer."""
+
+    def __init__(self, message: str, leader: str | None) -> None:
+        super().__init__(message)
+        self.leader = leader.rstrip("/") if isinstance(leader, str) else None

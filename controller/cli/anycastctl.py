@@ -189,6 +189,7 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     if c["last_error"]:
         out.append(f"CONFIG ERROR in revision {c['last_error_revision']} (still serving {c['revision']}):")
         out += ["  " + line for line in c["last_error"].splitlines()]
+    out += _ha_lines(st.get("ha"))  # HA on etcd only
     persistence = st.get("persistence")  # absent from controllers older than the journal
     if persistence and not persistence["ok"]:
         out.append(f"PERSISTENCE FAILING in {persistence['state_dir']}: {persistence['last_error']}")
@@ -219,6 +220,30 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     out += ["", "alarms: none" if not st["alarms"] else "ALARMS:"]
     out += [f"  {a['kind']} {a['vip']}: {a['detail']}" for a in st["alarms"]]
     return _emit(args, st, "\n".join(out))
+
+
+def _ha_lines(ha: dict[str, Any] | None) -> list[str]:
+    """Leader, members and etcd's health, as ``status`` shows them (HA on etcd)."""
+    if not ha:
+        return []
+    leader = ha["leader"]
+    if ha["role"] == "leader":
+        out = [f"ha: {ha['name']} is the LEADER (lease {ha['lease_ttl']}s)"]
+    elif ha["role"] == "starting":
+        out = [f"ha: {ha['name']} has just become the leader and is loading the state from etcd"]
+    elif leader is None:
+        out = [f"ha: NO LEADER: {ha['name']} is a follower and no controller leads (nothing is planned or "
+               "changed; agents keep their plans)"]
+    else:
+        out = [f"ha: {ha['name']} is a follower; the leader is {leader['name']} at {leader['url']} "
+               "(plans, drains and explanations are there)"]
+    out.append("  members: " + (", ".join(f"{m['name']} {m['url']}" for m in ha["members"]) or "none seen"))
+    for endpoint, h in ha["endpoints"].items():
+        out.append(f"  etcd {endpoint}: " + ("ok" if h["ok"] else "not tried yet" if h["ok"] is None
+                                             else f"DOWN: {h['error']}"))
+    if ha["last_error"]:
+        out.append(f"  ETCD ERROR: {ha['last_error']}")
+    return out
 
 
 def cmd_plan(api: OperatorApi, args: argparse.Namespace) -> int:

@@ -245,7 +245,14 @@ def _extended_communities(node: Node) -> tuple[str, ...] | None:
 def _controller(node: Node | None) -> ControllerLink | None:
     if node is None or not node.is_mapping():
         return None
-    url = node.req("url", _http_url)
+    # ``url`` (one controller) or ``urls`` (HA: each controller, tried in turn), not both.
+    listed = node.get("urls")
+    urls = tuple(u for n in (listed.items() if listed is not None else ()) if (u := _http_url(n)))
+    if node.has("urls") and node.has("url"):
+        node.error("give url or urls, not both", "urls")
+    url = urls[0] if urls else node.req("url", _http_url)
+    if node.has("urls") and not urls:
+        node.error("must list at least one controller URL", "urls")
     token_file = node.req("token_file", Node.as_str)
     poll_wait = node.opt("poll_wait", lambda n: n.as_float(1, 300), 30.0)
     report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
@@ -258,13 +265,13 @@ def _controller(node: Node | None) -> ControllerLink | None:
     plan_keys = tuple(k for n in (keys_node.items() if keys_node else ()) if (k := read_absolute_path(n)) is not None)
     if (tls.cert is None) != (tls.key is None):
         node.error("client_cert and client_key go together", "client_cert" if tls.cert is None else "client_key")
-    if url is not None and url.startswith("http://") and (tls.ca_file or tls.cert):
-        node.error("ca_file and client_cert need an https:// URL", "url")
+    if (tls.ca_file or tls.cert) and any(u.startswith("http://") for u in (urls or (url,)) if u):
+        node.error("ca_file and client_cert need an https:// URL", "urls" if urls else "url")
     node.reject_unknown()
     if url is None or token_file is None:
         return None
     return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls, plan_keys,
-                          max_plan_age)
+                          max_plan_age, urls or (url,))
 
 
 def read_absolute_path(node: Node) -> str | None:

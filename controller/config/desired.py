@@ -25,8 +25,8 @@ from .agent import (
     read_state_attributes, read_vip, refuse_empty,
 )
 from .desired_model import (
-    ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy, PopSpec,
-    SafetyPolicy, TlsSettings,
+    ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, HaSettings,
+    Policy, PopSpec, SafetyPolicy, StoreKind, TlsSettings,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -136,6 +136,20 @@ def read_state_dir(directory: str) -> str:
     return value if isinstance(value, str) and value else DEFAULT_STATE_DIR
 
 
+def read_ha(directory: str) -> HaSettings | None:
+    """``ha`` from controller.yaml, read on its own (best effort, like read_state_dir: to
+    fetch the last good desired state from etcd when the checkout does not load)."""
+    try:
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+    except ConfigError:
+        return None
+    if not isinstance(data, dict) or data.get("ha") is None:
+        return None
+    issues = Issues()
+    ha = _ha(Node(data["ha"], "ha", issues))
+    return None if issues.items else ha
+
+
 def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
     """Read every file, report every error (with file and path), or return the state.
 
@@ -204,6 +218,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
     api = top.opt("api", _api, ApiSettings())
+    ha = _ha(top.get("ha"))
     top.reject_unknown()
 
     pops_root = trees["pops.yaml"]
@@ -255,7 +270,42 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
         if name not in pop_names:
             top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
     return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                        tuple(pops), tuple(vips), policy, change, api)
+                        tuple(pops), tuple(vips), policy, change, api, ha)
+
+
+def _ha(node: Node | None) -> HaSettings | None:
+    """``ha:``: the store (file | etcd) and, for etcd, its endpoints, lease and TLS."""
+    if node is None or not node.is_mapping():
+        return None
+    kind = node.opt("store", lambda n: n.as_choice(tuple(StoreKind)), StoreKind.FILE.value)
+    endpoints = tuple(e for n in _list(node, "endpoints", kind == StoreKind.ETCD) if (e := _etcd_url(n)))
+    prefix = node.opt("prefix", Node.as_str, "/anycast/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        node.error(f"must start and end with '/', got {prefix!r}", "prefix")
+    # etcd's own minimum lease is about 1.5 x its election timeout (1 s by default).
+    ttl = node.opt("lease_ttl", lambda n: n.as_int(2, 300), 5)
+    timeout = node.opt("request_timeout", lambda n: n.as_float(0.05, 30), 1.0)
+    tls = node.get("tls")
+    files: dict[str, str | None] = {"ca_file": None, "cert_file": None, "key_file": None}
+    if tls is not None and tls.is_mapping():
+        for key in files:
+            files[key] = tls.opt(key, Node.as_str, None)
+        tls.reject_unknown()
+        if (files["cert_file"] is None) != (files["key_file"] is None):
+            tls.error("cert_file and key_file go together")
+    node.reject_unknown()
+    if kind == StoreKind.ETCD and tls is not None and any(not e.startswith("https://") for e in endpoints):
+        node.error("tls is set: every endpoint must be https://", "endpoints")
+    return HaSettings(StoreKind(kind), endpoints, prefix, ttl, timeout, files["ca_file"], files["cert_file"],
+                      files["key_file"])
+
+
+def _etcd_url(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and not re.match(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+):\d+/?$", s):
+        node.error(f"expected http(s)://HOST:PORT (an etcd client URL), got {s!r}")
+        return None
+    return s.rstrip("/") if s else None
 
 
 def _list(node: Node, key: str, required: bool) -> list[Node]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .model import IPNetwork, Vip
@@ -65,6 +66,27 @@ class PopSpec:
     description: str = ""
 
 
+class StoreKind(enum.StrEnum):
+    """Where the controller keeps what it must not forget (``ha.store``)."""
+
+    FILE = "file"  # the local journal in state_dir: one controller (the default)
+    ETCD = "etcd"  # an etcd v3 cluster: several controllers, one leader (HA)
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """``ha:`` in controller.yaml (read at start; a change takes effect on restart)."""
+
+    store: StoreKind
+    endpoints: tuple[str, ...] = ()  # etcd client URLs, http:// or https://
+    prefix: str = "/anycast/"  # every key of this controller cluster lives under it
+    lease_ttl: int = 5  # s: a dead leader is replaced after at most this (+ one poll)
+    request_timeout: float = 1.0  # s per etcd request and endpoint
+    ca_file: str | None = None  # TLS to etcd: the CA that signed etcd's server certificates
+    cert_file: str | None = None  # client certificate (etcd --client-cert-auth)
+    key_file: str | None = None
+
+
 @dataclass(frozen=True)
 class FleetVip:
     vip: Vip  # the same definition an agent uses (origins, check, attributes)
@@ -112,6 +134,7 @@ class DesiredState:
     policy: Policy
     change: ChangePolicy = ChangePolicy()
     api: ApiSettings = ApiSettings()
+    ha: HaSettings | None = None  # None: the embedded file journal
 
     def pop(self, name: str) -> PopSpec | None:
         return next((p for p in self.pops if p.name == name), None)

@@ -150,3 +150,62 @@ class ControllerMetrics:
             self.reconciles.labels(result)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+
+
+# --- HA (controller.server.ha): leadership and etcd ---------------------------------------------
+# Exported by HA controllers only (a single controller has no leadership): the lab checks
+# them on lab.ha's fleet (tests/integration/test_lab_ha.py), the others on the plain one.
+HA_METRICS = ("anycast_controller_leader", "anycast_controller_leader_known",
+              "anycast_controller_leadership_acquired_total", "anycast_controller_ha_members",
+              "anycast_controller_etcd_up", "anycast_controller_etcd_errors_total")
+ETCD_OPERATIONS = ("load", "append", "compact", "keepalive", "campaign", "members", "alive", "resign", "read")
+
+
+@dataclass(frozen=True)
+class HaSnapshot:
+    leader: bool  # this controller acts as the leader now
+    leader_known: bool  # some controller holds the leader key (as last seen)
+    became_leader: int  # times this controller became leader
+    members: int  # controllers registered in etcd (as last seen)
+    endpoints: Mapping[str, bool | None]  # etcd endpoint -> answered last time (None: not tried)
+    etcd_errors: Mapping[str, int]  # operation -> calls that no endpoint answered
+
+
+class HaView(Protocol):
+    def ha_snapshot(self) -> HaSnapshot: ...
+
+
+class _HaCollector(Collector):
+    def __init__(self, view: HaView, term: Callable[[], CollectorRegistry | None]) -> None:
+        self._view, self._term = view, term
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._view.ha_snapshot()
+        yield GaugeMetricFamily("anycast_controller_leader", "1 while this controller is the HA leader.",
+                                value=1.0 if s.leader else 0.0)
+        yield GaugeMetricFamily("anycast_controller_leader_known",
+                                "1 while some controller holds the leader key (as this one last saw it).",
+                                value=1.0 if s.leader_known else 0.0)
+        yield CounterMetricFamily("anycast_controller_leadership_acquired",
+                                  "Times this controller became the leader.", value=float(s.became_leader))
+        yield GaugeMetricFamily("anycast_controller_ha_members", "Controllers registered in etcd.",
+                                value=float(s.members))
+        up = GaugeMetricFamily("anycast_controller_etcd_up", "1 if the etcd endpoint answered the last request.",
+                               labels=["endpoint"])
+        for endpoint, ok in s.endpoints.items():
+            up.add_metric([endpoint], 1.0 if ok else 0.0)
+        yield up
+        errors = CounterMetricFamily("anycast_controller_etcd_errors",
+                                     "etcd calls that no endpoint answered, by operation.", labels=["operation"])
+        for op in ETCD_OPERATIONS:
+            errors.add_metric([op], float(s.etcd_errors.get(op, 0)))
+        yield errors
+        term = self._term()
+        if term is not None:  # the leader's plans, reports, persistence (ControllerMetrics)
+            yield from term.collect()  # type: ignore[misc]
+
+
+def register_ha_metrics(registry: CollectorRegistry, view: HaView,
+                        term: Callable[[], CollectorRegistry | None]) -> None:
+    """The HA shell's metrics, and those of the current leader term's registry when leading."""
+    registry.register(_HaCollector(view, term))

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -61,6 +62,8 @@ CONTROLLER = web.AppKey("controller", Controller)
 REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
 GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
 SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
+StatusExtra = Callable[[], dict[str, Any]]
+STATUS_EXTRA: web.AppKey[StatusExtra] = web.AppKey("status_extra")  # more /v1/status sections (HA)
 MAX_WAIT = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -265,6 +268,7 @@ async def get_status(request: web.Request) -> web.StreamResponse:
                    *({"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms())],
         "persistence": persistence_status(ctl),
         "change": change_status(ctl),
+        **(request.app[STATUS_EXTRA]() if STATUS_EXTRA in request.app else {}),
     })
 
 
@@ -347,9 +351,11 @@ async def drain(request: web.Request) -> web.StreamResponse:
                               "drain_time": ctl.desired.policy.drain.drain_time})
 
 
-def make_app(ctl: Controller) -> web.Application:
+def make_app(ctl: Controller, extra_status: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[json_errors])
     app[CONTROLLER] = ctl
+    if extra_status is not None:
+        app[STATUS_EXTRA] = extra_status
     app[REPORTS] = {}
     app.add_routes([
         web.get("/v1/plans/{pop}", get_plan),

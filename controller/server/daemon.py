@@ -18,6 +18,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import watchfiles
 
@@ -76,6 +77,10 @@ class Watcher:
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
+        # HA (server/ha.py): keep the last good desired state in etcd too, and fetch it from
+        # there at start when neither the checkout nor state_dir has a good one.
+        self.also_keep: Callable[[str, dict[str, str]], None] | None = None
+        self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
 
     def load(self) -> DesiredState:
         fp = fingerprint(self.directory)
@@ -97,6 +102,12 @@ class Watcher:
         except ConfigError as exc:
             state_dir = self.state_dir or read_state_dir(self.directory)
             kept = store.saved_desired(state_dir)
+            if kept is None and self.fetch_kept is not None and (fetched := self.fetch_kept()) is not None:
+                try:
+                    store.save_desired(state_dir, *fetched)
+                    kept = store.saved_desired(state_dir)
+                except store.PersistenceError as keep_error:
+                    log.error("cannot keep the desired state fetched from etcd: %s", keep_error)
             if kept is None:
                 raise
             kept_dir, kept_rev = kept
@@ -137,9 +148,13 @@ class Watcher:
         fp, rev, files = self._to_keep
         self._kept = fp
 
+        also = self.also_keep
+
         def keep() -> None:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 loop.call_soon_threadsafe(on_error, exc)
         try:
@@ -147,6 +162,8 @@ class Watcher:
         except RuntimeError:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 on_error(exc)
             return
@@ -229,25 +246,55 @@ class _Relevant:
                                                              or change == watchfiles.Change.deleted)
 
 
+class Gate(Protocol):
+    """HA (server/ha.py): whether this controller may act as the leader right now."""
+
+    def acting(self) -> bool: ...
+
+    def not_leader(self) -> web.Response: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
-                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None) -> int:
+                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None,
+                state_store: store.Store | None = None, gate: Gate | None = None,
+                registry: CollectorRegistry | None = None) -> int:
+    """Serve until ``stop``. HA (server/ha.py) passes the etcd store, the leadership gate
+    (every request is refused once it stops acting) and a registry of this term's own, which
+    the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
-    # Takes the state directory (StateDirLocked: another controller has it).
-    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None)
-    registry = CollectorRegistry()
+    # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
+    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None,
+                     state_store=state_store)
+    if state_store is not None:
+        ctl.persistence.state_dir = getattr(state_store, "where", ctl.persistence.state_dir)
+    own_registry = registry is None
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = ControllerMetrics(registry, lambda: ctl)
     if watcher.start_error is not None:  # serving the kept last good state: say why, as a rejected reload
         ctl.reject_config(*watcher.start_error)
         metrics.config_reloads.labels("failure").inc()
     else:
         metrics.config_reloads.labels("success").inc()
-    state_dir = ctl.persistence.state_dir
+    state_dir = ctl.desired.state_dir
     # Only a revision applied everywhere is kept as the last good one (a held revision is not
     # good yet: a restart must judge it against the one before).
     ctl.on_applied = lambda _: watcher.keep_last_good(state_dir, ctl.persistence_failed)
     if ctl.base.revision == desired.revision:
         watcher.keep_last_good(state_dir, ctl.persistence_failed)
-    app = make_app(ctl)
+    app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    if gate is not None:
+        @web.middleware
+        async def leader_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # Checked again after the handler: a long-poll woken after leadership was lost
+            # must not hand out a plan.
+            if not gate.acting():
+                return gate.not_leader()
+            response = await handler(request)
+            return response if gate.acting() else gate.not_leader()
+
+        app.middlewares.append(leader_only)
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -281,7 +328,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                                               ssl_handshake_timeout=desired.api.header_timeout if tls else None)
         except OSError as exc:
             raise ListenFailed("listen", host, port, exc) from exc
-        if mhost_port:
+        if mhost_port and own_registry:  # HA: the shell serves its own registry (server/ha.py)
             try:
                 start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
             except OSError as exc:
@@ -295,16 +342,17 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         log.warning("%s", warning)
     log.info("controller serving %s (%d POPs, %d VIPs) on %s://%s:%d", desired.revision, len(desired.pops),
              len(desired.vips), "https" if tls else "http", host, port)
-    if mhost_port:
+    if mhost_port and own_registry:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
     stop = stop or asyncio.Event()
     reload_now = asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
     watching = asyncio.ensure_future(watcher.poke_on_change(poke))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    if gate is None:  # HA's shell has the signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
     try:
