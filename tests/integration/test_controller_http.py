@@ -904,10 +904,10 @@ def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_key
             assert changed is not None and set(changed.vips) == {"game-global"} and agent.answers["delta"] == 1
             # A replay of the older signed plan, from anywhere, is refused: the plan held stays.
             async with _serving(*raw_headers) as url:
-                agent.url = url
+                agent.urls = (url,)  # a fake controller in its place
                 await refused(agent, "replay")
                 assert set(agent.book.entries) == {"game-global"}
-            agent.url = controller.url
+            agent.urls = (controller.url,)
             assert captured["generation"] < agent.book.generation
             # Rotation: the controller switches to the new key at a reload.
             controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(new.key)}))
@@ -958,7 +958,7 @@ def test_a_deeply_nested_plan_is_refused_not_fatal_to_the_agent(controller: Runn
             held = await c.fetch_plan(-1, 0)
             assert held is not None
             async with _serving(b"[" * 100_000 + b"]" * 100_000, "") as url:
-                c.url = url
+                c.urls = (url,)
                 with pytest.raises(ControllerUnavailable, match="RecursionError"):
                     await c.fetch_plan(-1, 0)
             assert c.book.generation == held.generation
