@@ -188,3 +188,19 @@ def test_the_pop_index_after_reloads_equals_one_built_from_scratch(tmp_path: Pat
     fresh._indexed = None
     for p in d.pops:
         assert ctl.published_regions(p.name) == fresh.published_regions(p.name), p.name
+
+
+def test_a_vip_healthy_everywhere_is_one_served_entry_shared_by_its_pops(tmp_path: Path) -> None:
+    """No per-pair objects in the steady state: the POPs' plans point at one entry per VIP
+    (its shared item), and a POP whose item differs gets its own without evicting it."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    _healthy_everywhere(ctl, now[0])
+    entries = [ctl.served[p].entries["game-global"] for p in ("sjc", "fra", "sin")]
+    assert entries[0] is entries[1] is entries[2]
+    ctl.add_report(PopReport("fra", now[0], 1, {"game-global": {"us-west": False, "eu-central": True},
+                                                 "api-eu": {"eu-central": True}}, {"game-global": True, "api-eu": True}))
+    assert ctl.served["fra"].entries["game-global"].item.reason == "confirming"
+    assert ctl.served["sjc"].entries["game-global"] is ctl.served["sin"].entries["game-global"] is entries[0]
+    body = ctl.plan_body("fra")
+    assert [v["reason"] for v in body["vips"] if v["name"] == "game-global"] == ["confirming"]
