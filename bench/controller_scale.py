@@ -690,7 +690,7 @@ def _encode_report(origins: Mapping[str, Mapping[str, bool | None]], announced: 
 
     if hasattr(wire, "WireReport"):
         return wire.encode_report(wire.WireReport(0, origins, announced))
-    return wire.encode_report(0, origins, announced)  # type: ignore[call-arg]
+    return wire.encode_report(0, origins, announced)  # type: ignore[call-arg,arg-type]
 
 
 def _cpu_s(pid: int) -> float:

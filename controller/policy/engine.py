@@ -43,6 +43,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ..config.desired_model import DesiredState, FleetVip
 from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, VipMemory
@@ -403,15 +404,32 @@ class Engine:
         ``Changes.memory`` (the controller journals from it)."""
         return PlannerState(_VipMemoryView(self, self.version), _PairMemoryView(self, self.version))
 
+    def frozen_state(self) -> PlannerState:
+        """The memory as of now, unchanged by later passes (for a snapshot written in the
+        background): views over a copy of the VIP -> plan mapping, whose plans are immutable
+        (O(VIPs) pointers, not O(pairs))."""
+        frozen = _Frozen(dict(self.plans))
+        return PlannerState(_VipMemoryView(frozen, self.version), _PairMemoryView(frozen, self.version))
+
 
 def _new(pop: str) -> PopVipMemory:
     return NEW
 
 
+class _Plans(Protocol):
+    @property
+    def plans(self) -> Mapping[str, VipPlan]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Frozen:
+    plans: Mapping[str, VipPlan]
+
+
 class _VipMemoryView(Mapping[str, VipMemory]):
     __slots__ = ("_engine", "_version")
 
-    def __init__(self, engine: Engine, version: int) -> None:
+    def __init__(self, engine: _Plans, version: int) -> None:
         self._engine, self._version = engine, version
 
     def __getitem__(self, name: str) -> VipMemory:
@@ -436,7 +454,7 @@ class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
 
     __slots__ = ("_engine", "_version")
 
-    def __init__(self, engine: Engine, version: int) -> None:
+    def __init__(self, engine: _Plans, version: int) -> None:
         self._engine, self._version = engine, version
 
     def __getitem__(self, key: tuple[str, str]) -> PopVipMemory:

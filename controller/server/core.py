@@ -108,7 +108,7 @@ class Controller:
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
         if self.state_store is None:
-            self.state_store = store.FileJournal(self.desired.state_dir)
+            self.state_store = store.FileJournal(self.desired.state_dir, background=True)
         self.persistence = PersistenceStatus(self.desired.state_dir)
         try:
             loaded = self.state_store.load()
@@ -507,7 +507,10 @@ class Controller:
         self._persistence_recovered()
         try:
             # Everything is durable now: the snapshot is the current state (the engine's memory).
-            self.state_store.compact(self.persisted, self._seq)
+            # (A copy that later passes do not change: the file journal writes it in a thread.)
+            frozen = store.Persisted(dict(self.persisted.drains), dict(self.persisted.generations),
+                                     engine.frozen_state())
+            self.state_store.compact(frozen, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
 
