@@ -123,14 +123,21 @@ class PlanStore:
         if not same_specs:
             listed = set(candidates)
             candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
+        # (The loops below run once per (POP, VIP) pair on a cold start, 30 million times at
+        # 100,000 VIPs x 300 POPs: lookups inlined, no call per pair in the common case.)
         updates: dict[str, Entry] = {}
+        specs, shared = self._specs, self._shared
         for name in candidates:
             item = items[name]
-            h = self._spec(name, spec_dicts[name]).hash
+            spec = spec_dicts[name]
+            sp = specs.get(name)
+            h = sp.hash if sp is not None and sp.obj is spec else self._spec(name, spec).hash
             e = old.get(name)
             if e is not None and e.item is item and e.spec_hash == h:
                 continue
-            new = self._entry(name, item, h)
+            recent = shared.get(name)
+            new = (recent[0] if recent is not None and recent[0].item is item and recent[0].spec_hash == h
+                   else self._entry(name, item, h))
             if e is not None and (e is new or e.material() == new.material()):
                 continue
             updates[name] = new
@@ -146,20 +153,28 @@ class PlanStore:
         generation = max(last_generation, pp.generation if pp is not None else 0) + 1
         if pp is None:
             pp = self.pops[pop] = PopPlan(generation, revision)
-            introduced = frozenset(e.spec_hash for e in updates.values())
         else:
             introduced = frozenset(e.spec_hash for n, e in updates.items()
                                    if n not in old or old[n].spec_hash != e.spec_hash)
             pp.log.append(_Change(pp.generation, generation, frozenset(updates) | frozenset(removed), introduced))
+        entries, texts = pp.entries, self._texts
+        digest, wanted, holds = pp.digest, pp.wanted, pp.safety_holds
         for name in removed:
-            self._account(pp, pp.entries.pop(name), -1)
+            e = entries.pop(name)
+            digest, wanted, holds = digest - e.ehash, wanted - e.item.wanted, holds - e.item.safety_hold
         for name, e in updates.items():
-            previous = pp.entries.get(name)
+            previous = entries.get(name)
             if previous is not None:
-                self._account(pp, previous, -1)
-            pp.entries[name] = e
-            self._account(pp, e, 1)
-            self._texts[e.spec_hash] = self._specs[name].text
+                digest -= previous.ehash
+                wanted -= previous.item.wanted
+                holds -= previous.item.safety_hold
+            entries[name] = e
+            digest += e.ehash
+            wanted += e.item.wanted
+            holds += e.item.safety_hold
+            if e.spec_hash not in texts:
+                texts[e.spec_hash] = specs[name].text
+        pp.digest, pp.wanted, pp.safety_holds = digest % DIGEST_MOD, wanted, holds
         pp.generation, pp.revision = generation, revision
         pp.bodies.clear()
         pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
@@ -167,12 +182,6 @@ class PlanStore:
         self._event(pop).set()
         self._changed[pop] = asyncio.Event()
         return generation
-
-    @staticmethod
-    def _account(pp: PopPlan, e: Entry, sign: int) -> None:
-        pp.digest = (pp.digest + sign * e.ehash) % DIGEST_MOD
-        pp.wanted += sign * e.item.wanted
-        pp.safety_holds += sign * e.item.safety_hold
 
     def _entry(self, name: str, item: PlanItem, h: str) -> Entry:
         """The entry for ``item`` with spec ``h``, hashed: the same object at every POP that
