@@ -554,10 +554,7 @@ class FileJournal:
         # older generations pruned. The caller must not change ``state`` afterwards.
         journal = self._path("journal", seq)
         try:
-            fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, 0)
-            self._fsync(fd)
-            _fsync_dir(self.state_dir, self._fsync)
+            fd = self._empty_journal(journal)
         except OSError as exc:
             raise PersistenceError(StoreOp.COMPACT, journal, exc.strerror or str(exc)) from None
         if self._journal is not None:
@@ -598,11 +595,8 @@ class FileJournal:
                 self._snapshot_size = len(body)
             # Nothing in a journal named after ``seq`` counts (entries follow their snapshot; at
             # start, load() applied none of it if the store is still at its base): start it empty.
-            fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, 0)
+            fd = self._empty_journal(journal)
             size = 0
-            self._fsync(fd)
-            _fsync_dir(self.state_dir, self._fsync)
         except OSError as exc:
             raise PersistenceError(StoreOp.COMPACT, path, exc.strerror or str(exc)) from None
         if self._journal is not None:
@@ -611,6 +605,18 @@ class FileJournal:
         self._journal, self._journal_path, self._journal_size, self._base = fd, journal, size, seq
         self._previous_base = previous
         self._prune(previous if previous is not None else seq)
+
+    def _empty_journal(self, journal: str) -> int:
+        """``journal`` created (or emptied), durable, open for appending; raises OSError."""
+        fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, 0)
+            self._fsync(fd)
+            _fsync_dir(self.state_dir, self._fsync)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _prune(self, keep_from: int) -> None:
         """Remove generations older than the previous good one (best effort)."""
