@@ -135,9 +135,17 @@ def verdicts(vip_names: list[str], regions: Mapping[str, tuple[str, ...]], pop_i
 
 
 def _git(directory: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(directory), *args], check=True, capture_output=True, timeout=60,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
-                        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org"})
+    """Retried a few times: a controller before --no-optional-locks (the reference commit)
+    holds index.lock while its `git status` runs, and a commit at that moment fails."""
+    for attempt in range(5):
+        r = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60,
+                           env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
+                                "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org"})
+        if r.returncode == 0:
+            return
+        if b"index.lock" not in r.stderr or attempt == 4:
+            raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        time.sleep(0.2)
 
 
 def _status_mb(pid: int | str, field: str) -> float | None:
@@ -828,7 +836,7 @@ def run(*, quick: bool, log: Log, vips: int | None = None, pops: int | None = No
             _git(d, "commit", "-qm", "synthetic desired state")
         size_mb = sum(f.stat().st_size for f in config_dir.glob("*.yaml")) / 2**20
         log(f"controller: {nvips} VIPs x {npops} POPs generated in {time.monotonic() - t:.1f}s "
-            f"({size_mb:.1f} MB of YAML); in-process measurements")
+            f"({size_mb:.1f} MB of YAML)")
         inp: dict[str, Any] | None = None
         if inproc:
             inp = _run_inproc(work, config_dir, runs, quick, scaling, log)
