@@ -469,3 +469,16 @@ def test_the_agent_caches_a_delta_by_appending_it_and_restarts_on_the_latest_pla
     assert asyncio.run(newcomer.fetch_plan(-1, 0)) is not None
     assert not (tmp_path / "plan.deltas").exists()
     assert PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED).load_cached() is not None
+
+
+def test_an_empty_report_delta_keeps_the_last_verdicts_themselves_unless_a_vip_left_the_pop() -> None:
+    """The steady state costs no O(VIPs) copy per report; a VIP no longer published still drops out."""
+    origins = {"game-global": {"us-west": True}, "api-eu": {"eu-central": True}}
+    announced = {"game-global": True, "api-eu": True}
+    empty = WireReport(1, {}, {}, 8, 7)
+    published = {"game-global": frozenset({"us-west"}), "api-eu": frozenset({"eu-central"})}
+    got = apply_report_delta(origins, announced, empty, published)
+    assert got[0] is origins and got[1] is announced
+    fewer = {"game-global": frozenset({"us-west"})}
+    got = apply_report_delta(origins, announced, empty, fewer)
+    assert got == ({"game-global": {"us-west": True}}, {"game-global": True})
