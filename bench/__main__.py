@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vips", type=int, help="controller: number of VIPs (default 10000, quick 1000)")
     p.add_argument("--pops", type=int, help="controller: number of POPs, each VIP published at all (default 50, "
                                             "quick 10)")
+    p.add_argument("--end-to-end-only", action="store_true",
+                   help="controller: skip the in-process part (runs against older code, e.g. 4448db0)")
     p.add_argument("--changes", type=int, help="controller: end-to-end change repetitions (default 5, quick 2)")
     return p
 
@@ -122,7 +124,8 @@ def _announce(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _controller(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from . import controller_scale
 
-    r = controller_scale.run(quick=args.quick, log=_log, vips=args.vips, pops=args.pops, reps=args.changes)
+    r = controller_scale.run(quick=args.quick, log=_log, vips=args.vips, pops=args.pops, reps=args.changes,
+                             inproc=not args.end_to_end_only)
     return r, controller_scale.render(r)
 
 

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import datetime
 import gc
+import gzip
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .report import ROOT, summary, table
+from .report import ROOT, load_average, summary, table
 
 Log = Callable[[str], None]
 REGIONS = ("us-west", "us-east", "eu-central", "eu-west", "ap-south")
@@ -134,9 +135,17 @@ def verdicts(vip_names: list[str], regions: Mapping[str, tuple[str, ...]], pop_i
 
 
 def _git(directory: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(directory), *args], check=True, capture_output=True, timeout=60,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
-                        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org"})
+    """Retried a few times: a controller before --no-optional-locks (the reference commit)
+    holds index.lock while its `git status` runs, and a commit at that moment fails."""
+    for attempt in range(5):
+        r = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60,
+                           env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
+                                "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org"})
+        if r.returncode == 0:
+            return
+        if b"index.lock" not in r.stderr or attempt == 4:
+            raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        time.sleep(0.2)
 
 
 def _status_mb(pid: int | str, field: str) -> float | None:
@@ -326,62 +335,89 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
 
     gc.set_threshold(100_000, 50, 100)  # as the daemon runs
     out: dict[str, Any] = {"vips": nvips, "pops": npops, "pairs": nvips * npops,
-                           "rss_mb_start": _status_mb("self", "VmRSS")}
+                           "rss_mb_start": _status_mb("self", "VmRSS"), "load_average_start": load_average()}
     base = load_desired(str(ROOT / "configs" / "controller"), "bench")
     template = base.vip("game-global")
     assert template is not None
     pops = tuple(PopSpec(pop_name(i) if npops <= 100 else f"p{i:03d}", "0" * 64) for i in range(npops))
     publish = tuple(p.name for p in pops)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     vips = tuple(FleetVip(dataclasses.replace(template.vip, name=f"vip-{i:06d}"), publish, True, template.policy)
                  for i in range(nvips))
     desired = dataclasses.replace(base, pops=pops, vips=vips)
     out["build_desired_s"] = round(time.perf_counter() - t, 2)
+    out["build_desired_cpu_s"] = round(time.process_time() - c, 2)
     names = [v.name for v in vips]
     regions = {v.name: tuple(o.region for o in v.vip.origins) for v in vips}
     now = time.time()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     reports: dict[str, PopReport] = {}
     for i, p in enumerate(pops):
         reports[p.name] = compact_report(PopReport(p.name, now, 1, verdicts(names, regions, i, npops)), None)
     out["reports_s"] = round(time.perf_counter() - t, 2)
+    out["reports_cpu_s"] = round(time.process_time() - c, 2)
     out["rss_mb_after_reports"] = _status_mb("self", "VmRSS")
     engine = Engine()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     changes = engine.run(desired, reports, {}, now)
     out["first_plan_s"] = round(time.perf_counter() - t, 2)
+    out["first_plan_cpu_s"] = round(time.process_time() - c, 2)
     out["first_plan_vips"] = len(changes.planned)
     out["rss_mb_after_first_plan"] = _status_mb("self", "VmRSS")
+    # What the daemon serves from the plan: every POP's served plan (plans.PlanStore), from
+    # each VIP's spec as JSON (what agents get)
+    from controller.config.serialize import vip_to_dict
+    from controller.server.plans import PlanStore
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
+    spec_dicts = {fv.name: vip_to_dict(fv.vip) for fv in vips}
+    served = PlanStore()
+    for p in pops:
+        served.serve(p.name, engine.items[p.name], spec_dicts, desired.revision, 0, desired)
+    out["serve_all_s"] = round(time.perf_counter() - t, 2)
+    out["serve_all_cpu_s"] = round(time.process_time() - c, 2)
+    out["rss_mb_after_serving"] = _status_mb("self", "VmRSS")
+
+    t, c = time.perf_counter(), time.process_time()
     changes = engine.run(desired, reports, {}, now + 2)  # the settle windows end: confirmed
     out["settled_s"] = round(time.perf_counter() - t, 3)
+    out["settled_cpu_s"] = round(time.process_time() - c, 3)
     out["settled_vips"] = len(changes.planned)
 
     fv = vips[0]
     changed = dataclasses.replace(fv, publish=publish[1:])
     new = dataclasses.replace(desired, revision="bench-2", vips=(changed, *vips[1:]))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     changes = engine.run(new, reports, {}, now + 3)
     out["one_commit_s"] = round(time.perf_counter() - t, 4)
+    out["one_commit_cpu_s"] = round(time.process_time() - c, 4)
     out["one_commit_vips"] = len(changes.planned)
     out["one_commit_pops"] = len(changes.pops)
+    t, c = time.perf_counter(), time.process_time()
+    for name in changes.pops:
+        served.serve(name, engine.items[name], spec_dicts, new.revision, 0, new)
+    out["one_commit_serve_s"] = round(time.perf_counter() - t, 4)
+    out["one_commit_serve_cpu_s"] = round(time.process_time() - c, 4)
 
     pop = pops[1].name
     flipped = dict(reports[pop].origins)
     flipped[names[1]] = {r: j != 0 for j, r in enumerate(regions[names[1]])}
     reports[pop] = compact_report(PopReport(pop, now + 4, 1, flipped), reports[pop])
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     changes = engine.run(new, reports, {}, now + 4)
     out["one_report_s"] = round(time.perf_counter() - t, 4)
+    out["one_report_cpu_s"] = round(time.process_time() - c, 4)
     out["one_report_vips"] = len(changes.planned)
     repeated = {p: compact_report(PopReport(p, now + 4.5, 1, dict(r.origins)), r) for p, r in reports.items()}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     changes = engine.run(new, repeated, {}, now + 4.5)
     out["repeated_reports_s"] = round(time.perf_counter() - t, 4)
+    out["repeated_reports_cpu_s"] = round(time.process_time() - c, 4)
     out["repeated_reports_vips"] = len(changes.planned)
     out["rss_mb_end"] = _status_mb("self", "VmRSS")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["load_average_end"] = load_average()
+    out["process_cpu_s"] = round(time.process_time(), 1)
     return out
 
 
@@ -492,9 +528,12 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
             return time.monotonic() - t
 
         t_all = time.monotonic()
+        reports_cpu0, reports_load0 = _cpu_s(daemon.proc.pid), load_average()
         post_times = list(await asyncio.gather(*(one(i, pop, c) for i, (pop, c)
                                                  in enumerate(list(clients.items())[:reporting]))))
         out["reports_all_answered_s"] = round(time.monotonic() - t_all, 3)
+        out["reports_cpu_s"] = round(_cpu_s(daemon.proc.pid) - reports_cpu0, 2)
+        out["reports_load_average"] = [reports_load0, load_average()]
         out["reporting_pops"] = reporting
         out["report_post_s"] = summary(post_times, 3)
         out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
@@ -511,6 +550,7 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         vips_file = config_dir / "vips.yaml"
         samples: list[dict[str, Any]] = []
         probe = _Probe(daemon.port, work / "probe-changes.json")
+        change_cpu0, change_load0 = _cpu_s(daemon.proc.pid), load_average()
         for rep in range(reps):
             await asyncio.sleep(random.uniform(0.5, 1.5))  # a random phase of the daemon's 1 s loop
             present = CHANGED_VIP in plan.vips
@@ -550,11 +590,14 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
                 f"publish list) reached the agent after {total:.3f}s (detect + load {sample['detect_and_load_s']}s)")
             plan = new_plan
         out["change_stall_ms"] = probe.stop()
+        out["change_cpu_s"] = round(_cpu_s(daemon.proc.pid) - change_cpu0, 2)
+        out["change_load_average"] = [change_load0, load_average()]
         out["change_samples"] = samples
         out["change_s"] = summary([s["total_s"] for s in samples], 3)
         out["change_detect_and_load_s"] = summary([s["detect_and_load_s"] for s in samples
                                                    if s["detect_and_load_s"] is not None], 3)
         out["change_after_load_s"] = summary([s["after_load_s"] for s in samples if s["after_load_s"] is not None], 3)
+        out.update(await _change_everywhere(daemon, config_dir, [p.name for p in desired.pops], EVERYWHERE_REPS, log))
         out["rss_mb_end"] = _status_mb(daemon.proc.pid, "VmRSS")
         out["peak_rss_mb"] = _status_mb(daemon.proc.pid, "VmHWM")
         out["reloads_logged"] = len(_log_times(daemon.log, r"desired state \S+ loaded"))
@@ -565,9 +608,97 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
     return out
 
 
+EVERYWHERE_VIP = "vip-00001"  # its spec changes: every POP's plan changes
+EVERYWHERE_REPS = 3
+
+
+def _vip_block(text: str, name: str) -> tuple[int, int]:
+    """Where VIP ``name``'s entry starts and ends in a generated vips file."""
+    start = text.index(f"  - name: {name}\n")
+    end = text.find("\n  - name: ", start + 1)
+    return start, len(text) if end < 0 else end + 1
+
+
+async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], reps: int,
+                             log: Log) -> dict[str, Any]:
+    """A change to a VIP published at every POP (its first backend's port): every POP long-polls
+    its plan with plain HTTP (no agent decoding: 50 agents decode on 50 machines, not in this
+    process), timed from the rename to the answer's last byte that carries the new port, per
+    POP; and the bytes of each answer as sent (gzip included: the wire size)."""
+    import aiohttp
+
+    target = None
+    for path in sorted(config_dir.rglob("*.yaml")):
+        if f"  - name: {EVERYWHERE_VIP}\n" in path.read_text():
+            target = path
+    assert target is not None
+    gens: dict[str, int] = {}
+    samples: list[dict[str, Any]] = []
+    stall_probe = _Probe(daemon.port, Path(str(daemon.log) + ".probe-everywhere.json"))
+    cpu0, load0 = _cpu_s(daemon.proc.pid), load_average()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async def get(pop: str, query: str) -> tuple[bytes, bytes]:
+            async with session.get(f"{daemon.url}/v1/plans/{pop}{query}",
+                                   headers={"Authorization": f"Bearer {token(pop)}", "Accept-Encoding": "gzip"},
+                                   timeout=aiohttp.ClientTimeout(total=600)) as r:
+                raw = await r.read()
+                assert r.status == 200, (r.status, raw[:200])
+                return raw, gzip.decompress(raw) if r.headers.get("Content-Encoding") == "gzip" else raw
+
+        for pop in pops:
+            gens[pop] = int(json.loads((await get(pop, ""))[1])["generation"])
+        for rep in range(reps):
+            port = 18081 + rep
+            marker = re.compile(rb'"port": ?%d\b' % port)  # the spec as JSON: {"address": ..., "port": N}
+
+            start = [0.0]
+
+            async def poll(pop: str) -> tuple[float, int]:
+                while True:
+                    raw, body = await get(pop, f"?after={gens[pop]}&wait=60")
+                    arrived = time.monotonic()
+                    doc = json.loads(body)
+                    gens[pop] = int(doc["generation"])
+                    if marker.search(body):
+                        return arrived - start[0], len(raw)
+
+            text = target.read_text()
+            a, b = _vip_block(text, EVERYWHERE_VIP)
+            block = re.sub(r':(\d+)"', f':{port}"', text[a:b], count=1)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(text[:a] + block + text[b:])
+            polls = [asyncio.ensure_future(poll(pop)) for pop in pops]
+            await asyncio.sleep(0.5)  # the long-polls are parked at the controller
+            start[0] = time.monotonic()
+            tmp.replace(target)
+            _git(config_dir, "commit", "-qam", f"{EVERYWHERE_VIP}: port {port}")
+            got = await asyncio.gather(*polls)
+            times = [g[0] for g in got]
+            sample = {"all_hold_s": round(max(times), 3), "p50_s": round(sorted(times)[len(times) // 2], 3),
+                      "bytes_p00": got[0][1], "bytes_max": max(g[1] for g in got)}
+            samples.append(sample)
+            log(f"controller: {EVERYWHERE_VIP}'s spec changed ({len(pops)} POPs): all hold it after "
+                f"{sample['all_hold_s']}s (p50 {sample['p50_s']}s), answer {sample['bytes_p00']} B on the wire")
+            await asyncio.sleep(1.0)
+    return {"everywhere_samples": samples, "everywhere_all_hold_s": summary([s["all_hold_s"] for s in samples], 3),
+            "everywhere_bytes": summary([float(s["bytes_p00"]) for s in samples], 0),
+            "everywhere_stall_ms": stall_probe.stop(), "everywhere_cpu_s": round(_cpu_s(daemon.proc.pid) - cpu0, 2),
+            "everywhere_load_average": [load0, load_average()]}
+
+
 STEADY_S = 12.0  # the steady-state window: every POP reports every REPORT_EVERY s, nothing changes
 REPORT_EVERY = 2.0
 PROBE_EVERY = 0.01
+
+
+def _encode_report(origins: Mapping[str, Mapping[str, bool | None]], announced: Mapping[str, bool]) -> Any:
+    """A full report's JSON value, with the wire API of the code under test (the reference
+    commit 4448db0 had ``encode_report(generation, origins, announced)``)."""
+    from controller import wire
+
+    if hasattr(wire, "WireReport"):
+        return wire.encode_report(wire.WireReport(0, origins, announced))
+    return wire.encode_report(0, origins, announced)  # type: ignore[call-arg,arg-type]
 
 
 def _cpu_s(pid: int) -> float:
@@ -627,21 +758,36 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
     stalls meanwhile. Bodies are encoded once (the benchmark's CPU is not the daemon's)."""
     import aiohttp
 
-    from controller.wire import WireReport, encode_report
-
     pops = list(clients)[:reporting]
-    bodies = {pop: json.dumps(encode_report(WireReport(0, verdicts(names, regions, i, len(clients), down_every=0),
-                                                       {n: True for n in names}))).encode()
+    bodies = {pop: json.dumps(_encode_report(verdicts(names, regions, i, len(clients), down_every=0),
+                                             {n: True for n in names})).encode()
               for i, pop in enumerate(pops)}
     posts: list[float] = []
     failures = 0
     stop_at = time.monotonic() + STEADY_S
+
+    from controller import wire
+    from controller.agent.controller_link import HealthReport
+
+    # An agent of the code under test sends what it sends: delta reports where the wire has
+    # them (an unchanged report is a few bytes), else its whole report, encoded once here.
+    deltas = hasattr(wire, "report_delta")
+    health = {pop: HealthReport(pop, 0, verdicts(names, regions, i, len(clients), down_every=0),
+                                {n: True for n in names}) for i, pop in enumerate(pops)}
 
     async def reporter(i: int, pop: str, session: aiohttp.ClientSession) -> None:
         nonlocal failures
         await asyncio.sleep(REPORT_EVERY * i / len(pops))
         while time.monotonic() < stop_at:
             t = time.monotonic()
+            if deltas:
+                try:
+                    await clients[pop].report(health[pop])
+                except Exception:  # noqa: BLE001 - counted, the window goes on
+                    failures += 1
+                posts.append(time.monotonic() - t)
+                await asyncio.sleep(max(0.0, REPORT_EVERY - (time.monotonic() - t)))
+                continue
             async with session.post(f"{daemon.url}/v1/reports/{pop}", data=bodies[pop],
                                     headers={"Authorization": f"Bearer {token(pop)}",
                                              "Content-Type": "application/json"},
@@ -652,14 +798,16 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
             await asyncio.sleep(max(0.0, REPORT_EVERY - (time.monotonic() - t)))
 
     probe = _Probe(daemon.port, Path(str(daemon.log) + ".probe-steady.json"))
+    load0 = load_average()
     cpu0, t0 = _cpu_s(daemon.proc.pid), time.monotonic()
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(reporter(i, pop, session) for i, pop in enumerate(pops)))
     cpu = (_cpu_s(daemon.proc.pid) - cpu0) / (time.monotonic() - t0)
     stall = probe.stop()
-    out = {"steady_cpu_fraction": round(cpu, 4), "steady_report_post_s": summary(posts, 3),
+    out = {"steady_report_kind": "delta" if deltas else "full", "steady_cpu_fraction": round(cpu, 4), "steady_report_post_s": summary(posts, 3),
            "steady_report_failures": failures, "steady_stall_ms": stall,
-           "steady_rss_mb": _status_mb(daemon.proc.pid, "VmRSS")}
+           "steady_rss_mb": _status_mb(daemon.proc.pid, "VmRSS"), "steady_load_average": [load0, load_average()],
+           "steady_cpu_s": round(_cpu_s(daemon.proc.pid) - cpu0, 2)}
     log(f"controller: steady state ({reporting} POPs reporting every {REPORT_EVERY:g}s for {STEADY_S:g}s): "
         f"daemon CPU {cpu:.1%} of a core, event-loop stall p99 {stall.get('p99')} ms max {stall.get('max')} ms, "
         f"RSS {out['steady_rss_mb']} MB")
@@ -668,7 +816,9 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
 
 # --- the harness -------------------------------------------------------------------------------
 def run(*, quick: bool, log: Log, vips: int | None = None, pops: int | None = None,
-        reps: int | None = None) -> dict[str, Any]:
+        reps: int | None = None, inproc: bool = True) -> dict[str, Any]:
+    """``inproc`` False: the end-to-end part only (it runs against older code too, e.g. the
+    reference commit 4448db0, whose in-process APIs differ)."""
     nvips = vips or (1000 if quick else 10000)
     npops = pops or (10 if quick else 50)
     nreps = reps or (2 if quick else 5)
@@ -686,28 +836,37 @@ def run(*, quick: bool, log: Log, vips: int | None = None, pops: int | None = No
             _git(d, "commit", "-qm", "synthetic desired state")
         size_mb = sum(f.stat().st_size for f in config_dir.glob("*.yaml")) / 2**20
         log(f"controller: {nvips} VIPs x {npops} POPs generated in {time.monotonic() - t:.1f}s "
-            f"({size_mb:.1f} MB of YAML); in-process measurements")
-        out_file = work / "inproc.json"
-        argv = [sys.executable, "-m", "bench.controller_scale", "inproc", "--dir", str(config_dir),
-                "--out", str(out_file), "--runs", str(runs), "--load-runs", "1" if quick else "2",
-                "--scaling", *map(str, scaling)]
-        r = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=3600)
-        if r.returncode != 0 or not out_file.exists():
-            raise RuntimeError(f"controller in-process benchmark failed: {r.stderr[-3000:]}")
-        inp: dict[str, Any] = json.loads(out_file.read_text())
-        log(f"controller: load {inp['load_s']['p50']}s, plan p50 {inp['plan_s']['p50']}s "
-            f"(max {inp['plan_s']['max']}s, first {inp['plan_first_s']}s), "
-            f"daemon pass (Controller.replan) p50 {inp['controller_replan_s']['p50']}s, "
-            f"agent decode {inp['agent_decode_s']['p50']}s, peak RSS {inp['peak_rss_mb']} MB; end to end")
+            f"({size_mb:.1f} MB of YAML)")
+        inp: dict[str, Any] | None = None
+        if inproc:
+            inp = _run_inproc(work, config_dir, runs, quick, scaling, log)
         e2e = asyncio.run(end_to_end(config_dir, work / "one", nreps, npops, log))
         log(f"controller: the same with the VIPs in {SPLIT_FILES} files (vips.yaml + vips/*.yaml)")
         split = asyncio.run(end_to_end(split_dir, work / "split", nreps, npops, log))
-    return {"vips": nvips, "pops": npops, "pairs": inp["pairs"], "yaml_mb": round(size_mb, 1),
+    return {"vips": nvips, "pops": npops, "pairs": nvips * npops, "yaml_mb": round(size_mb, 1),
             "inproc": inp, "end_to_end": e2e, "end_to_end_split": split, "split_files": SPLIT_FILES,
             "targets": {"full_plan_s": TARGET_PLAN_S, "change_end_to_end_s": TARGET_CHANGE_S}}
 
 
+def _run_inproc(work: Path, config_dir: Path, runs: int, quick: bool, scaling: list[int], log: Log) -> dict[str, Any]:
+    out_file = work / "inproc.json"
+    argv = [sys.executable, "-m", "bench.controller_scale", "inproc", "--dir", str(config_dir),
+            "--out", str(out_file), "--runs", str(runs), "--load-runs", "1" if quick else "2",
+            "--scaling", *map(str, scaling)]
+    r = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0 or not out_file.exists():
+        raise RuntimeError(f"controller in-process benchmark failed: {r.stderr[-3000:]}")
+    inp: dict[str, Any] = json.loads(out_file.read_text())
+    log(f"controller: load {inp['load_s']['p50']}s, plan p50 {inp['plan_s']['p50']}s "
+        f"(max {inp['plan_s']['max']}s, first {inp['plan_first_s']}s), "
+        f"daemon pass (Controller.replan) p50 {inp['controller_replan_s']['p50']}s, "
+        f"agent decode {inp['agent_decode_s']['p50']}s, peak RSS {inp['peak_rss_mb']} MB; end to end")
+    return inp
+
+
 def render(result: dict[str, Any]) -> str:
+    if result["inproc"] is None:
+        return _render_e2e(result)
     i, e = result["inproc"], result["end_to_end"]
     plan_ok = (i["plan_s"]["max"] or 0) < TARGET_PLAN_S
     rows: list[list[Any]] = [
@@ -763,6 +922,29 @@ def render(result: dict[str, Any]) -> str:
                   f"GC thresholds {tuple(i['gc_threshold'])} as the daemon sets them, except where said; the "
                   "daemon notices a change of the files or of the git checkout within ~0.2 s (stat data polled every 0.1 s)",
                   f"targets: full plan < {TARGET_PLAN_S:g} s; one change end to end < {TARGET_CHANGE_S:g} s"])
+
+
+def _render_e2e(result: dict[str, Any]) -> str:
+    """The end-to-end figures alone (a run with ``inproc`` False)."""
+    rows: list[list[Any]] = []
+    for label, x in (("one file", result["end_to_end"]), (f"{result['split_files']} files", result["end_to_end_split"])):
+        rows += [
+            [f"[{label}] one VIP's change -> agent holds it", x["change_s"]["p50"], x["change_s"]["p99"],
+             x["change_s"]["max"]],
+            [f"[{label}] a change at all POPs -> all hold it", x["everywhere_all_hold_s"]["p50"], "-",
+             x["everywhere_all_hold_s"]["max"]],
+            [f"[{label}] {x['reporting_pops']} full reports at once, each answered", x["report_post_s"]["p50"],
+             x["report_post_s"]["p99"], x["report_post_s"]["max"]],
+            [f"[{label}] steady: daemon CPU (fraction of a core)", x["steady_cpu_fraction"], "-", "-"],
+            [f"[{label}] steady: event-loop stall ms", x["steady_stall_ms"]["p50"], x["steady_stall_ms"]["p99"],
+             x["steady_stall_ms"]["max"]],
+            [f"[{label}] changes: event-loop stall ms", x["change_stall_ms"]["p50"], x["change_stall_ms"]["p99"],
+             x["change_stall_ms"]["max"]],
+            [f"[{label}] RSS MB steady / peak", x["steady_rss_mb"], "-", x["peak_rss_mb"]],
+            [f"[{label}] one-VIP answer bytes on the wire", x["everywhere_bytes"]["p50"], "-", x["everywhere_bytes"]["max"]],
+        ]
+    return table(f"Controller end to end: {result['vips']:,} VIPs x {result['pops']} POPs", ["measure", "p50", "p99", "max"],
+                 rows, [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,17 @@ class LoadCache:
 # aliases, merge keys, tags) or on the document (directives, several documents): such a file
 # is parsed whole.
 _ENTANGLED = re.compile(r"(?:^|[\s\[{,])[&*!]\S|^(?:---|\.\.\.|%)", re.MULTILINE)
+_DOCUMENT_MARKS = ("---", "...", "%")
+
+
+def _entangled(text: str) -> bool:
+    """``_ENTANGLED.search(text)``, with substring scans in C first: the regex alone takes
+    ~0.3 s over a 5.5 MB file that has none of these characters (the usual case)."""
+    if any(c in text for c in "&*!") and _ENTANGLED.search(text):
+        return True
+    return text.startswith(_DOCUMENT_MARKS) or any(f"\n{m}" in text for m in _DOCUMENT_MARKS)
+
+
 _VIPS_KEY = re.compile(r"^vips:[ \t]*(?:#.*)?\n?$")
 
 
@@ -67,7 +78,7 @@ def _split_vips(text: str) -> list[str] | None:
     a comment). Parsing each entry alone then gives what parsing the file gives; anything else
     (another top-level key, flow style, anchors, tabs, a continuation line at the entries'
     indentation) is parsed whole, so its errors keep their line numbers."""
-    if "\t" in text or _ENTANGLED.search(text):
+    if "\t" in text or _entangled(text):
         return None
     lines = text.splitlines(keepends=True)
     i = 0

@@ -38,15 +38,17 @@ it differs from the VIP's default (STEADY in the steady state: nothing per pair)
 
 from __future__ import annotations
 
+import collections
 import heapq
 import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ..config.desired_model import DesiredState, FleetVip
 from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, VipMemory
-from .planner import VipPlan, plan_vip
+from .planner import VipPlan, no_memory, plan_vip
 
 Verdicts = Mapping[str, bool | None]
 
@@ -90,6 +92,9 @@ class Pass:
     fleet: Mapping[str, FleetVip]  # name -> definition (the engine replaces it, never changes it)
     names: tuple[str, ...]  # the VIPs to plan, in the desired state's order
     staged: dict[str, VipPlan] = field(default_factory=dict)  # planned so far, not yet visible
+    # (publish list, report_stale_after) -> its fresh reports: the same for every VIP with
+    # that publish list and policy in this pass (planner.plan_vip's step 1, computed once)
+    fresh: dict[tuple[tuple[str, ...], float], Mapping[str, PopReport]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +179,14 @@ class Engine:
             s = gone.policy.safety.report_stale_after
             for pop in gone.publish:
                 at_pop[pop][s].discard(gone.vip.name)
+        # Grouped by (publish list, report_stale_after): most VIPs share a few publish lists,
+        # so each POP's set grows by one C-level update per group instead of a call per pair.
+        by_list: dict[tuple[tuple[str, ...], float], list[str]] = {}
         for fv in new:
-            s = fv.policy.safety.report_stale_after
-            name = fv.vip.name
-            for pop in fv.publish:
-                at_pop.setdefault(pop, {}).setdefault(s, set()).add(name)
+            by_list.setdefault((fv.publish, fv.policy.safety.report_stale_after), []).append(fv.vip.name)
+        for (publish, stale_after), members in by_list.items():
+            for pop in publish:
+                at_pop.setdefault(pop, {}).setdefault(stale_after, set()).update(members)
         known = {p.name for p in desired.pops}
         for pop in [p for p in at_pop if p not in known and not any(at_pop[p].values())]:
             del at_pop[pop]
@@ -284,20 +292,21 @@ class Engine:
         name = fv.name
         prev = self.plans.get(name)
         if prev is not None:
-            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared)
+            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared, fresh=p.fresh)
         boot = self._boot
         if boot is None:
-            return plan_vip(fv, p.reports, p.drains, p.now, None, _new, {})
+            return plan_vip(fv, p.reports, p.drains, p.now, None, no_memory, {}, fresh=p.fresh)
         pop_vips = boot.pop_vips
         return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
-                        lambda pop: pop_vips.get((pop, name), NEW), {})
+                        lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh)
 
     def commit(self, p: Pass) -> Changes:
         """Make the pass's plans the current ones, all at once."""
         assert len(p.staged) == len(p.names), "commit() after compute() returned True"
         removed, self._removed = self._removed, frozenset()
         desired_changed, self._desired_changed = self._desired_changed, False
-        changed: dict[str, dict[str, PlanItem]] = {}  # pop -> the new items (vip -> item; None: gone)
+        # pop -> the new items (vip -> item); a defaultdict: no empty dict made per pair
+        changed: collections.defaultdict[str, dict[str, PlanItem]] = collections.defaultdict(dict)
         gone: dict[str, list[str]] = {}
         memory: set[str] = set()
         notes: dict[str, tuple[str | None, str]] = {}
@@ -318,9 +327,14 @@ class Engine:
         for name, vp in p.staged.items():
             old = self.plans.get(name)
             self.plans[name] = vp
-            for pop, item in vp.items.items():
-                if old is None or old.items.get(pop) is not item:
-                    changed.setdefault(pop, {})[name] = item
+            if old is None:
+                for pop, item in vp.items.items():
+                    changed[pop][name] = item
+            else:
+                old_items = old.items
+                for pop, item in vp.items.items():
+                    if old_items.get(pop) is not item:
+                        changed[pop][name] = item
             if old is not None:
                 for pop in old.items:
                     if pop not in vp.items:
@@ -352,7 +366,7 @@ class Engine:
             elif self._wake.get(name) != vp.wake_at:
                 self._wake[name] = vp.wake_at
                 heapq.heappush(self._heap, (vp.wake_at, name))
-        pops = set(changed) | set(gone)
+        pops = {pop for pop, new_items in changed.items() if new_items} | set(gone)
         if desired_changed and self.desired is not None:
             known = {pop.name for pop in self.desired.pops}
             for pop in known - set(self.items):
@@ -403,15 +417,28 @@ class Engine:
         ``Changes.memory`` (the controller journals from it)."""
         return PlannerState(_VipMemoryView(self, self.version), _PairMemoryView(self, self.version))
 
+    def frozen_state(self) -> PlannerState:
+        """The memory as of now, unchanged by later passes (for a snapshot written in the
+        background): views over a copy of the VIP -> plan mapping, whose plans are immutable
+        (O(VIPs) pointers, not O(pairs))."""
+        frozen = _Frozen(dict(self.plans))
+        return PlannerState(_VipMemoryView(frozen, self.version), _PairMemoryView(frozen, self.version))
 
-def _new(pop: str) -> PopVipMemory:
-    return NEW
+
+class _Plans(Protocol):
+    @property
+    def plans(self) -> Mapping[str, VipPlan]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Frozen:
+    plans: Mapping[str, VipPlan]
 
 
 class _VipMemoryView(Mapping[str, VipMemory]):
     __slots__ = ("_engine", "_version")
 
-    def __init__(self, engine: Engine, version: int) -> None:
+    def __init__(self, engine: _Plans, version: int) -> None:
         self._engine, self._version = engine, version
 
     def __getitem__(self, name: str) -> VipMemory:
@@ -436,7 +463,7 @@ class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
 
     __slots__ = ("_engine", "_version")
 
-    def __init__(self, engine: Engine, version: int) -> None:
+    def __init__(self, engine: _Plans, version: int) -> None:
         self._engine, self._version = engine, version
 
     def __getitem__(self, key: tuple[str, str]) -> PopVipMemory:

@@ -49,6 +49,7 @@ class _DesiredIndex:
     by_pop: dict[str, dict[str, frozenset[str]]]  # pop -> published VIP -> its origin regions
     stale_after: float  # the shortest report_stale_after of any VIP
     names: frozenset[str]  # the VIPs
+    fleet: Mapping[str, FleetVip]  # name -> definition (what the next index is updated from)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Controller:
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
         if self.state_store is None:
-            self.state_store = store.FileJournal(self.desired.state_dir)
+            self.state_store = store.FileJournal(self.desired.state_dir, background=True)
         self.persistence = PersistenceStatus(self.desired.state_dir)
         try:
             loaded = self.state_store.load()
@@ -388,17 +389,49 @@ class Controller:
         return self._index().by_pop.get(pop, {})
 
     def _index(self) -> _DesiredIndex:
-        """Lookups derived from the desired state, built once per desired state."""
-        if self._indexed is None or self._indexed.desired is not self.desired:
-            by_pop: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self.desired.pops}
-            for fv in self.desired.vips:
+        """Lookups derived from the desired state, once per desired state: from the previous
+        index, only the VIPs whose FleetVip changed (a reload keeps the objects of unchanged
+        VIPs) touch ``by_pop``, and only the POPs they touch get a new mapping (the report
+        handler keys its body limit on that mapping's identity). At 10,000 VIPs x 50 POPs a
+        rebuild walked 500,000 pairs on every reload (~0.3 s)."""
+        ix = self._indexed
+        if ix is not None and ix.desired is self.desired:
+            return ix
+        d = self.desired
+        fleet = {fv.name: fv for fv in d.vips}
+        by_pop: dict[str, dict[str, frozenset[str]]] = {}
+        old_fleet: Mapping[str, FleetVip] = {}
+        if ix is not None:
+            by_pop, old_fleet = dict(ix.by_pop), ix.fleet
+        touched: dict[str, dict[str, frozenset[str]]] = {}
+
+        def at(pop: str) -> dict[str, frozenset[str]]:
+            mapping = touched.get(pop)
+            if mapping is None:
+                mapping = touched[pop] = by_pop[pop] = dict(by_pop.get(pop, {}))
+            return mapping
+
+        for name, old in old_fleet.items():
+            if fleet.get(name) is not old:
+                for pop in old.publish:
+                    at(pop).pop(name, None)
+        for name, fv in fleet.items():
+            if old_fleet.get(name) is not fv:
                 regions = frozenset(o.region for o in fv.vip.origins)
+                if ix is None:  # the first index: no copies to make, no function per pair
+                    for pop in fv.publish:
+                        by_pop.setdefault(pop, {})[name] = regions
+                    continue
                 for pop in fv.publish:
-                    by_pop.setdefault(pop, {})[fv.name] = regions
-            stale_after = min((fv.policy.safety.report_stale_after for fv in self.desired.vips),
-                              default=self.desired.policy.safety.report_stale_after)
-            self._indexed = _DesiredIndex(self.desired, by_pop, stale_after,
-                                          frozenset(fv.name for fv in self.desired.vips))
+                    at(pop)[name] = regions
+        known = {p.name for p in d.pops}
+        for pop in known - by_pop.keys():
+            by_pop[pop] = {}
+        for pop in [p for p in by_pop if p not in known and not by_pop[p]]:
+            del by_pop[pop]
+        stale_after = min((fv.policy.safety.report_stale_after for fv in d.vips),
+                          default=d.policy.safety.report_stale_after)
+        self._indexed = _DesiredIndex(d, by_pop, stale_after, frozenset(fleet), fleet)
         return self._indexed
 
     def _planned_reports(self) -> None:
@@ -629,7 +662,10 @@ class Controller:
         self._persistence_recovered()
         try:
             # Everything is durable now: the snapshot is the current state (the engine's memory).
-            self.state_store.compact(self.persisted, self._seq)
+            # (A copy that later passes do not change: the file journal writes it in a thread.)
+            frozen = store.Persisted(dict(self.persisted.drains), dict(self.persisted.generations),
+                                     engine.frozen_state())
+            self.state_store.compact(frozen, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
 

@@ -40,7 +40,9 @@ from .tls import ServerTls, plaintext_warning
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # look at the config and the engine's timers at least this often
-WATCH = 0.1  # a change must have settled this long (and stat polling looks this often)
+WATCH = 0.1  # stat polling looks this often, and a change it sees must have settled this long
+INOTIFY_QUIET_MS = 50  # inotify: events are grouped until none came for this long (a checkout
+# writes its files within milliseconds; the revision check catches one caught half-way anyway)
 RECHECK = 30.0  # look at content and commit this often even without a notification
 
 
@@ -81,10 +83,13 @@ class Watcher:
         # there at start when neither the checkout nor state_dir has a good one.
         self.also_keep: Callable[[str, dict[str, str]], None] | None = None
         self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
+        self._peeked: tuple[str, str] | None = None  # (fingerprint, revision) changed() saw
 
     def load(self) -> DesiredState:
-        fp = fingerprint(self.directory)
-        rev = revision(self.directory, fp)
+        # What changed() just computed, if it did (hashing every file and two git commands:
+        # ~30-60 ms a reload that need not be paid twice), else now.
+        peeked, self._peeked = self._peeked, None
+        fp, rev = peeked if peeked is not None else (fp := fingerprint(self.directory), revision(self.directory, fp))
         self.seen = (fp, rev)
         self._dirty, self._checked = False, time.monotonic()
         desired = load_desired(self.directory, rev, self.cache)
@@ -177,7 +182,9 @@ class Watcher:
             return False
         self._dirty, self._checked = False, time.monotonic()
         fp = fingerprint(self.directory)
-        return self.seen != (fp, revision(self.directory, fp))
+        now = (fp, revision(self.directory, fp))
+        self._peeked = now if now != self.seen else None  # load() follows at once
+        return now != self.seen
 
     async def poke_on_change(self, poke: asyncio.Event) -> None:
         """Set ``poke`` when a config file or the git checkout's state looks different and
@@ -204,7 +211,7 @@ class Watcher:
         self.notifier = "inotify"
         self._mark(poke)  # anything between load() and the watch being set up
         async for _ in watchfiles.awatch(*paths, watch_filter=_Relevant(top, gd), debounce=1000,
-                                         step=int(WATCH * 1000), force_polling=False):
+                                         step=INOTIFY_QUIET_MS, force_polling=False):
             self._mark(poke)
 
     async def _poll(self, poke: asyncio.Event, gd: str | None) -> None:

@@ -15,8 +15,10 @@ A delta that would touch more than half the plan is sent as the full plan instea
 
 Bodies are serialized once per generation and base (kept until the next generation), never
 per request; full plans are kept and sent gzipped; spec JSON is serialized once per spec (shared by every POP), and entries are
-small tuples, not dicts. The digest is computed when first needed, then kept up to date
-per changed entry.
+small tuples, not dicts, shared by every POP whose item is the same object (a VIP healthy
+everywhere has one entry, not one per POP: a POP's plan holds pointers). Each entry's share of
+the digest is computed when the entry is made, the POP's digest kept up to date per changed
+entry.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..policy.model import PlanItem
 from ..wire import DIGEST_MOD, canonical_json, delta_body, entry_hash, entry_json, format_digest, full_body, spec_hash
 
 LOG_DEPTH = 64  # changes per POP a delta can span; an agent further behind gets a full plan
+SHARED_PER_VIP = 4  # entries kept per VIP for reuse across POPs (PlanStore._entry)
 
 
 class Entry(NamedTuple):
@@ -41,7 +44,7 @@ class Entry(NamedTuple):
 
     item: PlanItem  # as planned when the entry last changed (its explanation included)
     spec_hash: str
-    ehash: int = 0  # its share of the digest; 0 until the POP's digest is first needed
+    ehash: int = 0  # its share of the digest
 
     def material(self) -> tuple[Any, ...]:
         i = self.item
@@ -75,17 +78,13 @@ class PopPlan:
     generation: int
     revision: str
     entries: dict[str, Entry] = field(default_factory=dict)
-    digest: int = 0
-    # The digest (and each entry's share) is computed when a body is first built, then kept
-    # up to date per changed entry: the first planning pass of a large fleet does not pay
-    # for it, nor a POP nobody fetches from.
-    hashed: bool = False
+    digest: int = 0  # the sum of the entries' hashes, kept up to date per changed entry
     wanted: int = 0
     safety_holds: int = 0
     log: deque[_Change] = field(default_factory=lambda: deque(maxlen=LOG_DEPTH))
     bodies: dict[int | None, bytes] = field(default_factory=dict)  # after (None: full) -> body, this generation
     seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
-    seen_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen_specs: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # the mapping served from (not a copy)
     seen_token: object = None
 
 
@@ -97,6 +96,7 @@ class PlanStore:
         self._specs: dict[str, _Spec] = {}  # VIP name -> its current spec's JSON
         self._texts: dict[str, str] = {}  # spec hash -> canonical JSON, for every hash an entry names
         self._changed: dict[str, asyncio.Event] = {}
+        self._shared: dict[str, tuple[Entry, ...]] = {}  # VIP name -> its recent entries (see _entry)
 
     # --- planning side -----------------------------------------------------------------
     def serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]],
@@ -109,8 +109,8 @@ class PlanStore:
         pp = self.pops.get(pop)
         if pp is not None and pp.seen_items == items and (
                 pp.seen_token is token and token is not None
-                or all(spec_dicts.get(name) is d for name, d in pp.seen_specs.items())):
-            pp.seen_token = token
+                or all(spec_dicts.get(name) is pp.seen_specs.get(name) for name in items)):
+            pp.seen_token, pp.seen_specs = token, spec_dicts
             return None
         old = pp.entries if pp is not None else {}
         seen_items = pp.seen_items if pp is not None else {}
@@ -123,41 +123,58 @@ class PlanStore:
         if not same_specs:
             listed = set(candidates)
             candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
+        # (The loops below run once per (POP, VIP) pair on a cold start, 30 million times at
+        # 100,000 VIPs x 300 POPs: lookups inlined, no call per pair in the common case.)
         updates: dict[str, Entry] = {}
+        specs, shared = self._specs, self._shared
         for name in candidates:
             item = items[name]
-            h = self._spec(name, spec_dicts[name]).hash
+            spec = spec_dicts[name]
+            sp = specs.get(name)
+            h = sp.hash if sp is not None and sp.obj is spec else self._spec(name, spec).hash
             e = old.get(name)
-            new = Entry(item, h)
-            if e is not None and e.material() == new.material():
+            if e is not None and e.item is item and e.spec_hash == h:
+                continue
+            recent = shared.get(name)
+            new = (recent[0] if recent is not None and recent[0].item is item and recent[0].spec_hash == h
+                   else self._entry(name, item, h))
+            if e is not None and (e is new or e.material() == new.material()):
                 continue
             updates[name] = new
         # Same count and nothing added: nothing removed either (no walk over the plan).
         grown = len(old) != len(items) or any(name not in old for name in candidates)
         removed = [name for name in old if name not in items] if grown else []
-        new_specs = seen_specs if same_specs else {name: spec_dicts[name] for name in items}
+        # The caller's mapping itself, not a copy per POP (one per desired state, shared by
+        # every POP served from it): its values are compared by identity next time.
+        new_specs = spec_dicts
         if pp is not None and not updates and not removed:
             pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
             return None
         generation = max(last_generation, pp.generation if pp is not None else 0) + 1
         if pp is None:
             pp = self.pops[pop] = PopPlan(generation, revision)
-            introduced = frozenset(e.spec_hash for e in updates.values())
         else:
             introduced = frozenset(e.spec_hash for n, e in updates.items()
                                    if n not in old or old[n].spec_hash != e.spec_hash)
             pp.log.append(_Change(pp.generation, generation, frozenset(updates) | frozenset(removed), introduced))
+        entries, texts = pp.entries, self._texts
+        digest, wanted, holds = pp.digest, pp.wanted, pp.safety_holds
         for name in removed:
-            self._account(pp, pp.entries.pop(name), -1)
+            e = entries.pop(name)
+            digest, wanted, holds = digest - e.ehash, wanted - e.item.wanted, holds - e.item.safety_hold
         for name, e in updates.items():
-            previous = pp.entries.get(name)
+            previous = entries.get(name)
             if previous is not None:
-                self._account(pp, previous, -1)
-            if pp.hashed:
-                e = _hashed(name, e)
-            pp.entries[name] = e
-            self._account(pp, e, 1)
-            self._texts[e.spec_hash] = self._specs[name].text
+                digest -= previous.ehash
+                wanted -= previous.item.wanted
+                holds -= previous.item.safety_hold
+            entries[name] = e
+            digest += e.ehash
+            wanted += e.item.wanted
+            holds += e.item.safety_hold
+            if e.spec_hash not in texts:
+                texts[e.spec_hash] = specs[name].text
+        pp.digest, pp.wanted, pp.safety_holds = digest % DIGEST_MOD, wanted, holds
         pp.generation, pp.revision = generation, revision
         pp.bodies.clear()
         pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
@@ -166,11 +183,19 @@ class PlanStore:
         self._changed[pop] = asyncio.Event()
         return generation
 
-    @staticmethod
-    def _account(pp: PopPlan, e: Entry, sign: int) -> None:
-        pp.digest = (pp.digest + sign * e.ehash) % DIGEST_MOD  # 0 while not hashed
-        pp.wanted += sign * e.item.wanted
-        pp.safety_holds += sign * e.item.safety_hold
+    def _entry(self, name: str, item: PlanItem, h: str) -> Entry:
+        """The entry for ``item`` with spec ``h``, hashed: the same object at every POP that
+        has the same item (a VIP's shared items: healthy, not reporting), so that a POP's plan
+        is a mapping of shared entries and a cold start hashes each VIP once, not once per
+        POP. A few recent entries per VIP are kept (a POP-specific item, confirming at one
+        POP, must not evict the shared one)."""
+        recent = self._shared.get(name, ())
+        for e in recent:
+            if e.item is item and e.spec_hash == h:
+                return e
+        e = _hashed(name, Entry(item, h))
+        self._shared[name] = (e, *recent[:SHARED_PER_VIP - 1])
+        return e
 
     def _spec(self, name: str, spec: dict[str, Any]) -> _Spec:
         """A spec's canonical JSON and hash, computed once per spec dict."""
@@ -227,10 +252,6 @@ class PlanStore:
 
     @staticmethod
     def _digest(pp: PopPlan) -> str:
-        if not pp.hashed:
-            pp.entries = {name: _hashed(name, e) for name, e in pp.entries.items()}
-            pp.digest = sum(e.ehash for e in pp.entries.values()) % DIGEST_MOD
-            pp.hashed = True
         return format_digest(pp.digest)
 
     def _full(self, pop: str, pp: PopPlan) -> bytes:

@@ -80,7 +80,11 @@ def git_dir(directory: str) -> str | None:
 
 def _git(directory: str, *args: str) -> str | None:
     try:
-        r = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=5)
+        # --no-optional-locks: `git status` would otherwise refresh the index under
+        # index.lock, and an operator's (or CI's) `git commit` in the checkout at that moment
+        # fails with "index.lock: File exists" (seen: the benchmark's commits, every few minutes).
+        r = subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True, text=True,
+                           timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() if r.returncode == 0 else None

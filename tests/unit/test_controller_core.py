@@ -160,3 +160,47 @@ def test_a_report_that_repeats_a_fresh_one_is_stored_without_a_pass(tmp_path: Pa
     now[0] += stale_after + 1
     asyncio.run(send("fra", False))  # the same, but the last one went stale meanwhile
     assert len(passes) == 3
+
+
+def test_the_pop_index_after_reloads_equals_one_built_from_scratch(tmp_path: Path) -> None:
+    """published_regions (what reports are validated against) is updated per changed VIP on a
+    reload; it must say what a fresh build of the same desired state says, and a POP that no
+    VIP change touched keeps its mapping object (the report body limit is keyed on it)."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    d = ctl.desired
+    game = d.vip("game-global")
+    assert game is not None
+    untouched = {p.name: ctl.published_regions(p.name) for p in d.pops}
+    fewer = dataclasses.replace(game, publish=tuple(p for p in game.publish if p != "sin"))
+    ctl.apply_config(dataclasses.replace(d, revision="rev2", vips=tuple(fewer if v is game else v for v in d.vips)))
+    fresh = controller(tmp_path / "fresh", now)
+    fresh.apply_config(ctl.desired)
+    fresh._indexed = None  # built from nothing
+    for p in d.pops:
+        assert ctl.published_regions(p.name) == fresh.published_regions(p.name), p.name
+    assert "game-global" not in ctl.published_regions("sin")
+    assert ctl.published_regions("fra") is not untouched["fra"]  # game-global's POPs: new mappings
+    removed = dataclasses.replace(ctl.desired, revision="rev3",
+                                  vips=tuple(v for v in ctl.desired.vips if v.name != "game-global"))
+    ctl.apply_config(removed)
+    fresh.apply_config(removed)
+    fresh._indexed = None
+    for p in d.pops:
+        assert ctl.published_regions(p.name) == fresh.published_regions(p.name), p.name
+
+
+def test_a_vip_healthy_everywhere_is_one_served_entry_shared_by_its_pops(tmp_path: Path) -> None:
+    """No per-pair objects in the steady state: the POPs' plans point at one entry per VIP
+    (its shared item), and a POP whose item differs gets its own without evicting it."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+    _healthy_everywhere(ctl, now[0])
+    entries = [ctl.served[p].entries["game-global"] for p in ("sjc", "fra", "sin")]
+    assert entries[0] is entries[1] is entries[2]
+    ctl.add_report(PopReport("fra", now[0], 1, {"game-global": {"us-west": False, "eu-central": True},
+                                                 "api-eu": {"eu-central": True}}, {"game-global": True, "api-eu": True}))
+    assert ctl.served["fra"].entries["game-global"].item.reason == "confirming"
+    assert ctl.served["sjc"].entries["game-global"] is ctl.served["sin"].entries["game-global"] is entries[0]
+    body = ctl.plan_body("fra")
+    assert [v["reason"] for v in body["vips"] if v["name"] == "game-global"] == ["confirming"]

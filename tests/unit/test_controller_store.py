@@ -375,3 +375,47 @@ def test_a_removed_vip_and_a_pop_dropped_from_a_publish_list_leave_the_journal_t
     back = store.load(str(tmp_path))
     assert back.planner == ctl.persisted.planner
     assert set(back.planner.vips) == {"game-global"} and ("sin", "game-global") not in back.planner.pop_vips
+
+
+def test_a_background_compaction_appends_on_at_once_and_a_crash_before_its_snapshot_loses_nothing(
+        tmp_path: Path) -> None:
+    """The daemon's journal writes snapshots in a thread (a 20 MB snapshot must not stall its
+    event loop): appends go to the new journal at once; until the snapshot is durable the
+    previous snapshot and both journals give the same state; then the old generation goes."""
+    import threading
+
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait(30)  # the snapshot's thread waits: a crash "now" finds no new snapshot
+        seen.append(fd)
+        os.fsync(fd)
+
+    s1 = sample_state()
+    s2 = store.Persisted({"sin": 5.0, "fra": 9.0}, s1.generations, s1.planner)
+    j = store.FileJournal(str(tmp_path), compact_min_bytes=0, fsync=slow_fsync, background=True)
+    loaded = j.load()
+    j.start(loaded.state, loaded.seq)
+    seq = j.append(store.diff(loaded.state, s1), loaded.seq)
+    j.compact(s1, seq)  # due (no minimum): journal-1 starts now, snapshot-1 is being written
+    seq = j.append(store.diff(s1, s2), seq)  # goes to the new journal without waiting
+    assert f"snapshot-{1:020d}.json" not in files(tmp_path) and f"journal-{1:020d}.jsonl" in files(tmp_path)
+    crashed = store.FileJournal(str(tmp_path), lock=False).load()  # what a restart now would read
+    assert crashed.seq == 2 and crashed.problems == ()
+    assert (crashed.state.drains, crashed.state.planner) == (s2.drains, s1.planner)
+    gate.set()
+    j.close()  # waits for the snapshot, then prunes
+    assert list(files(tmp_path)) == [f"journal-{0:020d}.jsonl", f"journal-{1:020d}.jsonl",
+                                     f"snapshot-{0:020d}.json", f"snapshot-{1:020d}.json"]
+    back = store.FileJournal(str(tmp_path), lock=False).load()
+    assert back.seq == 2 and back.problems == () and back.state.drains == s2.drains
+    assert back.state.planner == s1.planner
+
+
+def test_a_snapshot_written_in_pieces_is_the_json_of_the_whole() -> None:
+    import json
+
+    doc = store.state_to_json(sample_state(), 7)
+    assert store._dumps_sorted(doc) == json.dumps(doc, sort_keys=True).encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -499,3 +500,77 @@ def test_an_agent_following_random_changes_through_deltas_holds_the_controllers_
         kinds["delta" if hasattr(answer, "after") else "full"] += 1
         assert book.full_json() == fleet.store.body("sjc", None), f"seed {seed} step {step}"
     assert kinds["delta"] > 100
+
+
+def _served_by(fleet: Fleet, client: PlanClient) -> None:
+    """The client's requests answered from ``fleet`` (no socket: the unit layer)."""
+    async def request(method: str, path: str, timeout: float, body: Any = None,
+                      accept: tuple[int, ...] = (200,), signed: bool = False) -> tuple[int, Any]:
+        after = int(path.split("after=")[1].split("&")[0]) if "after=" in path else None
+        return 200, fleet.body(after)
+    client._request = request  # type: ignore[method-assign]
+
+
+def test_the_agent_caches_a_delta_by_appending_it_and_restarts_on_the_latest_plan(tmp_path: Path) -> None:
+    """A change is one line added to plan.deltas, not a rewrite of plan.json; a restart reads
+    the whole plan plus its deltas; any damaged delta line voids the cache (a full fetch)."""
+    import asyncio
+
+    fleet = Fleet(6)
+    fleet.serve()
+    client = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    _served_by(fleet, client)
+    first = asyncio.run(client.fetch_plan(-1, 0))
+    assert first is not None and (tmp_path / "plan.json").exists() and not (tmp_path / "plan.deltas").exists()
+    whole = (tmp_path / "plan.json").read_bytes()
+    for reason in (PlanReason.BACKEND_DOWN, PlanReason.HEALTHY, PlanReason.CONFIRMING):
+        fleet.items["vip-1"] = PlanItem("vip-1", True, "us-west", reason=reason)
+        fleet.serve()
+        plan = asyncio.run(client.fetch_plan(client.book.generation or 0, 0))
+        assert plan is not None and plan.generation == fleet.generation
+    assert client.answers["delta"] == 3
+    assert (tmp_path / "plan.json").read_bytes() == whole  # never rewritten for a delta
+    assert len((tmp_path / "plan.deltas").read_bytes().splitlines()) == 3
+
+    again = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    cached = again.load_cached()
+    assert cached is not None and cached.generation == fleet.generation
+    assert cached.vips["vip-1"].reason == PlanReason.CONFIRMING and held(again.book) == held(client.book)
+
+    deltas = (tmp_path / "plan.deltas").read_bytes()
+    lines = deltas.splitlines(keepends=True)
+    for damaged in (deltas[:-5],  # a torn last append
+                    lines[0] + lines[2],  # a line lost: the third does not fit
+                    deltas.replace(b'"confirming"', b'"healthy"'),  # content altered: the checksum
+                    deltas + b"junk\n"):
+        (tmp_path / "plan.deltas").write_bytes(damaged)
+        fresh = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+        assert fresh.load_cached() is None and fresh.book.generation is None  # fetches a full plan
+    # A delta line sealed by someone without this POP's token (a well-formed line, the wrong
+    # MAC: what a hand-appended change would be) is refused too, and counted as such.
+    forged = b"".join(b"%s %s\n" % (hashlib.sha256(body).hexdigest().encode(), body)
+                      for body in (line.rstrip(b"\n").partition(b" ")[2] for line in lines))
+    (tmp_path / "plan.deltas").write_bytes(forged)
+    fresh = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    assert fresh.load_cached() is None and fresh.refusals["cache_mac"] == 1
+
+    # A full plan (here: a new agent) writes plan.json again and drops the deltas.
+    (tmp_path / "plan.deltas").write_bytes(deltas)
+    newcomer = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    _served_by(fleet, newcomer)
+    assert asyncio.run(newcomer.fetch_plan(-1, 0)) is not None
+    assert not (tmp_path / "plan.deltas").exists()
+    assert PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED).load_cached() is not None
+
+
+def test_an_empty_report_delta_keeps_the_last_verdicts_themselves_unless_a_vip_left_the_pop() -> None:
+    """The steady state costs no O(VIPs) copy per report; a VIP no longer published still drops out."""
+    origins = {"game-global": {"us-west": True}, "api-eu": {"eu-central": True}}
+    announced = {"game-global": True, "api-eu": True}
+    empty = WireReport(1, {}, {}, 8, 7)
+    published = {"game-global": frozenset({"us-west"}), "api-eu": frozenset({"eu-central"})}
+    got = apply_report_delta(origins, announced, empty, published)
+    assert got[0] is origins and got[1] is announced
+    fewer = {"game-global": frozenset({"us-west"})}
+    got = apply_report_delta(origins, announced, empty, fewer)
+    assert got == ({"game-global": {"us-west": True}}, {"game-global": True})
