@@ -149,8 +149,8 @@ class Engine:
                 self._set_report(pop, report, now)
         for pop in [p for p in self._reports if p not in reports]:
             del self._reports[pop]
-            if any(self._fresh.pop(pop, {}).values()):
-                self._mark_pop(pop)
+            self._fresh.pop(pop, None)
+            self._mark_pop(pop)  # (a stale report counts too: what the POP is presumed to announce)
         self._due(now)
 
     def _mark_pop(self, pop: str) -> None:
@@ -212,6 +212,11 @@ class Engine:
                 assert old is not None
                 before, after = old.origins, report.origins
                 self._dirty.update(n for n in names if before.get(n) != after.get(n))
+            if now_fresh and old is not None and (old.checks or report.checks) and old.checks != report.checks:
+                # Check times (the evidence-based settle): only the few VIPs that carry them.
+                before_c, after_c = old.checks, report.checks
+                self._dirty.update(n for n in (before_c.keys() | after_c.keys())
+                                   if n in names and before_c.get(n) != after_c.get(n))
         self._push_stale(pop, now)
 
     def _push_stale(self, pop: str, now: float) -> None:
