@@ -40,7 +40,7 @@ from aiohttp import web
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
-from .core import ActionNotPersisted, Controller
+from .core import ActionNotPersisted, Controller, origin_checks
 from .snapshot import persistence_status, snapshot
 
 log = logging.getLogger("controller.server")
@@ -192,7 +192,9 @@ async def post_report(request: web.Request) -> web.StreamResponse:
                                       "field": "base", "full_report": True}, status=409)
         origins, announced = apply_report_delta(previous.origins, previous.announced, report, published)
     book.seq = report.seq
-    await ctl.take_report(PopReport(pop, ctl.clock(), report.plan_generation, origins, announced))
+    now = ctl.clock()
+    await ctl.take_report(PopReport(pop, now, report.plan_generation, origins, announced,
+                                    origin_checks(report.checks, now)))
     return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation,
                               "seq": report.seq})
 

@@ -29,7 +29,8 @@ from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.engine import Changes, Engine, Pass, compact_report
-from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from ..policy.model import (Alarm, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory,
+                            VipMemory)
 from ..policy.planner import VipPlan
 from . import store
 from .plans import PlanStore, PopPlan
@@ -147,13 +148,16 @@ class Controller:
         now = self.clock()
         stale_after = self._index().stale_after
         verdicts: dict[str, dict[str, Mapping[str, bool | None]]] = {}
+        announced: dict[str, dict[str, bool]] = {}
         planner = self.persisted.planner
         for (pop, vip), memory in planner.pop_vips.items():
             if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
                 verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+                # (what it is presumed to announce once this presumed report goes stale too)
+                announced.setdefault(pop, {})[vip] = not memory.withdrawn
         for pop, received_at in alive.fresh.items():
             if self.desired.pop(pop) is not None and now - received_at <= stale_after and pop not in self.reports:
-                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}))
+                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}), announced.get(pop, {}))
                 self._presumed.add(pop)
         if self._presumed:
             log.info("presuming the last verdicts of %s until they report (the previous controller was alive "
@@ -227,7 +231,7 @@ class Controller:
         stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
         previous = self.reports.get(report.pop)
         report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
-        if (previous is not None and previous.origins is report.origins
+        if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return
         if self._pending is None:
@@ -589,6 +593,17 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = dict(plans)
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
+
+
+def origin_checks(ages: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
+                  received_at: float) -> dict[str, dict[str, OriginChecks]]:
+    """A report's check ages (``wire.WireReport.checks``) as times on the controller's clock:
+    the agent's clock never meets ours (the report's transit makes them a few ms late, the
+    same for every POP on a LAN)."""
+    return {vip: {region: OriginChecks(None if ok is None else received_at - ok,
+                                       None if failing is None else received_at - failing)
+                  for region, (ok, failing) in regions.items()}
+            for vip, regions in ages.items()}
 
 
 def _origin_of(note: str) -> str:

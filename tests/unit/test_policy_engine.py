@@ -82,6 +82,7 @@ class World:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.up: dict[tuple[str, str, str], bool] = {}
+        self.flappy: dict[tuple[str, str, str], float] = {}  # -> flapping until
         self.chatty = {pop: rng.choice((0.9, 0.5, 0.15)) for pop in POPS}  # how often a POP reports
 
     def report(self, pop: str, desired: DesiredState, now: float) -> PopReport:
@@ -94,7 +95,10 @@ class World:
             verdicts: dict[str, bool | None] = {}
             for j, o in enumerate(fv.vip.origins):
                 key = (pop, fv.name, o.region)
-                if rng.random() < (0.03 if j == 0 else 0.015):
+                if j == 0 and rng.random() < 0.003:
+                    self.flappy[key] = now + 10.0  # a flapping backend for a while (dampening)
+                flip = 0.5 if self.flappy.get(key, 0.0) > now else (0.03 if j == 0 else 0.015)
+                if rng.random() < flip:
                     self.up[key] = not self.up.get(key, True)
                 verdicts[o.region] = None if rng.random() < 0.01 else self.up.get(key, True)
             origins[fv.name] = verdicts
