@@ -169,7 +169,7 @@ def plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str
     alarms += safety_alarms
     settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, shared, active,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
-    if fv.policy.safety.settle > 0 and _evidence_wanted(fv.name, active, fresh, verdicts, memories):
+    if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence and _evidence_wanted(fv.name, active, fresh, verdicts, memories):
         _ask_for_evidence(items)
     return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now)
 
@@ -223,7 +223,12 @@ def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping
         if report is not None:
             mem = dampening.observe(mem, verdict, policy.dampening, now)
         down = verdict is False and report is not None
-        down_since = (mem.down_since if mem.down_since is not None else now) if down else None
+        # A POP withdrawn already (a hold-down, a drain) that now sees the origin down has
+        # nothing to settle: it counts as down since before the window (2 x settle ago: no
+        # rounding can leave a sliver of window). Else the safety limits holding it back
+        # (announcing again) would restart a window the next pass, on the same inputs.
+        fresh_down = now - 2 * policy.safety.settle if mem.withdrawn else now
+        down_since = (mem.down_since if mem.down_since is not None else fresh_down) if down else None
         if down_since != mem.down_since:  # replace() is slow: only when something changes
             mem = replace(mem, down_since=down_since)
         memories[pop] = _canonical(mem)
@@ -490,6 +495,8 @@ def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVi
     age) or, from an agent that does not send it, the moment the controller heard of the
     failure (later: stricter)."""
     name = fv.name
+    if not fv.policy.safety.settle_on_evidence:
+        return ()
     mine = _checks(report, name, active)
     t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since
     others = len(fv.publish) - 1

@@ -102,7 +102,7 @@ class World:
                     self.up[key] = not self.up.get(key, True)
                 verdicts[o.region] = None if rng.random() < 0.01 else self.up.get(key, True)
             origins[fv.name] = verdicts
-            if rng.random() < 0.15:  # check times (the evidence-based settle), fresh or not
+            if rng.random() < 0.04:  # check times (the evidence-based settle), fresh or not
                 checks[fv.name] = {
                     region: OriginChecks(now - rng.choice((0.05, 0.5, 3.0)) if v else None,
                                          now - rng.choice((0.1, 1.0, 4.0)) if v is False or rng.random() < 0.2 else None)

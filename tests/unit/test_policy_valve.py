@@ -254,3 +254,15 @@ def test_evidence_confirms_only_the_settle_not_the_limits() -> None:
     r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, failing=T0), rep("fra", T0 + 0.1, UP, ok_at=T0 + 0.05))
     assert summary(r) == {"sjc": "safety_hold", "fra": "healthy"}
     assert "min_pops_hold" in kinds(r)
+
+
+def test_settle_on_evidence_off_is_the_fixed_settle_window() -> None:
+    """``policy.safety.settle_on_evidence: false``: nobody is asked, evidence is ignored, the
+    withdrawal waits the whole window (the behaviour before the evidence-based settle)."""
+    run = Run(fleet(safety={"settle_on_evidence": False}))
+    run.at(0, *(rep(p, 0, UP) for p in ("sjc", "fra", "sin")))
+    r = run.at(T0, rep("sjc", T0, UP, failing=T0))
+    assert not any(r.item(p, "game-global").evidence for p in ("sjc", "fra", "sin"))
+    r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, failing=T0), rep("fra", T0 + 0.1, UP, ok_at=T0 + 0.05))
+    assert summary(r)["sjc"] == "confirming"
+    assert summary(run.at(T0 + 0.1 + SETTLE))["sjc"] == "backend_down"
