@@ -10,8 +10,9 @@ The failure: an nftables rule in sjc's agent host rejects (TCP reset) its connec
 us-west's check ports, the active origin; fra and sin keep seeing it healthy, so the
 controller confirms sjc's withdrawal (``backend_down``) and sjc's agent withdraws. The clock
 starts just before the `nft` call and stops when `ip monitor route` in rtr-sjc, the POP's
-router (the agent's upstream), reports the VIP's route no longer via the agent (replaced by
-the path through its transit). Each repetition first waits until the route is via the agent
+router (the agent's upstream), reports that the VIP's route is no longer the BGP route from
+the agent (the lab's floating static route toward the agent host, distance 250, takes its
+place until the transit's path arrives). Each repetition first waits until the route is via the agent
 again, then one to two check intervals at random.
 
 Two arms, the same lab and code, the policy switched by a commit to the desired state:
@@ -54,7 +55,7 @@ Log = Callable[[str], None]
 
 class ViaWatcher:
     """`ip -o monitor route` in a namespace: when did the VIP's route last change, and is
-    it via ``gateway``? Stamped with time.monotonic() on arrival, like lab.fib.RouteWatcher
+    it the BGP route via ``gateway``? Stamped with time.monotonic() on arrival, like lab.fib.RouteWatcher
     (which records presence, not the next hop)."""
 
     def __init__(self, ns: Netns, prefix: str, gateway: str) -> None:
@@ -74,7 +75,10 @@ class ViaWatcher:
             dest = words[1] if deleted and len(words) > 1 else (words[0] if words else "")
             if dest not in (self.prefix, f"{self.prefix}/32") or "table" in words:
                 continue
-            via = not deleted and f"via {self.gateway}" in " ".join(words)
+            # (rtr-sjc also has a floating static route toward the agent host, distance 250,
+            # which takes over the moment the agent's BGP route goes: that is "out".)
+            line = " ".join(words)
+            via = not deleted and f"via {self.gateway}" in line and "proto bgp" in line
             with self._cond:
                 self._events.append((stamp, via))
                 self._cond.notify_all()
@@ -114,7 +118,8 @@ def _fast_checks(config_dir: Path) -> None:
 def _via_agent(f: Fleet) -> bool:
     entry = f.routers[f.topo.pop(POP).router].vtysh_json(f"show ip route {VIP}/32 json") or {}
     routes = entry.get(f"{VIP}/32", [])
-    return any(r.get("selected") and any(nh.get("ip") == AGENT_LINK[1] and nh.get("fib") for nh in r.get("nexthops", []))
+    return any(r.get("selected") and r.get("protocol") == "bgp"
+               and any(nh.get("ip") == AGENT_LINK[1] and nh.get("fib") for nh in r.get("nexthops", []))
                for r in routes)
 
 

@@ -169,8 +169,10 @@ def plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str
     alarms += safety_alarms
     settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, shared, active,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
-    if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence and _evidence_wanted(fv.name, active, fresh, verdicts, memories):
-        _ask_for_evidence(items)
+    if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence:
+        failing = _failing(fv.name, active, fresh, memories)
+        if failing:
+            _ask_for_evidence(items, failing)
     return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now)
 
 
@@ -509,28 +511,32 @@ def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVi
     return seen if len(seen) >= need else ()
 
 
-def _evidence_wanted(name: str, active: str, fresh: Mapping[str, PopReport],
-                     verdicts: Mapping[str, Mapping[str, bool | None]], memories: Mapping[str, PopVipMemory]) -> bool:
-    """A fresh POP not withdrawn says its checks of the active origin are failing (down, or
-    ``fall`` not reached yet: its agent reports the first failed check at once): its
-    withdrawal is or soon will be settling, and the other POPs' fresh checks are what can
-    end that early. (An agent that sends no check times asks for nothing: its withdrawal
-    settles for the whole window, as before.)"""
+def _failing(name: str, active: str, fresh: Mapping[str, PopReport],
+             memories: Mapping[str, PopVipMemory]) -> set[str]:
+    """The fresh POPs not withdrawn that say their checks of the active origin are failing
+    (down, or ``fall`` not reached yet: the agent reports its first failed check at once):
+    their withdrawals are or soon will be settling, and the other POPs' fresh checks are what
+    can end that early. (An agent that sends no check times is not among them: its
+    withdrawal settles for the whole window, as before.)"""
+    out = set()
     for pop, r in fresh.items():
         m = memories.get(pop)
         if m is not None and m.withdrawn:
             continue
         c = _checks(r, name, active)
         if c is not None and c.failing_since is not None:
-            return True
-    return False
+            out.add(pop)
+    return out
 
 
-def _ask_for_evidence(items: dict[str, PlanItem]) -> None:
-    """Every POP's item with ``evidence`` set (one copy per distinct item: POPs that share
-    an item share its copy)."""
+def _ask_for_evidence(items: dict[str, PlanItem], failing: set[str]) -> None:
+    """Every other POP's item with ``evidence`` set (one copy per distinct item: POPs that
+    share an item share its copy). The failing POPs send their check times anyway: a new
+    plan would only cost them a pass while they confirm their own failure."""
     copies: dict[int, PlanItem] = {}
     for pop, item in items.items():
+        if pop in failing:
+            continue
         c = copies.get(id(item))
         if c is None:
             c = copies[id(item)] = replace(item, evidence=True)

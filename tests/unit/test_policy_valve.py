@@ -164,10 +164,11 @@ def test_evidence_in_early_confirms_at_once() -> None:
     run = Run(fleet())
     run.at(0, *(rep(p, 0, UP) for p in ("sjc", "fra", "sin")))
     # sjc's first failed check: its agent reports at once (still healthy, falling); the
-    # other POPs are asked for their checks (evidence), sjc itself too.
+    # other POPs are asked for their checks (evidence).
     r = run.at(T0, rep("sjc", T0, UP, failing=T0))
     assert summary(r) == {p: "healthy" for p in ("sjc", "fra", "sin")}
-    assert all(r.item(p, "game-global").evidence for p in ("sjc", "fra", "sin"))
+    assert all(r.item(p, "game-global").evidence for p in ("fra", "sin"))
+    assert not r.item("sjc", "game-global").evidence  # (it sends its check times anyway)
     run.at(T0 + 0.05, rep("fra", T0 + 0.05, UP, ok_at=T0 + 0.04))  # fra's check after sjc's failure
     r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, failing=T0))
     assert summary(r)["sjc"] == "backend_down" and r.wake_at is None  # no settle window at all
