@@ -576,6 +576,28 @@ def s8_drain(f: Fleet) -> dict[str, Any]:
     return {**moved, "draining_attributes_seen_ms": ms(t0, seen), "withdrawn_ms": ms(t0, withdrawn), "clients": stats}
 
 
+SCENARIOS: list[Callable[[Fleet], dict[str, Any]]] = [
+    s1_steady_state, s2_backend_failure_seen_by_one_pop, s3_pop_crash, s3b_silent_pop_failure,
+    s4_origin_failover, s5_controller_down, s6_safety_checks_down_everywhere, s7_publish_domain_change, s8_drain,
+]
+
+
+def run_all(f: Fleet, report: dict[str, Any], only: list[str] | None = None) -> None:
+    """Run the scenarios in order, filling ``report`` (name -> result or error)."""
+    for scenario in SCENARIOS:
+        name = scenario.__name__
+        if only and not any(o in name for o in only):
+            continue
+        started = time.time()
+        try:
+            result = scenario(f)
+            report[name] = {"ok": True, "took_s": round(time.time() - started, 1), **result}
+        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised by the caller's test
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            raise
+
+
+# --- safety under partial knowledge (issue 12, item 1) ---------------------------------------
 CUT_MANAGEMENT = f" chain out {{ type filter hook output priority 0; ip daddr 192.0.2.1 tcp dport {CONTROLLER_PORT} drop; }}"
 # sjc's backbone fails for real: its checks (output) and its clients' requests to the VIPs
 # (forwarded toward the origins' next hops) are dropped alike.
@@ -584,7 +606,7 @@ CUT_BACKBONE = "\n".join(f" chain {h} {{ type filter hook {h} priority 0; "
                          for h in ("output", "forward"))
 
 
-def s9_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
+def s11_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
     """fra's and sin's management paths to the controller are cut (their reports go stale;
     they keep their plans), then sjc's backbone fails for real (its checks and its clients'
     traffic to every origin): the only fresh POP sees every origin down, which is not "down
@@ -638,23 +660,4 @@ def s9_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
             "clients": stats}
 
 
-SCENARIOS: list[Callable[[Fleet], dict[str, Any]]] = [
-    s1_steady_state, s2_backend_failure_seen_by_one_pop, s3_pop_crash, s3b_silent_pop_failure,
-    s4_origin_failover, s5_controller_down, s6_safety_checks_down_everywhere, s7_publish_domain_change, s8_drain,
-    s9_stale_majority_real_failure,
-]
-
-
-def run_all(f: Fleet, report: dict[str, Any], only: list[str] | None = None) -> None:
-    """Run the scenarios in order, filling ``report`` (name -> result or error)."""
-    for scenario in SCENARIOS:
-        name = scenario.__name__
-        if only and not any(o in name for o in only):
-            continue
-        started = time.time()
-        try:
-            result = scenario(f)
-            report[name] = {"ok": True, "took_s": round(time.time() - started, 1), **result}
-        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised by the caller's test
-            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            raise
+SCENARIOS.append(s11_stale_majority_real_failure)

@@ -40,8 +40,9 @@ from aiohttp import web
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
-from .core import ActionNotPersisted, Controller, origin_checks
+from .core import ActionNotPersisted, Controller
 from .snapshot import persistence_status, snapshot
+from .core import origin_checks  # (its own line: the import above is busy in other branches)
 
 log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)

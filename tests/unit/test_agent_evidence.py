@@ -149,14 +149,20 @@ def result(agent: Agent, clock: Clock, region: str, ok: bool, dt: float = 0.1) -
         agent._on_result(key, ProbeResult(ok, 0.001, "ok" if ok else "connect refused"), clock.t)
 
 
-def test_the_first_failed_check_of_the_active_origin_is_reported_at_once_with_its_age(tmp_path: Path) -> None:
-    clock = Clock()
+def healthy(tmp_path: Path, clock: Clock, *regions: str) -> Agent:
+    """An agent following plan 1, its backends of ``regions`` checked healthy three times."""
     agent = controlled(tmp_path, clock)
     agent.apply_plan(plan(1))
     for _ in range(3):
-        result(agent, clock, "us-west", True)
-        result(agent, clock, "eu-central", True)
+        for region in regions:
+            result(agent, clock, region, True)
     agent.report_now.clear()
+    return agent
+
+
+def test_the_first_failed_check_of_the_active_origin_is_reported_at_once_with_its_age(tmp_path: Path) -> None:
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west", "eu-central")
     assert health_report(agent).checks == {}  # nothing failing, nothing asked: no check times
     result(agent, clock, "eu-central", False)  # a standby origin failing asks nobody
     assert not agent.report_now.is_set()
@@ -176,12 +182,8 @@ def test_the_first_failed_check_of_the_active_origin_is_reported_at_once_with_it
 
 def test_an_ask_is_answered_at_once_and_after_the_next_round_of_checks(tmp_path: Path) -> None:
     clock = Clock()
-    agent = controlled(tmp_path, clock)
-    agent.apply_plan(plan(1))
-    for _ in range(3):
-        result(agent, clock, "us-west", True)
+    agent = healthy(tmp_path, clock, "us-west")
     last_ok = clock.t
-    agent.report_now.clear()
     clock.t += 0.03
     agent.apply_plan(plan(2, evidence=True))
     assert agent.report_now.is_set()  # at once: the latest checks may already be recent enough

@@ -95,8 +95,8 @@ class World:
             verdicts: dict[str, bool | None] = {}
             for j, o in enumerate(fv.vip.origins):
                 key = (pop, fv.name, o.region)
-                if j == 0 and rng.random() < 0.003:
-                    self.flappy[key] = now + 10.0  # a flapping backend for a while (dampening)
+                if j == 0 and rng.random() < 0.005:
+                    self.flappy[key] = now + 30.0  # a flapping backend for a while (dampening)
                 flip = 0.5 if self.flappy.get(key, 0.0) > now else (0.03 if j == 0 else 0.015)
                 if rng.random() < flip:
                     self.up[key] = not self.up.get(key, True)
