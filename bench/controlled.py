@@ -4,7 +4,7 @@ Lab: the three-POP fleet of the lab scenarios (lab.fleet, lab/topologies/three-p
 transits, POP routers with BFD, ExaBGP + anycast-agent at sjc, fra and sin, the controller
 (configs/controller with the lab's timers), the origins' backends. No clients. The VIP
 game-global is checked over HTTP at interval 0.1 s, timeout 0.08 s, rise 1, fall 2, polling
-only (``watch: false``, as the standalone ``fastest`` arm).
+only (``watch: false``), its primary origin us-west with one backend: as the standalone arms.
 
 The failure: an nftables rule in sjc's agent host rejects (TCP reset) its connections to
 us-west's check ports, the active origin; fra and sin keep seeing it healthy, so the
@@ -46,7 +46,7 @@ from .report import summary
 INTERVAL, TIMEOUT, FALL = 0.1, 0.08, 2
 POP = "sjc"
 REFUSE = (" chain out { type filter hook output priority 0; "
-          "ip daddr 100.64.10.1 tcp dport { 8080, 8081 } reject with tcp reset; }")
+          "ip daddr 100.64.10.1 tcp dport 8080 reject with tcp reset; }")
 TABLE = "tbctl"
 ARMS = (("evidence", True), ("settle only", False))
 
@@ -112,6 +112,9 @@ def _fast_checks(config_dir: Path) -> None:
     data = yaml.safe_load(path.read_text())
     vip = next(v for v in data["vips"] if v["name"] == NAME)
     vip["check"].update({"interval": INTERVAL, "timeout": TIMEOUT, "rise": 1, "fall": FALL, "watch": False})
+    # One backend in us-west, as the standalone arms check one: with two (min_healthy 1) the
+    # origin is down only when the later of the two has failed `fall` times.
+    vip["origins"][0]["backends"] = vip["origins"][0]["backends"][:1]
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
