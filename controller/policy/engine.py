@@ -184,9 +184,12 @@ class Engine:
             del at_pop[pop]
         for pop in known:
             at_pop.setdefault(pop, {})
-        for groups in at_pop.values():
+        for pop, groups in at_pop.items():
             for s in [s for s, names in groups.items() if not names]:
                 del groups[s]
+                # Forget its freshness too: reports no longer update it, and a VIP that
+                # later brings the value back must start from what the report says.
+                self._fresh.get(pop, {}).pop(s, None)
         for pop, groups in at_pop.items():  # a new report_stale_after value: fresh as its report says
             report = self._reports.get(pop)
             fresh = self._fresh.setdefault(pop, {})
