@@ -396,7 +396,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
     - The limits (fraction, minimum) count the POPs presumed announcing: a stale POP counts
       only if its last report said it announced the VIP and did not see the active origin
       down (else its agent, on its own checks, has likely withdrawn); a POP never heard from
-      does not count.
+      counts as announcing (unknown, as before).
     """
     s = fv.policy.safety
     name = fv.name
@@ -469,16 +469,18 @@ def _all_down(verdicts: Mapping[str, bool | None]) -> bool:
 
 def _presumed_dark(fv: FleetVip, fresh: Mapping[str, PopReport], reports: Mapping[str, PopReport],
                    withdrawing: set[str], active: str) -> list[str]:
-    """The POPs not reporting (stale or never heard from) that are presumed not to announce
-    the VIP: the last report said it was not announced, or saw the active origin down (its
-    agent acts on its own checks while the controller cannot reach it), or there is none."""
+    """The POPs whose reports are stale that are presumed not to announce the VIP: the last
+    report said it was not announced, or saw the active origin down (its agent acts on its
+    own checks while the controller cannot reach it). A POP never heard from (no report
+    since the controller started, none presumed) is unknown and counts as announcing, as it
+    always did: most likely an agent on its cached plan, and nothing says otherwise."""
     name = fv.name
     dark = []
     for pop in fv.publish:
         if pop in fresh or pop in withdrawing:
             continue
         r = reports.get(pop)
-        if r is None or r.announced.get(name) is not True or r.origins.get(name, {}).get(active) is False:
+        if r is not None and (r.announced.get(name) is not True or r.origins.get(name, {}).get(active) is False):
             dark.append(pop)
     return dark
 

@@ -3,7 +3,7 @@ table by table, with a fake clock (``now`` is just a number).
 
 Presumed state: a POP whose reports are stale is presumed to announce what its last report
 said it announced (unless that report saw the active origin down: its agent then acts on its
-own checks), and a POP never heard from is presumed not to. "Down everywhere" needs fresh
+own checks); a POP never heard from is unknown and counts as announcing, as before. "Down everywhere" needs fresh
 evidence from a quorum of the publish domains (or from more than one POP); a single fresh
 POP's failure below that is withdrawn within the limits, counted on presumed announcements.
 
@@ -131,8 +131,10 @@ def test_everything_stale_withdraws_and_holds_nothing() -> None:
 
 
 @pytest.mark.parametrize("fra, sin, min_pops, fraction, held", [
-    # fra's last report said it announced nothing, sin was never heard from: nobody left
-    (dict(usw=UP, announced=False), None, 1, 1.0, True),
+    # fra's last report said it announced nothing, sin's saw us-west down: nobody left
+    (dict(usw=UP, announced=False), dict(usw=DOWN), 1, 1.0, True),
+    # sin never heard from: unknown, counted as announcing (as before presumed state)
+    (dict(usw=DOWN), None, 1, 1.0, False),
     # fra last saw us-west down (its agent withdrew on its own checks), sin announces: 1 left
     (dict(usw=DOWN), dict(usw=UP), 1, 1.0, False),
     (dict(usw=DOWN), dict(usw=UP), 2, 1.0, True),  # ...but the minimum is 2
