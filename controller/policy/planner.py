@@ -491,7 +491,8 @@ def _checks(report: PopReport | None, vip: str, region: str) -> OriginChecks | N
 
 def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVipMemory, active: str,
                     fresh: Mapping[str, PopReport]) -> tuple[str, ...]:
-    """The evidence that ends ``pop``'s settle window early: the POPs, a quorum of the VIP's
+    """The evidence that ends ``pop``'s settle window early (when ``pop`` still sees some
+    origin up): the POPs, a quorum of the VIP's
     other publish domains, whose fresh reports see the active origin healthy on checks that
     succeeded after ``pop``'s first failed check (a POP reporting older checks proves
     nothing: broken checks fail at every POP within an interval or two). Empty: not (yet)
@@ -499,7 +500,10 @@ def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVi
     age) or, from an agent that does not send it, the moment the controller heard of the
     failure (later: stricter)."""
     name = fv.name
-    if not fv.policy.safety.settle_on_evidence:
+    if not fv.policy.safety.settle_on_evidence or report is None or _all_down(report.origins.get(name, {})):
+        # A POP that sees every origin down shows the broken-checks signature (its checks'
+        # path cut, as in Meta's 2021 outage), the case the window exists for: it waits
+        # the whole window, so that the valve sees the other POPs' checks fail too, if they do.
         return ()
     mine = _checks(report, name, active)
     t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since

@@ -269,3 +269,14 @@ def test_settle_on_evidence_off_is_the_fixed_settle_window() -> None:
     r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, failing=T0), rep("fra", T0 + 0.1, UP, ok_at=T0 + 0.05))
     assert summary(r)["sjc"] == "confirming"
     assert summary(run.at(T0 + 0.1 + SETTLE))["sjc"] == "backend_down"
+
+
+def test_a_pop_that_sees_every_origin_down_waits_the_whole_window_whatever_the_evidence() -> None:
+    """Every origin down at one POP is the broken-checks signature (the checks' own path cut):
+    the window it exists for runs in full, evidence or not."""
+    run = Run(fleet())
+    run.at(0, *(rep(p, 0, UP) for p in ("sjc", "fra", "sin")))
+    r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, DOWN, failing=T0), rep("fra", T0 + 0.1, UP, ok_at=T0 + 0.05),
+               rep("sin", T0 + 0.1, UP, ok_at=T0 + 0.06))
+    assert summary(r)["sjc"] == "confirming"
+    assert summary(run.at(T0 + 0.1 + SETTLE))["sjc"] == "backend_down"
