@@ -32,6 +32,17 @@ class PopReport:
     # for (PlanItem.evidence) or whose active origin is failing there: a handful, not all.
     checks: Mapping[str, Mapping[str, OriginChecks]] = field(default_factory=dict)
 
+    @staticmethod
+    def checks_at(ages: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
+                  received_at: float) -> dict[str, dict[str, OriginChecks]]:
+        """A report's check ages (``wire.WireReport.checks``) as times on the controller's
+        clock: the agent's clock never meets ours (the report's transit makes them a few ms
+        late, the same for every POP on a LAN)."""
+        return {vip: {region: OriginChecks(None if ok is None else received_at - ok,
+                                           None if failing is None else received_at - failing)
+                      for region, (ok, failing) in regions.items()}
+                for vip, regions in ages.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class VipMemory:

@@ -42,7 +42,6 @@ from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
 from .core import ActionNotPersisted, Controller
 from .snapshot import persistence_status, snapshot
-from .core import origin_checks  # (its own line: the import above is busy in other branches)
 
 log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)
@@ -195,7 +194,7 @@ async def post_report(request: web.Request) -> web.StreamResponse:
     book.seq = report.seq
     now = ctl.clock()
     await ctl.take_report(PopReport(pop, now, report.plan_generation, origins, announced,
-                                    origin_checks(report.checks, now)))
+                                    PopReport.checks_at(report.checks, now)))
     return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation,
                               "seq": report.seq})
 

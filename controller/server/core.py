@@ -29,8 +29,7 @@ from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
 from ..policy.engine import Changes, Engine, Pass, compact_report
-from ..policy.model import (Alarm, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory,
-                            VipMemory)
+from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from ..policy.planner import VipPlan
 from . import store
 from .plans import PlanStore, PopPlan
@@ -593,17 +592,6 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = dict(plans)
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
-
-
-def origin_checks(ages: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
-                  received_at: float) -> dict[str, dict[str, OriginChecks]]:
-    """A report's check ages (``wire.WireReport.checks``) as times on the controller's clock:
-    the agent's clock never meets ours (the report's transit makes them a few ms late, the
-    same for every POP on a LAN)."""
-    return {vip: {region: OriginChecks(None if ok is None else received_at - ok,
-                                       None if failing is None else received_at - failing)
-                  for region, (ok, failing) in regions.items()}
-            for vip, regions in ages.items()}
 
 
 def _origin_of(note: str) -> str:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from controller.config.desired import load_desired
 from controller.policy.model import OriginChecks, PopReport
-from controller.server.core import Controller, origin_checks
+from controller.server.core import Controller
+
+origin_checks = PopReport.checks_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
