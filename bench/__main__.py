@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="failover: check timeout for the comparison (default 0.25)")
     p.add_argument("--arms", nargs="+", default=(), metavar="LABEL",
                    help="failover: only the arms with these labels (compare, fastest, 'fastest, t<0.9i', "
-                        "event-driven; default all)")
+                        "event-driven, controlled; default all)")
     p.add_argument("--endpoints", type=int, nargs="+", help="throughput: endpoint counts (default 100 1000 10000)")
     p.add_argument("--rows", nargs="+", default=(), metavar="KIND",
                    help="throughput: only these rows (http, tcp, tcp-minimal, http+watch, http-idle+watch ...)")

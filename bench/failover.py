@@ -61,6 +61,7 @@ NFT_TABLE = "tbench"
 METRICS_PORT = 9701
 MODES = ("refused", "blackhole")
 IMPLS = {"agent": "ours (anycast-agent)", "exabgp-healthcheck": "exabgp-healthcheck"}
+CONTROLLED = {"agent-controlled": "ours under a controller (3 POPs)"}  # bench/controlled.py
 
 Log = Callable[[str], None]
 
@@ -293,16 +294,22 @@ def run(*, quick: bool, log: Log, compare_interval: float = 0.5, compare_timeout
     """``labels``: run only the arms with these labels (all by default)."""
     reps = reps or (3 if quick else 20)
     selected = [a for a in arms(compare_interval, compare_timeout) if not labels or a.label in labels]
-    if not selected:
+    controlled = not labels or "controlled" in labels
+    if not selected and not controlled:
         raise ValueError(f"no failover arm is labelled {', '.join(labels)}")
-    lab = Lab(PREFIX)
-    try:
-        topo = BgpLab(lab).up()
-        bench = Failover(topo, reps, log, random.Random())
-        results = [bench.run_arm(arm) for arm in selected]
-    finally:
-        lab.teardown()
-    return {"reps": reps, "arms": results, "ratios": ratios(results),
+    results: list[dict[str, Any]] = []
+    if selected:
+        lab = Lab(PREFIX)
+        try:
+            topo = BgpLab(lab).up()
+            bench = Failover(topo, reps, log, random.Random())
+            results = [bench.run_arm(arm) for arm in selected]
+        finally:
+            lab.teardown()
+    if controlled:
+        from . import controlled as under_controller
+        results += under_controller.run(reps=reps, log=log)
+    return {"reps": reps, "arms": results, "ratios": ratios(results) + controlled_ratios(results),
             "method": "kill (SIGKILL backend, or nft drop rule) -> VIP route deleted from rtr's kernel FIB "
                       "(ip monitor route); nearest-rank percentiles"}
 
@@ -326,21 +333,47 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def controlled_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Under a controller, refused checks: the fixed settle and exabgp-healthcheck (standalone,
+    the same interval and fall) over the evidence-based settle."""
+    by_label = {r["label"]: r["modes"].get("refused") for r in results}
+    ours = by_label.get("controlled, evidence")
+    if not ours:
+        return []
+    out = []
+    for label in ("controlled, settle only", "fastest"):
+        theirs = next((r["modes"].get("refused") for r in results if r["label"] == label
+                       and r["impl"] in ("agent-controlled", "exabgp-healthcheck")), None)
+        if not theirs:
+            continue
+        row: dict[str, Any] = {"label": f"{'exabgp-healthcheck ' + label if label == 'fastest' else label}"
+                                        f" / controlled, evidence", "mode": "refused"}
+        for q in ("p50", "p99"):
+            a, b = ours.get(q), theirs.get(q)
+            row[f"{q}_ratio"] = round(b / a, 2) if a and b else None
+        out.append(row)
+    return out
+
+
 def render(result: dict[str, Any]) -> str:
     rows = []
+    names = {**IMPLS, **CONTROLLED}
     for r in result["arms"]:
         arm = Arm(r["impl"], r["label"], r["interval"], r["timeout"], r["rise"], r["fall"], r.get("watch", False))
+        settings = arm.settings + (f", {r['label'].removeprefix('controlled, ')}" if r["impl"] in CONTROLLED else "")
         for mode, m in r["modes"].items():
             ack = m.get("agent_ack", {}).get("p50")
             fib = m.get("ack_to_fib", {}).get("p50")
-            rows.append([IMPLS[arm.impl], arm.settings, mode, m["n"], m["p50"], m["p90"], m["p99"], m["max"],
+            rows.append([names[arm.impl], settings, mode, m["n"], m["p50"], m["p90"], m["p99"], m["max"],
                          arm.bound, None if m["p99"] is None else m["p99"] < arm.bound and not m["misses"],
                          ack, fib])
     out = table(f"Failover: backend failure -> VIP out of the upstream FIB (seconds, {result['reps']} reps each)",
                 ["checker", "settings", "failure", "n", "p50", "p90", "p99", "max", "bound", "p99<bound",
                  "kill->ack p50", "ack->FIB p50"], rows,
                 ["bound = interval x fall + timeout + 0.1 s; p99 is nearest-rank (the max at n=20)",
-                 "kill->ack: until ExaBGP acknowledged the agent's withdraw (agent log, ms resolution)"])
+                 "kill->ack: until ExaBGP acknowledged the agent's withdraw (agent log, ms resolution)",
+                 "under a controller: sjc's checks refused (nft reject), fra and sin healthy; until the VIP's route "
+                 "at rtr-sjc (the POP router) is no longer via the agent (bench/controlled.py)"])
     ratio_rows = [[x["label"], x["mode"], x["p50_ratio"], x["p99_ratio"]] for x in result["ratios"]]
     out += "\n" + table("Failover: exabgp-healthcheck / ours (same interval, timeout, rise, fall)",
                         ["settings", "failure", "p50 ratio", "p99 ratio"], ratio_rows)

@@ -14,6 +14,11 @@ Plans: ``GET /v1/plans/{pop}`` (no ``after``) answers a full plan::
                "spec_hash": "32 hex", "wanted": true, "active_origin": "us-west", "drain": false,
                "reason": "healthy", "safety_hold": false, "explanation": "..."}]}
 
+An entry may also carry ``"evidence": true`` (absent: false): another POP's withdrawal of
+this VIP is being confirmed, so the agent reports its checks of the VIP (``checks`` below)
+at once and again after its next check of every backend; that is what ends the settle
+window early (README, *Policy*). It is part of the entry's hash only when true.
+
 ``GET /v1/plans/{pop}?after=GEN`` answers the changes since generation GEN (a delta: it has
 ``after``), or a full plan when the controller no longer knows GEN (a restart, or more
 changes since than its per-POP log keeps)::
@@ -45,6 +50,16 @@ from agents that predate it)::
      "origins": {"game-global": {"us-west": true, "eu-central": null}},
      "announced": {"game-global": true}}
 
+A report may carry ``checks`` for the VIPs whose plan entry asks for evidence or whose
+active origin is failing at the POP, each a whole current set (never a delta)::
+
+    "checks": {"game-global": {"us-west": {"ok": 0.03, "failing": null}}}
+
+``ok``: seconds since at least ``min_healthy`` of the origin's backends last succeeded (their
+last checks all succeeded), ``failing``: seconds since the first failed check of a failure
+now running; null where there is none. Ages, not times: the controller subtracts them from
+the report's arrival, so the hosts' clocks need not agree.
+
 or a delta report onto the one numbered ``base`` (each VIP listed replaces that VIP's
 verdicts; ``removed`` VIPs are gone from both maps)::
 
@@ -67,7 +82,7 @@ import hashlib
 import json
 from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 # Signed plans: with ``api.signing_key`` every plan answer carries this header,
@@ -127,6 +142,8 @@ class PlanEntry(Protocol):
     def safety_hold(self) -> bool: ...
     @property
     def explanation(self) -> str: ...
+    @property
+    def evidence(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ class PlanVip:
     safety_hold: bool
     explanation: str = ""
     spec_hash: str = ""  # empty from controllers that predate deltas
+    evidence: bool = False  # report this VIP's checks now and after the next ones (see above)
 
 
 @dataclass(frozen=True)
@@ -185,18 +203,19 @@ def spec_hash(canonical: str) -> str:
 
 
 def entry_hash(name: str, spec_hash_: str, wanted: bool, active_origin: str, drain: bool, reason: str,
-               safety_hold: bool, explanation: str) -> int:
+               safety_hold: bool, explanation: str, evidence: bool = False) -> int:
     """One entry's share of the plan's digest: the first 8 bytes of the BLAKE2b of
-    ``name US spec_hash US <wanted><drain><safety_hold as 0/1> US active_origin US reason US
-    explanation`` (US: the byte 0x1f; the explanation, last, may hold anything)."""
-    line = (f"{name}\x1f{spec_hash_}\x1f{wanted:d}{drain:d}{safety_hold:d}\x1f{active_origin}\x1f{reason}"
-            f"\x1f{explanation}")
+    ``name US spec_hash US <wanted><drain><safety_hold as 0/1>[E] US active_origin US reason US
+    explanation`` (US: the byte 0x1f; the explanation, last, may hold anything; ``E`` only
+    when ``evidence`` is set, so entries without it hash as they always did)."""
+    line = (f"{name}\x1f{spec_hash_}\x1f{wanted:d}{drain:d}{safety_hold:d}{'E' if evidence else ''}"
+            f"\x1f{active_origin}\x1f{reason}\x1f{explanation}")
     return int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big")
 
 
 def vip_entry_hash(v: PlanVip) -> int:
     return entry_hash(v.vip, v.spec_hash, v.wanted, v.active_origin, v.drain, v.reason, v.safety_hold,
-                      v.explanation)
+                      v.explanation, v.evidence)
 
 
 def format_digest(total: int) -> str:
@@ -205,9 +224,11 @@ def format_digest(total: int) -> str:
 
 def entry_json(i: PlanEntry, spec_hash_: str, spec_json: str | None) -> str:
     """One plan entry as JSON text; with ``spec_json`` (canonical) in a full plan."""
-    text = json.dumps({"name": i.vip, "spec_hash": spec_hash_, "wanted": i.wanted, "active_origin": i.active_origin,
-                       "drain": i.drain, "reason": str(i.reason), "safety_hold": i.safety_hold,
-                       "explanation": i.explanation}, separators=(",", ":"))
+    entry = {"name": i.vip, "spec_hash": spec_hash_, "wanted": i.wanted, "active_origin": i.active_origin,
+             "drain": i.drain, "reason": str(i.reason), "safety_hold": i.safety_hold, "explanation": i.explanation}
+    if i.evidence:
+        entry["evidence"] = True
+    text = json.dumps(entry, separators=(",", ":"))
     return text if spec_json is None else f'{text[:-1]},"spec":{spec_json}}}'
 
 
@@ -235,7 +256,8 @@ def encode_plan(pop: str, generation: int, revision: str,
         "pop": pop, "generation": generation, "revision": revision,
         "vips": [{"name": i.vip, "spec": spec, "wanted": i.wanted, "active_origin": i.active_origin,
                   "drain": i.drain, "reason": i.reason, "safety_hold": i.safety_hold,
-                  "explanation": i.explanation} for i, spec in vips],
+                  "explanation": i.explanation, **({"evidence": True} if i.evidence else {})}
+                 for i, spec in vips],
     }
 
 
@@ -283,13 +305,15 @@ def _plan_entries(vips: Any, delta: bool) -> tuple[PlanVip, ...]:
         name, active, reason = e.get("name"), e.get("active_origin"), e.get("reason")
         wanted, drain, hold = e.get("wanted"), e.get("drain"), e.get("safety_hold")
         explanation, hash_ = e.get("explanation", ""), e.get("spec_hash", "")
+        evidence = e.get("evidence", False)
         known = _PLAN_REASONS.get(reason) if isinstance(reason, str) else None
         if not (isinstance(name, str) and isinstance(active, str) and known is not None
                 and isinstance(wanted, bool) and isinstance(drain, bool) and isinstance(hold, bool)
-                and isinstance(explanation, str) and isinstance(hash_, str) and (hash_ or not delta)):
+                and isinstance(explanation, str) and isinstance(hash_, str) and (hash_ or not delta)
+                and isinstance(evidence, bool)):
             _refuse(e, f"vips[{i}]")
         entries.append(PlanVip(name, None if delta else e.get("spec"), wanted, active, drain, known, hold,
-                               explanation, hash_))
+                               explanation, hash_, evidence))
     return tuple(entries)
 
 
@@ -307,6 +331,7 @@ def _refuse(e: dict[str, Any], where: str) -> NoReturn:
         raise WireError(f"{where}.reason", f"{reason!r} is not a plan reason ({', '.join(_PLAN_REASONS)})")
     if not isinstance(e.get("explanation", ""), str):
         raise WireError(f"{where}.explanation", "expected a string")
+    _bool(e.get("evidence", False), f"{where}.evidence")
     raise WireError(f"{where}.spec_hash", "expected the spec's hash (a string)")
 
 
@@ -324,6 +349,11 @@ class WireReport:
     seq: int | None = None  # the agent's number for this report (None: an agent before delta reports)
     base: int | None = None
     removed: tuple[str, ...] = ()  # delta only: VIPs gone from the report
+    # vip -> region -> (seconds since at least min_healthy backends' last checks succeeded,
+    # seconds since the first failed check of a failure now running), None where there is
+    # none. Only the VIPs the plan asks evidence for or whose active origin is failing here;
+    # never a delta: each report carries the whole current set (ages move with every report).
+    checks: Mapping[str, Mapping[str, tuple[float | None, float | None]]] = field(default_factory=dict)
 
 
 def report_limit(pairs: int) -> int:
@@ -337,6 +367,9 @@ def encode_report(report: WireReport) -> dict[str, Any]:
                             "announced": dict(report.announced)}
     if report.seq is not None:
         data["seq"] = report.seq
+    if report.checks:
+        data["checks"] = {v: {r: {"ok": ok, "failing": failing} for r, (ok, failing) in regions.items()}
+                          for v, regions in report.checks.items()}
     if report.base is not None:
         data["base"] = report.base
         data["removed"] = list(report.removed)
@@ -351,7 +384,7 @@ def report_delta(previous: WireReport, new: WireReport) -> WireReport:
     origins = {v: r for v, r in new.origins.items() if po.get(v) != r}
     announced = {v: f for v, f in new.announced.items() if pa.get(v) != f}
     removed = tuple(sorted((set(po) - set(new.origins)) | (set(pa) - set(new.announced))))
-    return WireReport(new.plan_generation, origins, announced, new.seq, previous.seq, removed)
+    return WireReport(new.plan_generation, origins, announced, new.seq, previous.seq, removed, new.checks)
 
 
 def apply_report_delta(origins: Mapping[str, Mapping[str, bool | None]], announced: Mapping[str, bool],
@@ -376,7 +409,7 @@ def apply_report_delta(origins: Mapping[str, Mapping[str, bool | None]], announc
 def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireReport:
     """Validate a POP's report (full or delta) against the VIPs it publishes (name -> regions)."""
     obj = _mapping(data, "")
-    unknown = set(obj) - {"plan_generation", "origins", "announced", "seq", "base", "removed"}
+    unknown = set(obj) - {"plan_generation", "origins", "announced", "seq", "base", "removed", "checks"}
     if unknown:
         raise WireError(sorted(unknown)[0], "unknown field")
     generation = _int(obj.get("plan_generation", 0), "plan_generation")
@@ -407,7 +440,22 @@ def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireRe
         if vip_name not in published:
             raise WireError(f"announced.{vip_name}", "this POP does not publish that VIP")
         announced[vip_name] = _bool(flag, f"announced.{vip_name}")
-    return WireReport(generation, origins, announced, seq, base, tuple(removed))
+    checks: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    for vip_name, regions in _mapping(obj.get("checks", {}), "checks").items():
+        known = published.get(vip_name)
+        if known is None:
+            raise WireError(f"checks.{vip_name}", "this POP does not publish that VIP")
+        times: dict[str, tuple[float | None, float | None]] = {}
+        for region, pair in _mapping(regions, f"checks.{vip_name}").items():
+            where = f"checks.{vip_name}.{region}"
+            if region not in known:
+                raise WireError(where, "not an origin region of this VIP")
+            pair = _mapping(pair, where)
+            if set(pair) - {"ok", "failing"}:
+                raise WireError(f"{where}.{sorted(set(pair) - {'ok', 'failing'})[0]}", "unknown field")
+            times[region] = (_age(pair.get("ok"), f"{where}.ok"), _age(pair.get("failing"), f"{where}.failing"))
+        checks[vip_name] = times
+    return WireReport(generation, origins, announced, seq, base, tuple(removed), checks)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -415,6 +463,15 @@ def _mapping(v: Any, field: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise WireError(field, "expected a JSON object")
     return v
+
+
+def _age(v: Any, field: str) -> float | None:
+    """Seconds ago (a check time in a report): null, or a finite number from 0 to a day."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 86400:
+        raise WireError(field, "expected null or seconds (0 to 86400)")
+    return float(v)
 
 
 def _int(v: Any, field: str) -> int:

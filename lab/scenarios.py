@@ -749,3 +749,69 @@ def run_all(f: Fleet, report: dict[str, Any], only: list[str] | None = None) -> 
         except Exception as exc:  # noqa: BLE001 - recorded, then re-raised by the caller's test
             report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             raise
+
+
+# --- safety under partial knowledge (issue 12, item 1) ---------------------------------------
+CUT_MANAGEMENT = f" chain out {{ type filter hook output priority 0; ip daddr 192.0.2.1 tcp dport {CONTROLLER_PORT} drop; }}"
+# sjc's backbone fails for real: its checks (output) and its clients' requests to the VIPs
+# (forwarded toward the origins' next hops) are dropped alike.
+CUT_BACKBONE = "\n".join(f" chain {h} {{ type filter hook {h} priority 0; "
+                         f"ip daddr {{ 100.64.10.0/24, 100.64.20.0/24, 198.51.100.0/24 }} drop; }}"
+                         for h in ("output", "forward"))
+
+
+def s11_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
+    """fra's and sin's management paths to the controller are cut (their reports go stale;
+    they keep their plans), then sjc's backbone fails for real (its checks and its clients'
+    traffic to every origin): the only fresh POP sees every origin down, which is not "down
+    everywhere" without a quorum of fresh POPs. sjc is withdrawn (reason ``backend_down``,
+    no safety hold) within detection + settle, c-na moves to a POP presumed announcing,
+    fra and sin never stop announcing. The outage window and lost requests are c-na's."""
+    assert_clean(f)
+    stale_after = report_stale_after(f)
+    withdrawals = {"vip": NAME, "action": "withdraw", "reason": "backend_down"}
+    before = parse(f.agent_metrics("sjc")).total("anycast_announcement_changes_total", **withdrawals)
+    stale = {"fra", "sin"}
+    with nft_drop(f, f.topo.pop("fra").agent, CUT_MANAGEMENT), nft_drop(f, f.topo.pop("sin").agent, CUT_MANAGEMENT):
+        t_cut = time.time()
+
+        def ages() -> dict[str, float | None]:
+            return {p["pop"]: p["report_age"] for p in (f.status() or {}).get("pops", [])}
+
+        wait_for(lambda: all((a := ages().get(p)) is not None and a > stale_after for p in stale),
+                 stale_after + 30, desc="fra's and sin's reports stale at the controller")
+        stale_after_s = time.time() - t_cut
+        with IngressWatch(f) as watch:
+            t0 = time.time()
+            with nft_drop(f, f.topo.pop("sjc").agent, CUT_BACKBONE):
+                kept = True
+                deadline = time.monotonic() + 20
+                while f.announced("sjc", VIP):
+                    kept = kept and all(f.announced(p, VIP) for p in stale)
+                    assert time.monotonic() < deadline, "sjc still announces 20 s after its backbone failed"
+                    time.sleep(0.02)
+                withdrawn = time.time()
+                moved = _pop_leaves(f, "sjc", "c-na", t0, watch)
+                planned = wait_for(lambda: pop_item(f.explain(NAME), "sjc"), 10, desc="sjc in /v1/explain")
+                others = {p: pop_item(f.explain(NAME), p) for p in stale}
+                alarms = [a["kind"] for a in (f.status() or {}).get("alarms", []) if a["vip"] == NAME]
+                time.sleep(0.5)
+                t1 = time.time()
+                kept = kept and all(f.announced(p, VIP) for p in stale)
+            stats = {c.node: client_stats(f, c.node, t0, t1) for c in f.topo.clients}
+    assert_clean(f)
+    assert not json_cmp(planned, {"reason": "backend_down", "safety_hold": False}), \
+        f"/v1/explain for sjc, the only fresh POP, seeing every origin down: {planned}"
+    assert all(o is not None and o["reason"] == "report_stale" and o["wanted"] for o in others.values()), others
+    # (api-eu, published at fra and sjc only, is held at sjc: 1 fresh POP of 2 is a quorum)
+    assert "checks_down_everywhere" not in alarms, f"{NAME}'s alarms while only sjc reports: {alarms}"
+    assert kept, "fra or sin stopped announcing while their reports were stale"
+    after = parse(f.agent_metrics("sjc")).total("anycast_announcement_changes_total", **withdrawals)
+    assert after > before, f"anycast_announcement_changes_total{withdrawals} went from {before} to {after}"
+    assert all(stats[c]["failed"] == 0 for c in ("c-eu", "c-ap")), f"clients of other POPs failed: {stats}"
+    return {"reports_stale_after_s": round(stale_after_s, 1), "withdrawn_ms": ms(t0, withdrawn), **moved,
+            "c_na_outage_s": stats["c-na"]["outage_s"], "c_na_lost_requests": stats["c-na"]["failed"],
+            "clients": stats}
+
+
+SCENARIOS.append(s11_stale_majority_real_failure)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -34,6 +34,8 @@ class HealthReport:
     plan_generation: int
     origins: Mapping[str, Mapping[str, bool | None]]  # vip -> region -> verdict
     announced: Mapping[str, bool]  # vip -> announced by this POP now
+    # vip -> region -> (seconds since ok, seconds since failing): see agent/evidence.py
+    checks: Mapping[str, Mapping[str, tuple[float | None, float | None]]] = field(default_factory=dict)
 
 
 class ControllerPort(Protocol):
@@ -57,7 +59,7 @@ def health_report(agent: Agent) -> HealthReport:
         for vip in agent.vips
     }
     announced = {vip.name: vip.prefix in agent.announced for vip in agent.vips}
-    return HealthReport(agent.config.pop, agent.plan.generation, origins, announced)
+    return HealthReport(agent.config.pop, agent.plan.generation, origins, announced, agent.evidence_checks())
 
 
 class _OutageLog:

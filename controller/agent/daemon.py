@@ -37,7 +37,7 @@ from ..health.probes import ProbeResult, ProbeSpec
 from ..health.scheduler import CheckScheduler, Target
 from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, PeerSnapshot, VipSnapshot
-from . import confirm, kernel_plan, state_file
+from . import confirm, evidence, kernel_plan, state_file
 from .decide import (
     Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, origin_health,
 )
@@ -134,6 +134,9 @@ class Agent:
         self._vip_index: tuple[tuple[Vip, ...], dict[str, Vip]] = ((), {})
         self.health: dict[BackendKey, hs.HealthState] = {}
         self.last_result: dict[BackendKey, ProbeResult] = {}
+        # Check times per backend and the plan's asks for them (the evidence-based settle).
+        self.check_times: dict[BackendKey, evidence.Times] = {}
+        self.evidence_asks = evidence.Asks()
         self.neighbors: dict[str, bool] = {}
         self.decisions: dict[str, Decision] = {}
         # What ExaBGP holds as far as this process knows, and what it may hold.
@@ -209,6 +212,8 @@ class Agent:
         self.plan = plan
         self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
+        if self.evidence_asks.update((n for n, i in plan.vips.items() if i.evidence), now):
+            self.report_now.set()  # another POP's withdrawal waits for this POP's checks
         self._dirty.set()
 
     # --- health ------------------------------------------------------------------------
@@ -217,6 +222,7 @@ class Agent:
         now = self.clock()
         self.health = {k: self.health.get(k) or hs.initial(now) for k in targets}
         self.last_result = {k: v for k, v in self.last_result.items() if k in targets}
+        self.check_times = {k: v for k, v in self.check_times.items() if k in targets}
         self.scheduler.set_targets(targets.values())
 
     def _on_result(self, target_key: Hashable, result: ProbeResult, finished_at: float) -> None:
@@ -231,7 +237,12 @@ class Agent:
         self.metrics.checks.labels(vip_name, region, "ok" if result.ok else "fail").inc()
         self.metrics.check_duration.labels(vip_name, region).observe(result.latency)
         self.last_result[key] = result
-        new, transition = hs.step(state, result.ok, vip.check.rise, vip.check.fall, self.clock(), result.detail)
+        now = self.clock()
+        before = self.check_times.get(key)
+        times = self.check_times[key] = evidence.observe(before, result.ok, now)
+        if self.controller is not None:
+            self._evidence_due(vip, region, before, times)
+        new, transition = hs.step(state, result.ok, vip.check.rise, vip.check.fall, now, result.detail)
         self.health[key] = new
         if transition is not None:
             self.metrics.health_transitions.labels(vip_name, region, new.phase.value).inc()
@@ -241,6 +252,50 @@ class Agent:
             if new.healthy != state.healthy:
                 self._dirty.set()
                 self.report_now.set()  # the controller should hear about it at once
+
+    def _evidence_due(self, vip: Vip, region: str, before: evidence.Times | None, times: evidence.Times) -> None:
+        """Report at once when the active origin starts failing here (its first failed
+        check: the controller asks the other POPs meanwhile), or when a round of checks the
+        controller asked for is complete."""
+        intent = self.plan.vips.get(vip.name)
+        if intent is None or intent.active_origin != region:
+            return
+        started = times.failing_since is not None and (before is None or before.failing_since is None)
+        if not started and vip.name not in self.evidence_asks.owed:
+            return
+        o = self.origin_times(vip, region)
+        if (started and o.failing_since is not None) or self.evidence_asks.round_done(vip.name, o.checked_at):
+            self.report_now.set()
+
+    def origin_times(self, vip: Vip, region: str) -> evidence.OriginTimes:
+        origin = vip.origin(region)
+        if origin is None:
+            return evidence.OriginTimes(None, None, None)
+        times = self.check_times
+        return evidence.of_origin((times.get((vip.name, region, b)) for b in origin.backends), origin.min_healthy)
+
+    def evidence_checks(self) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+        """The report's ``checks``: the active origin's check ages of every VIP the plan asks
+        evidence for or whose active origin is failing here."""
+        now = self.clock()
+        times = self.check_times
+        out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+        for vip in self.vips:
+            intent = self.plan.vips.get(vip.name)
+            if intent is None:
+                continue
+            region = intent.active_origin
+            origin = vip.origin(region)
+            if origin is None:
+                continue
+            if vip.name not in self.evidence_asks.since and not any(
+                    (t := times.get((vip.name, region, b))) is not None and t.failing_since is not None
+                    for b in origin.backends):
+                continue
+            o = self.origin_times(vip, region)
+            if vip.name in self.evidence_asks.since or o.failing_since is not None:
+                out[vip.name] = {region: evidence.ages(o, now)}
+        return out
 
     def verdicts(self) -> dict[BackendKey, bool | None]:
         return {k: s.healthy for k, s in self.health.items()}

@@ -47,6 +47,9 @@ class VipIntent:
     # active origin is down: withdrawing would break a global safety rule (e.g. the checks
     # fail everywhere at once, which more likely means the checks are broken).
     safety_hold: bool = False
+    # The controller is confirming another POP's withdrawal of this VIP: report this VIP's
+    # checks at once and after the next check of each backend (``agent/evidence.py``).
+    evidence: bool = False
 
 
 @dataclass(frozen=True)

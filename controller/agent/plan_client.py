@@ -264,7 +264,7 @@ class PlanClient:
     async def report(self, report: HealthReport) -> None:
         """Send the POP's health: what changed since the last report accepted, or in full."""
         self._seq += 1
-        full = WireReport(report.plan_generation, report.origins, report.announced, self._seq)
+        full = WireReport(report.plan_generation, report.origins, report.announced, self._seq, checks=report.checks)
         body = full if self._accepted is None else report_delta(self._accepted, full)
         path = f"/v1/reports/{self.pop}"
         status, answer = await self._request("POST", path, self._timeout, encode_report(body), accept=(200, 409))

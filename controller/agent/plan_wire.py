@@ -64,7 +64,7 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
                             f"{entry.active_origin!r} is not one of the VIP's origin regions")
         specs.append(vip)
         intents[vip.name] = VipIntent(vip.name, entry.wanted, entry.active_origin, entry.drain, entry.reason,
-                                      entry.safety_hold)
+                                      entry.safety_hold, entry.evidence)
     if cache is not None:
         cache.clear()
         cache.update(checked)
@@ -156,7 +156,7 @@ class PlanBook:
                 raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
             specs[h] = held
             entries[e.vip] = PlanVip(e.vip, None, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold,
-                                     e.explanation, h)
+                                     e.explanation, h, e.evidence)
         ehash = {n: vip_entry_hash(e) for n, e in entries.items()}
         digest = sum(ehash.values()) % DIGEST_MOD
         if plan.digest and plan.digest != format_digest(digest):
@@ -248,4 +248,4 @@ def _check_entry(e: PlanVip, vip: Vip, where: str) -> None:
 
 
 def _intent(e: PlanVip) -> VipIntent:
-    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold)
+    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold, e.evidence)

@@ -464,6 +464,7 @@ def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
         withdraw_rate_max=rate_max, withdraw_rate_window=rate_window,
         report_stale_after=n.opt("report_stale_after", lambda x: x.as_float(1, 3600), s.report_stale_after),
         settle=n.opt("settle", lambda x: x.as_float(0, 60), s.settle),
+        settle_on_evidence=n.opt("settle_on_evidence", Node.as_bool, s.settle_on_evidence),
     )
 
 

@@ -23,6 +23,8 @@ class SafetyPolicy:
     withdraw_rate_window: float = 60.0  # ...per this many seconds
     report_stale_after: float = 15.0
     settle: float = 1.0  # a new health withdrawal waits this long for the other POPs' reports
+    # ...or less: until a quorum of the other POPs report fresh healthy checks of the origin
+    settle_on_evidence: bool = True
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,8 @@ class Engine:
                 self._set_report(pop, report, now)
         for pop in [p for p in self._reports if p not in reports]:
             del self._reports[pop]
-            if any(self._fresh.pop(pop, {}).values()):
-                self._mark_pop(pop)
+            self._fresh.pop(pop, None)
+            self._mark_pop(pop)  # (a stale report counts too: what the POP is presumed to announce)
         self._due(now)
 
     def _mark_pop(self, pop: str) -> None:
@@ -192,9 +192,12 @@ class Engine:
             del at_pop[pop]
         for pop in known:
             at_pop.setdefault(pop, {})
-        for groups in at_pop.values():
+        for pop, groups in at_pop.items():
             for s in [s for s, names in groups.items() if not names]:
                 del groups[s]
+                # Forget its freshness too: reports no longer update it, and a VIP that
+                # later brings the value back must start from what the report says.
+                self._fresh.get(pop, {}).pop(s, None)
         for pop, groups in at_pop.items():  # a new report_stale_after value: fresh as its report says
             report = self._reports.get(pop)
             fresh = self._fresh.setdefault(pop, {})
@@ -220,6 +223,11 @@ class Engine:
                 assert old is not None
                 before, after = old.origins, report.origins
                 self._dirty.update(n for n in names if before.get(n) != after.get(n))
+            if now_fresh and old is not None and (old.checks or report.checks) and old.checks != report.checks:
+                # Check times (the evidence-based settle): only the few VIPs that carry them.
+                before_c, after_c = old.checks, report.checks
+                self._dirty.update(n for n in (before_c.keys() | after_c.keys())
+                                   if n in names and before_c.get(n) != after_c.get(n))
         self._push_stale(pop, now)
 
     def _push_stale(self, pop: str, now: float) -> None:

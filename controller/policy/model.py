@@ -10,6 +10,16 @@ from ..wire import PlanReason
 
 
 @dataclass(frozen=True, slots=True)
+class OriginChecks:
+    """When one POP's checks of one origin last proved something, on the controller's clock
+    (the agent sends ages, the controller subtracts them from the report's arrival: no
+    clock agreement between hosts is needed). The evidence of the evidence-based settle."""
+
+    ok_at: float | None = None  # at least min_healthy backends' last checks succeeded at or after this
+    failing_since: float | None = None  # the first failed check of the failure now running (None: none)
+
+
+@dataclass(frozen=True, slots=True)
 class PopReport:
     """An agent's latest report: its verdict per VIP and origin region, and what it announces."""
 
@@ -18,6 +28,20 @@ class PopReport:
     plan_generation: int
     origins: Mapping[str, Mapping[str, bool | None]]  # vip -> region -> True/False/None
     announced: Mapping[str, bool] = field(default_factory=dict)  # vip -> announced now
+    # vip -> region -> its check times, only for the VIPs whose checks the agent was asked
+    # for (PlanItem.evidence) or whose active origin is failing there: a handful, not all.
+    checks: Mapping[str, Mapping[str, OriginChecks]] = field(default_factory=dict)
+
+    @staticmethod
+    def checks_at(ages: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
+                  received_at: float) -> dict[str, dict[str, OriginChecks]]:
+        """A report's check ages (``wire.WireReport.checks``) as times on the controller's
+        clock: the agent's clock never meets ours (the report's transit makes them a few ms
+        late, the same for every POP on a LAN)."""
+        return {vip: {region: OriginChecks(None if ok is None else received_at - ok,
+                                           None if failing is None else received_at - failing)
+                      for region, (ok, failing) in regions.items()}
+                for vip, regions in ages.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +99,9 @@ class PlanItem:
     reason: PlanReason = PlanReason.HEALTHY
     safety_hold: bool = False
     explanation: str = ""
+    # Another POP's withdrawal of this VIP is being confirmed: report this VIP's checks at
+    # once and after the next check of every backend (the evidence-based settle).
+    evidence: bool = False
 
 
 class AlarmKind(enum.StrEnum):

@@ -55,7 +55,8 @@ from dataclasses import dataclass, replace
 from ..config.desired_model import DesiredState, FleetVip
 from ..wire import PlanReason as R
 from . import dampening
-from .model import NEW, STEADY, Alarm, AlarmKind, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from .model import (NEW, STEADY, Alarm, AlarmKind, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport,
+                    PopVipMemory, VipMemory)
 from .origins import Outcome, origin_views, select_origin
 
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
@@ -160,10 +161,11 @@ def plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str
     ``fresh``: a memo of step 1's fresh reports by (publish list, report_stale_after), for
     many VIPs planned with the same ``reports`` and ``now`` (the engine's pass)."""
     fresh_reports, verdicts = _fresh_verdicts(fv, reports, now, fresh)
-    return _plan_rest(fv, fresh_reports, verdicts, drains, now, memory, pop_memory, shared_before, shortcuts)
+    return _plan_rest(fv, reports, fresh_reports, verdicts, drains, now, memory, pop_memory, shared_before, shortcuts)
 
 
-def _plan_rest(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[str, Mapping[str, bool | None]],
+def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[str, PopReport],
+               verdicts: Mapping[str, Mapping[str, bool | None]],
                drains: Mapping[str, float], now: float, memory: VipMemory | None, pop_memory: PopMemory,
                shared_before: Mapping[R, PlanItem], shortcuts: bool) -> VipPlan:
     vmem, outcome, note = _choose_origin(fv, verdicts, memory, now)
@@ -181,10 +183,14 @@ def _plan_rest(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[s
         memories = {pop: m if not m.withdrawn else replace(m, withdrawn=False) for pop, m in memories.items()}
         return _finish(fv, items, vmem, memories, "disabled: " + note, outcome, alarms, {}, None, fresh, drains, now,
                        ())  # (disabled items never count down)
-    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, active, vmem, now)
+    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, reports, active, vmem, now)
     alarms += safety_alarms
     settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, shared, active,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
+    if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence:
+        failing = _failing(fv.name, active, fresh, memories)
+        if failing:
+            _ask_for_evidence(items, failing)
     # Only the proposals' items can count down (the shortcuts give healthy or report_stale).
     return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now,
                    [items[p.pop] for p in proposals])
@@ -246,11 +252,17 @@ def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping
         if report is not None:
             mem = dampening.observe(mem, verdict, policy.dampening, now)
         down = verdict is False and report is not None
-        down_since = (mem.down_since if mem.down_since is not None else now) if down else None
+        # A POP withdrawn already (a hold-down, a drain) that now sees the origin down has
+        # nothing to settle: it counts as down since before the window (2 x settle ago: no
+        # rounding can leave a sliver of window). Else the safety limits holding it back
+        # (announcing again) would restart a window the next pass, on the same inputs.
+        fresh_down = now - 2 * policy.safety.settle if mem.withdrawn else now
+        down_since = (mem.down_since if mem.down_since is not None else fresh_down) if down else None
         if down_since != mem.down_since:  # replace() is slow: only when something changes
             mem = replace(mem, down_since=down_since)
         memories[pop] = _canonical(mem)
-        proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now),
+        proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now,
+                                                  fresh),
                                    previously_withdrawn=mem.withdrawn))
     return items, memories, proposals
 
@@ -376,7 +388,8 @@ def _canonical(mem: PopVipMemory) -> PopVipMemory:
 
 
 def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
-             drain_start: float | None, active: str, fv: FleetVip, now: float) -> tuple[R, str]:
+             drain_start: float | None, active: str, fv: FleetVip, now: float,
+             fresh: Mapping[str, PopReport]) -> tuple[R, str]:
     if drain_start is not None:
         elapsed = now - drain_start
         if elapsed < fv.policy.drain.drain_time:
@@ -390,7 +403,7 @@ def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopV
                             f"(hold-down #{mem.penalty})")
     if verdict is False:
         settle_left = (mem.down_since if mem.down_since is not None else now) + fv.policy.safety.settle - now
-        if not mem.withdrawn and settle_left > 0:
+        if not mem.withdrawn and settle_left > 0 and not _not_everywhere(fv, pop, report, mem, active, fresh):
             return R.CONFIRMING, (f"{pop} sees {active} down: confirming for {settle_left:.1f}s more whether "
                                   f"the other POPs see it too (its agent keeps announcing meanwhile)")
         return R.BACKEND_DOWN, f"{pop} sees {active} down: its agent withdraws the VIP"
@@ -399,39 +412,60 @@ def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopV
     return R.HEALTHY, _SHARED[R.HEALTHY].format(active=active)
 
 
-def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport], active: str,
-            vmem: VipMemory, now: float) -> tuple[dict[str, str], set[str], VipMemory, list[Alarm]]:
+def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport],
+            reports: Mapping[str, PopReport], active: str, vmem: VipMemory,
+            now: float) -> tuple[dict[str, str], set[str], VipMemory, list[Alarm]]:
     """Which proposed withdrawals to hold back. Returns (pop -> why held, pops allowed to
-    withdraw, memory, alarms)."""
+    withdraw, memory, alarms).
+
+    It reasons from what each POP is presumed to announce, not only from the fresh reports
+    (static stability: a POP whose reports are stale keeps its last plan and its own checks):
+
+    - "Down everywhere" (hold every health withdrawal) needs fresh evidence: every fresh POP
+      sees every origin down, and they are a quorum (``failover.quorum``) of the VIP's
+      publish domains, or more than one of them (several POPs failing together with nobody
+      fresh to say otherwise looks like broken checks, as it always did).
+    - With less evidence (a single fresh POP sees every origin down, the rest are stale), that
+      is one POP's failure: it is withdrawn like any other, within the limits below.
+    - The limits (fraction, minimum) count the POPs presumed announcing: a stale POP counts
+      only if its last report said it announced the VIP and did not see the active origin
+      down (else its agent, on its own checks, has likely withdrawn); a POP never heard from
+      counts as announcing (unknown, as before).
+    """
     s = fv.policy.safety
     name = fv.name
     held: dict[str, str] = {}
     alarms: list[Alarm] = []
     withdrawing = [p for p in proposals if p.kind in WITHDRAWING]
     health = [p for p in proposals if p.kind in HEALTH_KINDS or p.kind == R.CONFIRMING]
+    n = len(fv.publish)
 
-    everywhere = bool(fresh) and all(
-        all(v is not True for v in r.origins.get(name, {}).values())
-        and any(v is False for v in r.origins.get(name, {}).values())
-        for r in fresh.values())
-    if everywhere and health:
+    everywhere = bool(fresh) and all(_all_down(r.origins.get(name, {})) for r in fresh.values())
+    if everywhere and health and (len(fresh) > 1 or len(fresh) >= fv.policy.failover.quorum * n):
+        stale = n - len(fresh)
         for p in health:
             held[p.pop] = (f"every reporting POP ({len(fresh)}) sees every origin down: the checks are "
                            f"more likely broken than the service, so {p.pop} keeps announcing")
         alarms.append(Alarm(AlarmKind.CHECKS_DOWN_EVERYWHERE, name,
-                            f"all {len(fresh)} reporting POP(s) see every origin of {name} down; "
-                            f"holding {len(health)} withdrawal(s)"))
+                            f"all {len(fresh)} reporting POP(s) see every origin of {name} down"
+                            + (f" ({stale} of {n} not reporting)" if stale else "")
+                            + f"; holding {len(health)} withdrawal(s)"))
         withdrawing = [p for p in withdrawing if p.pop not in held]
 
-    n = len(fv.publish)
-    limit = max(0, min(math.floor(s.max_withdraw_fraction * n), n - s.min_announcing_pops))
+    # Stale POPs presumed not announcing count as withdrawn already (looked up only when
+    # something would withdraw: the steady state pays nothing).
+    dark = _presumed_dark(fv, fresh, reports, {p.pop for p in withdrawing}, active) if withdrawing else []
+    limit = max(0, min(math.floor(s.max_withdraw_fraction * n) - len(dark), n - len(dark) - s.min_announcing_pops))
     # POPs already withdrawn stay withdrawn first (no flapping between POPs), then by name.
     ordered = sorted(withdrawing, key=lambda p: (not p.previously_withdrawn, p.pop))
     allowed = ordered[:limit]
-    for p in ordered[limit:]:
-        held[p.pop] = (f"withdrawing {p.pop} too would leave {n - len(allowed) - 1} "
+    unknown = (f"; {len(dark)} not reporting and presumed not announcing: {', '.join(dark)}" if dark else "")
+    # (The held ones by name: which were withdrawn before is memory this very pass changes,
+    # and the alarms of the same inputs must not depend on it.)
+    for p in sorted(ordered[limit:], key=lambda p: p.pop):
+        held[p.pop] = (f"withdrawing {p.pop} too would leave {max(0, n - len(dark) - len(allowed) - 1)} "
                        f"of {n} POPs announcing (limits: at most {s.max_withdraw_fraction:.0%} withdrawn, "
-                       f"at least {s.min_announcing_pops} announcing)")
+                       f"at least {s.min_announcing_pops} announcing{unknown})")
         alarms.append(Alarm(AlarmKind.DRAIN_BLOCKED if p.kind == R.DRAINED else AlarmKind.MIN_POPS_HOLD, name,
                             f"{p.pop}: {p.kind} held back by the safety limits"))
 
@@ -460,3 +494,90 @@ def _item(vip: str, active: str, p: _Proposal, held: str | None) -> PlanItem:
     if p.kind in (R.DRAINED, R.DAMPENED):
         return PlanItem(vip, False, active, reason=p.kind, explanation=p.sentence)
     return PlanItem(vip, True, active, drain=p.kind == R.DRAINING, reason=p.kind, explanation=p.sentence)
+
+
+def _all_down(verdicts: Mapping[str, bool | None]) -> bool:
+    """Every origin down in one POP's verdicts (none healthy, at least one seen down)."""
+    return all(v is not True for v in verdicts.values()) and any(v is False for v in verdicts.values())
+
+
+def _presumed_dark(fv: FleetVip, fresh: Mapping[str, PopReport], reports: Mapping[str, PopReport],
+                   withdrawing: set[str], active: str) -> list[str]:
+    """The POPs whose reports are stale that are presumed not to announce the VIP: the last
+    report said it was not announced, or saw the active origin down (its agent acts on its
+    own checks while the controller cannot reach it). A POP never heard from (no report
+    since the controller started, none presumed) is unknown and counts as announcing, as it
+    always did: most likely an agent on its cached plan, and nothing says otherwise."""
+    name = fv.name
+    dark = []
+    for pop in fv.publish:
+        if pop in fresh or pop in withdrawing:
+            continue
+        r = reports.get(pop)
+        if r is not None and (r.announced.get(name) is not True or r.origins.get(name, {}).get(active) is False):
+            dark.append(pop)
+    return dark
+
+
+def _checks(report: PopReport | None, vip: str, region: str) -> OriginChecks | None:
+    return report.checks.get(vip, {}).get(region) if report is not None and report.checks else None
+
+
+def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVipMemory, active: str,
+                    fresh: Mapping[str, PopReport]) -> tuple[str, ...]:
+    """The evidence that ends ``pop``'s settle window early (when ``pop`` still sees some
+    origin up): the POPs, a quorum of the VIP's
+    other publish domains, whose fresh reports see the active origin healthy on checks that
+    succeeded after ``pop``'s first failed check (a POP reporting older checks proves
+    nothing: broken checks fail at every POP within an interval or two). Empty: not (yet)
+    enough, the settle window runs on. The first failed check is the agent's (sent as an
+    age) or, from an agent that does not send it, the moment the controller heard of the
+    failure (later: stricter)."""
+    name = fv.name
+    if not fv.policy.safety.settle_on_evidence or report is None or _all_down(report.origins.get(name, {})):
+        # A POP that sees every origin down shows the broken-checks signature (its checks'
+        # path cut, as in Meta's 2021 outage), the case the window exists for: it waits
+        # the whole window, so that the valve sees the other POPs' checks fail too, if they do.
+        return ()
+    mine = _checks(report, name, active)
+    t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since
+    others = len(fv.publish) - 1
+    if t0 is None or others <= 0:
+        return ()
+    need = max(1, math.ceil(fv.policy.failover.quorum * others - 1e-9))
+    seen = tuple(q for q, r in fresh.items()
+                 if q != pop and (c := _checks(r, name, active)) is not None and c.ok_at is not None
+                 and c.ok_at > t0 and r.origins.get(name, {}).get(active) is True)
+    return seen if len(seen) >= need else ()
+
+
+def _failing(name: str, active: str, fresh: Mapping[str, PopReport],
+             memories: Mapping[str, PopVipMemory]) -> set[str]:
+    """The fresh POPs not withdrawn that say their checks of the active origin are failing
+    (down, or ``fall`` not reached yet: the agent reports its first failed check at once):
+    their withdrawals are or soon will be settling, and the other POPs' fresh checks are what
+    can end that early. (An agent that sends no check times is not among them: its
+    withdrawal settles for the whole window, as before.)"""
+    out = set()
+    for pop, r in fresh.items():
+        m = memories.get(pop)
+        if m is not None and m.withdrawn:
+            continue
+        c = _checks(r, name, active)
+        if c is not None and c.failing_since is not None:
+            out.add(pop)
+    return out
+
+
+def _ask_for_evidence(items: dict[str, PlanItem], failing: set[str]) -> None:
+    """Every other POP's item with ``evidence`` set (one copy per distinct item: POPs that
+    share an item share its copy). The failing POPs send their check times anyway: a new
+    plan would only cost them a pass while they confirm their own failure."""
+    copies: dict[int, PlanItem] = {}
+    for pop, item in items.items():
+        if pop in failing:
+            continue
+        c = copies.get(id(item))
+        if c is None:
+            c = copies[id(item)] = replace(item, evidence=True)
+        items[pop] = c

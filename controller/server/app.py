@@ -240,7 +240,9 @@ async def post_report(request: web.Request) -> web.StreamResponse:
                                       "field": "base", "full_report": True}, status=409)
         origins, announced = apply_report_delta(previous.origins, previous.announced, report, published)
     book.seq = report.seq
-    await ctl.take_report(PopReport(pop, ctl.clock(), report.plan_generation, origins, announced))
+    now = ctl.clock()
+    await ctl.take_report(PopReport(pop, now, report.plan_generation, origins, announced,
+                                    PopReport.checks_at(report.checks, now)))
     return web.json_response({"accepted": True, "plan_generation": ctl.served[pop].generation,
                               "seq": report.seq})
 

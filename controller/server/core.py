@@ -193,13 +193,16 @@ class Controller:
         now = self.clock()
         stale_after = self._index().stale_after
         verdicts: dict[str, dict[str, Mapping[str, bool | None]]] = {}
+        announced: dict[str, dict[str, bool]] = {}
         planner = self.persisted.planner
         for (pop, vip), memory in planner.pop_vips.items():
             if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
                 verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+                # (what it is presumed to announce once this presumed report goes stale too)
+                announced.setdefault(pop, {})[vip] = not memory.withdrawn
         for pop, received_at in alive.fresh.items():
             if self.desired.pop(pop) is not None and now - received_at <= stale_after and pop not in self.reports:
-                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}))
+                self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}), announced.get(pop, {}))
                 self._presumed.add(pop)
         if self._presumed:
             log.info("presuming the last verdicts of %s until they report (the previous controller was alive "
@@ -373,7 +376,7 @@ class Controller:
         stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
         previous = self.reports.get(report.pop)
         report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
-        if (previous is not None and previous.origins is report.origins
+        if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return
         if self._pending is None:

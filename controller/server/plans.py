@@ -48,13 +48,13 @@ class Entry(NamedTuple):
 
     def material(self) -> tuple[Any, ...]:
         i = self.item
-        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
+        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold, i.evidence)
 
 
 def _hashed(name: str, e: Entry) -> Entry:
     i = e.item
     return e._replace(ehash=entry_hash(name, e.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold,
-                                       i.explanation))
+                                       i.explanation, i.evidence))
 
 
 class _Spec(NamedTuple):

@@ -1,6 +1,7 @@
 """The incremental engine against the from-scratch oracle (``planner.full_plan``).
 
-Long random event sequences (reports that change or repeat, POPs that fall silent, drains
+Long random event sequences (reports that change or repeat, carry check times or not, say
+a VIP is not announced, POPs that fall silent, drains
 and undrains, commits that change a VIP's definition, publish list or policy, add or
 remove it, and time passing, sometimes exactly to the next wake-up) go through both; after
 every step the plans (items with their sentences), notes, alarms, memory and wake-ups must
@@ -20,7 +21,7 @@ import pytest
 from controller.config.desired import load_desired
 from controller.config.desired_model import DesiredState, FleetVip, PopSpec
 from controller.policy.engine import Engine, compact_report
-from controller.policy.model import PlannerState, PopReport
+from controller.policy.model import OriginChecks, PlannerState, PopReport
 from controller.policy.planner import plan_all, result_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,22 +82,33 @@ class World:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.up: dict[tuple[str, str, str], bool] = {}
+        self.flappy: dict[tuple[str, str, str], float] = {}  # -> flapping until
         self.chatty = {pop: rng.choice((0.9, 0.5, 0.15)) for pop in POPS}  # how often a POP reports
 
     def report(self, pop: str, desired: DesiredState, now: float) -> PopReport:
         rng = self.rng
         origins: dict[str, dict[str, bool | None]] = {}
+        checks: dict[str, dict[str, OriginChecks]] = {}
         for fv in desired.vips:
             if pop not in fv.publish or rng.random() < 0.02:
                 continue  # (a report may lack a VIP: no verdict)
             verdicts: dict[str, bool | None] = {}
             for j, o in enumerate(fv.vip.origins):
                 key = (pop, fv.name, o.region)
-                if rng.random() < (0.03 if j == 0 else 0.015):
+                if j == 0 and rng.random() < 0.005:
+                    self.flappy[key] = now + 30.0  # a flapping backend for a while (dampening)
+                flip = 0.5 if self.flappy.get(key, 0.0) > now else (0.03 if j == 0 else 0.015)
+                if rng.random() < flip:
                     self.up[key] = not self.up.get(key, True)
                 verdicts[o.region] = None if rng.random() < 0.01 else self.up.get(key, True)
             origins[fv.name] = verdicts
-        return PopReport(pop, now, 1, origins, {name: True for name in origins})
+            if rng.random() < 0.04:  # check times (the evidence-based settle), fresh or not
+                checks[fv.name] = {
+                    region: OriginChecks(now - rng.choice((0.05, 0.5, 3.0)) if v else None,
+                                         now - rng.choice((0.1, 1.0, 4.0)) if v is False or rng.random() < 0.2 else None)
+                    for region, v in verdicts.items()}
+        # Now and then a VIP the POP does not announce: stale, it is presumed not to.
+        return PopReport(pop, now, 1, origins, {name: rng.random() > 0.1 for name in origins}, checks)
 
 
 def _run(seed: int) -> dict[str, int]:

@@ -1,0 +1,73 @@
+"""The controller's core and the evidence-based settle, with a fake clock: check ages become
+times on the controller's clock, the other POPs are asked (a new plan for them), and the
+failing POP's withdrawal is confirmed as soon as their evidence is planned."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from controller.config.desired import load_desired
+from controller.policy.model import OriginChecks, PopReport
+from controller.server.core import Controller
+
+origin_checks = PopReport.checks_at
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def controller(tmp_path: Path, now: list[float]) -> Controller:
+    desired = dataclasses.replace(load_desired(str(ROOT / "configs" / "controller"), "rev1"), state_dir=str(tmp_path))
+    return Controller(desired, clock=lambda: now[0])
+
+
+def report(pop: str, usw: bool, at: float, ok: float | None = None, failing: float | None = None) -> PopReport:
+    """``ok``/``failing``: ages (seconds before ``at``) as the agent sends them."""
+    ages = {"game-global": {"us-west": (ok, failing)}} if ok is not None or failing is not None else {}
+    return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": True}}, {"game-global": True},
+                     origin_checks(ages, at))
+
+
+def test_ages_become_controller_times() -> None:
+    assert origin_checks({"v": {"r": (0.25, None), "s": (None, 1.5)}}, 100.0) == {
+        "v": {"r": OriginChecks(99.75, None), "s": OriginChecks(None, 98.5)}}
+
+
+def test_the_others_are_asked_and_their_evidence_confirms_the_withdrawal_at_once(tmp_path: Path) -> None:
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(report(pop, True, now[0]))
+    gens = {pop: s.generation for pop, s in ctl.served.items()}
+    now[0] = 100.5
+    ctl.add_report(report("sjc", True, now[0], failing=0.0))  # sjc's first failed check, reported at once
+    for pop in ("fra", "sin"):
+        assert ctl.item(pop, "game-global").evidence  # type: ignore[union-attr]
+        assert ctl.served[pop].generation == gens[pop] + 1  # a new plan: the long-poll answers
+    now[0] = 100.55
+    ctl.add_report(report("fra", True, now[0], ok=0.02))  # a success 0.03 s after sjc's failure
+    now[0] = 100.6
+    ctl.add_report(report("sjc", False, now[0], failing=0.1))  # fall reached
+    item = ctl.item("sjc", "game-global")
+    assert item is not None and item.reason == "backend_down" and not item.safety_hold
+    assert ctl.result is not None and ctl.result.wake_at is None  # no settle window left to wait for
+    assert not ctl.item("fra", "game-global").evidence  # type: ignore[union-attr]
+
+
+def test_a_report_whose_only_news_is_check_times_is_planned_before_the_answer(tmp_path: Path) -> None:
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+
+    async def scenario() -> str:
+        for pop in ("sjc", "fra", "sin"):
+            await ctl.take_report(report(pop, True, now[0]))
+        now[0] = 10.2
+        await ctl.take_report(report("sjc", False, now[0], failing=0.1))
+        assert ctl.item("sjc", "game-global").reason == "confirming"  # type: ignore[union-attr]
+        now[0] = 10.3
+        await ctl.take_report(report("fra", True, now[0], ok=0.05))  # same verdicts, new check times
+        item = ctl.item("sjc", "game-global")
+        return str(item.reason) if item else ""
+
+    assert asyncio.run(scenario()) == "backend_down"
