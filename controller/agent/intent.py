@@ -47,6 +47,9 @@ class VipIntent:
     # active origin is down: withdrawing would break a global safety rule (e.g. the checks
     # fail everywhere at once, which more likely means the checks are broken).
     safety_hold: bool = False
+    # Traffic steering: (region, weight) to split traffic across (the controller's effective
+    # weights); (): everything to ``active_origin``.
+    weights: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

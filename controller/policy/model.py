@@ -28,6 +28,11 @@ class VipMemory:
     active_since: float
     healthy_since: Mapping[str, float] = field(default_factory=dict)  # region -> quorum-healthy since
     withdrawals: tuple[float, ...] = ()  # when health-induced withdrawals were allowed (rate limit)
+    # Traffic steering (policy/steering.py); empty without it. A preference's origin order
+    # ("eu-central,us-west") -> its active origin and since when (the VIP's own order is
+    # ``active`` above); the weighted regions held at weight 0 until healthy for the hold-down.
+    routes: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    weight_out: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,9 @@ class PlanItem:
     reason: PlanReason = PlanReason.HEALTHY
     safety_hold: bool = False
     explanation: str = ""
+    # (region, weight): split the VIP's traffic across these origins (policy/steering.py);
+    # (): everything to ``active_origin``, as before weights.
+    weights: tuple[tuple[str, int], ...] = ()
 
 
 class AlarmKind(enum.StrEnum):

@@ -45,7 +45,7 @@ class Entry(NamedTuple):
 
     def material(self) -> tuple[Any, ...]:
         i = self.item
-        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold)
+        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold, i.weights)
 
 
 def _hashed(name: str, e: Entry) -> Entry:

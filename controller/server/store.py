@@ -250,14 +250,20 @@ def planner_from_json(data: dict[str, Any]) -> PlannerState:
 
 
 def _vip_to_json(m: VipMemory) -> dict[str, Any]:
-    return {"active": m.active, "active_since": m.active_since, "healthy_since": dict(m.healthy_since),
-            "withdrawals": list(m.withdrawals)}
+    doc = {"active": m.active, "active_since": m.active_since, "healthy_since": dict(m.healthy_since),
+           "withdrawals": list(m.withdrawals)}
+    if m.routes or m.weight_out:  # traffic steering (absent from files written before it, and without it)
+        doc["routes"] = {k: list(v) for k, v in m.routes.items()}
+        doc["weight_out"] = sorted(m.weight_out)
+    return doc
 
 
 def _vip_from_json(m: dict[str, Any]) -> VipMemory:
     return VipMemory(str(m["active"]), float(m["active_since"]),
                      {str(r): float(t) for r, t in m["healthy_since"].items()},
-                     tuple(float(t) for t in m["withdrawals"]))
+                     tuple(float(t) for t in m["withdrawals"]),
+                     {str(k): (str(a), float(t)) for k, (a, t) in m.get("routes", {}).items()},
+                     frozenset(str(r) for r in m.get("weight_out", ())))
 
 
 def _pop_vip_to_json(m: PopVipMemory) -> dict[str, Any]:
