@@ -335,11 +335,9 @@ class KernelAdapter:
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
-            answer = await self._ipr.route("get", dst=str(hop))
-            msgs = [m async for m in answer] if hasattr(answer, "__aiter__") else list(answer)
+            oif = await nexthop.oif_toward(self._ipr, hop)
         except NetlinkError as exc:
             raise NetlinkError(errno_mod.ENETUNREACH, f"no route to next hop {hop}: {exc}") from exc
-        oif = msgs[0].get_attr("RTA_OIF") if msgs else None
         if not oif:
             raise NetlinkError(errno_mod.ENETUNREACH, f"no interface toward next hop {hop}")
         return int(oif)

@@ -18,6 +18,7 @@ carrying packets is a live flow: it stays until ``unbalanced_timer`` forces the 
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from typing import Any
 
 from .diff import NextHop
 
-RTM_NEWROUTE = 24
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 RTA_NH_ID = "RTA_NH_ID"
 GROUP_RESILIENT = 1
@@ -109,6 +110,14 @@ def _classes() -> tuple[Any, Any]:
                                        ("RTA_IP_PROTO", "uint8"), ("RTA_SPORT", "uint16"), ("RTA_DPORT", "uint16"),
                                        ("RTA_NH_ID", "uint32"))
 
+        # pyroute2 compiles a class's NLA table once and marks it compiled in a class
+        # attribute that subclasses inherit: once plain rtmsg was compiled (any route
+        # request), rtmsg_nh would use rtmsg's table and silently drop RTA_NH_ID (the kernel
+        # then answers ENODEV). Each class of ours starts uncompiled.
+        for cls in (nhmsg, nhmsg.res_group, rtmsg_nh):
+            for attr in ("compiled_nla", "compiled_ft", "t_nla_map", "r_nla_map"):
+                for owner in ("nlmsg_base",):
+                    setattr(cls, f"_{owner}__{attr}", False if attr.startswith("compiled") else None)
         _CLASSES = (nhmsg, rtmsg_nh)
     return _CLASSES
 
@@ -134,8 +143,16 @@ async def dump(ipr: Any) -> list[Nexthop]:
     nhmsg, _ = _classes()
     msg = nhmsg()
     msg["family"] = socket.AF_UNSPEC
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    try:
+        answer = await _request(ipr, msg, RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):  # (what a namespace without any next-hop object answers)
+            return []
+        raise
     out = []
-    for m in await _request(ipr, msg, RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP):
+    for m in answer:
         if m.get("header", {}).get("type") != RTM_NEWNEXTHOP:
             continue
         gw = m.get_attr("NHA_GATEWAY")
@@ -183,6 +200,24 @@ async def delete(ipr: Any, nh_id: int) -> None:
     msg["family"] = socket.AF_UNSPEC
     msg["attrs"] = [("NHA_ID", nh_id)]
     await _request(ipr, msg, RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK)
+
+
+async def oif_toward(ipr: Any, gateway: NextHop) -> int | None:
+    """The interface the kernel would send to ``gateway`` through (``ip route get``), 0 for none.
+    (Not pyroute2's ``route("get")``: after it, the routes this module sends are refused with
+    ENODEV, measured with pyroute2 0.9.7.)"""
+    from pyroute2.netlink import NLM_F_REQUEST
+
+    _, rtmsg_nh = _classes()
+    msg = rtmsg_nh()
+    msg["family"] = socket.AF_INET if gateway.version == 4 else socket.AF_INET6
+    msg["dst_len"] = gateway.max_prefixlen
+    msg["attrs"] = [("RTA_DST", str(gateway))]
+    for m in await _request(ipr, msg, RTM_GETROUTE, NLM_F_REQUEST):
+        oif = m.get_attr("RTA_OIF")
+        if oif:
+            return int(oif)
+    return 0
 
 
 async def route_via_group(ipr: Any, command: str, dst: str, dst_len: int, family: int, nh_id: int, table: int,
