@@ -7,6 +7,7 @@
     anycastctl diff [--config DIR]        what DIR's desired state would change, per POP
     anycastctl explain VIP                per POP: the decision and why
     anycastctl drain POP | undrain POP
+    anycastctl dial REGION PCT --why TEXT [--by WHO] | dial REGION --config | dial (list)
     anycastctl agent status               on a POP: the local agent's sessions, VIPs, plan, controller link
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
@@ -71,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                         ("diff", "what a config directory would change at which POPs, against the live plans"),
                         ("explain", "why a VIP is (not) announced at each POP"),
                         ("drain", "drain a POP: less preferred first, then withdrawn"),
-                        ("undrain", "end a POP's drain")):
+                        ("undrain", "end a POP's drain"),
+                        ("dial", "an origin region's traffic dial, 0-100 (0 drains the region without touching "
+                                 "BGP); without arguments, every region's")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--url", type=_url, default=default_url,
                        help=f"the controller's API, http(s)://HOST:PORT (default: $ANYCAST_CONTROLLER_URL, "
@@ -92,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("vip")
         if name in ("drain", "undrain"):
             c.add_argument("pop")
+        if name == "dial":
+            c.add_argument("region", nargs="?")
+            c.add_argument("pct", nargs="?", type=int, help="0-100 of the region's weight")
+            c.add_argument("--why", help="why (recorded with the dial; required to set one)")
+            c.add_argument("--by", default=os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator",
+                           help="who sets it (default: $SUDO_USER, else $USER)")
+            c.add_argument("--config", dest="to_config", action="store_true",
+                           help="hand the region's dial back to the config (controller.yaml dials)")
     return p
 
 
@@ -242,7 +253,8 @@ def cmd_explain(api: OperatorApi, args: argparse.Namespace) -> int:
         plan_word = "announce" if p["wanted"] else "withdraw"
         now = {True: "announced", False: "not announced", None: "unknown"}[p["announced"]]
         flags = (" [drain]" if p["drain"] else "") + (" [SAFETY HOLD]" if p["safety_hold"] else "")
-        out.append(f"  {p['pop']}: plan {plan_word} via {p['active_origin']}, reason {p['reason']}{flags}; "
+        via = " / ".join(f"{r} {w}" for r, w in p.get("weights", [])) or p["active_origin"]
+        out.append(f"  {p['pop']}: plan {plan_word} via {via}, reason {p['reason']}{flags}; "
                    f"agent reports {now}")
         out.append(f"      {p['explanation']}")
     out += [f"  ALARM {a['kind']}: {a['detail']}" for a in e["alarms"]]
@@ -259,9 +271,27 @@ def cmd_drain(api: OperatorApi, args: argparse.Namespace) -> int:
     return _emit(args, r, human)
 
 
+def cmd_dial(api: OperatorApi, args: argparse.Namespace) -> int:
+    if args.region is None:
+        r = api.call("GET", "/v1/dials")
+        rows = [[region, str(d["pct"]), str(d["config"]),
+                 f"{d['operator']['by']}: {d['operator']['why']}" if d["operator"] else "-"]
+                for region, d in r["dials"].items()]
+        return _emit(args, r, _table(rows, ["REGION", "DIAL", "CONFIG", "SET BY"]))
+    if args.to_config:
+        r = api.call("DELETE", f"/v1/dials/{args.region}")
+    else:
+        if args.pct is None or not args.why:
+            print("anycastctl dial REGION PCT --why TEXT (or --config)", file=sys.stderr)
+            return 2
+        r = api.call("POST", f"/v1/dials/{args.region}", {"pct": args.pct, "by": args.by, "why": args.why})
+    human = f"{r['region']}: dial {r['pct']}" + ("" if r["changed"] else " (unchanged)")
+    return _emit(args, r, human)
+
+
 COMMANDS: dict[str, Callable[[OperatorApi, argparse.Namespace], int]] = {
     "status": cmd_status, "plan": cmd_plan, "diff": cmd_diff, "explain": cmd_explain,
-    "drain": cmd_drain, "undrain": cmd_drain,
+    "drain": cmd_drain, "undrain": cmd_drain, "dial": cmd_dial,
 }
 
 

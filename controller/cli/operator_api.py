@@ -52,9 +52,12 @@ class OperatorApi:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(self.url + path, method=method,
-                                         headers={"Authorization": f"Bearer {self.token}"})
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, method=method, headers=headers, data=data)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:  # noqa: S310 - operator-given URL
                 body = r.read()

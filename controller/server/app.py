@@ -16,6 +16,9 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
     GET    /v1/snapshot          what ``anycastctl diff`` needs to re-plan locally
     POST   /v1/drains/{pop}      start draining a POP
     DELETE /v1/drains/{pop}      undrain it
+    GET    /v1/dials             every origin region's traffic dial (config and operator), who and why
+    POST   /v1/dials/{region}    {"pct": 0-100, "by": "...", "why": "..."}: set it (409: refused by the gate)
+    DELETE /v1/dials/{region}    hand the region's dial back to the config
 
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
@@ -34,13 +37,14 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
 
 from aiohttp import web
 
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
-from .core import ActionNotPersisted, Controller
+from .core import ActionNotPersisted, ActionRefused, Controller
 from .snapshot import persistence_status, snapshot
 
 log = logging.getLogger("controller.server")
@@ -237,6 +241,7 @@ async def get_explain(request: web.Request) -> web.StreamResponse:
         if item is not None:
             pops.append({"pop": pop, "wanted": item.wanted, "drain": item.drain, "reason": item.reason,
                          "safety_hold": item.safety_hold, "active_origin": item.active_origin,
+                         "weights": [list(w) for w in item.weights],
                          "announced": report.announced.get(name) if report else None,
                          "explanation": item.explanation})
     return web.json_response({"vip": name, "address": str(fv.vip.prefix), "enabled": fv.enabled,
@@ -268,6 +273,53 @@ async def drain(request: web.Request) -> web.StreamResponse:
                               "drain_time": ctl.desired.policy.drain.drain_time})
 
 
+def _dials(ctl: Controller) -> dict[str, Any]:
+    config = dict(ctl.desired.dials)
+    out = {}
+    for region in sorted(ctl.regions()):
+        op = ctl.persisted.dials.get(region)
+        out[region] = {"pct": op.pct if op else config.get(region, 100), "config": config.get(region, 100),
+                       "operator": None if op is None else {"pct": op.pct, "by": op.by, "why": op.why, "at": op.at}}
+    return {"dials": out}
+
+
+async def dials(request: web.Request) -> web.StreamResponse:
+    """An operator action like a drain (same auth, durable before acknowledged), put to the
+    controller's dial gate first (Controller.dial_gate: the config-change gate's seam)."""
+    auth = _operator_auth(request)
+    if isinstance(auth, web.Response):
+        return auth
+    ctl = auth
+    if request.method == "GET":
+        return web.json_response(_dials(ctl))
+    region = request.match_info["region"]
+    if region not in ctl.regions():
+        return error(404, f"unknown origin region {region!r}", "region")
+    pct: int | None = None
+    by, why = "", ""
+    if request.method == "POST":
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "expected a JSON object", "")
+        if not isinstance(body, dict):
+            return error(400, "expected a JSON object", "")
+        pct, by, why = body.get("pct"), body.get("by", ""), body.get("why", "")
+        if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+            return error(400, f"expected an integer from 0 to 100, got {pct!r}", "pct")
+        if not isinstance(by, str) or not by.strip():
+            return error(400, "say who sets the dial", "by")
+        if not isinstance(why, str) or not why.strip():
+            return error(400, "say why (it is recorded with the dial)", "why")
+    try:
+        changed = ctl.dial(region, pct, by, why)
+    except ActionRefused as exc:
+        return error(409, str(exc), "pct")
+    except ActionNotPersisted as exc:
+        return error(503, str(exc), "state_dir")
+    return web.json_response({"region": region, "changed": changed, **_dials(ctl)["dials"][region]})
+
+
 def make_app(ctl: Controller) -> web.Application:
     app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[json_errors])
     app[CONTROLLER] = ctl
@@ -280,5 +332,8 @@ def make_app(ctl: Controller) -> web.Application:
         web.get("/v1/snapshot", get_snapshot),
         web.post("/v1/drains/{pop}", drain),
         web.delete("/v1/drains/{pop}", drain),
+        web.get("/v1/dials", dials),
+        web.post("/v1/dials/{region}", dials),
+        web.delete("/v1/dials/{region}", dials),
     ])
     return app

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.desired_model import DesiredState
+from ..config.desired_model import DesiredState, with_dials
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
@@ -74,6 +74,28 @@ class ActionNotPersisted(Exception):
     """An operator action was refused because it could not be made durable (HTTP 503)."""
 
 
+class ActionRefused(Exception):
+    """An operator action refused by a gate (HTTP 409), with the gate's reason."""
+
+
+@dataclass(frozen=True)
+class DialChange:
+    """A traffic dial an operator asks for, and what it would change: what a gate judges."""
+
+    region: str
+    pct: int
+    by: str
+    why: str
+    before: DesiredState  # the desired state as planned now (config and operator dials)
+    after: DesiredState  # with this dial
+
+
+# The seam for the config-change gate (blast radius, waves: h/rollout): called with every dial
+# before it is journaled; a sentence refuses it (ActionRefused, nothing changed), None lets it
+# through. The default lets everything through, as drains are today.
+DialGate = Callable[[DialChange], str | None]
+
+
 @dataclass
 class Controller:
     desired: DesiredState
@@ -103,6 +125,8 @@ class Controller:
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
+    dial_gate: DialGate | None = None  # see DialGate
+    _configured: DesiredState | None = None  # the desired state as loaded, before operator dials
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -128,6 +152,8 @@ class Controller:
         # The engine starts from the loaded memory; its first pass plans every VIP (all are
         # new to it) with the presumed reports, so a restart resumes the timers where they were.
         self._engine = Engine(loaded.state.planner)
+        self._configured = self.desired
+        self.desired = with_dials(self.desired, self._operator_dials())
         self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
         self.replan()
 
@@ -201,7 +227,8 @@ class Controller:
     # --- inputs ------------------------------------------------------------------------
     def apply_config(self, new: DesiredState) -> None:
         removed = {p.name for p in self.desired.pops} - {p.name for p in new.pops}
-        self.desired = new
+        self._configured = new
+        self.desired = with_dials(new, self._operator_dials())
         for pop in removed:
             self.reports.pop(pop, None)
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
@@ -283,6 +310,45 @@ class Controller:
         self.replan()
         return True
 
+    def _operator_dials(self) -> dict[str, int]:
+        return {r: d.pct for r, d in self.persisted.dials.items()}
+
+    def regions(self) -> set[str]:
+        return {o.region for fv in self.desired.vips for o in fv.vip.origins}
+
+    def dial(self, region: str, pct: int | None, by: str, why: str) -> bool:
+        """Set an origin region's traffic dial (0-100), or (``pct`` None) hand it back to the
+        config; False if nothing changes. Recorded with who and why, durable before it counts
+        (ActionNotPersisted), and first put to ``dial_gate`` (ActionRefused). Moves traffic
+        between origins only: no BGP announcement changes because of a dial."""
+        if region not in self.regions():
+            raise KeyError(region)
+        current = self.persisted.dials.get(region)
+        if (current.pct if current else None) == pct:
+            return False
+        operator = self._operator_dials()
+        if pct is None:
+            operator.pop(region, None)
+        else:
+            operator[region] = pct
+        assert self._configured is not None
+        after = with_dials(self._configured, operator)
+        what = f"dial of {region} to {pct if pct is not None else 'the config'}"
+        if self.dial_gate is not None:
+            refusal = self.dial_gate(DialChange(region, pct if pct is not None else -1, by, why, self.desired, after))
+            if refusal is not None:
+                raise ActionRefused(f"{what} refused: {refusal}")
+        record = None if pct is None else store.Dial(pct, by, why, self.clock())
+        self._persist_action(store.Changes(dials={region: record}), what)
+        if record is None:
+            self.persisted.dials.pop(region, None)
+        else:
+            self.persisted.dials[region] = record
+        log.info("traffic dial of %s set to %s by %s: %s", region, pct if pct is not None else "the config's", by, why)
+        self.desired = after
+        self.replan()
+        return True
+
     def _mark_alive(self, now: float) -> None:
         """Tell the store which POPs' reports are fresh (for _presume_reports after a restart):
         about once a second, and at once when that set changes."""
@@ -304,11 +370,16 @@ class Controller:
         except store.PersistenceError as exc:
             self._persistence_failed(exc)
             raise ActionNotPersisted(f"{what} refused: the controller cannot save its state ({exc})") from None
-        for pop, at in changes.drains.items():  # (an action changes drains only: no copy of the planner's maps)
+        for pop, at in changes.drains.items():  # (an action changes drains or dials only: no copy of the planner's maps)
             if at is None:
                 self._durable.drains.pop(pop, None)
             else:
                 self._durable.drains[pop] = at
+        for region, d in changes.dials.items():
+            if d is None:
+                self._durable.dials.pop(region, None)
+            else:
+                self._durable.dials[region] = d
         self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------

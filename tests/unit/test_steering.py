@@ -22,7 +22,7 @@ from controller.server.plans import PlanStore
 from controller.server.store import _vip_from_json, _vip_to_json
 from controller.wire import WireError, decode_plan, decode_plan_answer, vip_entry_hash
 
-from tests.helpers.config_dirs import copy, edit, errors
+from tests.helpers.config_dirs import EXAMPLE, copy, edit, errors
 from tests.helpers.planner_run import BASE, GAME, UP, DOWN, Run, fleet
 
 EU, US = "eu-central", "us-west"
@@ -288,3 +288,63 @@ def test_multipath_is_canonical_and_scaled_into_the_kernels_range() -> None:
     # A weight change is one replace of the route (netlink.py replaces the group in place).
     diff = plan_routes([multipath(net, [(a, 1), (b, 1)])], [multipath(net, [(a, 3), (b, 1)])])
     assert len(diff.replace) == 1 and not diff.add and not diff.remove
+
+
+# --- the operator's dial -------------------------------------------------------------------------
+def _controller(tmp_path: Path, now: list[float]):  # type: ignore[no-untyped-def]
+    from controller.server.core import Controller
+    desired = dataclasses.replace(load_desired(str(EXAMPLE), "rev1"), state_dir=str(tmp_path))
+    return Controller(desired, clock=lambda: now[0])
+
+
+def _healthy(ctl, at: float) -> None:  # type: ignore[no-untyped-def]
+    from controller.policy.model import PopReport
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(PopReport(pop, at, 1, {v.name: {o.region: True for o in v.vip.origins}
+                                             for v in ctl.desired.published_at(pop)},
+                                 {v.name: True for v in ctl.desired.published_at(pop)}))
+
+
+def test_a_dial_of_zero_moves_every_vip_off_the_region_is_recorded_and_survives_a_restart(tmp_path: Path) -> None:
+    from controller.server import store
+    now = [10.0]
+    ctl = _controller(tmp_path, now)
+    _healthy(ctl, now[0])
+    ctl.replan()
+    assert ctl.item("fra", "game-global").active_origin == US
+    wanted = {(p, v): i.wanted for p, items in ctl.result.pops.items() for v, i in items.items()}
+    assert ctl.dial(US, 0, "alice", "move traffic to eu for the us-west maintenance")
+    assert not ctl.dial(US, 0, "alice", "again")  # no change: nothing journaled
+    r = ctl.result
+    assert {i.active_origin for items in r.pops.values() for i in items.values()} == {EU}
+    # A dial moves traffic between origins only: every announcement stays as it was.
+    assert {(p, v): i.wanted for p, items in r.pops.items() for v, i in items.items()} == wanted
+    d = store.load(str(tmp_path)).dials[US]
+    assert (d.pct, d.by, d.why, d.at) == (0, "alice", "move traffic to eu for the us-west maintenance", 10.0)
+    ctl.close()
+    restarted = _controller(tmp_path, now)
+    assert restarted.desired.vip("game-global").dial(US) == 0
+    restarted.dial(US, None, "alice", "maintenance over")  # back to the config's dial
+    assert restarted.desired.vip("game-global").dial(US) == 100
+    assert US not in store.load(str(tmp_path)).dials
+    restarted.close()
+
+
+def test_a_gate_can_refuse_a_dial_and_nothing_changes(tmp_path: Path) -> None:
+    from controller.server.core import ActionRefused, DialChange
+    from controller.server import store
+    now = [10.0]
+    ctl = _controller(tmp_path, now)
+    seen: list[DialChange] = []
+
+    def gate(change: DialChange) -> str | None:
+        seen.append(change)
+        return "would move 2 VIPs at once: confirm in waves"
+    ctl.dial_gate = gate
+    with pytest.raises(ActionRefused, match="confirm in waves"):
+        ctl.dial(US, 0, "bob", "test")
+    assert seen[0].region == US and seen[0].after.vip("game-global").dial(US) == 0
+    assert ctl.desired.vip("game-global").dial(US) == 100 and not store.load(str(tmp_path)).dials
+    with pytest.raises(KeyError):
+        ctl.dial("mars", 0, "bob", "no such region")
+    ctl.close()
