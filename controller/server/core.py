@@ -27,10 +27,11 @@ from ..config.desired_model import DesiredState, with_dials
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
-from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
+from ..metrics.central import ActiveOrigin, ControllerSnapshot, OriginWeight, PopSnapshot
 from ..policy.engine import Changes, Engine, Pass, compact_report
 from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from ..policy.planner import VipPlan
+from ..policy.steering import steered
 from . import store
 from .plans import PlanStore, PopPlan
 
@@ -590,7 +591,22 @@ class Controller:
         return ControllerSnapshot(tuple(pops), tuple(fv.name for fv in self.desired.vips),
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
                                   not self.config.last_error, self.config.loaded_at,
-                                  self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()})
+                                  self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()},
+                                  self._origin_weights())
+
+    def _origin_weights(self) -> tuple[OriginWeight, ...]:
+        out = []
+        for fv in self.desired.vips:
+            if not steered(fv):
+                continue
+            for pop in fv.publish:
+                item = self.item(pop, fv.name)
+                if item is None:
+                    continue
+                given = dict(item.weights) if item.weights else {item.active_origin: 1}
+                out += [OriginWeight(fv.name, pop, o.region, given.get(o.region, 0) if item.wanted else 0,
+                                     fv.dial(o.region)) for o in fv.vip.origins]
+        return tuple(out)
 
 
 class _DurableMemory:

@@ -348,3 +348,22 @@ def test_a_gate_can_refuse_a_dial_and_nothing_changes(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         ctl.dial("mars", 0, "bob", "no such region")
     ctl.close()
+
+
+def test_metrics_export_each_origins_effective_weight_and_dial(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+    from controller.metrics.central import ControllerMetrics
+    now = [10.0]
+    ctl = _controller(tmp_path, now)
+    _healthy(ctl, now[0])
+    ctl.replan()
+    registry = CollectorRegistry()
+    ControllerMetrics(registry, lambda: ctl)
+    get = registry.get_sample_value
+    assert get("anycast_controller_origin_weight", {"vip": "game-global", "pop": "fra", "origin": US}) is None
+    ctl.dial(EU, 0, "alice", "drain eu-central")
+    assert get("anycast_controller_origin_weight", {"vip": "api-eu", "pop": "fra", "origin": US}) == 1.0
+    assert get("anycast_controller_origin_weight", {"vip": "api-eu", "pop": "fra", "origin": EU}) == 0.0
+    assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": EU}) == 0.0
+    assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": US}) == 100.0
+    ctl.close()
