@@ -155,7 +155,7 @@ def decide(
     verdict, detail = origin_health(origin, (health.get((vip.name, origin.region, b)) for b in origin.backends))
     hop: IPAddress = origin.next_hop
     hops: tuple[tuple[IPAddress, int], ...] = ()
-    split = _healthy_split(vip, intent, health) if intent.weights else []
+    split = healthy_split(vip, intent, health) if intent.weights else []
     if split:
         verdict, hop = True, split[0][0].next_hop  # (the active origin first, when healthy here)
         hops = tuple((o.next_hop, w) for o, w in split) if len(split) > 1 else ()
@@ -184,7 +184,7 @@ def decide(
                     vip.attributes.up, origin.region, hop, hops)
 
 
-def _healthy_split(vip: Vip, intent: VipIntent, health: Mapping[BackendKey, bool | None]) -> list[tuple[Origin, int]]:
+def healthy_split(vip: Vip, intent: VipIntent, health: Mapping[BackendKey, bool | None]) -> list[tuple[Origin, int]]:
     """The plan's weighted origins that this POP sees healthy, the active one first."""
     out: list[tuple[Origin, int]] = []
     for region, weight in sorted(intent.weights, key=lambda rw: rw[0] != intent.active_origin):
