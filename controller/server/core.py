@@ -177,7 +177,12 @@ class Controller:
         planner = self.persisted.planner
         for (pop, vip), memory in planner.pop_vips.items():
             if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
-                verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+                active = vm.active
+                if vm.routes and (fv := self.desired.vip(vip)) is not None and (
+                        pref := fv.steering.preference(pop)) is not None:
+                    # A POP with its own origin preference judged its own active origin.
+                    active = vm.routes.get(",".join(pref.origins), (active, 0.0))[0]
+                verdicts.setdefault(pop, {})[vip] = {active: memory.verdict}
         for pop, received_at in alive.fresh.items():
             if self.desired.pop(pop) is not None and now - received_at <= stale_after and pop not in self.reports:
                 self.reports[pop] = PopReport(pop, received_at, 0, verdicts.get(pop, {}))
