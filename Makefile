@@ -1,6 +1,6 @@
 # The two set-up commands (README): `make demo` runs the main job, `make test` runs every test.
-# Both install what is missing: Debian's FRR, BIRD 2, nftables, iproute2 and prometheus (promtool, the lab's
-# Prometheus) via apt, Python deps in .venv.
+# Both install what is missing: Debian's FRR, BIRD 2, nftables, iproute2, prometheus (promtool, the lab's
+# Prometheus) and etcd-server (the HA tests' etcd) via apt, Python deps in .venv.
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 
 system-deps:
 	@if ! [ -x /usr/lib/frr/bgpd ] || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
-	    || ! command -v promtool >/dev/null || ! [ -x /usr/sbin/bird ]; then \
-	  echo ">> installing FRR, BIRD 2, nftables, iproute2, prometheus (promtool) from Debian"; \
+	    || ! command -v promtool >/dev/null || ! [ -x /usr/sbin/bird ] \
+	    || ! [ -d /usr/lib/python3/dist-packages/systemd ] || ! [ -x /usr/bin/etcd ]; then \
+	  echo ">> installing FRR, BIRD 2, nftables, iproute2, prometheus (promtool), python3-systemd, etcd (HA tests) from Debian"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq frr bird2 nftables iproute2 procps \
-	    prometheus >/dev/null; \
+	    prometheus python3-systemd etcd-server >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -11,9 +11,13 @@ process on the machine) to the result file:
 1. announce, sequential: one command, wait for its ack, the next (what the agent's
    reconcile pass does);
 2. withdraw, sequential;
-3. announce, pipelined: up to WINDOW commands in flight (the speaker's FIFO of acks
-   allows it; the agent does not do it today);
-4. withdraw, pipelined.
+3. announce, pipelined: up to WINDOW one-route commands in flight (the speaker's FIFO of
+   acks allows it; the agent never did this);
+4. withdraw, pipelined;
+5. announce, batched: what the agent does since, `speaker.send_changes`: routes alike share
+   one ``announce attributes ... nlri`` command of up to `exabgp_api.MAX_BATCH` prefixes,
+   `speaker.PIPELINE_WINDOW` commands in flight, per-route outcome kept;
+6. withdraw, batched.
 
 The harness (same lab as bench.failover, without the origin) times each phase from the
 signal to: the last ack (API side), FRR bgpd holding all of them (``pfxRcd`` of the
@@ -47,7 +51,7 @@ from .report import fmt, table
 BASE = int(ipaddress.IPv4Address("198.18.0.0"))  # RFC 2544's benchmarking range
 WINDOW = 1000
 PHASES = (("announce", "sequential"), ("withdraw", "sequential"), ("announce", "pipelined"),
-          ("withdraw", "pipelined"))
+          ("withdraw", "pipelined"), ("announce", "batched"), ("withdraw", "batched"))
 
 Log = Callable[[str], None]
 
@@ -57,9 +61,9 @@ def prefixes(count: int) -> list[ipaddress.IPv4Network]:
 
 
 # --- the API process ---------------------------------------------------------------------------
-async def api_main(count: int, result: Path, ready: Path) -> int:
-    from controller.bgp.exabgp_api import RouteAttributes, announce_line, withdraw_line
-    from controller.bgp.speaker import ExaBGPSpeaker
+async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight: int) -> int:
+    from controller.bgp.exabgp_api import RouteAttributes, RouteChange, announce_line, withdraw_line
+    from controller.bgp.speaker import ExaBGPSpeaker, send_changes
 
     speaker = await ExaBGPSpeaker.connect_stdio(on_event=lambda _event: None, ack_timeout=60.0)
     reader = asyncio.create_task(speaker.run_reader())
@@ -79,6 +83,11 @@ async def api_main(count: int, result: Path, ready: Path) -> int:
         started = time.monotonic()
         if style == "sequential":
             oks = [await speaker.send(line) for line in lines]
+        elif style == "batched":
+            oks = []
+            changes = [RouteChange(p, attrs if action == "announce" else None) for p in nets]
+            async for members, ok in send_changes(speaker.send, changes, max_routes=batch, window=in_flight):
+                oks.extend([ok] * len(members))
         else:
             window = asyncio.Semaphore(WINDOW)
 
@@ -114,8 +123,13 @@ def _kernel_count(topo: BgpLab) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
+def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None = None,
+        window: int | None = None) -> dict[str, Any]:
+    from controller.bgp.exabgp_api import MAX_BATCH
+    from controller.bgp.speaker import PIPELINE_WINDOW
+
     count = routes or (1000 if quick else 10000)
+    batch, window = batch or MAX_BATCH, window or PIPELINE_WINDOW
     lab = Lab(PREFIX)
     phases = []
     footprint: dict[str, Any] = {}
@@ -123,7 +137,8 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
         topo = BgpLab(lab, with_origin=False).up()
         workdir = topo.workdir("pop", "announce")
         result, ready = workdir / "phases.jsonl", workdir / "api.ready"
-        run_line = f"{sys.executable} -m bench.announce_rate api --count {count} --result {result} --ready {ready}"
+        run_line = (f"{sys.executable} -m bench.announce_rate api --count {count} --result {result} --ready {ready} "
+                    f"--batch {batch} --window {window}")
         config = (f"process bench {{\n    run {run_line};\n    encoder json;\n}}\n\n"
                   + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
         exa = ExaBGPProcess(topo["pop"], workdir, config,
@@ -139,6 +154,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
             log(f"announce: {action} {count} /32s, {style}")
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            sleeps0 = _voluntary_switches(exa.pid)
             t0 = time.monotonic()
             os.kill(api_pid, signal.SIGUSR1)
             limit = t0 + max(120.0, count / 50)
@@ -158,6 +174,9 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
             kernel = _kernel_count(topo)
             api = wait_for(lambda: _api_phase(result, i), 60, 0.05, "the API process's timestamps")
             cpu = {n: _delta(proc_cpu_seconds(p), cpu0[n]) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
+            # How often ExaBGP's reactor went to sleep in this phase: with work queued and no
+            # command arriving it polls for 10 ms (reactor.speed / 100) per 50 routes.
+            sleeps = _delta(_voluntary_switches(exa.pid), sleeps0)
             row = {
                 "action": action, "style": style, "routes": count,
                 "acked_s": round(api["acked"] - t0, 3),
@@ -167,6 +186,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
                 "errors": api["errors"],
                 "kernel_routes_after": kernel,
                 "cpu_s": cpu,
+                "exabgp_sleeps": None if sleeps is None else int(sleeps),
             }
             for key in ("acked", "rib", "fib"):
                 secs = row[f"{key}_s"]
@@ -181,7 +201,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
         exa.stop(signal.SIGTERM)
     finally:
         lab.teardown()
-    return {"routes": count, "window": WINDOW, "phases": phases, "rss_with_all_routes": footprint,
+    return {"routes": count, "window": WINDOW, "batch": batch, "batch_window": window, "phases": phases, "rss_with_all_routes": footprint,
             "reference": "LAB-NOTES: about 2,000 routes/s with the per-command ack, about 2,800/s "
                          "when one command carries 100 prefixes"}
 
@@ -189,6 +209,16 @@ def run(*, quick: bool, log: Log, routes: int | None = None) -> dict[str, Any]:
 def _api_phase(result: Path, i: int) -> dict[str, Any] | None:
     lines = result.read_text().splitlines() if result.exists() else []
     return json.loads(lines[i]) if len(lines) > i else None
+
+
+def _voluntary_switches(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _delta(after: float | None, before: float | None) -> float | None:
@@ -202,13 +232,14 @@ def _r(x: float | None) -> float | None:
 def render(result: dict[str, Any]) -> str:
     rows = [[p["action"], p["style"], p["routes"], p["acked_s"], p["rib_s"], p["fib_s"], p["acked_per_s"],
              p["fib_per_s"], p["errors"], p["kernel_routes_after"], (p["cpu_s"] or {}).get("exabgp"),
-             (p["cpu_s"] or {}).get("api")] for p in result["phases"]]
+             (p["cpu_s"] or {}).get("api"), p.get("exabgp_sleeps")] for p in result["phases"]]
     fp = result.get("rss_with_all_routes", {}).get("sequential", {})
     return table(f"Announcement rate: {result['routes']:,} /32s, agent speaker -> ExaBGP -> FRR (seconds from the start)",
                  ["action", "style", "routes", "all acked", "all in FRR RIB", "all in FIB", "acks/s", "FIB/s",
-                  "errors", "kernel after", "ExaBGP CPU s", "API CPU s"], rows,
-                 [f"sequential = wait for each ack (the agent's reconcile); pipelined = up to {result['window']} "
-                  "commands in flight",
+                  "errors", "kernel after", "ExaBGP CPU s", "API CPU s", "ExaBGP sleeps"], rows,
+                 [f"sequential = wait for each ack (the agent until now); pipelined = up to {result['window']} "
+                  f"one-route commands in flight; batched = the agent's send_changes: up to {result.get('batch')} "
+                  f"routes per command, {result.get('batch_window')} commands in flight",
                   "RSS with all routes (MB): " + ", ".join(f"{k.removesuffix('_rss_mb')} {fmt(v)}" for k, v in fp.items()),
                   result["reference"]])
 
@@ -220,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--count", type=int, required=True)
     a.add_argument("--result", type=Path, required=True)
     a.add_argument("--ready", type=Path, required=True)
+    a.add_argument("--batch", type=int, required=True)
+    a.add_argument("--window", type=int, required=True)
     args = p.parse_args(argv)
-    return asyncio.run(api_main(args.count, args.result, args.ready))
+    return asyncio.run(api_main(args.count, args.result, args.ready, args.batch, args.window))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ checksum: the sum, modulo 2**64, of each entry's ``entry_hash``, so both sides u
 per changed entry instead of re-hashing the plan. The agent applies a delta to its copy of
 plan GEN only if ``after`` is its generation, every named hash is known or carried (and a
 carried spec hashes to its name), and the result's digest is ``digest``; otherwise it asks
-for a full plan. A delta with a spec outside the agent's allowed prefixes is refused whole.
-With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
+for a full plan. A spec outside the agent's allowed prefixes is refused alone (that VIP
+keeps what the agent had for it; the rest of the plan applies). With ``wait=SECONDS`` the answer waits while the plan's generation is still GEN (long-poll);
 an unchanged plan answers an empty delta (``"generation" == "after"``). A full plan is sent
 with ``Content-Encoding: gzip`` to clients that accept it. ``after`` is an integer from 0 to
 2**63-1 and ``wait`` a finite number >= 0 (``after=-1``, ``after=abc``, ``wait=nan``: 400
@@ -62,6 +62,9 @@ verdicts; ``removed`` VIPs are gone from both maps)::
 
 When ``base`` is not the last report the controller holds for the POP (it restarted, or a
 report was lost), it answers 409 with ``"field": "base"``: the agent sends a full report.
+``seq`` only grows (agents start it from the clock in microseconds, so a restarted agent goes
+on above its last): a report numbered at or below the last one applied for the POP is a
+replay or a straggler, refused with 409, ``"field": "seq"`` and ``"last_seq"``.
 A report may be ``report_limit(pairs)`` bytes long (``pairs``: the POP's published VIP x
 origin-region pairs); a longer body is refused with 413.
 """
@@ -75,6 +78,11 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
+# Signed plans: with ``api.signing_key`` every plan answer carries this header,
+# ``<key id>:<base64 Ed25519 signature over the exact JSON body, uncompressed>``; the key id
+# is plan_key_id() of the public key. Agents with ``controller.plan_keys`` refuse an answer
+# without a valid one from a key they hold.
+SIGNATURE_HEADER = "X-Anycast-Plan-Signature"
 MAX_REPORT_BYTES = 1 << 20  # a report's allowance beside its per-pair share (report_limit)
 REPORT_BYTES_PER_PAIR = 160  # a full report spends ~35 B per VIP x region pair: room for long names
 MAX_WIRE_WEIGHT = 65535  # an effective weight (config weight x dial, reduced); the agent scales it for the kernel
@@ -175,6 +183,11 @@ class WireDelta:
     specs: Mapping[str, Any]  # spec_hash -> spec, for the hashes the agent cannot have yet
     vips: tuple[PlanVip, ...]  # added or changed
     removed: tuple[str, ...]
+
+
+def plan_key_id(public_raw: bytes) -> str:
+    """The name of a plan-signing key: 16 hex digits of the sha256 of its raw 32 bytes."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
 def canonical_json(spec: Any) -> str:
@@ -436,8 +449,8 @@ def _mapping(v: Any, field: str) -> dict[str, Any]:
 
 
 def _int(v: Any, field: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < -1:
-        raise WireError(field, "expected a non-negative integer")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNTER:
+        raise WireError(field, f"expected an integer from 0 to {MAX_COUNTER}")
     return v
 
 

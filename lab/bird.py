@@ -112,6 +112,18 @@ class BirdRouter:
             raise BirdError(f"[{self.netns.name}] BIRD did not start: {self.log_text()[-2000:]}") from exc
         return self
 
+    def reconfigure(self, config: str) -> None:
+        """Replace the config of the running BIRD (``birdc configure``): protocols whose
+        settings changed restart, the others keep their sessions."""
+        self.conf.write_text(config)
+        check = self.netns.run([BIRD, "-p", "-c", str(self.conf)], check=False)
+        if check.returncode != 0:
+            raise BirdError(f"[{self.netns.name}] bird.conf rejected: {check.stderr.strip()}")
+        self.config = config
+        r = self.birdc("configure")
+        if "Reconfigured" not in r.stdout and "Reconfiguration in progress" not in r.stdout:
+            raise BirdError(f"[{self.netns.name}] birdc configure: {r.stdout.strip()}")
+
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise BirdError(f"[{self.netns.name}] BIRD exited ({self.proc.returncode}): {self.log_text()[-2000:]}")

@@ -1,7 +1,9 @@
 """``make demo``: the three-POP lab with the configs/ examples, a failover story told with a
 live table, then everything torn down.
 
-    python -m lab.demo [--keep]     (--keep: leave the lab up; ``python -m lab down`` ends it)
+    python -m lab.demo [--keep] [--ha]   (--keep: leave the lab up; ``python -m lab down`` ends it;
+                                          --ha: three controllers on a three-member etcd cluster,
+                                          and a story of the leader being killed: lab/ha.py)
 
 The lab is the one ``python -m lab up`` builds (namespaces ``lab-<node>``, files in
 /var/tmp/anycast-lab), so while the demo runs, and after it with --keep, ``python -m lab
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import scenarios
+from . import ha_scenarios, scenarios
 from .__main__ import PREFIX, ROOT, TOPOLOGY_NOTE
 from .fleet import AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet
+from .ha import CONTROLLERS, HaFleet, controller_url
 from .netns import Lab, LabError, list_netns
 from .topology import DEFAULT, Topology, load_topology
 
@@ -150,6 +153,19 @@ def where_to_look(topo: Topology) -> list[str]:
     return lines
 
 
+def ha_where_to_look() -> list[str]:
+    """The HA lab's controllers and etcd members, from another terminal."""
+    run = f"{sys.executable} -m lab"
+    anycastctl = Path(sys.executable).parent / "anycastctl"
+    token = Path("configs/controller/lab-tokens/operator.token")
+    lines = [f"    the lab:           {run} status"]
+    for name in CONTROLLERS:
+        lines.append(f"    {name + ':':<18} {run} exec {name} {anycastctl} status --url {controller_url(name)} "
+                     f"--token-file {token}")
+    lines.append(f"    logs:              {ROOT}/<node>/ (ctl-a/controller.log, etcd-a/etcd.log, ...)")
+    return lines
+
+
 ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
     ("Steady state: every client enters at its nearest POP, us-west serves",
      scenarios.s1_steady_state, lambda r: "no request lost"),
@@ -182,10 +198,28 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
 ]
 
 
+HA_ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
+    ("Steady state: three controllers (one leads), three etcd members; us-west serves",
+     scenarios.s1_steady_state, lambda r: "no request lost"),
+    ("Drain fra (12 s), then SIGKILL the leading controller a quarter of the way through",
+     ha_scenarios.ha1_kill_leader_mid_drain,
+     lambda r: f"{r['killed']} killed, {r['new_leader']} led {r['new_leader_after_kill_s']} s later (lease "
+               f"{r['lease_ttl_s']} s); fra withdrawn {r['withdrawn_after_drain_start_s']} s after the drain began "
+               f"(drain time {r['drain_time_s']} s); no route flap, "
+               f"{sum(c['failed'] for c in r['clients'].values())} request(s) lost"),
+    ("The leader is cut off from etcd (nftables): it stops before another starts",
+     ha_scenarios.ha3_leader_partitioned_from_etcd,
+     lambda r: f"{r['old_leader']} stopped {r['old_stopped_after_cut_ms']} ms after the cut, {r['new_leader']} "
+               f"started {r['new_started_after_cut_ms']} ms after it; never two leaders"),
+]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true",
                    help="leave the lab up at the end (python -m lab down removes it)")
+    p.add_argument("--ha", action="store_true",
+                   help="three controllers on a three-member etcd cluster; the leader is killed and cut off")
     args = p.parse_args()
     if any(n.startswith(PREFIX) for n in list_netns()):
         print(f"a lab is already up ({PREFIX}* namespaces): python -m lab down first", file=sys.stderr)
@@ -198,21 +232,26 @@ def main() -> int:
     results: list[str] = []
     keep = False
     try:
+        control = ("three controllers on a three-member etcd cluster (HA)" if args.ha
+                   else "the controller, Prometheus")
         print(f"==> Starting the {topo.name} lab: {len(topo.transits)} transit routers, {len(topo.pops)} POPs "
-              "(FRR router + ExaBGP + anycast-agent each), the controller, Prometheus, 2 origins, "
+              f"(FRR router + ExaBGP + anycast-agent each), {control}, 2 origins, "
               f"{len(topo.clients)} clients; one network namespace per node")
         t0 = time.monotonic()
-        f = Fleet(lab, topo, controller_edit=scenarios.lab_controller_config, prometheus=True).up()
+        if args.ha:
+            f: Fleet = HaFleet(lab, topo, controller_edit=ha_scenarios.ha_controller_config).up()
+        else:
+            f = Fleet(lab, topo, controller_edit=scenarios.lab_controller_config, prometheus=True).up()
         TOPOLOGY_NOTE.write_text(str(DEFAULT))  # for `python -m lab status`
         f.start_clients(scenarios.VIP)
         f.wait_converged(scenarios.VIP, 90)
         print(f"    up and converged in {time.monotonic() - t0:.1f} s; clients send HTTP to {scenarios.VIP} "
               "every 20 ms")
         print("\n==> Where to look, from another terminal, while it runs")
-        for line in where_to_look(topo):
+        for line in where_to_look(topo) if not args.ha else ha_where_to_look():
             print(line)
         with LiveTable(f) as table:
-            for title, act, summary in ACTS:
+            for title, act, summary in ACTS if not args.ha else HA_ACTS:
                 table.say(title)
                 result = act(f)
                 line = summary(result)
@@ -225,7 +264,7 @@ def main() -> int:
         keep = args.keep
         if keep:
             print("\n==> The lab stays up (clients keep sending). Look around:")
-            for line in where_to_look(topo):
+            for line in where_to_look(topo) if not args.ha else ha_where_to_look():
                 print(line)
             print(f"    end it with:       {sys.executable} -m lab down")
         return 0

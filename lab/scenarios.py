@@ -63,6 +63,8 @@ def lab_controller_config(config_dir: Path) -> None:
     pol["safety"]["withdraw_rate"] = {"max": 1000, "window": 60}
     pol["drain"]["drain_time"] = 3
     pol["failover"]["failback_hold_down"] = 5
+    # Config changes (s9, s10): 6 s of bake per wave instead of 30.
+    data["change"] = {"rollout": {"bake": 6}}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -566,19 +568,171 @@ def s8_drain(f: Fleet) -> dict[str, Any]:
     seen = watch.first_seen(pop.transit, draining_at_transit, t0)
     assert seen is not None and seen < withdrawn, \
         f"{pop.transit} never saw fra's path with the draining attributes before the withdrawal: {draining_at_transit}"
-    others = {c: s for c, s in stats.items() if c != "c-eu"}
-    assert all(s["failed"] == 0 for s in others.values()), f"requests failed during the drain: {others}"
-    moves = sum(1 for t, c, _ in watch.changes if c == "c-eu" and t0 <= t <= until)
-    moved_at = first_success_via(f, "c-eu", t0, {p.name for p in f.topo.pops} - {"fra"})
-    assert moved_at is not None
-    lost = move_failures("c-eu", [r for r in f.requests("c-eu", t0) if r["t"] <= until], moves, moved_at)
+    lost = drain_losses(f, watch, "fra", "c-eu", stats, t0, until)
     assert not lost, f"requests lost during the drain: {lost}"
     return {**moved, "draining_attributes_seen_ms": ms(t0, seen), "withdrawn_ms": ms(t0, withdrawn), "clients": stats}
+
+
+API_VIP, API_NAME = "198.51.100.20", "api-eu"  # published at fra and sjc
+
+
+def change_status(f: Fleet) -> dict[str, Any]:
+    """/v1/status's config-change section ({} if the controller does not answer)."""
+    c = (f.status() or {}).get("change")
+    return c if isinstance(c, dict) else {}
+
+
+def change_phase_metric(f: Fleet, phase: str) -> float | None:
+    return parse(f.controller_metrics()).value("anycast_controller_change_phase", phase=phase)
+
+
+def _back_to_base(f: Fleet, base: str) -> None:
+    """The base commit again (a revision that withdraws nothing: applied at once)."""
+    if head_commit(f) != base:
+        git(f.config_dir, "reset", "-q", "--hard", base)
+
+
+def s9_everything_removed_is_held_then_confirmed_in_waves(f: Fleet) -> dict[str, Any]:
+    """A commit ``vips: []`` is held: every POP keeps announcing, status, metric and alarm
+    name the revision. ``anycastctl apply --confirm REV`` rolls it out in waves: sin first (it
+    announces the least), then fra, then sjc, each after its bake; while a POP's wave has not
+    come it keeps announcing, and until the last wave the clients of the other POPs lose
+    nothing. ``git reset`` to the base announces everything again at once."""
+    assert_clean(f)
+    base = base_commit(f)
+    pops = [p.name for p in f.topo.pops]
+    try:
+        with IngressWatch(f) as watch:
+            f.edit_controller_yaml("vips.yaml", lambda d: d.__setitem__("vips", []))
+            t0 = time.time()
+            f.commit("remove every VIP")
+            rev = head_commit(f)[:12]
+            held = wait_for(lambda: (c := change_status(f)).get("phase") == "held" and c, 30,
+                            desc=f"revision {rev} held")
+            assert held["target"] == rev and "withdraws 5 of 5" in held["detail"], held
+            wait_for_equal(lambda: change_phase_metric(f, "held"), ONE, 10, desc="the change_phase metric says held")
+            status = f.status() or {}
+            assert [a["kind"] for a in status["alarms"]] == ["change_held"], status["alarms"]
+            time.sleep(2)  # held, not slow: still announced everywhere a while later
+            assert all(f.announced(p, VIP) for p in pops), "a POP withdrew while the change was held"
+            t_held = time.time()
+            _anycastctl(f, "apply", "--confirm", rev, "--reason", "lab: retire every VIP", "--by", "lab")
+            t_confirm = time.time()
+            withdrawn: dict[str, float] = {}
+            announcing_when: dict[str, list[str]] = {}
+            deadline = time.monotonic() + 120
+            while len(withdrawn) < len(pops):
+                now_up = [p for p in pops if f.announced(p, VIP)]
+                for p in pops:
+                    if p not in now_up and p not in withdrawn:
+                        withdrawn[p] = time.time()
+                        announcing_when[p] = now_up
+                assert time.monotonic() < deadline, f"not every POP withdrew within 120 s: {withdrawn}"
+                time.sleep(0.05)
+            order = sorted(withdrawn, key=lambda p: withdrawn[p])
+            assert order == ["sin", "fra", "sjc"], f"waves in the order {order}"
+            assert announcing_when["sin"] == ["sjc", "fra"] or set(announcing_when["sin"]) == {"sjc", "fra"}, \
+                announcing_when
+            assert announcing_when["fra"] == ["sjc"], announcing_when
+            done = wait_for(lambda: (c := change_status(f)).get("phase") == "steady" and c, 60,
+                            desc="the rollout finished")
+            assert done["base"] == rev and done["confirmed"]["by"] == "lab", done
+            until_last = withdrawn["sjc"] - 0.2
+            stats = {c.node: client_stats(f, c.node, t0, until_last) for c in f.topo.clients}
+            moved = {c: first_success_via(f, c, t_confirm, {"sjc"}) for c in ("c-ap", "c-eu")}
+            held_stats = {c.node: client_stats(f, c.node, t0, t_held) for c in f.topo.clients}
+            assert all(s["failed"] == 0 for s in held_stats.values()), f"requests lost while held: {held_stats}"
+            assert stats["c-na"]["failed"] == 0, f"c-na (sjc, the last wave) lost requests: {stats}"
+            for c in ("c-ap", "c-eu"):  # moved once or twice by the waves, never blackholed
+                moves = sum(1 for t, n, _ in watch.changes if n == c and t0 <= t <= until_last)
+                at = moved[c]
+                assert at is not None, f"{c} never served via sjc after its POP's wave"
+                lost = move_failures(c, [r for r in f.requests(c, t0) if r["t"] <= until_last], moves, at)
+                assert not lost, lost
+    finally:
+        _back_to_base(f, base)
+    t_reset = time.time()
+    wait_for(lambda: all(f.announced(p, VIP) for p in pops), 30, desc="every POP announces again after the reset")
+    back = time.time()
+    # The whole scenario, with the outage it was asked for (the last wave to the reset).
+    whole = {c.node: client_stats(f, c.node, t0, back) for c in f.topo.clients}
+    assert_clean(f)
+    return {"held_s": round(t_held - t0, 2),
+            "wave_withdrawn_ms": {p: ms(t_confirm, t) for p, t in sorted(withdrawn.items(), key=lambda x: x[1])},
+            "reset_to_announced_ms": ms(t_reset, back), "clients": stats, "clients_until_reset": whole}
+
+
+def s10_failed_wave_gate_rolls_back(f: Fleet) -> dict[str, Any]:
+    """A commit removes api-eu (2 of 5 pairs: held; confirmed). Its first wave withdraws it at
+    fra; during the bake fra's checks fail (its path to the check ports cut): fra's gate fails,
+    the controller rolls back (alarm, status, metric), sjc (the next wave) is never touched:
+    it announces api-eu throughout, and fra's plan has api-eu again (announced once its checks
+    recover)."""
+    assert_clean(f)
+    base = base_commit(f)
+    try:
+        with IngressWatch(f) as watch:
+            f.edit_controller_yaml("vips.yaml", lambda d: d.__setitem__(
+                "vips", [v for v in d["vips"] if v["name"] != API_NAME]))
+            t0 = time.time()
+            f.commit(f"{API_NAME} moves elsewhere")
+            rev = head_commit(f)[:12]
+            wait_for(lambda: change_status(f).get("phase") == "held", 30, desc=f"revision {rev} held")
+            _anycastctl(f, "apply", "--confirm", rev, "--reason", "lab: api-eu leaves", "--by", "lab")
+            rolling = change_status(f)
+            assert rolling["phase"] == "rolling" and rolling["waves"] == [["fra"], ["sjc"]], rolling
+            sjc_kept = True
+            with nft_drop(f, f.topo.pop("fra").agent, CUT_CHECKS):
+                t_cut = time.time()
+                deadline = time.monotonic() + 60
+                while change_status(f).get("phase") != "rolled_back":
+                    sjc_kept = sjc_kept and f.announced("sjc", API_VIP)
+                    assert time.monotonic() < deadline, f"no rollback 60 s after fra's checks failed: {change_status(f)}"
+                    time.sleep(0.05)
+                t_back = time.time()
+                back = change_status(f)
+                assert back["target"] == rev and "fra reports every origin of game-global down" in back["detail"], back
+                status = f.status() or {}
+                assert "rollout_rolled_back" in [a["kind"] for a in status["alarms"]], status["alarms"]
+                wait_for_equal(lambda: change_phase_metric(f, "rolled_back"), ONE, 10,
+                               desc="the change_phase metric says rolled_back")
+                plan = wait_for(lambda: (p := f.plan("fra")) and API_NAME in {v["name"] for v in p["vips"]} and p, 10,
+                                desc=f"fra's plan has {API_NAME} again")
+                assert plan is not None
+                time.sleep(1)
+                sjc_kept = sjc_kept and f.announced("sjc", API_VIP)
+                assert change_status(f)["phase"] == "rolled_back"  # and it stays so: no further wave
+            wait_for(lambda: f.announced("fra", API_VIP) and f.announced("fra", VIP), 30,
+                     desc=f"fra announces {API_NAME} and {NAME} again once its checks recover")
+            t_recovered = time.time()
+            assert sjc_kept and f.announced("sjc", API_VIP), "sjc, the next wave, stopped announcing api-eu"
+            stats = {c.node: client_stats(f, c.node, t0, t_recovered) for c in f.topo.clients}
+            assert stats["c-na"]["failed"] == 0 and stats["c-ap"]["failed"] == 0, stats
+            assert watch.first_change("c-na", t0) is None, "c-na (sjc) moved: sjc was touched"
+    finally:
+        _back_to_base(f, base)
+    wait_for(lambda: change_status(f).get("phase") == "steady", 30, desc="the reset to the base applied")
+    assert_clean(f)
+    return {"cut_to_rolled_back_ms": ms(t_cut, t_back), "rolled_back_to_fra_announcing_ms": ms(t_back, t_recovered),
+            "clients": stats}
+
+
+def drain_losses(f: Fleet, watch: IngressWatch, pop: str, client: str, stats: dict[str, dict[str, Any]], t0: float,
+                 until: float) -> list[str]:
+    """Requests lost while ``pop`` drained: any at all for the clients not entering there,
+    and for ``client`` (which did) more than its ingress moves explain (checks.move_failures)."""
+    lost = [f"{c}: {s['failed']} failed" for c, s in stats.items() if c != client and s["failed"]]
+    moves = sum(1 for t, c, _ in watch.changes if c == client and t0 <= t <= until)
+    moved_at = first_success_via(f, client, t0, {p.name for p in f.topo.pops} - {pop})
+    if moved_at is None:
+        return lost + [f"{client} was never served via another POP than {pop}"]
+    return lost + move_failures(client, [r for r in f.requests(client, t0) if r["t"] <= until], moves, moved_at)
 
 
 SCENARIOS: list[Callable[[Fleet], dict[str, Any]]] = [
     s1_steady_state, s2_backend_failure_seen_by_one_pop, s3_pop_crash, s3b_silent_pop_failure,
     s4_origin_failover, s5_controller_down, s6_safety_checks_down_everywhere, s7_publish_domain_change, s8_drain,
+    s9_everything_removed_is_held_then_confirmed_in_waves, s10_failed_wave_gate_rolls_back,
 ]
 
 

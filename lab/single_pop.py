@@ -9,6 +9,11 @@ holds the VIP on its loopback (it is the CLB) and runs lab.backend on the backen
 addresses the config lists and on port 80 for client traffic to the VIP. ``rtr`` plays the
 client side: a request from it to the VIP follows FRR's FIB to the POP, then the POP's
 kernel route (installed by the agent) to the active origin.
+
+With ``ipv6=True`` every link is dual-stack (fd00:64:1::/64 rtr--pop, fd00:64:10::/64 and
+fd00:64:20::/64 toward the origins, each origin's end ::1, pop's ::2), rtr has a second BGP
+session over IPv6 (fd00:64:1::1 -- fd00:64:1::2, IPv6 unicast only) and each origin holds
+VIP6 (2001:db8:51::10/128, inside the example config's allowed_prefixes) on loopback too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from .nodes import AgentNode, scrape, start_backend
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_CONFIG = ROOT / "configs" / "agent-sjc.yaml"
 VIP = "198.51.100.10"
+VIP6 = "2001:db8:51::10"
+RTR6, POP6 = "fd00:64:1::1", "fd00:64:1::2"
+ORIGIN6 = {"usw": "fd00:64:10::1", "euc": "fd00:64:20::1"}  # node: its end of the link; pop is ::2
 METRICS_PORT = 9701
 
 FRR_BGPD = """\
@@ -49,6 +57,22 @@ router bgp 65001
 route-map NONE-OUT deny 10
 !
 """
+# The IPv6 session of the dual-stack lab: its own family only (FRR would also activate IPv4
+# unicast on it by default, and the agent sends each family to its own sessions).
+FRR_BGPD_V6_NEIGHBOR = f"""\
+ neighbor {POP6} remote-as 65101
+ neighbor {POP6} timers 1 3
+ neighbor {POP6} timers connect 1
+"""
+FRR_BGPD_V6_AF = f"""\
+ address-family ipv4 unicast
+  no neighbor {POP6} activate
+ exit-address-family
+ address-family ipv6 unicast
+  neighbor {POP6} activate
+  neighbor {POP6} route-map NONE-OUT out
+ exit-address-family
+"""
 
 ORIGINS = {
     # node: (region, address of its end of the backbone link, backend ports)
@@ -57,11 +81,13 @@ ORIGINS = {
 }
 
 
-def build(lab: Lab, origins: Mapping[str, str], *, vip: str | None = VIP) -> tuple[dict[str, Netns], FrrRouter]:
+def build(lab: Lab, origins: Mapping[str, str], *, vip: str | None = VIP,
+          ipv6: bool = False) -> tuple[dict[str, Netns], FrrRouter]:
     """The nodes of the picture above: rtr (FRR started) -- pop, and one node per origin.
 
     `origins` maps an origin node's name to its address on its /30 toward pop (pop takes
-    .2, the origin routes via it); with `vip`, each origin holds it on loopback.
+    .2, the origin routes via it); with `vip`, each origin holds it on loopback. `ipv6`: the
+    dual-stack variant (module docstring; origins named as in `ORIGIN6`).
     """
     nodes = {node: lab.netns(node) for node in ("rtr", "pop", *origins)}
     rtr, pop = nodes["rtr"], nodes["pop"]
@@ -77,8 +103,20 @@ def build(lab: Lab, origins: Mapping[str, str], *, vip: str | None = VIP) -> tup
         if vip is not None:
             add_addr(ns, "lo", f"{vip}/32")  # the origin's CLB holds the VIP
         add_route(ns, "default", f"{base}.2")
+        if ipv6:
+            mine = ORIGIN6[node]
+            add_addr(ns, "eth-pop", f"{mine}/64")
+            add_addr(pop, f"eth-{node}", f"{mine.removesuffix('1')}2/64")
+            add_addr(ns, "lo", f"{VIP6}/128")
+            add_route(ns, "default", f"{mine.removesuffix('1')}2")
     workdir = lab.workdir("rtr")
-    router = FrrRouter(rtr, workdir, {"bgpd": FRR_BGPD.format(log=workdir / "log")}).start()
+    bgpd = FRR_BGPD.format(log=workdir / "log")
+    if ipv6:
+        add_addr(rtr, "eth-pop", f"{RTR6}/64")
+        add_addr(pop, "eth-rtr", f"{POP6}/64")
+        bgpd = bgpd.replace(" address-family ipv4 unicast\n", FRR_BGPD_V6_NEIGHBOR + " address-family ipv4 unicast\n", 1)
+        bgpd = bgpd.replace("!\nroute-map", FRR_BGPD_V6_AF + "!\nroute-map", 1)
+    router = FrrRouter(rtr, workdir, {"bgpd": bgpd}).start()
     return nodes, router
 
 
@@ -90,11 +128,12 @@ class SinglePop:
     router: Any = None  # the FrrRouter on rtr, once up
     agent: AgentNode | None = None
     backends: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    ipv6: bool = False
 
     # --- bring-up ----------------------------------------------------------------------
     def up(self) -> SinglePop:
         origins = {node: addr for node, (_, addr, _) in ORIGINS.items()}
-        self.nodes, self.router = build(self.lab, origins, vip=VIP)
+        self.nodes, self.router = build(self.lab, origins, vip=VIP, ipv6=self.ipv6)
         return self
 
     def workdir(self, node: str) -> Path:
@@ -104,6 +143,8 @@ class SinglePop:
     def start_backends(self, node: str) -> None:
         region, addr, ports = ORIGINS[node]
         listens = [f"{addr}:{p}" for p in ports] + ["0.0.0.0:80"]
+        if self.ipv6:
+            listens += [f"[{ORIGIN6[node]}]:{p}" for p in ports] + ["[::]:80"]
         self.backends[node] = start_backend(self.nodes[node], self.workdir(node), region, listens)
 
     def stop_backends(self, node: str) -> None:
@@ -145,22 +186,25 @@ class SinglePop:
         """Scrape the agent's metrics from inside the POP namespace."""
         return scrape(self.nodes["pop"], METRICS_PORT)
 
-    def request_vip(self, path: str = "/", timeout: float = 1.0) -> str | None:
-        """One HTTP request from the router's side to the VIP: who served it, or None."""
-        return http_get(self.nodes["rtr"], f"http://{VIP}{urllib.parse.quote(path)}", timeout)
+    def request_vip(self, path: str = "/", timeout: float = 1.0, *, vip: str = VIP) -> str | None:
+        """One HTTP request from the router's side to the VIP (or `vip`, VIP6 say): who
+        served it, or None."""
+        host = f"[{vip}]" if ":" in vip else vip
+        return http_get(self.nodes["rtr"], f"http://{host}{urllib.parse.quote(path)}", timeout)
 
     def pop_kernel_routes(self) -> str:
         return self.nodes["pop"].run(["ip", "route", "show", "proto", "99"]).stdout
 
 
 @contextmanager
-def serving(prefix: str, config: str | None = None, *, agent: bool = True) -> Iterator[SinglePop]:
+def serving(prefix: str, config: str | None = None, *, agent: bool = True, ipv6: bool = False) -> Iterator[SinglePop]:
     """The single-POP lab as most agent tests want it: up, both origins' backends serving,
     the agent config (``config`` YAML text, else configs/agent-sjc.yaml) in the POP's work dir,
-    the agent started unless ``agent=False``. Everything is torn down on exit, pass or fail."""
+    the agent started unless ``agent=False``; dual-stack with `ipv6`. Everything is torn down
+    on exit, pass or fail."""
     lab = Lab(prefix)
     try:
-        topo = SinglePop(lab).up()
+        topo = SinglePop(lab, ipv6=ipv6).up()
         topo.agent_config = topo.workdir("pop") / "agent.yaml"
         topo.agent_config.write_text(AGENT_CONFIG.read_text() if config is None else config)
         for node in ("usw", "euc"):

@@ -108,10 +108,17 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
                     outage.failed(exc)
                     on_state(False)
                     raise
+                except Exception as exc:  # noqa: BLE001 - input nobody foresaw must not end the task
+                    log.exception("fetching the plan failed unexpectedly; keeping the last plan and retrying")
+                    on_state(False)
+                    raise ControllerUnavailable(f"{type(exc).__name__}: {exc}") from exc
         outage.ok()
         on_state(True)
         if plan is not None:
-            agent.apply_plan(plan)
+            try:
+                agent.apply_plan(plan)
+            except Exception:  # noqa: BLE001 - the task that follows plans never dies silently
+                log.exception("applying plan generation %d failed; keeping the last plan", plan.generation)
 
 
 async def report_health(agent: Agent, port: ControllerPort, interval: float,

@@ -2,8 +2,9 @@
 
 It runs as ExaBGP's API process. Health-check results feed the state machine
 (``health.state``); each reconcile pass decides every VIP (``agent.decide``), diffs the
-decisions against what ExaBGP holds (``agent.reconcile``), sends the commands and waits for
-ExaBGP's acknowledgements, then puts the kernel in line (``agent.kernel_plan``).
+decisions against what ExaBGP holds (``agent.reconcile``), sends the commands batched and
+pipelined (``speaker.send_changes``) and records each route's own acknowledgement, then puts
+the kernel in line (``agent.kernel_plan``).
 
 Lifecycle:
 - start: load config (a bad one is fatal), read the state file of what a previous agent
@@ -25,9 +26,9 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, cast
 
-from ..bgp.speaker import SpeakerClosed
+from ..bgp.speaker import SpeakerClosed, send_changes
 from ..bgp.exabgp_api import (
-    Garbage, NeighborState, RouteAttributes, Shutdown, announce_line, eor_line, withdraw_line,
+    Garbage, NeighborState, RouteAttributes, RouteChange, Shutdown, announce_line, eor_line,
 )
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
@@ -43,7 +44,7 @@ from .decide import (
 from .controller_link import ControllerPort, follow_plans, report_health
 from .liveness import PROBE, ExaBGPLiveness
 from .intent import NO_PLAN, Plan, plan_from_config
-from .reconcile import Announce, Command, Withdraw, apply, reconcile
+from .reconcile import Announce, Command, Withdraw, reconcile
 from ..sdnotify import Notifier
 from ..wire import PlanReason
 
@@ -58,7 +59,8 @@ _EXABGP_GONE = ("exabgp_gone", "exabgp_shutdown")
 
 
 class Announcer(Protocol):
-    """The BGP side: ExaBGPSpeaker in production, a recorder in tests."""
+    """The BGP side: ExaBGPSpeaker in production, a recorder in tests. Sends overlap (up to
+    ``speaker.PIPELINE_WINDOW`` at once, written in call order): each call gets its own command's answer."""
 
     async def send(self, line: str) -> bool: ...
 
@@ -142,6 +144,7 @@ class Agent:
         self.config_ok = True
         self.config_time = clock()
         self._lines: dict[tuple[IPNetwork, Attributes, int], str] = {}
+        self._route_attrs: dict[tuple[Attributes, int], RouteAttributes] = {}
         # The sessions ExaBGP was started with (a reload does not change them). With both
         # families, each command names its family's sessions: ExaBGP answers ``error`` to a
         # route it cannot send to one of the sessions it would otherwise go to.
@@ -345,13 +348,23 @@ class Agent:
             self.metrics.vip_refused.labels(name, stage).inc()
         return Decision(name, prefix, Action.WITHDRAW, Reason.REFUSED, f"{stage} failed: {exc}")
 
+    def _exabgp_attributes(self, attrs: Attributes) -> RouteAttributes:
+        """Memoised like `_announce_line`: VIPs share a few attribute sets."""
+        key = (attrs, self.config.local_as)
+        out = self._route_attrs.get(key)
+        if out is None:
+            if len(self._route_attrs) > 2 * len(self.vips) + 64:
+                self._route_attrs.clear()
+            out = self._route_attrs[key] = exabgp_attributes(attrs, self.config.local_as)
+        return out
+
     def _announce_line(self, prefix: IPNetwork, attrs: Attributes) -> str:
         """The ExaBGP command for an announcement, memoised: with 10,000 VIPs every pass would
         otherwise rebuild (and re-validate) every line."""
         key = (prefix, attrs, self.config.local_as)
         line = self._lines.get(key)
         if line is None:
-            line = announce_line(prefix, exabgp_attributes(attrs, self.config.local_as), self._targets[prefix.version])
+            line = announce_line(prefix, self._exabgp_attributes(attrs), self._targets[prefix.version])
             if len(self._lines) > 2 * len(self.vips) + 64:
                 self._lines.clear()  # stale entries from old configs; rebuilt on demand
             self._lines[key] = line
@@ -414,30 +427,47 @@ class Agent:
         return ok
 
     async def _send(self, commands: list[Command]) -> bool:
+        """Send `commands` batched and pipelined (``speaker.send_changes``); each route's own
+        answer decides what is recorded, so one route ExaBGP refuses fails alone."""
         ok = True
         changed = False
-        for cmd in commands:
-            if isinstance(cmd, Announce):
-                line = self._announce_line(cmd.prefix, cmd.attributes)  # vetted: does not raise
-            else:
-                line = withdraw_line(cmd.prefix, self._targets[cmd.prefix.version])
-            if await self.announcer.send(line):
-                action = "announce" if isinstance(cmd, Announce) else "withdraw"
-                detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
-                log.info("%s %s (VIP %s), reason %s%s", action, cmd.prefix, cmd.vip, cmd.reason, detail,
-                         extra=self._fields(cmd.vip, cmd.reason))
-                self.metrics.announcement_changes.labels(cmd.vip, action, cmd.reason).inc()
-                self.announced = apply(self.announced, cmd)
-                self.unsure.discard(cmd.prefix)
-                if isinstance(cmd, Withdraw):
-                    self.withdrawn.add(cmd.prefix)
+        changes = [RouteChange(cmd.prefix, self._exabgp_attributes(cmd.attributes), self._targets[cmd.prefix.version])
+                   if isinstance(cmd, Announce) else
+                   RouteChange(cmd.prefix, None, self._targets[cmd.prefix.version]) for cmd in commands]
+        # In flight until answered: a stop that cuts this pass short withdraws them too
+        # (ExaBGP may have taken a command whose ack we never read).
+        was_unsure = {cmd.prefix for cmd in commands if cmd.prefix in self.unsure}
+        unsure = self.unsure | {cmd.prefix for cmd in commands}
+        # New objects once per answer, not per route, and never changed once published:
+        # the metrics thread reads them while this runs.
+        self.unsure, unsure = unsure, set(unsure)
+        announced = dict(self.announced)
+        async for members, acked in send_changes(self.announcer.send, changes):
+            for i in members:
+                cmd = commands[i]
+                if cmd.prefix not in was_unsure:
+                    unsure.discard(cmd.prefix)
+                if acked:
+                    action = "announce" if isinstance(cmd, Announce) else "withdraw"
+                    detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
+                    log.info("%s %s (VIP %s), reason %s%s", action, cmd.prefix, cmd.vip, cmd.reason, detail,
+                             extra=self._fields(cmd.vip, cmd.reason))
+                    self.metrics.announcement_changes.labels(cmd.vip, action, cmd.reason).inc()
+                    if isinstance(cmd, Announce):
+                        announced[cmd.prefix] = cmd.attributes
+                        self.withdrawn.discard(cmd.prefix)
+                    else:
+                        announced.pop(cmd.prefix, None)
+                        self.withdrawn.add(cmd.prefix)
+                    unsure.discard(cmd.prefix)
+                    changed = True
                 else:
-                    self.withdrawn.discard(cmd.prefix)
-                changed = True
-            else:
-                ok = False
-                self.metrics.exabgp_errors.inc()
-                log.error("ExaBGP answered 'error' to: %s (will retry at the next pass)", line)
+                    ok = False
+                    self.metrics.exabgp_errors.inc()
+                    log.error("ExaBGP answered 'error' to: %s (will retry at the next pass)", changes[i].line(),
+                              extra=self._fields(cmd.vip, cmd.reason))
+            self.announced, announced = announced, dict(announced)
+            self.unsure, unsure = unsure, set(unsure)
         if changed:
             try:
                 state_file.save(self.config.state_dir, self.announced)
@@ -564,10 +594,13 @@ class Agent:
             config_last_reload_time=self.config_time, plan_source=self.plan.source,
             plan_generation=self.plan.generation, controller_ok=self.controller_ok,
             plan_revision=self.plan.revision,
+            plan_refusals=dict(getattr(self.controller, "refusals", {})),
+            plan_confirmed_at=getattr(self.controller, "confirmed_at", None),
             controller_url=self.config.controller.url if self.config.controller else "",
             local_as=self.config.local_as,
             peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),
             held_elsewhere=tuple(str(p) for p in unique((set(self.announced) | self.unsure) - own)),
+            checks=self.scheduler.stats(lateness=False),
         )
 
     # --- main loop -----------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """A plan received from the controller, from the wire's values to the agent's own ``Plan``.
 
 ``controller.wire`` checks the plan's shape; here every VIP spec goes through the config's
-own reader, with the agent's allowed prefixes (a VIP outside them is refused, by name), and
-the active origin must be one of the VIP's origin regions. ``PlanBook`` holds the plan in
-wire terms and applies deltas onto it, whole or not at all.
+own reader, with the agent's allowed prefixes (a VIP outside them is refused alone, by name:
+it keeps what the agent last had for it, the rest of the plan applies), and the active origin
+must be one of the VIP's origin regions. ``PlanBook`` holds the plan in wire terms and applies
+deltas onto it, whole or not at all.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
@@ -84,12 +86,32 @@ def _read_spec(raw: Any, where: str, allowed: tuple[IPNetwork, ...]) -> Vip:
     return read
 
 
+_ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _read_spec_or_outside(raw: Any, where: str, allowed: tuple[IPNetwork, ...],
+                          outside: dict[str, str], h: str) -> Vip:
+    """``_read_spec``; a spec whose only fault is an address outside ``allowed`` is read
+    anyway and its hash recorded in ``outside`` (with the reason): that VIP alone is refused,
+    the rest of the plan applies. Any other fault refuses the plan whole (WireError)."""
+    try:
+        return _read_spec(raw, where, allowed)
+    except WireError as exc:
+        try:
+            vip = _read_spec(raw, where, _ANYWHERE)
+        except WireError:
+            raise exc from None
+        outside[h] = str(exc)
+        return vip
+
+
 class PlanBook:
     """The agent's copy of the controller's plan in wire terms, to apply deltas onto.
 
     ``apply`` takes a full plan or a delta and returns the agent's Plan, or raises and
-    changes nothing: WireError for a plan to refuse (a spec outside the allowed prefixes, a
-    bad field: the last good plan stays), NeedFullPlan for a delta that does not fit what is
+    changes nothing: WireError for a plan to refuse (a bad field: the last good plan stays;
+    a spec whose only fault is an address outside the allowed prefixes is refused alone,
+    ``refused``), NeedFullPlan for a delta that does not fit what is
     held. Specs are kept by hash, validated once; a hash is checked against its spec's
     canonical JSON wherever a spec arrives (the network or the cache file)."""
 
@@ -103,6 +125,8 @@ class PlanBook:
         self._ehash: dict[str, int] = {}
         self.digest = 0
         self._intents: dict[str, VipIntent] = {}
+        self.outside: dict[str, str] = {}  # spec hash -> why the VIP it defines is refused alone
+        self._kept: dict[str, tuple[VipIntent, Vip]] = {}  # per VIP, what the last Plan had (a good spec)
 
     def apply(self, answer: WirePlan | WireDelta, verify: bool = False) -> Plan:
         """``verify``: check every spec's hash, even of specs held (a plan read from disk);
@@ -113,6 +137,7 @@ class PlanBook:
 
     def _apply_full(self, plan: WirePlan, verify: bool) -> Plan:
         specs: dict[str, tuple[str, Vip]] = {}
+        outside = dict(self.outside)
         entries: dict[str, PlanVip] = {}
         for i, e in enumerate(plan.vips):
             held = None if verify or not e.spec_hash else self.specs.get(e.spec_hash)
@@ -122,7 +147,8 @@ class PlanBook:
                 if e.spec_hash and e.spec_hash != h:
                     raise WireError(f"vips[{i}].spec_hash", "does not match the spec's content")
                 known = self.specs.get(h)
-                held = known if known is not None else (text, _read_spec(e.spec, f"vips[{i}].spec", self.allowed))
+                held = known if known is not None else (
+                    text, _read_spec_or_outside(e.spec, f"vips[{i}].spec", self.allowed, outside, h))
             else:
                 h = e.spec_hash
             vip = held[1]
@@ -139,18 +165,21 @@ class PlanBook:
         self.generation, self.revision, self.entries, self.specs = plan.generation, plan.revision, entries, specs
         self._ehash, self.digest = ehash, digest
         self._intents = {n: _intent(e) for n, e in entries.items()}
+        self.outside = {h: why for h, why in outside.items() if h in specs}
         return self._plan()
 
     def _apply_delta(self, delta: WireDelta) -> Plan:
         if self.generation is None or delta.after != self.generation:
             raise NeedFullPlan(f"a delta from plan {delta.after}, this agent holds plan {self.generation}")
         carried: dict[str, tuple[str, Vip]] = {}
+        outside = dict(self.outside)
         for h, raw in delta.specs.items():
             text = canonical_json(raw)
             if spec_hash(text) != h:
                 raise NeedFullPlan(f"the spec sent as {h} has another hash")
             held = self.specs.get(h)
-            carried[h] = held if held is not None else (text, _read_spec(raw, f"specs.{h}", self.allowed))
+            carried[h] = held if held is not None else (
+                text, _read_spec_or_outside(raw, f"specs.{h}", self.allowed, outside, h))
         entries = dict(self.entries)
         ehash = dict(self._ehash)
         digest = self.digest
@@ -177,13 +206,32 @@ class PlanBook:
             specs = {e.spec_hash: specs[e.spec_hash] for e in entries.values()}
         self.generation, self.revision, self.entries, self.specs = delta.generation, delta.revision, entries, specs
         self._ehash, self.digest, self._intents = ehash, digest, intents
+        self.outside = {h: why for h, why in outside.items() if h in specs}
         return self._plan()
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """VIP name -> why, for the VIPs of the plan held that the agent refuses alone (an
+        address outside its allowed prefixes)."""
+        return {n: self.outside[e.spec_hash] for n, e in self.entries.items() if e.spec_hash in self.outside}
+
     def _plan(self) -> Plan:
+        """The agent's Plan from the plan held. A VIP refused alone keeps what the last plan
+        had for it (its old, allowed address: never withdrawn for the controller's mistake),
+        or is left out if it never had a good one."""
         assert self.generation is not None
-        names = sorted(self.entries)
-        return Plan(PlanSource.CONTROLLER, self.generation, self.revision, {n: self._intents[n] for n in names},
-                    specs=tuple(self.specs[self.entries[n].spec_hash][1] for n in names))
+        intents: dict[str, VipIntent] = {}
+        specs: list[Vip] = []
+        kept: dict[str, tuple[VipIntent, Vip]] = {}
+        for n in sorted(self.entries):
+            h = self.entries[n].spec_hash
+            good = (self._intents[n], self.specs[h][1]) if h not in self.outside else self._kept.get(n)
+            if good is not None:
+                kept[n] = good
+                intents[n] = good[0]
+                specs.append(good[1])
+        self._kept = kept
+        return Plan(PlanSource.CONTROLLER, self.generation, self.revision, intents, specs=tuple(specs))
 
     def full_json(self) -> bytes:
         """The plan held, as a full plan's JSON (the agent's cache file)."""

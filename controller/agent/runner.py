@@ -17,6 +17,7 @@ from ..sdnotify import Notifier
 from .daemon import Agent, install_signal_handlers
 from .local_status import StatusServer, socket_path
 from .plan_client import PlanClient
+from .tls import plaintext_warning
 
 log = logging.getLogger("controller.agent")
 
@@ -44,9 +45,12 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
     client: PlanClient | None = None
     if config.controller is not None:
         link = config.controller
-        client = PlanClient.from_token_file(link.url, config.pop, link.token_file, config.state_dir,
-                                            config.allowed_prefixes, link.timeout)
-    cached = client.load_cached() if client else None
+        client = PlanClient.from_token_file(link.urls or (link.url,), config.pop, link.token_file, config.state_dir,
+                                            config.allowed_prefixes, link.timeout, link.tls, link.plan_keys)
+        for url in link.urls or (link.url,):
+            if (warning := plaintext_warning(url)) is not None:
+                log.warning("%s", warning)
+    cached = client.load_cached(config.controller.max_plan_age) if client and config.controller else None
     if cached is not None:
         log.info("starting from the cached plan generation %d (revision %s) until the controller answers",
                  cached.generation, cached.revision)

@@ -4,7 +4,9 @@
     anycastctl validate PATH [PATH ...]   check agent configs / a controller directory, offline
     anycastctl status                     config revision and errors, POPs, alarms
     anycastctl plan [--pop POP]           the plans being served
-    anycastctl diff [--config DIR]        what DIR's desired state would change, per POP
+    anycastctl diff [--config DIR]        what DIR's desired state would change, per POP, and its
+                                          blast radius (exit 2: changes, 0: none, 1: error)
+    anycastctl apply --confirm REV --reason WHY   roll out a config revision held over the budget
     anycastctl explain VIP                per POP: the decision and why
     anycastctl drain POP | undrain POP
     anycastctl dial REGION PCT --why TEXT [--by WHO] | dial REGION --config | dial (list)
@@ -12,8 +14,8 @@
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
 http://127.0.0.1:9800) and --token-file (default: $ANYCAST_OPERATOR_TOKEN). Every command
-takes --json. Exit codes: ``conventions.Exit`` (0 ok, 1 error, 2 changes with
-``diff --detailed-exitcode``, 3 not found, 4 unreachable, 5 not the controller's answer,
+takes --json. Exit codes: ``conventions.Exit`` (0 ok, 1 error, 2 changes from ``diff``,
+3 not found, 4 unreachable, 5 not the controller's answer,
 6 token refused, 64 usage); no input ends in a traceback.
 """
 
@@ -32,7 +34,9 @@ import argcomplete
 from ..config.agent import load_agent_config
 from ..config.desired import load_desired
 from ..config.errors import ConfigError
-from ..policy.diff import diff_plans
+from ..config.desired_model import ChangePolicy
+from ..policy import change
+from ..policy.diff import Change, diff_plans
 from ..policy.planner import plan
 from ..server.snapshot import reports_from_snapshot
 from ..policy.model import PlannerState
@@ -71,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                         ("plan", "the plans the controller serves"),
                         ("diff", "what a config directory would change at which POPs, against the live plans"),
                         ("explain", "why a VIP is (not) announced at each POP"),
+                        ("apply", "confirm a config revision held over the blast-radius budget: it rolls "
+                                  "out in waves"),
                         ("drain", "drain a POP: less preferred first, then withdrawn"),
                         ("undrain", "end a POP's drain"),
                         ("dial", "an origin region's traffic dial, 0-100 (0 drains the region without touching "
@@ -90,7 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                            help="offline: compare with the same directory at git revision REV (e.g. main) "
                                 "instead of the live plans; no controller needed (a CI step)")
             c.add_argument("--detailed-exitcode", action="store_true",
-                           help="exit 2 when the change does something at some POP, 0 when nothing")
+                           help="accepted for old scripts; diff always exits 2 on changes, 0 on none")
+            c.add_argument("--budget", action="store_true",
+                           help="exit 1 if the change is over the blast-radius budget (change: in controller.yaml "
+                                "of the revision it replaces), as the controller would hold it")
+        if name == "apply":
+            c.add_argument("--confirm", metavar="REV", required=True,
+                           help="the held revision (as `anycastctl status` names it)")
+            c.add_argument("--reason", required=True, help="why: recorded with the confirm")
+            c.add_argument("--by", default=_who(), help=f"who confirms (default $USER@host: {_who()})")
         if name == "explain":
             c.add_argument("vip")
         if name in ("drain", "undrain"):
@@ -104,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--config", dest="to_config", action="store_true",
                            help="hand the region's dial back to the config (controller.yaml dials)")
     return p
+
+
+def _who() -> str:
+    import socket
+    return f"{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}@{socket.gethostname()}"
 
 
 def cmd_validate(paths: Sequence[str], as_json: bool) -> int:
@@ -181,6 +200,7 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     if c["last_error"]:
         out.append(f"CONFIG ERROR in revision {c['last_error_revision']} (still serving {c['revision']}):")
         out += ["  " + line for line in c["last_error"].splitlines()]
+    out += _ha_lines(st.get("ha"))  # HA on etcd only
     persistence = st.get("persistence")  # absent from controllers older than the journal
     if persistence and not persistence["ok"]:
         out.append(f"PERSISTENCE FAILING in {persistence['state_dir']}: {persistence['last_error']}")
@@ -188,6 +208,20 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     if persistence and persistence["recovered_without"]:
         out.append("STATE RECOVERED at start without (check the drains below):")
         out += ["  " + problem for problem in persistence["recovered_without"]]
+    ch = st.get("change")  # absent from controllers older than staged rollouts
+    if ch and ch["phase"] != "steady":
+        out.append(f"CONFIG CHANGE {ch['phase'].upper()}: revision {ch['target']} (applied everywhere: "
+                   f"{ch['applied_revision']})")
+        out.append(f"  {ch['detail']}")
+        if ch["phase"] == "rolling":
+            out.append(f"  wave {ch['wave'] + 1} of {len(ch['waves'])}: {', '.join(ch['waves'][ch['wave']])}; "
+                       f"withdrawn so far at {', '.join(ch['rolled'])}")
+        if ch["phase"] in ("held", "rolled_back"):
+            out.append(f"  to roll it out: anycastctl apply --confirm {ch['target']} --reason '...'; "
+                       "or commit a fix (a newer revision replaces it)")
+    if ch and ch.get("confirmed"):
+        c2 = ch["confirmed"]
+        out.append(f"  revision {c2['revision']} confirmed by {c2['by']}: {c2['reason']}")
     rows = [[p["pop"], str(p["plan_generation"]),
              "never" if p["report_age"] is None else f"{p['report_age']:.1f}s",
              str(p["vips_wanted"]), str(p["safety_holds"]), "yes" if p["drained_since"] else "-"]
@@ -197,6 +231,30 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     out += ["", "alarms: none" if not st["alarms"] else "ALARMS:"]
     out += [f"  {a['kind']} {a['vip']}: {a['detail']}" for a in st["alarms"]]
     return _emit(args, st, "\n".join(out))
+
+
+def _ha_lines(ha: dict[str, Any] | None) -> list[str]:
+    """Leader, members and etcd's health, as ``status`` shows them (HA on etcd)."""
+    if not ha:
+        return []
+    leader = ha["leader"]
+    if ha["role"] == "leader":
+        out = [f"ha: {ha['name']} is the LEADER (lease {ha['lease_ttl']}s)"]
+    elif ha["role"] == "starting":
+        out = [f"ha: {ha['name']} has just become the leader and is loading the state from etcd"]
+    elif leader is None:
+        out = [f"ha: NO LEADER: {ha['name']} is a follower and no controller leads (nothing is planned or "
+               "changed; agents keep their plans)"]
+    else:
+        out = [f"ha: {ha['name']} is a follower; the leader is {leader['name']} at {leader['url']} "
+               "(plans, drains and explanations are there)"]
+    out.append("  members: " + (", ".join(f"{m['name']} {m['url']}" for m in ha["members"]) or "none seen"))
+    for endpoint, h in ha["endpoints"].items():
+        out.append(f"  etcd {endpoint}: " + ("ok" if h["ok"] else "not tried yet" if h["ok"] is None
+                                             else f"DOWN: {h['error']}"))
+    if ha["last_error"]:
+        out.append(f"  ETCD ERROR: {ha['last_error']}")
+    return out
 
 
 def cmd_plan(api: OperatorApi, args: argparse.Namespace) -> int:
@@ -213,17 +271,65 @@ def cmd_plan(api: OperatorApi, args: argparse.Namespace) -> int:
 
 def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
     snap = api.call("GET", "/v1/snapshot")
-    directory = args.config or api.call("GET", "/v1/status")["config"]["directory"]
+    status = api.call("GET", "/v1/status")
+    directory = args.config or status["config"]["directory"]
     desired = load_desired(directory, "proposed")
     proposed = plan(desired, reports_from_snapshot(snap), snap["drains"], snap["now"],
                     planner_from_json(snap["planner"]))
     changes = diff_plans(snap["plans"], proposed)
-    data = [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes]
-    human = (f"{directory} against the live plans (revision {snap['revision']}):\n"
-             + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
-                if changes else "no change at any POP"))
-    _emit(args, data, human)
-    return Exit.CHANGES if changes and args.detailed_exitcode else Exit.OK
+    announced = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip, i in items.items() if i["wanted"])
+    published = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip in items)
+    budget = status.get("change", {}).get("budget")
+    policy = ChangePolicy(**budget) if budget else ChangePolicy()
+    return _diff_out(args, f"{directory} against the live plans (revision {snap['revision']})", changes, announced,
+                     change.blast_radius(announced, published, desired), policy)
+
+
+def _diff_out(args: argparse.Namespace, title: str, changes: list[Change], announced: frozenset[change.Pair],
+              new: change.BlastRadius, policy: ChangePolicy) -> int:
+    """Print the changes and the blast radius; the exit code (2 changes, 0 none, 1 over the
+    budget with --budget)."""
+    radius = new
+    over = radius.over_budget(policy)
+    per_pop: dict[str, dict[str, int]] = {}
+    for c in changes:
+        row = per_pop.setdefault(c.pop, {"withdrawn": 0, "announced": 0, "moved": 0})
+        key = {"withdraw": "withdrawn", "announce": "announced", "move": "moved"}.get(c.action)
+        if key:
+            row[key] += 1
+    now_at: dict[str, int] = {}
+    for _, pop in announced:
+        now_at[pop] = now_at.get(pop, 0) + 1
+    pops = {pop: {**row, "announced_now": now_at.get(pop, 0),
+                  "share_withdrawn": round(row["withdrawn"] / now_at[pop], 4) if now_at.get(pop) else 0.0}
+            for pop, row in sorted(per_pop.items())}
+    blast: dict[str, Any] = {"announced_now": radius.announced, "withdrawn": len(radius.withdrawn),
+             "share_withdrawn": round(radius.fraction, 4), "removed_vips": list(radius.removed_vips),
+             "announced": sum(r["announced"] for r in per_pop.values()),
+             "moved": sum(r["moved"] for r in per_pop.values()),
+             "per_pop": pops,
+             "over_budget": over,
+             "budget": {"max_withdraw_fraction": policy.max_withdraw_fraction,
+                        "max_removed_vips": policy.max_removed_vips}}
+    data = {"changes": [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes],
+            "blast_radius": blast}
+    lines = [f"{title}:"]
+    if not changes:
+        lines.append("no change at any POP")
+    else:
+        lines.append(_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"]))
+        lines += ["", f"blast radius: withdraws {blast['withdrawn']} of {radius.announced} announced (VIP, POP) pairs "
+                      f"({radius.fraction:.0%}), announces {blast['announced']}, moves {blast['moved']}"]
+        lines.append(_table([[pop, str(r["announced_now"]), str(r["withdrawn"]), str(r["announced"]), str(r["moved"]),
+                              f"{r['share_withdrawn']:.0%}"] for pop, r in pops.items()],
+                            ["POP", "ANNOUNCED NOW", "WITHDRAWN", "ANNOUNCED", "MOVED", "SHARE WITHDRAWN"]))
+        lines.append(f"OVER THE BUDGET: {over} (the controller holds it until `anycastctl apply --confirm REV`)"
+                     if over else "within the budget (the controller rolls withdrawals out in waves)")
+    _emit(args, data, "\n".join(lines))
+    if over and args.budget:
+        print(f"anycastctl diff: over the blast-radius budget: {over}", file=sys.stderr)
+        return Exit.ERROR
+    return Exit.CHANGES if changes else Exit.OK
 
 
 def cmd_diff_against(args: argparse.Namespace) -> int:
@@ -238,12 +344,20 @@ def cmd_diff_against(args: argparse.Namespace) -> int:
     current = {pop: {vip: {"wanted": i.wanted, "active_origin": i.active_origin, "drain": i.drain}
                      for vip, i in items.items()} for pop, items in before.pops.items()}
     changes = diff_plans(current, after)
-    data = [{"pop": c.pop, "vip": c.vip, "action": c.action, "detail": c.detail} for c in changes]
-    human = (f"{directory}: working tree against {args.against}:\n"
-             + (_table([[c.pop, c.vip, c.action, c.detail] for c in changes], ["POP", "VIP", "CHANGE", "DETAIL"])
-                if changes else "no change at any POP"))
-    _emit(args, data, human)
-    return Exit.CHANGES if changes and args.detailed_exitcode else Exit.OK
+    announced = frozenset((vip, pop) for pop, items in before.pops.items() for vip, i in items.items() if i.wanted)
+    # The budget of the revision replaced: a change cannot loosen the budget that judges it.
+    return _diff_out(args, f"{directory}: working tree against {args.against}", changes, announced,
+                     change.blast_radius(announced, change.pairs(old), new), old.change)
+
+
+def cmd_apply(api: OperatorApi, args: argparse.Namespace) -> int:
+    r = api.call("POST", "/v1/change/confirm", {"revision": args.confirm, "by": args.by, "reason": args.reason})
+    if r["phase"] == "rolling":
+        human = (f"revision {r['target']} confirmed: rolling out in {len(r['waves'])} wave(s), first at "
+                 f"{', '.join(r['waves'][0])} ({r['bake']:.0f}s bake each); follow with `anycastctl status`")
+    else:
+        human = f"revision {r['target']} confirmed: applied at every POP"
+    return _emit(args, r, human)
 
 
 def cmd_explain(api: OperatorApi, args: argparse.Namespace) -> int:
@@ -290,7 +404,7 @@ def cmd_dial(api: OperatorApi, args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[OperatorApi, argparse.Namespace], int]] = {
-    "status": cmd_status, "plan": cmd_plan, "diff": cmd_diff, "explain": cmd_explain,
+    "status": cmd_status, "plan": cmd_plan, "diff": cmd_diff, "explain": cmd_explain, "apply": cmd_apply,
     "drain": cmd_drain, "undrain": cmd_drain, "dial": cmd_dial,
 }
 

@@ -12,8 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from .. import logs
+from ..config.desired import read_ha
 from ..config.errors import ConfigError
-from ..server.daemon import Watcher, serve
+from ..config.desired_model import StoreKind
+from ..server.daemon import ListenFailed, Watcher, serve
+from ..server.etcd import IncompatibleLayout, fetch_desired
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
 from .conventions import Exit, add_log_level, new_parser
 
@@ -37,18 +40,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--state-dir", help="override state_dir from controller.yaml")
     p.add_argument("--listen", type=_host_port, help="override listen (ADDRESS:PORT)")
     p.add_argument("--metrics-listen", type=_host_port, help="override metrics_listen (ADDRESS:PORT)")
+    p.add_argument("--name", help="HA (ha.store: etcd): this controller's name among them (default: the host name)")
+    p.add_argument("--advertise-url", help="HA: the URL agents and operators reach this controller at "
+                   "(default: http://LISTEN)")
     add_log_level(p)
     args = p.parse_args(argv)
     gc.set_threshold(*GC_THRESHOLD)
     logs.setup("anycast-controller", args.log_level)
     try:
-        return asyncio.run(serve(Watcher(args.config_dir, args.state_dir), args.listen, args.metrics_listen))
+        watcher = Watcher(args.config_dir, args.state_dir)
+        # HA: a checkout that does not load, on a host without a kept copy, starts on etcd's.
+        early = read_ha(args.config_dir)
+        if early is not None and early.store == StoreKind.ETCD:
+            watcher.fetch_kept = lambda: fetch_desired(early)
+        ha = watcher.load_at_start().ha
+        if ha is not None and ha.store == StoreKind.ETCD:
+            from ..server.ha import serve_ha
+
+            return asyncio.run(serve_ha(watcher, ha, args.name, args.advertise_url, args.listen, args.metrics_listen))
+        return asyncio.run(serve(watcher, args.listen, args.metrics_listen))
     except ConfigError as exc:  # the checkout does not load and no last good state was ever kept
         print(exc.summary(), file=sys.stderr)
         return 2
-    except (StateDirLocked, StateUnreadable, PersistenceError) as exc:
+    except (StateDirLocked, StateUnreadable, PersistenceError, IncompatibleLayout) as exc:
         print(f"anycast-controller: {exc}", file=sys.stderr)
         return Exit.ERROR
+    except ListenFailed as exc:  # another process has the port: nothing was served, the state is untouched
+        print(f"anycast-controller: {exc}", file=sys.stderr)
+        return Exit.UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ Exit codes (documented in the README, "Scripting anycastctl"):
 ====  ===========  =====================================================================
 code  name         meaning
 ====  ===========  =====================================================================
-0     OK           done; for ``diff --detailed-exitcode``: no change at any POP
-1     ERROR        failed (an invalid config, a refused request, a controller error)
-2     CHANGES      ``diff --detailed-exitcode`` only: the change does something somewhere
+0     OK           done; for ``diff``: no change at any POP
+1     ERROR        failed (an invalid config, a refused request, a controller error; for
+                   ``diff --budget``: the change is over the blast-radius budget)
+2     CHANGES      ``diff`` only: the change does something somewhere (as
+                   ``terraform plan -detailed-exitcode``; ``--detailed-exitcode`` is
+                   accepted and changes nothing)
 3     NOT_FOUND    the controller does not know that POP or VIP
 4     UNREACHABLE  no answer from the controller (refused, timed out, no route, bad host)
 5     BAD_ANSWER   something answered, but not the controller's API (not JSON, wrong shape:
@@ -41,6 +44,7 @@ class Exit(enum.IntEnum):
     BAD_ANSWER = 5
     DENIED = 6
     USAGE = 64
+    UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: a daemon cannot bind its listen address
     INTERNAL = 70
 
 

@@ -53,11 +53,13 @@ class OperatorApi:
         self.timeout = timeout
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        """``body``: sent as JSON if not None."""
         headers = {"Authorization": f"Bearer {self.token}"}
-        data = None if body is None else json.dumps(body).encode()
-        if data is not None:
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, method=method, headers=headers, data=data)
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:  # noqa: S310 - operator-given URL
                 body = r.read()

@@ -7,13 +7,15 @@ what validates is exactly what runs.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Callable
 
 from .. import bgp_values
 from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
-    AdminState, AgentConfig, Attributes, Backend, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
+    AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip,
 )
 from .reader import Issues, Node, parse_yaml, read_text
@@ -44,6 +46,7 @@ def _agent(root: Node, source: str) -> AgentConfig | None:
     allowed = tuple(
         p for n in _list(root, "allowed_prefixes", required=True) if (p := n.as_network()) is not None
     )
+    refuse_empty(root, "allowed_prefixes")
     bgp = root.get("bgp", required=True)
     local_as, neighbors, attrs = _bgp(bgp) if bgp is not None and bgp.is_mapping() else (None, (), None)
     graceful_restart, graceful_shutdown = _graceful(bgp)
@@ -146,6 +149,9 @@ def _neighbor(node: Node) -> Neighbor | None:
     if address.version != local.version:
         node.error("address and local_address must be the same IP version")
         return None
+    if address == local:
+        node.error(f"the neighbour's address is local_address ({local}): a session with itself", "address")
+        return None
     if router_id is None:
         if local.version != 4:
             node.error("required for an IPv6 session (a router id is an IPv4 address)", "router_id")
@@ -239,16 +245,43 @@ def _extended_communities(node: Node) -> tuple[str, ...] | None:
 def _controller(node: Node | None) -> ControllerLink | None:
     if node is None or not node.is_mapping():
         return None
-    url = node.req("url", _http_url)
+    # ``url`` (one controller) or ``urls`` (HA: each controller, tried in turn), not both.
+    listed = node.get("urls")
+    urls = tuple(u for n in (listed.items() if listed is not None else ()) if (u := _http_url(n)))
+    if node.has("urls") and node.has("url"):
+        node.error("give url or urls, not both", "urls")
+    url = urls[0] if urls else node.req("url", _http_url)
+    if node.has("urls") and not urls:
+        node.error("must list at least one controller URL", "urls")
     token_file = node.req("token_file", Node.as_str)
     poll_wait = node.opt("poll_wait", lambda n: n.as_float(1, 300), 30.0)
     report_interval = node.opt("report_interval", lambda n: n.as_float(0.1, 300), 2.0)
     timeout = node.opt("timeout", lambda n: n.as_float(0.1, 60), 5.0)
     confirm_timeout = node.opt("confirm_timeout", lambda n: n.as_float(0, 60), 2.0)
+    tls = ClientTls(node.opt("ca_file", read_absolute_path, None), node.opt("client_cert", read_absolute_path, None),
+                    node.opt("client_key", read_absolute_path, None))
+    max_plan_age = node.opt("max_plan_age", lambda n: n.as_float(60, 86400 * 365), 86400.0)
+    keys_node = node.get("plan_keys")
+    plan_keys = tuple(k for n in (keys_node.items() if keys_node else ()) if (k := read_absolute_path(n)) is not None)
+    if (tls.cert is None) != (tls.key is None):
+        node.error("client_cert and client_key go together", "client_cert" if tls.cert is None else "client_key")
+    if (tls.ca_file or tls.cert) and any(u.startswith("http://") for u in (urls or (url,)) if u):
+        node.error("ca_file and client_cert need an https:// URL", "urls" if urls else "url")
     node.reject_unknown()
     if url is None or token_file is None:
         return None
-    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout)
+    return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls, plan_keys,
+                          max_plan_age, urls or (url,))
+
+
+def read_absolute_path(node: Node) -> str | None:
+    """A file on this host, given absolutely (keys and certificates: never relative to a
+    checkout, where they might be committed)."""
+    s = node.as_str()
+    if s is not None and not os.path.isabs(s):
+        node.error(f"expected an absolute path, got {s!r}")
+        return None
+    return s
 
 
 def _http_url(node: Node) -> str | None:
@@ -305,6 +338,9 @@ def read_check_defaults(node: Node | None) -> dict[str, float | int]:
     defaults["timeout"] = node.opt("timeout", lambda n: n.as_float(0.01, 600), defaults["timeout"])
     defaults["rise"] = node.opt("rise", lambda n: n.as_int(1, 100), defaults["rise"])
     defaults["fall"] = node.opt("fall", lambda n: n.as_int(1, 100), defaults["fall"])
+    if node.has("watch"):
+        # Only when set: unset, each check type keeps its own default (WATCH_DEFAULT).
+        defaults["watch"] = node.opt("watch", Node.as_bool, False)
     node.reject_unknown()
     return defaults
 
@@ -388,7 +424,8 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     timeout = node.opt("timeout", lambda n: n.as_float(0.01, 600), float(defaults["timeout"]))
     rise = node.opt("rise", lambda n: n.as_int(1, 100), int(defaults["rise"]))
     fall = node.opt("fall", lambda n: n.as_int(1, 100), int(defaults["fall"]))
-    watch = node.opt("watch", Node.as_bool, WATCH_DEFAULT.get(kind or "", False))
+    watch = node.opt("watch", Node.as_bool,
+                     bool(defaults["watch"]) if "watch" in defaults else WATCH_DEFAULT.get(kind or "", False))
     node.reject_unknown()
     if kind == "tcp":
         for key in ("path", "expect_status", "expect_body", "host_header", "tls_verify"):
@@ -422,7 +459,7 @@ def _origin(node: Node) -> Origin | None:
     if not node.is_mapping():
         return None
     region = node.req("region", read_name)
-    next_hop: IPAddress | None = node.req("next_hop", Node.as_address)
+    next_hop: IPAddress | None = node.req("next_hop", _routable("next hop"))
     backends = tuple(b for n in _list(node, "backends", required=True) if (b := _backend(n)) is not None)
     min_healthy = node.opt("min_healthy", lambda n: n.as_int(1, 1000), 1)
     node.reject_unknown()
@@ -441,10 +478,30 @@ def _origin(node: Node) -> Origin | None:
     return Origin(region, next_hop, backends, min_healthy)
 
 
+def _routable(what: str, loopback_ok: bool = False) -> Callable[[Node], IPAddress | None]:
+    """An address traffic can be sent to: not unspecified (0.0.0.0, ::) or multicast, and for
+    a next hop not loopback (the kernel would route the VIP into this host)."""
+    def read(node: Node) -> IPAddress | None:
+        a = node.as_address()
+        if a is not None and (a.is_unspecified or a.is_multicast or (a.is_loopback and not loopback_ok)):
+            kind = "an unspecified" if a.is_unspecified else "a multicast" if a.is_multicast else "a loopback"
+            node.error(f"{a} is {kind} address, not a {what}")
+            return None
+        return a
+    return read
+
+
+def refuse_empty(root: Node, key: str) -> None:
+    """An empty ``allowed_prefixes`` is an error, not "no restriction"."""
+    child = root.get(key)
+    if child is not None and isinstance(child.value, list) and not child.value:
+        child.error("at least one prefix is needed")
+
+
 def _backend(node: Node) -> Backend | None:
     """A backend is ``ADDRESS:PORT``, ``[V6]:PORT``, a bare address, or a mapping."""
     if isinstance(node.value, dict):
-        address: IPAddress | None = node.req("address", Node.as_address)
+        address: IPAddress | None = node.req("address", _routable("backend", loopback_ok=True))
         port = node.opt("port", lambda n: n.as_int(1, 65535), 0)
         node.reject_unknown()
         return Backend(address, port) if address is not None else None
@@ -464,5 +521,9 @@ def _backend(node: Node) -> Backend | None:
             raise ValueError
     except ValueError:
         node.error(f"expected ADDRESS, ADDRESS:PORT or [V6]:PORT, got {s!r}")
+        return None
+    if parsed.is_unspecified or parsed.is_multicast:
+        node.error(f"{parsed} is {'an unspecified' if parsed.is_unspecified else 'a multicast'} address, "
+                   "not a backend")
         return None
     return Backend(parsed, port_n)

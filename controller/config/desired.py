@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .agent import (
-    DEFAULT_DRAINING, DEFAULT_UP, read_check_defaults, read_host_port, read_name, read_state_attributes, read_vip,
+    DEFAULT_DRAINING, DEFAULT_UP, read_absolute_path, read_check_defaults, read_host_port, read_name,
+    read_state_attributes, read_vip, refuse_empty,
 )
 from .desired_model import (
-    FULL_DIAL, MAX_WEIGHT, NO_STEERING, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, Policy,
-    PopSpec, Preference, SafetyPolicy, Steering, with_dials,
+    FULL_DIAL, MAX_WEIGHT, NO_STEERING, ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy,
+    FailoverPolicy, FleetVip, HaSettings, Policy, PopSpec, Preference, SafetyPolicy, Steering, StoreKind, TlsSettings,
+    with_dials,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -128,15 +130,39 @@ def read_state_dir(directory: str) -> str:
     """``state_dir`` from controller.yaml, read on its own (best effort, for starting on the
     last good desired state when the checkout does not load): the default if unreadable."""
     try:
-        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml"), inside=directory), "controller.yaml")
     except ConfigError:
         return DEFAULT_STATE_DIR
     value = data.get("state_dir") if isinstance(data, dict) else None
     return value if isinstance(value, str) and value else DEFAULT_STATE_DIR
 
 
+def read_ha(directory: str) -> HaSettings | None:
+    """``ha`` from controller.yaml, read on its own (best effort, like read_state_dir: to
+    fetch the last good desired state from etcd when the checkout does not load)."""
+    try:
+        data = parse_yaml(read_text(os.path.join(directory, "controller.yaml")), "controller.yaml")
+    except ConfigError:
+        return None
+    if not isinstance(data, dict) or data.get("ha") is None:
+        return None
+    issues = Issues()
+    ha = _ha(Node(data["ha"], "ha", issues))
+    return None if issues.items else ha
+
+
 def load_desired(directory: str, revision: str = "", cache: LoadCache | None = None) -> DesiredState:
-    """Read every file, report every error (with file and path), or return the state."""
+    """Read every file, report every error (with file and path), or return the state.
+
+    Input that exhausts the interpreter (recursion, memory) despite the bounds in the reader
+    is a rejected config too, never a dead daemon or validator."""
+    try:
+        return _load(directory, revision, cache)
+    except (RecursionError, MemoryError) as exc:
+        raise ConfigError(directory, [ConfigIssue("", f"cannot be loaded ({type(exc).__name__}): refused")]) from None
+
+
+def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredState:
     issues: list[ConfigIssue] = []
     trees: dict[str, Node] = {}
     texts: dict[str, tuple[str, Any]] = {}
@@ -149,7 +175,7 @@ def load_desired(directory: str, revision: str = "", cache: LoadCache | None = N
     for name in names:
         path = os.path.join(directory, name)
         try:
-            text = read_text(path)
+            text = read_text(path, inside=directory)
             seen = cache.files.get(name) if cache is not None else None
             if seen is not None and seen[0] == text:
                 data = seen[1]
@@ -187,10 +213,14 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     state_dir = top.opt("state_dir", Node.as_str, DEFAULT_STATE_DIR)
     operator = top.opt("operator_token_sha256", _sha256, None)
     allowed = tuple(p for n in _list(top, "allowed_prefixes", True) if (p := n.as_network()) is not None)
+    refuse_empty(top, "allowed_prefixes")
     policy = read_policy(top.get("policy"), Policy())
+    change = _section(top, "change", _change, ChangePolicy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
     dials_node = top.get("dials")
+    api = top.opt("api", _api, ApiSettings())
+    ha = _ha(top.get("ha"))
     top.reject_unknown()
 
     pops_root = trees["pops.yaml"]
@@ -201,6 +231,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
                 pops.append(spec)
         pops_root.reject_unknown()
         _unique(pops_root, "pops", [spec.name for spec in pops], "POP")
+        _separate_tokens(top, pops_root, operator)
     pop_names = {p.name for p in pops}
 
     vips: list[FleetVip] = []
@@ -238,8 +269,46 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     dials = read_dials(dials_node, {o.region for v in vips for o in v.vip.origins})
     if attrs is None:
         return None
+    for i, name in enumerate(change.order):
+        if name not in pop_names:
+            top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
     return with_dials(DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                                   tuple(pops), tuple(vips), policy, dials), {})
+                                   tuple(pops), tuple(vips), policy, change, api, ha, dials=dials), {})
+
+
+def _ha(node: Node | None) -> HaSettings | None:
+    """``ha:``: the store (file | etcd) and, for etcd, its endpoints, lease and TLS."""
+    if node is None or not node.is_mapping():
+        return None
+    kind = node.opt("store", lambda n: n.as_choice(tuple(StoreKind)), StoreKind.FILE.value)
+    endpoints = tuple(e for n in _list(node, "endpoints", kind == StoreKind.ETCD) if (e := _etcd_url(n)))
+    prefix = node.opt("prefix", Node.as_str, "/anycast/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        node.error(f"must start and end with '/', got {prefix!r}", "prefix")
+    # etcd's own minimum lease is about 1.5 x its election timeout (1 s by default).
+    ttl = node.opt("lease_ttl", lambda n: n.as_int(2, 300), 5)
+    timeout = node.opt("request_timeout", lambda n: n.as_float(0.05, 30), 1.0)
+    tls = node.get("tls")
+    files: dict[str, str | None] = {"ca_file": None, "cert_file": None, "key_file": None}
+    if tls is not None and tls.is_mapping():
+        for key in files:
+            files[key] = tls.opt(key, Node.as_str, None)
+        tls.reject_unknown()
+        if (files["cert_file"] is None) != (files["key_file"] is None):
+            tls.error("cert_file and key_file go together")
+    node.reject_unknown()
+    if kind == StoreKind.ETCD and tls is not None and any(not e.startswith("https://") for e in endpoints):
+        node.error("tls is set: every endpoint must be https://", "endpoints")
+    return HaSettings(StoreKind(kind), endpoints, prefix, ttl, timeout, files["ca_file"], files["cert_file"],
+                      files["key_file"])
+
+
+def _etcd_url(node: Node) -> str | None:
+    s = node.as_str()
+    if s is not None and not re.match(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+):\d+/?$", s):
+        node.error(f"expected http(s)://HOST:PORT (an etcd client URL), got {s!r}")
+        return None
+    return s.rstrip("/") if s else None
 
 
 def _list(node: Node, key: str, required: bool) -> list[Node]:
@@ -251,6 +320,50 @@ def _unique(root: Node, key: str, values: list[str], what: str) -> None:
     for i, value in enumerate(values):
         if value in values[:i]:
             root.issues.add(f"{key}[{i}]", f"duplicate {what} {value!r}")
+
+
+def _api(node: Node) -> ApiSettings | None:
+    if not node.is_mapping():
+        return None
+    d = ApiSettings()
+    settings = ApiSettings(
+        header_timeout=node.opt("header_timeout", lambda n: n.as_float(0.5, 300), d.header_timeout),
+        body_timeout=node.opt("body_timeout", lambda n: n.as_float(0.5, 600), d.body_timeout),
+        max_unauthenticated_connections=node.opt("max_unauthenticated_connections",
+                                                 lambda n: n.as_int(4, 100_000), d.max_unauthenticated_connections),
+        tls=node.opt("tls", _tls, None),
+        signing_key=node.opt("signing_key", read_absolute_path, None),
+    )
+    node.reject_unknown()
+    return settings
+
+
+def _tls(node: Node) -> TlsSettings | None:
+    if not node.is_mapping():
+        return None
+    cert, key = node.req("cert", read_absolute_path), node.req("key", read_absolute_path)
+    client_ca = node.opt("client_ca", read_absolute_path, None)
+    node.reject_unknown()
+    return TlsSettings(cert, key, client_ca) if cert and key else None
+
+
+def _separate_tokens(top: Node, pops_root: Node, operator: str | None) -> None:
+    """Each POP's token and the operator's must differ: a shared hash would let one POP's
+    agent read another's plans, or (shared with the operator) drain every POP."""
+    owner: dict[str, str] = {}
+    for i, n in enumerate(_list(pops_root, "pops", False)):
+        raw = n.value if isinstance(n.value, dict) else {}
+        token, name = raw.get("token_sha256"), raw.get("name")
+        if not isinstance(token, str):
+            continue
+        if token in owner:
+            pops_root.issues.add(f"pops[{i}].token_sha256", f"the same token hash as POP {owner[token]!r}: "
+                                                             "every POP needs a token of its own")
+        else:
+            owner[token] = str(name)
+    if operator is not None and operator in owner:
+        top.error(f"the same hash as POP {owner[operator]!r}'s token_sha256 in pops.yaml: the operator "
+                  "token must differ from every agent token", "operator_token_sha256")
 
 
 def _sha256(node: Node) -> str | None:
@@ -393,14 +506,22 @@ def read_policy(node: Node | None, base: Policy) -> Policy:
     safety = _section(node, "safety", lambda n: _safety(n, s), s)
     drain = _section(node, "drain", lambda n: DrainPolicy(
         drain_time=n.opt("drain_time", lambda x: x.as_float(0, 86400), d.drain_time)), d)
-    dampening = _section(node, "dampening", lambda n: DampeningPolicy(
+    dampening = _section(node, "dampening", lambda n: _dampening(n, m), m)
+    node.reject_unknown()
+    return Policy(failover, safety, drain, dampening)
+
+
+def _dampening(n: Node, m: DampeningPolicy) -> DampeningPolicy:
+    d = DampeningPolicy(
         flaps=n.opt("flaps", lambda x: x.as_int(2, 1000), m.flaps),
         window=n.opt("window", lambda x: x.as_float(1, 86400), m.window),
         hold_down=n.opt("hold_down", lambda x: x.as_float(0, 86400), m.hold_down),
         max_hold_down=n.opt("max_hold_down", lambda x: x.as_float(0, 86400 * 7), m.max_hold_down),
-    ), m)
-    node.reject_unknown()
-    return Policy(failover, safety, drain, dampening)
+    )
+    if d.hold_down > d.max_hold_down:
+        n.error(f"{d.hold_down:g} is above max_hold_down {d.max_hold_down:g}", "hold_down")
+        return m
+    return d
 
 
 def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
@@ -417,6 +538,24 @@ def _safety(n: Node, s: SafetyPolicy) -> SafetyPolicy:
         report_stale_after=n.opt("report_stale_after", lambda x: x.as_float(1, 3600), s.report_stale_after),
         settle=n.opt("settle", lambda x: x.as_float(0, 60), s.settle),
     )
+
+
+def _change(n: Node) -> ChangePolicy:
+    d = ChangePolicy()
+    bake, first, fraction, order = d.bake, d.first_wave, d.wave_fraction, d.order
+    rollout = n.get("rollout")
+    if rollout is not None and rollout.is_mapping():
+        bake = rollout.opt("bake", lambda x: x.as_float(0, 86400), bake)
+        first = rollout.opt("first_wave", lambda x: x.as_int(1, 1000), first)
+        fraction = rollout.opt("wave_fraction", lambda x: x.as_float(0.01, 1.0), fraction)
+        order_node = rollout.get("order")
+        if order_node is not None:
+            order = tuple(s for item in order_node.items() if (s := item.as_str()) is not None)
+        rollout.reject_unknown()
+    return ChangePolicy(
+        max_withdraw_fraction=n.opt("max_withdraw_fraction", lambda x: x.as_float(0.0, 1.0), d.max_withdraw_fraction),
+        max_removed_vips=n.opt("max_removed_vips", lambda x: x.as_int(0, 1000000), d.max_removed_vips),
+        bake=bake, first_wave=first, wave_fraction=fraction, order=order)
 
 
 def _section(node: Node, key: str, read: Callable[[Node], T], default: T) -> T:

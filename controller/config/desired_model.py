@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -50,10 +51,44 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class ChangePolicy:
+    """The blast-radius budget and staged rollout of config changes (``change:`` in
+    controller.yaml; see controller/policy/change.py)."""
+
+    max_withdraw_fraction: float = 0.25  # of the announced (VIP, POP) pairs: more is held for a confirm
+    max_removed_vips: int = 1  # VIPs removed or disabled by one revision: more is held
+    bake: float = 30.0  # s each wave is watched before the next; 0: no waves (everything at once)
+    first_wave: int = 1  # POPs in the first wave
+    wave_fraction: float = 0.5  # of the POPs left, in each later wave (the last takes the rest)
+    order: tuple[str, ...] = ()  # POPs first in this order; the others by fewest announced pairs
+
+
+@dataclass(frozen=True)
 class PopSpec:
     name: str
     token_sha256: str  # the agent's bearer token, hashed: the token itself never goes in git
     description: str = ""
+
+
+class StoreKind(enum.StrEnum):
+    """Where the controller keeps what it must not forget (``ha.store``)."""
+
+    FILE = "file"  # the local journal in state_dir: one controller (the default)
+    ETCD = "etcd"  # an etcd v3 cluster: several controllers, one leader (HA)
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """``ha:`` in controller.yaml (read at start; a change takes effect on restart)."""
+
+    store: StoreKind
+    endpoints: tuple[str, ...] = ()  # etcd client URLs, http:// or https://
+    prefix: str = "/anycast/"  # every key of this controller cluster lives under it
+    lease_ttl: int = 5  # s: a dead leader is replaced after at most this (+ one poll)
+    request_timeout: float = 1.0  # s per etcd request and endpoint
+    ca_file: str | None = None  # TLS to etcd: the CA that signed etcd's server certificates
+    cert_file: str | None = None  # client certificate (etcd --client-cert-auth)
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +140,27 @@ class FleetVip:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """HTTPS for the API: files on the controller host (never in git), read at start and
+    again at every reload (a renewed certificate is picked up by ``systemctl reload``)."""
+
+    cert: str  # PEM certificate chain
+    key: str  # PEM private key
+    client_ca: str | None = None  # mTLS: agents must present a certificate from this CA naming their POP
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Bounds that keep an unauthenticated peer from exhausting the API (controller.server.guard)."""
+
+    header_timeout: float = 10.0  # request line and headers must arrive within this (also the keep-alive idle time)
+    body_timeout: float = 30.0  # a report's body must arrive within this
+    max_unauthenticated_connections: int = 1024  # at most half the process's file descriptor limit
+    tls: TlsSettings | None = None  # None: plain HTTP (logged as a warning unless listening on loopback)
+    signing_key: str | None = None  # Ed25519 private key (PEM) that signs every plan served
+
+
+@dataclass(frozen=True)
 class DesiredState:
     revision: str
     directory: str
@@ -116,6 +172,9 @@ class DesiredState:
     pops: tuple[PopSpec, ...]
     vips: tuple[FleetVip, ...]
     policy: Policy
+    change: ChangePolicy = ChangePolicy()
+    api: ApiSettings = ApiSettings()
+    ha: HaSettings | None = None  # None: the embedded file journal
     dials: tuple[tuple[str, int], ...] = ()  # region -> 0-100, from controller.yaml ``dials`` (100s left out)
 
     def pop(self, name: str) -> PopSpec | None:

@@ -123,6 +123,15 @@ class KernelSettings:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """How the agent checks the controller's HTTPS certificate, and the one it presents."""
+
+    ca_file: str | None = None  # a private CA's PEM bundle; None: the system's trust store
+    cert: str | None = None  # mTLS: a client certificate naming the POP (CN or DNS subjectAltName)
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class ControllerLink:
     """Where the agent gets its plan. Without it the agent follows its own config."""
 
@@ -132,6 +141,10 @@ class ControllerLink:
     report_interval: float = 2.0
     timeout: float = 5.0
     confirm_timeout: float = 2.0  # wait this long for the controller to confirm a withdrawal
+    tls: ClientTls = ClientTls()
+    plan_keys: tuple[str, ...] = ()  # the controller's Ed25519 public keys: plans must be signed by one
+    max_plan_age: float = 86400.0  # a plan not confirmed by the controller for longer raises an alarm (never a withdrawal)
+    urls: tuple[str, ...] = ()  # every controller (HA), tried in turn; ``url`` is the first
 
 
 @dataclass(frozen=True)

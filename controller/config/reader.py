@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -50,29 +52,122 @@ if yaml.__with_libyaml__:
         construct_mapping = _UniqueKeyLoader.construct_mapping
 
 
+# Bounds on what one config file may be. A desired state of 100,000 VIPs in one file is
+# ~55 MB of YAML; a config needs a handful of levels (vips[0].checks[0].http.expect ...).
+MAX_FILE_BYTES = 64 << 20
+MAX_DEPTH = 32
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text safely; syntax errors become a ConfigError naming line and column."""
+    """Parse YAML text safely; syntax errors become a ConfigError naming line and column, and
+    so does nesting deeper than MAX_DEPTH (libyaml stops at 1,000 levels, the pure-Python
+    parser recurses until RecursionError; either is refused here, never a traceback)."""
     if yaml.__with_libyaml__:
         try:
-            return yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+            data = yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
         except yaml.YAMLError:
             pass  # parsed again below: the pure-Python parser's messages say more
+        else:
+            return _shallow(data, source)
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(source, [ConfigIssue("YAML", f"nested deeper than {MAX_DEPTH} levels")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         problem = getattr(exc, "problem", None) or str(exc)
+        if "nesting depth" in problem:
+            problem = f"nested deeper than {MAX_DEPTH} levels ({problem})"
         raise ConfigError(source, [ConfigIssue(where, f"invalid YAML: {problem}")]) from None
+    return _shallow(data, source)
 
 
-def read_text(path: str) -> str:
-    """Read a config file; an unreadable file is a ConfigError, not a traceback."""
+def nesting_depth(data: Any, limit: int) -> int:
+    """How deeply lists and mappings nest in ``data`` (a scalar is 0): the longest path, counted
+    without recursion, stopping once past ``limit``. Shared subtrees (YAML aliases) are
+    measured once, so a billion-laughs document costs its size, not its expansion; a
+    structure that contains itself is infinitely deep (``limit + 1``)."""
+    heights: dict[int, int] = {}
+    open_: set[int] = set()  # the containers on the current path: meeting one again is a cycle
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        value, done = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        key = id(value)
+        children = [c for c in (value.values() if isinstance(value, dict) else value) if isinstance(c, (dict, list))]
+        if done:
+            open_.discard(key)
+            heights[key] = 1 + max((heights[id(c)] for c in children), default=0)
+            if heights[key] > limit:
+                return heights[key]
+        elif key in open_:
+            return limit + 1
+        elif key not in heights:
+            open_.add(key)
+            stack.append((value, True))
+            stack.extend((c, False) for c in children)
+    return heights.get(id(data), 0)
+
+
+def _shallow(data: Any, source: str) -> Any:
+    depth = nesting_depth(data, MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise ConfigError(source, [ConfigIssue("YAML", f"nested deeper than {MAX_DEPTH} levels")])
+    return data
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_bytes(path: str, inside: str | None = None, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file at ``path``, or a ConfigError naming it. With ``inside``
+    (a config checkout), the file must resolve inside that directory: a committed symlink to
+    /dev/zero, to a FIFO or to /etc/shadow is refused without being opened. Never follows a
+    device or a pipe, never reads more than ``limit`` bytes (one more, to know it is over)."""
+    def refuse(message: str) -> ConfigError:
+        return ConfigError(path, [ConfigIssue("", message)])
+
+    target = path
+    if inside is not None:
+        top, target = os.path.realpath(inside), os.path.realpath(path)
+        if os.path.commonpath([top, target]) != top:
+            raise refuse(f"a symlink to {target}, outside the config directory {top}: refused")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        before = os.stat(target)
+        if not stat.S_ISREG(before.st_mode):
+            raise refuse(f"{_kind_of(before.st_mode)}, not a regular file: refused")
+        if before.st_size > limit:
+            raise refuse(f"{before.st_size} bytes, more than the {limit} a config file may have: refused")
+        # O_NONBLOCK: if the file was swapped for a FIFO since the stat, open() does not hang.
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if inside else 0))
     except OSError as exc:
-        raise ConfigError(path, [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
+        raise refuse(f"cannot read file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(f.fileno())
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise refuse("changed while being read (not the regular file it was): refused")
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise refuse(f"cannot read file: {exc.strerror}") from None
+    if len(data) > limit:
+        raise refuse(f"more than the {limit} bytes a config file may have: refused")
+    return data
+
+
+def read_text(path: str, inside: str | None = None) -> str:
+    """Read a config file (see read_bytes); an unreadable or hostile file is a ConfigError
+    naming it, not a traceback or a hang."""
+    data = read_bytes(path, inside)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [ConfigIssue("", f"not UTF-8 text: {exc.reason}")]) from None
 

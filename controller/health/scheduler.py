@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .probes import ProbeResult, ProbeSpec, probe
-from .watcher import Endpoint, WatchPool
+from .watcher import Endpoint, WatchPool, WatchStats
 
 log = logging.getLogger("controller.health")
 
@@ -76,6 +76,7 @@ class Watcher(Protocol):
     def probe_succeeded(self, endpoint: Endpoint) -> None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...
+    def stats(self) -> WatchStats: ...
 
 
 WatcherFactory = Callable[[Callable[[Endpoint, str], None]], Watcher]
@@ -122,6 +123,7 @@ class SchedulerStats:
     groups: int = 0  # distinct probes (targets that share one count once)
     watch_losses: int = 0  # watch connections lost: each started a confirmation
     confirmations: int = 0  # confirmation probes run
+    watch: WatchStats | None = None  # the watch pool's own counts
 
     def lateness_quantile(self, q: float) -> float:
         """The q-quantile (0..1) of the lateness samples; 0.0 without samples."""
@@ -457,11 +459,12 @@ class CheckScheduler:
             if entry.confirm_left > 0 and entry.task is None:
                 self._confirm_next(entry)
 
-    def stats(self) -> SchedulerStats:
-        """A snapshot for metrics and benchmarks."""
+    def stats(self, lateness: bool = True) -> SchedulerStats:
+        """A snapshot for metrics and benchmarks (without the lateness samples: `lateness`)."""
         return SchedulerStats(
             targets=self._keys, in_flight=len(self._tasks), checks=self._checks,
             skipped=self._skipped, dropped=self._dropped, probe_errors=self._probe_errors,
-            lateness=tuple(self._lateness), probes=self._probes, groups=len(self._entries),
+            lateness=tuple(self._lateness) if lateness else (), probes=self._probes, groups=len(self._entries),
             watch_losses=self._watch_losses, confirmations=self._confirmations,
+            watch=self._watcher.stats(),
         )

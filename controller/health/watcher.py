@@ -23,7 +23,7 @@ import random
 import resource
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from . import watch as w
@@ -53,6 +53,8 @@ class WatchStats:
     losses: int  # established connections lost (each asked for confirmation probes)
     connects: int  # connection attempts
     connect_failures: int
+    # `losses` by how the connection ended (every LossKind, zeros included)
+    losses_by_kind: dict[w.LossKind, int] = field(default_factory=lambda: dict.fromkeys(w.LossKind, 0))
 
 
 class _Conn:
@@ -82,6 +84,7 @@ class WatchPool:
         self._wanted: set[Endpoint] = set()
         self._conns: dict[Endpoint, _Conn] = {}
         self._losses = 0
+        self._losses_by_kind = dict.fromkeys(w.LossKind, 0)
         self._connects = 0
         self._connect_failures = 0
 
@@ -114,10 +117,12 @@ class WatchPool:
         self._loop = None
 
     def stats(self) -> WatchStats:
-        return WatchStats(len(self._conns), sum(1 for c in self._conns.values()
-                                                if c.state.phase is w.WatchPhase.CONNECTED),
-                          len(self._wanted) - len(self._conns), self._losses, self._connects,
-                          self._connect_failures)
+        """Safe from another thread (the metrics server's): the containers are copied by one
+        C call each before anything iterates them."""
+        conns, wanted = list(self._conns.values()), len(self._wanted)
+        return WatchStats(len(conns), sum(1 for c in conns if c.state.phase is w.WatchPhase.CONNECTED),
+                          max(0, wanted - len(conns)), self._losses, self._connects,
+                          self._connect_failures, dict(self._losses_by_kind))
 
     def _sync(self) -> None:
         assert self._loop is not None
@@ -156,6 +161,7 @@ class WatchPool:
         for effect in effects:
             if isinstance(effect, w.Confirm):
                 self._losses += 1
+                self._losses_by_kind[effect.kind] += 1
                 try:
                     self._on_loss(conn.endpoint, f"watch connection {effect.kind.value}: {effect.detail}")
                 except Exception:  # noqa: BLE001 - one bad callback must not stop the watches

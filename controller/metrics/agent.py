@@ -8,19 +8,22 @@ are counters and histograms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..config.model import Attributes
+from ..health.scheduler import SchedulerStats
 from ..health.state import Phase
+from ..health.watch import LossKind
 from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
+PLAN_REFUSALS = ("cache_mac", "cache_invalid", "signature", "replay", "outside_allowed")  # controller.agent.plan_client.PlanClient.refusals
 HEALTH_PHASES = tuple(Phase)  # init, rising, up, falling, down
 # anycast_backend_healthy per phase (the state machine's verdict; -1: none yet)
 _HEALTHY = {Phase.UP: 1.0, Phase.FALLING: 1.0, Phase.DOWN: 0.0, Phase.RISING: 0.0, Phase.INIT: -1.0}
@@ -78,17 +81,20 @@ class AgentSnapshot:
     plan_generation: int = 0
     controller_ok: bool | None = None  # None: no controller configured
     plan_revision: str = ""
+    plan_refusals: Mapping[str, int] = field(default_factory=dict)  # reason -> plans refused (PLAN_REFUSALS)
+    plan_confirmed_at: float | None = None  # wall time the controller last confirmed the plan followed
     controller_url: str = ""
     local_as: int = 0
     peers: tuple[PeerSnapshot, ...] = ()
     held_elsewhere: tuple[str, ...] = ()  # prefixes ExaBGP holds (or may) that are no VIP's
+    checks: SchedulerStats | None = None  # the check scheduler's counts (watches, confirmations)
 
 
 class _SnapshotCollector(Collector):
     def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
         self._snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily | CounterMetricFamily]:
         s = self._snapshot()
         info = InfoMetricFamily("anycast_agent", "The POP agent's identity.")
         info.add_metric([], {"pop": s.pop, "version": __version__, "plan_source": s.plan_source})
@@ -151,10 +157,48 @@ class _SnapshotCollector(Collector):
                                 "Unix time of the last config load attempt.", value=s.config_last_reload_time)
         yield GaugeMetricFamily("anycast_plan_generation", "Generation of the plan the agent follows.",
                                 value=float(s.plan_generation))
+        yield from _check_families(s.checks)
         if s.controller_ok is not None:
             yield GaugeMetricFamily("anycast_controller_reachable",
                                     "1 if the last plan fetch from the controller worked (else the agent "
                                     "follows its last plan).", value=1.0 if s.controller_ok else 0.0)
+            refused = CounterMetricFamily("anycast_plan_refusals",
+                                          "Plans refused, by reason (cache_mac: a cache file this agent did not "
+                                          "write; cache_invalid: unreadable or not a plan; signature: not signed "
+                                          "by a plan key; replay: older than the plan held; outside_allowed: one VIP "
+                                          "outside the allowed prefixes, refused alone).", labels=["reason"])
+            for why in PLAN_REFUSALS:
+                refused.add_metric([why], float(s.plan_refusals.get(why, 0)))
+            yield refused
+            if s.plan_confirmed_at is not None:
+                yield GaugeMetricFamily("anycast_plan_confirmed_timestamp_seconds",
+                                        "Unix time the controller last confirmed the plan the agent follows "
+                                        "(alert when old: the agent never withdraws because of it).",
+                                        value=s.plan_confirmed_at)
+
+
+def _check_families(checks: SchedulerStats | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The watch connections (``check.watch``) and the confirmation probes their losses ran;
+    zeros when nothing is watched, so alerts and dashboards see no gaps."""
+    watch = checks.watch if checks is not None else None
+    yield GaugeMetricFamily("anycast_watch_endpoints", "Backend endpoints with a watch connection (any state).",
+                            value=watch.endpoints if watch else 0)
+    yield GaugeMetricFamily("anycast_watch_connected", "Watch connections established now.",
+                            value=watch.connected if watch else 0)
+    yield GaugeMetricFamily("anycast_watch_unwatched",
+                            "Endpoints whose check wants a watch but exceeds the watch budget (half the open-file "
+                            "limit): polled only.", value=watch.unwatched if watch else 0)
+    losses = CounterMetricFamily("anycast_watch_losses", "Established watch connections lost, by how they ended "
+                                 "(reset, eof, error): each ran confirmation probes.", labels=["kind"])
+    for kind in LossKind:
+        losses.add_metric([kind.value], watch.losses_by_kind.get(kind, 0) if watch else 0)
+    yield losses
+    yield CounterMetricFamily("anycast_watch_connects", "Watch connection attempts.",
+                              value=watch.connects if watch else 0)
+    yield CounterMetricFamily("anycast_watch_connect_failures", "Watch connection attempts that failed.",
+                              value=watch.connect_failures if watch else 0)
+    yield CounterMetricFamily("anycast_check_confirmations", "Confirmation probes run after a watch loss "
+                              "(up to fall each, back to back).", value=checks.confirmations if checks else 0)
 
 
 class AgentMetrics:

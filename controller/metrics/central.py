@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .process import register_process_metrics
 
+SHED_REASONS = ("evicted",)  # controller.server.guard.Shed
 PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
+CHANGE_PHASES = ("steady", "held", "rolling", "rolled_back")  # controller.policy.change.Phase
 ALARM_KINDS = ("checks_down_everywhere", "min_pops_hold", "withdraw_rate_limited", "all_origins_down",
                "drain_blocked")
 
@@ -65,6 +67,8 @@ class ControllerSnapshot:
     # active origin, in anycast_controller_active_origin (and 10,000 VIPs x 50 POPs x 2 origins
     # would be a million series).
     origin_weights: tuple[OriginWeight, ...] = ()
+    change_phase: str = "steady"  # the config change's phase (CHANGE_PHASES)
+    change_withdraw_pairs: int = 0  # (VIP, POP) pairs the held or rolling change withdraws
 
 
 class ControllerView(Protocol):
@@ -137,6 +141,16 @@ class _ControllerCollector(Collector):
         for op in PERSISTENCE_OPERATIONS:
             errors.add_metric([op], float(s.persistence_errors.get(op, 0)))
         yield errors
+        phase = GaugeMetricFamily("anycast_controller_change_phase",
+                                  "1 for the phase the newest config revision is in: steady (applied), held (over "
+                                  "the blast-radius budget, waiting for a confirm), rolling, rolled_back.",
+                                  labels=["phase"])
+        for p in CHANGE_PHASES:
+            phase.add_metric([p], 1.0 if s.change_phase == p else 0.0)
+        yield phase
+        yield GaugeMetricFamily("anycast_controller_change_withdraw_pairs",
+                                "(VIP, POP) pairs the held, rolling or rolled-back config change withdraws.",
+                                value=float(s.change_withdraw_pairs))
 
 
 class ControllerMetrics:
@@ -151,7 +165,78 @@ class ControllerMetrics:
                                       registry=registry)
         self.requests = Counter("anycast_controller_requests", "API requests, by endpoint and status.",
                                 ["endpoint", "status"], registry=registry)
+        # The API's defences (controller.server.guard, controller.server.tls).
+        self.connections_shed = Counter(
+            "anycast_controller_connections_shed",
+            "Unauthenticated API connections closed to keep room for agents (evicted: the oldest, for a "
+            "newcomer past api.max_unauthenticated_connections).", ["reason"], registry=registry)
+        self.accept_errors = Counter("anycast_controller_accept_errors",
+                                     "API connections that could not be accepted (no file descriptors or memory "
+                                     "left); logged at most once per 10 s.", registry=registry)
+        self.api_tls = Gauge("anycast_controller_api_tls", "1 when the API serves HTTPS, 0 for plain HTTP.",
+                             registry=registry)
+        for reason in SHED_REASONS:
+            self.connections_shed.labels(reason)
         for result in ("success", "error"):
             self.reconciles.labels(result)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+
+
+# --- HA (controller.server.ha): leadership and etcd ---------------------------------------------
+# Exported by HA controllers only (a single controller has no leadership): the lab checks
+# them on lab.ha's fleet (tests/integration/test_lab_ha.py), the others on the plain one.
+HA_METRICS = ("anycast_controller_leader", "anycast_controller_leader_known",
+              "anycast_controller_leadership_acquired_total", "anycast_controller_ha_members",
+              "anycast_controller_etcd_up", "anycast_controller_etcd_errors_total")
+ETCD_OPERATIONS = ("load", "append", "compact", "keepalive", "campaign", "members", "alive", "resign", "read")
+
+
+@dataclass(frozen=True)
+class HaSnapshot:
+    leader: bool  # this controller acts as the leader now
+    leader_known: bool  # some controller holds the leader key (as last seen)
+    became_leader: int  # times this controller became leader
+    members: int  # controllers registered in etcd (as last seen)
+    endpoints: Mapping[str, bool | None]  # etcd endpoint -> answered last time (None: not tried)
+    etcd_errors: Mapping[str, int]  # operation -> calls that no endpoint answered
+
+
+class HaView(Protocol):
+    def ha_snapshot(self) -> HaSnapshot: ...
+
+
+class _HaCollector(Collector):
+    def __init__(self, view: HaView, term: Callable[[], CollectorRegistry | None]) -> None:
+        self._view, self._term = view, term
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._view.ha_snapshot()
+        yield GaugeMetricFamily("anycast_controller_leader", "1 while this controller is the HA leader.",
+                                value=1.0 if s.leader else 0.0)
+        yield GaugeMetricFamily("anycast_controller_leader_known",
+                                "1 while some controller holds the leader key (as this one last saw it).",
+                                value=1.0 if s.leader_known else 0.0)
+        yield CounterMetricFamily("anycast_controller_leadership_acquired",
+                                  "Times this controller became the leader.", value=float(s.became_leader))
+        yield GaugeMetricFamily("anycast_controller_ha_members", "Controllers registered in etcd.",
+                                value=float(s.members))
+        up = GaugeMetricFamily("anycast_controller_etcd_up", "1 if the etcd endpoint answered the last request.",
+                               labels=["endpoint"])
+        for endpoint, ok in s.endpoints.items():
+            up.add_metric([endpoint], 1.0 if ok else 0.0)
+        yield up
+        errors = CounterMetricFamily("anycast_controller_etcd_errors",
+                                     "etcd calls that no endpoint answered, by operation.", labels=["operation"])
+        for op in ETCD_OPERATIONS:
+            errors.add_metric([op], float(s.etcd_errors.get(op, 0)))
+        yield errors
+        term = self._term()
+        if term is not None:  # the leader's plans, reports, persistence (ControllerMetrics)
+            yield from term.collect()  # type: ignore[misc]
+
+
+def register_ha_metrics(registry: CollectorRegistry, view: HaView,
+                        term: Callable[[], CollectorRegistry | None]) -> None:
+    """The HA shell's metrics, and those of the current leader term's registry when leading."""
+    registry.register(_HaCollector(view, term))

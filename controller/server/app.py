@@ -19,17 +19,26 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
     GET    /v1/dials             every origin region's traffic dial (config and operator), who and why
     POST   /v1/dials/{region}    {"pct": 0-100, "by": "...", "why": "..."}: set it (409: refused by the gate)
     DELETE /v1/dials/{region}    hand the region's dial back to the config
+    POST   /v1/change/confirm    confirm the held (or rolled-back) config revision:
+                                 ``{"revision": REV, "by": WHO, "reason": WHY}``; 409 if REV is
+                                 not the revision waiting (a newer commit replaced it, or
+                                 nothing waits)
 
 Errors are JSON ``{"error": "...", "field": "..."}``: 400 malformed JSON or a bad field,
 401 no or unknown token, 403 a token for another POP (or a POP token on an operator
-endpoint), 404 unknown POP or VIP, 409 a delta report whose ``base`` is not the last report
-held (send a full one), 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP x
-origin-region pair the POP publishes), 422 a report about a VIP the POP does not publish, 503 a drain or undrain that cannot be saved
-(the state directory is full, failing or read-only). A rejected request changes nothing.
+endpoint, or with mTLS a POP request without a client certificate naming the POP), 404
+unknown POP or VIP, 408 a report body slower than ``api.body_timeout``, 409 a delta report
+whose ``base`` is not the last report held (send a full one), whose ``seq`` is not above the
+last one applied (a replay; ``last_seq`` says where to continue) or a confirm of a revision
+that is not the one waiting, 413 a report over ``wire.report_limit`` (1 MiB plus 160 B per VIP
+x origin-region pair the POP publishes), 422 a report about a VIP the POP does not publish, 503
+a drain or undrain that cannot be saved (the state directory is full, failing or read-only). A
+rejected request changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import hmac
@@ -43,13 +52,21 @@ from aiohttp import web
 
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
-from ..wire import MAX_REPORT_BYTES, WireError, apply_report_delta, decode_report, parse_counter, report_limit
-from .core import ActionNotPersisted, ActionRefused, Controller
+from ..wire import MAX_REPORT_BYTES, SIGNATURE_HEADER, WireError, apply_report_delta, decode_report, parse_counter, report_limit
+from ..policy import change
+from .core import ActionNotPersisted, ActionRefused, ChangeRefused, Controller
+from .guard import ConnectionGuard
+from .signing import PlanSigner
 from .snapshot import persistence_status, snapshot
+from .tls import peer_names
 
 log = logging.getLogger("controller.server")
 CONTROLLER = web.AppKey("controller", Controller)
 REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
+GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
+SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
+StatusExtra = Callable[[], dict[str, Any]]
+STATUS_EXTRA: web.AppKey[StatusExtra] = web.AppKey("status_extra")  # more /v1/status sections (HA)
 MAX_WAIT = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,7 +113,21 @@ def _pop_auth(request: web.Request) -> tuple[Controller, str] | web.Response:
         if any(_matches(token, p.token_sha256) for p in ctl.desired.pops):
             return error(403, f"this token belongs to another POP, not {pop!r}", "Authorization")
         return error(401, "invalid token", "Authorization")
+    tls = ctl.desired.api.tls
+    if tls is not None and tls.client_ca is not None:
+        names = peer_names(request.transport.get_extra_info("peercert") if request.transport else None)
+        if pop not in names:
+            got = ", ".join(sorted(names)) or "no client certificate"
+            return error(403, f"POP {pop!r} must present a client certificate naming it (got {got})", "certificate")
+    _authenticated(request)
     return ctl, pop
+
+
+def _authenticated(request: web.Request) -> None:
+    """This connection carried a valid token: the connection guard no longer counts it."""
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.trust(request.transport)
 
 
 def _operator_auth(request: web.Request) -> Controller | web.Response:
@@ -108,6 +139,7 @@ def _operator_auth(request: web.Request) -> Controller | web.Response:
         if any(_matches(token, p.token_sha256) for p in ctl.desired.pops):
             return error(403, "an agent token cannot use operator endpoints", "Authorization")
         return error(401, "invalid token", "Authorization")
+    _authenticated(request)
     return ctl
 
 
@@ -123,10 +155,15 @@ async def get_plan(request: web.Request) -> web.StreamResponse:
         return error(400, exc.message, exc.field)
     await ctl.wait_for_change(pop, after, min(wait, MAX_WAIT))
     body, gzipped = ctl.plans.answer(pop, after)
+    headers = {}
+    signer = request.app.get(SIGNER)
+    if signer is not None:
+        headers[SIGNATURE_HEADER] = signer.header(pop, ctl.plans.pops[pop].generation, body, gzipped)
     if gzipped and "gzip" not in request.headers.get("Accept-Encoding", ""):
         body, gzipped = gzip.decompress(body), False  # a client without gzip (aiohttp's has it)
-    return web.Response(body=body, content_type="application/json",
-                        headers={"Content-Encoding": "gzip"} if gzipped else None)
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def _seconds(text: str, field: str) -> float:
@@ -174,19 +211,29 @@ async def post_report(request: web.Request) -> web.StreamResponse:
     published = ctl.published_regions(pop)
     book = request.app[REPORTS].setdefault(pop, _ReportBook())
     limit = book.limit(published)
-    raw = await _read_at_most(request, limit)
+    try:
+        async with asyncio.timeout(ctl.desired.api.body_timeout):
+            raw = await _read_at_most(request, limit)
+    except TimeoutError:
+        return error(408, f"the report body did not arrive within {ctl.desired.api.body_timeout:g} s", "body")
     if raw is None:
         return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"malformed JSON: {exc}", "body")
+    except (ValueError, RecursionError) as exc:  # also a 5,000-digit number or 100,000-level nesting
+        return error(400, f"malformed JSON: {str(exc)[:200]}", "body")
     try:
         report = decode_report(body, published)
     except WireError as exc:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field or "body")
     origins, announced = report.origins, report.announced
+    if report.seq is not None and book.seq is not None and report.seq <= book.seq:
+        # Each report is numbered above the last (agents start from the clock): an older or
+        # equal number is a replay or a straggler, and would roll the POP's health back.
+        return web.json_response({"error": f"report {report.seq} is not newer than report {book.seq}, already "
+                                           f"applied for {pop}: replayed or out of order", "field": "seq",
+                                  "last_seq": book.seq}, status=409)
     if report.base is not None:
         previous = ctl.reports.get(pop)
         if previous is None or book.seq != report.base:
@@ -220,9 +267,44 @@ async def get_status(request: web.Request) -> web.StreamResponse:
                  for p in ctl.desired.pops],
         "vips": [{"vip": v.name, "note": ctl.result.notes.get(v.name, "") if ctl.result else ""}
                  for v in ctl.desired.vips],
-        "alarms": [{"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms()],
+        "alarms": [*([own] if (own := ctl.change_alarm()) else []),
+                   *({"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms())],
         "persistence": persistence_status(ctl),
+        "change": change_status(ctl),
+        **(request.app[STATUS_EXTRA]() if STATUS_EXTRA in request.app else {}),
     })
+
+
+def change_status(ctl: Controller) -> dict[str, object]:
+    """``/v1/status``'s change section: the config change's state (policy/change.py)."""
+    r = ctl.rollout
+    return {**change.to_json(r), "applied_revision": ctl.base.revision, "alarm": r.alarm(),
+            "rolled": sorted(r.rolled()), "bake": ctl.base.change.bake, "wave_ends_at": r.wake_at(ctl.base.change),
+            "budget": {"max_withdraw_fraction": ctl.base.change.max_withdraw_fraction,
+                       "max_removed_vips": ctl.base.change.max_removed_vips}}
+
+
+async def confirm_change(request: web.Request) -> web.StreamResponse:
+    auth = _operator_auth(request)
+    if isinstance(auth, web.Response):
+        return auth
+    ctl = auth
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"malformed JSON: {exc}", "body")
+    if not isinstance(body, dict):
+        return error(400, "expected a JSON object", "body")
+    for key in ("revision", "by", "reason"):
+        if not isinstance(body.get(key), str) or not body[key].strip():
+            return error(400, f"{key}: a non-empty string is needed", key)
+    try:
+        ctl.confirm_change(body["revision"].strip(), body["by"].strip()[:200], body["reason"].strip()[:2000])
+    except ChangeRefused as exc:
+        return error(409, str(exc), "revision")
+    except ActionNotPersisted as exc:
+        return error(503, str(exc), "state_dir")
+    return web.json_response(change_status(ctl))
 
 
 async def get_explain(request: web.Request) -> web.StreamResponse:
@@ -299,11 +381,11 @@ async def dials(request: web.Request) -> web.StreamResponse:
     by, why = "", ""
     if request.method == "POST":
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "expected a JSON object", "")
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError) as exc:  # also a 5,000-digit number or 100,000-level nesting
+            return error(400, f"malformed JSON: {str(exc)[:200]}", "body")
         if not isinstance(body, dict):
-            return error(400, "expected a JSON object", "")
+            return error(400, "expected a JSON object", "body")
         pct, by, why = body.get("pct"), body.get("by", ""), body.get("why", "")
         if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
             return error(400, f"expected an integer from 0 to 100, got {pct!r}", "pct")
@@ -311,6 +393,7 @@ async def dials(request: web.Request) -> web.StreamResponse:
             return error(400, "say who sets the dial", "by")
         if not isinstance(why, str) or not why.strip():
             return error(400, "say why (it is recorded with the dial)", "why")
+        by, why = by.strip()[:200], why.strip()[:2000]
     try:
         changed = ctl.dial(region, pct, by, why)
     except ActionRefused as exc:
@@ -320,9 +403,11 @@ async def dials(request: web.Request) -> web.StreamResponse:
     return web.json_response({"region": region, "changed": changed, **_dials(ctl)["dials"][region]})
 
 
-def make_app(ctl: Controller) -> web.Application:
+def make_app(ctl: Controller, extra_status: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[json_errors])
     app[CONTROLLER] = ctl
+    if extra_status is not None:
+        app[STATUS_EXTRA] = extra_status
     app[REPORTS] = {}
     app.add_routes([
         web.get("/v1/plans/{pop}", get_plan),
@@ -335,5 +420,6 @@ def make_app(ctl: Controller) -> web.Application:
         web.get("/v1/dials", dials),
         web.post("/v1/dials/{region}", dials),
         web.delete("/v1/dials/{region}", dials),
+        web.post("/v1/change/confirm", confirm_change),
     ])
     return app

@@ -16,18 +16,20 @@ complete plan. ``replan()`` plans at once (tests, the CLI, operator actions).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.desired_model import DesiredState, with_dials
+from ..config.desired_model import DesiredState, FleetVip, with_dials
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, OriginWeight, PopSnapshot
+from ..policy import change
 from ..policy.engine import Changes, Engine, Pass, compact_report
 from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from ..policy.planner import VipPlan
@@ -71,6 +73,10 @@ class PersistenceStatus:
     recovered: tuple[str, ...] = ()  # what the state at start could not be read from (an alarm until restart)
 
 
+class ChangeRefused(change.ChangeRefused):
+    """A confirm that does not fit the config change's state (HTTP 409); nothing changed."""
+
+
 class ActionNotPersisted(Exception):
     """An operator action was refused because it could not be made durable (HTTP 503)."""
 
@@ -99,8 +105,14 @@ DialGate = Callable[[DialChange], str | None]
 
 @dataclass
 class Controller:
+    """``desired``: the newest revision loaded (the *target*); ``applied``: the last revision
+    applied everywhere, kept in the state directory (None: the same). While a config change
+    is held or rolls out, ``self.desired`` is what the planner gets (policy/change.py)."""
+
     desired: DesiredState
     clock: Callable[[], float] = time.time
+    applied: DesiredState | None = None
+    on_applied: Callable[[DesiredState], None] | None = None  # a revision became the base: keep it
     reports: dict[str, PopReport] = field(default_factory=dict)
     plans: PlanStore = field(default_factory=PlanStore)  # what agents fetch (server/plans.py)
     result: PlanResult | None = None
@@ -127,7 +139,12 @@ class Controller:
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
     dial_gate: DialGate | None = None  # see DialGate
-    _configured: DesiredState | None = None  # the desired state as loaded, before operator dials
+    rollout: change.Rollout = field(default_factory=change.Rollout)  # the config change in progress
+    target: DesiredState = field(init=False)  # the newest revision loaded
+    base: DesiredState = field(init=False)  # the last revision applied everywhere
+    # What the config change serves (change.effective of base and target, their config dials
+    # in it), before the operator's dials: ``desired`` is this with them over it.
+    _configured: DesiredState | None = None
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -141,6 +158,7 @@ class Controller:
             raise
         self.persisted, self._durable, self._seq = loaded.state.copy(), loaded.state.copy(), loaded.seq
         self._held = _DurableMemory(loaded.state.planner)
+        pending = self._resume_rollout(loaded.state.rollout)
         if loaded.problems:
             # Recovered from the previous good state without what could not be read: loud,
             # and kept in status until a restart (the operator should check the drains).
@@ -153,10 +171,44 @@ class Controller:
         # The engine starts from the loaded memory; its first pass plans every VIP (all are
         # new to it) with the presumed reports, so a restart resumes the timers where they were.
         self._engine = Engine(loaded.state.planner)
-        self._configured = self.desired
-        self.desired = with_dials(self.desired, self._operator_dials())
-        self.config = ConfigStatus(revision=self.desired.revision, loaded_at=self.clock())
+        self.config = ConfigStatus(revision=self.target.revision, loaded_at=self.clock())
         self.replan()
+        if pending:  # a revision committed while no controller ran: judged against what the base announces
+            self._new_revision(self.target)
+
+    def _resume_rollout(self, saved: Mapping[str, Any] | None) -> bool:
+        """Start serving the base, the target, or the rollout between them the store kept;
+        True if the target is new to the store (it must pass the gate, once planned)."""
+        self.target = self.desired
+        self.base = self.applied if self.applied is not None else self.desired
+        rollout = None
+        if saved is not None:
+            try:
+                rollout = change.from_json(saved)
+            except (KeyError, ValueError, TypeError, AssertionError) as exc:
+                log.error("ALARM persistence: the config change's state is unreadable (%s): judging revision %s "
+                          "again", exc, self.target.revision)
+        pending = False
+        if self.base.revision == self.target.revision:
+            self.rollout = change.Rollout(base=self.target.revision, target=self.target.revision,
+                                          since=rollout.since if rollout else 0.0)
+        elif rollout is not None and rollout.base == self.base.revision and rollout.target == self.target.revision:
+            self.rollout = rollout
+            if rollout.phase is not change.Phase.STEADY:
+                log.error("ALARM resuming config change %s -> %s: %s", rollout.base, rollout.target,
+                          rollout.alarm() or f"{rollout.phase}, {rollout.detail}")
+        else:
+            self.rollout = change.Rollout(base=self.base.revision, target=self.base.revision)
+            pending = True
+        self.persisted.rollout = change.to_json(self.rollout)
+        self._plan_composed(change.effective(self.base, self.target, self.rollout))
+        return pending
+
+    def _plan_composed(self, composed: DesiredState) -> None:
+        """Plan ``composed`` (what the config change serves) with the operator's dials over it:
+        an operator's dial outlives revisions; a revision's own ``dials:`` are in ``composed``."""
+        self._configured = composed
+        self.desired = with_dials(composed, self._operator_dials())
 
     def _presume_reports(self, alive: store.Alive | None) -> None:
         """After a quick restart, presume each POP still says what it said last.
@@ -232,14 +284,117 @@ class Controller:
 
     # --- inputs ------------------------------------------------------------------------
     def apply_config(self, new: DesiredState) -> None:
-        removed = {p.name for p in self.desired.pops} - {p.name for p in new.pops}
-        self._configured = new
-        self.desired = with_dials(new, self._operator_dials())
-        for pop in removed:
-            self.reports.pop(pop, None)
+        """A new revision: applied at once if it withdraws nothing announced; else held (over
+        the budget) or rolled out in waves (policy/change.py). Its ``dials:`` travel with it."""
+        self.target = new
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
         log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
+        self._new_revision(new)
         self.plan_soon()
+
+    # --- config changes: the blast-radius budget and the staged rollout -------------------------
+    def announced_pairs(self, vips: Iterable[FleetVip] | None = None) -> frozenset[change.Pair]:
+        """The (VIP, POP) pairs the served desired state publishes (of ``vips``, default all)
+        and its plans do not withdraw."""
+        out = set()
+        for fv in self.desired.vips if vips is None else vips:
+            if fv.enabled:
+                for pop in fv.publish:
+                    item = self.item(pop, fv.name)
+                    if item is None or item.wanted:
+                        out.add((fv.name, pop))
+        return frozenset(out)
+
+    def blast_radius(self, new: DesiredState) -> tuple[change.BlastRadius, tuple[tuple[str, ...], ...]]:
+        """What ``new`` would withdraw of what is announced now, and in which waves. Only the
+        VIPs it changes are walked (a VIP whose definition is the same object, as the loader
+        keeps it, withdraws nothing): a one-line commit costs O(VIPs), not O(VIPs x POPs).
+        Judged against what is served before the operator's dials (a revision carries its own
+        dials, not the operator's: else every dialed VIP would count as changed)."""
+        assert self._configured is not None
+        served = self._configured
+        before = {fv.name: fv for fv in served.vips}
+        after = {fv.name: fv for fv in new.vips}
+        touched = {name for name in before.keys() | after.keys()
+                   if (old := before.get(name)) is None or (now := after.get(name)) is None
+                   or not (now is old or now == old)}
+        old_vips = tuple(fv for name, fv in before.items() if name in touched)
+        new_vips = tuple(fv for name, fv in after.items() if name in touched)
+        load = {pop: self.served[pop].wanted for pop in self.served}
+        radius = change.blast_radius(self.announced_pairs(old_vips),
+                                     change.pairs(dataclasses.replace(served, vips=old_vips)),
+                                     dataclasses.replace(new, vips=new_vips), announced_total=sum(load.values()))
+        return radius, change.waves(radius.withdrawn, load, self.base.change)
+
+    def _new_revision(self, new: DesiredState) -> None:
+        radius, waves = self.blast_radius(new)
+        self._step(change.NewRevision(new.revision, radius, waves))
+
+    def confirm_change(self, revision: str, by: str, reason: str) -> change.Rollout:
+        """An operator confirms the held (or rolled-back) revision: it rolls out in waves.
+        ChangeRefused if ``revision`` is not the one waiting; ActionNotPersisted if the
+        confirm cannot be saved (nothing changed either way)."""
+        radius, waves = self.blast_radius(self.target)
+        try:
+            self._step(change.Confirm(revision, by, reason, radius, waves), durable=f"confirm of revision {revision}")
+        except change.ChangeRefused as exc:
+            raise ChangeRefused(str(exc)) from None
+        log.warning("config revision %s confirmed by %s: %s", self.target.revision, by, reason)
+        return self.rollout
+
+    def _step(self, event: change.Event, durable: str = "") -> None:
+        """One transition of the config change (the base's ``change`` policy: a revision
+        cannot loosen the budget that judges it), then serve what it says."""
+        now = self.clock()
+        new, effects = change.step(self.rollout, event, now, self.base.change)
+        if new == self.rollout:
+            return
+        doc = change.to_json(new)
+        if durable:
+            self._persist_action(store.Changes(rollout=doc), durable)
+        self.rollout = new
+        self.persisted.rollout = doc
+        for e in effects:
+            if e.kind is change.EffectKind.HELD:
+                log.error("ALARM change_held: %s", e.text)
+            elif e.kind is change.EffectKind.ROLLED_BACK:
+                log.error("ALARM rollout_rolled_back: %s", e.text)
+            elif e.kind is change.EffectKind.WAVE:
+                log.warning("%s", e.text)
+            else:
+                log.info("%s", e.text)
+                self.base = self.target
+                if self.on_applied is not None:
+                    self.on_applied(self.target)
+        self._set_effective()
+        if not durable:
+            self._save()
+
+    def _set_effective(self) -> None:
+        new = change.effective(self.base, self.target, self.rollout)
+        if new is self._configured:
+            return
+        for pop in {p.name for p in self.desired.pops} - {p.name for p in new.pops}:
+            self.reports.pop(pop, None)
+        self._plan_composed(new)
+        self.plan_soon()
+
+    def _check_gate(self) -> None:
+        if self.rollout.phase is not change.Phase.ROLLING:
+            return
+        result = change.gate(self.rollout, self.base.change, self.clock(), self.desired, self.reports,
+                             self.persisted.generations, self._min_stale_after())
+        if result.verdict is not change.Verdict.WAIT:
+            self._step(result)
+
+    def change_alarm(self) -> dict[str, str] | None:
+        """The config change's alarm (held, rolled back) as /v1/status lists alarms (about no
+        VIP: ``vip`` empty); the metric is anycast_controller_change_phase."""
+        text = self.rollout.alarm()
+        if not text:
+            return None
+        kind = "change_held" if self.rollout.phase is change.Phase.HELD else "rollout_rolled_back"
+        return {"kind": kind, "vip": "", "detail": text}
 
     def reject_config(self, exc: ConfigError, revision: str) -> None:
         self.config.last_error = exc.summary()
@@ -386,6 +541,8 @@ class Controller:
                 self._durable.dials.pop(region, None)
             else:
                 self._durable.dials[region] = d
+        if changes.rollout is not None:
+            self._durable.rollout = changes.rollout
         self._persistence_recovered()
 
     # --- planning ----------------------------------------------------------------------
@@ -393,6 +550,7 @@ class Controller:
         """Plan what changed or came due, in the background of the running event loop (at
         once when there is none: tests, the CLI). The serve loop's tick calls it too, as a
         safety net: timers are scheduled on their own (``_schedule``)."""
+        self._check_gate()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -457,7 +615,9 @@ class Controller:
         engine.mark(self.desired, self.reports, self.persisted.drains, now)
         p = engine.begin(now, refresh=True)
         engine.compute(p)
-        return self._publish(engine.commit(p), now)
+        result = self._publish(engine.commit(p), now)
+        self._check_gate()
+        return self.result or result
 
     def _publish(self, changes: Changes, now: float) -> PlanResult:
         """Log, persist and serve what a committed pass changed."""
@@ -469,7 +629,11 @@ class Controller:
                 log.info("VIP %s: %s", vip, note)
         result = PlanResult(engine.state(), engine.items, engine.notes, engine.alarms(), engine.settle_at())
         self.result = result
-        self._schedule(engine.next_wake(), now)
+        wake = engine.next_wake()
+        if (gate_at := self.rollout.wake_at(self.base.change)) is not None:
+            gate_at = gate_at if gate_at > now else now + 1.0  # past the bake: look again each second
+            wake = gate_at if wake is None else min(wake, gate_at)
+        self._schedule(wake, now)
         self.persisted.planner = result.state
         self._held.unsaved |= changes.memory
         pops = set(changes.pops)
@@ -537,7 +701,8 @@ class Controller:
         vips, pop_vips, written = self._held.changes(engine.plans, self._index().names)
         changes = store.Changes(store.diff_map(self._durable.drains, self.persisted.drains),
                                 store.diff_map(self._durable.generations, self.persisted.generations),
-                                vips, pop_vips)
+                                vips, pop_vips,
+                                self.persisted.rollout if self.persisted.rollout != self._durable.rollout else None)
         if not changes:
             self._held.saved(written, engine.plans)
             return
@@ -597,7 +762,10 @@ class Controller:
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
                                   not self.config.last_error, self.config.loaded_at,
                                   self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()},
-                                  self._origin_weights())
+                                  change_phase=str(self.rollout.phase),
+                                  change_withdraw_pairs=len(self.rollout.withdraw)
+                                  if self.rollout.phase is not change.Phase.STEADY else 0,
+                                  origin_weights=self._origin_weights())
 
     def _origin_weights(self) -> tuple[OriginWeight, ...]:
         out = []

@@ -14,9 +14,11 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import watchfiles
 
@@ -25,18 +27,28 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from ..config.desired import LoadCache, load_desired, read_state_dir
 from ..config.desired_model import DesiredState
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
-from .app import Handler, make_app
+from .app import GUARD, SIGNER, Handler, make_app
+from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature
+from .signing import PlanSigner, load_signing_key
+from .tls import ServerTls, plaintext_warning
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # look at the config and the engine's timers at least this often
 WATCH = 0.1  # a change must have settled this long (and stat polling looks this often)
 RECHECK = 30.0  # look at content and commit this often even without a notification
+
+
+class ListenFailed(Exception):
+    """An address the controller must listen on cannot be bound (in use, not local, no permission)."""
+
+    def __init__(self, what: str, host: str, port: int, exc: OSError) -> None:
+        super().__init__(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}")
 
 
 class Watcher:
@@ -65,6 +77,10 @@ class Watcher:
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
+        # HA (server/ha.py): keep the last good desired state in etcd too, and fetch it from
+        # there at start when neither the checkout nor state_dir has a good one.
+        self.also_keep: Callable[[str, dict[str, str]], None] | None = None
+        self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
 
     def load(self) -> DesiredState:
         fp = fingerprint(self.directory)
@@ -86,6 +102,12 @@ class Watcher:
         except ConfigError as exc:
             state_dir = self.state_dir or read_state_dir(self.directory)
             kept = store.saved_desired(state_dir)
+            if kept is None and self.fetch_kept is not None and (fetched := self.fetch_kept()) is not None:
+                try:
+                    store.save_desired(state_dir, *fetched)
+                    kept = store.saved_desired(state_dir)
+                except store.PersistenceError as keep_error:
+                    log.error("cannot keep the desired state fetched from etcd: %s", keep_error)
             if kept is None:
                 raise
             kept_dir, kept_rev = kept
@@ -100,6 +122,23 @@ class Watcher:
             self._kept = ""
             return dataclasses.replace(desired, directory=self.directory, state_dir=state_dir)
 
+    def kept_base(self, desired: DesiredState) -> DesiredState | None:
+        """The last revision applied everywhere, kept in the state directory, if it is not
+        ``desired`` (a change committed while no controller ran, or one held or rolling out
+        when it stopped: judged against it, see policy/change.py); None if none loads."""
+        state_dir = desired.state_dir
+        kept = store.saved_desired(state_dir)
+        if kept is None or kept[1] == desired.revision:
+            return None
+        kept_dir, kept_rev = kept
+        try:
+            base = load_desired(kept_dir, kept_rev)
+        except ConfigError as exc:
+            log.error("the applied desired state kept in %s does not load (%s): revision %s is applied as it is",
+                      kept_dir, exc.summary(), desired.revision)
+            return None
+        return dataclasses.replace(base, directory=self.directory, state_dir=state_dir)
+
     def keep_last_good(self, state_dir: str, on_error: Callable[[store.PersistenceError], None]) -> None:
         """Keep what load() read last in ``state_dir`` (in a thread: a reload's plans are not
         held up by it), unless it is kept already. Call it only while holding the state
@@ -109,9 +148,13 @@ class Watcher:
         fp, rev, files = self._to_keep
         self._kept = fp
 
+        also = self.also_keep
+
         def keep() -> None:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 loop.call_soon_threadsafe(on_error, exc)
         try:
@@ -119,6 +162,8 @@ class Watcher:
         except RuntimeError:
             try:
                 store.save_desired(state_dir, rev, files)
+                if also is not None:
+                    also(rev, files)
             except store.PersistenceError as exc:
                 on_error(exc)
             return
@@ -201,20 +246,55 @@ class _Relevant:
                                                              or change == watchfiles.Change.deleted)
 
 
+class Gate(Protocol):
+    """HA (server/ha.py): whether this controller may act as the leader right now."""
+
+    def acting(self) -> bool: ...
+
+    def not_leader(self) -> web.Response: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
-                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None) -> int:
+                metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None,
+                state_store: store.Store | None = None, gate: Gate | None = None,
+                registry: CollectorRegistry | None = None) -> int:
+    """Serve until ``stop``. HA (server/ha.py) passes the etcd store, the leadership gate
+    (every request is refused once it stops acting) and a registry of this term's own, which
+    the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
-    ctl = Controller(desired)  # takes the state directory (StateDirLocked: another controller has it)
-    registry = CollectorRegistry()
+    # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
+    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None,
+                     state_store=state_store)
+    if state_store is not None:
+        ctl.persistence.state_dir = getattr(state_store, "where", ctl.persistence.state_dir)
+    own_registry = registry is None
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = ControllerMetrics(registry, lambda: ctl)
     if watcher.start_error is not None:  # serving the kept last good state: say why, as a rejected reload
         ctl.reject_config(*watcher.start_error)
         metrics.config_reloads.labels("failure").inc()
     else:
         metrics.config_reloads.labels("success").inc()
-    state_dir = ctl.persistence.state_dir
-    watcher.keep_last_good(state_dir, ctl.persistence_failed)
-    app = make_app(ctl)
+    state_dir = ctl.desired.state_dir
+    # Only a revision applied everywhere is kept as the last good one (a held revision is not
+    # good yet: a restart must judge it against the one before).
+    ctl.on_applied = lambda _: watcher.keep_last_good(state_dir, ctl.persistence_failed)
+    if ctl.base.revision == desired.revision:
+        watcher.keep_last_good(state_dir, ctl.persistence_failed)
+    app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    if gate is not None:
+        @web.middleware
+        async def leader_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # Checked again after the handler: a long-poll woken after leadership was lost
+            # must not hand out a plan.
+            if not gate.acting():
+                return gate.not_leader()
+            response = await handler(request)
+            return response if gate.acting() else gate.not_leader()
+
+        app.middlewares.append(leader_only)
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -224,26 +304,55 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         return response
 
     app.middlewares.append(count)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     host, port = listen or desired.listen
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("controller serving %s (%d POPs, %d VIPs) on http://%s:%d", desired.revision, len(desired.pops),
-             len(desired.vips), host, port)
+    tls = ServerTls(desired.api.tls) if desired.api.tls is not None else None  # ConfigError: exit at start
+    guard = ConnectionGuard(_guard_bound(desired.api.max_unauthenticated_connections),
+                            on_shed=lambda reason: metrics.connections_shed.labels(reason.value).inc())
+    app[GUARD] = guard
+    if desired.api.signing_key is not None:  # ConfigError: exit at start
+        app[SIGNER] = PlanSigner(load_signing_key(desired.api.signing_key))
+    metrics.api_tls.set(1 if tls else 0)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(RateLimitedLoopErrors(
+        on_error=lambda message: metrics.accept_errors.inc() if is_accept_error(message) else None))
+    # keepalive_timeout is also the header deadline (controller.server.guard, point 1).
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=desired.api.header_timeout)
+    await runner.setup()
+    assert runner.server is not None  # set up just now
     mhost_port = metrics_listen or desired.metrics_listen
-    if mhost_port:
-        start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+    try:
+        # The API first: a controller that cannot serve plans must not look alive on its metrics port.
+        try:
+            server = await loop.create_server(guard.protocol_factory(runner.server), host, port,
+                                              ssl=tls.context if tls else None,
+                                              ssl_handshake_timeout=desired.api.header_timeout if tls else None)
+        except OSError as exc:
+            raise ListenFailed("listen", host, port, exc) from exc
+        if mhost_port and own_registry:  # HA: the shell serves its own registry (server/ha.py)
+            try:
+                start_http_server(mhost_port[1], addr=mhost_port[0], registry=registry)
+            except OSError as exc:
+                server.close()
+                raise ListenFailed("metrics_listen", *mhost_port, exc) from exc
+    except ListenFailed:
+        await runner.cleanup()
+        ctl.close()  # frees the state directory: nothing was served, nothing changed
+        raise
+    if (warning := plaintext_warning(desired.api.tls, host)) is not None:
+        log.warning("%s", warning)
+    log.info("controller serving %s (%d POPs, %d VIPs) on %s://%s:%d", desired.revision, len(desired.pops),
+             len(desired.vips), "https" if tls else "http", host, port)
+    if mhost_port and own_registry:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
     stop = stop or asyncio.Event()
     reload_now = asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
     watching = asyncio.ensure_future(watcher.poke_on_change(poke))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    if gate is None:  # HA's shell has the signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
     try:
@@ -252,9 +361,13 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             if reload_now.is_set() or watcher.changed():
                 reload_now.clear()
                 try:
-                    ctl.apply_config(watcher.load())
+                    new = watcher.load()
+                    if tls is not None or new.api.tls is not None:
+                        _reload_tls(tls, new)
+                    _reload_signing_key(app, new)
+                    guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
+                    ctl.apply_config(new)  # kept as the last good one once applied (on_applied)
                     metrics.config_reloads.labels("success").inc()
-                    watcher.keep_last_good(state_dir, ctl.persistence_failed)
                     planned = True  # apply_config planned: a second pass now only delays the new plans
                 except ConfigError as exc:
                     ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")
@@ -278,8 +391,39 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 w.cancel()
     finally:
         watching.cancel()
+        server.close()
         await runner.cleanup()
         watcher.close()
         ctl.close()
     log.info("controller stopped")
     return 0
+
+
+def _reload_tls(tls: ServerTls | None, new: DesiredState) -> None:
+    """The certificate and key again (renewed files take effect for new connections), or a
+    ConfigError that rejects the reload: TLS cannot be switched on or off without a restart."""
+    if tls is None:
+        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", "TLS was off at start: switching it on "
+                                                                     "takes a restart")])
+    tls.reload(new.api.tls)
+
+
+def _guard_bound(configured: int, warn: bool = True) -> int:
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    bound = bounded_by_descriptors(configured, fd_limit if fd_limit != resource.RLIM_INFINITY else 1 << 20)
+    if bound < configured and warn:
+        log.warning("api.max_unauthenticated_connections %d lowered to %d: the process may open only %d files "
+                    "(raise LimitNOFILE)", configured, bound, fd_limit)
+    return bound
+
+
+def _reload_signing_key(app: web.Application, new: DesiredState) -> None:
+    """The signing key again (a rotation: README, Security); ConfigError, nothing changed, if it
+    does not load or would be switched on or off (agents holding plan_keys would refuse
+    every plan, or accept unsigned ones: that takes a restart)."""
+    signer = app.get(SIGNER)
+    if (signer is None) != (new.api.signing_key is None):
+        raise ConfigError("controller.yaml", [ConfigIssue("api.signing_key", "switching plan signing on or off "
+                                                                             "takes a restart")])
+    if signer is not None and new.api.signing_key is not None:
+        signer.use(load_signing_key(new.api.signing_key))

@@ -9,28 +9,43 @@ import hashlib
 import os
 import subprocess
 
+from ..config.errors import ConfigError
+from ..config.reader import read_bytes
+
 
 def _yaml_files(directory: str) -> list[str]:
     """Every YAML file under ``directory`` (hidden directories such as .git skipped), in order."""
     paths = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(root, n) for n in sorted(files) if n.endswith((".yaml", ".yml"))]
+        # A directory named like a YAML file too: the loader refuses it, so its coming and
+        # going is a change.
+        paths += [os.path.join(root, n) for n in sorted(files + dirs) if n.endswith((".yaml", ".yml"))]
     return paths
 
 
 def fingerprint(directory: str) -> str:
-    """sha256 over every YAML file's name and content (what the loader reads)."""
+    """sha256 over every YAML file's name and content (what the loader reads). A file the
+    loader refuses (a symlink out of the checkout or to a device, a FIFO, a huge file) is
+    never read here either: what it is and its stat data stand for its content, so it
+    neither hangs nor exhausts memory, and the load that follows names it."""
     h = hashlib.sha256()
     for path in _yaml_files(directory):
         h.update(os.path.relpath(path, directory).encode() + b"\0")
         try:
-            with open(path, "rb") as f:
-                h.update(f.read())
-        except OSError:
-            h.update(b"<unreadable>")
+            h.update(read_bytes(path, inside=directory))
+        except ConfigError as exc:
+            h.update(f"<refused: {exc.issues[0].message} {_stat_key(path)}>".encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1, -1)
+    return (st.st_mode, st.st_size, st.st_ino, st.st_mtime_ns)
 
 
 def stat_signature(directory: str, git_dir: str | None) -> tuple[tuple[str, int, int, int], ...]:

@@ -109,12 +109,13 @@ class Persisted:
     drains: dict[str, float] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     planner: PlannerState = field(default_factory=PlannerState.initial)
+    rollout: Mapping[str, Any] | None = None  # the config change's state (policy/change.py to_json); None: none yet
     dials: dict[str, Dial] = field(default_factory=dict)  # region -> the operator's dial (over the config's)
 
     def copy(self) -> Persisted:
         """A copy whose dicts the caller may change. The planner's maps are shared, not copied:
         the controller's are read-only views over the engine's current memory (no snapshot)."""
-        return Persisted(dict(self.drains), dict(self.generations), self.planner, dict(self.dials))
+        return Persisted(dict(self.drains), dict(self.generations), self.planner, self.rollout, dict(self.dials))
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,12 @@ class Changes:
     generations: Mapping[str, int] = field(default_factory=dict)
     vips: Mapping[str, VipMemory | None] = field(default_factory=dict)
     pop_vips: Mapping[tuple[str, str], PopVipMemory | None] = field(default_factory=dict)
+    rollout: Mapping[str, Any] | None = None  # the config change's new state (None: unchanged)
     dials: Mapping[str, Dial | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.drains or self.generations or self.vips or self.pop_vips or self.dials)
+        return bool(self.drains or self.generations or self.vips or self.pop_vips or self.rollout is not None
+                    or self.dials)
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def diff(old: Persisted, new: Persisted) -> Changes:
     back the very same memory objects for unchanged pairs, and equal maps compare in C."""
     return Changes(diff_map(old.drains, new.drains), diff_map(old.generations, new.generations),
                    diff_map(old.planner.vips, new.planner.vips), diff_map(old.planner.pop_vips, new.planner.pop_vips),
-                   diff_map(old.dials, new.dials))
+                   new.rollout if new.rollout != old.rollout else None, diff_map(old.dials, new.dials))
 
 
 def diff_map(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> dict[Any, Any]:
@@ -214,7 +217,8 @@ def apply(state: Persisted, c: Changes) -> Persisted:
     _apply_map(pop_vips, c.pop_vips)
     dials = dict(state.dials)
     _apply_map(dials, c.dials)
-    return Persisted(drains, generations, PlannerState(vips, pop_vips), dials)
+    return Persisted(drains, generations, PlannerState(vips, pop_vips),
+                     c.rollout if c.rollout is not None else state.rollout, dials)
 
 
 def _apply_map(target: dict[Any, Any], changes: Mapping[Any, Any]) -> None:
@@ -308,15 +312,18 @@ def _dial_from_json(d: dict[str, Any]) -> Dial:
 
 
 def state_to_json(p: Persisted, seq: int) -> dict[str, Any]:
-    doc = {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner)}
+    doc = {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner),
+           **({"rollout": dict(p.rollout)} if p.rollout is not None else {})}
     if p.dials:  # (absent from files written before dials, and without any)
         doc["dials"] = {r: _dial_to_json(d) for r, d in p.dials.items()}
     return doc
 
 
 def state_from_json(data: dict[str, Any]) -> Persisted:
+    rollout = data.get("rollout")  # absent in files written before staged rollouts
     return Persisted({str(k): float(v) for k, v in data["drains"].items()},
                      {str(k): int(v) for k, v in data["generations"].items()}, planner_from_json(data),
+                     dict(rollout) if isinstance(rollout, dict) else None,
                      {str(r): _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 
@@ -333,7 +340,7 @@ def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
             others.append([pop, vip, _pop_vip_to_json(v)])  # type: ignore[arg-type]
     doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
            "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
-           "pop_vips": others, **grouped}
+           "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
     if c.dials:
         doc["dials"] = {r: None if d is None else _dial_to_json(d) for r, d in c.dials.items()}
     return doc
@@ -349,6 +356,7 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
     return Changes({str(k): None if v is None else float(v) for k, v in data["drains"].items()},
                    {str(k): int(v) for k, v in data["generations"].items()},
                    {str(k): None if v is None else _vip_from_json(v) for k, v in data["vips"].items()}, pop_vips,
+                   dict(data["rollout"]) if isinstance(data.get("rollout"), dict) else None,
                    {str(r): None if d is None else _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 

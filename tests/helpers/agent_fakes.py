@@ -7,6 +7,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from controller.health.probes import ProbeResult
+from controller.health.scheduler import SchedulerStats
 
 
 class IdleScheduler:
@@ -25,6 +26,10 @@ class IdleScheduler:
 
     def stop(self) -> None:
         pass
+
+    def stats(self, lateness: bool = True) -> SchedulerStats:
+        return SchedulerStats(targets=len(self.targets), in_flight=0, checks=0, skipped=0, dropped=0,
+                              probe_errors=0, lateness=())
 
 
 class AckingAnnouncer:

@@ -6,7 +6,11 @@
 The agent runs configs/agent-sjc.yaml (its standby origin is absent here, which only fails
 the standby's checks). Announce with the up attributes, withdraw on backend failure, come
 back, the draining attributes, and a restart with graceful restart that leaves the route in
-place at BIRD. Assertions read parsed ``birdc`` output (lab/bird.py).
+place at BIRD. Then IPv6 (the links are dual-stack: fd00:64:1::1 -- ::2, fd00:64:10::1 --
+::2; BIRD's protocol ``agent6`` peers over IPv6 for IPv6 unicast): a /128 VIP over the IPv6
+session, withdrawn on failure; and a TCP-MD5-protected session (BIRD's ``password``, the
+agent's ``md5_password``: this kernel has TCP MD5 signatures, see LAB-NOTES). Assertions
+read parsed ``birdc`` output (lab/bird.py).
 """
 
 from __future__ import annotations
@@ -42,10 +46,25 @@ protocol bgp agent {{
   neighbor 100.64.1.2 as 65101;
   hold time 3;
   connect retry time 1;
-  graceful restart on;
+  graceful restart on;{password}
   ipv4 {{ import all; export none; }};
 }}
+protocol bgp agent6 {{
+  local fd00:64:1::1 as 65001;
+  neighbor fd00:64:1::2 as 65101;
+  hold time 3;
+  connect retry time 1;
+  ipv6 {{ import all; export none; }};
+}}
 """
+VIP6, BIRD6, POP6, USW6 = "2001:db8:51::10", "fd00:64:1::1", "fd00:64:1::2", "fd00:64:10::1"
+PREFIX6 = f"{VIP6}/128"
+# '#' and '!' inside the quotes: the password reaches both ends intact or the session stays down.
+MD5_PASSWORD = "s3cret!p#ss"
+
+
+def bird_conf(log: object, password: str | None = None) -> str:
+    return BIRD_CONF.format(log=log, password=f'\n  password "{password}";' if password else "")
 
 
 class BirdPop:
@@ -60,8 +79,14 @@ class BirdPop:
         add_addr(pop, "eth-usw", "100.64.10.2/30")
         add_addr(usw, "eth-pop", "100.64.10.1/30")
         add_route(usw, "default", "100.64.10.2")
+        add_addr(bird, "eth-pop", f"{BIRD6}/64")
+        add_addr(pop, "eth-rtr", f"{POP6}/64")
+        add_addr(pop, "eth-usw", "fd00:64:10::2/64")
+        add_addr(usw, "eth-pop", f"{USW6}/64")
+        add_route(usw, "default", "fd00:64:10::2")
         workdir = lab.workdir("bird")
-        self.router = BirdRouter(bird, workdir, BIRD_CONF.format(log=workdir / "bird.log")).start()
+        self.bird_log = workdir / "bird.log"
+        self.router = BirdRouter(bird, workdir, bird_conf(self.bird_log)).start()
         self.config = lab.workdir("pop") / "agent.yaml"
         shutil.copy(AGENT_CONFIG, self.config)
         self.agent: AgentNode | None = None
@@ -69,7 +94,7 @@ class BirdPop:
 
     def start_backends(self) -> None:
         self.backend = start_backend(self.nodes["usw"], self.lab.workdir("usw"), "us-west",
-                                     ["100.64.10.1:8080", "100.64.10.1:8081"])
+                                     ["100.64.10.1:8080", "100.64.10.1:8081", f"[{USW6}]:8080"])
 
     def stop_backends(self) -> None:
         if self.backend is not None:
@@ -95,6 +120,14 @@ class BirdPop:
         admin = changes.pop("admin", None)
         if admin:
             data["vips"][0]["admin"] = admin
+        md5 = changes.pop("md5_password", None)
+        if md5:
+            data["bgp"]["neighbors"][0]["md5_password"] = md5
+        if changes.pop("ipv6", False):
+            data["bgp"]["neighbors"].append({"address": BIRD6, "local_address": POP6, "router_id": "100.64.1.2",
+                                             "peer_as": 65001, "hold_time": 3})
+            data["vips"].append({"name": "game-v6", "address": PREFIX6, "check": dict(data["vips"][0]["check"]),
+                                 "origins": [{"region": "us-west", "next_hop": USW6, "backends": [f"[{USW6}]:8080"]}]})
         data["bgp"].update(changes)
         self.config.write_text(yaml.safe_dump(data))
 
@@ -181,3 +214,38 @@ def test_restart_with_graceful_restart_does_not_remove_the_route_at_bird(pop: Bi
     assert with_gr == 0
     pop.configure()
     pop.stop_service()
+
+
+def test_ipv6_session_carries_a_128_vip_and_its_withdrawal(pop: BirdPop) -> None:
+    pop.configure(ipv6=True)
+    restart(pop)
+    route = wait_for(lambda: pop.router.route(PREFIX6), 60, desc=f"{PREFIX6} at BIRD")
+    assert (route.as_path, route.med, route.communities) == ((65101,), 100, ((65101, 100),))
+    assert pop.router.protocol_state("agent6") == "Established"
+    assert "via fd00:64:1::2" in route.raw  # learnt over the IPv6 session, next hop self
+    announced(pop)  # and the IPv4 VIP over the IPv4 session, from the same agent
+    pop.stop_backends()
+    wait_for(lambda: pop.router.route(PREFIX6) is None, 60, desc=f"{PREFIX6} withdrawn at BIRD")
+    pop.start_backends()
+    wait_for(lambda: pop.router.route(PREFIX6), 60, desc=f"{PREFIX6} back at BIRD")
+
+
+def test_an_md5_protected_session_comes_up_with_the_right_password_only(pop: BirdPop) -> None:
+    pop.router.reconfigure(bird_conf(pop.bird_log, MD5_PASSWORD))
+    try:
+        pop.configure(md5_password=MD5_PASSWORD)
+        restart(pop)
+        route = announced(pop)
+        assert route.med == 100
+        assert pop.router.protocol_state("agent") == "Established"
+        # The same session without the agent's password never comes up: BIRD really checks it.
+        pop.configure()
+        restart(pop)
+        wait_for(lambda: pop.router.route(PREFIX) is None, 60, desc="the old session's route gone at BIRD")
+        time.sleep(5.0)  # a lower bound, not a limit: five connect retries (connect retry time 1)
+        assert pop.router.protocol_state("agent") != "Established"
+        assert pop.router.route(PREFIX) is None
+    finally:
+        pop.router.reconfigure(bird_conf(pop.bird_log))
+        pop.configure()
+        pop.stop_service()

@@ -68,6 +68,23 @@ def test_ci_step_shows_what_the_change_does_at_which_pop(tmp_path: Path) -> None
     assert not any(line.startswith("fra api-eu") for line in lines)  # untouched where unchanged
 
 
+def test_ci_step_fails_a_change_over_the_budget_unless_a_commit_declares_it(tmp_path: Path) -> None:
+    """Removing every VIP withdraws 5 of 5 announced pairs (budget: 25%): the CI step fails it,
+    as the controller would hold it, until a commit carries ``Blast-Radius: intended``."""
+    repo = make_repo(tmp_path)
+    sh(repo, "git", "checkout", "-qb", "retire")
+    edit_vips(repo, lambda d: d.__setitem__("vips", []))
+    assert sh(repo, "git", "commit", "-qam", "retire every VIP").returncode == 0
+    r = sh(repo, str(ROOT / "ops" / "config-repo" / "ci-check"), "main")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "over the blast-radius budget" in r.stderr and "withdraws 5 of 5" in r.stdout
+    assert sh(repo, "git", "commit", "-q", "--allow-empty", "-m", "retire every VIP\n\nBlast-Radius: intended"
+              ).returncode == 0
+    r = sh(repo, str(ROOT / "ops" / "config-repo" / "ci-check"), "main")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "declares the blast radius intended" in r.stdout
+
+
 def test_the_daemons_cheap_watch_sees_edits_new_files_and_commits(tmp_path: Path) -> None:
     """The controller polls stat data ten times a second and reloads when it changes: an
     edited file, a new vips/*.yaml, and a commit that changes no file (it changes the

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
-import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,42 +25,42 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from aiohttp import web
+from cryptography import x509
 
 from controller.agent.controller_link import ControllerUnavailable, HealthReport
 from controller.agent.plan_client import PlanClient
+from controller.agent.signing import load_plan_keys
+from controller.agent.tls import client_context
+from controller.config.model import ClientTls
+from controller.wire import SIGNATURE_HEADER
 from controller.config.desired import load_desired
+from lab.metrics import parse as parse_metrics
+from lab.tls import LabCa, Pair, plan_signing_key
 from lab.poll import wait_for
+from tests.helpers.controller_process import BIN, ControllerProcess, free_ports, git
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
 TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin", "operator")}
-BIN = Path(sys.executable).parent
 ALLOWED = load_desired(str(EXAMPLE)).allowed_prefixes
 T = TypeVar("T")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (held open together, so never the same one twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+def _systemd_default_fd_limit() -> None:
+    """The controller gets the 1,024 descriptors a unit without LimitNOFILE has."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
-def git(d: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"})
+class Running(ControllerProcess):
+    """The example config in a git checkout under ``tmp``, and a controller on it."""
 
 
-class Running:
+
     def __init__(self, tmp: Path) -> None:
         self.dir = tmp / "desired"
         shutil.copytree(EXAMPLE, self.dir)
@@ -65,42 +68,14 @@ class Running:
         git(self.dir, "init", "-q")
         git(self.dir, "add", "-A")
         git(self.dir, "commit", "-qm", "initial")
-        self.log = tmp / "controller.log"
-        self.state = tmp / "state"
-        # A port found free may be taken by someone else before the controller binds it (two
-        # sockets bound at the same moment, on a busy machine): then start again on new ports.
-        for attempt in range(3):
-            self.port, self.metrics_port = free_ports(2)
-            self.url = f"http://127.0.0.1:{self.port}"
-            if self.start(may_fail=attempt < 2):
-                break
-
-    def start(self, may_fail: bool = False) -> bool:
-        """Start on self.port; False if it exited at once and ``may_fail`` (the caller picks
-        new ports), else wait until it answers (an exit fails the test with its log)."""
-        logged = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = subprocess.Popen(
-            [str(BIN / "anycast-controller"), "--config-dir", str(self.dir), "--state-dir", str(self.state),
-             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or self.up(), 60, desc="controller answering (or exiting)")
-        if self.proc.poll() is None:
-            return True
-        if may_fail:
-            return False
-        raise AssertionError(f"the controller exited with {self.proc.returncode} at start:\n"
-                             + self.log.read_bytes()[logged:].decode(errors="replace")[-3000:])
+        super().__init__(self.dir, tmp / "state", tmp / "controller.log", TOKENS["operator"],
+                         preexec=_systemd_default_fd_limit)
+        self.must_be_up()
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def up(self) -> bool:
-        try:
-            self.request("GET", "/v1/status", token=TOKENS["operator"])
-            return True
-        except OSError:
-            return False
+        self.must_be_up()
 
     def edit(self, name: str, change: Any) -> None:
         data = yaml.safe_load((self.dir / name).read_text())
@@ -110,29 +85,9 @@ class Running:
     def commit(self, message: str) -> None:
         git(self.dir, "commit", "-qam", message)
 
-    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-        h = dict(headers or {})
-        if token is not None:
-            h["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=h)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "ANYCAST_CONTROLLER_URL": self.url, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}
         return subprocess.run([str(BIN / "anycastctl"), *args], capture_output=True, text=True, timeout=30, env=env)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -206,7 +161,7 @@ def test_bad_commit_keeps_the_last_good_plan_and_status_shows_the_error(controll
 @pytest.mark.parametrize("case", ["no token", "wrong token", "other pop's token", "malformed json",
                                   "oversize", "unknown pop", "unpublished vip", "unknown region",
                                   "garbage body", "not an object", "bad seq", "delta onto an unknown base",
-                                  "operator endpoint with agent token"])
+                                  "operator endpoint with agent token", "deeply nested", "a 5,000-digit number"])
 def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, case: str) -> None:
     good = report_json({"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True})
     assert controller.request("POST", "/v1/reports/sin", good, TOKENS["sin"])[0] == 200
@@ -236,6 +191,10 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(controller: Running, ca
         body, expect_status, expect_field = b"\xff\x00\x17 not json", 400, "body"
     elif case == "not an object":
         body, expect_status, expect_field = b"[1, 2]", 400, "body"
+    elif case == "deeply nested":
+        body, expect_status, expect_field = b"[" * 100_000 + b"]" * 100_000, 400, "body"
+    elif case == "a 5,000-digit number":
+        body, expect_status, expect_field = b'{"plan_generation": ' + b"9" * 5000 + b"}", 400, "body"
     elif case == "bad seq":
         body, expect_status, expect_field = json.dumps({"seq": "7", "origins": {}}).encode(), 400, "seq"
     elif case == "delta onto an unknown base":
@@ -399,11 +358,20 @@ def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, 
     data["vips"][0]["publish"] = ["sjc", "fra"]
     (proposed / "vips.yaml").write_text(yaml.safe_dump(data))
     r = controller.ctl("diff", "--config", str(proposed), "--json")
-    assert r.returncode == 0, r.stderr
-    changes = json.loads(r.stdout)
+    assert r.returncode == 2, r.stderr  # changes (as terraform plan -detailed-exitcode)
+    out = json.loads(r.stdout)
+    changes = out["changes"]
     assert {"pop": "sin", "vip": "game-global", "action": "withdraw",
             "detail": "no longer published at this POP"} in changes
     assert all(c["pop"] == "sin" for c in changes)  # nothing else moves
+    blast = out["blast_radius"]
+    # fra is drained (withdrawn): 3 pairs announced now (sjc's two, sin's one); sin's withdrawn
+    # is a third of them, over the 25% budget: the controller would hold this commit.
+    assert (blast["announced_now"], blast["withdrawn"]) == (3, 1)
+    assert "withdraws 1 of 3 announced (VIP, POP) pairs (33% > change.max_withdraw_fraction 25%)" \
+        in blast["over_budget"]
+    assert blast["per_pop"] == {"sin": {"withdrawn": 1, "announced": 0, "moved": 0, "announced_now": 1,
+                                        "share_withdrawn": 1.0}}
     r = controller.ctl("undrain", "fra")
     assert r.returncode == 0 and "fra: undrained" in r.stdout
     plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
@@ -541,17 +509,26 @@ def test_anycastctl_bad_flags_are_usage_errors_not_tracebacks(args: list[str]) -
     assert "Traceback" not in r.stderr and "usage: anycastctl" in r.stderr
 
 
-def test_anycastctl_diff_detailed_exitcode_tells_a_change_from_none(controller: Running) -> None:
+def test_anycastctl_diff_exits_2_on_changes_0_on_none_1_on_error(controller: Running) -> None:
+    """By default, as ``terraform plan -detailed-exitcode``; the old flag is accepted and
+    changes nothing; ``--budget`` makes a change over the blast-radius budget an error."""
     def diff(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "anycastctl"), "diff", "--config", str(controller.dir), "--against", "HEAD",
                                *extra], capture_output=True, text=True, timeout=60)
 
-    assert diff("--detailed-exitcode").returncode == 0  # the working tree is HEAD
+    assert diff().returncode == 0  # the working tree is HEAD
+    assert diff("--detailed-exitcode").returncode == 0
     controller.edit("vips.yaml", lambda d: d["vips"][0].__setitem__("publish", ["sjc", "fra"]))
-    changed = diff("--detailed-exitcode")
+    changed = diff()
     assert changed.returncode == 2, changed.stderr
     assert "sin" in changed.stdout and "game-global" in changed.stdout
-    assert diff().returncode == 0  # without the flag a change is still a success
+    assert "withdraws 1 of 5 announced (VIP, POP) pairs (20%)" in changed.stdout
+    assert diff("--detailed-exitcode").returncode == 2
+    assert diff("--budget").returncode == 2  # 20%: within the budget
+    controller.edit("vips.yaml", lambda d: d.__setitem__("vips", []))
+    over = diff("--budget")
+    assert over.returncode == 1 and "over the blast-radius budget" in over.stderr, over.stdout + over.stderr
+    assert diff().returncode == 2
     r = diff("--against", "no-such-rev")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no-such-rev" in r.stderr
 
@@ -569,3 +546,446 @@ def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Runni
     plain_encoding, plain = get({})
     assert (encoding, plain_encoding) == ("gzip", None)
     assert gzip.decompress(packed) == plain and json.loads(plain)["pop"] == "sjc"
+
+
+# --- config changes: the blast-radius budget (policy/change.py) ------------------------------------
+def _announcing(c: Running, pop: str) -> set[str]:
+    return {v["name"] for v in c.request("GET", f"/v1/plans/{pop}", token=TOKENS[pop])[1]["vips"] if v["wanted"]}
+
+
+def test_a_commit_withdrawing_everything_is_held_until_confirmed_through_anycastctl(controller: Running) -> None:
+    """``vips: []`` committed: every POP's plan still announces what it did, status and the
+    metric say HELD naming the revision, also after a restart; a confirm naming another
+    revision, or with a bad token, is refused; the right one starts the waves, sin first (it
+    announces the least), fra and sjc keeping everything meanwhile."""
+    healthy = report_json({"game-global": {"us-west": True, "eu-central": True},
+                           "api-eu": {"eu-central": True, "us-west": True}}, {"game-global": True, "api-eu": True})
+    for pop in ("sjc", "fra"):
+        assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+    assert controller.request("POST", "/v1/reports/sin", report_json(
+        {"game-global": {"us-west": True, "eu-central": True}}, {"game-global": True}), TOKENS["sin"])[0] == 200
+    before = {pop: _announcing(controller, pop) for pop in ("sjc", "fra", "sin")}
+    assert before == {"sjc": {"game-global", "api-eu"}, "fra": {"game-global", "api-eu"}, "sin": {"game-global"}}
+    controller.edit("vips.yaml", lambda v: v.__setitem__("vips", []))
+    controller.commit("remove every VIP")
+    rev = subprocess.run(["git", "-C", str(controller.dir), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()[:12]
+
+    def change() -> dict[str, Any]:
+        return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]["change"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: change()["phase"] == "held", 60, desc="the commit held")
+    st = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    assert st["change"]["target"] == rev and st["alarms"][0]["kind"] == "change_held"
+    assert "withdraws 5 of 5" in st["change"]["detail"]
+    assert {pop: _announcing(controller, pop) for pop in before} == before  # nothing withdrawn
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{controller.metrics_port}/metrics").read().decode()
+    assert 'anycast_controller_change_phase{phase="held"} 1.0' in metrics
+    assert "anycast_controller_change_withdraw_pairs 5.0" in metrics
+    r = controller.ctl("status")
+    assert r.returncode == 0 and f"CONFIG CHANGE HELD: revision {rev}" in r.stdout, r.stdout + r.stderr
+    controller.restart()
+    assert change()["phase"] == "held" and change()["target"] == rev
+    assert {pop: _announcing(controller, pop) for pop in before} == before
+    r = controller.ctl("apply", "--confirm", "0123456789ab", "--reason", "wrong one")
+    assert r.returncode == 1 and "not the one waiting" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = ctl_at(controller.url, "apply", "--confirm", rev, "--reason", "x", token="not-the-token")
+    assert r.returncode == 6, r.stderr
+    assert change()["phase"] == "held"
+    r = controller.ctl("apply", "--confirm", rev, "--reason", "retiring the lab VIPs", "--by", "tester")
+    assert r.returncode == 0 and "3 wave(s), first at sin" in r.stdout, r.stdout + r.stderr
+    assert _announcing(controller, "sin") == set()
+    assert _announcing(controller, "sjc") == before["sjc"] and _announcing(controller, "fra") == before["fra"]
+    assert change()["confirmed"]["by"] == "tester"
+    r = controller.ctl("status")
+    assert f"revision {rev} confirmed by tester: retiring the lab VIPs" in r.stdout
+
+
+@pytest.mark.parametrize("hostile", ["symlink to /dev/zero", "symlink out of the checkout", "fifo", "deep yaml"])
+def test_a_hostile_file_in_the_checkout_is_refused_and_the_controller_keeps_serving(controller: Running,
+                                                                                    hostile: str) -> None:
+    before = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    bad = controller.dir / "vips" / "bad.yaml"
+    bad.parent.mkdir(exist_ok=True)
+    if hostile == "symlink to /dev/zero":
+        os.symlink("/dev/zero", bad)
+    elif hostile == "symlink out of the checkout":
+        (controller.dir.parent / "secret.yaml").write_text("vips: []  # hunter2\n")
+        os.symlink(controller.dir.parent / "secret.yaml", bad)
+    elif hostile == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.write_text("vips: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    if hostile != "fifo":  # git does not store a FIFO: it is only in the working tree
+        git(controller.dir, "add", "-A")
+        controller.commit(f"hostile: {hostile}")
+
+    def status() -> dict[str, Any]:
+        return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+    wait_for(lambda: "vips/bad.yaml" in (status()["config"]["last_error"] or ""), 60, desc="the refusal in status")
+    assert "hunter2" not in json.dumps(status())  # a file outside the checkout is never read nor shown
+    assert controller.proc.poll() is None
+    assert controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1] == before  # still serving, unchanged
+    r = subprocess.run([str(BIN / "anycastctl"), "validate", str(controller.dir)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "vips/bad.yaml: " in r.stdout, r.stdout + r.stderr
+
+
+class SlowFlood:
+    """``n`` connections from one thread, each holding half a request line and trickling one
+    more header byte every 0.3 s; one the controller closes is opened again (until
+    ``reconnect`` is cleared). ``alive`` counts those open now, ``opened`` all ever opened."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.n = port, n
+        self.socks: list[socket.socket] = []
+        self.opened = self.closed_by_server = 0
+        self.reconnect = threading.Event()
+        self.reconnect.set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def alive(self) -> int:
+        return len(self.socks)
+
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        except OSError:
+            return  # refused or reset at once: counted as nothing, tried again next sweep
+        s.setblocking(False)
+        try:
+            s.send(b"GET /v1/plans/sjc HT")
+        except OSError:
+            s.close()
+            return
+        self.socks.append(s)
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            keep = []
+            for s in self.socks:
+                try:
+                    gone = s.recv(1 << 12) == b""  # closed by the controller
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if not gone:
+                    try:
+                        s.send(b"x")  # another byte of a header that never ends
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        gone = True
+                if gone:
+                    s.close()
+                    self.closed_by_server += 1
+                else:
+                    keep.append(s)
+            self.socks = keep
+            while self.reconnect.is_set() and len(self.socks) < self.n and not self.stop.is_set():
+                self._open()
+            self.stop.wait(0.3)
+        for s in self.socks:
+            s.close()
+
+
+def metric(c: Running, name: str, **labels: str) -> float | None:
+    return parse_metrics(urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics").read().decode()).value(
+        name, **labels)
+
+
+def test_slow_connections_cannot_lock_agents_out(controller: Running, tmp_path: Path) -> None:
+    """1,100 connections trickling half a request (more than the 1,024 descriptors the
+    controller has): agents still fetch plans and report, each slow connection is closed at
+    the header deadline although it keeps sending, and accept() never runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test process holds the 1,100
+    controller.edit("controller.yaml", lambda c: c.__setitem__("api", {"header_timeout": 2}))
+    controller.commit("api: a 2 s header deadline")
+    controller.restart()  # the header deadline is set at start
+    flood = SlowFlood(controller.port, 1100)
+    connected = client(controller, "fra", tmp_path)  # an agent connected before the flood
+
+    async def scenario() -> None:
+        try:
+            assert await connected.fetch_plan(-1, 0) is not None
+            flood.thread.start()
+            await asyncio.to_thread(wait_for, lambda: flood.opened >= 1100, 120, desc="1,100 slow connections opened")
+            for i in range(5):  # new agents (new connections) and the connected one, during the flood
+                for c in (client(controller, "sjc", tmp_path / f"new-{i}"), connected):
+                    for attempt in range(3):  # as an agent does: a connection closed under it is tried again
+                        try:
+                            plan = await c.fetch_plan(-1, 0)
+                            await c.report(HealthReport("sjc" if c is not connected else "fra", plan.generation
+                                                        if plan else 0, {}, {}))
+                            break
+                        except ControllerUnavailable:
+                            if attempt == 2:
+                                raise
+                    if c is not connected:
+                        await c.close()
+        finally:
+            await connected.close()
+
+    try:
+        asyncio.run(scenario())
+        assert flood.opened >= 1100
+        flood.reconnect.clear()  # the rest keep trickling: each is closed at its header deadline all the same
+        wait_for(lambda: flood.alive == 0, 120, desc="every slow connection closed by the controller")
+    finally:
+        flood.stop.set()
+        flood.thread.join(30)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert controller.proc.poll() is None
+    assert metric(controller, "anycast_controller_accept_errors_total") == 0  # descriptors never ran out
+    status, body = controller.request("GET", "/v1/status", token=TOKENS["operator"])
+    assert status == 200 and not body["config"]["last_error"]
+
+
+def test_past_the_bound_a_newcomer_closes_the_oldest_unauthenticated_connection(controller: Running,
+                                                                                tmp_path: Path) -> None:
+    """Whether the flood above ever holds more than the bound at once depends on how fast a
+    loaded machine accepts; here the header deadline is far away, so only the bound closes them."""
+    controller.edit("controller.yaml", lambda c: c.__setitem__(
+        "api", {"header_timeout": 300, "max_unauthenticated_connections": 20}))
+    controller.commit("api: a bound of 20 waiting connections")
+    controller.restart()
+    with contextlib.ExitStack() as stack:
+        for _ in range(40):
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", controller.port), timeout=30))
+            s.sendall(b"GET /v1/plans/sjc HT")
+        wait_for(lambda: (metric(controller, "anycast_controller_connections_shed_total", reason="evicted") or 0)
+                 >= 20, 60, desc="the 20 oldest closed for the newcomers")
+
+        async def agent() -> None:  # and an agent is answered while 20 still wait
+            c = client(controller, "sjc", tmp_path)
+            try:
+                assert await c.fetch_plan(-1, 0) is not None
+            finally:
+                await c.close()
+        asyncio.run(agent())  # (its own new connection made room too: one more of the 20 closed)
+
+
+def serve_tls(c: Running, ca: LabCa, mutual: bool = True) -> Pair:
+    """Commit api.tls (with the lab CA as client CA if ``mutual``) and restart on HTTPS."""
+    pair = ca.server()
+    tls = {"cert": str(pair.cert), "key": str(pair.key), **({"client_ca": str(ca.ca)} if mutual else {})}
+    c.edit("controller.yaml", lambda d: d.__setitem__("api", {"tls": tls}))
+    c.commit("api: TLS")
+    c.ssl = ssl.create_default_context(cafile=str(ca.ca))  # the URL is https:// from now on
+    c.restart()  # switching TLS on takes a restart (a reload refuses it)
+    return pair
+
+
+def tls_client(c: Running, pop: str, tmp: Path, ca: LabCa | None, cert: Pair | None) -> PlanClient:
+    tls = ClientTls(str(ca.ca) if ca else None, str(cert.cert) if cert else None, str(cert.key) if cert else None)
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED, tls=client_context(c.url, tls))
+
+
+async def fetch_and_report(c: PlanClient) -> None:
+    try:
+        plan = await c.fetch_plan(-1, 0)
+        assert plan is not None and plan.vips
+        await c.report(HealthReport(c.pop, plan.generation, {}, {}))
+    finally:
+        await c.close()
+
+
+def served_serial(c: Running) -> int:
+    """The serial number of the certificate a new connection to the controller is shown."""
+    assert c.ssl is not None
+    with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
+        with c.ssl.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_with_mtls_agents_fetch_and_report_and_every_stranger_is_refused(controller: Running,
+                                                                        tmp_path: Path) -> None:
+    ca = LabCa(tmp_path / "tls")
+    serve_tls(controller, ca)
+    sjc_cert, fra_cert = ca.client("sjc"), ca.client("fra")
+    stranger_ca = LabCa(tmp_path / "other", "someone else's CA")
+
+    async def scenario() -> list[str]:
+        await fetch_and_report(tls_client(controller, "sjc", tmp_path, ca, sjc_cert))
+        await fetch_and_report(tls_client(controller, "fra", tmp_path, ca, fra_cert))
+        refusals = []
+        for pop, trust, cert in (("sjc", ca, None),  # no client certificate
+                                 ("fra", ca, sjc_cert),  # sjc's certificate with fra's token
+                                 ("sjc", None, sjc_cert),  # trusts only the system CAs
+                                 ("sjc", stranger_ca, sjc_cert),  # trusts another CA
+                                 ("sjc", ca, stranger_ca.client("sjc"))):  # a certificate from another CA
+            with pytest.raises(ControllerUnavailable) as info:
+                await fetch_and_report(tls_client(controller, pop, tmp_path, trust, cert))
+            refusals.append(str(info.value))
+        return refusals
+
+    refusals = asyncio.run(scenario())
+    assert "HTTP 403: POP 'sjc' must present a client certificate naming it (got no client certificate)" in refusals[0]
+    assert "HTTP 403: POP 'fra' must present a client certificate naming it (got sjc)" in refusals[1]
+    assert all("certificate verify failed" in r for r in refusals[2:4]), refusals
+    assert "HTTP" not in refusals[4]  # refused in the handshake, before any request
+    with pytest.raises(OSError):  # plain HTTP to the HTTPS port gets nothing
+        urllib.request.urlopen(controller.url.replace("https://", "http://") + "/v1/status", timeout=10)
+    # Operators keep using their token alone; a private CA through SSL_CERT_FILE.
+    r = subprocess.run([str(BIN / "anycastctl"), "status"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "ANYCAST_CONTROLLER_URL": controller.url, "SSL_CERT_FILE": str(ca.ca),
+                            "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert metric(controller, "anycast_controller_api_tls") == 1
+
+
+def test_a_renewed_certificate_is_served_after_a_reload_and_a_bad_one_changes_nothing(controller: Running,
+                                                                                     tmp_path: Path) -> None:
+    ca = LabCa(tmp_path / "tls")
+    first = serve_tls(controller, ca, mutual=False)
+    assert served_serial(controller) == ca.serial(first)
+    renewed = ca.server("renewed")
+    shutil.copy(renewed.cert, first.cert)  # renewed in place, as certbot or an operator would
+    shutil.copy(renewed.key, first.key)
+    controller.proc.send_signal(signal.SIGHUP)  # systemctl reload
+    wait_for(lambda: served_serial(controller) == ca.serial(renewed), 60, desc="the renewed certificate served")
+    first.key.write_text("not a key\n")
+    controller.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "api.tls.cert" in (controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
+                                        ["config"]["last_error"] or ""), 60, desc="the bad key refused in status")
+    assert served_serial(controller) == ca.serial(renewed)  # still the last good pair
+    asyncio.run(fetch_and_report(tls_client(controller, "sjc", tmp_path, ca, None)))
+
+
+def test_a_replayed_report_is_refused_and_changes_nothing(controller: Running, tmp_path: Path) -> None:
+    def post(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return controller.request("POST", "/v1/reports/sjc", json.dumps(report).encode(), token=TOKENS["sjc"],
+                                  headers={"Content-Type": "application/json"})
+
+    down = {"plan_generation": 1, "seq": 1000, "origins": {"game-global": {"us-west": False}}, "announced": {}}
+    up = {"plan_generation": 1, "seq": 1001, "origins": {"game-global": {"us-west": True}}, "announced": {}}
+    assert post(down)[0] == 200 and post(up)[0] == 200
+    explain = controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1]
+    for _ in range(3):  # a captured report sent again, and again
+        status, body = post(down)
+        assert (status, body["field"], body["last_seq"]) == (409, "seq", 1001), body
+    assert controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1] == explain
+
+    async def agent() -> None:  # a real agent (its numbers come from the clock) goes on as before
+        c = client(controller, "sjc", tmp_path)
+        try:
+            await c.report(HealthReport("sjc", 1, {"game-global": {"us-west": True}}, {}))
+            c._seq = 5  # its clock stepped back: the controller says where to continue
+            await c.report(HealthReport("sjc", 1, {"game-global": {"us-west": True}}, {}))
+        finally:
+            await c.close()
+    asyncio.run(agent())
+
+
+def signing_client(c: Running, pop: str, tmp: Path, *keys: Pair) -> PlanClient:
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED,
+                      plan_keys=load_plan_keys([str(k.cert) for k in keys]))
+
+
+def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_keys_rotate(
+        controller: Running, tmp_path: Path) -> None:
+    old, new = plan_signing_key(tmp_path / "keys", "old"), plan_signing_key(tmp_path / "keys", "new")
+
+    async def refused(c: PlanClient, reason: str) -> None:
+        before = c.book.generation
+        with pytest.raises(ControllerUnavailable):
+            await c.fetch_plan(-1 if before is None else before, 0)
+        assert c.book.generation == before and c.refusals[reason] >= 1  # the last good plan stays
+
+    async def unsigned() -> None:  # the controller as it runs now: no signing key, as a fake one would
+        agent = signing_client(controller, "sjc", tmp_path, old)
+        try:
+            await refused(agent, "signature")
+            assert agent.book.generation is None
+        finally:
+            await agent.close()
+    asyncio.run(unsigned())
+
+    controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(old.key)}))
+    controller.commit("api: sign plans")
+    controller.restart()  # switching signing on takes a restart
+
+    async def signed() -> None:
+        agent = signing_client(controller, "sjc", tmp_path / "a", old, new)  # holds both during the rotation
+        stale = signing_client(controller, "sjc", tmp_path / "b", old)  # was never given the new key
+        stranger = signing_client(controller, "sjc", tmp_path / "c", new)
+        try:
+            first = await agent.fetch_plan(-1, 0)
+            assert first is not None and await stale.fetch_plan(-1, 0) is not None
+            await refused(stranger, "signature")
+            captured = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]  # generation G, signed
+            raw_headers = _raw_plan(controller)
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+            controller.commit("api-eu: fra only")
+            changed = await agent.fetch_plan(first.generation, 60)  # a signed delta
+            assert changed is not None and set(changed.vips) == {"game-global"} and agent.answers["delta"] == 1
+            # A replay of the older signed plan, from anywhere, is refused: the plan held stays.
+            async with _serving(*raw_headers) as url:
+                agent.urls = (url,)  # a fake controller in its place
+                await refused(agent, "replay")
+                assert set(agent.book.entries) == {"game-global"}
+            agent.urls = (controller.url,)
+            assert captured["generation"] < agent.book.generation
+            # Rotation: the controller switches to the new key at a reload.
+            controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(new.key)}))
+            controller.commit("api: the new plan key")
+            controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["sjc", "fra"]))
+            controller.commit("api-eu: back at sjc")
+            wait_for(lambda: controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]["generation"]
+                     > changed.generation, 60, desc="the new key and plan served")
+            again = await agent.fetch_plan(changed.generation, 0)
+            assert again is not None and set(again.vips) == {"game-global", "api-eu"}
+            await refused(stale, "signature")  # an agent without the new key keeps its last plan
+        finally:
+            for c in (agent, stale, stranger):
+                await c.close()
+    asyncio.run(signed())
+
+
+def _raw_plan(c: Running) -> tuple[bytes, str]:
+    req = urllib.request.Request(c.url + "/v1/plans/sjc", headers={"Authorization": f"Bearer {TOKENS['sjc']}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read(), r.headers[SIGNATURE_HEADER]
+
+
+@contextlib.asynccontextmanager
+async def _serving(body: bytes, signature: str) -> Any:
+    """A fake controller on loopback that answers every plan request with ``body`` and its
+    (genuine, captured) signature."""
+    async def plan(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
+    app = web.Application()
+    app.router.add_get("/v1/plans/{pop}", plan)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def test_a_deeply_nested_plan_is_refused_not_fatal_to_the_agent(controller: Running, tmp_path: Path) -> None:
+    """100,000-level JSON from a fake controller used to kill the plan-following task silently."""
+    async def scenario() -> None:
+        c = client(controller, "sjc", tmp_path)
+        try:
+            held = await c.fetch_plan(-1, 0)
+            assert held is not None
+            async with _serving(b"[" * 100_000 + b"]" * 100_000, "") as url:
+                c.urls = (url,)
+                with pytest.raises(ControllerUnavailable, match="RecursionError"):
+                    await c.fetch_plan(-1, 0)
+            assert c.book.generation == held.generation
+        finally:
+            await c.close()
+    asyncio.run(scenario())

@@ -8,14 +8,10 @@ Loopback only, no namespaces: no lab lock needed. Needs root for the tmpfs (CI r
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,26 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.cli.conventions import Exit
 from controller.server.daemon import Watcher
 from lab.poll import wait_for
+from tests.helpers.controller_process import BIN, STARTUP, ControllerProcess, git
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
 OPERATOR = (EXAMPLE / "lab-tokens" / "operator.token").read_text().strip()
-BIN = Path(sys.executable).parent
-STARTUP = 120.0  # a generous bound for a loaded machine; the test waits for JSON, not time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def git(d: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True, text=True,
-                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout.strip()
 
 
 def checkout(tmp: Path) -> Path:
@@ -60,59 +44,27 @@ def edit(d: Path, name: str, change: Any) -> None:
     (d / name).write_text(yaml.safe_dump(data))
 
 
-class Controller:
-    """One anycast-controller process on ``config`` and ``state``."""
+class Controller(ControllerProcess):
+    """One anycast-controller process on ``config`` and ``state``, asked with the operator token."""
 
     def __init__(self, config: Path, state: Path, log: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [str(BIN / "anycast-controller"), "--config-dir", str(config), "--state-dir", str(state),
-             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        super().__init__(config, state, log, OPERATOR)
 
     def wait_up(self) -> Controller:
-        wait_for(lambda: self.proc.poll() is not None or self.answers(), STARTUP, 0.1, desc="controller answering")
-        assert self.proc.poll() is None, self.log.read_text()
+        self.must_be_up()
         return self
-
-    def answers(self) -> bool:
-        try:
-            self.request("GET", "/v1/status")
-            return True
-        except OSError:
-            return False
-
-    def request(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"Bearer {OPERATOR}"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
 
     def status(self) -> dict[str, Any]:
         return self.request("GET", "/v1/status")[1]
 
     def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).read().decode()
-        for line in text.splitlines():
+        for line in self.metrics_text().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise AssertionError(f"{name} not exported")
 
     def drained(self) -> dict[str, Any]:
         return {p["pop"]: p["drained_since"] for p in self.status()["pops"]}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -177,7 +129,7 @@ def test_a_second_controller_on_the_same_state_dir_refuses_and_changes_nothing(t
     generations = {p["pop"]: p["plan_generation"] for p in first.status()["pops"]}
     before = state_files(state)
     second = start(running, config, state, tmp_path / "2.log")
-    assert second.proc.wait(STARTUP) == 1
+    assert second.exited() == 1
     assert "is in use by another controller" in (tmp_path / "2.log").read_text()
     assert state_files(state) == before  # not one byte rewritten
     assert {p["pop"]: p["plan_generation"] for p in first.status()["pops"]} == generations
@@ -200,14 +152,14 @@ def test_a_corrupt_newest_snapshot_keeps_the_drain_with_an_alarm_and_no_readable
     persistence = c.status()["persistence"]
     assert persistence["recovered_without"] and snapshots[-1].name in persistence["recovered_without"][0]
     assert "STATE RECOVERED" in ctl_status(c).stdout
-    text = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=30).read().decode()
+    text = c.metrics_text()
     assert 'anycast_controller_persistence_errors_total{operation="load"} 1.0' in text
     c.stop()
 
     for s in state.glob("snapshot-*.json"):
         s.write_bytes(b"garbage")
     c = start(running, config, state, tmp_path / "4.log")
-    assert c.proc.wait(STARTUP) == 1
+    assert c.exited() == 1
     assert "refusing to start with empty state" in (tmp_path / "4.log").read_text()
 
 
@@ -319,3 +271,18 @@ def test_the_watcher_notices_an_edit_and_a_commit(tmp_path: Path, inotify: bool)
             watcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_taken_listen_port_exits_69_naming_it_and_leaves_the_state_dir_free(tmp_path: Path,
+                                                                              running: list[Controller]) -> None:
+    config, state = checkout(tmp_path), tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([str(BIN / "anycast-controller"), "--config-dir", str(config), "--state-dir", str(state),
+                            "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=STARTUP)
+    assert r.returncode == Exit.UNAVAILABLE == 69
+    assert f"cannot listen on 127.0.0.1:{port} (listen)" in r.stderr and "Traceback" not in r.stderr
+    c = start(running, config, state, tmp_path / "next.log").wait_up()  # the state dir was let go
+    assert c.status()["pops"]

@@ -17,6 +17,7 @@ Set ANYCAST_UPDATE_GOLDEN=1 to refresh tests/unit/golden/ from the captured line
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -33,8 +34,10 @@ from controller.agent.liveness import PROBE
 from controller.bgp.exabgp_api import (
     NeighborState,
     RouteAttributes,
+    RouteChange,
     Shutdown,
     announce_line,
+    batches,
     parse_line,
     withdraw_line,
 )
@@ -456,4 +459,31 @@ def test_dual_stack_commands_with_a_neighbour_selector_reach_only_their_session(
         seen = len(lab.results())
         lab.command(line)
         assert lab.result_for(line, seen)["ok"] is True, line
+        lab.wait_no_route(str(prefix))
+
+
+def test_a_batch_of_each_family_reaches_frr_with_its_attributes_and_withdraws(lab: Lab) -> None:
+    """What the agent sends since batching (`exabgp_api.batches`): ``announce attributes
+    ... nlri`` and ``withdraw attributes ... nlri``, one command per family and attribute set."""
+    v4 = [ipaddress.ip_network(f"198.51.100.{i}/32") for i in (30, 31, 32)]
+    v6 = [ipaddress.ip_network(f"2001:db8::{i}/128") for i in (30, 31)]
+    attrs = RouteAttributes(med=42, communities=("65000:7",), large_communities=("65000:1:2",))
+    changes = [RouteChange(p, attrs, (FRR_V4,)) for p in v4] + [RouteChange(p, attrs, (FRR_V6,)) for p in v6]
+    announce = batches(changes)
+    assert [len(b.members) for b in announce] == [3, 2]
+    for batch in announce:
+        seen = len(lab.results())
+        lab.command(batch.line)
+        assert lab.result_for(batch.line, seen)["ok"] is True, batch.line
+    for prefix in (*v4, *v6):
+        path = lab.wait_route(str(prefix))
+        assert path["metric"] == 42
+        assert path["community"]["list"] == ["65000:7"]
+        assert path["largeCommunity"]["list"] == ["65000:1:2"]
+    for batch in batches([dataclasses.replace(c, attrs=None) for c in changes]):
+        assert batch.line.startswith(("neighbor 100.64.1.1 withdraw attributes", "neighbor fd00:64:1::1 withdraw attributes"))
+        seen = len(lab.results())
+        lab.command(batch.line)
+        assert lab.result_for(batch.line, seen)["ok"] is True, batch.line
+    for prefix in (*v4, *v6):
         lab.wait_no_route(str(prefix))

@@ -28,6 +28,7 @@ from controller.health import state as hs
 from controller.health.probes import ProbeResult, ProbeSpec
 from controller.health.scheduler import CheckScheduler, Target
 from controller.health.watcher import WatchPool
+from controller.health.watch import LossKind
 
 HOUR = 3600.0
 GENEROUS = 30.0  # a probe timeout where the test is not about timing
@@ -242,6 +243,10 @@ def test_a_reset_or_half_closed_watch_of_a_healthy_backend_confirms_once_and_rec
                     assert c.phase("vip") is hs.Phase.UP
                     assert c.results["vip"][-1].ok
                 assert c.pool is not None and c.pool.stats().losses == 3
+                # What anycast_watch_losses_total{kind} exports, through the scheduler's stats.
+                watch = c.sched.stats().watch
+                assert watch is not None and watch.losses_by_kind == {
+                    LossKind.RESET: 2, LossKind.EOF: 1, LossKind.ERROR: 0}
                 await until(lambda: watching(c) and len(b.idle) == 1, "watched again")
                 assert all(r.ok for r in c.results["vip"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,81 @@ def test_graceful_restart_and_shutdown_are_read_and_bounded() -> None:
     errs = errors_of(d)
     assert any(e.startswith("bgp.graceful_restart: must be <= 4095") for e in errs), errs
     assert any(e.startswith("bgp.graceful_shutdown: must be >= 0") for e in errs), errs
+
+
+@pytest.mark.parametrize("default, kind, own, expected", [
+    (False, "http", None, False), (False, "tcp", None, False),  # check_defaults turns the watch off...
+    (False, "http", True, True),  # ...a check's own setting wins
+    (True, "https", None, True),  # and on, for every kind
+    (None, "https", None, False), (None, "tcp", None, True),  # unset: each kind's own default
+])
+def test_check_defaults_watch_is_every_checks_default(default: bool | None, kind: str, own: bool | None,
+                                                     expected: bool) -> None:
+    from controller.config.serialize import vip_to_dict
+
+    d = base()
+    if default is not None:
+        d["check_defaults"]["watch"] = default
+    d["vips"][0]["check"] = {"type": kind} | ({} if own is None else {"watch": own})
+    vip = parse_agent_config(yaml.safe_dump(d)).vips[0]
+    assert vip.check.watch is expected
+    # What a plan carries for it says the same to an agent reading it without the defaults.
+    assert vip_to_dict(vip)["check"].get("watch", kind != "https") is expected
+
+
+def test_check_defaults_watch_must_be_a_boolean() -> None:
+    d = base()
+    d["check_defaults"]["watch"] = "sometimes"
+    assert any(e.startswith("check_defaults.watch") for e in errors_of(d)), errors_of(d)
+
+
+def _with_controller(**link: object) -> dict:
+    data = base()
+    data["vips"] = []
+    data["controller"] = {"url": "https://192.0.2.9:9800", "token_file": "/etc/anycast/agent.token", **link}
+    return data
+
+
+def test_the_controller_link_reads_its_tls_and_plan_keys() -> None:
+    config = parse_agent_config(yaml.safe_dump(_with_controller(
+        ca_file="/etc/anycast/ca.pem", client_cert="/etc/anycast/sjc.pem", client_key="/etc/anycast/sjc.key",
+        plan_keys=["/etc/anycast/plan.pub"], max_plan_age=3600)))
+    link = config.controller
+    assert link is not None and link.tls.ca_file == "/etc/anycast/ca.pem" and link.tls.key == "/etc/anycast/sjc.key"
+    assert link.plan_keys == ("/etc/anycast/plan.pub",) and link.max_plan_age == 3600
+
+
+@pytest.mark.parametrize("link, expected", [
+    ({"client_cert": "/etc/anycast/sjc.pem"}, "controller.client_key: client_cert and client_key go together"),
+    ({"ca_file": "ca.pem"}, "controller.ca_file: expected an absolute path, got 'ca.pem'"),
+    ({"plan_keys": ["plan.pub"]}, "controller.plan_keys[0]: expected an absolute path, got 'plan.pub'"),
+    ({"url": "http://192.0.2.9:9800", "ca_file": "/etc/anycast/ca.pem"},
+     "controller.url: ca_file and client_cert need an https:// URL"),
+])
+def test_controller_tls_mistakes_name_the_key(link: dict, expected: str) -> None:
+    assert expected in errors_of(_with_controller(**link))
+
+
+def _edit(change: Callable[[dict], None]) -> dict:
+    data = base()
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d.__setitem__("allowed_prefixes", []), "allowed_prefixes: at least one prefix is needed"),
+    (lambda d: d["vips"][0]["origins"][0].__setitem__("next_hop", "0.0.0.0"),
+     "vips[0].origins[0].next_hop: 0.0.0.0 is an unspecified address, not a next hop"),
+    (lambda d: d["vips"][0]["origins"][0].__setitem__("next_hop", "127.0.0.1"),
+     "vips[0].origins[0].next_hop: 127.0.0.1 is a loopback address, not a next hop"),
+    (lambda d: d["vips"][0]["origins"][0].__setitem__("next_hop", "224.0.0.5"),
+     "vips[0].origins[0].next_hop: 224.0.0.5 is a multicast address, not a next hop"),
+    (lambda d: d["vips"][0]["origins"][0].__setitem__("backends", ["0.0.0.0:80"]),
+     "vips[0].origins[0].backends[0]: 0.0.0.0 is an unspecified address, not a backend"),
+    (lambda d: d["vips"][0]["origins"][0].__setitem__("backends", [{"address": "239.1.1.1", "port": 80}]),
+     "vips[0].origins[0].backends[0].address: 239.1.1.1 is a multicast address, not a backend"),
+    (lambda d: d["bgp"]["neighbors"][0].__setitem__("address", d["bgp"]["neighbors"][0]["local_address"]),
+     "bgp.neighbors[0].address: the neighbour's address is local_address"),
+])
+def test_what_cannot_be_right_is_refused_naming_the_path(change: Callable[[dict], None], expected: str) -> None:
+    assert any(e.startswith(expected) for e in errors_of(_edit(change))), errors_of(_edit(change))

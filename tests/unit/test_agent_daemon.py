@@ -451,19 +451,26 @@ class FakePort:
         self.reports.append(report)
 
 
-def test_plans_are_followed_through_controller_outages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failures", [
+    (ControllerUnavailable("connection refused"), ControllerUnavailable("connection refused")),
+    # Errors nobody foresaw (a RecursionError from a hostile plan) used to end the task
+    # silently while reports kept flowing: the controller saw a healthy POP that no longer
+    # obeyed it.
+    (RecursionError("maximum recursion depth exceeded"), KeyError("vips")),
+], ids=["outage", "unforeseen errors"])
+def test_plans_are_followed_through_controller_outages(tmp_path: Path, failures: tuple[Exception, ...]) -> None:
     from tenacity import wait_none
 
     async def scenario() -> None:
         agent, _, _, registry = make_agent(controller_config(tmp_path))
         states: list[bool] = []
-        port = FakePort([controller_plan(1), ControllerUnavailable("connection refused"),
-                         ControllerUnavailable("connection refused"), controller_plan(2, drain=True)])
+        port = FakePort([controller_plan(1), *failures, controller_plan(2, drain=True)])
         task = asyncio.create_task(follow_plans(agent, port, 30, states.append, backoff=wait_none()))
         for _ in range(100):
             await asyncio.sleep(0)
             if agent.plan.generation == 2:
                 break
+        assert not task.done()
         task.cancel()
         assert agent.plan.generation == 2 and agent.plan.vips["game-global"].drain
         assert states == [True, False, False, True]  # the agent kept plan 1 during the outage
@@ -1026,5 +1033,90 @@ def test_a_drain_carries_65535_0_when_graceful_shutdown_is_set(tmp_path: Path, g
         ]
         await agent.reconcile_once()  # the marked attributes are what ExaBGP holds: nothing new
         assert len(bgp.lines) == 1
+
+    run(scenario())
+
+
+# --- batched announcements (issue 13): one failing route is attributed to that route ------
+def three_vips(tmp_path: Path) -> AgentConfig:
+    c = config(tmp_path)
+    good = c.vips[0]
+    return dataclasses.replace(c, vips=tuple(
+        dataclasses.replace(good, name=f"vip-{i}", prefix=ipaddress.ip_network(f"198.51.100.{i}/32"))
+        for i in (10, 11, 12)))
+
+
+class PickyExaBGP(RecordingAnnouncer):
+    """ExaBGP refusing any command that carries one given prefix (alone or in a batch)."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__()
+        self.poison = poison
+
+    async def send(self, line: str) -> bool:
+        self.lines.append(line)
+        return self.poison not in line.split()
+
+
+def test_a_batch_with_one_failing_route_fails_that_route_alone(tmp_path: Path) -> None:
+    cfg = three_vips(tmp_path)
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        bgp = PickyExaBGP("198.51.100.11/32")
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
+                      clock=lambda: 1000.0, scheduler_factory=IdleScheduler)
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once() is False
+        up = " next-hop self med 100 community [ 65101:100 ]"
+        assert bgp.lines == [
+            f"announce attributes{up} nlri 198.51.100.10/32 198.51.100.11/32 198.51.100.12/32",
+            *(f"announce route 198.51.100.{i}/32{up}" for i in (10, 11, 12)),  # resent one by one
+        ]
+        assert set(agent.announced) == {ipaddress.ip_network("198.51.100.10/32"),
+                                        ipaddress.ip_network("198.51.100.12/32")}
+        assert registry.get_sample_value("anycast_exabgp_command_errors_total") == 1
+        assert registry.get_sample_value("anycast_vip_announced", {"vip": "vip-11", "prefix": "198.51.100.11/32"}) == 0
+        assert registry.get_sample_value("anycast_vip_announced", {"vip": "vip-12", "prefix": "198.51.100.12/32"}) == 1
+        assert state_file.load(cfg.state_dir).keys() == agent.announced.keys()
+        # The next pass retries only the refused route.
+        bgp.poison = "nothing"
+        assert await agent.reconcile_once() is True
+        assert bgp.lines[-1] == f"announce route 198.51.100.11/32{up}"
+        assert len(agent.announced) == 3 and not agent.unsure
+
+    run(scenario())
+
+
+def test_a_stop_that_cuts_a_batch_short_withdraws_what_was_in_flight(tmp_path: Path) -> None:
+    """ExaBGP may hold a route whose ack never came: a cut pass leaves it unsure, and the
+    stop withdraws it (a withdraw of a route ExaBGP never took is answered done)."""
+    cfg = three_vips(tmp_path)
+    gate = asyncio.Event()
+
+    class SlowExaBGP(RecordingAnnouncer):
+        async def send(self, line: str) -> bool:
+            self.lines.append(line)
+            await gate.wait()
+            return True
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        bgp = SlowExaBGP()
+        agent = Agent(cfg, lambda: cfg, bgp, kernel=FakeKernel(), metrics=lambda snap: AgentMetrics(registry, snap),
+                      clock=lambda: 1000.0, scheduler_factory=IdleScheduler)
+        agent.unsure.clear()  # as after a first pass: nothing unknown
+        feed(agent, "us-west", True, 2)
+        cut = asyncio.ensure_future(agent.reconcile_once())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert bgp.lines and bgp.lines[0].startswith("announce attributes")
+        cut.cancel()
+        await asyncio.gather(cut, return_exceptions=True)
+        assert agent.announced == {}
+        assert agent.unsure == {v.prefix for v in cfg.vips}
+        gate.set()
+        await agent.shutdown()
+        assert bgp.lines[-1] == "withdraw attributes next-hop self nlri 198.51.100.10/32 198.51.100.11/32 198.51.100.12/32"
 
     run(scenario())

@@ -236,3 +236,30 @@ def test_fetch_names_each_failure_with_its_exit_code(short_dir: Path, answer: by
         with pytest.raises(ApiError) as err:
             asyncio.run(scenario())
     assert err.value.code == code and words in str(err.value), str(err.value)
+
+
+def test_watch_connections_losses_and_confirmations_are_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from controller.health.scheduler import SchedulerStats
+    from controller.health.watch import LossKind
+    from controller.health.watcher import WatchStats
+
+    watch = WatchStats(endpoints=3, connected=2, unwatched=1, losses=4, connects=9, connect_failures=5,
+                       losses_by_kind={LossKind.RESET: 3, LossKind.EOF: 1, LossKind.ERROR: 0})
+    stats = SchedulerStats(targets=4, in_flight=0, checks=10, skipped=0, dropped=0, probe_errors=0, lateness=(),
+                           confirmations=6, watch=watch)
+    registry = CollectorRegistry()
+    AgentMetrics(registry, lambda: AgentSnapshot(pop="sjc", checks=stats))
+    value = registry.get_sample_value
+    assert (value("anycast_watch_endpoints"), value("anycast_watch_connected"), value("anycast_watch_unwatched")) == (
+        3, 2, 1)
+    assert {k.value: value("anycast_watch_losses_total", {"kind": k.value}) for k in LossKind} == {
+        "reset": 3, "eof": 1, "error": 0}
+    assert (value("anycast_watch_connects_total"), value("anycast_watch_connect_failures_total"),
+            value("anycast_check_confirmations_total")) == (9, 5, 6)
+    # Nothing watched (or no scheduler yet): zeros, not gaps.
+    empty = CollectorRegistry()
+    AgentMetrics(empty, lambda: AgentSnapshot(pop="sjc"))
+    assert empty.get_sample_value("anycast_watch_losses_total", {"kind": "reset"}) == 0
+    assert empty.get_sample_value("anycast_check_confirmations_total") == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.config.desired import load_desired
+from controller.config.desired_model import ChangePolicy
 from controller.policy.model import STEADY, PlannerState, PopReport, PopVipMemory, VipMemory
 from controller.policy.planner import plan
 from controller.server import store
@@ -361,6 +362,7 @@ def test_a_removed_vip_and_a_pop_dropped_from_a_publish_list_leave_the_journal_t
     a pair gone with a publish list's POP are removed from what a restart reads back."""
     now = [10.0]
     ctl = controller(tmp_path, now)
+    ctl.base = dataclasses.replace(ctl.base, change=ChangePolicy(max_withdraw_fraction=1.0, bake=0.0))  # at once
     reports(ctl, True, now[0])
     game = ctl.desired.vip("game-global")
     assert game is not None and "sin" in game.publish

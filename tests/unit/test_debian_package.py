@@ -43,3 +43,9 @@ def test_the_virtualenv_is_built_where_the_units_look() -> None:
     rules = (DEBIAN / "rules").read_text()
     assert "DH_VIRTUALENV_INSTALL_ROOT = /opt" in rules and "--install-suffix anycast" in rules
     assert "--python /usr/bin/python3" in rules  # Debian's interpreter, the one the package depends on
+
+
+def test_both_units_raise_the_descriptor_limit() -> None:
+    """systemd's default soft limit (1,024) is what 1,100 slow connections exhausted (issue 15)."""
+    for unit in sorted((ROOT / "systemd").glob("*.service")):
+        assert "\nLimitNOFILE=65536\n" in unit.read_text(), unit.name

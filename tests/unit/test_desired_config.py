@@ -178,3 +178,53 @@ def test_only_the_plain_shape_is_split() -> None:
     for text in ("vips: []\n", "vips:\n  - name: a\n  x: 1\n", "vips:\n\t- name: a\n", "---\nvips:\n  - a\n",
                  "vips:\n  - name: a\n    d: \"two\n  lines\"\n", "other: 1\nvips:\n  - a\n"):
         assert _split_vips(text) is None, text
+
+
+def test_two_pops_sharing_a_token_hash_are_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "pops.yaml", lambda p: p["pops"][2].__setitem__("token_sha256", p["pops"][0]["token_sha256"]))
+    assert errors(d) == ["pops.yaml: pops[2].token_sha256: the same token hash as POP 'sjc': "
+                         "every POP needs a token of its own"]
+
+
+def test_an_operator_token_equal_to_a_pops_is_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    fra = yaml.safe_load((d / "pops.yaml").read_text())["pops"][1]["token_sha256"]
+    edit(d, "controller.yaml", lambda c: c.__setitem__("operator_token_sha256", fra))
+    assert errors(d) == ["controller.yaml: operator_token_sha256: the same hash as POP 'fra''s token_sha256 in "
+                         "pops.yaml: the operator token must differ from every agent token"]
+
+
+def test_the_api_section_reads_its_bounds_tls_and_signing_key(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    assert load_desired(str(d)).api.tls is None  # the default: plain HTTP
+    edit(d, "controller.yaml", lambda c: c.__setitem__("api", {
+        "header_timeout": 5, "body_timeout": 20, "max_unauthenticated_connections": 64,
+        "tls": {"cert": "/etc/anycast/tls/controller.pem", "key": "/etc/anycast/tls/controller.key",
+                "client_ca": "/etc/anycast/tls/ca.pem"},
+        "signing_key": "/etc/anycast/plan.key"}))
+    api = load_desired(str(d)).api
+    assert (api.header_timeout, api.body_timeout, api.max_unauthenticated_connections) == (5, 20, 64)
+    assert api.tls is not None and api.tls.client_ca == "/etc/anycast/tls/ca.pem"
+    assert api.signing_key == "/etc/anycast/plan.key"
+
+
+def test_api_mistakes_name_the_key(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "controller.yaml", lambda c: c.__setitem__("api", {
+        "header_timeout": 0, "tls": {"cert": "tls/controller.pem"}, "signing_key": "plan.key", "tsl": {}}))
+    errs = errors(d)
+    assert "controller.yaml: api.header_timeout: must be >= 0.5, got 0.0" in errs
+    assert "controller.yaml: api.tls.cert: expected an absolute path, got 'tls/controller.pem'" in errs
+    assert "controller.yaml: api.tls.key: required" in errs
+    assert "controller.yaml: api.signing_key: expected an absolute path, got 'plan.key'" in errs
+    assert any(e.startswith("controller.yaml: api.tsl: unknown key") for e in errs)
+
+
+def test_an_empty_allowed_list_and_a_hold_down_above_its_maximum_are_refused(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "controller.yaml", lambda c: c.__setitem__("allowed_prefixes", []))
+    edit(d, "controller.yaml", lambda c: c["policy"]["dampening"].__setitem__("hold_down", 900))
+    errs = errors(d)
+    assert "controller.yaml: allowed_prefixes: at least one prefix is needed" in errs
+    assert "controller.yaml: policy.dampening.hold_down: 900 is above max_hold_down 600" in errs

@@ -9,14 +9,18 @@ import pytest
 
 from controller.bgp.exabgp_api import (
     Ack,
+    Batch,
     Event,
     Garbage,
     NeighborState,
     RouteAttributes,
+    RouteChange,
     Shutdown,
     Unknown,
     Update,
+    announce_batch_line,
     announce_line,
+    batches,
     parse_line,
     withdraw_line,
 )
@@ -265,3 +269,49 @@ def test_garbage_never_raises(line: str, error: str) -> None:
     assert isinstance(event, Garbage)
     assert event.raw == line
     assert error in event.error
+
+
+# --------------------------------------------------------------------------- batches
+def _v4(i: int) -> ipaddress.IPv4Network:
+    return ipaddress.ip_network(f"198.51.100.{i}/32")  # type: ignore[return-value]
+
+
+UP_ATTRS = RouteAttributes(med=100, communities=("65101:100",))
+
+
+def test_alike_changes_share_one_command_in_order_of_first_change() -> None:
+    changes = [RouteChange(_v4(1), UP_ATTRS), RouteChange(_v4(2), None), RouteChange(_v4(3), UP_ATTRS),
+               RouteChange(_v4(4), None), RouteChange(V6, UP_ATTRS)]
+    assert batches(changes) == [
+        Batch("announce attributes next-hop self med 100 community [ 65101:100 ] nlri 198.51.100.1/32 198.51.100.3/32",
+              (0, 2)),
+        Batch("withdraw attributes next-hop self nlri 198.51.100.2/32 198.51.100.4/32", (1, 3)),
+        # A lone change is the plain command, exactly as before batching.
+        Batch("announce route 2001:db8::10/128 next-hop self med 100 community [ 65101:100 ]", (4,)),
+    ]
+
+
+def test_batches_split_by_attributes_neighbours_and_size() -> None:
+    other = RouteAttributes(med=200)
+    changes = [RouteChange(_v4(i), UP_ATTRS) for i in range(1, 6)] + [
+        RouteChange(_v4(6), other), RouteChange(_v4(7), UP_ATTRS, ("100.64.1.1",))]
+    out = batches(changes, max_routes=2)
+    assert [b.members for b in out] == [(0, 1), (2, 3), (4,), (5,), (6,)]
+    assert out[-1].line == "neighbor 100.64.1.1 announce route 198.51.100.7/32 next-hop self med 100 community [ 65101:100 ]"
+    assert sorted(m for b in out for m in b.members) == list(range(len(changes)))
+
+
+def test_a_batch_line_refuses_mixed_families_and_a_foreign_next_hop() -> None:
+    with pytest.raises(ValueError, match="one family"):
+        announce_batch_line([V4, V6], RouteAttributes())
+    with pytest.raises(ValueError, match="same family"):
+        announce_batch_line([V6, V6], RouteAttributes(next_hop="192.0.2.1"))
+    with pytest.raises(ValueError, match="at least 1"):
+        batches([RouteChange(V4, None)], max_routes=0)
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000 + "]" * 100_000, '{"type": "update", "x": ' + "9" * 5000 + "}"])
+def test_a_hostile_line_is_garbage_not_an_exception(line: str) -> None:
+    """parse_line never raises: a 100,000-level line used to end the agent without its withdrawal."""
+    event = parse_line(line)
+    assert isinstance(event, Garbage) and event.error.startswith("not JSON")

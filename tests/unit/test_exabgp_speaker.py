@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
 
-from controller.bgp.exabgp_api import Event, NeighborState, Shutdown
-from controller.bgp.speaker import ExaBGPSpeaker, SpeakerClosed
+from controller.bgp.exabgp_api import Event, NeighborState, RouteAttributes, RouteChange, Shutdown
+from controller.bgp.speaker import ExaBGPSpeaker, SpeakerClosed, pipelined, send_changes
 
 T = TypeVar("T")
 
@@ -292,3 +293,100 @@ def test_a_failing_event_handler_stops_the_reader_and_fails_pending_commands() -
     reader_error, sent = run(scenario)
     assert isinstance(reader_error, RuntimeError)
     assert isinstance(sent, SpeakerClosed)
+
+
+# --- send_changes: batched, pipelined, per-route outcome (issue 13) -------------------------
+class AutoAckWriter(FakeWriter):
+    """ExaBGP answering each command as it is written: ``error`` if it carries `poison`."""
+
+    def __init__(self, reader: asyncio.StreamReader, poison: str) -> None:
+        super().__init__()
+        self.reader, self.poison = reader, poison
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        for line in data.decode().splitlines():
+            self.reader.feed_data(b"error\n" if self.poison in line.split() else b"done\n")
+
+
+def _changes(n: int) -> list[RouteChange]:
+    attrs = RouteAttributes(med=100)
+    return [RouteChange(ipaddress.ip_network(f"198.51.100.{i}/32"), attrs) for i in range(n)]
+
+
+def test_send_changes_attributes_a_refused_batch_to_its_failing_route() -> None:
+    async def scenario() -> tuple[dict[int, bool], list[str]]:
+        h = Harness()
+        h.writer = AutoAckWriter(h.reader, "198.51.100.3/32")
+        h.speaker._writer = h.writer
+        reader = asyncio.create_task(h.speaker.run_reader())
+        outcomes: dict[int, bool] = {}
+        async for members, ok in send_changes(h.speaker.send, _changes(7), max_routes=3, window=2):
+            for m in members:
+                assert m not in outcomes  # every change answered exactly once
+                outcomes[m] = ok
+        h.reader.feed_eof()
+        await reader
+        return outcomes, h.writer.lines
+
+    outcomes, lines = run(scenario)
+    assert outcomes == {i: i != 3 for i in range(7)}
+    assert [line.split(" nlri ")[-1] if "nlri" in line else line for line in lines] == [
+        "198.51.100.0/32 198.51.100.1/32 198.51.100.2/32",
+        "198.51.100.3/32 198.51.100.4/32 198.51.100.5/32",  # refused: resent one by one below
+        "announce route 198.51.100.6/32 next-hop self med 100",
+        *(f"announce route 198.51.100.{i}/32 next-hop self med 100" for i in (3, 4, 5)),
+    ]
+
+
+def test_pipelined_keeps_window_commands_in_flight_and_answers_in_order() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        gates = [asyncio.Event() for _ in range(6)]
+        in_flight, peak = 0, 0
+
+        async def send(line: str) -> bool:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await gates[int(line)].wait()
+            in_flight -= 1
+            return True
+
+        async def release() -> None:
+            for gate in reversed(gates):  # answered out of order: still yielded in order
+                await asyncio.sleep(0)
+                gate.set()
+
+        releaser = asyncio.create_task(release())
+        order = [i async for i, _ in pipelined(send, [str(i) for i in range(6)], window=3)]
+        await releaser
+        return order, peak
+
+    assert run(scenario) == ([0, 1, 2, 3, 4, 5], 3)
+
+
+def test_a_consumer_that_stops_leaves_no_send_running() -> None:
+    async def scenario() -> list[str]:
+        started: list[str] = []
+        never = asyncio.Event()
+
+        async def send(line: str) -> bool:
+            started.append(line)
+            await never.wait()
+            return True
+
+        consumer = asyncio.create_task(_drain(pipelined(send, [str(i) for i in range(10)], window=4)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert pending == []
+        return started
+
+    assert run(scenario) == ["0", "1", "2", "3"]  # the window, and not one line more
+
+
+async def _drain(gen: AsyncIterator[tuple[int, bool]]) -> None:
+    async for _ in gen:
+        pass

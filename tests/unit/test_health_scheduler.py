@@ -22,6 +22,7 @@ import pytest
 
 from controller.health.probes import ProbeResult, ProbeSpec
 from controller.health.scheduler import MIN_SLEEP, CheckScheduler, Target
+from controller.health.watcher import WatchStats
 
 T0 = 1000.0
 EPS = MIN_SLEEP + 1e-9  # the scheduler may start a check up to one wake-up quantum late
@@ -512,6 +513,9 @@ class FakeWatcher:
 
     def close(self) -> None:
         self.closed = True
+
+    def stats(self) -> WatchStats:
+        return WatchStats(len(self.endpoints), len(self.endpoints), 0, 0, len(self.endpoints), 0)
 
     def lose(self, port: int = 1) -> None:
         self.on_loss(("192.0.2.1", port, None), "watch connection reset: connection reset")

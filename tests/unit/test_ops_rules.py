@@ -33,7 +33,7 @@ from controller.config.agent import load_agent_config
 from controller.config.desired import load_desired
 from controller.health.probes import ProbeResult
 from controller.metrics.agent import AgentMetrics
-from controller.metrics.central import ControllerMetrics
+from controller.metrics.central import ControllerMetrics, HaSnapshot, register_ha_metrics
 from controller.server.core import Controller
 from lab.metrics import parse
 from lab.ops import (ALERTS_TEST, PROMETHEUS_BUILTINS, ROOT, RUNBOOK_URL, RUNBOOKS, all_panels, load_dashboard,
@@ -191,7 +191,14 @@ def controller_metric_names(tmp_path: Path) -> set[str]:
     metrics = ControllerMetrics(registry, lambda: ctl)
     metrics.reconcile_duration.observe(0.001)
     metrics.requests.labels("/v1/status", "200").inc()
+    # HA on etcd: leadership and etcd health, exported by every HA controller.
+    register_ha_metrics(registry, _HaView(), lambda: None)
     return exported_names(registry)
+
+
+class _HaView:
+    def ha_snapshot(self) -> HaSnapshot:
+        return HaSnapshot(True, True, 1, 3, {"http://127.0.0.1:2379": True}, {})
 
 
 @pytest.fixture(scope="module")

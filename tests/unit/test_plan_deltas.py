@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import ipaddress
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,20 +173,44 @@ def test_a_delta_that_does_not_fit_is_not_applied_at_all(tamper: Any, words: str
     assert book.apply(decode_plan_answer(fleet.body(None), "sjc")).generation == fleet.generation
 
 
-def test_a_delta_with_a_vip_outside_the_allowed_prefixes_is_refused_whole() -> None:
+def test_a_vip_outside_the_allowed_prefixes_is_refused_alone_and_keeps_its_last_good_spec() -> None:
+    """The rest of the plan applies (api-eu's change, in the same delta); vip-0 keeps what the
+    agent had for it (its old address, still announced: never withdrawn for the controller's
+    mistake), and an agent that never had it good leaves it out."""
     fleet, book = synced()
     base = fleet.generation
+    old = book.apply(decode_plan_answer(fleet.body(None), "sjc"))
     fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], wanted=False, reason=PlanReason.DISABLED)
     fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="203.0.113.5/32")  # outside 198.51.100.0/24
     fleet.serve()
+    plan = book.apply(decode_plan_answer(fleet.body(base), "sjc"))
+    assert not plan.vips["api-eu"].wanted  # the legitimate change beside it applied
+    assert plan.vips["vip-0"] == old.vips["vip-0"]  # kept as it was
+    kept = next(v for v in plan.specs if v.name == "vip-0")
+    assert kept == next(v for v in old.specs if v.name == "vip-0")
+    assert list(book.refused) == ["vip-0"] and "outside the allowed anycast prefixes" in book.refused["vip-0"]
+    assert book.generation == fleet.generation  # the book follows the controller: later deltas apply
+    again = book.apply(decode_plan_answer(fleet.body(None), "sjc"))  # the full plan: the same
+    assert again.vips == plan.vips and list(book.refused) == ["vip-0"]
+    fresh = PlanBook("sjc", ALLOWED).apply(decode_plan_answer(fleet.body(None), "sjc"))
+    assert "vip-0" not in fresh.vips and "vip-0" not in {v.name for v in fresh.specs}
+    assert set(fresh.vips) == set(plan.vips) - {"vip-0"}
+    fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="198.51.100.77/32")  # fixed by the operator
+    fleet.serve()
+    fixed = book.apply(decode_plan_answer(fleet.body(fleet.generation - 1), "sjc"))
+    assert str(next(v for v in fixed.specs if v.name == "vip-0").prefix) == "198.51.100.77/32" and not book.refused
+
+
+def test_a_spec_with_any_other_fault_refuses_the_plan_whole() -> None:
+    fleet, book = synced()
+    base = fleet.generation
+    fleet.items["api-eu"] = dataclasses.replace(fleet.items["api-eu"], wanted=False, reason=PlanReason.DISABLED)
+    fleet.specs["vip-0"] = dict(fleet.specs["vip-0"], address="203.0.113.5/32", admin="sideways")
+    fleet.serve()
     before = held(book)
-    with pytest.raises(WireError) as info:
+    with pytest.raises(WireError):
         book.apply(decode_plan_answer(fleet.body(base), "sjc"))
-    assert info.value.field.endswith(".address") and "outside the allowed anycast prefixes" in info.value.message
     assert held(book) == before  # api-eu's change, in the same delta, was not applied either
-    with pytest.raises(WireError):  # and the full plan is refused the same way
-        book.apply(decode_plan_answer(fleet.body(None), "sjc"))
-    assert held(book) == before
 
 
 def test_a_full_plan_whose_hash_or_digest_is_wrong_is_refused() -> None:
@@ -230,6 +256,64 @@ def test_an_agent_restarts_from_its_cache_and_a_corrupted_cache_is_ignored(tmp_p
         cache.write_bytes(corrupt)
         fresh = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
         assert fresh.load_cached() is None and fresh.book.generation is None  # fetches a full plan
+
+
+def _cached_by(token: str, tmp_path: Path) -> PlanClient:
+    fleet, _ = synced()
+    client = PlanClient("http://127.0.0.1:1", "sjc", token, str(tmp_path), ALLOWED)
+    client.book.apply(decode_plan_answer(fleet.body(None), "sjc"))
+    client.save_cached()
+    return client
+
+
+def test_a_cache_the_agent_did_not_seal_is_refused_and_counted(tmp_path: Path) -> None:
+    """A valid plan with a valid digest, written by someone without this POP's token (or
+    with the MAC removed, or an address edited and the digest recomputed), is not followed."""
+    forger = _cached_by("someone-else", tmp_path)
+    cache = tmp_path / "plan.json"
+    agent = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    assert agent.load_cached() is None and agent.book.generation is None
+    unsealed = json.loads(cache.read_bytes())
+    del unsealed["cache_mac"]
+    cache.write_text(json.dumps(unsealed))
+    assert agent.load_cached() is None
+    _cached_by("x", tmp_path)  # sealed by the agent itself, then an in-range address edited in
+    edited = PlanBook("sjc", ALLOWED)
+    plan = json.loads(cache.read_bytes())
+    mac = plan.pop("cache_mac")
+    plan["vips"][0]["spec"]["address"] = "198.51.100.99"
+    plan["vips"][0]["spec_hash"] = plan["digest"] = ""  # no hash, no digest: nothing else to check
+    edited.apply(decode_plan_answer(plan, "sjc"), verify=True)  # a plan the agent would follow...
+    cache.write_bytes(edited.full_json()[:-1] + b',"cache_mac":"' + mac.encode() + b'"}')
+    assert agent.load_cached() is None  # ...but not from the cache: the MAC is over what it says
+    assert agent.refusals == {"cache_mac": 3} and forger.refusals == {}
+    assert _cached_by("x", tmp_path).load_cached() is not None  # its own cache, as before
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "symlink to /dev/zero", "nested", "a directory"])
+def test_a_hostile_cache_file_is_refused_at_once(tmp_path: Path, hostile: str) -> None:
+    cache = tmp_path / "plan.json"
+    if hostile == "fifo":
+        os.mkfifo(cache)
+    elif hostile == "symlink to /dev/zero":
+        os.symlink("/dev/zero", cache)
+    elif hostile == "nested":
+        cache.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        cache.mkdir()
+    agent = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    assert agent.load_cached() is None and agent.refusals == {"cache_invalid": 1}
+
+
+def test_an_ancient_cache_is_followed_and_says_how_old_it_is(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    _cached_by("x", tmp_path)
+    five_years_ago = time.time() - 5 * 365 * 86400
+    os.utime(tmp_path / "plan.json", (five_years_ago, five_years_ago))
+    agent = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    assert agent.load_cached(max_age=86400) is not None  # static stability: never withdrawn for its age
+    assert agent.confirmed_at == pytest.approx(five_years_ago)  # anycast_plan_confirmed_timestamp_seconds
+    assert [r.reason for r in caplog.records if hasattr(r, "reason")] == ["plan_old"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("text", ["-1", "abc", "", "1.5", "1e3", "99999999999999999999", "9223372036854775808",

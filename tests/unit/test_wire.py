@@ -215,3 +215,10 @@ def test_each_field_of_a_plan_entry_is_checked_by_name(key: str, value: object) 
     with pytest.raises(WireError) as info:
         decode_plan(data, "sjc", DESIRED.allowed_prefixes)
     assert info.value.field == f"vips[1].{key}"
+
+
+@pytest.mark.parametrize("generation", [-1, -5, 2 ** 63, 2 ** 70])
+def test_a_report_generation_out_of_range_is_refused_naming_it(generation: int) -> None:
+    with pytest.raises(WireError) as info:
+        decode_report({"plan_generation": generation, "origins": {}}, {})
+    assert info.value.field == "plan_generation"

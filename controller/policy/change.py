@@ -1,0 +1,411 @@
+"""Config changes under a blast-radius budget, rolled out in waves behind health gates. Pure.
+
+Theory of operation. The controller holds two desired states: the *base* (the last revision
+applied everywhere; its files are kept in the state directory) and the *target* (the newest
+revision loaded). What the planner gets is ``effective(base, target, rollout)``::
+
+                 new revision, withdraws nothing            gate passed, last wave
+      +------------------------------------------+   +-----------------------------+
+      v                                          |   |                             |
+   STEADY --new revision over budget--> HELD --confirm--> ROLLING --gate failed--> ROLLED_BACK
+      |                                   ^                ^  |                     |  |
+      +--new revision within budget-------+----------------+  +-gate passed: wave+1 |  |
+                                          +---------------(a newer revision from any state)
+                                                           +-------confirm----------+
+
+- The *blast radius* of a revision: the (VIP, POP) pairs announced now that it would
+  withdraw (a VIP removed or disabled, a POP cut from a publish list). Over the budget
+  (``change.max_withdraw_fraction`` of the announced pairs, or more than
+  ``change.max_removed_vips`` VIPs removed or disabled) it is HELD: the base keeps being
+  served, with an alarm naming the revision and what it would withdraw, until an operator
+  confirms that very revision or a newer revision replaces it.
+- Withdrawals roll out in waves of POPs (``change.rollout``: the first wave's POPs, then a
+  fraction of those left, then the rest; a configured order first, else the POPs with the
+  fewest announced pairs first). Until its wave comes a POP keeps announcing what the base
+  had it announce. Everything the target announces that the base did not goes at once.
+- Each wave bakes ``change.rollout.bake`` seconds behind a gate (``gate``): every POP of the
+  wave reports fresh, about its newest plan, and sees no VIP it still announces with every
+  origin down; every VIP being withdrawn is still announced by at least its minimum of the
+  POPs whose wave has not come. A failed gate serves the base again (ROLLED_BACK, alarm):
+  no further POP is touched. After the last wave the target becomes the base.
+- A HELD or ROLLED_BACK state serves the base: the safe direction (it announces more).
+
+``step(state, event, now, policy)`` is the one transition function; the controller holds one
+timer, ``wake_at``. The blast radius and the waves come with the events (the caller computes
+them from what is announced now), so a state restored after a restart means the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..config.desired_model import ChangePolicy, DesiredState, FleetVip
+from .model import PopReport
+
+Pair = tuple[str, str]  # (VIP, POP)
+
+
+class Phase(enum.StrEnum):
+    """Where a config change stands (the ``phase`` label of anycast_controller_change_phase)."""
+
+    STEADY = "steady"  # the newest revision is applied everywhere
+    HELD = "held"  # over the budget: waits for ``anycastctl apply --confirm REV``
+    ROLLING = "rolling"  # withdrawing wave by wave
+    ROLLED_BACK = "rolled_back"  # a wave failed its gate: the base is served again
+
+
+class Verdict(enum.StrEnum):
+    WAIT = "wait"
+    PASS = "pass"
+    FAIL = "fail"
+
+
+class ChangeRefused(Exception):
+    """An operator's confirm that does not fit the state (nothing changed)."""
+
+
+@dataclass(frozen=True)
+class BlastRadius:
+    """What a revision would withdraw of what is announced now."""
+
+    announced: int  # (VIP, POP) pairs announced now
+    withdrawn: tuple[Pair, ...]  # of those, the ones the revision no longer publishes (sorted)
+    added: tuple[Pair, ...]  # pairs the revision publishes that the current one does not
+    removed_vips: tuple[str, ...]  # VIPs announced now that the revision removes or disables
+
+    @property
+    def fraction(self) -> float:
+        return len(self.withdrawn) / self.announced if self.announced else 0.0
+
+    def by_pop(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, pop in self.withdrawn:
+            out[pop] = out.get(pop, 0) + 1
+        return dict(sorted(out.items()))
+
+    def over_budget(self, policy: ChangePolicy) -> str:
+        """Why this change exceeds the budget ("" within it)."""
+        why = []
+        if self.withdrawn and self.fraction > policy.max_withdraw_fraction:
+            why.append(f"withdraws {len(self.withdrawn)} of {self.announced} announced (VIP, POP) pairs "
+                       f"({self.fraction:.0%} > change.max_withdraw_fraction {policy.max_withdraw_fraction:.0%})")
+        if len(self.removed_vips) > policy.max_removed_vips:
+            why.append(f"removes or disables {len(self.removed_vips)} announced VIPs "
+                       f"(> change.max_removed_vips {policy.max_removed_vips})")
+        return "; ".join(why)
+
+    def summary(self) -> str:
+        per_pop = _some(f"{pop} {n}" for pop, n in self.by_pop().items()) or "none"
+        vips = _some(self.removed_vips)
+        return (f"would withdraw {len(self.withdrawn)} of {self.announced} announced pairs (per POP: {per_pop})"
+                + (f"; VIPs removed or disabled: {vips}" if vips else ""))
+
+
+def _some(items: Iterable[str], limit: int = 10) -> str:
+    """The first ``limit`` items, and how many more (a log line, not a list of 10,000 VIPs)."""
+    listed = list(items)
+    more = f" and {len(listed) - limit} more" if len(listed) > limit else ""
+    return ", ".join(listed[:limit]) + more
+
+
+def pairs(desired: DesiredState) -> frozenset[Pair]:
+    """The (VIP, POP) pairs ``desired`` publishes (enabled VIPs only)."""
+    return frozenset((fv.name, pop) for fv in desired.vips if fv.enabled for pop in fv.publish)
+
+
+def blast_radius(announced: Iterable[Pair], published: Iterable[Pair], new: DesiredState,
+                 announced_total: int | None = None) -> BlastRadius:
+    """``announced``: the pairs announced now (the controller: planned wanted, of the desired
+    state being served); ``published``: the pairs published now (announced or not). Both and
+    ``new`` may be cut to the VIPs a change touches (unchanged VIPs withdraw nothing), with
+    ``announced_total`` then the count of every pair announced now."""
+    now = frozenset(announced)
+    after = pairs(new)
+    withdrawn = tuple(sorted(now - after))
+    gone = {vip for vip, _ in now} - {fv.name for fv in new.vips if fv.enabled}
+    return BlastRadius(len(now) if announced_total is None else announced_total, withdrawn,
+                       tuple(sorted(after - frozenset(published))), tuple(sorted(gone)))
+
+
+def waves(withdrawn: Iterable[Pair], load: Mapping[str, int], policy: ChangePolicy) -> tuple[tuple[str, ...], ...]:
+    """The POPs of ``withdrawn`` in waves: ``policy.order`` first, then the POPs announcing
+    the fewest pairs (``load``: POP -> pairs announced; the least traffic we know of) first;
+    ``first_wave`` POPs, then ``wave_fraction`` of those left (at least one) per wave."""
+    pops = {pop for _, pop in withdrawn}
+    rank = {pop: i for i, pop in enumerate(policy.order)}
+    ordered = sorted(pops, key=lambda p: (rank.get(p, len(rank)), load.get(p, 0), p))
+    out: list[tuple[str, ...]] = []
+    size = policy.first_wave
+    while ordered:
+        out.append(tuple(ordered[:size]))
+        ordered = ordered[size:]
+        size = max(1, math.ceil(len(ordered) * policy.wave_fraction))
+    return tuple(out)
+
+
+# --- the state machine ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Confirmation:
+    revision: str
+    by: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Rollout:
+    phase: Phase = Phase.STEADY
+    base: str = ""  # the revision applied everywhere (its desired state is kept)
+    target: str = ""  # the newest revision (== base when STEADY)
+    withdraw: tuple[Pair, ...] = ()  # what the target withdraws of what was announced when it came
+    waves: tuple[tuple[str, ...], ...] = ()
+    wave: int = 0  # ROLLING: waves[:wave] passed their gates, waves[wave] bakes since wave_started
+    wave_started: float = 0.0
+    since: float = 0.0  # when this phase began
+    detail: str = ""  # HELD: why and what it would withdraw; ROLLED_BACK: the failed gate
+    confirmed: Confirmation | None = None
+
+    def rolled(self) -> frozenset[str]:
+        """The POPs that withdraw as the target says (ROLLING: every wave up to the current one)."""
+        if self.phase is not Phase.ROLLING:
+            return frozenset()
+        return frozenset(p for w in self.waves[:self.wave + 1] for p in w)
+
+    def wake_at(self, policy: ChangePolicy) -> float | None:
+        return self.wave_started + policy.bake if self.phase is Phase.ROLLING else None
+
+    def alarm(self) -> str:
+        """The alarm's text ("" none)."""
+        if self.phase is Phase.HELD:
+            return (f"config revision {self.target} HELD: {self.detail}; serving {self.base}. "
+                    f"Confirm with `anycastctl apply --confirm {self.target} --reason ...` or commit a fix")
+        if self.phase is Phase.ROLLED_BACK:
+            return (f"rollout of config revision {self.target} ROLLED BACK to {self.base}: {self.detail}")
+        return ""
+
+
+@dataclass(frozen=True)
+class NewRevision:
+    revision: str
+    radius: BlastRadius
+    waves: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Confirm:
+    revision: str
+    by: str
+    reason: str
+    radius: BlastRadius  # against what is announced now (the base, served while held)
+    waves: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    verdict: Verdict
+    detail: str = ""
+
+
+Event = NewRevision | Confirm | GateResult
+
+
+class EffectKind(enum.StrEnum):
+    HELD = "held"  # log an ERROR, raise the alarm
+    WAVE = "wave"  # a wave starts: its POPs withdraw now
+    APPLIED = "applied"  # the target is the base now: keep its desired state
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class Effect:
+    kind: EffectKind
+    text: str
+
+
+def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tuple[Rollout, tuple[Effect, ...]]:
+    """The next state and what to tell. ChangeRefused (state unchanged) for a confirm that does
+    not name the held or rolled-back revision."""
+    if isinstance(event, NewRevision):
+        if not event.radius.withdrawn:
+            return _applied(state, event.revision, now)
+        base = Rollout(base=state.base, target=event.revision, since=now)
+        if why := event.radius.over_budget(policy):
+            held = dataclasses.replace(base, phase=Phase.HELD, withdraw=event.radius.withdrawn, waves=event.waves,
+                                       detail=f"{why}; {event.radius.summary()}")
+            return held, (Effect(EffectKind.HELD, held.alarm()),)
+        return _start(base, event.radius, event.waves, now, policy, None)
+    if isinstance(event, Confirm):
+        if state.phase not in (Phase.HELD, Phase.ROLLED_BACK):
+            raise ChangeRefused(f"nothing to confirm: revision {state.target or state.base} is "
+                                f"{'applied' if state.phase is Phase.STEADY else 'rolling out'} already")
+        if not _same_revision(event.revision, state.target):
+            raise ChangeRefused(f"revision {event.revision} is not the one waiting: the controller holds "
+                                f"{state.target} (newer commits replace a held one; confirm the current one)")
+        if not event.reason.strip():
+            raise ChangeRefused("a confirm needs a reason (--reason)")
+        confirmation = Confirmation(state.target, event.by, event.reason, now)
+        base = Rollout(base=state.base, target=state.target, since=now)
+        if not event.radius.withdrawn:
+            applied, effects = _applied(state, state.target, now)
+            return dataclasses.replace(applied, confirmed=confirmation), effects
+        return _start(base, event.radius, event.waves, now, policy, confirmation)
+    if state.phase is not Phase.ROLLING or event.verdict is Verdict.WAIT:
+        return state, ()
+    if event.verdict is Verdict.FAIL:
+        back = dataclasses.replace(state, phase=Phase.ROLLED_BACK, since=now, detail=event.detail)
+        return back, (Effect(EffectKind.ROLLED_BACK, back.alarm()),)
+    if state.wave + 1 < len(state.waves):
+        nxt = dataclasses.replace(state, wave=state.wave + 1, wave_started=now)
+        return nxt, (_wave_effect(nxt),)
+    applied, effects = _applied(state, state.target, now)
+    return dataclasses.replace(applied, confirmed=state.confirmed), effects
+
+
+def _same_revision(given: str, held: str) -> bool:
+    """The held revision exactly, or (a clean commit) a prefix of at least 7 hex digits or the
+    full commit id; never a dirty working tree's revision by its commit alone."""
+    if given == held:
+        return True
+    if "+" in held or len(given) < 7:
+        return False
+    return held.startswith(given) or given.startswith(held)
+
+
+def _applied(state: Rollout, revision: str, now: float) -> tuple[Rollout, tuple[Effect, ...]]:
+    return (Rollout(base=revision, target=revision, since=now),
+            (Effect(EffectKind.APPLIED, f"config revision {revision} applied at every POP"),))
+
+
+def _start(base: Rollout, radius: BlastRadius, plan: tuple[tuple[str, ...], ...], now: float,
+           policy: ChangePolicy, confirmed: Confirmation | None) -> tuple[Rollout, tuple[Effect, ...]]:
+    if policy.bake <= 0:  # no staging asked for: all at once
+        applied, effects = _applied(base, base.target, now)
+        return dataclasses.replace(applied, confirmed=confirmed), effects
+    rolling = dataclasses.replace(base, phase=Phase.ROLLING, withdraw=radius.withdrawn, waves=plan, wave=0,
+                                  wave_started=now, confirmed=confirmed, detail=radius.summary())
+    return rolling, (_wave_effect(rolling),)
+
+
+def _wave_effect(r: Rollout) -> Effect:
+    return Effect(EffectKind.WAVE, f"config revision {r.target}: wave {r.wave + 1} of {len(r.waves)} withdraws at "
+                                   f"{', '.join(r.waves[r.wave])} ({r.detail})")
+
+
+# --- what the planner gets ------------------------------------------------------------------------
+def effective(base: DesiredState, target: DesiredState, state: Rollout) -> DesiredState:
+    """The desired state to plan: the base while HELD or ROLLED_BACK; while ROLLING the
+    target, plus the pairs it withdraws at POPs whose wave has not come (defined as in the
+    base); the target when STEADY. A pair whose VIP the base does not define (added by an
+    earlier, replaced revision) is not kept."""
+    if state.phase in (Phase.HELD, Phase.ROLLED_BACK):
+        return base
+    if state.phase is Phase.STEADY:  # (the target not judged yet, just loaded: the base)
+        return target if target.revision == state.target else base
+    rolled = state.rolled()
+    keep: dict[str, list[str]] = {}
+    for vip, pop in state.withdraw:
+        if pop not in rolled:
+            keep.setdefault(vip, []).append(pop)
+    if not keep:
+        return target
+    base_vips = {fv.name: fv for fv in base.vips}
+    vips: list[FleetVip] = []
+    for fv in target.vips:
+        extra = [p for p in keep.pop(fv.name, []) if fv.name in base_vips]
+        if not extra:
+            vips.append(fv)
+            continue
+        publish = tuple(fv.publish) + tuple(p for p in extra if p not in fv.publish) if fv.enabled else tuple(extra)
+        vips.append(dataclasses.replace(fv, publish=publish, enabled=True))
+    for name, kept in keep.items():  # removed by the target: kept as the base defines them
+        if (was := base_vips.get(name)) is not None:
+            vips.append(dataclasses.replace(was, publish=tuple(kept), enabled=True))
+    names = {p.name for p in target.pops}
+    needed = {p for fv in vips for p in fv.publish}
+    specs = target.pops + tuple(p for p in base.pops if p.name not in names and p.name in needed)
+    return dataclasses.replace(target, vips=tuple(vips), pops=specs)
+
+
+def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState,
+         reports: Mapping[str, PopReport], generations: Mapping[str, int], stale_after: float) -> GateResult:
+    """The current wave's gate. FAIL at once if a POP of the wave reports, since the wave
+    began, a VIP it still publishes with every origin down. After the bake, PASS if every POP
+    of the wave reports fresh about its newest plan (``generations``: the one served) and
+    every VIP being withdrawn is announced by at least its minimum (or all, if fewer) of the
+    POPs still keeping it; else WAIT, and FAIL once ``stale_after`` more has passed."""
+    if state.phase is not Phase.ROLLING:
+        return GateResult(Verdict.WAIT)
+    wave = state.waves[state.wave]
+    published: dict[str, list[str]] = {pop: [] for pop in wave}
+    for spec in desired.vips:  # one walk over the VIPs, not one per POP of the wave
+        if spec.enabled:
+            for pop in spec.publish:
+                if pop in published:
+                    published[pop].append(spec.name)
+    for pop in wave:
+        r = reports.get(pop)
+        if r is None or r.received_at < state.wave_started:
+            continue
+        for vip in published[pop]:
+            verdicts = [v for v in r.origins.get(vip, {}).values() if v is not None]
+            if verdicts and not any(verdicts):
+                return GateResult(Verdict.FAIL, f"wave {state.wave + 1} ({', '.join(wave)}): {pop} reports every "
+                                                f"origin of {vip} down")
+    if now < state.wave_started + policy.bake:
+        return GateResult(Verdict.WAIT)
+    problems = []
+    for pop in wave:
+        r = reports.get(pop)
+        if r is None or now - r.received_at > stale_after:
+            problems.append(f"{pop} has not reported for {stale_after:.0f}s" if r else f"{pop} never reported")
+        elif r.plan_generation < generations.get(pop, 0):
+            problems.append(f"{pop} reports about plan {r.plan_generation}, not its plan {generations.get(pop, 0)}")
+    rolled = state.rolled()
+    keeping: dict[str, list[str]] = {}
+    for vip, pop in state.withdraw:
+        if pop not in rolled:
+            keeping.setdefault(vip, []).append(pop)
+    by_name = {fv.name: fv for fv in desired.vips} if keeping else {}
+    for vip, pops in sorted(keeping.items()):
+        fv = by_name.get(vip)
+        need = min(fv.policy.safety.min_announcing_pops if fv else 1, len(pops))
+        fresh = [p for p in pops if (r := reports.get(p)) is not None and now - r.received_at <= stale_after
+                 and r.announced.get(vip)]
+        if len(fresh) < need:
+            problems.append(f"{vip} is announced at {len(fresh)} of the POPs still keeping it ({', '.join(pops)}), "
+                            f"minimum {need}")
+    if not problems:
+        return GateResult(Verdict.PASS)
+    if now < state.wave_started + policy.bake + stale_after:
+        return GateResult(Verdict.WAIT, "; ".join(problems))
+    return GateResult(Verdict.FAIL, f"wave {state.wave + 1} ({', '.join(wave)}): " + "; ".join(problems))
+
+
+# --- JSON (the store keeps the state) --------------------------------------------------------------
+def to_json(r: Rollout) -> dict[str, object]:
+    return {"phase": str(r.phase), "base": r.base, "target": r.target, "withdraw": [list(p) for p in r.withdraw],
+            "waves": [list(w) for w in r.waves], "wave": r.wave, "wave_started": r.wave_started, "since": r.since,
+            "detail": r.detail,
+            "confirmed": None if r.confirmed is None else dataclasses.asdict(r.confirmed)}
+
+
+def from_json(data: Mapping[str, object]) -> Rollout:
+    """Raises KeyError/ValueError/TypeError on a malformed document."""
+    c = data["confirmed"]
+    confirmed = None
+    if c is not None:
+        assert isinstance(c, dict)
+        confirmed = Confirmation(str(c["revision"]), str(c["by"]), str(c["reason"]), float(c["at"]))
+    withdraw, plan = data["withdraw"], data["waves"]
+    if not isinstance(withdraw, list) or not isinstance(plan, list):
+        raise TypeError("withdraw and waves must be lists")
+    wave, started, since = data["wave"], data["wave_started"], data["since"]
+    if not isinstance(wave, int) or not isinstance(started, (int, float)) or not isinstance(since, (int, float)):
+        raise TypeError("wave, wave_started and since must be numbers")
+    return Rollout(Phase(str(data["phase"])), str(data["base"]), str(data["target"]),
+                   tuple((str(v), str(p)) for v, p in withdraw), tuple(tuple(str(p) for p in w) for w in plan),
+                   wave, float(started), float(since), str(data["detail"]), confirmed)

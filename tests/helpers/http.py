@@ -1,0 +1,17 @@
+"""One JSON request to a controller under test: (HTTP status, parsed body), errors too."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def request(url: str, method: str, token: str, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
