@@ -9,7 +9,7 @@
     anycastctl apply --confirm REV --reason WHY   roll out a config revision held over the budget
     anycastctl explain VIP                per POP: the decision and why
     anycastctl drain POP | undrain POP
-    anycastctl dial REGION PCT --why TEXT [--by WHO] | dial REGION --config | dial (list)
+    anycastctl dial REGION PCT --why TEXT [--by WHO] [--force] | dial REGION --config | dial (list)
     anycastctl agent status               on a POP: the local agent's sessions, VIPs, plan, controller link
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
@@ -34,7 +34,7 @@ import argcomplete
 from ..config.agent import load_agent_config
 from ..config.desired import load_desired
 from ..config.errors import ConfigError
-from ..config.desired_model import ChangePolicy
+from ..config.desired_model import ChangePolicy, with_dials
 from ..policy import change
 from ..policy.diff import Change, diff_plans
 from ..policy.planner import plan
@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="who sets it (default: $SUDO_USER, else $USER)")
             c.add_argument("--config", dest="to_config", action="store_true",
                            help="hand the region's dial back to the config (controller.yaml dials)")
+            c.add_argument("--force", action="store_true",
+                           help="set it even if it moves the traffic of more than change.max_withdraw_fraction "
+                                "of the announced (VIP, POP) pairs (refused otherwise, naming them)")
     return p
 
 
@@ -274,8 +277,10 @@ def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
     status = api.call("GET", "/v1/status")
     directory = args.config or status["config"]["directory"]
     desired = load_desired(directory, "proposed")
-    proposed = plan(desired, reports_from_snapshot(snap), snap["drains"], snap["now"],
-                    planner_from_json(snap["planner"]))
+    # The operator's dials stay over any revision (anycastctl dial): planned with them, so a
+    # dial is not shown as a change the config makes.
+    proposed = plan(with_dials(desired, snap.get("dials", {})), reports_from_snapshot(snap), snap["drains"],
+                    snap["now"], planner_from_json(snap["planner"]))
     changes = diff_plans(snap["plans"], proposed)
     announced = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip, i in items.items() if i["wanted"])
     published = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip in items)
@@ -393,12 +398,13 @@ def cmd_dial(api: OperatorApi, args: argparse.Namespace) -> int:
                 for region, d in r["dials"].items()]
         return _emit(args, r, _table(rows, ["REGION", "DIAL", "CONFIG", "SET BY"]))
     if args.to_config:
-        r = api.call("DELETE", f"/v1/dials/{args.region}")
+        r = api.call("DELETE", f"/v1/dials/{args.region}" + ("?force=true" if args.force else ""))
     else:
         if args.pct is None or not args.why:
             print("anycastctl dial REGION PCT --why TEXT (or --config)", file=sys.stderr)
             return 2
-        r = api.call("POST", f"/v1/dials/{args.region}", {"pct": args.pct, "by": args.by, "why": args.why})
+        r = api.call("POST", f"/v1/dials/{args.region}", {"pct": args.pct, "by": args.by, "why": args.why,
+                                                          "force": args.force})
     human = f"{r['region']}: dial {r['pct']}" + ("" if r["changed"] else " (unchanged)")
     return _emit(args, r, human)
 

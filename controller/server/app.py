@@ -17,8 +17,9 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
     POST   /v1/drains/{pop}      start draining a POP
     DELETE /v1/drains/{pop}      undrain it
     GET    /v1/dials             every origin region's traffic dial (config and operator), who and why
-    POST   /v1/dials/{region}    {"pct": 0-100, "by": "...", "why": "..."}: set it (409: refused by the gate)
-    DELETE /v1/dials/{region}    hand the region's dial back to the config
+    POST   /v1/dials/{region}    {"pct": 0-100, "by": "...", "why": "...", "force": false}: set it (409:
+                                 it moves more traffic than the change budget allows; "force": true skips that)
+    DELETE /v1/dials/{region}    hand the region's dial back to the config (the same gate; ?force=true)
     POST   /v1/change/confirm    confirm the held (or rolled-back) config revision:
                                  ``{"revision": REV, "by": WHO, "reason": WHY}``; 409 if REV is
                                  not the revision waiting (a newer commit replaced it, or
@@ -379,6 +380,7 @@ async def dials(request: web.Request) -> web.StreamResponse:
         return error(404, f"unknown origin region {region!r}", "region")
     pct: int | None = None
     by, why = "", ""
+    force = request.query.get("force", "") in ("1", "true")  # DELETE ?force=true (POST: in the body)
     if request.method == "POST":
         try:
             body = json.loads(await request.read())
@@ -393,9 +395,12 @@ async def dials(request: web.Request) -> web.StreamResponse:
             return error(400, "say who sets the dial", "by")
         if not isinstance(why, str) or not why.strip():
             return error(400, "say why (it is recorded with the dial)", "why")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            return error(400, f"expected true or false, got {force!r}", "force")
         by, why = by.strip()[:200], why.strip()[:2000]
     try:
-        changed = ctl.dial(region, pct, by, why)
+        changed = ctl.dial(region, pct, by, why, force)
     except ActionRefused as exc:
         return error(409, str(exc), "pct")
     except ActionNotPersisted as exc:

@@ -97,9 +97,10 @@ class DialChange:
     after: DesiredState  # with this dial
 
 
-# The seam for the config-change gate (blast radius, waves: h/rollout): called with every dial
-# before it is journaled; a sentence refuses it (ActionRefused, nothing changed), None lets it
-# through. The default lets everything through, as drains are today.
+# A gate a dial is put to before it is journaled: a sentence refuses it (ActionRefused, nothing
+# changed), None lets it through. The default (Controller.dial_budget) is the config change's
+# budget: a dial may move the traffic of at most change.max_withdraw_fraction of the announced
+# (VIP, POP) pairs; a forced dial skips the gate.
 DialGate = Callable[[DialChange], str | None]
 
 
@@ -138,7 +139,7 @@ class Controller:
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
-    dial_gate: DialGate | None = None  # see DialGate
+    dial_gate: DialGate | None = None  # see DialGate (None: dial_budget)
     rollout: change.Rollout = field(default_factory=change.Rollout)  # the config change in progress
     target: DesiredState = field(init=False)  # the newest revision loaded
     base: DesiredState = field(init=False)  # the last revision applied everywhere
@@ -477,11 +478,17 @@ class Controller:
     def regions(self) -> set[str]:
         return {o.region for fv in self.desired.vips for o in fv.vip.origins}
 
-    def dial(self, region: str, pct: int | None, by: str, why: str) -> bool:
+    def dial_budget(self, c: DialChange) -> str | None:
+        """The default dial gate: the base revision's change budget (policy/change.py)."""
+        moved = change.dial_radius(c.region, c.before, c.after, self.item)
+        why = change.dial_over_budget(moved, sum(p.wanted for p in self.served.values()), self.base.change)
+        return why or None
+
+    def dial(self, region: str, pct: int | None, by: str, why: str, force: bool = False) -> bool:
         """Set an origin region's traffic dial (0-100), or (``pct`` None) hand it back to the
         config; False if nothing changes. Recorded with who and why, durable before it counts
-        (ActionNotPersisted), and first put to ``dial_gate`` (ActionRefused). Moves traffic
-        between origins only: no BGP announcement changes because of a dial."""
+        (ActionNotPersisted), and first put to ``dial_gate`` unless ``force`` (ActionRefused).
+        Moves traffic between origins only: no BGP announcement changes because of a dial."""
         if region not in self.regions():
             raise KeyError(region)
         current = self.persisted.dials.get(region)
@@ -495,17 +502,19 @@ class Controller:
         assert self._configured is not None
         after = with_dials(self._configured, operator)
         what = f"dial of {region} to {pct if pct is not None else 'the config'}"
-        if self.dial_gate is not None:
-            refusal = self.dial_gate(DialChange(region, pct if pct is not None else -1, by, why, self.desired, after))
-            if refusal is not None:
-                raise ActionRefused(f"{what} refused: {refusal}")
+        gate = self.dial_gate if self.dial_gate is not None else self.dial_budget
+        if not force and (refusal := gate(DialChange(region, pct if pct is not None else -1, by, why,
+                                                     self.desired, after))) is not None:
+            raise ActionRefused(f"{what} refused: {refusal}; to do it anyway: anycastctl dial --force "
+                                f"(API: \"force\": true)")
         record = None if pct is None else store.Dial(pct, by, why, self.clock())
         self._persist_action(store.Changes(dials={region: record}), what)
         if record is None:
             self.persisted.dials.pop(region, None)
         else:
             self.persisted.dials[region] = record
-        log.info("traffic dial of %s set to %s by %s: %s", region, pct if pct is not None else "the config's", by, why)
+        log.log(logging.WARNING if force else logging.INFO, "traffic dial of %s set to %s by %s%s: %s", region,
+                pct if pct is not None else "the config's", by, " (forced past the dial gate)" if force else "", why)
         self.desired = after
         self.replan()
         return True

@@ -134,6 +134,33 @@ def test_a_dial_scales_a_weight() -> None:
     assert weights(r, "sjc") == {US: 3, EU: 10}  # 3x10 : 1x100
 
 
+def test_the_pairs_a_dial_moves() -> None:
+    """change.dial_radius: what the dial gate counts against the change budget."""
+    from controller.policy.change import dial_radius
+    pops = ("sjc", "fra", "sin")
+    run = steered(WEIGHTED)
+    weighted = run.at(0, sjc=UP, fra=UP, sin=UP)
+
+    def moved(r, before, operator: dict[str, int], region: str):  # type: ignore[no-untyped-def]
+        return dial_radius(region, before, with_dials(before, operator), r.item)
+    # Weighted: lowering a weighted region moves every POP sending to it; raising one too.
+    assert moved(weighted, run.desired, {EU: 50}, EU) == tuple(sorted(("game-global", p) for p in pops))
+    lowered = with_dials(run.desired, {EU: 50})
+    assert len(moved(weighted, lowered, {}, EU)) == 3  # back up to 100
+    # Single path (no weights): only 0 moves the POPs on the region, only from 0 back.
+    single = steered(Steering())
+    on_us = single.at(0, sjc=UP, fra=UP, sin=UP)
+    assert moved(on_us, single.desired, {US: 50}, US) == ()
+    assert moved(on_us, single.desired, {EU: 0}, EU) == ()  # no POP sends there
+    assert len(moved(on_us, single.desired, {US: 0}, US)) == 3
+    assert len(moved(on_us, with_dials(single.desired, {US: 0}), {}, US)) == 3  # from 0: it may be active again
+    # A preference with its own weights: fra weights eu-central only, the others the VIP's.
+    pref = Steering(preferences=(Preference(("fra",), (EU, US), ((EU, 1),)),), weights=((US, 1),))
+    prun = steered(pref)
+    r = prun.at(0, sjc=UP, fra=UP, sin=UP)
+    assert moved(r, with_dials(prun.desired, {EU: 0}), {}, EU) == (("game-global", "fra"),)
+
+
 def test_a_dial_of_zero_moves_the_active_origin_at_once_without_withdrawing() -> None:
     run = steered(Steering())
     run.at(0, sjc=UP, fra=UP, sin=UP)
@@ -313,8 +340,8 @@ def test_a_dial_of_zero_moves_every_vip_off_the_region_is_recorded_and_survives_
     ctl.replan()
     assert ctl.item("fra", "game-global").active_origin == US
     wanted = {(p, v): i.wanted for p, items in ctl.result.pops.items() for v, i in items.items()}
-    assert ctl.dial(US, 0, "alice", "move traffic to eu for the us-west maintenance")
-    assert not ctl.dial(US, 0, "alice", "again")  # no change: nothing journaled
+    assert ctl.dial(US, 0, "alice", "move traffic to eu for the us-west maintenance", force=True)
+    assert not ctl.dial(US, 0, "alice", "again")  # no change: nothing journaled (and no gate)
     r = ctl.result
     assert {i.active_origin for items in r.pops.values() for i in items.values()} == {EU}
     # A dial moves traffic between origins only: every announcement stays as it was.
@@ -324,7 +351,7 @@ def test_a_dial_of_zero_moves_every_vip_off_the_region_is_recorded_and_survives_
     ctl.close()
     restarted = _controller(tmp_path, now)
     assert restarted.desired.vip("game-global").dial(US) == 0
-    restarted.dial(US, None, "alice", "maintenance over")  # back to the config's dial
+    restarted.dial(US, None, "alice", "maintenance over", force=True)  # back to the config's dial
     assert restarted.desired.vip("game-global").dial(US) == 100
     assert US not in store.load(str(tmp_path)).dials
     restarted.close()
@@ -350,6 +377,77 @@ def test_a_gate_can_refuse_a_dial_and_nothing_changes(tmp_path: Path) -> None:
     ctl.close()
 
 
+def test_a_dial_moving_more_than_the_change_budget_is_refused_naming_what_it_moves_unless_forced(
+        tmp_path: Path) -> None:
+    from controller.server.core import ActionRefused
+    from controller.server import store
+    now = [10.0]
+    ctl = _controller(tmp_path, now)
+    _healthy(ctl, now[0])
+    ctl.replan()
+    announced = {(v, p) for p, items in ctl.result.pops.items() for v, i in items.items() if i.wanted}
+    on_us = sorted((v, p) for v, p in announced if ctl.item(p, v).active_origin == US)
+    assert len(on_us) / len(announced) > ctl.base.change.max_withdraw_fraction  # 3 of 5
+    # 50 % of a region no VIP weights moves nothing (single paths change only at 0): passes.
+    assert ctl.dial(US, 50, "alice", "halve us-west")
+    with pytest.raises(ActionRefused) as refused:
+        ctl.dial(US, 0, "alice", "move everything off us-west")
+    text = str(refused.value)
+    assert f"moves the traffic of {len(on_us)} of {len(announced)} announced" in text
+    assert all(f"{v}@{p}" in text for v, p in on_us) and "--force" in text
+    assert ctl.desired.vip("game-global").dial(US) == 50 and store.load(str(tmp_path)).dials[US].pct == 50
+    assert {ctl.item(p, v).active_origin for v, p in on_us} == {US}  # nothing moved
+    assert ctl.dial(US, 0, "alice", "move everything off us-west", force=True)
+    assert {ctl.item(p, v).active_origin for v, p in on_us} == {EU}
+    assert {(v, p) for p, items in ctl.result.pops.items() for v, i in items.items() if i.wanted} == announced
+    ctl.close()
+
+
+def test_a_dial_within_a_looser_change_budget_passes_the_gate(tmp_path: Path) -> None:
+    from controller.server.core import Controller
+    now = [10.0]
+    loaded = load_desired(str(EXAMPLE), "rev1")
+    desired = dataclasses.replace(loaded, state_dir=str(tmp_path),
+                                  change=dataclasses.replace(loaded.change, max_withdraw_fraction=0.75))
+    ctl = Controller(desired, clock=lambda: now[0])
+    _healthy(ctl, now[0])
+    ctl.replan()
+    assert ctl.dial(US, 0, "alice", "3 of 5 pairs move: within 75 %")
+    assert ctl.item("fra", "game-global").active_origin == EU
+    ctl.close()
+
+
+def test_operator_dials_apply_over_what_the_config_change_serves(tmp_path: Path) -> None:
+    """A held revision serves the base with the operator's dials over it; a revision's own
+    ``dials:`` go through the change gate (they withdraw nothing: applied at once) and the
+    operator's dial stays over them; the gate judges revisions without the operator's dials."""
+    from controller.policy.change import Phase
+    now = [10.0]
+    ctl = _controller(tmp_path, now)
+    _healthy(ctl, now[0])
+    ctl.replan()
+    ctl.dial(US, 0, "alice", "us-west maintenance", force=True)
+    assert ctl.item("fra", "game-global").active_origin == EU
+    # A revision removing game-global withdraws 3 of 5 pairs: held, the base served, dialed.
+    ctl.apply_config(dataclasses.replace(ctl.target, revision="rev2",
+                                         vips=tuple(v for v in ctl.target.vips if v.name != "game-global")))
+    assert ctl.rollout.phase is Phase.HELD
+    game = ctl.desired.vip("game-global")
+    assert game is not None and game.dial(US) == 0 and ctl.item("fra", "game-global").active_origin == EU
+    # The same revision as served, under a new name: nothing touched, nothing withdrawn.
+    radius, waves = ctl.blast_radius(dataclasses.replace(ctl.base, revision="rev3"))
+    assert not radius.withdrawn and not waves
+    # A revision whose only change is its dials: applied at once, the operator's dial over it.
+    d = copy(tmp_path)
+    edit(d, "controller.yaml", lambda c: c.__setitem__("dials", {EU: 50}))
+    ctl.apply_config(dataclasses.replace(load_desired(str(d), "rev4"), state_dir=str(tmp_path)))
+    assert ctl.rollout.phase is Phase.STEADY and ctl.base.revision == "rev4"
+    game = ctl.desired.vip("game-global")
+    assert game is not None and (game.dial(US), game.dial(EU)) == (0, 50)
+    assert ctl.desired.dials == ((EU, 50),) and ctl.target.vip("game-global").dial(US) == 100
+    ctl.close()
+
+
 def test_metrics_export_each_origins_effective_weight_and_dial(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
     from controller.metrics.central import ControllerMetrics
@@ -361,7 +459,7 @@ def test_metrics_export_each_origins_effective_weight_and_dial(tmp_path: Path) -
     ControllerMetrics(registry, lambda: ctl)
     get = registry.get_sample_value
     assert get("anycast_controller_origin_weight", {"vip": "game-global", "pop": "fra", "origin": US}) is None
-    ctl.dial(EU, 0, "alice", "drain eu-central")
+    ctl.dial(EU, 0, "alice", "drain eu-central", force=True)
     assert get("anycast_controller_origin_weight", {"vip": "api-eu", "pop": "fra", "origin": US}) == 1.0
     assert get("anycast_controller_origin_weight", {"vip": "api-eu", "pop": "fra", "origin": EU}) == 0.0
     assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": EU}) == 0.0
