@@ -28,6 +28,15 @@ changes since than its per-POP log keeps)::
      "vips": [{"name": ..., "spec_hash": ..., "wanted": ..., ...}],   # added or changed
      "removed": ["old-vip"]}
 
+An entry may carry ``"weights": [["eu-central", 3], ["us-west", 1]]`` (traffic steering:
+split the VIP's traffic across those origin regions in those proportions, each weight an
+integer from 1 to MAX_WIRE_WEIGHT, each region one of the VIP's; ``active_origin`` is then
+one of them). Absent or empty: everything to ``active_origin``, as before weights. The field
+is optional on purpose and outside the digest (``entry_hash`` is unchanged): an agent that
+predates it ignores it and keeps sending everything to ``active_origin``, a healthy origin
+with weight, so an old agent loses only the split, never the plan. The controller still
+makes a new generation when only weights change (plans.py), so deltas carry them.
+
 A spec travels once per content hash: ``spec_hash`` is the first 32 hex digits of the
 sha256 of the spec's canonical JSON (``canonical_json``); the agent keeps specs by hash and
 a delta names the hash of each changed entry's spec. ``digest`` is the whole plan's
@@ -92,6 +101,7 @@ from typing import Any, NoReturn, Protocol
 SIGNATURE_HEADER = "X-Anycast-Plan-Signature"
 MAX_REPORT_BYTES = 1 << 20  # a report's allowance beside its per-pair share (report_limit)
 REPORT_BYTES_PER_PAIR = 160  # a full report spends ~35 B per VIP x region pair: room for long names
+MAX_WIRE_WEIGHT = 65535  # an effective weight (config weight x dial, reduced); the agent scales it for the kernel
 MAX_COUNTER = (1 << 63) - 1  # generations and report numbers: beyond this, a request is garbage
 DIGEST_MOD = 1 << 64
 
@@ -144,6 +154,11 @@ class PlanEntry(Protocol):
     def explanation(self) -> str: ...
     @property
     def evidence(self) -> bool: ...
+    @property
+    def weights(self) -> tuple[tuple[str, int], ...]: ...  # (): single path
+
+
+Weights = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,7 @@ class PlanVip:
     explanation: str = ""
     spec_hash: str = ""  # empty from controllers that predate deltas
     evidence: bool = False  # report this VIP's checks now and after the next ones (see above)
+    weights: Weights = ()  # (region, weight); empty from controllers that predate weights
 
 
 @dataclass(frozen=True)
@@ -224,10 +240,13 @@ def format_digest(total: int) -> str:
 
 def entry_json(i: PlanEntry, spec_hash_: str, spec_json: str | None) -> str:
     """One plan entry as JSON text; with ``spec_json`` (canonical) in a full plan."""
-    entry = {"name": i.vip, "spec_hash": spec_hash_, "wanted": i.wanted, "active_origin": i.active_origin,
-             "drain": i.drain, "reason": str(i.reason), "safety_hold": i.safety_hold, "explanation": i.explanation}
+    entry: dict[str, Any] = {"name": i.vip, "spec_hash": spec_hash_, "wanted": i.wanted,
+                             "active_origin": i.active_origin, "drain": i.drain, "reason": str(i.reason),
+                             "safety_hold": i.safety_hold, "explanation": i.explanation}
     if i.evidence:
         entry["evidence"] = True
+    if i.weights:
+        entry["weights"] = [list(w) for w in i.weights]
     text = json.dumps(entry, separators=(",", ":"))
     return text if spec_json is None else f'{text[:-1]},"spec":{spec_json}}}'
 
@@ -256,7 +275,8 @@ def encode_plan(pop: str, generation: int, revision: str,
         "pop": pop, "generation": generation, "revision": revision,
         "vips": [{"name": i.vip, "spec": spec, "wanted": i.wanted, "active_origin": i.active_origin,
                   "drain": i.drain, "reason": i.reason, "safety_hold": i.safety_hold,
-                  "explanation": i.explanation, **({"evidence": True} if i.evidence else {})}
+                  "explanation": i.explanation, **({"evidence": True} if i.evidence else {}),
+                  **({"weights": [list(w) for w in i.weights]} if i.weights else {})}
                  for i, spec in vips],
     }
 
@@ -312,9 +332,28 @@ def _plan_entries(vips: Any, delta: bool) -> tuple[PlanVip, ...]:
                 and isinstance(explanation, str) and isinstance(hash_, str) and (hash_ or not delta)
                 and isinstance(evidence, bool)):
             _refuse(e, f"vips[{i}]")
+        weights = _weights(e["weights"], f"vips[{i}].weights", active) if "weights" in e else ()
         entries.append(PlanVip(name, None if delta else e.get("spec"), wanted, active, drain, known, hold,
-                               explanation, hash_, evidence))
+                               explanation, hash_, evidence, weights))
     return tuple(entries)
+
+
+def _weights(v: Any, where: str, active: str) -> Weights:
+    """An entry's ``weights``: [[region, 1..MAX_WIRE_WEIGHT], ...], each region once, the active one among them."""
+    if not isinstance(v, list):
+        raise WireError(where, "expected a list of [region, weight] pairs")
+    out: list[tuple[str, int]] = []
+    for j, pair in enumerate(v):
+        ok = (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], int)
+              and not isinstance(pair[1], bool) and 1 <= pair[1] <= MAX_WIRE_WEIGHT)
+        if not ok:
+            raise WireError(f"{where}[{j}]", f"expected [region, weight 1-{MAX_WIRE_WEIGHT}]")
+        if any(r == pair[0] for r, _ in out):
+            raise WireError(f"{where}[{j}]", f"region {pair[0]!r} listed twice")
+        out.append((pair[0], pair[1]))
+    if out and all(r != active for r, _ in out):
+        raise WireError(where, f"the active origin {active!r} has no weight")
+    return tuple(out)
 
 
 def _refuse(e: dict[str, Any], where: str) -> NoReturn:

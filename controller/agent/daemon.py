@@ -39,7 +39,7 @@ from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, PeerSnapshot, VipSnapshot
 from . import confirm, evidence, kernel_plan, state_file
 from .decide import (
-    Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, origin_health,
+    Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, healthy_split, origin_health,
 )
 from .controller_link import ControllerPort, follow_plans, report_health
 from .liveness import PROBE, ExaBGPLiveness
@@ -430,8 +430,11 @@ class Agent:
         link = self.config.controller
         intent = self.plan.vips.get(vip.name)
         origin = vip.origin(intent.active_origin) if intent else None
+        # (With weights, "down" means no weighted origin is healthy here: decide() announces
+        # toward the others meanwhile, so there is nothing for the controller to confirm.)
         down = origin is not None and origin_health(
-            origin, (verdicts.get((vip.name, origin.region, b)) for b in origin.backends))[0] is False
+            origin, (verdicts.get((vip.name, origin.region, b)) for b in origin.backends))[0] is False and not (
+            intent is not None and intent.weights and healthy_split(vip, intent, verdicts))
         return confirm.Checked(
             down=down,
             safety_hold=intent is not None and intent.safety_hold,

@@ -24,6 +24,12 @@ action and a reason code. The rules, in order:
 5. Draining -> announce with the "draining" attributes (``draining``), plus 65535:0 with
    ``bgp.graceful_shutdown`` set.
 6. Otherwise announce with the "up" attributes (``healthy``).
+
+With weights in the plan (traffic steering), rule 3's "the active origin" becomes "every
+weighted origin": while this POP sees at least one of them healthy it announces, and its
+kernel route splits traffic across the healthy ones by their weights (one it sees down gets
+weight 0 here at once, before the controller's quorum agrees). Only when it sees none
+healthy do rules 3 and 4 apply, to the active origin, exactly as without weights.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ class Decision:
     attributes: Attributes | None = None  # set when announcing
     origin: str | None = None  # the active origin region
     next_hop: IPAddress | None = None  # where the kernel route points
+    # Traffic steering: (next hop, weight) of each weighted origin this POP sees healthy
+    # (two or more: the kernel route is split across them); (): a single path to next_hop.
+    next_hops: tuple[tuple[IPAddress, int], ...] = ()
 
     @property
     def status(self) -> str:
@@ -144,6 +153,14 @@ def decide(
     if origin is None:
         return withdraw(Reason.UNKNOWN_ORIGIN, f"active origin {intent.active_origin!r} is not configured")
     verdict, detail = origin_health(origin, (health.get((vip.name, origin.region, b)) for b in origin.backends))
+    hop: IPAddress = origin.next_hop
+    hops: tuple[tuple[IPAddress, int], ...] = ()
+    split = healthy_split(vip, intent, health) if intent.weights else []
+    if split:
+        verdict, hop = True, split[0][0].next_hop  # (the active origin first, when healthy here)
+        hops = tuple((o.next_hop, w) for o, w in split) if len(split) > 1 else ()
+        detail = (f"split {' / '.join(f'{o.region} {w}' for o, w in split)} "
+                  f"({len(split)} of {len(intent.weights)} weighted origins healthy here)")
     if verdict is False and intent.safety_hold:
         return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.SAFETY_HOLD,
                         f"{detail}; kept announced on the controller's safety hold",
@@ -162,6 +179,17 @@ def decide(
                         intent.reason or "drain requested",
                         graceful_shutdown_attributes(vip.attributes.draining) if graceful_shutdown
                         else vip.attributes.draining,
-                        origin.region, origin.next_hop)
+                        origin.region, hop, hops)
     return Decision(vip.name, vip.prefix, Action.ANNOUNCE, Reason.HEALTHY, detail,
-                    vip.attributes.up, origin.region, origin.next_hop)
+                    vip.attributes.up, origin.region, hop, hops)
+
+
+def healthy_split(vip: Vip, intent: VipIntent, health: Mapping[BackendKey, bool | None]) -> list[tuple[Origin, int]]:
+    """The plan's weighted origins that this POP sees healthy, the active one first."""
+    out: list[tuple[Origin, int]] = []
+    for region, weight in sorted(intent.weights, key=lambda rw: rw[0] != intent.active_origin):
+        o = vip.origin(region)
+        if o is not None and weight > 0 and origin_health(
+                o, (health.get((vip.name, region, b)) for b in o.backends))[0] is True:
+            out.append((o, weight))
+    return out

@@ -50,6 +50,9 @@ class VipIntent:
     # The controller is confirming another POP's withdrawal of this VIP: report this VIP's
     # checks at once and after the next check of each backend (``agent/evidence.py``).
     evidence: bool = False
+    # Traffic steering: (region, weight) to split traffic across (the controller's effective
+    # weights); (): everything to ``active_origin``.
+    weights: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

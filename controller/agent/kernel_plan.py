@@ -1,6 +1,7 @@
 """Which kernel routes and loopback addresses the agent wants, from its decisions. Pure.
 
-A route exists for every VIP this POP announces, toward the active origin's next hop.
+A route exists for every VIP this POP announces, toward the active origin's next hop (or,
+with traffic steering's weights, split across the healthy weighted origins' next hops).
 While a VIP is HOLD (no verdict yet, e.g. right after a restart) whatever is installed
 stays, so a restart does not black-hole traffic that ExaBGP still attracts.
 
@@ -15,7 +16,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from ..config.model import IPNetwork, Vip
-from ..kernel.diff import KernelRoute
+from ..kernel.diff import KernelRoute, multipath
 from .decide import Action, Decision
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -23,8 +24,8 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 def desired_routes(decisions: Iterable[Decision], actual: Iterable[KernelRoute]) -> set[KernelRoute]:
     held = {d.prefix for d in decisions if d.action is Action.HOLD}
-    want = {KernelRoute(d.prefix, d.next_hop) for d in decisions
-            if d.action is Action.ANNOUNCE and d.next_hop is not None}
+    want = {multipath(d.prefix, d.next_hops) if d.next_hops else KernelRoute(d.prefix, d.next_hop)
+            for d in decisions if d.action is Action.ANNOUNCE and d.next_hop is not None}
     return want | {r for r in actual if r.prefix in held}
 
 

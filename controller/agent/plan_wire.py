@@ -63,8 +63,9 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
             raise WireError(f"vips[{i}].active_origin",
                             f"{entry.active_origin!r} is not one of the VIP's origin regions")
         specs.append(vip)
+        _check_weights(entry, vip, f"vips[{i}]")
         intents[vip.name] = VipIntent(vip.name, entry.wanted, entry.active_origin, entry.drain, entry.reason,
-                                      entry.safety_hold, entry.evidence)
+                                      entry.safety_hold, entry.evidence, entry.weights)
     if cache is not None:
         cache.clear()
         cache.update(checked)
@@ -156,7 +157,7 @@ class PlanBook:
                 raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
             specs[h] = held
             entries[e.vip] = PlanVip(e.vip, None, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold,
-                                     e.explanation, h, e.evidence)
+                                     e.explanation, h, e.evidence, e.weights)
         ehash = {n: vip_entry_hash(e) for n, e in entries.items()}
         digest = sum(ehash.values()) % DIGEST_MOD
         if plan.digest and plan.digest != format_digest(digest):
@@ -245,7 +246,14 @@ def _check_entry(e: PlanVip, vip: Vip, where: str) -> None:
         raise WireError(f"{where}.name", f"{e.vip!r} is not the name in its spec ({vip.name!r})")
     if vip.origin(e.active_origin) is None:
         raise WireError(f"{where}.active_origin", f"{e.active_origin!r} is not one of the VIP's origin regions")
+    _check_weights(e, vip, where)
+
+
+def _check_weights(e: PlanVip, vip: Vip, where: str) -> None:
+    for j, (region, _) in enumerate(e.weights):
+        if vip.origin(region) is None:
+            raise WireError(f"{where}.weights[{j}]", f"{region!r} is not one of the VIP's origin regions")
 
 
 def _intent(e: PlanVip) -> VipIntent:
-    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold, e.evidence)
+    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold, e.evidence, e.weights)

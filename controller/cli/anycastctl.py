@@ -9,6 +9,7 @@
     anycastctl apply --confirm REV --reason WHY   roll out a config revision held over the budget
     anycastctl explain VIP                per POP: the decision and why
     anycastctl drain POP | undrain POP
+    anycastctl dial REGION PCT --why TEXT [--by WHO] [--force] | dial REGION --config | dial (list)
     anycastctl agent status               on a POP: the local agent's sessions, VIPs, plan, controller link
 
 The commands that talk to the controller take --url (default $ANYCAST_CONTROLLER_URL or
@@ -33,7 +34,7 @@ import argcomplete
 from ..config.agent import load_agent_config
 from ..config.desired import load_desired
 from ..config.errors import ConfigError
-from ..config.desired_model import ChangePolicy
+from ..config.desired_model import ChangePolicy, with_dials
 from ..policy import change
 from ..policy.diff import Change, diff_plans
 from ..policy.planner import plan
@@ -77,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                         ("apply", "confirm a config revision held over the blast-radius budget: it rolls "
                                   "out in waves"),
                         ("drain", "drain a POP: less preferred first, then withdrawn"),
-                        ("undrain", "end a POP's drain")):
+                        ("undrain", "end a POP's drain"),
+                        ("dial", "an origin region's traffic dial, 0-100 (0 drains the region without touching "
+                                 "BGP); without arguments, every region's")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--url", type=_url, default=default_url,
                        help=f"the controller's API, http(s)://HOST:PORT (default: $ANYCAST_CONTROLLER_URL, "
@@ -106,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("vip")
         if name in ("drain", "undrain"):
             c.add_argument("pop")
+        if name == "dial":
+            c.add_argument("region", nargs="?")
+            c.add_argument("pct", nargs="?", type=int, help="0-100 of the region's weight")
+            c.add_argument("--why", help="why (recorded with the dial; required to set one)")
+            c.add_argument("--by", default=os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator",
+                           help="who sets it (default: $SUDO_USER, else $USER)")
+            c.add_argument("--config", dest="to_config", action="store_true",
+                           help="hand the region's dial back to the config (controller.yaml dials)")
+            c.add_argument("--force", action="store_true",
+                           help="set it even if it moves the traffic of more than change.max_withdraw_fraction "
+                                "of the announced (VIP, POP) pairs (refused otherwise, naming them)")
     return p
 
 
@@ -263,8 +277,10 @@ def cmd_diff(api: OperatorApi, args: argparse.Namespace) -> int:
     status = api.call("GET", "/v1/status")
     directory = args.config or status["config"]["directory"]
     desired = load_desired(directory, "proposed")
-    proposed = plan(desired, reports_from_snapshot(snap), snap["drains"], snap["now"],
-                    planner_from_json(snap["planner"]))
+    # The operator's dials stay over any revision (anycastctl dial): planned with them, so a
+    # dial is not shown as a change the config makes.
+    proposed = plan(with_dials(desired, snap.get("dials", {})), reports_from_snapshot(snap), snap["drains"],
+                    snap["now"], planner_from_json(snap["planner"]))
     changes = diff_plans(snap["plans"], proposed)
     announced = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip, i in items.items() if i["wanted"])
     published = frozenset((vip, pop) for pop, items in snap["plans"].items() for vip in items)
@@ -356,7 +372,8 @@ def cmd_explain(api: OperatorApi, args: argparse.Namespace) -> int:
         plan_word = "announce" if p["wanted"] else "withdraw"
         now = {True: "announced", False: "not announced", None: "unknown"}[p["announced"]]
         flags = (" [drain]" if p["drain"] else "") + (" [SAFETY HOLD]" if p["safety_hold"] else "")
-        out.append(f"  {p['pop']}: plan {plan_word} via {p['active_origin']}, reason {p['reason']}{flags}; "
+        via = " / ".join(f"{r} {w}" for r, w in p.get("weights", [])) or p["active_origin"]
+        out.append(f"  {p['pop']}: plan {plan_word} via {via}, reason {p['reason']}{flags}; "
                    f"agent reports {now}")
         out.append(f"      {p['explanation']}")
     out += [f"  ALARM {a['kind']}: {a['detail']}" for a in e["alarms"]]
@@ -373,9 +390,28 @@ def cmd_drain(api: OperatorApi, args: argparse.Namespace) -> int:
     return _emit(args, r, human)
 
 
+def cmd_dial(api: OperatorApi, args: argparse.Namespace) -> int:
+    if args.region is None:
+        r = api.call("GET", "/v1/dials")
+        rows = [[region, str(d["pct"]), str(d["config"]),
+                 f"{d['operator']['by']}: {d['operator']['why']}" if d["operator"] else "-"]
+                for region, d in r["dials"].items()]
+        return _emit(args, r, _table(rows, ["REGION", "DIAL", "CONFIG", "SET BY"]))
+    if args.to_config:
+        r = api.call("DELETE", f"/v1/dials/{args.region}" + ("?force=true" if args.force else ""))
+    else:
+        if args.pct is None or not args.why:
+            print("anycastctl dial REGION PCT --why TEXT (or --config)", file=sys.stderr)
+            return 2
+        r = api.call("POST", f"/v1/dials/{args.region}", {"pct": args.pct, "by": args.by, "why": args.why,
+                                                          "force": args.force})
+    human = f"{r['region']}: dial {r['pct']}" + ("" if r["changed"] else " (unchanged)")
+    return _emit(args, r, human)
+
+
 COMMANDS: dict[str, Callable[[OperatorApi, argparse.Namespace], int]] = {
     "status": cmd_status, "plan": cmd_plan, "diff": cmd_diff, "explain": cmd_explain, "apply": cmd_apply,
-    "drain": cmd_drain, "undrain": cmd_drain,
+    "drain": cmd_drain, "undrain": cmd_drain, "dial": cmd_dial,
 }
 
 

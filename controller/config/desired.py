@@ -25,8 +25,9 @@ from .agent import (
     read_state_attributes, read_vip, refuse_empty,
 )
 from .desired_model import (
-    ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy, FailoverPolicy, FleetVip, HaSettings,
-    Policy, PopSpec, SafetyPolicy, StoreKind, TlsSettings,
+    FULL_DIAL, MAX_WEIGHT, NO_STEERING, ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy,
+    FailoverPolicy, FleetVip, HaSettings, Policy, PopSpec, Preference, SafetyPolicy, Steering, StoreKind, TlsSettings,
+    with_dials,
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
@@ -228,6 +229,7 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     change = _section(top, "change", _change, ChangePolicy())
     defaults = read_check_defaults(top.get("check_defaults"))
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+    dials_node = top.get("dials")
     api = top.opt("api", _api, ApiSettings())
     ha = _ha(top.get("ha"))
     top.reject_unknown()
@@ -275,13 +277,14 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
             trees["vips.yaml"].issues.add("vips", f"duplicate {what}")
         seen_names[v.name] = 1
         seen_prefixes[v.vip.prefix] = v.name
+    dials = read_dials(dials_node, {o.region for v in vips for o in v.vip.origins})
     if attrs is None:
         return None
     for i, name in enumerate(change.order):
         if name not in pop_names:
             top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
-    return DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                        tuple(pops), tuple(vips), policy, change, api, ha)
+    return with_dials(DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
+                                   tuple(pops), tuple(vips), policy, change, api, ha, dials=dials), {})
 
 
 def _ha(node: Node | None) -> HaSettings | None:
@@ -414,10 +417,91 @@ def _fleet_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, f
             publish_node.error("at least one POP is needed (or set enabled: false)")
     enabled = node.opt("enabled", Node.as_bool, True)
     vip_policy = read_policy(node.get("policy"), policy)
+    steering_node = node.get("steering")
     vip = read_vip(node, allowed, defaults, attrs)
     if vip is None or not publish:
         return None
-    return FleetVip(vip, tuple(publish), enabled, vip_policy)
+    steering = read_steering(steering_node, {o.region for o in vip.origins}, [o.region for o in vip.origins],
+                             pop_names, publish)
+    return FleetVip(vip, tuple(publish), enabled, vip_policy, steering)
+
+
+def read_steering(node: Node | None, regions: set[str], order: list[str], pop_names: set[str],
+                  publish: list[str]) -> Steering:
+    """A VIP's ``steering``: per-POP origin preference and origin weights (README: Traffic
+    steering). Every error names its path; with any error the VIP is refused whole."""
+    if node is None or not node.is_mapping():
+        return NO_STEERING
+    weights = _weights(node.get("weights"), regions) or ()
+    preferences: list[Preference] = []
+    claimed: dict[str, int] = {}
+    for i, p in enumerate(_list(node, "preference", False)):
+        if not p.is_mapping():
+            continue
+        pops: list[str] = []
+        for item in _list(p, "pops", True):
+            name = item.as_str()
+            if name is None:
+                continue
+            if name not in pop_names:
+                item.error(f"unknown POP {name!r} (pops.yaml lists: {', '.join(sorted(pop_names))})")
+            elif name not in publish:
+                item.error(f"POP {name!r} is not one of this VIP's publish domains ({', '.join(publish)})")
+            elif name in claimed:
+                item.error(f"POP {name!r} already has a preference (steering.preference[{claimed[name]}])")
+            else:
+                claimed[name] = i
+                pops.append(name)
+        listed: list[str] = []
+        for item in _list(p, "origins", True):
+            region = item.as_str()
+            if region is None:
+                continue
+            if region not in regions:
+                item.error(f"unknown origin region {region!r} (this VIP's regions: {', '.join(order)})")
+            elif region in listed:
+                item.error(f"origin region {region!r} listed twice")
+            else:
+                listed.append(region)
+        own = _weights(p.get("weights"), regions)
+        p.reject_unknown()
+        if pops and listed:
+            preferences.append(Preference(tuple(pops), tuple(listed) + tuple(r for r in order if r not in listed),
+                                          own))
+    node.reject_unknown()
+    return Steering(tuple(preferences), weights)
+
+
+def _weights(node: Node | None, regions: set[str]) -> tuple[tuple[str, int], ...] | None:
+    """``{region: 0-255}``; at least one above 0. None if absent (or wrong)."""
+    if node is None or not node.is_mapping():
+        return None
+    out: list[tuple[str, int]] = []
+    for region in node.value:
+        w = node.get(str(region))
+        if region not in regions:
+            node.error(f"unknown origin region {region!r} (this VIP's regions: {', '.join(sorted(regions))})",
+                       str(region))
+        elif w is not None and (value := w.as_int(0, MAX_WEIGHT)) is not None:
+            out.append((str(region), value))
+    if out and not any(w for _, w in out):
+        node.error("every weight is 0: at least one origin needs a weight above 0 (or leave weights out)")
+        return None
+    return tuple(out) if out else None
+
+
+def read_dials(node: Node | None, regions: set[str]) -> tuple[tuple[str, int], ...]:
+    """controller.yaml ``dials``: ``{region: 0-100}`` (100 is the default and left out)."""
+    if node is None or not node.is_mapping():
+        return ()
+    out: list[tuple[str, int]] = []
+    for region in node.value:
+        d = node.get(str(region))
+        if region not in regions:
+            node.error(f"unknown origin region {region!r} (no VIP has it)", str(region))
+        elif d is not None and (pct := d.as_int(0, FULL_DIAL)) is not None and pct != FULL_DIAL:
+            out.append((str(region), pct))
+    return tuple(sorted(out))
 
 
 def read_policy(node: Node | None, base: Policy) -> Policy:

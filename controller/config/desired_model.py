@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from .model import IPNetwork, Vip
+
+MAX_WEIGHT = 255  # an origin's weight in ``steering`` (the kernel's next-hop weights are 1-256)
+FULL_DIAL = 100  # a traffic dial's default: the region gets its whole weight
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,47 @@ class HaSettings:
 
 
 @dataclass(frozen=True)
+class Preference:
+    """Where some POPs send a VIP: their own origin order, and optionally their own weights."""
+
+    pops: tuple[str, ...]
+    origins: tuple[str, ...]  # every region of the VIP: the listed ones first, then the rest in the VIP's order
+    weights: tuple[tuple[str, int], ...] | None = None  # None: the VIP's ``steering.weights``
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A VIP's traffic steering between its origin regions (controller-only: never in the spec
+    an agent reads, so agents that predate it read the same spec).
+
+    Without preferences every POP follows the VIP's origin order (one active origin, quorum
+    failover, hold-down failback: as before). Without weights a POP sends everything to its
+    active origin. With weights a POP splits traffic across the weighted origins that are
+    healthy and not dialed to 0; when none is left it falls back to its active origin."""
+
+    preferences: tuple[Preference, ...] = ()
+    weights: tuple[tuple[str, int], ...] = ()  # region -> 0-255; () : single path
+
+    def preference(self, pop: str) -> Preference | None:
+        return next((p for p in self.preferences if pop in p.pops), None)
+
+
+NO_STEERING = Steering()
+
+
+@dataclass(frozen=True)
 class FleetVip:
     vip: Vip  # the same definition an agent uses (origins, check, attributes)
     publish: tuple[str, ...]  # publish domains: the POPs that announce it
     enabled: bool  # False: deliberately withdrawn everywhere (no safety minimum)
     policy: Policy
+    steering: Steering = NO_STEERING
+    # The traffic dial of each of its regions that is not 100 (config dials with operator
+    # dials over them: see policy.steering.with_dials); a dial scales the region's weight.
+    dials: tuple[tuple[str, int], ...] = ()
+
+    def dial(self, region: str) -> int:
+        return next((pct for r, pct in self.dials if r == region), FULL_DIAL)
 
     @property
     def name(self) -> str:
@@ -137,6 +177,7 @@ class DesiredState:
     change: ChangePolicy = ChangePolicy()
     api: ApiSettings = ApiSettings()
     ha: HaSettings | None = None  # None: the embedded file journal
+    dials: tuple[tuple[str, int], ...] = ()  # region -> 0-100, from controller.yaml ``dials`` (100s left out)
 
     def pop(self, name: str) -> PopSpec | None:
         return next((p for p in self.pops if p.name == name), None)
@@ -146,3 +187,19 @@ class DesiredState:
 
     def published_at(self, pop: str) -> tuple[FleetVip, ...]:
         return tuple(v for v in self.vips if pop in v.publish)
+
+
+def with_dials(desired: DesiredState, operator: Mapping[str, int]) -> DesiredState:
+    """``desired`` with each VIP's effective dials: the config's ``dials`` with the operator's
+    (``anycastctl dial``) over them. A VIP whose dials are unchanged keeps its object, so the
+    planning engine re-plans only the VIPs of a region whose dial moved."""
+    dials = dict(desired.dials)
+    dials.update(operator)
+    vips = []
+    for fv in desired.vips:
+        own = tuple(sorted((o.region, dials[o.region]) for o in fv.vip.origins
+                           if dials.get(o.region, FULL_DIAL) != FULL_DIAL))
+        vips.append(fv if own == fv.dials else replace(fv, dials=own))
+    if all(a is b for a, b in zip(vips, desired.vips)):
+        return desired
+    return replace(desired, vips=tuple(vips))

@@ -58,22 +58,53 @@ class KernelMarks:
             raise ValueError(f"metric {self.metric}: must be 1-4294967295")
 
 
+MAX_KERNEL_WEIGHT = 255  # a next hop's weight in a group (the kernel's nexthop_grp.weight + 1, 8 bits kept)
+
+
 @dataclass(frozen=True)
 class KernelRoute:
-    """A route the agent wants (or has): `prefix` via `next_hop`, nothing more."""
+    """A route the agent wants (or has): `prefix` via `next_hop`, nothing more; or, with
+    `group`, split across those next hops by weight (a resilient next-hop group: see
+    netlink.py). Build a split one with ``multipath``: its form is canonical (next hops in
+    address order, `next_hop` the first), so a route read back from the kernel equals it."""
 
     prefix: Prefix
     next_hop: NextHop
+    group: tuple[tuple[NextHop, int], ...] = ()  # (next hop, weight 1-255), two or more; (): single path
 
     def __post_init__(self) -> None:
-        if self.prefix.version != self.next_hop.version:
-            raise ValueError(f"{self}: next hop is not IPv{self.prefix.version}")
-        # A link-local next hop needs an outgoing interface, which we do not model.
-        if self.next_hop.is_link_local:
-            raise ValueError(f"{self}: link-local next hops are not supported")
+        for hop in (self.next_hop, *(h for h, _ in self.group)):
+            if self.prefix.version != hop.version:
+                raise ValueError(f"{self}: next hop is not IPv{self.prefix.version}")
+            # A link-local next hop needs an outgoing interface, which we do not model.
+            if hop.is_link_local:
+                raise ValueError(f"{self}: link-local next hops are not supported")
+        if self.group and (len(self.group) < 2 or any(not 1 <= w <= MAX_KERNEL_WEIGHT for _, w in self.group)):
+            raise ValueError(f"{self}: a group needs two or more next hops with weights 1-{MAX_KERNEL_WEIGHT}")
 
     def __str__(self) -> str:
+        if self.group:
+            return f"{self.prefix} via {', '.join(f'{h}*{w}' for h, w in self.group)}"
         return f"{self.prefix} via {self.next_hop}"
+
+
+def multipath(prefix: Prefix, hops: Iterable[tuple[NextHop, int]]) -> KernelRoute:
+    """The route for ``prefix`` split across ``hops`` (next hop, weight > 0; any scale: the
+    weights are scaled into the kernel's 1-255 keeping their ratios as closely as that
+    allows, and a next hop listed twice gets the sum). One next hop: a plain route."""
+    merged: dict[NextHop, int] = {}
+    for hop, w in hops:
+        if w > 0:
+            merged[hop] = merged.get(hop, 0) + w
+    if not merged:
+        raise ValueError(f"{prefix}: no next hop with a weight above 0")
+    ordered = sorted(merged.items(), key=lambda hw: (hw[0].version, int(hw[0])))
+    if len(ordered) == 1:
+        return KernelRoute(prefix, ordered[0][0])
+    top = max(w for _, w in ordered)
+    if top > MAX_KERNEL_WEIGHT:
+        ordered = [(h, max(1, round(w * MAX_KERNEL_WEIGHT / top))) for h, w in ordered]
+    return KernelRoute(prefix, ordered[0][0], tuple(ordered))
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,7 @@ class InstalledRoute:
 
     route: KernelRoute
     metric: int
+    nhid: int = 0  # the next-hop group it forwards through (a split route), 0 for none
 
 
 @dataclass(frozen=True)

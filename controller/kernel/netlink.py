@@ -19,6 +19,15 @@ someone else's route would silently take it over: we therefore `add` with NLM_F_
 we have just read our own route. Deletes name our protocol, next hop and metric, which
 the kernel matches on for IPv4 and IPv6 alike.
 
+A split route (``KernelRoute.group``: traffic steering's weighted origins) is a resilient
+next-hop group (``nexthop.py``): one next-hop object per next hop, one group per prefix,
+all with our protocol number. A weight change or a next hop leaving replaces the group's
+members *in place*, so only the flows that must move do; next-hop objects no route of ours
+uses any more are deleted after each such sync. A kernel without next-hop groups (before
+5.3) or without resilient ones (before 5.13) refuses the group: the adapter then says so
+once, loudly, and installs every split route as a plain route toward its first next hop
+(``resilient_ok`` False, exported by the agent), which is what agents did before weights.
+
 Errors are per item: a next hop without a connected route (ENETUNREACH) or a foreign
 route in our slot (EEXIST) fails that one route, the rest are still applied, and then
 `KernelSyncError` lists every failure with the route, the errno name and its text.
@@ -42,6 +51,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any, TypeVar
 
+from . import nexthop
 from .diff import (
     DEFAULT_METRIC,
     DEFAULT_PROTOCOL,
@@ -55,6 +65,8 @@ from .diff import (
     KernelSyncError,
     LoopbackAddress,
     RouteDiff,
+    GONE as GONE_CODES,
+    multipath,
     op_failure,
     plan_addresses,
     plan_route_sync,
@@ -89,10 +101,13 @@ class KernelAdapter:
         loopback: str = "lo",
         netns: str | None = None,
         metric: int = DEFAULT_METRIC,
+        resilient: nexthop.ResilientSettings = nexthop.ResilientSettings(),
     ) -> None:
         KernelMarks(protocol, table, metric)  # raises ValueError for marks not ours to use
         self.protocol, self.table, self.metric = protocol, table, metric
         self.loopback, self.netns = loopback, netns
+        self.resilient = resilient
+        self.resilient_ok = True  # False once the kernel refused a resilient group (see the module doc)
         # One thread with its own event loop does all netlink work (see the module doc).
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._loop = self._thread.submit(asyncio.new_event_loop).result()
@@ -117,6 +132,7 @@ class KernelAdapter:
             await ipr.setup_endpoint()
         except FileNotFoundError as exc:
             raise KernelError(f"network namespace {self.netns!r} does not exist") from exc
+        nexthop.install_parsers(ipr)
         return ipr
 
     def _run(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -161,7 +177,11 @@ class KernelAdapter:
     async def _sync_routes(self, desired: tuple[KernelRoute, ...]) -> RouteDiff:
         # Routes of ours at another metric (the metric setting changed) are stale: they
         # are removed after the new ones are in, so forwarding never has a gap.
-        plan, stale = plan_route_sync(desired, await self._read_ours(), self.metric)
+        if not self.resilient_ok:
+            desired = tuple(KernelRoute(r.prefix, r.next_hop) for r in desired)
+        installed = await self._read_ours()
+        plan, stale = plan_route_sync(desired, installed, self.metric)
+        groups = {r.route.prefix: r.nhid for r in installed if r.nhid and r.metric == self.metric}
 
         added, replaced, removed = _Applied(), _Applied(), _Applied()
         for route in plan.add:
@@ -171,7 +191,7 @@ class KernelAdapter:
             # NLM_F_REPLACE rewrites whatever holds the slot, whoever made it: safe only
             # because we just read our own route there. One atomic change: no gap.
             await self._try(replaced, "replace", rep, self._route_item(rep.new),
-                            self._route_op("replace", rep.new, self.metric))
+                            self._route_op("replace", rep.new, self.metric, groups.get(rep.new.prefix, 0)))
         for route in plan.remove:
             await self._try(removed, "remove", route, self._route_item(route),
                             self._route_op("del", route, self.metric))
@@ -182,6 +202,8 @@ class KernelAdapter:
         applied = RouteDiff(
             add=tuple(added.done), replace=tuple(replaced.done), remove=tuple(removed.done)
         )
+        if groups or any(r.group for r in plan.add) or any(r.new.group or r.old.group for r in plan.replace):
+            await self._forget_unused_nexthops()
         failures = added.failures + replaced.failures + removed.failures
         if applied:
             log.info("kernel routes %s", applied.brief())
@@ -224,6 +246,18 @@ class KernelAdapter:
                     continue
                 gateway = msg.get_attr("RTA_GATEWAY")
                 dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                nhid = msg.get_attr(nexthop.RTA_NH_ID)
+                hops = msg.get_attr("RTA_MULTIPATH")
+                if gateway is None and nhid and hops:
+                    # A split route of ours: the kernel lists the group's members (weight - 1 in hops).
+                    try:
+                        route = multipath(ip_network(f"{dst}/{msg['dst_len']}"),
+                                          [(ip_address(h.get_attr("RTA_GATEWAY")), h["hops"] + 1) for h in hops])
+                    except (ValueError, TypeError) as exc:
+                        log.warning("ignoring route %s/%s with protocol %d: %s", dst, msg["dst_len"], self.protocol, exc)
+                        continue
+                    out.append(InstalledRoute(route, msg.get_attr("RTA_PRIORITY") or 0, int(nhid)))
+                    continue
                 if gateway is None:
                     # Multipath or device routes with our number were not made by us
                     # (we only install single next hops): not ours to judge.
@@ -239,21 +273,89 @@ class KernelAdapter:
         return out
 
     def _route_op(
-        self, command: str, route: KernelRoute, metric: int
+        self, command: str, route: KernelRoute, metric: int, nhid: int = 0
     ) -> Callable[[], Awaitable[object]]:
+        if route.group and command != "del":
+            return lambda: self._group_route(command, route, metric, nhid)
         spec: dict[str, Any] = {
             "dst": str(route.prefix),
-            "gateway": str(route.next_hop),
             "family": socket.AF_INET if route.prefix.version == 4 else socket.AF_INET6,
             "table": self.table,
             # On a delete, protocol, next hop and metric make the kernel match only ours.
             "proto": self.protocol,
             "priority": metric,
         }
+        if not route.group:  # (a split route has no single gateway to match on)
+            spec["gateway"] = str(route.next_hop)
         if command != "del":
             spec["type"] = "unicast"
         # "add" is NLM_F_CREATE|NLM_F_EXCL: it fails on a foreign route in our slot.
         return lambda: self._ipr.route(command, **spec)
+
+    async def _group_route(self, command: str, route: KernelRoute, metric: int, nhid: int) -> None:
+        """A split route through a resilient group: the group ``nhid`` (ours, the prefix's
+        current one) gets the new members in place; without one a new group is made."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        known = await nexthop.dump(self._ipr)
+        by_gateway = {n.gateway: n.id for n in known if n.protocol == self.protocol and n.gateway is not None}
+        missing = [h for h, _ in route.group if h not in by_gateway]
+        fresh = iter(nexthop.free_ids((n.id for n in known), len(missing) + 1))
+        for hop in missing:
+            nh_id = next(fresh)
+            await nexthop.add_single(self._ipr, nh_id, hop, await self._oif(hop), self.protocol)
+            by_gateway[hop] = nh_id
+        members = tuple((by_gateway[h], w) for h, w in route.group)
+        ours = {n.id for n in known if n.protocol == self.protocol and n.members}
+        replace = nhid in ours
+        group_id = nhid if replace else next(fresh)
+        try:
+            await nexthop.set_group(self._ipr, group_id, members, self.protocol, replace=replace,
+                                    settings=self.resilient)
+        except NetlinkError as exc:
+            if exc.code not in (errno_mod.EOPNOTSUPP, errno_mod.EINVAL, errno_mod.EAFNOSUPPORT):
+                raise
+            self.resilient_ok = False
+            log.error("this kernel refused a resilient next-hop group (%s): split routes are installed "
+                      "single-path toward their first next hop; traffic steering's weights are not applied "
+                      "at this POP (needs Linux >= 5.13)", exc)
+            await self._ipr.route(command, **{
+                "dst": str(route.prefix), "gateway": str(route.next_hop), "table": self.table,
+                "family": socket.AF_INET if route.prefix.version == 4 else socket.AF_INET6,
+                "proto": self.protocol, "priority": metric, "type": "unicast"})
+            return
+        if not replace:
+            await nexthop.route_via_group(
+                self._ipr, command, str(route.prefix.network_address), route.prefix.prefixlen,
+                socket.AF_INET if route.prefix.version == 4 else socket.AF_INET6, group_id, self.table,
+                self.protocol, metric)
+
+    async def _oif(self, hop: Any) -> int:
+        """The interface the kernel reaches ``hop`` through (a next-hop object needs one)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            oif = await nexthop.oif_toward(self._ipr, hop)
+        except NetlinkError as exc:
+            raise NetlinkError(errno_mod.ENETUNREACH, f"no route to next hop {hop}: {exc}") from exc
+        if not oif:
+            raise NetlinkError(errno_mod.ENETUNREACH, f"no interface toward next hop {hop}")
+        return int(oif)
+
+    async def _forget_unused_nexthops(self) -> None:
+        """Delete our groups no route of ours uses, then our next hops no group of ours uses."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        used = {r.nhid for r in await self._read_ours() if r.nhid}
+        known = [n for n in await nexthop.dump(self._ipr) if n.protocol == self.protocol]
+        groups = [n for n in known if n.members]
+        keep = {m for g in groups if g.id in used for m, _ in g.members}
+        for n in [g for g in groups if g.id not in used] + [n for n in known if not n.members and n.id not in keep]:
+            try:
+                await nexthop.delete(self._ipr, n.id)
+            except NetlinkError as exc:
+                if exc.code not in GONE_CODES:
+                    log.warning("cannot delete next-hop object %d of ours: %s", n.id, exc)
 
     # -- loopback addresses ---------------------------------------------------------------
     def read_addresses(self) -> set[LoopbackAddress]:

@@ -42,6 +42,18 @@ class ActiveOrigin:
 
 
 @dataclass(frozen=True)
+class OriginWeight:
+    """Traffic steering: one origin's effective weight in a VIP's plan at a POP (single path:
+    1 for the active origin, 0 for the others), and the region's effective dial for the VIP."""
+
+    vip: str
+    pop: str
+    origin: str
+    weight: int
+    dial: int
+
+
+@dataclass(frozen=True)
 class ControllerSnapshot:
     pops: tuple[PopSnapshot, ...]
     vips: tuple[str, ...]  # every VIP of the desired state (alarm label sets exist for each)
@@ -51,6 +63,10 @@ class ControllerSnapshot:
     config_loaded_at: float
     persistence_ok: bool = True  # False from a failed state write until the next one works
     persistence_errors: Mapping[str, int] = field(default_factory=dict)  # operation -> failures so far
+    # Only VIPs with traffic steering (preference, weights or a dial): the others have one
+    # active origin, in anycast_controller_active_origin (and 10,000 VIPs x 50 POPs x 2 origins
+    # would be a million series).
+    origin_weights: tuple[OriginWeight, ...] = ()
     change_phase: str = "steady"  # the config change's phase (CHANGE_PHASES)
     change_withdraw_pairs: int = 0  # (VIP, POP) pairs the held or rolling change withdraws
 
@@ -96,6 +112,21 @@ class _ControllerCollector(Collector):
         for a in s.active_origins:
             origin.add_metric([a.vip, a.origin, "true" if a.primary else "false"], 1.0)
         yield origin
+
+        weight = GaugeMetricFamily("anycast_controller_origin_weight",
+                                   "Traffic steering: each origin's effective weight in a VIP's plan at a POP "
+                                   "(weight x dial, 0 while unavailable; single path: 1 for the active origin).",
+                                   labels=["vip", "pop", "origin"])
+        dial = GaugeMetricFamily("anycast_controller_origin_dial",
+                                 "Traffic steering: each origin region's effective traffic dial for a VIP (0-100).",
+                                 labels=["vip", "origin"])
+        dials_seen: set[tuple[str, str]] = set()
+        for w in s.origin_weights:
+            weight.add_metric([w.vip, w.pop, w.origin], float(w.weight))
+            if (w.vip, w.origin) not in dials_seen:
+                dials_seen.add((w.vip, w.origin))
+                dial.add_metric([w.vip, w.origin], float(w.dial))
+        yield from (weight, dial)
 
         yield GaugeMetricFamily("anycast_controller_config_last_reload_successful",
                                 "0 while the newest config revision is rejected (the last good one is served).",

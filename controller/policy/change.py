@@ -40,11 +40,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config.desired_model import ChangePolicy, DesiredState, FleetVip
-from .model import PopReport
+from .model import PlanItem, PopReport
 
 Pair = tuple[str, str]  # (VIP, POP)
 
@@ -383,6 +383,49 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
     if now < state.wave_started + policy.bake + stale_after:
         return GateResult(Verdict.WAIT, "; ".join(problems))
     return GateResult(Verdict.FAIL, f"wave {state.wave + 1} ({', '.join(wave)}): " + "; ".join(problems))
+
+
+# --- traffic dials ------------------------------------------------------------------------------
+def dial_radius(region: str, before: DesiredState, after: DesiredState,
+                item: Callable[[str, str], PlanItem | None]) -> tuple[Pair, ...]:
+    """The announced (VIP, POP) pairs whose traffic an operator's dial of ``region`` moves
+    (``before``/``after``: the desired state without and with it; ``item``: the POP's plan
+    for a VIP now). Lowering a dial moves a pair the POP sends to the region (a single path
+    only at 0: a dial between 1 and 99 scales weights); raising one moves a pair whose POP
+    weights the region (a single path only from 0: the region may become active again). A
+    dial withdraws nothing, so this is traffic moved, not announcements: the budget's share
+    of the announced pairs bounds it as it bounds a revision's withdrawals."""
+    was = {fv.name: fv for fv in before.vips}
+    moved = []
+    for fv in after.vips:
+        old = was.get(fv.name)
+        if old is None or old is fv or not fv.enabled or (a := old.dial(region)) == (b := fv.dial(region)):
+            continue  # (with_dials keeps a VIP's object when its dials stay: O(1) for the others)
+        for pop in fv.publish:
+            plan = item(pop, fv.name)
+            if plan is None or not plan.wanted:
+                continue
+            weighted = dict(plan.weights)
+            if b < a:
+                hit = (plan.active_origin == region or weighted.get(region, 0) > 0) and (bool(weighted) or b == 0)
+            else:
+                pref = fv.steering.preference(pop)
+                configured = dict(pref.weights if pref is not None and pref.weights is not None
+                                  else fv.steering.weights)
+                hit = configured.get(region, 0) > 0 if configured else a == 0
+            if hit:
+                moved.append((fv.name, pop))
+    return tuple(sorted(moved))
+
+
+def dial_over_budget(moved: tuple[Pair, ...], announced: int, policy: ChangePolicy) -> str:
+    """Why a dial moving ``moved`` exceeds the budget ("" within it)."""
+    fraction = len(moved) / announced if announced else 0.0
+    if not moved or fraction <= policy.max_withdraw_fraction:
+        return ""
+    return (f"it moves the traffic of {len(moved)} of {announced} announced (VIP, POP) pairs ({fraction:.0%} > "
+            f"change.max_withdraw_fraction {policy.max_withdraw_fraction:.0%}: "
+            f"{_some(f'{vip}@{pop}' for vip, pop in moved)})")
 
 
 # --- JSON (the store keeps the state) --------------------------------------------------------------

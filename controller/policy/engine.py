@@ -202,7 +202,11 @@ class Engine:
             report = self._reports.get(pop)
             fresh = self._fresh.setdefault(pop, {})
             for s in groups:
-                if s not in fresh:
+                # (``not fresh.get``, not ``not in``: a group that emptied and now has VIPs again
+                # kept its old flag, and a stale flag on a fresh report would never go stale,
+                # so its VIPs would miss the moment the report does: found by the differential
+                # test once steering changed its VIPs' wake-ups.)
+                if not fresh.get(s):
                     fresh[s] = report is not None and now - report.received_at <= s
             self._push_stale(pop, now)
         self.desired = desired

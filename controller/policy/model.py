@@ -52,6 +52,11 @@ class VipMemory:
     active_since: float
     healthy_since: Mapping[str, float] = field(default_factory=dict)  # region -> quorum-healthy since
     withdrawals: tuple[float, ...] = ()  # when health-induced withdrawals were allowed (rate limit)
+    # Traffic steering (policy/steering.py); empty without it. A preference's origin order
+    # ("eu-central,us-west") -> its active origin and since when (the VIP's own order is
+    # ``active`` above); the weighted regions held at weight 0 until healthy for the hold-down.
+    routes: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    weight_out: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,9 @@ class PlanItem:
     # Another POP's withdrawal of this VIP is being confirmed: report this VIP's checks at
     # once and after the next check of every backend (the evidence-based settle).
     evidence: bool = False
+    # (region, weight): split the VIP's traffic across these origins (policy/steering.py);
+    # (): everything to ``active_origin``, as before weights.
+    weights: tuple[tuple[str, int], ...] = ()
 
 
 class AlarmKind(enum.StrEnum):

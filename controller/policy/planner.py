@@ -54,10 +54,11 @@ from dataclasses import dataclass, replace
 
 from ..config.desired_model import DesiredState, FleetVip
 from ..wire import PlanReason as R
-from . import dampening
+from . import dampening, steering
 from .model import (NEW, STEADY, Alarm, AlarmKind, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport,
                     PopVipMemory, VipMemory)
 from .origins import Outcome, origin_views, select_origin
+from .steering import Route
 
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
 WITHDRAWING = (R.BACKEND_DOWN, R.DAMPENED, R.DRAINED)
@@ -107,6 +108,23 @@ class _Proposal:
     kind: R  # healthy | health_unknown | report_stale | draining | confirming | backend_down | dampened | drained
     sentence: str
     previously_withdrawn: bool
+    route: Route  # where this POP sends the VIP (its origin order's route)
+
+
+class _Routes:
+    """Each POP's route and the shared items of each route (the default route's are the
+    VIP's ``shared``, kept between runs; a preference's are made anew each run)."""
+
+    def __init__(self, fv: FleetVip, default: Route, by_order: Mapping[tuple[str, ...], Route],
+                 shared: dict[R, PlanItem]) -> None:
+        self.fv, self.default, self.by_order, self.shared = fv, default, by_order, shared
+        self._own: dict[tuple[str, ...], dict[R, PlanItem]] = {}
+
+    def of(self, pop: str) -> Route:
+        return steering.route_of(self.fv, self.default, self.by_order, pop) if self.by_order else self.default
+
+    def shared_for(self, route: Route) -> dict[R, PlanItem]:
+        return self.shared if route is self.default else self._own.setdefault(route.order, {})
 
 
 def plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
@@ -168,24 +186,29 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
                verdicts: Mapping[str, Mapping[str, bool | None]],
                drains: Mapping[str, float], now: float, memory: VipMemory | None, pop_memory: PopMemory,
                shared_before: Mapping[R, PlanItem], shortcuts: bool) -> VipPlan:
-    vmem, outcome, note = _choose_origin(fv, verdicts, memory, now)
+    vmem, default, by_order = _choose_origin(fv, verdicts, memory, now)
+    outcome, note = default.outcome, default.note
     alarms: list[Alarm] = []
     if outcome == Outcome.ALL_ORIGINS_DOWN:
         alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, fv.name, note))
+    # The valve and the evidence reason about the default route's active origin (a POP with
+    # its own preference proposes on its own route; see README, traffic steering).
     active = vmem.active
-    shared = {kind: i for kind, i in shared_before.items() if i.active_origin == active}
-    items, memories, proposals = _propose_all(fv, fresh, verdicts, drains, now, active, pop_memory, shared,
+    shared = {kind: i for kind, i in shared_before.items()
+              if i.active_origin == default.active and i.weights == default.weights}
+    routes = _Routes(fv, default, by_order, shared)
+    items, memories, proposals = _propose_all(fv, fresh, verdicts, drains, now, routes, pop_memory,
                                               shortcuts and fv.enabled)
     if not fv.enabled:  # (no POP took a shortcut)
-        items = {p.pop: PlanItem(fv.name, False, active, reason=R.DISABLED,
+        items = {p.pop: PlanItem(fv.name, False, p.route.active, reason=R.DISABLED,
                                  explanation="the VIP is disabled in the config: withdrawn everywhere")
                  for p in proposals}
         memories = {pop: m if not m.withdrawn else replace(m, withdrawn=False) for pop, m in memories.items()}
         return _finish(fv, items, vmem, memories, "disabled: " + note, outcome, alarms, {}, None, fresh, drains, now,
-                       ())  # (disabled items never count down)
+                       (), routes)  # (disabled items never count down)
     held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, reports, active, vmem, now)
     alarms += safety_alarms
-    settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, shared, active,
+    settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, routes,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
     if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence:
         failing = _failing(fv.name, active, fresh, memories)
@@ -193,7 +216,7 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
             _ask_for_evidence(items, failing)
     # Only the proposals' items can count down (the shortcuts give healthy or report_stale).
     return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now,
-                   [items[p.pop] for p in proposals])
+                   [items[p.pop] for p in proposals], routes)
 
 
 def _fresh_verdicts(fv: FleetVip, reports: Mapping[str, PopReport], now: float,
@@ -212,15 +235,29 @@ def _fresh_verdicts(fv: FleetVip, reports: Mapping[str, PopReport], now: float,
 
 
 def _choose_origin(fv: FleetVip, verdicts: Mapping[str, Mapping[str, bool | None]], memory: VipMemory | None,
-                   now: float) -> tuple[VipMemory, Outcome, str]:
-    """Step 2: each origin's status from the verdicts, and the active origin."""
+                   now: float) -> tuple[VipMemory, Route, Mapping[tuple[str, ...], Route]]:
+    """Step 2: each origin's status from the verdicts, and the active origin (of each origin
+    order, with the origins' weights, when the VIP has traffic steering)."""
     views = origin_views(fv.vip, verdicts, fv.policy.failover)
-    return select_origin(fv.vip, views, memory, fv.policy.failover, now)
+    if steering.steered(fv):
+        return steering.route_vip(fv, views, memory, now)
+    vmem, outcome, note = select_origin(fv.vip, views, memory, fv.policy.failover, now)
+    return vmem, Route(vmem.active, (), outcome, note, ()), {}
+
+
+def _verdict(v: Mapping[str, bool | None] | None, route: Route) -> bool | None:
+    """A POP's verdict on its route: on the active origin, or (weighted) healthy if it sees
+    any weighted origin healthy, down if it sees every one down."""
+    if v is None:
+        return None
+    if not route.weights:
+        return v.get(route.active)
+    seen = [v.get(r) for r, _ in route.weights]
+    return True if True in seen else False if all(x is False for x in seen) else None
 
 
 def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[str, Mapping[str, bool | None]],
-                 drains: Mapping[str, float], now: float, active: str, pop_memory: PopMemory,
-                 shared: dict[R, PlanItem], shortcuts: bool,
+                 drains: Mapping[str, float], now: float, routes: _Routes, pop_memory: PopMemory, shortcuts: bool,
                  ) -> tuple[dict[str, PlanItem], dict[str, PopVipMemory], list[_Proposal]]:
     """Step 3: what each POP would do on its own. Steady and silent POPs get their item at
     once (shortcuts); the others a proposal for the safety step."""
@@ -229,24 +266,30 @@ def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping
     memories: dict[str, PopVipMemory] = {}
     proposals: list[_Proposal] = []
     items: dict[str, PlanItem] = {}
+    default = routes.default
+    shared = routes.shared
     healthy = shared.get(R.HEALTHY)
     cold = pop_memory is no_memory
     for pop in fv.publish:
         mem = NEW if cold else pop_memory(pop)
-        verdict = v.get(active) if (v := verdicts.get(pop)) is not None else None
+        route = routes.of(pop)
+        verdict = _verdict(verdicts.get(pop), route)
         if shortcuts and (mem is STEADY or mem is NEW) and verdict is True and pop not in drains:
             # The common case, at most POPs for most VIPs most of the time: healthy before
             # (or never heard of: a cold start), healthy now, no flap history, not drained.
             # The long path would make the memory STEADY and announce; the same PlanItem
             # object serves every such POP (and the next run), so comparing plans stays cheap.
             memories[pop] = STEADY
-            items[pop] = healthy = healthy or _shared(shared, name, active, R.HEALTHY)
+            if route is default:
+                items[pop] = healthy = healthy or _shared(shared, name, route, R.HEALTHY)
+            else:
+                items[pop] = _shared(routes.shared_for(route), name, route, R.HEALTHY)
             continue
         if shortcuts and pop not in fresh and pop not in drains and mem.down_since is None and not mem.withdrawn:
             # A silent POP (the second common case: a POP that cannot reach the controller, or
             # before the first reports): the long path keeps its memory and leaves it to its checks.
             memories[pop] = mem
-            items[pop] = _shared(shared, name, active, R.REPORT_STALE)
+            items[pop] = _shared(routes.shared_for(route), name, route, R.REPORT_STALE)
             continue
         report = fresh.get(pop)
         if report is not None:
@@ -261,15 +304,15 @@ def _propose_all(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping
         if down_since != mem.down_since:  # replace() is slow: only when something changes
             mem = replace(mem, down_since=down_since)
         memories[pop] = _canonical(mem)
-        proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), active, fv, now,
+        proposals.append(_Proposal(pop, *_propose(pop, report, verdict, mem, drains.get(pop), route, fv, now,
                                                   fresh),
-                                   previously_withdrawn=mem.withdrawn))
+                                   previously_withdrawn=mem.withdrawn, route=route))
     return items, memories, proposals
 
 
 def _apply_safety(fv: FleetVip, proposals: list[_Proposal], held: Mapping[str, str], allowed: set[str],
-                  memories: dict[str, PopVipMemory], items: dict[str, PlanItem], shared: dict[R, PlanItem],
-                  active: str, everywhere: bool) -> float | None:
+                  memories: dict[str, PopVipMemory], items: dict[str, PlanItem], routes: _Routes,
+                  everywhere: bool) -> float | None:
     """Step 4: the proposals' items after the safety limits; the withdrawn flags. Returns
     when the first settle window ends."""
     name = fv.name
@@ -284,9 +327,9 @@ def _apply_safety(fv: FleetVip, proposals: list[_Proposal], held: Mapping[str, s
     for p in proposals:
         why_held = held.get(p.pop)
         if p.kind in _SHARED and why_held is None:
-            item = items[p.pop] = _shared(shared, name, active, p.kind)
+            item = items[p.pop] = _shared(routes.shared_for(p.route), name, p.route, p.kind)
         else:
-            item = items[p.pop] = _item(name, active, p, why_held)
+            item = items[p.pop] = _item(name, p, why_held)
         mem = memories[p.pop]
         if mem.withdrawn != (p.pop in allowed):
             mem = memories[p.pop] = _canonical(replace(mem, withdrawn=p.pop in allowed))
@@ -299,7 +342,7 @@ def _apply_safety(fv: FleetVip, proposals: list[_Proposal], held: Mapping[str, s
 def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories: dict[str, PopVipMemory],
             note: str, outcome: Outcome, alarms: list[Alarm], shared: Mapping[R, PlanItem], settle_at: float | None,
             fresh: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
-            may_count_down: Iterable[PlanItem]) -> VipPlan:
+            may_count_down: Iterable[PlanItem], routes: _Routes) -> VipPlan:
     """Step 5: the typed result, its compact memory and its next wake-up. (Once per VIP,
     over all its POPs: counted by identity in C where it can, 300 POPs x 100,000 VIPs.)"""
     counts = collections.Counter(map(id, memories.values()))
@@ -309,9 +352,16 @@ def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories:
         sparse: dict[str, PopVipMemory] = {}
     else:
         sparse = {pop: m for pop, m in memories.items() if m is not default}
-    countdown = outcome == Outcome.FAILBACK_PENDING or any(i.reason in COUNTDOWN for i in may_count_down)
+    others = routes.by_order.values()
+    countdown = (outcome == Outcome.FAILBACK_PENDING or any(r.outcome == Outcome.FAILBACK_PENDING for r in others)
+                 or any(i.reason in COUNTDOWN for i in may_count_down))
     wake = _wake_at(fv, vmem, sparse, fresh, drains, settle_at, now)
-    if outcome in (Outcome.FAILOVER, Outcome.FAILBACK):
+    if vmem.routes or vmem.weight_out:
+        steer_wake = steering.wake_at(fv, vmem, now)
+        if steer_wake is not None and (wake is None or steer_wake < wake):
+            wake = steer_wake
+    if outcome in (Outcome.FAILOVER, Outcome.FAILBACK) or any(
+            r.outcome in (Outcome.FAILOVER, Outcome.FAILBACK) for r in others):
         # The move is this run's news: the next run, from the new active origin, says "on ..."
         wake = math.nextafter(now, math.inf)
     return VipPlan(fv.name, items, vmem, default, sparse, note, outcome, tuple(alarms), shared, settle_at, wake,
@@ -371,12 +421,29 @@ _SHARED = {R.HEALTHY: "sees {active} healthy: announced",
            R.REPORT_STALE: "has not reported recently: unknown, left to its own checks"}
 
 
-def _shared(shared: dict[R, PlanItem], vip: str, active: str, kind: R) -> PlanItem:
+def _shared(shared: dict[R, PlanItem], vip: str, route: Route, kind: R) -> PlanItem:
     """The VIP's item for ``kind`` from ``shared`` (made and kept there the first time)."""
     item = shared.get(kind)
     if item is None:
-        item = shared[kind] = PlanItem(vip, True, active, reason=kind, explanation=_SHARED[kind].format(active=active))
+        item = shared[kind] = PlanItem(vip, True, route.active, reason=kind, weights=route.weights,
+                                       explanation=_SHARED[kind].format(active=_origins(route)) + _steer(route))
     return item
+
+
+def _origins(route: Route) -> str:
+    """What a POP's verdict is about: the active origin, or (weighted) the weighted origins."""
+    return route.active if not route.weights else " or ".join(r for r, _ in route.weights)
+
+
+def _steer(route: Route) -> str:
+    """Where traffic goes, when steering makes it more than "the active origin": the split,
+    and the origin order of a POP with its own preference."""
+    parts = []
+    if route.preferred:
+        parts.append(f"preference {' > '.join(route.order)}: {route.note}")
+    elif route.weights:
+        parts.append(f"split {route.split()}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _canonical(mem: PopVipMemory) -> PopVipMemory:
@@ -388,8 +455,17 @@ def _canonical(mem: PopVipMemory) -> PopVipMemory:
 
 
 def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
-             drain_start: float | None, active: str, fv: FleetVip, now: float,
+             drain_start: float | None, route: Route, fv: FleetVip, now: float,
              fresh: Mapping[str, PopReport]) -> tuple[R, str]:
+    kind, sentence = _propose_kind(pop, report, verdict, mem, drain_start, _origins(route), fv, now, fresh)
+    return kind, sentence + _steer(route) if kind not in _SHARED else sentence
+
+
+def _propose_kind(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
+                  drain_start: float | None, active: str, fv: FleetVip, now: float,
+                  fresh: Mapping[str, PopReport]) -> tuple[R, str]:
+    """``active``: what the verdict is about (the route's active origin, or its weighted
+    origins "a or b": then no other POP's checks match it and the settle runs its window)."""
     if drain_start is not None:
         elapsed = now - drain_start
         if elapsed < fv.policy.drain.drain_time:
@@ -483,17 +559,19 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
             budget -= 1
             recent += (now,)
         final.add(p.pop)
-    return held, final, VipMemory(vmem.active, vmem.active_since, vmem.healthy_since, recent), alarms
+    return held, final, replace(vmem, withdrawals=recent) if recent != vmem.withdrawals else vmem, alarms
 
 
-def _item(vip: str, active: str, p: _Proposal, held: str | None) -> PlanItem:
+def _item(vip: str, p: _Proposal, held: str | None) -> PlanItem:
+    active, weights = p.route.active, p.route.weights
     if held is not None:
         if p.kind == R.DRAINED:
-            return PlanItem(vip, True, active, drain=True, reason=R.DRAIN_BLOCKED, explanation=held)
-        return PlanItem(vip, True, active, reason=R.SAFETY_HOLD, safety_hold=True, explanation=held)
+            return PlanItem(vip, True, active, drain=True, reason=R.DRAIN_BLOCKED, explanation=held, weights=weights)
+        return PlanItem(vip, True, active, reason=R.SAFETY_HOLD, safety_hold=True, explanation=held, weights=weights)
     if p.kind in (R.DRAINED, R.DAMPENED):
         return PlanItem(vip, False, active, reason=p.kind, explanation=p.sentence)
-    return PlanItem(vip, True, active, drain=p.kind == R.DRAINING, reason=p.kind, explanation=p.sentence)
+    return PlanItem(vip, True, active, drain=p.kind == R.DRAINING, reason=p.kind, explanation=p.sentence,
+                    weights=weights)
 
 
 def _all_down(verdicts: Mapping[str, bool | None]) -> bool:

@@ -16,6 +16,10 @@ Operators (bearer operator token; sha256 in controller.yaml ``operator_token_sha
     GET    /v1/snapshot          what ``anycastctl diff`` needs to re-plan locally
     POST   /v1/drains/{pop}      start draining a POP
     DELETE /v1/drains/{pop}      undrain it
+    GET    /v1/dials             every origin region's traffic dial (config and operator), who and why
+    POST   /v1/dials/{region}    {"pct": 0-100, "by": "...", "why": "...", "force": false}: set it (409:
+                                 it moves more traffic than the change budget allows; "force": true skips that)
+    DELETE /v1/dials/{region}    hand the region's dial back to the config (the same gate; ?force=true)
     POST   /v1/change/confirm    confirm the held (or rolled-back) config revision:
                                  ``{"revision": REV, "by": WHO, "reason": WHY}``; 409 if REV is
                                  not the revision waiting (a newer commit replaced it, or
@@ -51,7 +55,7 @@ from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, SIGNATURE_HEADER, WireError, apply_report_delta, decode_report, parse_counter, report_limit
 from ..policy import change
-from .core import ActionNotPersisted, ChangeRefused, Controller
+from .core import ActionNotPersisted, ActionRefused, ChangeRefused, Controller
 from .guard import ConnectionGuard
 from .signing import PlanSigner
 from .snapshot import persistence_status, snapshot
@@ -322,6 +326,7 @@ async def get_explain(request: web.Request) -> web.StreamResponse:
         if item is not None:
             pops.append({"pop": pop, "wanted": item.wanted, "drain": item.drain, "reason": item.reason,
                          "safety_hold": item.safety_hold, "active_origin": item.active_origin,
+                         "weights": [list(w) for w in item.weights],
                          "announced": report.announced.get(name) if report else None,
                          "explanation": item.explanation})
     return web.json_response({"vip": name, "address": str(fv.vip.prefix), "enabled": fv.enabled,
@@ -353,6 +358,58 @@ async def drain(request: web.Request) -> web.StreamResponse:
                               "drain_time": ctl.desired.policy.drain.drain_time})
 
 
+def _dials(ctl: Controller) -> dict[str, Any]:
+    config = dict(ctl.desired.dials)
+    out = {}
+    for region in sorted(ctl.regions()):
+        op = ctl.persisted.dials.get(region)
+        out[region] = {"pct": op.pct if op else config.get(region, 100), "config": config.get(region, 100),
+                       "operator": None if op is None else {"pct": op.pct, "by": op.by, "why": op.why, "at": op.at}}
+    return {"dials": out}
+
+
+async def dials(request: web.Request) -> web.StreamResponse:
+    """An operator action like a drain (same auth, durable before acknowledged), put to the
+    controller's dial gate first (Controller.dial_gate: the config-change gate's seam)."""
+    auth = _operator_auth(request)
+    if isinstance(auth, web.Response):
+        return auth
+    ctl = auth
+    if request.method == "GET":
+        return web.json_response(_dials(ctl))
+    region = request.match_info["region"]
+    if region not in ctl.regions():
+        return error(404, f"unknown origin region {region!r}", "region")
+    pct: int | None = None
+    by, why = "", ""
+    force = request.query.get("force", "") in ("1", "true")  # DELETE ?force=true (POST: in the body)
+    if request.method == "POST":
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError) as exc:  # also a 5,000-digit number or 100,000-level nesting
+            return error(400, f"malformed JSON: {str(exc)[:200]}", "body")
+        if not isinstance(body, dict):
+            return error(400, "expected a JSON object", "body")
+        pct, by, why = body.get("pct"), body.get("by", ""), body.get("why", "")
+        if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+            return error(400, f"expected an integer from 0 to 100, got {pct!r}", "pct")
+        if not isinstance(by, str) or not by.strip():
+            return error(400, "say who sets the dial", "by")
+        if not isinstance(why, str) or not why.strip():
+            return error(400, "say why (it is recorded with the dial)", "why")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            return error(400, f"expected true or false, got {force!r}", "force")
+        by, why = by.strip()[:200], why.strip()[:2000]
+    try:
+        changed = ctl.dial(region, pct, by, why, force)
+    except ActionRefused as exc:
+        return error(409, str(exc), "pct")
+    except ActionNotPersisted as exc:
+        return error(503, str(exc), "state_dir")
+    return web.json_response({"region": region, "changed": changed, **_dials(ctl)["dials"][region]})
+
+
 def make_app(ctl: Controller, extra_status: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[json_errors])
     app[CONTROLLER] = ctl
@@ -367,6 +424,9 @@ def make_app(ctl: Controller, extra_status: Callable[[], dict[str, Any]] | None 
         web.get("/v1/snapshot", get_snapshot),
         web.post("/v1/drains/{pop}", drain),
         web.delete("/v1/drains/{pop}", drain),
+        web.get("/v1/dials", dials),
+        web.post("/v1/dials/{region}", dials),
+        web.delete("/v1/dials/{region}", dials),
         web.post("/v1/change/confirm", confirm_change),
     ])
     return app

@@ -24,15 +24,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.desired_model import DesiredState, FleetVip
+from ..config.desired_model import DesiredState, FleetVip, with_dials
 from ..config.errors import ConfigError
 from ..config.model import Vip
 from ..config.serialize import vip_to_dict
-from ..metrics.central import ActiveOrigin, ControllerSnapshot, PopSnapshot
+from ..metrics.central import ActiveOrigin, ControllerSnapshot, OriginWeight, PopSnapshot
 from ..policy import change
 from ..policy.engine import Changes, Engine, Pass, compact_report
 from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
 from ..policy.planner import VipPlan
+from ..policy.steering import steered
 from . import store
 from .plans import PlanStore, PopPlan
 
@@ -81,6 +82,29 @@ class ActionNotPersisted(Exception):
     """An operator action was refused because it could not be made durable (HTTP 503)."""
 
 
+class ActionRefused(Exception):
+    """An operator action refused by a gate (HTTP 409), with the gate's reason."""
+
+
+@dataclass(frozen=True)
+class DialChange:
+    """A traffic dial an operator asks for, and what it would change: what a gate judges."""
+
+    region: str
+    pct: int
+    by: str
+    why: str
+    before: DesiredState  # the desired state as planned now (config and operator dials)
+    after: DesiredState  # with this dial
+
+
+# A gate a dial is put to before it is journaled: a sentence refuses it (ActionRefused, nothing
+# changed), None lets it through. The default (Controller.dial_budget) is the config change's
+# budget: a dial may move the traffic of at most change.max_withdraw_fraction of the announced
+# (VIP, POP) pairs; a forced dial skips the gate.
+DialGate = Callable[[DialChange], str | None]
+
+
 @dataclass
 class Controller:
     """``desired``: the newest revision loaded (the *target*); ``applied``: the last revision
@@ -116,9 +140,13 @@ class Controller:
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
+    dial_gate: DialGate | None = None  # see DialGate (None: dial_budget)
     rollout: change.Rollout = field(default_factory=change.Rollout)  # the config change in progress
     target: DesiredState = field(init=False)  # the newest revision loaded
     base: DesiredState = field(init=False)  # the last revision applied everywhere
+    # What the config change serves (change.effective of base and target, their config dials
+    # in it), before the operator's dials: ``desired`` is this with them over it.
+    _configured: DesiredState | None = None
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -175,8 +203,15 @@ class Controller:
             self.rollout = change.Rollout(base=self.base.revision, target=self.base.revision)
             pending = True
         self.persisted.rollout = change.to_json(self.rollout)
-        self.desired = change.effective(self.base, self.target, self.rollout)
+        self._plan_composed(change.effective(self.base, self.target, self.rollout))
         return pending
+
+    def _plan_composed(self, composed: DesiredState) -> None:
+        """Plan ``composed`` (what the config change serves) with the operator's dials over it:
+        an operator's dial outlives revisions; a revision's own ``dials:`` are in ``composed``."""
+        self._configured = composed
+        self.desired = with_dials(composed, self._operator_dials())
+
     def _presume_reports(self, alive: store.Alive | None) -> None:
         """After a quick restart, presume each POP still says what it said last.
 
@@ -197,7 +232,12 @@ class Controller:
         planner = self.persisted.planner
         for (pop, vip), memory in planner.pop_vips.items():
             if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
-                verdicts.setdefault(pop, {})[vip] = {vm.active: memory.verdict}
+                active = vm.active
+                if vm.routes and (fv := self.desired.vip(vip)) is not None and (
+                        pref := fv.steering.preference(pop)) is not None:
+                    # A POP with its own origin preference judged its own active origin.
+                    active = vm.routes.get(",".join(pref.origins), (active, 0.0))[0]
+                verdicts.setdefault(pop, {})[vip] = {active: memory.verdict}
                 # (what it is presumed to announce once this presumed report goes stale too)
                 announced.setdefault(pop, {})[vip] = not memory.withdrawn
         for pop, received_at in alive.fresh.items():
@@ -250,7 +290,7 @@ class Controller:
     # --- inputs ------------------------------------------------------------------------
     def apply_config(self, new: DesiredState) -> None:
         """A new revision: applied at once if it withdraws nothing announced; else held (over
-        the budget) or rolled out in waves (policy/change.py)."""
+        the budget) or rolled out in waves (policy/change.py). Its ``dials:`` travel with it."""
         self.target = new
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
         log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
@@ -273,8 +313,12 @@ class Controller:
     def blast_radius(self, new: DesiredState) -> tuple[change.BlastRadius, tuple[tuple[str, ...], ...]]:
         """What ``new`` would withdraw of what is announced now, and in which waves. Only the
         VIPs it changes are walked (a VIP whose definition is the same object, as the loader
-        keeps it, withdraws nothing): a one-line commit costs O(VIPs), not O(VIPs x POPs)."""
-        before = {fv.name: fv for fv in self.desired.vips}
+        keeps it, withdraws nothing): a one-line commit costs O(VIPs), not O(VIPs x POPs).
+        Judged against what is served before the operator's dials (a revision carries its own
+        dials, not the operator's: else every dialed VIP would count as changed)."""
+        assert self._configured is not None
+        served = self._configured
+        before = {fv.name: fv for fv in served.vips}
         after = {fv.name: fv for fv in new.vips}
         touched = {name for name in before.keys() | after.keys()
                    if (old := before.get(name)) is None or (now := after.get(name)) is None
@@ -283,7 +327,7 @@ class Controller:
         new_vips = tuple(fv for name, fv in after.items() if name in touched)
         load = {pop: self.served[pop].wanted for pop in self.served}
         radius = change.blast_radius(self.announced_pairs(old_vips),
-                                     change.pairs(dataclasses.replace(self.desired, vips=old_vips)),
+                                     change.pairs(dataclasses.replace(served, vips=old_vips)),
                                      dataclasses.replace(new, vips=new_vips), announced_total=sum(load.values()))
         return radius, change.waves(radius.withdrawn, load, self.base.change)
 
@@ -333,11 +377,11 @@ class Controller:
 
     def _set_effective(self) -> None:
         new = change.effective(self.base, self.target, self.rollout)
-        if new is self.desired:
+        if new is self._configured:
             return
         for pop in {p.name for p in self.desired.pops} - {p.name for p in new.pops}:
             self.reports.pop(pop, None)
-        self.desired = new
+        self._plan_composed(new)
         self.plan_soon()
 
     def _check_gate(self) -> None:
@@ -464,6 +508,53 @@ class Controller:
         self.replan()
         return True
 
+    def _operator_dials(self) -> dict[str, int]:
+        return {r: d.pct for r, d in self.persisted.dials.items()}
+
+    def regions(self) -> set[str]:
+        return {o.region for fv in self.desired.vips for o in fv.vip.origins}
+
+    def dial_budget(self, c: DialChange) -> str | None:
+        """The default dial gate: the base revision's change budget (policy/change.py)."""
+        moved = change.dial_radius(c.region, c.before, c.after, self.item)
+        why = change.dial_over_budget(moved, sum(p.wanted for p in self.served.values()), self.base.change)
+        return why or None
+
+    def dial(self, region: str, pct: int | None, by: str, why: str, force: bool = False) -> bool:
+        """Set an origin region's traffic dial (0-100), or (``pct`` None) hand it back to the
+        config; False if nothing changes. Recorded with who and why, durable before it counts
+        (ActionNotPersisted), and first put to ``dial_gate`` unless ``force`` (ActionRefused).
+        Moves traffic between origins only: no BGP announcement changes because of a dial."""
+        if region not in self.regions():
+            raise KeyError(region)
+        current = self.persisted.dials.get(region)
+        if (current.pct if current else None) == pct:
+            return False
+        operator = self._operator_dials()
+        if pct is None:
+            operator.pop(region, None)
+        else:
+            operator[region] = pct
+        assert self._configured is not None
+        after = with_dials(self._configured, operator)
+        what = f"dial of {region} to {pct if pct is not None else 'the config'}"
+        gate = self.dial_gate if self.dial_gate is not None else self.dial_budget
+        if not force and (refusal := gate(DialChange(region, pct if pct is not None else -1, by, why,
+                                                     self.desired, after))) is not None:
+            raise ActionRefused(f"{what} refused: {refusal}; to do it anyway: anycastctl dial --force "
+                                f"(API: \"force\": true)")
+        record = None if pct is None else store.Dial(pct, by, why, self.clock())
+        self._persist_action(store.Changes(dials={region: record}), what)
+        if record is None:
+            self.persisted.dials.pop(region, None)
+        else:
+            self.persisted.dials[region] = record
+        log.log(logging.WARNING if force else logging.INFO, "traffic dial of %s set to %s by %s%s: %s", region,
+                pct if pct is not None else "the config's", by, " (forced past the dial gate)" if force else "", why)
+        self.desired = after
+        self.replan()
+        return True
+
     def _mark_alive(self, now: float) -> None:
         """Tell the store which POPs' reports are fresh (for _presume_reports after a restart):
         about once a second, and at once when that set changes."""
@@ -485,11 +576,16 @@ class Controller:
         except store.PersistenceError as exc:
             self._persistence_failed(exc)
             raise ActionNotPersisted(f"{what} refused: the controller cannot save its state ({exc})") from None
-        for pop, at in changes.drains.items():  # (an action changes drains only: no copy of the planner's maps)
+        for pop, at in changes.drains.items():  # (an action changes drains or dials only: no copy of the planner's maps)
             if at is None:
                 self._durable.drains.pop(pop, None)
             else:
                 self._durable.drains[pop] = at
+        for region, d in changes.dials.items():
+            if d is None:
+                self._durable.dials.pop(region, None)
+            else:
+                self._durable.dials[region] = d
         if changes.rollout is not None:
             self._durable.rollout = changes.rollout
         self._persistence_recovered()
@@ -714,8 +810,24 @@ class Controller:
                                   frozenset((a.kind, a.vip) for a in self.alarms()), tuple(origins),
                                   not self.config.last_error, self.config.loaded_at,
                                   self.persistence.ok, {str(op): n for op, n in self.persistence.errors.items()},
-                                  str(self.rollout.phase), len(self.rollout.withdraw)
-                                  if self.rollout.phase is not change.Phase.STEADY else 0)
+                                  change_phase=str(self.rollout.phase),
+                                  change_withdraw_pairs=len(self.rollout.withdraw)
+                                  if self.rollout.phase is not change.Phase.STEADY else 0,
+                                  origin_weights=self._origin_weights())
+
+    def _origin_weights(self) -> tuple[OriginWeight, ...]:
+        out = []
+        for fv in self.desired.vips:
+            if not steered(fv):
+                continue
+            for pop in fv.publish:
+                item = self.item(pop, fv.name)
+                if item is None:
+                    continue
+                given = dict(item.weights) if item.weights else {item.active_origin: 1}
+                out += [OriginWeight(fv.name, pop, o.region, given.get(o.region, 0) if item.wanted else 0,
+                                     fv.dial(o.region)) for o in fv.vip.origins]
+        return tuple(out)
 
 
 class _DurableMemory:

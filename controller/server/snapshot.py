@@ -17,6 +17,7 @@ def snapshot(ctl: Controller) -> dict[str, Any]:
                      "origins": {v: dict(o) for v, o in r.origins.items()}, "announced": dict(r.announced)}
                     for r in ctl.reports.values()],
         "drains": dict(ctl.persisted.drains),
+        "dials": {region: d.pct for region, d in ctl.persisted.dials.items()},  # the operator's (anycastctl dial)
         "planner": planner_to_json(ctl.persisted.planner),
         "plans": {pop: {name: {"wanted": e.item.wanted, "reason": e.item.reason, "active_origin": e.item.active_origin,
                                "drain": e.item.drain, "safety_hold": e.item.safety_hold}

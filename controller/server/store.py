@@ -95,17 +95,28 @@ class Conflict(Exception):
     """``append`` was given a sequence that is not the store's (another writer was here)."""
 
 
+@dataclass(frozen=True)
+class Dial:
+    """An operator's traffic dial on an origin region (``anycastctl dial``): who, why, when."""
+
+    pct: int  # 0-100
+    by: str
+    why: str
+    at: float
+
+
 @dataclass
 class Persisted:
     drains: dict[str, float] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     planner: PlannerState = field(default_factory=PlannerState.initial)
     rollout: Mapping[str, Any] | None = None  # the config change's state (policy/change.py to_json); None: none yet
+    dials: dict[str, Dial] = field(default_factory=dict)  # region -> the operator's dial (over the config's)
 
     def copy(self) -> Persisted:
         """A copy whose dicts the caller may change. The planner's maps are shared, not copied:
         the controller's are read-only views over the engine's current memory (no snapshot)."""
-        return Persisted(dict(self.drains), dict(self.generations), self.planner, self.rollout)
+        return Persisted(dict(self.drains), dict(self.generations), self.planner, self.rollout, dict(self.dials))
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,11 @@ class Changes:
     vips: Mapping[str, VipMemory | None] = field(default_factory=dict)
     pop_vips: Mapping[tuple[str, str], PopVipMemory | None] = field(default_factory=dict)
     rollout: Mapping[str, Any] | None = None  # the config change's new state (None: unchanged)
+    dials: Mapping[str, Dial | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.drains or self.generations or self.vips or self.pop_vips or self.rollout is not None)
+        return bool(self.drains or self.generations or self.vips or self.pop_vips or self.rollout is not None
+                    or self.dials)
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ def diff(old: Persisted, new: Persisted) -> Changes:
     back the very same memory objects for unchanged pairs, and equal maps compare in C."""
     return Changes(diff_map(old.drains, new.drains), diff_map(old.generations, new.generations),
                    diff_map(old.planner.vips, new.planner.vips), diff_map(old.planner.pop_vips, new.planner.pop_vips),
-                   new.rollout if new.rollout != old.rollout else None)
+                   new.rollout if new.rollout != old.rollout else None, diff_map(old.dials, new.dials))
 
 
 def diff_map(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> dict[Any, Any]:
@@ -205,8 +218,10 @@ def apply(state: Persisted, c: Changes) -> Persisted:
     vips, pop_vips = dict(state.planner.vips), dict(state.planner.pop_vips)
     _apply_map(vips, c.vips)
     _apply_map(pop_vips, c.pop_vips)
+    dials = dict(state.dials)
+    _apply_map(dials, c.dials)
     return Persisted(drains, generations, PlannerState(vips, pop_vips),
-                     c.rollout if c.rollout is not None else state.rollout)
+                     c.rollout if c.rollout is not None else state.rollout, dials)
 
 
 def _apply_map(target: dict[Any, Any], changes: Mapping[Any, Any]) -> None:
@@ -257,14 +272,20 @@ def planner_from_json(data: dict[str, Any]) -> PlannerState:
 
 
 def _vip_to_json(m: VipMemory) -> dict[str, Any]:
-    return {"active": m.active, "active_since": m.active_since, "healthy_since": dict(m.healthy_since),
-            "withdrawals": list(m.withdrawals)}
+    doc = {"active": m.active, "active_since": m.active_since, "healthy_since": dict(m.healthy_since),
+           "withdrawals": list(m.withdrawals)}
+    if m.routes or m.weight_out:  # traffic steering (absent from files written before it, and without it)
+        doc["routes"] = {k: list(v) for k, v in m.routes.items()}
+        doc["weight_out"] = sorted(m.weight_out)
+    return doc
 
 
 def _vip_from_json(m: dict[str, Any]) -> VipMemory:
     return VipMemory(str(m["active"]), float(m["active_since"]),
                      {str(r): float(t) for r, t in m["healthy_since"].items()},
-                     tuple(float(t) for t in m["withdrawals"]))
+                     tuple(float(t) for t in m["withdrawals"]),
+                     {str(k): (str(a), float(t)) for k, (a, t) in m.get("routes", {}).items()},
+                     frozenset(str(r) for r in m.get("weight_out", ())))
 
 
 def _pop_vip_to_json(m: PopVipMemory) -> dict[str, Any]:
@@ -282,16 +303,31 @@ def _pop_vip_from_json(m: dict[str, Any]) -> PopVipMemory:
     return STEADY if mem == STEADY else _UNSEEN if _is_unseen(mem) else mem
 
 
+def _dial_to_json(d: Dial) -> dict[str, Any]:
+    return {"pct": d.pct, "by": d.by, "why": d.why, "at": d.at}
+
+
+def _dial_from_json(d: dict[str, Any]) -> Dial:
+    pct = int(d["pct"])
+    if not 0 <= pct <= 100:
+        raise ValueError(f"dial {pct}")
+    return Dial(pct, str(d["by"]), str(d["why"]), float(d["at"]))
+
+
 def state_to_json(p: Persisted, seq: int) -> dict[str, Any]:
-    return {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner),
-            **({"rollout": dict(p.rollout)} if p.rollout is not None else {})}
+    doc = {"version": 2, "seq": seq, "drains": p.drains, "generations": p.generations, **planner_to_json(p.planner),
+           **({"rollout": dict(p.rollout)} if p.rollout is not None else {})}
+    if p.dials:  # (absent from files written before dials, and without any)
+        doc["dials"] = {r: _dial_to_json(d) for r, d in p.dials.items()}
+    return doc
 
 
 def state_from_json(data: dict[str, Any]) -> Persisted:
     rollout = data.get("rollout")  # absent in files written before staged rollouts
     return Persisted({str(k): float(v) for k, v in data["drains"].items()},
                      {str(k): int(v) for k, v in data["generations"].items()}, planner_from_json(data),
-                     dict(rollout) if isinstance(rollout, dict) else None)
+                     dict(rollout) if isinstance(rollout, dict) else None,
+                     {str(r): _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 
 def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
@@ -305,9 +341,12 @@ def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
             grouped[kind].setdefault(pop, []).append(vip)
         else:
             others.append([pop, vip, _pop_vip_to_json(v)])  # type: ignore[arg-type]
-    return {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
-            "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
-            "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
+    doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
+           "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
+           "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
+    if c.dials:
+        doc["dials"] = {r: None if d is None else _dial_to_json(d) for r, d in c.dials.items()}
+    return doc
 
 
 def changes_from_json(data: dict[str, Any]) -> Changes:
@@ -320,7 +359,8 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
     return Changes({str(k): None if v is None else float(v) for k, v in data["drains"].items()},
                    {str(k): int(v) for k, v in data["generations"].items()},
                    {str(k): None if v is None else _vip_from_json(v) for k, v in data["vips"].items()}, pop_vips,
-                   dict(data["rollout"]) if isinstance(data.get("rollout"), dict) else None)
+                   dict(data["rollout"]) if isinstance(data.get("rollout"), dict) else None,
+                   {str(r): None if d is None else _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 
 def _line(doc: dict[str, Any]) -> bytes:

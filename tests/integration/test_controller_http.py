@@ -392,6 +392,39 @@ def test_unreachable_controller_is_reported_to_the_agent_not_raised(tmp_path: Pa
     asyncio.run(scenario())
 
 
+def test_dial_through_anycastctl_moves_the_origin_records_who_and_why_and_refuses_bad_values(
+        controller: Running) -> None:
+    healthy = report_json({"game-global": {"us-west": True, "eu-central": True},
+                           "api-eu": {"eu-central": True, "us-west": True}}, {"game-global": True})
+    for pop in ("sjc", "fra"):
+        assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+    # us-west carries game-global at sjc, fra and sin: 3 of 5 announced pairs, over the change
+    # budget (25 %): refused, naming what it would move, until forced.
+    r = controller.ctl("dial", "us-west", "0", "--why", "maintenance", "--by", "alice")
+    assert r.returncode == 1 and "HTTP 409" in r.stderr and "game-global@fra" in r.stderr, r.stdout + r.stderr
+    assert json.loads(controller.ctl("dial", "--json").stdout)["dials"]["us-west"]["operator"] is None
+    r = controller.ctl("dial", "us-west", "0", "--why", "maintenance", "--by", "alice", "--force")
+    assert r.returncode == 0 and "us-west: dial 0" in r.stdout, r.stdout + r.stderr
+    plan = controller.request("GET", "/v1/plans/sjc", token=TOKENS["sjc"])[1]
+    game = next(v for v in plan["vips"] if v["name"] == "game-global")
+    assert (game["wanted"], game["active_origin"]) == (True, "eu-central")  # moved, still announced
+    # anycastctl diff plans the config with the operator's dials over it: the dial is no change.
+    r = controller.ctl("diff", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["changes"] == [], r.stdout + r.stderr
+    listed = json.loads(controller.ctl("dial", "--json").stdout)["dials"]["us-west"]
+    assert listed["pct"] == 0 and listed["operator"]["by"] == "alice" and listed["operator"]["why"] == "maintenance"
+    for body, field in (({"pct": 101, "by": "a", "why": "b"}, "pct"), ({"pct": 5, "by": "a"}, "why"),
+                        ({"pct": 5, "by": "a", "why": "b", "force": "yes"}, "force")):
+        status, answer = controller.request("POST", "/v1/dials/us-west", json.dumps(body).encode(),
+                                            TOKENS["operator"])
+        assert status == 400 and answer["field"] == field, answer
+    assert controller.request("POST", "/v1/dials/mars", json.dumps({"pct": 1, "by": "a", "why": "b"}).encode(),
+                              TOKENS["operator"])[0] == 404
+    r = controller.ctl("dial", "us-west", "--config", "--force")  # back from 0 moves the same pairs
+    assert r.returncode == 0 and "us-west: dial 100" in r.stdout, r.stdout + r.stderr
+
+
+
 # --- anycastctl as scripts use it: exit codes, and no traceback for any input --------------
 
 API_COMMANDS = [["status"], ["plan"], ["plan", "--pop", "sjc"], ["diff"], ["explain", "game-global"],

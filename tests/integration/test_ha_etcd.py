@@ -30,6 +30,7 @@ import yaml
 from controller.agent.plan_client import PlanClient
 from controller.config.desired import load_desired
 from controller.config.desired_model import HaSettings, StoreKind
+from controller.policy.model import VipMemory
 from controller.server import store
 from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, margin
 from lab.etcd import EtcdMember, etcd_cluster, free_ports, make_tls
@@ -190,6 +191,26 @@ def test_generations_never_go_back_across_leaders(etcd: EtcdMember) -> None:
     b.start()
     leading(b)
     assert EtcdStore(b).load().state.generations["sjc"] > 7
+    b.stop()
+
+
+def test_the_steering_state_survives_a_change_of_leader(etcd: EtcdMember) -> None:
+    """The operator's dials and the planner's steering memory (per-preference active origins,
+    weighted origins held out) go through etcd as through the file journal: in the journal
+    and in the snapshot."""
+    s = settings(etcd.client_url)
+    a, st, seq = started(s, "a")
+    memory = VipMemory("us-west", 10.0, {"us-west": 1.0}, (), {"eu-central,us-west": ("eu-central", 12.0)},
+                       frozenset({"us-west"}))
+    dial = store.Dial(25, "alice", "canary, ticket 123", 20.0)
+    seq = st.append(store.Changes(vips={"game-global": memory}, dials={"eu-central": dial, "us-west": store.Dial(
+        0, "bob", "maintenance", 21.0)}), seq)
+    seq = st.append(store.Changes(dials={"us-west": None}), seq)  # handed back to the config
+    a.stop()
+    b, st_b, _ = started(s, "b")  # loads the journal, then writes it as a snapshot (start)
+    got = EtcdStore(b).load().state
+    assert got.dials == {"eu-central": dial}
+    assert got.planner.vips["game-global"] == memory
     b.stop()
 
 

@@ -13,25 +13,7 @@ from controller.cli.anycastctl import main as anycastctl
 from controller.config.desired import load_desired
 from controller.config.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "controller"
-
-
-def copy(tmp_path: Path) -> Path:
-    d = tmp_path / "controller"
-    shutil.copytree(EXAMPLE, d)
-    return d
-
-
-def edit(d: Path, name: str, change: Callable[[dict], None]) -> None:
-    data = yaml.safe_load((d / name).read_text())
-    change(data)
-    (d / name).write_text(yaml.safe_dump(data))
-
-
-def errors(d: Path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_desired(str(d))
-    return [str(i) for i in info.value.issues]
+from tests.helpers.config_dirs import EXAMPLE, copy, edit, errors  # noqa: F401
 
 
 def test_example_directory_loads() -> None:
