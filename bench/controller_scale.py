@@ -48,6 +48,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lab import host_process
+
 from .report import ROOT, load_average, summary, table
 
 Log = Callable[[str], None]
@@ -474,13 +476,7 @@ class Daemon:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        host_process.stop(self.proc)
 
 
 async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, log: Log) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.cli.conventions import Exit
+from lab import host_process
 from lab.poll import wait_for
 
 BIN = Path(sys.executable).parent
@@ -113,11 +114,5 @@ class ControllerProcess:
             return str(r.read().decode())
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            host_process.stop(self.proc)
