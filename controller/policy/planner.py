@@ -395,7 +395,9 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
     # POPs already withdrawn stay withdrawn first (no flapping between POPs), then by name.
     ordered = sorted(withdrawing, key=lambda p: (not p.previously_withdrawn, p.pop))
     allowed = ordered[:limit]
-    for p in ordered[limit:]:
+    # The held ones by name: in the order above, those withdrawn before come first, but this
+    # plan clears their flag, so the next run (nothing else changed) would list them otherwise.
+    for p in sorted(ordered[limit:], key=lambda p: p.pop):
         held[p.pop] = (f"withdrawing {p.pop} too would leave {n - len(allowed) - 1} "
                        f"of {n} POPs announcing (limits: at most {s.max_withdraw_fraction:.0%} withdrawn, "
                        f"at least {s.min_announcing_pops} announcing)")

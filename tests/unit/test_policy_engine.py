@@ -163,7 +163,9 @@ def test_incremental_planning_equals_planning_from_scratch(seed: int) -> None:
 # Seeds the clock-seeded test found diverging: a POP's report_stale_after group that
 # emptied and came back (a VIP's policy or publish list changed) kept the freshness it had
 # when it emptied, so the engine missed its report going stale (or fresh) for that group.
-@pytest.mark.parametrize("seed", [5012, 5026, 5030])
+# 10235: the planner listed held withdrawals' alarms in an order that its own pass changed
+# (previously withdrawn first), so planning again with nothing changed reordered them.
+@pytest.mark.parametrize("seed", [5012, 5026, 5030, 10235])
 def test_incremental_planning_equals_planning_from_scratch_where_it_once_diverged(seed: int) -> None:
     _run(seed)
 
