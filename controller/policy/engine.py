@@ -190,6 +190,7 @@ class Engine:
         known = {p.name for p in desired.pops}
         for pop in [p for p in at_pop if p not in known and not any(at_pop[p].values())]:
             del at_pop[pop]
+            self._fresh.pop(pop, None)
         for pop in known:
             at_pop.setdefault(pop, {})
         for pop, groups in at_pop.items():
@@ -201,6 +202,10 @@ class Engine:
         for pop, groups in at_pop.items():  # a new report_stale_after value: fresh as its report says
             report = self._reports.get(pop)
             fresh = self._fresh.setdefault(pop, {})
+            # A group that is gone is no longer kept up to date (by reports, by the stale
+            # timer): forget it, so that when it comes back it starts from its report.
+            for s in [s for s in fresh if s not in groups]:
+                del fresh[s]
             for s in groups:
                 # (``not fresh.get``, not ``not in``: a group that emptied and now has VIPs again
                 # kept its old flag, and a stale flag on a fresh report would never go stale,

@@ -124,7 +124,7 @@ class World:
         return PopReport(pop, now, 1, origins, {name: rng.random() > 0.1 for name in origins}, checks)
 
 
-def _run(seed: int, steer: bool = False) -> dict[str, int]:
+def _run(seed: int, steer: bool = False) -> tuple[dict[str, int], set[str]]:
     rng = random.Random(seed)
     vips = tuple(_vip(i, rng, steer) for i in range(14))
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips)
@@ -171,22 +171,33 @@ def _run(seed: int, steer: bool = False) -> dict[str, int]:
         reasons |= {i.reason for items in full.pops.values() for i in items.values()}
         reasons |= {a.kind for a in full.alarms}
     stats["reasons"] = len(reasons)
-    # The sequence went through the policy's corners...
-    assert {"healthy", "confirming", "backend_down", "report_stale", "draining", "drained", "disabled"} <= reasons
-    assert reasons & {"dampened"} and reasons & {"safety_hold", "min_pops_hold", "withdraw_rate_limited"}
-    return stats
+    return stats, reasons
 
 
 @pytest.mark.parametrize("seed, steer", [(1, False), (2, False), (3, False), (1, True), (3, True)])
 def test_incremental_planning_equals_planning_from_scratch(seed: int, steer: bool) -> None:
     """``steer``: some VIPs with traffic steering (per-POP preference, weights, dials)."""
-    stats = _run(seed, steer)
+    stats, reasons = _run(seed, steer)
+    # The sequence went through the policy's corners (these seeds do; not every seed does)...
+    assert {"healthy", "confirming", "backend_down", "report_stale", "draining", "drained", "disabled"} <= reasons
+    assert reasons & {"dampened"} and reasons & {"safety_hold", "min_pops_hold", "withdraw_rate_limited"}
     # ...and the engine did not simply plan everything every time (a busy world: verdicts
     # change at every step somewhere, and drained POPs' countdowns are re-rendered each step).
     assert stats["engine_planned"] < 0.8 * stats["oracle_planned"], stats
 
 
+# Seeds the clock-seeded test found diverging: a POP's report_stale_after group that
+# emptied and came back (a VIP's policy or publish list changed) kept the freshness it had
+# when it emptied, so the engine missed its report going stale (or fresh) for that group.
+# 10235: the planner listed held withdrawals' alarms in an order that its own pass changed
+# (previously withdrawn first), so planning again with nothing changed reordered them.
+@pytest.mark.parametrize("seed", [5012, 5026, 5030, 10235])
+def test_incremental_planning_equals_planning_from_scratch_where_it_once_diverged(seed: int) -> None:
+    _run(seed)
+
+
 def test_incremental_planning_equals_planning_from_scratch_with_a_seed_from_the_clock() -> None:
+    # Equality only: a seed may not reach every corner of the policy (the fixed seeds do).
     seed = time.time_ns() % 2**32
     try:
         _run(seed)
