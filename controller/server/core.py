@@ -198,6 +198,11 @@ class Controller:
         if self.base.revision == self.target.revision:
             self.rollout = change.Rollout(base=self.target.revision, target=self.target.revision,
                                           since=rollout.since if rollout else 0.0)
+        elif rollout is not None and rollout.phase is change.Phase.STEADY and rollout.base == self.target.revision:
+            # The store says the target is applied everywhere; its files are kept after that
+            # (a leader that stopped in between left the previous ones): applied.
+            self.base = self.target
+            self.rollout = change.Rollout(base=self.target.revision, target=self.target.revision, since=rollout.since)
         elif rollout is not None and rollout.base == self.base.revision and rollout.target == self.target.revision:
             self.rollout = rollout
             if rollout.phase is not change.Phase.STEADY:
