@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from lab.poll import wait_for
-from tests.helpers.controller_process import ControllerProcess, git
+from tests.helpers.controller_process import ControllerProcess, GitConfig, git
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -31,7 +30,7 @@ BAKE = 4.0
 HEALTHY = {"us-west": True, "eu-central": True}
 
 
-class Fleet(ControllerProcess):
+class Fleet(GitConfig, ControllerProcess):
     """The controller on a git checkout, and one reporter thread per POP."""
 
     def __init__(self, tmp: Path) -> None:
@@ -54,15 +53,6 @@ class Fleet(ControllerProcess):
         self._threads = [threading.Thread(target=self._report, args=(pop,), daemon=True) for pop in POPS]
         for t in self._threads:
             t.start()
-
-    def edit(self, name: str, change: Any) -> None:
-        data = yaml.safe_load((self.dir / name).read_text())
-        change(data)
-        (self.dir / name).write_text(yaml.safe_dump(data))
-
-    def commit(self, message: str) -> str:
-        git(self.dir, "commit", "-qam", message)
-        return git(self.dir, "rev-parse", "HEAD").strip()[:12]
 
     def plan(self, pop: str) -> dict[str, Any]:
         code, body = self.request("GET", f"/v1/plans/{pop}", token=TOKENS[pop])
@@ -101,10 +91,8 @@ class Fleet(ControllerProcess):
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop()
+    yield f  # (pytest runs the rest whatever the test's outcome)
+    f.stop()
 
 
 def reorder(fleet: Fleet) -> str:

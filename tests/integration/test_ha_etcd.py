@@ -138,6 +138,18 @@ class Ctl:
                 self.kill()
 
 
+def leading_and_kept(tmp: Path, etcd: EtcdMember, ctls: list[Ctl], config: Path) -> tuple[Ctl, str]:
+    """c1 on ``config``, leading, its revision kept in etcd as the applied one: (c1, revision)."""
+    c1 = Ctl(tmp, "c1", config).start()
+    ctls.append(c1)
+    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
+    revision = str(c1.status()["config"]["revision"])  # type: ignore[index]
+    e = Etcd(settings(etcd.client_url))
+    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == revision,
+             HANG_GUARD, desc="the applied desired state kept in etcd")
+    return c1, revision
+
+
 @pytest.fixture
 def ctls() -> Iterator[list[Ctl]]:
     started: list[Ctl] = []
@@ -301,13 +313,7 @@ def test_a_new_leader_on_a_fresh_host_continues_and_rolls_back_the_old_leaders_r
     data = yaml.safe_load(controller_yaml.read_text())
     data["change"] = {"rollout": {"bake": 20}}
     controller_yaml.write_text(yaml.safe_dump(data))
-    c1 = Ctl(tmp_path, "c1", config).start()
-    ctls.append(c1)
-    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
-    base = c1.status()["config"]["revision"]  # type: ignore[index]
-    e = Etcd(settings(etcd.client_url))
-    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == base, HANG_GUARD,
-             desc="the applied desired state kept in etcd")
+    c1, base = leading_and_kept(tmp_path, etcd, ctls, config)
     vips = yaml.safe_load((config / "vips.yaml").read_text())
     game = next(v for v in vips["vips"] if v["name"] == "game-global")
     game["origins"].reverse()  # eu-central first: moves traffic, withdraws nothing
@@ -425,13 +431,7 @@ def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:
 def test_a_bad_checkout_on_a_fresh_host_starts_on_the_desired_state_kept_in_etcd(tmp_path: Path, etcd: EtcdMember,
                                                                                   ctls: list[Ctl]) -> None:
     config = desired_dir(tmp_path, [etcd.client_url])
-    c1 = Ctl(tmp_path, "c1", config).start()
-    ctls.append(c1)
-    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
-    good = c1.status()["config"]["revision"]  # type: ignore[index]
-    e = Etcd(settings(etcd.client_url))
-    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == good, HANG_GUARD,
-             desc="the desired state kept in etcd")
+    c1, good = leading_and_kept(tmp_path, etcd, ctls, config)
     c1.stop()
     # Another host: its checkout has a broken VIP file, its state_dir never kept anything.
     bad = tmp_path / "other-host"

@@ -83,7 +83,7 @@ def test_a_move_rolls_out_in_waves_and_is_never_held_by_the_withdraw_budget() ->
     r = radius_of(BASE, reordered(BASE))  # 3 of 5 pairs moved: 60 % > 25 %, but nothing withdrawn
     s, effects = step(Rollout(base="rev1", target="rev1"), NewRevision("rev2", r, (("sin",), ("fra",), ("sjc",))),
                       1.0, POLICY)
-    assert (s.phase, s.rolled(), set(s.move)) == (Phase.ROLLING, {"sin"}, set(r.moved))
+    assert (s.phase, set(s.rolled()), set(s.move)) == (Phase.ROLLING, {"sin"}, set(r.moved))
     assert effects[0].kind is change.EffectKind.WAVE and "rolls out at sin" in effects[0].text
     assert "moves the traffic of 3" in s.detail
     assert change.from_json(json.loads(json.dumps(change.to_json(s)))) == s
@@ -207,7 +207,9 @@ def test_a_commit_reordering_origins_moves_one_wave_at_a_time(tmp_path: Path) ->
     ctl.apply_config(reordered(ctl.desired))
     assert ctl.rollout.phase is Phase.ROLLING and ctl.rollout.waves == (("sin",), ("fra",), ("sjc",))
     assert active(ctl) == {"sin": "eu-central", "fra": "us-west", "sjc": "us-west"}  # wave 1: sin only
-    first = lambda pop: served_spec(ctl, pop)["origins"][0]["region"]  # type: ignore[index] # noqa: E731
+
+    def first(pop: str) -> object:
+        return served_spec(ctl, pop)["origins"][0]["region"]  # type: ignore[index]
     assert (first("sin"), first("fra"), first("sjc")) == ("eu-central", "us-west", "us-west")
     now[0] = 205.0
     healthy(ctl, now[0])
@@ -249,7 +251,9 @@ def test_an_attribute_change_reaches_each_pop_with_its_wave(tmp_path: Path) -> N
     now = [100.0]
     ctl = settled(tmp_path, now)
     ctl.apply_config(with_med(ctl.desired, 50))
-    med = lambda pop: served_spec(ctl, pop)["attributes"]["up"]["med"]  # type: ignore[index] # noqa: E731
+
+    def med(pop: str) -> object:
+        return served_spec(ctl, pop)["attributes"]["up"]["med"]  # type: ignore[index]
     assert (med("sin"), med("fra"), med("sjc")) == (50, 100, 100)
     generation = ctl.served["fra"].generation
     now[0] = 210.5
