@@ -91,6 +91,9 @@ class BlastRadius:
     def fraction(self) -> float:
         return len(self.withdrawn) / self.announced if self.announced else 0.0
 
+    def moved_vips(self) -> tuple[str, ...]:
+        return tuple(sorted({vip for vip, _ in self.moved}))
+
     def by_pop(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for _, pop in self.withdrawn:
@@ -192,7 +195,9 @@ class Rollout:
     since: float = 0.0  # when this phase began
     detail: str = ""  # HELD: why and what it would withdraw; ROLLED_BACK: the failed gate
     confirmed: Confirmation | None = None
-    move: tuple[Pair, ...] = ()  # the announced pairs whose traffic the target moves (``moves``)
+    # The VIPs whose traffic the target moves (``moves``): names, not pairs (a new community
+    # on every VIP of a large fleet is millions of pairs, journaled with each wave).
+    move: tuple[str, ...] = ()
     # The pairs of the current wave's POPs already unhealthy when it began (withdrawn, not
     # announced, or their active origin down there): the gate does not blame the change for them.
     excused: tuple[Pair, ...] = ()
@@ -263,7 +268,7 @@ def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tupl
         base = Rollout(base=state.base, target=event.revision, since=now)
         if why := event.radius.over_budget(policy):
             held = dataclasses.replace(base, phase=Phase.HELD, withdraw=event.radius.withdrawn, waves=event.waves,
-                                       detail=f"{why}; {event.radius.summary()}", move=event.radius.moved)
+                                       detail=f"{why}; {event.radius.summary()}", move=event.radius.moved_vips())
             return held, (Effect(EffectKind.HELD, held.alarm()),)
         return _start(base, event.radius, event.waves, now, policy, None)
     if isinstance(event, Confirm):
@@ -314,7 +319,7 @@ def _start(base: Rollout, radius: BlastRadius, plan: tuple[tuple[str, ...], ...]
         applied, effects = _applied(base, base.target, now)
         return dataclasses.replace(applied, confirmed=confirmed), effects
     rolling = dataclasses.replace(base, phase=Phase.ROLLING, withdraw=radius.withdrawn, waves=plan, wave=0,
-                                  wave_started=now, confirmed=confirmed, detail=radius.summary(), move=radius.moved)
+                                  wave_started=now, confirmed=confirmed, detail=radius.summary(), move=radius.moved_vips())
     return rolling, (_wave_effect(rolling),)
 
 
@@ -336,14 +341,15 @@ def effective(base: DesiredState, target: DesiredState, state: Rollout) -> Desir
     if state.phase is Phase.STEADY:  # (the target not judged yet, just loaded: the base)
         return target if target.revision == state.target else base
     keep = _not_rolled(state, state.withdraw)
-    held = _not_rolled(state, state.move)
-    if not keep and not held:
+    if not keep and not state.move:
         return target
+    rolled, moving = state.rolled(), frozenset(state.move)
     base_vips = {fv.name: fv for fv in base.vips}
     vips: list[FleetVip] = []
     for fv in target.vips:
-        if (pops := held.get(fv.name)) and (old := base_vips.get(fv.name)) is not None:
-            fv = staged_vip(old, fv, frozenset(pops))
+        if fv.name in moving and (old := base_vips.get(fv.name)) is not None and (
+                pops := frozenset(p for p in fv.publish if p not in rolled)):
+            fv = staged_vip(old, fv, pops)
         extra = [p for p in keep.pop(fv.name, []) if fv.name in base_vips]
         if not extra:
             vips.append(fv)
@@ -411,11 +417,13 @@ def held_specs(base: DesiredState, state: Rollout) -> dict[str, dict[str, Vip]]:
     the VIPs whose traffic the target moves (ROLLING only)."""
     if state.phase is not Phase.ROLLING or not state.move:
         return {}
-    held = _not_rolled(state, state.move)
+    rolled, moving = state.rolled(), frozenset(state.move)
     out: dict[str, dict[str, Vip]] = {}
     for fv in base.vips:
-        for pop in held.get(fv.name, ()):
-            out.setdefault(pop, {})[fv.name] = fv.vip
+        if fv.name in moving:
+            for pop in fv.publish:
+                if pop not in rolled:
+                    out.setdefault(pop, {})[fv.name] = fv.vip
     return out
 
 
@@ -482,14 +490,14 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
         return GateResult(Verdict.WAIT)
     wave = state.waves[state.wave]
     label = f"wave {state.wave + 1} ({', '.join(wave)})"
-    excuse = frozenset(state.excused)
-    moved = {pair for pair in state.move if pair[1] in wave and pair not in excuse}
+    excuse, moving = frozenset(state.excused), frozenset(state.move)
     published: dict[str, list[str]] = {pop: [] for pop in wave}
     for spec in desired.vips:  # one walk over the VIPs, not one per POP of the wave
         if spec.enabled:
             for pop in spec.publish:
                 if pop in published:
                     published[pop].append(spec.name)
+    moved = {(vip, pop) for pop in wave for vip in published[pop] if vip in moving and (vip, pop) not in excuse}
     for pop in wave:
         r = reports.get(pop)
         if r is None or r.received_at < state.wave_started:
@@ -585,7 +593,7 @@ def to_json(r: Rollout) -> dict[str, object]:
             "waves": [list(w) for w in r.waves], "wave": r.wave, "wave_started": r.wave_started, "since": r.since,
             "detail": r.detail,
             "confirmed": None if r.confirmed is None else dataclasses.asdict(r.confirmed),
-            "move": [list(p) for p in r.move], "excused": [list(p) for p in r.excused]}
+            "move": list(r.move), "excused": [list(p) for p in r.excused]}
 
 
 def from_json(data: Mapping[str, object]) -> Rollout:
@@ -607,4 +615,4 @@ def from_json(data: Mapping[str, object]) -> Rollout:
     return Rollout(Phase(str(data["phase"])), str(data["base"]), str(data["target"]),
                    tuple((str(v), str(p)) for v, p in withdraw), tuple(tuple(str(p) for p in w) for w in plan),
                    wave, float(started), float(since), str(data["detail"]), confirmed,
-                   tuple((str(v), str(p)) for v, p in move), tuple((str(v), str(p)) for v, p in excused))
+                   tuple(str(v) for v in move), tuple((str(v), str(p)) for v, p in excused))
