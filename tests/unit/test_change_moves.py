@@ -309,3 +309,24 @@ def test_a_vip_already_failing_at_the_wave_pop_does_not_fail_its_gate(tmp_path: 
     # Without the baseline the same reports would have failed fra's gate at once.
     assert change.gate(dataclasses.replace(ctl.rollout, wave=1, excused=()), ctl.base.change, now[0], ctl.desired,
                        ctl.reports, ctl.persisted.generations, 15.0, ctl.item).verdict is Verdict.FAIL
+
+
+def test_a_revert_during_a_move_takes_the_pops_it_reached_back_at_once(tmp_path: Path) -> None:
+    """A newer revision replaces a rollout; the revert of a reorder is itself a move, judged
+    against what is served: sin (reached by the first wave) is back on us-west at once, the
+    POPs whose wave never came never left it."""
+    now = [100.0]
+    ctl = settled(tmp_path, now)
+    base = ctl.desired
+    ctl.apply_config(reordered(base))
+    assert active(ctl) == {"sin": "eu-central", "fra": "us-west", "sjc": "us-west"}
+    now[0] = 203.0
+    healthy(ctl, now[0])
+    ctl.apply_config(dataclasses.replace(base, revision="rev3"))
+    assert ctl.rollout.target == "rev3" and ctl.base.revision == "rev1"
+    assert active(ctl) == {"sin": "us-west", "fra": "us-west", "sjc": "us-west"}
+    for t in (213.5, 224.0, 234.5):
+        now[0] = t
+        healthy(ctl, t)
+        assert set(active(ctl).values()) == {"us-west"}
+    assert (ctl.rollout.phase, ctl.base.revision) == (Phase.STEADY, "rev3")
