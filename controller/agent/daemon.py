@@ -212,9 +212,25 @@ class Agent:
         self.plan = plan
         self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
-        if self.evidence_asks.update((n for n, i in plan.vips.items() if i.evidence), now):
+        asked = {n for n, i in plan.vips.items() if i.evidence}
+        new_asks = asked - self.evidence_asks.since.keys()
+        if self.evidence_asks.update(asked, now) and not self._check_asked(new_asks):
             self.report_now.set()  # another POP's withdrawal waits for this POP's checks
         self._dirty.set()
+
+    def _check_asked(self, names: set[str]) -> bool:
+        """Probe the active origin of VIPs the controller asks evidence for now, rather than
+        at their next due check (up to an interval later, while another POP's withdrawal
+        waits); True when every one has a probe running, whose results report once the round
+        is complete (``_evidence_due``), so no report of the older checks is needed first."""
+        keys: list[BackendKey] = []
+        for name in names:
+            vip, intent = self.vip(name), self.plan.vips.get(name)
+            origin = vip.origin(intent.active_origin) if vip is not None and intent is not None else None
+            if origin is None:
+                return False
+            keys.extend((name, origin.region, b) for b in origin.backends)
+        return self.scheduler.check_now(keys)
 
     # --- health ------------------------------------------------------------------------
     def _apply_targets(self) -> None:
@@ -469,9 +485,13 @@ class Agent:
         self.decisions = {d.vip: d for d in decisions}
         # Kernel first for additions (the route exists before BGP attracts traffic), BGP,
         # then the kernel again for removals (a route goes only after its withdrawal).
-        kernel_before = await self._kernel_step(decisions, before=True)
         commands = reconcile(decisions, self.announced, self.unsure, withdraw_undecided=self.plan.ready,
                              undecided_reason=Reason.NOT_IN_CONFIG if self.plan.specs is None else Reason.NOT_IN_PLAN)
+        # Only an announcement attracts traffic: without one the first kernel step has nothing
+        # to do that the last does not (it never removes), and a withdrawal would wait for its
+        # netlink dumps (5-20 ms on a loaded host).
+        kernel_before = (await self._kernel_step(decisions, before=True)
+                         if any(isinstance(c, Announce) for c in commands) else True)
         bgp_ok = await self._send(commands)
         kernel_after = await self._kernel_step(decisions, before=False)
         ok = kernel_before and bgp_ok and kernel_after
