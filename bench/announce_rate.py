@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
@@ -138,9 +139,15 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
     attrs = RouteAttributes(med=100, communities=("65101:100",))
     nets = prefixes(count)
     todo = selected_phases(styles)
-    agent, setup = _agent(count, result.parent, speaker) if any(s == "agent" for _, s in todo) else (None, {})
+    agent: Any = None
+    setup: dict[str, float] = {}
     ready.write_text(str(os.getpid()))
     for action, style in todo:
+        if style == "agent" and agent is None:
+            # Built once the speaker's rows are done, before this row's signal (the harness
+            # waits for agent.ready): its config load is no part of any row's time.
+            agent, setup = _agent(count, result.parent, speaker)
+            (result.parent / "agent.ready").write_text("")
         waiter = asyncio.ensure_future(go.get())
         await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
         if reader.done():
@@ -219,8 +226,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                   + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
         exa = ExaBGPProcess(topo["pop"], workdir, config,
                             env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}).start()
-        # (With the agent rows it loads a 10,000-VIP config first: ~4 CPU s, far more when loaded.)
-        wait_for(ready.exists, 180, 0.05, "the announce API process")
+        wait_for(ready.exists, 20, 0.05, "the announce API process")
         # The ready file holds the PID as the node sees it; signals from here need the host's.
         [api_pid] = exa.wait_api_started()
         wait_for(topo.neighbor_established, 30, 0.05, "the BGP session rtr <-> ExaBGP")
@@ -229,6 +235,9 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
         for i, (action, style) in enumerate(selected_phases(styles)):
             target = count if action == "announce" else 0
             log(f"announce: {action} {count} /32s, {style}")
+            if style == "agent":
+                wait_for((workdir / "agent.ready").exists, 300, 0.05, "the agent with its VIPs")
+                time.sleep(1.0)
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
             sleeps0 = _voluntary_switches(exa.pid)
@@ -335,6 +344,35 @@ def _agent_notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
+class _Acks:
+    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP)."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+
+    async def send(self, line: str) -> bool:
+        self.commands += 1
+        return True
+
+
+async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
+    """The agent rows' pass in this process, without a lab (no root): ``reps`` times an
+    agent built afresh, its first round of results and one pass to announce, then one of
+    failures and one pass to withdraw; CPU seconds of each part."""
+    import tempfile
+
+    rows = []
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory() as tmp:
+            acks = _Acks()
+            agent, setup = _agent(count, Path(tmp), acks)
+            announce = await _agent_pass(agent, True)
+            withdraw = await _agent_pass(agent, False)
+            rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
+            logging.getLogger().handlers.clear()
+    return {"vips": count, "reps": rows, "load_average": list(os.getloadavg())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.announce_rate")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -345,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--batch", type=int, required=True)
     a.add_argument("--window", type=int, required=True)
     a.add_argument("--styles", default=",".join(STYLES))
+    g = sub.add_parser("agent-pass", help="the agent rows' pass in process, no lab: JSON on stdout")
+    g.add_argument("--count", type=int, default=10000)
+    g.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.cmd == "agent-pass":
+        print(json.dumps(asyncio.run(agent_pass_main(args.count, args.reps))))
+        return 0
     return asyncio.run(api_main(args.count, args.result, args.ready, args.batch, args.window,
                                 args.styles.split(",")))
 
