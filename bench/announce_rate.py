@@ -221,7 +221,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
         workdir = topo.workdir("pop", "announce")
         result, ready = workdir / "phases.jsonl", workdir / "api.ready"
         run_line = (f"{sys.executable} -m bench.announce_rate api --count {count} --result {result} --ready {ready} "
-                    f"--batch {batch} --window {window} --styles {','.join(styles)}")
+                    f"--batch {batch} --window {window} --styles {' '.join(styles)}")  # (ExaBGP splits a run line at commas)
         config = (f"process bench {{\n    run {run_line};\n    encoder json;\n}}\n\n"
                   + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
         exa = ExaBGPProcess(topo["pop"], workdir, config,
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--ready", type=Path, required=True)
     a.add_argument("--batch", type=int, required=True)
     a.add_argument("--window", type=int, required=True)
-    a.add_argument("--styles", default=",".join(STYLES))
+    a.add_argument("--styles", nargs="+", default=list(STYLES))
     g = sub.add_parser("agent-pass", help="the agent rows' pass in process, no lab: JSON on stdout")
     g.add_argument("--count", type=int, default=10000)
     g.add_argument("--reps", type=int, default=3)
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(agent_pass_main(args.count, args.reps))))
         return 0
     return asyncio.run(api_main(args.count, args.result, args.ready, args.batch, args.window,
-                                args.styles.split(",")))
+                                args.styles))
 
 
 if __name__ == "__main__":
