@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routes", type=int, help="announce: number of /32s (default 10000, quick 1000)")
     p.add_argument("--batch", type=int, help="announce: routes per command in the batched rows (default: the agent's)")
     p.add_argument("--window", type=int, help="announce: commands in flight in the batched rows (default: the agent's)")
+    p.add_argument("--styles", nargs="+", metavar="STYLE",
+                   help="announce: only these rows (sequential, pipelined, batched, agent; default all)")
     p.add_argument("--vips", type=int, help="controller: number of VIPs (default 10000, quick 1000)")
     p.add_argument("--pops", type=int, help="controller: number of POPs, each VIP published at all (default 50, "
                                             "quick 10)")
@@ -117,7 +119,8 @@ def _throughput(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _announce(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from . import announce_rate
 
-    r = announce_rate.run(quick=args.quick, log=_log, routes=args.routes, batch=args.batch, window=args.window)
+    r = announce_rate.run(quick=args.quick, log=_log, routes=args.routes, batch=args.batch, window=args.window,
+                          styles=args.styles or announce_rate.STYLES)
     return r, announce_rate.render(r)
 
 

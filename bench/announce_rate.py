@@ -18,6 +18,15 @@ process on the machine) to the result file:
    one ``announce attributes ... nlri`` command of up to `exabgp_api.MAX_BATCH` prefixes,
    `speaker.PIPELINE_WINDOW` commands in flight, per-route outcome kept;
 6. withdraw, batched.
+7. announce, agent: the agent itself (``controller.agent.daemon.Agent``, standalone, one VIP
+   per /32, each with a TCP check of one shared backend, rise 1 and fall 1, the agent's
+   logging at INFO to a file and its metrics): the first round of check results is handed
+   in as its scheduler would (its scheduler is never run: no probes, the backend is not in
+   this lab), then one
+   ``reconcile_once``, whose commands go through the speaker above. So the row is a cold
+   start as the agent does it, its own CPU (decisions, logs, metric label sets, the state
+   file) included; built before the signal (config load and construction are reported apart);
+8. withdraw, agent: one round of failed checks, one pass.
 
 The harness (same lab as bench.failover, without the origin) times each phase from the
 signal to: the last ack (API side), FRR bgpd holding all of them (``pfxRcd`` of the
@@ -32,11 +41,12 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +55,15 @@ from lab.netns import Lab
 from lab.nodes import ROOT
 from lab.poll import wait_for
 
-from .labtopo import POP_ADDR, PREFIX, BgpLab, neighbor_block, proc_cpu_seconds, proc_rss_mb
+from .labtopo import LOCAL_AS, ORIGIN_ADDR, PEER_AS, POP_ADDR, PREFIX, RTR_ADDR, BgpLab, neighbor_block, proc_cpu_seconds, proc_rss_mb
 from .report import fmt, table
 
 BASE = int(ipaddress.IPv4Address("198.18.0.0"))  # RFC 2544's benchmarking range
 WINDOW = 1000
 PHASES = (("announce", "sequential"), ("withdraw", "sequential"), ("announce", "pipelined"),
-          ("withdraw", "pipelined"), ("announce", "batched"), ("withdraw", "batched"))
+          ("withdraw", "pipelined"), ("announce", "batched"), ("withdraw", "batched"),
+          ("announce", "agent"), ("withdraw", "agent"))
+STYLES = ("sequential", "pipelined", "batched", "agent")
 
 Log = Callable[[str], None]
 
@@ -60,8 +72,62 @@ def prefixes(count: int) -> list[ipaddress.IPv4Network]:
     return [ipaddress.IPv4Network((BASE + i, 32)) for i in range(count)]
 
 
+def selected_phases(styles: Iterable[str]) -> list[tuple[str, str]]:
+    wanted = set(styles)
+    return [(a, s) for a, s in PHASES if s in wanted]
+
+
 # --- the API process ---------------------------------------------------------------------------
-async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight: int) -> int:
+def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, float]]:
+    """A standalone agent with ``count`` VIPs (one per /32 of ``prefixes``) and the agent's
+    INFO logging to ``workdir/agent.log``; and the CPU seconds its config and construction took."""
+    from prometheus_client import CollectorRegistry
+
+    from controller import logs
+    from controller.agent.daemon import Agent
+    from controller.config.agent import load_agent_config
+    from controller.metrics.agent import AgentMetrics
+
+    config = {
+        "pop": "bench", "allowed_prefixes": ["198.18.0.0/15"], "state_dir": str(workdir / "agent-state"),
+        "bgp": {"local_as": LOCAL_AS, "neighbors": [{"address": RTR_ADDR, "local_address": POP_ADDR,
+                                                      "peer_as": PEER_AS}],
+                "attributes": {"up": {"med": 100, "communities": ["65101:100"]}}},
+        "check_defaults": {"interval": 1.0, "timeout": 0.5, "rise": 1, "fall": 1},
+        "vips": [{"name": f"v{i:05d}", "address": str(net), "check": {"type": "tcp"},
+                  "origins": [{"region": "r1", "next_hop": ORIGIN_ADDR, "backends": [f"{ORIGIN_ADDR}:8080"]}]}
+                 for i, net in enumerate(prefixes(count))],
+    }
+    path = workdir / "agent.yaml"
+    path.write_text(json.dumps(config))  # YAML is a superset of JSON, and json writes 10,000 VIPs in ms
+    t0 = time.process_time()
+    cfg = load_agent_config(str(path))
+    t1 = time.process_time()
+    logs.setup("anycast-agent", "INFO", stream=open(workdir / "agent.log", "a"))  # noqa: SIM115 - for the process's life
+    registry = CollectorRegistry()
+    # The real scheduler, never run: no probes (the backend is not in this lab), its set of
+    # targets built as the agent builds it.
+    agent = Agent(cfg, lambda: cfg, speaker, kernel=None, metrics=lambda snap: AgentMetrics(registry, snap))
+    t2 = time.process_time()
+    return agent, {"config_load_cpu_s": round(t1 - t0, 3), "construct_cpu_s": round(t2 - t1, 3)}
+
+
+async def _agent_pass(agent: Any, ok: bool) -> dict[str, Any]:
+    from controller.health.probes import ProbeResult
+
+    result = ProbeResult(ok, 0.001, "ok" if ok else "connect refused")
+    t0 = time.process_time()
+    now = time.monotonic()
+    for key in list(agent.health):
+        agent._on_result(key, result, now)
+    t1 = time.process_time()
+    done = await agent.reconcile_once()
+    t2 = time.process_time()
+    return {"results_cpu_s": round(t1 - t0, 3), "reconcile_cpu_s": round(t2 - t1, 3), "ok": done}
+
+
+async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight: int,
+                   styles: Iterable[str] = STYLES) -> int:
     from controller.bgp.exabgp_api import RouteAttributes, RouteChange, announce_line, withdraw_line
     from controller.bgp.speaker import ExaBGPSpeaker, send_changes
 
@@ -72,13 +138,30 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
     loop.add_signal_handler(signal.SIGUSR1, go.put_nowait, 1)
     attrs = RouteAttributes(med=100, communities=("65101:100",))
     nets = prefixes(count)
+    todo = selected_phases(styles)
+    agent: Any = None
+    setup: dict[str, float] = {}
     ready.write_text(str(os.getpid()))
-    for action, style in PHASES:
+    for action, style in todo:
+        if style == "agent" and agent is None:
+            # Built once the speaker's rows are done, before this row's signal (the harness
+            # waits for agent.ready): its config load is no part of any row's time.
+            agent, setup = _agent(count, result.parent, speaker)
+            (result.parent / "agent.ready").write_text("")
         waiter = asyncio.ensure_future(go.get())
         await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
         if reader.done():
             waiter.cancel()
             return 1  # ExaBGP went away
+        extra: dict[str, Any] = {}
+        if style == "agent":
+            started = time.monotonic()
+            extra = {**setup, **await _agent_pass(agent, action == "announce")}
+            acked = time.monotonic()
+            with open(result, "a") as f:
+                f.write(json.dumps({"action": action, "style": style, "started": started, "acked": acked,
+                                    "errors": 0 if extra["ok"] else 1, "agent": extra}) + "\n")
+            continue
         lines = [announce_line(p, attrs) if action == "announce" else withdraw_line(p) for p in nets]
         started = time.monotonic()
         if style == "sequential":
@@ -124,7 +207,7 @@ def _kernel_count(topo: BgpLab) -> int:
 
 
 def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None = None,
-        window: int | None = None) -> dict[str, Any]:
+        window: int | None = None, styles: Iterable[str] = STYLES) -> dict[str, Any]:
     from controller.bgp.exabgp_api import MAX_BATCH
     from controller.bgp.speaker import PIPELINE_WINDOW
 
@@ -138,7 +221,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
         workdir = topo.workdir("pop", "announce")
         result, ready = workdir / "phases.jsonl", workdir / "api.ready"
         run_line = (f"{sys.executable} -m bench.announce_rate api --count {count} --result {result} --ready {ready} "
-                    f"--batch {batch} --window {window}")
+                    f"--batch {batch} --window {window} --styles {' '.join(styles)}")  # (ExaBGP splits a run line at commas)
         config = (f"process bench {{\n    run {run_line};\n    encoder json;\n}}\n\n"
                   + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
         exa = ExaBGPProcess(topo["pop"], workdir, config,
@@ -149,9 +232,12 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
         wait_for(topo.neighbor_established, 30, 0.05, "the BGP session rtr <-> ExaBGP")
         time.sleep(1.0)  # let the session settle (a collision can flap it once at start-up)
         assert topo.watcher is not None
-        for i, (action, style) in enumerate(PHASES):
+        for i, (action, style) in enumerate(selected_phases(styles)):
             target = count if action == "announce" else 0
             log(f"announce: {action} {count} /32s, {style}")
+            if style == "agent":
+                wait_for((workdir / "agent.ready").exists, 300, 0.05, "the agent with its VIPs")
+                time.sleep(1.0)
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
             sleeps0 = _voluntary_switches(exa.pid)
@@ -188,6 +274,8 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                 "cpu_s": cpu,
                 "exabgp_sleeps": None if sleeps is None else int(sleeps),
             }
+            if "agent" in api:  # the agent's own CPU in the API process's, split
+                row["agent"] = {k: v for k, v in api["agent"].items() if k != "ok"}
             for key in ("acked", "rib", "fib"):
                 secs = row[f"{key}_s"]
                 row[f"{key}_per_s"] = round(count / secs) if secs else None
@@ -241,7 +329,48 @@ def render(result: dict[str, Any]) -> str:
                   f"one-route commands in flight; batched = the agent's send_changes: up to {result.get('batch')} "
                   f"routes per command, {result.get('batch_window')} commands in flight",
                   "RSS with all routes (MB): " + ", ".join(f"{k.removesuffix('_rss_mb')} {fmt(v)}" for k, v in fp.items()),
-                  result["reference"]])
+                  result["reference"], *_agent_notes(result)])
+
+
+def _agent_notes(result: dict[str, Any]) -> list[str]:
+    """The agent rows' own CPU, split (the API CPU column holds it with the speaker's)."""
+    out = []
+    for p in result["phases"]:
+        a = p.get("agent")
+        if a:
+            out.append(f"agent {p['action']}: check results {a['results_cpu_s']} CPU s, reconcile pass "
+                       f"{a['reconcile_cpu_s']} CPU s (config load {a['config_load_cpu_s']}, construction "
+                       f"{a['construct_cpu_s']}, before the signal)")
+    return out
+
+
+class _Acks:
+    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP)."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+
+    async def send(self, line: str) -> bool:
+        self.commands += 1
+        return True
+
+
+async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
+    """The agent rows' pass in this process, without a lab (no root): ``reps`` times an
+    agent built afresh, its first round of results and one pass to announce, then one of
+    failures and one pass to withdraw; CPU seconds of each part."""
+    import tempfile
+
+    rows = []
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory() as tmp:
+            acks = _Acks()
+            agent, setup = _agent(count, Path(tmp), acks)
+            announce = await _agent_pass(agent, True)
+            withdraw = await _agent_pass(agent, False)
+            rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
+            logging.getLogger().handlers.clear()
+    return {"vips": count, "reps": rows, "load_average": list(os.getloadavg())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,8 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--ready", type=Path, required=True)
     a.add_argument("--batch", type=int, required=True)
     a.add_argument("--window", type=int, required=True)
+    a.add_argument("--styles", nargs="+", default=list(STYLES))
+    g = sub.add_parser("agent-pass", help="the agent rows' pass in process, no lab: JSON on stdout")
+    g.add_argument("--count", type=int, default=10000)
+    g.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
-    return asyncio.run(api_main(args.count, args.result, args.ready, args.batch, args.window))
+    if args.cmd == "agent-pass":
+        print(json.dumps(asyncio.run(agent_pass_main(args.count, args.reps))))
+        return 0
+    return asyncio.run(api_main(args.count, args.result, args.ready, args.batch, args.window,
+                                args.styles))
 
 
 if __name__ == "__main__":

@@ -291,8 +291,8 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
 
     def on_result(key: Hashable, result: ProbeResult, finished_at: float) -> None:
         vip, region = cast(tuple[str, str, int], key)[:2]
-        metrics.checks.labels(vip, region, "ok" if result.ok else "fail").inc()
-        metrics.check_duration.labels(vip, region).observe(result.latency)
+        metrics.checks.inc(vip, region, "ok" if result.ok else "fail")
+        metrics.check_duration.observe(result.latency, vip, region)
         health[key], _t = hs.step(health[key], result.ok, 3, 2, finished_at, result.detail)
         if result.ok:
             counts["ok"] += 1

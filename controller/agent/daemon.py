@@ -38,6 +38,7 @@ from ..health.scheduler import CheckScheduler, Target
 from ..kernel.diff import Kernel
 from ..metrics.agent import AgentMetrics, AgentSnapshot, BackendSnapshot, PeerSnapshot, VipSnapshot
 from . import confirm, evidence, kernel_plan, state_file
+from .log_budget import LineBudget
 from .decide import (
     Action, BackendKey, Decision, Reason, decide, graceful_shutdown_attributes, healthy_split, origin_health,
 )
@@ -158,6 +159,10 @@ class Agent:
             for version in (4, 6)
         }
         self._dirty = asyncio.Event()
+        # Per-VIP lines: a cold start changes every VIP at once (log_budget.py).
+        self._transition_lines = LineBudget(log, "backend transitions")
+        self._decision_lines = LineBudget(log, "VIP decisions")
+        self._ack_lines = LineBudget(log, "route changes acknowledged by ExaBGP")
         self._stopping: str | None = None
         # Graceful restart: End-of-RIB is ours to send (manual-eor), once the first verdicts
         # are in, after the start and after every session (re-)establishment.
@@ -212,9 +217,25 @@ class Agent:
         self.plan = plan
         self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
-        if self.evidence_asks.update((n for n, i in plan.vips.items() if i.evidence), now):
+        asked = {n for n, i in plan.vips.items() if i.evidence}
+        new_asks = asked - self.evidence_asks.since.keys()
+        if self.evidence_asks.update(asked, now) and not self._check_asked(new_asks):
             self.report_now.set()  # another POP's withdrawal waits for this POP's checks
         self._dirty.set()
+
+    def _check_asked(self, names: set[str]) -> bool:
+        """Probe the active origin of VIPs the controller asks evidence for now, rather than
+        at their next due check (up to an interval later, while another POP's withdrawal
+        waits); True when every one has a probe running, whose results report once the round
+        is complete (``_evidence_due``), so no report of the older checks is needed first."""
+        keys: list[BackendKey] = []
+        for name in names:
+            vip, intent = self.vip(name), self.plan.vips.get(name)
+            origin = vip.origin(intent.active_origin) if vip is not None and intent is not None else None
+            if origin is None:
+                return False
+            keys.extend((name, origin.region, b) for b in origin.backends)
+        return self.scheduler.check_now(keys)
 
     # --- health ------------------------------------------------------------------------
     def _apply_targets(self) -> None:
@@ -234,8 +255,8 @@ class Agent:
         vip = self.vip(vip_name)
         if vip is None:
             return
-        self.metrics.checks.labels(vip_name, region, "ok" if result.ok else "fail").inc()
-        self.metrics.check_duration.labels(vip_name, region).observe(result.latency)
+        self.metrics.checks.inc(vip_name, region, "ok" if result.ok else "fail")
+        self.metrics.check_duration.observe(result.latency, vip_name, region)
         self.last_result[key] = result
         now = self.clock()
         before = self.check_times.get(key)
@@ -245,10 +266,12 @@ class Agent:
         new, transition = hs.step(state, result.ok, vip.check.rise, vip.check.fall, now, result.detail)
         self.health[key] = new
         if transition is not None:
-            self.metrics.health_transitions.labels(vip_name, region, new.phase.value).inc()
-            log.info("backend %s of %s/%s: %s -> %s (%s; last check: %s)", backend, vip_name, region,
-                     transition.from_phase.value, transition.to_phase.value, transition.reason,
-                     result.detail, extra=self._fields(vip_name, transition.reason))
+            self.metrics.health_transitions.inc(vip_name, region, new.phase.value)
+            self._transition_lines.info(
+                f"{transition.from_phase.value} -> {transition.to_phase.value} ({transition.reason})",
+                "backend %s of %s/%s: %s -> %s (%s; last check: %s)", backend, vip_name, region,
+                transition.from_phase.value, transition.to_phase.value, transition.reason,
+                result.detail, extra=self._fields(vip_name, transition.reason))
             if new.healthy != state.healthy:
                 self._dirty.set()
                 self.report_now.set()  # the controller should hear about it at once
@@ -460,18 +483,25 @@ class Agent:
     async def reconcile_once(self) -> bool:
         """One level-based pass. Returns True if everything was applied."""
         started = time.monotonic()
+        self._transition_lines.flush()  # the results since the last pass
         decisions = self.decide_all()
         for d in decisions:
             previous = self.decisions.get(d.vip)
             if previous is None or (previous.action, previous.reason) != (d.action, d.reason):
-                log.info("VIP %s (%s): %s, reason %s%s", d.vip, d.prefix, d.action.value, d.reason,
-                         f" ({d.detail})" if d.detail else "", extra=self._fields(d.vip, d.reason))
+                self._decision_lines.info(f"{d.action.value} ({d.reason})", "VIP %s (%s): %s, reason %s%s",
+                                          d.vip, d.prefix, d.action.value, d.reason,
+                                          f" ({d.detail})" if d.detail else "", extra=self._fields(d.vip, d.reason))
+        self._decision_lines.flush()
         self.decisions = {d.vip: d for d in decisions}
         # Kernel first for additions (the route exists before BGP attracts traffic), BGP,
         # then the kernel again for removals (a route goes only after its withdrawal).
-        kernel_before = await self._kernel_step(decisions, before=True)
         commands = reconcile(decisions, self.announced, self.unsure, withdraw_undecided=self.plan.ready,
                              undecided_reason=Reason.NOT_IN_CONFIG if self.plan.specs is None else Reason.NOT_IN_PLAN)
+        # Only an announcement attracts traffic: without one the first kernel step has nothing
+        # to do that the last does not (it never removes), and a withdrawal would wait for its
+        # netlink dumps (5-20 ms on a loaded host).
+        kernel_before = (await self._kernel_step(decisions, before=True)
+                         if any(isinstance(c, Announce) for c in commands) else True)
         bgp_ok = await self._send(commands)
         kernel_after = await self._kernel_step(decisions, before=False)
         ok = kernel_before and bgp_ok and kernel_after
@@ -505,9 +535,10 @@ class Agent:
                 if acked:
                     action = "announce" if isinstance(cmd, Announce) else "withdraw"
                     detail = f" ({cmd.detail})" if isinstance(cmd, Withdraw) and cmd.detail else ""
-                    log.info("%s %s (VIP %s), reason %s%s", action, cmd.prefix, cmd.vip, cmd.reason, detail,
-                             extra=self._fields(cmd.vip, cmd.reason))
-                    self.metrics.announcement_changes.labels(cmd.vip, action, cmd.reason).inc()
+                    self._ack_lines.info(f"{action} ({cmd.reason})", "%s %s (VIP %s), reason %s%s", action,
+                                         cmd.prefix, cmd.vip, cmd.reason, detail,
+                                         extra=self._fields(cmd.vip, cmd.reason))
+                    self.metrics.announcement_changes.inc(cmd.vip, action, str(cmd.reason))
                     if isinstance(cmd, Announce):
                         announced[cmd.prefix] = cmd.attributes
                         self.withdrawn.discard(cmd.prefix)
@@ -523,6 +554,7 @@ class Agent:
                               extra=self._fields(cmd.vip, cmd.reason))
             self.announced, announced = announced, dict(announced)
             self.unsure, unsure = unsure, set(unsure)
+        self._ack_lines.flush()
         if changed:
             try:
                 state_file.save(self.config.state_dir, self.announced)

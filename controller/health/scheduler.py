@@ -37,6 +37,10 @@ Rules:
   ``max_concurrency`` slots and do not move the periodic schedule. A successful probe of a
   watched endpoint tells the watcher, so a backend back from a crash is watched again at
   once (``health.watch``).
+- ``check_now(keys)``: one probe of those targets at once, out of their schedule (the
+  controller asks this POP for fresh evidence: a check that completes after another POP's
+  first failure). A probe in flight already serves; the periodic schedule does not move.
+  It takes a free ``max_concurrency`` slot or does not run (the next due check serves).
 - Lateness (start time minus due time) is sampled into a bounded ring for metrics and
   benchmarks (periodic checks only: a confirmation has no due time). A check more than an
   interval late (after a suspended VM, or under overload) is not run: its target is
@@ -123,6 +127,7 @@ class SchedulerStats:
     groups: int = 0  # distinct probes (targets that share one count once)
     watch_losses: int = 0  # watch connections lost: each started a confirmation
     confirmations: int = 0  # confirmation probes run
+    asked: int = 0  # probes started out of schedule by check_now
     watch: WatchStats | None = None  # the watch pool's own counts
 
     def lateness_quantile(self, q: float) -> float:
@@ -206,6 +211,7 @@ class CheckScheduler:
         self._probes = 0
         self._watch_losses = 0
         self._confirmations = 0
+        self._asked = 0
         self._lateness: deque[float] = deque(maxlen=LATENESS_SAMPLES)
 
     # --- the set of targets ------------------------------------------------------------
@@ -378,10 +384,11 @@ class CheckScheduler:
                 continue
             self._launch(entry, due)
 
-    def _launch(self, entry: _Entry, due: float | None) -> None:
-        """Start a probe: a periodic check (``due``) or a confirmation (None)."""
-        entry.confirming = due is None
-        if due is None:
+    def _launch(self, entry: _Entry, due: float | None, confirming: bool = True) -> None:
+        """Start a probe: a periodic check (``due``), a confirmation (None) or an asked
+        check (None, not ``confirming``)."""
+        entry.confirming = due is None and confirming
+        if entry.confirming:
             self._confirmations += 1
         task = asyncio.ensure_future(self._check(entry.target, due))
         entry.task = task
@@ -405,6 +412,26 @@ class CheckScheduler:
             if entry.task is None:
                 self._confirm_next(entry)
             # else: the probe in flight may predate the loss; the confirmation follows it.
+
+    def check_now(self, keys: Iterable[Hashable]) -> bool:
+        """Probe the targets with these keys now (see the module docstring); True when
+        every one of them has a probe running (started now or already in flight)."""
+        wanted = set(keys)
+        if not wanted:
+            return True
+        found: set[Hashable] = set()
+        every = True
+        for entry in self._entries.values():
+            if not entry.alive or wanted.isdisjoint(entry.keys):
+                continue
+            found.update(wanted.intersection(entry.keys))
+            if entry.task is None:
+                if self._stopping or len(self._tasks) >= self._max_concurrency:
+                    every = False
+                    continue
+                self._asked += 1
+                self._launch(entry, None, confirming=False)
+        return every and found == wanted
 
     def _confirm_next(self, entry: _Entry) -> None:
         if self._stopping:
@@ -466,5 +493,6 @@ class CheckScheduler:
             skipped=self._skipped, dropped=self._dropped, probe_errors=self._probe_errors,
             lateness=tuple(self._lateness) if lateness else (), probes=self._probes, groups=len(self._entries),
             watch_losses=self._watch_losses, confirmations=self._confirmations,
+            asked=self._asked,
             watch=self._watcher.stats(),
         )

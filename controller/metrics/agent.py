@@ -20,6 +20,7 @@ from ..config.model import Attributes
 from ..health.scheduler import SchedulerStats
 from ..health.state import Phase
 from ..health.watch import LossKind
+from .labelled import LabelledCounter, LabelledHistogram
 from .process import register_process_metrics
 
 VIP_STATES = ("up", "draining", "withdrawn", "pending")
@@ -208,19 +209,19 @@ class AgentMetrics:
         self.registry = registry
         registry.register(_SnapshotCollector(snapshot))
         register_process_metrics(registry)
-        self.checks = Counter("anycast_checks", "Health checks run, by result.",
-                              ["vip", "origin", "result"], registry=registry)
-        self.check_duration = Histogram(
+        # Per VIP: one label set per VIP or more, so the cheap kind (labelled.py).
+        self.checks = LabelledCounter("anycast_checks", "Health checks run, by result.",
+                                      ["vip", "origin", "result"], registry)
+        self.check_duration = LabelledHistogram(
             "anycast_check_duration_seconds", "Health-check latency (connect or full HTTP answer).",
-            ["vip", "origin"], registry=registry,
+            ["vip", "origin"], registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
-        self.health_transitions = Counter(
-            "anycast_health_transitions", "Backend health phase changes.",
-            ["vip", "origin", "to"], registry=registry)
-        self.announcement_changes = Counter(
+        self.health_transitions = LabelledCounter(
+            "anycast_health_transitions", "Backend health phase changes.", ["vip", "origin", "to"], registry)
+        self.announcement_changes = LabelledCounter(
             "anycast_announcement_changes", "Announce and withdraw commands sent, by reason.",
-            ["vip", "action", "reason"], registry=registry)
+            ["vip", "action", "reason"], registry)
         self.exabgp_errors = Counter("anycast_exabgp_command_errors",
                                      "Commands ExaBGP answered with 'error'.", registry=registry)
         self.exabgp_garbage = Counter("anycast_exabgp_unparsed_lines",

@@ -127,6 +127,7 @@ class Controller:
     _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
+    _pending_timer: asyncio.Handle | None = None  # when that pass is asked for
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
     _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
@@ -438,9 +439,18 @@ class Controller:
         if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return
+        loop = asyncio.get_running_loop()
+        # A report with check ages (a failure starting or confirmed here, evidence asked of
+        # it) is what a POP's withdrawal is waiting for: planned in the next turn of the
+        # loop (reports already received share that pass), not after the batching delay.
+        urgent = bool(report.checks)
         if self._pending is None:
-            self._pending = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(REPORT_BATCH, self._planned_reports)
+            self._pending = loop.create_future()
+            self._pending_timer = (loop.call_soon(self._planned_reports) if urgent
+                                   else loop.call_later(REPORT_BATCH, self._planned_reports))
+        elif urgent and isinstance(self._pending_timer, asyncio.TimerHandle):
+            self._pending_timer.cancel()
+            self._pending_timer = loop.call_soon(self._planned_reports)
         await asyncio.shield(self._pending)
 
     def _min_stale_after(self) -> float:
@@ -497,7 +507,7 @@ class Controller:
         return self._indexed
 
     def _planned_reports(self) -> None:
-        done, self._pending = self._pending, None
+        done, self._pending, self._pending_timer = self._pending, None, None
         assert done is not None
         self._waiting.append(done)
         self.plan_soon()

@@ -17,9 +17,15 @@ class IdleScheduler:
     def __init__(self, on_result: Callable[[Hashable, ProbeResult, float], None]) -> None:
         self.on_result = on_result
         self.targets: list[Any] = []
+        self.asked: list[list[Hashable]] = []
 
     def set_targets(self, targets: Iterable[Any]) -> None:
         self.targets = list(targets)
+
+    def check_now(self, keys: Iterable[Hashable]) -> bool:
+        """Records what the agent asked to check at once (``asked``); starts nothing."""
+        self.asked.append(list(keys))
+        return False
 
     async def run(self) -> None:
         await asyncio.Event().wait()

@@ -1120,3 +1120,29 @@ def test_a_stop_that_cuts_a_batch_short_withdraws_what_was_in_flight(tmp_path: P
         assert bgp.lines[-1] == "withdraw attributes next-hop self nlri 198.51.100.10/32 198.51.100.11/32 198.51.100.12/32"
 
     run(scenario())
+
+
+def test_the_kernel_route_comes_before_an_announcement_and_goes_after_a_withdrawal_read_after_it(
+        tmp_path: Path) -> None:
+    """A pass without an announcement sends its withdrawals before touching the kernel (the
+    first kernel step could only add, and a withdrawal would wait for its netlink dumps)."""
+    async def scenario() -> None:
+        agent, bgp, kernel, _ = make_agent(config(tmp_path))
+        reads: list[int] = []  # BGP lines sent when the kernel was read
+        read = kernel.read_routes
+
+        def recording_read() -> set[KernelRoute]:
+            reads.append(len(bgp.lines))
+            return read()
+
+        kernel.read_routes = recording_read  # type: ignore[method-assign]
+        feed(agent, "us-west", True, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP] and reads == [0, 1]  # installed before the announcement
+        reads.clear()
+        feed(agent, "us-west", False, 2)
+        await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP, WITHDRAW] and reads == [2]  # read once, after the withdrawal
+        assert kernel.routes == set()
+
+    run(scenario())

@@ -207,3 +207,32 @@ def test_an_ask_is_answered_at_once_and_after_the_next_round_of_checks(tmp_path:
     assert "game-global" in health_report(agent).checks  # ...but every report carries them while asked
     agent.apply_plan(plan(3))
     assert health_report(agent).checks == {}
+
+
+class ProbingScheduler(IdleScheduler):
+    """Starts the probes the agent asks for at once (as CheckScheduler.check_now does
+    with free slots); the test hands their results in."""
+
+    def check_now(self, keys: object) -> bool:
+        super().check_now(keys)  # type: ignore[arg-type]
+        return True
+
+
+def test_an_ask_probes_the_active_origin_at_once_and_reports_when_those_checks_are_in(tmp_path: Path) -> None:
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west")
+    probing = ProbingScheduler(agent._on_result)
+    probing.set_targets(agent.scheduler.targets)  # type: ignore[attr-defined]
+    agent.scheduler = probing  # type: ignore[assignment]
+    clock.t += 0.03
+    agent.apply_plan(plan(2, evidence=True))
+    us_west = {k for k in agent.health if k[1] == "us-west"}
+    assert [set(keys) for keys in probing.asked] == [us_west]  # the active origin only, once
+    # No report of the older checks first: the fresh ones come within a probe's time.
+    assert not agent.report_now.is_set()
+    result(agent, clock, "us-west", True, dt=0.002)
+    assert agent.report_now.is_set()
+    assert health_report(agent).checks == {"game-global": {"us-west": (0.0, None)}}
+    agent.report_now.clear()
+    agent.apply_plan(plan(3, evidence=True))  # the same ask again: no new probes, no report
+    assert len(probing.asked) == 1 and not agent.report_now.is_set()

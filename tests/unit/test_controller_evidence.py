@@ -8,8 +8,11 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from controller.config.desired import load_desired
 from controller.policy.model import OriginChecks, PopReport
+from controller.server import core
 from controller.server.core import Controller
 
 origin_checks = PopReport.checks_at
@@ -71,3 +74,29 @@ def test_a_report_whose_only_news_is_check_times_is_planned_before_the_answer(tm
         return str(item.reason) if item else ""
 
     assert asyncio.run(scenario()) == "backend_down"
+
+
+def test_a_report_with_check_times_skips_the_batching_delay_and_brings_an_earlier_batch_along(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing POP's report, or evidence asked for, is what a withdrawal waits for: planned in
+    the next turn of the loop, and a plain report already waiting for its batch comes along."""
+    monkeypatch.setattr(core, "REPORT_BATCH", 3600.0)  # a plain report would wait an hour
+    now = [10.0]
+    ctl = controller(tmp_path, now)
+
+    async def scenario() -> None:
+        for pop in ("sjc", "fra", "sin"):
+            ctl.add_report(report(pop, True, now[0]))
+        now[0] = 10.2
+        standby_down = dataclasses.replace(report("sin", True, now[0]),
+                                           origins={"game-global": {"us-west": True, "eu-central": False}})
+        plain = asyncio.ensure_future(ctl.take_report(standby_down))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not plain.done()  # batched: waiting for reports that come with it
+        # A hang guard, not a time limit: the other way is an hour.
+        await asyncio.wait_for(ctl.take_report(report("sjc", False, now[0], failing=0.1)), 60)
+        assert ctl.item("sjc", "game-global").reason == "confirming"  # type: ignore[union-attr]
+        await asyncio.wait_for(plain, 60)
+
+    asyncio.run(scenario())

@@ -660,3 +660,48 @@ def test_a_successful_probe_of_a_watched_endpoint_tells_the_watcher() -> None:
             assert len(watcher().succeeded) == ok  # failures say nothing; port 2 is not watched
 
     run(scenario)
+
+
+# --- check_now: fresh evidence the controller asks for ----------------------------------
+
+
+def test_check_now_probes_at_once_and_leaves_the_schedule_alone() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", interval=1.0), shared("b", interval=1.0), shared("c", port=2)],
+                              jitter=0.0) as sim:
+            await sim.vt.advance(2.5)
+            before = sim.starts(1)
+            phase = before[-1] % 1.0
+            asked_at = sim.vt.now - T0
+            assert sim.sched.check_now(["a"])
+            await sim.vt.advance(0.0)
+            assert sim.starts(1, after=asked_at) == [asked_at]  # one probe, now
+            assert sim.starts(2, after=asked_at) == []  # only the asked target's probe
+            # Its result goes to every key of the shared probe; no confirmation counted.
+            assert {k for k, _, t in sim.results if t - T0 == asked_at} == {"a", "b"}
+            assert (sim.sched.stats().asked, sim.sched.stats().confirmations) == (1, 0)
+            await sim.vt.advance(5.0)
+            later = sim.starts(1, after=asked_at + EPS)
+            assert len(later) == 5 and all(abs(t % 1.0 - phase) < EPS for t in later)  # same phase
+
+    run(scenario)
+
+
+def test_check_now_lets_a_probe_in_flight_serve_and_says_when_it_cannot_start_one() -> None:
+    async def scenario() -> None:
+        async with simulation([shared("a", interval=1.0), shared("b", port=2, interval=1.0),
+                               shared("c", port=3, interval=1.0)], jitter=0.0, max_concurrency=1) as sim:
+            for p in (1, 2, 3):
+                sim.probe.duration[p] = 0.3
+            await sim.vt.advance(2.0)
+            while sim.probe.running[1] == 0:
+                await sim.vt.advance(0.01)
+            n = len(sim.starts(1))
+            assert sim.sched.check_now(["a"])  # in flight: it serves, nothing more starts
+            assert not sim.sched.check_now(["b"])  # no free slot: not started (its due check will do)
+            assert not sim.sched.check_now(["a", "nobody"])  # an unknown key is not being checked
+            await sim.vt.advance(0.0)
+            assert len(sim.starts(1)) == n
+            assert sim.probe.max_running == 1 and sim.sched.stats().asked == 0
+
+    run(scenario)
