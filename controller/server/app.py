@@ -229,12 +229,13 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field or "body")
     origins, announced = report.origins, report.announced
-    if report.seq is not None and book.seq is not None and report.seq <= book.seq:
+    last = ctl.report_seqs.get(pop)  # (survives a restart: Controller.report_seqs)
+    if report.seq is not None and last is not None and report.seq <= last:
         # Each report is numbered above the last (agents start from the clock): an older or
         # equal number is a replay or a straggler, and would roll the POP's health back.
-        return web.json_response({"error": f"report {report.seq} is not newer than report {book.seq}, already "
+        return web.json_response({"error": f"report {report.seq} is not newer than report {last}, already "
                                            f"applied for {pop}: replayed or out of order", "field": "seq",
-                                  "last_seq": book.seq}, status=409)
+                                  "last_seq": last}, status=409)
     if report.base is not None:
         previous = ctl.reports.get(pop)
         if previous is None or book.seq != report.base:
@@ -244,6 +245,8 @@ async def post_report(request: web.Request) -> web.StreamResponse:
                                       "field": "base", "full_report": True}, status=409)
         origins, announced = apply_report_delta(previous.origins, previous.announced, report, published)
     book.seq = report.seq
+    if report.seq is not None:
+        ctl.report_seqs[pop] = report.seq
     now = ctl.clock()
     await ctl.take_report(PopReport(pop, now, report.plan_generation, origins, announced,
                                     PopReport.checks_at(report.checks, now)))

@@ -893,6 +893,42 @@ def test_a_replayed_report_is_refused_and_changes_nothing(controller: Running, t
     asyncio.run(agent())
 
 
+def test_a_report_captured_before_a_restart_is_refused_after_it(controller: Running) -> None:
+    """The last report number per POP survives a stop and start (the alive hint in the state
+    directory) and a SIGKILL once the hint has been written: the replay is a 409 either way."""
+    def post(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return controller.request("POST", "/v1/reports/sjc", json.dumps(report).encode(), token=TOKENS["sjc"],
+                                  headers={"Content-Type": "application/json"})
+
+    def explain() -> dict[str, Any]:
+        return controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1]
+
+    down = {"plan_generation": 1, "seq": 1000, "origins": {"game-global": {"us-west": False}}, "announced": {}}
+    up = {"plan_generation": 1, "seq": 1001, "origins": {"game-global": {"us-west": True}}, "announced": {}}
+    assert post(down)[0] == 200 and post(up)[0] == 200
+    controller.restart()  # SIGTERM: the last hint is written as it stops
+    before = explain()
+    status, body = post(down)
+    assert (status, body["field"], body["last_seq"]) == (409, "seq", 1001), body
+    assert explain() == before
+
+    up2 = {**up, "seq": 1002}
+    assert post(up2)[0] == 200
+    lock = controller.state / "lock"
+    wait_for(lambda: '"sjc":1002' in lock.read_text(), 60, desc="the alive hint holding report 1002")
+    assert controller.proc is not None
+    controller.proc.kill()  # a crash: no last hint at the stop
+    controller.proc.wait()
+    controller.start()
+    controller.must_be_up()
+    before = explain()
+    for replay in (down, up, up2):
+        status, body = post(replay)
+        assert (status, body["field"], body["last_seq"]) == (409, "seq", 1002), body
+    assert explain() == before
+    assert post({**up, "seq": 1003})[0] == 200  # the agent's next report goes on
+
+
 def signing_client(c: Running, pop: str, tmp: Path, *keys: Pair) -> PlanClient:
     return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED,
                       plan_keys=load_plan_keys([str(k.cert) for k in keys]))
