@@ -145,6 +145,7 @@ class ControllerLink:
     plan_keys: tuple[str, ...] = ()  # the controller's Ed25519 public keys: plans must be signed by one
     max_plan_age: float = 86400.0  # a plan not confirmed by the controller for longer raises an alarm (never a withdrawal)
     urls: tuple[str, ...] = ()  # every controller (HA), tried in turn; ``url`` is the first
+    insecure_plain_http: bool = False  # http:// beyond loopback accepted (a WARNING at every start)
 
 
 @dataclass(frozen=True)

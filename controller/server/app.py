@@ -51,6 +51,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config.desired_model import ApiTransport
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, SIGNATURE_HEADER, WireError, apply_report_delta, decode_report, parse_counter, report_limit
@@ -66,6 +67,7 @@ CONTROLLER = web.AppKey("controller", Controller)
 REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
 GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
 SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
+TRANSPORT = web.AppKey("transport", ApiTransport)  # set by the daemon: how the API is served (status api.transport)
 StatusExtra = Callable[[], dict[str, Any]]
 STATUS_EXTRA: web.AppKey[StatusExtra] = web.AppKey("status_extra")  # more /v1/status sections (HA)
 MAX_WAIT = 60.0
@@ -276,6 +278,9 @@ async def get_status(request: web.Request) -> web.StreamResponse:
         "alarms": [*([own] if (own := ctl.change_alarm()) else []),
                    *({"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms())],
         "persistence": persistence_status(ctl),
+        # How agents and operators reach this API: "http-insecure" is plain HTTP beyond this
+        # host by api.insecure_plain_http (also anycast_controller_api_insecure_http 1).
+        "api": {"transport": request.app[TRANSPORT].value if TRANSPORT in request.app else None},
         "change": change_status(ctl),
         **(request.app[STATUS_EXTRA]() if STATUS_EXTRA in request.app else {}),
     })
