@@ -271,6 +271,10 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     (every request is refused once it stops acting) and a registry of this term's own, which
     the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
+    if (refusal := plain_http_refusal(desired.api, (listen or desired.listen)[0])) is not None:
+        # a --listen beyond loopback (controller.yaml's own listen was checked by the loader):
+        # refused before the state directory is taken or anything is served
+        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", refusal)])
     # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
     ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None,
                      state_store=state_store)
@@ -312,10 +316,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
 
     app.middlewares.append(count)
     host, port = listen or desired.listen
-    if (refusal := plain_http_refusal(desired.api, host)) is not None:  # a --listen beyond loopback
-        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", refusal)])  # exit at start
-    transport = api_transport(desired.api, host)
-    app[TRANSPORT] = transport
+    app[TRANSPORT] = transport = api_transport(desired.api, host)
     tls = ServerTls(desired.api.tls) if desired.api.tls is not None else None  # ConfigError: exit at start
     guard = ConnectionGuard(_guard_bound(desired.api.max_unauthenticated_connections),
                             on_shed=lambda reason: metrics.connections_shed.labels(reason.value).inc())
