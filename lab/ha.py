@@ -228,13 +228,13 @@ class HaFleet(Fleet):
         return scrape(self.nodes[name], CONTROLLER_METRICS_PORT) if name else ""
 
 
-_SAMPLER = """
+_SAMPLER = TRUST_LAST_ARG + """
 import json, sys, time, urllib.request, concurrent.futures
 urls, token, out = json.loads(sys.argv[1]), open(sys.argv[2]).read().strip(), open(sys.argv[3], "a")
 def role(url):
     try:
         req = urllib.request.Request(url + "/v1/status", headers={"Authorization": "Bearer " + token})
-        return json.loads(urllib.request.urlopen(req, timeout=0.5).read())["ha"]["role"]
+        return json.loads(urllib.request.urlopen(req, timeout=0.5, context=CTX).read())["ha"]["role"]
     except Exception:
         return None
 pool = concurrent.futures.ThreadPoolExecutor(len(urls))
@@ -259,7 +259,8 @@ class LeaderWatch:
         self.path.unlink(missing_ok=True)
         urls = json.dumps({n: controller_url(n) for n in CONTROLLERS})
         self.proc = self.f.nodes[self.f.topo.controller_node].popen(
-            [sys.executable, "-c", _SAMPLER, urls, str(LAB_TOKENS / "operator.token"), str(self.path)],
+            [sys.executable, "-c", _SAMPLER, urls, str(LAB_TOKENS / "operator.token"), str(self.path),
+             str(self.f.tls.ca)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lab_env())
         return self
 
