@@ -16,9 +16,9 @@ from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
     AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
-    IPAddress, Neighbor, Origin, StateAttributes, Vip,
+    IPAddress, Neighbor, Origin, StateAttributes, Vip, is_loopback,
 )
-from .reader import Issues, Node, is_loopback, parse_yaml, read_text
+from .reader import Issues, Node, parse_yaml, read_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 

@@ -6,8 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from .model import IPNetwork, Vip
-from .reader import is_loopback
+from .model import IPNetwork, Vip, is_loopback
 
 MAX_WEIGHT = 255  # an origin's weight in ``steering`` (the kernel's next-hop weights are 1-256)
 FULL_DIAL = 100  # a traffic dial's default: the region gets its whole weight

@@ -170,3 +170,14 @@ class AgentConfig:
 
     def vip(self, name: str) -> Vip | None:
         return next((v for v in self.vips if v.name == name), None)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or ``localhost``) reaches this machine only: what crosses it never
+    crosses a network (only root on this host could read it, and root can read the token files)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -329,14 +329,3 @@ def _kind(v: Any) -> str:
     if isinstance(v, dict):
         return "a mapping"
     return type(v).__name__
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (an address or ``localhost``) reaches this machine only: what crosses it never
-    crosses a network (only root on this host could read it, and root can read the token files)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
