@@ -57,8 +57,8 @@ def up(topology: Path) -> int:
 
 def print_endpoints(topo: Topology) -> None:
     ctl = topo.controller_address
-    print(f"  controller API  http://{ctl}:9800   metrics http://{ctl}:{CONTROLLER_METRICS_PORT}/metrics"
-          f"   (node {topo.controller_node})")
+    print(f"  controller API  https://{ctl}:9800 (CA {ROOT / 'tls' / 'ca.pem'})   metrics "
+          f"http://{ctl}:{CONTROLLER_METRICS_PORT}/metrics   (node {topo.controller_node})")
     print(f"  Prometheus      http://{ctl}:{PROMETHEUS_PORT}   (node {topo.controller_node}; alerts from ops/)")
     for p in topo.pops:
         print(f"  agent {p.name:<4}      http://{p.mgmt_address}:{AGENT_METRICS_PORT}/metrics   (node {p.agent})")

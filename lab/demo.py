@@ -138,8 +138,8 @@ def where_to_look(topo: Topology) -> list[str]:
     anycastctl = Path(sys.executable).parent / "anycastctl"
     token = Path("configs/controller/lab-tokens/operator.token")
     lines = [f"    the lab:           {run} status",
-             f"    the controller:    {run} exec {topo.controller_node} {anycastctl} status "
-             f"--url http://{ctl}:9800 --token-file {token}",
+             f"    the controller:    {run} exec {topo.controller_node} env SSL_CERT_FILE={ROOT / 'tls' / 'ca.pem'} "
+             f"{anycastctl} status --url https://{ctl}:9800 --token-file {token}",
              f"    its metrics:       {run} exec {topo.controller_node} curl -s "
              f"http://{ctl}:{CONTROLLER_METRICS_PORT}/metrics",
              f"    Prometheus:        {run} exec {topo.controller_node} curl -s "
@@ -160,8 +160,8 @@ def ha_where_to_look() -> list[str]:
     token = Path("configs/controller/lab-tokens/operator.token")
     lines = [f"    the lab:           {run} status"]
     for name in CONTROLLERS:
-        lines.append(f"    {name + ':':<18} {run} exec {name} {anycastctl} status --url {controller_url(name)} "
-                     f"--token-file {token}")
+        lines.append(f"    {name + ':':<18} {run} exec {name} env SSL_CERT_FILE={ROOT / 'tls' / 'ca.pem'} {anycastctl} "
+                     f"status --url {controller_url(name)} --token-file {token}")
     lines.append(f"    logs:              {ROOT}/<node>/ (ctl-a/controller.log, etcd-a/etcd.log, ...)")
     return lines
 

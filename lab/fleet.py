@@ -27,6 +27,7 @@ from .frr import FrrRouter
 from .multi_pop import bridge, bridge_port, git
 from .netns import Lab, LabError, Netns, add_addr, veth
 from .nodes import ROOT, AgentNode, lab_env, scrape, start_backend
+from .tls import TRUST_LAST_ARG, LabTls, lab_tls
 from .topology import Client, Pop, Topology
 
 LAB_TOKENS = ROOT / "configs" / "controller" / "lab-tokens"  # operator.token, <pop>.token
@@ -112,6 +113,7 @@ class Fleet:
         self.controller: subprocess.Popen[Any] | None = None
         self.prometheus: subprocess.Popen[Any] | None = None
         self.config_dir = lab.workdir(topo.controller_node) / "desired"
+        self._tls: LabTls | None = None
 
     # --- building -------------------------------------------------------------------------
     def up(self) -> Fleet:
@@ -197,9 +199,20 @@ class Fleet:
         if proc is not None:
             self.nodes[node].terminate(proc.pid)
 
+    @property
+    def tls(self) -> LabTls:
+        """This run's throwaway CA and controller certificate (HTTPS, as in production)."""
+        if self._tls is None:
+            self._tls = lab_tls(self.lab.workdir("tls"), self.controller_addresses())
+        return self._tls
+
+    def controller_addresses(self) -> tuple[str, ...]:
+        return (self.topo.controller_address,)
+
     def prepare_controller_config(self) -> None:
         shutil.rmtree(self.config_dir, ignore_errors=True)  # a checkout from an earlier run
         shutil.copytree(ROOT / "configs" / "controller", self.config_dir, dirs_exist_ok=True)
+        self.tls.serve(self.config_dir)
         if self.controller_edit is not None:
             self.controller_edit(self.config_dir)
         git(self.config_dir, "init", "-q")
@@ -245,14 +258,14 @@ class Fleet:
         """GET ``path`` of the controller's API from inside ``ctl``: the parsed JSON, None
         if the controller does not answer (stopped, starting). An HTTP error raises
         LabError: a wrong token or path is the test's bug, not "not yet"."""
-        url = f"http://{self.topo.controller_address}:{CONTROLLER_PORT}{path}"
-        code = ("import sys,urllib.request,urllib.error\n"
+        url = f"https://{self.topo.controller_address}:{CONTROLLER_PORT}{path}"
+        code = (TRUST_LAST_ARG + "import urllib.request,urllib.error\n"
                 "req=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()})\n"
-                "try: sys.stdout.write(urllib.request.urlopen(req,timeout=3).read().decode())\n"
+                "try: sys.stdout.write(urllib.request.urlopen(req,timeout=3,context=CTX).read().decode())\n"
                 "except urllib.error.HTTPError as e: sys.stdout.write(f'{e.code} {e.read().decode()}'); sys.exit(4)\n"
                 "except OSError: sys.exit(3)\n")
-        r = self.nodes[self.topo.controller_node].run([sys.executable, "-c", code, url, str(token_file)],
-                                                      check=False, timeout=10)
+        r = self.nodes[self.topo.controller_node].run([sys.executable, "-c", code, url, str(token_file),
+                                                       str(self.tls.ca)], check=False, timeout=10)
         if r.returncode == 4:
             raise LabError(f"controller GET {path}: HTTP {r.stdout}")
         return json.loads(r.stdout) if r.returncode == 0 else None
@@ -277,7 +290,8 @@ class Fleet:
         data["pop"] = pop.name
         data["bgp"]["neighbors"][0]["peer_as"] = pop.asn
         data["controller"]["token_file"] = str(LAB_TOKENS / f"{pop.name}.token")
-        data["controller"]["url"] = f"http://{self.topo.controller_address}:{CONTROLLER_PORT}"
+        data["controller"]["url"] = f"https://{self.topo.controller_address}:{CONTROLLER_PORT}"
+        self.tls.trust(data["controller"])
         path = self.lab.workdir(pop.agent) / "agent.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path

@@ -27,6 +27,7 @@ import yaml
 from .etcd import EtcdMember
 from .fleet import AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, CONTROLLER_PORT, LAB_TOKENS, Fleet
 from .multi_pop import bridge_port
+from .tls import TRUST_LAST_ARG
 from .netns import Lab, LabError
 from .nodes import lab_env, scrape
 from .topology import Pop, Topology
@@ -43,7 +44,7 @@ _ = AGENT_METRICS_PORT
 
 
 def controller_url(name: str) -> str:
-    return f"http://{CONTROLLERS[name]}:{CONTROLLER_PORT}"
+    return f"https://{CONTROLLERS[name]}:{CONTROLLER_PORT}"  # (the certificate names every controller)
 
 
 def etcd_endpoints() -> list[str]:
@@ -73,6 +74,9 @@ class HaFleet(Fleet):
         for name, addr in {**CONTROLLERS, **ETCD_MEMBERS}.items():
             ns = self.nodes[name] = self.lab.netns(name)
             bridge_port(ns, "eth-mgmt", mgmt, f"p-{name}", f"{addr}/24")
+
+    def controller_addresses(self) -> tuple[str, ...]:
+        return tuple(CONTROLLERS.values())
 
     def start_controller(self) -> None:
         """The etcd cluster (if not running), then every controller not running."""
@@ -167,14 +171,14 @@ class HaFleet(Fleet):
     def api(self, name: str, method: str, path: str, token_file: Path) -> tuple[int, Any] | None:
         """``method path`` on controller ``name`` from inside its node: (HTTP status, JSON),
         None if it does not answer."""
-        code = ("import sys,json,urllib.request,urllib.error\n"
+        code = (TRUST_LAST_ARG + "import json,urllib.request,urllib.error\n"
                 "req=urllib.request.Request(sys.argv[1],method=sys.argv[3],"
                 "headers={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()})\n"
-                "try: r=urllib.request.urlopen(req,timeout=3); print(r.status); sys.stdout.write(r.read().decode())\n"
+                "try: r=urllib.request.urlopen(req,timeout=3,context=CTX); print(r.status); sys.stdout.write(r.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code); sys.stdout.write(e.read().decode())\n"
                 "except OSError: sys.exit(3)\n")
-        r = self.nodes[name].run([sys.executable, "-c", code, controller_url(name) + path, str(token_file), method],
-                                 check=False, timeout=10)
+        r = self.nodes[name].run([sys.executable, "-c", code, controller_url(name) + path, str(token_file), method,
+                                  str(self.tls.ca)], check=False, timeout=10)
         if r.returncode != 0:
             return None
         status, _, body = r.stdout.partition("\n")
@@ -224,13 +228,13 @@ class HaFleet(Fleet):
         return scrape(self.nodes[name], CONTROLLER_METRICS_PORT) if name else ""
 
 
-_SAMPLER = """
+_SAMPLER = TRUST_LAST_ARG + """
 import json, sys, time, urllib.request, concurrent.futures
 urls, token, out = json.loads(sys.argv[1]), open(sys.argv[2]).read().strip(), open(sys.argv[3], "a")
 def role(url):
     try:
         req = urllib.request.Request(url + "/v1/status", headers={"Authorization": "Bearer " + token})
-        return json.loads(urllib.request.urlopen(req, timeout=0.5).read())["ha"]["role"]
+        return json.loads(urllib.request.urlopen(req, timeout=0.5, context=CTX).read())["ha"]["role"]
     except Exception:
         return None
 pool = concurrent.futures.ThreadPoolExecutor(len(urls))
@@ -255,7 +259,8 @@ class LeaderWatch:
         self.path.unlink(missing_ok=True)
         urls = json.dumps({n: controller_url(n) for n in CONTROLLERS})
         self.proc = self.f.nodes[self.f.topo.controller_node].popen(
-            [sys.executable, "-c", _SAMPLER, urls, str(LAB_TOKENS / "operator.token"), str(self.path)],
+            [sys.executable, "-c", _SAMPLER, urls, str(LAB_TOKENS / "operator.token"), str(self.path),
+             str(self.f.tls.ca)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lab_env())
         return self
 

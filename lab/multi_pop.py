@@ -22,6 +22,7 @@ import yaml
 
 from .frr import FrrRouter
 from .netns import Lab, Netns, add_addr, veth
+from .tls import LabTls, lab_tls
 from .nodes import ROOT, AgentNode, lab_env, start_backend
 from .single_pop import FRR_BGPD
 
@@ -60,6 +61,14 @@ class MultiPop:
         self.backends: dict[str, subprocess.Popen[Any]] = {}
         self.controller: subprocess.Popen[Any] | None = None
         self.config_dir = lab.workdir("mgmt") / "desired"
+        self._tls: LabTls | None = None
+
+    @property
+    def tls(self) -> LabTls:
+        """This run's throwaway CA and controller certificate (HTTPS, as in production)."""
+        if self._tls is None:
+            self._tls = lab_tls(self.lab.workdir("tls"), (CONTROLLER_IP,))
+        return self._tls
 
     def up(self) -> MultiPop:
         mgmt = self.nodes["mgmt"] = self.lab.netns("mgmt")
@@ -87,6 +96,7 @@ class MultiPop:
     def prepare_config(self, edit: Any = None) -> Path:
         """A git checkout of configs/controller (optionally edited) for the controller."""
         shutil.copytree(ROOT / "configs" / "controller", self.config_dir, dirs_exist_ok=True)
+        self.tls.serve(self.config_dir)
         if edit is not None:
             edit(self.config_dir)
         git(self.config_dir, "init", "-q")
@@ -122,7 +132,8 @@ class MultiPop:
         data = yaml.safe_load((ROOT / "configs" / "agent-sjc-controlled.yaml").read_text())
         data["pop"] = pop
         data["controller"]["token_file"] = str(ROOT / "configs" / "controller" / "lab-tokens" / f"{pop}.token")
-        data["controller"]["url"] = f"http://{CONTROLLER_IP}:{CONTROLLER_PORT}"
+        data["controller"]["url"] = f"https://{CONTROLLER_IP}:{CONTROLLER_PORT}"
+        self.tls.trust(data["controller"])
         path = self.lab.workdir(f"pop-{pop}") / "agent.yaml"
         path.write_text(yaml.safe_dump(data))
         return path

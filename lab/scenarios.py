@@ -529,9 +529,9 @@ def s7_publish_domain_change(f: Fleet) -> dict[str, Any]:
 
 def _anycastctl(f: Fleet, *args: str) -> str:
     exe = str(Path(sys.executable).parent / "anycastctl")
-    url = f"http://{f.topo.controller_address}:{CONTROLLER_PORT}"
+    url = f"https://{f.topo.controller_address}:{CONTROLLER_PORT}"
     r = f.nodes[f.topo.controller_node].run([exe, *args, "--url", url, "--token-file", str(OPERATOR_TOKEN)],
-                                             check=False, timeout=15)
+                                             check=False, timeout=15, env={**os.environ, "SSL_CERT_FILE": str(f.tls.ca)})
     if r.returncode != 0:
         raise LabError(f"anycastctl {' '.join(args)} failed: {r.stdout}{r.stderr}")
     return r.stdout

@@ -8,6 +8,9 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -88,3 +91,44 @@ def plan_signing_key(directory: Path, stem: str = "plan-signing") -> Pair:
     pair.cert.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
     return pair
+
+
+# --- the lab's HTTPS: one CA per lab run, the controller's certificate, the agents' trust ----
+@dataclass(frozen=True)
+class LabTls:
+    """What a lab run serves its API with: ``ca`` (agents, operators and the lab's own
+    requests trust it) and ``server`` (every controller address as an IP subjectAltName)."""
+
+    ca: Path
+    server: Pair
+
+    def serve(self, config_dir: Path) -> None:
+        """controller.yaml's ``api.tls``: this run's certificate (other api keys kept)."""
+        path = config_dir / "controller.yaml"
+        data = yaml.safe_load(path.read_text())
+        data.setdefault("api", {})["tls"] = {"cert": str(self.server.cert), "key": str(self.server.key)}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def trust(self, controller: dict[str, Any]) -> None:
+        """An agent config's ``controller`` section: https:// URLs and this run's CA."""
+        for key in ("url", "urls"):
+            if isinstance(controller.get(key), str):
+                controller[key] = https(controller[key])
+            elif isinstance(controller.get(key), list):
+                controller[key] = [https(u) for u in controller[key]]
+        controller["ca_file"] = str(self.ca)
+
+
+def lab_tls(directory: Path, addresses: tuple[str, ...]) -> LabTls:
+    """A fresh throwaway CA in ``directory`` and a server certificate for ``addresses``."""
+    ca = LabCa(directory)
+    return LabTls(ca.ca, ca.server("controller", addresses, ()))
+
+
+def https(url: str) -> str:
+    return "https://" + url.split("://", 1)[1] if url.startswith("http://") else url
+
+
+# Python run inside a namespace (urllib, no DNS) that must trust the lab CA: prepend this and
+# pass the CA file as the LAST argument; ``CTX`` is then the context for urlopen(..., context=CTX).
+TRUST_LAST_ARG = "import ssl,sys\nCTX=ssl.create_default_context(cafile=sys.argv[-1])\n"

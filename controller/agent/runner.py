@@ -17,7 +17,6 @@ from ..sdnotify import Notifier
 from .daemon import Agent, install_signal_handlers
 from .local_status import StatusServer, socket_path
 from .plan_client import PlanClient
-from .tls import plaintext_warning
 
 log = logging.getLogger("controller.agent")
 
@@ -48,8 +47,9 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
         client = PlanClient.from_token_file(link.urls or (link.url,), config.pop, link.token_file, config.state_dir,
                                             config.allowed_prefixes, link.timeout, link.tls, link.plan_keys)
         for url in link.urls or (link.url,):
-            if (warning := plaintext_warning(url)) is not None:
-                log.warning("%s", warning)
+            if link.insecure_plain_http and url.startswith("http://"):  # at every start
+                log.warning("INSECURE: controller.insecure_plain_http is set: %s is plain HTTP, the POP's token "
+                            "and plans cross the network in clear; use https:// (README, Security)", url)
     cached = client.load_cached(config.controller.max_plan_age) if client and config.controller else None
     if cached is not None:
         log.info("starting from the cached plan generation %d (revision %s) until the controller answers",

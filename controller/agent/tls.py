@@ -25,11 +25,3 @@ def client_context(url: str, tls: ClientTls) -> ssl.SSLContext | None:
             raise ControllerUnavailable(f"cannot load the client certificate {tls.cert} with key {tls.key}: "
                                         f"{exc}") from None
     return ctx
-
-
-def plaintext_warning(url: str) -> str | None:
-    """A warning to log when the agent would send its token in clear beyond this host."""
-    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
-    if url.startswith("https://") or host in ("127.0.0.1", "::1", "localhost"):
-        return None
-    return f"the controller URL {url} is plain HTTP: the POP's token and plans cross the network in clear"

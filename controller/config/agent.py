@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .model import (
     ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
     AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
-    IPAddress, Neighbor, Origin, StateAttributes, Vip,
+    IPAddress, Neighbor, Origin, StateAttributes, Vip, is_loopback,
 )
 from .reader import Issues, Node, parse_yaml, read_text
 
@@ -267,11 +267,32 @@ def _controller(node: Node | None) -> ControllerLink | None:
         node.error("client_cert and client_key go together", "client_cert" if tls.cert is None else "client_key")
     if (tls.ca_file or tls.cert) and any(u.startswith("http://") for u in (urls or (url,)) if u):
         node.error("ca_file and client_cert need an https:// URL", "urls" if urls else "url")
+    insecure = node.opt("insecure_plain_http", Node.as_bool, False)
+    for i, u in enumerate(urls or (url,)):
+        if u and not insecure and (refusal := plain_http_url_refusal(u)) is not None:
+            node.error(refusal, f"urls[{i}]" if urls else "url")
     node.reject_unknown()
     if url is None or token_file is None:
         return None
     return ControllerLink(url, token_file, poll_wait, report_interval, timeout, confirm_timeout, tls, plan_keys,
-                          max_plan_age, urls or (url,))
+                          max_plan_age, urls or (url,), insecure)
+
+
+def url_host(url: str) -> str:
+    """The host of an http(s) URL (an IPv6 address without its brackets)."""
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0]
+
+
+def plain_http_url_refusal(url: str) -> str | None:
+    """Why the agent refuses the controller ``url`` without controller.insecure_plain_http
+    (None: https://, or plain HTTP to this host only)."""
+    if not url.startswith("http://") or is_loopback(url_host(url)):
+        return None
+    return (f"{url} is plain HTTP: the POP's token and plans would cross the network in clear; use https:// "
+            "(with ca_file: README, Security) or, to accept that, insecure_plain_http: true")
 
 
 def read_absolute_path(node: Node) -> str | None:

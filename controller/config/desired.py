@@ -27,6 +27,7 @@ from .agent import (
 from .desired_model import (
     FULL_DIAL, MAX_WEIGHT, NO_STEERING, ApiSettings, ChangePolicy, DampeningPolicy, DesiredState, DrainPolicy,
     FailoverPolicy, FleetVip, HaSettings, Policy, PopSpec, Preference, SafetyPolicy, Steering, StoreKind, TlsSettings,
+    plain_http_refusal,
     with_dials,
 )
 from .errors import ConfigError, ConfigIssue
@@ -231,6 +232,8 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     attrs = read_state_attributes(top.get("attributes"), StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
     dials_node = top.get("dials")
     api = top.opt("api", _api, ApiSettings())
+    if isinstance(listen, tuple) and (refusal := plain_http_refusal(api, listen[0])) is not None:
+        top.issues.add("api.tls", refusal)  # (the daemon asks again of a --listen given on its command line)
     ha = _ha(top.get("ha"))
     top.reject_unknown()
 
@@ -344,8 +347,11 @@ def _api(node: Node) -> ApiSettings | None:
                                                  lambda n: n.as_int(4, 100_000), d.max_unauthenticated_connections),
         tls=node.opt("tls", _tls, None),
         signing_key=node.opt("signing_key", read_absolute_path, None),
+        insecure_plain_http=node.opt("insecure_plain_http", Node.as_bool, False),
     )
     node.reject_unknown()
+    if settings.insecure_plain_http and node.has("tls"):
+        node.error("api.tls is set: remove insecure_plain_http (HTTPS is served)", "insecure_plain_http")
     return settings
 
 

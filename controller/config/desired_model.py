@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from .model import IPNetwork, Vip
+from .model import IPNetwork, Vip, is_loopback
 
 MAX_WEIGHT = 255  # an origin's weight in ``steering`` (the kernel's next-hop weights are 1-256)
 FULL_DIAL = 100  # a traffic dial's default: the region gets its whole weight
@@ -151,6 +151,14 @@ class TlsSettings:
     client_ca: str | None = None  # mTLS: agents must present a certificate from this CA naming their POP
 
 
+class ApiTransport(enum.StrEnum):
+    """How the API is served (``/v1/status`` ``api.transport``; README, Security)."""
+
+    HTTPS = "https"  # api.tls
+    LOOPBACK_HTTP = "http-loopback"  # plain HTTP on a loopback address only: nothing crosses a network
+    INSECURE_HTTP = "http-insecure"  # plain HTTP beyond this host, by api.insecure_plain_http: true
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """Bounds that keep an unauthenticated peer from exhausting the API (controller.server.guard)."""
@@ -158,7 +166,10 @@ class ApiSettings:
     header_timeout: float = 10.0  # request line and headers must arrive within this (also the keep-alive idle time)
     body_timeout: float = 30.0  # a report's body must arrive within this
     max_unauthenticated_connections: int = 1024  # at most half the process's file descriptor limit
-    tls: TlsSettings | None = None  # None: plain HTTP (logged as a warning unless listening on loopback)
+    tls: TlsSettings | None = None  # None: plain HTTP, on loopback only unless insecure_plain_http
+    # Plain HTTP beyond loopback, tokens and plans in clear: only when asked for by name (a
+    # WARNING at every start, anycast_controller_api_insecure_http 1, status api.transport).
+    insecure_plain_http: bool = False
     signing_key: str | None = None  # Ed25519 private key (PEM) that signs every plan served
 
 
@@ -203,3 +214,18 @@ def with_dials(desired: DesiredState, operator: Mapping[str, int]) -> DesiredSta
     if all(a is b for a, b in zip(vips, desired.vips)):
         return desired
     return replace(desired, vips=tuple(vips))
+
+
+def plain_http_refusal(api: ApiSettings, host: str) -> str | None:
+    """Why serving the API on ``host`` with ``api`` is refused (None: it is not)."""
+    if api.tls is not None or api.insecure_plain_http or is_loopback(host):
+        return None
+    return (f"the API would listen on {host} in plain HTTP (bearer tokens and plans in clear): set api.tls "
+            "(cert, key: README, Security) or, to accept that, api.insecure_plain_http: true")
+
+
+def api_transport(api: ApiSettings, host: str) -> ApiTransport:
+    """How the API on ``host`` is served (once plain_http_refusal has said nothing)."""
+    if api.tls is not None:
+        return ApiTransport.HTTPS
+    return ApiTransport.LOOPBACK_HTTP if is_loopback(host) and not api.insecure_plain_http else ApiTransport.INSECURE_HTTP

@@ -145,6 +145,7 @@ class ControllerLink:
     plan_keys: tuple[str, ...] = ()  # the controller's Ed25519 public keys: plans must be signed by one
     max_plan_age: float = 86400.0  # a plan not confirmed by the controller for longer raises an alarm (never a withdrawal)
     urls: tuple[str, ...] = ()  # every controller (HA), tried in turn; ``url`` is the first
+    insecure_plain_http: bool = False  # http:// beyond loopback accepted (a WARNING at every start)
 
 
 @dataclass(frozen=True)
@@ -169,3 +170,14 @@ class AgentConfig:
 
     def vip(self, name: str) -> Vip | None:
         return next((v for v in self.vips if v.name == name), None)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or ``localhost``) reaches this machine only: what crosses it never
+    crosses a network (only root on this host could read it, and root can read the token files)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

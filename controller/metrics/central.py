@@ -175,6 +175,9 @@ class ControllerMetrics:
                                      "left); logged at most once per 10 s.", registry=registry)
         self.api_tls = Gauge("anycast_controller_api_tls", "1 when the API serves HTTPS, 0 for plain HTTP.",
                              registry=registry)
+        self.api_insecure_http = Gauge("anycast_controller_api_insecure_http",
+                                       "1 when the API serves plain HTTP beyond loopback (api.insecure_plain_http): "
+                                       "tokens and plans in clear.", registry=registry)
         for reason in SHED_REASONS:
             self.connections_shed.labels(reason)
         for result in ("success", "error"):

@@ -51,6 +51,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config.desired_model import ApiTransport
 from ..config.serialize import vip_to_dict
 from ..policy.model import PopReport
 from ..wire import MAX_REPORT_BYTES, SIGNATURE_HEADER, WireError, apply_report_delta, decode_report, parse_counter, report_limit
@@ -66,6 +67,7 @@ CONTROLLER = web.AppKey("controller", Controller)
 REPORTS = web.AppKey("reports", dict[str, "_ReportBook"])
 GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
 SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
+TRANSPORT = web.AppKey("transport", ApiTransport)  # set by the daemon: how the API is served (status api.transport)
 StatusExtra = Callable[[], dict[str, Any]]
 STATUS_EXTRA: web.AppKey[StatusExtra] = web.AppKey("status_extra")  # more /v1/status sections (HA)
 MAX_WAIT = 60.0
@@ -229,12 +231,13 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         status = 422 if "does not publish" in exc.message else 400
         return error(status, exc.message, exc.field or "body")
     origins, announced = report.origins, report.announced
-    if report.seq is not None and book.seq is not None and report.seq <= book.seq:
+    last = ctl.report_seqs.get(pop)  # (survives a restart: Controller.report_seqs)
+    if report.seq is not None and last is not None and report.seq <= last:
         # Each report is numbered above the last (agents start from the clock): an older or
         # equal number is a replay or a straggler, and would roll the POP's health back.
-        return web.json_response({"error": f"report {report.seq} is not newer than report {book.seq}, already "
+        return web.json_response({"error": f"report {report.seq} is not newer than report {last}, already "
                                            f"applied for {pop}: replayed or out of order", "field": "seq",
-                                  "last_seq": book.seq}, status=409)
+                                  "last_seq": last}, status=409)
     if report.base is not None:
         previous = ctl.reports.get(pop)
         if previous is None or book.seq != report.base:
@@ -244,6 +247,8 @@ async def post_report(request: web.Request) -> web.StreamResponse:
                                       "field": "base", "full_report": True}, status=409)
         origins, announced = apply_report_delta(previous.origins, previous.announced, report, published)
     book.seq = report.seq
+    if report.seq is not None:
+        ctl.report_seqs[pop] = report.seq
     now = ctl.clock()
     await ctl.take_report(PopReport(pop, now, report.plan_generation, origins, announced,
                                     PopReport.checks_at(report.checks, now)))
@@ -273,6 +278,9 @@ async def get_status(request: web.Request) -> web.StreamResponse:
         "alarms": [*([own] if (own := ctl.change_alarm()) else []),
                    *({"kind": a.kind, "vip": a.vip, "detail": a.detail} for a in ctl.alarms())],
         "persistence": persistence_status(ctl),
+        # How agents and operators reach this API: "http-insecure" is plain HTTP beyond this
+        # host by api.insecure_plain_http (also anycast_controller_api_insecure_http 1).
+        "api": {"transport": request.app[TRANSPORT].value if TRANSPORT in request.app else None},
         "change": change_status(ctl),
         **(request.app[STATUS_EXTRA]() if STATUS_EXTRA in request.app else {}),
     })

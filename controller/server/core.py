@@ -137,6 +137,10 @@ class Controller:
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
     _alive_marked: float = 0.0
     _alive_fresh: set[str] = field(default_factory=set)
+    # POP -> the ``seq`` of the last report applied (app.post_report refuses any not above it),
+    # loaded from the store's alive hint so a restart does not reopen the replay of a report
+    # captured before it; kept with the hint (store.Alive.seqs), not by an fsync per report.
+    report_seqs: dict[str, int] = field(default_factory=dict)
     _engine: Engine | None = None
     _waiting: list[asyncio.Future[None]] = field(default_factory=list)  # reports for the next pass
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
@@ -175,6 +179,8 @@ class Controller:
                 log.error("ALARM persistence: controller state partly unreadable, recovered without it: %s", problem)
         self._start_store()
         self._presume_reports(loaded.previous_alive)
+        if loaded.previous_alive is not None:
+            self.report_seqs = dict(loaded.previous_alive.seqs)
         # The engine starts from the loaded memory; its first pass plans every VIP (all are
         # new to it) with the presumed reports, so a restart resumes the timers where they were.
         self._engine = Engine(loaded.state.planner)
@@ -259,8 +265,10 @@ class Controller:
                      "%.1fs ago)", ", ".join(sorted(self._presumed)), now - alive.at)
 
     def close(self) -> None:
-        """Release the state directory (its lock): another controller may start on it."""
+        """Release the state directory (its lock): another controller may start on it. The
+        last hint first, so the next controller refuses every report this one applied."""
         if self.state_store is not None:
+            self._mark_alive(self.clock(), force=True)
             self.state_store.close()
 
     def _start_store(self) -> bool:
@@ -580,14 +588,15 @@ class Controller:
         self.replan()
         return True
 
-    def _mark_alive(self, now: float) -> None:
-        """Tell the store which POPs' reports are fresh (for _presume_reports after a restart):
-        about once a second, and at once when that set changes."""
+    def _mark_alive(self, now: float, force: bool = False) -> None:
+        """Tell the store which POPs' reports are fresh (for _presume_reports after a restart)
+        and the last report number applied per POP: about once a second, and at once when the
+        fresh set changes."""
         assert self.state_store is not None
         stale_after = self._index().stale_after
         fresh = {pop: r.received_at for pop, r in self.reports.items() if now - r.received_at <= stale_after}
-        if abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
-            self.state_store.mark_alive(now, fresh)
+        if force or abs(now - self._alive_marked) >= 1.0 or fresh.keys() != self._alive_fresh:
+            self.state_store.mark_alive(now, fresh, dict(self.report_seqs))
             self._alive_marked, self._alive_fresh = now, set(fresh)
 
     def _persist_action(self, changes: store.Changes, what: str) -> None:

@@ -26,17 +26,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..config.desired import LoadCache, load_desired, read_state_dir
-from ..config.desired_model import DesiredState
+from ..config.desired_model import ApiTransport, DesiredState, api_transport, plain_http_refusal
 from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
-from .app import GUARD, SIGNER, Handler, make_app
+from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
 from .revision import fingerprint, git_dir, revision, stat_signature
 from .signing import PlanSigner, load_signing_key
-from .tls import ServerTls, plaintext_warning
+from .tls import ServerTls
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # look at the config and the engine's timers at least this often
@@ -283,6 +283,10 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     (every request is refused once it stops acting) and a registry of this term's own, which
     the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
+    if (refusal := plain_http_refusal(desired.api, (listen or desired.listen)[0])) is not None:
+        # a --listen beyond loopback (controller.yaml's own listen was checked by the loader):
+        # refused before the state directory is taken or anything is served
+        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", refusal)])
     # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
     # The applied base comes from the same store as the rollout's state (HA: etcd).
     own_store = state_store is None
@@ -328,6 +332,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
 
     app.middlewares.append(count)
     host, port = listen or desired.listen
+    app[TRANSPORT] = transport = api_transport(desired.api, host)
     tls = ServerTls(desired.api.tls) if desired.api.tls is not None else None  # ConfigError: exit at start
     guard = ConnectionGuard(_guard_bound(desired.api.max_unauthenticated_connections),
                             on_shed=lambda reason: metrics.connections_shed.labels(reason.value).inc())
@@ -335,6 +340,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if desired.api.signing_key is not None:  # ConfigError: exit at start
         app[SIGNER] = PlanSigner(load_signing_key(desired.api.signing_key))
     metrics.api_tls.set(1 if tls else 0)
+    metrics.api_insecure_http.set(1 if transport == ApiTransport.INSECURE_HTTP else 0)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(RateLimitedLoopErrors(
         on_error=lambda message: metrics.accept_errors.inc() if is_accept_error(message) else None))
@@ -361,8 +367,10 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         await runner.cleanup()
         ctl.close()  # frees the state directory: nothing was served, nothing changed
         raise
-    if (warning := plaintext_warning(desired.api.tls, host)) is not None:
-        log.warning("%s", warning)
+    if transport == ApiTransport.INSECURE_HTTP:  # at every start, and flagged in status and metrics
+        log.warning("INSECURE: api.insecure_plain_http is set: the API on %s:%d speaks plain HTTP, bearer tokens "
+                    "and plans cross the network in clear (anycast_controller_api_insecure_http 1); set api.tls "
+                    "(README, Security)", host, port)
     log.info("controller serving %s (%d POPs, %d VIPs) on %s://%s:%d", desired.revision, len(desired.pops),
              len(desired.vips), "https" if tls else "http", host, port)
     if mhost_port and own_registry:

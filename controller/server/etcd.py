@@ -474,7 +474,8 @@ class EtcdStore:
         if "alive" in by_key:
             try:
                 doc = json.loads(by_key["alive"])
-                alive = store.Alive(float(doc["at"]), {str(p): float(t) for p, t in doc["fresh"].items()})
+                alive = store.Alive(float(doc["at"]), {str(p): float(t) for p, t in doc["fresh"].items()},
+                                    store.alive_seqs(doc))
             except (ValueError, KeyError, TypeError, AttributeError):
                 alive = None
         self._seq = seq
@@ -530,11 +531,11 @@ class EtcdStore:
                      self.etcd.delete_prefix("state/journal/", f"{seq + 1:020d}")], seq)
         self._journal = 0
 
-    def mark_alive(self, at: float, fresh: Mapping[str, float]) -> None:
+    def mark_alive(self, at: float, fresh: Mapping[str, float], seqs: Mapping[str, int]) -> None:
         """In the background (a hint: it must not hold up a planning pass), fenced too."""
         if not at or not self._alive_busy.acquire(blocking=False):
             return
-        doc = json.dumps({"at": at, "fresh": dict(fresh)})
+        doc = json.dumps({"at": at, "fresh": dict(fresh), "seqs": dict(seqs)})
 
         def write() -> None:
             try:

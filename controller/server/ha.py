@@ -24,11 +24,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..config.desired_model import HaSettings
+from ..config.desired_model import HaSettings, plain_http_refusal
+from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import HaSnapshot, register_ha_metrics
 from . import store
 from .daemon import ListenFailed, Watcher, serve
 from .etcd import Etcd, EtcdStore, EtcdUnavailable, Leadership, check_layout, fetch_desired
+from .tls import ServerTls
 
 log = logging.getLogger("controller.server")
 
@@ -85,8 +87,13 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
     watcher.fetch_kept = lambda: fetch_desired(settings)
     desired = watcher.load_at_start()  # the listen addresses and the operator token (ConfigError: exit)
     host, port = listen or desired.listen
+    if (refusal := plain_http_refusal(desired.api, host)) is not None:  # as serve() does, before anything
+        raise ConfigError("controller.yaml", [ConfigIssue("api.tls", refusal)])
+    # A follower answers on HTTPS too (agents try every controller with their token).
+    tls = ServerTls(desired.api.tls) if desired.api.tls is not None else None  # ConfigError: exit at start
     name = name or socket.gethostname()
-    advertise = advertise or f"http://{host if host not in ('0.0.0.0', '::') else socket.getfqdn()}:{port}"
+    scheme = "https" if tls else "http"
+    advertise = advertise or f"{scheme}://{host if host not in ('0.0.0.0', '::') else socket.getfqdn()}:{port}"
     try:
         check_layout(Etcd(settings))  # IncompatibleLayout: the caller exits, nothing written
     except EtcdUnavailable as exc:
@@ -119,7 +126,7 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
                                    access_log=None)
             await runner.setup()
             try:
-                await web.TCPSite(runner, host, port).start()
+                await web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None).start()
             except OSError as exc:
                 await runner.cleanup()
                 raise ListenFailed("listen", host, port, exc) from exc

@@ -8,6 +8,7 @@ Theory of operation (``FileJournal``, the default: one process, local disk)::
       lock                    flock(LOCK_EX) while a controller runs, with its PID: a second
                               controller on the same directory refuses to start (StateDirLocked);
                               and, about once a second, when it was alive with which POPs fresh
+                              and the last report number applied per POP (no fsync: a hint)
       snapshot-<seq>.json     the whole state as of journal sequence <seq>
       journal-<seq>.jsonl     the changes after that snapshot, one line each,
                               ``<crc32 hex> <json>\\n``, each line fsynced before the change counts
@@ -142,6 +143,11 @@ class Alive:
 
     at: float
     fresh: Mapping[str, float]
+    # POP -> the ``seq`` of the last report applied: the next controller refuses reports not
+    # above it, so a report captured before a restart cannot be replayed after it. Carried by
+    # the hint (written about once a second and at a clean stop), never by an fsync per report:
+    # after a crash, reports received since the last hint (about a second's) could replay once.
+    seqs: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ class Store(Protocol):
         hands over ``state`` and never changes it afterwards."""
         ...
 
-    def mark_alive(self, at: float, fresh: Mapping[str, float]) -> None:
+    def mark_alive(self, at: float, fresh: Mapping[str, float], seqs: Mapping[str, int]) -> None:
         """A hint for the next start (see Alive); may be lost."""
         ...
 
@@ -195,9 +201,16 @@ def _read_alive(fd: int) -> Alive | None:
         lines = os.pread(fd, 1 << 20, 0).decode().split("\n")
         doc = json.loads(lines[1])
         at = float(doc["alive_at"])
-        return Alive(at, {str(p): float(t) for p, t in doc["fresh"].items()}) if at > 0 else None
+        seqs = alive_seqs(doc)
+        return Alive(at, {str(p): float(t) for p, t in doc["fresh"].items()}, seqs) if at > 0 or seqs else None
     except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
         return None
+
+
+def alive_seqs(doc: Mapping[str, Any]) -> dict[str, int]:
+    """The report numbers of an alive hint (absent in hints written before they were kept)."""
+    seqs = doc.get("seqs", {})
+    return {str(p): int(n) for p, n in seqs.items()} if isinstance(seqs, dict) else {}
 
 
 # --- the pure part: differences and their application ---------------------------------------
@@ -448,15 +461,18 @@ class FileJournal:
             raise PersistenceError(StoreOp.LOAD, self.state_dir, exc.strerror or str(exc)) from None
         self._previous_alive = _read_alive(fd)
         self._lock_fd = fd
-        self.mark_alive(0.0, {})  # who holds it now, for the next one's error message
+        # Who holds it now, for the next one's error message; the report numbers carried
+        # over, so a crash before our first hint does not forget them.
+        self.mark_alive(0.0, {}, self._previous_alive.seqs if self._previous_alive else {})
 
-    def mark_alive(self, at: float, fresh: Mapping[str, float]) -> None:
+    def mark_alive(self, at: float, fresh: Mapping[str, float], seqs: Mapping[str, int]) -> None:
         """Note in the lock file that this controller was alive at ``at`` holding fresh reports
         from ``fresh`` (POP -> when received; no fsync: a hint for the next start, written
         about once a second)."""
         if self._lock_fd is None:
             return
-        doc = json.dumps({"alive_at": at, "fresh": dict(fresh)}, sort_keys=True, separators=(",", ":"))
+        doc = json.dumps({"alive_at": at, "fresh": dict(fresh), "seqs": dict(seqs)}, sort_keys=True,
+                         separators=(",", ":"))
         body = f"{os.getpid()}\n{doc}\n".encode()
         try:  # best effort: a read-only state directory still locks
             os.pwrite(self._lock_fd, body, 0)

@@ -61,14 +61,6 @@ class ServerTls:
         self.settings = settings
 
 
-def plaintext_warning(settings: TlsSettings | None, host: str) -> str | None:
-    """A warning to log when the API would speak plain HTTP beyond this host, else None."""
-    if settings is not None or host in ("127.0.0.1", "::1", "localhost"):
-        return None
-    return (f"the API on {host} speaks plain HTTP: bearer tokens and plans cross the network in clear; "
-            "set api.tls in controller.yaml (README, Security)")
-
-
 def peer_names(peercert: Any) -> set[str]:
     """The names a verified client certificate carries: subject CN and DNS subjectAltNames."""
     if not isinstance(peercert, dict):

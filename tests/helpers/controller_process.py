@@ -4,6 +4,11 @@ A port found free can be taken by someone else before the controller binds it (t
 at the same moment on a busy machine: seen in CI's overloaded run). The controller then exits with
 ``Exit.UNAVAILABLE`` and nothing served or changed, so the process is started again on new ports;
 any other exit is the test's business (``exited()`` tells).
+
+TLS is on by default, as in production: ``tls_on(config_dir)`` points controller.yaml's
+``api.tls`` at a certificate for 127.0.0.1 from one throwaway CA made once per test session
+(``session_ca()``), and a ControllerProcess on such a config speaks https:// and verifies it. Tests
+of plain HTTP set ``api.insecure_plain_http`` (or listen on loopback without api.tls) themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +31,7 @@ import yaml
 
 from controller.cli.conventions import Exit
 from lab import host_process
+from lab.tls import LabCa, Pair
 from lab.poll import wait_for
 
 BIN = Path(sys.executable).parent
@@ -65,17 +72,52 @@ class GitConfig:
         return git(self.dir, "rev-parse", "HEAD")[:12]
 
 
+_SESSION: list[tuple[LabCa, Pair]] = []
+
+
+def session_ca() -> tuple[LabCa, Pair]:
+    """The session's throwaway CA and its server certificate for 127.0.0.1 (made once)."""
+    if not _SESSION:
+        ca = LabCa(Path(tempfile.mkdtemp(prefix="anycast-test-ca-")), "anycast test CA")
+        _SESSION.append((ca, ca.server("test-controller")))
+    return _SESSION[0]
+
+
+def tls_on(config_dir: Path) -> None:
+    """controller.yaml's api.tls: the session CA's server pair (the other api keys kept)."""
+    _, pair = session_ca()
+    path = config_dir / "controller.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("api", {})["tls"] = {"cert": str(pair.cert), "key": str(pair.key)}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def client_ssl() -> ssl.SSLContext:
+    """A client context trusting the session CA (urllib, aiohttp and the agent's PlanClient)."""
+    return ssl.create_default_context(cafile=str(session_ca()[0].ca))
+
+
+def _serves_test_tls(config_dir: Path) -> bool:
+    try:
+        api = (yaml.safe_load((config_dir / "controller.yaml").read_text()) or {}).get("api") or {}
+    except OSError:
+        return False
+    return isinstance(api, dict) and isinstance(api.get("tls"), dict) and \
+        api["tls"].get("cert") == str(session_ca()[1].cert)
+
+
 class ControllerProcess:
     """anycast-controller on ``config`` and ``state``, logging to ``log``, asked with ``token``.
 
     Started by the constructor: it returns once the controller answers or has exited (for a reason
     other than a taken port). ``preexec`` runs in the child before it starts (e.g. resource limits);
-    once ``ssl`` is set (trusting the controller's CA), the URL is https:// and requests verify it."""
+    once ``ssl`` is set (trusting the controller's CA), the URL is https:// and requests verify it:
+    set at once for a config made by ``tls_on``."""
 
     def __init__(self, config: Path, state: Path, log: Path, token: str,
                  preexec: Callable[[], None] | None = None) -> None:
         self.config, self.state, self.log, self.token, self.preexec = config, state, log, token, preexec
-        self.ssl: ssl.SSLContext | None = None
+        self.ssl: ssl.SSLContext | None = client_ssl() if _serves_test_tls(config) else None
         self.port, self.metrics_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         for attempt in range(ATTEMPTS):
@@ -98,6 +140,11 @@ class ControllerProcess:
                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         proc = self.proc
         wait_for(lambda: proc.poll() is not None or self.up(), STARTUP, 0.1, desc="controller answering (or exiting)")
+
+    def env(self) -> dict[str, str]:
+        """The environment for anycastctl against this controller (its CA trusted when https)."""
+        return {**os.environ, "ANYCAST_CONTROLLER_URL": self.url,
+                **({"SSL_CERT_FILE": str(session_ca()[0].ca)} if self.ssl is not None else {})}
 
     def exited(self) -> int | None:
         """The exit code, or None while it runs."""

@@ -62,13 +62,14 @@ def fleet(lab_preflight: None) -> Iterator[MultiPop]:
 def mgmt_get(fleet: MultiPop, url: str, token_file: Path | None = None) -> str | None:
     """GET ``url`` from inside ``mgmt``: the body, None if nothing answers. An HTTP error
     raises: a wrong token or path is the test's bug, not "not yet"."""
-    code = ("import sys,urllib.request,urllib.error\n"
-            "h={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()} if len(sys.argv)>2 else {}\n"
+    code = ("import ssl,sys,urllib.request,urllib.error\n"
+            "h={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()} if sys.argv[2] else {}\n"
+            "ctx=ssl.create_default_context(cafile=sys.argv[3]) if sys.argv[1].startswith('https:') else None\n"
             "try: sys.stdout.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1],headers=h),"
-            "timeout=3).read().decode())\n"
+            "timeout=3,context=ctx).read().decode())\n"
             "except urllib.error.HTTPError as e: sys.stdout.write(f'{e.code} {e.read().decode()}'); sys.exit(4)\n"
             "except OSError: sys.exit(3)\n")
-    argv = [sys.executable, "-c", code, url] + ([str(token_file)] if token_file else [])
+    argv = [sys.executable, "-c", code, url, str(token_file) if token_file else "", str(fleet.tls.ca)]
     r = fleet.nodes["mgmt"].run(argv, check=False, timeout=10)
     if r.returncode == 4:
         raise AssertionError(f"GET {url}: HTTP {r.stdout}")
@@ -77,7 +78,7 @@ def mgmt_get(fleet: MultiPop, url: str, token_file: Path | None = None) -> str |
 
 def api(fleet: MultiPop, path: str, token: str = "operator") -> Any:
     """The controller's API answer at ``path`` (parsed JSON), None while it does not answer."""
-    body = mgmt_get(fleet, f"http://{CONTROLLER_IP}:{CONTROLLER_PORT}{path}", TOKENS / f"{token}.token")
+    body = mgmt_get(fleet, f"https://{CONTROLLER_IP}:{CONTROLLER_PORT}{path}", TOKENS / f"{token}.token")
     return None if body is None else json.loads(body)
 
 

@@ -38,7 +38,7 @@ from controller.config.desired import load_desired
 from lab.metrics import parse as parse_metrics
 from lab.tls import LabCa, Pair, plan_signing_key
 from lab.poll import wait_for
-from tests.helpers.controller_process import BIN, ControllerProcess, GitConfig, free_ports, git
+from tests.helpers.controller_process import BIN, ControllerProcess, GitConfig, free_ports, git, session_ca, tls_on
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -65,6 +65,7 @@ class Running(GitConfig, ControllerProcess):
         self.dir = tmp / "desired"
         shutil.copytree(EXAMPLE, self.dir)
         self.edit("controller.yaml", lambda c: c["policy"]["drain"].__setitem__("drain_time", 1.5))
+        tls_on(self.dir)
         git(self.dir, "init", "-q")
         git(self.dir, "add", "-A")
         git(self.dir, "commit", "-qm", "initial")
@@ -78,7 +79,7 @@ class Running(GitConfig, ControllerProcess):
         self.must_be_up()
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "ANYCAST_CONTROLLER_URL": self.url, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}
+        env = {**self.env(), "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}
         return subprocess.run([str(BIN / "anycastctl"), *args], capture_output=True, text=True, timeout=30, env=env)
 
 
@@ -92,7 +93,7 @@ def controller(tmp_path: Path) -> Iterator[Running]:
 
 
 def client(c: Running, pop: str, tmp: Path) -> PlanClient:
-    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED)
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED, tls=c.ssl)
 
 
 def report_json(origins: dict[str, Any], announced: dict[str, Any] | None = None) -> bytes:
@@ -224,7 +225,8 @@ async def after_restart(call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
     except ControllerUnavailable as exc:
-        assert "Disconnected" in str(exc) or "Connection" in str(exc), exc
+        # (over TLS a write into the old process's socket can also be a broken pipe)
+        assert any(w in str(exc) for w in ("Disconnected", "Connection", "Broken pipe")), exc
         return await call()
 
 
@@ -424,7 +426,7 @@ API_COMMANDS = [["status"], ["plan"], ["plan", "--pop", "sjc"], ["diff"], ["expl
 
 
 def ctl_at(url: str, *args: str, token: str = TOKENS["operator"]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ANYCAST_OPERATOR_TOKEN": token}
+    env = {**os.environ, "ANYCAST_OPERATOR_TOKEN": token, "SSL_CERT_FILE": str(session_ca()[0].ca)}
     env.pop("ANYCAST_CONTROLLER_URL", None)
     return subprocess.run([str(BIN / "anycastctl"), *args, "--url", url], capture_output=True, text=True,
                           timeout=30, env=env)
@@ -540,7 +542,7 @@ def test_a_full_plan_is_sent_gzipped_to_clients_that_accept_it(controller: Runni
     def get(headers: dict[str, str]) -> tuple[str | None, bytes]:
         req = urllib.request.Request(controller.url + "/v1/plans/sjc",
                                      headers={"Authorization": f"Bearer {TOKENS['sjc']}", **headers})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=controller.ssl) as r:
             return r.headers.get("Content-Encoding"), r.read()
 
     encoding, packed = get({"Accept-Encoding": "gzip, deflate"})
@@ -705,8 +707,12 @@ def test_slow_connections_cannot_lock_agents_out(controller: Running, tmp_path: 
     the header deadline although it keeps sending, and accept() never runs out of descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test process holds the 1,100
-    controller.edit("controller.yaml", lambda c: c.__setitem__("api", {"header_timeout": 2}))
+    # Plain HTTP, asked for by name: the trickled bytes must reach the HTTP parser (over TLS
+    # they would fail the handshake at once).
+    controller.edit("controller.yaml", lambda c: c.__setitem__("api", {"header_timeout": 2,
+                                                                       "insecure_plain_http": True}))
     controller.commit("api: a 2 s header deadline")
+    controller.ssl = None
     controller.restart()  # the header deadline is set at start
     flood = SlowFlood(controller.port, 1100)
     connected = client(controller, "fra", tmp_path)  # an agent connected before the flood
@@ -751,9 +757,10 @@ def test_past_the_bound_a_newcomer_closes_the_oldest_unauthenticated_connection(
                                                                                 tmp_path: Path) -> None:
     """Whether the flood above ever holds more than the bound at once depends on how fast a
     loaded machine accepts; here the header deadline is far away, so only the bound closes them."""
-    controller.edit("controller.yaml", lambda c: c.__setitem__(
-        "api", {"header_timeout": 300, "max_unauthenticated_connections": 20}))
+    controller.edit("controller.yaml", lambda c: c.__setitem__(  # plain HTTP, as above
+        "api", {"header_timeout": 300, "max_unauthenticated_connections": 20, "insecure_plain_http": True}))
     controller.commit("api: a bound of 20 waiting connections")
+    controller.ssl = None
     controller.restart()
     with contextlib.ExitStack() as stack:
         for _ in range(40):
@@ -885,8 +892,90 @@ def test_a_replayed_report_is_refused_and_changes_nothing(controller: Running, t
     asyncio.run(agent())
 
 
+def test_a_report_captured_before_a_restart_is_refused_after_it(controller: Running) -> None:
+    """The last report number per POP survives a stop and start (the alive hint in the state
+    directory) and a SIGKILL once the hint has been written: the replay is a 409 either way."""
+    def post(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return controller.request("POST", "/v1/reports/sjc", json.dumps(report).encode(), token=TOKENS["sjc"],
+                                  headers={"Content-Type": "application/json"})
+
+    def explain() -> dict[str, Any]:
+        return controller.request("GET", "/v1/explain/game-global", token=TOKENS["operator"])[1]
+
+    down = {"plan_generation": 1, "seq": 1000, "origins": {"game-global": {"us-west": False}}, "announced": {}}
+    up = {"plan_generation": 1, "seq": 1001, "origins": {"game-global": {"us-west": True}}, "announced": {}}
+    assert post(down)[0] == 200 and post(up)[0] == 200
+    controller.restart()  # SIGTERM: the last hint is written as it stops
+    before = explain()
+    status, body = post(down)
+    assert (status, body["field"], body["last_seq"]) == (409, "seq", 1001), body
+    assert explain() == before
+
+    up2 = {**up, "seq": 1002}
+    assert post(up2)[0] == 200
+    lock = controller.state / "lock"
+    wait_for(lambda: '"sjc":1002' in lock.read_text(), 60, desc="the alive hint holding report 1002")
+    assert controller.proc is not None
+    controller.proc.kill()  # a crash: no last hint at the stop
+    controller.proc.wait()
+    controller.start()
+    controller.must_be_up()
+    before = explain()
+    for replay in (down, up, up2):
+        status, body = post(replay)
+        assert (status, body["field"], body["last_seq"]) == (409, "seq", 1002), body
+    assert explain() == before
+    assert post({**up, "seq": 1003})[0] == 200  # the agent's next report goes on
+
+
+def test_https_is_the_default_and_plain_http_only_by_name_loudly_flagged(controller: Running,
+                                                                        tmp_path: Path) -> None:
+    assert controller.url.startswith("https://")
+    assert controller.request("GET", "/v1/status")[1]["api"] == {"transport": "https"}
+    assert metric(controller, "anycast_controller_api_insecure_http") == 0
+    assert metric(controller, "anycast_controller_api_tls") == 1
+
+    controller.edit("controller.yaml", lambda c: c.__setitem__("api", {"insecure_plain_http": True}))
+    controller.commit("api: plain HTTP, on purpose")
+    controller.ssl = None
+    for start in range(2):  # flagged at every start, not only the first
+        controller.restart()
+        assert controller.request("GET", "/v1/status")[1]["api"] == {"transport": "http-insecure"}
+        assert metric(controller, "anycast_controller_api_insecure_http") == 1
+        assert metric(controller, "anycast_controller_api_tls") == 0
+        warnings = [line for line in controller.log.read_text().splitlines()
+                    if "WARNING" in line and "api.insecure_plain_http" in line]
+        assert len(warnings) == start + 1, warnings
+
+    async def agent() -> None:  # an agent allowed plain HTTP by name still works
+        await fetch_and_report(client(controller, "sjc", tmp_path))
+    asyncio.run(agent())
+
+
+def test_a_listen_beyond_loopback_without_tls_or_the_setting_is_refused_at_start(tmp_path: Path) -> None:
+    """controller.yaml on loopback loads; --listen 0.0.0.0 on the command line is refused before
+    anything is bound or served, naming api.tls and what to do."""
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    data = yaml.safe_load((d / "controller.yaml").read_text())
+    data["listen"], data["api"] = "127.0.0.1:9800", {}
+    (d / "controller.yaml").write_text(yaml.safe_dump(data))
+    git(d, "init", "-q")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "plain HTTP on loopback")
+    port = free_port()
+    r = subprocess.run([str(BIN / "anycast-controller"), "--config-dir", str(d), "--state-dir", str(tmp_path / "s"),
+                        "--listen", f"0.0.0.0:{port}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "controller.yaml: 1 error(s)\n  api.tls: the API would listen on 0.0.0.0 in plain HTTP" in r.stderr, r.stderr
+    assert "VIP game-global" not in r.stderr  # refused before planning
+    assert "api.insecure_plain_http: true" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # nothing was served
+
+
 def signing_client(c: Running, pop: str, tmp: Path, *keys: Pair) -> PlanClient:
-    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED,
+    return PlanClient(c.url, pop, TOKENS[pop], str(tmp / f"agent-{pop}"), ALLOWED, tls=c.ssl,
                       plan_keys=load_plan_keys([str(k.cert) for k in keys]))
 
 
@@ -909,7 +998,7 @@ def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_key
             await agent.close()
     asyncio.run(unsigned())
 
-    controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(old.key)}))
+    controller.edit("controller.yaml", lambda d: d["api"].update({"signing_key": str(old.key)}))
     controller.commit("api: sign plans")
     controller.restart()  # switching signing on takes a restart
 
@@ -935,7 +1024,7 @@ def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_key
             agent.urls = (controller.url,)
             assert captured["generation"] < agent.book.generation
             # Rotation: the controller switches to the new key at a reload.
-            controller.edit("controller.yaml", lambda d: d.__setitem__("api", {"signing_key": str(new.key)}))
+            controller.edit("controller.yaml", lambda d: d["api"].update({"signing_key": str(new.key)}))
             controller.commit("api: the new plan key")
             controller.edit("vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["sjc", "fra"]))
             controller.commit("api-eu: back at sjc")
@@ -952,7 +1041,7 @@ def test_signed_plans_a_controller_without_the_key_cannot_steer_an_agent_and_key
 
 def _raw_plan(c: Running) -> tuple[bytes, str]:
     req = urllib.request.Request(c.url + "/v1/plans/sjc", headers={"Authorization": f"Bearer {TOKENS['sjc']}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=10, context=c.ssl) as r:
         return r.read(), r.headers[SIGNATURE_HEADER]
 
 

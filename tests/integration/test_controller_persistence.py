@@ -22,7 +22,7 @@ import yaml
 from controller.cli.conventions import Exit
 from controller.server.daemon import Watcher
 from lab.poll import wait_for
-from tests.helpers.controller_process import BIN, STARTUP, ControllerProcess, git
+from tests.helpers.controller_process import BIN, STARTUP, ControllerProcess, git, tls_on
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -32,6 +32,7 @@ OPERATOR = (EXAMPLE / "lab-tokens" / "operator.token").read_text().strip()
 def checkout(tmp: Path) -> Path:
     d = tmp / "desired"
     shutil.copytree(EXAMPLE, d)
+    tls_on(d)
     git(d, "init", "-q")
     git(d, "add", "-A")
     git(d, "commit", "-qm", "initial")
@@ -89,7 +90,7 @@ def state_files(state: Path) -> dict[str, bytes]:
 
 
 def ctl_status(c: Controller) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ANYCAST_CONTROLLER_URL": c.url, "ANYCAST_OPERATOR_TOKEN": OPERATOR}
+    env = {**c.env(), "ANYCAST_OPERATOR_TOKEN": OPERATOR}
     return subprocess.run([str(BIN / "anycastctl"), "status"], capture_output=True, text=True, timeout=60, env=env)
 
 

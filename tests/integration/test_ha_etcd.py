@@ -35,6 +35,7 @@ from controller.server import store
 from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, margin
 from lab.etcd import EtcdMember, etcd_cluster, free_ports, make_tls
 from lab.poll import wait_for
+from tests.helpers.controller_process import client_ssl, session_ca, tls_on
 from tests.helpers.http import request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,7 @@ EXAMPLE = ROOT / "configs" / "controller"
 TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin", "operator")}
 BIN = Path(sys.executable).parent
 ALLOWED = load_desired(str(EXAMPLE)).allowed_prefixes
+CA_FILE = str(session_ca()[0].ca)
 HANG_GUARD = 120.0
 TTL = 2
 
@@ -79,6 +81,7 @@ def desired_dir(tmp: Path, endpoints: list[str], **ha: Any) -> Path:
     data["policy"]["drain"]["drain_time"] = 1.5
     data["ha"] = {"store": "etcd", "endpoints": endpoints, "lease_ttl": TTL, "request_timeout": 0.5, **ha}
     (d / "controller.yaml").write_text(yaml.safe_dump(data))
+    tls_on(d)
     return d
 
 
@@ -88,7 +91,7 @@ class Ctl:
     def __init__(self, tmp: Path, name: str, config: Path) -> None:
         self.name, self.config, self.tmp = name, config, tmp
         self.port, self.metrics_port = free_ports(2)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"  # (tls_on: the session CA's certificate)
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -246,13 +249,13 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
     # anycastctl status on a follower: who leads, the members, etcd's health.
     run = subprocess.run([str(BIN / "anycastctl"), "status", "--json", "--url", followers[0].url],
                          capture_output=True, text=True, timeout=HANG_GUARD,
-                         env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+                         env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"], "SSL_CERT_FILE": CA_FILE})
     assert run.returncode == 0, run.stderr
     ha = json.loads(run.stdout)["ha"]
     assert ha["role"] == "follower" and ha["leader"]["url"] == leader.url
     assert ha["endpoints"][etcd.client_url]["ok"] is True
     human = subprocess.run([str(BIN / "anycastctl"), "status", "--url", followers[0].url], capture_output=True,
-                           text=True, timeout=HANG_GUARD, env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]})
+                           text=True, timeout=HANG_GUARD, env={**os.environ, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"], "SSL_CERT_FILE": CA_FILE})
     assert human.returncode == 0, human.stderr
 
     code, body = leader.request("POST", "/v1/drains/fra")
@@ -260,7 +263,7 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
 
     # An agent listing every controller, the leader last, reaches the leader and gets its plan.
     client = PlanClient([c.url for c in followers] + [leader.url], "fra", TOKENS["fra"], str(tmp_path / "agent"),
-                        ALLOWED, timeout=2)
+                        ALLOWED, timeout=2, tls=client_ssl())
 
     async def fetch(after: int = -1) -> int:
         plan = await client.fetch_plan(after, 0)

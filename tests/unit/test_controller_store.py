@@ -419,3 +419,25 @@ def test_a_snapshot_written_in_pieces_is_the_json_of_the_whole() -> None:
 
     doc = store.state_to_json(sample_state(), 7)
     assert store._dumps_sorted(doc) == json.dumps(doc, sort_keys=True).encode()
+
+
+def test_the_last_report_numbers_ride_on_the_alive_hint_across_restarts_and_crashes(tmp_path: Path) -> None:
+    """A clean stop writes them; a crash keeps the last hint's; a controller that crashes
+    before its own first hint still hands the previous one's on (the lock-time note keeps them)."""
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    ctl.report_seqs.update({"sjc": 1001, "fra": 7})
+    ctl.close()  # a clean stop: the last hint
+    second = controller(tmp_path, now)
+    assert second.report_seqs == {"sjc": 1001, "fra": 7}
+    second.report_seqs["sjc"] = 1002
+    second._mark_alive(now[0], force=True)  # the periodic hint (about once a second)
+    second.report_seqs["sjc"] = 1003  # accepted after the last hint: lost by the crash below
+    assert second.state_store is not None
+    second.state_store.close()  # a crash: the lock freed, no last hint (Controller.close() not called)
+    third = store.FileJournal(str(tmp_path))  # takes the lock, notes who holds it, then "crashes"
+    assert third.load().previous_alive is not None
+    third.close()
+    fourth = controller(tmp_path, now)
+    assert fourth.report_seqs == {"sjc": 1002, "fra": 7}
+    fourth.close()

@@ -43,7 +43,7 @@ def test_a_cell_too_wide_is_cut_not_spilled() -> None:
 def test_where_to_look_names_commands_that_reach_the_live_lab() -> None:
     lines = "\n".join(where_to_look(TOPO))
     assert "-m lab status" in lines
-    assert f"anycastctl status --url http://{TOPO.controller_address}:9800" in lines
+    assert f"anycastctl status --url https://{TOPO.controller_address}:9800" in lines
     for pop in TOPO.pops:
         assert f"agent status --socket {ROOT / pop.agent / 'state' / 'agent.sock'}" in lines
         assert f"http://{pop.mgmt_address}:9701/metrics" in lines

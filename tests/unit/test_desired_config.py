@@ -11,6 +11,7 @@ import yaml
 
 from controller.cli.anycastctl import main as anycastctl
 from controller.config.desired import load_desired
+from controller.config.desired_model import ApiTransport, api_transport, plain_http_refusal
 from controller.config.errors import ConfigError
 
 from tests.helpers.config_dirs import EXAMPLE, copy, edit, errors  # noqa: F401
@@ -197,7 +198,7 @@ def test_an_operator_token_equal_to_a_pops_is_refused(tmp_path: Path) -> None:
 
 def test_the_api_section_reads_its_bounds_tls_and_signing_key(tmp_path: Path) -> None:
     d = copy(tmp_path)
-    assert load_desired(str(d)).api.tls is None  # the default: plain HTTP
+    assert load_desired(str(d)).api.tls is not None  # the example: HTTPS
     edit(d, "controller.yaml", lambda c: c.__setitem__("api", {
         "header_timeout": 5, "body_timeout": 20, "max_unauthenticated_connections": 64,
         "tls": {"cert": "/etc/anycast/tls/controller.pem", "key": "/etc/anycast/tls/controller.key",
@@ -207,6 +208,31 @@ def test_the_api_section_reads_its_bounds_tls_and_signing_key(tmp_path: Path) ->
     assert (api.header_timeout, api.body_timeout, api.max_unauthenticated_connections) == (5, 20, 64)
     assert api.tls is not None and api.tls.client_ca == "/etc/anycast/tls/ca.pem"
     assert api.signing_key == "/etc/anycast/plan.key"
+
+
+def test_plain_http_beyond_loopback_is_refused_naming_the_path_and_what_to_do(tmp_path: Path) -> None:
+    d = copy(tmp_path)
+    edit(d, "controller.yaml", lambda c: c.__setitem__("api", {"header_timeout": 5}))
+    errs = errors(d)
+    assert errs == ["controller.yaml: api.tls: the API would listen on 0.0.0.0 in plain HTTP (bearer tokens and "
+                    "plans in clear): set api.tls (cert, key: README, Security) or, to accept that, "
+                    "api.insecure_plain_http: true"], errs
+    # Loopback only: nothing crosses a network, no setting needed.
+    edit(d, "controller.yaml", lambda c: c.__setitem__("listen", "127.0.0.1:9800"))
+    api = load_desired(str(d)).api
+    assert (api.tls, api.insecure_plain_http) == (None, False)
+    assert api_transport(api, "127.0.0.1") == ApiTransport.LOOPBACK_HTTP
+    assert plain_http_refusal(api, "10.0.0.1") is not None and plain_http_refusal(api, "::1") is None
+    # Asked for by name: accepted, and flagged as such.
+    edit(d, "controller.yaml", lambda c: (c.__setitem__("listen", "0.0.0.0:9800"),
+                                          c.__setitem__("api", {"insecure_plain_http": True})))
+    api = load_desired(str(d)).api
+    assert api.insecure_plain_http and api_transport(api, "0.0.0.0") == ApiTransport.INSECURE_HTTP
+    assert api_transport(api, "127.0.0.1") == ApiTransport.INSECURE_HTTP  # the setting wins: flagged
+    # Both: a contradiction, refused.
+    edit(d, "controller.yaml", lambda c: c["api"].__setitem__("tls", {"cert": "/etc/c.pem", "key": "/etc/c.key"}))
+    assert errors(d) == ["controller.yaml: api.insecure_plain_http: api.tls is set: remove insecure_plain_http "
+                         "(HTTPS is served)"]
 
 
 def test_api_mistakes_name_the_key(tmp_path: Path) -> None:

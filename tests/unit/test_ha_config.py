@@ -80,10 +80,25 @@ def agent_with(tmp_path: Path, controller: dict[str, Any]) -> Path:
 
 
 def test_agents_take_a_list_of_controllers_and_the_single_url_still_works(tmp_path: Path) -> None:
-    link = load_agent_config(str(agent_with(tmp_path, {"urls": ["http://c1:9800", "http://c2:9800/"]}))).controller
-    assert link is not None and link.urls == ("http://c1:9800", "http://c2:9800") and link.url == "http://c1:9800"
-    one = load_agent_config(str(agent_with(tmp_path, {"url": "http://c1:9800"}))).controller
-    assert one is not None and one.urls == ("http://c1:9800",) and one.url == "http://c1:9800"
+    link = load_agent_config(str(agent_with(tmp_path, {"urls": ["https://c1:9800", "https://c2:9800/"]}))).controller
+    assert link is not None and link.urls == ("https://c1:9800", "https://c2:9800") and link.url == "https://c1:9800"
+    one = load_agent_config(str(agent_with(tmp_path, {"url": "https://c1:9800"}))).controller
+    assert one is not None and one.urls == ("https://c1:9800",) and one.url == "https://c1:9800"
+
+
+def test_an_agent_refuses_a_plain_http_controller_unless_asked_for_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_agent_config(str(agent_with(tmp_path, {"urls": ["https://c1:9800", "http://[2001:db8::1]:9800"]})))
+    assert [f"{i.path}: {i.message}" for i in exc.value.issues] == [
+        "controller.urls[1]: http://[2001:db8::1]:9800 is plain HTTP: the POP's token and plans would cross the "
+        "network in clear; use https:// (with ca_file: README, Security) or, to accept that, "
+        "insecure_plain_http: true"]
+    # A controller on this host: nothing crosses a network.
+    for local in ("http://127.0.0.1:9800", "http://[::1]:9800", "http://localhost:9800/"):
+        link = load_agent_config(str(agent_with(tmp_path, {"url": local}))).controller
+        assert link is not None and not link.insecure_plain_http
+    link = load_agent_config(str(agent_with(tmp_path, {"url": "http://c1:9800", "insecure_plain_http": True}))).controller
+    assert link is not None and link.insecure_plain_http and link.url == "http://c1:9800"
 
 
 @pytest.mark.parametrize("controller, expected", [
