@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from lab.poll import wait_for
-from tests.helpers.controller_process import ControllerProcess, GitConfig, git
+from tests.helpers.controller_process import ControllerProcess, GitConfig, git, tls_on
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -41,6 +41,7 @@ class Fleet(GitConfig, ControllerProcess):
             c["policy"]["failover"]["failback_hold_down"] = 1  # a reorder moves as soon as its wave comes
             c["change"] = {"rollout": {"bake": BAKE}}
         self.edit("controller.yaml", policy)
+        tls_on(self.dir)
         git(self.dir, "init", "-q")
         git(self.dir, "add", "-A")
         git(self.dir, "commit", "-qm", "initial")
