@@ -207,3 +207,28 @@ def test_an_ask_is_answered_at_once_and_after_the_next_round_of_checks(tmp_path:
     assert "game-global" in health_report(agent).checks  # ...but every report carries them while asked
     agent.apply_plan(plan(3))
     assert health_report(agent).checks == {}
+
+
+def test_a_failing_active_origin_carries_the_other_origins_ages_and_their_proof_is_reported(tmp_path: Path) -> None:
+    """The proof an origin failover waits for (policy/origins.py): while us-west fails here
+    the report carries eu-central's check ages too, and eu-central's first success after
+    us-west's failure began is reported at once (once: the next success waits its turn)."""
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west", "eu-central")
+    result(agent, clock, "us-west", False)
+    first = clock.t
+    agent.report_now.clear()
+    clock.t += 0.01
+    checks = health_report(agent).checks["game-global"]
+    eu_ok, eu_failing = checks["eu-central"]
+    assert eu_failing is None and eu_ok is not None and eu_ok > clock.t - first  # older than the failure: no proof
+    result(agent, clock, "eu-central", True)  # checked after the failure began: the proof
+    assert agent.report_now.is_set()
+    checks = health_report(agent).checks["game-global"]
+    assert checks["eu-central"][0] == 0.0 and checks["eu-central"][0] < checks["us-west"][1]
+    agent.report_now.clear()
+    result(agent, clock, "eu-central", True)
+    assert not agent.report_now.is_set()
+    result(agent, clock, "us-west", True)  # us-west recovers: no check ages at all again
+    result(agent, clock, "us-west", True)
+    assert health_report(agent).checks == {}
