@@ -57,6 +57,9 @@ class OriginView:
     verdicts: int  # POPs with a verdict
 
     def describe(self, region: str) -> str:
+        if self.status == UNKNOWN and self.down:
+            return (f"{region}: unknown ({self.down}/{self.verdicts} POPs see it down: too few distinct POPs "
+                    f"to call it down, policy.failover.min_down_pops or min_reporting_pops)")
         if self.status == UNKNOWN:
             return f"{region}: unknown ({self.verdicts} POP(s) with a verdict)"
         return f"{region}: {self.status} ({self.down}/{self.verdicts} POPs see it down)"

@@ -147,7 +147,7 @@ def test_one_pop_alone_moves_no_origin() -> None:
     for t in (20, 20 + SETTLE, 30):  # (fra's and sin's reports from t=0 are stale from 15 on)
         r = run.at(t, rep("sjc", t, DOWN, failing=0.4, eu_ok=0.05), rep("fra", 0, UP), rep("sin", 0, UP))
         assert active(r) == {US}, r.notes[NAME]
-        assert "1/1 POPs" in r.notes[NAME] or "unknown" in r.notes[NAME]
+        assert r.notes[NAME].startswith("on us-west: us-west: unknown (1/1 POPs see it down: too few"), r.notes[NAME]
 
 
 def test_min_down_pops_1_lets_one_pop_move_it() -> None:
