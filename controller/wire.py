@@ -60,9 +60,11 @@ from agents that predate it)::
      "announced": {"game-global": true}}
 
 A report may carry ``checks`` for the VIPs whose plan entry asks for evidence or whose
-active origin is failing at the POP, each a whole current set (never a delta)::
+active origin is failing at the POP, each a whole current set (never a delta): the active
+origin's, and the other origins' that have any (the proof an origin failover waits for)::
 
-    "checks": {"game-global": {"us-west": {"ok": 0.03, "failing": null}}}
+    "checks": {"game-global": {"us-west": {"ok": null, "failing": 0.3},
+                               "eu-central": {"ok": 0.03, "failing": null}}}
 
 ``ok``: seconds since at least ``min_healthy`` of the origin's backends last succeeded (their
 last checks all succeeded), ``failing``: seconds since the first failed check of a failure

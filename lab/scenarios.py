@@ -442,15 +442,17 @@ def s5_controller_down(f: Fleet) -> dict[str, Any]:
 
 def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
     """Every health check fails at once (their port is cut at every agent host) while client
-    traffic still flows: the VIP stays announced everywhere, the controller's alarm (in
+    traffic still flows: the VIP stays announced everywhere and on its primary origin (broken
+    checks prove no failover target healthy: policy/origins.py), the controller's alarm (in
     /v1/status and its metrics) and the Prometheus alert (ops/prometheus/alerts.yml) fire,
-    no client fails."""
+    no client fails and every client is served by us-west only."""
     assert_clean(f)
     t0 = time.time()
     alarm = {"kind": "checks_down_everywhere", "vip": NAME}
     with nft_drop(f, f.topo.pop("sjc").agent, CUT_CHECKS), nft_drop(f, f.topo.pop("fra").agent, CUT_CHECKS), \
             nft_drop(f, f.topo.pop("sin").agent, CUT_CHECKS):
         missing: list[str] = []
+        moved: list[float] = []  # when the controller's active origin was not us-west
         alarm_at = status_alarm_at = firing_at = None
 
         def watching() -> bool:
@@ -461,7 +463,10 @@ def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
 
         while watching():
             missing += [p.name for p in f.topo.pops if not f.announced(p.name, VIP)]
-            if alarm_at is None and parse(f.controller_metrics()).value("anycast_controller_alarm", **alarm) == 1.0:
+            metrics = parse(f.controller_metrics())
+            if metrics.value("anycast_controller_active_origin", vip=NAME, origin=PRIMARY) != 1.0:
+                moved.append(time.time())
+            if alarm_at is None and metrics.value("anycast_controller_alarm", **alarm) == 1.0:
                 alarm_at = time.time()
             if status_alarm_at is None and not json_cmp((f.status() or {}).get("alarms", []), [alarm]):
                 status_alarm_at = time.time()
@@ -475,6 +480,10 @@ def s6_safety_checks_down_everywhere(f: Fleet) -> dict[str, Any]:
     assert alarm_at is not None, "anycast_controller_alarm{kind=checks_down_everywhere} never went to 1"
     assert status_alarm_at is not None, "/v1/status never listed the checks_down_everywhere alarm"
     assert all(s["failed"] == 0 for s in stats.values()), f"clients failed: {stats}"
+    # (each client sent requests in the window: an empty window would prove nothing)
+    assert all(s["requests"] > 0 and {o.split("/")[1] for o in s["served_by"]} == {PRIMARY}
+               for s in stats.values()), f"clients not served by {PRIMARY} only: {stats}"
+    assert not moved, f"the active origin left {PRIMARY} {ms(t0, moved[0])} ms into the cut"
     if f.prometheus:
         assert firing_at is not None, "the lab's Prometheus did not fire AnycastChecksDownEverywhere"
     assert_clean(f)

@@ -138,6 +138,8 @@ class Agent:
         # Check times per backend and the plan's asks for them (the evidence-based settle).
         self.check_times: dict[BackendKey, evidence.Times] = {}
         self.evidence_asks = evidence.Asks()
+        # (vip, region, the active's failing_since): the proofs of a healthy failover target reported
+        self._proofs_sent: set[tuple[str, str, float]] = set()
         self.neighbors: dict[str, bool] = {}
         self.decisions: dict[str, Decision] = {}
         # What ExaBGP holds as far as this process knows, and what it may hold.
@@ -281,13 +283,33 @@ class Agent:
         check: the controller asks the other POPs meanwhile), or when a round of checks the
         controller asked for is complete."""
         intent = self.plan.vips.get(vip.name)
-        if intent is None or intent.active_origin != region:
+        if intent is None:
+            return
+        if intent.active_origin != region:
+            self._proof_due(vip, intent.active_origin, region, times)
             return
         started = times.failing_since is not None and (before is None or before.failing_since is None)
         if not started and vip.name not in self.evidence_asks.owed:
             return
         o = self.origin_times(vip, region)
         if (started and o.failing_since is not None) or self.evidence_asks.round_done(vip.name, o.checked_at):
+            self.report_now.set()
+
+    def _proof_due(self, vip: Vip, active: str, region: str, times: evidence.Times) -> None:
+        """Report at once when another origin of a VIP whose active origin is failing here
+        first shows healthy on checks newer than that failure: the proof an origin failover
+        waits for (``policy/origins.py``). Once per failure and origin."""
+        if times.failing_since is not None:
+            return
+        failing = self.origin_times(vip, active).failing_since
+        if failing is None:
+            return
+        key = (vip.name, region, failing)
+        if key in self._proofs_sent:
+            return
+        ok_at = self.origin_times(vip, region).ok_at
+        if ok_at is not None and ok_at > failing:
+            self._proofs_sent = {k for k in self._proofs_sent if k[0] != vip.name or k[2] == failing} | {key}
             self.report_now.set()
 
     def origin_times(self, vip: Vip, region: str) -> evidence.OriginTimes:
@@ -298,8 +320,9 @@ class Agent:
         return evidence.of_origin((times.get((vip.name, region, b)) for b in origin.backends), origin.min_healthy)
 
     def evidence_checks(self) -> dict[str, dict[str, tuple[float | None, float | None]]]:
-        """The report's ``checks``: the active origin's check ages of every VIP the plan asks
-        evidence for or whose active origin is failing here."""
+        """The report's ``checks``: the check ages of every origin of each VIP the plan asks
+        evidence for or whose active origin is failing here (the other origins' prove a
+        failover target healthy; only those VIPs, so the report stays small)."""
         now = self.clock()
         times = self.check_times
         out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
@@ -317,7 +340,9 @@ class Agent:
                 continue
             o = self.origin_times(vip, region)
             if vip.name in self.evidence_asks.since or o.failing_since is not None:
-                out[vip.name] = {region: evidence.ages(o, now)}
+                out[vip.name] = {region: evidence.ages(o, now)} | {
+                    other.region: a for other in vip.origins if other.region != region
+                    and (a := evidence.ages(self.origin_times(vip, other.region), now)) != (None, None)}
         return out
 
     def verdicts(self) -> dict[BackendKey, bool | None]:

@@ -519,6 +519,7 @@ def read_policy(node: Node | None, base: Policy) -> Policy:
         quorum=n.opt("quorum", lambda x: x.as_float(0.01, 1.0), f.quorum),
         min_reporting_pops=n.opt("min_reporting_pops", lambda x: x.as_int(1, 1000), f.min_reporting_pops),
         failback_hold_down=n.opt("failback_hold_down", lambda x: x.as_float(0, 86400), f.failback_hold_down),
+        min_down_pops=n.opt("min_down_pops", lambda x: x.as_int(1, 1000), f.min_down_pops),
     ), f)
     safety = _section(node, "safety", lambda n: _safety(n, s), s)
     drain = _section(node, "drain", lambda n: DrainPolicy(

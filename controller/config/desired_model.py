@@ -17,6 +17,9 @@ class FailoverPolicy:
     quorum: float = 0.5  # fraction of reporting POPs that must see an origin down
     min_reporting_pops: int = 1  # fewer verdicts than this: no failover on so little evidence
     failback_hold_down: float = 60.0  # a better origin must be healthy this long before moving back
+    # distinct POPs that must see an origin down before it fails over (capped at the VIP's
+    # publish domains): one POP's reports alone never move an origin for everyone
+    min_down_pops: int = 2
 
 
 @dataclass(frozen=True)

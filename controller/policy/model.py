@@ -57,6 +57,9 @@ class VipMemory:
     # ``active`` above); the weighted regions held at weight 0 until healthy for the hold-down.
     routes: Mapping[str, tuple[str, float]] = field(default_factory=dict)
     weight_out: frozenset[str] = frozenset()
+    # region -> since when a quorum has seen it down (origins.py: an origin failover's window
+    # runs from then; only the regions down now)
+    down_since: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ from ..wire import PlanReason as R
 from . import dampening, steering
 from .model import (NEW, STEADY, Alarm, AlarmKind, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport,
                     PopVipMemory, VipMemory)
-from .origins import Outcome, origin_views, select_origin
+from .origins import Outcome, Proof, down_needed, no_proof, origin_views, select_origin
 from .steering import Route
 
 # Proposal kinds that withdraw the VIP at a POP, and so count against the safety limits.
@@ -186,7 +186,7 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
                verdicts: Mapping[str, Mapping[str, bool | None]],
                drains: Mapping[str, float], now: float, memory: VipMemory | None, pop_memory: PopMemory,
                shared_before: Mapping[R, PlanItem], shortcuts: bool) -> VipPlan:
-    vmem, default, by_order = _choose_origin(fv, verdicts, memory, now)
+    vmem, default, by_order = _choose_origin(fv, fresh, verdicts, memory, now)
     outcome, note = default.outcome, default.note
     alarms: list[Alarm] = []
     if outcome == Outcome.ALL_ORIGINS_DOWN:
@@ -234,15 +234,38 @@ def _fresh_verdicts(fv: FleetVip, reports: Mapping[str, PopReport], now: float,
     return fresh, {p: o for p, r in fresh.items() if (o := r.origins.get(name)) is not None}
 
 
-def _choose_origin(fv: FleetVip, verdicts: Mapping[str, Mapping[str, bool | None]], memory: VipMemory | None,
-                   now: float) -> tuple[VipMemory, Route, Mapping[tuple[str, ...], Route]]:
+def _choose_origin(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[str, Mapping[str, bool | None]],
+                   memory: VipMemory | None, now: float) -> tuple[VipMemory, Route, Mapping[tuple[str, ...], Route]]:
     """Step 2: each origin's status from the verdicts, and the active origin (of each origin
     order, with the origins' weights, when the VIP has traffic steering)."""
-    views = origin_views(fv.vip, verdicts, fv.policy.failover)
+    views = origin_views(fv.vip, verdicts, fv.policy.failover, len(fv.publish))
+    proof = _proof(fv, fresh, verdicts) if fv.policy.safety.settle_on_evidence else no_proof
     if steering.steered(fv):
-        return steering.route_vip(fv, views, memory, now)
-    vmem, outcome, note = select_origin(fv.vip, views, memory, fv.policy.failover, now)
+        return steering.route_vip(fv, views, memory, now, proof)
+    vmem, outcome, note = select_origin(fv.vip, views, memory, fv.policy.failover, now, fv.policy.safety.settle, proof)
     return vmem, Route(vmem.active, (), outcome, note, ()), {}
+
+
+def _proof(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mapping[str, Mapping[str, bool | None]]) -> Proof:
+    """``origins.Proof`` from the fresh reports: enough of the POPs that see the active origin
+    down to make it down (quorum, ``min_down_pops``) see the target healthy on checks that
+    succeeded after the active's failure began there (both times from one report: one
+    agent's clock). A POP that sends no check ages proves nothing (an older agent)."""
+    name = fv.name
+
+    def proof(active: str, target: str) -> bool:
+        seen = [v.get(active) for v in verdicts.values()]
+        need = down_needed(fv.policy.failover, len(fv.publish), sum(x is not None for x in seen))
+        proven = 0
+        for pop, v in verdicts.items():
+            if v.get(active) is not False or v.get(target) is not True:
+                continue
+            a, t = _checks(fresh.get(pop), name, active), _checks(fresh.get(pop), name, target)
+            if (a is not None and t is not None and a.failing_since is not None and t.ok_at is not None
+                    and t.ok_at > a.failing_since):
+                proven += 1
+        return proven >= need
+    return proof
 
 
 def _verdict(v: Mapping[str, bool | None] | None, route: Route) -> bool | None:
@@ -353,7 +376,7 @@ def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories:
     else:
         sparse = {pop: m for pop, m in memories.items() if m is not default}
     others = routes.by_order.values()
-    countdown = (outcome == Outcome.FAILBACK_PENDING or any(r.outcome == Outcome.FAILBACK_PENDING for r in others)
+    countdown = (outcome in _PENDING or any(r.outcome in _PENDING for r in others)
                  or any(i.reason in COUNTDOWN for i in may_count_down))
     wake = _wake_at(fv, vmem, sparse, fresh, drains, settle_at, now)
     if vmem.routes or vmem.weight_out:
@@ -366,6 +389,9 @@ def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories:
         wake = math.nextafter(now, math.inf)
     return VipPlan(fv.name, items, vmem, default, sparse, note, outcome, tuple(alarms), shared, settle_at, wake,
                    countdown)
+
+
+_PENDING = (Outcome.FAILBACK_PENDING, Outcome.FAILOVER_PENDING)  # their notes count down
 
 
 def _wake_at(fv: FleetVip, vmem: VipMemory, sparse: Mapping[str, PopVipMemory], fresh: Mapping[str, PopReport],
@@ -393,6 +419,13 @@ def _wake_at(fv: FleetVip, vmem: VipMemory, sparse: Mapping[str, PopVipMemory], 
             since = vmem.healthy_since.get(r)
             if since is not None:
                 pending(since + hold)  # `now - since >= hold` moves back
+    if vmem.down_since:
+        # A pending failover's window (origins.select_origin): from a region down, or from
+        # its target up, whichever came last (for every route: a superset, which is harmless).
+        window = policy.safety.settle
+        for since in (*vmem.down_since.values(), *vmem.healthy_since.values()):
+            if now - since < window:
+                pending(since + window)
     drain_time = policy.drain.drain_time
     for pop in fv.publish if drains else ():
         start = drains.get(pop)

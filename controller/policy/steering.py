@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from ..config.desired_model import FailoverPolicy, FleetVip
 from .model import VipMemory
-from .origins import DOWN, UP, OriginView, Outcome, select_origin
+from .origins import DOWN, UP, OriginView, Outcome, Proof, no_proof, select_origin
 
 Weights = tuple[tuple[str, int], ...]
 
@@ -62,13 +62,13 @@ def steered(fv: FleetVip) -> bool:
 
 
 def route_vip(fv: FleetVip, views: Mapping[str, OriginView], memory: VipMemory | None,
-              now: float) -> tuple[VipMemory, Route, dict[tuple[str, ...], Route]]:
+              now: float, proof: Proof = no_proof) -> tuple[VipMemory, Route, dict[tuple[str, ...], Route]]:
     """The default order's route and every preference's (by order), and the memory after."""
     policy = fv.policy.failover
     default_order = tuple(o.region for o in fv.vip.origins)
     live = tuple(r for r in default_order if fv.dial(r) > 0)
     dials_ignored = not live
-    vmem, outcome, note = _select(fv, default_order, dials_ignored, views, memory, policy, now)
+    vmem, outcome, note = _select(fv, default_order, dials_ignored, views, memory, policy, now, proof)
     weight_out = _weight_out(fv, views, vmem, memory.weight_out if memory is not None else frozenset(), policy, now)
     by_order: dict[tuple[str, ...], Route] = {}
     new_routes: dict[str, tuple[str, float]] = {}
@@ -78,8 +78,9 @@ def route_vip(fv: FleetVip, views: Mapping[str, OriginView], memory: VipMemory |
             continue
         key = ",".join(order)
         held = (memory.routes.get(key) if memory is not None else None)
-        own = VipMemory(held[0], held[1], vmem.healthy_since) if held is not None else None
-        gmem, gout, gnote = _select(fv, order, dials_ignored, views, own, policy, now)
+        own = (VipMemory(held[0], held[1], vmem.healthy_since, down_since=vmem.down_since)
+               if held is not None else None)
+        gmem, gout, gnote = _select(fv, order, dials_ignored, views, own, policy, now, proof)
         new_routes[key] = (gmem.active, gmem.active_since)
         by_order[order] = _route(fv, order, gmem.active, gout, gnote, pref.weights, weight_out, views,
                                  dials_ignored, preferred=True)
@@ -96,8 +97,10 @@ def route_of(fv: FleetVip, default: Route, by_order: Mapping[tuple[str, ...], Ro
 
 
 def _select(fv: FleetVip, order: tuple[str, ...], dials_ignored: bool, views: Mapping[str, OriginView],
-            memory: VipMemory | None, policy: FailoverPolicy, now: float) -> tuple[VipMemory, Outcome, str]:
+            memory: VipMemory | None, policy: FailoverPolicy, now: float,
+            proof: Proof) -> tuple[VipMemory, Outcome, str]:
     """``select_origin`` over ``order`` without the regions dialed to 0."""
+    window = fv.policy.safety.settle
     regions = order if dials_ignored else tuple(r for r in order if fv.dial(r) > 0)
     by_region = {o.region: o for o in fv.vip.origins}
     vip = replace(fv.vip, origins=tuple(by_region[r] for r in regions))
@@ -105,10 +108,10 @@ def _select(fv: FleetVip, order: tuple[str, ...], dials_ignored: bool, views: Ma
         # Dialed to 0 (an operator's decision, not evidence): off it at once, to the first
         # region of the order that a quorum does not see down.
         target = next((r for r in regions if views[r].status != DOWN), regions[0])
-        moved = VipMemory(target, now, memory.healthy_since, memory.withdrawals)
-        mem, outcome, note = select_origin(vip, views, moved, policy, now)
+        moved = VipMemory(target, now, memory.healthy_since, memory.withdrawals, down_since=memory.down_since)
+        mem, outcome, note = select_origin(vip, views, moved, policy, now, window, proof)
         return mem, outcome, f"{note} (moved off {memory.active}: its traffic dial is 0)"
-    mem, outcome, note = select_origin(vip, views, memory, policy, now)
+    mem, outcome, note = select_origin(vip, views, memory, policy, now, window, proof)
     if dials_ignored:
         note += " (every origin region is dialed to 0: dials ignored, a dial never withdraws)"
     return mem, outcome, note

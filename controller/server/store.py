@@ -301,6 +301,8 @@ def _vip_to_json(m: VipMemory) -> dict[str, Any]:
     if m.routes or m.weight_out:  # traffic steering (absent from files written before it, and without it)
         doc["routes"] = {k: list(v) for k, v in m.routes.items()}
         doc["weight_out"] = sorted(m.weight_out)
+    if m.down_since:  # a failover window running (absent from files written before it, and mostly)
+        doc["down_since"] = dict(m.down_since)
     return doc
 
 
@@ -309,7 +311,8 @@ def _vip_from_json(m: dict[str, Any]) -> VipMemory:
                      {str(r): float(t) for r, t in m["healthy_since"].items()},
                      tuple(float(t) for t in m["withdrawals"]),
                      {str(k): (str(a), float(t)) for k, (a, t) in m.get("routes", {}).items()},
-                     frozenset(str(r) for r in m.get("weight_out", ())))
+                     frozenset(str(r) for r in m.get("weight_out", ())),
+                     {str(r): float(t) for r, t in m.get("down_since", {}).items()})
 
 
 def _pop_vip_to_json(m: PopVipMemory) -> dict[str, Any]:

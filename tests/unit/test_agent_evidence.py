@@ -236,3 +236,28 @@ def test_an_ask_probes_the_active_origin_at_once_and_reports_when_those_checks_a
     agent.report_now.clear()
     agent.apply_plan(plan(3, evidence=True))  # the same ask again: no new probes, no report
     assert len(probing.asked) == 1 and not agent.report_now.is_set()
+
+
+def test_a_failing_active_origin_carries_the_other_origins_ages_and_their_proof_is_reported(tmp_path: Path) -> None:
+    """The proof an origin failover waits for (policy/origins.py): while us-west fails here
+    the report carries eu-central's check ages too, and eu-central's first success after
+    us-west's failure began is reported at once (once: the next success waits its turn)."""
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west", "eu-central")
+    result(agent, clock, "us-west", False)
+    first = clock.t
+    agent.report_now.clear()
+    clock.t += 0.01
+    checks = health_report(agent).checks["game-global"]
+    eu_ok, eu_failing = checks["eu-central"]
+    assert eu_failing is None and eu_ok is not None and eu_ok > clock.t - first  # older than the failure: no proof
+    result(agent, clock, "eu-central", True)  # checked after the failure began: the proof
+    assert agent.report_now.is_set()
+    checks = health_report(agent).checks["game-global"]
+    assert checks["eu-central"][0] == 0.0 and checks["eu-central"][0] < checks["us-west"][1]
+    agent.report_now.clear()
+    result(agent, clock, "eu-central", True)
+    assert not agent.report_now.is_set()
+    result(agent, clock, "us-west", True)  # us-west recovers: no check ages at all again
+    result(agent, clock, "us-west", True)
+    assert health_report(agent).checks == {}

@@ -36,7 +36,7 @@ def _policy(fv: FleetVip, rng: random.Random) -> FleetVip:
     p = dataclasses.replace(
         p,
         failover=dataclasses.replace(p.failover, failback_hold_down=rng.choice((4.0, 8.0)),
-                                     quorum=rng.choice((0.5, 0.34))),
+                                     quorum=rng.choice((0.5, 0.34)), min_down_pops=rng.choice((1, 2))),
         safety=dataclasses.replace(p.safety, settle=rng.choice((1.0, 1.5)), withdraw_rate_window=rng.choice((6.0, 10.0)),
                                    withdraw_rate_max=rng.choice((1, 2)), report_stale_after=rng.choice((4.0, 6.0)),
                                    max_withdraw_fraction=rng.choice((0.5, 0.75))),
@@ -170,6 +170,10 @@ def _run(seed: int, steer: bool = False) -> tuple[dict[str, int], set[str]]:
         assert {n: vp.wake_at for n, vp in engine.plans.items()} == {vp.name: vp.wake_at for vp in plans}, where
         reasons |= {i.reason for items in full.pops.values() for i in items.values()}
         reasons |= {a.kind for a in full.alarms}
+        reasons |= {vp.outcome for vp in plans}
+        # (an origin failover on fresh proof, or after its window: both paths of origins.py)
+        reasons |= {"failover_on_proof" if "fresh checks prove" in vp.note else "failover_after_window"
+                    for vp in plans if vp.outcome == "origin_failover"}
     stats["reasons"] = len(reasons)
     return stats, reasons
 
@@ -181,6 +185,8 @@ def test_incremental_planning_equals_planning_from_scratch(seed: int, steer: boo
     # The sequence went through the policy's corners (these seeds do; not every seed does)...
     assert {"healthy", "confirming", "backend_down", "report_stale", "draining", "drained", "disabled"} <= reasons
     assert reasons & {"dampened"} and reasons & {"safety_hold", "min_pops_hold", "withdraw_rate_limited"}
+    # The origin failover's states: pending, moved on fresh proof, moved after the window.
+    assert {"failover_pending", "failover_on_proof", "failover_after_window", "all_origins_down"} <= reasons, reasons
     # ...and the engine did not simply plan everything every time (a busy world: verdicts
     # change at every step somewhere, and drained POPs' countdowns are re-rendered each step).
     assert stats["engine_planned"] < 0.8 * stats["oracle_planned"], stats

@@ -36,7 +36,7 @@ def test_steady_state_every_pop_announces_toward_the_primary() -> None:
 ])
 def test_quorum_failover(down_pops: tuple[str, ...], active: str) -> None:
     verdicts = {p: (DOWN if p in down_pops else UP) for p in ("sjc", "fra", "sin")}
-    r = Run(fleet()).at(0, **verdicts)
+    r = Run(fleet()).settled(0, **verdicts)  # (reports without check ages: the move waits the window)
     assert r.item("sin", "game-global").active_origin == active
     if active == "eu-central":
         assert "moved from us-west to eu-central" in r.notes["game-global"]
@@ -44,7 +44,7 @@ def test_quorum_failover(down_pops: tuple[str, ...], active: str) -> None:
 
 def test_failback_only_after_the_hold_down_and_a_blip_restarts_it() -> None:
     run = Run(fleet(failover={"failback_hold_down": 60}))
-    assert run.at(0, sjc=DOWN, fra=DOWN, sin=DOWN).item("sjc", "game-global").active_origin == "eu-central"
+    assert run.settled(0, sjc=DOWN, fra=DOWN, sin=DOWN).item("sjc", "game-global").active_origin == "eu-central"
     run.at(10, sjc=UP, fra=UP, sin=UP)  # us-west healthy again from t=10
     assert run.at(50, sjc=UP, fra=UP, sin=UP).item("sjc", "game-global").active_origin == "eu-central"
     run.at(55, sjc=DOWN, fra=DOWN, sin=UP)  # a blip: the hold-down starts over

@@ -63,7 +63,7 @@ def test_a_preference_fails_over_by_quorum_and_fails_back_after_the_hold_down() 
     # One POP of three sees eu-central down: below the quorum, fra stays.
     r = run.at(1, sjc=UP, fra=(UP, DOWN), sin=UP)
     assert active(r, "fra") == EU
-    r = run.at(2, sjc=(UP, DOWN), fra=(UP, DOWN), sin=(UP, DOWN))
+    r = run.settled(2, sjc=(UP, DOWN), fra=(UP, DOWN), sin=(UP, DOWN))  # (no check ages: after the window)
     assert active(r, "fra") == US and active(r, "sjc") == US
     assert run.state.vips["game-global"].routes["eu-central,us-west"][0] == US
     r = run.at(10, sjc=UP, fra=UP, sin=UP)
@@ -92,7 +92,7 @@ def test_weights_split_and_an_unhealthy_origin_drops_to_zero() -> None:
     assert weights(r, "sjc") == {US: 3, EU: 1} and active(r, "sjc") == US
     r = run.at(1, sjc=(UP, DOWN), fra=(UP, DOWN), sin=(UP, DOWN))
     assert weights(r, "sjc") == {} and active(r, "sjc") == US  # one left: single path
-    r = run.at(2, sjc=(DOWN, UP), fra=(DOWN, UP), sin=(DOWN, UP))
+    r = run.settled(2, sjc=(DOWN, UP), fra=(DOWN, UP), sin=(DOWN, UP))  # (no check ages: after the window)
     # us-west down, eu-central healthy again but within its hold-down: still announced, single path
     assert all(r.item(p, "game-global").wanted for p in ("sjc", "fra", "sin"))
     assert active(r, "sjc") == EU
