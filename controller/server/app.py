@@ -197,6 +197,9 @@ class _ReportBook:
         # validated against: while the controller still holds those very objects and the POP
         # publishes the same (identity), a delta needs no check of the names it does not send.
         self._held: tuple[object, object, object] = (None, None, None)
+        # A POP's reports are taken one at a time, in the order their bodies arrived: a delta
+        # sent right after a full report parsed in a worker thread must find it applied.
+        self.lock = asyncio.Lock()
 
     def hold(self, published: Mapping[str, Collection[str]], report: PopReport) -> None:
         self._held = (published, report.origins, report.announced)
@@ -239,11 +242,22 @@ async def post_report(request: web.Request) -> web.StreamResponse:
         return error(408, f"the report body did not arrive within {ctl.desired.api.body_timeout:g} s", "body")
     if raw is None:
         return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
-    # A large body (a full report: ~30 ms of Python at 10,000 VIPs) is parsed and validated in
-    # a worker thread, which gives the GIL back to the event loop every few milliseconds: 50
-    # POPs reporting at once no longer stall every other request for seconds.
-    parsed = (await asyncio.to_thread(_parse_report, raw, published) if len(raw) >= THREADED_REPORT_BYTES
-              else _parse_report(raw, published))
+    async with book.lock:
+        return _take_report(ctl, pop, book, published, await _parsed(raw, published))
+
+
+async def _parsed(raw: bytes, published: Mapping[str, Collection[str]]) -> WireReport | tuple[int, str, str]:
+    """A large body (a full report: ~30 ms of Python at 10,000 VIPs) is parsed and validated in
+    a worker thread, which gives the GIL back to the event loop every few milliseconds: 50 POPs
+    reporting at once no longer stall every other request for seconds."""
+    if len(raw) >= THREADED_REPORT_BYTES:
+        return await asyncio.to_thread(_parse_report, raw, published)
+    return _parse_report(raw, published)
+
+
+def _take_report(ctl: Controller, pop: str, book: _ReportBook, published: Mapping[str, Collection[str]],
+                 parsed: WireReport | tuple[int, str, str]) -> web.Response:
+    """The answer to a parsed report: refused (a replay, a delta onto another base), or stored."""
     if not isinstance(parsed, WireReport):
         return error(*parsed)
     report = parsed
