@@ -171,9 +171,13 @@ def ha2_kill_leader_mid_failback_hold_down(f: Fleet) -> dict[str, Any]:
                            for p in f.topo.pops)
             wait_for(failed_back, 60, interval=0.1, desc=f"failback to {PRIMARY}")
             failback = time.time()
-            wait_for(lambda: all(r["origin"] == PRIMARY for c in f.topo.clients
-                                 for r in f.requests(c.node, time.time() - 0.3) if r["ok"]), 20,
-                     desc=f"clients served by {PRIMARY} again")
+            def served_by_primary() -> bool:
+                # Each client's latest answered request since the failback came from PRIMARY
+                # (one must exist: a request reset by the failback answers nothing for its
+                # whole timeout, so a short window of "every answer" can be empty).
+                return all((ok := [r for r in f.requests(c.node, failback) if r["ok"]])
+                           and ok[-1]["origin"] == PRIMARY for c in f.topo.clients)
+            wait_for(served_by_primary, 20, desc=f"clients served by {PRIMARY} again")
             until = time.time()
             stats = {c.node: client_stats(f, c.node, t_kill, until) for c in f.topo.clients}
         finally:

@@ -329,7 +329,7 @@ def _diff_out(args: argparse.Namespace, title: str, changes: list[Change], annou
                               f"{r['share_withdrawn']:.0%}"] for pop, r in pops.items()],
                             ["POP", "ANNOUNCED NOW", "WITHDRAWN", "ANNOUNCED", "MOVED", "SHARE WITHDRAWN"]))
         lines.append(f"OVER THE BUDGET: {over} (the controller holds it until `anycastctl apply --confirm REV`)"
-                     if over else "within the budget (the controller rolls withdrawals out in waves)")
+                     if over else "within the budget (the controller rolls withdrawals and moves out in waves)")
     _emit(args, data, "\n".join(lines))
     if over and args.budget:
         print(f"anycastctl diff: over the blast-radius budget: {over}", file=sys.stderr)

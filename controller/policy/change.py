@@ -19,15 +19,23 @@ revision loaded). What the planner gets is ``effective(base, target, rollout)``:
   ``change.max_removed_vips`` VIPs removed or disabled) it is HELD: the base keeps being
   served, with an alarm naming the revision and what it would withdraw, until an operator
   confirms that very revision or a newer revision replaces it.
-- Withdrawals roll out in waves of POPs (``change.rollout``: the first wave's POPs, then a
-  fraction of those left, then the rest; a configured order first, else the POPs with the
-  fewest announced pairs first). Until its wave comes a POP keeps announcing what the base
-  had it announce. Everything the target announces that the base did not goes at once.
+- Withdrawals, and changes that move the traffic of pairs kept announced (``moves``: origin
+  order, next hops, backends, the check, BGP attributes such as MED, communities and
+  prepends, the admin state, steering preferences and weights), roll out in waves of POPs
+  (``change.rollout``: the first wave's POPs, then a fraction of those left, then the rest;
+  a configured order first, else the POPs with the fewest announced pairs first). Until its
+  wave comes a POP keeps announcing what the base had it announce, routed and defined as the
+  base has it (``staged_vip``, ``held_specs``). Everything the target announces that the
+  base did not (a new VIP, a POP added to a publish list) and a change of planner policy
+  alone go at once; a revision with neither withdrawals nor moves is applied at once.
 - Each wave bakes ``change.rollout.bake`` seconds behind a gate (``gate``): every POP of the
-  wave reports fresh, about its newest plan, and sees no VIP it still announces with every
-  origin down; every VIP being withdrawn is still announced by at least its minimum of the
-  POPs whose wave has not come. A failed gate serves the base again (ROLLED_BACK, alarm):
-  no further POP is touched. After the last wave the target becomes the base.
+  wave reports fresh, about its newest plan, sees no VIP it still announces with every
+  origin down, and still announces each moved VIP with the new active origin healthy; every
+  VIP being withdrawn is still announced by at least its minimum of the POPs whose wave has
+  not come. The gate judges what the wave did: what was withdrawn or unhealthy at the
+  wave's POPs before it began (``excused``, taken as it begins) fails no gate. A failed
+  gate serves the base again (ROLLED_BACK, alarm): no further POP is touched. After the
+  last wave the target becomes the base.
 - A HELD or ROLLED_BACK state serves the base: the safe direction (it announces more).
 
 ``step(state, event, now, policy)`` is the one transition function; the controller holds one
@@ -43,7 +51,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from ..config.desired_model import ChangePolicy, DesiredState, FleetVip
+from ..config.desired_model import ChangePolicy, DesiredState, FleetVip, Preference
+from ..config.model import Vip
 from .model import PlanItem, PopReport
 
 Pair = tuple[str, str]  # (VIP, POP)
@@ -76,10 +85,14 @@ class BlastRadius:
     withdrawn: tuple[Pair, ...]  # of those, the ones the revision no longer publishes (sorted)
     added: tuple[Pair, ...]  # pairs the revision publishes that the current one does not
     removed_vips: tuple[str, ...]  # VIPs announced now that the revision removes or disables
+    moved: tuple[Pair, ...] = ()  # announced pairs kept whose traffic the revision moves (see ``moves``)
 
     @property
     def fraction(self) -> float:
         return len(self.withdrawn) / self.announced if self.announced else 0.0
+
+    def moved_vips(self) -> tuple[str, ...]:
+        return tuple(sorted({vip for vip, _ in self.moved}))
 
     def by_pop(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -101,8 +114,9 @@ class BlastRadius:
     def summary(self) -> str:
         per_pop = _some(f"{pop} {n}" for pop, n in self.by_pop().items()) or "none"
         vips = _some(self.removed_vips)
+        moved = f"; moves the traffic of {len(self.moved)}" if self.moved else ""
         return (f"would withdraw {len(self.withdrawn)} of {self.announced} announced pairs (per POP: {per_pop})"
-                + (f"; VIPs removed or disabled: {vips}" if vips else ""))
+                + moved + (f"; VIPs removed or disabled: {vips}" if vips else ""))
 
 
 def _some(items: Iterable[str], limit: int = 10) -> str:
@@ -117,22 +131,35 @@ def pairs(desired: DesiredState) -> frozenset[Pair]:
     return frozenset((fv.name, pop) for fv in desired.vips if fv.enabled for pop in fv.publish)
 
 
+def moves(old: FleetVip, new: FleetVip) -> bool:
+    """Whether a VIP kept announced changes where its traffic goes or how it is announced: its
+    definition as agents get it (origins: their order, next hops, backends; the check; BGP
+    attributes: MED, communities, prepends; the admin state) or its steering (preferences,
+    weights). The rest (its publish list: withdrawals and additions; its planner policy) is
+    not a move: withdrawals roll out on their own, additions and policy apply at once."""
+    return old.enabled and new.enabled and (old.vip != new.vip or old.steering != new.steering)
+
+
 def blast_radius(announced: Iterable[Pair], published: Iterable[Pair], new: DesiredState,
-                 announced_total: int | None = None) -> BlastRadius:
+                 announced_total: int | None = None, before: Iterable[FleetVip] = ()) -> BlastRadius:
     """``announced``: the pairs announced now (the controller: planned wanted, of the desired
     state being served); ``published``: the pairs published now (announced or not). Both and
     ``new`` may be cut to the VIPs a change touches (unchanged VIPs withdraw nothing), with
-    ``announced_total`` then the count of every pair announced now."""
+    ``announced_total`` then the count of every pair announced now. ``before``: the VIPs'
+    definitions now, to find the pairs whose traffic ``new`` moves."""
     now = frozenset(announced)
     after = pairs(new)
     withdrawn = tuple(sorted(now - after))
     gone = {vip for vip, _ in now} - {fv.name for fv in new.vips if fv.enabled}
+    was = {fv.name: fv for fv in before}
+    moved = tuple(sorted((fv.name, pop) for fv in new.vips if (old := was.get(fv.name)) is not None
+                         and moves(old, fv) for pop in fv.publish if (fv.name, pop) in now))
     return BlastRadius(len(now) if announced_total is None else announced_total, withdrawn,
-                       tuple(sorted(after - frozenset(published))), tuple(sorted(gone)))
+                       tuple(sorted(after - frozenset(published))), tuple(sorted(gone)), moved)
 
 
 def waves(withdrawn: Iterable[Pair], load: Mapping[str, int], policy: ChangePolicy) -> tuple[tuple[str, ...], ...]:
-    """The POPs of ``withdrawn`` in waves: ``policy.order`` first, then the POPs announcing
+    """The POPs of ``withdrawn`` (a revision's withdrawn and moved pairs) in waves: ``policy.order`` first, then the POPs announcing
     the fewest pairs (``load``: POP -> pairs announced; the least traffic we know of) first;
     ``first_wave`` POPs, then ``wave_fraction`` of those left (at least one) per wave."""
     pops = {pop for _, pop in withdrawn}
@@ -168,6 +195,12 @@ class Rollout:
     since: float = 0.0  # when this phase began
     detail: str = ""  # HELD: why and what it would withdraw; ROLLED_BACK: the failed gate
     confirmed: Confirmation | None = None
+    # The VIPs whose traffic the target moves (``moves``): names, not pairs (a new community
+    # on every VIP of a large fleet is millions of pairs, journaled with each wave).
+    move: tuple[str, ...] = ()
+    # The pairs of the current wave's POPs already unhealthy when it began (withdrawn, not
+    # announced, or their active origin down there): the gate does not blame the change for them.
+    excused: tuple[Pair, ...] = ()
 
     def rolled(self) -> frozenset[str]:
         """The POPs that withdraw as the target says (ROLLING: every wave up to the current one)."""
@@ -230,12 +263,12 @@ def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tupl
     """The next state and what to tell. ChangeRefused (state unchanged) for a confirm that does
     not name the held or rolled-back revision."""
     if isinstance(event, NewRevision):
-        if not event.radius.withdrawn:
+        if not event.radius.withdrawn and not event.radius.moved:
             return _applied(state, event.revision, now)
         base = Rollout(base=state.base, target=event.revision, since=now)
         if why := event.radius.over_budget(policy):
             held = dataclasses.replace(base, phase=Phase.HELD, withdraw=event.radius.withdrawn, waves=event.waves,
-                                       detail=f"{why}; {event.radius.summary()}")
+                                       detail=f"{why}; {event.radius.summary()}", move=event.radius.moved_vips())
             return held, (Effect(EffectKind.HELD, held.alarm()),)
         return _start(base, event.radius, event.waves, now, policy, None)
     if isinstance(event, Confirm):
@@ -249,7 +282,7 @@ def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tupl
             raise ChangeRefused("a confirm needs a reason (--reason)")
         confirmation = Confirmation(state.target, event.by, event.reason, now)
         base = Rollout(base=state.base, target=state.target, since=now)
-        if not event.radius.withdrawn:
+        if not event.radius.withdrawn and not event.radius.moved:
             applied, effects = _applied(state, state.target, now)
             return dataclasses.replace(applied, confirmed=confirmation), effects
         return _start(base, event.radius, event.waves, now, policy, confirmation)
@@ -259,7 +292,7 @@ def step(state: Rollout, event: Event, now: float, policy: ChangePolicy) -> tupl
         back = dataclasses.replace(state, phase=Phase.ROLLED_BACK, since=now, detail=event.detail)
         return back, (Effect(EffectKind.ROLLED_BACK, back.alarm()),)
     if state.wave + 1 < len(state.waves):
-        nxt = dataclasses.replace(state, wave=state.wave + 1, wave_started=now)
+        nxt = dataclasses.replace(state, wave=state.wave + 1, wave_started=now, excused=())
         return nxt, (_wave_effect(nxt),)
     applied, effects = _applied(state, state.target, now)
     return dataclasses.replace(applied, confirmed=state.confirmed), effects
@@ -286,12 +319,12 @@ def _start(base: Rollout, radius: BlastRadius, plan: tuple[tuple[str, ...], ...]
         applied, effects = _applied(base, base.target, now)
         return dataclasses.replace(applied, confirmed=confirmed), effects
     rolling = dataclasses.replace(base, phase=Phase.ROLLING, withdraw=radius.withdrawn, waves=plan, wave=0,
-                                  wave_started=now, confirmed=confirmed, detail=radius.summary())
+                                  wave_started=now, confirmed=confirmed, detail=radius.summary(), move=radius.moved_vips())
     return rolling, (_wave_effect(rolling),)
 
 
 def _wave_effect(r: Rollout) -> Effect:
-    return Effect(EffectKind.WAVE, f"config revision {r.target}: wave {r.wave + 1} of {len(r.waves)} withdraws at "
+    return Effect(EffectKind.WAVE, f"config revision {r.target}: wave {r.wave + 1} of {len(r.waves)} rolls out at "
                                    f"{', '.join(r.waves[r.wave])} ({r.detail})")
 
 
@@ -299,22 +332,24 @@ def _wave_effect(r: Rollout) -> Effect:
 def effective(base: DesiredState, target: DesiredState, state: Rollout) -> DesiredState:
     """The desired state to plan: the base while HELD or ROLLED_BACK; while ROLLING the
     target, plus the pairs it withdraws at POPs whose wave has not come (defined as in the
-    base); the target when STEADY. A pair whose VIP the base does not define (added by an
-    earlier, replaced revision) is not kept."""
+    base), and with the VIPs whose traffic it moves routed as the base routes them at those
+    POPs (``staged_vip``; their spec there is the base's: ``held_specs``); the target when
+    STEADY. A pair whose VIP the base does not define (added by an earlier, replaced
+    revision) is not kept."""
     if state.phase in (Phase.HELD, Phase.ROLLED_BACK):
         return base
     if state.phase is Phase.STEADY:  # (the target not judged yet, just loaded: the base)
         return target if target.revision == state.target else base
-    rolled = state.rolled()
-    keep: dict[str, list[str]] = {}
-    for vip, pop in state.withdraw:
-        if pop not in rolled:
-            keep.setdefault(vip, []).append(pop)
-    if not keep:
+    keep = _not_rolled(state, state.withdraw)
+    if not keep and not state.move:
         return target
+    rolled, moving = state.rolled(), frozenset(state.move)
     base_vips = {fv.name: fv for fv in base.vips}
     vips: list[FleetVip] = []
     for fv in target.vips:
+        if fv.name in moving and (old := base_vips.get(fv.name)) is not None and (
+                pops := frozenset(p for p in fv.publish if p not in rolled)):
+            fv = staged_vip(old, fv, pops)
         extra = [p for p in keep.pop(fv.name, []) if fv.name in base_vips]
         if not extra:
             vips.append(fv)
@@ -330,31 +365,155 @@ def effective(base: DesiredState, target: DesiredState, state: Rollout) -> Desir
     return dataclasses.replace(target, vips=tuple(vips), pops=specs)
 
 
+def _not_rolled(state: Rollout, of: Iterable[Pair]) -> dict[str, list[str]]:
+    """VIP -> the POPs of ``of`` whose wave has not come."""
+    rolled = state.rolled()
+    out: dict[str, list[str]] = {}
+    for vip, pop in of:
+        if pop not in rolled:
+            out.setdefault(vip, []).append(pop)
+    return out
+
+
+Weights = tuple[tuple[str, int], ...]
+
+
+def _route_at(fv: FleetVip, pop: str) -> tuple[tuple[str, ...], Weights]:
+    """The origin order and weights ``fv`` gives ``pop`` (policy/steering.py)."""
+    pref = fv.steering.preference(pop)
+    order = pref.origins if pref is not None else tuple(o.region for o in fv.vip.origins)
+    return order, pref.weights if pref is not None and pref.weights is not None else fv.steering.weights
+
+
+def staged_vip(old: FleetVip, new: FleetVip, held: frozenset[str]) -> FleetVip:
+    """``new``, with its POPs in ``held`` routed as ``old`` routes them: their origin order and
+    weights as steering preferences (controller-only: the spec stays ``new``'s, and the POPs in
+    ``held`` are served ``old``'s, see ``held_specs``). Where preferences cannot say it (the
+    origin regions differ; two weight sets on one origin order, which steering keys by order),
+    ``old`` itself (on ``new``'s publish list) until no POP is held: such a VIP moves with the
+    last wave that holds one of its POPs."""
+    regions = tuple(o.region for o in new.vip.origins)
+    whole_old = dataclasses.replace(old, publish=new.publish, policy=new.policy)
+    if set(regions) != {o.region for o in old.vip.origins}:
+        return whole_old
+    default = (regions, new.steering.weights)
+    groups: dict[tuple[str, ...], tuple[Weights, list[str]]] = {}
+    for pop in new.publish:
+        order, weights = _route_at(old if pop in held else new, pop)
+        if (order, weights) == default:
+            continue
+        w, pops = groups.setdefault(order, (weights, []))
+        if order == regions or w != weights:
+            return whole_old
+        pops.append(pop)
+    prefs = tuple(Preference(tuple(pops), order, weights) for order, (weights, pops) in groups.items())
+    if prefs == new.steering.preferences:
+        return new
+    return dataclasses.replace(new, steering=dataclasses.replace(new.steering, preferences=prefs))
+
+
+def held_specs(base: DesiredState, state: Rollout) -> dict[str, dict[str, Vip]]:
+    """POP -> VIP -> the definition it is served while its wave has not come (the base's), for
+    the VIPs whose traffic the target moves (ROLLING only)."""
+    if state.phase is not Phase.ROLLING or not state.move:
+        return {}
+    rolled, moving = state.rolled(), frozenset(state.move)
+    out: dict[str, dict[str, Vip]] = {}
+    for fv in base.vips:
+        if fv.name in moving:
+            for pop in fv.publish:
+                if pop not in rolled:
+                    out.setdefault(pop, {})[fv.name] = fv.vip
+    return out
+
+
+# --- the gate -------------------------------------------------------------------------------------
+ItemOf = Callable[[str, str], PlanItem | None]  # (POP, VIP) -> the plan served there now
+
+
+def _unhealthy(r: PopReport | None, vip: str, item: PlanItem | None) -> bool:
+    """Whether ``r`` says the POP is not serving ``vip`` well on ``item`` (its plan): not
+    announced, every origin down, or the plan's active origin (weighted: every weighted
+    origin) down."""
+    if item is not None and not item.wanted:
+        return True
+    if r is None:
+        return False
+    if r.announced.get(vip) is False:
+        return True
+    verdicts = r.origins.get(vip, {})
+    seen = [v for v in verdicts.values() if v is not None]
+    if seen and not any(seen):
+        return True
+    if item is None:
+        return False
+    regions = [o for o, _ in item.weights] or [item.active_origin]
+    return all(verdicts.get(o) is False for o in regions)
+
+
+def excused(state: Rollout, desired: DesiredState, reports: Mapping[str, PopReport], item: ItemOf,
+            now: float, stale_after: float) -> tuple[Pair, ...]:
+    """The pairs of the current wave's POPs that are unhealthy before it changes anything
+    (``desired``, ``item``: what is served before the wave): the wave's gate judges what the
+    change does, and a VIP withdrawn or failing there already is not the change's doing."""
+    if state.phase is not Phase.ROLLING:
+        return ()
+    wave = frozenset(state.waves[state.wave])
+    out = []
+    for fv in desired.vips:
+        if not fv.enabled:
+            continue
+        for pop in fv.publish:
+            if pop in wave:
+                r = reports.get(pop)
+                fresh = r if r is not None and now - r.received_at <= stale_after else None
+                if _unhealthy(fresh, fv.name, item(pop, fv.name)):
+                    out.append((fv.name, pop))
+    return tuple(sorted(out))
+
+
 def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState,
-         reports: Mapping[str, PopReport], generations: Mapping[str, int], stale_after: float) -> GateResult:
-    """The current wave's gate. FAIL at once if a POP of the wave reports, since the wave
-    began, a VIP it still publishes with every origin down. After the bake, PASS if every POP
-    of the wave reports fresh about its newest plan (``generations``: the one served) and
-    every VIP being withdrawn is announced by at least its minimum (or all, if fewer) of the
-    POPs still keeping it; else WAIT, and FAIL once ``stale_after`` more has passed."""
+         reports: Mapping[str, PopReport], generations: Mapping[str, int], stale_after: float,
+         item: ItemOf | None = None) -> GateResult:
+    """The current wave's gate. It judges what the wave changed: a pair in ``state.excused``
+    (unhealthy there before the wave began) is not held against it.
+
+    FAIL at once if a POP of the wave reports, since the wave began, a VIP it still publishes
+    with every origin down, or a VIP whose traffic the change moves with the active origin of
+    its plan now (``item``) down (an agent checks every origin whatever its plan, so a report
+    sent before the new plan reached it is evidence too). After the bake, PASS if every POP
+    of the wave reports fresh about its newest plan (``generations``: the one served), still
+    announces each VIP whose traffic moved there, and every VIP being withdrawn is announced
+    by at least its minimum (or all, if fewer) of the POPs still keeping it; else WAIT, and
+    FAIL once ``stale_after`` more has passed."""
     if state.phase is not Phase.ROLLING:
         return GateResult(Verdict.WAIT)
     wave = state.waves[state.wave]
+    label = f"wave {state.wave + 1} ({', '.join(wave)})"
+    excuse, moving = frozenset(state.excused), frozenset(state.move)
     published: dict[str, list[str]] = {pop: [] for pop in wave}
     for spec in desired.vips:  # one walk over the VIPs, not one per POP of the wave
         if spec.enabled:
             for pop in spec.publish:
                 if pop in published:
                     published[pop].append(spec.name)
+    moved = {(vip, pop) for pop in wave for vip in published[pop] if vip in moving and (vip, pop) not in excuse}
     for pop in wave:
         r = reports.get(pop)
         if r is None or r.received_at < state.wave_started:
             continue
         for vip in published[pop]:
-            verdicts = [v for v in r.origins.get(vip, {}).values() if v is not None]
-            if verdicts and not any(verdicts):
-                return GateResult(Verdict.FAIL, f"wave {state.wave + 1} ({', '.join(wave)}): {pop} reports every "
-                                                f"origin of {vip} down")
+            if (vip, pop) in excuse:
+                continue
+            verdicts = r.origins.get(vip, {})
+            seen = [v for v in verdicts.values() if v is not None]
+            if seen and not any(seen):
+                return GateResult(Verdict.FAIL, f"{label}: {pop} reports every origin of {vip} down")
+            if (vip, pop) in moved and item is not None and (i := item(pop, vip)) is not None:
+                regions = [o for o, _ in i.weights] or [i.active_origin]
+                if all(verdicts.get(o) is False for o in regions):
+                    return GateResult(Verdict.FAIL, f"{label}: {pop} reports {vip}'s new active origin "
+                                                    f"{'/'.join(regions)} down")
     if now < state.wave_started + policy.bake:
         return GateResult(Verdict.WAIT)
     problems = []
@@ -364,11 +523,11 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
             problems.append(f"{pop} has not reported for {stale_after:.0f}s" if r else f"{pop} never reported")
         elif r.plan_generation < generations.get(pop, 0):
             problems.append(f"{pop} reports about plan {r.plan_generation}, not its plan {generations.get(pop, 0)}")
-    rolled = state.rolled()
-    keeping: dict[str, list[str]] = {}
-    for vip, pop in state.withdraw:
-        if pop not in rolled:
-            keeping.setdefault(vip, []).append(pop)
+        else:
+            lost = sorted(vip for vip, p in moved if p == pop and not r.announced.get(vip))
+            if lost:
+                problems.append(f"{pop} no longer announces {_some(lost)}, whose traffic the change moved")
+    keeping = _not_rolled(state, state.withdraw)
     by_name = {fv.name: fv for fv in desired.vips} if keeping else {}
     for vip, pops in sorted(keeping.items()):
         fv = by_name.get(vip)
@@ -382,7 +541,7 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
         return GateResult(Verdict.PASS)
     if now < state.wave_started + policy.bake + stale_after:
         return GateResult(Verdict.WAIT, "; ".join(problems))
-    return GateResult(Verdict.FAIL, f"wave {state.wave + 1} ({', '.join(wave)}): " + "; ".join(problems))
+    return GateResult(Verdict.FAIL, f"{label}: " + "; ".join(problems))
 
 
 # --- traffic dials ------------------------------------------------------------------------------
@@ -433,7 +592,8 @@ def to_json(r: Rollout) -> dict[str, object]:
     return {"phase": str(r.phase), "base": r.base, "target": r.target, "withdraw": [list(p) for p in r.withdraw],
             "waves": [list(w) for w in r.waves], "wave": r.wave, "wave_started": r.wave_started, "since": r.since,
             "detail": r.detail,
-            "confirmed": None if r.confirmed is None else dataclasses.asdict(r.confirmed)}
+            "confirmed": None if r.confirmed is None else dataclasses.asdict(r.confirmed),
+            "move": list(r.move), "excused": [list(p) for p in r.excused]}
 
 
 def from_json(data: Mapping[str, object]) -> Rollout:
@@ -449,6 +609,10 @@ def from_json(data: Mapping[str, object]) -> Rollout:
     wave, started, since = data["wave"], data["wave_started"], data["since"]
     if not isinstance(wave, int) or not isinstance(started, (int, float)) or not isinstance(since, (int, float)):
         raise TypeError("wave, wave_started and since must be numbers")
+    move, excused = data.get("move", []), data.get("excused", [])  # (absent before moves were staged)
+    if not isinstance(move, list) or not isinstance(excused, list):
+        raise TypeError("move and excused must be lists")
     return Rollout(Phase(str(data["phase"])), str(data["base"]), str(data["target"]),
                    tuple((str(v), str(p)) for v, p in withdraw), tuple(tuple(str(p) for p in w) for w in plan),
-                   wave, float(started), float(since), str(data["detail"]), confirmed)
+                   wave, float(started), float(since), str(data["detail"]), confirmed,
+                   tuple(str(v) for v in move), tuple((str(v), str(p)) for v, p in excused))

@@ -21,6 +21,7 @@ that plans every report accepted so far (what the API's plan-showing reads wait 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import re
@@ -154,6 +155,9 @@ class Controller:
     # What the config change serves (change.effective of base and target, their config dials
     # in it), before the operator's dials: ``desired`` is this with them over it.
     _configured: DesiredState | None = None
+    # (base, rollout, spec dicts) -> the held POPs' spec dicts, and the definitions they hold
+    _held_specs: tuple[object, object, object, Mapping[str, Mapping[str, dict[str, Any]]],
+                       Mapping[str, Mapping[str, Vip]]] = (None, None, None, {}, {})
 
     def __post_init__(self) -> None:
         """Load the state (StateDirLocked, StateUnreadable: the caller cannot start)."""
@@ -201,6 +205,11 @@ class Controller:
         if self.base.revision == self.target.revision:
             self.rollout = change.Rollout(base=self.target.revision, target=self.target.revision,
                                           since=rollout.since if rollout else 0.0)
+        elif rollout is not None and rollout.phase is change.Phase.STEADY and rollout.base == self.target.revision:
+            # The store says the target is applied everywhere; its files are kept after that
+            # (a leader that stopped in between left the previous ones): applied.
+            self.base = self.target
+            self.rollout = change.Rollout(base=self.target.revision, target=self.target.revision, since=rollout.since)
         elif rollout is not None and rollout.base == self.base.revision and rollout.target == self.target.revision:
             self.rollout = rollout
             if rollout.phase is not change.Phase.STEADY:
@@ -335,8 +344,9 @@ class Controller:
         load = {pop: self.served[pop].wanted for pop in self.served}
         radius = change.blast_radius(self.announced_pairs(old_vips),
                                      change.pairs(dataclasses.replace(served, vips=old_vips)),
-                                     dataclasses.replace(new, vips=new_vips), announced_total=sum(load.values()))
-        return radius, change.waves(radius.withdrawn, load, self.base.change)
+                                     dataclasses.replace(new, vips=new_vips), announced_total=sum(load.values()),
+                                     before=old_vips)
+        return radius, change.waves(radius.withdrawn + radius.moved, load, self.base.change)
 
     def _new_revision(self, new: DesiredState) -> None:
         radius, waves = self.blast_radius(new)
@@ -361,6 +371,11 @@ class Controller:
         new, effects = change.step(self.rollout, event, now, self.base.change)
         if new == self.rollout:
             return
+        if new.phase is change.Phase.ROLLING and (new.target, new.wave, new.wave_started) != (
+                self.rollout.target, self.rollout.wave, self.rollout.wave_started):
+            # A wave begins: what is unhealthy at its POPs now is not the change's doing.
+            new = dataclasses.replace(new, excused=change.excused(new, self.desired, self.reports, self.item, now,
+                                                                  self._min_stale_after()))
         doc = change.to_json(new)
         if durable:
             self._persist_action(store.Changes(rollout=doc), durable)
@@ -395,7 +410,7 @@ class Controller:
         if self.rollout.phase is not change.Phase.ROLLING:
             return
         result = change.gate(self.rollout, self.base.change, self.clock(), self.desired, self.reports,
-                             self.persisted.generations, self._min_stale_after())
+                             self.persisted.generations, self._min_stale_after(), self.item)
         if result.verdict is not change.Verdict.WAIT:
             self._step(result)
 
@@ -728,6 +743,8 @@ class Controller:
                     specs[fv.name] = vip_to_dict(fv.vip)
                     pops.update(fv.publish)
             self._spec_dicts = (self.desired, specs)
+        # (adds to ``pops`` the POPs whose held definitions changed: a wave began, a rollback)
+        self._held_spec_dicts(self._spec_dicts[1], pops)
         for pop in self.desired.pops:
             if pop.name in pops or pop.name not in self.served:
                 self._unserved[pop.name] = None
@@ -746,19 +763,42 @@ class Controller:
         start = time.perf_counter()
         known = {p.name for p in self.desired.pops}
         while self._unserved:
+            spec_dicts = self._spec_dicts[1]
+            changed: set[str] = set()  # (the rollout moved on between two POPs: theirs too)
+            held = self._held_spec_dicts(spec_dicts, changed)
+            for name in changed:
+                self._unserved.setdefault(name, None)
             pop = next(iter(self._unserved))
             del self._unserved[pop]
             if pop in known:
-                self._serve(pop, engine.items.get(pop, {}), self._spec_dicts[1])
+                self._serve(pop, engine.items.get(pop, {}), held.get(pop, spec_dicts))
             if budget_s is not None and time.perf_counter() - start >= budget_s:
                 break
         return not self._unserved
 
+    def _held_spec_dicts(self, spec_dicts: dict[str, dict[str, Any]],
+                         pops: set[str]) -> Mapping[str, Mapping[str, dict[str, Any]]]:
+        """Per POP whose wave has not come, the spec dicts with the base's definition of the
+        VIPs whose traffic the config change moves (change.held_specs); adds to ``pops`` the
+        POPs whose definitions changed since the last pass (a wave began, a rollback)."""
+        cached = self._held_specs
+        if cached[0] is self.base and cached[1] is self.rollout and cached[2] is spec_dicts:
+            return cached[3]
+        held = change.held_specs(self.base, self.rollout)
+        pops.update(p for p in cached[4].keys() | held.keys() if cached[4].get(p) != held.get(p))
+        views: dict[str, Mapping[str, dict[str, Any]]] = {}
+        for pop, vips in held.items():
+            own = {name: vip_to_dict(v) for name, v in vips.items() if name in spec_dicts}
+            views[pop] = collections.ChainMap(own, spec_dicts)
+        self._held_specs = (self.base, self.rollout, spec_dicts, views, held)
+        return views
+
     def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
         """Make ``items`` the POP's plan if an agent would act differently on it (a new
         explanation or revision alone is no new plan: agents are not woken for nothing)."""
+        own = spec_dicts is not self._spec_dicts[1]  # (a held POP's: compared VIP by VIP, not by the desired state)
         generation = self.plans.serve(pop, items, spec_dicts, self.desired.revision,
-                                      self.persisted.generations.get(pop, 0), self.desired)
+                                      self.persisted.generations.get(pop, 0), None if own else self.desired)
         if generation is not None:
             self.persisted.generations[pop] = generation
 

@@ -127,11 +127,23 @@ class Watcher:
             self._kept = ""
             return dataclasses.replace(desired, directory=self.directory, state_dir=state_dir)
 
-    def kept_base(self, desired: DesiredState) -> DesiredState | None:
-        """The last revision applied everywhere, kept in the state directory, if it is not
-        ``desired`` (a change committed while no controller ran, or one held or rolling out
-        when it stopped: judged against it, see policy/change.py); None if none loads."""
+    def kept_base(self, desired: DesiredState, source: store.Store | None = None) -> DesiredState | None:
+        """The last revision applied everywhere, if it is not ``desired`` (a change committed
+        while no controller ran, or one held or rolling out when it stopped: judged against
+        it, see policy/change.py); None if none loads. ``source``: the store that keeps it
+        (HA: etcd, so a new leader continues or rolls back the old leader's rollout); its copy
+        is written to the state directory first if that holds another (the files load from there)."""
         state_dir = desired.state_dir
+        if source is not None and (kept_files := source.kept_desired()) is not None:
+            local = store.saved_desired(state_dir)
+            if kept_files[0] != desired.revision and (local is None or local[1] != kept_files[0]):
+                try:
+                    store.save_desired(state_dir, *kept_files)
+                except store.PersistenceError as exc:
+                    log.error("cannot keep the applied desired state %s from the store here: %s", kept_files[0], exc)
+                    return None
+            if kept_files[0] == desired.revision:
+                return None
         kept = store.saved_desired(state_dir)
         if kept is None or kept[1] == desired.revision:
             return None
@@ -272,9 +284,13 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     the shell's metrics server exports while this controller leads."""
     desired = watcher.load_at_start()
     # Takes the state (the file journal: its directory, StateDirLocked if another controller has it).
-    ctl = Controller(desired, applied=watcher.kept_base(desired) if watcher.start_error is None else None,
+    # The applied base comes from the same store as the rollout's state (HA: etcd).
+    own_store = state_store is None
+    if state_store is None:
+        state_store = store.FileJournal(desired.state_dir, background=True)
+    ctl = Controller(desired, applied=watcher.kept_base(desired, state_store) if watcher.start_error is None else None,
                      state_store=state_store)
-    if state_store is not None:
+    if not own_store:
         ctl.persistence.state_dir = getattr(state_store, "where", ctl.persistence.state_dir)
     own_registry = registry is None
     registry = registry if registry is not None else CollectorRegistry()

@@ -565,14 +565,23 @@ class EtcdStore:
         if not ok:
             raise Fenced(store.StoreOp.DESIRED, self.where, "fenced: no longer the leader; nothing written")
 
+    def kept_desired(self) -> tuple[str, dict[str, str]] | None:
+        """What the leaders kept in etcd (``keep_desired``): a new leader judges and rolls back
+        a config change against the base the old one applied, not its own host's copy."""
+        return _read_desired(self.etcd)
+
     def close(self) -> None:
         pass
 
 
 def fetch_desired(settings: HaSettings) -> tuple[str, dict[str, str]] | None:
     """(revision, files) of the last good desired state kept in etcd, if any and readable."""
+    return _read_desired(Etcd(settings))
+
+
+def _read_desired(etcd: Etcd) -> tuple[str, dict[str, str]] | None:
     try:
-        kv = Etcd(settings).get("desired", "load")
+        kv = etcd.get("desired", "load")
         if kv is None:
             return None
         doc = json.loads(kv.value)

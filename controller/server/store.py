@@ -176,6 +176,17 @@ class Store(Protocol):
         """A hint for the next start (see Alive); may be lost."""
         ...
 
+    def keep_desired(self, revision: str, files: Mapping[str, str]) -> None:
+        """Keep the desired state applied everywhere (the base a config change is judged
+        against and rolled back to: policy/change.py), its YAML files by relative path.
+        Raises PersistenceError. A new leader reads it with ``kept_desired``."""
+        ...
+
+    def kept_desired(self) -> tuple[str, dict[str, str]] | None:
+        """(revision, files) of the desired state kept by ``keep_desired``; None if none (or
+        unreadable: the caller then applies the checkout as it is, saying so)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -452,6 +463,28 @@ class FileJournal:
             os.ftruncate(self._lock_fd, len(body))
         except OSError:
             pass
+
+    def keep_desired(self, revision: str, files: Mapping[str, str]) -> None:
+        save_desired(self.state_dir, revision, files, self._fsync)
+
+    def kept_desired(self) -> tuple[str, dict[str, str]] | None:
+        kept = saved_desired(self.state_dir)
+        if kept is None:
+            return None
+        directory, revision = kept
+        files: dict[str, str] = {}
+        try:
+            for root, _, names in os.walk(directory):
+                for n in names:
+                    path = os.path.join(root, n)
+                    rel = os.path.relpath(path, directory)
+                    if rel != REVISION_FILE:
+                        with open(path, encoding="utf-8") as f:
+                            files[rel] = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("the applied desired state kept in %s is unreadable: %s", directory, exc)
+            return None
+        return revision, files
 
     def close(self) -> None:
         if self._background is not None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controller.cli.conventions import Exit
 from lab import host_process
 from lab.poll import wait_for
@@ -44,6 +46,23 @@ def git(d: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True, text=True,
                           env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
                                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout.strip()
+
+
+class GitConfig:
+    """A controller's config directory ``dir`` that is a git checkout: edits and commits."""
+
+    dir: Path
+
+    def edit(self, name: str, change: Callable[[Any], None]) -> None:
+        """Change the YAML file ``name`` in place (``change`` edits the parsed document)."""
+        data = yaml.safe_load((self.dir / name).read_text())
+        change(data)
+        (self.dir / name).write_text(yaml.safe_dump(data))
+
+    def commit(self, message: str) -> str:
+        """Commit every change; the revision, as the controller names a clean checkout."""
+        git(self.dir, "commit", "-qam", message)
+        return git(self.dir, "rev-parse", "HEAD")[:12]
 
 
 class ControllerProcess:

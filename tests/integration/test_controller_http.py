@@ -38,7 +38,7 @@ from controller.config.desired import load_desired
 from lab.metrics import parse as parse_metrics
 from lab.tls import LabCa, Pair, plan_signing_key
 from lab.poll import wait_for
-from tests.helpers.controller_process import BIN, ControllerProcess, free_ports, git
+from tests.helpers.controller_process import BIN, ControllerProcess, GitConfig, free_ports, git
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -56,7 +56,7 @@ def _systemd_default_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
-class Running(ControllerProcess):
+class Running(GitConfig, ControllerProcess):
     """The example config in a git checkout under ``tmp``, and a controller on it."""
 
 
@@ -76,14 +76,6 @@ class Running(ControllerProcess):
         self.stop()
         self.start()
         self.must_be_up()
-
-    def edit(self, name: str, change: Any) -> None:
-        data = yaml.safe_load((self.dir / name).read_text())
-        change(data)
-        (self.dir / name).write_text(yaml.safe_dump(data))
-
-    def commit(self, message: str) -> None:
-        git(self.dir, "commit", "-qam", message)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "ANYCAST_CONTROLLER_URL": self.url, "ANYCAST_OPERATOR_TOKEN": TOKENS["operator"]}

@@ -138,6 +138,18 @@ class Ctl:
                 self.kill()
 
 
+def leading_and_kept(tmp: Path, etcd: EtcdMember, ctls: list[Ctl], config: Path) -> tuple[Ctl, str]:
+    """c1 on ``config``, leading, its revision kept in etcd as the applied one: (c1, revision)."""
+    c1 = Ctl(tmp, "c1", config).start()
+    ctls.append(c1)
+    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
+    revision = str(c1.status()["config"]["revision"])  # type: ignore[index]
+    e = Etcd(settings(etcd.client_url))
+    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == revision,
+             HANG_GUARD, desc="the applied desired state kept in etcd")
+    return c1, revision
+
+
 @pytest.fixture
 def ctls() -> Iterator[list[Ctl]]:
     started: list[Ctl] = []
@@ -288,6 +300,56 @@ def test_a_restarted_cluster_resumes_its_drains(tmp_path: Path, etcd: EtcdMember
     assert s is not None and next(p["drained_since"] for p in s["pops"] if p["pop"] == "sjc") == drained
 
 
+def test_a_new_leader_on_a_fresh_host_continues_and_rolls_back_the_old_leaders_rollout(
+        tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
+    """c1 applies a revision, then a commit reordering game-global's origins starts rolling
+    out in waves; c1 dies. c2, on another host (the same commit checked out, a state_dir that
+    never kept anything), takes the applied base from etcd: it keeps the rollout c1 started
+    (same waves, same bake start; fra, whose wave has not come, keeps the base's origin
+    order) and, since no POP reports to pass the gate, rolls it back to that base, instead of
+    applying the commit everywhere at once."""
+    config = desired_dir(tmp_path, [etcd.client_url])
+    controller_yaml = config / "controller.yaml"
+    data = yaml.safe_load(controller_yaml.read_text())
+    data["change"] = {"rollout": {"bake": 20}}
+    controller_yaml.write_text(yaml.safe_dump(data))
+    c1, base = leading_and_kept(tmp_path, etcd, ctls, config)
+    vips = yaml.safe_load((config / "vips.yaml").read_text())
+    game = next(v for v in vips["vips"] if v["name"] == "game-global")
+    game["origins"].reverse()  # eu-central first: moves traffic, withdraws nothing
+    (config / "vips.yaml").write_text(yaml.safe_dump(vips))
+
+    def change_of(c: Ctl) -> dict[str, Any] | None:
+        st = c.status()
+        return st["change"] if st is not None else None
+
+    rolling = wait_for(lambda: (ch := change_of(c1)) is not None and ch["phase"] == "rolling" and ch, HANG_GUARD,
+                       desc="c1 rolls the reorder out")
+    assert rolling["base"] == base and rolling["target"] != base and rolling["move"]
+    c1.kill()
+    other = tmp_path / "other-host"
+    shutil.copytree(config, other)
+    c2 = Ctl(tmp_path, "c2", other).start()
+    ctls.append(c2)
+    wait_for(lambda: c2.role() == "leader", HANG_GUARD, desc="c2 leads")
+    taken = change_of(c2)
+    assert taken is not None and taken["phase"] in ("rolling", "rolled_back"), taken
+    assert (taken["base"], taken["target"], taken["applied_revision"]) == (base, rolling["target"], base)
+    assert (taken["waves"], taken["wave_started"]) == (rolling["waves"], rolling["wave_started"])
+    held = next(p for w in rolling["waves"][1:] for p in w)  # a POP whose wave has not come
+    code, plan = c2.request("GET", f"/v1/plans/{held}", TOKENS[held])
+    assert code == 200
+    spec = next(v["spec"] for v in plan["vips"] if v["name"] == "game-global")
+    assert spec["origins"][0]["region"] == "us-west"  # the base's order, as c1 served it
+    back = wait_for(lambda: (ch := change_of(c2)) is not None and ch["phase"] == "rolled_back" and ch, HANG_GUARD,
+                    desc="c2 rolls back the rollout c1 started")
+    assert (back["base"], back["target"], back["applied_revision"]) == (base, rolling["target"], base)
+    code, plan = c2.request("GET", f"/v1/plans/{rolling['waves'][0][0]}", TOKENS[rolling["waves"][0][0]])
+    assert code == 200
+    spec = next(v["spec"] for v in plan["vips"] if v["name"] == "game-global")
+    assert spec["origins"][0]["region"] == "us-west"  # the first wave's POP is back on the base
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def test_etcd_unreachable_at_start_waits_as_a_follower_and_says_where(tmp_path: Path, ctls: list[Ctl]) -> None:
     (nobody,) = free_ports(1)
@@ -369,13 +431,7 @@ def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:
 def test_a_bad_checkout_on_a_fresh_host_starts_on_the_desired_state_kept_in_etcd(tmp_path: Path, etcd: EtcdMember,
                                                                                   ctls: list[Ctl]) -> None:
     config = desired_dir(tmp_path, [etcd.client_url])
-    c1 = Ctl(tmp_path, "c1", config).start()
-    ctls.append(c1)
-    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
-    good = c1.status()["config"]["revision"]  # type: ignore[index]
-    e = Etcd(settings(etcd.client_url))
-    wait_for(lambda: (kv := e.get("desired")) is not None and json.loads(kv.value)["revision"] == good, HANG_GUARD,
-             desc="the desired state kept in etcd")
+    c1, good = leading_and_kept(tmp_path, etcd, ctls, config)
     c1.stop()
     # Another host: its checkout has a broken VIP file, its state_dir never kept anything.
     bad = tmp_path / "other-host"

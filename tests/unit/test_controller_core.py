@@ -13,8 +13,11 @@ from controller.server.core import Controller
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def controller(tmp_path: Path, now: list[float]) -> Controller:
+def controller(tmp_path: Path, now: list[float], bake: float | None = None) -> Controller:
+    """``bake`` 0: a config change applies at every POP at once (no waves)."""
     desired = dataclasses.replace(load_desired(str(ROOT / "configs" / "controller"), "rev1"), state_dir=str(tmp_path))
+    if bake is not None:
+        desired = dataclasses.replace(desired, change=dataclasses.replace(desired.change, bake=bake))
     return Controller(desired, clock=lambda: now[0])
 
 
@@ -60,9 +63,10 @@ def _healthy_everywhere(ctl: Controller, at: float) -> None:
 def test_a_reload_reaches_exactly_the_pops_whose_vips_changed(tmp_path: Path) -> None:
     """api-eu is published at fra and sjc only: changing its definition is a new plan there
     (with the new definition in it) and not at sin; a new revision that changes no VIP is
-    no new plan anywhere."""
+    no new plan anywhere. (Without waves: a change of definition rolls out POP by POP
+    otherwise, see test_change_moves.py.)"""
     now = [10.0]
-    ctl = controller(tmp_path, now)
+    ctl = controller(tmp_path, now, bake=0.0)
     _healthy_everywhere(ctl, now[0])
     before = {pop: s.generation for pop, s in ctl.served.items()}
     ctl.apply_config(dataclasses.replace(ctl.desired, revision="rev2"))
