@@ -429,12 +429,25 @@ def report_delta(previous: WireReport, new: WireReport) -> WireReport:
 
 
 def apply_report_delta(origins: Mapping[str, Mapping[str, bool | None]], announced: Mapping[str, bool],
-                       delta: WireReport, published: Collection[str]
+                       delta: WireReport, published: Collection[str], *, checked: bool = False
                        ) -> tuple[Mapping[str, Mapping[str, bool | None]], Mapping[str, bool]]:
     """The full verdict set after ``delta``, onto the last one; VIPs no longer published drop out.
     A delta that changes nothing (the steady state: every POP, every few seconds) returns the
     last mappings themselves when they name only published VIPs (a set comparison in C), so
-    the controller sees the same report content by identity and does no O(VIPs) work."""
+    the controller sees the same report content by identity and does no O(VIPs) work.
+    ``checked``: the caller knows the last mappings name only published VIPs (it validated
+    them against this very ``published``): no comparison at all (it was ~1 ms per report at
+    10,000 VIPs, most of an empty delta's cost), and a copy instead of a filter."""
+    if checked:
+        if not delta.removed and not delta.origins and not delta.announced:
+            return origins, announced
+        new_o, new_a = dict(origins), dict(announced)
+        for v in delta.removed:
+            new_o.pop(v, None)
+            new_a.pop(v, None)
+        new_o.update(delta.origins)
+        new_a.update(delta.announced)
+        return new_o, new_a
     if not delta.removed and not delta.origins and not delta.announced:
         names = published.keys() if isinstance(published, Mapping) else published
         if isinstance(names, AbstractSet) and origins.keys() <= names and announced.keys() <= names:
@@ -463,24 +476,38 @@ def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireRe
         raise WireError("removed", "only a delta report (with base) removes VIPs")
     if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
         raise WireError("removed", "expected a list of VIP names")
-    origins: dict[str, dict[str, bool | None]] = {}
+    origins: dict[str, Mapping[str, bool | None]] = {}
+    checked, get = _CHECKED, _CHECKED.get
     for vip_name, regions in _mapping(obj.get("origins", {}), "origins").items():
         known = published.get(vip_name)
         if known is None:
             raise WireError(f"origins.{vip_name}", "this POP does not publish that VIP")
-        verdicts: dict[str, bool | None] = {}
-        for region, verdict in _mapping(regions, f"origins.{vip_name}").items():
-            if region not in known:
-                raise WireError(f"origins.{vip_name}.{region}", "not an origin region of this VIP")
-            if verdict is not None and not isinstance(verdict, bool):
-                raise WireError(f"origins.{vip_name}.{region}", "expected true, false or null")
-            verdicts[region] = verdict
-        origins[vip_name] = verdicts
-    announced: dict[str, bool] = {}
-    for vip_name, flag in _mapping(obj.get("announced", {}), "announced").items():
-        if vip_name not in published:
-            raise WireError(f"announced.{vip_name}", "this POP does not publish that VIP")
-        announced[vip_name] = _bool(flag, f"announced.{vip_name}")
+        # A VIP's verdicts are one of a handful of combinations fleet-wide (every origin up,
+        # the primary down...): each combination is validated once per set of regions and
+        # shared, read-only, by every VIP and report that has it (~0.5 us a VIP instead of
+        # ~2.5: a full report of 10,000 VIPs is validated in ~5 ms).
+        key: tuple[Collection[str], tuple[tuple[Any, Any], ...]] | None = None
+        shared = None
+        if type(regions) is dict:
+            key = (known, tuple(regions.items()))
+            try:
+                shared = get(key)
+            except TypeError:  # an unhashable verdict (refused below) or set of regions
+                key = None
+        if shared is None:
+            shared = _verdicts(vip_name, regions, known)
+            if key is not None:
+                if len(checked) > 100_000:  # a bound, not a cache policy: combinations are few
+                    checked.clear()
+                checked[key] = shared
+        origins[vip_name] = shared
+    flags = _mapping(obj.get("announced", {}), "announced")
+    if not (flags.keys() <= published.keys() and all(f is True or f is False for f in flags.values())):
+        for vip_name, flag in flags.items():  # (only to name the first bad one)
+            if vip_name not in published:
+                raise WireError(f"announced.{vip_name}", "this POP does not publish that VIP")
+            _bool(flag, f"announced.{vip_name}")
+    announced: dict[str, bool] = dict(flags)
     checks: dict[str, dict[str, tuple[float | None, float | None]]] = {}
     for vip_name, regions in _mapping(obj.get("checks", {}), "checks").items():
         known = published.get(vip_name)
@@ -497,6 +524,21 @@ def decode_report(data: Any, published: Mapping[str, Collection[str]]) -> WireRe
             times[region] = (_age(pair.get("ok"), f"{where}.ok"), _age(pair.get("failing"), f"{where}.failing"))
         checks[vip_name] = times
     return WireReport(generation, origins, announced, seq, base, tuple(removed), checks)
+
+
+# (the regions a VIP has, its verdicts in a report's order) -> the validated verdicts
+_CHECKED: dict[tuple[Collection[str], tuple[tuple[Any, Any], ...]], Mapping[str, bool | None]] = {}
+
+
+def _verdicts(vip_name: str, regions: Any, known: Collection[str]) -> dict[str, bool | None]:
+    verdicts: dict[str, bool | None] = {}
+    for region, verdict in _mapping(regions, f"origins.{vip_name}").items():
+        if region not in known:
+            raise WireError(f"origins.{vip_name}.{region}", "not an origin region of this VIP")
+        if verdict is not None and not isinstance(verdict, bool):
+            raise WireError(f"origins.{vip_name}.{region}", "expected true, false or null")
+        verdicts[region] = verdict
+    return verdicts
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -58,13 +58,22 @@ def compact_report(report: PopReport, previous: PopReport | None) -> PopReport:
     where equal, else one interned object per distinct verdict set (a fleet has a handful:
     every origin up, the primary down, ...). 50 POPs x 10,000 VIPs of verdicts then cost
     50 dicts of pointers instead of 500,000 small dicts."""
-    if previous is not None and previous.origins == report.origins:
+    if previous is not None and (previous.origins is report.origins or previous.origins == report.origins):
         return replace(report, origins=previous.origins)
     before = previous.origins if previous is not None else {}
     origins: dict[str, Verdicts] = {}
+    # The wire's decoder already shares one object per distinct verdict set: each is interned
+    # once per report (by identity, for this call only: the objects are alive meanwhile).
+    memo: dict[int, Verdicts] = {}
     for vip, verdicts in report.origins.items():
         old = before.get(vip)
-        origins[vip] = old if old == verdicts and old is not None else _intern(verdicts)
+        if old is not None and (old is verdicts or old == verdicts):
+            origins[vip] = old
+            continue
+        shared = memo.get(id(verdicts))
+        if shared is None:
+            shared = memo[id(verdicts)] = _intern(verdicts)
+        origins[vip] = shared
     return replace(report, origins=origins)
 
 

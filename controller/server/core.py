@@ -9,8 +9,13 @@ changed or whose time came; waiters of a POP are woken when its plan changes (lo
 Planning never blocks serving: inside the event loop a pass of more than SMALL_PASS VIPs
 (a cold start, a commit or drain that touches many VIPs) runs in slices of about SLICE_S
 seconds, yielding to the loop between them; the slices plan into a staging area and the
-new plans become visible all at once, so requests answered meanwhile see the previous,
-complete plan. ``replan()`` plans at once (tests, the CLI, operator actions).
+new plans become visible once the pass is whole, so requests answered meanwhile see the
+previous, complete plan (then served POP by POP between turns of the loop: each POP's plan
+is whole, old or new, never part of one). ``replan()`` plans at once (tests, the CLI, operator actions).
+
+A report is acknowledged once stored (``accept_report``), not after its pass: the reports
+that arrive within REPORT_BATCH share the next pass, and ``settled()`` waits for the pass
+that plans every report accepted so far (what the API's plan-showing reads wait for).
 """
 
 from __future__ import annotations
@@ -143,9 +148,11 @@ class Controller:
     report_seqs: dict[str, int] = field(default_factory=dict)
     _engine: Engine | None = None
     _waiting: list[asyncio.Future[None]] = field(default_factory=list)  # reports for the next pass
+    _unplanned: asyncio.Future[None] | None = None  # the pass of the newest report accepted (settled())
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
+    _unserved: dict[str, None] = field(default_factory=dict)  # POPs a committed pass has yet to serve (in order)
     dial_gate: DialGate | None = None  # see DialGate (None: dial_budget)
     rollout: change.Rollout = field(default_factory=change.Rollout)  # the config change in progress
     target: DesiredState = field(init=False)  # the newest revision loaded
@@ -436,17 +443,19 @@ class Controller:
         self.reports[report.pop] = compact_report(report, self.reports.get(report.pop))
         self.replan()
 
-    async def take_report(self, report: PopReport) -> None:
-        """Store the report and return once a pass has planned with it. Reports that arrive
-        together share one pass (at 50 POPs x 10,000 VIPs a pass takes about a second: one
-        per report would queue 50 of them when every POP reports at once). A report that
-        says what the POP's previous, still fresh, report said changes no plan: it is
-        stored (it keeps the POP fresh) and answered at once; the next pass sees it."""
+    def accept_report(self, report: PopReport) -> asyncio.Future[None] | None:
+        """Store the report and have it planned soon; the future of the pass that will plan
+        it (None: nothing to plan). Returns at once: the API acknowledges a report when it
+        is stored, not after its pass (50 POPs reporting at once were answered one pass
+        later, seconds at 10,000 VIPs; agents never needed the wait: a plan the report
+        changes wakes their long-poll). Reports that arrive together share one pass. A
+        report that says what the POP's previous, still fresh, report said changes no plan:
+        it is stored (it keeps the POP fresh) and the next pass sees it."""
         previous = self.reports.get(report.pop)
         report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
         if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
-            return
+            return None
         loop = asyncio.get_running_loop()
         # A report with check ages (a failure starting or confirmed here, evidence asked of
         # it) is what a POP's withdrawal is waiting for: planned in the next turn of the
@@ -456,10 +465,25 @@ class Controller:
             self._pending = loop.create_future()
             self._pending_timer = (loop.call_soon(self._planned_reports) if urgent
                                    else loop.call_later(REPORT_BATCH, self._planned_reports))
+            self._unplanned = self._pending
         elif urgent and isinstance(self._pending_timer, asyncio.TimerHandle):
             self._pending_timer.cancel()
             self._pending_timer = loop.call_soon(self._planned_reports)
-        await asyncio.shield(self._pending)
+        return self._pending
+
+    async def take_report(self, report: PopReport) -> None:
+        """accept_report(), then return once a pass has planned with the report."""
+        pending = self.accept_report(report)
+        if pending is not None:
+            await asyncio.shield(pending)
+
+    async def settled(self) -> None:
+        """Return once every report accepted so far has been planned: what a read that must
+        see them waits for (status, explain, snapshot, a whole plan). Passes plan reports in
+        the order they were accepted, so the newest report's pass covers all before it."""
+        pending = self._unplanned
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
 
     def _min_stale_after(self) -> float:
         return self._index().stale_after
@@ -641,8 +665,8 @@ class Controller:
             self._again = True
 
     async def _drive(self) -> None:
-        """Passes until nothing is dirty or waiting. Reports waiting for a pass are answered
-        after the first pass that began after they were stored."""
+        """Passes until nothing is dirty or waiting. The futures of reports waiting for a pass
+        are resolved after the first pass that began after they were stored."""
         engine = self._get_engine()
         while True:
             self._again = False
@@ -660,6 +684,7 @@ class Controller:
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)
+                        w.exception()  # retrieved: a report acknowledged without waiting is no "never retrieved" error
                 if not self._waiting:
                     return
                 continue
@@ -677,7 +702,10 @@ class Controller:
             if self._staged is not p:
                 return  # replan() finished and published it meanwhile
         self._staged = None
-        self._publish(engine.commit(p), now)
+        self._publish(engine.commit(p), now, defer=True)
+        while not self._serve_unserved(SLICE_S):
+            await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
+        self._save()
 
     def _get_engine(self) -> Engine:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
@@ -698,8 +726,9 @@ class Controller:
         self._check_gate()
         return self.result or result
 
-    def _publish(self, changes: Changes, now: float) -> PlanResult:
-        """Log, persist and serve what a committed pass changed."""
+    def _publish(self, changes: Changes, now: float, defer: bool = False) -> PlanResult:
+        """Log, persist and serve what a committed pass changed (``defer``: the caller serves,
+        with _serve_unserved, then saves)."""
         engine = self._get_engine()
         for a in changes.new_alarms:
             log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
@@ -733,13 +762,38 @@ class Controller:
                     specs[fv.name] = vip_to_dict(fv.vip)
                     pops.update(fv.publish)
             self._spec_dicts = (self.desired, specs)
-        spec_dicts = self._spec_dicts[1]
-        held = self._held_spec_dicts(spec_dicts, pops)
+        # (adds to ``pops`` the POPs whose held definitions changed: a wave began, a rollback)
+        self._held_spec_dicts(self._spec_dicts[1], pops)
         for pop in self.desired.pops:
             if pop.name in pops or pop.name not in self.served:
-                self._serve(pop.name, engine.items.get(pop.name, {}), held.get(pop.name, spec_dicts))
-        self._save()
+                self._unserved[pop.name] = None
+        if not defer:
+            self._serve_unserved()
+            self._save()
         return result
+
+    def _serve_unserved(self, budget_s: float | None = None) -> bool:
+        """Serve the POPs whose plans a committed pass may have changed, from the engine's
+        items as they are now, for about ``budget_s`` seconds (None: all); True when none
+        is left. A pass in slices serves POP by POP between turns of the event loop (after a
+        cold start, 50 plans of 10,000 entries took seconds in one piece); any pass that
+        runs meanwhile serves the rest, so no POP is left with an older plan."""
+        engine = self._get_engine()
+        start = time.perf_counter()
+        known = {p.name for p in self.desired.pops}
+        while self._unserved:
+            spec_dicts = self._spec_dicts[1]
+            changed: set[str] = set()  # (the rollout moved on between two POPs: theirs too)
+            held = self._held_spec_dicts(spec_dicts, changed)
+            for name in changed:
+                self._unserved.setdefault(name, None)
+            pop = next(iter(self._unserved))
+            del self._unserved[pop]
+            if pop in known:
+                self._serve(pop, engine.items.get(pop, {}), held.get(pop, spec_dicts))
+            if budget_s is not None and time.perf_counter() - start >= budget_s:
+                break
+        return not self._unserved
 
     def _held_spec_dicts(self, spec_dicts: dict[str, dict[str, Any]],
                          pops: set[str]) -> Mapping[str, Mapping[str, dict[str, Any]]]:

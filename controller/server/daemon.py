@@ -392,7 +392,10 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             if reload_now.is_set() or watcher.changed():
                 reload_now.clear()
                 try:
-                    new = watcher.load()
+                    # In a worker thread: parsing a changed 5.5 MB vips.yaml is ~0.5 s of Python,
+                    # which would stall every request; the thread gives the event loop the GIL
+                    # back every few milliseconds. Only this loop touches the watcher.
+                    new = await asyncio.to_thread(watcher.load)
                     if tls is not None or new.api.tls is not None:
                         _reload_tls(tls, new)
                     _reload_signing_key(app, new)

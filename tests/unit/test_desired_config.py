@@ -254,3 +254,43 @@ def test_an_empty_allowed_list_and_a_hold_down_above_its_maximum_are_refused(tmp
     errs = errors(d)
     assert "controller.yaml: allowed_prefixes: at least one prefix is needed" in errs
     assert "controller.yaml: policy.dampening.hold_down: 900 is above max_hold_down 600" in errs
+
+
+def test_the_vip_file_is_cut_as_the_line_by_line_definition_cuts_it() -> None:
+    """_split_vips cuts with regular expressions; _split_vips_lines says what the cut is, line by
+    line. Random texts of the shapes that matter (entries at one or several indentations,
+    deeper lines, comments and blanks anywhere, a continuation at the entries' indentation,
+    odd whitespace, no final newline) must be cut the same, or refused by both."""
+    import random
+    import time
+
+    from controller.config.desired import _split_vips, _split_vips_lines
+
+    entries = ["- name: a", "- x: 1", "-  spaced", "- - nested"]
+    deeper = ["name: b", "address: 10.0.0.1/32", "publish: [sjc, fra]", "- listed", "d: \"two"]
+    blanks = ["# a comment", "#", ""]
+    breakers = ["-", "lines\"", "vips:", "other: 1", "x:\r", "caf\u00e9: 1", "\x0c", "name: c"]
+    seed = time.time_ns() % 100_000
+    cut = 0
+    for s in [*range(400), seed]:
+        rng = random.Random(s)
+        head = rng.choice(["", "# top\n", "\n", "  \n# c\n"])
+        base = rng.choice([0, 2, 4])
+        lines = []
+        for _ in range(rng.randint(0, 12)):
+            kind = rng.random()
+            if kind < 0.3 or not lines:
+                lines.append(" " * base + rng.choice(entries))
+            elif kind < 0.85:
+                lines.append(" " * (base + rng.choice([2, 4, 1])) + rng.choice(deeper))
+            elif kind < 0.95:
+                lines.append(" " * rng.randint(0, base + 4) + rng.choice(blanks))
+            else:
+                lines.append(" " * rng.randint(0, base + 2) + rng.choice(breakers))
+        text = head + rng.choice(["vips:", "vips:  # the VIPs", "vips: []"]) + "\n" + "\n".join(lines)
+        if rng.random() < 0.7:
+            text += "\n"
+        got = _split_vips(text)
+        assert got == _split_vips_lines(text), (s, text)
+        cut += got is not None
+    assert cut > 100  # the texts are mostly of the shape that is cut, not all refused
