@@ -22,6 +22,7 @@ SCENARIOS, and it runs in ``make test`` and the report.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -838,7 +839,11 @@ def ipv6_vip_config(topo: Topology) -> Callable[[Path], None]:
     eu-central) at their IPv6 addresses and backends. Published at sjc and fra only: the
     change-budget scenarios (s9, s10) hold a change by the share of (VIP, POP) pairs it
     withdraws, and a third POP (8 pairs) would let s10's removal of api-eu (2 of 8, the 25 %
-    budget) pass unheld. c-ap then reaches it through t-na or t-eu, whichever its transit chose."""
+    budget) pass unheld. c-ap then reaches it through t-na or t-eu, whichever its transit chose.
+    Its failover quorum is both POPs (1.0): with the example's half, one POP of two that sees
+    the primary down is a quorum and moves the VIP everywhere, so a failure seen by one POP
+    (s12) would move it instead of withdrawing it there, whenever that POP's report shows the
+    primary down before the secondary."""
     def edit(config_dir: Path) -> None:
         path = config_dir / "vips.yaml"
         data = yaml.safe_load(path.read_text())
@@ -849,9 +854,9 @@ def ipv6_vip_config(topo: Topology) -> Callable[[Path], None]:
             origin = by_region[o["region"]]
             origins.append({"region": o["region"], "next_hop": origin.address6,
                             "backends": [f"[{origin.address6}]:{port}" for port in origin.ports]})
-        data["vips"].append({**{k: v for k, v in v4.items() if k in ("check", "attributes")},
+        data["vips"].append({**{k: copy.deepcopy(v) for k, v in v4.items() if k in ("check", "attributes")},
                              "name": NAME6, "address": f"{topo.vips6[0]}/128", "publish": PUBLISH6,
-                             "origins": origins})
+                             "policy": {"failover": {"quorum": 1.0}}, "origins": origins})
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     return edit
 
