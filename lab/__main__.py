@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 
 from .cleanup import sweep
-from .fleet import AGENT_LINK, AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet
+from .fleet import AGENT_LINK, AGENT_LINK6, AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, Fleet, host_prefix
 from .frr import FrrRouter
 from .netns import LAB_ROOT, Lab, LabError, Netns, list_netns
+from .scenarios import ipv6_vip_config
 from .topology import DEFAULT, Topology, load_topology
 
 PREFIX = os.environ.get("ANYCAST_LAB_PREFIX", "lab-")  # the tests use their own
@@ -43,7 +44,8 @@ def up(topology: Path) -> int:
     topo = load_topology(topology)
     lab = Lab(PREFIX, root=ROOT, unique=False)
     try:
-        fleet = Fleet(lab, topo, prometheus=True).up()
+        # A dual-stack topology: the example controller config plus an IPv6 VIP (game-global-v6).
+        fleet = Fleet(lab, topo, prometheus=True, controller_edit=ipv6_vip_config(topo) if topo.ipv6 else None).up()
         for vip in topo.vips[:1]:
             fleet.wait_converged(vip, 90)
     except Exception:
@@ -89,31 +91,34 @@ def status() -> int:
     for t in [*(t.node for t in topo.transits), *(p.router for p in topo.pops)]:
         try:
             summary = _router(t).vtysh_json("show bgp ipv4 unicast summary json")
+            peers = summary.get("peers", {})
+            if topo.ipv6:  # the IPv6 twins
+                peers |= _router(t).vtysh_json("show bgp ipv6 unicast summary json").get("peers", {})
         except (LabError, OSError) as exc:
             print(f"  {t:<8} bgpd not answering: {exc}")
             continue
-        peers = summary.get("peers", {})
         sessions = ", ".join(f"{addr} {'up' if p.get('state') == 'Established' else p.get('state')}"
                              for addr, p in sorted(peers.items()))
         print(f"  {t:<8} AS {summary.get('as')}: {sessions}")
     print("who announces what (POP router's table, path from its agent):")
     for p in topo.pops:
         row = []
-        for vip in topo.vips:
+        for vip in (*topo.vips, *topo.vips6):
             try:
-                entry = _router(p.router).bgp_route(f"{vip}/32")
+                entry = _router(p.router).bgp_route(host_prefix(vip))
             except (LabError, OSError):
                 entry = None
-            mine = entry is not None and any(x.get("peer", {}).get("peerId") == AGENT_LINK[1]
+            agent = AGENT_LINK6[1] if ":" in vip else AGENT_LINK[1]
+            mine = entry is not None and any(x.get("peer", {}).get("peerId") == agent
                                              for x in entry.get("paths", []))
             row.append(f"{vip} {'announced' if mine else '-'}")
         print(f"  {p.name:<4} " + "   ".join(row))
     print("where each client's transit sends each VIP:")
     for c in topo.clients:
         row = []
-        for vip in topo.vips:
+        for vip in (*topo.vips, *topo.vips6):
             try:
-                entry = _router(c.transit).bgp_route(f"{vip}/32")
+                entry = _router(c.transit).bgp_route(host_prefix(vip))
             except (LabError, OSError):
                 entry = None
             best = next((x for x in (entry or {}).get("paths", []) if x.get("bestpath", {}).get("overall")), None)

@@ -8,10 +8,16 @@ VIPs on loopback, lab.backend as CLB backends and on port 80), clients (lab.clie
 Traffic: client -> its transit -> (BGP best path) a POP router -> that POP's agent host,
 which routes the VIP to the active origin (the agent's kernel route) and NATs to its
 backbone address, so an origin's answer names the POP the request came through.
+
+A dual-stack topology (``ipv6:`` in its file) adds IPv6 on every link but the management
+network, an IPv6 twin of every BGP session (IPv6 unicast only on it; the IPv4 sessions carry
+IPv4 only), the IPv6 VIPs on the origins, IPv6 backends, and the same NAT and fallback
+routes in IPv6. Each agent runs one ExaBGP with both sessions to its POP router.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -32,6 +38,8 @@ from .topology import Client, Pop, Topology
 
 LAB_TOKENS = ROOT / "configs" / "controller" / "lab-tokens"  # operator.token, <pop>.token
 AGENT_LINK = ("100.64.1.1", "100.64.1.2")  # POP router, agent host: the same /30 in every POP
+AGENT_LINK6 = ("2001:db8:64:1::1", "2001:db8:64:1::2")  # the same in IPv6 (a /64), dual-stack topologies
+VIP6_RANGE = "2001:db8:51::/48"  # the IPv6 VIPs (as configs/agent-sjc-controlled.yaml allows)
 CONTROLLER_PORT, CONTROLLER_METRICS_PORT, PROMETHEUS_PORT, AGENT_METRICS_PORT = 9800, 9801, 9090, 9701
 
 BFDD = """\
@@ -55,17 +63,36 @@ def _neighbor(addr: str, asn: int, bfd: bool) -> list[str]:
     return lines + ([f" neighbor {addr} bfd profile fast"] if bfd else [])
 
 
+def _ipv6_twins(sessions: list[tuple[str, int, bool]], ipv4_af: list[str], ipv6_af: list[str]) -> list[str]:
+    """The IPv6 sessions (address, ASN, BFD) as neighbor lines; each is taken out of
+    ``ipv4_af`` (FRR activates IPv4 unicast on every neighbor) and activated in ``ipv6_af``."""
+    lines = [line for addr, asn, bfd in sessions for line in _neighbor(addr, asn, bfd)]
+    ipv4_af += [f"  no neighbor {addr} activate" for addr, _, _ in sessions]
+    ipv6_af += [f"  neighbor {addr} activate" for addr, _, _ in sessions]
+    return lines
+
+
 def transit_bgpd(topo: Topology, node: str, log: Path) -> str:
     t = topo.transit(node)
     lines = _bgp_header(node, t.asn, _transit_router_id(topo, node), log)
+    v6: list[tuple[str, int, bool]] = []  # the IPv6 twins (dual-stack topologies)
     for k, (a, b) in enumerate(topo.transit_links):
         if node in (a, b):
             theirs = topo.transit_link(k)[1 if node == a else 0]
             lines += _neighbor(theirs, topo.transit(b if node == a else a).asn, bfd=False)
+            v6.append((topo.transit_link6(k)[1 if node == a else 0], topo.transit(b if node == a else a).asn, False))
     for p in topo.pops:
         if p.transit == node:
             lines += _neighbor(p.uplink[1], p.asn, bfd=True)
-    lines += [" address-family ipv4 unicast", "  redistribute connected", " exit-address-family", "!"]
+            v6.append((p.uplink6[1], p.asn, True))
+    ipv4_af = [" address-family ipv4 unicast", "  redistribute connected"]
+    ipv6_af = [" address-family ipv6 unicast", "  redistribute connected"]
+    if topo.ipv6:
+        lines += _ipv6_twins(v6, ipv4_af, ipv6_af)
+    lines += [*ipv4_af, " exit-address-family"]
+    if topo.ipv6:
+        lines += [*ipv6_af, " exit-address-family"]
+    lines += ["!"]
     return "\n".join(lines) + "\n"
 
 
@@ -80,11 +107,23 @@ def pop_bgpd(topo: Topology, pop: Pop, log: Path) -> str:
     lines = _bgp_header(pop.router, pop.asn, mine, log)
     lines += _neighbor(transit_side, topo.transit(pop.transit).asn, bfd=True)
     lines += _neighbor(AGENT_LINK[1], topo.agent_asn, bfd=False)
-    lines += [" address-family ipv4 unicast", f"  neighbor {AGENT_LINK[1]} route-map NONE out",
-              f"  neighbor {transit_side} route-map VIPS-ONLY out", " exit-address-family", "!",
-              "ip prefix-list VIPS seq 5 permit 198.51.100.0/24 le 32", "!",
+    ipv4_af = [" address-family ipv4 unicast", f"  neighbor {AGENT_LINK[1]} route-map NONE out",
+               f"  neighbor {transit_side} route-map VIPS-ONLY out"]
+    ipv6_af = [" address-family ipv6 unicast"]
+    if topo.ipv6:
+        lines += _ipv6_twins([(pop.uplink6[0], topo.transit(pop.transit).asn, True),
+                              (AGENT_LINK6[1], topo.agent_asn, False)], ipv4_af, ipv6_af)
+        ipv6_af += [f"  neighbor {AGENT_LINK6[1]} route-map NONE out",
+                    f"  neighbor {pop.uplink6[0]} route-map VIPS6-ONLY out"]
+    lines += [*ipv4_af, " exit-address-family"]
+    if topo.ipv6:
+        lines += [*ipv6_af, " exit-address-family"]
+    lines += ["!", "ip prefix-list VIPS seq 5 permit 198.51.100.0/24 le 32", "!",
               "route-map VIPS-ONLY permit 10", " match ip address prefix-list VIPS", "!",
               "route-map NONE deny 10", "!"]
+    if topo.ipv6:
+        lines += [f"ipv6 prefix-list VIPS6 seq 5 permit {VIP6_RANGE} le 128", "!",
+                  "route-map VIPS6-ONLY permit 10", " match ipv6 address prefix-list VIPS6", "!"]
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +131,13 @@ def pop_staticd(topo: Topology) -> str:
     """A floating VIP route toward the agent host (distance 250): while the upstream has
     not yet switched away after a withdrawal, VIP packets still go to the POP's service
     side instead of looping back upstream (LAB-NOTES: 3-5 failed requests without it)."""
-    return "".join(f"ip route {v}/32 {AGENT_LINK[1]} 250\n" for v in topo.vips)
+    return "".join(f"ip route {v}/32 {AGENT_LINK[1]} 250\n" for v in topo.vips) + \
+        "".join(f"ipv6 route {v}/128 {AGENT_LINK6[1]} 250\n" for v in topo.vips6)
+
+
+def host_prefix(vip: str) -> str:
+    """The VIP's host route: ``A/32``, or ``A/128`` for an IPv6 VIP."""
+    return f"{vip}/128" if ":" in vip else f"{vip}/32"
 
 
 class Fleet:
@@ -175,6 +220,38 @@ class Fleet:
             add_addr(ns[c.transit], f"to-{c.node}", c.link[0] + "/30")
             add_addr(cl, "eth0", c.link[1] + "/30")
             cl.run(["ip", "route", "add", "default", "via", c.link[0]])
+        if topo.ipv6:
+            self.build_network6()
+
+    def build_network6(self) -> None:
+        """The IPv6 half of a dual-stack topology, on the links ``build_network`` made (the
+        same picture, the same roles: module docstring)."""
+        topo, ns = self.topo, self.nodes
+        for o in topo.origins:
+            add_addr(ns[o.node], "br0", f"{o.address6}/64")
+            for vip in topo.vips6:
+                add_addr(ns[o.node], "lo", f"{vip}/128")
+        for k, (a, b) in enumerate(topo.transit_links):
+            add_addr(ns[a], f"to-{b}", topo.transit_link6(k)[0] + "/64")
+            add_addr(ns[b], f"to-{a}", topo.transit_link6(k)[1] + "/64")
+        for p in topo.pops:
+            rtr, host = ns[p.router], ns[p.agent]
+            add_addr(ns[p.transit], f"to-{p.name}", p.uplink6[0] + "/64")
+            add_addr(rtr, "uplink", p.uplink6[1] + "/64")
+            add_addr(rtr, "eth-pop", AGENT_LINK6[0] + "/64")
+            add_addr(host, "eth-rtr", AGENT_LINK6[1] + "/64")
+            host.run(["ip", "-6", "route", "add", "default", "via", AGENT_LINK6[0]])
+            for o in topo.origins:
+                add_addr(host, f"eth-{o.node}", f"{p.backbone_address6(o)}/64")
+            host.run(["ip", "-6", "route", "add", VIP6_RANGE, "via", str(topo.origins[0].address6), "metric", "1000"])
+            ifaces = ", ".join(f'"eth-{o.node}"' for o in topo.origins)
+            host.run(["nft", "-f", "-"], input=(
+                "table ip6 lab_nat6 {\n chain post {\n  type nat hook postrouting priority 100;\n"
+                f"  oifname {{ {ifaces} }} masquerade\n }}\n}}\n"))
+        for c in topo.clients:
+            add_addr(ns[c.transit], f"to-{c.node}", c.link6[0] + "/64")
+            add_addr(ns[c.node], "eth0", c.link6[1] + "/64")
+            ns[c.node].run(["ip", "-6", "route", "add", "default", "via", c.link6[0]])
 
     def start_routers(self) -> None:
         for t in self.topo.transits:
@@ -191,8 +268,10 @@ class Fleet:
     # --- daemons ----------------------------------------------------------------------------
     def start_backends(self, node: str) -> None:
         o = next(o for o in self.topo.origins if o.node == node)
-        self.backends[node] = start_backend(self.nodes[node], self.lab.workdir(node), o.region,
-                                            [f"{o.address}:{p}" for p in o.ports] + ["0.0.0.0:80"])
+        listens = [f"{o.address}:{p}" for p in o.ports] + ["0.0.0.0:80"]
+        if self.topo.ipv6:
+            listens += [f"[{o.address6}]:{p}" for p in o.ports] + ["[::]:80"]
+        self.backends[node] = start_backend(self.nodes[node], self.lab.workdir(node), o.region, listens)
 
     def stop_backends(self, node: str) -> None:
         proc = self.backends.pop(node, None)
@@ -292,6 +371,9 @@ class Fleet:
         data["controller"]["token_file"] = str(LAB_TOKENS / f"{pop.name}.token")
         data["controller"]["url"] = f"https://{self.topo.controller_address}:{CONTROLLER_PORT}"
         self.tls.trust(data["controller"])
+        if self.topo.ipv6:  # the IPv6 session, in the same agent and ExaBGP as the IPv4 one
+            data["bgp"]["neighbors"].append({"address": AGENT_LINK6[0], "local_address": AGENT_LINK6[1],
+                                             "router_id": AGENT_LINK[1], "peer_as": pop.asn, "hold_time": 3})
         path = self.lab.workdir(pop.agent) / "agent.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
@@ -351,25 +433,31 @@ class Fleet:
         return result
 
     # --- clients ------------------------------------------------------------------------------
-    def client_log_path(self, client: str) -> Path:
-        return self.lab.workdir(client) / "requests.jsonl"
+    def client_log_path(self, client: str, family: int = 4) -> Path:
+        """The client's request log for its IPv4 VIP, or with ``family=6`` for its IPv6 VIP."""
+        return self.lab.workdir(client) / ("requests.jsonl" if family == 4 else "requests6.jsonl")
 
     def start_clients(self, vip: str, interval: float = 0.02, timeout: float = 0.5) -> None:
+        """A client in every client node, sending to ``vip``; an IPv6 VIP's run beside the
+        IPv4 ones (keyed ``NODE/6`` in ``clients``, logged apart: ``requests(..., family=6)``)."""
+        family = ipaddress.ip_address(vip).version
         for c in self.topo.clients:
-            self.client_log_path(c.node).unlink(missing_ok=True)
-            self.clients[c.node] = self.nodes[c.node].popen(
-                [sys.executable, "-m", "lab.client", "--vip", vip, "--out", str(self.client_log_path(c.node)),
+            out = self.client_log_path(c.node, family)
+            out.unlink(missing_ok=True)
+            self.clients[c.node if family == 4 else f"{c.node}/6"] = self.nodes[c.node].popen(
+                [sys.executable, "-m", "lab.client", "--vip", vip, "--out", str(out),
                  "--interval", str(interval), "--timeout", str(timeout)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT), env=lab_env())
 
     def stop_clients(self) -> None:
-        for node, proc in list(self.clients.items()):
-            self.nodes[node].terminate(proc.pid)
+        for key, proc in list(self.clients.items()):
+            self.nodes[key.removesuffix("/6")].terminate(proc.pid)
         self.clients.clear()
 
-    def requests(self, client: str, since: float = 0.0) -> list[dict[str, Any]]:
-        """The client's requests sent at or after ``since`` (unix time), each with ``pop``."""
-        path = self.client_log_path(client)
+    def requests(self, client: str, since: float = 0.0, family: int = 4) -> list[dict[str, Any]]:
+        """The client's requests sent at or after ``since`` (unix time), each with ``pop``
+        (to its IPv6 VIP with ``family=6``)."""
+        path = self.client_log_path(client, family)
         out = []
         for line in path.read_text().splitlines() if path.exists() else ():
             try:
@@ -383,15 +471,17 @@ class Fleet:
 
     # --- observing ----------------------------------------------------------------------------
     def announced(self, pop: str, vip: str) -> bool:
-        """The POP router has the VIP from its agent (the agent announces it)."""
-        entry = self.routers[self.topo.pop(pop).router].bgp_route(f"{vip}/32")
-        return entry is not None and any(p.get("peer", {}).get("peerId") == AGENT_LINK[1]
+        """The POP router has the VIP from its agent (the agent announces it; an IPv6 VIP
+        over the IPv6 session)."""
+        agent = AGENT_LINK6[1] if ":" in vip else AGENT_LINK[1]
+        entry = self.routers[self.topo.pop(pop).router].bgp_route(host_prefix(vip))
+        return entry is not None and any(p.get("peer", {}).get("peerId") == agent
                                          for p in entry.get("paths", []))
 
     def ingress(self, client: Client | str, vip: str) -> str | None:
         """The POP a client's transit sends the VIP's traffic to now (its FIB's best path)."""
         c = client if isinstance(client, Client) else next(x for x in self.topo.clients if x.node == client)
-        entry = self.routers[c.transit].bgp_route(f"{vip}/32")
+        entry = self.routers[c.transit].bgp_route(host_prefix(vip))
         if entry is None:
             return None
         for path in entry.get("paths", []):

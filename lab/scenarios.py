@@ -22,6 +22,7 @@ SCENARIOS, and it runs in ``make test`` and the report.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -36,14 +37,14 @@ from typing import Any
 
 import yaml
 
-from .checks import (agent_problems, client_problems, drop_rules, explain_problems, has_path_from, json_cmp,
+from .checks import (agent_problems, aspath, client_problems, drop_rules, explain_problems, has_path_from, json_cmp,
                      move_failures, path_subset, prepended, status_problems)
-from .fleet import AGENT_LINK, CONTROLLER_PORT, LAB_TOKENS, Fleet
+from .fleet import AGENT_LINK, AGENT_LINK6, CONTROLLER_PORT, LAB_TOKENS, Fleet, host_prefix
 from .metrics import parse
 from .multi_pop import git
 from .netns import LabError
 from .poll import wait_for, wait_for_equal
-from .topology import Pop
+from .topology import Pop, Topology
 
 VIP = "198.51.100.10"  # game-global: published at every POP, origins us-west then eu-central
 NAME = "game-global"
@@ -179,7 +180,7 @@ class IngressWatch:
                     self.changes.append((time.time(), c.node, pop))
             for t in self.f.topo.transits:
                 try:
-                    slim = _slim(self.f.routers[t.node].bgp_route(f"{self.vip}/32"))
+                    slim = _slim(self.f.routers[t.node].bgp_route(host_prefix(self.vip)))
                 except (LabError, OSError):
                     continue
                 if last_paths.get(t.node) != slim:
@@ -213,10 +214,10 @@ class IngressWatch:
         self._thread.join(5)
 
 
-def client_stats(f: Fleet, client: str, since: float, until: float) -> dict[str, Any]:
+def client_stats(f: Fleet, client: str, since: float, until: float, family: int = 4) -> dict[str, Any]:
     """Requests, failures, the outage window (first failure to the first success after the
-    last failure) and where the requests went."""
-    rs = [r for r in f.requests(client, since) if r["t"] <= until]
+    last failure) and where the requests went (to the IPv6 VIP with ``family=6``)."""
+    rs = [r for r in f.requests(client, since, family) if r["t"] <= until]
     failed = [r for r in rs if not r["ok"]]
     out: dict[str, Any] = {"requests": len(rs), "failed": len(failed), "outage_s": 0.0,
                            "served_by": sorted({f"{r['pop']}/{r['origin']}" for r in rs if r["ok"]})}
@@ -227,8 +228,8 @@ def client_stats(f: Fleet, client: str, since: float, until: float) -> dict[str,
     return out
 
 
-def first_success_via(f: Fleet, client: str, since: float, pops: set[str]) -> float | None:
-    return next((r["t"] for r in f.requests(client, since) if r["ok"] and r["pop"] in pops), None)
+def first_success_via(f: Fleet, client: str, since: float, pops: set[str], family: int = 4) -> float | None:
+    return next((r["t"] for r in f.requests(client, since, family) if r["ok"] and r["pop"] in pops), None)
 
 
 def ms(a: float | None, b: float | None) -> float | None:
@@ -276,13 +277,13 @@ def s1_steady_state(f: Fleet) -> dict[str, Any]:
 
 
 def _pop_leaves(f: Fleet, pop: str, client: str, t_break: float, watch: IngressWatch,
-                timeout: float = 15.0) -> dict[str, Any]:
+                timeout: float = 15.0, family: int = 4) -> dict[str, Any]:
     """Wait until ``client`` is served via another POP; the timings of the move."""
     others = {p.name for p in f.topo.pops} - {pop}
-    wait_for(lambda: first_success_via(f, client, t_break, others) is not None, timeout,
+    wait_for(lambda: first_success_via(f, client, t_break, others, family) is not None, timeout,
              desc=f"{client} served via another POP than {pop}")
     fib = watch.first_change(client, t_break)
-    moved = first_success_via(f, client, t_break, others)
+    moved = first_success_via(f, client, t_break, others, family)
     return {"fib_change_ms": ms(t_break, fib[0] if fib else None), "new_pop": fib[1] if fib else None,
             "first_success_via_new_pop_ms": ms(t_break, moved)}
 
@@ -585,6 +586,13 @@ def s8_drain(f: Fleet) -> dict[str, Any]:
 API_VIP, API_NAME = "198.51.100.20", "api-eu"  # published at fra and sjc
 
 
+def planned_pairs(f: Fleet, revision: str) -> int:
+    """The (VIP, POP) pairs the desired state at ``revision`` publishes: all announced when clean."""
+    r = subprocess.run(["git", "-C", str(f.config_dir), "show", f"{revision}:vips.yaml"],
+                       capture_output=True, text=True, check=True, timeout=10)
+    return sum(len(v["publish"]) for v in yaml.safe_load(r.stdout)["vips"] if v.get("enabled", True))
+
+
 def change_status(f: Fleet) -> dict[str, Any]:
     """/v1/status's config-change section ({} if the controller does not answer)."""
     c = (f.status() or {}).get("change")
@@ -618,7 +626,8 @@ def s9_everything_removed_is_held_then_confirmed_in_waves(f: Fleet) -> dict[str,
             rev = head_commit(f)[:12]
             held = wait_for(lambda: (c := change_status(f)).get("phase") == "held" and c, 30,
                             desc=f"revision {rev} held")
-            assert held["target"] == rev and "withdraws 5 of 5" in held["detail"], held
+            pairs = planned_pairs(f, base)
+            assert held["target"] == rev and f"withdraws {pairs} of {pairs}" in held["detail"], held
             wait_for_equal(lambda: change_phase_metric(f, "held"), ONE, 10, desc="the change_phase metric says held")
             status = f.status() or {}
             assert [a["kind"] for a in status["alarms"]] == ["change_held"], status["alarms"]
@@ -700,7 +709,9 @@ def s10_failed_wave_gate_rolls_back(f: Fleet) -> dict[str, Any]:
                     time.sleep(0.05)
                 t_back = time.time()
                 back = change_status(f)
-                assert back["target"] == rev and "fra reports every origin of game-global down" in back["detail"], back
+                # game-global, or in the dual-stack lab its IPv6 twin game-global-v6 (the same checks,
+                # cut together): whichever fra's report shows down first.
+                assert back["target"] == rev and "fra reports every origin of game-global" in back["detail"], back
                 status = f.status() or {}
                 assert "rollout_rolled_back" in [a["kind"] for a in status["alarms"]], status["alarms"]
                 wait_for_equal(lambda: change_phase_metric(f, "rolled_back"), ONE, 10,
@@ -824,3 +835,216 @@ def s11_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
 
 
 SCENARIOS.append(s11_stale_majority_real_failure)
+
+
+# --- IPv6 (issue 14, item 5): the /128 in the same agents, over the IPv6 sessions -----------------
+NAME6 = "game-global-v6"  # game-global's IPv6 twin, in the dual-stack lab (dual_stack_controller_config)
+PUBLISH6 = ["sjc", "fra"]
+
+
+def ipv6_vip_config(topo: Topology) -> Callable[[Path], None]:
+    """An edit of the controller config adding ``game-global-v6``: the topology's first IPv6
+    VIP (a /128) with game-global's checks and attributes, its origins (us-west, then
+    eu-central) at their IPv6 addresses and backends. Published at sjc and fra only: the
+    change-budget scenarios (s9, s10) hold a change by the share of (VIP, POP) pairs it
+    withdraws, and a third POP (8 pairs) would let s10's removal of api-eu (2 of 8, the 25 %
+    budget) pass unheld. c-ap then reaches it through t-na or t-eu, whichever its transit chose.
+    Its failover quorum is both POPs (1.0): with the example's half, one POP of two that sees
+    the primary down is a quorum and moves the VIP everywhere, so a failure seen by one POP
+    (s12) would move it instead of withdrawing it there, whenever that POP's report shows the
+    primary down before the secondary."""
+    def edit(config_dir: Path) -> None:
+        path = config_dir / "vips.yaml"
+        data = yaml.safe_load(path.read_text())
+        v4 = next(v for v in data["vips"] if v["name"] == NAME)
+        by_region = {o.region: o for o in topo.origins}
+        origins = []
+        for o in v4["origins"]:
+            origin = by_region[o["region"]]
+            origins.append({"region": o["region"], "next_hop": origin.address6,
+                            "backends": [f"[{origin.address6}]:{port}" for port in origin.ports]})
+        data["vips"].append({**{k: copy.deepcopy(v) for k, v in v4.items() if k in ("check", "attributes")},
+                             "name": NAME6, "address": f"{topo.vips6[0]}/128", "publish": PUBLISH6,
+                             "policy": {"failover": {"quorum": 1.0}}, "origins": origins})
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return edit
+
+
+def dual_stack_controller_config(topo: Topology) -> Callable[[Path], None]:
+    """``lab_controller_config`` (the lab's timers) plus ``ipv6_vip_config``."""
+    def edit(config_dir: Path) -> None:
+        lab_controller_config(config_dir)
+        ipv6_vip_config(topo)(config_dir)
+    return edit
+
+
+def vip6(f: Fleet) -> str:
+    return f.topo.vips6[0]
+
+
+def ensure_clients6(f: Fleet) -> None:
+    """IPv6 clients beside the IPv4 ones (started by the first IPv6 scenario, then kept)."""
+    if any(f"{c.node}/6" not in f.clients or f.clients[f"{c.node}/6"].poll() is not None for c in f.topo.clients):
+        f.start_clients(vip6(f))
+
+
+def clean6_problems(f: Fleet) -> list[str]:
+    """What keeps the IPv6 VIP from its clean state: planned and announced from the primary at
+    PUBLISH6 with its up attributes (as the POP routers and transits see them, over the IPv6
+    sessions), every agent's IPv6 session up, and every IPv6 client served via the POP its
+    transit picked (its nearest one where that publishes it) by the primary origin."""
+    v6, out = vip6(f), []
+    explain = f.explain(NAME6)
+    out += explain_problems(explain, PUBLISH6, PRIMARY)
+    up = explain["spec"]["attributes"]["up"] if explain else None
+    for p in f.topo.pops:
+        if p.name in PUBLISH6 and up is not None:
+            asns = prepended(f.topo.agent_asn, up)
+            comms = up.get("communities", [])
+            out += [f"{p.transit}, IPv6 path from {p.name}: {m}" for m in json_cmp(
+                f.routers[p.transit].bgp_route(host_prefix(v6)) or {}, path_subset(p.uplink6[1], [p.asn, *asns], comms))]
+            out += [f"{p.router}, IPv6 path from its agent: {m}" for m in json_cmp(
+                f.routers[p.router].bgp_route(host_prefix(v6)) or {},
+                path_subset(AGENT_LINK6[1], asns, comms, up.get("med")))]
+        scrape = parse(f.agent_metrics(p.name))
+        if scrape.value("anycast_bgp_neighbor_up", neighbor=AGENT_LINK6[0]) != 1.0:
+            out.append(f"{p.name}: the agent's IPv6 session to {AGENT_LINK6[0]} is not up")
+        announced = scrape.value("anycast_vip_announced", vip=NAME6)
+        if (announced == 1.0) != (p.name in PUBLISH6):
+            out.append(f"{p.name}: anycast_vip_announced{{vip={NAME6}}} = {announced}")
+    now = time.time()
+    for c in f.topo.clients:
+        pop = f.ingress(c, v6)
+        if pop not in PUBLISH6 or (f.nearest(c) in PUBLISH6 and pop != f.nearest(c)):
+            out.append(f"{c.transit} sends {c.node}'s IPv6 to {pop}")
+        elif pop is not None:
+            out += client_problems(f"{c.node} (IPv6)", f.requests(c.node, now - 0.5, 6), pop, PRIMARY)
+    return out
+
+
+def assert_clean6(f: Fleet, timeout: float = 60.0) -> None:
+    none: list[str] = []
+    wait_for_equal(lambda: clean6_problems(f), none, timeout, interval=0.25, desc="a clean IPv6 VIP")
+
+
+def _ipv4_unaffected(f: Fleet, stats4: dict[str, dict[str, Any]]) -> None:
+    """Every IPv4 client was served throughout, via its nearest POP, by the primary origin."""
+    for c in f.topo.clients:
+        s = stats4[c.node]
+        assert s["requests"] and s["failed"] == 0 and s["served_by"] == [f"{f.nearest(c)}/{PRIMARY}"], \
+            f"the IPv4 VIP was affected at {c.node}: {s}"
+
+
+# sjc's IPv6 health checks fail: its IPv6 path to the check ports is cut, IPv4's is not.
+CUT_CHECKS6 = " chain out { type filter hook output priority 0; meta nfproto ipv6 tcp dport { 8080, 8081 } drop; }"
+# us-west fails for IPv6 (its backends and the VIP's service port), for every POP; IPv4 answers.
+CUT_ORIGIN6 = " chain in { type filter hook input priority 0; meta nfproto ipv6 tcp dport { 80, 8080, 8081 } drop; }"
+
+
+def s12_ipv6_backend_failure_seen_by_one_pop(f: Fleet) -> dict[str, Any]:
+    """sjc's IPv6 checks fail (its IPv6 path to the check ports is cut; IPv4's is not): sjc
+    withdraws the /128 (reason ``backend_down`` in the plan and its agent's metrics), t-na
+    reaches it through fra, the IPv6 clients that entered at sjc move; sjc keeps announcing
+    the IPv4 VIP and no IPv4 request is lost or moved."""
+    ensure_clients6(f)
+    assert_clean(f)
+    assert_clean6(f)
+    v6, sjc, fra = vip6(f), f.topo.pop("sjc"), f.topo.pop("fra")
+    at_sjc = [c.node for c in f.topo.clients if f.ingress(c, v6) == "sjc"]
+    with IngressWatch(f, v6) as watch:
+        t0 = time.time()
+        with nft_drop(f, sjc.agent, CUT_CHECKS6):
+            kept4 = True
+            deadline = time.monotonic() + 20
+            while f.announced("sjc", v6):
+                kept4 = kept4 and f.announced("sjc", VIP)
+                assert time.monotonic() < deadline, "sjc still announces the /128 20 s after its IPv6 checks failed"
+                time.sleep(0.05)
+            withdrawn = time.time()
+            moved = _pop_leaves(f, "sjc", "c-na", t0, watch, family=6)
+            # t-na's best path to the /128 now comes from fra, through t-eu; none from sjc.
+            via_fra = aspath(f.topo.transit(fra.transit).asn, fra.asn, f.topo.agent_asn)
+
+            def best_via_fra() -> dict[str, Any] | None:
+                e = f.routers[sjc.transit].bgp_route(host_prefix(v6))
+                return e if e and not json_cmp(
+                    e, {"paths": [{"aspath": {"string": via_fra}, "bestpath": {"overall": True}}]}) else None
+
+            entry = wait_for(best_via_fra, 10, desc=f"{sjc.transit}'s best path to the /128 through fra")
+            assert not has_path_from(entry, sjc.uplink6[1]), f"{sjc.transit} still has sjc's path to the /128"
+            planned = wait_for(lambda: pop_item(f.explain(NAME6), "sjc"), 10, desc="sjc in /v1/explain")
+            assert not json_cmp(planned, {"reason": "backend_down", "active_origin": PRIMARY}), planned
+            wait_for_equal(lambda: agent_value(f, "sjc", "anycast_vip_reason", vip=NAME6, reason="backend_down"),
+                           ONE, 10, desc="sjc's agent exports reason backend_down for the /128")
+            # The IPv4 VIP at sjc: announced by the same agent, still sjc's at t-na.
+            assert agent_value(f, "sjc", "anycast_vip_announced", vip=NAME) == 1.0
+            assert f.ingress("c-na", VIP) == "sjc"
+            time.sleep(0.5)
+            kept4 = kept4 and f.announced("sjc", VIP)
+            t1 = time.time()
+        stats6 = {c.node: client_stats(f, c.node, t0, t1, 6) for c in f.topo.clients}
+        stats4 = {c.node: client_stats(f, c.node, t0, t1) for c in f.topo.clients}
+        moves = {c: sum(1 for t, n, _ in watch.changes if n == c and t0 <= t <= t1) for c in at_sjc}
+    assert_clean6(f)
+    assert_clean(f)
+    assert kept4, "sjc stopped announcing the IPv4 VIP while only its IPv6 checks failed"
+    _ipv4_unaffected(f, stats4)
+    for c in f.topo.clients:
+        s = stats6[c.node]
+        assert s["requests"], f"{c.node} sent no IPv6 request"
+        if c.node in at_sjc:  # at most the request in flight when its transit switched POPs
+            at = first_success_via(f, c.node, t0, {"fra"}, 6)
+            assert at is not None, f"{c.node}'s IPv6 requests were never served via fra"
+            lost = move_failures(c.node, [r for r in f.requests(c.node, t0, 6) if r["t"] <= t1], moves[c.node], at)
+            assert not lost, lost
+        else:
+            assert s["failed"] == 0, f"{c.node} (IPv6, not via sjc) lost requests: {s}"
+    return {**moved, "withdrawn_ms": ms(t0, withdrawn), "clients6": stats6, "clients": stats4}
+
+
+def s13_ipv6_origin_failover(f: Fleet) -> dict[str, Any]:
+    """us-west fails for IPv6 only (its node drops IPv6 to its backends and the VIP's port),
+    for every POP: the controller moves the /128 to eu-central at sjc and fra, which keep
+    announcing it; the IPv6 clients are served by eu-central after a short outage; the IPv4
+    VIP stays on us-west without losing a request. Failback after the hold-down."""
+    ensure_clients6(f)
+    assert_clean(f)
+    assert_clean6(f)
+    v6 = vip6(f)
+    t0 = time.time()
+    served: dict[str, float | None] = {c.node: None for c in f.topo.clients}
+    with nft_drop(f, "usw", CUT_ORIGIN6):
+        def all_on_secondary() -> bool:
+            for c in f.topo.clients:
+                served[c.node] = served[c.node] or next(
+                    (r["t"] for r in f.requests(c.node, t0, 6) if r["ok"] and r["origin"] == SECONDARY), None)
+            return all(served.values())
+
+        wait_for(all_on_secondary, 20, desc=f"every IPv6 client served by {SECONDARY}")
+        planned = wait_for(lambda: (e := f.explain(NAME6)) and not json_cmp(
+            e["pops"], [{"pop": p, "wanted": True, "active_origin": SECONDARY} for p in PUBLISH6]) and e,
+            10, desc=f"/v1/explain: the /128 from {SECONDARY} at {PUBLISH6}")
+        metrics = parse(f.controller_metrics())
+        assert metrics.value("anycast_controller_active_origin", vip=NAME6, origin=SECONDARY) == 1.0, planned
+        assert metrics.value("anycast_controller_active_origin", vip=NAME, origin=PRIMARY) == 1.0, \
+            f"{NAME} left {PRIMARY} when only {PRIMARY}'s IPv6 failed"
+        assert explain_problems(f.explain(NAME), [p.name for p in f.topo.pops], PRIMARY) == []
+        # Moved, not withdrawn (as in s4, after the move: an agent whose controller is slower
+        # than its confirm_timeout to answer may rightly withdraw for a moment before).
+        assert all(f.announced(p, v6) for p in PUBLISH6), f"a POP of {PUBLISH6} withdrew the /128 instead of moving it"
+        time.sleep(0.5)
+        t1 = time.time()
+    t_back = time.time()
+    stats6 = {c.node: client_stats(f, c.node, t0, t1, 6) for c in f.topo.clients}
+    stats4 = {c.node: client_stats(f, c.node, t0, t1) for c in f.topo.clients}
+    assert_clean6(f)  # failback to us-west after the hold-down (5 s in the lab)
+    failback = round(time.time() - t_back, 2)
+    assert_clean(f)
+    _ipv4_unaffected(f, stats4)
+    for c in f.topo.clients:  # (all_on_secondary waited for that; the report shows where)
+        assert any(s.endswith(f"/{SECONDARY}") for s in stats6[c.node]["served_by"]), stats6[c.node]
+    return {"first_success_on_eu_central_ms": {c: ms(t0, t) for c, t in served.items()},
+            "failback_after_restore_s": failback, "clients6": stats6, "clients": stats4}
+
+
+SCENARIOS += [s12_ipv6_backend_failure_seen_by_one_pop, s13_ipv6_origin_failover]

@@ -125,3 +125,17 @@ def test_the_wheel_ships_only_what_a_pop_needs(deb: Path) -> None:
         assert r.returncode != 0, f"{module} is installed in the package's virtualenv"
     r = run([str(BIN / "python"), "-c", "import controller.agent.daemon, controller.server.daemon, exabgp"], cwd="/")
     assert r.returncode == 0, r.stderr
+
+
+def test_the_installed_venv_sees_python3_systemd_and_nothing_else_of_debians(deb: Path) -> None:
+    # journald logging with VIP/POP/REASON fields (controller/logs.py) needs Debian's python3-systemd,
+    # which the package depends on; the venv sees that one package, not all of dist-packages.
+    assert "python3-systemd" in run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    probe = ("import json, systemd.journal, yaml, controller.logs as logs; "
+             "print(json.dumps([systemd.journal.__file__, yaml.__file__, logs._journal_handler('t') is not None]))")
+    r = run([str(BIN / "python"), "-c", probe], cwd="/")
+    assert r.returncode == 0, r.stderr
+    journal_file, yaml_file, handler = yaml.safe_load(r.stdout)
+    assert Path(journal_file).resolve().is_relative_to("/usr/lib/python3/dist-packages/systemd"), journal_file
+    assert Path(yaml_file).is_relative_to(OPT), yaml_file
+    assert handler is True

@@ -1,6 +1,8 @@
 """The FRR lab's scenarios (lab/scenarios.py) on the three-POP topology, as a user runs
 them: three transit routers, three POP routers with BFD, three agents with ExaBGP, the
 controller, Prometheus, two origins and three clients sending HTTP requests throughout.
+Dual-stack: every session has an IPv6 twin, and the controller an IPv6 VIP (game-global-v6,
+a /128 at sjc and fra) that s12 and s13 break, with IPv6 clients, while the IPv4 VIP carries on.
 
 The timings of every scenario go to a JSON report: $LAB_REPORT, else
 /tmp/anycast-lab-report.json (printed at the end of the module)."""
@@ -29,7 +31,8 @@ REPORT: dict[str, Any] = {}
 
 @pytest.fixture(scope="module")
 def fleet(lab_preflight: None) -> Iterator[Fleet]:
-    with lab_fleet("t-scn-", lambda lab: Fleet(lab, load_topology(), controller_edit=scenarios.lab_controller_config,
+    topo = load_topology()  # dual-stack: s12 and s13 are about its IPv6 VIP
+    with lab_fleet("t-scn-", lambda lab: Fleet(lab, topo, controller_edit=scenarios.dual_stack_controller_config(topo),
                                                prometheus=True), scenarios.VIP, REPORT,
                    Path(os.environ.get("LAB_REPORT", "/tmp/anycast-lab-report.json"))) as f:
         yield f
