@@ -1120,3 +1120,17 @@ def test_a_stop_that_cuts_a_batch_short_withdraws_what_was_in_flight(tmp_path: P
         assert bgp.lines[-1] == "withdraw attributes next-hop self nlri 198.51.100.10/32 198.51.100.11/32 198.51.100.12/32"
 
     run(scenario())
+
+
+def test_the_resilient_group_fallback_is_exported_with_its_reason(tmp_path: Path) -> None:
+    """A kernel that refused a resilient group (KernelAdapter.split_fallback) shows as
+    anycast_kernel_split_fallback{reason} = 1; every reason is exported, 0 until then."""
+    from controller.kernel.nexthop import SplitFallback
+
+    agent, _, kernel, registry = make_agent(config(tmp_path))
+    reasons = [r.value for r in SplitFallback]
+    assert reasons == ["not_supported", "invalid", "family_not_supported"]
+    assert [registry.get_sample_value("anycast_kernel_split_fallback", {"reason": r}) for r in reasons] == [0, 0, 0]
+    kernel.split_fallback = SplitFallback.INVALID  # what the adapter sets on EINVAL
+    assert [registry.get_sample_value("anycast_kernel_split_fallback", {"reason": r}) for r in reasons] == [0, 1, 0]
+    assert agent.snapshot().kernel_split_fallback is SplitFallback.INVALID
