@@ -815,3 +815,9 @@ def s11_stale_majority_real_failure(f: Fleet) -> dict[str, Any]:
 
 
 SCENARIOS.append(s11_stale_majority_real_failure)
+
+
+# --- traffic steering (issue 18): its own module, for the helpers above ----------------------
+from .steering_scenarios import s12_weighted_split_dial_and_origin_failure  # noqa: E402
+
+SCENARIOS.append(s12_weighted_split_dial_and_origin_failure)
