@@ -465,3 +465,37 @@ def test_metrics_export_each_origins_effective_weight_and_dial(tmp_path: Path) -
     assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": EU}) == 0.0
     assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": US}) == 100.0
     ctl.close()
+
+
+def test_a_stale_pop_with_its_own_preference_is_presumed_dark_by_its_own_active_origin() -> None:
+    """fra prefers eu-central; its last report (now stale) saw eu-central down and us-west up:
+    its agent, on its own checks, has likely withdrawn (its route is on eu-central). sjc and
+    sin then see every origin down and withdraw; syd sees both healthy. With fra presumed
+    dark the safety limit (at most half of the 4 POPs withdrawn) lets only one of sjc and
+    sin go. Judged by the default route's active origin (us-west, which fra saw up), fra
+    would count as announcing and both would go: syd alone left announcing."""
+    from controller.policy.model import PopReport
+    from controller.policy.planner import plan
+
+    pops = ("sjc", "fra", "sin", "syd")
+    d = fleet(pops)
+    fv = dataclasses.replace(d.vips[0], steering=FRA_PREFERS_EU)
+    d = dataclasses.replace(d, vips=(fv,))
+
+    def rep(pop: str, usw: bool, euc: bool, at: float) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {US: usw, EU: euc}}, {"game-global": True})
+
+    fra_last = rep("fra", True, False, 0.0)
+    r = plan(d, {"fra": fra_last, **{p: rep(p, True, True, 0.0) for p in ("sjc", "sin", "syd")}}, {}, 0.0,
+             PlannerState.initial())
+    assert r.item("fra", "game-global").active_origin == EU and r.item("sjc", "game-global").active_origin == US
+    stale_at = 0.0 + d.vips[0].policy.safety.report_stale_after + 5
+    now = {"fra": fra_last, "sjc": rep("sjc", False, False, stale_at), "sin": rep("sin", False, False, stale_at),
+           "syd": rep("syd", True, True, stale_at)}
+    r = plan(d, now, {}, stale_at, r.state)
+    r = plan(d, {**now, **{p: dataclasses.replace(now[p], received_at=stale_at + 2) for p in ("sjc", "sin", "syd")}},
+             {}, stale_at + 2, r.state)  # after the settle window
+    reasons = {p: r.item(p, "game-global").reason for p in pops}
+    assert reasons == {"sjc": "safety_hold", "fra": "report_stale", "sin": "backend_down", "syd": "healthy"}, reasons
+    assert r.item("sjc", "game-global").safety_hold
+    assert "1 not reporting and presumed not announcing: fra" in r.item("sjc", "game-global").explanation
