@@ -26,7 +26,7 @@ from typing import Any
 
 from .fleet import Fleet
 from .metrics import parse
-from .netns import add_addr
+from .netns import LabError, add_addr
 from .poll import wait_for
 from .scenarios import _anycastctl, _back_to_base, assert_clean, base_commit, change_status, ms, nft_drop
 from .steering import CLIENT, NO_TXREHASH, SERVER, client_do, survival
@@ -50,7 +50,16 @@ def steered_vip(f: Fleet) -> dict[str, Any]:
 
 def kernel_split(f: Fleet) -> dict[str, Any]:
     """The VIP's route on the POP host as the kernel holds it (``ip -j``): its group id and
-    type, the weight and bucket count per next hop, or the single gateway."""
+    type, the weight and bucket count per next hop, or the single gateway. The agent may
+    change it between the three reads (a group deleted after the route named it: "Dump
+    terminated"): then ``{"changing": why}``, which no wait accepts, so it polls again."""
+    try:
+        return _kernel_split(f)
+    except (LabError, KeyError) as exc:
+        return {"changing": str(exc)}
+
+
+def _kernel_split(f: Fleet) -> dict[str, Any]:
     host = f.nodes[f.topo.pop(STEER_POP).agent]
 
     def ip_json(*args: str) -> list[dict[str, Any]]:
@@ -155,7 +164,8 @@ def s12_weighted_split_dial_and_origin_failure(f: Fleet) -> dict[str, Any]:
                 assert dialed["nhid"] == first["nhid"], (first, dialed)  # replaced in place
                 assert controller_weights(f) == {HEAVY: 99.0, LIGHT: 100.0}
                 # Idle buckets move once idle for the group's idle timer (10 s); busy ones stay.
-                rebalanced = wait_for(lambda: (k := kernel_split(f))["buckets"].get(origins[LIGHT], 0) >= 63 and k,
+                rebalanced = wait_for(lambda: (k := kernel_split(f)).get("buckets", {}).get(origins[LIGHT], 0) >= 63
+                                      and k,
                                       90, interval=0.5, desc="eu-central holds its 64 of 128 buckets, or 63")
                 out["dial_to_rebalanced_ms"] = ms(t_dial, time.time())
                 asked = client_do(client, "ask")
