@@ -143,8 +143,9 @@ def s12_weighted_split_dial_and_origin_failure(f: Fleet) -> dict[str, Any]:
             t0 = time.time()
             f.commit(f"{STEER_NAME}: split 3:1 at {STEER_POP}")
             first = wait_for(lambda: (k := kernel_split(f)).get("weights") == {origins[HEAVY]: 3, origins[LIGHT]: 1}
-                             and f.announced(STEER_POP, STEER_VIP) and k, 60,
-                             desc=f"{STEER_NAME} announced at {STEER_POP} with a 3:1 group")
+                             and f.announced(STEER_POP, STEER_VIP) and f.ingress(STEER_CLIENT, STEER_VIP) == STEER_POP
+                             and k, 60, desc=f"{STEER_NAME} announced at {STEER_POP} with a 3:1 group, "
+                                             f"{STEER_CLIENT}'s transit routing it there")
             out["commit_to_announced_ms"] = ms(t0, time.time())
             assert first["type"] == "resilient" and sum(first["buckets"].values()) == 128, first
             assert abs(first["buckets"][origins[HEAVY]] - 96) <= 4, first
