@@ -1048,3 +1048,9 @@ def s13_ipv6_origin_failover(f: Fleet) -> dict[str, Any]:
 
 
 SCENARIOS += [s12_ipv6_backend_failure_seen_by_one_pop, s13_ipv6_origin_failover]
+
+
+# --- traffic steering (issue 18): its own module, for the helpers above ----------------------
+from .steering_scenarios import s14_weighted_split_dial_and_origin_failure  # noqa: E402
+
+SCENARIOS.append(s14_weighted_split_dial_and_origin_failure)

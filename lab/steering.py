@@ -36,9 +36,11 @@ from controller.kernel.netlink import KernelAdapter
 from controller.kernel.nexthop import ResilientSettings
 
 VIP = "198.51.100.77"
+VIP6 = "2001:db8:51::77"  # ipv6=True: the same topology over IPv6 (fd77::/64, fd78:K::/64), clients to VIP6
 PORT = 8080
+NO_TXREHASH = ("net.core.txrehash", "0")  # for client namespaces: see steering_lab
 
-_SERVER = r"""
+SERVER = r"""
 import asyncio, sys
 name = sys.argv[1].encode()
 async def serve(reader, writer):
@@ -50,35 +52,58 @@ async def serve(reader, writer):
         pass
     writer.close()
 async def main():
-    server = await asyncio.start_server(serve, sys.argv[2], int(sys.argv[3]), backlog=4096)
+    server = await asyncio.start_server(serve, sys.argv[2].split(","), int(sys.argv[3]), backlog=4096)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 asyncio.run(main())
 """
 
-# Reads commands on stdin, answers one JSON line each:
-#   open N    N persistent connections, each asked once -> {"origins": [name or null, ...]}
-#   ask       each open connection asked again -> {"origins": [name or null, ...]} (null: reset/timeout)
+# Arguments: VIP PORT [CONNECT_TIMEOUT READ_TIMEOUT] (seconds; 3 and 2 by default). Reads
+# commands on stdin, answers one JSON line each:
+#   open N [KEEP]  N persistent connections, each asked once -> {"origins": [name or null, ...]};
+#                  with KEEP (seconds), each is asked again every KEEP s in the background, so its
+#                  resilient-group bucket is never idle (an idle bucket may move on a weight change)
+#   ask       each open connection asked again -> {"origins": [name or null, ...], "stable": [bool, ...]}
+#             (null: reset/timeout; stable: every answer since open came from its first origin)
 #   split N   N new connections, one question each -> {"counts": {name: n}, "failed": n}
-_CLIENT = r"""
+#             (and "errors": {"connect ConnectionRefusedError": n, "ask eof": n, ...} if any failed)
+CLIENT = r"""
 import asyncio, json, sys
 host, port = sys.argv[1], int(sys.argv[2])
-conns = []
-async def ask(rw):
+connect_timeout, read_timeout = (float(a) for a in (sys.argv[3:5] if len(sys.argv) > 4 else (3.0, 2.0)))
+conns, first, stable, locks, keeper = [], [], [], [], []
+def error(errors, where, what):  # errors: {"connect ConnectionRefusedError": n, "ask eof": n, ...}
+    if errors is not None:
+        errors[f"{where} {what}"] = errors.get(f"{where} {what}", 0) + 1
+async def ask(rw, errors=None):
     reader, writer = rw
     try:
         writer.write(b"q\n"); await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 2.0)
-        return line.decode().strip() or None
-    except (OSError, asyncio.TimeoutError, ConnectionError):
+        line = await asyncio.wait_for(reader.readline(), read_timeout)
+    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        error(errors, "ask", type(exc).__name__)
         return None
-async def one():
+    if not line.strip():
+        error(errors, "ask", "eof")
+    return line.decode().strip() or None
+async def one(errors=None):
     try:
-        rw = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
-    except (OSError, asyncio.TimeoutError):
+        rw = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        error(errors, "connect", type(exc).__name__)
         return None, None
-    return rw, await ask(rw)
+    return rw, await ask(rw, errors)
+async def ask_i(i):
+    async with locks[i]:  # the keeper and a command never interleave on one stream
+        o = await ask(conns[i])
+    if o is None or o != first[i]:
+        stable[i] = False
+    return o
+async def keep(interval):
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.gather(*(ask_i(i) for i in range(len(conns))))
 async def main():
     loop = asyncio.get_running_loop()
     while True:
@@ -91,17 +116,28 @@ async def main():
             async def guarded():
                 async with sem:
                     return await one()
+            for task in keeper:
+                task.cancel()
+            keeper.clear()
+            for _, w in conns:
+                w.close()
             got = await asyncio.gather(*(guarded() for _ in range(int(arg[0]))))
             conns[:] = [rw for rw, _ in got if rw is not None]
+            first[:] = [o for rw, o in got if rw is not None]
+            stable[:] = [o is not None for o in first]
+            locks[:] = [asyncio.Lock() for _ in conns]
+            if len(arg) > 1:
+                keeper.append(asyncio.create_task(keep(float(arg[1]))))
             out = {"origins": [o for rw, o in got if rw is not None], "failed": sum(1 for rw, _ in got if rw is None)}
         elif cmd == "ask":
-            out = {"origins": list(await asyncio.gather(*(ask(rw) for rw in conns)))}
+            origins = list(await asyncio.gather(*(ask_i(i) for i in range(len(conns)))))
+            out = {"origins": origins, "stable": list(stable)}
         elif cmd == "split":
-            counts, failed = {}, 0
+            counts, failed, errors = {}, 0, {}
             sem = asyncio.Semaphore(64)
             async def single():
                 async with sem:
-                    rw, o = await one()
+                    rw, o = await one(errors)
                     if rw is not None:
                         rw[1].close()
                     return o
@@ -111,6 +147,8 @@ async def main():
                 else:
                     counts[o] = counts.get(o, 0) + 1
             out = {"counts": counts, "failed": failed}
+            if errors:
+                out["errors"] = dict(errors)
         print(json.dumps(out), flush=True)
 asyncio.run(main())
 """
@@ -127,6 +165,7 @@ def _sh(*argv: str) -> str:
 class SteeringLab:
     prefix: str
     origins: int
+    ipv6: bool = False
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     client: subprocess.Popen[str] | None = None
 
@@ -137,29 +176,40 @@ class SteeringLab:
     def origin_ns(self, k: int) -> str:
         return f"{self.prefix}-o{k}"
 
-    @staticmethod
-    def next_hop(k: int) -> str:
-        return f"10.78.{k}.2"
+    def next_hop(self, k: int) -> str:
+        return f"fd78:{k}::2" if self.ipv6 else f"10.78.{k}.2"
+
+    @property
+    def vip(self) -> str:
+        return VIP6 if self.ipv6 else VIP
 
     def route(self, weights: dict[int, int]) -> KernelRoute:
         """The VIP's route split across origins ``k`` by weight (one: a plain route)."""
-        return multipath(ip_network(f"{VIP}/32"), [(ip_address(self.next_hop(k)), w) for k, w in weights.items()])
+        return multipath(ip_network(f"{self.vip}/{128 if self.ipv6 else 32}"),
+                         [(ip_address(self.next_hop(k)), w) for k, w in weights.items()])
 
     def client_do(self, command: str) -> dict[str, Any]:
-        assert self.client is not None and self.client.stdin is not None and self.client.stdout is not None
-        self.client.stdin.write(command + "\n")
-        self.client.stdin.flush()
-        line = self.client.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the client exited ({command})")
-        out: dict[str, Any] = json.loads(line)
-        return out
+        assert self.client is not None
+        return client_do(self.client, command)
+
+
+def client_do(client: subprocess.Popen[str], command: str) -> dict[str, Any]:
+    """One command to a client started with CLIENT (see above) and its JSON answer."""
+    assert client.stdin is not None and client.stdout is not None
+    client.stdin.write(command + "\n")
+    client.stdin.flush()
+    line = client.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the client exited ({command})")
+    out: dict[str, Any] = json.loads(line)
+    return out
 
 
 @contextmanager
-def steering_lab(prefix: str, origins: int = 2) -> Iterator[SteeringLab]:
-    """The topology above, torn down (processes by PID, then the namespaces) pass or fail."""
-    lab = SteeringLab(prefix, origins)
+def steering_lab(prefix: str, origins: int = 2, ipv6: bool = False) -> Iterator[SteeringLab]:
+    """The topology above, torn down (processes by PID, then the namespaces) pass or fail
+    (``ipv6``: IPv6 addresses on every link too, and the client goes to VIP6)."""
+    lab = SteeringLab(prefix, origins, ipv6)
     names = [f"{prefix}-cli", lab.pop, *(lab.origin_ns(k) for k in range(1, origins + 1))]
     made: list[str] = []
     try:
@@ -174,8 +224,19 @@ def steering_lab(prefix: str, origins: int = 2) -> Iterator[SteeringLab]:
         for ns, dev in ((cli, "c0"), (pop, "p0")):
             _sh("ip", "-n", ns, "link", "set", dev, "up")
         _sh("ip", "-n", cli, "route", "add", "default", "via", "10.77.0.1")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"):
+        # The POP's L4 multipath hash takes a packet's skb hash when it has one, and over
+        # veth that is the client socket's own txhash, which TCP re-randomises on a
+        # retransmission or a spurious one (a late SYN-ACK on a loaded machine): the same
+        # connection would then hash to another bucket, another origin, and be reset. A NIC's
+        # RSS hash of the headers does not change so; without rehashing, neither does this one.
+        _sh("ip", "netns", "exec", cli, "sysctl", "-qw", f"{NO_TXREHASH[0]}={NO_TXREHASH[1]}")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1",
+                    "net.ipv6.conf.all.forwarding=1", "net.ipv6.fib_multipath_hash_policy=1"):
             _sh("ip", "netns", "exec", pop, "sysctl", "-qw", key)
+        if ipv6:  # nodad: usable at once (duplicate address detection would hold them ~2 s)
+            _sh("ip", "-n", cli, "addr", "add", "fd77::2/64", "dev", "c0", "nodad")
+            _sh("ip", "-n", pop, "addr", "add", "fd77::1/64", "dev", "p0", "nodad")
+            _sh("ip", "-n", cli, "-6", "route", "add", "default", "via", "fd77::1")
         for k in range(1, origins + 1):
             ons = lab.origin_ns(k)
             _sh("ip", "link", "add", f"u{k}", "netns", pop, "type", "veth", "peer", "name", "d0", "netns", ons)
@@ -185,13 +246,19 @@ def steering_lab(prefix: str, origins: int = 2) -> Iterator[SteeringLab]:
             _sh("ip", "-n", ons, "link", "set", "d0", "up")
             _sh("ip", "-n", ons, "addr", "add", f"{VIP}/32", "dev", "lo")
             _sh("ip", "-n", ons, "route", "add", "default", "via", f"10.78.{k}.1")
-            server = subprocess.Popen(["ip", "netns", "exec", ons, sys.executable, "-c", _SERVER, f"o{k}", VIP,
-                                       str(PORT)], stdout=subprocess.PIPE, text=True)
+            if ipv6:
+                _sh("ip", "-n", pop, "addr", "add", f"fd78:{k}::1/64", "dev", f"u{k}", "nodad")
+                _sh("ip", "-n", ons, "addr", "add", f"fd78:{k}::2/64", "dev", "d0", "nodad")
+                _sh("ip", "-n", ons, "addr", "add", f"{VIP6}/128", "dev", "lo", "nodad")
+                _sh("ip", "-n", ons, "-6", "route", "add", "default", "via", f"fd78:{k}::1")
+            server = subprocess.Popen(["ip", "netns", "exec", ons, sys.executable, "-c", SERVER, f"o{k}",
+                                       f"{VIP},{VIP6}" if ipv6 else VIP, str(PORT)], stdout=subprocess.PIPE, text=True)
             lab.procs.append(server)
             assert server.stdout is not None
             if server.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the server in {ons} did not start")
-        lab.client = subprocess.Popen(["ip", "netns", "exec", cli, sys.executable, "-c", _CLIENT, VIP, str(PORT)],
+        lab.client = subprocess.Popen(["ip", "netns", "exec", cli, sys.executable, "-c", CLIENT, lab.vip, str(PORT),
+                                       "10", "5"],  # generous timeouts: a loaded machine is slow, not lossy
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         lab.procs.append(lab.client)
         yield lab
@@ -203,14 +270,16 @@ def steering_lab(prefix: str, origins: int = 2) -> Iterator[SteeringLab]:
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def survival(before: list[str | None], after: list[str | None], gone: frozenset[str] = frozenset()) -> dict[str, int]:
+def survival(before: list[str | None], after: list[str | None], gone: frozenset[str] = frozenset(),
+             stable: list[bool] | None = None) -> dict[str, int]:
     """Of the connections established before, how many answered from the same origin after
-    (``gone``: origins that left; their connections are counted apart, they cannot survive)."""
+    (``gone``: origins that left; their connections are counted apart, they cannot survive;
+    ``stable``: the client's per-connection flag that every answer in between did too)."""
     kept = moved = lost_with_origin = 0
-    for b, a in zip(before, after):
+    for i, (b, a) in enumerate(zip(before, after)):
         if b in gone:
             lost_with_origin += 1
-        elif a == b:
+        elif a == b and (stable is None or stable[i]):
             kept += 1
         else:
             moved += 1

@@ -713,6 +713,7 @@ class Agent:
             peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),
             held_elsewhere=tuple(str(p) for p in unique((set(self.announced) | self.unsure) - own)),
             checks=self.scheduler.stats(lateness=False),
+            kernel_split_fallback=getattr(self.kernel, "split_fallback", None),
         )
 
     # --- main loop -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ members *in place*, so only the flows that must move do; next-hop objects no rou
 uses any more are deleted after each such sync. A kernel without next-hop groups (before
 5.3) or without resilient ones (before 5.13) refuses the group: the adapter then says so
 once, loudly, and installs every split route as a plain route toward its first next hop
-(``resilient_ok`` False, exported by the agent), which is what agents did before weights.
+(``split_fallback`` says why; the agent exports it), which is what agents did before weights.
 
 Errors are per item: a next hop without a connected route (ENETUNREACH) or a foreign
 route in our slot (EEXIST) fails that one route, the rest are still applied, and then
@@ -107,7 +107,9 @@ class KernelAdapter:
         self.protocol, self.table, self.metric = protocol, table, metric
         self.loopback, self.netns = loopback, netns
         self.resilient = resilient
-        self.resilient_ok = True  # False once the kernel refused a resilient group (see the module doc)
+        # Set once the kernel refused a resilient group, with why (see the module doc; the
+        # agent exports it as anycast_kernel_split_fallback{reason}).
+        self.split_fallback: nexthop.SplitFallback | None = None
         # One thread with its own event loop does all netlink work (see the module doc).
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._loop = self._thread.submit(asyncio.new_event_loop).result()
@@ -154,6 +156,11 @@ class KernelAdapter:
         if not self._loop.is_closed():
             self._thread.submit(self._loop.close).result()
         self._thread.shutdown(wait=True)
+
+    @property
+    def resilient_ok(self) -> bool:
+        """False once the kernel refused a resilient group: split routes go single-path."""
+        return self.split_fallback is None
 
     def __enter__(self) -> KernelAdapter:
         return self
@@ -313,9 +320,10 @@ class KernelAdapter:
             await nexthop.set_group(self._ipr, group_id, members, self.protocol, replace=replace,
                                     settings=self.resilient)
         except NetlinkError as exc:
-            if exc.code not in (errno_mod.EOPNOTSUPP, errno_mod.EINVAL, errno_mod.EAFNOSUPPORT):
+            reason = nexthop.split_fallback(exc.code)
+            if reason is None:
                 raise
-            self.resilient_ok = False
+            self.split_fallback = reason
             log.error("this kernel refused a resilient next-hop group (%s): split routes are installed "
                       "single-path toward their first next hop; traffic steering's weights are not applied "
                       "at this POP (needs Linux >= 5.13)", exc)

@@ -18,6 +18,7 @@ carrying packets is a live flow: it stays until ``unbalanced_timer`` forces the 
 
 from __future__ import annotations
 
+import enum
 import errno
 import socket
 import struct
@@ -37,6 +38,24 @@ USER_HZ = 100  # the kernel's clock_t for the group's timers
 
 # Ours: ids from here up (an id is global per namespace; others' ids are skipped).
 ID_BASE = 0x63000000
+
+
+class SplitFallback(enum.StrEnum):
+    """Why the kernel refused a resilient group (``netlink.KernelAdapter.split_fallback``):
+    split routes are then installed single-path toward their first next hop."""
+
+    NOT_SUPPORTED = "not_supported"  # EOPNOTSUPP: no next-hop groups of this type
+    INVALID = "invalid"  # EINVAL: the group's attributes are not understood (Linux < 5.13)
+    FAMILY_NOT_SUPPORTED = "family_not_supported"  # EAFNOSUPPORT: no next-hop objects for the family
+
+
+_FALLBACK_BY_ERRNO = {errno.EOPNOTSUPP: SplitFallback.NOT_SUPPORTED, errno.EINVAL: SplitFallback.INVALID,
+                      errno.EAFNOSUPPORT: SplitFallback.FAMILY_NOT_SUPPORTED}
+
+
+def split_fallback(code: int) -> SplitFallback | None:
+    """The fallback a refusal with this errno means (None: a real error, raised as such)."""
+    return _FALLBACK_BY_ERRNO.get(code)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ..config.model import Attributes
 from ..health.scheduler import SchedulerStats
 from ..health.state import Phase
 from ..health.watch import LossKind
+from ..kernel.nexthop import SplitFallback
 from .labelled import LabelledCounter, LabelledHistogram
 from .process import register_process_metrics
 
@@ -89,6 +90,7 @@ class AgentSnapshot:
     peers: tuple[PeerSnapshot, ...] = ()
     held_elsewhere: tuple[str, ...] = ()  # prefixes ExaBGP holds (or may) that are no VIP's
     checks: SchedulerStats | None = None  # the check scheduler's counts (watches, confirmations)
+    kernel_split_fallback: SplitFallback | None = None  # the kernel refused a resilient group: why
 
 
 class _SnapshotCollector(Collector):
@@ -159,6 +161,14 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily("anycast_plan_generation", "Generation of the plan the agent follows.",
                                 value=float(s.plan_generation))
         yield from _check_families(s.checks)
+        fallback = GaugeMetricFamily("anycast_kernel_split_fallback",
+                                     "1 while the kernel refuses resilient next-hop groups, by reason (not_supported, "
+                                     "invalid: Linux < 5.13, family_not_supported): split routes (traffic steering's "
+                                     "weights) are installed single-path toward their first next hop.",
+                                     labels=["reason"])
+        for cause in SplitFallback:
+            fallback.add_metric([cause.value], 1.0 if s.kernel_split_fallback == cause else 0.0)
+        yield fallback
         if s.controller_ok is not None:
             yield GaugeMetricFamily("anycast_controller_reachable",
                                     "1 if the last plan fetch from the controller worked (else the agent "

@@ -191,8 +191,9 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
     alarms: list[Alarm] = []
     if outcome == Outcome.ALL_ORIGINS_DOWN:
         alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, fv.name, note))
-    # The valve and the evidence reason about the default route's active origin (a POP with
-    # its own preference proposes on its own route; see README, traffic steering).
+    # Which POPs ask for evidence reasons about the default route's active origin (a POP with
+    # its own preference proposes on its own route, and the valve presumes a stale POP dark by
+    # its own route; see README, traffic steering).
     active = vmem.active
     shared = {kind: i for kind, i in shared_before.items()
               if i.active_origin == default.active and i.weights == default.weights}
@@ -206,7 +207,7 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
         memories = {pop: m if not m.withdrawn else replace(m, withdrawn=False) for pop, m in memories.items()}
         return _finish(fv, items, vmem, memories, "disabled: " + note, outcome, alarms, {}, None, fresh, drains, now,
                        (), routes)  # (disabled items never count down)
-    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, reports, active, vmem, now)
+    held, allowed, vmem, safety_alarms = _safety(fv, proposals, fresh, reports, routes, vmem, now)
     alarms += safety_alarms
     settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, routes,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
@@ -522,7 +523,7 @@ def _propose_kind(pop: str, report: PopReport | None, verdict: bool | None, mem:
 
 
 def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopReport],
-            reports: Mapping[str, PopReport], active: str, vmem: VipMemory,
+            reports: Mapping[str, PopReport], routes: _Routes, vmem: VipMemory,
             now: float) -> tuple[dict[str, str], set[str], VipMemory, list[Alarm]]:
     """Which proposed withdrawals to hold back. Returns (pop -> why held, pops allowed to
     withdraw, memory, alarms).
@@ -537,8 +538,9 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
     - With less evidence (a single fresh POP sees every origin down, the rest are stale), that
       is one POP's failure: it is withdrawn like any other, within the limits below.
     - The limits (fraction, minimum) count the POPs presumed announcing: a stale POP counts
-      only if its last report said it announced the VIP and did not see the active origin
-      down (else its agent, on its own checks, has likely withdrawn); a POP never heard from
+      only if its last report said it announced the VIP and did not see its route down (the
+      active origin of the order it follows, or every weighted origin: else its agent, on its
+      own checks, has likely withdrawn); a POP never heard from
       counts as announcing (unknown, as before).
     """
     s = fv.policy.safety
@@ -563,7 +565,7 @@ def _safety(fv: FleetVip, proposals: list[_Proposal], fresh: Mapping[str, PopRep
 
     # Stale POPs presumed not announcing count as withdrawn already (looked up only when
     # something would withdraw: the steady state pays nothing).
-    dark = _presumed_dark(fv, fresh, reports, {p.pop for p in withdrawing}, active) if withdrawing else []
+    dark = _presumed_dark(fv, fresh, reports, {p.pop for p in withdrawing}, routes) if withdrawing else []
     limit = max(0, min(math.floor(s.max_withdraw_fraction * n) - len(dark), n - len(dark) - s.min_announcing_pops))
     # POPs already withdrawn stay withdrawn first (no flapping between POPs), then by name.
     ordered = sorted(withdrawing, key=lambda p: (not p.previously_withdrawn, p.pop))
@@ -613,10 +615,12 @@ def _all_down(verdicts: Mapping[str, bool | None]) -> bool:
 
 
 def _presumed_dark(fv: FleetVip, fresh: Mapping[str, PopReport], reports: Mapping[str, PopReport],
-                   withdrawing: set[str], active: str) -> list[str]:
+                   withdrawing: set[str], routes: _Routes) -> list[str]:
     """The POPs whose reports are stale that are presumed not to announce the VIP: the last
-    report said it was not announced, or saw the active origin down (its agent acts on its
-    own checks while the controller cannot reach it). A POP never heard from (no report
+    report said it was not announced, or saw the POP's own route down (its agent acts on its
+    own checks while the controller cannot reach it; a POP with its own origin preference
+    judges its own active origin, a split route is down only when every weighted origin is,
+    as ``_verdict`` says for a fresh POP). A POP never heard from (no report
     since the controller started, none presumed) is unknown and counts as announcing, as it
     always did: most likely an agent on its cached plan, and nothing says otherwise."""
     name = fv.name
@@ -625,7 +629,8 @@ def _presumed_dark(fv: FleetVip, fresh: Mapping[str, PopReport], reports: Mappin
         if pop in fresh or pop in withdrawing:
             continue
         r = reports.get(pop)
-        if r is not None and (r.announced.get(name) is not True or r.origins.get(name, {}).get(active) is False):
+        if r is not None and (r.announced.get(name) is not True
+                              or _verdict(r.origins.get(name, {}), routes.of(pop)) is False):
             dark.append(pop)
     return dark
 

@@ -1146,3 +1146,17 @@ def test_the_kernel_route_comes_before_an_announcement_and_goes_after_a_withdraw
         assert kernel.routes == set()
 
     run(scenario())
+
+
+def test_the_resilient_group_fallback_is_exported_with_its_reason(tmp_path: Path) -> None:
+    """A kernel that refused a resilient group (KernelAdapter.split_fallback) shows as
+    anycast_kernel_split_fallback{reason} = 1; every reason is exported, 0 until then."""
+    from controller.kernel.nexthop import SplitFallback
+
+    agent, _, kernel, registry = make_agent(config(tmp_path))
+    reasons = [r.value for r in SplitFallback]
+    assert reasons == ["not_supported", "invalid", "family_not_supported"]
+    assert [registry.get_sample_value("anycast_kernel_split_fallback", {"reason": r}) for r in reasons] == [0, 0, 0]
+    kernel.split_fallback = SplitFallback.INVALID  # what the adapter sets on EINVAL
+    assert [registry.get_sample_value("anycast_kernel_split_fallback", {"reason": r}) for r in reasons] == [0, 1, 0]
+    assert agent.snapshot().kernel_split_fallback is SplitFallback.INVALID

@@ -441,3 +441,43 @@ def test_the_last_report_numbers_ride_on_the_alive_hint_across_restarts_and_cras
     fourth = controller(tmp_path, now)
     assert fourth.report_seqs == {"sjc": 1002, "fra": 7}
     fourth.close()
+
+
+def test_a_quick_restart_presumes_a_preferring_pops_verdict_about_its_own_active_origin(tmp_path: Path) -> None:
+    """fra prefers eu-central (steering.preference) and sees it down; sjc sees us-west down;
+    sin sees both healthy (game-global's quorum 0.6 here: no failover, 1 of 3 each). After a
+    quick restart fra's presumed report is about eu-central, the origin it judged (c59608d;
+    without it fra is presumed to see us-west down, a vote on an origin it did not judge, and
+    this test fails on the first assertion after the restart). sjc and sin stay on us-west."""
+    from controller.config.desired_model import FailoverPolicy, Preference, Steering
+
+    fv = DESIRED.vip("game-global")
+    assert fv is not None
+    steered = dataclasses.replace(fv, steering=Steering(preferences=(Preference(("fra",), ("eu-central", "us-west")),)),
+                                  policy=dataclasses.replace(fv.policy, failover=FailoverPolicy(quorum=0.6)))
+    desired = dataclasses.replace(DESIRED, state_dir=str(tmp_path),
+                                  vips=tuple(steered if v.name == "game-global" else v for v in DESIRED.vips))
+    now = [0.0]
+
+    def seen(pop: str, usw: bool, euc: bool, at: float) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": euc},
+                                      "api-eu": {"eu-central": True, "us-west": True}},
+                         {"game-global": True, "api-eu": True})
+
+    ctl = Controller(desired, clock=lambda: now[0])
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(seen(pop, True, True, 0.0))
+    now[0] = 1.0
+    for r in (seen("sjc", False, True, 1.0), seen("fra", True, False, 1.0), seen("sin", True, True, 1.0)):
+        ctl.add_report(r)
+    assert [ctl.item(p, "game-global").active_origin for p in ("sjc", "fra", "sin")] == \
+        ["us-west", "eu-central", "us-west"]  # type: ignore[union-attr]
+    ctl.close()
+    now[0] = 2.0  # well within report_stale_after: the last reports are presumed
+    ctl = Controller(desired, clock=lambda: now[0])
+    assert ctl.reports["fra"].origins["game-global"] == {"eu-central": False}
+    assert ctl.reports["sjc"].origins["game-global"] == {"us-west": False}
+    assert ctl.persisted.planner.vips["game-global"].active == "us-west"
+    kept = [ctl.item(p, "game-global").active_origin for p in ("sjc", "sin")]  # type: ignore[union-attr]
+    assert kept == ["us-west", "us-west"]
+    ctl.close()

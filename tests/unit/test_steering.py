@@ -465,3 +465,71 @@ def test_metrics_export_each_origins_effective_weight_and_dial(tmp_path: Path) -
     assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": EU}) == 0.0
     assert get("anycast_controller_origin_dial", {"vip": "api-eu", "origin": US}) == 100.0
     ctl.close()
+
+
+def test_a_stale_pop_with_its_own_preference_is_presumed_dark_by_its_own_active_origin() -> None:
+    """fra prefers eu-central; its last report (now stale) saw eu-central down and us-west up:
+    its agent, on its own checks, has likely withdrawn (its route is on eu-central). sjc and
+    sin then see every origin down and withdraw; syd sees both healthy. With fra presumed
+    dark the safety limit (at most half of the 4 POPs withdrawn) lets only one of sjc and
+    sin go. Judged by the default route's active origin (us-west, which fra saw up), fra
+    would count as announcing and both would go: syd alone left announcing."""
+    from controller.policy.model import PopReport
+    from controller.policy.planner import plan
+
+    pops = ("sjc", "fra", "sin", "syd")
+    d = fleet(pops)
+    fv = dataclasses.replace(d.vips[0], steering=FRA_PREFERS_EU)
+    d = dataclasses.replace(d, vips=(fv,))
+
+    def rep(pop: str, usw: bool, euc: bool, at: float) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {US: usw, EU: euc}}, {"game-global": True})
+
+    fra_last = rep("fra", True, False, 0.0)
+    r = plan(d, {"fra": fra_last, **{p: rep(p, True, True, 0.0) for p in ("sjc", "sin", "syd")}}, {}, 0.0,
+             PlannerState.initial())
+    assert r.item("fra", "game-global").active_origin == EU and r.item("sjc", "game-global").active_origin == US
+    stale_at = 0.0 + d.vips[0].policy.safety.report_stale_after + 5
+    now = {"fra": fra_last, "sjc": rep("sjc", False, False, stale_at), "sin": rep("sin", False, False, stale_at),
+           "syd": rep("syd", True, True, stale_at)}
+    r = plan(d, now, {}, stale_at, r.state)
+    r = plan(d, {**now, **{p: dataclasses.replace(now[p], received_at=stale_at + 2) for p in ("sjc", "sin", "syd")}},
+             {}, stale_at + 2, r.state)  # after the settle window
+    reasons = {p: r.item(p, "game-global").reason for p in pops}
+    assert reasons == {"sjc": "safety_hold", "fra": "report_stale", "sin": "backend_down", "syd": "healthy"}, reasons
+    assert r.item("sjc", "game-global").safety_hold
+    assert "1 not reporting and presumed not announcing: fra" in r.item("sjc", "game-global").explanation
+
+
+@pytest.mark.parametrize(("fra_saw", "sjc_reason"), [
+    ((False, True), "backend_down"),  # its agent splits to eu-central: announcing, both may go
+    ((False, False), "safety_hold"),  # every weighted origin down: presumed dark, sjc is kept
+])
+def test_a_stale_pop_of_a_split_vip_is_presumed_dark_only_if_it_saw_every_weighted_origin_down(
+        fra_saw: tuple[bool, bool], sjc_reason: str) -> None:
+    """Weights 3:1 at 6 POPs, at most 2 withdrawn (max_withdraw_fraction 0.34); fra's last
+    report (stale now) saw us-west down. sjc and sin see every origin down (2 of 5 fresh: the
+    weights stay), the rest both healthy. fra still announcing (via eu-central) leaves room
+    for sjc and sin; fra presumed dark (it saw both down) keeps sjc announcing."""
+    from controller.policy.model import PopReport
+    from controller.policy.planner import plan
+
+    pops = ("sjc", "fra", "sin", "syd", "lhr", "ams")
+    d = fleet(pops, safety={"max_withdraw_fraction": 0.34})
+    d = dataclasses.replace(d, vips=(dataclasses.replace(d.vips[0], steering=WEIGHTED),))
+
+    def rep(pop: str, usw: bool, euc: bool, at: float) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {US: usw, EU: euc}}, {"game-global": True})
+
+    healthy = ("syd", "lhr", "ams")
+    fra_last = rep("fra", *fra_saw, 0.0)
+    r = plan(d, {"fra": fra_last, **{p: rep(p, True, True, 0.0) for p in ("sjc", "sin", *healthy)}}, {}, 0.0,
+             PlannerState.initial())
+    t = d.vips[0].policy.safety.report_stale_after + 5
+    for at in (t, t + 2):  # the second after the settle window
+        r = plan(d, {"fra": fra_last, "sjc": rep("sjc", False, False, at), "sin": rep("sin", False, False, at),
+                     **{p: rep(p, True, True, at) for p in healthy}}, {}, at, r.state)
+    assert weights(r, "syd") == {US: 3, EU: 1}
+    reasons = {p: r.item(p, "game-global").reason for p in pops}
+    assert reasons == {"sjc": sjc_reason, "fra": "report_stale", "sin": "backend_down",
+                       **{p: "healthy" for p in healthy}}, reasons
