@@ -660,6 +660,14 @@ def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVi
     others = len(fv.publish) - 1
     if t0 is None or others <= 0:
         return ()
+    check = fv.vip.check
+    if mem.down_since is not None and mem.down_since - t0 > check.fall * (check.interval + check.timeout) + \
+            fv.policy.safety.settle:
+        # A failure older than its own confirmation (fall checks and the window) began before
+        # this window did: the window started again when a hold everywhere lifted (the checks
+        # recovering, each POP at its own moment). Another POP's checks recovering first prove
+        # nothing about this one's: it waits the whole window, as the hold's comment says.
+        return ()
     need = max(1, math.ceil(fv.policy.failover.quorum * others - 1e-9))
     seen = tuple(q for q, r in fresh.items()
                  if q != pop and (c := _checks(r, name, active)) is not None and c.ok_at is not None

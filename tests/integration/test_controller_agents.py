@@ -144,6 +144,11 @@ def agent_reload(fleet: MultiPop, pop: str, edit: Callable[[dict[str, Any]], Non
         f"{pop}'s agent rejected the edited config"
 
 
+def _settle_back(d: dict[str, Any]) -> None:
+    d["policy"]["safety"]["settle"] = 1.0
+    d["policy"]["safety"].pop("settle_on_evidence", None)
+
+
 def commit_policy(fleet: MultiPop, message: str, edit: Callable[[dict[str, Any]], None]) -> None:
     """Commit an edit of controller.yaml; return once the controller serves it."""
     before = status(fleet)
@@ -347,7 +352,10 @@ def test_checks_failing_at_one_pop_withdraw_there_only(fleet: MultiPop) -> None:
     healthy_everywhere(fleet)
     sent = {p: withdrawals(fleet, p) for p in fleet.pops}
     agent_reload(fleet, "sjc", lambda d: d["controller"].__setitem__("confirm_timeout", 60))
-    commit_policy(fleet, "settle 60 s", lambda d: d["policy"]["safety"].__setitem__("settle", 60.0))
+    # The fixed window only: the evidence-based settle would end it as soon as fra's fresh
+    # checks of us-west arrive (tens of ms), too soon to see the question asked.
+    commit_policy(fleet, "settle 60 s, no early end on evidence",
+                  lambda d: d["policy"]["safety"].update(settle=60.0, settle_on_evidence=False))
     settle_restored = False
     cut_checks(fleet, "sjc")
     try:
@@ -366,7 +374,7 @@ def test_checks_failing_at_one_pop_withdraw_there_only(fleet: MultiPop) -> None:
         assert withdrawals(fleet, "sjc") == sent["sjc"]
         # ...and was allowed: the settle window closes, the plan says backend_down.
         started = time.monotonic()
-        commit_policy(fleet, "settle back to 1 s", lambda d: d["policy"]["safety"].__setitem__("settle", 1.0))
+        commit_policy(fleet, "settle back to 1 s", _settle_back)
         settle_restored = True
         try:
             wait_for(lambda: not fleet.announced("sjc", GAME), HANG, desc="sjc withdraws game-global")
@@ -389,7 +397,7 @@ def test_checks_failing_at_one_pop_withdraw_there_only(fleet: MultiPop) -> None:
     finally:
         restore_checks(fleet, "sjc")
         if not settle_restored:
-            commit_policy(fleet, "settle back to 1 s", lambda d: d["policy"]["safety"].__setitem__("settle", 1.0))
+            commit_policy(fleet, "settle back to 1 s", _settle_back)
         agent_reload(fleet, "sjc", lambda d: d["controller"].pop("confirm_timeout", None))
     try:
         wait_for(lambda: fleet.announced("sjc", GAME), HANG, desc="sjc back")

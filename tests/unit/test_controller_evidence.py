@@ -100,3 +100,24 @@ def test_a_report_with_check_times_skips_the_batching_delay_and_brings_an_earlie
         await asyncio.wait_for(plain, 60)
 
     asyncio.run(scenario())
+
+
+def test_a_failure_older_than_its_window_waits_the_whole_window_whatever_the_others_say(tmp_path: Path) -> None:
+    """As when a hold everywhere lifts (the checks recovering, each POP at its own moment):
+    sjc's failure began 8 s before its window did, so fra's checks recovering first prove
+    nothing about sjc's: sjc is let go only when the whole settle window (1 s) is over."""
+    now = [100.0]
+    ctl = controller(tmp_path, now)
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(report(pop, True, now[0]))
+    now[0] = 100.5
+    ctl.add_report(report("sjc", False, now[0], failing=8.0))  # failing since 92.5, down from now on
+    now[0] = 100.55
+    for pop in ("fra", "sin"):
+        ctl.add_report(report(pop, True, now[0], ok=0.0))  # fresh successes: evidence, for a new failure
+    item = ctl.item("sjc", "game-global")
+    assert item is not None and item.reason == "confirming" and item.wanted, item
+    now[0] = 101.6
+    ctl.add_report(report("sjc", False, now[0], failing=9.1))
+    item = ctl.item("sjc", "game-global")
+    assert item is not None and item.reason == "backend_down", item
