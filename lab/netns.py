@@ -225,6 +225,7 @@ def kill_records(
     children: Mapping[int, subprocess.Popen[Any]] | None = None,
     sig: int = signal.SIGTERM,
     kill_wait: float = 2.0,
+    reap_strays: bool = False,
 ) -> list[ProcRecord]:
     """Send `sig` to every still-matching record, SIGKILL what outlives `grace`; return survivors.
 
@@ -236,10 +237,10 @@ def kill_records(
     live = [r for r in records if is_same_process(r)]
     for rec in live:
         _signal(rec.pid, sig)
-    live = _wait_gone(live, grace, kids)
+    live = _wait_gone(live, grace, kids, reap_strays)
     for rec in live:
         _signal(rec.pid, signal.SIGKILL)
-    return _wait_gone(live, kill_wait, kids)
+    return _wait_gone(live, kill_wait, kids, reap_strays)
 
 
 def kill_pids(pids: Iterable[int], grace: float = DEFAULT_GRACE) -> list[int]:
@@ -260,16 +261,51 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _wait_gone(
-    live: list[ProcRecord], timeout: float, kids: Mapping[int, subprocess.Popen[Any]]
+    live: list[ProcRecord], timeout: float, kids: Mapping[int, subprocess.Popen[Any]], reap_strays: bool = False
 ) -> list[ProcRecord]:
     deadline = time.monotonic() + timeout
     while live:
         _reap(kids)
+        if reap_strays:
+            _reap_node_zombies()
         live = [r for r in live if proc_starttime(r.pid) == r.starttime]
         if not live or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
     return live
+
+
+def _nested_children(state: str | None = None) -> list[tuple[int, str, str]]:
+    """Our own children living in a nested PID namespace (a lab node's), as (PID, state,
+    cmdline); only those in ``state`` ("Z") if given. A node's init cannot finish dying
+    while one of them is an unreaped zombie: the kernel frees a PID namespace only once
+    every PID in it is released, and ours are released only by our wait()."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        st = status.get("State", "").split()[:1]
+        if int(status.get("PPid", "0")) != me or len(status.get("NSpid", "").split()) < 2:
+            continue
+        if state is None or st == [state]:
+            found.append((int(entry.name), st[0] if st else "?", " ".join(proc_cmdline(int(entry.name)) or [])))
+    return found
+
+
+def _reap_node_zombies() -> None:
+    """Reap every zombie child of ours in a lab node, also those no node's Popen tracks (a
+    process started and never waited for): they would hold their node's init for good. A
+    Popen whose child is reaped here reads ECHILD later and takes exit code 0 (subprocess
+    handles that)."""
+    for pid, _, _ in _nested_children("Z"):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 # --- namespaces ----------------------------------------------------------------------
@@ -704,10 +740,14 @@ def teardown_all(nodes: Sequence[Netns], grace: float = DEFAULT_GRACE, init_wait
     # Its launcher (unshare) reaps it and exits by itself; killing both at once would
     # leave the init a zombie of the host's PID 1 for a while.
     launchers = [r for ns in nodes if (r := ns._launcher) is not None and is_same_process(r)]
+    # A zombie of ours in a node holds its init: reap those while waiting (reap_strays).
     stuck = kill_records([r for ns in nodes if (r := ns._init) is not None], 0.0, kids, signal.SIGKILL,
-                         kill_wait=init_wait)
+                         kill_wait=init_wait, reap_strays=True)
     stuck += kill_records(_wait_gone(launchers, init_wait, kids), 0.0, kids, signal.SIGKILL)
-    problems += [f"node process {r.pid} ({' '.join(r.argv)}) did not exit" for r in stuck]
+    if stuck:
+        held = [f"{pid} {st} {cmd}" for pid, st, cmd in _nested_children()]
+        problems += [f"node process {r.pid} ({' '.join(r.argv)}) did not exit" for r in stuck]
+        problems += [f"our children still in a node: {'; '.join(held)}"] if held else []
     for ns in nodes:
         for pid in list(ns._children):
             ns._children.pop(pid).poll()

@@ -35,6 +35,7 @@ STEER_VIP, STEER_NAME, STEER_PORT = "198.51.100.30", "steer-fra", 8090
 STEER_POP, STEER_CLIENT = "fra", "c-eu"
 HEAVY, LIGHT = "us-west", "eu-central"  # weights 3 and 1
 LONG_LIVED, NEW_CONNECTIONS, KEEP_EVERY = 64, 1000, 0.5
+PROBE = 16  # connections that must all be answered before a measurement starts
 BAND = 0.07  # client shares: 128 buckets, the L4 hash over 1,000 connections (sd ~1.4 %)
 
 
@@ -96,6 +97,20 @@ def controller_weights(f: Fleet) -> dict[str, float]:
             is not None}
 
 
+def wait_path_ready(f: Fleet, client: subprocess.Popen[str]) -> None:
+    """Wait until the client's traffic can reach the VIP, before measuring it. The routers'
+    BGP tables (what ``announced`` and ``ingress`` read) lead their FIBs: a measurement
+    started on the RIB alone lost its first SYNs to "no route" (2 of 1,000 in CI). So: the
+    route in the FIB of every router on the way (the client's transit and the POP's router),
+    then a probe of real connections that all get an answer."""
+    transit = next(c.transit for c in f.topo.clients if c.node == STEER_CLIENT)
+    hops = (transit, f.topo.pop(STEER_POP).router)
+    wait_for(lambda: all(f.routers[h].fib_has(f"{STEER_VIP}/32") for h in hops), 30,
+             desc=f"{STEER_VIP}/32 in the FIB of {', '.join(hops)}")
+    wait_for(lambda: (p := client_do(client, f"split {PROBE}"))["failed"] == 0 and sum(p["counts"].values()) == PROBE,
+             60, interval=0.5, desc=f"{PROBE} probe connections from {STEER_CLIENT} all answered")
+
+
 @contextmanager
 def steered_traffic(f: Fleet) -> Iterator[subprocess.Popen[str]]:
     """The VIP on the origins' loopbacks, a line server on each origin and the POP host's L4
@@ -147,6 +162,7 @@ def s14_weighted_split_dial_and_origin_failure(f: Fleet) -> dict[str, Any]:
                              and k, 60, desc=f"{STEER_NAME} announced at {STEER_POP} with a 3:1 group, "
                                              f"{STEER_CLIENT}'s transit routing it there")
             out["commit_to_announced_ms"] = ms(t0, time.time())
+            wait_path_ready(f, client)
             assert first["type"] == "resilient" and sum(first["buckets"].values()) == 128, first
             assert abs(first["buckets"][origins[HEAVY]] - 96) <= 4, first
             split = client_do(client, f"split {NEW_CONNECTIONS}")

@@ -303,6 +303,20 @@ def test_a_node_is_a_container_and_teardown_leaves_no_namespace_process_or_mount
 
 
 @pytest.mark.lab
+def test_a_process_started_in_a_node_and_never_waited_for_does_not_hold_its_teardown(lab: Lab) -> None:
+    """The kernel frees a node's PID namespace only once every PID in it is released; a
+    child of ours killed with the node stays a zombie until we wait() for it. Teardown reaps
+    such strays, so the node's init exits (CI once saw "node process N (sh) did not exit")."""
+    a = lab.netns("a")
+    stray = a.spawn(["sleep", "1000"])  # not recorded: teardown knows nothing of it
+    wait_for_equal(lambda: proc_cmdline(stray.pid), ("sleep", "1000"), 10)
+    init = a.init_pid
+    lab.teardown()  # raises LabTeardownError if the init did not exit
+    assert init is not None and not Path(f"/proc/{init}").exists()
+    assert not Path(f"/proc/{stray.pid}").exists() or proc_cmdline(stray.pid) != ("sleep", "1000")
+    assert a.name not in list_netns()
+
+
 def test_a_node_sees_this_checkout_and_its_python_wherever_they_live(lab: Lab) -> None:
     """A checkout (or venv) under /tmp or /run, as a CI job's clone may be, stays visible in
     every node although the node's /tmp and /run are its own: the daemons the lab starts run
