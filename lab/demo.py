@@ -174,6 +174,11 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
      scenarios.s2_backend_failure_seen_by_one_pop,
      lambda r: f"c-na's transit moved to {r['new_pop']} {r['fib_change_ms']} ms after the cut; "
                f"c-na lost {r['clients']['c-na']['failed']} request(s)"),
+    ("sjc's IPv6 checks fail (its IPv6 path to the backends is cut, IPv4's is not): the same agent "
+     "withdraws the /128 and keeps announcing the /32",
+     scenarios.s12_ipv6_backend_failure_seen_by_one_pop,
+     lambda r: f"c-na's IPv6 transit moved to {r['new_pop']} {r['fib_change_ms']} ms after the cut; "
+               f"{sum(c['failed'] for c in r['clients'].values())} IPv4 request(s) lost"),
     ("fra crashes (ExaBGP and the agent killed): the BGP session drops with them",
      scenarios.s3_pop_crash,
      lambda r: f"c-eu's transit moved to {r['new_pop']} after {r['fib_change_ms']} ms; "
@@ -196,6 +201,9 @@ ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any
      lambda r: f"c-eu left fra after {r['fib_change_ms']} ms, fra withdrew after {r['withdrawn_ms']} ms, "
                f"{sum(c['failed'] for c in r['clients'].values())} request(s) lost"),
 ]
+
+
+IPV6_ACTS = {scenarios.s12_ipv6_backend_failure_seen_by_one_pop}  # only on a dual-stack topology
 
 
 HA_ACTS: list[tuple[str, Callable[[Fleet], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
@@ -241,7 +249,8 @@ def main() -> int:
         if args.ha:
             f: Fleet = HaFleet(lab, topo, controller_edit=ha_scenarios.ha_controller_config).up()
         else:
-            f = Fleet(lab, topo, controller_edit=scenarios.lab_controller_config, prometheus=True).up()
+            edit = scenarios.dual_stack_controller_config(topo) if topo.ipv6 else scenarios.lab_controller_config
+            f = Fleet(lab, topo, controller_edit=edit, prometheus=True).up()
         TOPOLOGY_NOTE.write_text(str(DEFAULT))  # for `python -m lab status`
         f.start_clients(scenarios.VIP)
         f.wait_converged(scenarios.VIP, 90)
@@ -251,12 +260,13 @@ def main() -> int:
         for line in where_to_look(topo) if not args.ha else ha_where_to_look():
             print(line)
         with LiveTable(f) as table:
-            for title, act, summary in ACTS if not args.ha else HA_ACTS:
+            acts = HA_ACTS if args.ha else [a for a in ACTS if topo.ipv6 or a[1] not in IPV6_ACTS]
+            for title, act, summary in acts:
                 table.say(title)
                 result = act(f)
                 line = summary(result)
                 table.say("measured: " + line)
-                results.append(f"{act.__name__:<36} {line}")
+                results.append(f"{act.__name__:<42} {line}")
                 time.sleep(1)
         print("\n==> What was measured")
         for line in results:
