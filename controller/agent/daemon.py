@@ -30,6 +30,7 @@ from ..bgp.speaker import SpeakerClosed, send_changes
 from ..bgp.exabgp_api import (
     Garbage, NeighborState, RouteAttributes, RouteChange, Shutdown, announce_line, eor_line,
 )
+from ..config.agent import insecure_urls
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
 from ..health import state as hs
@@ -709,6 +710,7 @@ class Agent:
             plan_refusals=dict(getattr(self.controller, "refusals", {})),
             plan_confirmed_at=getattr(self.controller, "confirmed_at", None),
             controller_url=self.config.controller.url if self.config.controller else "",
+            controller_insecure_http=bool(self.config.controller and insecure_urls(self.config.controller)),
             local_as=self.config.local_as,
             peers=tuple(PeerSnapshot(str(n.address), n.peer_as, str(n.local_address)) for n in self.config.neighbors),
             held_elsewhere=tuple(str(p) for p in unique((set(self.announced) | self.unsure) - own)),

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..bgp.speaker import ExaBGPSpeaker
+from ..config.agent import insecure_urls
 from ..config.model import AgentConfig
 from ..metrics.agent import AgentMetrics
 from ..sdnotify import Notifier
@@ -46,8 +47,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
         link = config.controller
         client = PlanClient.from_token_file(link.urls or (link.url,), config.pop, link.token_file, config.state_dir,
                                             config.allowed_prefixes, link.timeout, link.tls, link.plan_keys)
-        for url in link.urls or (link.url,):
-            if link.insecure_plain_http and url.startswith("http://"):  # at every start
+        for url in insecure_urls(link):  # at every start; anycast_agent_controller_insecure_http says it too
                 log.warning("INSECURE: controller.insecure_plain_http is set: %s is plain HTTP, the POP's token "
                             "and plans cross the network in clear; use https:// (README, Security)", url)
     cached = client.load_cached(config.controller.max_plan_age) if client and config.controller else None

@@ -286,6 +286,12 @@ def url_host(url: str) -> str:
     return authority.rsplit(":", 1)[0]
 
 
+def insecure_urls(link: ControllerLink) -> tuple[str, ...]:
+    """The controller URLs the agent reaches in plain HTTP beyond loopback (accepted only
+    with controller.insecure_plain_http): its token and plans cross the network in clear."""
+    return tuple(u for u in link.urls or (link.url,) if plain_http_url_refusal(u) is not None)
+
+
 def plain_http_url_refusal(url: str) -> str | None:
     """Why the agent refuses the controller ``url`` without controller.insecure_plain_http
     (None: https://, or plain HTTP to this host only)."""

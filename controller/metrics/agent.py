@@ -86,6 +86,7 @@ class AgentSnapshot:
     plan_refusals: Mapping[str, int] = field(default_factory=dict)  # reason -> plans refused (PLAN_REFUSALS)
     plan_confirmed_at: float | None = None  # wall time the controller last confirmed the plan followed
     controller_url: str = ""
+    controller_insecure_http: bool = False  # a controller URL is plain HTTP beyond loopback (insecure_plain_http)
     local_as: int = 0
     peers: tuple[PeerSnapshot, ...] = ()
     held_elsewhere: tuple[str, ...] = ()  # prefixes ExaBGP holds (or may) that are no VIP's
@@ -173,6 +174,10 @@ class _SnapshotCollector(Collector):
             yield GaugeMetricFamily("anycast_controller_reachable",
                                     "1 if the last plan fetch from the controller worked (else the agent "
                                     "follows its last plan).", value=1.0 if s.controller_ok else 0.0)
+            yield GaugeMetricFamily("anycast_agent_controller_insecure_http",
+                                    "1 when the agent reaches a controller in plain HTTP beyond loopback "
+                                    "(controller.insecure_plain_http): its token and plans cross the network "
+                                    "in clear.", value=1.0 if s.controller_insecure_http else 0.0)
             refused = CounterMetricFamily("anycast_plan_refusals",
                                           "Plans refused, by reason (cache_mac: a cache file this agent did not "
                                           "write; cache_invalid: unreadable or not a plan; signature: not signed "

@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.config.agent import load_agent_config
+from prometheus_client import CollectorRegistry
+
+from controller.config.agent import insecure_urls, load_agent_config
 from controller.config.desired import load_desired
 from controller.config.desired_model import HaSettings, StoreKind
 from controller.config.errors import ConfigError
+from controller.metrics.agent import AgentSnapshot, _SnapshotCollector
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "controller"
@@ -99,6 +102,21 @@ def test_an_agent_refuses_a_plain_http_controller_unless_asked_for_by_name(tmp_p
         assert link is not None and not link.insecure_plain_http
     link = load_agent_config(str(agent_with(tmp_path, {"url": "http://c1:9800", "insecure_plain_http": True}))).controller
     assert link is not None and link.insecure_plain_http and link.url == "http://c1:9800"
+    assert insecure_urls(link) == ("http://c1:9800",)  # the WARNING at start and the metric's 1
+
+
+def test_the_agent_metric_says_when_its_controller_link_is_plain_http(tmp_path: Path) -> None:
+    def gauge(controller: dict[str, Any]) -> float | None:
+        cfg = load_agent_config(str(agent_with(tmp_path, controller)))
+        assert cfg.controller is not None
+        registry = CollectorRegistry()
+        registry.register(_SnapshotCollector(lambda: AgentSnapshot(
+            pop="fra", controller_ok=True, controller_insecure_http=bool(insecure_urls(cfg.controller)))))
+        return registry.get_sample_value("anycast_agent_controller_insecure_http")
+
+    assert gauge({"url": "http://c1:9800", "insecure_plain_http": True}) == 1.0
+    assert gauge({"url": "http://127.0.0.1:9800", "insecure_plain_http": True}) == 0.0  # nothing crosses a network
+    assert gauge({"url": "https://c1:9800"}) == 0.0
 
 
 @pytest.mark.parametrize("controller, expected", [
