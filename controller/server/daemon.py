@@ -278,10 +278,11 @@ class Gate(Protocol):
 async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 metrics_listen: tuple[str, int] | None = None, *, stop: asyncio.Event | None = None,
                 state_store: store.Store | None = None, gate: Gate | None = None,
-                registry: CollectorRegistry | None = None) -> int:
+                registry: CollectorRegistry | None = None, reload: asyncio.Event | None = None) -> int:
     """Serve until ``stop``. HA (server/ha.py) passes the etcd store, the leadership gate
-    (every request is refused once it stops acting) and a registry of this term's own, which
-    the shell's metrics server exports while this controller leads."""
+    (every request is refused once it stops acting), a registry of this term's own, which
+    the shell's metrics server exports while this controller leads, and ``reload``, set by
+    the shell's SIGHUP handler (alone, serve() handles the signals itself)."""
     desired = watcher.load_at_start()
     if (refusal := plain_http_refusal(desired.api, (listen or desired.listen)[0])) is not None:
         # a --listen beyond loopback (controller.yaml's own listen was checked by the loader):
@@ -377,7 +378,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
     stop = stop or asyncio.Event()
-    reload_now = asyncio.Event()
+    reload_now = reload or asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
     watching = asyncio.ensure_future(watcher.poke_on_change(poke))
     if gate is None:  # HA's shell has the signals
@@ -397,7 +398,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     # back every few milliseconds. Only this loop touches the watcher.
                     new = await asyncio.to_thread(watcher.load)
                     if tls is not None or new.api.tls is not None:
-                        _reload_tls(tls, new)
+                        reload_tls(tls, new)
                     _reload_signing_key(app, new)
                     guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
                     ctl.apply_config(new)  # kept as the last good one once applied (on_applied)
@@ -433,7 +434,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     return 0
 
 
-def _reload_tls(tls: ServerTls | None, new: DesiredState) -> None:
+def reload_tls(tls: ServerTls | None, new: DesiredState) -> None:
     """The certificate and key again (renewed files take effect for new connections), or a
     ConfigError that rejects the reload: TLS cannot be switched on or off without a restart."""
     if tls is None:

@@ -24,11 +24,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..config.desired_model import HaSettings, plain_http_refusal
+from ..config.desired_model import DesiredState, HaSettings, plain_http_refusal
 from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import HaSnapshot, register_ha_metrics
 from . import store
-from .daemon import ListenFailed, Watcher, serve
+from .daemon import ListenFailed, Watcher, reload_tls, serve
 from .etcd import Etcd, EtcdStore, EtcdUnavailable, Leadership, check_layout, fetch_desired
 from .tls import ServerTls
 
@@ -117,6 +117,10 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # systemctl reload: the leader's term reloads as serve() does alone; a follower reloads
+    # its certificate (without a handler SIGHUP's default action would end the process).
+    hup = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     leadership.start()
     log.info("controller %s (%s) on etcd %s, prefix %s, lease %ds", name, advertise, ",".join(settings.endpoints),
              settings.prefix, settings.lease_ttl)
@@ -132,6 +136,9 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
                 raise ListenFailed("listen", host, port, exc) from exc
             while not stop.is_set() and not leadership.acting():
                 await _either(stop, changed, 1.0)
+                if hup.is_set() and not leadership.acting():
+                    hup.clear()
+                    desired = await _follower_reload(watcher, tls, desired)
             await runner.cleanup()
             if stop.is_set():
                 break
@@ -148,7 +155,7 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
             term_watcher.fetch_kept, term_watcher.also_keep = watcher.fetch_kept, term_store.keep_desired
             try:
                 await serve(term_watcher, (host, port), None, stop=term_stop, state_store=term_store, gate=shell,
-                            registry=shell.term_registry)
+                            registry=shell.term_registry, reload=hup)
             except store.PersistenceError as exc:  # etcd failed between winning and loading
                 log.error("ALARM persistence: cannot load the state from etcd as the new leader: %s", exc)
                 leadership.depose("the state could not be loaded")
@@ -162,6 +169,21 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
         await asyncio.to_thread(leadership.stop)
     log.info("controller stopped")
     return 0
+
+
+async def _follower_reload(watcher: Watcher, tls: ServerTls | None, desired: DesiredState) -> DesiredState:
+    """SIGHUP as a follower: the config again and, with TLS, the certificate and key (renewed
+    files serve new handshakes); a config that does not load or a pair that does not load
+    is logged and changes nothing."""
+    try:
+        new = await asyncio.to_thread(watcher.load)
+        if tls is not None or new.api.tls is not None:
+            reload_tls(tls, new)
+    except ConfigError as exc:
+        log.error("reload refused, the follower keeps serving as it was: %s", exc)
+        return desired
+    log.info("reloaded as a follower: config revision %s%s", new.revision, ", certificate and key" if tls else "")
+    return new
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from controller.agent.plan_client import PlanClient
 from controller.config.desired import load_desired
@@ -286,6 +288,57 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
         await client.close()
 
     asyncio.run(scenario())
+
+
+def served_serial(c: Ctl) -> int:
+    """The serial number of the certificate a new connection to ``c`` is shown."""
+    with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
+        with client_ssl().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_systemctl_reload_keeps_leader_and_follower_and_both_serve_a_renewed_certificate(
+        tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
+    """SIGHUP (the unit's ExecReload) in HA: the leader reloads as a lone controller does; a
+    follower reloads its certificate too. Without a handler SIGHUP ended the process (and
+    systemd's Restart=on-failure does not restart a SIGHUP death)."""
+    config = desired_dir(tmp_path, [etcd.client_url])
+    ca, pair = session_ca()
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(pair.cert, cert)
+    shutil.copy(pair.key, key)
+    data = yaml.safe_load((config / "controller.yaml").read_text())
+    data["api"]["tls"] = {"cert": str(cert), "key": str(key)}
+    (config / "controller.yaml").write_text(yaml.safe_dump(data))
+    c1 = Ctl(tmp_path, "c1", config).start()
+    ctls.append(c1)
+    wait_for(lambda: c1.role() == "leader", HANG_GUARD, desc="c1 leads")
+    c2 = Ctl(tmp_path, "c2", config).start()
+    ctls.append(c2)
+    wait_for(lambda: c2.role() == "follower", HANG_GUARD, desc="c2 follows")
+    assert served_serial(c1) == served_serial(c2) == ca.serial(pair)
+
+    renewed = ca.server(f"renewed-{os.getpid()}-{tmp_path.name}")
+    shutil.copy(renewed.cert, cert)  # renewed in place, as certbot would
+    shutil.copy(renewed.key, key)
+    for c in (c1, c2):
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGHUP)
+    def renewed_or_gone(c: Ctl) -> bool:
+        if c.proc is None or c.proc.poll() is not None:
+            return True  # asserted below
+        try:
+            return served_serial(c) == ca.serial(renewed)
+        except OSError:
+            return False
+
+    for c in (c2, c1):
+        wait_for(lambda c=c: renewed_or_gone(c), HANG_GUARD, desc=f"{c.name} serving the renewed certificate")
+    assert c1.proc is not None and c2.proc is not None and c1.proc.poll() is None and c2.proc.poll() is None, \
+        (c1.log.read_text()[-2000:], c2.log.read_text()[-2000:])
+    assert (c1.role(), c2.role()) == ("leader", "follower")
 
 
 def test_a_restarted_cluster_resumes_its_drains(tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
