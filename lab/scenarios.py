@@ -1052,5 +1052,7 @@ SCENARIOS += [s12_ipv6_backend_failure_seen_by_one_pop, s13_ipv6_origin_failover
 
 # --- traffic steering (issue 18): its own module, for the helpers above ----------------------
 from .steering_scenarios import s14_weighted_split_dial_and_origin_failure  # noqa: E402
+from .steering_scenarios import s15_per_pop_preference, s16_dial_drains_a_region_and_split_over_thousands  # noqa: E402
 
 SCENARIOS.append(s14_weighted_split_dial_and_origin_failure)
+SCENARIOS += [s15_per_pop_preference, s16_dial_drains_a_region_and_split_over_thousands]
