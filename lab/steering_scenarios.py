@@ -98,18 +98,21 @@ def controller_weights(f: Fleet, name: str = STEER_NAME, pop: str = STEER_POP) -
             if (w := m.value("anycast_controller_origin_weight", vip=name, pop=pop, origin=o.region)) is not None}
 
 
-def wait_path_ready(f: Fleet, client: subprocess.Popen[str]) -> None:
+def wait_path_ready(f: Fleet, client: subprocess.Popen[str], node: str = STEER_CLIENT, pop: str = STEER_POP,
+                    vip: str = STEER_VIP, origins: frozenset[str] | None = None) -> None:
     """Wait until the client's traffic can reach the VIP, before measuring it. The routers'
     BGP tables (what ``announced`` and ``ingress`` read) lead their FIBs: a measurement
     started on the RIB alone lost its first SYNs to "no route" (2 of 1,000 in CI). So: the
     route in the FIB of every router on the way (the client's transit and the POP's router),
-    then a probe of real connections that all get an answer."""
-    transit = next(c.transit for c in f.topo.clients if c.node == STEER_CLIENT)
-    hops = (transit, f.topo.pop(STEER_POP).router)
-    wait_for(lambda: all(f.routers[h].fib_has(f"{STEER_VIP}/32") for h in hops), 30,
-             desc=f"{STEER_VIP}/32 in the FIB of {', '.join(hops)}")
-    wait_for(lambda: (p := client_do(client, f"split {PROBE}"))["failed"] == 0 and sum(p["counts"].values()) == PROBE,
-             60, interval=0.5, desc=f"{PROBE} probe connections from {STEER_CLIENT} all answered")
+    then a probe of real connections that all get an answer (from ``origins`` only, if given)."""
+    transit = next(c.transit for c in f.topo.clients if c.node == node)
+    hops = (transit, f.topo.pop(pop).router)
+    wait_for(lambda: all(f.routers[h].fib_has(f"{vip}/32") for h in hops), 30,
+             desc=f"{vip}/32 in the FIB of {', '.join(hops)}")
+    wait_for(lambda: (p := client_do(client, f"split {PROBE}"))["failed"] == 0 and sum(p["counts"].values()) == PROBE
+             and (origins is None or set(p["counts"]) <= origins),
+             60, interval=0.5, desc=f"{PROBE} probe connections from {node} all answered"
+                                    + (f" by {', '.join(sorted(origins))}" if origins else ""))
 
 
 @contextmanager
@@ -241,7 +244,7 @@ PREF_VIP, PREF_NAME = "198.51.100.31", "steer-pref"
 # Published at two POPs of three: removing it (back to the base) then withdraws 2 of the 10
 # announced (VIP, POP) pairs, within the lab's change budget, so it is applied at once.
 PREFERS = {"fra": LIGHT, "sjc": HEAVY}  # fra: eu-central first, sjc: us-west first
-PROBES, SERVED = 32, 400  # connections of a readiness probe; of a measurement per client
+SERVED = 400  # new connections of a measurement, per client
 SIGMAS = 5.0  # the split's band, in binomial standard deviations (a false alarm about 1 run in 10^6)
 
 
@@ -257,20 +260,6 @@ def preferred_vip(f: Fleet) -> dict[str, Any]:
 
 def entry_pop(f: Fleet, client: str) -> str:
     return f.nearest(next(c for c in f.topo.clients if c.node == client))
-
-
-def path_ready(f: Fleet, vip: str, client: str, conn: subprocess.Popen[str],
-               origins: frozenset[str] | None = None) -> dict[str, Any] | None:
-    """What the client's new connections need, checked by what they do: the client's
-    transit has the VIP in its FIB, and a probe of PROBES new connections all succeed (from
-    ``origins`` only, if given). None until both hold; a routing table alone is a proxy."""
-    transit = next(c.transit for c in f.topo.clients if c.node == client)
-    if not f.routers[transit].fib_has(f"{vip}/32"):
-        return None
-    probe = client_do(conn, f"split {PROBES}")
-    served = sum(probe["counts"].values())
-    ok = probe["failed"] == 0 and served == PROBES and (origins is None or set(probe["counts"]) <= origins)
-    return probe if ok else None
 
 
 def explain_origins(f: Fleet, name: str) -> dict[str, Any]:
@@ -325,9 +314,7 @@ def s15_per_pop_preference(f: Fleet) -> dict[str, Any]:
             wait_for_equal(partial(kernel_split, f, pop, PREF_VIP), {"gateway": origins[origin]}, 30,
                            desc=f"{pop}'s host routes {PREF_NAME} via {origin}")
         for node, conn in conns.items():
-            want = frozenset({prefers[entry_pop(f, node)]})
-            wait_for(partial(path_ready, f, PREF_VIP, node, conn, want), 60,
-                     interval=0.2, desc=f"{node}'s new connections all served by {set(want)}")
+            wait_path_ready(f, conn, node, entry_pop(f, node), PREF_VIP, frozenset({prefers[entry_pop(f, node)]}))
 
     try:
         with steered_clients(f, PREF_VIP, (), clients) as conns:
@@ -397,8 +384,7 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
             first = wait_for(lambda: (k := kernel_split(f)).get("weights") == three_to_one
                              and f.announced(STEER_POP, STEER_VIP) and f.ingress(STEER_CLIENT, STEER_VIP) == STEER_POP
                              and k, 60, desc=f"{STEER_NAME} announced at {STEER_POP} with a 3:1 group")
-            wait_for(lambda: path_ready(f, STEER_VIP, STEER_CLIENT, client), 60, interval=0.2,
-                     desc=f"{STEER_CLIENT}'s new connections to {STEER_NAME} all served")
+            wait_path_ready(f, client)
             split = client_do(client, f"split {MEASURED}")
             band = split_band(split, first, origins[HEAVY])
             assert split["failed"] == 0 and band["within"], (split, band, first)
@@ -441,8 +427,7 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
                 back = wait_for(lambda: (k := kernel_split(f)).get("weights") == three_to_one and k, 60,
                                 desc=f"{LIGHT} back in fra's group after the failback hold-down")
                 out["dial_back_to_kernel_ms"] = ms(t_back, time.time())
-                wait_for(lambda: path_ready(f, STEER_VIP, STEER_CLIENT, client), 60, interval=0.2,
-                         desc=f"{STEER_CLIENT}'s new connections all served after the dial back")
+                wait_path_ready(f, client)
                 asked = client_do(client, "ask")
                 # Reported, not asserted (how many is the hash's): the route goes from one path
                 # to a new group, whose buckets send about a quarter of the connections opened
