@@ -241,8 +241,9 @@ def s14_weighted_split_dial_and_origin_failure(f: Fleet) -> dict[str, Any]:
 
 # --- s15, s16: per-POP preference, a dial to 0 and back, the split over thousands ---------------
 PREF_VIP, PREF_NAME = "198.51.100.31", "steer-pref"
-# Published at two POPs of three: removing it (back to the base) then withdraws 2 of the 10
-# announced (VIP, POP) pairs, within the lab's change budget, so it is applied at once.
+# Published at two POPs of three: removing it (back to the base) then withdraws 2 of the 9
+# announced (VIP, POP) pairs, within the change budget (25 %), so it is applied at once; at
+# all three it would be 3 of 10, and held.
 PREFERS = {"fra": LIGHT, "sjc": HEAVY}  # fra: eu-central first, sjc: us-west first
 SERVED = 400  # new connections of a measurement, per client
 SIGMAS = 5.0  # the split's band, in binomial standard deviations (a false alarm about 1 run in 10^6)
