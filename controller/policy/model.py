@@ -60,6 +60,11 @@ class VipMemory:
     # region -> since when a quorum has seen it down (origins.py: an origin failover's window
     # runs from then; only the regions down now)
     down_since: Mapping[str, float] = field(default_factory=dict)
+    # Traffic steering only (empty without it): each fresh POP's verdict on each origin, as
+    # last planned. Its POPs follow different routes, so one origin's verdict per POP is not
+    # enough to presume after a restart (server/core.py): the views of the others' origins
+    # would change, and with them the active origins and the weights.
+    verdicts: Mapping[str, Mapping[str, bool | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,7 +242,13 @@ def _choose_origin(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mappi
     views = origin_views(fv.vip, verdicts, fv.policy.failover, len(fv.publish))
     proof = _proof(fv, fresh, verdicts) if fv.policy.safety.settle_on_evidence else no_proof
     if steering.steered(fv):
-        return steering.route_vip(fv, views, memory, now, proof)
+        vmem, default, by_order = steering.route_vip(fv, views, memory, now, proof)
+        # Every origin's verdict per POP, for a restart to presume (the same object when
+        # unchanged: the journal compares memories).
+        kept: Mapping[str, Mapping[str, bool | None]] = dict(verdicts)
+        if memory is not None and memory.verdicts == kept:
+            kept = memory.verdicts
+        return replace(vmem, verdicts=kept), default, by_order
     vmem, outcome, note = select_origin(fv.vip, views, memory, fv.policy.failover, now, fv.policy.safety.settle, proof)
     return vmem, Route(vmem.active, (), outcome, note, ()), {}
 
