@@ -118,6 +118,9 @@ class PlanItem:
     # (region, weight): split the VIP's traffic across these origins (policy/steering.py);
     # (): everything to ``active_origin``, as before weights.
     weights: tuple[tuple[str, int], ...] = ()
+    # With ``evidence``: the origins whose checks are asked, when that is not just
+    # ``active_origin`` (a steered VIP: the POP being confirmed follows another route).
+    evidence_origins: tuple[str, ...] = ()
 
 
 class AlarmKind(enum.StrEnum):
