@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from ..wire import PlanReason
 
@@ -44,6 +45,9 @@ class PopReport:
                 for vip, regions in ages.items()}
 
 
+_NO_VERDICTS: Mapping[str, Mapping[str, bool | None]] = MappingProxyType({})  # (one empty map for every VIP)
+
+
 @dataclass(frozen=True, slots=True)
 class VipMemory:
     """What the planner remembers about a VIP between runs."""
@@ -64,7 +68,7 @@ class VipMemory:
     # last planned. Its POPs follow different routes, so one origin's verdict per POP is not
     # enough to presume after a restart (server/core.py): the views of the others' origins
     # would change, and with them the active origins and the weights.
-    verdicts: Mapping[str, Mapping[str, bool | None]] = field(default_factory=dict)
+    verdicts: Mapping[str, Mapping[str, bool | None]] = field(default_factory=lambda: _NO_VERDICTS)
 
 
 @dataclass(frozen=True, slots=True)
