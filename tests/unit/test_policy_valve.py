@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from controller.config.desired import load_desired
-from controller.config.desired_model import DesiredState, FleetVip, PopSpec
+from controller.config.desired_model import DesiredState, FleetVip, PopSpec, Preference, Steering
 from controller.policy.model import OriginChecks, PlannerState, PlanResult, PopReport
 from controller.policy.planner import plan
 
@@ -286,7 +286,6 @@ def test_a_pop_that_sees_every_origin_down_waits_the_whole_window_whatever_the_e
 # A steered VIP's POPs follow different routes, so the evidence that ends a POP's settle early
 # is about the origin that POP judged down: other POPs' fresh checks of that same origin (they
 # are asked about it by name), never of another.
-from controller.config.desired_model import Preference, Steering  # noqa: E402
 
 US, EU, AP = "us-west", "eu-central", "ap-south"
 
