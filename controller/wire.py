@@ -19,6 +19,18 @@ this VIP is being confirmed, so the agent reports its checks of the VIP (``check
 at once and again after its next check of every backend; that is what ends the settle
 window early (README, *Policy*). It is part of the entry's hash only when true.
 
+With ``evidence``, an entry may also carry ``"evidence_origins": ["eu-central"]``: the
+origin regions whose checks are asked (each one of the VIP's, each once; traffic steering:
+the POP being confirmed follows its own route, so its origin may not be this entry's
+``active_origin``). Absent: the entry's ``active_origin``, the meaning before the field (a
+controller that predates it asks that way, and so does this one when that is the question).
+The agent then probes every backend of each named origin at once, carries each one's ages in
+``checks`` (keyed by region: the answer names the origin it is about) and reports once more
+when every backend of each has been checked since the ask. Outside the digest, as
+``weights`` are: an agent that predates it ignores it and answers about its active origin,
+with the other origins' ages it happens to have (ages, so never wrong: only later). The
+controller still makes a new generation when only it changes (plans.py).
+
 ``GET /v1/plans/{pop}?after=GEN`` answers the changes since generation GEN (a delta: it has
 ``after``), or a full plan when the controller no longer knows GEN (a restart, or more
 changes since than its per-POP log keeps)::
@@ -158,6 +170,8 @@ class PlanEntry(Protocol):
     def evidence(self) -> bool: ...
     @property
     def weights(self) -> tuple[tuple[str, int], ...]: ...  # (): single path
+    @property
+    def evidence_origins(self) -> tuple[str, ...]: ...  # with evidence; (): the active origin
 
 
 Weights = tuple[tuple[str, int], ...]
@@ -179,6 +193,7 @@ class PlanVip:
     spec_hash: str = ""  # empty from controllers that predate deltas
     evidence: bool = False  # report this VIP's checks now and after the next ones (see above)
     weights: Weights = ()  # (region, weight); empty from controllers that predate weights
+    evidence_origins: tuple[str, ...] = ()  # with evidence: the regions asked; (): ``active_origin``
 
 
 @dataclass(frozen=True)
@@ -249,6 +264,8 @@ def entry_json(i: PlanEntry, spec_hash_: str, spec_json: str | None) -> str:
         entry["evidence"] = True
     if i.weights:
         entry["weights"] = [list(w) for w in i.weights]
+    if i.evidence and i.evidence_origins:
+        entry["evidence_origins"] = list(i.evidence_origins)
     text = json.dumps(entry, separators=(",", ":"))
     return text if spec_json is None else f'{text[:-1]},"spec":{spec_json}}}'
 
@@ -278,7 +295,8 @@ def encode_plan(pop: str, generation: int, revision: str,
         "vips": [{"name": i.vip, "spec": spec, "wanted": i.wanted, "active_origin": i.active_origin,
                   "drain": i.drain, "reason": i.reason, "safety_hold": i.safety_hold,
                   "explanation": i.explanation, **({"evidence": True} if i.evidence else {}),
-                  **({"weights": [list(w) for w in i.weights]} if i.weights else {})}
+                  **({"weights": [list(w) for w in i.weights]} if i.weights else {}),
+                  **({"evidence_origins": list(i.evidence_origins)} if i.evidence and i.evidence_origins else {})}
                  for i, spec in vips],
     }
 
@@ -335,8 +353,10 @@ def _plan_entries(vips: Any, delta: bool) -> tuple[PlanVip, ...]:
                 and isinstance(evidence, bool)):
             _refuse(e, f"vips[{i}]")
         weights = _weights(e["weights"], f"vips[{i}].weights", active) if "weights" in e else ()
+        asked = (_evidence_origins(e["evidence_origins"], f"vips[{i}].evidence_origins", evidence)
+                 if "evidence_origins" in e else ())
         entries.append(PlanVip(name, None if delta else e.get("spec"), wanted, active, drain, known, hold,
-                               explanation, hash_, evidence, weights))
+                               explanation, hash_, evidence, weights, asked))
     return tuple(entries)
 
 
@@ -356,6 +376,24 @@ def _weights(v: Any, where: str, active: str) -> Weights:
     if out and all(r != active for r, _ in out):
         raise WireError(where, f"the active origin {active!r} has no weight")
     return tuple(out)
+
+
+MAX_EVIDENCE_ORIGINS = 64  # more regions than any VIP has: garbage
+
+
+def _evidence_origins(v: Any, where: str, evidence: bool) -> tuple[str, ...]:
+    """An entry's ``evidence_origins``: a non-empty list of distinct region names, only with
+    ``evidence`` (that they are the VIP's regions, the agent checks against the spec)."""
+    if not evidence:
+        raise WireError(where, "only with \"evidence\": true")
+    if not isinstance(v, list) or not v or len(v) > MAX_EVIDENCE_ORIGINS:
+        raise WireError(where, f"expected a list of 1 to {MAX_EVIDENCE_ORIGINS} origin regions")
+    for j, region in enumerate(v):
+        if not isinstance(region, str) or not region:
+            raise WireError(f"{where}[{j}]", "expected an origin region's name")
+        if region in v[:j]:
+            raise WireError(f"{where}[{j}]", f"region {region!r} listed twice")
+    return tuple(v)
 
 
 def _refuse(e: dict[str, Any], where: str) -> NoReturn:

@@ -220,24 +220,26 @@ class Agent:
         self.plan = plan
         self.unsure |= {v.prefix for v in self.vips} - set(self.announced) - self.withdrawn
         self._apply_targets()
-        asked = {n for n, i in plan.vips.items() if i.evidence}
-        new_asks = asked - self.evidence_asks.since.keys()
-        if self.evidence_asks.update(asked, now) and not self._check_asked(new_asks):
+        if self.evidence_asks.update({n: i.asked for n, i in plan.vips.items() if i.evidence}, now) and \
+                not self._check_asked(self.evidence_asks.new):
             self.report_now.set()  # another POP's withdrawal waits for this POP's checks
         self._dirty.set()
 
     def _check_asked(self, names: set[str]) -> bool:
-        """Probe the active origin of VIPs the controller asks evidence for now, rather than
+        """Probe the asked origins of VIPs the controller asks evidence for now, rather than
         at their next due check (up to an interval later, while another POP's withdrawal
         waits); True when every one has a probe running, whose results report once the round
         is complete (``_evidence_due``), so no report of the older checks is needed first."""
         keys: list[BackendKey] = []
         for name in names:
             vip, intent = self.vip(name), self.plan.vips.get(name)
-            origin = vip.origin(intent.active_origin) if vip is not None and intent is not None else None
-            if origin is None:
+            if vip is None or intent is None:
                 return False
-            keys.extend((name, origin.region, b) for b in origin.backends)
+            for region in intent.asked:
+                origin = vip.origin(region)
+                if origin is None:
+                    return False
+                keys.extend((name, origin.region, b) for b in origin.backends)
         return self.scheduler.check_now(keys)
 
     # --- health ------------------------------------------------------------------------
@@ -286,14 +288,14 @@ class Agent:
         intent = self.plan.vips.get(vip.name)
         if intent is None:
             return
+        if vip.name in self.evidence_asks.owed and region in intent.asked and self.evidence_asks.round_done(
+                vip.name, evidence.checked_at(self.origin_times(vip, r) for r in intent.asked)):
+            self.report_now.set()
         if intent.active_origin != region:
             self._proof_due(vip, intent.active_origin, region, times)
             return
         started = times.failing_since is not None and (before is None or before.failing_since is None)
-        if not started and vip.name not in self.evidence_asks.owed:
-            return
-        o = self.origin_times(vip, region)
-        if (started and o.failing_since is not None) or self.evidence_asks.round_done(vip.name, o.checked_at):
+        if started and self.origin_times(vip, region).failing_since is not None:
             self.report_now.set()
 
     def _proof_due(self, vip: Vip, active: str, region: str, times: evidence.Times) -> None:

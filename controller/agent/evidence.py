@@ -14,9 +14,11 @@ older success proves nothing). Two things travel for that, as ages in the report
   reports at once on that first failure (``fall`` not reached yet), so the controller can
   ask the others while this POP is still confirming its own failure;
 - the others' ``ok``: since at least ``min_healthy`` backends last succeeded with nothing
-  failed after. A plan entry with ``evidence`` asks for it: the agent reports at once, and
-  once more when every backend of the origin has been checked since the ask (its previous
-  checks may predate the failure).
+  failed after. A plan entry with ``evidence`` asks for it, about the origins it names
+  (``evidence_origins``; none named: its active origin): the agent reports at once, and once
+  more when every backend of each asked origin has been checked since the ask (its previous
+  checks may predate the failure). Named, because with traffic steering the POP being
+  confirmed may judge another origin than this POP's active one (its own preference).
 
 Per backend the agent keeps ``Times`` (``observe`` after each result); ``of_origin`` sums an
 origin's up; ``ages`` is what a report carries; ``Asks`` tracks the asks of the plan and which are still owed a report.
@@ -24,7 +26,7 @@ origin's up; ``ages`` is what a report carries; ``Asks`` tracks the asks of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -66,6 +68,12 @@ def of_origin(times: Iterable[Times | None], min_healthy: int) -> OriginTimes:
     return OriginTimes(ok_at, failing_since, checked_at)
 
 
+def checked_at(origins: Iterable[OriginTimes]) -> float | None:
+    """Every backend of every one of ``origins`` has completed a check at or after this."""
+    times = [o.checked_at for o in origins]
+    return None if not times or any(t is None for t in times) else min(t for t in times if t is not None)
+
+
 def ages(o: OriginTimes, now: float) -> tuple[float | None, float | None]:
     """What a report carries: (seconds since ``ok_at``, seconds since ``failing_since``)."""
     return (None if o.ok_at is None else max(0.0, now - o.ok_at),
@@ -73,24 +81,30 @@ def ages(o: OriginTimes, now: float) -> tuple[float | None, float | None]:
 
 
 class Asks:
-    """The VIPs the plan asks evidence for, and since when; which still owe a report after
-    a full round of checks."""
+    """The VIPs the plan asks evidence for, about which origins, and since when; which still
+    owe a report after a full round of checks."""
 
     def __init__(self) -> None:
         self.since: dict[str, float] = {}  # vip -> when the ask arrived
+        self.origins: dict[str, tuple[str, ...]] = {}  # vip -> the origins asked (() : not named)
         self.owed: set[str] = set()  # asked, and not yet reported after every backend was checked again
+        self.new: set[str] = set()  # the last update's new asks
 
-    def update(self, asked: Iterable[str], now: float) -> bool:
-        """The plan's asks now; True if one is new (report at once)."""
-        asked = set(asked)
-        new = asked - self.since.keys()
+    def update(self, asked: Iterable[str] | Mapping[str, tuple[str, ...]], now: float) -> bool:
+        """The plan's asks now (VIP names, or VIP -> the origins asked); True if one is new,
+        or asks about other origins than before (report at once; which: ``new``)."""
+        by_name = dict(asked) if isinstance(asked, Mapping) else dict.fromkeys(asked, ())
+        new = {n for n, o in by_name.items() if n not in self.since or self.origins.get(n) != o}
         for name in list(self.since):
-            if name not in asked:
+            if name not in by_name:
                 del self.since[name]
+                self.origins.pop(name, None)
                 self.owed.discard(name)
         for name in new:
             self.since[name] = now
+            self.origins[name] = by_name[name]
             self.owed.add(name)
+        self.new = new
         return bool(new)
 
     def round_done(self, name: str, checked_at: float | None) -> bool:

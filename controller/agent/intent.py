@@ -53,6 +53,13 @@ class VipIntent:
     # Traffic steering: (region, weight) to split traffic across (the controller's effective
     # weights); (): everything to ``active_origin``.
     weights: tuple[tuple[str, int], ...] = ()
+    # With ``evidence``: the origins whose checks are asked; (): ``active_origin``.
+    evidence_origins: tuple[str, ...] = ()
+
+    @property
+    def asked(self) -> tuple[str, ...]:
+        """The origins whose checks the controller asks for (none without ``evidence``)."""
+        return (self.evidence_origins or (self.active_origin,)) if self.evidence else ()
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,7 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
                             f"{entry.active_origin!r} is not one of the VIP's origin regions")
         specs.append(vip)
         _check_weights(entry, vip, f"vips[{i}]")
-        intents[vip.name] = VipIntent(vip.name, entry.wanted, entry.active_origin, entry.drain, entry.reason,
-                                      entry.safety_hold, entry.evidence, entry.weights)
+        intents[vip.name] = _intent(entry)
     if cache is not None:
         cache.clear()
         cache.update(checked)
@@ -157,7 +156,7 @@ class PlanBook:
                 raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
             specs[h] = held
             entries[e.vip] = PlanVip(e.vip, None, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold,
-                                     e.explanation, h, e.evidence, e.weights)
+                                     e.explanation, h, e.evidence, e.weights, e.evidence_origins)
         ehash = {n: vip_entry_hash(e) for n, e in entries.items()}
         digest = sum(ehash.values()) % DIGEST_MOD
         if plan.digest and plan.digest != format_digest(digest):
@@ -250,10 +249,15 @@ def _check_entry(e: PlanVip, vip: Vip, where: str) -> None:
 
 
 def _check_weights(e: PlanVip, vip: Vip, where: str) -> None:
+    """The regions an entry names beside its active origin (weights, evidence asked) are the VIP's."""
     for j, (region, _) in enumerate(e.weights):
         if vip.origin(region) is None:
             raise WireError(f"{where}.weights[{j}]", f"{region!r} is not one of the VIP's origin regions")
+    for j, region in enumerate(e.evidence_origins):
+        if vip.origin(region) is None:
+            raise WireError(f"{where}.evidence_origins[{j}]", f"{region!r} is not one of the VIP's origin regions")
 
 
 def _intent(e: PlanVip) -> VipIntent:
-    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold, e.evidence, e.weights)
+    return VipIntent(e.vip, e.wanted, e.active_origin, e.drain, e.reason, e.safety_hold, e.evidence, e.weights,
+                     e.evidence_origins)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from ..wire import PlanReason
 
@@ -44,6 +45,9 @@ class PopReport:
                 for vip, regions in ages.items()}
 
 
+_NO_VERDICTS: Mapping[str, Mapping[str, bool | None]] = MappingProxyType({})  # (one empty map for every VIP)
+
+
 @dataclass(frozen=True, slots=True)
 class VipMemory:
     """What the planner remembers about a VIP between runs."""
@@ -60,6 +64,11 @@ class VipMemory:
     # region -> since when a quorum has seen it down (origins.py: an origin failover's window
     # runs from then; only the regions down now)
     down_since: Mapping[str, float] = field(default_factory=dict)
+    # Traffic steering only (empty without it): each fresh POP's verdict on each origin, as
+    # last planned. Its POPs follow different routes, so one origin's verdict per POP is not
+    # enough to presume after a restart (server/core.py): the views of the others' origins
+    # would change, and with them the active origins and the weights.
+    verdicts: Mapping[str, Mapping[str, bool | None]] = field(default_factory=lambda: _NO_VERDICTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,9 @@ class PlanItem:
     # (region, weight): split the VIP's traffic across these origins (policy/steering.py);
     # (): everything to ``active_origin``, as before weights.
     weights: tuple[tuple[str, int], ...] = ()
+    # With ``evidence``: the origins whose checks are asked, when that is not just
+    # ``active_origin`` (a steered VIP: the POP being confirmed follows another route).
+    evidence_origins: tuple[str, ...] = ()
 
 
 class AlarmKind(enum.StrEnum):

@@ -191,10 +191,6 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
     alarms: list[Alarm] = []
     if outcome == Outcome.ALL_ORIGINS_DOWN:
         alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, fv.name, note))
-    # Which POPs ask for evidence reasons about the default route's active origin (a POP with
-    # its own preference proposes on its own route, and the valve presumes a stale POP dark by
-    # its own route; see README, traffic steering).
-    active = vmem.active
     shared = {kind: i for kind, i in shared_before.items()
               if i.active_origin == default.active and i.weights == default.weights}
     routes = _Routes(fv, default, by_order, shared)
@@ -212,9 +208,9 @@ def _plan_rest(fv: FleetVip, reports: Mapping[str, PopReport], fresh: Mapping[st
     settle_at = _apply_safety(fv, proposals, held, allowed, memories, items, routes,
                               any(a.kind == AlarmKind.CHECKS_DOWN_EVERYWHERE for a in safety_alarms))
     if fv.policy.safety.settle > 0 and fv.policy.safety.settle_on_evidence:
-        failing = _failing(fv.name, active, fresh, memories)
+        failing = _failing(fv.name, fresh, memories, routes)
         if failing:
-            _ask_for_evidence(items, failing)
+            _ask_for_evidence(items, failing, [o.region for o in fv.vip.origins])
     # Only the proposals' items can count down (the shortcuts give healthy or report_stale).
     return _finish(fv, items, vmem, memories, note, outcome, alarms, shared, settle_at, fresh, drains, now,
                    [items[p.pop] for p in proposals], routes)
@@ -242,7 +238,13 @@ def _choose_origin(fv: FleetVip, fresh: Mapping[str, PopReport], verdicts: Mappi
     views = origin_views(fv.vip, verdicts, fv.policy.failover, len(fv.publish))
     proof = _proof(fv, fresh, verdicts) if fv.policy.safety.settle_on_evidence else no_proof
     if steering.steered(fv):
-        return steering.route_vip(fv, views, memory, now, proof)
+        vmem, default, by_order = steering.route_vip(fv, views, memory, now, proof)
+        # Every origin's verdict per POP, for a restart to presume (the same object when
+        # unchanged: the journal compares memories).
+        kept: Mapping[str, Mapping[str, bool | None]] = dict(verdicts)
+        if memory is not None and memory.verdicts == kept:
+            kept = memory.verdicts
+        return replace(vmem, verdicts=kept), default, by_order
     vmem, outcome, note = select_origin(fv.vip, views, memory, fv.policy.failover, now, fv.policy.safety.settle, proof)
     return vmem, Route(vmem.active, (), outcome, note, ()), {}
 
@@ -491,15 +493,22 @@ def _canonical(mem: PopVipMemory) -> PopVipMemory:
 def _propose(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
              drain_start: float | None, route: Route, fv: FleetVip, now: float,
              fresh: Mapping[str, PopReport]) -> tuple[R, str]:
-    kind, sentence = _propose_kind(pop, report, verdict, mem, drain_start, _origins(route), fv, now, fresh)
+    kind, sentence = _propose_kind(pop, report, verdict, mem, drain_start, _origins(route), _judged(route), fv, now,
+                                   fresh)
     return kind, sentence + _steer(route) if kind not in _SHARED else sentence
 
 
+def _judged(route: Route) -> tuple[str, ...]:
+    """The origins a POP's verdict on its route is about: its active one, or (weighted) each
+    weighted one (the route is down there when every one of them is)."""
+    return (route.active,) if not route.weights else tuple(r for r, _ in route.weights)
+
+
 def _propose_kind(pop: str, report: PopReport | None, verdict: bool | None, mem: PopVipMemory,
-                  drain_start: float | None, active: str, fv: FleetVip, now: float,
+                  drain_start: float | None, active: str, judged: tuple[str, ...], fv: FleetVip, now: float,
                   fresh: Mapping[str, PopReport]) -> tuple[R, str]:
-    """``active``: what the verdict is about (the route's active origin, or its weighted
-    origins "a or b": then no other POP's checks match it and the settle runs its window)."""
+    """``active``: what the verdict is about, in words (the route's active origin, or its
+    weighted origins "a or b"); ``judged``: the same origins (``_judged``)."""
     if drain_start is not None:
         elapsed = now - drain_start
         if elapsed < fv.policy.drain.drain_time:
@@ -513,7 +522,7 @@ def _propose_kind(pop: str, report: PopReport | None, verdict: bool | None, mem:
                             f"(hold-down #{mem.penalty})")
     if verdict is False:
         settle_left = (mem.down_since if mem.down_since is not None else now) + fv.policy.safety.settle - now
-        if not mem.withdrawn and settle_left > 0 and not _not_everywhere(fv, pop, report, mem, active, fresh):
+        if not mem.withdrawn and settle_left > 0 and not _not_everywhere(fv, pop, report, mem, judged, fresh):
             return R.CONFIRMING, (f"{pop} sees {active} down: confirming for {settle_left:.1f}s more whether "
                                   f"the other POPs see it too (its agent keeps announcing meanwhile)")
         return R.BACKEND_DOWN, f"{pop} sees {active} down: its agent withdraws the VIP"
@@ -639,69 +648,85 @@ def _checks(report: PopReport | None, vip: str, region: str) -> OriginChecks | N
     return report.checks.get(vip, {}).get(region) if report is not None and report.checks else None
 
 
-def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVipMemory, active: str,
-                    fresh: Mapping[str, PopReport]) -> tuple[str, ...]:
+def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVipMemory,
+                    judged: tuple[str, ...], fresh: Mapping[str, PopReport]) -> tuple[str, ...]:
     """The evidence that ends ``pop``'s settle window early (when ``pop`` still sees some
     origin up): the POPs, a quorum of the VIP's
-    other publish domains, whose fresh reports see the active origin healthy on checks that
-    succeeded after ``pop``'s first failed check (a POP reporting older checks proves
-    nothing: broken checks fail at every POP within an interval or two). Empty: not (yet)
-    enough, the settle window runs on. The first failed check is the agent's (sent as an
-    age) or, from an agent that does not send it, the moment the controller heard of the
-    failure (later: stricter)."""
+    other publish domains, whose fresh reports see an origin ``pop`` judged down (``judged``:
+    its route's active origin, or each weighted one) healthy on checks that succeeded after
+    ``pop``'s first failed check of that same origin (a POP reporting older checks proves
+    nothing: broken checks fail at every POP within an interval or two; nor does a POP's
+    check of another origin: with traffic steering the others may follow other routes).
+    Empty: not (yet) enough, the settle window runs on. The first failed check is the agent's
+    (sent as an age) or, from an agent that does not send it, the moment the controller heard
+    of the failure (later: stricter)."""
     name = fv.name
     if not fv.policy.safety.settle_on_evidence or report is None or _all_down(report.origins.get(name, {})):
         # A POP that sees every origin down shows the broken-checks signature (its checks'
         # path cut, as in Meta's 2021 outage), the case the window exists for: it waits
         # the whole window, so that the valve sees the other POPs' checks fail too, if they do.
         return ()
-    mine = _checks(report, name, active)
-    t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since
     others = len(fv.publish) - 1
-    if t0 is None or others <= 0:
-        return ()
-    check = fv.vip.check
-    if mem.down_since is not None and mem.down_since - t0 > check.fall * (check.interval + check.timeout) + \
-            fv.policy.safety.settle:
-        # A failure older than its own confirmation (fall checks and the window) began before
-        # this window did: the window started again when a hold everywhere lifted (the checks
-        # recovering, each POP at its own moment). Another POP's checks recovering first prove
-        # nothing about this one's: it waits the whole window, as the hold's comment says.
+    if others <= 0:
         return ()
     need = max(1, math.ceil(fv.policy.failover.quorum * others - 1e-9))
-    seen = tuple(q for q, r in fresh.items()
-                 if q != pop and (c := _checks(r, name, active)) is not None and c.ok_at is not None
-                 and c.ok_at > t0 and r.origins.get(name, {}).get(active) is True)
-    return seen if len(seen) >= need else ()
+    check = fv.vip.check
+    older = check.fall * (check.interval + check.timeout) + fv.policy.safety.settle
+    own = report.origins.get(name, {})
+    for origin in judged:
+        if own.get(origin) is not False:
+            continue  # (weighted: every one is down, else the route is not)
+        mine = _checks(report, name, origin)
+        t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since
+        if t0 is None:
+            continue
+        if mem.down_since is not None and mem.down_since - t0 > older:
+            # A failure older than its own confirmation (fall checks and the window) began before
+            # this window did: the window started again when a hold everywhere lifted (the checks
+            # recovering, each POP at its own moment). Another POP's checks recovering first prove
+            # nothing about this one's: it waits the whole window, as the hold's comment says.
+            continue
+        seen = tuple(q for q, r in fresh.items()
+                     if q != pop and (c := _checks(r, name, origin)) is not None and c.ok_at is not None
+                     and c.ok_at > t0 and r.origins.get(name, {}).get(origin) is True)
+        if len(seen) >= need:
+            return seen
+    return ()
 
 
-def _failing(name: str, active: str, fresh: Mapping[str, PopReport],
-             memories: Mapping[str, PopVipMemory]) -> set[str]:
-    """The fresh POPs not withdrawn that say their checks of the active origin are failing
-    (down, or ``fall`` not reached yet: the agent reports its first failed check at once):
-    their withdrawals are or soon will be settling, and the other POPs' fresh checks are what
-    can end that early. (An agent that sends no check times is not among them: its
-    withdrawal settles for the whole window, as before.)"""
-    out = set()
+def _failing(name: str, fresh: Mapping[str, PopReport], memories: Mapping[str, PopVipMemory],
+             routes: _Routes) -> dict[str, tuple[str, ...]]:
+    """The fresh POPs not withdrawn that say their checks of their route are failing (of its
+    active origin, or of every weighted one: down, or ``fall`` not reached yet: the agent
+    reports its first failed check at once), with those origins: their withdrawals are or
+    soon will be settling, and the other POPs' fresh checks of the same origins are what can
+    end that early. (An agent that sends no check times is not among them: its withdrawal
+    settles for the whole window, as before.)"""
+    out: dict[str, tuple[str, ...]] = {}
     for pop, r in fresh.items():
         m = memories.get(pop)
-        if m is not None and m.withdrawn:
+        if m is not None and m.withdrawn or not r.checks or name not in r.checks:
             continue
-        c = _checks(r, name, active)
-        if c is not None and c.failing_since is not None:
-            out.add(pop)
+        judged = _judged(routes.of(pop))
+        if all((c := _checks(r, name, o)) is not None and c.failing_since is not None for o in judged):
+            out[pop] = judged
     return out
 
 
-def _ask_for_evidence(items: dict[str, PlanItem], failing: set[str]) -> None:
-    """Every other POP's item with ``evidence`` set (one copy per distinct item: POPs that
-    share an item share its copy). The failing POPs send their check times anyway: a new
-    plan would only cost them a pass while they confirm their own failure."""
+def _ask_for_evidence(items: dict[str, PlanItem], failing: Mapping[str, tuple[str, ...]], order: list[str]) -> None:
+    """Every other POP's item with ``evidence`` set, about the origins failing anywhere (in the
+    VIP's order; named on the wire only when that is not just the item's active origin),
+    one copy per distinct item: POPs that share an item share its copy. The failing POPs send
+    their check times anyway: a new plan would only cost them a pass while they confirm their
+    own failure."""
+    asked = {o for origins in failing.values() for o in origins}
+    wanted = tuple(r for r in order if r in asked)
     copies: dict[int, PlanItem] = {}
     for pop, item in items.items():
         if pop in failing:
             continue
         c = copies.get(id(item))
         if c is None:
-            c = copies[id(item)] = replace(item, evidence=True)
+            named = () if wanted == (item.active_origin,) else wanted
+            c = copies[id(item)] = replace(item, evidence=True, evidence_origins=named)
         items[pop] = c

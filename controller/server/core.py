@@ -243,8 +243,9 @@ class Controller:
         window, the withdrawal a dampening hold-down ordered; a dampened POP would announce
         again until its next report). A POP whose report was fresh when the previous
         controller was last alive gets a report made of the verdicts kept in memory (its
-        verdict on each VIP's active origin), dated when the real one was received: it goes
-        stale exactly when the real one would have, and the POP's next report replaces it.
+        verdict on each VIP's active origin; on each origin of a steered VIP), dated when the
+        real one was received: it goes stale exactly when the real one would have, and the
+        POP's next report replaces it.
         """
         if alive is None:
             return
@@ -254,7 +255,13 @@ class Controller:
         announced: dict[str, dict[str, bool]] = {}
         planner = self.persisted.planner
         for (pop, vip), memory in planner.pop_vips.items():
-            if memory.verdict is not None and (vm := planner.vips.get(vip)) is not None:
+            if (vm := planner.vips.get(vip)) is not None and (kept := vm.verdicts.get(pop)) is not None:
+                # A steered VIP: each origin's verdict. Its POPs judge different origins, so
+                # one verdict per POP would change the others' views of each origin (a quorum
+                # of fewer POPs): the first pass would move or reweight traffic.
+                verdicts.setdefault(pop, {})[vip] = kept
+                announced.setdefault(pop, {})[vip] = not memory.withdrawn
+            elif memory.verdict is not None and vm is not None:
                 active = vm.active
                 if vm.routes and (fv := self.desired.vip(vip)) is not None and (
                         pref := fv.steering.preference(pop)) is not None:

@@ -48,7 +48,8 @@ class Entry(NamedTuple):
 
     def material(self) -> tuple[Any, ...]:
         i = self.item
-        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold, i.evidence, i.weights)
+        return (self.spec_hash, i.wanted, i.active_origin, i.drain, i.reason, i.safety_hold, i.evidence, i.weights,
+                i.evidence_origins)
 
 
 def _hashed(name: str, e: Entry) -> Entry:

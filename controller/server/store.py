@@ -303,6 +303,8 @@ def _vip_to_json(m: VipMemory) -> dict[str, Any]:
         doc["weight_out"] = sorted(m.weight_out)
     if m.down_since:  # a failover window running (absent from files written before it, and mostly)
         doc["down_since"] = dict(m.down_since)
+    if m.verdicts:  # a steered VIP's verdicts per POP and origin (absent from files written before them)
+        doc["verdicts"] = {pop: dict(v) for pop, v in m.verdicts.items()}
     return doc
 
 
@@ -312,7 +314,15 @@ def _vip_from_json(m: dict[str, Any]) -> VipMemory:
                      tuple(float(t) for t in m["withdrawals"]),
                      {str(k): (str(a), float(t)) for k, (a, t) in m.get("routes", {}).items()},
                      frozenset(str(r) for r in m.get("weight_out", ())),
-                     {str(r): float(t) for r, t in m.get("down_since", {}).items()})
+                     {str(r): float(t) for r, t in m.get("down_since", {}).items()},
+                     {str(pop): {str(r): _verdict(v) for r, v in by.items()}
+                      for pop, by in m.get("verdicts", {}).items()})
+
+
+def _verdict(v: Any) -> bool | None:
+    if v is not True and v is not False and v is not None:
+        raise ValueError(f"verdict {v!r}")
+    return v
 
 
 def _pop_vip_to_json(m: PopVipMemory) -> dict[str, Any]:
@@ -321,11 +331,8 @@ def _pop_vip_to_json(m: PopVipMemory) -> dict[str, Any]:
 
 
 def _pop_vip_from_json(m: dict[str, Any]) -> PopVipMemory:
-    verdict = m["verdict"]
-    if verdict not in (True, False, None):
-        raise ValueError(f"verdict {verdict!r}")
-    mem = PopVipMemory(verdict, tuple(float(t) for t in m["flaps"]), float(m["dampened_until"]), int(m["penalty"]),
-                       float(m["quiet_since"]), bool(m["withdrawn"]),
+    mem = PopVipMemory(_verdict(m["verdict"]), tuple(float(t) for t in m["flaps"]), float(m["dampened_until"]),
+                       int(m["penalty"]), float(m["quiet_since"]), bool(m["withdrawn"]),
                        None if m.get("down_since") is None else float(m["down_since"]))
     return STEADY if mem == STEADY else _UNSEEN if _is_unseen(mem) else mem
 

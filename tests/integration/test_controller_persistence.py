@@ -8,6 +8,7 @@ Loopback only, no namespaces: no lab lock needed. Needs root for the tmpfs (CI r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -287,3 +288,49 @@ def test_a_taken_listen_port_exits_69_naming_it_and_leaves_the_state_dir_free(tm
     assert f"cannot listen on 127.0.0.1:{port} (listen)" in r.stderr and "Traceback" not in r.stderr
     c = start(running, config, state, tmp_path / "next.log").wait_up()  # the state dir was let go
     assert c.status()["pops"]
+
+
+POP_TOKENS = {p: (EXAMPLE / "lab-tokens" / f"{p}.token").read_text().strip() for p in ("sjc", "fra", "sin")}
+
+
+def test_a_restart_presumes_each_origins_verdict_of_a_steered_vip_and_moves_no_traffic(
+        tmp_path: Path, running: list[Controller]) -> None:
+    """game-global with fra preferring eu-central, split 1:1 with us-west (min_down_pops 1).
+    sjc sees us-west down, fra and sin see both up: us-west is up (1 of 3). The controller is
+    stopped and started again while the reports are fresh (report_stale_after 300 s here, so a
+    slow start on a loaded machine still presumes them): before any POP reports again, fra's
+    split and sin's origin are what they were. (With one verdict presumed per POP, us-west is
+    1 down of 2 and down: fra's first plan after the restart lost us-west's share.)"""
+    config, state = checkout(tmp_path), tmp_path / "state"
+
+    def steer(v: Any) -> None:
+        game = next(x for x in v["vips"] if x["name"] == "game-global")
+        game["steering"] = {"preference": [{"pops": ["fra"], "origins": ["eu-central", "us-west"],
+                                            "weights": {"eu-central": 1, "us-west": 1}}]}
+
+    def policy(c: Any) -> None:
+        c["policy"]["failover"]["min_down_pops"] = 1
+        c["policy"]["safety"]["report_stale_after"] = 300
+
+    edit(config, "vips.yaml", steer)
+    edit(config, "controller.yaml", policy)
+    git(config, "commit", "-qam", "steer fra")
+
+    def where(c: Controller) -> dict[str, tuple[str, list[list[Any]]]]:
+        pops = c.request("GET", "/v1/explain/game-global")[1]["pops"]
+        return {p["pop"]: (p["active_origin"], p["weights"]) for p in pops if p["pop"] in ("fra", "sin")}
+
+    first = start(running, config, state, tmp_path / "1.log").wait_up()
+    for pop, usw in (("fra", True), ("sin", True), ("sjc", False)):  # (sjc's alone first: us-west 1 of 1 down)
+        body = {"plan_generation": 1, "seq": 1, "origins": {"game-global": {"us-west": usw, "eu-central": True}},
+                "announced": {"game-global": True}}
+        status, answer = first.request("POST", f"/v1/reports/{pop}", json.dumps(body).encode(), POP_TOKENS[pop])
+        assert status == 200, answer
+    before = where(first)
+    assert before == {"fra": ("eu-central", [["eu-central", 1], ["us-west", 1]]), "sin": ("us-west", [])}
+    first.stop()
+
+    second = start(running, config, state, tmp_path / "2.log").wait_up()
+    ages = {p["pop"]: p["report_age"] for p in second.status()["pops"]}
+    assert all(ages[p] is not None for p in ("sjc", "fra", "sin")), ages  # presumed (none has reported since)
+    assert where(second) == before

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.helpers.agent_fakes import IdleScheduler
@@ -261,3 +262,101 @@ def test_a_failing_active_origin_carries_the_other_origins_ages_and_their_proof_
     result(agent, clock, "us-west", True)  # us-west recovers: no check ages at all again
     result(agent, clock, "us-west", True)
     assert health_report(agent).checks == {}
+
+
+# --- asks that name their origins (traffic steering) --------------------------------------------
+def test_asks_by_origin_are_new_again_when_their_origins_change() -> None:
+    asks = ev.Asks()
+    assert asks.update({"v1": ("eu-central",)}, 10.0) and asks.new == {"v1"}
+    assert not asks.update({"v1": ("eu-central",)}, 10.5)
+    assert asks.update({"v1": ("us-west", "eu-central")}, 11.0) and asks.since == {"v1": 11.0}
+    assert not asks.round_done("v1", 10.9) and asks.round_done("v1", 11.1)
+    assert ev.checked_at([ev.OriginTimes(None, None, 5.0), ev.OriginTimes(None, None, 4.0)]) == 4.0
+    assert ev.checked_at([ev.OriginTimes(None, None, 5.0), ev.OriginTimes(None, None, None)]) is None
+
+
+def test_an_ask_about_another_origin_probes_that_origin_and_reports_when_its_checks_are_in(tmp_path: Path) -> None:
+    """The POP being confirmed judges eu-central (its own preference); this POP's active
+    origin is us-west. It probes eu-central at once and reports eu-central's fresh age."""
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west", "eu-central")
+    probing = ProbingScheduler(agent._on_result)
+    probing.set_targets(agent.scheduler.targets)  # type: ignore[attr-defined]
+    agent.scheduler = probing  # type: ignore[assignment]
+    clock.t += 0.03
+    asked = plan(2, evidence=True)
+    asked = dataclasses.replace(asked, vips={n: dataclasses.replace(i, evidence_origins=("eu-central",))
+                                             for n, i in asked.vips.items()})
+    agent.apply_plan(asked)
+    assert [set(keys) for keys in probing.asked] == [{k for k in agent.health if k[1] == "eu-central"}]
+    assert not agent.report_now.is_set()
+    result(agent, clock, "us-west", True, dt=0.002)  # (not the origin asked about)
+    assert not agent.report_now.is_set()
+    result(agent, clock, "eu-central", True, dt=0.002)
+    assert agent.report_now.is_set()
+    assert health_report(agent).checks["game-global"]["eu-central"] == (0.0, None)
+
+
+def _entry(**extra: object) -> dict:
+    from controller.config.serialize import vip_to_dict
+
+    vip = load_agent_config(str(EXAMPLE)).vips[0]
+    return {"name": vip.name, "spec": vip_to_dict(vip), "wanted": True, "active_origin": "us-west", "drain": False,
+            "reason": "healthy", "safety_hold": False, "explanation": "", **extra}
+
+
+def test_evidence_origins_travel_outside_the_digest_and_absent_means_the_active_origin() -> None:
+    """A controller one version older sends no ``evidence_origins``: the agent asks about its
+    active origin, as before. One that names them: an agent one version older ignores them,
+    and the digest is the same for both (its plan still checks)."""
+    from controller.agent.plan_wire import PlanBook
+    from controller.policy.model import PlanItem
+    from controller.wire import vip_entry_hash
+
+    old = decode_plan_answer({"pop": "sjc", "generation": 1, "revision": "r", "vips": [_entry(evidence=True)]}, "sjc")
+    new = decode_plan_answer({"pop": "sjc", "generation": 1, "revision": "r",
+                              "vips": [_entry(evidence=True, evidence_origins=["eu-central"])]}, "sjc")
+    assert old.vips[0].evidence_origins == () and new.vips[0].evidence_origins == ("eu-central",)
+    assert vip_entry_hash(old.vips[0]) == vip_entry_hash(new.vips[0])
+    book = PlanBook("sjc", load_agent_config(str(EXAMPLE)).allowed_prefixes)
+    assert book.apply(old).vips["game-global"].asked == ("us-west",)
+    assert book.apply(new).vips["game-global"].asked == ("eu-central",)
+    item = PlanItem("game-global", True, "us-west", evidence=True, evidence_origins=("eu-central",))
+    assert '"evidence_origins":["eu-central"]' in entry_json(item, "h" * 32, None)
+    assert "evidence_origins" not in entry_json(dataclasses.replace(item, evidence_origins=()), "h" * 32, None)
+
+
+def test_a_change_of_the_origins_asked_alone_is_a_new_plan() -> None:
+    from controller.config.serialize import vip_to_dict
+    from controller.policy.model import PlanItem
+    from controller.server.plans import PlanStore
+
+    vip = load_agent_config(str(EXAMPLE)).vips[0]
+    store, specs = PlanStore(), {vip.name: vip_to_dict(vip)}
+    item = PlanItem(vip.name, True, "us-west", evidence=True)
+    g1 = store.serve("sjc", {vip.name: item}, specs, "r", 0)
+    g2 = store.serve("sjc", {vip.name: dataclasses.replace(item, evidence_origins=("eu-central",))}, specs, "r", 0)
+    assert g1 is not None and g2 is not None and g2 > g1
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"evidence_origins": ["eu-central"]}, "vips[0].evidence_origins"),  # without evidence
+    ({"evidence": True, "evidence_origins": []}, "vips[0].evidence_origins"),
+    ({"evidence": True, "evidence_origins": "eu-central"}, "vips[0].evidence_origins"),
+    ({"evidence": True, "evidence_origins": ["eu-central", 3]}, "vips[0].evidence_origins[1]"),
+    ({"evidence": True, "evidence_origins": ["eu-central", "eu-central"]}, "vips[0].evidence_origins[1]"),
+])
+def test_bad_evidence_origins_are_refused_by_name(extra: dict, field: str) -> None:
+    with pytest.raises(WireError) as info:
+        decode_plan_answer({"pop": "sjc", "generation": 1, "revision": "r", "vips": [_entry(**extra)]}, "sjc")
+    assert info.value.field == field
+
+
+def test_an_asked_origin_the_vip_does_not_have_is_refused_by_name() -> None:
+    from controller.agent.plan_wire import PlanBook
+
+    answer = decode_plan_answer({"pop": "sjc", "generation": 1, "revision": "r",
+                                 "vips": [_entry(evidence=True, evidence_origins=["mars"])]}, "sjc")
+    with pytest.raises(WireError) as info:
+        PlanBook("sjc", load_agent_config(str(EXAMPLE)).allowed_prefixes).apply(answer)
+    assert info.value.field == "vips[0].evidence_origins[0]" and "mars" in str(info.value)

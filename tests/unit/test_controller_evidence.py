@@ -121,3 +121,38 @@ def test_a_failure_older_than_its_window_waits_the_whole_window_whatever_the_oth
     ctl.add_report(report("sjc", False, now[0], failing=9.1))
     item = ctl.item("sjc", "game-global")
     assert item is not None and item.reason == "backend_down", item
+
+
+def test_a_preferring_pops_withdrawal_asks_the_others_about_its_own_origin_by_name(tmp_path: Path) -> None:
+    """fra prefers eu-central (steering). Its first failed check of eu-central makes sjc's and
+    sin's plans ask about eu-central by name (their own active origin is us-west); sjc's fresh
+    check of eu-central confirms fra's withdrawal at once."""
+    from controller.config.desired_model import Preference, Steering
+
+    base = load_desired(str(ROOT / "configs" / "controller"), "rev1")
+    steer = Steering(preferences=(Preference(("fra",), ("eu-central", "us-west")),))
+    desired = dataclasses.replace(base, state_dir=str(tmp_path), vips=tuple(
+        dataclasses.replace(v, steering=steer) if v.name == "game-global" else v for v in base.vips))
+    now = [100.0]
+    ctl = Controller(desired, clock=lambda: now[0])
+
+    def seen(pop: str, euc: bool, at: float, **ages: tuple[float | None, float | None]) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {"us-west": True, "eu-central": euc}}, {"game-global": True},
+                         origin_checks({"game-global": {r.replace("_", "-"): a for r, a in ages.items()}}
+                                       if ages else {}, at))
+
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(seen(pop, True, now[0]))
+    now[0] = 100.5
+    ctl.add_report(seen("fra", True, now[0], eu_central=(None, 0.0)))  # fra's first failed check
+    for pop in ("sjc", "sin"):
+        entry = next(e for e in ctl.plan_body(pop)["vips"] if e["name"] == "game-global")
+        assert entry["evidence"] is True and entry["evidence_origins"] == ["eu-central"]
+        assert entry["active_origin"] == "us-west"
+    now[0] = 100.55
+    ctl.add_report(seen("sjc", True, now[0], us_west=(0.02, None), eu_central=(0.02, None)))
+    now[0] = 100.6
+    ctl.add_report(seen("fra", False, now[0], eu_central=(None, 0.1)))  # fall reached
+    item = ctl.item("fra", "game-global")
+    assert item is not None and item.reason == "backend_down" and item.active_origin == "eu-central", item
+    ctl.close()

@@ -446,9 +446,9 @@ def test_the_last_report_numbers_ride_on_the_alive_hint_across_restarts_and_cras
 def test_a_quick_restart_presumes_a_preferring_pops_verdict_about_its_own_active_origin(tmp_path: Path) -> None:
     """fra prefers eu-central (steering.preference) and sees it down; sjc sees us-west down;
     sin sees both healthy (game-global's quorum 0.6 here: no failover, 1 of 3 each). After a
-    quick restart fra's presumed report is about eu-central, the origin it judged (c59608d;
-    without it fra is presumed to see us-west down, a vote on an origin it did not judge, and
-    this test fails on the first assertion after the restart). sjc and sin stay on us-west."""
+    quick restart fra's presumed report sees eu-central down, the origin it judged (c59608d;
+    without it fra is presumed to see us-west down, a vote on an origin it did not judge), and
+    us-west up: each origin's verdict is presumed. sjc and sin stay on us-west."""
     from controller.config.desired_model import FailoverPolicy, Preference, Steering
 
     fv = DESIRED.vip("game-global")
@@ -475,9 +475,56 @@ def test_a_quick_restart_presumes_a_preferring_pops_verdict_about_its_own_active
     ctl.close()
     now[0] = 2.0  # well within report_stale_after: the last reports are presumed
     ctl = Controller(desired, clock=lambda: now[0])
-    assert ctl.reports["fra"].origins["game-global"] == {"eu-central": False}
-    assert ctl.reports["sjc"].origins["game-global"] == {"us-west": False}
+    # (each origin's verdict, as a steered VIP's presumed reports carry them)
+    assert ctl.reports["fra"].origins["game-global"] == {"us-west": True, "eu-central": False}
+    assert ctl.reports["sjc"].origins["game-global"] == {"us-west": False, "eu-central": True}
     assert ctl.persisted.planner.vips["game-global"].active == "us-west"
     kept = [ctl.item(p, "game-global").active_origin for p in ("sjc", "sin")]  # type: ignore[union-attr]
     assert kept == ["us-west", "us-west"]
+    ctl.close()
+
+
+def test_a_quick_restart_presumes_each_origins_verdict_of_a_steered_vip_and_moves_no_traffic(tmp_path: Path) -> None:
+    """6 POPs: sjc, iad, lax follow us-west > eu-central; fra, ams, lhr prefer eu-central and
+    split 1:1 with us-west. sjc and iad see us-west down (2 of 6: not down, quorum 0.5), the
+    others see both up. A restart in the middle presumes each origin's verdict per POP, so
+    the first passes see what was seen before: fra's split and lax's active origin stay,
+    also once the settle window has passed before any POP reported again. (With one verdict
+    per POP, us-west's view is 2 down of 3, down: fra's split lost us-west on the first
+    pass, and lax moved to eu-central when the window ended.)"""
+    from controller.config.desired_model import FleetVip, PopSpec, Preference, Steering
+
+    fv = DESIRED.vip("game-global")
+    assert fv is not None
+    pops = ("sjc", "iad", "lax", "fra", "ams", "lhr")
+    steering = Steering(preferences=(Preference(("fra", "ams", "lhr"), ("eu-central", "us-west"),
+                                                (("eu-central", 1), ("us-west", 1))),))
+    vip = FleetVip(fv.vip, pops, True, fv.policy, steering=steering)
+    desired = dataclasses.replace(DESIRED, state_dir=str(tmp_path), pops=tuple(PopSpec(p, "0" * 64) for p in pops),
+                                  vips=(vip,))
+    now = [0.0]
+
+    def seen(pop: str, usw: bool, at: float) -> PopReport:
+        return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": True}}, {"game-global": True})
+
+    def where(c: Controller) -> dict[str, tuple[str, tuple[tuple[str, int], ...]]]:
+        return {p: (i.active_origin, i.weights) for p in ("lax", "fra") if (i := c.item(p, "game-global"))}
+
+    ctl = Controller(desired, clock=lambda: now[0])
+    for pop in pops:
+        ctl.add_report(seen(pop, True, 0.0))
+    now[0] = 1.0
+    for pop in pops:
+        ctl.add_report(seen(pop, pop not in ("sjc", "iad"), 1.0))
+    before = where(ctl)
+    assert before == {"lax": ("us-west", ()), "fra": ("eu-central", (("eu-central", 1), ("us-west", 1)))}
+    ctl.close()
+    now[0] = 2.0  # well within report_stale_after: the last reports are presumed
+    ctl = Controller(desired, clock=lambda: now[0])
+    assert ctl.reports["lax"].origins["game-global"] == {"us-west": True, "eu-central": True}
+    assert ctl.reports["sjc"].origins["game-global"] == {"us-west": False, "eu-central": True}
+    assert where(ctl) == before
+    now[0] = 2.0 + 2 * vip.policy.safety.settle  # no report yet: a failover window would have ended
+    ctl.replan()
+    assert where(ctl) == before
     ctl.close()

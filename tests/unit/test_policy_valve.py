@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from controller.config.desired import load_desired
-from controller.config.desired_model import DesiredState, FleetVip, PopSpec
+from controller.config.desired_model import DesiredState, FleetVip, PopSpec, Preference, Steering
 from controller.policy.model import OriginChecks, PlannerState, PlanResult, PopReport
 from controller.policy.planner import plan
 
@@ -279,4 +279,93 @@ def test_a_pop_that_sees_every_origin_down_waits_the_whole_window_whatever_the_e
     r = run.at(T0 + 0.1, rep("sjc", T0 + 0.1, DOWN, DOWN, failing=T0), rep("fra", T0 + 0.1, UP, ok_at=T0 + 0.05),
                rep("sin", T0 + 0.1, UP, ok_at=T0 + 0.06))
     assert summary(r)["sjc"] == "confirming"
+    assert summary(run.at(T0 + 0.1 + SETTLE))["sjc"] == "backend_down"
+
+
+# --- the evidence-based settle with traffic steering -----------------------------------------
+# A steered VIP's POPs follow different routes, so the evidence that ends a POP's settle early
+# is about the origin that POP judged down: other POPs' fresh checks of that same origin (they
+# are asked about it by name), never of another.
+
+US, EU, AP = "us-west", "eu-central", "ap-south"
+
+
+def steered(steering: Steering, *, third: bool = False) -> DesiredState:
+    d = fleet()
+    vip = d.vips[0].vip
+    if third:  # a backup origin outside the weights
+        vip = dataclasses.replace(vip, origins=(*vip.origins, dataclasses.replace(
+            vip.origins[1], region=AP, backends=vip.origins[1].backends)))
+    return dataclasses.replace(d, vips=(dataclasses.replace(d.vips[0], vip=vip, steering=steering),))
+
+
+def srep(pop: str, at: float, verdicts: dict[str, bool | None], **checks: tuple[float | None, float | None]
+         ) -> PopReport:
+    """A report; ``checks``: region (``_`` for ``-``) -> (ok_at, failing) on the controller's clock."""
+    return PopReport(pop, at, 1, {"game-global": verdicts}, {"game-global": True},
+                     {"game-global": {r.replace("_", "-"): OriginChecks(*t) for r, t in checks.items()}}
+                     if checks else {})
+
+
+FRA_PREFERS_EU = Steering(preferences=(Preference(("fra",), (EU, US)),))
+BOTH = {US: UP, EU: UP}
+
+
+def test_a_preferring_pops_settle_ends_on_the_others_fresh_checks_of_its_own_origin() -> None:
+    """fra prefers eu-central and sees it fail; sjc and sin follow us-west. They are asked about
+    eu-central by name, and sjc's fresh success of eu-central confirms fra at once."""
+    run = Run(steered(FRA_PREFERS_EU))
+    run.at(0, *(srep(p, 0, BOTH) for p in ("sjc", "fra", "sin")))
+    r = run.at(T0, srep("fra", T0, BOTH, eu_central=(None, T0)))  # fra's first failed check of eu-central
+    assert summary(r) == {p: "healthy" for p in ("sjc", "fra", "sin")}
+    for p in ("sjc", "sin"):
+        item = r.item(p, "game-global")
+        assert item.evidence and item.evidence_origins == (EU,) and item.active_origin == US
+    assert not r.item("fra", "game-global").evidence
+    run.at(T0 + 0.05, srep("sjc", T0 + 0.05, BOTH, us_west=(T0 + 0.04, None), eu_central=(T0 + 0.04, None)))
+    r = run.at(T0 + 0.1, srep("fra", T0 + 0.1, {US: UP, EU: DOWN}, eu_central=(None, T0)))
+    assert summary(r)["fra"] == "backend_down" and r.wake_at is None  # no settle window at all
+    assert not any(r.item(p, "game-global").evidence for p in ("sjc", "fra", "sin"))
+
+
+def test_a_preferring_pops_settle_runs_its_window_on_fresh_checks_of_another_origin_only() -> None:
+    """The same, but sjc and sin send fresh successes of us-west only (their eu-central checks
+    predate fra's failure): that says nothing about fra's failure, so fra waits the window."""
+    run = Run(steered(FRA_PREFERS_EU))
+    run.at(0, *(srep(p, 0, BOTH) for p in ("sjc", "fra", "sin")))
+    run.at(T0, srep("fra", T0, BOTH, eu_central=(None, T0)))
+    for t in (T0 + 0.1, T0 + 0.5, T0 + 0.9):
+        r = run.at(t, srep("fra", t, {US: UP, EU: DOWN}, eu_central=(None, T0)),
+                   *(srep(p, t, BOTH, us_west=(t - 0.01, None), eu_central=(T0 - 0.05, None)) for p in ("sjc", "sin")))
+        assert summary(r)["fra"] == "confirming", t
+    assert summary(run.at(T0 + 0.1 + SETTLE))["fra"] == "backend_down"  # settle is the upper bound
+
+
+WEIGHTED = Steering(weights=((US, 1), (EU, 1)))
+ALL3 = {US: UP, EU: UP, AP: UP}
+SPLIT_DOWN = {US: DOWN, EU: DOWN, AP: UP}  # both weighted origins down at sjc, the backup up
+
+
+def test_a_split_pops_settle_ends_on_the_others_fresh_checks_of_a_weighted_origin() -> None:
+    """Split 1:1 between us-west and eu-central (ap-south a backup): sjc sees both fail. The
+    others are asked about both by name; fra's fresh success of eu-central confirms sjc."""
+    run = Run(steered(WEIGHTED, third=True))
+    run.at(0, *(srep(p, 0, ALL3) for p in ("sjc", "fra", "sin")))
+    r = run.at(T0, srep("sjc", T0, ALL3, us_west=(None, T0), eu_central=(None, T0 + 0.01)))
+    for p in ("fra", "sin"):
+        item = r.item(p, "game-global")
+        assert item.evidence and item.evidence_origins == (US, EU)
+    run.at(T0 + 0.05, srep("fra", T0 + 0.05, ALL3, eu_central=(T0 + 0.04, None)))
+    r = run.at(T0 + 0.1, srep("sjc", T0 + 0.1, SPLIT_DOWN, us_west=(None, T0), eu_central=(None, T0 + 0.01)))
+    assert summary(r)["sjc"] == "backend_down" and r.wake_at is None
+
+
+def test_a_split_pops_settle_runs_its_window_on_fresh_checks_of_an_origin_outside_its_split_only() -> None:
+    run = Run(steered(WEIGHTED, third=True))
+    run.at(0, *(srep(p, 0, ALL3) for p in ("sjc", "fra", "sin")))
+    run.at(T0, srep("sjc", T0, ALL3, us_west=(None, T0), eu_central=(None, T0 + 0.01)))
+    for t in (T0 + 0.1, T0 + 0.5, T0 + 0.9):
+        r = run.at(t, srep("sjc", t, SPLIT_DOWN, us_west=(None, T0), eu_central=(None, T0 + 0.01)),
+                   *(srep(p, t, ALL3, ap_south=(t - 0.01, None)) for p in ("fra", "sin")))
+        assert summary(r)["sjc"] == "confirming", t
     assert summary(run.at(T0 + 0.1 + SETTLE))["sjc"] == "backend_down"
