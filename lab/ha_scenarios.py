@@ -25,7 +25,7 @@ from .ha import CONTROLLERS, ETCD_MEMBERS, LEASE_TTL, HaFleet
 from .metrics import parse
 from .poll import wait_for
 from .scenarios import (NAME, PRIMARY, SECONDARY, VIP, IngressWatch, answered_explain, answered_status, assert_clean,
-                        client_stats, drain_losses, lab_controller_config, ms, nft_drop, pop_item)
+                        client_stats, drain_losses, lab_controller_config, ms, nft_drop, pop_item, unserved)
 
 DRAIN_TIME = 12.0  # s: long enough for a leader to be killed and replaced before it ends
 HOLD_DOWN = 12.0  # s: the failback hold-down, likewise
@@ -245,7 +245,7 @@ def ha3_leader_partitioned_from_etcd(f: Fleet) -> dict[str, Any]:
     assert not both, f"two leaders at once: {both}"
     flapped = flaps(path_states(f, watch, t0, until), unchanged)
     assert not flapped, f"route flaps at the transits: {flapped}"
-    assert all(s["failed"] == 0 for s in stats.values()), stats
+    assert not unserved(stats), stats
     return {"old_leader": old, "new_leader": new, "old_stopped_after_cut_ms": ms(t0, old_stopped),
             "new_started_after_cut_ms": ms(t0, new_started), "gap_without_leader_ms": ms(old_stopped, new_started),
             "samples": len(samples), "clients": stats}
@@ -292,7 +292,7 @@ def ha4_etcd_member_loss(f: Fleet) -> dict[str, Any]:
     flapped = flaps(path_states(f, watch, t0, until), unchanged)
     assert not flapped, f"route flaps at the transits: {flapped}"
     stats = {c.node: client_stats(f, c.node, t0, until) for c in f.topo.clients}
-    assert all(s["failed"] == 0 for s in stats.values()), stats
+    assert not unserved(stats), stats
     return {"etcd_member_killed": one, "no_leader_after_etcd_down_ms": ms(t_all, no_leader), "leader_after_etcd_back_ms": ms(no_leader, back),
             "clients": stats}
 
