@@ -70,6 +70,18 @@ class RouteWatcher:
                     self._events.append((stamp, *parsed))
                     self._cond.notify_all()
 
+    def close(self) -> None:
+        """Stop ``ip monitor`` (by PID, through the node: recorded and reaped) and the reader."""
+        if self.proc.poll() is None:
+            self.ns.terminate(self.proc.pid)
+        self._thread.join(5)
+
+    def __enter__(self) -> RouteWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def mark(self) -> int:
         """A position in the event stream; wait() looks only at events after it."""
         with self._cond:

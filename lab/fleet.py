@@ -329,22 +329,23 @@ class Fleet:
     def controller_metrics(self) -> str:
         ctl = self.nodes[self.topo.controller_node]
         url = f"http://{self.topo.controller_address}:{CONTROLLER_METRICS_PORT}/metrics"
-        code = f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen({url!r},timeout=2).read().decode())"
-        r = ctl.run([sys.executable, "-c", code], check=False, timeout=5)
+        code = f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen({url!r},timeout=10).read().decode())"
+        r = ctl.run([sys.executable, "-c", code], check=False, timeout=30)
         return r.stdout if r.returncode == 0 else ""
 
     def controller_api(self, path: str, token_file: Path) -> Any:
         """GET ``path`` of the controller's API from inside ``ctl``: the parsed JSON, None
-        if the controller does not answer (stopped, starting). An HTTP error raises
-        LabError: a wrong token or path is the test's bug, not "not yet"."""
+        if the controller does not answer (stopped, starting; the timeouts are generous, as
+        lab.nodes.scrape's). An HTTP error raises LabError: a wrong token or path is the
+        test's bug, not "not yet"."""
         url = f"https://{self.topo.controller_address}:{CONTROLLER_PORT}{path}"
         code = (TRUST_LAST_ARG + "import urllib.request,urllib.error\n"
                 "req=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()})\n"
-                "try: sys.stdout.write(urllib.request.urlopen(req,timeout=3,context=CTX).read().decode())\n"
+                "try: sys.stdout.write(urllib.request.urlopen(req,timeout=10,context=CTX).read().decode())\n"
                 "except urllib.error.HTTPError as e: sys.stdout.write(f'{e.code} {e.read().decode()}'); sys.exit(4)\n"
                 "except OSError: sys.exit(3)\n")
         r = self.nodes[self.topo.controller_node].run([sys.executable, "-c", code, url, str(token_file),
-                                                       str(self.tls.ca)], check=False, timeout=10)
+                                                       str(self.tls.ca)], check=False, timeout=30)
         if r.returncode == 4:
             raise LabError(f"controller GET {path}: HTTP {r.stdout}")
         return json.loads(r.stdout) if r.returncode == 0 else None
@@ -425,8 +426,8 @@ class Fleet:
         url = f"http://{self.topo.controller_address}:{PROMETHEUS_PORT}/api/v1/query"
         code = ("import urllib.request,urllib.parse,sys;"
                 f"sys.stdout.write(urllib.request.urlopen({url!r}+'?'+urllib.parse.urlencode("
-                f"{{'query': sys.argv[1]}}),timeout=3).read().decode())")
-        r = ctl.run([sys.executable, "-c", code, expr], check=False, timeout=6)
+                f"{{'query': sys.argv[1]}}),timeout=10).read().decode())")
+        r = ctl.run([sys.executable, "-c", code, expr], check=False, timeout=30)
         if r.returncode != 0:
             return []
         result: list[dict[str, Any]] = json.loads(r.stdout).get("data", {}).get("result", [])
@@ -479,7 +480,9 @@ class Fleet:
                                          for p in entry.get("paths", []))
 
     def ingress(self, client: Client | str, vip: str) -> str | None:
-        """The POP a client's transit sends the VIP's traffic to now (its FIB's best path)."""
+        """The POP a client's transit prefers for the VIP now: its BGP RIB's best path. Zebra
+        installs that in the kernel a moment later (longer under load): before measuring
+        traffic, wait for ``ingress_fib``, which is what packets follow."""
         c = client if isinstance(client, Client) else next(x for x in self.topo.clients if x.node == client)
         entry = self.routers[c.transit].bgp_route(host_prefix(vip))
         if entry is None:
@@ -490,6 +493,24 @@ class Fleet:
                 return next((p.name for p in self.topo.pops for a in asns if a == p.asn), None)
         return None
 
+    def ingress_fib(self, client: Client | str, vip: str) -> str | None:
+        """The POP a client's packets to the VIP reach now, by the kernel FIBs of the transits on
+        their way (None: no route, or a multipath one). Read hop by hop from each transit's
+        route's interface (``to-POP`` or ``to-TRANSIT``), since an IPv6 next hop may be link-local."""
+        c = client if isinstance(client, Client) else next(x for x in self.topo.clients if x.node == client)
+        node = c.transit
+        for _ in self.topo.transits:  # a path visits each transit at most once
+            devs = {r.get("dev") for r in self.routers[node].fib_routes(host_prefix(vip)) if r.get("protocol") == "bgp"}
+            if len(devs) != 1:
+                return None
+            hop = str(devs.pop()).removeprefix("to-")
+            if any(p.name == hop and p.transit == node for p in self.topo.pops):
+                return hop
+            if not any(t.node == hop for t in self.topo.transits):
+                return None
+            node = hop
+        return None
+
     def nearest(self, client: Client) -> str:
         """The POP on the client's own transit: where ordinary BGP should send it."""
         return next(p.name for p in self.topo.pops if p.transit == client.transit)
@@ -498,13 +519,16 @@ class Fleet:
         return scrape(self.nodes[self.topo.pop(pop).agent], AGENT_METRICS_PORT)
 
     def wait_converged(self, vip: str, timeout: float = 60.0) -> None:
-        """Every POP that publishes ``vip`` announces it and every transit routes it."""
+        """Every POP that publishes ``vip`` announces it and every client's transit routes it,
+        in its kernel FIB, to the client's nearest POP: client traffic can follow at once
+        (bgpd's best path alone is not enough: the first SYNs would meet "no route")."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self.ingress(c, vip) == self.nearest(c) for c in self.topo.clients) and \
+            if all(self.ingress_fib(c, vip) == self.nearest(c) for c in self.topo.clients) and \
                     all(self.announced(p.name, vip) for p in self.topo.pops):
                 return
             time.sleep(0.2)
         raise LabError(f"{vip} did not converge within {timeout:.0f}s: " + ", ".join(
-            f"{p.name} announces={self.announced(p.name, vip)}" for p in self.topo.pops))
+            f"{p.name} announces={self.announced(p.name, vip)}" for p in self.topo.pops) + "; " + ", ".join(
+            f"{c.node} via {self.ingress_fib(c, vip)} (FIB), {self.ingress(c, vip)} (RIB)" for c in self.topo.clients))
 

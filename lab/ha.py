@@ -106,7 +106,7 @@ class HaFleet(Fleet):
         code = ("import urllib.request,sys,json\n"
                 f"sys.exit(0 if json.loads(urllib.request.urlopen({m.client_url + '/health'!r},timeout=1).read())"
                 "['health']=='true' else 1)")
-        return self.nodes[name].run([sys.executable, "-c", code], check=False, timeout=5).returncode == 0
+        return self.nodes[name].run([sys.executable, "-c", code], check=False, timeout=30).returncode == 0
 
     def etcd_raft_leader(self) -> str | None:
         """The member that leads etcd's raft group now (None: none answers or agrees)."""
@@ -115,7 +115,7 @@ class HaFleet(Fleet):
                 "d=json.loads(urllib.request.urlopen(r,timeout=1).read())\n"
                 "print(d['header']['member_id']==d['leader'])")
         for name, m in self.etcd.items():
-            r = self.nodes[name].run([sys.executable, "-c", code, m.client_url], check=False, timeout=5)
+            r = self.nodes[name].run([sys.executable, "-c", code, m.client_url], check=False, timeout=30)
             if r.returncode == 0 and r.stdout.strip() == "True":
                 return name
         return None
@@ -174,11 +174,11 @@ class HaFleet(Fleet):
         code = (TRUST_LAST_ARG + "import json,urllib.request,urllib.error\n"
                 "req=urllib.request.Request(sys.argv[1],method=sys.argv[3],"
                 "headers={'Authorization':'Bearer '+open(sys.argv[2]).read().strip()})\n"
-                "try: r=urllib.request.urlopen(req,timeout=3,context=CTX); print(r.status); sys.stdout.write(r.read().decode())\n"
+                "try: r=urllib.request.urlopen(req,timeout=10,context=CTX); print(r.status); sys.stdout.write(r.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code); sys.stdout.write(e.read().decode())\n"
                 "except OSError: sys.exit(3)\n")
         r = self.nodes[name].run([sys.executable, "-c", code, controller_url(name) + path, str(token_file), method,
-                                  str(self.tls.ca)], check=False, timeout=10)
+                                  str(self.tls.ca)], check=False, timeout=30)
         if r.returncode != 0:
             return None
         status, _, body = r.stdout.partition("\n")

@@ -34,10 +34,12 @@ def start_backend(ns: Netns, workdir: Path, region: str, listens: list[str]) -> 
 
 
 def scrape(ns: Netns, port: int) -> str:
-    """GET http://127.0.0.1:PORT/metrics from inside the namespace ('' if it fails)."""
+    """GET http://127.0.0.1:PORT/metrics from inside the namespace ('' if it fails). The
+    timeouts are generous: on a loaded machine a Python start plus an answer can take
+    seconds, and a slow scrape is not a daemon that stopped answering."""
     url = f"http://127.0.0.1:{port}/metrics"
-    code = f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen({url!r},timeout=2).read().decode())"
-    r = ns.run([sys.executable, "-c", code], check=False, timeout=5)
+    code = f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen({url!r},timeout=10).read().decode())"
+    r = ns.run([sys.executable, "-c", code], check=False, timeout=30)
     return r.stdout if r.returncode == 0 else ""
 
 

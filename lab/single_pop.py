@@ -220,5 +220,6 @@ def http_get(ns: Netns, url: str, timeout: float = 1.0) -> str | None:
     """One HTTP GET from inside ``ns``: the body, or None if it failed."""
     code = (f"import urllib.request,sys\ntry:\n sys.stdout.write(urllib.request.urlopen({url!r},"
             f"timeout={timeout}).read().decode())\nexcept Exception as e:\n sys.stdout.write('')")
-    r = ns.run([sys.executable, "-c", code], check=False, timeout=timeout + 5)
+    # (the run's own bound is a hang guard: a Python start on a loaded machine takes seconds)
+    r = ns.run([sys.executable, "-c", code], check=False, timeout=timeout + 30)
     return r.stdout.strip() or None

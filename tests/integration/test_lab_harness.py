@@ -40,6 +40,7 @@ from lab.poll import wait_for, wait_for_equal
 
 VIP = "198.51.100.10/32"
 VIP6 = "2001:db8:100::10/128"
+HANG = 60.0  # the bound of every wait here: fails a hung harness, never a slow (loaded) one
 
 BGPD_CONF = """\
 router bgp 65000
@@ -129,14 +130,14 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
     helper, starts = work / "helper.py", work / "helper-starts.log"
     helper.write_text(HELPER)
     exa = ExaBGPProcess(e1, work, exabgp_conf(helper, starts)).start()
-    first_helper = exa.wait_api_started()[0]
+    first_helper = exa.wait_api_started(timeout=HANG)[0]
 
-    route = wait_for(lambda: frr.bgp_route(VIP), 10, desc=f"{VIP} in r1's BGP table")
+    route = wait_for(lambda: frr.bgp_route(VIP), HANG, desc=f"{VIP} in r1's BGP table")
     wall_route = time.time()
-    wait_for(lambda: frr.fib_has(VIP), 5, desc=f"{VIP} in r1's kernel FIB")
+    wait_for(lambda: frr.fib_has(VIP), HANG, desc=f"{VIP} in r1's kernel FIB")
     wall_fib, t_fib = time.time(), time.monotonic()
-    route6 = wait_for(lambda: frr.bgp_route(VIP6), 10, desc=f"{VIP6} in r1's BGP table")
-    wait_for(lambda: frr.fib_has(VIP6), 5, desc=f"{VIP6} in r1's kernel FIB")
+    route6 = wait_for(lambda: frr.bgp_route(VIP6), HANG, desc=f"{VIP6} in r1's BGP table")
+    wait_for(lambda: frr.fib_has(VIP6), HANG, desc=f"{VIP6} in r1's kernel FIB")
     wall_fib6 = time.time()
     helper_started_at = helper_starts(starts)[0][1]  # wall clock: it is another process's
 
@@ -170,7 +171,7 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
         slow = timed("vtysh", lambda: json.loads(frr.vtysh(cmd)))
         return fast if fast == slow else None
 
-    fast = wait_for(agreed, 10, desc="fast path and vtysh to agree")
+    fast = wait_for(agreed, HANG, desc="fast path and vtysh to agree")
     # Inside the node, stock vtysh finds the node's own bgpd (private /run/frr), and the
     # daemons' pid files there hold node-local PIDs.
     inside = json.loads(r1.run(["vtysh", "-c", cmd]).stdout)
@@ -189,11 +190,11 @@ def test_frr_learns_exabgp_route_survives_helper_respawn_and_teardown_is_complet
     first_local = node_local_pid(first_helper)
     assert first_local is not None and first_local != first_helper
     os.kill(first_helper, signal.SIGKILL)
-    second_helper = exa.wait_respawn(first_helper)
+    second_helper = exa.wait_respawn(first_helper, HANG)
     assert second_helper != first_helper
     second_local = node_local_pid(second_helper)
-    wait_for_equal(lambda: [pid for pid, _ in helper_starts(starts)], [first_local, second_local], 5)
-    wait_for(lambda: exa.log_text().count("route added to neighbor") >= 4, 5, desc="the new helper's announces")
+    wait_for_equal(lambda: [pid for pid, _ in helper_starts(starts)], [first_local, second_local], HANG)
+    wait_for(lambda: exa.log_text().count("route added to neighbor") >= 4, HANG, desc="the new helper's announces")
     assert exa.running()
     after = frr.bgp_route(VIP), frr.bgp_route(VIP6)
     assert after[0] is not None and after[1] is not None
@@ -264,7 +265,7 @@ def test_a_node_is_a_container_and_teardown_leaves_no_namespace_process_or_mount
     local = node_local_pid(sleeper.pid)
     assert local is not None and local != sleeper.pid
     # popen's PID is the process itself (once nsenter, in the same PID, has exec'd it).
-    wait_for_equal(lambda: proc_cmdline(sleeper.pid), ("sleep", "1000"), 10)
+    wait_for_equal(lambda: proc_cmdline(sleeper.pid), ("sleep", "1000"), HANG)
     assert a.run(["cat", f"/proc/{local}/cmdline"]).stdout.split("\0")[:2] == ["sleep", "1000"]
     assert "sleep 1000" in ps_args(a)
     assert "sleep 1000" not in ps_args(b)
@@ -284,10 +285,10 @@ def test_a_node_is_a_container_and_teardown_leaves_no_namespace_process_or_mount
 
     # An orphan (its parent killed) is reaped inside the node, not left as a zombie.
     parent = a.popen(["sh", "-c", "sleep 1000 & echo $! > /tmp/orphan; wait"])
-    orphan = wait_for(lambda: a.run(["cat", "/tmp/orphan"], check=False).stdout.strip(), 10, desc="orphan PID")
+    orphan = wait_for(lambda: a.run(["cat", "/tmp/orphan"], check=False).stdout.strip(), HANG, desc="orphan PID")
     a.terminate(parent.pid, sig=signal.SIGKILL)
     a.run(["kill", orphan])
-    wait_for(lambda: a.run(["test", "-e", f"/proc/{orphan}"], check=False).returncode != 0, 10,
+    wait_for(lambda: a.run(["test", "-e", f"/proc/{orphan}"], check=False).returncode != 0, HANG,
              desc="the orphan reaped by the node's init")
 
     ids = {i for pid in (a.init_pid or -1, b.init_pid or -1) for i in namespace_ids(pid).values()}
@@ -371,7 +372,7 @@ def test_cleanup_sweeps_a_crashed_run_and_spares_live_labs_and_reused_pids(lab_p
         bare = Netns(prefix + "bare", state_dir=state_dir)
         subprocess.run(["ip", "netns", "add", bare.name], check=True)
         bare_sleeper = sleeper = subprocess.Popen(bare.exec_argv(["sleep", "1000"]))
-        wait_for(bare.pids, 5, desc="sleeper inside the bare namespace")
+        wait_for(bare.pids, HANG, desc="sleeper inside the bare namespace")
 
         # 3. A state file whose recorded PID now belongs to someone else (PID reuse).
         ghost = {
