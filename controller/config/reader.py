@@ -9,6 +9,7 @@ wrong (the way ``anycastctl validate`` should). Unknown keys are errors: a typo 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import stat
@@ -58,10 +59,82 @@ MAX_FILE_BYTES = 64 << 20
 MAX_DEPTH = 32
 
 
+class _NotJson(Exception):
+    """The text is not plain JSON as YAML reads it (a duplicate key, NaN): the YAML loader decides."""
+
+
+_YAML_RESOLVER = yaml.resolver.Resolver()
+_YAML_FLOAT = "tag:yaml.org,2002:float"
+
+
+def _yaml_number(literal: str) -> Any:
+    """A JSON number with a fraction or exponent as PyYAML (YAML 1.1) reads the same text: a
+    float only if its float pattern matches (it wants a dot: ``1e5`` and ``1.5e5`` are strings)."""
+    if _YAML_RESOLVER.resolve(yaml.ScalarNode, literal, (True, False)) == _YAML_FLOAT:
+        return float(literal)
+    return literal
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise _NotJson  # the YAML loader names the duplicate and its line
+    return mapping
+
+
+def _refuse_constant(_name: str) -> Any:
+    raise _NotJson  # NaN, Infinity: not JSON; YAML reads them as strings
+
+
+def parse_json(text: str) -> Any:
+    """``text`` parsed as JSON, as the YAML loader would read it; else raises ``_NotJson``. JSON is YAML's
+    flow style, and a generated config (10,000 VIPs) often is JSON: json's C parser reads it
+    ~40x faster than libyaml's composer plus PyYAML's constructor. Every value is what YAML gives
+    for the same text: strings are quoted (never resolved to other types), integers are
+    decimal, numbers PyYAML reads as strings stay strings (``_yaml_number``); a duplicate key,
+    NaN or anything json refuses goes to the YAML loader, which decides and words the error."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_float=_yaml_number,
+                          parse_constant=_refuse_constant)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise _NotJson from exc
+
+
+def tree_depth(data: Any, limit: int) -> int:
+    """``nesting_depth`` for a tree (what json gives: no shared subtrees, no cycles), level by
+    level: a few times cheaper. Stops once past ``limit``."""
+    depth, level = 0, [data] if isinstance(data, (dict, list)) else []
+    while level and depth <= limit:
+        depth += 1
+        below: list[Any] = []
+        for value in level:
+            below.extend(c for c in (value.values() if isinstance(value, dict) else value)
+                         if isinstance(c, (dict, list)))
+        level = below
+    return depth
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; syntax errors become a ConfigError naming line and column, and
     so does nesting deeper than MAX_DEPTH (libyaml stops at 1,000 levels, the pure-Python
-    parser recurses until RecursionError; either is refused here, never a traceback)."""
+    parser recurses until RecursionError; either is refused here, never a traceback). A text
+    that is JSON takes json's parser (``parse_json``): the same values, much faster."""
+    if text.lstrip(" \t\r\n")[:1] in ("{", "["):
+        try:
+            data = parse_json(text)
+        except _NotJson:
+            pass
+        except RecursionError:  # json's parser met thousands of levels: refused as YAML would
+            raise ConfigError(source, [ConfigIssue("YAML", f"nested deeper than {MAX_DEPTH} levels")]) from None
+        else:
+            if tree_depth(data, MAX_DEPTH) > MAX_DEPTH:
+                raise ConfigError(source, [ConfigIssue("YAML", f"nested deeper than {MAX_DEPTH} levels")])
+            return data
+    return parse_yaml_only(text, source)
+
+
+def parse_yaml_only(text: str, source: str) -> Any:
+    """``parse_yaml`` without the JSON path: PyYAML (libyaml's parser when present)."""
     if yaml.__with_libyaml__:
         try:
             data = yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
