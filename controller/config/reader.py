@@ -63,7 +63,7 @@ class _NotJson(Exception):
     """The text is not plain JSON as YAML reads it (a duplicate key, NaN): the YAML loader decides."""
 
 
-_YAML_RESOLVER = yaml.resolver.Resolver()
+_YAML_RESOLVER: Any = yaml.resolver.Resolver()  # PyYAML is untyped
 _YAML_FLOAT = "tag:yaml.org,2002:float"
 
 
