@@ -78,6 +78,20 @@ def selected_phases(styles: Iterable[str]) -> list[tuple[str, str]]:
 
 
 # --- the API process ---------------------------------------------------------------------------
+def agent_config(count: int, workdir: Path) -> dict[str, Any]:
+    """The agent rows' config: ``count`` VIPs, one per /32 of ``prefixes``."""
+    return {
+        "pop": "bench", "allowed_prefixes": ["198.18.0.0/15"], "state_dir": str(workdir / "agent-state"),
+        "bgp": {"local_as": LOCAL_AS, "neighbors": [{"address": RTR_ADDR, "local_address": POP_ADDR,
+                                                      "peer_as": PEER_AS}],
+                "attributes": {"up": {"med": 100, "communities": ["65101:100"]}}},
+        "check_defaults": {"interval": 1.0, "timeout": 0.5, "rise": 1, "fall": 1},
+        "vips": [{"name": f"v{i:05d}", "address": str(net), "check": {"type": "tcp"},
+                  "origins": [{"region": "r1", "next_hop": ORIGIN_ADDR, "backends": [f"{ORIGIN_ADDR}:8080"]}]}
+                 for i, net in enumerate(prefixes(count))],
+    }
+
+
 def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, float]]:
     """A standalone agent with ``count`` VIPs (one per /32 of ``prefixes``) and the agent's
     INFO logging to ``workdir/agent.log``; and the CPU seconds its config and construction took."""
@@ -88,18 +102,8 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
     from controller.config.agent import load_agent_config
     from controller.metrics.agent import AgentMetrics
 
-    config = {
-        "pop": "bench", "allowed_prefixes": ["198.18.0.0/15"], "state_dir": str(workdir / "agent-state"),
-        "bgp": {"local_as": LOCAL_AS, "neighbors": [{"address": RTR_ADDR, "local_address": POP_ADDR,
-                                                      "peer_as": PEER_AS}],
-                "attributes": {"up": {"med": 100, "communities": ["65101:100"]}}},
-        "check_defaults": {"interval": 1.0, "timeout": 0.5, "rise": 1, "fall": 1},
-        "vips": [{"name": f"v{i:05d}", "address": str(net), "check": {"type": "tcp"},
-                  "origins": [{"region": "r1", "next_hop": ORIGIN_ADDR, "backends": [f"{ORIGIN_ADDR}:8080"]}]}
-                 for i, net in enumerate(prefixes(count))],
-    }
     path = workdir / "agent.yaml"
-    path.write_text(json.dumps(config))  # YAML is a superset of JSON, and json writes 10,000 VIPs in ms
+    path.write_text(json.dumps(agent_config(count, workdir)))  # YAML is a superset of JSON, and json writes 10,000 VIPs in ms
     t0 = time.process_time()
     cfg = load_agent_config(str(path))
     t1 = time.process_time()
@@ -373,6 +377,29 @@ async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
     return {"vips": count, "reps": rows, "load_average": list(os.getloadavg())}
 
 
+def config_load_main(count: int, reps: int) -> dict[str, Any]:
+    """CPU seconds of ``load_agent_config`` on the agent rows' config written as JSON (what
+    the rows load) and as block YAML (what a person writes), ``reps`` times each, alternately."""
+    import tempfile
+
+    import yaml
+
+    from controller.config.agent import load_agent_config
+
+    rows: dict[str, list[float]] = {"json": [], "yaml": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = agent_config(count, Path(tmp))
+        files = {"json": Path(tmp) / "agent.json", "yaml": Path(tmp) / "agent.yaml"}
+        files["json"].write_text(json.dumps(config))
+        files["yaml"].write_text(yaml.safe_dump(config, sort_keys=False))
+        for _ in range(reps):
+            for form, path in files.items():
+                t0 = time.process_time()
+                load_agent_config(str(path))
+                rows[form].append(round(time.process_time() - t0, 3))
+    return {"vips": count, "config_load_cpu_s": rows, "load_average": list(os.getloadavg())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.announce_rate")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -386,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("agent-pass", help="the agent rows' pass in process, no lab: JSON on stdout")
     g.add_argument("--count", type=int, default=10000)
     g.add_argument("--reps", type=int, default=3)
+    c = sub.add_parser("config-load", help="the agent rows' config load, as JSON and as YAML: JSON on stdout")
+    c.add_argument("--count", type=int, default=10000)
+    c.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.cmd == "config-load":
+        print(json.dumps(config_load_main(args.count, args.reps)))
+        return 0
     if args.cmd == "agent-pass":
         print(json.dumps(asyncio.run(agent_pass_main(args.count, args.reps))))
         return 0
