@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
@@ -99,6 +100,7 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
 
     from controller import logs
     from controller.agent.daemon import Agent
+    from controller.agent.runner import freeze_startup_heap
     from controller.config.agent import load_agent_config
     from controller.metrics.agent import AgentMetrics
 
@@ -112,6 +114,7 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
     # The real scheduler, never run: no probes (the backend is not in this lab), its set of
     # targets built as the agent builds it.
     agent = Agent(cfg, lambda: cfg, speaker, kernel=None, metrics=lambda snap: AgentMetrics(registry, snap))
+    freeze_startup_heap()  # as run_agent does once the agent is built
     t2 = time.process_time()
     return agent, {"config_load_cpu_s": round(t1 - t0, 3), "construct_cpu_s": round(t2 - t1, 3)}
 
@@ -374,6 +377,7 @@ async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
             withdraw = await _agent_pass(agent, False)
             rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
             logging.getLogger().handlers.clear()
+            gc.unfreeze()  # the next rep's agent starts as a fresh process's would
     return {"vips": count, "reps": rows, "load_average": list(os.getloadavg())}
 
 
