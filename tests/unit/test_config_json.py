@@ -6,6 +6,7 @@ loader's, with its line numbers and paths."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import yaml
 
 from controller.config.agent import load_agent_config, parse_agent_config
 from controller.config.errors import ConfigError
-from controller.config.reader import MAX_DEPTH, nesting_depth, parse_json, parse_yaml, parse_yaml_only, tree_depth
+from controller.config.reader import (MAX_DEPTH, gc_paused, nesting_depth, parse_json, parse_yaml, parse_yaml_only,
+                                      tree_depth)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EXAMPLES = sorted(CONFIGS.rglob("*.yaml"))
@@ -125,3 +127,28 @@ def test_tree_depth_is_nesting_depth_on_trees(text: str) -> None:
     data = json.loads(text)
     for limit in (0, 1, 2, 100):
         assert min(tree_depth(data, limit), limit + 1) == min(nesting_depth(data, limit), limit + 1)
+
+
+def test_gc_paused_resumes_collection_even_after_an_error_and_keeps_an_outer_pause() -> None:
+    assert gc.isenabled()
+    with pytest.raises(ConfigError), gc_paused():
+        assert not gc.isenabled()
+        parse_agent_config("pop: [")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # someone else's pause is theirs to end
+    finally:
+        gc.enable()
+
+
+def test_paths_of_errors_deep_in_lists_are_spelled_out() -> None:
+    data = yaml.safe_load((CONFIGS / "agent-sjc.yaml").read_text())
+    data["vips"][0]["origins"][0]["backends"].append({"address": "10.0.0.1", "port": 0, "colour": "red"})
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config(json.dumps(data))
+    n = len(data["vips"][0]["origins"][0]["backends"]) - 1
+    assert {i.path for i in info.value.issues} >= {f"vips[0].origins[0].backends[{n}].port",
+                                                   f"vips[0].origins[0].backends[{n}].colour"}
