@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
@@ -78,17 +79,9 @@ def selected_phases(styles: Iterable[str]) -> list[tuple[str, str]]:
 
 
 # --- the API process ---------------------------------------------------------------------------
-def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, float]]:
-    """A standalone agent with ``count`` VIPs (one per /32 of ``prefixes``) and the agent's
-    INFO logging to ``workdir/agent.log``; and the CPU seconds its config and construction took."""
-    from prometheus_client import CollectorRegistry
-
-    from controller import logs
-    from controller.agent.daemon import Agent
-    from controller.config.agent import load_agent_config
-    from controller.metrics.agent import AgentMetrics
-
-    config = {
+def agent_config(count: int, workdir: Path) -> dict[str, Any]:
+    """The agent rows' config: ``count`` VIPs, one per /32 of ``prefixes``."""
+    return {
         "pop": "bench", "allowed_prefixes": ["198.18.0.0/15"], "state_dir": str(workdir / "agent-state"),
         "bgp": {"local_as": LOCAL_AS, "neighbors": [{"address": RTR_ADDR, "local_address": POP_ADDR,
                                                       "peer_as": PEER_AS}],
@@ -98,8 +91,21 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
                   "origins": [{"region": "r1", "next_hop": ORIGIN_ADDR, "backends": [f"{ORIGIN_ADDR}:8080"]}]}
                  for i, net in enumerate(prefixes(count))],
     }
+
+
+def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, float]]:
+    """A standalone agent with ``count`` VIPs (one per /32 of ``prefixes``) and the agent's
+    INFO logging to ``workdir/agent.log``; and the CPU seconds its config and construction took."""
+    from prometheus_client import CollectorRegistry
+
+    from controller import logs
+    from controller.agent.daemon import Agent
+    from controller.agent.runner import freeze_startup_heap
+    from controller.config.agent import load_agent_config
+    from controller.metrics.agent import AgentMetrics
+
     path = workdir / "agent.yaml"
-    path.write_text(json.dumps(config))  # YAML is a superset of JSON, and json writes 10,000 VIPs in ms
+    path.write_text(json.dumps(agent_config(count, workdir)))  # YAML is a superset of JSON, and json writes 10,000 VIPs in ms
     t0 = time.process_time()
     cfg = load_agent_config(str(path))
     t1 = time.process_time()
@@ -108,6 +114,7 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
     # The real scheduler, never run: no probes (the backend is not in this lab), its set of
     # targets built as the agent builds it.
     agent = Agent(cfg, lambda: cfg, speaker, kernel=None, metrics=lambda snap: AgentMetrics(registry, snap))
+    freeze_startup_heap()  # as run_agent does once the agent is built
     t2 = time.process_time()
     return agent, {"config_load_cpu_s": round(t1 - t0, 3), "construct_cpu_s": round(t2 - t1, 3)}
 
@@ -370,7 +377,31 @@ async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
             withdraw = await _agent_pass(agent, False)
             rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
             logging.getLogger().handlers.clear()
+            gc.unfreeze()  # the next rep's agent starts as a fresh process's would
     return {"vips": count, "reps": rows, "load_average": list(os.getloadavg())}
+
+
+def config_load_main(count: int, reps: int) -> dict[str, Any]:
+    """CPU seconds of ``load_agent_config`` on the agent rows' config written as JSON (what
+    the rows load) and as block YAML (what a person writes), ``reps`` times each, alternately."""
+    import tempfile
+
+    import yaml
+
+    from controller.config.agent import load_agent_config
+
+    rows: dict[str, list[float]] = {"json": [], "yaml": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = agent_config(count, Path(tmp))
+        files = {"json": Path(tmp) / "agent.json", "yaml": Path(tmp) / "agent.yaml"}
+        files["json"].write_text(json.dumps(config))
+        files["yaml"].write_text(yaml.safe_dump(config, sort_keys=False))
+        for _ in range(reps):
+            for form, path in files.items():
+                t0 = time.process_time()
+                load_agent_config(str(path))
+                rows[form].append(round(time.process_time() - t0, 3))
+    return {"vips": count, "config_load_cpu_s": rows, "load_average": list(os.getloadavg())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("agent-pass", help="the agent rows' pass in process, no lab: JSON on stdout")
     g.add_argument("--count", type=int, default=10000)
     g.add_argument("--reps", type=int, default=3)
+    c = sub.add_parser("config-load", help="the agent rows' config load, as JSON and as YAML: JSON on stdout")
+    c.add_argument("--count", type=int, default=10000)
+    c.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.cmd == "config-load":
+        print(json.dumps(config_load_main(args.count, args.reps)))
+        return 0
     if args.cmd == "agent-pass":
         print(json.dumps(asyncio.run(agent_pass_main(args.count, args.reps))))
         return 0

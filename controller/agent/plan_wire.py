@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
 from ..config.model import IPNetwork, StateAttributes, Vip
-from ..config.reader import Issues, Node
+from ..config.reader import Issues, Node, gc_paused
 from ..wire import (DIGEST_MOD, PlanVip, WireDelta, WireError, WirePlan, canonical_json, entry_json, format_digest,
                     full_body, spec_hash, vip_entry_hash)
 from ..wire import decode_plan as decode_wire_plan
@@ -39,32 +39,33 @@ def plan_from_wire(wire: WirePlan, allowed: Iterable[IPNetwork], cache: SpecCach
     checked: SpecCache = {}
     specs: list[Vip] = []
     intents: dict[str, VipIntent] = {}
-    for i, entry in enumerate(wire.vips):
-        raw = entry.spec
-        name = raw.get("name") if isinstance(raw, dict) else None
-        hit = previous.get(name) if isinstance(name, str) else None
-        if hit is not None and hit[1] == allowed and hit[0] == raw:
-            vip = hit[2]
-        else:
-            issues = Issues()
-            read = read_vip(Node(raw, f"vips[{i}].spec", issues), allowed, dict(DEFAULT_CHECK),
-                            StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
-            if issues.items or read is None:
-                first = issues.items[0] if issues.items else None
-                raise WireError(first.path if first else f"vips[{i}].spec",
-                                first.message if first else "invalid VIP")
-            vip = read
-        checked[vip.name] = (raw, allowed, vip)
-        if vip.name in intents:
-            raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
-        if entry.vip != vip.name:
-            raise WireError(f"vips[{i}].name", f"{entry.vip!r} is not the name in its spec ({vip.name!r})")
-        if vip.origin(entry.active_origin) is None:
-            raise WireError(f"vips[{i}].active_origin",
-                            f"{entry.active_origin!r} is not one of the VIP's origin regions")
-        specs.append(vip)
-        _check_weights(entry, vip, f"vips[{i}]")
-        intents[vip.name] = _intent(entry)
+    with gc_paused():  # 10,000 VIPs' typed specs, all kept: see gc_paused
+        for i, entry in enumerate(wire.vips):
+            raw = entry.spec
+            name = raw.get("name") if isinstance(raw, dict) else None
+            hit = previous.get(name) if isinstance(name, str) else None
+            if hit is not None and hit[1] == allowed and hit[0] == raw:
+                vip = hit[2]
+            else:
+                issues = Issues()
+                read = read_vip(Node(raw, f"vips[{i}].spec", issues), allowed, dict(DEFAULT_CHECK),
+                                StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+                if issues.items or read is None:
+                    first = issues.items[0] if issues.items else None
+                    raise WireError(first.path if first else f"vips[{i}].spec",
+                                    first.message if first else "invalid VIP")
+                vip = read
+            checked[vip.name] = (raw, allowed, vip)
+            if vip.name in intents:
+                raise WireError(f"vips[{i}].spec.name", f"VIP {vip.name!r} listed twice")
+            if entry.vip != vip.name:
+                raise WireError(f"vips[{i}].name", f"{entry.vip!r} is not the name in its spec ({vip.name!r})")
+            if vip.origin(entry.active_origin) is None:
+                raise WireError(f"vips[{i}].active_origin",
+                                f"{entry.active_origin!r} is not one of the VIP's origin regions")
+            specs.append(vip)
+            _check_weights(entry, vip, f"vips[{i}]")
+            intents[vip.name] = _intent(entry)
     if cache is not None:
         cache.clear()
         cache.update(checked)

@@ -18,7 +18,7 @@ from .model import (
     AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip, is_loopback,
 )
-from .reader import Issues, Node, parse_yaml, read_text
+from .reader import Issues, Node, gc_paused, ip_address, parse_yaml, read_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -34,8 +34,9 @@ def load_agent_config(path: str) -> AgentConfig:
 
 def parse_agent_config(text: str, source: str = "<config>") -> AgentConfig:
     issues = Issues()
-    root = Node(parse_yaml(text, source), "", issues)
-    config = _agent(root, source) if root.is_mapping() else None
+    with gc_paused():
+        root = Node(parse_yaml(text, source), "", issues)
+        config = _agent(root, source) if root.is_mapping() else None
     if issues.items or config is None:
         raise ConfigError(source, issues.items)
     return config
@@ -414,11 +415,10 @@ def read_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, flo
 
 
 def _within(prefix: IPNetwork, allowed: IPNetwork) -> bool:
-    if isinstance(prefix, ipaddress.IPv4Network) and isinstance(allowed, ipaddress.IPv4Network):
-        return prefix.subnet_of(allowed)
-    if isinstance(prefix, ipaddress.IPv6Network) and isinstance(allowed, ipaddress.IPv6Network):
-        return prefix.subnet_of(allowed)
-    return False
+    """``prefix.subnet_of(allowed)`` for networks of either family (False across families), on
+    integers: subnet_of builds both broadcast addresses, a third of a VIP's build."""
+    return (prefix.version == allowed.version and prefix.prefixlen >= allowed.prefixlen
+            and int(prefix.network_address) & int(allowed.netmask) == int(allowed.network_address))
 
 
 def _vip_prefix(node: Node) -> IPNetwork | None:
@@ -496,10 +496,11 @@ def _origin(node: Node) -> Origin | None:
             bl.error("at least one backend is needed")
         elif min_healthy > len(bl.value):
             node.error(f"min_healthy {min_healthy} exceeds the {len(bl.value)} backend(s)", "min_healthy")
-        seen = [str(b) for b in backends]
-        for i, text in enumerate(seen):
-            if text in seen[:i]:
-                bl.error(f"duplicate backend {text}", i)
+        seen: set[Backend] = set()  # equal Backends are the same ADDRESS:PORT text
+        for i, b in enumerate(backends):
+            if b in seen:
+                bl.error(f"duplicate backend {b}", i)
+            seen.add(b)
     if region is None or next_hop is None or not backends:
         return None
     return Origin(region, next_hop, backends, min_healthy)
@@ -542,7 +543,7 @@ def _backend(node: Node) -> Backend | None:
     elif s.count(":") == 1:
         host, port_text = s.split(":")
     try:
-        parsed = ipaddress.ip_address(host)
+        parsed = ip_address(host)
         port_n = int(port_text)
         if not 0 <= port_n < 65536:
             raise ValueError
