@@ -290,8 +290,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
                 tokens[id(item)] = item
                 continue
             name = item.get("name") if isinstance(item, dict) else None
-            hit = vips.get(name) if isinstance(name, str) else None
-            if hit is None or hit[0] is not item:
+            if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
                 continue
             token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
             vips[name] = (token, hit[1], hit[2])

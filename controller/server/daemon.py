@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -44,6 +46,26 @@ WATCH = 0.1  # stat polling looks this often, and a change it sees must have set
 INOTIFY_QUIET_MS = 50  # inotify: events are grouped until none came for this long (a checkout
 # writes its files within milliseconds; the revision check catches one caught half-way anyway)
 RECHECK = 30.0  # look at content and commit this often even without a notification
+TRIM_EVERY = 10.0  # give free heap pages back to the system this often (_release_free_memory)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or nothing where the C library has none (musl)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def release() -> None:
+        trim(0)
+    return release
+
+
+# Python frees large objects (plan bodies, decoded reports, parsed YAML) to the C heap, which
+# keeps the pages: at 10,000 VIPs x 50 POPs ~40-50 MB of RSS stayed after the burst of first
+# reports or a reload. malloc_trim hands them back (~1 ms; nothing to do costs ~0.2 ms).
+_release_free_memory = _malloc_trim()
 
 
 class ListenFailed(Exception):
@@ -403,6 +425,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
+    trimmed = time.monotonic()
     try:
         while not stop.is_set():
             planned = False
@@ -435,6 +458,9 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     log.exception("planning failed; agents keep the last plan")
                 metrics.reconcile_duration.observe(time.monotonic() - started)
             notifier.notify(watchdog="1", status=f"serving {ctl.desired.revision}")
+            if planned or time.monotonic() - trimmed >= TRIM_EVERY:
+                _release_free_memory()
+                trimmed = time.monotonic()
             poke.clear()
             waits = [asyncio.ensure_future(e.wait()) for e in (stop, reload_now, poke)]
             await asyncio.wait(waits, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
