@@ -445,11 +445,20 @@ class Engine:
             for pop in set(self.items) - known:
                 del self.items[pop]
                 pops.discard(pop)
-        for pop in pops:
+        built: list[dict[str, PlanItem]] = []  # this commit's distinct mappings (a few kept)
+        for pop in sorted(pops):
             items = dict(self.items.get(pop, {}))
             items.update(changed.get(pop, {}))
             for name in gone.get(pop, ()):
                 items.pop(name, None)
+            # POPs whose items are the same objects (a VIP's shared items: healthy everywhere)
+            # share one mapping (read-only, replaced on change): 50 POPs x 10,000 VIPs were
+            # 50 dicts of 10,000 pointers (~10 MB). One comparison in C each.
+            same = next((b for b in built if len(b) == len(items) and b == items), None)
+            if same is not None:
+                items = same
+            elif len(built) < 2:
+                built.append(items)
             self.items[pop] = items
         if alarms_changed:
             order = self._order
