@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Callable
 
 from .. import bgp_values
@@ -89,7 +90,9 @@ def read_name(node: Node) -> str | None:
     if s is not None and not _NAME.match(s):
         node.error("must be 1-63 characters of letters, digits, '.', '_' or '-'")
         return None
-    return s
+    # Interned: a VIP's or POP's name is a key in many per-POP mappings (plans, reports,
+    # indexes); reports intern theirs too (wire.decode_report), so all share one string.
+    return sys.intern(s) if s is not None else None
 
 
 def _check_unique(root: Node, key: str, values: list[str], what: str) -> None:

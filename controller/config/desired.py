@@ -14,6 +14,7 @@ The loader is the same for ``anycastctl validate``, start-up and every reload.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -53,6 +54,33 @@ class LoadCache:
     files: dict[str, tuple[str, Any]] = field(default_factory=dict)  # file -> (text, parsed)
     vips: dict[str, tuple[Any, tuple[Any, ...], FleetVip]] = field(default_factory=dict)  # name -> (raw, context, VIP)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> entry text -> parsed entry
+    # (A VIP read from an entry of its own is kept as a _Read token, not as its parsed YAML
+    # tree: the typed FleetVip is what serves; at 10,000 VIPs the trees were ~55 MB.)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """In a LoadCache, in place of a VIP entry's parsed tree: the entry's text and name. Its
+    VIP is reused while the entry's text and context are unchanged, or while its text parses
+    to the same tree (``shape``: a digest of it, keys sorted; a reformatted file); else the
+    text is parsed again (it parsed alone before)."""
+
+    text: str
+    name: str
+    shape: bytes
+
+
+def _shape(raw: Any) -> bytes:
+    """What ``==`` compares of a parsed tree (mappings in any key order), as a digest."""
+    return hashlib.blake2b(repr(_canonical(raw)).encode(), digest_size=16).digest()
+
+
+def _canonical(v: Any) -> Any:
+    if isinstance(v, dict):
+        return ("{", tuple(sorted(((repr(k), _canonical(x)) for k, x in v.items()), key=lambda kv: kv[0])))
+    if isinstance(v, list):
+        return ("[", tuple(_canonical(x) for x in v))
+    return v
 
 
 # What makes the text of one entry mean something that depends on another entry (anchors,
@@ -246,8 +274,29 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
     if issues or state is None:
         raise ConfigError(directory, issues)
     if cache is not None:
+        _compact(texts, vip_cache, entries)
         cache.files, cache.vips, cache.entries = texts, vip_cache, entries
     return state
+
+
+def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple[Any, ...], FleetVip]],
+             entries: dict[str, dict[str, Any]]) -> None:
+    """Replace, in what a load caches, each VIP entry's parsed tree by a _Read token (the
+    files' parsed lists too, so that nothing keeps the trees alive)."""
+    for file, by_text in entries.items():
+        tokens: dict[int, _Read] = {}  # id(parsed entry) -> its token
+        for text, item in by_text.items():
+            if isinstance(item, _Read):
+                tokens[id(item)] = item
+                continue
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
+                continue
+            token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
+            vips[name] = (token, hit[1], hit[2])
+        text, data = texts[file]
+        if isinstance(data, dict) and list(data) == ["vips"] and isinstance(data["vips"], list):
+            texts[file] = (text, {"vips": [tokens.get(id(item), item) for item in data["vips"]]})
 
 
 def _build(trees: dict[str, Node], directory: str, revision: str,
@@ -298,15 +347,21 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
             continue
         for n in _list(root, "vips", file == "vips.yaml"):
             raw = n.value
-            name = raw.get("name") if isinstance(raw, dict) else None
+            name = raw.name if isinstance(raw, _Read) else raw.get("name") if isinstance(raw, dict) else None
             hit = cached.get(name) if isinstance(name, str) else None
-            if hit is not None and (hit[1] is context or hit[1] == context) and (hit[0] is raw or hit[0] == raw):
+            key = raw  # what the cache knows this entry by (a _Read token: its text)
+            if hit is not None and (hit[1] is context or hit[1] == context) and (
+                    hit[0] is raw or hit[0] == raw
+                    or isinstance(hit[0], _Read) and isinstance(raw, dict) and hit[0].shape == _shape(raw)):
                 v: FleetVip | None = hit[2]  # read without error last time, same input
             else:
+                if isinstance(raw, _Read):  # its context changed: read its text again
+                    raw = parse_yaml("vips:\n" + raw.text, file)["vips"][0]
+                    n = Node(raw, n.path, n.issues)
                 v = _fleet_vip(n, allowed, defaults, vip_attrs, policy, pop_names)
             if v is not None:
                 vips.append(v)
-                to_cache[v.name] = (raw, context, v)
+                to_cache[v.name] = (key, context, v)
         root.reject_unknown()
     seen_names: dict[str, int] = {}
     seen_prefixes: dict[IPNetwork, str] = {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -44,6 +46,26 @@ WATCH = 0.1  # stat polling looks this often, and a change it sees must have set
 INOTIFY_QUIET_MS = 50  # inotify: events are grouped until none came for this long (a checkout
 # writes its files within milliseconds; the revision check catches one caught half-way anyway)
 RECHECK = 30.0  # look at content and commit this often even without a notification
+TRIM_EVERY = 10.0  # give free heap pages back to the system this often (_release_free_memory)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or nothing where the C library has none (musl)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def release() -> None:
+        trim(0)
+    return release
+
+
+# Python frees large objects (plan bodies, decoded reports, parsed YAML) to the C heap, which
+# keeps the pages: at 10,000 VIPs x 50 POPs ~40-50 MB of RSS stayed after the burst of first
+# reports or a reload. malloc_trim hands them back (~1 ms; nothing to do costs ~0.2 ms).
+_release_free_memory = _malloc_trim()
 
 
 class ListenFailed(Exception):
@@ -76,6 +98,11 @@ class Watcher:
         self.notifier = "none"  # how changes are noticed: inotify | stat-polling
         self._dirty = True  # something may have changed since seen was taken
         self._checked = 0.0  # monotonic time of the last full look
+        # The stat data (stat_signature) as of the last full look: the periodic look reads and
+        # hashes every file and runs git twice (~30-60 ms on the event loop at 10,000 VIPs)
+        # only if these moved.
+        self._signature: tuple[tuple[str, int, int, int], ...] | None = None
+        self._git_dir: str | None | bool = False  # False: not asked yet
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
@@ -89,8 +116,9 @@ class Watcher:
         # What changed() just computed, if it did (hashing every file and two git commands:
         # ~30-60 ms a reload that need not be paid twice), else now.
         peeked, self._peeked = self._peeked, None
+        signature = self._stat_signature() if peeked is None else self._signature
         fp, rev = peeked if peeked is not None else (fp := fingerprint(self.directory), revision(self.directory, fp))
-        self.seen = (fp, rev)
+        self.seen, self._signature = (fp, rev), signature
         self._dirty, self._checked = False, time.monotonic()
         desired = load_desired(self.directory, rev, self.cache)
         if self.state_dir:
@@ -189,10 +217,21 @@ class Watcher:
     def close(self) -> None:
         self._keeper.shutdown(wait=True)
 
+    def _stat_signature(self) -> tuple[tuple[str, int, int, int], ...]:
+        if self._git_dir is False:
+            self._git_dir = git_dir(self.directory)
+        assert not isinstance(self._git_dir, bool)
+        return stat_signature(self.directory, self._git_dir)
+
     def changed(self) -> bool:
         if not self._dirty and time.monotonic() - self._checked < RECHECK:
             return False
-        self._dirty, self._checked = False, time.monotonic()
+        # (taken before the content: a change made meanwhile moves it again, for the next look)
+        signature = self._stat_signature()
+        if not self._dirty and signature == self._signature:
+            self._checked = time.monotonic()  # the periodic look: nothing moved on disk
+            return False
+        self._dirty, self._checked, self._signature = False, time.monotonic(), signature
         fp = fingerprint(self.directory)
         now = (fp, revision(self.directory, fp))
         self._peeked = now if now != self.seen else None  # load() follows at once
@@ -387,6 +426,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
+    trimmed = time.monotonic()
     try:
         while not stop.is_set():
             planned = False
@@ -419,6 +459,9 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     log.exception("planning failed; agents keep the last plan")
                 metrics.reconcile_duration.observe(time.monotonic() - started)
             notifier.notify(watchdog="1", status=f"serving {ctl.desired.revision}")
+            if planned or time.monotonic() - trimmed >= TRIM_EVERY:
+                _release_free_memory()
+                trimmed = time.monotonic()
             poke.clear()
             waits = [asyncio.ensure_future(e.wait()) for e in (stop, reload_now, poke)]
             await asyncio.wait(waits, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)

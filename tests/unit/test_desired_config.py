@@ -294,3 +294,24 @@ def test_the_vip_file_is_cut_as_the_line_by_line_definition_cuts_it() -> None:
         assert got == _split_vips_lines(text), (s, text)
         cut += got is not None
     assert cut > 100  # the texts are mostly of the shape that is cut, not all refused
+
+
+def test_the_load_cache_keeps_no_parsed_tree_and_reads_a_kept_entry_again_when_its_context_changes(
+        tmp_path: Path) -> None:
+    """The daemon's cache holds each VIP entry as its text (a _Read token), not as its parsed
+    YAML tree; when what the entry means depends on changed (here the check defaults), it is
+    read again from that text, exactly as an uncached load reads it."""
+    from controller.config.desired import LoadCache, _Read
+
+    d = copy(tmp_path)
+    (d / "vips").mkdir(exist_ok=True)
+    (d / "vips" / "more.yaml").write_text(THREE_VIPS)
+    cache = LoadCache()
+    first = load_desired(str(d), "r1", cache)
+    assert all(isinstance(raw, _Read) for raw, _, _ in cache.vips.values())
+    assert all(isinstance(item, _Read) for item in cache.files["vips/more.yaml"][1]["vips"])
+    edit(d, "controller.yaml", lambda data: data["check_defaults"].__setitem__("interval", 0.7))
+    second = load_desired(str(d), "r2", cache)
+    assert second == load_desired(str(d), "r2")
+    assert second.vip("a") != first.vip("a")  # read again: its check's interval is the new default
+    assert all(isinstance(raw, _Read) for raw, _, _ in cache.vips.values())
