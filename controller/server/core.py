@@ -676,7 +676,7 @@ class Controller:
                 engine.mark(self.desired, self.reports, self.persisted.drains, now)
                 if engine.dirty(refresh=True) > SMALL_PASS:
                     await self._sliced(engine, now)
-                elif waiters or engine.dirty():
+                elif waiters or engine.dirty() or self._served_specs_moved():
                     self.replan()
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
@@ -693,6 +693,14 @@ class Controller:
                     w.set_result(None)
             if not self._waiting and not self._again:
                 return
+
+    def _served_specs_moved(self) -> bool:
+        """Whether the definitions served may have changed with no VIP to re-plan: a new
+        desired state, or a config change's wave began or ended (a definition-only move, a
+        MED, re-plans nothing, yet the POPs it reaches must be served the new spec; before,
+        they kept the old one until some other pass ran, in a steady fleet never)."""
+        held = self._held_specs
+        return self._spec_dicts[0] is not self.desired or held[0] is not self.base or held[1] is not self.rollout
 
     async def _sliced(self, engine: Engine, now: float) -> None:
         """One large pass, SLICE_S of planning at a time; visible when whole."""
