@@ -524,13 +524,22 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         async def one(i: int, pop: str, c: PlanClient) -> float:
             report = first_reports[pop]
             t = time.monotonic()
-            try:
-                await c.report(report)
-            except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
-                failed.append(f"{pop}: {exc}"[:300])
+            for attempt in (1, 2):
+                try:
+                    await c.report(report)
+                except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
+                    if attempt == 1 and _broken_connection(exc):
+                        # A kept-alive connection the server closed as the request went out
+                        # (aiohttp's idle keep-alive timeout, under load): what an agent's
+                        # next report does, once; counted apart, not as a failure.
+                        retried.append(f"{pop}: {exc}"[:300])
+                        continue
+                    failed.append(f"{pop}: {exc}"[:300])
+                break
             return time.monotonic() - t
 
         failed: list[str] = []
+        retried: list[str] = []
 
         t_all = time.monotonic()
         reports_cpu0, reports_load0 = _cpu_s(daemon.proc.pid), load_average()
@@ -547,6 +556,8 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         out["reporting_pops"] = reporting
         out["report_failures"] = len(failed)
         out["report_failure_examples"] = failed[:3]
+        out["report_retries"] = len(retried)  # once each, on a broken keep-alive connection
+        out["report_retry_examples"] = retried[:3]
         out["report_post_s"] = summary(post_times, 3)
         out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
         log(f"controller: {len(post_times)} reports sent together, all answered after "
@@ -620,6 +631,13 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
             await c.close()
         daemon.stop()
     return out
+
+
+def _broken_connection(exc: BaseException) -> bool:
+    """Whether a report failed on the connection (reset or closed before any answer), not
+    on an answer: the agent's client names aiohttp's exception in its error."""
+    text = str(exc)
+    return any(kind in text for kind in ("ServerDisconnectedError", "ClientOSError", "Connection reset"))
 
 
 EVERYWHERE_VIP = "vip-00001"  # its spec changes: every POP's plan changes
@@ -971,6 +989,9 @@ def _render_e2e(result: dict[str, Any]) -> str:
              x["everywhere_all_hold_s"]["max"]],
             [f"[{label}] {x['reporting_pops']} full reports at once, each answered", x["report_post_s"]["p50"],
              x["report_post_s"]["p99"], x["report_post_s"]["max"]],
+            [f"[{label}]   the last answered / every one planned s; failed, retried",
+             x["reports_all_answered_s"], x["reports_all_planned_s"],
+             f"{x['report_failures']} failed, {x.get('report_retries', 0)} retried"],
             [f"[{label}] steady: daemon CPU (fraction of a core)", x["steady_cpu_fraction"], "-", "-"],
             [f"[{label}] steady: event-loop stall ms", x["steady_stall_ms"]["p50"], x["steady_stall_ms"]["p99"],
              x["steady_stall_ms"]["max"]],
