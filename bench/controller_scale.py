@@ -524,13 +524,22 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         async def one(i: int, pop: str, c: PlanClient) -> float:
             report = first_reports[pop]
             t = time.monotonic()
-            try:
-                await c.report(report)
-            except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
-                failed.append(f"{pop}: {exc}"[:300])
+            for attempt in (1, 2):
+                try:
+                    await c.report(report)
+                except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
+                    if attempt == 1 and _broken_connection(exc):
+                        # A kept-alive connection the server closed as the request went out
+                        # (aiohttp's idle keep-alive timeout, under load): what an agent's
+                        # next report does, once; counted apart, not as a failure.
+                        retried.append(f"{pop}: {exc}"[:300])
+                        continue
+                    failed.append(f"{pop}: {exc}"[:300])
+                break
             return time.monotonic() - t
 
         failed: list[str] = []
+        retried: list[str] = []
 
         t_all = time.monotonic()
         reports_cpu0, reports_load0 = _cpu_s(daemon.proc.pid), load_average()
@@ -547,6 +556,8 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         out["reporting_pops"] = reporting
         out["report_failures"] = len(failed)
         out["report_failure_examples"] = failed[:3]
+        out["report_retries"] = len(retried)  # once each, on a broken keep-alive connection
+        out["report_retry_examples"] = retried[:3]
         out["report_post_s"] = summary(post_times, 3)
         out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
         log(f"controller: {len(post_times)} reports sent together, all answered after "
@@ -622,8 +633,16 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
     return out
 
 
+def _broken_connection(exc: BaseException) -> bool:
+    """Whether a report failed on the connection (reset or closed before any answer), not
+    on an answer: the agent's client names aiohttp's exception in its error."""
+    text = str(exc)
+    return any(kind in text for kind in ("ServerDisconnectedError", "ClientOSError", "Connection reset"))
+
+
 EVERYWHERE_VIP = "vip-00001"  # its spec changes: every POP's plan changes
 EVERYWHERE_REPS = 3
+EVERYWHERE_LIMIT_S = 30.0  # s: a POP not holding the change by then is counted, not waited for
 
 
 def _vip_block(text: str, name: str) -> tuple[int, int]:
@@ -686,16 +705,29 @@ async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], 
             start[0] = time.monotonic()
             tmp.replace(target)
             _git(config_dir, "commit", "-qam", f"{EVERYWHERE_VIP}: port {port}")
-            got = await asyncio.gather(*polls)
+            done, waiting = await asyncio.wait(polls, timeout=EVERYWHERE_LIMIT_S)
+            for task in waiting:  # (a controller that never serves it to some POPs: bounded, counted)
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            got = [t.result() for t in polls if t in done]
             times = [g[0] for g in got]
-            sample = {"all_hold_s": round(max(times), 3), "p50_s": round(sorted(times)[len(times) // 2], 3),
-                      "bytes_p00": got[0][1], "bytes_max": max(g[1] for g in got)}
+            sample = {"all_hold_s": round(max(times), 3) if not waiting else None,
+                      "p50_s": round(sorted(times)[len(times) // 2], 3) if len(got) * 2 > len(polls) else None,
+                      "held_by": len(got), "of": len(polls),
+                      "bytes_p00": polls[0].result()[1] if polls[0] in done else None,
+                      "bytes_max": max((g[1] for g in got), default=None)}
             samples.append(sample)
             log(f"controller: {EVERYWHERE_VIP}'s spec changed ({len(pops)} POPs): all hold it after "
-                f"{sample['all_hold_s']}s (p50 {sample['p50_s']}s), answer {sample['bytes_p00']} B on the wire")
+                f"{sample['all_hold_s']}s (p50 {sample['p50_s']}s), answer {sample['bytes_p00']} B on the wire"
+                + (f"; {len(waiting)} POPs did not get it within {EVERYWHERE_LIMIT_S:g}s" if waiting else ""))
+            if waiting:  # the next repetition's generations: whatever those POPs hold now
+                for pop in pops:
+                    gens[pop] = int(json.loads((await get(pop, ""))[1])["generation"])
             await asyncio.sleep(1.0)
-    return {"everywhere_samples": samples, "everywhere_all_hold_s": summary([s["all_hold_s"] for s in samples], 3),
-            "everywhere_bytes": summary([float(s["bytes_p00"]) for s in samples], 0),
+    return {"everywhere_samples": samples,
+            "everywhere_all_hold_s": summary([s["all_hold_s"] for s in samples if s["all_hold_s"] is not None], 3),
+            "everywhere_timeouts": sum(s["all_hold_s"] is None for s in samples),
+            "everywhere_bytes": summary([float(s["bytes_p00"]) for s in samples if s["bytes_p00"] is not None], 0),
             "everywhere_stall_ms": stall_probe.stop(), "everywhere_cpu_s": round(_cpu_s(daemon.proc.pid) - cpu0, 2),
             "everywhere_load_average": [load0, load_average()]}
 
@@ -967,10 +999,14 @@ def _render_e2e(result: dict[str, Any]) -> str:
         rows += [
             [f"[{label}] one VIP's change -> agent holds it", x["change_s"]["p50"], x["change_s"]["p99"],
              x["change_s"]["max"]],
-            [f"[{label}] a change at all POPs -> all hold it", x["everywhere_all_hold_s"]["p50"], "-",
-             x["everywhere_all_hold_s"]["max"]],
+            [f"[{label}] a change at all POPs -> all hold it", x["everywhere_all_hold_s"]["p50"],
+             f"{x.get('everywhere_timeouts', 0)} of {len(x['everywhere_samples'])} not everywhere in "
+             f"{EVERYWHERE_LIMIT_S:g} s", x["everywhere_all_hold_s"]["max"]],
             [f"[{label}] {x['reporting_pops']} full reports at once, each answered", x["report_post_s"]["p50"],
              x["report_post_s"]["p99"], x["report_post_s"]["max"]],
+            [f"[{label}]   the last answered / every one planned s; failed, retried",
+             x["reports_all_answered_s"], x["reports_all_planned_s"],
+             f"{x['report_failures']} failed, {x.get('report_retries', 0)} retried"],
             [f"[{label}] steady: daemon CPU (fraction of a core)", x["steady_cpu_fraction"], "-", "-"],
             [f"[{label}] steady: event-loop stall ms", x["steady_stall_ms"]["p50"], x["steady_stall_ms"]["p99"],
              x["steady_stall_ms"]["max"]],

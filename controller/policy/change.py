@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config.desired_model import ChangePolicy, DesiredState, FleetVip, Preference
@@ -451,30 +451,45 @@ def _unhealthy(r: PopReport | None, vip: str, item: PlanItem | None) -> bool:
     return all(verdicts.get(o) is False for o in regions)
 
 
+Published = Mapping[str, Collection[str]]  # POP -> the enabled VIPs it publishes
+
+
+def published_at(desired: DesiredState, pops: Iterable[str]) -> dict[str, list[str]]:
+    """Per POP of ``pops``, the enabled VIPs of ``desired`` it publishes, in their order: one
+    walk over every (VIP, POP) pair. The controller passes its own index instead (a wave's
+    gate ran this walk, 500,000 pairs at 10,000 VIPs x 50 POPs, on every pass of a rollout)."""
+    out: dict[str, list[str]] = {pop: [] for pop in pops}
+    for spec in desired.vips:
+        if spec.enabled:
+            for pop in spec.publish:
+                if pop in out:
+                    out[pop].append(spec.name)
+    return out
+
+
 def excused(state: Rollout, desired: DesiredState, reports: Mapping[str, PopReport], item: ItemOf,
-            now: float, stale_after: float) -> tuple[Pair, ...]:
+            now: float, stale_after: float, published: Published | None = None) -> tuple[Pair, ...]:
     """The pairs of the current wave's POPs that are unhealthy before it changes anything
     (``desired``, ``item``: what is served before the wave): the wave's gate judges what the
-    change does, and a VIP withdrawn or failing there already is not the change's doing."""
+    change does, and a VIP withdrawn or failing there already is not the change's doing.
+    ``published``: ``published_at(desired, wave)``, if the caller has it."""
     if state.phase is not Phase.ROLLING:
         return ()
-    wave = frozenset(state.waves[state.wave])
+    wave = state.waves[state.wave]
+    at = published if published is not None else published_at(desired, wave)
     out = []
-    for fv in desired.vips:
-        if not fv.enabled:
-            continue
-        for pop in fv.publish:
-            if pop in wave:
-                r = reports.get(pop)
-                fresh = r if r is not None and now - r.received_at <= stale_after else None
-                if _unhealthy(fresh, fv.name, item(pop, fv.name)):
-                    out.append((fv.name, pop))
+    for pop in wave:
+        r = reports.get(pop)
+        fresh = r if r is not None and now - r.received_at <= stale_after else None
+        for name in at.get(pop, ()):
+            if _unhealthy(fresh, name, item(pop, name)):
+                out.append((name, pop))
     return tuple(sorted(out))
 
 
 def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState,
          reports: Mapping[str, PopReport], generations: Mapping[str, int], stale_after: float,
-         item: ItemOf | None = None) -> GateResult:
+         item: ItemOf | None = None, published_vips: Published | None = None) -> GateResult:
     """The current wave's gate. It judges what the wave changed: a pair in ``state.excused``
     (unhealthy there before the wave began) is not held against it.
 
@@ -485,18 +500,15 @@ def gate(state: Rollout, policy: ChangePolicy, now: float, desired: DesiredState
     of the wave reports fresh about its newest plan (``generations``: the one served), still
     announces each VIP whose traffic moved there, and every VIP being withdrawn is announced
     by at least its minimum (or all, if fewer) of the POPs still keeping it; else WAIT, and
-    FAIL once ``stale_after`` more has passed."""
+    FAIL once ``stale_after`` more has passed. ``published_vips``: ``published_at(desired,
+    wave)``, if the caller has it."""
     if state.phase is not Phase.ROLLING:
         return GateResult(Verdict.WAIT)
     wave = state.waves[state.wave]
     label = f"wave {state.wave + 1} ({', '.join(wave)})"
     excuse, moving = frozenset(state.excused), frozenset(state.move)
-    published: dict[str, list[str]] = {pop: [] for pop in wave}
-    for spec in desired.vips:  # one walk over the VIPs, not one per POP of the wave
-        if spec.enabled:
-            for pop in spec.publish:
-                if pop in published:
-                    published[pop].append(spec.name)
+    at = published_vips if published_vips is not None else published_at(desired, wave)
+    published = {pop: at.get(pop, ()) for pop in wave}
     moved = {(vip, pop) for pop in wave for vip in published[pop] if vip in moving and (vip, pop) not in excuse}
     for pop in wave:
         r = reports.get(pop)

@@ -234,18 +234,19 @@ async def post_report(request: web.Request) -> web.StreamResponse:
     if isinstance(auth, web.Response):
         return auth
     ctl, pop = auth
-    published = ctl.published_regions(pop)
-    book = request.app[REPORTS].setdefault(pop, _ReportBook())
-    limit = book.limit(published)
-    try:
-        async with asyncio.timeout(ctl.desired.api.body_timeout):
-            raw = await _read_at_most(request, limit)
-    except TimeoutError:
-        return error(408, f"the report body did not arrive within {ctl.desired.api.body_timeout:g} s", "body")
-    if raw is None:
-        return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
-    async with book.lock:
-        return _take_report(ctl, pop, book, published, await _parsed(raw, published))
+    with ctl.receiving():  # (the pass of the reports stored before it waits for it: a burst)
+        published = ctl.published_regions(pop)
+        book = request.app[REPORTS].setdefault(pop, _ReportBook())
+        limit = book.limit(published)
+        try:
+            async with asyncio.timeout(ctl.desired.api.body_timeout):
+                raw = await _read_at_most(request, limit)
+        except TimeoutError:
+            return error(408, f"the report body did not arrive within {ctl.desired.api.body_timeout:g} s", "body")
+        if raw is None:
+            return error(413, f"a report from {pop} may be at most {limit} bytes", "body")
+        async with book.lock:
+            return _take_report(ctl, pop, book, published, await _parsed(raw, published))
 
 
 async def _parsed(raw: bytes, published: Mapping[str, Collection[str]]) -> WireReport | tuple[int, str, str]:

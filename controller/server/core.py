@@ -14,19 +14,22 @@ previous, complete plan (then served POP by POP between turns of the loop: each 
 is whole, old or new, never part of one). ``replan()`` plans at once (tests, the CLI, operator actions).
 
 A report is acknowledged once stored (``accept_report``), not after its pass: the reports
-that arrive within REPORT_BATCH share the next pass, and ``settled()`` waits for the pass
-that plans every report accepted so far (what the API's plan-showing reads wait for).
+that arrive within REPORT_BATCH share the next pass, which also waits (up to REPORT_HOLD)
+while another report is still being received (``receiving()``: a burst is one pass), and
+``settled()`` waits for the pass that plans every report accepted so far (what the API's
+plan-showing reads wait for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -45,6 +48,7 @@ from .plans import PlanStore, PopPlan
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
+REPORT_HOLD = 0.5  # s: the longest a pass waits for reports still being received (see receiving())
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
@@ -57,6 +61,7 @@ class _DesiredIndex:
     stale_after: float  # the shortest report_stale_after of any VIP
     names: frozenset[str]  # the VIPs
     fleet: Mapping[str, FleetVip]  # name -> definition (what the next index is updated from)
+    all_enabled: bool = True  # no VIP is disabled (``by_pop`` then lists what the POPs announce)
 
 
 @dataclass
@@ -133,6 +138,9 @@ class Controller:
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _pending_timer: asyncio.Handle | None = None  # when that pass is asked for
+    _pending_since: float = 0.0  # (loop time) when the first report waiting for it was stored
+    _pending_urgent: bool = False  # a report waiting for it is urgent: it waits for no other
+    _incoming: int = 0  # reports being received or parsed (receiving())
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
     _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
@@ -391,7 +399,8 @@ class Controller:
                 self.rollout.target, self.rollout.wave, self.rollout.wave_started):
             # A wave begins: what is unhealthy at its POPs now is not the change's doing.
             new = dataclasses.replace(new, excused=change.excused(new, self.desired, self.reports, self.item, now,
-                                                                  self._min_stale_after()))
+                                                                  self._min_stale_after(),
+                                                                  self._published(new.waves[new.wave])))
         doc = change.to_json(new)
         if durable:
             self._persist_action(store.Changes(rollout=doc), durable)
@@ -426,7 +435,8 @@ class Controller:
         if self.rollout.phase is not change.Phase.ROLLING:
             return
         result = change.gate(self.rollout, self.base.change, self.clock(), self.desired, self.reports,
-                             self.persisted.generations, self._min_stale_after(), self.item)
+                             self.persisted.generations, self._min_stale_after(), self.item,
+                             self._published(self.rollout.waves[self.rollout.wave]))
         if result.verdict is not change.Verdict.WAIT:
             self._step(result)
 
@@ -470,13 +480,30 @@ class Controller:
         urgent = bool(report.checks)
         if self._pending is None:
             self._pending = loop.create_future()
+            self._pending_since, self._pending_urgent = loop.time(), urgent
             self._pending_timer = (loop.call_soon(self._planned_reports) if urgent
                                    else loop.call_later(REPORT_BATCH, self._planned_reports))
             self._unplanned = self._pending
-        elif urgent and isinstance(self._pending_timer, asyncio.TimerHandle):
-            self._pending_timer.cancel()
+        elif urgent and not self._pending_urgent:
+            self._pending_urgent = True
+            if self._pending_timer is not None:
+                self._pending_timer.cancel()
             self._pending_timer = loop.call_soon(self._planned_reports)
         return self._pending
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[None]:
+        """Around the receipt and parsing of a report (the API's handler): the pass of the
+        reports already stored waits for it, at most REPORT_HOLD s after the first of them
+        (an urgent report waits for none). 50 POPs reporting at once (after a restart of the
+        controller or of the network) are then planned in one pass, not in one per wave of
+        arrivals: each pass planned all 10,000 VIPs again, and the passes held the GIL the
+        worker threads parsing the other reports needed (the last answered after 5-8 s)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
 
     async def take_report(self, report: PopReport) -> None:
         """accept_report(), then return once a pass has planned with the report."""
@@ -491,6 +518,17 @@ class Controller:
         pending = self._unplanned
         if pending is not None and not pending.done():
             await asyncio.wait([pending])
+
+    def _published(self, pops: Iterable[str]) -> dict[str, Collection[str]]:
+        """change.published_at(self.desired, pops) from the index: the enabled VIPs each POP
+        publishes (the gate of a rollout's wave asked on every pass, walking every pair)."""
+        ix = self._index()
+        fleet = ix.fleet
+        out: dict[str, Collection[str]] = {}
+        for pop in pops:
+            names = ix.by_pop.get(pop, {})
+            out[pop] = names.keys() if ix.all_enabled else [n for n in names if fleet[n].enabled]
+        return out
 
     def _min_stale_after(self) -> float:
         return self._index().stale_after
@@ -553,11 +591,17 @@ class Controller:
                 same.append(mapping)
         stale_after = min((fv.policy.safety.report_stale_after for fv in d.vips),
                           default=d.policy.safety.report_stale_after)
-        self._indexed = _DesiredIndex(d, by_pop, stale_after, frozenset(fleet), fleet)
+        self._indexed = _DesiredIndex(d, by_pop, stale_after, frozenset(fleet), fleet,
+                                      all(fv.enabled for fv in d.vips))
         return self._indexed
 
     def _planned_reports(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._incoming and not self._pending_urgent and loop.time() - self._pending_since < REPORT_HOLD:
+            self._pending_timer = loop.call_later(REPORT_BATCH, self._planned_reports)  # more on the way
+            return
         done, self._pending, self._pending_timer = self._pending, None, None
+        self._pending_urgent = False
         assert done is not None
         self._waiting.append(done)
         self.plan_soon()
@@ -694,7 +738,7 @@ class Controller:
                 engine.mark(self.desired, self.reports, self.persisted.drains, now)
                 if engine.dirty(refresh=True) > SMALL_PASS:
                     await self._sliced(engine, now)
-                elif waiters or engine.dirty():
+                elif waiters or engine.dirty() or self._served_specs_moved():
                     self.replan()
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
@@ -711,6 +755,14 @@ class Controller:
                     w.set_result(None)
             if not self._waiting and not self._again:
                 return
+
+    def _served_specs_moved(self) -> bool:
+        """Whether the definitions served may have changed with no VIP to re-plan: a new
+        desired state, or a config change's wave began or ended (a definition-only move, a
+        MED, re-plans nothing, yet the POPs it reaches must be served the new spec; before,
+        they kept the old one until some other pass ran, in a steady fleet never)."""
+        held = self._held_specs
+        return self._spec_dicts[0] is not self.desired or held[0] is not self.base or held[1] is not self.rollout
 
     async def _sliced(self, engine: Engine, now: float) -> None:
         """One large pass, SLICE_S of planning at a time; visible when whole."""
@@ -1004,11 +1056,20 @@ class _DurableMemory:
         vips: dict[str, VipMemory | None] = {}
         pairs: dict[tuple[str, str], PopVipMemory | None] = {}
         covered = []
+        written = self._written
         for name in self.unsaved:
             vp = plans.get(name)
             if vp is None and name in desired:
                 continue
             covered.append(name)
+            w = written.get(name)
+            if w is not None and vp is not None:
+                # Both compact (a default and the POPs that differ from it): compared as such,
+                # not pair by pair (a pass that changed 10,000 VIPs walked 500,000 pairs here).
+                if not (w.memory is vp.memory or w.memory == vp.memory):
+                    vips[name] = vp.memory
+                _pair_changes(name, w, vp, pairs)
+                continue
             memory, pops = self._held(name)
             new = vp.memory if vp is not None else None
             if new != memory:
@@ -1041,6 +1102,35 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = {name: self._record(vp) for name, vp in plans.items()}
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
+
+
+def _pair_changes(name: str, old: VipPlan, new: VipPlan, out: dict[tuple[str, str], PopVipMemory | None]) -> None:
+    """Into ``out``, the (POP, ``name``) memories that differ between ``old`` and ``new``
+    (None: the VIP is no longer published there): what comparing ``memory_at`` at every POP
+    of either finds, from their compact forms. A POP published in both whose memory is
+    neither's own differs only if the defaults differ."""
+    same_default = old.default is new.default or old.default == new.default
+    old_items, new_items = old.items, new.items
+    if same_default and old.pop_memory is new.pop_memory and old_items.keys() == new_items.keys():
+        return
+    look = {*old.pop_memory, *new.pop_memory, *(old_items.keys() ^ new_items.keys())}
+    if not same_default:  # every other POP of both: the old default, now the new one
+        default = new.default
+        for pop in new_items:
+            if pop not in look:
+                out[(pop, name)] = default
+    for pop in look:
+        if pop not in new_items:
+            if pop in old_items:
+                out[(pop, name)] = None
+            continue
+        m = new.memory_at(pop)
+        if pop not in old_items:
+            out[(pop, name)] = m
+            continue
+        was = old.memory_at(pop)
+        if was is not m and was != m:
+            out[(pop, name)] = m
 
 
 def _origin_of(note: str) -> str:

@@ -330,3 +330,48 @@ def test_a_revert_during_a_move_takes_the_pops_it_reached_back_at_once(tmp_path:
         healthy(ctl, t)
         assert set(active(ctl).values()) == {"us-west"}
     assert (ctl.rollout.phase, ctl.base.revision) == (Phase.STEADY, "rev3")
+
+
+def test_a_definition_change_reaches_each_wave_inside_the_event_loop(tmp_path: Path) -> None:
+    """The daemon's path: passes run as event-loop tasks and the agents resend unchanged
+    reports (stored, no pass of their own). A wave that changes only definitions (a MED)
+    re-plans no VIP, yet its POPs must be served the new definition when it begins, and
+    every POP when the rollout ends; the POPs whose wave has not come keep the base's."""
+    import asyncio
+
+    now = [100.0]
+    ctl = settled(tmp_path, now)
+
+    def med(pop: str) -> object:
+        return served_spec(ctl, pop)["attributes"]["up"]["med"]  # type: ignore[index]
+
+    def resend(at: float) -> None:  # what every agent sends again: the same verdicts
+        for pop in GAME_POPS:
+            published = ctl.desired.published_at(pop)
+            ctl.accept_report(PopReport(pop, at, ctl.served[pop].generation,
+                                        {fv.name: {o.region: True for o in fv.vip.origins} for fv in published},
+                                        {fv.name: True for fv in published}))
+
+    async def passes_done() -> None:
+        for _ in range(100):
+            await asyncio.sleep(0.02)  # (REPORT_BATCH: the stored reports' pass, if any)
+            driver = ctl._driver
+            if driver is None or driver.done():
+                return
+
+    async def main() -> list[tuple[object, ...]]:
+        seen = []
+        ctl.apply_config(with_med(ctl.desired, 50))
+        await passes_done()
+        seen.append((ctl.rollout.wave, med("sin"), med("fra"), med("sjc")))
+        for t in (210.5, 221.0, 231.5):  # each wave's bake over: the gate's timer runs plan_soon
+            now[0] = t
+            resend(t)
+            ctl.plan_soon()
+            await passes_done()
+            seen.append((ctl.rollout.wave if ctl.rollout.phase is Phase.ROLLING else str(ctl.rollout.phase),
+                         med("sin"), med("fra"), med("sjc")))
+        return seen
+
+    assert asyncio.run(main()) == [(0, 50, 100, 100), (1, 50, 50, 100), (2, 50, 50, 50), ("steady", 50, 50, 50)]
+    assert ctl.base.revision == "rev2"

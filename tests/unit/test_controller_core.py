@@ -209,3 +209,73 @@ def test_a_vip_healthy_everywhere_is_one_served_entry_shared_by_its_pops(tmp_pat
     assert ctl.served["sjc"].entries["game-global"] is ctl.served["sin"].entries["game-global"] is entries[0]
     body = ctl.plan_body("fra")
     assert [v["reason"] for v in body["vips"] if v["name"] == "game-global"] == ["confirming"]
+
+
+def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_past_its_bound(
+        tmp_path: Path, monkeypatch: object) -> None:
+    """A burst (every POP reporting at once) is planned in one pass: the pass of the reports
+    already stored waits while another is being received (``receiving()``, as the API's
+    handler does). Bounded: past REPORT_HOLD it runs without it; an urgent report (check
+    ages: a withdrawal waiting) waits for nothing. Asserted on what a pass planned, with the
+    bound set far above or at zero, so no assertion depends on timing."""
+    import asyncio
+
+    import pytest
+
+    from controller.server import core
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+
+    def burst(name: str, hold: float, urgent: bool) -> tuple[str, bool]:
+        """sjc's report stored while fra's is being received (its us-west down): what sjc's
+        pass planned (sjc's reason; whether fra was still healthy, its report not in it)."""
+        now = [10.0]
+        ctl = controller(tmp_path / name, now)
+        for pop in ("sjc", "fra", "sin"):
+            ctl.add_report(report(pop, True, now[0]))
+        now[0] = 11.0
+        monkeypatch.setattr(core, "REPORT_HOLD", hold)
+
+        def reason(pop: str) -> str:
+            item = ctl.item(pop, "game-global")
+            assert item is not None
+            return str(item.reason)
+
+        async def run() -> tuple[str, bool]:
+            ready, received = asyncio.Event(), asyncio.Event()
+
+            async def fra_arriving() -> None:
+                with ctl.receiving():
+                    ready.set()
+                    await received.wait()  # (the body still on its way)
+                    ctl.accept_report(report("fra", False, now[0]))
+
+            arriving = asyncio.ensure_future(fra_arriving())
+            await ready.wait()
+            sjc = dataclasses.replace(report("sjc", True, now[0]),  # (new verdicts: a pass to plan them)
+                                      origins={"game-global": {"us-west": True, "eu-central": None}})
+            if urgent:
+                sjc = dataclasses.replace(sjc, checks=PopReport.checks_at({"game-global": {"us-west": (0.1, None)}},
+                                                                          now[0]))
+            pending = ctl.accept_report(sjc)
+            assert pending is not None
+            for _ in range(3):
+                await asyncio.sleep(0.02)  # past REPORT_BATCH: the pass would have run without the hold
+            if not pending.done():
+                received.set()
+            await asyncio.shield(pending)
+            planned = (reason("sjc"), reason("fra") == "healthy")
+            received.set()
+            await arriving
+            await ctl.settled()
+            assert reason("fra") == "confirming"  # planned in the end either way
+            return planned
+
+        try:
+            return asyncio.run(run())
+        finally:
+            ctl.close()
+
+    assert burst("held", 3600.0, urgent=False) == ("healthy", False)  # one pass, fra's report in it
+    assert burst("urgent", 3600.0, urgent=True) == ("healthy", True)  # sjc's pass did not wait for fra
+    assert burst("bound", 0.0, urgent=False) == ("healthy", True)  # past the bound: not waited for

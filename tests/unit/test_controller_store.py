@@ -528,3 +528,38 @@ def test_a_quick_restart_presumes_each_origins_verdict_of_a_steered_vip_and_move
     ctl.replan()
     assert where(ctl) == before
     ctl.close()
+
+
+def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_every_pair_finds() -> None:
+    """core._pair_changes compares two plans of a VIP by their default and own POPs; random
+    publish lists, defaults and per-POP memories (shared and equal-but-distinct objects)
+    must give exactly what comparing memory_at at every POP of either gives."""
+    import random
+
+    from controller.policy.model import NEW
+    from controller.policy.planner import VipPlan
+    from controller.server.core import _pair_changes
+
+    pops = [f"p{i}" for i in range(8)]
+    kinds = [NEW, STEADY, PopVipMemory(verdict=True), PopVipMemory(verdict=False, down_since=5.0),
+             PopVipMemory(verdict=True, flaps=(1.0, 2.0), penalty=1), PopVipMemory(withdrawn=True)]
+
+    def a_plan(rng: random.Random) -> VipPlan:
+        published = rng.sample(pops, rng.randint(0, len(pops)))
+        own = {p: rng.choice(kinds) for p in rng.sample(published, rng.randint(0, len(published)))}
+        return VipPlan("v", {p: None for p in published}, VipMemory("us", 0.0), rng.choice(kinds), own,  # type: ignore[arg-type]
+                       "", None, (), {}, None, None, False)  # type: ignore[arg-type]
+
+    rng = random.Random(20261201)
+    for _ in range(3000):
+        old = a_plan(rng)
+        new = a_plan(rng) if rng.random() < 0.7 else dataclasses.replace(old, default=rng.choice(kinds))
+        walked: dict[tuple[str, str], PopVipMemory | None] = {}
+        for pop in {*old.items, *new.items}:
+            if pop not in new.items:
+                walked[(pop, "v")] = None
+            elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
+                walked[(pop, "v")] = new.memory_at(pop)
+        found: dict[tuple[str, str], PopVipMemory | None] = {}
+        _pair_changes("v", old, new, found)
+        assert found == walked, (old, new)
