@@ -329,8 +329,11 @@ def test_reports_travel_as_deltas_and_a_restarted_controller_gets_a_full_one(con
 def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, tmp_path: Path) -> None:
     healthy = report_json({"game-global": {"us-west": True, "eu-central": True},
                            "api-eu": {"eu-central": True, "us-west": True}}, {"game-global": True})
-    for pop in ("sjc", "fra"):
-        assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+    def report_healthy() -> None:  # again before each read that expects "healthy": each anycastctl run
+        for pop in ("sjc", "fra"):  # starts a Python, and under load 15 s (report_stale_after) pass
+            assert controller.request("POST", f"/v1/reports/{pop}", healthy, TOKENS[pop])[0] == 200
+
+    report_healthy()
     r = controller.ctl("drain", "fra")
     assert r.returncode == 0 and "fra: draining" in r.stdout, r.stdout + r.stderr
     plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
@@ -339,6 +342,7 @@ def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, 
     # drain_time is 1.5 s in this config: then the drained POP withdraws.
     wait_for(lambda: not next(v for v in controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]["vips"]
                               if v["name"] == "game-global")["wanted"], 60, desc="fra withdrawn after drain_time")
+    report_healthy()
     r = controller.ctl("explain", "game-global")
     assert r.returncode == 0, r.stderr
     assert "fra: plan withdraw via us-west, reason drained" in r.stdout
@@ -366,6 +370,7 @@ def test_drain_explain_undrain_and_diff_through_anycastctl(controller: Running, 
         in blast["over_budget"]
     assert blast["per_pop"] == {"sin": {"withdrawn": 1, "announced": 0, "moved": 0, "announced_now": 1,
                                         "share_withdrawn": 1.0}}
+    report_healthy()
     r = controller.ctl("undrain", "fra")
     assert r.returncode == 0 and "fra: undrained" in r.stdout
     plan = controller.request("GET", "/v1/plans/fra", token=TOKENS["fra"])[1]
