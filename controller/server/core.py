@@ -1104,31 +1104,34 @@ class _DurableMemory:
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
 
 
-def _pair_changes(name: str, old: VipPlan, new: VipPlan, out: dict[tuple[str, str], PopVipMemory | None]) -> None:
-    """Into ``out``, the (POP, ``name``) memories that differ between ``old`` and ``new``
-    (None: the VIP is no longer published there): what comparing ``memory_at`` at every POP
-    of either finds, from their compact forms. A POP published in both whose memory is
-    neither's own differs only if the defaults differ."""
+def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, str], PopVipMemory | None]) -> None:
+    """Into ``out``, the (POP, ``name``) memories that differ between ``old`` (as last
+    written) and ``new`` (None: the VIP is no longer published there): what comparing the
+    memory at every POP of either finds, from their compact forms. A POP published in both
+    whose memory is neither's own differs only if the defaults differ."""
     same_default = old.default is new.default or old.default == new.default
-    old_items, new_items = old.items, new.items
-    if same_default and old.pop_memory is new.pop_memory and old_items.keys() == new_items.keys():
+    old_pops, new_items = old.pops, new.items
+    if same_default and old.pop_memory is new.pop_memory and len(old_pops) == len(new_items) \
+            and all(p in new_items for p in old_pops):
         return
-    look = {*old.pop_memory, *new.pop_memory, *(old_items.keys() ^ new_items.keys())}
+    old_set = set(old_pops)
+    look = {*old.pop_memory, *new.pop_memory, *(old_set ^ new_items.keys())}
     if not same_default:  # every other POP of both: the old default, now the new one
         default = new.default
         for pop in new_items:
             if pop not in look:
                 out[(pop, name)] = default
+    old_at = old.pop_memory.get
     for pop in look:
         if pop not in new_items:
-            if pop in old_items:
+            if pop in old_set:
                 out[(pop, name)] = None
             continue
         m = new.memory_at(pop)
-        if pop not in old_items:
+        if pop not in old_set:
             out[(pop, name)] = m
             continue
-        was = old.memory_at(pop)
+        was = old_at(pop, old.default)
         if was is not m and was != m:
             out[(pop, name)] = m
 

@@ -538,7 +538,7 @@ def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_ev
 
     from controller.policy.model import NEW
     from controller.policy.planner import VipPlan
-    from controller.server.core import _pair_changes
+    from controller.server.core import _pair_changes, _Written
 
     pops = [f"p{i}" for i in range(8)]
     kinds = [NEW, STEADY, PopVipMemory(verdict=True), PopVipMemory(verdict=False, down_since=5.0),
@@ -561,5 +561,5 @@ def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_ev
             elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
                 walked[(pop, "v")] = new.memory_at(pop)
         found: dict[tuple[str, str], PopVipMemory | None] = {}
-        _pair_changes("v", old, new, found)
+        _pair_changes("v", _Written(old.memory, old.default, old.pop_memory, tuple(old.items)), new, found)
         assert found == walked, (old, new)
