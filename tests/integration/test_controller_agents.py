@@ -303,7 +303,14 @@ def restore_checks(fleet: MultiPop, pop: str) -> None:
 
 def test_checks_failing_everywhere_do_not_withdraw_the_vip_anywhere(fleet: MultiPop) -> None:
     """The Oct 2021 failure mode: every POP's checks fail at once. The agents ask the
-    controller before withdrawing, the controller sees it everywhere and holds."""
+    controller before withdrawing, the controller sees it everywhere and holds.
+
+    The settle window is 5 s here, not the lab's 1 s: when the hold lifts (one POP's checks
+    healed) the others' windows start again, and a POP whose checks need more than the window
+    to rise again (rise checks after its nft rule is gone: seconds under load) is let go by
+    design (CI saw sjc withdrawn once). What is asserted is that the hold and its lifting let
+    nobody go early (the evidence-based end must not apply to a failure older than its window)."""
+    commit_policy(fleet, "settle 5 s for the hold and the way back", lambda d: d["policy"]["safety"].update(settle=5.0))
     healthy_everywhere(fleet)
     sent = {p: withdrawals(fleet, p) for p in fleet.pops}
     for pop in fleet.pops:
@@ -339,6 +346,7 @@ def test_checks_failing_everywhere_do_not_withdraw_the_vip_anywhere(fleet: Multi
     finally:
         for pop in fleet.pops:
             restore_checks(fleet, pop)
+        commit_policy(fleet, "settle back to 1 s", _settle_back)
 
 
 def test_checks_failing_at_one_pop_withdraw_there_only(fleet: MultiPop) -> None:
