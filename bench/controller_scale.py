@@ -640,7 +640,7 @@ def _broken_connection(exc: BaseException) -> bool:
     return any(kind in text for kind in ("ServerDisconnectedError", "ClientOSError", "Connection reset"))
 
 
-EVERYWHERE_VIP = "vip-00001"  # its spec changes: every POP's plan changes
+EVERYWHERE_VIP = "vip-00001"  # the new VIPs go into its file, after it: a copy of its entry
 EVERYWHERE_REPS = 3
 EVERYWHERE_LIMIT_S = 30.0  # s: a POP not holding the change by then is counted, not waited for
 
@@ -652,12 +652,23 @@ def _vip_block(text: str, name: str) -> tuple[int, int]:
     return start, len(text) if end < 0 else end + 1
 
 
+def _new_vip_block(block: str, rep: int) -> tuple[str, str]:
+    """A copy of a generated VIP entry under a new name and address (10.99.0.0/24 is not
+    generated): the VIP ``rep`` of the change-at-every-POP step, and its name."""
+    name = f"vip-new-{rep:02d}"
+    out = re.sub(r"- name: \S+\n", f"- name: {name}\n", block, count=1)
+    return re.sub(r"address: \S+\n", f"address: 10.99.0.{rep + 1}/32\n", out, count=1), name
+
+
 async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], reps: int,
                              log: Log) -> dict[str, Any]:
-    """A change to a VIP published at every POP (its first backend's port): every POP long-polls
-    its plan with plain HTTP (no agent decoding: 50 agents decode on 50 machines, not in this
-    process), timed from the rename to the answer's last byte that carries the new port, per
-    POP; and the bytes of each answer as sent (gzip included: the wire size)."""
+    """A change published at every POP that moves no traffic: a new VIP published at all of
+    them (policy/change.py applies additions at once; a change of a VIP's definition, e.g. a
+    backend port, moves traffic and rolls out in waves with a bake, which would time the bake,
+    not the controller). Every POP long-polls its plan with plain HTTP (no agent decoding: 50
+    agents decode on 50 machines, not in this process), timed from the rename to the answer's
+    last byte that carries the new VIP, per POP; and the bytes of each answer as sent (gzip
+    included: the wire size)."""
     import aiohttp
 
     target = None
@@ -681,8 +692,10 @@ async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], 
         for pop in pops:
             gens[pop] = int(json.loads((await get(pop, ""))[1])["generation"])
         for rep in range(reps):
-            port = 18081 + rep
-            marker = re.compile(rb'"port": ?%d\b' % port)  # the spec as JSON: {"address": ..., "port": N}
+            text = target.read_text()
+            a, b = _vip_block(text, EVERYWHERE_VIP)
+            block, added = _new_vip_block(text[a:b], rep)
+            marker = re.compile(rb'"%s"' % added.encode())  # the new VIP's name in the plan's JSON
 
             start = [0.0]
 
@@ -695,16 +708,13 @@ async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], 
                     if marker.search(body):
                         return arrived - start[0], len(raw)
 
-            text = target.read_text()
-            a, b = _vip_block(text, EVERYWHERE_VIP)
-            block = re.sub(r':(\d+)"', f':{port}"', text[a:b], count=1)
             tmp = target.with_suffix(".tmp")
-            tmp.write_text(text[:a] + block + text[b:])
+            tmp.write_text(text[:b] + block + text[b:])
             polls = [asyncio.ensure_future(poll(pop)) for pop in pops]
             await asyncio.sleep(0.5)  # the long-polls are parked at the controller
             start[0] = time.monotonic()
             tmp.replace(target)
-            _git(config_dir, "commit", "-qam", f"{EVERYWHERE_VIP}: port {port}")
+            _git(config_dir, "commit", "-qam", f"{added}: new, published at every POP")
             done, waiting = await asyncio.wait(polls, timeout=EVERYWHERE_LIMIT_S)
             for task in waiting:  # (a controller that never serves it to some POPs: bounded, counted)
                 task.cancel()
@@ -717,7 +727,7 @@ async def _change_everywhere(daemon: Daemon, config_dir: Path, pops: list[str], 
                       "bytes_p00": polls[0].result()[1] if polls[0] in done else None,
                       "bytes_max": max((g[1] for g in got), default=None)}
             samples.append(sample)
-            log(f"controller: {EVERYWHERE_VIP}'s spec changed ({len(pops)} POPs): all hold it after "
+            log(f"controller: {added} added at every POP ({len(pops)}): all hold it after "
                 f"{sample['all_hold_s']}s (p50 {sample['p50_s']}s), answer {sample['bytes_p00']} B on the wire"
                 + (f"; {len(waiting)} POPs did not get it within {EVERYWHERE_LIMIT_S:g}s" if waiting else ""))
             if waiting:  # the next repetition's generations: whatever those POPs hold now
