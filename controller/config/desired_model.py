@@ -209,6 +209,8 @@ def with_dials(desired: DesiredState, operator: Mapping[str, int]) -> DesiredSta
     planning engine re-plans only the VIPs of a region whose dial moved."""
     dials = dict(desired.dials)
     dials.update(operator)
+    if not dials and not any(fv.dials for fv in desired.vips):
+        return desired  # no dial anywhere (the usual case): one cheap walk, no tuple per VIP
     vips = []
     for fv in desired.vips:
         own = tuple(sorted((o.region, dials[o.region]) for o in fv.vip.origins
