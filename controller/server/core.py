@@ -52,6 +52,7 @@ REPORT_HOLD = 0.5  # s: the longest a pass waits for reports still being receive
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
+HINTED_MAX = 1000  # VIPs: a pass that changed more has every POP it serves walk its VIPs (no hint)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,11 @@ class Controller:
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
     _unserved: dict[str, None] = field(default_factory=dict)  # POPs a committed pass has yet to serve (in order)
+    # POP -> (the items and spec dicts it was last served from, the VIPs whose item or spec
+    # passes changed since): PlanStore.serve's hint (no walk over the POP's every VIP)
+    _since_served: dict[str, tuple[Mapping[str, PlanItem], Mapping[str, dict[str, Any]], set[str]]] = field(
+        default_factory=dict)
+    hints: bool = True  # False: every serve walks the POP's VIPs (the differential test's reference)
     dial_gate: DialGate | None = None  # see DialGate (None: dial_budget)
     rollout: change.Rollout = field(default_factory=change.Rollout)  # the config change in progress
     target: DesiredState = field(init=False)  # the newest revision loaded
@@ -764,6 +770,7 @@ class Controller:
         self.persisted.planner = result.state
         self._held.unsaved |= changes.memory
         pops = set(changes.pops)
+        touched: set[str] | None = set(changes.planned) | changes.removed  # (what the hints add)
         if self._spec_dicts[0] is not self.desired:
             # Each VIP's definition as JSON, once per desired state, not once per POP and pass;
             # an unchanged VIP keeps its object, so comparing plans after a reload stays cheap.
@@ -780,7 +787,18 @@ class Controller:
                 else:
                     specs[fv.name] = vip_to_dict(fv.vip)
                     pops.update(fv.publish)
+                    if touched is not None:
+                        touched.add(fv.name)
+            if old_state is None:
+                touched = None
+            elif touched is not None:
+                touched.update(name for name in old_specs if name not in specs)
             self._spec_dicts = (self.desired, specs)
+        if touched is None or len(touched) > HINTED_MAX:
+            self._since_served.clear()  # (a walk per POP is as cheap, or the changes are unknown)
+        else:
+            for since in self._since_served.values():
+                since[2].update(touched)
         # (adds to ``pops`` the POPs whose held definitions changed: a wave began, a rollback)
         self._held_spec_dicts(self._spec_dicts[1], pops)
         for pop in self.desired.pops:
@@ -835,8 +853,12 @@ class Controller:
         """Make ``items`` the POP's plan if an agent would act differently on it (a new
         explanation or revision alone is no new plan: agents are not woken for nothing)."""
         own = spec_dicts is not self._spec_dicts[1]  # (a held POP's: compared VIP by VIP, not by the desired state)
+        since = self._since_served.pop(pop, None)
         generation = self.plans.serve(pop, items, spec_dicts, self.desired.revision,
-                                      self.persisted.generations.get(pop, 0), None if own else self.desired)
+                                      self.persisted.generations.get(pop, 0), None if own else self.desired,
+                                      since if self.hints and not own else None)
+        if not own:  # (a held POP's view changes with the rollout, not with the passes: no hint)
+            self._since_served[pop] = (items, spec_dicts, set())
         if generation is not None:
             self.persisted.generations[pop] = generation
 

@@ -28,7 +28,7 @@ import gzip
 import json
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -111,17 +111,24 @@ class PlanStore:
 
     # --- planning side -----------------------------------------------------------------
     def serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]],
-              revision: str, last_generation: int, token: object = None) -> int | None:
+              revision: str, last_generation: int, token: object = None,
+              hint: tuple[Mapping[str, PlanItem], Mapping[str, dict[str, Any]], Collection[str]] | None = None,
+              ) -> int | None:
         """Make ``items`` the POP's plan if an agent would act differently on it; the new
         generation (above ``last_generation``, the persisted one), or None if nothing changed.
 
         ``token`` (the desired state) says the spec dicts are those of last time: the first
-        test is then a walk over pointers (the planner hands back the very same items)."""
+        test is then a walk over pointers (the planner hands back the very same items).
+        ``hint`` (items, spec dicts, names): ``items`` and ``spec_dicts`` differ from those two
+        mappings at ``names`` only; used when they are the very mappings this POP was served
+        from last time, so that a one-VIP change looks at one entry per POP, not at every VIP
+        of it three times (a VIP added at 50 POPs of 10,000 VIPs walked 1.5 million names)."""
         pp = self.pops.get(pop)
-        if pp is not None and pp.seen_items == items and (
+        hinted = hint is not None and pp is not None and pp.seen_items is hint[0] and pp.seen_specs is hint[1]
+        if pp is not None and not hinted and pp.seen_items == items and (
                 pp.seen_token is token and token is not None
                 or all(spec_dicts.get(name) is pp.seen_specs.get(name) for name in items)):
-            pp.seen_token, pp.seen_specs = token, spec_dicts
+            pp.seen_items, pp.seen_token, pp.seen_specs = items, token, spec_dicts  # (equal items: the newer object)
             return None
         old = pp.entries if pp is not None else {}
         seen_items = pp.seen_items if pp is not None else {}
@@ -130,8 +137,12 @@ class PlanStore:
         # Candidates by identity first (a comprehension over pointers): at 10,000 VIPs a
         # pass that changed one item looks at one entry, not 10,000.
         get_item, get_spec = seen_items.get, seen_specs.get
-        candidates = [name for name, item in items.items() if get_item(name) is not item]
-        if not same_specs:
+        if hinted:
+            assert hint is not None
+            candidates = [name for name in hint[2] if name in items]
+        else:
+            candidates = [name for name, item in items.items() if get_item(name) is not item]
+        if not same_specs and not hinted:
             listed = set(candidates)
             candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
         # (The loops below run once per (POP, VIP) pair on a cold start, 30 million times at
@@ -153,8 +164,12 @@ class PlanStore:
                 continue
             updates[name] = new
         # Same count and nothing added: nothing removed either (no walk over the plan).
-        grown = len(old) != len(items) or any(name not in old for name in candidates)
-        removed = [name for name in old if name not in items] if grown else []
+        if hinted:
+            assert hint is not None
+            removed = [name for name in hint[2] if name in old and name not in items]
+        else:
+            grown = len(old) != len(items) or any(name not in old for name in candidates)
+            removed = [name for name in old if name not in items] if grown else []
         # The caller's mapping itself, not a copy per POP (one per desired state, shared by
         # every POP served from it): its values are compared by identity next time.
         new_specs = spec_dicts
