@@ -221,6 +221,25 @@ def with_dials(desired: DesiredState, operator: Mapping[str, int]) -> DesiredSta
     return replace(desired, vips=tuple(vips))
 
 
+def changed_vips(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> set[str]:
+    """The names of the VIPs added, removed or redefined (not equal) from ``old`` to ``new``.
+    A reload keeps the objects of unchanged VIPs in their order, so the common head and tail
+    (the same objects) are skipped by identity and only the middle is compared by name: a
+    one-VIP commit at 10,000 VIPs looks at a few VIPs, not at two 10,000-name maps."""
+    n, m = len(old), len(new)
+    i, short = 0, min(n, m)
+    while i < short and old[i] is new[i]:
+        i += 1
+    j = 0
+    while j < short - i and old[n - 1 - j] is new[m - 1 - j]:
+        j += 1
+    before = {fv.vip.name: fv for fv in old[i:n - j]}
+    after = {fv.vip.name: fv for fv in new[i:m - j]}
+    return {name for name in before.keys() | after.keys()
+            if (was := before.get(name)) is None or (now := after.get(name)) is None
+            or not (now is was or now == was)}
+
+
 def plain_http_refusal(api: ApiSettings, host: str) -> str | None:
     """Why serving the API on ``host`` with ``api`` is refused (None: it is not)."""
     if api.tls is not None or api.insecure_plain_http or is_loopback(host):

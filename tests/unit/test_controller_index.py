@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from controller.config.desired import load_desired
-from controller.config.desired_model import DesiredState, FleetVip, PopSpec
+from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips
 from controller.server.core import index
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,9 +22,11 @@ POPS = ("sjc", "fra", "sin", "iad", "nrt", "gru", "syd")
 STEPS = 1500
 
 
-def _vip(i: int, rng: random.Random) -> FleetVip:
+def _vip(i: int, rng: random.Random, everywhere: bool = False) -> FleetVip:
+    """``everywhere``: published at every POP (the POPs share one mapping until a commit
+    makes theirs differ; a VIP added at all of them is one copy shared by all)."""
     template = BASE.vips[i % len(BASE.vips)]
-    publish = tuple(rng.sample(POPS, rng.randint(1, len(POPS))))
+    publish = POPS if everywhere else tuple(rng.sample(POPS, rng.randint(1, len(POPS))))
     return FleetVip(dataclasses.replace(template.vip, name=f"v{i:02d}"), publish, rng.random() > 0.1, template.policy)
 
 
@@ -59,11 +61,11 @@ def _commit(d: DesiredState, rng: random.Random, spare: list[FleetVip]) -> Desir
     return dataclasses.replace(d, revision=f"r{rng.random()}", pops=pops, vips=tuple(vips))
 
 
-def _run(seed: int) -> int:
+def _run(seed: int, everywhere: bool = False) -> int:
     rng = random.Random(seed)
-    spare: list[FleetVip] = []
+    spare: list[FleetVip] = [_vip(100 + i, rng, everywhere) for i in range(4)]
     d = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS),
-                            vips=tuple(_vip(i, rng) for i in range(12)))
+                            vips=tuple(_vip(i, rng, everywhere) for i in range(12)))
     ix = index(d)
     kept = 0
     for step in range(STEPS):
@@ -88,14 +90,16 @@ def _run(seed: int) -> int:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_the_index_updated_from_the_previous_one_equals_the_index_built_from_scratch(seed: int) -> None:
-    assert _run(seed) > STEPS  # (most POPs keep their mapping through most commits)
+@pytest.mark.parametrize("everywhere", [False, True])
+def test_the_index_updated_from_the_previous_one_equals_the_index_built_from_scratch(seed: int,
+                                                                                    everywhere: bool) -> None:
+    assert _run(seed, everywhere) > STEPS  # (most POPs keep their mapping through most commits)
 
 
 def test_the_index_updated_from_the_previous_one_equals_the_index_built_from_scratch_seed_from_the_clock() -> None:
     seed = time.time_ns() % 1_000_000
     try:
-        _run(seed)
+        _run(seed, seed % 2 == 0)
     except AssertionError:
         print(f"failing seed from the clock: {seed}")
         raise
@@ -112,3 +116,37 @@ def test_a_changed_publish_list_copies_the_mapping_of_the_pops_it_changes_only()
     assert "v1" not in after.by_pop[POPS[0]] and "v1" in after.by_pop[POPS[1]]
     assert after.by_pop[POPS[0]] is not ix.by_pop[POPS[0]]
     assert all(after.by_pop[p] is ix.by_pop[p] for p in POPS[1:])
+
+
+def test_a_vip_added_at_every_pop_is_one_new_mapping_shared_by_them() -> None:
+    d = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS),
+                            vips=tuple(_vip(i, random.Random(i), everywhere=True) for i in range(3)))
+    ix = index(d)
+    assert len({id(m) for m in ix.by_pop.values()}) == 1
+    after = index(dataclasses.replace(d, vips=(*d.vips, _vip(7, random.Random(7), everywhere=True))), ix)
+    assert len({id(m) for m in after.by_pop.values()}) == 1 and "v07" in after.by_pop[POPS[0]]
+    assert after.by_pop == index(after.desired).by_pop
+
+
+def _changed_by_name(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> set[str]:
+    """What changed_vips says, by two name -> VIP maps (the reference)."""
+    before, after = {fv.name: fv for fv in old}, {fv.name: fv for fv in new}
+    return {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_changed_vips_says_what_comparing_by_name_says(seed: int) -> None:
+    """The blast radius walks only the VIPs changed_vips names: it must miss none (a
+    withdrawal it missed would skip the budget and the waves)."""
+    rng = random.Random(seed)
+    spare: list[FleetVip] = []
+    d = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS),
+                            vips=tuple(_vip(i, rng) for i in range(12)))
+    for step in range(STEPS):
+        new = _commit(d, rng, spare)
+        if rng.random() < 0.1:  # a reordered file: the same VIPs elsewhere
+            vips = list(new.vips)
+            rng.shuffle(vips)
+            new = dataclasses.replace(new, vips=tuple(vips))
+        assert changed_vips(d.vips, new.vips) == _changed_by_name(d.vips, new.vips), (seed, step)
+        d = new
