@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from controller.config.desired_model import FleetVip, PopSpec
 from controller.server.core import Controller
 from tests.unit.test_policy_engine import BASE, POPS, World, _commit, _vip
+from tests.helpers.seeds import with_clock_seed
 
 STEPS = 400
 
@@ -71,9 +71,4 @@ def test_serving_with_hints_serves_what_serving_without_them_does(seed: int, tmp
 
 
 def test_serving_with_hints_serves_what_serving_without_them_does_seed_from_the_clock(tmp_path: Path) -> None:
-    seed = time.time_ns() % 1_000_000
-    try:
-        _run(seed, tmp_path)
-    except AssertionError:
-        print(f"failing seed from the clock: {seed}")
-        raise
+    with_clock_seed(lambda seed: _run(seed, tmp_path))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from bench.controller_scale import generate
 from controller.config.desired import LoadCache, load_desired
 from controller.config.errors import ConfigError
+from tests.helpers.seeds import with_clock_seed
 
 STEPS = 80
 
@@ -105,9 +105,4 @@ def test_a_reload_with_the_cache_says_what_a_load_from_nothing_says(seed: int, t
 
 
 def test_a_reload_with_the_cache_says_what_a_load_from_nothing_says_seed_from_the_clock(tmp_path: Path) -> None:
-    seed = time.time_ns() % 1_000_000
-    try:
-        _run(seed, tmp_path)
-    except AssertionError:
-        print(f"failing seed from the clock: {seed}")
-        raise
+    with_clock_seed(lambda seed: _run(seed, tmp_path))
