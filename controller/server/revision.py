@@ -90,15 +90,41 @@ def _git(directory: str, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def _git_all(directory: str, *commands: tuple[str, ...]) -> list[str | None]:
+    """``_git`` of each command, run side by side."""
+    procs: list[subprocess.Popen[str] | None] = []
+    for args in commands:
+        try:
+            procs.append(subprocess.Popen(["git", "--no-optional-locks", "-C", directory, *args], text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        except OSError:
+            procs.append(None)
+    out: list[str | None] = []
+    for proc in procs:
+        if proc is None:
+            out.append(None)
+            continue
+        try:
+            stdout, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            out.append(None)
+            continue
+        out.append(stdout.strip() if proc.returncode == 0 else None)
+    return out
+
+
 def revision(directory: str, fp: str | None = None) -> str:
     """``3f2a9c1e0b7d`` for a clean checkout, ``3f2a9c1e0b7d+dirty.1a2b3c4d`` if files differ
     from the commit, ``sha256:...`` outside git. ``fp``: fingerprint(directory), if the
     caller has it already."""
     fp = fp or fingerprint(directory)
-    head = _git(directory, "rev-parse", "HEAD")
+    # (both at once: each git is a fork and an exec, tens of ms on a loaded machine, and the
+    # daemon's loop waits for them on every reload)
+    head, dirty = _git_all(directory, ("rev-parse", "HEAD"), ("status", "--porcelain", "--", "."))
     if not head:
         return f"sha256:{fp[:12]}"
-    dirty = _git(directory, "status", "--porcelain", "--", ".")
     return head[:12] if not dirty else f"{head[:12]}+dirty.{fp[:8]}"
 
 

@@ -60,3 +60,31 @@ def test_the_periodic_look_reads_no_file_while_the_stat_data_stands_still_and_se
         assert not watcher.changed() and len(hashed) == 1
     finally:
         watcher.close()
+
+
+def test_a_new_revision_of_the_same_files_is_not_read_again_and_an_edit_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit loaded as "+dirty", then its commit: the commit changes the revision only (the
+    files' names and bytes are the same), so the desired state is the one loaded, with the new
+    revision, and the files are not parsed again; the next edit is read."""
+    from controller.server import daemon
+
+    config = copy(tmp_path)
+    revisions = iter(("abc+dirty.1", "abc", "def+dirty.2"))
+    loads: list[str] = []
+    real = daemon.load_desired
+    monkeypatch.setattr(daemon, "load_desired", lambda d, rev, cache=None: loads.append(rev) or real(d, rev, cache))
+    monkeypatch.setattr(daemon, "git_dir", lambda d: None)
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: next(revisions))
+    watcher = daemon.Watcher(str(config), str(tmp_path / "state"))
+    try:
+        first = watcher.load()
+        again = watcher.load()  # the commit: same files
+        assert loads == ["abc+dirty.1"] and again.revision == "abc"
+        assert again.vips == first.vips and again.state_dir == str(tmp_path / "state")
+        edit(config, "vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+        edited = watcher.load()
+        assert loads == ["abc+dirty.1", "def+dirty.2"]
+        assert edited.vip("api-eu").publish == ("fra",)  # type: ignore[union-attr]
+    finally:
+        watcher.close()
