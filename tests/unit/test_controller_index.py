@@ -13,8 +13,8 @@ import pytest
 from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips
 from controller.server.core import index
 from tests.helpers.seeds import with_clock_seed
-from tests.unit.test_policy_engine import BASE, POPS
-from tests.unit.test_policy_engine import _commit as engine_commit
+from tests.helpers.random_fleet import BASE, POPS
+from tests.helpers.random_fleet import random_commit as engine_commit
 
 STEPS = 1500
 

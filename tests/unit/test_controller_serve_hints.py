@@ -14,7 +14,7 @@ import pytest
 
 from controller.config.desired_model import FleetVip, PopSpec
 from controller.server.core import Controller
-from tests.unit.test_policy_engine import BASE, POPS, World, _commit, _vip
+from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
 from tests.helpers.seeds import with_clock_seed
 
 STEPS = 400
@@ -28,7 +28,7 @@ def _served(ctl: Controller) -> dict[str, object]:
 
 def _run(seed: int, tmp: Path) -> int:
     rng = random.Random(seed)
-    vips = tuple(_vip(i, rng) for i in range(14))
+    vips = tuple(random_vip(i, rng) for i in range(14))
     change = dataclasses.replace(BASE.change, bake=rng.choice((0.0, 3.0)), max_withdraw_fraction=1.0,
                                  max_removed_vips=20)
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips, change=change)
@@ -53,7 +53,7 @@ def _run(seed: int, tmp: Path) -> int:
                 else:
                     ctl.drain(pop)
         if rng.random() < 0.12:
-            desired = _commit(desired, rng, spare, step)
+            desired = random_commit(desired, rng, spare, step)
             for ctl in ctls:
                 ctl.apply_config(dataclasses.replace(desired, state_dir=ctl.desired.state_dir))
         for ctl in ctls:
