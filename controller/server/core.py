@@ -957,6 +957,11 @@ class Controller:
     async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
         await self.plans.wait_for_change(pop, after, wait)
 
+    def release_waiters(self) -> None:
+        """Stopping: every long-poll answers now (an HA term that ended answers 503 and the
+        leader's URL, so its agents move to the new leader at once)."""
+        self.plans.release_waiters()
+
     def alarms(self) -> tuple[Alarm, ...]:
         return self.result.alarms if self.result else ()
 

@@ -470,6 +470,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     finally:
         watching.cancel()
         server.close()
+        ctl.release_waiters()  # else cleanup() waits for every long-poll to time out
         await runner.cleanup()
         watcher.close()
         ctl.close()

@@ -34,7 +34,7 @@ from controller.config.desired import load_desired
 from controller.config.desired_model import HaSettings, StoreKind
 from controller.policy.model import VipMemory
 from controller.server import store
-from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, margin
+from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, check_layout, margin
 from lab.etcd import EtcdMember, etcd_cluster, free_ports, make_tls
 from lab.poll import wait_for
 from tests.helpers.controller_process import client_ssl, session_ca, tls_on
@@ -463,6 +463,28 @@ def test_an_incompatible_layout_is_refused_and_left_alone(tmp_path: Path, etcd: 
     assert run.returncode == 1
     assert "/anycast/layout says layout 99" in run.stderr and etcd.client_url in run.stderr
     assert e.get_prefix("") == before
+
+
+def test_a_controller_starting_while_another_writes_its_first_state_is_not_refused(etcd: EtcdMember) -> None:
+    """Three controllers start at once on an empty prefix: the winner writes the layout and
+    its first state in one transaction while another checks the layout (the lab saw a
+    controller exit "keys under /anycast/ but no /anycast/layout"). The check reads the
+    prefix once, so the first write lands wholly before or after it, never between."""
+    class Racing(Etcd):
+        raced = False
+
+        def call(self, path: str, body: Any, op: str) -> dict[str, Any]:
+            answer = super().call(path, body, op)
+            if path == "kv/range" and not self.raced:  # the winner's first state, right after our first read
+                self.raced = True
+                Etcd.txn(self, [], [self.put("layout", json.dumps({"layout": 1})), self.put("state/seq", "1")],
+                         "test")
+            return answer
+
+    racing = Racing(settings(etcd.client_url))
+    check_layout(racing)
+    assert racing.raced
+    check_layout(Etcd(settings(etcd.client_url)))  # and at the next start, with the state there
 
 
 def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:
