@@ -351,15 +351,18 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if ctl.base.revision == desired.revision:
         watcher.keep_last_good(state_dir, ctl.persistence_failed)
     app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    ended = False  # this term is over: its app answers nothing any more (see leader_only)
     if gate is not None:
         @web.middleware
         async def leader_only(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Checked again after the handler: a long-poll woken after leadership was lost
-            # must not hand out a plan.
-            if not gate.acting():
+            # must not hand out a plan. ``ended``: a connection accepted by this term (its TLS
+            # handshake finished after the term's cleanup, or kept alive past it) must not be
+            # served from this term's plans if the same process leads again in a new term.
+            if ended or not gate.acting():
                 return gate.not_leader()
             response = await handler(request)
-            return response if gate.acting() else gate.not_leader()
+            return response if gate.acting() and not ended else gate.not_leader()
 
         app.middlewares.append(leader_only)
 
@@ -469,6 +472,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 w.cancel()
     finally:
         watching.cancel()
+        ended = True
         server.close()
         ctl.release_waiters()  # else cleanup() waits for every long-poll to time out
         await runner.cleanup()

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -288,6 +289,56 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
         await client.close()
 
     asyncio.run(scenario())
+
+
+def _exchange(tls: ssl.SSLSocket, path: str, token: str) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on ``tls`` (kept alive): (status, the raw head), or (0, b"") if the
+    server had closed the connection."""
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return 0, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split()[1]), head
+
+
+def test_a_connection_accepted_by_a_follower_that_then_leads_is_not_kept_on_the_follower(
+        tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
+    """A connection accepted while a controller was a follower, whose TLS handshake ends after
+    the follower's API made way for the leader's, is served by the follower's app (aiohttp
+    closes a site's listener and its established connections, not one mid-handshake). Kept
+    alive, it told an agent "not the leader" for minutes while the same process led (a lab
+    run of ha3). The follower's refusal closes it: the agent's next request reaches the
+    leader."""
+    config = desired_dir(tmp_path, [etcd.client_url])
+    ctls += [Ctl(tmp_path, n, config).start() for n in ("c1", "c2")]
+    leader = wait_for(lambda: next((c for c in ctls if c.role() == "leader"), None), HANG_GUARD, desc="a leader")
+    follower = next(c for c in ctls if c is not leader)
+    raw = socket.create_connection(("127.0.0.1", follower.port), timeout=HANG_GUARD)  # accepted, no handshake yet
+    try:
+        leader.kill()
+        wait_for(lambda: follower.role() == "leader", HANG_GUARD, desc="the follower leads")
+        with client_ssl().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            answers = [_exchange(tls, "/v1/plans/fra", TOKENS["fra"]) for _ in range(2)]
+    finally:
+        raw.close()
+    # Whatever app took the connection: never "not the leader" twice on it.
+    assert answers[0][0] in (200, 503), answers
+    if answers[0][0] == 503:
+        assert b"connection: close" in answers[0][1].lower(), answers[0][1]
+        assert answers[1][0] == 0, f"the connection answered 503 was kept: {answers[1]}"
+    code, body = follower.request("GET", "/v1/plans/fra", token=TOKENS["fra"])  # a new connection
+    assert code == 200 and body["pop"] == "fra"
 
 
 def served_serial(c: Ctl) -> int:
