@@ -16,7 +16,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 import yaml
@@ -34,10 +34,24 @@ _MISSING = object()
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently)."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar YAML resolves but Python cannot build (a date 2026-13-01, an integer of
+        # more than 4,300 digits, ``!!float x``) raised ValueError: a traceback from the
+        # validator and a dead daemon on reload, where a bad config must be refused.
+        try:
+            return yaml.constructor.BaseConstructor.construct_object(self, node, deep=deep)  # (borrowed, as below)
+        except ValueError as exc:
+            value = node.value if isinstance(node.value, str) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value[:40]!r}: {str(exc)[:200]}", node.start_mark) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # (``? [a]``: a TypeError below, not YAML's own error)
+                raise yaml.constructor.ConstructorError(None, None, "a list or mapping as a key",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None,
@@ -54,6 +68,7 @@ if yaml.__with_libyaml__:
         """The same with libyaml's parser: a 10,000-VIP desired state loads several times faster."""
 
         construct_mapping = _UniqueKeyLoader.construct_mapping
+        construct_object = _UniqueKeyLoader.construct_object
 
 
 # Bounds on what one config file may be. A desired state of 100,000 VIPs in one file is

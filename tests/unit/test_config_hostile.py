@@ -171,3 +171,24 @@ def test_the_agent_config_refuses_a_device_and_a_fifo(tmp_path: Path) -> None:
             bounded(lambda: load_agent_config(path))
         assert info.value.source == path and says in str(info.value)
     assert load_agent_config(str(AGENT)).pop == "sjc"  # a regular file still loads
+
+
+@pytest.mark.parametrize("text, line, says", [
+    ("vips:\n  - name: x\n    since: 2026-13-01\n", 3, "month must be in 1..12"),  # a date YAML resolves
+    ("vips:\n  - name: x\n    med: 1" + "0" * 5000 + "\n", 3, "4300 digits"),  # past Python's int digits
+    ('{"vips": [{"name": "x", "med": 1' + "0" * 5000 + "}]}", 1, "4300 digits"),  # the same as JSON
+    ("vips:\n  - name: x\n    med: !!float many\n", 3, "could not convert"),
+    ("vips:\n  - ? [a, b]\n    : 1\n", 2, "a list or mapping as a key"),
+    ('{"vips": [{[a]: 1}]}', 1, "a list or mapping as a key"),
+], ids=["bad-date", "huge-int", "huge-int-json", "bad-float-tag", "list-key", "list-key-flow"])
+def test_a_scalar_python_cannot_build_is_a_config_error_with_its_line(tmp_path: Path, text: str, line: int,
+                                                                     says: str) -> None:
+    """Not a ValueError or TypeError: the controller's reload loop and the agent's reload
+    catch ConfigError (a bad revision is refused, the last good one kept); anything else
+    ended the daemon."""
+    d = copy(tmp_path)
+    (d / "vips" / "odd.yaml").write_text(text)
+    errs = refusal(d)
+    assert len(errs) == 1 and errs[0].startswith(f"vips/odd.yaml: line {line}, ") and says in errs[0]
+    with pytest.raises(ConfigError, match=says):
+        parse_yaml(text, "t")
