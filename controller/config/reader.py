@@ -373,6 +373,9 @@ class Node:
 
     def as_float(self, lo: float | None = None, hi: float | None = None) -> float | None:
         v = self.value
+        if isinstance(v, int) and not isinstance(v, bool) and not _finite(v):
+            self.error(f"too large: a number of {len(str(abs(v)))} digits")
+            return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             self.error(f"expected a number, got {_kind(v)}")
             return None
@@ -448,6 +451,15 @@ def ip_address(text: str) -> IPAddress:
     thousands of VIPs, and parsing is most of a VIP's typed build. Addresses are immutable,
     so sharing one is safe; a ValueError is raised again each time (not cached)."""
     return ipaddress.ip_address(text)
+
+
+def _finite(v: int) -> bool:
+    """Whether a float can hold ``v``: an integer past 1.8e308 (``1`` and 400 zeros) raised
+    OverflowError from math.isfinite, a traceback instead of the path's error."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _kind(v: Any) -> str:

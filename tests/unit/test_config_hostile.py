@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from controller.cli.anycastctl import main as anycastctl
-from controller.config.agent import load_agent_config
+from controller.config.agent import load_agent_config, parse_agent_config
 from controller.config.desired import load_desired
 from controller.config.errors import ConfigError
 from controller.config.reader import MAX_DEPTH, MAX_FILE_BYTES, nesting_depth, parse_yaml
@@ -192,3 +192,20 @@ def test_a_scalar_python_cannot_build_is_a_config_error_with_its_line(tmp_path: 
     assert len(errs) == 1 and errs[0].startswith(f"vips/odd.yaml: line {line}, ") and says in errs[0]
     with pytest.raises(ConfigError, match=says):
         parse_yaml(text, "t")
+
+
+def test_an_integer_past_what_a_float_holds_is_an_error_at_its_path(tmp_path: Path) -> None:
+    """``1`` and 400 zeros where a number of seconds (a float) is read: math.isfinite raised
+    OverflowError, which no loader caller catches (the same reload death as above)."""
+    huge = "1" + "0" * 400
+    agent = AGENT.read_text()
+    assert "\n  interval: 1.0\n" in agent
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config(agent.replace("\n  interval: 1.0\n", f"\n  interval: {huge}\n", 1), "agent.yaml")
+    assert [(i.path, i.message) for i in info.value.issues] == [("check_defaults.interval",
+                                                                 "too large: a number of 401 digits")]
+    d = copy(tmp_path)
+    text = (d / "controller.yaml").read_text()
+    assert "quorum: 0.5 " in text
+    (d / "controller.yaml").write_text(text.replace("quorum: 0.5 ", f"quorum: {huge} ", 1))
+    assert refusal(d) == ["controller.yaml: policy.failover.quorum: too large: a number of 401 digits"]
