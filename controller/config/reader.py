@@ -35,17 +35,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently)."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        # A scalar YAML resolves but Python cannot build (a date 2026-13-01, an integer of
-        # more than 4,300 digits, ``!!float x``) raised ValueError: a traceback from the
-        # validator and a dead daemon on reload, where a bad config must be refused.
+        # A node YAML resolves but Python cannot build (a date 2026-13-01, an integer of more
+        # than 4,300 digits; a tag: ``!!float x``, ``!!bool x``, ``!!set [1]``) raised
+        # ValueError, KeyError, TypeError...: a traceback from the validator and a dead daemon
+        # on reload, where a bad config must be refused.
         try:
             return yaml.constructor.BaseConstructor.construct_object(self, node, deep=deep)  # (borrowed, as below)
-        except ValueError as exc:
-            value = node.value if isinstance(node.value, str) else ""
+        except (yaml.YAMLError, RecursionError, MemoryError):
+            raise  # (worded by parse_yaml_only and load_desired)
+        except Exception as exc:  # noqa: BLE001 - whatever PyYAML's constructors raise
+            what = repr(node.value[:40]) if isinstance(node.value, str) else "this node"
+            detail = f": {str(exc)[:200]}" if isinstance(exc, ValueError) else ""
             raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {value[:40]!r}: {str(exc)[:200]}", node.start_mark) from None
+                None, None, f"cannot read {what} as {node.tag}{detail}", node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # (``!!set [1]``: PyYAML's own error, not a TypeError here)
+            return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep=deep)
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

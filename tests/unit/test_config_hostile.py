@@ -180,11 +180,15 @@ def test_the_agent_config_refuses_a_device_and_a_fifo(tmp_path: Path) -> None:
     ("vips:\n  - name: x\n    med: !!float many\n", 3, "could not convert"),
     ("vips:\n  - ? [a, b]\n    : 1\n", 2, "a list or mapping as a key"),
     ('{"vips": [{[a]: 1}]}', 1, "a list or mapping as a key"),
-], ids=["bad-date", "huge-int", "huge-int-json", "bad-float-tag", "list-key", "list-key-flow"])
+    ("vips:\n  - name: x\n    enabled: !!bool maybe\n", 3, "cannot read 'maybe' as tag:yaml.org,2002:bool"),
+    ("vips:\n  - name: x\n    publish: !!set [sjc]\n", 3, "expected a mapping node, but found sequence"),
+    ("vips:\n  - name: x\n    med: !!int\n", 3, "cannot read '' as tag:yaml.org,2002:int"),
+], ids=["bad-date", "huge-int", "huge-int-json", "bad-float-tag", "list-key", "list-key-flow", "bad-bool-tag",
+        "set-tag-on-a-list", "empty-int-tag"])
 def test_a_scalar_python_cannot_build_is_a_config_error_with_its_line(tmp_path: Path, text: str, line: int,
                                                                      says: str) -> None:
-    """Not a ValueError or TypeError: the controller's reload loop and the agent's reload
-    catch ConfigError (a bad revision is refused, the last good one kept); anything else
+    """Not a ValueError, KeyError, TypeError or IndexError: the controller's reload loop and
+    the agent's reload catch ConfigError (a bad revision is refused, the last good one kept); anything else
     ended the daemon."""
     d = copy(tmp_path)
     (d / "vips" / "odd.yaml").write_text(text)
