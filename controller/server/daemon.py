@@ -120,7 +120,14 @@ class Watcher:
         fp, rev = peeked if peeked is not None else (fp := fingerprint(self.directory), revision(self.directory, fp))
         self.seen, self._signature = (fp, rev), signature
         self._dirty, self._checked = False, time.monotonic()
-        desired = load_desired(self.directory, rev, self.cache)
+        try:
+            desired = load_desired(self.directory, rev, self.cache)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a loader bug refuses the revision, never ends the controller
+            log.exception("loading config revision %s failed unexpectedly", rev)
+            raise ConfigError(self.directory, [ConfigIssue(
+                "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")]) from exc
         if self.state_dir:
             desired = dataclasses.replace(desired, state_dir=self.state_dir)
         self._to_keep = (fp, rev, {name: text for name, (text, _) in self.cache.files.items()})
