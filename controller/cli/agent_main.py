@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # was built from this very text: a cold start parses it once, not twice.
         handed = config_handoff.take_over(_built_from(text, args), os.environ) if args.command == "run" else None
         config = dataclasses.replace(handed, source=args.config) if handed is not None else load(args, text)
+        if handed is not None:
+            log.info("config %s: taken over from launch, not parsed again", args.config)
     except ConfigError as exc:
         print(exc.summary(), file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ CONFIG = """\
 pop: sjc
 allowed_prefixes: [198.51.100.0/24]
 state_dir: {state}
+kernel: {{enabled: false}}
 bgp:
   local_as: 65101
   neighbors: [{{address: 100.64.1.1, local_address: 100.64.1.2, peer_as: 65000}}]
@@ -135,3 +136,24 @@ def test_main_run_uses_the_handoff_and_names_its_own_path(tmp_path: Path, monkey
     assert h.ENV_KEY not in os.environ
     assert agent_main.main(["run", "--config", os.path.abspath(path)]) == 0  # no key now: loads the file
     assert parsed == [os.path.abspath(path)] and seen[1] == seen[0]
+
+
+def test_launch_execs_exabgp_with_the_handoff_and_the_api_process_takes_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``anycast-agent launch`` end to end up to its exec: the environment it gives ExaBGP
+    carries the key and the file, and with them the API process's load is the handed config."""
+    path = _config_file(tmp_path)
+    execs: list[dict[str, str]] = []
+
+    def execve(exe: str, argv: list[str], env: dict[str, str]) -> None:
+        execs.append(env)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(SystemExit):
+        agent_main.main(["launch", "--config", str(path), "--exabgp", "/nonexistent/exabgp"])
+    [env] = execs
+    assert env[h.ENV_FILE] == str(tmp_path / "state" / h.FILE) and len(bytes.fromhex(env[h.ENV_KEY])) == 32
+    run = _run_args(path)
+    taken = h.take_over(agent_main._built_from(path.read_text(), run), dict(env))
+    assert taken is not None and dataclasses.replace(taken, source=run.config) == agent_main.load(run)
