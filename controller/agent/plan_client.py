@@ -85,6 +85,10 @@ class PlanClient:
         # One session (connection pool) per controller URL: a URL's connections can be dropped
         # alone (see _request_one) without cutting a request in flight to another.
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # True (the agent): fetch_plan leaves the cache write to cache_plan(), called after the
+        # plan is applied. An fsync under load took up to ~0.2 s here, before the plan was acted on.
+        self.cache_later = False
+        self._uncached: tuple[Any, int | None] | None = None  # (the answer, the generation a delta is onto)
 
     @property
     def url(self) -> str:
@@ -209,11 +213,24 @@ class PlanClient:
             return None
         self._confirmed = True
         if plan.generation != self._cached_generation:
-            if delta is not None and delta.after == self._cached_generation:
-                self._append_cached(data)
-            else:
-                self.save_cached()
+            self._uncached = (data, delta.after if delta is not None else None)
+            if not self.cache_later:
+                self.cache_plan()
         return plan
+
+    def cache_plan(self) -> None:
+        """Write the plan fetch_plan last returned to the cache, if it is not there yet: a
+        delta onto the cached plan as one appended line, else the whole plan. Blocking (an
+        fsync): the agent runs it in a worker thread once it has applied the plan
+        (``cache_later``), so acting on a plan never waits for the disk."""
+        pending, self._uncached = self._uncached, None
+        if pending is None or self.book.generation == self._cached_generation:
+            return
+        data, after = pending
+        if after is not None and after == self._cached_generation and data is not None:
+            self._append_cached(data)
+        else:
+            self.save_cached()  # (also when more than one answer came since: the plan held now)
 
     def _check(self, check: Callable[[], None]) -> None:
         """Run a check that raises PlanRefused; count and log a refusal (the last good plan stays)."""
