@@ -404,6 +404,43 @@ def config_load_main(count: int, reps: int) -> dict[str, Any]:
     return {"vips": count, "config_load_cpu_s": rows, "load_average": list(os.getloadavg())}
 
 
+def config_handoff_main(count: int, reps: int) -> dict[str, Any]:
+    """CPU seconds of a cold start's config work at ``count`` VIPs, JSON and YAML, ``reps``
+    times alternately: ``launch`` (read, parse, hand over: ``agent.config_handoff``) and the
+    API process (read, take over), against the second parse it did before."""
+    import tempfile
+
+    import yaml
+
+    from controller.agent import config_handoff
+    from controller.config.agent import parse_agent_config
+    from controller.config.reader import read_text
+
+    rows: dict[str, dict[str, list[float]]] = {f: {"launch": [], "run": [], "parse": []} for f in ("json", "yaml")}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = agent_config(count, Path(tmp))
+        files = {"json": Path(tmp) / "agent.json", "yaml": Path(tmp) / "agent.yaml"}
+        files["json"].write_text(json.dumps(config))
+        files["yaml"].write_text(yaml.safe_dump(config, sort_keys=False))
+        (Path(tmp) / "agent-state").mkdir()
+        for _ in range(reps):
+            for form, path in files.items():
+                t0 = time.process_time()
+                text = read_text(str(path))
+                cfg = parse_agent_config(text, source=str(path))
+                env = config_handoff.hand_over(cfg.state_dir, cfg, config_handoff.identity(text, []))
+                t1 = time.process_time()
+                text = read_text(str(path))
+                taken = config_handoff.take_over(config_handoff.identity(text, []), env)
+                t2 = time.process_time()
+                parse_agent_config(read_text(str(path)), source=str(path))  # what the API process did before
+                t3 = time.process_time()
+                assert taken == cfg, "the handoff must give the config the file gives"
+                for key, secs in (("launch", t1 - t0), ("run", t2 - t1), ("parse", t3 - t2)):
+                    rows[form][key].append(round(secs, 3))
+    return {"vips": count, "cpu_s": rows, "load_average": list(os.getloadavg())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.announce_rate")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -420,7 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("config-load", help="the agent rows' config load, as JSON and as YAML: JSON on stdout")
     c.add_argument("--count", type=int, default=10000)
     c.add_argument("--reps", type=int, default=3)
+    o = sub.add_parser("config-handoff", help="a cold start's config work, launch and the API process: JSON on stdout")
+    o.add_argument("--count", type=int, default=10000)
+    o.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.cmd == "config-handoff":
+        print(json.dumps(config_handoff_main(args.count, args.reps)))
+        return 0
     if args.cmd == "config-load":
         print(json.dumps(config_load_main(args.count, args.reps)))
         return 0

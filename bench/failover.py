@@ -277,15 +277,22 @@ class Failover:
 
 def withdraw_time(log_path: Path, offset: int) -> float | None:
     """Unix time at which the agent logged its backend_down withdraw of the VIP after `offset`."""
+    needle = f"withdraw {VIP_PREFIX} (VIP bench), reason backend_down"
+    return next((at for at, line in log_lines(log_path, offset) if needle in line), None)
+
+
+def log_lines(log_path: Path, offset: int) -> list[tuple[float, str]]:
+    """The agent's log lines after byte `offset`, each with the Unix time it was logged at
+    (``asctime``: local time, ms resolution; the record's creation, not its write)."""
     with open(log_path, "rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
+    out = []
     for line in text.splitlines():
-        if f"withdraw {VIP_PREFIX} (VIP bench), reason backend_down" in line:
-            m = _LOG_TIME.match(line)
-            if m:
-                return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
-    return None
+        m = _LOG_TIME.match(line)
+        if m:
+            out.append((time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000, line))
+    return out
 
 
 # --- entry points -----------------------------------------------------------------------------

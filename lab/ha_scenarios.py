@@ -82,6 +82,14 @@ def unchanged(pop: str, history: list[str]) -> bool:
     return len(history) <= 1
 
 
+def reported_since(f: Fleet, t0: float) -> bool:
+    """The leader's status has a report from every POP received after ``t0``."""
+    asked = time.time()
+    status = f.status()
+    return status is not None and all(p["report_age"] is not None and p["report_age"] < asked - t0
+                                      for p in status["pops"])
+
+
 def _kill_leader(f: HaFleet) -> tuple[str, str, float, float]:
     """SIGKILL the leader; once a follower leads: (killed, new leader, when killed, how long
     the new one took to say it leads)."""
@@ -225,8 +233,9 @@ def ha3_leader_partitioned_from_etcd(f: Fleet) -> dict[str, Any]:
         with nft_drop(f, old, rule):
             wait_for(lambda: any(n != old for _, _, ls in leaders.samples() for n in ls), 60, interval=0.05,
                      desc="another controller leads")
-            wait_for(lambda: all(parse(f.agent_metrics(p.name)).value("anycast_controller_reachable") == 1.0
-                                 for p in f.topo.pops), 30, desc="every agent reaches the new leader")
+            # The new leader holds a report from every POP sent after the cut (an agent's
+            # "reachable" metric could still be the old leader's: a long-poll held there).
+            wait_for(lambda: reported_since(f, t0), 60, desc="every agent reports to the new leader")
             until = time.time()
         samples = [s for s in leaders.samples() if s[0] >= t0]
         stats = {c.node: client_stats(f, c.node, t0, until) for c in f.topo.clients}

@@ -121,6 +121,20 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
                 agent.apply_plan(plan)
             except Exception:  # noqa: BLE001 - the task that follows plans never dies silently
                 log.exception("applying plan generation %d failed; keeping the last plan", plan.generation)
+            await _cache_plan(port)
+
+
+async def _cache_plan(port: ControllerPort) -> None:
+    """The port's cache write for the plan just applied (``PlanClient.cache_plan``: an fsync),
+    in a worker thread: neither acting on the plan nor the event loop (checks, reports) waits
+    for the disk. Before the next fetch, so the cache is written in the order of the plans."""
+    cache: Callable[[], None] | None = getattr(port, "cache_plan", None)
+    if cache is None:
+        return
+    try:
+        await asyncio.to_thread(cache)
+    except Exception:  # noqa: BLE001 - a cache is a convenience for the next start, never fatal
+        log.exception("caching the plan failed; the next start fetches it from the controller")
 
 
 async def report_health(agent: Agent, port: ControllerPort, interval: float,

@@ -176,6 +176,8 @@ class Agent:
         # pyroute2 calls run in a worker thread; a stop may start its kernel cleanup while a
         # cancelled pass's thread still runs: one at a time.
         self._kernel_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # the state file's writes (_save_state_file)
+        self._state_seq = self._state_written = 0
         self._ready = False
         self._liveness: ExaBGPLiveness | None = None  # with systemd's watchdog only
         self.metrics = metrics(self.snapshot)
@@ -585,11 +587,26 @@ class Agent:
         self._ack_lines.flush()
         if changed:
             try:
-                state_file.save(self.config.state_dir, self.announced)
+                await self._save_state_file(self.config.state_dir, self.announced)
             except OSError as exc:
                 ok = False
                 log.error("cannot write the state file in %s: %s", self.config.state_dir, exc)
         return ok
+
+    async def _save_state_file(self, state_dir: str, announced: dict[IPNetwork, Attributes]) -> None:
+        """state_file.save in a worker thread: its fsync (up to ~0.2 s on a busy disk) held the
+        event loop, and with it the checks, the reports and the next plan. One write at a
+        time; a write that a cancelled pass left running never replaces a newer one."""
+        self._state_seq += 1
+        seq = self._state_seq
+
+        def write() -> None:
+            with self._state_lock:
+                if seq > self._state_written:
+                    state_file.save(state_dir, announced)
+                    self._state_written = seq
+
+        await asyncio.to_thread(write)
 
     async def _kernel_step(self, decisions: list[Decision], before: bool) -> bool:
         if self.kernel is None or not self.config.kernel.enabled:

@@ -82,7 +82,13 @@ class PlanClient:
         self._timeout = timeout
         self._tls = tls  # None: aiohttp's defaults (the system trust store for https://)
         self._plan_keys = plan_keys  # None: plans are not signed; else each answer must be, by one of them
-        self._session: aiohttp.ClientSession | None = None
+        # One session (connection pool) per controller URL: a URL's connections can be dropped
+        # alone (see _request_one) without cutting a request in flight to another.
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # True (the agent): fetch_plan leaves the cache write to cache_plan(), called after the
+        # plan is applied. An fsync under load took up to ~0.2 s here, before the plan was acted on.
+        self.cache_later = False
+        self._uncached: tuple[Any, int | None] | None = None  # (the answer, the generation a delta is onto)
 
     @property
     def url(self) -> str:
@@ -106,15 +112,16 @@ class PlanClient:
         return cls(urls, pop, token, state_dir, allowed, timeout=timeout, tls=client_context(https, tls),
                    plan_keys=load_plan_keys(plan_keys) if plan_keys else None)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _client(self, url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(url)
+        if session is None or session.closed:
             connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
-            self._session = aiohttp.ClientSession(headers=self._headers, connector=connector)
-        return self._session
+            session = self._sessions[url] = aiohttp.ClientSession(headers=self._headers, connector=connector)
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     async def _request(self, method: str, path: str, timeout: float, body: Any = None,
                        accept: tuple[int, ...] = (200,), signed: bool = False) -> tuple[int, Any]:
@@ -143,8 +150,9 @@ class PlanClient:
                            accept: tuple[int, ...], signed: bool) -> tuple[int, Any]:
         where = f"{method} {url}{path}" if len(self.urls) > 1 else f"{method} {path}"
         try:
-            async with self._client().request(method, url + path, json=body,
-                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            session = self._client(url)
+            async with session.request(method, url + path, json=body,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 raw = await r.read()
                 if signed and r.status == 200 and self._plan_keys is not None:
                     self._check(lambda: check_signature(self._plan_keys or {}, r.headers.get(SIGNATURE_HEADER), raw))
@@ -157,6 +165,12 @@ class PlanClient:
                     except (ValueError, AttributeError):
                         detail = text[:200]
                     if r.status >= 500:
+                        # The URL's kept-alive connections go: one answered "not the leader" may
+                        # belong to an instance that no longer listens (an HA controller between
+                        # roles); new ones reach whatever listens on the port now.
+                        if self._sessions.get(url) is session:
+                            del self._sessions[url]
+                        await session.close()  # (a request in flight on it goes to the next URL)
                         raise _TryAnother(f"{where}: HTTP {r.status}: {detail}", leader)
                     raise ControllerUnavailable(f"{where}: HTTP {r.status}: {detail}")
                 return r.status, json.loads(text)
@@ -199,11 +213,24 @@ class PlanClient:
             return None
         self._confirmed = True
         if plan.generation != self._cached_generation:
-            if delta is not None and delta.after == self._cached_generation:
-                self._append_cached(data)
-            else:
-                self.save_cached()
+            self._uncached = (data, delta.after if delta is not None else None)
+            if not self.cache_later:
+                self.cache_plan()
         return plan
+
+    def cache_plan(self) -> None:
+        """Write the plan fetch_plan last returned to the cache, if it is not there yet: a
+        delta onto the cached plan as one appended line, else the whole plan. Blocking (an
+        fsync): the agent runs it in a worker thread once it has applied the plan
+        (``cache_later``), so acting on a plan never waits for the disk."""
+        pending, self._uncached = self._uncached, None
+        if pending is None or self.book.generation == self._cached_generation:
+            return
+        data, after = pending
+        if after is not None and after == self._cached_generation and data is not None:
+            self._append_cached(data)
+        else:
+            self.save_cached()  # (also when more than one answer came since: the plan held now)
 
     def _check(self, check: Callable[[], None]) -> None:
         """Run a check that raises PlanRefused; count and log a refusal (the last good plan stays)."""

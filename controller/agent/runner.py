@@ -48,6 +48,7 @@ async def run_agent(config: AgentConfig, load_config: Callable[[], AgentConfig],
         link = config.controller
         client = PlanClient.from_token_file(link.urls or (link.url,), config.pop, link.token_file, config.state_dir,
                                             config.allowed_prefixes, link.timeout, link.tls, link.plan_keys)
+        client.cache_later = True  # (follow_plans caches each plan after applying it, off the event loop)
         for url in insecure_urls(link):  # at every start; anycast_agent_controller_insecure_http says it too
                 log.warning("INSECURE: controller.insecure_plain_http is set: %s is plain HTTP, the POP's token "
                             "and plans cross the network in clear; use https:// (README, Security)", url)

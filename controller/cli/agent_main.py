@@ -23,10 +23,12 @@ import time
 from collections.abc import Sequence
 
 from .. import logs
+from ..agent import config_handoff
 from ..bgp.exabgp_config import NeighborSpec, exabgp_environment, render_exabgp_config
-from ..config.agent import load_agent_config
+from ..config.agent import parse_agent_config
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig
+from ..config.reader import read_text
 from .conventions import add_log_level, new_parser
 
 log = logging.getLogger("controller.agent")
@@ -70,8 +72,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def load(args: argparse.Namespace) -> AgentConfig:
-    config = load_agent_config(args.config)
+def load(args: argparse.Namespace, text: str | None = None) -> AgentConfig:
+    """The config file (``text``: as just read) with the command line's overrides."""
+    config = parse_agent_config(read_text(args.config) if text is None else text, source=args.config)
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=args.state_dir)
     if args.metrics_listen:
@@ -100,7 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup("anycast-agent", args.log_level)
     try:
-        config = load(args)
+        text = read_text(args.config)
+        # ExaBGP's API process takes over the config launch loaded (config_handoff), if it
+        # was built from this very text: a cold start parses it once, not twice.
+        handed = config_handoff.take_over(_built_from(text, args), os.environ) if args.command == "run" else None
+        config = dataclasses.replace(handed, source=args.config) if handed is not None else load(args, text)
+        if handed is not None:
+            log.info("config %s: taken over from launch, not parsed again", args.config)
     except ConfigError as exc:
         print(exc.summary(), file=sys.stderr)
         return 2
@@ -113,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         return 0
     if args.command == "launch":
-        return _launch(config, args)
+        return _launch(config, args, text)
     if args.command == "stop":
         return _stop(config, args.timeout)
     from ..agent.runner import run_agent  # imported late: the other commands need no asyncio/pyroute2
@@ -172,7 +181,11 @@ def _stop(config: AgentConfig, timeout: float) -> int:
     return 0
 
 
-def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
+def _built_from(text: str, args: argparse.Namespace) -> bytes:
+    return config_handoff.identity(text, _overrides(args))
+
+
+def _launch(config: AgentConfig, args: argparse.Namespace, text: str) -> int:
     if config.kernel.enabled:
         from ..kernel.claim import RouteProtocolInUse, claim_route_protocol
 
@@ -194,6 +207,7 @@ def _launch(config: AgentConfig, args: argparse.Namespace) -> int:
         f.write(exabgp_config_text(config, args))
     env = dict(os.environ)
     env.update(exabgp_environment(args.exabgp_log))
+    env.update(config_handoff.hand_over(config.state_dir, config, _built_from(text, args)))
     log.info("starting ExaBGP with %s", out)
     os.execve(args.exabgp, [args.exabgp, "server", out], env)
     return 1  # not reached

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 import yaml
@@ -34,10 +34,30 @@ _MISSING = object()
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently)."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A node YAML resolves but Python cannot build (a date 2026-13-01, an integer of more
+        # than 4,300 digits; a tag: ``!!float x``, ``!!bool x``, ``!!set [1]``) raised
+        # ValueError, KeyError, TypeError...: a traceback from the validator and a dead daemon
+        # on reload, where a bad config must be refused.
+        try:
+            return yaml.constructor.BaseConstructor.construct_object(self, node, deep=deep)  # (borrowed, as below)
+        except (yaml.YAMLError, RecursionError, MemoryError):
+            raise  # (worded by parse_yaml_only and load_desired)
+        except Exception as exc:  # noqa: BLE001 - whatever PyYAML's constructors raise
+            what = repr(node.value[:40]) if isinstance(node.value, str) else "this node"
+            detail = f": {str(exc)[:200]}" if isinstance(exc, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what} as {node.tag}{detail}", node.start_mark) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # (``!!set [1]``: PyYAML's own error, not a TypeError here)
+            return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep=deep)
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # (``? [a]``: a TypeError below, not YAML's own error)
+                raise yaml.constructor.ConstructorError(None, None, "a list or mapping as a key",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None,
@@ -54,6 +74,7 @@ if yaml.__with_libyaml__:
         """The same with libyaml's parser: a 10,000-VIP desired state loads several times faster."""
 
         construct_mapping = _UniqueKeyLoader.construct_mapping
+        construct_object = _UniqueKeyLoader.construct_object
 
 
 # Bounds on what one config file may be. A desired state of 100,000 VIPs in one file is
@@ -358,6 +379,9 @@ class Node:
 
     def as_float(self, lo: float | None = None, hi: float | None = None) -> float | None:
         v = self.value
+        if isinstance(v, int) and not isinstance(v, bool) and not _finite(v):
+            self.error(f"too large: a number of {len(str(abs(v)))} digits")
+            return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             self.error(f"expected a number, got {_kind(v)}")
             return None
@@ -433,6 +457,15 @@ def ip_address(text: str) -> IPAddress:
     thousands of VIPs, and parsing is most of a VIP's typed build. Addresses are immutable,
     so sharing one is safe; a ValueError is raised again each time (not cached)."""
     return ipaddress.ip_address(text)
+
+
+def _finite(v: int) -> bool:
+    """Whether a float can hold ``v``: an integer past 1.8e308 (``1`` and 400 zeros) raised
+    OverflowError from math.isfinite, a traceback instead of the path's error."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _kind(v: Any) -> str:

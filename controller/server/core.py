@@ -477,9 +477,11 @@ class Controller:
             return None
         loop = asyncio.get_running_loop()
         # A report with check ages (a failure starting or confirmed here, evidence asked of
-        # it) is what a POP's withdrawal is waiting for: planned in the next turn of the
-        # loop (reports already received share that pass), not after the batching delay.
-        urgent = bool(report.checks)
+        # it) is what a POP's withdrawal is waiting for, and one whose verdicts changed (an
+        # origin back, a standby's health) is what a plan waits for: planned in the next turn
+        # of the loop (reports already received share that pass), not after the batching
+        # delay nor while others are received. (A POP's first report is no change: a burst.)
+        urgent = bool(report.checks) or (previous is not None and previous.origins is not report.origins)
         if self._pending is None:
             self._pending = loop.create_future()
             self._pending_since, self._pending_urgent = loop.time(), urgent
@@ -923,6 +925,11 @@ class Controller:
 
     async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
         await self.plans.wait_for_change(pop, after, wait)
+
+    def release_waiters(self) -> None:
+        """Stopping: every long-poll answers now (an HA term that ended answers 503 and the
+        leader's URL, so its agents move to the new leader at once)."""
+        self.plans.release_waiters()
 
     def alarms(self) -> tuple[Alarm, ...]:
         return self.result.alarms if self.result else ()

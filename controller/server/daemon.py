@@ -127,7 +127,14 @@ class Watcher:
             # its commit). Not read again: the walk of 10,000 cached VIPs was ~0.1 s.
             desired = dataclasses.replace(self._loaded[1], revision=rev)
         else:
-            desired = load_desired(self.directory, rev, self.cache)
+            try:
+                desired = load_desired(self.directory, rev, self.cache)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a loader bug refuses the revision, never ends the controller
+                log.exception("loading config revision %s failed unexpectedly", rev)
+                raise ConfigError(self.directory, [ConfigIssue(
+                    "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")]) from exc
             if self.state_dir:
                 desired = dataclasses.replace(desired, state_dir=self.state_dir)
         self._loaded = (fp, desired)
@@ -359,15 +366,18 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if ctl.base.revision == desired.revision:
         watcher.keep_last_good(state_dir, ctl.persistence_failed)
     app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    ended = False  # this term is over: its app answers nothing any more (see leader_only)
     if gate is not None:
         @web.middleware
         async def leader_only(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Checked again after the handler: a long-poll woken after leadership was lost
-            # must not hand out a plan.
-            if not gate.acting():
+            # must not hand out a plan. ``ended``: a connection accepted by this term (its TLS
+            # handshake finished after the term's cleanup, or kept alive past it) must not be
+            # served from this term's plans if the same process leads again in a new term.
+            if ended or not gate.acting():
                 return gate.not_leader()
             response = await handler(request)
-            return response if gate.acting() else gate.not_leader()
+            return response if gate.acting() and not ended else gate.not_leader()
 
         app.middlewares.append(leader_only)
 
@@ -477,7 +487,9 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 w.cancel()
     finally:
         watching.cancel()
+        ended = True
         server.close()
+        ctl.release_waiters()  # else cleanup() waits for every long-poll to time out
         await runner.cleanup()
         watcher.close()
         ctl.close()

@@ -172,9 +172,9 @@ class Etcd:
         kvs = answer.get("kvs", [])
         return _kv(kvs[0]) if kvs else None
 
-    def get_prefix(self, name: str, op: str = "read") -> list[KV]:
+    def get_prefix(self, name: str, op: str = "read", keys_only: bool = False) -> list[KV]:
         key = self.key(name)
-        answer = self.call("kv/range", {"key": _b64(key), "range_end": _range_end(key)}, op)
+        answer = self.call("kv/range", {"key": _b64(key), "range_end": _range_end(key), "keys_only": keys_only}, op)
         return [_kv(d) for d in answer.get("kvs", [])]
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]], op: str,
@@ -234,10 +234,13 @@ def _why(exc: BaseException) -> str:
 def check_layout(etcd: Etcd) -> None:
     """Raise IncompatibleLayout if the prefix holds keys of another layout version (or keys
     but no layout: not ours). EtcdUnavailable if etcd cannot be read."""
-    doc = etcd.get("layout", "load")
+    # The keys in one range read (one etcd revision): a layout and its first state are written
+    # in one transaction, so reading "layout" and then the rest could see the state another
+    # controller wrote meanwhile without its layout, and refuse a prefix that is ours.
+    keys = [kv.key for kv in etcd.get_prefix("", "load", keys_only=True)]
+    doc = etcd.get("layout", "load") if etcd.key("layout") in keys else None  # once written, never removed
     if doc is None:
-        others = [kv.key for kv in etcd.get_prefix("", "load") if not kv.key.startswith(
-            (etcd.key("members/"), etcd.key("leader")))]
+        others = [k for k in keys if not k.startswith((etcd.key("members/"), etcd.key("leader")))]
         if others:
             raise IncompatibleLayout(f"etcd {etcd.endpoints[0]}: keys under {etcd.prefix} but no "
                                      f"{etcd.key('layout')} ({others[0]}, ...): not written by anycast-controller; "

@@ -48,8 +48,13 @@ class Shell:
     def not_leader(self) -> web.Response:
         leader = self.leadership.leader
         where = f"the leader is {leader.name} at {leader.url}" if leader else "no leader is known right now"
-        return web.json_response({"error": f"{self.leadership.name} is not the leader: {where}", "field": "leader",
-                                  "leader": leader.url if leader else None}, status=503)
+        response = web.json_response({"error": f"{self.leadership.name} is not the leader: {where}",
+                                      "field": "leader", "leader": leader.url if leader else None}, status=503)
+        # The connection closes after this answer: a kept-alive connection would stay with the
+        # app that answered (a follower's, or a term that ended), not with whatever listens
+        # on the port next, and an agent retrying on it would be told "not the leader" forever.
+        response.force_close()
+        return response
 
     def status(self) -> dict[str, Any]:
         return self.leadership.status()

@@ -107,6 +107,7 @@ class PlanStore:
         self._specs: dict[str, _Spec] = {}  # VIP name -> its current spec's JSON
         self._texts: dict[str, str] = {}  # spec hash -> canonical JSON, for every hash an entry names
         self._changed: dict[str, asyncio.Event] = {}
+        self._released = False  # the controller is stopping: no long-poll waits any more
         self._shared: dict[str, tuple[Entry, ...]] = {}  # VIP name -> its recent entries (see _entry)
 
     # --- planning side -----------------------------------------------------------------
@@ -309,12 +310,20 @@ class PlanStore:
     async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
         """Return when the POP's plan generation differs from ``after``, or after ``wait`` s."""
         pp = self.pops.get(pop)
-        if pp is None or after is None or pp.generation != after or wait <= 0:
+        if pp is None or after is None or pp.generation != after or wait <= 0 or self._released:
             return
         try:
             await asyncio.wait_for(self._event(pop).wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def release_waiters(self) -> None:
+        """Wake every long-poll now and let none wait from here on: the controller is
+        stopping (a SIGTERM, or an HA leader's term ending), and an agent held in a long-poll
+        until it times out (up to 30 s) would follow nobody meanwhile."""
+        self._released = True
+        for event in self._changed.values():
+            event.set()
 
     def _event(self, pop: str) -> asyncio.Event:
         return self._changed.setdefault(pop, asyncio.Event())

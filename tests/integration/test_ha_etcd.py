@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from controller.config.desired import load_desired
 from controller.config.desired_model import HaSettings, StoreKind
 from controller.policy.model import VipMemory
 from controller.server import store
-from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, margin
+from controller.server.etcd import Etcd, EtcdStore, EtcdUnavailable, Fenced, Leadership, check_layout, margin
 from lab.etcd import EtcdMember, etcd_cluster, free_ports, make_tls
 from lab.poll import wait_for
 from tests.helpers.controller_process import client_ssl, session_ca, tls_on
@@ -290,6 +291,56 @@ def test_failover_keeps_the_drain_and_agents_follow_the_new_leader(tmp_path: Pat
     asyncio.run(scenario())
 
 
+def _exchange(tls: ssl.SSLSocket, path: str, token: str) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on ``tls`` (kept alive): (status, the raw head), or (0, b"") if the
+    server had closed the connection."""
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return 0, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split()[1]), head
+
+
+def test_a_connection_accepted_by_a_follower_that_then_leads_is_not_kept_on_the_follower(
+        tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
+    """A connection accepted while a controller was a follower, whose TLS handshake ends after
+    the follower's API made way for the leader's, is served by the follower's app (aiohttp
+    closes a site's listener and its established connections, not one mid-handshake). Kept
+    alive, it told an agent "not the leader" for minutes while the same process led (a lab
+    run of ha3). The follower's refusal closes it: the agent's next request reaches the
+    leader."""
+    config = desired_dir(tmp_path, [etcd.client_url])
+    ctls += [Ctl(tmp_path, n, config).start() for n in ("c1", "c2")]
+    leader = wait_for(lambda: next((c for c in ctls if c.role() == "leader"), None), HANG_GUARD, desc="a leader")
+    follower = next(c for c in ctls if c is not leader)
+    raw = socket.create_connection(("127.0.0.1", follower.port), timeout=HANG_GUARD)  # accepted, no handshake yet
+    try:
+        leader.kill()
+        wait_for(lambda: follower.role() == "leader", HANG_GUARD, desc="the follower leads")
+        with client_ssl().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            answers = [_exchange(tls, "/v1/plans/fra", TOKENS["fra"]) for _ in range(2)]
+    finally:
+        raw.close()
+    # Whatever app took the connection: never "not the leader" twice on it.
+    assert answers[0][0] in (200, 503), answers
+    if answers[0][0] == 503:
+        assert b"connection: close" in answers[0][1].lower(), answers[0][1]
+        assert answers[1][0] == 0, f"the connection answered 503 was kept: {answers[1]}"
+    code, body = follower.request("GET", "/v1/plans/fra", token=TOKENS["fra"])  # a new connection
+    assert code == 200 and body["pop"] == "fra"
+
+
 def served_serial(c: Ctl) -> int:
     """The serial number of the certificate a new connection to ``c`` is shown."""
     with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
@@ -463,6 +514,28 @@ def test_an_incompatible_layout_is_refused_and_left_alone(tmp_path: Path, etcd: 
     assert run.returncode == 1
     assert "/anycast/layout says layout 99" in run.stderr and etcd.client_url in run.stderr
     assert e.get_prefix("") == before
+
+
+def test_a_controller_starting_while_another_writes_its_first_state_is_not_refused(etcd: EtcdMember) -> None:
+    """Three controllers start at once on an empty prefix: the winner writes the layout and
+    its first state in one transaction while another checks the layout (the lab saw a
+    controller exit "keys under /anycast/ but no /anycast/layout"). The check reads the
+    prefix once, so the first write lands wholly before or after it, never between."""
+    class Racing(Etcd):
+        raced = False
+
+        def call(self, path: str, body: Any, op: str) -> dict[str, Any]:
+            answer = super().call(path, body, op)
+            if path == "kv/range" and not self.raced:  # the winner's first state, right after our first read
+                self.raced = True
+                Etcd.txn(self, [], [self.put("layout", json.dumps({"layout": 1})), self.put("state/seq", "1")],
+                         "test")
+            return answer
+
+    racing = Racing(settings(etcd.client_url))
+    check_layout(racing)
+    assert racing.raced
+    check_layout(Etcd(settings(etcd.client_url)))  # and at the next start, with the state there
 
 
 def test_tls_to_etcd_with_client_certificates(tmp_path: Path) -> None:

@@ -34,6 +34,36 @@ async def follower(port: int, leader: str | None) -> web.AppRunner:
     return runner
 
 
+def test_an_answer_of_not_the_leader_is_never_asked_again_on_the_same_connection(tmp_path: Path) -> None:
+    """A connection answered 503 may belong to an instance that no longer listens (an HA
+    controller between roles: a lab run saw an agent kept on a retired follower's app,
+    told "not the leader" for minutes while the same process led): the next request opens
+    a new connection, even when the server offered to keep this one."""
+    (port,) = free_ports(1)
+    peers: list[object] = []
+
+    async def scenario() -> None:
+        async def not_leader(request: web.Request) -> web.Response:
+            peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+            return web.json_response({"error": "c2 is not the leader", "field": "leader", "leader": None}, status=503)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", not_leader)
+        runner = web.AppRunner(app)  # keep-alive on: the server would keep the connection
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = PlanClient(f"http://127.0.0.1:{port}", "sjc", TOKEN, str(tmp_path / "agent"), (), timeout=2)
+        try:
+            for _ in range(2):
+                with pytest.raises(ControllerUnavailable):
+                    await client.fetch_plan(-1, 0)
+        finally:
+            await client.close()
+            await runner.cleanup()
+    check(scenario)
+    assert len(peers) == 2 and None not in peers
+    assert peers[0] != peers[1], "the second request went over the connection answered 503"
+
+
 def test_a_follower_naming_the_leader_sends_the_agent_there(tmp_path: Path) -> None:
     desired = dataclasses.replace(load_desired(str(EXAMPLE), "r1"), state_dir=str(tmp_path / "ctl"))
     ctl = Controller(desired, clock=lambda: 1000.0)

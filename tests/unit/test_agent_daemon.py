@@ -1160,3 +1160,68 @@ def test_the_resilient_group_fallback_is_exported_with_its_reason(tmp_path: Path
     kernel.split_fallback = SplitFallback.INVALID  # what the adapter sets on EINVAL
     assert [registry.get_sample_value("anycast_kernel_split_fallback", {"reason": r}) for r in reasons] == [0, 1, 0]
     assert agent.snapshot().kernel_split_fallback is SplitFallback.INVALID
+
+
+class CachingPort(FakePort):
+    """A port with a plan cache (PlanClient's cache_plan): records, at each write, the thread
+    it ran in and the plan the agent was acting on by then."""
+
+    def __init__(self, answers: list, agent: Agent) -> None:
+        super().__init__(answers)
+        self.agent = agent
+        self.writes: list[tuple[bool, int]] = []
+
+    def cache_plan(self) -> None:
+        import threading
+
+        self.writes.append((threading.current_thread() is threading.main_thread(), self.agent.plan.generation))
+
+
+def test_a_plan_is_applied_before_it_is_cached_and_the_cache_is_written_off_the_event_loop(tmp_path: Path) -> None:
+    """The cache's fsync (a busy disk: up to ~0.2 s) no longer stands between the controller's
+    answer and the agent acting on it, nor holds the loop: each plan is applied, then cached
+    in a worker thread, in order, before the next fetch."""
+    async def scenario() -> None:
+        agent, _, _, _ = make_agent(controller_config(tmp_path))
+        port = CachingPort([controller_plan(1), controller_plan(2, drain=True)], agent)
+        task = asyncio.create_task(follow_plans(agent, port, 30))
+        await asyncio.wait_for(_until(lambda: len(port.writes) == 2), 60)
+        task.cancel()
+        assert port.writes == [(False, 1), (False, 2)]  # worker threads; each after its plan was applied
+        assert agent.plan.vips["game-global"].drain  # the plan is kept
+        assert port.afters == [-1, 1, 2]
+
+    run(scenario())
+
+
+def test_the_state_file_is_written_off_the_event_loop_and_never_rolled_back(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pass that changed what ExaBGP holds writes the state file in a worker thread; two
+    writes never overlap, and an older one that comes late (a cancelled pass's) is dropped."""
+    import threading
+
+    written: list[tuple[bool, int]] = []
+    real = state_file.save
+
+    def save(state_dir: str, announced: dict) -> None:
+        written.append((threading.current_thread() is threading.main_thread(), len(announced)))
+        real(state_dir, announced)
+
+    monkeypatch.setattr(state_file, "save", save)
+
+    async def scenario() -> None:
+        agent, bgp, _, _ = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(1))
+        feed(agent, "us-west", True, 2)
+        assert await agent.reconcile_once()
+        assert bgp.lines == [ANNOUNCE_UP] and written == [(False, 1)]
+        assert state_file.load(agent.config.state_dir) == agent.announced != {}  # what ExaBGP holds is kept
+        # A write queued behind a newer one that finished first: skipped, the newer stays.
+        agent._state_seq = agent._state_written = 7
+        stale = agent._save_state_file(agent.config.state_dir, {})
+        agent._state_seq = 6  # (as if this write had been numbered before the one on disk)
+        agent._state_written = 8
+        await stale
+        assert state_file.load(agent.config.state_dir) == agent.announced and written == [(False, 1)]
+
+    run(scenario())

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from controller.cli.anycastctl import main as anycastctl
-from controller.config.agent import load_agent_config
+from controller.config.agent import load_agent_config, parse_agent_config
 from controller.config.desired import load_desired
 from controller.config.errors import ConfigError
 from controller.config.reader import MAX_DEPTH, MAX_FILE_BYTES, nesting_depth, parse_yaml
@@ -171,3 +171,45 @@ def test_the_agent_config_refuses_a_device_and_a_fifo(tmp_path: Path) -> None:
             bounded(lambda: load_agent_config(path))
         assert info.value.source == path and says in str(info.value)
     assert load_agent_config(str(AGENT)).pop == "sjc"  # a regular file still loads
+
+
+@pytest.mark.parametrize("text, line, says", [
+    ("vips:\n  - name: x\n    since: 2026-13-01\n", 3, "month must be in 1..12"),  # a date YAML resolves
+    ("vips:\n  - name: x\n    med: 1" + "0" * 5000 + "\n", 3, "4300 digits"),  # past Python's int digits
+    ('{"vips": [{"name": "x", "med": 1' + "0" * 5000 + "}]}", 1, "4300 digits"),  # the same as JSON
+    ("vips:\n  - name: x\n    med: !!float many\n", 3, "could not convert"),
+    ("vips:\n  - ? [a, b]\n    : 1\n", 2, "a list or mapping as a key"),
+    ('{"vips": [{[a]: 1}]}', 1, "a list or mapping as a key"),
+    ("vips:\n  - name: x\n    enabled: !!bool maybe\n", 3, "cannot read 'maybe' as tag:yaml.org,2002:bool"),
+    ("vips:\n  - name: x\n    publish: !!set [sjc]\n", 3, "expected a mapping node, but found sequence"),
+    ("vips:\n  - name: x\n    med: !!int\n", 3, "cannot read '' as tag:yaml.org,2002:int"),
+], ids=["bad-date", "huge-int", "huge-int-json", "bad-float-tag", "list-key", "list-key-flow", "bad-bool-tag",
+        "set-tag-on-a-list", "empty-int-tag"])
+def test_a_scalar_python_cannot_build_is_a_config_error_with_its_line(tmp_path: Path, text: str, line: int,
+                                                                     says: str) -> None:
+    """Not a ValueError, KeyError, TypeError or IndexError: the controller's reload loop and
+    the agent's reload catch ConfigError (a bad revision is refused, the last good one kept); anything else
+    ended the daemon."""
+    d = copy(tmp_path)
+    (d / "vips" / "odd.yaml").write_text(text)
+    errs = refusal(d)
+    assert len(errs) == 1 and errs[0].startswith(f"vips/odd.yaml: line {line}, ") and says in errs[0]
+    with pytest.raises(ConfigError, match=says):
+        parse_yaml(text, "t")
+
+
+def test_an_integer_past_what_a_float_holds_is_an_error_at_its_path(tmp_path: Path) -> None:
+    """``1`` and 400 zeros where a number of seconds (a float) is read: math.isfinite raised
+    OverflowError, which no loader caller catches (the same reload death as above)."""
+    huge = "1" + "0" * 400
+    agent = AGENT.read_text()
+    assert "\n  interval: 1.0\n" in agent
+    with pytest.raises(ConfigError) as info:
+        parse_agent_config(agent.replace("\n  interval: 1.0\n", f"\n  interval: {huge}\n", 1), "agent.yaml")
+    assert [(i.path, i.message) for i in info.value.issues] == [("check_defaults.interval",
+                                                                 "too large: a number of 401 digits")]
+    d = copy(tmp_path)
+    text = (d / "controller.yaml").read_text()
+    assert "quorum: 0.5 " in text
+    (d / "controller.yaml").write_text(text.replace("quorum: 0.5 ", f"quorum: {huge} ", 1))
+    assert refusal(d) == ["controller.yaml: policy.failover.quorum: too large: a number of 401 digits"]

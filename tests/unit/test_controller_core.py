@@ -218,8 +218,9 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
     """A burst (every POP reporting at once) is planned in one pass: the pass of the reports
     already stored waits while another is being received (``receiving()``, as the API's
     handler does). Bounded: past REPORT_HOLD it runs without it; an urgent report (check
-    ages: a withdrawal waiting) waits for nothing. Asserted on what a pass planned, with the
-    bound set far above or at zero, so no assertion depends on timing."""
+    ages: a withdrawal waiting; verdicts that changed since the POP's last report) waits for
+    nothing. Asserted on what a pass planned, with the bound set far above or at zero, so no
+    assertion depends on timing."""
     import asyncio
 
     import pytest
@@ -228,12 +229,14 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
 
-    def burst(name: str, hold: float, urgent: bool) -> tuple[str, bool]:
+    def burst(name: str, hold: float, sjc_report: str) -> tuple[str, bool]:
         """sjc's report stored while fra's is being received (its us-west down): what sjc's
-        pass planned (sjc's reason; whether fra was still healthy, its report not in it)."""
+        pass planned (sjc's reason; whether fra was still healthy, its report not in it).
+        ``sjc_report``: "first" (sjc never reported before: a burst after a restart),
+        "changed" (its verdicts differ from its last report's), "checks" (with check ages)."""
         now = [10.0]
         ctl = controller(tmp_path / name, now)
-        for pop in ("sjc", "fra", "sin"):
+        for pop in ("fra", "sin") if sjc_report == "first" else ("sjc", "fra", "sin"):
             ctl.add_report(report(pop, True, now[0]))
         now[0] = 11.0
         monkeypatch.setattr(core, "REPORT_HOLD", hold)
@@ -256,7 +259,7 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
             await ready.wait()
             sjc = dataclasses.replace(report("sjc", True, now[0]),  # (new verdicts: a pass to plan them)
                                       origins={"game-global": {"us-west": True, "eu-central": None}})
-            if urgent:
+            if sjc_report == "checks":
                 sjc = dataclasses.replace(sjc, checks=PopReport.checks_at({"game-global": {"us-west": (0.1, None)}},
                                                                           now[0]))
             pending = ctl.accept_report(sjc)
@@ -278,6 +281,7 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
         finally:
             ctl.close()
 
-    assert burst("held", 3600.0, urgent=False) == ("healthy", False)  # one pass, fra's report in it
-    assert burst("urgent", 3600.0, urgent=True) == ("healthy", True)  # sjc's pass did not wait for fra
-    assert burst("bound", 0.0, urgent=False) == ("healthy", True)  # past the bound: not waited for
+    assert burst("held", 3600.0, "first") == ("healthy", False)  # one pass, fra's report in it
+    assert burst("urgent", 3600.0, "checks") == ("healthy", True)  # sjc's pass did not wait for fra
+    assert burst("changed", 3600.0, "changed") == ("healthy", True)  # a verdict changed: no wait either
+    assert burst("bound", 0.0, "first") == ("healthy", True)  # past the bound: not waited for

@@ -88,3 +88,28 @@ def test_a_new_revision_of_the_same_files_is_not_read_again_and_an_edit_is(
         assert edited.vip("api-eu").publish == ("fra",)  # type: ignore[union-attr]
     finally:
         watcher.close()
+
+
+def test_a_loader_bug_refuses_the_revision_as_a_config_error_and_the_next_one_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload loops (the daemon's, a follower's SIGHUP, anycastctl) refuse a ConfigError and
+    keep what they serve; anything else escaping the loader ended the controller (h/review
+    found several inputs that did). The Watcher turns it into a ConfigError naming the error."""
+    from controller.config.errors import ConfigError
+    from controller.server import daemon
+
+    config = copy(tmp_path)
+    monkeypatch.setattr(daemon, "git_dir", lambda d: None)
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: "sha256:test")
+    watcher = daemon.Watcher(str(config))
+    real = daemon.load_desired
+
+    def broken(*args: object, **kw: object) -> object:
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(daemon, "load_desired", broken)
+    with pytest.raises(ConfigError) as exc:
+        watcher.load()
+    assert "OverflowError: int too large to convert to float" in exc.value.summary()
+    monkeypatch.setattr(daemon, "load_desired", real)
+    assert watcher.load().vips  # the loader fixed: the same checkout loads

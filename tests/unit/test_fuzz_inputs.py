@@ -131,6 +131,16 @@ def test_plan_decoding_refuses_with_a_field_and_never_raises_anything_else() -> 
         _check_plan(json.loads(json.dumps(case, allow_nan=True)))  # as it would arrive
 
 
+def test_a_plan_spec_with_an_integer_past_a_float_is_refused_with_its_field() -> None:
+    """A spec's seconds as ``1`` and 400 zeros (JSON allows it): math.isfinite raised
+    OverflowError in the agent's plan decoding, which its plan fetch does not catch."""
+    plan = _plan()
+    plan["vips"][0]["spec"]["check"]["interval"] = 10 ** 400
+    with pytest.raises(WireError) as info:
+        PlanBook("sjc", DESIRED.allowed_prefixes).apply(decode_plan_answer(json.loads(json.dumps(plan)), "sjc"))
+    assert str(info.value).startswith("vips[0].spec.check.interval") and "too large" in str(info.value)
+
+
 def test_report_decoding_refuses_with_a_field_and_never_raises_anything_else() -> None:
     published = {v.name: [o.region for o in v.vip.origins] for v in DESIRED.published_at("sjc")}
     report = {"plan_generation": 7, "seq": 3, "origins": {n: {r: True for r in rs} for n, rs in published.items()},

@@ -574,3 +574,43 @@ def test_an_empty_report_delta_keeps_the_last_verdicts_themselves_unless_a_vip_l
     fewer = {"game-global": frozenset({"us-west"})}
     got = apply_report_delta(origins, announced, empty, fewer)
     assert got == ({"game-global": {"us-west": True}}, {"game-global": True})
+
+
+def test_with_cache_later_a_plan_is_cached_by_cache_plan_only_and_a_restart_finds_the_latest(tmp_path: Path) -> None:
+    """The agent's client (``cache_later``): fetch_plan writes nothing, cache_plan writes what
+    it returned (a delta as one line, as before). Until then a restart finds the plan before:
+    the last one written, whole, never a mix."""
+    import asyncio
+
+    fleet = Fleet(6)
+    fleet.serve()
+    client = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    client.cache_later = True
+    _served_by(fleet, client)
+    first = asyncio.run(client.fetch_plan(-1, 0))
+    assert first is not None and not (tmp_path / "plan.json").exists()
+    client.cache_plan()
+    assert (tmp_path / "plan.json").exists()
+    fleet.items["vip-1"] = PlanItem("vip-1", True, "us-west", reason=PlanReason.BACKEND_DOWN)
+    fleet.serve()
+    plan = asyncio.run(client.fetch_plan(client.book.generation or 0, 0))
+    assert plan is not None and plan.vips["vip-1"].reason == PlanReason.BACKEND_DOWN
+    before = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED).load_cached()
+    assert before is not None and before.generation == first.generation  # not written yet: the plan before
+    client.cache_plan()
+    client.cache_plan()  # nothing new: no second line
+    assert len((tmp_path / "plan.deltas").read_bytes().splitlines()) == 1
+    restarted = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    after = restarted.load_cached()
+    assert after is not None and after.generation == plan.generation
+    assert after.vips["vip-1"].reason == PlanReason.BACKEND_DOWN and held(restarted.book) == held(client.book)
+    # Two answers before one write: the whole plan held now (the first delta was never written).
+    for reason in (PlanReason.HEALTHY, PlanReason.CONFIRMING):
+        fleet.items["vip-1"] = PlanItem("vip-1", True, "us-west", reason=reason)
+        fleet.serve()
+        assert asyncio.run(client.fetch_plan(client.book.generation or 0, 0)) is not None
+    client.cache_plan()
+    latest = PlanClient("http://127.0.0.1:1", "sjc", "x", str(tmp_path), ALLOWED)
+    cached = latest.load_cached()
+    assert cached is not None and cached.generation == fleet.generation
+    assert cached.vips["vip-1"].reason == PlanReason.CONFIRMING and held(latest.book) == held(client.book)
