@@ -537,6 +537,9 @@ def s17_preferring_pops_settle_ends_on_the_others_fresh_checks(f: Fleet) -> dict
             f.edit_controller_yaml("vips.yaml", lambda d: d["vips"].extend(
                 [settle_twin(f, EARLY_NAME, EARLY_VIP, True), settle_twin(f, FIXED_NAME, FIXED_VIP, False)]))
             f.commit(f"{EARLY_NAME}, {FIXED_NAME}: settle {WIDE_SETTLE:g} s, on evidence or not")
+            # Announced first: /v1/explain answers 404 for a VIP the controller has not loaded yet.
+            wait_for(lambda: all(f.announced(pop, a) for pop in PREFERS for a in (EARLY_VIP, FIXED_VIP)), 90,
+                     interval=0.2, desc="both VIPs announced at fra and sjc")
             wait_for(lambda: states() == {EARLY_NAME: healthy, FIXED_NAME: healthy}, 90, interval=0.2,
                      desc="both VIPs healthy and announced at fra (eu-central) and sjc (us-west)")
             cut = f" chain out {{ type filter hook output priority 0; ip daddr {origins[LIGHT]} " \
