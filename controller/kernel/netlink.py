@@ -321,10 +321,13 @@ class KernelAdapter:
         if not route.group and not replace:
             await self._route_op(command, route, metric)()
             return
-        # Our next-hop objects per gateway, oldest id first: the first is the one groups use,
-        # the second a single path's shadow (see nexthop.single_path_members).
+        # Our next-hop objects per gateway: the first is the one the group uses, the second a
+        # single path's shadow (see nexthop.single_path_members). The one holding the group's
+        # buckets now (its heaviest member) must stay first: the lowest id can be a shadow
+        # made in a freed slot, and swapping the two would move every bucket (and flow) of it.
+        current = {m: w for n in known if n.id == nhid for m, w in n.members}
         by_gateway: dict[Any, list[int]] = {}
-        for n in sorted(known, key=lambda n: n.id):
+        for n in sorted(known, key=lambda n: (-current.get(n.id, 0), n.id)):
             if n.protocol == self.protocol and n.gateway is not None and not n.members:
                 by_gateway.setdefault(n.gateway, []).append(n.id)
         wanted = [(h, 0) for h, _ in route.group] or [(route.next_hop, 0), (route.next_hop, 1)]

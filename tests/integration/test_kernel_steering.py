@@ -226,5 +226,18 @@ def test_an_ipv6_split_route_is_a_resilient_group_and_clients_keep_their_connect
         asked = lab.client_do("ask")
         left = survival(before, asked["origins"], frozenset({"o1"}), asked["stable"])
         assert left["broken"] == 0 and left["survived"] == 200 - before.count("o1"), left
+        # Down to o2 alone and back: the same group throughout (an IPv6 shadow next hop too).
+        k.sync_routes({lab.route({2: 1})})
+        assert k.read_routes() == {lab.route({2: 1})}
+        (single,) = _ip_json(lab, "-6", "route", "show", "proto", "99")
+        assert single["nhid"] == group["id"] and _gateways(single) == {lab.next_hop(2)}, single
+        during = lab.client_do("open 64 0.5")["origins"]
+        assert during == ["o2"] * 64, during
+        k.sync_routes({lab.route({2: 1, 3: 1})})
+        (back,) = [n for n in _ip_json(lab, "nexthop", "show") if "group" in n]
+        assert back["id"] == group["id"], back
+        asked = lab.client_do("ask")
+        kept = survival(during, asked["origins"], stable=asked["stable"])
+        assert kept["survived"] == kept["connections"] == 64, kept
         k.sync_routes(set())
         assert _ip_json(lab, "-6", "route", "show", "proto", "99") == [] and _ip_json(lab, "nexthop", "show") == []
