@@ -1102,3 +1102,6 @@ from .steering_scenarios import s15_per_pop_preference, s16_dial_drains_a_region
 
 SCENARIOS.append(s14_weighted_split_dial_and_origin_failure)
 SCENARIOS += [s15_per_pop_preference, s16_dial_drains_a_region_and_split_over_thousands]
+from .steering_scenarios import s17_preferring_pops_settle_ends_on_the_others_fresh_checks  # noqa: E402
+
+SCENARIOS.append(s17_preferring_pops_settle_ends_on_the_others_fresh_checks)

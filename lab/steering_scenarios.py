@@ -17,6 +17,7 @@ carries every new connection, and the connections on the surviving origin are ke
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
+
+import yaml
 
 from .fleet import Fleet
 from .metrics import parse
@@ -82,8 +85,18 @@ def _kernel_split(f: Fleet, pop: str, vip: str) -> dict[str, Any]:
     for b in ip_json("nexthop", "bucket", "show", "id", str(route["nhid"])):
         gw = gateway[b["bucket"]["nhid"]]
         buckets[gw] = buckets.get(gw, 0) + 1
-    return {"nhid": route["nhid"], "type": group.get("type"),
-            "weights": {gateway[m["id"]]: m.get("weight", 1) for m in group["group"]}, "buckets": buckets}
+    weights: dict[str, int] = {}
+    for m in group["group"]:  # (summed per gateway: a single path's group has it twice, see single_path)
+        weights[gateway[m["id"]]] = weights.get(gateway[m["id"]], 0) + m.get("weight", 1)
+    return {"nhid": route["nhid"], "type": group.get("type"), "weights": weights, "buckets": buckets}
+
+
+def single_path(split: dict[str, Any], address: str, nhid: int) -> bool:
+    """Whether the VIP's route sends everything to ``address`` through its group ``nhid``, kept
+    while it is down to one next hop (that next hop and a shadow of it that owns no bucket:
+    controller/kernel/netlink.py), so that a region's return moves idle buckets only."""
+    return (split.get("nhid") == nhid and split.get("buckets") == {address: 128}
+            and set(split.get("weights", {})) == {address})
 
 
 def share(split: dict[str, Any], region: str) -> float:
@@ -215,8 +228,8 @@ def s14_weighted_split_dial_and_origin_failure(f: Fleet) -> dict[str, Any]:
                       f"tcp dport {STEER_PORT} drop; }}"
                 with nft_drop(f, f.topo.pop(STEER_POP).agent, cut, table="labsteer"):
                     t_fail = time.time()
-                    wait_for(lambda: kernel_split(f) == {"gateway": origins[HEAVY]}, 30,
-                             desc=f"fra's route to {STEER_NAME} only via {HEAVY}")
+                    wait_for(lambda: single_path(kernel_split(f), origins[HEAVY], first["nhid"]), 30,
+                             desc=f"fra's route to {STEER_NAME} only via {HEAVY}, through its group")
                     out["failure_to_kernel_ms"] = ms(t_fail, time.time())
                     wait_for(lambda: controller_weights(f).get(LIGHT) == 0.0, 30,
                              desc=f"{LIGHT}'s weight 0 at the controller")
@@ -366,8 +379,8 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
     connection on us-west is kept (those on eu-central are cut at once: a POP routes, it
     keeps no flow state, so a dial of 0 is a move, not a connection drain), and BGP does
     not change (the transits' paths, fra's router's path from its agent). Dialing back
-    (``--config``) restores the 3:1 group and its split; connections opened while drained
-    whose flows hash to eu-central's buckets are reset then (reported)."""
+    (``--config``) restores the 3:1 split in the same group (kept through the drain): every
+    connection opened while drained is kept, eu-central gets idle buckets only."""
     assert_clean(f)
     base = base_commit(f)
     origins = {o.region: o.address for o in f.topo.origins}
@@ -402,8 +415,8 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
                 # lab's change budget (README: a dial that moves too much is refused with 409).
                 _anycastctl(f, "dial", LIGHT, "0", "--force", "--why", "lab: s16 drain", "--by", "lab")
                 try:
-                    wait_for_equal(lambda: kernel_split(f), {"gateway": origins[HEAVY]}, 30,
-                                   desc=f"fra's route to {STEER_NAME} only via {HEAVY} after the dial")
+                    wait_for(lambda: single_path(kernel_split(f), origins[HEAVY], first["nhid"]), 30,
+                             desc=f"fra's route to {STEER_NAME} only via {HEAVY} after the dial, through its group")
                     out["dial_to_kernel_ms"] = ms(t_dial, time.time())
                     wait_for(lambda: controller_weights(f).get(LIGHT) == 0.0
                              and explain_origins(f, STEER_NAME).get(STEER_POP, {}).get("active_origin") == HEAVY, 30,
@@ -428,12 +441,17 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
                 back = wait_for(lambda: (k := kernel_split(f)).get("weights") == three_to_one and k, 60,
                                 desc=f"{LIGHT} back in fra's group after the failback hold-down")
                 out["dial_back_to_kernel_ms"] = ms(t_back, time.time())
+                assert back["nhid"] == first["nhid"], (first, back)  # the same group, members replaced in place
+                # eu-central takes idle buckets only, once idle for the group's idle timer (10 s):
+                # the busy ones of the connections opened during the drain stay on us-west.
+                back = wait_for(lambda: (k := kernel_split(f)).get("buckets", {}).get(origins[LIGHT]) == 32 and k,
+                                90, interval=0.5, desc=f"{LIGHT} holds its 32 of 128 buckets again")
+                out["dial_back_to_rebalanced_ms"] = ms(t_back, time.time())
                 wait_path_ready(f, client)
                 asked = client_do(client, "ask")
-                # Reported, not asserted (how many is the hash's): the route goes from one path
-                # to a new group, whose buckets send about a quarter of the connections opened
-                # during the drain to eu-central, which has no socket for them.
-                out["dial_back_connections"] = survival(during, asked["origins"], stable=asked["stable"])
+                kept = survival(during, asked["origins"], stable=asked["stable"])
+                assert kept["survived"] == kept["connections"] == LONG_LIVED, kept  # (a new group reset 12-18)
+                out["dial_back_connections"] = kept
                 bgp_after = from_agent()
             split = client_do(client, f"split {NEW_CONNECTIONS * 2}")
             band = split_band(split, back, origins[HEAVY])
@@ -449,5 +467,110 @@ def s16_dial_drains_a_region_and_split_over_thousands(f: Fleet) -> dict[str, Any
         _back_to_base(f, base)
     wait_for(lambda: change_status(f).get("phase") == "steady" and not f.announced(STEER_POP, STEER_VIP)
              and not kernel_split(f), 60, desc=f"{STEER_NAME} removed again")
+    assert_clean(f)
+    return out
+
+
+# --- s17: a preferring POP's settle ends on the others' fresh checks of its own origin --------------
+EARLY_VIP, EARLY_NAME = "198.51.100.32", "steer-early"
+FIXED_VIP, FIXED_NAME = "198.51.100.33", "steer-fixed"
+WIDE_SETTLE = 60.0  # the most safety.settle may be: only the evidence can end it within the scenario
+
+
+def settle_twin(f: Fleet, name: str, address: str, on_evidence: bool) -> dict[str, Any]:
+    """steer-pref's shape (fra prefers eu-central, sjc us-west) with a settle window of
+    WIDE_SETTLE, ended early on evidence or not (``on_evidence``), as the VIP's own policy."""
+    return {**preferred_vip(f), "name": name, "address": f"{address}/32",
+            "policy": {"safety": {"settle": WIDE_SETTLE, "settle_on_evidence": on_evidence}}}
+
+
+@contextmanager
+def agent_confirm_timeout(f: Fleet, pop: str, seconds: float) -> Iterator[None]:
+    """``controller.confirm_timeout`` of ``pop``'s agent set (SIGHUP) for the block, then
+    its default again: how long the agent keeps announcing while it waits for the answer."""
+    def reload(edit: Any) -> None:
+        node = f.agents[pop]
+        data = yaml.safe_load(node.config.read_text())
+        edit(data["controller"])
+        node.config.write_text(yaml.safe_dump(data, sort_keys=False))
+        done = parse(f.agent_metrics(pop)).total("anycast_config_reloads_total", result="success")
+        node.signal_agent(signal.SIGHUP)
+        wait_for(lambda: parse(f.agent_metrics(pop)).total("anycast_config_reloads_total", result="success") > done,
+                 60, interval=0.2, desc=f"{pop}'s agent reloaded its config")
+
+    reload(lambda c: c.__setitem__("confirm_timeout", seconds))
+    try:
+        yield
+    finally:
+        reload(lambda c: c.pop("confirm_timeout", None))
+
+
+def pop_state(f: Fleet, name: str, pop: str) -> dict[str, Any]:
+    """The controller's reason and active origin for (VIP, POP) (/v1/explain), and whether
+    the POP's router has the VIP from its agent (vtysh json)."""
+    e: dict[str, Any] = next((p for p in (f.explain(name) or {}).get("pops", []) if p["pop"] == pop), {})
+    address = EARLY_VIP if name == EARLY_NAME else FIXED_VIP
+    return {"reason": e.get("reason"), "active_origin": e.get("active_origin"), "announced": f.announced(pop, address)}
+
+
+def s17_preferring_pops_settle_ends_on_the_others_fresh_checks(f: Fleet) -> dict[str, Any]:
+    """Two VIPs alike (fra prefers eu-central, sjc us-west), both with a 60 s settle window;
+    steer-early's ends on evidence, steer-fixed's does not (``settle_on_evidence: false``);
+    fra's agent waits up to 60 s for the controller's answer. fra's checks of eu-central fail
+    (its host drops them; us-west stays healthy there): the controller asks sjc about
+    eu-central by name, sjc's fresh success of it ends steer-early's window, and fra
+    withdraws steer-early (``backend_down``, gone from fra's router) while steer-fixed, the
+    same failure under the fixed window, is still ``confirming`` and announced there. sjc
+    keeps both, on us-west. Healed, fra announces both again."""
+    assert_clean(f)
+    base = base_commit(f)
+    origins = {o.region: o.address for o in f.topo.origins}
+    healthy = {"fra": {"reason": "healthy", "active_origin": LIGHT, "announced": True},
+               "sjc": {"reason": "healthy", "active_origin": HEAVY, "announced": True}}
+    out: dict[str, Any] = {}
+
+    def states() -> dict[str, dict[str, Any]]:
+        return {name: {pop: pop_state(f, name, pop) for pop in PREFERS} for name in (EARLY_NAME, FIXED_NAME)}
+
+    try:
+        with steered_clients(f, EARLY_VIP, (), ()), agent_confirm_timeout(f, STEER_POP, WIDE_SETTLE):
+            f.edit_controller_yaml("vips.yaml", lambda d: d["vips"].extend(
+                [settle_twin(f, EARLY_NAME, EARLY_VIP, True), settle_twin(f, FIXED_NAME, FIXED_VIP, False)]))
+            f.commit(f"{EARLY_NAME}, {FIXED_NAME}: settle {WIDE_SETTLE:g} s, on evidence or not")
+            # Announced first: /v1/explain answers 404 for a VIP the controller has not loaded yet.
+            wait_for(lambda: all(f.announced(pop, a) for pop in PREFERS for a in (EARLY_VIP, FIXED_VIP)), 90,
+                     interval=0.2, desc="both VIPs announced at fra and sjc")
+            wait_for(lambda: states() == {EARLY_NAME: healthy, FIXED_NAME: healthy}, 90, interval=0.2,
+                     desc="both VIPs healthy and announced at fra (eu-central) and sjc (us-west)")
+            cut = f" chain out {{ type filter hook output priority 0; ip daddr {origins[LIGHT]} " \
+                  f"tcp dport {STEER_PORT} drop; }}"
+            with nft_drop(f, f.topo.pop(STEER_POP).agent, cut, table="labsteer"):
+                t_cut = time.time()
+                wait_for(lambda: pop_state(f, EARLY_NAME, STEER_POP) == {"reason": "backend_down",
+                                                                      "active_origin": LIGHT, "announced": False},
+                         WIDE_SETTLE * 2, interval=0.1, desc=f"fra withdraws {EARLY_NAME} on sjc's evidence")
+                out["cut_to_withdrawn_ms"] = ms(t_cut, time.time())
+                fixed = pop_state(f, FIXED_NAME, STEER_POP)
+                # The same failure, the same moment, the fixed window: still confirming, still announced.
+                assert fixed == {"reason": "confirming", "active_origin": LIGHT, "announced": True}, (fixed, out)
+                sjc = {name: pop_state(f, name, "sjc") for name in (EARLY_NAME, FIXED_NAME)}
+                assert sjc == {EARLY_NAME: healthy["sjc"], FIXED_NAME: healthy["sjc"]}, sjc
+                m = parse(f.agent_metrics(STEER_POP))
+                assert m.value("anycast_vip_state", vip=EARLY_NAME, state="withdrawn") == 1, "fra's agent"
+                assert m.value("anycast_vip_state", vip=FIXED_NAME, state="pending") == 1, "fra's agent"
+                out["fixed_at_that_moment"] = fixed
+            wait_for(lambda: states() == {EARLY_NAME: healthy, FIXED_NAME: healthy}, 90, interval=0.2,
+                     desc="both VIPs healthy and announced at fra again")
+            # One VIP per commit: the change budget lets one announced VIP go at a time.
+            f.edit_controller_yaml("vips.yaml", lambda d: d.__setitem__(
+                "vips", [v for v in d["vips"] if v["name"] != FIXED_NAME]))
+            f.commit(f"{FIXED_NAME} removed")
+            wait_for(lambda: change_status(f).get("phase") == "steady"
+                     and not any(f.announced(pop, FIXED_VIP) for pop in PREFERS), 60, desc=f"{FIXED_NAME} removed")
+    finally:
+        _back_to_base(f, base)
+    wait_for(lambda: change_status(f).get("phase") == "steady"
+             and not any(f.announced(pop, a) for pop in PREFERS for a in (EARLY_VIP, FIXED_VIP)),
+             60, desc=f"{EARLY_NAME} and {FIXED_NAME} removed again")
     assert_clean(f)
     return out

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any
 
-from .diff import NextHop
+from .diff import MAX_KERNEL_WEIGHT, NextHop
 
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
@@ -77,6 +77,19 @@ class Nexthop:
     gateway: NextHop | None  # a single next hop's
     oif: int
     members: tuple[tuple[int, int], ...]  # a group's (member id, weight 1-256); () for a single one
+
+
+SHADOW_WEIGHT = 1  # beside MAX_KERNEL_WEIGHT: its share of 128 buckets, 128/256, rounds to 0 (the kernel
+# gives each member DIV_ROUND_CLOSEST(buckets * cumulative weight, total) minus the ones before it)
+
+
+def single_path_members(real: int, shadow: int) -> tuple[tuple[int, int], ...]:
+    """A single path's group: ``real`` (the next hop, every bucket) and ``shadow`` (another
+    next-hop object with the same gateway, listed last: it owns no bucket, up to 128 of them).
+    Why two: the kernel picks a bucket only for a group of two or more members (one member
+    forwards as a plain route), so a one-member group's buckets would never be marked busy,
+    and a member joining later would find every bucket idle and take busy ones too."""
+    return ((real, MAX_KERNEL_WEIGHT), (shadow, SHADOW_WEIGHT))
 
 
 def free_ids(used: Iterable[int], n: int) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 from controller.kernel.diff import KernelRoute
 from controller.kernel.netlink import KernelAdapter
 from controller.kernel.nexthop import ResilientSettings, SplitFallback
+from lab.poll import wait_for
 from lab.steering import SteeringLab, steering_lab, survival
 
 pytestmark = pytest.mark.lab
@@ -48,11 +49,92 @@ def test_a_split_route_is_a_resilient_group_read_back_as_installed(lab: Steering
         k.sync_routes({lab.route({1: 1, 2: 1})})
         (after,) = [n for n in _ip_json(lab, "nexthop", "show") if "group" in n]
         assert after["id"] == groups[0]["id"] and sorted(m.get("weight", 1) for m in after["group"]) == [1, 1]
-        # Down to one origin: a plain route; nothing of ours is left in the next-hop table.
+        # Down to one origin (the other dialed to 0, or failing): the group stays, with that next
+        # hop alone, and reads back as the plain route it forwards like (level-based again).
+        one = lab.route({2: 1})
+        k.sync_routes({one})
+        assert k.read_routes() == {one} and not k.sync_routes({one})
+        (single,) = _ip_json(lab, "route", "show", "proto", "99")
+        assert single["nhid"] == groups[0]["id"] and _gateways(single) == {lab.next_hop(2)}, single
+        # (Two members: the next hop and its shadow, same gateway, no bucket: see nexthop.py.)
+        nexthops = {n["id"]: n for n in _ip_json(lab, "nexthop", "show")}
+        members = nexthops[groups[0]["id"]]["group"]
+        assert [(nexthops[m["id"]]["gateway"], m.get("weight", 1)) for m in members] == \
+            [(lab.next_hop(2), 255), (lab.next_hop(2), 1)], members
+        assert len(nexthops) == 3  # the group and those two: the other's next hop is gone
+        assert _buckets(lab) == {lab.next_hop(2): 128}
+        # The other's return replaces the members in place again (same group).
+        k.sync_routes({lab.route({1: 3, 2: 1})})
+        (back,) = [n for n in _ip_json(lab, "nexthop", "show") if "group" in n]
+        assert back["id"] == groups[0]["id"] and sorted(m.get("weight", 1) for m in back["group"]) == [1, 3]
+        # A single path somewhere else entirely: still in place; then the route goes, and its group.
+        k.sync_routes({lab.route({3: 1})})
+        (moved,) = _ip_json(lab, "route", "show", "proto", "99")
+        assert moved["nhid"] == groups[0]["id"] and _gateways(moved) == {lab.next_hop(3)}, moved
+        k.sync_routes(set())
+        assert _ip_json(lab, "route", "show", "proto", "99") == [] and _ip_json(lab, "nexthop", "show") == []
+
+
+def test_a_single_path_group_is_removed_alone_and_a_plain_route_stays_plain(lab: SteeringLab) -> None:
+    """Removing a route through a one-member group (matched without a gateway: the kernel
+    matches none against a group route) takes ours only: a foreign route for the same VIP
+    at another metric stays. A VIP that was never split keeps a plain route."""
+    with KernelAdapter(netns=lab.pop) as k:
+        plain = lab.route({1: 1})
+        k.sync_routes({plain})
+        (route,) = _ip_json(lab, "route", "show", "proto", "99")
+        assert "nhid" not in route and route["gateway"] == lab.next_hop(1), route
+        k.sync_routes({lab.route({1: 1, 2: 1})})
         k.sync_routes({lab.route({2: 1})})
-        (plain,) = _ip_json(lab, "route", "show", "proto", "99")
-        assert plain["gateway"] == lab.next_hop(2) and "nhid" not in plain
-        assert _ip_json(lab, "nexthop", "show") == []
+        subprocess.run(["ip", "-n", lab.pop, "route", "add", f"{lab.vip}/32", "via", lab.next_hop(1),
+                        "proto", "static", "metric", "50"], check=True)
+        assert k.read_routes() == {lab.route({2: 1})}  # (the foreign one is not ours)
+        assert k.sync_routes(set()).remove == (lab.route({2: 1}),)
+        assert _ip_json(lab, "route", "show", "proto", "99") == [] and _ip_json(lab, "nexthop", "show") == []
+        (foreign,) = _ip_json(lab, "route", "show", f"{lab.vip}/32")
+        assert foreign["gateway"] == lab.next_hop(1) and foreign["metric"] == 50, foreign
+
+
+def test_a_region_back_from_0_keeps_every_connection_opened_while_it_was_out(lab: SteeringLab) -> None:
+    """3:1, then o2 dialed to 0 (the group keeps o1 alone), connections opened meanwhile (all
+    on o1), then o2 back at 1: the members are replaced in place, so every one of those busy
+    connections keeps its bucket and its origin (a new group would hash them afresh and send
+    about a quarter to o2, which resets them); o2 gets new connections once idle buckets moved."""
+    with KernelAdapter(netns=lab.pop, resilient=ResilientSettings(idle_timer=3.0)) as k:
+        k.sync_routes({lab.route({1: 3, 2: 1})})
+        k.sync_routes({lab.route({1: 1})})
+        during = lab.client_do("open 64 0.5")["origins"]
+        assert during == ["o1"] * 64, during
+        k.sync_routes({lab.route({1: 3, 2: 1})})
+        asked = lab.client_do("ask")
+        kept = survival(during, asked["origins"], stable=asked["stable"])
+        assert kept["survived"] == kept["connections"] == 64, kept
+        wait_for(lambda: _buckets(lab).get(lab.next_hop(2), 0) == 32, 60, interval=0.2,
+                 desc="o2 holds its 32 of 128 buckets (idle ones moved)")
+        split = lab.client_do("split 400")
+        assert split["failed"] == 0 and split["counts"].get("o2", 0) > 0, split
+        asked = lab.client_do("ask")
+        kept = survival(during, asked["origins"], stable=asked["stable"])
+        assert kept["survived"] == kept["connections"] == 64, kept
+        k.sync_routes(set())
+
+
+def _gateways(route: dict) -> set[str]:
+    """The gateways a route of ``ip -j route`` forwards to (one, or its group's members)."""
+    return {h["gateway"] for h in route["nexthops"]} if "nexthops" in route else {route["gateway"]}
+
+
+def _buckets(lab: SteeringLab) -> dict[str, int]:
+    """Buckets per next hop of the VIP's group ({} while it has none)."""
+    (route,) = _ip_json(lab, "route", "show", "proto", "99")
+    if "nhid" not in route:
+        return {}
+    gateway = {n["id"]: n.get("gateway") for n in _ip_json(lab, "nexthop", "show")}
+    out: dict[str, int] = {}
+    for b in _ip_json(lab, "nexthop", "bucket", "show", "id", str(route["nhid"])):
+        gw = gateway[b["bucket"]["nhid"]]
+        out[gw] = out.get(gw, 0) + 1
+    return out
 
 
 def test_clients_see_the_split_and_keep_their_connections(lab: SteeringLab) -> None:
@@ -144,5 +226,18 @@ def test_an_ipv6_split_route_is_a_resilient_group_and_clients_keep_their_connect
         asked = lab.client_do("ask")
         left = survival(before, asked["origins"], frozenset({"o1"}), asked["stable"])
         assert left["broken"] == 0 and left["survived"] == 200 - before.count("o1"), left
+        # Down to o2 alone and back: the same group throughout (an IPv6 shadow next hop too).
+        k.sync_routes({lab.route({2: 1})})
+        assert k.read_routes() == {lab.route({2: 1})}
+        (single,) = _ip_json(lab, "-6", "route", "show", "proto", "99")
+        assert single["nhid"] == group["id"] and _gateways(single) == {lab.next_hop(2)}, single
+        during = lab.client_do("open 64 0.5")["origins"]
+        assert during == ["o2"] * 64, during
+        k.sync_routes({lab.route({2: 1, 3: 1})})
+        (back,) = [n for n in _ip_json(lab, "nexthop", "show") if "group" in n]
+        assert back["id"] == group["id"], back
+        asked = lab.client_do("ask")
+        kept = survival(during, asked["origins"], stable=asked["stable"])
+        assert kept["survived"] == kept["connections"] == 64, kept
         k.sync_routes(set())
         assert _ip_json(lab, "-6", "route", "show", "proto", "99") == [] and _ip_json(lab, "nexthop", "show") == []
