@@ -405,10 +405,16 @@ class Engine:
                 # (the steady state: the same shared item at the same POPs, nothing to walk)
                 if not (isinstance(old_items, UniformItems) and isinstance(new_items, UniformItems)
                         and old_items.item is new_items.item and old_items.pops is new_items.pops):
-                    get = old_items.get
-                    for pop, item in new_items.items():
-                        if get(pop) is not item:
-                            changed[pop][name] = item
+                    if isinstance(old_items, UniformItems):  # (no Python-level get per POP)
+                        old_pops, old_item = old_items.pops, old_items.item
+                        for pop, item in new_items.items():
+                            if item is not old_item or pop not in old_pops:
+                                changed[pop][name] = item
+                    else:
+                        get = old_items.get
+                        for pop, item in new_items.items():
+                            if get(pop) is not item:
+                                changed[pop][name] = item
             if old is not None:
                 new_pops = vp.items.keys()
                 for pop in old.items:
