@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -543,6 +544,21 @@ def _pop(node: Node) -> PopSpec | None:
     return PopSpec(name, token, description)
 
 
+# Publish lists, one object per distinct list (most VIPs share a few), of interned POP names:
+# YAML makes a new string for every scalar, so 10,000 VIPs x 50 POPs kept 500,000 copies of
+# 50 names (~26 MB) and 10,000 equal tuples. Bounded, not a cache policy: lists are few.
+_PUBLISH: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _shared_publish(publish: tuple[str, ...]) -> tuple[str, ...]:
+    shared = _PUBLISH.get(publish)
+    if shared is None:
+        if len(_PUBLISH) > 10_000:
+            _PUBLISH.clear()
+        shared = _PUBLISH[publish] = tuple(sys.intern(name) for name in publish)
+    return shared
+
+
 def _fleet_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, float | int],
                attrs: StateAttributes, policy: Policy, pop_names: set[str]) -> FleetVip | None:
     if not node.is_mapping():
@@ -569,7 +585,7 @@ def _fleet_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, f
         return None
     steering = read_steering(steering_node, {o.region for o in vip.origins}, [o.region for o in vip.origins],
                              pop_names, publish)
-    return FleetVip(vip, tuple(publish), enabled, vip_policy, steering)
+    return FleetVip(vip, _shared_publish(tuple(publish)), enabled, vip_policy, steering)
 
 
 def read_steering(node: Node | None, regions: set[str], order: list[str], pop_names: set[str],

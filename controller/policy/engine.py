@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from ..config.desired_model import DesiredState, FleetVip
-from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, VipMemory
+from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, UniformItems, VipMemory
 from .planner import VipPlan, no_memory, plan_vip
 
 Verdicts = Mapping[str, bool | None]
@@ -401,13 +401,24 @@ class Engine:
                 for pop, item in vp.items.items():
                     changed[pop][name] = item
             else:
-                old_items = old.items
-                for pop, item in vp.items.items():
-                    if old_items.get(pop) is not item:
-                        changed[pop][name] = item
+                old_items, new_items = old.items, vp.items
+                # (the steady state: the same shared item at the same POPs, nothing to walk)
+                if not (isinstance(old_items, UniformItems) and isinstance(new_items, UniformItems)
+                        and old_items.item is new_items.item and old_items.pops is new_items.pops):
+                    if isinstance(old_items, UniformItems):  # (no Python-level get per POP)
+                        old_pops, old_item = old_items.pops, old_items.item
+                        for pop, item in new_items.items():
+                            if item is not old_item or pop not in old_pops:
+                                changed[pop][name] = item
+                    else:
+                        get = old_items.get
+                        for pop, item in new_items.items():
+                            if get(pop) is not item:
+                                changed[pop][name] = item
             if old is not None:
+                new_pops = vp.items.keys()
                 for pop in old.items:
-                    if pop not in vp.items:
+                    if pop not in new_pops:
                         gone.setdefault(pop, []).append(name)
                 if (old.memory != vp.memory or old.default is not vp.default
                         or old.pop_memory != vp.pop_memory or old.items.keys() != vp.items.keys()):

@@ -56,7 +56,7 @@ from ..config.desired_model import DesiredState, FleetVip
 from ..wire import PlanReason as R
 from . import dampening, steering
 from .model import (NEW, STEADY, Alarm, AlarmKind, OriginChecks, PlanItem, PlannerState, PlanResult, PopReport,
-                    PopVipMemory, VipMemory)
+                    PopVipMemory, UniformItems, VipMemory)
 from .origins import Outcome, Proof, down_needed, no_proof, origin_views, select_origin
 from .steering import Route
 
@@ -390,8 +390,8 @@ def _finish(fv: FleetVip, items: dict[str, PlanItem], vmem: VipMemory, memories:
             r.outcome in (Outcome.FAILOVER, Outcome.FAILBACK) for r in others):
         # The move is this run's news: the next run, from the new active origin, says "on ..."
         wake = math.nextafter(now, math.inf)
-    return VipPlan(fv.name, items, vmem, default, sparse, note, outcome, tuple(alarms), shared, settle_at, wake,
-                   countdown)
+    return VipPlan(fv.name, UniformItems.of(items), vmem, default, sparse, note, outcome, tuple(alarms), shared,
+                   settle_at, wake, countdown)
 
 
 _PENDING = (Outcome.FAILBACK_PENDING, Outcome.FAILOVER_PENDING)  # their notes count down

@@ -44,7 +44,7 @@ from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport,
 from ..policy.planner import VipPlan
 from ..policy.steering import steered
 from . import store
-from .plans import PlanStore, PopPlan
+from .plans import PlanStore, PopPlan, SpecJson, as_spec_json
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
@@ -135,7 +135,8 @@ class Controller:
     state_store: store.Store | None = None  # None: the file journal in desired.state_dir (locked while we run)
     persistence: PersistenceStatus = field(default_factory=PersistenceStatus)
     _wake: asyncio.TimerHandle | None = None
-    _spec_dicts: tuple[DesiredState | None, dict[str, dict[str, Any]]] = (None, {})
+    # name -> each VIP's spec as served (its JSON and hash, not its dict), per desired state
+    _spec_dicts: tuple[DesiredState | None, dict[str, SpecJson]] = (None, {})
     _saved: tuple[object, ...] = ()
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _pending_timer: asyncio.Handle | None = None  # when that pass is asked for
@@ -164,7 +165,7 @@ class Controller:
     _unserved: dict[str, None] = field(default_factory=dict)  # POPs a committed pass has yet to serve (in order)
     # POP -> (the items and spec dicts it was last served from, the VIPs whose item or spec
     # passes changed since): PlanStore.serve's hint (no walk over the POP's every VIP)
-    _since_served: dict[str, tuple[Mapping[str, PlanItem], Mapping[str, dict[str, Any]], set[str]]] = field(
+    _since_served: dict[str, tuple[Mapping[str, PlanItem], Mapping[str, SpecJson], set[str]]] = field(
         default_factory=dict)
     hints: bool = True  # False: every serve walks the POP's VIPs (the differential test's reference)
     dial_gate: DialGate | None = None  # see DialGate (None: dial_budget)
@@ -175,7 +176,7 @@ class Controller:
     # in it), before the operator's dials: ``desired`` is this with them over it.
     _configured: DesiredState | None = None
     # (base, rollout, spec dicts) -> the held POPs' spec dicts, and the definitions they hold
-    _held_specs: tuple[object, object, object, Mapping[str, Mapping[str, dict[str, Any]]],
+    _held_specs: tuple[object, object, object, Mapping[str, Mapping[str, SpecJson]],
                        Mapping[str, Mapping[str, Vip]]] = (None, None, None, {}, {})
 
     def __post_init__(self) -> None:
@@ -777,13 +778,13 @@ class Controller:
             # the engine reports in changes.pops; the other POPs' plans cannot have changed.
             old_state, old_specs = self._spec_dicts
             old_vips = {v.name: v.vip for v in old_state.vips} if old_state else {}
-            specs: dict[str, dict[str, Any]] = {}
+            specs: dict[str, SpecJson] = {}
             for fv in self.desired.vips:
                 was = old_vips.get(fv.name)
                 if was is not None and (was is fv.vip or was == fv.vip):
                     specs[fv.name] = old_specs[fv.name]
                 else:
-                    specs[fv.name] = vip_to_dict(fv.vip)
+                    specs[fv.name] = as_spec_json(vip_to_dict(fv.vip))
                     pops.update(fv.publish)
                     if touched is not None:
                         touched.add(fv.name)
@@ -830,8 +831,8 @@ class Controller:
                 break
         return not self._unserved
 
-    def _held_spec_dicts(self, spec_dicts: dict[str, dict[str, Any]],
-                         pops: set[str]) -> Mapping[str, Mapping[str, dict[str, Any]]]:
+    def _held_spec_dicts(self, spec_dicts: dict[str, SpecJson],
+                         pops: set[str]) -> Mapping[str, Mapping[str, SpecJson]]:
         """Per POP whose wave has not come, the spec dicts with the base's definition of the
         VIPs whose traffic the config change moves (change.held_specs); adds to ``pops`` the
         POPs whose definitions changed since the last pass (a wave began, a rollback)."""
@@ -840,14 +841,14 @@ class Controller:
             return cached[3]
         held = change.held_specs(self.base, self.rollout)
         pops.update(p for p in cached[4].keys() | held.keys() if cached[4].get(p) != held.get(p))
-        views: dict[str, Mapping[str, dict[str, Any]]] = {}
+        views: dict[str, Mapping[str, SpecJson]] = {}
         for pop, vips in held.items():
-            own = {name: vip_to_dict(v) for name, v in vips.items() if name in spec_dicts}
+            own = {name: as_spec_json(vip_to_dict(v)) for name, v in vips.items() if name in spec_dicts}
             views[pop] = collections.ChainMap(own, spec_dicts)
         self._held_specs = (self.base, self.rollout, spec_dicts, views, held)
         return views
 
-    def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]]) -> None:
+    def _serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, SpecJson]) -> None:
         """Make ``items`` the POP's plan if an agent would act differently on it (a new
         explanation or revision alone is no new plan: agents are not woken for nothing)."""
         own = spec_dicts is not self._spec_dicts[1]  # (a held POP's: compared VIP by VIP, not by the desired state)

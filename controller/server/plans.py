@@ -68,8 +68,26 @@ def _with_spec(e: Entry, spec_json: str) -> str:
     return f'{e.text[:-1]},"spec":{spec_json}}}'
 
 
+class SpecJson(NamedTuple):
+    """A VIP's spec as served, in place of its dict: its canonical JSON and that JSON's hash,
+    made once per definition (the controller keeps these, not the dicts: at 10,000 VIPs the
+    dicts were ~22 MB beside their JSON)."""
+
+    hash: str
+    text: str
+
+
+def as_spec_json(spec: Mapping[str, Any]) -> SpecJson:
+    text = canonical_json(spec)
+    return SpecJson(spec_hash(text), text)
+
+
+# What ``PlanStore.serve`` takes per VIP: the spec dict or its SpecJson (compared by identity).
+Spec = dict[str, Any] | SpecJson
+
+
 class _Spec(NamedTuple):
-    obj: dict[str, Any]  # the spec dict it was taken from (identity: unchanged VIPs keep theirs)
+    obj: Spec  # the spec it was taken from (identity: unchanged VIPs keep theirs)
     hash: str
     text: str  # canonical JSON
 
@@ -95,7 +113,7 @@ class PopPlan:
     log: deque[_Change] = field(default_factory=lambda: deque(maxlen=LOG_DEPTH))
     bodies: dict[int | None, bytes] = field(default_factory=dict)  # after (None: full) -> body, this generation
     seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
-    seen_specs: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # the mapping served from (not a copy)
+    seen_specs: Mapping[str, Spec] = field(default_factory=dict)  # the mapping served from (not a copy)
     seen_token: object = None
 
 
@@ -109,11 +127,14 @@ class PlanStore:
         self._changed: dict[str, asyncio.Event] = {}
         self._released = False  # the controller is stopping: no long-poll waits any more
         self._shared: dict[str, tuple[Entry, ...]] = {}  # VIP name -> its recent entries (see _entry)
+        # A few recent name sets of the change log, shared by the POPs whose changes are equal:
+        # a cold start's change names every VIP at every POP (50 x 10,000 names, ~16 MB).
+        self._recent_sets: list[frozenset[str]] = []
 
     # --- planning side -----------------------------------------------------------------
-    def serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, dict[str, Any]],
+    def serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
               revision: str, last_generation: int, token: object = None,
-              hint: tuple[Mapping[str, PlanItem], Mapping[str, dict[str, Any]], Collection[str]] | None = None,
+              hint: tuple[Mapping[str, PlanItem], Mapping[str, Spec], Collection[str]] | None = None,
               ) -> int | None:
         """Make ``items`` the POP's plan if an agent would act differently on it; the new
         generation (above ``last_generation``, the persisted one), or None if nothing changed.
@@ -183,7 +204,8 @@ class PlanStore:
         else:
             introduced = frozenset(e.spec_hash for n, e in updates.items()
                                    if n not in old or old[n].spec_hash != e.spec_hash)
-            pp.log.append(_Change(pp.generation, generation, frozenset(updates) | frozenset(removed), introduced))
+            names = frozenset(updates) | frozenset(removed) if removed else frozenset(updates)
+            pp.log.append(_Change(pp.generation, generation, self._shared_set(names), self._shared_set(introduced)))
         entries, texts = pp.entries, self._texts
         digest, wanted, holds = pp.digest, pp.wanted, pp.safety_holds
         for name in removed:
@@ -224,13 +246,25 @@ class PlanStore:
         self._shared[name] = (e, *recent[:SHARED_PER_VIP - 1])
         return e
 
-    def _spec(self, name: str, spec: dict[str, Any]) -> _Spec:
+    def _spec(self, name: str, spec: Spec) -> _Spec:
         """A spec's canonical JSON and hash, computed once per spec dict."""
         known = self._specs.get(name)
         if known is None or known.obj is not spec:
-            text = canonical_json(spec)
-            known = self._specs[name] = _Spec(spec, spec_hash(text), text)
+            js = spec if isinstance(spec, SpecJson) else as_spec_json(spec)
+            known = self._specs[name] = _Spec(spec, js.hash, js.text)
         return known
+
+    def _shared_set(self, names: frozenset[str]) -> frozenset[str]:
+        """``names``, or an equal recent set (one comparison in C each)."""
+        if len(names) < 64:
+            return names
+        recent = self._recent_sets
+        for r in recent:
+            if r is names or (len(r) == len(names) and r == names):
+                return r
+        recent.insert(0, names)
+        del recent[4:]
+        return names
 
     def _prune_texts(self) -> None:
         """Forget the JSON of specs no entry names any more (old versions of changed VIPs)."""
