@@ -475,9 +475,12 @@ class Controller:
             return None
         loop = asyncio.get_running_loop()
         # A report with check ages (a failure starting or confirmed here, evidence asked of
-        # it) is what a POP's withdrawal is waiting for: planned in the next turn of the
-        # loop (reports already received share that pass), not after the batching delay.
-        urgent = bool(report.checks)
+        # it) or whose verdicts changed (an origin went down or came back: a failover) is
+        # what a POP's withdrawal or a move is waiting for: planned in the next turn of the
+        # loop (reports already received share that pass), not after the batching delay nor
+        # held while others arrive (receiving()). compact_report keeps the previous report's
+        # mapping when the verdicts are equal, so an unchanged one is the same object.
+        urgent = bool(report.checks) or (previous is not None and report.origins is not previous.origins)
         if self._pending is None:
             self._pending = loop.create_future()
             self._pending_since, self._pending_urgent = loop.time(), urgent

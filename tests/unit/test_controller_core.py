@@ -215,9 +215,10 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
         tmp_path: Path, monkeypatch: object) -> None:
     """A burst (every POP reporting at once) is planned in one pass: the pass of the reports
     already stored waits while another is being received (``receiving()``, as the API's
-    handler does). Bounded: past REPORT_HOLD it runs without it; an urgent report (check
-    ages: a withdrawal waiting) waits for nothing. Asserted on what a pass planned, with the
-    bound set far above or at zero, so no assertion depends on timing."""
+    handler does). Bounded: past REPORT_HOLD it runs without it; a report that changes
+    verdicts (an origin down or back: a failover) or carries check ages (a withdrawal
+    waiting) waits for nothing. Asserted on what a pass planned, with the bound set far
+    above or at zero, so no assertion depends on timing."""
     import asyncio
 
     import pytest
@@ -226,12 +227,14 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
 
-    def burst(name: str, hold: float, urgent: bool) -> tuple[str, bool]:
+    def burst(name: str, hold: float, kind: str) -> tuple[str, bool]:
         """sjc's report stored while fra's is being received (its us-west down): what sjc's
-        pass planned (sjc's reason; whether fra was still healthy, its report not in it)."""
+        pass planned (sjc's reason; whether fra was still healthy, its report not in it).
+        ``kind``: sjc's first report ("first"), or one onto its healthy report that changes
+        a verdict ("verdicts") or only carries check ages ("checks")."""
         now = [10.0]
         ctl = controller(tmp_path / name, now)
-        for pop in ("sjc", "fra", "sin"):
+        for pop in ("sjc", "fra", "sin") if kind != "first" else ("fra", "sin"):
             ctl.add_report(report(pop, True, now[0]))
         now[0] = 11.0
         monkeypatch.setattr(core, "REPORT_HOLD", hold)
@@ -252,9 +255,10 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
 
             arriving = asyncio.ensure_future(fra_arriving())
             await ready.wait()
-            sjc = dataclasses.replace(report("sjc", True, now[0]),  # (new verdicts: a pass to plan them)
-                                      origins={"game-global": {"us-west": True, "eu-central": None}})
-            if urgent:
+            sjc = report("sjc", True, now[0])
+            if kind == "verdicts":  # (eu-central unknown: healthy still, but a verdict changed)
+                sjc = dataclasses.replace(sjc, origins={"game-global": {"us-west": True, "eu-central": None}})
+            if kind == "checks":  # (the same verdicts)
                 sjc = dataclasses.replace(sjc, checks=PopReport.checks_at({"game-global": {"us-west": (0.1, None)}},
                                                                           now[0]))
             pending = ctl.accept_report(sjc)
@@ -276,6 +280,7 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
         finally:
             ctl.close()
 
-    assert burst("held", 3600.0, urgent=False) == ("healthy", False)  # one pass, fra's report in it
-    assert burst("urgent", 3600.0, urgent=True) == ("healthy", True)  # sjc's pass did not wait for fra
-    assert burst("bound", 0.0, urgent=False) == ("healthy", True)  # past the bound: not waited for
+    assert burst("held", 3600.0, "first") == ("healthy", False)  # one pass, fra's report in it
+    assert burst("verdicts", 3600.0, "verdicts") == ("healthy", True)  # sjc's pass did not wait for fra
+    assert burst("urgent", 3600.0, "checks") == ("healthy", True)  # nor with check ages
+    assert burst("bound", 0.0, "first") == ("healthy", True)  # past the bound: not waited for
