@@ -48,7 +48,11 @@ from .plans import PlanStore, PopPlan
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
-REPORT_HOLD = 0.5  # s: the longest a pass waits for reports still being received (see receiving())
+# s: the longest a pass waits for reports still being received (see receiving()). Only reports
+# that change no verdict wait (a POP's first, one after a stale one): 50 POPs' first full
+# reports take 1-2 s to parse on a loaded 2-vCPU machine, and a pass started among them takes
+# the GIL their parsing needs (0.5 s: the last answered after 6 s, the pass in the middle).
+REPORT_HOLD = 2.0
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
@@ -140,6 +144,7 @@ class Controller:
     _pending_timer: asyncio.Handle | None = None  # when that pass is asked for
     _pending_since: float = 0.0  # (loop time) when the first report waiting for it was stored
     _pending_urgent: bool = False  # a report waiting for it is urgent: it waits for no other
+    _pending_changed: bool = False  # a report waiting for it changed verdicts (or is urgent): not held
     _incoming: int = 0  # reports being received or parsed (receiving())
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
@@ -475,12 +480,14 @@ class Controller:
             return None
         loop = asyncio.get_running_loop()
         # A report with check ages (a failure starting or confirmed here, evidence asked of
-        # it) or whose verdicts changed (an origin went down or came back: a failover) is
-        # what a POP's withdrawal or a move is waiting for: planned in the next turn of the
-        # loop (reports already received share that pass), not after the batching delay nor
-        # held while others arrive (receiving()). compact_report keeps the previous report's
-        # mapping when the verdicts are equal, so an unchanged one is the same object.
-        urgent = bool(report.checks) or (previous is not None and report.origins is not previous.origins)
+        # it) is what a POP's withdrawal is waiting for: planned in the next turn of the
+        # loop (reports already received share that pass), not after the batching delay.
+        urgent = bool(report.checks)
+        # One whose verdicts changed (an origin went down or came back: a failover) is batched
+        # but never held while others are being received (receiving()). compact_report keeps
+        # the previous report's mapping when the verdicts are equal: the same object.
+        changed = previous is not None and report.origins is not previous.origins
+        self._pending_changed = self._pending_changed or changed or urgent
         if self._pending is None:
             self._pending = loop.create_future()
             self._pending_since, self._pending_urgent = loop.time(), urgent
@@ -600,11 +607,11 @@ class Controller:
 
     def _planned_reports(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._incoming and not self._pending_urgent and loop.time() - self._pending_since < REPORT_HOLD:
+        if self._incoming and not self._pending_changed and loop.time() - self._pending_since < REPORT_HOLD:
             self._pending_timer = loop.call_later(REPORT_BATCH, self._planned_reports)  # more on the way
             return
         done, self._pending, self._pending_timer = self._pending, None, None
-        self._pending_urgent = False
+        self._pending_urgent = self._pending_changed = False
         assert done is not None
         self._waiting.append(done)
         self.plan_soon()

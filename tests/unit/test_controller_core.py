@@ -216,8 +216,8 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
     """A burst (every POP reporting at once) is planned in one pass: the pass of the reports
     already stored waits while another is being received (``receiving()``, as the API's
     handler does). Bounded: past REPORT_HOLD it runs without it; a report that changes
-    verdicts (an origin down or back: a failover) or carries check ages (a withdrawal
-    waiting) waits for nothing. Asserted on what a pass planned, with the bound set far
+    verdicts (an origin down or back: a failover; batched, REPORT_BATCH) or carries check
+    ages (a withdrawal waiting) waits for no report still arriving. Asserted on what a pass planned, with the bound set far
     above or at zero, so no assertion depends on timing."""
     import asyncio
 
