@@ -263,9 +263,12 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
                                                                           now[0]))
             pending = ctl.accept_report(sjc)
             assert pending is not None
+            unplanned = reason("sjc")
             for _ in range(3):
                 await asyncio.sleep(0.02)  # past REPORT_BATCH: the pass would have run without the hold
+                ctl.plan_soon()  # the daemon's tick: it waits for a held burst too
             if not pending.done():
+                assert reason("sjc") == unplanned  # nothing planned sjc's report while held
                 received.set()
             await asyncio.shield(pending)
             planned = (reason("sjc"), reason("fra") == "healthy")
