@@ -14,8 +14,9 @@ previous, complete plan (then served POP by POP between turns of the loop: each 
 is whole, old or new, never part of one). ``replan()`` plans at once (tests, the CLI, operator actions).
 
 A report is acknowledged once stored (``accept_report``), not after its pass: the reports
-that arrive within REPORT_BATCH share the next pass, which also waits (up to REPORT_HOLD)
-while another report is still being received (``receiving()``: a burst is one pass), and
+that arrive within REPORT_BATCH share the next pass, which also waits while other reports are
+still being received and stored (``receiving()``, REPORT_HOLD: a burst is one pass; a report
+that changes verdicts is never held), and
 ``settled()`` waits for the pass that plans every report accepted so far (what the API's
 plan-showing reads wait for).
 """
