@@ -14,8 +14,9 @@ previous, complete plan (then served POP by POP between turns of the loop: each 
 is whole, old or new, never part of one). ``replan()`` plans at once (tests, the CLI, operator actions).
 
 A report is acknowledged once stored (``accept_report``), not after its pass: the reports
-that arrive within REPORT_BATCH share the next pass, which also waits (up to REPORT_HOLD)
-while another report is still being received (``receiving()``: a burst is one pass), and
+that arrive within REPORT_BATCH share the next pass, which also waits while other reports are
+still being received and stored (``receiving()``, REPORT_HOLD: a burst is one pass; a report
+that changes verdicts is never held), and
 ``settled()`` waits for the pass that plans every report accepted so far (what the API's
 plan-showing reads wait for).
 """
@@ -48,7 +49,15 @@ from .plans import PlanStore, PopPlan, SpecJson, as_spec_json
 
 log = logging.getLogger("controller.server")
 REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
-REPORT_HOLD = 0.5  # s: the longest a pass waits for reports still being received (see receiving())
+# s: while reports are being received (see receiving()), the pass of those stored waits until
+# none was stored for this long, and at most REPORT_HOLD_MAX s after the first. Only reports
+# that change no verdict wait (a POP's first, one after a stale one): 50 POPs' first full
+# reports take seconds to parse on a loaded 2-vCPU machine, and a pass started among them
+# took the GIL their parsing needed (a bound of 0.5 s after the first: the last answered
+# after 6-20 s, passes in the middle). A body that never comes stores nothing: it holds the
+# pass REPORT_HOLD s at most.
+REPORT_HOLD = 1.0
+REPORT_HOLD_MAX = 30.0
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
@@ -141,7 +150,9 @@ class Controller:
     _pending: asyncio.Future[None] | None = None  # the pass that will plan the reports received
     _pending_timer: asyncio.Handle | None = None  # when that pass is asked for
     _pending_since: float = 0.0  # (loop time) when the first report waiting for it was stored
+    _stored_at: float = 0.0  # (loop time) when the last report was stored
     _pending_urgent: bool = False  # a report waiting for it is urgent: it waits for no other
+    _pending_changed: bool = False  # a report waiting for it changed verdicts (or is urgent): not held
     _incoming: int = 0  # reports being received or parsed (receiving())
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
@@ -342,7 +353,7 @@ class Controller:
         self.config = ConfigStatus(revision=new.revision, loaded_at=self.clock(), failures=self.config.failures)
         log.info("desired state %s loaded: %d POP(s), %d VIP(s)", new.revision, len(new.pops), len(new.vips))
         self._new_revision(new)
-        self.plan_soon()
+        self._plan_soon()
 
     # --- config changes: the blast-radius budget and the staged rollout -------------------------
     def announced_pairs(self, vips: Iterable[FleetVip] | None = None) -> frozenset[change.Pair]:
@@ -432,7 +443,7 @@ class Controller:
         for pop in {p.name for p in self.desired.pops} - {p.name for p in new.pops}:
             self.reports.pop(pop, None)
         self._plan_composed(new)
-        self.plan_soon()
+        self._plan_soon()
 
     def _check_gate(self) -> None:
         if self.rollout.phase is not change.Phase.ROLLING:
@@ -473,6 +484,8 @@ class Controller:
         it is stored (it keeps the POP fresh) and the next pass sees it."""
         previous = self.reports.get(report.pop)
         report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
+        with contextlib.suppress(RuntimeError):  # (no loop: a test, the CLI)
+            self._stored_at = asyncio.get_running_loop().time()
         if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return None
@@ -481,8 +494,12 @@ class Controller:
         # it) is what a POP's withdrawal is waiting for, and one whose verdicts changed (an
         # origin back, a standby's health) is what a plan waits for: planned in the next turn
         # of the loop (reports already received share that pass), not after the batching
-        # delay nor while others are received. (A POP's first report is no change: a burst.)
-        urgent = bool(report.checks) or (previous is not None and previous.origins is not report.origins)
+        # delay, and never held while others are being received (receiving()). (A POP's first
+        # report is no change: a burst.) compact_report keeps the previous report's mapping
+        # when the verdicts are equal: the same object.
+        changed = previous is not None and report.origins is not previous.origins
+        urgent = bool(report.checks) or changed
+        self._pending_changed = self._pending_changed or urgent
         if self._pending is None:
             self._pending = loop.create_future()
             self._pending_since, self._pending_urgent = loop.time(), urgent
@@ -549,16 +566,24 @@ class Controller:
             ix = self._indexed = index(self.desired, ix)
         return ix
 
+    def _holding(self) -> bool:
+        """Whether the pass of the reports stored waits for others being received: a burst
+        of reports that change no verdict, still making progress (see REPORT_HOLD)."""
+        if self._pending is None or not self._incoming or self._pending_changed:
+            return False
+        now = asyncio.get_running_loop().time()
+        return now - self._stored_at < REPORT_HOLD and now - self._pending_since < REPORT_HOLD_MAX
+
     def _planned_reports(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._incoming and not self._pending_urgent and loop.time() - self._pending_since < REPORT_HOLD:
+        if self._holding():
             self._pending_timer = loop.call_later(REPORT_BATCH, self._planned_reports)  # more on the way
             return
         done, self._pending, self._pending_timer = self._pending, None, None
-        self._pending_urgent = False
+        self._pending_urgent = self._pending_changed = False
         assert done is not None
         self._waiting.append(done)
-        self.plan_soon()
+        self._plan_soon()
 
     def drain(self, pop: str) -> bool:
         """Start draining ``pop``; False if it is drained already. Durable before it counts:
@@ -667,8 +692,16 @@ class Controller:
     # --- planning ----------------------------------------------------------------------
     def plan_soon(self) -> None:
         """Plan what changed or came due, in the background of the running event loop (at
-        once when there is none: tests, the CLI). The serve loop's tick calls it too, as a
-        safety net: timers are scheduled on their own (``_schedule``)."""
+        once when there is none: tests, the CLI). The serve loop's tick calls it, as a safety
+        net: timers are scheduled on their own (``_schedule``). While a burst of reports is
+        held (``_holding``) the tick's pass is the burst's: it would plan the reports stored
+        so far in the middle of the burst, on the GIL the others' parsing needs."""
+        with contextlib.suppress(RuntimeError):  # (no running loop: nothing is held)
+            if self._holding():
+                return  # planned when the hold ends (_planned_reports)
+        self._plan_soon()
+
+    def _plan_soon(self) -> None:
         self._check_gate()
         try:
             loop = asyncio.get_running_loop()
@@ -874,7 +907,7 @@ class Controller:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # planning outside the server (tests, CLI): nothing to wake
             return
-        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self.plan_soon)
+        self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self._plan_soon)
 
     def _save(self) -> None:
         """Journal what changed since the last durable write: drains and generations by

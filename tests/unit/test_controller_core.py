@@ -217,10 +217,10 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
         tmp_path: Path, monkeypatch: object) -> None:
     """A burst (every POP reporting at once) is planned in one pass: the pass of the reports
     already stored waits while another is being received (``receiving()``, as the API's
-    handler does). Bounded: past REPORT_HOLD it runs without it; an urgent report (check
-    ages: a withdrawal waiting; verdicts that changed since the POP's last report) waits for
-    nothing. Asserted on what a pass planned, with the bound set far above or at zero, so no
-    assertion depends on timing."""
+    handler does). Bounded: past REPORT_HOLD it runs without it; a report that changes
+    verdicts (an origin down or back: a failover; batched, REPORT_BATCH) or carries check
+    ages (a withdrawal waiting) waits for no report still arriving. Asserted on what a pass planned, with the bound set far
+    above or at zero, so no assertion depends on timing."""
     import asyncio
 
     import pytest
@@ -229,14 +229,14 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
 
-    def burst(name: str, hold: float, sjc_report: str) -> tuple[str, bool]:
+    def burst(name: str, hold: float, kind: str) -> tuple[str, bool]:
         """sjc's report stored while fra's is being received (its us-west down): what sjc's
         pass planned (sjc's reason; whether fra was still healthy, its report not in it).
-        ``sjc_report``: "first" (sjc never reported before: a burst after a restart),
-        "changed" (its verdicts differ from its last report's), "checks" (with check ages)."""
+        ``kind``: sjc's first report ("first"), or one onto its healthy report that changes
+        a verdict ("verdicts") or only carries check ages ("checks")."""
         now = [10.0]
         ctl = controller(tmp_path / name, now)
-        for pop in ("fra", "sin") if sjc_report == "first" else ("sjc", "fra", "sin"):
+        for pop in ("sjc", "fra", "sin") if kind != "first" else ("fra", "sin"):
             ctl.add_report(report(pop, True, now[0]))
         now[0] = 11.0
         monkeypatch.setattr(core, "REPORT_HOLD", hold)
@@ -257,16 +257,20 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
 
             arriving = asyncio.ensure_future(fra_arriving())
             await ready.wait()
-            sjc = dataclasses.replace(report("sjc", True, now[0]),  # (new verdicts: a pass to plan them)
-                                      origins={"game-global": {"us-west": True, "eu-central": None}})
-            if sjc_report == "checks":
+            sjc = report("sjc", True, now[0])
+            if kind == "verdicts":  # (eu-central unknown: healthy still, but a verdict changed)
+                sjc = dataclasses.replace(sjc, origins={"game-global": {"us-west": True, "eu-central": None}})
+            if kind == "checks":  # (the same verdicts)
                 sjc = dataclasses.replace(sjc, checks=PopReport.checks_at({"game-global": {"us-west": (0.1, None)}},
                                                                           now[0]))
             pending = ctl.accept_report(sjc)
             assert pending is not None
+            unplanned = reason("sjc")
             for _ in range(3):
                 await asyncio.sleep(0.02)  # past REPORT_BATCH: the pass would have run without the hold
+                ctl.plan_soon()  # the daemon's tick: it waits for a held burst too
             if not pending.done():
+                assert reason("sjc") == unplanned  # nothing planned sjc's report while held
                 received.set()
             await asyncio.shield(pending)
             planned = (reason("sjc"), reason("fra") == "healthy")
@@ -282,6 +286,6 @@ def test_the_pass_of_stored_reports_waits_for_one_still_being_received_and_not_p
             ctl.close()
 
     assert burst("held", 3600.0, "first") == ("healthy", False)  # one pass, fra's report in it
-    assert burst("urgent", 3600.0, "checks") == ("healthy", True)  # sjc's pass did not wait for fra
-    assert burst("changed", 3600.0, "changed") == ("healthy", True)  # a verdict changed: no wait either
+    assert burst("verdicts", 3600.0, "verdicts") == ("healthy", True)  # sjc's pass did not wait for fra
+    assert burst("urgent", 3600.0, "checks") == ("healthy", True)  # nor with check ages
     assert burst("bound", 0.0, "first") == ("healthy", True)  # past the bound: not waited for
