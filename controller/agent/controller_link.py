@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from .decide import origin_health
 from .intent import Plan, PlanSource
@@ -84,11 +84,13 @@ async def follow_plans(agent: Agent, port: ControllerPort, wait: float,
                        on_state: Callable[[bool], None] = lambda ok: None,
                        backoff: Any = None, retry_now: asyncio.Event | None = None) -> None:
     """Long-poll the controller for newer plans and hand them to the agent, forever.
-    Failures back off exponentially (0.5 s doubling to 10 s, with jitter); ``retry_now``
-    (set when a health report got through) cuts the wait short: the controller is back,
-    and a withdrawal may be waiting for its answer, which comes with the plan."""
+    Failures back off exponentially (0.5 s doubling to 10 s, plus up to 1 s of jitter);
+    ``retry_now`` (set when a health report got through) cuts the wait short: the controller
+    is back, and a withdrawal may be waiting for its answer, which comes with the plan."""
     outage = _OutageLog("fetching the plan from the controller")
-    backoff = backoff if backoff is not None else wait_exponential_jitter(initial=0.5, max=10)
+    # (wait_exponential_jitter's ``initial`` is deprecated in tenacity 9 and its replacement,
+    # ``multiplier``, does not exist in tenacity 8, which we also support: the same curve)
+    backoff = backoff if backoff is not None else wait_exponential(multiplier=0.5, max=10) + wait_random(0, 1)
     retry_now = retry_now or asyncio.Event()
 
     async def pause(delay: float) -> None:
@@ -152,6 +154,11 @@ async def report_health(agent: Agent, port: ControllerPort, interval: float,
             if reached is not None:
                 reached.set()
         except ControllerUnavailable as exc:
+            outage.failed(exc)
+        except Exception as exc:  # noqa: BLE001 - input nobody foresaw must not end the task
+            # (as in follow_plans: a task that dies here would leave the controller with a
+            # stale report, and so withdrawals unconfirmed, until the agent restarts)
+            log.exception("reporting health failed unexpectedly; retrying")
             outage.failed(exc)
         try:
             await asyncio.wait_for(now.wait(), interval)

@@ -526,6 +526,32 @@ def test_health_report_gives_per_origin_verdicts_and_announcements(tmp_path: Pat
     run(scenario())
 
 
+def test_report_health_keeps_reporting_after_an_unexpected_error(tmp_path: Path) -> None:
+    """An exception nobody foresaw (not ControllerUnavailable) in one report does not end the
+    reporting task: the next report is still sent (a dead task leaves the controller with a
+    stale report, and this POP's withdrawals unconfirmed, until the agent restarts)."""
+    async def scenario() -> None:
+        agent, _, _, _ = make_agent(controller_config(tmp_path))
+        agent.apply_plan(controller_plan(3))
+        sent: list[HealthReport] = []
+        calls = [0]
+
+        class Flaky(FakePort):
+            async def report(self, report: HealthReport) -> None:
+                calls[0] += 1
+                if calls[0] == 1:
+                    raise RuntimeError("Session is closed")
+                sent.append(report)
+
+        task = asyncio.create_task(report_health(agent, Flaky([]), 0.01))
+        await asyncio.wait_for(_until(lambda: bool(sent)), 60)
+        assert not task.done()
+        task.cancel()
+        assert calls[0] >= 2 and sent[0].pop == "sjc"
+
+    run(scenario())
+
+
 def test_withdrawal_waits_for_the_controller_which_confirms_or_holds(tmp_path: Path) -> None:
     """With a reachable controller, a local failure is reported at once and the withdrawal
     waits (a few seconds at most) for the controller's verdict."""
