@@ -312,6 +312,15 @@ def _exchange(tls: ssl.SSLSocket, path: str, token: str) -> tuple[int, bytes]:
     return int(head.split()[1]), head
 
 
+def _accepted_by(pid: int, raw: socket.socket) -> bool:
+    """Whether process ``pid`` holds the server side of ``raw`` (``ss -p`` names a socket's
+    process only once it has been accept()ed)."""
+    port = raw.getsockname()[1]
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return f"pid={pid}," in out
+
+
 def test_a_connection_accepted_by_a_follower_that_then_leads_is_not_kept_on_the_follower(
         tmp_path: Path, etcd: EtcdMember, ctls: list[Ctl]) -> None:
     """A connection accepted while a controller was a follower, whose TLS handshake ends after
@@ -324,8 +333,13 @@ def test_a_connection_accepted_by_a_follower_that_then_leads_is_not_kept_on_the_
     ctls += [Ctl(tmp_path, n, config).start() for n in ("c1", "c2")]
     leader = wait_for(lambda: next((c for c in ctls if c.role() == "leader"), None), HANG_GUARD, desc="a leader")
     follower = next(c for c in ctls if c is not leader)
-    raw = socket.create_connection(("127.0.0.1", follower.port), timeout=HANG_GUARD)  # accepted, no handshake yet
+    raw = socket.create_connection(("127.0.0.1", follower.port), timeout=HANG_GUARD)  # no handshake yet
     try:
+        # Accepted by the follower's process (not only queued by the kernel: a connection still
+        # in the listen queue when the listener closes is reset, and this case never arises).
+        assert follower.proc is not None
+        wait_for(lambda: _accepted_by(follower.proc.pid if follower.proc else -1, raw), HANG_GUARD,
+                 desc="the follower accepted the raw connection")
         leader.kill()
         wait_for(lambda: follower.role() == "leader", HANG_GUARD, desc="the follower leads")
         with client_ssl().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
