@@ -48,8 +48,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from ..config.desired_model import DesiredState, FleetVip
-from .model import NEW, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, UniformItems, VipMemory
-from .planner import VipPlan, no_memory, plan_vip
+from .model import NEW, STEADY, Alarm, PlanItem, PlannerState, PopReport, PopVipMemory, UniformItems, VipMemory
+from .planner import FreshMemo, VipPlan, no_memory, plan_vip
 
 Verdicts = Mapping[str, bool | None]
 _V = TypeVar("_V")
@@ -134,7 +134,7 @@ class Pass:
     staged: dict[str, VipPlan] = field(default_factory=dict)  # planned so far, not yet visible
     # (publish list, report_stale_after) -> its fresh reports: the same for every VIP with
     # that publish list and policy in this pass (planner.plan_vip's step 1, computed once)
-    fresh: dict[tuple[tuple[str, ...], float], Mapping[str, PopReport]] = field(default_factory=dict)
+    fresh: FreshMemo = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,13 +362,21 @@ class Engine:
         name = fv.name
         prev = self.plans.get(name)
         if prev is not None:
-            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared, fresh=p.fresh)
+            # STEADY or NEW at every POP (the planner's uniform VIPs): no per-POP memory, and
+            # a default that is one of the two (NEW where it was not published)
+            steady = not prev.pop_memory and (prev.default is STEADY or prev.default is NEW)
+            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared, fresh=p.fresh,
+                            steady=steady)
         boot = self._boot
         if boot is None:
             return plan_vip(fv, p.reports, p.drains, p.now, None, no_memory, {}, fresh=p.fresh)
         pop_vips = boot.pop_vips
+        # (The pass after a restart: the loaded memories at its POPs looked up in C, compared
+        # by identity with the two shared objects the store loads steady pairs as.)
+        loaded = set(map(id, map(pop_vips.get, zip(fv.publish, itertools.repeat(name)), itertools.repeat(NEW))))
         return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
-                        lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh)
+                        lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh,
+                        steady=loaded <= _STEADY_OR_NEW)
 
     def commit(self, p: Pass) -> Changes:
         """Make the pass's plans the current ones, all at once."""
@@ -377,6 +385,11 @@ class Engine:
         desired_changed, self._desired_changed = self._desired_changed, False
         # pop -> the new items (vip -> item); a defaultdict: no empty dict made per pair
         changed: collections.defaultdict[str, dict[str, PlanItem]] = collections.defaultdict(dict)
+        # The VIPs whose one item is new at every POP of an unchanged list of POPs (a cold
+        # start, the pass after a restart, a VIP healthy everywhere that moves): by list (its
+        # shared key dict), vip -> item, merged into each of those POPs' mappings in C instead
+        # of one Python step per pair (30 million at 100,000 VIPs x 300 POPs).
+        uniform: dict[int, tuple[Mapping[str, None], dict[str, PlanItem]]] = {}
         gone: dict[str, list[str]] = {}
         memory: set[str] = set()
         notes: dict[str, tuple[str | None, str]] = {}
@@ -397,11 +410,21 @@ class Engine:
         for name, vp in p.staged.items():
             old = self.plans.get(name)
             self.plans[name] = vp
-            if old is None:
-                for pop, item in vp.items.items():
+            new_items = vp.items
+            was = old.items if old is not None else None
+            if isinstance(new_items, UniformItems) and (was is None or isinstance(was, UniformItems)
+                                                        and was.pops is new_items.pops):
+                if not isinstance(was, UniformItems) or was.item is not new_items.item:
+                    keys = new_items.pops
+                    merged = uniform.get(id(keys))
+                    if merged is None:
+                        merged = uniform[id(keys)] = (keys, {})
+                    merged[1][name] = new_items.item
+            elif old is None:
+                for pop, item in new_items.items():
                     changed[pop][name] = item
             else:
-                old_items, new_items = old.items, vp.items
+                old_items = old.items
                 # (the steady state: the same shared item at the same POPs, nothing to walk)
                 if not (isinstance(old_items, UniformItems) and isinstance(new_items, UniformItems)
                         and old_items.item is new_items.item and old_items.pops is new_items.pops):
@@ -448,6 +471,8 @@ class Engine:
                 self._wake[name] = vp.wake_at
                 heapq.heappush(self._heap, (vp.wake_at, name))
         pops = {pop for pop, new_items in changed.items() if new_items} | set(gone)
+        for keys, _ in uniform.values():
+            pops.update(keys)
         if desired_changed and self.desired is not None:
             known = {pop.name for pop in self.desired.pops}
             for pop in known - set(self.items):
@@ -459,6 +484,9 @@ class Engine:
         built: list[dict[str, PlanItem]] = []  # this commit's distinct mappings (a few kept)
         for pop in sorted(pops):
             items = dict(self.items.get(pop, {}))
+            for keys, news in uniform.values():
+                if pop in keys:
+                    items.update(news)
             items.update(changed.get(pop, {}))
             for name in gone.get(pop, ()):
                 items.pop(name, None)
@@ -513,6 +541,9 @@ class Engine:
         (O(VIPs) pointers, not O(pairs))."""
         frozen = _Frozen(dict(self.plans))
         return PlannerState(_VipMemoryView(frozen, self.version), _PairMemoryView(frozen, self.version))
+
+
+_STEADY_OR_NEW = {id(STEADY), id(NEW)}
 
 
 def _members(groups: Mapping[tuple[str, ...], set[str]]) -> Iterator[str]:
