@@ -73,8 +73,9 @@ class _World:
                 continue
             origins[fv.name] = {o.region: self.local.get((pop, fv.name, o.region), (fv.name, o.region) not in self.down)
                                 for o in fv.vip.origins}
-            if self.rng.random() < 0.01:
-                checks[fv.name] = {o.region: OriginChecks(now - 0.2, None) for o in fv.vip.origins}
+            if self.rng.random() < 0.02:  # check times, failing now and then (fall not reached yet)
+                failing = now - 0.1 if self.rng.random() < 0.5 else None
+                checks[fv.name] = {o.region: OriginChecks(now - 0.2, failing) for o in fv.vip.origins}
         return PopReport(pop, now, 1, origins, {name: True for name in origins}, checks)
 
 
