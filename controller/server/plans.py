@@ -194,7 +194,8 @@ class PlanStore:
             recent = shared.get(name)
             new = (recent[0] if recent is not None and recent[0].item is item and recent[0].spec_hash == h
                    else self._entry(name, item, h))
-            if e is not None and (e is new or e.material() == new.material()):
+            # (Not for a first plan from the donor's: made from nothing, it has this item.)
+            if e is not None and (e is new or pp is not None and e.material() == new.material()):
                 kept_older |= e.item is not item
                 continue
             updates[name] = new

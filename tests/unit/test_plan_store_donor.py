@@ -78,7 +78,9 @@ def _run(seed: int) -> dict[str, int]:
     return stats
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+# 38740: the clock's seed that found a first plan keeping the donor's entry for an item with
+# the same material but its own sentence (an existing plan keeps it; one made from nothing not).
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 38740])
 def test_a_pops_first_plan_from_another_equals_one_made_from_nothing(seed: int) -> None:
     stats = _run(seed)
     # New POPs arrived while others' plans were exact and while some kept older explanations.
