@@ -164,6 +164,10 @@ class Engine:
         self._settling: dict[str, float] = {}  # vip -> settle_at
         self._countdown: set[str] = set()
         self._dirty: set[str] = set()
+        # Every VIP of the desired state is dirty already (its first one: a cold start, a
+        # restart): reports mark nothing more (300 reports marked 100,000 VIPs each: 30
+        # million set insertions, ~4 CPU s, in the first pass at 100,000 x 300).
+        self._everything = False
         self._wake: dict[str, float] = {}  # vip -> its current wake-up (heap entries that differ are stale)
         self._heap: list[tuple[float, str]] = []
         self._reports: dict[str, PopReport] = {}
@@ -215,6 +219,7 @@ class Engine:
         self._removed |= frozenset(name for name in old if name not in fleet)
         self._removed -= fleet.keys()
         self._dirty -= self._removed
+        self._everything = len(self._dirty) >= len(fleet) and self._dirty.issuperset(fleet)
         self._fleet = fleet
         self._order = dict(zip(fleet, range(len(fleet))))
         # The index POP -> report_stale_after -> VIPs, updated for the VIPs that changed only
@@ -279,6 +284,8 @@ class Engine:
             was = fresh.get(s, False) and old is not None
             now_fresh = now - report.received_at <= s
             fresh[s] = now_fresh
+            if self._everything:
+                continue  # (nothing to mark: the freshness above is all that changes)
             if was != now_fresh:
                 self._dirty.update(names)
             elif now_fresh and not same:
@@ -340,7 +347,7 @@ class Engine:
         count down, so that their explanations are re-rendered). Call ``mark`` first."""
         assert self.desired is not None, "mark() gives the engine its first desired state"
         names = self._dirty | self._countdown if refresh else self._dirty
-        self._dirty = set()
+        self._dirty, self._everything = set(), False
         order = self._order
         ordered = tuple(sorted((n for n in names if n in order), key=order.__getitem__))
         return Pass(now, self.desired, dict(self._reports), dict(self._drains), self._fleet, ordered)

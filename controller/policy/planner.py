@@ -48,6 +48,7 @@ differential test compares with.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Mapping
@@ -209,11 +210,15 @@ def _common_verdicts(origins: tuple[Mapping[str, Verdicts], ...]) -> dict[str, V
     in chunks of VIPs (a bounded transient: 300 reports x a chunk, not x 100,000)."""
     n = len(origins)
     names = list(origins[0])
+    # A report whose VIPs are in the first one's order is read in order (its values, one
+    # after the other in memory), the others by name.
+    ordered = [iter(o.values()) if len(o) == len(names) and list(o) == names else None for o in origins]
     out: dict[str, Verdicts] = {}
     step = 8192
     for i in range(0, len(names), step):
         chunk = names[i:i + step]
-        rows = zip(*[list(map(o.get, chunk)) for o in origins])
+        rows = zip(*[list(itertools.islice(it, step)) if it is not None else list(map(o.get, chunk))
+                     for o, it in zip(origins, ordered)])
         out.update((name, row[0]) for name, row in zip(chunk, rows) if row[0] is not None and row.count(row[0]) == n)
     return out
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
+import operator
 import zlib
 from collections import deque
 from collections.abc import Collection, Mapping
@@ -174,7 +176,8 @@ class PlanStore:
             assert hint is not None
             candidates = [name for name in hint[2] if name in items]
         else:
-            candidates = [name for name, item in items.items() if get_item(name) is not item]
+            # (in C: no Python step per VIP, 30 million at a cold start of 100,000 x 300)
+            candidates = list(itertools.compress(items, map(operator.is_not, items.values(), map(get_item, items))))
         if not same_specs and not hinted:
             listed = set(candidates)
             candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
