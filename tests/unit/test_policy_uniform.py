@@ -22,6 +22,7 @@ from controller.policy.engine import Engine, compact_report
 from controller.policy.model import OriginChecks, PlannerState, PopReport, UniformItems
 from controller.policy.planner import VipPlan, plan_all, result_of
 from controller.server.store import planner_from_json, planner_to_json
+from tests.helpers.oracle import assert_same_as_oracle
 from tests.helpers.random_fleet import BASE, random_policy, random_steering
 from tests.helpers.seeds import with_clock_seed
 
@@ -150,12 +151,7 @@ def _run(seed: int, counts: dict[str, int]) -> dict[str, int]:
         full = result_of(desired, plans)
         oracle = full.state
         where = f"seed {seed}, step {step}, t={now}"
-        assert engine.items == full.pops, where
-        assert engine.notes == full.notes, where
-        assert engine.alarms() == full.alarms, where
-        assert engine.state() == full.state, where
-        assert engine.settle_at() == full.wake_at, where
-        assert {n: vp.wake_at for n, vp in engine.plans.items()} == {vp.name: vp.wake_at for vp in plans}, where
+        assert_same_as_oracle(engine, full, plans, where)
         stats["uniform_items"] += sum(isinstance(vp.items, UniformItems) for vp in engine.plans.values())
     return stats
 
