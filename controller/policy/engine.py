@@ -33,7 +33,10 @@ complete, plan; inputs that arrive meanwhile are marked for the next pass.
 
 Compact by construction: a POP's plan is one dict of VIP -> item whose values are mostly
 the VIP's shared items (the same object at every POP); per-pair memory is kept only where
-it differs from the VIP's default (STEADY in the steady state: nothing per pair).
+it differs from the VIP's default (STEADY in the steady state: nothing per pair). A VIP with
+one item at every POP (``UniformItems``: planned once for all of them, see planner.py) is
+merged into its POPs' mappings by one ``dict.update`` per publish list at commit, not pair by
+pair (a cold start at 100,000 VIPs x 300 POPs).
 """
 
 from __future__ import annotations

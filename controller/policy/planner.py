@@ -43,6 +43,11 @@ or a failback hold-down ends, or a flap is forgotten), which is what lets ``engi
 re-plan only the VIPs whose inputs changed or whose time came. ``plan()`` plans every VIP;
 ``full_plan()`` does too without the two shortcuts below, as the oracle that the engine's
 differential test compares with.
+
+Most VIPs, most of the time, have the same inputs at every POP (every POP fresh with equal
+verdicts, STEADY or NEW memory, nothing drained): ``_plan_uniform`` plans such a VIP once for
+all its POPs (one shared item, ``UniformItems``), and declines for any other, which is then
+planned POP by POP. The oracle never takes it (tests/unit/test_policy_uniform.py).
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ def plan_all(desired: DesiredState, reports: Mapping[str, PopReport], drains: Ma
 def full_plan(desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
               now: float, previous: PlannerState) -> PlanResult:
     """The oracle: every VIP, every POP on the long path (no shortcut for steady or silent
-    POPs). What the incremental engine must equal."""
+    POPs, no VIP planned once for all its POPs). What the incremental engine must equal."""
     return plan(desired, reports, drains, now, previous, shortcuts=False)
 
 
