@@ -323,6 +323,26 @@ def _one_change_passes(ctl: Any, n: int) -> dict[str, Any]:
     return summary(times, 4)
 
 
+class _GcClock:
+    """CPU seconds spent in the garbage collector's passes (gc.callbacks), so that a step's
+    figure says how much of it was a full collection that happened to fall in it (one over
+    a 5 GB heap takes seconds, and when it comes depends on every allocation before)."""
+
+    def __init__(self) -> None:
+        self.total, self.passes, self._start = 0.0, 0, 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.process_time()
+        else:
+            self.total += time.process_time() - self._start
+            self.passes += info.get("generation") == 2
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._tick)
+
+
 def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     """The incremental engine alone (no YAML, no HTTP, no plan bodies: what the planning
     side costs at a size the daemon's other parts cannot hold yet): a desired state built
@@ -336,6 +356,7 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     from controller.policy.model import PopReport
 
     gc.set_threshold(100_000, 50, 100)  # as the daemon runs
+    gc_clock = _GcClock()
     out: dict[str, Any] = {"vips": nvips, "pops": npops, "pairs": nvips * npops,
                            "rss_mb_start": _status_mb("self", "VmRSS"), "load_average_start": load_average()}
     base = load_desired(str(ROOT / "configs" / "controller"), "bench")
@@ -360,10 +381,11 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     out["reports_cpu_s"] = round(time.process_time() - c, 2)
     out["rss_mb_after_reports"] = _status_mb("self", "VmRSS")
     engine = Engine()
-    t, c = time.perf_counter(), time.process_time()
+    t, c, g = time.perf_counter(), time.process_time(), gc_clock.total
     changes = engine.run(desired, reports, {}, now)
     out["first_plan_s"] = round(time.perf_counter() - t, 2)
     out["first_plan_cpu_s"] = round(time.process_time() - c, 2)
+    out["first_plan_gc_cpu_s"] = round(gc_clock.total - g, 2)
     out["first_plan_vips"] = len(changes.planned)
     out["rss_mb_after_first_plan"] = _status_mb("self", "VmRSS")
     # What the daemon serves from the plan: every POP's served plan (plans.PlanStore), from
@@ -371,19 +393,21 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     from controller.config.serialize import vip_to_dict
     from controller.server.plans import PlanStore
 
-    t, c = time.perf_counter(), time.process_time()
+    t, c, g = time.perf_counter(), time.process_time(), gc_clock.total
     spec_dicts = {fv.name: vip_to_dict(fv.vip) for fv in vips}
     served = PlanStore()
     for p in pops:
         served.serve(p.name, engine.items[p.name], spec_dicts, desired.revision, 0, desired)
     out["serve_all_s"] = round(time.perf_counter() - t, 2)
     out["serve_all_cpu_s"] = round(time.process_time() - c, 2)
+    out["serve_all_gc_cpu_s"] = round(gc_clock.total - g, 2)
     out["rss_mb_after_serving"] = _status_mb("self", "VmRSS")
 
-    t, c = time.perf_counter(), time.process_time()
+    t, c, g = time.perf_counter(), time.process_time(), gc_clock.total
     changes = engine.run(desired, reports, {}, now + 2)  # the settle windows end: confirmed
     out["settled_s"] = round(time.perf_counter() - t, 3)
     out["settled_cpu_s"] = round(time.process_time() - c, 3)
+    out["settled_gc_cpu_s"] = round(gc_clock.total - g, 3)
     out["settled_vips"] = len(changes.planned)
 
     fv = vips[0]
@@ -420,6 +444,8 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["load_average_end"] = load_average()
     out["process_cpu_s"] = round(time.process_time(), 1)
+    out["gc_cpu_s"], out["gc_full_passes"] = round(gc_clock.total, 2), gc_clock.passes
+    gc_clock.close()
     return out
 
 

@@ -148,13 +148,19 @@ class UniformItems(Mapping[str, PlanItem]):
         first = next(values)
         if any(v is not first for v in values):
             return items
-        key = tuple(items)
-        pops = _POP_KEYS.get(key)
-        if pops is None:
+        return UniformItems.over(tuple(items), first)
+
+    @staticmethod
+    def over(pops: tuple[str, ...], item: PlanItem) -> Mapping[str, PlanItem]:
+        """``item`` at every one of ``pops`` (distinct): what ``of`` makes of that dict."""
+        if len(pops) < 8:
+            return dict.fromkeys(pops, item)
+        keys = _POP_KEYS.get(pops)
+        if keys is None:
             if len(_POP_KEYS) > 10_000:  # a bound, not a cache policy: publish lists are few
                 _POP_KEYS.clear()
-            pops = _POP_KEYS[key] = dict.fromkeys(key)
-        return UniformItems(pops, first)
+            keys = _POP_KEYS[pops] = dict.fromkeys(pops)
+        return UniformItems(keys, item)
 
     def __getitem__(self, pop: str) -> PlanItem:
         if pop in self.pops:

@@ -86,24 +86,25 @@ def down_needed(policy: FailoverPolicy, publish_domains: int, verdicts: int) -> 
 
 
 def origin_views(vip: Vip, verdicts_by_pop: Mapping[str, Mapping[str, bool | None]],
-                 policy: FailoverPolicy, publish_domains: int) -> dict[str, OriginView]:
+                 policy: FailoverPolicy, publish_domains: int, weight: int = 1) -> dict[str, OriginView]:
     """Each origin's status as the fresh reports of the VIP's publish domains see it
     (``verdicts_by_pop``: POP -> that POP's verdict per origin region of this VIP). A
     quorum seeing it down but fewer than ``min_down`` POPs is unknown: not enough POPs to
-    call it down, and those that tell do not call it up."""
+    call it down, and those that tell do not call it up. ``weight``: each entry stands for
+    that many POPs with the same verdicts (the planner's uniform VIPs: one entry, not 300)."""
     views = {}
     floor = min_down(policy, publish_domains)
     for origin in vip.origins:
         region = origin.region
         verdicts = [v for o in verdicts_by_pop.values() if (v := o.get(region)) is not None]
-        down = verdicts.count(False)
-        if len(verdicts) < policy.min_reporting_pops:
+        seen, down = len(verdicts) * weight, verdicts.count(False) * weight
+        if seen < policy.min_reporting_pops:
             status = UNKNOWN
-        elif down / len(verdicts) >= policy.quorum:
+        elif down / seen >= policy.quorum:
             status = DOWN if down >= floor else UNKNOWN
         else:
             status = UP
-        views[region] = OriginView(status, down, len(verdicts))
+        views[region] = OriginView(status, down, seen)
     return views
 
 

@@ -21,6 +21,7 @@ from controller.config.desired_model import DesiredState, FleetVip, PopSpec
 from controller.policy.engine import Engine, compact_report
 from controller.policy.model import PlannerState, PopReport
 from controller.policy.planner import plan_all, result_of
+from tests.helpers.oracle import assert_same_as_oracle
 from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
 
 STEPS = 2500
@@ -64,12 +65,7 @@ def _run(seed: int, steer: bool = False) -> tuple[dict[str, int], set[str]]:
         stats["engine_planned"] += len(changes.planned)
         stats["oracle_planned"] += len(plans)
         where = f"seed {seed}, step {step}, t={now}"
-        assert engine.items == full.pops, where
-        assert engine.notes == full.notes, where
-        assert engine.alarms() == full.alarms, where
-        assert engine.state() == full.state, where
-        assert engine.settle_at() == full.wake_at, where
-        assert {n: vp.wake_at for n, vp in engine.plans.items()} == {vp.name: vp.wake_at for vp in plans}, where
+        assert_same_as_oracle(engine, full, plans, where)
         reasons |= {i.reason for items in full.pops.values() for i in items.values()}
         reasons |= {a.kind for a in full.alarms}
         reasons |= {vp.outcome for vp in plans}
