@@ -135,6 +135,24 @@ class Pass:
     # (publish list, report_stale_after) -> its fresh reports: the same for every VIP with
     # that publish list and policy in this pass (planner.plan_vip's step 1, computed once)
     fresh: dict[tuple[tuple[str, ...], float], Mapping[str, PopReport]] = field(default_factory=dict)
+    # what commit() will change, worked out in slices (Engine.prepare): none yet, or one
+    prepared: list[_Prepared] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    """What a pass's commit changes at each POP, computed by ``Engine.prepare`` from the
+    current plans and items before the commit (which makes it visible): the commit of a
+    cold start or a burst of first reports was one piece of 500,000 pairs on the event loop."""
+
+    passes: int  # Engine.passes when it began: a commit in between makes it stale (redone)
+    changed: collections.defaultdict[str, dict[str, PlanItem]] = field(
+        default_factory=lambda: collections.defaultdict(dict))  # pop -> vip -> new item
+    gone: dict[str, list[str]] = field(default_factory=dict)  # pop -> VIPs no longer there
+    done_vips: int = 0  # staged VIPs walked so far (in p.staged's order)
+    pops: list[str] | None = None  # the POPs whose mapping is yet to be built (None: not listed yet)
+    built: dict[str, dict[str, PlanItem]] = field(default_factory=dict)  # pop -> its new mapping
+    shared: list[dict[str, PlanItem]] = field(default_factory=list)  # distinct mappings (a few kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,37 +388,33 @@ class Engine:
         return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
                         lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh)
 
-    def commit(self, p: Pass) -> Changes:
-        """Make the pass's plans the current ones, all at once."""
-        assert len(p.staged) == len(p.names), "commit() after compute() returned True"
-        removed, self._removed = self._removed, frozenset()
-        desired_changed, self._desired_changed = self._desired_changed, False
-        # pop -> the new items (vip -> item); a defaultdict: no empty dict made per pair
-        changed: collections.defaultdict[str, dict[str, PlanItem]] = collections.defaultdict(dict)
-        gone: dict[str, list[str]] = {}
-        memory: set[str] = set()
-        notes: dict[str, tuple[str | None, str]] = {}
-        alarms_before = {(a.kind, a.vip) for a in self._alarm_tuple}
-        alarms_changed = False
-        for name in removed:
-            old = self.plans.pop(name, None)
-            if old is None:
-                continue
-            for pop in old.items:
-                gone.setdefault(pop, []).append(name)
-            self.notes.pop(name, None)
-            alarms_changed |= self._alarms.pop(name, None) is not None
-            self._settling.pop(name, None)
-            self._countdown.discard(name)
-            self._wake.pop(name, None)
-            memory.add(name)
-        for name, vp in p.staged.items():
-            old = self.plans.get(name)
-            self.plans[name] = vp
-            if old is None:
-                for pop, item in vp.items.items():
-                    changed[pop][name] = item
-            else:
+    def prepare(self, p: Pass, budget_s: float | None = None) -> bool:
+        """Work out, for about ``budget_s`` seconds (None: all), what ``commit(p)`` changes at
+        each POP: the changed items and each changed POP's new mapping. Nothing visible
+        changes (the commit makes it so, at once); True when done. Optional: ``commit``
+        finishes it (or redoes it, if another pass committed in between)."""
+        assert len(p.staged) == len(p.names), "prepare() after compute() returned True"
+        prep = p.prepared[0] if p.prepared else None
+        if prep is None or prep.passes != self.passes:
+            prep = _Prepared(self.passes)
+            p.prepared[:] = [prep]
+            for name in self._removed:
+                old = self.plans.get(name)
+                for pop in old.items if old is not None else ():
+                    prep.gone.setdefault(pop, []).append(name)
+        start = time.perf_counter() if budget_s is not None else 0.0
+        changed, gone, plans = prep.changed, prep.gone, self.plans
+        if prep.pops is None:
+            staged = p.staged
+            names = p.names
+            for i in range(prep.done_vips, len(names)):
+                name = names[i]
+                vp = staged[name]
+                old = plans.get(name)
+                if old is None:
+                    for pop, item in vp.items.items():
+                        changed[pop][name] = item
+                    continue
                 old_items, new_items = old.items, vp.items
                 # (the steady state: the same shared item at the same POPs, nothing to walk)
                 if not (isinstance(old_items, UniformItems) and isinstance(new_items, UniformItems)
@@ -415,11 +429,61 @@ class Engine:
                         for pop, item in new_items.items():
                             if get(pop) is not item:
                                 changed[pop][name] = item
-            if old is not None:
-                new_pops = vp.items.keys()
-                for pop in old.items:
+                new_pops = new_items.keys()
+                for pop in old_items:
                     if pop not in new_pops:
                         gone.setdefault(pop, []).append(name)
+                if budget_s is not None and i % 64 == 63 and time.perf_counter() - start >= budget_s:
+                    prep.done_vips = i + 1
+                    return False
+            prep.done_vips = len(names)
+            prep.pops = sorted({pop for pop, new_items in changed.items() if new_items} | set(gone), reverse=True)
+        while prep.pops:
+            pop = prep.pops.pop()
+            items = dict(self.items.get(pop, {}))
+            items.update(changed.get(pop, {}))
+            for name in gone.get(pop, ()):
+                items.pop(name, None)
+            # POPs whose items are the same objects (a VIP's shared items: healthy everywhere)
+            # share one mapping (read-only, replaced on change): 50 POPs x 10,000 VIPs were
+            # 50 dicts of 10,000 pointers (~10 MB). One comparison in C each.
+            same = next((b for b in prep.shared if len(b) == len(items) and b == items), None)
+            if same is not None:
+                items = same
+            elif len(prep.shared) < 2:
+                prep.shared.append(items)
+            prep.built[pop] = items
+            if budget_s is not None and time.perf_counter() - start >= budget_s:
+                return not prep.pops
+        return True
+
+    def commit(self, p: Pass) -> Changes:
+        """Make the pass's plans the current ones, all at once."""
+        assert len(p.staged) == len(p.names), "commit() after compute() returned True"
+        self.prepare(p)  # (what is left of it, or all of it)
+        prep = p.prepared[0]
+        removed, self._removed = self._removed, frozenset()
+        desired_changed, self._desired_changed = self._desired_changed, False
+        # pop -> the new items (vip -> item), and the VIPs gone from it: from prepare()
+        changed, gone = prep.changed, prep.gone
+        memory: set[str] = set()
+        notes: dict[str, tuple[str | None, str]] = {}
+        alarms_before = {(a.kind, a.vip) for a in self._alarm_tuple}
+        alarms_changed = False
+        for name in removed:
+            old = self.plans.pop(name, None)
+            if old is None:
+                continue
+            self.notes.pop(name, None)
+            alarms_changed |= self._alarms.pop(name, None) is not None
+            self._settling.pop(name, None)
+            self._countdown.discard(name)
+            self._wake.pop(name, None)
+            memory.add(name)
+        for name, vp in p.staged.items():
+            old = self.plans.get(name)
+            self.plans[name] = vp
+            if old is not None:
                 if (old.memory != vp.memory or old.default is not vp.default
                         or old.pop_memory != vp.pop_memory or old.items.keys() != vp.items.keys()):
                     memory.add(name)  # (a POP added to or removed from its publish list adds or drops a pair)
@@ -456,21 +520,8 @@ class Engine:
             for pop in set(self.items) - known:
                 del self.items[pop]
                 pops.discard(pop)
-        built: list[dict[str, PlanItem]] = []  # this commit's distinct mappings (a few kept)
         for pop in sorted(pops):
-            items = dict(self.items.get(pop, {}))
-            items.update(changed.get(pop, {}))
-            for name in gone.get(pop, ()):
-                items.pop(name, None)
-            # POPs whose items are the same objects (a VIP's shared items: healthy everywhere)
-            # share one mapping (read-only, replaced on change): 50 POPs x 10,000 VIPs were
-            # 50 dicts of 10,000 pointers (~10 MB). One comparison in C each.
-            same = next((b for b in built if len(b) == len(items) and b == items), None)
-            if same is not None:
-                items = same
-            elif len(built) < 2:
-                built.append(items)
-            self.items[pop] = items
+            self.items[pop] = prep.built.get(pop) or {}  # (a POP new to the desired state: empty)
         if alarms_changed:
             order = self._order
             self._alarm_tuple = tuple(a for name in sorted(self._alarms, key=lambda n: order.get(n, math.inf))

@@ -1,0 +1,356 @@
+"""The daemon's journal writes off the event loop (issue 10's stalls): a pass's comparison,
+JSON and fsync run in a thread, one write at a time, and a plan's answer still leaves only
+once its generation is durable; a compaction's snapshot is written in another thread while
+passes go on; a full disk raises the alarm and loses nothing; a crash at any of these
+moments reads back a state that was acknowledged. Faults and crashes are injected through
+fsync (a gate that holds a thread) and by reading the state directory as a restart would
+while a write is held. The engine's commit prepared in slices equals the commit in one."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import os
+import random
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controller.config.desired import load_desired
+from controller.config.desired_model import PopSpec
+from controller.policy.engine import Engine, compact_report
+from controller.policy.model import PlannerState, PopReport
+from controller.server import store
+from controller.server.core import RETRY, Controller
+from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
+from tests.helpers.waiting import check, until
+
+ROOT = Path(__file__).resolve().parents[2]
+DESIRED = load_desired(str(ROOT / "configs" / "controller"), "rev1")
+
+
+def controller(state_dir: Path, now: list[float], **kw: object) -> Controller:
+    desired = dataclasses.replace(DESIRED, state_dir=str(state_dir))
+    return Controller(desired, clock=lambda: now[0], **kw)  # type: ignore[arg-type]
+
+
+def report(pop: str, usw: bool | None, at: float) -> PopReport:
+    """game-global's us-west origin as ``usw`` says, everything else healthy."""
+    return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": True},
+                                  "api-eu": {"eu-central": True, "us-west": True}},
+                     {"game-global": True, "api-eu": True})
+
+
+def reports(ctl: Controller, usw: bool | None, at: float) -> None:
+    for pop in ("sjc", "fra", "sin"):
+        ctl.add_report(report(pop, usw, at))
+
+
+class GatedDisk:
+    """fsync that holds the threads whose name starts with ``hold`` while ``gate`` is clear
+    (``held`` says one is waiting there), and fails with ``broken`` (an errno) when set."""
+
+    def __init__(self, hold: str) -> None:
+        self.hold = hold
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+        self.broken: int | None = None
+
+    def __call__(self, fd: int) -> None:
+        if threading.current_thread().name.startswith(self.hold):
+            if not self.gate.is_set():
+                self.held.set()
+                assert self.gate.wait(120), "a test left a write held"
+            if self.broken is not None:
+                raise OSError(self.broken, os.strerror(self.broken))
+        os.fsync(fd)
+
+
+def restart_reads(state_dir: Path, copy: Path) -> store.Loaded:
+    """What a controller started after a crash *now* would read (a copy of the directory, so
+    the running controller's lock and files are left alone)."""
+    shutil.copytree(state_dir, copy, ignore=shutil.ignore_patterns("lock"))
+    return store.FileJournal(str(copy), lock=False).load()
+
+
+async def turns(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0.01)
+
+
+def test_a_long_poll_answers_only_once_the_generation_it_carries_is_durable(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path / "state", now,
+                     state_store=store.FileJournal(str(tmp_path / "state"), fsync=disk, background=True))
+    reports(ctl, True, now[0])  # (no event loop: written at once, as before)
+    before = ctl.served["sin"].generation
+    assert store.load(str(tmp_path / "state")).generations["sin"] == before
+
+    async def scenario() -> None:
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", before, 60))
+        await turns(2)
+        disk.gate.clear()  # the pass's journal write will wait in its thread
+        now[0] = 11.0
+        reports(ctl, False, now[0])  # us-west down everywhere: new plans at every POP
+        assert ctl.served["sin"].generation > before  # served in memory...
+        await until(disk.held.is_set, "the journal write is held in its thread")
+        await turns()  # the event loop runs meanwhile (the probe a stall would delay)
+        assert not poll.done()  # ...but the answer has not left
+        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
+        # A restart now numbers from the durable generation: the one in flight was never
+        # answered, so no agent holds it with the old contents.
+        assert crashed.state.generations["sin"] == before and crashed.problems == ()
+        disk.gate.set()
+        await asyncio.wait_for(poll, 60)
+        assert ctl.served["sin"].generation in {ctl._durable.generations["sin"]}  # answered once durable
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path / "state"))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_a_full_disk_in_the_write_thread_raises_the_alarm_serves_on_and_loses_nothing(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+    before = ctl.served["sin"].generation
+
+    async def scenario() -> None:
+        disk.broken = errno.ENOSPC
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", before, 60))
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        await until(lambda: not ctl.persistence.ok, "the failed write raised the alarm")
+        assert "No space left on device" in (ctl.persistence.last_error or "")
+        assert ctl.persistence.errors[store.StoreOp.APPEND] == 1
+        # While the state cannot be written, plans are served anyway (static stability: the
+        # alarm says why), as when the write held the event loop.
+        await asyncio.wait_for(poll, 60)
+        assert store.load(str(tmp_path)).generations["sin"] == before  # nothing of it counted
+        disk.broken = None
+        now[0] = 11.0 + RETRY
+        reports(ctl, False, now[0])  # the retry writes the difference from what the journal holds
+        await until(lambda: ctl.persistence.ok and ctl._writing is None, "the retry was written")
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path))
+    assert back.generations == ctl.persisted.generations and back.generations["sin"] > before
+    assert back.planner == ctl.persisted.planner  # the failed pass's memory too
+
+
+def _compacting_controller(tmp_path: Path, now: list[float], disk: GatedDisk) -> Controller:
+    journal = store.FileJournal(str(tmp_path), fsync=disk, background=True, compact_min_bytes=0)
+    return controller(tmp_path, now, state_store=journal)
+
+
+def test_passes_journal_on_while_a_snapshot_is_written_and_a_crash_then_loses_none_of_them(
+        tmp_path: Path) -> None:
+    disk = GatedDisk("snapshot")
+    now = [10.0]
+    ctl = _compacting_controller(tmp_path / "state", now, disk)
+    reports(ctl, True, now[0])
+
+    async def scenario() -> None:
+        disk.gate.clear()  # every compaction's snapshot waits in its thread
+        now[0] = 11.0
+        reports(ctl, False, now[0])  # a pass: journaled, then a compaction begins
+        await until(disk.held.is_set, "a snapshot is being written")
+        for t, usw in ((12.0, True), (13.0, None)):  # two more passes while it is
+            now[0] = t
+            reports(ctl, usw, now[0])
+            await until(lambda: ctl._writing is None, "the pass's journal write ended")
+        assert ctl.persistence.ok
+        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
+        assert crashed.problems == ()
+        assert crashed.state.generations == ctl.persisted.generations
+        assert crashed.state.planner == ctl.persisted.planner
+        disk.gate.set()
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path / "state"))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_a_crash_between_a_snapshots_write_and_its_rename_reads_the_previous_generation_whole(
+        tmp_path: Path) -> None:
+    disk = GatedDisk("snapshot")
+    now = [10.0]
+    ctl = _compacting_controller(tmp_path / "state", now, disk)
+    reports(ctl, True, now[0])
+
+    async def scenario() -> None:
+        disk.gate.clear()
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        # The snapshot's body is written and being fsynced, not yet renamed into place.
+        await until(disk.held.is_set, "a snapshot's temporary file is written")
+        await until(lambda: ctl._writing is None, "the pass's journal write ended")
+        tmp = [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".json.tmp")]
+        assert len(tmp) == 1
+        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
+        assert crashed.problems == ()  # the temporary file is no snapshot: ignored
+        assert crashed.state.generations == ctl.persisted.generations
+        assert crashed.state.planner == ctl.persisted.planner
+        disk.gate.set()
+
+    check(scenario)
+    ctl.close()
+    # A controller started on the crashed copy runs on what was acknowledged: its plans
+    # (served anew) number above every generation the crashed one served.
+    later = controller(tmp_path / "crash", now)
+    assert later.persistence.ok and later.persistence.recovered == ()
+    assert all(later.served[p].generation > g for p, g in ctl.persisted.generations.items())
+    later.close()
+
+
+def test_an_operator_action_during_a_pass_write_is_journaled_after_it_in_order(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+
+    async def scenario() -> None:
+        disk.gate.clear()
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        await until(disk.held.is_set, "the pass's write is held")
+        threading.Timer(0.2, disk.gate.set).start()  # (the action waits for it: the journal's order)
+        assert ctl.drain("sin")  # (durable when it returns; its pass journals after it)
+        await until(lambda: ctl._writing is None, "the drain's pass was written")
+        assert ctl.persistence.ok
+
+    check(scenario)
+    ctl.close()
+    back = store.FileJournal(str(tmp_path), lock=False).load()
+    assert back.problems == () and back.state.drains == {"sin": 11.0}
+    assert back.state.generations == ctl.persisted.generations
+
+
+def test_a_journal_line_in_pieces_is_the_compact_json_of_the_whole() -> None:
+    import json
+
+    doc = {"steady": {f"p{i}": [f"vip-{j:05d}" for j in range(5000)] for i in range(3)},
+           "pop_vips": [["p0", "v", {"flaps": [1.5, 2.0], "verdict": None}]] * 3, "seq": 7, "drains": {},
+           "generations": {"p0": 3}, "vips": {"v": None}, "é": "\"quoted\""}
+    assert store._dumps_compact(doc) == json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def test_a_commit_prepared_in_slices_equals_the_commit_in_one_piece() -> None:
+    """Engine.prepare one step at a time (budget 0), a pass committed in between making the
+    preparation stale now and then, against Engine.run, over a random world."""
+    rng = random.Random(4242)
+    vips = tuple(random_vip(i, rng) for i in range(150))
+    desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips)
+    world, spare = World(rng), []  # type: ignore[var-annotated]
+    whole, sliced = Engine(PlannerState.initial()), Engine(PlannerState.initial())
+    reports: dict[str, PopReport] = {}
+    now, drains = 1000.0, {}  # type: ignore[var-annotated]
+    stale_seen = 0
+    for step in range(60):
+        now += rng.choice((0.2, 1.0, 4.0))
+        for pop in POPS:
+            if rng.random() < 0.6:
+                reports[pop] = compact_report(world.report(pop, desired, now), reports.get(pop))
+        if rng.random() < 0.1:
+            desired = random_commit(desired, rng, spare, step)
+        whole.run(desired, reports, drains, now, refresh=True)
+        sliced.mark(desired, reports, drains, now)
+        p = sliced.begin(now, refresh=True)
+        sliced.compute(p)
+        steps = 0
+        while not sliced.prepare(p, 0.0):
+            steps += 1
+            if steps == 2 and step % 7 == 3:
+                # Another pass commits in between (what replan() does): the preparation is
+                # stale and redone from the new plans, never applied over them.
+                q = sliced.begin(now)
+                sliced.compute(q)
+                sliced.commit(q)
+                stale_seen += 1
+        sliced.commit(p)
+        where = f"step {step}"
+        assert sliced.items == whole.items, where
+        assert sliced.notes == whole.notes, where
+        assert sliced.alarms() == whole.alarms(), where
+        assert sliced.state() == whole.state(), where
+    assert stale_seen > 0
+
+
+def test_the_daemons_controller_journals_in_a_thread_and_reads_back_whole(tmp_path: Path) -> None:
+    """No fault: the daemon's path end to end (a burst of reports under a running loop)."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)  # the daemon's store: FileJournal(background=True)
+    threads: list[str] = []
+    real: Callable[..., int] = ctl.state_store.append  # type: ignore[union-attr]
+
+    def append(changes: store.Changes, expect: int) -> int:
+        threads.append(threading.current_thread().name)
+        return real(changes, expect)
+
+    ctl.state_store.append = append  # type: ignore[method-assign,union-attr]
+
+    async def scenario() -> None:
+        for t, usw in ((11.0, True), (12.0, False), (13.0, True)):
+            now[0] = t
+            for pop in ("sjc", "fra", "sin"):
+                ctl.add_report(report(pop, usw, t))
+            await asyncio.wait_for(ctl.durable_plan("sin"), 60)
+
+    check(scenario)
+    ctl.close()
+    assert threads and all(name.startswith("journal") for name in threads)
+    back = store.load(str(tmp_path))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_pops_served_alike_get_the_bodies_each_would_get_served_alone() -> None:
+    """PlanStore._serve_alike: POPs served from the very mappings one was are given its
+    outcome; their full plans, deltas, digests and counts equal a store that served each
+    POP on its own (the memo cleared before every serve), through additions, changes,
+    removals, a POP with other items, and a POP that was not served alike before."""
+    from controller.config.serialize import vip_to_dict
+    from controller.policy.model import PlanItem
+    from controller.server.plans import PlanStore
+
+    game = vip_to_dict(DESIRED.vip("game-global").vip)  # type: ignore[union-attr]
+    specs0 = {f"v{i}": {**game, "name": f"v{i}", "address": f"198.51.100.{i}/32"} for i in range(40)}
+    items0 = {n: PlanItem(n, True, "us-west") for n in specs0}
+    down = {n: PlanItem(n, i % 3 != 0, "eu-central") for i, n in enumerate(specs0)}
+    fewer = {n: it for i, (n, it) in enumerate(down.items()) if i % 5}
+    specs1 = {**specs0, "v1": {**specs0["v1"], "address": "198.51.100.201/32"}}
+    steps = [(items0, specs0), (down, specs0), (down, specs1), (fewer, specs1), (items0, specs1)]
+    pops = ["a", "b", "c", "d"]
+    alike, alone = PlanStore(), PlanStore()
+    used: list[str] = []
+    real = alike._serve_alike
+
+    def counted(pop: str, *args: Any) -> int | None:
+        used.append(pop)
+        return real(pop, *args)
+
+    alike._serve_alike = counted  # type: ignore[method-assign]
+    for k, (items, specs) in enumerate(steps):
+        for pop in pops:
+            own = items if pop != "d" or k % 2 else {**items, "v2": PlanItem("v2", False, "us-west")}
+            for s in (alike, alone):
+                if s is alone:
+                    s._memo = None
+                g = s.pops[pop].generation if pop in s.pops else 0
+                s.serve(pop, own, specs, f"rev{k}", g)
+        for pop in pops:
+            a, b = alike.pops[pop], alone.pops[pop]
+            assert (a.generation, a.digest, a.wanted, a.safety_holds) == (b.generation, b.digest, b.wanted,
+                                                                          b.safety_holds), (k, pop)
+            assert alike.body(pop, None) == alone.body(pop, None), (k, pop)
+            if k:
+                assert alike.body(pop, a.generation - 1) == alone.body(pop, b.generation - 1), (k, pop)
+    assert set(used) == {"b", "c"}  # (d had other items, a was each step's first)
