@@ -19,34 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from controller.config.desired import load_desired
 from controller.config.desired_model import PopSpec
 from controller.policy.engine import Engine, compact_report
 from controller.policy.model import PlannerState, PopReport
 from controller.server import store
 from controller.server.core import RETRY, Controller
+from tests.helpers.controller_state import DESIRED, controller, report, reports
 from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
 from tests.helpers.waiting import check, until
-
-ROOT = Path(__file__).resolve().parents[2]
-DESIRED = load_desired(str(ROOT / "configs" / "controller"), "rev1")
-
-
-def controller(state_dir: Path, now: list[float], **kw: object) -> Controller:
-    desired = dataclasses.replace(DESIRED, state_dir=str(state_dir))
-    return Controller(desired, clock=lambda: now[0], **kw)  # type: ignore[arg-type]
-
-
-def report(pop: str, usw: bool | None, at: float) -> PopReport:
-    """game-global's us-west origin as ``usw`` says, everything else healthy."""
-    return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": True},
-                                  "api-eu": {"eu-central": True, "us-west": True}},
-                     {"game-global": True, "api-eu": True})
-
-
-def reports(ctl: Controller, usw: bool | None, at: float) -> None:
-    for pop in ("sjc", "fra", "sin"):
-        ctl.add_report(report(pop, usw, at))
 
 
 class GatedDisk:
@@ -146,17 +126,29 @@ def test_a_full_disk_in_the_write_thread_raises_the_alarm_serves_on_and_loses_no
     assert back.planner == ctl.persisted.planner  # the failed pass's memory too
 
 
-def _compacting_controller(tmp_path: Path, now: list[float], disk: GatedDisk) -> Controller:
-    journal = store.FileJournal(str(tmp_path), fsync=disk, background=True, compact_min_bytes=0)
-    return controller(tmp_path, now, state_store=journal)
+def _compacting_controller(state_dir: Path, now: list[float]) -> tuple[Controller, GatedDisk]:
+    """A controller whose every journal write is followed by a compaction, its snapshots'
+    fsyncs gated; planned once (us-west up)."""
+    disk = GatedDisk("snapshot")
+    journal = store.FileJournal(str(state_dir), fsync=disk, background=True, compact_min_bytes=0)
+    ctl = controller(state_dir, now, state_store=journal)
+    reports(ctl, True, now[0])
+    if journal._compacting is not None:  # (its snapshot written before a test gates the next)
+        journal._compacting[2].result(120)
+    return ctl, disk
+
+
+def _a_restart_reads_all(ctl: Controller, state_dir: Path, copy: Path) -> None:
+    crashed = restart_reads(state_dir, copy)
+    assert crashed.problems == ()
+    assert crashed.state.generations == ctl.persisted.generations
+    assert crashed.state.planner == ctl.persisted.planner
 
 
 def test_passes_journal_on_while_a_snapshot_is_written_and_a_crash_then_loses_none_of_them(
         tmp_path: Path) -> None:
-    disk = GatedDisk("snapshot")
     now = [10.0]
-    ctl = _compacting_controller(tmp_path / "state", now, disk)
-    reports(ctl, True, now[0])
+    ctl, disk = _compacting_controller(tmp_path / "state", now)
 
     async def scenario() -> None:
         disk.gate.clear()  # every compaction's snapshot waits in its thread
@@ -168,10 +160,7 @@ def test_passes_journal_on_while_a_snapshot_is_written_and_a_crash_then_loses_no
             reports(ctl, usw, now[0])
             await until(lambda: ctl._writing is None, "the pass's journal write ended")
         assert ctl.persistence.ok
-        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
-        assert crashed.problems == ()
-        assert crashed.state.generations == ctl.persisted.generations
-        assert crashed.state.planner == ctl.persisted.planner
+        _a_restart_reads_all(ctl, tmp_path / "state", tmp_path / "crash")
         disk.gate.set()
 
     check(scenario)
@@ -182,10 +171,8 @@ def test_passes_journal_on_while_a_snapshot_is_written_and_a_crash_then_loses_no
 
 def test_a_crash_between_a_snapshots_write_and_its_rename_reads_the_previous_generation_whole(
         tmp_path: Path) -> None:
-    disk = GatedDisk("snapshot")
     now = [10.0]
-    ctl = _compacting_controller(tmp_path / "state", now, disk)
-    reports(ctl, True, now[0])
+    ctl, disk = _compacting_controller(tmp_path / "state", now)
 
     async def scenario() -> None:
         disk.gate.clear()
@@ -196,10 +183,7 @@ def test_a_crash_between_a_snapshots_write_and_its_rename_reads_the_previous_gen
         await until(lambda: ctl._writing is None, "the pass's journal write ended")
         tmp = [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".json.tmp")]
         assert len(tmp) == 1
-        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
-        assert crashed.problems == ()  # the temporary file is no snapshot: ignored
-        assert crashed.state.generations == ctl.persisted.generations
-        assert crashed.state.planner == ctl.persisted.planner
+        _a_restart_reads_all(ctl, tmp_path / "state", tmp_path / "crash")  # (the .tmp is no snapshot: ignored)
         disk.gate.set()
 
     check(scenario)
