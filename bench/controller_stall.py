@@ -98,17 +98,20 @@ async def drive(files: int, commits: int, pyspy: str | None) -> dict[str, Any]:
             bodies[pop] = (json.dumps(wire.encode_report(w)).encode(), w)
         failed: list[str] = []
 
+        async def post(pop: str, session: aiohttp.ClientSession) -> int:
+            headers = {"Authorization": f"Bearer {cs.token(pop)}", "Content-Type": "application/json"}
+            url, timeout = f"{daemon.url}/v1/reports/{pop}", aiohttp.ClientTimeout(total=600)
+            async with session.post(url, data=bodies[pop][0], headers=headers, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status
+
         async def one(pop: str, session: aiohttp.ClientSession) -> float:
+            """Sent as controller_scale.end_to_end sends it: once more on a broken connection."""
             t = time.monotonic()
             for attempt in (1, 2):
                 try:
-                    async with session.post(f"{daemon.url}/v1/reports/{pop}", data=bodies[pop][0],
-                                            headers={"Authorization": f"Bearer {cs.token(pop)}",
-                                                     "Content-Type": "application/json"},
-                                            timeout=aiohttp.ClientTimeout(total=600)) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            raise RuntimeError(f"HTTP {resp.status}")
+                    if (status := await post(pop, session)) != 200:
+                        raise RuntimeError(f"HTTP {status}")
                     clients[pop]._seq, clients[pop]._accepted = 1, bodies[pop][1]
                 except Exception as exc:  # noqa: BLE001 - counted
                     if attempt == 1 and cs._broken_connection(exc):
