@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -158,6 +159,12 @@ class Controller:
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
     _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
     _seq: int = 0  # the store's sequence number after the last durable write
+    # The pass's journal write in progress (a thread: see _save): its future, the state it
+    # makes durable, the VIPs whose memory it covers, the frozen memory for the compaction.
+    _writing: _Write | None = None
+    _save_again: bool = False  # a pass asked to save while that write ran: once more after it
+    _wrote: asyncio.Event | None = None  # set when a write ends (durable_plan's answers look again)
+    _writer: concurrent.futures.ThreadPoolExecutor | None = None
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
@@ -308,8 +315,11 @@ class Controller:
         """Release the state directory (its lock): another controller may start on it. The
         last hint first, so the next controller refuses every report this one applied."""
         if self.state_store is not None:
+            self._finish_write(resave=False)
             self._mark_alive(self.clock(), force=True)
             self.state_store.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     def _start_store(self) -> bool:
         assert self.state_store is not None
@@ -667,6 +677,7 @@ class Controller:
     def _persist_action(self, changes: store.Changes, what: str) -> None:
         """Journal an operator action on its own, now, or raise ActionNotPersisted."""
         assert self.state_store is not None
+        self._finish_write(resave=False)  # (the journal's order: the pass's write in progress first)
         if not self._started and not self._start_store():
             raise ActionNotPersisted(f"{what} refused: the controller cannot save its state "
                                      f"({self.persistence.last_error})")
@@ -760,9 +771,11 @@ class Controller:
                 return  # replan() finished and published it meanwhile
         self._staged = None
         self._publish(engine.commit(p), now, defer=True)
-        while not self._serve_unserved(SLICE_S):
-            await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
-        self._save()
+        try:
+            while not self._serve_unserved(SLICE_S):
+                await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
+        finally:
+            self._save()  # (the answers of what was served wait for it: durable_plan)
 
     def _get_engine(self) -> Engine:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
@@ -914,39 +927,124 @@ class Controller:
         comparison (per POP: small), the memory of the VIPs the engine said changed (never
         all pairs; most passes change nothing). A failure raises the persistence alarm and is
         retried every RETRY seconds: the journal gets the difference from what it holds, so
-        nothing is skipped."""
+        nothing is skipped.
+
+        In the event loop, with a store that can (``threaded_append``), the comparison, the
+        JSON and the fsync run in a thread (a burst of first reports changes 500,000 pairs:
+        1-2 s of the loop), one write at a time and in order; a plan's answer waits until
+        its generation is durable (``durable_plan``), as before, when the write held the loop
+        until it was."""
         assert self.state_store is not None
         now = self.clock()
         self._mark_alive(now)
+        if self._writing is not None:
+            self._save_again = True  # after the write in progress, with what changed since
+            return
         if not self.persistence.ok and abs(now - self.persistence.last_error_at) < RETRY:
             return  # failing: retried every RETRY s (a retry may serialize the whole state), actions at once
         if not self._started and not self._start_store():
             return
+        self._save_again = False  # (this write covers what it was asked for)
         engine = self._get_engine()
-        vips, pop_vips, written = self._held.changes(engine.plans, self._index().names)
-        changes = store.Changes(store.diff_map(self._durable.drains, self.persisted.drains),
-                                store.diff_map(self._durable.generations, self.persisted.generations),
-                                vips, pop_vips,
-                                self.persisted.rollout if self.persisted.rollout != self._durable.rollout else None)
-        if not changes:
-            self._held.saved(written, engine.plans)
-            return
+        drains = store.diff_map(self._durable.drains, self.persisted.drains)
+        generations = store.diff_map(self._durable.generations, self.persisted.generations)
+        rollout = self.persisted.rollout if self.persisted.rollout != self._durable.rollout else None
+        names, self._held.unsaved = self._held.unsaved, set()
+        submitted = self.persisted.copy()
         try:
-            self._seq = self.state_store.append(changes, self._seq)
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or not getattr(self.state_store, "threaded_append", False):
+            job = _WriteJob(self.state_store, self._held, names, engine.plans, self._index().names,
+                            drains, generations, rollout, self._seq)
+            try:
+                result = job()
+            except store.PersistenceError as exc:
+                self._held.unsaved |= names
+                self._persistence_failed(exc)
+                return
+            except BaseException:  # (Conflict: another writer; the caller's)
+                self._held.unsaved |= names
+                raise
+            w = _Write(concurrent.futures.Future(), submitted, names, None)
+            w.future.set_result(result)
+            self._writing = w
+            self._finish_write()
+            return
+        # The thread reads the plans as of now (a copy of the name -> plan mapping: the plans
+        # are immutable) and the held memory (changed only when a write ends, here).
+        job = _WriteJob(self.state_store, self._held, names, dict(engine.plans), self._index().names,
+                        drains, generations, rollout, self._seq)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        w = _Write(self._writer.submit(job), submitted, names, engine.frozen_state())
+        self._writing = w
+        asyncio.wrap_future(w.future).add_done_callback(lambda f: self._write_ended(f, w))
+
+    def _write_ended(self, done: asyncio.Future[Any], w: _Write) -> None:
+        if not done.cancelled():
+            done.exception()  # (retrieved here; _finish_write handles it, from ``w``)
+        self._finish_write(w)
+
+    def _finish_write(self, which: _Write | None = None, resave: bool = True) -> None:
+        """Take in the write in progress (``which``: only if it is that one), waiting for it
+        if it is still running (an operator action, closing): what it made durable counts
+        from now on; if it failed, its VIPs are unsaved again (the next write covers them).
+        ``resave``: the save asked for meanwhile starts now (not before an action's own
+        append: two writers at once would interleave their lines)."""
+        w = self._writing
+        if w is None or (which is not None and w is not which):
+            return
+        self._writing = None
+        try:
+            seq, written, waiting = w.future.result()
         except store.PersistenceError as exc:
+            self._held.unsaved |= w.names
             self._persistence_failed(exc)
-            return
-        self._durable = self.persisted.copy()
-        self._held.saved(written, engine.plans)
-        self._persistence_recovered()
+            seq = None
+        except Exception:  # noqa: BLE001 - a bug in the write: the alarm, and the retry covers it
+            log.exception("saving the controller state failed")
+            self._held.unsaved |= w.names
+            self._persistence_failed(store.PersistenceError(store.StoreOp.APPEND, self.persistence.state_dir,
+                                                            "internal error (see the log)"))
+            seq = None
+        else:
+            self._held.unsaved |= waiting
+            self._held.saved(written)
+            if seq is not None:
+                self._seq = seq
+                self._durable = w.submitted
+                self._persistence_recovered()
+                self._compact(w)
+        if self._wrote is not None:
+            self._wrote.set()
+            self._wrote = None
+        if self._save_again and resave:
+            self._save()
+
+    def _compact(self, w: _Write) -> None:
+        """Everything up to the write ``w`` is durable: its state may become the snapshot."""
+        assert self.state_store is not None
         try:
-            # Everything is durable now: the snapshot is the current state (the engine's memory).
             # (A copy that later passes do not change: the file journal writes it in a thread.)
-            frozen = store.Persisted(dict(self.persisted.drains), dict(self.persisted.generations),
-                                     engine.frozen_state())
+            frozen = store.Persisted(dict(w.submitted.drains), dict(w.submitted.generations),
+                                     w.frozen if w.frozen is not None else self._get_engine().frozen_state())
             self.state_store.compact(frozen, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer
+
+    async def durable_plan(self, pop: str) -> None:
+        """Until the POP's served generation is in the store: an answer that left before would
+        let a crash serve the same generation again with other contents. (While the store
+        fails, plans are served anyway, under the persistence alarm, as they always were.)"""
+        while True:
+            served = self.plans.pops.get(pop)
+            if served is None or not self.persistence.ok or served.generation <= self._durable.generations.get(pop, 0):
+                return
+            if self._wrote is None:
+                self._wrote = asyncio.Event()
+            await self._wrote.wait()
 
     # --- outputs -----------------------------------------------------------------------
     @property
@@ -959,6 +1057,7 @@ class Controller:
 
     async def wait_for_change(self, pop: str, after: int | None, wait: float) -> None:
         await self.plans.wait_for_change(pop, after, wait)
+        await self.durable_plan(pop)
 
     def release_waiters(self) -> None:
         """Stopping: every long-poll answers now (an HA term that ended answers 503 and the
@@ -1130,15 +1229,16 @@ class _DurableMemory:
         pops = tuple(vp.items)
         return _Written(vp.memory, vp.default, vp.pop_memory, self._pop_lists.setdefault(pops, pops))
 
-    def changes(self, plans: Mapping[str, VipPlan], desired: frozenset[str]) -> tuple[
+    def changes(self, names: Iterable[str], plans: Mapping[str, VipPlan], desired: frozenset[str]) -> tuple[
             dict[str, VipMemory | None], dict[tuple[str, str], PopVipMemory | None], list[str]]:
-        """What turns the held memory of the unsaved VIPs into ``plans``' (vips, pop_vips),
-        and the VIPs it covers (a VIP of the desired state not planned yet waits)."""
+        """What turns the held memory of the VIPs ``names`` (unsaved) into ``plans``' (vips,
+        pop_vips), and the VIPs it covers (a VIP of the desired state not planned yet waits).
+        Reads only (a thread may run it while the event loop goes on)."""
         vips: dict[str, VipMemory | None] = {}
         pairs: dict[tuple[str, str], PopVipMemory | None] = {}
         covered = []
         written = self._written
-        for name in self.unsaved:
+        for name in names:
             vp = plans.get(name)
             if vp is None and name in desired:
                 continue
@@ -1167,13 +1267,11 @@ class _DurableMemory:
                     pairs[(pop, name)] = None
         return vips, pairs, covered
 
-    def saved(self, names: list[str], plans: Mapping[str, VipPlan]) -> None:
-        """``changes()``' VIPs are durable as they are in ``plans``."""
-        for name in names:
-            self.unsaved.discard(name)
+    def saved(self, written: Mapping[str, VipPlan | None]) -> None:
+        """``changes()``' VIPs are durable as they are in ``written`` (None: gone)."""
+        for name, vp in written.items():
             self._boot_vips.pop(name, None)
             self._boot_pops.pop(name, None)
-            vp = plans.get(name)
             if vp is None:
                 self._written.pop(name, None)
             else:
@@ -1183,6 +1281,42 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = {name: self._record(vp) for name, vp in plans.items()}
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
+
+
+class _Write(NamedTuple):
+    """A pass's journal write (Controller._save): (new sequence or None if nothing changed,
+    the plans its memory was written from, the VIPs it left unsaved), the state it makes
+    durable, the VIPs it covers, and the memory as of it (the compaction's snapshot)."""
+
+    future: concurrent.futures.Future[tuple[int | None, dict[str, VipPlan | None], set[str]]]
+    submitted: store.Persisted
+    names: set[str]
+    frozen: PlannerState | None
+
+
+@dataclass(frozen=True)
+class _WriteJob:
+    """The part of a save that may run in a thread: it reads its arguments only (the plans
+    are a copy of the mapping, the held memory changes only after the write ends)."""
+
+    state_store: store.Store
+    held: _DurableMemory
+    names: set[str]
+    plans: Mapping[str, VipPlan]
+    desired: frozenset[str]
+    drains: Mapping[str, float | None]
+    generations: Mapping[str, int]
+    rollout: Mapping[str, Any] | None
+    expect: int
+
+    def __call__(self) -> tuple[int | None, dict[str, VipPlan | None], set[str]]:
+        vips, pop_vips, covered = self.held.changes(self.names, self.plans, self.desired)
+        written = {name: self.plans.get(name) for name in covered}
+        waiting = self.names.difference(covered)
+        changes = store.Changes(self.drains, self.generations, vips, pop_vips, self.rollout)
+        if not changes:
+            return None, written, waiting
+        return self.state_store.append(changes, self.expect), written, waiting
 
 
 def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, str], PopVipMemory | None]) -> None:

@@ -398,8 +398,47 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
 
 
 def _line(doc: dict[str, Any]) -> bytes:
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    body = _dumps_compact(doc).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+_CHUNK = 2048  # list elements per json.dumps call (see _dumps_compact)
+
+
+def _dumps_compact(value: Any) -> str:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, in many small calls: the C
+    encoder holds the GIL for a whole call, and the line of a burst of first reports (500,000
+    pairs by name) took 50-100 ms in one, a stall of the event loop while a thread wrote it."""
+    parts: list[str] = []
+    _encode_into(value, parts)
+    return "".join(parts)
+
+
+def _encode_into(value: Any, parts: list[str]) -> None:
+    if isinstance(value, dict):
+        if (len(value) <= _CHUNK and not any(isinstance(v, (dict, list, tuple)) for v in value.values())
+                or not all(isinstance(k, str) for k in value)):  # (json's own key conversions)
+            parts.append(json.dumps(value, sort_keys=True, separators=(",", ":")))
+            return
+        parts.append("{")
+        for i, key in enumerate(sorted(value)):
+            parts.append(("," if i else "") + json.dumps(key) + ":")
+            _encode_into(value[key], parts)
+        parts.append("}")
+    elif isinstance(value, (list, tuple)):
+        if not any(isinstance(v, (dict, list, tuple)) for v in value):
+            chunks = [json.dumps(value[i:i + _CHUNK], separators=(",", ":"))[1:-1]
+                      for i in range(0, len(value), _CHUNK)]
+            parts.append("[" + ",".join(chunks) + "]")
+            return
+        parts.append("[")
+        for i, v in enumerate(value):
+            if i:
+                parts.append(",")
+            _encode_into(v, parts)
+        parts.append("]")
+    else:
+        parts.append(json.dumps(value))
 
 
 def _parse_line(line: bytes) -> dict[str, Any]:
@@ -430,6 +469,9 @@ class FileJournal:
         snapshot at 10,000 VIPs x 50 POPs must not stall the event loop); see compact()."""
         self.state_dir = state_dir
         self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snapshot") if background else None
+        # The controller may call append() from a thread of its own (one at a time, never
+        # beside start(), compact() or close()): the daemon's passes journal off the event loop.
+        self.threaded_append = background
         self._compacting: tuple[int, int, concurrent.futures.Future[int]] | None = None  # seq, previous, write
         self.compact_min_bytes = compact_min_bytes
         self._fsync = fsync

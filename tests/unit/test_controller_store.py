@@ -10,32 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.config.desired import load_desired
 from controller.config.desired_model import ChangePolicy
 from controller.policy.model import STEADY, PlannerState, PopReport, PopVipMemory, VipMemory
 from controller.policy.planner import plan
 from controller.server import store
 from controller.server.core import ActionNotPersisted, Controller
-
-ROOT = Path(__file__).resolve().parents[2]
-DESIRED = load_desired(str(ROOT / "configs" / "controller"), "rev1")
-
-
-def controller(state_dir: Path, now: list[float], **kw: object) -> Controller:
-    desired = dataclasses.replace(DESIRED, state_dir=str(state_dir))
-    return Controller(desired, clock=lambda: now[0], **kw)  # type: ignore[arg-type]
-
-
-def report(pop: str, usw: bool | None, at: float) -> PopReport:
-    return PopReport(pop, at, 1, {"game-global": {"us-west": usw, "eu-central": True},
-                                  "api-eu": {"eu-central": True, "us-west": True}},
-                     {"game-global": True, "api-eu": True})
-
-
-def reports(ctl: Controller, usw: bool | None, at: float) -> None:
-    for pop in ("sjc", "fra", "sin"):
-        ctl.add_report(report(pop, usw, at))
-
+from tests.helpers.controller_state import DESIRED, controller, report, reports
 
 def files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.name != "lock"}

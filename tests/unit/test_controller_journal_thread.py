@@ -1,0 +1,248 @@
+"""The daemon's journal writes off the event loop (issue 10's stalls): a pass's comparison,
+JSON and fsync run in a thread, one write at a time, and a plan's answer still leaves only
+once its generation is durable; a compaction's snapshot is written in another thread while
+passes go on; a full disk raises the alarm and loses nothing; a crash at any of these
+moments reads back a state that was acknowledged. Faults and crashes are injected through
+fsync (a gate that holds a thread) and by reading the state directory as a restart would
+while a write is held."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from controller.server import store
+from controller.server.core import RETRY, Controller
+from tests.helpers.controller_state import controller, report, reports
+from tests.helpers.waiting import check, until
+
+
+class GatedDisk:
+    """fsync that holds the threads whose name starts with ``hold`` while ``gate`` is clear
+    (``held`` says one is waiting there), and fails with ``broken`` (an errno) when set."""
+
+    def __init__(self, hold: str) -> None:
+        self.hold = hold
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+        self.broken: int | None = None
+
+    def __call__(self, fd: int) -> None:
+        if threading.current_thread().name.startswith(self.hold):
+            if not self.gate.is_set():
+                self.held.set()
+                assert self.gate.wait(120), "a test left a write held"
+            if self.broken is not None:
+                raise OSError(self.broken, os.strerror(self.broken))
+        os.fsync(fd)
+
+
+def restart_reads(state_dir: Path, copy: Path) -> store.Loaded:
+    """What a controller started after a crash *now* would read (a copy of the directory, so
+    the running controller's lock and files are left alone)."""
+    shutil.copytree(state_dir, copy, ignore=shutil.ignore_patterns("lock"))
+    return store.FileJournal(str(copy), lock=False).load()
+
+
+async def turns(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0.01)
+
+
+def test_a_long_poll_answers_only_once_the_generation_it_carries_is_durable(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path / "state", now,
+                     state_store=store.FileJournal(str(tmp_path / "state"), fsync=disk, background=True))
+    reports(ctl, True, now[0])  # (no event loop: written at once, as before)
+    before = ctl.served["sin"].generation
+    assert store.load(str(tmp_path / "state")).generations["sin"] == before
+
+    async def scenario() -> None:
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", before, 60))
+        await turns(2)
+        disk.gate.clear()  # the pass's journal write will wait in its thread
+        now[0] = 11.0
+        reports(ctl, False, now[0])  # us-west down everywhere: new plans at every POP
+        assert ctl.served["sin"].generation > before  # served in memory...
+        await until(disk.held.is_set, "the journal write is held in its thread")
+        await turns()  # the event loop runs meanwhile (the probe a stall would delay)
+        assert not poll.done()  # ...but the answer has not left
+        crashed = restart_reads(tmp_path / "state", tmp_path / "crash")
+        # A restart now numbers from the durable generation: the one in flight was never
+        # answered, so no agent holds it with the old contents.
+        assert crashed.state.generations["sin"] == before and crashed.problems == ()
+        disk.gate.set()
+        await asyncio.wait_for(poll, 60)
+        assert ctl.served["sin"].generation in {ctl._durable.generations["sin"]}  # answered once durable
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path / "state"))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_a_full_disk_in_the_write_thread_raises_the_alarm_serves_on_and_loses_nothing(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+    before = ctl.served["sin"].generation
+
+    async def scenario() -> None:
+        disk.broken = errno.ENOSPC
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", before, 60))
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        await until(lambda: not ctl.persistence.ok, "the failed write raised the alarm")
+        assert "No space left on device" in (ctl.persistence.last_error or "")
+        assert ctl.persistence.errors[store.StoreOp.APPEND] == 1
+        # While the state cannot be written, plans are served anyway (static stability: the
+        # alarm says why), as when the write held the event loop.
+        await asyncio.wait_for(poll, 60)
+        assert store.load(str(tmp_path)).generations["sin"] == before  # nothing of it counted
+        disk.broken = None
+        now[0] = 11.0 + RETRY
+        reports(ctl, False, now[0])  # the retry writes the difference from what the journal holds
+        await until(lambda: ctl.persistence.ok and ctl._writing is None, "the retry was written")
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path))
+    assert back.generations == ctl.persisted.generations and back.generations["sin"] > before
+    assert back.planner == ctl.persisted.planner  # the failed pass's memory too
+
+
+def _compacting_controller(state_dir: Path, now: list[float]) -> tuple[Controller, GatedDisk]:
+    """A controller whose every journal write is followed by a compaction, its snapshots'
+    fsyncs gated; planned once (us-west up)."""
+    disk = GatedDisk("snapshot")
+    journal = store.FileJournal(str(state_dir), fsync=disk, background=True, compact_min_bytes=0)
+    ctl = controller(state_dir, now, state_store=journal)
+    reports(ctl, True, now[0])
+    if journal._compacting is not None:  # (its snapshot written before a test gates the next)
+        journal._compacting[2].result(120)
+    return ctl, disk
+
+
+def _a_restart_reads_all(ctl: Controller, state_dir: Path, copy: Path) -> None:
+    crashed = restart_reads(state_dir, copy)
+    assert crashed.problems == ()
+    assert crashed.state.generations == ctl.persisted.generations
+    assert crashed.state.planner == ctl.persisted.planner
+
+
+def test_passes_journal_on_while_a_snapshot_is_written_and_a_crash_then_loses_none_of_them(
+        tmp_path: Path) -> None:
+    now = [10.0]
+    ctl, disk = _compacting_controller(tmp_path / "state", now)
+
+    async def scenario() -> None:
+        disk.gate.clear()  # every compaction's snapshot waits in its thread
+        now[0] = 11.0
+        reports(ctl, False, now[0])  # a pass: journaled, then a compaction begins
+        await until(disk.held.is_set, "a snapshot is being written")
+        for t, usw in ((12.0, True), (13.0, None)):  # two more passes while it is
+            now[0] = t
+            reports(ctl, usw, now[0])
+            await until(lambda: ctl._writing is None, "the pass's journal write ended")
+        assert ctl.persistence.ok
+        _a_restart_reads_all(ctl, tmp_path / "state", tmp_path / "crash")
+        disk.gate.set()
+
+    check(scenario)
+    ctl.close()
+    back = store.load(str(tmp_path / "state"))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_a_crash_between_a_snapshots_write_and_its_rename_reads_the_previous_generation_whole(
+        tmp_path: Path) -> None:
+    now = [10.0]
+    ctl, disk = _compacting_controller(tmp_path / "state", now)
+
+    async def scenario() -> None:
+        disk.gate.clear()
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        # The snapshot's body is written and being fsynced, not yet renamed into place.
+        await until(disk.held.is_set, "a snapshot's temporary file is written")
+        await until(lambda: ctl._writing is None, "the pass's journal write ended")
+        tmp = [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".json.tmp")]
+        assert len(tmp) == 1
+        _a_restart_reads_all(ctl, tmp_path / "state", tmp_path / "crash")  # (the .tmp is no snapshot: ignored)
+        disk.gate.set()
+
+    check(scenario)
+    ctl.close()
+    # A controller started on the crashed copy runs on what was acknowledged: its plans
+    # (served anew) number above every generation the crashed one served.
+    later = controller(tmp_path / "crash", now)
+    assert later.persistence.ok and later.persistence.recovered == ()
+    assert all(later.served[p].generation > g for p, g in ctl.persisted.generations.items())
+    later.close()
+
+
+def test_an_operator_action_during_a_pass_write_is_journaled_after_it_in_order(tmp_path: Path) -> None:
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+
+    async def scenario() -> None:
+        disk.gate.clear()
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        await until(disk.held.is_set, "the pass's write is held")
+        threading.Timer(0.2, disk.gate.set).start()  # (the action waits for it: the journal's order)
+        assert ctl.drain("sin")  # (durable when it returns; its pass journals after it)
+        await until(lambda: ctl._writing is None, "the drain's pass was written")
+        assert ctl.persistence.ok
+
+    check(scenario)
+    ctl.close()
+    back = store.FileJournal(str(tmp_path), lock=False).load()
+    assert back.problems == () and back.state.drains == {"sin": 11.0}
+    assert back.state.generations == ctl.persisted.generations
+
+
+def test_a_journal_line_in_pieces_is_the_compact_json_of_the_whole() -> None:
+    import json
+
+    doc = {"steady": {f"p{i}": [f"vip-{j:05d}" for j in range(5000)] for i in range(3)},
+           "pop_vips": [["p0", "v", {"flaps": [1.5, 2.0], "verdict": None}]] * 3, "seq": 7, "drains": {},
+           "generations": {"p0": 3}, "vips": {"v": None}, "é": "\"quoted\""}
+    assert store._dumps_compact(doc) == json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def test_the_daemons_controller_journals_in_a_thread_and_reads_back_whole(tmp_path: Path) -> None:
+    """No fault: the daemon's path end to end (a burst of reports under a running loop)."""
+    now = [10.0]
+    ctl = controller(tmp_path, now)  # the daemon's store: FileJournal(background=True)
+    threads: list[str] = []
+    real: Callable[..., int] = ctl.state_store.append  # type: ignore[union-attr]
+
+    def append(changes: store.Changes, expect: int) -> int:
+        threads.append(threading.current_thread().name)
+        return real(changes, expect)
+
+    ctl.state_store.append = append  # type: ignore[method-assign,union-attr]
+
+    async def scenario() -> None:
+        for t, usw in ((11.0, True), (12.0, False), (13.0, True)):
+            now[0] = t
+            for pop in ("sjc", "fra", "sin"):
+                ctl.add_report(report(pop, usw, t))
+            await asyncio.wait_for(ctl.durable_plan("sin"), 60)
+
+    check(scenario)
+    ctl.close()
+    assert threads and all(name.startswith("journal") for name in threads)
+    back = store.load(str(tmp_path))
+    assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
