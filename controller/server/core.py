@@ -713,6 +713,11 @@ class Controller:
         else:
             self._again = True
 
+    def planning(self) -> asyncio.Task[None] | None:
+        """The passes running in the background (_drive), if any: done once nothing is
+        dirty or waiting, every pass it ran served."""
+        return self._driver
+
     async def _drive(self) -> None:
         """Passes until nothing is dirty or waiting. The futures of reports waiting for a pass
         are resolved after the first pass that began after they were stored."""
