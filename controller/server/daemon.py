@@ -117,6 +117,7 @@ class Watcher:
         self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
         self._peeked: tuple[str, str] | None = None  # (fingerprint, revision) changed() saw
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
+        self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
         self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
 
     def load(self) -> DesiredState:
@@ -126,7 +127,11 @@ class Watcher:
         if peeked is None:
             self._dirty = False  # (before the reads, as in changed())
         signature = self._stat_signature() if peeked is None else self._signature
-        fp, rev = peeked if peeked is not None else (fp := fingerprint(self.directory), revision(self.directory, fp))
+        if peeked is None:
+            self._contents = {}
+        fp, rev = peeked if peeked is not None else (
+            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp))
+        contents, self._contents = self._contents, {}
         self.seen, self._signature = (fp, rev), signature
         self._checked = time.monotonic()
         if self._loaded is not None and self._loaded[0] == fp:
@@ -135,6 +140,7 @@ class Watcher:
             # its commit). Not read again: the walk of 10,000 cached VIPs was ~0.1 s.
             desired = dataclasses.replace(self._loaded[1], revision=rev)
         else:
+            self.cache.prefetched = contents  # (the bytes just hashed: not read again)
             try:
                 desired = load_desired(self.directory, rev, self.cache)
             except ConfigError:
@@ -267,7 +273,8 @@ class Watcher:
             self._checked = time.monotonic()  # the periodic look: nothing moved on disk
             return False
         self._checked, self._signature = time.monotonic(), signature
-        fp = fingerprint(self.directory)
+        self._contents = {}
+        fp = fingerprint(self.directory, self._contents)
         now = (fp, revision(self.directory, fp))
         self._peeked = now if now != self.seen else None  # load() follows at once
         return now != self.seen

@@ -24,16 +24,21 @@ def _yaml_files(directory: str) -> list[str]:
     return paths
 
 
-def fingerprint(directory: str) -> str:
+def fingerprint(directory: str, contents: dict[str, bytes] | None = None) -> str:
     """sha256 over every YAML file's name and content (what the loader reads). A file the
     loader refuses (a symlink out of the checkout or to a device, a FIFO, a huge file) is
     never read here either: what it is and its stat data stand for its content, so it
-    neither hangs nor exhausts memory, and the load that follows names it."""
+    neither hangs nor exhausts memory, and the load that follows names it. ``contents``
+    gets each file's bytes read (path -> bytes): the load that follows need not read them
+    again (LoadCache.prefetched), and loads exactly what was hashed."""
     h = hashlib.sha256()
     for path in _yaml_files(directory):
         h.update(os.path.relpath(path, directory).encode() + b"\0")
         try:
-            h.update(read_bytes(path, inside=directory))
+            data = read_bytes(path, inside=directory)
+            h.update(data)
+            if contents is not None:
+                contents[path] = data
         except ConfigError as exc:
             h.update(f"<refused: {exc.issues[0].message} {_stat_key(path)}>".encode())
         h.update(b"\0")
