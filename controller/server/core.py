@@ -414,7 +414,8 @@ class Controller:
             # A wave begins: what is unhealthy at its POPs now is not the change's doing.
             new = dataclasses.replace(new, excused=change.excused(new, self.desired, self.reports, self.item, now,
                                                                   self._min_stale_after(),
-                                                                  self._published(new.waves[new.wave])))
+                                                                  self._published(new.waves[new.wave]),
+                                                                  self.result.pops if self.result else {}))
         doc = change.to_json(new)
         if durable:
             self._persist_action(store.Changes(rollout=doc), durable)
