@@ -14,7 +14,7 @@ the benchmark's rename + ``git commit`` (``commit``), the daemon's ``reload of .
 where the code logs it (when inotify's batch arrived, when the reload and apply_config
 returned, when the pass that followed had served), else the ``desired state ... loaded``
 line (older code), the long-poll answer's bytes arriving, and the client holding the plan
-(decoded, checked, its cache written).
+(decoded and checked; its cache is written after, as the agent does: ``cache_later``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ from .report import load_average, summary
 # The daemon's line after a reload's pass was served (controller/server/daemon.py).
 _RELOAD = re.compile(r"reload of (\S+): batch ([\d.]+), looked ([\d.]+), loaded ([\d.]+), applied ([\d.]+), "
                      r"served ([\d.]+)")
+
+
+IDLE_S = 10.0
 
 
 def _reload_lines(path: Path) -> list[tuple[float, ...]]:
@@ -74,6 +77,7 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
             await asyncio.sleep(0.05)
         watcher = PlanClient(daemon.url, WATCHED_POP, token(WATCHED_POP), str(work / "agent"),
                              desired.allowed_prefixes, timeout=600.0)
+        watcher.cache_later = True  # as the agent: the plan is held (and acted on) before its cache is fsynced
         plan = await watcher.fetch_plan(-1, 0)
         assert plan is not None
         out["start_to_first_plan_s"] = round(time.monotonic() - started, 2)
@@ -101,6 +105,9 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
         assert plan is not None
         _log(f"daemon up and reported after {time.monotonic() - started:.1f}s, RSS "
              f"{_status_mb(daemon.proc.pid, 'VmRSS')} MB")
+        idle0 = _cpu_s(daemon.proc.pid)
+        await asyncio.sleep(IDLE_S)  # nothing asked, nothing changed: the watcher's own cost
+        out["idle_cpu_pct"] = round((_cpu_s(daemon.proc.pid) - idle0) / IDLE_S * 100, 2)
 
         arrived = [0.0]
         request = watcher._request
