@@ -376,9 +376,12 @@ class Controller:
         dials, not the operator's: else every dialed VIP would count as changed)."""
         assert self._configured is not None
         served = self._configured
-        touched = changed_vips(served.vips, new.vips)
-        old_vips = tuple(fv for fv in served.vips if fv.vip.name in touched) if touched else ()
-        new_vips = tuple(fv for fv in new.vips if fv.vip.name in touched) if touched else ()
+        # (the VIPs it changes are between the tuples' common head and tail: only those walked)
+        head, tail = common_ends(served.vips, new.vips)
+        old_middle, new_middle = served.vips[head:len(served.vips) - tail], new.vips[head:len(new.vips) - tail]
+        touched = changed_vips(old_middle, new_middle)
+        old_vips = tuple(fv for fv in old_middle if fv.vip.name in touched) if touched else ()
+        new_vips = tuple(fv for fv in new_middle if fv.vip.name in touched) if touched else ()
         load = {pop: self.served[pop].wanted for pop in self.served}
         radius = change.blast_radius(self.announced_pairs(old_vips),
                                      change.pairs(dataclasses.replace(served, vips=old_vips)),

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips
+from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips, common_ends
 from controller.server.core import index
 from tests.helpers.seeds import with_clock_seed
 from tests.helpers.random_fleet import BASE, POPS
@@ -137,4 +137,9 @@ def test_changed_vips_says_what_comparing_by_name_says(seed: int) -> None:
             rng.shuffle(vips)
             new = dataclasses.replace(new, vips=tuple(vips))
         assert changed_vips(d.vips, new.vips) == _changed_by_name(d.vips, new.vips), (seed, step)
+        # what Controller.blast_radius asks: of the middles between the common head and tail only
+        head, tail = common_ends(d.vips, new.vips)
+        middles = d.vips[head:len(d.vips) - tail], new.vips[head:len(new.vips) - tail]
+        assert changed_vips(*middles) == _changed_by_name(d.vips, new.vips), (seed, step)
+        assert {fv.name for fv in d.vips[:head] + d.vips[len(d.vips) - tail:]}.isdisjoint(changed_vips(*middles))
         d = new
