@@ -21,6 +21,17 @@ from pathlib import Path
 from .controller_scale import CHANGED_VIP, EVERYWHERE_VIP, _git, _new_vip_block, _vip_block, generate, verdicts
 
 
+def toggled(text: str, vip: str = CHANGED_VIP, pop: str = "p00") -> str:
+    """``text`` (a generated VIP file: "- name:", "address:", then "publish: [...]") with
+    ``pop`` taken out of ``vip``'s publish list, or put back first if it is not there."""
+    head, sep, tail = text.partition(f"  - name: {vip}\n")
+    address_line, _, rest = tail.partition("\n")
+    publish_line, _, rest = rest.partition("\n")
+    pops = publish_line.split("[", 1)[1].rstrip("]").split(", ")
+    pops = [p for p in pops if p != pop] if pop in pops else [pop, *pops]
+    return f"{head}{sep}{address_line}\n    publish: [{', '.join(pops)}]\n{rest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.commit_cpu")
     p.add_argument("--files", type=int, default=1)
@@ -30,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--add", action="store_true")
     p.add_argument("--profile", action="store_true")
     a = p.parse_args(argv)
-    from controller.server.core import Controller, PopReport
+    from controller.policy.model import PopReport
+    from controller.server.core import Controller
     from controller.server.daemon import Watcher
 
     with tempfile.TemporaryDirectory(prefix="bench-commit-cpu-") as tmp:
@@ -59,12 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 block, _ = _new_vip_block(text[x:y], rep)
                 new_text = text[:y] + block + text[y:]
             else:
-                head, sep, tail = text.partition(f"  - name: {CHANGED_VIP}\n")
-                address_line, _, rest = tail.partition("\n")
-                publish_line, _, rest = rest.partition("\n")
-                pops = publish_line.split("[", 1)[1].rstrip("]").split(", ")
-                pops = pops[1:] if "p00" in pops else ["p00", *pops]
-                new_text = f"{head}{sep}{address_line}\n    publish: [{', '.join(pops)}]\n{rest}"
+                new_text = toggled(text)
             target.write_text(new_text)
             _git(d, "commit", "-qam", f"rep {rep}")
             w._dirty = True  # (what inotify's batch does)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .controller_scale import (CHANGED_VIP, WATCHED_POP, Daemon, _change_everywhere, _cpu_s, _git, _log_times,
                                _Probe, _status_mb, generate, token, verdicts)
+from .commit_cpu import toggled
 from .report import load_average, summary
 
 # The daemon's line after a reload's pass was served (controller/server/daemon.py).
@@ -128,13 +129,8 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
             waiting = asyncio.ensure_future(watcher.fetch_plan(plan.generation, 60))
             await asyncio.sleep(0.3)
             text = target.read_text()
-            head, sep, tail = text.partition(f"  - name: {CHANGED_VIP}\n")
-            address_line, _, rest = tail.partition("\n")
-            publish_line, _, rest = rest.partition("\n")
-            now_pops = publish_line.split("[", 1)[1].rstrip("]").split(", ")
-            new_pops = [p for p in now_pops if p != WATCHED_POP] if present else [WATCHED_POP, *now_pops]
-            tmp = target.with_suffix(".tmp")
-            tmp.write_text(f"{head}{sep}{address_line}\n    publish: [{', '.join(new_pops)}]\n{rest}")
+            tmp = target.with_suffix(".tmp")  # (not *.yaml: the controller never reads half a file)
+            tmp.write_text(toggled(text, CHANGED_VIP, WATCHED_POP))
             reloads_before = len(_reload_lines(daemon.log))
             t0 = time.time()
             tmp.replace(target)
