@@ -36,7 +36,7 @@ from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
-from .revision import fingerprint, git_dir, revision, stat_signature
+from .revision import fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
@@ -115,7 +115,9 @@ class Watcher:
         # there at start when neither the checkout nor state_dir has a good one.
         self.also_keep: Callable[[str, dict[str, str]], None] | None = None
         self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
-        self._peeked: tuple[str, str] | None = None  # (fingerprint, revision) changed() saw
+        # (fingerprint, revision) changed() saw; the revision None: its git commands run (_revision)
+        self._peeked: tuple[str, str | None] | None = None
+        self._revision: Callable[[], str] | None = None
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
         self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
         self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
@@ -124,6 +126,7 @@ class Watcher:
         # What changed() just computed, if it did (hashing every file and two git commands:
         # ~30-60 ms a reload that need not be paid twice), else now.
         peeked, self._peeked = self._peeked, None
+        pending, self._revision = self._revision, None
         if peeked is None:
             self._dirty = False  # (before the reads, as in changed())
         signature = self._stat_signature() if peeked is None else self._signature
@@ -132,25 +135,39 @@ class Watcher:
         fp, rev = peeked if peeked is not None else (
             fp := fingerprint(self.directory, self._contents), revision(self.directory, fp))
         contents, self._contents = self._contents, {}
-        self.seen, self._signature = (fp, rev), signature
-        self._checked = time.monotonic()
+        self._signature, self._checked = signature, time.monotonic()
+
+        def revision_now() -> str:
+            nonlocal rev
+            if rev is None:  # (git ran while the files were parsed)
+                assert pending is not None
+                rev = pending()
+            self.seen = (fp, rev)
+            return rev
+        if rev is not None:
+            revision_now()
         if self._loaded is not None and self._loaded[0] == fp:
             # The same files (their names and bytes: all the loader reads), a new revision: a
             # commit of what was loaded as "+dirty" a moment before (an operator's edit, then
             # its commit). Not read again: the walk of 10,000 cached VIPs was ~0.1 s.
-            desired = dataclasses.replace(self._loaded[1], revision=rev)
+            desired = dataclasses.replace(self._loaded[1], revision=revision_now())
         else:
             self.cache.prefetched = contents  # (the bytes just hashed: not read again)
             try:
-                desired = load_desired(self.directory, rev, self.cache)
+                desired = load_desired(self.directory, rev or "", self.cache)
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a loader bug refuses the revision, never ends the controller
-                log.exception("loading config revision %s failed unexpectedly", rev)
+                log.exception("loading config revision %s failed unexpectedly", rev or "(git still answering)")
                 raise ConfigError(self.directory, [ConfigIssue(
                     "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")]) from exc
+            finally:
+                revision_now()  # (also for a refused load: ``seen`` names the revision refused)
+            if desired.revision != revision_now():
+                desired = dataclasses.replace(desired, revision=revision_now())
             if self.state_dir:
                 desired = dataclasses.replace(desired, state_dir=self.state_dir)
+        rev = revision_now()
         self._loaded = (fp, desired)
         self._to_keep = (fp, rev, {name: text for name, (text, _) in self.cache.files.items()})
         self.start_error = None
@@ -260,9 +277,12 @@ class Watcher:
         """load() if ``forced`` (SIGHUP) or changed(), else None. The daemon runs it in a worker
         thread: hashing every file and two git commands (~20-60 ms under load) no longer hold
         up the event loop, nor the pass of the reload before."""
-        return self.load() if forced or self.changed() else None
+        return self.load() if forced or self.changed(overlap=True) else None
 
-    def changed(self) -> bool:
+    def changed(self, overlap: bool = False) -> bool:
+        """Whether the files or the commit differ from what load() read last. ``overlap``: if
+        the files do, True without waiting for git, and the load that must follow parses them
+        while git says the revision (reload())."""
         if not self._dirty and time.monotonic() - self._checked < RECHECK:
             return False
         # (cleared before the stat data is taken, and that before the content: a notification
@@ -275,6 +295,9 @@ class Watcher:
         self._checked, self._signature = time.monotonic(), signature
         self._contents = {}
         fp = fingerprint(self.directory, self._contents)
+        if overlap and (self.seen is None or fp != self.seen[0]):
+            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp)
+            return True
         now = (fp, revision(self.directory, fp))
         self._peeked = now if now != self.seen else None  # load() follows at once
         return now != self.seen

@@ -91,3 +91,40 @@ def test_a_slow_checkout_of_many_files_is_one_reload_of_the_commit_checked_out(t
     assert refused == []
     assert loads and all(fp == b_content for fp, _ in loads), loads  # never a half-written checkout
     assert loads[-1][1] == b_head
+
+
+def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_refused(tmp_path: Path) -> None:
+    """reload() starts git (the revision) and parses the changed files meanwhile: the state
+    loaded carries the revision git gave, and a refused one is named in ``seen`` (what
+    ``anycastctl status`` shows as the rejected revision), as when git answered first."""
+    from controller.server.revision import revision
+
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    _write(d, 0)
+    git(d, "init", "-q", "-b", "main")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        assert watcher.load().revision == git(d, "rev-parse", "HEAD")[:12]
+        _write(d, 1)  # edited, not committed: "+dirty"
+        watcher._dirty = True  # (what a notification does)
+        edited = watcher.reload()
+        assert edited is not None and edited.revision == revision(str(d)) and "+dirty." in edited.revision
+        (d / "vips" / "f0.yaml").write_text("vips: [\n")  # broken
+        watcher._dirty = True
+        try:
+            watcher.reload()
+            raise AssertionError("a broken file loaded")
+        except ConfigError:
+            pass
+        assert watcher.seen is not None and watcher.seen[1] == revision(str(d))
+        _write(d, 1)
+        git(d, "commit", "-qam", "B")
+        watcher._dirty = True
+        committed = watcher.reload()
+        assert committed is not None and committed.revision == git(d, "rev-parse", "HEAD")[:12]
+        assert committed.vips == edited.vips
+    finally:
+        watcher.close()
