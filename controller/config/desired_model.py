@@ -221,11 +221,9 @@ def with_dials(desired: DesiredState, operator: Mapping[str, int]) -> DesiredSta
     return replace(desired, vips=tuple(vips))
 
 
-def changed_vips(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> set[str]:
-    """The names of the VIPs added, removed or redefined (not equal) from ``old`` to ``new``.
-    A reload keeps the objects of unchanged VIPs in their order, so the common head and tail
-    (the same objects) are skipped by identity and only the middle is compared by name: a
-    one-VIP commit at 10,000 VIPs looks at a few VIPs, not at two 10,000-name maps."""
+def common_ends(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> tuple[int, int]:
+    """How many VIPs at the head and at the tail of ``old`` and ``new`` are the same objects
+    (not overlapping: head + tail <= the shorter length)."""
     n, m = len(old), len(new)
     i, short = 0, min(n, m)
     while i < short and old[i] is new[i]:
@@ -233,6 +231,16 @@ def changed_vips(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> set[st
     j = 0
     while j < short - i and old[n - 1 - j] is new[m - 1 - j]:
         j += 1
+    return i, j
+
+
+def changed_vips(old: tuple[FleetVip, ...], new: tuple[FleetVip, ...]) -> set[str]:
+    """The names of the VIPs added, removed or redefined (not equal) from ``old`` to ``new``.
+    A reload keeps the objects of unchanged VIPs in their order, so the common head and tail
+    (the same objects) are skipped by identity and only the middle is compared by name: a
+    one-VIP commit at 10,000 VIPs looks at a few VIPs, not at two 10,000-name maps."""
+    n, m = len(old), len(new)
+    i, j = common_ends(old, new)
     before = {fv.vip.name: fv for fv in old[i:n - j]}
     after = {fv.vip.name: fv for fv in new[i:m - j]}
     return {name for name in before.keys() | after.keys()

@@ -262,7 +262,11 @@ def read_bytes(path: str, inside: str | None = None, limit: int = MAX_FILE_BYTES
 def read_text(path: str, inside: str | None = None) -> str:
     """Read a config file (see read_bytes); an unreadable or hostile file is a ConfigError
     naming it, not a traceback or a hang."""
-    data = read_bytes(path, inside)
+    return decode_text(path, read_bytes(path, inside))
+
+
+def decode_text(path: str, data: bytes) -> str:
+    """``data`` (what read_bytes read from ``path``) as text, as read_text says it."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -36,15 +36,20 @@ from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
-from .revision import fingerprint, git_dir, revision, stat_signature
+from .revision import fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
 log = logging.getLogger("controller.server")
 TICK = 1.0  # look at the config and the engine's timers at least this often
 WATCH = 0.1  # stat polling looks this often, and a change it sees must have settled this long
-INOTIFY_QUIET_MS = 50  # inotify: events are grouped until none came for this long (a checkout
-# writes its files within milliseconds; the revision check catches one caught half-way anyway)
+INOTIFY_QUIET_MS = 10  # inotify: events are grouped until none came for this long. A git command
+# that writes the checkout (checkout, reset, merge, commit -a) holds .git/index.lock throughout:
+# the reload waits for it to go (_git_settled), so a checkout is one reload however long the
+# gaps between its writes on a loaded machine; the window is for a writer without a lock (an
+# editor's rename, one file). It was 50 ms: 50-100 ms of every commit's latency (watchfiles
+# returns a batch one step after the last step that saw a new event).
+GIT_LOCK_WAIT = 10.0  # s: the longest index.lock holds a reload back (a stale lock: then the reload goes on)
 RECHECK = 30.0  # look at content and commit this often even without a notification
 TRIM_EVERY = 10.0  # give free heap pages back to the system this often (_release_free_memory)
 
@@ -110,33 +115,59 @@ class Watcher:
         # there at start when neither the checkout nor state_dir has a good one.
         self.also_keep: Callable[[str, dict[str, str]], None] | None = None
         self.fetch_kept: Callable[[], tuple[str, dict[str, str]] | None] | None = None
-        self._peeked: tuple[str, str] | None = None  # (fingerprint, revision) changed() saw
+        # (fingerprint, revision) changed() saw; the revision None: its git commands run (_revision)
+        self._peeked: tuple[str, str | None] | None = None
+        self._revision: Callable[[], str] | None = None
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
+        self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
+        self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
 
     def load(self) -> DesiredState:
         # What changed() just computed, if it did (hashing every file and two git commands:
         # ~30-60 ms a reload that need not be paid twice), else now.
         peeked, self._peeked = self._peeked, None
+        pending, self._revision = self._revision, None
+        if peeked is None:
+            self._dirty = False  # (before the reads, as in changed())
         signature = self._stat_signature() if peeked is None else self._signature
-        fp, rev = peeked if peeked is not None else (fp := fingerprint(self.directory), revision(self.directory, fp))
-        self.seen, self._signature = (fp, rev), signature
-        self._dirty, self._checked = False, time.monotonic()
+        if peeked is None:
+            self._contents = {}
+        fp, rev = peeked if peeked is not None else (
+            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp))
+        contents, self._contents = self._contents, {}
+        self._signature, self._checked = signature, time.monotonic()
+
+        def revision_now() -> str:
+            nonlocal rev
+            if rev is None:  # (git ran while the files were parsed)
+                assert pending is not None
+                rev = pending()
+            self.seen = (fp, rev)
+            return rev
+        if rev is not None:
+            revision_now()
         if self._loaded is not None and self._loaded[0] == fp:
             # The same files (their names and bytes: all the loader reads), a new revision: a
             # commit of what was loaded as "+dirty" a moment before (an operator's edit, then
             # its commit). Not read again: the walk of 10,000 cached VIPs was ~0.1 s.
-            desired = dataclasses.replace(self._loaded[1], revision=rev)
+            desired = dataclasses.replace(self._loaded[1], revision=revision_now())
         else:
+            self.cache.prefetched = contents  # (the bytes just hashed: not read again)
             try:
-                desired = load_desired(self.directory, rev, self.cache)
+                desired = load_desired(self.directory, rev or "", self.cache)
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a loader bug refuses the revision, never ends the controller
-                log.exception("loading config revision %s failed unexpectedly", rev)
+                log.exception("loading config revision %s failed unexpectedly", rev or "(git still answering)")
                 raise ConfigError(self.directory, [ConfigIssue(
                     "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")]) from exc
+            finally:
+                revision_now()  # (also for a refused load: ``seen`` names the revision refused)
+            if desired.revision != revision_now():
+                desired = dataclasses.replace(desired, revision=revision_now())
             if self.state_dir:
                 desired = dataclasses.replace(desired, state_dir=self.state_dir)
+        rev = revision_now()
         self._loaded = (fp, desired)
         self._to_keep = (fp, rev, {name: text for name, (text, _) in self.cache.files.items()})
         self.start_error = None
@@ -238,16 +269,35 @@ class Watcher:
         assert not isinstance(self._git_dir, bool)
         return stat_signature(self.directory, self._git_dir)
 
-    def changed(self) -> bool:
+    def pending(self) -> bool:
+        """Whether changed() has anything to look at (a notification, or the periodic look is due)."""
+        return self._dirty or time.monotonic() - self._checked >= RECHECK
+
+    def reload(self, forced: bool = False) -> DesiredState | None:
+        """load() if ``forced`` (SIGHUP) or changed(), else None. The daemon runs it in a worker
+        thread: hashing every file and two git commands (~20-60 ms under load) no longer hold
+        up the event loop, nor the pass of the reload before."""
+        return self.load() if forced or self.changed(overlap=True) else None
+
+    def changed(self, overlap: bool = False) -> bool:
+        """Whether the files or the commit differ from what load() read last. ``overlap``: if
+        the files do, True without waiting for git, and the load that must follow parses them
+        while git says the revision (reload())."""
         if not self._dirty and time.monotonic() - self._checked < RECHECK:
             return False
-        # (taken before the content: a change made meanwhile moves it again, for the next look)
+        # (cleared before the stat data is taken, and that before the content: a notification
+        # from here on marks the next look, a change made meanwhile moves the stat data again)
+        dirty, self._dirty = self._dirty, False
         signature = self._stat_signature()
-        if not self._dirty and signature == self._signature:
+        if not dirty and signature == self._signature:
             self._checked = time.monotonic()  # the periodic look: nothing moved on disk
             return False
-        self._dirty, self._checked, self._signature = False, time.monotonic(), signature
-        fp = fingerprint(self.directory)
+        self._checked, self._signature = time.monotonic(), signature
+        self._contents = {}
+        fp = fingerprint(self.directory, self._contents)
+        if overlap and (self.seen is None or fp != self.seen[0]):
+            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp)
+            return True
         now = (fp, revision(self.directory, fp))
         self._peeked = now if now != self.seen else None  # load() follows at once
         return now != self.seen
@@ -278,6 +328,8 @@ class Watcher:
         self._mark(poke)  # anything between load() and the watch being set up
         async for _ in watchfiles.awatch(*paths, watch_filter=_Relevant(top, gd), debounce=1000,
                                          step=INOTIFY_QUIET_MS, force_polling=False):
+            self.batch_at = time.time()
+            await _git_settled(gd)
             self._mark(poke)
 
     async def _poll(self, poke: asyncio.Event, gd: str | None) -> None:
@@ -297,6 +349,26 @@ class Watcher:
                 now = settled
             last = now
             self._mark(poke)
+
+
+async def _git_settled(gd: str | None, wait: float = GIT_LOCK_WAIT) -> None:
+    """Return once no git command is writing the checkout: while ``index.lock`` exists one is
+    (checkout, reset, merge, commit -a write the work tree and index under it), then one quiet
+    window more (a checkout moves HEAD just after it lets the index go). At most ``wait`` s:
+    a lock left by a killed git must not stop reloads for good (git itself refuses to run then,
+    so the operator hears of it)."""
+    if not gd:
+        return
+    lock = os.path.join(gd, "index.lock")
+    if not os.path.exists(lock):
+        return
+    deadline = time.monotonic() + wait
+    while os.path.exists(lock):
+        if time.monotonic() >= deadline:
+            log.warning("%s has stayed for %.0fs: reloading anyway (a git command killed half-way?)", lock, wait)
+            return
+        await asyncio.sleep(INOTIFY_QUIET_MS / 1000)
+    await asyncio.sleep(INOTIFY_QUIET_MS / 1000)
 
 
 class _Relevant:
@@ -448,20 +520,26 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     try:
         while not stop.is_set():
             planned = False
-            if reload_now.is_set() or watcher.changed():
+            if reload_now.is_set() or watcher.pending():
+                forced = reload_now.is_set()
                 reload_now.clear()
+                looked = time.time()
                 try:
-                    # In a worker thread: parsing a changed 5.5 MB vips.yaml is ~0.5 s of Python,
-                    # which would stall every request; the thread gives the event loop the GIL
-                    # back every few milliseconds. Only this loop touches the watcher.
-                    new = await asyncio.to_thread(watcher.load)
-                    if tls is not None or new.api.tls is not None:
-                        reload_tls(tls, new)
-                    _reload_signing_key(app, new)
-                    guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
-                    ctl.apply_config(new)  # kept as the last good one once applied (on_applied)
-                    metrics.config_reloads.labels("success").inc()
-                    planned = True  # apply_config planned: a second pass now only delays the new plans
+                    # In a worker thread, the look at content and commit too: parsing a changed
+                    # 5.5 MB vips.yaml is ~0.5 s of Python, which would stall every request; the
+                    # thread gives the event loop the GIL back every few milliseconds. Only this
+                    # loop touches the watcher.
+                    new = await asyncio.to_thread(watcher.reload, forced)
+                    if new is not None:  # (None: a notification about what is loaded already)
+                        loaded = time.time()
+                        if tls is not None or new.api.tls is not None:
+                            reload_tls(tls, new)
+                        _reload_signing_key(app, new)
+                        guard.max_unauthenticated = _guard_bound(new.api.max_unauthenticated_connections, warn=False)
+                        ctl.apply_config(new)  # kept as the last good one once applied (on_applied)
+                        _log_reload_timing(ctl, new.revision, (watcher.batch_at, looked, loaded, time.time()))
+                        metrics.config_reloads.labels("success").inc()
+                        planned = True  # apply_config planned: a second pass now only delays the new plans
                 except ConfigError as exc:
                     ctl.reject_config(exc, watcher.seen[1] if watcher.seen else "?")
                     metrics.config_reloads.labels("failure").inc()
@@ -495,6 +573,22 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         ctl.close()
     log.info("controller stopped")
     return 0
+
+
+def _log_reload_timing(ctl: Controller, revision: str, times: tuple[float, float, float, float]) -> None:
+    """Once the reload's pass has served its plans: when inotify's batch came, when the
+    content and commit were looked at, when the reload and apply_config returned, and when
+    the plans were served (wall-clock seconds, so a benchmark can line them up with its
+    commit: bench/commit_latency.py)."""
+    def done(_: object = None) -> None:
+        log.info("reload of %s: batch %.3f, looked %.3f, loaded %.3f, applied %.3f, served %.3f (%.0f ms after "
+                 "the batch)", revision, *times, time.time(), (time.time() - times[0]) * 1000)
+
+    driver = ctl.planning()
+    if driver is None or driver.done():
+        done()
+    else:
+        driver.add_done_callback(done)
 
 
 def reload_tls(tls: ServerTls | None, new: DesiredState) -> None:

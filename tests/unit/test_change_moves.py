@@ -375,3 +375,46 @@ def test_a_definition_change_reaches_each_wave_inside_the_event_loop(tmp_path: P
 
     assert asyncio.run(main()) == [(0, 50, 100, 100), (1, 50, 50, 100), (2, 50, 50, 50), ("steady", 50, 50, 50)]
     assert ctl.base.revision == "rev2"
+
+
+def test_a_waves_excused_pairs_are_those_the_per_pair_definition_finds() -> None:
+    """``change.excused`` skips the call of ``_unhealthy`` for a VIP planned wanted, announced
+    and with no origin reported down, and takes the items from a mapping when given one: on
+    random reports (verdicts down, unknown, missing; VIPs not announced; stale reports) and
+    plans (withdrawn, weighted, missing items), it finds exactly the pairs the definition,
+    ``_unhealthy`` for every published pair, finds (what a wave's gate forgives must not change)."""
+    import random
+
+    rng = random.Random(7)
+    pops = ("sjc", "fra", "sin", "ams")
+    for trial in range(300):
+        names = [f"v{i}" for i in range(rng.randint(0, 12))]
+        regions = ("us-west", "eu-central", "ap-south")
+        items: dict[str, dict[str, PlanItem]] = {}
+        reports: dict[str, PopReport] = {}
+        for pop in pops:
+            items[pop] = {}
+            for n in names:
+                if rng.random() < 0.9:
+                    weights = tuple((r, rng.randint(1, 3)) for r in rng.sample(regions, 2)) if rng.random() < 0.2 else ()
+                    items[pop][n] = PlanItem(n, rng.random() < 0.85, rng.choice(regions), weights=weights)
+            if rng.random() < 0.9:
+                origins = {n: {r: rng.choice((True, True, True, False, None)) for r in rng.sample(regions, rng.randint(0, 3))}
+                           for n in names if rng.random() < 0.9}
+                announced = {n: rng.random() < 0.9 for n in names if rng.random() < 0.9}
+                reports[pop] = PopReport(pop, rng.choice((90.0, 99.0, 10.0)), 1, origins, announced)
+        wave = tuple(rng.sample(pops, rng.randint(1, len(pops))))
+        state = Rollout(phase=Phase.ROLLING, base="a", target="b", waves=(wave,), wave=0, wave_started=100.0)
+        published = {pop: [n for n in names if rng.random() < 0.8] for pop in pops}
+
+        def item(pop: str, name: str) -> PlanItem | None:
+            return items.get(pop, {}).get(name)
+
+        expected = []
+        for pop in wave:
+            r = reports.get(pop)
+            fresh = r if r is not None and 100.0 - r.received_at <= 15.0 else None
+            expected += [(n, pop) for n in published[pop] if change._unhealthy(fresh, n, item(pop, n))]
+        for given in (None, items):
+            got = change.excused(state, BASE, reports, item, 100.0, 15.0, published, given)
+            assert got == tuple(sorted(expected)), (trial, given is None)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips
+from controller.config.desired_model import DesiredState, FleetVip, PopSpec, changed_vips, common_ends
 from controller.server.core import index
 from tests.helpers.seeds import with_clock_seed
 from tests.helpers.random_fleet import BASE, POPS
@@ -30,7 +30,7 @@ def _vip(i: int, rng: random.Random, everywhere: bool = False) -> FleetVip:
 def _commit(d: DesiredState, rng: random.Random, spare: list[FleetVip]) -> DesiredState:
     """The engine test's commits (enabled, publish lists, origin order, removals, additions),
     and what the index has besides: fewer regions, an equal re-read, the POP inventory."""
-    kind = rng.choice(("engine", "engine", "engine", "regions", "equal", "pops"))
+    kind = rng.choice(("engine", "engine", "engine", "regions", "equal", "pops", "stale", "shuffle"))
     if kind == "engine":
         return engine_commit(d, rng, spare, rng.randrange(1_000_000))
     vips = list(d.vips)
@@ -39,6 +39,11 @@ def _commit(d: DesiredState, rng: random.Random, spare: list[FleetVip]) -> Desir
     fv = vips[k]
     if kind == "regions" and len(fv.vip.origins) > 1:  # fewer regions: the entries change
         vips[k] = dataclasses.replace(fv, vip=dataclasses.replace(fv.vip, origins=fv.vip.origins[:-1]))
+    elif kind == "stale":  # another report_stale_after (the index keeps the shortest)
+        safety = dataclasses.replace(fv.policy.safety, report_stale_after=rng.choice((30.0, 60.0, 120.0, 600.0)))
+        vips[k] = dataclasses.replace(fv, policy=dataclasses.replace(fv.policy, safety=safety))
+    elif kind == "shuffle":  # another order: the common head and tail are short
+        rng.shuffle(vips)
     elif kind == "equal":  # an equal definition in a new object (a reload that re-read the entry)
         vips[k] = dataclasses.replace(fv)
     elif kind == "pops":  # the POP inventory: one POP more or less (its VIPs stay as they are)
@@ -132,4 +137,9 @@ def test_changed_vips_says_what_comparing_by_name_says(seed: int) -> None:
             rng.shuffle(vips)
             new = dataclasses.replace(new, vips=tuple(vips))
         assert changed_vips(d.vips, new.vips) == _changed_by_name(d.vips, new.vips), (seed, step)
+        # what Controller.blast_radius asks: of the middles between the common head and tail only
+        head, tail = common_ends(d.vips, new.vips)
+        middles = d.vips[head:len(d.vips) - tail], new.vips[head:len(new.vips) - tail]
+        assert changed_vips(*middles) == _changed_by_name(d.vips, new.vips), (seed, step)
+        assert {fv.name for fv in d.vips[:head] + d.vips[len(d.vips) - tail:]}.isdisjoint(changed_vips(*middles))
         d = new

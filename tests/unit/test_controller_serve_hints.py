@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from controller.config.desired_model import FleetVip, PopSpec
+from controller.config.serialize import vip_to_dict
 from controller.server.core import Controller
+from controller.server.plans import as_spec_json
 from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
 from tests.helpers.seeds import with_clock_seed
 
@@ -54,11 +56,17 @@ def _run(seed: int, tmp: Path) -> int:
                     ctl.drain(pop)
         if rng.random() < 0.12:
             desired = random_commit(desired, rng, spare, step)
+            if rng.random() < 0.1:  # another order of the same VIPs (short common head and tail)
+                desired = dataclasses.replace(desired, vips=tuple(rng.sample(desired.vips, len(desired.vips))))
             for ctl in ctls:
                 ctl.apply_config(dataclasses.replace(desired, state_dir=ctl.desired.state_dir))
         for ctl in ctls:
             ctl.replan()
         assert _served(ctls[0]) == _served(ctls[1]), f"seed {seed}, step {step}"
+        # the spec dicts, updated at the VIPs a commit changed, are those made from scratch
+        assert ctls[0]._spec_dicts[0] is ctls[0].desired
+        assert ctls[0]._spec_dicts[1] == {fv.name: as_spec_json(vip_to_dict(fv.vip)) for fv in ctls[0].desired.vips}, (
+            f"seed {seed}, step {step}")
         hinted += bool(ctls[0]._since_served)
     for ctl in ctls:
         ctl.close()

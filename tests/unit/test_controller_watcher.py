@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_the_periodic_look_reads_no_file_while_the_stat_data_stands_still_and_se
     config = copy(tmp_path)
     hashed: list[str] = []
     real = daemon.fingerprint
-    monkeypatch.setattr(daemon, "fingerprint", lambda d: hashed.append(d) or real(d))
+    monkeypatch.setattr(daemon, "fingerprint", lambda d, contents=None: hashed.append(d) or real(d, contents))
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
     monkeypatch.setattr(daemon, "revision", lambda d, fp=None: f"sha256:{(fp or real(d))[:12]}")
     monkeypatch.setattr(daemon, "RECHECK", 0.0)  # every changed() is the periodic look
@@ -113,3 +114,31 @@ def test_a_loader_bug_refuses_the_revision_as_a_config_error_and_the_next_one_lo
     assert "OverflowError: int too large to convert to float" in exc.value.summary()
     monkeypatch.setattr(daemon, "load_desired", real)
     assert watcher.load().vips  # the loader fixed: the same checkout loads
+
+
+def test_a_reload_loads_the_bytes_its_look_hashed_without_reading_them_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """changed() hashes every file; the load that follows takes those bytes (no second read,
+    and exactly the content whose fingerprint ``seen`` holds) and says what a load from
+    nothing says."""
+    from controller.config import desired as loader
+    from controller.server import daemon
+
+    config = copy(tmp_path)
+    monkeypatch.setattr(daemon, "git_dir", lambda d: None)
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: "rev")
+    watcher = daemon.Watcher(str(config), str(tmp_path / "state"))
+    read: list[str] = []
+    real = loader.read_text
+    monkeypatch.setattr(loader, "read_text", lambda path, inside=None: read.append(path) or real(path, inside))
+    try:
+        first = watcher.load()
+        assert read == []  # (load() hashed them itself first)
+        edit(config, "vips.yaml", lambda v: v["vips"][1].__setitem__("publish", ["fra"]))
+        watcher._dirty = True  # (what a notification does)
+        assert watcher.changed()
+        edited = watcher.load()
+        assert read == [] and edited != first
+        assert edited == dataclasses.replace(loader.load_desired(str(config), "rev"), state_dir=str(tmp_path / "state"))
+    finally:
+        watcher.close()

@@ -33,7 +33,7 @@ def _edit(d: Path, rng: random.Random, serial: int) -> None:
     path = rng.choice(files)
     parts = _entries(path.read_text())
     kind = rng.choice(("address", "swap", "publish", "duplicate", "remove", "move", "rename", "broken",
-                       "unknown_pop", "context", "fix_address", "same"))
+                       "unknown_pop", "context", "fix_address", "same", "entangle", "pops"))
     if len(parts) < 3 and kind in ("swap", "remove", "move", "duplicate"):
         kind = "same"
     k = rng.randrange(1, len(parts)) if len(parts) > 1 else 0
@@ -68,6 +68,18 @@ def _edit(d: Path, rng: random.Random, serial: int) -> None:
         parts[k] = parts[k].replace("publish:", "publish: [", 1) if rng.random() < 0.5 else parts[k] + "    bogus: 1\n"
     elif kind == "unknown_pop" and k:
         parts[k] = re.sub(r"publish: \[", "publish: [lhr, ", parts[k], count=1)
+    elif kind == "entangle":  # a comment the cut cannot tell from an anchor: the file is parsed whole (or again cut)
+        note = "# see &note\n"
+        parts[0] = parts[0].replace(note, "") if note in parts[0] else note + parts[0]
+    elif kind == "pops":  # the POPs, a VIP's context too: one fewer (VIPs published there are refused), or back
+        p = d / "pops.yaml"
+        text = p.read_text()
+        last = re.search(r"  - name: p03\n(?:    .*\n)*", text)
+        if last:
+            (d / "pops.p03").write_text(last.group(0))
+            p.write_text(text.replace(last.group(0), ""))
+        elif (d / "pops.p03").exists():
+            p.write_text(text + (d / "pops.p03").read_text())
     elif kind == "context":  # what every VIP's reading depends on: all are read again
         c = d / "controller.yaml"
         text = c.read_text()
@@ -86,7 +98,7 @@ def _outcome(d: Path, cache: LoadCache | None) -> object:
 def _run(seed: int, tmp: Path) -> int:
     rng = random.Random(seed)
     d = tmp / f"seed{seed}"
-    generate(d, 40, 4, files=rng.choice((1, 3)))
+    generate(d, 40, 4, files=rng.choice((1, 3, 6)))
     cache = LoadCache()
     errors = 0
     for step in range(STEPS):

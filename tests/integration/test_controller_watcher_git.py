@@ -1,0 +1,130 @@
+"""The Watcher and a slow `git checkout`: one reload of the commit checked out, never of a
+checkout half-written (loopback-free: files, inotify and git only; no lab lock needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import yaml
+
+from controller.config.errors import ConfigError
+from controller.server import daemon
+from controller.server.daemon import Watcher
+from controller.server.revision import fingerprint
+from tests.helpers.config_dirs import EXAMPLE
+from tests.helpers.controller_process import git
+from tests.helpers.waiting import check, until
+
+FILES = 8
+
+
+def _write(d: Path, shift: int) -> None:
+    """VIPs api-0..api-7, api-k in vips/f{(k + shift) % 8}.yaml: between two shifts every file
+    changes, and any mix of the two (some files written, some not) lists a VIP twice or not at
+    all: a duplicate is refused, a missing VIP would be withdrawn."""
+    template = next(v for v in yaml.safe_load((EXAMPLE / "vips.yaml").read_text())["vips"] if v["name"] == "api-eu")
+    (d / "vips").mkdir(exist_ok=True)
+    for k in range(FILES):
+        vip = {**template, "name": f"api-{k}", "address": f"198.51.100.{100 + k}/32"}
+        (d / "vips" / f"f{(k + shift) % FILES}.yaml").write_text(yaml.safe_dump({"vips": [vip]}))
+
+
+def test_a_slow_checkout_of_many_files_is_one_reload_of_the_commit_checked_out(tmp_path: Path) -> None:
+    """A checkout whose file writes are 100 ms apart (a smudge filter that sleeps: on a
+    loaded machine git can be that slow between two files), ten times the inotify quiet
+    window: the reload waits for git's index.lock, so every load is of the new commit's
+    files (the same bytes, the new commit's revision at the end), and none is refused."""
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    _write(d, 0)
+    git(d, "init", "-q", "-b", "main")
+    (d / ".gitattributes").write_text("vips/*.yaml filter=slow\n")
+    git(d, "config", "filter.slow.smudge", "sleep 0.1; cat")
+    git(d, "config", "filter.slow.clean", "cat")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    git(d, "checkout", "-qb", "next")
+    _write(d, 1)
+    git(d, "commit", "-qam", "B: every VIP one file further")
+    b_head = git(d, "rev-parse", "HEAD")[:12]
+    b_content = fingerprint(str(d))
+    git(d, "checkout", "-q", "main")
+    assert fingerprint(str(d)) != b_content
+    assert daemon.INOTIFY_QUIET_MS * 10 <= 100  # (the gaps below are ten windows or more)
+
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    assert watcher.load().vip("api-0") is not None
+    loads: list[tuple[str, str]] = []  # (content fingerprint, revision) of each load
+    refused: list[str] = []
+
+    async def scenario() -> None:
+        poke = asyncio.Event()
+        watching = asyncio.ensure_future(watcher.poke_on_change(poke))
+
+        async def reloading() -> None:  # what the daemon's loop does on a poke
+            while True:
+                await poke.wait()
+                poke.clear()
+                try:
+                    new = await asyncio.to_thread(watcher.reload)
+                except ConfigError as exc:
+                    refused.append(exc.summary())
+                    continue
+                if new is not None:
+                    assert watcher.seen is not None
+                    loads.append((watcher.seen[0], new.revision))
+
+        loop = asyncio.ensure_future(reloading())
+        try:
+            await until(lambda: watcher.notifier == "inotify" and not watcher.pending(), "the watch is set up")
+            await asyncio.to_thread(git, d, "checkout", "-q", "next")
+            await until(lambda: any(rev == b_head for _, rev in loads), "the checked-out commit is loaded")
+            await asyncio.sleep(0.5)  # (any late reload is counted too)
+        finally:
+            loop.cancel()
+            watching.cancel()
+            watcher.close()
+
+    check(scenario)
+    assert refused == []
+    assert loads and all(fp == b_content for fp, _ in loads), loads  # never a half-written checkout
+    assert loads[-1][1] == b_head
+
+
+def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_refused(tmp_path: Path) -> None:
+    """reload() starts git (the revision) and parses the changed files meanwhile: the state
+    loaded carries the revision git gave, and a refused one is named in ``seen`` (what
+    ``anycastctl status`` shows as the rejected revision), as when git answered first."""
+    from controller.server.revision import revision
+
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    _write(d, 0)
+    git(d, "init", "-q", "-b", "main")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        assert watcher.load().revision == git(d, "rev-parse", "HEAD")[:12]
+        _write(d, 1)  # edited, not committed: "+dirty"
+        watcher._dirty = True  # (what a notification does)
+        edited = watcher.reload()
+        assert edited is not None and edited.revision == revision(str(d)) and "+dirty." in edited.revision
+        (d / "vips" / "f0.yaml").write_text("vips: [\n")  # broken
+        watcher._dirty = True
+        try:
+            watcher.reload()
+            raise AssertionError("a broken file loaded")
+        except ConfigError:
+            pass
+        assert watcher.seen is not None and watcher.seen[1] == revision(str(d))
+        _write(d, 1)
+        git(d, "commit", "-qam", "B")
+        watcher._dirty = True
+        committed = watcher.reload()
+        assert committed is not None and committed.revision == git(d, "rev-parse", "HEAD")[:12]
+        assert committed.vips == edited.vips
+    finally:
+        watcher.close()
