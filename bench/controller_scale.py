@@ -586,10 +586,12 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
 
 
 async def _burst(daemon: Daemon, clients: Mapping[str, Any], names: list[str], regions: Mapping[str, tuple[str, ...]],
-                 first_generation: int, reporting: int, work: Path, log: Log) -> dict[str, Any]:
+                 first_generation: int, reporting: int, work: Path, log: Log, distinct: bool = False) -> dict[str, Any]:
     """Every reporting POP's first full report at once (a controller restart: every agent's
     first report), all healthy, as the code under test's agent encodes it; the last answer,
-    each answer, a status read after (planned), the stall probe throughout."""
+    each answer, a status read after (planned), the stall probe throughout. ``distinct``:
+    each POP sees the primary of a different few VIPs down, so no two reports are equal
+    (the controller shares equal ones)."""
     from controller import wire
     from controller.agent.controller_link import HealthReport
 
@@ -601,7 +603,7 @@ async def _burst(daemon: Daemon, clients: Mapping[str, Any], names: list[str], r
     # the same 2 vCPUs). Sent as the code under test's agent would send its first report
     # (numbered 1 where the wire numbers reports); the clients then go on with deltas.
     first_reports = {pop: HealthReport(pop, first_generation if pop == WATCHED_POP else 0,
-                                       verdicts(names, regions, i, len(clients), down_every=0),
+                                       verdicts(names, regions, i, len(clients), down_every=100 if distinct else 0),
                                        {n: True for n in names}) for i, pop in enumerate(clients)}
     numbered = hasattr(wire, "WireReport") and "seq" in {f.name for f in dataclasses.fields(wire.WireReport)}
     first_wire = {pop: wire.WireReport(r.plan_generation, r.origins, r.announced, 1) if numbered else None
@@ -939,7 +941,7 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
     return out
 
 
-async def burst_only(config_dir: Path, work: Path, log: Log) -> dict[str, Any]:
+async def burst_only(config_dir: Path, work: Path, log: Log, distinct: bool = False) -> dict[str, Any]:
     """The daemon up (first plan), then ``_burst`` alone: what ``end_to_end`` measures first,
     for side-by-side runs of two codes (``python -m bench.controller_scale burst``)."""
     from controller.agent.plan_client import PlanClient
@@ -964,7 +966,7 @@ async def burst_only(config_dir: Path, work: Path, log: Log) -> dict[str, Any]:
         assert plan is not None
         out["start_to_first_plan_s"] = round(time.monotonic() - started, 2)
         await _until_idle(daemon.proc.pid)
-        out.update(await _burst(daemon, clients, names, regions, plan.generation, len(clients), work, log))
+        out.update(await _burst(daemon, clients, names, regions, plan.generation, len(clients), work, log, distinct))
         out["rss_mb_end"] = _status_mb(daemon.proc.pid, "VmRSS")
     finally:
         for c in clients.values():
@@ -973,7 +975,8 @@ async def burst_only(config_dir: Path, work: Path, log: Log) -> dict[str, Any]:
     return out
 
 
-def burst_main(vips: int, pops: int, files: int, runs: int, out: Path | None, log: Log) -> list[dict[str, Any]]:
+def burst_main(vips: int, pops: int, files: int, runs: int, out: Path | None, log: Log,
+               distinct: bool = False) -> list[dict[str, Any]]:
     """``runs`` bursts (a fresh daemon each) on one generated config of ``files`` files."""
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp:
@@ -983,8 +986,9 @@ def burst_main(vips: int, pops: int, files: int, runs: int, out: Path | None, lo
         _git(config_dir, "add", "-A")
         _git(config_dir, "commit", "-qm", "synthetic desired state")
         for run_ in range(runs):
-            r = asyncio.run(burst_only(config_dir, Path(tmp) / f"run{run_}", log))
-            r.update({"files": files, "vips": vips, "pops": pops, "at": time.strftime("%H:%M:%S", time.gmtime())})
+            r = asyncio.run(burst_only(config_dir, Path(tmp) / f"run{run_}", log, distinct))
+            r.update({"files": files, "vips": vips, "pops": pops, "distinct": distinct,
+                      "at": time.strftime("%H:%M:%S", time.gmtime())})
             results.append(r)
             if out is not None:
                 out.write_text(json.dumps(results, indent=1) + "\n")
@@ -1152,6 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--files", type=int, default=1, help="1, or SPLIT_FILES: the VIPs in that many files")
     b.add_argument("--runs", type=int, default=1)
     b.add_argument("--out", type=Path)
+    b.add_argument("--distinct", action="store_true", help="no two POPs' reports equal (a few VIPs down at each)")
     g = sub.add_parser("generate", help="write a synthetic config directory")
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--vips", type=int, default=10000)
@@ -1165,7 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text + "\n")
         return 0
     if args.cmd == "burst":
-        res = burst_main(args.vips, args.pops, args.files, args.runs, args.out, lambda m: print(m, flush=True))
+        res = burst_main(args.vips, args.pops, args.files, args.runs, args.out, lambda m: print(m, flush=True),
+                         args.distinct)
         print(json.dumps([{k: v for k, v in r.items() if k != "report_answers_s"} for r in res], indent=1))
         return 0
     if args.cmd == "probe":
