@@ -64,25 +64,27 @@ def compact_report(report: PopReport, previous: PopReport | None) -> PopReport:
         return replace(report, origins=previous.origins,
                        announced=_shared_mapping(report.announced, _ANNOUNCED, previous.announced))
     announced = _shared_mapping(report.announced, _ANNOUNCED, previous.announced if previous is not None else None)
-    # Equal to a recent POP's mapping (a healthy fleet: most POPs' first reports after a
-    # restart): that one, whose verdicts are interned already; one comparison in C.
-    recent = _recent(report.origins, _ORIGINS) if len(report.origins) >= 64 else None
-    if recent is not None:
-        return replace(report, origins=recent, announced=announced)
-    # The wire's decoder already shares one object per distinct verdict set: each distinct
-    # object is interned once (a handful), then the mapping is rebuilt through that table in C
-    # (map/zip: ~0.5 us a VIP in Python before). An equal verdict set is the one interned
-    # object, so a VIP whose verdicts did not change keeps the previous report's object (until
-    # the table is reset at its bound, when equal ones compare equal instead: the engine
-    # compares with ==).
-    values = report.origins.values()
-    distinct = dict(zip(map(id, values), values))  # (alive meanwhile: ids are theirs)
-    table = {i: _intern(v) for i, v in distinct.items()}
-    origins: Mapping[str, Verdicts] = dict(zip(report.origins, map(table.__getitem__, map(id, values))))
-    if len(origins) >= 64:
-        _ORIGINS.insert(0, origins)
-        del _ORIGINS[_SHARED_MAPPINGS:]
-    return replace(report, origins=origins, announced=announced)
+    # Equal to the last POP's new mapping (a healthy fleet: most POPs' first reports after a
+    # restart are equal), that one, whose verdicts are interned already: one comparison in C
+    # instead of the walk below (only the last one: a report unlike it pays one comparison).
+    if len(report.origins) >= 64 and _ORIGINS and len(_ORIGINS[0]) == len(report.origins) \
+            and _ORIGINS[0] == report.origins:
+        return replace(report, origins=_ORIGINS[0], announced=announced)
+    before = previous.origins if previous is not None else {}
+    origins: dict[str, Verdicts] = {}
+    # The wire's decoder already shares one object per distinct verdict set: each is interned
+    # once per report (by identity, for this call only: the objects are alive meanwhile).
+    memo: dict[int, Verdicts] = {}
+    for vip, verdicts in report.origins.items():
+        old = before.get(vip)
+        if old is not None and (old is verdicts or old == verdicts):
+            origins[vip] = old
+            continue
+        shared = memo.get(id(verdicts))
+        if shared is None:
+            shared = memo[id(verdicts)] = _intern(verdicts)
+        origins[vip] = shared
+    return replace(report, origins=_shared_mapping(origins, _ORIGINS, None), announced=announced)
 
 
 # A few recent distinct report mappings (VIP -> verdicts, VIP -> announced), shared by the POPs
