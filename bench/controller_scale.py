@@ -540,79 +540,7 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         # Every reporting POP at once, as after a controller restart: the daemon plans the
         # reports that arrive together in one pass. All healthy (a "down" here would move VIPs:
         # plan changes that are not the commit's).
-        first_generation = plan.generation
-
-        # Built and encoded before the clock starts: the benchmark's own 10,000-VIP dicts and
-        # 50 x 700 KB of JSON are no daemon time (encoding them inside the burst, as the
-        # agents' client does, put ~75 ms of the benchmark's CPU per report into "answered" on
-        # the same 2 vCPUs). Sent as the code under test's agent would send its first report
-        # (numbered 1 where the wire numbers reports); the clients then go on with deltas.
-        from controller import wire
-
-        first_reports = {pop: HealthReport(pop, first_generation if pop == WATCHED_POP else 0,
-                                           verdicts(names, regions, i, len(clients), down_every=0),
-                                           {n: True for n in names}) for i, pop in enumerate(clients)}
-        numbered = hasattr(wire, "WireReport") and "seq" in {f.name for f in dataclasses.fields(wire.WireReport)}
-        first_wire = {pop: wire.WireReport(r.plan_generation, r.origins, r.announced, 1) if numbered else None
-                      for pop, r in first_reports.items()}
-        first_bodies = {pop: json.dumps(wire.encode_report(w) if w is not None else
-                                        _encode_report(first_reports[pop].origins, first_reports[pop].announced)
-                                        ).encode() for pop, w in first_wire.items()}
-        import aiohttp
-
-        async def one(i: int, pop: str, c: PlanClient) -> float:
-            t = time.monotonic()
-            for attempt in (1, 2):
-                try:
-                    async with burst_session.post(f"{daemon.url}/v1/reports/{pop}", data=first_bodies[pop],
-                                                  headers={"Authorization": f"Bearer {token(pop)}",
-                                                           "Content-Type": "application/json"},
-                                                  timeout=aiohttp.ClientTimeout(total=600)) as r:
-                        await r.read()
-                        if r.status != 200:
-                            raise RuntimeError(f"HTTP {r.status}")
-                    if first_wire[pop] is not None:  # the agent's client goes on with deltas onto it
-                        c._seq, c._accepted = 1, first_wire[pop]
-                except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
-                    if attempt == 1 and _broken_connection(exc):
-                        # A kept-alive connection the server closed as the request went out
-                        # (aiohttp's idle keep-alive timeout, under load): what an agent's
-                        # next report does, once; counted apart, not as a failure.
-                        retried.append(f"{pop}: {exc}"[:300])
-                        continue
-                    failed.append(f"{pop}: {exc}"[:300])
-                break
-            return time.monotonic() - t
-
-        failed: list[str] = []
-        retried: list[str] = []
-
-        burst_probe = _Probe(daemon.port, work / "probe-burst.json")
-        await asyncio.sleep(0.5)  # (the probe connected)
-        t_all = time.monotonic()
-        reports_cpu0, reports_load0 = _cpu_s(daemon.proc.pid), load_average()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as burst_session:
-            post_times = list(await asyncio.gather(*(one(i, pop, c) for i, (pop, c)
-                                                     in enumerate(list(clients.items())[:reporting]))))
-        out["reports_all_answered_s"] = round(time.monotonic() - t_all, 3)
-        # Answered is not planned since reports are acknowledged before their pass: a status
-        # read waits for the pass of every report acknowledged before it (older code answered
-        # each report after its pass, so there the two are the same).
-        await _status(daemon)
-        out["reports_all_planned_s"] = round(time.monotonic() - t_all, 3)
-        out["reports_stall_ms"] = burst_probe.stop()  # the event loop's stalls, burst and its pass
-        out["reports_cpu_s"] = round(_cpu_s(daemon.proc.pid) - reports_cpu0, 2)
-        out["reports_load_average"] = [reports_load0, load_average()]
-        out["reporting_pops"] = reporting
-        out["report_failures"] = len(failed)
-        out["report_failure_examples"] = failed[:3]
-        out["report_retries"] = len(retried)  # once each, on a broken keep-alive connection
-        out["report_retry_examples"] = retried[:3]
-        out["report_post_s"] = summary(post_times, 3)
-        out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
-        log(f"controller: {len(post_times)} reports sent together, all answered after "
-            f"{out['reports_all_answered_s']}s, planned after {out['reports_all_planned_s']}s; "
-            f"RSS {out['rss_mb_after_reports']} MB")
+        out.update(await _burst(daemon, clients, names, regions, plan.generation, reporting, work, log))
         await asyncio.sleep(3)  # let the passes after the reports settle
         out["idle_wait_s"] = await _until_idle(daemon.proc.pid)
         plan = await watcher.fetch_plan(-1, 0)
@@ -681,6 +609,103 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
             await c.close()
         daemon.stop()
     return out
+
+
+async def _burst(daemon: Daemon, clients: Mapping[str, Any], names: list[str], regions: Mapping[str, tuple[str, ...]],
+                 first_generation: int, reporting: int, work: Path, log: Log, distinct: bool = False) -> dict[str, Any]:
+    """Every reporting POP's first full report at once (a controller restart: every agent's
+    first report), all healthy, as the code under test's agent encodes it; the last answer,
+    each answer, a status read after (planned), the stall probe throughout. ``distinct``:
+    each POP sees the primary of a different few VIPs down, so no two reports are equal
+    (the controller shares equal ones)."""
+    from controller import wire
+    from controller.agent.controller_link import HealthReport
+
+    out: dict[str, Any] = {}
+
+    # Built and encoded before the clock starts: the benchmark's own 10,000-VIP dicts and
+    # 50 x 700 KB of JSON are no daemon time (encoding them inside the burst, as the
+    # agents' client does, put ~75 ms of the benchmark's CPU per report into "answered" on
+    # the same 2 vCPUs). Sent as the code under test's agent would send its first report
+    # (numbered 1 where the wire numbers reports); the clients then go on with deltas.
+    first_reports = {pop: HealthReport(pop, first_generation if pop == WATCHED_POP else 0,
+                                       verdicts(names, regions, i, len(clients), down_every=100 if distinct else 0),
+                                       {n: True for n in names}) for i, pop in enumerate(clients)}
+    numbered = hasattr(wire, "WireReport") and "seq" in {f.name for f in dataclasses.fields(wire.WireReport)}
+    first_wire = {pop: wire.WireReport(r.plan_generation, r.origins, r.announced, 1) if numbered else None
+                  for pop, r in first_reports.items()}
+    # What the agent sends: PlanClient.report_body where it has one (the compact form), else
+    # the wire's encoding of its time.
+    first_bodies = {pop: json.dumps(_agent_body(clients[pop], w) if w is not None else
+                                    _encode_report(first_reports[pop].origins, first_reports[pop].announced)
+                                    ).encode() for pop, w in first_wire.items()}
+    out["report_body_bytes"] = summary([len(b) for b in first_bodies.values()], 0)
+    import aiohttp
+
+    async def one(i: int, pop: str, c: Any) -> float:
+        t = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                async with burst_session.post(f"{daemon.url}/v1/reports/{pop}", data=first_bodies[pop],
+                                              headers={"Authorization": f"Bearer {token(pop)}",
+                                                       "Content-Type": "application/json"},
+                                              timeout=aiohttp.ClientTimeout(total=600)) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}")
+                if first_wire[pop] is not None:  # the agent's client goes on with deltas onto it
+                    c._seq, c._accepted = 1, first_wire[pop]
+            except Exception as exc:  # noqa: BLE001 - counted (older code closed connections of a blocked loop)
+                if attempt == 1 and _broken_connection(exc):
+                    # A kept-alive connection the server closed as the request went out
+                    # (aiohttp's idle keep-alive timeout, under load): what an agent's
+                    # next report does, once; counted apart, not as a failure.
+                    retried.append(f"{pop}: {exc}"[:300])
+                    continue
+                failed.append(f"{pop}: {exc}"[:300])
+            break
+        return time.monotonic() - t
+
+    failed: list[str] = []
+    retried: list[str] = []
+
+    burst_probe = _Probe(daemon.port, work / "probe-burst.json")
+    await asyncio.sleep(0.5)  # (the probe connected)
+    t_all = time.monotonic()
+    reports_cpu0, reports_load0 = _cpu_s(daemon.proc.pid), load_average()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as burst_session:
+        post_times = list(await asyncio.gather(*(one(i, pop, c) for i, (pop, c)
+                                                 in enumerate(list(clients.items())[:reporting]))))
+    out["reports_all_answered_s"] = round(time.monotonic() - t_all, 3)
+    # Answered is not planned since reports are acknowledged before their pass: a status
+    # read waits for the pass of every report acknowledged before it (older code answered
+    # each report after its pass, so there the two are the same).
+    await _status(daemon)
+    out["reports_all_planned_s"] = round(time.monotonic() - t_all, 3)
+    out["reports_stall_ms"] = burst_probe.stop()  # the event loop's stalls, burst and its pass
+    out["reports_cpu_s"] = round(_cpu_s(daemon.proc.pid) - reports_cpu0, 2)
+    out["reports_load_average"] = [reports_load0, load_average()]
+    out["reporting_pops"] = reporting
+    out["report_failures"] = len(failed)
+    out["report_failure_examples"] = failed[:3]
+    out["report_retries"] = len(retried)  # once each, on a broken keep-alive connection
+    out["report_retry_examples"] = retried[:3]
+    out["report_post_s"] = summary(post_times, 3)
+    out["report_answers_s"] = sorted(round(x, 3) for x in post_times)
+    out["rss_mb_after_reports"] = _status_mb(daemon.proc.pid, "VmRSS")
+    log(f"controller: {len(post_times)} reports sent together, all answered after "
+        f"{out['reports_all_answered_s']}s, planned after {out['reports_all_planned_s']}s; "
+        f"RSS {out['rss_mb_after_reports']} MB")
+    return out
+
+
+def _agent_body(client: Any, report: Any) -> Any:
+    """The JSON value ``client`` (a PlanClient) sends for ``report``: its ``report_body``
+    where it has one, else ``wire.encode_report`` (code before the compact form)."""
+    from controller import wire
+
+    body = getattr(client, "report_body", None)
+    return body(report) if body is not None else wire.encode_report(report)
 
 
 def _broken_connection(exc: BaseException) -> bool:
@@ -942,6 +967,60 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
     return out
 
 
+async def burst_only(config_dir: Path, work: Path, log: Log, distinct: bool = False) -> dict[str, Any]:
+    """The daemon up (first plan), then ``_burst`` alone: what ``end_to_end`` measures first,
+    for side-by-side runs of two codes (``python -m bench.controller_scale burst``)."""
+    from controller.agent.plan_client import PlanClient
+    from controller.config.desired import load_desired
+
+    desired = load_desired(str(config_dir))
+    names = [v.name for v in desired.vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    daemon = Daemon(config_dir, work)
+    started = time.monotonic()
+    clients: dict[str, PlanClient] = {}
+    try:
+        while not daemon.answering():
+            if not daemon.alive() or time.monotonic() - started > 1200:
+                raise RuntimeError(f"the controller did not come up: {daemon.log.read_text()[-2000:]}")
+            await asyncio.sleep(0.05)
+        clients = {p.name: PlanClient(daemon.url, p.name, token(p.name), str(work / f"agent-{p.name}"),
+                                      desired.allowed_prefixes, timeout=600.0) for p in desired.pops}
+        plan = await clients[WATCHED_POP].fetch_plan(-1, 0)
+        assert plan is not None
+        out["start_to_first_plan_s"] = round(time.monotonic() - started, 2)
+        await _until_idle(daemon.proc.pid)
+        out.update(await _burst(daemon, clients, names, regions, plan.generation, len(clients), work, log, distinct))
+        out["rss_mb_end"] = _status_mb(daemon.proc.pid, "VmRSS")
+    finally:
+        for c in clients.values():
+            await c.close()
+        daemon.stop()
+    return out
+
+
+def burst_main(vips: int, pops: int, files: int, runs: int, out: Path | None, log: Log,
+               distinct: bool = False) -> list[dict[str, Any]]:
+    """``runs`` bursts (a fresh daemon each) on one generated config of ``files`` files."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp:
+        config_dir = Path(tmp) / "desired"
+        generate(config_dir, vips, pops, files)
+        _git(config_dir, "init", "-q")
+        _git(config_dir, "add", "-A")
+        _git(config_dir, "commit", "-qm", "synthetic desired state")
+        for run_ in range(runs):
+            r = asyncio.run(burst_only(config_dir, Path(tmp) / f"run{run_}", log, distinct))
+            r.update({"files": files, "vips": vips, "pops": pops, "distinct": distinct,
+                      "at": time.strftime("%H:%M:%S", time.gmtime())})
+            results.append(r)
+            if out is not None:
+                out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 # --- the harness -------------------------------------------------------------------------------
 def run(*, quick: bool, log: Log, vips: int | None = None, pops: int | None = None,
         reps: int | None = None, inproc: bool = True) -> dict[str, Any]:
@@ -1097,6 +1176,13 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("probe", help="time trivial requests to a daemon until stdin closes")
     pr.add_argument("--port", type=int, required=True)
     pr.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("burst", help="the daemon, then every POP's first full report at once (no other step)")
+    b.add_argument("--vips", type=int, default=10000)
+    b.add_argument("--pops", type=int, default=50)
+    b.add_argument("--files", type=int, default=1, help="1, or SPLIT_FILES: the VIPs in that many files")
+    b.add_argument("--runs", type=int, default=1)
+    b.add_argument("--out", type=Path)
+    b.add_argument("--distinct", action="store_true", help="no two POPs' reports equal (a few VIPs down at each)")
     g = sub.add_parser("generate", help="write a synthetic config directory")
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--vips", type=int, default=10000)
@@ -1108,6 +1194,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
+        return 0
+    if args.cmd == "burst":
+        res = burst_main(args.vips, args.pops, args.files, args.runs, args.out, lambda m: print(m, flush=True),
+                         args.distinct)
+        print(json.dumps([{k: v for k, v in r.items() if k != "report_answers_s"} for r in res], indent=1))
         return 0
     if args.cmd == "probe":
         probe_main(args.port, args.out)

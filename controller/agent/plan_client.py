@@ -7,7 +7,9 @@ rewriting the plan); a damaged cache of either kind is ignored and the full plan
 Plans are fetched as deltas onto the plan held (``?after=GEN``); a delta that does not fit
 (a gap, a hash or digest mismatch) is followed at once by a full fetch, so the agent only
 ever holds whole plans. Reports are sent as deltas onto the last one the controller
-accepted; a 409 (it restarted, or lost one) is followed at once by a full report.
+accepted; a 409 (it restarted, or lost one) is followed at once by a full report. Reports go
+in the wire's compact form; a controller that predates it (400 naming ``compact``) gets the
+same report at once in the older form, and the later ones too until a 409.
 
 HA: with several controller URLs (``controller.urls``) a request that finds no answer at
 one (connection refused, a timeout, a 5xx such as a follower's 503 "not the leader") goes
@@ -36,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..config.model import ClientTls, IPNetwork
 from ..wire import (
-    SIGNATURE_HEADER, WireDelta, WireError, WirePlan, WireReport, decode_plan, decode_plan_answer, encode_report,
-    report_delta,
+    COMPACT, SIGNATURE_HEADER, WireDelta, WireError, WirePlan, WireReport, decode_plan, decode_plan_answer,
+    encode_report, report_delta,
 )
 from .controller_link import ControllerUnavailable, HealthReport
 from .intent import Plan, PlanSource
@@ -68,6 +70,8 @@ class PlanClient:
         # Answers applied, by kind: "full", "delta", and "refetch" (a delta that did not fit).
         self.answers: collections.Counter[str] = collections.Counter()
         self._accepted: WireReport | None = None  # the last report the controller accepted
+        # Reports go in the compact form until a controller refuses it (one that predates it).
+        self.compact = True
         self.cache_path = os.path.join(state_dir, CACHE_FILE)
         # The cache is sealed with a key only the token's holder knows: a plan written into
         # STATE_DIR by anyone else (a hand-edited address) is refused, not announced.
@@ -293,8 +297,7 @@ class PlanClient:
         self._seq += 1
         full = WireReport(report.plan_generation, report.origins, report.announced, self._seq, checks=report.checks)
         body = full if self._accepted is None else report_delta(self._accepted, full)
-        path = f"/v1/reports/{self.pop}"
-        status, answer = await self._request("POST", path, self._timeout, encode_report(body), accept=(200, 409))
+        status, answer = await self._post_report(body, (200, 409))
         if status == 409:  # the controller does not hold the report the delta was onto
             log.info("the controller asked for a full report: %s", answer.get("error", ""))
             last = answer.get("last_seq") if answer.get("field") == "seq" else None
@@ -302,8 +305,32 @@ class PlanClient:
                 self._seq = last + 1  # our clock went back: continue above what it applied
                 full = dataclasses.replace(full, seq=self._seq)
             self._accepted = None
-            await self._request("POST", path, self._timeout, encode_report(full))
+            # A 409 is a controller that restarted or another one answering: maybe one that
+            # reads the compact form now (an upgrade), so the full report tries it again.
+            self.compact = True
+            await self._post_report(full, (200,))
         self._accepted = full
+
+    def report_body(self, report: WireReport) -> dict[str, Any]:
+        """The JSON value this client sends for ``report`` now (the compact form unless the
+        controller refused it: wire.py, *The compact form*)."""
+        return encode_report(report, compact=self.compact)
+
+    async def _post_report(self, report: WireReport, accept: tuple[int, ...]) -> tuple[int, Any]:
+        """POST a report in the compact form; a controller that predates it (400 naming the
+        field ``compact``) gets it again at once in the older form, which is kept."""
+        path = f"/v1/reports/{self.pop}"
+        if self.compact:
+            status, answer = await self._request("POST", path, self._timeout, self.report_body(report),
+                                                 accept=(*accept, 400))
+            if status != 400:
+                return status, answer
+            if not (isinstance(answer, dict) and answer.get("field") == COMPACT):
+                detail = answer.get("error", answer) if isinstance(answer, dict) else answer
+                raise ControllerUnavailable(f"POST {path}: HTTP 400: {str(detail)[:200]}")
+            log.info("the controller at %s does not read compact reports: sending them in the older form", self.url)
+            self.compact = False
+        return await self._request("POST", path, self._timeout, self.report_body(report), accept=accept)
 
     def save_cached(self) -> None:
         """Write the plan held to the cache file (atomically), with no deltas after it. The

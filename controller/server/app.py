@@ -213,7 +213,7 @@ class _ReportBook:
 
     def limit(self, published: Mapping[str, Collection[str]]) -> int:
         if self._limit[0] is not published:
-            self._limit = (published, report_limit(sum(len(r) for r in published.values())))
+            self._limit = (published, report_limit(sum(map(len, published.values()))))  # (in C: 50 POPs' first reports)
         return self._limit[1]
 
 
@@ -251,7 +251,8 @@ async def post_report(request: web.Request) -> web.StreamResponse:
 
 
 async def _parsed(raw: bytes, published: Mapping[str, Collection[str]]) -> WireReport | tuple[int, str, str]:
-    """A large body (a full report: ~30 ms of Python at 10,000 VIPs) is parsed and validated in
+    """A large body (a full report of 10,000 VIPs: ~20-30 ms of Python in the older form, ~5 ms
+    compact, ~1.5 ms compact and equal to a recent POP's: wire.py) is parsed and validated in
     a worker thread, which gives the GIL back to the event loop every few milliseconds: 50 POPs
     reporting at once no longer stall every other request for seconds. One thread for all
     reports, in the order they arrived: parsing is Python, so threads side by side finish no
