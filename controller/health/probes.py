@@ -322,10 +322,12 @@ class Check:
     reports nothing.
     """
 
-    __slots__ = ("_done", "_fd", "_loop", "_reading", "_sock", "_started", "_timer", "_writing", "building")
+    __slots__ = ("_address", "_done", "_fd", "_loop", "_reading", "_sock", "_started", "_timer", "_writing",
+                 "building")
 
-    def __init__(self, done: Done, timeout: float, on_timeout: Callable[[], None]) -> None:
+    def __init__(self, done: Done, timeout: float, on_timeout: Callable[[], None], address: object) -> None:
         loop = asyncio.get_running_loop()
+        self._address = address  # for a connect error's text, as asyncio words it
         self._loop = loop
         self._started = time.perf_counter()
         self._done: Done | None = done
@@ -334,6 +336,22 @@ class Check:
         self._sock: socket.socket | None = None
         self._fd = -1
         self._reading = self._writing = False  # registered with the loop
+
+    def _on_connect(self) -> None:
+        try:
+            assert self._sock is not None
+            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"Connect call failed {self._address}")
+            self._connected()
+        except OSError as exc:
+            self._error(exc)
+        except Exception as exc:
+            self._bug(exc)
+
+    def _connected(self) -> None:
+        """The connection is up: the check's next step."""
+        raise NotImplementedError
 
     def elapsed(self) -> float:
         """Seconds since the check started."""
@@ -399,7 +417,7 @@ class _TcpCheck(Check):
 
     def __init__(self, plan: _TcpPlan, done: Done) -> None:
         self._plan = plan
-        super().__init__(done, plan.timeout, self._on_timeout)
+        super().__init__(done, plan.timeout, self._on_timeout, plan.address)
         try:
             sock = self._sock = socket.socket(plan.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._fd = sock.fileno()
@@ -407,7 +425,7 @@ class _TcpCheck(Check):
                 sock.bind((plan.source, 0))
             err = sock.connect_ex(plan.address)
             if err == 0:
-                self._finish(True, "connected")
+                self._connected()
             elif err in (errno.EINPROGRESS, errno.EINTR):
                 self._writing = True
                 self._loop.add_writer(self._fd, self._on_connect)
@@ -419,17 +437,8 @@ class _TcpCheck(Check):
             self._bug(exc)
         self.building = False
 
-    def _on_connect(self) -> None:
-        try:
-            assert self._sock is not None
-            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"Connect call failed {self._plan.address}")
-            self._finish(True, "connected")
-        except OSError as exc:
-            self._error(exc)
-        except Exception as exc:
-            self._bug(exc)
+    def _connected(self) -> None:
+        self._finish(True, "connected")
 
     def _on_timeout(self) -> None:
         self._timer = None
@@ -443,7 +452,7 @@ class _PlainHttpCheck(Check):
                  "_state", "_status", "_te", "_unsent")
 
     def __init__(self, plan: _PlainHttpPlan, done: Done) -> None:
-        super().__init__(done, plan.timeout, self._on_timeout)
+        super().__init__(done, plan.timeout, self._on_timeout, plan.address)
         loop = self._loop
         self._plan = plan
         self._stage = _CONNECTING
@@ -491,18 +500,6 @@ class _PlainHttpCheck(Check):
                                      f"{(exc.strerror or '').lower()}") from None
 
     # --- loop callbacks -------------------------------------------------------------------
-    def _on_connect(self) -> None:
-        try:
-            assert self._sock is not None
-            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"Connect call failed {self._plan.address}")
-            self._connected()
-        except OSError as exc:
-            self._error(exc)
-        except Exception as exc:
-            self._bug(exc)
-
     def _connected(self) -> None:
         """Send the request, then wait for the answer (and for room to send the rest, if any)."""
         self._stage = _SENDING

@@ -646,20 +646,6 @@ def test_a_bug_in_the_plain_http_parser_is_the_probes_exception(monkeypatch: pyt
 # once. Each test also checks that the timed-out probes left no socket behind.
 
 
-def test_http_timeout_while_connecting() -> None:
-    async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        with unaccepting_listener() as port:
-            await asyncio.sleep(0.05)
-            spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
-            fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
-            return fast, slow
-
-    with no_leaks():
-        fast, slow = check(scenario)
-    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
-    assert timed_out_no_sooner(fast, 0.2) and timed_out_no_sooner(slow, 0.2)
-
-
 def test_http_timeout_when_the_server_never_answers() -> None:
     with no_leaks():
         fast, slow, _ = both_paths(never_answer, timeout=STAGE_TIMEOUT)
@@ -844,18 +830,19 @@ def test_tcp_on_callbacks_gives_the_stream_paths_verdicts(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", EVENT_LOOPS)
-def test_tcp_on_callbacks_times_out_like_the_stream_path(loop: str) -> None:
+@pytest.mark.parametrize("kind", ["tcp", "http"])
+def test_a_timeout_while_connecting_on_callbacks_and_on_streams(kind: str, loop: str) -> None:
     async def scenario() -> tuple[ProbeResult, ProbeResult]:
         with unaccepting_listener() as port:
             await asyncio.sleep(0.05)
-            spec = ProbeSpec("tcp", "127.0.0.1", port, 0.3)
+            spec = ProbeSpec(kind, "127.0.0.1", port, 0.3)
             fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
             return fast, slow
 
     with no_leaks():
         fast, slow = on_loop(loop, scenario())
     assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.30s connecting")
-    assert timed_out_no_sooner(fast, 0.3)
+    assert timed_out_no_sooner(fast, 0.3) and timed_out_no_sooner(slow, 0.3)
 
 
 @pytest.mark.parametrize("loop", EVENT_LOOPS)
