@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..agent.controller_link import ControllerUnavailable
 
     try:
-        # uvloop when installed (controller.cli.event_loop): the checks' CPU is mostly the loop's.
+        # asyncio's loop, or uvloop when ANYCAST_EVENT_LOOP asks for it (controller.cli.event_loop).
         return event_loop.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
     except ControllerUnavailable as exc:  # only raised at start-up: the token cannot be read
         print(f"{args.config}: controller: {exc}", file=sys.stderr)

@@ -1,10 +1,12 @@
-"""Which asyncio event loop the agent runs on: uvloop when it is installed, else asyncio's own.
+"""Which asyncio event loop the agent runs on: asyncio's own, or uvloop when asked for.
 
-Why: at thousands of checks a second the agent's CPU goes mostly to the event loop's own
-bookkeeping (registering a socket with the selector, a handle per callback), which uvloop
-does in C. Measured in the throughput benchmark (results/README.md, section 10). uvloop is
-optional: without it, or with ``ANYCAST_EVENT_LOOP=asyncio`` in the environment, the agent
-runs on the standard loop with the same behaviour.
+``ANYCAST_EVENT_LOOP=uvloop`` in the agent's environment (systemd's ``Environment=``, which
+ExaBGP passes on to its API process) runs the agent on uvloop if it is installed
+(``pip install 'anycast-controller[fast]'``), else on asyncio's loop: a clean fallback.
+Not the default: with the checks running as loop callbacks (``health.probes.start``),
+uvloop saved 0-10 % of the CPU per check in the throughput benchmark on a loaded machine,
+within the noise of runs minutes apart (results/README.md, section 10), which does not
+pay for a second event-loop implementation under ExaBGP's API process.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
-LOOPS: Final = ("uvloop", "asyncio")
+LOOPS: Final = ("asyncio", "uvloop")
 ENV: Final = "ANYCAST_EVENT_LOOP"
 
 
 def loop_factory(want: str | None = None) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
-    """(the loop's name, its factory; None: asyncio's default). ``want`` (or the environment)
-    may ask for ``asyncio``; ``uvloop`` falls back to asyncio when it is not installed."""
-    want = want or os.environ.get(ENV) or "uvloop"
+    """(the loop's name, its factory; None: asyncio's default). ``want`` (or the environment,
+    else asyncio) names the loop; ``uvloop`` falls back to asyncio when it is not installed."""
+    want = want or os.environ.get(ENV) or "asyncio"
     if want not in LOOPS:
         raise ValueError(f"{ENV} must be one of {', '.join(LOOPS)}, got {want!r}")
     if want == "uvloop":

@@ -1,4 +1,4 @@
-"""The agent's event loop: uvloop when installed, asyncio's own otherwise or when asked."""
+"""The agent's event loop: asyncio's own, or uvloop when asked for and installed."""
 
 from __future__ import annotations
 
@@ -11,24 +11,28 @@ import pytest
 from controller.cli import event_loop
 
 
-def test_asyncio_when_asked_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_asyncio_by_default_and_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(event_loop.ENV, raising=False)
+    assert event_loop.loop_factory() == ("asyncio", None)
     assert event_loop.loop_factory("asyncio") == ("asyncio", None)
     monkeypatch.setenv(event_loop.ENV, "asyncio")
     assert event_loop.loop_factory() == ("asyncio", None)
 
 
-def test_uvloop_by_default_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uvloop_when_asked_and_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.SimpleNamespace(new_event_loop=asyncio.new_event_loop)
-    monkeypatch.delenv(event_loop.ENV, raising=False)
     monkeypatch.setattr(importlib, "import_module", lambda name: fake if name == "uvloop" else None)
+    monkeypatch.setenv(event_loop.ENV, "uvloop")
     assert event_loop.loop_factory() == ("uvloop", asyncio.new_event_loop)
+    monkeypatch.delenv(event_loop.ENV)
+    assert event_loop.loop_factory("uvloop") == ("uvloop", asyncio.new_event_loop)
 
 
 def test_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> object:
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.delenv(event_loop.ENV, raising=False)
+    monkeypatch.setenv(event_loop.ENV, "uvloop")
     monkeypatch.setattr(importlib, "import_module", missing)
     assert event_loop.loop_factory() == ("asyncio", None)
     assert event_loop.loop_factory("uvloop") == ("asyncio", None)
@@ -41,7 +45,7 @@ def test_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -
 
 def test_an_unknown_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(event_loop.ENV, "trio")
-    with pytest.raises(ValueError, match="ANYCAST_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"):
+    with pytest.raises(ValueError, match="ANYCAST_EVENT_LOOP must be one of asyncio, uvloop, got 'trio'"):
         event_loop.loop_factory()
 
 
