@@ -4,9 +4,10 @@
 ExaBGP passes on to its API process) runs the agent on uvloop if it is installed
 (``pip install 'anycast-controller[fast]'``), else on asyncio's loop: a clean fallback.
 Not the default: with the checks running as loop callbacks (``health.probes.start``),
-uvloop saved 0-10 % of the CPU per check in the throughput benchmark on a loaded machine,
-within the noise of runs minutes apart (results/README.md, section 10), which does not
-pay for a second event-loop implementation under ExaBGP's API process.
+uvloop saved 4-10 % (TCP) and 3-26 % (HTTP) of the CPU per check in the throughput
+benchmark on a loaded machine, about the spread of runs minutes apart (results/README.md,
+section 10): not clear enough for a second event-loop implementation under ExaBGP's API
+process.
 """
 
 from __future__ import annotations
