@@ -48,11 +48,13 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, cast
 
+from controller.cli.event_loop import LOOPS
 from lab.netns import Lab
 from lab.nodes import ROOT, lab_env
 from lab.poll import wait_for
 
 from .labtopo import PREFIX, proc_cpu_seconds
+
 from .report import fmt, summary, table
 
 HTTP_PORT, TCP_PORT = 8080, 9090
@@ -391,7 +393,9 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
 def run(*, quick: bool, log: Log, endpoints: list[int] | None = None, interval: float = 1.0,
         timeout: float = 0.5, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """``only``: run only the rows whose kind is listed (``http``, ``tcp-minimal``,
-    ``http+watch``, ``http-idle+watch`` ...); all by default."""
+    ``http+watch``, ``http-idle+watch`` ...); all by default. A kind may name its event
+    loop (``http@asyncio``, ``tcp-minimal@uvloop``); without one, a row runs on the loop the
+    agent picks (``controller.cli.event_loop``)."""
     counts = endpoints or [100, 1000, 10000]
     warmup, duration = (2.0, 3.0) if quick else (3.0, 10.0)
     largest = max(counts)
@@ -403,27 +407,47 @@ def run(*, quick: bool, log: Log, endpoints: list[int] | None = None, interval: 
     # a CPU storm the scheduler needs several seconds to absorb: a longer warm-up.
     plan += [("http", largest, "keepalive", 6.0 if quick else 15.0, False, interval),
              ("tcp", largest, "null", warmup, False, interval)]
-    # The floor in the same run, and the watches: with the checks, and alone (an hour's
-    # interval: the first round of checks falls in the warm-up, the window sees the sockets).
-    plan += [(kind, largest, "minimal", warmup, False, interval) for kind in KINDS]
+    # The floor in the same run (asked for by name: at every count, so each has its ratio;
+    # by default at the largest), and the watches: with the checks, and alone (an hour's interval: the first round of checks
+    # falls in the warm-up, the window sees the sockets).
+    plan += [(kind, n, "minimal", warmup, False, interval) for kind in KINDS for n in counts]
     plan += [("http", largest, "agent", 6.0 if quick else 10.0, True, interval)]
     plan += [("http", largest, "idle", 6.0 if quick else 10.0, w, 3600.0) for w in (False, True)]
+    rows: list[tuple[str, int, str, float, bool, float, str | None]] = []
     if only:
-        plan = [row for row in plan if _kind_of(row[0], row[2], row[4]) in only]
+        # In the plan's order; each row once per loop asked for.
+        for kind, n, probe, warm, watch, every in plan:
+            for name in only:
+                base, _, asked = name.partition("@")
+                if base == _kind_of(kind, probe, watch):
+                    rows.append((kind, n, probe, warm, watch, every, asked or None))
+    else:
+        rows = [(*row, None) for row in plan if row[2] != "minimal" or row[1] == largest]
     runs = []
-    for kind, n, probe, warm, watch, every in plan:
+    for kind, n, probe, warm, watch, every, loop in rows:
         what_if = "" if probe == "agent" else f" (what-if: {probe} probe)"
-        log(f"throughput: {_kind_of(kind, probe, watch)}{what_if} x {n} endpoints at {every:g}s")
-        r = _one_run(kind, n, probe, every, timeout, warm, duration, watch)
+        log(f"throughput: {_kind_of(kind, probe, watch)}{what_if} x {n} endpoints at {every:g}s"
+            + (f" on {loop}" if loop else ""))
+        r = _one_run(kind, n, probe, every, timeout, warm, duration, watch, loop)
         runs.append(r)
-        log(f"  {r['achieved_per_s']:.0f}/s of {r['configured_per_s']:.0f}/s, "
+        log(f"  [{r.get('loop')}] {r['achieved_per_s']:.0f}/s of {r['configured_per_s']:.0f}/s, "
             f"{r['cpu_core_fraction']:.2f} core (user {r['cpu_user_s']}s, sys {r['cpu_system_s']}s), "
             f"{r['cpu_s_per_1000_checks']} CPU s/1000, RSS {r['rss_mb']} MB, "
             f"lateness p99 {r['lateness_s']['p99']}s, {r['failed']} failed, {r['skipped']} skipped")
     return {"interval_s": interval, "timeout_s": timeout, "warmup_s": warmup, "window_s": duration, "runs": runs,
+            "python_loop_ms": _python_loop_ms(),
             "vs_minimal": vs_minimal(runs),
             "targets": {"endpoints": 10000, "interval_s": 1.0, "max_core_fraction": 1.0,
                         "lateness_p99_s": 0.1, "rss_mb": 150, "vs_minimal": 1.3}}
+
+
+def _python_loop_ms() -> float:
+    """The machine's speed now: a pure-Python loop, the calibration the other benchmarks print."""
+    started = time.perf_counter()
+    x = 0
+    for i in range(2_000_000):
+        x += i
+    return round(1000 * (time.perf_counter() - started), 1)
 
 
 def _kind_of(kind: str, probe: str, watch: bool) -> str:
@@ -431,20 +455,32 @@ def _kind_of(kind: str, probe: str, watch: bool) -> str:
 
 
 def vs_minimal(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """CPU per 1,000 checks of the agent's rows over the minimal loop's, per kind and count."""
-    floor = {(r["kind"].split("-")[0], r["endpoints"]): r["cpu_s_per_1000_checks"]
+    """CPU per 1,000 checks of the agent's rows over the minimal loop's, per kind, count and
+    event loop (``ratio``); and over the minimal loop on asyncio's own loop, the issue's
+    reference, when the agent's row ran on another (``ratio_vs_asyncio``)."""
+    floor = {(r["kind"].split("-")[0], r["endpoints"], r.get("loop")): r["cpu_s_per_1000_checks"]
              for r in runs if r["probe"] == "minimal" and r["cpu_s_per_1000_checks"]}
     out = []
     for r in runs:
-        base = floor.get((r["kind"].split("+")[0], r["endpoints"]))
-        if r["probe"] == "agent" and base and r["cpu_s_per_1000_checks"]:
-            out.append({"kind": r["kind"], "endpoints": r["endpoints"], "cpu_s_per_1000": r["cpu_s_per_1000_checks"],
-                        "minimal_cpu_s_per_1000": base, "ratio": round(r["cpu_s_per_1000_checks"] / base, 2)})
+        kind, n, loop = r["kind"].split("+")[0], r["endpoints"], r.get("loop")
+        base = floor.get((kind, n, loop))
+        if r["probe"] != "agent" or not r["cpu_s_per_1000_checks"]:
+            continue
+        row: dict[str, Any] = {"kind": r["kind"], "endpoints": n, "loop": loop,
+                               "cpu_s_per_1000": r["cpu_s_per_1000_checks"]}
+        if base:
+            row.update(minimal_cpu_s_per_1000=base, ratio=round(r["cpu_s_per_1000_checks"] / base, 2))
+        reference = floor.get((kind, n, "asyncio"))
+        if reference and loop != "asyncio":
+            row.update(asyncio_minimal_cpu_s_per_1000=reference,
+                       ratio_vs_asyncio=round(r["cpu_s_per_1000_checks"] / reference, 2))
+        if len(row) > 4:
+            out.append(row)
     return out
 
 
 def _one_run(kind: str, n: int, probe: str, interval: float, timeout: float, warmup: float,
-             duration: float, watch: bool = False) -> dict[str, Any]:
+             duration: float, watch: bool = False, loop: str | None = None) -> dict[str, Any]:
     """Server and checker in a fresh namespace: no TIME_WAIT left over from an earlier run."""
     lab = Lab(PREFIX)
     try:
@@ -459,7 +495,8 @@ def _one_run(kind: str, n: int, probe: str, interval: float, timeout: float, war
         argv = [sys.executable, "-m", "bench.throughput", "worker", "--kind", kind, "--endpoints", str(n),
                 "--interval", str(interval), "--timeout", str(timeout), "--warmup", str(warmup),
                 "--duration", str(duration), "--server-pid", str(server.pid), "--result", str(result_path),
-                "--probe", "agent" if probe == "idle" else probe] + (["--watch"] if watch else [])
+                "--probe", "agent" if probe == "idle" else probe] + (["--watch"] if watch else []) + (
+                ["--loop", loop] if loop else [])
         with open(workdir / "worker.log", "ab") as err:
             worker = ns.popen(argv, cwd=str(ROOT), env=lab_env(), stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -494,13 +531,13 @@ def render(result: dict[str, Any]) -> str:
             verdict = "what-if" if r["probe"] != "idle" else "-"
         else:
             verdict = meets_target(r) if r["endpoints"] >= 10000 and r["interval_s"] == result["interval_s"] else "-"
-        rows.append([r["kind"], r["endpoints"], r["configured_per_s"], r["achieved_per_s"], r["cpu_core_fraction"],
+        rows.append([r["kind"], r.get("loop", "-"), r["endpoints"], r["configured_per_s"], r["achieved_per_s"], r["cpu_core_fraction"],
                      round(r["cpu_user_s"] / wall, 3), round(r["cpu_system_s"] / wall, 3),
                      r["cpu_s_per_1000_checks"], r["peak_rss_mb"], r["lateness_s"]["p50"], r["lateness_s"]["p99"],
                      r["lateness_s"]["max"], r["failed"], r["skipped"], r["server_cpu_core_fraction"], verdict])
     return table(f"Health-check throughput: one CheckScheduler, interval {result['interval_s']:g}s, "
                  f"timeout {result['timeout_s']:g}s, {result['window_s']:g}s window",
-                 ["kind", "endpoints", "want/s", "got/s", "CPU core", "user", "sys", "CPU s/1k", "peak RSS MB",
+                 ["kind", "loop", "endpoints", "want/s", "got/s", "CPU core", "user", "sys", "CPU s/1k", "peak RSS MB",
                   "late p50", "late p99", "late max", "failed", "skipped", "server core", "target met"], rows,
                  ["CPU core = user + sys of the checker process as a fraction of one core; on loopback the sys part "
                   "includes the kernel's TCP work for the server's side of each connection",
@@ -515,13 +552,16 @@ def render(result: dict[str, Any]) -> str:
 
 
 def _render_ratios(result: dict[str, Any]) -> str:
-    rows = [[x["kind"], x["endpoints"], x["cpu_s_per_1000"], x["minimal_cpu_s_per_1000"], x["ratio"]]
+    rows = [[x["kind"], x.get("loop", "-"), x["endpoints"], x["cpu_s_per_1000"], x.get("minimal_cpu_s_per_1000", "-"),
+             x.get("ratio", "-"), x.get("asyncio_minimal_cpu_s_per_1000", "-"), x.get("ratio_vs_asyncio", "-")]
             for x in result.get("vs_minimal", [])]
     if not rows:
         return ""
     return "\n" + table("Checks: CPU per 1,000 checks, the agent over the minimal loop (same run)",
-                        ["kind", "endpoints", "agent CPU s/1k", "minimal CPU s/1k", "ratio"], rows,
-                        ["target: ratio <= 1.3"])
+                        ["kind", "loop", "endpoints", "agent CPU s/1k", "minimal CPU s/1k", "ratio",
+                         "minimal on asyncio", "ratio to it"], rows,
+                        ["target: ratio <= 1.3 (the minimal loop on the same event loop; and on asyncio's own, "
+                         "the issue's reference, where the agent's row ran on uvloop)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--result", type=Path)
     w.add_argument("--profile", type=Path, help="cProfile the measured window; top functions to this file")
     w.add_argument("--watch", action="store_true", help="check.watch on: one watch connection per endpoint")
+    w.add_argument("--loop", choices=LOOPS, help="the event loop (default: the agent's, controller.cli.event_loop)")
     w.add_argument("--probe", choices=("agent", "keepalive", "null", "minimal"), default="agent",
                    help="agent: the agent's probes; what-ifs: keepalive (HTTP over persistent connections), "
                         "null (no I/O: the fixed cost per check)")
@@ -547,8 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         serve(args.ready)
         return 0
-    result = asyncio.run(check_all(args.kind, args.endpoints, args.interval, args.timeout, args.warmup,
-                                   args.duration, args.server_pid, args.profile, args.probe, args.watch))
+    from controller.cli.event_loop import loop_factory
+
+    loop_name, factory = loop_factory(args.loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(check_all(args.kind, args.endpoints, args.interval, args.timeout, args.warmup,
+                                      args.duration, args.server_pid, args.profile, args.probe, args.watch))
+    result["loop"] = loop_name
     text = json.dumps(result, indent=1)
     if args.result:
         args.result.write_text(text)

@@ -13,7 +13,6 @@ ExaBGP dies, the session drops, the agent sees EOF and exits, and systemd restar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -29,6 +28,7 @@ from ..config.agent import parse_agent_config
 from ..config.errors import ConfigError
 from ..config.model import AgentConfig
 from ..config.reader import read_text
+from . import event_loop
 from .conventions import add_log_level, new_parser
 
 log = logging.getLogger("controller.agent")
@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..agent.controller_link import ControllerUnavailable
 
     try:
-        return asyncio.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
+        # asyncio's loop, or uvloop when ANYCAST_EVENT_LOOP asks for it (controller.cli.event_loop).
+        return event_loop.run(run_agent(config, lambda: load(args), no_kernel=args.no_kernel, netns=args.netns))
     except ControllerUnavailable as exc:  # only raised at start-up: the token cannot be read
         print(f"{args.config}: controller: {exc}", file=sys.stderr)
         return 2

@@ -64,7 +64,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .probes import ProbeResult, ProbeSpec, probe
+from .probes import Check, Done, ProbeResult, ProbeSpec, probe, start
 from .watcher import Endpoint, WatchPool, WatchStats
 
 log = logging.getLogger("controller.health")
@@ -153,7 +153,7 @@ class _Entry:
         self.watched: Endpoint | None = None  # the watch connection this probe listens to
         self.due = 0.0
         self.seq = -1  # the heap item carrying this seq is the live one; others are stale
-        self.task: asyncio.Task[ProbeResult] | None = None
+        self.task: asyncio.Task[ProbeResult] | Check | None = None  # the probe running
         self.alive = True
         # Until the first check starts: the phase the steady schedule counts from.
         self.anchor: float | None = None
@@ -187,6 +187,9 @@ class CheckScheduler:
             raise ValueError(f"first_window must not be negative, got {first_window}")
         self._on_result = on_result
         self._probe_fn = probe_fn
+        # The agent's own probes run as loop callbacks, not tasks (probes.start): no task,
+        # coroutine or future per check. A probe function of the caller's runs as a task.
+        self._start: Callable[[ProbeSpec, Done], Check | None] | None = start if probe_fn is probe else None
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -200,7 +203,7 @@ class CheckScheduler:
         self._watcher = watcher_factory(self._on_watch_loss)
         self._heap: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
-        self._tasks: set[asyncio.Task[ProbeResult]] = set()
+        self._tasks: set[asyncio.Task[ProbeResult] | Check] = set()  # the probes running
         self._wake: asyncio.Future[None] | None = None
         self._running = False
         self._stopping = False
@@ -292,9 +295,12 @@ class CheckScheduler:
     def _retire(self, entry: _Entry) -> None:
         entry.alive = False
         entry.confirm_left = 0
-        if entry.task is not None:
+        running = entry.task
+        if running is not None:
             self._dropped += 1
-            entry.task.cancel()  # its done callback sees alive=False and reports nothing
+            running.cancel()  # a task's done callback sees alive=False and reports nothing
+            if isinstance(running, Check):  # a check reports nothing once cancelled: its slot is free now
+                self._complete(entry, running, None)
 
     def _push(self, entry: _Entry, due: float) -> None:
         entry.due = due
@@ -328,11 +334,12 @@ class CheckScheduler:
             self._watcher.close()
             self._wake = None
             self._running = False
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
+            running = list(self._tasks)
+            for task in running:
+                task.cancel()  # a check's socket closes now
+            self._tasks.difference_update(r for r in running if isinstance(r, Check))
             # Let cancelled probes close their sockets before we return.
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(r for r in running if not isinstance(r, Check)), return_exceptions=True)
 
     def stop(self) -> None:
         """Make run() return. Final: a stopped scheduler stays stopped."""
@@ -390,6 +397,16 @@ class CheckScheduler:
         entry.confirming = due is None and confirming
         if entry.confirming:
             self._confirmations += 1
+        if self._start is not None:
+            if due is not None:
+                self._lateness.append(self._clock() - due)  # the probe starts here, in start()
+            check = self._start(entry.target.spec, functools.partial(self._checked, entry))
+            if check is not None:
+                entry.task = check
+                self._tasks.add(check)
+                return
+            if due is not None:
+                self._lateness.pop()  # measured again in _check, when the task starts
         task = asyncio.ensure_future(self._check(entry.target, due))
         entry.task = task
         self._tasks.add(task)
@@ -457,17 +474,30 @@ class CheckScheduler:
             log.error("probe of %r raised", target.key, exc_info=exc)
             return ProbeResult(False, self._clock() - started, f"probe error: {type(exc).__name__}: {exc}")
 
+    def _checked(self, entry: _Entry, check: Check, outcome: ProbeResult | Exception) -> None:
+        """A check's ``done`` (the callback path)."""
+        if isinstance(outcome, Exception):
+            # A bug in the probe, as in _check: a failed result, logged loudly.
+            self._probe_errors += 1
+            log.error("probe of %r raised", entry.target.key, exc_info=outcome)
+            outcome = ProbeResult(False, check.elapsed(), f"probe error: {type(outcome).__name__}: {outcome}")
+        self._complete(entry, check, outcome)
+
     def _finished(self, entry: _Entry, task: asyncio.Task[ProbeResult]) -> None:
-        self._tasks.discard(task)
+        """A task's done callback (a probe function of the caller's)."""
+        self._complete(entry, task, None if task.cancelled() else task.result())
+
+    def _complete(self, entry: _Entry, running: asyncio.Task[ProbeResult] | Check, result: ProbeResult | None) -> None:
+        """The probe ``running`` ended with ``result`` (None: cancelled)."""
+        self._tasks.discard(running)
         confirming = entry.confirming
-        if entry.task is task:
+        if entry.task is running:
             entry.task = None
             entry.confirming = False
         if len(self._tasks) == self._max_concurrency - 1 or self._urgent:
             self._wakeup()  # the loop may be waiting for a free slot
-        if task.cancelled() or not entry.alive or self._stopping:
+        if result is None or not entry.alive or self._stopping:
             return
-        result = task.result()
         self._probes += 1
         now = self._clock()
         for key in entry.keys:

@@ -38,7 +38,7 @@ in as an argument, so tests replay sequences with made-up timestamps. An invalid
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final, Literal
 
 
@@ -126,7 +126,8 @@ def step(
     below, at_threshold = TRANSITIONS[(state.phase, ok)]
     to = at_threshold if reached else below
     if to is state.phase:
-        return replace(state, successes=successes, failures=failures), None
+        # Built directly, not with dataclasses.replace (several times slower): once per check.
+        return HealthState(state.phase, state.since, successes, failures), None
     reason: TransitionReason
     if reached and below is not at_threshold:
         reason = "rise_reached" if ok else "fall_reached"

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.waiting import check, until
+from controller.cli import event_loop
 from controller.health import probes
 from controller.health.probes import ProbeResult, ProbeSpec, probe
 from controller.health.scheduler import CheckScheduler, Target
@@ -645,20 +646,6 @@ def test_a_bug_in_the_plain_http_parser_is_the_probes_exception(monkeypatch: pyt
 # once. Each test also checks that the timed-out probes left no socket behind.
 
 
-def test_http_timeout_while_connecting() -> None:
-    async def scenario() -> tuple[ProbeResult, ProbeResult]:
-        with unaccepting_listener() as port:
-            await asyncio.sleep(0.05)
-            spec = ProbeSpec("http", "127.0.0.1", port, 0.2)
-            fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
-            return fast, slow
-
-    with no_leaks():
-        fast, slow = check(scenario)
-    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.20s connecting")
-    assert timed_out_no_sooner(fast, 0.2) and timed_out_no_sooner(slow, 0.2)
-
-
 def test_http_timeout_when_the_server_never_answers() -> None:
     with no_leaks():
         fast, slow, _ = both_paths(never_answer, timeout=STAGE_TIMEOUT)
@@ -798,3 +785,167 @@ def test_scheduler_checks_each_of_200_targets_again_and_again_against_a_real_ser
     assert len(srv.requests) >= checks  # each verdict answers a request the server read
     counts = sorted(map(len, verdicts.values()))
     print(f"\nchecks per target: min {counts[0]} max {counts[-1]}; skipped {skipped}")
+
+
+# --- TCP on callbacks, the scheduler's callback path, and every event loop ------------------
+# TCP checks run as callbacks too (probes._TcpCheck), the stream path's _tcp_connect stays for
+# scoped IPv6 addresses: the same verdicts and details on both. The scheduler runs the
+# agent's probe with no task (probes.start); the agent runs on uvloop where it is installed.
+
+EVENT_LOOPS = ["asyncio"] + (["uvloop"] if event_loop.loop_factory("uvloop")[0] == "uvloop" else [])
+if "uvloop" in EVENT_LOOPS:
+    # uvloop's first loop opens a pipe it keeps for the process: not a leak of a test's.
+    event_loop.run(asyncio.sleep(0), "uvloop")
+
+
+def on_loop(name: str, main: Coroutine[Any, Any, Any]) -> Any:
+    return event_loop.run(main, name)
+
+
+def tcp_both(spec: ProbeSpec, loop: str = "asyncio") -> tuple[ProbeResult, ProbeResult]:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        assert spec._plain_tcp is not None
+        fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
+        return fast, slow
+
+    return on_loop(loop, scenario())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+def test_tcp_on_callbacks_gives_the_stream_paths_verdicts(loop: str) -> None:
+    # (No no_leaks() here: under load the test server's own accepted sockets can outlive
+    # it; the probes' sockets are counted by the 10,000-probe test and the timeout test.)
+    with serve(never_answer) as srv:
+        cases = {
+            "connected": (ProbeSpec("tcp", "127.0.0.1", srv.port, GENEROUS), (True, "connected")),
+            "refused": (ProbeSpec("tcp", "127.0.0.1", free_port(), GENEROUS), (False, "connect refused")),
+            "source": (ProbeSpec("tcp", "127.0.0.1", srv.port, GENEROUS, source="127.0.0.2"), (True, "connected")),
+            "source not here": (ProbeSpec("tcp", "127.0.0.1", srv.port, GENEROUS, source="192.0.2.1"),
+                                (False, "source address not available")),
+            "ipv6 refused": (ProbeSpec("tcp", "::1", free_port(), GENEROUS), (False, "connect refused")),
+        }
+        got = {name: tcp_both(spec, loop) for name, (spec, _) in cases.items()}
+        # Both paths bound the source address (the server's handler records it when it runs).
+        asyncio.run(until(lambda: srv.peers.count("127.0.0.2") >= 2, "both source-bound connections seen"))
+    for name, (_, expected) in cases.items():
+        fast, slow = got[name]
+        assert ((fast.ok, fast.detail), (slow.ok, slow.detail)) == (expected, expected), name
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+@pytest.mark.parametrize("kind", ["tcp", "http"])
+def test_a_timeout_while_connecting_on_callbacks_and_on_streams(kind: str, loop: str) -> None:
+    async def scenario() -> tuple[ProbeResult, ProbeResult]:
+        with unaccepting_listener() as port:
+            await asyncio.sleep(0.05)
+            spec = ProbeSpec(kind, "127.0.0.1", port, 0.3)
+            fast, slow = await asyncio.gather(probe(spec), probes._probe_streams(spec, time.perf_counter()))
+            return fast, slow
+
+    with no_leaks():
+        fast, slow = on_loop(loop, scenario())
+    assert (fast.ok, fast.detail) == (slow.ok, slow.detail) == (False, "timeout after 0.30s connecting")
+    assert timed_out_no_sooner(fast, 0.3) and timed_out_no_sooner(slow, 0.3)
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+@pytest.mark.parametrize("handler, kw, expected", [s[1:] for s in PLAIN_SCENARIOS], ids=[s[0] for s in PLAIN_SCENARIOS])
+def test_plain_http_verdicts_on_every_event_loop(loop: str, handler: Handler, kw: dict[str, Any],
+                                                 expected: tuple[bool, str]) -> None:
+    kw = dict(kw)  # the scenario's own dict: the other loop's run takes it too
+    with serve(handler) as srv:
+        result = on_loop(loop, probe(ProbeSpec("http", srv.host, srv.port, kw.pop("timeout", GENEROUS), **kw)))
+    assert (result.ok, result.detail) == expected
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+def test_https_on_every_event_loop(loop: str, self_signed: ssl.SSLContext) -> None:
+    with serve(answer("503 Busy"), tls=self_signed) as srv:
+        result = on_loop(loop, probe(ProbeSpec("https", srv.host, srv.port, GENEROUS)))
+    assert (result.ok, result.detail) == (False, "HTTP 503 (expected 200)")
+
+
+def test_a_check_that_fails_at_once_reports_on_the_loops_next_pass_not_within_start() -> None:
+    calls: list[tuple[probes.Check, ProbeResult | Exception]] = []
+
+    async def scenario() -> tuple[int, probes.Check | None]:
+        check = probes.start(ProbeSpec("tcp", "127.0.0.1", 9, GENEROUS, source="192.0.2.1"),
+                             lambda c, outcome: calls.append((c, outcome)))
+        within = len(calls)
+        await asyncio.sleep(0)
+        return within, check
+
+    within, check = asyncio.run(scenario())
+    assert within == 0 and check is not None
+    assert len(calls) == 1 and calls[0][0] is check
+    outcome = calls[0][1]
+    assert isinstance(outcome, ProbeResult) and (outcome.ok, outcome.detail) == (False, "source address not available")
+    assert probes.start(ProbeSpec("https", "127.0.0.1", 443, 1.0), lambda c, o: None) is None  # streams only
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+def test_the_scheduler_drops_a_removed_targets_check_and_closes_its_socket_at_once(loop: str) -> None:
+    """The callback path: a check in flight when its target goes is cancelled (its socket
+    closed, its slot free), counted as dropped, and reports nothing."""
+    seen: list[Hashable] = []
+
+    async def scenario(srv: Server) -> tuple[int, int, int, int, int]:
+        sched = CheckScheduler(lambda key, result, at: seen.append(key), first_window=0.0)
+        sched.set_targets([Target(key=i, spec=ProbeSpec("http", srv.host, srv.port, GENEROUS, path=f"/{i}"),
+                                  interval=3600.0) for i in range(20)])
+        task = asyncio.create_task(sched.run())
+        try:
+            await until(lambda: len(srv.requests) == 20, "the server holds all 20 requests")
+            during = open_fds()
+            sched.set_targets([])
+            after, stats = open_fds(), sched.stats()
+            await asyncio.sleep(0.05)  # nothing reports later either
+        finally:
+            sched.stop()
+            await task
+        return during, after, stats.in_flight, stats.dropped, len(seen)
+
+    with no_leaks(), serve(never_answer) as srv:
+        during, after, in_flight, dropped, reported = on_loop(loop, scenario(srv))
+    assert after <= during - 20
+    assert (in_flight, dropped, reported) == (0, 20, 0)
+
+
+def test_a_bug_in_a_check_is_reported_by_the_scheduler_as_a_probe_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(line: bytes) -> int:
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(probes, "_status_of", broken)
+    results: list[ProbeResult] = []
+
+    async def scenario(srv: Server) -> int:
+        sched = CheckScheduler(lambda key, result, at: results.append(result), first_window=0.0)
+        sched.set_targets([Target(key="a", spec=ProbeSpec("http", srv.host, srv.port, GENEROUS), interval=3600.0)])
+        task = asyncio.create_task(sched.run())
+        try:
+            await until(lambda: bool(results), "a result")
+        finally:
+            sched.stop()
+            await task
+        return sched.stats().probe_errors
+
+    with serve(answer()) as srv:
+        errors = asyncio.run(scenario(srv))
+    assert errors == 1
+    assert (results[0].ok, results[0].detail) == (False, "probe error: RuntimeError: parser bug")
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+def test_stopping_the_scheduler_closes_the_checks_in_flight(loop: str) -> None:
+    async def scenario(srv: Server) -> int:
+        sched = CheckScheduler(lambda key, result, at: None, first_window=0.0)
+        sched.set_targets([Target(key=i, spec=ProbeSpec("tcp" if i % 2 else "http", srv.host, srv.port, GENEROUS,
+                                                        path=f"/{i}"), interval=3600.0) for i in range(20)])
+        task = asyncio.create_task(sched.run())
+        await until(lambda: len(srv.requests) == 10 and len(srv.peers) == 20, "every check connected")
+        sched.stop()
+        await task
+        return sched.stats().in_flight
+
+    with no_leaks(), serve(never_answer) as srv:
+        assert on_loop(loop, scenario(srv)) == 0
