@@ -120,7 +120,7 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
     return agent, {"config_load_cpu_s": round(t1 - t0, 3), "construct_cpu_s": round(t2 - t1, 3)}
 
 
-async def _agent_pass(agent: Any, ok: bool) -> dict[str, Any]:
+async def _agent_pass(agent: Any, ok: bool, acks: _Acks | None = None) -> dict[str, Any]:
     from controller.health.probes import ProbeResult
 
     result = ProbeResult(ok, 0.001, "ok" if ok else "connect refused")
@@ -131,7 +131,11 @@ async def _agent_pass(agent: Any, ok: bool) -> dict[str, Any]:
     t1 = time.process_time()
     done = await agent.reconcile_once()
     t2 = time.process_time()
-    return {"results_cpu_s": round(t1 - t0, 3), "reconcile_cpu_s": round(t2 - t1, 3), "ok": done}
+    out = {"results_cpu_s": round(t1 - t0, 3), "reconcile_cpu_s": round(t2 - t1, 3), "ok": done}
+    if acks is not None and acks.first_cpu is not None:
+        # The pass's CPU before its first command: serial, ExaBGP idle meanwhile.
+        out["before_first_command_cpu_s"] = round(acks.first_cpu - t1, 3)
+    return out
 
 
 async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight: int,
@@ -370,12 +374,17 @@ def _agent_notes(result: dict[str, Any]) -> list[str]:
 
 
 class _Acks:
-    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP)."""
+    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP); it notes
+    the process's CPU time at the first command, so a pass shows what it spent before ExaBGP
+    got any work."""
 
     def __init__(self) -> None:
         self.commands = 0
+        self.first_cpu: float | None = None
 
     async def send(self, line: str) -> bool:
+        if self.first_cpu is None:
+            self.first_cpu = time.process_time()
         self.commands += 1
         return True
 
@@ -391,8 +400,9 @@ async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             acks = _Acks()
             agent, setup = _agent(count, Path(tmp), acks)
-            announce = await _agent_pass(agent, True)
-            withdraw = await _agent_pass(agent, False)
+            announce = await _agent_pass(agent, True, acks)
+            acks.first_cpu = None
+            withdraw = await _agent_pass(agent, False, acks)
             rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
             logging.getLogger().handlers.clear()
             gc.unfreeze()  # the next rep's agent starts as a fresh process's would
