@@ -205,8 +205,9 @@ def exabgp_environment(log_file: str | None = None) -> dict[str, str]:
         # that buries the session changes.
         "exabgp_log_statistics": "false",
         # One INFO line per route change ("route added to neighbor ..."): 10,000 lines at a
-        # cold start with 10,000 VIPs, each a formatted record and a write, ~1/3 of ExaBGP's CPU
-        # for those routes (results/README.md section 11); the agent logs its route changes
+        # cold start with 10,000 VIPs, each a formatted record, a stat and a flush of the log: up to
+        # ~40 % of ExaBGP's CPU for those routes on a busy host, little on a quiet one
+        # (results/README.md section 11); the agent logs its route changes
         # itself. Nothing else is lost: ExaBGP 5.0.15 logs this source's failures at level
         # "ERR", which its logger never enables, so a refused command never showed its reason.
         "exabgp_log_processes": "false",
