@@ -61,6 +61,7 @@ from .report import fmt, table
 
 BASE = int(ipaddress.IPv4Address("198.18.0.0"))  # RFC 2544's benchmarking range
 WINDOW = 1000
+IDLE_S = 3.0  # the window in which ExaBGP's CPU at rest is measured, before the first phase
 PHASES = (("announce", "sequential"), ("withdraw", "sequential"), ("announce", "pipelined"),
           ("withdraw", "pipelined"), ("announce", "batched"), ("withdraw", "batched"),
           ("announce", "agent"), ("withdraw", "agent"))
@@ -119,7 +120,7 @@ def _agent(count: int, workdir: Path, speaker: Any) -> tuple[Any, dict[str, floa
     return agent, {"config_load_cpu_s": round(t1 - t0, 3), "construct_cpu_s": round(t2 - t1, 3)}
 
 
-async def _agent_pass(agent: Any, ok: bool) -> dict[str, Any]:
+async def _agent_pass(agent: Any, ok: bool, acks: _Acks | None = None) -> dict[str, Any]:
     from controller.health.probes import ProbeResult
 
     result = ProbeResult(ok, 0.001, "ok" if ok else "connect refused")
@@ -130,7 +131,11 @@ async def _agent_pass(agent: Any, ok: bool) -> dict[str, Any]:
     t1 = time.process_time()
     done = await agent.reconcile_once()
     t2 = time.process_time()
-    return {"results_cpu_s": round(t1 - t0, 3), "reconcile_cpu_s": round(t2 - t1, 3), "ok": done}
+    out = {"results_cpu_s": round(t1 - t0, 3), "reconcile_cpu_s": round(t2 - t1, 3), "ok": done}
+    if acks is not None and acks.first_cpu is not None:
+        # The pass's CPU before its first command: serial, ExaBGP idle meanwhile.
+        out["before_first_command_cpu_s"] = round(acks.first_cpu - t1, 3)
+    return out
 
 
 async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight: int,
@@ -216,6 +221,7 @@ def _kernel_count(topo: BgpLab) -> int:
 def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None = None,
         window: int | None = None, styles: Iterable[str] = STYLES) -> dict[str, Any]:
     from controller.bgp.exabgp_api import MAX_BATCH
+    from controller.bgp.exabgp_config import exabgp_environment
     from controller.bgp.speaker import PIPELINE_WINDOW
 
     count = routes or (1000 if quick else 10000)
@@ -223,6 +229,8 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
     lab = Lab(PREFIX)
     phases = []
     footprint: dict[str, Any] = {}
+    exabgp_env: dict[str, str] = {}
+    idle_share: float | None = None
     try:
         topo = BgpLab(lab, with_origin=False).up()
         workdir = topo.workdir("pop", "announce")
@@ -231,13 +239,23 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                     f"--batch {batch} --window {window} --styles {' '.join(styles)}")  # (ExaBGP splits a run line at commas)
         config = (f"process bench {{\n    run {run_line};\n    encoder json;\n}}\n\n"
                   + neighbor_block(api="    api {\n        processes [ bench ];\n        neighbor-changes;\n    }\n"))
+        # ExaBGP runs with the agent's settings (what `anycast-agent launch` gives it); settings
+        # to try go in as exabgp.* variables of the bench's own environment and win.
+        tried = {k: v for k, v in os.environ.items() if k.startswith("exabgp.")}
+        exabgp_env = {**exabgp_environment(str(workdir / "exabgp.log")), **tried}
         exa = ExaBGPProcess(topo["pop"], workdir, config,
-                            env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}).start()
+                            env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **exabgp_env}).start()
         wait_for(ready.exists, 20, 0.05, "the announce API process")
         # The ready file holds the PID as the node sees it; signals from here need the host's.
         [api_pid] = exa.wait_api_started()
         wait_for(topo.neighbor_established, 30, 0.05, "the BGP session rtr <-> ExaBGP")
         time.sleep(1.0)  # let the session settle (a collision can flap it once at start-up)
+        # ExaBGP's own CPU with the session up and nothing to do: what its reactor's polling
+        # costs at rest (exabgp.reactor.speed sets how often it wakes).
+        idle0, idle_t0 = proc_cpu_seconds(exa.pid), time.monotonic()
+        time.sleep(IDLE_S)
+        idle_cpu = _delta(proc_cpu_seconds(exa.pid), idle0)
+        idle_share = None if idle_cpu is None else round(idle_cpu / (time.monotonic() - idle_t0), 4)
         assert topo.watcher is not None
         for i, (action, style) in enumerate(selected_phases(styles)):
             target = count if action == "announce" else 0
@@ -297,6 +315,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
     finally:
         lab.teardown()
     return {"routes": count, "window": WINDOW, "batch": batch, "batch_window": window, "phases": phases, "rss_with_all_routes": footprint,
+            "exabgp_env": exabgp_env, "exabgp_idle_cpu_share": idle_share,
             "reference": "LAB-NOTES: about 2,000 routes/s with the per-command ack, about 2,800/s "
                          "when one command carries 100 prefixes"}
 
@@ -336,7 +355,10 @@ def render(result: dict[str, Any]) -> str:
                   f"one-route commands in flight; batched = the agent's send_changes: up to {result.get('batch')} "
                   f"routes per command, {result.get('batch_window')} commands in flight",
                   "RSS with all routes (MB): " + ", ".join(f"{k.removesuffix('_rss_mb')} {fmt(v)}" for k, v in fp.items()),
-                  result["reference"], *_agent_notes(result)])
+                  result["reference"], *_agent_notes(result),
+                  f"ExaBGP at rest (session up, no routes): {fmt(result.get('exabgp_idle_cpu_share'))} of a core; "
+                  "settings: " + " ".join(f"{k}={v}" for k, v in sorted(result.get("exabgp_env", {}).items())
+                                          if "log_destination" not in k)])
 
 
 def _agent_notes(result: dict[str, Any]) -> list[str]:
@@ -352,12 +374,17 @@ def _agent_notes(result: dict[str, Any]) -> list[str]:
 
 
 class _Acks:
-    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP)."""
+    """A speaker that acks every command at once (the agent's pass alone, no ExaBGP); it notes
+    the process's CPU time at the first command, so a pass shows what it spent before ExaBGP
+    got any work."""
 
     def __init__(self) -> None:
         self.commands = 0
+        self.first_cpu: float | None = None
 
     async def send(self, line: str) -> bool:
+        if self.first_cpu is None:
+            self.first_cpu = time.process_time()
         self.commands += 1
         return True
 
@@ -373,8 +400,9 @@ async def agent_pass_main(count: int, reps: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             acks = _Acks()
             agent, setup = _agent(count, Path(tmp), acks)
-            announce = await _agent_pass(agent, True)
-            withdraw = await _agent_pass(agent, False)
+            announce = await _agent_pass(agent, True, acks)
+            acks.first_cpu = None
+            withdraw = await _agent_pass(agent, False, acks)
             rows.append({**setup, "announce": announce, "withdraw": withdraw, "commands": acks.commands})
             logging.getLogger().handlers.clear()
             gc.unfreeze()  # the next rep's agent starts as a fresh process's would

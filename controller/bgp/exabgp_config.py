@@ -204,6 +204,13 @@ def exabgp_environment(log_file: str | None = None) -> dict[str, str]:
         # ExaBGP logs per-peer packet counters every second by default: noise in the journal
         # that buries the session changes.
         "exabgp_log_statistics": "false",
+        # One INFO line per route change ("route added to neighbor ..."): 10,000 lines at a
+        # cold start with 10,000 VIPs, each a formatted record, a stat and a flush of the log: up to
+        # ~40 % of ExaBGP's CPU for those routes on a busy host, little on a quiet one
+        # (results/README.md section 11); the agent logs its route changes
+        # itself. Nothing else is lost: ExaBGP 5.0.15 logs this source's failures at level
+        # "ERR", which its logger never enables, so a refused command never showed its reason.
+        "exabgp_log_processes": "false",
         # Timestamps in a file; journald adds its own to stdout.
         "exabgp_log_short": "true" if log_file is None else "false",
     }
