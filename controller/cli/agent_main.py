@@ -113,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.summary(), file=sys.stderr)
         return 2
+    if args.command in ("launch", "run"):
+        try:  # (a bad ANYCAST_EVENT_LOOP fails the start with one line, before ExaBGP runs)
+            event_loop.loop_factory()
+        except ValueError as exc:
+            print(f"anycast-agent: {exc}", file=sys.stderr)
+            return 2
     if args.command == "exabgp-config":
         text = exabgp_config_text(config, args)
         if args.out:

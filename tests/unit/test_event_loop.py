@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import types
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,23 @@ def test_run_returns_the_coroutines_result_on_either_loop() -> None:
 
     assert event_loop.run(main(), "asyncio") == 42
     assert event_loop.run(main(), "uvloop") == 42  # uvloop, or asyncio where it is not installed
+
+
+def test_the_agent_refuses_to_start_on_an_unknown_loop_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``anycast-agent launch`` (and ``run``) with a bad ANYCAST_EVENT_LOOP exits 2 naming the
+    variable, before ExaBGP or the agent starts: no traceback, no respawn loop."""
+    from controller.cli import agent_main
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "agent-sjc.yaml")
+    started: list[str] = []
+    monkeypatch.setattr(agent_main, "_launch", lambda *a: started.append("launch") or 0)
+    monkeypatch.setattr(event_loop, "run", lambda *a, **k: started.append("run") or 0)
+    monkeypatch.setenv(event_loop.ENV, "trio")
+    for command in ("launch", "run"):
+        assert agent_main.main([command, "--config", config]) == 2
+        assert "ANYCAST_EVENT_LOOP must be one of asyncio, uvloop, got 'trio'" in capsys.readouterr().err
+    assert started == []
+    monkeypatch.setenv(event_loop.ENV, "asyncio")
+    assert agent_main.main(["launch", "--config", config]) == 0
+    assert started == ["launch"]
