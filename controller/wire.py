@@ -666,7 +666,7 @@ def _exact(v: dict[str, Any]) -> bool:
     and 0.0 for false, so the flags' and verdicts' types are checked (in C, per group)."""
     allowed = {bool, type(None)}
     return all(set(map(type, g.get("announced", ()))) <= allowed
-               and set(map(type, (g["origins"] or {}).values())) <= allowed for g in v["groups"])
+               and set(map(type, (g.get("origins") or {}).values())) <= allowed for g in v.get("groups", ()))
 
 
 def _compact_maps(v: Any, published: Mapping[str, Collection[str]]

@@ -1047,8 +1047,11 @@ class Controller:
         assert self.state_store is not None
         try:
             # (A copy that later passes do not change: the file journal writes it in a thread.)
+            # Everything the journal holds: a snapshot without the dials or the rollout's state
+            # dropped them (their journal lines are pruned with the older generations).
             frozen = store.Persisted(dict(w.submitted.drains), dict(w.submitted.generations),
-                                     w.frozen if w.frozen is not None else self._get_engine().frozen_state())
+                                     w.frozen if w.frozen is not None else self._get_engine().frozen_state(),
+                                     w.submitted.rollout, dict(w.submitted.dials))
             self.state_store.compact(frozen, self._seq)
         except store.PersistenceError as exc:
             self._persistence_failed(exc)  # the journal still holds everything: only longer

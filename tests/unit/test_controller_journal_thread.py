@@ -246,3 +246,26 @@ def test_the_daemons_controller_journals_in_a_thread_and_reads_back_whole(tmp_pa
     assert threads and all(name.startswith("journal") for name in threads)
     back = store.load(str(tmp_path))
     assert back.generations == ctl.persisted.generations and back.planner == ctl.persisted.planner
+
+
+def test_a_compaction_keeps_the_operators_dials_and_the_rollout(tmp_path: Path) -> None:
+    """A snapshot folds the journal: it must hold everything the journal did. It dropped the
+    dials (and a rollout's state), acknowledged by their own journal lines, which the
+    compaction then pruned: a restart after a routine compaction forgot `anycastctl dial`."""
+    now = [10.0]
+    journal = store.FileJournal(str(tmp_path), compact_min_bytes=0)  # (every write compacts)
+    ctl = controller(tmp_path, now, state_store=journal)
+    reports(ctl, True, now[0])
+    assert ctl.dial("us-west", 50, "ops", "test", force=True)
+    for t, usw in ((11.0, False), (12.0, True)):  # passes after it: journaled, then compacted
+        now[0] = t
+        reports(ctl, usw, now[0])
+        ctl.replan()
+    assert ctl.persistence.ok and ctl.persisted.dials
+    ctl.close()
+    back = store.FileJournal(str(tmp_path), lock=False).load()
+    assert back.problems == ()
+    assert any(p.name.startswith("snapshot-") for p in tmp_path.iterdir())
+    assert back.state.dials == ctl.persisted.dials
+    assert back.state.rollout == ctl.persisted.rollout
+    assert back.state.drains == ctl.persisted.drains and back.state.generations == ctl.persisted.generations

@@ -137,6 +137,16 @@ def test_a_value_equal_to_a_valid_one_but_with_numbers_for_flags_is_still_refuse
     assert caught.value.field == "origins.v3.us-west"
 
 
+def test_a_value_equal_to_a_recent_one_without_optional_keys_decodes_again() -> None:
+    """A group without "origins" (no verdicts) and a value without "groups" are valid; the
+    second time such a value came (equal to a recent one: the fast path), a missing key
+    raised KeyError there, a 500 instead of the same answer as the first time."""
+    for value in ({"groups": [{"vips": ["v0", "v1"], "announced": [True, False]}]}, {}):
+        first = decode_report({"seq": 1, COMPACT: value}, PUBLISHED)
+        again = decode_report({"seq": 2, COMPACT: value}, PUBLISHED)
+        assert (again.origins, again.announced) == (first.origins, first.announced)
+
+
 def test_an_older_controller_refuses_the_compact_form_naming_the_field() -> None:
     """What the agent's fallback keys on: the decoder before the form answered "unknown field"
     for any key it did not know, naming the first in sorted order; the compact form adds one
