@@ -164,6 +164,7 @@ class Controller:
     _writing: _Write | None = None
     _save_again: bool = False  # a pass asked to save while that write ran: once more after it
     _wrote: asyncio.Event | None = None  # set when a write ends (durable_plan's answers look again)
+    _released: bool = False  # stopping (release_waiters): durable_plan waits no more
     _writer: concurrent.futures.ThreadPoolExecutor | None = None
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
@@ -315,7 +316,7 @@ class Controller:
         """Release the state directory (its lock): another controller may start on it. The
         last hint first, so the next controller refuses every report this one applied."""
         if self.state_store is not None:
-            self._finish_write(resave=False)
+            self._flush()
             self._mark_alive(self.clock(), force=True)
             self.state_store.close()
         if self._writer is not None:
@@ -703,6 +704,8 @@ class Controller:
         if changes.rollout is not None:
             self._durable.rollout = changes.rollout
         self._persistence_recovered()
+        if self._save_again:  # (a pass asked to save while the write taken in above ran)
+            self._save()
 
     # --- planning ----------------------------------------------------------------------
     def plan_soon(self) -> None:
@@ -869,8 +872,10 @@ class Controller:
             if pop.name in pops or pop.name not in self.served:
                 self._unserved[pop.name] = None
         if not defer:
-            self._serve_unserved()
-            self._save()
+            try:
+                self._serve_unserved()
+            finally:
+                self._save()  # (the answers of what was served wait for it: durable_plan)
         return result
 
     def _serve_unserved(self, budget_s: float | None = None) -> bool:
@@ -941,7 +946,7 @@ class Controller:
             return
         self._wake = loop.call_later(max(0.0, wake_at - now) + 0.005, self._plan_soon)
 
-    def _save(self) -> None:
+    def _save(self, sync: bool = False) -> None:
         """Journal what changed since the last durable write: drains and generations by
         comparison (per POP: small), the memory of the VIPs the engine said changed (never
         all pairs; most passes change nothing). A failure raises the persistence alarm and is
@@ -952,7 +957,7 @@ class Controller:
         JSON and the fsync run in a thread (a burst of first reports changes 500,000 pairs:
         1-2 s of the loop), one write at a time and in order; a plan's answer waits until
         its generation is durable (``durable_plan``), as before, when the write held the loop
-        until it was."""
+        until it was. ``sync``: on this thread, now (stopping)."""
         assert self.state_store is not None
         now = self.clock()
         self._mark_alive(now)
@@ -974,7 +979,7 @@ class Controller:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or not getattr(self.state_store, "threaded_append", False):
+        if sync or loop is None or not getattr(self.state_store, "threaded_append", False):
             job = _WriteJob(self.state_store, self._held, names, engine.plans, self._index().names,
                             drains, generations, rollout, self._seq)
             try:
@@ -982,9 +987,11 @@ class Controller:
             except store.PersistenceError as exc:
                 self._held.unsaved |= names
                 self._persistence_failed(exc)
+                self._wake_durable()  # (failing: they answer, under the alarm)
                 return
             except BaseException:  # (Conflict: another writer; the caller's)
                 self._held.unsaved |= names
+                self._wake_durable()
                 raise
             w = _Write(concurrent.futures.Future(), submitted, names, None)
             w.future.set_result(result)
@@ -1036,9 +1043,7 @@ class Controller:
                 self._durable = w.submitted
                 self._persistence_recovered()
                 self._compact(w)
-        if self._wrote is not None:
-            self._wrote.set()
-            self._wrote = None
+        self._wake_durable()
         if self._save_again and resave:
             self._save()
 
@@ -1062,11 +1067,29 @@ class Controller:
         fails, plans are served anyway, under the persistence alarm, as they always were.)"""
         while True:
             served = self.plans.pops.get(pop)
-            if served is None or not self.persistence.ok or served.generation <= self._durable.generations.get(pop, 0):
+            if (served is None or self._released or not self.persistence.ok
+                    or served.generation <= self._durable.generations.get(pop, 0)):
                 return
             if self._wrote is None:
                 self._wrote = asyncio.Event()
             await self._wrote.wait()
+
+    def _wake_durable(self) -> None:
+        """A write ended (or failed): the answers waiting in durable_plan look again."""
+        if self._wrote is not None:
+            self._wrote.set()
+            self._wrote = None
+
+    def _flush(self) -> None:
+        """Stopping: the write in progress taken in, and whatever a pass asked to save since
+        written now, on this thread (before, every pass saved before it returned; a pass
+        whose save waited behind the thread's write would be lost at a stop)."""
+        self._finish_write(resave=False)
+        if self._started or self.persistence.ok:
+            try:
+                self._save(sync=True)
+            except Exception:  # noqa: BLE001 - stopping: the log says it, the journal keeps the rest
+                log.exception("saving the controller state while stopping failed")
 
     # --- outputs -----------------------------------------------------------------------
     @property
@@ -1083,7 +1106,12 @@ class Controller:
 
     def release_waiters(self) -> None:
         """Stopping: every long-poll answers now (an HA term that ended answers 503 and the
-        leader's URL, so its agents move to the new leader at once)."""
+        leader's URL, so its agents move to the new leader at once). What was served is made
+        durable first, so the answers carry no generation a crash could serve again."""
+        if self.state_store is not None and getattr(self.state_store, "threaded_append", False):
+            self._flush()
+        self._released = True
+        self._wake_durable()
         self.plans.release_waiters()
 
     def alarms(self) -> tuple[Alarm, ...]:

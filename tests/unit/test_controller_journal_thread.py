@@ -269,3 +269,81 @@ def test_a_compaction_keeps_the_operators_dials_and_the_rollout(tmp_path: Path) 
     assert back.state.dials == ctl.persisted.dials
     assert back.state.rollout == ctl.persisted.rollout
     assert back.state.drains == ctl.persisted.drains and back.state.generations == ctl.persisted.generations
+
+
+def _two_passes_one_write_held(ctl: Controller, disk: GatedDisk, now: list[float]):  # type: ignore[no-untyped-def]
+    """A pass whose write is held in its thread, and a second pass whose save waits for it
+    (``_save_again``): the state a stop or an action must not lose."""
+    async def run() -> int:
+        disk.gate.clear()
+        now[0] = 11.0
+        reports(ctl, False, now[0])
+        await until(disk.held.is_set, "the first pass's write is held")
+        now[0] = 12.0
+        reports(ctl, True, now[0])  # the second pass: its save waits behind the first write
+        await until(lambda: ctl._save_again, "the second pass asked to save")
+        return ctl.served["sin"].generation
+    return run
+
+
+def test_a_stop_writes_the_save_a_pass_left_waiting_behind_the_threads_write(tmp_path: Path) -> None:
+    """close() took in the write in progress but dropped the save asked for meanwhile: the
+    last pass's memory and generations were lost at every stop that came during a write."""
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+    served: list[int] = []
+
+    async def scenario() -> None:
+        served.append(await _two_passes_one_write_held(ctl, disk, now)())
+        threading.Timer(0.2, disk.gate.set).start()
+        ctl.close()  # (waits for the held write, then writes the second pass's)
+
+    check(scenario)
+    back = store.load(str(tmp_path))
+    assert back.generations == ctl.persisted.generations and back.generations["sin"] == served[0]
+    assert back.planner == ctl.persisted.planner
+
+
+def test_stopping_answers_a_long_poll_only_with_a_durable_generation(tmp_path: Path) -> None:
+    """release_waiters (SIGTERM, an HA term ending) answers the parked long-polls at once,
+    and first makes what was served durable: never an answer a crash could contradict."""
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+    before = ctl.served["sin"].generation
+
+    async def scenario() -> None:
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", before, 60))
+        generation = await _two_passes_one_write_held(ctl, disk, now)()
+        assert not poll.done()
+        threading.Timer(0.2, disk.gate.set).start()
+        ctl.release_waiters()
+        await asyncio.wait_for(poll, 60)
+        assert store.load(str(tmp_path)).generations["sin"] == generation  # durable before the answer
+
+    check(scenario)
+    ctl.close()
+
+
+def test_an_action_taking_in_a_write_runs_the_save_that_waited_for_it(tmp_path: Path) -> None:
+    """An operator action takes the write in progress in before its own line; a save asked
+    for meanwhile was then never run (unless the action planned again), and the long-polls
+    of the POPs served by that pass waited for a write that never came."""
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+
+    async def scenario() -> None:
+        generation = await _two_passes_one_write_held(ctl, disk, now)()
+        poll = asyncio.ensure_future(ctl.wait_for_change("sin", generation - 1, 60))
+        threading.Timer(0.2, disk.gate.set).start()
+        ctl._persist_action(store.Changes(rollout=ctl.persisted.rollout or {}), "a test action")
+        await asyncio.wait_for(poll, 60)  # answered: its generation became durable
+        assert store.load(str(tmp_path)).generations["sin"] == generation
+
+    check(scenario)
+    ctl.close()
