@@ -797,7 +797,14 @@ def _not_everywhere(fv: FleetVip, pop: str, report: PopReport | None, mem: PopVi
         if own.get(origin) is not False:
             continue  # (weighted: every one is down, else the route is not)
         mine = _checks(report, name, origin)
-        t0 = mine.failing_since if mine is not None and mine.failing_since is not None else mem.down_since
+        if mine is not None and mine.failing_since is None:
+            # Its own checks of that origin succeed again (rising, short of ``rise``): its
+            # failure is ending here, and when it began is no longer sent. The window's start
+            # is no stand-in for it then: a hold everywhere that lifted restarted the window,
+            # and the POPs whose checks recovered first would count as evidence against this
+            # one's recovery (it was withdrawn for a moment on the way back). It waits its window.
+            continue
+        t0 = mine.failing_since if mine is not None else mem.down_since
         if t0 is None:
             continue
         if mem.down_since is not None and mem.down_since - t0 > older:

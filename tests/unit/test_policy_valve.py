@@ -249,6 +249,31 @@ def test_checks_failing_everywhere_still_hold_with_check_times() -> None:
     assert "checks_down_everywhere" in kinds(seen[-1])
 
 
+def test_a_pop_recovering_after_a_hold_everywhere_lifted_is_not_let_go_on_the_others_evidence() -> None:
+    """The way back from checks down everywhere (the lab's test_checks_failing_everywhere...):
+    fra recovers first and lifts the hold; sjc's checks succeed again too (rising, short of
+    ``rise``), so it sends no first failed check any more, and its window restarted when the
+    hold lifted. fra's fresh checks were taken as evidence against that restart, and sjc was
+    withdrawn for a moment while recovering. Its checks succeeding prove its failure is ending,
+    not elsewhere-only: it waits its window (and recovers within it)."""
+    run = Run(fleet(("sjc", "fra")))
+    run.at(0, rep("sjc", 0, UP, ok_at=-0.05), rep("fra", 0, UP, ok_at=-0.05))
+    run.at(T0, rep("sjc", T0, DOWN, DOWN, failing=T0 - 0.1), rep("fra", T0, DOWN, DOWN, failing=T0 - 0.05))
+    r = run.at(T0 + 3 * SETTLE, rep("sjc", T0 + 3 * SETTLE, DOWN, DOWN, failing=T0 - 0.1),
+               rep("fra", T0 + 3 * SETTLE, DOWN, DOWN, failing=T0 - 0.05))
+    assert summary(r) == {"sjc": "safety_hold", "fra": "safety_hold"}
+    t1 = T0 + 10  # the checks' path is back: fra's eu-central rises first (the hold lifts)
+    r = run.at(t1, rep("fra", t1, DOWN, UP, failing=T0 - 0.05), rep("sjc", t1, DOWN, DOWN, ok_at=t1 - 0.01))
+    assert "checks_down_everywhere" not in kinds(r) and summary(r)["sjc"] == "confirming"
+    r = run.at(t1 + 0.02, rep("fra", t1 + 0.02, UP, UP, ok_at=t1 + 0.015))  # fra's us-west up
+    assert summary(r)["sjc"] == "confirming"
+    # sjc's eu-central is up, its us-west rising (its last checks of it succeeded)
+    r = run.at(t1 + 0.04, rep("sjc", t1 + 0.04, DOWN, UP, ok_at=t1 + 0.03))
+    assert summary(r)["sjc"] == "confirming", "let go on the others' evidence while recovering"
+    r = run.at(t1 + 0.06, rep("sjc", t1 + 0.06, UP, UP, ok_at=t1 + 0.05))
+    assert summary(r) == {"sjc": "healthy", "fra": "healthy"}
+
+
 def test_evidence_confirms_only_the_settle_not_the_limits() -> None:
     """Early confirmation ends the wait, not the safety valve: the minimum still holds."""
     run = Run(fleet(("sjc", "fra"), safety={"min_announcing_pops": 2, "max_withdraw_fraction": 1.0},
