@@ -32,7 +32,7 @@ from ..bgp.exabgp_api import (
 )
 from ..config.agent import insecure_urls
 from ..config.errors import ConfigError
-from ..config.model import AgentConfig, Attributes, IPNetwork, Vip
+from ..config.model import AgentConfig, Attributes, IPNetwork, Origin, Vip
 from ..health import state as hs
 from ..health.probes import ProbeResult, ProbeSpec
 from ..health.scheduler import CheckScheduler, Target
@@ -339,16 +339,26 @@ class Agent:
             origin = vip.origin(region)
             if origin is None:
                 continue
-            if vip.name not in self.evidence_asks.since and not any(
+            asked = vip.name in self.evidence_asks.since
+            if not asked and not any(
                     (t := times.get((vip.name, region, b))) is not None and t.failing_since is not None
-                    for b in origin.backends):
+                    for b in origin.backends) and not self._origin_down(vip.name, origin):
                 continue
             o = self.origin_times(vip, region)
-            if vip.name in self.evidence_asks.since or o.failing_since is not None:
+            # (down with no failure running: rising again. Its times say so, first failed check
+            # None: without them the controller took its window's start, which a lifted hold
+            # everywhere had just reset, for the failure's, and let it go on the others' checks.)
+            if asked or o.failing_since is not None or self._origin_down(vip.name, origin):
                 out[vip.name] = {region: evidence.ages(o, now)} | {
                     other.region: a for other in vip.origins if other.region != region
                     and (a := evidence.ages(self.origin_times(vip, other.region), now)) != (None, None)}
         return out
+
+    def _origin_down(self, vip: str, origin: Origin) -> bool:
+        """Whether this POP's checks judge ``origin`` down for ``vip`` (rising counts: down)."""
+        health = self.health
+        return origin_health(origin, ((s.healthy if (s := health.get((vip, origin.region, b))) is not None else None)
+                                      for b in origin.backends))[0] is False
 
     def verdicts(self) -> dict[BackendKey, bool | None]:
         return {k: s.healthy for k, s in self.health.items()}

@@ -181,6 +181,24 @@ def test_the_first_failed_check_of_the_active_origin_is_reported_at_once_with_it
     assert abs(health_report(agent).checks["game-global"]["us-west"][1] - (clock.t - first)) < 1e-9
 
 
+def test_an_active_origin_rising_again_still_carries_its_times_with_no_failure_running(tmp_path: Path) -> None:
+    """Down, its checks succeeding again (rising, short of rise): the report keeps the origin's
+    times, first failed check None, so the controller knows this POP's failure is ending (it
+    took its window's start for the failure's, and let it go on the others' checks)."""
+    clock = Clock()
+    agent = healthy(tmp_path, clock, "us-west", "eu-central")
+    for _ in range(3):
+        result(agent, clock, "us-west", False)  # down
+    assert health_report(agent).checks["game-global"]["us-west"][1] is not None
+    result(agent, clock, "us-west", True)  # one success: rising (rise > 1 in the example)
+    report = health_report(agent)
+    assert report.origins["game-global"]["us-west"] is False
+    assert "us-west" in report.checks["game-global"] and report.checks["game-global"]["us-west"][1] is None
+    for _ in range(3):
+        result(agent, clock, "us-west", True)  # up: nothing failing, nothing asked
+    assert health_report(agent).checks == {}
+
+
 def test_an_ask_is_answered_at_once_and_after_the_next_round_of_checks(tmp_path: Path) -> None:
     clock = Clock()
     agent = healthy(tmp_path, clock, "us-west")
