@@ -459,7 +459,7 @@ class WireReport:
     removed: tuple[str, ...] = ()  # delta only: VIPs gone from the report
     # vip -> region -> (seconds since at least min_healthy backends' last checks succeeded,
     # seconds since the first failed check of a failure now running), None where there is
-    # none. Only the VIPs the plan asks evidence for or whose active origin is failing here;
+    # none. Only the VIPs the plan asks evidence for or whose active origin is failing or down here;
     # never a delta: each report carries the whole current set (ages move with every report).
     checks: Mapping[str, Mapping[str, tuple[float | None, float | None]]] = field(default_factory=dict)
 

@@ -326,7 +326,7 @@ class Agent:
 
     def evidence_checks(self) -> dict[str, dict[str, tuple[float | None, float | None]]]:
         """The report's ``checks``: the check ages of every origin of each VIP the plan asks
-        evidence for or whose active origin is failing here (the other origins' prove a
+        evidence for or whose active origin is failing or down here (the other origins' prove a
         failover target healthy; only those VIPs, so the report stays small)."""
         now = self.clock()
         times = self.check_times
