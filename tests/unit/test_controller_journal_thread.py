@@ -55,6 +55,15 @@ async def turns(n: int = 20) -> None:
         await asyncio.sleep(0.01)
 
 
+def _gated(tmp_path: Path) -> tuple[Controller, GatedDisk, list[float]]:
+    """The daemon's journal (writes in a thread) behind a gated fsync; planned once."""
+    disk = GatedDisk("journal")
+    now = [10.0]
+    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
+    reports(ctl, True, now[0])
+    return ctl, disk, now
+
+
 def test_a_long_poll_answers_only_once_the_generation_it_carries_is_durable(tmp_path: Path) -> None:
     disk = GatedDisk("journal")
     now = [10.0]
@@ -89,10 +98,7 @@ def test_a_long_poll_answers_only_once_the_generation_it_carries_is_durable(tmp_
 
 
 def test_a_full_disk_in_the_write_thread_raises_the_alarm_serves_on_and_loses_nothing(tmp_path: Path) -> None:
-    disk = GatedDisk("journal")
-    now = [10.0]
-    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
-    reports(ctl, True, now[0])
+    ctl, disk, now = _gated(tmp_path)
     before = ctl.served["sin"].generation
 
     async def scenario() -> None:
@@ -190,10 +196,7 @@ def test_a_crash_between_a_snapshots_write_and_its_rename_reads_the_previous_gen
 
 
 def test_an_operator_action_during_a_pass_write_is_journaled_after_it_in_order(tmp_path: Path) -> None:
-    disk = GatedDisk("journal")
-    now = [10.0]
-    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
-    reports(ctl, True, now[0])
+    ctl, disk, now = _gated(tmp_path)
 
     async def scenario() -> None:
         disk.gate.clear()
@@ -289,10 +292,7 @@ def _two_passes_one_write_held(ctl: Controller, disk: GatedDisk, now: list[float
 def test_a_stop_writes_the_save_a_pass_left_waiting_behind_the_threads_write(tmp_path: Path) -> None:
     """close() took in the write in progress but dropped the save asked for meanwhile: the
     last pass's memory and generations were lost at every stop that came during a write."""
-    disk = GatedDisk("journal")
-    now = [10.0]
-    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
-    reports(ctl, True, now[0])
+    ctl, disk, now = _gated(tmp_path)
     served: list[int] = []
 
     async def scenario() -> None:
@@ -309,10 +309,7 @@ def test_a_stop_writes_the_save_a_pass_left_waiting_behind_the_threads_write(tmp
 def test_stopping_answers_a_long_poll_only_with_a_durable_generation(tmp_path: Path) -> None:
     """release_waiters (SIGTERM, an HA term ending) answers the parked long-polls at once,
     and first makes what was served durable: never an answer a crash could contradict."""
-    disk = GatedDisk("journal")
-    now = [10.0]
-    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
-    reports(ctl, True, now[0])
+    ctl, disk, now = _gated(tmp_path)
     before = ctl.served["sin"].generation
 
     async def scenario() -> None:
@@ -332,10 +329,7 @@ def test_an_action_taking_in_a_write_runs_the_save_that_waited_for_it(tmp_path: 
     """An operator action takes the write in progress in before its own line; a save asked
     for meanwhile was then never run (unless the action planned again), and the long-polls
     of the POPs served by that pass waited for a write that never came."""
-    disk = GatedDisk("journal")
-    now = [10.0]
-    ctl = controller(tmp_path, now, state_store=store.FileJournal(str(tmp_path), fsync=disk, background=True))
-    reports(ctl, True, now[0])
+    ctl, disk, now = _gated(tmp_path)
 
     async def scenario() -> None:
         generation = await _two_passes_one_write_held(ctl, disk, now)()
