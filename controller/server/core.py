@@ -1085,7 +1085,8 @@ class Controller:
         written now, on this thread (before, every pass saved before it returned; a pass
         whose save waited behind the thread's write would be lost at a stop)."""
         self._finish_write(resave=False)
-        if self._started or self.persistence.ok:
+        # (a store that writes on the loop, etcd, saved every pass in full: nothing waits)
+        if getattr(self.state_store, "threaded_append", False) and (self._started or self.persistence.ok):
             try:
                 self._save(sync=True)
             except Exception:  # noqa: BLE001 - stopping: the log says it, the journal keeps the rest
@@ -1108,7 +1109,7 @@ class Controller:
         """Stopping: every long-poll answers now (an HA term that ended answers 503 and the
         leader's URL, so its agents move to the new leader at once). What was served is made
         durable first, so the answers carry no generation a crash could serve again."""
-        if self.state_store is not None and getattr(self.state_store, "threaded_append", False):
+        if self.state_store is not None:
             self._flush()
         self._released = True
         self._wake_durable()
