@@ -560,8 +560,10 @@ def s7_publish_domain_change(f: Fleet) -> dict[str, Any]:
             revision = head_commit(f)[:12]
             wait_for(lambda: (answered_status(f).get("config") or {}).get("revision") == revision, 10,
                      desc=f"the controller at revision {revision}")
-            plan = wait_for(lambda: (p := f.plan("sin")) and NAME not in {v["name"] for v in p["vips"]} and p, 10,
-                            desc=f"sin's plan without {NAME}")
+            def without() -> dict[str, Any] | None:
+                p = f.plan("sin")
+                return p if p is not None and NAME not in {v["name"] for v in p["vips"]} else None
+            plan = wait_for(without, 10, desc=f"sin's plan without {NAME}")
             assert plan["revision"] == revision or plan["revision"].startswith(f"{base[:12]}+dirty."), plan["revision"]
             assert pop_item(answered_explain(f, NAME), "sin") is None, "/v1/explain still plans the VIP at sin"
             git(f.config_dir, "revert", "--no-edit", "HEAD")
@@ -666,8 +668,10 @@ def s9_everything_removed_is_held_then_confirmed_in_waves(f: Fleet) -> dict[str,
             t0 = time.time()
             f.commit("remove every VIP")
             rev = head_commit(f)[:12]
-            held = wait_for(lambda: (c := change_status(f)).get("phase") == "held" and c, 30,
-                            desc=f"revision {rev} held")
+            # (The target the commit's, not the working tree's "+dirty" one held just before it
+            # when the watcher saw the edit first.)
+            held = wait_for(lambda: (c := change_status(f)).get("phase") == "held" and c.get("target") == rev and c,
+                            30, desc=f"revision {rev} held")
             pairs = planned_pairs(f, base)
             assert held["target"] == rev and f"withdraws {pairs} of {pairs}" in held["detail"], held
             wait_for_equal(lambda: change_phase_metric(f, "held"), ONE, 10, desc="the change_phase metric says held")
@@ -743,7 +747,8 @@ def s10_failed_wave_gate_rolls_back(f: Fleet) -> dict[str, Any]:
             t0 = time.time()
             f.commit(f"{API_NAME} moves elsewhere")
             rev = head_commit(f)[:12]
-            wait_for(lambda: change_status(f).get("phase") == "held", 30, desc=f"revision {rev} held")
+            wait_for(lambda: (c := change_status(f)).get("phase") == "held" and c.get("target") == rev, 30,
+                     desc=f"revision {rev} held")
             _anycastctl(f, "apply", "--confirm", rev, "--reason", "lab: api-eu leaves", "--by", "lab")
             rolling = wait_for(lambda: change_status(f), 30, desc="/v1/status's change section answered")
             assert rolling["phase"] == "rolling" and rolling["waves"] == [["fra"], ["sjc"]], rolling

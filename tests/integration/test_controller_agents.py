@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -151,15 +152,17 @@ def _settle_back(d: dict[str, Any]) -> None:
 
 def commit_policy(fleet: MultiPop, message: str, edit: Callable[[dict[str, Any]], None]) -> None:
     """Commit an edit of controller.yaml; return once the controller serves it."""
-    before = status(fleet)
-    assert before is not None
     path = fleet.config_dir / "controller.yaml"
     data = yaml.safe_load(path.read_text())
     edit(data)
     path.write_text(yaml.safe_dump(data))
     fleet.commit(message)
-    wait_for(lambda: (s := status(fleet)) is not None and s["config"]["revision"] != before["config"]["revision"]
-             and not s["config"]["last_error"], HANG, desc=f"the controller serves {message!r}")
+    # The commit's own revision: the working tree's "+dirty" one can come first (the watcher
+    # may see the edit before the commit), and must not be taken for it.
+    head = subprocess.run(["git", "-C", str(fleet.config_dir), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()[:12]
+    wait_for(lambda: (s := status(fleet)) is not None and s["config"]["revision"] == head
+             and not s["config"]["last_error"], HANG, desc=f"the controller serves {message!r} ({head})")
 
 
 def dump(fleet: MultiPop) -> None:

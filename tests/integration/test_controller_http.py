@@ -582,7 +582,8 @@ def test_a_commit_withdrawing_everything_is_held_until_confirmed_through_anycast
     def change() -> dict[str, Any]:
         return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]["change"]  # type: ignore[no-any-return]
 
-    wait_for(lambda: change()["phase"] == "held", 60, desc="the commit held")
+    # (Its target the commit's, not the working tree's "+dirty" one the watcher may hold first.)
+    wait_for(lambda: change()["phase"] == "held" and change()["target"] == rev, 60, desc="the commit held")
     st = controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]
     assert st["change"]["target"] == rev and st["alarms"][0]["kind"] == "change_held"
     assert "withdraws 5 of 5" in st["change"]["detail"]
