@@ -142,7 +142,7 @@ def ha1_kill_leader_mid_drain(f: Fleet) -> dict[str, Any]:
     fra_transit = f.topo.pop("fra").transit
     assert states[(fra_transit, "fra")] == order, f"{fra_transit} saw fra's path go {states[(fra_transit, 'fra')]}"
     flapped = flaps(states, drain_only)
-    assert not flapped, f"route flaps at the transits: {flapped}"
+    assert not flapped, f"route flaps at the transits: {flapped}; {watch.sessions_dropped()}"
     assert withdrawn >= since + DRAIN_TIME - 0.5, "fra was withdrawn before its drain time"
     lost = drain_losses(f, watch, "fra", "c-eu", stats, t0, until)
     assert not lost, f"requests lost: {lost}"
@@ -202,7 +202,7 @@ def ha2_kill_leader_mid_failback_hold_down(f: Fleet) -> dict[str, Any]:
     assert failback < t_new + HOLD_DOWN, (f"failback at +{failback - t_up:.1f}s after us-west came back: the new "
                                           f"leader {new} restarted the hold-down")
     flapped = flaps(path_states(f, watch, t_kill, until), unchanged)
-    assert not flapped, f"route flaps at the transits: {flapped}"
+    assert not flapped, f"route flaps at the transits: {flapped}; {watch.sessions_dropped()}"
     # The failback itself moves each client's traffic to another origin: a request in
     # flight then can be reset (its TCP connection now routed to an origin that never saw
     # it), as at any failback, HA or not; nothing else may fail, before or after.
@@ -253,7 +253,7 @@ def ha3_leader_partitioned_from_etcd(f: Fleet) -> dict[str, Any]:
     both = [(round(t - t0, 3), ls) for t, _, ls in samples if len(ls) > 1]
     assert not both, f"two leaders at once: {both}"
     flapped = flaps(path_states(f, watch, t0, until), unchanged)
-    assert not flapped, f"route flaps at the transits: {flapped}"
+    assert not flapped, f"route flaps at the transits: {flapped}; {watch.sessions_dropped()}"
     assert not unserved(stats), stats
     return {"old_leader": old, "new_leader": new, "old_stopped_after_cut_ms": ms(t0, old_stopped),
             "new_started_after_cut_ms": ms(t0, new_started), "gap_without_leader_ms": ms(old_stopped, new_started),
@@ -299,7 +299,7 @@ def ha4_etcd_member_loss(f: Fleet) -> dict[str, Any]:
         assert_clean(f)
         until = time.time()
     flapped = flaps(path_states(f, watch, t0, until), unchanged)
-    assert not flapped, f"route flaps at the transits: {flapped}"
+    assert not flapped, f"route flaps at the transits: {flapped}; {watch.sessions_dropped()}"
     stats = {c.node: client_stats(f, c.node, t0, until) for c in f.topo.clients}
     assert not unserved(stats), stats
     return {"etcd_member_killed": one, "no_leader_after_etcd_down_ms": ms(t_all, no_leader), "leader_after_etcd_back_ms": ms(no_leader, back),

@@ -175,6 +175,23 @@ def _slim(entry: dict[str, Any] | None) -> dict[str, Any]:
                       for p in (entry or {}).get("paths", [])]}
 
 
+def bgp_session_drops(f: Fleet) -> dict[tuple[str, str], tuple[int, str]]:
+    """(router, peer) -> (connections dropped so far, the last error code/subcode and
+    reason), for every BGP session of the POP routers and transits ({} for a router that
+    does not answer)."""
+    out: dict[tuple[str, str], tuple[int, str]] = {}
+    for node in [p.router for p in f.topo.pops] + [t.node for t in f.topo.transits]:
+        try:
+            info = f.routers[node].vtysh_json("show bgp neighbors json")
+        except (LabError, OSError, ValueError):
+            continue
+        for peer, nb in info.items():
+            if isinstance(nb, dict) and "connectionsDropped" in nb:
+                out[(node, peer)] = (int(nb["connectionsDropped"]),
+                                     f"{nb.get('lastErrorCodeSubcode', '-')} {nb.get('lastNotificationReason', '')}".strip())
+    return out
+
+
 class IngressWatch:
     """Polls each client's transit for the POP it sends the VIP to, and each transit's
     paths for the VIP; records every change."""
@@ -183,6 +200,7 @@ class IngressWatch:
         self.f, self.vip = f, vip
         self.changes: list[tuple[float, str, str | None]] = []  # (t, client, pop)
         self.paths: list[tuple[float, str, dict[str, Any]]] = []  # (t, transit, slim entry)
+        self.drops: dict[tuple[str, str], tuple[int, str]] = {}  # bgp_session_drops when it began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -223,7 +241,17 @@ class IngressWatch:
             return since
         return next((t for t, n, e in self.paths if n == transit and t >= since and not json_cmp(e, subset)), None)
 
+    def sessions_dropped(self) -> str:
+        """The BGP sessions of the POP routers and transits that dropped since the watch
+        began (a flap at the transits that a dropped session explains is the lab's, e.g.
+        BFD 100 ms x 3 on a starved machine, not the code's), for an assertion's message."""
+        now = bgp_session_drops(self.f)
+        dropped = [f"{node} <-> {peer}: {n - self.drops.get((node, peer), (0, ''))[0]} drop(s), last error {why}"
+                   for (node, peer), (n, why) in sorted(now.items()) if n > self.drops.get((node, peer), (0, ""))[0]]
+        return "BGP sessions dropped meanwhile: " + ("; ".join(dropped) if dropped else "none")
+
     def __enter__(self) -> IngressWatch:
+        self.drops = bgp_session_drops(self.f)
         self._thread.start()
         wait_for(lambda: {c for _, c, _ in self.changes} == {c.node for c in self.f.topo.clients}, 10,
                  interval=0.01, desc="a first sample of every transit")
