@@ -554,9 +554,9 @@ def test_plain_http_parses_a_response_as_its_segments_arrive(monkeypatch: pytest
     reads = 0  # counted on the probe's loop, watched from the server's thread
     on_readable = probes._PlainHttpCheck._on_readable
 
-    def counting(self: probes._PlainHttpCheck) -> None:
+    def counting(self: probes._PlainHttpCheck, mask: int) -> None:
         nonlocal reads
-        on_readable(self)
+        on_readable(self, mask)
         reads += 1
 
     async def lockstep(head: bytes, writer: asyncio.StreamWriter) -> None:
