@@ -414,6 +414,7 @@ class Poller:
 
     def _expire(self) -> None:
         self._timer, self._timer_at = None, float("inf")
+        self.poll()  # answers first: one that is in is not a timeout
         now = self.loop.time()
         soonest = float("inf")
         for queue in list(self._deadlines.values()):
@@ -429,6 +430,14 @@ class Poller:
                     check._on_timeout()
         if soonest < self._timer_at and self._epfd >= 0:
             self._arm(soonest)
+
+    def poll(self) -> None:
+        """Hand the events that are in to their checks now. The loop calls this when the
+        epoll set becomes readable; the scheduler also on each of its passes (results free
+        slots before it starts checks), and the deadline sweep before it strikes: an
+        answer that came in after the loop's last look is an answer, not a timeout."""
+        if self._epfd >= 0:
+            self._on_events()
 
     def _on_events(self) -> None:
         self.batch += 1

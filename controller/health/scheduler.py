@@ -320,6 +320,8 @@ class CheckScheduler:
             if not self._stopping:
                 self._watcher.start()
             while not self._stopping:
+                if self._poller is not None:
+                    self._poller.poll()  # results first: they free slots (and see Poller.poll)
                 self._start_due()
                 self._wake = loop.create_future()
                 delay = self._next_delay()
