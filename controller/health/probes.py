@@ -16,6 +16,7 @@ asyncio streams; both give the same verdicts and details.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import functools
@@ -268,6 +269,8 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 # request"; and for a line over 64 KiB, which of StreamReader's two limit messages comes
 # depends on how the data was split into reads (64 KiB here, 256 KiB there).
 
+# What str.strip() strips from a latin-1 decoded line: the header rules on bytes match it.
+_LATIN1_SPACE: Final = bytes(c for c in range(256) if chr(c).isspace())
 _LINE_LIMIT: Final = 2**16  # asyncio's StreamReader limit: the longest line readuntil() returns
 _RECV_SIZE: Final = 2**16  # per recv(); asyncio's 256 KiB costs more (a fresh large buffer each time)
 _HIGH_WATER: Final = 2**16  # asyncio's write buffer high-water mark: drain() waits above it
@@ -477,17 +480,19 @@ class Check:
         self._started = time.perf_counter()
         self._done: Done | None = done
         self.building = True  # within the constructor: a result waits for the loop's next pass
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._fd = -1
         poller.deadline(self, timeout)
 
-    def _open(self, family: int) -> socket.socket:
-        sock = self._sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    def _open(self, family: int) -> _socket.socket:
+        # The C socket: socket.socket's Python __init__ and close() cost more than their
+        # system calls at thousands of checks a second, and add nothing here.
+        sock = self._sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self._fd = sock.fileno()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         return sock
 
-    def _connect(self, sock: socket.socket, address: object) -> None:
+    def _connect(self, sock: _socket.socket, address: object) -> None:
         """Start the connect; the poller reports its end (at once, if it is done already)."""
         err = sock.connect_ex(address)  # type: ignore[arg-type]
         if err not in (0, errno.EINPROGRESS, errno.EINTR):
@@ -627,7 +632,7 @@ class _PlainHttpCheck(Check):
             self._bug(exc)
         self.building = False
 
-    def _bind(self, sock: socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
+    def _bind(self, sock: _socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
         """Bind to the source address; failures read as asyncio's create_connection words them."""
         if (len(source) == 4) != (self._plan.family == socket.AF_INET6):
             raise OSError(f"no matching local address with family={self._plan.family!r} found")
@@ -747,11 +752,17 @@ class _PlainHttpCheck(Check):
                     if line == b"\r\n" or line == b"\n":
                         self._end_of_head()
                     else:
-                        name, value = _header_of(line)
-                        if name == "transfer-encoding":
-                            self._te = value
-                        elif name == "content-length":
-                            self._length = value
+                        # _header_of's rules on the bytes, decoding only the two headers
+                        # that matter (a name shorter than both is neither).
+                        name, colon, value = line.partition(b":")
+                        if not colon:
+                            _header_of(line)  # raises, with its words
+                        if len(name) >= 14:
+                            name = name.strip(_LATIN1_SPACE).lower()
+                            if name == b"transfer-encoding":
+                                self._te = value.strip(_LATIN1_SPACE).decode("latin-1")
+                            elif name == b"content-length":
+                                self._length = value.strip(_LATIN1_SPACE).decode("latin-1")
                 else:
                     self._chunk = _chunk_size_of(line)
                     if self._chunk == 0:
@@ -950,7 +961,9 @@ def _body_length_of(content_length: str) -> int:
 
 def _is_number(text: str, base: int) -> bool:
     """Plain digits only: int() would also take '+5', '1_000' and non-ASCII digits."""
-    digits = string.digits if base == 10 else string.hexdigits
+    if base == 10:
+        return text.isascii() and text.isdigit()  # the ASCII digits are the only ASCII isdigit()
+    digits = string.hexdigits
     return bool(text) and all(c in digits for c in text)
 
 

@@ -470,6 +470,13 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
      {}, (False, "body truncated (7 of 100 bytes)")),
     ("Content-Length body truncated past 64 KiB", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 10]),
      {}, (False, "body truncated (10 of 65536 bytes)")),
+    ("header names and values padded with latin-1 white space",
+     raw(b"HTTP/1.1 200 OK\r\n \tCONTENT-length\x0b :\xa02\x85\r\nX-Long-Header-Name-Here: 1\r\n\r\nok", then_wait=HOLD),
+     {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("Transfer-Encoding padded, in capitals", raw(b"HTTP/1.1 200 OK\r\n\x1cTRANSFER-ENCODING:\xa0Chunked \r\n\r\n"
+                                                 b"2\r\nok\r\n0\r\n\r\n", then_wait=HOLD), {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("Content-Length of non-ASCII digits", raw(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok"), {},
+     (False, "bad response: bad Content-Length '\xb2'")),
     ("bad Content-Length", raw(b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\nok"), {},
      (False, "bad response: bad Content-Length '12abc'")),
     ("chunked, byte by byte", bytewise(CHUNKED + b"4;ext=1\r\nMARK\r\n2\r\nER\r\n0\r\nTrailer: x\r\n\r\n"),
