@@ -321,12 +321,20 @@ class CheckScheduler:
                 self._watcher.start()
             while not self._stopping:
                 if self._poller is not None:
-                    self._poller.poll()  # results first: they free slots (and see Poller.poll)
+                    self._poller.poll()  # results first: they free slots
                 self._start_due()
                 self._wake = loop.create_future()
                 delay = self._next_delay()
                 if delay is None:
                     await self._wake
+                elif self._sleep is asyncio.sleep:
+                    # The real clock: a timer that wakes us, not a sleeping task and a wait
+                    # on two futures per pass (up to a thousand passes a second).
+                    timer = loop.call_later(max(delay, MIN_SLEEP), self._wakeup)
+                    try:
+                        await self._wake
+                    finally:
+                        timer.cancel()
                 else:
                     sleeper = asyncio.ensure_future(self._sleep(max(delay, MIN_SLEEP)))
                     try:
