@@ -9,9 +9,11 @@ the very thing that is broken.
 
 The HTTP client is deliberately minimal (one HTTP/1.1 GET with ``Connection: close``,
 status line, headers, at most 64 KiB of body, plain or chunked): it is all a health check
-needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP, the bulk of
-the checks, runs as event-loop callbacks on a bare socket (``_PlainHttpCheck``), HTTPS on
-asyncio streams; both give the same verdicts and details.
+needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP and TCP, the
+bulk of the checks, run as event-loop callbacks on a bare socket in an epoll set of their
+own (``_PlainHttpCheck``, ``_TcpCheck``, ``Poller``), HTTPS on asyncio streams; both paths
+give the same verdicts and details. Every check is a fresh connection; the callback path
+closes it with a reset once the verdict is in (no TIME_WAIT on either end).
 """
 
 from __future__ import annotations
@@ -260,8 +262,8 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 # per line, a task wake-up per await, asyncio.timeout) spends more CPU in Python than the
 # kernel spends on the connection; at thousands of checks a second that is the agent's
 # budget. Plain HTTP therefore runs as callbacks on a bare non-blocking socket: connect,
-# send the request prepared once per spec, parse each segment as it arrives, with one
-# future for the verdict and one timer for the deadline. The verdicts and details are the
+# send the request prepared once per spec, parse each segment as it arrives, the socket in
+# the checks' own epoll set and the deadline in its FIFO (``Poller``). The verdicts and details are the
 # stream path's: the same parsing helpers, StreamReader's line limit, the same stages and
 # error texts (tests run both paths against the same odd servers). Known differences, all
 # in corner cases: a send that fails right after the connect reads "connection reset
