@@ -9,23 +9,29 @@ the very thing that is broken.
 
 The HTTP client is deliberately minimal (one HTTP/1.1 GET with ``Connection: close``,
 status line, headers, at most 64 KiB of body, plain or chunked): it is all a health check
-needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP, the bulk of
-the checks, runs as event-loop callbacks on a bare socket (``_PlainHttpCheck``), HTTPS on
-asyncio streams; both give the same verdicts and details.
+needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP and TCP, the
+bulk of the checks, run as event-loop callbacks on a bare socket in an epoll set of their
+own (``_PlainHttpCheck``, ``_TcpCheck``, ``Poller``), HTTPS on asyncio streams; both paths
+give the same verdicts and details. Every check is a fresh connection; the callback path
+closes it with a reset once the verdict is in (no TIME_WAIT on either end).
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import functools
 import ipaddress
 import os
+import select
 import socket
 import ssl
 import string
+import struct
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -142,18 +148,24 @@ async def probe(spec: ProbeSpec) -> ProbeResult:
 Done = Callable[["Check", "ProbeResult | Exception"], None]  # (the check, its result or a bug)
 
 
-def start(spec: ProbeSpec, done: Done) -> Check | None:
+def start(spec: ProbeSpec, done: Done, poller: Poller | None = None) -> Check | None:
     """Start one check as event-loop callbacks, with no task (the scheduler's path, see
     ``Check``): ``done(check, result)`` is called once, never from within ``start``; an
-    exception in place of the result is a bug in the probe. None: this spec runs only as
-    the coroutine ``probe`` (HTTPS, scoped IPv6 addresses), and ``done`` is never called."""
+    exception in place of the result is a bug in the probe. ``poller``: the epoll set the
+    check's socket joins (the scheduler keeps one for all its checks); without one, the
+    check gets a poller of its own, closed with it. None: this spec runs only as the
+    coroutine ``probe`` (HTTPS, scoped IPv6 addresses, a system without epoll), and
+    ``done`` is never called."""
     plan = spec._plain_http
+    tcp = spec._plain_tcp if plan is None else None
+    if (plan is None and tcp is None) or not _HAVE_EPOLL:
+        return None
+    if poller is None:
+        poller = Poller(asyncio.get_running_loop(), transient=True)
     if plan is not None:
-        return _PlainHttpCheck(plan, done)
-    tcp = spec._plain_tcp
-    if tcp is not None:
-        return _TcpCheck(tcp, done)
-    return None
+        return _PlainHttpCheck(plan, done, poller)
+    assert tcp is not None
+    return _TcpCheck(tcp, done, poller)
 
 
 async def _probe_streams(spec: ProbeSpec, started: float) -> ProbeResult:
@@ -250,8 +262,8 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 # per line, a task wake-up per await, asyncio.timeout) spends more CPU in Python than the
 # kernel spends on the connection; at thousands of checks a second that is the agent's
 # budget. Plain HTTP therefore runs as callbacks on a bare non-blocking socket: connect,
-# send the request prepared once per spec, parse each segment as it arrives, with one
-# future for the verdict and one timer for the deadline. The verdicts and details are the
+# send the request prepared once per spec, parse each segment as it arrives, the socket in
+# the checks' own epoll set and the deadline in its FIFO (``Poller``). The verdicts and details are the
 # stream path's: the same parsing helpers, StreamReader's line limit, the same stages and
 # error texts (tests run both paths against the same odd servers). Known differences, all
 # in corner cases: a send that fails right after the connect reads "connection reset
@@ -259,6 +271,8 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 # request"; and for a line over 64 KiB, which of StreamReader's two limit messages comes
 # depends on how the data was split into reads (64 KiB here, 256 KiB there).
 
+# What str.strip() strips from a latin-1 decoded line: the header rules on bytes match it.
+_LATIN1_SPACE: Final = bytes(c for c in range(256) if chr(c).isspace())
 _LINE_LIMIT: Final = 2**16  # asyncio's StreamReader limit: the longest line readuntil() returns
 _RECV_SIZE: Final = 2**16  # per recv(); asyncio's 256 KiB costs more (a fresh large buffer each time)
 _HIGH_WATER: Final = 2**16  # asyncio's write buffer high-water mark: drain() waits above it
@@ -310,47 +324,198 @@ class _Truncated(Exception):
         self.got, self.expected = got, expected
 
 
+# --- the checks' own epoll set --------------------------------------------------------------
+# asyncio's add_writer/add_reader/remove_* cost a Handle, a SelectorKey and an epoll_ctl
+# each, three or four times per check, plus a TimerHandle for the deadline: more than the
+# check's own system calls. A ``Poller`` keeps the checks' sockets in an epoll set of its
+# own, edge-triggered (each socket is registered once, for everything, and leaves the set
+# when it is closed), which the loop watches as one reader; and it keeps the deadlines in
+# one FIFO per timeout value, with one loop timer for the earliest.
+
+_HAVE_EPOLL: Final = hasattr(select, "epoll")
+_IN: Final = getattr(select, "EPOLLIN", 0x001)
+_OUT: Final = getattr(select, "EPOLLOUT", 0x004)
+_ERR: Final = getattr(select, "EPOLLERR", 0x008)
+_HUP: Final = getattr(select, "EPOLLHUP", 0x010)
+_RDHUP: Final = getattr(select, "EPOLLRDHUP", 0x2000)
+_ET: Final = getattr(select, "EPOLLET", 1 << 31)
+_EVENTS: Final = _IN | _OUT | _RDHUP | _ET  # ERR and HUP are always reported
+_FAILED: Final = _ERR | _HUP
+_READABLE: Final = _IN | _RDHUP | _HUP | _ERR  # something to read: data, EOF or an error
+_CLOSED_OR_FAILED: Final = _RDHUP | _HUP | _ERR  # a short read does not end the reading
+# Closed with a reset, not a FIN (SO_LINGER on, 0 s), once the verdict is in: neither end
+# keeps the connection in TIME_WAIT (the agent at thousands of checks a second, or the
+# backend, which closes first after a "Connection: close" answer) and no FIN/ACK exchange
+# follows. What a check proves is settled before it closes: the connection was accepted
+# (and the answer judged); HAProxy closes its health checks the same way.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+class Poller:
+    """The epoll set and the deadlines of a set of checks on one event loop.
+
+    The scheduler keeps one for all its checks and closes it when it stops; ``start``
+    without one gives the check a ``transient`` poller that closes with it. An event for a
+    socket reaches its check only from a later ``epoll_wait`` than the one during which
+    the check started (``batch``), so a file descriptor reused within one batch of events
+    never gets its predecessor's event.
+    """
+
+    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_timer", "_timer_at", "_transient", "batch", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, transient: bool = False) -> None:
+        self.loop = loop
+        self._ep = select.epoll()
+        self._epfd = self._ep.fileno()
+        self._transient = transient
+        self._checks: dict[int, Check] = {}  # by file descriptor, the sockets in the set
+        self._deadlines: dict[float, deque[tuple[float, Check]]] = {}  # by timeout: (when, check), in order
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self.batch = 0
+        loop.add_reader(self._epfd, self._on_events)
+
+    @property
+    def closed(self) -> bool:
+        return self._epfd < 0
+
+    def close(self) -> None:
+        """Cancel the checks still running (they report nothing) and release the set."""
+        if self._epfd < 0:
+            return
+        for check in list(self._checks.values()):
+            check.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
+        self.loop.remove_reader(self._epfd)
+        self._epfd = -1
+        self._ep.close()
+
+    def add(self, check: Check, fd: int) -> None:
+        self._ep.register(fd, _EVENTS)
+        self._checks[fd] = check
+
+    def discard(self, fd: int) -> None:
+        """The check's socket is about to close (which takes it out of the epoll set)."""
+        self._checks.pop(fd, None)
+
+    def deadline(self, check: Check, timeout: float) -> None:
+        """Call ``check._on_timeout()`` after ``timeout`` seconds, unless it is over by then."""
+        when = self.loop.time() + timeout
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = deque()
+        queue.append((when, check))  # one timeout value, start order: deadlines in order
+        if when < self._timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        self.poll()  # answers first: one that is in is not a timeout
+        now = self.loop.time()
+        soonest = float("inf")
+        for queue in list(self._deadlines.values()):
+            while queue:
+                when, check = queue[0]
+                if check._done is None:  # over already (reported or cancelled)
+                    queue.popleft()
+                elif when > now:
+                    soonest = min(soonest, when)
+                    break
+                else:
+                    queue.popleft()
+                    check._on_timeout()
+        if soonest < self._timer_at and self._epfd >= 0:
+            self._arm(soonest)
+
+    def poll(self) -> None:
+        """Hand the events that are in to their checks now. The loop calls this when the
+        epoll set becomes readable; the scheduler also on each of its passes (results free
+        slots before it starts checks), and the deadline sweep before it strikes: an
+        answer that came in after the loop's last look is an answer, not a timeout."""
+        if self._epfd >= 0:
+            self._on_events()
+
+    def _on_events(self) -> None:
+        self.batch += 1
+        batch = self.batch
+        try:
+            events = self._ep.poll(0)
+        except InterruptedError:
+            return
+        checks = self._checks
+        for fd, mask in events:
+            check = checks.get(fd)
+            if check is not None and check._batch != batch:
+                check._on_event(mask)
+
+
 class Check:
-    """What a check driven by event-loop callbacks shares: its socket, its deadline, and the
-    one call of ``done`` with the result.
+    """What a check driven by event-loop callbacks shares: its socket in the poller's epoll
+    set, its deadline, and the one call of ``done`` with the result.
 
     Nothing here raises into the loop: network trouble and bad answers become a result; a
     bug becomes ``done``'s exception, which the scheduler reports as a probe error. A
     result reached within the constructor (an immediate connect error) is handed over on
     the loop's next pass, so the caller always has the check before its ``done`` runs.
-    ``cancel()`` (idempotent) releases the socket, the callbacks and the timer, and
-    reports nothing.
+    ``cancel()`` (idempotent) releases the socket and reports nothing.
+
+    The socket is registered once, edge-triggered: ``_on_event(mask)`` gets each change of
+    its readiness. Connecting, the mask says whether the connect failed (ERR or HUP: only
+    then is SO_ERROR read) or succeeded (OUT).
     """
 
-    __slots__ = ("_address", "_done", "_fd", "_loop", "_reading", "_sock", "_started", "_timer", "_writing",
-                 "building")
+    __slots__ = ("_address", "_batch", "_done", "_fd", "_poller", "_sock", "_started", "building")
 
-    def __init__(self, done: Done, timeout: float, on_timeout: Callable[[], None], address: object) -> None:
-        loop = asyncio.get_running_loop()
+    def __init__(self, done: Done, timeout: float, address: object, poller: Poller) -> None:
+        self._poller = poller
+        self._batch = poller.batch
         self._address = address  # for a connect error's text, as asyncio words it
-        self._loop = loop
         self._started = time.perf_counter()
         self._done: Done | None = done
         self.building = True  # within the constructor: a result waits for the loop's next pass
-        self._timer: asyncio.TimerHandle | None = loop.call_at(loop.time() + timeout, on_timeout)
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._fd = -1
-        self._reading = self._writing = False  # registered with the loop
+        poller.deadline(self, timeout)
 
-    def _on_connect(self) -> None:
-        try:
+    def _open(self, family: int) -> _socket.socket:
+        # The C socket: socket.socket's Python __init__ and close() cost more than their
+        # system calls at thousands of checks a second, and add nothing here.
+        sock = self._sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self._fd = sock.fileno()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        return sock
+
+    def _connect(self, sock: _socket.socket, address: object) -> None:
+        """Start the connect; the poller reports its end (at once, if it is done already)."""
+        err = sock.connect_ex(address)  # type: ignore[arg-type]
+        if err not in (0, errno.EINPROGRESS, errno.EINTR):
+            raise OSError(err, f"Connect call failed {self._address}")
+        self._poller.add(self, self._fd)
+
+    def _connect_failed(self, mask: int) -> bool:
+        """Connecting: True when ``mask`` reports the connect's failure (then reported);
+        False when it is up, or the event said nothing yet."""
+        if mask & _FAILED:
             assert self._sock is not None
             err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                raise OSError(err, f"Connect call failed {self._address}")
-            self._connected()
-        except OSError as exc:
-            self._error(exc)
-        except Exception as exc:
-            self._bug(exc)
+                self._error(OSError(err, f"Connect call failed {self._address}"))
+                return True
+        return False
 
-    def _connected(self) -> None:
-        """The connection is up: the check's next step."""
+    def _on_event(self, mask: int) -> None:
+        raise NotImplementedError
+
+    def _on_timeout(self) -> None:
         raise NotImplementedError
 
     def elapsed(self) -> float:
@@ -364,36 +529,28 @@ class Check:
         self._report(exc)
 
     def _report(self, outcome: ProbeResult | Exception) -> None:
+        done = self._done
         self.cancel()
-        done, self._done = self._done, None
         if done is None:
             return
         if self.building:
-            self._loop.call_soon(done, self, outcome)
+            self._poller.loop.call_soon(done, self, outcome)
         else:
             done(self, outcome)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._done = None
         sock = self._sock
-        if sock is None:
-            return
-        self._sock = None
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        sock.close()
+        if sock is not None:
+            self._sock = None
+            self._poller.discard(self._fd)
+            sock.close()  # which takes it out of the epoll set
+        if self._poller._transient:
+            self._poller.close()
 
     def _error(self, exc: OSError, stage: str = _CONNECTING) -> None:
         text = _ERRNO_TEXT.get(exc.errno or 0) or exc.strerror or type(exc).__name__
         self._finish(False, text if stage == _CONNECTING else f"{text} {stage}")
-
-
 
 
 class _TcpPlan:
@@ -415,33 +572,30 @@ class _TcpCheck(Check):
 
     __slots__ = ("_plan",)
 
-    def __init__(self, plan: _TcpPlan, done: Done) -> None:
+    def __init__(self, plan: _TcpPlan, done: Done, poller: Poller) -> None:
         self._plan = plan
-        super().__init__(done, plan.timeout, self._on_timeout, plan.address)
+        super().__init__(done, plan.timeout, plan.address, poller)
         try:
-            sock = self._sock = socket.socket(plan.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            self._fd = sock.fileno()
+            sock = self._open(plan.family)
             if plan.source:
                 sock.bind((plan.source, 0))
-            err = sock.connect_ex(plan.address)
-            if err == 0:
-                self._connected()
-            elif err in (errno.EINPROGRESS, errno.EINTR):
-                self._writing = True
-                self._loop.add_writer(self._fd, self._on_connect)
-            else:
-                raise OSError(err, f"Connect call failed {plan.address}")
+            self._connect(sock, plan.address)
         except OSError as exc:
             self._error(exc)
         except Exception as exc:  # a bug: the probe's exception, as on the stream path
             self._bug(exc)
         self.building = False
 
-    def _connected(self) -> None:
-        self._finish(True, "connected")
+    def _on_event(self, mask: int) -> None:
+        try:
+            if mask & (_OUT | _FAILED) and not self._connect_failed(mask):
+                self._finish(True, "connected")
+        except OSError as exc:
+            self._error(exc)
+        except Exception as exc:
+            self._bug(exc)
 
     def _on_timeout(self) -> None:
-        self._timer = None
         self._finish(False, self._plan.timeout_detail)
 
 
@@ -451,9 +605,8 @@ class _PlainHttpCheck(Check):
     __slots__ = ("_body", "_buf", "_chunk", "_length", "_need", "_plan", "_pos", "_scan", "_size", "_stage",
                  "_state", "_status", "_te", "_unsent")
 
-    def __init__(self, plan: _PlainHttpPlan, done: Done) -> None:
-        super().__init__(done, plan.timeout, self._on_timeout, plan.address)
-        loop = self._loop
+    def __init__(self, plan: _PlainHttpPlan, done: Done, poller: Poller) -> None:
+        super().__init__(done, plan.timeout, plan.address, poller)
         self._plan = plan
         self._stage = _CONNECTING
         self._unsent = b""  # request bytes the socket did not take yet
@@ -469,27 +622,19 @@ class _PlainHttpCheck(Check):
         self._chunk = 0  # size of the chunk being read
         self._body = bytearray()  # chunked bodies only; the others are sliced from _buf
         try:
-            sock = self._sock = socket.socket(plan.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            self._fd = sock.fileno()
+            sock = self._open(plan.family)
             if plan.nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if plan.source is not None:
                 self._bind(sock, plan.source)
-            err = sock.connect_ex(plan.address)
-            if err == 0:
-                self._connected()
-            elif err in (errno.EINPROGRESS, errno.EINTR):
-                self._writing = True
-                loop.add_writer(self._fd, self._on_connect)
-            else:
-                raise OSError(err, os.strerror(err))
+            self._connect(sock, plan.address)
         except OSError as exc:
             self._error(exc)
         except Exception as exc:  # a bug: make it the probe's exception, as on the stream path
             self._bug(exc)
         self.building = False
 
-    def _bind(self, sock: socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
+    def _bind(self, sock: _socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
         """Bind to the source address; failures read as asyncio's create_connection words them."""
         if (len(source) == 4) != (self._plan.family == socket.AF_INET6):
             raise OSError(f"no matching local address with family={self._plan.family!r} found")
@@ -500,21 +645,24 @@ class _PlainHttpCheck(Check):
                                      f"{(exc.strerror or '').lower()}") from None
 
     # --- loop callbacks -------------------------------------------------------------------
-    def _connected(self) -> None:
-        """Send the request, then wait for the answer (and for room to send the rest, if any)."""
-        self._stage = _SENDING
-        self._unsent = self._plan.request
-        if not self._send():
-            return
-        # The reader before the writer goes: one epoll modification each, no re-registration.
-        self._reading = True
-        self._loop.add_reader(self._fd, self._on_readable)
-        if self._unsent:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._on_writable)
-        elif self._writing:  # still registered for the connect
-            self._writing = False
-            self._loop.remove_writer(self._fd)
+    def _on_event(self, mask: int) -> None:
+        """Connect done: send the request; room to send: the rest; something to read: read.
+        Edge-triggered, so whatever the mask reports is acted on now."""
+        try:
+            if self._stage is _CONNECTING:
+                if not mask & (_OUT | _FAILED) or self._connect_failed(mask):
+                    return
+                self._stage = _SENDING
+                self._unsent = self._plan.request
+                if not self._send():
+                    return
+            elif self._unsent and mask & (_OUT | _FAILED):
+                if not self._send():
+                    return
+            if mask & _READABLE:
+                self._on_readable(mask)
+        except Exception as exc:
+            self._bug(exc)
 
     def _send(self) -> bool:
         """Send what the socket takes; False when that failed (the check is over)."""
@@ -532,44 +680,38 @@ class _PlainHttpCheck(Check):
             self._stage = _WAITING
         return True
 
-    def _on_writable(self) -> None:
+    def _on_readable(self, mask: int) -> None:
+        """Read until the verdict, or until the socket has nothing more for now: a short read
+        drained it, unless the peer closed or failed (then the EOF or the error is next)."""
         try:
-            if self._send() and not self._unsent:
-                self._writing = False
-                self._loop.remove_writer(self._fd)
-        except Exception as exc:
-            self._bug(exc)
-
-    def _on_readable(self) -> None:
-        assert self._sock is not None
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._error(exc)
-            return
-        try:
-            if data:
+            while True:
+                sock = self._sock
+                if sock is None:
+                    return
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    self._error(exc)
+                    return
+                if not data:
+                    self._parse(True)
+                    if self._sock is not None:
+                        raise AssertionError("the response parser neither finished nor failed at EOF")
+                    return
                 self._buf += data
                 self._parse(False)
-            else:
-                self._loop.remove_reader(self._fd)
-                self._reading = False
-                self._parse(True)
-                if self._sock is not None:
-                    raise AssertionError("the response parser neither finished nor failed at EOF")
+                if len(data) < _RECV_SIZE and not mask & _CLOSED_OR_FAILED:
+                    return
         except _BadResponse as exc:
             self._finish(False, f"bad response: {exc}")
         except _Closed:
             self._finish(False, f"connection closed {self._stage}")
         except _Truncated as exc:
             self._finish(False, f"body truncated ({exc.got} of {exc.expected} bytes)")
-        except Exception as exc:
-            self._bug(exc)
 
     def _on_timeout(self) -> None:
-        self._timer = None
         self._finish(False, self._plan.timeout_prefix + self._stage)
 
     # --- the response ---------------------------------------------------------------------
@@ -612,11 +754,17 @@ class _PlainHttpCheck(Check):
                     if line == b"\r\n" or line == b"\n":
                         self._end_of_head()
                     else:
-                        name, value = _header_of(line)
-                        if name == "transfer-encoding":
-                            self._te = value
-                        elif name == "content-length":
-                            self._length = value
+                        # _header_of's rules on the bytes, decoding only the two headers
+                        # that matter (a name shorter than both is neither).
+                        name, colon, value = line.partition(b":")
+                        if not colon:
+                            _header_of(line)  # raises, with its words
+                        if len(name) >= 14:
+                            name = name.strip(_LATIN1_SPACE).lower()
+                            if name == b"transfer-encoding":
+                                self._te = value.strip(_LATIN1_SPACE).decode("latin-1")
+                            elif name == b"content-length":
+                                self._length = value.strip(_LATIN1_SPACE).decode("latin-1")
                 else:
                     self._chunk = _chunk_size_of(line)
                     if self._chunk == 0:
@@ -815,7 +963,9 @@ def _body_length_of(content_length: str) -> int:
 
 def _is_number(text: str, base: int) -> bool:
     """Plain digits only: int() would also take '+5', '1_000' and non-ASCII digits."""
-    digits = string.digits if base == 10 else string.hexdigits
+    if base == 10:
+        return text.isascii() and text.isdigit()  # the ASCII digits are the only ASCII isdigit()
+    digits = string.hexdigits
     return bool(text) and all(c in digits for c in text)
 
 

@@ -64,7 +64,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .probes import Check, Done, ProbeResult, ProbeSpec, probe, start
+from .probes import Check, Done, Poller, ProbeResult, ProbeSpec, probe, start
 from .watcher import Endpoint, WatchPool, WatchStats
 
 log = logging.getLogger("controller.health")
@@ -141,7 +141,7 @@ class SchedulerStats:
 class _Entry:
     """The scheduler's mutable record of one live probe, shared by the targets in ``keys``."""
 
-    __slots__ = ("alive", "anchor", "confirm_left", "confirming", "due", "keys", "queued", "seq", "target",
+    __slots__ = ("alive", "anchor", "confirm_left", "confirming", "due", "keys", "on_done", "queued", "seq", "target",
                  "task", "watched")
 
     def __init__(self, target: Target, keys: tuple[Hashable, ...]) -> None:
@@ -157,6 +157,7 @@ class _Entry:
         self.alive = True
         # Until the first check starts: the phase the steady schedule counts from.
         self.anchor: float | None = None
+        self.on_done: Done | None = None  # the callback path's done, made once
 
 
 class CheckScheduler:
@@ -189,7 +190,8 @@ class CheckScheduler:
         self._probe_fn = probe_fn
         # The agent's own probes run as loop callbacks, not tasks (probes.start): no task,
         # coroutine or future per check. A probe function of the caller's runs as a task.
-        self._start: Callable[[ProbeSpec, Done], Check | None] | None = start if probe_fn is probe else None
+        self._start: Callable[[ProbeSpec, Done, Poller], Check | None] | None = start if probe_fn is probe else None
+        self._poller: Poller | None = None  # the checks' epoll set (probes.Poller), while any may run
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -318,11 +320,21 @@ class CheckScheduler:
             if not self._stopping:
                 self._watcher.start()
             while not self._stopping:
+                if self._poller is not None:
+                    self._poller.poll()  # results first: they free slots
                 self._start_due()
                 self._wake = loop.create_future()
                 delay = self._next_delay()
                 if delay is None:
                     await self._wake
+                elif self._sleep is asyncio.sleep:
+                    # The real clock: a timer that wakes us, not a sleeping task and a wait
+                    # on two futures per pass (up to a thousand passes a second).
+                    timer = loop.call_later(max(delay, MIN_SLEEP), self._wakeup)
+                    try:
+                        await self._wake
+                    finally:
+                        timer.cancel()
                 else:
                     sleeper = asyncio.ensure_future(self._sleep(max(delay, MIN_SLEEP)))
                     try:
@@ -338,6 +350,9 @@ class CheckScheduler:
             for task in running:
                 task.cancel()  # a check's socket closes now
             self._tasks.difference_update(r for r in running if isinstance(r, Check))
+            if self._poller is not None:
+                self._poller.close()
+                self._poller = None
             # Let cancelled probes close their sockets before we return.
             await asyncio.gather(*(r for r in running if not isinstance(r, Check)), return_exceptions=True)
 
@@ -400,7 +415,12 @@ class CheckScheduler:
         if self._start is not None:
             if due is not None:
                 self._lateness.append(self._clock() - due)  # the probe starts here, in start()
-            check = self._start(entry.target.spec, functools.partial(self._checked, entry))
+            poller = self._poller
+            if poller is None or poller.closed:
+                poller = self._poller = Poller(asyncio.get_running_loop())
+            if entry.on_done is None:
+                entry.on_done = functools.partial(self._checked, entry)
+            check = self._start(entry.target.spec, entry.on_done, poller)
             if check is not None:
                 entry.task = check
                 self._tasks.add(check)

@@ -470,6 +470,13 @@ PLAIN_SCENARIOS: list[tuple[str, Handler, dict[str, Any], tuple[bool, str]]] = [
      {}, (False, "body truncated (7 of 100 bytes)")),
     ("Content-Length body truncated past 64 KiB", segments([b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 10]),
      {}, (False, "body truncated (10 of 65536 bytes)")),
+    ("header names and values padded with latin-1 white space",
+     raw(b"HTTP/1.1 200 OK\r\n \tCONTENT-length\x0b :\xa02\x85\r\nX-Long-Header-Name-Here: 1\r\n\r\nok", then_wait=HOLD),
+     {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("Transfer-Encoding padded, in capitals", raw(b"HTTP/1.1 200 OK\r\n\x1cTRANSFER-ENCODING:\xa0Chunked \r\n\r\n"
+                                                 b"2\r\nok\r\n0\r\n\r\n", then_wait=HOLD), {"expect_body": "ok"}, (True, "HTTP 200")),
+    ("Content-Length of non-ASCII digits", raw(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok"), {},
+     (False, "bad response: bad Content-Length '\xb2'")),
     ("bad Content-Length", raw(b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\nok"), {},
      (False, "bad response: bad Content-Length '12abc'")),
     ("chunked, byte by byte", bytewise(CHUNKED + b"4;ext=1\r\nMARK\r\n2\r\nER\r\n0\r\nTrailer: x\r\n\r\n"),
@@ -554,9 +561,9 @@ def test_plain_http_parses_a_response_as_its_segments_arrive(monkeypatch: pytest
     reads = 0  # counted on the probe's loop, watched from the server's thread
     on_readable = probes._PlainHttpCheck._on_readable
 
-    def counting(self: probes._PlainHttpCheck) -> None:
+    def counting(self: probes._PlainHttpCheck, mask: int) -> None:
         nonlocal reads
-        on_readable(self)
+        on_readable(self, mask)
         reads += 1
 
     async def lockstep(head: bytes, writer: asyncio.StreamWriter) -> None:
@@ -949,3 +956,137 @@ def test_stopping_the_scheduler_closes_the_checks_in_flight(loop: str) -> None:
 
     with no_leaks(), serve(never_answer) as srv:
         assert on_loop(loop, scenario(srv)) == 0
+
+
+# --- closing with a reset, the answer before the request, the deadline sweep ---------------
+
+
+def time_waits(port: int) -> int:
+    """Connections to or from 127.0.0.1:`port` in TIME_WAIT (this network namespace)."""
+    end = f"0100007F:{port:04X}"  # /proc/net/tcp's spelling of 127.0.0.1:port
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for line in f if line.split()[3] == "06" and end in line.split()[1:3])
+
+
+@contextmanager
+def closing_server(response: bytes | None) -> Iterator[tuple[int, Callable[[], int]]]:
+    """A blocking server that closes gracefully (a FIN, never a reset): HTTP (`response`)
+    reads the request head, answers and closes first, as a server answering "Connection:
+    close" does; TCP (None) closes once the peer has closed or reset. Yields the port and
+    a function giving the number of connections the server has finished with."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    finished = [0]
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(GENEROUS)
+                try:
+                    if response is None:
+                        while conn.recv(4096):
+                            pass
+                    else:
+                        head = b""
+                        while b"\r\n\r\n" not in head:
+                            data = conn.recv(4096)
+                            if not data:
+                                break
+                            head += data
+                        conn.sendall(response)
+                except OSError:
+                    pass  # the probe's reset
+            finished[0] += 1
+
+    thread = threading.Thread(target=run, name="closing-server", daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], lambda: finished[0]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "http"])
+def test_a_check_leaves_no_connection_in_time_wait_on_either_end(kind: str) -> None:
+    """The probe closes with a reset once the verdict is in (SO_LINGER 0): neither the
+    agent (TCP: it closes first) nor the backend (HTTP: it closes first after its answer)
+    keeps the connection in TIME_WAIT. The verdicts are those of the stream path, which
+    closes with a FIN and leaves them."""
+    response = OK_HEAD + b"MARKER" if kind == "http" else None
+    with closing_server(response) as (port, finished):
+        spec = ProbeSpec(kind, "127.0.0.1", port, GENEROUS, **({"expect_body": "MARKER"} if kind == "http" else {}))
+
+        async def fast() -> ProbeResult:
+            result = await probe(spec)
+            await until(lambda: finished() == 1, "the server is done with the connection")
+            return result
+
+        result = asyncio.run(fast())
+        assert (result.ok, result.detail) == (True, "HTTP 200" if kind == "http" else "connected")
+        assert time_waits(port) == 0
+
+        async def streams() -> ProbeResult:
+            result = await probes._probe_streams(spec, time.perf_counter())
+            await until(lambda: finished() == 2, "the server is done with the second connection")
+            return result
+
+        slow = asyncio.run(streams())
+        assert (slow.ok, slow.detail) == (result.ok, result.detail)
+        if kind == "tcp":  # the stream path closes TCP checks with a FIN: the agent's end waits
+            assert time_waits(port) == 1
+
+
+@pytest.mark.parametrize("loop", EVENT_LOOPS)
+def test_an_answer_written_before_the_request_arrives_is_read(loop: str) -> None:
+    """The server answers as soon as it accepts: the answer may be in by the time the probe
+    learns it is connected (one edge for both), and is read then, not at the timeout."""
+    with serve(raw(OK_HEAD + b"MARKER", then_wait=HOLD), read_request=False) as srv:
+        for _ in range(20):
+            result = on_loop(loop, probe(ProbeSpec("http", srv.host, srv.port, GENEROUS, expect_body="MARKER")))
+            assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+def test_an_answer_the_loop_has_not_looked_at_is_not_a_timeout() -> None:
+    """The deadline sweep hands over the events that are in before it strikes: here the
+    loop stops watching the checks' epoll set after the request went out, the answer
+    arrives, and only the sweep at the deadline sees it."""
+    go = threading.Event()
+
+    async def later(head: bytes, writer: asyncio.StreamWriter) -> None:
+        while not go.is_set():
+            await asyncio.sleep(0.005)
+        writer.write(OK_HEAD + b"MARKER")
+        await writer.drain()
+        await asyncio.sleep(HOLD)
+
+    async def scenario(srv: Server) -> list[ProbeResult | Exception]:
+        loop = asyncio.get_running_loop()
+        results: list[ProbeResult | Exception] = []
+        poller = probes.Poller(loop)
+        try:
+            spec = ProbeSpec("http", srv.host, srv.port, STAGE_TIMEOUT, expect_body="MARKER")
+            probes.start(spec, lambda c, outcome: results.append(outcome), poller)
+            await until(lambda: len(srv.requests) == 1, "the server has the request")
+            loop.remove_reader(poller._epfd)  # the loop no longer looks
+            go.set()
+            await until(lambda: bool(results), "a result")
+        finally:
+            poller.close()
+        return results
+
+    with no_leaks(), serve(later) as srv:
+        results = asyncio.run(scenario(srv))
+    assert len(results) == 1
+    result = results[0]
+    assert isinstance(result, ProbeResult) and (result.ok, result.detail) == (True, "HTTP 200")
+    assert timed_out_no_sooner(result, STAGE_TIMEOUT)  # it was the sweep that saw it
