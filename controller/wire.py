@@ -841,6 +841,8 @@ def _regions_known(names: list[str], verdicts: Mapping[str, bool | None],
     except KeyError:
         _unknown(names, f"{where}.vips", published)
     except TypeError:  # unhashable sets of regions (lists: a caller's own mapping)
+        if not all(map(published.__contains__, names)):
+            _unknown(names, f"{where}.vips", published)
         distinct = [published[n] for n in names]
     for known in distinct:
         missing = next((r for r in verdicts if r not in known), None)
