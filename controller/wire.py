@@ -694,8 +694,8 @@ def _compact_maps(v: Any, published: Mapping[str, Collection[str]]
             raise WireError(f"{where}.{sorted(set(g) - {'origins', 'vips', 'announced'})[0]}", "unknown field")
         verdicts = _group_verdicts(g.get("origins"), f"{where}.origins")
         vips = g.get("vips")
-        fleet = _published(published) if isinstance(vips, list) and len(vips) >= _LARGE_GROUP else None
-        if fleet is not None:
+        if isinstance(vips, list) and len(vips) >= _LARGE_GROUP:
+            fleet = _published(published)
             # A large group (a cold start's reports: 100,000 VIPs a POP, most in one group):
             # its names checked and made the config's objects by one lookup each (in C), its
             # verdicts' regions against the few distinct sets of regions the POP's VIPs have.
