@@ -693,12 +693,22 @@ def _compact_maps(v: Any, published: Mapping[str, Collection[str]]
         if set(g) - {"origins", "vips", "announced"}:
             raise WireError(f"{where}.{sorted(set(g) - {'origins', 'vips', 'announced'})[0]}", "unknown field")
         verdicts = _group_verdicts(g.get("origins"), f"{where}.origins")
-        names = _names(g.get("vips"), f"{where}.vips", published, checked=bool(verdicts))
+        vips = g.get("vips")
+        if isinstance(vips, list) and len(vips) >= _LARGE_GROUP:
+            fleet = _published(published)
+            # A large group (a cold start's reports: 100,000 VIPs a POP, most in one group):
+            # its names checked and made the config's objects by one lookup each (in C), its
+            # verdicts' regions against the few distinct sets of regions the POP's VIPs have.
+            names = _canonical_names(vips, f"{where}.vips", published, fleet)
+            if verdicts and not fleet.covers(verdicts):
+                _regions_known(names, verdicts, published, where)
+        else:
+            names = _names(vips, f"{where}.vips", published, checked=bool(verdicts))
+            if verdicts:  # (which also finds a VIP not published)
+                _regions_known(names, verdicts, published, where)
         if verdicts is None:
             bare.extend(names)
         else:
-            if verdicts:  # (which also finds a VIP not published)
-                _regions_known(names, verdicts, published, where)
             named.append(names)
             shared.append(verdicts)
         if "announced" in g:
@@ -744,6 +754,50 @@ def _names(v: Any, where: str, published: Mapping[str, Collection[str]], *, chec
     return names
 
 
+_LARGE_GROUP = 4096  # names in a group from which the POP's published VIPs are looked at whole (_Published)
+
+
+class _Published:
+    """What large groups are checked against, made once per published mapping (read-only:
+    the controller's index, one object per distinct set of VIPs): each VIP's name as the
+    mapping's own key object (a lookup that is the membership check and the interning at
+    once), and the distinct sets of regions its VIPs have."""
+
+    __slots__ = ("canonical", "regions")
+
+    def __init__(self, published: Mapping[str, Collection[str]]) -> None:
+        self.canonical: dict[str, str] = dict(zip(published, published))
+        try:
+            self.regions: tuple[Collection[str], ...] | None = tuple(set(published.values()))
+        except TypeError:  # unhashable sets of regions (lists: a caller's own mapping)
+            self.regions = None
+
+    def covers(self, verdicts: Mapping[str, bool | None]) -> bool:
+        """Whether every region of ``verdicts`` is one of every published VIP's."""
+        return self.regions is not None and all(r in known for known in self.regions for r in verdicts)
+
+
+def _published(published: Mapping[str, Collection[str]]) -> _Published:
+    for p, made in _PUBLISHED:
+        if p is published:
+            return made
+    made = _Published(published)
+    _PUBLISHED.insert(0, (published, made))
+    del _PUBLISHED[8:]  # (a bound: POPs that publish the same VIPs share one mapping)
+    return made
+
+
+_PUBLISHED: list[tuple[object, _Published]] = []
+
+
+def _canonical_names(v: list[Any], where: str, published: Mapping[str, Collection[str]], fleet: _Published) -> list[str]:
+    """``_names(v, ...)`` with every name checked: the published VIPs' own name objects."""
+    try:
+        return list(map(fleet.canonical.__getitem__, v))
+    except (KeyError, TypeError):  # not published, or not a string
+        _unknown(v, where, published)
+
+
 def _unknown(v: list[Any], where: str, published: Mapping[str, Collection[str]]) -> NoReturn:
     """Raise the WireError naming the first entry of ``v`` that is not a published VIP's name."""
     for j, name in enumerate(v):
@@ -787,6 +841,8 @@ def _regions_known(names: list[str], verdicts: Mapping[str, bool | None],
     except KeyError:
         _unknown(names, f"{where}.vips", published)
     except TypeError:  # unhashable sets of regions (lists: a caller's own mapping)
+        if not all(map(published.__contains__, names)):
+            _unknown(names, f"{where}.vips", published)
         distinct = [published[n] for n in names]
     for known in distinct:
         missing = next((r for r in verdicts if r not in known), None)

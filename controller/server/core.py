@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import re
 import time
@@ -1206,15 +1207,14 @@ def index(d: DesiredState, ix: _DesiredIndex | None = None) -> _DesiredIndex:
             for pop in old.publish:
                 if pop not in kept and name in by_pop.get(pop, empty):
                     edits.setdefault(pop, []).append((name, None))
+    if ix is None:
+        by_pop = _first_by_pop(d.vips, region_sets)
+        now = ()
     for fv in now:
         name = fv.vip.name
         if old_fleet.get(name) is not fv:
             regions = frozenset(o.region for o in fv.vip.origins)
             regions = region_sets.setdefault(regions, regions)
-            if ix is None:  # the first index: no copies to make, no function per pair
-                for pop in fv.publish:
-                    by_pop.setdefault(pop, {})[name] = regions
-                continue
             for pop in fv.publish:
                 if by_pop.get(pop, empty).get(name) != regions:
                     edits.setdefault(pop, []).append((name, regions))
@@ -1260,6 +1260,39 @@ def index(d: DesiredState, ix: _DesiredIndex | None = None) -> _DesiredIndex:
     else:
         all_enabled = all(fv.enabled for fv in d.vips)
     return _DesiredIndex(d, by_pop, stale_after, frozenset(fleet), fleet, all_enabled)
+
+
+def _first_by_pop(vips: tuple[FleetVip, ...], region_sets: dict[frozenset[str], frozenset[str]]
+                  ) -> dict[str, dict[str, frozenset[str]]]:
+    """The first index's POP -> published VIP -> its regions, each mapping in the VIPs' order
+    (what ``by_pop.setdefault(pop, {})[name] = regions`` per VIP and POP makes, POPs in the
+    order first named), made per distinct publish list rather than per pair: POPs named by
+    the same publish lists get one mapping, built in C from those lists' VIPs (30 million
+    pairs at 100,000 VIPs x 300 POPs were ~13 s of a cold load)."""
+    names: list[str] = []
+    regions_of: list[frozenset[str]] = []
+    lists: dict[tuple[str, ...], list[int]] = {}  # publish list -> its VIPs (indices), in order
+    for i, fv in enumerate(vips):
+        names.append(fv.vip.name)
+        regions = frozenset(o.region for o in fv.vip.origins)
+        regions_of.append(region_sets.setdefault(regions, regions))
+        lists.setdefault(fv.publish, []).append(i)
+    named: dict[str, list[int]] = {}  # POP -> the publish lists naming it (their numbers)
+    for n, publish in enumerate(lists):
+        for pop in dict.fromkeys(publish):
+            named.setdefault(pop, []).append(n)
+    members = list(lists.values())
+    made: dict[tuple[int, ...], dict[str, frozenset[str]]] = {}
+    by_pop: dict[str, dict[str, frozenset[str]]] = {}
+    for pop, numbers in named.items():
+        key = tuple(numbers)
+        mapping = made.get(key)
+        if mapping is None:
+            at = members[numbers[0]] if len(numbers) == 1 else sorted(itertools.chain.from_iterable(
+                map(members.__getitem__, numbers)))
+            mapping = made[key] = dict(zip(map(names.__getitem__, at), map(regions_of.__getitem__, at)))
+        by_pop[pop] = mapping
+    return by_pop
 
 
 class _Written(NamedTuple):

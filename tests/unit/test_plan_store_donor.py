@@ -89,3 +89,40 @@ def test_a_pops_first_plan_from_another_equals_one_made_from_nothing(seed: int) 
 
 def test_a_pops_first_plan_from_another_with_a_seed_from_the_clock() -> None:
     with_clock_seed(_run)
+
+
+def _changed_names_reference(items: dict[str, Any], seen: dict[str, Any]) -> list[str]:
+    return [name for name, item in items.items() if seen.get(name) is not item]
+
+
+def _run_changed_names(seed: int) -> None:
+    """changed_names (by position where the names are the same, in the same order) against
+    its definition: random mappings with the same names in the same or another order, other
+    names of the same number, fewer or more, items the same objects or not."""
+    from controller.server.plans import changed_names
+    rng = random.Random(seed)
+    pool = [object() for _ in range(6)]
+    for step in range(2000):
+        names = rng.sample(NAMES, rng.randint(0, 8))
+        seen = {n: rng.choice(pool) for n in names}
+        kind = rng.choice(("same", "shuffled", "other", "fewer", "more"))
+        keys = list(names)
+        if kind == "shuffled":
+            rng.shuffle(keys)
+        elif kind == "other" and keys:
+            keys[rng.randrange(len(keys))] = rng.choice([n for n in NAMES if n not in names])
+        elif kind == "fewer" and keys:
+            keys.pop(rng.randrange(len(keys)))
+        elif kind == "more":
+            keys.insert(rng.randint(0, len(keys)), rng.choice([n for n in NAMES if n not in names]))
+        items = {n: seen[n] if n in seen and rng.random() < 0.7 else rng.choice(pool) for n in keys}
+        assert changed_names(items, seen) == _changed_names_reference(items, seen), (seed, step, items, seen)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_changed_names_are_those_whose_item_is_not_the_one_seen(seed: int) -> None:
+    _run_changed_names(seed)
+
+
+def test_changed_names_are_those_whose_item_is_not_the_one_seen_seed_from_the_clock() -> None:
+    with_clock_seed(_run_changed_names)

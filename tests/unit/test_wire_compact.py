@@ -155,3 +155,97 @@ def test_an_older_controller_refuses_the_compact_form_naming_the_field() -> None
     older_fields = {"plan_generation", "origins", "announced", "seq", "base", "removed", "checks"}
     assert sorted(set(body) - older_fields) == [COMPACT]
     assert wire.COMPACT == "compact"
+
+
+@pytest.mark.parametrize(("body", "field", "words"), BAD, ids=[f for _, f, _ in BAD])
+def test_a_bad_compact_report_is_refused_naming_the_field_by_the_large_groups_path_too(
+        body: Any, field: str, words: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every group taken as a large one (wire._canonical_names, _Published): the same 4xx."""
+    monkeypatch.setattr(wire, "_LARGE_GROUP", 1)
+    monkeypatch.setattr(wire, "_RECENT_COMPACT", [])
+    with pytest.raises(WireError) as caught:
+        decode_report(body, PUBLISHED)
+    assert caught.value.field == field and words in caught.value.message
+
+
+def _decoded(body: Any, published: Any, large: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """decode_report's maps (in order) or its error, with groups of ``large`` names or more
+    taken as large (nothing recent: each decoded anew)."""
+    monkeypatch.setattr(wire, "_LARGE_GROUP", large)
+    monkeypatch.setattr(wire, "_RECENT_COMPACT", [])
+    try:
+        r = decode_report(body, published)
+    except WireError as exc:
+        return ("refused", exc.field, exc.message)
+    return (list(r.origins.items()), list(r.announced.items()), r.seq, r.plan_generation)
+
+
+def _spoiled(body: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """``body`` (the compact form) with one thing wrong, or right, at random."""
+    groups = body[COMPACT]["groups"]
+    if not groups:
+        return body
+    g = rng.choice(groups)
+    kind = rng.choice(("none", "unknown", "number", "list", "twice", "across", "region", "flag", "flags"))
+    if kind == "unknown" and g["vips"]:
+        g["vips"][rng.randrange(len(g["vips"]))] = "mars"
+    elif kind == "number" and g["vips"]:
+        g["vips"][rng.randrange(len(g["vips"]))] = 7
+    elif kind == "list" and g["vips"]:
+        g["vips"][rng.randrange(len(g["vips"]))] = ["v1"]
+    elif kind == "twice" and g["vips"]:
+        g["vips"].append(g["vips"][0])
+        if "announced" in g:
+            g["announced"].append(True)
+    elif kind == "across" and len(groups) > 1 and groups[0]["vips"]:
+        other = groups[-1]
+        other["vips"].append(groups[0]["vips"][0])
+        if "announced" in other:
+            other["announced"].append(None)
+    elif kind == "region" and g.get("origins") is not None:
+        g["origins"][rng.choice(REGIONS + ("mars-1",))] = True
+    elif kind == "flag" and g.get("announced"):
+        g["announced"][rng.randrange(len(g["announced"]))] = rng.choice((1, 0.0, "yes"))
+    elif kind == "flags" and "announced" in g:
+        g["announced"] = g["announced"][1:]
+    return body
+
+
+def _run_large_groups(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(seed)
+    for step in range(200):
+        # a published mapping with regions as sets (hashable: the index's) or lists (a
+        # caller's own), some VIPs with fewer regions than a group names
+        published: dict[str, Any] = dict(PUBLISHED)
+        if rng.random() < 0.3:
+            published = {n: sorted(r) for n, r in published.items()}
+        if rng.random() < 0.3:
+            published = {n: r for n, r in published.items() if rng.random() > 0.2}
+        report = _random_report(rng)
+        report = dataclasses.replace(report, origins={n: v for n, v in report.origins.items() if n in published},
+                                     announced={n: f for n, f in report.announced.items() if n in published})
+        body = _spoiled(_wire(encode_report(report, compact=True)), rng)
+        small = _decoded(body, published, 10**9, monkeypatch)
+        large = _decoded(body, published, 1, monkeypatch)
+        assert large == small, (seed, step, body)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_large_groups_decode_as_small_ones_do_or_are_refused_alike(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large groups' path (one lookup per name in the published VIPs' own names, the
+    regions against their distinct sets) against the per-group path, on random reports
+    with one thing wrong or none: the same maps in the same order, or the same 4xx."""
+    _run_large_groups(seed, monkeypatch)
+
+
+def test_large_groups_decode_as_small_ones_do_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers.seeds import with_clock_seed
+    with_clock_seed(lambda seed: _run_large_groups(seed, monkeypatch))
+
+
+def test_a_large_group_keeps_the_published_names_objects() -> None:
+    published = {sys.intern(f"vip-{i:05d}"): frozenset(REGIONS[:2]) for i in range(5000)}
+    report = WireReport(3, {n: {"us-west": True} for n in published}, dict.fromkeys(published, True), 1)
+    decoded = decode_report(json.loads(json.dumps(encode_report(report, compact=True))), published)
+    assert decoded == report
+    assert all(a is b for a, b in zip(decoded.origins, published)) and all(a is b for a, b in zip(decoded.announced, published))
