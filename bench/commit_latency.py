@@ -15,12 +15,22 @@ where the code logs it (when inotify's batch arrived, when the reload and apply_
 returned, when the pass that followed had served), else the ``desired state ... loaded``
 line (older code), the long-poll answer's bytes arriving, and the client holding the plan
 (decoded and checked; its cache is written after, as the agent does: ``cache_later``).
+
+This process stands in for p00's agent, so it holds what an agent holds and no more: the
+desired state it loads to know the VIPs' names is dropped (only names, regions and POP names
+are kept), the 50 POPs' report bodies too, and once set up its heap is frozen out of cyclic
+garbage collection (``gc.freeze``, as the agent's ``freeze_startup_heap`` does). Before that,
+its full collections rescanned the ~10^6 objects of a desired state no agent holds: 0.26-0.48 s
+pauses that were most of the one-VIP p99 (results 3n). Its collections are timed
+(``gc.callbacks``): ``watcher_gc`` in the JSON says how many of each generation there were
+over the changes and the longest, so the agent's own (its plan client applying plans) show.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import re
@@ -52,6 +62,29 @@ def _reload_lines(path: Path) -> list[tuple[float, ...]]:
     return out
 
 
+class _GcPauses:
+    """This process's cyclic collections, timed, until stop(): their count per generation and
+    the longest (seconds)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.longest = [0.0, 0.0, 0.0]
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        g = info["generation"]
+        self.count[g] += 1
+        self.longest[g] = max(self.longest[g], time.perf_counter() - self._start)
+
+    def stop(self) -> dict[str, Any]:
+        gc.callbacks.remove(self._callback)
+        return {"collections": self.count, "longest_s": [round(x, 4) for x in self.longest]}
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -67,6 +100,8 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
     names = [v.name for v in desired.vips]
     regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
     pops = [p.name for p in desired.pops]
+    allowed = desired.allowed_prefixes
+    del desired  # (an agent holds no desired state: its full collections rescanned it, see above)
     out: dict[str, Any] = {}
     daemon = Daemon(config_dir, work)
     started = time.monotonic()
@@ -77,7 +112,7 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
                 raise RuntimeError(f"the controller exited: {daemon.log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
         watcher = PlanClient(daemon.url, WATCHED_POP, token(WATCHED_POP), str(work / "agent"),
-                             desired.allowed_prefixes, timeout=600.0)
+                             allowed, timeout=600.0)
         watcher.cache_later = True  # as the agent: the plan is held (and acted on) before its cache is fsynced
         plan = await watcher.fetch_plan(-1, 0)
         assert plan is not None
@@ -106,6 +141,8 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
         assert plan is not None
         _log(f"daemon up and reported after {time.monotonic() - started:.1f}s, RSS "
              f"{_status_mb(daemon.proc.pid, 'VmRSS')} MB")
+        gc.freeze()  # what the agent does once started (runner.freeze_startup_heap)
+        pauses = _GcPauses()
         idle0 = _cpu_s(daemon.proc.pid)
         await asyncio.sleep(IDLE_S)  # nothing asked, nothing changed: the watcher's own cost
         out["idle_cpu_pct"] = round((_cpu_s(daemon.proc.pid) - idle0) / IDLE_S * 100, 2)
@@ -158,6 +195,7 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
             _log(f"change {rep + 1}/{changes}: {sample}")
             plan = new_plan
         out["change_stall_ms"] = probe.stop()
+        out["watcher_gc"] = pauses.stop()
         out["change_cpu_s"] = round(_cpu_s(daemon.proc.pid) - cpu0, 2)
         out["change_load_average"] = [load0, load_average()]
         out["change_samples"] = samples
