@@ -435,8 +435,11 @@ class Engine:
             self.plans[name] = vp
             new_items = vp.items
             was = old.items if old is not None else None
-            if isinstance(new_items, UniformItems) and (was is None or isinstance(was, UniformItems)
-                                                        and was.pops is new_items.pops):
+            # (the same POPs: the very key dict, or an equal one, 50 keys compared in C; a
+            # burst of first reports moved 10,000 VIPs from one uniform item to another, and
+            # walked the 500,000 pairs here when the two lists were equal, not the same object)
+            if isinstance(new_items, UniformItems) and (was is None or isinstance(was, UniformItems) and (
+                    was.pops is new_items.pops or was.pops.keys() == new_items.pops.keys())):
                 if not isinstance(was, UniformItems) or was.item is not new_items.item:
                     keys = new_items.pops
                     merged = uniform.get(id(keys))
@@ -506,12 +509,24 @@ class Engine:
                 pops.discard(pop)
         # this commit's distinct mappings (a few kept), each with its POP's own changes
         built: list[tuple[dict[str, PlanItem], Mapping[str, PlanItem]]] = []
+        # A POP with no changes of its own, whose mapping was the very one of a POP built
+        # before and which is in the same merged lists, gets that POP's new mapping (it would
+        # build an equal one: 50 POPs healthy alike built 50 copies of 10,000 items, ~70 ms)
+        # (previous mapping, merged lists) -> (previous mapping, kept alive: its id is the key; new mapping)
+        alike: dict[tuple[int, tuple[int, ...]], tuple[Mapping[str, PlanItem], dict[str, PlanItem]]] = {}
         for pop in sorted(pops):
-            items = dict(self.items.get(pop, {}))
+            before = self.items.get(pop, {})
+            own = changed.get(pop, {})
+            key = None
+            if not own and pop not in gone:
+                key = (id(before), tuple(k for k, (keys, _) in uniform.items() if pop in keys))
+                if (hit := alike.get(key)) is not None and hit[0] is before:
+                    self.items[pop] = hit[1]
+                    continue
+            items = dict(before)
             for keys, news in uniform.values():
                 if pop in keys:
                     items.update(news)
-            own = changed.get(pop, {})
             items.update(own)
             for name in gone.get(pop, ()):
                 items.pop(name, None)
@@ -528,6 +543,8 @@ class Engine:
             elif len(built) < 2:
                 built.append((items, own))
             self.items[pop] = items
+            if key is not None:
+                alike[key] = (before, items)
         if alarms_changed:
             order = self._order
             self._alarm_tuple = tuple(a for name in sorted(self._alarms, key=lambda n: order.get(n, math.inf))

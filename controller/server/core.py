@@ -28,7 +28,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
+import operator
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -784,10 +786,38 @@ class Controller:
         self._staged = None
         self._publish(engine.commit(p), now, defer=True)
         try:
+            await asyncio.sleep(0)  # (the commit was one piece: the serving next is another)
+            for _ in self._warm_unserved():
+                await asyncio.sleep(0)
             while not self._serve_unserved(SLICE_S):
                 await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
         finally:
             self._save()  # (the answers of what was served wait for it: durable_plan)
+
+    def _warm_unserved(self) -> Iterator[None]:
+        """Ahead of serving the POPs a large pass changed, the entries their new items need
+        (PlanStore.warm), SLICE_S at a time (a step of the iterator each): the first POP's
+        serve after a burst made 10,000 entries in one piece. Each distinct mapping once
+        (POPs healthy alike share one); only the VIPs whose item is not the one served."""
+        engine = self._get_engine()
+        done: set[int] = set()
+        for pop in list(self._unserved):
+            items = engine.items.get(pop)
+            if items is None or id(items) in done or pop not in self._unserved:
+                continue
+            done.add(id(items))
+            pp = self.plans.pops.get(pop)
+            seen = pp.seen_items if pp is not None else {}
+            # (in C: the VIPs whose item is another object than the one served)
+            names = list(itertools.compress(items, map(operator.is_not, items.values(), map(seen.get, items))))
+            if len(names) < SMALL_PASS:
+                continue
+            spec_dicts = self._held_specs[3].get(pop, self._spec_dicts[1])
+            at = 0
+            while at < len(names):
+                at = self.plans.warm(names, items, spec_dicts, at, SLICE_S)
+                if at < len(names):
+                    yield
 
     def _get_engine(self) -> Engine:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
