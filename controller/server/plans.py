@@ -244,15 +244,15 @@ class PlanStore:
         # The caller's mapping itself, not a copy per POP (one per desired state, shared by
         # every POP served from it): its values are compared by identity next time.
         new_specs = spec_dicts
-        memo_from = None
-        if pp is not None and not hinted and self.alike and len(candidates) >= ALIKE_MIN:
-            memo_from = (dict(pp.entries), pp.seen_items, pp.seen_specs, pp.seen_token, items, spec_dicts, token,
-                         updates, removed, kept_older)
+        # (the walk's starting point, kept for the POPs served alike: a copy of the entries, in C)
+        start = ((dict(pp.entries), pp.seen_items, pp.seen_specs, pp.seen_token)
+                 if pp is not None and not hinted and self.alike and len(candidates) >= ALIKE_MIN else None)
         if pp is not None and not updates and not removed:
+            if start is not None:
+                self._memo = _Memo(*start, items, spec_dicts, token, updates, removed, kept_older, frozenset(),
+                                   frozenset(), (pp.digest, pp.wanted, pp.safety_holds))
             pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
             pp.exact = pp.exact and not kept_older
-            if memo_from is not None:
-                self._memo = _Memo(*memo_from, frozenset(), frozenset(), (pp.digest, pp.wanted, pp.safety_holds))
             return None
         generation = max(last_generation, pp.generation if pp is not None else 0) + 1
         if pp is None:
@@ -265,8 +265,6 @@ class PlanStore:
                                    if n not in old or old[n].spec_hash != e.spec_hash)
             names = frozenset(updates) | frozenset(removed) if removed else frozenset(updates)
             pp.log.append(_Change(pp.generation, generation, self._shared_set(names), self._shared_set(introduced)))
-            if memo_from is not None:
-                memo_from = (*memo_from, pp.log[-1].names, pp.log[-1].hashes)
         entries, texts = pp.entries, self._texts
         digest, wanted, holds = pp.digest, pp.wanted, pp.safety_holds
         for name in removed:
@@ -285,8 +283,9 @@ class PlanStore:
             if e.spec_hash not in texts:
                 texts[e.spec_hash] = specs[name].text
         pp.digest, pp.wanted, pp.safety_holds = digest % DIGEST_MOD, wanted, holds
-        if memo_from is not None and len(memo_from) == 12:
-            self._memo = _Memo(*memo_from, (pp.digest, pp.wanted, pp.safety_holds))
+        if start is not None and pp.log:
+            self._memo = _Memo(*start, items, spec_dicts, token, updates, removed, kept_older, pp.log[-1].names,
+                               pp.log[-1].hashes, (pp.digest, pp.wanted, pp.safety_holds))
         pp.generation, pp.revision = generation, revision
         pp.bodies.clear()
         pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
