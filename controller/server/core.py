@@ -783,6 +783,9 @@ class Controller:
             await asyncio.sleep(0)  # answer requests (from the previous plan) meanwhile
             if self._staged is not p:
                 return  # replan() finished and published it meanwhile
+        await asyncio.sleep(0)  # (the commit is a piece of its own)
+        if self._staged is not p:
+            return
         self._staged = None
         self._publish(engine.commit(p), now, defer=True)
         try:
