@@ -93,3 +93,76 @@ def test_a_commit_of_pops_sharing_a_mapping_equals_planning_every_pop(seed: int)
 
 def test_a_commit_of_pops_sharing_a_mapping_with_a_seed_from_the_clock() -> None:
     with_clock_seed(_run)
+
+
+def _interleaved(seed: int) -> dict[str, int]:
+    """Two engines, one working out a commit's changes as it plans (``diff_ahead``), one in
+    the commit: passes planned in slices with other passes committed between the slices (the
+    changes worked out before then are stale and must not be taken), compared after every
+    commit: items, notes, alarms, memory, wake-ups."""
+    rng = random.Random(seed)
+    desired = _desired(24)
+    ahead, reference = Engine(PlannerState.initial()), Engine(PlannerState.initial())
+    reference.diff_ahead = False
+    down: set[tuple[str, str]] = set()
+    local: dict[tuple[str, str, str], bool | None] = {}
+    reports: dict[str, PopReport] = {}
+    now = 1000.0
+    stats = {"interleaved": 0, "taken": 0}
+    for step in range(200):
+        now += rng.choice((0.2, 1.0, 3.0))
+        for fv in rng.sample(desired.vips, rng.randint(0, len(desired.vips))):
+            down ^= {(fv.name, fv.vip.origins[0].region)}
+        if rng.random() < 0.3:
+            fv = rng.choice(desired.vips)
+            local[(rng.choice(POPS), fv.name, fv.vip.origins[0].region)] = rng.choice((False, None))
+        if local and rng.random() < 0.3:
+            local.clear()
+        for pop in POPS:
+            origins = {fv.name: {o.region: local.get((pop, fv.name, o.region), (fv.name, o.region) not in down)
+                                 for o in fv.vip.origins} for fv in desired.vips}
+            reports[pop] = compact_report(PopReport(pop, now, 1, origins, {n: True for n in origins}),
+                                          reports.get(pop))
+        passes = []
+        for engine in (ahead, reference):
+            engine.mark(desired, reports, {}, now)
+            passes.append(engine.begin(now, refresh=True))
+        cut = len(passes[0].names) if rng.random() < 0.5 else rng.randint(0, len(passes[0].names))
+        other = rng.random() < 0.4
+        # (the other pass sees other verdicts: it commits other plans for some of those VIPs)
+        flipped = {fv.name for fv in rng.sample(desired.vips, 6)}
+        alt = {pop: compact_report(PopReport(pop, now + 0.1, 1, {
+            n: ({r: not v for r, v in verdicts.items()} if n in flipped else verdicts)
+            for n, verdicts in r.origins.items()}, dict(r.announced)), r) for pop, r in reports.items()}
+        for engine, p in zip((ahead, reference), passes):
+            for name in p.names[:cut]:  # (the first slices: planned and diffed one VIP at a time)
+                p.staged[name] = engine._plan(p.fleet[name], p)
+                if engine.diff_ahead and p.diff_base[:1] in ([], [engine.passes]) and p.diff.names == len(p.staged) - 1:
+                    p.diff_base[:] = [engine.passes]
+                    engine._diff(name, p.staged[name], p.diff)
+            if other:  # another pass commits between the slices
+                engine.run(desired, alt, {}, now + 0.1)
+                engine.mark(desired, reports, {}, now + 0.1)  # (and back: the next pass plans them again)
+        if other:
+            stats["interleaved"] += 1
+        for engine, p in zip((ahead, reference), passes):
+            engine.compute(p)
+            stats["taken"] += engine is ahead and p.diff.names == len(p.names) and p.diff_base == [engine.passes]
+            engine.commit(p)
+        where = f"seed {seed}, step {step}"
+        assert ahead.items == reference.items, where
+        assert ahead.notes == reference.notes and ahead.alarms() == reference.alarms(), where
+        assert dict(ahead.state().pop_vips.items()) == dict(reference.state().pop_vips.items()), where
+        assert dict(ahead.state().vips) == dict(reference.state().vips), where
+        assert ahead.next_wake() == reference.next_wake(), where
+    return stats
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_commit_worked_out_while_planning_equals_one_worked_out_at_the_commit(seed: int) -> None:
+    stats = _interleaved(seed)
+    assert stats["interleaved"] > 40 and stats["taken"] > 40, stats
+
+
+def test_a_commit_worked_out_while_planning_with_a_seed_from_the_clock() -> None:
+    with_clock_seed(_interleaved)
