@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import operator
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -782,13 +783,44 @@ class Controller:
             await asyncio.sleep(0)  # answer requests (from the previous plan) meanwhile
             if self._staged is not p:
                 return  # replan() finished and published it meanwhile
+        await asyncio.sleep(0)  # (the commit is a piece of its own)
+        if self._staged is not p:
+            return
         self._staged = None
         self._publish(engine.commit(p), now, defer=True)
         try:
+            await asyncio.sleep(0)  # (the commit was one piece: the serving next is another)
+            for _ in self._warm_unserved():
+                await asyncio.sleep(0)
             while not self._serve_unserved(SLICE_S):
                 await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
         finally:
             self._save()  # (the answers of what was served wait for it: durable_plan)
+
+    def _warm_unserved(self) -> Iterator[None]:
+        """Ahead of serving the POPs a large pass changed, the entries their new items need
+        (PlanStore.warm), SLICE_S at a time (a step of the iterator each): the first POP's
+        serve after a burst made 10,000 entries in one piece. Each distinct mapping once
+        (POPs healthy alike share one); only the VIPs whose item is not the one served."""
+        engine = self._get_engine()
+        done: set[int] = set()
+        for pop in list(self._unserved):
+            items = engine.items.get(pop)
+            if items is None or id(items) in done or pop not in self._unserved:
+                continue
+            done.add(id(items))
+            pp = self.plans.pops.get(pop)
+            seen = pp.seen_items if pp is not None else {}
+            # (in C: the VIPs whose item is another object than the one served)
+            names = list(itertools.compress(items, map(operator.is_not, items.values(), map(seen.get, items))))
+            if len(names) < SMALL_PASS:
+                continue
+            spec_dicts = self._held_specs[3].get(pop, self._spec_dicts[1])
+            at = 0
+            while at < len(names):
+                at = self.plans.warm(names, items, spec_dicts, at, SLICE_S)
+                if at < len(names):
+                    yield
 
     def _get_engine(self) -> Engine:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
@@ -1375,15 +1407,23 @@ class _DurableMemory:
                     pairs[(pop, name)] = None
         return vips, pairs, covered
 
-    def saved(self, written: Mapping[str, VipPlan | None]) -> None:
-        """``changes()``' VIPs are durable as they are in ``written`` (None: gone)."""
-        for name, vp in written.items():
-            self._boot_vips.pop(name, None)
-            self._boot_pops.pop(name, None)
-            if vp is None:
-                self._written.pop(name, None)
-            else:
-                self._written[name] = self._record(vp)
+    def records(self, written: Mapping[str, VipPlan | None]) -> _Records:
+        """What ``saved`` takes in for ``written`` (``changes()``' VIPs as written; None: gone),
+        made beforehand: in the journal's thread (reads only; after a burst's write, 10,000
+        records made on the event loop were one piece of it, ~30 ms)."""
+        record = self._record
+        return _Records({name: record(vp) for name, vp in written.items() if vp is not None},
+                        [name for name, vp in written.items() if vp is None])
+
+    def saved(self, records: _Records) -> None:
+        """Those VIPs are durable as ``records`` has them (``records``)."""
+        if self._boot_vips or self._boot_pops:  # (VIPs loaded at the start and not written since)
+            for name in itertools.chain(records.kept, records.gone):
+                self._boot_vips.pop(name, None)
+                self._boot_pops.pop(name, None)
+        self._written.update(records.kept)
+        for name in records.gone:
+            self._written.pop(name, None)
 
     def snapshot(self, plans: Mapping[str, VipPlan]) -> None:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
@@ -1391,12 +1431,19 @@ class _DurableMemory:
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
 
 
+class _Records(NamedTuple):
+    """_DurableMemory.records(): the VIPs written, as recorded, and those gone."""
+
+    kept: dict[str, _Written]
+    gone: list[str]
+
+
 class _Write(NamedTuple):
     """A pass's journal write (Controller._save): (new sequence or None if nothing changed,
     the plans its memory was written from, the VIPs it left unsaved), the state it makes
     durable, the VIPs it covers, and the memory as of it (the compaction's snapshot)."""
 
-    future: concurrent.futures.Future[tuple[int | None, dict[str, VipPlan | None], set[str]]]
+    future: concurrent.futures.Future[tuple[int | None, _Records, set[str]]]
     submitted: store.Persisted
     names: set[str]
     frozen: PlannerState | None
@@ -1417,9 +1464,9 @@ class _WriteJob:
     rollout: Mapping[str, Any] | None
     expect: int
 
-    def __call__(self) -> tuple[int | None, dict[str, VipPlan | None], set[str]]:
+    def __call__(self) -> tuple[int | None, _Records, set[str]]:
         vips, pop_vips, covered = self.held.changes(self.names, self.plans, self.desired)
-        written = {name: self.plans.get(name) for name in covered}
+        written = self.held.records({name: self.plans.get(name) for name in covered})
         waiting = self.names.difference(covered)
         changes = store.Changes(self.drains, self.generations, vips, pop_vips, self.rollout)
         if not changes:

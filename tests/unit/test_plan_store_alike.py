@@ -1,0 +1,120 @@
+"""POPs served alike (``PlanStore._serve_alike``: a POP whose entries are the very ones another
+POP's walk started from, served from and to the same mappings, takes that walk's outcome) and
+entries made ahead (``PlanStore.warm``) serve exactly what every POP's own walk serves: random
+sequences of mappings shared by groups of POPs (or a POP's own), explanations that change while
+what agents act on stays (so POPs with the same mappings can hold different entries), VIPs
+added and removed, specs that change, served to one store that takes the shortcuts and warms
+now and then, and to one that walks every POP (``alike = False``): after every serve the same
+answer, generation, entries, digest, counts, exactness, full body and the delta from every
+generation the POP had."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config.desired import load_desired
+from controller.config.serialize import vip_to_dict
+from controller.policy.model import PlanItem
+from controller.server import plans
+from controller.server.plans import PlanStore
+from controller.wire import PlanReason
+from tests.helpers.seeds import with_clock_seed
+
+DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
+SPEC = vip_to_dict(DESIRED.vip("game-global").vip)  # type: ignore[union-attr]
+NAMES = tuple(f"v{i:02d}" for i in range(40))
+POPS = tuple(f"p{i:02d}" for i in range(12))
+
+
+def _specs(rng: random.Random, before: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    out = dict(before or {})
+    for name in NAMES:
+        if name not in out or rng.random() < 0.05:
+            out[name] = {**SPEC, "name": name, "address": f"198.51.100.{NAMES.index(name) + rng.choice((1, 100))}/32"}
+    return out
+
+
+def _shape(store: PlanStore, pop: str, generations: list[int]) -> tuple[object, ...]:
+    pp = store.pops[pop]
+    return (pp.generation, pp.digest, pp.wanted, pp.safety_holds, pp.revision, pp.exact,
+            {n: (e.item, e.spec_hash, e.ehash, e.text) for n, e in pp.entries.items()}, store.body(pop, None),
+            tuple(store.body(pop, g) for g in generations[-6:]))
+
+
+def _run(seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    fast, walked = PlanStore(), PlanStore()
+    walked.alike = False
+    specs = _specs(rng, None)
+    shared = {name: PlanItem(name, True, "us-west", explanation="healthy") for name in NAMES}
+    published = set(NAMES[:30])
+    generations: dict[str, list[int]] = {pop: [] for pop in POPS}
+    stats = {"alike": 0, "serves": 0, "kept_older": 0}
+    real = PlanStore._serve_alike
+
+    def counted(self: PlanStore, *args: Any) -> int | None:
+        stats["alike"] += 1
+        return real(self, *args)
+
+    PlanStore._serve_alike = counted  # type: ignore[method-assign]
+    try:
+        for step in range(150):
+            if rng.random() < 0.2:
+                specs = _specs(rng, specs)
+            if rng.random() < 0.2:  # a VIP added or removed everywhere
+                published ^= {rng.choice(NAMES)}
+            for name in rng.sample(NAMES, rng.choice((1, 3, 40))):  # shared items move (or all: a burst)
+                item = shared[name]
+                r = rng.random()
+                shared[name] = (dataclasses.replace(item, explanation=f"{step}") if r < 0.15 else
+                                dataclasses.replace(item, active_origin=rng.choice(("us-west", "eu-central")))
+                                if r < 0.7 else
+                                PlanItem(name, False, "us-west", reason=PlanReason.BACKEND_DOWN,
+                                         explanation=f"down ({step})"))
+            pool: list[dict[str, PlanItem]] = []
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                m = {n: shared[n] for n in NAMES if n in published}
+                if pool and rng.random() < 0.5:  # a variant: one POP-specific item
+                    n = rng.choice(sorted(m))
+                    m[n] = dataclasses.replace(m[n], explanation=f"own {step}")
+                pool.append(m)
+            token = None if rng.random() < 0.2 else specs
+            if rng.random() < 0.5:
+                for m in pool:
+                    at = 0
+                    while at < len(m):
+                        at = fast.warm(list(m), m, specs, at, 0.0 if rng.random() < 0.5 else 1.0)
+            # (mostly every POP, as a pass that changed them all serves them: in any order)
+            for pop in rng.sample(POPS, len(POPS) if rng.random() < 0.7 else rng.randint(1, len(POPS))):
+                items = rng.choice(pool) if rng.random() < 0.9 else dict(rng.choice(pool))
+                revision = f"rev{step // 10}"
+                a = fast.serve(pop, items, specs, revision, 0, token)
+                b = walked.serve(pop, items, specs, revision, 0, token)
+                where = f"seed {seed}, step {step}, {pop}"
+                assert a == b, where
+                if a is not None:
+                    generations[pop].append(a)
+                assert _shape(fast, pop, generations[pop]) == _shape(walked, pop, generations[pop]), where
+                stats["serves"] += 1
+                stats["kept_older"] += not fast.pops[pop].exact
+    finally:
+        PlanStore._serve_alike = real  # type: ignore[method-assign]
+    return stats
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_pops_served_alike_and_warmed_equal_every_pop_walked(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plans, "ALIKE_MIN", 1)  # (40 VIPs: the shortcut's threshold is for real plans)
+    stats = _run(seed)
+    # The shortcut served many POPs, and POPs whose plans kept older explanations were served too.
+    assert stats["alike"] > 50 and stats["kept_older"] > 0, stats
+
+
+def test_pops_served_alike_with_a_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plans, "ALIKE_MIN", 1)
+    with_clock_seed(_run)
