@@ -198,8 +198,8 @@ class PlanStore:
         of it three times (a VIP added at 50 POPs of 10,000 VIPs walked 1.5 million names)."""
         pp = self.pops.get(pop)
         hinted = hint is not None and pp is not None and pp.seen_items is hint[0] and pp.seen_specs is hint[1]
-        if not hinted and pp is not None and (memo := self._alike(pp, items, spec_dicts, token)) is not None:
-            return self._serve_alike(pop, pp, memo, revision, last_generation)
+        if not hinted and pp is not None and (alike := self._alike(pp, items, spec_dicts, token)) is not None:
+            return self._serve_alike(pop, pp, *alike, revision, last_generation)
         if pp is not None and not hinted and pp.seen_items == items and (
                 pp.seen_token is token and token is not None
                 or all(spec_dicts.get(name) is pp.seen_specs.get(name) for name in items)):
@@ -308,10 +308,11 @@ class PlanStore:
         return generation
 
     def _alike(self, pp: PopPlan, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
-               token: object) -> _Memo | None:
+               token: object) -> tuple[_Memo, dict[str, str]] | None:
         """The last walk's outcome, if it is this serve's: the same mappings before and after
         (identity), and the POP's entries the very objects that walk started from (so every
-        test it made, by identity and by content, would come out the same here)."""
+        test it made, by identity and by content, would come out the same here); with the
+        spec texts its entries need that were pruned since (hash -> text)."""
         memo = self._memo
         if (memo is None or memo.items is not items or memo.specs is not spec_dicts or memo.token is not token
                 or memo.seen_items is not pp.seen_items or memo.seen_specs is not pp.seen_specs
@@ -321,9 +322,21 @@ class PlanStore:
         # (in C: one identity test per entry)
         if len(entries) != len(before) or not all(map(operator.is_, map(entries.get, before), before.values())):
             return None
-        return memo
+        missing: dict[str, str] = {}
+        texts = self._texts
+        if not texts.keys() >= set(map(_SPEC_HASH, memo.updates.values())):  # (the walked POP added them: unless pruned)
+            for name, e in memo.updates.items():
+                if e.spec_hash not in texts:
+                    # The text of the spec the walk made ``e`` from (memo.specs), never the
+                    # last one served for the name: another POP may have moved on since.
+                    sp = self._spec(name, memo.specs[name])
+                    if sp.hash != e.spec_hash:  # (not expected: walk instead)
+                        return None
+                    missing[e.spec_hash] = sp.text
+        return memo, missing
 
-    def _serve_alike(self, pop: str, pp: PopPlan, memo: _Memo, revision: str, last_generation: int) -> int | None:
+    def _serve_alike(self, pop: str, pp: PopPlan, memo: _Memo, missing: dict[str, str], revision: str,
+                     last_generation: int) -> int | None:
         """``serve``'s outcome for ``pp`` taken from the walk of another POP's (``_alike``):
         the same entries updated and removed, so the same sums; the generation, the log and
         the wake-up are the POP's own."""
@@ -332,15 +345,13 @@ class PlanStore:
         if not updates and not removed:
             pp.seen_items, pp.seen_specs, pp.seen_token = memo.items, memo.specs, memo.token
             return None
+        texts = self._texts
         generation = max(last_generation, pp.generation) + 1
         pp.log.append(_Change(pp.generation, generation, memo.names, memo.introduced))
-        entries, texts = pp.entries, self._texts
+        entries = pp.entries
         for name in removed:
             del entries[name]
-        if not texts.keys() >= set(map(_SPEC_HASH, updates.values())):  # (the walked POP added them: unless pruned)
-            for name, e in updates.items():
-                if e.spec_hash not in texts:
-                    texts[e.spec_hash] = self._specs[name].text
+        texts.update(missing)
         entries.update(updates)
         # (the walked POP's sums: they are the entries', and its entries are these)
         pp.digest, pp.wanted, pp.safety_holds = memo.sums

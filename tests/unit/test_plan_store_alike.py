@@ -11,6 +11,7 @@ generation the POP had."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import random
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,33 @@ def test_pops_served_alike_and_warmed_equal_every_pop_walked(seed: int, monkeypa
 def test_pops_served_alike_with_a_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plans, "ALIKE_MIN", 1)
     with_clock_seed(_run)
+
+
+def test_a_pop_served_alike_after_the_walks_spec_text_was_pruned_gets_that_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walks S0 -> S1 (the walk kept), then moves on through many specs of its own (small
+    serves: the walk stays; S1's text, held by nobody, pruned); B then goes S0 -> S1 as A did:
+    B's body carries S1's definition, not the one A was served last (found by a review: the
+    pruned text was restored from the name's latest spec, another address, under S1's hash)."""
+    def spec(i: int) -> dict[str, Any]:
+        return {**SPEC, "name": "x", "address": f"198.51.{i // 250}.{i % 250 + 1}/32"}
+
+    def run(alike: bool) -> tuple[str, bytes]:
+        st = PlanStore()
+        st.alike = alike
+        m0 = {"x": PlanItem("x", True, "us-west", explanation="healthy")}
+        s0, s1 = {"x": spec(0)}, {"x": spec(1)}
+        g = 0
+        for pop in ("A", "B"):
+            g = st.serve(pop, m0, s0, "r", g) or g
+        monkeypatch.setattr(plans, "ALIKE_MIN", 1)
+        g = st.serve("A", m0, s1, "r", g) or g  # walked: kept for POPs served alike
+        monkeypatch.setattr(plans, "ALIKE_MIN", 10**9)  # A's later changes are small serves
+        for i in range(2, 80):
+            g = st.serve("A", m0, {"x": spec(i)}, "r", g) or g
+        g = st.serve("B", m0, s1, "r", g) or g
+        body = st.body("B", None)
+        return st.pops["B"].entries["x"].spec_hash, gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+    alike, walked = run(True), run(False)
+    assert alike == walked
+    assert b"198.51.0.2/32" in alike[1] and b"198.51.0.80/32" not in alike[1]
