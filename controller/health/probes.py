@@ -445,17 +445,24 @@ class Poller:
             self._on_events()
 
     def _on_events(self) -> None:
-        self.batch += 1
-        batch = self.batch
-        try:
-            events = self._ep.poll(0)
-        except InterruptedError:
-            return
+        # epoll hands over at most ``maxevents`` at a time (by default FD_SETSIZE - 1, 1,023):
+        # room for every socket in the set, and again while a batch came back full, so that
+        # after a starved loop the deadline sweep strikes no check whose answer is in.
         checks = self._checks
-        for fd, mask in events:
-            check = checks.get(fd)
-            if check is not None and check._batch != batch:
-                check._on_event(mask)
+        while True:
+            self.batch += 1
+            batch = self.batch
+            room = len(checks) + 1
+            try:
+                events = self._ep.poll(0, room)
+            except InterruptedError:
+                return
+            for fd, mask in events:
+                check = checks.get(fd)
+                if check is not None and check._batch != batch:
+                    check._on_event(mask)
+            if len(events) < room or self._epfd < 0:
+                return
 
 
 class Check:
