@@ -1276,8 +1276,10 @@ def index(d: DesiredState, ix: _DesiredIndex | None = None) -> _DesiredIndex:
     for pop in (by_pop if ix is None else [p for p in touched if p in by_pop]):
         mapping = by_pop[pop]
         same = distinct.setdefault(len(mapping), [])
-        by_pop[pop] = next((m for m in same if m is mapping or m == mapping), mapping)
-        if by_pop[pop] is mapping and len(same) < 2:  # (a bound on the comparisons)
+        found = next((m for m in same if m is mapping or m == mapping), None)
+        if found is not None:
+            by_pop[pop] = found
+        elif len(same) < 2:  # (a bound on the comparisons; a mapping kept once, not again per POP sharing it)
             same.append(mapping)
     # (the shortest report_stale_after and whether all are enabled: from the previous index
     # and the VIPs looked at, unless one that went had the shortest or was disabled)
