@@ -296,16 +296,8 @@ class PlanStore:
         if start is not None and pp.log:
             self._memo = _Memo(*start, items, spec_dicts, token, updates, removed, kept_older, pp.log[-1].names,
                                pp.log[-1].hashes, (pp.digest, pp.wanted, pp.safety_holds))
-        pp.generation, pp.revision = generation, revision
-        pp.bodies.clear()
-        pp.seen_items, pp.seen_specs, pp.seen_token = items, new_specs, token
         pp.exact = pp.exact and not kept_older
-        if pp.exact:
-            self._donor = pp
-        self._prune_texts()
-        self._event(pop).set()
-        self._changed[pop] = asyncio.Event()
-        return generation
+        return self._published(pop, pp, generation, revision, items, new_specs, token)
 
     def _alike(self, pp: PopPlan, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
                token: object) -> tuple[_Memo, dict[str, str]] | None:
@@ -355,9 +347,15 @@ class PlanStore:
         entries.update(updates)
         # (the walked POP's sums: they are the entries', and its entries are these)
         pp.digest, pp.wanted, pp.safety_holds = memo.sums
+        return self._published(pop, pp, generation, revision, memo.items, memo.specs, memo.token)
+
+    def _published(self, pop: str, pp: PopPlan, generation: int, revision: str, items: Mapping[str, PlanItem],
+                   spec_dicts: Mapping[str, Spec], token: object) -> int:
+        """The POP's entries are its new plan: generation ``generation``, served from these
+        mappings; its old bodies dropped, the spec texts nobody holds pruned, its waiters woken."""
         pp.generation, pp.revision = generation, revision
         pp.bodies.clear()
-        pp.seen_items, pp.seen_specs, pp.seen_token = memo.items, memo.specs, memo.token
+        pp.seen_items, pp.seen_specs, pp.seen_token = items, spec_dicts, token
         if pp.exact:
             self._donor = pp
         self._prune_texts()

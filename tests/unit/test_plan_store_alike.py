@@ -13,31 +13,20 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.config.desired import load_desired
-from controller.config.serialize import vip_to_dict
 from controller.policy.model import PlanItem
 from controller.server import plans
 from controller.server.plans import PlanStore
 from controller.wire import PlanReason
+from tests.helpers.plan_specs import SPEC, random_specs
 from tests.helpers.seeds import with_clock_seed
 
-DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
-SPEC = vip_to_dict(DESIRED.vip("game-global").vip)  # type: ignore[union-attr]
 NAMES = tuple(f"v{i:02d}" for i in range(40))
 POPS = tuple(f"p{i:02d}" for i in range(12))
 
-
-def _specs(rng: random.Random, before: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    out = dict(before or {})
-    for name in NAMES:
-        if name not in out or rng.random() < 0.05:
-            out[name] = {**SPEC, "name": name, "address": f"198.51.100.{NAMES.index(name) + rng.choice((1, 100))}/32"}
-    return out
 
 
 def _shape(store: PlanStore, pop: str, generations: list[int]) -> tuple[object, ...]:
@@ -51,7 +40,7 @@ def _run(seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     fast, walked = PlanStore(), PlanStore()
     walked.alike = False
-    specs = _specs(rng, None)
+    specs = random_specs(rng, NAMES, None)
     shared = {name: PlanItem(name, True, "us-west", explanation="healthy") for name in NAMES}
     published = set(NAMES[:30])
     generations: dict[str, list[int]] = {pop: [] for pop in POPS}
@@ -66,7 +55,7 @@ def _run(seed: int) -> dict[str, int]:
     try:
         for step in range(150):
             if rng.random() < 0.2:
-                specs = _specs(rng, specs)
+                specs = random_specs(rng, NAMES, specs)
             if rng.random() < 0.2:  # a VIP added or removed everywhere
                 published ^= {rng.choice(NAMES)}
             for name in rng.sample(NAMES, rng.choice((1, 3, 40))):  # shared items move (or all: a burst)

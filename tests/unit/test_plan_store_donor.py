@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.config.desired import load_desired
-from controller.config.serialize import vip_to_dict
 from controller.policy.model import PlanItem
 from controller.server.plans import PlanStore
 from controller.wire import PlanReason
+from tests.helpers.plan_specs import random_specs
 from tests.helpers.seeds import with_clock_seed
 
-DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
-SPEC = vip_to_dict(DESIRED.vip("game-global").vip)  # type: ignore[union-attr]
 NAMES = tuple(f"v{i:02d}" for i in range(30))
 
-
-def _specs(rng: random.Random, before: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """Spec dicts by VIP: mostly the same objects as before, now and then a new one."""
-    out = dict(before or {})
-    for name in NAMES:
-        if name not in out or rng.random() < 0.05:
-            out[name] = {**SPEC, "name": name, "address": f"198.51.100.{NAMES.index(name) + rng.choice((1, 100))}/32"}
-    return out
 
 
 def _shape(store: PlanStore, pop: str) -> tuple[object, ...]:
@@ -43,13 +31,13 @@ def _shape(store: PlanStore, pop: str) -> tuple[object, ...]:
 def _run(seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     store = PlanStore()
-    specs = _specs(rng, None)
+    specs = random_specs(rng, NAMES, None)
     shared = {name: PlanItem(name, True, "us-west", explanation="healthy") for name in NAMES}
     served: list[str] = []
     stats = {"new_pops": 0, "kept_older": 0}
     for step in range(120):
         if rng.random() < 0.3:
-            specs = _specs(rng, specs)
+            specs = random_specs(rng, NAMES, specs)
         for name in rng.sample(NAMES, 3):  # a VIP's shared item changes (a move, a new sentence)
             item = shared[name]
             shared[name] = (dataclasses.replace(item, explanation=f"{step}") if rng.random() < 0.5 else
