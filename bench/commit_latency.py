@@ -159,7 +159,7 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
         target = next(p for p in sorted(config_dir.rglob("*.yaml")) if f"  - name: {CHANGED_VIP}\n" in p.read_text())
         samples: list[dict[str, Any]] = []
         probe = _Probe(daemon.port, work / "probe-changes.json")
-        cpu0, load0 = _cpu_s(daemon.proc.pid), load_average()
+        cpu0, load0, rss0 = _cpu_s(daemon.proc.pid), load_average(), _status_mb(daemon.proc.pid, "VmRSS")
         for rep in range(changes):
             await asyncio.sleep(random.uniform(0.5, 1.5))
             present = CHANGED_VIP in plan.vips
@@ -178,7 +178,8 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
                 new_plan = await watcher.fetch_plan(new_plan.generation if new_plan else plan.generation, 60)
             t_hold = time.time()
             await asyncio.sleep(0.2)  # (the daemon's line after its pass)
-            sample: dict[str, Any] = {"action": "remove" if present else "add", "total_s": round(t_hold - t0, 3),
+            sample: dict[str, Any] = {"action": "remove" if present else "add", "t0": round(t0, 3),
+                                      "total_s": round(t_hold - t0, 3),
                                       "commit_s": round(t_commit - t0, 3),
                                       "answer_arrived_s": round(arrived[0] - t0, 3)}
             lines = _reload_lines(daemon.log)[reloads_before:]
@@ -198,6 +199,7 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
         out["watcher_gc"] = pauses.stop()
         out["change_cpu_s"] = round(_cpu_s(daemon.proc.pid) - cpu0, 2)
         out["change_load_average"] = [load0, load_average()]
+        out["change_rss_mb"] = [rss0, _status_mb(daemon.proc.pid, "VmRSS")]  # before and after the changes
         out["change_samples"] = samples
         for key in ("total_s", "commit_s", "inotify_batch_s", "looked_s", "loaded_s", "applied_s", "served_s",
                     "answer_arrived_s"):
