@@ -85,10 +85,12 @@ def _freeze_heap() -> None:
     desired state, its index and the plans are millions of objects that live until a reload
     replaces them, and each full collection scanned them all again (0.52 s on the event loop
     in bench.commit_latency, in a VIP's change at all 50 POPs). Reference counting still
-    frees what a later reload drops; only objects in a reference cycle, once garbage, are
-    never collected. A dropped desired state holds no cycle (measured: gc.collect() after
-    dropping a 10,000-VIP load finds nothing) and results/README.md 3r measured RSS and the
-    frozen count across 20 commits. Without a collection first: it would scan the whole heap."""
+    frees what a later reload drops; only objects in a reference cycle are never collected
+    once frozen: a dropped desired state or load cache holds none and a reload makes none
+    (tests/integration/test_controller_reload_cycles.py), but cyclic garbage of other code
+    (a finished request's or task's) still uncollected at a freeze is kept: not counted yet;
+    RSS across 20 commits moved as on main (results/README.md 3r). No collection first: the
+    first would scan the whole heap on the event loop."""
     if FREEZE_HEAP:
         gc.freeze()
 
