@@ -159,10 +159,11 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
         target = next(p for p in sorted(config_dir.rglob("*.yaml")) if f"  - name: {CHANGED_VIP}\n" in p.read_text())
         samples: list[dict[str, Any]] = []
         probe = _Probe(daemon.port, work / "probe-changes.json")
-        cpu0, load0 = _cpu_s(daemon.proc.pid), load_average()
+        cpu0, load0, rss0 = _cpu_s(daemon.proc.pid), load_average(), _status_mb(daemon.proc.pid, "VmRSS")
         for rep in range(changes):
             await asyncio.sleep(random.uniform(0.5, 1.5))
             present = CHANGED_VIP in plan.vips
+            answers0 = dict(watcher.answers)
             waiting = asyncio.ensure_future(watcher.fetch_plan(plan.generation, 60))
             await asyncio.sleep(0.3)
             text = target.read_text()
@@ -178,9 +179,12 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
                 new_plan = await watcher.fetch_plan(new_plan.generation if new_plan else plan.generation, 60)
             t_hold = time.time()
             await asyncio.sleep(0.2)  # (the daemon's line after its pass)
-            sample: dict[str, Any] = {"action": "remove" if present else "add", "total_s": round(t_hold - t0, 3),
+            sample: dict[str, Any] = {"action": "remove" if present else "add", "t0": round(t0, 3),
+                                      "total_s": round(t_hold - t0, 3),
                                       "commit_s": round(t_commit - t0, 3),
-                                      "answer_arrived_s": round(arrived[0] - t0, 3)}
+                                      "answer_arrived_s": round(arrived[0] - t0, 3),
+                                      "answers": {k: v - answers0.get(k, 0) for k, v in watcher.answers.items()
+                                                  if v != answers0.get(k, 0)}}
             lines = _reload_lines(daemon.log)[reloads_before:]
             if lines:
                 batch, looked, loaded, applied, served = lines[0]
@@ -196,8 +200,10 @@ async def run(config_dir: Path, work: Path, changes: int, everywhere: int) -> di
             plan = new_plan
         out["change_stall_ms"] = probe.stop()
         out["watcher_gc"] = pauses.stop()
+        out["watcher_answers"] = dict(watcher.answers)  # deltas, full plans, refetches after a delta that did not fit
         out["change_cpu_s"] = round(_cpu_s(daemon.proc.pid) - cpu0, 2)
         out["change_load_average"] = [load0, load_average()]
+        out["change_rss_mb"] = [rss0, _status_mb(daemon.proc.pid, "VmRSS")]  # before and after the changes
         out["change_samples"] = samples
         for key in ("total_s", "commit_s", "inotify_batch_s", "looked_s", "loaded_s", "applied_s", "served_s",
                     "answer_arrived_s"):

@@ -15,6 +15,7 @@ from .. import logs
 from ..config.desired import read_ha
 from ..config.errors import ConfigError
 from ..config.desired_model import StoreKind
+from ..server import daemon
 from ..server.daemon import ListenFailed, Watcher, serve
 from ..server.etcd import IncompatibleLayout, fetch_desired
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_log_level(p)
     args = p.parse_args(argv)
     gc.set_threshold(*GC_THRESHOLD)
+    daemon.FREEZE_HEAP = True  # (server/daemon.py, _freeze_heap)
     logs.setup("anycast-controller", args.log_level)
     try:
         watcher = Watcher(args.config_dir, args.state_dir)
