@@ -89,9 +89,12 @@ def _freeze_heap() -> None:
     once frozen: a dropped desired state or load cache holds none and a reload makes none
     (tests/integration/test_controller_reload_cycles.py), but cyclic garbage of other code
     (a finished request's or task's) still uncollected at a freeze is kept: not counted yet;
-    RSS across 20 commits moved as on main (results/README.md 3r). No collection first: the
-    first would scan the whole heap on the event loop."""
+    RSS across 20 commits moved as on main (results/README.md 3r). A young collection first
+    (generations 0 and 1: thousands of objects, not the heap) frees the cyclic garbage that is
+    recent, so what a freeze keeps is only what had already reached generation 2; a full
+    collection would scan the whole heap on the event loop."""
     if FREEZE_HEAP:
+        gc.collect(1)
         gc.freeze()
 
 
