@@ -36,7 +36,7 @@ from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
-from .revision import fingerprint, git_dir, revision, revision_started, stat_signature
+from .revision import IndexCopy, fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
@@ -108,6 +108,7 @@ class Watcher:
         # only if these moved.
         self._signature: tuple[tuple[str, int, int, int], ...] | None = None
         self._git_dir: str | None | bool = False  # False: not asked yet
+        self._index: IndexCopy | None = None  # the git index's copy status refreshes (revision.IndexCopy)
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
@@ -134,7 +135,7 @@ class Watcher:
         if peeked is None:
             self._contents = {}
         fp, rev = peeked if peeked is not None else (
-            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp))
+            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp, self._index_copy()))
         contents, self._contents = self._contents, {}
         self._signature, self._checked = signature, time.monotonic()
 
@@ -263,6 +264,17 @@ class Watcher:
 
     def close(self) -> None:
         self._keeper.shutdown(wait=True)
+        if self._index is not None:
+            self._index.close()
+
+    def _index_copy(self) -> IndexCopy | None:
+        """The IndexCopy git status reads (None outside git)."""
+        if self._git_dir is False:
+            self._git_dir = git_dir(self.directory)
+        assert not isinstance(self._git_dir, bool)
+        if self._index is None and self._git_dir:
+            self._index = IndexCopy(self._git_dir)
+        return self._index
 
     def _stat_signature(self) -> tuple[tuple[str, int, int, int], ...]:
         if self._git_dir is False:
@@ -297,9 +309,9 @@ class Watcher:
         self._contents = {}
         fp = fingerprint(self.directory, self._contents)
         if overlap and (self.seen is None or fp != self.seen[0]):
-            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp)
+            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp, self._index_copy())
             return True
-        now = (fp, revision(self.directory, fp))
+        now = (fp, revision(self.directory, fp, self._index_copy()))
         self._peeked = now if now != self.seen else None  # load() follows at once
         return now != self.seen
 
