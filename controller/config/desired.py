@@ -813,7 +813,13 @@ def _fleet_vip(node: Node, allowed: tuple[IPNetwork, ...], defaults: dict[str, f
     # Controller-only keys first: read_vip() rejects the keys nobody asked for.
     publish: list[str] = []
     publish_node = node.get("publish", required=True)
-    if publish_node is not None:
+    raw = publish_node.value if publish_node is not None else None
+    if (isinstance(raw, list) and raw and all(type(name) is str for name in raw)
+            and len(names := set(raw)) == len(raw) and names <= pop_names):
+        # The usual list (known POPs, each once): taken whole, not name by name (300 POPs x
+        # 100,000 VIPs: 30 million Node items and a list search each).
+        publish = list(raw)
+    elif publish_node is not None:
         for item in publish_node.items():
             name = item.as_str()
             if name is not None and name not in pop_names:

@@ -20,7 +20,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import watchfiles
@@ -37,7 +37,7 @@ from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
-from .revision import fingerprint, git_dir, revision, revision_started, stat_signature
+from .revision import IndexCopy, fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
@@ -46,11 +46,11 @@ TICK = 1.0  # look at the config and the engine's timers at least this often
 WATCH = 0.1  # stat polling looks this often, and a change it sees must have settled this long
 INOTIFY_QUIET_MS = 10  # inotify: events are grouped until none came for this long. A git command
 # that writes the checkout (checkout, reset, merge, commit -a) holds .git/index.lock throughout:
-# the reload waits for it to go (_git_settled), so a checkout is one reload however long the
+# the reload waits for it to go (GitLock.settled), so a checkout is one reload however long the
 # gaps between its writes on a loaded machine; the window is for a writer without a lock (an
 # editor's rename, one file). It was 50 ms: 50-100 ms of every commit's latency (watchfiles
 # returns a batch one step after the last step that saw a new event).
-GIT_LOCK_WAIT = 10.0  # s: the longest index.lock holds a reload back (a stale lock: then the reload goes on)
+GIT_LOCK_WAIT = 10.0  # s: the longest index.lock holds a reload back; a lock older and held by no process: none (GitLock)
 RECHECK = 30.0  # look at content and commit this often even without a notification
 TRIM_EVERY = 10.0  # give free heap pages back to the system this often (_release_free_memory)
 
@@ -133,6 +133,7 @@ class Watcher:
         # only if these moved.
         self._signature: tuple[tuple[str, int, int, int], ...] | None = None
         self._git_dir: str | None | bool = False  # False: not asked yet
+        self._index: IndexCopy | None = None  # the git index's copy status refreshes (revision.IndexCopy)
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
         self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keep-desired")
@@ -145,6 +146,7 @@ class Watcher:
         self._revision: Callable[[], str] | None = None
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
         self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
+        self.git_lock = GitLock(None)  # index.lock: what holds a reload back (poke_on_change sets it)
         self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
 
     def load(self) -> DesiredState:
@@ -158,7 +160,7 @@ class Watcher:
         if peeked is None:
             self._contents = {}
         fp, rev = peeked if peeked is not None else (
-            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp))
+            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp, self._index_copy()))
         contents, self._contents = self._contents, {}
         self._signature, self._checked = signature, time.monotonic()
 
@@ -287,6 +289,17 @@ class Watcher:
 
     def close(self) -> None:
         self._keeper.shutdown(wait=True)
+        if self._index is not None:
+            self._index.close()
+
+    def _index_copy(self) -> IndexCopy | None:
+        """The IndexCopy git status reads (None outside git)."""
+        if self._git_dir is False:
+            self._git_dir = git_dir(self.directory)
+        assert not isinstance(self._git_dir, bool)
+        if self._index is None and self._git_dir:
+            self._index = IndexCopy(self._git_dir)
+        return self._index
 
     def _stat_signature(self) -> tuple[tuple[str, int, int, int], ...]:
         if self._git_dir is False:
@@ -321,9 +334,9 @@ class Watcher:
         self._contents = {}
         fp = fingerprint(self.directory, self._contents)
         if overlap and (self.seen is None or fp != self.seen[0]):
-            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp)
+            self._peeked, self._revision = (fp, None), revision_started(self.directory, fp, self._index_copy())
             return True
-        now = (fp, revision(self.directory, fp))
+        now = (fp, revision(self.directory, fp, self._index_copy()))
         self._peeked = now if now != self.seen else None  # load() follows at once
         return now != self.seen
 
@@ -350,11 +363,12 @@ class Watcher:
         if gd and not os.path.realpath(gd).startswith(top + os.sep):
             paths.append(os.path.realpath(gd))
         self.notifier = "inotify"
+        self.git_lock = GitLock(gd)
         self._mark(poke)  # anything between load() and the watch being set up
         async for _ in watchfiles.awatch(*paths, watch_filter=_Relevant(top, gd), debounce=1000,
                                          step=INOTIFY_QUIET_MS, force_polling=False):
             self.batch_at = time.time()
-            await _git_settled(gd)
+            await self.git_lock.settled()
             self._mark(poke)
 
     async def _poll(self, poke: asyncio.Event, gd: str | None) -> None:
@@ -376,24 +390,94 @@ class Watcher:
             self._mark(poke)
 
 
-async def _git_settled(gd: str | None, wait: float = GIT_LOCK_WAIT) -> None:
-    """Return once no git command is writing the checkout: while ``index.lock`` exists one is
-    (checkout, reset, merge, commit -a write the work tree and index under it), then one quiet
-    window more (a checkout moves HEAD just after it lets the index go). At most ``wait`` s:
-    a lock left by a killed git must not stop reloads for good (git itself refuses to run then,
-    so the operator hears of it)."""
-    if not gd:
-        return
-    lock = os.path.join(gd, "index.lock")
-    if not os.path.exists(lock):
-        return
-    deadline = time.monotonic() + wait
-    while os.path.exists(lock):
-        if time.monotonic() >= deadline:
-            log.warning("%s has stayed for %.0fs: reloading anyway (a git command killed half-way?)", lock, wait)
+def _lock_held(path: str) -> bool | None:
+    """Whether a process has ``path`` open (git keeps its index.lock open while it works);
+    None if some process's descriptors could not be read (another user's git: cannot tell)."""
+    unknown = False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                    return True
+            except OSError:
+                continue
+    return None if unknown else False
+
+
+class GitLock:
+    """``index.lock`` as a reload sees it. While it exists a git command is writing the checkout
+    (checkout, reset, merge, commit -a write the work tree and index under it): the reload
+    waits for it to go. A lock left by a killed git stays for good (git itself refuses to run
+    then, so the operator hears of it): it held every reload GIT_LOCK_WAIT s. Now a lock is
+    given up on, once, with one warning naming it, when it has been waited on that long, or
+    when first seen its mtime is that old and no process holds it open; the same lock (inode
+    and mtime unchanged) then holds no reload again. ``stale`` names it (the status)."""
+
+    def __init__(self, gd: str | None, wait: float = GIT_LOCK_WAIT, *,
+                 now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 held: Callable[[str], bool | None] = _lock_held) -> None:
+        self.path = os.path.join(os.path.realpath(gd), "index.lock") if gd else None
+        self.wait = wait
+        self._now, self._sleep, self._held = now, sleep, held
+        self._given_up: tuple[int, int] | None = None  # (inode, mtime_ns) of the lock given up on
+        self.stale: str | None = None  # the path of a lock given up on, while it is there
+
+    def _key(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def _give_up(self, key: tuple[int, int], why: str) -> None:
+        self._given_up, self.stale = key, self.path
+        log.warning("%s %s: reloads no longer wait for it (a git command killed half-way? remove it if no git "
+                    "runs in the checkout)", self.path, why)
+
+    async def settled(self) -> None:
+        """Return once no git command is writing the checkout (then one quiet window more: a
+        checkout moves HEAD just after it lets the index go), or the lock is given up on."""
+        if self.path is None:
             return
-        await asyncio.sleep(INOTIFY_QUIET_MS / 1000)
-    await asyncio.sleep(INOTIFY_QUIET_MS / 1000)
+        key = self._key()
+        if key is None:
+            self.stale = None
+            return
+        waited = 0.0
+        step = INOTIFY_QUIET_MS / 1000
+        while key is not None:
+            if key == self._given_up:
+                return
+            if self._given_up is not None:
+                self._given_up = self.stale = None  # a new lock: the old one went
+            age = self._now() - key[1] / 1e9
+            if waited == 0.0 and age >= self.wait and self._held(self.path) is not True:
+                self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
+                return
+            if waited >= self.wait:
+                self._give_up(key, f"has stayed for {waited:.0f}s")
+                return
+            await self._sleep(step)
+            waited += step
+            new = self._key()
+            if new != key:
+                waited = 0.0 if new is not None else waited
+            key = new
+        self.stale = None
+        await self._sleep(step)
 
 
 class _Relevant:

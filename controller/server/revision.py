@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
+import threading
 from collections.abc import Callable
 
 from ..config.errors import ConfigError
@@ -101,13 +104,65 @@ def _git_all(directory: str, *commands: tuple[str, ...]) -> list[str | None]:
     return _git_started(directory, *commands)()
 
 
-def _git_started(directory: str, *commands: tuple[str, ...]) -> Callable[[], list[str | None]]:
-    """_git_all's commands started now; the function returned waits for their answers."""
+class IndexCopy:
+    """The controller's own copy of the checkout's git index, for ``git status``.
+
+    ``git --no-optional-locks status`` never writes the index it refreshed (it must not take
+    index.lock: an operator's commit at that moment would fail), so a file committed in the
+    same second as the index was written stays "racily clean" for good: git cannot trust its
+    stat data and hashes it again on every status (a 5.5 MB vips.yaml: 15-30 ms a reload,
+    and every periodic look). A status on a copy of the index (GIT_INDEX_FILE) may write it:
+    git refreshes the copy under the copy's own lock, as a plain ``git status`` would the
+    index, and the next status trusts the stat data. The copy keeps the index's mtime (git's
+    racy-entry rule is judged against it) and is taken again whenever the index changes
+    (a commit, add, checkout, reset): what status answers is what it answers on the index."""
+
+    def __init__(self, git_dir: str) -> None:
+        self.index = os.path.join(git_dir, "index")
+        self._dir: str | None = None
+        self._key: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+
+    def path(self) -> str | None:
+        """The copy, up to date with the index; None (git's own index, read only) if there is
+        no index or it cannot be copied."""
+        with self._lock:
+            try:
+                st = os.stat(self.index)
+                key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if self._dir is None:
+                    self._dir = tempfile.mkdtemp(prefix="anycast-git-index-")
+                copy = os.path.join(self._dir, "index")
+                if key != self._key:
+                    tmp = copy + ".new"
+                    shutil.copyfile(self.index, tmp)
+                    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    os.replace(tmp, copy)
+                    self._key = key
+                return copy
+            except OSError:
+                self._key = None
+                return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir, self._key = None, None
+
+
+def _git_started(directory: str, *commands: tuple[str, ...],
+                 index: str | None = None) -> Callable[[], list[str | None]]:
+    """_git_all's commands started now; the function returned waits for their answers.
+    ``index``: GIT_INDEX_FILE for commands starting with "status" (IndexCopy), which may then
+    write it (no --no-optional-locks: the lock is the copy's, not the checkout's)."""
     procs: list[subprocess.Popen[str] | None] = []
     for args in commands:
+        own = index is not None and args[:1] == ("status",)
+        env = {**os.environ, "GIT_INDEX_FILE": index} if own and index is not None else None
         try:
-            procs.append(subprocess.Popen(["git", "--no-optional-locks", "-C", directory, *args], text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(["git", *(() if own else ("--no-optional-locks",)), "-C", directory, *args],
+                                          text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env))
         except OSError:
             procs.append(None)
 
@@ -129,19 +184,20 @@ def _git_started(directory: str, *commands: tuple[str, ...]) -> Callable[[], lis
     return answers
 
 
-def revision(directory: str, fp: str | None = None) -> str:
+def revision(directory: str, fp: str | None = None, index: IndexCopy | None = None) -> str:
     """``3f2a9c1e0b7d`` for a clean checkout, ``3f2a9c1e0b7d+dirty.1a2b3c4d`` if files differ
     from the commit, ``sha256:...`` outside git. ``fp``: fingerprint(directory), if the
-    caller has it already."""
-    return revision_started(directory, fp or fingerprint(directory))()
+    caller has it already. ``index``: the caller's IndexCopy (status on it)."""
+    return revision_started(directory, fp or fingerprint(directory), index)()
 
 
-def revision_started(directory: str, fp: str) -> Callable[[], str]:
+def revision_started(directory: str, fp: str, index: IndexCopy | None = None) -> Callable[[], str]:
     """revision(directory, fp), its git commands started now and their answers awaited when
     the function returned is called: the reload parses the files meanwhile (each git is a
     fork and an exec, and ``status`` hashes the changed files: 30-60 ms on a loaded machine)."""
     # (both at once, side by side)
-    answers = _git_started(directory, ("rev-parse", "HEAD"), ("status", "--porcelain", "--", "."))
+    answers = _git_started(directory, ("rev-parse", "HEAD"), ("status", "--porcelain", "--", "."),
+                           index=index.path() if index is not None else None)
 
     def result() -> str:
         head, dirty = answers()

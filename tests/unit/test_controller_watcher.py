@@ -47,7 +47,7 @@ def test_the_periodic_look_reads_no_file_while_the_stat_data_stands_still_and_se
     real = daemon.fingerprint
     monkeypatch.setattr(daemon, "fingerprint", lambda d, contents=None: hashed.append(d) or real(d, contents))
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
-    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: f"sha256:{(fp or real(d))[:12]}")
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None, index=None: f"sha256:{(fp or real(d))[:12]}")
     monkeypatch.setattr(daemon, "RECHECK", 0.0)  # every changed() is the periodic look
     watcher = daemon.Watcher(str(config), str(tmp_path / "state"))
     try:
@@ -76,7 +76,7 @@ def test_a_new_revision_of_the_same_files_is_not_read_again_and_an_edit_is(
     real = daemon.load_desired
     monkeypatch.setattr(daemon, "load_desired", lambda d, rev, cache=None: loads.append(rev) or real(d, rev, cache))
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
-    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: next(revisions))
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None, index=None: next(revisions))
     watcher = daemon.Watcher(str(config), str(tmp_path / "state"))
     try:
         first = watcher.load()
@@ -101,7 +101,7 @@ def test_a_loader_bug_refuses_the_revision_as_a_config_error_and_the_next_one_lo
 
     config = copy(tmp_path)
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
-    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: "sha256:test")
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None, index=None: "sha256:test")
     watcher = daemon.Watcher(str(config))
     real = daemon.load_desired
 
@@ -126,7 +126,7 @@ def test_a_reload_loads_the_bytes_its_look_hashed_without_reading_them_again(
 
     config = copy(tmp_path)
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
-    monkeypatch.setattr(daemon, "revision", lambda d, fp=None: "rev")
+    monkeypatch.setattr(daemon, "revision", lambda d, fp=None, index=None: "rev")
     watcher = daemon.Watcher(str(config), str(tmp_path / "state"))
     read: list[str] = []
     real = loader.read_text
