@@ -1,7 +1,9 @@
 """Diagnostic sitecustomize for the controller daemon (section 3q): PYTHONPATH=DIR STALLWATCH=FILE. Logs
 callbacks over 30 ms (SLOWCB, with the main thread CPU), epoll waits that returned 30 ms late (SLOWSELECT: the
 GIL re-taken late) and gaps over 40 ms in a 5 ms watchdog thread (WATCHGAP, with each thread's CPU ticks over the
-gap). SWITCHINT=S: sys.setswitchinterval(S) in the daemon."""
+gap). SWITCHINT=S: sys.setswitchinterval(S) in the daemon.
+INLINE_PARSE=1: the daemon parses every report on the loop (app.THREADED_REPORT_BYTES set past any body).
+"""
 import os, sys, time, threading
 _OUT = os.environ.get("STALLWATCH")
 if _OUT and "controller.cli.controller_main" in " ".join(getattr(sys, "orig_argv", sys.argv)) or (_OUT and os.environ.get("STALLWATCH_ALL")):
@@ -57,3 +59,9 @@ if _OUT and "controller.cli.controller_main" in " ".join(getattr(sys, "orig_argv
     _t0 = [time.perf_counter()]
 if os.environ.get("SWITCHINT") and "controller.cli.controller_main" in " ".join(getattr(sys, "orig_argv", sys.argv)):
     sys.setswitchinterval(float(os.environ["SWITCHINT"]))
+if os.environ.get("INLINE_PARSE") and "controller.cli.controller_main" in " ".join(getattr(sys, "orig_argv", sys.argv)):
+    def _inline():
+        while "controller.server.app" not in sys.modules or not hasattr(sys.modules["controller.server.app"], "THREADED_REPORT_BYTES"):
+            time.sleep(0.01)
+        sys.modules["controller.server.app"].THREADED_REPORT_BYTES = 1 << 40
+    threading.Thread(target=_inline, daemon=True).start()
