@@ -13,7 +13,8 @@ the real daemon (``controller_scale.Daemon``) on the benchmark's generated check
 
 ``--pyspy PREFIX``: py-spy records the daemon (every thread, raw folded stacks, 100 Hz,
 non-blocking) through the burst and its pass into PREFIX.burst.txt and through the commits
-into PREFIX.commits.txt. Run it from a worktree of the code to measure, with any venv: the
+into PREFIX.commits.txt (``--gil``: only the thread holding the GIL at each sample). Run it
+from a worktree of the code to measure, with any venv: the
 daemon is started from this file's checkout (``controller_scale.ROOT``).
 """
 
@@ -43,11 +44,12 @@ def _git_head() -> str:
 class _Spy:
     """py-spy recording the daemon until stopped (nothing when no prefix was given)."""
 
-    def __init__(self, pid: int, out: str | None) -> None:
+    def __init__(self, pid: int, out: str | None, gil: bool = False) -> None:
         self.proc = None
         if out:
             exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--threads", "--nonblocking",
+                                          *(["--gil"] if gil else []),
                                           "--rate", "100", "--format", "raw", "--output", out],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -57,7 +59,7 @@ class _Spy:
             self.proc.wait(60)
 
 
-async def drive(files: int, commits: int, pyspy: str | None) -> dict[str, Any]:
+async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False) -> dict[str, Any]:
     from controller import wire
     from controller.agent.controller_link import HealthReport
     from controller.agent.plan_client import PlanClient
@@ -122,7 +124,7 @@ async def drive(files: int, commits: int, pyspy: str | None) -> dict[str, Any]:
 
         probe = cs._Probe(daemon.port, tmp / "probe-burst.json")
         await asyncio.sleep(0.5)
-        spy = _Spy(daemon.proc.pid, f"{pyspy}.burst.txt" if pyspy else None)
+        spy = _Spy(daemon.proc.pid, f"{pyspy}.burst.txt" if pyspy else None, gil)
         load0, t_all = load_average(), time.monotonic()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             posts = await asyncio.gather(*(one(pop, session) for pop in clients))
@@ -148,7 +150,7 @@ async def drive(files: int, commits: int, pyspy: str | None) -> dict[str, Any]:
         assert plan is not None
         vips_file = cdir / "vips.yaml"
         probe = cs._Probe(daemon.port, tmp / "probe-commits.json")
-        spy = _Spy(daemon.proc.pid, f"{pyspy}.commits.txt" if pyspy else None)
+        spy = _Spy(daemon.proc.pid, f"{pyspy}.commits.txt" if pyspy else None, gil)
         load0 = load_average()
         totals = []
         for rep in range(commits):
@@ -194,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=1)
     ap.add_argument("--commits", type=int, default=5)
     ap.add_argument("--pyspy", help="record the daemon with py-spy into PREFIX.burst.txt / PREFIX.commits.txt")
+    ap.add_argument("--gil", action="store_true", help="with --pyspy: sample only the thread holding the GIL "
+                    "(py-spy record --gil): which thread keeps the event loop from running")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    res = {"label": args.label, "started": started, **asyncio.run(drive(args.files, args.commits, args.pyspy))}
+    res = {"label": args.label, "started": started, **asyncio.run(drive(args.files, args.commits, args.pyspy, args.gil))}
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(res) + "\n")
     b, s, c = res["burst_stall_ms"], res["steady_stall_ms"], res["commits_stall_ms"]
