@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(*GC_THRESHOLD)
     daemon.FREEZE_HEAP = True  # (server/daemon.py, _freeze_heap)
     logs.setup("anycast-controller", args.log_level)
+    watcher = None
     try:
         watcher = Watcher(args.config_dir, args.state_dir)
         # HA: a checkout that does not load, on a host without a kept copy, starts on etcd's.
@@ -70,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenFailed as exc:  # another process has the port: nothing was served, the state is untouched
         print(f"anycast-controller: {exc}", file=sys.stderr)
         return Exit.UNAVAILABLE
+    finally:
+        if watcher is not None:
+            watcher.close()  # (its copy of the git index, whatever ended the run)
 
 
 if __name__ == "__main__":

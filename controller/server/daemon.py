@@ -79,7 +79,12 @@ _release_free_memory = _malloc_trim()
 FREEZE_HEAP = False
 
 
-def _freeze_heap() -> None:
+# How often a freeze first unfreezes and collects the whole heap (see _freeze_heap).
+FULL_COLLECTION_EVERY = 3600.0
+_last_full: list[float] = []  # when the last full collection ran (monotonic), once one has
+
+
+def _freeze_heap(now: Callable[[], float] = time.monotonic) -> None:
     """Move every object alive now out of cyclic garbage collection (``gc.freeze``), after
     the start-up load and after each reload's apply_config: at 10,000 VIPs x 50 POPs the
     desired state, its index and the plans are millions of objects that live until a reload
@@ -92,10 +97,26 @@ def _freeze_heap() -> None:
     RSS across 20 commits moved as on main (results/README.md 3r). A young collection first
     (generations 0 and 1: thousands of objects, not the heap) frees the cyclic garbage that is
     recent, so what a freeze keeps is only what had already reached generation 2; a full
-    collection would scan the whole heap on the event loop."""
-    if FREEZE_HEAP:
-        gc.collect(1)
-        gc.freeze()
+    collection would scan the whole heap on the event loop, so it runs (unfrozen first) only
+    at a freeze FULL_COLLECTION_EVERY s or more after the last one."""
+    if not FREEZE_HEAP:
+        return
+    t = now()
+    if not _last_full:
+        _last_full.append(t)
+    elif t - _last_full[0] >= FULL_COLLECTION_EVERY:
+        # What became cyclic garbage after an earlier freeze (a long-poll's request parked at
+        # that moment, finished since) is never collected while frozen: at most once an hour,
+        # at a reload, the whole heap is collected (0.5-0.7 s at 10,000 VIPs x 50 POPs).
+        started = time.perf_counter()
+        gc.unfreeze()
+        found = gc.collect()
+        _last_full[0] = t
+        log.info("heap: a full garbage collection before freezing it again found %d unreachable objects in "
+                 "%.0f ms (at most once every %.0f s, at a reload)", found, (time.perf_counter() - started) * 1000,
+                 FULL_COLLECTION_EVERY)
+    gc.collect(1)
+    gc.freeze()
 
 
 class ListenFailed(Exception):
@@ -298,7 +319,8 @@ class Watcher:
             self._git_dir = git_dir(self.directory)
         assert not isinstance(self._git_dir, bool)
         if self._index is None and self._git_dir:
-            self._index = IndexCopy(self._git_dir)
+            under = os.path.join(self.state_dir, "git-index") if self.state_dir else None
+            self._index = IndexCopy(self._git_dir, under)
         return self._index
 
     def _stat_signature(self) -> tuple[tuple[str, int, int, int], ...]:
@@ -422,15 +444,18 @@ class GitLock:
     then, so the operator hears of it): it held every reload GIT_LOCK_WAIT s. Now a lock is
     given up on, once, with one warning naming it, when it has been waited on that long, or
     when first seen its mtime is that old and no process holds it open; the same lock (inode
-    and mtime unchanged) then holds no reload again. ``stale`` names it (the status)."""
+    and mtime unchanged) then holds no reload again. ``stale`` names it while it is there (the
+    warning says it once; not yet in the status JSON). A lock a process holds open is never
+    given up on (see settled)."""
 
     def __init__(self, gd: str | None, wait: float = GIT_LOCK_WAIT, *,
                  now: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  held: Callable[[str], bool | None] = _lock_held) -> None:
         self.path = os.path.join(os.path.realpath(gd), "index.lock") if gd else None
         self.wait = wait
-        self._now, self._sleep, self._held = now, sleep, held
+        self._now, self._clock, self._sleep, self._held = now, clock, sleep, held
         self._given_up: tuple[int, int] | None = None  # (inode, mtime_ns) of the lock given up on
         self.stale: str | None = None  # the path of a lock given up on, while it is there
 
@@ -447,34 +472,55 @@ class GitLock:
         log.warning("%s %s: reloads no longer wait for it (a git command killed half-way? remove it if no git "
                     "runs in the checkout)", self.path, why)
 
+    async def _held_now(self) -> bool | None:
+        assert self.path is not None
+        return await asyncio.to_thread(self._held, self.path)  # (a walk of /proc: not on the loop)
+
     async def settled(self) -> None:
         """Return once no git command is writing the checkout (then one quiet window more: a
-        checkout moves HEAD just after it lets the index go), or the lock is given up on."""
+        checkout moves HEAD just after it lets the index go), or the lock is given up on.
+
+        Given up on only when no process is known to hold it: at first sight if its mtime is
+        GIT_LOCK_WAIT old and no process has it open (``_lock_held`` False; "cannot tell",
+        another user's processes, is not enough), else after GIT_LOCK_WAIT of waiting (by the
+        monotonic clock) unless a process is seen holding it then. A lock a running git holds
+        is waited for however long it takes (a slow checkout must not be loaded half-written),
+        with one warning per lock once the bound is passed."""
         if self.path is None:
             return
         key = self._key()
         if key is None:
             self.stale = None
             return
-        waited = 0.0
         step = INOTIFY_QUIET_MS / 1000
+        since, first, told = self._clock(), True, False
         while key is not None:
             if key == self._given_up:
                 return
             if self._given_up is not None:
                 self._given_up = self.stale = None  # a new lock: the old one went
-            age = self._now() - key[1] / 1e9
-            if waited == 0.0 and age >= self.wait and self._held(self.path) is not True:
-                self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
-                return
+            if first:
+                first = False
+                age = self._now() - key[1] / 1e9
+                if age >= self.wait and await self._held_now() is False:
+                    self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
+                    return
+            waited = self._clock() - since
             if waited >= self.wait:
-                self._give_up(key, f"has stayed for {waited:.0f}s")
-                return
+                held = await self._held_now()
+                if held is not True:
+                    self._give_up(key, f"has stayed for {waited:.0f}s" +
+                                  ("" if held is False else " (whether a process holds it open cannot be told)"))
+                    return
+                if not told:
+                    told = True
+                    log.warning("%s is held open by a running process after %.0fs: reloads wait for it to go",
+                                self.path, waited)
+                since = self._clock()  # look again after another bound
             await self._sleep(step)
-            waited += step
             new = self._key()
-            if new != key:
-                waited = 0.0 if new is not None else waited
+            if new is not None and new != key:
+                since, first, told = self._clock(), True, False  # another git's lock
             key = new
         self.stale = None
         await self._sleep(step)

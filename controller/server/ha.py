@@ -167,6 +167,7 @@ async def serve_ha(watcher: Watcher, settings: HaSettings, name: str | None = No
             finally:
                 watching.cancel()
                 shell.term_registry = None
+                term_watcher.close()  # (serve closes it too, unless it failed before it began)
             if not stop.is_set():
                 log.warning("%s stopped leading; back to follower", name)
                 await asyncio.sleep(leadership.poll)

@@ -115,25 +115,43 @@ class IndexCopy:
     git refreshes the copy under the copy's own lock, as a plain ``git status`` would the
     index, and the next status trusts the stat data. The copy keeps the index's mtime (git's
     racy-entry rule is judged against it) and is taken again whenever the index changes
-    (a commit, add, checkout, reset): what status answers is what it answers on the index."""
+    (a commit, add, checkout, reset): what status answers is what it answers on the index.
+    The copy lives in ``under`` (the daemon: STATE_DIR/git-index/PID-*), and a copy whose
+    controller is gone (killed, or an error before its close) is removed by the next one."""
 
-    def __init__(self, git_dir: str) -> None:
+    def __init__(self, git_dir: str, under: str | None = None) -> None:
         self.index = os.path.join(git_dir, "index")
+        # A repository with submodules keeps git's own index, read only: a status on the copy
+        # may take optional locks, and it recurses into each submodule's real index.
+        self._submodules = os.path.exists(os.path.join(os.path.dirname(os.path.realpath(git_dir)), ".gitmodules"))
+        self._under = under  # where copies go (the state directory's git-index/); None: the temp dir
         self._dir: str | None = None
         self._key: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
 
+    def _make_dir(self) -> str:
+        if self._under is None:
+            return tempfile.mkdtemp(prefix="anycast-git-index-")
+        os.makedirs(self._under, mode=0o700, exist_ok=True)
+        for name in os.listdir(self._under):  # a killed controller's copies (PID-...), not a live one's
+            pid = name.split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(self._under, name), ignore_errors=True)
+        return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self._under)
+
     def path(self) -> str | None:
         """The copy, up to date with the index; None (git's own index, read only) if there is
         no index or it cannot be copied."""
+        if self._submodules:
+            return None
         with self._lock:
             try:
                 st = os.stat(self.index)
                 key = (st.st_ino, st.st_size, st.st_mtime_ns)
                 if self._dir is None:
-                    self._dir = tempfile.mkdtemp(prefix="anycast-git-index-")
+                    self._dir = self._make_dir()
                 copy = os.path.join(self._dir, "index")
-                if key != self._key:
+                if key != self._key or not os.path.exists(copy):  # (a copy someone removed: taken again)
                     tmp = copy + ".new"
                     shutil.copyfile(self.index, tmp)
                     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -149,6 +167,16 @@ class IndexCopy:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir, self._key = None, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 def _git_started(directory: str, *commands: tuple[str, ...],

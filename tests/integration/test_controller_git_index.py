@@ -68,3 +68,44 @@ def test_status_on_the_copy_refreshes_a_racily_clean_entry_once_and_answers_as_b
     assert "+dirty." in revision(str(d), index=copy) and "+dirty." in revision(str(d))
     copy.close()
     assert not os.path.exists(path)
+
+
+def _checkout(d: Path) -> str:
+    d.mkdir()
+    git(d, "init", "-q")
+    (d / "vips.yaml").write_text("vips: []\n")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "one")
+    return git(d, "rev-parse", "HEAD")[:12]
+
+
+def test_copies_live_under_the_state_dir_and_a_killed_controllers_are_removed(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    head = _checkout(d)
+    under = tmp_path / "state" / "git-index"
+    under.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (under / f"{dead.pid}-left").mkdir()  # a copy whose controller is gone
+    (under / f"{os.getppid()}-live").mkdir()  # another live process's: kept
+    copy = IndexCopy(str(d / ".git"), str(under))
+    assert revision(str(d), index=copy) == head
+    path = copy.path()
+    assert path is not None and Path(path).parent.parent == under
+    assert not (under / f"{dead.pid}-left").exists() and (under / f"{os.getppid()}-live").exists()
+    os.unlink(path)  # the copy removed behind its back: taken again, not read as missing (all dirty)
+    assert revision(str(d), index=copy) == head and os.path.exists(path)
+    copy.close()
+    assert not Path(path).parent.exists()
+
+
+def test_a_repository_with_submodules_keeps_gits_own_index_read_only(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    head = _checkout(d)
+    (d / ".gitmodules").write_text("")
+    git(d, "add", ".gitmodules")
+    git(d, "commit", "-qm", "modules")
+    head = git(d, "rev-parse", "HEAD")[:12]
+    copy = IndexCopy(str(d / ".git"))
+    assert copy.path() is None
+    assert revision(str(d), index=copy) == head
