@@ -21,3 +21,28 @@ def random_specs(rng: random.Random, names: tuple[str, ...],
         if name not in out or rng.random() < 0.05:
             out[name] = {**SPEC, "name": name, "address": f"198.51.100.{names.index(name) + rng.choice((1, 100))}/32"}
     return out
+
+
+class PlanSide:
+    """The controller's side for one POP (``sjc``) in the plan tests: specs and items, the
+    store serving them, the generation last served. Subclasses fill ``specs`` and ``items``."""
+
+    def __init__(self) -> None:
+        from controller.server.plans import PlanStore
+
+        self.store = PlanStore()
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.items: dict[str, Any] = {}
+        self.generation = 0
+
+    def serve(self, token: object = None) -> int | None:
+        g = self.store.serve("sjc", dict(self.items), dict(self.specs), f"rev{self.generation}", self.generation, token)
+        if g is not None:
+            self.generation = g
+        return g
+
+    def body(self, after: int | None) -> dict[str, Any]:
+        import json
+
+        value: dict[str, Any] = json.loads(self.store.body("sjc", after))
+        return value

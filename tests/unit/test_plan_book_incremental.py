@@ -22,7 +22,7 @@ from controller.wire import PlanReason, decode_plan_answer
 
 from controller.config.desired import load_desired
 from controller.config.serialize import vip_to_dict
-from controller.server.plans import PlanStore
+from tests.helpers.plan_specs import PlanSide
 
 DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
 ALLOWED = DESIRED.allowed_prefixes
@@ -35,24 +35,14 @@ def spec_like(name: str, address: str) -> dict[str, Any]:
     return spec
 
 
-class Fleet:
+class Fleet(PlanSide):
     """The controller's side for one POP (test_plan_deltas' Fleet): specs, items, the store."""
 
     def __init__(self, n: int) -> None:
-        self.store = PlanStore()
+        super().__init__()
         self.specs = {f"vip-{i}": spec_like(f"vip-{i}", f"198.51.100.{20 + i}/32") for i in range(n)}
         self.items = {name: PlanItem(name, True, "us-west") for name in self.specs}
-        self.generation = 0
 
-    def serve(self) -> int | None:
-        g = self.store.serve("sjc", dict(self.items), dict(self.specs), f"rev{self.generation}", self.generation)
-        if g is not None:
-            self.generation = g
-        return g
-
-    def body(self, after: int | None) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads(self.store.body("sjc", after))
-        return value
 
 SEEDS = [1, 2, 3, 4, int(time.time())]
 

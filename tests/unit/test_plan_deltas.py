@@ -24,6 +24,8 @@ from controller.server.plans import LOG_DEPTH, PlanStore
 from controller.wire import (PlanReason, WireError, WireReport, apply_report_delta, canonical_json, decode_plan_answer,
                              decode_report, encode_report, parse_counter, report_delta, report_limit, spec_hash)
 
+from tests.helpers.plan_specs import PlanSide
+
 DESIRED = load_desired(str(Path(__file__).resolve().parents[2] / "configs" / "controller"), "rev")
 ALLOWED = DESIRED.allowed_prefixes
 GAME = vip_to_dict(DESIRED.vip("game-global").vip)  # type: ignore[union-attr]
@@ -36,27 +38,16 @@ def spec_like(base: dict[str, Any], name: str, address: str) -> dict[str, Any]:
     return spec
 
 
-class Fleet:
+class Fleet(PlanSide):
     """A controller side for one POP: specs, items, and the store serving them."""
 
     def __init__(self, n: int = 3) -> None:
-        self.store = PlanStore()
+        super().__init__()
         self.specs = {"game-global": GAME, "api-eu": API}
         for i in range(n - 2):
             self.specs[f"vip-{i}"] = spec_like(GAME, f"vip-{i}", f"198.51.100.{20 + i}/32")
         self.items = {name: PlanItem(name, True, "us-west" if name != "api-eu" else "eu-central")
                       for name in self.specs}
-        self.generation = 0
-
-    def serve(self, token: object = None) -> int | None:
-        g = self.store.serve("sjc", dict(self.items), dict(self.specs), f"rev{self.generation}", self.generation, token)
-        if g is not None:
-            self.generation = g
-        return g
-
-    def body(self, after: int | None) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads(self.store.body("sjc", after))
-        return value
 
 
 def held(book: PlanBook) -> tuple[Any, ...]:
