@@ -313,21 +313,23 @@ class Watcher:
         if self._index is not None:
             self._index.close()
 
-    def _index_copy(self) -> IndexCopy | None:
-        """The IndexCopy git status reads (None outside git)."""
+    def _gd(self) -> str | None:
+        """The checkout's git directory (None outside git), asked once."""
         if self._git_dir is False:
             self._git_dir = git_dir(self.directory)
         assert not isinstance(self._git_dir, bool)
-        if self._index is None and self._git_dir:
+        return self._git_dir
+
+    def _index_copy(self) -> IndexCopy | None:
+        """The IndexCopy git status reads (None outside git)."""
+        gd = self._gd()
+        if self._index is None and gd:
             under = os.path.join(self.state_dir, "git-index") if self.state_dir else None
-            self._index = IndexCopy(self._git_dir, under)
+            self._index = IndexCopy(gd, under)
         return self._index
 
     def _stat_signature(self) -> tuple[tuple[str, int, int, int], ...]:
-        if self._git_dir is False:
-            self._git_dir = git_dir(self.directory)
-        assert not isinstance(self._git_dir, bool)
-        return stat_signature(self.directory, self._git_dir)
+        return stat_signature(self.directory, self._gd())
 
     def pending(self) -> bool:
         """Whether changed() has anything to look at (a notification, or the periodic look is due)."""
