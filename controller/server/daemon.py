@@ -167,12 +167,33 @@ class Watcher:
         self._revision: Callable[[], str] | None = None
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
         self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
-        self.git_lock = GitLock(None)  # index.lock: what holds a reload back (poke_on_change sets it)
+        self.git_lock = GitLock(None)  # index.lock: what holds a reload back (_git_lock sets it)
+        self.unsettled = False  # the last reload found what it read moving: settle() before the next
         self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
 
     def load(self) -> DesiredState:
+        """The desired state on disk now, with its revision. A read that moved under it (a git
+        command writing the checkout: index.lock there, or the stat data of the files or of
+        git's HEAD, refs and index moved while the files were read and git answered) is not
+        loaded: read again once settled. After GIT_LOCK_WAIT of that, what is there is loaded,
+        with a warning (the watch reloads it once git is done)."""
+        waited = time.monotonic()
+        while True:
+            try:
+                return self._load()
+            except _Unsettled as exc:
+                if time.monotonic() - waited >= GIT_LOCK_WAIT:
+                    log.warning("%s for %.0fs: loaded as it is (the watch loads it again once git is done)",
+                                exc, GIT_LOCK_WAIT)
+                    return self._load(settled_only=False)
+                time.sleep(WATCH)
+
+    def _load(self, settled_only: bool = True) -> DesiredState:
+        """One look and load. ``settled_only``: raise _Unsettled, and change nothing the next
+        look compares with, if what was read moved under it (see load)."""
         # What changed() just computed, if it did (hashing every file and two git commands:
         # ~30-60 ms a reload that need not be paid twice), else now.
+        seen_before, self.unsettled = self.seen, False
         peeked, self._peeked = self._peeked, None
         pending, self._revision = self._revision, None
         if peeked is None:
@@ -201,21 +222,29 @@ class Watcher:
             desired = dataclasses.replace(self._loaded[1], revision=revision_now())
         else:
             self.cache.prefetched = contents  # (the bytes just hashed: not read again)
+            refused: ConfigError | None = None
             try:
                 desired = load_desired(self.directory, rev or "", self.cache)
-            except ConfigError:
-                raise
+            except ConfigError as exc:
+                refused = exc
             except Exception as exc:  # noqa: BLE001 - a loader bug refuses the revision, never ends the controller
                 log.exception("loading config revision %s failed unexpectedly", rev or "(git still answering)")
-                raise ConfigError(self.directory, [ConfigIssue(
-                    "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")]) from exc
+                refused = ConfigError(self.directory, [ConfigIssue(
+                    "", f"the loader failed unexpectedly ({type(exc).__name__}: {str(exc)[:300]}); please report it")])
+                refused.__cause__ = exc
             finally:
                 revision_now()  # (also for a refused load: ``seen`` names the revision refused)
+            if refused is not None:
+                if settled_only:
+                    self._unsettled(signature, seen_before)  # (a checkout half-written: not refused)
+                raise refused
             if desired.revision != revision_now():
                 desired = dataclasses.replace(desired, revision=revision_now())
             if self.state_dir:
                 desired = dataclasses.replace(desired, state_dir=self.state_dir)
         rev = revision_now()
+        if settled_only:
+            self._unsettled(signature, seen_before)
         self._loaded = (fp, desired)
         self._to_keep = (fp, rev, {name: text for name, (text, _) in self.cache.files.items()})
         self.start_error = None
@@ -308,6 +337,34 @@ class Watcher:
             return
         self._keeper.submit(keep)
 
+    def _unsettled(self, before: tuple[tuple[str, int, int, int], ...] | None,
+                   seen: tuple[str, str] | None) -> None:
+        """Raise _Unsettled, ``seen`` put back and the next look marked, if a git command is
+        writing the checkout now or the stat data moved since ``before`` (taken before the
+        files were read): the files, HEAD and the revision git gave may be of different
+        moments (a checkout half-written: a VIP missing; or a commit's new HEAD against the
+        index before it: its content named "+dirty")."""
+        lock = self._git_lock()
+        why = (f"{lock.path} is there (a git command writing the checkout)" if lock.busy() else
+               "the files or git's HEAD, refs or index changed while they were read"
+               if self._stat_signature() != before else None)
+        if why is not None:
+            self.seen, self._dirty, self.unsettled = seen, True, True
+            raise _Unsettled(f"{self.directory}: {why}")
+
+    def _git_lock(self) -> GitLock:
+        """The GitLock of the checkout (one, so a lock given up on stays given up on)."""
+        if self.git_lock.path is None and (gd := self._gd()):
+            self.git_lock = GitLock(gd)
+        return self.git_lock
+
+    async def settle(self) -> None:
+        """After a reload found what it read moving (``unsettled``): return once no git
+        command writes the checkout (GitLock.settled), and a stat-polling window more."""
+        self.unsettled = False
+        await self._git_lock().settled()
+        await asyncio.sleep(WATCH)
+
     def close(self) -> None:
         self._keeper.shutdown(wait=True)
         if self._index is not None:
@@ -338,8 +395,15 @@ class Watcher:
     def reload(self, forced: bool = False) -> DesiredState | None:
         """load() if ``forced`` (SIGHUP) or changed(), else None. The daemon runs it in a worker
         thread: hashing every file and two git commands (~20-60 ms under load) no longer hold
-        up the event loop, nor the pass of the reload before."""
-        return self.load() if forced or self.changed(overlap=True) else None
+        up the event loop, nor the pass of the reload before. None too if what it read moved
+        under it (``unsettled``: await settle(), then reload again)."""
+        if not (forced or self.changed(overlap=True)):
+            return None
+        try:
+            return self._load()
+        except _Unsettled as exc:
+            log.info("%s: not loaded; looked at again once git is done", exc)
+            return None
 
     def changed(self, overlap: bool = False) -> bool:
         """Whether the files or the commit differ from what load() read last. ``overlap``: if
@@ -387,7 +451,7 @@ class Watcher:
         if gd and not os.path.realpath(gd).startswith(top + os.sep):
             paths.append(os.path.realpath(gd))
         self.notifier = "inotify"
-        self.git_lock = GitLock(gd)
+        self._git_lock()
         self._mark(poke)  # anything between load() and the watch being set up
         async for _ in watchfiles.awatch(*paths, watch_filter=_Relevant(top, gd), debounce=1000,
                                          step=INOTIFY_QUIET_MS, force_polling=False):
@@ -397,6 +461,7 @@ class Watcher:
 
     async def _poll(self, poke: asyncio.Event, gd: str | None) -> None:
         self.notifier = "stat-polling"
+        self._git_lock()
         last = stat_signature(self.directory, gd)
         self._mark(poke)
         while True:
@@ -439,6 +504,10 @@ def _lock_held(path: str) -> bool | None:
     return None if unknown else False
 
 
+class _Unsettled(Exception):
+    """What a load read moved under it (Watcher._unsettled): not loaded, read again."""
+
+
 class GitLock:
     """``index.lock`` as a reload sees it. While it exists a git command is writing the checkout
     (checkout, reset, merge, commit -a write the work tree and index under it): the reload
@@ -468,6 +537,14 @@ class GitLock:
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns)
+
+    def busy(self) -> bool:
+        """Whether index.lock is there and is not the one given up on: a git command may be
+        writing the checkout (what a read finds may be half-written)."""
+        if self.path is None:
+            return False
+        key = self._key()
+        return key is not None and key != self._given_up
 
     def _give_up(self, key: tuple[int, int], why: str) -> None:
         self._given_up, self.stale = key, self.path
@@ -675,10 +752,11 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     notifier = Notifier()
     notifier.notify(ready="1", status=f"serving {desired.revision}")
     trimmed = time.monotonic()
+    settling: asyncio.Future[None] | None = None  # Watcher.settle() after an unsettled reload, then a poke
     try:
         while not stop.is_set():
             planned = False
-            if reload_now.is_set() or watcher.pending():
+            if reload_now.is_set() or (watcher.pending() and (settling is None or settling.done())):
                 forced = reload_now.is_set()
                 reload_now.clear()
                 looked = time.time()
@@ -688,6 +766,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     # thread gives the event loop the GIL back every few milliseconds. Only this
                     # loop touches the watcher.
                     new = await asyncio.to_thread(watcher.reload, forced)
+                    if new is None and watcher.unsettled:  # what it read moved under it: again once git is done
+                        settling = asyncio.ensure_future(_then_poke(watcher.settle(), poke))
                     if new is not None:  # (None: a notification about what is loaded already)
                         loaded = time.time()
                         if tls is not None or new.api.tls is not None:
@@ -724,6 +804,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                 w.cancel()
     finally:
         watching.cancel()
+        if settling is not None:
+            settling.cancel()
         ended = True
         server.close()
         ctl.release_waiters()  # else cleanup() waits for every long-poll to time out
@@ -732,6 +814,11 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         ctl.close()
     log.info("controller stopped")
     return 0
+
+
+async def _then_poke(wait: Awaitable[None], poke: asyncio.Event) -> None:
+    await wait
+    poke.set()
 
 
 def _log_reload_timing(ctl: Controller, revision: str, times: tuple[float, float, float, float]) -> None:

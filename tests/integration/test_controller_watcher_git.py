@@ -12,7 +12,7 @@ import yaml
 from controller.config.errors import ConfigError
 from controller.server import daemon
 from controller.server.daemon import Watcher
-from controller.server.revision import fingerprint
+from controller.server.revision import IndexCopy, fingerprint
 from tests.helpers.config_dirs import EXAMPLE
 from tests.helpers.controller_process import git
 from tests.helpers.waiting import check, until
@@ -63,22 +63,33 @@ def test_a_slow_checkout_of_many_files_is_one_reload_of_the_commit_checked_out(t
         poke = asyncio.Event()
         watching = asyncio.ensure_future(watcher.poke_on_change(poke))
 
+        in_reload = [False]
+
         async def reloading() -> None:  # what the daemon's loop does on a poke
             while True:
                 await poke.wait()
                 poke.clear()
+                in_reload[0] = True
                 try:
                     new = await asyncio.to_thread(watcher.reload)
                 except ConfigError as exc:
                     refused.append(exc.summary())
                     continue
+                finally:
+                    in_reload[0] = False
+                if new is None and watcher.unsettled:
+                    await watcher.settle()
+                    poke.set()
                 if new is not None:
                     assert watcher.seen is not None
                     loads.append((watcher.seen[0], new.revision))
 
         loop = asyncio.ensure_future(reloading())
         try:
-            await until(lambda: watcher.notifier == "inotify" and not watcher.pending(), "the watch is set up")
+            # (the look the watch's start marks has ended, not only begun: pending() turns
+            # false when it begins)
+            await until(lambda: watcher.notifier == "inotify" and not watcher.pending() and not in_reload[0],
+                        "the watch is set up")
             await asyncio.to_thread(git, d, "checkout", "-q", "next")
             await until(lambda: any(rev == b_head for _, rev in loads), "the checked-out commit is loaded")
             await asyncio.sleep(0.5)  # (any late reload is counted too)
@@ -126,5 +137,91 @@ def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_r
         committed = watcher.reload()
         assert committed is not None and committed.revision == git(d, "rev-parse", "HEAD")[:12]
         assert committed.vips == edited.vips
+    finally:
+        watcher.close()
+
+
+def _two_commits(tmp_path: Path) -> tuple[Path, str, str]:
+    """A checkout on commit A (api-k in f{k}), and branch ``next`` at commit B (api-k one file
+    further). Returns the directory and A's and B's revisions."""
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    _write(d, 0)
+    git(d, "init", "-q", "-b", "main")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    a_head = git(d, "rev-parse", "HEAD")[:12]
+    git(d, "checkout", "-qb", "next")
+    _write(d, 1)
+    git(d, "commit", "-qam", "B")
+    b_head = git(d, "rev-parse", "HEAD")[:12]
+    git(d, "checkout", "-q", "main")
+    return d, a_head, b_head
+
+
+def test_a_reload_that_read_a_checkout_half_way_loads_nothing_and_looks_again(tmp_path: Path, monkeypatch) -> None:
+    """A reload already reading the files when a checkout begins (the periodic look, the
+    start-up mark, a change just before: GitLock only holds back a reload's start) reads a
+    tree half-written: here f0.yaml removed, index.lock there. It must not load it (api-0
+    would be withdrawn at every POP) nor refuse it: it loads nothing, and the next look,
+    once git is done, loads the commit checked out."""
+    d, _, b_head = _two_commits(tmp_path)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        assert watcher.load().vip("api-0") is not None
+        real = daemon.fingerprint
+        lock = d / ".git" / "index.lock"
+
+        def mid_checkout(directory: str, contents: dict[str, bytes] | None = None) -> str:
+            monkeypatch.setattr(daemon, "fingerprint", real)  # (once)
+            lock.write_bytes(b"")  # git's checkout has begun: the lock taken, a file removed
+            (d / "vips" / "f0.yaml").unlink()
+            return real(directory, contents)
+        monkeypatch.setattr(daemon, "fingerprint", mid_checkout)
+        watcher._dirty = True  # (a notification, or the periodic look)
+        assert watcher.reload() is None  # nothing loaded, nothing refused
+        assert watcher.unsettled and watcher.pending()
+        lock.unlink()
+        git(d, "checkout", "-qf", "next")  # the checkout ends
+        check(watcher.settle)
+        new = watcher.reload()
+        assert new is not None and new.revision == b_head
+        assert all(new.vip(f"api-{k}") is not None for k in range(FILES))
+        assert watcher.seen is not None and watcher.seen[0] == fingerprint(str(d))
+    finally:
+        watcher.close()
+
+
+def test_a_commit_during_a_reload_is_named_by_its_revision_not_as_dirty(tmp_path: Path, monkeypatch) -> None:
+    """`git commit -a` while a reload runs git: the index read before the commit, HEAD after
+    it, so git said "<new commit>+dirty" of the commit's own content (seen in CI: the lab's
+    s7 plan named so). The read moved under it (HEAD's ref and the index did): nothing is
+    loaded, and the next look names the commit."""
+    d, a_head, _ = _two_commits(tmp_path)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        watcher.load()
+        _write(d, 1)  # an operator's edit, about to be committed
+        real = IndexCopy.path
+
+        def then_commit(self: IndexCopy) -> str | None:
+            monkeypatch.setattr(IndexCopy, "path", real)  # (once)
+            copy = real(self)  # the index as it was
+            git(d, "commit", "-qam", "C")  # the commit lands before git's rev-parse runs
+            return copy
+        monkeypatch.setattr(IndexCopy, "path", then_commit)
+        edited_fp = fingerprint(str(d))
+        revisions = []
+        watcher._dirty = True
+        for _ in range(3):
+            new = watcher.reload()
+            if new is not None:
+                revisions.append(new.revision)
+            elif watcher.unsettled:
+                check(watcher.settle)
+        c_head = git(d, "rev-parse", "HEAD")[:12]
+        assert revisions and revisions[-1] == c_head, revisions
+        # Each revision loaded is true of what was read: the commit's, or A's "+dirty" edit.
+        assert set(revisions) <= {c_head, f"{a_head}+dirty.{edited_fp[:8]}"}, revisions
     finally:
         watcher.close()
