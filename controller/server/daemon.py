@@ -767,7 +767,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     # loop touches the watcher.
                     new = await asyncio.to_thread(watcher.reload, forced)
                     if new is None and watcher.unsettled:  # what it read moved under it: again once git is done
-                        settling = asyncio.ensure_future(_then_poke(watcher.settle(), poke))
+                        # (SIGHUP's forced reload stays forced: it also takes renewed TLS files)
+                        settling = asyncio.ensure_future(_then_poke(watcher.settle(), reload_now if forced else poke))
                     if new is not None:  # (None: a notification about what is loaded already)
                         loaded = time.time()
                         if tls is not None or new.api.tls is not None:
