@@ -85,17 +85,39 @@ class _Read:
     shape: bytes
 
 
-def _shape(raw: Any) -> bytes:
-    """What ``==`` compares of a parsed tree (mappings in any key order), as a digest."""
-    return hashlib.blake2b(repr(_canonical(raw)).encode(), digest_size=16).digest()
+def _shape(raw: Any, shared: dict[int, tuple[Any, str]] | None = None) -> bytes:
+    """What ``==`` compares of a parsed tree (mappings in any key order), as a digest.
+    ``shared``: the texts of subtrees met before in the same pass (by identity; see _canonical)."""
+    return hashlib.blake2b(_canonical(raw, {} if shared is None else shared).encode(), digest_size=16).digest()
 
 
-def _canonical(v: Any) -> Any:
+def _canonical(v: Any, shared: dict[int, tuple[Any, str]]) -> str:
+    """``repr`` of the tree with each mapping ``("{", ((repr(key), value), ...))`` sorted by key
+    and each list ``("[", (value, ...))``, written out: a subtree several trees share (the
+    values _parse_entry shares: one publish list in every VIP) is written once a pass, kept in
+    ``shared`` (a subtree held once is not kept: nothing would meet it again)."""
     if isinstance(v, dict):
-        return ("{", tuple(sorted(((repr(k), _canonical(x)) for k, x in v.items()), key=lambda kv: kv[0])))
+        pairs = sorted(((repr(k), x) for k, x in v.items()), key=lambda kv: kv[0])
+        return "('{', " + _tuple([f"({k!r}, {_child(x, shared)})" for k, x in pairs]) + ")"
     if isinstance(v, list):
-        return ("[", tuple(_canonical(x) for x in v))
-    return v
+        return "('[', " + _tuple([_child(x, shared) for x in v]) + ")"
+    return repr(v)
+
+
+def _child(v: Any, shared: dict[int, tuple[Any, str]]) -> str:
+    if not isinstance(v, (dict, list)):
+        return repr(v)
+    hit = shared.get(id(v))
+    if hit is not None:
+        return hit[1]
+    text = _canonical(v, shared)
+    if sys.getrefcount(v) > 3:  # (the parent, this frame's name, the argument: more is sharing)
+        shared[id(v)] = (v, text)
+    return text
+
+
+def _tuple(items: list[str]) -> str:
+    return f"({items[0]},)" if len(items) == 1 else "(" + ", ".join(items) + ")"
 
 
 # What makes the text of one entry mean something that depends on another entry (anchors,
@@ -510,6 +532,7 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
             trees[name] = Node(data, "", Issues())
         except ConfigError as exc:
             issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in exc.issues]
+    memo.clear()  # (what it holds is in the trees now: their subtrees are held once, as _shape expects)
     if issues:
         raise ConfigError(directory, issues)
     prefixes: dict[IPNetwork, str] = {}
@@ -550,6 +573,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
     compacted by the load that cached them (kept as they are: LoadCache.by_file knows a file
     by its parsed value's identity); ``spliced``: files whose first and last entries (so many)
     are tokens already (_parse_vips_file): only the others (their texts from ``cuts``) are looked at."""
+    shared: dict[int, tuple[Any, str]] = {}  # (_shape's, for the whole pass: VIPs share subtrees across files)
     for file, by_text in entries.items():
         if file in unchanged:
             continue
@@ -561,7 +585,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
             middle = listed[head:len(listed) - tail]
             cut = cuts[file].entries
             for entry in cut[head:len(cut) - tail]:
-                _compact_entry(by_text, entry, vips, tokens)
+                _compact_entry(by_text, entry, vips, tokens, shared)
             texts[file] = (text, {"vips": [*listed[:head], *(tokens.get(id(x), x) for x in middle),
                                             *listed[len(listed) - tail:]]})
             continue
@@ -572,7 +596,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
             name = item.get("name") if isinstance(item, dict) else None
             if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
                 continue
-            token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
+            token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item, shared))
             vips[name] = (token, hit[1], hit[2])
         text, data = texts[file]
         if isinstance(data, dict) and list(data) == ["vips"] and isinstance(data["vips"], list):
@@ -580,7 +604,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
 
 
 def _compact_entry(by_text: dict[str, Any], text: str, vips: dict[str, tuple[Any, tuple[Any, ...], FleetVip]],
-                   tokens: dict[int, _Read]) -> None:
+                   tokens: dict[int, _Read], shared: dict[int, tuple[Any, str]]) -> None:
     """_compact for one entry of a file."""
     item = by_text[text]
     if isinstance(item, _Read):
@@ -589,7 +613,7 @@ def _compact_entry(by_text: dict[str, Any], text: str, vips: dict[str, tuple[Any
     name = item.get("name") if isinstance(item, dict) else None
     if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
         return
-    token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
+    token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item, shared))
     vips[name] = (token, hit[1], hit[2])
 
 

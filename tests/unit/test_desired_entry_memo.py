@@ -131,3 +131,43 @@ def _checkouts_alike(tmp_path: Path, seed: int) -> None:
                 text = text.replace("    check: {type: tcp}", f"    check: {rng.choice(VALUES)}", 1)
             path.write_text(text)
         assert _load(d, LoadCache()) == _load(d, None), s
+
+
+def _canonical_before(v: Any) -> Any:
+    """What _shape digested before it wrote the text itself (and once a pass for shared subtrees)."""
+    if isinstance(v, dict):
+        return ("{", tuple(sorted(((repr(k), _canonical_before(x)) for k, x in v.items()), key=lambda kv: kv[0])))
+    if isinstance(v, list):
+        return ("[", tuple(_canonical_before(x) for x in v))
+    return v
+
+
+def test_the_shapes_text_is_the_repr_it_digested_before() -> None:
+    """_canonical writes ``repr`` of the canonical tuples itself: random trees (keys of every
+    scalar kind, one-element and empty containers, subtrees shared between trees and within
+    one), one ``shared`` for all of them, give the text ``repr`` gave."""
+    from controller.config.desired import _canonical
+
+    def tree(rng: random.Random, depth: int, pool: list[Any]) -> Any:
+        r = rng.random()
+        if pool and r < 0.15:
+            return rng.choice(pool)
+        if depth > 3 or r < 0.4:
+            return rng.choice(["a", "b'c", 'd"e', 1, 1.0, True, None, -0.0, "", "\n", 10**30])
+        if r < 0.7:
+            made: Any = [tree(rng, depth + 1, pool) for _ in range(rng.choice([0, 1, 1, 2, 5]))]
+        else:
+            made = {rng.choice(["k", "a", 1, True, None, 2.5, "z", "1"]): tree(rng, depth + 1, pool)
+                    for _ in range(rng.choice([0, 1, 2, 4]))}
+        pool.append(made)
+        return made
+
+    def check(seed: int) -> None:
+        shared: dict[int, tuple[Any, str]] = {}
+        pool: list[Any] = []
+        trees = [tree(random.Random(seed * 1000 + s), 0, pool) for s in range(300)]
+        for t in trees:
+            assert _canonical(t, shared) == repr(_canonical_before(t)), (seed, t)
+        assert shared  # (the pool's subtrees are shared: some were kept)
+
+    with_clock_seed(lambda seed: [check(s) for s in (0, 1, 2, seed)])
