@@ -36,7 +36,9 @@ from .desired_model import (
 )
 from .errors import ConfigError, ConfigIssue
 from .model import IPNetwork, StateAttributes
-from .reader import Issues, Node, decode_text, parse_yaml, read_text
+from .reader import (
+    MAX_DEPTH, Issues, Node, decode_text, nesting_depth, parse_yaml, parse_yaml_first, plain_is_str, read_text,
+)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
@@ -83,17 +85,39 @@ class _Read:
     shape: bytes
 
 
-def _shape(raw: Any) -> bytes:
-    """What ``==`` compares of a parsed tree (mappings in any key order), as a digest."""
-    return hashlib.blake2b(repr(_canonical(raw)).encode(), digest_size=16).digest()
+def _shape(raw: Any, shared: dict[int, tuple[Any, str]] | None = None) -> bytes:
+    """What ``==`` compares of a parsed tree (mappings in any key order), as a digest.
+    ``shared``: the texts of subtrees met before in the same pass (by identity; see _canonical)."""
+    return hashlib.blake2b(_canonical(raw, {} if shared is None else shared).encode(), digest_size=16).digest()
 
 
-def _canonical(v: Any) -> Any:
+def _canonical(v: Any, shared: dict[int, tuple[Any, str]]) -> str:
+    """``repr`` of the tree with each mapping ``("{", ((repr(key), value), ...))`` sorted by key
+    and each list ``("[", (value, ...))``, written out: a subtree several trees share (the
+    values _parse_entry shares: one publish list in every VIP) is written once a pass, kept in
+    ``shared`` (a subtree held once is not kept: nothing would meet it again)."""
     if isinstance(v, dict):
-        return ("{", tuple(sorted(((repr(k), _canonical(x)) for k, x in v.items()), key=lambda kv: kv[0])))
+        pairs = sorted(((repr(k), x) for k, x in v.items()), key=lambda kv: kv[0])
+        return "('{', " + _tuple([f"({k!r}, {_child(x, shared)})" for k, x in pairs]) + ")"
     if isinstance(v, list):
-        return ("[", tuple(_canonical(x) for x in v))
-    return v
+        return "('[', " + _tuple([_child(x, shared) for x in v]) + ")"
+    return repr(v)
+
+
+def _child(v: Any, shared: dict[int, tuple[Any, str]]) -> str:
+    if not isinstance(v, (dict, list)):
+        return repr(v)
+    hit = shared.get(id(v))
+    if hit is not None:
+        return hit[1]
+    text = _canonical(v, shared)
+    if sys.getrefcount(v) > 3:  # (the parent, this frame's name, the argument: more is sharing)
+        shared[id(v)] = (v, text)
+    return text
+
+
+def _tuple(items: list[str]) -> str:
+    return f"({items[0]},)" if len(items) == 1 else "(" + ", ".join(items) + ")"
 
 
 # What makes the text of one entry mean something that depends on another entry (anchors,
@@ -298,14 +322,15 @@ def _common_tail(a: str, b: str, most: int) -> int:
 
 def _parse_vips_file(text: str, name: str, previous: dict[str, Any], into: dict[str, Any],
                      cut: _Cut | None = None, cuts: dict[str, _Cut] | None = None,
-                     parsed: Any = None) -> tuple[Any, tuple[int, int] | None]:
+                     parsed: Any = None, memo: dict[str, Any] | None = None) -> tuple[Any, tuple[int, int] | None]:
     """``text`` parsed, reusing ``previous`` (entry text -> parsed entry) for entries whose text
     is unchanged and recording every entry in ``into``; a file that cannot be split (or an
     entry that does not parse alone) is parsed whole, with the whole file's error messages.
     ``cut``: the file's last cut (_cut_again), ``parsed`` what it parsed to (its entries' list
     as _compact left it); ``cuts`` gets this one. Also says, when it is so, how many entries
     at the start and at the end are the last cut's: their items are taken from ``parsed`` in
-    one piece (the file's other entries only are looked at)."""
+    one piece (the file's other entries only are looked at). ``memo``: the load's parsed keys
+    of entries (_parse_entry), shared by every file it parses."""
     found, head, tail = _cut_again(text, cut)
     if found is None:
         return parse_yaml(text, name), None
@@ -315,6 +340,8 @@ def _parse_vips_file(text: str, name: str, previous: dict[str, Any], into: dict[
     items: list[Any] = []
     for entry in found.entries[head:len(found.entries) - tail]:
         item = previous.get(entry, _UNPARSED)
+        if item is _UNPARSED and memo is not None:
+            item = _parse_entry(entry, found.indent, memo)
         if item is _UNPARSED:
             try:
                 doc = parse_yaml("vips:\n" + entry, name)
@@ -340,6 +367,90 @@ def _parse_vips_file(text: str, name: str, previous: dict[str, Any], into: dict[
 
 
 _UNPARSED = object()
+# A key line of an entry's mapping: a plain key of letters, digits and underscores (its column
+# is the mapping's, checked apart), then ": " or the end of the line.
+_KEY = r"[A-Za-z_][A-Za-z0-9_]*:(?: |\n|\Z)"
+# A key with a plain value of the characters of names and addresses, on one line: as YAML reads
+# it when the resolver makes both strings (PyYAML's constructor then gives the scalar's text).
+_ONE_LINE = re.compile(r" *([A-Za-z_][A-Za-z0-9_]*): ([A-Za-z0-9][A-Za-z0-9._/:-]*)\n?")
+_ENTRY_LINES: dict[int, tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]] = {}
+
+
+def _entry_lines(column: int) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """For an entry's mapping at ``column``: a line left of it that is no comment; a line at
+    it that is no comment; a key line at it."""
+    found = _ENTRY_LINES.get(column)
+    if found is None:
+        found = _ENTRY_LINES[column] = (re.compile(rf"\n {{0,{column - 1}}}[^ #\n]"),
+                                        re.compile(rf"\n {{{column}}}[^ #\n]"),
+                                        re.compile(rf"\n(?= {{{column}}}{_KEY})"))
+    return found
+
+
+def _parse_entry(entry: str, indent: int, memo: dict[str, Any]) -> Any:
+    """What ``parse_yaml("vips:\n" + entry)`` gives for the entry (its one item), found by
+    parsing each of its keys' text once per distinct text in a load (``memo``: text -> key,
+    value, depth, or None) and sharing the values: a VIP published at 300 POPs repeats the same
+    2 KB flow list in every entry (section 3u of results/README.md). _UNPARSED where this cannot
+    say (the caller parses the entry as before, with the same messages): anything but the plain
+    shape below, any key's text that does not parse alone, a key given twice, nesting too deep.
+
+    The plain shape: ASCII, no odd whitespace (tabs are refused by the cut), no block scalar
+    (``|`` or ``>`` anywhere), the entry's first line ``- KEY: ...`` at ``indent``, and every
+    other line that is no comment or blank either deeper than its keys' column
+    (``indent + 2``) or a line ``KEY: ...`` at that column. The entry's mapping is then the
+    keys' texts in order, each (with the dash made a space) a mapping of one key parsed alone
+    by the same parser: a line at the keys' column ends any plain scalar, flow collection or
+    quoted scalar that parses alone (one left open does not parse alone), so each text means in
+    the entry what it means alone. The values are shared between entries: nothing changes a
+    parsed tree (the loader reads it, the cache keeps tokens of it)."""
+    column = indent + 2
+    if ("|" in entry or ">" in entry or not entry.isascii() or any(c in entry for c in _ODD_SPACE)
+            or not entry.startswith("- ", indent) or not re.match(_KEY, entry[column:])):
+        return _UNPARSED
+    left, at, keys = _entry_lines(column)
+    text = " " * column + entry[column:]
+    if left.search(text):
+        return _UNPARSED
+    starts = [0, *(m.start() + 1 for m in keys.finditer(text))]
+    if len(starts) != 1 + sum(1 for _ in at.finditer(text)):
+        return _UNPARSED  # a line at the keys' column that is no key line
+    item: dict[Any, Any] = {}
+    deepest = 0
+    for a, b in zip(starts, [*starts[1:], len(text)]):
+        block = text[a:b]
+        hit = memo.get(block, _UNPARSED)
+        if hit is _UNPARSED and (hit := _one_line(block)) is None:  # (not kept: a VIP's own name, address)
+            hit = memo[block] = _parse_key(block)
+        if hit is None or hit[0] in item:
+            return _UNPARSED
+        item[hit[0]] = hit[1]
+        deepest = max(deepest, hit[2])
+    if 2 + deepest > MAX_DEPTH:  # (the file's mapping and list, then the entry's mapping)
+        return _UNPARSED
+    return item
+
+
+def _one_line(block: str) -> tuple[str, str, int] | None:
+    """_parse_key of a key whose value is a plain string on the key's line (_ONE_LINE, both
+    resolved as strings), without the parser; None for anything else."""
+    m = _ONE_LINE.fullmatch(block)
+    if m is None or m.group(2).endswith(":") or not plain_is_str(m.group(1)) or not plain_is_str(m.group(2)):
+        return None
+    return m.group(1), m.group(2), 1
+
+
+def _parse_key(block: str) -> tuple[Any, Any, int] | None:
+    """One key's text of an entry (_parse_entry) parsed alone: its key, its value, the depth of
+    the mapping of the two; None if it does not parse alone to a mapping of one key."""
+    try:
+        doc = parse_yaml_first(block)
+    except Exception:  # noqa: BLE001 - whatever it is, the entry's own parse decides (and words it)
+        return None
+    if not isinstance(doc, dict) or len(doc) != 1:
+        return None
+    ((key, value),) = doc.items()
+    return key, value, nesting_depth(doc, MAX_DEPTH)
 
 
 def read_state_dir(directory: str) -> str:
@@ -391,6 +502,7 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
     cuts: dict[str, _Cut] = {}
     spliced: dict[str, tuple[int, int]] = {}  # changed VIP file -> entries kept at its start and end
     unchanged: set[str] = set()  # files whose text is the cached one
+    memo: dict[str, Any] = {}  # an entry's key text -> what it parses to (_parse_entry), for this load
     prefetched: dict[str, bytes] = {}
     if cache is not None:
         prefetched, cache.prefetched = cache.prefetched, {}
@@ -410,7 +522,8 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
             elif cache is not None and (name == "vips.yaml" or name.startswith("vips/")):
                 entries[name] = {}
                 data, splice = _parse_vips_file(text, name, cache.entries.get(name, {}), entries[name],
-                                                cache.cuts.get(name), cuts, seen[1] if seen is not None else None)
+                                                cache.cuts.get(name), cuts, seen[1] if seen is not None else None,
+                                                memo)
                 if splice is not None:
                     spliced[name] = splice
             else:
@@ -419,6 +532,7 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
             trees[name] = Node(data, "", Issues())
         except ConfigError as exc:
             issues += [ConfigIssue(f"{name}: {i.path}" if i.path else name, i.message) for i in exc.issues]
+    memo.clear()  # (what it holds is in the trees now: their subtrees are held once, as _shape expects)
     if issues:
         raise ConfigError(directory, issues)
     prefixes: dict[IPNetwork, str] = {}
@@ -459,6 +573,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
     compacted by the load that cached them (kept as they are: LoadCache.by_file knows a file
     by its parsed value's identity); ``spliced``: files whose first and last entries (so many)
     are tokens already (_parse_vips_file): only the others (their texts from ``cuts``) are looked at."""
+    shared: dict[int, tuple[Any, str]] = {}  # (_shape's, for the whole pass: VIPs share subtrees across files)
     for file, by_text in entries.items():
         if file in unchanged:
             continue
@@ -470,7 +585,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
             middle = listed[head:len(listed) - tail]
             cut = cuts[file].entries
             for entry in cut[head:len(cut) - tail]:
-                _compact_entry(by_text, entry, vips, tokens)
+                _compact_entry(by_text, entry, vips, tokens, shared)
             texts[file] = (text, {"vips": [*listed[:head], *(tokens.get(id(x), x) for x in middle),
                                             *listed[len(listed) - tail:]]})
             continue
@@ -481,7 +596,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
             name = item.get("name") if isinstance(item, dict) else None
             if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
                 continue
-            token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
+            token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item, shared))
             vips[name] = (token, hit[1], hit[2])
         text, data = texts[file]
         if isinstance(data, dict) and list(data) == ["vips"] and isinstance(data["vips"], list):
@@ -489,7 +604,7 @@ def _compact(texts: dict[str, tuple[str, Any]], vips: dict[str, tuple[Any, tuple
 
 
 def _compact_entry(by_text: dict[str, Any], text: str, vips: dict[str, tuple[Any, tuple[Any, ...], FleetVip]],
-                   tokens: dict[int, _Read]) -> None:
+                   tokens: dict[int, _Read], shared: dict[int, tuple[Any, str]]) -> None:
     """_compact for one entry of a file."""
     item = by_text[text]
     if isinstance(item, _Read):
@@ -498,7 +613,7 @@ def _compact_entry(by_text: dict[str, Any], text: str, vips: dict[str, tuple[Any
     name = item.get("name") if isinstance(item, dict) else None
     if not isinstance(name, str) or (hit := vips.get(name)) is None or hit[0] is not item:
         return
-    token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item))
+    token = by_text[text] = tokens[id(item)] = _Read(text, name, _shape(item, shared))
     vips[name] = (token, hit[1], hit[2])
 
 

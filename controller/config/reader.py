@@ -89,6 +89,13 @@ class _NotJson(Exception):
 
 _YAML_RESOLVER: Any = yaml.resolver.Resolver()  # PyYAML is untyped
 _YAML_FLOAT = "tag:yaml.org,2002:float"
+_YAML_STR = "tag:yaml.org,2002:str"
+
+
+def plain_is_str(text: str) -> bool:
+    """Whether YAML's resolver makes ``text``, a plain scalar, a string (not ``yes``, ``1.5``,
+    ``null``, a date...): the loader then gives ``text`` itself."""
+    return bool(_YAML_RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _YAML_STR)
 
 
 def _yaml_number(literal: str) -> Any:
@@ -178,6 +185,13 @@ def parse_yaml_only(text: str, source: str) -> Any:
             problem = f"nested deeper than {MAX_DEPTH} levels ({problem})"
         raise ConfigError(source, [ConfigIssue(where, f"invalid YAML: {problem}")]) from None
     return _shallow(data, source)
+
+
+def parse_yaml_first(text: str) -> Any:
+    """``text`` parsed by the loader parse_yaml_only tries first (libyaml's when present), with
+    no fallback, no depth check and no wording: whatever it raises is raised. For a caller that
+    parses pieces of a text and, on any error, lets parse_yaml_only decide about the whole."""
+    return yaml.load(text, Loader=_FastUniqueKeyLoader if yaml.__with_libyaml__ else _UniqueKeyLoader)  # noqa: S506
 
 
 def nesting_depth(data: Any, limit: int) -> int:
