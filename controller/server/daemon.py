@@ -169,6 +169,7 @@ class Watcher:
         self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
         self.git_lock = GitLock(None)  # index.lock: what holds a reload back (_git_lock sets it)
         self.unsettled = False  # the last reload found what it read moving: settle() before the next
+        self._unsettled_since: float | None = None  # monotonic time of the first of back-to-back discards
         self.batch_at = 0.0  # wall-clock time inotify's last batch of changes arrived (the reload's log line)
 
     def load(self) -> DesiredState:
@@ -183,8 +184,8 @@ class Watcher:
                 return self._load()
             except _Unsettled as exc:
                 if time.monotonic() - waited >= GIT_LOCK_WAIT:
-                    log.warning("%s for %.0fs: loaded as it is (the watch loads it again once git is done)",
-                                exc, GIT_LOCK_WAIT)
+                    log.warning("%s for %.0fs: loaded as it is (a serving controller's watch loads it again once "
+                                "git is done; a follower at its next SIGHUP)", exc, GIT_LOCK_WAIT)
                     return self._load(settled_only=False)
                 time.sleep(WATCH)
 
@@ -399,11 +400,21 @@ class Watcher:
         under it (``unsettled``: await settle(), then reload again)."""
         if not (forced or self.changed(overlap=True)):
             return None
+        now = time.monotonic()
+        if self._unsettled_since is not None and now - self._unsettled_since >= GIT_LOCK_WAIT:
+            # (something rewrites the files faster than a reload reads them: load what is there)
+            log.warning("%s: every read for %.0fs moved under it; loading it as it is", self.directory, GIT_LOCK_WAIT)
+            self._unsettled_since = None
+            return self._load(settled_only=False)
         try:
-            return self._load()
+            desired = self._load()
         except _Unsettled as exc:
+            if self._unsettled_since is None:
+                self._unsettled_since = now
             log.info("%s: not loaded; looked at again once git is done", exc)
             return None
+        self._unsettled_since = None
+        return desired
 
     def changed(self, overlap: bool = False) -> bool:
         """Whether the files or the commit differ from what load() read last. ``overlap``: if
@@ -544,7 +555,15 @@ class GitLock:
         if self.path is None:
             return False
         key = self._key()
-        return key is not None and key != self._given_up
+        if key is None or key == self._given_up:
+            return False
+        if self._given_up is not None:
+            self._given_up = self.stale = None  # a new lock: the old one went
+        age = self._now() - key[1] / 1e9
+        if age >= self.wait and self._held(self.path) is False:  # settled()'s first-sight rule
+            self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
+            return False
+        return True
 
     def _give_up(self, key: tuple[int, int], why: str) -> None:
         self._given_up, self.stale = key, self.path
@@ -643,7 +662,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     (every request is refused once it stops acting), a registry of this term's own, which
     the shell's metrics server exports while this controller leads, and ``reload``, set by
     the shell's SIGHUP handler (alone, serve() handles the signals itself)."""
-    desired = watcher.load_at_start()
+    desired = await asyncio.to_thread(watcher.load_at_start)  # (off the loop: it may wait for git, GIT_LOCK_WAIT)
     if (refusal := plain_http_refusal(desired.api, (listen or desired.listen)[0])) is not None:
         # a --listen beyond loopback (controller.yaml's own listen was checked by the loader):
         # refused before the state directory is taken or anything is served
@@ -768,6 +787,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
                     new = await asyncio.to_thread(watcher.reload, forced)
                     if new is None and watcher.unsettled:  # what it read moved under it: again once git is done
                         # (SIGHUP's forced reload stays forced: it also takes renewed TLS files)
+                        if settling is not None:
+                            settling.cancel()
                         settling = asyncio.ensure_future(_then_poke(watcher.settle(), reload_now if forced else poke))
                     if new is not None:  # (None: a notification about what is loaded already)
                         loaded = time.time()

@@ -225,3 +225,54 @@ def test_a_commit_during_a_reload_is_named_by_its_revision_not_as_dirty(tmp_path
         assert set(revisions) <= {c_head, f"{a_head}+dirty.{edited_fp[:8]}"}, revisions
     finally:
         watcher.close()
+
+
+def test_a_lock_a_killed_git_left_does_not_hold_the_start(tmp_path: Path, monkeypatch) -> None:
+    """An index.lock an hour old that no process holds (git killed half-way) is not a git
+    writing the checkout: the start-up load reads once, without waiting GIT_LOCK_WAIT for it."""
+    import os
+    import time
+
+    d, a_head, _ = _two_commits(tmp_path)
+    lock = d / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 3600,) * 2)
+
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    reads = []
+    real = watcher._load
+    monkeypatch.setattr(watcher, "_load", lambda **kw: reads.append(kw) or real(**kw))
+    try:
+        assert watcher.load_at_start().revision == a_head
+        assert reads == [{}], reads  # one read, not read again while waiting for the lock
+        assert watcher.git_lock.stale == os.path.realpath(lock)
+    finally:
+        watcher.close()
+
+
+def test_reads_that_keep_moving_are_loaded_after_the_bound(tmp_path: Path, monkeypatch) -> None:
+    """Something rewriting the files faster than a reload reads them must not hold every
+    reload back for good: once reads have moved under them for GIT_LOCK_WAIT, what is there
+    is loaded (the old behaviour, with a warning)."""
+    import time
+
+    d, _, _ = _two_commits(tmp_path)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        watcher.load()
+        real = daemon.fingerprint
+
+        def rewriting(directory: str, contents: dict[str, bytes] | None = None) -> str:
+            fp = real(directory, contents)
+            f7 = d / "vips" / "f7.yaml"
+            f7.write_text(f7.read_text() + "\n")  # (moved again while read)
+            return fp
+        monkeypatch.setattr(daemon, "fingerprint", rewriting)
+        _write(d, 1)
+        watcher._dirty = True
+        assert watcher.reload() is None and watcher.unsettled
+        watcher._unsettled_since = time.monotonic() - daemon.GIT_LOCK_WAIT  # (GIT_LOCK_WAIT of discards)
+        new = watcher.reload()
+        assert new is not None and all(new.vip(f"api-{k}") is not None for k in range(FILES))
+    finally:
+        watcher.close()

@@ -137,3 +137,23 @@ def test_a_lock_a_running_process_holds_is_never_given_up_on(tmp_path: Path,
     assert clock.slept >= 3 * GIT_LOCK_WAIT
     assert gl.stale is None
     assert len([r for r in caplog.records if str(lock) in r.getMessage()]) == 1  # "held open", once
+
+
+@pytest.mark.parametrize("held", [False, True, None])
+def test_busy_says_a_read_may_be_half_written_unless_the_lock_was_left_behind(tmp_path: Path, held: bool | None) -> None:
+    """busy() (a reload's read, and the start-up load, which never await settled()) applies
+    settled()'s first-sight rule: an old lock no process holds was left by a killed git, and
+    no read waits for it (it held every start 10 s); a lock a process holds, or whose holder
+    cannot be told, may be a git writing the checkout."""
+    clock = Clock(1_000_000.0)
+    gl = _git_lock(tmp_path, clock, held=held)
+    assert not gl.busy()  # no lock
+    lock = _lock(tmp_path, clock.t - 1)
+    assert gl.busy()  # a fresh lock: a git at work, whoever holds it
+    os.utime(lock, (clock.t - GIT_LOCK_WAIT - 5,) * 2)
+    assert gl.busy() is (held is not False)
+    assert gl.stale == (str(lock) if held is False else None)
+    lock.unlink()
+    assert not gl.busy()
+    _lock(tmp_path, clock.t)  # a new lock after the one given up on
+    assert gl.busy() and gl.stale is None
