@@ -162,6 +162,8 @@ def _split_vips(text: str) -> list[str] | None:
         return None
     blanks = _BLANK_LINES.match(text, end)
     first = blanks.end() if blanks else end
+    if _UNPRINTABLE.search(text, 0, first):
+        return None  # (in the head's comments: no entry's parse would see it; the whole parse refuses it)
     entry = _ENTRY.match(text, first)
     if entry is None:
         return None
@@ -177,6 +179,8 @@ def _split_vips(text: str) -> list[str] | None:
 _ODD_SPACE = "\r\x0b\x0c\x1c\x1d\x1e\x1f"
 _BLANK_LINES = re.compile(r"(?: *(?:#[^\n]*)?\n)*")
 _ENTRY = re.compile(r" *- ")
+# What YAML refuses anywhere, comments too (its printable set, YAML 1.1 as libyaml reads it)
+_UNPRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _split_vips_lines(text: str) -> list[str] | None:
@@ -189,6 +193,11 @@ def _split_vips_lines(text: str) -> list[str] | None:
         i += 1
     if i == len(lines) or not _VIPS_KEY.match(lines[i]):
         return None
+    j = i + 1
+    while j < len(lines) and _blank(lines[j]):
+        j += 1
+    if any(_UNPRINTABLE.search(line) for line in lines[:j]):
+        return None  # (as _split_vips)
     entries: list[list[str]] = []
     indent: int | None = None
     for line in lines[i + 1:]:
@@ -372,7 +381,8 @@ _UNPARSED = object()
 _KEY = r"[A-Za-z_][A-Za-z0-9_]*:(?: |\n|\Z)"
 # A key with a plain value of the characters of names and addresses, on one line: as YAML reads
 # it when the resolver makes both strings (PyYAML's constructor then gives the scalar's text).
-_ONE_LINE = re.compile(r" *([A-Za-z_][A-Za-z0-9_]*): ([A-Za-z0-9][A-Za-z0-9._/:-]*)\n?")
+# (A key of at most 128 characters: YAML refuses a simple key over 1024, and no known key is long.)
+_ONE_LINE = re.compile(r" *([A-Za-z_][A-Za-z0-9_]{0,127}): ([A-Za-z0-9][A-Za-z0-9._/:-]*)\n?")
 _ENTRY_LINES: dict[int, tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]] = {}
 
 
