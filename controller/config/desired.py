@@ -799,8 +799,12 @@ def _build(trees: dict[str, Node], directory: str, revision: str,
     for i, name in enumerate(change.order):
         if name not in pop_names:
             top.issues.add(f"change.rollout.order[{i}]", f"unknown POP {name!r}")
-    return with_dials(DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
-                                   tuple(pops), tuple(vips), policy, change, api, ha, dials=dials), {})
+    state = DesiredState(revision, directory, listen, metrics_listen, state_dir, operator, allowed,
+                         tuple(pops), tuple(vips), policy, change, api, ha, dials=dials)
+    # Without config dials with_dials has nothing to do: every VIP here is _fleet_vip's (its
+    # dials empty) or the last load's cached one, which is that same object, never the copy
+    # with_dials made (its any() walk of 10,000 VIPs was ~1-2 ms of every reload).
+    return with_dials(state, {}) if dials else state
 
 
 def _ha(node: Node | None) -> HaSettings | None:

@@ -533,3 +533,18 @@ def test_a_stale_pop_of_a_split_vip_is_presumed_dark_only_if_it_saw_every_weight
     reasons = {p: r.item(p, "game-global").reason for p in pops}
     assert reasons == {"sjc": sjc_reason, "fra": "report_stale", "sin": "backend_down",
                        **{p: "healthy" for p in healthy}}, reasons
+
+
+def test_a_reload_without_dials_gives_vips_without_dials_after_a_load_with_them(tmp_path: Path) -> None:
+    # The loader skips with_dials when controller.yaml has no dials: safe only while the VIPs
+    # it reuses from its cache never carry the dials of the load before.
+    from controller.config.desired import LoadCache
+    d = copy(tmp_path)
+    cache = LoadCache()
+    edit(d, "controller.yaml", lambda c: c.update(dials={EU: 50}))
+    dialed = load_desired(str(d), "r1", cache)
+    assert dialed.vip("game-global").dials == ((EU, 50),)
+    edit(d, "controller.yaml", lambda c: c.pop("dials"))
+    plain = load_desired(str(d), "r2", cache)
+    assert plain.dials == () and all(v.dials == () for v in plain.vips)
+    assert plain.vips == load_desired(str(d), "r3").vips  # as a load from scratch
