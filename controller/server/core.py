@@ -33,7 +33,7 @@ import logging
 import operator
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -161,13 +161,14 @@ class Controller:
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
     _held: _DurableMemory = field(default_factory=lambda: _DurableMemory(PlannerState.initial()))  # and memory
     _seq: int = 0  # the store's sequence number after the last durable write
-    # The pass's journal write in progress (a thread: see _save): its future, the state it
+    # The pass's journal write in progress (slices, then a thread: see _save): its future, the state it
     # makes durable, the VIPs whose memory it covers, the frozen memory for the compaction.
     _writing: _Write | None = None
     _save_again: bool = False  # a pass asked to save while that write ran: once more after it
     _wrote: asyncio.Event | None = None  # set when a write ends (durable_plan's answers look again)
     _released: bool = False  # stopping (release_waiters): durable_plan waits no more
     _writer: concurrent.futures.ThreadPoolExecutor | None = None
+    _preparing: asyncio.Task[None] | None = None  # the write's pre-phase in slices (_prepare), kept referenced
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
@@ -986,9 +987,10 @@ class Controller:
         retried every RETRY seconds: the journal gets the difference from what it holds, so
         nothing is skipped.
 
-        In the event loop, with a store that can (``threaded_append``), the comparison, the
-        JSON and the fsync run in a thread (a burst of first reports changes 500,000 pairs:
-        1-2 s of the loop), one write at a time and in order; a plan's answer waits until
+        In the event loop, with a store that can (``threaded_append``), the comparison and
+        the JSON run on the loop in slices of SLICE_S (a burst of first reports changes
+        500,000 pairs: 1-2 s of CPU), and the write and its fsync in a thread, one write at a
+        time and in order (a store without ``append_text``: all of it in the thread); a plan's answer waits until
         its generation is durable (``durable_plan``), as before, when the write held the loop
         until it was. ``sync``: on this thread, now (stopping)."""
         assert self.state_store is not None
@@ -1026,20 +1028,42 @@ class Controller:
                 self._held.unsaved |= names
                 self._wake_durable()
                 raise
-            w = _Write(concurrent.futures.Future(), submitted, names, None)
+            w = _Write(concurrent.futures.Future(), submitted, names, None, None)
             w.future.set_result(result)
             self._writing = w
             self._finish_write()
             return
-        # The thread reads the plans as of now (a copy of the name -> plan mapping: the plans
+        # The write reads the plans as of now (a copy of the name -> plan mapping: the plans
         # are immutable) and the held memory (changed only when a write ends, here).
         job = _WriteJob(self.state_store, self._held, names, dict(engine.plans), self._index().names,
                         drains, generations, rollout, self._seq)
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
-        w = _Write(self._writer.submit(job), submitted, names, engine.frozen_state())
+        future: concurrent.futures.Future[tuple[int | None, _Records, set[str]]] = concurrent.futures.Future()
+        prep = None
+        if hasattr(self.state_store, "append_text"):
+            # Its Python on this loop in slices (_Prep), only the write and fsync in the thread:
+            # a thread running the comparison and the JSON kept the loop out 0.1-0.4 s at a
+            # time after a burst's pass, taking the GIL at each of its system calls (3q, 3v).
+            budget = store.Budget(SLICE_S)
+            prep = _Prep(job.prepared(budget), budget, future, self._writer)
+        else:
+            self._writer.submit(_settle, future, job)
+        w = _Write(future, submitted, names, engine.frozen_state(), prep)
         self._writing = w
-        asyncio.wrap_future(w.future).add_done_callback(lambda f: self._write_ended(f, w))
+        asyncio.wrap_future(future).add_done_callback(lambda f: self._write_ended(f, w))
+        if prep is not None:
+            self._preparing = loop.create_task(self._prepare(w, prep))
+
+    async def _prepare(self, w: _Write, prep: _Prep) -> None:
+        """The write ``w``'s pre-phase, a slice per turn of the loop, unless someone waiting
+        for it (_finish_write) ran it to its end meanwhile."""
+        try:
+            while self._writing is w and not prep.step():
+                await asyncio.sleep(0)  # requests meanwhile (a plan's answer waits: durable_plan)
+        except asyncio.CancelledError:  # (the loop is ending: the write goes on, as a thread's would)
+            prep.finish()
+            raise
 
     def _write_ended(self, done: asyncio.Future[Any], w: _Write) -> None:
         if not done.cancelled():
@@ -1055,6 +1079,8 @@ class Controller:
         w = self._writing
         if w is None or (which is not None and w is not which):
             return
+        if w.prep is not None:
+            w.prep.finish()  # (waited for: its slices that are left at once, then its write)
         self._writing = None
         try:
             seq, written, waiting = w.future.result()
@@ -1371,16 +1397,18 @@ class _DurableMemory:
         pops = tuple(vp.items)
         return _Written(vp.memory, vp.default, vp.pop_memory, self._pop_lists.setdefault(pops, pops))
 
-    def changes(self, names: Iterable[str], plans: Mapping[str, VipPlan], desired: frozenset[str]) -> tuple[
-            dict[str, VipMemory | None], dict[tuple[str, str], PopVipMemory | None], list[str]]:
-        """What turns the held memory of the VIPs ``names`` (unsaved) into ``plans``' (vips,
-        pop_vips), and the VIPs it covers (a VIP of the desired state not planned yet waits).
-        Reads only (a thread may run it while the event loop goes on)."""
+    def changes_steps(self, names: Iterable[str], plans: Mapping[str, VipPlan], desired: frozenset[str],
+                      budget: store.Budget) -> Generator[None, None, tuple[
+                          dict[str, VipMemory | None], dict[tuple[str, str], PopVipMemory | None], list[str]]]:
+        """``changes`` in slices of ``budget`` (a generator that yields between them; the held
+        memory changes only when a write ends, after them)."""
         vips: dict[str, VipMemory | None] = {}
         pairs: dict[tuple[str, str], PopVipMemory | None] = {}
         covered = []
         written = self._written
-        for name in names:
+        for i, name in enumerate(names):
+            if not i & 31 and budget.due():
+                yield
             vp = plans.get(name)
             if vp is None and name in desired:
                 continue
@@ -1409,13 +1437,22 @@ class _DurableMemory:
                     pairs[(pop, name)] = None
         return vips, pairs, covered
 
-    def records(self, written: Mapping[str, VipPlan | None]) -> _Records:
+    def records_steps(self, written: Mapping[str, VipPlan | None], budget: store.Budget) -> Generator[
+            None, None, _Records]:
         """What ``saved`` takes in for ``written`` (``changes()``' VIPs as written; None: gone),
-        made beforehand: in the journal's thread (reads only; after a burst's write, 10,000
-        records made on the event loop were one piece of it, ~30 ms)."""
+        made beforehand, in slices of ``budget`` (after a burst's write, 10,000 records made
+        in one piece were ~30 ms of the event loop)."""
         record = self._record
-        return _Records({name: record(vp) for name, vp in written.items() if vp is not None},
-                        [name for name, vp in written.items() if vp is None])
+        kept: dict[str, _Written] = {}
+        gone: list[str] = []
+        for i, (name, vp) in enumerate(written.items()):
+            if vp is None:
+                gone.append(name)
+            else:
+                kept[name] = record(vp)
+            if not i & 255 and budget.due():
+                yield
+        return _Records(kept, gone)
 
     def saved(self, records: _Records) -> None:
         """Those VIPs are durable as ``records`` has them (``records``)."""
@@ -1449,6 +1486,48 @@ class _Write(NamedTuple):
     submitted: store.Persisted
     names: set[str]
     frozen: PlannerState | None
+    prep: _Prep | None  # its pre-phase on the event loop (None: all of it in the thread, or done)
+
+
+class _Prep:
+    """A write's pre-phase on the event loop (_WriteJob.prepared): stepped a slice at a time
+    (Controller._prepare), or run to its end at once by whoever must wait for the write
+    (_finish_write); at its end the rest, the write and fsync, goes to the journal's thread,
+    which settles ``future``. Only the loop's thread steps it."""
+
+    def __init__(self, steps: Generator[None, None, Callable[[], tuple[int | None, _Records, set[str]]]],
+                 budget: store.Budget, future: concurrent.futures.Future[tuple[int | None, _Records, set[str]]],
+                 writer: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.steps, self.budget, self.future, self.writer = steps, budget, future, writer
+        self.done = False
+
+    def step(self) -> bool:
+        """One slice; True once the pre-phase is over (handed to the thread, or failed)."""
+        if self.done:
+            return True
+        self.budget.start()
+        try:
+            next(self.steps)
+        except StopIteration as end:
+            self.done = True
+            self.writer.submit(_settle, self.future, end.value)
+        except BaseException as exc:  # noqa: BLE001 - a bug in the write: _finish_write reports it
+            self.done = True
+            self.future.set_exception(exc)
+        return self.done
+
+    def finish(self) -> None:
+        self.budget.slice_s = None  # (the rest in one piece: someone waits for it)
+        while not self.step():
+            pass
+
+
+def _settle(future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+    """``future`` settled with what ``fn()`` returns or raises (in the journal's thread)."""
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # noqa: BLE001 - the caller's (_finish_write)
+        future.set_exception(exc)
 
 
 @dataclass(frozen=True)
@@ -1467,13 +1546,30 @@ class _WriteJob:
     expect: int
 
     def __call__(self) -> tuple[int | None, _Records, set[str]]:
-        vips, pop_vips, covered = self.held.changes(self.names, self.plans, self.desired)
-        written = self.held.records({name: self.plans.get(name) for name in covered})
-        waiting = self.names.difference(covered)
-        changes = store.Changes(self.drains, self.generations, vips, pop_vips, self.rollout)
+        """The whole write, here (the sync path: etcd, stopping, outside a loop)."""
+        changes, written, waiting = store.run_steps(self._compared(store.Budget(None)))
         if not changes:
             return None, written, waiting
         return self.state_store.append(changes, self.expect), written, waiting
+
+    def _compared(self, budget: store.Budget) -> Generator[None, None, tuple[store.Changes, _Records, set[str]]]:
+        vips, pop_vips, covered = yield from self.held.changes_steps(self.names, self.plans, self.desired, budget)
+        written = yield from self.held.records_steps({name: self.plans.get(name) for name in covered}, budget)
+        waiting = self.names.difference(covered)
+        return store.Changes(self.drains, self.generations, vips, pop_vips, self.rollout), written, waiting
+
+    def prepared(self, budget: store.Budget) -> Generator[None, None, Callable[[], tuple[int | None, _Records, set[str]]]]:
+        """The write's Python (the pair comparison, the records, the line's JSON) in slices of
+        ``budget``, to run on the event loop; it returns what is left, the line's write and
+        fsync (``FileStore.append_text``), for the journal's thread. Until that has run,
+        nothing is durable: the caller acknowledges nothing before (durable_plan)."""
+        changes, written, waiting = yield from self._compared(budget)
+        if not changes:
+            return lambda: (None, written, waiting)
+        body = yield from store.line_text_steps(changes, self.expect + 1, budget)
+        append_text = self.state_store.append_text  # type: ignore[attr-defined]
+        expect = self.expect
+        return lambda: (append_text(body, expect), written, waiting)
 
 
 def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, str], PopVipMemory | None]) -> None:

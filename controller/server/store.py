@@ -46,8 +46,9 @@ import json
 import logging
 import os
 import re
+import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -364,17 +365,51 @@ def state_from_json(data: dict[str, Any]) -> Persisted:
                      {str(r): _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 
+class Budget:
+    """How long a slice of a sliced job (``changes_json_steps``, the controller's journal
+    pre-phase) may run before its generator yields: ``due()`` once ``slice_s`` seconds have
+    passed since ``start()`` (None: never). The driver calls ``start()`` before each step."""
+
+    def __init__(self, slice_s: float | None) -> None:
+        self.slice_s = slice_s
+        self._end = float("inf")
+        self.start()
+
+    def start(self) -> None:
+        self._end = float("inf") if self.slice_s is None else time.perf_counter() + self.slice_s
+
+    def due(self) -> bool:
+        return time.perf_counter() >= self._end
+
+
+def run_steps(steps: Generator[None, None, Any]) -> Any:
+    """A sliced job's generator run to its end, on this thread: its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def changes_to_json(c: Changes, seq: int) -> dict[str, Any]:
     """Pairs that became steady, unseen or were removed are listed by name (POP -> VIPs): the
     first reports after a start turn 500,000 pairs steady in one line."""
+    doc: dict[str, Any] = run_steps(changes_json_steps(c, seq, Budget(None)))
+    return doc
+
+
+def changes_json_steps(c: Changes, seq: int, budget: Budget) -> Generator[None, None, dict[str, Any]]:
+    """``changes_to_json`` in slices of ``budget`` (a generator that yields between them)."""
     grouped: dict[str, dict[str, list[str]]] = {"steady": {}, "unseen": {}, "removed": {}}
     others = []
-    for (pop, vip), v in c.pop_vips.items():
+    for i, ((pop, vip), v) in enumerate(c.pop_vips.items()):
         kind = "removed" if v is None else "steady" if v is STEADY else "unseen" if _is_unseen(v) else ""
         if kind:
             grouped[kind].setdefault(pop, []).append(vip)
         else:
             others.append([pop, vip, _pop_vip_to_json(v)])  # type: ignore[arg-type]
+        if not i & 255 and budget.due():
+            yield
     doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
            "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
            "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
@@ -397,9 +432,22 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
                    {str(r): None if d is None else _dial_from_json(d) for r, d in data.get("dials", {}).items()})
 
 
-def _line(doc: dict[str, Any]) -> bytes:
-    body = _dumps_compact(doc).encode()
+def _framed(body_text: str) -> bytes:
+    """A journal line: its checksum, its JSON, a newline."""
+    body = body_text.encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def line_text_steps(changes: Changes, seq: int, budget: Budget) -> Generator[None, None, str]:
+    """The JSON of the journal line for ``changes`` at ``seq`` (``FileStore.append_text``
+    frames and writes it), in slices of ``budget``: the controller runs it on the event loop,
+    a slice at a time, and only the write and its fsync in a thread (a thread that runs
+    Python keeps the loop out for whole switch intervals at each of its system calls:
+    results 3q, 3v)."""
+    doc = yield from changes_json_steps(changes, seq, budget)
+    parts: list[str] = []
+    yield from _encode_steps(doc, parts, budget)
+    return "".join(parts)
 
 
 _CHUNK = 2048  # list elements per json.dumps call (see _dumps_compact)
@@ -410,11 +458,13 @@ def _dumps_compact(value: Any) -> str:
     encoder holds the GIL for a whole call, and the line of a burst of first reports (500,000
     pairs by name) took 50-100 ms in one, a stall of the event loop while a thread wrote it."""
     parts: list[str] = []
-    _encode_into(value, parts)
+    run_steps(_encode_steps(value, parts, Budget(None)))
     return "".join(parts)
 
 
-def _encode_into(value: Any, parts: list[str]) -> None:
+def _encode_steps(value: Any, parts: list[str], budget: Budget) -> Generator[None, None, None]:
+    """Into ``parts``, ``value``'s JSON (``_dumps_compact``), yielding when ``budget`` is due
+    between two of its json.dumps calls."""
     if isinstance(value, dict):
         if (len(value) <= _CHUNK and not any(isinstance(v, (dict, list, tuple)) for v in value.values())
                 or not all(isinstance(k, str) for k in value)):  # (json's own key conversions)
@@ -423,22 +473,27 @@ def _encode_into(value: Any, parts: list[str]) -> None:
         parts.append("{")
         for i, key in enumerate(sorted(value)):
             parts.append(("," if i else "") + json.dumps(key) + ":")
-            _encode_into(value[key], parts)
+            yield from _encode_steps(value[key], parts, budget)
         parts.append("}")
     elif isinstance(value, (list, tuple)):
         if not any(isinstance(v, (dict, list, tuple)) for v in value):
-            chunks = [json.dumps(value[i:i + _CHUNK], separators=(",", ":"))[1:-1]
-                      for i in range(0, len(value), _CHUNK)]
+            chunks = []
+            for i in range(0, len(value), _CHUNK):
+                chunks.append(json.dumps(value[i:i + _CHUNK], separators=(",", ":"))[1:-1])
+                if budget.due():
+                    yield
             parts.append("[" + ",".join(chunks) + "]")
             return
         parts.append("[")
         for i, v in enumerate(value):
             if i:
                 parts.append(",")
-            _encode_into(v, parts)
+            yield from _encode_steps(v, parts, budget)
         parts.append("]")
     else:
         parts.append(json.dumps(value))
+    if budget.due():
+        yield
 
 
 def _parse_line(line: bytes) -> dict[str, Any]:
@@ -660,11 +715,16 @@ class FileJournal:
 
     # --- write --------------------------------------------------------------------------------
     def append(self, changes: Changes, expect: int) -> int:
+        return self.append_text(_dumps_compact(changes_to_json(changes, expect + 1)), expect)
+
+    def append_text(self, body: str, expect: int) -> int:
+        """``append``, of a line's JSON made beforehand (``line_text_steps(changes, expect + 1)``):
+        framed, written and fsynced here (the controller's journal thread)."""
         if self._journal is None:
             raise PersistenceError(StoreOp.APPEND, self.state_dir, "no journal open (start() not called)")
         if expect != self._seq:
             raise Conflict(f"the store is at {self._seq}, the writer expected {expect}")
-        line = _line(changes_to_json(changes, expect + 1))
+        line = _framed(body)
         try:
             if os.fstat(self._journal).st_size != self._journal_size:
                 os.ftruncate(self._journal, self._journal_size)  # what a failed append left
