@@ -1510,8 +1510,11 @@ class _Prep:
             next(self.steps)
         except StopIteration as end:
             self.done = True
-            self.writer.submit(_settle, self.future, end.value)
-        except BaseException as exc:  # noqa: BLE001 - a bug in the write: _finish_write reports it
+            try:
+                self.writer.submit(_settle, self.future, end.value)
+            except RuntimeError as exc:  # (the journal's thread shut down: never a future left unsettled)
+                self.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in the write: _finish_write reports it
             self.done = True
             self.future.set_exception(exc)
         return self.done
