@@ -110,12 +110,7 @@ def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_r
     ``anycastctl status`` shows as the rejected revision), as when git answered first."""
     from controller.server.revision import revision
 
-    d = tmp_path / "desired"
-    shutil.copytree(EXAMPLE, d)
-    _write(d, 0)
-    git(d, "init", "-q", "-b", "main")
-    git(d, "add", "-A")
-    git(d, "commit", "-qm", "A")
+    d = _commit_a(tmp_path)
     watcher = Watcher(str(d), str(tmp_path / "state"))
     try:
         assert watcher.load().revision == git(d, "rev-parse", "HEAD")[:12]
@@ -141,15 +136,21 @@ def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_r
         watcher.close()
 
 
-def _two_commits(tmp_path: Path) -> tuple[Path, str, str]:
-    """A checkout on commit A (api-k in f{k}), and branch ``next`` at commit B (api-k one file
-    further). Returns the directory and A's and B's revisions."""
+def _commit_a(tmp_path: Path) -> Path:
+    """A checkout of the example with api-k in vips/f{k}.yaml, committed as A on main."""
     d = tmp_path / "desired"
     shutil.copytree(EXAMPLE, d)
     _write(d, 0)
     git(d, "init", "-q", "-b", "main")
     git(d, "add", "-A")
     git(d, "commit", "-qm", "A")
+    return d
+
+
+def _two_commits(tmp_path: Path) -> tuple[Path, str, str]:
+    """A checkout on commit A (api-k in f{k}), and branch ``next`` at commit B (api-k one file
+    further). Returns the directory and A's and B's revisions."""
+    d = _commit_a(tmp_path)
     a_head = git(d, "rev-parse", "HEAD")[:12]
     git(d, "checkout", "-qb", "next")
     _write(d, 1)
