@@ -203,6 +203,9 @@ def cmd_status(api: OperatorApi, args: argparse.Namespace) -> int:
     if c["last_error"]:
         out.append(f"CONFIG ERROR in revision {c['last_error_revision']} (still serving {c['revision']}):")
         out += ["  " + line for line in c["last_error"].splitlines()]
+    if stale := (c.get("watch") or {}).get("stale_git_lock"):  # (absent from older controllers)
+        out.append(f"STALE GIT LOCK {stale}: left by a git killed half-way; reloads no longer wait for it "
+                   "(remove it if no git runs in the checkout)")
     out += _ha_lines(st.get("ha"))  # HA on etcd only
     persistence = st.get("persistence")  # absent from controllers older than the journal
     if persistence and not persistence["ok"]:

@@ -352,7 +352,8 @@ async def get_status(request: web.Request) -> web.StreamResponse:
     return web.json_response({
         "config": {"revision": ctl.config.revision, "loaded_at": ctl.config.loaded_at,
                    "last_error": ctl.config.last_error, "last_error_revision": ctl.config.last_error_revision,
-                   "reload_failures": ctl.config.failures, "directory": ctl.desired.directory},
+                   "reload_failures": ctl.config.failures, "directory": ctl.desired.directory,
+                   "watch": ctl.watch_status()},
         "pops": [{"pop": p.name, "plan_generation": ctl.served[p.name].generation,
                   "report_age": (now - r.received_at) if (r := ctl.reports.get(p.name)) else None,
                   "reported_plan_generation": r.plan_generation if r else None,

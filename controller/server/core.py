@@ -229,6 +229,8 @@ class Controller:
         # new to it) with the presumed reports, so a restart resumes the timers where they were.
         self._engine = Engine(loaded.state.planner)
         self.config = ConfigStatus(revision=self.target.revision, loaded_at=self.clock())
+        # How the daemon notices config changes (status "config.watch"; the daemon sets it)
+        self.watch_status: Callable[[], dict[str, Any]] = dict
         self.replan()
         if pending:  # a revision committed while no controller ran: judged against what the base announces
             self._new_revision(self.target)

@@ -353,6 +353,12 @@ class Watcher:
             self.seen, self._dirty, self.unsettled = seen, True, True
             raise _Unsettled(f"{self.directory}: {why}")
 
+    def watch_status(self) -> dict[str, Any]:
+        """``anycastctl status``'s config.watch: how changes are noticed (inotify, stat-polling,
+        or none before the watch is set up), and the path of an index.lock given up on (a git
+        killed half-way left it: remove it if no git runs there), else null."""
+        return {"notifier": self.notifier, "stale_git_lock": self.git_lock.stale}
+
     def _git_lock(self) -> GitLock:
         """The GitLock of the checkout (one, so a lock given up on stays given up on)."""
         if self.git_lock.path is None and (gd := self._gd()):
@@ -684,6 +690,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
         metrics.config_reloads.labels("failure").inc()
     else:
         metrics.config_reloads.labels("success").inc()
+    ctl.watch_status = watcher.watch_status
     state_dir = ctl.desired.state_dir
     # Only a revision applied everywhere is kept as the last good one (a held revision is not
     # good yet: a restart must judge it against the one before).

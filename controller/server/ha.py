@@ -75,7 +75,8 @@ def _follower_app(shell: Shell, operator_sha256: str | None, revision: str, dire
         # Won but not serving yet (this API is about to make way for the leader's): "starting".
         ha = {**shell.status(), "role": "starting" if shell.acting() else "follower"}
         return web.json_response({"config": {"revision": revision, "directory": directory, "last_error": "",
-                                             "last_error_revision": "", "reload_failures": 0, "loaded_at": None},
+                                             "last_error_revision": "", "reload_failures": 0, "loaded_at": None,
+                                             "watch": {"notifier": "none", "stale_git_lock": None}},
                                   "ha": ha, "pops": [], "vips": [], "alarms": [], "persistence": None})
 
     async def elsewhere(request: web.Request) -> web.StreamResponse:

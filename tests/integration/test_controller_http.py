@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -1085,3 +1086,23 @@ def test_a_deeply_nested_plan_is_refused_not_fatal_to_the_agent(controller: Runn
         finally:
             await c.close()
     asyncio.run(scenario())
+
+
+def test_status_says_how_changes_are_noticed_and_names_a_git_lock_given_up_on(controller: Running) -> None:
+    """config.watch: the notifier, and a stale index.lock (a git killed half-way, an hour old,
+    held by no process) named once a reload has given up on it; still serving, and the
+    commit behind it loaded."""
+    def watch() -> dict[str, Any]:
+        return controller.request("GET", "/v1/status", token=TOKENS["operator"])[1]["config"]["watch"]
+    wait_for(lambda: watch()["notifier"] != "none", 60, desc="the watch set up")
+    assert watch() == {"notifier": "inotify", "stale_git_lock": None}
+    lock = controller.config / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 3600,) * 2)
+    controller.edit("vips.yaml", lambda v: v["vips"][0].update(enabled=False))
+    wait_for(lambda: watch()["stale_git_lock"] == os.path.realpath(lock), 60, desc="the lock named")
+    r = controller.ctl("status")
+    assert r.returncode == 0 and f"STALE GIT LOCK {os.path.realpath(lock)}" in r.stdout, r.stdout
+    lock.unlink()
+    controller.edit("vips.yaml", lambda v: v["vips"][0].update(enabled=True))
+    wait_for(lambda: watch()["stale_git_lock"] is None, 60, desc="the lock gone")
