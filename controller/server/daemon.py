@@ -346,12 +346,13 @@ class Watcher:
         moments (a checkout half-written: a VIP missing; or a commit's new HEAD against the
         index before it: its content named "+dirty")."""
         lock = self._git_lock()
-        why = (f"{lock.path} is there (a git command writing the checkout)" if lock.busy() else
+        locked = lock.busy()
+        why = (f"{lock.path} is there (a git command writing the checkout)" if locked else
                "the files or git's HEAD, refs or index changed while they were read"
                if self._stat_signature() != before else None)
         if why is not None:
             self.seen, self._dirty, self.unsettled = seen, True, True
-            raise _Unsettled(f"{self.directory}: {why}")
+            raise _Unsettled(f"{self.directory}: {why}", locked=locked)
 
     def watch_status(self) -> dict[str, Any]:
         """``anycastctl status``'s config.watch: how changes are noticed (inotify, stat-polling,
@@ -415,7 +416,10 @@ class Watcher:
         try:
             desired = self._load()
         except _Unsettled as exc:
-            if self._unsettled_since is None:
+            # (the bound is for reads that keep moving: a lock git holds is waited for, settle())
+            if exc.locked:
+                self._unsettled_since = None
+            elif self._unsettled_since is None:
                 self._unsettled_since = now
             log.info("%s: not loaded; looked at again once git is done", exc)
             return None
@@ -522,7 +526,12 @@ def _lock_held(path: str) -> bool | None:
 
 
 class _Unsettled(Exception):
-    """What a load read moved under it (Watcher._unsettled): not loaded, read again."""
+    """What a load read moved under it (Watcher._unsettled): not loaded, read again.
+    ``locked``: a git command holds index.lock (settle() waits for it however long it takes)."""
+
+    def __init__(self, message: str, locked: bool) -> None:
+        super().__init__(message)
+        self.locked = locked
 
 
 class GitLock:
@@ -563,12 +572,24 @@ class GitLock:
         key = self._key()
         if key is None or key == self._given_up:
             return False
+        self._forget_gone()
+        age = self._old(key)
+        return not (age is not None and self._held(self.path) is False and self._left(key, age))
+
+    def _forget_gone(self) -> None:
+        """A lock other than the one given up on is seen: that one went."""
         if self._given_up is not None:
-            self._given_up = self.stale = None  # a new lock: the old one went
+            self._given_up = self.stale = None
+
+    def _old(self, key: tuple[int, int]) -> float | None:
+        """The lock's age by its mtime if it is GIT_LOCK_WAIT old (the first-sight rule's
+        first half: then, if no process holds it open, a killed git left it), else None."""
         age = self._now() - key[1] / 1e9
-        if age >= self.wait and self._held(self.path) is False:  # settled()'s first-sight rule
-            self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
-            return False
+        return age if age >= self.wait else None
+
+    def _left(self, key: tuple[int, int], age: float) -> bool:
+        """Give up on the lock ``key``, found ``age`` old and held by no process; True."""
+        self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
         return True
 
     def _give_up(self, key: tuple[int, int], why: str) -> None:
@@ -601,13 +622,10 @@ class GitLock:
         while key is not None:
             if key == self._given_up:
                 return
-            if self._given_up is not None:
-                self._given_up = self.stale = None  # a new lock: the old one went
+            self._forget_gone()
             if first:
                 first = False
-                age = self._now() - key[1] / 1e9
-                if age >= self.wait and await self._held_now() is False:
-                    self._give_up(key, f"has not changed for {age:.0f}s and no process holds it open")
+                if (age := self._old(key)) is not None and await self._held_now() is False and self._left(key, age):
                     return
             waited = self._clock() - since
             if waited >= self.wait:

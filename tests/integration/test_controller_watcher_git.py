@@ -277,3 +277,24 @@ def test_reads_that_keep_moving_are_loaded_after_the_bound(tmp_path: Path, monke
         assert new is not None and all(new.vip(f"api-{k}") is not None for k in range(FILES))
     finally:
         watcher.close()
+
+
+def test_a_wait_on_a_lock_git_holds_does_not_count_toward_the_bound(tmp_path: Path, monkeypatch) -> None:
+    """The bound on back-to-back discards is for reads that keep moving; a read discarded
+    because git holds index.lock is settle()'s to wait out however long git takes, so after a
+    long checkout the next read is still checked, not loaded as it is."""
+    import time
+
+    d, _, _ = _two_commits(tmp_path)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    try:
+        watcher.load()
+        watcher._unsettled_since = time.monotonic() - 1  # (an earlier discard, of moving files)
+        lock = d / ".git" / "index.lock"
+        lock.write_bytes(b"")  # a git at work (a fresh lock)
+        _write(d, 1)
+        watcher._dirty = True
+        assert watcher.reload() is None and watcher.unsettled
+        assert watcher._unsettled_since is None
+    finally:
+        watcher.close()
