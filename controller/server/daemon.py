@@ -37,7 +37,7 @@ from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
 from . import store
 from .core import Controller
-from .revision import IndexCopy, fingerprint, git_dir, revision, revision_started, stat_signature
+from .revision import IndexCopy, common_dir, fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
@@ -469,8 +469,10 @@ class Watcher:
     async def _inotify(self, poke: asyncio.Event, gd: str | None) -> None:
         top = os.path.realpath(self.directory)
         paths = [top]
-        if gd and not os.path.realpath(gd).startswith(top + os.sep):
-            paths.append(os.path.realpath(gd))
+        if gd:  # (a linked worktree's git directory is in the repository's, its branches there too)
+            for d in sorted({os.path.realpath(gd), os.path.realpath(common_dir(gd))}, key=len):
+                if not any(d == p or d.startswith(p + os.sep) for p in paths):
+                    paths.append(d)
         self.notifier = "inotify"
         self._git_lock()
         self._mark(poke)  # anything between load() and the watch being set up
@@ -655,11 +657,15 @@ class _Relevant:
     def __init__(self, top: str, gd: str | None) -> None:
         self.top = top
         self.git = os.path.realpath(gd) if gd else None
+        self.common = os.path.realpath(common_dir(gd)) if gd else None  # (a linked worktree's branches)
 
     def __call__(self, change: watchfiles.Change, path: str) -> bool:
         if self.git and (path == self.git or path.startswith(self.git + os.sep)):
             rel = os.path.relpath(path, self.git)
             return rel in ("HEAD", "index", "packed-refs") or rel.startswith("refs" + os.sep)
+        if self.common and self.common != self.git and path.startswith(self.common + os.sep):
+            rel = os.path.relpath(path, self.common)
+            return rel == "packed-refs" or rel.startswith("refs" + os.sep)
         rel = os.path.relpath(path, self.top)
         if rel.startswith(".."):
             return False

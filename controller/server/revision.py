@@ -64,12 +64,17 @@ def stat_signature(directory: str, git_dir: str | None) -> tuple[tuple[str, int,
     out = []
     paths = _yaml_files(directory)
     if git_dir:
-        paths += [os.path.join(git_dir, n) for n in ("HEAD", "index", "packed-refs")]
+        common = common_dir(git_dir)
+        paths += [os.path.join(git_dir, "HEAD"), os.path.join(git_dir, "index"), os.path.join(common, "packed-refs")]
         try:
             with open(os.path.join(git_dir, "HEAD"), encoding="utf-8") as f:
                 head = f.read().strip()
             if head.startswith("ref: "):
-                paths.append(os.path.join(git_dir, head[5:]))
+                # (a branch's ref is in the common directory; a linked worktree's own refs,
+                # refs/worktree and refs/bisect, in its git directory)
+                ref = head[5:]
+                per_worktree = ref.startswith(("refs/worktree/", "refs/bisect/"))
+                paths.append(os.path.join(git_dir if per_worktree else common, ref))
         except OSError:
             pass
     for path in paths:
@@ -79,6 +84,18 @@ def stat_signature(directory: str, git_dir: str | None) -> tuple[tuple[str, int,
         except OSError:
             out.append((path, -1, -1, -1))
     return tuple(out)
+
+
+def common_dir(git_dir: str) -> str:
+    """Where a checkout's branches and packed-refs are: its git directory, or for a linked
+    worktree (`git worktree add`) the main repository's, which git names in the file
+    ``commondir`` (git's own layout, read without running git)."""
+    try:
+        with open(os.path.join(git_dir, "commondir"), encoding="utf-8") as f:
+            named = f.read().strip()
+    except OSError:
+        return git_dir
+    return os.path.normpath(os.path.join(git_dir, named)) if named else git_dir
 
 
 def git_dir(directory: str) -> str | None:
@@ -121,9 +138,7 @@ class IndexCopy:
 
     def __init__(self, git_dir: str, under: str | None = None) -> None:
         self.index = os.path.join(git_dir, "index")
-        # A repository with submodules keeps git's own index, read only: a status on the copy
-        # may take optional locks, and it recurses into each submodule's real index.
-        self._submodules = os.path.exists(os.path.join(os.path.dirname(os.path.realpath(git_dir)), ".gitmodules"))
+        self._gitmodules = os.path.join(_work_tree(git_dir), ".gitmodules")
         self._under = under  # where copies go (the state directory's git-index/); None: the temp dir
         self._dir: str | None = None
         self._key: tuple[int, int, int] | None = None
@@ -142,7 +157,10 @@ class IndexCopy:
     def path(self) -> str | None:
         """The copy, up to date with the index; None (git's own index, read only) if there is
         no index or it cannot be copied."""
-        if self._submodules:
+        if os.path.exists(self._gitmodules):
+            # A checkout with submodules keeps git's own index, read only: a status on the copy
+            # may take optional locks, and it recurses into each submodule's real index.
+            # (Looked at each time: a commit can add the first submodule.)
             return None
         with self._lock:
             try:
@@ -167,6 +185,17 @@ class IndexCopy:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir, self._key = None, None
+
+
+def _work_tree(git_dir: str) -> str:
+    """The top of the checkout a git directory is of: its parent, or for a linked worktree
+    the directory of the ``.git`` file that git's ``gitdir`` file names."""
+    try:
+        with open(os.path.join(git_dir, "gitdir"), encoding="utf-8") as f:
+            dot_git = f.read().strip()
+    except OSError:
+        return os.path.dirname(os.path.realpath(git_dir))
+    return os.path.dirname(os.path.normpath(os.path.join(git_dir, dot_git)))
 
 
 def _alive(pid: int) -> bool:

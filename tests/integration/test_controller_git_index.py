@@ -109,3 +109,25 @@ def test_a_repository_with_submodules_keeps_gits_own_index_read_only(tmp_path: P
     copy = IndexCopy(str(d / ".git"))
     assert copy.path() is None
     assert revision(str(d), index=copy) == head
+
+
+def test_a_submodule_added_later_or_in_a_linked_worktree_keeps_gits_own_index(tmp_path: Path) -> None:
+    """The submodule rule is looked at on each use, at the checkout's top: a commit that adds
+    the first submodule while the controller runs turns the copy off (it was judged once, at
+    start), and a linked worktree's top is found from its git directory (.git/worktrees/NAME,
+    whose parent is not the checkout)."""
+    d = tmp_path / "c"
+    _checkout(d)
+    copy = IndexCopy(str(d / ".git"))
+    assert copy.path() is not None
+    (d / ".gitmodules").write_text("")
+    git(d, "add", ".gitmodules")
+    git(d, "commit", "-qm", "modules")
+    assert copy.path() is None
+    assert revision(str(d), index=copy) == git(d, "rev-parse", "HEAD")[:12]
+    copy.close()
+    linked = tmp_path / "linked"
+    git(d, "worktree", "add", "-q", "-b", "pop", str(linked))
+    gd = git(linked, "rev-parse", "--absolute-git-dir")
+    assert Path(gd).parent.name == "worktrees"
+    assert IndexCopy(gd).path() is None  # (its .gitmodules is the linked checkout's)

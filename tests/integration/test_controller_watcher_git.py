@@ -4,6 +4,7 @@ checkout half-written (loopback-free: files, inotify and git only; no lab lock n
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -296,5 +297,31 @@ def test_a_wait_on_a_lock_git_holds_does_not_count_toward_the_bound(tmp_path: Pa
         watcher._dirty = True
         assert watcher.reload() is None and watcher.unsettled
         assert watcher._unsettled_since is None
+    finally:
+        watcher.close()
+
+
+def test_a_linked_worktree_s_branch_moving_is_noticed(tmp_path: Path) -> None:
+    """A checkout made by `git worktree add`: its git directory is .git/worktrees/NAME, its
+    branch's ref and packed-refs are in the main repository's. The stat data must include
+    those (they were looked for in the worktree's git directory, where they never are): a
+    `git reset --soft` moves only the branch, and the periodic look missed it for good."""
+    main = _commit_a(tmp_path)
+    git(main, "commit", "-q", "--allow-empty", "-m", "B")
+    linked = tmp_path / "linked"
+    git(main, "worktree", "add", "-q", "-b", "pop", str(linked))
+    watcher = Watcher(str(linked), str(tmp_path / "state"))
+    try:
+        first = watcher.load()
+        assert first.revision == git(linked, "rev-parse", "HEAD")[:12]
+        before = watcher._stat_signature()
+        git(linked, "reset", "-q", "--soft", "HEAD~1")  # the branch moves, index and files do not
+        assert watcher._stat_signature() != before
+        assert daemon._Relevant(os.path.realpath(linked), daemon.git_dir(str(linked)))(
+            daemon.watchfiles.Change.modified, os.path.realpath(main / ".git" / "refs" / "heads" / "pop"))
+        watcher._checked -= daemon.RECHECK  # the periodic look is due
+        assert watcher.changed()
+        new = watcher.load()
+        assert new.revision != first.revision and new.revision.startswith(git(linked, "rev-parse", "HEAD")[:12])
     finally:
         watcher.close()
