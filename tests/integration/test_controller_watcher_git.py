@@ -16,7 +16,7 @@ from controller.server.daemon import Watcher
 from controller.server.revision import IndexCopy, fingerprint
 from tests.helpers.config_dirs import EXAMPLE
 from tests.helpers.controller_process import git
-from tests.helpers.waiting import check, until
+from tests.helpers.waiting import HANG_GUARD, check, until
 
 FILES = 8
 
@@ -325,3 +325,95 @@ def test_a_linked_worktree_s_branch_moving_is_noticed(tmp_path: Path) -> None:
         assert new.revision != first.revision and new.revision.startswith(git(linked, "rev-parse", "HEAD")[:12])
     finally:
         watcher.close()
+
+
+def test_the_serving_loop_discards_a_half_read_checkout_and_serves_the_commit_once_git_is_done(
+        tmp_path: Path, monkeypatch) -> None:
+    """serve() itself (in process, plain HTTP on loopback): a reload reads the checkout while
+    git writes it (index.lock there, f0.yaml gone). The served config stays commit A while the
+    lock is there (not the half tree: api-0 would be withdrawn everywhere, and nothing refused);
+    once the lock goes and the checkout ends, the loop reloads by itself and serves commit B.
+    The watcher's own watch is off here, so only the loop's settle-then-look path can do it."""
+    import aiohttp
+
+    from tests.helpers.controller_process import free_ports
+
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    conf = yaml.safe_load((d / "controller.yaml").read_text())
+    conf["api"].pop("tls", None)
+    conf["state_dir"] = str(tmp_path / "state")
+    conf["listen"], conf["metrics_listen"] = "127.0.0.1:9800", "127.0.0.1:9801"  # (the ports given to serve())
+    (d / "controller.yaml").write_text(yaml.safe_dump(conf))
+    _write(d, 0)
+    git(d, "init", "-q", "-b", "main")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    a_head = git(d, "rev-parse", "HEAD")[:12]
+    git(d, "checkout", "-qb", "next")
+    _write(d, 1)
+    git(d, "commit", "-qam", "B")
+    b_head = git(d, "rev-parse", "HEAD")[:12]
+    git(d, "checkout", "-q", "main")
+    token = (EXAMPLE / "lab-tokens" / "operator.token").read_text().strip()
+    port, mport = free_ports(2)
+    lock = d / ".git" / "index.lock"
+
+    async def no_watch(self: Watcher, poke: asyncio.Event) -> None:
+        await asyncio.Event().wait()
+    monkeypatch.setattr(Watcher, "poke_on_change", no_watch)
+    real = daemon.fingerprint
+    armed, read_half = [False], [False]
+
+    def mid_checkout(directory: str, contents: dict[str, bytes] | None = None) -> str:
+        if armed[0]:
+            armed[0] = False
+            lock.write_bytes(b"")  # git's checkout has begun: the lock taken, a file removed
+            (d / "vips" / "f0.yaml").unlink()
+            read_half[0] = True
+        return real(directory, contents)
+    monkeypatch.setattr(daemon, "fingerprint", mid_checkout)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        serving = asyncio.ensure_future(daemon.serve(watcher, ("127.0.0.1", port), ("127.0.0.1", mport), stop=stop))
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            async def status() -> dict | None:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/v1/status") as r:
+                        return await r.json() if r.status == 200 else None
+                except aiohttp.ClientError:
+                    return None
+            try:
+                first = None
+                async with asyncio.timeout(HANG_GUARD):
+                    while first is None:
+                        assert not serving.done(), serving
+                        first = await status()
+                        await asyncio.sleep(0.05)
+                assert first["config"]["revision"] == a_head
+                armed[0] = True
+                watcher._dirty = True  # (a notification: the loop reloads at its next turn)
+                # (pending again: the discarded read marked the next look)
+                await until(lambda: read_half[0] and watcher.pending(), "the reload read the half checkout")
+                mid = await status()  # (while the lock is there: nothing reloaded, nothing refused)
+                assert mid is not None and mid["config"]["revision"] == a_head and not mid["config"]["last_error"]
+                assert {v["vip"] for v in mid["vips"]} >= {f"api-{k}" for k in range(FILES)}
+                lock.unlink()
+                git(d, "checkout", "-qf", "next")  # the checkout ends
+                async def served_b() -> bool:
+                    s = await status()
+                    return s is not None and s["config"]["revision"] == b_head
+                async with asyncio.timeout(HANG_GUARD):  # (a hang guard, never a slow one)
+                    while not await served_b():
+                        assert not serving.done(), serving
+                        await asyncio.sleep(0.05)
+                end = await status()
+                assert end is not None and not end["config"]["last_error"] and end["config"]["reload_failures"] == 0
+                assert {v["vip"] for v in end["vips"]} >= {f"api-{k}" for k in range(FILES)}
+            finally:
+                stop.set()
+                assert await serving == 0
+
+    check(scenario)
