@@ -34,10 +34,12 @@ from .topology import Pop, Topology
 
 CONTROLLERS = {"ctl-a": "192.0.2.101", "ctl-b": "192.0.2.102", "ctl-c": "192.0.2.103"}
 ETCD_MEMBERS = {"etcd-a": "192.0.2.111", "etcd-b": "192.0.2.112", "etcd-c": "192.0.2.113"}
-# ha.lease_ttl: short, since the lab kills leaders (production keeps the default 5). A leader
-# rides out lease_ttl - 0.6 s without an answer from etcd, which must cover etcd electing a
-# new raft leader when one member dies: ETCD_ELECTION_MS (at most twice that, plus a vote).
-LEASE_TTL = 3
+# ha.lease_ttl: the production default. A leader rides out lease_ttl - margin (4 s here)
+# without an answer from etcd, which must cover etcd electing a new raft leader when one
+# member dies (ETCD_ELECTION_MS, at most twice that, plus a vote) on a machine as loaded as
+# CI's. With 3 s (a 2.4 s ride-out, less the 0.6 s since the last keep-alive) a CI run saw
+# ha4's leader step down while etcd was still electing (its term ended, plans moved on).
+LEASE_TTL = 5
 ETCD_ELECTION_MS = 500
 ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380
 _ = AGENT_METRICS_PORT
