@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -137,10 +138,13 @@ def test_a_reload_parses_while_git_answers_and_names_the_revision_it_loaded_or_r
         watcher.close()
 
 
-def _commit_a(tmp_path: Path) -> Path:
-    """A checkout of the example with api-k in vips/f{k}.yaml, committed as A on main."""
+def _commit_a(tmp_path: Path, edit: Callable[[Path], None] | None = None) -> Path:
+    """A checkout of the example with api-k in vips/f{k}.yaml (``edit`` run on it first),
+    committed as A on main."""
     d = tmp_path / "desired"
     shutil.copytree(EXAMPLE, d)
+    if edit is not None:
+        edit(d)
     _write(d, 0)
     git(d, "init", "-q", "-b", "main")
     git(d, "add", "-A")
@@ -148,10 +152,10 @@ def _commit_a(tmp_path: Path) -> Path:
     return d
 
 
-def _two_commits(tmp_path: Path) -> tuple[Path, str, str]:
+def _two_commits(tmp_path: Path, edit: Callable[[Path], None] | None = None) -> tuple[Path, str, str]:
     """A checkout on commit A (api-k in f{k}), and branch ``next`` at commit B (api-k one file
     further). Returns the directory and A's and B's revisions."""
-    d = _commit_a(tmp_path)
+    d = _commit_a(tmp_path, edit)
     a_head = git(d, "rev-parse", "HEAD")[:12]
     git(d, "checkout", "-qb", "next")
     _write(d, 1)
@@ -338,23 +342,14 @@ def test_the_serving_loop_discards_a_half_read_checkout_and_serves_the_commit_on
 
     from tests.helpers.controller_process import free_ports
 
-    d = tmp_path / "desired"
-    shutil.copytree(EXAMPLE, d)
-    conf = yaml.safe_load((d / "controller.yaml").read_text())
-    conf["api"].pop("tls", None)
-    conf["state_dir"] = str(tmp_path / "state")
-    conf["listen"], conf["metrics_listen"] = "127.0.0.1:9800", "127.0.0.1:9801"  # (the ports given to serve())
-    (d / "controller.yaml").write_text(yaml.safe_dump(conf))
-    _write(d, 0)
-    git(d, "init", "-q", "-b", "main")
-    git(d, "add", "-A")
-    git(d, "commit", "-qm", "A")
-    a_head = git(d, "rev-parse", "HEAD")[:12]
-    git(d, "checkout", "-qb", "next")
-    _write(d, 1)
-    git(d, "commit", "-qam", "B")
-    b_head = git(d, "rev-parse", "HEAD")[:12]
-    git(d, "checkout", "-q", "main")
+    def plain_http(d: Path) -> None:
+        conf = yaml.safe_load((d / "controller.yaml").read_text())
+        conf["api"].pop("tls", None)
+        conf["state_dir"] = str(tmp_path / "state")
+        conf["listen"], conf["metrics_listen"] = "127.0.0.1:9800", "127.0.0.1:9801"  # (the ports given to serve())
+        (d / "controller.yaml").write_text(yaml.safe_dump(conf))
+
+    d, a_head, b_head = _two_commits(tmp_path, plain_http)
     token = (EXAMPLE / "lab-tokens" / "operator.token").read_text().strip()
     port, mport = free_ports(2)
     lock = d / ".git" / "index.lock"
