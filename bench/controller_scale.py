@@ -1,6 +1,7 @@
 """Controller scale: 10,000 VIPs x 50 POPs, planned, served and changed.
 
     python -m bench.controller_scale inproc --dir DIR --out FILE [--runs N]   # the in-process part
+    python -m bench.controller_scale cold [--vips N] [--pops N] [--files N] [--out FILE]  # the daemon's start, one process
 
 A synthetic desired state (``generate``) goes into a temporary git checkout: every VIP
 published at every POP (the worst case: VIPs x POPs (POP, VIP) pairs, each planned and
@@ -514,6 +515,213 @@ def engine_scale(nvips: int, npops: int) -> dict[str, Any]:
     out["gc_cpu_s"], out["gc_full_passes"] = round(gc_clock.total, 2), gc_clock.passes
     gc_clock.close()
     return out
+
+
+# --- the cold path in one process, as the daemon runs it at start ----------------------------
+class _Phases:
+    """Each phase's wall and CPU seconds, the collector's CPU in it, RSS after it and the
+    process's peak RSS so far (ru_maxrss: a phase's own peak where it is the highest yet)."""
+
+    def __init__(self, log: Log) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.log = log
+        self.gc = _GcClock()
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t, c, g = time.perf_counter(), time.process_time(), self.gc.total
+        value = fn()
+        self.done(name, t, c, g)
+        return value
+
+    async def arun(self, name: str, fn: Callable[[], Any]) -> Any:
+        t, c, g = time.perf_counter(), time.process_time(), self.gc.total
+        value = await fn()
+        self.done(name, t, c, g)
+        return value
+
+    def done(self, name: str, t: float, c: float, g: float) -> None:
+        row = {"phase": name, "wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(time.process_time() - c, 3),
+               "gc_cpu_s": round(self.gc.total - g, 3), "rss_mb": _status_mb("self", "VmRSS"),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        self.rows.append(row)
+        self.log(f"cold: {name}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, RSS {row['rss_mb']} MB "
+                 f"(peak {row['peak_rss_mb']})")
+
+
+COLD_PHASES = ("load", "controller", "reports", "first plan", "serve")  # the cold path's total
+
+
+async def cold_path(config_dir: Path, state_dir: Path, log: Log) -> dict[str, Any]:
+    """The daemon's start (daemon.serve) on a generated checkout, in this process, with the
+    daemon's own objects: Watcher.load() (files hashed, git's revision, load_desired with the
+    LoadCache), the Controller on a file journal (its first pass, with no reports: every
+    POP's plan as the daemon serves before any POP has reported), the heap frozen; every POP's
+    first full report as its agent sends it (compact, every VIP announced: bodies made by the
+    bench beforehand, not timed) taken in as POST /v1/reports takes it (app._parsed: json.loads
+    and decode_report in slices; app._take_report: Controller.accept_report), the index made
+    by the first report's published_regions; the pass of the reports (Controller.settled:
+    plan, serve, journal); every POP's full plan as GET /v1/plans/{pop} answers it
+    (PlanStore.answer: the gzipped JSON). Then two edits of the checkout, each reloaded
+    (Watcher.reload), applied (Controller.apply_config), planned, and served to the POPs
+    whose plan moved (their delta from the generation before): one VIP's publish list loses
+    p00, another VIP's backend port changes (at every POP)."""
+    from controller.cli.controller_main import GC_THRESHOLD
+    from controller.server import app as server_app
+    from controller.server import daemon as server_daemon
+    from controller.server import store as server_store
+    from controller.server.core import Controller
+
+    gc.set_threshold(*GC_THRESHOLD)  # as the daemon runs
+    server_daemon.FREEZE_HEAP = True
+    ph = _Phases(log)
+    out: dict[str, Any] = {"rss_mb_start": _status_mb("self", "VmRSS"), "load_average_start": load_average()}
+    watcher = server_daemon.Watcher(str(config_dir), str(state_dir), use_inotify=False)
+    desired = await ph.arun("load", lambda: asyncio.to_thread(watcher.load_at_start))
+    out.update(vips=len(desired.vips), pops=len(desired.pops), pairs=sum(len(v.publish) for v in desired.vips))
+
+    def start() -> Controller:
+        journal = server_store.FileJournal(desired.state_dir, background=True)
+        c = Controller(desired, applied=watcher.kept_base(desired, journal), state_store=journal)
+        server_daemon._freeze_heap()
+        return c
+    ctl = ph.run("controller", start)
+
+    names = [v.name for v in desired.vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    pops = [p.name for p in desired.pops]
+    t = time.perf_counter()
+    bodies = [compact_report_body(names, regions, i, len(pops), seq=int(time.time() * 1000)) for i in range(len(pops))]
+    out["reports_generate_s"] = round(time.perf_counter() - t, 2)  # the bench's part, not timed with the rest
+    out["report_body_mb"] = round(len(bodies[0]) / 2**20, 2)
+    del names, regions
+    turn = asyncio.Lock()
+    books: dict[str, Any] = {}
+    statuses: list[int] = []
+
+    async def intake() -> None:
+        for pop, raw in zip(pops, bodies):
+            with ctl.receiving():
+                published = ctl.published_regions(pop)
+                book = books.setdefault(pop, server_app._ReportBook())
+                async with book.lock:
+                    parsed = await server_app._parsed(raw, published, turn)
+                    statuses.append(server_app._take_report(ctl, pop, book, published, parsed).status)
+    await ph.arun("reports", intake)
+    del bodies
+    out["report_statuses"] = {str(s): statuses.count(s) for s in set(statuses)}
+    async def first_plan() -> None:
+        await ctl.settled()
+        planned = ctl.planning()
+        if planned is not None:
+            await planned  # (settled() returns with the pass's plans published; its serving may go on)
+    await ph.arun("first plan", first_plan)
+
+    def serve_all() -> int:
+        return sum(len(ctl.plans.answer(pop, None)[0]) for pop in pops)
+    out["served_bytes_gzipped"] = ph.run("serve", serve_all)
+    out["plan_body_mb_p00"] = round(len(ctl.plans.body(pops[0], None)) / 2**20, 2)
+    first = {r["phase"]: r for r in ph.rows}
+    out["cold_total"] = {k: round(sum(first[p][k] for p in COLD_PHASES), 2) for k in ("wall_s", "cpu_s", "gc_cpu_s")}
+    out["cold_total"]["peak_rss_mb"] = first["serve"]["peak_rss_mb"]
+    # Let the journal's writes of the start finish, so the change does not wait for them.
+    await asyncio.sleep(0.5)
+
+    changes = []
+    for what, edit in (("one VIP's publish list loses p00", _edit_publish), ("one VIP's backend port", _edit_port)):
+        generations = {pop: ctl.served[pop].generation for pop in pops}
+
+        async def change() -> int:
+            edit(config_dir, pops)
+            new = await asyncio.to_thread(watcher.reload, True)
+            assert new is not None, "the edit was not loaded"
+            ctl.apply_config(new)
+            server_daemon._freeze_heap()
+            task = ctl.planning()
+            if task is not None:
+                await task
+            moved = [pop for pop in pops if ctl.served[pop].generation != generations[pop]]
+            sizes = [len(ctl.plans.answer(pop, generations[pop])[0]) for pop in moved]
+            changes.append({"change": what, "pops_served": len(moved),
+                            "delta_bytes_max": max(sizes) if sizes else None})
+            return len(moved)
+        await ph.arun(f"change: {what}", change)
+    out["changes"] = changes
+    out["phases"] = ph.rows
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["load_average_end"] = load_average()
+    out["process_cpu_s"] = round(time.process_time(), 1)
+    out["gc_cpu_s"], out["gc_full_passes"] = round(ph.gc.total, 2), ph.gc.passes
+    ph.gc.close()
+    watcher.close()
+    ctl.close()
+    return out
+
+
+def _edit_publish(config_dir: Path, pops: list[str]) -> None:
+    """vip-00000 (in vips.yaml) published everywhere but at the first POP."""
+    path = config_dir / "vips.yaml"
+    text = path.read_text()
+    old = "  - name: vip-00000\n"
+    at = text.index(old)
+    line_at = text.index("    publish: [", at)
+    end = text.index("\n", line_at)
+    path.write_text(text[:line_at] + "    publish: [" + ", ".join(pops[1:]) + "]" + text[end:])
+
+
+def _edit_port(config_dir: Path, pops: list[str]) -> None:
+    """vip-00001's first backend on another port (its definition: every POP's plan moves)."""
+    path = config_dir / "vips.yaml"
+    text = path.read_text()
+    at = text.index("  - name: vip-00001\n")
+    port_at = text.index(":8080\"", at)
+    path.write_text(text[:port_at] + ":8081\"" + text[port_at + len(":8080\""):])
+
+
+def cold_main(vips: int, pops: int, files: int, out: Path | None, log: Log) -> dict[str, Any]:
+    """The config files written (and committed) to a temporary directory, untimed; then
+    ``cold_path`` on them in this process."""
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+        config_dir = Path(tmp) / "desired"
+        t = time.monotonic()
+        generate(config_dir, vips, pops, files)
+        _git(config_dir, "init", "-q")
+        _git(config_dir, "add", "-A")
+        _git(config_dir, "commit", "-qm", "synthetic desired state")
+        size = sum(f.stat().st_size for f in config_dir.rglob("*.yaml"))
+        log(f"cold: {vips} VIPs x {pops} POPs in {files} files ({size / 2**20:.0f} MB of YAML) written in "
+            f"{time.monotonic() - t:.1f} s (not timed)")
+        from .report import calibrate
+        result: dict[str, Any] = {"files": files, "yaml_mb": round(size / 2**20, 1), "python_loop_ms": calibrate(),
+                                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        result.update(asyncio.run(cold_path(config_dir, Path(tmp) / "state", log)))
+    result["targets"] = {"cold_s": TARGET_COLD_S, "change_s": TARGET_CHANGE_S, "rss_mb": TARGET_COLD_RSS_MB}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+TARGET_COLD_S = 60.0
+TARGET_COLD_RSS_MB = 8192
+
+
+def render_cold(r: dict[str, Any]) -> str:
+    rows: list[list[Any]] = [[p["phase"], p["wall_s"], p["cpu_s"], p["gc_cpu_s"], p["rss_mb"], p["peak_rss_mb"]]
+                             for p in r["phases"]]
+    tot = r["cold_total"]
+    rows.insert(len(COLD_PHASES), ["cold path total (load .. serve)", tot["wall_s"], tot["cpu_s"], tot["gc_cpu_s"],
+                                    "-", tot["peak_rss_mb"]])
+    changes = "; ".join(f"{c['change']}: {c['pops_served']} POPs served, delta <= {c['delta_bytes_max']} B"
+                        for c in r["changes"])
+    return table(f"Cold path, one process: {r['vips']:,} VIPs x {r['pops']} POPs, {r['files']} files "
+                 f"({r['yaml_mb']} MB of YAML)", ["phase", "wall s", "CPU s", "of which GC", "RSS MB", "peak RSS MB"],
+                 rows, [changes,
+                        f"reports: {r['report_statuses']} (HTTP status of each), {r['report_body_mb']} MB a body; "
+                        f"served {r['served_bytes_gzipped'] / 2**20:.0f} MB gzipped, p00's plan "
+                        f"{r['plan_body_mb_p00']} MB of JSON",
+                        f"targets: cold path <= {TARGET_COLD_S:g} s, one change <= {TARGET_CHANGE_S:g} s, RSS <= "
+                        f"{TARGET_COLD_RSS_MB} MB; python_loop_ms {r['python_loop_ms']}, load "
+                        f"{r['load_average_start']} -> {r['load_average_end']}"])
 
 
 def _reasons(pops: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
@@ -1250,6 +1458,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--runs", type=int, default=1)
     b.add_argument("--out", type=Path)
     b.add_argument("--distinct", action="store_true", help="no two POPs' reports equal (a few VIPs down at each)")
+    cd = sub.add_parser("cold", help="the daemon's cold start in one process: load, reports, first plan, serving, a change")
+    cd.add_argument("--vips", type=int, default=100_000)
+    cd.add_argument("--pops", type=int, default=300)
+    cd.add_argument("--files", type=int, default=SPLIT_FILES)
+    cd.add_argument("--out", type=Path)
     g = sub.add_parser("generate", help="write a synthetic config directory")
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--vips", type=int, default=10000)
@@ -1261,6 +1474,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
+        return 0
+    if args.cmd == "cold":
+        print(render_cold(cold_main(args.vips, args.pops, args.files, args.out, lambda m: print(m, flush=True))))
         return 0
     if args.cmd == "burst":
         res = burst_main(args.vips, args.pops, args.files, args.runs, args.out, lambda m: print(m, flush=True),
