@@ -22,6 +22,9 @@ Rows beyond the agent's own checks:
   that connects (HTTP: sends the request, reads to EOF) and closes on its interval, no
   scheduler, no state machine, no metrics. The agent's CPU per 1,000 checks is compared
   with it in the same run.
+- ``http-reuse``: the agent's own HTTP checks with ``reuse_connection`` on (the default
+  ``fresh_connection_every``, 10): a kept HTTP/1.1 connection per endpoint, a new one
+  every 10th check. The server keeps a connection open unless the request asks to close.
 - ``+watch``: the same checks with ``watch`` on, one idle watch connection per endpoint
   held open by the server; and at an interval of an hour (``idle``), 10,000 watch sockets
   with (nearly) no checks: what the watches alone cost in CPU and memory, against the
@@ -324,7 +327,8 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
     for i in range(n):
         key = (f"vip{i // 10}", "origin", i)
         health[key] = hs.initial(now)
-        spec = ProbeSpec(kind=kind, host=endpoint(i), port=PORTS[kind], timeout=timeout, path="/healthz")
+        spec = ProbeSpec(kind=kind, host=endpoint(i), port=PORTS[kind], timeout=timeout, path="/healthz",
+                         reuse_connection=probe == "reuse")
         targets.append(Target(key=key, spec=spec, interval=interval, watch=watch, fall=2))
     scheduler.set_targets(targets)
     runner = asyncio.create_task(scheduler.run())
@@ -359,6 +363,8 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
     srv1 = proc_cpu_seconds(server_pid) if server_pid else None
     rss, hwm = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
     watch_stats = pools[0].stats() if watch and pools else None
+    poller = scheduler._poller  # noqa: SLF001 - the bench reads the kept-connection counts
+    poller_counts = (poller.kept_used, poller.kept_retried) if poller is not None else (0, 0)
     scheduler.stop()
     await runner
     if prof and profile:
@@ -369,6 +375,7 @@ async def check_all(kind: str, n: int, interval: float, timeout: float, warmup: 
     cpu = (u1 - u0) + (s1 - s0)
     return {
         "kind": (kind if probe == "agent" else f"{kind}-{probe}") + ("+watch" if watch else ""), "endpoints": n,
+        "kept_used": poller_counts[0], "kept_retried": poller_counts[1],
         "probe": probe, "watch": watch, "interval_s": interval, "timeout_s": timeout,
         "watch_connected": watch_stats.connected if watch_stats else None,
         "watch_losses": watch_stats.losses if watch_stats else None,
@@ -403,6 +410,8 @@ def run(*, quick: bool, log: Log, endpoints: list[int] | None = None, interval: 
     # (kind, endpoints, probe, warm-up, watch, interval)
     plan = [(kind, n, "agent", warmup, False, interval) for kind in KINDS for n in counts
             for _ in range(repeats if n == largest else 1)]
+    # The agent's HTTP checks on kept connections (check.reuse_connection), as repeated.
+    plan += [("http", largest, "reuse", warmup, False, interval) for _ in range(repeats)]
     # What-ifs at the largest count. Keep-alive opens every connection in its first round,
     # a CPU storm the scheduler needs several seconds to absorb: a longer warm-up.
     plan += [("http", largest, "keepalive", 6.0 if quick else 15.0, False, interval),
@@ -425,7 +434,7 @@ def run(*, quick: bool, log: Log, endpoints: list[int] | None = None, interval: 
         rows = [(*row, None) for row in plan if row[2] != "minimal" or row[1] == largest]
     runs = []
     for kind, n, probe, warm, watch, every, loop in rows:
-        what_if = "" if probe == "agent" else f" (what-if: {probe} probe)"
+        what_if = "" if probe in ("agent", "reuse") else f" (what-if: {probe} probe)"
         log(f"throughput: {_kind_of(kind, probe, watch)}{what_if} x {n} endpoints at {every:g}s"
             + (f" on {loop}" if loop else ""))
         r = _one_run(kind, n, probe, every, timeout, warm, duration, watch, loop)
@@ -463,14 +472,14 @@ def vs_minimal(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         kind, n, loop = r["kind"].split("+")[0], r["endpoints"], r.get("loop")
-        base = floor.get((kind, n, loop))
-        if r["probe"] != "agent" or not r["cpu_s_per_1000_checks"]:
+        base = floor.get((kind.split("-")[0], n, loop))
+        if r["probe"] not in ("agent", "reuse") or not r["cpu_s_per_1000_checks"]:
             continue
         row: dict[str, Any] = {"kind": r["kind"], "endpoints": n, "loop": loop,
                                "cpu_s_per_1000": r["cpu_s_per_1000_checks"]}
         if base:
             row.update(minimal_cpu_s_per_1000=base, ratio=round(r["cpu_s_per_1000_checks"] / base, 2))
-        reference = floor.get((kind, n, "asyncio"))
+        reference = floor.get((kind.split("-")[0], n, "asyncio"))
         if reference and loop != "asyncio":
             row.update(asyncio_minimal_cpu_s_per_1000=reference,
                        ratio_vs_asyncio=round(r["cpu_s_per_1000_checks"] / reference, 2))
@@ -527,7 +536,7 @@ def render(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         wall = r["window_s"]
         verdict: bool | str
-        if r["probe"] != "agent":
+        if r["probe"] not in ("agent", "reuse"):
             verdict = "what-if" if r["probe"] != "idle" else "-"
         else:
             verdict = meets_target(r) if r["endpoints"] >= 10000 and r["interval_s"] == result["interval_s"] else "-"
@@ -546,6 +555,7 @@ def render(result: dict[str, Any]) -> str:
                   "RSS < 150 MB, no failed checks",
                   "what-ifs (not the agent's code): http-keepalive = one persistent connection per backend; "
                   "tcp-null = no I/O, the fixed cost of scheduling and handling a check; "
+                  "http-reuse = the agent's checks with check.reuse_connection (a new connection every 10th); "
                   "*-minimal = a bare asyncio connect(+request)+close loop, the floor",
                   "+watch = check.watch on: one idle watch connection per endpoint; http-idle = interval 1 h, "
                   "what the sockets alone cost"]) + _render_ratios(result)
@@ -581,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--profile", type=Path, help="cProfile the measured window; top functions to this file")
     w.add_argument("--watch", action="store_true", help="check.watch on: one watch connection per endpoint")
     w.add_argument("--loop", choices=LOOPS, help="the event loop (default: the agent's, controller.cli.event_loop)")
-    w.add_argument("--probe", choices=("agent", "keepalive", "null", "minimal"), default="agent",
-                   help="agent: the agent's probes; what-ifs: keepalive (HTTP over persistent connections), "
+    w.add_argument("--probe", choices=("agent", "reuse", "keepalive", "null", "minimal"), default="agent",
+                   help="agent: the agent's probes; reuse: the same with check.reuse_connection; what-ifs: keepalive (HTTP over persistent connections), "
                         "null (no I/O: the fixed cost per check)")
     args = p.parse_args(argv)
     if args.cmd == "serve":

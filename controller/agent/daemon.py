@@ -74,6 +74,7 @@ def probe_spec(vip: Vip, key: BackendKey) -> ProbeSpec:
         kind=c.kind, host=str(backend.address), port=c.port or backend.port, timeout=c.timeout,
         path=c.path, expect_status=c.expect_status, expect_body=c.expect_body,
         host_header=c.host_header, tls_verify=c.tls_verify,
+        reuse_connection=c.reuse_connection, fresh_connection_every=c.fresh_connection_every,
     )
 
 

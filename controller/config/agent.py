@@ -15,7 +15,7 @@ from collections.abc import Callable
 from .. import bgp_values
 from .errors import ConfigError
 from .model import (
-    ADMIN_STATES, CHECK_KINDS, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
+    ADMIN_STATES, CHECK_KINDS, FRESH_CONNECTION_EVERY, MAX_ORIGINS, SHUTDOWN_MODES, WATCH_DEFAULT,
     AdminState, AgentConfig, Attributes, Backend, ClientTls, ControllerLink, HealthCheck, IPNetwork, KernelSettings,
     IPAddress, Neighbor, Origin, StateAttributes, Vip, is_loopback,
 )
@@ -456,17 +456,25 @@ def _check(node: Node, defaults: dict[str, float | int]) -> HealthCheck | None:
     fall = node.opt("fall", lambda n: n.as_int(1, 100), int(defaults["fall"]))
     watch = node.opt("watch", Node.as_bool,
                      bool(defaults["watch"]) if "watch" in defaults else WATCH_DEFAULT.get(kind or "", False))
+    reuse = node.opt("reuse_connection", Node.as_bool, False)
+    every = node.opt("fresh_connection_every", lambda n: n.as_int(1, 1_000_000), FRESH_CONNECTION_EVERY)
     node.reject_unknown()
     if kind == "tcp":
         for key in ("path", "expect_status", "expect_body", "host_header", "tls_verify"):
             if node.has(key):
                 node.error("only for http/https checks", key)
+    if reuse and kind in ("tcp", "https"):
+        # TLS: a kept session would need its own close handling (close_notify); HTTPS checks
+        # stay on the fresh-connection path.
+        node.error(f"only for http checks ({kind} checks open a fresh connection every time)", "reuse_connection")
+    if node.has("fresh_connection_every") and not reuse:
+        node.error("only with reuse_connection: true", "fresh_connection_every")
     if timeout > interval:
         node.error(f"must not exceed interval ({interval}s), got {timeout}s", "timeout")
     if kind is None:
         return None
     return HealthCheck(kind, port, path, status, body, host_header, tls_verify, interval, timeout, rise, fall,
-                       watch)
+                       watch, reuse and kind == "http", every)
 
 
 def _host_header(node: Node) -> str | None:

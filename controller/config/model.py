@@ -47,6 +47,10 @@ class Origin:
     min_healthy: int = 1
 
 
+# With check.reuse_connection: the most checks one kept connection serves (README, check keys).
+FRESH_CONNECTION_EVERY = 10
+
+
 @dataclass(frozen=True)
 class HealthCheck:
     kind: str  # tcp | http | https
@@ -63,6 +67,11 @@ class HealthCheck:
     # A watch connection per backend; its loss triggers `fall` confirmation probes at once
     # (health.watch). The reader defaults it to WATCH_DEFAULT[kind].
     watch: bool = False
+    # Plain HTTP only: keep the connection between checks (HTTP/1.1 keep-alive), and open a
+    # new one at least every `fresh_connection_every` checks (health.probes). Off by default:
+    # a fresh connection per check is what proves that the listener accepts new clients.
+    reuse_connection: bool = False
+    fresh_connection_every: int = FRESH_CONNECTION_EVERY
 
 
 # Where a watch is on by default: an idle TCP connection is harmless to a TCP or plain

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import WATCH_DEFAULT, Attributes, Backend, HealthCheck, Origin, Vip
+from .model import FRESH_CONNECTION_EVERY, WATCH_DEFAULT, Attributes, Backend, HealthCheck, Origin, Vip
 
 
 def vip_to_dict(vip: Vip) -> dict[str, Any]:
@@ -30,6 +30,10 @@ def _check(c: HealthCheck) -> dict[str, Any]:
         d["port"] = c.port
     if c.watch != WATCH_DEFAULT[c.kind]:
         d["watch"] = c.watch  # only when set: plans of configs without it stay as they were
+    if c.reuse_connection:  # only when set, as watch
+        d["reuse_connection"] = True
+        if c.fresh_connection_every != FRESH_CONNECTION_EVERY:
+            d["fresh_connection_every"] = c.fresh_connection_every
     if c.kind != "tcp":
         d.update(path=c.path, expect_status=c.expect_status, tls_verify=c.tls_verify)
         if c.expect_body is not None:

@@ -12,8 +12,22 @@ status line, headers, at most 64 KiB of body, plain or chunked): it is all a hea
 needs, and it keeps the agent free of an HTTP library dependency. Plain HTTP and TCP, the
 bulk of the checks, run as event-loop callbacks on a bare socket in an epoll set of their
 own (``_PlainHttpCheck``, ``_TcpCheck``, ``Poller``), HTTPS on asyncio streams; both paths
-give the same verdicts and details. Every check is a fresh connection; the callback path
-closes it with a reset once the verdict is in (no TIME_WAIT on either end).
+give the same verdicts and details. Every check is a fresh connection, closed with a reset
+once the verdict is in (no TIME_WAIT on either end), unless the spec asks to keep it.
+
+Kept connections (``reuse_connection``, plain HTTP under a scheduler's ``Poller`` only):
+the request goes out without ``Connection: close`` and, once an answer is judged, the
+connection waits in the poller for the spec's next check, if the answer allows it: HTTP/1.1,
+no ``Connection: close``, a body framed by Content-Length (at most 64 KiB) or complete
+chunks, nothing after it. A connection serves at most ``fresh_connection_every`` checks,
+then the next one connects afresh: that check proves again that the listener accepts, which
+a kept connection does not. An idle kept connection that the server closes, resets or
+writes to is dropped at once (an idle timeout is routine; a crash is the watch's business,
+``health.watch``, and the next check's). A check that finds its kept connection closed by
+the server before any byte of the answer (EOF, a reset, a broken pipe, sending or waiting)
+runs once more on a fresh connection within the same deadline; only that attempt's verdict
+counts. A kept connection that stays silent is a timeout, as a fresh one would be. HTTPS
+checks always connect afresh.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import struct
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,6 +85,8 @@ class ProbeSpec:
     host_header: str | None = None  # default: the address and port; also the TLS SNI name
     tls_verify: bool = False  # backbone checks usually hit IPs with self-signed certs
     source: str | None = None  # local address to connect from
+    reuse_connection: bool = False  # plain HTTP: keep the connection between checks (module docstring)
+    fresh_connection_every: int = 10  # with reuse_connection: a connection serves at most this many checks
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,6 +107,10 @@ class ProbeSpec:
             raise ValueError(f"expect_status must be an HTTP status (100-599), got {self.expect_status}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', got {self.path!r}")
+        if self.reuse_connection and self.kind != "http":
+            raise ValueError(f"reuse_connection is for http checks only, not {self.kind}")
+        if self.fresh_connection_every < 1:
+            raise ValueError(f"fresh_connection_every must be at least 1, got {self.fresh_connection_every}")
         if self.host_header:  # "" means none, as in _request
             _wire_host(self.host_header)  # raises ValueError if it cannot go on the wire
 
@@ -289,8 +309,8 @@ _BODY: Final = "reading the body"
 class _PlainHttpPlan:
     """Everything about a plain HTTP check that does not change from one check to the next."""
 
-    __slots__ = ("address", "body_lacks", "expect_body", "expect_status", "family", "nodelay", "request",
-                 "source", "timeout", "timeout_prefix")
+    __slots__ = ("address", "body_lacks", "every", "expect_body", "expect_status", "family", "header_min",
+                 "nodelay", "request", "reuse", "source", "timeout", "timeout_prefix")
 
     def __init__(self, spec: ProbeSpec) -> None:
         v6 = ":" in spec.host
@@ -301,7 +321,11 @@ class _PlainHttpPlan:
         self.source: tuple[str, int] | tuple[str, int, int, int] | None = None
         if spec.source:
             self.source = (spec.source, 0, 0, 0) if ":" in spec.source else (spec.source, 0)
-        self.request = _request(spec)
+        self.reuse = spec.reuse_connection and spec.fresh_connection_every > 1
+        self.every = spec.fresh_connection_every
+        self.request = _request(spec, keep=self.reuse)
+        # The shortest header name the parser looks at: Connection (10) only when keeping.
+        self.header_min = 10 if self.reuse else 14
         # asyncio's transport sets TCP_NODELAY; it only matters for a request that goes out
         # in more than one segment (a very long path), where Nagle could hold back its tail.
         self.nodelay = len(self.request) > 512
@@ -349,6 +373,8 @@ _CLOSED_OR_FAILED: Final = _RDHUP | _HUP | _ERR  # a short read does not end the
 # follows. What a check proves is settled before it closes: the connection was accepted
 # (and the answer judged); HAProxy closes its health checks the same way.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# What a kept connection the server closed reads as (it may have closed it just as we sent).
+_CLOSED_BY_PEER: Final = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
 
 
 class Poller:
@@ -361,14 +387,18 @@ class Poller:
     never gets its predecessor's event.
     """
 
-    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_timer", "_timer_at", "_transient", "batch", "loop")
+    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_idle", "_timer", "_timer_at", "_transient", "batch",
+                 "kept_retried", "kept_used", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, transient: bool = False) -> None:
         self.loop = loop
         self._ep = select.epoll()
         self._epfd = self._ep.fileno()
         self._transient = transient
-        self._checks: dict[int, Check] = {}  # by file descriptor, the sockets in the set
+        self._checks: dict[int, Check | _Kept] = {}  # by file descriptor, the sockets in the set
+        self._idle: dict[_PlainHttpPlan, _Kept] = {}  # kept connections between checks, by plan
+        self.kept_used = 0  # checks that ran on a kept connection
+        self.kept_retried = 0  # of those, checks that found it closed and ran again on a fresh one
         self._deadlines: dict[float, deque[tuple[float, Check]]] = {}  # by timeout: (when, check), in order
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -396,6 +426,37 @@ class Poller:
     def add(self, check: Check, fd: int) -> None:
         self._ep.register(fd, _EVENTS)
         self._checks[fd] = check
+
+    def park(self, plan: _PlainHttpPlan, sock: _socket.socket, fd: int, uses: int) -> None:
+        """Keep a check's connection (still in the set) for the plan's next check."""
+        if plan in self._idle or self._transient:  # one per plan is enough (two groups of one spec)
+            self._checks.pop(fd, None)
+            sock.close()
+            return
+        self._checks[fd] = self._idle[plan] = _Kept(self, plan, sock, fd, uses)
+
+    def take(self, plan: _PlainHttpPlan) -> _Kept | None:
+        """The plan's kept connection, if one waits; it leaves the idle set (the caller
+        hands it to a check with ``adopt`` or closes it)."""
+        return self._idle.pop(plan, None) if self._idle else None
+
+    def adopt(self, check: Check, fd: int) -> None:
+        """A kept connection's socket (already in the set) now belongs to ``check``."""
+        self._checks[fd] = check
+
+    def retain(self, specs: Iterable[ProbeSpec]) -> None:
+        """Close the kept connections of every spec but these (the scheduler's live ones)."""
+        if not self._idle:
+            return
+        live = {id(p) for spec in specs if (p := spec.__dict__.get("_plain_http")) is not None}
+        for plan, kept in list(self._idle.items()):
+            if id(plan) not in live:
+                kept.cancel()
+
+    @property
+    def idle(self) -> int:
+        """Kept connections waiting for their next check."""
+        return len(self._idle)
 
     def discard(self, fd: int) -> None:
         """The check's socket is about to close (which takes it out of the epoll set)."""
@@ -463,6 +524,36 @@ class Poller:
                     check._on_event(mask)
             if len(events) < room or self._epfd < 0:
                 return
+
+
+class _Kept:
+    """A kept connection between two checks of its plan: in the epoll set, read by nobody.
+    Anything it reports that can be read (the server's FIN or reset, or bytes nobody asked
+    for) ends it: the next check connects afresh. Idle timeouts are routine (Apache 5 s,
+    nginx 75 s), so this is no verdict; a crashed backend resets the watch connection too
+    (``health.watch``), and the next check decides."""
+
+    __slots__ = ("_batch", "_plan", "_poller", "fd", "sock", "uses")
+
+    def __init__(self, poller: Poller, plan: _PlainHttpPlan, sock: _socket.socket, fd: int, uses: int) -> None:
+        self._poller = poller
+        self._batch = poller.batch  # the parking check's batch: its events were its own
+        self._plan = plan
+        self.sock, self.fd = sock, fd
+        self.uses = uses  # checks this connection has served
+
+    def _on_event(self, mask: int) -> None:
+        if mask & _READABLE:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Close it (with a reset, as every check's socket: SO_LINGER 0)."""
+        poller = self._poller
+        if poller._idle.get(self._plan) is self:
+            del poller._idle[self._plan]
+        if poller._checks.get(self.fd) is self:
+            del poller._checks[self.fd]
+        self.sock.close()
 
 
 class Check:
@@ -609,8 +700,8 @@ class _TcpCheck(Check):
 class _PlainHttpCheck(Check):
     """One plain HTTP check, driven by event-loop callbacks (see ``Check``)."""
 
-    __slots__ = ("_body", "_buf", "_chunk", "_length", "_need", "_plan", "_pos", "_scan", "_size", "_stage",
-                 "_state", "_status", "_te", "_unsent")
+    __slots__ = ("_body", "_buf", "_chunk", "_close", "_http11", "_length", "_need", "_plan", "_pos", "_reused",
+                 "_scan", "_size", "_stage", "_state", "_status", "_te", "_unsent", "_uses")
 
     def __init__(self, plan: _PlainHttpPlan, done: Done, poller: Poller) -> None:
         super().__init__(done, plan.timeout, plan.address, poller)
@@ -628,18 +719,75 @@ class _PlainHttpCheck(Check):
         self._need = 0  # bytes a counted read waits for
         self._chunk = 0  # size of the chunk being read
         self._body = bytearray()  # chunked bodies only; the others are sliced from _buf
+        self._http11 = False  # the answer is HTTP/1.1 and
+        self._close = False  # says "Connection: close" (read only when keeping connections)
+        self._reused = False  # this attempt runs on a kept connection (a fresh one: False)
+        self._uses = 1  # checks the connection has served, this one included
         try:
-            sock = self._open(plan.family)
-            if plan.nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if plan.source is not None:
-                self._bind(sock, plan.source)
-            self._connect(sock, plan.address)
+            if not (plan.reuse and self._adopt()):
+                self._connect_fresh()
         except OSError as exc:
             self._error(exc)
         except Exception as exc:  # a bug: make it the probe's exception, as on the stream path
             self._bug(exc)
         self.building = False
+
+    def _connect_fresh(self) -> None:
+        plan = self._plan
+        sock = self._open(plan.family)
+        if plan.nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if plan.source is not None:
+            self._bind(sock, plan.source)
+        self._connect(sock, plan.address)
+
+    def _adopt(self) -> bool:
+        """Send the request on the plan's kept connection; False: none is usable."""
+        poller = self._poller
+        kept = poller.take(self._plan)
+        if kept is None:
+            return False
+        sock = kept.sock
+        try:
+            stale = sock.recv(1)  # an idle connection has nothing to read: b"" is the server's FIN
+        except (BlockingIOError, InterruptedError):
+            stale = None
+        except OSError:  # reset while idle, in this batch of events
+            stale = b""
+        if stale is not None:
+            kept.cancel()
+            return False
+        self._sock, self._fd = sock, kept.fd
+        poller.adopt(self, kept.fd)
+        poller.kept_used += 1
+        self._reused = True
+        self._uses = kept.uses + 1
+        self._stage = _SENDING
+        self._unsent = self._plan.request
+        self._send()
+        return True
+
+    def _again(self) -> bool:
+        """The kept connection was closed by the server before any of the answer came (it
+        timed out the idle connection as we sent): run once more on a fresh connection,
+        within the same deadline. False: this attempt was a fresh connection, its failure counts."""
+        if not self._reused or self._buf or self._done is None:
+            return False
+        self._reused = False
+        self._uses = 1
+        self._poller.kept_retried += 1
+        sock = self._sock
+        if sock is not None:
+            self._sock = None
+            self._poller.discard(self._fd)
+            sock.close()
+        self._stage = _CONNECTING
+        self._unsent = b""
+        try:
+            self._connect_fresh()
+        except OSError as exc:
+            self._error(exc)
+        return True
 
     def _bind(self, sock: _socket.socket, source: tuple[str, int] | tuple[str, int, int, int]) -> None:
         """Bind to the source address; failures read as asyncio's create_connection words them."""
@@ -703,6 +851,8 @@ class _PlainHttpCheck(Check):
                     self._error(exc)
                     return
                 if not data:
+                    if self._reused and self._again():
+                        return
                     self._parse(True)
                     if self._sock is not None:
                         raise AssertionError("the response parser neither finished nor failed at EOF")
@@ -752,7 +902,8 @@ class _PlainHttpCheck(Check):
                 if state == _STATUS:
                     self._size += len(line)
                     self._status = _status_of(line)
-                    self._te, self._length = "", None
+                    self._http11 = line.startswith(b"HTTP/1.1 ")
+                    self._te, self._length, self._close = "", None, False
                     self._state = _HEADER
                 elif state == _HEADER:
                     self._size += len(line)
@@ -766,12 +917,14 @@ class _PlainHttpCheck(Check):
                         name, colon, value = line.partition(b":")
                         if not colon:
                             _header_of(line)  # raises, with its words
-                        if len(name) >= 14:
+                        if len(name) >= self._plan.header_min:
                             name = name.strip(_LATIN1_SPACE).lower()
                             if name == b"transfer-encoding":
                                 self._te = value.strip(_LATIN1_SPACE).decode("latin-1")
                             elif name == b"content-length":
                                 self._length = value.strip(_LATIN1_SPACE).decode("latin-1")
+                            elif name == b"connection" and b"close" in value.lower():
+                                self._close = True
                 else:
                     self._chunk = _chunk_size_of(line)
                     if self._chunk == 0:
@@ -841,25 +994,49 @@ class _PlainHttpCheck(Check):
     def _judge(self, data: bytes | bytearray, start: int, end: int) -> None:
         """Judge the body, data[start:end]."""
         plan = self._plan
+        if plan.reuse:
+            self._keep()
         if plan.expect_body is not None and data.find(plan.expect_body, start, end) < 0:
             self._finish(False, plan.body_lacks)
         else:
             self._finish(True, f"HTTP {self._status}")
 
+    def _keep(self) -> None:
+        """Park the connection for the next check if the answer is over and leaves it usable:
+        HTTP/1.1 without "Connection: close", its body read to its end as framed (a body cut
+        at MAX_BODY, or one that runs to EOF, leaves it unusable), nothing after it, and
+        fewer than ``fresh_connection_every`` checks on it."""
+        sock = self._sock
+        if sock is None or not self._http11 or self._close or self._uses >= self._plan.every:
+            return
+        state, rest = self._state, len(self._buf) - self._pos
+        if state == _LENGTH:
+            complete = rest == 0 and self._need < MAX_BODY
+        elif state == _CHUNK_SIZE:  # at the last chunk: no trailers, the final CRLF in
+            complete = self._buf[self._pos:] == b"\r\n"
+        else:  # _HEADER: 204 and 304 have no body
+            complete = state == _HEADER and rest == 0
+        if complete:
+            self._sock = None
+            self._poller.park(self._plan, sock, self._fd, self._uses)
+
     # --- the end --------------------------------------------------------------------------
     def _error(self, exc: OSError, stage: str | None = None) -> None:
+        if self._reused and exc.errno in _CLOSED_BY_PEER and self._again():
+            return
         super()._error(exc, self._stage if stage is None else stage)
 
 
-def _request(spec: ProbeSpec) -> bytes:
+def _request(spec: ProbeSpec, keep: bool = False) -> bytes:
+    """The check's GET; ``keep``: without ``Connection: close`` (HTTP/1.1 keeps the connection)."""
     host = _wire_host(spec.host_header) if spec.host_header else _authority(spec)
     return (
         f"GET {_wire_path(spec.path)} HTTP/1.1\r\n"
         f"Host: {host}\r\n"
         f"User-Agent: {USER_AGENT}\r\n"
         "Accept: */*\r\n"
-        "Connection: close\r\n"
-        "\r\n"
+        + ("" if keep else "Connection: close\r\n")
+        + "\r\n"
     ).encode("ascii")
 
 

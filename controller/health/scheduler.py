@@ -272,6 +272,8 @@ class CheckScheduler:
             if entry.watched is not None:
                 self._by_endpoint.setdefault(entry.watched, []).append(entry)
         self._watcher.set_endpoints(self._by_endpoint)
+        if self._poller is not None:  # kept connections (probes' reuse_connection) of removed checks close
+            self._poller.retain(e.target.spec for e in self._entries.values())
         if len(self._heap) > 2 * len(self._entries) + 64:
             # Many removals or reschedules left stale heap items behind; drop them.
             self._heap = [item for item in self._heap if item[2].alive and item[2].seq == item[1]]

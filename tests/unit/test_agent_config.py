@@ -294,3 +294,46 @@ def _edit(change: Callable[[dict], None]) -> dict:
 ])
 def test_what_cannot_be_right_is_refused_naming_the_path(change: Callable[[dict], None], expected: str) -> None:
     assert any(e.startswith(expected) for e in errors_of(_edit(change))), errors_of(_edit(change))
+
+
+def test_check_reuse_connection_is_read_and_survives_a_plan_round_trip() -> None:
+    from controller.agent.daemon import probe_spec
+    from controller.config.agent import DEFAULT_CHECK, DEFAULT_DRAINING, DEFAULT_UP, read_vip
+    from controller.config.model import StateAttributes
+    from controller.config.reader import Issues, Node
+    from controller.config.serialize import vip_to_dict
+
+    for check, reuse, every in [({}, False, 10), ({"reuse_connection": True}, True, 10),
+                                ({"reuse_connection": True, "fresh_connection_every": 3}, True, 3)]:
+        d = base()
+        d["vips"][0]["check"] = {"type": "http", **check}
+        config = parse_agent_config(yaml.safe_dump(d))
+        vip = config.vips[0]
+        assert (vip.check.reuse_connection, vip.check.fresh_connection_every) == (reuse, every)
+        raw = vip_to_dict(vip)
+        assert {k: v for k, v in raw["check"].items() if k in check} == check  # only what was set
+        issues = Issues()
+        back = read_vip(Node(raw, "", issues), config.allowed_prefixes, dict(DEFAULT_CHECK),
+                        StateAttributes(DEFAULT_UP, DEFAULT_DRAINING))
+        assert not issues.items and back == vip
+        key = (vip.name, vip.origins[0].region, vip.origins[0].backends[0])
+        spec = probe_spec(vip, key)
+        assert (spec.reuse_connection, spec.fresh_connection_every) == (reuse, every)
+
+
+@pytest.mark.parametrize("check, path, words", [
+    ({"type": "http", "reuse_connection": "yes"}, "vips[0].check.reuse_connection", "expected true or false"),
+    ({"type": "https", "reuse_connection": True}, "vips[0].check.reuse_connection", "only for http checks"),
+    ({"type": "tcp", "reuse_connection": True}, "vips[0].check.reuse_connection", "only for http checks"),
+    ({"type": "http", "fresh_connection_every": 5}, "vips[0].check.fresh_connection_every",
+     "only with reuse_connection: true"),
+    ({"type": "http", "reuse_connection": True, "fresh_connection_every": 0},
+     "vips[0].check.fresh_connection_every", ""),
+    ({"type": "http", "reuse_connection": True, "fresh_connection_every": 2.5},
+     "vips[0].check.fresh_connection_every", "expected an integer"),
+])
+def test_check_reuse_connection_errors_name_the_key(check: dict, path: str, words: str) -> None:
+    d = base()
+    d["vips"][0]["check"] = check
+    errs = errors_of(d)
+    assert any(e.startswith(path) and words in e for e in errs), errs
