@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp import test_utils  # (make_mocked_request: the handler without a socket)
 from prometheus_client import CollectorRegistry
 
 from controller.config.desired import load_desired
@@ -147,7 +147,7 @@ def test_status_shows_the_event_loop_lag_and_null_when_sampling_is_off(tmp_path:
             lag.record(asyncio.get_running_loop().time(), 0.25)  # one stall seen
             lag.start()
         try:
-            request = make_mocked_request("GET", "/v1/status", headers={"Authorization": f"Bearer {OPERATOR}"},
+            request = test_utils.make_mocked_request("GET", "/v1/status", headers={"Authorization": f"Bearer {OPERATOR}"},
                                           app=app)
             r = await get_status(request)
             assert r.status == 200 and isinstance(r, web.Response) and r.text is not None
