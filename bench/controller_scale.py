@@ -919,7 +919,9 @@ def daemon_lag_ms(status: Mapping[str, Any]) -> dict[str, Any] | None:
     lag = status.get("event_loop")
     if not lag:
         return None
-    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
     return {"n": lag["samples"], "p50": ms(lag["lag_p50_s"]), "p99": ms(lag["lag_p99_s"]),
             "max": ms(lag["lag_max_s"]), "window_s": lag["window_s"], "every_s": lag["lag_every_s"]}
 

@@ -64,7 +64,10 @@ async def drive(files: int, window: float, idle: float, root: Path, python: str,
     regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
     daemon = cs.Daemon(cdir, tmp, root=root, python=python, extra=extra)
     pid = daemon.proc.pid
-    rss = lambda: cs._status_mb(pid, "VmRSS")  # noqa: E731
+
+    def rss() -> float | None:
+        return cs._status_mb(pid, "VmRSS")
+
     clients: dict[str, PlanClient] = {}
     t0 = time.monotonic()
     try:
