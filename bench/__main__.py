@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--end-to-end-only", action="store_true",
                    help="controller: skip the in-process part (runs against older code, e.g. 4448db0)")
     p.add_argument("--changes", type=int, help="controller: end-to-end change repetitions (default 5, quick 2)")
+    p.add_argument("--stalls", choices=("probe", "daemon", "none"), default="probe",
+                   help="controller: the steady state's event-loop stalls from the external probe (100 requests/s, "
+                        "~3-5 %% of a core of the daemon's), the daemon's own lag (/v1/status event_loop; a 60 s "
+                        "window), or none (default probe)")
     return p
 
 
@@ -127,6 +131,7 @@ def _announce(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _controller(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from . import controller_scale
 
+    controller_scale.STALLS = args.stalls
     r = controller_scale.run(quick=args.quick, log=_log, vips=args.vips, pops=args.pops, reps=args.changes,
                              inproc=not args.end_to_end_only)
     return r, controller_scale.render(r)

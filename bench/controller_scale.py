@@ -757,14 +757,17 @@ def _log_times(path: Path, pattern: str) -> list[float]:
 class Daemon:
     """``anycast-controller`` as systemd would run it, on 127.0.0.1; stopped by PID."""
 
-    def __init__(self, config_dir: Path, work: Path) -> None:
+    def __init__(self, config_dir: Path, work: Path, *, root: Path = ROOT, python: str = sys.executable,
+                 extra: tuple[str, ...] = ()) -> None:
+        """``root``, ``python``: another checkout's daemon and venv (side-by-side runs from one
+        driver: ``bench.controller_steady --root``); ``extra``: more daemon arguments."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "controller.log"
-        argv = [sys.executable, "-m", "controller.cli.controller_main", "--config-dir", str(config_dir),
-                "--state-dir", str(work / "state"), "--listen", f"127.0.0.1:{self.port}"]
+        argv = [python, "-m", "controller.cli.controller_main", "--config-dir", str(config_dir),
+                "--state-dir", str(work / "state"), "--listen", f"127.0.0.1:{self.port}", *extra]
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, cwd=str(root), stdout=f, stderr=subprocess.STDOUT)
 
     def answering(self) -> bool:
         try:
@@ -1107,13 +1110,28 @@ def _encode_report(origins: Mapping[str, Mapping[str, bool | None]], announced: 
     return wire.encode_report(0, origins, announced)  # type: ignore[call-arg,arg-type]
 
 
-async def _status(daemon: Daemon) -> None:
+async def _status(daemon: Daemon) -> Any:
+    """``/v1/status``'s JSON (a read that waits for the pass of every report acknowledged before)."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{daemon.url}/v1/status", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
                                timeout=aiohttp.ClientTimeout(total=600)) as r:
-            await r.read()
+            return json.loads(await r.read())
+
+
+def daemon_lag_ms(status: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The daemon's own event-loop lag from a ``/v1/status`` (``event_loop``, code that has
+    it: controller/server/looplag.py) as the probe's summary has it, in ms, over the status's
+    window (the last ``window_s``); None where the daemon does not sample it."""
+    lag = status.get("event_loop")
+    if not lag:
+        return None
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
+    return {"n": lag["samples"], "p50": ms(lag["lag_p50_s"]), "p99": ms(lag["lag_p99_s"]),
+            "max": ms(lag["lag_max_s"]), "window_s": lag["window_s"], "every_s": lag["lag_every_s"]}
 
 
 async def _until_idle(pid: int, limit_s: float = 120.0) -> float:
@@ -1179,12 +1197,32 @@ def probe_main(port: int, out: Path) -> None:
     out.write_text(json.dumps(lat))
 
 
+STALLS = "probe"  # where the steady state's stalls come from (_steady_state's ``stalls``)
+
+
 async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[str],
-                        regions: Mapping[str, tuple[str, ...]], reporting: int, log: Log) -> dict[str, Any]:
+                        regions: Mapping[str, tuple[str, ...]], reporting: int, log: Log,
+                        stalls: str | None = None, seconds: float | None = None) -> dict[str, Any]:
     """Every reporting POP sends its (unchanged, all-healthy) report every REPORT_EVERY s,
     spread over the interval, for STEADY_S s: the daemon's CPU share and its event loop's
-    stalls meanwhile. Bodies are encoded once (the benchmark's CPU is not the daemon's)."""
+    stalls meanwhile. Bodies are encoded once (the benchmark's CPU is not the daemon's).
+
+    ``stalls`` (default STALLS): "probe", the external probe's (100 requests a second, which
+    costs the daemon 3-5 % of a core itself: results 3i, 3x); "daemon", the daemon's own lag
+    (``/v1/status`` event_loop after the window; the window is then as long as the status's,
+    60 s, so the figures are the window's); "none": neither (the daemon's CPU for the
+    reports alone). ``seconds``: the window's length instead of STEADY_S."""
     import aiohttp
+
+    stalls = stalls or STALLS
+    if stalls not in ("probe", "daemon", "none"):
+        raise ValueError(f"stalls: probe, daemon or none, not {stalls!r}")
+    if seconds is None:
+        seconds = STEADY_S
+        if stalls == "daemon":
+            lag = (await _status(daemon)).get("event_loop")
+            if lag:
+                seconds = max(seconds, float(lag["window_s"]))
 
     pops = list(clients)[:reporting]
     bodies = {pop: json.dumps(_encode_report(verdicts(names, regions, i, len(clients), down_every=0),
@@ -1192,7 +1230,7 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
               for i, pop in enumerate(pops)}
     posts: list[float] = []
     failures = 0
-    stop_at = time.monotonic() + STEADY_S
+    stop_at = time.monotonic() + seconds
 
     from controller import wire
     from controller.agent.controller_link import HealthReport
@@ -1225,20 +1263,28 @@ async def _steady_state(daemon: Daemon, clients: Mapping[str, Any], names: list[
             posts.append(time.monotonic() - t)
             await asyncio.sleep(max(0.0, REPORT_EVERY - (time.monotonic() - t)))
 
-    probe = _Probe(daemon.port, Path(str(daemon.log) + ".probe-steady.json"))
+    probe = _Probe(daemon.port, Path(str(daemon.log) + ".probe-steady.json")) if stalls == "probe" else None
     load0 = load_average()
     cpu0, t0 = _cpu_s(daemon.proc.pid), time.monotonic()
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(reporter(i, pop, session) for i, pop in enumerate(pops)))
-    cpu = (_cpu_s(daemon.proc.pid) - cpu0) / (time.monotonic() - t0)
-    stall = probe.stop()
+    cpu_s, took = _cpu_s(daemon.proc.pid) - cpu0, time.monotonic() - t0
+    cpu = cpu_s / took
+    rss = _status_mb(daemon.proc.pid, "VmRSS")
+    stall: dict[str, Any] | None = None
+    if probe is not None:
+        stall = probe.stop()
+    elif stalls == "daemon":
+        stall = daemon_lag_ms(await _status(daemon))
     out = {"steady_report_kind": "delta" if deltas else "full", "steady_cpu_fraction": round(cpu, 4), "steady_report_post_s": summary(posts, 3),
-           "steady_report_failures": failures, "steady_stall_ms": stall,
-           "steady_rss_mb": _status_mb(daemon.proc.pid, "VmRSS"), "steady_load_average": [load0, load_average()],
-           "steady_cpu_s": round(_cpu_s(daemon.proc.pid) - cpu0, 2)}
-    log(f"controller: steady state ({reporting} POPs reporting every {REPORT_EVERY:g}s for {STEADY_S:g}s): "
-        f"daemon CPU {cpu:.1%} of a core, event-loop stall p99 {stall.get('p99')} ms max {stall.get('max')} ms, "
-        f"RSS {out['steady_rss_mb']} MB")
+           "steady_report_failures": failures, "steady_stall_ms": stall or {}, "steady_stalls_from": stalls,
+           "steady_window_s": round(took, 1),
+           "steady_rss_mb": rss, "steady_load_average": [load0, load_average()],
+           "steady_cpu_s": round(cpu_s, 2)}
+    stall = stall or {}
+    log(f"controller: steady state ({reporting} POPs reporting every {REPORT_EVERY:g}s for {seconds:g}s, "
+        f"stalls from {stalls}): daemon CPU {cpu:.1%} of a core, event-loop stall p99 {stall.get('p99')} ms "
+        f"max {stall.get('max')} ms, RSS {out['steady_rss_mb']} MB")
     return out
 
 

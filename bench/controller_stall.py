@@ -59,7 +59,8 @@ class _Spy:
             self.proc.wait(60)
 
 
-async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False) -> dict[str, Any]:
+async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False,
+                stalls: str = "probe") -> dict[str, Any]:
     from controller import wire
     from controller.agent.controller_link import HealthReport
     from controller.agent.plan_client import PlanClient
@@ -141,7 +142,7 @@ async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False) 
         out["idle_wait_s"] = await cs._until_idle(daemon.proc.pid)
 
         # 2. the steady state
-        steady = await cs._steady_state(daemon, clients, names, regions, len(clients), print)
+        steady = await cs._steady_state(daemon, clients, names, regions, len(clients), print, stalls)
         out["steady_stall_ms"], out["steady_cpu_fraction"] = steady["steady_stall_ms"], steady["steady_cpu_fraction"]
         out["steady_load"] = steady["steady_load_average"]
 
@@ -198,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pyspy", help="record the daemon with py-spy into PREFIX.burst.txt / PREFIX.commits.txt")
     ap.add_argument("--gil", action="store_true", help="with --pyspy: sample only the thread holding the GIL "
                     "(py-spy record --gil): which thread keeps the event loop from running")
+    ap.add_argument("--stalls", choices=("probe", "daemon", "none"), default="probe",
+                    help="the steady state's stalls: the external probe, the daemon's own lag (/v1/status "
+                    "event_loop, a 60 s window) or none")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    res = {"label": args.label, "started": started, **asyncio.run(drive(args.files, args.commits, args.pyspy, args.gil))}
+    res = {"label": args.label, "started": started, **asyncio.run(drive(args.files, args.commits, args.pyspy, args.gil, args.stalls))}
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(res) + "\n")
-    b, s, c = res["burst_stall_ms"], res["steady_stall_ms"], res["commits_stall_ms"]
+    b, s, c = res["burst_stall_ms"], res["steady_stall_ms"] or {}, res["commits_stall_ms"]
     print(f"{args.label} {res['commit']}: burst answered {res['burst_answered_s']} s, planned "
-          f"{res['burst_planned_s']} s, stall p99/max {b['p99']}/{b['max']} ms; steady {s['p99']}/{s['max']} ms; "
+          f"{res['burst_planned_s']} s, stall p99/max {b['p99']}/{b['max']} ms; steady {s.get('p99')}/{s.get('max')} ms; "
           f"commits {c['p99']}/{c['max']} ms, to agent p50 {res['commit_to_agent_s']['p50']} s; "
           f"load {res['burst_load']} -> {res['commits_load']}")
     return 0

@@ -35,6 +35,16 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 10")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = new_parser("anycast-controller", "BGP anycast central controller")
     p.add_argument("--config-dir", "-c", required=True, help="the desired-state directory (a git checkout)")
@@ -44,8 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="HA (ha.store: etcd): this controller's name among them (default: the host name)")
     p.add_argument("--advertise-url", help="HA: the URL agents and operators reach this controller at "
                    "(default: http://LISTEN)")
+    p.add_argument("--loop-lag-every", type=_seconds, default=daemon.LOOP_LAG_EVERY, metavar="SECONDS",
+                   help="sample the event loop's lag this often (anycast_controller_event_loop_lag_seconds, "
+                   "/v1/status event_loop; default %(default)s; 0: off)")
     add_log_level(p)
     args = p.parse_args(argv)
+    daemon.LOOP_LAG_EVERY = args.loop_lag_every
     gc.set_threshold(*GC_THRESHOLD)
     daemon.FREEZE_HEAP = True  # (server/daemon.py, _freeze_heap)
     logs.setup("anycast-controller", args.log_level)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from .process import register_process_metrics
 
+EVENT_LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SHED_REASONS = ("evicted",)  # controller.server.guard.Shed
 PERSISTENCE_OPERATIONS = ("load", "append", "compact", "desired")  # controller.server.store.StoreOp
 CHANGE_PHASES = ("steady", "held", "rolling", "rolled_back")  # controller.policy.change.Phase
@@ -161,6 +162,12 @@ class ControllerMetrics:
                                   registry=registry)
         self.reconcile_duration = Histogram("anycast_controller_reconcile_duration_seconds",
                                             "Time for one planning pass.", registry=registry)
+        # controller.server.looplag: a timer's lateness, every LAG_EVERY s (a stall of S s shows as
+        # one sample between S - LAG_EVERY and S).
+        self.event_loop_lag = Histogram("anycast_controller_event_loop_lag_seconds",
+                                        "How late the event loop ran a timer that was due (sampled every "
+                                        "--loop-lag-every s): how long requests waited behind other work.",
+                                        buckets=EVENT_LOOP_LAG_BUCKETS, registry=registry)
         self.config_reloads = Counter("anycast_controller_config_reloads", "Config loads, by result.", ["result"],
                                       registry=registry)
         self.requests = Counter("anycast_controller_requests", "API requests, by endpoint and status.",

@@ -66,6 +66,7 @@ from ..policy import change
 from . import core
 from .core import ActionNotPersisted, ActionRefused, ChangeRefused, Controller
 from .guard import ConnectionGuard
+from .looplag import LoopLag
 from .signing import PlanSigner
 from .snapshot import persistence_status, snapshot
 from .tls import peer_names
@@ -77,6 +78,7 @@ PARSING = web.AppKey("parsing", asyncio.Lock)  # the turn of large reports' pars
 GUARD = web.AppKey("guard", ConnectionGuard)  # set by the daemon; absent in tests of the handlers alone
 SIGNER = web.AppKey("signer", PlanSigner)  # set by the daemon with api.signing_key
 TRANSPORT = web.AppKey("transport", ApiTransport)  # set by the daemon: how the API is served (status api.transport)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)  # set by the daemon unless --loop-lag-every 0 (status event_loop)
 StatusExtra = Callable[[], dict[str, Any]]
 STATUS_EXTRA: web.AppKey[StatusExtra] = web.AppKey("status_extra")  # more /v1/status sections (HA)
 MAX_WAIT = 60.0
@@ -370,6 +372,8 @@ async def get_status(request: web.Request) -> web.StreamResponse:
         # host by api.insecure_plain_http (also anycast_controller_api_insecure_http 1).
         "api": {"transport": request.app[TRANSPORT].value if TRANSPORT in request.app else None},
         "change": change_status(ctl),
+        # The event loop's lag as the daemon samples it (server/looplag.py; null: sampling off).
+        "event_loop": request.app[LOOP_LAG].status() if LOOP_LAG in request.app else None,
         **(request.app[STATUS_EXTRA]() if STATUS_EXTRA in request.app else {}),
     })
 

@@ -33,8 +33,9 @@ from ..config.desired_model import ApiTransport, DesiredState, api_transport, pl
 from ..config.errors import ConfigError, ConfigIssue
 from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
-from .app import GUARD, SIGNER, TRANSPORT, Handler, make_app
+from .app import GUARD, LOOP_LAG, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
+from .looplag import LAG_EVERY, LoopLag
 from . import store
 from .core import Controller
 from .revision import IndexCopy, common_dir, fingerprint, git_dir, revision, revision_started, stat_signature
@@ -77,6 +78,9 @@ _release_free_memory = _malloc_trim()
 # Set by the daemon's entry point (cli/controller_main.py), not by code that runs serve() in
 # a process of its own (tests): see _freeze_heap.
 FREEZE_HEAP = False
+# The event loop's lag sampled every this many seconds (server/looplag.py; anycast-controller
+# --loop-lag-every; 0: not sampled, /v1/status event_loop null, the metric without samples).
+LOOP_LAG_EVERY = LAG_EVERY
 
 
 # How often a freeze first unfreezes and collects the whole heap (see _freeze_heap).
@@ -722,6 +726,9 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if ctl.base.revision == desired.revision:
         watcher.keep_last_good(state_dir, ctl.persistence_failed)
     app = make_app(ctl, extra_status=(lambda: {"ha": gate.status()}) if gate is not None else None)
+    lag = LoopLag(LOOP_LAG_EVERY, metrics.event_loop_lag.observe) if LOOP_LAG_EVERY > 0 else None
+    if lag is not None:
+        app[LOOP_LAG] = lag
     ended = False  # this term is over: its app answers nothing any more (see leader_only)
     if gate is not None:
         @web.middleware
@@ -790,6 +797,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if mhost_port and own_registry:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
+    if lag is not None:
+        lag.start(loop)  # (stopped in the finally below)
     stop = stop or asyncio.Event()
     reload_now = reload or asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
@@ -856,6 +865,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             for w in waits:
                 w.cancel()
     finally:
+        if lag is not None:
+            lag.stop()
         watching.cancel()
         if settling is not None:
             settling.cancel()
