@@ -1,6 +1,6 @@
 """The event loop's lag, measured by the daemon itself: a timer that measures its own lateness.
 
-Every ``every`` seconds (``LAG_EVERY``, 20 ms by default) a callback is due on the loop
+Every ``every`` seconds (``LAG_EVERY``, 100 ms by default) a callback is due on the loop
 (``loop.call_at``); when it runs, how late it runs (the loop's clock now, less the time it was
 due) is one sample: how long the loop kept a callback that was ready waiting. The next is due
 ``every`` after it ran (a stall is one late sample, not a burst of catch-up ones). That is
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-LAG_EVERY = 0.02  # seconds between samples (anycast-controller --loop-lag-every; 0: off)
+LAG_EVERY = 0.1  # seconds between samples (anycast-controller --loop-lag-every; 0: off)
 WINDOW_S = 60.0  # /v1/status's recent summary: the samples of the last minute
 
 
