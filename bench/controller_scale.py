@@ -39,6 +39,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -754,6 +755,44 @@ def _log_times(path: Path, pattern: str) -> list[float]:
     return out
 
 
+def committed_checkout(tmp: Path, vips: int, pops: int, files: int) -> tuple[Path, Any, list[str], dict[str, tuple[str, ...]]]:
+    """A synthetic desired state in ``tmp/desired``, committed to git: (its directory, the
+    parsed desired state, the VIP names, each VIP's origin regions)."""
+    from controller.config.desired import load_desired
+
+    cdir = tmp / "desired"
+    generate(cdir, vips, pops, files)
+    _git(cdir, "init", "-q")
+    _git(cdir, "add", "-A")
+    _git(cdir, "commit", "-qm", "synthetic desired state")
+    desired = load_desired(str(cdir))
+    names = [v.name for v in desired.vips]
+    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    return cdir, desired, names, regions
+
+
+async def agents_of(daemon: "Daemon", desired: Any, tmp: Path) -> dict[str, Any]:
+    """Once the daemon answers: one agent's PlanClient per POP (state under ``tmp``)."""
+    from controller.agent.plan_client import PlanClient
+
+    while not daemon.answering():
+        if not daemon.alive():
+            raise RuntimeError(daemon.log.read_text()[-2000:])
+        await asyncio.sleep(0.1)
+    return {p.name: PlanClient(daemon.url, p.name, token(p.name), str(tmp / f"agent-{p.name}"),
+                               desired.allowed_prefixes, timeout=600.0) for p in desired.pops}
+
+
+async def end_run(clients: Mapping[str, Any], daemon: "Daemon", tmp: Path | None = None) -> None:
+    """A daemon benchmark's end: its agents' sessions closed, the daemon stopped by PID, its
+    files (``tmp``) removed."""
+    for c in clients.values():
+        await c.close()
+    daemon.stop()
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Daemon:
     """``anycast-controller`` as systemd would run it, on 127.0.0.1; stopped by PID."""
 
@@ -883,9 +922,7 @@ async def end_to_end(config_dir: Path, work: Path, reps: int, reporting: int, lo
         out["peak_rss_mb"] = _status_mb(daemon.proc.pid, "VmHWM")
         out["reloads_logged"] = len(_log_times(daemon.log, r"desired state \S+ loaded"))
     finally:
-        for c in clients.values():
-            await c.close()
-        daemon.stop()
+        await end_run(clients, daemon)
     return out
 
 
@@ -1316,9 +1353,7 @@ async def burst_only(config_dir: Path, work: Path, log: Log, distinct: bool = Fa
         out.update(await _burst(daemon, clients, names, regions, plan.generation, len(clients), work, log, distinct))
         out["rss_mb_end"] = _status_mb(daemon.proc.pid, "VmRSS")
     finally:
-        for c in clients.values():
-            await c.close()
-        daemon.stop()
+        await end_run(clients, daemon)
     return out
 
 

@@ -64,29 +64,16 @@ async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False,
     from controller import wire
     from controller.agent.controller_link import HealthReport
     from controller.agent.plan_client import PlanClient
-    from controller.config.desired import load_desired
     import aiohttp
 
     out: dict[str, Any] = {"commit": _git_head(), "files": files, "load_start": load_average()}
     tmp = Path(tempfile.mkdtemp(prefix="bench-stall-"))
-    cdir = tmp / "desired"
-    cs.generate(cdir, 10000, 50, files)
-    cs._git(cdir, "init", "-q")
-    cs._git(cdir, "add", "-A")
-    cs._git(cdir, "commit", "-qm", "synthetic desired state")
-    desired = load_desired(str(cdir))
-    names = [v.name for v in desired.vips]
-    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    cdir, desired, names, regions = cs.committed_checkout(tmp, 10000, 50, files)
     daemon = cs.Daemon(cdir, tmp)
     clients: dict[str, PlanClient] = {}
     t0 = time.monotonic()
     try:
-        while not daemon.answering():
-            if not daemon.alive():
-                raise RuntimeError(daemon.log.read_text()[-2000:])
-            await asyncio.sleep(0.1)
-        clients = {p.name: PlanClient(daemon.url, p.name, cs.token(p.name), str(tmp / f"agent-{p.name}"),
-                                      desired.allowed_prefixes, timeout=600.0) for p in desired.pops}
+        clients = await cs.agents_of(daemon, desired, tmp)
         watcher = clients[cs.WATCHED_POP]
         plan = await watcher.fetch_plan(-1, 0)
         assert plan is not None
@@ -183,10 +170,7 @@ async def drive(files: int, commits: int, pyspy: str | None, gil: bool = False,
         out["commits_load"] = [load0, load_average()]
         out["rss_mb"] = cs._status_mb(daemon.proc.pid, "VmRSS")
     finally:
-        for c in clients.values():
-            await c.close()
-        daemon.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        await cs.end_run(clients, daemon, tmp)
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,19 +48,11 @@ def _head(root: Path) -> str:
 async def drive(files: int, window: float, idle: float, root: Path, python: str,
                 extra: tuple[str, ...], vips: int = 10000, pops: int = 50) -> dict[str, Any]:
     from controller.agent.plan_client import PlanClient
-    from controller.config.desired import load_desired
 
     out: dict[str, Any] = {"commit": _head(root), "root": str(root), "daemon_args": list(extra), "files": files, "vips": vips, "pops": pops,
                            "load_start": load_average()}
     tmp = Path(tempfile.mkdtemp(prefix="bench-steady-"))
-    cdir = tmp / "desired"
-    cs.generate(cdir, vips, pops, files)
-    cs._git(cdir, "init", "-q")
-    cs._git(cdir, "add", "-A")
-    cs._git(cdir, "commit", "-qm", "synthetic desired state")
-    desired = load_desired(str(cdir))
-    names = [v.name for v in desired.vips]
-    regions = {v.name: tuple(o.region for o in v.vip.origins) for v in desired.vips}
+    cdir, desired, names, regions = cs.committed_checkout(tmp, vips, pops, files)
     daemon = cs.Daemon(cdir, tmp, root=root, python=python, extra=extra)
     pid = daemon.proc.pid
 
@@ -71,12 +62,7 @@ async def drive(files: int, window: float, idle: float, root: Path, python: str,
     clients: dict[str, PlanClient] = {}
     t0 = time.monotonic()
     try:
-        while not daemon.answering():
-            if not daemon.alive():
-                raise RuntimeError(daemon.log.read_text()[-2000:])
-            await asyncio.sleep(0.1)
-        clients = {p.name: PlanClient(daemon.url, p.name, cs.token(p.name), str(tmp / f"agent-{p.name}"),
-                                      desired.allowed_prefixes, timeout=600.0) for p in desired.pops}
+        clients = await cs.agents_of(daemon, desired, tmp)
         plan = await clients[cs.WATCHED_POP].fetch_plan(-1, 0)
         assert plan is not None
         out["up_s"] = round(time.monotonic() - t0, 1)
@@ -105,10 +91,7 @@ async def drive(files: int, window: float, idle: float, root: Path, python: str,
         out["rss_mb_end"] = rss()
         out["peak_rss_mb"] = cs._status_mb(pid, "VmHWM")
     finally:
-        for c in clients.values():
-            await c.close()
-        daemon.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        await cs.end_run(clients, daemon, tmp)
     return out
 
 
