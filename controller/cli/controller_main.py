@@ -18,6 +18,7 @@ from ..config.desired_model import StoreKind
 from ..server import daemon
 from ..server.daemon import ListenFailed, Watcher, serve
 from ..server.etcd import IncompatibleLayout, fetch_desired
+from ..server.looplag import MIN_EVERY
 from ..server.store import PersistenceError, StateDirLocked, StateUnreadable
 from .conventions import Exit, add_log_level, new_parser
 
@@ -45,6 +46,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _lag_every(text: str) -> float:
+    """--loop-lag-every: 0 (off) or 0.005-10 s (below that the timer would be due all the time:
+    the loop spinning, a minute's samples without bound)."""
+    value = _seconds(text)
+    if 0 < value < MIN_EVERY:
+        raise argparse.ArgumentTypeError(f"{text!r}: sample the loop no more often than every {MIN_EVERY} s (or 0: off)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = new_parser("anycast-controller", "BGP anycast central controller")
     p.add_argument("--config-dir", "-c", required=True, help="the desired-state directory (a git checkout)")
@@ -54,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="HA (ha.store: etcd): this controller's name among them (default: the host name)")
     p.add_argument("--advertise-url", help="HA: the URL agents and operators reach this controller at "
                    "(default: http://LISTEN)")
-    p.add_argument("--loop-lag-every", type=_seconds, default=daemon.LOOP_LAG_EVERY, metavar="SECONDS",
+    p.add_argument("--loop-lag-every", type=_lag_every, default=daemon.LOOP_LAG_EVERY, metavar="SECONDS",
                    help="sample the event loop's lag this often (anycast_controller_event_loop_lag_seconds, "
-                   "/v1/status event_loop; default %(default)s; 0: off)")
+                   "/v1/status event_loop; default %(default)s; 0: off; at least 0.005)")
     add_log_level(p)
     args = p.parse_args(argv)
     daemon.LOOP_LAG_EVERY = args.loop_lag_every

@@ -309,10 +309,14 @@ _BODY: Final = "reading the body"
 class _PlainHttpPlan:
     """Everything about a plain HTTP check that does not change from one check to the next."""
 
-    __slots__ = ("address", "body_lacks", "every", "expect_body", "expect_status", "family", "header_min",
+    __slots__ = ("address", "body_lacks", "every", "expect_body", "expect_status", "family", "header_min", "key",
                  "nodelay", "request", "reuse", "source", "timeout", "timeout_prefix")
 
     def __init__(self, spec: ProbeSpec) -> None:
+        # Kept connections are filed by the spec's value (its repr: a str, whose hash Python
+        # keeps): a new plan from the controller makes new, equal specs (and plans) for the
+        # checks it leaves alone, and those keep their connection.
+        self.key = repr(spec)
         v6 = ":" in spec.host
         self.family = socket.AF_INET6 if v6 else socket.AF_INET
         # As asyncio's _ensure_resolved() spells an IP literal (it shows in connect errors).
@@ -387,7 +391,7 @@ class Poller:
     never gets its predecessor's event.
     """
 
-    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_idle", "_timer", "_timer_at", "_transient", "batch",
+    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_idle", "_live", "_timer", "_timer_at", "_transient", "batch",
                  "kept_retried", "kept_used", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, transient: bool = False) -> None:
@@ -396,7 +400,8 @@ class Poller:
         self._epfd = self._ep.fileno()
         self._transient = transient
         self._checks: dict[int, Check | _Kept] = {}  # by file descriptor, the sockets in the set
-        self._idle: dict[_PlainHttpPlan, _Kept] = {}  # kept connections between checks, by plan
+        self._idle: dict[str, _Kept] = {}  # kept connections between checks, by their plan's key (the spec's value)
+        self._live: set[str] | None = None  # the keys of the scheduler's checks at its last retain(); None: all
         self.kept_used = 0  # checks that ran on a kept connection
         self.kept_retried = 0  # of those, checks that found it closed and ran again on a fresh one
         self._deadlines: dict[float, deque[tuple[float, Check]]] = {}  # by timeout: (when, check), in order
@@ -429,16 +434,18 @@ class Poller:
 
     def park(self, plan: _PlainHttpPlan, sock: _socket.socket, fd: int, uses: int) -> None:
         """Keep a check's connection (still in the set) for the plan's next check."""
-        if plan in self._idle or self._transient:  # one per plan is enough (two groups of one spec)
+        if plan.key in self._idle or self._transient or (self._live is not None and plan.key not in self._live):
+            # (one per spec is enough: two groups of one spec; a check that ended after its
+            # spec left the scheduler keeps nothing: no later check would take it)
             self._checks.pop(fd, None)
             sock.close()
             return
-        self._checks[fd] = self._idle[plan] = _Kept(self, plan, sock, fd, uses)
+        self._checks[fd] = self._idle[plan.key] = _Kept(self, plan, sock, fd, uses)
 
     def take(self, plan: _PlainHttpPlan) -> _Kept | None:
         """The plan's kept connection, if one waits; it leaves the idle set (the caller
         hands it to a check with ``adopt`` or closes it)."""
-        return self._idle.pop(plan, None) if self._idle else None
+        return self._idle.pop(plan.key, None) if self._idle else None
 
     def adopt(self, check: Check, fd: int) -> None:
         """A kept connection's socket (already in the set) now belongs to ``check``."""
@@ -446,11 +453,11 @@ class Poller:
 
     def retain(self, specs: Iterable[ProbeSpec]) -> None:
         """Close the kept connections of every spec but these (the scheduler's live ones)."""
-        if not self._idle:
-            return
-        live = {id(p) for spec in specs if (p := spec.__dict__.get("_plain_http")) is not None}
-        for plan, kept in list(self._idle.items()):
-            if id(plan) not in live:
+        # (only reusing specs: their plan is made now rather than at their next check)
+        self._live = live = {p.key for spec in specs
+                             if spec.reuse_connection and (p := spec._plain_http) is not None and p.reuse}
+        for key, kept in list(self._idle.items()):
+            if key not in live:
                 kept.cancel()
 
     @property
@@ -549,8 +556,8 @@ class _Kept:
     def cancel(self) -> None:
         """Close it (with a reset, as every check's socket: SO_LINGER 0)."""
         poller = self._poller
-        if poller._idle.get(self._plan) is self:
-            del poller._idle[self._plan]
+        if poller._idle.get(self._plan.key) is self:
+            del poller._idle[self._plan.key]
         if poller._checks.get(self.fd) is self:
             del poller._checks[self.fd]
         self.sock.close()

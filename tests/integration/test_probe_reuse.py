@@ -264,3 +264,39 @@ def test_https_and_tcp_checks_cannot_keep_connections() -> None:
             ProbeSpec(kind=kind, host="127.0.0.1", port=1, timeout=1, reuse_connection=True)
     with pytest.raises(ValueError, match="fresh_connection_every must be at least 1"):
         ProbeSpec(kind="http", host="127.0.0.1", port=1, timeout=1, reuse_connection=True, fresh_connection_every=0)
+
+
+def test_a_new_plan_with_the_same_check_keeps_its_connection_and_a_changed_one_closes_it() -> None:
+    """The agent makes new, equal specs for every check at each new plan from the controller
+    (``set_targets`` then ``retain``): an unchanged check keeps its connection; a check whose
+    spec changed or left has it closed; a check still running when its spec left parks
+    nothing (no connection left open that no later check would take)."""
+    async def main() -> tuple[list[int], list[int], list[int], int]:
+        srv = await serve(lambda c, r: OK)
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            await check(spec(srv.port), poller)
+            poller.retain([spec(srv.port)])  # a new plan, the same check (a new, equal spec)
+            await check(spec(srv.port), poller)
+            same = list(srv.requests)
+            poller.retain([spec(srv.port, timeout=3.0)])  # the check changed: its connection goes
+            await _until(lambda: poller.idle == 0)
+            await check(spec(srv.port, timeout=3.0), poller)
+            changed = list(srv.requests)
+            # One in flight while its spec leaves the scheduler's set:
+            fut: asyncio.Future[ProbeResult | Exception] = asyncio.get_running_loop().create_future()
+            assert start(spec(srv.port, timeout=3.0), lambda _c, r: fut.done() or fut.set_result(r), poller)
+            poller.retain([spec(srv.port, timeout=4.0)])
+            assert isinstance(await fut, ProbeResult)
+            await asyncio.sleep(0)
+            idle_after = poller.idle
+            await check(spec(srv.port, timeout=4.0), poller)
+            return same, changed, list(srv.requests), idle_after
+        finally:
+            poller.close()
+
+    same, changed, after, idle_after = run(main())  # type: ignore[misc]
+    assert same == [2]  # two checks, one connection, across the new plan
+    assert changed == [2, 1]  # the changed check on a fresh connection
+    assert idle_after == 0  # the in-flight check of the spec that left kept nothing
+    assert after[-1] == 1  # the new spec's check on a fresh connection of its own

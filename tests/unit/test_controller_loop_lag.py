@@ -161,3 +161,15 @@ def test_status_shows_the_event_loop_lag_and_null_when_sampling_is_off(tmp_path:
     assert on["samples"] >= 1 and on["lag_max_s"] == 0.25 and on["total"]["lag_max_s"] == 0.25
     assert {"lag_p50_s", "lag_p99_s", "lag_sum_s"} <= {*on, *on["total"]}
     assert asyncio.run(status(False)) is None
+
+
+def test_a_sampling_interval_too_short_to_be_a_timer_is_refused() -> None:
+    """Every 1e-6 s the timer would be due all the time (the loop spinning, the minute's
+    samples without bound): refused (anycast-controller --loop-lag-every says so by name)."""
+    import pytest
+
+    from controller.server.looplag import MIN_EVERY, LoopLag
+
+    with pytest.raises(ValueError, match="at least"):
+        LoopLag(0.000001)
+    assert LoopLag(MIN_EVERY).every == MIN_EVERY
