@@ -77,7 +77,8 @@ def _follower_app(shell: Shell, operator_sha256: str | None, revision: str, dire
         return web.json_response({"config": {"revision": revision, "directory": directory, "last_error": "",
                                              "last_error_revision": "", "reload_failures": 0, "loaded_at": None,
                                              "watch": {"notifier": "none", "stale_git_lock": None}},
-                                  "ha": ha, "pops": [], "vips": [], "alarms": [], "persistence": None})
+                                  "ha": ha, "pops": [], "vips": [], "alarms": [], "persistence": None,
+                                  "event_loop": None})  # (a follower samples nothing)
 
     async def elsewhere(request: web.Request) -> web.StreamResponse:
         return shell.not_leader()
