@@ -790,6 +790,9 @@ class _PlainHttpCheck(Check):
             sock.close()
         self._stage = _CONNECTING
         self._unsent = b""
+        # The fresh socket may get the closed one's file descriptor: events of this batch
+        # for that number were the old socket's (the rule a check's start keeps, Poller).
+        self._batch = self._poller.batch
         try:
             self._connect_fresh()
         except OSError as exc:
