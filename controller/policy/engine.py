@@ -236,8 +236,12 @@ class Engine:
 
     # --- inputs ------------------------------------------------------------------------
     def mark(self, desired: DesiredState, reports: Mapping[str, PopReport], drains: Mapping[str, float],
-             now: float) -> None:
-        """Take the current inputs; mark the VIPs they change (and those whose time came)."""
+             now: float, budget_s: float | None = None) -> bool:
+        """Take the current inputs; mark the VIPs they change (and those whose time came).
+        ``budget_s``: stop after about that long of taking reports in (a burst's 50 full
+        reports: ~15 ms), False then: call again (the reports taken in are not looked at
+        again) until True, before ``begin``."""
+        start = time.perf_counter() if budget_s is not None else 0.0
         if desired is not self.desired:
             self._set_desired(desired, now)
         if drains != self._drains:
@@ -248,11 +252,14 @@ class Engine:
         for pop, report in reports.items():
             if self._reports.get(pop) is not report:
                 self._set_report(pop, report, now)
+                if budget_s is not None and time.perf_counter() - start >= budget_s:
+                    return False
         for pop in [p for p in self._reports if p not in reports]:
             del self._reports[pop]
             self._fresh.pop(pop, None)
             self._mark_pop(pop)  # (a stale report counts too: what the POP is presumed to announce)
         self._due(now)
+        return True
 
     def _mark_pop(self, pop: str) -> None:
         for groups in self._at_pop.get(pop, {}).values():
@@ -413,7 +420,7 @@ class Engine:
             vp = staged[name] = self._plan(fleet[name], p)
             if self.diff_ahead and p.diff_base[0] == self.passes and p.diff.names == i:
                 self._diff(name, vp, p.diff)
-            if budget_s is not None and i % 16 == 15 and time.perf_counter() - start >= budget_s:
+            if budget_s is not None and i % 4 == 3 and time.perf_counter() - start >= budget_s:
                 return len(staged) == len(p.names)
         return True
 

@@ -31,7 +31,6 @@ import dataclasses
 import itertools
 import logging
 import operator
-import re
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -184,6 +183,7 @@ class Controller:
     _driver: asyncio.Task[None] | None = None  # runs the passes inside the event loop
     _again: bool = False  # a pass was asked for while one ran
     _staged: Pass | None = None  # the sliced pass in progress
+    _committed: tuple[Changes, float] | None = None  # the sliced pass committed, its publishing a turn later
     _unserved: dict[str, None] = field(default_factory=dict)  # POPs a committed pass has yet to serve (in order)
     # POP -> (the items and spec dicts it was last served from, the VIPs whose item or spec
     # passes changed since): PlanStore.serve's hint (no walk over the POP's every VIP)
@@ -750,7 +750,12 @@ class Controller:
             waiters, self._waiting = self._waiting, []
             try:
                 now = self.clock()
-                engine.mark(self.desired, self.reports, self.persisted.drains, now)
+                # The reports taken in SLICE_S at a time (a burst's 50 full reports compared
+                # VIP by VIP: ~15 ms in one piece), a turn of the loop between; each call takes
+                # what came meanwhile too (the reports already taken in are not looked at twice).
+                while not engine.mark(self.desired, self.reports, self.persisted.drains, now, SLICE_S):
+                    await asyncio.sleep(0)
+                    now = self.clock()
                 if engine.dirty(refresh=True) > SMALL_PASS:
                     await self._sliced(engine, now)
                 elif waiters or engine.dirty() or self._served_specs_moved():
@@ -782,6 +787,9 @@ class Controller:
     async def _sliced(self, engine: Engine, now: float) -> None:
         """One large pass, SLICE_S of planning at a time; visible when whole."""
         p = self._staged = engine.begin(now)
+        await asyncio.sleep(0)  # (the pass's VIPs sorted: a piece of its own)
+        if self._staged is not p:
+            return
         while not engine.compute(p, SLICE_S):
             await asyncio.sleep(0)  # answer requests (from the previous plan) meanwhile
             if self._staged is not p:
@@ -790,7 +798,18 @@ class Controller:
         if self._staged is not p:
             return
         self._staged = None
-        self._publish(engine.commit(p), now, defer=True)
+        committed = self._committed = (engine.commit(p), now)
+        try:
+            await asyncio.sleep(0)  # (the commit is a piece, its publishing another)
+        except asyncio.CancelledError:  # (the loop is ending: what was committed is published, saved)
+            if self._committed is committed:
+                self._committed = None
+                self._publish(*committed)
+            raise
+        if self._committed is not committed:
+            return  # replan() published it meanwhile (and served and saved it)
+        self._committed = None
+        self._publish(*committed, defer=True)
         try:
             await asyncio.sleep(0)  # (the commit was one piece: the serving next is another)
             for _ in self._warm_unserved():
@@ -836,6 +855,9 @@ class Controller:
             p, self._staged = self._staged, None
             engine.compute(p)
             self._publish(engine.commit(p), p.now)
+        if self._committed is not None:  # a sliced pass committed, not yet published: first
+            committed, self._committed = self._committed, None
+            self._publish(*committed)
         now = self.clock()
         engine.mark(self.desired, self.reports, self.persisted.drains, now)
         p = engine.begin(now, refresh=True)
@@ -850,8 +872,9 @@ class Controller:
         engine = self._get_engine()
         for a in changes.new_alarms:
             log.warning("ALARM %s for VIP %s: %s", a.kind, a.vip, a.detail)
+        origin: dict[str, str] = {}  # note -> _origin_of(note): a burst changes 10,000 notes, few distinct
         for vip, (old, note) in changes.notes.items():
-            if old is None or _origin_of(old) != _origin_of(note):
+            if old is None or _origin(old, origin) != _origin(note, origin):
                 log.info("VIP %s: %s", vip, note)
         result = PlanResult(engine.state(), engine.items, engine.notes, engine.alarms(), engine.settle_at())
         self.result = result
@@ -1609,7 +1632,21 @@ def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, s
             out[(pop, name)] = m
 
 
+def _origin(note: str, seen: dict[str, str]) -> str:
+    """``_origin_of(note)``, remembered in ``seen``."""
+    o = seen.get(note)
+    if o is None:
+        o = seen[note] = _origin_of(note)
+    return o
+
+
 def _origin_of(note: str) -> str:
     """The part of a note that names where the VIP goes (to log moves, not every timer tick)."""
-    return re.split("[:;]", note, maxsplit=1)[0]
+    # (str.find, not re.split: a burst's pass changes 10,000 notes, compared two by two: ~20 ms
+    # of one piece of the event loop in re)
+    cut = len(note)
+    for sep in ":;":
+        if 0 <= (at := note.find(sep, 0, cut)) < cut:
+            cut = at
+    return note[:cut]
 

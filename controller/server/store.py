@@ -410,8 +410,12 @@ def changes_json_steps(c: Changes, seq: int, budget: Budget) -> Generator[None, 
             others.append([pop, vip, _pop_vip_to_json(v)])  # type: ignore[arg-type]
         if not i & 255 and budget.due():
             yield
-    doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations),
-           "vips": {k: None if v is None else _vip_to_json(v) for k, v in c.vips.items()},
+    vips: dict[str, Any] = {}
+    for i, (k, vm) in enumerate(c.vips.items()):  # (a burst's 10,000 VIPs: ~20-50 ms in one piece)
+        vips[k] = None if vm is None else _vip_to_json(vm)
+        if not i & 63 and budget.due():
+            yield
+    doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations), "vips": vips,
            "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
     if c.dials:
         doc["dials"] = {r: None if d is None else _dial_to_json(d) for r, d in c.dials.items()}

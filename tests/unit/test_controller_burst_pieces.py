@@ -1,0 +1,174 @@
+"""The steps of a burst's pass that were one piece of the event loop (results 3z): the
+reports taken in, the commit and its publishing, /v1/status's VIP list, the verdicts every
+report shares. Each is now several pieces with a turn of the loop between them, and ends
+as it did in one piece. Ordering assertions only (SLICE_S 0: a piece is the least there is)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from controller.config.desired import load_desired
+from controller.config.desired_model import ChangePolicy, DesiredState, FleetVip, PopSpec
+from controller.policy import planner
+from controller.policy.model import PopReport
+from controller.server import app, core
+from controller.server.core import Controller
+
+# (as in test_controller_slices.py)
+ROOT = Path(__file__).resolve().parents[2]
+ALL_AT_ONCE = ChangePolicy(max_withdraw_fraction=1.0, max_removed_vips=10**6, bake=0.0)
+BASE = load_desired(str(ROOT / "configs" / "controller"), "rev1")
+POPS = ("sjc", "fra", "sin", "iad", "nrt", "gru")
+VIPS = 1500  # several times SMALL_PASS: the pass runs in slices
+
+
+def _desired(tmp_path: Path, enabled: bool = True, revision: str = "rev1") -> DesiredState:
+    template = BASE.vip("game-global")
+    assert template is not None
+    vips = tuple(FleetVip(dataclasses.replace(template.vip, name=f"v{i:04d}"), POPS, enabled, template.policy)
+                 for i in range(VIPS))
+    return dataclasses.replace(BASE, revision=revision, state_dir=str(tmp_path),
+                               pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips, change=ALL_AT_ONCE)
+
+
+def _report(pop: str, at: float, down: str = "") -> PopReport:
+    return PopReport(pop, at, 1, {f"v{i:04d}": {"us-west": f"v{i:04d}" != down, "eu-central": True}
+                                  for i in range(VIPS)})
+
+
+def _down_report(pop: str, at: float) -> PopReport:
+    """Every VIP's us-west down: a report that changes every VIP (a large pass)."""
+    return PopReport(pop, at, 1, {f"v{i:04d}": {"us-west": False, "eu-central": True} for i in range(VIPS)})
+
+
+class _Request:
+    """What get_status reads of a request: the app, the headers, the transport."""
+
+    def __init__(self, web_app: object, headers: dict[str, str]) -> None:
+        self.app, self.headers, self.transport = web_app, headers, None
+
+
+def _wanted(ctl: Controller, pop: str) -> int:
+    return sum(1 for v in ctl.plan_body(pop)["vips"] if v["wanted"])
+
+
+def test_a_burst_of_reports_is_taken_in_one_report_per_turn_then_planned_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+    ctl = Controller(_desired(tmp_path), clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    notes = dict(ctl.result.notes)  # type: ignore[union-attr]
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        for p in POPS:
+            ctl.accept_report(_down_report(p, now[0]))
+        new = dict(ctl.reports)
+        engine = ctl._get_engine()
+        while (driver := ctl.planning()) is None or not driver.done():
+            seen.append(sum(engine._reports.get(p) is r for p, r in new.items()))
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    # the loop turned between the reports' marking: one more report taken in at each turn
+    assert [n for n in dict.fromkeys(seen)] == list(range(len(POPS) + 1))
+    # and a pass planned them, after they were all taken in: every VIP's note moved
+    assert seen[-1] == len(POPS)
+    after = ctl.result.notes  # type: ignore[union-attr]
+    assert all(after[n] != notes[n] for n in notes)
+
+
+def test_an_action_between_a_commit_and_its_publishing_publishes_it_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+    ctl = Controller(_desired(tmp_path), clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+
+    async def scenario() -> None:
+        ctl.apply_config(_desired(tmp_path, enabled=False, revision="rev2"))
+        while ctl._committed is None:  # the sliced pass committed, not yet published
+            await asyncio.sleep(0)
+        assert _wanted(ctl, "sjc") == VIPS  # still the previous plan
+        ctl.drain("gru")
+        assert ctl._committed is None and all(_wanted(ctl, p) == 0 for p in POPS)
+        assert ctl._driver is not None
+        await ctl._driver
+
+    asyncio.run(scenario())
+    assert ctl.persisted.drains == {"gru": 100.0}
+    assert all(_wanted(ctl, p) == 0 for p in POPS)
+
+
+def test_the_status_vip_list_is_built_in_pieces_and_is_the_whole_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "STATUS_VIPS_PER_SLICE", 100)
+    desired = dataclasses.replace(_desired(tmp_path), operator_token_sha256=hashlib.sha256(b"op").hexdigest())
+    now = [100.0]
+    ctl = Controller(desired, clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0], down="v0007") for p in POPS})
+    ctl.replan()
+    notes = dict(ctl.result.notes)  # type: ignore[union-attr]
+    turns = [0]
+
+    async def scenario() -> dict[str, object]:
+        web_app = app.make_app(ctl)
+        request = _Request(web_app, {"Authorization": "Bearer op"})
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                turns[0] += 1
+                await asyncio.sleep(0)
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        turns[0] = 0
+        resp = await app.get_status(request)  # type: ignore[arg-type]
+        stop.set()
+        await tick
+        assert resp.status == 200 and resp.content_type == "application/json"
+        return json.loads(resp.text)  # type: ignore[attr-defined]
+
+    doc = asyncio.run(scenario())
+    assert turns[0] >= VIPS // 100 - 1  # the loop turned between the pieces
+    assert doc["vips"] == [{"vip": f"v{i:04d}", "note": notes[f"v{i:04d}"]} for i in range(VIPS)]
+    assert "healthy" not in notes["v0007"] or notes["v0007"] != notes["v0008"]
+    assert list(doc) == ["config", "pops", "vips", "alarms", "persistence", "api", "change", "event_loop"]
+    assert [p["pop"] for p in doc["pops"]] == list(POPS)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_the_common_verdicts_worked_out_by_chunk_are_those_worked_out_whole(ordered: bool) -> None:
+    rng = random.Random(7)
+    names = [f"v{i:05d}" for i in range(3 * planner._CommonVerdicts.STEP + 17)]
+    kinds = [{"a": True, "b": True}, {"a": False, "b": True}, {"a": None, "b": True}]
+    base = {n: kinds[0] if i % 3 else kinds[rng.randrange(3)] for i, n in enumerate(names)}
+    origins = []
+    for k in range(6):
+        o = dict(base)
+        for n in rng.sample(names, 40):
+            o[n] = kinds[rng.randrange(3)]
+        if k == 3:
+            del o[names[5]]
+        if not ordered and k == 2:
+            o = dict(reversed(list(o.items())))
+        origins.append(o)
+    common = planner._CommonVerdicts(tuple(origins))
+    asked = names[planner._CommonVerdicts.STEP + 3]
+    common.get(asked)
+    assert common.done == {1}  # only the chunk of the VIP asked for
+    for n in [*names, "not-a-vip"]:
+        values = [o.get(n) for o in origins]
+        whole = values[0] if values[0] is not None and values.count(values[0]) == len(values) else None
+        assert common.get(n) == whole, n
