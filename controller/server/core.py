@@ -814,6 +814,8 @@ class Controller:
             await asyncio.sleep(0)  # (the commit was one piece: the serving next is another)
             for _ in self._warm_unserved():
                 await asyncio.sleep(0)
+            for _ in self._walk_first_unserved():
+                await asyncio.sleep(0)
             while not self._serve_unserved(SLICE_S):
                 await asyncio.sleep(0)  # requests meanwhile: each POP's plan is whole, old or new
         finally:
@@ -843,6 +845,22 @@ class Controller:
                 at = self.plans.warm(names, items, spec_dicts, at, SLICE_S)
                 if at < len(names):
                     yield
+
+    def _walk_first_unserved(self) -> Iterator[None]:
+        """The walk of the first POP to serve (PlanStore.walk_ahead), SLICE_S at a time (a step
+        of the iterator each), ahead of its serve, which takes it (and so do the POPs served
+        alike): after a burst the first POP's serve walked 10,000 candidates in one piece
+        (30-80 ms). What it serves is what its own walk would: the walk is kept only for the
+        very mappings and entries it started from."""
+        if not self._unserved:
+            return
+        pop = next(iter(self._unserved))
+        items = self._get_engine().items.get(pop)
+        if items is None:
+            return
+        base = self._spec_dicts[1]
+        spec_dicts = self._held_specs[3].get(pop, base)
+        yield from self.plans.walk_ahead(pop, items, spec_dicts, self.desired if spec_dicts is base else None, SLICE_S)
 
     def _get_engine(self) -> Engine:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"

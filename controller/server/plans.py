@@ -31,7 +31,7 @@ import operator
 import time
 import zlib
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -362,6 +362,79 @@ class PlanStore:
         self._event(pop).set()
         self._changed[pop] = asyncio.Event()
         return generation
+
+    def walk_ahead(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
+                   token: object, budget_s: float) -> Iterator[None]:
+        """The walk ``serve(pop, items, spec_dicts, ..., token)`` would make, ahead of it and
+        about ``budget_s`` seconds a step (the iterator's), kept as the last walk's outcome
+        (``_memo``): the serve then takes it (``_alike``: the same mappings, the POP's entries
+        still the very objects the walk started from) instead of walking in one piece (after a
+        burst the first POP's walk of 10,000 candidates was a 30-80 ms step of the event loop).
+        Nothing served changes: the POP's plan, log and waiters are the serve's. If the POP
+        is served meanwhile, or never was (a first plan: from the donor's), nothing is kept."""
+        pp = self.pops.get(pop)
+        if pp is None or not self.alike:
+            return
+        t0 = time.perf_counter()
+        old = dict(pp.entries)  # (the walk's starting point, in C; _alike compares the entries to it)
+        seen_items, seen_specs, seen_token = pp.seen_items, pp.seen_specs, pp.seen_token
+        digest, wanted, holds = pp.digest, pp.wanted, pp.safety_holds
+        get_spec = seen_specs.get
+        candidates = changed_names(items, seen_items)
+        if not (token is not None and seen_token is token):
+            listed = set(candidates)
+            candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
+        if len(candidates) < ALIKE_MIN:
+            return  # (serve's own walk is short)
+        updates: dict[str, Entry] = {}
+        specs, shared = self._specs, self._shared
+        kept_older = False
+        for i, name in enumerate(candidates):  # (as serve's loop, for a POP served before)
+            if i % 64 == 63 and time.perf_counter() - t0 >= budget_s:
+                yield
+                t0 = time.perf_counter()
+            item = items[name]
+            spec = spec_dicts[name]
+            sp = specs.get(name)
+            h = sp.hash if sp is not None and sp.obj is spec else self._spec(name, spec).hash
+            e = old.get(name)
+            if e is not None and e.item is item and e.spec_hash == h:
+                continue
+            recent = shared.get(name)
+            new = (recent[0] if recent is not None and recent[0].item is item and recent[0].spec_hash == h
+                   else self._entry(name, item, h))
+            if e is not None and (e is new or e.material() == new.material()):
+                kept_older |= e.item is not item
+                continue
+            updates[name] = new
+        grown = len(old) != len(items) or any(name not in old for name in candidates)
+        removed = [name for name in old if name not in items] if grown else []
+        for name in removed:
+            e = old[name]
+            digest, wanted, holds = digest - e.ehash, wanted - e.item.wanted, holds - e.item.safety_hold
+        for i, (name, e) in enumerate(updates.items()):
+            if i % 64 == 63 and time.perf_counter() - t0 >= budget_s:
+                yield
+                t0 = time.perf_counter()
+            previous = old.get(name)
+            if previous is not None:
+                digest -= previous.ehash
+                wanted -= previous.item.wanted
+                holds -= previous.item.safety_hold
+            digest += e.ehash
+            wanted += e.item.wanted
+            holds += e.item.safety_hold
+        if updates or removed:
+            introduced = frozenset(e.spec_hash for n, e in updates.items()
+                                   if n not in old or old[n].spec_hash != e.spec_hash)
+            names = frozenset(updates) | frozenset(removed) if removed else frozenset(updates)
+            names, introduced = self._shared_set(names), self._shared_set(introduced)
+            sums = (digest % DIGEST_MOD, wanted, holds)
+        else:
+            names = introduced = frozenset()
+            sums = (pp.digest, pp.wanted, pp.safety_holds)
+        self._memo = _Memo(old, seen_items, seen_specs, seen_token, items, spec_dicts, token, updates, removed,
+                           kept_older, names, introduced, sums)
 
     def warm(self, names: list[str], items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
              start: int, budget_s: float) -> int:

@@ -172,3 +172,47 @@ def test_the_common_verdicts_worked_out_by_chunk_are_those_worked_out_whole(orde
         values = [o.get(n) for o in origins]
         whole = values[0] if values[0] is not None and values.count(values[0]) == len(values) else None
         assert common.get(n) == whole, n
+
+
+def test_the_first_pops_serve_after_a_burst_takes_its_walk_made_in_pieces_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+
+    def run(alike: bool) -> tuple[dict[str, object], list[str], list[int]]:
+        ctl = Controller(_desired(tmp_path / str(alike)), clock=lambda: now[0])
+        ctl.plans.alike = alike  # (False: every POP walks in its serve, the reference)
+        ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+        ctl.replan()
+        served_alike: list[str] = []
+        steps = [0]
+        real_alike, real_ahead = ctl.plans._serve_alike, ctl.plans.walk_ahead
+
+        def spy_alike(pop: str, *args: object) -> object:
+            served_alike.append(pop)
+            return real_alike(pop, *args)  # type: ignore[arg-type]
+
+        def spy_ahead(*args: object) -> object:
+            for _ in real_ahead(*args):  # type: ignore[arg-type]
+                steps[0] += 1
+                yield
+
+        monkeypatch.setattr(ctl.plans, "_serve_alike", spy_alike)
+        monkeypatch.setattr(ctl.plans, "walk_ahead", spy_ahead)
+
+        async def scenario() -> None:
+            for p in POPS:
+                ctl.accept_report(_down_report(p, now[0]))
+            while (driver := ctl.planning()) is None or not driver.done():
+                await asyncio.sleep(0)
+
+        asyncio.run(scenario())
+        return {p: ctl.plan_body(p) for p in POPS}, served_alike, steps
+
+    fast, served_alike, steps = run(True)
+    walked, none_alike, no_steps = run(False)
+    assert fast == walked  # the same plans as every POP's own walk
+    # the first POP served (the first in the desired state's order) took the walk made ahead
+    # (here each POP's items are its own: the others walk), which took many turns of the loop
+    assert served_alike == [POPS[0]] and none_alike == []
+    assert steps[0] >= 2 * VIPS // 64 - 2 and no_steps == [0]

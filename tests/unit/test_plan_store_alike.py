@@ -1,6 +1,6 @@
 """POPs served alike (``PlanStore._serve_alike``: a POP whose entries are the very ones another
 POP's walk started from, served from and to the same mappings, takes that walk's outcome) and
-entries made ahead (``PlanStore.warm``) serve exactly what every POP's own walk serves: random
+entries made ahead (``PlanStore.warm``) and walks made ahead of a serve (``PlanStore.walk_ahead``) serve exactly what every POP's own walk serves: random
 sequences of mappings shared by groups of POPs (or a POP's own), explanations that change while
 what agents act on stays (so POPs with the same mappings can hold different entries), VIPs
 added and removed, specs that change, served to one store that takes the shortcuts and warms
@@ -44,11 +44,13 @@ def _run(seed: int) -> dict[str, int]:
     shared = {name: PlanItem(name, True, "us-west", explanation="healthy") for name in NAMES}
     published = set(NAMES[:30])
     generations: dict[str, list[int]] = {pop: [] for pop in POPS}
-    stats = {"alike": 0, "serves": 0, "kept_older": 0}
+    stats = {"alike": 0, "serves": 0, "kept_older": 0, "ahead": 0}
     real = PlanStore._serve_alike
+    ahead: list[object] = []  # the walks made ahead (walk_ahead)
 
     def counted(self: PlanStore, *args: Any) -> int | None:
         stats["alike"] += 1
+        stats["ahead"] += any(args[2] is m for m in ahead)
         return real(self, *args)
 
     PlanStore._serve_alike = counted  # type: ignore[method-assign]
@@ -79,6 +81,13 @@ def _run(seed: int) -> dict[str, int]:
                     at = 0
                     while at < len(m):
                         at = fast.warm(list(m), m, specs, at, 0.0 if rng.random() < 0.5 else 1.0)
+            if rng.random() < 0.5:  # a POP's walk ahead of its serve (which may come, or not, or later)
+                before = fast._memo
+                for _ in fast.walk_ahead(rng.choice(POPS), rng.choice(pool), specs, token,
+                                         0.0 if rng.random() < 0.5 else 1.0):
+                    pass
+                if fast._memo is not before:
+                    ahead.append(fast._memo)
             # (mostly every POP, as a pass that changed them all serves them: in any order)
             for pop in rng.sample(POPS, len(POPS) if rng.random() < 0.7 else rng.randint(1, len(POPS))):
                 items = rng.choice(pool) if rng.random() < 0.9 else dict(rng.choice(pool))
@@ -102,7 +111,7 @@ def test_pops_served_alike_and_warmed_equal_every_pop_walked(seed: int, monkeypa
     monkeypatch.setattr(plans, "ALIKE_MIN", 1)  # (40 VIPs: the shortcut's threshold is for real plans)
     stats = _run(seed)
     # The shortcut served many POPs, and POPs whose plans kept older explanations were served too.
-    assert stats["alike"] > 50 and stats["kept_older"] > 0, stats
+    assert stats["alike"] > 50 and stats["kept_older"] > 0 and stats["ahead"] > 5, stats
 
 
 def test_pops_served_alike_with_a_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
