@@ -487,8 +487,10 @@ class Engine:
                         lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh,
                         steady=loaded <= _STEADY_OR_NEW)
 
-    def commit(self, p: Pass) -> Changes:
-        """Make the pass's plans the current ones, all at once."""
+    def commit(self, p: Pass, retire: list[VipPlan] | None = None) -> Changes:
+        """Make the pass's plans the current ones, all at once. ``retire``: the plans replaced
+        are appended to it (the caller lets go of them later, a piece at a time), not freed here:
+        after a burst at 10,000 VIPs x 50 POPs freeing them was about a third of the commit."""
         assert len(p.staged) == len(p.names), "commit() after compute() returned True"
         removed, self._removed = self._removed, frozenset()
         desired_changed, self._desired_changed = self._desired_changed, False
@@ -507,6 +509,8 @@ class Engine:
             old = self.plans.pop(name, None)
             if old is None:
                 continue
+            if retire is not None:
+                retire.append(old)
             for pop in old.items:
                 gone.setdefault(pop, []).append(name)
             self.notes.pop(name, None)
@@ -519,6 +523,8 @@ class Engine:
             old = self.plans.get(name)
             self.plans[name] = vp
             if old is not None:
+                if retire is not None and old is not vp:
+                    retire.append(old)
                 if (old.memory != vp.memory or old.default is not vp.default
                         or old.pop_memory != vp.pop_memory or old.items.keys() != vp.items.keys()):
                     memory.add(name)  # (a POP added to or removed from its publish list adds or drops a pair)

@@ -798,7 +798,8 @@ class Controller:
         if self._staged is not p:
             return
         self._staged = None
-        committed = self._committed = (engine.commit(p), now)
+        retired: list[VipPlan] = []  # (the plans the commit replaced: let go of in pieces, below)
+        committed = self._committed = (engine.commit(p, retired), now)
         try:
             await asyncio.sleep(0)  # (the commit is a piece, its publishing another)
         except asyncio.CancelledError:  # (the loop is ending: what was committed is published, saved)
@@ -812,6 +813,8 @@ class Controller:
         self._publish(*committed, defer=True)
         try:
             await asyncio.sleep(0)  # (the commit was one piece: the serving next is another)
+            for _ in _let_go(retired):
+                await asyncio.sleep(0)
             for _ in self._warm_unserved():
                 await asyncio.sleep(0)
             for _ in self._walk_first_unserved():
@@ -1511,6 +1514,18 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = {name: self._record(vp) for name, vp in plans.items()}
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
+
+
+def _let_go(retired: list[Any]) -> Iterator[None]:
+    """Drop ``retired``'s objects, SLICE_S at a time (a step of the iterator each): the plans a
+    burst's commit replaced (10,000 VipPlans of 50 POPs' items each) freed in one piece were
+    about a third of the commit's step of the event loop."""
+    start = time.perf_counter()
+    while retired:
+        del retired[-256:]  # (from the end: nothing moved)
+        if retired and time.perf_counter() - start >= SLICE_S:
+            yield
+            start = time.perf_counter()
 
 
 class _Records(NamedTuple):

@@ -216,3 +216,44 @@ def test_the_first_pops_serve_after_a_burst_takes_its_walk_made_in_pieces_ahead(
     # (here each POP's items are its own: the others walk), which took many turns of the loop
     assert served_alike == [POPS[0]] and none_alike == []
     assert steps[0] >= 2 * VIPS // 64 - 2 and no_steps == [0]
+
+
+def test_the_plans_a_burst_replaced_are_let_go_of_in_pieces_after_the_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+    ctl = Controller(_desired(tmp_path), clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    before = dict(ctl._get_engine().plans)
+    given: list[list[object]] = []
+    pieces = [0]
+    real = core._let_go
+
+    def spy(retired: list[object]) -> object:
+        given.append(list(retired))
+        for _ in real(retired):
+            pieces[0] += 1
+            yield
+
+    monkeypatch.setattr(core, "_let_go", spy)
+
+    async def scenario() -> None:
+        for p in POPS:
+            ctl.accept_report(_down_report(p, now[0]))
+        while (driver := ctl.planning()) is None or not driver.done():
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    after = ctl._get_engine().plans
+    # the commit handed over every plan it replaced (still alive then), let go of in several turns
+    assert len(given) == 1 and sorted(map(id, given[0])) == sorted(id(before[n]) for n in before)
+    assert all(after[n] is not before[n] for n in before)
+    assert pieces[0] >= VIPS // 256 - 1
+
+
+def test_let_go_drops_everything_a_piece_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    retired: list[object] = [object() for _ in range(1000)]
+    steps = sum(1 for _ in core._let_go(retired))
+    assert retired == [] and steps == 3  # 256 a piece: 4 pieces, a turn between two
