@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from controller.config.desired_model import PopSpec
+from controller.config.desired_model import DesiredState, PopSpec
 from controller.policy.engine import Engine, compact_report
 from controller.policy.model import PlannerState, PopReport
 from tests.helpers.random_fleet import BASE, POPS, World, random_vip
 
 
-def _fleet() -> tuple[Engine, object, dict[str, PopReport]]:
+def _fleet() -> tuple[Engine, DesiredState, dict[str, PopReport]]:
     rng = random.Random(7)
     vips = tuple(random_vip(i, rng, False) for i in range(8))
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips)
