@@ -35,6 +35,7 @@ from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
 from .app import GUARD, LOOP_LAG, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
+from .inotify import OVERFLOW, Inotify
 from .looplag import LAG_EVERY, LoopLag
 from . import store
 from .core import Controller
@@ -51,6 +52,7 @@ INOTIFY_QUIET_MS = 10  # inotify: events are grouped until none came for this lo
 # gaps between its writes on a loaded machine; the window is for a writer without a lock (an
 # editor's rename, one file). It was 50 ms: 50-100 ms of every commit's latency (watchfiles
 # returns a batch one step after the last step that saw a new event).
+INOTIFY_DEBOUNCE = 1.0  # s: a batch of changes that never goes quiet is handed on after this long
 GIT_LOCK_WAIT = 10.0  # s: the longest index.lock holds a reload back; a lock older and held by no process: none (GitLock)
 RECHECK = 30.0  # look at content and commit this often even without a notification
 TRIM_EVERY = 10.0  # give free heap pages back to the system this often (_release_free_memory)
@@ -133,9 +135,10 @@ class ListenFailed(Exception):
 class Watcher:
     """Reload the desired state when the directory's content or git commit changes.
 
-    A change is noticed by inotify (watchfiles: a maintained Rust ``notify`` binding with
-    debouncing and an asyncio API; asyncinotify would have us walk the tree and follow new
-    directories ourselves), with stat polling as the fallback where inotify is unavailable
+    A change is noticed by inotify (server/inotify.py: the kernel's queue read when the
+    event loop sees its descriptor readable, the tree and new directories followed there;
+    watchfiles, used before, woke every 10 ms to look for changes even when there were
+    none), with stat polling as the fallback where inotify is unavailable
     (no inotify instances or watches left, some container file systems). Between
     notifications ``changed()`` costs nothing; every RECHECK seconds it looks anyway (a
     lost event, a queue overflow). Each successful load is kept in the state directory
@@ -461,7 +464,7 @@ class Watcher:
         if self.use_inotify:
             try:
                 await self._inotify(poke, gd)
-            except (OSError, RuntimeError) as exc:  # watchfiles raises these when inotify cannot start
+            except (OSError, RuntimeError) as exc:  # inotify cannot start (no instances or watches left)
                 log.warning("inotify unavailable for %s (%s): polling stat data every %.1fs instead",
                             self.directory, exc, WATCH)
         await self._poll(poke, gd)
@@ -471,20 +474,53 @@ class Watcher:
         poke.set()
 
     async def _inotify(self, poke: asyncio.Event, gd: str | None) -> None:
+        """Mark and poke after each batch of relevant changes (one that is followed by
+        INOTIFY_QUIET_MS with none, or INOTIFY_DEBOUNCE after its first), once no git command
+        holds the checkout. The kernel's queue is read when its descriptor is readable
+        (server/inotify.py): nothing wakes the loop while nothing changes."""
         top = os.path.realpath(self.directory)
-        paths = [top]
-        if gd:  # (a linked worktree's git directory is in the repository's, its branches there too)
-            for d in sorted({os.path.realpath(gd), os.path.realpath(common_dir(gd))}, key=len):
-                if not any(d == p or d.startswith(p + os.sep) for p in paths):
-                    paths.append(d)
-        self.notifier = "inotify"
-        self._git_lock()
-        self._mark(poke)  # anything between load() and the watch being set up
-        async for _ in watchfiles.awatch(*paths, watch_filter=_Relevant(top, gd), debounce=1000,
-                                         step=INOTIFY_QUIET_MS, force_polling=False):
-            self.batch_at = time.time()
-            await self.git_lock.settled()
-            self._mark(poke)
+        relevant = _Relevant(top, gd)
+        ino = Inotify()
+        try:
+            # The config tree without its hidden directories (a checkout's .git among them:
+            # none of their files is relevant), and of git what a commit, checkout or reset
+            # moves: the git directory itself (HEAD, index, packed-refs) and its refs, for
+            # a linked worktree also the common directory's.
+            ino.add(top, prune=lambda path: os.path.basename(path).startswith("."))
+            if gd:
+                for d in sorted({os.path.realpath(gd), os.path.realpath(common_dir(gd))}, key=len):
+                    ino.add(d, recursive=False)
+                    if os.path.isdir(os.path.join(d, "refs")):
+                        ino.add(os.path.join(d, "refs"))
+        except OSError:
+            ino.close()
+            raise
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(ino.fd, ready.set)
+        try:
+            self.notifier = "inotify"
+            self._git_lock()
+            self._mark(poke)  # anything between load() and the watch being set up
+            while True:
+                await ready.wait()
+                ready.clear()
+                if not any(c is OVERFLOW or relevant(*c) for c in ino.read()):
+                    continue
+                first = time.monotonic()
+                while time.monotonic() - first < INOTIFY_DEBOUNCE:
+                    try:
+                        await asyncio.wait_for(ready.wait(), INOTIFY_QUIET_MS / 1000)
+                    except TimeoutError:
+                        break  # quiet for the window: the batch is whole
+                    ready.clear()
+                    ino.read()
+                self.batch_at = time.time()
+                await self.git_lock.settled()
+                self._mark(poke)
+        finally:
+            loop.remove_reader(ino.fd)
+            ino.close()
 
     async def _poll(self, poke: asyncio.Event, gd: str | None) -> None:
         self.notifier = "stat-polling"
@@ -797,8 +833,6 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     if mhost_port and own_registry:
         log.info("metrics on http://%s:%d/metrics", *mhost_port)
 
-    if lag is not None:
-        lag.start(loop)  # (stopped in the finally below)
     stop = stop or asyncio.Event()
     reload_now = reload or asyncio.Event()
     poke = asyncio.Event()  # the config files may have changed: look now, not at the next tick
@@ -813,6 +847,8 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
     trimmed = time.monotonic()
     settling: asyncio.Future[None] | None = None  # Watcher.settle() after an unsettled reload, then a poke
     try:
+        if lag is not None:
+            lag.start(loop)  # (inside the try: stopped in its finally whatever raises from here on)
         while not stop.is_set():
             planned = False
             if reload_now.is_set() or (watcher.pending() and (settling is None or settling.done())):

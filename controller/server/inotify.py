@@ -1,0 +1,147 @@
+"""Linux inotify on a file descriptor the event loop waits on: no wake-up while nothing changes.
+
+The watcher (server/daemon.py, ``Watcher._inotify``) used watchfiles' ``awatch``: its Rust
+loop sleeps ``step`` (10 ms) and takes the GIL after each sleep to look for changes, so an
+idle controller woke 100 times a second for it (~0.27 % of a core at 10,000 VIPs, results
+3ad). Here the kernel's queue is read when the loop's selector says the descriptor is
+readable: nothing runs between changes. Directory trees are watched recursively by hand
+(a watch per directory; a directory created or moved in is watched at once and the files
+already in it are reported as added); a queue overflow is reported as such (the watcher
+then looks at everything). OSError when inotify cannot start (no instances or watches left,
+no inotify): the watcher falls back to stat polling.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+import watchfiles
+
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        | IN_DELETE_SELF | IN_MOVE_SELF)
+_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+OVERFLOW = (watchfiles.Change.modified, "")  # the kernel dropped events: look at everything
+
+
+def _libc() -> ctypes.CDLL:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.inotify_init1  # noqa: B018 - (AttributeError where the C library has none)
+    except (OSError, AttributeError) as exc:
+        raise OSError(errno.ENOSYS, f"no inotify in the C library ({exc})") from None
+    return libc
+
+
+class Inotify:
+    """One inotify instance (``fd``, non-blocking). ``add(path, recursive, prune)`` watches a
+    directory (and, ``recursive``, the directories under it, except those ``prune`` refuses);
+    ``read()`` returns what changed since the last read: (watchfiles.Change, path) pairs, or
+    OVERFLOW among them. ``close()`` frees it."""
+
+    def __init__(self) -> None:
+        self._c = _libc()
+        fd = self._c.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
+        self.fd: int = fd
+        self._dirs: dict[int, tuple[str, bool, Callable[[str], bool] | None]] = {}  # wd -> (path, recursive, prune)
+
+    def add(self, path: str, recursive: bool = True, prune: Callable[[str], bool] | None = None) -> list[str]:
+        """Watch the directory ``path`` (and its subdirectories if ``recursive``, but not those
+        for which ``prune(path)`` is true); the files found in the directories newly watched
+        (for a directory that appeared: what was put in it before its watch)."""
+        files: list[str] = []
+        stack = [path]
+        while stack:
+            d = stack.pop()
+            wd = self._c.inotify_add_watch(self.fd, os.fsencode(d), MASK | IN_ONLYDIR)
+            if wd < 0:
+                e = ctypes.get_errno()
+                if e in (errno.ENOENT, errno.ENOTDIR) and d != path:
+                    continue  # (gone meanwhile)
+                raise OSError(e, f"inotify_add_watch {d}: {os.strerror(e)}")
+            self._dirs[wd] = (d, recursive, prune)
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not is_dir:
+                    files.append(entry.path)
+                elif recursive and not (prune is not None and prune(entry.path)):
+                    stack.append(entry.path)
+        return files
+
+    def read(self) -> list[tuple[watchfiles.Change, str]]:
+        """The changes queued (none if nothing is: the descriptor is non-blocking)."""
+        out: list[tuple[watchfiles.Change, str]] = []
+        for wd, mask, name in self._events():
+            if mask & IN_Q_OVERFLOW:
+                out.append(OVERFLOW)
+                continue
+            watched = self._dirs.get(wd)
+            if mask & IN_IGNORED:
+                self._dirs.pop(wd, None)
+                continue
+            if watched is None:
+                continue
+            d, recursive, prune = watched
+            path = os.path.join(d, name) if name else d
+            if mask & (IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF):
+                out.append((watchfiles.Change.deleted, path))
+            elif mask & (IN_CREATE | IN_MOVED_TO):
+                out.append((watchfiles.Change.added, path))
+                if mask & IN_ISDIR and recursive and not (prune is not None and prune(path)):
+                    try:
+                        out.extend((watchfiles.Change.added, f) for f in self.add(path, True, prune))
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                            out.append(OVERFLOW)  # (out of watches: what it holds is looked at, not watched)
+            else:
+                out.append((watchfiles.Change.modified, path))
+        return out
+
+    def _events(self) -> Iterator[tuple[int, int, str]]:
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            at = 0
+            while at + _HEADER.size <= len(buf):
+                wd, mask, _cookie, size = _HEADER.unpack_from(buf, at)
+                at += _HEADER.size
+                name = os.fsdecode(buf[at:at + size].rstrip(b"\0"))
+                at += size
+                yield wd, mask, name
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
