@@ -936,7 +936,7 @@ class _PlainHttpCheck(Check):
                     if self._reused and self._again():
                         return
                     self._parse(True)
-                    if self._sock is not None:
+                    if self._sock is mine:
                         raise AssertionError("the response parser neither finished nor failed at EOF")
                     return
                 self._buf += data
@@ -974,8 +974,9 @@ class _PlainHttpCheck(Check):
 
     def _parse(self, eof: bool) -> None:
         """Consume what arrived; finish the check once the response is judged. At EOF every
-        state either finishes or raises."""
-        while self._sock is not None:
+        state either finishes or raises (or hands the check to a fresh connection, _again)."""
+        sock = self._sock
+        while sock is not None and self._sock is sock:
             state = self._state
             if state == _STATUS or state == _HEADER or state == _CHUNK_SIZE:
                 line = self._line(eof)
