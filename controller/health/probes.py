@@ -26,8 +26,13 @@ writes to is dropped at once (an idle timeout is routine; a crash is the watch's
 ``health.watch``, and the next check's). A check that finds its kept connection closed by
 the server before any byte of the answer (EOF, a reset, a broken pipe, sending or waiting)
 runs once more on a fresh connection within the same deadline; only that attempt's verdict
-counts. A kept connection that stays silent is a timeout, as a fresh one would be. HTTPS
-checks always connect afresh.
+counts. So does a check answered ``408 Request Timeout`` on a kept connection: the server's
+idle timeout raced the request (a 408 on a fresh connection is the verdict, as any other
+status). A kept connection that stays silent is a timeout, as a fresh one would be. HTTPS
+checks always connect afresh. Kept connections have a budget of file descriptors below the
+open-file limit (``Poller.kept_budget``, set by the scheduler): past it a check's connection
+closes as without reuse (counted, logged once), and a check that finds no descriptor free
+closes idle kept connections first, so no check fails for descriptors the checker holds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import asyncio
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
@@ -45,10 +51,11 @@ import string
 import struct
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
+
+log = logging.getLogger("controller.health")
 
 KINDS: Final = ("tcp", "http", "https")
 MAX_BODY: Final = 64 * 1024  # enough for any sane health page; bounds memory per probe
@@ -391,8 +398,9 @@ class Poller:
     never gets its predecessor's event.
     """
 
-    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_idle", "_live", "_timer", "_timer_at", "_transient", "batch",
-                 "kept_retried", "kept_used", "loop")
+    __slots__ = ("_checks", "_deadlines", "_ep", "_epfd", "_idle", "_live", "_timer", "_timer_at", "_transient",
+                 "_warned_budget", "batch", "kept_budget", "kept_evicted", "kept_over_budget", "kept_retried",
+                 "kept_retried_408", "kept_used", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, transient: bool = False) -> None:
         self.loop = loop
@@ -403,8 +411,20 @@ class Poller:
         self._idle: dict[str, _Kept] = {}  # kept connections between checks, by their plan's key (the spec's value)
         self._live: set[str] | None = None  # the keys of the scheduler's checks at its last retain(); None: all
         self.kept_used = 0  # checks that ran on a kept connection
-        self.kept_retried = 0  # of those, checks that found it closed and ran again on a fresh one
-        self._deadlines: dict[float, deque[tuple[float, Check]]] = {}  # by timeout: (when, check), in order
+        self.kept_retried = 0  # of those, checks that found it closed (or got a 408) and ran again on a fresh one
+        self.kept_retried_408 = 0  # of kept_retried: the server answered 408 (its idle timeout) on the kept one
+        # The most kept connections idle at once (None: no limit); the scheduler sets it below
+        # the open-file limit (``kept_budget_for``). Past it a check's connection is closed, as
+        # without reuse: a check must never fail for descriptors the checker itself holds.
+        self.kept_budget: int | None = None
+        self.kept_over_budget = 0  # connections closed instead of kept: the budget was full
+        self.kept_evicted = 0  # idle kept connections closed to give a check a descriptor (EMFILE)
+        self._warned_budget = False
+        # By timeout value: the checks waiting for that deadline, in start order (a dict as an
+        # ordered set: a check leaves it when it ends, so a finished check is not kept alive
+        # until its deadline, as a FIFO of (when, check) did: ~10,000 objects a second that
+        # lived long enough to reach the collector's older generations).
+        self._deadlines: dict[float, dict[Check, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self.batch = 0
@@ -432,15 +452,42 @@ class Poller:
         self._ep.register(fd, _EVENTS)
         self._checks[fd] = check
 
-    def park(self, plan: _PlainHttpPlan, sock: _socket.socket, fd: int, uses: int) -> None:
-        """Keep a check's connection (still in the set) for the plan's next check."""
+    def park(self, plan: _PlainHttpPlan, sock: _socket.socket, fd: int, uses: int, kept: _Kept | None) -> None:
+        """Keep a check's connection (still in the set) for the plan's next check; ``kept``:
+        the connection's holder from its last idle spell, used again (one per connection, not
+        one per check)."""
         if plan.key in self._idle or self._transient or (self._live is not None and plan.key not in self._live):
             # (one per spec is enough: two groups of one spec; a check that ended after its
             # spec left the scheduler keeps nothing: no later check would take it)
             self._checks.pop(fd, None)
             sock.close()
             return
-        self._checks[fd] = self._idle[plan.key] = _Kept(self, plan, sock, fd, uses)
+        budget = self.kept_budget
+        if budget is not None and len(self._idle) >= budget:
+            self.kept_over_budget += 1
+            if not self._warned_budget:
+                self._warned_budget = True
+                log.warning("kept HTTP connections (check.reuse_connection) reached their budget of %d file "
+                            "descriptors (below the open-file limit): checks past it connect afresh each time "
+                            "(anycast_check_kept_over_budget counts them)", budget)
+            self._checks.pop(fd, None)
+            sock.close()
+            return
+        if kept is None:
+            kept = _Kept(self, plan, sock, fd, uses)
+        else:
+            kept.sock, kept.fd, kept.uses, kept._batch = sock, fd, uses, self.batch
+        self._checks[fd] = self._idle[plan.key] = kept
+
+    def evict(self) -> bool:
+        """Out of file descriptors: close the idle kept connections, oldest first, up to 16
+        (or all), for a check that needs a socket. False: none was idle."""
+        if not self._idle:
+            return False
+        for kept in list(self._idle.values())[:16]:
+            kept.cancel()
+            self.kept_evicted += 1
+        return True
 
     def take(self, plan: _PlainHttpPlan) -> _Kept | None:
         """The plan's kept connection, if one waits; it leaves the idle set (the caller
@@ -470,12 +517,14 @@ class Poller:
         self._checks.pop(fd, None)
 
     def deadline(self, check: Check, timeout: float) -> None:
-        """Call ``check._on_timeout()`` after ``timeout`` seconds, unless it is over by then."""
+        """Call ``check._on_timeout()`` after ``timeout`` seconds, unless it is over by then
+        (``Check.cancel`` takes it out)."""
         when = self.loop.time() + timeout
         queue = self._deadlines.get(timeout)
         if queue is None:
-            queue = self._deadlines[timeout] = deque()
-        queue.append((when, check))  # one timeout value, start order: deadlines in order
+            queue = self._deadlines[timeout] = {}
+        queue[check] = when  # one timeout value, start order: deadlines in order
+        check._deadline = queue
         if when < self._timer_at:
             self._arm(when)
 
@@ -492,15 +541,13 @@ class Poller:
         soonest = float("inf")
         for queue in list(self._deadlines.values()):
             while queue:
-                when, check = queue[0]
-                if check._done is None:  # over already (reported or cancelled)
-                    queue.popleft()
-                elif when > now:
+                check, when = next(iter(queue.items()))  # the oldest still running
+                if when > now:
                     soonest = min(soonest, when)
                     break
-                else:
-                    queue.popleft()
-                    check._on_timeout()
+                del queue[check]
+                check._deadline = None
+                check._on_timeout()
         if soonest < self._timer_at and self._epfd >= 0:
             self._arm(soonest)
 
@@ -578,7 +625,7 @@ class Check:
     then is SO_ERROR read) or succeeded (OUT).
     """
 
-    __slots__ = ("_address", "_batch", "_done", "_fd", "_poller", "_sock", "_started", "building")
+    __slots__ = ("_address", "_batch", "_deadline", "_done", "_fd", "_poller", "_sock", "_started", "building")
 
     def __init__(self, done: Done, timeout: float, address: object, poller: Poller) -> None:
         self._poller = poller
@@ -589,12 +636,21 @@ class Check:
         self.building = True  # within the constructor: a result waits for the loop's next pass
         self._sock: _socket.socket | None = None
         self._fd = -1
+        self._deadline: dict[Check, float] | None = None  # the poller's queue this check waits in
         poller.deadline(self, timeout)
 
     def _open(self, family: int) -> _socket.socket:
         # The C socket: socket.socket's Python __init__ and close() cost more than their
         # system calls at thousands of checks a second, and add nothing here.
-        sock = self._sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            # Out of descriptors while kept connections sit idle: theirs first, the check
+            # must not fail for what the checker itself holds.
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._poller.evict():
+                raise
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self._sock = sock
         self._fd = sock.fileno()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         return sock
@@ -645,6 +701,10 @@ class Check:
 
     def cancel(self) -> None:
         self._done = None
+        queue = self._deadline
+        if queue is not None:
+            self._deadline = None
+            queue.pop(self, None)
         sock = self._sock
         if sock is not None:
             self._sock = None
@@ -707,8 +767,8 @@ class _TcpCheck(Check):
 class _PlainHttpCheck(Check):
     """One plain HTTP check, driven by event-loop callbacks (see ``Check``)."""
 
-    __slots__ = ("_body", "_buf", "_chunk", "_close", "_http11", "_length", "_need", "_plan", "_pos", "_reused",
-                 "_scan", "_size", "_stage", "_state", "_status", "_te", "_unsent", "_uses")
+    __slots__ = ("_body", "_buf", "_chunk", "_close", "_http11", "_kept", "_length", "_need", "_plan", "_pos",
+                 "_reused", "_scan", "_size", "_stage", "_state", "_status", "_te", "_unsent", "_uses")
 
     def __init__(self, plan: _PlainHttpPlan, done: Done, poller: Poller) -> None:
         super().__init__(done, plan.timeout, plan.address, poller)
@@ -729,6 +789,7 @@ class _PlainHttpCheck(Check):
         self._http11 = False  # the answer is HTTP/1.1 and
         self._close = False  # says "Connection: close" (read only when keeping connections)
         self._reused = False  # this attempt runs on a kept connection (a fresh one: False)
+        self._kept: _Kept | None = None  # that connection's idle holder, parked again if it stays usable
         self._uses = 1  # checks the connection has served, this one included
         try:
             if not (plan.reuse and self._adopt()):
@@ -768,21 +829,31 @@ class _PlainHttpCheck(Check):
         poller.adopt(self, kept.fd)
         poller.kept_used += 1
         self._reused = True
+        self._kept = kept
         self._uses = kept.uses + 1
         self._stage = _SENDING
         self._unsent = self._plan.request
         self._send()
         return True
 
-    def _again(self) -> bool:
+    def _again(self, timed_out: bool = False) -> bool:
         """The kept connection was closed by the server before any of the answer came (it
-        timed out the idle connection as we sent): run once more on a fresh connection,
-        within the same deadline. False: this attempt was a fresh connection, its failure counts."""
-        if not self._reused or self._buf or self._done is None:
+        timed out the idle connection as we sent), or answered 408 Request Timeout (its idle
+        timeout's answer, raced by our request; ``timed_out``): run once more on a fresh
+        connection, within the same deadline. False: this attempt was a fresh connection, its
+        failure counts."""
+        if not self._reused or (self._buf and not timed_out) or self._done is None:
             return False
         self._reused = False
+        self._kept = None
         self._uses = 1
         self._poller.kept_retried += 1
+        if timed_out:
+            self._poller.kept_retried_408 += 1
+            # The parser starts over: nothing of the 408 carries into the fresh answer.
+            self._buf = bytearray()
+            self._pos = self._scan = self._size = 0
+            self._state = _STATUS
         sock = self._sock
         if sock is not None:
             self._sock = None
@@ -848,10 +919,11 @@ class _PlainHttpCheck(Check):
     def _on_readable(self, mask: int) -> None:
         """Read until the verdict, or until the socket has nothing more for now: a short read
         drained it, unless the peer closed or failed (then the EOF or the error is next)."""
+        mine = self._sock  # a retry on a fresh connection (_again) ends this event's reading
         try:
             while True:
                 sock = self._sock
-                if sock is None:
+                if sock is None or sock is not mine:
                     return
                 try:
                     data = sock.recv(_RECV_SIZE)
@@ -864,7 +936,7 @@ class _PlainHttpCheck(Check):
                     if self._reused and self._again():
                         return
                     self._parse(True)
-                    if self._sock is not None:
+                    if self._sock is mine:
                         raise AssertionError("the response parser neither finished nor failed at EOF")
                     return
                 self._buf += data
@@ -902,8 +974,9 @@ class _PlainHttpCheck(Check):
 
     def _parse(self, eof: bool) -> None:
         """Consume what arrived; finish the check once the response is judged. At EOF every
-        state either finishes or raises."""
-        while self._sock is not None:
+        state either finishes or raises (or hands the check to a fresh connection, _again)."""
+        sock = self._sock
+        while sock is not None and self._sock is sock:
             state = self._state
             if state == _STATUS or state == _HEADER or state == _CHUNK_SIZE:
                 line = self._line(eof)
@@ -978,6 +1051,8 @@ class _PlainHttpCheck(Check):
         if not _is_final(status):
             self._state = _STATUS
             return
+        if status == 408 and self._reused and self._again(timed_out=True):
+            return  # the server's idle timeout, not the check's answer (module docstring)
         expected = self._plan.expect_status
         if status != expected:
             # No need to read a body we will not judge.
@@ -1028,7 +1103,7 @@ class _PlainHttpCheck(Check):
             complete = state == _HEADER and rest == 0
         if complete:
             self._sock = None
-            self._poller.park(self._plan, sock, self._fd, self._uses)
+            self._poller.park(self._plan, sock, self._fd, self._uses, self._kept)
 
     # --- the end --------------------------------------------------------------------------
     def _error(self, exc: OSError, stage: str | None = None) -> None:

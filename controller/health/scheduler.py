@@ -58,6 +58,7 @@ import heapq
 import itertools
 import logging
 import random
+import resource
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -87,6 +88,18 @@ WatcherFactory = Callable[[Callable[[Endpoint, str], None]], Watcher]
 
 MIN_SLEEP = 0.001  # coalesce wake-ups: at most ~1000 loop passes a second, ~1 ms lateness
 LATENESS_SAMPLES = 10_000
+# File descriptors kept connections (check.reuse_connection) leave free beyond the checks in
+# flight and the watch connections: ExaBGP's pipes, the metrics server, logs, the plan client.
+FD_RESERVE = 256
+
+
+def kept_budget_for(max_concurrency: int, watched: int) -> int:
+    """How many kept connections may sit idle: the open-file limit (soft) less a descriptor
+    for each check in flight, each watch connection and ``FD_RESERVE``."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, soft - max_concurrency - watched - FD_RESERVE)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,11 @@ class SchedulerStats:
     confirmations: int = 0  # confirmation probes run
     asked: int = 0  # probes started out of schedule by check_now
     watch: WatchStats | None = None  # the watch pool's own counts
+    kept_idle: int = 0  # kept HTTP connections (reuse_connection) waiting for their next check
+    kept_used: int = 0  # checks that ran on a kept connection
+    kept_retried: int = 0  # of those, run again on a fresh connection (closed by the server, or a 408)
+    kept_over_budget: int = 0  # connections closed, not kept: the descriptor budget was full
+    kept_evicted: int = 0  # idle kept connections closed for a check out of descriptors
 
     def lateness_quantile(self, q: float) -> float:
         """The q-quantile (0..1) of the lateness samples; 0.0 without samples."""
@@ -274,6 +292,7 @@ class CheckScheduler:
         self._watcher.set_endpoints(self._by_endpoint)
         if self._poller is not None:  # kept connections (probes' reuse_connection) of removed checks close
             self._poller.retain(e.target.spec for e in self._entries.values())
+            self._poller.kept_budget = kept_budget_for(self._max_concurrency, len(self._by_endpoint))
         if len(self._heap) > 2 * len(self._entries) + 64:
             # Many removals or reschedules left stale heap items behind; drop them.
             self._heap = [item for item in self._heap if item[2].alive and item[2].seq == item[1]]
@@ -420,6 +439,7 @@ class CheckScheduler:
             poller = self._poller
             if poller is None or poller.closed:
                 poller = self._poller = Poller(asyncio.get_running_loop())
+                poller.kept_budget = kept_budget_for(self._max_concurrency, len(self._by_endpoint))
             if entry.on_done is None:
                 entry.on_done = functools.partial(self._checked, entry)
             check = self._start(entry.target.spec, entry.on_done, poller)
@@ -547,4 +567,12 @@ class CheckScheduler:
             watch_losses=self._watch_losses, confirmations=self._confirmations,
             asked=self._asked,
             watch=self._watcher.stats(),
+            **self._kept_stats(),
         )
+
+    def _kept_stats(self) -> dict[str, int]:
+        p = self._poller
+        if p is None:
+            return {}
+        return {"kept_idle": p.idle, "kept_used": p.kept_used, "kept_retried": p.kept_retried,
+                "kept_over_budget": p.kept_over_budget, "kept_evicted": p.kept_evicted}

@@ -215,6 +215,16 @@ def _check_families(checks: SchedulerStats | None) -> Iterator[GaugeMetricFamily
                               value=watch.connect_failures if watch else 0)
     yield CounterMetricFamily("anycast_check_confirmations", "Confirmation probes run after a watch loss "
                               "(up to fall each, back to back).", value=checks.confirmations if checks else 0)
+    yield GaugeMetricFamily("anycast_check_kept_connections", "Kept HTTP connections (check.reuse_connection) "
+                            "idle between checks.", value=checks.kept_idle if checks else 0)
+    yield CounterMetricFamily("anycast_check_kept_retried", "Checks on a kept connection run again on a fresh one "
+                              "(the server closed it, or answered 408, as the request came).",
+                              value=checks.kept_retried if checks else 0)
+    yield CounterMetricFamily("anycast_check_kept_over_budget", "Check connections closed instead of kept: the kept "
+                              "connections' file-descriptor budget (below the open-file limit) was full.",
+                              value=checks.kept_over_budget if checks else 0)
+    yield CounterMetricFamily("anycast_check_kept_evicted", "Idle kept connections closed to give a check a file "
+                              "descriptor (the process was out of them).", value=checks.kept_evicted if checks else 0)
 
 
 class AgentMetrics:

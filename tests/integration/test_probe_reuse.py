@@ -1,17 +1,24 @@
 """HTTP checks on a kept connection (``reuse_connection``): real sockets on loopback, a small
-asyncio HTTP server that counts connections and requests and misbehaves on cue."""
+asyncio HTTP server that counts connections and requests and misbehaves on cue; for the
+open-file limit a server in a process of its own, whose descriptors do not count against
+the checker's."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 import struct
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
 from controller.health.probes import Poller, ProbeResult, ProbeSpec, start
+from controller.health.scheduler import FD_RESERVE, CheckScheduler, Target, kept_budget_for
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nok\n\r\n0\r\n\r\n"
@@ -300,3 +307,210 @@ def test_a_new_plan_with_the_same_check_keeps_its_connection_and_a_changed_one_c
     assert changed == [2, 1]  # the changed check on a fresh connection
     assert idle_after == 0  # the in-flight check of the spec that left kept nothing
     assert after[-1] == 1  # the new spec's check on a fresh connection of its own
+
+
+# --- the open-file limit, the server's 408, real failures with reuse on ----------------------
+
+# A keep-alive server that answers every request 200 and keeps the connection.
+SERVER = r"""
+import asyncio, sys
+async def handle(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+async def main():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    s = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+    print(s.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def far_server() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class _Limit:
+    """The soft open-file limit set to ``open now + room`` for the test, then restored."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __enter__(self) -> int:
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft = _open_fds() + self.room
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, self.saved[1]))
+        return soft
+
+    def __exit__(self, *exc: object) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+
+
+class _NoWatch:
+    """No watch connections (and none of the watch pool's raising of the soft limit)."""
+
+    def set_endpoints(self, endpoints: object) -> None: ...
+    def probe_succeeded(self, endpoint: object) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def stats(self) -> None: ...
+
+
+def _specs(port: int, n: int) -> list[ProbeSpec]:
+    """n checks of one server that differ by path: each keeps a connection of its own."""
+    return [ProbeSpec(kind="http", host="127.0.0.1", port=port, timeout=5.0, path=f"/health/{i}",
+                      reuse_connection=True) for i in range(n)]
+
+
+def test_kept_connections_stay_within_their_budget_under_the_open_file_limit(far_server: int) -> None:
+    """More reusing checks than the open-file limit allows kept connections for: the ones
+    past the budget connect afresh, every check passes (on the code before, the kept
+    connections took every descriptor and checks failed 'Too many open files')."""
+    results: dict[int, list[ProbeResult]] = {}
+
+    def on_result(key: object, result: ProbeResult, _at: float) -> None:
+        results.setdefault(key, []).append(result)  # type: ignore[arg-type]
+
+    async def main() -> tuple[int, object]:
+        s = CheckScheduler(on_result, max_concurrency=20, first_window=0.2,
+                           watcher_factory=lambda _loss: _NoWatch())  # type: ignore[arg-type,return-value]
+        specs = _specs(far_server, 400)
+        s.set_targets([Target(key=i, spec=sp, interval=0.3) for i, sp in enumerate(specs)])
+        runner = asyncio.create_task(s.run())
+        try:
+            while min((len(results.get(i, ())) for i in range(400)), default=0) < 3:
+                await asyncio.sleep(0.05)
+            return kept_budget_for(20, 0), s.stats(lateness=False)
+        finally:
+            s.stop()
+            await runner
+
+    with _Limit(FD_RESERVE + 20 + 60) as soft:
+        budget, stats = run(main())  # type: ignore[misc]
+    assert budget == soft - 20 - FD_RESERVE
+    bad = [r.detail for rs in results.values() for r in rs if not r.ok]
+    assert bad == []
+    assert stats.kept_over_budget > 0  # type: ignore[attr-defined]
+    assert 0 < stats.kept_idle <= budget  # type: ignore[attr-defined]
+
+
+def test_a_check_out_of_descriptors_closes_idle_kept_connections_first(far_server: int) -> None:
+    """No budget set (a poller of a caller's own): the kept connections exhaust the limit,
+    and the next check that needs a socket closes idle ones rather than failing."""
+    async def main() -> tuple[list[ProbeResult], Poller]:
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            return [await check(sp, poller) for sp in _specs(far_server, 60)], poller
+        finally:
+            poller.close()
+
+    with _Limit(25):
+        results, poller = run(main())  # type: ignore[misc]
+    assert [r.detail for r in results if not r.ok] == []
+    assert poller.kept_evicted > 0
+
+
+TIMEOUT_408 = "answer+close:HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+ERROR_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"
+
+
+def _plan_408(then: bytes | str) -> Callable[[int, int], bytes | str]:
+    """Connection 1: 200, then a 408 as the server's idle timeout strikes; later connections: ``then``."""
+    return lambda c, r: (OK if r == 1 else TIMEOUT_408) if c == 1 else then
+
+
+def test_a_408_on_a_kept_connection_is_retried_on_a_fresh_one_and_not_a_failure() -> None:
+    async def main() -> tuple[list[ProbeResult], list[int], Poller]:
+        srv = await serve(_plan_408(OK))
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            results = [await check(spec(srv.port), poller) for _ in range(3)]
+        finally:
+            poller.close()
+        return results, srv.requests, poller
+
+    results, requests, poller = run(main())  # type: ignore[misc]
+    assert [r.detail for r in results] == ["HTTP 200"] * 3  # the code before: "HTTP 408 (expected 200)"
+    assert requests == [2, 2]  # the 408'd request went again, on connection 2, which stays
+    assert (poller.kept_retried, poller.kept_retried_408) == (1, 1)
+
+
+@pytest.mark.parametrize(("then", "detail"), [
+    (ERROR_500, "HTTP 500 (expected 200)"),
+    (TIMEOUT_408, "HTTP 408 (expected 200)"),
+], ids=["500", "408-again"])
+def test_after_a_408_on_a_kept_connection_the_fresh_answer_is_the_verdict(then: bytes | str, detail: str) -> None:
+    async def main() -> list[ProbeResult]:
+        srv = await serve(_plan_408(then))
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            return [await check(spec(srv.port), poller) for _ in range(2)]
+        finally:
+            poller.close()
+
+    results = run(main())
+    assert [(r.ok, r.detail) for r in results] == [(True, "HTTP 200"), (False, detail)]  # type: ignore[attr-defined]
+
+
+def test_a_408_on_a_fresh_connection_is_a_failure() -> None:
+    async def main() -> tuple[ProbeResult, list[int]]:
+        srv = await serve(lambda c, r: TIMEOUT_408)
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            return await check(spec(srv.port), poller), srv.requests
+        finally:
+            poller.close()
+
+    result, requests = run(main())  # type: ignore[misc]
+    assert (result.ok, result.detail) == (False, "HTTP 408 (expected 200)")
+    assert requests == [1]  # no second attempt
+
+
+@pytest.mark.parametrize("failure", ["refused", "500", "timeout"])
+def test_a_real_failure_with_reuse_on_is_down_check_after_check(failure: str) -> None:
+    """With kept connections on, a backend that fails fails every check: the kept
+    connection neither hides it nor delays it (safety: a false UP is worse than a false DOWN)."""
+    broken = {"on": False}
+
+    def plan(c: int, r: int) -> bytes | str:
+        if not broken["on"]:
+            return OK
+        return {"refused": "stop", "500": ERROR_500, "timeout": "silent"}[failure]
+
+    async def main() -> list[ProbeResult]:
+        srv = await serve(plan)
+        poller = Poller(asyncio.get_running_loop())
+        try:
+            results = [await check(spec(srv.port, timeout=0.5), poller)]
+            broken["on"] = True
+            for _ in range(3):
+                results.append(await check(spec(srv.port, timeout=0.5), poller))
+                await asyncio.sleep(0)
+            return results
+        finally:
+            poller.close()
+
+    results = run(main())
+    assert results[0].ok  # type: ignore[index]
+    details = {"refused": "connect refused", "500": "HTTP 500 (expected 200)",
+               "timeout": "timeout after 0.50s waiting for the response"}
+    assert [(r.ok, r.detail) for r in results[1:]] == [(False, details[failure])] * 3  # type: ignore[index]
