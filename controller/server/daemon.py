@@ -23,8 +23,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import watchfiles
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -35,7 +33,7 @@ from ..metrics.central import ControllerMetrics
 from ..sdnotify import Notifier
 from .app import GUARD, LOOP_LAG, SIGNER, TRANSPORT, Handler, make_app
 from .guard import ConnectionGuard, RateLimitedLoopErrors, bounded_by_descriptors, is_accept_error
-from .inotify import OVERFLOW, Inotify
+from .inotify import OVERFLOW, Change, Inotify
 from .looplag import LAG_EVERY, LoopLag
 from . import store
 from .core import Controller
@@ -699,7 +697,7 @@ class _Relevant:
         self.git = os.path.realpath(gd) if gd else None
         self.common = os.path.realpath(common_dir(gd)) if gd else None  # (a linked worktree's branches)
 
-    def __call__(self, change: watchfiles.Change, path: str) -> bool:
+    def __call__(self, change: Change, path: str) -> bool:
         if self.git and (path == self.git or path.startswith(self.git + os.sep)):
             rel = os.path.relpath(path, self.git)
             return rel in ("HEAD", "index", "packed-refs") or rel.startswith("refs" + os.sep)
@@ -711,7 +709,7 @@ class _Relevant:
             return False
         parts = rel.split(os.sep)
         return not any(p.startswith(".") for p in parts) and (parts[-1].endswith((".yaml", ".yml"))
-                                                             or change == watchfiles.Change.deleted)
+                                                             or change == Change.deleted)
 
 
 class Gate(Protocol):

@@ -9,18 +9,31 @@ readable: nothing runs between changes. Directory trees are watched recursively 
 already in it are reported as added); a queue overflow is reported as such (the watcher
 then looks at everything). OSError when inotify cannot start (no instances or watches left,
 no inotify): the watcher falls back to stat polling.
+
+Why not a library (our rule: a well-kept library where it does the job better). watchfiles
+polls (above); we keep no dependency on it (``Change`` below is ours). asyncinotify (pure
+ctypes, no dependencies; 4.4.4 read, the latest release in 2026-04) reads on the loop's
+readiness (``add_reader``), shows ``Q_OVERFLOW`` as an event, and is typed, but: in 4.4.4
+``InitFlags.NONBLOCK`` is ``getattr(os, 'O_CLOEXEC', 0)`` (the wrong constant: an alias of
+CLOEXEC), so its default descriptor blocks, and draining the queue to empty, as ``read()``
+does, would block the event loop (health, BGP, the API) until the next change; where the C
+library has no inotify it raises RuntimeError at import, not when started; a directory
+moved inside the tree keeps its old ``Watch.path`` (the same wd comes back from
+``add_watch`` with the first path); and its recursion (``RecursiveInotify``) neither prunes
+nor reports the files put in a new directory before its watch. Using it would replace the
+~40 lines below that load libc and unpack ``struct inotify_event`` with workarounds for
+those, a pin, and an MPL-2.0 dependency: not better, so the syscalls stay here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import enum
 import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
-
-import watchfiles
 
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -41,7 +54,16 @@ MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | I
         | IN_DELETE_SELF | IN_MOVE_SELF)
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
-OVERFLOW = (watchfiles.Change.modified, "")  # the kernel dropped events: look at everything
+
+class Change(enum.Enum):
+    """What happened to a path (the watcher's filter, ``daemon._Relevant``, reads it)."""
+
+    added = "added"  # created or moved in (a directory: and each file already in it)
+    modified = "modified"  # written, closed after writing, or its metadata changed
+    deleted = "deleted"  # deleted or moved out (a watched directory: itself)
+
+
+OVERFLOW = (Change.modified, "")  # the kernel dropped events: look at everything
 
 
 def _libc() -> ctypes.CDLL:
@@ -56,7 +78,7 @@ def _libc() -> ctypes.CDLL:
 class Inotify:
     """One inotify instance (``fd``, non-blocking). ``add(path, recursive, prune)`` watches a
     directory (and, ``recursive``, the directories under it, except those ``prune`` refuses);
-    ``read()`` returns what changed since the last read: (watchfiles.Change, path) pairs, or
+    ``read()`` returns what changed since the last read: (Change, path) pairs, or
     OVERFLOW among them. ``close()`` frees it."""
 
     def __init__(self) -> None:
@@ -98,9 +120,9 @@ class Inotify:
                     stack.append(entry.path)
         return files
 
-    def read(self) -> list[tuple[watchfiles.Change, str]]:
+    def read(self) -> list[tuple[Change, str]]:
         """The changes queued (none if nothing is: the descriptor is non-blocking)."""
-        out: list[tuple[watchfiles.Change, str]] = []
+        out: list[tuple[Change, str]] = []
         for wd, mask, name in self._events():
             if mask & IN_Q_OVERFLOW:
                 out.append(OVERFLOW)
@@ -114,17 +136,17 @@ class Inotify:
             d, recursive, prune = watched
             path = os.path.join(d, name) if name else d
             if mask & (IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF):
-                out.append((watchfiles.Change.deleted, path))
+                out.append((Change.deleted, path))
             elif mask & (IN_CREATE | IN_MOVED_TO):
-                out.append((watchfiles.Change.added, path))
+                out.append((Change.added, path))
                 if mask & IN_ISDIR and recursive and not (prune is not None and prune(path)):
                     try:
-                        out.extend((watchfiles.Change.added, f) for f in self.add(path, True, prune))
+                        out.extend((Change.added, f) for f in self.add(path, True, prune))
                     except OSError as exc:
                         if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                             out.append(OVERFLOW)  # (out of watches: what it holds is looked at, not watched)
             else:
-                out.append((watchfiles.Change.modified, path))
+                out.append((Change.modified, path))
         return out
 
     def _events(self) -> Iterator[tuple[int, int, str]]:

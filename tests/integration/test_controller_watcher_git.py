@@ -322,7 +322,7 @@ def test_a_linked_worktree_s_branch_moving_is_noticed(tmp_path: Path) -> None:
         git(linked, "reset", "-q", "--soft", "HEAD~1")  # the branch moves, index and files do not
         assert watcher._stat_signature() != before
         assert daemon._Relevant(os.path.realpath(linked), daemon.git_dir(str(linked)))(
-            daemon.watchfiles.Change.modified, os.path.realpath(main / ".git" / "refs" / "heads" / "pop"))
+            daemon.Change.modified, os.path.realpath(main / ".git" / "refs" / "heads" / "pop"))
         watcher._checked -= daemon.RECHECK  # the periodic look is due
         assert watcher.changed()
         new = watcher.load()

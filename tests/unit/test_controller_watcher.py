@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from watchfiles import Change
 
 from controller.server.daemon import _Relevant
+from controller.server.inotify import Change
 from tests.helpers.config_dirs import copy, edit
 
 TOP, GIT = "/srv/desired", "/srv/repo/.git"
