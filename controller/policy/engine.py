@@ -702,6 +702,12 @@ class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
     def __len__(self) -> int:
         return sum(len(vp.items) for vp in self._engine.plans.values())
 
+    def compact(self) -> Iterator[tuple[str, PopVipMemory, tuple[str, ...], Mapping[str, PopVipMemory]]]:
+        """Per VIP: its default memory, the POPs it is published at, the POPs with a memory of
+        their own (what the store writes per VIP, not per pair: store.planner_to_json)."""
+        for name, vp in self._engine.plans.items():
+            yield name, vp.default, tuple(vp.items), vp.pop_memory
+
     def items(self) -> Iterator[tuple[tuple[str, str], PopVipMemory]]:  # type: ignore[override]
         for name, vp in self._engine.plans.items():
             memory_at = vp.memory_at
