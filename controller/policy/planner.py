@@ -320,7 +320,9 @@ def _plan_silent(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, d
     stale = _shared(shared, name, default, R.REPORT_STALE)
     _, _, vmem, safety_alarms = _safety(fv, [], fs.reports, reports, routes, vmem, now)  # (no proposal: no hold)
     alarms += safety_alarms
-    items = UniformItems.of(dict.fromkeys(publish, stale))  # (what _finish makes of the silent POPs' items)
+    # (what _finish makes of the silent POPs' items: UniformItems.of, without its walk when no POP repeats)
+    at = dict.fromkeys(publish, stale)
+    items = UniformItems.over(publish, stale) if len(at) == len(publish) else UniformItems.of(at)
     return _result(fv, items, vmem, NEW, {}, note, outcome, alarms, shared, None, fs.reports, drains, now,
                    outcome in _PENDING, routes)
 
