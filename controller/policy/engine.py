@@ -487,7 +487,9 @@ class Engine:
             # STEADY or NEW at every POP (the planner's uniform VIPs): no per-POP memory, and
             # a default that is one of the two (NEW where it was not published)
             steady = not prev.pop_memory and (prev.default is STEADY or prev.default is NEW)
-            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, prev.memory_at, prev.shared, fresh=p.fresh,
+            # (NEW at every POP, those it was not published at included: as a VIP never planned)
+            memory_at = no_memory if steady and prev.default is NEW else prev.memory_at
+            return plan_vip(fv, p.reports, p.drains, p.now, prev.memory, memory_at, prev.shared, fresh=p.fresh,
                             steady=steady)
         boot = self._boot
         if boot is None:
@@ -496,6 +498,8 @@ class Engine:
         # (The pass after a restart: the loaded memories at its POPs looked up in C, compared
         # by identity with the two shared objects the store loads steady pairs as.)
         loaded = set(map(id, map(pop_vips.get, zip(fv.publish, itertools.repeat(name)), itertools.repeat(NEW))))
+        if loaded <= _NEW_ONLY:  # (nothing loaded at its POPs: a first start, or a VIP new since)
+            return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name), no_memory, {}, fresh=p.fresh)
         return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
                         lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh,
                         steady=loaded <= _STEADY_OR_NEW)
@@ -659,6 +663,7 @@ class Engine:
 
 
 _STEADY_OR_NEW = {id(STEADY), id(NEW)}
+_NEW_ONLY = {id(NEW)}
 
 
 def _agree(items: Mapping[str, PlanItem], some: Mapping[str, PlanItem]) -> bool:
@@ -727,6 +732,12 @@ class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
 
     def __len__(self) -> int:
         return sum(len(vp.items) for vp in self._engine.plans.values())
+
+    def compact(self) -> Iterator[tuple[str, PopVipMemory, tuple[str, ...], Mapping[str, PopVipMemory]]]:
+        """Per VIP: its default memory, the POPs it is published at, the POPs with a memory of
+        their own (what the store writes per VIP, not per pair: store.planner_to_json)."""
+        for name, vp in self._engine.plans.items():
+            yield name, vp.default, tuple(vp.items), vp.pop_memory
 
     def items(self) -> Iterator[tuple[tuple[str, str], PopVipMemory]]:  # type: ignore[override]
         for name, vp in self._engine.plans.items():

@@ -42,13 +42,14 @@ import concurrent.futures
 import enum
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -131,10 +132,16 @@ class Changes:
     pop_vips: Mapping[tuple[str, str], PopVipMemory | None] = field(default_factory=dict)
     rollout: Mapping[str, Any] | None = None  # the config change's new state (None: unchanged)
     dials: Mapping[str, Dial | None] = field(default_factory=dict)
+    # VIP -> (its memory at each of these POPs, the POPs): a VIP's memory at many POPs at once
+    # (its default: a cold start's first passes move 30 million pairs from nothing to NEW, then
+    # to STEADY, at 100,000 VIPs x 300 POPs), applied before ``pop_vips``, which then holds the
+    # exceptions (the POPs with a memory of their own, the POPs it left). A tuple of POPs is
+    # shared by the VIPs that have the same one (the journal lists it once per group).
+    pop_defaults: Mapping[str, tuple[PopVipMemory, tuple[str, ...]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.drains or self.generations or self.vips or self.pop_vips or self.rollout is not None
-                    or self.dials)
+                    or self.dials or self.pop_defaults)
 
 
 @dataclass(frozen=True)
@@ -242,11 +249,19 @@ def apply(state: Persisted, c: Changes) -> Persisted:
     generations.update(c.generations)
     vips, pop_vips = dict(state.planner.vips), dict(state.planner.pop_vips)
     _apply_map(vips, c.vips)
+    _apply_defaults(pop_vips, c.pop_defaults)
     _apply_map(pop_vips, c.pop_vips)
     dials = dict(state.dials)
     _apply_map(dials, c.dials)
     return Persisted(drains, generations, PlannerState(vips, pop_vips),
                      c.rollout if c.rollout is not None else state.rollout, dials)
+
+
+def _apply_defaults(pop_vips: dict[tuple[str, str], PopVipMemory],
+                    defaults: Mapping[str, tuple[PopVipMemory, tuple[str, ...]]]) -> None:
+    """Each VIP's memory at each of its POPs (``Changes.pop_defaults``), the pairs made in C."""
+    for vip, (memory, pops) in defaults.items():
+        pop_vips.update(zip(zip(pops, itertools.repeat(vip)), itertools.repeat(memory)))
 
 
 def _apply_map(target: dict[Any, Any], changes: Mapping[Any, Any]) -> None:
@@ -265,7 +280,25 @@ def planner_to_json(state: PlannerState) -> dict[str, Any]:
     steady: dict[str, list[str]] = {}
     unseen: dict[str, list[str]] = {}
     others = []
-    for (pop, vip), m in state.pop_vips.items():
+    doc: dict[str, Any] = {}
+    compact = getattr(state.pop_vips, "compact", None)
+    pairs: Iterable[tuple[tuple[str, str], PopVipMemory]]
+    if compact is not None:
+        # The engine's live memory (engine._PairMemoryView): each VIP's default at its POPs
+        # by group (``defaults``: the VIPs with the same default and POPs), then the POPs
+        # with a memory of their own: per VIP, not per pair (30 million at 100,000 x 300).
+        defaults: dict[str, tuple[PopVipMemory, tuple[str, ...]]] = {}
+        lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+        own: list[tuple[tuple[str, str], PopVipMemory]] = []
+        for vip, default, pops, pop_memory in compact():
+            pops = lists.setdefault(pops, pops)
+            defaults[vip] = (default, pops)
+            own.extend(((pop, vip), m) for pop, m in pop_memory.items())
+        doc["defaults"] = _defaults_to_json(defaults)
+        pairs = own
+    else:
+        pairs = state.pop_vips.items()
+    for (pop, vip), m in pairs:
         if m is STEADY:
             steady.setdefault(pop, []).append(vip)
         elif _is_unseen(m):
@@ -273,7 +306,45 @@ def planner_to_json(state: PlannerState) -> dict[str, Any]:
         else:
             others.append({"pop": pop, "vip": vip, **_pop_vip_to_json(m)})
     return {"vips": {name: _vip_to_json(m) for name, m in state.vips.items()}, "steady": steady, "unseen": unseen,
-            "pop_vips": others}
+            "pop_vips": others, **doc}
+
+
+def _memory_json(m: PopVipMemory) -> str | dict[str, Any]:
+    return "steady" if m is STEADY or m == STEADY else "unseen" if _is_unseen(m) else _pop_vip_to_json(m)
+
+
+def _memory_from_json(v: Any) -> PopVipMemory:
+    if v == "steady":
+        return STEADY
+    if v == "unseen":
+        return _UNSEEN
+    if not isinstance(v, dict):
+        raise ValueError(f"memory {v!r}")
+    return _pop_vip_from_json(v)
+
+
+def _defaults_to_json(defaults: Mapping[str, tuple[PopVipMemory, tuple[str, ...]]]) -> list[dict[str, Any]]:
+    """``Changes.pop_defaults`` as groups: {"memory", "pops", "vips"} per distinct (memory, POPs)."""
+    groups: dict[tuple[int, int], tuple[PopVipMemory, tuple[str, ...], list[str]]] = {}
+    for vip, (memory, pops) in defaults.items():
+        key = (id(memory), id(pops))
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = (memory, pops, [])
+        g[2].append(vip)
+    return [{"memory": _memory_json(m), "pops": list(pops), "vips": vips} for m, pops, vips in groups.values()]
+
+
+def _defaults_from_json(groups: Any) -> dict[str, tuple[PopVipMemory, tuple[str, ...]]]:
+    out: dict[str, tuple[PopVipMemory, tuple[str, ...]]] = {}
+    if not isinstance(groups, list):
+        raise ValueError("defaults: not a list")
+    for g in groups:
+        memory = _memory_from_json(g["memory"])
+        pops = tuple(str(p) for p in g["pops"])
+        for vip in g["vips"]:
+            out[str(vip)] = (memory, pops)
+    return out
 
 
 _UNSEEN = PopVipMemory()
@@ -288,7 +359,9 @@ def _is_unseen(m: PopVipMemory) -> bool:
 def planner_from_json(data: dict[str, Any]) -> PlannerState:
     """Raises KeyError/ValueError/TypeError on a malformed document."""
     vips = {name: _vip_from_json(m) for name, m in data["vips"].items()}
-    pop_vips = {(m["pop"], m["vip"]): _pop_vip_from_json(m) for m in data["pop_vips"]}
+    pop_vips: dict[tuple[str, str], PopVipMemory] = {}
+    _apply_defaults(pop_vips, _defaults_from_json(data.get("defaults", [])))  # (absent before they existed)
+    pop_vips.update({(m["pop"], m["vip"]): _pop_vip_from_json(m) for m in data["pop_vips"]})
     for key, memory in (("steady", STEADY), ("unseen", _UNSEEN)):
         for pop, names in data.get(key, {}).items():  # absent in files written before they existed
             for vip in names:
@@ -417,6 +490,8 @@ def changes_json_steps(c: Changes, seq: int, budget: Budget) -> Generator[None, 
             yield
     doc = {"seq": seq, "drains": dict(c.drains), "generations": dict(c.generations), "vips": vips,
            "pop_vips": others, **grouped, **({"rollout": dict(c.rollout)} if c.rollout is not None else {})}
+    if c.pop_defaults:  # (absent from lines written before them, and without any)
+        doc["defaults"] = _defaults_to_json(c.pop_defaults)
     if c.dials:
         doc["dials"] = {r: None if d is None else _dial_to_json(d) for r, d in c.dials.items()}
     return doc
@@ -433,7 +508,8 @@ def changes_from_json(data: dict[str, Any]) -> Changes:
                    {str(k): int(v) for k, v in data["generations"].items()},
                    {str(k): None if v is None else _vip_from_json(v) for k, v in data["vips"].items()}, pop_vips,
                    dict(data["rollout"]) if isinstance(data.get("rollout"), dict) else None,
-                   {str(r): None if d is None else _dial_from_json(d) for r, d in data.get("dials", {}).items()})
+                   {str(r): None if d is None else _dial_from_json(d) for r, d in data.get("dials", {}).items()},
+                   _defaults_from_json(data.get("defaults", [])))
 
 
 def _framed(body_text: str) -> bytes:

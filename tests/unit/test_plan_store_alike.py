@@ -44,8 +44,8 @@ def _run(seed: int) -> dict[str, int]:
     shared = {name: PlanItem(name, True, "us-west", explanation="healthy") for name in NAMES}
     published = set(NAMES[:30])
     generations: dict[str, list[int]] = {pop: [] for pop in POPS}
-    stats = {"alike": 0, "serves": 0, "kept_older": 0, "ahead": 0}
-    real = PlanStore._serve_alike
+    stats = {"alike": 0, "serves": 0, "kept_older": 0, "ahead": 0, "near": 0}
+    real, real_near = PlanStore._serve_alike, PlanStore._serve_near
     ahead: list[object] = []  # the walks made ahead (walk_ahead)
 
     def counted(self: PlanStore, *args: Any) -> int | None:
@@ -53,7 +53,13 @@ def _run(seed: int) -> dict[str, int]:
         stats["ahead"] += any(args[2] is m for m in ahead)
         return real(self, *args)
 
+    def counted_near(self: PlanStore, *args: Any) -> int | None | bool:
+        served = real_near(self, *args)
+        stats["near"] += served is not False
+        return served
+
     PlanStore._serve_alike = counted  # type: ignore[method-assign]
+    PlanStore._serve_near = counted_near  # type: ignore[method-assign]
     try:
         for step in range(150):
             if rng.random() < 0.2:
@@ -103,6 +109,7 @@ def _run(seed: int) -> dict[str, int]:
                 stats["kept_older"] += not fast.pops[pop].exact
     finally:
         PlanStore._serve_alike = real  # type: ignore[method-assign]
+        PlanStore._serve_near = real_near  # type: ignore[method-assign]
     return stats
 
 
@@ -112,6 +119,14 @@ def test_pops_served_alike_and_warmed_equal_every_pop_walked(seed: int, monkeypa
     stats = _run(seed)
     # The shortcut served many POPs, and POPs whose plans kept older explanations were served too.
     assert stats["alike"] > 50 and stats["kept_older"] > 0 and stats["ahead"] > 5, stats
+
+
+def test_pops_served_from_a_walk_of_a_mapping_a_few_items_apart_equal_every_pop_walked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """POPs whose mapping is another, a few items apart from the walked one (_serve_near),
+    took the walk's outcome and walked only those items: many times over these seeds."""
+    monkeypatch.setattr(plans, "ALIKE_MIN", 1)
+    assert sum(_run(seed)["near"] for seed in range(5, 13)) > 20
 
 
 def test_pops_served_alike_with_a_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:

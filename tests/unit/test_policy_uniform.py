@@ -111,7 +111,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-def _run(seed: int, counts: dict[str, int]) -> dict[str, int]:
+def _run(seed: int, counts: dict[str, int], quiet: int = 0) -> dict[str, int]:
     rng = random.Random(seed)
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS12),
                                   vips=tuple(_vip(i, rng) for i in range(40)))
@@ -126,7 +126,7 @@ def _run(seed: int, counts: dict[str, int]) -> dict[str, int]:
         wake = engine.next_wake()
         now = max(now, wake) if wake is not None and rng.random() < 0.2 else now + rng.choice((0.2, 0.5, 1.0, 2.0))
         world.step(desired)
-        for pop in POPS12:
+        for pop in POPS12 if step >= quiet else ():  # (``quiet``: the first steps hear from no POP)
             if pop not in world.silent and rng.random() < 0.7:
                 report = world.report(pop, desired, now)
                 # (mostly interned, as the controller's reports are: equal verdicts, one object)
@@ -169,3 +169,22 @@ def test_uniform_vips_planned_once_equal_planning_every_pop(seed: int, monkeypat
 def test_uniform_vips_equal_planning_every_pop_with_a_seed_from_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     counts = _counting(monkeypatch)
     with_clock_seed(lambda seed: _run(seed, counts))
+
+
+def test_vips_no_pop_has_reported_about_planned_once_equal_planning_every_pop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first passes after a start with no state, before any report (``_plan_silent``: NEW
+    at every POP, no fresh report), drains and steered or disabled VIPs among them, then the
+    reports: the same as the oracle at every step, and the silent path planned most VIPs of
+    the quiet steps."""
+    counts = _counting(monkeypatch)
+    silent = {"planned": 0}
+    real: Callable[..., VipPlan | None] = planner._plan_silent
+
+    def counted(*args: object) -> VipPlan | None:
+        vp = real(*args)
+        silent["planned"] += vp is not None
+        return vp
+    monkeypatch.setattr(planner, "_plan_silent", counted)
+    for seed in (11, 12, 13):
+        _run(seed, counts, quiet=30)
+    assert silent["planned"] > 3 * 30, silent
