@@ -5,6 +5,7 @@ it touched again; a GET after a change gets the new body."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gzip
 import json
@@ -159,3 +160,37 @@ def test_random_plans_gzip_to_full_bodys_json(seed: int) -> None:
             store.serve(pop, mine, specs, "rev", pp.generation if pp else 0)
             if rng.random() < 0.5:
                 assert gunzip_strict(bytes(store.answer(pop, None)[0])) == one_compressor(store, pop), seed
+
+
+class CountingView(collections.ChainMap):  # type: ignore[type-arg]
+    """A held POP's spec view (the controller's ChainMap of the base's few definitions over
+    the spec dict), counting its lookups."""
+
+    lookups = 0
+
+    def __getitem__(self, key: str) -> Any:
+        CountingView.lookups += 1
+        return super().__getitem__(key)
+
+
+def test_a_held_pop_served_after_a_one_vip_change_looks_at_that_vip_not_every_one() -> None:
+    store, items, specs = fleet(2000)
+    serve_all(store, items, specs)
+    old = specs["vip-00001"]
+    new_specs = dict(specs)
+    new_specs["vip-00001"] = dict(old, admin="drain")
+    new_specs["vip-00002"] = dict(specs["vip-00002"], admin="drain")
+    # sjc's wave has not come: vip-00001 stays as the base defines it there; vip-00002 moves
+    held = CountingView({"vip-00001": old}, new_specs)
+    CountingView.lookups = 0
+    store.serve("sjc", items, held, "rev2", store.pops["sjc"].generation)
+    assert CountingView.lookups < 10  # (main: every VIP, 2000)
+    plan = {v["name"]: v for v in json.loads(store.body("sjc", None))["vips"]}
+    assert "admin" not in plan["vip-00001"]["spec"] or plan["vip-00001"]["spec"]["admin"] != "drain"
+    assert plan["vip-00002"]["spec"]["admin"] == "drain"
+    # the wave comes: the plain dict again, vip-00001's new definition served
+    store.serve("sjc", items, new_specs, "rev2", store.pops["sjc"].generation)
+    plan = {v["name"]: v for v in json.loads(store.body("sjc", None))["vips"]}
+    assert plan["vip-00001"]["spec"]["admin"] == "drain"
+    # and served again from a new view over the same dict: nothing moves
+    assert store.serve("sjc", items, CountingView({}, new_specs), "rev2", store.pops["sjc"].generation) is None
