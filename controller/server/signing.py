@@ -3,7 +3,7 @@
 a fake controller on the controller's address cannot make an agent withdraw anything.
 
 A body is signed once: ``PlanStore`` serializes a body once per generation and base and hands
-back the same bytes object until the next generation, so the signature is kept beside the
+back the same body object (plans.Body) until the next generation, so the signature is kept beside the
 object it signs, for the POP's current generation only (no body outlives its generation here).
 """
 
