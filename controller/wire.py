@@ -300,11 +300,20 @@ def entry_json(i: PlanEntry, spec_hash_: str, spec_json: str | None) -> str:
     return text if spec_json is None else f'{text[:-1]},"spec":{spec_json}}}'
 
 
-def full_body(pop: str, generation: int, revision: str, digest: str, entries: Iterable[str]) -> bytes:
-    """A full plan from its entries' JSON (``entry_json`` with specs): no per-VIP dicts."""
+def full_head(pop: str, generation: int, revision: str, digest: str) -> str:
+    """A full plan's JSON up to its first entry: what ``full_body`` puts before the entries
+    (then the entries joined by commas, then ``FULL_TAIL``)."""
     head = json.dumps({"pop": pop, "generation": generation, "revision": revision, "digest": digest},
                       separators=(",", ":"))
-    return f'{head[:-1]},"vips":[{",".join(entries)}]}}'.encode()
+    return f'{head[:-1]},"vips":['
+
+
+FULL_TAIL = "]}"
+
+
+def full_body(pop: str, generation: int, revision: str, digest: str, entries: Iterable[str]) -> bytes:
+    """A full plan from its entries' JSON (``entry_json`` with specs): no per-VIP dicts."""
+    return f'{full_head(pop, generation, revision, digest)}{",".join(entries)}{FULL_TAIL}'.encode()
 
 
 def delta_body(pop: str, generation: int, after: int, revision: str, digest: str,

@@ -185,10 +185,22 @@ async def get_plan(request: web.Request) -> web.StreamResponse:
     if signer is not None:
         headers[SIGNATURE_HEADER] = signer.header(pop, ctl.plans.pops[pop].generation, body, gzipped)
     if gzipped and "gzip" not in request.headers.get("Accept-Encoding", ""):
-        body, gzipped = gzip.decompress(body), False  # a client without gzip (aiohttp's has it)
+        # a client without gzip (aiohttp's has it)
+        return web.Response(body=gzip.decompress(bytes(body)), content_type="application/json", headers=headers)
     if gzipped:
         headers["Content-Encoding"] = "gzip"
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    if len(body.parts) == 1:
+        return web.Response(body=body.parts[0], content_type="application/json", headers=headers)
+    # A full plan's pieces, shared with other POPs' (plans.Body): written one after the
+    # other, not joined into one copy per request.
+    response = web.StreamResponse(headers=headers)
+    response.content_type = "application/json"
+    response.content_length = len(body)
+    await response.prepare(request)
+    for part in body.parts:
+        await response.write(part)
+    await response.write_eof()
+    return response
 
 
 def _seconds(text: str, field: str) -> float:

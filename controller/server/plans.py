@@ -14,7 +14,15 @@ or unknown (a controller restart starts an empty log, at a new generation): a fu
 A delta that would touch more than half the plan is sent as the full plan instead.
 
 Bodies are serialized once per generation and base (kept until the next generation), never
-per request; full plans are kept and sent gzipped; spec JSON is serialized once per spec (shared by every POP), and entries are
+per request, and only when asked for. Full plans are sent gzipped, and made of pieces shared
+by the POPs (gzipjoin): the entries, in name order, are cut into runs after each VIP whose
+name's hash has its low CHUNK_BITS bits clear (about 2**CHUNK_BITS VIPs a run, the same cuts at
+every POP, so a VIP missing at one POP changes one run there), and a run of the very same
+entry objects is deflated once, for every POP whose plan holds it (``_chunks``: kept while a
+body holds it); a POP's full body is its head and tail around those pieces. A change of one VIP
+makes one run anew per POP whose entry changed (the others' pieces are found: each POP keeps
+its last full body's pieces until its next one is made). Spec JSON is serialized once per
+spec (shared by every POP), and entries are
 small tuples, not dicts, shared by every POP whose item is the same object (a VIP healthy
 everywhere has one entry, not one per POP: a POP's plan holds pointers). Each entry's share of
 the digest is computed when the entry is made, the POP's digest kept up to date per changed
@@ -24,23 +32,28 @@ entry.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gzip
 import itertools
 import json
 import operator
 import time
-import zlib
+import weakref
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..policy.model import PlanItem
-from ..wire import DIGEST_MOD, canonical_json, delta_body, entry_hash, entry_json, format_digest, full_body, spec_hash
+from ..wire import (DIGEST_MOD, FULL_TAIL, canonical_json, delta_body, entry_hash, entry_json, format_digest,
+                    full_head, spec_hash)
+from .gzipjoin import Piece, member
 
 LOG_DEPTH = 64  # changes per POP a delta can span; an agent further behind gets a full plan
 SHARED_PER_VIP = 4  # entries kept per VIP for reuse across POPs (PlanStore._entry)
 ALIKE_MIN = 256  # a walk of this many candidates is kept for the POPs served alike (PlanStore._memo)
+CHUNK_BITS = 8  # a full body's runs: about 2**CHUNK_BITS entries each (PlanStore._full)
+_CUT = (1 << CHUNK_BITS) - 1
 
 
 class Entry(NamedTuple):
@@ -93,6 +106,39 @@ def as_spec_json(spec: Mapping[str, Any]) -> SpecJson:
 Spec = dict[str, Any] | SpecJson
 
 
+class Body:
+    """A body as served: a delta's JSON, or a full plan's gzip member as the pieces to send
+    one after the other (``parts``; shared with other POPs' bodies, see PlanStore._full).
+    ``len()`` is its size on the wire, ``bytes()`` its bytes in one object."""
+
+    __slots__ = ("parts", "size", "_pieces")
+
+    def __init__(self, parts: tuple[bytes, ...], pieces: tuple[object, ...] = ()) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+        self._pieces = pieces  # the shared pieces it is made of (kept alive with it)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+
+class _Chunk(Piece):
+    """A run of a full plan's entries deflated (``Piece``), with the entries it was made of:
+    they keep the identities its key names alive as long as it is."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, raw: bytes, entries: list[Entry]) -> None:
+        super().__init__(raw)
+        self.entries = entries
+
+
+_TAIL = Piece(FULL_TAIL.encode(), final=True)  # every full body's last piece
+
+
 class _Spec(NamedTuple):
     obj: Spec  # the spec it was taken from (identity: unchanged VIPs keep theirs)
     hash: str
@@ -137,7 +183,10 @@ class PopPlan:
     wanted: int = 0
     safety_holds: int = 0
     log: deque[_Change] = field(default_factory=lambda: deque(maxlen=LOG_DEPTH))
-    bodies: dict[int | None, bytes] = field(default_factory=dict)  # after (None: full) -> body, this generation
+    bodies: dict[int | None, Body] = field(default_factory=dict)  # after (None: full) -> body, this generation
+    # The last full body made (of this generation or one before): its pieces stay found for
+    # the next one (a change of one VIP deflates one run again, not the whole plan).
+    last_full: Body | None = None
     seen_items: Mapping[str, PlanItem] = field(default_factory=dict)
     seen_specs: Mapping[str, Spec] = field(default_factory=dict)  # the mapping served from (not a copy)
     seen_token: object = None
@@ -147,11 +196,26 @@ class PopPlan:
     exact: bool = True
 
 
+def _layers(specs: Mapping[str, Spec]) -> tuple[Mapping[str, Spec], Mapping[str, Spec]] | None:
+    """A spec mapping as (the names over it, the dict under them): a dict is ({}, itself), a
+    two-map ChainMap over a dict its two maps; anything else None."""
+    if isinstance(specs, dict):
+        return _NO_SPECS, specs
+    if isinstance(specs, collections.ChainMap) and len(specs.maps) == 2 and isinstance(specs.maps[1], dict):
+        return specs.maps[0], specs.maps[1]
+    return None
+
+
+_NO_SPECS: Mapping[str, Spec] = {}
+
+
 def changed_names(items: Mapping[str, PlanItem], seen: Mapping[str, PlanItem]) -> list[str]:
     """The names in ``items`` whose item is not the very object ``seen`` has for them (in
     ``items``' order), in C: no Python step per VIP (30 million at a cold start of 100,000 x
     300). Where both have the same names in the same order (the engine's mappings of POPs
     that publish alike), by position: no lookup either (~16 ms -> 3 ms at 100,000 VIPs)."""
+    if items is seen:
+        return []
     names = list(items)
     ordered = len(seen) == len(names) and list(seen) == names
     before = seen.values() if ordered else map(seen.get, names)
@@ -181,6 +245,13 @@ class PlanStore:
         # new items, each walking them in one piece of the event loop (~25 ms, 0.1 s loaded).
         self._memo: _Memo | None = None
         self.alike = True  # False: every POP walks (the differential test's reference)
+        # A full body's deflated runs, by the identities of their entries (and whether the run
+        # is the plan's last): made once for every POP whose plan holds the run, forgotten when
+        # no body holds it any more.
+        self._chunks: weakref.WeakValueDictionary[tuple[bool, tuple[int, ...]], _Chunk] = (
+            weakref.WeakValueDictionary())
+        self.chunks_made = 0  # runs deflated (tests, the benchmark)
+        self._diffs: list[tuple[Mapping[str, Spec], Mapping[str, Spec], Collection[str]]] = []  # (_dict_changes)
 
     # --- planning side -----------------------------------------------------------------
     def serve(self, pop: str, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
@@ -206,7 +277,7 @@ class PlanStore:
                 return served
         if pp is not None and not hinted and pp.seen_items == items and (
                 pp.seen_token is token and token is not None
-                or all(spec_dicts.get(name) is pp.seen_specs.get(name) for name in items)):
+                or self._specs_alike(pp.seen_specs, spec_dicts, items)):
             pp.seen_items, pp.seen_token, pp.seen_specs = items, token, spec_dicts  # (equal items: the newer object)
             return None
         # A POP's first plan: relative to the donor's, which is exactly what serving it
@@ -218,7 +289,6 @@ class PlanStore:
         same_specs = base is not None and token is not None and base.seen_token is token
         # Candidates by identity first (a comprehension over pointers): at 10,000 VIPs a
         # pass that changed one item looks at one entry, not 10,000.
-        get_spec = seen_specs.get
         if hinted:
             assert hint is not None
             candidates = [name for name in hint[2] if name in items]
@@ -226,7 +296,12 @@ class PlanStore:
             candidates = changed_names(items, seen_items)
         if not same_specs and not hinted:
             listed = set(candidates)
-            candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
+            moved = self._spec_changes(seen_specs, spec_dicts)
+            if moved is None:
+                get_spec = seen_specs.get
+                candidates += [name for name in items if name not in listed and get_spec(name) is not spec_dicts[name]]
+            else:
+                candidates += [name for name in moved if name in items and name not in listed]
         # (The loops below run once per (POP, VIP) pair on a cold start, 30 million times at
         # 100,000 VIPs x 300 POPs: lookups inlined, no call per pair in the common case.)
         updates: dict[str, Entry] = {}
@@ -302,6 +377,46 @@ class PlanStore:
                                pp.log[-1].hashes, (pp.digest, pp.wanted, pp.safety_holds))
         pp.exact = pp.exact and not kept_older
         return self._published(pop, pp, generation, revision, items, new_specs, token)
+
+    def _specs_alike(self, seen: Mapping[str, Spec], specs: Mapping[str, Spec], items: Mapping[str, PlanItem]) -> bool:
+        """Whether every VIP of ``items`` has the very same spec object in both mappings."""
+        moved = self._spec_changes(seen, specs)
+        if moved is None:
+            return all(specs.get(name) is seen.get(name) for name in items)
+        return not any(name in items for name in moved)
+
+    def _spec_changes(self, seen: Mapping[str, Spec], specs: Mapping[str, Spec]) -> Collection[str] | None:
+        """The names whose spec object may differ between ``seen`` and ``specs`` (a superset;
+        None: not known without a walk of the names). Both are the controller's spec dicts,
+        or views of them (a POP whose rollout wave has not come: the base definition of a
+        few VIPs over them, a ChainMap): the dicts' difference is made once per pair of
+        dicts, for every POP served from them, in C, and a view adds the names it holds
+        (a traffic move held 299 POPs of 300, each walking every VIP in a ChainMap's Python
+        lookup: 20 s at 20,000 VIPs)."""
+        if seen is specs:
+            return ()
+        a, b = _layers(seen), _layers(specs)
+        if a is None or b is None:
+            return None
+        names = self._dict_changes(a[1], b[1])
+        if not a[0] and not b[0]:
+            return names
+        return {*names, *a[0], *b[0]}
+
+    def _dict_changes(self, a: Mapping[str, Spec], b: Mapping[str, Spec]) -> Collection[str]:
+        """The names whose value in ``a`` is not the very object in ``b``, or that only one
+        has; the last few pairs' kept (the POPs of one pass are served from the same two)."""
+        if a is b:
+            return ()
+        for x, y, names in self._diffs:
+            if x is a and y is b:
+                return names
+        changed = list(itertools.compress(b, map(operator.is_not, map(a.get, b), b.values())))
+        if len(a) + sum(1 for name in changed if name not in a) != len(b):
+            changed += a.keys() - b.keys()
+        self._diffs.insert(0, (a, b, changed))
+        del self._diffs[2:]
+        return changed
 
     def _alike(self, pp: PopPlan, items: Mapping[str, PlanItem], spec_dicts: Mapping[str, Spec],
                token: object) -> tuple[_Memo, dict[str, str]] | None:
@@ -445,7 +560,7 @@ class PlanStore:
         """The POP's entries are its new plan: generation ``generation``, served from these
         mappings; its old bodies dropped, the spec texts nobody holds pruned, its waiters woken."""
         pp.generation, pp.revision = generation, revision
-        pp.bodies.clear()
+        pp.bodies.clear()  # (its full body's pieces stay found: pp.last_full)
         pp.seen_items, pp.seen_specs, pp.seen_token = items, spec_dicts, token
         if pp.exact:
             self._donor = pp
@@ -594,27 +709,27 @@ class PlanStore:
         self._texts = {h: t for h, t in self._texts.items() if h in named}
 
     # --- serving side ------------------------------------------------------------------
-    def answer(self, pop: str, after: int | None) -> tuple[bytes, bool]:
+    def answer(self, pop: str, after: int | None) -> tuple[Body, bool]:
         """The POP's plan as agents fetch it: the changes since ``after``, or the full plan
         (``after`` None, unknown or too old), and whether it is gzipped (a full plan is:
         9 MB of JSON at 10,000 VIPs is 0.4 MB gzipped, to keep and to send). Serialized
-        once per generation and base."""
+        once per generation and base, when first asked for; the same object until the
+        next generation."""
         pp = self.pops[pop]
         key = self._base(pp, after)
         body = pp.bodies.get(key)
         if body is None:
             if key is None:
-                packer = zlib.compressobj(1, wbits=31)  # gzip; level 1: 4x faster than 6, 15 % larger
-                body = packer.compress(self._full(pop, pp)) + packer.flush()
+                body = pp.last_full = self._full(pop, pp)
             else:
-                body = self._delta(pop, pp, key)
+                body = Body((self._delta(pop, pp, key),))
             pp.bodies[key] = body
         return body, key is None
 
     def body(self, pop: str, after: int | None) -> bytes:
         """``answer``'s JSON, uncompressed."""
         body, gzipped = self.answer(pop, after)
-        return gzip.decompress(body) if gzipped else body
+        return gzip.decompress(bytes(body)) if gzipped else bytes(body)
 
     def _base(self, pp: PopPlan, after: int | None) -> int | None:
         """``after`` if a delta from it can be served (and is smaller than the plan), else None."""
@@ -635,11 +750,35 @@ class PlanStore:
     def _digest(pp: PopPlan) -> str:
         return format_digest(pp.digest)
 
-    def _full(self, pop: str, pp: PopPlan) -> bytes:
-        texts = self._texts
-        digest = self._digest(pp)
-        return full_body(pop, pp.generation, pp.revision, digest,
-                         (_with_spec(e, texts[e.spec_hash]) for _, e in sorted(pp.entries.items())))
+    def _full(self, pop: str, pp: PopPlan) -> Body:
+        """The full plan gzipped (``wire.full_body``'s JSON, byte for byte): its head, its
+        entries in name order cut into runs (module docstring), each run's piece found or
+        deflated, and its tail."""
+        entries = pp.entries
+        names = sorted(entries)
+        values = list(map(entries.__getitem__, names))
+        # a run ends after each name whose hash has the low bits clear (str hashes are cached)
+        ends = list(itertools.compress(range(1, len(names) + 1),
+                                       map(operator.not_, map(_CUT.__and__, map(hash, names)))))
+        if names and (not ends or ends[-1] != len(names)):
+            ends.append(len(names))
+        head = full_head(pop, pp.generation, pp.revision, self._digest(pp)).encode()
+        pieces: list[Piece] = [Piece(head)]
+        cache, texts = self._chunks, self._texts
+        start = 0
+        for end in ends:
+            run = values[start:end]
+            last = end == len(names)
+            key = (last, tuple(map(id, run)))
+            chunk = cache.get(key)
+            if chunk is None:
+                text = ",".join([_with_spec(e, texts[e.spec_hash]) for e in run])
+                chunk = cache[key] = _Chunk((text if last else text + ",").encode(), run)
+                self.chunks_made += 1
+            pieces.append(chunk)
+            start = end
+        pieces.append(_TAIL)
+        return Body(member(pieces), tuple(pieces))
 
     def _delta(self, pop: str, pp: PopPlan, after: int) -> bytes:
         names: set[str] = set()

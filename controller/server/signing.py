@@ -3,7 +3,7 @@
 a fake controller on the controller's address cannot make an agent withdraw anything.
 
 A body is signed once: ``PlanStore`` serializes a body once per generation and base and hands
-back the same bytes object until the next generation, so the signature is kept beside the
+back the same body object (plans.Body) until the next generation, so the signature is kept beside the
 object it signs, for the POP's current generation only (no body outlives its generation here).
 """
 
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config.errors import ConfigError, ConfigIssue
 from ..wire import plan_key_id
+from .plans import Body
 
 KEEP = 8  # signed bodies kept per POP and generation (one per base asked for; more are signed again)
 
@@ -37,7 +38,7 @@ class PlanSigner:
     """Signs plan bodies with one key (replaced by ``use``, at a reload)."""
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
-        self._signed: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # pop -> generation, [(body, header)]
+        self._signed: dict[str, tuple[int, list[tuple[Body, str]]]] = {}  # pop -> generation, [(body, header)]
         self.key_id = ""
         self._key = key
         self.use(key)
@@ -48,7 +49,7 @@ class PlanSigner:
             self._signed.clear()  # a new key: nothing signed with the old one is served again
         self._key, self.key_id = key, plan_key_id(raw)
 
-    def header(self, pop: str, generation: int, body: bytes, gzipped: bool) -> str:
+    def header(self, pop: str, generation: int, body: Body, gzipped: bool) -> str:
         """The signature header's value for ``body`` of the POP's plan ``generation`` (as
         served: gzipped or not; the signature is over the JSON itself)."""
         held = self._signed.get(pop)
@@ -58,7 +59,7 @@ class PlanSigner:
         for b, value in kept:
             if b is body:
                 return value
-        signature = self._key.sign(gzip.decompress(body) if gzipped else body)
+        signature = self._key.sign(gzip.decompress(bytes(body)) if gzipped else bytes(body))
         value = f"{self.key_id}:{base64.b64encode(signature).decode()}"
         kept.append((body, value))
         del kept[:-KEEP]
