@@ -100,13 +100,22 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     during a burst's pass, results/README.md 3z)."""
     unmatched = request.match_info.http_exception
     if unmatched is not None and unmatched.status >= 400:
-        return error(unmatched.status, unmatched.reason)
+        return _as_json(unmatched)
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        return _as_json(exc)
+
+
+def _as_json(exc: web.HTTPException) -> web.Response:
+    """The error as JSON, with the headers its status needs (405's Allow, RFC 9110 15.5.6)."""
+    resp = error(exc.status, exc.reason)
+    allow = exc.headers.get("Allow")
+    if allow:
+        resp.headers["Allow"] = allow
+    return resp
 
 
 def _token(request: web.Request) -> str | None:

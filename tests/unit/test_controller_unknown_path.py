@@ -32,7 +32,7 @@ def test_an_unknown_path_is_a_json_404_without_its_handler_raising() -> None:
     assert isinstance(resp, web.Response) and resp.status == 404 and resp.content_type == "application/json"
     assert json.loads(resp.text or "") == {"error": "Not Found", "field": ""}
     resp = asyncio.run(app.json_errors(_unmatched(web.HTTPMethodNotAllowed("PUT", ["GET"])), handler))
-    assert called == [] and resp.status == 405
+    assert called == [] and resp.status == 405 and resp.headers["Allow"] == "GET"  # RFC 9110: a 405 names what is allowed
 
 
 def test_an_unknown_paths_error_is_never_raised_so_holds_no_traceback() -> None:
@@ -50,3 +50,11 @@ def test_a_known_path_still_has_its_errors_as_json() -> None:
 
     resp = asyncio.run(app.json_errors(test_utils.make_mocked_request("POST", "/v1/reports/p00"), handler))
     assert resp.status == 413 and json.loads(resp.text or "")["field"] == ""  # type: ignore[attr-defined]
+
+
+def test_a_method_a_handler_refuses_keeps_its_allow_header() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed("DELETE", ["GET", "POST"])
+
+    resp = asyncio.run(app.json_errors(test_utils.make_mocked_request("DELETE", "/v1/status"), handler))
+    assert resp.status == 405 and resp.headers["Allow"] == "GET,POST"
