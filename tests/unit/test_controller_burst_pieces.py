@@ -55,6 +55,14 @@ class _Request:
         self.app, self.headers, self.transport = web_app, headers, None
 
 
+def _no_wake_timer(ctl: Controller, monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The engine's wake-ups recorded, not armed: a real timer (``call_later``) fires after
+    wall-clock time, and starts a pass of its own when the scenario takes that long."""
+    wakes: list[float | None] = []
+    monkeypatch.setattr(ctl, "_schedule", lambda wake_at, now: wakes.append(wake_at))
+    return wakes
+
+
 def _wanted(ctl: Controller, pop: str) -> int:
     return sum(1 for v in ctl.plan_body(pop)["vips"] if v["wanted"])
 
@@ -237,6 +245,7 @@ def test_the_plans_a_burst_replaced_are_let_go_of_in_pieces_after_the_commit(
             yield
 
     monkeypatch.setattr(core, "_let_go", spy)
+    _no_wake_timer(ctl, monkeypatch)
 
     async def scenario() -> None:
         for p in POPS:
@@ -257,3 +266,50 @@ def test_let_go_drops_everything_a_piece_at_a_time(monkeypatch: pytest.MonkeyPat
     retired: list[object] = [object() for _ in range(1000)]
     steps = sum(1 for _ in core._let_go(retired))
     assert retired == [] and steps == 3  # 256 a piece: 4 pieces, a turn between two
+
+
+def test_a_sliced_pass_refreshes_the_countdowns_of_the_vips_it_did_not_have_to_plan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass of more than SMALL_PASS VIPs, counted with those whose explanations count
+    down, plans them too (the choice counted them; the sliced pass left them out: their
+    "waiting N s more" stayed as of their last plan, and each wake-up ran an empty pass)."""
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+    ctl = Controller(_desired(tmp_path), clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    _no_wake_timer(ctl, monkeypatch)
+    sliced: list[int] = []
+    real_sliced = ctl._sliced
+
+    async def spy(engine: object, at: float) -> None:
+        sliced.append(1)
+        await real_sliced(engine, at)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctl, "_sliced", spy)
+
+    async def drive() -> None:
+        await ctl.settled()  # (the reports' pass: started by a callback of the loop)
+        while (driver := ctl.planning()) is None or not driver.done():
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        for p in POPS:  # every VIP's us-west down: every VIP counts down its window
+            ctl.accept_report(_down_report(p, now[0]))
+        await drive()
+        assert len(sliced) == 1
+        counting = dict(ctl.result.notes)  # type: ignore[union-attr]
+        assert len(ctl._get_engine()._countdown) == VIPS
+        now[0] = 100.4
+        # one VIP's input changes: one dirty VIP, VIPS counting down: a sliced pass
+        ctl.accept_report(PopReport("sjc", now[0], 1, {**_down_report("sjc", now[0]).origins,
+                                                        "v0000": {"us-west": True, "eu-central": True}}))
+        await drive()
+        assert len(sliced) == 2
+        notes = dict(ctl.result.notes)  # type: ignore[union-attr]
+        assert all(notes[n] != counting[n] for n in counting)  # each countdown moved on
+        ctl.replan()  # (plans every VIP counting down, at the same time)
+        assert notes == ctl.result.notes  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
