@@ -313,3 +313,43 @@ def test_a_sliced_pass_refreshes_the_countdowns_of_the_vips_it_did_not_have_to_p
 
     asyncio.run(scenario())
 
+
+@pytest.mark.parametrize("order", ["forward", "backward", "random", "skipping"])
+def test_the_common_verdicts_are_those_of_one_pass_whatever_order_the_chunks_are_asked_in(order: str) -> None:
+    """The chunks are read from iterators kept between calls (each from the start was
+    quadratic); asked for in any order, all of them, or a few far apart, they are what one
+    pass over every report works out."""
+    rng = random.Random(11)
+    step = planner._CommonVerdicts.STEP
+    names = [f"v{i:05d}" for i in range(5 * step + 3)]
+    kinds = [{"a": True, "b": True}, {"a": False, "b": True}, {"a": None, "b": True}]
+    base = {n: kinds[0] if i % 3 else kinds[rng.randrange(3)] for i, n in enumerate(names)}
+    origins = []
+    for k in range(7):
+        o = dict(base)
+        for n in rng.sample(names, 60):
+            o[n] = kinds[rng.randrange(3)]
+        if k == 2:  # out of the first one's order from the fourth chunk on
+            items = list(o.items())
+            o = dict(items[:3 * step + 5] + items[3 * step + 5:][::-1])
+        if k == 4:
+            del o[names[2 * step + 1]]
+        if k == 5:  # the same VIPs, one chunk out of order
+            items = list(o.items())
+            items[step:2 * step] = items[step:2 * step][::-1]
+            o = dict(items)
+        origins.append(o)
+    whole = {}
+    for n in names:
+        values = [o.get(n) for o in origins]
+        if values[0] is not None and values.count(values[0]) == len(values):
+            whole[n] = values[0]
+    common = planner._CommonVerdicts(tuple(origins))
+    chunks = list(range(len(names) // step + 1))
+    asked = {"forward": chunks, "backward": chunks[::-1], "random": rng.sample(chunks, len(chunks)),
+             "skipping": [1, 4, 0, 5, 2]}[order]
+    for c in asked:
+        common.get(names[c * step + rng.randrange(min(step, len(names) - c * step))])
+    assert common.done == set(asked)
+    assert {n: v for n in names if (v := common.get(n)) is not None} == whole
+    assert common.get("not-a-vip") is None
