@@ -553,6 +553,13 @@ class Controller:
         if pending is not None:
             await asyncio.shield(pending)
 
+    async def published(self) -> None:
+        """Return once no pass is between its commit and its publishing: the engine's notes
+        are then the new ones while the alarms, generations and plans shown are the last
+        published (the window is one turn of the loop); what /v1/status shows is one pass."""
+        while self._committed is not None:
+            await asyncio.sleep(0)
+
     async def settled(self) -> None:
         """Return once every report accepted so far has been planned: what a read that must
         see them waits for (status, explain, snapshot, a whole plan). Passes plan reports in

@@ -353,3 +353,40 @@ def test_the_common_verdicts_are_those_of_one_pass_whatever_order_the_chunks_are
     assert common.done == set(asked)
     assert {n: v for n in names if (v := common.get(n)) is not None} == whole
     assert common.get("not-a-vip") is None
+
+
+def test_the_status_is_not_read_between_a_commit_and_its_publishing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a sliced pass's commit and its publishing (a turn of the loop) the engine's
+    notes (shared with ``ctl.result``) are the new pass's, the alarms the previous one's:
+    /v1/status waits for the publish, and shows one pass's notes and alarms."""
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    desired = dataclasses.replace(_desired(tmp_path), operator_token_sha256=hashlib.sha256(b"op").hexdigest())
+    now = [100.0]
+    ctl = Controller(desired, clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    _no_wake_timer(ctl, monkeypatch)
+    read_at: list[object] = []
+    real_alarms = ctl.alarms
+
+    def alarms() -> object:
+        read_at.append(ctl._committed)
+        return real_alarms()
+
+    monkeypatch.setattr(ctl, "alarms", alarms)
+
+    async def scenario() -> dict[str, object]:
+        web_app = app.make_app(ctl)
+        ctl.apply_config(dataclasses.replace(desired, revision="rev2",
+                                             vips=_desired(tmp_path, enabled=False).vips))
+        while ctl._committed is None:  # the sliced pass committed, not yet published
+            await asyncio.sleep(0)
+        resp = await app.get_status(_Request(web_app, {"Authorization": "Bearer op"}))  # type: ignore[arg-type]
+        await ctl.planning()  # type: ignore[misc]
+        return json.loads(resp.text)  # type: ignore[attr-defined,no-any-return]
+
+    doc = asyncio.run(scenario())
+    assert read_at == [None]  # read after the publish
+    notes = {v["vip"]: v["note"] for v in doc["vips"]}  # type: ignore[attr-defined]
+    assert notes == dict(ctl.result.notes) and all("disabled" in n for n in notes.values())  # type: ignore[union-attr]
