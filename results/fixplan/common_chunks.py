@@ -1,6 +1,6 @@
 """_CommonVerdicts: each chunk's islice skips from the start of every report: O(VIPs^2/STEP x reports)."""
 import sys, time
-sys.path.insert(0, "/tmp/review-tree")
+sys.path.insert(0, ".")  # (run from the tree measured)
 from controller.policy.planner import _CommonVerdicts
 for vips, reports in ((10_000, 50), (100_000, 50), (100_000, 300)):
     names = [f"v{i:06d}" for i in range(vips)]
