@@ -56,7 +56,7 @@ import collections
 import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from ..config.desired_model import DesiredState, FleetVip
@@ -217,7 +217,7 @@ class _CommonVerdicts:
     the reports' order, so each chunk falls in one of its slices: all of them at once were
     ~20 ms of one slice after a burst of 50 full reports at 10,000 VIPs (results 3z)."""
 
-    __slots__ = ("origins", "names", "at", "out", "done")
+    __slots__ = ("origins", "names", "at", "out", "done", "keys", "values", "pos")
 
     STEP = 1024
 
@@ -227,6 +227,16 @@ class _CommonVerdicts:
         self.at = dict(zip(self.names, range(len(self.names))))  # (in C)
         self.out: dict[str, Verdicts] = {}
         self.done: set[int] = set()
+        # Per report, its keys and values read in order, kept between chunks (None: read by
+        # name: not as long as the first, or a chunk's VIPs were not in the first one's
+        # order); they stand at chunk ``pos``. Each chunk read with islice from the start
+        # stepped through every earlier VIP of every report: quadratic (100,000 VIPs x 300
+        # reports: 17.6 s for all chunks, 0.86 s in one pass).
+        n = len(self.names)
+        self.keys: list[Iterator[str] | None] = [iter(o) if len(o) == n else None for o in origins]
+        self.values: list[Iterator[Verdicts] | None] = [iter(o.values()) if len(o) == n else None
+                                                        for o in origins]
+        self.pos = 0
 
     def get(self, name: str) -> Verdicts | None:
         i = self.at.get(name)
@@ -235,21 +245,37 @@ class _CommonVerdicts:
         chunk = i // self.STEP
         if chunk not in self.done:
             self.done.add(chunk)
-            self._work_out(chunk * self.STEP)
+            self._work_out(chunk)
         return self.out.get(name)
 
-    def _work_out(self, start: int) -> None:
+    def _work_out(self, at: int) -> None:
         origins, step = self.origins, self.STEP
         n, names = len(origins), self.names
+        start = at * step
         chunk = names[start:start + step]
         # A report whose VIPs are in the first one's order is read in order (its values, one
-        # after the other in memory), the others by name.
+        # after the other in memory), from where its iterators stand (the chunks between
+        # stepped over, once), the others by name; a chunk asked for after a later one, by name.
         columns: list[list[Verdicts | None]] = []
-        for o in origins:
-            if len(o) == len(names) and list(itertools.islice(o, start, start + step)) == chunk:
-                columns.append(list(itertools.islice(o.values(), start, start + step)))
-            else:
-                columns.append([o.get(name) for name in chunk])
+        forward = at >= self.pos
+        skip = (at - self.pos) * step
+        keys, values = self.keys, self.values
+        for k, o in enumerate(origins):
+            kit, vit = keys[k], values[k]
+            if forward and kit is not None and vit is not None:
+                try:
+                    if skip:
+                        collections.deque(itertools.islice(kit, skip), maxlen=0)
+                        collections.deque(itertools.islice(vit, skip), maxlen=0)
+                    if list(itertools.islice(kit, step)) == chunk:
+                        columns.append(list(itertools.islice(vit, step)))
+                        continue
+                except RuntimeError:  # (a report changed meanwhile: never, but then by name)
+                    pass
+                keys[k] = values[k] = None  # (out of order here: by name from now on)
+            columns.append([o.get(name) for name in chunk])
+        if forward:
+            self.pos = at + 1
         self.out.update((name, row[0]) for name, row in zip(chunk, zip(*columns))
                         if row[0] is not None and row.count(row[0]) == n)
 

@@ -381,6 +381,7 @@ async def get_status(request: web.Request) -> web.StreamResponse:
         return auth
     ctl = auth
     await ctl.settled()  # what it shows includes every report acknowledged before
+    await ctl.published()  # (notes, alarms and generations of one pass, not of two)
     now = ctl.clock()
     # Everything as of now; the VIPs' list (10,000 notes: ~20-50 ms built and encoded in one
     # piece, a stall of every other request after a burst) made and encoded in slices after,

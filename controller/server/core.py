@@ -553,6 +553,13 @@ class Controller:
         if pending is not None:
             await asyncio.shield(pending)
 
+    async def published(self) -> None:
+        """Return once no pass is between its commit and its publishing: the engine's notes
+        are then the new ones while the alarms, generations and plans shown are the last
+        published (the window is one turn of the loop); what /v1/status shows is one pass."""
+        while self._committed is not None:
+            await asyncio.sleep(0)
+
     async def settled(self) -> None:
         """Return once every report accepted so far has been planned: what a read that must
         see them waits for (status, explain, snapshot, a whole plan). Passes plan reports in
@@ -756,9 +763,16 @@ class Controller:
                 while not engine.mark(self.desired, self.reports, self.persisted.drains, now, SLICE_S):
                     await asyncio.sleep(0)
                     now = self.clock()
-                if engine.dirty(refresh=True) > SMALL_PASS:
+                # A pass runs when something is dirty or waiting; it plans the VIPs whose
+                # explanations count down too (as replan() does), in slices when that is more
+                # than SMALL_PASS. (The choice counted them while a sliced pass left them out:
+                # with more than SMALL_PASS counting down, each wake-up ran an empty pass and
+                # their "in N s" stayed as of their last plan.)
+                if not (waiters or engine.dirty() or self._served_specs_moved()):
+                    pass
+                elif engine.dirty(refresh=True) > SMALL_PASS:
                     await self._sliced(engine, now)
-                elif waiters or engine.dirty() or self._served_specs_moved():
+                else:
                     self.replan()
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
@@ -785,8 +799,9 @@ class Controller:
         return self._spec_dicts[0] is not self.desired or held[0] is not self.base or held[1] is not self.rollout
 
     async def _sliced(self, engine: Engine, now: float) -> None:
-        """One large pass, SLICE_S of planning at a time; visible when whole."""
-        p = self._staged = engine.begin(now)
+        """One large pass, SLICE_S of planning at a time; visible when whole. It plans what
+        replan() would: the dirty VIPs and those counting down (the count _drive chose on)."""
+        p = self._staged = engine.begin(now, refresh=True)
         await asyncio.sleep(0)  # (the pass's VIPs sorted: a piece of its own)
         if self._staged is not p:
             return

@@ -55,6 +55,14 @@ class _Request:
         self.app, self.headers, self.transport = web_app, headers, None
 
 
+def _no_wake_timer(ctl: Controller, monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The engine's wake-ups recorded, not armed: a real timer (``call_later``) fires after
+    wall-clock time, and starts a pass of its own when the scenario takes that long."""
+    wakes: list[float | None] = []
+    monkeypatch.setattr(ctl, "_schedule", lambda wake_at, now: wakes.append(wake_at))
+    return wakes
+
+
 def _wanted(ctl: Controller, pop: str) -> int:
     return sum(1 for v in ctl.plan_body(pop)["vips"] if v["wanted"])
 
@@ -237,6 +245,7 @@ def test_the_plans_a_burst_replaced_are_let_go_of_in_pieces_after_the_commit(
             yield
 
     monkeypatch.setattr(core, "_let_go", spy)
+    _no_wake_timer(ctl, monkeypatch)
 
     async def scenario() -> None:
         for p in POPS:
@@ -257,3 +266,127 @@ def test_let_go_drops_everything_a_piece_at_a_time(monkeypatch: pytest.MonkeyPat
     retired: list[object] = [object() for _ in range(1000)]
     steps = sum(1 for _ in core._let_go(retired))
     assert retired == [] and steps == 3  # 256 a piece: 4 pieces, a turn between two
+
+
+def test_a_sliced_pass_refreshes_the_countdowns_of_the_vips_it_did_not_have_to_plan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass of more than SMALL_PASS VIPs, counted with those whose explanations count
+    down, plans them too (the choice counted them; the sliced pass left them out: their
+    "waiting N s more" stayed as of their last plan, and each wake-up ran an empty pass)."""
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    now = [100.0]
+    ctl = Controller(_desired(tmp_path), clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    _no_wake_timer(ctl, monkeypatch)
+    sliced: list[int] = []
+    real_sliced = ctl._sliced
+
+    async def spy(engine: object, at: float) -> None:
+        sliced.append(1)
+        await real_sliced(engine, at)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctl, "_sliced", spy)
+
+    async def drive() -> None:
+        await ctl.settled()  # (the reports' pass: started by a callback of the loop)
+        while (driver := ctl.planning()) is None or not driver.done():
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        for p in POPS:  # every VIP's us-west down: every VIP counts down its window
+            ctl.accept_report(_down_report(p, now[0]))
+        await drive()
+        assert len(sliced) == 1
+        counting = dict(ctl.result.notes)  # type: ignore[union-attr]
+        assert len(ctl._get_engine()._countdown) == VIPS
+        now[0] = 100.4
+        # one VIP's input changes: one dirty VIP, VIPS counting down: a sliced pass
+        ctl.accept_report(PopReport("sjc", now[0], 1, {**_down_report("sjc", now[0]).origins,
+                                                        "v0000": {"us-west": True, "eu-central": True}}))
+        await drive()
+        assert len(sliced) == 2
+        notes = dict(ctl.result.notes)  # type: ignore[union-attr]
+        assert all(notes[n] != counting[n] for n in counting)  # each countdown moved on
+        ctl.replan()  # (plans every VIP counting down, at the same time)
+        assert notes == ctl.result.notes  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "random", "skipping"])
+def test_the_common_verdicts_are_those_of_one_pass_whatever_order_the_chunks_are_asked_in(order: str) -> None:
+    """The chunks are read from iterators kept between calls (each from the start was
+    quadratic); asked for in any order, all of them, or a few far apart, they are what one
+    pass over every report works out."""
+    rng = random.Random(11)
+    step = planner._CommonVerdicts.STEP
+    names = [f"v{i:05d}" for i in range(5 * step + 3)]
+    kinds = [{"a": True, "b": True}, {"a": False, "b": True}, {"a": None, "b": True}]
+    base = {n: kinds[0] if i % 3 else kinds[rng.randrange(3)] for i, n in enumerate(names)}
+    origins = []
+    for k in range(7):
+        o = dict(base)
+        for n in rng.sample(names, 60):
+            o[n] = kinds[rng.randrange(3)]
+        if k == 2:  # out of the first one's order from the fourth chunk on
+            items = list(o.items())
+            o = dict(items[:3 * step + 5] + items[3 * step + 5:][::-1])
+        if k == 4:
+            del o[names[2 * step + 1]]
+        if k == 5:  # the same VIPs, one chunk out of order
+            items = list(o.items())
+            items[step:2 * step] = items[step:2 * step][::-1]
+            o = dict(items)
+        origins.append(o)
+    whole = {}
+    for n in names:
+        values = [o.get(n) for o in origins]
+        if values[0] is not None and values.count(values[0]) == len(values):
+            whole[n] = values[0]
+    common = planner._CommonVerdicts(tuple(origins))
+    chunks = list(range(len(names) // step + 1))
+    asked = {"forward": chunks, "backward": chunks[::-1], "random": rng.sample(chunks, len(chunks)),
+             "skipping": [1, 4, 0, 5, 2]}[order]
+    for c in asked:
+        common.get(names[c * step + rng.randrange(min(step, len(names) - c * step))])
+    assert common.done == set(asked)
+    assert {n: v for n in names if (v := common.get(n)) is not None} == whole
+    assert common.get("not-a-vip") is None
+
+
+def test_the_status_is_not_read_between_a_commit_and_its_publishing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a sliced pass's commit and its publishing (a turn of the loop) the engine's
+    notes (shared with ``ctl.result``) are the new pass's, the alarms the previous one's:
+    /v1/status waits for the publish, and shows one pass's notes and alarms."""
+    monkeypatch.setattr(core, "SLICE_S", 0.0)
+    desired = dataclasses.replace(_desired(tmp_path), operator_token_sha256=hashlib.sha256(b"op").hexdigest())
+    now = [100.0]
+    ctl = Controller(desired, clock=lambda: now[0])
+    ctl.reports.update({p: _report(p, now[0]) for p in POPS})
+    ctl.replan()
+    _no_wake_timer(ctl, monkeypatch)
+    read_at: list[object] = []
+    real_alarms = ctl.alarms
+
+    def alarms() -> object:
+        read_at.append(ctl._committed)
+        return real_alarms()
+
+    monkeypatch.setattr(ctl, "alarms", alarms)
+
+    async def scenario() -> dict[str, object]:
+        web_app = app.make_app(ctl)
+        ctl.apply_config(dataclasses.replace(desired, revision="rev2",
+                                             vips=_desired(tmp_path, enabled=False).vips))
+        while ctl._committed is None:  # the sliced pass committed, not yet published
+            await asyncio.sleep(0)
+        resp = await app.get_status(_Request(web_app, {"Authorization": "Bearer op"}))  # type: ignore[arg-type]
+        await ctl.planning()  # type: ignore[misc]
+        return json.loads(resp.text)  # type: ignore[attr-defined,no-any-return]
+
+    doc = asyncio.run(scenario())
+    assert read_at == [None]  # read after the publish
+    notes = {v["vip"]: v["note"] for v in doc["vips"]}  # type: ignore[attr-defined]
+    assert notes == dict(ctl.result.notes) and all("disabled" in n for n in notes.values())  # type: ignore[union-attr]
