@@ -334,18 +334,27 @@ def _plan_uniform(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, 
     if v.get(vmem.active) is not True:
         return None
     default = Route(vmem.active, (), outcome, note, ())
-    alarms: list[Alarm] = []
-    if outcome == Outcome.ALL_ORIGINS_DOWN:
-        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, name, note))
-    shared = {kind: i for kind, i in shared_before.items()
-              if i.active_origin == default.active and i.weights == default.weights}
-    routes = _Routes(fv, default, {}, shared)
-    healthy = _shared(shared, name, default, R.HEALTHY)
-    _, _, vmem, safety_alarms = _safety(fv, [], fs.reports, reports, routes, vmem, now)  # (no proposal: no hold)
-    alarms += safety_alarms
+    healthy, vmem, alarms, shared, routes = _one_route(fv, default, shared_before, R.HEALTHY, fs, reports, vmem, now)
     # (drains: none at its POPs, so none of them counts for the wake-up)
     return _result(fv, UniformItems.over(publish, healthy), vmem, STEADY, {}, note, outcome, alarms, shared, None,
                    fs.reports, {}, now, outcome in _PENDING, routes)
+
+
+def _one_route(fv: FleetVip, default: Route, shared_before: Mapping[R, PlanItem], kind: R, fs: FreshSet,
+               reports: Mapping[str, PopReport], vmem: VipMemory, now: float
+               ) -> tuple[PlanItem, VipMemory, list[Alarm], dict[R, PlanItem], _Routes]:
+    """What a VIP planned once for all its POPs (uniform, silent) has: its one item (``kind``,
+    shared with the VIPs before it when equal), its memory after the safety step (no proposal,
+    so nothing to hold), its alarms, the shared items and its routes."""
+    alarms: list[Alarm] = []
+    if default.outcome == Outcome.ALL_ORIGINS_DOWN:
+        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, fv.name, default.note))
+    shared = {k: i for k, i in shared_before.items()
+              if i.active_origin == default.active and i.weights == default.weights}
+    routes = _Routes(fv, default, {}, shared)
+    item = _shared(shared, fv.name, default, kind)
+    _, _, vmem, safety_alarms = _safety(fv, [], fs.reports, reports, routes, vmem, now)  # (no proposal: no hold)
+    return item, vmem, alarms + safety_alarms, shared, routes
 
 
 def _plan_silent(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, drains: Mapping[str, float],
@@ -358,20 +367,13 @@ def _plan_silent(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, d
     no proposal, so nothing for the safety limits to hold and no settle window. The start's
     pass at 100,000 VIPs x 300 POPs went POP by POP (30 million pairs, ~50 s).
     (tests/unit/test_policy_uniform.py compares it with the per-POP oracle.)"""
-    publish, name = fv.publish, fv.name
+    publish = fv.publish
     if not publish or fs.reports or steering.steered(fv) or (drains and not drains.keys().isdisjoint(publish)):
         return None
     vmem, default, _ = _choose_origin(fv, fs.reports, {}, memory, now)
     outcome, note = default.outcome, default.note
-    alarms: list[Alarm] = []
-    if outcome == Outcome.ALL_ORIGINS_DOWN:
-        alarms.append(Alarm(AlarmKind.ALL_ORIGINS_DOWN, name, note))
-    shared = {kind: i for kind, i in shared_before.items()
-              if i.active_origin == default.active and i.weights == default.weights}
-    routes = _Routes(fv, default, {}, shared)
-    stale = _shared(shared, name, default, R.REPORT_STALE)
-    _, _, vmem, safety_alarms = _safety(fv, [], fs.reports, reports, routes, vmem, now)  # (no proposal: no hold)
-    alarms += safety_alarms
+    stale, vmem, alarms, shared, routes = _one_route(fv, default, shared_before, R.REPORT_STALE, fs, reports, vmem,
+                                                     now)
     # (what _finish makes of the silent POPs' items: UniformItems.of, without its walk when no POP repeats)
     at = dict.fromkeys(publish, stale)
     items = UniformItems.over(publish, stale) if len(at) == len(publish) else UniformItems.of(at)
