@@ -461,7 +461,13 @@ class Watcher:
         gd = git_dir(self.directory)
         if self.use_inotify:
             try:
-                await self._inotify(poke, gd)
+                while True:
+                    await self._inotify(poke, gd)  # (returns when the directory watched is gone)
+                    self.notifier = "stat-polling"
+                    while not os.path.isdir(self.directory):
+                        await asyncio.sleep(WATCH)
+                    log.info("%s is there again: watching it with inotify", self.directory)
+                    gd = git_dir(self.directory)
             except (OSError, RuntimeError) as exc:  # inotify cannot start (no instances or watches left)
                 log.warning("inotify unavailable for %s (%s): polling stat data every %.1fs instead",
                             self.directory, exc, WATCH)
@@ -495,7 +501,22 @@ class Watcher:
             raise
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        loop.add_reader(ino.fd, ready.set)
+        seen = False  # a relevant change was read since the last mark
+
+        def on_readable() -> None:
+            # The queue is read here, not where the batch is handled: while that waits
+            # (GitLock.settled: a git command holding index.lock) a descriptor left readable
+            # would call this every turn of the loop (a whole core spinning).
+            nonlocal seen
+            try:
+                changes = ino.read()
+            except OSError as exc:
+                log.warning("reading inotify's queue for %s failed (%s): looking at everything", top, exc)
+                changes = [OVERFLOW]
+            if any(c is OVERFLOW or relevant(*c) for c in changes):
+                seen = True
+            ready.set()
+        loop.add_reader(ino.fd, on_readable)
         try:
             self.notifier = "inotify"
             self._git_lock()
@@ -503,7 +524,7 @@ class Watcher:
             while True:
                 await ready.wait()
                 ready.clear()
-                if not any(c is OVERFLOW or relevant(*c) for c in ino.read()):
+                if not seen:
                     continue
                 first = time.monotonic()
                 while time.monotonic() - first < INOTIFY_DEBOUNCE:
@@ -512,10 +533,15 @@ class Watcher:
                     except TimeoutError:
                         break  # quiet for the window: the batch is whole
                     ready.clear()
-                    ino.read()
                 self.batch_at = time.time()
                 await self.git_lock.settled()
+                seen = False  # (what came while git held the checkout: the mark below covers it)
+                ready.clear()
                 self._mark(poke)
+                if ino.lost:
+                    log.warning("%s is gone (deleted or moved away): watched again once it is there",
+                                ", ".join(sorted(ino.lost)))
+                    return
         finally:
             loop.remove_reader(ino.fd)
             ino.close()
@@ -707,6 +733,8 @@ class _Relevant:
         rel = os.path.relpath(path, self.top)
         if rel.startswith(".."):
             return False
+        if rel == ".":
+            return change == Change.deleted  # (the directory itself deleted or moved away)
         parts = rel.split(os.sep)
         return not any(p.startswith(".") for p in parts) and (parts[-1].endswith((".yaml", ".yml"))
                                                              or change == Change.deleted)

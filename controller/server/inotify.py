@@ -6,8 +6,12 @@ idle controller woke 100 times a second for it (~0.27 % of a core at 10,000 VIPs
 3ad). Here the kernel's queue is read when the loop's selector says the descriptor is
 readable: nothing runs between changes. Directory trees are watched recursively by hand
 (a watch per directory; a directory created or moved in is watched at once and the files
-already in it are reported as added); a queue overflow is reported as such (the watcher
-then looks at everything). OSError when inotify cannot start (no instances or watches left,
+already in it are reported as added; a symlinked directory is followed, as the loader
+follows it: its target watched, its events named by the link's path); a queue overflow is
+reported as such (the watcher then looks at everything) and the trees added again (a
+directory made while events were dropped is watched); a watched root deleted or moved away
+(the config directory replaced) is reported the same way, the old watches dropped, and the
+path watched again if it is there, else named in ``lost`` (the watcher waits for it). OSError when inotify cannot start (no instances or watches left,
 no inotify): the watcher falls back to stat polling.
 
 Why not a library (our rule: a well-kept library where it does the job better). watchfiles
@@ -89,21 +93,37 @@ class Inotify:
             raise OSError(e, f"inotify_init1: {os.strerror(e)}")
         self.fd: int = fd
         self._dirs: dict[int, tuple[str, bool, Callable[[str], bool] | None]] = {}  # wd -> (path, recursive, prune)
+        self._roots: list[tuple[str, bool, Callable[[str], bool] | None]] = []  # what add() was asked to watch
+        self.lost: set[str] = set()  # roots gone (deleted or moved away) and not there again: not watched
 
     def add(self, path: str, recursive: bool = True, prune: Callable[[str], bool] | None = None) -> list[str]:
         """Watch the directory ``path`` (and its subdirectories if ``recursive``, but not those
-        for which ``prune(path)`` is true); the files found in the directories newly watched
-        (for a directory that appeared: what was put in it before its watch)."""
+        for which ``prune(path)`` is true; a symlinked directory is followed, its target watched
+        and its events named by the link's path); the files found in the directories newly
+        watched (for a directory that appeared: what was put in it before its watch)."""
+        files = self._add(path, recursive, prune)
+        self._roots.append((path, recursive, prune))
+        return files
+
+    def _add(self, path: str, recursive: bool, prune: Callable[[str], bool] | None) -> list[str]:
         files: list[str] = []
         stack = [path]
+        seen: set[str] = set()  # (the real paths of this walk: a link back up the tree is not followed round)
         while stack:
             d = stack.pop()
-            wd = self._c.inotify_add_watch(self.fd, os.fsencode(d), MASK | IN_ONLYDIR)
+            real = os.path.realpath(d)
+            if real in seen:
+                continue
+            seen.add(real)
+            wd = self._c.inotify_add_watch(self.fd, os.fsencode(real), MASK | IN_ONLYDIR)
             if wd < 0:
                 e = ctypes.get_errno()
                 if e in (errno.ENOENT, errno.ENOTDIR) and d != path:
                     continue  # (gone meanwhile)
                 raise OSError(e, f"inotify_add_watch {d}: {os.strerror(e)}")
+            known = self._dirs.get(wd)
+            if known is not None and known[0] != d and os.path.realpath(known[0]) == real:
+                continue  # (watched already under another path that still leads to it: one name per watch)
             self._dirs[wd] = (d, recursive, prune)
             try:
                 entries = list(os.scandir(d))
@@ -111,7 +131,7 @@ class Inotify:
                 continue
             for entry in entries:
                 try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
+                    is_dir = entry.is_dir()  # (a symlinked directory too: the loader follows it)
                 except OSError:
                     continue
                 if not is_dir:
@@ -121,33 +141,73 @@ class Inotify:
         return files
 
     def read(self) -> list[tuple[Change, str]]:
-        """The changes queued (none if nothing is: the descriptor is non-blocking)."""
+        """The changes queued (none if nothing is: the descriptor is non-blocking). After an
+        overflow the trees are added again (a directory made meanwhile is watched). A root
+        directory deleted or moved away is reported (OVERFLOW: look at everything), the
+        watches of what moved dropped, and the path watched again if it is there, else
+        named in ``lost``."""
         out: list[tuple[Change, str]] = []
+        overflowed = False
+        gone: list[str] = []
+        roots = {r for r, _, _ in self._roots}
         for wd, mask, name in self._events():
             if mask & IN_Q_OVERFLOW:
-                out.append(OVERFLOW)
+                overflowed = True
+                continue
+            if mask & IN_IGNORED:
+                dropped = self._dirs.pop(wd, None)
+                if dropped is not None and dropped[0] in roots and dropped[0] not in gone:
+                    gone.append(dropped[0])
                 continue
             watched = self._dirs.get(wd)
-            if mask & IN_IGNORED:
-                self._dirs.pop(wd, None)
-                continue
             if watched is None:
                 continue
             d, recursive, prune = watched
             path = os.path.join(d, name) if name else d
-            if mask & (IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF):
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name and d in roots:
+                out.append((Change.deleted, d))
+                if d not in gone:
+                    gone.append(d)
+            elif mask & (IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF):
                 out.append((Change.deleted, path))
             elif mask & (IN_CREATE | IN_MOVED_TO):
                 out.append((Change.added, path))
-                if mask & IN_ISDIR and recursive and not (prune is not None and prune(path)):
+                if ((mask & IN_ISDIR or os.path.islink(path) and os.path.isdir(path))
+                        and recursive and not (prune is not None and prune(path))):
                     try:
-                        out.extend((Change.added, f) for f in self.add(path, True, prune))
+                        out.extend((Change.added, f) for f in self._add(path, True, prune))
                     except OSError as exc:
                         if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                             out.append(OVERFLOW)  # (out of watches: what it holds is looked at, not watched)
             else:
                 out.append((Change.modified, path))
+        for root in gone:
+            self._reestablish(root)
+        if overflowed:
+            for root, recursive, prune in self._roots:
+                try:
+                    self._add(root, recursive, prune)
+                except OSError:
+                    self._reestablish(root)
+        if overflowed or gone:
+            out.append(OVERFLOW)
         return out
+
+    def _reestablish(self, root: str) -> None:
+        """Drop the watches at and under ``root`` (gone, or moved elsewhere: its events would be
+        named by the old path), then watch the roots there again if they are there."""
+        under = root + os.sep
+        for wd, (p, _, _) in list(self._dirs.items()):
+            if p == root or p.startswith(under):
+                self._c.inotify_rm_watch(self.fd, wd)  # (EINVAL for one already gone: nothing to do)
+                del self._dirs[wd]
+        for p, recursive, prune in self._roots:
+            if p == root or p.startswith(under):
+                try:
+                    self._add(p, recursive, prune)
+                    self.lost.discard(p)
+                except OSError:
+                    self.lost.add(p)
 
     def _events(self) -> Iterator[tuple[int, int, str]]:
         while True:
