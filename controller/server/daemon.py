@@ -462,7 +462,12 @@ class Watcher:
         if self.use_inotify:
             try:
                 while True:
-                    await self._inotify(poke, gd)  # (returns when the directory watched is gone)
+                    try:
+                        await self._inotify(poke, gd)  # (returns when the directory watched is gone)
+                    except FileNotFoundError:
+                        if os.path.isdir(self.directory):
+                            raise
+                        # (removed again between its coming back and its watch: wait for it again)
                     self.notifier = "stat-polling"
                     while not os.path.isdir(self.directory):
                         await asyncio.sleep(WATCH)
@@ -877,6 +882,7 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             lag.start(loop)  # (inside the try: stopped in its finally whatever raises from here on)
         while not stop.is_set():
             planned = False
+            poke.clear()  # (here, not after the reload: a change noticed during it wakes the wait below)
             if reload_now.is_set() or (watcher.pending() and (settling is None or settling.done())):
                 forced = reload_now.is_set()
                 reload_now.clear()
@@ -921,7 +927,6 @@ async def serve(watcher: Watcher, listen: tuple[str, int] | None = None,
             if planned or time.monotonic() - trimmed >= TRIM_EVERY:
                 _release_free_memory()
                 trimmed = time.monotonic()
-            poke.clear()
             waits = [asyncio.ensure_future(e.wait()) for e in (stop, reload_now, poke)]
             await asyncio.wait(waits, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:

@@ -101,18 +101,25 @@ class Inotify:
         for which ``prune(path)`` is true; a symlinked directory is followed, its target watched
         and its events named by the link's path); the files found in the directories newly
         watched (for a directory that appeared: what was put in it before its watch)."""
-        files = self._add(path, recursive, prune)
-        self._roots.append((path, recursive, prune))
-        return files
+        self._roots.append((path, recursive, prune))  # (before the walk: what it may follow links into)
+        try:
+            return self._add(path, recursive, prune)
+        except BaseException:
+            self._roots.pop()
+            raise
 
     def _add(self, path: str, recursive: bool, prune: Callable[[str], bool] | None) -> list[str]:
         files: list[str] = []
         stack = [path]
         seen: set[str] = set()  # (the real paths of this walk: a link back up the tree is not followed round)
+        # A symlinked directory is followed only where it stays inside a tree watched (the
+        # loader's rule: a link out of the config directory is refused): a committed `x -> /`
+        # must not walk and watch the machine's file system on the event loop.
+        tops = [os.path.realpath(r) for r, _, _ in self._roots]
         while stack:
             d = stack.pop()
             real = os.path.realpath(d)
-            if real in seen:
+            if real in seen or not any(real == t or real.startswith(t.rstrip(os.sep) + os.sep) for t in tops):
                 continue
             seen.add(real)
             wd = self._c.inotify_add_watch(self.fd, os.fsencode(real), MASK | IN_ONLYDIR)

@@ -18,14 +18,30 @@ from ..config.reader import read_bytes
 
 
 def _yaml_files(directory: str) -> list[str]:
-    """Every YAML file under ``directory`` (hidden directories such as .git skipped), in order."""
-    paths = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """Every YAML file under ``directory`` (hidden directories such as .git skipped), in order.
+    A symlinked directory is walked where its target is inside ``directory`` (the loader reads
+    through such a link: `vips -> .gen/vips`), each real directory once (no loop); one leading
+    out is not (the loader refuses what is in it)."""
+    top = os.path.realpath(directory)
+    paths: list[str] = []
+    walked: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        names = sorted(d for d in dirs if not d.startswith("."))
         # A directory named like a YAML file too: the loader refuses it, so its coming and
         # going is a change.
-        paths += [os.path.join(root, n) for n in sorted(files + dirs) if n.endswith((".yaml", ".yml"))]
+        paths += [os.path.join(root, n) for n in sorted(files + names) if n.endswith((".yaml", ".yml"))]
+        dirs[:] = [d for d in names if not os.path.islink(os.path.join(root, d))
+                   or _inside(os.path.realpath(os.path.join(root, d)), top)]
     return paths
+
+
+def _inside(real: str, top: str) -> bool:
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def fingerprint(directory: str, contents: dict[str, bytes] | None = None) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from controller.server import revision
 from controller.server.daemon import Watcher
 from controller.server.inotify import OVERFLOW, Inotify
 from tests.helpers.config_dirs import EXAMPLE
@@ -114,34 +115,65 @@ def test_directories_made_during_a_queue_overflow_are_watched(tmp_path: Path) ->
         ino.close()
 
 
+def _hidden(path: str) -> bool:
+    return os.path.basename(path).startswith(".")  # (the Watcher's prune: .git, .gen, ...)
+
+
 def test_a_symlinked_config_directory_is_watched_under_the_links_path(tmp_path: Path) -> None:
-    """conf/vips -> /srv/gen/vips: the loader follows the link, watchfiles did, the inotify
+    """conf/vips -> conf/.gen/vips: the loader follows the link, watchfiles did, the inotify
     walk did not (is_dir(follow_symlinks=False)). The link's target is watched and its events
     named by the link's path; a link made later too; a link back up the tree is not followed
-    round (one watch per directory)."""
-    top, gen = tmp_path / "conf", tmp_path / "gen"
-    top.mkdir()
+    round (one watch per directory); a link out of the tree is not followed at all (the
+    loader refuses what is there: a committed `x -> /` would watch the machine's disk)."""
+    top = tmp_path / "conf"
+    gen, elsewhere = top / ".gen", tmp_path / "elsewhere"
     (gen / "vips").mkdir(parents=True)
     (gen / "more").mkdir()
+    (elsewhere / "deep").mkdir(parents=True)
     (top / "vips").symlink_to(gen / "vips")
     (top / "loop").symlink_to(top)
+    (top / "out").symlink_to(elsewhere)
     ino = Inotify()
     try:
-        ino.add(str(top))
-        assert len(ino._dirs) == 2, ino._dirs
+        ino.add(str(top), prune=_hidden)
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top), str(top / "vips")]
         (gen / "vips" / "a.yaml").write_text("x")
         assert str(top / "vips" / "a.yaml") in {p for _, p in ino.read()}
         (top / "later").symlink_to(gen / "more")
+        (top / "later-out").symlink_to(elsewhere / "deep")
         ino.read()
+        assert len(ino._dirs) == 3, ino._dirs  # (later, not later-out)
         (gen / "more" / "b.yaml").write_text("x")
-        assert str(top / "later" / "b.yaml") in {p for _, p in ino.read()}
+        (elsewhere / "c.yaml").write_text("x")
+        (elsewhere / "deep" / "d.yaml").write_text("x")
+        assert {p for _, p in ino.read()} == {str(top / "later" / "b.yaml")}
     finally:
         ino.close()
 
 
+def test_the_fingerprint_sees_a_file_under_a_symlinked_directory_inside_the_checkout(tmp_path: Path) -> None:
+    """What the loader reads through conf/vips -> conf/.gen/vips is what the fingerprint hashes:
+    an edit there is a change (before, os.walk did not follow the link: the watch poked, the
+    fingerprint stayed, and the edit was never loaded); a link out of the tree or round it
+    adds nothing and never loops."""
+    top = tmp_path / "conf"
+    (top / ".gen" / "vips").mkdir(parents=True)
+    (top / "vips").symlink_to(top / ".gen" / "vips")
+    (top / "loop").symlink_to(top)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.yaml").write_text("x")
+    (top / "out").symlink_to(tmp_path / "elsewhere")
+    (top / ".gen" / "vips" / "a.yaml").write_text("vips: []\n")
+    before = revision.fingerprint(str(top))
+    assert str(top / "vips" / "a.yaml") in revision._yaml_files(str(top))
+    assert not any("elsewhere" in p or "/out/" in p for p in revision._yaml_files(str(top)))
+    (top / ".gen" / "vips" / "a.yaml").write_text("vips: [broken\n")
+    assert revision.fingerprint(str(top)) != before
+
+
 def test_a_symlinked_subdirectory_pokes_the_watcher(tmp_path: Path) -> None:
     d = _checkout(tmp_path)
-    gen = tmp_path / "gen"
+    gen = d / ".gen"
     gen.mkdir()
     (d / "generated").symlink_to(gen)
     watcher = Watcher(str(d), str(tmp_path / "state"))
