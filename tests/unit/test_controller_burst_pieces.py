@@ -14,33 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from controller.config.desired import load_desired
-from controller.config.desired_model import ChangePolicy, DesiredState, FleetVip, PopSpec
 from controller.policy import planner
 from controller.policy.model import PopReport
 from controller.server import app, core
 from controller.server.core import Controller
-
-# (as in test_controller_slices.py)
-ROOT = Path(__file__).resolve().parents[2]
-ALL_AT_ONCE = ChangePolicy(max_withdraw_fraction=1.0, max_removed_vips=10**6, bake=0.0)
-BASE = load_desired(str(ROOT / "configs" / "controller"), "rev1")
-POPS = ("sjc", "fra", "sin", "iad", "nrt", "gru")
-VIPS = 1500  # several times SMALL_PASS: the pass runs in slices
-
-
-def _desired(tmp_path: Path, enabled: bool = True, revision: str = "rev1") -> DesiredState:
-    template = BASE.vip("game-global")
-    assert template is not None
-    vips = tuple(FleetVip(dataclasses.replace(template.vip, name=f"v{i:04d}"), POPS, enabled, template.policy)
-                 for i in range(VIPS))
-    return dataclasses.replace(BASE, revision=revision, state_dir=str(tmp_path),
-                               pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips, change=ALL_AT_ONCE)
-
-
-def _report(pop: str, at: float, down: str = "") -> PopReport:
-    return PopReport(pop, at, 1, {f"v{i:04d}": {"us-west": f"v{i:04d}" != down, "eu-central": True}
-                                  for i in range(VIPS)})
+from tests.helpers.sliced_fleet import POPS, VIPS
+from tests.helpers.sliced_fleet import desired as _desired
+from tests.helpers.sliced_fleet import report as _report
 
 
 def _down_report(pop: str, at: float) -> PopReport:

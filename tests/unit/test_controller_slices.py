@@ -5,38 +5,15 @@ complete plan; the new plan becomes visible all at once. Ordering assertions onl
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from controller.config.desired import load_desired
-from controller.config.desired_model import ChangePolicy, DesiredState, FleetVip, PopSpec
-from controller.policy.model import PopReport
 from controller.server import core
 from controller.server.core import Controller
-
-ROOT = Path(__file__).resolve().parents[2]
-ALL_AT_ONCE = ChangePolicy(max_withdraw_fraction=1.0, max_removed_vips=10**6, bake=0.0)
-BASE = load_desired(str(ROOT / "configs" / "controller"), "rev1")
-POPS = ("sjc", "fra", "sin", "iad", "nrt", "gru")
-VIPS = 1500  # several times SMALL_PASS: the pass runs in slices
-
-
-def _desired(tmp_path: Path, enabled: bool = True, revision: str = "rev1") -> DesiredState:
-    template = BASE.vip("game-global")
-    assert template is not None
-    vips = tuple(FleetVip(dataclasses.replace(template.vip, name=f"v{i:04d}"), POPS, enabled, template.policy)
-                 for i in range(VIPS))
-    # The commit disabling every VIP is the large pass this module is about, not the budget
-    # for config changes (test_change_gate.py): applied at once.
-    return dataclasses.replace(BASE, revision=revision, state_dir=str(tmp_path),
-                               pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips, change=ALL_AT_ONCE)
-
-
-def _report(pop: str, at: float, down: str = "") -> PopReport:
-    return PopReport(pop, at, 1, {f"v{i:04d}": {"us-west": f"v{i:04d}" != down, "eu-central": True}
-                                  for i in range(VIPS)})
+from tests.helpers.sliced_fleet import POPS, VIPS
+from tests.helpers.sliced_fleet import desired as _desired
+from tests.helpers.sliced_fleet import report as _report
 
 
 def _wanted(ctl: Controller, pop: str) -> int:
