@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -33,6 +34,7 @@ from controller.cli.conventions import Exit
 from lab import host_process
 from lab.tls import LabCa, Pair
 from lab.poll import wait_for
+from tests.helpers.config_dirs import EXAMPLE
 
 BIN = Path(sys.executable).parent
 STARTUP = 120.0  # a hang guard for a loaded machine: the wait ends as soon as the controller answers
@@ -53,6 +55,17 @@ def git(d: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True, text=True,
                           env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
                                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout.strip()
+
+
+def committed_example(tmp_path: Path) -> Path:
+    """The example controller config copied to ``tmp_path/desired``, a git checkout with it
+    committed on ``main``."""
+    d = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, d)
+    git(d, "init", "-q", "-b", "main")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "A")
+    return d
 
 
 class GitConfig:

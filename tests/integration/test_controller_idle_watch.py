@@ -6,7 +6,6 @@ loop-lag sampler is stopped when serve() fails after starting it (review L3)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from pathlib import Path
 
@@ -17,18 +16,8 @@ from controller.server import daemon
 from controller.server.daemon import Watcher
 from controller.server.inotify import Inotify
 from controller.server.looplag import LoopLag
-from tests.helpers.config_dirs import EXAMPLE
-from tests.helpers.controller_process import free_ports, git
+from tests.helpers.controller_process import committed_example, free_ports, git
 from tests.helpers.waiting import check, until
-
-
-def _checkout(tmp_path: Path) -> Path:
-    d = tmp_path / "desired"
-    shutil.copytree(EXAMPLE, d)
-    git(d, "init", "-q", "-b", "main")
-    git(d, "add", "-A")
-    git(d, "commit", "-qm", "A")
-    return d
 
 
 def test_the_inotify_watch_runs_no_thread_and_sees_new_directories_and_refs(tmp_path: Path) -> None:
@@ -37,7 +26,7 @@ def test_the_inotify_watch_runs_no_thread_and_sees_new_directories_and_refs(tmp_
     thread, and what it must notice it notices: a YAML file in a directory created after the
     watch began (the directory is watched at once), a branch ref; a file in a hidden
     directory pokes nothing."""
-    d = _checkout(tmp_path)
+    d = committed_example(tmp_path)
     watcher = Watcher(str(d), str(tmp_path / "state"))
     watcher.load()
 
@@ -94,7 +83,7 @@ def test_serve_stops_the_loop_lag_sampler_when_it_fails_after_starting_it(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Review L3: the sampler was started before serve()'s try block, so a failure between
     the two (here the heap freeze) left its timer running on the loop for good."""
-    d = _checkout(tmp_path)
+    d = committed_example(tmp_path)
     conf = yaml.safe_load((d / "controller.yaml").read_text())
     conf["api"].pop("tls", None)
     conf["state_dir"] = str(tmp_path / "state")

@@ -19,18 +19,8 @@ import pytest
 from controller.server import revision
 from controller.server.daemon import Watcher
 from controller.server.inotify import OVERFLOW, Inotify
-from tests.helpers.config_dirs import EXAMPLE
-from tests.helpers.controller_process import git
+from tests.helpers.controller_process import committed_example, git
 from tests.helpers.waiting import check, until
-
-
-def _checkout(tmp_path: Path) -> Path:
-    d = tmp_path / "desired"
-    shutil.copytree(EXAMPLE, d)
-    git(d, "init", "-q", "-b", "main")
-    git(d, "add", "-A")
-    git(d, "commit", "-qm", "A")
-    return d
 
 
 def _readable(fd: int) -> bool:
@@ -44,7 +34,7 @@ def test_the_watch_reads_its_queue_while_git_holds_the_index_lock(tmp_path: Path
     loop (a whole core, review: 0.97 s CPU a second). The reader now reads the queue itself:
     after a write made during the wait, the descriptor is left unreadable and further turns of
     the loop call no reader; the poke waits for the lock to go."""
-    d = _checkout(tmp_path)
+    d = committed_example(tmp_path)
     watcher = Watcher(str(d), str(tmp_path / "state"))
     watcher.load()
     calls = 0
@@ -172,7 +162,7 @@ def test_the_fingerprint_sees_a_file_under_a_symlinked_directory_inside_the_chec
 
 
 def test_a_symlinked_subdirectory_pokes_the_watcher(tmp_path: Path) -> None:
-    d = _checkout(tmp_path)
+    d = committed_example(tmp_path)
     gen = d / ".gen"
     gen.mkdir()
     (d / "generated").symlink_to(gen)
@@ -217,7 +207,7 @@ def test_the_watch_survives_the_config_directory_replaced(tmp_path: Path) -> Non
     hidden one) and the watch on the old directory stayed: after a rename of the config
     directory, or its removal and remaking, no change was seen again. Now each is reported
     and the new directory watched (the watch waits for it to be there again)."""
-    d = _checkout(tmp_path)
+    d = committed_example(tmp_path)
     watcher = Watcher(str(d), str(tmp_path / "state"))
     watcher.load()
 
