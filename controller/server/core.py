@@ -1551,12 +1551,12 @@ def _let_go(retired: list[Any]) -> Iterator[None]:
     """Drop ``retired``'s objects, SLICE_S at a time (a step of the iterator each): the plans a
     burst's commit replaced (10,000 VipPlans of 50 POPs' items each) freed in one piece were
     about a third of the commit's step of the event loop."""
-    start = time.perf_counter()
+    budget = store.Budget(SLICE_S)
     while retired:
         del retired[-256:]  # (from the end: nothing moved)
-        if retired and time.perf_counter() - start >= SLICE_S:
+        if retired and budget.due():
             yield
-            start = time.perf_counter()
+            budget.start()
 
 
 class _Records(NamedTuple):
