@@ -523,24 +523,35 @@ class _Phases:
     """Each phase's wall and CPU seconds, the collector's CPU in it, RSS after it and the
     process's peak RSS so far (ru_maxrss: a phase's own peak where it is the highest yet)."""
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, trace: Any = None) -> None:
         self.rows: list[dict[str, Any]] = []
         self.log = log
         self.gc = _GcClock()
+        self.trace = trace  # bench.cold_trace.Trace, or None
+
+    def _begin(self, name: str) -> None:
+        if self.trace is not None:
+            self.trace.phase = name
+            self.trace.event("phase begins")
+            self.trace.profile(name)
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self._begin(name)
         t, c, g = time.perf_counter(), time.process_time(), self.gc.total
         value = fn()
         self.done(name, t, c, g)
         return value
 
     async def arun(self, name: str, fn: Callable[[], Any]) -> Any:
+        self._begin(name)
         t, c, g = time.perf_counter(), time.process_time(), self.gc.total
         value = await fn()
         self.done(name, t, c, g)
         return value
 
     def done(self, name: str, t: float, c: float, g: float) -> None:
+        if self.trace is not None:
+            self.trace.profile(None)
         row = {"phase": name, "wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(time.process_time() - c, 3),
                "gc_cpu_s": round(self.gc.total - g, 3), "rss_mb": _status_mb("self", "VmRSS"),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -552,7 +563,7 @@ class _Phases:
 COLD_PHASES = ("load", "controller", "reports", "first plan", "serve")  # the cold path's total
 
 
-async def cold_path(config_dir: Path, state_dir: Path, log: Log) -> dict[str, Any]:
+async def cold_path(config_dir: Path, state_dir: Path, log: Log, trace: Path | None = None) -> dict[str, Any]:
     """The daemon's start (daemon.serve) on a generated checkout, in this process, with the
     daemon's own objects: Watcher.load() (files hashed, git's revision, load_desired with the
     LoadCache), the Controller on a file journal (its first pass, with no reports: every
@@ -574,7 +585,12 @@ async def cold_path(config_dir: Path, state_dir: Path, log: Log) -> dict[str, An
 
     gc.set_threshold(*GC_THRESHOLD)  # as the daemon runs
     server_daemon.FREEZE_HEAP = True
-    ph = _Phases(log)
+    tracer = None
+    if trace is not None:  # (the timeline of bench/cold_trace.py: where the wall time goes)
+        from . import cold_trace
+        tracer = cold_trace.Trace(trace)
+        untrace = cold_trace.instrument(tracer)
+    ph = _Phases(log, tracer)
     out: dict[str, Any] = {"rss_mb_start": _status_mb("self", "VmRSS"), "load_average_start": load_average()}
     watcher = server_daemon.Watcher(str(config_dir), str(state_dir), use_inotify=False)
     desired = await ph.arun("load", lambda: asyncio.to_thread(watcher.load_at_start))
@@ -607,6 +623,8 @@ async def cold_path(config_dir: Path, state_dir: Path, log: Log) -> dict[str, An
                 async with book.lock:
                     parsed = await server_app._parsed(raw, published, turn)
                     statuses.append(server_app._take_report(ctl, pop, book, published, parsed).status)
+            if tracer is not None and len(statuses) % 25 == 0:
+                tracer.event("reports stored", n=len(statuses))
     await ph.arun("reports", intake)
     del bodies
     out["report_statuses"] = {str(s): statuses.count(s) for s in set(statuses)}
@@ -655,6 +673,11 @@ async def cold_path(config_dir: Path, state_dir: Path, log: Log) -> dict[str, An
     ph.gc.close()
     watcher.close()
     ctl.close()
+    if tracer is not None:
+        untrace()
+        tracer.close()
+        out["trace"] = tracer.summary()
+        log("trace (s): " + json.dumps(out["trace"]))
     return out
 
 
@@ -678,7 +701,7 @@ def _edit_port(config_dir: Path, pops: list[str]) -> None:
     path.write_text(text[:port_at] + ":8081\"" + text[port_at + len(":8080\""):])
 
 
-def cold_main(vips: int, pops: int, files: int, out: Path | None, log: Log) -> dict[str, Any]:
+def cold_main(vips: int, pops: int, files: int, out: Path | None, log: Log, trace: Path | None = None) -> dict[str, Any]:
     """The config files written (and committed) to a temporary directory, untimed; then
     ``cold_path`` on them in this process."""
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
@@ -694,7 +717,7 @@ def cold_main(vips: int, pops: int, files: int, out: Path | None, log: Log) -> d
         from .report import calibrate
         result: dict[str, Any] = {"files": files, "yaml_mb": round(size / 2**20, 1), "python_loop_ms": calibrate(),
                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        result.update(asyncio.run(cold_path(config_dir, Path(tmp) / "state", log)))
+        result.update(asyncio.run(cold_path(config_dir, Path(tmp) / "state", log, trace)))
     result["targets"] = {"cold_s": TARGET_COLD_S, "change_s": TARGET_CHANGE_S, "rss_mb": TARGET_COLD_RSS_MB}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -1544,6 +1567,7 @@ def main(argv: list[str] | None = None) -> int:
     cd.add_argument("--pops", type=int, default=300)
     cd.add_argument("--files", type=int, default=SPLIT_FILES)
     cd.add_argument("--out", type=Path)
+    cd.add_argument("--trace", type=Path, help="write a timeline (bench/cold_trace.py) to this file")
     g = sub.add_parser("generate", help="write a synthetic config directory")
     g.add_argument("--dir", type=Path, required=True)
     g.add_argument("--vips", type=int, default=10000)
@@ -1557,7 +1581,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text + "\n")
         return 0
     if args.cmd == "cold":
-        print(render_cold(cold_main(args.vips, args.pops, args.files, args.out, lambda m: print(m, flush=True))))
+        print(render_cold(cold_main(args.vips, args.pops, args.files, args.out, lambda m: print(m, flush=True),
+                                    args.trace)))
         return 0
     if args.cmd == "burst":
         res = burst_main(args.vips, args.pops, args.files, args.runs, args.out, lambda m: print(m, flush=True),

@@ -500,9 +500,11 @@ class Engine:
         loaded = set(map(id, map(pop_vips.get, zip(fv.publish, itertools.repeat(name)), itertools.repeat(NEW))))
         if loaded <= _NEW_ONLY:  # (nothing loaded at its POPs: a first start, or a VIP new since)
             return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name), no_memory, {}, fresh=p.fresh)
+        # (STEADY at every POP, as a restart loads a healthy fleet: planned once for all its
+        # POPs while none of them has reported, not POP by POP: planner._plan_silent)
         return plan_vip(fv, p.reports, p.drains, p.now, boot.vips.get(name),
                         lambda pop: pop_vips.get((pop, name), NEW), {}, fresh=p.fresh,
-                        steady=loaded <= _STEADY_OR_NEW)
+                        steady=loaded <= _STEADY_OR_NEW, everywhere=STEADY if loaded == _STEADY_ONLY else None)
 
     def commit(self, p: Pass, retire: list[VipPlan] | None = None) -> Changes:
         """Make the pass's plans the current ones, all at once. ``retire``: the plans replaced
@@ -663,6 +665,7 @@ class Engine:
 
 
 _STEADY_OR_NEW = {id(STEADY), id(NEW)}
+_STEADY_ONLY = {id(STEADY)}
 _NEW_ONLY = {id(NEW)}
 
 

@@ -285,19 +285,26 @@ FreshMemo = dict[tuple[tuple[str, ...], float], FreshSet]
 
 def plan_vip(fv: FleetVip, reports: Mapping[str, PopReport], drains: Mapping[str, float], now: float,
              memory: VipMemory | None, pop_memory: PopMemory, shared_before: Mapping[R, PlanItem], *,
-             shortcuts: bool = True, fresh: FreshMemo | None = None, steady: bool = False) -> VipPlan:
+             shortcuts: bool = True, fresh: FreshMemo | None = None, steady: bool = False,
+             everywhere: PopVipMemory | None = None) -> VipPlan:
     """One VIP's plan: a pure function of its definition, the reports and drains of its
     POPs, its memory (``memory``, ``pop_memory``) and ``now``. ``shared_before``: last run's
     shared items (reused when equal, so that an unchanged plan is made of the same objects).
     ``fresh``: a memo of step 1's fresh reports by (publish list, report_stale_after), for
     many VIPs planned with the same ``reports`` and ``now`` (the engine's pass).
     ``steady``: the caller knows that ``pop_memory`` is STEADY or NEW (the objects) at every
-    POP, which lets a uniform VIP be planned once for all its POPs (``_plan_uniform``)."""
+    POP, which lets a uniform VIP be planned once for all its POPs (``_plan_uniform``).
+    ``everywhere``: the caller knows that ``pop_memory`` is this very object (STEADY or NEW) at
+    every POP the VIP is published at (``no_memory``: NEW), which lets a VIP no POP has a fresh
+    report about be planned once for all its POPs too (``_plan_silent``: the pass of a restart
+    from saved state, before the reports)."""
     fs = _fresh_set(fv, reports, now, fresh)
+    if pop_memory is no_memory:
+        everywhere = NEW
     if shortcuts and fv.enabled and (steady or pop_memory is no_memory):
         planned = _plan_uniform(fv, reports, fs, drains, now, memory, shared_before)
-        if planned is None and pop_memory is no_memory and not fs.reports:
-            planned = _plan_silent(fv, reports, fs, drains, now, memory, shared_before)
+        if planned is None and (everywhere is NEW or everywhere is STEADY) and not fs.reports:
+            planned = _plan_silent(fv, reports, fs, drains, now, memory, shared_before, everywhere)
         if planned is not None:
             return planned
     name = fv.name
@@ -358,13 +365,16 @@ def _one_route(fv: FleetVip, default: Route, shared_before: Mapping[R, PlanItem]
 
 
 def _plan_silent(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, drains: Mapping[str, float],
-                 now: float, memory: VipMemory | None, shared_before: Mapping[R, PlanItem]) -> VipPlan | None:
-    """The plan of a VIP never planned (NEW at every POP) that no POP of it has a fresh report
-    about (a controller's first pass after a start with no state, before any report), once
-    for all its POPs, or None when another path must plan it: what ``_plan_rest`` computes
-    then, when it is enabled, not steered and none of its POPs is drained: every POP takes
-    ``_propose_all``'s silent shortcut (the VIP's shared report_stale item, NEW memory kept),
-    no proposal, so nothing for the safety limits to hold and no settle window. The start's
+                 now: float, memory: VipMemory | None, shared_before: Mapping[R, PlanItem],
+                 everywhere: PopVipMemory = NEW) -> VipPlan | None:
+    """The plan of a VIP whose memory is ``everywhere`` at every POP (NEW: never planned;
+    STEADY: healthy when last planned, as a restart from saved state loads most pairs) that no
+    POP of it has a fresh report about (a controller's first pass after a start, before any
+    report), once for all its POPs, or None when another path must plan it: what
+    ``_plan_rest`` computes then, when it is enabled, not steered and none of its POPs is
+    drained: every POP takes ``_propose_all``'s silent shortcut (the VIP's shared
+    report_stale item, its memory kept: neither NEW nor STEADY is down or withdrawn), no
+    proposal, so nothing for the safety limits to hold and no settle window. The start's
     pass at 100,000 VIPs x 300 POPs went POP by POP (30 million pairs, ~50 s).
     (tests/unit/test_policy_uniform.py compares it with the per-POP oracle.)"""
     publish = fv.publish
@@ -377,7 +387,7 @@ def _plan_silent(fv: FleetVip, reports: Mapping[str, PopReport], fs: FreshSet, d
     # (what _finish makes of the silent POPs' items: UniformItems.of, without its walk when no POP repeats)
     at = dict.fromkeys(publish, stale)
     items = UniformItems.over(publish, stale) if len(at) == len(publish) else UniformItems.of(at)
-    return _result(fv, items, vmem, NEW, {}, note, outcome, alarms, shared, None, fs.reports, drains, now,
+    return _result(fv, items, vmem, everywhere, {}, note, outcome, alarms, shared, None, fs.reports, drains, now,
                    outcome in _PENDING, routes)
 
 

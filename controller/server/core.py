@@ -60,6 +60,14 @@ REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
 # pass REPORT_HOLD s at most.
 REPORT_HOLD = 1.0
 REPORT_HOLD_MAX = 30.0
+# s: the bound of a burst that brings POPs' first reports since the start (a cold start, a
+# restart), which is held past REPORT_HOLD_MAX while they keep coming and some POP of the
+# inventory has not reported: at 100,000 VIPs x 300 POPs the 300 first reports take 45-70 s
+# to take in, and a pass begun with part of them planned every VIP POP by POP (the POPs heard
+# from healthy, the others silent: 30 million pairs, a per-pair memory), then again with the
+# rest. A burst whose reports cover every POP of the inventory is held no longer (nothing more
+# to wait for). Holding plans nothing: the POPs keep the plans they have, no route moves.
+REPORT_FIRST_HOLD_MAX = 180.0
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
@@ -155,6 +163,9 @@ class Controller:
     _stored_at: float = 0.0  # (loop time) when the last report was stored
     _pending_urgent: bool = False  # a report waiting for it is urgent: it waits for no other
     _pending_changed: bool = False  # a report waiting for it changed verdicts (or is urgent): not held
+    _pending_pops: set[str] = field(default_factory=set)  # the POPs whose reports wait for it
+    _pending_first: bool = False  # one of them is a POP's first report since the start (REPORT_FIRST_HOLD_MAX)
+    _heard: set[str] = field(default_factory=set)  # POPs that sent a report since the start
     _incoming: int = 0  # reports being received or parsed (receiving())
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
@@ -492,6 +503,7 @@ class Controller:
 
     def add_report(self, report: PopReport) -> None:
         self.reports[report.pop] = compact_report(report, self.reports.get(report.pop))
+        self._heard.add(report.pop)
         self.replan()
 
     def accept_report(self, report: PopReport) -> asyncio.Future[None] | None:
@@ -504,8 +516,12 @@ class Controller:
         it is stored (it keeps the POP fresh) and the next pass sees it."""
         previous = self.reports.get(report.pop)
         report = self.reports[report.pop] = compact_report(report, previous)  # equal origins: the same object
+        first = report.pop not in self._heard
+        self._heard.add(report.pop)
         with contextlib.suppress(RuntimeError):  # (no loop: a test, the CLI)
             self._stored_at = asyncio.get_running_loop().time()
+        if self._pending is not None:
+            self._pending_pops.add(report.pop)
         if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
                 and report.received_at - previous.received_at < self._min_stale_after()):
             return None
@@ -520,9 +536,11 @@ class Controller:
         changed = previous is not None and report.origins is not previous.origins
         urgent = bool(report.checks) or changed
         self._pending_changed = self._pending_changed or urgent
+        self._pending_first = self._pending_first or first
         if self._pending is None:
             self._pending = loop.create_future()
             self._pending_since, self._pending_urgent = loop.time(), urgent
+            self._pending_pops = {report.pop}
             self._pending_timer = (loop.call_soon(self._planned_reports) if urgent
                                    else loop.call_later(REPORT_BATCH, self._planned_reports))
             self._unplanned = self._pending
@@ -599,7 +617,15 @@ class Controller:
         if self._pending is None or not self._incoming or self._pending_changed:
             return False
         now = asyncio.get_running_loop().time()
-        return now - self._stored_at < REPORT_HOLD and now - self._pending_since < REPORT_HOLD_MAX
+        if now - self._stored_at >= REPORT_HOLD:
+            return False  # (a body that never comes)
+        if all(p.name in self._pending_pops for p in self.desired.pops):
+            return False  # every POP's report is in: nothing more to wait for
+        if now - self._pending_since < REPORT_HOLD_MAX:
+            return True
+        # POPs' first reports still coming in, some POP not heard from yet (REPORT_FIRST_HOLD_MAX)
+        return (self._pending_first and now - self._pending_since < REPORT_FIRST_HOLD_MAX
+                and not all(p.name in self._heard for p in self.desired.pops))
 
     def _planned_reports(self) -> None:
         loop = asyncio.get_running_loop()
@@ -607,7 +633,8 @@ class Controller:
             self._pending_timer = loop.call_later(REPORT_BATCH, self._planned_reports)  # more on the way
             return
         done, self._pending, self._pending_timer = self._pending, None, None
-        self._pending_urgent = self._pending_changed = False
+        self._pending_urgent = self._pending_changed = self._pending_first = False
+        self._pending_pops = set()
         assert done is not None
         self._waiting.append(done)
         self._plan_soon()

@@ -111,7 +111,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-def _run(seed: int, counts: dict[str, int], quiet: int = 0) -> dict[str, int]:
+def _run(seed: int, counts: dict[str, int], quiet: int = 0, restarts_quiet: int = 0) -> dict[str, int]:
+    """``quiet``: the first steps hear from no POP; ``restarts_quiet``: a restart forgets the
+    reports (a controller's restart from saved state) and hears from no POP for that many steps."""
     rng = random.Random(seed)
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS12),
                                   vips=tuple(_vip(i, rng) for i in range(40)))
@@ -122,11 +124,12 @@ def _run(seed: int, counts: dict[str, int], quiet: int = 0) -> dict[str, int]:
     drains: dict[str, float] = {}
     now = 1000.0
     stats = {"restarts": 0, "uniform_items": 0, "planned": 0, "uniform_after_restart": 0}
+    deaf_until = quiet
     for step in range(STEPS):
         wake = engine.next_wake()
         now = max(now, wake) if wake is not None and rng.random() < 0.2 else now + rng.choice((0.2, 0.5, 1.0, 2.0))
         world.step(desired)
-        for pop in POPS12 if step >= quiet else ():  # (``quiet``: the first steps hear from no POP)
+        for pop in POPS12 if step >= deaf_until else ():  # (``quiet``: the first steps hear from no POP)
             if pop not in world.silent and rng.random() < 0.7:
                 report = world.report(pop, desired, now)
                 # (mostly interned, as the controller's reports are: equal verdicts, one object)
@@ -144,6 +147,9 @@ def _run(seed: int, counts: dict[str, int], quiet: int = 0) -> dict[str, int]:
             # (steady pairs load as the STEADY object), its first pass over every VIP.
             engine = Engine(planner_from_json(planner_to_json(oracle)))
             stats["restarts"] += 1
+            if restarts_quiet:
+                reports = {}
+                deaf_until = step + 1 + restarts_quiet
         changes = engine.run(desired, reports, drains, now, refresh=True)
         stats["planned"] += len(changes.planned)
         stats["uniform_after_restart"] += counts["uniform"] - before if restart else 0
@@ -188,3 +194,25 @@ def test_vips_no_pop_has_reported_about_planned_once_equal_planning_every_pop(mo
     for seed in (11, 12, 13):
         _run(seed, counts, quiet=30)
     assert silent["planned"] > 3 * 30, silent
+
+
+def test_restart_from_saved_state_before_any_report_planned_once_equal_planning_every_pop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart from saved state (healthy pairs load as STEADY), its reports forgotten and
+    none heard for a few steps: the VIPs STEADY at every POP are planned once for all their
+    POPs (``_plan_silent`` with STEADY memory; before, POP by POP), the same as the oracle
+    at every step (items and sentences, memory, alarms, wake-ups), drains and steered or
+    disabled VIPs among them; and the silent path did plan steady VIPs."""
+    counts = _counting(monkeypatch)
+    silent = {"steady": 0}
+    real: Callable[..., VipPlan | None] = planner._plan_silent
+
+    def counted(*args: object) -> VipPlan | None:
+        vp = real(*args)
+        silent["steady"] += vp is not None and vp.default is planner.STEADY
+        return vp
+    monkeypatch.setattr(planner, "_plan_silent", counted)
+    restarts = 0
+    for seed in (21, 22, 23, 24):
+        restarts += _run(seed, counts, restarts_quiet=5)["restarts"]
+    assert restarts and silent["steady"] > 10 * restarts, (silent, restarts)
