@@ -665,6 +665,19 @@ async def cold_path(config_dir: Path, state_dir: Path, log: Log, trace: Path | N
             return len(moved)
         await ph.arun(f"change: {what}", change)
     out["changes"] = changes
+    # A restart from the saved state after longer than report_stale_after (no report presumed:
+    # the clock 2 h on), before any report: the loaded memory is STEADY at most pairs.
+    desired_now = ctl.target
+    ctl.close()
+    del ctl
+    gc.collect()
+
+    def restart() -> Controller:
+        journal = server_store.FileJournal(desired_now.state_dir, background=True)
+        return Controller(desired_now, applied=watcher.kept_base(desired_now, journal), state_store=journal,
+                          clock=lambda: time.time() + 7200.0)
+    ctl = ph.run("restart: saved state, no report", restart)
+    out["restart_presumed"] = len(ctl._presumed)
     out["phases"] = ph.rows
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["load_average_end"] = load_average()
