@@ -15,7 +15,7 @@ import pytest
 from controller.policy.model import PopReport
 from controller.server import core
 from controller.server.core import Controller
-from tests.unit.test_controller_core import controller, report
+from tests.helpers.example_controller import controller, report
 
 POPS = ("sjc", "fra", "sin")
 
