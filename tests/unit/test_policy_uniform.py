@@ -144,7 +144,7 @@ def _run(seed: int, counts: dict[str, int], quiet: int = 0) -> dict[str, int]:
             # (steady pairs load as the STEADY object), its first pass over every VIP.
             engine = Engine(planner_from_json(planner_to_json(oracle)))
             stats["restarts"] += 1
-        changes = engine.run(desired, reports, drains, now, refresh=True)
+        changes = engine.run(desired, reports, drains, now, refresh_after=0.0)
         stats["planned"] += len(changes.planned)
         stats["uniform_after_restart"] += counts["uniform"] - before if restart else 0
         plans = plan_all(desired, reports, drains, now, oracle, shortcuts=False)
