@@ -252,7 +252,7 @@ class _CommonVerdicts:
         chunk = names[start:start + step]
         columns: list[list[Verdicts | None]] = []
         for o, reading in zip(origins, self.reads):
-            column = reading.column(chunk, start)
+            column: list[Verdicts | None] | None = reading.column(chunk, start)
             columns.append(column if column is not None else [o.get(name) for name in chunk])
         self.out.update((name, row[0]) for name, row in zip(chunk, zip(*columns))
                         if row[0] is not None and row.count(row[0]) == n)
@@ -272,13 +272,13 @@ class _Reading:
 
     def __init__(self, report: Mapping[str, Verdicts]) -> None:
         self.kit: Iterator[str] | None = iter(report)
-        self.vit: Iterator[Verdicts] = iter(report.values())
+        self.vit: Iterator[Verdicts | None] = iter(report.values())
         self.keys: list[str] = []
-        self.values: list[Verdicts] = []
+        self.values: list[Verdicts | None] = []
         self.pos = 0
         self.shift = 0
 
-    def column(self, chunk: list[str], start: int) -> list[Verdicts] | None:
+    def column(self, chunk: list[str], start: int) -> list[Verdicts | None] | None:
         """The report's verdicts about ``chunk`` (the first report's VIPs ``start`` on), if it
         has them in that order within reach, else None (read by name)."""
         kit = self.kit
