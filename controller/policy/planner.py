@@ -217,7 +217,7 @@ class _CommonVerdicts:
     the reports' order, so each chunk falls in one of its slices: all of them at once were
     ~20 ms of one slice after a burst of 50 full reports at 10,000 VIPs (results 3z)."""
 
-    __slots__ = ("origins", "names", "at", "out", "done", "keys", "values", "pos")
+    __slots__ = ("origins", "names", "at", "out", "done", "reads")
 
     STEP = 1024
 
@@ -227,16 +227,13 @@ class _CommonVerdicts:
         self.at = dict(zip(self.names, range(len(self.names))))  # (in C)
         self.out: dict[str, Verdicts] = {}
         self.done: set[int] = set()
-        # Per report, its keys and values read in order, kept between chunks (None: read by
-        # name: not as long as the first, or a chunk's VIPs were not in the first one's
-        # order); they stand at chunk ``pos``. Each chunk read with islice from the start
-        # stepped through every earlier VIP of every report: quadratic (100,000 VIPs x 300
-        # reports: 17.6 s for all chunks, 0.86 s in one pass).
-        n = len(self.names)
-        self.keys: list[Iterator[str] | None] = [iter(o) if len(o) == n else None for o in origins]
-        self.values: list[Iterator[Verdicts] | None] = [iter(o.values()) if len(o) == n else None
-                                                        for o in origins]
-        self.pos = 0
+        # Per report, its keys and values read in order, kept between chunks (_Reading): each
+        # chunk read with islice from the start stepped through every earlier VIP of every
+        # report: quadratic (100,000 VIPs x 300 reports: 17.6 s for all chunks, 0.86 s in one
+        # pass). A report whose chunk is not in the first one's order is read by name for that
+        # chunk only, and in order again from the next chunk found there (before, by name for
+        # good: one VIP out of order made the rest ~6x slower, results 3al).
+        self.reads = [_Reading(o) for o in origins]
 
     def get(self, name: str) -> Verdicts | None:
         i = self.at.get(name)
@@ -253,31 +250,72 @@ class _CommonVerdicts:
         n, names = len(origins), self.names
         start = at * step
         chunk = names[start:start + step]
-        # A report whose VIPs are in the first one's order is read in order (its values, one
-        # after the other in memory), from where its iterators stand (the chunks between
-        # stepped over, once), the others by name; a chunk asked for after a later one, by name.
         columns: list[list[Verdicts | None]] = []
-        forward = at >= self.pos
-        skip = (at - self.pos) * step
-        keys, values = self.keys, self.values
-        for k, o in enumerate(origins):
-            kit, vit = keys[k], values[k]
-            if forward and kit is not None and vit is not None:
-                try:
-                    if skip:
-                        collections.deque(itertools.islice(kit, skip), maxlen=0)
-                        collections.deque(itertools.islice(vit, skip), maxlen=0)
-                    if list(itertools.islice(kit, step)) == chunk:
-                        columns.append(list(itertools.islice(vit, step)))
-                        continue
-                except RuntimeError:  # (a report changed meanwhile: never, but then by name)
-                    pass
-                keys[k] = values[k] = None  # (out of order here: by name from now on)
-            columns.append([o.get(name) for name in chunk])
-        if forward:
-            self.pos = at + 1
+        for o, reading in zip(origins, self.reads):
+            column: list[Verdicts | None] | None = reading.column(chunk, start)
+            columns.append(column if column is not None else [o.get(name) for name in chunk])
         self.out.update((name, row[0]) for name, row in zip(chunk, zip(*columns))
                         if row[0] is not None and row.count(row[0]) == n)
+
+
+class _Reading:
+    """One report's keys and values read in order, a window of them kept (``keys``,
+    ``values``; ``pos``: the report's index of the window's first): a chunk of the first
+    report's VIPs is found in the window where the report has it in the same order, the
+    window read on up to it (a chunk skipped: stepped over), its column then a slice of the
+    values (in C). ``shift``: the report's index of a VIP less the first report's, as last
+    found (a VIP the report has elsewhere, or lacks, shifts the rest)."""
+
+    __slots__ = ("kit", "vit", "keys", "values", "pos", "shift")
+
+    SLACK = 256  # the VIPs a report may have moved or lack before a chunk (found by index in C)
+
+    def __init__(self, report: Mapping[str, Verdicts]) -> None:
+        self.kit: Iterator[str] | None = iter(report)
+        self.vit: Iterator[Verdicts | None] = iter(report.values())
+        self.keys: list[str] = []
+        self.values: list[Verdicts | None] = []
+        self.pos = 0
+        self.shift = 0
+
+    def column(self, chunk: list[str], start: int) -> list[Verdicts | None] | None:
+        """The report's verdicts about ``chunk`` (the first report's VIPs ``start`` on), if it
+        has them in that order within reach, else None (read by name)."""
+        kit = self.kit
+        if kit is None:
+            return None
+        step, slack = len(chunk), self.SLACK
+        keys, values = self.keys, self.values
+        want = start + self.shift - slack  # (the window from here: the slack before kept)
+        try:
+            if want > self.pos + len(keys):  # (chunks asked for later, or not at all: stepped over)
+                skip = want - self.pos - len(keys)
+                collections.deque(itertools.islice(kit, skip), maxlen=0)
+                collections.deque(itertools.islice(self.vit, skip), maxlen=0)
+                keys.clear()
+                values.clear()
+                self.pos = want
+            elif want > self.pos:
+                del keys[:want - self.pos]
+                del values[:want - self.pos]
+                self.pos = want
+            more = want + 2 * slack + step - self.pos - len(keys)  # (the slack after too)
+            if more > 0:
+                keys += itertools.islice(kit, more)
+                values += itertools.islice(self.vit, more)
+        except RuntimeError:  # (a report changed meanwhile: never, but then by name)
+            self.kit = None
+            return None
+        j = start + self.shift - self.pos
+        if not (0 <= j < len(keys) and keys[j] == chunk[0]):
+            try:
+                j = keys.index(chunk[0])
+            except ValueError:
+                return None
+        if keys[j:j + step] != chunk:
+            return None
+        self.shift = self.pos + j - start
+        return values[j:j + step]
 
 
 FreshMemo = dict[tuple[tuple[str, ...], float], FreshSet]

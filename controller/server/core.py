@@ -71,6 +71,11 @@ REPORT_FIRST_HOLD_MAX = 180.0
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
+# s: a background pass re-renders the sentences that count down ("confirming for 0.4s more")
+# of the VIPs planned at least this long ago, not of every one: each pass re-planned all of
+# them (10,000 VIPs per pass during an incident, results 3al). Their decisions are not
+# touched: a VIP whose time comes is planned then (its wake-up), whatever this says.
+COUNTDOWN_REFRESH_S = 1.0
 HINTED_MAX = 1000  # VIPs: a pass that changed more has every POP it serves walk its VIPs (no hint)
 
 
@@ -791,16 +796,16 @@ class Controller:
                     await asyncio.sleep(0)
                     now = self.clock()
                 # A pass runs when something is dirty or waiting; it plans the VIPs whose
-                # explanations count down too (as replan() does), in slices when that is more
-                # than SMALL_PASS. (The choice counted them while a sliced pass left them out:
+                # explanations count down too, those planned COUNTDOWN_REFRESH_S ago or more,
+                # in slices when that is more than SMALL_PASS. (The choice counted them while a sliced pass left them out:
                 # with more than SMALL_PASS counting down, each wake-up ran an empty pass and
                 # their "in N s" stayed as of their last plan.)
                 if not (waiters or engine.dirty() or self._served_specs_moved()):
                     pass
-                elif engine.dirty(refresh=True) > SMALL_PASS:
+                elif engine.dirty(now, COUNTDOWN_REFRESH_S) > SMALL_PASS:
                     await self._sliced(engine, now)
                 else:
-                    self.replan()
+                    self.replan(refresh_after=COUNTDOWN_REFRESH_S)
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
                 self._staged = None  # a broken pass is never published
@@ -827,8 +832,9 @@ class Controller:
 
     async def _sliced(self, engine: Engine, now: float) -> None:
         """One large pass, SLICE_S of planning at a time; visible when whole. It plans what
-        replan() would: the dirty VIPs and those counting down (the count _drive chose on)."""
-        p = self._staged = engine.begin(now, refresh=True)
+        replan() would: the dirty VIPs and those counting down planned COUNTDOWN_REFRESH_S ago
+        or more (the count _drive chose on)."""
+        p = self._staged = engine.begin(now, refresh_after=COUNTDOWN_REFRESH_S)
         await asyncio.sleep(0)  # (the pass's VIPs sorted: a piece of its own)
         if self._staged is not p:
             return
@@ -934,8 +940,10 @@ class Controller:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
         return self._engine
 
-    def replan(self) -> PlanResult:
-        """Plan now whatever changed or came due, and the countdowns in explanations."""
+    def replan(self, *, refresh_after: float = 0.0) -> PlanResult:
+        """Plan now whatever changed or came due, and the countdowns in explanations (those
+        planned ``refresh_after`` ago or more: the background passes say COUNTDOWN_REFRESH_S;
+        an operator's action, the CLI, a test: every one)."""
         engine = self._get_engine()
         if self._staged is not None:  # a sliced pass in progress: finish it first
             p, self._staged = self._staged, None
@@ -946,7 +954,7 @@ class Controller:
             self._publish(*committed)
         now = self.clock()
         engine.mark(self.desired, self.reports, self.persisted.drains, now)
-        p = engine.begin(now, refresh=True)
+        p = engine.begin(now, refresh_after=refresh_after)
         engine.compute(p)
         result = self._publish(engine.commit(p), now)
         self._check_gate()

@@ -159,6 +159,7 @@ class Watcher:
         # only if these moved.
         self._signature: tuple[tuple[str, int, int, int], ...] | None = None
         self._git_dir: str | None | bool = False  # False: not asked yet
+        self._where: str | None = None  # the real path _git_dir was asked for (the directory may be a symlink re-pointed)
         self._index: IndexCopy | None = None  # the git index's copy status refreshes (revision.IndexCopy)
         self._to_keep: tuple[str, str, dict[str, str]] | None = None  # fingerprint, revision, files
         self._kept = ""  # fingerprint of the desired state kept last
@@ -367,7 +368,8 @@ class Watcher:
 
     def _git_lock(self) -> GitLock:
         """The GitLock of the checkout (one, so a lock given up on stays given up on)."""
-        if self.git_lock.path is None and (gd := self._gd()):
+        gd = self._gd()  # (first: a re-pointed directory's drops the old lock)
+        if self.git_lock.path is None and gd:
             self.git_lock = GitLock(gd)
         return self.git_lock
 
@@ -384,9 +386,20 @@ class Watcher:
             self._index.close()
 
     def _gd(self) -> str | None:
-        """The checkout's git directory (None outside git), asked once."""
-        if self._git_dir is False:
-            self._git_dir = git_dir(self.directory)
+        """The checkout's git directory (None outside git), asked once per place the config
+        directory leads to: a directory that is a symlink re-pointed (``/etc/anycast ->
+        release-N``, ``ln -sfn`` to another checkout) is asked again, and what was kept for
+        the git directory before (the index's copy, index.lock's GitLock) is dropped with it."""
+        where = os.path.realpath(self.directory)
+        if self._git_dir is False or where != self._where:
+            gd = git_dir(self.directory)
+            if self._git_dir is not False and gd != self._git_dir:
+                old, self._index = self._index, None
+                if old is not None:
+                    old.close()
+                self.git_lock = GitLock(None)  # (_git_lock makes the new one's)
+                self._signature = None  # (the periodic look compares afresh)
+            self._git_dir, self._where = gd, where
         assert not isinstance(self._git_dir, bool)
         return self._git_dir
 
@@ -458,21 +471,27 @@ class Watcher:
         """Set ``poke`` when a config file or the git checkout's state looks different and
         has stayed so for WATCH seconds (a checkout writing several files is not caught
         half-way); the daemon then checks content and commit with changed()."""
-        gd = git_dir(self.directory)
+        gd = self._gd()
         if self.use_inotify:
             try:
                 while True:
                     try:
-                        await self._inotify(poke, gd)  # (returns when the directory watched is gone)
+                        # (returns when the directory watched is gone, or a symlink to it re-pointed)
+                        repointed = await self._inotify(poke, gd)
                     except FileNotFoundError:
                         if os.path.isdir(self.directory):
                             raise
+                        repointed = False
                         # (removed again between its coming back and its watch: wait for it again)
                     self.notifier = "stat-polling"
                     while not os.path.isdir(self.directory):
                         await asyncio.sleep(WATCH)
-                    log.info("%s is there again: watching it with inotify", self.directory)
-                    gd = git_dir(self.directory)
+                    gd = self._gd()  # (another checkout's git directory, maybe: what was kept for the old one dropped)
+                    if repointed:
+                        log.info("%s leads to %s now: watching it with inotify", self.directory,
+                                 os.path.realpath(self.directory))
+                    else:
+                        log.info("%s is there again: watching it with inotify", self.directory)
             except (OSError, RuntimeError) as exc:  # inotify cannot start (no instances or watches left)
                 log.warning("inotify unavailable for %s (%s): polling stat data every %.1fs instead",
                             self.directory, exc, WATCH)
@@ -482,11 +501,14 @@ class Watcher:
         self._dirty = True
         poke.set()
 
-    async def _inotify(self, poke: asyncio.Event, gd: str | None) -> None:
+    async def _inotify(self, poke: asyncio.Event, gd: str | None) -> bool:
         """Mark and poke after each batch of relevant changes (one that is followed by
         INOTIFY_QUIET_MS with none, or INOTIFY_DEBOUNCE after its first), once no git command
         holds the checkout. The kernel's queue is read when its descriptor is readable
-        (server/inotify.py): nothing wakes the loop while nothing changes."""
+        (server/inotify.py): nothing wakes the loop while nothing changes. Returns when the
+        directory is gone (False) or is a symlink that was re-pointed, removed or made again
+        (True: ``ln -sfn release-8 /etc/anycast``; the tree watched is where it led before,
+        whose changes no longer matter, and the new one's were never seen): watched anew."""
         top = os.path.realpath(self.directory)
         relevant = _Relevant(top, gd)
         ino = Inotify()
@@ -496,6 +518,7 @@ class Watcher:
             # moves: the git directory itself (HEAD, index, packed-refs) and its refs, for
             # a linked worktree also the common directory's.
             ino.add(top, prune=lambda path: os.path.basename(path).startswith("."))
+            ino.add_links(self.directory)  # (the directory a symlink: its re-pointing)
             if gd:
                 for d in sorted({os.path.realpath(gd), os.path.realpath(common_dir(gd))}, key=len):
                     ino.add(d, recursive=False)
@@ -543,10 +566,12 @@ class Watcher:
                 seen = False  # (what came while git held the checkout: the mark below covers it)
                 ready.clear()
                 self._mark(poke)
+                if ino.repointed:
+                    return True
                 if ino.lost:
                     log.warning("%s is gone (deleted or moved away): watched again once it is there",
                                 ", ".join(sorted(ino.lost)))
-                    return
+                    return False
         finally:
             loop.remove_reader(ino.fd)
             ino.close()
@@ -558,6 +583,7 @@ class Watcher:
         self._mark(poke)
         while True:
             await asyncio.sleep(WATCH)
+            gd = self._gd()  # (the directory a symlink re-pointed: its git directory now)
             now = stat_signature(self.directory, gd)
             if now == last:
                 continue

@@ -51,11 +51,13 @@ IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x01000000
+IN_MASK_ADD = 0x20000000
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
         | IN_DELETE_SELF | IN_MOVE_SELF)
+LINK_MASK = IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM  # (a link's directory: its entries only)
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 
@@ -93,6 +95,11 @@ class Inotify:
             raise OSError(e, f"inotify_init1: {os.strerror(e)}")
         self.fd: int = fd
         self._dirs: dict[int, tuple[str, bool, Callable[[str], bool] | None]] = {}  # wd -> (path, recursive, prune)
+        self._ids: dict[int, tuple[int, int]] = {}  # wd -> (st_dev, st_ino) of the directory its path led to
+        # wd -> (directory, names): the directories of symlinks watched for (add_links), the
+        # links' names there; one re-pointed, removed or made sets ``repointed``
+        self._links: dict[int, tuple[str, set[str]]] = {}
+        self.repointed = False
         self._roots: list[tuple[str, bool, Callable[[str], bool] | None]] = []  # what add() was asked to watch
         self.lost: set[str] = set()  # roots gone (deleted or moved away) and not there again: not watched
 
@@ -133,6 +140,8 @@ class Inotify:
                 continue  # (watched already under another path that still leads to it: one name per watch)
             self._dirs[wd] = (d, recursive, prune)
             try:
+                st = os.stat(real)
+                self._ids[wd] = (st.st_dev, st.st_ino)
                 entries = list(os.scandir(d))
             except OSError:
                 continue
@@ -147,6 +156,22 @@ class Inotify:
                     stack.append(entry.path)
         return files
 
+    def add_links(self, path: str) -> None:
+        """Watch the directory of ``path`` if ``path`` is a symlink (and so on along a chain of
+        links: ``/etc/anycast -> /srv/current -> release-7``), for the link's own entry there:
+        a link re-pointed (``ln -sfn``, a rename over it), removed or made sets ``repointed``
+        (the caller watches ``path`` anew: the tree watched is where the link led before)."""
+        seen: set[str] = set()
+        while os.path.islink(path) and path not in seen:
+            seen.add(path)
+            parent, name = os.path.split(os.path.abspath(path))
+            wd = self._c.inotify_add_watch(self.fd, os.fsencode(parent), LINK_MASK | IN_ONLYDIR | IN_MASK_ADD)
+            if wd < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"inotify_add_watch {parent}: {os.strerror(e)}")
+            self._links.setdefault(wd, (parent, set()))[1].add(name)
+            path = os.path.join(parent, os.readlink(path))
+
     def read(self) -> list[tuple[Change, str]]:
         """The changes queued (none if nothing is: the descriptor is non-blocking). After an
         overflow the trees are added again (a directory made meanwhile is watched). A root
@@ -157,20 +182,34 @@ class Inotify:
         overflowed = False
         gone: list[str] = []
         roots = {r for r, _, _ in self._roots}
+        names: set[str] | None = None  # the paths watched (_drop_stale's), made when first needed
         for wd, mask, name in self._events():
             if mask & IN_Q_OVERFLOW:
                 overflowed = True
                 continue
             if mask & IN_IGNORED:
+                if self._links.pop(wd, None) is not None:
+                    self.repointed = True  # (a link's directory gone: so is the link)
+                self._ids.pop(wd, None)
+                names = None
                 dropped = self._dirs.pop(wd, None)
                 if dropped is not None and dropped[0] in roots and dropped[0] not in gone:
                     gone.append(dropped[0])
                 continue
+            link = self._links.get(wd)
+            if link is not None and name in link[1]:
+                self.repointed = True
             watched = self._dirs.get(wd)
             if watched is None:
                 continue
             d, recursive, prune = watched
             path = os.path.join(d, name) if name else d
+            if name and mask & (IN_DELETE | IN_MOVED_FROM | IN_CREATE | IN_MOVED_TO):
+                if names is None:
+                    names = {p for p, _, _ in self._dirs.values()}
+                if path in names:  # (a file's entry: never; a directory's or a symlink's watched)
+                    self._drop_stale(path, roots)  # (a symlink removed or re-pointed: its old target's watches)
+                    names = None
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name and d in roots:
                 out.append((Change.deleted, d))
                 if d not in gone:
@@ -181,6 +220,7 @@ class Inotify:
                 out.append((Change.added, path))
                 if ((mask & IN_ISDIR or os.path.islink(path) and os.path.isdir(path))
                         and recursive and not (prune is not None and prune(path))):
+                    names = None
                     try:
                         out.extend((Change.added, f) for f in self._add(path, True, prune))
                     except OSError as exc:
@@ -196,9 +236,32 @@ class Inotify:
                     self._add(root, recursive, prune)
                 except OSError:
                     self._reestablish(root)
-        if overflowed or gone:
+        if overflowed or gone or self.repointed:
             out.append(OVERFLOW)
         return out
+
+    def _drop_stale(self, path: str, roots: set[str]) -> None:
+        """Drop the watches named at or under ``path`` (an entry removed, moved, made or renamed
+        over) that their names no longer lead to: a symlinked directory's target stays there
+        when the link is removed or re-pointed, and its writes were reported as the link's
+        (extra looks for good). A real directory moved away likewise; one moved within the tree
+        is watched again under its new name (its IN_MOVED_TO). The roots are add()'s business."""
+        under = path + os.sep
+        stale = []
+        for wd, (p, _, _) in self._dirs.items():
+            if (p == path or p.startswith(under)) and p not in roots:
+                try:
+                    st = os.stat(p)
+                    if (st.st_dev, st.st_ino) == self._ids.get(wd) and os.path.isdir(p):
+                        continue
+                except OSError:
+                    pass
+                stale.append(wd)
+        for wd in stale:
+            del self._dirs[wd]
+            self._ids.pop(wd, None)
+            if wd not in self._links:
+                self._c.inotify_rm_watch(self.fd, wd)  # (EINVAL for one already gone: nothing to do)
 
     def _reestablish(self, root: str) -> None:
         """Drop the watches at and under ``root`` (gone, or moved elsewhere: its events would be
@@ -208,6 +271,7 @@ class Inotify:
             if p == root or p.startswith(under):
                 self._c.inotify_rm_watch(self.fd, wd)  # (EINVAL for one already gone: nothing to do)
                 del self._dirs[wd]
+                self._ids.pop(wd, None)
         for p, recursive, prune in self._roots:
             if p == root or p.startswith(under):
                 try:

@@ -238,3 +238,87 @@ def test_the_watch_survives_the_config_directory_replaced(tmp_path: Path) -> Non
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
     check(scenario)
+
+
+def test_a_config_directory_that_is_a_symlink_re_pointed_is_watched_where_it_leads(tmp_path: Path) -> None:
+    """/etc/anycast -> release-1, re-pointed atomically to release-2 (a new link renamed over
+    it, as ``ln -sfn`` and deploy tools do): nothing in release-1's tree changed, so nothing
+    was noticed, and release-2's edits were never seen. The link's directory is watched for
+    it: the re-pointing pokes, release-2 is watched from then on (release-1's writes are not
+    reported), and the git directory, its index copy and index.lock's GitLock are release-2's."""
+    r1 = committed_example(tmp_path / "r1")
+    r2 = committed_example(tmp_path / "r2")
+    (r2 / "release.yaml").write_text("vips: []\n")
+    git(r2, "add", "-A")
+    git(r2, "commit", "-qm", "release 2")
+    link = tmp_path / "anycast"
+    link.symlink_to(r1)
+    watcher = Watcher(str(link), str(tmp_path / "state"))
+    assert git(r1, "rev-parse", "HEAD").startswith(watcher.load().revision)
+    assert watcher.git_lock.path == str(r1.resolve() / ".git" / "index.lock")
+
+    async def scenario() -> None:
+        poke = asyncio.Event()
+        watching = asyncio.ensure_future(watcher.poke_on_change(poke))
+        try:
+            await until(lambda: watcher.notifier == "inotify" and poke.is_set(), "the watch set up")
+            poke.clear()
+            (tmp_path / "anycast.new").symlink_to(r2)
+            os.replace(tmp_path / "anycast.new", link)  # (ln -sfn: atomic)
+            await until(poke.is_set, "the link re-pointed poked the watch")
+            await until(lambda: watcher.notifier == "inotify" and watcher._where == str(r2.resolve()),
+                        "watching where the link leads now")
+            assert watcher.git_lock.path == str(r2.resolve() / ".git" / "index.lock")
+            await asyncio.sleep(0.1)
+            poke.clear()
+            (r1 / "old.yaml").write_text("vips: []\n")  # (where it led before: no longer the config)
+            await asyncio.sleep(0.3)
+            assert not poke.is_set(), "release-1's write poked the watch"
+            (r2 / "new.yaml").write_text("vips: []\n")
+            await until(poke.is_set, "a file in release-2 poked the watch")
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+    check(scenario)
+    assert watcher.changed()
+    revision = watcher.load().revision
+    assert "+dirty" in revision and git(r2, "rev-parse", "HEAD").startswith(revision.split("+")[0])
+    watcher.close()
+
+
+def test_a_symlink_in_the_tree_removed_or_re_pointed_leaves_no_watch_on_its_old_target(tmp_path: Path) -> None:
+    """conf/vips -> conf/.gen/vips-1: removed, the watch of vips-1 stayed, its writes reported
+    as conf/vips/... (a look each time); re-pointed to vips-2, vips-1's watch stayed beside
+    vips-2's. Both are dropped now (one watch per directory the tree leads to)."""
+    top = tmp_path / "conf"
+    gen = top / ".gen"
+    (gen / "vips-1" / "sub").mkdir(parents=True)
+    (gen / "vips-2").mkdir(parents=True)
+    (top / "vips").symlink_to(gen / "vips-1")
+    ino = Inotify()
+    try:
+        ino.add(str(top), prune=_hidden)
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top), str(top / "vips"), str(top / "vips" / "sub")]
+        (top / "vips.new").symlink_to(gen / "vips-2")
+        os.replace(top / "vips.new", top / "vips")  # (re-pointed, atomically)
+        ino.read()
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top), str(top / "vips")]
+        (gen / "vips-1" / "a.yaml").write_text("x")
+        (gen / "vips-1" / "sub" / "b.yaml").write_text("x")
+        (gen / "vips-2" / "c.yaml").write_text("x")
+        assert {p for _, p in ino.read()} == {str(top / "vips" / "c.yaml")}
+        (top / "vips").unlink()
+        assert {p for _, p in ino.read()} == {str(top / "vips")}
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top)]
+        (gen / "vips-2" / "d.yaml").write_text("x")
+        assert ino.read() == []
+        # a real directory renamed inside the tree is watched under its new name, once
+        (top / "real").mkdir()
+        ino.read()
+        (top / "real").rename(top / "moved")
+        ino.read()
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top), str(top / "moved")]
+        (top / "moved" / "e.yaml").write_text("x")
+        assert {p for _, p in ino.read()} == {str(top / "moved" / "e.yaml")}
+    finally:
+        ino.close()

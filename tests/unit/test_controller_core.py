@@ -101,9 +101,9 @@ def test_reports_arriving_together_share_one_pass_and_each_is_answered_after_it(
     passes = []
     original = ctl.replan
 
-    def counting() -> object:
+    def counting(**kw: float) -> object:
         passes.append(dict(ctl.reports))
-        return original()
+        return original(**kw)
 
     ctl.replan = counting  # type: ignore[method-assign]
 
@@ -129,9 +129,9 @@ def test_a_report_that_repeats_a_fresh_one_is_stored_without_a_pass(tmp_path: Pa
     passes: list[float] = []
     original = ctl.replan
 
-    def counting() -> object:
+    def counting(**kw: float) -> object:
         passes.append(now[0])
-        return original()
+        return original(**kw)
 
     ctl.replan = counting  # type: ignore[method-assign]
     stale_after = ctl.desired.policy.safety.report_stale_after

@@ -76,7 +76,7 @@ def _run(seed: int) -> dict[str, int]:
                                  for o in fv.vip.origins} for fv in desired.vips if pop in fv.publish}
             reports[pop] = compact_report(PopReport(pop, now, 1, origins, {n: True for n in origins}),
                                           reports.get(pop))
-        engine.run(desired, reports, {}, now, refresh=True)
+        engine.run(desired, reports, {}, now, refresh_after=0.0)
         plans = plan_all(desired, reports, {}, now, oracle, shortcuts=False)
         full = result_of(desired, plans)
         oracle = full.state
@@ -126,7 +126,7 @@ def _interleaved(seed: int) -> dict[str, int]:
         passes = []
         for engine in (ahead, reference):
             engine.mark(desired, reports, {}, now)
-            passes.append(engine.begin(now, refresh=True))
+            passes.append(engine.begin(now, refresh_after=0.0))
         cut = len(passes[0].names) if rng.random() < 0.5 else rng.randint(0, len(passes[0].names))
         other = rng.random() < 0.4
         # (the other pass sees other verdicts: it commits other plans for some of those VIPs)

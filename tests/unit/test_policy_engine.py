@@ -21,13 +21,15 @@ from controller.config.desired_model import DesiredState, FleetVip, PopSpec
 from controller.policy.engine import Engine, compact_report
 from controller.policy.model import PlannerState, PopReport
 from controller.policy.planner import plan_all, result_of
-from tests.helpers.oracle import assert_same_as_oracle
+from tests.helpers.oracle import assert_same_as_oracle, assert_same_as_oracle_but_for_countdowns
 from tests.helpers.random_fleet import BASE, POPS, World, random_commit, random_vip
 
 STEPS = 2500
 
 
-def _run(seed: int, steer: bool = False) -> tuple[dict[str, int], set[str]]:
+def _run(seed: int, steer: bool = False, refresh_after: float = 0.0) -> tuple[dict[str, int], set[str]]:
+    """``refresh_after``: the engine re-renders the countdowns of VIPs planned that long ago
+    (0: every pass, as the oracle does: identical sentences too)."""
     rng = random.Random(seed)
     vips = tuple(random_vip(i, rng, steer) for i in range(14))
     desired = dataclasses.replace(BASE, pops=tuple(PopSpec(p, "0" * 64) for p in POPS), vips=vips)
@@ -58,14 +60,17 @@ def _run(seed: int, steer: bool = False) -> tuple[dict[str, int], set[str]]:
         if rng.random() < 0.04:
             desired = random_commit(desired, rng, spare, step)
 
-        changes = engine.run(desired, reports, drains, now, refresh=True)
+        changes = engine.run(desired, reports, drains, now, refresh_after=refresh_after)
         plans = plan_all(desired, reports, drains, now, oracle, shortcuts=False)
         full = result_of(desired, plans)
         oracle = full.state
         stats["engine_planned"] += len(changes.planned)
         stats["oracle_planned"] += len(plans)
         where = f"seed {seed}, step {step}, t={now}"
-        assert_same_as_oracle(engine, full, plans, where)
+        if refresh_after:
+            assert_same_as_oracle_but_for_countdowns(engine, full, plans, where, now, refresh_after)
+        else:
+            assert_same_as_oracle(engine, full, plans, where)
         reasons |= {i.reason for items in full.pops.values() for i in items.values()}
         reasons |= {a.kind for a in full.alarms}
         reasons |= {vp.outcome for vp in plans}
@@ -90,6 +95,18 @@ def test_incremental_planning_equals_planning_from_scratch(seed: int, steer: boo
     assert stats["engine_planned"] < 0.8 * stats["oracle_planned"], stats
 
 
+@pytest.mark.parametrize("seed, steer", [(2, False), (1, True)])
+def test_countdowns_re_rendered_once_a_second_keep_every_decision_of_the_oracle(seed: int, steer: bool) -> None:
+    """The background passes re-render a countdown's sentence once its plan is a second old
+    (core.COUNTDOWN_REFRESH_S), not at every pass (10,000 VIPs per pass during an incident):
+    every decision, memory, alarm and wake-up is still the oracle's at every step, a sentence
+    lags by less than the second, and fewer VIPs are planned than with every pass."""
+    every, _ = _run(seed, steer)
+    stats, reasons = _run(seed, steer, refresh_after=1.0)
+    assert {"confirming", "draining", "drained", "dampened", "failover_pending"} <= reasons  # (countdowns there)
+    assert stats["engine_planned"] < 0.9 * every["engine_planned"], (stats, every)
+
+
 # Seeds the clock-seeded test found diverging: a POP's report_stale_after group that
 # emptied and came back (a VIP's policy or publish list changed) kept the freshness it had
 # when it emptied, so the engine missed its report going stale (or fresh) for that group.
@@ -105,6 +122,7 @@ def test_incremental_planning_equals_planning_from_scratch_with_a_seed_from_the_
     seed = time.time_ns() % 2**32
     try:
         _run(seed)
+        _run(seed, refresh_after=1.0)
     except AssertionError as exc:
         raise AssertionError(f"with seed {seed} (rerun: _run({seed})): {exc}") from exc
 

@@ -150,7 +150,7 @@ def _run(seed: int, counts: dict[str, int], quiet: int = 0, restarts_quiet: int 
             if restarts_quiet:
                 reports = {}
                 deaf_until = step + 1 + restarts_quiet
-        changes = engine.run(desired, reports, drains, now, refresh=True)
+        changes = engine.run(desired, reports, drains, now, refresh_after=0.0)
         stats["planned"] += len(changes.planned)
         stats["uniform_after_restart"] += counts["uniform"] - before if restart else 0
         plans = plan_all(desired, reports, drains, now, oracle, shortcuts=False)
