@@ -278,6 +278,11 @@ class PlanStore:
         if pp is not None and not hinted and pp.seen_items == items and (
                 pp.seen_token is token and token is not None
                 or self._specs_alike(pp.seen_specs, spec_dicts, items)):
+            if pp.seen_items is not items and pp.exact:
+                # Equal items, not all the very objects: the entries keep the older ones, so
+                # the plan is no longer exact (as a walk would find them kept: _serve_alike's
+                # memo.kept_older; the clock's seed 566033 found the two disagreeing).
+                pp.exact = all(map(operator.is_, items.values(), map(pp.seen_items.get, items)))
             pp.seen_items, pp.seen_token, pp.seen_specs = items, token, spec_dicts  # (equal items: the newer object)
             return None
         # A POP's first plan: relative to the donor's, which is exactly what serving it
