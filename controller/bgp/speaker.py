@@ -232,9 +232,9 @@ async def pipelined(send: Send, lines: Iterable[str], window: int = PIPELINE_WIN
             # The next command leaves before the consumer handles this answer: ExaBGP naps
             # (up to 10 ms, `reactor.speed`) when a pass of its loop reads no new command,
             # and the consumer's work per answer (a batch's routes recorded) was that wait.
-            line = next(pending, None)
-            if line is not None:
-                in_flight.append(asyncio.ensure_future(send(line)))
+            following = next(pending, None)
+            if following is not None:
+                in_flight.append(asyncio.ensure_future(send(following)))
                 await asyncio.sleep(0)  # the send's first step writes the line
             yield answered, ok
             answered += 1
