@@ -158,7 +158,8 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
         if style == "agent" and agent is None:
             # Built once the speaker's rows are done, before this row's signal (the harness
             # waits for agent.ready): its config load is no part of any row's time.
-            agent, setup = _agent(count, result.parent, speaker)
+            first = _FirstSend(speaker)
+            agent, setup = _agent(count, result.parent, first)
             (result.parent / "agent.ready").write_text("")
         waiter = asyncio.ensure_future(go.get())
         await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
@@ -168,8 +169,11 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
         extra: dict[str, Any] = {}
         if style == "agent":
             started = time.monotonic()
+            first.at = None
             extra = {**setup, **await _agent_pass(agent, action == "announce")}
             acked = time.monotonic()
+            if first.at is not None:  # ExaBGP had no work from the signal to this
+                extra["first_command_s"] = round(first.at - started, 3)
             with open(result, "a") as f:
                 f.write(json.dumps({"action": action, "style": style, "started": started, "acked": acked,
                                     "errors": 0 if extra["ok"] else 1, "agent": extra}) + "\n")
@@ -371,6 +375,19 @@ def _agent_notes(result: dict[str, Any]) -> list[str]:
                        f"{a['reconcile_cpu_s']} CPU s (config load {a['config_load_cpu_s']}, construction "
                        f"{a['construct_cpu_s']}, before the signal)")
     return out
+
+
+class _FirstSend:
+    """The speaker, noting when the agent's pass sent its first command."""
+
+    def __init__(self, speaker: Any) -> None:
+        self._speaker = speaker
+        self.at: float | None = None
+
+    async def send(self, line: str) -> bool:
+        if self.at is None:
+            self.at = time.monotonic()
+        return bool(await self._speaker.send(line))
 
 
 class _Acks:
