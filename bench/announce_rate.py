@@ -270,6 +270,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
             sleeps0 = _voluntary_switches(exa.pid)
+            sched0 = _schedstat(exa.pid)
             t0 = time.monotonic()
             os.kill(api_pid, signal.SIGUSR1)
             limit = t0 + max(120.0, count / 50)
@@ -292,6 +293,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             # How often ExaBGP's reactor went to sleep in this phase: with work queued and no
             # command arriving it polls for 10 ms (reactor.speed / 100) per 50 routes.
             sleeps = _delta(_voluntary_switches(exa.pid), sleeps0)
+            sched1 = _schedstat(exa.pid)
             row = {
                 "action": action, "style": style, "routes": count,
                 "acked_s": round(api["acked"] - t0, 3),
@@ -302,6 +304,9 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                 "kernel_routes_after": kernel,
                 "cpu_s": cpu,
                 "exabgp_sleeps": None if sleeps is None else int(sleeps),
+                # Time ExaBGP was runnable but waited for a CPU (the kernel's run-queue wait).
+                "exabgp_runqueue_wait_s": (None if sched0 is None or sched1 is None
+                                           else round((sched1[1] - sched0[1]) / 1e9, 3)),
             }
             if "agent" in api:  # the agent's own CPU in the API process's, split
                 row["agent"] = {k: v for k, v in api["agent"].items() if k != "ok"}
@@ -327,6 +332,15 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
 def _api_phase(result: Path, i: int) -> dict[str, Any] | None:
     lines = result.read_text().splitlines() if result.exists() else []
     return json.loads(lines[i]) if len(lines) > i else None
+
+
+def _schedstat(pid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable waiting for one) of ``pid``'s main thread."""
+    try:
+        on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError):
+        return None
 
 
 def _voluntary_switches(pid: int) -> int | None:
