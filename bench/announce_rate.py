@@ -158,7 +158,8 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
         if style == "agent" and agent is None:
             # Built once the speaker's rows are done, before this row's signal (the harness
             # waits for agent.ready): its config load is no part of any row's time.
-            agent, setup = _agent(count, result.parent, speaker)
+            first = _FirstSend(speaker)
+            agent, setup = _agent(count, result.parent, first)
             (result.parent / "agent.ready").write_text("")
         waiter = asyncio.ensure_future(go.get())
         await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
@@ -168,8 +169,11 @@ async def api_main(count: int, result: Path, ready: Path, batch: int, in_flight:
         extra: dict[str, Any] = {}
         if style == "agent":
             started = time.monotonic()
+            first.at = None
             extra = {**setup, **await _agent_pass(agent, action == "announce")}
             acked = time.monotonic()
+            if first.at is not None:  # ExaBGP had no work from the signal to this
+                extra["first_command_s"] = round(first.at - started, 3)
             with open(result, "a") as f:
                 f.write(json.dumps({"action": action, "style": style, "started": started, "acked": acked,
                                     "errors": 0 if extra["ok"] else 1, "agent": extra}) + "\n")
@@ -266,6 +270,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             mark = topo.watcher.mark()
             cpu0 = {n: proc_cpu_seconds(p) for n, p in (("exabgp", exa.pid), ("api", api_pid))}
             sleeps0 = _voluntary_switches(exa.pid)
+            sched0 = _schedstat(exa.pid)
             t0 = time.monotonic()
             os.kill(api_pid, signal.SIGUSR1)
             limit = t0 + max(120.0, count / 50)
@@ -288,6 +293,7 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
             # How often ExaBGP's reactor went to sleep in this phase: with work queued and no
             # command arriving it polls for 10 ms (reactor.speed / 100) per 50 routes.
             sleeps = _delta(_voluntary_switches(exa.pid), sleeps0)
+            sched1 = _schedstat(exa.pid)
             row = {
                 "action": action, "style": style, "routes": count,
                 "acked_s": round(api["acked"] - t0, 3),
@@ -298,6 +304,9 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
                 "kernel_routes_after": kernel,
                 "cpu_s": cpu,
                 "exabgp_sleeps": None if sleeps is None else int(sleeps),
+                # Time ExaBGP was runnable but waited for a CPU (the kernel's run-queue wait).
+                "exabgp_runqueue_wait_s": (None if sched0 is None or sched1 is None
+                                           else round((sched1[1] - sched0[1]) / 1e9, 3)),
             }
             if "agent" in api:  # the agent's own CPU in the API process's, split
                 row["agent"] = {k: v for k, v in api["agent"].items() if k != "ok"}
@@ -323,6 +332,15 @@ def run(*, quick: bool, log: Log, routes: int | None = None, batch: int | None =
 def _api_phase(result: Path, i: int) -> dict[str, Any] | None:
     lines = result.read_text().splitlines() if result.exists() else []
     return json.loads(lines[i]) if len(lines) > i else None
+
+
+def _schedstat(pid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable waiting for one) of ``pid``'s main thread."""
+    try:
+        on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError):
+        return None
 
 
 def _voluntary_switches(pid: int) -> int | None:
@@ -371,6 +389,19 @@ def _agent_notes(result: dict[str, Any]) -> list[str]:
                        f"{a['reconcile_cpu_s']} CPU s (config load {a['config_load_cpu_s']}, construction "
                        f"{a['construct_cpu_s']}, before the signal)")
     return out
+
+
+class _FirstSend:
+    """The speaker, noting when the agent's pass sent its first command."""
+
+    def __init__(self, speaker: Any) -> None:
+        self._speaker = speaker
+        self.at: float | None = None
+
+    async def send(self, line: str) -> bool:
+        if self.at is None:
+            self.at = time.monotonic()
+        return bool(await self._speaker.send(line))
 
 
 class _Acks:

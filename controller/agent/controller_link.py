@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from .decide import origin_health
+from .decide import origin_verdict
 from .intent import Plan, PlanSource
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def health_report(agent: Agent) -> HealthReport:
     """Per VIP and origin region, this POP's verdict, plus what it announces."""
     verdicts = agent.verdicts()
     origins = {
-        vip.name: {o.region: origin_health(o, (verdicts.get((vip.name, o.region, b)) for b in o.backends))[0]
+        vip.name: {o.region: origin_verdict(o, (verdicts.get((vip.name, o.region, b)) for b in o.backends))
                    for o in vip.origins}
         for vip in agent.vips
     }

@@ -107,14 +107,38 @@ BackendKey = tuple[str, str, Backend]  # (vip name, origin region, backend)
 def origin_health(origin: Origin, verdicts: Iterable[bool | None]) -> tuple[bool | None, str]:
     """Is an origin region healthy enough to send traffic to? Returns (verdict, detail)."""
     values = list(verdicts)
-    healthy = sum(1 for v in values if v is True)
-    unknown = sum(1 for v in values if v is None)
+    healthy = values.count(True)
+    unknown = values.count(None)
     detail = f"{healthy}/{len(values)} backends healthy in {origin.region} (need {origin.min_healthy})"
-    if healthy >= origin.min_healthy:
-        return True, detail
-    if healthy + unknown >= origin.min_healthy and unknown:
+    verdict = _verdict(origin, healthy, unknown)
+    if verdict is None:
         return None, detail + f", {unknown} without a verdict yet"
-    return False, detail
+    return verdict, detail
+
+
+def origin_verdict(origin: Origin, verdicts: Iterable[bool | None]) -> bool | None:
+    """`origin_health`'s verdict alone, without spelling out its detail (the agent asks it of
+    every VIP on every pass)."""
+    values = list(verdicts)
+    return _verdict(origin, values.count(True), values.count(None))
+
+
+def _verdict(origin: Origin, healthy: int, unknown: int) -> bool | None:
+    if healthy >= origin.min_healthy:
+        return True
+    if healthy + unknown >= origin.min_healthy and unknown:
+        return None
+    return False
+
+
+def within(prefix: IPNetwork, allowed: IPNetwork) -> bool:
+    """``prefix.subnet_of(allowed)`` for two networks of any families (False across them),
+    on the integers: ipaddress's own builds each network's broadcast address, a third of
+    `decide`'s CPU at a cold start's 10,000 VIPs."""
+    if prefix.version != allowed.version or prefix.prefixlen < allowed.prefixlen:
+        return False
+    shift = prefix.max_prefixlen - allowed.prefixlen
+    return int(prefix.network_address) >> shift == int(allowed.network_address) >> shift
 
 
 def graceful_shutdown_attributes(attrs: Attributes) -> Attributes:
@@ -142,8 +166,7 @@ def decide(
         return Decision(vip.name, vip.prefix, Action.WITHDRAW, reason, detail,
                         origin=origin.region if origin else None)
 
-    if not any(vip.prefix.version == a.version and vip.prefix.subnet_of(a)  # type: ignore[arg-type]
-               for a in allowed):
+    if not any(within(vip.prefix, a) for a in allowed):
         return withdraw(Reason.NOT_ALLOWED, f"{vip.prefix} is outside the allowed anycast prefixes")
     if intent is None:
         return withdraw(Reason.NOT_IN_PLAN, "the plan does not mention this VIP")
@@ -189,7 +212,7 @@ def healthy_split(vip: Vip, intent: VipIntent, health: Mapping[BackendKey, bool 
     out: list[tuple[Origin, int]] = []
     for region, weight in sorted(intent.weights, key=lambda rw: rw[0] != intent.active_origin):
         o = vip.origin(region)
-        if o is not None and weight > 0 and origin_health(
-                o, (health.get((vip.name, region, b)) for b in o.backends))[0] is True:
+        if o is not None and weight > 0 and origin_verdict(
+                o, (health.get((vip.name, region, b)) for b in o.backends)) is True:
             out.append((o, weight))
     return out

@@ -65,11 +65,13 @@ def reconcile(
         elif d.action is Action.WITHDRAW:
             if d.prefix in announced or d.prefix in unsure_set:
                 commands.append(Withdraw(d.prefix, d.vip, d.reason, d.detail))
-    for prefix in sorted(set(announced) | unsure_set, key=_sort_key):
-        if prefix not in decided and withdraw_undecided:
-            commands.append(Withdraw(prefix, str(prefix.network_address), undecided_reason,
-                                     "no longer in the config" if undecided_reason == Reason.NOT_IN_CONFIG
-                                     else "no longer in the controller's plan for this POP"))
+    if not withdraw_undecided:
+        return commands
+    # Only the undecided are sorted: at a cold start every VIP is unsure and decided.
+    for prefix in sorted((set(announced) | unsure_set) - decided, key=_sort_key):
+        commands.append(Withdraw(prefix, str(prefix.network_address), undecided_reason,
+                                 "no longer in the config" if undecided_reason == Reason.NOT_IN_CONFIG
+                                 else "no longer in the controller's plan for this POP"))
     return commands
 
 

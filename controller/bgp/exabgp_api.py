@@ -219,24 +219,30 @@ def batches(changes: Sequence[RouteChange], max_routes: int = MAX_BATCH) -> list
     ``error`` to a batch, the sender resends its changes one by one, so the error lands on
     the route that caused it (`speaker.send_changes`).
     """
+    return [Batch(batch_line(changes, members), members) for members in batch_members(changes, max_routes)]
+
+
+def batch_members(changes: Sequence[RouteChange], max_routes: int = MAX_BATCH) -> list[tuple[int, ...]]:
+    """`batches` without their lines: the indexes each command carries, in the same order.
+    `batch_line` builds a command's line; a sender builds each one as it sends it, so the
+    first command leaves before the last line is built (10,000 prefixes spelled out)."""
     if max_routes < 1:
         raise ValueError(f"max_routes: {max_routes} is not at least 1")
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, change in enumerate(changes):
         groups.setdefault((change.attrs, change.prefix.version, change.neighbors), []).append(i)
-    out: list[Batch] = []
-    for members in groups.values():
-        for start in range(0, len(members), max_routes):
-            chunk = members[start:start + max_routes]
-            first = changes[chunk[0]]
-            if len(chunk) == 1:
-                line = first.line()
-            elif first.attrs is None:
-                line = withdraw_batch_line([changes[i].prefix for i in chunk], first.neighbors)
-            else:
-                line = announce_batch_line([changes[i].prefix for i in chunk], first.attrs, first.neighbors)
-            out.append(Batch(line, tuple(chunk)))
-    return out
+    return [tuple(members[start:start + max_routes])
+            for members in groups.values() for start in range(0, len(members), max_routes)]
+
+
+def batch_line(changes: Sequence[RouteChange], members: Sequence[int]) -> str:
+    """The one command carrying ``changes[i] for i in members`` (alike: see `batch_members`)."""
+    first = changes[members[0]]
+    if len(members) == 1:
+        return first.line()
+    if first.attrs is None:
+        return withdraw_batch_line([changes[i].prefix for i in members], first.neighbors)
+    return announce_batch_line([changes[i].prefix for i in members], first.attrs, first.neighbors)
 
 
 def eor_line(version: int, neighbors: Sequence[str] = ()) -> str:

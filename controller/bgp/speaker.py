@@ -16,14 +16,17 @@ against the route that caused it. Measured in ``bench/announce_rate.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Final, Protocol
 
-from controller.bgp.exabgp_api import MAX_BATCH, Ack, Batch, Event, Garbage, RouteChange, batches, parse_line
+from controller.bgp.exabgp_api import (
+    MAX_BATCH, Ack, Event, Garbage, RouteChange, batch_line, batch_members, parse_line,
+)
 
 logger = logging.getLogger("controller.bgp")
 
@@ -205,8 +208,10 @@ def _consume_exception(future: asyncio.Future[bool]) -> None:
 Send = Callable[[str], Awaitable[bool]]
 
 
-async def pipelined(send: Send, lines: Sequence[str], window: int = PIPELINE_WINDOW) -> AsyncIterator[tuple[int, bool]]:
+async def pipelined(send: Send, lines: Iterable[str], window: int = PIPELINE_WINDOW) -> AsyncIterator[tuple[int, bool]]:
     """Send `lines` with up to `window` of them awaiting their ack; yield (index, ok) in order.
+
+    `lines` may be a generator: each line is taken only when it is sent.
 
     Each send is its own task, started in order: `ExaBGPSpeaker.send` writes its line before
     its first await, so the lines reach ExaBGP in order and the ack FIFO stays in step. If
@@ -217,17 +222,20 @@ async def pipelined(send: Send, lines: Sequence[str], window: int = PIPELINE_WIN
         raise ValueError(f"window: {window} is not at least 1")
     in_flight: deque[asyncio.Future[bool]] = deque()
     answered = 0
+    pending = iter(lines)
     try:
-        for line in lines:
+        for line in itertools.islice(pending, window):
             in_flight.append(asyncio.ensure_future(send(line)))
-            if len(in_flight) >= window:
-                ok = await in_flight[0]  # popped once answered: a cancel here reaches it below
-                in_flight.popleft()
-                yield answered, ok
-                answered += 1
         while in_flight:
-            ok = await in_flight[0]
+            ok = await in_flight[0]  # popped once answered: a cancel here reaches it below
             in_flight.popleft()
+            # The next command leaves before the consumer handles this answer: ExaBGP naps
+            # (up to 10 ms, `reactor.speed`) when a pass of its loop reads no new command,
+            # and the consumer's work per answer (a batch's routes recorded) was that wait.
+            following = next(pending, None)
+            if following is not None:
+                in_flight.append(asyncio.ensure_future(send(following)))
+                await asyncio.sleep(0)  # the send's first step writes the line
             yield answered, ok
             answered += 1
     finally:
@@ -246,17 +254,18 @@ async def send_changes(
     changes are resent one command each (announce and withdraw are idempotent in ExaBGP),
     and each is reported with its own answer, so one bad route fails alone.
     """
-    sent = batches(changes, max_routes)
-    refused: list[Batch] = []
-    async for i, ok in pipelined(send, [b.line for b in sent], window):
-        batch = sent[i]
-        if ok or len(batch.members) == 1:
-            yield batch.members, ok
+    sent = batch_members(changes, max_routes)
+    refused: list[tuple[int, ...]] = []
+    # Each line built as it is sent: the first command leaves before the last is spelled out.
+    async for i, ok in pipelined(send, (batch_line(changes, members) for members in sent), window):
+        members = sent[i]
+        if ok or len(members) == 1:
+            yield members, ok
         else:
-            refused.append(batch)
+            refused.append(members)
     if refused:
         logger.warning("ExaBGP refused %d batch command(s); resending their %d route(s) one by one", len(refused),
-                       sum(len(b.members) for b in refused))
-    singles = [m for b in refused for m in b.members]
+                       sum(len(m) for m in refused))
+    singles = [m for members in refused for m in members]
     async for i, ok in pipelined(send, [changes[m].line() for m in singles], window):
         yield (singles[i],), ok

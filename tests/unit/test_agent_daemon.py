@@ -813,6 +813,37 @@ def test_a_vip_whose_command_cannot_be_built_is_refused_and_the_others_announce(
     run(scenario())
 
 
+def test_vips_sharing_unbuildable_attributes_are_each_refused_and_those_sharing_good_ones_announce(
+        tmp_path: Path) -> None:
+    """The encode check runs once per attribute set (a cold start's 10,000 VIPs share a few),
+    never once for all: a refusal is not remembered, so every VIP with the bad attributes is
+    refused under its own name, and a good set checked once lets every VIP with it announce."""
+    c = poisoned_config(tmp_path)
+    good, bad = c.vips
+    more = [dataclasses.replace(good, name=f"good{i}", prefix=ipaddress.ip_network(f"198.51.100.{20 + i}/32"))
+            for i in range(2)]
+    worse = dataclasses.replace(bad, name="poisoned2", prefix=ipaddress.ip_network("198.51.100.12/32"))
+    cfg = dataclasses.replace(c, vips=(good, bad, *more, worse))
+
+    async def scenario() -> None:
+        agent, bgp, _kernel, registry = make_agent(cfg)
+        for _ in range(2):
+            for key in list(agent.health):
+                agent._on_result(key, ProbeResult(True, 0.001, "ok"), 0.0)
+        assert await agent.reconcile_once() is True
+        for name in ("poisoned", "poisoned2"):
+            assert agent.decisions[name].reason == "refused"
+            assert agent.decisions[name].detail.startswith("encode failed: communities:")
+            assert registry.get_sample_value("anycast_vip_refused_total", {"vip": name, "stage": "encode"}) == 1
+        for name in ("game-global", "good0", "good1"):
+            assert agent.decisions[name].action.value == "announce"
+        assert set(agent.announced) == {good.prefix, *(v.prefix for v in more)}
+        assert not any("198.51.100.11/32" in line or "198.51.100.12/32" in line for line in bgp.lines
+                       if line.startswith("announce"))
+
+    run(scenario())
+
+
 def test_a_vip_whose_decision_raises_is_refused_and_the_others_announce(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from controller.agent import daemon

@@ -152,3 +152,18 @@ def test_a_reachable_controller_gets_to_confirm_a_withdrawal_first() -> None:
     assert (d.action, d.reason) == (Action.WITHDRAW, Reason.BACKEND_DOWN)  # confirmed
     d = decide(VIP, intent(safety_hold=True), down, CONFIG.allowed_prefixes, confirm_pending=True)
     assert (d.action, d.reason) == (Action.ANNOUNCE, Reason.SAFETY_HOLD)
+
+
+def test_within_is_subnet_of_on_any_two_networks() -> None:
+    """decide's allowed-prefix test on the integers gives what ipaddress's subnet_of gives, and
+    False across families (where subnet_of raises)."""
+    from controller.agent.decide import within
+
+    nets = [ipaddress.ip_network(n) for n in (
+        "0.0.0.0/0", "198.18.0.0/15", "198.18.0.0/16", "198.19.255.255/32", "198.20.0.0/32", "198.17.255.255/32",
+        "10.0.0.0/8", "10.0.0.0/32", "::/0", "2001:db8::/32", "2001:db8::1/128", "2001:db9::/32", "::ffff:0:0/96",
+        "::/128")]
+    for p in nets:
+        for a in nets:
+            want = p.version == a.version and p.subnet_of(a)  # type: ignore[arg-type]
+            assert within(p, a) is want, (p, a)

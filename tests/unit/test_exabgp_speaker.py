@@ -365,6 +365,50 @@ def test_pipelined_keeps_window_commands_in_flight_and_answers_in_order() -> Non
     assert run(scenario) == ([0, 1, 2, 3, 4, 5], 3)
 
 
+def test_pipelined_sends_the_next_command_before_its_consumer_sees_an_answer() -> None:
+    """A slot freed by an answer is refilled before the answer is yielded: ExaBGP naps when a
+    pass of its loop reads no new command, so the next command must not wait for the
+    consumer's work on the last answer (a batch's routes recorded)."""
+    async def scenario() -> list[tuple[int, list[str]]]:
+        written: list[str] = []
+
+        async def send(line: str) -> bool:
+            written.append(line)  # ExaBGPSpeaker.send writes before its first await
+            await asyncio.sleep(0)
+            return True
+
+        seen = []
+        async for i, _ok in pipelined(send, (str(n) for n in range(5)), window=2):
+            seen.append((i, list(written)))
+        return seen
+
+    assert run(scenario) == [(0, ["0", "1", "2"]), (1, ["0", "1", "2", "3"]), (2, ["0", "1", "2", "3", "4"]),
+                             (3, ["0", "1", "2", "3", "4"]), (4, ["0", "1", "2", "3", "4"])]
+
+
+def test_send_changes_builds_the_lines_it_sends_and_batches_does() -> None:
+    """send_changes spells each command out as it sends it (batch_members, batch_line): the
+    same commands, in the same order, as batches."""
+    from controller.bgp.exabgp_api import batch_line, batch_members, batches
+
+    changes = [*_changes(7), *(RouteChange(ipaddress.ip_network(f"198.51.100.{i}/32"), None) for i in range(10, 13))]
+    assert [batch_line(changes, m) for m in batch_members(changes, 3)] == [b.line for b in batches(changes, 3)]
+    assert batch_members(changes, 3) == [b.members for b in batches(changes, 3)]
+
+    async def scenario() -> list[str]:
+        h = Harness()
+        h.writer = AutoAckWriter(h.reader, "none")
+        h.speaker._writer = h.writer
+        reader = asyncio.create_task(h.speaker.run_reader())
+        async for _ in send_changes(h.speaker.send, changes, max_routes=3, window=2):
+            pass
+        h.reader.feed_eof()
+        await reader
+        return h.writer.lines
+
+    assert run(scenario) == [b.line for b in batches(changes, 3)]
+
+
 def test_a_consumer_that_stops_leaves_no_send_running() -> None:
     async def scenario() -> list[str]:
         started: list[str] = []
