@@ -184,6 +184,8 @@ class Controller:
     _released: bool = False  # stopping (release_waiters): durable_plan waits no more
     _writer: concurrent.futures.ThreadPoolExecutor | None = None
     _preparing: asyncio.Task[None] | None = None  # the write's pre-phase in slices (_prepare), kept referenced
+    _letting_go: asyncio.Task[None] | None = None  # the old records a write's end replaced, dropped in pieces
+    _retired: list[Any] = field(default_factory=list)  # (what _letting_go drops; appended to while it runs)
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
     _presumed: set[str] = field(default_factory=set)  # POPs whose report is presumed (see _presume_reports)
@@ -1215,7 +1217,7 @@ class Controller:
             seq = None
         else:
             self._held.unsaved |= waiting
-            self._held.saved(written)
+            self._held.saved(written, self._retired_records())
             if seq is not None:
                 self._seq = seq
                 self._durable = w.submitted
@@ -1224,6 +1226,24 @@ class Controller:
         self._wake_durable()
         if self._save_again and resave:
             self._save()
+
+    def _retired_records(self) -> list[Any] | None:
+        """Where a write's end puts the records it replaces (_DurableMemory.saved), let go of
+        SLICE_S at a time by a task of their own (_let_records_go); None outside a running
+        loop (freed at once)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if self._letting_go is None or self._letting_go.done():
+            self._retired = []
+            self._letting_go = loop.create_task(self._let_records_go(self._retired))
+        return self._retired
+
+    async def _let_records_go(self, retired: list[Any]) -> None:
+        await asyncio.sleep(0)  # (the write's end is a piece of its own)
+        for _ in _let_go(retired):
+            await asyncio.sleep(0)
 
     def _compact(self, w: _Write) -> None:
         """Everything up to the write ``w`` is durable: its state may become the snapshot."""
@@ -1580,15 +1600,23 @@ class _DurableMemory:
                 yield
         return _Records(kept, gone)
 
-    def saved(self, records: _Records) -> None:
-        """Those VIPs are durable as ``records`` has them (``records``)."""
+    def saved(self, records: _Records, retired: list[Any] | None = None) -> None:
+        """Those VIPs are durable as ``records`` has them (``records``). ``retired``: the
+        records they replace are appended to it, for the caller to let
+        go of in pieces (_let_go), not freed here: after a burst's write, 10,000 old records
+        (each VIP's memory, its default and its POPs' own) freed in this one step of the loop."""
         if self._boot_vips or self._boot_pops:  # (VIPs loaded at the start and not written since)
             for name in itertools.chain(records.kept, records.gone):
                 self._boot_vips.pop(name, None)
                 self._boot_pops.pop(name, None)
-        self._written.update(records.kept)
+        written = self._written
+        if retired is not None:
+            get = written.get
+            retired.extend(filter(None, map(get, records.kept)))
+            retired.extend(filter(None, map(get, records.gone)))
+        written.update(records.kept)
         for name in records.gone:
-            self._written.pop(name, None)
+            written.pop(name, None)
 
     def snapshot(self, plans: Mapping[str, VipPlan]) -> None:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
