@@ -43,7 +43,8 @@ from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, OriginWeight, PopSnapshot
 from ..policy import change
 from ..policy.engine import Changes, Engine, Pass, compact_report
-from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from ..policy.model import (Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, UniformItems,
+                            VipMemory)
 from ..policy.planner import VipPlan
 from ..policy.steering import steered
 from . import store
@@ -1433,6 +1434,20 @@ class _Written(NamedTuple):
     default: PopVipMemory
     pop_memory: Mapping[str, PopVipMemory]
     pops: tuple[str, ...]
+    # The plan's POPs as a shared key dict (UniformItems.pops, one per distinct publish list),
+    # if its items were uniform: a plan over the same object has the same POPs (_same_pops).
+    keys: Mapping[str, None] | None = None
+
+
+def _same_pops(old: _Written, new_items: Mapping[str, Any]) -> bool:
+    """Whether ``new_items`` is at the POPs ``old`` was written at: by identity of their shared
+    key dict in the steady state (O(1): the journal's comparison of a pass that changed every
+    VIP's memory walked every pair in Python, ``p in items`` per POP), else by their key sets."""
+    if len(old.pops) != len(new_items):
+        return False
+    if old.keys is not None and type(new_items) is UniformItems and new_items.pops is old.keys:
+        return True
+    return new_items.keys() == set(old.pops)
 
 
 class _DurableMemory:
@@ -1464,8 +1479,10 @@ class _DurableMemory:
         return self._boot_vips.get(name), self._boot_pops.get(name, {})
 
     def _record(self, vp: VipPlan) -> _Written:
-        pops = tuple(vp.items)
-        return _Written(vp.memory, vp.default, vp.pop_memory, self._pop_lists.setdefault(pops, pops))
+        items = vp.items
+        pops = tuple(items)
+        return _Written(vp.memory, vp.default, vp.pop_memory, self._pop_lists.setdefault(pops, pops),
+                        items.pops if type(items) is UniformItems else None)
 
     def changes_steps(self, names: Iterable[str], plans: Mapping[str, VipPlan], desired: frozenset[str],
                       budget: store.Budget) -> Generator[None, None, tuple[
@@ -1678,20 +1695,21 @@ def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, s
     of one pair per POP."""
     same_default = old.default is new.default or old.default == new.default
     old_pops, new_items = old.pops, new.items
-    if same_default and old.pop_memory is new.pop_memory and len(old_pops) == len(new_items) \
-            and all(p in new_items for p in old_pops):
+    same_pops = _same_pops(old, new_items)
+    if same_default and same_pops and old.pop_memory is new.pop_memory:
         return
     if not same_default and defaults is not None:
         keys = tuple(new_items)
         defaults[name] = (new.default, keys if lists is None else lists.setdefault(keys, keys))
         for pop, m in new.pop_memory.items():
             out[(pop, name)] = m
-        for pop in old_pops:
-            if pop not in new_items:
-                out[(pop, name)] = None
+        if not same_pops:
+            for pop in old_pops:
+                if pop not in new_items:
+                    out[(pop, name)] = None
         return
     old_set = set(old_pops)
-    look = {*old.pop_memory, *new.pop_memory, *(old_set ^ new_items.keys())}
+    look = {*old.pop_memory, *new.pop_memory, *(() if same_pops else old_set ^ new_items.keys())}
     if not same_default:  # every other POP of both: the old default, now the new one
         default = new.default
         for pop in new_items:

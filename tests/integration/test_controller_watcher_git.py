@@ -14,7 +14,7 @@ import yaml
 from controller.config.errors import ConfigError
 from controller.server import daemon
 from controller.server.daemon import Watcher
-from controller.server.revision import IndexCopy, fingerprint
+from controller.server.revision import FileStats, IndexCopy, fingerprint
 from tests.helpers.config_dirs import EXAMPLE
 from tests.helpers.controller_process import git
 from tests.helpers.waiting import HANG_GUARD, check, until
@@ -178,11 +178,12 @@ def test_a_reload_that_read_a_checkout_half_way_loads_nothing_and_looks_again(tm
         real = daemon.fingerprint
         lock = d / ".git" / "index.lock"
 
-        def mid_checkout(directory: str, contents: dict[str, bytes] | None = None) -> str:
+        def mid_checkout(directory: str, contents: dict[str, bytes] | None = None,
+                         stats: FileStats | None = None) -> str:
             monkeypatch.setattr(daemon, "fingerprint", real)  # (once)
             lock.write_bytes(b"")  # git's checkout has begun: the lock taken, a file removed
             (d / "vips" / "f0.yaml").unlink()
-            return real(directory, contents)
+            return real(directory, contents, stats)
         monkeypatch.setattr(daemon, "fingerprint", mid_checkout)
         watcher._dirty = True  # (a notification, or the periodic look)
         assert watcher.reload() is None  # nothing loaded, nothing refused
