@@ -64,6 +64,13 @@ class LoadCache:
     # path -> bytes read for the next load just before it, by the same reader (the daemon's
     # fingerprint of the checkout): used once, instead of reading (and resolving) each file again
     prefetched: dict[str, bytes] = field(default_factory=dict)
+    # path -> sha256 of each file's bytes as that fingerprint saw them (read, or known unchanged
+    # by its stat data: revision.FileStats), used once like ``prefetched``; and file -> the
+    # sha256 of the bytes ``files`` holds the text of, where the load had it. A file whose
+    # digest is the one loaded is taken as it is, neither read nor decoded nor compared (the
+    # daemon's reload at 100,000 VIPs in 100 files decoded and compared 193 MB a commit).
+    digests_now: dict[str, bytes] = field(default_factory=dict)
+    digests: dict[str, bytes] = field(default_factory=dict)
     # VIP file -> (its parsed value as ``files`` holds it, the context its VIPs were read in,
     # its VIPs, their ``vips`` entries): a file whose text and context are unchanged gives its
     # VIPs back in one piece (with 10,000 VIPs in 100 files a one-file commit walked them all).
@@ -514,15 +521,26 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
     unchanged: set[str] = set()  # files whose text is the cached one
     memo: dict[str, Any] = {}  # an entry's key text -> what it parses to (_parse_entry), for this load
     prefetched: dict[str, bytes] = {}
+    digests_now: dict[str, bytes] = {}
+    digests: dict[str, bytes] = {}  # file -> sha256 of the bytes its text is of, where known
     if cache is not None:
         prefetched, cache.prefetched = cache.prefetched, {}
+        digests_now, cache.digests_now = cache.digests_now, {}
     for name in names:
         path = os.path.join(directory, name)
         try:
-            data_read = prefetched.get(path)
-            text = read_text(path, inside=directory) if data_read is None else decode_text(path, data_read)
             seen = cache.files.get(name) if cache is not None else None
-            if seen is not None and seen[0] == text:
+            digest = digests_now.get(path)
+            if seen is not None and digest is not None and cache is not None and cache.digests.get(name) == digest:
+                text = seen[0]  # (the bytes loaded last: not read, decoded nor compared)
+            else:
+                data_read = prefetched.get(path)
+                if data_read is None:
+                    digest = None  # (read now: what the fingerprint hashed is not known to be this)
+                text = read_text(path, inside=directory) if data_read is None else decode_text(path, data_read)
+            if digest is not None:
+                digests[name] = digest
+            if seen is not None and (seen[0] is text or seen[0] == text):
                 data = seen[1]
                 unchanged.add(name)
                 if cache is not None and name in cache.entries:
@@ -571,6 +589,7 @@ def _load(directory: str, revision: str, cache: LoadCache | None) -> DesiredStat
                 named = {v.name: vip_cache[v.name] for v in listed}
             new_by_file[f] = (texts[f][1], context, tuple(listed), named)
         cache.files, cache.vips, cache.entries, cache.prefixes = texts, vip_cache, entries, prefixes
+        cache.digests = digests
         cache.by_file, cache.cuts = new_by_file, cuts
     return state
 

@@ -345,24 +345,33 @@ def effective(base: DesiredState, target: DesiredState, state: Rollout) -> Desir
     if not keep and not state.move:
         return target
     rolled, moving = state.rolled(), frozenset(state.move)
-    base_vips = {fv.name: fv for fv in base.vips}
-    vips: list[FleetVip] = []
-    for fv in target.vips:
-        if fv.name in moving and (old := base_vips.get(fv.name)) is not None and (
+    # Only the VIPs it moves or keeps pairs of are looked at (a one-VIP change at 100,000
+    # VIPs x 300 POPs walked every VIP's publish list here, 30 million POPs in Python).
+    touched = moving | keep.keys()
+    base_vips = {name: fv for fv in base.vips if (name := fv.vip.name) in touched}
+    vips: list[FleetVip] = list(target.vips)
+    for i, fv in enumerate(vips):
+        name = fv.vip.name
+        if name not in touched:
+            continue
+        if name in moving and (old := base_vips.get(name)) is not None and (
                 pops := frozenset(p for p in fv.publish if p not in rolled)):
             fv = staged_vip(old, fv, pops)
-        extra = [p for p in keep.pop(fv.name, []) if fv.name in base_vips]
+        extra = [p for p in keep.pop(name, []) if name in base_vips]
         if not extra:
-            vips.append(fv)
+            vips[i] = fv
             continue
         publish = tuple(fv.publish) + tuple(p for p in extra if p not in fv.publish) if fv.enabled else tuple(extra)
-        vips.append(dataclasses.replace(fv, publish=publish, enabled=True))
+        vips[i] = dataclasses.replace(fv, publish=publish, enabled=True)
     for name, kept in keep.items():  # removed by the target: kept as the base defines them
         if (was := base_vips.get(name)) is not None:
             vips.append(dataclasses.replace(was, publish=tuple(kept), enabled=True))
     names = {p.name for p in target.pops}
-    needed = {p for fv in vips for p in fv.publish}
-    specs = target.pops + tuple(p for p in base.pops if p.name not in names and p.name in needed)
+    missing = [p for p in base.pops if p.name not in names]  # (a POP the target removed: most often none)
+    specs = target.pops
+    if missing:
+        needed = set().union(*(fv.publish for fv in vips))
+        specs += tuple(p for p in missing if p.name in needed)
     return dataclasses.replace(target, vips=tuple(vips), pops=specs)
 
 

@@ -43,7 +43,8 @@ from ..config.serialize import vip_to_dict
 from ..metrics.central import ActiveOrigin, ControllerSnapshot, OriginWeight, PopSnapshot
 from ..policy import change
 from ..policy.engine import Changes, Engine, Pass, compact_report
-from ..policy.model import Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, VipMemory
+from ..policy.model import (Alarm, PlanItem, PlannerState, PlanResult, PopReport, PopVipMemory, UniformItems,
+                            VipMemory)
 from ..policy.planner import VipPlan
 from ..policy.steering import steered
 from . import store
@@ -1502,6 +1503,20 @@ class _Written(NamedTuple):
     default: PopVipMemory
     pop_memory: Mapping[str, PopVipMemory]
     pops: tuple[str, ...]
+    # The plan's POPs as a shared key dict (UniformItems.pops, one per distinct publish list),
+    # if its items were uniform: a plan over the same object has the same POPs (_same_pops).
+    keys: Mapping[str, None] | None = None
+
+
+def _same_pops(old: _Written, new_items: Mapping[str, Any]) -> bool:
+    """Whether ``new_items`` is at the POPs ``old`` was written at: by identity of their shared
+    key dict in the steady state (O(1): the journal's comparison of a pass that changed every
+    VIP's memory walked every pair in Python, ``p in items`` per POP), else by their key sets."""
+    if len(old.pops) != len(new_items):
+        return False
+    if old.keys is not None and type(new_items) is UniformItems and new_items.pops is old.keys:
+        return True
+    return new_items.keys() == set(old.pops)
 
 
 class _DurableMemory:
@@ -1517,6 +1532,8 @@ class _DurableMemory:
         # per-VIP dict of 50 items at 10,000 VIPs x 50 POPs, ~15 MB.)
         self._written: dict[str, _Written] = {}
         self._pop_lists: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per distinct list
+        # id(a UniformItems' shared key dict) -> it (held: the id stays its own) and its POPs' tuple
+        self._pops_of_keys: dict[int, tuple[Mapping[str, None], tuple[str, ...]]] = {}
         self._boot_vips: dict[str, VipMemory] = dict(loaded.vips)
         self._boot_pops: dict[str, dict[str, PopVipMemory]] = {}
         for (pop, vip), m in loaded.pop_vips.items():
@@ -1533,7 +1550,19 @@ class _DurableMemory:
         return self._boot_vips.get(name), self._boot_pops.get(name, {})
 
     def _record(self, vp: VipPlan) -> _Written:
-        pops = tuple(vp.items)
+        items = vp.items
+        if type(items) is UniformItems:
+            # (the POPs' tuple per shared key dict, not made again per VIP: the records of a
+            # pass that changed 100,000 VIPs' memory iterated 30 million POPs)
+            keys = items.pops
+            hit = self._pops_of_keys.get(id(keys))
+            if hit is None or hit[0] is not keys:
+                if len(self._pops_of_keys) > 10_000:  # (a bound: publish lists are few)
+                    self._pops_of_keys.clear()
+                pops = tuple(keys)
+                hit = self._pops_of_keys[id(keys)] = (keys, self._pop_lists.setdefault(pops, pops))
+            return _Written(vp.memory, vp.default, vp.pop_memory, hit[1], keys)
+        pops = tuple(items)
         return _Written(vp.memory, vp.default, vp.pop_memory, self._pop_lists.setdefault(pops, pops))
 
     def changes_steps(self, names: Iterable[str], plans: Mapping[str, VipPlan], desired: frozenset[str],
@@ -1755,20 +1784,21 @@ def _pair_changes(name: str, old: _Written, new: VipPlan, out: dict[tuple[str, s
     of one pair per POP."""
     same_default = old.default is new.default or old.default == new.default
     old_pops, new_items = old.pops, new.items
-    if same_default and old.pop_memory is new.pop_memory and len(old_pops) == len(new_items) \
-            and all(p in new_items for p in old_pops):
+    same_pops = _same_pops(old, new_items)
+    if same_default and same_pops and old.pop_memory is new.pop_memory:
         return
     if not same_default and defaults is not None:
         keys = tuple(new_items)
         defaults[name] = (new.default, keys if lists is None else lists.setdefault(keys, keys))
         for pop, m in new.pop_memory.items():
             out[(pop, name)] = m
-        for pop in old_pops:
-            if pop not in new_items:
-                out[(pop, name)] = None
+        if not same_pops:
+            for pop in old_pops:
+                if pop not in new_items:
+                    out[(pop, name)] = None
         return
     old_set = set(old_pops)
-    look = {*old.pop_memory, *new.pop_memory, *(old_set ^ new_items.keys())}
+    look = {*old.pop_memory, *new.pop_memory, *(() if same_pops else old_set ^ new_items.keys())}
     if not same_default:  # every other POP of both: the old default, now the new one
         default = new.default
         for pop in new_items:

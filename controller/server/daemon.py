@@ -37,7 +37,7 @@ from .inotify import OVERFLOW, Change, Inotify
 from .looplag import LAG_EVERY, LoopLag
 from . import store
 from .core import Controller
-from .revision import IndexCopy, common_dir, fingerprint, git_dir, revision, revision_started, stat_signature
+from .revision import FileStats, IndexCopy, common_dir, fingerprint, git_dir, revision, revision_started, stat_signature
 from .signing import PlanSigner, load_signing_key
 from .tls import ServerTls
 
@@ -173,6 +173,9 @@ class Watcher:
         self._revision: Callable[[], str] | None = None
         self._loaded: tuple[str, DesiredState] | None = None  # the last load's fingerprint and result
         self._contents: dict[str, bytes] = {}  # the files' bytes the last fingerprint read, for load()
+        # Each file's stat data and digest as the last fingerprint read it: a reload reads the
+        # files whose stat data moved (or that were racily clean), not the whole checkout.
+        self._stats = FileStats()
         self.git_lock = GitLock(None)  # index.lock: what holds a reload back (_git_lock sets it)
         self.unsettled = False  # the last reload found what it read moving: settle() before the next
         self._unsettled_since: float | None = None  # monotonic time of the first of back-to-back discards
@@ -209,7 +212,8 @@ class Watcher:
         if peeked is None:
             self._contents = {}
         fp, rev = peeked if peeked is not None else (
-            fp := fingerprint(self.directory, self._contents), revision(self.directory, fp, self._index_copy()))
+            fp := fingerprint(self.directory, self._contents, self._stats),
+            revision(self.directory, fp, self._index_copy()))
         contents, self._contents = self._contents, {}
         self._signature, self._checked = signature, time.monotonic()
 
@@ -229,6 +233,7 @@ class Watcher:
             desired = dataclasses.replace(self._loaded[1], revision=revision_now())
         else:
             self.cache.prefetched = contents  # (the bytes just hashed: not read again)
+            self.cache.digests_now = self._stats.digests  # (and the files not read: as loaded last?)
             refused: ConfigError | None = None
             try:
                 desired = load_desired(self.directory, rev or "", self.cache)
@@ -459,7 +464,7 @@ class Watcher:
             return False
         self._checked, self._signature = time.monotonic(), signature
         self._contents = {}
-        fp = fingerprint(self.directory, self._contents)
+        fp = fingerprint(self.directory, self._contents, self._stats)
         if overlap and (self.seen is None or fp != self.seen[0]):
             self._peeked, self._revision = (fp, None), revision_started(self.directory, fp, self._index_copy())
             return True

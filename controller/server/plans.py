@@ -222,6 +222,19 @@ def changed_names(items: Mapping[str, PlanItem], seen: Mapping[str, PlanItem]) -
     return list(itertools.compress(names, map(operator.is_not, items.values(), before)))
 
 
+def same_items(items: Mapping[str, PlanItem], seen: Mapping[str, PlanItem]) -> bool:
+    """``items == seen``, first by position and identity, in C (a held POP's new mapping of
+    the very same items, the same names in the same order: ~3 ms at 100,000 VIPs, where the
+    dicts' comparison looks up every name, ~16 ms, at each of 299 POPs held in a change)."""
+    if items is seen:
+        return True
+    if len(items) != len(seen):
+        return False
+    if list(items) == list(seen) and all(map(operator.is_, items.values(), seen.values())):
+        return True
+    return items == seen
+
+
 class PlanStore:
     """Every POP's served plan, its change log and its long-poll waiters."""
 
@@ -275,7 +288,7 @@ class PlanStore:
             served = self._serve_near(pop, pp, items, spec_dicts, token, *near, revision, last_generation)
             if served is not False:
                 return served
-        if pp is not None and not hinted and pp.seen_items == items and (
+        if pp is not None and not hinted and same_items(items, pp.seen_items) and (
                 pp.seen_token is token and token is not None
                 or self._specs_alike(pp.seen_specs, spec_dicts, items)):
             if pp.seen_items is not items and pp.exact:

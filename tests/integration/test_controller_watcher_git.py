@@ -14,7 +14,7 @@ import yaml
 from controller.config.errors import ConfigError
 from controller.server import daemon
 from controller.server.daemon import Watcher
-from controller.server.revision import IndexCopy, fingerprint
+from controller.server.revision import FileStats, IndexCopy, fingerprint
 from tests.helpers.config_dirs import EXAMPLE
 from tests.helpers.controller_process import git
 from tests.helpers.waiting import HANG_GUARD, check, until
@@ -178,11 +178,12 @@ def test_a_reload_that_read_a_checkout_half_way_loads_nothing_and_looks_again(tm
         real = daemon.fingerprint
         lock = d / ".git" / "index.lock"
 
-        def mid_checkout(directory: str, contents: dict[str, bytes] | None = None) -> str:
+        def mid_checkout(directory: str, contents: dict[str, bytes] | None = None,
+                         stats: FileStats | None = None) -> str:
             monkeypatch.setattr(daemon, "fingerprint", real)  # (once)
             lock.write_bytes(b"")  # git's checkout has begun: the lock taken, a file removed
             (d / "vips" / "f0.yaml").unlink()
-            return real(directory, contents)
+            return real(directory, contents, stats)
         monkeypatch.setattr(daemon, "fingerprint", mid_checkout)
         watcher._dirty = True  # (a notification, or the periodic look)
         assert watcher.reload() is None  # nothing loaded, nothing refused
@@ -268,8 +269,9 @@ def test_reads_that_keep_moving_are_loaded_after_the_bound(tmp_path: Path, monke
         watcher.load()
         real = daemon.fingerprint
 
-        def rewriting(directory: str, contents: dict[str, bytes] | None = None) -> str:
-            fp = real(directory, contents)
+        def rewriting(directory: str, contents: dict[str, bytes] | None = None,
+                      stats: FileStats | None = None) -> str:
+            fp = real(directory, contents, stats)
             f7 = d / "vips" / "f7.yaml"
             f7.write_text(f7.read_text() + "\n")  # (moved again while read)
             return fp
@@ -360,13 +362,14 @@ def test_the_serving_loop_discards_a_half_read_checkout_and_serves_the_commit_on
     real = daemon.fingerprint
     armed, read_half = [False], [False]
 
-    def mid_checkout(directory: str, contents: dict[str, bytes] | None = None) -> str:
+    def mid_checkout(directory: str, contents: dict[str, bytes] | None = None,
+                     stats: FileStats | None = None) -> str:
         if armed[0]:
             armed[0] = False
             lock.write_bytes(b"")  # git's checkout has begun: the lock taken, a file removed
             (d / "vips" / "f0.yaml").unlink()
             read_half[0] = True
-        return real(directory, contents)
+        return real(directory, contents, stats)
     monkeypatch.setattr(daemon, "fingerprint", mid_checkout)
     watcher = Watcher(str(d), str(tmp_path / "state"))
 

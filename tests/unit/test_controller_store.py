@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -543,3 +544,69 @@ def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_ev
         found: dict[tuple[str, str], PopVipMemory | None] = {}
         _pair_changes("v", _Written(old.memory, old.default, old.pop_memory, tuple(old.items)), new, found)
         assert found == walked, (old, new)
+
+
+def test_a_vips_changed_pairs_over_shared_pop_keys_are_those_a_walk_over_every_pair_finds() -> None:
+    """_pair_changes takes two plans over the same shared POP key dict (UniformItems) as
+    published at the same POPs without looking at each POP (_same_pops); over equal lists in
+    another order, over other lists, or dicts, it compares the key sets. Random plans, with
+    and without the defaults' form, must give what comparing every POP of either gives."""
+    import random
+
+    from controller.policy.model import NEW, UniformItems
+    from controller.policy.planner import VipPlan
+    from controller.server.core import _pair_changes, _Written
+
+    pops = [f"p{i}" for i in range(12)]
+    kinds = [NEW, STEADY, PopVipMemory(verdict=True), PopVipMemory(verdict=False, down_since=5.0),
+             PopVipMemory(withdrawn=True)]
+    item = object()
+
+    def items_of(published: list[str], rng: random.Random) -> Any:
+        if len(published) >= 8 and rng.random() < 0.7:
+            return UniformItems.over(tuple(published), item)  # type: ignore[arg-type]
+        return {p: item for p in published}
+
+    def a_plan(rng: random.Random, published: list[str] | None = None) -> VipPlan:
+        if published is None:
+            published = rng.sample(pops, rng.choice([0, 3, 8, 10, 12]))
+        own = {p: rng.choice(kinds) for p in rng.sample(published, rng.randint(0, min(3, len(published))))}
+        return VipPlan("v", items_of(published, rng), VipMemory("us", 0.0), rng.choice(kinds), own,
+                       "", None, (), {}, None, None, False)  # type: ignore[arg-type]
+
+    rng = random.Random(20261204)
+    for _ in range(3000):
+        old = a_plan(rng)
+        shape = rng.random()
+        if shape < 0.4:  # the same POPs (the same shared keys, or in another order), other memory
+            same = list(old.items)
+            new = a_plan(rng, same if rng.random() < 0.5 else rng.sample(same, len(same)))
+        elif shape < 0.6:
+            new = dataclasses.replace(old, default=rng.choice(kinds))
+        else:
+            new = a_plan(rng)
+        keys = old.items.pops if type(old.items) is UniformItems else None
+        written = _Written(old.memory, old.default, old.pop_memory, tuple(old.items), keys)
+        walked: dict[tuple[str, str], PopVipMemory | None] = {}
+        for pop in {*old.items, *new.items}:
+            if pop not in new.items:
+                walked[(pop, "v")] = None
+            elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
+                walked[(pop, "v")] = new.memory_at(pop)
+        found: dict[tuple[str, str], PopVipMemory | None] = {}
+        _pair_changes("v", written, new, found)
+        assert found == walked, (old, new)
+        # The defaults' form: a changed default at the new POPs, and the pairs that differ from it.
+        pairs: dict[tuple[str, str], PopVipMemory | None] = {}
+        defaults: dict[str, tuple[PopVipMemory, tuple[str, ...]]] = {}
+        _pair_changes("v", written, new, pairs, defaults, {})
+        if "v" in defaults:
+            default, at = defaults["v"]
+            assert set(at) == set(new.items)
+            rebuilt = {(p, "v"): default for p in at if (p, "v") not in pairs}
+            rebuilt.update(pairs)
+            expect = {(p, "v"): new.memory_at(p) for p in new.items}
+            expect.update({(p, "v"): None for p in old.items if p not in new.items})
+            assert rebuilt == expect, (old, new)
+        else:
+            assert pairs == walked, (old, new)

@@ -45,7 +45,7 @@ def test_the_periodic_look_reads_no_file_while_the_stat_data_stands_still_and_se
     config = copy(tmp_path)
     hashed: list[str] = []
     real = daemon.fingerprint
-    monkeypatch.setattr(daemon, "fingerprint", lambda d, contents=None: hashed.append(d) or real(d, contents))
+    monkeypatch.setattr(daemon, "fingerprint", lambda d, contents=None, stats=None: hashed.append(d) or real(d, contents, stats))
     monkeypatch.setattr(daemon, "git_dir", lambda d: None)
     monkeypatch.setattr(daemon, "revision", lambda d, fp=None, index=None: f"sha256:{(fp or real(d))[:12]}")
     monkeypatch.setattr(daemon, "RECHECK", 0.0)  # every changed() is the periodic look

@@ -164,3 +164,29 @@ def test_a_pop_served_alike_after_the_walks_spec_text_was_pruned_gets_that_spec(
     alike, walked = run(True), run(False)
     assert alike == walked
     assert b"198.51.0.2/32" in alike[1] and b"198.51.0.80/32" not in alike[1]
+
+
+def test_same_items_is_the_mappings_equality() -> None:
+    """plans.same_items (by position and identity first) says what ``==`` says: the same
+    items, other objects equal to them, another order, a name missing or another one."""
+    import random
+
+    from controller.server.plans import same_items
+
+    rng = random.Random(20261204)
+    pool = [object() for _ in range(4)]
+    for _ in range(2000):
+        names = [f"v{i}" for i in range(rng.randint(0, 12))]
+        a = {n: rng.choice(pool) for n in names}
+        b = dict(a)
+        shape = rng.random()
+        if shape < 0.2 and names:
+            b[rng.choice(names)] = rng.choice(pool)
+        elif shape < 0.4:
+            b = dict(reversed(list(a.items())))
+        elif shape < 0.6 and names:
+            del b[rng.choice(names)]
+        elif shape < 0.7 and names:
+            b.pop(names[0])
+            b["w"] = pool[0]
+        assert same_items(a, b) == (a == b) == same_items(b, a)
