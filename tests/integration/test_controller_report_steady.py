@@ -163,3 +163,68 @@ def test_a_wrong_token_is_refused_after_a_right_one_and_a_reload_replaces_it(tmp
 
     _serve(ctl, steps)
     ctl.close()
+
+
+def test_the_request_counter_counts_each_endpoint_and_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's middleware looks each (endpoint, status)'s counter child up once: the
+    counts are still per endpoint and status, each request once."""
+    import yaml
+    from prometheus_client import CollectorRegistry
+
+    from controller.server import daemon
+    from controller.server.daemon import Watcher
+    from tests.helpers.controller_process import committed_example, free_ports
+    from tests.helpers.waiting import check
+
+    d = committed_example(tmp_path)
+    conf = yaml.safe_load((d / "controller.yaml").read_text())
+    conf["api"].pop("tls", None)
+    conf["state_dir"] = str(tmp_path / "state")
+    (port,) = free_ports(1)
+    conf["listen"] = f"127.0.0.1:{port}"
+    conf.pop("metrics_listen", None)
+    (d / "controller.yaml").write_text(yaml.safe_dump(conf))
+
+    async def no_watch(self: Watcher, poke: asyncio.Event) -> None:
+        await asyncio.Event().wait()
+    monkeypatch.setattr(Watcher, "poke_on_change", no_watch)
+    watcher = Watcher(str(d), str(tmp_path / "state"))
+    registry = CollectorRegistry()
+    stop = asyncio.Event()
+
+    def count(endpoint: str, status: int) -> float:
+        value = registry.get_sample_value("anycast_controller_requests_total",
+                                          {"endpoint": endpoint, "status": str(status)})
+        return value or 0.0
+
+    async def scenario() -> None:
+        serving = asyncio.ensure_future(daemon.serve(watcher, ("127.0.0.1", port), None, stop=stop,
+                                                     registry=registry))
+        try:
+            async with ClientSession(f"http://127.0.0.1:{port}") as client:
+                async with asyncio.timeout(HANG_GUARD):
+                    while True:  # until the daemon answers
+                        try:
+                            async with client.get("/v1/status") as r:
+                                assert r.status == 401
+                                break
+                        except OSError:
+                            await asyncio.sleep(0.05)
+                base = count("/v1/status", 401)
+                for seq in (1, 2, 3):
+                    code, _, _ = await _post(client, "sjc", _body(WireReport(1, HEALTHY, ANNOUNCED, seq=seq)))
+                    assert code == 200
+                assert (await _post(client, "sjc", b"{not json"))[0] == 400
+                assert (await _post(client, "sjc", b"{}", token="wrong"))[0] == 401
+                async with client.get("/v1/status", headers={"Authorization": f"Bearer {TOKENS['operator']}"}) as r:
+                    assert r.status == 200
+        finally:
+            stop.set()
+            await serving
+        assert count("/v1/reports/{pop}", 200) == 3
+        assert count("/v1/reports/{pop}", 400) == 1
+        assert count("/v1/reports/{pop}", 401) == 1
+        assert count("/v1/status", 200) == 1
+        assert count("/v1/status", 401) == base
+        # (an unknown path is answered by json_errors, outside this middleware: not counted, as before)
+    check(scenario)
