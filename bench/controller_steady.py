@@ -16,7 +16,7 @@ side-by-side comparison (the client side, PlanClient and the wire, from this che
    (``/v1/status`` event_loop) its p50 / p99 / max over the window (its 60 s window: use
    ``--window 60``);
 4. the same with **the external probe** (100 trivial requests a second), its stalls, and the
-   daemon's own lag over the same window beside them;
+   daemon's own lag over the same window beside them (``--no-probe``: skipped);
 5. ``--idle`` s with nothing sent: the daemon's CPU alone (the sampler's own cost, against a
    daemon started with ``-- --loop-lag-every 0``);
 6. VmHWM (the peak RSS) at the end.
@@ -46,7 +46,7 @@ def _head(root: Path) -> str:
 
 
 async def drive(files: int, window: float, idle: float, root: Path, python: str,
-                extra: tuple[str, ...], vips: int = 10000, pops: int = 50) -> dict[str, Any]:
+                extra: tuple[str, ...], vips: int = 10000, pops: int = 50, no_probe: bool = False) -> dict[str, Any]:
     from controller.agent.plan_client import PlanClient
 
     out: dict[str, Any] = {"commit": _head(root), "root": str(root), "daemon_args": list(extra), "files": files, "vips": vips, "pops": pops,
@@ -77,7 +77,7 @@ async def drive(files: int, window: float, idle: float, root: Path, python: str,
         out["rss_mb_idle"] = rss()
         out["hwm_mb_idle"] = cs._status_mb(pid, "VmHWM")
 
-        for name, stalls in (("reports", "none"), ("probe", "probe")):
+        for name, stalls in (("reports", "none"), ("probe", "probe"))[:1 if no_probe else 2]:
             s = await cs._steady_state(daemon, clients, names, regions, len(clients), print, stalls, window)
             own = cs.daemon_lag_ms(await cs._status(daemon))
             out[name] = {"cpu_fraction": s["steady_cpu_fraction"], "cpu_s": s["steady_cpu_s"],
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=60.0, help="seconds of each steady window (default 60: "
                     "the daemon's /v1/status lag window)")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle window")
+    ap.add_argument("--no-probe", action="store_true", help="skip the window with the probe (step 4): a "
+                    "shorter run, for side-by-side CPU figures under a shared bench lock")
     ap.add_argument("--root", type=Path, default=ROOT, help="the checkout whose daemon runs (default this one)")
     ap.add_argument("--python", default=sys.executable, help="its venv's python")
     ap.add_argument("daemon_args", nargs="*", help="after --: more anycast-controller arguments")
@@ -112,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res = {"label": args.label, "started": started,
            **asyncio.run(drive(args.files, args.window, args.idle, args.root, args.python, tuple(args.daemon_args),
-                                args.vips, args.pops))}
+                                args.vips, args.pops, args.no_probe))}
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(res) + "\n")
-    r, p = res["reports"], res["probe"]
-    print(f"{args.label} {res['commit']}: reports only {r['cpu_fraction']:.2%} (own lag {r['daemon_lag_ms']}), "
-          f"probe {p['cpu_fraction']:.2%} (probe {p['probe_ms']}, own lag {p['daemon_lag_ms']}), "
+    r, p = res["reports"], res.get("probe")
+    probed = f"probe {p['cpu_fraction']:.2%} (probe {p['probe_ms']}, own lag {p['daemon_lag_ms']}), " if p else ""
+    print(f"{args.label} {res['commit']}: reports only {r['cpu_fraction']:.2%} (own lag {r['daemon_lag_ms']}), {probed}"
           f"idle {res['idle']['cpu_fraction']:.2%}; RSS up {res['rss_mb_up']} burst {res['rss_mb_after_burst']} "
           f"idle {res['rss_mb_idle']} steady {r['rss_mb']} end {res['rss_mb_end']} peak {res['peak_rss_mb']} MB")
     return 0

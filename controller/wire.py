@@ -367,7 +367,7 @@ def decode_plan_answer(data: Any, pop: str) -> WirePlan | WireDelta:
     after = _int(obj.get("after"), "after")
     specs = _mapping(obj.get("specs", {}), "specs")
     removed = obj.get("removed", [])
-    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+    if not isinstance(removed, list) or (removed and not all(isinstance(n, str) for n in removed)):
         raise WireError("removed", "expected a list of VIP names")
     return WireDelta(pop, generation, after, revision, digest, specs, entries, tuple(removed))
 
@@ -583,7 +583,7 @@ def decode_report_steps(data: Any, published: Mapping[str, Collection[str]],
     system calls (results 3q, 3t). Nothing is kept or changed but the validated-verdict
     caches (read-only shared objects): a report refused half-way leaves no trace."""
     obj = _mapping(data, "")
-    unknown = set(obj) - {"plan_generation", "origins", "announced", "seq", "base", "removed", "checks", COMPACT}
+    unknown = obj.keys() - _REPORT_FIELDS  # (a set literal there was built anew for every report)
     if unknown:
         raise WireError(sorted(unknown)[0], "unknown field")
     if COMPACT in obj:
@@ -598,7 +598,7 @@ def decode_report_steps(data: Any, published: Mapping[str, Collection[str]],
     removed = obj.get("removed", [])
     if base is None and "removed" in obj:
         raise WireError("removed", "only a delta report (with base) removes VIPs")
-    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+    if not isinstance(removed, list) or (removed and not all(isinstance(n, str) for n in removed)):
         raise WireError("removed", "expected a list of VIP names")
     if COMPACT in obj:
         origins, announced = _compact(obj[COMPACT], published)  # (a few operations per group, in C)
@@ -694,6 +694,7 @@ def _compact(v: Any, published: Mapping[str, Collection[str]]
     return maps
 
 
+_REPORT_FIELDS = frozenset({"plan_generation", "origins", "announced", "seq", "base", "removed", "checks", COMPACT})
 _VIPS_PER_CLOCK = 64  # VIPs of a report's origins between two looks at the clock (~0.3 ms)
 
 

@@ -90,6 +90,21 @@ class _DesiredIndex:
     all_enabled: bool = True  # no VIP is disabled (``by_pop`` then lists what the POPs announce)
 
 
+class _Receiving:
+    """Controller.receiving()'s context: a report being received and parsed."""
+
+    __slots__ = ("_ctl",)
+
+    def __init__(self, ctl: Controller) -> None:
+        self._ctl = ctl
+
+    def __enter__(self) -> None:
+        self._ctl._incoming += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctl._incoming -= 1
+
+
 @dataclass
 class ConfigStatus:
     revision: str = ""
@@ -559,19 +574,15 @@ class Controller:
             self._pending_timer = loop.call_soon(self._planned_reports)
         return self._pending
 
-    @contextlib.contextmanager
-    def receiving(self) -> Iterator[None]:
+    def receiving(self) -> _Receiving:
         """Around the receipt and parsing of a report (the API's handler): the pass of the
         reports already stored waits for it, at most REPORT_HOLD s after the first of them
         (an urgent report waits for none). 50 POPs reporting at once (after a restart of the
         controller or of the network) are then planned in one pass, not in one per wave of
         arrivals: each pass planned all 10,000 VIPs again, and the passes held the GIL the
-        worker threads parsing the other reports needed (the last answered after 5-8 s)."""
-        self._incoming += 1
-        try:
-            yield
-        finally:
-            self._incoming -= 1
+        worker threads parsing the other reports needed (the last answered after 5-8 s).
+        (A plain context manager, not a generator's: one per report, 25 a second.)"""
+        return _Receiving(self)
 
     async def take_report(self, report: PopReport) -> None:
         """accept_report(), then return once a pass has planned with the report."""
