@@ -428,6 +428,12 @@ class Watcher:
         thread: hashing every file and two git commands (~20-60 ms under load) no longer hold
         up the event loop, nor the pass of the reload before. None too if what it read moved
         under it (``unsettled``: await settle(), then reload again)."""
+        if forced:
+            # SIGHUP reads and hashes every file again, whatever its stat data say: the
+            # operator's way past a filesystem whose stat data lag its content (NFS's attribute
+            # cache, a FUSE attr_timeout, a clock behind the host's). The loader still takes a
+            # file whose bytes hash to the digest it loaded last without decoding it.
+            self._stats = FileStats()
         if not (forced or self.changed(overlap=True)):
             return None
         now = time.monotonic()

@@ -32,6 +32,8 @@ def _split(tmp_path: Path) -> Path:
 def _watcher(d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> daemon.Watcher:
     monkeypatch.setattr(daemon, "git_dir", lambda directory: None)
     monkeypatch.setattr(daemon, "revision", lambda directory, fp=None, index=None: f"sha256:{(fp or '')[:12]}")
+    monkeypatch.setattr(daemon, "revision_started",
+                        lambda directory, fp, index=None: lambda: f"sha256:{fp[:12]}")  # (no git here)
     return daemon.Watcher(str(d), str(tmp_path / "state"), use_inotify=False)
 
 
@@ -64,14 +66,21 @@ def test_a_reload_reads_and_decodes_only_the_file_that_changed(tmp_path: Path, m
         name = team["vips"][0]["name"]
         team["vips"][0]["publish"] = team["vips"][0]["publish"][:1]
         (d / "vips" / "team.yaml").write_text(yaml.safe_dump(team))
-        new = watcher.reload(forced=True)
+        watcher._dirty = True  # (as inotify's event marks it)
+        new = watcher.reload()
         assert new is not None and new.revision != first.revision
         assert new.vip(name).publish == tuple(team["vips"][0]["publish"])  # type: ignore[union-attr]
         assert reads.names(d) == ({"vips/team.yaml"}, {"vips/team.yaml"})  # vips.yaml etc: neither
-        # Nothing moved: a forced reload reads nothing and gives the same state.
+        # Nothing moved: a look reads nothing and loads nothing.
+        watcher._dirty = True
+        assert watcher.reload() is None
+        assert reads.names(d) == (set(), set())
+        # SIGHUP's forced reload trusts no stat data: every file read and hashed again (a
+        # filesystem whose stat data lag), none decoded (each hashes to what was loaded).
         again = watcher.reload(forced=True)
         assert again is not None and again.revision == new.revision
-        assert reads.names(d) == (set(), set())
+        read, decoded = reads.names(d)
+        assert "vips/team.yaml" in read and len(read) > 1 and decoded == set()
     finally:
         watcher.close()
 
