@@ -63,12 +63,17 @@ REPORT_HOLD = 1.0
 REPORT_HOLD_MAX = 30.0
 # s: the bound of a burst that brings POPs' first reports since the start (a cold start, a
 # restart), which is held past REPORT_HOLD_MAX while they keep coming and some POP of the
-# inventory has not reported: at 100,000 VIPs x 300 POPs the 300 first reports take 45-70 s
+# inventory has not reported, as long as first reports keep coming (the last one less than
+# REPORT_FIRST_GAP ago: a POP dead at the start, never heard from, ends the hold a second after
+# the last live POP's first report, not at this bound): at 100,000 VIPs x 300 POPs the 300 first reports take 45-70 s
 # to take in, and a pass begun with part of them planned every VIP POP by POP (the POPs heard
 # from healthy, the others silent: 30 million pairs, a per-pair memory), then again with the
 # rest. A burst whose reports cover every POP of the inventory is held no longer (nothing more
-# to wait for). Holding plans nothing: the POPs keep the plans they have, no route moves.
+# to wait for). Holding plans nothing the burst brought: the POPs keep the plans they have
+# (the timers still plan what comes due: a stale report, a settle's end). Urgent reports and
+# reports that change verdicts are never held.
 REPORT_FIRST_HOLD_MAX = 180.0
+REPORT_FIRST_GAP = 1.0  # s: ... and the last POP's first report came this recently
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
 SMALL_PASS = 256  # VIPs: a pass this small runs at once, a larger one in slices
 SLICE_S = 0.004  # s of planning between two turns of the event loop
@@ -187,6 +192,7 @@ class Controller:
     _pending_pops: set[str] = field(default_factory=set)  # the POPs whose reports wait for it
     _pending_first: bool = False  # one of them is a POP's first report since the start (REPORT_FIRST_HOLD_MAX)
     _heard: set[str] = field(default_factory=set)  # POPs that sent a report since the start
+    _first_at: float = float("-inf")  # (loop time) when the last POP's first report since the start was stored
     _incoming: int = 0  # reports being received or parsed (receiving())
     _indexed: _DesiredIndex | None = None
     _durable: store.Persisted = field(default_factory=store.Persisted)  # the drains and generations the store holds
@@ -543,6 +549,8 @@ class Controller:
         self._heard.add(report.pop)
         with contextlib.suppress(RuntimeError):  # (no loop: a test, the CLI)
             self._stored_at = asyncio.get_running_loop().time()
+            if first:
+                self._first_at = self._stored_at
         if self._pending is not None:
             self._pending_pops.add(report.pop)
         if (previous is not None and previous.origins is report.origins and previous.checks == report.checks
@@ -642,8 +650,10 @@ class Controller:
             return False  # every POP's report is in: nothing more to wait for
         if now - self._pending_since < REPORT_HOLD_MAX:
             return True
-        # POPs' first reports still coming in, some POP not heard from yet (REPORT_FIRST_HOLD_MAX)
+        # POPs' first reports still coming in (the last one REPORT_FIRST_GAP ago at most: the
+        # other POPs' next reports, which keep coming, do not hold it), some POP not heard from yet
         return (self._pending_first and now - self._pending_since < REPORT_FIRST_HOLD_MAX
+                and now - self._first_at < REPORT_FIRST_GAP
                 and not all(p.name in self._heard for p in self.desired.pops))
 
     def _planned_reports(self) -> None:
@@ -819,7 +829,9 @@ class Controller:
                 elif engine.dirty(now, COUNTDOWN_REFRESH_S) > SMALL_PASS:
                     await self._sliced(engine, now)
                 else:
-                    self.replan(refresh_after=COUNTDOWN_REFRESH_S)
+                    # (at the clock the choice counted on: a later one could find every VIP of
+                    # a sliced pass a second ago due at once, and plan them all in one piece)
+                    self.replan(refresh_after=COUNTDOWN_REFRESH_S, now=now)
             except Exception as exc:  # noqa: BLE001 - a planner bug must not take the API down
                 log.exception("planning failed; agents keep the last plan")
                 self._staged = None  # a broken pass is never published
@@ -954,10 +966,11 @@ class Controller:
         assert self._engine is not None, "made in __post_init__ from the loaded memory"
         return self._engine
 
-    def replan(self, *, refresh_after: float = 0.0) -> PlanResult:
+    def replan(self, *, refresh_after: float = 0.0, now: float | None = None) -> PlanResult:
         """Plan now whatever changed or came due, and the countdowns in explanations (those
         planned ``refresh_after`` ago or more: the background passes say COUNTDOWN_REFRESH_S;
-        an operator's action, the CLI, a test: every one)."""
+        an operator's action, the CLI, a test: every one). ``now``: the clock's reading to
+        plan at (the background pass's, taken when it chose this unsliced pass), else read."""
         engine = self._get_engine()
         if self._staged is not None:  # a sliced pass in progress: finish it first
             p, self._staged = self._staged, None
@@ -966,7 +979,7 @@ class Controller:
         if self._committed is not None:  # a sliced pass committed, not yet published: first
             committed, self._committed = self._committed, None
             self._publish(*committed)
-        now = self.clock()
+        now = self.clock() if now is None else now
         engine.mark(self.desired, self.reports, self.persisted.drains, now)
         p = engine.begin(now, refresh_after=refresh_after)
         engine.compute(p)

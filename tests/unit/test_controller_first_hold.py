@@ -84,6 +84,7 @@ def test_first_reports_held_past_the_bound_while_pops_are_still_to_report(tmp_pa
     REPORT_FIRST_HOLD_MAX (0 too) as before: planned without it (sin still silent)."""
     monkeypatch.setattr(core, "REPORT_HOLD", 3600.0)
     monkeypatch.setattr(core, "REPORT_HOLD_MAX", 0.0)
+    monkeypatch.setattr(core, "REPORT_FIRST_GAP", 3600.0)
     now = [10.0]
     ctl = controller(tmp_path / "held", now)
     assert {_reason(ctl, p) for p in POPS} == {"report_stale"}  # the start's plan: left to the agents' checks
@@ -133,3 +134,49 @@ def test_the_hold_ends_once_every_pops_report_is_in(tmp_path: Path, monkeypatch:
     ctl = controller(tmp_path / "two", now)
     held, planned = _burst(ctl, stored[:2], report("sin", False, now[0]))
     assert held and planned == {"sjc": "healthy", "fra": "healthy", "sin": "confirming"}
+
+
+def test_a_pop_never_heard_from_does_not_hold_the_first_reports_to_the_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sin dead at the start (it never reports): sjc's and fra's first reports are in, then
+    sjc's next ones keep coming while a report is always being received. The burst is planned
+    once no POP's first report came for REPORT_FIRST_GAP, with sin silent; it is not held to
+    REPORT_FIRST_HOLD_MAX (an hour here) by the reports of the POPs already heard from (found by
+    a review: a POP down at a start delayed the first pass 180 s). Fails by the loop's cap, not
+    by a bound on how fast it passes."""
+    monkeypatch.setattr(core, "REPORT_HOLD", 3600.0)
+    monkeypatch.setattr(core, "REPORT_HOLD_MAX", 0.0)
+    monkeypatch.setattr(core, "REPORT_FIRST_HOLD_MAX", 3600.0)
+    monkeypatch.setattr(core, "REPORT_FIRST_GAP", 0.05)
+    now = [10.0]
+    ctl = controller(tmp_path / "dead", now)
+
+    async def run() -> bool:
+        release = asyncio.Event()
+
+        async def receiving() -> None:
+            with ctl.receiving():
+                await release.wait()  # (a report always on its way)
+        task = asyncio.ensure_future(receiving())
+        await asyncio.sleep(0)
+        pending = None
+        for r in (report("sjc", True, now[0]), report("fra", True, now[0])):
+            pending = ctl.accept_report(r) or pending
+        assert pending is not None
+        for _ in range(1500):  # (30 s and more: the hold of the code before lasted the hour)
+            if pending.done():
+                break
+            ctl.accept_report(report("sjc", True, now[0]))  # (sjc's next: stored, no POP's first)
+            ctl.plan_soon()
+            await asyncio.sleep(0.02)
+        done = pending.done()
+        release.set()
+        await task
+        await ctl.settled()
+        return done
+
+    try:
+        assert asyncio.run(run())
+        assert {pop: _reason(ctl, pop) for pop in POPS} == {"sjc": "healthy", "fra": "healthy", "sin": "report_stale"}
+    finally:
+        ctl.close()
