@@ -528,8 +528,8 @@ class Watcher:
             # none of their files is relevant), and of git what a commit, checkout or reset
             # moves: the git directory itself (HEAD, index, packed-refs) and its refs, for
             # a linked worktree also the common directory's.
+            ino.add_links(self.directory)  # (the directory a symlink: its re-pointing; first, see below)
             ino.add(top, prune=lambda path: os.path.basename(path).startswith("."))
-            ino.add_links(self.directory)  # (the directory a symlink: its re-pointing)
             if gd:
                 for d in sorted({os.path.realpath(gd), os.path.realpath(common_dir(gd))}, key=len):
                     ino.add(d, recursive=False)
@@ -560,6 +560,8 @@ class Watcher:
             self.notifier = "inotify"
             self._git_lock()
             self._mark(poke)  # anything between load() and the watch being set up
+            if os.path.realpath(self.directory) != top:
+                return True  # (re-pointed while the tree was walked, before its link's watch saw it: anew)
             while True:
                 await ready.wait()
                 ready.clear()

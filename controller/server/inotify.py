@@ -183,6 +183,7 @@ class Inotify:
         gone: list[str] = []
         roots = {r for r, _, _ in self._roots}
         names: set[str] | None = None  # the paths watched (_drop_stale's), made when first needed
+        dropped_any = False  # a watch dropped as stale: the trees walked again (below)
         for wd, mask, name in self._events():
             if mask & IN_Q_OVERFLOW:
                 overflowed = True
@@ -208,7 +209,7 @@ class Inotify:
                 if names is None:
                     names = {p for p, _, _ in self._dirs.values()}
                 if path in names:  # (a file's entry: never; a directory's or a symlink's watched)
-                    self._drop_stale(path, roots)  # (a symlink removed or re-pointed: its old target's watches)
+                    dropped_any |= self._drop_stale(path, roots)  # (a symlink removed or re-pointed: its old target's watches)
                     names = None
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name and d in roots:
                 out.append((Change.deleted, d))
@@ -230,6 +231,19 @@ class Inotify:
                 out.append((Change.modified, path))
         for root in gone:
             self._reestablish(root)
+        if dropped_any and not overflowed:
+            # A watch is one per directory, named by the first path that led to it: dropped
+            # with a link that had its name (``b0 -> a`` removed or re-pointed), the real
+            # directory ``a`` lost its watch with it. The trees are walked again (each watch
+            # once more under a path that leads to it); one watched anew is looked at.
+            before = set(self._dirs)
+            for root, recursive, prune in self._roots:
+                try:
+                    self._add(root, recursive, prune)
+                except OSError:
+                    self._reestablish(root)
+            if set(self._dirs) - before:
+                overflowed = True  # (what it holds: looked at; the walk again below is a no-op)
         if overflowed:
             for root, recursive, prune in self._roots:
                 try:
@@ -240,7 +254,7 @@ class Inotify:
             out.append(OVERFLOW)
         return out
 
-    def _drop_stale(self, path: str, roots: set[str]) -> None:
+    def _drop_stale(self, path: str, roots: set[str]) -> bool:
         """Drop the watches named at or under ``path`` (an entry removed, moved, made or renamed
         over) that their names no longer lead to: a symlinked directory's target stays there
         when the link is removed or re-pointed, and its writes were reported as the link's
@@ -262,6 +276,7 @@ class Inotify:
             self._ids.pop(wd, None)
             if wd not in self._links:
                 self._c.inotify_rm_watch(self.fd, wd)  # (EINVAL for one already gone: nothing to do)
+        return bool(stale)
 
     def _reestablish(self, root: str) -> None:
         """Drop the watches at and under ``root`` (gone, or moved elsewhere: its events would be

@@ -322,3 +322,25 @@ def test_a_symlink_in_the_tree_removed_or_re_pointed_leaves_no_watch_on_its_old_
         assert {p for _, p in ino.read()} == {str(top / "moved" / "e.yaml")}
     finally:
         ino.close()
+
+
+def test_a_real_directory_keeps_its_watch_when_links_to_it_are_removed(tmp_path: Path) -> None:
+    """conf/a and links conf/b0..b9 -> a: the one watch of a's directory is named by whichever
+    path the walk met first, often a link. The links removed, a's watch was dropped with the
+    one that had its name and never added again: a write in conf/a went unreported (found by
+    a review). The trees are walked again now: a's writes are reported under conf/a."""
+    top = tmp_path / "conf"
+    (top / "a").mkdir(parents=True)
+    for i in range(10):
+        (top / f"b{i}").symlink_to(top / "a")
+    ino = Inotify()
+    try:
+        ino.add(str(top), prune=_hidden)
+        for i in range(10):
+            (top / f"b{i}").unlink()
+        ino.read()
+        (top / "a" / "vips.yaml").write_text("x")
+        assert {p for _, p in ino.read() if p} >= {str(top / "a" / "vips.yaml")}
+        assert sorted(d for d, _, _ in ino._dirs.values()) == [str(top), str(top / "a")]
+    finally:
+        ino.close()
