@@ -16,6 +16,7 @@ from controller.config.desired import load_desired
 from controller.server.app import make_app
 from controller.server.core import Controller
 from controller.wire import WireReport, encode_report
+from tests.helpers.loopback_app import with_client
 from tests.helpers.waiting import HANG_GUARD, until
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "controller"
@@ -96,16 +97,7 @@ def test_a_report_is_acknowledged_before_its_pass_and_a_read_after_the_answer_in
             return await handler(request)  # type: ignore[no-any-return]
 
         app.middlewares.append(seen)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with asyncio.timeout(HANG_GUARD), ClientSession(f"http://127.0.0.1:{port}") as client:
-                await steps(client)
-        finally:
-            await runner.cleanup()
+        await with_client(app, steps)
 
     asyncio.run(scenario())
     ctl.close()

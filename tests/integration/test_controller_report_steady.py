@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 from controller.config.desired import load_desired
 from controller.server import app as app_module
 from controller.server.app import make_app
 from controller.server.core import Controller
 from controller.wire import WireReport, encode_report, report_delta
+from tests.helpers.loopback_app import with_client
 from tests.helpers.waiting import HANG_GUARD
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "controller"
@@ -34,19 +35,7 @@ Steps = Callable[[ClientSession], Awaitable[None]]
 
 
 def _serve(ctl: Controller, steps: Steps) -> None:
-    async def scenario() -> None:
-        runner = web.AppRunner(make_app(ctl))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with asyncio.timeout(HANG_GUARD), ClientSession(f"http://127.0.0.1:{port}") as client:
-                await steps(client)
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(scenario())
+    asyncio.run(with_client(make_app(ctl), steps))
 
 
 def _controller(tmp_path: Path, now: list[float]) -> Controller:

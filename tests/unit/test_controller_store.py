@@ -511,6 +511,18 @@ def test_a_quick_restart_presumes_each_origins_verdict_of_a_steered_vip_and_move
     ctl.close()
 
 
+def _walked_changes(old: Any, new: Any) -> dict[tuple[str, str], PopVipMemory | None]:
+    """VIP "v"'s pairs that changed from ``old`` to ``new``, found by a walk over every POP
+    (what _pair_changes must find)."""
+    walked: dict[tuple[str, str], PopVipMemory | None] = {}
+    for pop in {*old.items, *new.items}:
+        if pop not in new.items:
+            walked[(pop, "v")] = None
+        elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
+            walked[(pop, "v")] = new.memory_at(pop)
+    return walked
+
+
 def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_every_pair_finds() -> None:
     """core._pair_changes compares two plans of a VIP by their default and own POPs; random
     publish lists, defaults and per-POP memories (shared and equal-but-distinct objects)
@@ -535,12 +547,7 @@ def test_a_vips_changed_pairs_from_the_compact_memories_are_those_a_walk_over_ev
     for _ in range(3000):
         old = a_plan(rng)
         new = a_plan(rng) if rng.random() < 0.7 else dataclasses.replace(old, default=rng.choice(kinds))
-        walked: dict[tuple[str, str], PopVipMemory | None] = {}
-        for pop in {*old.items, *new.items}:
-            if pop not in new.items:
-                walked[(pop, "v")] = None
-            elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
-                walked[(pop, "v")] = new.memory_at(pop)
+        walked = _walked_changes(old, new)
         found: dict[tuple[str, str], PopVipMemory | None] = {}
         _pair_changes("v", _Written(old.memory, old.default, old.pop_memory, tuple(old.items)), new, found)
         assert found == walked, (old, new)
@@ -587,12 +594,7 @@ def test_a_vips_changed_pairs_over_shared_pop_keys_are_those_a_walk_over_every_p
             new = a_plan(rng)
         keys = old.items.pops if type(old.items) is UniformItems else None
         written = _Written(old.memory, old.default, old.pop_memory, tuple(old.items), keys)
-        walked: dict[tuple[str, str], PopVipMemory | None] = {}
-        for pop in {*old.items, *new.items}:
-            if pop not in new.items:
-                walked[(pop, "v")] = None
-            elif pop not in old.items or old.memory_at(pop) != new.memory_at(pop):
-                walked[(pop, "v")] = new.memory_at(pop)
+        walked = _walked_changes(old, new)
         found: dict[tuple[str, str], PopVipMemory | None] = {}
         _pair_changes("v", written, new, found)
         assert found == walked, (old, new)
