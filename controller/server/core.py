@@ -61,17 +61,19 @@ REPORT_BATCH = 0.01  # s: reports arriving within this share a planning pass
 # pass REPORT_HOLD s at most.
 REPORT_HOLD = 1.0
 REPORT_HOLD_MAX = 30.0
-# s: the bound of a burst that brings POPs' first reports since the start (a cold start, a
-# restart), which is held past REPORT_HOLD_MAX while they keep coming and some POP of the
-# inventory has not reported, as long as first reports keep coming (the last one less than
-# REPORT_FIRST_GAP ago: a POP dead at the start, never heard from, ends the hold a second after
-# the last live POP's first report, not at this bound): at 100,000 VIPs x 300 POPs the 300 first reports take 45-70 s
-# to take in, and a pass begun with part of them planned every VIP POP by POP (the POPs heard
-# from healthy, the others silent: 30 million pairs, a per-pair memory), then again with the
-# rest. A burst whose reports cover every POP of the inventory is held no longer (nothing more
-# to wait for). Holding plans nothing the burst brought: the POPs keep the plans they have
-# (the timers still plan what comes due: a stale report, a settle's end). Urgent reports and
-# reports that change verdicts are never held.
+# s: the bound of a burst that brings POPs' first reports since the start (a cold start, or a
+# restart after report_stale_after: within it the reports presumed from the saved state make
+# each POP's first real report a change, and a change is never held). Such a burst is held
+# past REPORT_HOLD_MAX while some POP of the inventory has not reported and first reports keep
+# coming (the last one less than REPORT_FIRST_GAP ago: a POP dead at the start, never heard
+# from, ends the hold a second after the last live POP's first report, not at this bound). At
+# 100,000 VIPs x 300 POPs the 300 first reports take 45-70 s to take in, and a pass begun with
+# part of them planned every VIP POP by POP (the POPs heard from healthy, the others silent:
+# 30 million pairs, a per-pair memory), then again with the rest. A burst whose reports cover
+# every POP of the inventory is held no longer (nothing more to wait for). Holding plans
+# nothing the burst brought: the POPs keep the plans they have (the timers still plan what
+# comes due: a stale report, a settle's end). Urgent reports and reports that change verdicts
+# are never held.
 REPORT_FIRST_HOLD_MAX = 180.0
 REPORT_FIRST_GAP = 1.0  # s: ... and the last POP's first report came this recently
 RETRY = 5.0  # s: while the state cannot be written, passes try again this often
