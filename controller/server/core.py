@@ -208,7 +208,8 @@ class Controller:
     _released: bool = False  # stopping (release_waiters): durable_plan waits no more
     _writer: concurrent.futures.ThreadPoolExecutor | None = None
     _preparing: asyncio.Task[None] | None = None  # the write's pre-phase in slices (_prepare), kept referenced
-    _letting_go: asyncio.Task[None] | None = None  # the old records a write's end replaced, dropped in pieces
+    # the loop on which the old records a write's end replaced are being dropped in pieces
+    _letting_go: asyncio.AbstractEventLoop | None = None
     _retired: list[Any] = field(default_factory=list)  # (what _letting_go drops; appended to while it runs)
     _started: bool = False  # the store accepts appends (False after a failed start: retried)
     _failed_start: bool = False
@@ -1262,15 +1263,19 @@ class Controller:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        if self._letting_go is None or self._letting_go.done():
-            self._retired = []
-            self._letting_go = loop.create_task(self._let_records_go(self._retired))
+        if self._letting_go is not loop:  # (none under way, or on a loop that ended: a test's)
+            self._retired, self._letting_go = [], loop
+            loop.call_soon(self._let_records_go, _let_go(self._retired))  # (the write's end: a piece of its own)
         return self._retired
 
-    async def _let_records_go(self, retired: list[Any]) -> None:
-        await asyncio.sleep(0)  # (the write's end is a piece of its own)
-        for _ in _let_go(retired):
-            await asyncio.sleep(0)
+    def _let_records_go(self, pieces: Iterator[None]) -> None:
+        """One piece of the freeing a turn of the loop. Callbacks, not a task: a write that
+        ends while the loop shuts down (asyncio.run's executor shutdown) left a task created
+        after the tasks were cancelled, destroyed pending ("coroutine never awaited")."""
+        if next(pieces, _DONE) is _DONE:
+            self._letting_go = None
+        else:
+            asyncio.get_running_loop().call_soon(self._let_records_go, pieces)
 
     def _compact(self, w: _Write) -> None:
         """Everything up to the write ``w`` is durable: its state may become the snapshot."""
@@ -1677,6 +1682,9 @@ class _DurableMemory:
         """A snapshot of ``plans``' memory (and nothing else) is durable."""
         self._written = {name: self._record(vp) for name, vp in plans.items()}
         self._boot_vips, self._boot_pops, self.unsaved = {}, {}, set()
+
+
+_DONE = object()  # (_let_records_go: the pieces' end)
 
 
 def _let_go(retired: list[Any]) -> Iterator[None]:

@@ -76,7 +76,7 @@ def _run(state_dir: Path, monkeypatch: pytest.MonkeyPatch, handed_over: bool,
                 await asyncio.wait_for(ctl.durable_plan(p), 60)
             while ctl._writing is not None:  # (a pass that changed memory only: no generation waits)
                 await asyncio.sleep(0.001)
-            while ctl._letting_go is not None and not ctl._letting_go.done():
+            while ctl._letting_go is not None:
                 await asyncio.sleep(0)
 
     asyncio.run(scenario())
