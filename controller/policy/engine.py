@@ -415,8 +415,11 @@ class Engine:
         in their sentences have."""
         if refresh_after <= 0:
             return iter(self._countdown)
+        countdown = self._countdown
+        if countdown and next(iter(countdown.values())) > now:
+            _clamp(countdown, now)  # (the wall clock stepped back: else none came due until it caught up)
         due = now - refresh_after
-        return map(operator.itemgetter(0), itertools.takewhile(lambda kv: kv[1] <= due, self._countdown.items()))
+        return map(operator.itemgetter(0), itertools.takewhile(lambda kv: kv[1] <= due, countdown.items()))
 
     def next_wake(self) -> float | None:
         """When the next VIP's time comes or a report goes stale (None: nothing waits)."""
@@ -581,6 +584,8 @@ class Engine:
                 self._settling[name] = vp.settle_at
             self._countdown.pop(name, None)  # (planned now: to the end of the order)
             if vp.countdown:
+                if self._countdown and next(reversed(self._countdown.values())) > p.now:
+                    _clamp(self._countdown, p.now)  # (the clock stepped back: the times stay in order)
                 self._countdown[name] = p.now
             if vp.wake_at is None:
                 self._wake.pop(name, None)
@@ -772,3 +777,12 @@ class _PairMemoryView(Mapping[tuple[str, str], PopVipMemory]):
         return dict(self.items()) == dict(other.items())
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _clamp(countdown: dict[str, float], now: float) -> None:
+    """The countdowns' plan times no later than ``now``: the clock (time.time) stepped back.
+    They stay in planning order and non-decreasing (``_counting_down`` reads them in order and
+    stops at the first that is not due); each comes due ``refresh_after`` after ``now``."""
+    for name, at in countdown.items():
+        if at > now:
+            countdown[name] = now

@@ -219,9 +219,13 @@ def test_the_plans_a_burst_replaced_are_let_go_of_in_pieces_after_the_commit(
     real = core._let_go
 
     def spy(retired: list[object]) -> object:
-        given.append(list(retired))
+        # (the commit's plans; a journal write's end hands its old records to _let_go too,
+        # when it ends before the scenario does: on a loaded machine it did, and this counted it)
+        plans = bool(retired) and isinstance(retired[0], core.VipPlan)
+        if plans:
+            given.append(list(retired))
         for _ in real(retired):
-            pieces[0] += 1
+            pieces[0] += plans
             yield
 
     monkeypatch.setattr(core, "_let_go", spy)
@@ -304,6 +308,16 @@ def test_a_sliced_pass_refreshes_the_countdowns_of_the_vips_it_did_not_have_to_p
         assert all(notes[n] != counting[n] for n in counting)  # each countdown moved on
         ctl.replan()  # (plans every VIP counting down, at the same time)
         assert notes == ctl.result.notes  # type: ignore[union-attr]
+        # The wall clock steps back 51 s (time.time), then a second on: the countdowns come due
+        # a second after the step, not once the clock is back at 102 (found by a review).
+        now[0] = 50.0
+        ctl.accept_report(one_up("v0002"))
+        await drive()
+        now[0] = 51.0
+        ctl.accept_report(one_up("v0003"))
+        await drive()
+        back = dict(ctl.result.notes)  # type: ignore[union-attr]
+        assert all(back[n] != notes[n] for n in counting)
 
     asyncio.run(scenario())
 
