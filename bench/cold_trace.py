@@ -143,10 +143,10 @@ def instrument(trace: Trace) -> Callable[[], None]:
     wrap(core.Controller, "_sliced", sliced)
 
     def replan(f: Any) -> Any:
-        def inner(self: Any) -> Any:
+        def inner(self: Any, *args: Any, **kwargs: Any) -> Any:  # (refresh_after=, now=: _drive's)
             t = time.perf_counter()
             try:
-                return f(self)
+                return f(self, *args, **kwargs)
             finally:
                 trace.event("replan", s=round(time.perf_counter() - t, 3))
         return inner

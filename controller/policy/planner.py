@@ -253,7 +253,9 @@ class _CommonVerdicts:
         columns: list[list[Verdicts | None]] = []
         for o, reading in zip(origins, self.reads):
             column: list[Verdicts | None] | None = reading.column(chunk, start)
-            columns.append(column if column is not None else [o.get(name) for name in chunk])
+            # (by name: map in C, ~2x a comprehension's o.get; at 20,000 x 300 nearly every
+            # column, as a compact report's groups come in the order of its own first VIPs)
+            columns.append(column if column is not None else list(map(o.get, chunk)))
         self.out.update((name, row[0]) for name, row in zip(chunk, zip(*columns))
                         if row[0] is not None and row.count(row[0]) == n)
 
