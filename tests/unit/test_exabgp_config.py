@@ -116,6 +116,12 @@ def test_environment_keeps_exabgp_from_logging_every_route() -> None:
     assert env["exabgp_log_level"] == "INFO"
 
 
+def test_environment_shortens_exabgps_naps_between_our_commands() -> None:
+    # At the default reactor speed (1.0) ExaBGP naps up to 10 ms between passes that read
+    # no new command, with routes still queued: 0.5 halves that (section 19c).
+    assert exabgp_environment()["exabgp_reactor_speed"] == "0.5"
+
+
 def test_graceful_restart_renders_the_capability_and_manual_eor() -> None:
     import dataclasses
 
